@@ -1,0 +1,367 @@
+//! [`PosixShmBackend`]: a POSIX shared-memory segment, attachable by name from any process.
+
+use std::ffi::CString;
+use std::ptr::NonNull;
+use std::time::{Duration, Instant};
+
+use hetmem_core::header::HEADER_SIZE;
+use hetmem_core::{BackendId, BackendKind, Error, Result, ShortStr};
+
+use crate::raw::{impl_backend, region_len, RawRegion};
+
+/// Options for creating and attaching to a [`PosixShmBackend`].
+#[derive(Clone, Debug)]
+pub struct ShmOptions {
+    /// The backend id written in the header. `None`: derived from the name, so every process
+    /// that names the segment agrees on it.
+    pub id: Option<BackendId>,
+    /// Permission bits for a new segment (default 0600: this user only).
+    pub mode: u32,
+    /// Whether the creator removes the name when its backend is dropped (default true).
+    pub unlink_on_drop: bool,
+    /// How long `attach` waits for a creator to finish initialising (default 5 s).
+    pub attach_timeout: Duration,
+}
+
+impl Default for ShmOptions {
+    fn default() -> Self {
+        ShmOptions { id: None, mode: 0o600, unlink_on_drop: true, attach_timeout: Duration::from_secs(5) }
+    }
+}
+
+/// A POSIX shared-memory segment (`shm_open` + `mmap(MAP_SHARED)`), mapped wherever the OS puts
+/// it in each process. Offsets, not addresses, cross between processes.
+#[derive(Debug)]
+pub struct PosixShmBackend {
+    raw: RawRegion,
+    name: String,
+    kind: BackendKind,
+    creator: bool,
+    unlink_on_drop: bool,
+}
+
+impl PosixShmBackend {
+    /// Creates segment `name` with `size` bytes of data (rounded up to whole pages) after its
+    /// header. Fails with `AlreadyExists` if the name is taken.
+    pub fn create(name: &str, size: usize, options: &ShmOptions) -> Result<Self> {
+        Self::create_kind(name, size, options, BackendKind::Shared)
+    }
+
+    /// Attaches to segment `name`, waiting for its creator to finish, and checks its header.
+    pub fn attach(name: &str, options: &ShmOptions) -> Result<Self> {
+        Self::attach_kind(name, options, BackendKind::Shared)
+    }
+
+    /// [`create`](Self::create) recording another kind in the header; for backends built on this
+    /// one (the GPU-registered segments).
+    pub fn create_kind(name: &str, size: usize, options: &ShmOptions, kind: BackendKind) -> Result<Self> {
+        let name = normalize_name(name)?;
+        let len = region_len(size)?;
+        let c_name = c_name(&name)?;
+        let fd = shm_open(&c_name, &name, libc::O_CREAT | libc::O_EXCL | libc::O_RDWR, options.mode)?;
+        let mapped = ftruncate(fd, len).and_then(|_| map(fd, len));
+        close(fd);
+        let raw = match mapped {
+            Ok(raw) => raw,
+            Err(e) => {
+                unlink(&c_name);
+                return Err(e);
+            }
+        };
+        let id = options.id.unwrap_or_else(|| id_from_name(&name));
+        let backend = PosixShmBackend { raw, name, kind, creator: true, unlink_on_drop: options.unlink_on_drop };
+        backend.raw.initialize(kind, id)?; // on error, Drop unmaps and unlinks
+        Ok(backend)
+    }
+
+    /// [`attach`](Self::attach) expecting another kind in the header.
+    pub fn attach_kind(name: &str, options: &ShmOptions, kind: BackendKind) -> Result<Self> {
+        let name = normalize_name(name)?;
+        let c_name = c_name(&name)?;
+        let fd = shm_open(&c_name, &name, libc::O_RDWR, 0)?;
+        let mapped = wait_for_size(fd, options.attach_timeout).and_then(|len| map(fd, len));
+        close(fd);
+        let backend = PosixShmBackend { raw: mapped?, name, kind, creator: false, unlink_on_drop: false };
+        backend.raw.wait_ready(kind, options.attach_timeout)?;
+        Ok(backend)
+    }
+
+    /// Whether segment `name` exists.
+    pub fn exists(name: &str) -> Result<bool> {
+        let name = normalize_name(name)?;
+        match shm_open(&c_name(&name)?, &name, libc::O_RDONLY, 0) {
+            Ok(fd) => {
+                close(fd);
+                Ok(true)
+            }
+            Err(Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Keeps the segment after this (creating) process drops its backend.
+    pub fn persist(&mut self) {
+        self.unlink_on_drop = false;
+    }
+
+    fn unlink_name(&self) -> Result<()> {
+        let c_name = c_name(&self.name)?;
+        // SAFETY: `c_name` is a valid NUL-terminated string.
+        if unsafe { libc::shm_unlink(c_name.as_ptr()) } != 0 {
+            return Err(os_error("shm_unlink", &self.name));
+        }
+        Ok(())
+    }
+}
+
+impl_backend!(
+    PosixShmBackend,
+    kind = |s| s.kind,
+    creator = |s| s.creator,
+    fn name(&self) -> Option<&str> {
+        Some(&self.name)
+    }
+    fn destroy(&self) -> Result<()> {
+        self.unlink_name()
+    }
+);
+
+impl Drop for PosixShmBackend {
+    fn drop(&mut self) {
+        if self.creator && self.unlink_on_drop {
+            let _ = self.unlink_name(); // already gone if destroy() ran: nothing to report
+        }
+        // SAFETY: `raw` is the mapping made in `map`, unmapped once, here.
+        unsafe { libc::munmap(self.raw.base().cast(), self.raw.len() as usize) };
+    }
+}
+
+/// Checks a segment name and gives it its leading '/': one '/' at the start, no other, no NUL,
+/// at most 255 bytes.
+fn normalize_name(name: &str) -> Result<String> {
+    let bad = |reason| Error::InvalidName { name: ShortStr::new(name), reason };
+    let bare = name.strip_prefix('/').unwrap_or(name);
+    if bare.is_empty() {
+        return Err(bad("empty name"));
+    }
+    if bare.contains('/') {
+        return Err(bad("a shared-memory name may contain '/' only as its first character"));
+    }
+    if bare.contains('\0') {
+        return Err(bad("NUL byte in name"));
+    }
+    if bare.len() + 1 > 255 {
+        return Err(bad("longer than 255 bytes"));
+    }
+    Ok(format!("/{bare}"))
+}
+
+fn c_name(name: &str) -> Result<CString> {
+    CString::new(name).map_err(|_| Error::InvalidName { name: ShortStr::new(name), reason: "NUL byte in name" })
+}
+
+/// FNV-1a of the name: the same id in every process that names the segment.
+fn id_from_name(name: &str) -> BackendId {
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    BackendId(hash)
+}
+
+fn os_error(call: &'static str, name: &str) -> Error {
+    let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    match errno {
+        libc::EEXIST => Error::AlreadyExists { what: "shared-memory segment", name: ShortStr::new(name) },
+        libc::ENOENT => Error::NotFound { what: "shared-memory segment", name: ShortStr::new(name) },
+        libc::EACCES | libc::EPERM => Error::PermissionDenied { name: ShortStr::new(name) },
+        libc::ENAMETOOLONG | libc::EINVAL if call == "shm_open" => {
+            Error::InvalidName { name: ShortStr::new(name), reason: "refused by shm_open" }
+        }
+        _ => Error::Os { call, errno },
+    }
+}
+
+fn shm_open(c_name: &CString, name: &str, flags: i32, mode: u32) -> Result<i32> {
+    // SAFETY: `c_name` is a valid NUL-terminated string; the mode is passed as the variadic
+    // `mode_t` argument shm_open expects with O_CREAT.
+    let fd = unsafe { libc::shm_open(c_name.as_ptr(), flags, mode as libc::mode_t) };
+    if fd < 0 {
+        return Err(os_error("shm_open", name));
+    }
+    Ok(fd)
+}
+
+fn ftruncate(fd: i32, len: u64) -> Result<()> {
+    // SAFETY: `fd` is an open descriptor we own.
+    if unsafe { libc::ftruncate(fd, len as libc::off_t) } != 0 {
+        return Err(os_error("ftruncate", ""));
+    }
+    Ok(())
+}
+
+fn segment_len(fd: i32) -> Result<u64> {
+    // SAFETY: an all-zero `stat` is a valid value to be overwritten by fstat.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is open and `st` is a valid out-pointer.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Err(os_error("fstat", ""));
+    }
+    Ok(st.st_size as u64)
+}
+
+/// Waits until the segment is at least a header long (its creator may not have sized it yet).
+fn wait_for_size(fd: i32, timeout: Duration) -> Result<u64> {
+    let started = Instant::now();
+    loop {
+        let len = segment_len(fd)?;
+        if len > HEADER_SIZE {
+            return Ok(len);
+        }
+        if started.elapsed() >= timeout {
+            return Err(Error::HeaderMismatch { field: "total_size", expected: HEADER_SIZE + 1, found: len });
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn map(fd: i32, len: u64) -> Result<RawRegion> {
+    // SAFETY: mapping a shared-memory descriptor we hold open; the kernel chooses the address.
+    let ptr = unsafe {
+        libc::mmap(std::ptr::null_mut(), len as usize, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(os_error("mmap", ""));
+    }
+    let base = NonNull::new(ptr.cast::<u8>()).ok_or(Error::Os { call: "mmap", errno: 0 })?;
+    // SAFETY: a fresh `len`-byte page-aligned mapping, unmapped only by PosixShmBackend's Drop.
+    Ok(unsafe { RawRegion::new(base, len) })
+}
+
+fn close(fd: i32) {
+    // SAFETY: `fd` is open and closed once; the mapping stays valid after close.
+    unsafe { libc::close(fd) };
+}
+
+fn unlink(c_name: &CString) {
+    // SAFETY: valid NUL-terminated name.
+    unsafe { libc::shm_unlink(c_name.as_ptr()) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hetmem_core::header::LAYOUT_VERSION;
+    use hetmem_core::MemoryBackend;
+
+    fn unique(tag: &str) -> String {
+        format!("/hetmem-test-{tag}-{}", std::process::id())
+    }
+
+    fn quick() -> ShmOptions {
+        ShmOptions { attach_timeout: Duration::from_millis(50), ..Default::default() }
+    }
+
+    #[test]
+    fn create_attach_destroy() {
+        let name = unique("cad");
+        let a = PosixShmBackend::create(&name, 1 << 16, &ShmOptions::default()).unwrap();
+        assert!(PosixShmBackend::exists(&name).unwrap());
+        let b = PosixShmBackend::attach(&name, &ShmOptions::default()).unwrap();
+        assert_eq!(a.id(), b.id());
+        assert_eq!(a.len(), b.len());
+        assert!(a.is_creator() && !b.is_creator());
+        // SAFETY: both map the same segment; byte 5000 is in the data area.
+        unsafe { a.base().add(5000).write(42) };
+        assert_eq!(unsafe { b.base().add(5000).read() }, 42);
+        a.destroy().unwrap();
+        assert!(!PosixShmBackend::exists(&name).unwrap());
+        assert!(matches!(PosixShmBackend::attach(&name, &quick()), Err(Error::NotFound { .. })));
+    }
+
+    #[test]
+    fn new_segments_are_private_to_this_user() {
+        let name = unique("mode");
+        let _a = PosixShmBackend::create(&name, 4096, &ShmOptions::default()).unwrap();
+        let meta = std::fs::metadata(format!("/dev/shm{name}")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn bad_names_are_refused() {
+        for (name, why) in [("/a/b", "a second '/'"), ("", "empty"), ("/", "empty"), ("a\0b", "NUL")] {
+            assert!(
+                matches!(PosixShmBackend::create(name, 4096, &quick()), Err(Error::InvalidName { .. })),
+                "{why}"
+            );
+        }
+        let long = "x".repeat(300);
+        assert!(matches!(PosixShmBackend::attach(&long, &quick()), Err(Error::InvalidName { .. })));
+        assert_eq!(normalize_name("plain").unwrap(), "/plain");
+    }
+
+    #[test]
+    fn zero_size_existing_and_missing_names_are_errors() {
+        let name = unique("exists");
+        assert!(matches!(PosixShmBackend::create(&name, 0, &quick()), Err(Error::InvalidSize { size: 0, .. })));
+        let _a = PosixShmBackend::create(&name, 4096, &quick()).unwrap();
+        assert!(matches!(PosixShmBackend::create(&name, 4096, &quick()), Err(Error::AlreadyExists { .. })));
+        assert!(matches!(PosixShmBackend::attach(&unique("missing"), &quick()), Err(Error::NotFound { .. })));
+    }
+
+    /// Writes `bytes` at `offset` of segment `name` through a second, raw mapping.
+    fn poke(name: &str, offset: usize, bytes: &[u8]) {
+        let path = format!("/dev/shm{name}");
+        let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        use std::os::unix::fs::FileExt;
+        file.write_at(bytes, offset as u64).unwrap();
+    }
+
+    #[test]
+    fn wrong_magic_version_kind_and_truncation_are_header_mismatches() {
+        let name = unique("hdr");
+        let a = PosixShmBackend::create(&name, 1 << 16, &quick()).unwrap();
+        let field = |r: Result<PosixShmBackend>| match r {
+            Err(Error::HeaderMismatch { field, .. }) => field,
+            other => panic!("expected a header mismatch, got {other:?}"),
+        };
+        assert_eq!(field(PosixShmBackend::attach_kind(&name, &quick(), BackendKind::Pinned)), "kind");
+
+        poke(&name, 8, &(LAYOUT_VERSION + 1).to_le_bytes());
+        assert_eq!(field(PosixShmBackend::attach(&name, &quick())), "version");
+        poke(&name, 8, &LAYOUT_VERSION.to_le_bytes());
+
+        let file = std::fs::OpenOptions::new().write(true).open(format!("/dev/shm{name}")).unwrap();
+        file.set_len(8192).unwrap();
+        assert_eq!(field(PosixShmBackend::attach(&name, &quick())), "total_size");
+        file.set_len(100).unwrap();
+        assert_eq!(field(PosixShmBackend::attach(&name, &quick())), "total_size");
+        file.set_len(a.len()).unwrap();
+
+        poke(&name, 0, b"NOTHETMM");
+        assert_eq!(field(PosixShmBackend::attach(&name, &quick())), "magic");
+    }
+
+    #[test]
+    fn attach_times_out_on_a_segment_never_initialised() {
+        let name = unique("uninit");
+        let c = c_name(&name).unwrap();
+        let fd = shm_open(&c, &name, libc::O_CREAT | libc::O_EXCL | libc::O_RDWR, 0o600).unwrap();
+        ftruncate(fd, 3 * HEADER_SIZE).unwrap();
+        close(fd);
+        let r = PosixShmBackend::attach(&name, &quick());
+        unlink(&c);
+        assert!(matches!(r, Err(Error::TimedOut { .. })), "{r:?}");
+    }
+
+    #[test]
+    fn drop_unlinks_unless_persisted() {
+        let name = unique("drop");
+        drop(PosixShmBackend::create(&name, 4096, &quick()).unwrap());
+        assert!(!PosixShmBackend::exists(&name).unwrap());
+        let mut a = PosixShmBackend::create(&name, 4096, &quick()).unwrap();
+        a.persist();
+        drop(a);
+        assert!(PosixShmBackend::exists(&name).unwrap());
+        PosixShmBackend::attach(&name, &quick()).unwrap().destroy().unwrap();
+        assert!(!PosixShmBackend::exists(&name).unwrap());
+    }
+}

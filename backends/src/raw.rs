@@ -1,0 +1,139 @@
+//! What every backend shares: a base address and a length, header access, and the wait for a
+//! creator to finish initialising.
+
+use std::ptr::NonNull;
+use std::time::{Duration, Instant};
+
+use hetmem_core::header::{HeaderState, HEADER_SIZE};
+use hetmem_core::{BackendId, BackendKind, Error, RegionHeader, Result};
+
+/// A mapped region: base address and length, with the header at the base.
+#[derive(Debug)]
+pub struct RawRegion {
+    base: NonNull<u8>,
+    len: u64,
+}
+
+// SAFETY: a RawRegion is an address range; the backends that own one guarantee the memory stays
+// mapped for their life, and everything in it is accessed through atomics, shm-safe locks, or
+// allocations the caller owns.
+unsafe impl Send for RawRegion {}
+// SAFETY: as above.
+unsafe impl Sync for RawRegion {}
+
+impl RawRegion {
+    /// Describes `len` bytes at `base`.
+    ///
+    /// # Safety
+    /// `base` is valid for reads and writes of `len` bytes, page-aligned, for as long as the
+    /// `RawRegion` is used.
+    pub unsafe fn new(base: NonNull<u8>, len: u64) -> Self {
+        RawRegion { base, len }
+    }
+
+    /// Writes a fresh header: the region becomes a hetmem region.
+    pub fn initialize(&self, kind: BackendKind, id: BackendId) -> Result<()> {
+        // SAFETY: `new`'s contract gives `len` writable bytes at `base`; the creator is the only
+        // user until this returns (attachers wait for the ready flag it sets).
+        unsafe { RegionHeader::initialize(self.base.as_ptr(), self.len, kind, id, std::process::id()) }.map(|_| ())
+    }
+
+    /// Waits until the creator has marked the header ready (or `timeout` passes), then checks it
+    /// against the mapped length and the expected kind.
+    pub fn wait_ready(&self, kind: BackendKind, timeout: Duration) -> Result<()> {
+        if self.len < HEADER_SIZE {
+            return Err(Error::InvalidSize { size: self.len, reason: "region is smaller than its header page" });
+        }
+        let started = Instant::now();
+        loop {
+            match self.header().state() {
+                HeaderState::Ready | HeaderState::BadMagic(_) => return self.header().validate(self.len, kind),
+                HeaderState::Initialising if started.elapsed() >= timeout => {
+                    return Err(Error::TimedOut {
+                        what: "the segment's creator to initialise it",
+                        waited_ms: started.elapsed().as_millis() as u64,
+                    })
+                }
+                HeaderState::Initialising => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+    }
+
+    /// The header.
+    pub fn header(&self) -> &RegionHeader {
+        // SAFETY: the region is at least HEADER_SIZE bytes (checked in `wait_ready`, or written
+        // by `initialize`), page-aligned, and the header holds only integers and atomics, valid
+        // for any bytes.
+        unsafe { self.base.cast::<RegionHeader>().as_ref() }
+    }
+
+    /// The base address.
+    pub fn base(&self) -> *mut u8 {
+        self.base.as_ptr()
+    }
+
+    /// The length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the length is zero.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// The total length of a region whose data area holds `size` bytes: the header page plus `size`
+/// rounded up to whole pages.
+pub fn region_len(size: usize) -> Result<u64> {
+    if size == 0 {
+        return Err(Error::InvalidSize { size: 0, reason: "a backend needs a non-zero size" });
+    }
+    (size as u64)
+        .checked_next_multiple_of(HEADER_SIZE)
+        .and_then(|s| s.checked_add(HEADER_SIZE))
+        .filter(|&total| total <= isize::MAX as u64)
+        .ok_or(Error::InvalidSize { size: size as u64, reason: "too large" })
+}
+
+/// Implements [`MemoryBackend`](hetmem_core::MemoryBackend) for a type with a `raw: RawRegion`
+/// field, given its kind and creator flag expressions.
+macro_rules! impl_backend {
+    ($ty:ty, kind = |$k:ident| $kind:expr, creator = |$s:ident| $creator:expr $(, $($extra:tt)*)?) => {
+        impl hetmem_core::MemoryBackend for $ty {
+            fn kind(&self) -> hetmem_core::BackendKind {
+                let $k = self;
+                $kind
+            }
+            fn base(&self) -> *mut u8 {
+                self.raw.base()
+            }
+            fn len(&self) -> u64 {
+                self.raw.len()
+            }
+            fn header(&self) -> &hetmem_core::RegionHeader {
+                self.raw.header()
+            }
+            fn is_creator(&self) -> bool {
+                let $s = self;
+                $creator
+            }
+            $($($extra)*)?
+        }
+    };
+}
+pub(crate) use impl_backend;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn region_len_rounds_to_pages_plus_header() {
+        assert_eq!(region_len(1).unwrap(), 2 * HEADER_SIZE);
+        assert_eq!(region_len(4096).unwrap(), 2 * HEADER_SIZE);
+        assert_eq!(region_len(4097).unwrap(), 3 * HEADER_SIZE);
+        assert!(matches!(region_len(0), Err(Error::InvalidSize { .. })));
+        assert!(matches!(region_len(usize::MAX), Err(Error::InvalidSize { .. })));
+    }
+}

@@ -1,0 +1,42 @@
+//! The region allocators.
+//!
+//! - [`StackAllocator`]: bump allocation; frees in LIFO order reclaim space at once, other frees
+//!   are reclaimed when everything above them is freed; `reset` frees all.
+
+mod stack;
+
+pub use stack::{StackAllocator, StackConfig};
+
+use crate::error::{Error, Result};
+use crate::region::{Region, MAX_ALIGN};
+
+/// Rounds `value` up to a multiple of `align` (a power of two), or `None` on overflow.
+pub(crate) fn align_up(value: u64, align: u64) -> Option<u64> {
+    debug_assert!(align.is_power_of_two());
+    value.checked_add(align - 1).map(|v| v & !(align - 1))
+}
+
+/// Checks a request the way every region allocator must: non-zero size, power-of-two alignment
+/// no larger than the page size.
+pub(crate) fn check_request(size: usize, align: usize) -> Result<()> {
+    crate::check_layout(size, align)?;
+    if align > MAX_ALIGN {
+        return Err(Error::InvalidAlignment { align: align as u64 });
+    }
+    Ok(())
+}
+
+/// The allocator header of type `T` at the start of `region`.
+///
+/// # Safety
+/// The region's first `size_of::<T>()` bytes hold a `T` (or zeroes, if `T` is valid as zeroes)
+/// for as long as the returned reference is used, and they are only ever mutated through
+/// atomics or `T`'s locks.
+pub(crate) unsafe fn header_at<T>(region: &Region) -> Result<&T> {
+    let ptr = region.ptr(region.offset(), core::mem::size_of::<T>() as u64)?;
+    if ptr.align_offset(core::mem::align_of::<T>()) != 0 {
+        return Err(Error::InvalidAlignment { align: core::mem::align_of::<T>() as u64 });
+    }
+    // SAFETY: in bounds and aligned (checked above); validity is the caller's promise.
+    Ok(unsafe { &*ptr.cast::<T>() })
+}

@@ -1,0 +1,369 @@
+//! The header page every region starts with.
+//!
+//! ```text
+//! offset 0     magic, layout version, kind, sizes, backend id, creator pid, init state
+//! offset 128   allocator directory: a mutex, the next free offset, and one entry per
+//!              allocator (type, id, sub-region offset and size, state)
+//! HEADER_SIZE  data: the sub-regions the allocators own
+//! ```
+//!
+//! The creator writes every field, then sets the init state to ready with release ordering;
+//! attachers wait for that (see `hetmem-backends`) before trusting anything else. Every value read
+//! from the header is checked against the mapped size before use: a corrupt or hostile peer must
+//! not make this process touch memory outside the region.
+
+use crate::backend::{BackendId, BackendKind};
+use crate::error::{Error, Result};
+use crate::ptr::AllocatorId;
+use crate::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use crate::sync::Mutex;
+
+/// Size of the header page; data starts here.
+pub const HEADER_SIZE: u64 = 4096;
+/// The first eight bytes of every hetmem region.
+pub const MAGIC: u64 = u64::from_le_bytes(*b"HETMEM\0\x01");
+/// The layout this code reads and writes. Attaching to another fails with a header mismatch.
+pub const LAYOUT_VERSION: u32 = 1;
+/// Sub-regions start at multiples of this, so each allocator's header sits on its own cache lines.
+pub const SUBREGION_ALIGN: u64 = 64;
+/// How many allocators one region's directory holds.
+pub const MAX_ALLOCATORS: usize = 123;
+
+const INIT_READY: u32 = 0x5EED_0001;
+
+const ENTRY_EMPTY: u32 = 0;
+const ENTRY_CREATING: u32 = 1;
+const ENTRY_READY: u32 = 2;
+
+/// What an attacher sees when it looks at a header that may still be being written.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum HeaderState {
+    /// Not yet initialised (the magic is still zero, or the init flag not yet set): wait.
+    Initialising,
+    /// The creator has finished; the header can be validated.
+    Ready,
+    /// The first eight bytes are neither zero nor the hetmem magic: not a hetmem region.
+    BadMagic(u64),
+}
+
+/// One allocator's entry in the directory.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AllocatorEntry {
+    /// The allocator type's `TYPE_ID`.
+    pub type_id: u32,
+    state: u32,
+    /// The allocator's id.
+    pub id: AllocatorId,
+    /// Start of its sub-region, from the region's start.
+    pub offset: u64,
+    /// Size of its sub-region.
+    pub size: u64,
+}
+
+#[repr(C)]
+struct Directory {
+    next_free: u64,
+    count: u32,
+    _pad: u32,
+    entries: [AllocatorEntry; MAX_ALLOCATORS],
+}
+
+/// The header at offset 0 of every region. See the [module docs](self) for the layout.
+#[repr(C)]
+pub struct RegionHeader {
+    magic: AtomicU64,
+    version: u32,
+    kind: u32,
+    total_size: u64,
+    data_offset: u64,
+    backend_id: u64,
+    creator_pid: u32,
+    init_state: AtomicU32,
+    _reserved: [u64; 10],
+    directory: Mutex<Directory>,
+}
+
+const _: () = assert!(core::mem::size_of::<RegionHeader>() as u64 <= HEADER_SIZE);
+const _: () = assert!(core::mem::size_of::<AllocatorEntry>() == 32);
+
+impl RegionHeader {
+    /// Writes a fresh header at `base` and marks it ready.
+    ///
+    /// # Safety
+    /// `base` points to at least `total_size` writable bytes, aligned to 8, that no other thread or
+    /// process reads as a header until this returns (attachers wait for the ready flag).
+    pub unsafe fn initialize<'a>(
+        base: *mut u8,
+        total_size: u64,
+        kind: BackendKind,
+        id: BackendId,
+        creator_pid: u32,
+    ) -> Result<&'a RegionHeader> {
+        if total_size <= HEADER_SIZE {
+            return Err(Error::InvalidSize {
+                size: total_size,
+                reason: "a region must be larger than its 4096-byte header",
+            });
+        }
+        if base.align_offset(8) != 0 {
+            return Err(Error::InvalidAlignment { align: base as u64 & 7 });
+        }
+        let header = base.cast::<RegionHeader>();
+        // SAFETY: the caller gives us `total_size` > HEADER_SIZE >= size_of::<RegionHeader>()
+        // writable, aligned bytes that nobody else reads yet; the header holds only integers
+        // and atomics, for which these bytes are valid once written.
+        unsafe {
+            core::ptr::write_bytes(base, 0, HEADER_SIZE as usize);
+            (*header).version = LAYOUT_VERSION;
+            (*header).kind = kind as u32;
+            (*header).total_size = total_size;
+            (*header).data_offset = HEADER_SIZE;
+            (*header).backend_id = id.0;
+            (*header).creator_pid = creator_pid;
+            (*header).directory.get_mut().next_free = HEADER_SIZE;
+            let header = &*header;
+            header.magic.store(MAGIC, Ordering::Relaxed);
+            header.init_state.store(INIT_READY, Ordering::Release);
+            Ok(header)
+        }
+    }
+
+    /// Reads the magic and init flag without trusting anything else.
+    pub fn state(&self) -> HeaderState {
+        match self.magic.load(Ordering::Acquire) {
+            0 => HeaderState::Initialising,
+            MAGIC if self.init_state.load(Ordering::Acquire) == INIT_READY => HeaderState::Ready,
+            MAGIC => HeaderState::Initialising,
+            other => HeaderState::BadMagic(other),
+        }
+    }
+
+    /// Checks a ready header against what the attacher expects: layout version, kind, and a
+    /// total size that matches the bytes actually mapped (a truncated segment fails here).
+    pub fn validate(&self, mapped_len: u64, kind: BackendKind) -> Result<()> {
+        match self.state() {
+            HeaderState::Ready => {}
+            HeaderState::BadMagic(found) => {
+                return Err(Error::HeaderMismatch { field: "magic", expected: MAGIC, found });
+            }
+            HeaderState::Initialising => {
+                return Err(Error::TimedOut { what: "the region's creator to initialise it", waited_ms: 0 });
+            }
+        }
+        let mismatch = |field, expected: u64, found: u64| Error::HeaderMismatch { field, expected, found };
+        if self.version != LAYOUT_VERSION {
+            return Err(mismatch("version", LAYOUT_VERSION as u64, self.version as u64));
+        }
+        if self.kind != kind as u32 {
+            return Err(mismatch("kind", kind as u64, self.kind as u64));
+        }
+        if self.total_size != mapped_len {
+            return Err(mismatch("total_size", mapped_len, self.total_size));
+        }
+        if self.data_offset != HEADER_SIZE {
+            return Err(mismatch("data_offset", HEADER_SIZE, self.data_offset));
+        }
+        Ok(())
+    }
+
+    /// The layout version written by the creator.
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    /// The backend kind written by the creator (raw).
+    pub fn kind_raw(&self) -> u32 {
+        self.kind
+    }
+
+    /// The region's total size, header included.
+    pub fn total_size(&self) -> u64 {
+        self.total_size
+    }
+
+    /// Where the data area starts.
+    pub fn data_offset(&self) -> u64 {
+        self.data_offset
+    }
+
+    /// The backend id written by the creator.
+    pub fn backend_id(&self) -> u64 {
+        self.backend_id
+    }
+
+    /// The process id of the creator.
+    pub fn creator_pid(&self) -> u32 {
+        self.creator_pid
+    }
+
+    /// Bytes of the data area not yet given to any allocator.
+    pub fn unreserved(&self) -> u64 {
+        let dir = self.directory.lock();
+        self.total_size.saturating_sub(dir.next_free)
+    }
+
+    /// Reserves a sub-region for a new allocator and records it as being created.
+    ///
+    /// `size == 0` takes all the space that is left. Fails if `id` already has an entry, the
+    /// directory is full, or the space is not there.
+    pub fn reserve_allocator(&self, type_id: u32, id: AllocatorId, size: u64) -> Result<AllocatorEntry> {
+        let mut dir = self.directory.lock();
+        let count = (dir.count as usize).min(MAX_ALLOCATORS);
+        if dir.entries[..count].iter().any(|e| e.state != ENTRY_EMPTY && e.id == id) {
+            return Err(Error::AlreadyExists { what: "allocator", name: id_name(id) });
+        }
+        if count == MAX_ALLOCATORS {
+            return Err(Error::Unsupported("more than 123 allocators in one region"));
+        }
+        let start = dir.next_free.checked_next_multiple_of(SUBREGION_ALIGN).unwrap_or(u64::MAX);
+        let available = self.total_size.saturating_sub(start);
+        let size = if size == 0 { available } else { size };
+        if size == 0 || size > available {
+            return Err(Error::OutOfMemory { requested: size, available });
+        }
+        let entry = AllocatorEntry { type_id, state: ENTRY_CREATING, id, offset: start, size };
+        dir.entries[count] = entry;
+        dir.count = count as u32 + 1;
+        dir.next_free = start + size;
+        Ok(entry)
+    }
+
+    /// Marks `id`'s entry ready: its allocator has written its own header.
+    pub fn publish_allocator(&self, id: AllocatorId) -> Result<()> {
+        self.set_entry_state(id, ENTRY_READY)
+    }
+
+    /// Forgets an entry whose creation failed. Its space stays reserved (the directory only
+    /// bumps), but the id can be created again.
+    pub fn abandon_allocator(&self, id: AllocatorId) -> Result<()> {
+        self.set_entry_state(id, ENTRY_EMPTY)
+    }
+
+    fn set_entry_state(&self, id: AllocatorId, state: u32) -> Result<()> {
+        let mut dir = self.directory.lock();
+        let count = (dir.count as usize).min(MAX_ALLOCATORS);
+        let entry = dir.entries[..count]
+            .iter_mut()
+            .find(|e| e.state != ENTRY_EMPTY && e.id == id)
+            .ok_or(Error::UnknownAllocator(id))?;
+        entry.state = state;
+        Ok(())
+    }
+
+    /// Looks up a ready allocator's entry, checking that its sub-region lies inside the region.
+    ///
+    /// Returns `Ok(None)` while the entry exists but its creator has not finished.
+    pub fn find_allocator(&self, id: AllocatorId) -> Result<Option<AllocatorEntry>> {
+        let dir = self.directory.lock();
+        let count = (dir.count as usize).min(MAX_ALLOCATORS);
+        let entry = *dir.entries[..count]
+            .iter()
+            .find(|e| e.state != ENTRY_EMPTY && e.id == id)
+            .ok_or(Error::UnknownAllocator(id))?;
+        let end = entry.offset.checked_add(entry.size);
+        if entry.offset < HEADER_SIZE || end.is_none_or(|end| end > self.total_size) {
+            return Err(Error::OutOfBounds { offset: entry.offset, len: entry.size, region_len: self.total_size });
+        }
+        Ok((entry.state == ENTRY_READY).then_some(entry))
+    }
+
+    /// The ready allocators in this region, in creation order.
+    pub fn allocators(&self) -> impl Iterator<Item = AllocatorEntry> + '_ {
+        let dir = self.directory.lock();
+        let count = (dir.count as usize).min(MAX_ALLOCATORS);
+        let list: [Option<AllocatorEntry>; MAX_ALLOCATORS] = core::array::from_fn(|i| {
+            let e = dir.entries[i];
+            (i < count && e.state == ENTRY_READY).then_some(e)
+        });
+        list.into_iter().flatten()
+    }
+}
+
+fn id_name(id: AllocatorId) -> crate::error::ShortStr {
+    use core::fmt::Write;
+    let mut buf = FmtBuf::default();
+    let _ = write!(buf, "{id}");
+    crate::error::ShortStr::new(buf.as_str())
+}
+
+#[derive(Default)]
+struct FmtBuf {
+    buf: [u8; 32],
+    len: usize,
+}
+
+impl FmtBuf {
+    fn as_str(&self) -> &str {
+        core::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
+    }
+}
+
+impl core::fmt::Write for FmtBuf {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        let room = self.buf.len() - self.len;
+        let n = s.len().min(room);
+        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len += n;
+        Ok(())
+    }
+}
+
+#[cfg(all(test, feature = "std", not(loom)))]
+mod tests {
+    use super::*;
+
+    fn region(len: usize) -> Vec<u64> {
+        vec![0u64; len / 8]
+    }
+
+    #[test]
+    fn fresh_header_validates_and_wrong_fields_are_named() {
+        let mut mem = region(64 * 1024);
+        let base = mem.as_mut_ptr().cast::<u8>();
+        // SAFETY: `mem` is 64 KiB, 8-aligned, and only this test uses it.
+        let h = unsafe { RegionHeader::initialize(base, 64 * 1024, BackendKind::Private, BackendId(3), 1) }.unwrap();
+        assert_eq!(h.state(), HeaderState::Ready);
+        h.validate(64 * 1024, BackendKind::Private).unwrap();
+        assert_eq!(h.backend_id(), 3);
+        assert!(matches!(
+            h.validate(32 * 1024, BackendKind::Private),
+            Err(Error::HeaderMismatch { field: "total_size", .. })
+        ));
+        assert!(matches!(
+            h.validate(64 * 1024, BackendKind::Shared),
+            Err(Error::HeaderMismatch { field: "kind", expected: 2, found: 1 })
+        ));
+        mem[1] = 99; // the version field
+        let h = unsafe { &*(mem.as_ptr() as *const RegionHeader) };
+        assert!(matches!(
+            h.validate(64 * 1024, BackendKind::Private),
+            Err(Error::HeaderMismatch { field: "version", expected: 1, .. })
+        ));
+        mem[0] = 0x1234;
+        let h = unsafe { &*(mem.as_ptr() as *const RegionHeader) };
+        assert_eq!(h.state(), HeaderState::BadMagic(0x1234));
+    }
+
+    #[test]
+    fn directory_reserves_disjoint_subregions_and_refuses_duplicates() {
+        let mut mem = region(64 * 1024);
+        // SAFETY: as above.
+        let h = unsafe {
+            RegionHeader::initialize(mem.as_mut_ptr().cast(), 64 * 1024, BackendKind::Private, BackendId(1), 1)
+        }
+        .unwrap();
+        let a = h.reserve_allocator(7, AllocatorId::new(1, 0), 1000).unwrap();
+        assert_eq!(a.offset, HEADER_SIZE);
+        assert!(h.find_allocator(AllocatorId::new(1, 0)).unwrap().is_none(), "not ready yet");
+        h.publish_allocator(AllocatorId::new(1, 0)).unwrap();
+        assert_eq!(h.find_allocator(AllocatorId::new(1, 0)).unwrap(), Some(AllocatorEntry { state: ENTRY_READY, ..a }));
+        assert!(matches!(h.reserve_allocator(7, AllocatorId::new(1, 0), 10), Err(Error::AlreadyExists { .. })));
+        let b = h.reserve_allocator(7, AllocatorId::new(1, 1), 0).unwrap();
+        assert_eq!(b.offset, (HEADER_SIZE + 1000).next_multiple_of(SUBREGION_ALIGN));
+        assert_eq!(b.offset + b.size, 64 * 1024);
+        assert!(matches!(h.reserve_allocator(7, AllocatorId::new(1, 2), 0), Err(Error::OutOfMemory { .. })));
+        assert!(matches!(h.find_allocator(AllocatorId::new(9, 9)), Err(Error::UnknownAllocator(_))));
+        assert_eq!(h.allocators().count(), 1);
+    }
+}

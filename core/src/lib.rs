@@ -1,0 +1,89 @@
+//! hetmem-core: the pieces every other hetmem crate stands on.
+//!
+//! - [`Error`]: the one error type.
+//! - [`ptr`]: offset pointers ([`OffsetPtr`], [`ShmPtr`], [`FullPtr`]) that mean the same thing in
+//!   every process and on the GPU.
+//! - [`backend`], [`header`]: where bytes live ([`MemoryBackend`]) and the header page every region
+//!   starts with.
+//! - [`allocator`], [`allocators`]: how a region is carved up ([`RegionAllocator`]), with all state
+//!   inside the region.
+//! - [`thread`]: what a thread is ([`ThreadModel`]).
+//! - [`resource`]: upstream sources of blocks for pools ([`MemoryResource`]).
+//! - [`sync`]: locks that are safe to place in shared memory.
+//! - [`manager`] (feature `std`): the registry that turns a [`ShmPtr`] into a local address.
+//!
+//! The crate is `no_std` without its default `std` feature; `alloc` adds regions and allocators.
+#![cfg_attr(not(feature = "std"), no_std)]
+#![warn(missing_docs)]
+
+#[cfg(feature = "alloc")]
+extern crate alloc;
+
+pub mod backend;
+pub mod error;
+pub mod header;
+pub mod ptr;
+pub mod resource;
+pub mod sync;
+pub mod thread;
+
+#[cfg(feature = "alloc")]
+pub mod allocator;
+#[cfg(feature = "alloc")]
+pub mod allocators;
+#[cfg(feature = "alloc")]
+pub mod region;
+
+#[cfg(feature = "std")]
+pub mod manager;
+
+#[cfg(all(test, feature = "std"))]
+mod testing;
+
+pub use backend::{BackendId, BackendKind, MemoryBackend};
+pub use error::{Error, Result, ShortStr};
+pub use header::RegionHeader;
+pub use ptr::{AllocatorId, AtomicOffsetPtr, FullPtr, OffsetPtr, ShmPtr};
+pub use resource::{MemoryKind, MemoryResource};
+pub use thread::{ThreadModel, TlsDestructor};
+
+#[cfg(feature = "alloc")]
+pub use allocator::{AllocStats, AllocatorType, RegionAllocator};
+#[cfg(feature = "alloc")]
+pub use allocators::StackAllocator;
+#[cfg(feature = "alloc")]
+pub use region::Region;
+
+#[cfg(feature = "std")]
+pub use manager::MemoryManager;
+
+/// Checks a requested size and alignment, the way every allocator in hetmem does.
+///
+/// A size of zero, an alignment that is not a non-zero power of two, or a size that overflows
+/// once rounded up to the alignment is rejected with the matching [`Error`].
+pub fn check_layout(size: usize, align: usize) -> Result<()> {
+    if !align.is_power_of_two() {
+        return Err(Error::InvalidAlignment { align: align as u64 });
+    }
+    if size == 0 {
+        return Err(Error::InvalidSize { size: 0, reason: "zero-sized request" });
+    }
+    if size.checked_add(align - 1).is_none() || size > isize::MAX as usize {
+        return Err(Error::InvalidSize { size: size as u64, reason: "size overflows when aligned" });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_checks_reject_bad_input() {
+        assert!(matches!(check_layout(0, 8), Err(Error::InvalidSize { .. })));
+        assert!(matches!(check_layout(8, 3), Err(Error::InvalidAlignment { align: 3 })));
+        assert!(matches!(check_layout(8, 0), Err(Error::InvalidAlignment { align: 0 })));
+        assert!(matches!(check_layout(usize::MAX, 16), Err(Error::InvalidSize { .. })));
+        assert!(check_layout(1, 4096).is_ok());
+    }
+}

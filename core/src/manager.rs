@@ -1,0 +1,284 @@
+//! [`MemoryManager`]: the registry of backends and allocators of one process.
+//!
+//! It is where an application creates, attaches and destroys backends and allocators, and where a
+//! [`ShmPtr`] received from another process (or a GPU kernel) becomes a local address.
+
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
+
+use crate::allocator::{AllocatorType, RegionAllocator};
+use crate::backend::{BackendId, MemoryBackend};
+use crate::error::{Error, Result};
+use crate::ptr::{AllocatorId, FullPtr, OffsetPtr, ShmPtr};
+use crate::region::Region;
+
+/// How long [`MemoryManager::attach_allocator`] waits for another process to finish creating an
+/// allocator.
+pub const DEFAULT_ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct AllocatorEntry {
+    backend: BackendId,
+    dynamic: Arc<dyn RegionAllocator>,
+    typed: Arc<dyn Any + Send + Sync>,
+}
+
+#[derive(Default)]
+struct Registry {
+    backends: BTreeMap<BackendId, Arc<dyn MemoryBackend>>,
+    allocators: BTreeMap<AllocatorId, AllocatorEntry>,
+}
+
+/// A registry of backends and allocators by id. Any number of each; all methods take `&self` and
+/// may be called from any thread.
+#[derive(Default)]
+pub struct MemoryManager {
+    registry: RwLock<Registry>,
+}
+
+impl MemoryManager {
+    /// An empty manager.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The process-wide default manager, for code that does not want to pass one around.
+    pub fn global() -> &'static MemoryManager {
+        static GLOBAL: OnceLock<MemoryManager> = OnceLock::new();
+        GLOBAL.get_or_init(MemoryManager::new)
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Registry> {
+        // A panic while holding the lock cannot leave the maps half-updated (each update is one
+        // insert or remove), so a poisoned lock is still consistent.
+        self.registry.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Registry> {
+        self.registry.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a backend under the id in its header and returns it, shared.
+    pub fn add_backend<B: MemoryBackend>(&self, backend: B) -> Result<Arc<B>> {
+        let backend = Arc::new(backend);
+        self.add_backend_arc(backend.clone())?;
+        Ok(backend)
+    }
+
+    /// Registers an already shared backend.
+    pub fn add_backend_arc(&self, backend: Arc<dyn MemoryBackend>) -> Result<BackendId> {
+        let id = backend.id();
+        let mut reg = self.write();
+        if reg.backends.contains_key(&id) {
+            return Err(Error::AlreadyExists { what: "backend", name: id.to_string().as_str().into() });
+        }
+        reg.backends.insert(id, backend);
+        Ok(id)
+    }
+
+    /// The backend registered under `id`.
+    pub fn backend(&self, id: BackendId) -> Result<Arc<dyn MemoryBackend>> {
+        self.read().backends.get(&id).cloned().ok_or(Error::UnknownBackend(id))
+    }
+
+    /// The ids of every registered backend.
+    pub fn backend_ids(&self) -> Vec<BackendId> {
+        self.read().backends.keys().copied().collect()
+    }
+
+    /// Creates an allocator of type `A` in a new sub-region of `size` bytes (0: all that is left)
+    /// of backend `backend`, records it in the region's directory, and registers it here.
+    pub fn create_allocator<A: AllocatorType>(
+        &self,
+        backend: BackendId,
+        id: AllocatorId,
+        size: u64,
+        config: &A::Config,
+    ) -> Result<Arc<A>> {
+        let b = self.backend(backend)?;
+        if self.read().allocators.contains_key(&id) {
+            return Err(Error::AlreadyExists { what: "allocator", name: id.to_string().as_str().into() });
+        }
+        let entry = b.header().reserve_allocator(A::TYPE_ID, id, size)?;
+        let created = Region::new(b.clone(), entry.offset, entry.size).and_then(|r| A::create(r, id, config));
+        let allocator = match created {
+            Ok(a) => Arc::new(a),
+            Err(e) => {
+                let _ = b.header().abandon_allocator(id);
+                return Err(e);
+            }
+        };
+        b.header().publish_allocator(id)?;
+        self.register(backend, id, allocator.clone())?;
+        Ok(allocator)
+    }
+
+    /// Attaches to allocator `id`, which some process created in backend `backend`, waiting up to
+    /// [`DEFAULT_ATTACH_TIMEOUT`] for its creator to finish.
+    pub fn attach_allocator<A: AllocatorType>(&self, backend: BackendId, id: AllocatorId) -> Result<Arc<A>> {
+        self.attach_allocator_within::<A>(backend, id, DEFAULT_ATTACH_TIMEOUT)
+    }
+
+    /// [`attach_allocator`](Self::attach_allocator) with a chosen timeout.
+    pub fn attach_allocator_within<A: AllocatorType>(
+        &self,
+        backend: BackendId,
+        id: AllocatorId,
+        timeout: Duration,
+    ) -> Result<Arc<A>> {
+        let b = self.backend(backend)?;
+        let started = Instant::now();
+        let entry = loop {
+            if let Some(entry) = b.header().find_allocator(id)? {
+                break entry;
+            }
+            if started.elapsed() >= timeout {
+                return Err(Error::TimedOut {
+                    what: "an allocator's creator to finish",
+                    waited_ms: started.elapsed().as_millis() as u64,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        if entry.type_id != A::TYPE_ID {
+            return Err(Error::HeaderMismatch {
+                field: "allocator type",
+                expected: A::TYPE_ID as u64,
+                found: entry.type_id as u64,
+            });
+        }
+        let allocator = Arc::new(A::attach(Region::new(b, entry.offset, entry.size)?, id)?);
+        self.register(backend, id, allocator.clone())?;
+        Ok(allocator)
+    }
+
+    fn register<A: AllocatorType>(&self, backend: BackendId, id: AllocatorId, allocator: Arc<A>) -> Result<()> {
+        let mut reg = self.write();
+        if reg.allocators.contains_key(&id) {
+            return Err(Error::AlreadyExists { what: "allocator", name: id.to_string().as_str().into() });
+        }
+        let entry = AllocatorEntry { backend, dynamic: allocator.clone(), typed: allocator };
+        reg.allocators.insert(id, entry);
+        Ok(())
+    }
+
+    /// The allocator registered under `id`, as its concrete type.
+    pub fn allocator<A: AllocatorType>(&self, id: AllocatorId) -> Result<Arc<A>> {
+        let typed = self.read().allocators.get(&id).map(|e| e.typed.clone()).ok_or(Error::UnknownAllocator(id))?;
+        typed.downcast::<A>().map_err(|_| Error::Unsupported("the allocator has another type"))
+    }
+
+    /// The allocator registered under `id`, whatever its type.
+    pub fn allocator_dyn(&self, id: AllocatorId) -> Result<Arc<dyn RegionAllocator>> {
+        self.read().allocators.get(&id).map(|e| e.dynamic.clone()).ok_or(Error::UnknownAllocator(id))
+    }
+
+    /// The ids of every registered allocator.
+    pub fn allocator_ids(&self) -> Vec<AllocatorId> {
+        self.read().allocators.keys().copied().collect()
+    }
+
+    /// Allocates from allocator `id` and returns both pointer forms.
+    pub fn allocate(&self, id: AllocatorId, size: usize, align: usize) -> Result<FullPtr<u8>> {
+        let allocator = self.allocator_dyn(id)?;
+        let offset = allocator.allocate(size, align)?;
+        let ptr = allocator.region().ptr(offset.get(), size as u64)?;
+        Ok(FullPtr::new(ShmPtr::new(id, offset), ptr))
+    }
+
+    /// Frees a block from whichever registered allocator owns it.
+    pub fn free(&self, ptr: ShmPtr) -> Result<()> {
+        self.allocator_dyn(ptr.allocator)?.free(ptr.offset)
+    }
+
+    /// The local address of `ptr`, checked: the allocator is known, and a whole `T` at the
+    /// offset lies inside its region and is aligned for `T`.
+    pub fn to_local<T>(&self, ptr: ShmPtr) -> Result<FullPtr<T>> {
+        let allocator = self.allocator_dyn(ptr.allocator)?;
+        let region = allocator.region();
+        let local = region.ptr(ptr.offset.get(), core::mem::size_of::<T>() as u64)?;
+        if local.align_offset(core::mem::align_of::<T>()) != 0 {
+            return Err(Error::InvalidAlignment { align: core::mem::align_of::<T>() as u64 });
+        }
+        Ok(FullPtr::new(ptr, local.cast()))
+    }
+
+    /// The shared form of a local address inside one of the registered allocators' regions.
+    pub fn to_shm<T>(&self, ptr: *const T) -> Result<ShmPtr> {
+        let reg = self.read();
+        reg.allocators
+            .iter()
+            .find_map(|(id, e)| e.dynamic.region().offset_of(ptr.cast()).map(|o| ShmPtr::new(*id, OffsetPtr::new(o))))
+            .ok_or(Error::NotFound { what: "allocator region holding address", name: "local pointer".into() })
+    }
+
+    /// Forgets allocator `id` in this process. Its state stays in the region for others.
+    pub fn remove_allocator(&self, id: AllocatorId) -> Result<()> {
+        self.write().allocators.remove(&id).map(|_| ()).ok_or(Error::UnknownAllocator(id))
+    }
+
+    /// Forgets backend `id` and its allocators in this process, without removing its name.
+    pub fn detach_backend(&self, id: BackendId) -> Result<Arc<dyn MemoryBackend>> {
+        let mut reg = self.write();
+        let backend = reg.backends.remove(&id).ok_or(Error::UnknownBackend(id))?;
+        reg.allocators.retain(|_, e| e.backend != id);
+        Ok(backend)
+    }
+
+    /// Forgets backend `id` and its allocators, and removes the region's name
+    /// ([`MemoryBackend::destroy`]). Mappings end when the last handle is dropped.
+    pub fn destroy_backend(&self, id: BackendId) -> Result<()> {
+        self.detach_backend(id)?.destroy()
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::allocators::StackAllocator;
+    use crate::testing::HeapBackend;
+
+    #[test]
+    fn pointers_round_trip_through_the_manager() {
+        let mm = MemoryManager::new();
+        let b = mm.add_backend(HeapBackend::new(BackendId(1), 1 << 20)).unwrap();
+        let id = AllocatorId::new(1, 0);
+        let a = mm.create_allocator::<StackAllocator>(b.id(), id, 0, &Default::default()).unwrap();
+        let p = mm.allocate(id, 64, 8).unwrap();
+        // SAFETY: 64 fresh bytes of a live allocation.
+        unsafe { p.ptr.write_bytes(0xAB, 64) };
+        let local = mm.to_local::<u64>(p.shm).unwrap();
+        assert_eq!(local.ptr.cast::<u8>(), p.ptr);
+        assert_eq!(mm.to_shm(p.ptr).unwrap(), p.shm);
+        assert_eq!(a.stats().live_allocations, 1);
+        mm.free(p.shm).unwrap();
+        assert!(matches!(mm.free(p.shm), Err(Error::InvalidFree { .. })));
+        assert!(matches!(mm.to_local::<u8>(ShmPtr::new(id, OffsetPtr::new(u64::MAX - 8))), Err(Error::OutOfBounds { .. })));
+        assert!(matches!(mm.to_local::<u8>(ShmPtr::new(AllocatorId::new(9, 9), OffsetPtr::new(0))), Err(Error::UnknownAllocator(_))));
+    }
+
+    #[test]
+    fn several_allocators_share_one_backend_and_ids_are_unique() {
+        let mm = MemoryManager::new();
+        let b = mm.add_backend(HeapBackend::new(BackendId(2), 1 << 20)).unwrap();
+        let a0 = mm.create_allocator::<StackAllocator>(b.id(), AllocatorId::new(2, 0), 64 * 1024, &Default::default()).unwrap();
+        let a1 = mm.create_allocator::<StackAllocator>(b.id(), AllocatorId::new(2, 1), 0, &Default::default()).unwrap();
+        assert!(a0.region().end() <= a1.region().offset());
+        let dup = mm.create_allocator::<StackAllocator>(b.id(), AllocatorId::new(2, 1), 0, &Default::default());
+        assert!(matches!(dup, Err(Error::AlreadyExists { .. })));
+        assert!(matches!(mm.add_backend(HeapBackend::new(BackendId(2), 1 << 16)), Err(Error::AlreadyExists { .. })));
+        assert!(matches!(
+            mm.create_allocator::<StackAllocator>(BackendId(77), AllocatorId::new(7, 0), 0, &Default::default()),
+            Err(Error::UnknownBackend(BackendId(77)))
+        ));
+        // A second manager (as another process would) attaches by id and sees the same blocks.
+        let other = MemoryManager::new();
+        other.add_backend_arc(mm.backend(b.id()).unwrap()).unwrap();
+        let seen = other.attach_allocator::<StackAllocator>(b.id(), AllocatorId::new(2, 0)).unwrap();
+        let p = a0.allocate(100, 16).unwrap();
+        assert_eq!(seen.size_of(p).unwrap(), 100);
+        mm.destroy_backend(b.id()).unwrap();
+        assert!(matches!(mm.allocator_dyn(AllocatorId::new(2, 0)), Err(Error::UnknownAllocator(_))));
+    }
+}

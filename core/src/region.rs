@@ -1,0 +1,104 @@
+//! [`Region`]: the part of a backend one allocator owns, with bounds-checked access.
+
+use alloc::sync::Arc;
+
+use crate::backend::MemoryBackend;
+use crate::error::{Error, Result};
+use crate::header::HEADER_SIZE;
+
+/// The largest alignment a region allocator guarantees: mappings start on page boundaries, so
+/// an offset aligned to this is an address aligned to it in every process.
+pub const MAX_ALIGN: usize = 4096;
+
+/// A sub-range `[offset, offset + len)` of a backend's region, owned by one allocator.
+///
+/// Offsets are always from the backend's start (offset 0 is its header), so an offset means the
+/// same thing to the allocator, the memory manager and every other process. All access from
+/// offsets goes through [`Region::ptr`], which checks bounds first.
+#[derive(Clone)]
+pub struct Region {
+    backend: Arc<dyn MemoryBackend>,
+    offset: u64,
+    len: u64,
+}
+
+impl Region {
+    /// The sub-range `[offset, offset + len)` of `backend`'s data area.
+    pub fn new(backend: Arc<dyn MemoryBackend>, offset: u64, len: u64) -> Result<Self> {
+        if !backend.host_accessible() {
+            return Err(Error::Unsupported("region allocators need memory the CPU can access"));
+        }
+        let total = backend.len();
+        let in_bounds = offset >= HEADER_SIZE && offset.checked_add(len).is_some_and(|end| end <= total);
+        if !in_bounds || len == 0 {
+            return Err(Error::OutOfBounds { offset, len, region_len: total });
+        }
+        if (backend.base() as usize) % MAX_ALIGN != 0 {
+            return Err(Error::InvalidAlignment { align: backend.base() as u64 % MAX_ALIGN as u64 });
+        }
+        Ok(Region { backend, offset, len })
+    }
+
+    /// The whole data area of `backend` (everything after the header page).
+    pub fn whole(backend: Arc<dyn MemoryBackend>) -> Result<Self> {
+        let len = backend.len().saturating_sub(HEADER_SIZE);
+        Region::new(backend, HEADER_SIZE, len)
+    }
+
+    /// The backend this region is part of.
+    pub fn backend(&self) -> &Arc<dyn MemoryBackend> {
+        &self.backend
+    }
+
+    /// Where the region starts, from the backend's start.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The region's length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the region is empty (never, for a region made by [`Region::new`]).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// One past the region's last offset.
+    pub fn end(&self) -> u64 {
+        self.offset + self.len
+    }
+
+    /// Whether `[offset, offset + len)` lies inside the region.
+    pub fn contains(&self, offset: u64, len: u64) -> bool {
+        offset >= self.offset && offset.checked_add(len).is_some_and(|end| end <= self.end())
+    }
+
+    /// The local address of `offset`, after checking that `len` bytes from there lie in the region.
+    pub fn ptr(&self, offset: u64, len: u64) -> Result<*mut u8> {
+        if !self.contains(offset, len) {
+            return Err(Error::OutOfBounds { offset, len, region_len: self.end() });
+        }
+        // SAFETY: `offset` is inside the backend's mapping (checked just above; the region is
+        // inside the backend, checked in `new`), so the result stays in the same allocation.
+        Ok(unsafe { self.backend.base().add(offset as usize) })
+    }
+
+    /// The offset of a local address, if it lies in the region.
+    pub fn offset_of(&self, ptr: *const u8) -> Option<u64> {
+        let base = self.backend.base() as usize;
+        let offset = (ptr as usize).checked_sub(base)? as u64;
+        self.contains(offset, 0).then_some(offset)
+    }
+}
+
+impl core::fmt::Debug for Region {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Region")
+            .field("backend", &self.backend.id())
+            .field("offset", &self.offset)
+            .field("len", &self.len)
+            .finish()
+    }
+}

@@ -1,0 +1,48 @@
+//! Upstream sources of blocks: the [`MemoryResource`] trait.
+//!
+//! Pools (the coalescing pool, device-memory pools) draw big blocks from a resource and carve
+//! them. A resource may hand out memory the CPU cannot touch (device memory), so nothing that
+//! takes a resource may dereference its blocks unless [`MemoryResource::host_accessible`] says so.
+
+use core::ptr::NonNull;
+
+use crate::error::Result;
+
+/// Where a resource's memory lives.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
+pub enum MemoryKind {
+    /// Ordinary pageable host memory.
+    Host,
+    /// Page-locked host memory the GPU can reach directly.
+    PinnedHost,
+    /// GPU device memory.
+    Device,
+}
+
+/// A source of blocks for pools.
+///
+/// Contract: `allocate` returns a block of at least `size` bytes aligned to `align`, or an error
+/// (out of memory is `Error::OutOfMemory`, and the resource stays usable); `deallocate` takes back
+/// exactly a block this resource returned, with the same size and alignment.
+pub trait MemoryResource: Send + Sync {
+    /// A short name for reports ("host", "cuda-device", …).
+    fn name(&self) -> &str;
+
+    /// Where the memory lives.
+    fn kind(&self) -> MemoryKind;
+
+    /// Whether the CPU may dereference blocks from this resource.
+    fn host_accessible(&self) -> bool {
+        self.kind() != MemoryKind::Device
+    }
+
+    /// A block of `size` bytes aligned to `align` (a power of two).
+    fn allocate(&self, size: usize, align: usize) -> Result<NonNull<u8>>;
+
+    /// Returns a block.
+    ///
+    /// # Safety
+    /// `ptr` came from `allocate` on this resource with this `size` and `align`, and is not used
+    /// again.
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, size: usize, align: usize);
+}

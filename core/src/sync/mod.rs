@@ -1,0 +1,59 @@
+//! Locks that can live in shared memory: `#[repr(C)]`, atomics only, no pointers, no OS handles.
+//!
+//! - [`SpinLock`]: a test-and-test-and-set lock for very short critical sections.
+//! - [`Mutex`]: records its owner (process and thread) so a lock left by a dead process can be
+//!   found; spins briefly, then yields.
+//!
+//! All atomics come through [`atomic`], which swaps in loom's under `--cfg loom` so these
+//! algorithms are model-checked (`core/tests/loom.rs`).
+
+pub mod atomic;
+mod mutex;
+mod spin_lock;
+
+pub use mutex::{Mutex, MutexGuard};
+pub use spin_lock::{SpinLock, SpinLockGuard};
+
+/// Waits politely inside a lock's retry loop: lets another thread run where there is a
+/// scheduler, and hints the CPU otherwise.
+#[inline]
+pub(crate) fn relax(attempt: u32) {
+    if attempt < 64 {
+        core::hint::spin_loop();
+        #[cfg(loom)]
+        loom::thread::yield_now();
+        return;
+    }
+    #[cfg(loom)]
+    loom::thread::yield_now();
+    #[cfg(all(not(loom), feature = "std"))]
+    std::thread::yield_now();
+    #[cfg(all(not(loom), not(feature = "std")))]
+    core::hint::spin_loop();
+}
+
+/// A token naming the calling thread in the calling process, for lock owners: the process id in
+/// the high 32 bits, a per-process thread number in the low 32. Never zero.
+#[cfg(all(feature = "std", not(loom)))]
+pub fn owner_token() -> u64 {
+    use std::sync::atomic::AtomicU32;
+    static NEXT_THREAD: AtomicU32 = AtomicU32::new(1);
+    std::thread_local! {
+        static THREAD: u32 = NEXT_THREAD.fetch_add(1, atomic::Ordering::Relaxed);
+    }
+    let pid = std::process::id() as u64;
+    let tid = THREAD.with(|t| *t) as u64;
+    (pid << 32) | tid
+}
+
+/// A token naming the calling thread, for lock owners. Without `std` there is no process or
+/// thread id to read, so every caller shares one token.
+#[cfg(any(not(feature = "std"), loom))]
+pub fn owner_token() -> u64 {
+    1
+}
+
+/// The process id recorded in an owner token.
+pub const fn owner_pid(token: u64) -> u32 {
+    (token >> 32) as u32
+}

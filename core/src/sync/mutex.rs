@@ -1,0 +1,161 @@
+use core::cell::UnsafeCell;
+use core::ops::{Deref, DerefMut};
+
+use super::atomic::{AtomicU64, Ordering};
+use super::{owner_token, relax};
+
+const FREE: u64 = 0;
+
+/// A lock for shared memory that records who holds it.
+///
+/// The owner word holds an [`owner_token`] (process id and thread number; 0 = free), so a
+/// zero-filled segment holds a free mutex, and a process that finds the lock held by a process
+/// that no longer exists can take it over with [`Mutex::recover`] and then repair what it guards.
+/// Waiters spin briefly, then yield the CPU.
+#[repr(C)]
+pub struct Mutex<T> {
+    owner: AtomicU64,
+    data: UnsafeCell<T>,
+}
+
+// SAFETY: the mutex hands out access to `data` to one thread at a time.
+unsafe impl<T: Send> Sync for Mutex<T> {}
+// SAFETY: the mutex owns its `T`.
+unsafe impl<T: Send> Send for Mutex<T> {}
+
+impl<T> Mutex<T> {
+    /// A free mutex guarding `value`.
+    #[cfg(not(loom))]
+    pub const fn new(value: T) -> Self {
+        Mutex { owner: AtomicU64::new(FREE), data: UnsafeCell::new(value) }
+    }
+
+    /// A free mutex guarding `value`.
+    #[cfg(loom)]
+    pub fn new(value: T) -> Self {
+        Mutex { owner: AtomicU64::new(FREE), data: UnsafeCell::new(value) }
+    }
+
+    /// Takes the mutex, waiting as long as it takes.
+    pub fn lock(&self) -> MutexGuard<'_, T> {
+        let me = owner_token();
+        let mut attempt = 0u32;
+        loop {
+            if let Some(guard) = self.try_lock_as(me) {
+                return guard;
+            }
+            while self.owner.load(Ordering::Relaxed) != FREE {
+                relax(attempt);
+                attempt = attempt.saturating_add(1);
+            }
+        }
+    }
+
+    /// Takes the mutex if it is free.
+    pub fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
+        self.try_lock_as(owner_token())
+    }
+
+    fn try_lock_as(&self, me: u64) -> Option<MutexGuard<'_, T>> {
+        self.owner
+            .compare_exchange(FREE, me, Ordering::Acquire, Ordering::Relaxed)
+            .ok()
+            .map(|_| MutexGuard { mutex: self })
+    }
+
+    /// The owner token of the holder, or `None` when free.
+    pub fn owner(&self) -> Option<u64> {
+        match self.owner.load(Ordering::Acquire) {
+            FREE => None,
+            token => Some(token),
+        }
+    }
+
+    /// Takes over a mutex still held by `dead_owner`, a holder the caller knows has died.
+    ///
+    /// Returns `None` if the mutex is no longer held by `dead_owner` (it was released or
+    /// recovered by someone else). The data may be half-updated: the caller must check and
+    /// repair it before releasing the guard.
+    pub fn recover(&self, dead_owner: u64) -> Option<MutexGuard<'_, T>> {
+        if dead_owner == FREE {
+            return None;
+        }
+        self.owner
+            .compare_exchange(dead_owner, owner_token(), Ordering::Acquire, Ordering::Relaxed)
+            .ok()
+            .map(|_| MutexGuard { mutex: self })
+    }
+
+    /// Mutable access without locking: the `&mut` proves no one else can hold it.
+    pub fn get_mut(&mut self) -> &mut T {
+        self.data.get_mut()
+    }
+}
+
+/// Access to a [`Mutex`]'s value; the mutex is released on drop.
+pub struct MutexGuard<'a, T> {
+    mutex: &'a Mutex<T>,
+}
+
+impl<T> Deref for MutexGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // SAFETY: the guard exists only while this thread holds the mutex.
+        unsafe { &*self.mutex.data.get() }
+    }
+}
+
+impl<T> DerefMut for MutexGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        // SAFETY: as in `deref`; `&mut self` makes this the only reference through the guard.
+        unsafe { &mut *self.mutex.data.get() }
+    }
+}
+
+impl<T> Drop for MutexGuard<'_, T> {
+    fn drop(&mut self) {
+        self.mutex.owner.store(FREE, Ordering::Release);
+    }
+}
+
+#[cfg(all(test, not(loom), feature = "std"))]
+mod tests {
+    use super::*;
+    use crate::sync::owner_pid;
+    use std::sync::Arc;
+
+    #[test]
+    fn excludes_other_threads_and_records_owner() {
+        let m = Arc::new(Mutex::new(Vec::new()));
+        let threads: Vec<_> = (0..3)
+            .map(|i| {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    for j in 0..1000 {
+                        let mut g = m.lock();
+                        assert_eq!(owner_pid(m.owner().unwrap()), std::process::id());
+                        g.push(i * 1000 + j);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(m.lock().len(), 3000);
+        assert_eq!(m.owner(), None);
+    }
+
+    #[test]
+    fn recover_takes_over_only_from_the_named_owner() {
+        let m = Mutex::new(5u32);
+        let dead = (0xffff_fff0u64 << 32) | 9;
+        m.owner.store(dead, Ordering::Release); // as if a dead process held it
+        assert!(m.try_lock().is_none());
+        assert!(m.recover(dead + 1).is_none());
+        let mut g = m.recover(dead).expect("recovered");
+        *g = 6;
+        drop(g);
+        assert_eq!(*m.lock(), 6);
+    }
+}

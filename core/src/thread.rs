@@ -1,0 +1,50 @@
+//! What a thread is: the [`ThreadModel`] trait.
+//!
+//! Allocators that keep per-thread state are generic over a thread model rather than calling the
+//! OS, so the same allocator runs on pthreads, Windows threads, std threads, or (in the device
+//! header) GPU threads. Implementations live in `hetmem-thread-models`.
+
+use core::ffi::c_void;
+
+use crate::error::Result;
+
+/// Runs at thread exit for each non-null value stored under a key that registered it.
+pub type TlsDestructor = unsafe extern "C" fn(*mut c_void);
+
+/// Thread identity, scheduling and dynamically created thread-local storage.
+///
+/// Models are zero-sized types used through their associated functions.
+pub trait ThreadModel: Send + Sync + 'static {
+    /// A thread-local storage key.
+    type TlsKey: Copy + Send + Sync + core::fmt::Debug;
+
+    /// A short name for messages ("pthreads", "std", "windows").
+    const NAME: &'static str;
+
+    /// An id for the calling thread, unique among the live threads of the process.
+    fn thread_id() -> u64;
+
+    /// Offers the CPU to another runnable thread.
+    fn yield_now();
+
+    /// Sleeps for at least `us` microseconds (longer where the OS timer is coarser).
+    fn sleep_for_us(us: u64);
+
+    /// Creates a key; every thread sees null under it until it sets a value.
+    ///
+    /// # Safety
+    /// `destructor`, if given, is called at thread exit with each non-null value a thread left
+    /// under the key; it must be sound to call with every such value.
+    unsafe fn tls_create(destructor: Option<TlsDestructor>) -> Result<Self::TlsKey>;
+
+    /// The calling thread's value under `key` (null if never set).
+    fn tls_get(key: Self::TlsKey) -> *mut c_void;
+
+    /// Sets the calling thread's value under `key`.
+    fn tls_set(key: Self::TlsKey, value: *mut c_void) -> Result<()>;
+
+    /// Deletes `key`. Clear this thread's value first and make sure no other thread still holds
+    /// one: whether destructors run for values left under a deleted key differs between models
+    /// (pthreads: never; Windows: `FlsFree` runs them). Using the key afterwards is a logic error.
+    fn tls_delete(key: Self::TlsKey) -> Result<()>;
+}
