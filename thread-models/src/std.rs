@@ -78,7 +78,9 @@ std::thread_local! {
 }
 
 fn key_is_live(key: StdTlsKey) -> bool {
-    keys().get(key.slot).is_some_and(|k| k.live && k.generation == key.generation)
+    keys()
+        .get(key.slot)
+        .is_some_and(|k| k.live && k.generation == key.generation)
 }
 
 impl ThreadModel for StdThreads {
@@ -105,10 +107,20 @@ impl ThreadModel for StdThreads {
             k.generation += 1;
             k.live = true;
             k.destructor = destructor;
-            return Ok(StdTlsKey { slot, generation: k.generation });
+            return Ok(StdTlsKey {
+                slot,
+                generation: k.generation,
+            });
         }
-        keys.push(KeySlot { generation: 0, live: true, destructor });
-        Ok(StdTlsKey { slot: keys.len() - 1, generation: 0 })
+        keys.push(KeySlot {
+            generation: 0,
+            live: true,
+            destructor,
+        });
+        Ok(StdTlsKey {
+            slot: keys.len() - 1,
+            generation: 0,
+        })
     }
 
     fn tls_get(key: Self::TlsKey) -> *mut c_void {
@@ -132,7 +144,9 @@ impl ThreadModel for StdThreads {
                 }
                 values[key.slot] = (key.generation, value);
             })
-            .map_err(|_| Error::Unsupported("thread-local storage is being torn down on this thread"))
+            .map_err(|_| {
+                Error::Unsupported("thread-local storage is being torn down on this thread")
+            })
     }
 
     fn tls_delete(key: Self::TlsKey) -> Result<()> {
