@@ -141,17 +141,17 @@ impl PosixShmBackend {
     }
 }
 
-impl_backend!(
+impl_backend! {
     PosixShmBackend,
     kind = |s| s.kind,
     creator = |s| s.creator,
     fn name(&self) -> Option<&str> {
         Some(&self.name)
-    },
+    }
     fn destroy(&self) -> Result<()> {
         self.unlink_name()
     }
-);
+}
 
 impl Drop for PosixShmBackend {
     fn drop(&mut self) {

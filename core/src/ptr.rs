@@ -167,6 +167,15 @@ impl ShmPtr {
     }
 }
 
+impl fmt::Display for ShmPtr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.offset.offset() {
+            Some(o) => write!(f, "{}+{o:#x}", self.allocator),
+            None => write!(f, "{}+null", self.allocator),
+        }
+    }
+}
+
 /// A [`ShmPtr`] together with the address it maps to in this process.
 ///
 /// The local address is only meaningful in the process that made the `FullPtr`; send the
@@ -234,6 +243,10 @@ mod tests {
         let id = AllocatorId::new(7, 0xdead_beef);
         assert_eq!(AllocatorId::from_bits(id.to_bits()), id);
         assert_eq!(id.to_string(), "7.3735928559");
+        assert_eq!(
+            ShmPtr::new(AllocatorId::new(1, 2), OffsetPtr::new(0x40)).to_string(),
+            "1.2+0x40"
+        );
     }
 
     #[test]

@@ -408,3 +408,223 @@ impl AllocatorType for StackAllocator {
         Ok(allocator)
     }
 }
+
+#[cfg(all(test, feature = "std", not(loom)))]
+mod tests {
+    use super::*;
+    use crate::backend::BackendId;
+    use crate::testing::HeapBackend;
+    use proptest::prelude::*;
+    use std::sync::Arc;
+
+    fn stack(len: usize) -> StackAllocator {
+        let backend = Arc::new(HeapBackend::new(BackendId(1), len));
+        StackAllocator::create(
+            Region::whole(backend).unwrap(),
+            AllocatorId::new(1, 0),
+            &StackConfig {},
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn lifo_frees_return_all_space_and_other_orders_wait_for_the_top() {
+        let s = stack(64 * 1024);
+        let start = s.stats().free_bytes();
+        let a = s.allocate(100, 8).unwrap();
+        let b = s.allocate(200, 64).unwrap();
+        let c = s.allocate(50, 4096).unwrap();
+        assert_eq!(b.get() % 64, 0);
+        assert_eq!(c.get() % 4096, 0);
+        s.free(b).unwrap(); // not the top: marked only
+        assert_eq!(s.stats().live_allocations, 2);
+        assert!(s.stats().free_bytes() < start);
+        s.check().unwrap();
+        s.free(c).unwrap(); // pops c, then b
+        s.check().unwrap();
+        let after_c = s.stats();
+        let data_start = s.lock().data_start;
+        assert_eq!(
+            after_c.bytes_reserved,
+            a.get() + 100 - data_start,
+            "only a is left on the stack"
+        );
+        s.free(a).unwrap();
+        assert_eq!(s.stats().free_bytes(), start);
+        s.check().unwrap();
+    }
+
+    #[test]
+    fn bad_frees_and_requests_are_errors() {
+        let s = stack(64 * 1024);
+        let a = s.allocate(32, 8).unwrap();
+        assert!(matches!(s.allocate(0, 8), Err(Error::InvalidSize { .. })));
+        assert!(matches!(
+            s.allocate(8, 3),
+            Err(Error::InvalidAlignment { align: 3 })
+        ));
+        assert!(matches!(
+            s.allocate(8, 8192),
+            Err(Error::InvalidAlignment { align: 8192 })
+        ));
+        assert!(matches!(
+            s.free(OffsetPtr::NULL),
+            Err(Error::InvalidFree { .. })
+        ));
+        assert!(matches!(
+            s.free(OffsetPtr::new(a.get() + 16)),
+            Err(Error::InvalidFree { .. })
+        ));
+        assert!(matches!(
+            s.free(OffsetPtr::new(3)),
+            Err(Error::InvalidFree { .. })
+        ));
+        assert!(matches!(
+            s.free(OffsetPtr::new(u64::MAX - 1)),
+            Err(Error::InvalidFree { .. })
+        ));
+        let b = s.allocate(32, 8).unwrap();
+        s.free(a).unwrap();
+        assert!(matches!(
+            s.free(a),
+            Err(Error::InvalidFree {
+                reason: "already freed",
+                ..
+            })
+        ));
+        s.free(b).unwrap();
+        s.check().unwrap();
+    }
+
+    #[test]
+    fn out_of_memory_leaves_the_allocator_usable() {
+        let s = stack(8 * 4096);
+        let cap = s.stats().capacity as usize;
+        assert!(matches!(
+            s.allocate(cap + 1, 8),
+            Err(Error::OutOfMemory { .. })
+        ));
+        assert!(matches!(
+            s.allocate(usize::MAX - 4096, 8),
+            Err(Error::InvalidSize { .. } | Error::OutOfMemory { .. })
+        ));
+        let a = s.allocate(cap / 2, 8).unwrap();
+        s.free(a).unwrap();
+        assert_eq!(s.stats().bytes_reserved, 0);
+    }
+
+    #[test]
+    fn reallocate_grows_the_top_block_in_place_and_moves_others() {
+        let s = stack(64 * 1024);
+        let a = s.allocate(16, 8).unwrap();
+        let region = s.region.clone();
+        // SAFETY: 16 live bytes of block `a`.
+        unsafe { region.ptr(a.get(), 16).unwrap().write_bytes(7, 16) };
+        let a2 = s.reallocate(a, 1000, 8).unwrap();
+        assert_eq!(a2, a, "top block grows in place");
+        let b = s.allocate(8, 8).unwrap();
+        let a3 = s.reallocate(a2, 2000, 8).unwrap();
+        assert_ne!(a3, a2, "a buried block moves");
+        // SAFETY: the first 16 bytes were copied into the new live block.
+        let copied = unsafe { std::slice::from_raw_parts(region.ptr(a3.get(), 16).unwrap(), 16) };
+        assert_eq!(copied, &[7u8; 16]);
+        s.free(a3).unwrap();
+        s.free(b).unwrap();
+        assert_eq!(s.stats().bytes_reserved, 0);
+        s.check().unwrap();
+    }
+
+    #[test]
+    fn reset_frees_everything() {
+        let s = stack(64 * 1024);
+        for _ in 0..10 {
+            s.allocate(100, 16).unwrap();
+        }
+        s.reset();
+        assert_eq!(s.stats().bytes_reserved, 0);
+        assert_eq!(s.stats().live_allocations, 0);
+        s.check().unwrap();
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Alloc { size: usize, align_log2: u32 },
+        Free { pick: usize },
+        Realloc { pick: usize, size: usize },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (1usize..3000, 0u32..=12).prop_map(|(size, align_log2)| Op::Alloc { size, align_log2 }),
+            2 => any::<usize>().prop_map(|pick| Op::Free { pick }),
+            1 => (any::<usize>(), 1usize..3000).prop_map(|(pick, size)| Op::Realloc { pick, size }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn random_sequences_keep_blocks_disjoint_and_intact(ops in proptest::collection::vec(op(), 1..200)) {
+            let s = stack(256 * 1024);
+            let start = s.stats().free_bytes();
+            let region = s.region.clone();
+            // live blocks: (offset, size, fill byte)
+            let mut live: Vec<(u64, usize, u8)> = Vec::new();
+            for (step, op) in ops.into_iter().enumerate() {
+                let fill = step as u8;
+                match op {
+                    Op::Alloc { size, align_log2 } => {
+                        let align = 1usize << align_log2;
+                        match s.allocate(size, align) {
+                            Ok(p) => {
+                                prop_assert_eq!(p.get() % align as u64, 0);
+                                prop_assert!(region.contains(p.get(), size as u64));
+                                // SAFETY: a fresh live block of `size` bytes.
+                                unsafe { region.ptr(p.get(), size as u64).unwrap().write_bytes(fill, size) };
+                                live.push((p.get(), size, fill));
+                            }
+                            Err(Error::OutOfMemory { .. }) => {}
+                            Err(e) => prop_assert!(false, "unexpected {e}"),
+                        }
+                    }
+                    Op::Free { pick } if !live.is_empty() => {
+                        let (off, _, _) = live.swap_remove(pick % live.len());
+                        s.free(OffsetPtr::new(off)).unwrap();
+                    }
+                    Op::Realloc { pick, size } if !live.is_empty() => {
+                        let i = pick % live.len();
+                        let (off, old, f) = live[i];
+                        match s.reallocate(OffsetPtr::new(off), size, 16) {
+                            Ok(p) => {
+                                // SAFETY: the common prefix was kept in the live block.
+                                let kept = unsafe { std::slice::from_raw_parts(region.ptr(p.get(), old.min(size) as u64).unwrap(), old.min(size)) };
+                                prop_assert!(kept.iter().all(|&b| b == f));
+                                // SAFETY: live block of `size` bytes.
+                                unsafe { region.ptr(p.get(), size as u64).unwrap().write_bytes(f, size) };
+                                live[i] = (p.get(), size, f);
+                            }
+                            Err(Error::OutOfMemory { .. }) => {}
+                            Err(e) => prop_assert!(false, "unexpected {e}"),
+                        }
+                    }
+                    _ => {}
+                }
+                s.check().unwrap();
+                let mut sorted = live.clone();
+                sorted.sort();
+                for w in sorted.windows(2) {
+                    prop_assert!(w[0].0 + w[0].1 as u64 <= w[1].0, "blocks overlap");
+                }
+                for &(off, size, f) in &live {
+                    // SAFETY: live block of `size` bytes.
+                    let bytes = unsafe { std::slice::from_raw_parts(region.ptr(off, size as u64).unwrap(), size) };
+                    prop_assert!(bytes.iter().all(|&b| b == f), "contents changed");
+                }
+                prop_assert_eq!(s.stats().live_allocations, live.len() as u64);
+            }
+            for (off, _, _) in live {
+                s.free(OffsetPtr::new(off)).unwrap();
+            }
+            prop_assert_eq!(s.stats().free_bytes(), start);
+        }
+    }
+}
