@@ -241,44 +241,29 @@ fn parse_args() -> Result<Options, String> {
     let mut args = std::env::args().skip(1);
     let list = |v: Option<String>, flag: &str| -> Result<Vec<String>, String> {
         let v = v.ok_or(format!("{flag} needs a comma-separated list"))?;
-        Ok(v.split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect())
+        Ok(v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
     };
     let number = |v: Option<String>, flag: &str| -> Result<usize, String> {
-        v.and_then(|v| v.parse().ok())
-            .filter(|&n| n > 0)
-            .ok_or(format!("{flag} needs a positive number"))
+        v.and_then(|v| v.parse().ok()).filter(|&n| n > 0).ok_or(format!("{flag} needs a positive number"))
     };
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--csv" => o.csv = true,
-            "--workloads" => {
-                o.workloads = list(args.next(), "--workloads")?
-                    .iter()
-                    .map(|w| w.to_uppercase())
-                    .collect()
-            }
+            "--workloads" => o.workloads = list(args.next(), "--workloads")?.iter().map(|w| w.to_uppercase()).collect(),
             "--allocators" => o.allocators = Some(list(args.next(), "--allocators")?),
             "--steps" => o.steps = number(args.next(), "--steps")?,
             "--reps" => o.reps = number(args.next(), "--reps")?,
             "-h" | "--help" => {
-                println!("usage: workloads [--csv] [--workloads W1,W2,W3,W4] [--allocators NAMES] [--steps N] [--reps R]");
+                println!(
+                    "usage: workloads [--csv] [--workloads W1,W2,W3,W4] [--allocators NAMES] [--steps N] [--reps R]"
+                );
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?} (try --help)")),
         }
     }
-    if let Some(w) = o
-        .workloads
-        .iter()
-        .find(|w| !WORKLOADS.contains(&w.as_str()))
-    {
-        return Err(format!(
-            "unknown workload {w:?}; known: {}",
-            WORKLOADS.join(",")
-        ));
+    if let Some(w) = o.workloads.iter().find(|w| !WORKLOADS.contains(&w.as_str())) {
+        return Err(format!("unknown workload {w:?}; known: {}", WORKLOADS.join(",")));
     }
     Ok(o)
 }
@@ -297,20 +282,12 @@ fn main() {
     let chosen: Vec<_> = match &o.allocators {
         None => all,
         Some(names) => {
-            if let Some(n) = names
-                .iter()
-                .find(|n| !all.iter().any(|s| s.name() == n.as_str()))
-            {
+            if let Some(n) = names.iter().find(|n| !all.iter().any(|s| s.name() == n.as_str())) {
                 let known: Vec<_> = all.iter().map(|s| s.name()).collect();
-                eprintln!(
-                    "workloads: unknown allocator {n:?}; known: {}",
-                    known.join(",")
-                );
+                eprintln!("workloads: unknown allocator {n:?}; known: {}", known.join(","));
                 std::process::exit(2);
             }
-            all.into_iter()
-                .filter(|s| names.iter().any(|n| n == s.name()))
-                .collect()
+            all.into_iter().filter(|s| names.iter().any(|n| n == s.name())).collect()
         }
     };
     // (workload, allocator, threads, procs) -> ns/op
@@ -335,14 +312,10 @@ fn main() {
         }
         return;
     }
-    let baseline: BTreeMap<(&str, &str, usize, usize), f64> = rows
-        .iter()
-        .map(|(w, a, t, p, ns)| ((w.as_str(), *a, *t, *p), *ns))
-        .collect();
+    let baseline: BTreeMap<(&str, &str, usize, usize), f64> =
+        rows.iter().map(|(w, a, t, p, ns)| ((w.as_str(), *a, *t, *p), *ns)).collect();
     let ratio = |w: &str, peer: &str, t: usize, p: usize, ns: f64| {
-        baseline
-            .get(&(w, peer, t, p))
-            .map_or("-".to_string(), |b| format!("{:.2}x", ns / b))
+        baseline.get(&(w, peer, t, p)).map_or("-".to_string(), |b| format!("{:.2}x", ns / b))
     };
     println!("steps per thread: {}, median of {} runs", o.steps, o.reps);
     println!(

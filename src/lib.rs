@@ -26,9 +26,8 @@
 
 pub use hetmem_core as core;
 pub use hetmem_core::{
-    check_layout, AllocStats, AllocatorId, AllocatorType, BackendId, BackendKind, Error, FullPtr,
-    MemoryBackend, MemoryKind, MemoryManager, MemoryResource, OffsetPtr, Region, RegionAllocator,
-    Result, ShmPtr, ThreadModel,
+    check_layout, AllocStats, AllocatorId, AllocatorType, BackendId, BackendKind, Error, FullPtr, MemoryBackend,
+    MemoryKind, MemoryManager, MemoryResource, OffsetPtr, Region, RegionAllocator, Result, ShmPtr, ThreadModel,
 };
 
 /// Region allocators.
@@ -58,13 +57,11 @@ pub mod gpu {
 
 /// The names most programs need.
 pub mod prelude {
-    pub use hetmem_backends::{
-        ArrayBackend, MallocBackend, PosixMmapBackend, PosixShmBackend, ShmOptions,
-    };
+    pub use hetmem_backends::{ArrayBackend, MallocBackend, PosixMmapBackend, PosixShmBackend, ShmOptions};
     pub use hetmem_core::allocators::StackAllocator;
     pub use hetmem_core::{
-        AllocatorId, AllocatorType, BackendId, Error, FullPtr, MemoryBackend, MemoryManager,
-        OffsetPtr, RegionAllocator, Result, ShmPtr, ThreadModel,
+        AllocatorId, AllocatorType, BackendId, Error, FullPtr, MemoryBackend, MemoryManager, OffsetPtr,
+        RegionAllocator, Result, ShmPtr, ThreadModel,
     };
     pub use hetmem_thread_models::DefaultThreadModel;
 }

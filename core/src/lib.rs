@@ -63,21 +63,13 @@ pub use manager::MemoryManager;
 /// once rounded up to the alignment is rejected with the matching [`Error`].
 pub fn check_layout(size: usize, align: usize) -> Result<()> {
     if !align.is_power_of_two() {
-        return Err(Error::InvalidAlignment {
-            align: align as u64,
-        });
+        return Err(Error::InvalidAlignment { align: align as u64 });
     }
     if size == 0 {
-        return Err(Error::InvalidSize {
-            size: 0,
-            reason: "zero-sized request",
-        });
+        return Err(Error::InvalidSize { size: 0, reason: "zero-sized request" });
     }
     if size.checked_add(align - 1).is_none() || size > isize::MAX as usize {
-        return Err(Error::InvalidSize {
-            size: size as u64,
-            reason: "size overflows when aligned",
-        });
+        return Err(Error::InvalidSize { size: size as u64, reason: "size overflows when aligned" });
     }
     Ok(())
 }
@@ -89,18 +81,9 @@ mod tests {
     #[test]
     fn layout_checks_reject_bad_input() {
         assert!(matches!(check_layout(0, 8), Err(Error::InvalidSize { .. })));
-        assert!(matches!(
-            check_layout(8, 3),
-            Err(Error::InvalidAlignment { align: 3 })
-        ));
-        assert!(matches!(
-            check_layout(8, 0),
-            Err(Error::InvalidAlignment { align: 0 })
-        ));
-        assert!(matches!(
-            check_layout(usize::MAX, 16),
-            Err(Error::InvalidSize { .. })
-        ));
+        assert!(matches!(check_layout(8, 3), Err(Error::InvalidAlignment { align: 3 })));
+        assert!(matches!(check_layout(8, 0), Err(Error::InvalidAlignment { align: 0 })));
+        assert!(matches!(check_layout(usize::MAX, 16), Err(Error::InvalidSize { .. })));
         assert!(check_layout(1, 4096).is_ok());
     }
 }

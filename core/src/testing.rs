@@ -23,16 +23,7 @@ impl HeapBackend {
         let base = unsafe { alloc_zeroed(layout) };
         assert!(!base.is_null());
         // SAFETY: `base` is `len` fresh bytes, page-aligned, that no one else sees.
-        unsafe {
-            RegionHeader::initialize(
-                base,
-                len as u64,
-                BackendKind::Private,
-                id,
-                std::process::id(),
-            )
-        }
-        .unwrap();
+        unsafe { RegionHeader::initialize(base, len as u64, BackendKind::Private, id, std::process::id()) }.unwrap();
         HeapBackend { base, layout }
     }
 }

@@ -19,13 +19,9 @@ pub const PLATFORMS: &[&str] = &[
 /// Whether GPU support for `platform` ("cuda" or "rocm") can be used in this build.
 pub fn available(platform: &str) -> Result<()> {
     if !PLATFORMS.contains(&platform) {
-        return Err(Error::Unsupported(
-            "this GPU platform's feature is not enabled in this build",
-        ));
+        return Err(Error::Unsupported("this GPU platform's feature is not enabled in this build"));
     }
-    Err(Error::Unsupported(
-        "GPU backends are not implemented yet in this version of hetmem-gpu",
-    ))
+    Err(Error::Unsupported("GPU backends are not implemented yet in this version of hetmem-gpu"))
 }
 
 #[cfg(test)]

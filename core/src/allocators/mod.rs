@@ -21,9 +21,7 @@ pub(crate) fn align_up(value: u64, align: u64) -> Option<u64> {
 pub(crate) fn check_request(size: usize, align: usize) -> Result<()> {
     crate::check_layout(size, align)?;
     if align > MAX_ALIGN {
-        return Err(Error::InvalidAlignment {
-            align: align as u64,
-        });
+        return Err(Error::InvalidAlignment { align: align as u64 });
     }
     Ok(())
 }
@@ -37,9 +35,7 @@ pub(crate) fn check_request(size: usize, align: usize) -> Result<()> {
 pub(crate) unsafe fn header_at<T>(region: &Region) -> Result<&T> {
     let ptr = region.ptr(region.offset(), core::mem::size_of::<T>() as u64)?;
     if ptr.align_offset(core::mem::align_of::<T>()) != 0 {
-        return Err(Error::InvalidAlignment {
-            align: core::mem::align_of::<T>() as u64,
-        });
+        return Err(Error::InvalidAlignment { align: core::mem::align_of::<T>() as u64 });
     }
     // SAFETY: in bounds and aligned (checked above); validity is the caller's promise.
     Ok(unsafe { &*ptr.cast::<T>() })
