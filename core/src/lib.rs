@@ -9,6 +9,7 @@
 //!   inside the region.
 //! - [`thread`]: what a thread is ([`ThreadModel`]).
 //! - [`resource`]: upstream sources of blocks for pools ([`MemoryResource`]).
+//! - [`pool`] (feature `alloc`): coalescing and fixed-size pools over any resource.
 //! - [`sync`]: locks that are safe to place in shared memory.
 //! - [`manager`] (feature `std`): the registry that turns a [`ShmPtr`] into a local address.
 //!
@@ -31,6 +32,8 @@ pub mod thread;
 pub mod allocator;
 #[cfg(feature = "alloc")]
 pub mod allocators;
+#[cfg(feature = "alloc")]
+pub mod pool;
 #[cfg(feature = "alloc")]
 pub mod region;
 
