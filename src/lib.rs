@@ -45,6 +45,11 @@ pub mod thread_models {
     pub use hetmem_thread_models::*;
 }
 
+/// Pools over any upstream resource: coalescing, fixed-size, thread-safe, traced.
+pub mod pool {
+    pub use hetmem_core::pool::*;
+}
+
 /// Locks that can live in shared memory.
 pub mod sync {
     pub use hetmem_core::sync::*;

@@ -134,20 +134,24 @@ impl BlockArena {
         }
     }
 
+    #[inline]
     pub(crate) fn counters(&self) -> &ArenaCounters {
         &self.counters
     }
 
+    #[inline]
     pub(crate) fn free_blocks(&self) -> usize {
         self.free.len()
     }
 
+    #[inline]
     pub(crate) fn largest_free(&self) -> usize {
         self.free.largest()
     }
 
     /// The bytes a free block must have to serve `(size, align)`: the size rounded up to the
     /// granule, plus the worst-case padding for an alignment above the granule.
+    #[inline]
     pub(crate) fn footprint(&self, size: usize, align: usize) -> Result<usize> {
         let too_large = Error::InvalidSize { size: size as u64, reason: "size overflows when aligned" };
         let rounded = round_up(size, self.granule).ok_or(too_large)?;
@@ -179,10 +183,11 @@ impl BlockArena {
 
     /// Serves `size` bytes aligned to `align` from the best-fitting free block, or `None` when no
     /// free block is large enough. `footprint(size, align)` must have succeeded.
+    #[inline]
     pub(crate) fn allocate(&mut self, size: usize, align: usize) -> Option<NonNull<u8>> {
         let rounded = round_up(size, self.granule)?;
         let found = self.free.best_fit(self.footprint(size, align).ok()?)?;
-        self.free.remove(found.size, found.addr);
+        self.free.remove(found.size, found.addr, found.slot);
         let mut slot = found.slot;
         if self.spans_chunk(slot) {
             self.counters.releasable_blocks -= 1;
@@ -216,6 +221,7 @@ impl BlockArena {
 
     /// Frees the used block at `addr`, merging it with free neighbours. Returns the size it was
     /// allocated with.
+    #[inline]
     pub(crate) fn free(&mut self, addr: usize) -> Result<usize> {
         let Some(mut slot) = self.used.remove(&addr) else {
             return Err(Error::InvalidFree { offset: addr as u64, reason: "not a live allocation of this pool" });
@@ -229,12 +235,12 @@ impl BlockArena {
         c.live -= 1;
         if next != NIL && !self.blocks[next as usize].used {
             let n = self.blocks[next as usize];
-            self.free.remove(n.size, n.addr);
+            self.free.remove(n.size, n.addr, next);
             self.absorb_next(slot);
         }
         if prev != NIL && !self.blocks[prev as usize].used {
             let p = self.blocks[prev as usize];
-            self.free.remove(p.size, p.addr);
+            self.free.remove(p.size, p.addr, prev);
             self.absorb_next(prev);
             slot = prev;
         }
@@ -261,7 +267,7 @@ impl BlockArena {
             let (first, base, size, align) = (chunk.first, chunk.base, chunk.size, chunk.align);
             self.chunks[index] = None;
             self.spare_chunks.push(index as u32);
-            self.free.remove(size, base.as_ptr() as usize);
+            self.free.remove(size, base.as_ptr() as usize, first);
             self.recycle(first);
             let c = &mut self.counters;
             c.actual_size -= size;
@@ -383,7 +389,7 @@ impl BlockArena {
                 return corrupt(base, "blocks do not add up to the chunk's size");
             }
         }
-        if free_seen != self.free.len() || !self.free.bitmap_consistent() {
+        if free_seen != self.free.len() || !self.free.consistent() {
             return corrupt(0, "size index holds blocks that are not free blocks of the arena");
         }
         if self.used.len() != seen.live {
@@ -404,11 +410,13 @@ impl BlockArena {
         chunks
     }
 
+    #[inline]
     fn spans_chunk(&self, slot: u32) -> bool {
         let b = &self.blocks[slot as usize];
         !b.used && b.prev == NIL && b.next == NIL
     }
 
+    #[inline]
     fn ptr_of(&self, slot: u32) -> NonNull<u8> {
         let b = &self.blocks[slot as usize];
         let chunk = self.chunks[b.chunk as usize].as_ref().expect("a block's chunk is live");
@@ -421,6 +429,7 @@ impl BlockArena {
         unsafe { NonNull::new_unchecked(ptr) }
     }
 
+    #[inline]
     fn new_block(&mut self, block: Block) -> u32 {
         self.counters.blocks += 1;
         match self.spare_blocks.pop() {
@@ -435,6 +444,7 @@ impl BlockArena {
         }
     }
 
+    #[inline]
     fn recycle(&mut self, slot: u32) {
         self.counters.blocks -= 1;
         self.spare_blocks.push(slot);
@@ -442,6 +452,7 @@ impl BlockArena {
 
     /// Splits the block at `slot` after `at` bytes; the new block (returned) is free and
     /// not yet indexed.
+    #[inline]
     fn split(&mut self, slot: u32, at: usize) -> u32 {
         let b = self.blocks[slot as usize];
         let rest = self.new_block(Block {
@@ -464,6 +475,7 @@ impl BlockArena {
     }
 
     /// Merges the block after `slot` (already out of the index) into `slot`.
+    #[inline]
     fn absorb_next(&mut self, slot: u32) {
         let next = self.blocks[slot as usize].next;
         let n = self.blocks[next as usize];
