@@ -248,6 +248,11 @@ impl Replay {
         self.steps.iter().map(|s| if let Step::Allocate { size, .. } = s { *size } else { 0 }).max().unwrap_or(0)
     }
 
+    /// The largest alignment in the trace (0 if none).
+    pub fn max_align(&self) -> usize {
+        self.steps.iter().map(|s| if let Step::Allocate { align, .. } = s { *align } else { 0 }).max().unwrap_or(0)
+    }
+
     /// Replays the trace against `pool`. Allocations the pool refuses are counted, not fatal;
     /// what is still live at the end stays allocated.
     pub fn run(&self, pool: &mut (impl Pool + ?Sized)) -> Result<ReplayOutcome> {
