@@ -207,7 +207,8 @@ fn main() {
     let wanted = |w: &str| only.as_deref().is_none_or(|o| o == w);
     let mut rows = Vec::new();
 
-    for (workload, size, n) in [("P1", 256usize, 2_000_000usize), ("P2", 4 << 10, 2_000_000), ("P3", 1 << 20, 200_000)] {
+    for (workload, size, n) in [("P1", 256usize, 2_000_000usize), ("P2", 4 << 10, 2_000_000), ("P3", 1 << 20, 200_000)]
+    {
         if !wanted(workload) {
             continue;
         }
@@ -281,7 +282,8 @@ fn print(csv: bool, rows: &[Row]) {
         "workload", "pool", "ns/pair", "x system", "peak actual", "high water", "peak/hwm"
     );
     for r in rows {
-        let system = rows.iter().find(|s| s.workload == r.workload && s.pool == "system").map_or(f64::NAN, |s| s.ns_per_pair);
+        let system =
+            rows.iter().find(|s| s.workload == r.workload && s.pool == "system").map_or(f64::NAN, |s| s.ns_per_pair);
         println!(
             "{:<8} {:<20} {:>11.1} {:>10.2} {:>14} {:>14} {:>10.2}",
             r.workload,

@@ -38,11 +38,13 @@ fn pools(max_size: usize, max_align: usize) -> Result<Vec<(String, Box<dyn Pool>
     ];
     let mut out: Vec<(String, Box<dyn Pool>)> = Vec::new();
     for (name, mut h) in heuristics {
-        let pool = QuickPool::with_config(HostResource, config)?.with_heuristic(move |s: &PoolStats| h.should_coalesce(s));
+        let pool =
+            QuickPool::with_config(HostResource, config)?.with_heuristic(move |s: &PoolStats| h.should_coalesce(s));
         out.push((name.to_string(), Box::new(pool)));
     }
     if max_size > 0 {
-        let fixed = FixedPoolConfig { objects_per_block: 64, alignment: max_align.max(16), ..FixedPoolConfig::new(max_size) };
+        let fixed =
+            FixedPoolConfig { objects_per_block: 64, alignment: max_align.max(16), ..FixedPoolConfig::new(max_size) };
         out.push((format!("fixed ({})", Bytes(max_size)), Box::new(FixedPool::new(HostResource, fixed)?)));
     }
     Ok(out)
@@ -53,7 +55,7 @@ fn pools(max_size: usize, max_align: usize) -> Result<Vec<(String, Box<dyn Pool>
 /// and allocates new ones of another size). Recorded through a [`TracedPool`].
 fn record_sample() -> Result<String> {
     let mut pool = TracedPool::new(QuickPool::new(HostResource));
-    let mut seed = 0x5DEE_CE66_Du64;
+    let mut seed = 0x0005_DEEC_E66D_u64;
     let mut next = move |n: usize| {
         seed ^= seed << 13;
         seed ^= seed >> 7;
@@ -93,10 +95,8 @@ fn main() -> Result<()> {
         return Ok(());
     }
     let path = args.first().map_or_else(|| PathBuf::from(SAMPLE), PathBuf::from);
-    let text = std::fs::read_to_string(&path).map_err(|e| hetmem::Error::Os {
-        call: "read trace",
-        errno: e.raw_os_error().unwrap_or(0),
-    })?;
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| hetmem::Error::Os { call: "read trace", errno: e.raw_os_error().unwrap_or(0) })?;
     let replay = Replay::new(&parse_jsonl(&text)?)?;
     println!("{}: {} events, largest request {}", path.display(), replay.len(), Bytes(replay.max_size()));
     println!(

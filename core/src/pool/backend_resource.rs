@@ -80,8 +80,8 @@ impl BackendResource {
         if !in_bounds {
             return Err(Error::OutOfBounds { offset, len, region_len: total });
         }
-        let start = round_up(offset as usize, GRANULE)
-            .ok_or(Error::OutOfBounds { offset, len, region_len: total })? as u64;
+        let start =
+            round_up(offset as usize, GRANULE).ok_or(Error::OutOfBounds { offset, len, region_len: total })? as u64;
         let end = (offset + len) & !(GRANULE as u64 - 1);
         if end <= start {
             return Err(Error::InvalidSize { size: len, reason: "range holds no whole 64-byte block" });
@@ -91,8 +91,11 @@ impl BackendResource {
             _ => backend.base(),
         };
         let base = NonNull::new(base).ok_or(Error::Unsupported("backend has a null base address"))?;
-        let chunk = NonNull::new(base.as_ptr().wrapping_add(start as usize))
-            .ok_or(Error::OutOfBounds { offset: start, len, region_len: total })?;
+        let chunk = NonNull::new(base.as_ptr().wrapping_add(start as usize)).ok_or(Error::OutOfBounds {
+            offset: start,
+            len,
+            region_len: total,
+        })?;
         if chunk.as_ptr() as usize % GRANULE != 0 {
             return Err(Error::InvalidAlignment { align: chunk.as_ptr() as u64 % GRANULE as u64 });
         }
@@ -151,10 +154,10 @@ impl MemoryResource for BackendResource {
         crate::check_layout(size, align)?;
         let mut carver = self.carver.lock();
         carver.0.footprint(size, align)?;
-        carver.0.allocate(size, align).ok_or(Error::OutOfMemory {
-            requested: size as u64,
-            available: carver.0.largest_free() as u64,
-        })
+        carver
+            .0
+            .allocate(size, align)
+            .ok_or(Error::OutOfMemory { requested: size as u64, available: carver.0.largest_free() as u64 })
     }
 
     unsafe fn deallocate(&self, ptr: NonNull<u8>, _size: usize, _align: usize) {
@@ -209,10 +212,7 @@ mod tests {
             BackendResource::reserve(Arc::clone(&b), AllocatorId::new(7, 0), 4096),
             Err(Error::AlreadyExists { .. })
         ));
-        assert!(matches!(
-            BackendResource::with_range(Arc::clone(&b), 0, 4096),
-            Err(Error::OutOfBounds { .. })
-        ));
+        assert!(matches!(BackendResource::with_range(Arc::clone(&b), 0, 4096), Err(Error::OutOfBounds { .. })));
     }
 
     #[test]

@@ -65,7 +65,8 @@ impl SubPool {
     }
 }
 
-/// A pool of fixed-size slots over `R`. See the [module docs](self).
+/// A pool of fixed-size slots over `R`: upstream blocks of `objects_per_block` slots, a bitmap
+/// per block (kept in host memory) marking the used ones.
 ///
 /// `Send` but not `Sync`; share it through a [`SyncPool`](super::SyncPool). Dropping the pool
 /// hands every upstream block back, live allocations included.
@@ -99,7 +100,10 @@ impl<R: MemoryResource> FixedPool<R> {
         let stride = round_up(config.object_size, config.alignment)
             .ok_or(Error::InvalidSize { size: config.object_size as u64, reason: "object size overflows" })?;
         let block_bytes = stride.checked_mul(config.objects_per_block).filter(|_| config.objects_per_block > 0).ok_or(
-            Error::InvalidSize { size: config.objects_per_block as u64, reason: "objects per block is zero or too many" },
+            Error::InvalidSize {
+                size: config.objects_per_block as u64,
+                reason: "objects per block is zero or too many",
+            },
         )?;
         Ok(FixedPool {
             upstream,
@@ -244,7 +248,8 @@ impl<R: MemoryResource> FixedPool<R> {
     /// Checks every bitmap against the counters.
     pub fn check(&self) -> Result<()> {
         let cap = self.config.objects_per_block;
-        let corrupt = |addr: usize, detail| Err(Error::Corrupt { structure: "fixed pool", offset: addr as u64, detail });
+        let corrupt =
+            |addr: usize, detail| Err(Error::Corrupt { structure: "fixed pool", offset: addr as u64, detail });
         let (mut live, mut requested, mut empty) = (0, 0, 0);
         for (i, pool) in self.pools.iter().enumerate() {
             if i > 0 && self.pools[i - 1].addr + self.block_bytes > pool.addr {

@@ -57,7 +57,10 @@ mod tests {
         unsafe { host.deallocate(p, 1000, 256) };
         assert!(matches!(host.allocate(0, 16), Err(Error::InvalidSize { .. })));
         assert!(matches!(host.allocate(16, 3), Err(Error::InvalidAlignment { .. })));
-        assert!(matches!(host.allocate(isize::MAX as usize, 16), Err(Error::InvalidSize { .. } | Error::OutOfMemory { .. })));
+        assert!(matches!(
+            host.allocate(isize::MAX as usize, 16),
+            Err(Error::InvalidSize { .. } | Error::OutOfMemory { .. })
+        ));
         assert!(host.host_accessible());
     }
 }

@@ -1,4 +1,4 @@
-//! Pools: big blocks from an upstream [`MemoryResource`], served as many small allocations.
+//! Pools: big blocks from an upstream [`MemoryResource`](crate::MemoryResource), served as many small allocations.
 //!
 //! - Upstream resources: [`HostResource`] (the system allocator), [`BackendResource`] (blocks
 //!   carved from any [`MemoryBackend`](crate::MemoryBackend) region), [`LimitedResource`] (a byte
@@ -8,7 +8,8 @@
 //!   a maximum size, and [`CoalesceHeuristic`]s ([`BlocksReleasable`], [`PercentReleasable`], their
 //!   high-watermark variants, closures).
 //! - [`FixedPool`]: objects of one size in sub-pools tracked by bitmaps.
-//! - [`SyncPool`]: a lock around any [`Pool`], which makes it `Sync` and a [`MemoryResource`].
+//! - [`SyncPool`]: a lock around any [`Pool`], which makes it `Sync` and a
+//!   [`MemoryResource`](crate::MemoryResource).
 //! - [`render`]: the blocks as SVG or as a text map; [`trace`]: record and replay allocation traces.
 //!
 //! No pool ever reads or writes the memory it manages: all bookkeeping lives in ordinary heap

@@ -39,7 +39,9 @@ impl Default for QuickPoolConfig {
     }
 }
 
-/// A coalescing best-fit pool over `R`. See the [module docs](self).
+/// A coalescing best-fit pool over `R`: upstream blocks carved by best fit (O(log n)), split
+/// on allocation, merged with free neighbours on free; wholly free upstream blocks are handed
+/// back by `release`, or replaced by one block by `coalesce` when the heuristic says so.
 ///
 /// The pool never dereferences the memory it hands out, so `R` may be device memory. It is `Send`
 /// but not `Sync`; wrap it in a [`SyncPool`](super::SyncPool) to share it. Dropping the pool hands

@@ -108,7 +108,8 @@ pub fn live_report(pool: &(impl Pool + ?Sized)) -> String {
     let mut live = pool.live_allocations();
     live.sort_unstable_by_key(|a| a.sequence);
     let requested: usize = live.iter().map(|a| a.size).sum();
-    let mut out = format!("{} live allocations in the {} pool, {} requested\n", live.len(), pool.name(), Bytes(requested));
+    let mut out =
+        format!("{} live allocations in the {} pool, {} requested\n", live.len(), pool.name(), Bytes(requested));
     for a in &live {
         let _ = writeln!(
             out,

@@ -100,7 +100,7 @@ fn ops(max_size: usize) -> impl Strategy<Value = Vec<Op>> {
     prop::collection::vec(op, 1..200)
 }
 
-fn heuristic(choice: u8) -> alloc::boxed::Box<dyn FnMut(&PoolStats) -> Option<usize> + Send> {
+fn heuristic(choice: u8) -> impl CoalesceHeuristic + 'static {
     let mut h: alloc::boxed::Box<dyn CoalesceHeuristic> = match choice % 5 {
         0 => alloc::boxed::Box::new(NeverCoalesce),
         1 => alloc::boxed::Box::new(BlocksReleasable::new(2).unwrap()),
@@ -108,7 +108,7 @@ fn heuristic(choice: u8) -> alloc::boxed::Box<dyn FnMut(&PoolStats) -> Option<us
         3 => alloc::boxed::Box::new(PercentReleasable::new(40).unwrap()),
         _ => alloc::boxed::Box::new(PercentReleasable::hwm(75).unwrap()),
     };
-    alloc::boxed::Box::new(move |s: &PoolStats| h.should_coalesce(s))
+    move |s: &PoolStats| h.should_coalesce(s)
 }
 
 proptest! {
@@ -249,8 +249,8 @@ fn percent_releasable_coalesces_exactly_at_its_share() {
 #[test]
 fn high_watermark_variants_refill_to_the_watermark() {
     // Growing back: three 4 KiB blocks in use at the peak.
-    let mut pool = QuickPool::with_config(HostResource, small_config()).unwrap()
-        .with_heuristic(BlocksReleasable::hwm(2).unwrap());
+    let mut pool =
+        QuickPool::with_config(HostResource, small_config()).unwrap().with_heuristic(BlocksReleasable::hwm(2).unwrap());
     let ptrs: Vec<_> = (0..3).map(|_| pool.allocate(4096, 16).unwrap()).collect();
     let hwm = pool.stats().high_watermark;
     assert_eq!(hwm, 3 * 4096);
@@ -264,7 +264,9 @@ fn high_watermark_variants_refill_to_the_watermark() {
 
     // Shrinking: a 1 MiB first block, of which at most 1008 bytes were ever used.
     let config = QuickPoolConfig { first_block_size: 1 << 20, ..small_config() };
-    for (heuristic, expected) in [(PercentReleasable::hwm(100).unwrap(), 1008), (PercentReleasable::new(100).unwrap(), 1 << 20)] {
+    for (heuristic, expected) in
+        [(PercentReleasable::hwm(100).unwrap(), 1008), (PercentReleasable::new(100).unwrap(), 1 << 20)]
+    {
         let mut pool = QuickPool::with_config(HostResource, config).unwrap().with_heuristic(heuristic);
         let p = pool.allocate(1000, 16).unwrap();
         pool.deallocate(p).unwrap();
@@ -291,7 +293,12 @@ fn closures_decide_and_see_every_free() {
 
 #[test]
 fn the_maximum_size_is_a_clear_error_and_the_pool_goes_on() {
-    let config = QuickPoolConfig { max_size: Some(40 << 10), first_block_size: 16 << 10, next_block_size: 16 << 10, ..small_config() };
+    let config = QuickPoolConfig {
+        max_size: Some(40 << 10),
+        first_block_size: 16 << 10,
+        next_block_size: 16 << 10,
+        ..small_config()
+    };
     let mut pool = QuickPool::with_config(HostResource, config).unwrap().with_heuristic(NeverCoalesce);
     let a = pool.allocate(16 << 10, 16).unwrap();
     let b = pool.allocate(16 << 10, 16).unwrap();
@@ -372,7 +379,10 @@ fn zero_sizes_and_bad_requests_are_errors_that_change_nothing() {
     let p = fixed.allocate(64, 16).unwrap();
     let inside = NonNull::new(p.as_ptr().wrapping_add(8)).unwrap();
     assert!(matches!(fixed.deallocate(inside), Err(Error::InvalidFree { .. })));
-    assert!(matches!(fixed.deallocate(NonNull::new(core::ptr::without_provenance_mut(16)).unwrap()), Err(Error::InvalidFree { .. })));
+    assert!(matches!(
+        fixed.deallocate(NonNull::new(core::ptr::without_provenance_mut(16)).unwrap()),
+        Err(Error::InvalidFree { .. })
+    ));
     fixed.deallocate(p).unwrap();
     assert!(matches!(fixed.deallocate(p), Err(Error::InvalidFree { .. })));
     fixed.check().unwrap();
@@ -405,7 +415,10 @@ fn blocks_and_live_allocations_describe_the_pool() {
     let blocks = pool.blocks();
     let mut shape: Vec<_> = blocks.iter().map(|b| (b.chunk_size, b.offset, b.size, b.used)).collect();
     shape.sort_unstable();
-    assert_eq!(shape, [(4096, 0, 112, false), (4096, 112, 3008, true), (4096, 3120, 976, false), (5008, 0, 5008, true)]);
+    assert_eq!(
+        shape,
+        [(4096, 0, 112, false), (4096, 112, 3008, true), (4096, 3120, 976, false), (5008, 0, 5008, true)]
+    );
     assert!(blocks.windows(2).all(|w| (w[0].chunk, w[0].chunk_addr) <= (w[1].chunk, w[1].chunk_addr)));
     let s = pool.stats();
     assert_eq!((s.total_blocks, s.free_blocks, s.largest_available), (4, 2, 976));
@@ -427,7 +440,10 @@ fn fixed_pool_fills_sub_pools_in_order_and_releases_empty_ones() {
     let mut pool = FixedPool::new(HostResource, config).unwrap();
     let ptrs: Vec<_> = (0..250).map(|_| pool.allocate(200, 16).unwrap()).collect();
     let s = pool.stats();
-    assert_eq!((s.upstream_blocks, s.total_blocks, s.free_blocks, s.current_size, s.requested_size), (3, 300, 50, 250 * 256, 250 * 200));
+    assert_eq!(
+        (s.upstream_blocks, s.total_blocks, s.free_blocks, s.current_size, s.requested_size),
+        (3, 300, 50, 250 * 256, 250 * 200)
+    );
     for &p in &ptrs[..100] {
         pool.deallocate(p).unwrap();
     }

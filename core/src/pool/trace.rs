@@ -300,7 +300,10 @@ mod tests {
     #[test]
     fn bad_lines_say_where_and_why() {
         let err = parse_jsonl("{\"op\":\"free\",\"id\":1}\n{\"op\":\"grow\",\"id\":1}").unwrap_err();
-        assert_eq!(err, Error::Corrupt { structure: "trace line", offset: 2, detail: "op must be \"alloc\" or \"free\"" });
+        assert_eq!(
+            err,
+            Error::Corrupt { structure: "trace line", offset: 2, detail: "op must be \"alloc\" or \"free\"" }
+        );
         assert!(parse_jsonl("{\"op\":\"alloc\",\"id\":1}").is_err());
         assert!(parse_jsonl("{\"op\":\"alloc\",\"id\":-1,\"size\":3}").is_err());
         assert!(parse_jsonl("[1,2]").is_err());
@@ -327,6 +330,9 @@ mod tests {
         fresh.check().unwrap();
         assert_eq!(outcome.failed_allocations, 0);
         let (a, b) = (pool.stats(), outcome.stats);
-        assert_eq!((a.current_size, a.allocation_count, a.high_watermark), (b.current_size, b.allocation_count, b.high_watermark));
+        assert_eq!(
+            (a.current_size, a.allocation_count, a.high_watermark),
+            (b.current_size, b.allocation_count, b.high_watermark)
+        );
     }
 }
