@@ -69,6 +69,20 @@ impl Model {
         NonNull::new(core::ptr::without_provenance_mut(addr))
     }
 
+    /// Frees one live allocation, and checks that freeing it again is refused.
+    fn free_one(&mut self, pool: &mut dyn Pool, pick: usize) {
+        if let Some(ptr) = self.take(pick) {
+            pool.deallocate(ptr).unwrap();
+            assert!(matches!(pool.deallocate(ptr), Err(Error::InvalidFree { .. })), "double free accepted");
+        }
+    }
+
+    fn free_all(&mut self, pool: &mut dyn Pool) {
+        while let Some(ptr) = self.take(0) {
+            pool.deallocate(ptr).unwrap();
+        }
+    }
+
     fn agrees_with(&self, pool: &dyn Pool) {
         pool.check().unwrap();
         let s = pool.stats();
@@ -127,13 +141,7 @@ proptest! {
                     Err(Error::OutOfMemory { .. }) => {}
                     Err(e) => panic!("unexpected {e}"),
                 },
-                Op::Free(pick) => {
-                    if let Some(ptr) = model.take(pick) {
-                        pool.deallocate(ptr).unwrap();
-                        let refused = matches!(pool.deallocate(ptr), Err(Error::InvalidFree { .. }));
-                        prop_assert!(refused, "double free accepted");
-                    }
-                }
+                Op::Free(pick) => model.free_one(&mut pool, pick),
                 Op::Coalesce => {
                     let _ = pool.coalesce();
                 }
@@ -145,9 +153,7 @@ proptest! {
             model.agrees_with(&pool);
             prop_assert_eq!(upstream.held(), pool.stats().actual_size);
         }
-        while let Some(ptr) = model.take(0) {
-            pool.deallocate(ptr).unwrap();
-        }
+        model.free_all(&mut pool);
         model.agrees_with(&pool);
         prop_assert_eq!(pool.stats().current_size, 0);
         pool.release();
@@ -169,13 +175,7 @@ proptest! {
                     Err(Error::InvalidSize { .. }) => prop_assert!(size > 256),
                     Err(e) => panic!("unexpected {e}"),
                 },
-                Op::Free(pick) => {
-                    if let Some(ptr) = model.take(pick) {
-                        pool.deallocate(ptr).unwrap();
-                        let refused = matches!(pool.deallocate(ptr), Err(Error::InvalidFree { .. }));
-                        prop_assert!(refused, "double free accepted");
-                    }
-                }
+                Op::Free(pick) => model.free_one(&mut pool, pick),
                 Op::Coalesce | Op::Release => {
                     pool.release();
                 }
@@ -183,9 +183,7 @@ proptest! {
             model.agrees_with(&pool);
             prop_assert_eq!(upstream.held(), pool.stats().actual_size);
         }
-        while let Some(ptr) = model.take(0) {
-            pool.deallocate(ptr).unwrap();
-        }
+        model.free_all(&mut pool);
         pool.release();
         prop_assert_eq!((pool.stats().actual_size, upstream.held()), (0, 0));
     }
