@@ -25,7 +25,11 @@ const NIL: u32 = u32::MAX;
 fn bin_of(size: usize) -> usize {
     debug_assert!(size > 0);
     let log = (usize::BITS - 1 - size.leading_zeros()) as usize;
-    let sub = if log >= SUB_BITS as usize { (size >> (log - SUB_BITS as usize)) & (SUB_BINS - 1) } else { 0 };
+    let sub = if log >= SUB_BITS as usize {
+        (size >> (log - SUB_BITS as usize)) & (SUB_BINS - 1)
+    } else {
+        0
+    };
     log * SUB_BINS + sub
 }
 
@@ -56,7 +60,14 @@ struct Node {
     indexed: bool,
 }
 
-const EMPTY: Node = Node { size: 0, addr: 0, left: NIL, right: NIL, priority: 0, indexed: false };
+const EMPTY: Node = Node {
+    size: 0,
+    addr: 0,
+    left: NIL,
+    right: NIL,
+    priority: 0,
+    indexed: false,
+};
 
 /// Free blocks by `(size, address)`, binned. See the [module docs](self).
 pub(crate) struct FreeIndex {
@@ -69,7 +80,13 @@ pub(crate) struct FreeIndex {
 
 impl FreeIndex {
     pub(crate) fn new() -> Self {
-        FreeIndex { roots: vec![NIL; BINS], nodes: Vec::new(), words: [0; WORDS], summary: 0, len: 0 }
+        FreeIndex {
+            roots: vec![NIL; BINS],
+            nodes: Vec::new(),
+            words: [0; WORDS],
+            summary: 0,
+            len: 0,
+        }
     }
 
     /// How many free blocks are indexed.
@@ -85,7 +102,14 @@ impl FreeIndex {
             self.nodes.resize(s + 1, EMPTY);
         }
         debug_assert!(!self.nodes[s].indexed);
-        self.nodes[s] = Node { size, addr, left: NIL, right: NIL, priority: priority(slot), indexed: true };
+        self.nodes[s] = Node {
+            size,
+            addr,
+            left: NIL,
+            right: NIL,
+            priority: priority(slot),
+            indexed: true,
+        };
         let bin = bin_of(size);
         self.roots[bin] = self.insert_at(self.roots[bin], slot);
         self.words[bin / 64] |= 1 << (bin % 64);
@@ -97,7 +121,11 @@ impl FreeIndex {
     #[inline]
     pub(crate) fn remove(&mut self, size: usize, addr: usize, slot: u32) -> bool {
         let s = slot as usize;
-        if self.nodes.get(s).is_none_or(|n| !n.indexed || (n.size, n.addr) != (size, addr)) {
+        if self
+            .nodes
+            .get(s)
+            .is_none_or(|n| !n.indexed || (n.size, n.addr) != (size, addr))
+        {
             return false;
         }
         let bin = bin_of(size);
@@ -150,7 +178,11 @@ impl FreeIndex {
             }
         }
         let n = &self.nodes[best as usize];
-        Some(FreeEntry { size: n.size, addr: n.addr, slot: best })
+        Some(FreeEntry {
+            size: n.size,
+            addr: n.addr,
+            slot: best,
+        })
     }
 
     /// The largest free block's size (0 when there is none).
@@ -173,7 +205,9 @@ impl FreeIndex {
         let mut count = 0;
         for (bin, &root) in self.roots.iter().enumerate() {
             let marked = self.words[bin / 64] >> (bin % 64) & 1 == 1;
-            if marked != (root != NIL) || (self.words[bin / 64] != 0) != (self.summary >> (bin / 64) & 1 == 1) {
+            if marked != (root != NIL)
+                || (self.words[bin / 64] != 0) != (self.summary >> (bin / 64) & 1 == 1)
+            {
                 return false;
             }
             if root != NIL && !self.treap_ok(root, bin, None, None, u32::MAX, &mut count) {
@@ -192,7 +226,9 @@ impl FreeIndex {
         max_priority: u32,
         count: &mut usize,
     ) -> bool {
-        let Some(n) = self.nodes.get(node as usize) else { return false };
+        let Some(n) = self.nodes.get(node as usize) else {
+            return false;
+        };
         let key = (n.size, n.addr);
         *count += 1;
         if !n.indexed || n.priority > max_priority || bin_of(n.size) != bin || *count > self.len {
@@ -298,7 +334,11 @@ impl FreeIndex {
         if bits != 0 {
             return Some(word * 64 + bits.trailing_zeros() as usize);
         }
-        let above = if word + 1 < WORDS { self.summary & (!0u64 << (word + 1)) } else { 0 };
+        let above = if word + 1 < WORDS {
+            self.summary & (!0u64 << (word + 1))
+        } else {
+            0
+        };
         if above == 0 {
             return None;
         }
@@ -324,12 +364,21 @@ mod tests {
     #[test]
     fn best_fit_is_the_smallest_block_that_fits() {
         let mut index = FreeIndex::new();
-        let blocks = [(4096, 0x1000), (300, 0x9000), (256, 0x8000), (256, 0x7000), (1 << 20, 0x100000)];
+        let blocks = [
+            (4096, 0x1000),
+            (300, 0x9000),
+            (256, 0x8000),
+            (256, 0x7000),
+            (1 << 20, 0x100000),
+        ];
         for (i, (size, addr)) in blocks.into_iter().enumerate() {
             index.insert(size, addr, i as u32);
         }
         assert!(index.consistent());
-        assert_eq!(index.best_fit(200).map(|e| (e.size, e.addr)), Some((256, 0x7000)));
+        assert_eq!(
+            index.best_fit(200).map(|e| (e.size, e.addr)),
+            Some((256, 0x7000))
+        );
         assert_eq!(index.best_fit(257).map(|e| e.size), Some(300));
         assert_eq!(index.best_fit(301).map(|e| e.size), Some(4096));
         assert_eq!(index.best_fit(5000).map(|e| e.size), Some(1 << 20));
