@@ -26,8 +26,8 @@ use std::ptr::NonNull;
 use std::time::Instant;
 
 use hetmem::pool::{
-    BlocksReleasable, CoalesceHeuristic, FixedPool, FixedPoolConfig, HostResource, NeverCoalesce,
-    PercentReleasable, QuickPool, QuickPoolConfig,
+    BlocksReleasable, CoalesceHeuristic, FixedPool, FixedPoolConfig, HostResource, NeverCoalesce, PercentReleasable,
+    QuickPool, QuickPoolConfig,
 };
 
 const ALIGN: usize = 16;
@@ -97,13 +97,7 @@ struct Row {
 
 fn row(workload: &'static str, pool: &str, ns_per_pair: f64, peer: &impl Peer) -> Row {
     let (peak_actual, high_watermark) = peer.footprint();
-    Row {
-        workload,
-        pool: pool.to_string(),
-        ns_per_pair,
-        peak_actual,
-        high_watermark,
-    }
+    Row { workload, pool: pool.to_string(), ns_per_pair, peak_actual, high_watermark }
 }
 
 /// A small fast generator with a fixed seed, so every peer sees the same requests.
@@ -141,15 +135,12 @@ fn pairs(peer: &mut impl Peer, size: usize, n: usize) -> f64 {
 fn random_steps(slots: usize, steps: usize) -> (Vec<usize>, Vec<(usize, usize)>) {
     let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
     let initial = (0..slots).map(|_| rng.between(1 << 10, 4 << 20)).collect();
-    let steps = (0..steps)
-        .map(|_| (rng.below(slots), rng.between(1 << 10, 4 << 20)))
-        .collect();
+    let steps = (0..steps).map(|_| (rng.below(slots), rng.between(1 << 10, 4 << 20))).collect();
     (initial, steps)
 }
 
 fn random_slots(peer: &mut impl Peer, initial: &[usize], steps: &[(usize, usize)]) -> f64 {
-    let mut live: Vec<(NonNull<u8>, usize)> =
-        initial.iter().map(|&s| (peer.allocate(s), s)).collect();
+    let mut live: Vec<(NonNull<u8>, usize)> = initial.iter().map(|&s| (peer.allocate(s), s)).collect();
     let start = Instant::now();
     for &(slot, size) in steps {
         let (p, old) = live[slot];
@@ -212,19 +203,12 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let csv = args.iter().any(|a| a == "--csv");
     // `--only P4`: run one workload (for profiling).
-    let only = args
-        .iter()
-        .position(|a| a == "--only")
-        .and_then(|i| args.get(i + 1))
-        .cloned();
+    let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
     let wanted = |w: &str| only.as_deref().is_none_or(|o| o == w);
     let mut rows = Vec::new();
 
-    for (workload, size, n) in [
-        ("P1", 256usize, 2_000_000usize),
-        ("P2", 4 << 10, 2_000_000),
-        ("P3", 1 << 20, 200_000),
-    ] {
+    for (workload, size, n) in [("P1", 256usize, 2_000_000usize), ("P2", 4 << 10, 2_000_000), ("P3", 1 << 20, 200_000)]
+    {
         if !wanted(workload) {
             continue;
         }
@@ -238,10 +222,7 @@ fn main() {
         let ns = pairs(&mut q, size, n);
         rows.push(row(workload, "quick", ns, &q));
         let per_block = ((16usize << 20) / size).clamp(16, 2048);
-        let config = FixedPoolConfig {
-            objects_per_block: per_block,
-            ..FixedPoolConfig::new(size)
-        };
+        let config = FixedPoolConfig { objects_per_block: per_block, ..FixedPoolConfig::new(size) };
         let mut fixed = FixedPool::new(HostResource, config).expect("fixed pool config");
         let ns = pairs(&mut fixed, size, n);
         rows.push(row(workload, "fixed", ns, &fixed));
@@ -269,33 +250,14 @@ fn p5(rows: &mut Vec<Row>) {
     let mut system = System::default();
     let ns = phases(&mut system);
     rows.push(row("P5", "system", ns, &system));
-    let small_blocks = QuickPoolConfig {
-        first_block_size: 1 << 20,
-        next_block_size: 1 << 20,
-        ..Default::default()
-    };
+    let small_blocks = QuickPoolConfig { first_block_size: 1 << 20, next_block_size: 1 << 20, ..Default::default() };
     let heuristics: Vec<(&str, Box<dyn CoalesceHeuristic>)> = vec![
         ("naive", Box::new(NeverCoalesce)),
-        (
-            "quick-blocks4",
-            Box::new(BlocksReleasable::new(4).expect("valid")),
-        ),
-        (
-            "quick-blocks4-hwm",
-            Box::new(BlocksReleasable::hwm(4).expect("valid")),
-        ),
-        (
-            "quick-percent100",
-            Box::new(PercentReleasable::new(100).expect("valid")),
-        ),
-        (
-            "quick-percent50",
-            Box::new(PercentReleasable::new(50).expect("valid")),
-        ),
-        (
-            "quick-percent50-hwm",
-            Box::new(PercentReleasable::hwm(50).expect("valid")),
-        ),
+        ("quick-blocks4", Box::new(BlocksReleasable::new(4).expect("valid"))),
+        ("quick-blocks4-hwm", Box::new(BlocksReleasable::hwm(4).expect("valid"))),
+        ("quick-percent100", Box::new(PercentReleasable::new(100).expect("valid"))),
+        ("quick-percent50", Box::new(PercentReleasable::new(50).expect("valid"))),
+        ("quick-percent50-hwm", Box::new(PercentReleasable::hwm(50).expect("valid"))),
     ];
     for (name, mut heuristic) in heuristics {
         let mut pool = QuickPool::with_config(HostResource, small_blocks)
@@ -311,10 +273,7 @@ fn print(csv: bool, rows: &[Row]) {
     if csv {
         println!("workload,pool,ns_per_pair,peak_actual_bytes,high_watermark_bytes");
         for r in rows {
-            println!(
-                "{},{},{:.1},{},{}",
-                r.workload, r.pool, r.ns_per_pair, r.peak_actual, r.high_watermark
-            );
+            println!("{},{},{:.1},{},{}", r.workload, r.pool, r.ns_per_pair, r.peak_actual, r.high_watermark);
         }
         return;
     }
@@ -323,10 +282,8 @@ fn print(csv: bool, rows: &[Row]) {
         "workload", "pool", "ns/pair", "x system", "peak actual", "high water", "peak/hwm"
     );
     for r in rows {
-        let system = rows
-            .iter()
-            .find(|s| s.workload == r.workload && s.pool == "system")
-            .map_or(f64::NAN, |s| s.ns_per_pair);
+        let system =
+            rows.iter().find(|s| s.workload == r.workload && s.pool == "system").map_or(f64::NAN, |s| s.ns_per_pair);
         println!(
             "{:<8} {:<20} {:>11.1} {:>10.2} {:>14} {:>14} {:>10.2}",
             r.workload,

@@ -18,8 +18,8 @@ use std::time::Instant;
 use hetmem::pool::render::Bytes;
 use hetmem::pool::trace::{parse_jsonl, to_jsonl, Replay, TracedPool};
 use hetmem::pool::{
-    BlocksReleasable, CoalesceHeuristic, FixedPool, FixedPoolConfig, HostResource, NeverCoalesce,
-    PercentReleasable, Pool, PoolStats, QuickPool, QuickPoolConfig,
+    BlocksReleasable, CoalesceHeuristic, FixedPool, FixedPoolConfig, HostResource, NeverCoalesce, PercentReleasable,
+    Pool, PoolStats, QuickPool, QuickPoolConfig,
 };
 use hetmem::Result;
 
@@ -27,38 +27,25 @@ const SAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/traces/sampl
 
 /// The pools a trace is replayed against, each fresh.
 fn pools(max_size: usize, max_align: usize) -> Result<Vec<(String, Box<dyn Pool>)>> {
-    let config = QuickPoolConfig {
-        first_block_size: 512 << 10,
-        next_block_size: 512 << 10,
-        ..Default::default()
-    };
+    let config = QuickPoolConfig { first_block_size: 512 << 10, next_block_size: 512 << 10, ..Default::default() };
     let heuristics: Vec<(&str, Box<dyn CoalesceHeuristic>)> = vec![
         ("naive", Box::new(NeverCoalesce)),
         ("quick blocks(4)", Box::new(BlocksReleasable::new(4)?)),
         ("quick blocks-hwm(4)", Box::new(BlocksReleasable::hwm(4)?)),
         ("quick percent(100)", Box::new(PercentReleasable::new(100)?)),
         ("quick percent(50)", Box::new(PercentReleasable::new(50)?)),
-        (
-            "quick percent-hwm(50)",
-            Box::new(PercentReleasable::hwm(50)?),
-        ),
+        ("quick percent-hwm(50)", Box::new(PercentReleasable::hwm(50)?)),
     ];
     let mut out: Vec<(String, Box<dyn Pool>)> = Vec::new();
     for (name, mut h) in heuristics {
-        let pool = QuickPool::with_config(HostResource, config)?
-            .with_heuristic(move |s: &PoolStats| h.should_coalesce(s));
+        let pool =
+            QuickPool::with_config(HostResource, config)?.with_heuristic(move |s: &PoolStats| h.should_coalesce(s));
         out.push((name.to_string(), Box::new(pool)));
     }
     if max_size > 0 {
-        let fixed = FixedPoolConfig {
-            objects_per_block: 64,
-            alignment: max_align.max(16),
-            ..FixedPoolConfig::new(max_size)
-        };
-        out.push((
-            format!("fixed ({})", Bytes(max_size)),
-            Box::new(FixedPool::new(HostResource, fixed)?),
-        ));
+        let fixed =
+            FixedPoolConfig { objects_per_block: 64, alignment: max_align.max(16), ..FixedPoolConfig::new(max_size) };
+        out.push((format!("fixed ({})", Bytes(max_size)), Box::new(FixedPool::new(HostResource, fixed)?)));
     }
     Ok(out)
 }
@@ -86,9 +73,8 @@ fn record_sample() -> Result<String> {
                 fields.push(pool.allocate(cells, 64)?);
             }
         }
-        let temporaries: Vec<_> = (0..8 + next(16))
-            .map(|_| pool.allocate(256 + next(48 << 10), 16))
-            .collect::<Result<_>>()?;
+        let temporaries: Vec<_> =
+            (0..8 + next(16)).map(|_| pool.allocate(256 + next(48 << 10), 16)).collect::<Result<_>>()?;
         for p in temporaries {
             pool.deallocate(p)?;
         }
@@ -102,30 +88,17 @@ fn record_sample() -> Result<String> {
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if let Some(i) = args.iter().position(|a| a == "--record") {
-        let out = args
-            .get(i + 1)
-            .map_or_else(|| PathBuf::from(SAMPLE), PathBuf::from);
-        std::fs::write(&out, record_sample()?).map_err(|e| hetmem::Error::Os {
-            call: "write trace",
-            errno: e.raw_os_error().unwrap_or(0),
-        })?;
+        let out = args.get(i + 1).map_or_else(|| PathBuf::from(SAMPLE), PathBuf::from);
+        std::fs::write(&out, record_sample()?)
+            .map_err(|e| hetmem::Error::Os { call: "write trace", errno: e.raw_os_error().unwrap_or(0) })?;
         println!("wrote {}", out.display());
         return Ok(());
     }
-    let path = args
-        .first()
-        .map_or_else(|| PathBuf::from(SAMPLE), PathBuf::from);
-    let text = std::fs::read_to_string(&path).map_err(|e| hetmem::Error::Os {
-        call: "read trace",
-        errno: e.raw_os_error().unwrap_or(0),
-    })?;
+    let path = args.first().map_or_else(|| PathBuf::from(SAMPLE), PathBuf::from);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| hetmem::Error::Os { call: "read trace", errno: e.raw_os_error().unwrap_or(0) })?;
     let replay = Replay::new(&parse_jsonl(&text)?)?;
-    println!(
-        "{}: {} events, largest request {}",
-        path.display(),
-        replay.len(),
-        Bytes(replay.max_size())
-    );
+    println!("{}: {} events, largest request {}", path.display(), replay.len(), Bytes(replay.max_size()));
     println!(
         "{:<24} {:>10} {:>9} {:>14} {:>14} {:>14} {:>7}",
         "pool", "time ms", "ns/op", "peak actual", "final actual", "high water", "failed"

@@ -153,22 +153,15 @@ impl BlockArena {
     /// granule, plus the worst-case padding for an alignment above the granule.
     #[inline]
     pub(crate) fn footprint(&self, size: usize, align: usize) -> Result<usize> {
-        let too_large = Error::InvalidSize {
-            size: size as u64,
-            reason: "size overflows when aligned",
-        };
+        let too_large = Error::InvalidSize { size: size as u64, reason: "size overflows when aligned" };
         let rounded = round_up(size, self.granule).ok_or(too_large)?;
-        rounded
-            .checked_add(align.saturating_sub(self.granule))
-            .ok_or(too_large)
+        rounded.checked_add(align.saturating_sub(self.granule)).ok_or(too_large)
     }
 
     /// Adds `[base, base + size)` as one free block. `base` is aligned to the granule and `size`
     /// is a non-zero multiple of it; `align` is what the chunk's owner needs to hand it back.
     pub(crate) fn add_chunk(&mut self, base: NonNull<u8>, size: usize, align: usize) {
-        debug_assert!(
-            base.as_ptr() as usize % self.granule == 0 && size % self.granule == 0 && size > 0
-        );
+        debug_assert!(base.as_ptr() as usize % self.granule == 0 && size % self.granule == 0 && size > 0);
         let chunk = match self.spare_chunks.pop() {
             Some(c) => c,
             None => {
@@ -177,22 +170,9 @@ impl BlockArena {
             }
         };
         let addr = base.as_ptr() as usize;
-        let block = self.new_block(Block {
-            addr,
-            size,
-            prev: NIL,
-            next: NIL,
-            chunk,
-            used: false,
-            requested: 0,
-            seq: 0,
-        });
-        self.chunks[chunk as usize] = Some(Chunk {
-            base,
-            size,
-            align,
-            first: block,
-        });
+        let block =
+            self.new_block(Block { addr, size, prev: NIL, next: NIL, chunk, used: false, requested: 0, seq: 0 });
+        self.chunks[chunk as usize] = Some(Chunk { base, size, align, first: block });
         self.free.insert(size, addr, block);
         let c = &mut self.counters;
         c.actual_size += size;
@@ -244,10 +224,7 @@ impl BlockArena {
     #[inline]
     pub(crate) fn free(&mut self, addr: usize) -> Result<usize> {
         let Some(mut slot) = self.used.remove(&addr) else {
-            return Err(Error::InvalidFree {
-                offset: addr as u64,
-                reason: "not a live allocation of this pool",
-            });
+            return Err(Error::InvalidFree { offset: addr as u64, reason: "not a live allocation of this pool" });
         };
         let b = &mut self.blocks[slot as usize];
         b.used = false;
@@ -306,11 +283,7 @@ impl BlockArena {
 
     /// Removes every chunk, used or not, and returns them (for the owner's `Drop`).
     pub(crate) fn take_all_chunks(&mut self) -> Vec<FreedChunk> {
-        let out = self.chunks.drain(..).flatten().map(|c| FreedChunk {
-            base: c.base,
-            size: c.size,
-            align: c.align,
-        });
+        let out = self.chunks.drain(..).flatten().map(|c| FreedChunk { base: c.base, size: c.size, align: c.align });
         let out = out.collect();
         *self = BlockArena::new(self.granule);
         out
@@ -362,17 +335,8 @@ impl BlockArena {
     /// Walks every chunk and block and checks the arena's invariants; `structure` names the owner
     /// in the error.
     pub(crate) fn check(&self, structure: &'static str) -> Result<()> {
-        let corrupt = |addr: usize, detail| {
-            Err(Error::Corrupt {
-                structure,
-                offset: addr as u64,
-                detail,
-            })
-        };
-        let mut seen = ArenaCounters {
-            total_allocations: self.counters.total_allocations,
-            ..Default::default()
-        };
+        let corrupt = |addr: usize, detail| Err(Error::Corrupt { structure, offset: addr as u64, detail });
+        let mut seen = ArenaCounters { total_allocations: self.counters.total_allocations, ..Default::default() };
         let mut free_seen = 0;
         for (index, chunk) in self.chunks.iter().enumerate() {
             let Some(chunk) = chunk else { continue };
@@ -391,10 +355,7 @@ impl BlockArena {
                     return corrupt(b.addr, "block list does not tile its chunk");
                 }
                 if b.size == 0 || b.size % self.granule != 0 {
-                    return corrupt(
-                        b.addr,
-                        "block size is zero or not a multiple of the granule",
-                    );
+                    return corrupt(b.addr, "block size is zero or not a multiple of the granule");
                 }
                 seen.blocks += 1;
                 if b.used {
@@ -433,16 +394,10 @@ impl BlockArena {
             }
         }
         if free_seen != self.free.len() || !self.free.consistent() {
-            return corrupt(
-                0,
-                "size index holds blocks that are not free blocks of the arena",
-            );
+            return corrupt(0, "size index holds blocks that are not free blocks of the arena");
         }
         if self.used.len() != seen.live {
-            return corrupt(
-                0,
-                "address map holds blocks that are not used blocks of the arena",
-            );
+            return corrupt(0, "address map holds blocks that are not used blocks of the arena");
         }
         if seen != self.counters {
             return corrupt(0, "counters disagree with the blocks");
@@ -468,9 +423,7 @@ impl BlockArena {
     #[inline]
     fn ptr_of(&self, slot: u32) -> NonNull<u8> {
         let b = &self.blocks[slot as usize];
-        let chunk = self.chunks[b.chunk as usize]
-            .as_ref()
-            .expect("a block's chunk is live");
+        let chunk = self.chunks[b.chunk as usize].as_ref().expect("a block's chunk is live");
         let offset = b.addr - chunk.base.as_ptr() as usize;
         // The pointer is derived from the chunk's own pointer (so host memory keeps its
         // provenance) without claiming it is dereferenceable: device memory is not.
@@ -577,14 +530,7 @@ mod tests {
         arena.check("test").unwrap();
         let mut blocks = Vec::new();
         arena.for_each_block(&mut |b| blocks.push((b.offset, b.size, b.used)));
-        assert_eq!(
-            blocks,
-            [
-                (0, 0xff0, false),
-                (0xff0, 64, true),
-                (0x1030, 8192 - 16 - 0x1030, false)
-            ]
-        );
+        assert_eq!(blocks, [(0, 0xff0, false), (0xff0, 64, true), (0x1030, 8192 - 16 - 0x1030, false)]);
         arena.free(p).unwrap();
         arena.check("test").unwrap();
         assert_eq!(arena.take_free_chunks().len(), 1);
@@ -599,8 +545,7 @@ mod tests {
             h.write_usize(x);
             h.finish()
         };
-        let low: alloc::collections::BTreeSet<u64> =
-            (0..1024).map(|i| hash(i * 4096) & 1023).collect();
+        let low: alloc::collections::BTreeSet<u64> = (0..1024).map(|i| hash(i * 4096) & 1023).collect();
         assert!(low.len() > 500, "only {} distinct buckets", low.len());
     }
 }

@@ -59,9 +59,7 @@ impl BackendResource {
     /// Reserves `size` bytes (0: all that is left) in `backend`'s allocator directory under `id`,
     /// and carves that sub-region.
     pub fn reserve(backend: Arc<dyn MemoryBackend>, id: AllocatorId, size: u64) -> Result<Self> {
-        let entry = backend
-            .header()
-            .reserve_allocator(BACKEND_RESOURCE_TYPE_ID, id, size)?;
+        let entry = backend.header().reserve_allocator(BACKEND_RESOURCE_TYPE_ID, id, size)?;
         match BackendResource::with_range(Arc::clone(&backend), entry.offset, entry.size) {
             Ok(resource) => {
                 backend.header().publish_allocator(id)?;
@@ -78,53 +76,32 @@ impl BackendResource {
     /// must lie after the header page). The range shrinks to 64-byte boundaries.
     pub fn with_range(backend: Arc<dyn MemoryBackend>, offset: u64, len: u64) -> Result<Self> {
         let total = backend.len();
-        let in_bounds =
-            offset >= HEADER_SIZE && offset.checked_add(len).is_some_and(|end| end <= total);
+        let in_bounds = offset >= HEADER_SIZE && offset.checked_add(len).is_some_and(|end| end <= total);
         if !in_bounds {
-            return Err(Error::OutOfBounds {
-                offset,
-                len,
-                region_len: total,
-            });
+            return Err(Error::OutOfBounds { offset, len, region_len: total });
         }
-        let start = round_up(offset as usize, GRANULE).ok_or(Error::OutOfBounds {
-            offset,
-            len,
-            region_len: total,
-        })? as u64;
+        let start =
+            round_up(offset as usize, GRANULE).ok_or(Error::OutOfBounds { offset, len, region_len: total })? as u64;
         let end = (offset + len) & !(GRANULE as u64 - 1);
         if end <= start {
-            return Err(Error::InvalidSize {
-                size: len,
-                reason: "range holds no whole 64-byte block",
-            });
+            return Err(Error::InvalidSize { size: len, reason: "range holds no whole 64-byte block" });
         }
         let base = match (backend.host_accessible(), backend.device_ptr()) {
             (false, Some(device)) => core::ptr::without_provenance_mut::<u8>(device as usize),
             _ => backend.base(),
         };
-        let base =
-            NonNull::new(base).ok_or(Error::Unsupported("backend has a null base address"))?;
-        let chunk =
-            NonNull::new(base.as_ptr().wrapping_add(start as usize)).ok_or(Error::OutOfBounds {
-                offset: start,
-                len,
-                region_len: total,
-            })?;
+        let base = NonNull::new(base).ok_or(Error::Unsupported("backend has a null base address"))?;
+        let chunk = NonNull::new(base.as_ptr().wrapping_add(start as usize)).ok_or(Error::OutOfBounds {
+            offset: start,
+            len,
+            region_len: total,
+        })?;
         if chunk.as_ptr() as usize % GRANULE != 0 {
-            return Err(Error::InvalidAlignment {
-                align: chunk.as_ptr() as u64 % GRANULE as u64,
-            });
+            return Err(Error::InvalidAlignment { align: chunk.as_ptr() as u64 % GRANULE as u64 });
         }
         let mut arena = BlockArena::new(GRANULE);
         arena.add_chunk(chunk, (end - start) as usize, GRANULE);
-        Ok(BackendResource {
-            backend,
-            start,
-            len: end - start,
-            base,
-            carver: Mutex::new(Carver(arena)),
-        })
+        Ok(BackendResource { backend, start, len: end - start, base, carver: Mutex::new(Carver(arena)) })
     }
 
     /// The backend carved.
@@ -177,10 +154,10 @@ impl MemoryResource for BackendResource {
         crate::check_layout(size, align)?;
         let mut carver = self.carver.lock();
         carver.0.footprint(size, align)?;
-        carver.0.allocate(size, align).ok_or(Error::OutOfMemory {
-            requested: size as u64,
-            available: carver.0.largest_free() as u64,
-        })
+        carver
+            .0
+            .allocate(size, align)
+            .ok_or(Error::OutOfMemory { requested: size as u64, available: carver.0.largest_free() as u64 })
     }
 
     unsafe fn deallocate(&self, ptr: NonNull<u8>, _size: usize, _align: usize) {
@@ -214,10 +191,7 @@ mod tests {
             assert!(offset >= start && offset + size <= start + len);
         }
         assert_eq!(q.as_ptr() as usize % 4096, 0);
-        assert!(matches!(
-            r.allocate(1 << 20, 16),
-            Err(Error::OutOfMemory { .. })
-        ));
+        assert!(matches!(r.allocate(1 << 20, 16), Err(Error::OutOfMemory { .. })));
         r.check().unwrap();
         // SAFETY: both came from `r` with these sizes.
         unsafe {
@@ -233,38 +207,22 @@ mod tests {
         let b = backend(1 << 20);
         let r = BackendResource::reserve(Arc::clone(&b), AllocatorId::new(7, 0), 64 << 10).unwrap();
         assert_eq!(r.range().1, 64 << 10);
-        assert!(b
-            .header()
-            .find_allocator(AllocatorId::new(7, 0))
-            .unwrap()
-            .is_some());
+        assert!(b.header().find_allocator(AllocatorId::new(7, 0)).unwrap().is_some());
         assert!(matches!(
             BackendResource::reserve(Arc::clone(&b), AllocatorId::new(7, 0), 4096),
             Err(Error::AlreadyExists { .. })
         ));
-        assert!(matches!(
-            BackendResource::with_range(Arc::clone(&b), 0, 4096),
-            Err(Error::OutOfBounds { .. })
-        ));
+        assert!(matches!(BackendResource::with_range(Arc::clone(&b), 0, 4096), Err(Error::OutOfBounds { .. })));
     }
 
     #[test]
     fn a_quick_pool_runs_over_a_backend() {
         let r = BackendResource::new(backend(4 << 20)).unwrap();
-        let config = QuickPoolConfig {
-            first_block_size: 1 << 20,
-            next_block_size: 1 << 20,
-            ..Default::default()
-        };
+        let config = QuickPoolConfig { first_block_size: 1 << 20, next_block_size: 1 << 20, ..Default::default() };
         let mut pool = QuickPool::with_config(&r, config).unwrap();
-        let ptrs: std::vec::Vec<_> = (0..100)
-            .map(|i| pool.allocate(1000 + i * 100, 16).unwrap())
-            .collect();
+        let ptrs: std::vec::Vec<_> = (0..100).map(|i| pool.allocate(1000 + i * 100, 16).unwrap()).collect();
         assert!(ptrs.iter().all(|&p| r.offset_of(p).is_some()));
-        assert!(matches!(
-            pool.allocate(8 << 20, 16),
-            Err(Error::OutOfMemory { .. })
-        ));
+        assert!(matches!(pool.allocate(8 << 20, 16), Err(Error::OutOfMemory { .. })));
         for p in ptrs {
             pool.deallocate(p).unwrap();
         }

@@ -31,12 +31,7 @@ pub struct FixedPoolConfig {
 impl FixedPoolConfig {
     /// Slots of `object_size` bytes with the other settings at their defaults.
     pub fn new(object_size: usize) -> Self {
-        FixedPoolConfig {
-            object_size,
-            objects_per_block: 2048,
-            alignment: 16,
-            max_size: None,
-        }
+        FixedPoolConfig { object_size, objects_per_block: 2048, alignment: 16, max_size: None }
     }
 }
 
@@ -60,10 +55,7 @@ impl SubPool {
     /// Takes the first free slot; the caller knows there is one.
     fn take(&mut self) -> Option<usize> {
         let start = self.search_from;
-        let (word, bits) = self.used_bits[start..]
-            .iter()
-            .enumerate()
-            .find(|(_, w)| **w != u64::MAX)?;
+        let (word, bits) = self.used_bits[start..].iter().enumerate().find(|(_, w)| **w != u64::MAX)?;
         let word = start + word;
         let bit = bits.trailing_ones() as usize;
         self.used_bits[word] |= 1 << bit;
@@ -105,17 +97,14 @@ impl<R: MemoryResource> FixedPool<R> {
     /// A pool of `config.object_size`-byte slots over `upstream`.
     pub fn new(upstream: R, config: FixedPoolConfig) -> Result<Self> {
         crate::check_layout(config.object_size, config.alignment)?;
-        let stride = round_up(config.object_size, config.alignment).ok_or(Error::InvalidSize {
-            size: config.object_size as u64,
-            reason: "object size overflows",
-        })?;
-        let block_bytes = stride
-            .checked_mul(config.objects_per_block)
-            .filter(|_| config.objects_per_block > 0)
-            .ok_or(Error::InvalidSize {
+        let stride = round_up(config.object_size, config.alignment)
+            .ok_or(Error::InvalidSize { size: config.object_size as u64, reason: "object size overflows" })?;
+        let block_bytes = stride.checked_mul(config.objects_per_block).filter(|_| config.objects_per_block > 0).ok_or(
+            Error::InvalidSize {
                 size: config.objects_per_block as u64,
                 reason: "objects per block is zero or too many",
-            })?;
+            },
+        )?;
         Ok(FixedPool {
             upstream,
             config,
@@ -149,23 +138,14 @@ impl<R: MemoryResource> FixedPool<R> {
     pub fn allocate(&mut self, size: usize, align: usize) -> Result<NonNull<u8>> {
         crate::check_layout(size, align)?;
         if size > self.config.object_size {
-            return Err(Error::InvalidSize {
-                size: size as u64,
-                reason: "larger than the fixed pool's object size",
-            });
+            return Err(Error::InvalidSize { size: size as u64, reason: "larger than the fixed pool's object size" });
         }
         if align > self.config.alignment {
-            return Err(Error::InvalidAlignment {
-                align: align as u64,
-            });
+            return Err(Error::InvalidAlignment { align: align as u64 });
         }
         let index = match self.pools.get(self.current) {
             Some(p) if p.used < self.config.objects_per_block => self.current,
-            _ => match self
-                .pools
-                .iter()
-                .position(|p| p.used < self.config.objects_per_block)
-            {
+            _ => match self.pools.iter().position(|p| p.used < self.config.objects_per_block) {
                 Some(i) => i,
                 None => self.grow()?,
             },
@@ -182,10 +162,7 @@ impl<R: MemoryResource> FixedPool<R> {
             detail: "sub-pool count says free, bitmap says full",
         })?;
         let seq = self.total_allocations;
-        pool.slots[slot] = Slot {
-            requested: size,
-            seq,
-        };
+        pool.slots[slot] = Slot { requested: size, seq };
         let offset = slot * self.stride;
         let ptr = pool.base.as_ptr().wrapping_add(offset);
         self.live += 1;
@@ -202,15 +179,8 @@ impl<R: MemoryResource> FixedPool<R> {
     #[inline]
     pub fn deallocate(&mut self, ptr: NonNull<u8>) -> Result<()> {
         let addr = ptr.as_ptr() as usize;
-        let invalid = |reason| Error::InvalidFree {
-            offset: addr as u64,
-            reason,
-        };
-        let index = self
-            .pools
-            .partition_point(|p| p.addr <= addr)
-            .checked_sub(1)
-            .ok_or(invalid("not in this pool"))?;
+        let invalid = |reason| Error::InvalidFree { offset: addr as u64, reason };
+        let index = self.pools.partition_point(|p| p.addr <= addr).checked_sub(1).ok_or(invalid("not in this pool"))?;
         let pool = &mut self.pools[index];
         let offset = addr - pool.addr;
         if offset >= self.block_bytes || offset % self.stride != 0 {
@@ -241,10 +211,7 @@ impl<R: MemoryResource> FixedPool<R> {
             if pool.used == 0 {
                 // SAFETY: the block came from `upstream.allocate(block_bytes, alignment)` and no
                 // slot in it is in use.
-                unsafe {
-                    self.upstream
-                        .deallocate(pool.base, self.block_bytes, self.config.alignment)
-                };
+                unsafe { self.upstream.deallocate(pool.base, self.block_bytes, self.config.alignment) };
             } else {
                 kept.push(pool);
             }
@@ -270,11 +237,7 @@ impl<R: MemoryResource> FixedPool<R> {
             releasable_blocks: self.empty_pools,
             total_blocks: slots,
             free_blocks: slots - self.live,
-            largest_available: if slots > self.live {
-                self.config.object_size
-            } else {
-                0
-            },
+            largest_available: if slots > self.live { self.config.object_size } else { 0 },
             upstream_blocks: self.pools.len(),
             upstream_allocations: self.upstream_allocations,
             upstream_failures: self.upstream_failures,
@@ -285,13 +248,8 @@ impl<R: MemoryResource> FixedPool<R> {
     /// Checks every bitmap against the counters.
     pub fn check(&self) -> Result<()> {
         let cap = self.config.objects_per_block;
-        let corrupt = |addr: usize, detail| {
-            Err(Error::Corrupt {
-                structure: "fixed pool",
-                offset: addr as u64,
-                detail,
-            })
-        };
+        let corrupt =
+            |addr: usize, detail| Err(Error::Corrupt { structure: "fixed pool", offset: addr as u64, detail });
         let (mut live, mut requested, mut empty) = (0, 0, 0);
         for (i, pool) in self.pools.iter().enumerate() {
             if i > 0 && self.pools[i - 1].addr + self.block_bytes > pool.addr {
@@ -299,24 +257,14 @@ impl<R: MemoryResource> FixedPool<R> {
             }
             // Bits past the last slot are kept set, so the scan never hands them out.
             let padding = pool.used_bits.len() * 64 - cap;
-            if padding > 0
-                && pool.used_bits[pool.used_bits.len() - 1].leading_ones() < padding as u32
-            {
+            if padding > 0 && pool.used_bits[pool.used_bits.len() - 1].leading_ones() < padding as u32 {
                 return corrupt(pool.addr, "bits past the last slot are clear");
             }
-            let used = pool
-                .used_bits
-                .iter()
-                .map(|w| w.count_ones() as usize)
-                .sum::<usize>()
-                - padding;
+            let used = pool.used_bits.iter().map(|w| w.count_ones() as usize).sum::<usize>() - padding;
             if used != pool.used {
                 return corrupt(pool.addr, "bitmap disagrees with the sub-pool's count");
             }
-            if pool.used_bits[..pool.search_from]
-                .iter()
-                .any(|&w| w != u64::MAX)
-            {
+            if pool.used_bits[..pool.search_from].iter().any(|&w| w != u64::MAX) {
                 return corrupt(pool.addr, "a free slot lies before the search start");
             }
             for slot in 0..cap {
@@ -335,11 +283,7 @@ impl<R: MemoryResource> FixedPool<R> {
         if (live, requested, empty) != (self.live, self.requested_size, self.empty_pools) {
             return corrupt(0, "counters disagree with the bitmaps");
         }
-        if self
-            .config
-            .max_size
-            .is_some_and(|max| self.pools.len() * self.block_bytes > max)
-        {
+        if self.config.max_size.is_some_and(|max| self.pools.len() * self.block_bytes > max) {
             return corrupt(0, "pool exceeds its maximum size");
         }
         Ok(())
@@ -362,9 +306,7 @@ impl<R: MemoryResource> FixedPool<R> {
             Err(_) => {
                 self.upstream_failures += 1;
                 self.release();
-                self.upstream
-                    .allocate(self.block_bytes, align)
-                    .inspect_err(|_| self.upstream_failures += 1)?
+                self.upstream.allocate(self.block_bytes, align).inspect_err(|_| self.upstream_failures += 1)?
             }
         };
         self.upstream_allocations += 1;
@@ -387,9 +329,7 @@ impl<R: MemoryResource> FixedPool<R> {
         let index = self.pools.partition_point(|p| p.addr < addr);
         self.pools.insert(index, pool);
         self.empty_pools += 1;
-        self.actual_high_watermark = self
-            .actual_high_watermark
-            .max(self.pools.len() * self.block_bytes);
+        self.actual_high_watermark = self.actual_high_watermark.max(self.pools.len() * self.block_bytes);
         Ok(index)
     }
 }
@@ -399,10 +339,7 @@ impl<R: MemoryResource> Drop for FixedPool<R> {
         for pool in self.pools.drain(..) {
             // SAFETY: every block came from `upstream.allocate(block_bytes, alignment)`; the pool
             // is going away, and its contract says its allocations go with it.
-            unsafe {
-                self.upstream
-                    .deallocate(pool.base, self.block_bytes, self.config.alignment)
-            };
+            unsafe { self.upstream.deallocate(pool.base, self.block_bytes, self.config.alignment) };
         }
     }
 }
@@ -440,9 +377,7 @@ impl<R: MemoryResource> Pool for FixedPool<R> {
             let mut start = 0;
             while start < cap {
                 let used = is_used(start);
-                let end = (start + 1..cap)
-                    .find(|&s| is_used(s) != used)
-                    .unwrap_or(cap);
+                let end = (start + 1..cap).find(|&s| is_used(s) != used).unwrap_or(cap);
                 f(BlockInfo {
                     chunk,
                     chunk_addr: pool.addr,

@@ -25,11 +25,7 @@ const NIL: u32 = u32::MAX;
 fn bin_of(size: usize) -> usize {
     debug_assert!(size > 0);
     let log = (usize::BITS - 1 - size.leading_zeros()) as usize;
-    let sub = if log >= SUB_BITS as usize {
-        (size >> (log - SUB_BITS as usize)) & (SUB_BINS - 1)
-    } else {
-        0
-    };
+    let sub = if log >= SUB_BITS as usize { (size >> (log - SUB_BITS as usize)) & (SUB_BINS - 1) } else { 0 };
     log * SUB_BINS + sub
 }
 
@@ -60,14 +56,7 @@ struct Node {
     indexed: bool,
 }
 
-const EMPTY: Node = Node {
-    size: 0,
-    addr: 0,
-    left: NIL,
-    right: NIL,
-    priority: 0,
-    indexed: false,
-};
+const EMPTY: Node = Node { size: 0, addr: 0, left: NIL, right: NIL, priority: 0, indexed: false };
 
 /// Free blocks by `(size, address)`, binned. See the [module docs](self).
 pub(crate) struct FreeIndex {
@@ -80,13 +69,7 @@ pub(crate) struct FreeIndex {
 
 impl FreeIndex {
     pub(crate) fn new() -> Self {
-        FreeIndex {
-            roots: vec![NIL; BINS],
-            nodes: Vec::new(),
-            words: [0; WORDS],
-            summary: 0,
-            len: 0,
-        }
+        FreeIndex { roots: vec![NIL; BINS], nodes: Vec::new(), words: [0; WORDS], summary: 0, len: 0 }
     }
 
     /// How many free blocks are indexed.
@@ -102,14 +85,7 @@ impl FreeIndex {
             self.nodes.resize(s + 1, EMPTY);
         }
         debug_assert!(!self.nodes[s].indexed);
-        self.nodes[s] = Node {
-            size,
-            addr,
-            left: NIL,
-            right: NIL,
-            priority: priority(slot),
-            indexed: true,
-        };
+        self.nodes[s] = Node { size, addr, left: NIL, right: NIL, priority: priority(slot), indexed: true };
         let bin = bin_of(size);
         self.roots[bin] = self.insert_at(self.roots[bin], slot);
         self.words[bin / 64] |= 1 << (bin % 64);
@@ -121,11 +97,7 @@ impl FreeIndex {
     #[inline]
     pub(crate) fn remove(&mut self, size: usize, addr: usize, slot: u32) -> bool {
         let s = slot as usize;
-        if self
-            .nodes
-            .get(s)
-            .is_none_or(|n| !n.indexed || (n.size, n.addr) != (size, addr))
-        {
+        if self.nodes.get(s).is_none_or(|n| !n.indexed || (n.size, n.addr) != (size, addr)) {
             return false;
         }
         let bin = bin_of(size);
@@ -178,11 +150,7 @@ impl FreeIndex {
             }
         }
         let n = &self.nodes[best as usize];
-        Some(FreeEntry {
-            size: n.size,
-            addr: n.addr,
-            slot: best,
-        })
+        Some(FreeEntry { size: n.size, addr: n.addr, slot: best })
     }
 
     /// The largest free block's size (0 when there is none).
@@ -205,9 +173,7 @@ impl FreeIndex {
         let mut count = 0;
         for (bin, &root) in self.roots.iter().enumerate() {
             let marked = self.words[bin / 64] >> (bin % 64) & 1 == 1;
-            if marked != (root != NIL)
-                || (self.words[bin / 64] != 0) != (self.summary >> (bin / 64) & 1 == 1)
-            {
+            if marked != (root != NIL) || (self.words[bin / 64] != 0) != (self.summary >> (bin / 64) & 1 == 1) {
                 return false;
             }
             if root != NIL && !self.treap_ok(root, bin, None, None, u32::MAX, &mut count) {
@@ -334,11 +300,7 @@ impl FreeIndex {
         if bits != 0 {
             return Some(word * 64 + bits.trailing_zeros() as usize);
         }
-        let above = if word + 1 < WORDS {
-            self.summary & (!0u64 << (word + 1))
-        } else {
-            0
-        };
+        let above = if word + 1 < WORDS { self.summary & (!0u64 << (word + 1)) } else { 0 };
         if above == 0 {
             return None;
         }
@@ -364,21 +326,12 @@ mod tests {
     #[test]
     fn best_fit_is_the_smallest_block_that_fits() {
         let mut index = FreeIndex::new();
-        let blocks = [
-            (4096, 0x1000),
-            (300, 0x9000),
-            (256, 0x8000),
-            (256, 0x7000),
-            (1 << 20, 0x100000),
-        ];
+        let blocks = [(4096, 0x1000), (300, 0x9000), (256, 0x8000), (256, 0x7000), (1 << 20, 0x100000)];
         for (i, (size, addr)) in blocks.into_iter().enumerate() {
             index.insert(size, addr, i as u32);
         }
         assert!(index.consistent());
-        assert_eq!(
-            index.best_fit(200).map(|e| (e.size, e.addr)),
-            Some((256, 0x7000))
-        );
+        assert_eq!(index.best_fit(200).map(|e| (e.size, e.addr)), Some((256, 0x7000)));
         assert_eq!(index.best_fit(257).map(|e| e.size), Some(300));
         assert_eq!(index.best_fit(301).map(|e| e.size), Some(4096));
         assert_eq!(index.best_fit(5000).map(|e| e.size), Some(1 << 20));

@@ -71,10 +71,7 @@ impl BlocksReleasable {
 
     fn with_target(blocks: usize, target: Target) -> Result<Self> {
         if blocks == 0 {
-            return Err(Error::InvalidSize {
-                size: 0,
-                reason: "BlocksReleasable needs at least one block",
-            });
+            return Err(Error::InvalidSize { size: 0, reason: "BlocksReleasable needs at least one block" });
         }
         Ok(BlocksReleasable { blocks, target })
     }
@@ -107,10 +104,7 @@ impl PercentReleasable {
 
     fn with_target(percent: u8, target: Target) -> Result<Self> {
         if percent == 0 || percent > 100 {
-            return Err(Error::InvalidSize {
-                size: u64::from(percent),
-                reason: "percentage must be 1..=100",
-            });
+            return Err(Error::InvalidSize { size: u64::from(percent), reason: "percentage must be 1..=100" });
         }
         Ok(PercentReleasable { percent, target })
     }
@@ -118,10 +112,7 @@ impl PercentReleasable {
 
 impl Default for PercentReleasable {
     fn default() -> Self {
-        PercentReleasable {
-            percent: 100,
-            target: Target::ActualSize,
-        }
+        PercentReleasable { percent: 100, target: Target::ActualSize }
     }
 }
 
@@ -152,12 +143,7 @@ mod tests {
         let mut h = BlocksReleasable::new(3).unwrap();
         assert_eq!(h.should_coalesce(&stats(4096, 2048, 2)), None);
         assert_eq!(h.should_coalesce(&stats(4096, 3072, 3)), Some(4096));
-        assert_eq!(
-            BlocksReleasable::hwm(3)
-                .unwrap()
-                .should_coalesce(&stats(4096, 3072, 3)),
-            Some(1000)
-        );
+        assert_eq!(BlocksReleasable::hwm(3).unwrap().should_coalesce(&stats(4096, 3072, 3)), Some(1000));
         assert!(BlocksReleasable::new(0).is_err());
     }
 
@@ -166,20 +152,9 @@ mod tests {
         let mut h = PercentReleasable::new(50).unwrap();
         assert_eq!(h.should_coalesce(&stats(4096, 2047, 1)), None);
         assert_eq!(h.should_coalesce(&stats(4096, 2048, 1)), Some(4096));
-        assert_eq!(
-            PercentReleasable::default().should_coalesce(&stats(4096, 4095, 1)),
-            None
-        );
-        assert_eq!(
-            PercentReleasable::hwm(100)
-                .unwrap()
-                .should_coalesce(&stats(4096, 4096, 1)),
-            Some(1000)
-        );
-        assert_eq!(
-            PercentReleasable::default().should_coalesce(&stats(0, 0, 0)),
-            None
-        );
+        assert_eq!(PercentReleasable::default().should_coalesce(&stats(4096, 4095, 1)), None);
+        assert_eq!(PercentReleasable::hwm(100).unwrap().should_coalesce(&stats(4096, 4096, 1)), Some(1000));
+        assert_eq!(PercentReleasable::default().should_coalesce(&stats(0, 0, 0)), None);
         assert!(PercentReleasable::new(0).is_err() && PercentReleasable::new(101).is_err());
     }
 
@@ -190,13 +165,7 @@ mod tests {
             calls += 1;
             (s.free_blocks > 2).then_some(0)
         };
-        assert_eq!(
-            h.should_coalesce(&PoolStats {
-                free_blocks: 3,
-                ..PoolStats::default()
-            }),
-            Some(0)
-        );
+        assert_eq!(h.should_coalesce(&PoolStats { free_blocks: 3, ..PoolStats::default() }), Some(0));
         assert_eq!(calls, 1);
     }
 }

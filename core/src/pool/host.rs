@@ -12,10 +12,7 @@ pub struct HostResource;
 
 fn layout(size: usize, align: usize) -> Result<Layout> {
     crate::check_layout(size, align)?;
-    Layout::from_size_align(size, align).map_err(|_| Error::InvalidSize {
-        size: size as u64,
-        reason: "too large",
-    })
+    Layout::from_size_align(size, align).map_err(|_| Error::InvalidSize { size: size as u64, reason: "too large" })
 }
 
 impl MemoryResource for HostResource {
@@ -31,10 +28,7 @@ impl MemoryResource for HostResource {
         let layout = layout(size, align)?;
         // SAFETY: `layout` has a non-zero size (checked by `check_layout`).
         let ptr = unsafe { alloc(layout) };
-        NonNull::new(ptr).ok_or(Error::OutOfMemory {
-            requested: size as u64,
-            available: 0,
-        })
+        NonNull::new(ptr).ok_or(Error::OutOfMemory { requested: size as u64, available: 0 })
     }
 
     unsafe fn deallocate(&self, ptr: NonNull<u8>, size: usize, align: usize) {
@@ -61,14 +55,8 @@ mod tests {
         unsafe { p.as_ptr().write_bytes(0xab, 1000) };
         // SAFETY: allocated above with this size and alignment.
         unsafe { host.deallocate(p, 1000, 256) };
-        assert!(matches!(
-            host.allocate(0, 16),
-            Err(Error::InvalidSize { .. })
-        ));
-        assert!(matches!(
-            host.allocate(16, 3),
-            Err(Error::InvalidAlignment { .. })
-        ));
+        assert!(matches!(host.allocate(0, 16), Err(Error::InvalidSize { .. })));
+        assert!(matches!(host.allocate(16, 3), Err(Error::InvalidAlignment { .. })));
         assert!(matches!(
             host.allocate(isize::MAX as usize, 16),
             Err(Error::InvalidSize { .. } | Error::OutOfMemory { .. })

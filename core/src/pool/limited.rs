@@ -66,10 +66,7 @@ impl<R: MemoryResource> LimitedResource<R> {
 
     fn refuse(&self, size: usize, available: usize) -> Error {
         self.refusals.fetch_add(1, Ordering::Relaxed);
-        Error::OutOfMemory {
-            requested: size as u64,
-            available: available as u64,
-        }
+        Error::OutOfMemory { requested: size as u64, available: available as u64 }
     }
 }
 
@@ -88,17 +85,13 @@ impl<R: MemoryResource> MemoryResource for LimitedResource<R> {
 
     fn allocate(&self, size: usize, align: usize) -> Result<NonNull<u8>> {
         crate::check_layout(size, align)?;
-        let injected = self
-            .refuse_next
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        let injected = self.refuse_next.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
         if injected.is_ok() {
             return Err(self.refuse(size, self.limit.saturating_sub(self.held())));
         }
-        let reserved = self
-            .held
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
-                held.checked_add(size).filter(|&total| total <= self.limit)
-            });
+        let reserved = self.held.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+            held.checked_add(size).filter(|&total| total <= self.limit)
+        });
         if let Err(held) = reserved {
             return Err(self.refuse(size, self.limit.saturating_sub(held)));
         }
@@ -131,13 +124,7 @@ mod tests {
     fn keeps_to_its_budget_and_refuses_on_demand() {
         let r = LimitedResource::new(HostResource, 1000);
         let a = r.allocate(600, 16).unwrap();
-        assert!(matches!(
-            r.allocate(500, 16),
-            Err(Error::OutOfMemory {
-                requested: 500,
-                available: 400
-            })
-        ));
+        assert!(matches!(r.allocate(500, 16), Err(Error::OutOfMemory { requested: 500, available: 400 })));
         r.refuse_next(1);
         assert!(r.allocate(100, 16).is_err());
         let b = r.allocate(400, 16).unwrap();

@@ -35,12 +35,7 @@ pub struct QuickPoolConfig {
 
 impl Default for QuickPoolConfig {
     fn default() -> Self {
-        QuickPoolConfig {
-            first_block_size: 512 << 20,
-            next_block_size: 1 << 20,
-            alignment: 16,
-            max_size: None,
-        }
+        QuickPoolConfig { first_block_size: 512 << 20, next_block_size: 1 << 20, alignment: 16, max_size: None }
     }
 }
 
@@ -77,19 +72,12 @@ impl<R: MemoryResource> QuickPool<R> {
     /// A pool over `upstream` with `config`, and the default heuristic.
     pub fn with_config(upstream: R, config: QuickPoolConfig) -> Result<Self> {
         if !config.alignment.is_power_of_two() {
-            return Err(Error::InvalidAlignment {
-                align: config.alignment as u64,
-            });
+            return Err(Error::InvalidAlignment { align: config.alignment as u64 });
         }
-        for (size, what) in [
-            (config.first_block_size, "first block size"),
-            (config.next_block_size, "next block size"),
-        ] {
+        for (size, what) in [(config.first_block_size, "first block size"), (config.next_block_size, "next block size")]
+        {
             if size == 0 || round_up(size, config.alignment).is_none() {
-                return Err(Error::InvalidSize {
-                    size: size as u64,
-                    reason: what,
-                });
+                return Err(Error::InvalidSize { size: size as u64, reason: what });
             }
         }
         if config.max_size.is_some_and(|max| max < config.alignment) {
@@ -190,8 +178,7 @@ impl<R: MemoryResource> QuickPool<R> {
         }
         let granule = self.config.alignment;
         let kept = c.actual_size - c.releasable_bytes;
-        let mut refill =
-            round_up(target.saturating_sub(kept), granule).unwrap_or(usize::MAX & !(granule - 1));
+        let mut refill = round_up(target.saturating_sub(kept), granule).unwrap_or(usize::MAX & !(granule - 1));
         if let Some(max) = self.config.max_size {
             refill = refill.min(max.saturating_sub(kept) & !(granule - 1));
         }
@@ -213,10 +200,7 @@ impl<R: MemoryResource> QuickPool<R> {
             bytes += chunk.size;
             // SAFETY: the chunk came from `self.upstream.allocate(chunk.size, chunk.align)` and
             // the arena has just forgotten it, so no allocation points into it.
-            unsafe {
-                self.upstream
-                    .deallocate(chunk.base, chunk.size, chunk.align)
-            };
+            unsafe { self.upstream.deallocate(chunk.base, chunk.size, chunk.align) };
         }
         bytes
     }
@@ -254,18 +238,10 @@ impl<R: MemoryResource> QuickPool<R> {
         self.arena.check("quick pool")?;
         let c = self.arena.counters();
         if self.high_watermark < c.current_size || self.actual_high_watermark < c.actual_size {
-            return Err(Error::Corrupt {
-                structure: "quick pool",
-                offset: 0,
-                detail: "a high watermark is too low",
-            });
+            return Err(Error::Corrupt { structure: "quick pool", offset: 0, detail: "a high watermark is too low" });
         }
         if self.config.max_size.is_some_and(|max| c.actual_size > max) {
-            return Err(Error::Corrupt {
-                structure: "quick pool",
-                offset: 0,
-                detail: "pool exceeds its maximum size",
-            });
+            return Err(Error::Corrupt { structure: "quick pool", offset: 0, detail: "pool exceeds its maximum size" });
         }
         Ok(())
     }
@@ -274,15 +250,9 @@ impl<R: MemoryResource> QuickPool<R> {
     fn grow(&mut self, footprint: usize, align: usize) -> Result<()> {
         let granule = self.config.alignment;
         let first = self.upstream_allocations == 0;
-        let wanted = if first {
-            self.config.first_block_size
-        } else {
-            self.config.next_block_size
-        };
+        let wanted = if first { self.config.first_block_size } else { self.config.next_block_size };
         // Both are multiples of the granule; `footprint` is, by construction.
-        let mut size = round_up(wanted, granule)
-            .unwrap_or(usize::MAX & !(granule - 1))
-            .max(footprint);
+        let mut size = round_up(wanted, granule).unwrap_or(usize::MAX & !(granule - 1)).max(footprint);
         if let Some(max) = self.config.max_size {
             let mut room = max.saturating_sub(self.arena.counters().actual_size) & !(granule - 1);
             if room < footprint {
@@ -290,10 +260,7 @@ impl<R: MemoryResource> QuickPool<R> {
                 room = max.saturating_sub(self.arena.counters().actual_size) & !(granule - 1);
             }
             if room < footprint {
-                return Err(Error::OutOfMemory {
-                    requested: footprint as u64,
-                    available: room as u64,
-                });
+                return Err(Error::OutOfMemory { requested: footprint as u64, available: room as u64 });
             }
             size = size.min(room);
         }
@@ -312,9 +279,7 @@ impl<R: MemoryResource> QuickPool<R> {
             Ok(base) => {
                 self.arena.add_chunk(base, size, align);
                 self.upstream_allocations += 1;
-                self.actual_high_watermark = self
-                    .actual_high_watermark
-                    .max(self.arena.counters().actual_size);
+                self.actual_high_watermark = self.actual_high_watermark.max(self.arena.counters().actual_size);
                 Ok(())
             }
             Err(e) => {
@@ -330,10 +295,7 @@ impl<R: MemoryResource> Drop for QuickPool<R> {
         for chunk in self.arena.take_all_chunks() {
             // SAFETY: every chunk came from `self.upstream.allocate(chunk.size, chunk.align)`;
             // the pool is going away, and its contract says its allocations go with it.
-            unsafe {
-                self.upstream
-                    .deallocate(chunk.base, chunk.size, chunk.align)
-            };
+            unsafe { self.upstream.deallocate(chunk.base, chunk.size, chunk.align) };
         }
     }
 }

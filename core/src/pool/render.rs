@@ -49,11 +49,7 @@ pub fn text_map(pool: &(impl Pool + ?Sized)) -> String {
     pool.for_each_block(&mut |b| {
         let state = if b.used { "used" } else { "free" };
         // Writing to a String cannot fail.
-        let _ = writeln!(
-            out,
-            "chunk {:>3} @{:#x} +{:#012x} {:>12} {state}",
-            b.chunk, b.chunk_addr, b.offset, b.size
-        );
+        let _ = writeln!(out, "chunk {:>3} @{:#x} +{:#012x} {:>12} {state}", b.chunk, b.chunk_addr, b.offset, b.size);
     });
     out
 }
@@ -76,11 +72,7 @@ pub fn svg(pool: &(impl Pool + ?Sized)) -> String {
     );
     out.push_str("<style>.used{fill:#d9534f}.free{fill:#5cb85c}rect{stroke:#fff;stroke-width:0.5}");
     out.push_str("text{font:12px monospace;fill:#222}</style>\n");
-    let _ = writeln!(
-        out,
-        r#"<text x="10" y="16">{}</text>"#,
-        summary(pool.name(), &stats)
-    );
+    let _ = writeln!(out, r#"<text x="10" y="16">{}</text>"#, summary(pool.name(), &stats));
     let mut last_chunk = usize::MAX;
     pool.for_each_block(&mut |b| {
         let y = TOP + b.chunk * ROW;
@@ -116,12 +108,8 @@ pub fn live_report(pool: &(impl Pool + ?Sized)) -> String {
     let mut live = pool.live_allocations();
     live.sort_unstable_by_key(|a| a.sequence);
     let requested: usize = live.iter().map(|a| a.size).sum();
-    let mut out = format!(
-        "{} live allocations in the {} pool, {} requested\n",
-        live.len(),
-        pool.name(),
-        Bytes(requested)
-    );
+    let mut out =
+        format!("{} live allocations in the {} pool, {} requested\n", live.len(), pool.name(), Bytes(requested));
     for a in &live {
         let _ = writeln!(
             out,
@@ -146,11 +134,7 @@ mod tests {
 
     #[test]
     fn pictures_show_every_block() {
-        let config = QuickPoolConfig {
-            first_block_size: 4096,
-            next_block_size: 4096,
-            ..Default::default()
-        };
+        let config = QuickPoolConfig { first_block_size: 4096, next_block_size: 4096, ..Default::default() };
         let mut pool = QuickPool::with_config(HostResource, config).unwrap();
         let a = pool.allocate(100, 16).unwrap();
         let _b = pool.allocate(200, 16).unwrap();
@@ -159,22 +143,13 @@ mod tests {
         let map = text_map(&pool);
         let lines: alloc::vec::Vec<&str> = map.lines().collect();
         assert_eq!(lines.len(), 1 + pool.stats().total_blocks, "{map}");
-        assert!(
-            lines[1].contains("+0x0000000000          112 free"),
-            "{map}"
-        );
+        assert!(lines[1].contains("+0x0000000000          112 free"), "{map}");
         assert!(lines[2].ends_with("208 used"), "{map}");
         let svg = svg(&pool);
         assert_eq!(svg.matches("<rect").count(), pool.stats().total_blocks);
         assert_eq!(svg.matches("upstream block ").count(), 2);
         let report = live_report(&pool);
-        assert!(
-            report.starts_with("2 live allocations in the quick pool, 5.1 KiB requested"),
-            "{report}"
-        );
-        assert!(
-            report.lines().nth(1).unwrap().starts_with("#1 "),
-            "{report}"
-        );
+        assert!(report.starts_with("2 live allocations in the quick pool, 5.1 KiB requested"), "{report}");
+        assert!(report.lines().nth(1).unwrap().starts_with("#1 "), "{report}");
     }
 }

@@ -22,11 +22,7 @@ pub struct SyncPool<P: Pool> {
 impl<P: Pool> SyncPool<P> {
     /// Wraps `pool`.
     pub fn new(pool: P) -> Self {
-        SyncPool {
-            name: String::from(pool.name()),
-            kind: pool.memory_kind(),
-            pool: Mutex::new(pool),
-        }
+        SyncPool { name: String::from(pool.name()), kind: pool.memory_kind(), pool: Mutex::new(pool) }
     }
 
     /// Exclusive access to the pool, for several operations under one lock (introspection,
@@ -90,14 +86,8 @@ mod tests {
 
     #[test]
     fn threads_share_one_pool() {
-        let config = QuickPoolConfig {
-            first_block_size: 1 << 20,
-            next_block_size: 1 << 16,
-            ..Default::default()
-        };
-        let pool = Arc::new(SyncPool::new(
-            QuickPool::with_config(HostResource, config).unwrap(),
-        ));
+        let config = QuickPoolConfig { first_block_size: 1 << 20, next_block_size: 1 << 16, ..Default::default() };
+        let pool = Arc::new(SyncPool::new(QuickPool::with_config(HostResource, config).unwrap()));
         let threads: Vec<_> = (0..4)
             .map(|t| {
                 let pool = Arc::clone(&pool);
@@ -129,11 +119,7 @@ mod tests {
         let inner = SyncPool::new(QuickPool::new(HostResource));
         let mut outer = QuickPool::with_config(
             &inner,
-            QuickPoolConfig {
-                first_block_size: 4096,
-                next_block_size: 4096,
-                ..Default::default()
-            },
+            QuickPoolConfig { first_block_size: 4096, next_block_size: 4096, ..Default::default() },
         )
         .unwrap();
         let p = outer.allocate(100, 16).unwrap();

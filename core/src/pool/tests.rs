@@ -20,9 +20,7 @@ struct FakeDevice {
 
 impl FakeDevice {
     fn new() -> Self {
-        FakeDevice {
-            next: AtomicUsize::new(0x7e00_0000_0000),
-        }
+        FakeDevice { next: AtomicUsize::new(0x7e00_0000_0000) }
     }
 }
 
@@ -36,25 +34,14 @@ impl MemoryResource for FakeDevice {
     fn allocate(&self, size: usize, align: usize) -> crate::Result<NonNull<u8>> {
         crate::check_layout(size, align)?;
         let stride = size.next_multiple_of(4096).max(align) + 4096;
-        let addr = self
-            .next
-            .fetch_add(stride.next_multiple_of(align), Ordering::Relaxed)
-            .next_multiple_of(align);
-        NonNull::new(core::ptr::without_provenance_mut(addr)).ok_or(Error::OutOfMemory {
-            requested: 0,
-            available: 0,
-        })
+        let addr = self.next.fetch_add(stride.next_multiple_of(align), Ordering::Relaxed).next_multiple_of(align);
+        NonNull::new(core::ptr::without_provenance_mut(addr)).ok_or(Error::OutOfMemory { requested: 0, available: 0 })
     }
     unsafe fn deallocate(&self, _: NonNull<u8>, _: usize, _: usize) {}
 }
 
 fn small_config() -> QuickPoolConfig {
-    QuickPoolConfig {
-        first_block_size: 4096,
-        next_block_size: 4096,
-        alignment: 16,
-        max_size: None,
-    }
+    QuickPoolConfig { first_block_size: 4096, next_block_size: 4096, alignment: 16, max_size: None }
 }
 
 /// Live allocations of a model, with the checks every pool must pass after each step.
@@ -86,10 +73,7 @@ impl Model {
     fn free_one(&mut self, pool: &mut dyn Pool, pick: usize) {
         if let Some(ptr) = self.take(pick) {
             pool.deallocate(ptr).unwrap();
-            assert!(
-                matches!(pool.deallocate(ptr), Err(Error::InvalidFree { .. })),
-                "double free accepted"
-            );
+            assert!(matches!(pool.deallocate(ptr), Err(Error::InvalidFree { .. })), "double free accepted");
         }
     }
 
@@ -103,17 +87,12 @@ impl Model {
         pool.check().unwrap();
         let s = pool.stats();
         assert_eq!(s.allocation_count, self.live.len());
-        assert_eq!(
-            s.requested_size,
-            self.live.values().map(|v| v.0).sum::<usize>()
-        );
+        assert_eq!(s.requested_size, self.live.values().map(|v| v.0).sum::<usize>());
         assert!(s.current_size >= s.requested_size && s.current_size <= s.high_watermark);
         assert!(s.actual_size <= s.actual_high_watermark && s.releasable_bytes <= s.actual_size);
         let live = pool.live_allocations();
         assert_eq!(live.len(), self.live.len());
-        assert!(live
-            .iter()
-            .all(|a| self.live.get(&a.addr).map(|v| v.0) == Some(a.size)));
+        assert!(live.iter().all(|a| self.live.get(&a.addr).map(|v| v.0) == Some(a.size)));
     }
 }
 
@@ -227,12 +206,8 @@ proptest! {
 }
 
 /// Four upstream blocks of 4 KiB, each holding one 4 KiB allocation.
-fn four_full_blocks(
-    heuristic: impl CoalesceHeuristic + 'static,
-) -> (QuickPool<HostResource>, Vec<NonNull<u8>>) {
-    let mut pool = QuickPool::with_config(HostResource, small_config())
-        .unwrap()
-        .with_heuristic(heuristic);
+fn four_full_blocks(heuristic: impl CoalesceHeuristic + 'static) -> (QuickPool<HostResource>, Vec<NonNull<u8>>) {
+    let mut pool = QuickPool::with_config(HostResource, small_config()).unwrap().with_heuristic(heuristic);
     let ptrs = (0..4).map(|_| pool.allocate(4096, 16).unwrap()).collect();
     assert_eq!(pool.stats().upstream_blocks, 4);
     (pool, ptrs)
@@ -244,21 +219,12 @@ fn blocks_releasable_coalesces_exactly_at_its_count() {
     for (freed, &ptr) in ptrs[..2].iter().enumerate() {
         pool.deallocate(ptr).unwrap();
         let s = pool.stats();
-        assert_eq!(
-            (s.releasable_blocks, s.coalesce_count, s.upstream_blocks),
-            (freed + 1, 0, 4)
-        );
+        assert_eq!((s.releasable_blocks, s.coalesce_count, s.upstream_blocks), (freed + 1, 0, 4));
     }
     pool.deallocate(ptrs[2]).unwrap();
     let s = pool.stats();
-    assert_eq!(
-        s.coalesce_count, 1,
-        "the third releasable block crosses the threshold"
-    );
-    assert_eq!(
-        (s.upstream_blocks, s.releasable_blocks, s.actual_size),
-        (2, 1, 4 * 4096)
-    );
+    assert_eq!(s.coalesce_count, 1, "the third releasable block crosses the threshold");
+    assert_eq!((s.upstream_blocks, s.releasable_blocks, s.actual_size), (2, 1, 4 * 4096));
     assert_eq!(s.largest_available, 3 * 4096);
     // The merged block serves a request none of the three could.
     let big = pool.allocate(3 * 4096, 16).unwrap();
@@ -271,60 +237,35 @@ fn blocks_releasable_coalesces_exactly_at_its_count() {
 fn percent_releasable_coalesces_exactly_at_its_share() {
     let (mut pool, ptrs) = four_full_blocks(PercentReleasable::new(50).unwrap());
     pool.deallocate(ptrs[0]).unwrap();
-    assert_eq!(
-        pool.stats().coalesce_count,
-        0,
-        "25% releasable is below 50%"
-    );
+    assert_eq!(pool.stats().coalesce_count, 0, "25% releasable is below 50%");
     pool.deallocate(ptrs[1]).unwrap();
     let s = pool.stats();
-    assert_eq!(
-        (s.coalesce_count, s.upstream_blocks, s.releasable_bytes),
-        (1, 3, 2 * 4096)
-    );
+    assert_eq!((s.coalesce_count, s.upstream_blocks, s.releasable_bytes), (1, 3, 2 * 4096));
     pool.check().unwrap();
 }
 
 #[test]
 fn high_watermark_variants_refill_to_the_watermark() {
     // Growing back: three 4 KiB blocks in use at the peak.
-    let mut pool = QuickPool::with_config(HostResource, small_config())
-        .unwrap()
-        .with_heuristic(BlocksReleasable::hwm(2).unwrap());
+    let mut pool =
+        QuickPool::with_config(HostResource, small_config()).unwrap().with_heuristic(BlocksReleasable::hwm(2).unwrap());
     let ptrs: Vec<_> = (0..3).map(|_| pool.allocate(4096, 16).unwrap()).collect();
     let hwm = pool.stats().high_watermark;
     assert_eq!(hwm, 3 * 4096);
     pool.deallocate(ptrs[0]).unwrap();
     pool.deallocate(ptrs[1]).unwrap();
     let s = pool.stats();
-    assert_eq!(
-        (s.coalesce_count, s.actual_size, s.upstream_blocks),
-        (1, hwm, 2)
-    );
+    assert_eq!((s.coalesce_count, s.actual_size, s.upstream_blocks), (1, hwm, 2));
     pool.deallocate(ptrs[2]).unwrap();
     let s = pool.stats();
-    assert_eq!(
-        (
-            s.coalesce_count,
-            s.actual_size,
-            s.upstream_blocks,
-            s.largest_available
-        ),
-        (2, hwm, 1, hwm)
-    );
+    assert_eq!((s.coalesce_count, s.actual_size, s.upstream_blocks, s.largest_available), (2, hwm, 1, hwm));
 
     // Shrinking: a 1 MiB first block, of which at most 1008 bytes were ever used.
-    let config = QuickPoolConfig {
-        first_block_size: 1 << 20,
-        ..small_config()
-    };
-    for (heuristic, expected) in [
-        (PercentReleasable::hwm(100).unwrap(), 1008),
-        (PercentReleasable::new(100).unwrap(), 1 << 20),
-    ] {
-        let mut pool = QuickPool::with_config(HostResource, config)
-            .unwrap()
-            .with_heuristic(heuristic);
+    let config = QuickPoolConfig { first_block_size: 1 << 20, ..small_config() };
+    for (heuristic, expected) in
+        [(PercentReleasable::hwm(100).unwrap(), 1008), (PercentReleasable::new(100).unwrap(), 1 << 20)]
+    {
+        let mut pool = QuickPool::with_config(HostResource, config).unwrap().with_heuristic(heuristic);
         let p = pool.allocate(1000, 16).unwrap();
         pool.deallocate(p).unwrap();
         assert_eq!(pool.stats().actual_size, expected);
@@ -345,10 +286,7 @@ fn closures_decide_and_see_every_free() {
     }
     assert_eq!(calls.load(Ordering::Relaxed), 4);
     let s = pool.stats();
-    assert_eq!(
-        (s.coalesce_count, s.actual_size, s.upstream_blocks),
-        (1, 2 * 4096, 1)
-    );
+    assert_eq!((s.coalesce_count, s.actual_size, s.upstream_blocks), (1, 2 * 4096, 1));
 }
 
 #[test]
@@ -359,29 +297,16 @@ fn the_maximum_size_is_a_clear_error_and_the_pool_goes_on() {
         next_block_size: 16 << 10,
         ..small_config()
     };
-    let mut pool = QuickPool::with_config(HostResource, config)
-        .unwrap()
-        .with_heuristic(NeverCoalesce);
+    let mut pool = QuickPool::with_config(HostResource, config).unwrap().with_heuristic(NeverCoalesce);
     let a = pool.allocate(16 << 10, 16).unwrap();
     let b = pool.allocate(16 << 10, 16).unwrap();
     // The next block is cut to the room left under the maximum.
     let c = pool.allocate(4 << 10, 16).unwrap();
     assert_eq!(pool.stats().actual_size, 40 << 10);
     let err = pool.allocate(16 << 10, 16).unwrap_err();
-    assert_eq!(
-        err,
-        Error::OutOfMemory {
-            requested: 16 << 10,
-            available: 0
-        }
-    );
-    assert!(err
-        .to_string()
-        .contains("out of memory: requested 16384 bytes, 0 available"));
-    assert!(matches!(
-        pool.allocate(1 << 20, 16),
-        Err(Error::OutOfMemory { .. })
-    ));
+    assert_eq!(err, Error::OutOfMemory { requested: 16 << 10, available: 0 });
+    assert!(err.to_string().contains("out of memory: requested 16384 bytes, 0 available"));
+    assert!(matches!(pool.allocate(1 << 20, 16), Err(Error::OutOfMemory { .. })));
     pool.check().unwrap();
     // Freeing whole blocks makes room again: they are released before the pool gives up.
     pool.deallocate(a).unwrap();
@@ -392,22 +317,13 @@ fn the_maximum_size_is_a_clear_error_and_the_pool_goes_on() {
         pool.deallocate(p).unwrap();
     }
     pool.check().unwrap();
-    assert!(QuickPool::with_config(
-        HostResource,
-        QuickPoolConfig {
-            max_size: Some(8),
-            ..small_config()
-        }
-    )
-    .is_err());
+    assert!(QuickPool::with_config(HostResource, QuickPoolConfig { max_size: Some(8), ..small_config() }).is_err());
 }
 
 #[test]
 fn upstream_failure_releases_free_blocks_and_retries_once() {
     let upstream = LimitedResource::new(HostResource, 12 << 10);
-    let mut pool = QuickPool::with_config(&upstream, small_config())
-        .unwrap()
-        .with_heuristic(NeverCoalesce);
+    let mut pool = QuickPool::with_config(&upstream, small_config()).unwrap().with_heuristic(NeverCoalesce);
     let ptrs: Vec<_> = (0..3).map(|_| pool.allocate(4096, 16).unwrap()).collect();
     pool.deallocate(ptrs[0]).unwrap();
     pool.deallocate(ptrs[1]).unwrap();
@@ -415,26 +331,13 @@ fn upstream_failure_releases_free_blocks_and_retries_once() {
     // blocks and asks again.
     let big = pool.allocate(8 << 10, 16).unwrap();
     let s = pool.stats();
-    assert_eq!(
-        (s.upstream_failures, s.upstream_blocks, s.actual_size),
-        (1, 2, 12 << 10)
-    );
+    assert_eq!((s.upstream_failures, s.upstream_blocks, s.actual_size), (1, 2, 12 << 10));
     assert_eq!((upstream.refusals(), upstream.held()), (1, 12 << 10));
     // Nothing left to hand back: the upstream's error comes through, and the pool is unchanged.
     let before = pool.stats();
-    assert!(matches!(
-        pool.allocate(8 << 10, 16),
-        Err(Error::OutOfMemory { .. })
-    ));
+    assert!(matches!(pool.allocate(8 << 10, 16), Err(Error::OutOfMemory { .. })));
     let after = pool.stats();
-    assert_eq!(
-        (
-            after.actual_size,
-            after.allocation_count,
-            after.upstream_failures
-        ),
-        (before.actual_size, 2, 3)
-    );
+    assert_eq!((after.actual_size, after.allocation_count, after.upstream_failures), (before.actual_size, 2, 3));
     pool.check().unwrap();
     // An injected failure is retried once and then succeeds.
     pool.deallocate(big).unwrap();
@@ -443,10 +346,7 @@ fn upstream_failure_releases_free_blocks_and_retries_once() {
     let p = pool.allocate(100, 16).unwrap();
     // Two injected failures in a row are reported.
     upstream.refuse_next(2);
-    assert!(matches!(
-        pool.allocate(8 << 10, 16),
-        Err(Error::OutOfMemory { .. })
-    ));
+    assert!(matches!(pool.allocate(8 << 10, 16), Err(Error::OutOfMemory { .. })));
     pool.deallocate(p).unwrap();
     pool.deallocate(ptrs[2]).unwrap();
     pool.check().unwrap();
@@ -458,77 +358,34 @@ fn upstream_failure_releases_free_blocks_and_retries_once() {
 fn zero_sizes_and_bad_requests_are_errors_that_change_nothing() {
     let upstream = LimitedResource::new(HostResource, 1 << 30);
     let mut quick = QuickPool::new(&upstream);
-    assert!(matches!(
-        quick.allocate(0, 16),
-        Err(Error::InvalidSize { size: 0, .. })
-    ));
-    assert!(matches!(
-        quick.allocate(16, 0),
-        Err(Error::InvalidAlignment { align: 0 })
-    ));
-    assert!(matches!(
-        quick.allocate(16, 24),
-        Err(Error::InvalidAlignment { align: 24 })
-    ));
-    assert!(matches!(
-        quick.allocate(usize::MAX - 8, 16),
-        Err(Error::InvalidSize { .. })
-    ));
-    assert_eq!(
-        (quick.stats(), upstream.allocations()),
-        (PoolStats::default(), 0)
-    );
+    assert!(matches!(quick.allocate(0, 16), Err(Error::InvalidSize { size: 0, .. })));
+    assert!(matches!(quick.allocate(16, 0), Err(Error::InvalidAlignment { align: 0 })));
+    assert!(matches!(quick.allocate(16, 24), Err(Error::InvalidAlignment { align: 24 })));
+    assert!(matches!(quick.allocate(usize::MAX - 8, 16), Err(Error::InvalidSize { .. })));
+    assert_eq!((quick.stats(), upstream.allocations()), (PoolStats::default(), 0));
     let p = quick.allocate(1, 1).unwrap();
     let inside = NonNull::new(p.as_ptr().wrapping_add(16)).unwrap();
-    assert!(matches!(
-        quick.deallocate(inside),
-        Err(Error::InvalidFree { .. })
-    ));
+    assert!(matches!(quick.deallocate(inside), Err(Error::InvalidFree { .. })));
     quick.deallocate(p).unwrap();
-    assert!(matches!(
-        quick.deallocate(p),
-        Err(Error::InvalidFree { .. })
-    ));
+    assert!(matches!(quick.deallocate(p), Err(Error::InvalidFree { .. })));
     quick.check().unwrap();
 
     let mut fixed = FixedPool::new(&upstream, FixedPoolConfig::new(64)).unwrap();
-    assert!(matches!(
-        fixed.allocate(0, 16),
-        Err(Error::InvalidSize { size: 0, .. })
-    ));
-    assert!(matches!(
-        fixed.allocate(65, 16),
-        Err(Error::InvalidSize { size: 65, .. })
-    ));
-    assert!(matches!(
-        fixed.allocate(64, 32),
-        Err(Error::InvalidAlignment { align: 32 })
-    ));
+    assert!(matches!(fixed.allocate(0, 16), Err(Error::InvalidSize { size: 0, .. })));
+    assert!(matches!(fixed.allocate(65, 16), Err(Error::InvalidSize { size: 65, .. })));
+    assert!(matches!(fixed.allocate(64, 32), Err(Error::InvalidAlignment { align: 32 })));
     let p = fixed.allocate(64, 16).unwrap();
     let inside = NonNull::new(p.as_ptr().wrapping_add(8)).unwrap();
-    assert!(matches!(
-        fixed.deallocate(inside),
-        Err(Error::InvalidFree { .. })
-    ));
+    assert!(matches!(fixed.deallocate(inside), Err(Error::InvalidFree { .. })));
     assert!(matches!(
         fixed.deallocate(NonNull::new(core::ptr::without_provenance_mut(16)).unwrap()),
         Err(Error::InvalidFree { .. })
     ));
     fixed.deallocate(p).unwrap();
-    assert!(matches!(
-        fixed.deallocate(p),
-        Err(Error::InvalidFree { .. })
-    ));
+    assert!(matches!(fixed.deallocate(p), Err(Error::InvalidFree { .. })));
     fixed.check().unwrap();
     assert!(FixedPool::new(HostResource, FixedPoolConfig::new(0)).is_err());
-    assert!(FixedPool::new(
-        HostResource,
-        FixedPoolConfig {
-            objects_per_block: 0,
-            ..FixedPoolConfig::new(8)
-        }
-    )
-    .is_err());
+    assert!(FixedPool::new(HostResource, FixedPoolConfig { objects_per_block: 0, ..FixedPoolConfig::new(8) }).is_err());
 }
 
 #[test]
@@ -548,78 +405,41 @@ fn dropping_a_pool_hands_everything_back() {
 
 #[test]
 fn blocks_and_live_allocations_describe_the_pool() {
-    let mut pool = QuickPool::with_config(HostResource, small_config())
-        .unwrap()
-        .with_heuristic(NeverCoalesce);
+    let mut pool = QuickPool::with_config(HostResource, small_config()).unwrap().with_heuristic(NeverCoalesce);
     let a = pool.allocate(100, 16).unwrap();
     let b = pool.allocate(3000, 16).unwrap();
     let c = pool.allocate(5000, 16).unwrap();
     pool.deallocate(a).unwrap();
     let blocks = pool.blocks();
-    let mut shape: Vec<_> = blocks
-        .iter()
-        .map(|b| (b.chunk_size, b.offset, b.size, b.used))
-        .collect();
+    let mut shape: Vec<_> = blocks.iter().map(|b| (b.chunk_size, b.offset, b.size, b.used)).collect();
     shape.sort_unstable();
     assert_eq!(
         shape,
-        [
-            (4096, 0, 112, false),
-            (4096, 112, 3008, true),
-            (4096, 3120, 976, false),
-            (5008, 0, 5008, true)
-        ]
+        [(4096, 0, 112, false), (4096, 112, 3008, true), (4096, 3120, 976, false), (5008, 0, 5008, true)]
     );
-    assert!(blocks
-        .windows(2)
-        .all(|w| (w[0].chunk, w[0].chunk_addr) <= (w[1].chunk, w[1].chunk_addr)));
+    assert!(blocks.windows(2).all(|w| (w[0].chunk, w[0].chunk_addr) <= (w[1].chunk, w[1].chunk_addr)));
     let s = pool.stats();
-    assert_eq!(
-        (s.total_blocks, s.free_blocks, s.largest_available),
-        (4, 2, 976)
-    );
+    assert_eq!((s.total_blocks, s.free_blocks, s.largest_available), (4, 2, 976));
     let live = pool.live_allocations();
-    assert_eq!(
-        live.iter()
-            .map(|a| (a.size, a.sequence))
-            .collect::<Vec<_>>()
-            .len(),
-        2
-    );
-    assert!(live
-        .iter()
-        .any(|a| a.size == 3000 && a.sequence == 1 && a.block_size == 3008));
-    assert!(live
-        .iter()
-        .any(|a| a.size == 5000 && a.sequence == 2 && a.offset == 0));
+    assert_eq!(live.iter().map(|a| (a.size, a.sequence)).collect::<Vec<_>>().len(), 2);
+    assert!(live.iter().any(|a| a.size == 3000 && a.sequence == 1 && a.block_size == 3008));
+    assert!(live.iter().any(|a| a.size == 5000 && a.sequence == 2 && a.offset == 0));
     pool.deallocate(b).unwrap();
     pool.deallocate(c).unwrap();
     let s = pool.stats();
-    assert_eq!(
-        (s.releasable_blocks, s.releasable_bytes, s.total_blocks),
-        (2, 4096 + 5008, 2)
-    );
+    assert_eq!((s.releasable_blocks, s.releasable_bytes, s.total_blocks), (2, 4096 + 5008, 2));
     assert_eq!(pool.release(), 4096 + 5008);
     assert_eq!(pool.stats().actual_size, 0);
 }
 
 #[test]
 fn fixed_pool_fills_sub_pools_in_order_and_releases_empty_ones() {
-    let config = FixedPoolConfig {
-        objects_per_block: 100,
-        ..FixedPoolConfig::new(256)
-    };
+    let config = FixedPoolConfig { objects_per_block: 100, ..FixedPoolConfig::new(256) };
     let mut pool = FixedPool::new(HostResource, config).unwrap();
     let ptrs: Vec<_> = (0..250).map(|_| pool.allocate(200, 16).unwrap()).collect();
     let s = pool.stats();
     assert_eq!(
-        (
-            s.upstream_blocks,
-            s.total_blocks,
-            s.free_blocks,
-            s.current_size,
-            s.requested_size
-        ),
+        (s.upstream_blocks, s.total_blocks, s.free_blocks, s.current_size, s.requested_size),
         (3, 300, 50, 250 * 256, 250 * 200)
     );
     for &p in &ptrs[..100] {
@@ -628,19 +448,9 @@ fn fixed_pool_fills_sub_pools_in_order_and_releases_empty_ones() {
     pool.check().unwrap();
     let blocks = pool.blocks();
     assert!(blocks.iter().all(|b| b.size % 256 == 0));
-    assert_eq!(
-        blocks
-            .iter()
-            .filter(|b| b.used)
-            .map(|b| b.size)
-            .sum::<usize>(),
-        150 * 256
-    );
+    assert_eq!(blocks.iter().filter(|b| b.used).map(|b| b.size).sum::<usize>(), 150 * 256);
     assert!(pool.stats().releasable_blocks >= 1);
-    assert_eq!(
-        pool.release(),
-        pool.stats().actual_high_watermark - pool.stats().actual_size
-    );
+    assert_eq!(pool.release(), pool.stats().actual_high_watermark - pool.stats().actual_size);
     pool.check().unwrap();
     for &p in &ptrs[100..] {
         pool.deallocate(p).unwrap();

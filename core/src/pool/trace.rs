@@ -46,10 +46,7 @@ impl TraceEvent {
         // Writing to a String cannot fail.
         let _ = match self {
             TraceEvent::Allocate { id, size, align } => {
-                writeln!(
-                    out,
-                    r#"{{"op":"alloc","id":{id},"size":{size},"align":{align}}}"#
-                )
+                writeln!(out, r#"{{"op":"alloc","id":{id},"size":{size},"align":{align}}}"#)
             }
             TraceEvent::Deallocate { id } => writeln!(out, r#"{{"op":"free","id":{id}}}"#),
         };
@@ -58,25 +55,12 @@ impl TraceEvent {
     /// Parses one JSON line (keys in any order, whitespace allowed). `line_number` goes into the
     /// error.
     pub fn parse_json(line: &str, line_number: usize) -> Result<Self> {
-        let bad = |detail| Error::Corrupt {
-            structure: "trace line",
-            offset: line_number as u64,
-            detail,
-        };
-        let body = line
-            .trim()
-            .strip_prefix('{')
-            .and_then(|l| l.strip_suffix('}'))
-            .ok_or(bad("not a JSON object"))?;
+        let bad = |detail| Error::Corrupt { structure: "trace line", offset: line_number as u64, detail };
+        let body = line.trim().strip_prefix('{').and_then(|l| l.strip_suffix('}')).ok_or(bad("not a JSON object"))?;
         let (mut op, mut id, mut size, mut align) = (None, None, None, None);
         for field in body.split(',') {
             let (key, value) = field.split_once(':').ok_or(bad("field without a value"))?;
-            let number = || {
-                value
-                    .trim()
-                    .parse::<u64>()
-                    .map_err(|_| bad("expected an unsigned integer"))
-            };
+            let number = || value.trim().parse::<u64>().map_err(|_| bad("expected an unsigned integer"));
             match key.trim() {
                 r#""op""# => op = Some(value.trim()),
                 r#""id""# => id = Some(number()?),
@@ -90,14 +74,8 @@ impl TraceEvent {
             r#""alloc""# => {
                 let size = size.ok_or(bad("missing \"size\""))?;
                 let align = align.unwrap_or(16);
-                let to_usize = |v: u64| {
-                    usize::try_from(v).map_err(|_| bad("value too large for this machine"))
-                };
-                Ok(TraceEvent::Allocate {
-                    id,
-                    size: to_usize(size)?,
-                    align: to_usize(align)?,
-                })
+                let to_usize = |v: u64| usize::try_from(v).map_err(|_| bad("value too large for this machine"));
+                Ok(TraceEvent::Allocate { id, size: to_usize(size)?, align: to_usize(align)? })
             }
             r#""free""# => Ok(TraceEvent::Deallocate { id }),
             _ => Err(bad("op must be \"alloc\" or \"free\"")),
@@ -134,12 +112,7 @@ pub struct TracedPool<P: Pool> {
 impl<P: Pool> TracedPool<P> {
     /// Records what is done with `pool`.
     pub fn new(pool: P) -> Self {
-        TracedPool {
-            pool,
-            events: Vec::new(),
-            ids: AddrMap::default(),
-            next_id: 0,
-        }
+        TracedPool { pool, events: Vec::new(), ids: AddrMap::default(), next_id: 0 }
     }
 
     /// The events so far.
@@ -207,14 +180,8 @@ impl<P: Pool> Pool for TracedPool<P> {
 
 #[derive(Clone, Copy)]
 enum Step {
-    Allocate {
-        slot: u32,
-        size: usize,
-        align: usize,
-    },
-    Deallocate {
-        slot: u32,
-    },
+    Allocate { slot: u32, size: usize, align: usize },
+    Deallocate { slot: u32 },
 }
 
 /// A checked trace, ready to replay: ids are mapped to dense slots up front, so replaying costs
@@ -244,11 +211,7 @@ impl Replay {
         let mut slots = 0u32;
         let mut steps = Vec::with_capacity(events.len());
         for (n, event) in events.iter().enumerate() {
-            let bad = |detail| Error::Corrupt {
-                structure: "trace",
-                offset: n as u64 + 1,
-                detail,
-            };
+            let bad = |detail| Error::Corrupt { structure: "trace", offset: n as u64 + 1, detail };
             match *event {
                 TraceEvent::Allocate { id, size, align } => {
                     let slot = spare.pop().unwrap_or_else(|| {
@@ -261,18 +224,13 @@ impl Replay {
                     steps.push(Step::Allocate { slot, size, align });
                 }
                 TraceEvent::Deallocate { id } => {
-                    let slot = live
-                        .remove(&(id as usize))
-                        .ok_or(bad("free of an id that is not live"))?;
+                    let slot = live.remove(&(id as usize)).ok_or(bad("free of an id that is not live"))?;
                     spare.push(slot);
                     steps.push(Step::Deallocate { slot });
                 }
             }
         }
-        Ok(Replay {
-            steps,
-            slots: slots as usize,
-        })
+        Ok(Replay { steps, slots: slots as usize })
     }
 
     /// Events in the trace.
@@ -287,32 +245,12 @@ impl Replay {
 
     /// The largest allocation in the trace (0 if none).
     pub fn max_size(&self) -> usize {
-        self.steps
-            .iter()
-            .map(|s| {
-                if let Step::Allocate { size, .. } = s {
-                    *size
-                } else {
-                    0
-                }
-            })
-            .max()
-            .unwrap_or(0)
+        self.steps.iter().map(|s| if let Step::Allocate { size, .. } = s { *size } else { 0 }).max().unwrap_or(0)
     }
 
     /// The largest alignment in the trace (0 if none).
     pub fn max_align(&self) -> usize {
-        self.steps
-            .iter()
-            .map(|s| {
-                if let Step::Allocate { align, .. } = s {
-                    *align
-                } else {
-                    0
-                }
-            })
-            .max()
-            .unwrap_or(0)
+        self.steps.iter().map(|s| if let Step::Allocate { align, .. } = s { *align } else { 0 }).max().unwrap_or(0)
     }
 
     /// Replays the trace against `pool`. Allocations the pool refuses are counted, not fatal;
@@ -324,11 +262,9 @@ impl Replay {
             match *step {
                 Step::Allocate { slot, size, align } => match pool.allocate(size, align) {
                     Ok(ptr) => live[slot as usize] = Some(ptr),
-                    Err(
-                        Error::OutOfMemory { .. }
-                        | Error::InvalidSize { .. }
-                        | Error::InvalidAlignment { .. },
-                    ) => failed += 1,
+                    Err(Error::OutOfMemory { .. } | Error::InvalidSize { .. } | Error::InvalidAlignment { .. }) => {
+                        failed += 1
+                    }
                     Err(e) => return Err(e),
                 },
                 Step::Deallocate { slot } => {
@@ -338,11 +274,7 @@ impl Replay {
                 }
             }
         }
-        Ok(ReplayOutcome {
-            operations: self.steps.len(),
-            failed_allocations: failed,
-            stats: pool.stats(),
-        })
+        Ok(ReplayOutcome { operations: self.steps.len(), failed_allocations: failed, stats: pool.stats() })
     }
 }
 
@@ -354,51 +286,29 @@ mod tests {
     #[test]
     fn events_round_trip_through_json_lines() {
         let events = [
-            TraceEvent::Allocate {
-                id: 1,
-                size: 4096,
-                align: 64,
-            },
-            TraceEvent::Allocate {
-                id: 2,
-                size: 1,
-                align: 16,
-            },
+            TraceEvent::Allocate { id: 1, size: 4096, align: 64 },
+            TraceEvent::Allocate { id: 2, size: 1, align: 16 },
             TraceEvent::Deallocate { id: 1 },
         ];
         let text = to_jsonl(&events);
-        assert_eq!(
-            text.lines().next(),
-            Some(r#"{"op":"alloc","id":1,"size":4096,"align":64}"#)
-        );
+        assert_eq!(text.lines().next(), Some(r#"{"op":"alloc","id":1,"size":4096,"align":64}"#));
         assert_eq!(parse_jsonl(&text).unwrap(), events);
         let spaced = "\n{ \"id\": 3, \"op\": \"free\" }\n";
-        assert_eq!(
-            parse_jsonl(spaced).unwrap(),
-            [TraceEvent::Deallocate { id: 3 }]
-        );
+        assert_eq!(parse_jsonl(spaced).unwrap(), [TraceEvent::Deallocate { id: 3 }]);
     }
 
     #[test]
     fn bad_lines_say_where_and_why() {
-        let err =
-            parse_jsonl("{\"op\":\"free\",\"id\":1}\n{\"op\":\"grow\",\"id\":1}").unwrap_err();
+        let err = parse_jsonl("{\"op\":\"free\",\"id\":1}\n{\"op\":\"grow\",\"id\":1}").unwrap_err();
         assert_eq!(
             err,
-            Error::Corrupt {
-                structure: "trace line",
-                offset: 2,
-                detail: "op must be \"alloc\" or \"free\""
-            }
+            Error::Corrupt { structure: "trace line", offset: 2, detail: "op must be \"alloc\" or \"free\"" }
         );
         assert!(parse_jsonl("{\"op\":\"alloc\",\"id\":1}").is_err());
         assert!(parse_jsonl("{\"op\":\"alloc\",\"id\":-1,\"size\":3}").is_err());
         assert!(parse_jsonl("[1,2]").is_err());
         let free_unknown = [TraceEvent::Deallocate { id: 9 }];
-        assert!(matches!(
-            Replay::new(&free_unknown),
-            Err(Error::Corrupt { offset: 1, .. })
-        ));
+        assert!(matches!(Replay::new(&free_unknown), Err(Error::Corrupt { offset: 1, .. })));
     }
 
     #[test]
