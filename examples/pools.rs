@@ -20,10 +20,15 @@
 //!
 //! `system` has no visible footprint: its peak actual size is reported as its high watermark.
 
+#[path = "common/xorshift.rs"]
+mod xorshift;
+
 use std::alloc::{alloc, dealloc, Layout};
 use std::hint::black_box;
 use std::ptr::NonNull;
 use std::time::Instant;
+
+use xorshift::XorShift;
 
 use hetmem::pool::{
     BlocksReleasable, CoalesceHeuristic, FixedPool, FixedPoolConfig, HostResource, NeverCoalesce, PercentReleasable,
@@ -100,24 +105,6 @@ fn row(workload: &'static str, pool: &str, ns_per_pair: f64, peer: &impl Peer) -
     Row { workload, pool: pool.to_string(), ns_per_pair, peak_actual, high_watermark }
 }
 
-/// A small fast generator with a fixed seed, so every peer sees the same requests.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn between(&mut self, lo: usize, hi: usize) -> usize {
-        lo + self.below(hi - lo + 1)
-    }
-}
-
 fn quick(heuristic: impl CoalesceHeuristic + 'static) -> QuickPool<HostResource> {
     QuickPool::new(HostResource).with_heuristic(heuristic)
 }
@@ -134,8 +121,8 @@ fn pairs(peer: &mut impl Peer, size: usize, n: usize) -> f64 {
 /// P4's steps: (slot, new size), drawn before timing.
 fn random_steps(slots: usize, steps: usize) -> (Vec<usize>, Vec<(usize, usize)>) {
     let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
-    let initial = (0..slots).map(|_| rng.between(1 << 10, 4 << 20)).collect();
-    let steps = (0..steps).map(|_| (rng.below(slots), rng.between(1 << 10, 4 << 20))).collect();
+    let initial = (0..slots).map(|_| rng.range(1 << 10, 4 << 20)).collect();
+    let steps = (0..steps).map(|_| (rng.below(slots), rng.range(1 << 10, 4 << 20))).collect();
     (initial, steps)
 }
 
@@ -163,7 +150,7 @@ fn phases(peer: &mut impl Peer) -> f64 {
     let start = Instant::now();
     let long_lived: Vec<(NonNull<u8>, usize)> = (0..16)
         .map(|_| {
-            let s = rng.between(64 << 10, 256 << 10);
+            let s = rng.range(64 << 10, 256 << 10);
             (peer.allocate(s), s)
         })
         .collect();
@@ -171,7 +158,7 @@ fn phases(peer: &mut impl Peer) -> f64 {
         let mut small: Vec<(NonNull<u8>, usize)> = Vec::new();
         for _ in 0..3000 {
             if small.is_empty() || rng.below(10) < 7 {
-                let s = rng.between(4 << 10, 64 << 10);
+                let s = rng.range(4 << 10, 64 << 10);
                 small.push((peer.allocate(s), s));
             } else {
                 let (p, s) = small.swap_remove(rng.below(small.len()));

@@ -12,6 +12,9 @@
 //! high watermark of bytes in use. `fixed` serves every request from slots of the trace's largest
 //! size.
 
+#[path = "common/xorshift.rs"]
+mod xorshift;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -22,6 +25,7 @@ use hetmem::pool::{
     Pool, PoolStats, QuickPool, QuickPoolConfig,
 };
 use hetmem::Result;
+use xorshift::XorShift;
 
 const SAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/traces/sample.jsonl");
 
@@ -55,13 +59,8 @@ fn pools(max_size: usize, max_align: usize) -> Result<Vec<(String, Box<dyn Pool>
 /// and allocates new ones of another size). Recorded through a [`TracedPool`].
 fn record_sample() -> Result<String> {
     let mut pool = TracedPool::new(QuickPool::new(HostResource));
-    let mut seed = 0x0005_DEEC_E66D_u64;
-    let mut next = move |n: usize| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        (seed % n as u64) as usize
-    };
+    let mut rng = XorShift(0x0005_DEEC_E66D);
+    let mut next = move |n: usize| rng.below(n);
     let mut fields = Vec::new();
     for step in 0..60 {
         if step % 15 == 0 {

@@ -17,11 +17,16 @@
 //! `--reps` runs (default 3). With `--csv` the output is exactly
 //! `workload,allocator,threads,procs,ns_per_op` and one row per measurement.
 
+#[path = "common/xorshift.rs"]
+mod xorshift;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
+
+use xorshift::XorShift;
 
 /// An allocator under test. `alloc` returns null on failure.
 trait Subject: Send + Sync {
@@ -73,21 +78,6 @@ impl Subject for MimallocSubject {
 /// Every allocator the runner knows, in table order. New allocators join here.
 fn subjects() -> Vec<Arc<dyn Subject>> {
     vec![Arc::new(SystemSubject), Arc::new(MimallocSubject)]
-}
-
-/// A small, fast, deterministic generator: every allocator sees the same sizes.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn range(&mut self, lo: usize, hi_inclusive: usize) -> usize {
-        lo + (self.next() % (hi_inclusive - lo + 1) as u64) as usize
-    }
 }
 
 fn touch(p: *mut u8, size: usize, value: u8) {
