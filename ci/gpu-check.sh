@@ -164,7 +164,7 @@ device() {
   local suite
   for suite in unit-tests no-driver-tests nvrtc-tests; do
     line="$(grep -h '^test result:' "$work/$suite.out" 2>/dev/null | head -n1)"
-    add_row tests "$suite" "${line:-no result line}" ""
+    add_row tests "$suite" "${line:-no result line}" "$(grep -h '^skipped' "$work/$suite.out" 2>/dev/null | head -n1)"
   done
   while IFS= read -r line; do
     IFS=$'\t' read -r _ section name value unit note <<<"$line"
