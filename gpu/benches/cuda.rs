@@ -18,9 +18,7 @@ use hetmem_core::header::HEADER_SIZE;
 use hetmem_core::pool::{QuickPool, QuickPoolConfig};
 use hetmem_core::{BackendKind, MemoryBackend, MemoryResource};
 use hetmem_gpu::cuda::cudarc::driver::{result, sys, CudaSlice, CudaStream};
-use hetmem_gpu::cuda::{
-    context, CudaDeviceResource, CudaPinnedResource, CudaShmBackend, CudaShmOptions,
-};
+use hetmem_gpu::cuda::{context, CudaDeviceResource, CudaPinnedResource, CudaShmBackend, CudaShmOptions};
 
 const MIB: usize = 1 << 20;
 const COPY_BYTES: usize = 256 * MIB;
@@ -43,11 +41,7 @@ fn main() {
     };
     println!("device 0: {}", ctx.name().unwrap_or_default());
     let stream = ctx.new_stream().expect("a stream");
-    let sections: [(&str, Bench); 3] = [
-        ("bandwidth", bandwidth),
-        ("register", register),
-        ("alloc", alloc_pairs),
-    ];
+    let sections: [(&str, Bench); 3] = [("bandwidth", bandwidth), ("register", register), ("alloc", alloc_pairs)];
     for (name, bench) in sections {
         if wants(name) {
             if let Err(e) = bench(&stream) {
@@ -65,11 +59,7 @@ fn s<E: std::fmt::Display>(e: E) -> String {
 }
 
 /// Median GB/s of `reps` runs of `op` moving `bytes`, after one warm-up run.
-fn gbps(
-    bytes: usize,
-    reps: usize,
-    mut op: impl FnMut() -> Result<(), String>,
-) -> Result<f64, String> {
+fn gbps(bytes: usize, reps: usize, mut op: impl FnMut() -> Result<(), String>) -> Result<f64, String> {
     op()?;
     let mut rates = Vec::with_capacity(reps);
     for _ in 0..reps {
@@ -96,11 +86,9 @@ fn bandwidth(stream: &Arc<CudaStream>) -> Result<(), String> {
     let mut pageable = vec![3u8; COPY_BYTES];
 
     let mut results = Vec::new();
-    for (label, buf) in [
-        ("pinned shm", &mut *shm_buf),
-        ("cuMemHostAlloc", &mut *pinned_buf),
-        ("pageable", &mut pageable[..]),
-    ] {
+    for (label, buf) in
+        [("pinned shm", &mut *shm_buf), ("cuMemHostAlloc", &mut *pinned_buf), ("pageable", &mut pageable[..])]
+    {
         let h2d = gbps(COPY_BYTES, COPY_REPS, || {
             stream.memcpy_htod(&*buf, &mut device).map_err(s)?;
             stream.synchronize().map_err(s)
@@ -114,20 +102,8 @@ fn bandwidth(stream: &Arc<CudaStream>) -> Result<(), String> {
     let (_, base_h2d, base_d2h) = results[1];
     for (label, h2d, d2h) in results {
         let note = |v: f64, base: f64| format!("{:.0}% of cuMemHostAlloc", 100.0 * v / base);
-        row(
-            "bandwidth",
-            &format!("H2D 256 MiB from {label}"),
-            h2d,
-            "GB/s",
-            &note(h2d, base_h2d),
-        );
-        row(
-            "bandwidth",
-            &format!("D2H 256 MiB into {label}"),
-            d2h,
-            "GB/s",
-            &note(d2h, base_d2h),
-        );
+        row("bandwidth", &format!("H2D 256 MiB from {label}"), h2d, "GB/s", &note(h2d, base_h2d));
+        row("bandwidth", &format!("D2H 256 MiB into {label}"), d2h, "GB/s", &note(d2h, base_d2h));
     }
     // SAFETY: from `allocate` with this size and alignment; the copies finished.
     unsafe { pinned.deallocate(block, COPY_BYTES, 4096) };
@@ -138,53 +114,30 @@ fn bandwidth(stream: &Arc<CudaStream>) -> Result<(), String> {
 /// in first.
 fn register_once(stream: &Arc<CudaStream>, tag: usize, touch: bool) -> Result<f64, String> {
     let name = format!("/hetmem-bench-reg-{}-{tag}", std::process::id());
-    let shm = PosixShmBackend::create_kind(
-        &name,
-        COPY_BYTES,
-        &ShmOptions::default(),
-        BackendKind::Pinned,
-    )
-    .map_err(s)?;
+    let shm =
+        PosixShmBackend::create_kind(&name, COPY_BYTES, &ShmOptions::default(), BackendKind::Pinned).map_err(s)?;
     let len = shm.len() as usize;
     if touch {
         // SAFETY: the mapping is `len` bytes and this process alone uses it.
-        unsafe {
-            std::ptr::write_bytes(
-                shm.base().add(HEADER_SIZE as usize),
-                0,
-                len - HEADER_SIZE as usize,
-            )
-        };
+        unsafe { std::ptr::write_bytes(shm.base().add(HEADER_SIZE as usize), 0, len - HEADER_SIZE as usize) };
     }
     stream.context().bind_to_thread().map_err(s)?;
     let flags = sys::CU_MEMHOSTREGISTER_PORTABLE | sys::CU_MEMHOSTREGISTER_DEVICEMAP;
     let started = Instant::now();
     // SAFETY: the mapping stays valid until after the unregister below.
-    unsafe { sys::cuMemHostRegister_v2(shm.base().cast(), len, flags) }
-        .result()
-        .map_err(s)?;
+    unsafe { sys::cuMemHostRegister_v2(shm.base().cast(), len, flags) }.result().map_err(s)?;
     let took = started.elapsed().as_secs_f64();
     // SAFETY: registered above; nothing used it.
-    unsafe { sys::cuMemHostUnregister(shm.base().cast()) }
-        .result()
-        .map_err(s)?;
+    unsafe { sys::cuMemHostUnregister(shm.base().cast()) }.result().map_err(s)?;
     Ok(took)
 }
 
 fn register(stream: &Arc<CudaStream>) -> Result<(), String> {
     for (touch, label) in [(false, "fresh pages"), (true, "pre-faulted pages")] {
-        let mut times: Vec<f64> = (0..3)
-            .map(|i| register_once(stream, i, touch))
-            .collect::<Result<_, _>>()?;
+        let mut times: Vec<f64> = (0..3).map(|i| register_once(stream, i, touch)).collect::<Result<_, _>>()?;
         times.sort_by(f64::total_cmp);
         let rate = COPY_BYTES as f64 / times[1] / 1e9;
-        row(
-            "register",
-            &format!("cuMemHostRegister 256 MiB, {label}"),
-            rate,
-            "GB/s",
-            "median of 3",
-        );
+        row("register", &format!("cuMemHostRegister 256 MiB, {label}"), rate, "GB/s", "median of 3");
     }
     Ok(())
 }
@@ -210,9 +163,7 @@ fn alloc_pairs(stream: &Arc<CudaStream>) -> Result<(), String> {
     const SIZE: usize = MIB;
     let budget = Duration::from_millis(300);
     // Enough pairs for each peer to run about `budget`, from a short trial.
-    let pairs_for = |trial_ns: f64| {
-        ((budget.as_nanos() as f64 / trial_ns.max(1.0)) as usize).clamp(200, 2_000_000)
-    };
+    let pairs_for = |trial_ns: f64| ((budget.as_nanos() as f64 / trial_ns.max(1.0)) as usize).clamp(200, 2_000_000);
     stream.context().bind_to_thread().map_err(s)?;
 
     let sync_pair = || {
@@ -235,13 +186,8 @@ fn alloc_pairs(stream: &Arc<CudaStream>) -> Result<(), String> {
     let trial = ns_per_pair(200, async_pair, sync_stream)?;
     let async_ns = ns_per_pair(pairs_for(trial), async_pair, sync_stream)?;
 
-    let config = QuickPoolConfig {
-        first_block_size: 64 * MIB,
-        next_block_size: 16 * MIB,
-        ..Default::default()
-    };
-    let mut pool =
-        QuickPool::with_config(CudaDeviceResource::new(0).map_err(s)?, config).map_err(s)?;
+    let config = QuickPoolConfig { first_block_size: 64 * MIB, next_block_size: 16 * MIB, ..Default::default() };
+    let mut pool = QuickPool::with_config(CudaDeviceResource::new(0).map_err(s)?, config).map_err(s)?;
     let mut pool_pair = || {
         let p = pool.allocate(SIZE, 256).map_err(s)?;
         pool.deallocate(black_box(p)).map_err(s)
@@ -250,13 +196,7 @@ fn alloc_pairs(stream: &Arc<CudaStream>) -> Result<(), String> {
     let pool_ns = ns_per_pair(pairs_for(trial), &mut pool_pair, || Ok(()))?;
 
     let section = "alloc";
-    row(
-        section,
-        "QuickPool<CudaDeviceResource> 1 MiB alloc+free",
-        pool_ns,
-        "ns/pair",
-        "1.00x",
-    );
+    row(section, "QuickPool<CudaDeviceResource> 1 MiB alloc+free", pool_ns, "ns/pair", "1.00x");
     row(
         section,
         "cuMemAlloc+cuMemFree 1 MiB",

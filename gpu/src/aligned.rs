@@ -36,20 +36,15 @@ impl AlignedBlocks {
             first
         } else {
             free(first);
-            let padded = size.checked_add(align - 1).ok_or(Error::InvalidSize {
-                size: size as u64,
-                reason: "size overflows when aligned",
-            })?;
+            let padded = size
+                .checked_add(align - 1)
+                .ok_or(Error::InvalidSize { size: size as u64, reason: "size overflows when aligned" })?;
             let base = alloc(padded)?;
             let aligned = base.next_multiple_of(align as u64);
             self.lock().insert(aligned, base);
             aligned
         };
-        NonNull::new(addr as *mut u8).ok_or(Error::Gpu {
-            call,
-            code: 0,
-            name: "returned address 0",
-        })
+        NonNull::new(addr as *mut u8).ok_or(Error::Gpu { call, code: 0, name: "returned address 0" })
     }
 
     /// The driver address to free for a block handed out at `addr` with alignment `align`.
@@ -65,9 +60,7 @@ impl AlignedBlocks {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u64>> {
         // The table stays consistent even if a holder panicked: each operation is one insert or
         // remove.
-        self.moved
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.moved.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -84,10 +77,7 @@ mod tests {
 
     impl Fake {
         fn new() -> Self {
-            Fake {
-                next: RefCell::new(0x1_0000_0100),
-                live: RefCell::new(Vec::new()),
-            }
+            Fake { next: RefCell::new(0x1_0000_0100), live: RefCell::new(Vec::new()) }
         }
         fn alloc(&self, size: usize) -> Result<u64> {
             let at = *self.next.borrow();
@@ -97,10 +87,7 @@ mod tests {
         }
         fn free(&self, at: u64) {
             let mut live = self.live.borrow_mut();
-            let i = live
-                .iter()
-                .position(|&(a, _)| a == at)
-                .expect("freeing a block the fake never gave");
+            let i = live.iter().position(|&(a, _)| a == at).expect("freeing a block the fake never gave");
             live.remove(i);
         }
     }
@@ -110,22 +97,13 @@ mod tests {
         let blocks = AlignedBlocks::default();
         let fake = Fake::new();
         for align in [1usize, 8, 256, 4096, 1 << 20] {
-            let a = blocks
-                .allocate(1000, align, "fake", |s| fake.alloc(s), |p| fake.free(p))
-                .unwrap()
-                .as_ptr() as u64;
+            let a = blocks.allocate(1000, align, "fake", |s| fake.alloc(s), |p| fake.free(p)).unwrap().as_ptr() as u64;
             assert_eq!(a % align as u64, 0, "align {align}");
             let (base, size) = *fake.live.borrow().last().unwrap();
-            assert!(
-                a >= base && a + 1000 <= base + size as u64,
-                "the block lies inside the driver's"
-            );
+            assert!(a >= base && a + 1000 <= base + size as u64, "the block lies inside the driver's");
             fake.free(blocks.base_of(a, align, 256));
         }
-        assert!(
-            fake.live.borrow().is_empty(),
-            "every driver block was freed once"
-        );
+        assert!(fake.live.borrow().is_empty(), "every driver block was freed once");
         assert!(blocks.lock().is_empty());
     }
 
@@ -133,24 +111,13 @@ mod tests {
     fn bad_layouts_and_driver_errors_come_back() {
         let blocks = AlignedBlocks::default();
         let fake = Fake::new();
-        let fail = |_| {
-            Err(Error::OutOfMemory {
-                requested: 1,
-                available: 0,
-            })
-        };
-        assert!(matches!(
-            blocks.allocate(0, 8, "fake", |s| fake.alloc(s), |_| {}),
-            Err(Error::InvalidSize { .. })
-        ));
+        let fail = |_| Err(Error::OutOfMemory { requested: 1, available: 0 });
+        assert!(matches!(blocks.allocate(0, 8, "fake", |s| fake.alloc(s), |_| {}), Err(Error::InvalidSize { .. })));
         assert!(matches!(
             blocks.allocate(8, 3, "fake", |s| fake.alloc(s), |_| {}),
             Err(Error::InvalidAlignment { .. })
         ));
-        assert!(matches!(
-            blocks.allocate(8, 8, "fake", fail, |_| {}),
-            Err(Error::OutOfMemory { .. })
-        ));
+        assert!(matches!(blocks.allocate(8, 8, "fake", fail, |_| {}), Err(Error::OutOfMemory { .. })));
         assert!(fake.live.borrow().is_empty());
     }
 }

@@ -37,13 +37,7 @@ pub const PLATFORMS: &[&str] = &[
 mod tests {
     #[test]
     fn platforms_follow_the_features() {
-        assert_eq!(
-            super::PLATFORMS.contains(&"cuda"),
-            cfg!(all(feature = "cuda", target_os = "linux"))
-        );
-        assert_eq!(
-            super::PLATFORMS.contains(&"rocm"),
-            cfg!(all(feature = "rocm", target_os = "linux"))
-        );
+        assert_eq!(super::PLATFORMS.contains(&"cuda"), cfg!(all(feature = "cuda", target_os = "linux")));
+        assert_eq!(super::PLATFORMS.contains(&"rocm"), cfg!(all(feature = "rocm", target_os = "linux")));
     }
 }

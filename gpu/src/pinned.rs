@@ -53,22 +53,15 @@ pub(crate) fn check_range(
     elem_size: usize,
     elem_align: usize,
 ) -> Result<usize> {
-    let bytes = count.checked_mul(elem_size).ok_or(Error::InvalidSize {
-        size: count as u64,
-        reason: "element count overflows",
-    })?;
+    let bytes = count
+        .checked_mul(elem_size)
+        .ok_or(Error::InvalidSize { size: count as u64, reason: "element count overflows" })?;
     let end = offset.checked_add(bytes as u64);
     if offset < HEADER_SIZE || end.is_none_or(|end| end > region_len) {
-        return Err(Error::OutOfBounds {
-            offset,
-            len: bytes as u64,
-            region_len,
-        });
+        return Err(Error::OutOfBounds { offset, len: bytes as u64, region_len });
     }
     if offset % elem_align as u64 != 0 {
-        return Err(Error::InvalidAlignment {
-            align: elem_align as u64,
-        });
+        return Err(Error::InvalidAlignment { align: elem_align as u64 });
     }
     Ok(bytes)
 }
@@ -82,25 +75,10 @@ mod tests {
         let len = HEADER_SIZE + 8192;
         assert_eq!(check_range(len, HEADER_SIZE, 2048, 4, 4).unwrap(), 8192);
         assert_eq!(check_range(len, HEADER_SIZE + 8192, 0, 4, 4).unwrap(), 0);
-        assert!(
-            matches!(check_range(len, 0, 1, 4, 4), Err(Error::OutOfBounds { .. })),
-            "the header is not data"
-        );
-        assert!(matches!(
-            check_range(len, HEADER_SIZE, 2049, 4, 4),
-            Err(Error::OutOfBounds { .. })
-        ));
-        assert!(matches!(
-            check_range(len, u64::MAX - 2, 1, 4, 4),
-            Err(Error::OutOfBounds { .. })
-        ));
-        assert!(matches!(
-            check_range(len, HEADER_SIZE, usize::MAX, 4, 4),
-            Err(Error::InvalidSize { .. })
-        ));
-        assert!(matches!(
-            check_range(len, HEADER_SIZE + 2, 1, 4, 4),
-            Err(Error::InvalidAlignment { .. })
-        ));
+        assert!(matches!(check_range(len, 0, 1, 4, 4), Err(Error::OutOfBounds { .. })), "the header is not data");
+        assert!(matches!(check_range(len, HEADER_SIZE, 2049, 4, 4), Err(Error::OutOfBounds { .. })));
+        assert!(matches!(check_range(len, u64::MAX - 2, 1, 4, 4), Err(Error::OutOfBounds { .. })));
+        assert!(matches!(check_range(len, HEADER_SIZE, usize::MAX, 4, 4), Err(Error::InvalidSize { .. })));
+        assert!(matches!(check_range(len, HEADER_SIZE + 2, 1, 4, 4), Err(Error::InvalidAlignment { .. })));
     }
 }

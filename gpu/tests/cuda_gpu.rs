@@ -13,16 +13,14 @@ use std::sync::{Arc, OnceLock};
 use hetmem_backends::{PosixShmBackend, ShmOptions};
 use hetmem_core::header::HEADER_SIZE;
 use hetmem_core::pool::{
-    BlocksReleasable, CoalesceHeuristic, LimitedResource, NeverCoalesce, PercentReleasable,
-    PoolStats, QuickPool, QuickPoolConfig,
+    BlocksReleasable, CoalesceHeuristic, LimitedResource, NeverCoalesce, PercentReleasable, PoolStats, QuickPool,
+    QuickPoolConfig,
 };
 use hetmem_core::{BackendKind, Error, MemoryBackend, MemoryKind, MemoryResource};
-use hetmem_gpu::cuda::cudarc::driver::{
-    CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg,
-};
+use hetmem_gpu::cuda::cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 use hetmem_gpu::cuda::{
-    compile_ptx, context, CudaDeviceResource, CudaIpcBackend, CudaIpcOptions, CudaPinnedResource,
-    CudaShmBackend, CudaShmOptions, DeviceView, PinnedFlags,
+    compile_ptx, context, CudaDeviceResource, CudaIpcBackend, CudaIpcOptions, CudaPinnedResource, CudaShmBackend,
+    CudaShmOptions, DeviceView, PinnedFlags,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
@@ -39,40 +37,25 @@ fn main() -> ExitCode {
         Err(e) => return support::skip(SUITE, &format!("no usable CUDA device: {e}")),
     };
     let driver = hetmem_gpu::cuda::driver().map(|d| d.version).unwrap_or(0);
-    println!(
-        "device 0: {} (driver API {driver})",
-        ctx.name().unwrap_or_default()
-    );
+    println!("device 0: {} (driver API {driver})", ctx.name().unwrap_or_default());
     support::run(
         SUITE,
         &[
             ("shm_registration_and_copies", shm_registration_and_copies),
-            (
-                "shm_kernel_writes_seen_by_second_process",
-                shm_kernel_writes_seen_by_second_process,
-            ),
+            ("shm_kernel_writes_seen_by_second_process", shm_kernel_writes_seen_by_second_process),
             ("shm_read_only_registration", shm_read_only_registration),
             ("shm_bad_input_is_refused", shm_bad_input_is_refused),
-            (
-                "ipc_backend_opened_by_second_process",
-                ipc_backend_opened_by_second_process,
-            ),
-            ("device_resource_blocks", || {
-                device_resource_blocks(CudaDeviceResource::new(0).map_err(s)?)
-            }),
+            ("ipc_backend_opened_by_second_process", ipc_backend_opened_by_second_process),
+            ("device_resource_blocks", || device_resource_blocks(CudaDeviceResource::new(0).map_err(s)?)),
             ("device_resource_stream_ordered_blocks", || {
                 let stream = context(0).map_err(s)?.new_stream().map_err(s)?;
                 device_resource_blocks(CudaDeviceResource::stream_ordered(stream).map_err(s)?)
             }),
             ("pinned_resource_blocks", pinned_resource_blocks),
-            ("device_pool_matches_its_model", || {
-                device_pool_matches_its_model(CudaDeviceResource::new(0).map_err(s)?)
-            }),
+            ("device_pool_matches_its_model", || device_pool_matches_its_model(CudaDeviceResource::new(0).map_err(s)?)),
             ("device_pool_stream_ordered_matches_its_model", || {
                 let stream = context(0).map_err(s)?.new_stream().map_err(s)?;
-                device_pool_matches_its_model(
-                    CudaDeviceResource::stream_ordered(stream).map_err(s)?,
-                )
+                device_pool_matches_its_model(CudaDeviceResource::stream_ordered(stream).map_err(s)?)
             }),
         ],
     )
@@ -94,10 +77,8 @@ fn kernels(ctx: &Arc<CudaContext>) -> Result<&'static Kernels, String> {
     }
     let ptx = compile_ptx(ctx, KERNELS, &[]).map_err(s)?;
     let module = ctx.load_module(ptx).map_err(s)?;
-    let k = Kernels {
-        fill: module.load_function("fill").map_err(s)?,
-        copy: module.load_function("copy_u32").map_err(s)?,
-    };
+    let k =
+        Kernels { fill: module.load_function("fill").map_err(s)?, copy: module.load_function("copy_u32").map_err(s)? };
     Ok(KERNELS_LOADED.get_or_init(|| k))
 }
 
@@ -113,11 +94,7 @@ fn fill(stream: &Arc<CudaStream>, out: &DeviceView<'_, u32>, seed: u32) -> Resul
 }
 
 /// Copies `view` back and checks it against the pattern for `seed`.
-fn check_device(
-    stream: &Arc<CudaStream>,
-    view: &DeviceView<'_, u32>,
-    seed: u32,
-) -> Result<(), String> {
+fn check_device(stream: &Arc<CudaStream>, view: &DeviceView<'_, u32>, seed: u32) -> Result<(), String> {
     let mut back = vec![0u32; view.len()];
     stream.memcpy_dtoh(view, &mut back).map_err(s)?;
     stream.synchronize().map_err(s)?;
@@ -134,11 +111,8 @@ unsafe fn check_host(addr: *const u32, n: usize, seed: u32) -> Result<(), String
 }
 
 fn shm_registration_and_copies() -> Result<(), String> {
-    let shm =
-        CudaShmBackend::create(&unique("reg"), 1 << 20, &CudaShmOptions::default()).map_err(s)?;
-    ensure(shm.kind() == BackendKind::Pinned, || {
-        "kind is not Pinned".into()
-    })?;
+    let shm = CudaShmBackend::create(&unique("reg"), 1 << 20, &CudaShmOptions::default()).map_err(s)?;
+    ensure(shm.kind() == BackendKind::Pinned, || "kind is not Pinned".into())?;
     let dptr = shm.device_ptr().ok_or("no device pointer")?;
     ensure(dptr != 0, || "device pointer 0".into())?;
     let stream = shm.context().default_stream();
@@ -155,9 +129,7 @@ fn shm_registration_and_copies() -> Result<(), String> {
     for (i, x) in host.iter_mut().enumerate() {
         *x = pattern(i as u32, 12);
     }
-    let view = shm
-        .device_view::<u32>(HEADER_SIZE + 4 * n as u64, n, &stream)
-        .map_err(s)?;
+    let view = shm.device_view::<u32>(HEADER_SIZE + 4 * n as u64, n, &stream).map_err(s)?;
     check_device(&stream, &view, 12)
 }
 
@@ -165,32 +137,20 @@ const CROSS_N: usize = 1 << 20;
 
 fn shm_kernel_writes_seen_by_second_process() -> Result<(), String> {
     let name = unique("xproc");
-    let shm =
-        CudaShmBackend::create(&name, 2 * 4 * CROSS_N, &CudaShmOptions::default()).map_err(s)?;
+    let shm = CudaShmBackend::create(&name, 2 * 4 * CROSS_N, &CudaShmOptions::default()).map_err(s)?;
     let stream = shm.context().default_stream();
-    let first = shm
-        .device_view::<u32>(HEADER_SIZE, CROSS_N, &stream)
-        .map_err(s)?;
+    let first = shm.device_view::<u32>(HEADER_SIZE, CROSS_N, &stream).map_err(s)?;
     fill(&stream, &first, 0xA5A5)?;
     // SAFETY: the kernel finished; nothing writes the first half now.
     unsafe { check_host(shm.base().add(HEADER_SIZE as usize).cast(), CROSS_N, 0xA5A5)? };
     support::child("shm-reader", std::slice::from_ref(&name))?;
     // The child's kernel wrote the second half through its own registration of the segment.
     // SAFETY: the child exited; nothing writes the second half now.
-    unsafe {
-        check_host(
-            shm.base().add(HEADER_SIZE as usize + 4 * CROSS_N).cast(),
-            CROSS_N,
-            0x5A5A,
-        )
-    }
+    unsafe { check_host(shm.base().add(HEADER_SIZE as usize + 4 * CROSS_N).cast(), CROSS_N, 0x5A5A) }
 }
 
 fn shm_read_only_registration() -> Result<(), String> {
-    let options = CudaShmOptions {
-        device_read_only: true,
-        ..Default::default()
-    };
+    let options = CudaShmOptions { device_read_only: true, ..Default::default() };
     let shm = CudaShmBackend::create(&unique("ro"), 1 << 20, &options).map_err(s)?;
     let stream = shm.context().default_stream();
     let n = 1024;
@@ -210,61 +170,33 @@ fn shm_read_only_registration() -> Result<(), String> {
     unsafe { launch.launch(LaunchConfig::for_num_elems(count)) }.map_err(s)?;
     let back = stream.clone_dtoh(&out).map_err(s)?;
     check_pattern(&back, 3)?;
-    println!(
-        "    read-only registration supported by this device: {}",
-        shm.device_read_only()
-    );
+    println!("    read-only registration supported by this device: {}", shm.device_read_only());
     Ok(())
 }
 
 fn shm_bad_input_is_refused() -> Result<(), String> {
     let quick = CudaShmOptions {
-        shm: ShmOptions {
-            attach_timeout: std::time::Duration::from_millis(50),
-            ..Default::default()
-        },
+        shm: ShmOptions { attach_timeout: std::time::Duration::from_millis(50), ..Default::default() },
         ..Default::default()
     };
     let missing = CudaShmBackend::attach(&unique("missing"), &quick);
-    ensure(matches!(missing, Err(Error::NotFound { .. })), || {
-        format!("attach of a missing segment: {missing:?}")
-    })?;
+    ensure(matches!(missing, Err(Error::NotFound { .. })), || format!("attach of a missing segment: {missing:?}"))?;
     let plain_name = unique("plain");
     let _plain = PosixShmBackend::create(&plain_name, 4096, &quick.shm).map_err(s)?;
     let wrong = CudaShmBackend::attach(&plain_name, &quick);
-    ensure(
-        matches!(wrong, Err(Error::HeaderMismatch { field: "kind", .. })),
-        || format!("{wrong:?}"),
-    )?;
-    let no_device = CudaShmBackend::create(
-        &unique("nodev"),
-        4096,
-        &CudaShmOptions {
-            device: 999,
-            ..Default::default()
-        },
-    );
-    ensure(matches!(no_device, Err(Error::NotFound { .. })), || {
-        format!("device 999: {no_device:?}")
-    })?;
-    ensure(
-        !PosixShmBackend::exists(&unique("nodev")).map_err(s)?,
-        || "a failed create left its segment".into(),
-    )?;
+    ensure(matches!(wrong, Err(Error::HeaderMismatch { field: "kind", .. })), || format!("{wrong:?}"))?;
+    let no_device =
+        CudaShmBackend::create(&unique("nodev"), 4096, &CudaShmOptions { device: 999, ..Default::default() });
+    ensure(matches!(no_device, Err(Error::NotFound { .. })), || format!("device 999: {no_device:?}"))?;
+    ensure(!PosixShmBackend::exists(&unique("nodev")).map_err(s)?, || "a failed create left its segment".into())?;
     let shm = CudaShmBackend::create(&unique("bounds"), 4096, &quick).map_err(s)?;
     let stream = shm.context().default_stream();
     let r = shm.device_view::<u32>(HEADER_SIZE, 1025, &stream);
-    ensure(matches!(r, Err(Error::OutOfBounds { .. })), || {
-        format!("past the end: {r:?}")
-    })?;
+    ensure(matches!(r, Err(Error::OutOfBounds { .. })), || format!("past the end: {r:?}"))?;
     let r = shm.device_view::<u32>(0, 1, &stream);
-    ensure(matches!(r, Err(Error::OutOfBounds { .. })), || {
-        format!("in the header: {r:?}")
-    })?;
+    ensure(matches!(r, Err(Error::OutOfBounds { .. })), || format!("in the header: {r:?}"))?;
     let r = shm.device_view::<u32>(HEADER_SIZE + 2, 1, &stream);
-    ensure(matches!(r, Err(Error::InvalidAlignment { .. })), || {
-        format!("misaligned: {r:?}")
-    })?;
+    ensure(matches!(r, Err(Error::InvalidAlignment { .. })), || format!("misaligned: {r:?}"))?;
     Ok(())
 }
 
@@ -272,68 +204,37 @@ const IPC_N: usize = 1 << 20;
 
 fn ipc_backend_opened_by_second_process() -> Result<(), String> {
     let name = unique("ipc");
-    let ipc =
-        CudaIpcBackend::create(&name, 2 * 4 * IPC_N, &CudaIpcOptions::default()).map_err(s)?;
-    ensure(
-        ipc.kind() == BackendKind::Device && !ipc.host_accessible(),
-        || "not device memory".into(),
-    )?;
+    let ipc = CudaIpcBackend::create(&name, 2 * 4 * IPC_N, &CudaIpcOptions::default()).map_err(s)?;
+    ensure(ipc.kind() == BackendKind::Device && !ipc.host_accessible(), || "not device memory".into())?;
     let stream = ipc.context().default_stream();
     let src: Vec<u32> = (0..IPC_N as u32).map(|i| pattern(i, 0x1234)).collect();
-    let mut first = ipc
-        .device_view::<u32>(HEADER_SIZE, IPC_N, &stream)
-        .map_err(s)?;
+    let mut first = ipc.device_view::<u32>(HEADER_SIZE, IPC_N, &stream).map_err(s)?;
     stream.memcpy_htod(&src, &mut first).map_err(s)?;
     stream.synchronize().map_err(s)?;
     let same = CudaIpcBackend::attach(&name, &CudaIpcOptions::default());
-    ensure(matches!(same, Err(Error::Unsupported(_))), || {
-        format!("attach in the creating process: {same:?}")
-    })?;
+    ensure(matches!(same, Err(Error::Unsupported(_))), || format!("attach in the creating process: {same:?}"))?;
     support::child("ipc-peer", std::slice::from_ref(&name))?;
-    ensure(ipc.attached() == 0, || {
-        format!(
-            "{} processes still attached after the child exited",
-            ipc.attached()
-        )
-    })?;
-    let second = ipc
-        .device_view::<u32>(HEADER_SIZE + 4 * IPC_N as u64, IPC_N, &stream)
-        .map_err(s)?;
+    ensure(ipc.attached() == 0, || format!("{} processes still attached after the child exited", ipc.attached()))?;
+    let second = ipc.device_view::<u32>(HEADER_SIZE + 4 * IPC_N as u64, IPC_N, &stream).map_err(s)?;
     check_device(&stream, &second, 0x4321)
 }
 
 /// The same checks for every device resource: layouts, alignment, round trips through the
 /// blocks, out of memory leaving the resource usable.
 fn device_resource_blocks(res: CudaDeviceResource) -> Result<(), String> {
-    ensure(
-        res.kind() == MemoryKind::Device && !res.host_accessible(),
-        || "not device memory".into(),
-    )?;
+    ensure(res.kind() == MemoryKind::Device && !res.host_accessible(), || "not device memory".into())?;
     let stream = match res.stream() {
         Some(stream) => stream.clone(),
         None => res.context().default_stream(),
     };
     let zero = res.allocate(0, 8);
-    ensure(matches!(zero, Err(Error::InvalidSize { .. })), || {
-        format!("size 0: {zero:?}")
-    })?;
+    ensure(matches!(zero, Err(Error::InvalidSize { .. })), || format!("size 0: {zero:?}"))?;
     let bad = res.allocate(64, 3);
-    ensure(matches!(bad, Err(Error::InvalidAlignment { .. })), || {
-        format!("align 3: {bad:?}")
-    })?;
+    ensure(matches!(bad, Err(Error::InvalidAlignment { .. })), || format!("align 3: {bad:?}"))?;
     let mut blocks = Vec::new();
-    for (size, align) in [
-        (1usize, 1usize),
-        (1000, 8),
-        (4096, 256),
-        (12345, 4096),
-        (1 << 20, 1 << 20),
-        (3 << 20, 64),
-    ] {
+    for (size, align) in [(1usize, 1usize), (1000, 8), (4096, 256), (12345, 4096), (1 << 20, 1 << 20), (3 << 20, 64)] {
         let block = res.allocate(size, align).map_err(s)?;
-        ensure(block.as_ptr() as usize % align == 0, || {
-            format!("block {block:?} not aligned to {align}")
-        })?;
+        ensure(block.as_ptr() as usize % align == 0, || format!("block {block:?} not aligned to {align}"))?;
         blocks.push((block, size, align));
     }
     // Fill every block, then check every block: no block's writes reached another.
@@ -352,22 +253,13 @@ fn device_resource_blocks(res: CudaDeviceResource) -> Result<(), String> {
 
 fn pinned_resource_blocks() -> Result<(), String> {
     let res = CudaPinnedResource::new(0).map_err(s)?;
-    ensure(
-        res.kind() == MemoryKind::PinnedHost && res.host_accessible(),
-        || "not pinned host memory".into(),
-    )?;
+    ensure(res.kind() == MemoryKind::PinnedHost && res.host_accessible(), || "not pinned host memory".into())?;
     let n = 1 << 16;
     let block = res.allocate(4 * n, 4096).map_err(s)?;
-    ensure(block.as_ptr() as usize % 4096 == 0, || {
-        "block not page-aligned".into()
-    })?;
+    ensure(block.as_ptr() as usize % 4096 == 0, || "block not page-aligned".into())?;
     let flags = res.block_flags(block).map_err(s)?;
-    ensure(flags.0 & PinnedFlags::WRITE_COMBINED.0 == 0, || {
-        format!("default blocks are write-combined: {flags:?}")
-    })?;
-    ensure(flags.0 & PinnedFlags::DEVICE_MAP.0 != 0, || {
-        format!("default blocks are not device-mapped: {flags:?}")
-    })?;
+    ensure(flags.0 & PinnedFlags::WRITE_COMBINED.0 == 0, || format!("default blocks are write-combined: {flags:?}"))?;
+    ensure(flags.0 & PinnedFlags::DEVICE_MAP.0 != 0, || format!("default blocks are not device-mapped: {flags:?}"))?;
     let stream = res.context().default_stream();
     let address = res.device_address(block).map_err(s)?;
     // SAFETY: the block is pinned and device-mapped, `4n` bytes, used by this view only.
@@ -380,21 +272,16 @@ fn pinned_resource_blocks() -> Result<(), String> {
 
     // Over-aligned blocks: aligned, and the CPU can use all of them.
     let block = res.allocate(1 << 20, 1 << 16).map_err(s)?;
-    ensure(block.as_ptr() as usize % (1 << 16) == 0, || {
-        "over-aligned block misaligned".into()
-    })?;
+    ensure(block.as_ptr() as usize % (1 << 16) == 0, || "over-aligned block misaligned".into())?;
     // SAFETY: a live host block of 1 MiB.
     unsafe { std::ptr::write_bytes(block.as_ptr(), 0xEE, 1 << 20) };
     // SAFETY: from `allocate` with this size and alignment.
     unsafe { res.deallocate(block, 1 << 20, 1 << 16) };
 
-    let wc = CudaPinnedResource::with_flags(0, PinnedFlags::WRITE_COMBINED | PinnedFlags::PORTABLE)
-        .map_err(s)?;
+    let wc = CudaPinnedResource::with_flags(0, PinnedFlags::WRITE_COMBINED | PinnedFlags::PORTABLE).map_err(s)?;
     let block = wc.allocate(1 << 20, 4096).map_err(s)?;
     let flags = wc.block_flags(block).map_err(s)?;
-    ensure(flags.0 & PinnedFlags::WRITE_COMBINED.0 != 0, || {
-        format!("asked-for write-combining missing: {flags:?}")
-    })?;
+    ensure(flags.0 & PinnedFlags::WRITE_COMBINED.0 != 0, || format!("asked-for write-combining missing: {flags:?}"))?;
     // SAFETY: from `allocate` with this size and alignment.
     unsafe { wc.deallocate(block, 1 << 20, 4096) };
     Ok(())
@@ -462,8 +349,7 @@ fn device_pool_matches_its_model(res: CudaDeviceResource) -> Result<(), String> 
         ..Default::default()
     });
     let result = runner.run(&(ops(), any::<u8>()), |(ops, choice)| {
-        let mut pool = QuickPool::with_config(&upstream, config)
-            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let mut pool = QuickPool::with_config(&upstream, config).map_err(|e| TestCaseError::fail(e.to_string()))?;
         pool.set_heuristic(heuristic(choice));
         let mut live: BTreeMap<usize, Live> = BTreeMap::new();
         let mut seed = 0u32;
@@ -484,25 +370,15 @@ fn device_pool_matches_its_model(res: CudaDeviceResource) -> Result<(), String> 
                         live.insert(addr, Live { ptr, size, seed });
                     }
                     Err(Error::OutOfMemory { .. }) => {}
-                    Err(e) => {
-                        return Err(TestCaseError::fail(format!(
-                            "allocate({size}, {align}): {e}"
-                        )))
-                    }
+                    Err(e) => return Err(TestCaseError::fail(format!("allocate({size}, {align}): {e}"))),
                 },
                 Op::Free(pick) => {
                     if let Some(&addr) = live.keys().nth(pick % live.len().max(1)) {
                         let l = live.remove(&addr).expect("listed");
-                        device_verify(&stream, l.ptr, l.size, l.seed)
-                            .map_err(TestCaseError::fail)?;
-                        pool.deallocate(l.ptr)
-                            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                        device_verify(&stream, l.ptr, l.size, l.seed).map_err(TestCaseError::fail)?;
+                        pool.deallocate(l.ptr).map_err(|e| TestCaseError::fail(e.to_string()))?;
                         let again = pool.deallocate(l.ptr);
-                        prop_assert!(
-                            matches!(again, Err(Error::InvalidFree { .. })),
-                            "double free: {:?}",
-                            again
-                        );
+                        prop_assert!(matches!(again, Err(Error::InvalidFree { .. })), "double free: {:?}", again);
                     }
                 }
                 Op::Coalesce => {
@@ -513,31 +389,19 @@ fn device_pool_matches_its_model(res: CudaDeviceResource) -> Result<(), String> 
                     prop_assert_eq!(pool.stats().releasable_blocks, 0);
                 }
             }
-            pool.check()
-                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            pool.check().map_err(|e| TestCaseError::fail(e.to_string()))?;
             let stats = pool.stats();
             prop_assert_eq!(stats.allocation_count, live.len());
-            prop_assert_eq!(
-                stats.requested_size,
-                live.values().map(|l| l.size).sum::<usize>()
-            );
-            prop_assert!(
-                stats.current_size >= stats.requested_size
-                    && stats.current_size <= stats.high_watermark
-            );
+            prop_assert_eq!(stats.requested_size, live.values().map(|l| l.size).sum::<usize>());
+            prop_assert!(stats.current_size >= stats.requested_size && stats.current_size <= stats.high_watermark);
             prop_assert_eq!(upstream.held(), stats.actual_size);
         }
         for l in std::mem::take(&mut live).into_values() {
             device_verify(&stream, l.ptr, l.size, l.seed).map_err(TestCaseError::fail)?;
-            pool.deallocate(l.ptr)
-                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            pool.deallocate(l.ptr).map_err(|e| TestCaseError::fail(e.to_string()))?;
         }
         pool.release();
-        prop_assert_eq!(
-            upstream.held(),
-            0,
-            "memory still held after every free and a release"
-        );
+        prop_assert_eq!(upstream.held(), 0, "memory still held after every free and a release");
         Ok(())
     });
     result.map_err(|e| e.to_string())?;
@@ -565,33 +429,21 @@ unsafe fn block_views<'a>(
 
 /// Fills a live device block's whole u32s with the pattern for `seed` (by kernel), and its odd
 /// tail bytes with `seed`'s low byte.
-fn device_fill(
-    stream: &Arc<CudaStream>,
-    block: NonNull<u8>,
-    size: usize,
-    seed: u32,
-) -> Result<(), String> {
+fn device_fill(stream: &Arc<CudaStream>, block: NonNull<u8>, size: usize, seed: u32) -> Result<(), String> {
     // SAFETY: every caller passes a live block of `size` bytes it alone uses.
     let (head, mut tail) = unsafe { block_views(stream, block, size)? };
     if !head.is_empty() {
         fill(stream, &head, seed)?;
     }
     if !tail.is_empty() {
-        stream
-            .memcpy_htod(&vec![seed as u8; tail.len()], &mut tail)
-            .map_err(s)?;
+        stream.memcpy_htod(&vec![seed as u8; tail.len()], &mut tail).map_err(s)?;
         stream.synchronize().map_err(s)?;
     }
     Ok(())
 }
 
 /// Checks what [`device_fill`] wrote.
-fn device_verify(
-    stream: &Arc<CudaStream>,
-    block: NonNull<u8>,
-    size: usize,
-    seed: u32,
-) -> Result<(), String> {
+fn device_verify(stream: &Arc<CudaStream>, block: NonNull<u8>, size: usize, seed: u32) -> Result<(), String> {
     // SAFETY: every caller passes a live block of `size` bytes it alone uses.
     let (head, tail) = unsafe { block_views(stream, block, size)? };
     let overwritten = |e: String| format!("block {block:?} of {size} bytes was overwritten: {e}");
@@ -601,9 +453,7 @@ fn device_verify(
         stream.memcpy_dtoh(&tail, &mut bytes).map_err(s)?;
         stream.synchronize().map_err(s)?;
     }
-    ensure(bytes.iter().all(|&b| b == seed as u8), || {
-        overwritten("in its tail".into())
-    })
+    ensure(bytes.iter().all(|&b| b == seed as u8), || overwritten("in its tail".into()))
 }
 
 fn run_child(role: &str, args: &[String]) -> Result<(), String> {
@@ -611,38 +461,24 @@ fn run_child(role: &str, args: &[String]) -> Result<(), String> {
     match role {
         "shm-reader" => {
             // A plain CPU process: no CUDA at all, just the segment.
-            let plain =
-                PosixShmBackend::attach_kind(name, &ShmOptions::default(), BackendKind::Pinned)
-                    .map_err(s)?;
+            let plain = PosixShmBackend::attach_kind(name, &ShmOptions::default(), BackendKind::Pinned).map_err(s)?;
             // SAFETY: the parent's kernel finished before it started this process.
-            unsafe {
-                check_host(
-                    plain.base().add(HEADER_SIZE as usize).cast(),
-                    CROSS_N,
-                    0xA5A5,
-                )?
-            };
+            unsafe { check_host(plain.base().add(HEADER_SIZE as usize).cast(), CROSS_N, 0xA5A5)? };
             drop(plain);
             // A CUDA process: registers its own mapping and writes with its own kernel.
             let shm = CudaShmBackend::attach(name, &CudaShmOptions::default()).map_err(s)?;
             // SAFETY: as above.
             unsafe { check_host(shm.base().add(HEADER_SIZE as usize).cast(), CROSS_N, 0xA5A5)? };
             let stream = shm.context().default_stream();
-            let second = shm
-                .device_view::<u32>(HEADER_SIZE + 4 * CROSS_N as u64, CROSS_N, &stream)
-                .map_err(s)?;
+            let second = shm.device_view::<u32>(HEADER_SIZE + 4 * CROSS_N as u64, CROSS_N, &stream).map_err(s)?;
             fill(&stream, &second, 0x5A5A)
         }
         "ipc-peer" => {
             let ipc = CudaIpcBackend::attach(name, &CudaIpcOptions::default()).map_err(s)?;
             let stream = ipc.context().default_stream();
-            let first = ipc
-                .device_view::<u32>(HEADER_SIZE, IPC_N, &stream)
-                .map_err(s)?;
+            let first = ipc.device_view::<u32>(HEADER_SIZE, IPC_N, &stream).map_err(s)?;
             check_device(&stream, &first, 0x1234)?;
-            let second = ipc
-                .device_view::<u32>(HEADER_SIZE + 4 * IPC_N as u64, IPC_N, &stream)
-                .map_err(s)?;
+            let second = ipc.device_view::<u32>(HEADER_SIZE + 4 * IPC_N as u64, IPC_N, &stream).map_err(s)?;
             fill(&stream, &second, 0x4321)
         }
         other => Err(format!("unknown child role {other}")),

@@ -8,16 +8,15 @@
 use hetmem_backends::PosixShmBackend;
 use hetmem_core::Error;
 use hetmem_gpu::cuda::{
-    compile_ptx_with, context, driver, nvrtc_available, CudaDeviceResource, CudaIpcBackend,
-    CudaIpcOptions, CudaPinnedResource, CudaShmBackend, CudaShmOptions, DRIVER_ENV, NVRTC_ENV,
+    compile_ptx_with, context, driver, nvrtc_available, CudaDeviceResource, CudaIpcBackend, CudaIpcOptions,
+    CudaPinnedResource, CudaShmBackend, CudaShmOptions, DRIVER_ENV, NVRTC_ENV,
 };
 
 fn unsupported<T: std::fmt::Debug>(what: &str, r: hetmem_core::Result<T>) {
     match r {
-        Err(Error::Unsupported(why)) => assert!(
-            why.contains("HETMEM_"),
-            "{what}: the message names the variable: {why}"
-        ),
+        Err(Error::Unsupported(why)) => {
+            assert!(why.contains("HETMEM_"), "{what}: the message names the variable: {why}")
+        }
         other => panic!("{what}: expected Error::Unsupported, got {other:?}"),
     }
 }
@@ -30,27 +29,12 @@ fn without_a_driver_every_entry_point_says_unsupported() {
     unsupported("driver()", driver());
     unsupported("context(0)", context(0));
     let name = format!("/hetmem-nodrv-{}", std::process::id());
-    unsupported(
-        "CudaShmBackend::create",
-        CudaShmBackend::create(&name, 1 << 16, &CudaShmOptions::default()),
-    );
-    assert!(
-        !PosixShmBackend::exists(&name).unwrap(),
-        "a failed create must not leave a segment behind"
-    );
-    unsupported(
-        "CudaShmBackend::attach",
-        CudaShmBackend::attach(&name, &CudaShmOptions::default()),
-    );
-    unsupported(
-        "CudaIpcBackend::create",
-        CudaIpcBackend::create(&name, 1 << 16, &CudaIpcOptions::default()),
-    );
+    unsupported("CudaShmBackend::create", CudaShmBackend::create(&name, 1 << 16, &CudaShmOptions::default()));
+    assert!(!PosixShmBackend::exists(&name).unwrap(), "a failed create must not leave a segment behind");
+    unsupported("CudaShmBackend::attach", CudaShmBackend::attach(&name, &CudaShmOptions::default()));
+    unsupported("CudaIpcBackend::create", CudaIpcBackend::create(&name, 1 << 16, &CudaIpcOptions::default()));
     assert!(!PosixShmBackend::exists(&name).unwrap());
-    unsupported(
-        "CudaIpcBackend::attach",
-        CudaIpcBackend::attach(&name, &CudaIpcOptions::default()),
-    );
+    unsupported("CudaIpcBackend::attach", CudaIpcBackend::attach(&name, &CudaIpcOptions::default()));
     unsupported("CudaDeviceResource::new", CudaDeviceResource::new(0));
     unsupported("CudaPinnedResource::new", CudaPinnedResource::new(0));
 

@@ -78,12 +78,7 @@ impl CudaShmBackend {
                 return Err(e);
             }
         };
-        Ok(CudaShmBackend {
-            shm,
-            ctx,
-            device_ptr,
-            read_only,
-        })
+        Ok(CudaShmBackend { shm, ctx, device_ptr, read_only })
     }
 
     /// The context (the device's primary context) the segment is registered in.
@@ -112,24 +107,14 @@ impl CudaShmBackend {
     /// # Errors
     /// [`hetmem_core::Error::OutOfBounds`] or [`hetmem_core::Error::InvalidAlignment`] for a range
     /// outside the data area or misaligned for `T`.
-    pub fn device_view<T>(
-        &self,
-        offset: u64,
-        len: usize,
-        stream: &Arc<CudaStream>,
-    ) -> Result<DeviceView<'_, T>> {
+    pub fn device_view<T>(&self, offset: u64, len: usize, stream: &Arc<CudaStream>) -> Result<DeviceView<'_, T>> {
         // SAFETY: the whole segment is registered and device-mapped at `device_ptr` until `self`
         // drops.
         unsafe { region_view(self, offset, len, stream) }
     }
 
     /// [`device_view`](Self::device_view) of an allocation's offset.
-    pub fn device_view_at<T>(
-        &self,
-        ptr: OffsetPtr,
-        len: usize,
-        stream: &Arc<CudaStream>,
-    ) -> Result<DeviceView<'_, T>> {
+    pub fn device_view_at<T>(&self, ptr: OffsetPtr, len: usize, stream: &Arc<CudaStream>) -> Result<DeviceView<'_, T>> {
         // A null pointer's offset is far out of bounds, so the range check refuses it.
         self.device_view(ptr.get(), len, stream)
     }
@@ -161,9 +146,7 @@ impl CudaShmBackend {
     pub unsafe fn host_slice_mut<T>(&self, offset: u64, len: usize) -> Result<&mut [T]> {
         check_range(self.shm.len(), offset, len, size_of::<T>(), align_of::<T>())?;
         // SAFETY: in bounds and aligned (checked); the caller promises exclusive access.
-        Ok(unsafe {
-            std::slice::from_raw_parts_mut(self.shm.base().add(offset as usize).cast(), len)
-        })
+        Ok(unsafe { std::slice::from_raw_parts_mut(self.shm.base().add(offset as usize).cast(), len) })
     }
 }
 

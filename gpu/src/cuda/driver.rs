@@ -94,9 +94,8 @@ pub fn driver() -> Result<DriverInfo> {
 
 fn load() -> Result<DriverInfo> {
     if let Some(path) = std::env::var_os(DRIVER_ENV) {
-        preload(&path).ok_or(Error::Unsupported(
-            "HETMEM_CUDA_DRIVER names a CUDA driver library that could not be loaded",
-        ))?;
+        preload(&path)
+            .ok_or(Error::Unsupported("HETMEM_CUDA_DRIVER names a CUDA driver library that could not be loaded"))?;
     }
     // SAFETY: loading the driver library runs its initialisers, which is what loading it is for.
     if !unsafe { sys::is_culib_present() } {
@@ -110,23 +109,14 @@ fn load() -> Result<DriverInfo> {
     check("cuInit", unsafe { sys::cuInit(0) })?;
     let mut version = 0;
     // SAFETY: `version` is a valid out-pointer.
-    check("cuDriverGetVersion", unsafe {
-        sys::cuDriverGetVersion(&mut version)
-    })?;
+    check("cuDriverGetVersion", unsafe { sys::cuDriverGetVersion(&mut version) })?;
     if version < MIN_DRIVER_VERSION {
-        return Err(Error::Unsupported(
-            "the CUDA driver is older than 11.4, the oldest hetmem supports",
-        ));
+        return Err(Error::Unsupported("the CUDA driver is older than 11.4, the oldest hetmem supports"));
     }
     let mut count = 0;
     // SAFETY: `count` is a valid out-pointer; the driver is initialised.
-    check("cuDeviceGetCount", unsafe {
-        sys::cuDeviceGetCount(&mut count)
-    })?;
-    Ok(DriverInfo {
-        version,
-        device_count: count.max(0) as usize,
-    })
+    check("cuDeviceGetCount", unsafe { sys::cuDeviceGetCount(&mut count) })?;
+    Ok(DriverInfo { version, device_count: count.max(0) as usize })
 }
 
 /// Loads the library at `path` and keeps it loaded for the life of the process, so that cudarc's
@@ -182,11 +172,7 @@ pub(crate) fn cuda_error(call: &'static str, code: CUresult) -> Error {
     } else {
         "unknown CUDA error"
     };
-    Error::Gpu {
-        call,
-        code: code as i32,
-        name,
-    }
+    Error::Gpu { call, code: code as i32, name }
 }
 
 /// A cudarc error as an [`Error::Gpu`].
@@ -204,10 +190,7 @@ pub fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
     static CONTEXTS: Mutex<Option<HashMap<usize, Arc<CudaContext>>>> = Mutex::new(None);
     let info = driver()?;
     if ordinal >= info.device_count {
-        return Err(Error::NotFound {
-            what: "CUDA device",
-            name: ShortStr::new(&ordinal.to_string()),
-        });
+        return Err(Error::NotFound { what: "CUDA device", name: ShortStr::new(&ordinal.to_string()) });
     }
     let mut contexts = CONTEXTS.lock().unwrap_or_else(|p| p.into_inner());
     let contexts = contexts.get_or_insert_with(HashMap::new);
@@ -227,14 +210,10 @@ pub fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
 pub(crate) fn bind(ctx: &CudaContext) -> Result<()> {
     let mut current = std::ptr::null_mut();
     // SAFETY: valid out-pointer; the driver is initialised (a context exists).
-    check("cuCtxGetCurrent", unsafe {
-        sys::cuCtxGetCurrent(&mut current)
-    })?;
+    check("cuCtxGetCurrent", unsafe { sys::cuCtxGetCurrent(&mut current) })?;
     if current != ctx.cu_ctx() {
         // SAFETY: `ctx` holds a retained primary context, valid while it lives.
-        check("cuCtxSetCurrent", unsafe {
-            sys::cuCtxSetCurrent(ctx.cu_ctx())
-        })?;
+        check("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(ctx.cu_ctx()) })?;
     }
     Ok(())
 }
@@ -243,40 +222,26 @@ pub(crate) fn bind(ctx: &CudaContext) -> Result<()> {
 pub(crate) fn attribute(ctx: &CudaContext, attr: CUdevice_attribute) -> Result<i32> {
     let mut value = 0;
     // SAFETY: valid out-pointer; `ctx` holds a valid device handle.
-    check("cuDeviceGetAttribute", unsafe {
-        sys::cuDeviceGetAttribute(&mut value, attr, ctx.cu_device())
-    })?;
+    check("cuDeviceGetAttribute", unsafe { sys::cuDeviceGetAttribute(&mut value, attr, ctx.cu_device()) })?;
     Ok(value)
 }
 
 /// The compute capability (major, minor) of `ctx`'s device.
 pub(crate) fn compute_capability(ctx: &CudaContext) -> Result<(i32, i32)> {
     Ok((
-        attribute(
-            ctx,
-            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
-        )?,
-        attribute(
-            ctx,
-            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
-        )?,
+        attribute(ctx, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+        attribute(ctx, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
     ))
 }
 
 /// Whether `ctx`'s device can register host memory read-only for the device.
 pub(crate) fn read_only_register_supported(ctx: &CudaContext) -> Result<bool> {
-    Ok(attribute(
-        ctx,
-        CUdevice_attribute::CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED,
-    )? != 0)
+    Ok(attribute(ctx, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED)? != 0)
 }
 
 /// Whether `ctx`'s device supports stream-ordered allocation from its default memory pool.
 pub(crate) fn memory_pools_supported(ctx: &CudaContext) -> Result<bool> {
-    Ok(attribute(
-        ctx,
-        CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED,
-    )? != 0)
+    Ok(attribute(ctx, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED)? != 0)
 }
 
 /// The UUID of device `ordinal`, which names the same GPU in every process whatever its ordinal.
@@ -284,15 +249,11 @@ pub(crate) fn device_uuid(ordinal: usize) -> Result<[u8; 16]> {
     driver()?;
     let mut device = 0;
     // SAFETY: the driver is initialised; `device` is a valid out-pointer.
-    check("cuDeviceGet", unsafe {
-        sys::cuDeviceGet(&mut device, ordinal as i32)
-    })?;
+    check("cuDeviceGet", unsafe { sys::cuDeviceGet(&mut device, ordinal as i32) })?;
     // SAFETY: an all-zero CUuuid is a valid value to be overwritten.
     let mut uuid: sys::CUuuid = unsafe { std::mem::zeroed() };
     // SAFETY: `uuid` is a valid out-pointer; `device` came from cuDeviceGet.
-    check("cuDeviceGetUuid_v2", unsafe {
-        sys::cuDeviceGetUuid_v2(&mut uuid, device)
-    })?;
+    check("cuDeviceGetUuid_v2", unsafe { sys::cuDeviceGetUuid_v2(&mut uuid, device) })?;
     Ok(uuid.bytes.map(|b| b as u8))
 }
 
@@ -300,24 +261,14 @@ pub(crate) fn device_uuid(ordinal: usize) -> Result<[u8; 16]> {
 pub(crate) fn mem_get_info() -> Result<(usize, usize)> {
     let (mut free, mut total) = (0, 0);
     // SAFETY: valid out-pointers; called with a context current.
-    check("cuMemGetInfo_v2", unsafe {
-        sys::cuMemGetInfo_v2(&mut free, &mut total)
-    })?;
+    check("cuMemGetInfo_v2", unsafe { sys::cuMemGetInfo_v2(&mut free, &mut total) })?;
     Ok((free, total))
 }
 
 /// Out of memory as [`Error::OutOfMemory`], other failures as they are.
-fn alloc_error(
-    call: &'static str,
-    code: CUresult,
-    requested: usize,
-    available: impl FnOnce() -> u64,
-) -> Error {
+fn alloc_error(call: &'static str, code: CUresult, requested: usize, available: impl FnOnce() -> u64) -> Error {
     if code == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
-        return Error::OutOfMemory {
-            requested: requested as u64,
-            available: available(),
-        };
+        return Error::OutOfMemory { requested: requested as u64, available: available() };
     }
     cuda_error(call, code)
 }
@@ -353,12 +304,7 @@ pub(crate) fn mem_alloc_async(size: usize, stream: &CudaStream) -> Result<u64> {
     // the async symbols were checked when the stream-ordered resource was made.
     let code = unsafe { sys::cuMemAllocAsync(&mut dptr, size, stream.cu_stream()) };
     if code != CUresult::CUDA_SUCCESS {
-        return Err(alloc_error(
-            "cuMemAllocAsync",
-            code,
-            size,
-            free_device_memory,
-        ));
+        return Err(alloc_error("cuMemAllocAsync", code, size, free_device_memory));
     }
     Ok(dptr)
 }
@@ -369,9 +315,7 @@ pub(crate) fn mem_alloc_async(size: usize, stream: &CudaStream) -> Result<u64> {
 /// `dptr` came from [`mem_alloc_async`] and no work enqueued after this uses it.
 pub(crate) unsafe fn mem_free_async(dptr: u64, stream: &CudaStream) -> Result<()> {
     // SAFETY: the caller's contract; `stream` is live.
-    check("cuMemFreeAsync", unsafe {
-        sys::cuMemFreeAsync(dptr, stream.cu_stream())
-    })
+    check("cuMemFreeAsync", unsafe { sys::cuMemFreeAsync(dptr, stream.cu_stream()) })
 }
 
 /// `cuMemHostAlloc` with `flags`.
@@ -398,9 +342,7 @@ pub(crate) unsafe fn free_host(ptr: *mut c_void) -> Result<()> {
 pub(crate) fn host_get_flags(ptr: *mut c_void) -> Result<u32> {
     let mut flags = 0;
     // SAFETY: valid out-pointer; the driver only looks `ptr` up.
-    check("cuMemHostGetFlags", unsafe {
-        sys::cuMemHostGetFlags(&mut flags, ptr)
-    })?;
+    check("cuMemHostGetFlags", unsafe { sys::cuMemHostGetFlags(&mut flags, ptr) })?;
     Ok(flags)
 }
 
@@ -410,9 +352,7 @@ pub(crate) fn host_get_flags(ptr: *mut c_void) -> Result<u32> {
 /// `ptr..ptr + len` is a mapping that stays valid until [`host_unregister`] is called on it.
 pub(crate) unsafe fn host_register(ptr: *mut u8, len: usize, flags: u32) -> Result<()> {
     // SAFETY: the caller's contract.
-    check("cuMemHostRegister", unsafe {
-        sys::cuMemHostRegister_v2(ptr.cast(), len, flags)
-    })
+    check("cuMemHostRegister", unsafe { sys::cuMemHostRegister_v2(ptr.cast(), len, flags) })
 }
 
 /// `cuMemHostUnregister`.
@@ -421,18 +361,14 @@ pub(crate) unsafe fn host_register(ptr: *mut u8, len: usize, flags: u32) -> Resu
 /// `ptr` was registered by [`host_register`]; no device work that uses it is still running.
 pub(crate) unsafe fn host_unregister(ptr: *mut u8) -> Result<()> {
     // SAFETY: the caller's contract.
-    check("cuMemHostUnregister", unsafe {
-        sys::cuMemHostUnregister(ptr.cast())
-    })
+    check("cuMemHostUnregister", unsafe { sys::cuMemHostUnregister(ptr.cast()) })
 }
 
 /// The device address of pinned, device-mapped host memory at `ptr`.
 pub(crate) fn host_device_pointer(ptr: *mut c_void) -> Result<u64> {
     let mut dptr = 0;
     // SAFETY: valid out-pointer; the driver only looks `ptr` up (flags must be 0).
-    check("cuMemHostGetDevicePointer", unsafe {
-        sys::cuMemHostGetDevicePointer_v2(&mut dptr, ptr, 0)
-    })?;
+    check("cuMemHostGetDevicePointer", unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dptr, ptr, 0) })?;
     Ok(dptr)
 }
 
@@ -444,26 +380,18 @@ pub(crate) fn ipc_get_handle(dptr: u64) -> Result<[u8; IPC_HANDLE_LEN]> {
     // SAFETY: an all-zero handle is a valid value to be overwritten.
     let mut handle: sys::CUipcMemHandle = unsafe { std::mem::zeroed() };
     // SAFETY: valid out-pointer; the driver checks `dptr`.
-    check("cuIpcGetMemHandle", unsafe {
-        sys::cuIpcGetMemHandle(&mut handle, dptr)
-    })?;
+    check("cuIpcGetMemHandle", unsafe { sys::cuIpcGetMemHandle(&mut handle, dptr) })?;
     Ok(handle.reserved.map(|b| b as u8))
 }
 
 /// `cuIpcOpenMemHandle` (peer access enabled lazily): the exporting process's allocation, mapped
 /// into this one.
 pub(crate) fn ipc_open(handle: &[u8; IPC_HANDLE_LEN]) -> Result<u64> {
-    let handle = sys::CUipcMemHandle {
-        reserved: handle.map(|b| b as c_char),
-    };
+    let handle = sys::CUipcMemHandle { reserved: handle.map(|b| b as c_char) };
     let mut dptr = 0;
     // SAFETY: valid out-pointer; the driver validates the handle's bytes.
     check("cuIpcOpenMemHandle", unsafe {
-        sys::cuIpcOpenMemHandle_v2(
-            &mut dptr,
-            handle,
-            sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32,
-        )
+        sys::cuIpcOpenMemHandle_v2(&mut dptr, handle, sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32)
     })?;
     Ok(dptr)
 }
@@ -474,9 +402,7 @@ pub(crate) fn ipc_open(handle: &[u8; IPC_HANDLE_LEN]) -> Result<u64> {
 /// `dptr` came from [`ipc_open`] and is not used again.
 pub(crate) unsafe fn ipc_close(dptr: u64) -> Result<()> {
     // SAFETY: the caller's contract.
-    check("cuIpcCloseMemHandle", unsafe {
-        sys::cuIpcCloseMemHandle(dptr)
-    })
+    check("cuIpcCloseMemHandle", unsafe { sys::cuIpcCloseMemHandle(dptr) })
 }
 
 #[cfg(test)]

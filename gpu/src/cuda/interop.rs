@@ -50,12 +50,7 @@ impl<'a, T> DeviceView<'a, T> {
     /// `ptr` is a device address valid (in `stream`'s context) for `len * size_of::<T>()` bytes,
     /// aligned for `T`, for all of `'a`; no other view of it is written while this one is used.
     pub unsafe fn from_raw(ptr: u64, len: usize, stream: &Arc<CudaStream>) -> Self {
-        DeviceView {
-            ptr,
-            len,
-            stream: stream.clone(),
-            _memory: PhantomData,
-        }
+        DeviceView { ptr, len, stream: stream.clone(), _memory: PhantomData }
     }
 
     /// A view of the first `len` elements of a pool block: `block` as returned by a pool over
@@ -68,26 +63,12 @@ impl<'a, T> DeviceView<'a, T> {
     /// # Safety
     /// `block` is a live device block of at least `bytes` bytes in `stream`'s context, not freed
     /// during `'a`, and not written through another view while this one is used.
-    pub unsafe fn from_block(
-        block: NonNull<u8>,
-        bytes: usize,
-        len: usize,
-        stream: &Arc<CudaStream>,
-    ) -> Result<Self> {
-        if len
-            .checked_mul(size_of::<T>())
-            .is_none_or(|need| need > bytes)
-        {
-            return Err(Error::OutOfBounds {
-                offset: 0,
-                len: len as u64,
-                region_len: bytes as u64,
-            });
+    pub unsafe fn from_block(block: NonNull<u8>, bytes: usize, len: usize, stream: &Arc<CudaStream>) -> Result<Self> {
+        if len.checked_mul(size_of::<T>()).is_none_or(|need| need > bytes) {
+            return Err(Error::OutOfBounds { offset: 0, len: len as u64, region_len: bytes as u64 });
         }
         if (block.as_ptr() as usize) % align_of::<T>() != 0 {
-            return Err(Error::InvalidAlignment {
-                align: align_of::<T>() as u64,
-            });
+            return Err(Error::InvalidAlignment { align: align_of::<T>() as u64 });
         }
         // SAFETY: the caller's contract, with size and alignment checked above.
         Ok(unsafe { Self::from_raw(block.as_ptr() as u64, len, stream) })
@@ -132,9 +113,7 @@ pub(crate) unsafe fn region_view<'a, T>(
     stream: &Arc<CudaStream>,
 ) -> Result<DeviceView<'a, T>> {
     check_range(backend.len(), offset, len, size_of::<T>(), align_of::<T>())?;
-    let base = backend
-        .device_ptr()
-        .ok_or(Error::Unsupported("this backend has no device address"))?;
+    let base = backend.device_ptr().ok_or(Error::Unsupported("this backend has no device address"))?;
     // SAFETY: the range lies in the region (checked), which the caller promises is mapped for the
     // device while `backend` (borrowed for `'a`) lives.
     Ok(unsafe { DeviceView::from_raw(base + offset, len, stream) })
@@ -156,10 +135,7 @@ impl<T> DevicePtr<T> for DeviceView<'_, T> {
 }
 
 impl<T> DevicePtrMut<T> for DeviceView<'_, T> {
-    fn device_ptr_mut<'b>(
-        &'b mut self,
-        _stream: &'b CudaStream,
-    ) -> (sys::CUdeviceptr, SyncOnDrop<'b>) {
+    fn device_ptr_mut<'b>(&'b mut self, _stream: &'b CudaStream) -> (sys::CUdeviceptr, SyncOnDrop<'b>) {
         (self.ptr, SyncOnDrop::Sync(None))
     }
 }

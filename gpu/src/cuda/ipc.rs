@@ -87,11 +87,7 @@ impl CudaIpcBackend {
         let len = shm.len();
         driver::bind(&ctx)?;
         let device_ptr = driver::mem_alloc(len as usize)?;
-        let backend = CudaIpcBackend {
-            shm,
-            ctx,
-            device_ptr,
-        }; // from here, Drop frees the memory
+        let backend = CudaIpcBackend { shm, ctx, device_ptr }; // from here, Drop frees the memory
         let handle = driver::ipc_get_handle(device_ptr)?;
         let record = backend.record_ptr();
         // SAFETY: the record lies in the segment's second page, which only the creator touches
@@ -124,11 +120,7 @@ impl CudaIpcBackend {
         let ctx = driver::context(device_with_uuid(&uuid)?)?;
         driver::bind(&ctx)?;
         let device_ptr = driver::ipc_open(&handle)?;
-        let backend = CudaIpcBackend {
-            shm,
-            ctx,
-            device_ptr,
-        }; // from here, Drop closes the handle
+        let backend = CudaIpcBackend { shm, ctx, device_ptr }; // from here, Drop closes the handle
         backend.record().attached.fetch_add(1, Ordering::AcqRel);
         Ok(backend)
     }
@@ -149,12 +141,7 @@ impl CudaIpcBackend {
     /// # Errors
     /// [`Error::OutOfBounds`] or [`Error::InvalidAlignment`] for a range outside the data area or
     /// misaligned for `T`.
-    pub fn device_view<T>(
-        &self,
-        offset: u64,
-        len: usize,
-        stream: &Arc<CudaStream>,
-    ) -> Result<DeviceView<'_, T>> {
+    pub fn device_view<T>(&self, offset: u64, len: usize, stream: &Arc<CudaStream>) -> Result<DeviceView<'_, T>> {
         // SAFETY: the device allocation is as long as the region and stays mapped at
         // `device_ptr` until `self` drops.
         unsafe { region_view(self, offset, len, stream) }
@@ -188,18 +175,10 @@ fn wait_for_record(shm: &PosixShmBackend, timeout: Duration) -> Result<&IpcRecor
         std::thread::sleep(Duration::from_millis(1));
     }
     if record.magic != RECORD_MAGIC {
-        return Err(Error::HeaderMismatch {
-            field: "ipc_magic",
-            expected: RECORD_MAGIC,
-            found: record.magic,
-        });
+        return Err(Error::HeaderMismatch { field: "ipc_magic", expected: RECORD_MAGIC, found: record.magic });
     }
     if record.len != shm.len() {
-        return Err(Error::HeaderMismatch {
-            field: "ipc_len",
-            expected: shm.len(),
-            found: record.len,
-        });
+        return Err(Error::HeaderMismatch { field: "ipc_len", expected: shm.len(), found: record.len });
     }
     Ok(record)
 }
@@ -213,10 +192,7 @@ fn device_with_uuid(uuid: &[u8; 16]) -> Result<usize> {
         }
     }
     let hex: String = uuid.iter().map(|b| format!("{b:02x}")).collect();
-    Err(Error::NotFound {
-        what: "CUDA device with the creator's UUID",
-        name: ShortStr::new(&hex),
-    })
+    Err(Error::NotFound { what: "CUDA device with the creator's UUID", name: ShortStr::new(&hex) })
 }
 
 impl_shm_device_backend!(CudaIpcBackend);

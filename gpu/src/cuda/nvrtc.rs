@@ -50,10 +50,7 @@ impl From<CompileError> for Error {
 
 impl From<Error> for CompileError {
     fn from(error: Error) -> CompileError {
-        CompileError {
-            error,
-            log: String::new(),
-        }
+        CompileError { error, log: String::new() }
     }
 }
 
@@ -68,14 +65,10 @@ pub fn nvrtc_available() -> Result<()> {
 
 fn find_nvrtc() -> Result<()> {
     if let Some(path) = std::env::var_os(NVRTC_ENV) {
-        return driver::preload(&path).ok_or(Error::Unsupported(
-            "HETMEM_NVRTC names an NVRTC library that could not be loaded",
-        ));
+        return driver::preload(&path)
+            .ok_or(Error::Unsupported("HETMEM_NVRTC names an NVRTC library that could not be loaded"));
     }
-    if SONAMES
-        .iter()
-        .any(|name| driver::preload(name.as_ref()).is_some())
-    {
+    if SONAMES.iter().any(|name| driver::preload(name.as_ref()).is_some()) {
         return Ok(());
     }
     for dir in toolkit_lib_dirs() {
@@ -98,15 +91,7 @@ fn toolkit_lib_dirs() -> Vec<PathBuf> {
         .filter_map(std::env::var_os)
         .chain([OsString::from("/usr/local/cuda")])
         .collect();
-    roots
-        .iter()
-        .flat_map(|root| {
-            [
-                PathBuf::from(root).join("lib64"),
-                PathBuf::from(root).join("lib"),
-            ]
-        })
-        .collect()
+    roots.iter().flat_map(|root| [PathBuf::from(root).join("lib64"), PathBuf::from(root).join("lib")]).collect()
 }
 
 /// Compiles CUDA C++ `src` to PTX for the device of `ctx` (its compute capability), with `options`
@@ -132,37 +117,19 @@ pub fn compile_ptx_with(src: &str, options: &[&str]) -> Result<Ptx, CompileError
 fn compile(src: &str, options: Vec<String>) -> Result<Ptx, CompileError> {
     nvrtc_available()?;
     if src.contains('\0') || options.iter().any(|o| o.contains('\0')) {
-        return Err(Error::InvalidName {
-            name: "kernel source".into(),
-            reason: "NUL byte in source or options",
-        }
-        .into());
+        return Err(Error::InvalidName { name: "kernel source".into(), reason: "NUL byte in source or options" }.into());
     }
-    let opts = CompileOptions {
-        options,
-        ..Default::default()
-    };
+    let opts = CompileOptions { options, ..Default::default() };
     nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| {
         use nvrtc::CompileError as E;
         let (call, code, log) = match e {
             E::CreationError(n) => ("nvrtcCreateProgram", n.0, String::new()),
-            E::CompileError { nvrtc, log, .. } => (
-                "nvrtcCompileProgram",
-                nvrtc.0,
-                log.to_string_lossy().into_owned(),
-            ),
+            E::CompileError { nvrtc, log, .. } => ("nvrtcCompileProgram", nvrtc.0, log.to_string_lossy().into_owned()),
             E::GetLogError(n) => ("nvrtcGetProgramLog", n.0, String::new()),
             E::GetPtxError(n) => ("nvrtcGetPTX", n.0, String::new()),
             E::DestroyError(n) => ("nvrtcDestroyProgram", n.0, String::new()),
         };
-        CompileError {
-            error: Error::Gpu {
-                call,
-                code: code as i32,
-                name: nvrtc_name(code as i32),
-            },
-            log,
-        }
+        CompileError { error: Error::Gpu { call, code: code as i32, name: nvrtc_name(code as i32) }, log }
     })
 }
 

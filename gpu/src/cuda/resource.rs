@@ -42,11 +42,7 @@ pub struct CudaDeviceResource {
 impl CudaDeviceResource {
     /// `cuMemAlloc` / `cuMemFree` on device `device`.
     pub fn new(device: usize) -> Result<Self> {
-        Ok(CudaDeviceResource {
-            ctx: driver::context(device)?,
-            mode: Mode::Sync,
-            moved: AlignedBlocks::default(),
-        })
+        Ok(CudaDeviceResource { ctx: driver::context(device)?, mode: Mode::Sync, moved: AlignedBlocks::default() })
     }
 
     /// Stream-ordered allocation (`cuMemAllocAsync` / `cuMemFreeAsync` from the device's default
@@ -60,15 +56,9 @@ impl CudaDeviceResource {
         driver::require_async_alloc()?;
         let ctx = stream.context().clone();
         if !driver::memory_pools_supported(&ctx)? {
-            return Err(Error::Unsupported(
-                "this CUDA device has no memory pools for stream-ordered allocation",
-            ));
+            return Err(Error::Unsupported("this CUDA device has no memory pools for stream-ordered allocation"));
         }
-        Ok(CudaDeviceResource {
-            ctx,
-            mode: Mode::StreamOrdered(stream),
-            moved: AlignedBlocks::default(),
-        })
+        Ok(CudaDeviceResource { ctx, mode: Mode::StreamOrdered(stream), moved: AlignedBlocks::default() })
     }
 
     /// The context blocks belong to.
@@ -128,9 +118,7 @@ impl MemoryResource for CudaDeviceResource {
         if driver::bind(&self.ctx).is_err() {
             return; // the context is gone: so is its memory
         }
-        let base = self
-            .moved
-            .base_of(ptr.as_ptr() as u64, align, DEVICE_ALLOC_ALIGN);
+        let base = self.moved.base_of(ptr.as_ptr() as u64, align, DEVICE_ALLOC_ALIGN);
         // SAFETY: `deallocate`'s contract: the block came from `allocate` and is not used again.
         unsafe { self.raw_free(base) };
     }
@@ -191,11 +179,7 @@ impl CudaPinnedResource {
 
     /// Pinned memory with `flags`.
     pub fn with_flags(device: usize, flags: PinnedFlags) -> Result<Self> {
-        Ok(CudaPinnedResource {
-            ctx: driver::context(device)?,
-            flags,
-            moved: AlignedBlocks::default(),
-        })
+        Ok(CudaPinnedResource { ctx: driver::context(device)?, flags, moved: AlignedBlocks::default() })
     }
 
     /// The flags blocks are allocated with.
@@ -243,17 +227,14 @@ impl MemoryResource for CudaPinnedResource {
             // SAFETY: a block freed here was allocated just before and never handed out.
             let _ = unsafe { driver::free_host(p as *mut c_void) };
         };
-        self.moved
-            .allocate(size, align, "cuMemHostAlloc", alloc, free)
+        self.moved.allocate(size, align, "cuMemHostAlloc", alloc, free)
     }
 
     unsafe fn deallocate(&self, ptr: NonNull<u8>, _size: usize, align: usize) {
         if driver::bind(&self.ctx).is_err() {
             return;
         }
-        let base = self
-            .moved
-            .base_of(ptr.as_ptr() as u64, align, HOST_ALLOC_ALIGN);
+        let base = self.moved.base_of(ptr.as_ptr() as u64, align, HOST_ALLOC_ALIGN);
         // SAFETY: `deallocate`'s contract: the block came from `allocate` and is not used again.
         let _ = unsafe { driver::free_host(base as *mut c_void) };
     }

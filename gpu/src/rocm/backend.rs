@@ -50,11 +50,7 @@ impl RocmShmBackend {
         // drops, which unregisters first.
         unsafe { runtime::host_register(shm.base(), shm.len() as usize)? };
         match runtime::host_device_pointer(shm.base()) {
-            Ok(device_ptr) => Ok(RocmShmBackend {
-                shm,
-                device,
-                device_ptr,
-            }),
+            Ok(device_ptr) => Ok(RocmShmBackend { shm, device, device_ptr }),
             Err(e) => {
                 // SAFETY: registered just above; no device work has used it.
                 let _ = unsafe { runtime::host_unregister(shm.base()) };

@@ -26,10 +26,7 @@ impl RocmDeviceResource {
     /// Device memory of HIP device `device`.
     pub fn new(device: usize) -> Result<Self> {
         runtime::use_device(device)?;
-        Ok(RocmDeviceResource {
-            device,
-            moved: AlignedBlocks::default(),
-        })
+        Ok(RocmDeviceResource { device, moved: AlignedBlocks::default() })
     }
 
     /// The HIP device blocks come from.
@@ -60,9 +57,7 @@ impl MemoryResource for RocmDeviceResource {
         if runtime::use_device(self.device).is_err() {
             return;
         }
-        let base = self
-            .moved
-            .base_of(ptr.as_ptr() as u64, align, DEVICE_ALLOC_ALIGN);
+        let base = self.moved.base_of(ptr.as_ptr() as u64, align, DEVICE_ALLOC_ALIGN);
         // SAFETY: `deallocate`'s contract: the block came from `allocate` and is not used again.
         let _ = unsafe { runtime::free(base) };
     }

@@ -27,25 +27,14 @@ pub fn runtime() -> Result<RuntimeInfo> {
     *STATE.get_or_init(|| {
         let mut count = 0;
         // SAFETY: `count` is a valid out-pointer.
-        check("hipGetDeviceCount", unsafe {
-            hiprt::hipGetDeviceCount(&mut count)
-        })?;
+        check("hipGetDeviceCount", unsafe { hiprt::hipGetDeviceCount(&mut count) })?;
         if count <= 0 {
-            return Err(Error::Gpu {
-                call: "hipGetDeviceCount",
-                code: 0,
-                name: "no HIP device",
-            });
+            return Err(Error::Gpu { call: "hipGetDeviceCount", code: 0, name: "no HIP device" });
         }
         let mut version = 0;
         // SAFETY: `version` is a valid out-pointer.
-        check("hipRuntimeGetVersion", unsafe {
-            hiprt::hipRuntimeGetVersion(&mut version)
-        })?;
-        Ok(RuntimeInfo {
-            version,
-            device_count: count as usize,
-        })
+        check("hipRuntimeGetVersion", unsafe { hiprt::hipRuntimeGetVersion(&mut version) })?;
+        Ok(RuntimeInfo { version, device_count: count as usize })
     })
 }
 
@@ -55,15 +44,10 @@ pub fn runtime() -> Result<RuntimeInfo> {
 /// As [`runtime`]; [`Error::NotFound`] if there is no device `device`.
 pub(crate) fn use_device(device: usize) -> Result<()> {
     if device >= runtime()?.device_count {
-        return Err(Error::NotFound {
-            what: "HIP device",
-            name: ShortStr::new(&device.to_string()),
-        });
+        return Err(Error::NotFound { what: "HIP device", name: ShortStr::new(&device.to_string()) });
     }
     // SAFETY: a valid device ordinal (checked).
-    check("hipSetDevice", unsafe {
-        hiprt::hipSetDevice(device as i32)
-    })
+    check("hipSetDevice", unsafe { hiprt::hipSetDevice(device as i32) })
 }
 
 /// `Ok` for `hipSuccess`, else the error with the runtime's name for the code.
@@ -81,11 +65,7 @@ pub(crate) fn check(call: &'static str, code: hipError_t) -> Result<()> {
         let text: &'static CStr = unsafe { CStr::from_ptr(text) };
         text.to_str().unwrap_or("HIP error with a non-UTF-8 name")
     };
-    Err(Error::Gpu {
-        call,
-        code: code as i32,
-        name,
-    })
+    Err(Error::Gpu { call, code: code as i32, name })
 }
 
 /// `hipMalloc` on the current device; out of memory is [`Error::OutOfMemory`].
@@ -97,10 +77,7 @@ pub(crate) fn malloc(size: usize) -> Result<u64> {
         let (mut free, mut total) = (0, 0);
         // SAFETY: valid out-pointers.
         let _ = unsafe { hiprt::hipMemGetInfo(&mut free, &mut total) };
-        return Err(Error::OutOfMemory {
-            requested: size as u64,
-            available: free as u64,
-        });
+        return Err(Error::OutOfMemory { requested: size as u64, available: free as u64 });
     }
     check("hipMalloc", code)?;
     Ok(ptr as u64)
@@ -122,9 +99,7 @@ pub(crate) unsafe fn free(ptr: u64) -> Result<()> {
 pub(crate) unsafe fn host_register(ptr: *mut u8, len: usize) -> Result<()> {
     let flags = hiprt::hipHostRegisterPortable | hiprt::hipHostRegisterMapped;
     // SAFETY: the caller's contract.
-    check("hipHostRegister", unsafe {
-        hiprt::hipHostRegister(ptr.cast(), len, flags)
-    })
+    check("hipHostRegister", unsafe { hiprt::hipHostRegister(ptr.cast(), len, flags) })
 }
 
 /// `hipHostUnregister`.
@@ -133,17 +108,13 @@ pub(crate) unsafe fn host_register(ptr: *mut u8, len: usize) -> Result<()> {
 /// `ptr` was registered by [`host_register`]; no device work that uses it is still running.
 pub(crate) unsafe fn host_unregister(ptr: *mut u8) -> Result<()> {
     // SAFETY: the caller's contract.
-    check("hipHostUnregister", unsafe {
-        hiprt::hipHostUnregister(ptr.cast())
-    })
+    check("hipHostUnregister", unsafe { hiprt::hipHostUnregister(ptr.cast()) })
 }
 
 /// The device address of registered, mapped host memory at `ptr`.
 pub(crate) fn host_device_pointer(ptr: *mut u8) -> Result<u64> {
     let mut dptr: *mut c_void = std::ptr::null_mut();
     // SAFETY: valid out-pointer; the runtime only looks `ptr` up.
-    check("hipHostGetDevicePointer", unsafe {
-        hiprt::hipHostGetDevicePointer(&mut dptr, ptr.cast(), 0)
-    })?;
+    check("hipHostGetDevicePointer", unsafe { hiprt::hipHostGetDevicePointer(&mut dptr, ptr.cast(), 0) })?;
     Ok(dptr as u64)
 }

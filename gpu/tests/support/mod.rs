@@ -124,9 +124,7 @@ pub fn pattern(i: u32, seed: u32) -> u32 {
 pub fn check_pattern(v: &[u32], seed: u32) -> Result<(), String> {
     for (i, &got) in v.iter().enumerate() {
         let want = pattern(i as u32, seed);
-        ensure(got == want, || {
-            format!("element {i}: {got:#x}, expected {want:#x}")
-        })?;
+        ensure(got == want, || format!("element {i}: {got:#x}, expected {want:#x}"))?;
     }
     Ok(())
 }
@@ -135,12 +133,8 @@ pub fn check_pattern(v: &[u32], seed: u32) -> Result<(), String> {
 /// next request.
 pub fn out_of_memory_leaves_it_usable(res: &dyn MemoryResource, huge: usize) -> Result<(), String> {
     let refused = res.allocate(huge, 256);
-    ensure(matches!(refused, Err(Error::OutOfMemory { .. })), || {
-        format!("{huge} bytes: {refused:?}")
-    })?;
-    let after = res
-        .allocate(1 << 20, 256)
-        .map_err(|e| format!("unusable after running out: {e}"))?;
+    ensure(matches!(refused, Err(Error::OutOfMemory { .. })), || format!("{huge} bytes: {refused:?}"))?;
+    let after = res.allocate(1 << 20, 256).map_err(|e| format!("unusable after running out: {e}"))?;
     // SAFETY: from `allocate` just above, with this size and alignment.
     unsafe { res.deallocate(after, 1 << 20, 256) };
     Ok(())
