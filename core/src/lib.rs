@@ -9,7 +9,8 @@
 //!   inside the region.
 //! - [`thread`]: what a thread is ([`ThreadModel`]).
 //! - [`resource`]: upstream sources of blocks for pools ([`MemoryResource`]).
-//! - [`sync`]: locks that are safe to place in shared memory.
+//! - [`sync`]: locks and lock-free lists that are safe to place in shared memory.
+//! - [`liveness`]: the hook that tells whether another process still runs (crash recovery).
 //! - [`manager`] (feature `std`): the registry that turns a [`ShmPtr`] into a local address.
 //!
 //! The crate is `no_std` without its default `std` feature; `alloc` adds regions and allocators.
@@ -22,6 +23,7 @@ extern crate alloc;
 pub mod backend;
 pub mod error;
 pub mod header;
+pub mod liveness;
 pub mod ptr;
 pub mod resource;
 pub mod sync;
@@ -51,6 +53,8 @@ pub use thread::{ThreadModel, TlsDestructor};
 pub use allocator::{AllocStats, AllocatorType, RegionAllocator};
 #[cfg(feature = "alloc")]
 pub use allocators::StackAllocator;
+#[cfg(all(feature = "alloc", not(loom)))]
+pub use allocators::{ScalablePageAllocator, ThreadLocalAllocator};
 #[cfg(feature = "alloc")]
 pub use region::Region;
 

@@ -1,0 +1,1 @@
+pub struct ThreadLocalAllocator; pub struct ThreadLocalConfig;
