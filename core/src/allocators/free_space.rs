@@ -162,7 +162,8 @@ fn bin_of(len: u32) -> usize {
 
 /// The manager: a view of the table, the arena and the state in a region.
 pub(crate) struct FreeSpace {
-    region: Region,
+    /// Keeps the mapping the pointers below point into alive.
+    _region: Region,
     layout: FreeSpaceLayout,
     state: *const Mutex<FreeSpaceState>,
     table: *mut Desc,
@@ -198,7 +199,7 @@ impl FreeSpace {
             .ptr(layout.table, layout.units as u64 * 16)?
             .cast::<Desc>();
         Ok(FreeSpace {
-            region,
+            _region: region,
             layout,
             state,
             table,
@@ -424,15 +425,6 @@ impl FreeSpaceGuard<'_> {
             });
         }
         Ok(d)
-    }
-
-    /// Changes a used run's tag and word.
-    pub(crate) fn retag(&mut self, head: u32, tag: u32, aux: u32) -> Result<()> {
-        let mut d = self.used_run(head)?;
-        d.tag = tag;
-        d.aux = aux;
-        self.set(head, d);
-        Ok(())
     }
 
     /// Returns the used run at `head` and merges it with free neighbours.
