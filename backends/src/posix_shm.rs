@@ -65,6 +65,7 @@ impl PosixShmBackend {
         options: &ShmOptions,
         kind: BackendKind,
     ) -> Result<Self> {
+        crate::liveness::install();
         let name = normalize_name(name)?;
         let len = region_len(size)?;
         let c_name = c_name(&name)?;
@@ -97,6 +98,7 @@ impl PosixShmBackend {
 
     /// [`attach`](Self::attach) expecting another kind in the header.
     pub fn attach_kind(name: &str, options: &ShmOptions, kind: BackendKind) -> Result<Self> {
+        crate::liveness::install();
         let name = normalize_name(name)?;
         let c_name = c_name(&name)?;
         let fd = shm_open(&c_name, &name, libc::O_RDWR, 0)?;
@@ -147,7 +149,7 @@ impl_backend!(
     creator = |s| s.creator,
     fn name(&self) -> Option<&str> {
         Some(&self.name)
-    },
+    }
     fn destroy(&self) -> Result<()> {
         self.unlink_name()
     }
