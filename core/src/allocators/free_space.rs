@@ -449,9 +449,10 @@ impl FreeSpaceGuard<'_> {
         }
         self.st.free_units += d.len as u64;
         self.write_free(start, len);
-        if start != head {
+        if start != head && head != start + len - 1 {
             // After the merged run is committed: the old start is no longer a run start, so
-            // freeing it again is refused.
+            // freeing it again is refused. (Where it is the new run's last unit, its tail
+            // descriptor already says so.)
             self.set(head, Desc { kind: K_INNER, len: 0, tag: NONE, aux: NONE });
         }
         Ok(())

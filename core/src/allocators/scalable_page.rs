@@ -713,7 +713,8 @@ impl AllocatorType for ScalablePageAllocator {
 #[cfg(all(test, feature = "std", not(loom)))]
 mod tests {
     use super::*;
-    use crate::allocators::testing::{exercise, region_of};
+    use crate::allocators::testing::{exercise, op_strategy, region_of, run_model};
+    use proptest::prelude::*;
 
     #[test]
     fn serves_every_size_and_alignment_and_returns_to_empty() {
@@ -739,5 +740,14 @@ mod tests {
         let big = a.allocate(600 * 1024, 8).unwrap();
         a.free(big).unwrap();
         a.check().unwrap();
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+        #[test]
+        fn behaves_like_the_model(ops in proptest::collection::vec(op_strategy(), 1..60)) {
+            let a = ScalablePageAllocator::create(region_of(24 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+            run_model(&a, &ops);
+        }
     }
 }

@@ -91,3 +91,91 @@ pub(crate) fn exercise(a: &dyn RegionAllocator) {
     assert_eq!(end.free_bytes(), start.free_bytes());
     assert_eq!(end.total_allocations, end.total_frees);
 }
+
+/// One step of the model-based test.
+#[derive(Clone, Debug)]
+pub(crate) enum Op {
+    Alloc { size: usize, align_log: u32 },
+    Realloc { pick: usize, size: usize, align_log: u32 },
+    Free { pick: usize },
+}
+
+/// Sizes 0..2 MiB, mostly small; alignments 1..4096.
+pub(crate) fn op_strategy() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    let size = prop_oneof![
+        6 => 0usize..=512,
+        3 => 513usize..=20_000,
+        1 => 20_001usize..(2 << 20),
+    ];
+    prop_oneof![
+        4 => (size.clone(), 0u32..=12).prop_map(|(size, align_log)| Op::Alloc { size, align_log }),
+        2 => (any::<usize>(), size, 0u32..=12)
+            .prop_map(|(pick, size, align_log)| Op::Realloc { pick, size, align_log }),
+        3 => any::<usize>().prop_map(|pick| Op::Free { pick }),
+    ]
+}
+
+/// Runs `ops` against `a` and a model (live blocks with their sizes and contents): `check()`
+/// after every step, blocks in bounds, never overlapping, contents kept; at the end everything
+/// is freed and the free capacity is back where it started.
+pub(crate) fn run_model(a: &dyn RegionAllocator, ops: &[Op]) {
+    let start = a.stats().free_bytes();
+    let mut live: Vec<(OffsetPtr, usize, u8)> = Vec::new();
+    let mut seed = 0u8;
+    for op in ops {
+        seed = seed.wrapping_add(1);
+        match *op {
+            Op::Alloc { size, align_log } => {
+                let align = 1usize << align_log;
+                match a.allocate(size, align) {
+                    Ok(p) => {
+                        assert!(size > 0, "zero size accepted");
+                        assert_eq!(p.get() % align as u64, 0);
+                        assert!(a.region().contains(p.get(), size as u64));
+                        fill(a, p, size, seed);
+                        live.push((p, size, seed));
+                    }
+                    Err(Error::InvalidSize { .. }) => assert_eq!(size, 0),
+                    Err(Error::OutOfMemory { .. }) => {}
+                    Err(e) => panic!("allocate({size}, {align}): {e}"),
+                }
+            }
+            Op::Realloc { pick, size, align_log } if !live.is_empty() => {
+                let i = pick % live.len();
+                let (p, old, s) = live[i];
+                let align = 1usize << align_log;
+                match a.reallocate(p, size, align) {
+                    Ok(q) => {
+                        assert_eq!(q.get() % align as u64, 0);
+                        assert!(holds(a, q, old.min(size), s), "realloc lost contents");
+                        fill(a, q, size, s);
+                        live[i] = (q, size, s);
+                    }
+                    Err(Error::InvalidSize { .. }) => assert_eq!(size, 0),
+                    Err(Error::OutOfMemory { .. }) => assert!(holds(a, p, old, s)),
+                    Err(e) => panic!("reallocate: {e}"),
+                }
+            }
+            Op::Free { pick } if !live.is_empty() => {
+                let (p, size, s) = live.swap_remove(pick % live.len());
+                assert!(holds(a, p, size, s), "contents changed");
+                a.free(p).unwrap();
+                assert!(a.free(p).is_err(), "double free accepted");
+            }
+            _ => {}
+        }
+        a.check().unwrap_or_else(|e| panic!("after {op:?}: {e}"));
+        let mut spans: Vec<_> = live.iter().map(|(p, s, _)| (p.get(), p.get() + *s as u64)).collect();
+        spans.sort_unstable();
+        assert!(spans.windows(2).all(|w| w[0].1 <= w[1].0), "live blocks overlap");
+        assert_eq!(a.stats().live_allocations, live.len() as u64);
+        assert_eq!(a.stats().bytes_in_use, live.iter().map(|l| l.1 as u64).sum::<u64>());
+    }
+    for (p, size, s) in live {
+        assert!(holds(a, p, size, s));
+        a.free(p).unwrap();
+    }
+    a.check().unwrap();
+    assert_eq!(a.stats().free_bytes(), start);
+}

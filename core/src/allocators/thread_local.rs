@@ -1254,7 +1254,8 @@ impl<T: ThreadModel> AllocatorType for ThreadLocalAllocator<T> {
 #[cfg(all(test, feature = "std", not(loom)))]
 mod tests {
     use super::*;
-    use crate::allocators::testing::{exercise, region_of};
+    use crate::allocators::testing::{exercise, op_strategy, region_of, run_model};
+    use proptest::prelude::*;
     use crate::testing::TestThreads;
 
     type Tla = ThreadLocalAllocator<TestThreads>;
@@ -1289,5 +1290,14 @@ mod tests {
         a.free(p).unwrap();
         a.release_thread_heap().unwrap();
         a.check().unwrap();
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+        #[test]
+        fn behaves_like_the_model(ops in proptest::collection::vec(op_strategy(), 1..60)) {
+            let a = Tla::create(region_of(24 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+            run_model(&a, &ops);
+        }
     }
 }
