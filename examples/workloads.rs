@@ -109,11 +109,21 @@ impl<A: AllocatorType> ShmSubject<A> {
         let segment = format!("/hetmem-workloads-{name}-{}", std::process::id());
         let make = || -> hetmem::Result<Self> {
             let manager = MemoryManager::new();
-            let backend =
-                manager.add_backend(PosixShmBackend::create(&segment, SHM_BYTES, &ShmOptions::default())?)?;
-            let allocator = manager.create_allocator::<A>(backend.id(), SHM_ID, 0, &Default::default())?;
+            let backend = manager.add_backend(PosixShmBackend::create(
+                &segment,
+                SHM_BYTES,
+                &ShmOptions::default(),
+            )?)?;
+            let allocator =
+                manager.create_allocator::<A>(backend.id(), SHM_ID, 0, &Default::default())?;
             let base = backend.base();
-            Ok(ShmSubject { name, segment: segment.clone(), allocator, base, _manager: manager })
+            Ok(ShmSubject {
+                name,
+                segment: segment.clone(),
+                allocator,
+                base,
+                _manager: manager,
+            })
         };
         Arc::new(make().unwrap_or_else(|e| {
             eprintln!("{name}: cannot create segment {segment}: {e}");
@@ -124,10 +134,17 @@ impl<A: AllocatorType> ShmSubject<A> {
     /// Attaches to the segment another process created.
     fn attach(name: &'static str, segment: &str) -> hetmem::Result<Arc<dyn Subject>> {
         let manager = MemoryManager::new();
-        let backend = manager.add_backend(PosixShmBackend::attach(segment, &ShmOptions::default())?)?;
+        let backend =
+            manager.add_backend(PosixShmBackend::attach(segment, &ShmOptions::default())?)?;
         let allocator = manager.attach_allocator::<A>(backend.id(), SHM_ID)?;
         let base = backend.base();
-        Ok(Arc::new(ShmSubject { name, segment: segment.to_string(), allocator, base, _manager: manager }))
+        Ok(Arc::new(ShmSubject {
+            name,
+            segment: segment.to_string(),
+            allocator,
+            base,
+            _manager: manager,
+        }))
     }
 }
 
@@ -150,7 +167,10 @@ impl<A: AllocatorType> Subject for ShmSubject<A> {
         }
     }
     fn shared(&self) -> Option<SharedSegment> {
-        Some(SharedSegment { allocator: self.name, segment: self.segment.clone() })
+        Some(SharedSegment {
+            allocator: self.name,
+            segment: self.segment.clone(),
+        })
     }
 }
 
@@ -169,7 +189,9 @@ fn attach_subject(allocator: &str, segment: &str) -> hetmem::Result<Arc<dyn Subj
     match allocator {
         "scalable-page" => ShmSubject::<ScalablePageAllocator>::attach("scalable-page", segment),
         "thread-local" => ShmSubject::<ThreadLocalAllocator>::attach("thread-local", segment),
-        _ => Err(hetmem::Error::Unsupported("no shared-memory subject of that name")),
+        _ => Err(hetmem::Error::Unsupported(
+            "no shared-memory subject of that name",
+        )),
     }
 }
 
@@ -475,7 +497,9 @@ fn main() {
                 .collect();
             rows.push((w.clone(), s.name(), threads, 1, median(times)));
             if let (true, Some(shared)) = (w == "W3", s.shared()) {
-                let times = (0..o.reps).map(|_| w3_processes(&shared, o.steps)).collect();
+                let times = (0..o.reps)
+                    .map(|_| w3_processes(&shared, o.steps))
+                    .collect();
                 rows.push((w.clone(), s.name(), 1, 2, median(times)));
             }
         }

@@ -63,10 +63,10 @@ pub mod gpu {
 
 /// The names most programs need.
 pub mod prelude {
+    pub use crate::allocators::ThreadLocalAllocator;
     pub use hetmem_backends::{
         ArrayBackend, MallocBackend, PosixMmapBackend, PosixShmBackend, ShmOptions,
     };
-    pub use crate::allocators::ThreadLocalAllocator;
     pub use hetmem_core::allocators::{
         DeadProcessBlocks, ScalablePageAllocator, ScalablePageConfig, StackAllocator,
         ThreadLocalConfig,

@@ -161,7 +161,12 @@ fn stress<A: AllocatorType>(test: &str, tag: &str) {
     });
     let children: Vec<_> = (1..=4u8)
         .map(|owner| {
-            let args = [seg.clone(), mailbox.get().to_string(), owner.to_string(), ops.to_string()];
+            let args = [
+                seg.clone(),
+                mailbox.get().to_string(),
+                owner.to_string(),
+                ops.to_string(),
+            ];
             spawn(test, "stress", &args)
         })
         .collect();
@@ -297,13 +302,20 @@ fn crash<A: CrashProbe>(test: &str, tag: &str, config: A::Config, exact: bool) {
     }
     stop.store(true, Ordering::Relaxed);
     let worst = survivor.join().unwrap();
-    assert!(worst < Duration::from_secs(2), "a survivor's operation took {worst:?}");
+    assert!(
+        worst < Duration::from_secs(2),
+        "a survivor's operation took {worst:?}"
+    );
     a.reclaim_dead();
     a.check().unwrap();
     let end = a.stats();
     if exact {
         assert_eq!(end.live_allocations, 0);
-        assert_eq!(end.free_bytes(), start, "the dead children's memory came back");
+        assert_eq!(
+            end.free_bytes(),
+            start,
+            "the dead children's memory came back"
+        );
     } else {
         let lost = a.lost();
         assert!(lost <= 100, "{lost} blocks lost in 100 kills");

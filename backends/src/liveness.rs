@@ -88,7 +88,10 @@ mod tests {
                 start_time: me.start_time + 1,
                 ..me
             };
-            assert!(!ProcLiveness.is_alive(recycled), "same pid, other start time");
+            assert!(
+                !ProcLiveness.is_alive(recycled),
+                "same pid, other start time"
+            );
         }
     }
 }

@@ -149,7 +149,7 @@ impl_backend!(
     creator = |s| s.creator,
     fn name(&self) -> Option<&str> {
         Some(&self.name)
-    }
+    },
     fn destroy(&self) -> Result<()> {
         self.unlink_name()
     }

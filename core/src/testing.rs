@@ -114,7 +114,12 @@ impl crate::thread::ThreadModel for TestThreads {
     }
     fn tls_get(key: usize) -> *mut core::ffi::c_void {
         VALUES
-            .try_with(|v| v.0.borrow().get(key).copied().unwrap_or(core::ptr::null_mut()))
+            .try_with(|v| {
+                v.0.borrow()
+                    .get(key)
+                    .copied()
+                    .unwrap_or(core::ptr::null_mut())
+            })
             .unwrap_or(core::ptr::null_mut())
     }
     fn tls_set(key: usize, value: *mut core::ffi::c_void) -> crate::error::Result<()> {

@@ -117,7 +117,10 @@ pub struct ClassStats {
 }
 
 /// Per-class figures from live counts and allocation counts.
-pub(crate) fn class_stats(live: &[u64; CLASS_COUNT], allocs: &[u64; CLASS_COUNT]) -> alloc::vec::Vec<ClassStats> {
+pub(crate) fn class_stats(
+    live: &[u64; CLASS_COUNT],
+    allocs: &[u64; CLASS_COUNT],
+) -> alloc::vec::Vec<ClassStats> {
     (0..CLASS_COUNT)
         .map(|c| ClassStats {
             size: LAYOUTS[c].size as usize,

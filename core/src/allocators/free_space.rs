@@ -453,7 +453,15 @@ impl FreeSpaceGuard<'_> {
             // After the merged run is committed: the old start is no longer a run start, so
             // freeing it again is refused. (Where it is the new run's last unit, its tail
             // descriptor already says so.)
-            self.set(head, Desc { kind: K_INNER, len: 0, tag: NONE, aux: NONE });
+            self.set(
+                head,
+                Desc {
+                    kind: K_INNER,
+                    len: 0,
+                    tag: NONE,
+                    aux: NONE,
+                },
+            );
         }
         Ok(())
     }
@@ -616,7 +624,10 @@ impl FreeSpaceGuard<'_> {
         self.walk(|head, d| {
             let is_free = d.kind == K_FREE;
             if is_free && prev_free {
-                return Err(corrupt(self.fs.layout.unit_offset(head), "free runs not merged"));
+                return Err(corrupt(
+                    self.fs.layout.unit_offset(head),
+                    "free runs not merged",
+                ));
             }
             if d.len > 1 {
                 let t = self.desc(head + d.len - 1);
@@ -647,11 +658,17 @@ impl FreeSpaceGuard<'_> {
             let (mut at, mut prev) = (self.st.bins[bin], NONE);
             while at != NONE {
                 if !free_runs.contains(&at) || binned >= free_runs.len() {
-                    return Err(corrupt(at as u64, "bin holds something that is not a free run"));
+                    return Err(corrupt(
+                        at as u64,
+                        "bin holds something that is not a free run",
+                    ));
                 }
                 let d = self.desc(at);
                 if bin_of(d.len) != bin || d.tag != prev {
-                    return Err(corrupt(at as u64, "free run in the wrong bin or badly linked"));
+                    return Err(corrupt(
+                        at as u64,
+                        "free run in the wrong bin or badly linked",
+                    ));
                 }
                 binned += 1;
                 prev = at;

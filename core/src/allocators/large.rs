@@ -7,8 +7,7 @@ use crate::sync::atomic::Ordering;
 
 use super::free_space::{FreeSpace, FreeSpaceGuard, UNIT};
 use super::span::{
-    back_word, corrupt, invalid, large_units, user_of, Info, Mem, State,
-    LARGE_CLASS, LARGE_HEADER,
+    back_word, corrupt, invalid, large_units, user_of, Info, Mem, State, LARGE_CLASS, LARGE_HEADER,
 };
 
 /// The tag large runs carry in the free-space table.
@@ -144,7 +143,8 @@ pub(crate) fn resize_in_place(
         return Ok(false);
     }
     g.st.large.live_units = g.st.large.live_units - old_units + units as u64;
-    mem.word(block + 8)?.store(new_size as u64, Ordering::Relaxed);
+    mem.word(block + 8)?
+        .store(new_size as u64, Ordering::Relaxed);
     g.st.large.live_bytes = g.st.large.live_bytes - size + new_size as u64;
     Ok(true)
 }

@@ -258,7 +258,8 @@ impl ScalablePageAllocator {
         stripe.live[info.class].fetch_sub(1, Ordering::Relaxed);
         stripe.live_bytes.fetch_sub(info.size, Ordering::Relaxed);
         stripe.frees.fetch_add(1, Ordering::Relaxed);
-        self.list(thread_number(), info.class).push(&self.mem, block);
+        self.list(thread_number(), info.class)
+            .push(&self.mem, block);
         Ok(())
     }
 
@@ -353,7 +354,8 @@ impl ScalablePageAllocator {
                                     block_of_user(&self.mem, self.user_of_live(b)?)
                                 {
                                     if *verdict.entry(stamp).or_insert_with(|| {
-                                        stamp != self.stamp && liveness::is_dead(stamp_process(stamp))
+                                        stamp != self.stamp
+                                            && liveness::is_dead(stamp_process(stamp))
                                     }) {
                                         dead_blocks.push((false, self.user_of_live(b)?));
                                     }
@@ -518,11 +520,9 @@ impl ScalablePageAllocator {
         {
             return Err(corrupt(0, "live counters disagree with the blocks"));
         }
-        let bytes = self
-            .header()
-            .stripes
-            .iter()
-            .fold(0u64, |s, st| s.wrapping_add(st.live_bytes.load(Ordering::Relaxed)));
+        let bytes = self.header().stripes.iter().fold(0u64, |s, st| {
+            s.wrapping_add(st.live_bytes.load(Ordering::Relaxed))
+        });
         if excess == 0 && bytes != a.live_bytes {
             return Err(corrupt(0, "live byte counter disagrees with the blocks"));
         }
@@ -560,13 +560,7 @@ impl RegionAllocator for ScalablePageAllocator {
                     {
                         let mut g = self.fs.lock();
                         if let Some(u) = large::allocate(
-                            &mut g,
-                            &self.fs,
-                            &self.mem,
-                            size,
-                            align,
-                            0,
-                            self.stamp,
+                            &mut g, &self.fs, &self.mem, size, align, 0, self.stamp,
                         )? {
                             return Ok(OffsetPtr::new(u));
                         }
@@ -608,10 +602,17 @@ impl RegionAllocator for ScalablePageAllocator {
                 };
                 self.mem
                     .info(block)?
-                    .compare_exchange(info.pack(), resized.pack(), Ordering::AcqRel, Ordering::Relaxed)
+                    .compare_exchange(
+                        info.pack(),
+                        resized.pack(),
+                        Ordering::AcqRel,
+                        Ordering::Relaxed,
+                    )
                     .map_err(|_| invalid(user, "freed while being resized"))?;
                 let stripe = self.stripe();
-                stripe.live_bytes.fetch_add(new_size as u64, Ordering::Relaxed);
+                stripe
+                    .live_bytes
+                    .fetch_add(new_size as u64, Ordering::Relaxed);
                 stripe.live_bytes.fetch_sub(info.size, Ordering::Relaxed);
                 return Ok(ptr);
             }
@@ -718,15 +719,23 @@ mod tests {
 
     #[test]
     fn serves_every_size_and_alignment_and_returns_to_empty() {
-        let a = ScalablePageAllocator::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default())
-            .unwrap();
+        let a = ScalablePageAllocator::create(
+            region_of(8 << 20),
+            AllocatorId::new(1, 0),
+            &Default::default(),
+        )
+        .unwrap();
         exercise(&a);
     }
 
     #[test]
     fn blocks_freed_by_one_class_serve_another_after_trim() {
-        let a = ScalablePageAllocator::create(region_of(1 << 20), AllocatorId::new(1, 0), &Default::default())
-            .unwrap();
+        let a = ScalablePageAllocator::create(
+            region_of(1 << 20),
+            AllocatorId::new(1, 0),
+            &Default::default(),
+        )
+        .unwrap();
         let mut small = Vec::new();
         while let Ok(p) = a.allocate(64, 8) {
             small.push(p);

@@ -60,7 +60,10 @@ mod tests {
         for size in 1..=SMALL_MAX {
             let c = class_of(size).unwrap();
             assert!(class_size(c) >= size, "size {size} class {c}");
-            assert!(c == 0 || class_size(c - 1) < size, "size {size} not smallest");
+            assert!(
+                c == 0 || class_size(c - 1) < size,
+                "size {size} not smallest"
+            );
             let waste = class_size(c) - size;
             if size >= 64 {
                 assert!(waste * 5 <= class_size(c), "size {size}: waste {waste}");

@@ -190,7 +190,9 @@ unsafe impl Sync for Mem {}
 impl Mem {
     /// A view of `[start, end)` of `region`'s backend.
     pub(crate) fn of(region: &Region, start: u64, end: u64) -> Result<Mem> {
-        let base = region.ptr(region.offset(), 0)?.wrapping_sub(region.offset() as usize);
+        let base = region
+            .ptr(region.offset(), 0)?
+            .wrapping_sub(region.offset() as usize);
         if !region.contains(start, end.saturating_sub(start)) {
             return Err(Error::OutOfBounds {
                 offset: start,
@@ -434,7 +436,10 @@ mod tests {
             assert!(SPAN_HEADER + l.blocks * l.stride <= l.units as u64 * UNIT);
             assert_eq!(l.stride % 16, 0);
         }
-        assert_eq!(class_for(16, 4096), super::super::size_class::class_of(16 + 4080));
+        assert_eq!(
+            class_for(16, 4096),
+            super::super::size_class::class_of(16 + 4080)
+        );
         assert_eq!(class_for(20_000, 8), None);
     }
 }

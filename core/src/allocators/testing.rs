@@ -36,10 +36,13 @@ pub(crate) fn exercise(a: &dyn RegionAllocator) {
     a.check().unwrap();
     let mut live = Vec::new();
     let mut seed = 1u8;
-    for &size in &[1usize, 15, 16, 17, 63, 64, 65, 100, 1000, 4096, 16384, 16385, 40_000, 300_000] {
+    for &size in &[
+        1usize, 15, 16, 17, 63, 64, 65, 100, 1000, 4096, 16384, 16385, 40_000, 300_000,
+    ] {
         for &align in &[1usize, 8, 16, 64, 256, 4096] {
             let p = a.allocate(size, align).unwrap();
-            a.check().unwrap_or_else(|e| panic!("size {size} align {align}: {e}"));
+            a.check()
+                .unwrap_or_else(|e| panic!("size {size} align {align}: {e}"));
             assert_eq!(p.get() % align as u64, 0, "size {size} align {align}");
             assert_eq!(a.size_of(p).unwrap(), size);
             fill(a, p, size, seed);
@@ -50,7 +53,10 @@ pub(crate) fn exercise(a: &dyn RegionAllocator) {
     a.check().unwrap();
     assert_eq!(a.stats().live_allocations, live.len() as u64);
     // No two live blocks overlap.
-    let mut spans: Vec<_> = live.iter().map(|(p, s, _)| (p.get(), p.get() + *s as u64)).collect();
+    let mut spans: Vec<_> = live
+        .iter()
+        .map(|(p, s, _)| (p.get(), p.get() + *s as u64))
+        .collect();
     spans.sort_unstable();
     assert!(spans.windows(2).all(|w| w[0].1 <= w[1].0));
     for &(p, size, seed) in &live {
@@ -65,14 +71,23 @@ pub(crate) fn exercise(a: &dyn RegionAllocator) {
     a.free(r).unwrap();
     // Bad input.
     assert!(matches!(a.allocate(0, 8), Err(Error::InvalidSize { .. })));
-    assert!(matches!(a.allocate(8, 3), Err(Error::InvalidAlignment { .. })));
-    assert!(matches!(a.allocate(8, 8192), Err(Error::InvalidAlignment { .. })));
+    assert!(matches!(
+        a.allocate(8, 3),
+        Err(Error::InvalidAlignment { .. })
+    ));
+    assert!(matches!(
+        a.allocate(8, 8192),
+        Err(Error::InvalidAlignment { .. })
+    ));
     assert!(a.free(OffsetPtr::NULL).is_err());
     assert!(a.free(OffsetPtr::new(live[0].0.get() + 16)).is_err());
     assert!(a.free(OffsetPtr::new(a.region().end() + 64)).is_err());
     let (p0, _, _) = live.remove(0);
     a.free(p0).unwrap();
-    assert!(matches!(a.free(p0), Err(Error::InvalidFree { .. })), "double free");
+    assert!(
+        matches!(a.free(p0), Err(Error::InvalidFree { .. })),
+        "double free"
+    );
     // Out of memory is an error and the allocator stays usable.
     assert!(matches!(
         a.allocate(a.region().len() as usize, 8),
@@ -95,9 +110,18 @@ pub(crate) fn exercise(a: &dyn RegionAllocator) {
 /// One step of the model-based test.
 #[derive(Clone, Debug)]
 pub(crate) enum Op {
-    Alloc { size: usize, align_log: u32 },
-    Realloc { pick: usize, size: usize, align_log: u32 },
-    Free { pick: usize },
+    Alloc {
+        size: usize,
+        align_log: u32,
+    },
+    Realloc {
+        pick: usize,
+        size: usize,
+        align_log: u32,
+    },
+    Free {
+        pick: usize,
+    },
 }
 
 /// Sizes 0..2 MiB, mostly small; alignments 1..4096.
@@ -141,7 +165,11 @@ pub(crate) fn run_model(a: &dyn RegionAllocator, ops: &[Op]) {
                     Err(e) => panic!("allocate({size}, {align}): {e}"),
                 }
             }
-            Op::Realloc { pick, size, align_log } if !live.is_empty() => {
+            Op::Realloc {
+                pick,
+                size,
+                align_log,
+            } if !live.is_empty() => {
                 let i = pick % live.len();
                 let (p, old, s) = live[i];
                 let align = 1usize << align_log;
@@ -166,11 +194,20 @@ pub(crate) fn run_model(a: &dyn RegionAllocator, ops: &[Op]) {
             _ => {}
         }
         a.check().unwrap_or_else(|e| panic!("after {op:?}: {e}"));
-        let mut spans: Vec<_> = live.iter().map(|(p, s, _)| (p.get(), p.get() + *s as u64)).collect();
+        let mut spans: Vec<_> = live
+            .iter()
+            .map(|(p, s, _)| (p.get(), p.get() + *s as u64))
+            .collect();
         spans.sort_unstable();
-        assert!(spans.windows(2).all(|w| w[0].1 <= w[1].0), "live blocks overlap");
+        assert!(
+            spans.windows(2).all(|w| w[0].1 <= w[1].0),
+            "live blocks overlap"
+        );
         assert_eq!(a.stats().live_allocations, live.len() as u64);
-        assert_eq!(a.stats().bytes_in_use, live.iter().map(|l| l.1 as u64).sum::<u64>());
+        assert_eq!(
+            a.stats().bytes_in_use,
+            live.iter().map(|l| l.1 as u64).sum::<u64>()
+        );
     }
     for (p, size, s) in live {
         assert!(holds(a, p, size, s));

@@ -49,8 +49,7 @@ use super::large::{self, TAG_LARGE, TAG_META, TAG_SPAN};
 use super::size_class::CLASS_COUNT;
 use super::span::{
     back_word, block_at, block_of_user, class_for, corrupt, init_span, invalid, span_class,
-    span_of, user_of, Info, Mem, SpanHeader, SpanLocal, State, LARGE_CLASS, LAYOUTS,
-    SMALL_HEADER,
+    span_of, user_of, Info, Mem, SpanHeader, SpanLocal, State, LARGE_CLASS, LAYOUTS, SMALL_HEADER,
 };
 
 const TYPE_ID: u32 = 0x544C_4131; // "TLA1"
@@ -217,7 +216,9 @@ impl Shared {
         let mut chunk = first;
         let limit = self.fs.layout().units as usize + 1;
         for _ in 0..limit {
-            let p = self.region.ptr(chunk, core::mem::size_of::<HeapChunk>() as u64)?;
+            let p = self
+                .region
+                .ptr(chunk, core::mem::size_of::<HeapChunk>() as u64)?;
             // SAFETY: in bounds; chunks are atomics and heaps.
             let c = unsafe { &*p.cast::<HeapChunk>() };
             for i in 0..CHUNK_HEAPS {
@@ -305,7 +306,13 @@ impl Shared {
     // ---- allocation ----
 
     #[inline]
-    fn allocate_small(&self, heap_off: u64, class: usize, size: usize, align: usize) -> Result<u64> {
+    fn allocate_small(
+        &self,
+        heap_off: u64,
+        class: usize,
+        size: usize,
+        align: usize,
+    ) -> Result<u64> {
         let heap = self.heap(heap_off)?;
         // SAFETY: the calling thread owns `heap` (it came from this thread's TLS).
         let local = unsafe { self.local(heap) };
@@ -509,12 +516,21 @@ impl Shared {
     }
 
     /// Puts a block back on its span's local list (owner only) and files the span.
-    fn return_block(&self, local: &mut HeapLocal, class: usize, span: u64, block: u64) -> Result<()> {
+    fn return_block(
+        &self,
+        local: &mut HeapLocal,
+        class: usize,
+        span: u64,
+        block: u64,
+    ) -> Result<()> {
         // SAFETY: the caller owns the span's heap.
         let s = unsafe { self.span_local(span) }?;
         self.mem.store_link(block, tagged_list::decode(s.free));
         s.free = tagged_list::encode(Some(block));
-        s.used = s.used.checked_sub(1).ok_or(corrupt(span, "span use count underflow"))?;
+        s.used = s
+            .used
+            .checked_sub(1)
+            .ok_or(corrupt(span, "span use count underflow"))?;
         let (used, list) = (s.used, s.list);
         if list == LIST_CURRENT {
             return Ok(());
@@ -556,7 +572,10 @@ impl Shared {
         for b in chain {
             let info = Info::unpack(self.mem.info(b)?.load(Ordering::Acquire))
                 .filter(|i| i.state == State::Remote && i.class == class)
-                .ok_or(corrupt(b, "remote list holds a block that was not freed remotely"))?;
+                .ok_or(corrupt(
+                    b,
+                    "remote list holds a block that was not freed remotely",
+                ))?;
             let span = span_of(b, &info).ok_or(corrupt(b, "remote block outside a span"))?;
             if self.mem.span(span)?.owner.load(Ordering::Relaxed) != heap_off {
                 return Err(corrupt(b, "remote block of another heap"));
@@ -657,8 +676,7 @@ impl Shared {
                 continue;
             }
             let me = my_token_plain();
-            if h
-                .owner
+            if h.owner
                 .compare_exchange(owner, me, Ordering::Acquire, Ordering::Relaxed)
                 .is_err()
             {
@@ -692,7 +710,10 @@ impl Shared {
             g.for_each_used(|head, run| {
                 let base = self.fs.layout().unit_offset(head);
                 if run.tag == TAG_SPAN
-                    && self.mem.span(base).is_ok_and(|s| s.owner.load(Ordering::Relaxed) == heap_off)
+                    && self
+                        .mem
+                        .span(base)
+                        .is_ok_and(|s| s.owner.load(Ordering::Relaxed) == heap_off)
                 {
                     spans.push((base, run.aux as usize));
                 } else if run.tag == TAG_LARGE && run.aux == index + 1 && free_dead {
@@ -836,7 +857,10 @@ impl Shared {
                 if local.classes[class].current != 0 {
                     file(local.classes[class].current, LIST_CURRENT)?;
                 }
-                for (head, list) in [(local.avail[class], LIST_AVAIL), (local.full[class], LIST_FULL)] {
+                for (head, list) in [
+                    (local.avail[class], LIST_AVAIL),
+                    (local.full[class], LIST_FULL),
+                ] {
                     let (mut at, mut n) = (head, 0u64);
                     while at != 0 {
                         n += 1;
@@ -861,10 +885,15 @@ impl Shared {
                     let layout = LAYOUTS.get(class).ok_or(corrupt(base, "span class"))?;
                     let s: &SpanHeader = self.mem.span(base)?;
                     let owner = s.owner.load(Ordering::Relaxed);
-                    if span_class(s) != class || run.len() != layout.units || !heap_set.contains(&owner) {
+                    if span_class(s) != class
+                        || run.len() != layout.units
+                        || !heap_set.contains(&owner)
+                    {
                         return Err(corrupt(base, "span header disagrees with the table"));
                     }
-                    let (fh, fc, fl) = *filed.get(&base).ok_or(corrupt(base, "span on no list of its heap"))?;
+                    let (fh, fc, fl) = *filed
+                        .get(&base)
+                        .ok_or(corrupt(base, "span on no list of its heap"))?;
                     if fh != owner || fc != class || fl != s.local.list {
                         return Err(corrupt(base, "span filed in the wrong place"));
                     }
@@ -874,15 +903,24 @@ impl Shared {
                         return Err(corrupt(base, "span bump past its blocks"));
                     }
                     let mut listed = BTreeSet::new();
-                    tagged_list::walk(&self.mem, tagged_list::decode(s.local.free), layout.blocks + 1, |b| {
-                        let info = Info::unpack(self.mem.info(b)?.load(Ordering::Acquire));
-                        let ok = info.is_some_and(|i| i.state == State::Free && i.class == class)
-                            && span_of(b, &info.unwrap()) == Some(base);
-                        if !ok || !listed.insert(b) {
-                            return Err(corrupt(b, "span free list holds a block that is not its free block"));
-                        }
-                        Ok(())
-                    })?;
+                    tagged_list::walk(
+                        &self.mem,
+                        tagged_list::decode(s.local.free),
+                        layout.blocks + 1,
+                        |b| {
+                            let info = Info::unpack(self.mem.info(b)?.load(Ordering::Acquire));
+                            let ok = info
+                                .is_some_and(|i| i.state == State::Free && i.class == class)
+                                && span_of(b, &info.unwrap()) == Some(base);
+                            if !ok || !listed.insert(b) {
+                                return Err(corrupt(
+                                    b,
+                                    "span free list holds a block that is not its free block",
+                                ));
+                            }
+                            Ok(())
+                        },
+                    )?;
                     let mut used = 0u32;
                     let entry = live.entry((owner, class)).or_default();
                     for index in 0..bump {
@@ -896,7 +934,10 @@ impl Shared {
                             State::Live | State::Remote => {
                                 if info.state == State::Remote {
                                     if !remote.contains(&b) {
-                                        return Err(corrupt(b, "remotely freed block on no remote list"));
+                                        return Err(corrupt(
+                                            b,
+                                            "remotely freed block on no remote list",
+                                        ));
                                     }
                                     remote_seen += 1;
                                 }
@@ -925,7 +966,10 @@ impl Shared {
             return Err(corrupt(0, "a heap lists a span that is not in use"));
         }
         if remote_seen != remote.len() {
-            return Err(corrupt(0, "remote list holds a block that is not remotely freed"));
+            return Err(corrupt(
+                0,
+                "remote list holds a block that is not remotely freed",
+            ));
         }
         for &offset in &heaps {
             let h = self.heap(offset)?;
@@ -938,7 +982,10 @@ impl Shared {
                     return Err(corrupt(offset, "heap counters disagree with its blocks"));
                 }
                 if cs.allocations < cs.live {
-                    return Err(corrupt(offset, "heap has more live blocks than allocations"));
+                    return Err(corrupt(
+                        offset,
+                        "heap has more live blocks than allocations",
+                    ));
                 }
             }
         }
@@ -1045,7 +1092,10 @@ impl<T: ThreadModel> ThreadLocalAllocator<T> {
 
     /// Per size class: block size, live blocks, allocations since creation.
     pub fn class_stats(&self) -> Vec<ClassStats> {
-        let (live, allocs, _) = self.shared.class_counts().unwrap_or(([0; CLASS_COUNT], [0; CLASS_COUNT], 0));
+        let (live, allocs, _) =
+            self.shared
+                .class_counts()
+                .unwrap_or(([0; CLASS_COUNT], [0; CLASS_COUNT], 0));
         class_stats(&live, &allocs)
     }
 
@@ -1094,7 +1144,9 @@ impl<T: ThreadModel> RegionAllocator for ThreadLocalAllocator<T> {
                 for attempt in 0..3 {
                     {
                         let mut g = s.fs.lock();
-                        if let Some(u) = large::allocate(&mut g, &s.fs, &s.mem, size, align, aux, 0)? {
+                        if let Some(u) =
+                            large::allocate(&mut g, &s.fs, &s.mem, size, align, aux, 0)?
+                        {
                             return Ok(OffsetPtr::new(u));
                         }
                     }
@@ -1127,7 +1179,8 @@ impl<T: ThreadModel> RegionAllocator for ThreadLocalAllocator<T> {
             old_size = info.size;
             let room = block + LAYOUTS[info.class].stride - user;
             let fits = user % align as u64 == 0 && new_size as u64 <= room;
-            let span = span_of(block, &info).ok_or(invalid(user, "not a block of this allocator"))?;
+            let span =
+                span_of(block, &info).ok_or(invalid(user, "not a block of this allocator"))?;
             let mine = self.existing_heap();
             let owned = mine != 0 && s.mem.span(span)?.owner.load(Ordering::Relaxed) == mine;
             if fits && owned && class_for(new_size, align).is_some_and(|c| c + 4 >= info.class) {
@@ -1183,10 +1236,14 @@ impl<T: ThreadModel> RegionAllocator for ThreadLocalAllocator<T> {
     /// `high_watermark` is the most the free-space manager had out at once.
     fn stats(&self) -> AllocStats {
         let s = &self.shared;
-        let (live, allocs, bytes) = s.class_counts().unwrap_or(([0; CLASS_COUNT], [0; CLASS_COUNT], 0));
+        let (live, allocs, bytes) =
+            s.class_counts()
+                .unwrap_or(([0; CLASS_COUNT], [0; CLASS_COUNT], 0));
         let g = s.fs.lock();
         let live_count = live.iter().fold(g.st.large.live, |a, n| a.wrapping_add(*n));
-        let total = allocs.iter().fold(g.st.large.allocations, |a, n| a.wrapping_add(*n));
+        let total = allocs
+            .iter()
+            .fold(g.st.large.allocations, |a, n| a.wrapping_add(*n));
         AllocStats {
             capacity: s.fs.layout().bytes(),
             bytes_in_use: bytes.wrapping_add(g.st.large.live_bytes),
@@ -1255,14 +1312,19 @@ impl<T: ThreadModel> AllocatorType for ThreadLocalAllocator<T> {
 mod tests {
     use super::*;
     use crate::allocators::testing::{exercise, op_strategy, region_of, run_model};
-    use proptest::prelude::*;
     use crate::testing::TestThreads;
+    use proptest::prelude::*;
 
     type Tla = ThreadLocalAllocator<TestThreads>;
 
     #[test]
     fn serves_every_size_and_alignment_and_returns_to_empty() {
-        let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+        let a = Tla::create(
+            region_of(8 << 20),
+            AllocatorId::new(1, 0),
+            &Default::default(),
+        )
+        .unwrap();
         exercise(&a);
         a.trim().unwrap();
         a.check().unwrap();
@@ -1270,15 +1332,30 @@ mod tests {
 
     #[test]
     fn remote_frees_return_to_the_owner_and_exited_threads_give_their_heaps_back() {
-        let a = Arc::new(Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap());
+        let a = Arc::new(
+            Tla::create(
+                region_of(8 << 20),
+                AllocatorId::new(1, 0),
+                &Default::default(),
+            )
+            .unwrap(),
+        );
         let start = a.stats().free_bytes();
         let blocks: Vec<u64> = {
             let a = a.clone();
-            std::thread::spawn(move || (0..2000).map(|i| a.allocate(16 + i % 500, 8).unwrap().get()).collect())
-                .join()
-                .unwrap()
+            std::thread::spawn(move || {
+                (0..2000)
+                    .map(|i| a.allocate(16 + i % 500, 8).unwrap().get())
+                    .collect()
+            })
+            .join()
+            .unwrap()
         };
-        assert_eq!(a.owned_heaps().unwrap(), 0, "the exited thread released its heap");
+        assert_eq!(
+            a.owned_heaps().unwrap(),
+            0,
+            "the exited thread released its heap"
+        );
         a.check().unwrap();
         for b in blocks {
             a.free(OffsetPtr::new(b)).unwrap();

@@ -203,11 +203,14 @@ mod tests {
 
     impl LinkStore for VecStore {
         fn load_link(&self, offset: u64) -> Result<Option<u64>> {
-            let slot = self.0.get((offset / 16) as usize).ok_or(Error::OutOfBounds {
-                offset,
-                len: 8,
-                region_len: self.0.len() as u64 * 16,
-            })?;
+            let slot = self
+                .0
+                .get((offset / 16) as usize)
+                .ok_or(Error::OutOfBounds {
+                    offset,
+                    len: 8,
+                    region_len: self.0.len() as u64 * 16,
+                })?;
             Ok(decode(slot.load(Ordering::Relaxed)))
         }
         fn store_link(&self, offset: u64, next: Option<u64>) {
