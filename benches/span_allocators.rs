@@ -41,7 +41,8 @@ impl Pair for Mi {
     }
 }
 
-struct Shm<A: RegionAllocator>(Arc<A>, MemoryManager);
+/// The allocator and the manager that keeps its segment mapped.
+struct Shm<A: RegionAllocator>(Arc<A>, #[allow(dead_code)] MemoryManager);
 impl<A: RegionAllocator> Pair for Shm<A> {
     fn alloc(&self, size: usize) -> u64 {
         self.0.allocate(size, 8).unwrap().get()

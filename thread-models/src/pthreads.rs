@@ -67,6 +67,8 @@ impl ThreadModel for Pthreads {
         unsafe { libc::pthread_getspecific(key) }
     }
 
+    // The value is stored, never dereferenced here.
+    #[allow(clippy::not_unsafe_ptr_arg_deref)]
     fn tls_set(key: Self::TlsKey, value: *mut c_void) -> Result<()> {
         // SAFETY: storing a pointer value; pthread never dereferences it (only the destructor does).
         let rc = unsafe { libc::pthread_setspecific(key, value) };
