@@ -33,6 +33,11 @@ pub use hetmem_core::{
 /// Region allocators.
 pub mod allocators {
     pub use hetmem_core::allocators::*;
+
+    /// [`ThreadLocalAllocator`](hetmem_core::allocators::ThreadLocalAllocator) with this
+    /// platform's thread model.
+    pub type ThreadLocalAllocator =
+        hetmem_core::allocators::ThreadLocalAllocator<hetmem_thread_models::DefaultThreadModel>;
 }
 
 /// Memory backends.
@@ -62,8 +67,11 @@ pub mod gpu {
 
 /// The names most programs need.
 pub mod prelude {
+    pub use crate::allocators::ThreadLocalAllocator;
     pub use hetmem_backends::{ArrayBackend, MallocBackend, PosixMmapBackend, PosixShmBackend, ShmOptions};
-    pub use hetmem_core::allocators::StackAllocator;
+    pub use hetmem_core::allocators::{
+        DeadProcessBlocks, ScalablePageAllocator, ScalablePageConfig, StackAllocator, ThreadLocalConfig,
+    };
     pub use hetmem_core::{
         AllocatorId, AllocatorType, BackendId, Error, FullPtr, MemoryBackend, MemoryManager, OffsetPtr,
         RegionAllocator, Result, ShmPtr, ThreadModel,

@@ -10,7 +10,8 @@
 //! - [`thread`]: what a thread is ([`ThreadModel`]).
 //! - [`resource`]: upstream sources of blocks for pools ([`MemoryResource`]).
 //! - [`pool`] (feature `alloc`): coalescing and fixed-size pools over any resource.
-//! - [`sync`]: locks that are safe to place in shared memory.
+//! - [`sync`]: locks and lock-free lists that are safe to place in shared memory.
+//! - [`liveness`]: the hook that tells whether another process still runs (crash recovery).
 //! - [`manager`] (feature `std`): the registry that turns a [`ShmPtr`] into a local address.
 //!
 //! The crate is `no_std` without its default `std` feature; `alloc` adds regions and allocators.
@@ -23,6 +24,7 @@ extern crate alloc;
 pub mod backend;
 pub mod error;
 pub mod header;
+pub mod liveness;
 pub mod ptr;
 pub mod resource;
 pub mod sync;
@@ -54,6 +56,8 @@ pub use thread::{ThreadModel, TlsDestructor};
 pub use allocator::{AllocStats, AllocatorType, RegionAllocator};
 #[cfg(feature = "alloc")]
 pub use allocators::StackAllocator;
+#[cfg(all(feature = "alloc", not(loom)))]
+pub use allocators::{ScalablePageAllocator, ThreadLocalAllocator};
 #[cfg(feature = "alloc")]
 pub use region::Region;
 
