@@ -1,6 +1,5 @@
 //! What the two span allocators share besides blocks: the first words of their headers, the
-//! per-class statistics type, the dead-process policy, and a per-thread number for spreading
-//! threads over shards and counter stripes.
+//! per-class statistics type and the dead-process policy.
 
 use crate::error::{Error, Result};
 use crate::ptr::AllocatorId;
@@ -11,7 +10,7 @@ use super::size_class::CLASS_COUNT;
 use super::span::LAYOUTS;
 
 /// Layout version of the span allocators' headers.
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 
 /// The first bytes of a span allocator's header.
 #[repr(C)]
@@ -106,25 +105,4 @@ pub(crate) fn class_stats(live: &[u64; CLASS_COUNT], allocs: &[u64; CLASS_COUNT]
 /// Bytes live small blocks take, headers and rounding included.
 pub(crate) fn small_reserved(live: &[u64; CLASS_COUNT]) -> u64 {
     live.iter().zip(LAYOUTS.iter()).map(|(n, l)| n.wrapping_mul(l.stride)).fold(0u64, u64::wrapping_add)
-}
-
-/// A small number for the calling thread, different for the threads of one process and spread
-/// across processes: picks shards and counter stripes.
-#[cfg(feature = "std")]
-#[inline]
-pub(crate) fn thread_number() -> usize {
-    use core::sync::atomic::{AtomicUsize, Ordering};
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    std::thread_local! {
-        static NUMBER: usize = NEXT.fetch_add(1, Ordering::Relaxed)
-            .wrapping_add((std::process::id() as usize).wrapping_mul(5));
-    }
-    NUMBER.with(|n| *n)
-}
-
-/// Without std there is no thread-local storage here: every caller shares number 0.
-#[cfg(not(feature = "std"))]
-#[inline]
-pub(crate) fn thread_number() -> usize {
-    0
 }

@@ -16,9 +16,10 @@
 //! (and merges neighbours) from the table.
 
 use crate::error::{Error, Result};
-use crate::liveness::{self, ProcessStamp};
 use crate::region::Region;
-use crate::sync::{owner_pid, Mutex, MutexGuard};
+use crate::sync::{Mutex, MutexGuard};
+
+use super::span::Mem;
 
 /// Bytes per unit.
 pub(crate) const UNIT: u64 = 4096;
@@ -159,6 +160,10 @@ pub(crate) struct FreeSpace {
     layout: FreeSpaceLayout,
     state: *const Mutex<FreeSpaceState>,
     table: *mut Desc,
+    /// For repairs after a dead holder: the arena, the whole region, the first slot chunk.
+    arena: Mem,
+    whole: Mem,
+    chunks: u64,
 }
 
 // SAFETY: the pointers point into `region`, which the value keeps mapped; the table is only
@@ -168,12 +173,13 @@ unsafe impl Send for FreeSpace {}
 unsafe impl Sync for FreeSpace {}
 
 impl FreeSpace {
-    /// A view of a manager whose state is at `state_offset`.
+    /// A view of a manager whose state is at `state_offset`; `chunks` is the allocator's first
+    /// slot chunk (0 if it has none), so runs a dead holder left half made can be told apart.
     ///
     /// # Safety
     /// A `Mutex<FreeSpaceState>` lives at `state_offset` (or is written by [`FreeSpace::init`]
     /// before any other use) for as long as the region is mapped.
-    pub(crate) unsafe fn new(region: Region, state_offset: u64, layout: FreeSpaceLayout) -> Result<Self> {
+    pub(crate) unsafe fn new(region: Region, state_offset: u64, layout: FreeSpaceLayout, chunks: u64) -> Result<Self> {
         let state = region
             .ptr(state_offset, core::mem::size_of::<Mutex<FreeSpaceState>>() as u64)?
             .cast::<Mutex<FreeSpaceState>>();
@@ -181,7 +187,9 @@ impl FreeSpace {
             return Err(corrupt(state_offset, "state misaligned"));
         }
         let table = region.ptr(layout.table, layout.units as u64 * 16)?.cast::<Desc>();
-        Ok(FreeSpace { _region: region, layout, state, table })
+        let arena = Mem::of(&region, layout.arena, layout.arena + layout.bytes())?;
+        let whole = Mem::of(&region, region.offset(), region.end())?;
+        Ok(FreeSpace { _region: region, layout, state, table, arena, whole, chunks })
     }
 
     /// The layout.
@@ -215,33 +223,26 @@ impl FreeSpace {
         unsafe { &*self.state }
     }
 
-    /// Takes the lock. A holder that is a dead process is replaced, and the bins are rebuilt
-    /// from the table before the guard is handed out.
+    /// Takes the lock. A holder that is a dead process is replaced; the bins are rebuilt from
+    /// the table and runs it left half made are returned ([`repair_runs`]) before the guard is
+    /// handed out.
+    ///
+    /// [`repair_runs`]: super::large::repair_runs
     pub(crate) fn lock(&self) -> FreeSpaceGuard<'_> {
-        let mutex = self.mutex();
-        let mut attempt = 0u32;
-        loop {
-            if let Some(st) = mutex.try_lock() {
-                return FreeSpaceGuard { fs: self, st };
+        let mut recovered = false;
+        let st = self.mutex().lock_or_recover(|st| {
+            st.recoveries += 1;
+            recovered = true;
+        });
+        let mut g = FreeSpaceGuard { fs: self, st };
+        if recovered {
+            // A table that cannot be rebuilt is reported by `check`; the guard is still handed
+            // out so that callers see errors, not a hang.
+            if g.rebuild().is_ok() {
+                super::large::repair_runs(&mut g, &self.arena, &self.whole, self.chunks);
             }
-            attempt = attempt.wrapping_add(1);
-            if attempt % 1024 == 0 {
-                if let Some(owner) = mutex.owner() {
-                    let stamp = ProcessStamp { pid: owner_pid(owner), start_time: 0 };
-                    if liveness::is_dead(stamp) {
-                        if let Some(st) = mutex.recover(owner) {
-                            let mut g = FreeSpaceGuard { fs: self, st };
-                            g.st.recoveries += 1;
-                            // A table that cannot be rebuilt is reported by `check`; the guard
-                            // is still handed out so that callers see errors, not a hang.
-                            let _ = g.rebuild();
-                            return g;
-                        }
-                    }
-                }
-            }
-            crate::sync::relax(attempt);
         }
+        g
     }
 }
 
@@ -613,7 +614,7 @@ mod tests {
         let start = state + core::mem::size_of::<Mutex<FreeSpaceState>>() as u64;
         let layout = FreeSpaceLayout::plan(start, region.end()).unwrap();
         // SAFETY: the state goes at the region's start, before the table; `init` runs first.
-        let fs = unsafe { FreeSpace::new(region, state, layout) }.unwrap();
+        let fs = unsafe { FreeSpace::new(region, state, layout, 0) }.unwrap();
         // SAFETY: no one else uses it.
         unsafe { fs.init() };
         fs

@@ -5,7 +5,7 @@
 use crate::error::{Error, Result};
 use crate::sync::atomic::Ordering;
 
-use super::free_space::{FreeSpace, FreeSpaceGuard, UNIT};
+use super::free_space::{FreeSpace, FreeSpaceGuard, LargeCounters, UNIT};
 use super::span::{back_word, corrupt, invalid, large_units, user_of, Info, Mem, State, LARGE_CLASS, LARGE_HEADER};
 
 /// The tag large runs carry in the free-space table.
@@ -123,7 +123,10 @@ pub(crate) fn resize_in_place(
 
 /// Checks one large run found in the table; returns its requested size.
 pub(crate) fn check_run(fs: &FreeSpace, mem: &Mem, head: u32, units: u32) -> Result<u64> {
-    let block = fs.layout().unit_offset(head);
+    check_block(mem, fs.layout().unit_offset(head), units)
+}
+
+fn check_block(mem: &Mem, block: u64, units: u32) -> Result<u64> {
     let info = Info::unpack(mem.info(block)?.load(Ordering::Acquire))
         .ok_or(corrupt(block, "large run without a block header"))?;
     if info.state != State::Live || info.class != LARGE_CLASS {
@@ -134,4 +137,69 @@ pub(crate) fn check_run(fs: &FreeSpace, mem: &Mem, head: u32, units: u32) -> Res
         return Err(corrupt(block, "large block size outside its run"));
     }
     Ok(size)
+}
+
+/// After the free-space lock was taken over from a dead holder (the bins are rebuilt already):
+/// runs whose maker died before finishing them go back to the free space (a span whose header
+/// was never written, a large block without its header or freed but not returned, a metadata
+/// run no chunk list links), and the large-block counters are recounted from the runs.
+/// `chunks` is the first slot chunk (0 for none), whose list is walked through each chunk's
+/// first word.
+pub(crate) fn repair_runs(g: &mut FreeSpaceGuard<'_>, arena: &Mem, mem: &Mem, chunks: u64) {
+    let mut orphans = alloc::vec::Vec::new();
+    let mut counters =
+        LargeCounters { allocations: g.st.large.allocations, frees: g.st.large.frees, ..LargeCounters::default() };
+    let unit_offset = |head: u32| arena.start() + head as u64 * UNIT;
+    let _ = g.for_each_used(|head, run| {
+        let base = unit_offset(head);
+        match run.tag {
+            TAG_SPAN if arena.class_span(base, run.aux as usize).is_none() => orphans.push(head),
+            TAG_LARGE => match check_block(arena, base, run.len()) {
+                Ok(size) => {
+                    counters.live += 1;
+                    counters.live_bytes += size;
+                    counters.live_units += run.len() as u64;
+                }
+                Err(_) => orphans.push(head),
+            },
+            TAG_META if !chunk_linked(mem, chunks, base) => orphans.push(head),
+            _ => {}
+        }
+        Ok(())
+    });
+    for head in orphans {
+        let _ = g.free(head);
+    }
+    g.st.large = counters;
+}
+
+/// Whether the chunk at `chunk` is on the list starting at `first` (each chunk's first word
+/// links the next).
+fn chunk_linked(mem: &Mem, first: u64, chunk: u64) -> bool {
+    let mut at = first;
+    for _ in 0..mem.end() / UNIT + 1 {
+        if at == 0 {
+            return false;
+        }
+        if at == chunk {
+            return true;
+        }
+        match mem.word_at(at) {
+            Some(w) => at = w.load(Ordering::Acquire),
+            None => return false,
+        }
+    }
+    false
+}
+
+/// Bytes of metadata runs (slot chunks), which count as reserved.
+pub(crate) fn meta_bytes(g: &FreeSpaceGuard<'_>) -> u64 {
+    let mut total = 0;
+    let _ = g.for_each_used(|_, run| {
+        if run.tag == TAG_META {
+            total += run.len() as u64 * UNIT;
+        }
+        Ok(())
+    });
+    total
 }

@@ -15,12 +15,16 @@ mod stack;
 #[cfg(not(loom))]
 mod common;
 #[cfg(not(loom))]
+mod fast_slot;
+#[cfg(not(loom))]
 mod free_space;
 #[cfg(not(loom))]
 mod large;
 #[cfg(not(loom))]
 mod scalable_page;
 pub mod size_class;
+#[cfg(not(loom))]
+mod slots;
 #[cfg(not(loom))]
 mod span;
 #[cfg(all(test, feature = "std", not(loom)))]

@@ -8,12 +8,21 @@
 //! ```
 //!
 //! `info` packs a magic, the block's state (free, live, or freed remotely and in transit), its
-//! class, its index in its span (so the span is found without any lookup) and, for small blocks,
-//! the requested size. The word just before the user bytes (`back`) gives the distance back to
-//! the block start, plus the allocating process for allocators that record it. A free block's
-//! second word links it into a [`TaggedOffsetList`](crate::sync::TaggedOffsetList).
+//! class, its index in its span (so the span is found without any lookup) and a 24-bit field:
+//! the requested size of a live block, the label of a free one (which thread cache holds it, for
+//! allocators that have them). The word just before the user bytes (`back`) gives the distance
+//! back to the block start, plus the allocating process for allocators that record it. A free
+//! block's second word links it into a list.
 //!
-//! [`Mem`] is the bounds-checked view every access goes through.
+//! A span header is two cache lines: the first (magic, class, owning heap) is written once and
+//! read by every thread that frees into the span; the second is state only the owning heap's
+//! thread writes, so frees from other threads do not pull the owner's line away.
+//!
+//! [`Mem`] is the bounds-checked view every access goes through. Its hot-path checks are plain
+//! comparisons returning `Option`; the `Error` saying what was wrong is built afterwards, off the
+//! fast path ([`explain_free`]).
+
+use core::cell::UnsafeCell;
 
 use crate::error::{Error, Result};
 use crate::region::Region;
@@ -21,7 +30,7 @@ use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::sync::tagged_list::{decode, encode, storable, LinkStore};
 
 use super::free_space::UNIT;
-use super::size_class::{class_size, CLASS_COUNT};
+use super::size_class::{class_size, CLASS_COUNT, SMALL_MAX};
 
 /// Header bytes before a small block's user bytes.
 pub(crate) const SMALL_HEADER: u64 = 16;
@@ -34,8 +43,17 @@ pub(crate) const LARGE_CLASS: usize = 255;
 const MAX_BLOCKS: u64 = 4095;
 const MIN_SPAN_UNITS: u64 = 16;
 const SPAN_MAGIC: u32 = 0x5350_414E; // "SPAN"
+/// The largest distance a back word may give (padding for a 4096 alignment plus a header).
+const MAX_BACK: u64 = 4096 + LARGE_HEADER;
 
 const INFO_MAGIC: u64 = 0xB10C;
+const STATE_SHIFT: u32 = 44;
+const CLASS_SHIFT: u32 = 36;
+const INDEX_SHIFT: u32 = 24;
+const INDEX_BITS: u64 = 0xfff << INDEX_SHIFT;
+/// The 24-bit field: a live block's size, a free block's label.
+pub(crate) const FIELD_MASK: u64 = 0xff_ffff;
+const STATE_BITS: u64 = 0xf << STATE_SHIFT;
 
 /// A block's state, in its info word.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,13 +72,18 @@ pub(crate) struct Info {
     pub(crate) state: State,
     pub(crate) class: usize,
     pub(crate) index: u64,
+    /// Live blocks: the requested size. Free blocks: a label (0 = none).
     pub(crate) size: u64,
 }
 
 impl Info {
     #[inline]
     pub(crate) fn pack(self) -> u64 {
-        (INFO_MAGIC << 48) | ((self.state as u64) << 44) | ((self.class as u64) << 36) | (self.index << 24) | self.size
+        (INFO_MAGIC << 48)
+            | ((self.state as u64) << STATE_SHIFT)
+            | ((self.class as u64) << CLASS_SHIFT)
+            | (self.index << INDEX_SHIFT)
+            | self.size
     }
 
     #[inline]
@@ -68,23 +91,49 @@ impl Info {
         if word >> 48 != INFO_MAGIC {
             return None;
         }
-        let state = match (word >> 44) & 0xf {
+        let state = match (word >> STATE_SHIFT) & 0xf {
             1 => State::Free,
             2 => State::Live,
             3 => State::Remote,
             _ => return None,
         };
-        let class = ((word >> 36) & 0xff) as usize;
+        let class = ((word >> CLASS_SHIFT) & 0xff) as usize;
         if class >= CLASS_COUNT && class != LARGE_CLASS {
             return None;
         }
-        Some(Info { state, class, index: (word >> 24) & 0xfff, size: word & 0xff_ffff })
+        Some(Info { state, class, index: (word >> INDEX_SHIFT) & 0xfff, size: word & FIELD_MASK })
     }
 
     #[inline]
     pub(crate) fn with_state(self, state: State) -> Info {
         Info { state, ..self }
     }
+}
+
+/// The info word of a free block of `class` labelled `label`, with its index bits cleared: a
+/// free block's word, masked with [`free_word_mask`], equals it.
+#[inline]
+pub(crate) const fn free_pattern(class: usize, label: u64) -> u64 {
+    (INFO_MAGIC << 48) | ((State::Free as u64) << STATE_SHIFT) | ((class as u64) << CLASS_SHIFT) | label
+}
+
+/// The bits of an info word [`free_pattern`] fixes (all but the index).
+#[inline]
+pub(crate) const fn free_word_mask() -> u64 {
+    !INDEX_BITS
+}
+
+/// The info word of a block turned live: `word` (a free block's) with its state and field
+/// replaced.
+#[inline]
+pub(crate) const fn live_word(word: u64, size: u64) -> u64 {
+    (word & !(STATE_BITS | FIELD_MASK)) | ((State::Live as u64) << STATE_SHIFT) | size
+}
+
+/// The info word of a live block turned free with `label`.
+#[inline]
+pub(crate) const fn freed_word(word: u64, label: u64) -> u64 {
+    (word & !(STATE_BITS | FIELD_MASK)) | ((State::Free as u64) << STATE_SHIFT) | label
 }
 
 /// The shape of a class's spans.
@@ -128,16 +177,37 @@ const fn layouts() -> [ClassLayout; CLASS_COUNT] {
 /// Every class's span shape.
 pub(crate) static LAYOUTS: [ClassLayout; CLASS_COUNT] = layouts();
 
-/// The first part of every span.
-#[repr(C)]
+/// Requests up to 1024 bytes: their class, by `(size + 15) / 16`.
+static SMALL_CLASSES: [u8; 65] = small_classes();
+
+const fn small_classes() -> [u8; 65] {
+    let mut out = [0u8; 65];
+    let mut i = 1;
+    while i <= 64 {
+        // The classes are sorted: the first whose size holds 16 * i bytes.
+        let mut c = 0;
+        while class_size(c) < i * 16 {
+            c += 1;
+        }
+        out[i] = c as u8;
+        i += 1;
+    }
+    out
+}
+
+/// The first cache line of every span: written once when the span is made.
+#[repr(C, align(64))]
 pub(crate) struct SpanHeader {
     magic: u32,
     class: u32,
     /// What owns the span (the thread-local allocator's heap offset; 0 in the page allocator).
     pub(crate) owner: AtomicU64,
-    /// Owner-only state for allocators with per-thread heaps.
-    pub(crate) local: SpanLocal,
+    /// Owner-only state for allocators with per-thread heaps, on a line of its own.
+    local: SpanLocalCell,
 }
+
+#[repr(C, align(64))]
+struct SpanLocalCell(UnsafeCell<SpanLocal>);
 
 /// Span state only the owning heap's thread touches.
 #[repr(C)]
@@ -157,14 +227,39 @@ pub(crate) struct SpanLocal {
     pub(crate) _pad: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<SpanHeader>() as u64 <= SPAN_HEADER);
+const _: () = assert!(core::mem::size_of::<SpanHeader>() as u64 == SPAN_HEADER);
+
+impl SpanHeader {
+    /// The owner-only part.
+    ///
+    /// # Safety
+    /// The caller's thread owns the heap that owns the span (or repairs it, holding the heap),
+    /// so no one else accesses this part while the pointer is used.
+    #[inline]
+    pub(crate) unsafe fn local(&self) -> *mut SpanLocal {
+        self.local.0.get()
+    }
+
+    /// A copy of the owner-only part, for walks while the allocator is quiet.
+    pub(crate) fn local_snapshot(&self) -> SpanLocal {
+        // SAFETY: plain integers in bounds; racing with an owner only gives stale figures, and
+        // callers use this while the allocator is quiet (check, stats).
+        unsafe { self.local.0.get().read_volatile() }
+    }
+
+    /// The class the span holds.
+    #[inline]
+    pub(crate) fn class(&self) -> usize {
+        self.class as usize
+    }
+}
 
 /// A bounds-checked view of a region, cheap to copy into fast paths.
 #[derive(Clone, Copy)]
 pub(crate) struct Mem {
     base: *mut u8,
     start: u64,
-    end: u64,
+    len: u64,
 }
 
 // SAFETY: a Mem is an address range inside a region its owner keeps mapped; every access through
@@ -177,38 +272,84 @@ impl Mem {
     /// A view of `[start, end)` of `region`'s backend.
     pub(crate) fn of(region: &Region, start: u64, end: u64) -> Result<Mem> {
         let base = region.ptr(region.offset(), 0)?.wrapping_sub(region.offset() as usize);
-        if !region.contains(start, end.saturating_sub(start)) {
-            return Err(Error::OutOfBounds { offset: start, len: end.saturating_sub(start), region_len: region.end() });
+        let len = end.saturating_sub(start);
+        if !region.contains(start, len) || len < SPAN_HEADER {
+            return Err(Error::OutOfBounds { offset: start, len, region_len: region.end() });
         }
-        Ok(Mem { base, start, end })
+        Ok(Mem { base, start, len })
     }
 
-    /// Whether `[offset, offset + len)` lies in the view.
+    /// Where the view starts.
+    #[inline]
+    pub(crate) fn start(&self) -> u64 {
+        self.start
+    }
+
+    /// One past the view's end.
+    #[inline]
+    pub(crate) fn end(&self) -> u64 {
+        self.start + self.len
+    }
+
+    /// Whether `[offset, offset + len)` lies in the view: one subtraction and two comparisons.
     #[inline]
     pub(crate) fn contains(&self, offset: u64, len: u64) -> bool {
-        offset >= self.start && offset <= self.end && len <= self.end - offset
+        len <= self.len && offset.wrapping_sub(self.start) <= self.len - len
     }
 
     /// The address of `offset`, after checking `len` bytes from it lie in the view.
     #[inline]
     pub(crate) fn ptr(&self, offset: u64, len: u64) -> Result<*mut u8> {
         if !self.contains(offset, len) {
-            return Err(Error::OutOfBounds { offset, len, region_len: self.end });
+            return Err(out_of_bounds(offset, len, self.end()));
         }
         // SAFETY: in bounds of the mapping (checked), so the result stays in the allocation.
         Ok(unsafe { self.base.add(offset as usize) })
     }
 
+    /// The address of `offset`, unchecked.
+    ///
+    /// # Safety
+    /// `offset` lies in the view: the caller checked it earlier (the region stays mapped, so a
+    /// checked offset stays valid).
+    #[inline]
+    pub(crate) unsafe fn addr(&self, offset: u64) -> *mut u8 {
+        debug_assert!(self.contains(offset, 0));
+        // SAFETY: the caller's promise.
+        unsafe { self.base.add(offset as usize) }
+    }
+
+    /// The 8-aligned word at `offset`, as an atomic, or `None` out of bounds or misaligned.
+    #[inline]
+    pub(crate) fn word_at(&self, offset: u64) -> Option<&AtomicU64> {
+        if offset % 8 != 0 || !self.contains(offset, 8) {
+            return None;
+        }
+        // SAFETY: in bounds, 8-aligned (the base is page-aligned), and every word the allocators
+        // keep state in is only accessed atomically; an AtomicU64 is valid for any bits.
+        Some(unsafe { &*self.base.add(offset as usize).cast::<AtomicU64>() })
+    }
+
+    /// The 8-aligned word at `offset`, unchecked.
+    ///
+    /// # Safety
+    /// `offset` is 8-aligned and `[offset, offset + 8)` lies in the view (checked earlier, e.g.
+    /// as part of a span or block that was).
+    #[inline]
+    pub(crate) unsafe fn word_unchecked(&self, offset: u64) -> &AtomicU64 {
+        debug_assert!(offset % 8 == 0 && self.contains(offset, 8));
+        // SAFETY: the caller's promise; see `word_at` for the rest.
+        unsafe { &*self.base.add(offset as usize).cast::<AtomicU64>() }
+    }
+
     /// The 8-aligned word at `offset`, as an atomic.
     #[inline]
     pub(crate) fn word(&self, offset: u64) -> Result<&AtomicU64> {
-        if offset % 8 != 0 {
-            return Err(Error::InvalidAlignment { align: offset % 8 });
+        match self.word_at(offset) {
+            Some(w) => Ok(w),
+            None if offset % 8 != 0 => Err(Error::InvalidAlignment { align: offset % 8 }),
+            None => Err(out_of_bounds(offset, 8, self.end())),
         }
-        let p = self.ptr(offset, 8)?;
-        // SAFETY: in bounds, 8-aligned (the base is page-aligned), and every word the allocators
-        // keep state in is only accessed atomically; an AtomicU64 is valid for any bits.
-        Ok(unsafe { &*p.cast::<AtomicU64>() })
     }
 
     /// A `T` at `offset`, after bounds and alignment checks.
@@ -231,18 +372,35 @@ impl Mem {
         self.word(block)
     }
 
+    /// The span header at `span`, if `span` is a unit-aligned offset in the view whose header
+    /// has a span's magic.
+    #[inline]
+    pub(crate) fn span_at(&self, span: u64) -> Option<&SpanHeader> {
+        if span % UNIT != 0 || !self.contains(span, SPAN_HEADER) {
+            return None;
+        }
+        // SAFETY: in bounds and 64-aligned (unit-aligned offset, page-aligned base); a
+        // SpanHeader is integers, an atomic and an UnsafeCell of integers, valid for any bits.
+        let h = unsafe { &*self.base.add(span as usize).cast::<SpanHeader>() };
+        (h.magic == SPAN_MAGIC).then_some(h)
+    }
+
+    /// The span header at `span` if the whole span of `class` lies in the view and its header
+    /// has a span's magic and that class: after this, every block of the span is in bounds.
+    #[inline]
+    pub(crate) fn class_span(&self, span: u64, class: usize) -> Option<&SpanHeader> {
+        let bytes = LAYOUTS.get(class)?.units as u64 * UNIT;
+        if !self.contains(span, bytes) {
+            return None;
+        }
+        let h = self.span_at(span)?;
+        (h.class() == class).then_some(h)
+    }
+
     /// A span's header, checked for its magic.
     #[inline]
     pub(crate) fn span(&self, span: u64) -> Result<&SpanHeader> {
-        // SAFETY: a SpanHeader is integers and atomics (valid for any bits); its owner-only part
-        // is only written by the protocol's one writer.
-        let p = unsafe { self.at::<SpanHeader>(span) }?;
-        // SAFETY: in bounds and aligned (checked by `at`).
-        let h = unsafe { &*p };
-        if h.magic != SPAN_MAGIC {
-            return Err(corrupt(span, "not a span"));
-        }
-        Ok(h)
+        self.span_at(span).ok_or_else(|| corrupt(span, "not a span"))
     }
 
     /// Copies `len` bytes between two blocks that do not overlap.
@@ -269,16 +427,23 @@ impl LinkStore for Mem {
 
     #[inline]
     fn store_link(&self, offset: u64, next: Option<u64>) {
-        if let Ok(w) = self.word(offset + 8) {
+        if let Some(w) = self.word_at(offset.wrapping_add(8)) {
             w.store(encode(next), Ordering::Relaxed);
         }
     }
 }
 
+#[cold]
+fn out_of_bounds(offset: u64, len: u64, region_len: u64) -> Error {
+    Error::OutOfBounds { offset, len, region_len }
+}
+
+#[cold]
 pub(crate) fn corrupt(offset: u64, detail: &'static str) -> Error {
     Error::Corrupt { structure: "span allocator", offset, detail }
 }
 
+#[cold]
 pub(crate) fn invalid(offset: u64, reason: &'static str) -> Error {
     Error::InvalidFree { offset, reason }
 }
@@ -290,21 +455,16 @@ pub(crate) fn invalid(offset: u64, reason: &'static str) -> Error {
 pub(crate) unsafe fn init_span(mem: &Mem, span: u64, class: usize, owner: u64) -> Result<()> {
     // SAFETY: fresh memory the caller owns; SpanHeader is valid for any bits.
     let p = unsafe { mem.at::<SpanHeader>(span) }?;
-    // SAFETY: as above.
+    // SAFETY: as above. The magic goes in last, so a span is never seen with a magic and a stale
+    // class or owner.
     unsafe {
-        p.write(SpanHeader {
-            magic: SPAN_MAGIC,
-            class: class as u32,
-            owner: AtomicU64::new(owner),
-            local: SpanLocal::default(),
-        })
-    };
+        core::ptr::addr_of_mut!((*p).class).write(class as u32);
+        (*p).owner.store(owner, Ordering::Relaxed);
+        (*p).local.0.get().write(SpanLocal::default());
+        core::sync::atomic::compiler_fence(Ordering::Release);
+        core::ptr::addr_of_mut!((*p).magic).write_volatile(SPAN_MAGIC);
+    }
     Ok(())
-}
-
-/// The class a span header records.
-pub(crate) fn span_class(h: &SpanHeader) -> usize {
-    h.class as usize
 }
 
 /// The block start of block `index` of a span.
@@ -336,26 +496,92 @@ pub(crate) fn back_word(back: u64, stamp: u64) -> u64 {
     back | (stamp << 16)
 }
 
-/// The block start of the user pointer `user`, checked: a 16-aligned pointer whose back word
-/// leads to a block with a valid info word that places it at `user` again.
+/// A live block found from a user offset, with every check done.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Found {
+    /// A small block: its start, info, and its span (whose header has the right magic and
+    /// class, and which lies whole in the view).
+    Small { block: u64, info: Info, span: u64 },
+    /// A large block: its start (its run is checked under the free-space lock).
+    Large { block: u64 },
+}
+
+/// The live block whose user bytes start at `user`: a 16-aligned offset whose back word leads
+/// to a block with a valid live info word, in a span of its class. `None` on anything else;
+/// [`explain_free`] then says what.
 #[inline]
-pub(crate) fn block_of_user(mem: &Mem, user: u64) -> Result<(u64, Info, u64)> {
+pub(crate) fn find_live(mem: &Mem, user: u64) -> Option<Found> {
     if user % 16 != 0 {
-        return Err(invalid(user, "not an offset this allocator gave out"));
+        return None;
     }
-    let word = mem.word(user.wrapping_sub(8))?.load(Ordering::Relaxed);
-    let back = word & 0xffff;
-    if back < SMALL_HEADER || back % 16 != 0 || back > 4096 + LARGE_HEADER || back > user {
-        return Err(invalid(user, "not an offset this allocator gave out"));
+    let back = mem.word_at(user.wrapping_sub(8))?.load(Ordering::Relaxed) & 0xffff;
+    if back < SMALL_HEADER || back % 16 != 0 || back > MAX_BACK {
+        return None;
     }
-    let block = user - back;
-    let info = Info::unpack(mem.info(block)?.load(Ordering::Acquire))
-        .ok_or(invalid(user, "not an offset this allocator gave out"))?;
-    let header = if info.class == LARGE_CLASS { LARGE_HEADER } else { SMALL_HEADER };
-    if back < header {
-        return Err(invalid(user, "not an offset this allocator gave out"));
+    let block = user.wrapping_sub(back);
+    let info = Info::unpack(mem.word_at(block)?.load(Ordering::Acquire))?;
+    if info.state != State::Live {
+        return None;
     }
-    Ok((block, info, word >> 16))
+    if info.class == LARGE_CLASS {
+        return (back >= LARGE_HEADER).then_some(Found::Large { block });
+    }
+    let span = span_of(block, &info)?;
+    mem.class_span(span, info.class)?;
+    Some(Found::Small { block, info, span })
+}
+
+/// Why [`find_live`] refused `user`.
+#[cold]
+#[inline(never)]
+pub(crate) fn explain_free(mem: &Mem, user: u64) -> Error {
+    let foreign = invalid(user, "not an offset this allocator gave out");
+    if user % 16 != 0 {
+        return foreign;
+    }
+    let Some(w) = mem.word_at(user.wrapping_sub(8)) else {
+        return out_of_bounds(user, 0, mem.end());
+    };
+    let back = w.load(Ordering::Relaxed) & 0xffff;
+    if back < SMALL_HEADER || back % 16 != 0 || back > MAX_BACK {
+        return foreign;
+    }
+    let block = user.wrapping_sub(back);
+    let Some(info) = mem.word_at(block).and_then(|w| Info::unpack(w.load(Ordering::Acquire))) else {
+        return foreign;
+    };
+    if info.state != State::Live {
+        return invalid(user, "already freed");
+    }
+    if info.class == LARGE_CLASS {
+        return foreign;
+    }
+    invalid(user, "not a block of this allocator")
+}
+
+/// The live block at `user`, or the error saying why not.
+#[inline]
+pub(crate) fn live_block(mem: &Mem, user: u64) -> Result<Found> {
+    match find_live(mem, user) {
+        Some(f) => Ok(f),
+        None => Err(explain_free(mem, user)),
+    }
+}
+
+/// The user offset of the live small block at `block`: where its back word points from. For
+/// unpadded blocks that is the block's second word; padded blocks have their back word further
+/// in, at a 16-byte step, so the block's candidate positions are scanned.
+pub(crate) fn user_of_live(mem: &Mem, block: u64, class: usize) -> Result<u64> {
+    let stride = LAYOUTS.get(class).ok_or_else(|| corrupt(block, "block class"))?.stride;
+    let mut user = block + SMALL_HEADER;
+    while user < block + stride {
+        let w = mem.word(user - 8)?.load(Ordering::Relaxed);
+        if w & 0xffff == user - block {
+            return Ok(user);
+        }
+        user += 16;
+    }
+    Err(corrupt(block, "live block without a back word"))
 }
 
 /// The smallest class whose blocks fit `size` bytes at alignment `align` (padding included),
@@ -363,6 +589,12 @@ pub(crate) fn block_of_user(mem: &Mem, user: u64) -> Result<(u64, Info, u64)> {
 #[inline]
 pub(crate) fn class_for(size: usize, align: usize) -> Option<usize> {
     let need = if align <= 16 { size } else { size.checked_add(align - 16)? };
+    if need <= 1024 {
+        return Some(SMALL_CLASSES[need.div_ceil(16)] as usize);
+    }
+    if need > SMALL_MAX {
+        return None;
+    }
     super::size_class::class_of(need)
 }
 
@@ -382,6 +614,10 @@ mod tests {
         assert_eq!(Info::unpack(i.pack()), Some(i));
         assert_eq!(Info::unpack(0), None);
         assert_eq!(Info::unpack(i.pack() ^ (1 << 60)), None);
+        let free = Info { state: State::Free, class: 17, index: 4000, size: 9 };
+        assert_eq!(free.pack() & free_word_mask(), free_pattern(17, 9));
+        assert_eq!(Info::unpack(live_word(free.pack(), 77)), Some(Info { state: State::Live, size: 77, ..free }));
+        assert_eq!(Info::unpack(freed_word(i.pack(), 3)), Some(Info { state: State::Free, size: 3, ..i }));
     }
 
     #[test]
@@ -393,5 +629,15 @@ mod tests {
         }
         assert_eq!(class_for(16, 4096), super::super::size_class::class_of(16 + 4080));
         assert_eq!(class_for(20_000, 8), None);
+    }
+
+    #[test]
+    fn the_class_table_agrees_with_the_formula() {
+        for size in 1..=2048 {
+            for align in [1, 8, 16, 32, 256] {
+                let need = if align <= 16 { size } else { size + align - 16 };
+                assert_eq!(class_for(size, align), super::super::size_class::class_of(need), "{size} {align}");
+            }
+        }
     }
 }

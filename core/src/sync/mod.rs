@@ -1,8 +1,8 @@
 //! Locks that can live in shared memory: `#[repr(C)]`, atomics only, no pointers, no OS handles.
 //!
 //! - [`SpinLock`]: a test-and-test-and-set lock for very short critical sections.
-//! - [`Mutex`]: records its owner (process and thread) so a lock left by a dead process can be
-//!   found; spins briefly, then yields.
+//! - [`Mutex`]: records its owner (process id and start time) so a lock left by a dead process
+//!   can be found and taken over ([`Mutex::lock_or_recover`]); spins briefly, then yields.
 //! - [`TaggedOffsetList`]: a lock-free stack of offsets with an ABA tag, for free lists shared
 //!   by processes.
 //!
@@ -36,22 +36,26 @@ pub(crate) fn relax(attempt: u32) {
     core::hint::spin_loop();
 }
 
-/// A token naming the calling thread in the calling process, for lock owners: the process id in
-/// the high 32 bits, a per-process thread number in the low 32. Never zero.
+/// A token naming the calling process, for lock and slot owners: its [`ProcessStamp`] as one
+/// word (the process id in the high 32 bits, the low 32 bits of its start time in the low 32,
+/// see [`ProcessStamp::to_word`]), so a holder that died is told apart from a later process that
+/// got the same id. Without a [`liveness`](crate::liveness) hook the start time is 0 (unknown)
+/// and only the id is compared. Never zero.
+///
+/// [`ProcessStamp`]: crate::liveness::ProcessStamp
+/// [`ProcessStamp::to_word`]: crate::liveness::ProcessStamp::to_word
 #[cfg(all(feature = "std", not(loom)))]
 pub fn owner_token() -> u64 {
-    use std::sync::atomic::AtomicU32;
-    static NEXT_THREAD: AtomicU32 = AtomicU32::new(1);
-    std::thread_local! {
-        static THREAD: u32 = NEXT_THREAD.fetch_add(1, atomic::Ordering::Relaxed);
+    let stamp = crate::liveness::current();
+    if stamp.pid != 0 {
+        stamp.to_word()
+    } else {
+        (std::process::id() as u64) << 32
     }
-    let pid = std::process::id() as u64;
-    let tid = THREAD.with(|t| *t) as u64;
-    (pid << 32) | tid
 }
 
-/// A token naming the calling thread, for lock owners. Without `std` there is no process or
-/// thread id to read, so every caller shares one token.
+/// A token naming the caller, for lock owners. Without `std` there is no process id to read,
+/// so every caller shares one token.
 #[cfg(any(not(feature = "std"), loom))]
 pub fn owner_token() -> u64 {
     1
@@ -60,4 +64,9 @@ pub fn owner_token() -> u64 {
 /// The process id recorded in an owner token.
 pub const fn owner_pid(token: u64) -> u32 {
     (token >> 32) as u32
+}
+
+/// The process an owner token names, with as much of its start time as the token kept.
+pub const fn owner_stamp(token: u64) -> crate::liveness::ProcessStamp {
+    crate::liveness::ProcessStamp::from_word(token)
 }

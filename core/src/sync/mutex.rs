@@ -8,7 +8,7 @@ const FREE: u64 = 0;
 
 /// A lock for shared memory that records who holds it.
 ///
-/// The owner word holds an [`owner_token`] (process id and thread number; 0 = free), so a
+/// The owner word holds an [`owner_token`] (process id and start time; 0 = free), so a
 /// zero-filled segment holds a free mutex, and a process that finds the lock held by a process
 /// that no longer exists can take it over with [`Mutex::recover`] and then repair what it guards.
 /// Waiters spin briefly, then yield the CPU.
@@ -84,6 +84,32 @@ impl<T> Mutex<T> {
             .compare_exchange(dead_owner, owner_token(), Ordering::Acquire, Ordering::Relaxed)
             .ok()
             .map(|_| MutexGuard { mutex: self })
+    }
+
+    /// Takes the mutex, waiting while a live process holds it; a holder found dead (through the
+    /// [`liveness`](crate::liveness) hook, by process id and start time) is replaced, and
+    /// `repair` runs on the guarded value, which the dead holder may have left half-updated,
+    /// before the guard is handed out.
+    pub fn lock_or_recover(&self, repair: impl FnOnce(&mut T)) -> MutexGuard<'_, T> {
+        let me = owner_token();
+        let mut attempt = 0u32;
+        loop {
+            if let Some(guard) = self.try_lock_as(me) {
+                return guard;
+            }
+            attempt = attempt.wrapping_add(1);
+            if attempt % 1024 == 0 {
+                if let Some(owner) = self.owner() {
+                    if crate::liveness::is_dead(super::owner_stamp(owner)) {
+                        if let Some(mut guard) = self.recover(owner) {
+                            repair(&mut guard);
+                            return guard;
+                        }
+                    }
+                }
+            }
+            relax(attempt);
+        }
     }
 
     /// Mutable access without locking: the `&mut` proves no one else can hold it.

@@ -134,6 +134,23 @@ impl TaggedOffsetList {
         }
     }
 
+    /// Takes the whole list at once, like [`take_all`](Self::take_all), writing the first
+    /// element to `record` before the list lets go of it: a taker killed right after the take
+    /// leaves the chain findable from `record` (links of taken elements are not touched).
+    #[inline]
+    pub fn take_recorded(&self, record: &AtomicU64) -> Option<u64> {
+        let mut head = self.head.load(Ordering::Relaxed);
+        loop {
+            let first = decode(head)?;
+            record.store(encode(Some(first)), Ordering::Release);
+            let new = (head & !OFFSET_MASK).wrapping_add(TAG_ONE);
+            match self.head.compare_exchange_weak(head, new, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return Some(first),
+                Err(seen) => head = seen,
+            }
+        }
+    }
+
     /// The element on top right now (for walks by a caller that knows no one else is changing
     /// the list).
     pub fn peek(&self) -> Option<u64> {

@@ -1,0 +1,130 @@
+//! Which slot the calling thread holds in an allocator, cached per thread so the fast paths find
+//! it with one load and one compare.
+//!
+//! Every allocator handle gets an instance number that is never reused. With `std`, a small
+//! direct-mapped table in a `thread_local!` maps instance numbers to slot offsets (a const
+//! initialiser and no destructor: an access is a plain load from the thread's TLS block).
+//! It is only a cache: the thread-local allocator keeps the authoritative record in its thread
+//! model's TLS, the page allocator in [`hold`]'s per-thread list, and both fill the cache on a
+//! miss. Without `std` every lookup misses, and callers take their fallback path.
+
+use crate::sync::atomic::{AtomicU64, Ordering};
+
+/// A new instance number (never 0, never reused in this process).
+pub(crate) fn new_instance() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+#[cfg(feature = "std")]
+mod imp {
+    use alloc::boxed::Box;
+    use alloc::vec::Vec;
+    use core::cell::{Cell, RefCell};
+
+    const WAYS: usize = 4;
+
+    std::thread_local! {
+        static CACHE: [Cell<(u64, u64)>; WAYS] = const { [const { Cell::new((0, 0)) }; WAYS] };
+        static HELD: RefCell<Vec<Held>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// The calling thread's slot in allocator `instance`, or 0 if not cached.
+    #[inline]
+    pub(crate) fn get(instance: u64) -> u64 {
+        CACHE
+            .try_with(|c| {
+                let (i, slot) = c[instance as usize % WAYS].get();
+                if i == instance {
+                    slot
+                } else {
+                    0
+                }
+            })
+            .unwrap_or(0)
+    }
+
+    /// Caches `slot` as the calling thread's slot in `instance`.
+    pub(crate) fn set(instance: u64, slot: u64) {
+        let _ = CACHE.try_with(|c| c[instance as usize % WAYS].set((instance, slot)));
+    }
+
+    /// Forgets the calling thread's slot in `instance`.
+    pub(crate) fn clear(instance: u64) {
+        let _ = CACHE.try_with(|c| {
+            let e = &c[instance as usize % WAYS];
+            if e.get().0 == instance {
+                e.set((0, 0));
+            }
+        });
+    }
+
+    /// A slot the thread holds until it exits (or [`release`] is called).
+    struct Held {
+        instance: u64,
+        release: Option<Box<dyn FnOnce()>>,
+    }
+
+    impl Drop for Held {
+        fn drop(&mut self) {
+            clear(self.instance);
+            if let Some(r) = self.release.take() {
+                r();
+            }
+        }
+    }
+
+    /// Records that the calling thread holds `slot` in `instance` until it exits, when `release`
+    /// runs; caches the slot. Returns `false` (and drops `release` unrun) when the thread's TLS
+    /// is already being torn down.
+    pub(crate) fn hold(instance: u64, slot: u64, release: Box<dyn FnOnce()>) -> bool {
+        let mut release = Some(release);
+        let held = HELD
+            .try_with(|h| {
+                let mut h = h.try_borrow_mut().ok()?;
+                h.push(Held { instance, release: release.take() });
+                Some(())
+            })
+            .ok()
+            .flatten()
+            .is_some();
+        if held {
+            set(instance, slot);
+        }
+        held
+    }
+
+    /// Runs the release of the calling thread's slot in `instance` now; returns whether it held one.
+    pub(crate) fn release(instance: u64) -> bool {
+        let taken = HELD
+            .try_with(|h| {
+                let mut h = h.try_borrow_mut().ok()?;
+                let i = h.iter().position(|x| x.instance == instance)?;
+                Some(h.swap_remove(i))
+            })
+            .ok()
+            .flatten();
+        // Dropped outside the borrow: the release may use the allocator again.
+        taken.is_some()
+    }
+}
+
+#[cfg(not(feature = "std"))]
+mod imp {
+    use alloc::boxed::Box;
+
+    #[inline]
+    pub(crate) fn get(_instance: u64) -> u64 {
+        0
+    }
+    pub(crate) fn set(_instance: u64, _slot: u64) {}
+    pub(crate) fn clear(_instance: u64) {}
+    pub(crate) fn hold(_instance: u64, _slot: u64, _release: Box<dyn FnOnce()>) -> bool {
+        false
+    }
+    pub(crate) fn release(_instance: u64) -> bool {
+        false
+    }
+}
+
+pub(crate) use imp::{clear, get, hold, release, set};

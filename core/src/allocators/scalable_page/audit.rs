@@ -1,0 +1,151 @@
+//! Reading a page allocator whole: statistics and `check`.
+
+use alloc::collections::BTreeMap;
+
+use crate::allocator::AllocStats;
+use crate::error::Result;
+use crate::sync::atomic::Ordering;
+use crate::sync::LinkStore;
+
+use super::super::common::small_reserved;
+use super::super::free_space::UNIT;
+use super::super::large::{self, TAG_LARGE, TAG_META, TAG_SPAN};
+use super::super::size_class::CLASS_COUNT;
+use super::super::span::{block_at, corrupt, span_of, Info, State, LAYOUTS};
+use super::cache::unpack_head;
+use super::Shared;
+
+impl Shared {
+    /// Per class: live blocks and allocations, summed over every thread cache; and live bytes.
+    pub(super) fn class_counts(&self) -> Result<([u64; CLASS_COUNT], [u64; CLASS_COUNT], u64)> {
+        let mut live = [0u64; CLASS_COUNT];
+        let mut allocs = [0u64; CLASS_COUNT];
+        let mut bytes = 0u64;
+        for offset in self.slots.offsets(&self.mem)? {
+            let s = self.slots.slot(&self.mem, offset)?;
+            for (c, cache) in s.body.classes.iter().enumerate() {
+                live[c] = live[c].wrapping_add(cache.live.load(Ordering::Relaxed));
+                allocs[c] = allocs[c].wrapping_add(cache.allocations.load(Ordering::Relaxed));
+                bytes = bytes.wrapping_add(cache.bytes.load(Ordering::Relaxed));
+            }
+        }
+        Ok((live, allocs, bytes))
+    }
+
+    pub(super) fn stats(&self) -> AllocStats {
+        let (live, allocs, bytes) = self.class_counts().unwrap_or(([0; CLASS_COUNT], [0; CLASS_COUNT], 0));
+        let g = self.fs.lock();
+        let live_count = live.iter().fold(g.st.large.live, |a, n| a.wrapping_add(*n));
+        let total = allocs.iter().fold(g.st.large.allocations, |a, n| a.wrapping_add(*n));
+        AllocStats {
+            capacity: self.fs.layout().bytes(),
+            bytes_in_use: bytes.wrapping_add(g.st.large.live_bytes),
+            bytes_reserved: small_reserved(&live)
+                .wrapping_add(g.st.large.live_units * UNIT)
+                .wrapping_add(large::meta_bytes(&g)),
+            high_watermark: g.peak_used_units() * UNIT,
+            live_allocations: live_count,
+            total_allocations: total,
+            total_frees: total.wrapping_sub(live_count),
+        }
+    }
+
+    /// The runs, every span's blocks, the shared lists and every cache: each free block is on
+    /// exactly one list or cache (of its class; a cache holds only its label), and the counters
+    /// add up to what the blocks say.
+    pub(super) fn check(&self) -> Result<()> {
+        let g = self.fs.lock();
+        g.check()?;
+        let limit = self.fs.layout().bytes() / 32 + 1;
+        // Where each free block is: class by class, the shared list and then every cache.
+        let mut placed: BTreeMap<u64, usize> = BTreeMap::new();
+        for class in 0..CLASS_COUNT {
+            let list = self.list(class).lock_or_recover(|_| {});
+            self.walk_list(*list, |b| {
+                if placed.insert(b, class).is_some() {
+                    return Err(corrupt(b, "block on a free list twice"));
+                }
+                Ok(())
+            })?;
+        }
+        for offset in self.slots.offsets(&self.mem)? {
+            let s = self.slots.slot(&self.mem, offset)?;
+            let label = s.index as u64 + 1;
+            for (class, cache) in s.body.classes.iter().enumerate() {
+                let (mut at, count) = unpack_head(cache.head.load(Ordering::Relaxed));
+                for _ in 0..count {
+                    if at == 0 || placed.len() as u64 > limit {
+                        return Err(corrupt(offset, "thread cache shorter than its count"));
+                    }
+                    let info = Info::unpack(self.arena.info(at)?.load(Ordering::Acquire));
+                    if info.is_none_or(|i| i.size != label) {
+                        return Err(corrupt(at, "thread cache holds a block of another cache"));
+                    }
+                    if placed.insert(at, class).is_some() {
+                        return Err(corrupt(at, "block on a free list twice"));
+                    }
+                    at = self.arena.load_link(at)?.unwrap_or(0);
+                }
+                if at != 0 {
+                    return Err(corrupt(offset, "thread cache longer than its count"));
+                }
+            }
+        }
+        let mut live = [0u64; CLASS_COUNT];
+        let mut bytes = 0u64;
+        let (mut free_seen, mut large_live, mut large_bytes) = (0usize, 0u64, 0u64);
+        g.for_each_used(|head, run| {
+            let base = self.fs.layout().unit_offset(head);
+            match run.tag {
+                TAG_SPAN => {
+                    let class = run.aux as usize;
+                    let layout = LAYOUTS.get(class).ok_or(corrupt(base, "span class"))?;
+                    if run.len() != layout.units || self.arena.class_span(base, class).is_none() {
+                        return Err(corrupt(base, "span header disagrees with the table"));
+                    }
+                    for index in 0..layout.blocks {
+                        let b = block_at(base, class, index);
+                        let info = Info::unpack(self.arena.info(b)?.load(Ordering::Acquire))
+                            .filter(|i| i.class == class && i.index == index && span_of(b, i) == Some(base))
+                            .ok_or(corrupt(b, "block header damaged"))?;
+                        match info.state {
+                            State::Free if placed.get(&b) == Some(&class) => free_seen += 1,
+                            State::Free => return Err(corrupt(b, "free block on no list and in no cache")),
+                            State::Live => {
+                                if info.size == 0 || info.size > layout.size {
+                                    return Err(corrupt(b, "live block size outside its class"));
+                                }
+                                live[class] += 1;
+                                bytes += info.size;
+                            }
+                            State::Remote => return Err(corrupt(b, "remote state in a shared-list allocator")),
+                        }
+                    }
+                }
+                TAG_LARGE => {
+                    large_live += 1;
+                    large_bytes += large::check_run(&self.fs, &self.arena, head, run.len())?;
+                }
+                TAG_META => {
+                    if !self.slots.is_chunk(&self.mem, base)? {
+                        return Err(corrupt(base, "metadata run that is no slot chunk"));
+                    }
+                }
+                _ => return Err(corrupt(base, "run with an unknown tag")),
+            }
+            Ok(())
+        })?;
+        if free_seen != placed.len() {
+            return Err(corrupt(0, "a list or cache holds a block outside every span"));
+        }
+        if large_live != g.st.large.live || large_bytes != g.st.large.live_bytes {
+            return Err(corrupt(0, "large-block counters disagree with the runs"));
+        }
+        drop(g);
+        let (counted, _, counted_bytes) = self.class_counts()?;
+        if counted != live || counted_bytes != bytes {
+            return Err(corrupt(0, "live counters disagree with the blocks"));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,347 @@
+//! Thread caches and the shared lists: the fast paths, and the batch moves between them.
+//!
+//! A block's state says where it is. Live blocks record their process in the back word. A free
+//! block carries a label in its info word: the slot (index + 1) of the cache it last entered;
+//! it is then in that cache, in that slot's hands on its way somewhere, or on the shared list.
+//! Blocks enter a cache only through their own slot (a free, a refill, a carve), which writes
+//! its label first, so a dead slot's blocks are exactly those with its label that are on no
+//! shared list ([`recovery`](super::recovery)).
+//!
+//! Each operation on a cache line writes, in this order: the journal (the block and the
+//! counters' values after the operation), the cache head, the block's words, the counters.
+//! A recovery finds the block in its state before or after the operation: before, the counters
+//! were not touched; after, they are set from the journal. Either way they end up exact.
+//!
+//! Shared list changes happen under the list's lock and commit with one store of its head; the
+//! blocks a refill takes are relabelled while still on the list.
+
+use core::sync::atomic::compiler_fence;
+
+use crate::error::{Error, Result};
+use crate::sync::atomic::{AtomicU64, Ordering};
+use crate::sync::tagged_list::{self, LinkStore};
+
+use super::super::free_space::UNIT;
+use super::super::large::TAG_SPAN;
+use super::super::size_class::CLASS_COUNT;
+use super::super::slots::SlotBody;
+use super::super::span::{
+    back_word, block_at, corrupt, free_pattern, invalid, free_word_mask, freed_word, init_span, live_word, user_of, Info, State,
+    FIELD_MASK, LAYOUTS, SMALL_HEADER,
+};
+use super::Shared;
+
+/// Journal operation codes, in the low bits of the journal's block offset.
+pub(super) const OP_ALLOC: u64 = 1;
+pub(super) const OP_FREE: u64 = 2;
+pub(super) const OP_RESIZE: u64 = 3;
+const OP_MASK: u64 = 0xf;
+/// Cache heads: the first block's offset below bit 48, the count above.
+const COUNT_SHIFT: u32 = 48;
+const OFFSET_MASK: u64 = (1 << COUNT_SHIFT) - 1;
+
+/// One class in a thread cache: one cache line, written only by the slot's thread.
+#[repr(C, align(64))]
+pub(super) struct ClassCache {
+    /// The cached blocks: first block's offset and count.
+    pub(super) head: AtomicU64,
+    /// Live blocks this slot counted (allocations minus frees through it; wraps).
+    pub(super) live: AtomicU64,
+    /// Live bytes this slot counted (wraps).
+    pub(super) bytes: AtomicU64,
+    /// Allocations through this slot.
+    pub(super) allocations: AtomicU64,
+    /// The operation in progress: block offset and operation code.
+    pub(super) journal: AtomicU64,
+    /// The counters' values once that operation is done (for a resize: the new size in
+    /// `j_allocations`, which a resize does not change).
+    pub(super) j_live: AtomicU64,
+    pub(super) j_bytes: AtomicU64,
+    pub(super) j_allocations: AtomicU64,
+}
+
+/// A thread cache: what the page allocator keeps in each thread slot.
+#[repr(C)]
+pub(crate) struct CacheBody {
+    pub(super) classes: [ClassCache; CLASS_COUNT],
+}
+
+// SAFETY: atomics only, valid as zeroes and for any bits.
+unsafe impl SlotBody for CacheBody {}
+
+/// The first block and count of a cache head word.
+#[inline]
+pub(super) fn unpack_head(head: u64) -> (u64, u64) {
+    (head & OFFSET_MASK, head >> COUNT_SHIFT)
+}
+
+#[inline]
+fn pack_head(first: u64, count: u64) -> u64 {
+    first | (count << COUNT_SHIFT)
+}
+
+/// The block and operation code of a journal word.
+pub(super) fn unpack_journal(journal: u64) -> (u64, u64) {
+    (journal & !OP_MASK, journal & OP_MASK)
+}
+
+impl ClassCache {
+    /// Writes the journal for an operation on `block`, before anything else changes.
+    #[inline]
+    fn journal(&self, block: u64, op: u64, live: u64, bytes: u64, allocations: u64) {
+        self.journal.store(block | op, Ordering::Relaxed);
+        compiler_fence(Ordering::Release);
+        self.j_live.store(live, Ordering::Relaxed);
+        self.j_bytes.store(bytes, Ordering::Relaxed);
+        self.j_allocations.store(allocations, Ordering::Relaxed);
+        compiler_fence(Ordering::Release);
+    }
+
+    /// Writes the counters (the journal's values), after the block's state changed.
+    #[inline]
+    fn settle(&self, live: u64, bytes: u64, allocations: u64) {
+        compiler_fence(Ordering::Release);
+        self.live.store(live, Ordering::Relaxed);
+        self.bytes.store(bytes, Ordering::Relaxed);
+        self.allocations.store(allocations, Ordering::Relaxed);
+    }
+}
+
+impl Shared {
+    /// The class `class` line of the cache in the slot at `slot` (which this thread holds).
+    #[inline]
+    fn cache(&self, slot: u64, class: usize) -> (&ClassCache, u64) {
+        // SAFETY: `slot` is the calling thread's slot (its registration or the fallback), checked
+        // when it was taken.
+        let s = unsafe { self.slots.slot_unchecked(&self.mem, slot) };
+        (&s.body.classes[class], s.index as u64 + 1)
+    }
+
+    /// The first cached block of `class`: its offset, free info word, and the head word once it
+    /// is taken. `None` when the cache is empty or its first block is not a free block of the
+    /// class with our label.
+    #[inline]
+    fn peek_cached(&self, c: &ClassCache, class: usize, label: u64) -> Option<(u64, u64, u64)> {
+        let (block, count) = unpack_head(c.head.load(Ordering::Relaxed));
+        if block % 16 != 0 || !self.arena.contains(block, LAYOUTS[class].stride) {
+            return None;
+        }
+        // SAFETY: the whole block lies in the arena (checked just above), 16-aligned.
+        let (info, link) = unsafe { (self.arena.word_unchecked(block), self.arena.word_unchecked(block + 8)) };
+        let word = info.load(Ordering::Relaxed);
+        if word & free_word_mask() != free_pattern(class, label) {
+            return None;
+        }
+        let next = tagged_list::decode(link.load(Ordering::Relaxed)).unwrap_or(0) & OFFSET_MASK;
+        Some((block, word, pack_head(next, count.wrapping_sub(1))))
+    }
+
+    /// Allocates a block of `class` through the cache in `slot`.
+    #[inline]
+    pub(super) fn allocate_small(&self, slot: u64, class: usize, size: usize, align: usize) -> Result<u64> {
+        let (c, label) = self.cache(slot, class);
+        let (block, word, rest) = match self.peek_cached(c, class, label) {
+            Some(taken) => taken,
+            None => self.refill(slot, class, label)?,
+        };
+        let live = c.live.load(Ordering::Relaxed).wrapping_add(1);
+        let bytes = c.bytes.load(Ordering::Relaxed).wrapping_add(size as u64);
+        let allocations = c.allocations.load(Ordering::Relaxed).wrapping_add(1);
+        c.journal(block, OP_ALLOC, live, bytes, allocations);
+        c.head.store(rest, Ordering::Relaxed);
+        compiler_fence(Ordering::Release);
+        let user = user_of(block, SMALL_HEADER, align as u64);
+        // SAFETY: the whole block lies in the arena (checked by `peek_cached`), and the user
+        // bytes with their padding (`class_for` counted it) lie in the block.
+        unsafe {
+            self.arena.word_unchecked(user - 8).store(back_word(user - block, self.stamp), Ordering::Relaxed);
+            compiler_fence(Ordering::Release);
+            self.arena.word_unchecked(block).store(live_word(word, size as u64), Ordering::Release);
+        }
+        c.settle(live, bytes, allocations);
+        Ok(user)
+    }
+
+    /// Frees a live small block (found by `find_live`) into the cache in `slot`.
+    #[inline]
+    pub(super) fn free_small(&self, slot: u64, block: u64, info: Info) -> Result<()> {
+        self.free_into(slot, block, info, false)
+    }
+
+    /// Frees a live small block someone else may be freeing at the same time (a dead process's,
+    /// found by a scan): the block is claimed with a CAS, and nothing happens if that fails.
+    pub(super) fn free_claimed(&self, slot: u64, block: u64, info: Info) -> Result<()> {
+        self.free_into(slot, block, info, true)
+    }
+
+    #[inline(always)]
+    fn free_into(&self, slot: u64, block: u64, info: Info, claim: bool) -> Result<()> {
+        let (c, label) = self.cache(slot, info.class);
+        let (first, count) = unpack_head(c.head.load(Ordering::Relaxed));
+        let live = c.live.load(Ordering::Relaxed).wrapping_sub(1);
+        let bytes = c.bytes.load(Ordering::Relaxed).wrapping_sub(info.size);
+        let allocations = c.allocations.load(Ordering::Relaxed);
+        c.journal(block, OP_FREE, live, bytes, allocations);
+        // SAFETY: `find_live` checked the block's whole span lies in the arena.
+        let (word, link) = unsafe { (self.arena.word_unchecked(block), self.arena.word_unchecked(block + 8)) };
+        let freed = freed_word(info.pack(), label);
+        if !claim {
+            word.store(freed, Ordering::Release);
+        } else if word.compare_exchange(info.pack(), freed, Ordering::AcqRel, Ordering::Relaxed).is_err() {
+            c.journal.store(0, Ordering::Relaxed);
+            return Err(invalid(block, "already freed"));
+        }
+        link.store(tagged_list::encode((first != 0).then_some(first)), Ordering::Relaxed);
+        compiler_fence(Ordering::Release);
+        c.head.store(pack_head(block, count + 1), Ordering::Relaxed);
+        c.settle(live, bytes, allocations);
+        if count + 1 > self.limits[info.class] as u64 {
+            return self.flush(c, info.class);
+        }
+        Ok(())
+    }
+
+    /// Gives a live small block a new requested size (it stays where it is).
+    pub(super) fn resize_in_place(&self, slot: u64, block: u64, info: Info, new_size: usize) -> Result<()> {
+        let (c, _) = self.cache(slot, info.class);
+        let live = c.live.load(Ordering::Relaxed);
+        let bytes = c.bytes.load(Ordering::Relaxed).wrapping_sub(info.size).wrapping_add(new_size as u64);
+        c.journal(block, OP_RESIZE, live, bytes, new_size as u64);
+        let resized = Info { size: new_size as u64, ..info };
+        self.arena.info(block)?.store(resized.pack(), Ordering::Release);
+        compiler_fence(Ordering::Release);
+        c.bytes.store(bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The slow path of an allocation: fill the empty cache from the shared list, or from a new
+    /// span; when space is short, trim and reclaim first. Returns what `peek_cached` would.
+    #[cold]
+    #[inline(never)]
+    fn refill(&self, slot: u64, class: usize, label: u64) -> Result<(u64, u64, u64)> {
+        let (c, _) = self.cache(slot, class);
+        let (first, _) = unpack_head(c.head.load(Ordering::Relaxed));
+        if first != 0 {
+            return Err(corrupt(first, "thread cache holds a block that is not free"));
+        }
+        for attempt in 0..3 {
+            if self.take_from_list(c, class, label)? || self.carve(c, class, label)? {
+                return self.peek_cached(c, class, label).ok_or(corrupt(slot, "thread cache refilled with a bad block"));
+            }
+            self.relieve_shortage(slot, attempt)?;
+        }
+        Err(Error::OutOfMemory {
+            requested: LAYOUTS[class].size,
+            available: self.fs.lock().free_units() * UNIT,
+        })
+    }
+
+    /// How many blocks a refill takes or a flush leaves.
+    fn batch(&self, class: usize) -> u64 {
+        (self.limits[class] as u64 / 2).max(1)
+    }
+
+    /// Moves up to a batch of blocks from the shared list into the (empty) cache `c`; returns
+    /// whether there were any. They are relabelled while still on the list, under its lock.
+    fn take_from_list(&self, c: &ClassCache, class: usize, label: u64) -> Result<bool> {
+        let batch = self.batch(class);
+        let stride = LAYOUTS[class].stride;
+        let mut list = self.list(class).lock_or_recover(|_| {});
+        let first = *list;
+        if first == 0 {
+            return Ok(false);
+        }
+        let (mut at, mut last, mut n) = (Some(first), first, 0u64);
+        while let (Some(b), true) = (at, n < batch) {
+            let w = self.arena.word(b).ok().filter(|_| b % 16 == 0 && self.arena.contains(b, stride));
+            let w = w.ok_or(corrupt(b, "shared list links outside the arena"))?;
+            let word = w.load(Ordering::Relaxed);
+            if word & free_word_mask() & !FIELD_MASK != free_pattern(class, 0) {
+                return Err(corrupt(b, "shared list holds a block that is not free"));
+            }
+            w.store((word & !FIELD_MASK) | label, Ordering::Relaxed);
+            at = self.arena.load_link(b)?;
+            last = b;
+            n += 1;
+        }
+        compiler_fence(Ordering::Release);
+        *list = at.unwrap_or(0);
+        drop(list);
+        self.arena.store_link(last, None);
+        c.head.store(pack_head(first, n), Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// Carves a new span for `class`: all its blocks formatted free with our label (under the
+    /// free-space lock, span header last, so a span with a header is whole), a batch into the
+    /// cache `c`, the rest onto the shared list. Returns whether there was room.
+    fn carve(&self, c: &ClassCache, class: usize, label: u64) -> Result<bool> {
+        let layout = LAYOUTS[class];
+        let span = {
+            let mut g = self.fs.lock();
+            let Some(head) = g.alloc(layout.units, TAG_SPAN, class as u32) else {
+                return Ok(false);
+            };
+            let span = self.fs.layout().unit_offset(head);
+            for index in 0..layout.blocks {
+                let b = block_at(span, class, index);
+                let next = (index + 1 < layout.blocks).then(|| block_at(span, class, index + 1));
+                self.arena.word(b)?.store(Info { state: State::Free, class, index, size: label }.pack(), Ordering::Relaxed);
+                self.arena.store_link(b, next);
+            }
+            // SAFETY: the units were just taken from the free-space manager: ours alone.
+            unsafe { init_span(&self.arena, span, class, 0) }?;
+            span
+        };
+        let batch = self.batch(class).min(layout.blocks);
+        if batch < layout.blocks {
+            self.push_chain(class, block_at(span, class, batch), block_at(span, class, layout.blocks - 1))?;
+        }
+        self.arena.store_link(block_at(span, class, batch - 1), None);
+        c.head.store(pack_head(block_at(span, class, 0), batch), Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// Pushes the chain `first -> ... -> last` (linked, ours) onto the class's shared list.
+    pub(super) fn push_chain(&self, class: usize, first: u64, last: u64) -> Result<()> {
+        let mut list = self.list(class).lock_or_recover(|_| {});
+        self.arena.store_link(last, (*list != 0).then_some(*list));
+        compiler_fence(Ordering::Release);
+        *list = first;
+        Ok(())
+    }
+
+    /// The cache of `class` is over its limit: keep half, push the rest to the shared list.
+    #[cold]
+    #[inline(never)]
+    fn flush(&self, c: &ClassCache, class: usize) -> Result<()> {
+        let keep = self.batch(class);
+        let (first, count) = unpack_head(c.head.load(Ordering::Relaxed));
+        self.flush_part(c, class, first, count, count.saturating_sub(keep))
+    }
+
+    /// Moves the first `n` of the `count` blocks cached from `first` to the shared list.
+    fn flush_part(&self, c: &ClassCache, class: usize, first: u64, count: u64, n: u64) -> Result<()> {
+        if n == 0 || first == 0 {
+            return Ok(());
+        }
+        let mut last = first;
+        for _ in 1..n {
+            last = self.arena.load_link(last)?.ok_or(corrupt(last, "thread cache shorter than its count"))?;
+        }
+        let rest = self.arena.load_link(last)?.unwrap_or(0);
+        c.head.store(pack_head(rest, count - n), Ordering::Relaxed);
+        compiler_fence(Ordering::Release);
+        self.push_chain(class, first, last)
+    }
+
+    /// Moves every block of the cache in `slot` to the shared lists.
+    pub(super) fn flush_all(&self, slot: u64) -> Result<()> {
+        for class in 0..CLASS_COUNT {
+            let (c, _) = self.cache(slot, class);
+            let (first, count) = unpack_head(c.head.load(Ordering::Relaxed));
+            self.flush_part(c, class, first, count, count)?;
+        }
+        Ok(())
+    }
+}

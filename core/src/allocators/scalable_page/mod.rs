@@ -1,0 +1,427 @@
+//! [`ScalablePageAllocator`]: size-classed free lists shared by every process, with a small
+//! cache per thread in front of them.
+//!
+//! ```text
+//! region start  header: type, id, free-space layout, free-space state (mutex)
+//!               lists[36]      one shared free list per size class, behind an owner-recording lock
+//!               slot chunk 0   16 thread caches; more chunks come from the arena as threads do
+//! table, arena  the free-space manager: spans (one class each, their blocks shared by all) and
+//!               large blocks
+//! thread cache  per class, one cache line: the cached blocks (first, count), live count, live
+//!               bytes, allocations, and a journal of the operation in progress
+//! ```
+//!
+//! Every block of a span belongs to all processes: a thread allocates from and frees into its
+//! own cache in the region (no atomic read-modify-write, no shared line), and moves blocks
+//! between its cache and the class's shared list in batches under the list's lock; an empty
+//! list is refilled by carving a new span from the free-space manager. Requests above 16 KiB
+//! take whole 4 KiB units from the free-space manager (best fit, split, merge). A free block's
+//! info word carries a label: the slot of the cache it was last in ([`cache`]).
+//!
+//! When space runs short, the calling thread's cache is flushed and spans whose blocks are all
+//! on the shared list go back to the free-space manager ([`ScalablePageAllocator::trim`]).
+//!
+//! Crash safety ([`recovery`]): a slot whose process died (by process id and start time) is
+//! found on attach, when space runs short, or on [`ScalablePageAllocator::reclaim`]; every block
+//! labelled with it that is on no shared list (its cache, and a block it was moving) goes back
+//! to the shared list, and its counters are settled from its journal, so no block is lost
+//! whatever instruction the process died at. The list locks and the free-space lock record
+//! their holder and are taken over from a dead one; every list change commits with one store,
+//! and runs a dead holder left half made are returned. With [`DeadProcessBlocks::Free`], blocks
+//! a dead process still held are freed as well.
+
+mod audit;
+mod cache;
+mod recovery;
+
+use core::ptr::NonNull;
+
+use alloc::boxed::Box;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+
+use crate::allocator::{AllocStats, AllocatorType, RegionAllocator};
+use crate::allocators::check_request;
+use crate::error::{Error, Result};
+use crate::liveness::{self, ProcessStamp};
+use crate::ptr::{AllocatorId, OffsetPtr};
+use crate::region::Region;
+use crate::sync::{owner_token, Mutex, SpinLock};
+
+use super::common::{class_stats, ClassStats, CommonHeader, DeadProcessBlocks, FLAG_FREE_DEAD};
+use super::fast_slot;
+use super::free_space::{FreeSpace, FreeSpaceLayout, FreeSpaceState, UNIT};
+use super::large;
+use super::size_class::CLASS_COUNT;
+use super::slots::{Chunk, SlotTable};
+use super::span::{class_for, corrupt, explain_free, find_live, invalid, live_block, Found, Mem, LAYOUTS};
+use cache::CacheBody;
+
+const TYPE_ID: u32 = 0x5350_4131; // "SPA1"
+
+/// Options for [`ScalablePageAllocator`].
+#[derive(Clone, Debug, Default)]
+pub struct ScalablePageConfig {
+    /// What happens to blocks a dead process still held.
+    pub dead_process_blocks: DeadProcessBlocks,
+}
+
+/// One class's shared free list: the first block's offset (0 = empty), behind a lock that
+/// records its holder; the blocks link through their second word.
+#[repr(C, align(64))]
+struct ClassList(Mutex<u64>);
+
+#[repr(C)]
+struct SpaHeader {
+    common: CommonHeader,
+    free_space: Mutex<FreeSpaceState>,
+    lists: [ClassList; CLASS_COUNT],
+    chunk: Chunk<CacheBody>,
+}
+
+/// The process-local view shared by the handle and every thread's slot registration.
+struct Shared {
+    region: Region,
+    header: NonNull<SpaHeader>,
+    /// The whole region: the header and slot chunks.
+    mem: Mem,
+    /// The arena: spans and blocks.
+    arena: Mem,
+    fs: FreeSpace,
+    slots: SlotTable<CacheBody>,
+    /// This process, as live blocks record it.
+    stamp: u64,
+    /// Per class: the most blocks a thread cache keeps.
+    limits: [u32; CLASS_COUNT],
+}
+
+// SAFETY: `header` points into `region`, which `Shared` keeps mapped; the header's shared parts
+// are locks and atomics; each thread cache is written only by the thread holding its slot.
+unsafe impl Send for Shared {}
+// SAFETY: as above.
+unsafe impl Sync for Shared {}
+
+/// A size-classed allocator whose free lists are shared by all processes. See the
+/// [module docs](self).
+pub struct ScalablePageAllocator {
+    shared: Arc<Shared>,
+    id: AllocatorId,
+    instance: u64,
+    /// A slot for threads that cannot keep one of their own (no `std`, or TLS torn down),
+    /// used by one of them at a time.
+    fallback: SpinLock<u64>,
+}
+
+/// The 48-bit stamp blocks record: pid and the low 16 bits of its start time.
+fn short_stamp(s: ProcessStamp) -> u64 {
+    ((s.pid as u64) << 16) | (s.start_time & 0xffff)
+}
+
+/// The process a short stamp names.
+fn stamp_process(stamp: u64) -> ProcessStamp {
+    ProcessStamp { pid: (stamp >> 16) as u32, start_time: stamp & 0xffff }
+}
+
+impl Shared {
+    fn header(&self) -> &SpaHeader {
+        // SAFETY: checked in bounds in `open`; the region stays mapped; see the Send note.
+        unsafe { self.header.as_ref() }
+    }
+
+    fn free_dead(&self) -> bool {
+        self.header().common.flags & FLAG_FREE_DEAD != 0
+    }
+
+    fn list(&self, class: usize) -> &Mutex<u64> {
+        &self.header().lists[class].0
+    }
+
+    fn acquire_slot(&self) -> Result<u64> {
+        self.slots.acquire(&self.mem, &self.fs, owner_token(), || self.recover_dead().map(|_| ()))
+    }
+
+    /// Gives back a slot this process holds: its cache goes to the shared lists.
+    fn release_slot(&self, slot: u64) -> Result<()> {
+        self.flush_all(slot)?;
+        self.slots.slot(&self.mem, slot)?.owner.store(0, crate::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    /// What to try when space runs short, attempt by attempt.
+    fn relieve_shortage(&self, slot: u64, attempt: u32) -> Result<()> {
+        if attempt == 0 {
+            self.trim(slot)
+        } else {
+            self.recover_dead()?;
+            self.free_dead_blocks(slot).map(|_| ())
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn allocate_large(&self, slot: u64, size: usize, align: usize) -> Result<u64> {
+        for attempt in 0..3 {
+            {
+                let mut g = self.fs.lock();
+                if let Some(u) = large::allocate(&mut g, &self.fs, &self.arena, size, align, 0, self.stamp)? {
+                    return Ok(u);
+                }
+            }
+            self.relieve_shortage(slot, attempt)?;
+        }
+        Err(Error::OutOfMemory { requested: size as u64, available: self.fs.lock().free_units() * UNIT })
+    }
+}
+
+impl ScalablePageAllocator {
+    fn open(region: Region, id: AllocatorId, layout: FreeSpaceLayout) -> Result<Self> {
+        let header_len = core::mem::size_of::<SpaHeader>() as u64;
+        let ptr = region.ptr(region.offset(), header_len)?.cast::<SpaHeader>();
+        if ptr.align_offset(64) != 0 {
+            return Err(Error::InvalidAlignment { align: 64 });
+        }
+        let header = NonNull::new(ptr).ok_or(corrupt(region.offset(), "null header"))?;
+        let state_offset = region.offset() + core::mem::offset_of!(SpaHeader, free_space) as u64;
+        let chunk = region.offset() + core::mem::offset_of!(SpaHeader, chunk) as u64;
+        // SAFETY: the header (written by `create`) holds the free-space state at this offset.
+        let fs = unsafe { FreeSpace::new(region.clone(), state_offset, layout, chunk) }?;
+        let mem = Mem::of(&region, region.offset(), region.end())?;
+        let arena = Mem::of(&region, layout.arena, layout.arena + layout.bytes())?;
+        // A cache holds up to ~16 KiB of a class (less in small regions), 2..=64 blocks.
+        let budget = (layout.bytes() / 512).clamp(1024, 16 * 1024);
+        let limits = core::array::from_fn(|c| (budget / LAYOUTS[c].stride).clamp(2, 64) as u32);
+        let shared = Shared {
+            region,
+            header,
+            mem,
+            arena,
+            fs,
+            slots: SlotTable::new(chunk),
+            stamp: short_stamp(liveness::current()),
+            limits,
+        };
+        Ok(ScalablePageAllocator {
+            shared: Arc::new(shared),
+            id,
+            instance: fast_slot::new_instance(),
+            fallback: SpinLock::new(0),
+        })
+    }
+
+    /// Runs `f` with the calling thread's slot: its own (cached per thread with `std`), or the
+    /// handle's shared fallback slot, one thread at a time.
+    #[inline]
+    fn with_slot<R>(&self, f: impl FnOnce(u64) -> Result<R>) -> Result<R> {
+        let slot = fast_slot::get(self.instance);
+        if slot != 0 {
+            return f(slot);
+        }
+        self.with_slot_slow(f)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn with_slot_slow<R>(&self, f: impl FnOnce(u64) -> Result<R>) -> Result<R> {
+        if let Some(slot) = self.attach_thread()? {
+            return f(slot);
+        }
+        let mut g = self.fallback.lock();
+        if *g == 0 {
+            *g = self.shared.acquire_slot()?;
+        }
+        f(*g)
+    }
+
+    /// Takes a slot for the calling thread, held until it exits; `None` where threads cannot
+    /// hold one (no `std`, or the thread's TLS is being torn down).
+    fn attach_thread(&self) -> Result<Option<u64>> {
+        if !cfg!(feature = "std") {
+            return Ok(None);
+        }
+        let slot = self.shared.acquire_slot()?;
+        let shared = self.shared.clone();
+        if fast_slot::hold(self.instance, slot, Box::new(move || {
+            let _ = shared.release_slot(slot);
+        })) {
+            return Ok(Some(slot));
+        }
+        self.shared.release_slot(slot)?;
+        Ok(None)
+    }
+
+    /// Gives back the calling thread's cache and slot now (as thread exit does).
+    pub fn release_thread_cache(&self) {
+        fast_slot::release(self.instance);
+    }
+
+    /// Returns spans whose blocks are all free to the free-space manager, so their space serves
+    /// any size again, after moving the calling thread's cache to the shared lists. Blocks in
+    /// other threads' caches stay where they are.
+    pub fn trim(&self) -> Result<()> {
+        self.with_slot(|slot| self.shared.trim(slot))
+    }
+
+    /// Recovers the caches of processes that have died (their blocks go back to the shared
+    /// lists) and, if the allocator was created with [`DeadProcessBlocks::Free`], frees the
+    /// blocks those processes still held; returns how many slots and blocks that was. Runs on
+    /// attach and when space runs short.
+    pub fn reclaim(&self) -> Result<u64> {
+        let slots = self.shared.recover_dead()?;
+        let blocks = if self.shared.free_dead() { self.with_slot(|slot| self.shared.free_dead_blocks(slot))? } else { 0 };
+        Ok(slots + blocks)
+    }
+
+    /// Per size class: block size, live blocks, allocations since creation.
+    pub fn class_stats(&self) -> Vec<ClassStats> {
+        let (live, allocs, _) = self.shared.class_counts().unwrap_or(([0; CLASS_COUNT], [0; CLASS_COUNT], 0));
+        class_stats(&live, &allocs)
+    }
+}
+
+impl Drop for ScalablePageAllocator {
+    fn drop(&mut self) {
+        self.release_thread_cache();
+        let slot = core::mem::take(&mut *self.fallback.lock());
+        if slot != 0 {
+            let _ = self.shared.release_slot(slot);
+        }
+        // Other threads keep their slots (and the mapping, through their registration) until
+        // they exit.
+    }
+}
+
+impl RegionAllocator for ScalablePageAllocator {
+    fn id(&self) -> AllocatorId {
+        self.id
+    }
+
+    fn type_name(&self) -> &'static str {
+        "scalable-page"
+    }
+
+    fn region(&self) -> &Region {
+        &self.shared.region
+    }
+
+    #[inline]
+    fn allocate(&self, size: usize, align: usize) -> Result<OffsetPtr> {
+        check_request(size, align)?;
+        let s = &self.shared;
+        let user = match class_for(size, align) {
+            Some(class) => self.with_slot(|slot| s.allocate_small(slot, class, size, align))?,
+            None => self.with_slot(|slot| s.allocate_large(slot, size, align))?,
+        };
+        Ok(OffsetPtr::new(user))
+    }
+
+    fn reallocate(&self, ptr: OffsetPtr, new_size: usize, align: usize) -> Result<OffsetPtr> {
+        check_request(new_size, align)?;
+        let s = &self.shared;
+        let user = ptr.offset().ok_or(invalid(ptr.get(), "null pointer"))?;
+        let old_size = match live_block(&s.arena, user)? {
+            Found::Large { block } => {
+                if large::resize_in_place(&s.fs, &s.arena, block, user, new_size, align)? {
+                    return Ok(ptr);
+                }
+                large::size_of(&s.fs, &s.arena, block)?
+            }
+            Found::Small { block, info, .. } => {
+                let room = block + LAYOUTS[info.class].stride - user;
+                let fits = user % align as u64 == 0 && new_size as u64 <= room;
+                // Stay in place unless the block would be mostly empty.
+                if fits && class_for(new_size, align).is_some_and(|c| c + 4 >= info.class) {
+                    self.with_slot(|slot| s.resize_in_place(slot, block, info, new_size))?;
+                    return Ok(ptr);
+                }
+                info.size
+            }
+        };
+        let new = self.allocate(new_size, align)?;
+        s.arena.copy(user, new.get(), old_size.min(new_size as u64))?;
+        self.free(ptr)?;
+        Ok(new)
+    }
+
+    #[inline]
+    fn free(&self, ptr: OffsetPtr) -> Result<()> {
+        let s = &self.shared;
+        let user = ptr.offset().ok_or(invalid(ptr.get(), "null pointer"))?;
+        match find_live(&s.arena, user) {
+            Some(Found::Small { block, info, .. }) => self.with_slot(|slot| s.free_small(slot, block, info)),
+            Some(Found::Large { block }) => large::free(&s.fs, &s.arena, block),
+            None => Err(explain_free(&s.arena, user)),
+        }
+    }
+
+    fn size_of(&self, ptr: OffsetPtr) -> Result<usize> {
+        let s = &self.shared;
+        let user = ptr.offset().ok_or(invalid(ptr.get(), "null pointer"))?;
+        match live_block(&s.arena, user)? {
+            Found::Large { block } => large::size_of(&s.fs, &s.arena, block).map(|v| v as usize),
+            Found::Small { info, .. } => Ok(info.size as usize),
+        }
+    }
+
+    /// `bytes_reserved` counts live blocks with their headers and class rounding, large blocks'
+    /// whole runs and extra slot chunks; free blocks in caches and spans are free capacity
+    /// (trimmed back to the free-space manager when space runs short). `high_watermark` is the
+    /// most the free-space manager had handed out at once (spans and large blocks), an upper
+    /// bound of the former. Thread caches are read without stopping their threads.
+    fn stats(&self) -> AllocStats {
+        self.shared.stats()
+    }
+
+    /// Walks the runs, every span's blocks, the shared lists and every thread cache, and checks
+    /// the counters against the blocks. Call it while no thread allocates or frees, and after
+    /// [`reclaim`](ScalablePageAllocator::reclaim) if processes died.
+    fn check(&self) -> Result<()> {
+        self.shared.check()
+    }
+}
+
+impl AllocatorType for ScalablePageAllocator {
+    const TYPE_ID: u32 = TYPE_ID;
+    type Config = ScalablePageConfig;
+
+    fn create(region: Region, id: AllocatorId, config: &ScalablePageConfig) -> Result<Self> {
+        let header_len = core::mem::size_of::<SpaHeader>() as u64;
+        let header_end = region.offset() + header_len;
+        let layout = FreeSpaceLayout::plan(header_end, region.end())?;
+        let ptr = region.ptr(region.offset(), header_len)?;
+        if ptr.align_offset(64) != 0 {
+            return Err(Error::InvalidAlignment { align: 64 });
+        }
+        // SAFETY: in bounds (checked), and not yet visible to anyone (the directory entry is
+        // published after `create` returns). All-zero bytes are empty lists and free locks.
+        unsafe {
+            core::ptr::write_bytes(ptr, 0, header_len as usize);
+            core::ptr::addr_of_mut!((*ptr.cast::<SpaHeader>()).common).write(CommonHeader::new(
+                TYPE_ID,
+                id,
+                config.dead_process_blocks.flags(),
+                &layout,
+            ));
+        }
+        let a = ScalablePageAllocator::open(region, id, layout)?;
+        let chunk = a.shared.region.offset() + core::mem::offset_of!(SpaHeader, chunk) as u64;
+        // SAFETY: the header's chunk, not yet visible to anyone.
+        unsafe { SlotTable::<CacheBody>::format(&a.shared.mem, chunk, 0) }?;
+        // SAFETY: no one else sees the allocator yet.
+        unsafe { a.shared.fs.init() };
+        Ok(a)
+    }
+
+    fn attach(region: Region, id: AllocatorId) -> Result<Self> {
+        let header_len = core::mem::size_of::<SpaHeader>() as u64;
+        let ptr = region.ptr(region.offset(), header_len)?.cast::<SpaHeader>();
+        // SAFETY: in bounds; we read plain integers of the common header and validate them.
+        let common = unsafe { &(*ptr).common };
+        let layout = common.validate(TYPE_ID, id, &region, region.offset() + header_len)?;
+        let a = ScalablePageAllocator::open(region, id, layout)?;
+        a.reclaim()?;
+        Ok(a)
+    }
+}
+
+#[cfg(all(test, feature = "std", not(loom)))]
+mod tests;

@@ -1,0 +1,244 @@
+//! Slots of dead processes, blocks dead processes held, and trimming.
+//!
+//! A dead slot's blocks are the free blocks labelled with it that are on no shared list: its
+//! cache, a batch it was moving, a block it was handing out or taking back. Recovery claims the
+//! slot (a CAS on its owner word, so one process does it), settles its counters from its
+//! journals while those blocks are still out of everyone's reach, then, under the free-space
+//! lock and each list's lock, walks the list, scans the class's spans for such blocks and pushes
+//! them; last, it frees the slot. A recoverer that dies part way leaves a slot that is claimed by
+//! a dead process again, and the next recovery does the same steps, which find nothing twice.
+
+use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::vec::Vec;
+use core::sync::atomic::compiler_fence;
+
+use crate::error::Result;
+use crate::liveness;
+use crate::sync::atomic::Ordering;
+use crate::sync::owner_token;
+use crate::sync::tagged_list::{self, LinkStore};
+
+use super::super::free_space::FreeSpaceGuard;
+use super::super::large::{self, TAG_LARGE, TAG_SPAN};
+use super::super::size_class::CLASS_COUNT;
+use super::super::slots::owner_dead;
+use super::super::span::{block_at, corrupt, span_of, user_of_live, Info, State, LAYOUTS};
+use super::cache::{unpack_journal, ClassCache, OP_ALLOC, OP_FREE, OP_RESIZE};
+use super::{stamp_process, Shared};
+
+impl Shared {
+    /// Every span, by class (spans whose header was never written are skipped).
+    pub(super) fn spans_by_class(&self, g: &FreeSpaceGuard<'_>) -> Result<Vec<Vec<u64>>> {
+        let mut spans = alloc::vec![Vec::new(); CLASS_COUNT];
+        g.for_each_used(|head, run| {
+            let base = self.fs.layout().unit_offset(head);
+            let class = run.aux as usize;
+            if run.tag == TAG_SPAN && self.arena.class_span(base, class).is_some() {
+                spans[class].push(base);
+            }
+            Ok(())
+        })?;
+        Ok(spans)
+    }
+
+    /// Walks a shared list (the caller holds its lock), calling `visit` on each block.
+    pub(super) fn walk_list(&self, first: u64, mut visit: impl FnMut(u64) -> Result<()>) -> Result<u64> {
+        let limit = self.fs.layout().bytes() / 32 + 1;
+        tagged_list::walk(&self.arena, (first != 0).then_some(first), limit, |b| visit(b))
+    }
+
+    /// Claims the slots of dead processes and returns their blocks to the shared lists; returns
+    /// how many slots. See the module docs.
+    pub(super) fn recover_dead(&self) -> Result<u64> {
+        let mut dead = Vec::new();
+        for offset in self.slots.offsets(&self.mem)? {
+            let s = self.slots.slot(&self.mem, offset)?;
+            let owner = s.owner.load(Ordering::Acquire);
+            if owner_dead(owner)
+                && s.owner.compare_exchange(owner, owner_token(), Ordering::Acquire, Ordering::Relaxed).is_ok()
+            {
+                dead.push(offset);
+            }
+        }
+        if dead.is_empty() {
+            return Ok(0);
+        }
+        let mut labels = BTreeSet::new();
+        for &offset in &dead {
+            let s = self.slots.slot(&self.mem, offset)?;
+            labels.insert(s.index as u64 + 1);
+            for c in &s.body.classes {
+                self.settle_journal(c);
+            }
+        }
+        {
+            let g = self.fs.lock();
+            let spans = self.spans_by_class(&g)?;
+            for (class, spans) in spans.iter().enumerate() {
+                let mut list = self.list(class).lock_or_recover(|_| {});
+                let mut listed = BTreeSet::new();
+                self.walk_list(*list, |b| {
+                    listed.insert(b);
+                    Ok(())
+                })?;
+                let mut orphans = Vec::new();
+                for &span in spans {
+                    for index in 0..LAYOUTS[class].blocks {
+                        let b = block_at(span, class, index);
+                        let info = Info::unpack(self.arena.info(b)?.load(Ordering::Acquire));
+                        if info.is_some_and(|i| i.state == State::Free && labels.contains(&i.size)) && !listed.contains(&b)
+                        {
+                            orphans.push(b);
+                        }
+                    }
+                }
+                if let (Some(&first), Some(&last)) = (orphans.first(), orphans.last()) {
+                    for pair in orphans.windows(2) {
+                        self.arena.store_link(pair[0], Some(pair[1]));
+                    }
+                    self.arena.store_link(last, (*list != 0).then_some(*list));
+                    compiler_fence(Ordering::Release);
+                    *list = first;
+                }
+            }
+        }
+        for &offset in &dead {
+            let s = self.slots.slot(&self.mem, offset)?;
+            for c in &s.body.classes {
+                c.head.store(0, Ordering::Relaxed);
+            }
+            s.owner.store(0, Ordering::Release);
+        }
+        Ok(dead.len() as u64)
+    }
+
+    /// Sets a dead cache line's counters from its journal if the journaled operation changed
+    /// its block's state (see [`cache`](super::cache)); before, they were not touched.
+    fn settle_journal(&self, c: &ClassCache) {
+        let (block, op) = unpack_journal(c.journal.load(Ordering::Acquire));
+        let Some(info) = self.arena.word_at(block).and_then(|w| Info::unpack(w.load(Ordering::Acquire))) else {
+            return;
+        };
+        let done = match op {
+            OP_ALLOC => info.state == State::Live,
+            OP_FREE => info.state != State::Live,
+            OP_RESIZE => info.state == State::Live && info.size == c.j_allocations.load(Ordering::Relaxed),
+            _ => false,
+        };
+        if done {
+            c.live.store(c.j_live.load(Ordering::Relaxed), Ordering::Relaxed);
+            c.bytes.store(c.j_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+            if op != OP_RESIZE {
+                c.allocations.store(c.j_allocations.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Frees the blocks processes that have died still held (small ones through the cache in
+    /// `slot`); returns how many. Only with [`DeadProcessBlocks::Free`](super::DeadProcessBlocks).
+    pub(super) fn free_dead_blocks(&self, slot: u64) -> Result<u64> {
+        if !self.free_dead() {
+            return Ok(0);
+        }
+        let mut verdict: BTreeMap<u64, bool> = BTreeMap::new();
+        let mut dead_process = |stamp: u64| {
+            *verdict.entry(stamp).or_insert_with(|| stamp != self.stamp && liveness::is_dead(stamp_process(stamp)))
+        };
+        let (mut small, mut large_blocks) = (Vec::new(), Vec::new());
+        {
+            let g = self.fs.lock();
+            g.for_each_used(|head, run| {
+                let base = self.fs.layout().unit_offset(head);
+                let class = run.aux as usize;
+                match run.tag {
+                    TAG_SPAN if self.arena.class_span(base, class).is_some() => {
+                        for index in 0..LAYOUTS[class].blocks {
+                            let b = block_at(base, class, index);
+                            let word = self.arena.info(b)?.load(Ordering::Acquire);
+                            let Some(info) = Info::unpack(word).filter(|i| i.state == State::Live) else {
+                                continue;
+                            };
+                            let Ok(user) = user_of_live(&self.arena, b, class) else {
+                                continue;
+                            };
+                            if dead_process(self.arena.word(user - 8)?.load(Ordering::Relaxed) >> 16) {
+                                small.push((b, info));
+                            }
+                        }
+                    }
+                    TAG_LARGE => {
+                        if dead_process(self.arena.word(base + 16)?.load(Ordering::Relaxed)) {
+                            large_blocks.push(base);
+                        }
+                    }
+                    _ => {}
+                }
+                Ok(())
+            })?;
+        }
+        let mut freed = 0;
+        for (block, info) in small {
+            freed += self.free_claimed(slot, block, info).is_ok() as u64;
+        }
+        for block in large_blocks {
+            freed += large::free(&self.fs, &self.arena, block).is_ok() as u64;
+        }
+        Ok(freed)
+    }
+
+    /// Returns spans whose blocks are all on the shared list to the free-space manager, after
+    /// flushing the cache in `slot`. Each list is relabelled with `slot`'s label while still
+    /// on the list, then taken whole, so its blocks stay recoverable while they are off it.
+    pub(super) fn trim(&self, slot: u64) -> Result<()> {
+        self.flush_all(slot)?;
+        let label = self.slots.slot(&self.mem, slot)?.index as u64 + 1;
+        let mut g = self.fs.lock();
+        for class in 0..CLASS_COUNT {
+            let layout = LAYOUTS[class];
+            let mut taken = Vec::new();
+            {
+                let mut list = self.list(class).lock_or_recover(|_| {});
+                self.walk_list(*list, |b| {
+                    let w = self.arena.info(b)?;
+                    let word = w.load(Ordering::Relaxed);
+                    let info = Info::unpack(word).filter(|i| i.state == State::Free && i.class == class);
+                    let info = info.ok_or(corrupt(b, "shared list holds a block that is not free"))?;
+                    w.store(Info { size: label, ..info }.pack(), Ordering::Relaxed);
+                    taken.push(b);
+                    Ok(())
+                })?;
+                compiler_fence(Ordering::Release);
+                *list = 0;
+            }
+            let mut per_span: BTreeMap<u64, u64> = BTreeMap::new();
+            let mut span_of_block = Vec::with_capacity(taken.len());
+            for &b in &taken {
+                let info = Info::unpack(self.arena.info(b)?.load(Ordering::Relaxed))
+                    .ok_or(corrupt(b, "free block lost its header"))?;
+                let span = span_of(b, &info).ok_or(corrupt(b, "free block outside a span"))?;
+                *per_span.entry(span).or_default() += 1;
+                span_of_block.push(span);
+            }
+            for (&span, &free) in &per_span {
+                if free == layout.blocks {
+                    let head = self.fs.layout().unit_of(span).ok_or(corrupt(span, "span outside the arena"))?;
+                    g.free(head)?;
+                }
+            }
+            let keep: Vec<u64> = taken
+                .iter()
+                .zip(&span_of_block)
+                .filter(|(_, span)| per_span[span] != layout.blocks)
+                .map(|(&b, _)| b)
+                .collect();
+            if let (Some(&first), Some(&last)) = (keep.first(), keep.last()) {
+                for pair in keep.windows(2) {
+                    self.arena.store_link(pair[0], Some(pair[1]));
+                }
+                self.push_chain(class, first, last)?;
+            }
+        }
+        drop(g);
+        Ok(())
+    }
+}

@@ -1,0 +1,209 @@
+//! Thread slots: per-thread records inside the region (the thread-local allocator's heaps, the
+//! page allocator's thread caches), shared by both span allocators.
+//!
+//! ```text
+//! chunk   [next chunk][slot 0][slot 1] ... [slot 15]     the first chunk is in the allocator header;
+//! slot    [owner][magic][index] [body ...]               more come from the free-space manager
+//! ```
+//!
+//! A slot is free while its owner word is 0; a thread takes one with a CAS of its
+//! [`owner_token`] (the process id and start time), so the number of threads has no fixed limit
+//! and a slot whose process has died is recognised as such, even if the id was reused.
+
+use core::marker::PhantomData;
+
+use alloc::vec::Vec;
+
+use crate::error::{Error, Result};
+use crate::liveness;
+use crate::sync::atomic::{AtomicU64, Ordering};
+use crate::sync::owner_stamp;
+
+use super::free_space::{FreeSpace, UNIT};
+use super::large::TAG_META;
+use super::span::{corrupt, Mem};
+
+/// Slots per chunk.
+pub(crate) const CHUNK_SLOTS: usize = 16;
+const SLOT_MAGIC: u32 = 0x534C_4F54; // "SLOT"
+
+/// A slot body: what an allocator keeps per thread.
+///
+/// # Safety
+/// All-zero bytes are a valid, empty body, and every field is valid for any bits (integers,
+/// atomics, cells of integers): the body lives in shared memory another process may have written.
+pub(crate) unsafe trait SlotBody {}
+
+/// One thread's slot.
+#[repr(C, align(64))]
+pub(crate) struct Slot<B> {
+    /// The owning process's token, 0 while free.
+    pub(crate) owner: AtomicU64,
+    magic: u32,
+    /// The slot's number, from 0, in table order.
+    pub(crate) index: u32,
+    /// The allocator's record.
+    pub(crate) body: B,
+}
+
+/// A chunk of slots (the allocator header embeds the first).
+#[repr(C, align(64))]
+pub(crate) struct Chunk<B> {
+    next: AtomicU64,
+    slots: [Slot<B>; CHUNK_SLOTS],
+}
+
+/// The chunked table of slots starting at a chunk in the allocator header.
+pub(crate) struct SlotTable<B> {
+    first: u64,
+    _body: PhantomData<B>,
+}
+
+/// Whether the owner word `owner` names a process known to be gone.
+pub(crate) fn owner_dead(owner: u64) -> bool {
+    owner != 0 && liveness::is_dead(owner_stamp(owner))
+}
+
+impl<B: SlotBody> SlotTable<B> {
+    /// Bytes of a chunk (the allocator header embeds the first).
+    pub(crate) const CHUNK_BYTES: usize = core::mem::size_of::<Chunk<B>>();
+
+    /// The table whose first chunk is at `first`.
+    pub(crate) const fn new(first: u64) -> Self {
+        SlotTable { first, _body: PhantomData }
+    }
+
+    /// Writes an empty chunk at `chunk` whose slots are numbered from `first_index`.
+    ///
+    /// # Safety
+    /// No one else sees the chunk's bytes yet (fresh units, or a header being created).
+    pub(crate) unsafe fn format(mem: &Mem, chunk: u64, first_index: u32) -> Result<()> {
+        // SAFETY: bounds and alignment checked by `at`; Chunk<B> is valid as zeroes (SlotBody).
+        let p = unsafe { mem.at::<Chunk<B>>(chunk) }?;
+        // SAFETY: fresh memory the caller owns.
+        unsafe {
+            core::ptr::write_bytes(p.cast::<u8>(), 0, Self::CHUNK_BYTES);
+            for i in 0..CHUNK_SLOTS {
+                let s = core::ptr::addr_of_mut!((*p).slots[i]);
+                core::ptr::addr_of_mut!((*s).magic).write(SLOT_MAGIC);
+                core::ptr::addr_of_mut!((*s).index).write(first_index + i as u32);
+            }
+        }
+        Ok(())
+    }
+
+    fn chunk<'m>(&self, mem: &'m Mem, offset: u64) -> Result<&'m Chunk<B>> {
+        // SAFETY: in bounds and aligned (checked by `at`); valid for any bits (SlotBody).
+        Ok(unsafe { &*mem.at::<Chunk<B>>(offset)? })
+    }
+
+    /// The slot at `offset`, checked: in bounds, aligned, with a slot's magic.
+    #[inline]
+    pub(crate) fn slot<'m>(&self, mem: &'m Mem, offset: u64) -> Result<&'m Slot<B>> {
+        // SAFETY: in bounds and aligned (checked by `at`); valid for any bits (SlotBody).
+        let s = unsafe { &*mem.at::<Slot<B>>(offset)? };
+        if s.magic != SLOT_MAGIC {
+            return Err(corrupt(offset, "not a thread slot"));
+        }
+        Ok(s)
+    }
+
+    /// The slot at `offset` without the checks, for offsets this process checked before.
+    ///
+    /// # Safety
+    /// `offset` came from [`SlotTable::slot`] or [`SlotTable::offsets`] on the same `mem`.
+    #[inline]
+    pub(crate) unsafe fn slot_unchecked<'m>(&self, mem: &'m Mem, offset: u64) -> &'m Slot<B> {
+        debug_assert!(self.slot(mem, offset).is_ok());
+        // SAFETY: the caller's promise: checked once (bounds, alignment, magic), and the region
+        // stays mapped.
+        unsafe { &*mem.addr(offset).cast::<Slot<B>>() }
+    }
+
+    /// Every slot's offset, in index order.
+    pub(crate) fn offsets(&self, mem: &Mem) -> Result<Vec<u64>> {
+        let mut out = Vec::new();
+        let mut at = self.first;
+        let limit = mem.end() / UNIT + 1;
+        for _ in 0..limit {
+            let c = self.chunk(mem, at)?;
+            let slots = at + core::mem::offset_of!(Chunk<B>, slots) as u64;
+            out.extend((0..CHUNK_SLOTS as u64).map(|i| slots + i * core::mem::size_of::<Slot<B>>() as u64));
+            match c.next.load(Ordering::Acquire) {
+                0 => return Ok(out),
+                next => at = next,
+            }
+        }
+        Err(corrupt(self.first, "slot chunk list does not end"))
+    }
+
+    /// Takes a free slot for `token`. When all are taken, `relieve` runs once (to reclaim the
+    /// slots of dead processes), then the table grows by a chunk from the free-space manager.
+    pub(crate) fn acquire(
+        &self,
+        mem: &Mem,
+        fs: &FreeSpace,
+        token: u64,
+        mut relieve: impl FnMut() -> Result<()>,
+    ) -> Result<u64> {
+        for round in 0..3 {
+            for offset in self.offsets(mem)? {
+                let s = self.slot(mem, offset)?;
+                if s.owner.load(Ordering::Relaxed) == 0
+                    && s.owner.compare_exchange(0, token, Ordering::Acquire, Ordering::Relaxed).is_ok()
+                {
+                    return Ok(offset);
+                }
+            }
+            if round == 0 {
+                relieve()?;
+            } else {
+                self.grow(mem, fs)?;
+            }
+        }
+        Err(Error::OutOfMemory { requested: Self::CHUNK_BYTES as u64, available: fs.lock().free_units() * UNIT })
+    }
+
+    /// Appends a chunk taken from the arena. All of it happens under the free-space lock, so a
+    /// grower that dies leaves either no run or a linked chunk.
+    fn grow(&self, mem: &Mem, fs: &FreeSpace) -> Result<()> {
+        let units = (Self::CHUNK_BYTES as u64).div_ceil(UNIT) as u32;
+        let mut g = fs.lock();
+        let head = g
+            .alloc(units, TAG_META, 0)
+            .ok_or(Error::OutOfMemory { requested: units as u64 * UNIT, available: g.free_units() * UNIT })?;
+        let chunk = fs.layout().unit_offset(head);
+        let mut at = self.first;
+        let mut count = 0u32;
+        loop {
+            count += CHUNK_SLOTS as u32;
+            match self.chunk(mem, at)?.next.load(Ordering::Acquire) {
+                0 => break,
+                next => at = next,
+            }
+            if count as u64 > mem.end() / UNIT * CHUNK_SLOTS as u64 {
+                return Err(corrupt(self.first, "slot chunk list does not end"));
+            }
+        }
+        // SAFETY: the units were just taken from the free-space manager: ours alone.
+        unsafe { Self::format(mem, chunk, count) }?;
+        self.chunk(mem, at)?.next.store(chunk, Ordering::Release);
+        Ok(())
+    }
+
+    /// Whether the chunk run at `offset` is linked into the table (for repairs after a grower
+    /// died holding the free-space lock).
+    pub(crate) fn is_chunk(&self, mem: &Mem, offset: u64) -> Result<bool> {
+        let mut at = self.first;
+        for _ in 0..mem.end() / UNIT + 1 {
+            if at == offset {
+                return Ok(true);
+            }
+            match self.chunk(mem, at)?.next.load(Ordering::Acquire) {
+                0 => return Ok(false),
+                next => at = next,
+            }
+        }
+        Err(corrupt(self.first, "slot chunk list does not end"))
+    }
+}

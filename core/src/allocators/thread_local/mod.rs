@@ -1,0 +1,437 @@
+//! [`ThreadLocalAllocator`]: per-thread heaps that live inside the region.
+//!
+//! ```text
+//! region start  header: type, id, free-space layout, free-space state (mutex)
+//!               heap chunk 0: 16 heaps (thread slots); more chunks come from the arena as threads do
+//! table, arena  the free-space manager: spans (each owned by one heap) and large blocks
+//! heap          owner (process id and start time)
+//!               per class: current span, live count and bytes, allocations   (owner only)
+//!               per class: spans with free blocks, full spans                 (owner only)
+//!               per class: the remote chain being collected                   (owner, for repair)
+//!               per class: remote-free list                                   (any thread)
+//! ```
+//!
+//! A thread finds its heap through the [`ThreadModel`]'s TLS, cached (with `std`) in a
+//! thread-local slot keyed by the allocator instance, so the fast path finds it with one load.
+//! It allocates from its current span's local free list or bumps into the span's unused blocks;
+//! a free by the owner pushes on the span's local list. The fast path touches only the heap's
+//! class line, the span's owner line and the block, and builds no error value.
+//!
+//! A free by any other thread or process marks the block remote and pushes it on its owner
+//! heap's remote list for the class (one CAS); the owner collects that list in bulk when its
+//! span runs dry, recording the chain it took in the heap first ([`heap`]), so an owner killed
+//! halfway through leaves every block findable. Spans that become empty go back to the
+//! free-space manager (except the current one, so an alloc/free loop does not thrash), and so
+//! does all free space of a heap when its thread exits. A heap whose thread has exited is
+//! released for the next thread; a heap whose process died (its owner word names a process that
+//! no longer runs, by id and start time, see [`liveness`](crate::liveness)) is repaired from its
+//! blocks' headers and released ([`recovery`]), on attach, when space runs short, or on
+//! [`ThreadLocalAllocator::reclaim`].
+
+mod audit;
+mod heap;
+mod recovery;
+
+use core::ffi::c_void;
+use core::marker::PhantomData;
+use core::ptr::NonNull;
+
+use alloc::boxed::Box;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+
+use crate::allocator::{AllocStats, AllocatorType, RegionAllocator};
+use crate::allocators::check_request;
+use crate::error::{Error, Result};
+use crate::ptr::{AllocatorId, OffsetPtr};
+use crate::region::Region;
+use crate::sync::atomic::Ordering;
+use crate::sync::{owner_token, Mutex};
+use crate::thread::ThreadModel;
+
+use super::common::{class_stats, ClassStats, CommonHeader, DeadProcessBlocks, FLAG_FREE_DEAD};
+use super::fast_slot;
+use super::free_space::{FreeSpace, FreeSpaceLayout, FreeSpaceState, UNIT};
+use super::large;
+use super::size_class::CLASS_COUNT;
+use super::slots::{Chunk, SlotTable};
+use super::span::{class_for, corrupt, explain_free, find_live, invalid, live_block, Found, Mem, LAYOUTS};
+use heap::HeapBody;
+
+const TYPE_ID: u32 = 0x544C_4131; // "TLA1"
+
+/// What the fast-slot cache holds for a thread known to have no heap (never a heap offset, which
+/// is 64-aligned).
+const NO_HEAP: u64 = 1;
+
+/// Options for [`ThreadLocalAllocator`].
+#[derive(Clone, Debug, Default)]
+pub struct ThreadLocalConfig {
+    /// What happens to blocks a dead process still held.
+    pub dead_process_blocks: DeadProcessBlocks,
+}
+
+#[repr(C)]
+struct TlaHeader {
+    common: CommonHeader,
+    free_space: Mutex<FreeSpaceState>,
+    chunk: Chunk<HeapBody>,
+}
+
+/// What a thread's TLS value points to.
+struct ThreadHeap {
+    shared: Arc<Shared>,
+    heap: u64,
+    instance: u64,
+}
+
+/// The process-local view shared by the handle and every thread's TLS value.
+struct Shared {
+    region: Region,
+    header: NonNull<TlaHeader>,
+    /// The whole region: the header and heap chunks.
+    mem: Mem,
+    /// The arena: spans and blocks.
+    arena: Mem,
+    fs: FreeSpace,
+    heaps: SlotTable<HeapBody>,
+}
+
+// SAFETY: `header` points into `region`, kept mapped by `Shared`; shared parts of the header are
+// atomics, lock-free lists and the free-space mutex; each heap's local part is touched only by
+// the thread that owns the heap (its TLS says which).
+unsafe impl Send for Shared {}
+// SAFETY: as above.
+unsafe impl Sync for Shared {}
+
+/// A region allocator with one heap per thread, inside the region. See the [module docs](self).
+///
+/// Generic over the thread model that gives it TLS; `hetmem` names it with the platform's
+/// default model.
+pub struct ThreadLocalAllocator<T: ThreadModel> {
+    shared: Arc<Shared>,
+    id: AllocatorId,
+    key: T::TlsKey,
+    instance: u64,
+    _model: PhantomData<T>,
+}
+
+unsafe extern "C" fn release_at_exit(value: *mut c_void) {
+    // SAFETY: only `attach_thread` stores values under the key: each a leaked Box<ThreadHeap>,
+    // passed here once, at this thread's exit.
+    let th = unsafe { Box::from_raw(value.cast::<ThreadHeap>()) };
+    fast_slot::clear(th.instance);
+    let _ = th.shared.release_heap(th.heap);
+}
+
+impl Shared {
+    fn header(&self) -> &TlaHeader {
+        // SAFETY: checked in bounds at open; see the Send/Sync note.
+        unsafe { self.header.as_ref() }
+    }
+
+    fn free_dead(&self) -> bool {
+        self.header().common.flags & FLAG_FREE_DEAD != 0
+    }
+
+    /// Frees space when the free-space manager is short: our own empty current spans, heaps
+    /// of exited threads, heaps of dead processes.
+    fn relieve_shortage(&self, heap_off: u64, attempt: u32) -> Result<()> {
+        if heap_off != 0 {
+            self.trim_heap(heap_off)?;
+        }
+        self.drain_unowned()?;
+        if attempt > 0 {
+            self.reclaim_dead()?;
+        }
+        Ok(())
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn allocate_large(&self, heap: u64, size: usize, align: usize) -> Result<u64> {
+        let aux = self.heaps.slot(&self.mem, heap)?.index + 1;
+        for attempt in 0..3 {
+            {
+                let mut g = self.fs.lock();
+                if let Some(u) = large::allocate(&mut g, &self.fs, &self.arena, size, align, aux, 0)? {
+                    return Ok(u);
+                }
+            }
+            self.relieve_shortage(heap, attempt)?;
+        }
+        Err(Error::OutOfMemory { requested: size as u64, available: self.fs.lock().free_units() * UNIT })
+    }
+}
+
+impl<T: ThreadModel> ThreadLocalAllocator<T> {
+    fn open(region: Region, id: AllocatorId, layout: FreeSpaceLayout) -> Result<Self> {
+        let header_len = core::mem::size_of::<TlaHeader>() as u64;
+        let ptr = region.ptr(region.offset(), header_len)?.cast::<TlaHeader>();
+        if ptr.align_offset(64) != 0 {
+            return Err(Error::InvalidAlignment { align: 64 });
+        }
+        let header = NonNull::new(ptr).ok_or(corrupt(region.offset(), "null header"))?;
+        let state_offset = region.offset() + core::mem::offset_of!(TlaHeader, free_space) as u64;
+        let chunk = region.offset() + core::mem::offset_of!(TlaHeader, chunk) as u64;
+        // SAFETY: the header holds the free-space state at this offset (written by `create`).
+        let fs = unsafe { FreeSpace::new(region.clone(), state_offset, layout, chunk) }?;
+        let mem = Mem::of(&region, region.offset(), region.end())?;
+        let arena = Mem::of(&region, layout.arena, layout.arena + layout.bytes())?;
+        let heaps = SlotTable::new(chunk);
+        // SAFETY: `release_at_exit` accepts exactly the values this allocator stores.
+        let key = unsafe { T::tls_create(Some(release_at_exit)) }?;
+        let shared = Arc::new(Shared { region, header, mem, arena, fs, heaps });
+        Ok(ThreadLocalAllocator { shared, id, key, instance: fast_slot::new_instance(), _model: PhantomData })
+    }
+
+    /// The calling thread's heap, acquired on first use.
+    #[inline]
+    fn thread_heap(&self) -> Result<u64> {
+        let heap = fast_slot::get(self.instance);
+        if heap > NO_HEAP {
+            return Ok(heap);
+        }
+        self.thread_heap_slow()
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn thread_heap_slow(&self) -> Result<u64> {
+        match self.tls_heap() {
+            0 => self.attach_thread(),
+            heap => Ok(heap),
+        }
+    }
+
+    /// The heap in the thread model's TLS (0 if none), cached in the fast slot.
+    fn tls_heap(&self) -> u64 {
+        let value = T::tls_get(self.key);
+        if value.is_null() {
+            fast_slot::set(self.instance, NO_HEAP);
+            return 0;
+        }
+        // SAFETY: values under our key are leaked Box<ThreadHeap>s, freed only at thread exit or
+        // by `release_thread_heap` on this thread.
+        let heap = unsafe { &*value.cast::<ThreadHeap>() }.heap;
+        fast_slot::set(self.instance, heap);
+        heap
+    }
+
+    fn attach_thread(&self) -> Result<u64> {
+        let s = &self.shared;
+        let heap = s.heaps.acquire(&s.mem, &s.fs, owner_token(), || s.reclaim_dead().map(|_| ()))?;
+        let boxed = Box::new(ThreadHeap { shared: s.clone(), heap, instance: self.instance });
+        let raw = Box::into_raw(boxed);
+        if let Err(e) = T::tls_set(self.key, raw.cast()) {
+            // SAFETY: `raw` was just leaked and never shared.
+            drop(unsafe { Box::from_raw(raw) });
+            let _ = s.release_heap(heap);
+            return Err(e);
+        }
+        fast_slot::set(self.instance, heap);
+        Ok(heap)
+    }
+
+    /// The calling thread's heap if it has one (frees do not create heaps), else 0.
+    #[inline]
+    fn existing_heap(&self) -> u64 {
+        match fast_slot::get(self.instance) {
+            0 => self.tls_heap(),
+            NO_HEAP => 0,
+            heap => heap,
+        }
+    }
+
+    /// Gives back the calling thread's heap now (as thread exit does): its empty spans return
+    /// to the free-space manager and the heap is released for another thread.
+    pub fn release_thread_heap(&self) -> Result<()> {
+        let value = T::tls_get(self.key);
+        fast_slot::clear(self.instance);
+        if value.is_null() {
+            return Ok(());
+        }
+        T::tls_set(self.key, core::ptr::null_mut())?;
+        // SAFETY: as in `tls_heap`; cleared from TLS above, so this is its only owner.
+        let th = unsafe { Box::from_raw(value.cast::<ThreadHeap>()) };
+        self.shared.release_heap(th.heap)
+    }
+
+    /// Returns space the calling thread's heap holds but does not use (empty spans), and
+    /// collects remote frees into heaps no thread owns.
+    pub fn trim(&self) -> Result<()> {
+        let heap = self.existing_heap();
+        if heap != 0 {
+            self.shared.trim_heap(heap)?;
+        }
+        self.shared.drain_unowned()
+    }
+
+    /// Repairs and releases the heaps of processes that have died; returns how many.
+    pub fn reclaim(&self) -> Result<u64> {
+        self.shared.reclaim_dead()
+    }
+
+    /// Per size class: block size, live blocks, allocations since creation.
+    pub fn class_stats(&self) -> Vec<ClassStats> {
+        let (live, allocs, _) = self.shared.class_counts().unwrap_or(([0; CLASS_COUNT], [0; CLASS_COUNT], 0));
+        class_stats(&live, &allocs)
+    }
+
+    /// How many heaps threads hold right now (in every process).
+    pub fn owned_heaps(&self) -> Result<usize> {
+        let s = &self.shared;
+        let mut n = 0;
+        for offset in s.heaps.offsets(&s.mem)? {
+            n += (s.heaps.slot(&s.mem, offset)?.owner.load(Ordering::Relaxed) != 0) as usize;
+        }
+        Ok(n)
+    }
+}
+
+impl<T: ThreadModel> Drop for ThreadLocalAllocator<T> {
+    fn drop(&mut self) {
+        let _ = self.release_thread_heap();
+        // Other threads' values stay until they exit; with the key deleted their destructors
+        // may not run (pthreads), so their heaps are released when their process exits and is
+        // found dead, or by `Drop` of a handle those threads call `release_thread_heap` on.
+        let _ = T::tls_delete(self.key);
+    }
+}
+
+impl<T: ThreadModel> RegionAllocator for ThreadLocalAllocator<T> {
+    fn id(&self) -> AllocatorId {
+        self.id
+    }
+
+    fn type_name(&self) -> &'static str {
+        "thread-local"
+    }
+
+    fn region(&self) -> &Region {
+        &self.shared.region
+    }
+
+    #[inline]
+    fn allocate(&self, size: usize, align: usize) -> Result<OffsetPtr> {
+        check_request(size, align)?;
+        let heap = self.thread_heap()?;
+        let user = match class_for(size, align) {
+            Some(class) => self.shared.allocate_small(heap, class, size, align)?,
+            None => self.shared.allocate_large(heap, size, align)?,
+        };
+        Ok(OffsetPtr::new(user))
+    }
+
+    fn reallocate(&self, ptr: OffsetPtr, new_size: usize, align: usize) -> Result<OffsetPtr> {
+        check_request(new_size, align)?;
+        let s = &self.shared;
+        let user = ptr.offset().ok_or(invalid(ptr.get(), "null pointer"))?;
+        let old_size = match live_block(&s.arena, user)? {
+            Found::Large { block } => {
+                if large::resize_in_place(&s.fs, &s.arena, block, user, new_size, align)? {
+                    return Ok(ptr);
+                }
+                large::size_of(&s.fs, &s.arena, block)?
+            }
+            Found::Small { block, info, span } => {
+                let room = block + LAYOUTS[info.class].stride - user;
+                let fits = user % align as u64 == 0 && new_size as u64 <= room;
+                let mine = self.existing_heap();
+                let owned = mine != 0 && s.arena.span(span)?.owner.load(Ordering::Relaxed) == mine;
+                if fits && owned && class_for(new_size, align).is_some_and(|c| c + 4 >= info.class) {
+                    s.resize_in_place(mine, block, info, new_size)?;
+                    return Ok(ptr);
+                }
+                info.size
+            }
+        };
+        let new = self.allocate(new_size, align)?;
+        s.arena.copy(user, new.get(), old_size.min(new_size as u64))?;
+        self.free(ptr)?;
+        Ok(new)
+    }
+
+    #[inline]
+    fn free(&self, ptr: OffsetPtr) -> Result<()> {
+        let s = &self.shared;
+        let user = ptr.offset().ok_or(invalid(ptr.get(), "null pointer"))?;
+        match find_live(&s.arena, user) {
+            Some(Found::Small { block, info, span }) => s.free_small(self.existing_heap(), block, info, span),
+            Some(Found::Large { block }) => large::free(&s.fs, &s.arena, block),
+            None => Err(explain_free(&s.arena, user)),
+        }
+    }
+
+    fn size_of(&self, ptr: OffsetPtr) -> Result<usize> {
+        let s = &self.shared;
+        let user = ptr.offset().ok_or(invalid(ptr.get(), "null pointer"))?;
+        match live_block(&s.arena, user)? {
+            Found::Large { block } => large::size_of(&s.fs, &s.arena, block).map(|v| v as usize),
+            Found::Small { info, .. } => Ok(info.size as usize),
+        }
+    }
+
+    /// Sums every heap's counters (read without stopping their threads). `bytes_in_use` counts
+    /// remotely freed blocks until their owner collects them. `bytes_reserved` counts live
+    /// blocks with headers and class rounding, large runs and extra heap chunks;
+    /// `high_watermark` is the most the free-space manager had out at once.
+    fn stats(&self) -> AllocStats {
+        self.shared.stats()
+    }
+
+    /// Walks every heap, span, list and run (see the module docs for what must hold). Heaps
+    /// that threads are using are read without stopping them: call it while no thread
+    /// allocates or frees, and after [`reclaim`](ThreadLocalAllocator::reclaim) if processes
+    /// died.
+    fn check(&self) -> Result<()> {
+        self.shared.check()
+    }
+}
+
+impl<T: ThreadModel> AllocatorType for ThreadLocalAllocator<T> {
+    const TYPE_ID: u32 = TYPE_ID;
+    type Config = ThreadLocalConfig;
+
+    fn create(region: Region, id: AllocatorId, config: &ThreadLocalConfig) -> Result<Self> {
+        let header_len = core::mem::size_of::<TlaHeader>() as u64;
+        let header_end = region.offset() + header_len;
+        let layout = FreeSpaceLayout::plan(header_end, region.end())?;
+        let ptr = region.ptr(region.offset(), header_len)?;
+        if ptr.align_offset(64) != 0 {
+            return Err(Error::InvalidAlignment { align: 64 });
+        }
+        // SAFETY: in bounds and not yet visible to anyone.
+        unsafe {
+            core::ptr::write_bytes(ptr, 0, header_len as usize);
+            core::ptr::addr_of_mut!((*ptr.cast::<TlaHeader>()).common).write(CommonHeader::new(
+                TYPE_ID,
+                id,
+                config.dead_process_blocks.flags(),
+                &layout,
+            ));
+        }
+        let a = ThreadLocalAllocator::open(region, id, layout)?;
+        let chunk = a.shared.region.offset() + core::mem::offset_of!(TlaHeader, chunk) as u64;
+        // SAFETY: the header's chunk, not yet visible to anyone.
+        unsafe { SlotTable::<HeapBody>::format(&a.shared.mem, chunk, 0) }?;
+        // SAFETY: no one else sees the allocator yet.
+        unsafe { a.shared.fs.init() };
+        Ok(a)
+    }
+
+    fn attach(region: Region, id: AllocatorId) -> Result<Self> {
+        let header_len = core::mem::size_of::<TlaHeader>() as u64;
+        let ptr = region.ptr(region.offset(), header_len)?.cast::<TlaHeader>();
+        // SAFETY: in bounds; plain integers, validated before use.
+        let common = unsafe { &(*ptr).common };
+        let layout = common.validate(TYPE_ID, id, &region, region.offset() + header_len)?;
+        let a = ThreadLocalAllocator::open(region, id, layout)?;
+        a.shared.reclaim_dead()?;
+        a.shared.drain_unowned()?;
+        Ok(a)
+    }
+}
+
+#[cfg(all(test, feature = "std", not(loom)))]
+mod tests;

@@ -1,0 +1,171 @@
+//! Heaps of dead processes: found by their owner word (a process id and start time that no
+//! longer run), taken over with a CAS, repaired from their blocks' headers, and released.
+//!
+//! Repair first finishes any remote collection the dead owner left half done (the chain its
+//! `pending` word records, then the remote lists themselves, journaled the same way), turning
+//! those blocks free without touching their links. Only then does it rebuild every span's free
+//! list, use count and the heap's counters from the blocks' states, so a repairer that dies in
+//! turn leaves a state the next one repairs the same way.
+
+use alloc::vec::Vec;
+
+use crate::error::Result;
+use crate::sync::atomic::Ordering;
+use crate::sync::owner_token;
+use crate::sync::tagged_list::{self, LinkStore};
+
+use super::super::large::{self, TAG_LARGE, TAG_SPAN};
+use super::super::size_class::CLASS_COUNT;
+use super::super::slots::owner_dead;
+use super::super::span::{block_at, corrupt, freed_word, Info, SpanLocal, State, LAYOUTS};
+use super::heap::{ClassState, Heap, HeapLocal, LIST_AVAIL, LIST_FULL};
+use super::Shared;
+
+impl Shared {
+    /// Repairs and releases every heap whose owning process has died; returns how many.
+    pub(super) fn reclaim_dead(&self) -> Result<u64> {
+        let mut reclaimed = 0;
+        for offset in self.heaps.offsets(&self.mem)? {
+            let h = self.heaps.slot(&self.mem, offset)?;
+            let owner = h.owner.load(Ordering::Acquire);
+            if !owner_dead(owner) {
+                continue;
+            }
+            if h.owner.compare_exchange(owner, owner_token(), Ordering::Acquire, Ordering::Relaxed).is_err() {
+                continue;
+            }
+            self.repair_heap(offset)?;
+            self.release_heap(offset)?;
+            reclaimed += 1;
+        }
+        Ok(reclaimed)
+    }
+
+    /// Turns the remotely freed blocks of a chain free, without touching links: the chain a
+    /// dead owner was collecting (some of it already free) or a remote list the repairer took.
+    /// A damaged chain ends at the first block that is neither.
+    fn free_remote_chain(&self, first: Option<u64>, class: usize) {
+        let limit = self.fs.layout().bytes() / 32 + 1;
+        let mut at = first;
+        let mut n = 0u64;
+        while let Some(b) = at {
+            n += 1;
+            let Some(w) = self.arena.word_at(b).filter(|_| n <= limit) else {
+                return;
+            };
+            let word = w.load(Ordering::Acquire);
+            match Info::unpack(word) {
+                Some(i) if i.class == class && i.state == State::Remote => {
+                    w.store(freed_word(word, 0), Ordering::Release);
+                }
+                Some(i) if i.class == class && i.state == State::Free => {}
+                _ => return,
+            }
+            at = self.arena.load_link(b).unwrap_or(None);
+        }
+    }
+
+    /// Finishes the remote collections of a heap we hold for repair.
+    fn finish_collections(&self, heap: &Heap) {
+        for class in 0..CLASS_COUNT {
+            let pending = &heap.body.pending.0[class];
+            self.free_remote_chain(tagged_list::decode(pending.load(Ordering::Acquire)), class);
+            pending.store(0, Ordering::Release);
+            if let Some(first) = heap.body.remote.0[class].take_recorded(pending) {
+                self.free_remote_chain(Some(first), class);
+                pending.store(0, Ordering::Release);
+            }
+        }
+    }
+
+    /// Rebuilds a heap's spans and lists from its blocks' headers, after its owner died at an
+    /// unknown point. The caller holds the heap.
+    fn repair_heap(&self, heap_off: u64) -> Result<()> {
+        let heap = self.heaps.slot(&self.mem, heap_off)?;
+        let index = heap.index;
+        let free_dead = self.free_dead();
+        self.finish_collections(heap);
+        // SAFETY: we hold the heap.
+        let local = unsafe { self.local(heap) };
+        let allocations: Vec<u64> = local.classes.iter().map(|c| c.allocations).collect();
+        *local = HeapLocal {
+            classes: [ClassState::default(); CLASS_COUNT],
+            avail: [0; CLASS_COUNT],
+            full: [0; CLASS_COUNT],
+        };
+        let mut spans = Vec::new();
+        let mut dead_large = Vec::new();
+        {
+            let g = self.fs.lock();
+            g.for_each_used(|head, run| {
+                let base = self.fs.layout().unit_offset(head);
+                let owned = self.arena.span_at(base).is_some_and(|s| s.owner.load(Ordering::Relaxed) == heap_off);
+                if run.tag == TAG_SPAN && owned {
+                    spans.push((base, run.aux as usize));
+                } else if run.tag == TAG_LARGE && run.aux == index + 1 && free_dead {
+                    dead_large.push(base);
+                }
+                Ok(())
+            })?;
+        }
+        for (span, class) in spans {
+            self.repair_span(local, span, class, free_dead)?;
+        }
+        for (c, allocs) in allocations.into_iter().enumerate() {
+            local.classes[c].allocations = allocs.max(local.classes[c].live);
+        }
+        for base in dead_large {
+            let _ = large::free(&self.fs, &self.arena, base);
+        }
+        Ok(())
+    }
+
+    /// Rebuilds one span of a heap under repair: free list, use count, the heap's counters.
+    /// Remote blocks still here are in transit (their freer pushes them later) and stay used.
+    fn repair_span(&self, local: &mut HeapLocal, span: u64, class: usize, free_dead: bool) -> Result<()> {
+        let layout = *LAYOUTS.get(class).ok_or(corrupt(span, "span class"))?;
+        // SAFETY: we hold the span's heap.
+        let s = unsafe { self.span_local(span) }?;
+        let bump = (s.bump as u64).min(layout.blocks);
+        let (mut free, mut used) = (None, 0u32);
+        for index in (0..bump).rev() {
+            let b = block_at(span, class, index);
+            let word = self.arena.info(b)?;
+            let info = Info::unpack(word.load(Ordering::Acquire)).filter(|i| i.class == class && i.index == index);
+            let kept = match info {
+                Some(i) if i.state == State::Remote => Some(i),
+                Some(i) if i.state == State::Live => {
+                    let freed = free_dead
+                        && word
+                            .compare_exchange(i.pack(), freed_word(i.pack(), 0), Ordering::AcqRel, Ordering::Relaxed)
+                            .is_ok();
+                    (!freed).then_some(i)
+                }
+                _ => {
+                    let fresh = Info { state: State::Free, class, index, size: 0 };
+                    word.store(fresh.pack(), Ordering::Release);
+                    None
+                }
+            };
+            match kept {
+                Some(i) => {
+                    used += 1;
+                    local.classes[class].live += 1;
+                    local.classes[class].live_bytes += i.size;
+                }
+                None => {
+                    self.arena.store_link(b, free);
+                    free = Some(b);
+                }
+            }
+        }
+        *s = SpanLocal { free: tagged_list::encode(free), bump: bump as u32, used, ..SpanLocal::default() };
+        if used == 0 {
+            self.release_span(span)
+        } else if free.is_some() || bump < layout.blocks {
+            self.list_push(local, class, LIST_AVAIL, span)
+        } else {
+            self.list_push(local, class, LIST_FULL, span)
+        }
+    }
+}
