@@ -43,8 +43,10 @@ pub(crate) const LARGE_CLASS: usize = 255;
 const MAX_BLOCKS: u64 = 4095;
 const MIN_SPAN_UNITS: u64 = 16;
 const SPAN_MAGIC: u32 = 0x5350_414E; // "SPAN"
-/// The largest distance a back word may give (padding for a 4096 alignment plus a header).
-const MAX_BACK: u64 = 4096 + LARGE_HEADER;
+/// The largest distance a back word may give: a 4096 alignment (a small block's header and
+/// padding, or a large block's, fit below its user bytes within one alignment step).
+const MAX_BACK: u64 = 4096;
+const _: () = assert!((MAX_BACK - SMALL_HEADER) & 0xf == 0 && (MAX_BACK - SMALL_HEADER + 16).is_power_of_two());
 
 const INFO_MAGIC: u64 = 0xB10C;
 const STATE_SHIFT: u32 = 44;
@@ -136,6 +138,12 @@ pub(crate) const fn freed_word(word: u64, label: u64) -> u64 {
     (word & !(STATE_BITS | FIELD_MASK)) | ((State::Free as u64) << STATE_SHIFT) | label
 }
 
+/// The class bits of an info word.
+#[inline]
+pub(crate) const fn word_class(word: u64) -> usize {
+    ((word >> CLASS_SHIFT) & 0xff) as usize
+}
+
 /// The shape of a class's spans.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ClassLayout {
@@ -147,6 +155,10 @@ pub(crate) struct ClassLayout {
     pub(crate) units: u32,
     /// Blocks per span.
     pub(crate) blocks: u64,
+    /// Bytes per span (`units` whole units).
+    pub(crate) span_bytes: u64,
+    /// Bytes the blocks take, from the end of the span header (`blocks * stride`).
+    pub(crate) area: u64,
 }
 
 const fn layout_of(class: usize) -> ClassLayout {
@@ -161,7 +173,7 @@ const fn layout_of(class: usize) -> ClassLayout {
     if blocks > MAX_BLOCKS {
         blocks = MAX_BLOCKS;
     }
-    ClassLayout { size, stride, units: units as u32, blocks }
+    ClassLayout { size, stride, units: units as u32, blocks, span_bytes: units * UNIT, area: blocks * stride }
 }
 
 const fn layouts() -> [ClassLayout; CLASS_COUNT] {
@@ -198,8 +210,8 @@ const fn small_classes() -> [u8; 65] {
 /// The first cache line of every span: written once when the span is made.
 #[repr(C, align(64))]
 pub(crate) struct SpanHeader {
-    magic: u32,
-    class: u32,
+    /// The span's magic in the low half, its class in the high half (one compare checks both).
+    kind: u64,
     /// What owns the span (the thread-local allocator's heap offset; 0 in the page allocator).
     pub(crate) owner: AtomicU64,
     /// Owner-only state for allocators with per-thread heaps, on a line of its own.
@@ -250,8 +262,14 @@ impl SpanHeader {
     /// The class the span holds.
     #[inline]
     pub(crate) fn class(&self) -> usize {
-        self.class as usize
+        (self.kind >> 32) as usize
     }
+}
+
+/// The `kind` word of a span of `class`.
+#[inline]
+const fn span_kind(class: usize) -> u64 {
+    SPAN_MAGIC as u64 | ((class as u64) << 32)
 }
 
 /// A bounds-checked view of a region, cheap to copy into fast paths.
@@ -382,19 +400,23 @@ impl Mem {
         // SAFETY: in bounds and 64-aligned (unit-aligned offset, page-aligned base); a
         // SpanHeader is integers, an atomic and an UnsafeCell of integers, valid for any bits.
         let h = unsafe { &*self.base.add(span as usize).cast::<SpanHeader>() };
-        (h.magic == SPAN_MAGIC).then_some(h)
+        (h.kind as u32 == SPAN_MAGIC).then_some(h)
     }
 
     /// The span header at `span` if the whole span of `class` lies in the view and its header
     /// has a span's magic and that class: after this, every block of the span is in bounds.
     #[inline]
     pub(crate) fn class_span(&self, span: u64, class: usize) -> Option<&SpanHeader> {
-        let bytes = LAYOUTS.get(class)?.units as u64 * UNIT;
-        if !self.contains(span, bytes) {
+        let room = self.len.checked_sub(LAYOUTS.get(class)?.span_bytes)?;
+        if span.wrapping_sub(self.start) > room || span % 64 != 0 {
             return None;
         }
-        let h = self.span_at(span)?;
-        (h.class() == class).then_some(h)
+        // SAFETY: the whole span is in bounds and 64-aligned (checked above; the base is
+        // page-aligned); a SpanHeader is valid for any bits. (Spans start on units; an offset
+        // that does not is refused by the kind compare unless the bytes there mimic a header,
+        // which only a writer of the region's memory could arrange, and which stays in bounds.)
+        let h = unsafe { &*self.base.add(span as usize).cast::<SpanHeader>() };
+        (h.kind == span_kind(class)).then_some(h)
     }
 
     /// A span's header, checked for its magic.
@@ -456,13 +478,12 @@ pub(crate) unsafe fn init_span(mem: &Mem, span: u64, class: usize, owner: u64) -
     // SAFETY: fresh memory the caller owns; SpanHeader is valid for any bits.
     let p = unsafe { mem.at::<SpanHeader>(span) }?;
     // SAFETY: as above. The magic goes in last, so a span is never seen with a magic and a stale
-    // class or owner.
+    // owner.
     unsafe {
-        core::ptr::addr_of_mut!((*p).class).write(class as u32);
         (*p).owner.store(owner, Ordering::Relaxed);
         (*p).local.0.get().write(SpanLocal::default());
         core::sync::atomic::compiler_fence(Ordering::Release);
-        core::ptr::addr_of_mut!((*p).magic).write_volatile(SPAN_MAGIC);
+        core::ptr::addr_of_mut!((*p).kind).write_volatile(span_kind(class));
     }
     Ok(())
 }
@@ -496,12 +517,43 @@ pub(crate) fn back_word(back: u64, stamp: u64) -> u64 {
     back | (stamp << 16)
 }
 
-/// A live block found from a user offset, with every check done.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Found {
-    /// A small block: its start, info, and its span (whose header has the right magic and
-    /// class, and which lies whole in the view).
-    Small { block: u64, info: Info, span: u64 },
+/// A live small block found from a user offset, with every check done.
+#[derive(Clone, Copy)]
+pub(crate) struct LiveSmall<'m> {
+    /// The block's start.
+    pub(crate) block: u64,
+    /// Its info word (live).
+    pub(crate) word: u64,
+    /// Its span, which lies whole in the view and has the block's class.
+    pub(crate) span: u64,
+    /// The span's header.
+    pub(crate) header: &'m SpanHeader,
+}
+
+impl LiveSmall<'_> {
+    /// The block's class.
+    #[inline]
+    pub(crate) fn class(&self) -> usize {
+        word_class(self.word)
+    }
+
+    /// The requested size.
+    #[inline]
+    pub(crate) fn size(&self) -> u64 {
+        self.word & FIELD_MASK
+    }
+
+    /// The info word unpacked.
+    pub(crate) fn info(&self) -> Info {
+        Info { state: State::Live, class: self.class(), index: (self.word >> INDEX_SHIFT) & 0xfff, size: self.size() }
+    }
+}
+
+/// A live block found from a user offset.
+#[derive(Clone, Copy)]
+pub(crate) enum Found<'m> {
+    /// A small block.
+    Small(LiveSmall<'m>),
     /// A large block: its start (its run is checked under the free-space lock).
     Large { block: u64 },
 }
@@ -510,25 +562,36 @@ pub(crate) enum Found {
 /// to a block with a valid live info word, in a span of its class. `None` on anything else;
 /// [`explain_free`] then says what.
 #[inline]
-pub(crate) fn find_live(mem: &Mem, user: u64) -> Option<Found> {
-    if user % 16 != 0 {
+pub(crate) fn find_live(mem: &Mem, user: u64) -> Option<Found<'_>> {
+    if user % 16 != 0 || user.wrapping_sub(8).wrapping_sub(mem.start) > mem.len - 8 {
         return None;
     }
-    let back = mem.word_at(user.wrapping_sub(8))?.load(Ordering::Relaxed) & 0xffff;
-    if back < SMALL_HEADER || back % 16 != 0 || back > MAX_BACK {
+    // SAFETY: in bounds (checked just above) and 8-aligned.
+    let back = unsafe { mem.word_unchecked(user - 8) }.load(Ordering::Relaxed) & 0xffff;
+    // 16..=4096 in steps of 16, in one test.
+    if back.wrapping_sub(SMALL_HEADER) & !(MAX_BACK - SMALL_HEADER) != 0 {
         return None;
     }
-    let block = user.wrapping_sub(back);
-    let info = Info::unpack(mem.word_at(block)?.load(Ordering::Acquire))?;
-    if info.state != State::Live {
+    let block = user - back;
+    if block.wrapping_sub(mem.start) > mem.len - 8 {
         return None;
     }
-    if info.class == LARGE_CLASS {
-        return (back >= LARGE_HEADER).then_some(Found::Large { block });
+    // SAFETY: in bounds (checked just above), 16-aligned.
+    let word = unsafe { mem.word_unchecked(block) }.load(Ordering::Acquire);
+    if word >> STATE_SHIFT != (INFO_MAGIC << 4) | State::Live as u64 {
+        return None;
     }
-    let span = span_of(block, &info)?;
-    mem.class_span(span, info.class)?;
-    Some(Found::Small { block, info, span })
+    let class = ((word >> CLASS_SHIFT) & 0xff) as usize;
+    let Some(layout) = LAYOUTS.get(class) else {
+        return (class == LARGE_CLASS && back >= LARGE_HEADER).then_some(Found::Large { block });
+    };
+    let index = (word >> INDEX_SHIFT) & 0xfff;
+    if index >= layout.blocks {
+        return None;
+    }
+    let span = block.wrapping_sub(SPAN_HEADER + index * layout.stride);
+    let header = mem.class_span(span, class)?;
+    Some(Found::Small(LiveSmall { block, word, span, header }))
 }
 
 /// Why [`find_live`] refused `user`.
@@ -543,7 +606,7 @@ pub(crate) fn explain_free(mem: &Mem, user: u64) -> Error {
         return out_of_bounds(user, 0, mem.end());
     };
     let back = w.load(Ordering::Relaxed) & 0xffff;
-    if back < SMALL_HEADER || back % 16 != 0 || back > MAX_BACK {
+    if back.wrapping_sub(SMALL_HEADER) & !(MAX_BACK - SMALL_HEADER) != 0 {
         return foreign;
     }
     let block = user.wrapping_sub(back);
@@ -561,7 +624,7 @@ pub(crate) fn explain_free(mem: &Mem, user: u64) -> Error {
 
 /// The live block at `user`, or the error saying why not.
 #[inline]
-pub(crate) fn live_block(mem: &Mem, user: u64) -> Result<Found> {
+pub(crate) fn live_block(mem: &Mem, user: u64) -> Result<Found<'_>> {
     match find_live(mem, user) {
         Some(f) => Ok(f),
         None => Err(explain_free(mem, user)),
@@ -582,6 +645,18 @@ pub(crate) fn user_of_live(mem: &Mem, block: u64, class: usize) -> Result<u64> {
         user += 16;
     }
     Err(corrupt(block, "live block without a back word"))
+}
+
+/// The class of a request that is small and plainly aligned (alignment up to 16, size
+/// 1..=1024): the common case, validated in a few instructions. `None` sends the caller to the
+/// full path ([`check_request`](super::check_request), [`class_for`]).
+#[inline]
+pub(crate) fn quick_class(size: usize, align: usize) -> Option<usize> {
+    // Bits 1, 2, 4, 8 and 16: the powers of two up to 16.
+    if align > 16 || (0x10116u32 >> align) & 1 == 0 || size.wrapping_sub(1) >= 1024 {
+        return None;
+    }
+    Some(SMALL_CLASSES[size.div_ceil(16)] as usize)
 }
 
 /// The smallest class whose blocks fit `size` bytes at alignment `align` (padding included),
@@ -629,6 +704,19 @@ mod tests {
         }
         assert_eq!(class_for(16, 4096), super::super::size_class::class_of(16 + 4080));
         assert_eq!(class_for(20_000, 8), None);
+    }
+
+    #[test]
+    fn the_quick_path_takes_only_plain_small_requests() {
+        for align in 0usize..40 {
+            for size in [0, 1, 15, 16, 17, 1000, 1024, 1025, usize::MAX] {
+                let plain = align.is_power_of_two() && align <= 16 && (1..=1024).contains(&size);
+                assert_eq!(quick_class(size, align).is_some(), plain, "{size} {align}");
+                if plain {
+                    assert_eq!(quick_class(size, align), class_for(size, align));
+                }
+            }
+        }
     }
 
     #[test]

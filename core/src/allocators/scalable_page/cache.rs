@@ -26,8 +26,8 @@ use super::super::large::TAG_SPAN;
 use super::super::size_class::CLASS_COUNT;
 use super::super::slots::SlotBody;
 use super::super::span::{
-    back_word, block_at, corrupt, free_pattern, invalid, free_word_mask, freed_word, init_span, live_word, user_of, Info, State,
-    FIELD_MASK, LAYOUTS, SMALL_HEADER,
+    back_word, block_at, corrupt, free_pattern, free_word_mask, freed_word, init_span, invalid, live_word, user_of,
+    word_class, Info, State, FIELD_MASK, LAYOUTS, SMALL_HEADER,
 };
 use super::Shared;
 
@@ -162,32 +162,34 @@ impl Shared {
         Ok(user)
     }
 
-    /// Frees a live small block (found by `find_live`) into the cache in `slot`.
+    /// Frees a live small block (found by `find_live`, with info word `word`) into the cache
+    /// in `slot`.
     #[inline]
-    pub(super) fn free_small(&self, slot: u64, block: u64, info: Info) -> Result<()> {
-        self.free_into(slot, block, info, false)
+    pub(super) fn free_small(&self, slot: u64, block: u64, word: u64) -> Result<()> {
+        self.free_into(slot, block, word, false)
     }
 
     /// Frees a live small block someone else may be freeing at the same time (a dead process's,
     /// found by a scan): the block is claimed with a CAS, and nothing happens if that fails.
     pub(super) fn free_claimed(&self, slot: u64, block: u64, info: Info) -> Result<()> {
-        self.free_into(slot, block, info, true)
+        self.free_into(slot, block, info.pack(), true)
     }
 
     #[inline(always)]
-    fn free_into(&self, slot: u64, block: u64, info: Info, claim: bool) -> Result<()> {
-        let (c, label) = self.cache(slot, info.class);
+    fn free_into(&self, slot: u64, block: u64, live_word: u64, claim: bool) -> Result<()> {
+        let class = word_class(live_word);
+        let (c, label) = self.cache(slot, class);
         let (first, count) = unpack_head(c.head.load(Ordering::Relaxed));
         let live = c.live.load(Ordering::Relaxed).wrapping_sub(1);
-        let bytes = c.bytes.load(Ordering::Relaxed).wrapping_sub(info.size);
+        let bytes = c.bytes.load(Ordering::Relaxed).wrapping_sub(live_word & FIELD_MASK);
         let allocations = c.allocations.load(Ordering::Relaxed);
         c.journal(block, OP_FREE, live, bytes, allocations);
         // SAFETY: `find_live` checked the block's whole span lies in the arena.
         let (word, link) = unsafe { (self.arena.word_unchecked(block), self.arena.word_unchecked(block + 8)) };
-        let freed = freed_word(info.pack(), label);
+        let freed = freed_word(live_word, label);
         if !claim {
             word.store(freed, Ordering::Release);
-        } else if word.compare_exchange(info.pack(), freed, Ordering::AcqRel, Ordering::Relaxed).is_err() {
+        } else if word.compare_exchange(live_word, freed, Ordering::AcqRel, Ordering::Relaxed).is_err() {
             c.journal.store(0, Ordering::Relaxed);
             return Err(invalid(block, "already freed"));
         }
@@ -195,8 +197,8 @@ impl Shared {
         compiler_fence(Ordering::Release);
         c.head.store(pack_head(block, count + 1), Ordering::Relaxed);
         c.settle(live, bytes, allocations);
-        if count + 1 > self.limits[info.class] as u64 {
-            return self.flush(c, info.class);
+        if count + 1 > self.limits[class] as u64 {
+            return self.flush(c, class);
         }
         Ok(())
     }
@@ -226,14 +228,13 @@ impl Shared {
         }
         for attempt in 0..3 {
             if self.take_from_list(c, class, label)? || self.carve(c, class, label)? {
-                return self.peek_cached(c, class, label).ok_or(corrupt(slot, "thread cache refilled with a bad block"));
+                return self
+                    .peek_cached(c, class, label)
+                    .ok_or(corrupt(slot, "thread cache refilled with a bad block"));
             }
             self.relieve_shortage(slot, attempt)?;
         }
-        Err(Error::OutOfMemory {
-            requested: LAYOUTS[class].size,
-            available: self.fs.lock().free_units() * UNIT,
-        })
+        Err(Error::OutOfMemory { requested: LAYOUTS[class].size, available: self.fs.lock().free_units() * UNIT })
     }
 
     /// How many blocks a refill takes or a flush leaves.
@@ -286,7 +287,9 @@ impl Shared {
             for index in 0..layout.blocks {
                 let b = block_at(span, class, index);
                 let next = (index + 1 < layout.blocks).then(|| block_at(span, class, index + 1));
-                self.arena.word(b)?.store(Info { state: State::Free, class, index, size: label }.pack(), Ordering::Relaxed);
+                self.arena
+                    .word(b)?
+                    .store(Info { state: State::Free, class, index, size: label }.pack(), Ordering::Relaxed);
                 self.arena.store_link(b, next);
             }
             // SAFETY: the units were just taken from the free-space manager: ours alone.

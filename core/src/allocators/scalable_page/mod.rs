@@ -54,7 +54,7 @@ use super::free_space::{FreeSpace, FreeSpaceLayout, FreeSpaceState, UNIT};
 use super::large;
 use super::size_class::CLASS_COUNT;
 use super::slots::{Chunk, SlotTable};
-use super::span::{class_for, corrupt, explain_free, find_live, invalid, live_block, Found, Mem, LAYOUTS};
+use super::span::{class_for, corrupt, explain_free, find_live, invalid, live_block, quick_class, Found, Mem, LAYOUTS};
 use cache::CacheBody;
 
 const TYPE_ID: u32 = 0x5350_4131; // "SPA1"
@@ -240,9 +240,13 @@ impl ScalablePageAllocator {
         }
         let slot = self.shared.acquire_slot()?;
         let shared = self.shared.clone();
-        if fast_slot::hold(self.instance, slot, Box::new(move || {
-            let _ = shared.release_slot(slot);
-        })) {
+        if fast_slot::hold(
+            self.instance,
+            slot,
+            Box::new(move || {
+                let _ = shared.release_slot(slot);
+            }),
+        ) {
             return Ok(Some(slot));
         }
         self.shared.release_slot(slot)?;
@@ -267,7 +271,8 @@ impl ScalablePageAllocator {
     /// attach and when space runs short.
     pub fn reclaim(&self) -> Result<u64> {
         let slots = self.shared.recover_dead()?;
-        let blocks = if self.shared.free_dead() { self.with_slot(|slot| self.shared.free_dead_blocks(slot))? } else { 0 };
+        let blocks =
+            if self.shared.free_dead() { self.with_slot(|slot| self.shared.free_dead_blocks(slot))? } else { 0 };
         Ok(slots + blocks)
     }
 
@@ -275,6 +280,20 @@ impl ScalablePageAllocator {
     pub fn class_stats(&self) -> Vec<ClassStats> {
         let (live, allocs, _) = self.shared.class_counts().unwrap_or(([0; CLASS_COUNT], [0; CLASS_COUNT], 0));
         class_stats(&live, &allocs)
+    }
+}
+
+impl ScalablePageAllocator {
+    /// Every request the quick path does not take: checked in full, then small or large.
+    #[inline(never)]
+    fn allocate_checked(&self, size: usize, align: usize) -> Result<OffsetPtr> {
+        check_request(size, align)?;
+        let s = &self.shared;
+        let user = match class_for(size, align) {
+            Some(class) => self.with_slot(|slot| s.allocate_small(slot, class, size, align))?,
+            None => self.with_slot(|slot| s.allocate_large(slot, size, align))?,
+        };
+        Ok(OffsetPtr::new(user))
     }
 }
 
@@ -305,13 +324,11 @@ impl RegionAllocator for ScalablePageAllocator {
 
     #[inline]
     fn allocate(&self, size: usize, align: usize) -> Result<OffsetPtr> {
-        check_request(size, align)?;
-        let s = &self.shared;
-        let user = match class_for(size, align) {
-            Some(class) => self.with_slot(|slot| s.allocate_small(slot, class, size, align))?,
-            None => self.with_slot(|slot| s.allocate_large(slot, size, align))?,
-        };
-        Ok(OffsetPtr::new(user))
+        if let Some(class) = quick_class(size, align) {
+            let s = &self.shared;
+            return self.with_slot(move |slot| s.allocate_small(slot, class, size, align)).map(OffsetPtr::new);
+        }
+        self.allocate_checked(size, align)
     }
 
     fn reallocate(&self, ptr: OffsetPtr, new_size: usize, align: usize) -> Result<OffsetPtr> {
@@ -325,7 +342,8 @@ impl RegionAllocator for ScalablePageAllocator {
                 }
                 large::size_of(&s.fs, &s.arena, block)?
             }
-            Found::Small { block, info, .. } => {
+            Found::Small(b) => {
+                let (block, info) = (b.block, b.info());
                 let room = block + LAYOUTS[info.class].stride - user;
                 let fits = user % align as u64 == 0 && new_size as u64 <= room;
                 // Stay in place unless the block would be mostly empty.
@@ -347,7 +365,10 @@ impl RegionAllocator for ScalablePageAllocator {
         let s = &self.shared;
         let user = ptr.offset().ok_or(invalid(ptr.get(), "null pointer"))?;
         match find_live(&s.arena, user) {
-            Some(Found::Small { block, info, .. }) => self.with_slot(|slot| s.free_small(slot, block, info)),
+            Some(Found::Small(b)) => {
+                let (block, word) = (b.block, b.word);
+                self.with_slot(move |slot| s.free_small(slot, block, word))
+            }
             Some(Found::Large { block }) => large::free(&s.fs, &s.arena, block),
             None => Err(explain_free(&s.arena, user)),
         }
@@ -358,7 +379,7 @@ impl RegionAllocator for ScalablePageAllocator {
         let user = ptr.offset().ok_or(invalid(ptr.get(), "null pointer"))?;
         match live_block(&s.arena, user)? {
             Found::Large { block } => large::size_of(&s.fs, &s.arena, block).map(|v| v as usize),
-            Found::Small { info, .. } => Ok(info.size as usize),
+            Found::Small(b) => Ok(b.size() as usize),
         }
     }
 

@@ -86,7 +86,8 @@ impl Shared {
                     for index in 0..LAYOUTS[class].blocks {
                         let b = block_at(span, class, index);
                         let info = Info::unpack(self.arena.info(b)?.load(Ordering::Acquire));
-                        if info.is_some_and(|i| i.state == State::Free && labels.contains(&i.size)) && !listed.contains(&b)
+                        if info.is_some_and(|i| i.state == State::Free && labels.contains(&i.size))
+                            && !listed.contains(&b)
                         {
                             orphans.push(b);
                         }

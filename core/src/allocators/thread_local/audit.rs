@@ -13,7 +13,7 @@ use super::super::large::{self, TAG_LARGE, TAG_META, TAG_SPAN};
 use super::super::size_class::CLASS_COUNT;
 use super::super::span::{block_at, corrupt, span_of, Info, SpanHeader, State, LAYOUTS};
 use super::heap::LIST_CURRENT;
-use super::heap::{LIST_AVAIL, LIST_FULL};
+use super::heap::{LIST_AVAIL, LIST_FULL, LIST_SPARE};
 use super::Shared;
 
 impl Shared {
@@ -84,6 +84,9 @@ impl Shared {
                 };
                 if local.classes[class].current != 0 {
                     file(local.classes[class].current, LIST_CURRENT)?;
+                }
+                if local.spare[class] != 0 {
+                    file(local.spare[class], LIST_SPARE)?;
                 }
                 for (head, list) in [(local.avail[class], LIST_AVAIL), (local.full[class], LIST_FULL)] {
                     let (mut at, mut n) = (head, 0u64);
@@ -160,6 +163,9 @@ impl Shared {
                     }
                     if used != sl.used {
                         return Err(corrupt(base, "span use count disagrees with its blocks"));
+                    }
+                    if sl.list == LIST_SPARE && used != 0 {
+                        return Err(corrupt(base, "spare span with blocks in use"));
                     }
                 }
                 TAG_LARGE => {

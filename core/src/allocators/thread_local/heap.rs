@@ -20,8 +20,8 @@ use super::super::large::TAG_SPAN;
 use super::super::size_class::CLASS_COUNT;
 use super::super::slots::{Slot, SlotBody};
 use super::super::span::{
-    back_word, corrupt, free_pattern, free_word_mask, freed_word, init_span, invalid, live_word, span_of,
-    user_of, Info, SpanLocal, State, LAYOUTS, SMALL_HEADER, SPAN_HEADER,
+    back_word, corrupt, free_pattern, free_word_mask, freed_word, init_span, invalid, live_word, span_of, user_of,
+    Info, LiveSmall, SpanLocal, State, LAYOUTS, SMALL_HEADER, SPAN_HEADER,
 };
 use super::Shared;
 
@@ -29,6 +29,9 @@ pub(super) const LIST_NONE: u32 = 0;
 pub(super) const LIST_CURRENT: u32 = 1;
 pub(super) const LIST_AVAIL: u32 = 2;
 pub(super) const LIST_FULL: u32 = 3;
+/// The one empty span a heap keeps per class (so random sizes do not make it give spans back
+/// and take them again through the free-space lock).
+pub(super) const LIST_SPARE: u32 = 4;
 
 /// How many remote frees are turned free before `pending` moves past them.
 const COLLECT_BATCH: usize = 32;
@@ -49,6 +52,7 @@ pub(super) struct HeapLocal {
     pub(super) classes: [ClassState; CLASS_COUNT],
     pub(super) avail: [u64; CLASS_COUNT],
     pub(super) full: [u64; CLASS_COUNT],
+    pub(super) spare: [u64; CLASS_COUNT],
 }
 
 #[repr(C, align(64))]
@@ -145,7 +149,7 @@ impl Shared {
         let layout = &LAYOUTS[class];
         let taken = if s.free != 0 {
             let block = tagged_list::decode(s.free)?;
-            if block.wrapping_sub(span + SPAN_HEADER) >= layout.blocks * layout.stride || block % 16 != 0 {
+            if block.wrapping_sub(span + SPAN_HEADER) >= layout.area || block % 16 != 0 {
                 return None;
             }
             // SAFETY: inside the span `class_span` checked whole; 16-aligned.
@@ -208,7 +212,10 @@ impl Shared {
             self.list_push(local, class, LIST_FULL, span)?;
             local.classes[class].current = 0;
         }
-        let span = self.new_span(heap_off, class, size)?;
+        let span = match core::mem::take(&mut local.spare[class]) {
+            0 => self.new_span(heap_off, class, size)?,
+            spare => spare,
+        };
         local.classes[class].current = span;
         // SAFETY: our fresh span.
         unsafe { self.span_local(span) }?.list = LIST_CURRENT;
@@ -296,33 +303,32 @@ impl Shared {
     /// Frees a live small block `find_live` found; `my_heap` is the calling thread's heap (0 if
     /// it has none).
     #[inline]
-    pub(super) fn free_small(&self, my_heap: u64, block: u64, info: Info, span: u64) -> Result<()> {
-        let Some(h) = self.arena.class_span(span, info.class) else {
-            return Err(invalid(block, "not a block of this allocator"));
-        };
+    pub(super) fn free_small(&self, my_heap: u64, b: LiveSmall<'_>) -> Result<()> {
+        let h = b.header;
         let owner = h.owner.load(Ordering::Acquire);
         if owner != my_heap || my_heap == 0 {
-            return self.free_remote(owner, block, info);
+            return self.free_remote(owner, b.block, b.info());
         }
         // SAFETY: `my_heap` is this thread's heap (from its TLS), checked when taken.
         let heap = unsafe { self.heaps.slot_unchecked(&self.mem, my_heap) };
         // SAFETY: we own the heap, and therefore its spans.
         let (local, s) = unsafe { (self.local(heap), &mut *h.local()) };
         if s.used == 0 {
-            return Err(corrupt(span, "span use count underflow"));
+            return Err(corrupt(b.span, "span use count underflow"));
         }
-        // SAFETY: the block lies in the span `class_span` checked whole.
+        // SAFETY: the block lies in the span `find_live` checked whole.
         unsafe {
-            self.arena.word_unchecked(block).store(freed_word(info.pack(), 0), Ordering::Release);
-            self.arena.word_unchecked(block + 8).store(s.free, Ordering::Relaxed);
+            self.arena.word_unchecked(b.block).store(freed_word(b.word, 0), Ordering::Release);
+            self.arena.word_unchecked(b.block + 8).store(s.free, Ordering::Relaxed);
         }
-        s.free = tagged_list::encode(Some(block));
+        s.free = tagged_list::encode(Some(b.block));
         s.used -= 1;
-        let cs = &mut local.classes[info.class];
+        let class = b.class();
+        let cs = &mut local.classes[class];
         cs.live = cs.live.wrapping_sub(1);
-        cs.live_bytes = cs.live_bytes.wrapping_sub(info.size);
+        cs.live_bytes = cs.live_bytes.wrapping_sub(b.size());
         if s.list != LIST_CURRENT && (s.used == 0 || s.list == LIST_FULL) {
-            return self.refile(local, info.class, span);
+            return self.refile(local, class, b.span);
         }
         Ok(())
     }
@@ -352,8 +358,14 @@ impl Shared {
         if s.list == LIST_CURRENT {
             return Ok(());
         }
-        if s.used == 0 {
+        if s.used == 0 && s.list != LIST_SPARE {
             self.list_remove(local, class, span)?;
+            if local.spare[class] == 0 {
+                local.spare[class] = span;
+                // SAFETY: as above.
+                unsafe { self.span_local(span) }?.list = LIST_SPARE;
+                return Ok(());
+            }
             return self.release_span(span);
         }
         if s.list == LIST_FULL {
@@ -427,13 +439,17 @@ impl Shared {
         Ok(())
     }
 
-    /// Gives back every empty span of a heap we own, current ones included.
+    /// Gives back every empty span of a heap we own, current and spare ones included.
     pub(super) fn trim_heap(&self, heap_off: u64) -> Result<()> {
         let heap = self.heaps.slot(&self.mem, heap_off)?;
         for class in 0..CLASS_COUNT {
             self.collect(heap_off, heap, class)?;
             // SAFETY: we own the heap.
             let local = unsafe { self.local(heap) };
+            let spare = core::mem::take(&mut local.spare[class]);
+            if spare != 0 {
+                self.release_span(spare)?;
+            }
             let current = local.classes[class].current;
             if current != 0 {
                 // SAFETY: our span.

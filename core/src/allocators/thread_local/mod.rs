@@ -55,7 +55,7 @@ use super::free_space::{FreeSpace, FreeSpaceLayout, FreeSpaceState, UNIT};
 use super::large;
 use super::size_class::CLASS_COUNT;
 use super::slots::{Chunk, SlotTable};
-use super::span::{class_for, corrupt, explain_free, find_live, invalid, live_block, Found, Mem, LAYOUTS};
+use super::span::{class_for, corrupt, explain_free, find_live, invalid, live_block, quick_class, Found, Mem, LAYOUTS};
 use heap::HeapBody;
 
 const TYPE_ID: u32 = 0x544C_4131; // "TLA1"
@@ -289,6 +289,20 @@ impl<T: ThreadModel> ThreadLocalAllocator<T> {
     }
 }
 
+impl<T: ThreadModel> ThreadLocalAllocator<T> {
+    /// Every request the quick path does not take: checked in full, then small or large.
+    #[inline(never)]
+    fn allocate_checked(&self, size: usize, align: usize) -> Result<OffsetPtr> {
+        check_request(size, align)?;
+        let heap = self.thread_heap()?;
+        let user = match class_for(size, align) {
+            Some(class) => self.shared.allocate_small(heap, class, size, align)?,
+            None => self.shared.allocate_large(heap, size, align)?,
+        };
+        Ok(OffsetPtr::new(user))
+    }
+}
+
 impl<T: ThreadModel> Drop for ThreadLocalAllocator<T> {
     fn drop(&mut self) {
         let _ = self.release_thread_heap();
@@ -314,13 +328,11 @@ impl<T: ThreadModel> RegionAllocator for ThreadLocalAllocator<T> {
 
     #[inline]
     fn allocate(&self, size: usize, align: usize) -> Result<OffsetPtr> {
-        check_request(size, align)?;
-        let heap = self.thread_heap()?;
-        let user = match class_for(size, align) {
-            Some(class) => self.shared.allocate_small(heap, class, size, align)?,
-            None => self.shared.allocate_large(heap, size, align)?,
-        };
-        Ok(OffsetPtr::new(user))
+        if let Some(class) = quick_class(size, align) {
+            let heap = self.thread_heap()?;
+            return Ok(OffsetPtr::new(self.shared.allocate_small(heap, class, size, align)?));
+        }
+        self.allocate_checked(size, align)
     }
 
     fn reallocate(&self, ptr: OffsetPtr, new_size: usize, align: usize) -> Result<OffsetPtr> {
@@ -334,13 +346,14 @@ impl<T: ThreadModel> RegionAllocator for ThreadLocalAllocator<T> {
                 }
                 large::size_of(&s.fs, &s.arena, block)?
             }
-            Found::Small { block, info, span } => {
-                let room = block + LAYOUTS[info.class].stride - user;
+            Found::Small(b) => {
+                let info = b.info();
+                let room = b.block + LAYOUTS[info.class].stride - user;
                 let fits = user % align as u64 == 0 && new_size as u64 <= room;
                 let mine = self.existing_heap();
-                let owned = mine != 0 && s.arena.span(span)?.owner.load(Ordering::Relaxed) == mine;
+                let owned = mine != 0 && b.header.owner.load(Ordering::Relaxed) == mine;
                 if fits && owned && class_for(new_size, align).is_some_and(|c| c + 4 >= info.class) {
-                    s.resize_in_place(mine, block, info, new_size)?;
+                    s.resize_in_place(mine, b.block, info, new_size)?;
                     return Ok(ptr);
                 }
                 info.size
@@ -357,7 +370,7 @@ impl<T: ThreadModel> RegionAllocator for ThreadLocalAllocator<T> {
         let s = &self.shared;
         let user = ptr.offset().ok_or(invalid(ptr.get(), "null pointer"))?;
         match find_live(&s.arena, user) {
-            Some(Found::Small { block, info, span }) => s.free_small(self.existing_heap(), block, info, span),
+            Some(Found::Small(b)) => s.free_small(self.existing_heap(), b),
             Some(Found::Large { block }) => large::free(&s.fs, &s.arena, block),
             None => Err(explain_free(&s.arena, user)),
         }
@@ -368,7 +381,7 @@ impl<T: ThreadModel> RegionAllocator for ThreadLocalAllocator<T> {
         let user = ptr.offset().ok_or(invalid(ptr.get(), "null pointer"))?;
         match live_block(&s.arena, user)? {
             Found::Large { block } => large::size_of(&s.fs, &s.arena, block).map(|v| v as usize),
-            Found::Small { info, .. } => Ok(info.size as usize),
+            Found::Small(b) => Ok(b.size() as usize),
         }
     }
 

@@ -92,6 +92,7 @@ impl Shared {
             classes: [ClassState::default(); CLASS_COUNT],
             avail: [0; CLASS_COUNT],
             full: [0; CLASS_COUNT],
+            spare: [0; CLASS_COUNT],
         };
         let mut spans = Vec::new();
         let mut dead_large = Vec::new();
