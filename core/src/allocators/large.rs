@@ -36,6 +36,10 @@ pub(crate) fn allocate(
     let info = Info { state: State::Live, class: LARGE_CLASS, index: 0, size: 0 };
     mem.word(block + 8)?.store(size as u64, Ordering::Relaxed);
     mem.word(block + 16)?.store(stamp, Ordering::Relaxed);
+    if user > block + LARGE_HEADER {
+        // Where a small block's info word would be: never a live info word.
+        mem.word(user - 16)?.store(0, Ordering::Relaxed);
+    }
     mem.word(user - 8)?.store(back_word(user - block, stamp), Ordering::Relaxed);
     mem.info(block)?.store(info.pack(), Ordering::Release);
     g.st.large.live += 1;

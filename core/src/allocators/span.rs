@@ -8,11 +8,14 @@
 //! ```
 //!
 //! `info` packs a magic, the block's state (free, live, or freed remotely and in transit), its
-//! class, its index in its span (so the span is found without any lookup) and a 24-bit field:
-//! the requested size of a live block, the label of a free one (which thread cache holds it, for
-//! allocators that have them). The word just before the user bytes (`back`) gives the distance
-//! back to the block start, plus the allocating process for allocators that record it. A free
-//! block's second word links it into a list.
+//! class, its distance from its span's start in 16-byte steps (so the span is found with one
+//! subtraction) and a 22-bit field: the requested size of a live block, the label of a free one
+//! (which thread cache holds it, for allocators that have them). The word just before the user
+//! bytes (`back`) gives the distance back to the block start, plus the allocating process for
+//! allocators that record it. A free block's second word links it into a list.
+//!
+//! A free finds an unpadded block's info word right below the user bytes (`user - 16`); padded
+//! blocks (and large ones) have a zero there, so the free reads the back word instead.
 //!
 //! A span header is two cache lines: the first (magic, class, owning heap) is written once and
 //! read by every thread that frees into the span; the second is state only the owning heap's
@@ -51,10 +54,12 @@ const _: () = assert!((MAX_BACK - SMALL_HEADER) & 0xf == 0 && (MAX_BACK - SMALL_
 const INFO_MAGIC: u64 = 0xB10C;
 const STATE_SHIFT: u32 = 44;
 const CLASS_SHIFT: u32 = 36;
-const INDEX_SHIFT: u32 = 24;
-const INDEX_BITS: u64 = 0xfff << INDEX_SHIFT;
-/// The 24-bit field: a live block's size, a free block's label.
-pub(crate) const FIELD_MASK: u64 = 0xff_ffff;
+const DIST_SHIFT: u32 = 22;
+const DIST_BITS: u64 = 0x3fff << DIST_SHIFT;
+/// The 22-bit field: a live block's size, a free block's label.
+pub(crate) const FIELD_MASK: u64 = 0x3f_ffff;
+/// The top bits of every live info word (magic and state): one compare checks both.
+const LIVE_TAG: u64 = (INFO_MAGIC << 4) | State::Live as u64;
 const STATE_BITS: u64 = 0xf << STATE_SHIFT;
 
 /// A block's state, in its info word.
@@ -79,15 +84,22 @@ pub(crate) struct Info {
 }
 
 impl Info {
+    /// The info word (for a small block, `index` must be below its class's block count).
     #[inline]
     pub(crate) fn pack(self) -> u64 {
+        let dist = match LAYOUTS.get(self.class) {
+            Some(l) => (SPAN_HEADER + self.index * l.stride) / 16,
+            None => 0,
+        };
         (INFO_MAGIC << 48)
             | ((self.state as u64) << STATE_SHIFT)
             | ((self.class as u64) << CLASS_SHIFT)
-            | (self.index << INDEX_SHIFT)
+            | (dist << DIST_SHIFT)
             | self.size
     }
 
+    /// The fields of an info word, or `None` if it is not one (bad magic, state or class, or a
+    /// distance that is no block of the class).
     #[inline]
     pub(crate) fn unpack(word: u64) -> Option<Info> {
         if word >> 48 != INFO_MAGIC {
@@ -99,11 +111,19 @@ impl Info {
             3 => State::Remote,
             _ => return None,
         };
-        let class = ((word >> CLASS_SHIFT) & 0xff) as usize;
-        if class >= CLASS_COUNT && class != LARGE_CLASS {
-            return None;
-        }
-        Some(Info { state, class, index: (word >> INDEX_SHIFT) & 0xfff, size: word & FIELD_MASK })
+        let class = word_class(word);
+        let index = match LAYOUTS.get(class) {
+            Some(l) => {
+                let rel = word_dist(word).checked_sub(SPAN_HEADER)?;
+                if rel % l.stride != 0 || rel / l.stride >= l.blocks {
+                    return None;
+                }
+                rel / l.stride
+            }
+            None if class == LARGE_CLASS && word_dist(word) == 0 => 0,
+            None => return None,
+        };
+        Some(Info { state, class, index, size: word & FIELD_MASK })
     }
 
     #[inline]
@@ -119,10 +139,22 @@ pub(crate) const fn free_pattern(class: usize, label: u64) -> u64 {
     (INFO_MAGIC << 48) | ((State::Free as u64) << STATE_SHIFT) | ((class as u64) << CLASS_SHIFT) | label
 }
 
-/// The bits of an info word [`free_pattern`] fixes (all but the index).
+/// The bits of an info word [`free_pattern`] fixes (all but the distance).
 #[inline]
 pub(crate) const fn free_word_mask() -> u64 {
-    !INDEX_BITS
+    !DIST_BITS
+}
+
+/// The distance in bytes from a block's span to the block, from its info word.
+#[inline]
+pub(crate) const fn word_dist(word: u64) -> u64 {
+    ((word & DIST_BITS) >> DIST_SHIFT) << 4
+}
+
+/// The info word of block `index` of a span of `class`, free with `label`.
+#[inline]
+pub(crate) fn fresh_word(class: usize, index: u64, label: u64) -> u64 {
+    free_pattern(class, label) | (((SPAN_HEADER + index * LAYOUTS[class].stride) / 16) << DIST_SHIFT)
 }
 
 /// The info word of a block turned live: `word` (a free block's) with its state and field
@@ -136,6 +168,12 @@ pub(crate) const fn live_word(word: u64, size: u64) -> u64 {
 #[inline]
 pub(crate) const fn freed_word(word: u64, label: u64) -> u64 {
     (word & !(STATE_BITS | FIELD_MASK)) | ((State::Free as u64) << STATE_SHIFT) | label
+}
+
+/// Whether `word` is an info word (right magic) in state `state`.
+#[inline]
+pub(crate) const fn has_state(word: u64, state: State) -> bool {
+    word >> STATE_SHIFT == (INFO_MAGIC << 4) | state as u64
 }
 
 /// The class bits of an info word.
@@ -188,6 +226,16 @@ const fn layouts() -> [ClassLayout; CLASS_COUNT] {
 
 /// Every class's span shape.
 pub(crate) static LAYOUTS: [ClassLayout; CLASS_COUNT] = layouts();
+
+// Every block's distance from its span, in 16-byte steps, fits the info word's 14 bits.
+const _: () = {
+    let l = layouts();
+    let mut c = 0;
+    while c < CLASS_COUNT {
+        assert!((SPAN_HEADER + (l[c].blocks - 1) * l[c].stride) / 16 < 1 << 14);
+        c += 1;
+    }
+};
 
 /// Requests up to 1024 bytes: their class, by `(size + 15) / 16`.
 static SMALL_CLASSES: [u8; 65] = small_classes();
@@ -419,6 +467,22 @@ impl Mem {
         (h.kind == span_kind(class)).then_some(h)
     }
 
+    /// The header of the span at `span` holding the block at `block` (checked in bounds by the
+    /// caller), if the span starts in the view, at least a header below the block, 64-aligned,
+    /// with a span's magic and `class`: then the header and the block are in bounds, which is
+    /// all a free writes.
+    #[inline]
+    pub(crate) fn span_below(&self, span: u64, block: u64, class: usize) -> Option<&SpanHeader> {
+        if span.wrapping_sub(self.start) > block.wrapping_sub(self.start).wrapping_sub(SPAN_HEADER) || span % 64 != 0
+        {
+            return None;
+        }
+        // SAFETY: `start <= span` and `span + 128 <= block`, inside the view (checked above and by
+        // the caller), 64-aligned; a SpanHeader is valid for any bits.
+        let h = unsafe { &*self.base.add(span as usize).cast::<SpanHeader>() };
+        (h.kind == span_kind(class)).then_some(h)
+    }
+
     /// A span's header, checked for its magic.
     #[inline]
     pub(crate) fn span(&self, span: u64) -> Result<&SpanHeader> {
@@ -504,6 +568,13 @@ pub(crate) fn span_of(block: u64, info: &Info) -> Option<u64> {
     block.checked_sub(SPAN_HEADER + info.index * l.stride)
 }
 
+/// The span a small block belongs to, from its raw info word (its class's span must then be
+/// checked with [`Mem::class_span`] or [`Mem::span_below`]).
+#[inline]
+pub(crate) fn span_of_word(block: u64, word: u64) -> u64 {
+    block.wrapping_sub(word_dist(word))
+}
+
 /// Where the user bytes of a block at `block` start for alignment `align`, with `header` bytes
 /// of header.
 #[inline]
@@ -545,7 +616,8 @@ impl LiveSmall<'_> {
 
     /// The info word unpacked.
     pub(crate) fn info(&self) -> Info {
-        Info { state: State::Live, class: self.class(), index: (self.word >> INDEX_SHIFT) & 0xfff, size: self.size() }
+        let rel = word_dist(self.word) - SPAN_HEADER;
+        Info { state: State::Live, class: self.class(), index: rel / LAYOUTS[self.class()].stride, size: self.size() }
     }
 }
 
@@ -558,40 +630,65 @@ pub(crate) enum Found<'m> {
     Large { block: u64 },
 }
 
-/// The live block whose user bytes start at `user`: a 16-aligned offset whose back word leads
-/// to a block with a valid live info word, in a span of its class. `None` on anything else;
-/// [`explain_free`] then says what.
+/// The live unpadded small block whose user bytes start at `user` (the common case): its info
+/// word is right below them, a live info word whose span, below the block, has the block's
+/// class. `None` for anything else, which [`find_live`] then sorts out.
 #[inline]
+pub(crate) fn find_small(mem: &Mem, user: u64) -> Option<LiveSmall<'_>> {
+    let block = user.wrapping_sub(SMALL_HEADER);
+    if user % 16 != 0 || block.wrapping_sub(mem.start) > mem.len - SMALL_HEADER {
+        return None;
+    }
+    // SAFETY: `[block, block + 16)` is in bounds (checked just above), 16-aligned.
+    let word = unsafe { mem.word_unchecked(block) }.load(Ordering::Acquire);
+    if word >> STATE_SHIFT != LIVE_TAG || word_class(word) >= CLASS_COUNT {
+        return None;
+    }
+    let span = span_of_word(block, word);
+    let header = mem.span_below(span, block, word_class(word))?;
+    Some(LiveSmall { block, word, span, header })
+}
+
+/// The live block whose user bytes start at `user`: [`find_small`], or else through the back
+/// word (padded small blocks, large blocks). `None` on anything else; [`explain_free`] then
+/// says what.
+#[inline(never)]
 pub(crate) fn find_live(mem: &Mem, user: u64) -> Option<Found<'_>> {
+    match find_small(mem, user) {
+        Some(b) => Some(Found::Small(b)),
+        None => find_live_back(mem, user),
+    }
+}
+
+/// [`find_live`] through the back word: padded small blocks and large blocks.
+fn find_live_back(mem: &Mem, user: u64) -> Option<Found<'_>> {
     if user % 16 != 0 || user.wrapping_sub(8).wrapping_sub(mem.start) > mem.len - 8 {
         return None;
     }
     // SAFETY: in bounds (checked just above) and 8-aligned.
     let back = unsafe { mem.word_unchecked(user - 8) }.load(Ordering::Relaxed) & 0xffff;
-    // 16..=4096 in steps of 16, in one test.
-    if back.wrapping_sub(SMALL_HEADER) & !(MAX_BACK - SMALL_HEADER) != 0 {
+    // 32..=4096 in steps of 16, in one test (16 would be unpadded, handled by the caller).
+    if back.wrapping_sub(SMALL_HEADER) & !(MAX_BACK - SMALL_HEADER) != 0 || back == SMALL_HEADER {
         return None;
     }
     let block = user - back;
-    if block.wrapping_sub(mem.start) > mem.len - 8 {
+    if block.wrapping_sub(mem.start) > mem.len - SMALL_HEADER {
         return None;
     }
     // SAFETY: in bounds (checked just above), 16-aligned.
     let word = unsafe { mem.word_unchecked(block) }.load(Ordering::Acquire);
-    if word >> STATE_SHIFT != (INFO_MAGIC << 4) | State::Live as u64 {
+    if word >> STATE_SHIFT != LIVE_TAG {
         return None;
     }
-    let class = ((word >> CLASS_SHIFT) & 0xff) as usize;
-    let Some(layout) = LAYOUTS.get(class) else {
-        return (class == LARGE_CLASS && back >= LARGE_HEADER).then_some(Found::Large { block });
-    };
-    let index = (word >> INDEX_SHIFT) & 0xfff;
-    if index >= layout.blocks {
-        return None;
+    let class = word_class(word);
+    if class == LARGE_CLASS {
+        return (back >= LARGE_HEADER).then_some(Found::Large { block });
     }
-    let span = block.wrapping_sub(SPAN_HEADER + index * layout.stride);
-    let header = mem.class_span(span, class)?;
-    Some(Found::Small(LiveSmall { block, word, span, header }))
+    let span = span_of_word(block, word);
+    let header = mem.span_below(span, block, class)?;
+    let l = &LAYOUTS[class];
+    // The user bytes lie in the block.
+    (back < l.stride).then_some(Found::Small(LiveSmall { block, word, span, header }))
 }
 
 /// Why [`find_live`] refused `user`.
@@ -601,6 +698,10 @@ pub(crate) fn explain_free(mem: &Mem, user: u64) -> Error {
     let foreign = invalid(user, "not an offset this allocator gave out");
     if user % 16 != 0 {
         return foreign;
+    }
+    let below = mem.word_at(user.wrapping_sub(SMALL_HEADER)).map(|w| w.load(Ordering::Acquire));
+    if below.and_then(Info::unpack).is_some_and(|i| i.state != State::Live) {
+        return invalid(user, "already freed");
     }
     let Some(w) = mem.word_at(user.wrapping_sub(8)) else {
         return out_of_bounds(user, 0, mem.end());
@@ -648,15 +749,18 @@ pub(crate) fn user_of_live(mem: &Mem, block: u64, class: usize) -> Result<u64> {
 }
 
 /// The class of a request that is small and plainly aligned (alignment up to 16, size
-/// 1..=1024): the common case, validated in a few instructions. `None` sends the caller to the
-/// full path ([`check_request`](super::check_request), [`class_for`]).
+/// 1..=[`SMALL_MAX`]): the common case, validated in a few instructions. `None` sends the
+/// caller to the full path ([`check_request`](super::check_request), [`class_for`]).
 #[inline]
 pub(crate) fn quick_class(size: usize, align: usize) -> Option<usize> {
     // Bits 1, 2, 4, 8 and 16: the powers of two up to 16.
-    if align > 16 || (0x10116u32 >> align) & 1 == 0 || size.wrapping_sub(1) >= 1024 {
+    if align > 16 || (0x10116u32 >> align) & 1 == 0 || size.wrapping_sub(1) >= SMALL_MAX {
         return None;
     }
-    Some(SMALL_CLASSES[size.div_ceil(16)] as usize)
+    if size <= 1024 {
+        return Some(SMALL_CLASSES[size.div_ceil(16)] as usize);
+    }
+    super::size_class::class_of(size)
 }
 
 /// The smallest class whose blocks fit `size` bytes at alignment `align` (padding included),
@@ -685,11 +789,15 @@ mod tests {
 
     #[test]
     fn info_words_round_trip_and_reject_garbage() {
-        let i = Info { state: State::Live, class: 17, index: 4000, size: 12345 };
+        let last = LAYOUTS[17].blocks - 1;
+        let i = Info { state: State::Live, class: 17, index: last, size: 12345 };
         assert_eq!(Info::unpack(i.pack()), Some(i));
         assert_eq!(Info::unpack(0), None);
         assert_eq!(Info::unpack(i.pack() ^ (1 << 60)), None);
-        let free = Info { state: State::Free, class: 17, index: 4000, size: 9 };
+        assert_eq!(Info::unpack(i.pack() + (1 << DIST_SHIFT)), None, "a distance between blocks");
+        assert_eq!(span_of_word(1 << 20, i.pack()), (1 << 20) - SPAN_HEADER - last * LAYOUTS[17].stride);
+        let free = Info { state: State::Free, class: 17, index: last, size: 9 };
+        assert_eq!(fresh_word(17, last, 9), free.pack());
         assert_eq!(free.pack() & free_word_mask(), free_pattern(17, 9));
         assert_eq!(Info::unpack(live_word(free.pack(), 77)), Some(Info { state: State::Live, size: 77, ..free }));
         assert_eq!(Info::unpack(freed_word(i.pack(), 3)), Some(Info { state: State::Free, size: 3, ..i }));
@@ -709,8 +817,8 @@ mod tests {
     #[test]
     fn the_quick_path_takes_only_plain_small_requests() {
         for align in 0usize..40 {
-            for size in [0, 1, 15, 16, 17, 1000, 1024, 1025, usize::MAX] {
-                let plain = align.is_power_of_two() && align <= 16 && (1..=1024).contains(&size);
+            for size in [0, 1, 15, 16, 17, 1000, 1024, 1025, 4000, SMALL_MAX, SMALL_MAX + 1, usize::MAX] {
+                let plain = align.is_power_of_two() && align <= 16 && (1..=SMALL_MAX).contains(&size);
                 assert_eq!(quick_class(size, align).is_some(), plain, "{size} {align}");
                 if plain {
                     assert_eq!(quick_class(size, align), class_for(size, align));

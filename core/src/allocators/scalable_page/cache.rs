@@ -152,8 +152,13 @@ impl Shared {
         compiler_fence(Ordering::Release);
         let user = user_of(block, SMALL_HEADER, align as u64);
         // SAFETY: the whole block lies in the arena (checked by `peek_cached`), and the user
-        // bytes with their padding (`class_for` counted it) lie in the block.
+        // bytes with their padding (`class_for` counted it) lie in the block; for a padded
+        // block `user - 16 >= block + 16`.
         unsafe {
+            if user != block + SMALL_HEADER {
+                // Where an unpadded block's info word would be: never a live info word.
+                self.arena.word_unchecked(user - 16).store(0, Ordering::Relaxed);
+            }
             self.arena.word_unchecked(user - 8).store(back_word(user - block, self.stamp), Ordering::Relaxed);
             compiler_fence(Ordering::Release);
             self.arena.word_unchecked(block).store(live_word(word, size as u64), Ordering::Release);

@@ -54,7 +54,7 @@ use super::free_space::{FreeSpace, FreeSpaceLayout, FreeSpaceState, UNIT};
 use super::large;
 use super::size_class::CLASS_COUNT;
 use super::slots::{Chunk, SlotTable};
-use super::span::{class_for, corrupt, explain_free, find_live, invalid, live_block, quick_class, Found, Mem, LAYOUTS};
+use super::span::{class_for, corrupt, explain_free, find_live, find_small, invalid, live_block, quick_class, Found, Mem, LAYOUTS};
 use cache::CacheBody;
 
 const TYPE_ID: u32 = 0x5350_4131; // "SPA1"
@@ -297,6 +297,23 @@ impl ScalablePageAllocator {
     }
 }
 
+impl ScalablePageAllocator {
+    /// Frees what the quick path did not recognise: padded and large blocks, or bad input.
+    #[inline(never)]
+    fn free_other(&self, ptr: OffsetPtr) -> Result<()> {
+        let s = &self.shared;
+        let user = ptr.offset().ok_or(invalid(ptr.get(), "null pointer"))?;
+        match find_live(&s.arena, user) {
+            Some(Found::Small(b)) => {
+                let (block, word) = (b.block, b.word);
+                self.with_slot(move |slot| s.free_small(slot, block, word))
+            }
+            Some(Found::Large { block }) => large::free(&s.fs, &s.arena, block),
+            None => Err(explain_free(&s.arena, user)),
+        }
+    }
+}
+
 impl Drop for ScalablePageAllocator {
     fn drop(&mut self) {
         self.release_thread_cache();
@@ -363,14 +380,12 @@ impl RegionAllocator for ScalablePageAllocator {
     #[inline]
     fn free(&self, ptr: OffsetPtr) -> Result<()> {
         let s = &self.shared;
-        let user = ptr.offset().ok_or(invalid(ptr.get(), "null pointer"))?;
-        match find_live(&s.arena, user) {
-            Some(Found::Small(b)) => {
+        match find_small(&s.arena, ptr.get()) {
+            Some(b) => {
                 let (block, word) = (b.block, b.word);
                 self.with_slot(move |slot| s.free_small(slot, block, word))
             }
-            Some(Found::Large { block }) => large::free(&s.fs, &s.arena, block),
-            None => Err(explain_free(&s.arena, user)),
+            None => self.free_other(ptr),
         }
     }
 

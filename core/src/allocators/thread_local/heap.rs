@@ -20,8 +20,9 @@ use super::super::large::TAG_SPAN;
 use super::super::size_class::CLASS_COUNT;
 use super::super::slots::{Slot, SlotBody};
 use super::super::span::{
-    back_word, corrupt, free_pattern, free_word_mask, freed_word, init_span, invalid, live_word, span_of, user_of,
-    Info, LiveSmall, SpanLocal, State, LAYOUTS, SMALL_HEADER, SPAN_HEADER,
+    back_word, corrupt, free_pattern, free_word_mask, freed_word, fresh_word, has_state, init_span, invalid,
+    live_word, span_of_word, user_of, word_class, Info, LiveSmall, SpanLocal, State, FIELD_MASK, LAYOUTS,
+    SMALL_HEADER, SPAN_HEADER,
 };
 use super::Shared;
 
@@ -129,14 +130,32 @@ impl Shared {
         cs.live = cs.live.wrapping_add(1);
         cs.live_bytes = cs.live_bytes.wrapping_add(size as u64);
         cs.allocations = cs.allocations.wrapping_add(1);
-        let user = user_of(block, SMALL_HEADER, align as u64);
         // SAFETY: `block` lies in a span checked whole by `take_fast`/`refill`, and the block's
         // user bytes with their padding (`class_for` counted it) lie in the block.
         unsafe {
+            if align > 16 {
+                return Ok(self.pad(block, word, size, align));
+            }
+            self.arena.word_unchecked(block).store(live_word(word, size as u64), Ordering::Release);
+        }
+        Ok(block + SMALL_HEADER)
+    }
+
+    /// Hands out a block with its user bytes aligned past 16: the back word just below them, and
+    /// a zero below that, where an unpadded block's info word would be.
+    ///
+    /// # Safety
+    /// The block lies in a checked span, and its class has room for the padding.
+    #[cold]
+    unsafe fn pad(&self, block: u64, word: u64, size: usize, align: usize) -> u64 {
+        let user = user_of(block, SMALL_HEADER, align as u64);
+        // SAFETY: the caller's promise; `user - 16 >= block + 16` as `user > block + 16`.
+        unsafe {
+            self.arena.word_unchecked(user - 16).store(0, Ordering::Relaxed);
             self.arena.word_unchecked(user - 8).store(back_word(user - block, 0), Ordering::Relaxed);
             self.arena.word_unchecked(block).store(live_word(word, size as u64), Ordering::Release);
         }
-        Ok(user)
+        user
     }
 
     /// A block (and its free info word) from `span`'s local free list or its unused tail.
@@ -163,8 +182,7 @@ impl Shared {
         } else if (s.bump as u64) < layout.blocks {
             let index = s.bump as u64;
             s.bump += 1;
-            let word = Info { state: State::Free, class, index, size: 0 }.pack();
-            (span + SPAN_HEADER + index * layout.stride, word)
+            (span + SPAN_HEADER + index * layout.stride, fresh_word(class, index, 0))
         } else {
             return None;
         };
@@ -410,17 +428,19 @@ impl Shared {
         while next.is_some() {
             let mut k = 0;
             while let (Some(b), true) = (next, k < COLLECT_BATCH) {
-                let word = self.arena.info(b)?;
-                let info = Info::unpack(word.load(Ordering::Acquire))
-                    .filter(|i| i.state == State::Remote && i.class == class)
-                    .ok_or(corrupt(b, "remote list holds a block that was not freed remotely"))?;
-                let span = span_of(b, &info).ok_or(corrupt(b, "remote block outside a span"))?;
-                if self.arena.class_span(span, class).map(|h| h.owner.load(Ordering::Relaxed)) != Some(heap_off) {
-                    return Err(corrupt(b, "remote block of another heap"));
+                let w = self.arena.info(b)?;
+                let word = w.load(Ordering::Acquire);
+                let span = span_of_word(b, word);
+                let ours = has_state(word, State::Remote)
+                    && word_class(word) == class
+                    && self.arena.class_span(span, class).map(|h| h.owner.load(Ordering::Relaxed)) == Some(heap_off)
+                    && b.wrapping_sub(span + SPAN_HEADER) < LAYOUTS[class].area;
+                if !ours {
+                    return Err(corrupt(b, "remote list holds a block that is not a remote free of this heap"));
                 }
                 next = self.arena.load_link(b)?;
-                word.store(freed_word(info.pack(), 0), Ordering::Release);
-                batch[k] = (b, span, info.size);
+                w.store(freed_word(word, 0), Ordering::Release);
+                batch[k] = (b, span, word & FIELD_MASK);
                 k += 1;
             }
             // The batch is free; what follows it still hangs off its links.

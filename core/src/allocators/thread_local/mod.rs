@@ -55,7 +55,7 @@ use super::free_space::{FreeSpace, FreeSpaceLayout, FreeSpaceState, UNIT};
 use super::large;
 use super::size_class::CLASS_COUNT;
 use super::slots::{Chunk, SlotTable};
-use super::span::{class_for, corrupt, explain_free, find_live, invalid, live_block, quick_class, Found, Mem, LAYOUTS};
+use super::span::{class_for, corrupt, explain_free, find_live, find_small, invalid, live_block, quick_class, Found, Mem, LAYOUTS};
 use heap::HeapBody;
 
 const TYPE_ID: u32 = 0x544C_4131; // "TLA1"
@@ -303,6 +303,20 @@ impl<T: ThreadModel> ThreadLocalAllocator<T> {
     }
 }
 
+impl<T: ThreadModel> ThreadLocalAllocator<T> {
+    /// Frees what the quick path did not recognise: padded and large blocks, or bad input.
+    #[inline(never)]
+    fn free_other(&self, ptr: OffsetPtr) -> Result<()> {
+        let s = &self.shared;
+        let user = ptr.offset().ok_or(invalid(ptr.get(), "null pointer"))?;
+        match find_live(&s.arena, user) {
+            Some(Found::Small(b)) => s.free_small(self.existing_heap(), b),
+            Some(Found::Large { block }) => large::free(&s.fs, &s.arena, block),
+            None => Err(explain_free(&s.arena, user)),
+        }
+    }
+}
+
 impl<T: ThreadModel> Drop for ThreadLocalAllocator<T> {
     fn drop(&mut self) {
         let _ = self.release_thread_heap();
@@ -368,11 +382,9 @@ impl<T: ThreadModel> RegionAllocator for ThreadLocalAllocator<T> {
     #[inline]
     fn free(&self, ptr: OffsetPtr) -> Result<()> {
         let s = &self.shared;
-        let user = ptr.offset().ok_or(invalid(ptr.get(), "null pointer"))?;
-        match find_live(&s.arena, user) {
-            Some(Found::Small(b)) => s.free_small(self.existing_heap(), b),
-            Some(Found::Large { block }) => large::free(&s.fs, &s.arena, block),
-            None => Err(explain_free(&s.arena, user)),
+        match find_small(&s.arena, ptr.get()) {
+            Some(b) => s.free_small(self.existing_heap(), b),
+            None => self.free_other(ptr),
         }
     }
 
