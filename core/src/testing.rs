@@ -122,3 +122,29 @@ impl crate::thread::ThreadModel for TestThreads {
         Ok(())
     }
 }
+
+/// A process id the test liveness hook calls dead (no real process has it on Linux, whose
+/// pids stay below 2^22).
+pub(crate) const DEAD_PID: u32 = 0x7fff_fff1;
+
+/// The owner token of a process that has died, for tests that forge a dead owner.
+pub(crate) fn dead_token() -> u64 {
+    (DEAD_PID as u64) << 32
+}
+
+struct TestLiveness;
+
+impl crate::liveness::ProcessLiveness for TestLiveness {
+    fn current(&self) -> crate::liveness::ProcessStamp {
+        crate::liveness::ProcessStamp { pid: std::process::id(), start_time: 0 }
+    }
+    fn is_alive(&self, stamp: crate::liveness::ProcessStamp) -> bool {
+        stamp.pid != DEAD_PID
+    }
+}
+
+/// Installs a liveness hook under which only [`DEAD_PID`] is dead (every test may call it).
+pub(crate) fn install_test_liveness() {
+    static HOOK: &dyn crate::liveness::ProcessLiveness = &TestLiveness;
+    crate::liveness::install(&HOOK);
+}

@@ -94,3 +94,51 @@ fn pushes_racing_a_take_all_are_each_seen_once() {
         assert_eq!(seen, vec![16, 32]);
     });
 }
+
+/// The owner's collection of remote frees: the first element is recorded before the list lets
+/// go of it, so at every step the elements are on the list, or hang off the record.
+#[test]
+fn a_recorded_take_always_leaves_its_chain_findable() {
+    loom::model(|| {
+        let links = Arc::new(Links::new(4));
+        let list = Arc::new(TaggedOffsetList::new());
+        let record = Arc::new(AtomicU64::new(0));
+        list.push(&*links, 16);
+        let pusher = {
+            let (links, list) = (links.clone(), list.clone());
+            loom::thread::spawn(move || list.push(&*links, 32))
+        };
+        // An observer (a repairer after the taker's death) at an arbitrary point: what is on
+        // the list, plus what the record's chain holds, covers every element pushed so far.
+        let observer = {
+            let (links, list, record) = (links.clone(), list.clone(), record.clone());
+            loom::thread::spawn(move || {
+                // The list first: once it shows the take, the record written before it shows.
+                let mut seen = Vec::new();
+                let listed = list.peek();
+                let recorded = decode(record.load(Ordering::Acquire));
+                for first in [listed, recorded] {
+                    walk(&*links, first, 4, |o| {
+                        seen.push(o);
+                        Ok(())
+                    })
+                    .unwrap();
+                }
+                assert!(seen.contains(&16), "element 16 lost: {seen:?}");
+            })
+        };
+        let taken = list.take_recorded(&record);
+        assert_eq!(decode(record.load(Ordering::Relaxed)), taken);
+        let mut seen = Vec::new();
+        walk(&*links, taken, 4, |o| {
+            seen.push(o);
+            Ok(())
+        })
+        .unwrap();
+        pusher.join().unwrap();
+        observer.join().unwrap();
+        seen.extend(drain(&list, &links));
+        seen.sort_unstable();
+        assert_eq!(seen, vec![16, 32]);
+    });
+}

@@ -473,8 +473,7 @@ impl Mem {
     /// all a free writes.
     #[inline]
     pub(crate) fn span_below(&self, span: u64, block: u64, class: usize) -> Option<&SpanHeader> {
-        if span.wrapping_sub(self.start) > block.wrapping_sub(self.start).wrapping_sub(SPAN_HEADER) || span % 64 != 0
-        {
+        if span.wrapping_sub(self.start) > block.wrapping_sub(self.start).wrapping_sub(SPAN_HEADER) || span % 64 != 0 {
             return None;
         }
         // SAFETY: `start <= span` and `span + 128 <= block`, inside the view (checked above and by

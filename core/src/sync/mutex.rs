@@ -184,4 +184,31 @@ mod tests {
         drop(g);
         assert_eq!(*m.lock(), 6);
     }
+
+    #[test]
+    fn a_lock_a_dead_process_holds_is_taken_over_and_repaired() {
+        crate::testing::install_test_liveness();
+        let m = Mutex::new(5u32);
+        m.owner.store(crate::testing::dead_token(), Ordering::Release);
+        let mut repaired = false;
+        let g = m.lock_or_recover(|v| {
+            *v = 7;
+            repaired = true;
+        });
+        assert!(repaired && *g == 7);
+        assert_eq!(crate::sync::owner_pid(m.owner().unwrap()), std::process::id());
+        drop(g);
+        // A live holder is waited for, not taken over.
+        let held = m.lock();
+        let waiter = {
+            let m = &m;
+            std::thread::scope(|s| {
+                let t = s.spawn(move || *m.lock_or_recover(|_| panic!("a live holder was taken over")));
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                drop(held);
+                t.join().unwrap()
+            })
+        };
+        assert_eq!(waiter, 7);
+    }
 }

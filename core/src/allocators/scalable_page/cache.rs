@@ -88,7 +88,7 @@ pub(super) fn unpack_journal(journal: u64) -> (u64, u64) {
 impl ClassCache {
     /// Writes the journal for an operation on `block`, before anything else changes.
     #[inline]
-    fn journal(&self, block: u64, op: u64, live: u64, bytes: u64, allocations: u64) {
+    pub(super) fn journal(&self, block: u64, op: u64, live: u64, bytes: u64, allocations: u64) {
         self.journal.store(block | op, Ordering::Relaxed);
         compiler_fence(Ordering::Release);
         self.j_live.store(live, Ordering::Relaxed);
@@ -110,7 +110,7 @@ impl ClassCache {
 impl Shared {
     /// The class `class` line of the cache in the slot at `slot` (which this thread holds).
     #[inline]
-    fn cache(&self, slot: u64, class: usize) -> (&ClassCache, u64) {
+    pub(super) fn cache(&self, slot: u64, class: usize) -> (&ClassCache, u64) {
         // SAFETY: `slot` is the calling thread's slot (its registration or the fallback), checked
         // when it was taken.
         let s = unsafe { self.slots.slot_unchecked(&self.mem, slot) };

@@ -20,9 +20,9 @@ use super::super::large::TAG_SPAN;
 use super::super::size_class::CLASS_COUNT;
 use super::super::slots::{Slot, SlotBody};
 use super::super::span::{
-    back_word, corrupt, free_pattern, free_word_mask, freed_word, fresh_word, has_state, init_span, invalid,
-    live_word, span_of_word, user_of, word_class, Info, LiveSmall, SpanLocal, State, FIELD_MASK, LAYOUTS,
-    SMALL_HEADER, SPAN_HEADER,
+    back_word, corrupt, free_pattern, free_word_mask, freed_word, fresh_word, has_state, init_span, invalid, live_word,
+    span_of_word, user_of, word_class, Info, LiveSmall, SpanLocal, State, FIELD_MASK, LAYOUTS, SMALL_HEADER,
+    SPAN_HEADER,
 };
 use super::Shared;
 

@@ -1,5 +1,7 @@
+use super::super::span::freed_word;
 use super::*;
 use crate::allocators::testing::{exercise, op_strategy, region_of, run_model};
+use crate::sync::LinkStore;
 use crate::testing::TestThreads;
 use proptest::prelude::*;
 
@@ -44,4 +46,93 @@ proptest! {
         let a = Tla::create(region_of(24 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
         run_model(&a, &ops);
     }
+}
+
+/// Remote-frees `blocks` (user offsets) from a thread without a heap.
+fn free_remotely(a: &Tla, blocks: &[u64]) {
+    for &b in blocks {
+        a.free(OffsetPtr::new(b)).unwrap();
+    }
+}
+
+/// A heap owned by a process that then "dies" (the test hook calls its pid dead), with `n` live
+/// blocks of 100 bytes.
+fn dead_heap(a: &Tla, n: usize) -> (u64, usize, Vec<u64>) {
+    crate::testing::install_test_liveness();
+    let s = &a.shared;
+    let heap = s.heaps.acquire(&s.mem, &s.fs, crate::testing::dead_token(), || Ok(())).unwrap();
+    let class = class_for(100, 8).unwrap();
+    let blocks = (0..n).map(|_| s.allocate_small(heap, class, 100, 8).unwrap()).collect();
+    (heap, class, blocks)
+}
+
+#[test]
+fn a_heap_whose_owner_died_mid_collection_is_repaired_whole() {
+    let config = ThreadLocalConfig { dead_process_blocks: DeadProcessBlocks::Free };
+    let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &config).unwrap();
+    let start = a.stats().free_bytes();
+    let (heap_off, class, blocks) = dead_heap(&a, 300);
+    free_remotely(&a, &blocks[..150]);
+    // The owner took its remote list and turned a batch of it free, then was killed.
+    let s = &a.shared;
+    let heap = s.heaps.slot(&s.mem, heap_off).unwrap();
+    let first = heap.body.remote.0[class].take_recorded(&heap.body.pending.0[class]).unwrap();
+    let mut at = Some(first);
+    for _ in 0..40 {
+        let b = at.unwrap();
+        let w = s.arena.info(b).unwrap();
+        w.store(freed_word(w.load(Ordering::Relaxed), 0), Ordering::Relaxed);
+        at = s.arena.load_link(b).unwrap();
+    }
+    // Frees keep arriving meanwhile.
+    free_remotely(&a, &blocks[150..200]);
+    assert!(a.check().is_err(), "a half-done collection shows");
+    assert_eq!(a.reclaim().unwrap(), 1);
+    a.check().unwrap();
+    // Its other 100 blocks died with it (`DeadProcessBlocks::Free`).
+    let end = a.stats();
+    assert_eq!((end.live_allocations, end.bytes_in_use), (0, 0));
+    assert_eq!(end.free_bytes(), start);
+    assert_eq!(a.owned_heaps().unwrap(), 0);
+}
+
+#[test]
+fn a_heap_whose_owner_died_between_recording_and_taking_is_repaired_whole() {
+    let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = a.stats().free_bytes();
+    let (heap_off, class, blocks) = dead_heap(&a, 120);
+    free_remotely(&a, &blocks[..100]);
+    // Recorded, but killed before the list let go of the chain: it is in both places.
+    let s = &a.shared;
+    let heap = s.heaps.slot(&s.mem, heap_off).unwrap();
+    let top = heap.body.remote.0[class].peek().unwrap();
+    heap.body.pending.0[class].store(crate::sync::tagged_list::encode(Some(top)), Ordering::Release);
+    assert_eq!(a.reclaim().unwrap(), 1);
+    a.check().unwrap();
+    // `DeadProcessBlocks::Keep`: the 20 blocks it held stay allocated until someone frees them.
+    assert_eq!(a.stats().live_allocations, 20);
+    free_remotely(&a, &blocks[100..]);
+    a.trim().unwrap();
+    a.check().unwrap();
+    assert_eq!(a.stats().live_allocations, 0);
+    assert_eq!(a.stats().free_bytes(), start);
+}
+
+#[test]
+fn a_run_left_half_made_by_a_dead_lock_holder_is_returned() {
+    crate::testing::install_test_liveness();
+    let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = a.stats().free_bytes();
+    let s = &a.shared;
+    // Killed holding the free-space lock, after taking a span's units, before its header.
+    let mut g = s.fs.lock();
+    g.alloc(16, super::super::large::TAG_SPAN, 3).unwrap();
+    core::mem::forget(g);
+    let lock = s.region.offset() + core::mem::offset_of!(TlaHeader, free_space) as u64;
+    s.mem.word(lock).unwrap().store(crate::testing::dead_token(), Ordering::Release);
+    assert_eq!(a.stats().free_bytes(), start, "the run went back when the lock was taken over");
+    a.check().unwrap();
+    let p = a.allocate(64, 8).unwrap();
+    a.free(p).unwrap();
+    a.check().unwrap();
 }
