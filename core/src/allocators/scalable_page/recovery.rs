@@ -42,9 +42,9 @@ impl Shared {
     }
 
     /// Walks a shared list (the caller holds its lock), calling `visit` on each block.
-    pub(super) fn walk_list(&self, first: u64, mut visit: impl FnMut(u64) -> Result<()>) -> Result<u64> {
+    pub(super) fn walk_list(&self, first: u64, visit: impl FnMut(u64) -> Result<()>) -> Result<u64> {
         let limit = self.fs.layout().bytes() / 32 + 1;
-        tagged_list::walk(&self.arena, (first != 0).then_some(first), limit, |b| visit(b))
+        tagged_list::walk(&self.arena, (first != 0).then_some(first), limit, visit)
     }
 
     /// Claims the slots of dead processes and returns their blocks to the shared lists; returns
@@ -167,10 +167,8 @@ impl Shared {
                             }
                         }
                     }
-                    TAG_LARGE => {
-                        if dead_process(self.arena.word(base + 16)?.load(Ordering::Relaxed)) {
-                            large_blocks.push(base);
-                        }
+                    TAG_LARGE if dead_process(self.arena.word(base + 16)?.load(Ordering::Relaxed)) => {
+                        large_blocks.push(base);
                     }
                     _ => {}
                 }
@@ -194,8 +192,7 @@ impl Shared {
         self.flush_all(slot)?;
         let label = self.slots.slot(&self.mem, slot)?.index as u64 + 1;
         let mut g = self.fs.lock();
-        for class in 0..CLASS_COUNT {
-            let layout = LAYOUTS[class];
+        for (class, layout) in LAYOUTS.iter().enumerate() {
             let mut taken = Vec::new();
             {
                 let mut list = self.list(class).lock_or_recover(|_| {});
