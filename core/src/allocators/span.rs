@@ -1,7 +1,7 @@
 //! Blocks and spans: the in-region format the span allocators share.
 //!
 //! ```text
-//! span (a run of units)  [SpanHeader 128 B][block][block]...          one size class per span
+//! span (a run of units)  [SpanHeader 64 B][block][block]...           one size class per span
 //! small block            [info u64][link/back u64][user bytes ...]    16-byte header
 //! padded small block     [info][link][pad ...][back u64][user ...]    for alignments over 16
 //! large block (a run)    [info][size u64][owner u64][back u64][user]  32-byte header
@@ -17,9 +17,8 @@
 //! A free finds an unpadded block's info word right below the user bytes (`user - 16`); padded
 //! blocks (and large ones) have a zero there, so the free reads the back word instead.
 //!
-//! A span header is two cache lines: the first (magic, class, owning heap) is written once and
-//! read by every thread that frees into the span; the second is state only the owning heap's
-//! thread writes, so frees from other threads do not pull the owner's line away.
+//! A span header is one cache line: magic and class, the owning heap, and the state only the
+//! owning heap's thread writes (a free touches the block and this one line).
 //!
 //! [`Mem`] is the bounds-checked view every access goes through. Its hot-path checks are plain
 //! comparisons returning `Option`; the `Error` saying what was wrong is built afterwards, off the
@@ -40,7 +39,7 @@ pub(crate) const SMALL_HEADER: u64 = 16;
 /// Header bytes before a large block's user bytes.
 pub(crate) const LARGE_HEADER: u64 = 32;
 /// Bytes at the start of a span before its first block.
-pub(crate) const SPAN_HEADER: u64 = 128;
+pub(crate) const SPAN_HEADER: u64 = 64;
 /// The class number large blocks carry.
 pub(crate) const LARGE_CLASS: usize = 255;
 const MAX_BLOCKS: u64 = 4095;
@@ -255,19 +254,16 @@ const fn small_classes() -> [u8; 65] {
     out
 }
 
-/// The first cache line of every span: written once when the span is made.
+/// The header of every span, one cache line.
 #[repr(C, align(64))]
 pub(crate) struct SpanHeader {
     /// The span's magic in the low half, its class in the high half (one compare checks both).
     kind: u64,
     /// What owns the span (the thread-local allocator's heap offset; 0 in the page allocator).
     pub(crate) owner: AtomicU64,
-    /// Owner-only state for allocators with per-thread heaps, on a line of its own.
-    local: SpanLocalCell,
+    /// Owner-only state for allocators with per-thread heaps.
+    local: UnsafeCell<SpanLocal>,
 }
-
-#[repr(C, align(64))]
-struct SpanLocalCell(UnsafeCell<SpanLocal>);
 
 /// Span state only the owning heap's thread touches.
 #[repr(C)]
@@ -279,10 +275,9 @@ pub(crate) struct SpanLocal {
     pub(crate) bump: u32,
     /// Blocks not on the local free list and not past `bump`: live or in a remote list.
     pub(crate) used: u32,
-    /// Neighbours in the heap's list for this class (offsets, 0 = none).
-    pub(crate) prev: u64,
+    /// The next span on the heap's stack of spans with free blocks (0 = none).
     pub(crate) next: u64,
-    /// Which of the heap's lists holds the span.
+    /// Where the heap keeps the span (current, on the stack, or full).
     pub(crate) list: u32,
     pub(crate) _pad: u32,
 }
@@ -297,14 +292,14 @@ impl SpanHeader {
     /// so no one else accesses this part while the pointer is used.
     #[inline]
     pub(crate) unsafe fn local(&self) -> *mut SpanLocal {
-        self.local.0.get()
+        self.local.get()
     }
 
     /// A copy of the owner-only part, for walks while the allocator is quiet.
     pub(crate) fn local_snapshot(&self) -> SpanLocal {
         // SAFETY: plain integers in bounds; racing with an owner only gives stale figures, and
         // callers use this while the allocator is quiet (check, stats).
-        unsafe { self.local.0.get().read_volatile() }
+        unsafe { self.local.get().read_volatile() }
     }
 
     /// The class the span holds.
@@ -482,6 +477,20 @@ impl Mem {
         (h.kind == span_kind(class)).then_some(h)
     }
 
+    /// The header of the span at `span` if the whole span of `class` lies in the view, without
+    /// looking at the header: what an allocation from a span its own heap filed needs (the
+    /// blocks it takes are checked against the class on their own).
+    #[inline]
+    pub(crate) fn span_in_bounds(&self, span: u64, class: usize) -> Option<&SpanHeader> {
+        let room = self.len.checked_sub(LAYOUTS.get(class)?.span_bytes)?;
+        if span.wrapping_sub(self.start) > room || span % 64 != 0 {
+            return None;
+        }
+        // SAFETY: the whole span is in bounds and 64-aligned (checked above; the base is
+        // page-aligned); a SpanHeader is valid for any bits.
+        Some(unsafe { &*self.base.add(span as usize).cast::<SpanHeader>() })
+    }
+
     /// A span's header, checked for its magic.
     #[inline]
     pub(crate) fn span(&self, span: u64) -> Result<&SpanHeader> {
@@ -544,7 +553,7 @@ pub(crate) unsafe fn init_span(mem: &Mem, span: u64, class: usize, owner: u64) -
     // owner.
     unsafe {
         (*p).owner.store(owner, Ordering::Relaxed);
-        (*p).local.0.get().write(SpanLocal::default());
+        (*p).local.get().write(SpanLocal::default());
         core::sync::atomic::compiler_fence(Ordering::Release);
         core::ptr::addr_of_mut!((*p).kind).write_volatile(span_kind(class));
     }

@@ -12,8 +12,7 @@ use super::super::free_space::UNIT;
 use super::super::large::{self, TAG_LARGE, TAG_META, TAG_SPAN};
 use super::super::size_class::CLASS_COUNT;
 use super::super::span::{block_at, corrupt, span_of, Info, SpanHeader, State, LAYOUTS};
-use super::heap::LIST_CURRENT;
-use super::heap::{LIST_AVAIL, LIST_FULL, LIST_SPARE};
+use super::heap::{LIST_AVAIL, LIST_CURRENT, LIST_FULL};
 use super::Shared;
 
 impl Shared {
@@ -85,19 +84,19 @@ impl Shared {
                 if local.classes[class].current != 0 {
                     file(local.classes[class].current, LIST_CURRENT)?;
                 }
-                if local.spare[class] != 0 {
-                    file(local.spare[class], LIST_SPARE)?;
-                }
-                for (head, list) in [(local.avail[class], LIST_AVAIL), (local.full[class], LIST_FULL)] {
-                    let (mut at, mut n) = (head, 0u64);
-                    while at != 0 {
-                        n += 1;
-                        if n > limit {
-                            return Err(corrupt(at, "span list does not end"));
-                        }
-                        file(at, list)?;
-                        at = self.arena.span(at)?.local_snapshot().next;
+                let (mut at, mut n, mut empty) = (local.avail[class], 0u64, 0u32);
+                while at != 0 {
+                    n += 1;
+                    if n > limit {
+                        return Err(corrupt(at, "span stack does not end"));
                     }
+                    file(at, LIST_AVAIL)?;
+                    let sl = self.arena.span(at)?.local_snapshot();
+                    empty += (sl.used == 0) as u32;
+                    at = sl.next;
+                }
+                if empty != local.empty[class] {
+                    return Err(corrupt(offset, "heap's count of empty spans is off"));
                 }
             }
         }
@@ -116,11 +115,17 @@ impl Shared {
                         return Err(corrupt(base, "span header disagrees with the table"));
                     }
                     let sl = s.local_snapshot();
-                    let (fh, fc, fl) = *filed.get(&base).ok_or(corrupt(base, "span on no list of its heap"))?;
-                    if fh != owner || fc != class || fl != sl.list {
-                        return Err(corrupt(base, "span filed in the wrong place"));
+                    if sl.list == LIST_FULL {
+                        if filed.contains_key(&base) || sl.free != 0 || sl.bump as u64 != layout.blocks {
+                            return Err(corrupt(base, "full span with free blocks or on a list"));
+                        }
+                    } else {
+                        let (fh, fc, fl) = *filed.get(&base).ok_or(corrupt(base, "span on no list of its heap"))?;
+                        if fh != owner || fc != class || fl != sl.list {
+                            return Err(corrupt(base, "span filed in the wrong place"));
+                        }
+                        spans_seen += 1;
                     }
-                    spans_seen += 1;
                     let bump = sl.bump as u64;
                     if bump > layout.blocks {
                         return Err(corrupt(base, "span bump past its blocks"));
@@ -163,9 +168,6 @@ impl Shared {
                     }
                     if used != sl.used {
                         return Err(corrupt(base, "span use count disagrees with its blocks"));
-                    }
-                    if sl.list == LIST_SPARE && used != 0 {
-                        return Err(corrupt(base, "spare span with blocks in use"));
                     }
                 }
                 TAG_LARGE => {

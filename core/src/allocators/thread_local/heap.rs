@@ -11,6 +11,8 @@
 
 use core::cell::UnsafeCell;
 
+use alloc::vec::Vec;
+
 use crate::error::{Error, Result};
 use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::sync::tagged_list::{self, LinkStore, TaggedOffsetList};
@@ -26,13 +28,15 @@ use super::super::span::{
 };
 use super::Shared;
 
-pub(super) const LIST_NONE: u32 = 0;
+/// Where a heap keeps a span (its `list` field): the class's current span; on the class's stack
+/// of spans with free blocks; or full (on no list: it was used up as the current span, and goes
+/// on the stack when a block comes back).
 pub(super) const LIST_CURRENT: u32 = 1;
 pub(super) const LIST_AVAIL: u32 = 2;
 pub(super) const LIST_FULL: u32 = 3;
-/// The one empty span a heap keeps per class (so random sizes do not make it give spans back
-/// and take them again through the free-space lock).
-pub(super) const LIST_SPARE: u32 = 4;
+/// Empty spans a heap keeps on a class's stack (so random sizes do not make it give spans back
+/// and take them again through the free-space lock); more are returned.
+const KEEP_EMPTY: u32 = 1;
 
 /// How many remote frees are turned free before `pending` moves past them.
 const COLLECT_BATCH: usize = 32;
@@ -51,9 +55,10 @@ pub(super) struct ClassState {
 #[repr(C)]
 pub(super) struct HeapLocal {
     pub(super) classes: [ClassState; CLASS_COUNT],
+    /// Per class: the stack of spans with free blocks (linked through their `next`).
     pub(super) avail: [u64; CLASS_COUNT],
-    pub(super) full: [u64; CLASS_COUNT],
-    pub(super) spare: [u64; CLASS_COUNT],
+    /// Per class: how many spans on the stack are empty.
+    pub(super) empty: [u32; CLASS_COUNT],
 }
 
 #[repr(C, align(64))]
@@ -162,7 +167,7 @@ impl Shared {
     /// `None` when the span is empty, is not a span of the class, or its list is damaged.
     #[inline]
     fn take_fast(&self, span: u64, class: usize) -> Option<(u64, u64)> {
-        let h = self.arena.class_span(span, class)?;
+        let h = self.arena.span_in_bounds(span, class)?;
         // SAFETY: `span` is our heap's current span (or one we are filing): ours alone.
         let s = unsafe { &mut *h.local() };
         let layout = &LAYOUTS[class];
@@ -216,24 +221,29 @@ impl Shared {
             return Ok(b);
         }
         if current != 0 {
-            self.list_push(local, class, LIST_FULL, current)?;
+            // Used up: on no list until a block comes back.
+            // SAFETY: our span.
+            unsafe { self.span_local(current) }?.list = LIST_FULL;
             local.classes[class].current = 0;
         }
-        while let Some(span) = (local.avail[class] != 0).then_some(local.avail[class]) {
-            self.list_remove(local, class, span)?;
+        while local.avail[class] != 0 {
+            let span = local.avail[class];
+            // SAFETY: a span on our stack.
+            let s = unsafe { self.span_local(span) }?;
+            local.avail[class] = s.next;
+            if s.used == 0 {
+                local.empty[class] = local.empty[class].saturating_sub(1);
+            }
+            s.next = 0;
+            s.list = LIST_CURRENT;
             local.classes[class].current = span;
-            // SAFETY: our span.
-            unsafe { self.span_local(span) }?.list = LIST_CURRENT;
             if let Some(b) = self.take_from(span, class)? {
                 return Ok(b);
             }
-            self.list_push(local, class, LIST_FULL, span)?;
+            s.list = LIST_FULL;
             local.classes[class].current = 0;
         }
-        let span = match core::mem::take(&mut local.spare[class]) {
-            0 => self.new_span(heap_off, class, size)?,
-            spare => spare,
-        };
+        let span = self.new_span(heap_off, class, size)?;
         local.classes[class].current = span;
         // SAFETY: our fresh span.
         unsafe { self.span_local(span) }?.list = LIST_CURRENT;
@@ -270,49 +280,44 @@ impl Shared {
         Ok(())
     }
 
-    // ---- span lists (owner only) ----
+    // ---- the stack of spans with free blocks (owner only) ----
 
-    fn list_head(local: &mut HeapLocal, class: usize, list: u32) -> &mut u64 {
-        if list == LIST_AVAIL {
-            &mut local.avail[class]
-        } else {
-            &mut local.full[class]
-        }
-    }
-
-    pub(super) fn list_push(&self, local: &mut HeapLocal, class: usize, list: u32, span: u64) -> Result<()> {
-        let head = *Self::list_head(local, class, list);
-        // SAFETY: spans of a heap we own.
+    /// Puts one of our spans on its class's stack.
+    pub(super) fn push_avail(&self, local: &mut HeapLocal, class: usize, span: u64) -> Result<()> {
+        // SAFETY: a span of a heap we own.
         let s = unsafe { self.span_local(span) }?;
-        s.prev = 0;
-        s.next = head;
-        s.list = list;
-        if head != 0 {
-            // SAFETY: as above.
-            unsafe { self.span_local(head) }?.prev = span;
+        s.list = LIST_AVAIL;
+        s.next = local.avail[class];
+        local.avail[class] = span;
+        if s.used == 0 {
+            local.empty[class] += 1;
         }
-        *Self::list_head(local, class, list) = span;
         Ok(())
     }
 
-    fn list_remove(&self, local: &mut HeapLocal, class: usize, span: u64) -> Result<()> {
-        // SAFETY: spans of a heap we own.
-        let s = *unsafe { self.span_local(span) }?;
-        if s.list != LIST_AVAIL && s.list != LIST_FULL {
-            return Ok(());
+    /// Rebuilds a class's stack keeping at most `keep` empty spans; the other empty ones go
+    /// back to the free-space manager.
+    fn sweep_avail(&self, local: &mut HeapLocal, class: usize, keep: u32) -> Result<()> {
+        let mut spans = Vec::new();
+        let mut at = core::mem::take(&mut local.avail[class]);
+        local.empty[class] = 0;
+        let limit = self.fs.layout().units as usize + 1;
+        while at != 0 && spans.len() < limit {
+            spans.push(at);
+            // SAFETY: a span on our stack.
+            at = unsafe { self.span_local(at) }?.next;
         }
-        if s.prev != 0 {
+        let mut kept = 0;
+        for span in spans.into_iter().rev() {
             // SAFETY: as above.
-            unsafe { self.span_local(s.prev) }?.next = s.next;
-        } else {
-            *Self::list_head(local, class, s.list) = s.next;
+            let empty = unsafe { self.span_local(span) }?.used == 0;
+            if empty && kept >= keep {
+                self.release_span(span)?;
+                continue;
+            }
+            kept += empty as u32;
+            self.push_avail(local, class, span)?;
         }
-        if s.next != 0 {
-            // SAFETY: as above.
-            unsafe { self.span_local(s.next) }?.prev = s.prev;
-        }
-        // SAFETY: as above.
-        unsafe { self.span_local(span) }?.list = LIST_NONE;
         Ok(())
     }
 
@@ -367,30 +372,23 @@ impl Shared {
         Ok(())
     }
 
-    /// A span not current any more got a block back: release it if empty, or move it from the
-    /// full list to the available one.
+    /// A span not current any more got a block back: a full one goes on the stack; one on the
+    /// stack that became empty is counted, and past [`KEEP_EMPTY`] the stack is swept.
     #[cold]
     fn refile(&self, local: &mut HeapLocal, class: usize, span: u64) -> Result<()> {
         // SAFETY: the caller owns the span's heap.
         let s = *unsafe { self.span_local(span) }?;
-        if s.list == LIST_CURRENT {
-            return Ok(());
-        }
-        if s.used == 0 && s.list != LIST_SPARE {
-            self.list_remove(local, class, span)?;
-            if local.spare[class] == 0 {
-                local.spare[class] = span;
-                // SAFETY: as above.
-                unsafe { self.span_local(span) }?.list = LIST_SPARE;
-                return Ok(());
+        match s.list {
+            LIST_FULL => self.push_avail(local, class, span),
+            LIST_AVAIL if s.used == 0 => {
+                local.empty[class] += 1;
+                if local.empty[class] > KEEP_EMPTY {
+                    self.sweep_avail(local, class, KEEP_EMPTY)?;
+                }
+                Ok(())
             }
-            return self.release_span(span);
+            _ => Ok(()),
         }
-        if s.list == LIST_FULL {
-            self.list_remove(local, class, span)?;
-            self.list_push(local, class, LIST_AVAIL, span)?;
-        }
-        Ok(())
     }
 
     /// Puts a block back on its span's local list (owner only) and files the span.
@@ -459,24 +457,21 @@ impl Shared {
         Ok(())
     }
 
-    /// Gives back every empty span of a heap we own, current and spare ones included.
+    /// Gives back every empty span of a heap we own, current ones included.
     pub(super) fn trim_heap(&self, heap_off: u64) -> Result<()> {
         let heap = self.heaps.slot(&self.mem, heap_off)?;
         for class in 0..CLASS_COUNT {
             self.collect(heap_off, heap, class)?;
             // SAFETY: we own the heap.
             let local = unsafe { self.local(heap) };
-            let spare = core::mem::take(&mut local.spare[class]);
-            if spare != 0 {
-                self.release_span(spare)?;
-            }
+            self.sweep_avail(local, class, 0)?;
             let current = local.classes[class].current;
             if current != 0 {
                 // SAFETY: our span.
                 let s = unsafe { self.span_local(current) }?;
                 if s.used == 0 {
                     local.classes[class].current = 0;
-                    s.list = LIST_NONE;
+                    s.list = 0;
                     self.release_span(current)?;
                 }
             }

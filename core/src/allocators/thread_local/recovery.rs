@@ -18,7 +18,7 @@ use super::super::large::{self, TAG_LARGE, TAG_SPAN};
 use super::super::size_class::CLASS_COUNT;
 use super::super::slots::owner_dead;
 use super::super::span::{block_at, corrupt, freed_word, Info, SpanLocal, State, LAYOUTS};
-use super::heap::{ClassState, Heap, HeapLocal, LIST_AVAIL, LIST_FULL};
+use super::heap::{ClassState, Heap, HeapLocal, LIST_FULL};
 use super::Shared;
 
 impl Shared {
@@ -91,8 +91,7 @@ impl Shared {
         *local = HeapLocal {
             classes: [ClassState::default(); CLASS_COUNT],
             avail: [0; CLASS_COUNT],
-            full: [0; CLASS_COUNT],
-            spare: [0; CLASS_COUNT],
+            empty: [0; CLASS_COUNT],
         };
         let mut spans = Vec::new();
         let mut dead_large = Vec::new();
@@ -160,13 +159,19 @@ impl Shared {
                 }
             }
         }
-        *s = SpanLocal { free: tagged_list::encode(free), bump: bump as u32, used, ..SpanLocal::default() };
+        *s = SpanLocal {
+            free: tagged_list::encode(free),
+            bump: bump as u32,
+            used,
+            list: LIST_FULL,
+            ..SpanLocal::default()
+        };
         if used == 0 {
             self.release_span(span)
         } else if free.is_some() || bump < layout.blocks {
-            self.list_push(local, class, LIST_AVAIL, span)
+            self.push_avail(local, class, span)
         } else {
-            self.list_push(local, class, LIST_FULL, span)
+            Ok(())
         }
     }
 }
