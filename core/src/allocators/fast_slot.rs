@@ -62,6 +62,7 @@ mod imp {
     /// A slot the thread holds until it exits (or [`release`] is called).
     struct Held {
         instance: u64,
+        slot: u64,
         release: Option<Box<dyn FnOnce()>>,
     }
 
@@ -82,7 +83,7 @@ mod imp {
         let held = HELD
             .try_with(|h| {
                 let mut h = h.try_borrow_mut().ok()?;
-                h.push(Held { instance, release: release.take() });
+                h.push(Held { instance, slot, release: release.take() });
                 Some(())
             })
             .ok()
@@ -92,6 +93,16 @@ mod imp {
             set(instance, slot);
         }
         held
+    }
+
+    /// The slot the calling thread holds in `instance` through [`hold`], if any (and caches it).
+    pub(crate) fn held(instance: u64) -> Option<u64> {
+        let slot = HELD
+            .try_with(|h| h.try_borrow().ok()?.iter().find(|x| x.instance == instance).map(|x| x.slot))
+            .ok()
+            .flatten()?;
+        set(instance, slot);
+        Some(slot)
     }
 
     /// Runs the release of the calling thread's slot in `instance` now; returns whether it held one.
@@ -122,9 +133,12 @@ mod imp {
     pub(crate) fn hold(_instance: u64, _slot: u64, _release: Box<dyn FnOnce()>) -> bool {
         false
     }
+    pub(crate) fn held(_instance: u64) -> Option<u64> {
+        None
+    }
     pub(crate) fn release(_instance: u64) -> bool {
         false
     }
 }
 
-pub(crate) use imp::{clear, get, hold, release, set};
+pub(crate) use imp::{clear, get, held, hold, release, set};

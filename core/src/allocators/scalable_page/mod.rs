@@ -224,6 +224,9 @@ impl ScalablePageAllocator {
     #[cold]
     #[inline(never)]
     fn with_slot_slow<R>(&self, f: impl FnOnce(u64) -> Result<R>) -> Result<R> {
+        if let Some(slot) = fast_slot::held(self.instance) {
+            return f(slot);
+        }
         if let Some(slot) = self.attach_thread()? {
             return f(slot);
         }

@@ -140,3 +140,27 @@ fn a_span_left_half_made_by_a_dead_lock_holder_is_returned() {
     assert_eq!(a.stats().free_bytes(), start, "the runs went back when the lock was taken over");
     a.check().unwrap();
 }
+
+#[test]
+fn a_thread_using_many_handles_keeps_one_slot_in_each() {
+    let allocators: Vec<_> = (0..9)
+        .map(|i| {
+            ScalablePageAllocator::create(region_of(2 << 20), AllocatorId::new(1, i), &Default::default()).unwrap()
+        })
+        .collect();
+    // More handles than the per-thread cache has ways: lookups miss and must find the slot the
+    // thread already holds, not take another.
+    for _ in 0..50 {
+        for a in &allocators {
+            let p = a.allocate(32, 8).unwrap();
+            a.free(p).unwrap();
+        }
+    }
+    for a in &allocators {
+        let s = &a.shared;
+        let owned = s.slots.offsets(&s.mem).unwrap().into_iter();
+        let owned = owned.filter(|&o| s.slots.slot(&s.mem, o).unwrap().owner.load(Ordering::Relaxed) != 0);
+        assert_eq!(owned.count(), 1);
+        a.check().unwrap();
+    }
+}
