@@ -269,16 +269,9 @@ pub(crate) struct SpanHeader {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct SpanLocal {
-    /// Local free list (an encoded link, 0 = empty).
-    pub(crate) free: u64,
-    /// Blocks below this index have been handed out at least once.
+    /// Blocks below this index have been handed out at least once (the ones above were never
+    /// formatted).
     pub(crate) bump: u32,
-    /// Blocks not on the local free list and not past `bump`: live or in a remote list.
-    pub(crate) used: u32,
-    /// The next span on the heap's stack of spans with free blocks (0 = none).
-    pub(crate) next: u64,
-    /// Where the heap keeps the span (current, on the stack, or full).
-    pub(crate) list: u32,
     pub(crate) _pad: u32,
 }
 
@@ -300,12 +293,6 @@ impl SpanHeader {
         // SAFETY: plain integers in bounds; racing with an owner only gives stale figures, and
         // callers use this while the allocator is quiet (check, stats).
         unsafe { self.local.get().read_volatile() }
-    }
-
-    /// The class the span holds.
-    #[inline]
-    pub(crate) fn class(&self) -> usize {
-        (self.kind >> 32) as usize
     }
 }
 
@@ -477,26 +464,6 @@ impl Mem {
         (h.kind == span_kind(class)).then_some(h)
     }
 
-    /// The header of the span at `span` if the whole span of `class` lies in the view, without
-    /// looking at the header: what an allocation from a span its own heap filed needs (the
-    /// blocks it takes are checked against the class on their own).
-    #[inline]
-    pub(crate) fn span_in_bounds(&self, span: u64, class: usize) -> Option<&SpanHeader> {
-        let room = self.len.checked_sub(LAYOUTS.get(class)?.span_bytes)?;
-        if span.wrapping_sub(self.start) > room || span % 64 != 0 {
-            return None;
-        }
-        // SAFETY: the whole span is in bounds and 64-aligned (checked above; the base is
-        // page-aligned); a SpanHeader is valid for any bits.
-        Some(unsafe { &*self.base.add(span as usize).cast::<SpanHeader>() })
-    }
-
-    /// A span's header, checked for its magic.
-    #[inline]
-    pub(crate) fn span(&self, span: u64) -> Result<&SpanHeader> {
-        self.span_at(span).ok_or_else(|| corrupt(span, "not a span"))
-    }
-
     /// Copies `len` bytes between two blocks that do not overlap.
     pub(crate) fn copy(&self, from: u64, to: u64, len: u64) -> Result<()> {
         let src = self.ptr(from, len)?;
@@ -603,9 +570,7 @@ pub(crate) struct LiveSmall<'m> {
     pub(crate) block: u64,
     /// Its info word (live).
     pub(crate) word: u64,
-    /// Its span, which lies whole in the view and has the block's class.
-    pub(crate) span: u64,
-    /// The span's header.
+    /// Its span's header (the span starts in the view, below the block, with the block's class).
     pub(crate) header: &'m SpanHeader,
 }
 
@@ -654,7 +619,7 @@ pub(crate) fn find_small(mem: &Mem, user: u64) -> Option<LiveSmall<'_>> {
     }
     let span = span_of_word(block, word);
     let header = mem.span_below(span, block, word_class(word))?;
-    Some(LiveSmall { block, word, span, header })
+    Some(LiveSmall { block, word, header })
 }
 
 /// The live block whose user bytes start at `user`: [`find_small`], or else through the back
@@ -696,7 +661,7 @@ fn find_live_back(mem: &Mem, user: u64) -> Option<Found<'_>> {
     let header = mem.span_below(span, block, class)?;
     let l = &LAYOUTS[class];
     // The user bytes lie in the block.
-    (back < l.stride).then_some(Found::Small(LiveSmall { block, word, span, header }))
+    (back < l.stride).then_some(Found::Small(LiveSmall { block, word, header }))
 }
 
 /// Why [`find_live`] refused `user`.

@@ -11,8 +11,7 @@ use super::super::common::small_reserved;
 use super::super::free_space::UNIT;
 use super::super::large::{self, TAG_LARGE, TAG_META, TAG_SPAN};
 use super::super::size_class::CLASS_COUNT;
-use super::super::span::{block_at, corrupt, span_of, Info, SpanHeader, State, LAYOUTS};
-use super::heap::{LIST_AVAIL, LIST_CURRENT, LIST_FULL};
+use super::super::span::{block_at, corrupt, span_of_word, Info, SpanHeader, State, LAYOUTS};
 use super::Shared;
 
 impl Shared {
@@ -51,17 +50,17 @@ impl Shared {
         }
     }
 
-    /// Every heap's remote lists and span lists, every span's blocks and free list, every run,
-    /// and the counters against what the blocks say.
+    /// Every heap's remote lists and free lists, every span's blocks, every run, and the
+    /// counters against what the blocks say.
     pub(super) fn check(&self) -> Result<()> {
         let g = self.fs.lock();
         g.check()?;
         let heaps = self.heaps.offsets(&self.mem)?;
         let heap_set: BTreeSet<u64> = heaps.iter().copied().collect();
         let limit = self.fs.layout().bytes() / 32 + 1;
-        // Remote blocks, and each heap's span lists.
+        // Remote blocks, and the free blocks of each heap (block -> heap).
         let mut remote = BTreeSet::new();
-        let mut filed: BTreeMap<u64, (u64, usize, u32)> = BTreeMap::new();
+        let mut listed: BTreeMap<u64, u64> = BTreeMap::new();
         for &offset in &heaps {
             let h = self.heaps.slot(&self.mem, offset)?;
             let local = self.local_snapshot(h);
@@ -75,33 +74,36 @@ impl Shared {
                     }
                     Ok(())
                 })?;
-                let mut file = |span: u64, list: u32| -> Result<()> {
-                    if filed.insert(span, (offset, class, list)).is_some() {
-                        return Err(corrupt(span, "span filed twice"));
+                let cs = &local.classes[class];
+                let n = tagged_list::walk(&self.arena, (cs.free != 0).then_some(cs.free), limit, |b| {
+                    let word = self.arena.info(b)?.load(Ordering::Acquire);
+                    let span = span_of_word(b, word);
+                    let ok = Info::unpack(word)
+                        .is_some_and(|i| i.state == State::Free && i.class == class && i.size == 0)
+                        && self
+                            .arena
+                            .class_span(span, class)
+                            .is_some_and(|s| s.owner.load(Ordering::Relaxed) == offset);
+                    if !ok || listed.insert(b, offset).is_some() {
+                        return Err(corrupt(b, "heap free list holds a block that is not its free block"));
                     }
                     Ok(())
-                };
-                if local.classes[class].current != 0 {
-                    file(local.classes[class].current, LIST_CURRENT)?;
+                })?;
+                if n != cs.count {
+                    return Err(corrupt(offset, "heap free list longer or shorter than its count"));
                 }
-                let (mut at, mut n, mut empty) = (local.avail[class], 0u64, 0u32);
-                while at != 0 {
-                    n += 1;
-                    if n > limit {
-                        return Err(corrupt(at, "span stack does not end"));
-                    }
-                    file(at, LIST_AVAIL)?;
-                    let sl = self.arena.span(at)?.local_snapshot();
-                    empty += (sl.used == 0) as u32;
-                    at = sl.next;
-                }
-                if empty != local.empty[class] {
-                    return Err(corrupt(offset, "heap's count of empty spans is off"));
+                if cs.bump_span != 0
+                    && self
+                        .arena
+                        .class_span(cs.bump_span, class)
+                        .is_none_or(|s| s.owner.load(Ordering::Relaxed) != offset)
+                {
+                    return Err(corrupt(cs.bump_span, "heap bumps into a span that is not its own"));
                 }
             }
         }
         let mut live = BTreeMap::<(u64, usize), (u64, u64)>::new();
-        let mut spans_seen = 0usize;
+        let mut free_seen = 0usize;
         let mut remote_seen = 0usize;
         g.for_each_used(|head, run| {
             let base = self.fs.layout().unit_offset(head);
@@ -109,38 +111,18 @@ impl Shared {
                 TAG_SPAN => {
                     let class = run.aux as usize;
                     let layout = LAYOUTS.get(class).ok_or(corrupt(base, "span class"))?;
-                    let s: &SpanHeader = self.arena.span(base)?;
+                    let s: &SpanHeader = self
+                        .arena
+                        .class_span(base, class)
+                        .ok_or(corrupt(base, "span header disagrees with the table"))?;
                     let owner = s.owner.load(Ordering::Relaxed);
-                    if s.class() != class || run.len() != layout.units || !heap_set.contains(&owner) {
+                    if run.len() != layout.units || !heap_set.contains(&owner) {
                         return Err(corrupt(base, "span header disagrees with the table"));
                     }
-                    let sl = s.local_snapshot();
-                    if sl.list == LIST_FULL {
-                        if filed.contains_key(&base) || sl.free != 0 || sl.bump as u64 != layout.blocks {
-                            return Err(corrupt(base, "full span with free blocks or on a list"));
-                        }
-                    } else {
-                        let (fh, fc, fl) = *filed.get(&base).ok_or(corrupt(base, "span on no list of its heap"))?;
-                        if fh != owner || fc != class || fl != sl.list {
-                            return Err(corrupt(base, "span filed in the wrong place"));
-                        }
-                        spans_seen += 1;
-                    }
-                    let bump = sl.bump as u64;
+                    let bump = s.local_snapshot().bump as u64;
                     if bump > layout.blocks {
                         return Err(corrupt(base, "span bump past its blocks"));
                     }
-                    let mut listed = BTreeSet::new();
-                    tagged_list::walk(&self.arena, tagged_list::decode(sl.free), layout.blocks + 1, |b| {
-                        let info = Info::unpack(self.arena.info(b)?.load(Ordering::Acquire));
-                        let ok = info.is_some_and(|i| i.state == State::Free && i.class == class && i.size == 0)
-                            && info.and_then(|i| span_of(b, &i)) == Some(base);
-                        if !ok || !listed.insert(b) {
-                            return Err(corrupt(b, "span free list holds a block that is not its free block"));
-                        }
-                        Ok(())
-                    })?;
-                    let mut used = 0u32;
                     let entry = live.entry((owner, class)).or_default();
                     for index in 0..bump {
                         let b = block_at(base, class, index);
@@ -148,8 +130,8 @@ impl Shared {
                             .filter(|i| i.class == class && i.index == index)
                             .ok_or(corrupt(b, "block header damaged"))?;
                         match info.state {
-                            State::Free if listed.contains(&b) => {}
-                            State::Free => return Err(corrupt(b, "free block on no list")),
+                            State::Free if listed.get(&b) == Some(&owner) => free_seen += 1,
+                            State::Free => return Err(corrupt(b, "free block on no list of its heap")),
                             State::Live | State::Remote => {
                                 if info.state == State::Remote {
                                     if !remote.contains(&b) {
@@ -160,14 +142,10 @@ impl Shared {
                                 if info.size == 0 || info.size > layout.size {
                                     return Err(corrupt(b, "live block size outside its class"));
                                 }
-                                used += 1;
                                 entry.0 += 1;
                                 entry.1 += info.size;
                             }
                         }
-                    }
-                    if used != sl.used {
-                        return Err(corrupt(base, "span use count disagrees with its blocks"));
                     }
                 }
                 TAG_LARGE => {
@@ -182,8 +160,8 @@ impl Shared {
             }
             Ok(())
         })?;
-        if spans_seen != filed.len() {
-            return Err(corrupt(0, "a heap lists a span that is not in use"));
+        if free_seen != listed.len() {
+            return Err(corrupt(0, "a heap free list holds a block outside its spans"));
         }
         if remote_seen != remote.len() {
             return Err(corrupt(0, "remote list holds a block that is not remotely freed"));

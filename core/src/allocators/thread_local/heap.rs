@@ -1,16 +1,23 @@
 //! A heap's record and its owner's paths: allocation, local and remote frees, bulk collection
-//! of remote frees, span lists, trimming and release.
+//! of remote frees, sweeping and release.
+//!
+//! Each class has one cache line in the heap: a LIFO list of the heap's free blocks of the
+//! class (from any of its spans), the span new blocks are bumped from, and the counters. An
+//! allocation pops the list; a free by the owner pushes on it; neither writes a span header.
+//! When the list has doubled since the last sweep (or the heap is trimmed), a sweep counts its
+//! blocks per span and returns the spans whose blocks are all free.
 //!
 //! Collecting a remote list is journaled so that an owner killed at any instruction leaves
 //! every block findable: the owner writes the list's first element to the heap's `pending`
 //! word before taking the list ([`TaggedOffsetList::take_recorded`]); it then turns a batch of
-//! the chain free (links untouched), moves `pending` past the batch, and only then files the
-//! batch into its spans (which reuses the links). At every instant the part of the chain not
-//! yet filed hangs off `pending` with its links intact, so [`recovery`](super::recovery) can
-//! finish the job.
+//! the chain free (links untouched), moves `pending` past the batch, and only then pushes the
+//! batch on its free list (which reuses the links). At every instant the part of the chain not
+//! yet pushed hangs off `pending` with its links intact, so [`recovery`](super::recovery) can
+//! finish the job. Everything else in the heap is rebuilt from the blocks' states on repair.
 
 use core::cell::UnsafeCell;
 
+use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
 use crate::error::{Error, Result};
@@ -23,42 +30,35 @@ use super::super::size_class::CLASS_COUNT;
 use super::super::slots::{Slot, SlotBody};
 use super::super::span::{
     back_word, corrupt, free_pattern, free_word_mask, freed_word, fresh_word, has_state, init_span, invalid, live_word,
-    span_of_word, user_of, word_class, Info, LiveSmall, SpanLocal, State, FIELD_MASK, LAYOUTS, SMALL_HEADER,
-    SPAN_HEADER,
+    span_of_word, user_of, word_class, Info, LiveSmall, State, FIELD_MASK, LAYOUTS, SMALL_HEADER, SPAN_HEADER,
 };
 use super::Shared;
-
-/// Where a heap keeps a span (its `list` field): the class's current span; on the class's stack
-/// of spans with free blocks; or full (on no list: it was used up as the current span, and goes
-/// on the stack when a block comes back).
-pub(super) const LIST_CURRENT: u32 = 1;
-pub(super) const LIST_AVAIL: u32 = 2;
-pub(super) const LIST_FULL: u32 = 3;
-/// Empty spans a heap keeps on a class's stack (so random sizes do not make it give spans back
-/// and take them again through the free-space lock); more are returned.
-const KEEP_EMPTY: u32 = 1;
 
 /// How many remote frees are turned free before `pending` moves past them.
 const COLLECT_BATCH: usize = 32;
 
-/// One class's state in a heap: the current span and counters, written by the owner only.
-#[repr(C)]
+/// One class's state in a heap: one cache line, written by the owner only.
+#[repr(C, align(64))]
 #[derive(Clone, Copy, Default)]
 pub(super) struct ClassState {
-    pub(super) current: u64,
+    /// The first free block (0 = none); the list links through the blocks' second words.
+    pub(super) free: u64,
+    /// Blocks on the free list.
+    pub(super) count: u64,
+    /// The span new blocks are bumped from (0 = none).
+    pub(super) bump_span: u64,
     pub(super) live: u64,
     pub(super) live_bytes: u64,
     pub(super) allocations: u64,
+    /// The free list's length after the last sweep: the next one comes when it has doubled.
+    pub(super) swept: u64,
+    pub(super) _pad: u64,
 }
 
 /// The owner-only part of a heap.
 #[repr(C)]
 pub(super) struct HeapLocal {
     pub(super) classes: [ClassState; CLASS_COUNT],
-    /// Per class: the stack of spans with free blocks (linked through their `next`).
-    pub(super) avail: [u64; CLASS_COUNT],
-    /// Per class: how many spans on the stack are empty.
-    pub(super) empty: [u32; CLASS_COUNT],
 }
 
 #[repr(C, align(64))]
@@ -86,6 +86,13 @@ unsafe impl SlotBody for HeapBody {}
 /// A heap in its slot.
 pub(super) type Heap = Slot<HeapBody>;
 
+/// When a class's free list is long enough to sweep: doubled since the last sweep, and more
+/// than two spans' worth.
+#[inline]
+fn sweep_due(cs: &ClassState, class: usize) -> bool {
+    cs.count > 2 * cs.swept + 2 * LAYOUTS[class].blocks
+}
+
 impl Shared {
     /// The owner-only part of a heap.
     ///
@@ -99,23 +106,23 @@ impl Shared {
         unsafe { &mut *heap.body.local.0.get() }
     }
 
-    /// A copy of a heap's owner-only part, for readers while the allocator is quiet.
+    /// A heap's owner-only part, for readers while the allocator is quiet.
     pub(super) fn local_snapshot<'a>(&self, heap: &'a Heap) -> &'a HeapLocal {
         // SAFETY: plain integers in bounds; racing with the owner only gives stale figures,
         // and callers (stats, check) document that they want a quiet allocator.
         unsafe { &*heap.body.local.0.get() }
     }
 
-    /// The span header at `span` with its owner-only part.
+    /// The bump index of one of our spans.
     ///
     /// # Safety
     /// The caller owns the heap that owns the span (or holds a heap being repaired).
     #[allow(clippy::mut_from_ref)]
     #[inline]
-    pub(super) unsafe fn span_local(&self, span: u64) -> Result<&mut SpanLocal> {
-        let h = self.arena.span(span)?;
+    pub(super) unsafe fn span_bump(&self, span: u64, class: usize) -> Result<&mut u32> {
+        let h = self.arena.class_span(span, class).ok_or(corrupt(span, "heap lists a span of another class"))?;
         // SAFETY: the caller's promise: the span's owner-only part is ours alone.
-        Ok(unsafe { &mut *h.local() })
+        Ok(unsafe { &mut (*h.local()).bump })
     }
 
     // ---- allocation ----
@@ -127,7 +134,7 @@ impl Shared {
         let heap = unsafe { self.heaps.slot_unchecked(&self.mem, heap_off) };
         // SAFETY: the calling thread owns the heap.
         let local = unsafe { self.local(heap) };
-        let (block, word) = match self.take_fast(local.classes[class].current, class) {
+        let (block, word) = match self.pop_free(&mut local.classes[class], class) {
             Some(taken) => taken,
             None => self.refill(heap_off, heap, class, size)?,
         };
@@ -135,8 +142,9 @@ impl Shared {
         cs.live = cs.live.wrapping_add(1);
         cs.live_bytes = cs.live_bytes.wrapping_add(size as u64);
         cs.allocations = cs.allocations.wrapping_add(1);
-        // SAFETY: `block` lies in a span checked whole by `take_fast`/`refill`, and the block's
-        // user bytes with their padding (`class_for` counted it) lie in the block.
+        // SAFETY: `block` lies whole in the arena (checked by `pop_free`, or a block of a span
+        // checked whole by `refill`), and its user bytes with their padding (`class_for` counted
+        // it) lie in the block.
         unsafe {
             if align > 16 {
                 return Ok(self.pad(block, word, size, align));
@@ -150,7 +158,7 @@ impl Shared {
     /// a zero below that, where an unpadded block's info word would be.
     ///
     /// # Safety
-    /// The block lies in a checked span, and its class has room for the padding.
+    /// The block lies whole in the arena, and its class has room for the padding.
     #[cold]
     unsafe fn pad(&self, block: u64, word: u64, size: usize, align: usize) -> u64 {
         let user = user_of(block, SMALL_HEADER, align as u64);
@@ -163,91 +171,53 @@ impl Shared {
         user
     }
 
-    /// A block (and its free info word) from `span`'s local free list or its unused tail.
-    /// `None` when the span is empty, is not a span of the class, or its list is damaged.
+    /// The first block of a class's free list (and its free info word). `None` when the list is
+    /// empty, or its first block is not a free block of the class in the arena.
     #[inline]
-    fn take_fast(&self, span: u64, class: usize) -> Option<(u64, u64)> {
-        let h = self.arena.span_in_bounds(span, class)?;
-        // SAFETY: `span` is our heap's current span (or one we are filing): ours alone.
-        let s = unsafe { &mut *h.local() };
-        let layout = &LAYOUTS[class];
-        let taken = if s.free != 0 {
-            let block = tagged_list::decode(s.free)?;
-            if block.wrapping_sub(span + SPAN_HEADER) >= layout.area || block % 16 != 0 {
-                return None;
-            }
-            // SAFETY: inside the span `class_span` checked whole; 16-aligned.
-            let (info, link) = unsafe { (self.arena.word_unchecked(block), self.arena.word_unchecked(block + 8)) };
-            let word = info.load(Ordering::Relaxed);
-            if word & free_word_mask() != free_pattern(class, 0) {
-                return None;
-            }
-            s.free = link.load(Ordering::Relaxed);
-            (block, word)
-        } else if (s.bump as u64) < layout.blocks {
-            let index = s.bump as u64;
-            s.bump += 1;
-            (span + SPAN_HEADER + index * layout.stride, fresh_word(class, index, 0))
-        } else {
+    fn pop_free(&self, cs: &mut ClassState, class: usize) -> Option<(u64, u64)> {
+        let block = cs.free;
+        if block % 16 != 0 || !self.arena.contains(block, LAYOUTS[class].stride) {
             return None;
-        };
-        s.used += 1;
-        Some(taken)
+        }
+        // SAFETY: the whole block lies in the arena (checked just above), 16-aligned.
+        let (info, link) = unsafe { (self.arena.word_unchecked(block), self.arena.word_unchecked(block + 8)) };
+        let word = info.load(Ordering::Relaxed);
+        if word & free_word_mask() != free_pattern(class, 0) {
+            return None;
+        }
+        cs.free = tagged_list::decode(link.load(Ordering::Relaxed)).unwrap_or(0);
+        cs.count = cs.count.wrapping_sub(1);
+        Some((block, word))
     }
 
-    /// [`take_fast`](Self::take_fast) with the reason when it finds nothing: `Ok(None)` for an
-    /// empty span, an error for a damaged one.
-    fn take_from(&self, span: u64, class: usize) -> Result<Option<(u64, u64)>> {
-        if span == 0 {
-            return Ok(None);
-        }
-        let h = self.arena.class_span(span, class).ok_or(corrupt(span, "heap lists a span of another class"))?;
-        let s = h.local_snapshot();
-        if s.free == 0 && s.bump as u64 >= LAYOUTS[class].blocks {
-            return Ok(None);
-        }
-        self.take_fast(span, class).map(Some).ok_or(corrupt(span, "span free list holds a block that is not free"))
-    }
-
-    /// The slow path: collect remote frees, switch spans, or take a new span.
+    /// The slow path: collect remote frees, bump into the class's span, or take a new span.
     #[cold]
     #[inline(never)]
     fn refill(&self, heap_off: u64, heap: &Heap, class: usize, size: usize) -> Result<(u64, u64)> {
-        self.collect(heap_off, heap, class)?;
         // SAFETY: we own the heap.
         let local = unsafe { self.local(heap) };
-        let current = local.classes[class].current;
-        if let Some(b) = self.take_from(current, class)? {
+        if local.classes[class].free != 0 {
+            return Err(corrupt(local.classes[class].free, "heap free list holds a block that is not free"));
+        }
+        self.collect(heap_off, heap, class)?;
+        if let Some(b) = self.pop_free(&mut local.classes[class], class) {
             return Ok(b);
         }
-        if current != 0 {
-            // Used up: on no list until a block comes back.
-            // SAFETY: our span.
-            unsafe { self.span_local(current) }?.list = LIST_FULL;
-            local.classes[class].current = 0;
-        }
-        while local.avail[class] != 0 {
-            let span = local.avail[class];
-            // SAFETY: a span on our stack.
-            let s = unsafe { self.span_local(span) }?;
-            local.avail[class] = s.next;
-            if s.used == 0 {
-                local.empty[class] = local.empty[class].saturating_sub(1);
+        let layout = LAYOUTS[class];
+        for _ in 0..2 {
+            let span = local.classes[class].bump_span;
+            if span != 0 {
+                // SAFETY: our span.
+                let bump = unsafe { self.span_bump(span, class) }?;
+                if (*bump as u64) < layout.blocks {
+                    let index = *bump as u64;
+                    *bump += 1;
+                    return Ok((span + SPAN_HEADER + index * layout.stride, fresh_word(class, index, 0)));
+                }
             }
-            s.next = 0;
-            s.list = LIST_CURRENT;
-            local.classes[class].current = span;
-            if let Some(b) = self.take_from(span, class)? {
-                return Ok(b);
-            }
-            s.list = LIST_FULL;
-            local.classes[class].current = 0;
+            local.classes[class].bump_span = self.new_span(heap_off, class, size)?;
         }
-        let span = self.new_span(heap_off, class, size)?;
-        local.classes[class].current = span;
-        // SAFETY: our fresh span.
-        unsafe { self.span_local(span) }?.list = LIST_CURRENT;
-        self.take_from(span, class)?.ok_or(corrupt(span, "fresh span has no block"))
+        Err(corrupt(heap_off, "fresh span has no block"))
     }
 
     fn new_span(&self, heap_off: u64, class: usize, size: usize) -> Result<u64> {
@@ -280,78 +250,35 @@ impl Shared {
         Ok(())
     }
 
-    // ---- the stack of spans with free blocks (owner only) ----
-
-    /// Puts one of our spans on its class's stack.
-    pub(super) fn push_avail(&self, local: &mut HeapLocal, class: usize, span: u64) -> Result<()> {
-        // SAFETY: a span of a heap we own.
-        let s = unsafe { self.span_local(span) }?;
-        s.list = LIST_AVAIL;
-        s.next = local.avail[class];
-        local.avail[class] = span;
-        if s.used == 0 {
-            local.empty[class] += 1;
-        }
-        Ok(())
-    }
-
-    /// Rebuilds a class's stack keeping at most `keep` empty spans; the other empty ones go
-    /// back to the free-space manager.
-    fn sweep_avail(&self, local: &mut HeapLocal, class: usize, keep: u32) -> Result<()> {
-        let mut spans = Vec::new();
-        let mut at = core::mem::take(&mut local.avail[class]);
-        local.empty[class] = 0;
-        let limit = self.fs.layout().units as usize + 1;
-        while at != 0 && spans.len() < limit {
-            spans.push(at);
-            // SAFETY: a span on our stack.
-            at = unsafe { self.span_local(at) }?.next;
-        }
-        let mut kept = 0;
-        for span in spans.into_iter().rev() {
-            // SAFETY: as above.
-            let empty = unsafe { self.span_local(span) }?.used == 0;
-            if empty && kept >= keep {
-                self.release_span(span)?;
-                continue;
-            }
-            kept += empty as u32;
-            self.push_avail(local, class, span)?;
-        }
-        Ok(())
-    }
-
     // ---- freeing ----
 
-    /// Frees a live small block `find_live` found; `my_heap` is the calling thread's heap (0 if
+    /// Frees a live small block `find_small` found; `my_heap` is the calling thread's heap (0 if
     /// it has none).
     #[inline]
     pub(super) fn free_small(&self, my_heap: u64, b: LiveSmall<'_>) -> Result<()> {
-        let h = b.header;
-        let owner = h.owner.load(Ordering::Acquire);
+        let owner = b.header.owner.load(Ordering::Acquire);
         if owner != my_heap || my_heap == 0 {
             return self.free_remote(owner, b.block, b.info());
         }
         // SAFETY: `my_heap` is this thread's heap (from its TLS), checked when taken.
         let heap = unsafe { self.heaps.slot_unchecked(&self.mem, my_heap) };
-        // SAFETY: we own the heap, and therefore its spans.
-        let (local, s) = unsafe { (self.local(heap), &mut *h.local()) };
-        if s.used == 0 {
-            return Err(corrupt(b.span, "span use count underflow"));
-        }
-        // SAFETY: the block lies in the span `find_live` checked whole.
-        unsafe {
-            self.arena.word_unchecked(b.block).store(freed_word(b.word, 0), Ordering::Release);
-            self.arena.word_unchecked(b.block + 8).store(s.free, Ordering::Relaxed);
-        }
-        s.free = tagged_list::encode(Some(b.block));
-        s.used -= 1;
+        // SAFETY: we own the heap.
+        let local = unsafe { self.local(heap) };
         let class = b.class();
         let cs = &mut local.classes[class];
+        // SAFETY: the block lies in the arena (`find_small` checked it).
+        unsafe {
+            self.arena.word_unchecked(b.block).store(freed_word(b.word, 0), Ordering::Release);
+            self.arena
+                .word_unchecked(b.block + 8)
+                .store(tagged_list::encode((cs.free != 0).then_some(cs.free)), Ordering::Relaxed);
+        }
+        cs.free = b.block;
+        cs.count += 1;
         cs.live = cs.live.wrapping_sub(1);
         cs.live_bytes = cs.live_bytes.wrapping_sub(b.size());
-        if s.list != LIST_CURRENT && (s.used == 0 || s.list == LIST_FULL) {
-            return self.refile(local, class, b.span);
+        if sweep_due(cs, class) {
+            return self.sweep(local, class, false);
         }
         Ok(())
     }
@@ -372,34 +299,57 @@ impl Shared {
         Ok(())
     }
 
-    /// A span not current any more got a block back: a full one goes on the stack; one on the
-    /// stack that became empty is counted, and past [`KEEP_EMPTY`] the stack is swept.
+    /// Returns the spans of `class` whose blocks are all on the free list (keeping the bump span
+    /// unless `all`), and rebuilds the list without their blocks.
     #[cold]
-    fn refile(&self, local: &mut HeapLocal, class: usize, span: u64) -> Result<()> {
-        // SAFETY: the caller owns the span's heap.
-        let s = *unsafe { self.span_local(span) }?;
-        match s.list {
-            LIST_FULL => self.push_avail(local, class, span),
-            LIST_AVAIL if s.used == 0 => {
-                local.empty[class] += 1;
-                if local.empty[class] > KEEP_EMPTY {
-                    self.sweep_avail(local, class, KEEP_EMPTY)?;
-                }
-                Ok(())
-            }
-            _ => Ok(()),
+    #[inline(never)]
+    fn sweep(&self, local: &mut HeapLocal, class: usize, all: bool) -> Result<()> {
+        let cs = &mut local.classes[class];
+        let limit = self.fs.layout().bytes() / 32 + 1;
+        let mut blocks = Vec::new();
+        tagged_list::walk(&self.arena, (cs.free != 0).then_some(cs.free), limit, |b| {
+            blocks.push(b);
+            Ok(())
+        })?;
+        let mut per_span: BTreeMap<u64, u64> = BTreeMap::new();
+        for &b in &blocks {
+            let word = self.arena.info(b)?.load(Ordering::Relaxed);
+            *per_span.entry(span_of_word(b, word)).or_default() += 1;
         }
-    }
-
-    /// Puts a block back on its span's local list (owner only) and files the span.
-    fn return_block(&self, local: &mut HeapLocal, class: usize, span: u64, block: u64) -> Result<()> {
-        // SAFETY: the caller owns the span's heap.
-        let s = unsafe { self.span_local(span) }?;
-        self.arena.store_link(block, tagged_list::decode(s.free));
-        s.free = tagged_list::encode(Some(block));
-        s.used = s.used.checked_sub(1).ok_or(corrupt(span, "span use count underflow"))?;
-        if s.list != LIST_CURRENT && (s.used == 0 || s.list == LIST_FULL) {
-            return self.refile(local, class, span);
+        let mut released = Vec::new();
+        for (&span, &free) in &per_span {
+            // SAFETY: our span.
+            let bump = *unsafe { self.span_bump(span, class) }? as u64;
+            if free == bump && (all || span != cs.bump_span) {
+                released.push(span);
+            }
+        }
+        if all && cs.bump_span != 0 && !per_span.contains_key(&cs.bump_span) {
+            // SAFETY: our span.
+            if *unsafe { self.span_bump(cs.bump_span, class) }? == 0 {
+                released.push(cs.bump_span);
+            }
+        }
+        released.sort_unstable();
+        let gone = |b: &u64| {
+            let word = self.arena.info(*b).map_or(0, |w| w.load(Ordering::Relaxed));
+            released.binary_search(&span_of_word(*b, word)).is_ok()
+        };
+        let kept: Vec<u64> = blocks.iter().copied().filter(|b| !gone(b)).collect();
+        for pair in kept.windows(2) {
+            self.arena.store_link(pair[0], Some(pair[1]));
+        }
+        if let Some(&last) = kept.last() {
+            self.arena.store_link(last, None);
+        }
+        cs.free = kept.first().copied().unwrap_or(0);
+        cs.count = kept.len() as u64;
+        cs.swept = cs.count;
+        if released.binary_search(&cs.bump_span).is_ok() {
+            cs.bump_span = 0;
+        }
+        for span in released {
+            self.release_span(span)?;
         }
         Ok(())
     }
@@ -410,7 +360,7 @@ impl Shared {
         g.free(head)
     }
 
-    /// Moves the remote frees of `class` to their spans (owner only), journaled in the heap's
+    /// Moves the remote frees of `class` to the free list (owner only), journaled in the heap's
     /// `pending` word (see the module docs).
     pub(super) fn collect(&self, heap_off: u64, heap: &Heap, class: usize) -> Result<()> {
         let pending = &heap.body.pending.0[class];
@@ -422,7 +372,7 @@ impl Shared {
         let limit = self.fs.layout().bytes() / 32 + 1;
         let mut next = Some(first);
         let mut seen = 0u64;
-        let mut batch = [(0u64, 0u64, 0u64); COLLECT_BATCH];
+        let mut batch = [(0u64, 0u64); COLLECT_BATCH];
         while next.is_some() {
             let mut k = 0;
             while let (Some(b), true) = (next, k < COLLECT_BATCH) {
@@ -438,43 +388,38 @@ impl Shared {
                 }
                 next = self.arena.load_link(b)?;
                 w.store(freed_word(word, 0), Ordering::Release);
-                batch[k] = (b, span, word & FIELD_MASK);
+                batch[k] = (b, word & FIELD_MASK);
                 k += 1;
             }
             // The batch is free; what follows it still hangs off its links.
             pending.store(tagged_list::encode(next), Ordering::Release);
-            for &(b, span, size) in &batch[..k] {
-                let cs = &mut local.classes[class];
+            let cs = &mut local.classes[class];
+            for &(b, size) in &batch[..k] {
+                self.arena.store_link(b, (cs.free != 0).then_some(cs.free));
+                cs.free = b;
+                cs.count += 1;
                 cs.live = cs.live.wrapping_sub(1);
                 cs.live_bytes = cs.live_bytes.wrapping_sub(size);
-                self.return_block(local, class, span, b)?;
             }
             seen += k as u64;
             if seen > limit {
                 return Err(corrupt(first, "remote list longer than its blocks can be (a cycle)"));
             }
         }
+        if sweep_due(&local.classes[class], class) {
+            self.sweep(local, class, false)?;
+        }
         Ok(())
     }
 
-    /// Gives back every empty span of a heap we own, current ones included.
+    /// Collects every remote free of a heap we own and returns every span whose blocks are all
+    /// free.
     pub(super) fn trim_heap(&self, heap_off: u64) -> Result<()> {
         let heap = self.heaps.slot(&self.mem, heap_off)?;
         for class in 0..CLASS_COUNT {
             self.collect(heap_off, heap, class)?;
             // SAFETY: we own the heap.
-            let local = unsafe { self.local(heap) };
-            self.sweep_avail(local, class, 0)?;
-            let current = local.classes[class].current;
-            if current != 0 {
-                // SAFETY: our span.
-                let s = unsafe { self.span_local(current) }?;
-                if s.used == 0 {
-                    local.classes[class].current = 0;
-                    s.list = 0;
-                    self.release_span(current)?;
-                }
-            }
+            self.sweep(unsafe { self.local(heap) }, class, true)?;
         }
         Ok(())
     }

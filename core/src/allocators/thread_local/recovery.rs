@@ -17,8 +17,8 @@ use crate::sync::tagged_list::{self, LinkStore};
 use super::super::large::{self, TAG_LARGE, TAG_SPAN};
 use super::super::size_class::CLASS_COUNT;
 use super::super::slots::owner_dead;
-use super::super::span::{block_at, corrupt, freed_word, Info, SpanLocal, State, LAYOUTS};
-use super::heap::{ClassState, Heap, HeapLocal, LIST_FULL};
+use super::super::span::{block_at, corrupt, freed_word, fresh_word, Info, State, LAYOUTS};
+use super::heap::{ClassState, Heap, HeapLocal};
 use super::Shared;
 
 impl Shared {
@@ -88,11 +88,7 @@ impl Shared {
         // SAFETY: we hold the heap.
         let local = unsafe { self.local(heap) };
         let allocations: Vec<u64> = local.classes.iter().map(|c| c.allocations).collect();
-        *local = HeapLocal {
-            classes: [ClassState::default(); CLASS_COUNT],
-            avail: [0; CLASS_COUNT],
-            empty: [0; CLASS_COUNT],
-        };
+        *local = HeapLocal { classes: [ClassState::default(); CLASS_COUNT] };
         let mut spans = Vec::new();
         let mut dead_large = Vec::new();
         {
@@ -120,19 +116,22 @@ impl Shared {
         Ok(())
     }
 
-    /// Rebuilds one span of a heap under repair: free list, use count, the heap's counters.
-    /// Remote blocks still here are in transit (their freer pushes them later) and stay used.
+    /// Rebuilds one span of a heap under repair: its free blocks go on the heap's list (those
+    /// past its bump index formatted now), its live and remote ones into the counters; a span
+    /// with none of those goes back. Remote blocks still here are in transit (their freer pushes
+    /// them later) and stay counted.
     fn repair_span(&self, local: &mut HeapLocal, span: u64, class: usize, free_dead: bool) -> Result<()> {
         let layout = *LAYOUTS.get(class).ok_or(corrupt(span, "span class"))?;
         // SAFETY: we hold the span's heap.
-        let s = unsafe { self.span_local(span) }?;
-        let bump = (s.bump as u64).min(layout.blocks);
-        let (mut free, mut used) = (None, 0u32);
-        for index in (0..bump).rev() {
+        let bump = unsafe { self.span_bump(span, class) }?;
+        let formatted = (*bump as u64).min(layout.blocks);
+        let (mut free, mut kept, mut bytes) = (Vec::new(), 0u64, 0u64);
+        for index in 0..layout.blocks {
             let b = block_at(span, class, index);
             let word = self.arena.info(b)?;
             let info = Info::unpack(word.load(Ordering::Acquire)).filter(|i| i.class == class && i.index == index);
-            let kept = match info {
+            let held = match info {
+                _ if index >= formatted => None,
                 Some(i) if i.state == State::Remote => Some(i),
                 Some(i) if i.state == State::Live => {
                     let freed = free_dead
@@ -141,37 +140,32 @@ impl Shared {
                             .is_ok();
                     (!freed).then_some(i)
                 }
-                _ => {
-                    let fresh = Info { state: State::Free, class, index, size: 0 };
-                    word.store(fresh.pack(), Ordering::Release);
-                    None
-                }
+                _ => None,
             };
-            match kept {
+            match held {
                 Some(i) => {
-                    used += 1;
-                    local.classes[class].live += 1;
-                    local.classes[class].live_bytes += i.size;
+                    kept += 1;
+                    bytes += i.size;
                 }
                 None => {
-                    self.arena.store_link(b, free);
-                    free = Some(b);
+                    word.store(fresh_word(class, index, 0), Ordering::Release);
+                    free.push(b);
                 }
             }
         }
-        *s = SpanLocal {
-            free: tagged_list::encode(free),
-            bump: bump as u32,
-            used,
-            list: LIST_FULL,
-            ..SpanLocal::default()
-        };
-        if used == 0 {
-            self.release_span(span)
-        } else if free.is_some() || bump < layout.blocks {
-            self.push_avail(local, class, span)
-        } else {
-            Ok(())
+        *bump = layout.blocks as u32;
+        if kept == 0 {
+            return self.release_span(span);
         }
+        let cs = &mut local.classes[class];
+        for b in free {
+            self.arena.store_link(b, (cs.free != 0).then_some(cs.free));
+            cs.free = b;
+            cs.count += 1;
+        }
+        cs.live += kept;
+        cs.live_bytes += bytes;
+        cs.swept = cs.count;
+        Ok(())
     }
 }
