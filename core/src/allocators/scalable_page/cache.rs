@@ -7,10 +7,12 @@
 //! its label first, so a dead slot's blocks are exactly those with its label that are on no
 //! shared list ([`recovery`](super::recovery)).
 //!
-//! Each operation on a cache line writes, in this order: the journal (the block and the
-//! counters' values after the operation), the cache head, the block's words, the counters.
+//! Each operation on a cache line writes, in this order: the journal (the block and the live
+//! count and bytes after the operation), the cache head, the block's words, the counters.
 //! A recovery finds the block in its state before or after the operation: before, the counters
-//! were not touched; after, they are set from the journal. Either way they end up exact.
+//! were not touched; after, they are set from the journal. Either way they end up exact. (The
+//! allocation count is bumped before an allocation starts: a process killed during one may
+//! have counted it without making it.)
 //!
 //! Shared list changes happen under the list's lock and commit with one store of its head; the
 //! blocks a refill takes are relabelled while still on the list.
@@ -51,13 +53,13 @@ pub(super) struct ClassCache {
     pub(super) bytes: AtomicU64,
     /// Allocations through this slot.
     pub(super) allocations: AtomicU64,
-    /// The operation in progress: block offset and operation code.
+    /// The operation in progress: block offset and operation code (and, for a resize, the new
+    /// size above bit 48).
     pub(super) journal: AtomicU64,
-    /// The counters' values once that operation is done (for a resize: the new size in
-    /// `j_allocations`, which a resize does not change).
+    /// The live count and bytes once that operation is done.
     pub(super) j_live: AtomicU64,
     pub(super) j_bytes: AtomicU64,
-    pub(super) j_allocations: AtomicU64,
+    _pad: u64,
 }
 
 /// A thread cache: what the page allocator keeps in each thread slot.
@@ -80,30 +82,29 @@ fn pack_head(first: u64, count: u64) -> u64 {
     first | (count << COUNT_SHIFT)
 }
 
-/// The block and operation code of a journal word.
-pub(super) fn unpack_journal(journal: u64) -> (u64, u64) {
-    (journal & !OP_MASK, journal & OP_MASK)
+/// The block, operation code and (for a resize) new size of a journal word.
+pub(super) fn unpack_journal(journal: u64) -> (u64, u64, u64) {
+    (journal & OFFSET_MASK & !OP_MASK, journal & OP_MASK, journal >> COUNT_SHIFT)
 }
 
 impl ClassCache {
-    /// Writes the journal for an operation on `block`, before anything else changes.
+    /// Writes the journal for an operation on `block` (`op`, and the size for a resize), before
+    /// anything else changes.
     #[inline]
-    pub(super) fn journal(&self, block: u64, op: u64, live: u64, bytes: u64, allocations: u64) {
+    pub(super) fn journal(&self, block: u64, op: u64, live: u64, bytes: u64) {
         self.journal.store(block | op, Ordering::Relaxed);
         compiler_fence(Ordering::Release);
         self.j_live.store(live, Ordering::Relaxed);
         self.j_bytes.store(bytes, Ordering::Relaxed);
-        self.j_allocations.store(allocations, Ordering::Relaxed);
         compiler_fence(Ordering::Release);
     }
 
     /// Writes the counters (the journal's values), after the block's state changed.
     #[inline]
-    fn settle(&self, live: u64, bytes: u64, allocations: u64) {
+    fn settle(&self, live: u64, bytes: u64) {
         compiler_fence(Ordering::Release);
         self.live.store(live, Ordering::Relaxed);
         self.bytes.store(bytes, Ordering::Relaxed);
-        self.allocations.store(allocations, Ordering::Relaxed);
     }
 }
 
@@ -146,8 +147,8 @@ impl Shared {
         };
         let live = c.live.load(Ordering::Relaxed).wrapping_add(1);
         let bytes = c.bytes.load(Ordering::Relaxed).wrapping_add(size as u64);
-        let allocations = c.allocations.load(Ordering::Relaxed).wrapping_add(1);
-        c.journal(block, OP_ALLOC, live, bytes, allocations);
+        c.allocations.store(c.allocations.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+        c.journal(block, OP_ALLOC, live, bytes);
         c.head.store(rest, Ordering::Relaxed);
         compiler_fence(Ordering::Release);
         let user = user_of(block, SMALL_HEADER, align as u64);
@@ -163,7 +164,7 @@ impl Shared {
             compiler_fence(Ordering::Release);
             self.arena.word_unchecked(block).store(live_word(word, size as u64), Ordering::Release);
         }
-        c.settle(live, bytes, allocations);
+        c.settle(live, bytes);
         Ok(user)
     }
 
@@ -187,8 +188,7 @@ impl Shared {
         let (first, count) = unpack_head(c.head.load(Ordering::Relaxed));
         let live = c.live.load(Ordering::Relaxed).wrapping_sub(1);
         let bytes = c.bytes.load(Ordering::Relaxed).wrapping_sub(live_word & FIELD_MASK);
-        let allocations = c.allocations.load(Ordering::Relaxed);
-        c.journal(block, OP_FREE, live, bytes, allocations);
+        c.journal(block, OP_FREE, live, bytes);
         // SAFETY: `find_live` checked the block's whole span lies in the arena.
         let (word, link) = unsafe { (self.arena.word_unchecked(block), self.arena.word_unchecked(block + 8)) };
         let freed = freed_word(live_word, label);
@@ -201,7 +201,7 @@ impl Shared {
         link.store(tagged_list::encode((first != 0).then_some(first)), Ordering::Relaxed);
         compiler_fence(Ordering::Release);
         c.head.store(pack_head(block, count + 1), Ordering::Relaxed);
-        c.settle(live, bytes, allocations);
+        c.settle(live, bytes);
         if count + 1 > self.limits[class] as u64 {
             return self.flush(c, class);
         }
@@ -213,7 +213,7 @@ impl Shared {
         let (c, _) = self.cache(slot, info.class);
         let live = c.live.load(Ordering::Relaxed);
         let bytes = c.bytes.load(Ordering::Relaxed).wrapping_sub(info.size).wrapping_add(new_size as u64);
-        c.journal(block, OP_RESIZE, live, bytes, new_size as u64);
+        c.journal(block, OP_RESIZE | ((new_size as u64) << COUNT_SHIFT), live, bytes);
         let resized = Info { size: new_size as u64, ..info };
         self.arena.info(block)?.store(resized.pack(), Ordering::Release);
         compiler_fence(Ordering::Release);

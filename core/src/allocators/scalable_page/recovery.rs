@@ -116,22 +116,19 @@ impl Shared {
     /// Sets a dead cache line's counters from its journal if the journaled operation changed
     /// its block's state (see [`cache`](super::cache)); before, they were not touched.
     fn settle_journal(&self, c: &ClassCache) {
-        let (block, op) = unpack_journal(c.journal.load(Ordering::Acquire));
+        let (block, op, new_size) = unpack_journal(c.journal.load(Ordering::Acquire));
         let Some(info) = self.arena.word_at(block).and_then(|w| Info::unpack(w.load(Ordering::Acquire))) else {
             return;
         };
         let done = match op {
             OP_ALLOC => info.state == State::Live,
             OP_FREE => info.state != State::Live,
-            OP_RESIZE => info.state == State::Live && info.size == c.j_allocations.load(Ordering::Relaxed),
+            OP_RESIZE => info.state == State::Live && info.size == new_size,
             _ => false,
         };
         if done {
             c.live.store(c.j_live.load(Ordering::Relaxed), Ordering::Relaxed);
             c.bytes.store(c.j_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
-            if op != OP_RESIZE {
-                c.allocations.store(c.j_allocations.load(Ordering::Relaxed), Ordering::Relaxed);
-            }
         }
     }
 

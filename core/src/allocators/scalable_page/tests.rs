@@ -69,7 +69,7 @@ fn a_dead_threads_cache_and_half_done_free_come_back() {
     let b = find_small(&s.arena, blocks[200]).unwrap();
     let live = c.live.load(Ordering::Relaxed);
     let bytes = c.bytes.load(Ordering::Relaxed);
-    c.journal(b.block, OP_FREE, live - 1, bytes - 48, c.allocations.load(Ordering::Relaxed));
+    c.journal(b.block, OP_FREE, live - 1, bytes - 48);
     s.arena.info(b.block).unwrap().store(freed_word(b.word, label), Ordering::Release);
     assert!(a.check().is_err(), "the block in hand is on no list");
     assert_eq!(a.reclaim().unwrap(), 1);
@@ -97,9 +97,9 @@ fn a_dead_allocation_half_done_and_a_dead_list_holder_are_recovered() {
     let (c, _) = s.cache(slot, class);
     let (first, count) = cache::unpack_head(c.head.load(Ordering::Relaxed));
     let word = s.arena.info(first).unwrap().load(Ordering::Relaxed);
-    let (live, bytes, allocs) =
-        (c.live.load(Ordering::Relaxed), c.bytes.load(Ordering::Relaxed), c.allocations.load(Ordering::Relaxed));
-    c.journal(first, OP_ALLOC, live + 1, bytes + 200, allocs + 1);
+    let (live, bytes) = (c.live.load(Ordering::Relaxed), c.bytes.load(Ordering::Relaxed));
+    c.allocations.store(c.allocations.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    c.journal(first, OP_ALLOC, live + 1, bytes + 200);
     let next = s.arena.load_link(first).unwrap().unwrap_or(0);
     c.head.store(next | ((count - 1) << 48), Ordering::Relaxed);
     s.arena.word(first + 8).unwrap().store(back_word(16, s.stamp), Ordering::Relaxed);

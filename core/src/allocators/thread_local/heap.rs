@@ -50,8 +50,9 @@ pub(super) struct ClassState {
     pub(super) live: u64,
     pub(super) live_bytes: u64,
     pub(super) allocations: u64,
-    /// The free list's length after the last sweep: the next one comes when it has doubled.
-    pub(super) swept: u64,
+    /// Sweep when the free list is longer than this: twice its length after the last sweep,
+    /// plus two spans' worth (set when the class gets its first span; 0 until then).
+    pub(super) sweep_at: u64,
     pub(super) _pad: u64,
 }
 
@@ -86,11 +87,15 @@ unsafe impl SlotBody for HeapBody {}
 /// A heap in its slot.
 pub(super) type Heap = Slot<HeapBody>;
 
-/// When a class's free list is long enough to sweep: doubled since the last sweep, and more
-/// than two spans' worth.
+/// The sweep threshold for a free list of `count` blocks after a sweep.
+pub(super) fn sweep_limit(count: u64, class: usize) -> u64 {
+    2 * count + 2 * LAYOUTS[class].blocks
+}
+
+/// When a class's free list is long enough to sweep (see [`ClassState::sweep_at`]).
 #[inline]
-fn sweep_due(cs: &ClassState, class: usize) -> bool {
-    cs.count > 2 * cs.swept + 2 * LAYOUTS[class].blocks
+fn sweep_due(cs: &ClassState) -> bool {
+    cs.count > cs.sweep_at
 }
 
 impl Shared {
@@ -216,6 +221,8 @@ impl Shared {
                 }
             }
             local.classes[class].bump_span = self.new_span(heap_off, class, size)?;
+            let cs = &mut local.classes[class];
+            cs.sweep_at = cs.sweep_at.max(sweep_limit(cs.count, class));
         }
         Err(corrupt(heap_off, "fresh span has no block"))
     }
@@ -277,7 +284,7 @@ impl Shared {
         cs.count += 1;
         cs.live = cs.live.wrapping_sub(1);
         cs.live_bytes = cs.live_bytes.wrapping_sub(b.size());
-        if sweep_due(cs, class) {
+        if sweep_due(cs) {
             return self.sweep(local, class, false);
         }
         Ok(())
@@ -344,7 +351,7 @@ impl Shared {
         }
         cs.free = kept.first().copied().unwrap_or(0);
         cs.count = kept.len() as u64;
-        cs.swept = cs.count;
+        cs.sweep_at = sweep_limit(cs.count, class);
         if released.binary_search(&cs.bump_span).is_ok() {
             cs.bump_span = 0;
         }
@@ -406,7 +413,7 @@ impl Shared {
                 return Err(corrupt(first, "remote list longer than its blocks can be (a cycle)"));
             }
         }
-        if sweep_due(&local.classes[class], class) {
+        if sweep_due(&local.classes[class]) {
             self.sweep(local, class, false)?;
         }
         Ok(())

@@ -18,7 +18,7 @@ use super::super::large::{self, TAG_LARGE, TAG_SPAN};
 use super::super::size_class::CLASS_COUNT;
 use super::super::slots::owner_dead;
 use super::super::span::{block_at, corrupt, freed_word, fresh_word, Info, State, LAYOUTS};
-use super::heap::{ClassState, Heap, HeapLocal};
+use super::heap::{sweep_limit, ClassState, Heap, HeapLocal};
 use super::Shared;
 
 impl Shared {
@@ -165,7 +165,7 @@ impl Shared {
         }
         cs.live += kept;
         cs.live_bytes += bytes;
-        cs.swept = cs.count;
+        cs.sweep_at = sweep_limit(cs.count, class);
         Ok(())
     }
 }
