@@ -151,7 +151,7 @@ impl Shared {
         c.journal(block, OP_ALLOC, live, bytes);
         c.head.store(rest, Ordering::Relaxed);
         compiler_fence(Ordering::Release);
-        let user = user_of(block, SMALL_HEADER, align as u64);
+        let user = if align <= 16 { block + SMALL_HEADER } else { user_of(block, SMALL_HEADER, align as u64) };
         // SAFETY: the whole block lies in the arena (checked by `peek_cached`), and the user
         // bytes with their padding (`class_for` counted it) lie in the block; for a padded
         // block `user - 16 >= block + 16`.

@@ -289,7 +289,8 @@ impl ScalablePageAllocator {
 }
 
 impl ScalablePageAllocator {
-    /// Every request the quick path does not take: checked in full, then small or large.
+    /// Every request the quick path does not take (checked in full, then small or large), or a
+    /// thread that has no slot cached yet.
     #[inline(never)]
     fn allocate_checked(&self, size: usize, align: usize) -> Result<OffsetPtr> {
         check_request(size, align)?;
@@ -303,7 +304,8 @@ impl ScalablePageAllocator {
 }
 
 impl ScalablePageAllocator {
-    /// Frees what the quick path did not recognise: padded and large blocks, or bad input.
+    /// Frees what the quick path did not take: padded and large blocks, bad input, or a thread
+    /// that has no slot cached yet.
     #[inline(never)]
     fn free_other(&self, ptr: OffsetPtr) -> Result<()> {
         let s = &self.shared;
@@ -347,8 +349,10 @@ impl RegionAllocator for ScalablePageAllocator {
     #[inline]
     fn allocate(&self, size: usize, align: usize) -> Result<OffsetPtr> {
         if let Some(class) = quick_class(size, align) {
-            let s = &self.shared;
-            return self.with_slot(move |slot| s.allocate_small(slot, class, size, align)).map(OffsetPtr::new);
+            let slot = fast_slot::get(self.instance);
+            if slot != 0 {
+                return self.shared.allocate_small(slot, class, size, align).map(OffsetPtr::new);
+            }
         }
         self.allocate_checked(size, align)
     }
@@ -384,14 +388,13 @@ impl RegionAllocator for ScalablePageAllocator {
 
     #[inline]
     fn free(&self, ptr: OffsetPtr) -> Result<()> {
-        let s = &self.shared;
-        match find_small(&s.arena, ptr.get()) {
-            Some(b) => {
-                let (block, word) = (b.block, b.word);
-                self.with_slot(move |slot| s.free_small(slot, block, word))
+        if let Some(b) = find_small(&self.shared.arena, ptr.get()) {
+            let slot = fast_slot::get(self.instance);
+            if slot != 0 {
+                return self.shared.free_small(slot, b.block, b.word);
             }
-            None => self.free_other(ptr),
         }
+        self.free_other(ptr)
     }
 
     fn size_of(&self, ptr: OffsetPtr) -> Result<usize> {
