@@ -132,8 +132,19 @@ impl Shared {
 
     // ---- allocation ----
 
-    /// Allocates a block of `class` from the heap at `heap_off`, which the calling thread owns.
+    /// Allocates a block of `class` from the heap's free list if it has one (the quick path:
+    /// it calls nothing, so it keeps no registers across calls).
     #[inline]
+    pub(super) fn allocate_quick(&self, heap_off: u64, class: usize, size: usize, align: usize) -> Option<u64> {
+        // SAFETY: `heap_off` came from this thread's TLS: a heap it owns, checked when taken.
+        let heap = unsafe { self.heaps.slot_unchecked(&self.mem, heap_off) };
+        // SAFETY: the calling thread owns the heap.
+        let local = unsafe { self.local(heap) };
+        let (block, word) = self.pop_free(&mut local.classes[class], class)?;
+        Some(self.hand_out(local, block, word, class, size, align))
+    }
+
+    /// Allocates a block of `class` from the heap at `heap_off`, which the calling thread owns.
     pub(super) fn allocate_small(&self, heap_off: u64, class: usize, size: usize, align: usize) -> Result<u64> {
         // SAFETY: `heap_off` came from this thread's TLS: a heap it owns, checked when taken.
         let heap = unsafe { self.heaps.slot_unchecked(&self.mem, heap_off) };
@@ -143,6 +154,12 @@ impl Shared {
             Some(taken) => taken,
             None => self.refill(heap_off, heap, class, size)?,
         };
+        Ok(self.hand_out(local, block, word, class, size, align))
+    }
+
+    /// Counts a block taken from the heap and makes it live; returns its user offset.
+    #[inline]
+    fn hand_out(&self, local: &mut HeapLocal, block: u64, word: u64, class: usize, size: usize, align: usize) -> u64 {
         let cs = &mut local.classes[class];
         cs.live = cs.live.wrapping_add(1);
         cs.live_bytes = cs.live_bytes.wrapping_add(size as u64);
@@ -152,11 +169,11 @@ impl Shared {
         // it) lie in the block.
         unsafe {
             if align > 16 {
-                return Ok(self.pad(block, word, size, align));
+                return self.pad(block, word, size, align);
             }
             self.arena.word_unchecked(block).store(live_word(word, size as u64), Ordering::Release);
         }
-        Ok(block + SMALL_HEADER)
+        block + SMALL_HEADER
     }
 
     /// Hands out a block with its user bytes aligned past 16: the back word just below them, and
@@ -261,14 +278,24 @@ impl Shared {
 
     /// Frees a live small block `find_small` found; `my_heap` is the calling thread's heap (0 if
     /// it has none).
-    #[inline]
     pub(super) fn free_small(&self, my_heap: u64, b: LiveSmall<'_>) -> Result<()> {
         let owner = b.header.owner.load(Ordering::Acquire);
         if owner != my_heap || my_heap == 0 {
             return self.free_remote(owner, b.block, b.info());
         }
-        // SAFETY: `my_heap` is this thread's heap (from its TLS), checked when taken.
-        let heap = unsafe { self.heaps.slot_unchecked(&self.mem, my_heap) };
+        match self.free_local(my_heap, b) {
+            None => Ok(()),
+            sweep => self.sweep_class(my_heap, sweep),
+        }
+    }
+
+    /// Frees a live small block of the calling thread's own heap `heap_off` onto the heap's
+    /// free list. Returns the class if its list is due for a sweep (the quick path calls
+    /// nothing).
+    #[inline]
+    pub(super) fn free_local(&self, heap_off: u64, b: LiveSmall<'_>) -> Option<usize> {
+        // SAFETY: `heap_off` is this thread's heap (from its TLS), checked when taken.
+        let heap = unsafe { self.heaps.slot_unchecked(&self.mem, heap_off) };
         // SAFETY: we own the heap.
         let local = unsafe { self.local(heap) };
         let class = b.class();
@@ -284,10 +311,16 @@ impl Shared {
         cs.count += 1;
         cs.live = cs.live.wrapping_sub(1);
         cs.live_bytes = cs.live_bytes.wrapping_sub(b.size());
-        if sweep_due(cs) {
-            return self.sweep(local, class, false);
-        }
-        Ok(())
+        sweep_due(cs).then_some(class)
+    }
+
+    /// Sweeps `class` of our heap (after a free made it due).
+    #[cold]
+    #[inline(never)]
+    pub(super) fn sweep_class(&self, heap_off: u64, class: Option<usize>) -> Result<()> {
+        let heap = self.heaps.slot(&self.mem, heap_off)?;
+        // SAFETY: we own the heap.
+        class.map_or(Ok(()), |c| self.sweep(unsafe { self.local(heap) }, c, false))
     }
 
     /// A free by a thread that does not own the block's heap: mark it remote and push it on the

@@ -292,7 +292,7 @@ impl<T: ThreadModel> ThreadLocalAllocator<T> {
 }
 
 impl<T: ThreadModel> ThreadLocalAllocator<T> {
-    /// Every request the quick path does not take: checked in full, then small or large.
+    /// Every request the quick path does not finish: checked in full, then small or large.
     #[inline(never)]
     fn allocate_checked(&self, size: usize, align: usize) -> Result<OffsetPtr> {
         check_request(size, align)?;
@@ -306,7 +306,8 @@ impl<T: ThreadModel> ThreadLocalAllocator<T> {
 }
 
 impl<T: ThreadModel> ThreadLocalAllocator<T> {
-    /// Frees what the quick path did not recognise: padded and large blocks, or bad input.
+    /// Frees what the quick path did not take: padded, large or other heaps' blocks, a thread
+    /// whose heap is not cached, or bad input.
     #[inline(never)]
     fn free_other(&self, ptr: OffsetPtr) -> Result<()> {
         let s = &self.shared;
@@ -344,9 +345,14 @@ impl<T: ThreadModel> RegionAllocator for ThreadLocalAllocator<T> {
 
     #[inline]
     fn allocate(&self, size: usize, align: usize) -> Result<OffsetPtr> {
+        // The quick path calls nothing: anything it cannot finish goes to the full path.
         if let Some(class) = quick_class(size, align) {
-            let heap = self.thread_heap()?;
-            return Ok(OffsetPtr::new(self.shared.allocate_small(heap, class, size, align)?));
+            let heap = fast_slot::get(self.instance);
+            if heap > NO_HEAP {
+                if let Some(user) = self.shared.allocate_quick(heap, class, size, align) {
+                    return Ok(OffsetPtr::new(user));
+                }
+            }
         }
         self.allocate_checked(size, align)
     }
@@ -383,11 +389,20 @@ impl<T: ThreadModel> RegionAllocator for ThreadLocalAllocator<T> {
 
     #[inline]
     fn free(&self, ptr: OffsetPtr) -> Result<()> {
+        // The quick path: a small block of the calling thread's own heap; anything else goes to
+        // the full path.
         let s = &self.shared;
-        match find_small(&s.arena, ptr.get()) {
-            Some(b) => s.free_small(self.existing_heap(), b),
-            None => self.free_other(ptr),
+        if let Some(b) = find_small(&s.arena, ptr.get()) {
+            let heap = fast_slot::get(self.instance);
+            if heap > NO_HEAP && b.header.owner.load(Ordering::Acquire) == heap {
+                let class = s.free_local(heap, b);
+                if class.is_none() {
+                    return Ok(());
+                }
+                return s.sweep_class(heap, class);
+            }
         }
+        self.free_other(ptr)
     }
 
     fn size_of(&self, ptr: OffsetPtr) -> Result<usize> {
