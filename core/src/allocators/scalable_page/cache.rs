@@ -137,14 +137,29 @@ impl Shared {
         Some((block, word, pack_head(next, count.wrapping_sub(1))))
     }
 
-    /// Allocates a block of `class` through the cache in `slot`.
+    /// Allocates a block of `class` from the cache in `slot` if it holds one (the quick path:
+    /// it calls nothing, so it keeps no registers across calls).
     #[inline]
+    pub(super) fn allocate_quick(&self, slot: u64, class: usize, size: usize, align: usize) -> Option<u64> {
+        let (c, label) = self.cache(slot, class);
+        let (block, word, rest) = self.peek_cached(c, class, label)?;
+        Some(self.hand_out(c, block, word, rest, size, align))
+    }
+
+    /// Allocates a block of `class` through the cache in `slot`.
     pub(super) fn allocate_small(&self, slot: u64, class: usize, size: usize, align: usize) -> Result<u64> {
         let (c, label) = self.cache(slot, class);
         let (block, word, rest) = match self.peek_cached(c, class, label) {
             Some(taken) => taken,
             None => self.refill(slot, class, label)?,
         };
+        Ok(self.hand_out(c, block, word, rest, size, align))
+    }
+
+    /// Takes the first cached block (`rest` is the head word without it) and makes it live;
+    /// returns its user offset.
+    #[inline]
+    fn hand_out(&self, c: &ClassCache, block: u64, word: u64, rest: u64, size: usize, align: usize) -> u64 {
         let live = c.live.load(Ordering::Relaxed).wrapping_add(1);
         let bytes = c.bytes.load(Ordering::Relaxed).wrapping_add(size as u64);
         c.allocations.store(c.allocations.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
@@ -165,47 +180,68 @@ impl Shared {
             self.arena.word_unchecked(block).store(live_word(word, size as u64), Ordering::Release);
         }
         c.settle(live, bytes);
-        Ok(user)
+        user
     }
 
-    /// Frees a live small block (found by `find_live`, with info word `word`) into the cache
+    /// Frees a live small block (found by `find_small`, with info word `word`) into the cache
     /// in `slot`.
-    #[inline]
     pub(super) fn free_small(&self, slot: u64, block: u64, word: u64) -> Result<()> {
-        self.free_into(slot, block, word, false)
+        match self.free_quick(slot, block, word) {
+            None => Ok(()),
+            over => self.flush_class(slot, over),
+        }
     }
 
     /// Frees a live small block someone else may be freeing at the same time (a dead process's,
     /// found by a scan): the block is claimed with a CAS, and nothing happens if that fails.
     pub(super) fn free_claimed(&self, slot: u64, block: u64, info: Info) -> Result<()> {
-        self.free_into(slot, block, info.pack(), true)
+        let class = info.class;
+        let (c, label) = self.cache(slot, class);
+        let (first, count) = unpack_head(c.head.load(Ordering::Relaxed));
+        let live = c.live.load(Ordering::Relaxed).wrapping_sub(1);
+        let bytes = c.bytes.load(Ordering::Relaxed).wrapping_sub(info.size);
+        c.journal(block, OP_FREE, live, bytes);
+        let freed = freed_word(info.pack(), label);
+        if self.arena.info(block)?.compare_exchange(info.pack(), freed, Ordering::AcqRel, Ordering::Relaxed).is_err() {
+            c.journal.store(0, Ordering::Relaxed);
+            return Err(invalid(block, "already freed"));
+        }
+        self.arena.store_link(block, (first != 0).then_some(first));
+        compiler_fence(Ordering::Release);
+        c.head.store(pack_head(block, count + 1), Ordering::Relaxed);
+        c.settle(live, bytes);
+        self.flush_class(slot, (count + 1 > self.limits[class] as u64).then_some(class))
     }
 
-    #[inline(always)]
-    fn free_into(&self, slot: u64, block: u64, live_word: u64, claim: bool) -> Result<()> {
+    /// Frees a live small block into the cache in `slot` (the quick path: it calls nothing).
+    /// Returns the class if the cache is now over its limit.
+    #[inline]
+    pub(super) fn free_quick(&self, slot: u64, block: u64, live_word: u64) -> Option<usize> {
         let class = word_class(live_word);
         let (c, label) = self.cache(slot, class);
         let (first, count) = unpack_head(c.head.load(Ordering::Relaxed));
         let live = c.live.load(Ordering::Relaxed).wrapping_sub(1);
         let bytes = c.bytes.load(Ordering::Relaxed).wrapping_sub(live_word & FIELD_MASK);
         c.journal(block, OP_FREE, live, bytes);
-        // SAFETY: `find_live` checked the block's whole span lies in the arena.
-        let (word, link) = unsafe { (self.arena.word_unchecked(block), self.arena.word_unchecked(block + 8)) };
-        let freed = freed_word(live_word, label);
-        if !claim {
-            word.store(freed, Ordering::Release);
-        } else if word.compare_exchange(live_word, freed, Ordering::AcqRel, Ordering::Relaxed).is_err() {
-            c.journal.store(0, Ordering::Relaxed);
-            return Err(invalid(block, "already freed"));
+        // SAFETY: `find_small` checked the block lies in the arena.
+        unsafe {
+            self.arena.word_unchecked(block).store(freed_word(live_word, label), Ordering::Release);
+            self.arena.word_unchecked(block + 8).store(tagged_list::encode((first != 0).then_some(first)), Ordering::Relaxed);
         }
-        link.store(tagged_list::encode((first != 0).then_some(first)), Ordering::Relaxed);
         compiler_fence(Ordering::Release);
         c.head.store(pack_head(block, count + 1), Ordering::Relaxed);
         c.settle(live, bytes);
-        if count + 1 > self.limits[class] as u64 {
-            return self.flush(c, class);
+        (count + 1 > self.limits[class] as u64).then_some(class)
+    }
+
+    /// Flushes the cache of `class` in `slot`, over its limit after a free.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn flush_class(&self, slot: u64, class: Option<usize>) -> Result<()> {
+        match class {
+            Some(class) => self.flush(self.cache(slot, class).0, class),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Gives a live small block a new requested size (it stays where it is).

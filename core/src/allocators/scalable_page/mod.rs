@@ -351,7 +351,9 @@ impl RegionAllocator for ScalablePageAllocator {
         if let Some(class) = quick_class(size, align) {
             let slot = fast_slot::get(self.instance);
             if slot != 0 {
-                return self.shared.allocate_small(slot, class, size, align).map(OffsetPtr::new);
+                if let Some(user) = self.shared.allocate_quick(slot, class, size, align) {
+                    return Ok(OffsetPtr::new(user));
+                }
             }
         }
         self.allocate_checked(size, align)
@@ -391,7 +393,11 @@ impl RegionAllocator for ScalablePageAllocator {
         if let Some(b) = find_small(&self.shared.arena, ptr.get()) {
             let slot = fast_slot::get(self.instance);
             if slot != 0 {
-                return self.shared.free_small(slot, b.block, b.word);
+                let over = self.shared.free_quick(slot, b.block, b.word);
+                if over.is_none() {
+                    return Ok(());
+                }
+                return self.shared.flush_class(slot, over);
             }
         }
         self.free_other(ptr)
