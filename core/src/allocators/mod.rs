@@ -2,13 +2,16 @@
 //!
 //! - [`StackAllocator`]: bump allocation; frees in LIFO order reclaim space at once, other frees
 //!   are reclaimed when everything above them is freed; `reset` frees all.
-//! - [`ScalablePageAllocator`]: size-classed lock-free free lists shared by every process.
+//! - [`ScalablePageAllocator`]: size-classed free lists shared by every process, behind
+//!   per-thread caches in the region; caches of dead processes are recovered.
 //! - [`ThreadLocalAllocator`]: per-thread heaps inside the region; remote frees go back to their
 //!   owner; heaps of exited threads and dead processes are reclaimed.
 //!
 //! The two span allocators share their parts: [`size_class`] (four classes per doubling),
 //! `free_space` (the coalescing best-fit manager of 4 KiB units), `span` (block and span
-//! formats), `large` (blocks above the classes) and `common` (header, statistics, policies).
+//! formats), `large` (blocks above the classes), `slots` (per-thread records in the region),
+//! `fast_slot` (the per-thread cache of which slot a thread holds) and `common` (header,
+//! statistics, policies).
 
 mod stack;
 

@@ -226,7 +226,9 @@ impl Shared {
         // SAFETY: `find_small` checked the block lies in the arena.
         unsafe {
             self.arena.word_unchecked(block).store(freed_word(live_word, label), Ordering::Release);
-            self.arena.word_unchecked(block + 8).store(tagged_list::encode((first != 0).then_some(first)), Ordering::Relaxed);
+            self.arena
+                .word_unchecked(block + 8)
+                .store(tagged_list::encode((first != 0).then_some(first)), Ordering::Relaxed);
         }
         compiler_fence(Ordering::Release);
         c.head.store(pack_head(block, count + 1), Ordering::Relaxed);

@@ -5,27 +5,27 @@
 //!               heap chunk 0: 16 heaps (thread slots); more chunks come from the arena as threads do
 //! table, arena  the free-space manager: spans (each owned by one heap) and large blocks
 //! heap          owner (process id and start time)
-//!               per class: current span, live count and bytes, allocations   (owner only)
-//!               per class: spans with free blocks, full spans                 (owner only)
-//!               per class: the remote chain being collected                   (owner, for repair)
-//!               per class: remote-free list                                   (any thread)
+//!               per class, one cache line: free list, span to bump from, counters  (owner only)
+//!               per class: the remote chain being collected                  (owner, for repair)
+//!               per class: remote-free list                                  (any thread)
 //! ```
 //!
 //! A thread finds its heap through the [`ThreadModel`]'s TLS, cached (with `std`) in a
 //! thread-local slot keyed by the allocator instance, so the fast path finds it with one load.
-//! It allocates from its current span's local free list or bumps into the span's unused blocks;
-//! a free by the owner pushes on the span's local list. The fast path touches only the heap's
-//! class line, the span's owner line and the block, and builds no error value.
+//! It allocates from its heap's free list for the class (blocks of any of its spans, last freed
+//! first) or bumps into its newest span; a free by the owner pushes on that list. The fast paths
+//! touch the heap's class line, the block and (on a free) its span's header, read only; they
+//! call nothing and build no error value: anything else goes to the full path.
 //!
 //! A free by any other thread or process marks the block remote and pushes it on its owner
 //! heap's remote list for the class (one CAS); the owner collects that list in bulk when its
-//! span runs dry, recording the chain it took in the heap first ([`heap`]), so an owner killed
-//! halfway through leaves every block findable. Spans that become empty go back to the
-//! free-space manager (except the current one, so an alloc/free loop does not thrash), and so
-//! does all free space of a heap when its thread exits. A heap whose thread has exited is
-//! released for the next thread; a heap whose process died (its owner word names a process that
-//! no longer runs, by id and start time, see [`liveness`](crate::liveness)) is repaired from its
-//! blocks' headers and released ([`recovery`]), on attach, when space runs short, or on
+//! free list runs dry, recording the chain it took in the heap first ([`heap`]), so an owner
+//! killed halfway through leaves every block findable. When a free list has doubled since the
+//! last sweep, spans whose blocks are all free go back to the free-space manager; on a trim and
+//! when the thread exits, all of them do. A heap whose thread has exited is released for the
+//! next thread; a heap whose process died (its owner word names a process that no longer runs,
+//! by id and start time, see [`liveness`](crate::liveness)) is repaired from its blocks' headers
+//! and released ([`recovery`]), on attach, when space runs short, or on
 //! [`ThreadLocalAllocator::reclaim`].
 
 mod audit;
