@@ -5,7 +5,10 @@ use crate::error::{Error, Result};
 use crate::ptr::AllocatorId;
 use crate::region::Region;
 
-use super::free_space::FreeSpaceLayout;
+use crate::allocator::AllocStats;
+
+use super::free_space::{FreeSpace, FreeSpaceLayout, UNIT};
+use super::large;
 use super::size_class::CLASS_COUNT;
 use super::span::LAYOUTS;
 
@@ -59,6 +62,81 @@ impl CommonHeader {
         };
         layout.validate(region, header_end)?;
         Ok(layout)
+    }
+}
+
+/// Writes a fresh span allocator header: the `header_len` bytes at the region's start zeroed,
+/// then a [`CommonHeader`] at their start; returns the free-space layout after the header.
+///
+/// # Safety
+/// The allocator's header type starts with a `CommonHeader` (`#[repr(C)]`), is `header_len`
+/// bytes, is valid as zeroes, and no one else sees the region yet.
+pub(crate) unsafe fn write_header(
+    region: &Region,
+    header_len: u64,
+    type_id: u32,
+    id: AllocatorId,
+    flags: u64,
+) -> Result<FreeSpaceLayout> {
+    let layout = FreeSpaceLayout::plan(region.offset() + header_len, region.end())?;
+    let ptr = region.ptr(region.offset(), header_len)?;
+    if ptr.align_offset(64) != 0 {
+        return Err(Error::InvalidAlignment { align: 64 });
+    }
+    // SAFETY: in bounds (checked), not visible to anyone (the caller's promise; the directory
+    // entry is published after `create` returns), and valid as zeroes.
+    unsafe {
+        core::ptr::write_bytes(ptr, 0, header_len as usize);
+        ptr.cast::<CommonHeader>().write(CommonHeader::new(type_id, id, flags, &layout));
+    }
+    Ok(layout)
+}
+
+/// Reads back the header [`write_header`] wrote, checking it (see [`CommonHeader::validate`]).
+pub(crate) fn read_header(region: &Region, header_len: u64, type_id: u32, id: AllocatorId) -> Result<FreeSpaceLayout> {
+    let ptr = region.ptr(region.offset(), header_len)?.cast::<CommonHeader>();
+    // SAFETY: in bounds; plain integers, validated before use.
+    let common = unsafe { &*ptr };
+    common.validate(type_id, id, region, region.offset() + header_len)
+}
+
+/// Per class: live blocks and allocations, summed over every thread's record; and live bytes.
+pub(crate) struct ClassCounts {
+    pub(crate) live: [u64; CLASS_COUNT],
+    pub(crate) allocations: [u64; CLASS_COUNT],
+    pub(crate) bytes: u64,
+}
+
+impl ClassCounts {
+    /// All zero.
+    pub(crate) const fn new() -> Self {
+        ClassCounts { live: [0; CLASS_COUNT], allocations: [0; CLASS_COUNT], bytes: 0 }
+    }
+
+    /// Adds one record's figures for `class`.
+    pub(crate) fn add(&mut self, class: usize, live: u64, allocations: u64, bytes: u64) {
+        self.live[class] = self.live[class].wrapping_add(live);
+        self.allocations[class] = self.allocations[class].wrapping_add(allocations);
+        self.bytes = self.bytes.wrapping_add(bytes);
+    }
+
+    /// A span allocator's statistics: these small-block figures and the free-space manager's
+    /// (large blocks, metadata runs, high watermark).
+    pub(crate) fn stats(&self, fs: &FreeSpace) -> AllocStats {
+        let g = fs.lock();
+        let live_count = self.live.iter().fold(g.st.large.live, |a, n| a.wrapping_add(*n));
+        let total = self.allocations.iter().fold(g.st.large.allocations, |a, n| a.wrapping_add(*n));
+        AllocStats {
+            capacity: fs.layout().bytes(),
+            bytes_in_use: self.bytes.wrapping_add(g.st.large.live_bytes),
+            bytes_reserved: small_reserved(&self.live)
+                .wrapping_add(g.st.large.live_units * UNIT)
+                .wrapping_add(large::meta_bytes(&g)),
+            high_watermark: g.peak_used_units() * UNIT,
+            live_allocations: live_count,
+            total_allocations: total,
+            total_frees: total.wrapping_sub(live_count),
+        }
     }
 }
 

@@ -7,8 +7,7 @@ use crate::error::Result;
 use crate::sync::atomic::Ordering;
 use crate::sync::LinkStore;
 
-use super::super::common::small_reserved;
-use super::super::free_space::UNIT;
+use super::super::common::ClassCounts;
 use super::super::large::{self, TAG_LARGE, TAG_META, TAG_SPAN};
 use super::super::size_class::CLASS_COUNT;
 use super::super::span::{block_at, corrupt, span_of, Info, State, LAYOUTS};
@@ -17,37 +16,20 @@ use super::Shared;
 
 impl Shared {
     /// Per class: live blocks and allocations, summed over every thread cache; and live bytes.
-    pub(super) fn class_counts(&self) -> Result<([u64; CLASS_COUNT], [u64; CLASS_COUNT], u64)> {
-        let mut live = [0u64; CLASS_COUNT];
-        let mut allocs = [0u64; CLASS_COUNT];
-        let mut bytes = 0u64;
+    pub(super) fn class_counts(&self) -> Result<ClassCounts> {
+        let mut counts = ClassCounts::new();
         for offset in self.slots.offsets(&self.mem)? {
             let s = self.slots.slot(&self.mem, offset)?;
             for (c, cache) in s.body.classes.iter().enumerate() {
-                live[c] = live[c].wrapping_add(cache.live.load(Ordering::Relaxed));
-                allocs[c] = allocs[c].wrapping_add(cache.allocations.load(Ordering::Relaxed));
-                bytes = bytes.wrapping_add(cache.bytes.load(Ordering::Relaxed));
+                let load = |w: &crate::sync::atomic::AtomicU64| w.load(Ordering::Relaxed);
+                counts.add(c, load(&cache.live), load(&cache.allocations), load(&cache.bytes));
             }
         }
-        Ok((live, allocs, bytes))
+        Ok(counts)
     }
 
     pub(super) fn stats(&self) -> AllocStats {
-        let (live, allocs, bytes) = self.class_counts().unwrap_or(([0; CLASS_COUNT], [0; CLASS_COUNT], 0));
-        let g = self.fs.lock();
-        let live_count = live.iter().fold(g.st.large.live, |a, n| a.wrapping_add(*n));
-        let total = allocs.iter().fold(g.st.large.allocations, |a, n| a.wrapping_add(*n));
-        AllocStats {
-            capacity: self.fs.layout().bytes(),
-            bytes_in_use: bytes.wrapping_add(g.st.large.live_bytes),
-            bytes_reserved: small_reserved(&live)
-                .wrapping_add(g.st.large.live_units * UNIT)
-                .wrapping_add(large::meta_bytes(&g)),
-            high_watermark: g.peak_used_units() * UNIT,
-            live_allocations: live_count,
-            total_allocations: total,
-            total_frees: total.wrapping_sub(live_count),
-        }
+        self.class_counts().unwrap_or(ClassCounts::new()).stats(&self.fs)
     }
 
     /// The runs, every span's blocks, the shared lists and every cache: each free block is on
@@ -142,8 +124,8 @@ impl Shared {
             return Err(corrupt(0, "large-block counters disagree with the runs"));
         }
         drop(g);
-        let (counted, _, counted_bytes) = self.class_counts()?;
-        if counted != live || counted_bytes != bytes {
+        let counted = self.class_counts()?;
+        if counted.live != live || counted.bytes != bytes {
             return Err(corrupt(0, "live counters disagree with the blocks"));
         }
         Ok(())

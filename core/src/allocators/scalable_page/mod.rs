@@ -48,7 +48,9 @@ use crate::ptr::{AllocatorId, OffsetPtr};
 use crate::region::Region;
 use crate::sync::{owner_token, Mutex, SpinLock};
 
-use super::common::{class_stats, ClassStats, CommonHeader, DeadProcessBlocks, FLAG_FREE_DEAD};
+use super::common::{
+    class_stats, read_header, write_header, ClassCounts, ClassStats, CommonHeader, DeadProcessBlocks, FLAG_FREE_DEAD,
+};
 use super::fast_slot;
 use super::free_space::{FreeSpace, FreeSpaceLayout, FreeSpaceState, UNIT};
 use super::large;
@@ -283,8 +285,8 @@ impl ScalablePageAllocator {
 
     /// Per size class: block size, live blocks, allocations since creation.
     pub fn class_stats(&self) -> Vec<ClassStats> {
-        let (live, allocs, _) = self.shared.class_counts().unwrap_or(([0; CLASS_COUNT], [0; CLASS_COUNT], 0));
-        class_stats(&live, &allocs)
+        let counts = self.shared.class_counts().unwrap_or(ClassCounts::new());
+        class_stats(&counts.live, &counts.allocations)
     }
 }
 
@@ -435,23 +437,10 @@ impl AllocatorType for ScalablePageAllocator {
 
     fn create(region: Region, id: AllocatorId, config: &ScalablePageConfig) -> Result<Self> {
         let header_len = core::mem::size_of::<SpaHeader>() as u64;
-        let header_end = region.offset() + header_len;
-        let layout = FreeSpaceLayout::plan(header_end, region.end())?;
-        let ptr = region.ptr(region.offset(), header_len)?;
-        if ptr.align_offset(64) != 0 {
-            return Err(Error::InvalidAlignment { align: 64 });
-        }
-        // SAFETY: in bounds (checked), and not yet visible to anyone (the directory entry is
-        // published after `create` returns). All-zero bytes are empty lists and free locks.
-        unsafe {
-            core::ptr::write_bytes(ptr, 0, header_len as usize);
-            core::ptr::addr_of_mut!((*ptr.cast::<SpaHeader>()).common).write(CommonHeader::new(
-                TYPE_ID,
-                id,
-                config.dead_process_blocks.flags(),
-                &layout,
-            ));
-        }
+        let flags = config.dead_process_blocks.flags();
+        // SAFETY: the header starts with its CommonHeader, is valid as zeroes (empty lists,
+        // free locks), and no one sees the region before `create` returns.
+        let layout = unsafe { write_header(&region, header_len, TYPE_ID, id, flags) }?;
         let a = ScalablePageAllocator::open(region, id, layout)?;
         let chunk = a.shared.region.offset() + core::mem::offset_of!(SpaHeader, chunk) as u64;
         // SAFETY: the header's chunk, not yet visible to anyone.
@@ -462,11 +451,7 @@ impl AllocatorType for ScalablePageAllocator {
     }
 
     fn attach(region: Region, id: AllocatorId) -> Result<Self> {
-        let header_len = core::mem::size_of::<SpaHeader>() as u64;
-        let ptr = region.ptr(region.offset(), header_len)?.cast::<SpaHeader>();
-        // SAFETY: in bounds; we read plain integers of the common header and validate them.
-        let common = unsafe { &(*ptr).common };
-        let layout = common.validate(TYPE_ID, id, &region, region.offset() + header_len)?;
+        let layout = read_header(&region, core::mem::size_of::<SpaHeader>() as u64, TYPE_ID, id)?;
         let a = ScalablePageAllocator::open(region, id, layout)?;
         a.reclaim()?;
         Ok(a)

@@ -7,8 +7,7 @@ use crate::error::Result;
 use crate::sync::atomic::Ordering;
 use crate::sync::tagged_list;
 
-use super::super::common::small_reserved;
-use super::super::free_space::UNIT;
+use super::super::common::ClassCounts;
 use super::super::large::{self, TAG_LARGE, TAG_META, TAG_SPAN};
 use super::super::size_class::CLASS_COUNT;
 use super::super::span::{block_at, corrupt, span_of_word, Info, SpanHeader, State, LAYOUTS};
@@ -16,38 +15,20 @@ use super::Shared;
 
 impl Shared {
     /// Per class: live blocks and allocations, summed over every heap; and live bytes.
-    pub(super) fn class_counts(&self) -> Result<([u64; CLASS_COUNT], [u64; CLASS_COUNT], u64)> {
-        let mut live = [0u64; CLASS_COUNT];
-        let mut allocs = [0u64; CLASS_COUNT];
-        let mut bytes = 0u64;
+    pub(super) fn class_counts(&self) -> Result<ClassCounts> {
+        let mut counts = ClassCounts::new();
         for offset in self.heaps.offsets(&self.mem)? {
             // Counters of heaps other threads own are read racily: figures, not invariants.
             let local = self.local_snapshot(self.heaps.slot(&self.mem, offset)?);
-            for c in 0..CLASS_COUNT {
-                live[c] = live[c].wrapping_add(local.classes[c].live);
-                allocs[c] = allocs[c].wrapping_add(local.classes[c].allocations);
-                bytes = bytes.wrapping_add(local.classes[c].live_bytes);
+            for (c, cs) in local.classes.iter().enumerate() {
+                counts.add(c, cs.live, cs.allocations, cs.live_bytes);
             }
         }
-        Ok((live, allocs, bytes))
+        Ok(counts)
     }
 
     pub(super) fn stats(&self) -> AllocStats {
-        let (live, allocs, bytes) = self.class_counts().unwrap_or(([0; CLASS_COUNT], [0; CLASS_COUNT], 0));
-        let g = self.fs.lock();
-        let live_count = live.iter().fold(g.st.large.live, |a, n| a.wrapping_add(*n));
-        let total = allocs.iter().fold(g.st.large.allocations, |a, n| a.wrapping_add(*n));
-        AllocStats {
-            capacity: self.fs.layout().bytes(),
-            bytes_in_use: bytes.wrapping_add(g.st.large.live_bytes),
-            bytes_reserved: small_reserved(&live)
-                .wrapping_add(g.st.large.live_units * UNIT)
-                .wrapping_add(large::meta_bytes(&g)),
-            high_watermark: g.peak_used_units() * UNIT,
-            live_allocations: live_count,
-            total_allocations: total,
-            total_frees: total.wrapping_sub(live_count),
-        }
+        self.class_counts().unwrap_or(ClassCounts::new()).stats(&self.fs)
     }
 
     /// Every heap's remote lists and free lists, every span's blocks, every run, and the

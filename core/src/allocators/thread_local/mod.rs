@@ -49,11 +49,12 @@ use crate::sync::atomic::Ordering;
 use crate::sync::{owner_token, Mutex};
 use crate::thread::ThreadModel;
 
-use super::common::{class_stats, ClassStats, CommonHeader, DeadProcessBlocks, FLAG_FREE_DEAD};
+use super::common::{
+    class_stats, read_header, write_header, ClassCounts, ClassStats, CommonHeader, DeadProcessBlocks, FLAG_FREE_DEAD,
+};
 use super::fast_slot;
 use super::free_space::{FreeSpace, FreeSpaceLayout, FreeSpaceState, UNIT};
 use super::large;
-use super::size_class::CLASS_COUNT;
 use super::slots::{Chunk, SlotTable};
 use super::span::{
     class_for, corrupt, explain_free, find_live, find_small, invalid, live_block, quick_class, Found, Mem, LAYOUTS,
@@ -276,8 +277,8 @@ impl<T: ThreadModel> ThreadLocalAllocator<T> {
 
     /// Per size class: block size, live blocks, allocations since creation.
     pub fn class_stats(&self) -> Vec<ClassStats> {
-        let (live, allocs, _) = self.shared.class_counts().unwrap_or(([0; CLASS_COUNT], [0; CLASS_COUNT], 0));
-        class_stats(&live, &allocs)
+        let counts = self.shared.class_counts().unwrap_or(ClassCounts::new());
+        class_stats(&counts.live, &counts.allocations)
     }
 
     /// How many heaps threads hold right now (in every process).
@@ -437,22 +438,10 @@ impl<T: ThreadModel> AllocatorType for ThreadLocalAllocator<T> {
 
     fn create(region: Region, id: AllocatorId, config: &ThreadLocalConfig) -> Result<Self> {
         let header_len = core::mem::size_of::<TlaHeader>() as u64;
-        let header_end = region.offset() + header_len;
-        let layout = FreeSpaceLayout::plan(header_end, region.end())?;
-        let ptr = region.ptr(region.offset(), header_len)?;
-        if ptr.align_offset(64) != 0 {
-            return Err(Error::InvalidAlignment { align: 64 });
-        }
-        // SAFETY: in bounds and not yet visible to anyone.
-        unsafe {
-            core::ptr::write_bytes(ptr, 0, header_len as usize);
-            core::ptr::addr_of_mut!((*ptr.cast::<TlaHeader>()).common).write(CommonHeader::new(
-                TYPE_ID,
-                id,
-                config.dead_process_blocks.flags(),
-                &layout,
-            ));
-        }
+        let flags = config.dead_process_blocks.flags();
+        // SAFETY: the header starts with its CommonHeader, is valid as zeroes (empty lists,
+        // free locks), and no one sees the region before `create` returns.
+        let layout = unsafe { write_header(&region, header_len, TYPE_ID, id, flags) }?;
         let a = ThreadLocalAllocator::open(region, id, layout)?;
         let chunk = a.shared.region.offset() + core::mem::offset_of!(TlaHeader, chunk) as u64;
         // SAFETY: the header's chunk, not yet visible to anyone.
@@ -463,11 +452,7 @@ impl<T: ThreadModel> AllocatorType for ThreadLocalAllocator<T> {
     }
 
     fn attach(region: Region, id: AllocatorId) -> Result<Self> {
-        let header_len = core::mem::size_of::<TlaHeader>() as u64;
-        let ptr = region.ptr(region.offset(), header_len)?.cast::<TlaHeader>();
-        // SAFETY: in bounds; plain integers, validated before use.
-        let common = unsafe { &(*ptr).common };
-        let layout = common.validate(TYPE_ID, id, &region, region.offset() + header_len)?;
+        let layout = read_header(&region, core::mem::size_of::<TlaHeader>() as u64, TYPE_ID, id)?;
         let a = ThreadLocalAllocator::open(region, id, layout)?;
         a.shared.reclaim_dead()?;
         a.shared.drain_unowned()?;
