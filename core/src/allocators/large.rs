@@ -89,6 +89,15 @@ pub(crate) fn free(fs: &FreeSpace, mem: &Mem, block: u64) -> Result<()> {
     Ok(())
 }
 
+/// The requested size of the live block (small or large) whose user bytes are at `ptr`.
+pub(crate) fn size_of_user(fs: &FreeSpace, mem: &Mem, ptr: crate::ptr::OffsetPtr) -> Result<usize> {
+    let user = ptr.offset().ok_or(invalid(ptr.get(), "null pointer"))?;
+    match super::span::live_block(mem, user)? {
+        super::span::Found::Large { block } => size_of(fs, mem, block).map(|v| v as usize),
+        super::span::Found::Small(b) => Ok(b.size() as usize),
+    }
+}
+
 /// The requested size of the large block at `block`.
 pub(crate) fn size_of(fs: &FreeSpace, mem: &Mem, block: u64) -> Result<u64> {
     let g = fs.lock();

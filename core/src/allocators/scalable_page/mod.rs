@@ -406,12 +406,7 @@ impl RegionAllocator for ScalablePageAllocator {
     }
 
     fn size_of(&self, ptr: OffsetPtr) -> Result<usize> {
-        let s = &self.shared;
-        let user = ptr.offset().ok_or(invalid(ptr.get(), "null pointer"))?;
-        match live_block(&s.arena, user)? {
-            Found::Large { block } => large::size_of(&s.fs, &s.arena, block).map(|v| v as usize),
-            Found::Small(b) => Ok(b.size() as usize),
-        }
+        large::size_of_user(&self.shared.fs, &self.shared.arena, ptr)
     }
 
     /// `bytes_reserved` counts live blocks with their headers and class rounding, large blocks'

@@ -407,12 +407,7 @@ impl<T: ThreadModel> RegionAllocator for ThreadLocalAllocator<T> {
     }
 
     fn size_of(&self, ptr: OffsetPtr) -> Result<usize> {
-        let s = &self.shared;
-        let user = ptr.offset().ok_or(invalid(ptr.get(), "null pointer"))?;
-        match live_block(&s.arena, user)? {
-            Found::Large { block } => large::size_of(&s.fs, &s.arena, block).map(|v| v as usize),
-            Found::Small(b) => Ok(b.size() as usize),
-        }
+        large::size_of_user(&self.shared.fs, &self.shared.arena, ptr)
     }
 
     /// Sums every heap's counters (read without stopping their threads). `bytes_in_use` counts
