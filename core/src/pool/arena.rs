@@ -4,8 +4,8 @@
 //! An arena holds *chunks* (contiguous ranges handed to it, e.g. upstream blocks) and carves
 //! them into *blocks*: best fit through a [`FreeIndex`], split on allocation, merged with free
 //! neighbours on free. Each block is a record in a table outside the memory it describes, linked
-//! to its address-order neighbours in the same chunk; used blocks are found by address through a
-//! hash map. The arena never reads or writes the memory it manages, so it serves device memory
+//! to its address-order neighbours in the same chunk, so a merge finds its neighbours without a
+//! lookup; used blocks are found by address through an [`AddrTable`]. The arena never reads or writes the memory it manages, so it serves device memory
 //! as well as host memory.
 
 use alloc::vec::Vec;
@@ -14,6 +14,7 @@ use core::ptr::NonNull;
 
 use hashbrown::HashMap;
 
+use super::addr_table::AddrTable;
 use super::free_index::FreeIndex;
 use super::{BlockInfo, LiveAllocation};
 use crate::error::{Error, Result};
@@ -47,7 +48,7 @@ impl Hasher for AddrHasher {
     }
 }
 
-/// A map keyed by address.
+/// A map keyed by address (for the trace recorder; the arena uses an [`AddrTable`]).
 pub(crate) type AddrMap<V> = HashMap<usize, V, BuildHasherDefault<AddrHasher>>;
 
 /// Rounds `value` up to a multiple of `align` (a power of two), or `None` on overflow.
@@ -77,6 +78,15 @@ struct Chunk {
     align: usize,
     /// The block at the chunk's start; it is never merged into another, so it stays put.
     first: u32,
+}
+
+/// What [`BlockArena::free`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Freed {
+    /// The size the allocation was asked with.
+    pub requested: usize,
+    /// Whether the free left its chunk wholly free.
+    pub releasable: bool,
 }
 
 /// A chunk that [`BlockArena::take_free_chunks`] removed.
@@ -112,7 +122,7 @@ pub(crate) struct BlockArena {
     chunks: Vec<Option<Chunk>>,
     spare_chunks: Vec<u32>,
     free: FreeIndex,
-    used: AddrMap<u32>,
+    used: AddrTable,
     granule: usize,
     counters: ArenaCounters,
 }
@@ -128,7 +138,7 @@ impl BlockArena {
             chunks: Vec::new(),
             spare_chunks: Vec::new(),
             free: FreeIndex::new(),
-            used: AddrMap::default(),
+            used: AddrTable::new(),
             granule,
             counters: ArenaCounters::default(),
         }
@@ -220,10 +230,10 @@ impl BlockArena {
     }
 
     /// Frees the used block at `addr`, merging it with free neighbours. Returns the size it was
-    /// allocated with.
+    /// allocated with, and whether its chunk is now wholly free.
     #[inline]
-    pub(crate) fn free(&mut self, addr: usize) -> Result<usize> {
-        let Some(mut slot) = self.used.remove(&addr) else {
+    pub(crate) fn free(&mut self, addr: usize) -> Result<Freed> {
+        let Some(mut slot) = self.used.remove(addr) else {
             return Err(Error::InvalidFree { offset: addr as u64, reason: "not a live allocation of this pool" });
         };
         let b = &mut self.blocks[slot as usize];
@@ -246,11 +256,29 @@ impl BlockArena {
         }
         let b = self.blocks[slot as usize];
         self.free.insert(b.size, b.addr, slot);
-        if self.spans_chunk(slot) {
+        let releasable = b.prev == NIL && b.next == NIL;
+        if releasable {
             self.counters.releasable_blocks += 1;
             self.counters.releasable_bytes += b.size;
         }
-        Ok(requested)
+        Ok(Freed { requested, releasable })
+    }
+
+    /// The best fit for `footprint` bytes when it is a chunk that is one free block: its block
+    /// slot and size.
+    #[inline]
+    pub(crate) fn best_fit_if_whole_chunk(&self, footprint: usize) -> Option<(u32, usize)> {
+        let found = self.free.best_fit(footprint)?;
+        self.spans_chunk(found.slot).then_some((found.slot, found.size))
+    }
+
+    /// Removes the chunk that block `slot` spans (one free block, as
+    /// [`best_fit_if_whole_chunk`](Self::best_fit_if_whole_chunk) found it) and returns it.
+    pub(crate) fn take_chunk_of(&mut self, slot: u32) -> Option<FreedChunk> {
+        if !self.blocks.get(slot as usize).is_some_and(|_| self.spans_chunk(slot)) {
+            return None;
+        }
+        self.remove_chunk(self.blocks[slot as usize].chunk as usize)
     }
 
     /// Removes every chunk that is one free block and returns them, for the owner to hand back.
@@ -260,25 +288,25 @@ impl BlockArena {
             return out;
         }
         for index in 0..self.chunks.len() {
-            let Some(chunk) = &self.chunks[index] else {
-                continue;
-            };
-            if !self.spans_chunk(chunk.first) {
-                continue;
+            if self.chunks[index].as_ref().is_some_and(|chunk| self.spans_chunk(chunk.first)) {
+                out.extend(self.remove_chunk(index));
             }
-            let (first, base, size, align) = (chunk.first, chunk.base, chunk.size, chunk.align);
-            self.chunks[index] = None;
-            self.spare_chunks.push(index as u32);
-            self.free.remove(size, base.as_ptr() as usize, first);
-            self.recycle(first);
-            let c = &mut self.counters;
-            c.actual_size -= size;
-            c.chunks -= 1;
-            c.releasable_blocks -= 1;
-            c.releasable_bytes -= size;
-            out.push(FreedChunk { base, size, align });
         }
         out
+    }
+
+    /// Removes chunk `index`, which is one free block.
+    fn remove_chunk(&mut self, index: usize) -> Option<FreedChunk> {
+        let chunk = self.chunks.get_mut(index)?.take()?;
+        self.spare_chunks.push(index as u32);
+        self.free.remove(chunk.size, chunk.base.as_ptr() as usize, chunk.first);
+        self.recycle(chunk.first);
+        let c = &mut self.counters;
+        c.actual_size -= chunk.size;
+        c.chunks -= 1;
+        c.releasable_blocks -= 1;
+        c.releasable_bytes -= chunk.size;
+        Some(FreedChunk { base: chunk.base, size: chunk.size, align: chunk.align })
     }
 
     /// Removes every chunk, used or not, and returns them (for the owner's `Drop`).
@@ -314,8 +342,8 @@ impl BlockArena {
         let chunks = self.chunks_by_address();
         let mut out: Vec<LiveAllocation> = self
             .used
-            .values()
-            .map(|&slot| {
+            .iter()
+            .map(|(_, slot)| {
                 let b = &self.blocks[slot as usize];
                 let chunk = chunks.partition_point(|c| c.base.as_ptr() as usize <= b.addr) - 1;
                 LiveAllocation {
@@ -359,7 +387,7 @@ impl BlockArena {
                 }
                 seen.blocks += 1;
                 if b.used {
-                    if self.used.get(&b.addr) != Some(&slot) {
+                    if self.used.get(b.addr) != Some(slot) {
                         return corrupt(b.addr, "used block missing from the address map");
                     }
                     if b.requested == 0 || b.requested > b.size {
@@ -396,8 +424,8 @@ impl BlockArena {
         if free_seen != self.free.len() || !self.free.consistent() {
             return corrupt(0, "size index holds blocks that are not free blocks of the arena");
         }
-        if self.used.len() != seen.live {
-            return corrupt(0, "address map holds blocks that are not used blocks of the arena");
+        if self.used.len() != seen.live || !self.used.consistent() {
+            return corrupt(0, "address table holds blocks that are not used blocks of the arena");
         }
         if seen != self.counters {
             return corrupt(0, "counters disagree with the blocks");

@@ -29,12 +29,13 @@ fn bin_of(size: usize) -> usize {
     log * SUB_BINS + sub
 }
 
-/// A node's heap priority: a hash of its slot, so priorities are spread without a generator.
+/// A node's heap priority: a hash of its slot, so priorities are spread without a generator
+/// (slots are handed out independently of sizes, so this is as good as random for the treap).
+#[inline]
 fn priority(slot: u32) -> u32 {
-    let mut x = u64::from(slot).wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    (x ^ (x >> 31)) as u32
+    let mut x = u64::from(slot).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    x ^= x >> 32;
+    (x.wrapping_mul(0xD6E8_FEB8_6659_FD93) >> 32) as u32
 }
 
 /// One free block as the index knows it.
@@ -50,13 +51,27 @@ pub(crate) struct FreeEntry {
 struct Node {
     size: usize,
     addr: usize,
-    left: u32,
-    right: u32,
+    /// Left (smaller keys) and right (larger keys) children.
+    child: [u32; 2],
     priority: u32,
     indexed: bool,
 }
 
-const EMPTY: Node = Node { size: 0, addr: 0, left: NIL, right: NIL, priority: 0, indexed: false };
+impl Node {
+    #[inline]
+    fn key(&self) -> (usize, usize) {
+        (self.size, self.addr)
+    }
+}
+
+const EMPTY: Node = Node { size: 0, addr: 0, child: [NIL; 2], priority: 0, indexed: false };
+
+/// Where a subtree hangs: a bin's root, or a node's left (0) or right (1) child.
+#[derive(Clone, Copy)]
+enum Link {
+    Root(usize),
+    Child(u32, usize),
+}
 
 /// Free blocks by `(size, address)`, binned. See the [module docs](self).
 pub(crate) struct FreeIndex {
@@ -77,6 +92,14 @@ impl FreeIndex {
         self.len
     }
 
+    #[inline]
+    fn set(&mut self, link: Link, node: u32) {
+        match link {
+            Link::Root(bin) => self.roots[bin] = node,
+            Link::Child(parent, side) => self.nodes[parent as usize].child[side] = node,
+        }
+    }
+
     /// Indexes block `slot` (not indexed yet) as `(size, addr)`.
     #[inline]
     pub(crate) fn insert(&mut self, size: usize, addr: usize, slot: u32) {
@@ -85,23 +108,84 @@ impl FreeIndex {
             self.nodes.resize(s + 1, EMPTY);
         }
         debug_assert!(!self.nodes[s].indexed);
-        self.nodes[s] = Node { size, addr, left: NIL, right: NIL, priority: priority(slot), indexed: true };
+        let priority = priority(slot);
+        self.nodes[s] = Node { size, addr, child: [NIL; 2], priority, indexed: true };
         let bin = bin_of(size);
-        self.roots[bin] = self.insert_at(self.roots[bin], slot);
-        self.words[bin / 64] |= 1 << (bin % 64);
-        self.summary |= 1 << (bin / 64);
         self.len += 1;
+        let mut cur = self.roots[bin];
+        if cur == NIL {
+            self.roots[bin] = slot;
+            self.words[bin / 64] |= 1 << (bin % 64);
+            self.summary |= 1 << (bin / 64);
+            return;
+        }
+        // Down past the nodes that stay above the new one...
+        let key = (size, addr);
+        let mut link = Link::Root(bin);
+        while cur != NIL && self.nodes[cur as usize].priority >= priority {
+            let side = usize::from(key > self.nodes[cur as usize].key());
+            link = Link::Child(cur, side);
+            cur = self.nodes[cur as usize].child[side];
+        }
+        self.set(link, slot);
+        // ...then split the subtree below at `key` into the new node's two children.
+        let (mut left, mut right) = (Link::Child(slot, 0), Link::Child(slot, 1));
+        while cur != NIL {
+            if self.nodes[cur as usize].key() < key {
+                self.set(left, cur);
+                left = Link::Child(cur, 1);
+                cur = self.nodes[cur as usize].child[1];
+            } else {
+                self.set(right, cur);
+                right = Link::Child(cur, 0);
+                cur = self.nodes[cur as usize].child[0];
+            }
+        }
+        self.set(left, NIL);
+        self.set(right, NIL);
     }
 
     /// Removes block `slot`, indexed as `(size, addr)`; returns whether it was there.
     #[inline]
     pub(crate) fn remove(&mut self, size: usize, addr: usize, slot: u32) -> bool {
         let s = slot as usize;
-        if self.nodes.get(s).is_none_or(|n| !n.indexed || (n.size, n.addr) != (size, addr)) {
+        if self.nodes.get(s).is_none_or(|n| !n.indexed || n.key() != (size, addr)) {
             return false;
         }
         let bin = bin_of(size);
-        self.roots[bin] = self.remove_at(self.roots[bin], (size, addr));
+        let key = (size, addr);
+        let mut link = Link::Root(bin);
+        let mut cur = self.roots[bin];
+        while cur != slot {
+            if cur == NIL {
+                // Marked indexed but not in its bin's treap: `consistent` reports it.
+                return false;
+            }
+            let side = usize::from(key > self.nodes[cur as usize].key());
+            link = Link::Child(cur, side);
+            cur = self.nodes[cur as usize].child[side];
+        }
+        // Merge the two subtrees of the removed node in its place, by priority.
+        let [mut left, mut right] = self.nodes[s].child;
+        loop {
+            if left == NIL {
+                self.set(link, right);
+                break;
+            }
+            if right == NIL {
+                self.set(link, left);
+                break;
+            }
+            if self.nodes[left as usize].priority > self.nodes[right as usize].priority {
+                self.set(link, left);
+                link = Link::Child(left, 1);
+                left = self.nodes[left as usize].child[1];
+            } else {
+                self.set(link, right);
+                link = Link::Child(right, 0);
+                right = self.nodes[right as usize].child[0];
+            }
+        }
         self.nodes[s].indexed = false;
         if self.roots[bin] == NIL {
             self.words[bin / 64] &= !(1 << (bin % 64));
@@ -118,10 +202,10 @@ impl FreeIndex {
         let mut cur = self.roots[bin_of(size)];
         while cur != NIL {
             let n = &self.nodes[cur as usize];
-            match (size, addr).cmp(&(n.size, n.addr)) {
+            match (size, addr).cmp(&n.key()) {
                 core::cmp::Ordering::Equal => return Some(cur),
-                core::cmp::Ordering::Less => cur = n.left,
-                core::cmp::Ordering::Greater => cur = n.right,
+                core::cmp::Ordering::Less => cur = n.child[0],
+                core::cmp::Ordering::Greater => cur = n.child[1],
             }
         }
         None
@@ -137,16 +221,16 @@ impl FreeIndex {
             let n = &self.nodes[cur as usize];
             if n.size >= size {
                 best = cur;
-                cur = n.left;
+                cur = n.child[0];
             } else {
-                cur = n.right;
+                cur = n.child[1];
             }
         }
         if best == NIL {
             let next = self.first_nonempty_from(bin + 1)?;
             best = self.roots[next];
-            while self.nodes[best as usize].left != NIL {
-                best = self.nodes[best as usize].left;
+            while self.nodes[best as usize].child[0] != NIL {
+                best = self.nodes[best as usize].child[0];
             }
         }
         let n = &self.nodes[best as usize];
@@ -162,8 +246,8 @@ impl FreeIndex {
         let word = 63 - self.summary.leading_zeros() as usize;
         let bin = word * 64 + 63 - self.words[word].leading_zeros() as usize;
         let mut cur = self.roots[bin];
-        while self.nodes[cur as usize].right != NIL {
-            cur = self.nodes[cur as usize].right;
+        while self.nodes[cur as usize].child[1] != NIL {
+            cur = self.nodes[cur as usize].child[1];
         }
         self.nodes[cur as usize].size
     }
@@ -195,100 +279,17 @@ impl FreeIndex {
         let Some(n) = self.nodes.get(node as usize) else {
             return false;
         };
-        let key = (n.size, n.addr);
+        let key = n.key();
         *count += 1;
-        if !n.indexed || n.priority > max_priority || bin_of(n.size) != bin || *count > self.len {
+        if !n.indexed || n.priority > max_priority || n.priority != priority(node) || bin_of(n.size) != bin {
             return false;
         }
-        if low.is_some_and(|l| key <= l) || high.is_some_and(|h| key >= h) {
+        if *count > self.len || low.is_some_and(|l| key <= l) || high.is_some_and(|h| key >= h) {
             return false;
         }
-        (n.left == NIL || self.treap_ok(n.left, bin, low, Some(key), n.priority, count))
-            && (n.right == NIL || self.treap_ok(n.right, bin, Some(key), high, n.priority, count))
-    }
-
-    /// Inserts `slot` into the treap rooted at `root`; returns the new root.
-    fn insert_at(&mut self, root: u32, slot: u32) -> u32 {
-        if root == NIL {
-            return slot;
-        }
-        let (key, priority) = {
-            let n = &self.nodes[slot as usize];
-            ((n.size, n.addr), n.priority)
-        };
-        if priority > self.nodes[root as usize].priority {
-            let (left, right) = self.split(root, key);
-            let n = &mut self.nodes[slot as usize];
-            n.left = left;
-            n.right = right;
-            return slot;
-        }
-        let r = self.nodes[root as usize];
-        if key < (r.size, r.addr) {
-            let left = self.insert_at(r.left, slot);
-            self.nodes[root as usize].left = left;
-        } else {
-            let right = self.insert_at(r.right, slot);
-            self.nodes[root as usize].right = right;
-        }
-        root
-    }
-
-    /// Splits the treap at `root` into keys below `key` and keys above it.
-    fn split(&mut self, root: u32, key: (usize, usize)) -> (u32, u32) {
-        if root == NIL {
-            return (NIL, NIL);
-        }
-        let r = self.nodes[root as usize];
-        if (r.size, r.addr) < key {
-            let (left, right) = self.split(r.right, key);
-            self.nodes[root as usize].right = left;
-            (root, right)
-        } else {
-            let (left, right) = self.split(r.left, key);
-            self.nodes[root as usize].left = right;
-            (left, root)
-        }
-    }
-
-    /// Removes `key` (present) from the treap at `root`; returns the new root.
-    fn remove_at(&mut self, root: u32, key: (usize, usize)) -> u32 {
-        if root == NIL {
-            return NIL;
-        }
-        let r = self.nodes[root as usize];
-        match key.cmp(&(r.size, r.addr)) {
-            core::cmp::Ordering::Equal => self.merge(r.left, r.right),
-            core::cmp::Ordering::Less => {
-                let left = self.remove_at(r.left, key);
-                self.nodes[root as usize].left = left;
-                root
-            }
-            core::cmp::Ordering::Greater => {
-                let right = self.remove_at(r.right, key);
-                self.nodes[root as usize].right = right;
-                root
-            }
-        }
-    }
-
-    /// Joins two treaps whose keys are all below / all above each other.
-    fn merge(&mut self, left: u32, right: u32) -> u32 {
-        if left == NIL {
-            return right;
-        }
-        if right == NIL {
-            return left;
-        }
-        if self.nodes[left as usize].priority > self.nodes[right as usize].priority {
-            let merged = self.merge(self.nodes[left as usize].right, right);
-            self.nodes[left as usize].right = merged;
-            left
-        } else {
-            let merged = self.merge(left, self.nodes[right as usize].left);
-            self.nodes[right as usize].left = merged;
-            right
-        }
+        let [left, right] = n.child;
+        (left == NIL || self.treap_ok(left, bin, low, Some(key), n.priority, count))
+            && (right == NIL || self.treap_ok(right, bin, Some(key), high, n.priority, count))
     }
 
     fn first_nonempty_from(&self, bin: usize) -> Option<usize> {

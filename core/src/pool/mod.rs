@@ -20,6 +20,7 @@
 //! Share one between threads through [`SyncPool`]. [`HostResource`], [`BackendResource`] and
 //! [`LimitedResource`] are `Sync`.
 
+mod addr_table;
 mod arena;
 mod backend_resource;
 mod fixed;

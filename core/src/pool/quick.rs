@@ -6,7 +6,7 @@
 //! blocks are never merged with each other; an upstream block that is wholly free again is
 //! *releasable*. `release` hands releasable blocks back; `coalesce` hands them back and takes one
 //! block in their place, so the next large request fits. A [`CoalesceHeuristic`] decides after
-//! every free whether to coalesce.
+//! a free whether to coalesce, and whether the pool hands releasable blocks back when it grows.
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -50,6 +50,10 @@ pub struct QuickPool<R: MemoryResource> {
     upstream: R,
     config: QuickPoolConfig,
     heuristic: Box<dyn CoalesceHeuristic>,
+    /// The heuristic's [`every_free`](CoalesceHeuristic::every_free).
+    ask_every_free: bool,
+    /// The heuristic's [`release_when_growing`](CoalesceHeuristic::release_when_growing).
+    release_when_growing: bool,
     arena: BlockArena,
     high_watermark: usize,
     actual_high_watermark: usize,
@@ -90,10 +94,13 @@ impl<R: MemoryResource> QuickPool<R> {
     }
 
     fn build(upstream: R, config: QuickPoolConfig) -> Self {
+        let heuristic = PercentReleasable::default();
         QuickPool {
             upstream,
             config,
-            heuristic: Box::new(PercentReleasable::default()),
+            ask_every_free: heuristic.every_free(),
+            release_when_growing: heuristic.release_when_growing(),
+            heuristic: Box::new(heuristic),
             arena: BlockArena::new(config.alignment),
             high_watermark: 0,
             actual_high_watermark: 0,
@@ -111,6 +118,8 @@ impl<R: MemoryResource> QuickPool<R> {
 
     /// Replaces the coalescing heuristic.
     pub fn set_heuristic(&mut self, heuristic: impl CoalesceHeuristic + 'static) {
+        self.ask_every_free = heuristic.every_free();
+        self.release_when_growing = heuristic.release_when_growing();
         self.heuristic = Box::new(heuristic);
     }
 
@@ -126,12 +135,24 @@ impl<R: MemoryResource> QuickPool<R> {
 
     /// `size` bytes aligned to `align` (at least the pool's alignment is always given).
     ///
-    /// Serves the request from the best-fitting free block; without one, takes a block from
-    /// upstream. If upstream refuses, hands wholly free blocks back and asks once more for just
-    /// what the request needs. Past the maximum size: `Error::OutOfMemory`.
+    /// Serves the request from the best-fitting free block (the smallest that holds it, the
+    /// lowest address among equals); without one, takes a block from upstream. If upstream
+    /// refuses, hands wholly free blocks back and asks once more for just what the request
+    /// needs. Past the maximum size: `Error::OutOfMemory`.
+    ///
+    /// Unless the heuristic says otherwise ([`CoalesceHeuristic::release_when_growing`]), the
+    /// pool does not hold memory it cannot use next to memory it takes: before it grows, it hands
+    /// back its wholly free upstream blocks (all of them too small for this request); and a
+    /// request of at least the next block size whose best fit is a wholly free upstream block of
+    /// less than twice its size gets a block of its own size in that block's place, since the
+    /// rest of the block would be smaller than the request, pinned beside it, and a second such
+    /// request would have the pool hold both.
     pub fn allocate(&mut self, size: usize, align: usize) -> Result<NonNull<u8>> {
         crate::check_layout(size, align)?;
         let footprint = self.arena.footprint(size, align)?;
+        if self.release_when_growing && footprint >= self.config.next_block_size {
+            self.trade_whole_block(footprint, align);
+        }
         let ptr = match self.arena.allocate(size, align) {
             Some(ptr) => ptr,
             None => {
@@ -151,11 +172,13 @@ impl<R: MemoryResource> QuickPool<R> {
     /// whether to coalesce. A failed coalesce leaves the pool smaller but consistent; the free
     /// itself has succeeded either way.
     pub fn deallocate(&mut self, ptr: NonNull<u8>) -> Result<()> {
-        self.arena.free(ptr.as_ptr() as usize)?;
-        let stats = self.stats();
-        if let Some(target) = self.heuristic.should_coalesce(&stats) {
-            // The free is done; a refill the upstream refuses is counted in `upstream_failures`.
-            let _ = self.coalesce_to(target);
+        let freed = self.arena.free(ptr.as_ptr() as usize)?;
+        if freed.releasable || self.ask_every_free {
+            let stats = self.stats();
+            if let Some(target) = self.heuristic.should_coalesce(&stats) {
+                // The free is done; a refill the upstream refuses is counted in `upstream_failures`.
+                let _ = self.coalesce_to(target);
+            }
         }
         Ok(())
     }
@@ -246,9 +269,35 @@ impl<R: MemoryResource> QuickPool<R> {
         Ok(())
     }
 
+    /// If the best fit for `footprint` bytes is a wholly free upstream block of less than twice
+    /// that, hands it back and takes a block of `footprint` bytes in its place (see
+    /// [`allocate`](Self::allocate)). Should upstream refuse the new block, takes the old size
+    /// back; should it refuse that too, the request goes on as a miss.
+    fn trade_whole_block(&mut self, footprint: usize, align: usize) {
+        let Some((slot, size)) = self.arena.best_fit_if_whole_chunk(footprint) else {
+            return;
+        };
+        if size == footprint || size / 2 >= footprint {
+            return;
+        }
+        let Some(chunk) = self.arena.take_chunk_of(slot) else {
+            return;
+        };
+        // SAFETY: the chunk came from `self.upstream.allocate(chunk.size, chunk.align)` and the
+        // arena has just forgotten it; it was one free block, so no allocation points into it.
+        unsafe { self.upstream.deallocate(chunk.base, chunk.size, chunk.align) };
+        if self.take_upstream(footprint, align.max(self.config.alignment)).is_err() {
+            let _ = self.take_upstream(chunk.size, chunk.align);
+        }
+    }
+
     /// Takes a block from upstream for a request that needs `footprint` bytes at `align`.
     fn grow(&mut self, footprint: usize, align: usize) -> Result<()> {
         let granule = self.config.alignment;
+        if self.release_when_growing {
+            // No free block holds `footprint` bytes, so none of these is of use to the request.
+            self.release();
+        }
         let first = self.upstream_allocations == 0;
         let wanted = if first { self.config.first_block_size } else { self.config.next_block_size };
         // Both are multiples of the granule; `footprint` is, by construction.
