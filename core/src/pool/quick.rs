@@ -141,16 +141,19 @@ impl<R: MemoryResource> QuickPool<R> {
     /// needs. Past the maximum size: `Error::OutOfMemory`.
     ///
     /// Unless the heuristic says otherwise ([`CoalesceHeuristic::release_when_growing`]), the
-    /// pool does not hold memory it cannot use next to memory it takes: before it grows, it hands
-    /// back its wholly free upstream blocks (all of them too small for this request); and a
-    /// request of at least the next block size whose best fit is a wholly free upstream block of
-    /// less than twice its size gets a block of its own size in that block's place, since the
-    /// rest of the block would be smaller than the request, pinned beside it, and a second such
-    /// request would have the pool hold both.
+    /// pool does not hold memory it cannot use next to memory it takes. Before it grows, it hands
+    /// back its wholly free upstream blocks (all of them too small for this request). And a
+    /// request of at least the next block size whose best fit is a wholly free upstream block
+    /// that it would fill more than half of, leaving a rest of at least a quarter of the pool's
+    /// actual size, gets a block of its own size in that block's place: the rest could not serve
+    /// a second such request, so that one would have the pool hold both.
     pub fn allocate(&mut self, size: usize, align: usize) -> Result<NonNull<u8>> {
         crate::check_layout(size, align)?;
         let footprint = self.arena.footprint(size, align)?;
-        if self.release_when_growing && footprint >= self.config.next_block_size {
+        // `footprint > actual / 4` is implied by the rest being at least that and smaller than
+        // the request; it keeps the lookup off the common path.
+        let actual = self.arena.counters().actual_size;
+        if self.release_when_growing && footprint >= self.config.next_block_size && footprint > actual / 4 {
             self.trade_whole_block(footprint, align);
         }
         let ptr = match self.arena.allocate(size, align) {
@@ -269,15 +272,17 @@ impl<R: MemoryResource> QuickPool<R> {
         Ok(())
     }
 
-    /// If the best fit for `footprint` bytes is a wholly free upstream block of less than twice
-    /// that, hands it back and takes a block of `footprint` bytes in its place (see
+    /// If the best fit for `footprint` bytes is a wholly free upstream block that the request
+    /// would fill more than half of, leaving a rest of at least a quarter of the actual size,
+    /// hands it back and takes a block of `footprint` bytes in its place (see
     /// [`allocate`](Self::allocate)). Should upstream refuse the new block, takes the old size
     /// back; should it refuse that too, the request goes on as a miss.
     fn trade_whole_block(&mut self, footprint: usize, align: usize) {
         let Some((slot, size)) = self.arena.best_fit_if_whole_chunk(footprint) else {
             return;
         };
-        if size == footprint || size / 2 >= footprint {
+        let rest = size - footprint;
+        if rest >= footprint || rest < self.arena.counters().actual_size / 4 {
             return;
         }
         let Some(chunk) = self.arena.take_chunk_of(slot) else {
