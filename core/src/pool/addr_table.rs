@@ -1,106 +1,106 @@
 //! [`AddrTable`]: block slots by address, for the pools' frees.
 //!
-//! An open-addressing hash table with linear probing: one array of `(address, slot)` entries,
-//! Fibonacci hashing (the address times 2^64 / φ, top bits), deletion by shifting the entries
-//! that follow back into the hole, so no tombstones build up. A lookup is one multiply and, at a
-//! load of at most one half, about one or two entries read, usually in one cache line.
-//!
-//! Address 0 marks an empty entry: the pools only store the addresses of non-null pointers.
+//! An open-addressing hash table with linear probing over 8-byte entries: a block slot and a
+//! 32-bit fingerprint of its address, the top half of the address times 2^64 / φ (Fibonacci
+//! hashing). The entry's home is the fingerprint's top bits, so the table never needs the
+//! address itself to rehash or to shift entries back on removal (no tombstones build up). The
+//! address lives in the owner's block record: a lookup compares fingerprints, then asks the owner
+//! whether the slot is the one (`is`), which reads the record the caller wants next anyway. At a
+//! load of at most one half, a lookup reads one or two entries, eight to a cache line.
 
 use alloc::vec;
 use alloc::vec::Vec;
 
-const EMPTY: usize = 0;
 /// 2^64 / φ, odd: multiplying by it spreads every address bit into the top bits.
 const FIBONACCI: u64 = 0x9E37_79B9_7F4A_7C15;
-const MIN_CAPACITY: usize = 16;
+const MIN_BITS: u32 = 4;
+const VACANT: u64 = u64::MAX;
 
-#[derive(Clone, Copy)]
-struct Entry {
-    addr: usize,
-    slot: u32,
+#[inline]
+fn fingerprint(addr: usize) -> u32 {
+    ((addr as u64).wrapping_mul(FIBONACCI) >> 32) as u32
 }
 
-const VACANT: Entry = Entry { addr: EMPTY, slot: 0 };
+#[inline]
+fn entry(fp: u32, slot: u32) -> u64 {
+    u64::from(fp) << 32 | u64::from(slot)
+}
 
-/// Block slots by non-zero address. See the [module docs](self).
+/// Block slots by address. See the [module docs](self).
 pub(crate) struct AddrTable {
-    entries: Vec<Entry>,
+    /// `fingerprint << 32 | slot`, or `VACANT`; the length is a power of two (or zero).
+    entries: Vec<u64>,
     len: usize,
-    /// `64 - log2(capacity)`: the hash keeps the product's top bits.
+    /// `32 - log2(capacity)`: a fingerprint's home is its top bits.
     shift: u32,
 }
 
 impl AddrTable {
     pub(crate) fn new() -> Self {
-        AddrTable { entries: Vec::new(), len: 0, shift: 64 }
+        AddrTable { entries: Vec::new(), len: 0, shift: 32 }
     }
 
-    /// How many addresses are stored.
+    /// How many slots are stored.
     #[inline]
     pub(crate) fn len(&self) -> usize {
         self.len
     }
 
     #[inline]
-    fn home(&self, addr: usize) -> usize {
-        ((addr as u64).wrapping_mul(FIBONACCI) >> self.shift) as usize
+    fn home(&self, fp: u32) -> usize {
+        (u64::from(fp) >> self.shift) as usize
     }
 
-    /// Stores `slot` for `addr` (non-zero), replacing what was there.
+    /// Stores `slot` under `addr`. The caller makes sure `addr` is not stored yet (a second
+    /// entry would shadow nothing and be found only through `is`).
     #[inline]
     pub(crate) fn insert(&mut self, addr: usize, slot: u32) {
-        debug_assert!(addr != EMPTY);
         if (self.len + 1) * 2 > self.entries.len() {
             self.grow();
         }
+        let fp = fingerprint(addr);
         let mask = self.entries.len() - 1;
-        let mut i = self.home(addr);
-        loop {
-            let e = &mut self.entries[i];
-            if e.addr == EMPTY {
-                *e = Entry { addr, slot };
-                self.len += 1;
-                return;
-            }
-            if e.addr == addr {
-                e.slot = slot;
-                return;
-            }
+        let mut i = self.home(fp);
+        while self.entries[i] != VACANT {
             i = (i + 1) & mask;
         }
+        self.entries[i] = entry(fp, slot);
+        self.len += 1;
     }
 
-    /// Where `addr` is stored, if it is.
+    /// Where the slot stored under `addr` is: the entry whose fingerprint matches and whose slot
+    /// `is(slot)` confirms.
     #[inline]
-    fn find(&self, addr: usize) -> Option<usize> {
-        if self.len == 0 || addr == EMPTY {
+    fn find(&self, addr: usize, is: impl Fn(u32) -> bool) -> Option<usize> {
+        if self.len == 0 {
             return None;
         }
+        let fp = fingerprint(addr);
         let mask = self.entries.len() - 1;
-        let mut i = self.home(addr);
+        let mut i = self.home(fp);
         loop {
-            let e = self.entries[i].addr;
-            if e == addr {
-                return Some(i);
-            }
-            if e == EMPTY {
+            let e = self.entries[i];
+            if e == VACANT {
                 return None;
+            }
+            if (e >> 32) as u32 == fp && is(e as u32) {
+                return Some(i);
             }
             i = (i + 1) & mask;
         }
     }
 
-    /// The slot stored for `addr`.
-    pub(crate) fn get(&self, addr: usize) -> Option<u32> {
-        self.find(addr).map(|i| self.entries[i].slot)
+    /// The slot stored under `addr` (see [`find`](Self::find) for `is`).
+    #[inline]
+    pub(crate) fn get(&self, addr: usize, is: impl Fn(u32) -> bool) -> Option<u32> {
+        self.find(addr, is).map(|i| self.entries[i] as u32)
     }
 
-    /// Removes `addr` and returns its slot.
+    /// Removes the slot stored under `addr` and returns it (see [`find`](Self::find) for `is`).
     #[inline]
-    pub(crate) fn remove(&mut self, addr: usize) -> Option<u32> {
-        let mut hole = self.find(addr)?;
-        let slot = self.entries[hole].slot;
+    pub(crate) fn remove(&mut self, addr: usize, is: impl Fn(u32) -> bool) -> Option<u32> {
+        let mut hole = self.find(addr, is)?;
+        let slot = self.entries[hole] as u32;
         let mask = self.entries.len() - 1;
         // Shift back every entry of the run after the hole that may live there: those whose
         // home is not in (hole, j] (cyclically), so that each stays reachable from its home.
@@ -108,10 +108,10 @@ impl AddrTable {
         loop {
             j = (j + 1) & mask;
             let e = self.entries[j];
-            if e.addr == EMPTY {
+            if e == VACANT {
                 break;
             }
-            let home = self.home(e.addr);
+            let home = self.home((e >> 32) as u32);
             if j.wrapping_sub(home) & mask >= j.wrapping_sub(hole) & mask {
                 self.entries[hole] = e;
                 hole = j;
@@ -122,24 +122,49 @@ impl AddrTable {
         Some(slot)
     }
 
-    /// Every `(address, slot)`, in no particular order.
-    pub(crate) fn iter(&self) -> impl Iterator<Item = (usize, u32)> + '_ {
-        self.entries.iter().filter(|e| e.addr != EMPTY).map(|e| (e.addr, e.slot))
+    /// Every slot, in no particular order.
+    pub(crate) fn slots(&self) -> impl Iterator<Item = u32> + '_ {
+        self.entries.iter().filter(|&&e| e != VACANT).map(|&e| e as u32)
     }
 
-    /// Whether every entry is reachable from its home, and the count is right.
-    pub(crate) fn consistent(&self) -> bool {
-        self.iter().count() == self.len && self.iter().all(|(addr, slot)| self.get(addr) == Some(slot))
+    /// Whether the count is right and each slot is stored under the fingerprint of `addr(slot)`
+    /// and reachable from its home (no vacant entry between the two).
+    pub(crate) fn consistent(&self, addr: impl Fn(u32) -> Option<usize>) -> bool {
+        let mask = self.entries.len().wrapping_sub(1);
+        let reachable = |i: usize, e: u64| {
+            let mut j = self.home((e >> 32) as u32);
+            while j != i {
+                if self.entries[j] == VACANT {
+                    return false;
+                }
+                j = (j + 1) & mask;
+            }
+            true
+        };
+        let mut count = 0;
+        for (i, &e) in self.entries.iter().enumerate().filter(|(_, &e)| e != VACANT) {
+            count += 1;
+            if addr(e as u32).map(fingerprint) != Some((e >> 32) as u32) || !reachable(i, e) {
+                return false;
+            }
+        }
+        count == self.len
     }
 
     #[cold]
     fn grow(&mut self) {
-        let capacity = (self.entries.len() * 2).max(MIN_CAPACITY);
-        let old = core::mem::replace(&mut self.entries, vec![VACANT; capacity]);
-        self.shift = 64 - capacity.trailing_zeros();
+        let bits = if self.entries.is_empty() { MIN_BITS } else { self.entries.len().trailing_zeros() + 1 };
+        let old = core::mem::replace(&mut self.entries, vec![VACANT; 1 << bits]);
+        self.shift = 32u32.saturating_sub(bits);
         self.len = 0;
-        for e in old.into_iter().filter(|e| e.addr != EMPTY) {
-            self.insert(e.addr, e.slot);
+        let mask = self.entries.len() - 1;
+        for e in old.into_iter().filter(|&e| e != VACANT) {
+            let mut i = self.home((e >> 32) as u32);
+            while self.entries[i] != VACANT {
+                i = (i + 1) & mask;
+            }
+            self.entries[i] = e;
+            self.len += 1;
         }
     }
 }
@@ -150,45 +175,81 @@ mod tests {
     use alloc::collections::BTreeMap;
     use proptest::prelude::*;
 
+    /// A table with its own "block records": slot `s` holds address `addrs[s]`.
+    struct Keyed {
+        table: AddrTable,
+        addrs: Vec<usize>,
+    }
+
+    impl Keyed {
+        fn insert(&mut self, addr: usize) -> u32 {
+            self.addrs.push(addr);
+            let slot = (self.addrs.len() - 1) as u32;
+            self.table.insert(addr, slot);
+            slot
+        }
+        fn get(&self, addr: usize) -> Option<u32> {
+            self.table.get(addr, |s| self.addrs[s as usize] == addr)
+        }
+        fn remove(&mut self, addr: usize) -> Option<u32> {
+            let addrs = &self.addrs;
+            self.table.remove(addr, |s| addrs[s as usize] == addr)
+        }
+        fn consistent(&self) -> bool {
+            self.table.consistent(|s| self.addrs.get(s as usize).copied())
+        }
+    }
+
     #[test]
     fn stores_finds_and_removes_aligned_addresses() {
-        let mut table = AddrTable::new();
-        assert_eq!((table.get(0x1000), table.remove(0x1000)), (None, None));
+        let mut t = Keyed { table: AddrTable::new(), addrs: Vec::new() };
+        assert_eq!((t.get(0x1000), t.remove(0x1000)), (None, None));
         for i in 1..=5000usize {
-            table.insert(i * 4096, i as u32);
+            assert_eq!(t.insert(i * 4096), i as u32 - 1);
         }
-        assert_eq!(table.len(), 5000);
-        assert!(table.consistent());
+        assert_eq!(t.table.len(), 5000);
+        assert!(t.consistent());
         for i in (1..=5000usize).step_by(2) {
-            assert_eq!(table.remove(i * 4096), Some(i as u32));
+            assert_eq!(t.remove(i * 4096), Some(i as u32 - 1));
         }
-        assert_eq!(table.remove(4096), None);
-        assert_eq!(table.len(), 2500);
-        assert!((1..=5000usize).all(|i| table.get(i * 4096) == (i % 2 == 0).then_some(i as u32)));
-        assert!(table.consistent());
-        table.insert(2 * 4096, 7);
-        assert_eq!((table.get(2 * 4096), table.len()), (Some(7), 2500));
+        assert_eq!(t.remove(4096), None);
+        assert_eq!(t.table.len(), 2500);
+        assert!((1..=5000usize).all(|i| t.get(i * 4096) == (i % 2 == 0).then_some(i as u32 - 1)));
+        assert!(t.consistent());
+        assert_eq!(t.table.slots().count(), 2500);
+    }
+
+    #[test]
+    fn a_wrong_fingerprint_or_slot_is_caught() {
+        let mut t = Keyed { table: AddrTable::new(), addrs: Vec::new() };
+        t.insert(0x5000);
+        t.insert(0x6000);
+        assert!(t.consistent());
+        t.addrs[1] = 0x7000;
+        assert!(!t.consistent());
+        assert_eq!(t.get(0x6000), None);
     }
 
     proptest! {
         #[test]
-        fn matches_a_map(ops in prop::collection::vec((any::<bool>(), 1usize..64, any::<u32>()), 1..400)) {
-            // Few distinct keys that collide often: multiples of a large power of two.
-            let mut table = AddrTable::new();
+        fn matches_a_map(ops in prop::collection::vec((any::<bool>(), 1usize..64), 1..400)) {
+            // Few distinct keys, often colliding: multiples of a large power of two.
+            let mut t = Keyed { table: AddrTable::new(), addrs: Vec::new() };
             let mut model = BTreeMap::new();
-            for (insert, key, slot) in ops {
+            for (insert, key) in ops {
                 let addr = key << 20;
                 if insert {
-                    table.insert(addr, slot);
-                    model.insert(addr, slot);
+                    if let alloc::collections::btree_map::Entry::Vacant(e) = model.entry(addr) {
+                        e.insert(t.insert(addr));
+                    }
                 } else {
-                    prop_assert_eq!(table.remove(addr), model.remove(&addr));
+                    prop_assert_eq!(t.remove(addr), model.remove(&addr));
                 }
-                prop_assert!(table.consistent());
-                prop_assert_eq!(table.len(), model.len());
+                prop_assert!(t.consistent());
+                prop_assert_eq!(t.table.len(), model.len());
             }
             for (&addr, &slot) in &model {
-                prop_assert_eq!(table.get(addr), Some(slot));
+                prop_assert_eq!(t.get(addr), Some(slot));
             }
         }
     }

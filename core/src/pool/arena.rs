@@ -3,10 +3,12 @@
 //!
 //! An arena holds *chunks* (contiguous ranges handed to it, e.g. upstream blocks) and carves
 //! them into *blocks*: best fit through a [`FreeIndex`], split on allocation, merged with free
-//! neighbours on free. Each block is a record in a table outside the memory it describes, linked
-//! to its address-order neighbours in the same chunk, so a merge finds its neighbours without a
-//! lookup; used blocks are found by address through an [`AddrTable`]. The arena never reads or writes the memory it manages, so it serves device memory
-//! as well as host memory.
+//! neighbours on free. Each block is one record ([`Block`], a cache line) in a table outside the
+//! memory it describes: its place, its address-order neighbours in the same chunk (so a merge
+//! finds them without a lookup), and the index's tree links. Used blocks are found by address
+//! through an [`AddrTable`]. Spare records form a list through their `next` links. The arena
+//! never reads or writes the memory it manages, so it serves device memory as well as host
+//! memory.
 
 use alloc::vec::Vec;
 use core::hash::{BuildHasherDefault, Hasher};
@@ -15,13 +17,11 @@ use core::ptr::NonNull;
 use hashbrown::HashMap;
 
 use super::addr_table::AddrTable;
-use super::free_index::FreeIndex;
+use super::free_index::{Block, FreeIndex, NIL};
 use super::{BlockInfo, LiveAllocation};
 use crate::error::{Error, Result};
 
-const NIL: u32 = u32::MAX;
-
-/// Hashes block addresses with murmur3's 64-bit finaliser, so that both the low bits (hashbrown's
+/// Hashes addresses with murmur3's 64-bit finaliser, so that both the low bits (hashbrown's
 /// bucket) and the high bits (its tag) depend on every address bit, although addresses are aligned.
 #[derive(Default)]
 pub(crate) struct AddrHasher(u64);
@@ -52,23 +52,10 @@ impl Hasher for AddrHasher {
 pub(crate) type AddrMap<V> = HashMap<usize, V, BuildHasherDefault<AddrHasher>>;
 
 /// Rounds `value` up to a multiple of `align` (a power of two), or `None` on overflow.
+#[inline]
 pub(crate) fn round_up(value: usize, align: usize) -> Option<usize> {
     debug_assert!(align.is_power_of_two());
     value.checked_add(align - 1).map(|v| v & !(align - 1))
-}
-
-#[derive(Clone, Copy)]
-struct Block {
-    addr: usize,
-    size: usize,
-    /// Address-order neighbours in the same chunk (`NIL` at either end).
-    prev: u32,
-    next: u32,
-    chunk: u32,
-    used: bool,
-    /// For a used block: the size asked for, and the allocation's sequence number.
-    requested: usize,
-    seq: u64,
 }
 
 struct Chunk {
@@ -118,7 +105,9 @@ pub(crate) struct ArenaCounters {
 /// Chunks carved into blocks. See the [module docs](self).
 pub(crate) struct BlockArena {
     blocks: Vec<Block>,
-    spare_blocks: Vec<u32>,
+    /// The first spare record (`NIL`: none); spares link through `next`.
+    spare: u32,
+    spares: usize,
     chunks: Vec<Option<Chunk>>,
     spare_chunks: Vec<u32>,
     free: FreeIndex,
@@ -134,7 +123,8 @@ impl BlockArena {
         debug_assert!(granule.is_power_of_two());
         BlockArena {
             blocks: Vec::new(),
-            spare_blocks: Vec::new(),
+            spare: NIL,
+            spares: 0,
             chunks: Vec::new(),
             spare_chunks: Vec::new(),
             free: FreeIndex::new(),
@@ -156,7 +146,7 @@ impl BlockArena {
 
     #[inline]
     pub(crate) fn largest_free(&self) -> usize {
-        self.free.largest()
+        self.free.largest(&self.blocks)
     }
 
     /// The bytes a free block must have to serve `(size, align)`: the size rounded up to the
@@ -179,11 +169,9 @@ impl BlockArena {
                 (self.chunks.len() - 1) as u32
             }
         };
-        let addr = base.as_ptr() as usize;
-        let block =
-            self.new_block(Block { addr, size, prev: NIL, next: NIL, chunk, used: false, requested: 0, seq: 0 });
+        let block = self.new_block(Block::new(base.as_ptr() as usize, size, chunk, base));
         self.chunks[chunk as usize] = Some(Chunk { base, size, align, first: block });
-        self.free.insert(size, addr, block);
+        self.free.insert(&mut self.blocks, block);
         let c = &mut self.counters;
         c.actual_size += size;
         c.chunks += 1;
@@ -196,23 +184,26 @@ impl BlockArena {
     #[inline]
     pub(crate) fn allocate(&mut self, size: usize, align: usize) -> Option<NonNull<u8>> {
         let rounded = round_up(size, self.granule)?;
-        let found = self.free.best_fit(self.footprint(size, align).ok()?)?;
-        self.free.remove(found.size, found.addr, found.slot);
-        let mut slot = found.slot;
-        if self.spans_chunk(slot) {
+        let footprint = rounded.checked_add(align.saturating_sub(self.granule))?;
+        let mut slot = self.free.best_fit(&self.blocks, footprint)?;
+        self.free.remove(&mut self.blocks, slot);
+        let b = &self.blocks[slot as usize];
+        let (addr, found) = (b.addr, b.size);
+        if b.prev == NIL && b.next == NIL {
             self.counters.releasable_blocks -= 1;
-            self.counters.releasable_bytes -= found.size;
+            self.counters.releasable_bytes -= found;
         }
-        let pad = round_up(found.addr, align)? - found.addr;
-        if pad > 0 {
-            let rest = self.split(slot, pad);
-            self.free.insert(pad, found.addr, slot);
-            slot = rest;
+        if align > self.granule {
+            let pad = round_up(addr, align)? - addr;
+            if pad > 0 {
+                let rest = self.split(slot, pad);
+                self.free.insert(&mut self.blocks, slot);
+                slot = rest;
+            }
         }
         if self.blocks[slot as usize].size > rounded {
             let rest = self.split(slot, rounded);
-            let b = self.blocks[rest as usize];
-            self.free.insert(b.size, b.addr, rest);
+            self.free.insert(&mut self.blocks, rest);
         }
         let seq = self.counters.total_allocations;
         let b = &mut self.blocks[slot as usize];
@@ -220,20 +211,23 @@ impl BlockArena {
         b.requested = size;
         b.seq = seq;
         let addr = b.addr;
+        let ptr = Self::ptr_of(b);
         self.used.insert(addr, slot);
         let c = &mut self.counters;
         c.current_size += rounded;
         c.requested_size += size;
         c.live += 1;
         c.total_allocations += 1;
-        Some(self.ptr_of(slot))
+        Some(ptr)
     }
 
     /// Frees the used block at `addr`, merging it with free neighbours. Returns the size it was
     /// allocated with, and whether its chunk is now wholly free.
     #[inline]
     pub(crate) fn free(&mut self, addr: usize) -> Result<Freed> {
-        let Some(mut slot) = self.used.remove(addr) else {
+        let blocks = &self.blocks;
+        let is = |s: u32| blocks.get(s as usize).is_some_and(|b| b.addr == addr && b.used);
+        let Some(mut slot) = self.used.remove(addr, is) else {
             return Err(Error::InvalidFree { offset: addr as u64, reason: "not a live allocation of this pool" });
         };
         let b = &mut self.blocks[slot as usize];
@@ -244,18 +238,16 @@ impl BlockArena {
         c.requested_size -= requested;
         c.live -= 1;
         if next != NIL && !self.blocks[next as usize].used {
-            let n = self.blocks[next as usize];
-            self.free.remove(n.size, n.addr, next);
+            self.free.remove(&mut self.blocks, next);
             self.absorb_next(slot);
         }
         if prev != NIL && !self.blocks[prev as usize].used {
-            let p = self.blocks[prev as usize];
-            self.free.remove(p.size, p.addr, prev);
+            self.free.remove(&mut self.blocks, prev);
             self.absorb_next(prev);
             slot = prev;
         }
-        let b = self.blocks[slot as usize];
-        self.free.insert(b.size, b.addr, slot);
+        self.free.insert(&mut self.blocks, slot);
+        let b = &self.blocks[slot as usize];
         let releasable = b.prev == NIL && b.next == NIL;
         if releasable {
             self.counters.releasable_blocks += 1;
@@ -268,8 +260,8 @@ impl BlockArena {
     /// slot and size.
     #[inline]
     pub(crate) fn best_fit_if_whole_chunk(&self, footprint: usize) -> Option<(u32, usize)> {
-        let found = self.free.best_fit(footprint)?;
-        self.spans_chunk(found.slot).then_some((found.slot, found.size))
+        let slot = self.free.best_fit(&self.blocks, footprint)?;
+        self.spans_chunk(slot).then(|| (slot, self.blocks[slot as usize].size))
     }
 
     /// Removes the chunk that block `slot` spans (one free block, as
@@ -299,7 +291,7 @@ impl BlockArena {
     fn remove_chunk(&mut self, index: usize) -> Option<FreedChunk> {
         let chunk = self.chunks.get_mut(index)?.take()?;
         self.spare_chunks.push(index as u32);
-        self.free.remove(chunk.size, chunk.base.as_ptr() as usize, chunk.first);
+        self.free.remove(&mut self.blocks, chunk.first);
         self.recycle(chunk.first);
         let c = &mut self.counters;
         c.actual_size -= chunk.size;
@@ -342,8 +334,8 @@ impl BlockArena {
         let chunks = self.chunks_by_address();
         let mut out: Vec<LiveAllocation> = self
             .used
-            .iter()
-            .map(|(_, slot)| {
+            .slots()
+            .map(|slot| {
                 let b = &self.blocks[slot as usize];
                 let chunk = chunks.partition_point(|c| c.base.as_ptr() as usize <= b.addr) - 1;
                 LiveAllocation {
@@ -379,16 +371,19 @@ impl BlockArena {
                 let Some(b) = self.blocks.get(slot as usize) else {
                     return corrupt(expect, "block slot out of range");
                 };
-                if b.addr != expect || b.prev != prev || b.chunk as usize != index {
+                if b.addr != expect || b.prev != prev || b.chunk as usize != index || b.base != chunk.base {
                     return corrupt(b.addr, "block list does not tile its chunk");
                 }
                 if b.size == 0 || b.size % self.granule != 0 {
                     return corrupt(b.addr, "block size is zero or not a multiple of the granule");
                 }
                 seen.blocks += 1;
+                if seen.blocks > self.blocks.len() {
+                    return corrupt(b.addr, "block list runs in a cycle");
+                }
                 if b.used {
-                    if self.used.get(b.addr) != Some(slot) {
-                        return corrupt(b.addr, "used block missing from the address map");
+                    if self.used.get(b.addr, |s| s == slot) != Some(slot) || b.indexed() {
+                        return corrupt(b.addr, "used block missing from the address table, or indexed as free");
                     }
                     if b.requested == 0 || b.requested > b.size {
                         return corrupt(b.addr, "used block smaller than its request");
@@ -400,7 +395,7 @@ impl BlockArena {
                     if prev != NIL && !self.blocks[prev as usize].used {
                         return corrupt(b.addr, "two free neighbours left unmerged");
                     }
-                    if self.free.get(b.size, b.addr) != Some(slot) {
+                    if self.free.get(&self.blocks, b.size, b.addr) != Some(slot) {
                         return corrupt(b.addr, "free block missing from the size index");
                     }
                     free_seen += 1;
@@ -421,16 +416,22 @@ impl BlockArena {
                 return corrupt(base, "blocks do not add up to the chunk's size");
             }
         }
-        if free_seen != self.free.len() || !self.free.consistent() {
+        if free_seen != self.free.len() || !self.free.consistent(&self.blocks) {
             return corrupt(0, "size index holds blocks that are not free blocks of the arena");
         }
-        if self.used.len() != seen.live || !self.used.consistent() {
+        let addr_of = |s: u32| self.blocks.get(s as usize).filter(|b| b.used).map(|b| b.addr);
+        if self.used.len() != seen.live || !self.used.consistent(addr_of) {
             return corrupt(0, "address table holds blocks that are not used blocks of the arena");
         }
         if seen != self.counters {
             return corrupt(0, "counters disagree with the blocks");
         }
-        if self.blocks.len() - self.spare_blocks.len() != seen.blocks {
+        let (mut spares, mut spare) = (0, self.spare);
+        while spare != NIL && spares <= self.blocks.len() {
+            spares += 1;
+            spare = self.blocks.get(spare as usize).map_or(NIL, |b| b.next);
+        }
+        if spares != self.spares || self.blocks.len() - spares != seen.blocks {
             return corrupt(0, "block table leaks slots");
         }
         Ok(())
@@ -449,56 +450,54 @@ impl BlockArena {
     }
 
     #[inline]
-    fn ptr_of(&self, slot: u32) -> NonNull<u8> {
-        let b = &self.blocks[slot as usize];
-        let chunk = self.chunks[b.chunk as usize].as_ref().expect("a block's chunk is live");
-        let offset = b.addr - chunk.base.as_ptr() as usize;
+    fn ptr_of(b: &Block) -> NonNull<u8> {
+        let offset = b.addr - b.base.as_ptr() as usize;
         // The pointer is derived from the chunk's own pointer (so host memory keeps its
         // provenance) without claiming it is dereferenceable: device memory is not.
-        let ptr = chunk.base.as_ptr().wrapping_add(offset);
-        // SAFETY: `offset < chunk.size` and the chunk `[base, base + size)` does not wrap around
-        // the address space, so `base + offset` is not null.
+        let ptr = b.base.as_ptr().wrapping_add(offset);
+        // SAFETY: the block lies in its chunk, `[base, base + size)`, which does not wrap around
+        // the address space, so `base + offset` (`offset < size`) is not null.
         unsafe { NonNull::new_unchecked(ptr) }
     }
 
     #[inline]
     fn new_block(&mut self, block: Block) -> u32 {
         self.counters.blocks += 1;
-        match self.spare_blocks.pop() {
-            Some(slot) => {
-                self.blocks[slot as usize] = block;
-                slot
-            }
-            None => {
-                self.blocks.push(block);
-                (self.blocks.len() - 1) as u32
-            }
+        if self.spare != NIL {
+            let slot = self.spare;
+            self.spare = self.blocks[slot as usize].next;
+            self.spares -= 1;
+            self.blocks[slot as usize] = block;
+            slot
+        } else {
+            self.blocks.push(block);
+            (self.blocks.len() - 1) as u32
         }
     }
 
     #[inline]
     fn recycle(&mut self, slot: u32) {
         self.counters.blocks -= 1;
-        self.spare_blocks.push(slot);
+        let b = &mut self.blocks[slot as usize];
+        b.used = false;
+        b.prev = NIL;
+        b.next = self.spare;
+        self.spare = slot;
+        self.spares += 1;
     }
 
     /// Splits the block at `slot` after `at` bytes; the new block (returned) is free and
     /// not yet indexed.
     #[inline]
     fn split(&mut self, slot: u32, at: usize) -> u32 {
-        let b = self.blocks[slot as usize];
-        let rest = self.new_block(Block {
-            addr: b.addr + at,
-            size: b.size - at,
-            prev: slot,
-            next: b.next,
-            chunk: b.chunk,
-            used: false,
-            requested: 0,
-            seq: 0,
-        });
-        if b.next != NIL {
-            self.blocks[b.next as usize].prev = rest;
+        let b = &self.blocks[slot as usize];
+        let mut rest = Block::new(b.addr + at, b.size - at, b.chunk, b.base);
+        rest.prev = slot;
+        rest.next = b.next;
+        let next = b.next;
+        let rest = self.new_block(rest);
+        if next != NIL {
+            self.blocks[next as usize].prev = rest;
         }
         let b = &mut self.blocks[slot as usize];
         b.size = at;
@@ -510,13 +509,14 @@ impl BlockArena {
     #[inline]
     fn absorb_next(&mut self, slot: u32) {
         let next = self.blocks[slot as usize].next;
-        let n = self.blocks[next as usize];
-        if n.next != NIL {
-            self.blocks[n.next as usize].prev = slot;
+        let n = &self.blocks[next as usize];
+        let (size, after) = (n.size, n.next);
+        if after != NIL {
+            self.blocks[after as usize].prev = slot;
         }
         let b = &mut self.blocks[slot as usize];
-        b.size += n.size;
-        b.next = n.next;
+        b.size += size;
+        b.next = after;
         self.recycle(next);
     }
 }

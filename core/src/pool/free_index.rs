@@ -1,36 +1,42 @@
 //! [`FreeIndex`]: the free blocks of a pool, by size, for exact best fit in O(log n).
 //!
-//! Sizes fall into 4096 bins: the power of two of the size, split into 64 linear sub-bins (as in
-//! TLSF, with finer steps). A two-level bitmap says which bins hold blocks, so the first bin that
-//! can serve a request is found with a few bit operations. Inside a bin, blocks form a treap (a
-//! binary search tree balanced by random priorities, expected depth O(log n)) ordered by
-//! `(size, address)`, whose nodes live in a table indexed by the owner's block slot: no
-//! allocation and no copying per operation. Best fit is the smallest key `>= (size, 0)` in the
-//! request's own bin, else the smallest key of the next non-empty bin. Bins are narrow (1/64 of
-//! a power of two), so a bin's treap is usually one or two nodes.
+//! Sizes fall into bins: the power of two of the size, split into 64 linear sub-bins (as in TLSF,
+//! with finer steps; sizes below 64 get a bin each). A two-level bitmap says which bins hold
+//! blocks, so the first bin that can serve a request is found with a few bit operations. Inside a
+//! bin, blocks form a treap (a binary search tree balanced by random priorities, expected depth
+//! O(log n)) ordered by `(size, address)`. Best fit is the smallest key `>= (size, 0)` in the
+//! request's own bin, else the smallest key of the next non-empty bin: the smallest block that
+//! holds the request, the lowest address among equals, as an ordered multimap by size gives it.
+//! Bins are narrow (1/64 of a power of two), so a bin's treap is usually one or two nodes.
+//!
+//! The treaps are threaded through the owner's block records ([`Block`]): one record per block,
+//! holding the block's place in memory, its neighbours and its tree links, so an operation reads
+//! each block it visits once, and allocates nothing. Priorities are a hash of the record's slot.
 //!
 //! Only sizes and addresses are stored: nothing here touches the blocks' memory.
 
 use alloc::vec;
 use alloc::vec::Vec;
+use core::ptr::NonNull;
 
-const SUB_BITS: u32 = 6;
+const SUB_BITS: usize = 6;
 const SUB_BINS: usize = 1 << SUB_BITS;
 const BINS: usize = usize::BITS as usize * SUB_BINS;
 const WORDS: usize = BINS / 64;
-const NIL: u32 = u32::MAX;
+/// No block.
+pub(crate) const NIL: u32 = u32::MAX;
 
 /// The bin of a non-zero size. Bins are ordered: a larger size never falls in a lower bin.
 #[inline]
 fn bin_of(size: usize) -> usize {
     debug_assert!(size > 0);
     let log = (usize::BITS - 1 - size.leading_zeros()) as usize;
-    let sub = if log >= SUB_BITS as usize { (size >> (log - SUB_BITS as usize)) & (SUB_BINS - 1) } else { 0 };
-    log * SUB_BINS + sub
+    // Below 64 the size itself is the sub-bin (its top bit is the same for the whole group).
+    (log << SUB_BITS) | (size >> log.saturating_sub(SUB_BITS)) & (SUB_BINS - 1)
 }
 
-/// A node's heap priority: a hash of its slot, so priorities are spread without a generator
-/// (slots are handed out independently of sizes, so this is as good as random for the treap).
+/// A record's heap priority: a hash of its slot. Slots are handed out independently of sizes,
+/// so this is as good as random for the treap, and needs no storage.
 #[inline]
 fn priority(slot: u32) -> u32 {
     let mut x = u64::from(slot).wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -38,45 +44,73 @@ fn priority(slot: u32) -> u32 {
     (x.wrapping_mul(0xD6E8_FEB8_6659_FD93) >> 32) as u32
 }
 
-/// One free block as the index knows it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct FreeEntry {
-    pub size: usize,
+/// One block of memory, as its owner and the index see it: one cache line.
+#[derive(Clone, Copy, Debug)]
+#[repr(C, align(64))]
+pub(crate) struct Block {
+    /// Where the block starts, and its size.
     pub addr: usize,
-    /// The block's slot in the owner's block table.
-    pub slot: u32,
-}
-
-#[derive(Clone, Copy)]
-struct Node {
-    size: usize,
-    addr: usize,
-    /// Left (smaller keys) and right (larger keys) children.
+    pub size: usize,
+    /// The index's tree links (smaller keys, larger keys), while the block is indexed.
     child: [u32; 2],
-    priority: u32,
+    /// The owner's address-order neighbours in the same chunk (`NIL` at either end).
+    pub prev: u32,
+    pub next: u32,
+    /// The owner's chunk number.
+    pub chunk: u32,
+    /// Allocated (the owner's flag).
+    pub used: bool,
+    /// In the index.
     indexed: bool,
+    /// For a used block: the size asked for, and the allocation's sequence number.
+    pub requested: usize,
+    pub seq: u64,
+    /// The chunk's base pointer: the block's pointer is derived from it (so host memory keeps
+    /// its provenance) without a look at the chunk table.
+    pub base: NonNull<u8>,
 }
 
-impl Node {
+impl Block {
+    /// A free, unindexed block.
+    pub(crate) fn new(addr: usize, size: usize, chunk: u32, base: NonNull<u8>) -> Self {
+        Block {
+            addr,
+            size,
+            child: [NIL; 2],
+            prev: NIL,
+            next: NIL,
+            chunk,
+            used: false,
+            indexed: false,
+            requested: 0,
+            seq: 0,
+            base,
+        }
+    }
+
     #[inline]
     fn key(&self) -> (usize, usize) {
         (self.size, self.addr)
     }
+
+    /// Whether the block is in the index.
+    #[inline]
+    pub(crate) fn indexed(&self) -> bool {
+        self.indexed
+    }
 }
 
-const EMPTY: Node = Node { size: 0, addr: 0, child: [NIL; 2], priority: 0, indexed: false };
-
-/// Where a subtree hangs: a bin's root, or a node's left (0) or right (1) child.
+/// Where a subtree hangs: a bin's root, or a record's left (0) or right (1) child.
 #[derive(Clone, Copy)]
 enum Link {
     Root(usize),
     Child(u32, usize),
 }
 
-/// Free blocks by `(size, address)`, binned. See the [module docs](self).
+/// Free blocks by `(size, address)`, binned; the trees run through a `[Block]` table that the
+/// owner keeps and passes in. See the [module docs](self).
 pub(crate) struct FreeIndex {
     roots: Vec<u32>,
-    nodes: Vec<Node>,
     words: [u64; WORDS],
     summary: u64,
     len: usize,
@@ -84,33 +118,32 @@ pub(crate) struct FreeIndex {
 
 impl FreeIndex {
     pub(crate) fn new() -> Self {
-        FreeIndex { roots: vec![NIL; BINS], nodes: Vec::new(), words: [0; WORDS], summary: 0, len: 0 }
+        FreeIndex { roots: vec![NIL; BINS], words: [0; WORDS], summary: 0, len: 0 }
     }
 
     /// How many free blocks are indexed.
+    #[inline]
     pub(crate) fn len(&self) -> usize {
         self.len
     }
 
     #[inline]
-    fn set(&mut self, link: Link, node: u32) {
+    fn set(&mut self, blocks: &mut [Block], link: Link, node: u32) {
         match link {
             Link::Root(bin) => self.roots[bin] = node,
-            Link::Child(parent, side) => self.nodes[parent as usize].child[side] = node,
+            Link::Child(parent, side) => blocks[parent as usize].child[side] = node,
         }
     }
 
-    /// Indexes block `slot` (not indexed yet) as `(size, addr)`.
+    /// Indexes block `slot` (not indexed yet) under its current size and address.
     #[inline]
-    pub(crate) fn insert(&mut self, size: usize, addr: usize, slot: u32) {
-        let s = slot as usize;
-        if s >= self.nodes.len() {
-            self.nodes.resize(s + 1, EMPTY);
-        }
-        debug_assert!(!self.nodes[s].indexed);
-        let priority = priority(slot);
-        self.nodes[s] = Node { size, addr, child: [NIL; 2], priority, indexed: true };
-        let bin = bin_of(size);
+    pub(crate) fn insert(&mut self, blocks: &mut [Block], slot: u32) {
+        let b = &mut blocks[slot as usize];
+        debug_assert!(!b.indexed && b.size > 0);
+        b.indexed = true;
+        b.child = [NIL; 2];
+        let key = b.key();
+        let bin = bin_of(key.0);
         self.len += 1;
         let mut cur = self.roots[bin];
         if cur == NIL {
@@ -119,41 +152,48 @@ impl FreeIndex {
             self.summary |= 1 << (bin / 64);
             return;
         }
-        // Down past the nodes that stay above the new one...
-        let key = (size, addr);
+        // Down past the records that stay above the new one...
+        let p = priority(slot);
         let mut link = Link::Root(bin);
-        while cur != NIL && self.nodes[cur as usize].priority >= priority {
-            let side = usize::from(key > self.nodes[cur as usize].key());
+        while cur != NIL && priority(cur) >= p {
+            let n = &blocks[cur as usize];
+            let side = usize::from(key > n.key());
             link = Link::Child(cur, side);
-            cur = self.nodes[cur as usize].child[side];
+            cur = n.child[side];
         }
-        self.set(link, slot);
-        // ...then split the subtree below at `key` into the new node's two children.
+        self.set(blocks, link, slot);
+        // ...then split the subtree below at `key` into the new record's two children.
         let (mut left, mut right) = (Link::Child(slot, 0), Link::Child(slot, 1));
         while cur != NIL {
-            if self.nodes[cur as usize].key() < key {
-                self.set(left, cur);
+            let n = &blocks[cur as usize];
+            if n.key() < key {
+                let next = n.child[1];
+                self.set(blocks, left, cur);
                 left = Link::Child(cur, 1);
-                cur = self.nodes[cur as usize].child[1];
+                cur = next;
             } else {
-                self.set(right, cur);
+                let next = n.child[0];
+                self.set(blocks, right, cur);
                 right = Link::Child(cur, 0);
-                cur = self.nodes[cur as usize].child[0];
+                cur = next;
             }
         }
-        self.set(left, NIL);
-        self.set(right, NIL);
+        self.set(blocks, left, NIL);
+        self.set(blocks, right, NIL);
     }
 
-    /// Removes block `slot`, indexed as `(size, addr)`; returns whether it was there.
+    /// Removes block `slot` from the index (its size and address as they were indexed); returns
+    /// whether it was there.
     #[inline]
-    pub(crate) fn remove(&mut self, size: usize, addr: usize, slot: u32) -> bool {
-        let s = slot as usize;
-        if self.nodes.get(s).is_none_or(|n| !n.indexed || n.key() != (size, addr)) {
+    pub(crate) fn remove(&mut self, blocks: &mut [Block], slot: u32) -> bool {
+        let Some(b) = blocks.get(slot as usize) else {
+            return false;
+        };
+        if !b.indexed {
             return false;
         }
-        let bin = bin_of(size);
-        let key = (size, addr);
+        let key = b.key();
+        let bin = bin_of(key.0);
         let mut link = Link::Root(bin);
         let mut cur = self.roots[bin];
         while cur != slot {
@@ -161,32 +201,33 @@ impl FreeIndex {
                 // Marked indexed but not in its bin's treap: `consistent` reports it.
                 return false;
             }
-            let side = usize::from(key > self.nodes[cur as usize].key());
+            let n = &blocks[cur as usize];
+            let side = usize::from(key > n.key());
             link = Link::Child(cur, side);
-            cur = self.nodes[cur as usize].child[side];
+            cur = n.child[side];
         }
-        // Merge the two subtrees of the removed node in its place, by priority.
-        let [mut left, mut right] = self.nodes[s].child;
+        // Merge the two subtrees of the removed record in its place, by priority.
+        let [mut left, mut right] = blocks[slot as usize].child;
         loop {
             if left == NIL {
-                self.set(link, right);
+                self.set(blocks, link, right);
                 break;
             }
             if right == NIL {
-                self.set(link, left);
+                self.set(blocks, link, left);
                 break;
             }
-            if self.nodes[left as usize].priority > self.nodes[right as usize].priority {
-                self.set(link, left);
+            if priority(left) > priority(right) {
+                self.set(blocks, link, left);
                 link = Link::Child(left, 1);
-                left = self.nodes[left as usize].child[1];
+                left = blocks[left as usize].child[1];
             } else {
-                self.set(link, right);
+                self.set(blocks, link, right);
                 link = Link::Child(right, 0);
-                right = self.nodes[right as usize].child[0];
+                right = blocks[right as usize].child[0];
             }
         }
-        self.nodes[s].indexed = false;
+        blocks[slot as usize].indexed = false;
         if self.roots[bin] == NIL {
             self.words[bin / 64] &= !(1 << (bin % 64));
             if self.words[bin / 64] == 0 {
@@ -197,11 +238,11 @@ impl FreeIndex {
         true
     }
 
-    /// The slot of block `(size, addr)`, if indexed.
-    pub(crate) fn get(&self, size: usize, addr: usize) -> Option<u32> {
+    /// The slot of the indexed block `(size, addr)`.
+    pub(crate) fn get(&self, blocks: &[Block], size: usize, addr: usize) -> Option<u32> {
         let mut cur = self.roots[bin_of(size)];
         while cur != NIL {
-            let n = &self.nodes[cur as usize];
+            let n = blocks.get(cur as usize)?;
             match (size, addr).cmp(&n.key()) {
                 core::cmp::Ordering::Equal => return Some(cur),
                 core::cmp::Ordering::Less => cur = n.child[0],
@@ -213,12 +254,12 @@ impl FreeIndex {
 
     /// The smallest block of at least `size` bytes, lowest address first among equals.
     #[inline]
-    pub(crate) fn best_fit(&self, size: usize) -> Option<FreeEntry> {
+    pub(crate) fn best_fit(&self, blocks: &[Block], size: usize) -> Option<u32> {
         let bin = bin_of(size);
         let mut cur = self.roots[bin];
         let mut best = NIL;
         while cur != NIL {
-            let n = &self.nodes[cur as usize];
+            let n = &blocks[cur as usize];
             if n.size >= size {
                 best = cur;
                 cur = n.child[0];
@@ -229,67 +270,68 @@ impl FreeIndex {
         if best == NIL {
             let next = self.first_nonempty_from(bin + 1)?;
             best = self.roots[next];
-            while self.nodes[best as usize].child[0] != NIL {
-                best = self.nodes[best as usize].child[0];
+            while blocks[best as usize].child[0] != NIL {
+                best = blocks[best as usize].child[0];
             }
         }
-        let n = &self.nodes[best as usize];
-        Some(FreeEntry { size: n.size, addr: n.addr, slot: best })
+        Some(best)
     }
 
     /// The largest free block's size (0 when there is none).
     #[inline]
-    pub(crate) fn largest(&self) -> usize {
+    pub(crate) fn largest(&self, blocks: &[Block]) -> usize {
         if self.summary == 0 {
             return 0;
         }
         let word = 63 - self.summary.leading_zeros() as usize;
         let bin = word * 64 + 63 - self.words[word].leading_zeros() as usize;
         let mut cur = self.roots[bin];
-        while self.nodes[cur as usize].child[1] != NIL {
-            cur = self.nodes[cur as usize].child[1];
+        while blocks[cur as usize].child[1] != NIL {
+            cur = blocks[cur as usize].child[1];
         }
-        self.nodes[cur as usize].size
+        blocks[cur as usize].size
     }
 
-    /// Whether the bitmaps, the bins and the treaps agree (order and heap property included).
-    pub(crate) fn consistent(&self) -> bool {
+    /// Whether the bitmaps, the bins and the treaps agree (order and heap property included),
+    /// and every record marked indexed is in a treap.
+    pub(crate) fn consistent(&self, blocks: &[Block]) -> bool {
         let mut count = 0;
         for (bin, &root) in self.roots.iter().enumerate() {
             let marked = self.words[bin / 64] >> (bin % 64) & 1 == 1;
             if marked != (root != NIL) || (self.words[bin / 64] != 0) != (self.summary >> (bin / 64) & 1 == 1) {
                 return false;
             }
-            if root != NIL && !self.treap_ok(root, bin, None, None, u32::MAX, &mut count) {
+            if root != NIL && !self.treap_ok(blocks, root, bin, (None, None), u32::MAX, &mut count) {
                 return false;
             }
         }
-        count == self.len && self.nodes.iter().filter(|n| n.indexed).count() == self.len
+        count == self.len && blocks.iter().filter(|b| b.indexed).count() == self.len
     }
 
     fn treap_ok(
         &self,
+        blocks: &[Block],
         node: u32,
         bin: usize,
-        low: Option<(usize, usize)>,
-        high: Option<(usize, usize)>,
+        (low, high): (Option<(usize, usize)>, Option<(usize, usize)>),
         max_priority: u32,
         count: &mut usize,
     ) -> bool {
-        let Some(n) = self.nodes.get(node as usize) else {
+        let Some(n) = blocks.get(node as usize) else {
             return false;
         };
         let key = n.key();
         *count += 1;
-        if !n.indexed || n.priority > max_priority || n.priority != priority(node) || bin_of(n.size) != bin {
+        if !n.indexed || n.size == 0 || priority(node) > max_priority || bin_of(n.size) != bin || *count > self.len {
             return false;
         }
-        if *count > self.len || low.is_some_and(|l| key <= l) || high.is_some_and(|h| key >= h) {
+        if low.is_some_and(|l| key <= l) || high.is_some_and(|h| key >= h) {
             return false;
         }
         let [left, right] = n.child;
-        (left == NIL || self.treap_ok(left, bin, low, Some(key), n.priority, count))
-            && (right == NIL || self.treap_ok(right, bin, Some(key), high, n.priority, count))
+        let p = priority(node);
+        (left == NIL || self.treap_ok(blocks, left, bin, (low, Some(key)), p, count))
+            && (right == NIL || self.treap_ok(blocks, right, bin, (Some(key), high), p, count))
     }
 
     fn first_nonempty_from(&self, bin: usize) -> Option<usize> {
@@ -314,6 +356,55 @@ impl FreeIndex {
 mod tests {
     use super::*;
 
+    #[derive(Debug, PartialEq)]
+    struct Entry {
+        size: usize,
+        addr: usize,
+    }
+
+    /// An index with its own block table, for testing it alone.
+    struct Standalone {
+        index: FreeIndex,
+        blocks: Vec<Block>,
+    }
+
+    impl Standalone {
+        fn new() -> Self {
+            Standalone { index: FreeIndex::new(), blocks: Vec::new() }
+        }
+
+        fn insert(&mut self, size: usize, addr: usize, slot: u32) {
+            let s = slot as usize;
+            if s >= self.blocks.len() {
+                self.blocks.resize(s + 1, Block::new(0, 0, 0, NonNull::dangling()));
+            }
+            self.blocks[s] = Block::new(addr, size, 0, NonNull::dangling());
+            self.index.insert(&mut self.blocks, slot);
+        }
+
+        fn remove(&mut self, size: usize, addr: usize, slot: u32) -> bool {
+            let here = self.blocks.get(slot as usize).is_some_and(|b| b.key() == (size, addr));
+            here && self.index.remove(&mut self.blocks, slot)
+        }
+
+        fn best_fit(&self, size: usize) -> Option<Entry> {
+            let b = &self.blocks[self.index.best_fit(&self.blocks, size)? as usize];
+            Some(Entry { size: b.size, addr: b.addr })
+        }
+
+        fn largest(&self) -> usize {
+            self.index.largest(&self.blocks)
+        }
+
+        fn len(&self) -> usize {
+            self.index.len()
+        }
+
+        fn consistent(&self) -> bool {
+            self.index.consistent(&self.blocks)
+        }
+    }
+
     #[test]
     fn bins_are_ordered_by_size() {
         let mut last = 0;
@@ -326,7 +417,7 @@ mod tests {
 
     #[test]
     fn best_fit_is_the_smallest_block_that_fits() {
-        let mut index = FreeIndex::new();
+        let mut index = Standalone::new();
         let blocks = [(4096, 0x1000), (300, 0x9000), (256, 0x8000), (256, 0x7000), (1 << 20, 0x100000)];
         for (i, (size, addr)) in blocks.into_iter().enumerate() {
             index.insert(size, addr, i as u32);
@@ -347,7 +438,7 @@ mod tests {
 
     #[test]
     fn many_blocks_in_one_bin_stay_ordered_and_balanced() {
-        let mut index = FreeIndex::new();
+        let mut index = Standalone::new();
         // 2000 sizes in one bin (2 MiB .. 2 MiB + 32 KiB), inserted out of order.
         let size = |i: usize| (2 << 20) + (i * 7919 % 2000) * 16;
         for i in 0..2000 {
