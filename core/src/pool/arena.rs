@@ -181,7 +181,7 @@ impl BlockArena {
 
     /// Serves `size` bytes aligned to `align` from the best-fitting free block, or `None` when no
     /// free block is large enough. `footprint(size, align)` must have succeeded.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn allocate(&mut self, size: usize, align: usize) -> Option<NonNull<u8>> {
         let rounded = round_up(size, self.granule)?;
         let footprint = rounded.checked_add(align.saturating_sub(self.granule))?;
@@ -223,7 +223,7 @@ impl BlockArena {
 
     /// Frees the used block at `addr`, merging it with free neighbours. Returns the size it was
     /// allocated with, and whether its chunk is now wholly free.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn free(&mut self, addr: usize) -> Result<Freed> {
         let blocks = &self.blocks;
         let is = |s: u32| blocks.get(s as usize).is_some_and(|b| b.addr == addr && b.used);
@@ -273,15 +273,19 @@ impl BlockArena {
         self.remove_chunk(self.blocks[slot as usize].chunk as usize)
     }
 
-    /// Removes every chunk that is one free block and returns them, for the owner to hand back.
-    pub(crate) fn take_free_chunks(&mut self) -> Vec<FreedChunk> {
+    /// Removes chunks that are one free block, in table order, until their bytes reach `wanted`
+    /// or none is left (`usize::MAX`: all of them), and returns them for the owner to hand back.
+    pub(crate) fn take_free_chunks(&mut self, wanted: usize) -> Vec<FreedChunk> {
         let mut out = Vec::new();
-        if self.counters.releasable_blocks == 0 {
-            return out;
-        }
+        let mut bytes = 0usize;
         for index in 0..self.chunks.len() {
+            if self.counters.releasable_blocks == 0 || bytes >= wanted {
+                break;
+            }
             if self.chunks[index].as_ref().is_some_and(|chunk| self.spans_chunk(chunk.first)) {
-                out.extend(self.remove_chunk(index));
+                let chunk = self.remove_chunk(index);
+                bytes = bytes.saturating_add(chunk.as_ref().map_or(0, |c| c.size));
+                out.extend(chunk);
             }
         }
         out
@@ -561,7 +565,7 @@ mod tests {
         assert_eq!(blocks, [(0, 0xff0, false), (0xff0, 64, true), (0x1030, 8192 - 16 - 0x1030, false)]);
         arena.free(p).unwrap();
         arena.check("test").unwrap();
-        assert_eq!(arena.take_free_chunks().len(), 1);
+        assert_eq!(arena.take_free_chunks(usize::MAX).len(), 1);
         assert_eq!(arena.counters().actual_size, 0);
         arena.check("test").unwrap();
     }

@@ -22,6 +22,7 @@ use core::ptr::NonNull;
 const SUB_BITS: usize = 6;
 const SUB_BINS: usize = 1 << SUB_BITS;
 const BINS: usize = usize::BITS as usize * SUB_BINS;
+const _: () = assert!(BINS % 64 == 0 && (usize::BITS as usize - SUB_BITS + 1) * SUB_BINS <= BINS);
 const WORDS: usize = BINS / 64;
 /// No block.
 pub(crate) const NIL: u32 = u32::MAX;
@@ -31,8 +32,10 @@ pub(crate) const NIL: u32 = u32::MAX;
 fn bin_of(size: usize) -> usize {
     debug_assert!(size > 0);
     let log = (usize::BITS - 1 - size.leading_zeros()) as usize;
-    // Below 64 the size itself is the sub-bin (its top bit is the same for the whole group).
-    (log << SUB_BITS) | (size >> log.saturating_sub(SUB_BITS)) & (SUB_BINS - 1)
+    // Below 64 the bin is the size; from 64 on, `size >> shift` keeps the top 7 bits (64..=127),
+    // and each doubling moves up 64 bins.
+    let shift = log.saturating_sub(SUB_BITS);
+    (size >> shift) + (shift << SUB_BITS)
 }
 
 /// A record's heap priority: a hash of its slot. Slots are handed out independently of sizes,
@@ -135,8 +138,22 @@ impl FreeIndex {
         }
     }
 
+    #[inline(always)]
+    fn mark(&mut self, bin: usize) {
+        self.words[bin / 64] |= 1 << (bin % 64);
+        self.summary |= 1 << (bin / 64);
+    }
+
+    #[inline(always)]
+    fn unmark(&mut self, bin: usize) {
+        self.words[bin / 64] &= !(1 << (bin % 64));
+        if self.words[bin / 64] == 0 {
+            self.summary &= !(1 << (bin / 64));
+        }
+    }
+
     /// Indexes block `slot` (not indexed yet) under its current size and address.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn insert(&mut self, blocks: &mut [Block], slot: u32) {
         let b = &mut blocks[slot as usize];
         debug_assert!(!b.indexed && b.size > 0);
@@ -145,16 +162,22 @@ impl FreeIndex {
         let key = b.key();
         let bin = bin_of(key.0);
         self.len += 1;
-        let mut cur = self.roots[bin];
-        if cur == NIL {
+        let root = self.roots[bin];
+        if root == NIL {
             self.roots[bin] = slot;
-            self.words[bin / 64] |= 1 << (bin % 64);
-            self.summary |= 1 << (bin / 64);
-            return;
+            self.mark(bin);
+        } else {
+            self.insert_below(blocks, bin, root, slot, key);
         }
+    }
+
+    /// Inserts `slot` (key `key`) into the non-empty treap of `bin`, rooted at `root`.
+    #[inline(never)]
+    fn insert_below(&mut self, blocks: &mut [Block], bin: usize, root: u32, slot: u32, key: (usize, usize)) {
         // Down past the records that stay above the new one...
         let p = priority(slot);
         let mut link = Link::Root(bin);
+        let mut cur = root;
         while cur != NIL && priority(cur) >= p {
             let n = &blocks[cur as usize];
             let side = usize::from(key > n.key());
@@ -184,7 +207,7 @@ impl FreeIndex {
 
     /// Removes block `slot` from the index (its size and address as they were indexed); returns
     /// whether it was there.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn remove(&mut self, blocks: &mut [Block], slot: u32) -> bool {
         let Some(b) = blocks.get(slot as usize) else {
             return false;
@@ -192,8 +215,23 @@ impl FreeIndex {
         if !b.indexed {
             return false;
         }
-        let key = b.key();
-        let bin = bin_of(key.0);
+        let bin = bin_of(b.size);
+        if self.roots[bin] == slot && b.child == [NIL; 2] {
+            // The bin's only block.
+            self.roots[bin] = NIL;
+            self.unmark(bin);
+        } else if !self.remove_below(blocks, bin, slot) {
+            return false;
+        }
+        blocks[slot as usize].indexed = false;
+        self.len -= 1;
+        true
+    }
+
+    /// Takes `slot` out of the treap of `bin`; false if it is not there.
+    #[inline(never)]
+    fn remove_below(&mut self, blocks: &mut [Block], bin: usize, slot: u32) -> bool {
+        let key = blocks[slot as usize].key();
         let mut link = Link::Root(bin);
         let mut cur = self.roots[bin];
         while cur != slot {
@@ -227,14 +265,9 @@ impl FreeIndex {
                 right = blocks[right as usize].child[0];
             }
         }
-        blocks[slot as usize].indexed = false;
         if self.roots[bin] == NIL {
-            self.words[bin / 64] &= !(1 << (bin % 64));
-            if self.words[bin / 64] == 0 {
-                self.summary &= !(1 << (bin / 64));
-            }
+            self.unmark(bin);
         }
-        self.len -= 1;
         true
     }
 
@@ -253,7 +286,7 @@ impl FreeIndex {
     }
 
     /// The smallest block of at least `size` bytes, lowest address first among equals.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn best_fit(&self, blocks: &[Block], size: usize) -> Option<u32> {
         let bin = bin_of(size);
         let mut cur = self.roots[bin];

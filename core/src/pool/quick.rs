@@ -221,8 +221,14 @@ impl<R: MemoryResource> QuickPool<R> {
 
     /// Hands every wholly free upstream block back; returns the bytes handed back.
     pub fn release(&mut self) -> usize {
+        self.release_up_to(usize::MAX)
+    }
+
+    /// Hands wholly free upstream blocks back until at least `wanted` bytes went back or none is
+    /// left; returns the bytes handed back.
+    fn release_up_to(&mut self, wanted: usize) -> usize {
         let mut bytes = 0;
-        for chunk in self.arena.take_free_chunks() {
+        for chunk in self.arena.take_free_chunks(wanted) {
             bytes += chunk.size;
             // SAFETY: the chunk came from `self.upstream.allocate(chunk.size, chunk.align)` and
             // the arena has just forgotten it, so no allocation points into it.
@@ -299,14 +305,15 @@ impl<R: MemoryResource> QuickPool<R> {
     /// Takes a block from upstream for a request that needs `footprint` bytes at `align`.
     fn grow(&mut self, footprint: usize, align: usize) -> Result<()> {
         let granule = self.config.alignment;
-        if self.release_when_growing {
-            // No free block holds `footprint` bytes, so none of these is of use to the request.
-            self.release();
-        }
         let first = self.upstream_allocations == 0;
         let wanted = if first { self.config.first_block_size } else { self.config.next_block_size };
         // Both are multiples of the granule; `footprint` is, by construction.
         let mut size = round_up(wanted, granule).unwrap_or(usize::MAX & !(granule - 1)).max(footprint);
+        if self.release_when_growing {
+            // No free block holds `footprint` bytes, so none of these is of use to the request;
+            // handing back as many bytes as the pool is about to take keeps its size.
+            self.release_up_to(size);
+        }
         if let Some(max) = self.config.max_size {
             let mut room = max.saturating_sub(self.arena.counters().actual_size) & !(granule - 1);
             if room < footprint {
