@@ -5,8 +5,9 @@
 //! hashing). The entry's home is the fingerprint's top bits, so the table never needs the
 //! address itself to rehash or to shift entries back on removal (no tombstones build up). The
 //! address lives in the owner's block record: a lookup compares fingerprints, then asks the owner
-//! whether the slot is the one (`is`), which reads the record the caller wants next anyway. At a
-//! load of at most one half, a lookup reads one or two entries, eight to a cache line.
+//! whether the slot is the one (`is`), which reads the record the caller wants next anyway. The
+//! load stays at most one quarter, so a lookup usually reads one entry (eight share a cache line)
+//! and the loops take the same, predictable path.
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -55,7 +56,7 @@ impl AddrTable {
     /// entry would shadow nothing and be found only through `is`).
     #[inline]
     pub(crate) fn insert(&mut self, addr: usize, slot: u32) {
-        if (self.len + 1) * 2 > self.entries.len() {
+        if (self.len + 1) * 4 > self.entries.len() {
             self.grow();
         }
         let fp = fingerprint(addr);

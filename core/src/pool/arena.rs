@@ -492,7 +492,7 @@ impl BlockArena {
 
     /// Splits the block at `slot` after `at` bytes; the new block (returned) is free and
     /// not yet indexed.
-    #[inline]
+    #[inline(always)]
     fn split(&mut self, slot: u32, at: usize) -> u32 {
         let b = &self.blocks[slot as usize];
         let mut rest = Block::new(b.addr + at, b.size - at, b.chunk, b.base);

@@ -1,13 +1,16 @@
 //! [`FreeIndex`]: the free blocks of a pool, by size, for exact best fit in O(log n).
 //!
-//! Sizes fall into bins: the power of two of the size, split into 64 linear sub-bins (as in TLSF,
-//! with finer steps; sizes below 64 get a bin each). A two-level bitmap says which bins hold
-//! blocks, so the first bin that can serve a request is found with a few bit operations. Inside a
+//! Sizes fall into bins: the power of two of the size, split into 256 linear sub-bins (as in
+//! TLSF, with finer steps; sizes below 256 get a bin each). A two-level bitmap says which bins
+//! hold blocks, so the first bin that can serve a request is found with a few bit operations. The
+//! bins are narrow so that most hold one block or none: the common operations then take the
+//! same, predictable path (set or clear a root and a bit), which matters more than their
+//! instruction count. Inside a
 //! bin, blocks form a treap (a binary search tree balanced by random priorities, expected depth
 //! O(log n)) ordered by `(size, address)`. Best fit is the smallest key `>= (size, 0)` in the
 //! request's own bin, else the smallest key of the next non-empty bin: the smallest block that
 //! holds the request, the lowest address among equals, as an ordered multimap by size gives it.
-//! Bins are narrow (1/64 of a power of two), so a bin's treap is usually one or two nodes.
+//! A bin spans 1/256 of a power of two, so its treap is usually one node.
 //!
 //! The treaps are threaded through the owner's block records ([`Block`]): one record per block,
 //! holding the block's place in memory, its neighbours and its tree links, so an operation reads
@@ -19,11 +22,12 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::ptr::NonNull;
 
-const SUB_BITS: usize = 6;
+const SUB_BITS: usize = 8;
 const SUB_BINS: usize = 1 << SUB_BITS;
 const BINS: usize = usize::BITS as usize * SUB_BINS;
 const _: () = assert!(BINS % 64 == 0 && (usize::BITS as usize - SUB_BITS + 1) * SUB_BINS <= BINS);
 const WORDS: usize = BINS / 64;
+const SUMMARY_WORDS: usize = WORDS.div_ceil(64);
 /// No block.
 pub(crate) const NIL: u32 = u32::MAX;
 
@@ -32,8 +36,8 @@ pub(crate) const NIL: u32 = u32::MAX;
 fn bin_of(size: usize) -> usize {
     debug_assert!(size > 0);
     let log = (usize::BITS - 1 - size.leading_zeros()) as usize;
-    // Below 64 the bin is the size; from 64 on, `size >> shift` keeps the top 7 bits (64..=127),
-    // and each doubling moves up 64 bins.
+    // Below 256 the bin is the size; from 256 on, `size >> shift` keeps the top 9 bits
+    // (256..=511), and each doubling moves up 256 bins.
     let shift = log.saturating_sub(SUB_BITS);
     (size >> shift) + (shift << SUB_BITS)
 }
@@ -114,14 +118,16 @@ enum Link {
 /// owner keeps and passes in. See the [module docs](self).
 pub(crate) struct FreeIndex {
     roots: Vec<u32>,
-    words: [u64; WORDS],
-    summary: u64,
+    /// Bit `b % 64` of `words[b / 64]` says whether bin `b` holds blocks.
+    words: Vec<u64>,
+    /// Bit `w % 64` of `summary[w / 64]` says whether `words[w]` has a bit set.
+    summary: [u64; SUMMARY_WORDS],
     len: usize,
 }
 
 impl FreeIndex {
     pub(crate) fn new() -> Self {
-        FreeIndex { roots: vec![NIL; BINS], words: [0; WORDS], summary: 0, len: 0 }
+        FreeIndex { roots: vec![NIL; BINS], words: vec![0; WORDS], summary: [0; SUMMARY_WORDS], len: 0 }
     }
 
     /// How many free blocks are indexed.
@@ -141,14 +147,14 @@ impl FreeIndex {
     #[inline(always)]
     fn mark(&mut self, bin: usize) {
         self.words[bin / 64] |= 1 << (bin % 64);
-        self.summary |= 1 << (bin / 64);
+        self.summary[bin / 4096] |= 1 << (bin / 64 % 64);
     }
 
     #[inline(always)]
     fn unmark(&mut self, bin: usize) {
         self.words[bin / 64] &= !(1 << (bin % 64));
         if self.words[bin / 64] == 0 {
-            self.summary &= !(1 << (bin / 64));
+            self.summary[bin / 4096] &= !(1 << (bin / 64 % 64));
         }
     }
 
@@ -313,10 +319,10 @@ impl FreeIndex {
     /// The largest free block's size (0 when there is none).
     #[inline]
     pub(crate) fn largest(&self, blocks: &[Block]) -> usize {
-        if self.summary == 0 {
+        let Some(top) = (0..SUMMARY_WORDS).rev().find(|&i| self.summary[i] != 0) else {
             return 0;
-        }
-        let word = 63 - self.summary.leading_zeros() as usize;
+        };
+        let word = top * 64 + 63 - self.summary[top].leading_zeros() as usize;
         let bin = word * 64 + 63 - self.words[word].leading_zeros() as usize;
         let mut cur = self.roots[bin];
         while blocks[cur as usize].child[1] != NIL {
@@ -329,13 +335,18 @@ impl FreeIndex {
     /// and every record marked indexed is in a treap.
     pub(crate) fn consistent(&self, blocks: &[Block]) -> bool {
         let mut count = 0;
-        for (bin, &root) in self.roots.iter().enumerate() {
-            let marked = self.words[bin / 64] >> (bin % 64) & 1 == 1;
-            if marked != (root != NIL) || (self.words[bin / 64] != 0) != (self.summary >> (bin / 64) & 1 == 1) {
+        for (w, &word) in self.words.iter().enumerate() {
+            if (word != 0) != (self.summary[w / 64] >> (w % 64) & 1 == 1) {
                 return false;
             }
-            if root != NIL && !self.treap_ok(blocks, root, bin, (None, None), u32::MAX, &mut count) {
-                return false;
+            for (i, &root) in self.roots[w * 64..(w + 1) * 64].iter().enumerate() {
+                let bin = w * 64 + i;
+                if (word >> i & 1 == 1) != (root != NIL) {
+                    return false;
+                }
+                if root != NIL && !self.treap_ok(blocks, root, bin, (None, None), u32::MAX, &mut count) {
+                    return false;
+                }
             }
         }
         count == self.len && blocks.iter().filter(|b| b.indexed).count() == self.len
@@ -376,11 +387,18 @@ impl FreeIndex {
         if bits != 0 {
             return Some(word * 64 + bits.trailing_zeros() as usize);
         }
-        let above = if word + 1 < WORDS { self.summary & (!0u64 << (word + 1)) } else { 0 };
-        if above == 0 {
-            return None;
+        // The next non-empty word after `word`, through the summary.
+        let from = word + 1;
+        let mut i = from / 64;
+        let mut above = if i < SUMMARY_WORDS { self.summary[i] & (!0u64 << (from % 64)) } else { 0 };
+        while above == 0 {
+            i += 1;
+            if i >= SUMMARY_WORDS {
+                return None;
+            }
+            above = self.summary[i];
         }
-        let word = above.trailing_zeros() as usize;
+        let word = i * 64 + above.trailing_zeros() as usize;
         Some(word * 64 + self.words[word].trailing_zeros() as usize)
     }
 }
