@@ -185,8 +185,7 @@ impl BlockArena {
     pub(crate) fn allocate(&mut self, size: usize, align: usize) -> Option<NonNull<u8>> {
         let rounded = round_up(size, self.granule)?;
         let footprint = rounded.checked_add(align.saturating_sub(self.granule))?;
-        let mut slot = self.free.best_fit(&self.blocks, footprint)?;
-        self.free.remove(&mut self.blocks, slot);
+        let mut slot = self.free.take_best_fit(&mut self.blocks, footprint)?;
         let b = &self.blocks[slot as usize];
         let (addr, found) = (b.addr, b.size);
         if b.prev == NIL && b.next == NIL {

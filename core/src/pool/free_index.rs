@@ -107,13 +107,6 @@ impl Block {
     }
 }
 
-/// Where a subtree hangs: a bin's root, or a record's left (0) or right (1) child.
-#[derive(Clone, Copy)]
-enum Link {
-    Root(usize),
-    Child(u32, usize),
-}
-
 /// Free blocks by `(size, address)`, binned; the trees run through a `[Block]` table that the
 /// owner keeps and passes in. See the [module docs](self).
 pub(crate) struct FreeIndex {
@@ -136,11 +129,14 @@ impl FreeIndex {
         self.len
     }
 
-    #[inline]
-    fn set(&mut self, blocks: &mut [Block], link: Link, node: u32) {
-        match link {
-            Link::Root(bin) => self.roots[bin] = node,
-            Link::Child(parent, side) => blocks[parent as usize].child[side] = node,
+    /// Hangs `node` where `(parent, side)` says: a record's child, or the root of `bin` when
+    /// `parent` is `NIL`.
+    #[inline(always)]
+    fn attach(&mut self, blocks: &mut [Block], bin: usize, (parent, side): (u32, usize), node: u32) {
+        if parent == NIL {
+            self.roots[bin] = node;
+        } else {
+            blocks[parent as usize].child[side] = node;
         }
     }
 
@@ -178,37 +174,37 @@ impl FreeIndex {
     }
 
     /// Inserts `slot` (key `key`) into the non-empty treap of `bin`, rooted at `root`.
-    #[inline(never)]
+    #[inline(always)]
     fn insert_below(&mut self, blocks: &mut [Block], bin: usize, root: u32, slot: u32, key: (usize, usize)) {
         // Down past the records that stay above the new one...
         let p = priority(slot);
-        let mut link = Link::Root(bin);
+        let mut at = (NIL, 0);
         let mut cur = root;
         while cur != NIL && priority(cur) >= p {
             let n = &blocks[cur as usize];
             let side = usize::from(key > n.key());
-            link = Link::Child(cur, side);
+            at = (cur, side);
             cur = n.child[side];
         }
-        self.set(blocks, link, slot);
+        self.attach(blocks, bin, at, slot);
         // ...then split the subtree below at `key` into the new record's two children.
-        let (mut left, mut right) = (Link::Child(slot, 0), Link::Child(slot, 1));
+        let (mut left, mut right) = ((slot, 0), (slot, 1));
         while cur != NIL {
             let n = &blocks[cur as usize];
             if n.key() < key {
                 let next = n.child[1];
-                self.set(blocks, left, cur);
-                left = Link::Child(cur, 1);
+                blocks[left.0 as usize].child[left.1] = cur;
+                left = (cur, 1);
                 cur = next;
             } else {
                 let next = n.child[0];
-                self.set(blocks, right, cur);
-                right = Link::Child(cur, 0);
+                blocks[right.0 as usize].child[right.1] = cur;
+                right = (cur, 0);
                 cur = next;
             }
         }
-        self.set(blocks, left, NIL);
-        self.set(blocks, right, NIL);
+        blocks[left.0 as usize].child[left.1] = NIL;
+        blocks[right.0 as usize].child[right.1] = NIL;
     }
 
     /// Removes block `slot` from the index (its size and address as they were indexed); returns
@@ -221,12 +217,7 @@ impl FreeIndex {
         if !b.indexed {
             return false;
         }
-        let bin = bin_of(b.size);
-        if self.roots[bin] == slot && b.child == [NIL; 2] {
-            // The bin's only block.
-            self.roots[bin] = NIL;
-            self.unmark(bin);
-        } else if !self.remove_below(blocks, bin, slot) {
+        if !self.remove_below(blocks, bin_of(b.size), slot) {
             return false;
         }
         blocks[slot as usize].indexed = false;
@@ -235,10 +226,10 @@ impl FreeIndex {
     }
 
     /// Takes `slot` out of the treap of `bin`; false if it is not there.
-    #[inline(never)]
+    #[inline(always)]
     fn remove_below(&mut self, blocks: &mut [Block], bin: usize, slot: u32) -> bool {
         let key = blocks[slot as usize].key();
-        let mut link = Link::Root(bin);
+        let mut at = (NIL, 0);
         let mut cur = self.roots[bin];
         while cur != slot {
             if cur == NIL {
@@ -247,34 +238,40 @@ impl FreeIndex {
             }
             let n = &blocks[cur as usize];
             let side = usize::from(key > n.key());
-            link = Link::Child(cur, side);
+            at = (cur, side);
             cur = n.child[side];
         }
-        // Merge the two subtrees of the removed record in its place, by priority.
+        self.unlink(blocks, bin, at, slot);
+        true
+    }
+
+    /// Replaces `slot`, which hangs at `at` in the treap of `bin`, by the merge of its two
+    /// subtrees (by priority), and clears the bin's bit if it is left empty.
+    #[inline(always)]
+    fn unlink(&mut self, blocks: &mut [Block], bin: usize, mut at: (u32, usize), slot: u32) {
         let [mut left, mut right] = blocks[slot as usize].child;
         loop {
             if left == NIL {
-                self.set(blocks, link, right);
+                self.attach(blocks, bin, at, right);
                 break;
             }
             if right == NIL {
-                self.set(blocks, link, left);
+                self.attach(blocks, bin, at, left);
                 break;
             }
             if priority(left) > priority(right) {
-                self.set(blocks, link, left);
-                link = Link::Child(left, 1);
+                self.attach(blocks, bin, at, left);
+                at = (left, 1);
                 left = blocks[left as usize].child[1];
             } else {
-                self.set(blocks, link, right);
-                link = Link::Child(right, 0);
+                self.attach(blocks, bin, at, right);
+                at = (right, 0);
                 right = blocks[right as usize].child[0];
             }
         }
         if self.roots[bin] == NIL {
             self.unmark(bin);
         }
-        true
     }
 
     /// The slot of the indexed block `(size, addr)`.
@@ -313,6 +310,42 @@ impl FreeIndex {
                 best = blocks[best as usize].child[0];
             }
         }
+        Some(best)
+    }
+
+    /// Finds the best fit for `size` bytes (as [`best_fit`](Self::best_fit)) and takes it out
+    /// of the index in the same walk.
+    #[inline(always)]
+    pub(crate) fn take_best_fit(&mut self, blocks: &mut [Block], size: usize) -> Option<u32> {
+        let mut bin = bin_of(size);
+        let mut cur = self.roots[bin];
+        let (mut best, mut best_at) = (NIL, (NIL, 0));
+        let mut at = (NIL, 0);
+        while cur != NIL {
+            let n = &blocks[cur as usize];
+            if n.size >= size {
+                (best, best_at) = (cur, at);
+                at = (cur, 0);
+                cur = n.child[0];
+            } else {
+                at = (cur, 1);
+                cur = n.child[1];
+            }
+        }
+        if best == NIL {
+            bin = self.first_nonempty_from(bin + 1)?;
+            (best, best_at) = (self.roots[bin], (NIL, 0));
+            loop {
+                let left = blocks[best as usize].child[0];
+                if left == NIL {
+                    break;
+                }
+                (best, best_at) = (left, (best, 0));
+            }
+        }
+        self.unlink(blocks, bin, best_at, best);
+        blocks[best as usize].indexed = false;
+        self.len -= 1;
         Some(best)
     }
 
@@ -447,6 +480,12 @@ mod tests {
             self.index.largest(&self.blocks)
         }
 
+        fn take_best_fit(&mut self, size: usize) -> Option<Entry> {
+            let slot = self.index.take_best_fit(&mut self.blocks, size)?;
+            let b = &self.blocks[slot as usize];
+            Some(Entry { size: b.size, addr: b.addr })
+        }
+
         fn len(&self) -> usize {
             self.index.len()
         }
@@ -505,5 +544,23 @@ mod tests {
         }
         assert!(index.consistent());
         assert_eq!(index.len(), 2000 - 667);
+    }
+
+    #[test]
+    fn taking_the_best_fit_removes_what_best_fit_names() {
+        let mut index = Standalone::new();
+        let size = |i: usize| 64 + (i * 7919 % 3000) * 16;
+        for i in 0..3000 {
+            index.insert(size(i), 0x10_0000 + 0x1000 * i, i as u32);
+        }
+        let mut want = 1;
+        while index.len() > 0 {
+            let expected = index.best_fit(want);
+            assert_eq!(index.take_best_fit(want), expected);
+            assert!(!index.best_fit(want).is_some_and(|e| Some(&e) == expected.as_ref()));
+            want = if expected.is_some() { (want * 37 + 11) % 50_000 } else { 1 };
+        }
+        assert!(index.consistent());
+        assert_eq!(index.take_best_fit(1), None);
     }
 }
