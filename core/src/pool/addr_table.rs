@@ -1,171 +1,153 @@
-//! [`AddrTable`]: block slots by address, for the pools' frees.
+//! [`AddrTable`]: used blocks by address, for the pools' frees.
 //!
-//! An open-addressing hash table with linear probing over 8-byte entries: a block slot and a
-//! 32-bit fingerprint of its address, the top half of the address times 2^64 / φ (Fibonacci
-//! hashing). The entry's home is the fingerprint's top bits, so the table never needs the
-//! address itself to rehash or to shift entries back on removal (no tombstones build up). The
-//! address lives in the owner's block record: a lookup compares fingerprints, then asks the owner
-//! whether the slot is the one (`is`), which reads the record the caller wants next anyway. The
-//! load stays at most one quarter, so a lookup usually reads one entry (eight share a cache line)
-//! and the loops take the same, predictable path.
+//! A chained hash table whose chains run through the block records themselves: a bucket holds
+//! the slot of one used block, and that block's record holds the next ([`Block::chain`]). A used
+//! block is never in the free index, so the record's tree links are free to carry the chain.
+//! Buckets are chosen by Fibonacci hashing (the address times 2^64 / φ, top bits), and there are
+//! at least twice as many buckets as used blocks, so a chain is usually one block long: an
+//! insert is two stores, and a removal reads the bucket and the record the caller wants next
+//! anyway. No loop runs in the common case, so the branches are predictable.
+//!
+//! Only addresses and slots are stored: nothing here touches the blocks' memory.
 
 use alloc::vec;
 use alloc::vec::Vec;
 
+use super::free_index::{Block, NIL};
+
 /// 2^64 / φ, odd: multiplying by it spreads every address bit into the top bits.
 const FIBONACCI: u64 = 0x9E37_79B9_7F4A_7C15;
 const MIN_BITS: u32 = 4;
-const VACANT: u64 = u64::MAX;
 
-#[inline]
-fn fingerprint(addr: usize) -> u32 {
-    ((addr as u64).wrapping_mul(FIBONACCI) >> 32) as u32
-}
-
-#[inline]
-fn entry(fp: u32, slot: u32) -> u64 {
-    u64::from(fp) << 32 | u64::from(slot)
-}
-
-/// Block slots by address. See the [module docs](self).
+/// Used blocks by address, chained through their records. See the [module docs](self).
 pub(crate) struct AddrTable {
-    /// `fingerprint << 32 | slot`, or `VACANT`; the length is a power of two (or zero).
-    entries: Vec<u64>,
+    /// The first block of each bucket's chain (`NIL`: none); the length is a power of two.
+    buckets: Vec<u32>,
     len: usize,
-    /// `32 - log2(capacity)`: a fingerprint's home is its top bits.
+    /// `64 - log2(buckets)`.
     shift: u32,
 }
 
 impl AddrTable {
     pub(crate) fn new() -> Self {
-        AddrTable { entries: Vec::new(), len: 0, shift: 32 }
+        AddrTable { buckets: vec![NIL; 1 << MIN_BITS], len: 0, shift: 64 - MIN_BITS }
     }
 
-    /// How many slots are stored.
+    /// How many blocks are stored.
     #[inline]
     pub(crate) fn len(&self) -> usize {
         self.len
     }
 
-    #[inline]
-    fn home(&self, fp: u32) -> usize {
-        (u64::from(fp) >> self.shift) as usize
+    #[inline(always)]
+    fn bucket(&self, addr: usize) -> usize {
+        ((addr as u64).wrapping_mul(FIBONACCI) >> self.shift) as usize
     }
 
-    /// Stores `slot` under `addr`. The caller makes sure `addr` is not stored yet (a second
-    /// entry would shadow nothing and be found only through `is`).
-    #[inline]
-    pub(crate) fn insert(&mut self, addr: usize, slot: u32) {
-        if (self.len + 1) * 4 > self.entries.len() {
-            self.grow();
+    /// Stores used block `slot` under its address. The caller makes sure no stored block has
+    /// that address.
+    #[inline(always)]
+    pub(crate) fn insert(&mut self, blocks: &mut [Block], slot: u32) {
+        if self.len * 2 >= self.buckets.len() {
+            self.grow(blocks);
         }
-        let fp = fingerprint(addr);
-        let mask = self.entries.len() - 1;
-        let mut i = self.home(fp);
-        while self.entries[i] != VACANT {
-            i = (i + 1) & mask;
-        }
-        self.entries[i] = entry(fp, slot);
+        let b = &mut blocks[slot as usize];
+        let h = self.bucket(b.addr);
+        *b.chain_mut() = self.buckets[h];
+        self.buckets[h] = slot;
         self.len += 1;
     }
 
-    /// Where the slot stored under `addr` is: the entry whose fingerprint matches and whose slot
-    /// `is(slot)` confirms.
-    #[inline]
-    fn find(&self, addr: usize, is: impl Fn(u32) -> bool) -> Option<usize> {
-        if self.len == 0 {
-            return None;
+    /// The stored block at `addr`.
+    pub(crate) fn get(&self, blocks: &[Block], addr: usize) -> Option<u32> {
+        let mut cur = self.buckets[self.bucket(addr)];
+        let mut steps = 0;
+        while cur != NIL && steps <= self.len {
+            let b = blocks.get(cur as usize)?;
+            if b.addr == addr {
+                return Some(cur);
+            }
+            cur = b.chain();
+            steps += 1;
         }
-        let fp = fingerprint(addr);
-        let mask = self.entries.len() - 1;
-        let mut i = self.home(fp);
-        loop {
-            let e = self.entries[i];
-            if e == VACANT {
-                return None;
-            }
-            if (e >> 32) as u32 == fp && is(e as u32) {
-                return Some(i);
-            }
-            i = (i + 1) & mask;
+        None
+    }
+
+    /// Removes the stored block at `addr` and returns its slot.
+    #[inline(always)]
+    pub(crate) fn remove(&mut self, blocks: &mut [Block], addr: usize) -> Option<u32> {
+        let h = self.bucket(addr);
+        let head = self.buckets[h];
+        let b = blocks.get(head as usize)?;
+        if b.addr == addr {
+            self.buckets[h] = b.chain();
+            self.len -= 1;
+            return Some(head);
         }
+        self.remove_further(blocks, head, addr)
     }
 
-    /// The slot stored under `addr` (see [`find`](Self::find) for `is`).
-    #[inline]
-    pub(crate) fn get(&self, addr: usize, is: impl Fn(u32) -> bool) -> Option<u32> {
-        self.find(addr, is).map(|i| self.entries[i] as u32)
-    }
-
-    /// Removes the slot stored under `addr` and returns it (see [`find`](Self::find) for `is`).
-    #[inline]
-    pub(crate) fn remove(&mut self, addr: usize, is: impl Fn(u32) -> bool) -> Option<u32> {
-        let mut hole = self.find(addr, is)?;
-        let slot = self.entries[hole] as u32;
-        let mask = self.entries.len() - 1;
-        // Shift back every entry of the run after the hole that may live there: those whose
-        // home is not in (hole, j] (cyclically), so that each stays reachable from its home.
-        let mut j = hole;
-        loop {
-            j = (j + 1) & mask;
-            let e = self.entries[j];
-            if e == VACANT {
-                break;
+    /// Removes the block at `addr` from the chain after `head`.
+    #[inline(never)]
+    fn remove_further(&mut self, blocks: &mut [Block], head: u32, addr: usize) -> Option<u32> {
+        let mut prev = head;
+        for _ in 0..self.len {
+            let cur = blocks.get(prev as usize)?.chain();
+            let b = blocks.get(cur as usize)?;
+            if b.addr == addr {
+                let next = b.chain();
+                *blocks[prev as usize].chain_mut() = next;
+                self.len -= 1;
+                return Some(cur);
             }
-            let home = self.home((e >> 32) as u32);
-            if j.wrapping_sub(home) & mask >= j.wrapping_sub(hole) & mask {
-                self.entries[hole] = e;
-                hole = j;
-            }
+            prev = cur;
         }
-        self.entries[hole] = VACANT;
-        self.len -= 1;
-        Some(slot)
+        None
     }
 
-    /// Every slot, in no particular order.
-    pub(crate) fn slots(&self) -> impl Iterator<Item = u32> + '_ {
-        self.entries.iter().filter(|&&e| e != VACANT).map(|&e| e as u32)
+    /// Every stored slot, bucket by bucket.
+    pub(crate) fn slots<'a>(&'a self, blocks: &'a [Block]) -> impl Iterator<Item = u32> + 'a {
+        self.buckets.iter().flat_map(move |&head| {
+            let mut cur = head;
+            core::iter::from_fn(move || {
+                let slot = cur;
+                cur = blocks.get(slot as usize)?.chain();
+                Some(slot)
+            })
+        })
     }
 
-    /// Whether the count is right and each slot is stored under the fingerprint of `addr(slot)`
-    /// and reachable from its home (no vacant entry between the two).
-    pub(crate) fn consistent(&self, addr: impl Fn(u32) -> Option<usize>) -> bool {
-        let mask = self.entries.len().wrapping_sub(1);
-        let reachable = |i: usize, e: u64| {
-            let mut j = self.home((e >> 32) as u32);
-            while j != i {
-                if self.entries[j] == VACANT {
+    /// Whether every chain ends, holds only blocks that `used` says are used and that hash to
+    /// its bucket, and the chains hold `len` blocks in all.
+    pub(crate) fn consistent(&self, blocks: &[Block], used: impl Fn(u32) -> bool) -> bool {
+        let mut count = 0;
+        for (h, &head) in self.buckets.iter().enumerate() {
+            let mut cur = head;
+            while cur != NIL {
+                count += 1;
+                let Some(b) = blocks.get(cur as usize) else {
+                    return false;
+                };
+                if count > self.len || !used(cur) || self.bucket(b.addr) != h {
                     return false;
                 }
-                j = (j + 1) & mask;
-            }
-            true
-        };
-        let mut count = 0;
-        for (i, &e) in self.entries.iter().enumerate().filter(|(_, &e)| e != VACANT) {
-            count += 1;
-            if addr(e as u32).map(fingerprint) != Some((e >> 32) as u32) || !reachable(i, e) {
-                return false;
+                cur = b.chain();
             }
         }
         count == self.len
     }
 
     #[cold]
-    fn grow(&mut self) {
-        let bits = if self.entries.is_empty() { MIN_BITS } else { self.entries.len().trailing_zeros() + 1 };
-        let old = core::mem::replace(&mut self.entries, vec![VACANT; 1 << bits]);
-        self.shift = 32u32.saturating_sub(bits);
-        self.len = 0;
-        let mask = self.entries.len() - 1;
-        for e in old.into_iter().filter(|&e| e != VACANT) {
-            let mut i = self.home((e >> 32) as u32);
-            while self.entries[i] != VACANT {
-                i = (i + 1) & mask;
-            }
-            self.entries[i] = e;
-            self.len += 1;
+    fn grow(&mut self, blocks: &mut [Block]) {
+        let slots: Vec<u32> = self.slots(blocks).collect();
+        let bits = self.buckets.len().trailing_zeros() + 1;
+        self.buckets = vec![NIL; 1 << bits];
+        self.shift = 64 - bits;
+        for slot in slots {
+            let b = &mut blocks[slot as usize];
+            let h = self.bucket(b.addr);
+            *b.chain_mut() = self.buckets[h];
+            self.buckets[h] = slot;
         }
     }
 }
@@ -174,36 +156,43 @@ impl AddrTable {
 mod tests {
     use super::*;
     use alloc::collections::BTreeMap;
+    use core::ptr::NonNull;
     use proptest::prelude::*;
 
-    /// A table with its own "block records": slot `s` holds address `addrs[s]`.
+    /// A table with block records of its own.
     struct Keyed {
         table: AddrTable,
-        addrs: Vec<usize>,
+        blocks: Vec<Block>,
     }
 
     impl Keyed {
+        fn new() -> Self {
+            Keyed { table: AddrTable::new(), blocks: Vec::new() }
+        }
         fn insert(&mut self, addr: usize) -> u32 {
-            self.addrs.push(addr);
-            let slot = (self.addrs.len() - 1) as u32;
-            self.table.insert(addr, slot);
+            let mut b = Block::new(addr, 16, 0, NonNull::dangling());
+            b.used = true;
+            self.blocks.push(b);
+            let slot = (self.blocks.len() - 1) as u32;
+            self.table.insert(&mut self.blocks, slot);
             slot
         }
         fn get(&self, addr: usize) -> Option<u32> {
-            self.table.get(addr, |s| self.addrs[s as usize] == addr)
+            self.table.get(&self.blocks, addr)
         }
         fn remove(&mut self, addr: usize) -> Option<u32> {
-            let addrs = &self.addrs;
-            self.table.remove(addr, |s| addrs[s as usize] == addr)
+            let slot = self.table.remove(&mut self.blocks, addr)?;
+            self.blocks[slot as usize].used = false;
+            Some(slot)
         }
         fn consistent(&self) -> bool {
-            self.table.consistent(|s| self.addrs.get(s as usize).copied())
+            self.table.consistent(&self.blocks, |s| self.blocks[s as usize].used)
         }
     }
 
     #[test]
     fn stores_finds_and_removes_aligned_addresses() {
-        let mut t = Keyed { table: AddrTable::new(), addrs: Vec::new() };
+        let mut t = Keyed::new();
         assert_eq!((t.get(0x1000), t.remove(0x1000)), (None, None));
         for i in 1..=5000usize {
             assert_eq!(t.insert(i * 4096), i as u32 - 1);
@@ -217,25 +206,29 @@ mod tests {
         assert_eq!(t.table.len(), 2500);
         assert!((1..=5000usize).all(|i| t.get(i * 4096) == (i % 2 == 0).then_some(i as u32 - 1)));
         assert!(t.consistent());
-        assert_eq!(t.table.slots().count(), 2500);
+        assert_eq!(t.table.slots(&t.blocks).count(), 2500);
     }
 
     #[test]
-    fn a_wrong_fingerprint_or_slot_is_caught() {
-        let mut t = Keyed { table: AddrTable::new(), addrs: Vec::new() };
+    fn a_block_in_the_wrong_chain_is_caught() {
+        let mut t = Keyed::new();
         t.insert(0x5000);
         t.insert(0x6000);
         assert!(t.consistent());
-        t.addrs[1] = 0x7000;
+        // Move a stored block without telling the table.
+        let moved = (1..64).map(|i| 0x6000 + i * 0x10_0000).find(|&a| t.table.bucket(a) != t.table.bucket(0x6000));
+        t.blocks[1].addr = moved.unwrap();
         assert!(!t.consistent());
-        assert_eq!(t.get(0x6000), None);
+        t.blocks[1].addr = 0x6000;
+        t.blocks[0].used = false;
+        assert!(!t.consistent());
     }
 
     proptest! {
         #[test]
         fn matches_a_map(ops in prop::collection::vec((any::<bool>(), 1usize..64), 1..400)) {
-            // Few distinct keys, often colliding: multiples of a large power of two.
-            let mut t = Keyed { table: AddrTable::new(), addrs: Vec::new() };
+            // Few distinct keys, often in one bucket: multiples of a large power of two.
+            let mut t = Keyed::new();
             let mut model = BTreeMap::new();
             for (insert, key) in ops {
                 let addr = key << 20;

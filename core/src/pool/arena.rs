@@ -6,7 +6,8 @@
 //! neighbours on free. Each block is one record ([`Block`], a cache line) in a table outside the
 //! memory it describes: its place, its address-order neighbours in the same chunk (so a merge
 //! finds them without a lookup), and the index's tree links. Used blocks are found by address
-//! through an [`AddrTable`]. Spare records form a list through their `next` links. The arena
+//! through an [`AddrTable`] chained through the same records. Spare records form a list through
+//! their `next` links. The arena
 //! never reads or writes the memory it manages, so it serves device memory as well as host
 //! memory.
 
@@ -209,9 +210,8 @@ impl BlockArena {
         b.used = true;
         b.requested = size;
         b.seq = seq;
-        let addr = b.addr;
         let ptr = Self::ptr_of(b);
-        self.used.insert(addr, slot);
+        self.used.insert(&mut self.blocks, slot);
         let c = &mut self.counters;
         c.current_size += rounded;
         c.requested_size += size;
@@ -224,9 +224,7 @@ impl BlockArena {
     /// allocated with, and whether its chunk is now wholly free.
     #[inline(always)]
     pub(crate) fn free(&mut self, addr: usize) -> Result<Freed> {
-        let blocks = &self.blocks;
-        let is = |s: u32| blocks.get(s as usize).is_some_and(|b| b.addr == addr && b.used);
-        let Some(mut slot) = self.used.remove(addr, is) else {
+        let Some(mut slot) = self.used.remove(&mut self.blocks, addr) else {
             return Err(Error::InvalidFree { offset: addr as u64, reason: "not a live allocation of this pool" });
         };
         let b = &mut self.blocks[slot as usize];
@@ -337,7 +335,7 @@ impl BlockArena {
         let chunks = self.chunks_by_address();
         let mut out: Vec<LiveAllocation> = self
             .used
-            .slots()
+            .slots(&self.blocks)
             .map(|slot| {
                 let b = &self.blocks[slot as usize];
                 let chunk = chunks.partition_point(|c| c.base.as_ptr() as usize <= b.addr) - 1;
@@ -385,7 +383,7 @@ impl BlockArena {
                     return corrupt(b.addr, "block list runs in a cycle");
                 }
                 if b.used {
-                    if self.used.get(b.addr, |s| s == slot) != Some(slot) || b.indexed() {
+                    if self.used.get(&self.blocks, b.addr) != Some(slot) || b.indexed() {
                         return corrupt(b.addr, "used block missing from the address table, or indexed as free");
                     }
                     if b.requested == 0 || b.requested > b.size {
@@ -422,8 +420,8 @@ impl BlockArena {
         if free_seen != self.free.len() || !self.free.consistent(&self.blocks) {
             return corrupt(0, "size index holds blocks that are not free blocks of the arena");
         }
-        let addr_of = |s: u32| self.blocks.get(s as usize).filter(|b| b.used).map(|b| b.addr);
-        if self.used.len() != seen.live || !self.used.consistent(addr_of) {
+        let used = |s: u32| self.blocks.get(s as usize).is_some_and(|b| b.used && !b.indexed());
+        if self.used.len() != seen.live || !self.used.consistent(&self.blocks, used) {
             return corrupt(0, "address table holds blocks that are not used blocks of the arena");
         }
         if seen != self.counters {

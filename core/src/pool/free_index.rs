@@ -58,7 +58,8 @@ pub(crate) struct Block {
     /// Where the block starts, and its size.
     pub addr: usize,
     pub size: usize,
-    /// The index's tree links (smaller keys, larger keys), while the block is indexed.
+    /// While the block is free: the index's tree links (smaller keys, larger keys). While it is
+    /// used: `child[0]` chains it in the address table's bucket ([`chain`](Self::chain)).
     child: [u32; 2],
     /// The owner's address-order neighbours in the same chunk (`NIL` at either end).
     pub prev: u32,
@@ -104,6 +105,17 @@ impl Block {
     #[inline]
     pub(crate) fn indexed(&self) -> bool {
         self.indexed
+    }
+
+    /// A used block's next block in its address-table bucket.
+    #[inline(always)]
+    pub(crate) fn chain(&self) -> u32 {
+        self.child[0]
+    }
+
+    #[inline(always)]
+    pub(crate) fn chain_mut(&mut self) -> &mut u32 {
+        &mut self.child[0]
     }
 }
 
