@@ -52,6 +52,9 @@ impl Hasher for AddrHasher {
 /// A map keyed by address (for the trace recorder; the arena uses an [`AddrTable`]).
 pub(crate) type AddrMap<V> = HashMap<usize, V, BuildHasherDefault<AddrHasher>>;
 
+/// The block table's scratch slot (see [`BlockArena`]).
+const SCRATCH: u32 = 0;
+
 /// Rounds `value` up to a multiple of `align` (a power of two), or `None` on overflow.
 #[inline]
 pub(crate) fn round_up(value: usize, align: usize) -> Option<usize> {
@@ -105,6 +108,8 @@ pub(crate) struct ArenaCounters {
 
 /// Chunks carved into blocks. See the [module docs](self).
 pub(crate) struct BlockArena {
+    /// Slot `SCRATCH` is no block: writes meant for a missing neighbour land there, so that
+    /// splits and merges need no branch on whether the neighbour exists.
     blocks: Vec<Block>,
     /// The first spare record (`NIL`: none); spares link through `next`.
     spare: u32,
@@ -123,7 +128,7 @@ impl BlockArena {
     pub(crate) fn new(granule: usize) -> Self {
         debug_assert!(granule.is_power_of_two());
         BlockArena {
-            blocks: Vec::new(),
+            blocks: alloc::vec![Block::new(0, 0, NIL, NonNull::dangling())],
             spare: NIL,
             spares: 0,
             chunks: Vec::new(),
@@ -189,10 +194,10 @@ impl BlockArena {
         let mut slot = self.free.take_best_fit(&mut self.blocks, footprint)?;
         let b = &self.blocks[slot as usize];
         let (addr, found) = (b.addr, b.size);
-        if b.prev == NIL && b.next == NIL {
-            self.counters.releasable_blocks -= 1;
-            self.counters.releasable_bytes -= found;
-        }
+        // Without branches: whether a block spans its chunk is a coin toss to the predictor.
+        let whole = (b.prev & b.next) == NIL;
+        self.counters.releasable_blocks -= usize::from(whole);
+        self.counters.releasable_bytes -= if whole { found } else { 0 };
         if align > self.granule {
             let pad = round_up(addr, align)? - addr;
             if pad > 0 {
@@ -245,11 +250,9 @@ impl BlockArena {
         }
         self.free.insert(&mut self.blocks, slot);
         let b = &self.blocks[slot as usize];
-        let releasable = b.prev == NIL && b.next == NIL;
-        if releasable {
-            self.counters.releasable_blocks += 1;
-            self.counters.releasable_bytes += b.size;
-        }
+        let releasable = (b.prev & b.next) == NIL;
+        self.counters.releasable_blocks += usize::from(releasable);
+        self.counters.releasable_bytes += if releasable { b.size } else { 0 };
         Ok(Freed { requested, releasable })
     }
 
@@ -369,7 +372,7 @@ impl BlockArena {
             }
             let (mut slot, mut prev, mut expect) = (chunk.first, NIL, base);
             while slot != NIL {
-                let Some(b) = self.blocks.get(slot as usize) else {
+                let Some(b) = self.blocks.get(slot as usize).filter(|_| slot != SCRATCH) else {
                     return corrupt(expect, "block slot out of range");
                 };
                 if b.addr != expect || b.prev != prev || b.chunk as usize != index || b.base != chunk.base {
@@ -432,7 +435,7 @@ impl BlockArena {
             spares += 1;
             spare = self.blocks.get(spare as usize).map_or(NIL, |b| b.next);
         }
-        if spares != self.spares || self.blocks.len() - spares != seen.blocks {
+        if spares != self.spares || self.blocks.len() - 1 - spares != seen.blocks {
             return corrupt(0, "block table leaks slots");
         }
         Ok(())
@@ -497,9 +500,7 @@ impl BlockArena {
         rest.next = b.next;
         let next = b.next;
         let rest = self.new_block(rest);
-        if next != NIL {
-            self.blocks[next as usize].prev = rest;
-        }
+        self.blocks[if next == NIL { SCRATCH } else { next } as usize].prev = rest;
         let b = &mut self.blocks[slot as usize];
         b.size = at;
         b.next = rest;
@@ -512,9 +513,7 @@ impl BlockArena {
         let next = self.blocks[slot as usize].next;
         let n = &self.blocks[next as usize];
         let (size, after) = (n.size, n.next);
-        if after != NIL {
-            self.blocks[after as usize].prev = slot;
-        }
+        self.blocks[if after == NIL { SCRATCH } else { after } as usize].prev = slot;
         let b = &mut self.blocks[slot as usize];
         b.size += size;
         b.next = after;
