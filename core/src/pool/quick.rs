@@ -309,9 +309,11 @@ impl<R: MemoryResource> QuickPool<R> {
         let wanted = if first { self.config.first_block_size } else { self.config.next_block_size };
         // Both are multiples of the granule; `footprint` is, by construction.
         let mut size = round_up(wanted, granule).unwrap_or(usize::MAX & !(granule - 1)).max(footprint);
-        if self.release_when_growing {
+        let c = self.arena.counters();
+        if self.release_when_growing && c.releasable_bytes >= c.actual_size / 4 {
             // No free block holds `footprint` bytes, so none of these is of use to the request;
-            // handing back as many bytes as the pool is about to take keeps its size.
+            // handing back as many bytes as the pool is about to take keeps its size. A few
+            // such blocks in a large pool are not worth the upstream calls.
             self.release_up_to(size);
         }
         if let Some(max) = self.config.max_size {
