@@ -10,6 +10,8 @@
 //! - [`thread`]: what a thread is ([`ThreadModel`]).
 //! - [`resource`]: upstream sources of blocks for pools ([`MemoryResource`]).
 //! - [`sync`]: locks that are safe to place in shared memory.
+//! - [`fastmem`]: an O(1) allocator over a static store for `no_std` targets ([`FastMemStore`],
+//!   [`FastBox`](fastmem::FastBox)); needs neither `std` nor `alloc`.
 //! - [`manager`] (feature `std`): the registry that turns a [`ShmPtr`] into a local address.
 //!
 //! The crate is `no_std` without its default `std` feature; `alloc` adds regions and allocators.
@@ -21,6 +23,7 @@ extern crate alloc;
 
 pub mod backend;
 pub mod error;
+pub mod fastmem;
 pub mod header;
 pub mod ptr;
 pub mod resource;
@@ -42,6 +45,7 @@ mod testing;
 
 pub use backend::{BackendId, BackendKind, MemoryBackend};
 pub use error::{Error, Result, ShortStr};
+pub use fastmem::{FastBox, FastMemStore};
 pub use header::RegionHeader;
 pub use ptr::{AllocatorId, AtomicOffsetPtr, FullPtr, OffsetPtr, ShmPtr};
 pub use resource::{MemoryKind, MemoryResource};

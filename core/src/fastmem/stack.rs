@@ -1,0 +1,271 @@
+//! The free stacks, one per size class: Treiber stacks whose head word is tagged against ABA.
+//!
+//! A head word holds the link of the top block in its high half (0: the stack is empty) and a tag
+//! in its low half. Every push increments the tag, so a pop that read `(X, t)` and then lost the
+//! processor while others popped `X`, popped its successor and pushed `X` back finds `(X, t + 1)`
+//! and retries instead of installing a successor that is in use. A block's link to the next
+//! block lives in the block (its last four bytes) and is only ever accessed atomically, so a stale
+//! read by a pop that is about to fail is not a data race with the value's new owner.
+//!
+//! The algorithm is written over [`HeadCell`] and [`LinkCell`] so that the loom tests below run it
+//! on loom's atomics; the store runs it on `core`'s atomics placed inside its bytes. With the
+//! `critical-section` feature, the same operations run inside a critical section with plain loads
+//! and stores (no compare-and-swap needed).
+
+use core::sync::atomic::Ordering;
+
+/// The link sits in the high half of a head word, the tag in the low half.
+pub(crate) const LINK_SHIFT: u32 = usize::BITS / 2;
+const TAG_MASK: usize = (1 << LINK_SHIFT) - 1;
+/// The largest link a head word can hold.
+pub(crate) const MAX_LINK: usize = usize::MAX >> LINK_SHIFT;
+
+/// A stack's head word.
+pub(crate) trait HeadCell {
+    fn load(&self, order: Ordering) -> usize;
+    #[cfg(feature = "critical-section")]
+    fn store(&self, value: usize, order: Ordering);
+    #[cfg(not(feature = "critical-section"))]
+    fn compare_exchange_weak(&self, current: usize, new: usize, success: Ordering, failure: Ordering)
+        -> Result<usize, usize>;
+}
+
+/// A block's link to the block below it on its stack.
+pub(crate) trait LinkCell {
+    fn load(&self, order: Ordering) -> u32;
+    fn store(&self, value: u32, order: Ordering);
+}
+
+macro_rules! impl_cells {
+    ($head:ty, $link:ty) => {
+        impl HeadCell for $head {
+            #[inline(always)]
+            fn load(&self, order: Ordering) -> usize {
+                <$head>::load(self, order)
+            }
+            #[cfg(feature = "critical-section")]
+            #[inline(always)]
+            fn store(&self, value: usize, order: Ordering) {
+                <$head>::store(self, value, order)
+            }
+            #[cfg(not(feature = "critical-section"))]
+            #[inline(always)]
+            fn compare_exchange_weak(
+                &self,
+                current: usize,
+                new: usize,
+                success: Ordering,
+                failure: Ordering,
+            ) -> Result<usize, usize> {
+                <$head>::compare_exchange_weak(self, current, new, success, failure)
+            }
+        }
+        impl LinkCell for $link {
+            #[inline(always)]
+            fn load(&self, order: Ordering) -> u32 {
+                <$link>::load(self, order)
+            }
+            #[inline(always)]
+            fn store(&self, value: u32, order: Ordering) {
+                <$link>::store(self, value, order)
+            }
+        }
+    };
+}
+
+impl_cells!(core::sync::atomic::AtomicUsize, core::sync::atomic::AtomicU32);
+#[cfg(loom)]
+impl_cells!(loom::sync::atomic::AtomicUsize, loom::sync::atomic::AtomicU32);
+
+/// The link of the top block of a head word (0: empty).
+#[inline(always)]
+pub(crate) const fn top_link(word: usize) -> usize {
+    word >> LINK_SHIFT
+}
+
+/// Takes the top block off the stack and returns its link, or `None` if the stack is empty.
+///
+/// `link_cell(link)` gives the link cell of the block that `link` names; it is only called with
+/// links that were pushed onto this stack at some time.
+#[inline(always)]
+pub(crate) fn pop<'c, H: HeadCell, L: LinkCell + 'c>(head: &H, link_cell: impl Fn(usize) -> &'c L) -> Option<usize> {
+    #[cfg(not(feature = "critical-section"))]
+    {
+        let mut old = head.load(Ordering::Acquire);
+        loop {
+            let link = top_link(old);
+            if link == 0 {
+                return None;
+            }
+            // If another thread takes `link` meanwhile, this may read a stale successor; the tag
+            // then differs and the exchange fails.
+            let next = link_cell(link).load(Ordering::Relaxed) as usize;
+            let new = (next << LINK_SHIFT) | (old & TAG_MASK);
+            match head.compare_exchange_weak(old, new, Ordering::Acquire, Ordering::Acquire) {
+                Ok(_) => return Some(link),
+                Err(seen) => old = seen,
+            }
+        }
+    }
+    #[cfg(feature = "critical-section")]
+    {
+        critical_section::with(|_| {
+            let old = head.load(Ordering::Relaxed);
+            let link = top_link(old);
+            if link == 0 {
+                return None;
+            }
+            let next = link_cell(link).load(Ordering::Relaxed) as usize;
+            head.store((next << LINK_SHIFT) | (old & TAG_MASK), Ordering::Relaxed);
+            Some(link)
+        })
+    }
+}
+
+/// Puts the block named `link` (`0 < link <= MAX_LINK`), whose link cell is `cell`, on top of
+/// the stack.
+#[inline(always)]
+pub(crate) fn push<H: HeadCell, L: LinkCell>(head: &H, link: usize, cell: &L) {
+    debug_assert!(link != 0 && link <= MAX_LINK);
+    let top = link << LINK_SHIFT;
+    #[cfg(not(feature = "critical-section"))]
+    {
+        let mut old = head.load(Ordering::Relaxed);
+        loop {
+            cell.store(top_link(old) as u32, Ordering::Relaxed);
+            let new = top | (old.wrapping_add(1) & TAG_MASK);
+            match head.compare_exchange_weak(old, new, Ordering::Release, Ordering::Relaxed) {
+                Ok(_) => return,
+                Err(seen) => old = seen,
+            }
+        }
+    }
+    #[cfg(feature = "critical-section")]
+    {
+        critical_section::with(|_| {
+            let old = head.load(Ordering::Relaxed);
+            cell.store(top_link(old) as u32, Ordering::Relaxed);
+            head.store(top | (old.wrapping_add(1) & TAG_MASK), Ordering::Relaxed);
+        })
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use core::sync::atomic::{AtomicU32, AtomicUsize};
+
+    fn cells(n: usize) -> std::vec::Vec<AtomicU32> {
+        (0..=n).map(|_| AtomicU32::new(u32::MAX)).collect()
+    }
+
+    #[test]
+    fn lifo_order_and_tags() {
+        let head = AtomicUsize::new(0);
+        let links = cells(3);
+        assert_eq!(pop(&head, |l| &links[l]), None);
+        push(&head, 1, &links[1]);
+        push(&head, 3, &links[3]);
+        push(&head, 2, &links[2]);
+        assert_eq!(head.load(Ordering::Relaxed) & TAG_MASK, 3, "each push bumps the tag");
+        assert_eq!(pop(&head, |l| &links[l]), Some(2));
+        assert_eq!(pop(&head, |l| &links[l]), Some(3));
+        push(&head, 3, &links[3]);
+        assert_eq!(pop(&head, |l| &links[l]), Some(3));
+        assert_eq!(pop(&head, |l| &links[l]), Some(1));
+        assert_eq!(pop(&head, |l| &links[l]), None);
+        assert_eq!(head.load(Ordering::Relaxed) & TAG_MASK, 4, "pops keep the tag");
+    }
+
+    #[test]
+    fn largest_link_and_tag_wraparound() {
+        let head = AtomicUsize::new(TAG_MASK); // the next push wraps the tag to 0
+        let cell = AtomicU32::new(0);
+        push(&head, MAX_LINK, &cell);
+        assert_eq!(head.load(Ordering::Relaxed), MAX_LINK << LINK_SHIFT);
+        assert_eq!(pop(&head, |_| &cell), Some(MAX_LINK));
+        assert_eq!(pop(&head, |_| &cell), None);
+    }
+}
+
+#[cfg(all(test, loom, not(feature = "critical-section")))]
+mod loom_tests {
+    use super::*;
+    use loom::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize};
+    use loom::sync::Arc;
+    use std::vec::Vec;
+
+    struct Stack {
+        head: AtomicUsize,
+        links: Vec<AtomicU32>,
+        held: Vec<AtomicBool>,
+    }
+
+    impl Stack {
+        fn new(blocks: usize) -> Arc<Self> {
+            let s = Stack {
+                head: AtomicUsize::new(0),
+                links: (0..=blocks).map(|_| AtomicU32::new(0)).collect(),
+                held: (0..=blocks).map(|_| AtomicBool::new(false)).collect(),
+            };
+            for link in 1..=blocks {
+                push(&s.head, link, &s.links[link]);
+            }
+            Arc::new(s)
+        }
+        fn pop(&self) -> Option<usize> {
+            let link = pop(&self.head, |l| &self.links[l])?;
+            assert!(!self.held[link].swap(true, Ordering::Relaxed), "block {link} handed out twice");
+            Some(link)
+        }
+        fn push(&self, link: usize) {
+            self.held[link].store(false, Ordering::Relaxed);
+            push(&self.head, link, &self.links[link]);
+        }
+        fn drain(&self) -> Vec<usize> {
+            let mut out: Vec<usize> = core::iter::from_fn(|| self.pop()).collect();
+            out.sort_unstable();
+            out
+        }
+    }
+
+    /// The ABA schedule: one thread pops while another pops twice and pushes the first block
+    /// back. Without the tag, the first thread can install a successor that is in use.
+    #[test]
+    fn pop_racing_pop_pop_push_never_hands_a_block_out_twice() {
+        loom::model(|| {
+            let s = Stack::new(3);
+            let t = {
+                let s = s.clone();
+                loom::thread::spawn(move || {
+                    let a = s.pop();
+                    if let Some(a) = a {
+                        s.push(a);
+                    }
+                })
+            };
+            let x = s.pop().unwrap();
+            let y = s.pop().unwrap();
+            s.push(x);
+            t.join().unwrap();
+            s.push(y);
+            assert_eq!(s.drain(), [1, 2, 3]);
+        });
+    }
+
+    #[test]
+    fn concurrent_pushes_lose_no_block() {
+        loom::model(|| {
+            let s = Stack::new(2);
+            let a = s.pop().unwrap();
+            let b = s.pop().unwrap();
+            let t = {
+                let s = s.clone();
+                loom::thread::spawn(move || s.push(a))
+            };
+            s.push(b);
+            t.join().unwrap();
+            assert_eq!(s.drain(), [1, 2]);
+        });
+    }
+}
