@@ -152,6 +152,8 @@ pub(crate) fn push<H: HeadCell, L: LinkCell>(head: &H, link: usize, cell: &L) {
 
 #[cfg(all(test, not(loom)))]
 mod tests {
+    extern crate std;
+
     use super::*;
     use core::sync::atomic::{AtomicU32, AtomicUsize};
 
@@ -190,6 +192,8 @@ mod tests {
 
 #[cfg(all(test, loom, not(feature = "critical-section")))]
 mod loom_tests {
+    extern crate std;
+
     use super::*;
     use loom::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize};
     use loom::sync::Arc;
