@@ -11,8 +11,8 @@ use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU32, AtomicUsize};
 use core::task::{Context, Poll};
 
-use super::class::{class_of, head_offset, LINK_BYTES, LINK_UNIT_SHIFT};
-use super::stack;
+use super::class::{class_of, head_offset, LINK_BYTES};
+use super::stack::{self, LINK_UNIT_SHIFT};
 
 /// A laid-out store, seen without its size parameters: what a box needs to recycle its block.
 ///

@@ -9,9 +9,6 @@ pub(crate) const MIN_CLASS: u32 = 3;
 /// The smallest block, in bytes.
 pub const MIN_BLOCK: usize = 1 << MIN_CLASS;
 
-/// Links count block offsets in units of this many bytes (every block offset is a multiple of it).
-pub(crate) const LINK_UNIT_SHIFT: u32 = MIN_CLASS;
-
 /// The size class (log2 of the block size) of a value of `size` bytes, `size > 0`.
 ///
 /// The block holds the value and, after it, the link: the smallest power of two of at least
@@ -40,12 +37,10 @@ pub(crate) const fn class_count(max_size: usize) -> usize {
     (top - MIN_CLASS + 1) as usize
 }
 
-/// Bytes at the start of the store taken by the stack heads, rounded to the link unit so the
-/// first block can start right after them.
+/// Bytes at the start of the store taken by the stack heads, rounded up to the smallest block.
 pub(crate) const fn heads_bytes(max_size: usize) -> usize {
     let raw = class_count(max_size) * core::mem::size_of::<usize>();
-    let unit = 1 << LINK_UNIT_SHIFT;
-    (raw + unit - 1) & !(unit - 1)
+    (raw + MIN_BLOCK - 1) & !(MIN_BLOCK - 1)
 }
 
 /// Offset of size class `class`'s stack head from the start of the store.
@@ -84,7 +79,7 @@ mod tests {
         assert_eq!(block_size(usize::MAX), None);
         assert_eq!(class_count(128), 6); // 8, 16, 32, 64, 128, 256
         assert_eq!(class_count(4), 1);
-        assert_eq!(heads_bytes(4) % (1 << LINK_UNIT_SHIFT), 0);
+        assert_eq!(heads_bytes(4) % MIN_BLOCK, 0);
         assert_eq!(head_offset(MIN_CLASS), 0);
         assert_eq!(head_offset(MIN_CLASS + 2), 2 * core::mem::size_of::<usize>());
     }

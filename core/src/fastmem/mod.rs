@@ -24,11 +24,11 @@
 //!
 //! # Concurrency
 //! By default the free stacks and the cursor are lock-free: a compare-and-swap on a word that packs
-//! the top block's link with a tag that every push increments, so a pop that was overtaken by a
-//! pop–pop–push of the same block fails instead of corrupting the stack (ABA). The tag has half a
-//! word of bits (32 on 64-bit targets, 16 on 32-bit ones): an ABA is missed only if one pop is
-//! held up for exactly a multiple of 2¹⁶ (or 2³²) pushes to the same class. Boxes may be sent to
-//! and dropped on other threads or interrupt handlers.
+//! the top block's link with a tag that every pop increments, so a pop that was overtaken by a
+//! pop–pop–push of the same block fails instead of corrupting the stack (ABA). The tag has 34 bits
+//! on 64-bit targets and 16 on 32-bit ones: an ABA can be missed only if one pop is held up while
+//! at least 2³² (2¹⁶ on 32-bit targets) other pops of the same class complete and the tag wraps to
+//! exactly its old value. Boxes may be sent to and dropped on other threads or interrupt handlers.
 //!
 //! With the `critical-section` feature the same operations run inside
 //! [`critical_section::with`](https://docs.rs/critical-section) using plain loads and stores, for
@@ -37,8 +37,8 @@
 //! `critical-section-single-core` feature, or `critical-section`'s `std` feature on a host).
 //!
 //! # Limits
-//! - `N` is at most 512 KiB on 32-bit targets (links are 16 bits in units of 8 bytes) and 32 GiB on
-//!   64-bit ones; checked at compile time.
+//! - `N` is at most 512 KiB on 32-bit targets (links are 16 bits in units of 8 bytes) and 1 GiB on
+//!   64-bit ones (30-bit byte offsets); checked at compile time.
 //! - A value larger than `S` is refused with [`Error::InvalidSize`](crate::Error::InvalidSize);
 //!   an exhausted store returns [`Error::OutOfMemory`](crate::Error::OutOfMemory) and stays usable.
 //! - Memory is recycled by class, never returned: a program that first fills the store with

@@ -1,11 +1,19 @@
 //! The free stacks, one per size class: Treiber stacks whose head word is tagged against ABA.
 //!
-//! A head word holds the link of the top block in its high half (0: the stack is empty) and a tag
-//! in its low half. Every push increments the tag, so a pop that read `(X, t)` and then lost the
-//! processor while others popped `X`, popped its successor and pushed `X` back finds `(X, t + 1)`
-//! and retries instead of installing a successor that is in use. A block's link to the next
-//! block lives in the block (its last four bytes) and is only ever accessed atomically, so a stale
-//! read by a pop that is about to fail is not a data race with the value's new owner.
+//! A head word holds the link of the top block in its low [`LINK_BITS`] bits (0: the stack is
+//! empty) and a tag in the bits above. Every pop advances the tag. A pop that read `(X, t)` and
+//! then lost the processor while others popped `X`, popped its successor and pushed `X` back finds
+//! `(X, t + 2)` or more and retries instead of installing a successor that is in use. (The head can
+//! only show `X` on top again after `X`, or something pushed above it, was popped, so the tag has
+//! moved on: the head does not repeat a value short of 2^32 pops of that class on 64-bit
+//! targets, 2^16 on 32-bit ones.) A
+//! block's link to the next block lives in the block (its last four bytes) and is only ever
+//! accessed atomically, so a stale read by a pop that is about to fail is not a data race with
+//! the value's new owner.
+//!
+//! The layout is chosen for the push (the drop of a box), which should be the shortest path: the
+//! link cell takes the low 32 bits of the old head as they are (readers mask them), and the new
+//! head is `(old & !LINK_MASK) + link`. The pop does the tag's arithmetic.
 //!
 //! The algorithm is written over [`HeadCell`] and [`LinkCell`] so that the loom tests below run it
 //! on loom's atomics; the store runs it on `core`'s atomics placed inside its bytes. With the
@@ -14,11 +22,35 @@
 
 use core::sync::atomic::Ordering;
 
-/// The link sits in the high half of a head word, the tag in the low half.
-pub(crate) const LINK_SHIFT: u32 = usize::BITS / 2;
-const TAG_MASK: usize = (1 << LINK_SHIFT) - 1;
-/// The largest link a head word can hold.
-pub(crate) const MAX_LINK: usize = usize::MAX >> LINK_SHIFT;
+/// Bits of a head word (and of a link cell) that hold a link: 30 on 64-bit targets, where links
+/// are byte offsets (stores up to 1 GiB), 16 on 32-bit ones, where links count 8-byte units
+/// (stores up to 512 KiB). The tag has the other 34 or 16 bits.
+#[cfg(target_pointer_width = "64")]
+pub(crate) const LINK_BITS: u32 = 30;
+/// See the 64-bit definition.
+#[cfg(not(target_pointer_width = "64"))]
+pub(crate) const LINK_BITS: u32 = 16;
+/// log2 of the bytes one link unit stands for.
+#[cfg(target_pointer_width = "64")]
+pub(crate) const LINK_UNIT_SHIFT: u32 = 0;
+/// See the 64-bit definition.
+#[cfg(not(target_pointer_width = "64"))]
+pub(crate) const LINK_UNIT_SHIFT: u32 = 3;
+/// The link bits of a head word or link cell.
+pub(crate) const LINK_MASK: usize = (1 << LINK_BITS) - 1;
+/// The largest link.
+pub(crate) const MAX_LINK: usize = LINK_MASK;
+/// One step of the tag.
+const ONE_TAG: usize = 1 << LINK_BITS;
+/// What a pop keeps of a link cell. On 64-bit targets the cell's two bits above the link are the
+/// low tag bits of the head it was copied from; keeping them (the 32-bit load needs no mask) adds
+/// 0 to 3 more to the tag, which still moves it on by 1 to 4 per pop. On 32-bit targets the cell
+/// holds a whole head word, whose tag must be masked off.
+#[cfg(target_pointer_width = "64")]
+const NEXT_MASK: usize = u32::MAX as usize;
+/// See the 64-bit definition.
+#[cfg(not(target_pointer_width = "64"))]
+const NEXT_MASK: usize = LINK_MASK;
 
 /// A stack's head word.
 pub(crate) trait HeadCell {
@@ -77,10 +109,10 @@ impl_cells!(core::sync::atomic::AtomicUsize, core::sync::atomic::AtomicU32);
 #[cfg(loom)]
 impl_cells!(loom::sync::atomic::AtomicUsize, loom::sync::atomic::AtomicU32);
 
-/// The link of the top block of a head word (0: empty).
+/// The link held by a head word or a link cell (0: none).
 #[inline(always)]
-pub(crate) const fn top_link(word: usize) -> usize {
-    word >> LINK_SHIFT
+pub(crate) const fn link_in(word: usize) -> usize {
+    word & LINK_MASK
 }
 
 /// Takes the top block off the stack and returns its link, or `None` if the stack is empty.
@@ -93,14 +125,14 @@ pub(crate) fn pop<'c, H: HeadCell, L: LinkCell + 'c>(head: &H, link_cell: impl F
     {
         let mut old = head.load(Ordering::Acquire);
         loop {
-            let link = top_link(old);
+            let link = link_in(old);
             if link == 0 {
                 return None;
             }
             // If another thread takes `link` meanwhile, this may read a stale successor; the tag
             // then differs and the exchange fails.
-            let next = link_cell(link).load(Ordering::Relaxed) as usize;
-            let new = (next << LINK_SHIFT) | (old & TAG_MASK);
+            let next = link_cell(link).load(Ordering::Relaxed) as usize & NEXT_MASK;
+            let new = (old & !LINK_MASK).wrapping_add(ONE_TAG).wrapping_add(next);
             match head.compare_exchange_weak(old, new, Ordering::Acquire, Ordering::Acquire) {
                 Ok(_) => return Some(link),
                 Err(seen) => old = seen,
@@ -111,12 +143,12 @@ pub(crate) fn pop<'c, H: HeadCell, L: LinkCell + 'c>(head: &H, link_cell: impl F
     {
         critical_section::with(|_| {
             let old = head.load(Ordering::Relaxed);
-            let link = top_link(old);
+            let link = link_in(old);
             if link == 0 {
                 return None;
             }
-            let next = link_cell(link).load(Ordering::Relaxed) as usize;
-            head.store((next << LINK_SHIFT) | (old & TAG_MASK), Ordering::Relaxed);
+            let next = link_cell(link).load(Ordering::Relaxed) as usize & NEXT_MASK;
+            head.store((old & !LINK_MASK).wrapping_add(ONE_TAG).wrapping_add(next), Ordering::Relaxed);
             Some(link)
         })
     }
@@ -127,13 +159,13 @@ pub(crate) fn pop<'c, H: HeadCell, L: LinkCell + 'c>(head: &H, link_cell: impl F
 #[inline(always)]
 pub(crate) fn push<H: HeadCell, L: LinkCell>(head: &H, link: usize, cell: &L) {
     debug_assert!(link != 0 && link <= MAX_LINK);
-    let top = link << LINK_SHIFT;
     #[cfg(not(feature = "critical-section"))]
     {
         let mut old = head.load(Ordering::Relaxed);
         loop {
-            cell.store(top_link(old) as u32, Ordering::Relaxed);
-            let new = top | (old.wrapping_add(1) & TAG_MASK);
+            // The low 32 bits hold the link below (LINK_BITS <= 32); readers mask off the rest.
+            cell.store(old as u32, Ordering::Relaxed);
+            let new = (old & !LINK_MASK) + link;
             match head.compare_exchange_weak(old, new, Ordering::Release, Ordering::Relaxed) {
                 Ok(_) => return,
                 Err(seen) => old = seen,
@@ -144,8 +176,8 @@ pub(crate) fn push<H: HeadCell, L: LinkCell>(head: &H, link: usize, cell: &L) {
     {
         critical_section::with(|_| {
             let old = head.load(Ordering::Relaxed);
-            cell.store(top_link(old) as u32, Ordering::Relaxed);
-            head.store(top | (old.wrapping_add(1) & TAG_MASK), Ordering::Relaxed);
+            cell.store(old as u32, Ordering::Relaxed);
+            head.store((old & !LINK_MASK) + link, Ordering::Relaxed);
         })
     }
 }
@@ -165,27 +197,36 @@ mod tests {
     fn lifo_order_and_tags() {
         let head = AtomicUsize::new(0);
         let links = cells(3);
+        let tag = |head: &AtomicUsize| head.load(Ordering::Relaxed) >> LINK_BITS;
         assert_eq!(pop(&head, |l| &links[l]), None);
         push(&head, 1, &links[1]);
         push(&head, 3, &links[3]);
         push(&head, 2, &links[2]);
-        assert_eq!(head.load(Ordering::Relaxed) & TAG_MASK, 3, "each push bumps the tag");
+        assert_eq!(tag(&head), 0, "pushes keep the tag");
+        let mut tags = std::vec![];
         assert_eq!(pop(&head, |l| &links[l]), Some(2));
+        tags.push(tag(&head));
         assert_eq!(pop(&head, |l| &links[l]), Some(3));
+        tags.push(tag(&head));
         push(&head, 3, &links[3]);
         assert_eq!(pop(&head, |l| &links[l]), Some(3));
+        tags.push(tag(&head));
         assert_eq!(pop(&head, |l| &links[l]), Some(1));
+        tags.push(tag(&head));
         assert_eq!(pop(&head, |l| &links[l]), None);
-        assert_eq!(head.load(Ordering::Relaxed) & TAG_MASK, 4, "pops keep the tag");
+        assert!(tags[0] >= 1 && tags.windows(2).all(|w| w[1] > w[0] && w[1] - w[0] <= 4), "each pop advances the tag by 1 to 4: {tags:?}");
     }
 
     #[test]
     fn largest_link_and_tag_wraparound() {
-        let head = AtomicUsize::new(TAG_MASK); // the next push wraps the tag to 0
+        let head = AtomicUsize::new(!LINK_MASK); // the largest tag: the next pop wraps it
         let cell = AtomicU32::new(0);
         push(&head, MAX_LINK, &cell);
-        assert_eq!(head.load(Ordering::Relaxed), MAX_LINK << LINK_SHIFT);
+        assert_eq!(head.load(Ordering::Relaxed), usize::MAX);
         assert_eq!(pop(&head, |_| &cell), Some(MAX_LINK));
+        let after = head.load(Ordering::Relaxed);
+        assert_eq!(link_in(after), 0, "empty again");
+        assert!(after >> LINK_BITS <= 3, "the tag wrapped around: {after:#x}");
         assert_eq!(pop(&head, |_| &cell), None);
     }
 }

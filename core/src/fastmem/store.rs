@@ -8,8 +8,8 @@ use core::ptr::NonNull;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 use super::boxed::{FastBox, StoreRef};
-use super::class::{class_count, class_of, heads_bytes, LINK_UNIT_SHIFT, MIN_BLOCK, MIN_CLASS};
-use super::stack::{top_link, MAX_LINK};
+use super::class::{class_count, class_of, heads_bytes, MIN_BLOCK, MIN_CLASS};
+use super::stack::{link_in, LINK_UNIT_SHIFT, MAX_LINK};
 use crate::error::{Error, Result};
 
 /// `owner` before the first `init`.
@@ -215,7 +215,7 @@ impl<'a, const N: usize, const S: usize> FastMem<'a, N, S> {
             let most = (cursor - heads) / size;
             let mut count = 0;
             // SAFETY: class <= TOP_CLASS: the store has this stack.
-            let mut link = top_link(unsafe { store.head(class) }.load(Ordering::Acquire));
+            let mut link = link_in(unsafe { store.head(class) }.load(Ordering::Acquire));
             while link != 0 {
                 let offset = link << LINK_UNIT_SHIFT;
                 if offset < heads || offset > cursor || cursor - offset < size {
@@ -230,7 +230,7 @@ impl<'a, const N: usize, const S: usize> FastMem<'a, N, S> {
                 }
                 // SAFETY: `link` names a block inside the handed-out part of the store (checked
                 // above) that was pushed onto this class's stack, so its link cell was written.
-                link = unsafe { store.link_cell(link, class) }.load(Ordering::Acquire) as usize;
+                link = link_in(unsafe { store.link_cell(link, class) }.load(Ordering::Acquire) as usize);
             }
             report.free_blocks[class as usize] = count;
             report.free_bytes += count * size;
@@ -256,8 +256,8 @@ impl<'a, const N: usize, const S: usize> FastMem<'a, N, S> {
             let mut current = cursor.load(Ordering::Relaxed);
             loop {
                 let start = bump_start(addr, current, size);
-                let end = start.wrapping_add(size);
-                if end > N || end < start {
+                let end = start + size;
+                if end > N {
                     return Err(out_of_memory(size, N - current));
                 }
                 match cursor.compare_exchange_weak(current, end, Ordering::Relaxed, Ordering::Relaxed) {
@@ -271,8 +271,8 @@ impl<'a, const N: usize, const S: usize> FastMem<'a, N, S> {
         critical_section::with(|_| {
             let current = cursor.load(Ordering::Relaxed);
             let start = bump_start(addr, current, size);
-            let end = start.wrapping_add(size);
-            if end > N || end < start {
+            let end = start + size;
+            if end > N {
                 return Err(out_of_memory(size, N - current));
             }
             cursor.store(end, Ordering::Relaxed);
@@ -283,15 +283,13 @@ impl<'a, const N: usize, const S: usize> FastMem<'a, N, S> {
 }
 
 /// The offset, at or after `cursor`, where a block of `size` bytes aligned to its size starts in
-/// a store whose bytes begin at address `addr`. Saturates instead of wrapping past the address
-/// space, so the caller's bounds check fails.
+/// a store whose bytes begin at address `addr`: `cursor` plus the padding to the next multiple of
+/// `size`. The result is below `cursor + size`, and with `cursor <= N` and `size <= 4 * S + 16`
+/// (both far below `usize::MAX / 4`) neither it nor `start + size` can overflow.
 #[inline(always)]
 fn bump_start(addr: usize, cursor: usize, size: usize) -> usize {
-    // addr + cursor lies inside the store, so it does not overflow.
-    match (addr + cursor).checked_add(size - 1) {
-        Some(top) => (top & !(size - 1)) - addr,
-        None => usize::MAX,
-    }
+    // addr + cursor lies inside the store (or one past it), so it does not overflow.
+    cursor + ((addr + cursor).wrapping_neg() & (size - 1))
 }
 
 #[cold]

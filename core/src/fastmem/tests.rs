@@ -320,17 +320,17 @@ fn check_finds_corrupt_stacks() {
     fm.check().unwrap();
     // Point b's link at b itself: a cycle.
     let class = class_of(8);
-    let b_link = ((b_at - fm.store_ref().base().as_ptr() as usize) >> 3) as u32;
+    let b_link = ((b_at - fm.store_ref().base().as_ptr() as usize) >> super::stack::LINK_UNIT_SHIFT) as u32;
     let link_of = |at: usize| (at + (1 << class) - LINK_BYTES) as *const core::sync::atomic::AtomicU32;
     // SAFETY: the link cell of a free block of this store.
     let cell = unsafe { &*link_of(b_at) };
     let good = cell.swap(b_link, Ordering::Relaxed);
     assert!(matches!(fm.check(), Err(Error::Corrupt { detail: "free stack has a cycle", .. })));
     // Point it past the handed-out part.
-    cell.store(60, Ordering::Relaxed);
+    cell.store((480 >> super::stack::LINK_UNIT_SHIFT) as u32, Ordering::Relaxed);
     assert!(matches!(fm.check(), Err(Error::Corrupt { offset: 480, .. })));
     // Point it at a misaligned offset (a's block + 8 is not 16-aligned).
-    cell.store(good + 1, Ordering::Relaxed);
+    cell.store(good + (8 >> super::stack::LINK_UNIT_SHIFT) as u32, Ordering::Relaxed);
     assert!(matches!(fm.check(), Err(Error::Corrupt { detail: "free block not aligned to its size class", .. })));
     cell.store(good, Ordering::Relaxed);
     assert_eq!(fm.check().unwrap().free_blocks(16), 2);
