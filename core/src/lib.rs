@@ -23,7 +23,10 @@ extern crate alloc;
 
 pub mod backend;
 pub mod error;
+// Lock-free fastmem needs compare-and-swap; the `critical-section` variant does not.
+#[cfg(any(feature = "critical-section", target_has_atomic = "ptr"))]
 pub mod fastmem;
+#[cfg(target_has_atomic = "64")]
 pub mod header;
 pub mod ptr;
 pub mod resource;
@@ -43,11 +46,17 @@ pub mod manager;
 #[cfg(all(test, feature = "std"))]
 mod testing;
 
-pub use backend::{BackendId, BackendKind, MemoryBackend};
+#[cfg(target_has_atomic = "64")]
+pub use backend::MemoryBackend;
+pub use backend::{BackendId, BackendKind};
 pub use error::{Error, Result, ShortStr};
+#[cfg(any(feature = "critical-section", target_has_atomic = "ptr"))]
 pub use fastmem::{FastBox, FastMemStore};
+#[cfg(target_has_atomic = "64")]
 pub use header::RegionHeader;
-pub use ptr::{AllocatorId, AtomicOffsetPtr, FullPtr, OffsetPtr, ShmPtr};
+#[cfg(target_has_atomic = "64")]
+pub use ptr::AtomicOffsetPtr;
+pub use ptr::{AllocatorId, FullPtr, OffsetPtr, ShmPtr};
 pub use resource::{MemoryKind, MemoryResource};
 pub use thread::{ThreadModel, TlsDestructor};
 

@@ -58,8 +58,13 @@ pub(crate) trait HeadCell {
     #[cfg(feature = "critical-section")]
     fn store(&self, value: usize, order: Ordering);
     #[cfg(not(feature = "critical-section"))]
-    fn compare_exchange_weak(&self, current: usize, new: usize, success: Ordering, failure: Ordering)
-        -> Result<usize, usize>;
+    fn compare_exchange_weak(
+        &self,
+        current: usize,
+        new: usize,
+        success: Ordering,
+        failure: Ordering,
+    ) -> Result<usize, usize>;
 }
 
 /// A block's link to the block below it on its stack.
@@ -214,7 +219,10 @@ mod tests {
         assert_eq!(pop(&head, |l| &links[l]), Some(1));
         tags.push(tag(&head));
         assert_eq!(pop(&head, |l| &links[l]), None);
-        assert!(tags[0] >= 1 && tags.windows(2).all(|w| w[1] > w[0] && w[1] - w[0] <= 4), "each pop advances the tag by 1 to 4: {tags:?}");
+        assert!(
+            tags[0] >= 1 && tags.windows(2).all(|w| w[1] > w[0] && w[1] - w[0] <= 4),
+            "each pop advances the tag by 1 to 4: {tags:?}"
+        );
     }
 
     #[test]

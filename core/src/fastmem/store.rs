@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 /// `owner` before the first `init`.
 const NEVER: usize = 0;
 /// `owner` while one `init` lays the store out.
+#[cfg(not(feature = "critical-section"))]
 const BUSY: usize = 1;
 
 /// `N` bytes of storage for values of at most `S` bytes, usable in a `static`.

@@ -199,7 +199,8 @@ fn closures_trait_objects_and_slices() {
     let mut total = 0u64;
     let captured = [1u64, 2, 3, 4, 5, 6, 7, 8];
     {
-        let mut add: FastBox<dyn FnMut(u64) + '_> = fastbox_unsize!(fm.alloc(|x: u64| total += x + captured[0]).unwrap() => dyn FnMut(u64) + '_);
+        let mut add: FastBox<dyn FnMut(u64) + '_> =
+            fastbox_unsize!(fm.alloc(|x: u64| total += x + captured[0]).unwrap() => dyn FnMut(u64) + '_);
         (*add)(1);
         (*add)(2);
     }
@@ -228,7 +229,8 @@ fn closures_trait_objects_and_slices() {
 }
 
 fn noop_waker() -> Waker {
-    const VTABLE: RawWakerVTable = RawWakerVTable::new(|_| RawWaker::new(core::ptr::null(), &VTABLE), |_| {}, |_| {}, |_| {});
+    const VTABLE: RawWakerVTable =
+        RawWakerVTable::new(|_| RawWaker::new(core::ptr::null(), &VTABLE), |_| {}, |_| {}, |_| {});
     // SAFETY: every vtable function ignores the data pointer.
     unsafe { Waker::from_raw(RawWaker::new(core::ptr::null(), &VTABLE)) }
 }
@@ -429,18 +431,21 @@ enum Op {
 }
 
 fn ops() -> impl Strategy<Value = Vec<Op>> {
-    prop::collection::vec(prop_oneof![3 => (0u8..7).prop_map(Op::Alloc), 2 => any::<usize>().prop_map(Op::Drop)], 1..200)
+    prop::collection::vec(
+        prop_oneof![3 => (0u8..7).prop_map(Op::Alloc), 2 => any::<usize>().prop_map(Op::Drop)],
+        1..200,
+    )
 }
 
 /// (value size, alignment) of each kind the model allocates.
 const KINDS: [(usize, usize); 7] = [
-    (8, 8),    // u64, sized
-    (1, 1),    // P1
-    (4, 4),    // P4
-    (16, 16),  // P16 (u128)
-    (100, 1),  // P100
-    (64, 64),  // P64A
-    (0, 1),    // P0
+    (8, 8),   // u64, sized
+    (1, 1),   // P1
+    (4, 4),   // P4
+    (16, 16), // P16 (u128)
+    (100, 1), // P100
+    (64, 64), // P64A
+    (0, 1),   // P0
 ];
 
 proptest! {
