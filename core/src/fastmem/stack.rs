@@ -15,8 +15,8 @@
 //! link cell takes the low 32 bits of the old head as they are (readers mask them), and the new
 //! head is `(old & !LINK_MASK) + link`. The pop does the tag's arithmetic.
 //!
-//! The algorithm is written over [`HeadCell`] and [`LinkCell`] so that the loom tests below run it
-//! on loom's atomics; the store runs it on `core`'s atomics placed inside its bytes. With the
+//! The algorithm is written over [`HeadCell`] and [`LinkCell`] so that the loom models
+//! (`core/tests/loom_fastmem.rs`) run it on loom's atomics; the store runs it on `core`'s atomics placed inside its bytes. With the
 //! `critical-section` feature, the same operations run inside a critical section with plain loads
 //! and stores (no compare-and-swap needed).
 
@@ -26,10 +26,10 @@ use core::sync::atomic::Ordering;
 /// are byte offsets (stores up to 1 GiB), 16 on 32-bit ones, where links count 8-byte units
 /// (stores up to 512 KiB). The tag has the other 34 or 16 bits.
 #[cfg(target_pointer_width = "64")]
-pub(crate) const LINK_BITS: u32 = 30;
+pub const LINK_BITS: u32 = 30;
 /// See the 64-bit definition.
 #[cfg(not(target_pointer_width = "64"))]
-pub(crate) const LINK_BITS: u32 = 16;
+pub const LINK_BITS: u32 = 16;
 /// log2 of the bytes one link unit stands for.
 #[cfg(target_pointer_width = "64")]
 pub(crate) const LINK_UNIT_SHIFT: u32 = 0;
@@ -53,10 +53,13 @@ const NEXT_MASK: usize = u32::MAX as usize;
 const NEXT_MASK: usize = LINK_MASK;
 
 /// A stack's head word.
-pub(crate) trait HeadCell {
+pub trait HeadCell {
+    /// Reads the word.
     fn load(&self, order: Ordering) -> usize;
+    /// Writes the word (only inside a critical section).
     #[cfg(feature = "critical-section")]
     fn store(&self, value: usize, order: Ordering);
+    /// Replaces `current` with `new`; may fail spuriously.
     #[cfg(not(feature = "critical-section"))]
     fn compare_exchange_weak(
         &self,
@@ -68,8 +71,10 @@ pub(crate) trait HeadCell {
 }
 
 /// A block's link to the block below it on its stack.
-pub(crate) trait LinkCell {
+pub trait LinkCell {
+    /// Reads the cell.
     fn load(&self, order: Ordering) -> u32;
+    /// Writes the cell.
     fn store(&self, value: u32, order: Ordering);
 }
 
@@ -125,7 +130,7 @@ pub(crate) const fn link_in(word: usize) -> usize {
 /// `link_cell(link)` gives the link cell of the block that `link` names; it is only called with
 /// links that were pushed onto this stack at some time.
 #[inline(always)]
-pub(crate) fn pop<'c, H: HeadCell, L: LinkCell + 'c>(head: &H, link_cell: impl Fn(usize) -> &'c L) -> Option<usize> {
+pub fn pop<'c, H: HeadCell, L: LinkCell + 'c>(head: &H, link_cell: impl Fn(usize) -> &'c L) -> Option<usize> {
     #[cfg(not(feature = "critical-section"))]
     {
         let mut old = head.load(Ordering::Acquire);
@@ -162,7 +167,7 @@ pub(crate) fn pop<'c, H: HeadCell, L: LinkCell + 'c>(head: &H, link_cell: impl F
 /// Puts the block named `link` (`0 < link <= MAX_LINK`), whose link cell is `cell`, on top of
 /// the stack.
 #[inline(always)]
-pub(crate) fn push<H: HeadCell, L: LinkCell>(head: &H, link: usize, cell: &L) {
+pub fn push<H: HeadCell, L: LinkCell>(head: &H, link: usize, cell: &L) {
     debug_assert!(link != 0 && link <= MAX_LINK);
     #[cfg(not(feature = "critical-section"))]
     {
@@ -236,89 +241,5 @@ mod tests {
         assert_eq!(link_in(after), 0, "empty again");
         assert!(after >> LINK_BITS <= 3, "the tag wrapped around: {after:#x}");
         assert_eq!(pop(&head, |_| &cell), None);
-    }
-}
-
-#[cfg(all(test, loom, not(feature = "critical-section")))]
-mod loom_tests {
-    extern crate std;
-
-    use super::*;
-    use loom::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize};
-    use loom::sync::Arc;
-    use std::vec::Vec;
-
-    struct Stack {
-        head: AtomicUsize,
-        links: Vec<AtomicU32>,
-        held: Vec<AtomicBool>,
-    }
-
-    impl Stack {
-        fn new(blocks: usize) -> Arc<Self> {
-            let s = Stack {
-                head: AtomicUsize::new(0),
-                links: (0..=blocks).map(|_| AtomicU32::new(0)).collect(),
-                held: (0..=blocks).map(|_| AtomicBool::new(false)).collect(),
-            };
-            for link in 1..=blocks {
-                push(&s.head, link, &s.links[link]);
-            }
-            Arc::new(s)
-        }
-        fn pop(&self) -> Option<usize> {
-            let link = pop(&self.head, |l| &self.links[l])?;
-            assert!(!self.held[link].swap(true, Ordering::Relaxed), "block {link} handed out twice");
-            Some(link)
-        }
-        fn push(&self, link: usize) {
-            self.held[link].store(false, Ordering::Relaxed);
-            push(&self.head, link, &self.links[link]);
-        }
-        fn drain(&self) -> Vec<usize> {
-            let mut out: Vec<usize> = core::iter::from_fn(|| self.pop()).collect();
-            out.sort_unstable();
-            out
-        }
-    }
-
-    /// The ABA schedule: one thread pops while another pops twice and pushes the first block
-    /// back. Without the tag, the first thread can install a successor that is in use.
-    #[test]
-    fn pop_racing_pop_pop_push_never_hands_a_block_out_twice() {
-        loom::model(|| {
-            let s = Stack::new(3);
-            let t = {
-                let s = s.clone();
-                loom::thread::spawn(move || {
-                    let a = s.pop();
-                    if let Some(a) = a {
-                        s.push(a);
-                    }
-                })
-            };
-            let x = s.pop().unwrap();
-            let y = s.pop().unwrap();
-            s.push(x);
-            t.join().unwrap();
-            s.push(y);
-            assert_eq!(s.drain(), [1, 2, 3]);
-        });
-    }
-
-    #[test]
-    fn concurrent_pushes_lose_no_block() {
-        loom::model(|| {
-            let s = Stack::new(2);
-            let a = s.pop().unwrap();
-            let b = s.pop().unwrap();
-            let t = {
-                let s = s.clone();
-                loom::thread::spawn(move || s.push(a))
-            };
-            s.push(b);
-            t.join().unwrap();
-            assert_eq!(s.drain(), [1, 2]);
-        });
     }
 }
