@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # fastmem checks that `cargo test --workspace` and the loom step do not cover:
-#  1. the `critical-section` variant's tests on the host;
+#  1. the `critical-section` variant's tests on the host, and both variants' tests on 32-bit x86;
 #  2. cross builds of the #![no_std], no-alloc crate examples/no-std-fastmem for bare-metal ARM:
 #     thumbv7em-none-eabihf (Cortex-M4F, lock-free and critical-section variants) and
 #     thumbv6m-none-eabi (Cortex-M0, no compare-and-swap: critical-section variant only).
@@ -12,6 +12,21 @@ cd "$(dirname "$0")/.."
 echo "fastmem: critical-section variant tests"
 cargo test -q -p hetmem-core --features critical-section --lib fastmem
 cargo test -q -p hetmem-no-std-fastmem --features critical-section
+
+# 32-bit targets use another head-word layout (16-bit links in 8-byte units, 16-bit tags): run the
+# tests on i686 Linux, which needs the 32-bit C runtime (gcc-multilib) to link.
+if ! echo 'int main(void){return 0;}' | gcc -m32 -x c -o /dev/null - 2>/dev/null; then
+  sudo_cmd=""
+  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -q gcc-multilib
+fi
+rustup target add i686-unknown-linux-gnu >/dev/null
+for features in "" "--features critical-section"; do
+  echo "fastmem: 32-bit tests on i686-unknown-linux-gnu $features"
+  # shellcheck disable=SC2086
+  CARGO_TARGET_DIR=target/i686 cargo test -q -p hetmem-core --target i686-unknown-linux-gnu $features --lib fastmem
+done
 
 builds=(
   "thumbv7em-none-eabihf"

@@ -11,7 +11,7 @@
 //! - [`resource`]: upstream sources of blocks for pools ([`MemoryResource`]).
 //! - [`sync`]: locks that are safe to place in shared memory.
 //! - [`fastmem`]: an O(1) allocator over a static store for `no_std` targets ([`FastMemStore`],
-//!   [`FastBox`](fastmem::FastBox)); needs neither `std` nor `alloc`.
+//!   [`FastBox`]); needs neither `std` nor `alloc`.
 //! - [`manager`] (feature `std`): the registry that turns a [`ShmPtr`] into a local address.
 //!
 //! The crate is `no_std` without its default `std` feature; `alloc` adds regions and allocators.
