@@ -56,7 +56,12 @@ impl<const N: usize, const S: usize> FastMemStore<N, S> {
     };
 
     /// An empty store. Compile-time error if `S` is 0, or `N` is too small for the stack heads
-    /// plus one block, or too large for this target's links.
+    /// plus one block, or too large for this target's links:
+    ///
+    /// ```compile_fail
+    /// // 16 bytes cannot hold the six stack heads that values of up to 128 bytes need.
+    /// static TOO_SMALL: hetmem_core::fastmem::FastMemStore<16, 128> = hetmem_core::fastmem::FastMemStore::new();
+    /// ```
     pub const fn new() -> Self {
         #[allow(clippy::let_unit_value)]
         let () = Self::VALID;
