@@ -3,7 +3,8 @@
 #  1. the `critical-section` variant's tests on the host, and both variants' tests on 32-bit x86;
 #  2. cross builds of the #![no_std], no-alloc crate examples/no-std-fastmem for bare-metal ARM:
 #     thumbv7em-none-eabihf (Cortex-M4F, lock-free and critical-section variants) and
-#     thumbv6m-none-eabi (Cortex-M0, no compare-and-swap: critical-section variant only).
+#     thumbv6m-none-eabi (Cortex-M0, no compare-and-swap: critical-section variant only);
+#  3. Miri over fastmem's unit tests, when nightly Miri is available.
 # Cross builds use rustup's prebuilt `core` for those targets when `rustup target add` works, and
 # otherwise Debian's rustc 1.85 with `-Zbuild-std=core` (ci/install-deps.sh installs it).
 set -euo pipefail
@@ -49,5 +50,14 @@ elif [ -x /usr/bin/rustc ] && [ -d /usr/lib/rustlib/src/rust/library ]; then
 else
   echo "fastmem: no toolchain for bare-metal targets (rustup target add failed, no Debian rust-web-src)" >&2
   exit 1
+fi
+# Miri runs fastmem's tests for undefined behaviour (Stacked Borrows, alignment, uninitialised
+# reads) and its threads for data races, when a nightly toolchain with Miri can be had.
+if rustup component add --toolchain nightly miri rust-src >/dev/null 2>&1; then
+  echo "fastmem: Miri"
+  PROPTEST_CASES=4 MIRIFLAGS="-Zmiri-disable-isolation" CARGO_TARGET_DIR=target/miri \
+    cargo +nightly miri test -q -p hetmem-core --lib fastmem
+else
+  echo "fastmem: Miri skipped (no nightly toolchain with the miri component)"
 fi
 echo "fastmem: all checks passed"
