@@ -33,6 +33,11 @@ pub use hetmem_core::{
 /// Region allocators.
 pub mod allocators {
     pub use hetmem_core::allocators::*;
+
+    /// [`ThreadLocalAllocator`](hetmem_core::allocators::ThreadLocalAllocator) with this
+    /// platform's thread model.
+    pub type ThreadLocalAllocator =
+        hetmem_core::allocators::ThreadLocalAllocator<hetmem_thread_models::DefaultThreadModel>;
 }
 
 /// Memory backends.
@@ -43,6 +48,11 @@ pub mod backends {
 /// Thread models.
 pub mod thread_models {
     pub use hetmem_thread_models::*;
+}
+
+/// Pools over any upstream resource: coalescing, fixed-size, thread-safe, traced.
+pub mod pool {
+    pub use hetmem_core::pool::*;
 }
 
 /// Locks that can live in shared memory.
@@ -64,8 +74,11 @@ pub mod gpu {
 
 /// The names most programs need.
 pub mod prelude {
+    pub use crate::allocators::ThreadLocalAllocator;
     pub use hetmem_backends::{ArrayBackend, MallocBackend, PosixMmapBackend, PosixShmBackend, ShmOptions};
-    pub use hetmem_core::allocators::StackAllocator;
+    pub use hetmem_core::allocators::{
+        DeadProcessBlocks, ScalablePageAllocator, ScalablePageConfig, StackAllocator, ThreadLocalConfig,
+    };
     pub use hetmem_core::{
         AllocatorId, AllocatorType, BackendId, Error, FullPtr, MemoryBackend, MemoryManager, OffsetPtr,
         RegionAllocator, Result, ShmPtr, ThreadModel,

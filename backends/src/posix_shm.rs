@@ -55,6 +55,7 @@ impl PosixShmBackend {
     /// [`create`](Self::create) recording another kind in the header; for backends built on this
     /// one (the GPU-registered segments).
     pub fn create_kind(name: &str, size: usize, options: &ShmOptions, kind: BackendKind) -> Result<Self> {
+        crate::liveness::install();
         let name = normalize_name(name)?;
         let len = region_len(size)?;
         let c_name = c_name(&name)?;
@@ -76,6 +77,7 @@ impl PosixShmBackend {
 
     /// [`attach`](Self::attach) expecting another kind in the header.
     pub fn attach_kind(name: &str, options: &ShmOptions, kind: BackendKind) -> Result<Self> {
+        crate::liveness::install();
         let name = normalize_name(name)?;
         let c_name = c_name(&name)?;
         let fd = shm_open(&c_name, &name, libc::O_RDWR, 0)?;
@@ -120,7 +122,7 @@ impl_backend! {
     creator = |s| s.creator,
     fn name(&self) -> Option<&str> {
         Some(&self.name)
-    }
+    },
     fn destroy(&self) -> Result<()> {
         self.unlink_name()
     }

@@ -99,7 +99,7 @@ pub fn region_len(size: usize) -> Result<u64> {
 /// Implements [`MemoryBackend`](hetmem_core::MemoryBackend) for a type with a `raw: RawRegion`
 /// field, given its kind and creator flag expressions.
 macro_rules! impl_backend {
-    ($ty:ty, kind = |$k:ident| $kind:expr, creator = |$s:ident| $creator:expr $(, $($extra:tt)*)?) => {
+    ($ty:ty, kind = |$k:ident| $kind:expr, creator = |$s:ident| $creator:expr $(, $extra:item)* $(,)?) => {
         impl hetmem_core::MemoryBackend for $ty {
             fn kind(&self) -> hetmem_core::BackendKind {
                 let $k = self;
@@ -118,7 +118,7 @@ macro_rules! impl_backend {
                 let $s = self;
                 $creator
             }
-            $($($extra)*)?
+            $($extra)*
         }
     };
 }

@@ -120,6 +120,16 @@ pub enum Error {
         /// Why it is refused.
         reason: &'static str,
     },
+    /// A GPU driver or runtime call (CUDA, HIP) failed with an error code of its own.
+    #[error("{call} failed: {name} (error {code})")]
+    Gpu {
+        /// The call that failed, e.g. `cuMemHostRegister`.
+        call: &'static str,
+        /// The driver's or runtime's error code.
+        code: i32,
+        /// Its name for the code, e.g. `CUDA_ERROR_OUT_OF_MEMORY`.
+        name: &'static str,
+    },
     /// An allocator's `check()` found a broken invariant.
     #[error("corrupt {structure} at offset {offset:#x}: {detail}")]
     Corrupt {

@@ -9,7 +9,9 @@
 //!   inside the region.
 //! - [`thread`]: what a thread is ([`ThreadModel`]).
 //! - [`resource`]: upstream sources of blocks for pools ([`MemoryResource`]).
-//! - [`sync`]: locks that are safe to place in shared memory.
+//! - [`pool`] (feature `alloc`): coalescing and fixed-size pools over any resource.
+//! - [`sync`]: locks and lock-free lists that are safe to place in shared memory.
+//! - [`liveness`]: the hook that tells whether another process still runs (crash recovery).
 //! - [`fastmem`]: an O(1) allocator over a static store for `no_std` targets ([`FastMemStore`],
 //!   [`FastBox`]); needs neither `std` nor `alloc`.
 //! - [`manager`] (feature `std`): the registry that turns a [`ShmPtr`] into a local address.
@@ -28,6 +30,8 @@ pub mod error;
 pub mod fastmem;
 #[cfg(target_has_atomic = "64")]
 pub mod header;
+#[cfg(target_has_atomic = "ptr")]
+pub mod liveness;
 pub mod ptr;
 pub mod resource;
 pub mod sync;
@@ -37,6 +41,8 @@ pub mod thread;
 pub mod allocator;
 #[cfg(feature = "alloc")]
 pub mod allocators;
+#[cfg(feature = "alloc")]
+pub mod pool;
 #[cfg(feature = "alloc")]
 pub mod region;
 
@@ -64,6 +70,8 @@ pub use thread::{ThreadModel, TlsDestructor};
 pub use allocator::{AllocStats, AllocatorType, RegionAllocator};
 #[cfg(feature = "alloc")]
 pub use allocators::StackAllocator;
+#[cfg(all(feature = "alloc", not(loom)))]
+pub use allocators::{ScalablePageAllocator, ThreadLocalAllocator};
 #[cfg(feature = "alloc")]
 pub use region::Region;
 

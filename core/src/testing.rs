@@ -53,3 +53,72 @@ impl Drop for HeapBackend {
         unsafe { dealloc(self.base, self.layout) }
     }
 }
+
+/// A thread model for core's own tests (the real ones live in hetmem-thread-models, which
+/// depends on this crate): std threads, keys as indexes, destructors run at thread exit.
+pub(crate) struct TestThreads;
+
+static DESTRUCTORS: std::sync::Mutex<Vec<Option<crate::thread::TlsDestructor>>> = std::sync::Mutex::new(Vec::new());
+
+struct Values(std::cell::RefCell<Vec<*mut core::ffi::c_void>>);
+
+impl Drop for Values {
+    fn drop(&mut self) {
+        let values = std::mem::take(&mut *self.0.borrow_mut());
+        for (key, value) in values.into_iter().enumerate() {
+            let d = DESTRUCTORS.lock().unwrap().get(key).copied().flatten();
+            if let (false, Some(d)) = (value.is_null(), d) {
+                // SAFETY: `tls_create`'s caller promised the destructor accepts its values.
+                unsafe { d(value) };
+            }
+        }
+    }
+}
+
+std::thread_local! {
+    static VALUES: Values = const { Values(std::cell::RefCell::new(Vec::new())) };
+}
+
+impl crate::thread::ThreadModel for TestThreads {
+    type TlsKey = usize;
+    const NAME: &'static str = "test";
+
+    fn thread_id() -> u64 {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        std::thread_local! { static ID: u64 = NEXT.fetch_add(1, Ordering::Relaxed); }
+        ID.with(|i| *i)
+    }
+    fn yield_now() {
+        std::thread::yield_now()
+    }
+    fn sleep_for_us(us: u64) {
+        std::thread::sleep(std::time::Duration::from_micros(us))
+    }
+    unsafe fn tls_create(destructor: Option<crate::thread::TlsDestructor>) -> crate::error::Result<usize> {
+        let mut d = DESTRUCTORS.lock().unwrap();
+        d.push(destructor);
+        Ok(d.len() - 1)
+    }
+    fn tls_get(key: usize) -> *mut core::ffi::c_void {
+        VALUES
+            .try_with(|v| v.0.borrow().get(key).copied().unwrap_or(core::ptr::null_mut()))
+            .unwrap_or(core::ptr::null_mut())
+    }
+    fn tls_set(key: usize, value: *mut core::ffi::c_void) -> crate::error::Result<()> {
+        VALUES.with(|v| {
+            let mut v = v.0.borrow_mut();
+            if v.len() <= key {
+                v.resize(key + 1, core::ptr::null_mut());
+            }
+            v[key] = value;
+        });
+        Ok(())
+    }
+    fn tls_delete(key: usize) -> crate::error::Result<()> {
+        if let Some(d) = DESTRUCTORS.lock().unwrap().get_mut(key) {
+            *d = None;
+        }
+        Ok(())
+    }
+}

@@ -2,10 +2,40 @@
 //!
 //! - [`StackAllocator`]: bump allocation; frees in LIFO order reclaim space at once, other frees
 //!   are reclaimed when everything above them is freed; `reset` frees all.
+//! - [`ScalablePageAllocator`]: size-classed lock-free free lists shared by every process.
+//! - [`ThreadLocalAllocator`]: per-thread heaps inside the region; remote frees go back to their
+//!   owner; heaps of exited threads and dead processes are reclaimed.
+//!
+//! The two span allocators share their parts: [`size_class`] (four classes per doubling),
+//! `free_space` (the coalescing best-fit manager of 4 KiB units), `span` (block and span
+//! formats), `large` (blocks above the classes) and `common` (header, statistics, policies).
 
 mod stack;
 
+#[cfg(not(loom))]
+mod common;
+#[cfg(not(loom))]
+mod free_space;
+#[cfg(not(loom))]
+mod large;
+#[cfg(not(loom))]
+mod scalable_page;
+pub mod size_class;
+#[cfg(not(loom))]
+mod span;
+#[cfg(all(test, feature = "std", not(loom)))]
+mod testing;
+#[cfg(not(loom))]
+mod thread_local;
+
 pub use stack::{StackAllocator, StackConfig};
+
+#[cfg(not(loom))]
+pub use common::{ClassStats, DeadProcessBlocks};
+#[cfg(not(loom))]
+pub use scalable_page::{ScalablePageAllocator, ScalablePageConfig};
+#[cfg(not(loom))]
+pub use thread_local::{ThreadLocalAllocator, ThreadLocalConfig};
 
 use crate::error::{Error, Result};
 use crate::region::{Region, MAX_ALIGN};

@@ -3,6 +3,8 @@
 //! - [`SpinLock`]: a test-and-test-and-set lock for very short critical sections.
 //! - [`Mutex`]: records its owner (process and thread) so a lock left by a dead process can be
 //!   found; spins briefly, then yields.
+//! - [`TaggedOffsetList`]: a lock-free stack of offsets with an ABA tag, for free lists shared
+//!   by processes.
 //!
 //! All atomics come through [`atomic`], which swaps in loom's under `--cfg loom` so these
 //! algorithms are model-checked (`core/tests/loom.rs`).
@@ -13,11 +15,15 @@ mod mutex;
 // Targets without compare-and-swap (e.g. Cortex-M0, thumbv6m) have no spin lock.
 #[cfg(target_has_atomic = "32")]
 mod spin_lock;
+#[cfg(target_has_atomic = "64")]
+pub mod tagged_list;
 
 #[cfg(target_has_atomic = "64")]
 pub use mutex::{Mutex, MutexGuard};
 #[cfg(target_has_atomic = "32")]
 pub use spin_lock::{SpinLock, SpinLockGuard};
+#[cfg(target_has_atomic = "64")]
+pub use tagged_list::{LinkStore, TaggedOffsetList};
 
 /// Waits politely inside a lock's retry loop: lets another thread run where there is a
 /// scheduler, and hints the CPU otherwise.
