@@ -60,6 +60,13 @@ pub mod sync {
     pub use hetmem_core::sync::*;
 }
 
+/// fastmem: an O(1) allocator over a static store, for `no_std` targets (also in `hetmem-core`
+/// without `std` or `alloc`).
+pub mod fastmem {
+    pub use hetmem_core::fastbox_unsize;
+    pub use hetmem_core::fastmem::*;
+}
+
 /// GPU backends and resources (features `cuda`, `rocm`).
 pub mod gpu {
     pub use hetmem_gpu::*;
