@@ -11,6 +11,8 @@
 //! - [`resource`]: upstream sources of blocks for pools ([`MemoryResource`]).
 //! - [`sync`]: locks that are safe to place in shared memory.
 //! - [`manager`] (feature `std`): the registry that turns a [`ShmPtr`] into a local address.
+//! - [`cache`] (feature `std`): process-private caching tiers: thread caches ([`cache::HetAlloc`]
+//!   as a global allocator), typed pools, recycled async-task frames.
 //!
 //! The crate is `no_std` without its default `std` feature; `alloc` adds regions and allocators.
 #![cfg_attr(not(feature = "std"), no_std)]
@@ -36,6 +38,9 @@ pub mod region;
 
 #[cfg(feature = "std")]
 pub mod manager;
+
+#[cfg(all(feature = "std", not(loom)))]
+pub mod cache;
 
 #[cfg(all(test, feature = "std"))]
 mod testing;
