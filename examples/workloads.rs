@@ -70,6 +70,29 @@ impl Subject for MimallocSubject {
     }
 }
 
+/// hetmem's thread caches (`HetAlloc`) over the system allocator.
+struct HetAllocSubject(hetmem::core::cache::HetAlloc);
+
+impl Subject for HetAllocSubject {
+    fn name(&self) -> &'static str {
+        "hetalloc"
+    }
+    fn alloc(&self, size: usize) -> *mut u8 {
+        // SAFETY: as for System.
+        unsafe { self.0.alloc(Layout::from_size_align_unchecked(size, 8)) }
+    }
+    unsafe fn free(&self, ptr: *mut u8, size: usize) {
+        // SAFETY: the caller's contract.
+        unsafe { self.0.dealloc(ptr, Layout::from_size_align_unchecked(size, 8)) }
+    }
+}
+
+/// The caching tiers' subjects (kept apart from `subjects()` so branches adding allocators
+/// there merge cleanly).
+fn cache_subjects() -> Vec<Arc<dyn Subject>> {
+    vec![Arc::new(HetAllocSubject(hetmem::core::cache::HetAlloc::new()))]
+}
+
 /// Every allocator the runner knows, in table order. New allocators join here.
 fn subjects() -> Vec<Arc<dyn Subject>> {
     vec![Arc::new(SystemSubject), Arc::new(MimallocSubject)]
@@ -294,6 +317,7 @@ fn main() {
         std::process::exit(2);
     });
     let all = subjects();
+    let all = [all, cache_subjects()].concat();
     let chosen: Vec<_> = match &o.allocators {
         None => all,
         Some(names) => {

@@ -417,3 +417,251 @@ fn corrupt(class: usize, detail: &'static str) -> Error {
         detail,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::size_class::MAX_BLOCK;
+    use crate::testing::CountingResource;
+    use proptest::prelude::*;
+
+    fn layout(size: usize, align: usize) -> Layout {
+        Layout::from_size_align(size, align).unwrap()
+    }
+
+    #[test]
+    fn freed_blocks_are_reused_until_the_limit() {
+        let res = CountingResource::leak();
+        let config = CacheConfig::uniform(13, 4 * 64).unwrap();
+        let mut cache = ThreadCache::new(&config, Upstream::Resource(res)).unwrap();
+        let l = layout(50, 8); // class 2: 64-byte blocks
+        let blocks: Vec<_> = (0..6).map(|_| cache.allocate(l).unwrap()).collect();
+        assert_eq!(res.allocations(), 6);
+        for &b in &blocks {
+            // SAFETY: allocated above with `l`.
+            unsafe { cache.deallocate(b, l) };
+        }
+        // Four fit under the limit; two went upstream.
+        assert_eq!(cache.bucket_bytes(2), 4 * 64);
+        assert_eq!(res.deallocations(), 2);
+        let again = cache.allocate(l).unwrap();
+        assert_eq!(again, blocks[3], "the last block cached is the first reused");
+        let s = cache.stats();
+        assert_eq!((s.hits, s.misses, s.upstream_allocations), (1, 6, 6));
+        assert_eq!(s.bytes_returned, 2 * 64);
+        cache.check().unwrap();
+        // SAFETY: from `allocate(l)`.
+        unsafe { cache.deallocate(again, l) };
+        drop(cache);
+        assert_eq!(res.live_blocks(), 0);
+    }
+
+    #[test]
+    fn large_and_over_aligned_requests_pass_through() {
+        let res = CountingResource::leak();
+        let mut cache =
+            ThreadCache::new(&CacheConfig::uniform(17, 1 << 30).unwrap(), Upstream::Resource(res))
+                .unwrap();
+        for l in [layout(MAX_BLOCK + 1, 8), layout(64, 64), layout(100, 4096)] {
+            let p = cache.allocate(l).unwrap();
+            assert_eq!(p.as_ptr() as usize % l.align(), 0);
+            assert_eq!(res.live_bytes(), l.size(), "passed through with its own size");
+            // SAFETY: from `allocate(l)`.
+            unsafe { cache.deallocate(p, l) };
+            assert_eq!(cache.bytes_cached(), 0);
+            assert_eq!(res.live_blocks(), 0);
+        }
+    }
+
+    #[test]
+    fn bad_requests_are_errors_and_out_of_memory_leaves_it_usable() {
+        let res = CountingResource::leak();
+        let mut cache = ThreadCache::new(&CacheConfig::uniform(4, 1024).unwrap(), Upstream::Resource(res))
+            .unwrap();
+        assert!(matches!(
+            cache.allocate(layout(0, 8)),
+            Err(Error::InvalidSize { .. })
+        ));
+        res.set_failing(true);
+        assert!(matches!(
+            cache.allocate(layout(32, 8)),
+            Err(Error::OutOfMemory { requested: 32, .. })
+        ));
+        res.set_failing(false);
+        let p = cache.allocate(layout(32, 8)).unwrap();
+        // SAFETY: from `allocate`.
+        unsafe { cache.deallocate(p, layout(32, 8)) };
+        cache.check().unwrap();
+    }
+
+    #[test]
+    fn lowering_the_limits_trims_and_flush_empties() {
+        let res = CountingResource::leak();
+        let mut cache = ThreadCache::new(&CacheConfig::uniform(13, 1 << 20).unwrap(), Upstream::Resource(res))
+            .unwrap();
+        let l = layout(4096, 16);
+        let blocks: Vec<_> = (0..10).map(|_| cache.allocate(l).unwrap()).collect();
+        for b in blocks {
+            // SAFETY: from `allocate(l)`.
+            unsafe { cache.deallocate(b, l) };
+        }
+        assert_eq!(cache.bytes_cached(), 10 * 4096);
+        cache.set_config(&CacheConfig::uniform(13, 3 * 4096).unwrap());
+        assert_eq!(cache.bytes_cached(), 3 * 4096);
+        assert_eq!(res.live_blocks(), 3);
+        cache.check().unwrap();
+        cache.flush();
+        assert_eq!(cache.bytes_cached(), 0);
+        assert_eq!(res.live_blocks(), 0);
+        assert_eq!(cache.stats().bytes_returned, 10 * 4096);
+    }
+
+    #[test]
+    fn a_device_upstream_is_refused() {
+        struct Device;
+        impl crate::MemoryResource for Device {
+            fn name(&self) -> &str {
+                "device"
+            }
+            fn kind(&self) -> crate::MemoryKind {
+                crate::MemoryKind::Device
+            }
+            fn allocate(&self, _: usize, _: usize) -> Result<NonNull<u8>> {
+                Err(Error::Unsupported("test"))
+            }
+            unsafe fn deallocate(&self, _: NonNull<u8>, _: usize, _: usize) {}
+        }
+        static DEVICE: Device = Device;
+        assert!(matches!(
+            ThreadCache::new(&CacheConfig::disabled(), Upstream::Resource(&DEVICE)),
+            Err(Error::Unsupported(_))
+        ));
+    }
+
+    #[test]
+    fn a_consumer_feeds_a_producer_through_the_depot() {
+        let res = CountingResource::leak();
+        let depot: &'static Depot = Box::leak(Box::new(Depot::new(1 << 20)));
+        let config = CacheConfig::uniform(13, 64 * 128).unwrap();
+        let up = Upstream::Resource(res);
+        let mut producer = ThreadCache::with_depot(&config, up, depot).unwrap();
+        let mut consumer = ThreadCache::with_depot(&config, up, depot).unwrap();
+        let l = layout(100, 8); // class 3: 128 B, batches of 64
+        for _round in 0..50 {
+            let blocks: Vec<_> = (0..200).map(|_| producer.allocate(l).unwrap()).collect();
+            for b in blocks {
+                // SAFETY: allocated by the producer from the same upstream.
+                unsafe { consumer.deallocate(b, l) };
+            }
+            producer.check().unwrap();
+            consumer.check().unwrap();
+            depot.check().unwrap();
+        }
+        let d = depot.stats();
+        assert!(d.hits > 100, "the producer refilled from the depot: {d:?}");
+        assert!(
+            res.allocations() < 50 * 200 / 4,
+            "most blocks were recycled, only {} of 10000 came from upstream",
+            res.allocations()
+        );
+        drop(producer);
+        drop(consumer);
+        depot.check().unwrap();
+        depot.release(&up);
+        assert_eq!(res.live_blocks(), 0);
+        assert_eq!(depot.stats().bytes_cached, 0);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Alloc { cache: usize, size: usize, align_shift: u32 },
+        Free { cache: usize, pick: usize },
+        Limits { cache: usize, limits: Vec<usize> },
+        Flush { cache: usize },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (0..2usize, prop_oneof![1..=256usize, 1..=70_000usize, Just(MAX_BLOCK + 10)], 0..7u32)
+                .prop_map(|(cache, size, align_shift)| Op::Alloc { cache, size, align_shift }),
+            6 => (0..2usize, any::<usize>()).prop_map(|(cache, pick)| Op::Free { cache, pick }),
+            1 => (0..2usize, proptest::collection::vec(0..20_000usize, 1..=17))
+                .prop_map(|(cache, limits)| Op::Limits { cache, limits }),
+            1 => (0..2usize).prop_map(|cache| Op::Flush { cache }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Two caches sharing a depot and an upstream, random requests and frees (frees may go to
+        /// either cache): after every step no bucket exceeds its limit, the lists are sound, no
+        /// live block is handed out twice and contents survive; at the end every upstream block
+        /// has come back exactly once.
+        #[test]
+        fn limits_hold_and_every_block_returns_once(ops in proptest::collection::vec(op(), 1..300)) {
+            let res = CountingResource::leak();
+            let up = Upstream::Resource(res);
+            let depot: &'static Depot = Box::leak(Box::new(Depot::new(64 << 10)));
+            let config = CacheConfig::uniform(10, 8 << 10).unwrap();
+            let mut caches = [
+                ThreadCache::with_depot(&config, up, depot).unwrap(),
+                ThreadCache::with_depot(&config, up, depot).unwrap(),
+            ];
+            let mut live: Vec<(NonNull<u8>, Layout, u8)> = Vec::new();
+            let mut requests = 0u64;
+            for (step, op) in ops.into_iter().enumerate() {
+                match op {
+                    Op::Alloc { cache, size, align_shift } => {
+                        let l = layout(size, 1 << align_shift);
+                        let p = caches[cache].allocate(l).unwrap();
+                        requests += 1;
+                        prop_assert_eq!(p.as_ptr() as usize % l.align(), 0);
+                        let tag = step as u8;
+                        // SAFETY: a fresh block of `size` bytes.
+                        unsafe { core::ptr::write_bytes(p.as_ptr(), tag, size) };
+                        prop_assert!(live.iter().all(|(q, _, _)| *q != p), "block handed out twice");
+                        live.push((p, l, tag));
+                    }
+                    Op::Free { cache, pick } => {
+                        if !live.is_empty() {
+                            let (p, l, tag) = live.swap_remove(pick % live.len());
+                            // SAFETY: a live block of `l.size()` bytes we wrote.
+                            let bytes = unsafe { core::slice::from_raw_parts(p.as_ptr(), l.size()) };
+                            prop_assert!(bytes.iter().all(|&b| b == tag), "contents changed");
+                            // SAFETY: from `allocate(l)` on a cache with this upstream.
+                            unsafe { caches[cache].deallocate(p, l) };
+                        }
+                    }
+                    Op::Limits { cache, limits } => {
+                        caches[cache].set_config(&CacheConfig::from_limits(&limits).unwrap());
+                    }
+                    Op::Flush { cache } => {
+                        caches[cache].flush();
+                        prop_assert_eq!(caches[cache].bytes_cached(), 0);
+                    }
+                }
+                for c in &caches {
+                    c.check().unwrap();
+                    let config = c.config();
+                    for class in 0..MAX_BUCKETS {
+                        prop_assert!(c.bucket_bytes(class) <= config.limit(class));
+                    }
+                }
+                depot.check().unwrap();
+                prop_assert!(depot.stats().bytes_cached <= 64 << 10);
+            }
+            let s = caches[0].stats();
+            let t = caches[1].stats();
+            prop_assert_eq!(s.hits + s.misses + t.hits + t.misses, requests);
+            for (p, l, _) in live {
+                // SAFETY: still live, from `allocate(l)`.
+                unsafe { caches[0].deallocate(p, l) };
+            }
+            drop(caches);
+            depot.release(&up);
+            prop_assert_eq!(res.live_blocks(), 0);
+            prop_assert_eq!(res.allocations(), res.deallocations());
+        }
+    }
+}
