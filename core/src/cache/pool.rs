@@ -64,8 +64,11 @@ impl<T> PoolAllocator<T> {
         } else {
             align_of::<*mut u8>()
         };
-        match Layout::from_size_align(size, align) {
-            Ok(l) => l.pad_to_align(),
+        // `size_of::<T>()` is already a multiple of `align_of::<T>()`; only the widening to a
+        // pointer can need padding.
+        let padded = (size + align - 1) & !(align - 1);
+        match Layout::from_size_align(padded, align) {
+            Ok(l) => l,
             Err(_) => panic!("T's layout cannot be pooled"),
         }
     };
@@ -310,6 +313,145 @@ unsafe impl<T> Allocator for PoolAllocator<T> {
         } else {
             // SAFETY: passed through with exactly this layout.
             unsafe { self.upstream.deallocate(ptr, layout.size(), layout.align()) }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::CountingResource;
+    use proptest::prelude::*;
+
+    #[test]
+    fn cached_blocks_are_reused_first_and_the_limit_holds() {
+        let res = CountingResource::leak();
+        let pool = PoolAllocator::<[u64; 3]>::with_upstream(2, Upstream::Resource(res));
+        assert_eq!(PoolAllocator::<[u64; 3]>::BLOCK.size(), 24);
+        let blocks: Vec<_> = (0..4).map(|_| pool.allocate().unwrap()).collect();
+        for &b in &blocks {
+            // SAFETY: from `allocate`, no `T` written.
+            unsafe { pool.deallocate(b) };
+        }
+        assert_eq!(pool.cached(), 2);
+        assert_eq!(res.live_blocks(), 2, "frees over the limit went upstream");
+        assert_eq!(pool.allocate().unwrap(), blocks[1]);
+        assert_eq!(pool.allocate().unwrap(), blocks[0]);
+        let s = pool.stats();
+        assert_eq!((s.hits, s.misses, s.upstream_allocations), (2, 4, 4));
+        assert_eq!(s.bytes_returned, 2 * 24);
+        pool.check().unwrap();
+    }
+
+    #[test]
+    fn reserve_guarantees_reuse_and_release_empties() {
+        let res = CountingResource::leak();
+        let pool = PoolAllocator::<u8>::with_upstream(100, Upstream::Resource(res));
+        pool.reserve(10).unwrap();
+        assert_eq!(pool.cached(), 10);
+        let n = res.allocations();
+        let got: Vec<_> = (0..10).map(|_| pool.allocate().unwrap()).collect();
+        assert_eq!(res.allocations(), n, "reserved blocks need no upstream");
+        for b in got {
+            // SAFETY: from `allocate`.
+            unsafe { pool.deallocate(b) };
+        }
+        pool.reserve(1000).unwrap();
+        assert_eq!(pool.cached(), 100, "reserve stops at the limit");
+        pool.set_limit(5);
+        assert_eq!((pool.cached(), res.live_blocks()), (5, 5));
+        pool.release();
+        assert_eq!(res.live_blocks(), 0);
+        assert_eq!(pool.stats().bytes_cached, 0);
+    }
+
+    #[test]
+    fn out_of_memory_is_an_error_and_the_pool_stays_usable() {
+        let res = CountingResource::leak();
+        let pool = PoolAllocator::<u64>::with_upstream(4, Upstream::Resource(res));
+        res.set_failing(true);
+        assert!(matches!(pool.allocate(), Err(Error::OutOfMemory { .. })));
+        assert!(matches!(pool.reserve(2), Err(Error::OutOfMemory { .. })));
+        res.set_failing(false);
+        let b = pool.allocate().unwrap();
+        // SAFETY: from `allocate`.
+        unsafe { pool.deallocate(b) };
+        pool.check().unwrap();
+        drop(pool);
+        assert_eq!(res.live_blocks(), 0, "dropping the pool frees its cache");
+    }
+
+    #[test]
+    fn node_based_containers_allocate_from_it() {
+        use allocator_api2::boxed::Box;
+        struct Node<'a> {
+            value: u64,
+            next: Option<Box<Node<'a>, &'a PoolAllocator<Node<'a>>>>,
+        }
+        let res = CountingResource::leak();
+        let pool = PoolAllocator::<Node<'_>>::with_upstream(1000, Upstream::Resource(res));
+        for round in 0..3u64 {
+            let mut head: Option<Box<Node<'_>, _>> = None;
+            for i in 0..500 {
+                head = Some(Box::new_in(Node { value: i + round, next: head }, &pool));
+            }
+            let mut sum = 0;
+            let mut cur = head.as_deref();
+            while let Some(n) = cur {
+                sum += n.value;
+                cur = n.next.as_deref();
+            }
+            assert_eq!(sum, (0..500).sum::<u64>() + 500 * round);
+            // Drop iteratively so a long list does not recurse deeply.
+            while let Some(mut n) = head {
+                head = n.next.take();
+            }
+        }
+        assert_eq!(res.allocations(), 500, "rounds after the first reuse every node");
+        // Requests of another size pass through.
+        let mut v: allocator_api2::vec::Vec<Node<'_>, _> =
+            allocator_api2::vec::Vec::with_capacity_in(10, &pool);
+        v.push(Node { value: 1, next: None });
+        assert_eq!(res.allocations(), 501);
+        drop(v);
+        drop(pool);
+        assert_eq!(res.live_blocks(), 0);
+    }
+
+    proptest! {
+        /// Random allocations and frees with random limit changes: the cache never exceeds its
+        /// limit, its list stays sound, and every block returns upstream exactly once.
+        #[test]
+        fn limit_holds_and_blocks_return_once(
+            ops in proptest::collection::vec((0..4u8, 0..64usize), 1..400)
+        ) {
+            let res = CountingResource::leak();
+            let pool = PoolAllocator::<[u8; 40]>::with_upstream(8, Upstream::Resource(res));
+            let mut live: Vec<NonNull<[u8; 40]>> = Vec::new();
+            for (kind, arg) in ops {
+                match kind {
+                    0 | 1 => {
+                        let p = pool.allocate().unwrap();
+                        prop_assert!(!live.contains(&p), "block handed out twice");
+                        live.push(p);
+                    }
+                    2 => if !live.is_empty() {
+                        let p = live.swap_remove(arg % live.len());
+                        // SAFETY: from `allocate`.
+                        unsafe { pool.deallocate(p) };
+                    },
+                    _ => pool.set_limit(arg % 16),
+                }
+                pool.check().unwrap();
+                prop_assert!(pool.cached() <= pool.limit());
+            }
+            for p in live {
+                // SAFETY: from `allocate`.
+                unsafe { pool.deallocate(p) };
+            }
+            drop(pool);
+            prop_assert_eq!(res.live_blocks(), 0);
+            prop_assert_eq!(res.allocations(), res.deallocations());
         }
     }
 }

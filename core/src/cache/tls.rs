@@ -396,6 +396,14 @@ impl SlotRef {
         total
     }
 
+    /// Checks the calling thread's cache of this slot ([`ThreadCache::check`]).
+    pub(crate) fn check_thread(&self) -> crate::error::Result<()> {
+        match self.assigned() {
+            Some(slot) => with_state(|s| s.caches[slot].check()),
+            None => Ok(()),
+        }
+    }
+
     /// This slot's depot.
     pub(crate) fn depot(&self) -> Option<&'static Depot> {
         self.assigned().map(|slot| &DEPOTS[slot])

@@ -62,6 +62,12 @@ impl RecyclingFrameAllocator {
         self.slot.flush_thread();
     }
 
+    /// Walks the calling thread's cache for this upstream and checks its invariants (limits
+    /// held, lists as long as counted, no cycle).
+    pub fn check_thread(&self) -> crate::error::Result<()> {
+        self.slot.check_thread()
+    }
+
     /// Frees the frames in the shared depot to the upstream.
     pub fn release_depot(&self) {
         if let Some(d) = self.slot.depot() {
