@@ -89,6 +89,11 @@ impl HetAlloc {
         self.slot.check_thread()
     }
 
+    /// The depot's byte limit.
+    pub fn depot_limit(&self) -> usize {
+        self.slot.depot().map_or(0, |d| d.limit())
+    }
+
     /// Frees everything the depot holds to the upstream.
     pub fn release_depot(&self) {
         if let Some(d) = self.slot.depot() {
