@@ -83,14 +83,19 @@ impl Subject for HetAllocSubject {
     }
     unsafe fn free(&self, ptr: *mut u8, size: usize) {
         // SAFETY: the caller's contract.
-        unsafe { self.0.dealloc(ptr, Layout::from_size_align_unchecked(size, 8)) }
+        unsafe {
+            self.0
+                .dealloc(ptr, Layout::from_size_align_unchecked(size, 8))
+        }
     }
 }
 
 /// The caching tiers' subjects (kept apart from `subjects()` so branches adding allocators
 /// there merge cleanly).
 fn cache_subjects() -> Vec<Arc<dyn Subject>> {
-    vec![Arc::new(HetAllocSubject(hetmem::core::cache::HetAlloc::new()))]
+    vec![Arc::new(HetAllocSubject(
+        hetmem::core::cache::HetAlloc::new(),
+    ))]
 }
 
 /// Every allocator the runner knows, in table order. New allocators join here.

@@ -96,7 +96,8 @@ impl CountingResource {
     }
 
     pub(crate) fn deallocations(&self) -> u64 {
-        self.deallocations.load(std::sync::atomic::Ordering::Relaxed)
+        self.deallocations
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub(crate) fn set_failing(&self, failing: bool) {
@@ -122,8 +123,15 @@ impl crate::MemoryResource for CountingResource {
         let layout = Layout::from_size_align(size, align).unwrap();
         // SAFETY: tests only ask for non-zero sizes.
         let p = core::ptr::NonNull::new(unsafe { std::alloc::alloc(layout) }).unwrap();
-        let old = self.live.lock().unwrap().insert(p.as_ptr() as usize, (size, align));
-        assert!(old.is_none(), "the system allocator returned a live block twice");
+        let old = self
+            .live
+            .lock()
+            .unwrap()
+            .insert(p.as_ptr() as usize, (size, align));
+        assert!(
+            old.is_none(),
+            "the system allocator returned a live block twice"
+        );
         self.allocations
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(p)

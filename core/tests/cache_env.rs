@@ -17,8 +17,8 @@ fn in_child(test: &str, vars: &[(&str, &str)]) {
         cmd.env(k, v);
     }
     let out = cmd.output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "child failed:\n{text}");
     assert!(text.contains("1 passed"), "the child ran no test:\n{text}");
 }
@@ -73,7 +73,11 @@ fn a_malformed_variable_is_reported_and_skipped() {
         );
     }
     std::thread::spawn(|| {
-        assert_eq!(cache::thread_config().limit(0), 16 << 10, "the valid one applies");
+        assert_eq!(
+            cache::thread_config().limit(0),
+            16 << 10,
+            "the valid one applies"
+        );
         assert_eq!(
             cache::env_error(),
             Some(Error::InvalidSize {

@@ -54,7 +54,9 @@ fn worker(id: usize, inbox: mpsc::Receiver<Vec<u64>>, outbox: mpsc::Sender<Vec<u
     }
     assert_eq!(map.len(), 500);
     // Blocks made here are freed by the next thread, and the other way round.
-    outbox.send((0..1000).map(|i| i * id as u64).collect()).unwrap();
+    outbox
+        .send((0..1000).map(|i| i * id as u64).collect())
+        .unwrap();
     let theirs = inbox.recv().unwrap();
     theirs.iter().sum::<u64>() + text.len() as u64
 }
@@ -140,7 +142,10 @@ fn more_upstreams_than_slots_still_work() {
         a.release_depot();
     }
     // Slot 0 is the system allocator, slot 1 the recycled frames: six slots remain.
-    assert_eq!(cached, 6, "six resources got caches, the rest passed through");
+    assert_eq!(
+        cached, 6,
+        "six resources got caches, the rest passed through"
+    );
 }
 
 #[test]

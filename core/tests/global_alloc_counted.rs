@@ -79,7 +79,9 @@ fn churn(threads: usize) {
                         keep.push(v);
                     }
                 }
-                let s: String = (0..200).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+                let s: String = (0..200)
+                    .map(|i| char::from(b'a' + (i % 26) as u8))
+                    .collect();
                 (keep, s)
             })
         })

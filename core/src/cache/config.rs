@@ -26,8 +26,8 @@ use core::fmt;
 
 use crate::cache::size_class::{block_size, MAX_BUCKETS};
 use crate::error::{Error, Result};
-use core::sync::atomic::{AtomicU8, Ordering};
 use crate::sync::SpinLock;
+use core::sync::atomic::{AtomicU8, Ordering};
 
 /// What a thread does, which decides its cache limits.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
@@ -356,7 +356,9 @@ const fn build_count(v: Option<&str>) -> Option<usize> {
         None => None,
         Some(s) => match parse_buckets(s) {
             Some(n) => Some(n),
-            None => panic!("HETMEM_CACHE_BUCKETS/HETMEM_FRAME_BUCKETS set at build time must be 1 to 17"),
+            None => panic!(
+                "HETMEM_CACHE_BUCKETS/HETMEM_FRAME_BUCKETS set at build time must be 1 to 17"
+            ),
         },
     }
 }
@@ -434,7 +436,11 @@ impl Defaults {
             all: self.all.or(weaker.all),
             main: self.main.or(self.all).or(weaker.main).or(weaker.all),
             worker: self.worker.or(self.all).or(weaker.worker).or(weaker.all),
-            scheduler: self.scheduler.or(self.all).or(weaker.scheduler).or(weaker.all),
+            scheduler: self
+                .scheduler
+                .or(self.all)
+                .or(weaker.scheduler)
+                .or(weaker.all),
             depot: self.depot.or(weaker.depot),
             frame_buckets: self.frame_buckets.or(weaker.frame_buckets),
             frame: self.frame.or(weaker.frame),
@@ -531,7 +537,10 @@ mod tests {
     #[test]
     fn limit_lists_repeat_their_last_value() {
         let l = parse_limits("1K,2K,4K").unwrap();
-        assert_eq!((l.get(0), l.get(1), l.get(2), l.get(9)), (1024, 2048, 4096, 4096));
+        assert_eq!(
+            (l.get(0), l.get(1), l.get(2), l.get(9)),
+            (1024, 2048, 4096, 4096)
+        );
         assert!(parse_limits("1K,,2K").is_none());
         assert!(parse_limits(&["1"; 18].join(",")).is_none());
         let c = config_from(4, Some(l), 7);
@@ -560,7 +569,10 @@ mod tests {
         assert_eq!(d.role_config(ThreadRole::Worker).limit(0), 128 << 10);
         assert_eq!(d.role_config(ThreadRole::Scheduler).limit(12), 1 << 20);
         assert_eq!(d.role_config(ThreadRole::Custom(3)).limit(0), 128 << 10);
-        assert_eq!(d.role_config(ThreadRole::Main).bucket_count(), DEFAULT_BUCKETS);
+        assert_eq!(
+            d.role_config(ThreadRole::Main).bucket_count(),
+            DEFAULT_BUCKETS
+        );
         let runtime = Defaults {
             main: parse_limits("8K"),
             buckets: Some(3),

@@ -16,8 +16,8 @@ use crate::cache::size_class::{batch_len, block_size, BLOCK_ALIGN, MAX_BUCKETS};
 use crate::cache::stats::{CacheStats, Counters};
 use crate::cache::upstream::Upstream;
 use crate::error::{Error, Result};
-use core::sync::atomic::{AtomicUsize, Ordering};
 use crate::sync::SpinLock;
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 /// A bounded store of free-block batches shared by the thread caches of one upstream.
 pub struct Depot {
@@ -126,10 +126,8 @@ impl Depot {
         };
         match head {
             Some(h) => {
-                self.bytes.fetch_sub(
-                    batch_len(class) * block_size(class),
-                    Ordering::Relaxed,
-                );
+                self.bytes
+                    .fetch_sub(batch_len(class) * block_size(class), Ordering::Relaxed);
                 self.counters.hits.add_shared(1);
                 Some(h)
             }

@@ -253,7 +253,11 @@ mod tests {
 
     /// One counting upstream for every test here (threads share caches per upstream), used by
     /// one test at a time.
-    fn counted() -> (&'static CountingResource, HetAlloc, std::sync::MutexGuard<'static, ()>) {
+    fn counted() -> (
+        &'static CountingResource,
+        HetAlloc,
+        std::sync::MutexGuard<'static, ()>,
+    ) {
         static RES: OnceLock<&'static CountingResource> = OnceLock::new();
         static SERIAL: Mutex<()> = Mutex::new(());
         let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -436,7 +440,10 @@ mod tests {
             assert_eq!(thread_config(), CacheConfig::for_role(ThreadRole::Worker));
             set_thread_role(ThreadRole::Scheduler);
             assert_eq!(thread_role(), ThreadRole::Scheduler);
-            assert_eq!(thread_config(), CacheConfig::for_role(ThreadRole::Scheduler));
+            assert_eq!(
+                thread_config(),
+                CacheConfig::for_role(ThreadRole::Scheduler)
+            );
         })
         .join()
         .unwrap();

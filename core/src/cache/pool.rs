@@ -290,7 +290,9 @@ unsafe impl<T> Allocator for PoolAllocator<T> {
             return Ok(NonNull::slice_from_raw_parts(p, 0));
         }
         let p = if Self::pooled(layout) {
-            PoolAllocator::allocate(self).map_err(|_| AllocError)?.cast()
+            PoolAllocator::allocate(self)
+                .map_err(|_| AllocError)?
+                .cast()
         } else {
             if !self.upstream.host_accessible() {
                 return Err(AllocError);
@@ -393,7 +395,13 @@ mod tests {
         for round in 0..3u64 {
             let mut head: Option<Box<Node<'_>, _>> = None;
             for i in 0..500 {
-                head = Some(Box::new_in(Node { value: i + round, next: head }, &pool));
+                head = Some(Box::new_in(
+                    Node {
+                        value: i + round,
+                        next: head,
+                    },
+                    &pool,
+                ));
             }
             let mut sum = 0;
             let mut cur = head.as_deref();
@@ -407,11 +415,18 @@ mod tests {
                 head = n.next.take();
             }
         }
-        assert_eq!(res.allocations(), 500, "rounds after the first reuse every node");
+        assert_eq!(
+            res.allocations(),
+            500,
+            "rounds after the first reuse every node"
+        );
         // Requests of another size pass through.
         let mut v: allocator_api2::vec::Vec<Node<'_>, _> =
             allocator_api2::vec::Vec::with_capacity_in(10, &pool);
-        v.push(Node { value: 1, next: None });
+        v.push(Node {
+            value: 1,
+            next: None,
+        });
         assert_eq!(res.allocations(), 501);
         drop(v);
         drop(pool);

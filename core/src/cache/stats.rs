@@ -75,8 +75,7 @@ impl Counters {
         self.hits.add_shared(s.hits);
         self.misses.add_shared(s.misses);
         self.bytes_returned.add_shared(s.bytes_returned);
-        self.upstream_allocations
-            .add_shared(s.upstream_allocations);
+        self.upstream_allocations.add_shared(s.upstream_allocations);
     }
 
     /// Zeroes the counters (owner only).
@@ -106,8 +105,10 @@ impl Counter {
     /// Adds `n`; only the owning thread may call this.
     #[inline(always)]
     pub(crate) fn add_owned(&self, n: u64) {
-        self.0
-            .store(self.0.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+        self.0.store(
+            self.0.load(Ordering::Relaxed).wrapping_add(n),
+            Ordering::Relaxed,
+        );
     }
 
     /// Adds `n` from any thread.

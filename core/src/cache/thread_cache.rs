@@ -27,11 +27,13 @@ struct Bucket {
 }
 
 impl Bucket {
-    const EMPTY: Bucket = Bucket {
-        head: Cell::new(ptr::null_mut()),
-        bytes: AtomicUsize::new(0),
-        limit: Cell::new(0),
-    };
+    const fn empty() -> Bucket {
+        Bucket {
+            head: Cell::new(ptr::null_mut()),
+            bytes: AtomicUsize::new(0),
+            limit: Cell::new(0),
+        }
+    }
 
     #[inline(always)]
     fn bytes(&self) -> usize {
@@ -104,11 +106,19 @@ impl ThreadCache {
 
     /// A cache with `config`'s limits over `upstream` that exchanges batches with `depot`. All
     /// caches sharing a depot must share the upstream.
-    pub fn with_depot(config: &CacheConfig, upstream: Upstream, depot: &'static Depot) -> Result<Self> {
+    pub fn with_depot(
+        config: &CacheConfig,
+        upstream: Upstream,
+        depot: &'static Depot,
+    ) -> Result<Self> {
         Self::build(config, upstream, Some(depot))
     }
 
-    fn build(config: &CacheConfig, upstream: Upstream, depot: Option<&'static Depot>) -> Result<Self> {
+    fn build(
+        config: &CacheConfig,
+        upstream: Upstream,
+        depot: Option<&'static Depot>,
+    ) -> Result<Self> {
         if !upstream.host_accessible() {
             return Err(Error::Unsupported(
                 "a thread cache needs an upstream whose memory the CPU can write",
@@ -122,7 +132,7 @@ impl ThreadCache {
     /// A cache with every limit zero: it holds nothing until [`Self::apply`] gives it limits.
     pub(crate) const fn unready(upstream: Upstream, depot: Option<&'static Depot>) -> Self {
         ThreadCache {
-            buckets: [Bucket::EMPTY; MAX_BUCKETS],
+            buckets: [const { Bucket::empty() }; MAX_BUCKETS],
             bucket_count: Cell::new(0),
             upstream: Cell::new(upstream),
             depot: Cell::new(depot),
@@ -322,12 +332,20 @@ impl ThreadCache {
         self.allocate_upstream(layout.size(), layout.align(), layout.size())
     }
 
-    fn allocate_upstream(&mut self, size: usize, align: usize, requested: usize) -> Result<NonNull<u8>> {
+    fn allocate_upstream(
+        &mut self,
+        size: usize,
+        align: usize,
+        requested: usize,
+    ) -> Result<NonNull<u8>> {
         self.counters.upstream_allocations.add_owned(1);
-        self.upstream.get().allocate(size, align).ok_or(Error::OutOfMemory {
-            requested: requested as u64,
-            available: 0,
-        })
+        self.upstream
+            .get()
+            .allocate(size, align)
+            .ok_or(Error::OutOfMemory {
+                requested: requested as u64,
+                available: 0,
+            })
     }
 
     /// Takes back a block from [`Self::allocate`].
@@ -345,12 +363,20 @@ impl ThreadCache {
                 .bytes_returned
                 .add_owned(block_size(class) as u64);
             // SAFETY: a whole block of this class from this upstream.
-            unsafe { self.upstream.get().deallocate(ptr, block_size(class), BLOCK_ALIGN) };
+            unsafe {
+                self.upstream
+                    .get()
+                    .deallocate(ptr, block_size(class), BLOCK_ALIGN)
+            };
             return;
         }
         self.counters.bytes_returned.add_owned(layout.size() as u64);
         // SAFETY: passed through with exactly this layout.
-        unsafe { self.upstream.get().deallocate(ptr, layout.size(), layout.align()) };
+        unsafe {
+            self.upstream
+                .get()
+                .deallocate(ptr, layout.size(), layout.align())
+        };
     }
 
     /// New limits; blocks over them go upstream now.
@@ -387,7 +413,10 @@ impl ThreadCache {
             let mut block = bucket.head.get();
             while !block.is_null() {
                 if n == expected {
-                    return Err(corrupt(class, "list longer than its byte count (or a cycle)"));
+                    return Err(corrupt(
+                        class,
+                        "list longer than its byte count (or a cycle)",
+                    ));
                 }
                 if block as usize % BLOCK_ALIGN != 0 {
                     return Err(corrupt(class, "misaligned block on a free list"));
@@ -445,7 +474,10 @@ mod tests {
         assert_eq!(cache.bucket_bytes(2), 4 * 64);
         assert_eq!(res.deallocations(), 2);
         let again = cache.allocate(l).unwrap();
-        assert_eq!(again, blocks[3], "the last block cached is the first reused");
+        assert_eq!(
+            again, blocks[3],
+            "the last block cached is the first reused"
+        );
         let s = cache.stats();
         assert_eq!((s.hits, s.misses, s.upstream_allocations), (1, 6, 6));
         assert_eq!(s.bytes_returned, 2 * 64);
@@ -459,13 +491,19 @@ mod tests {
     #[test]
     fn large_and_over_aligned_requests_pass_through() {
         let res = CountingResource::leak();
-        let mut cache =
-            ThreadCache::new(&CacheConfig::uniform(17, 1 << 30).unwrap(), Upstream::Resource(res))
-                .unwrap();
+        let mut cache = ThreadCache::new(
+            &CacheConfig::uniform(17, 1 << 30).unwrap(),
+            Upstream::Resource(res),
+        )
+        .unwrap();
         for l in [layout(MAX_BLOCK + 1, 8), layout(64, 64), layout(100, 4096)] {
             let p = cache.allocate(l).unwrap();
             assert_eq!(p.as_ptr() as usize % l.align(), 0);
-            assert_eq!(res.live_bytes(), l.size(), "passed through with its own size");
+            assert_eq!(
+                res.live_bytes(),
+                l.size(),
+                "passed through with its own size"
+            );
             // SAFETY: from `allocate(l)`.
             unsafe { cache.deallocate(p, l) };
             assert_eq!(cache.bytes_cached(), 0);
@@ -476,8 +514,11 @@ mod tests {
     #[test]
     fn bad_requests_are_errors_and_out_of_memory_leaves_it_usable() {
         let res = CountingResource::leak();
-        let mut cache = ThreadCache::new(&CacheConfig::uniform(4, 1024).unwrap(), Upstream::Resource(res))
-            .unwrap();
+        let mut cache = ThreadCache::new(
+            &CacheConfig::uniform(4, 1024).unwrap(),
+            Upstream::Resource(res),
+        )
+        .unwrap();
         assert!(matches!(
             cache.allocate(layout(0, 8)),
             Err(Error::InvalidSize { .. })
@@ -497,8 +538,11 @@ mod tests {
     #[test]
     fn lowering_the_limits_trims_and_flush_empties() {
         let res = CountingResource::leak();
-        let mut cache = ThreadCache::new(&CacheConfig::uniform(13, 1 << 20).unwrap(), Upstream::Resource(res))
-            .unwrap();
+        let mut cache = ThreadCache::new(
+            &CacheConfig::uniform(13, 1 << 20).unwrap(),
+            Upstream::Resource(res),
+        )
+        .unwrap();
         let l = layout(4096, 16);
         let blocks: Vec<_> = (0..10).map(|_| cache.allocate(l).unwrap()).collect();
         for b in blocks {
@@ -574,10 +618,22 @@ mod tests {
 
     #[derive(Debug, Clone)]
     enum Op {
-        Alloc { cache: usize, size: usize, align_shift: u32 },
-        Free { cache: usize, pick: usize },
-        Limits { cache: usize, limits: Vec<usize> },
-        Flush { cache: usize },
+        Alloc {
+            cache: usize,
+            size: usize,
+            align_shift: u32,
+        },
+        Free {
+            cache: usize,
+            pick: usize,
+        },
+        Limits {
+            cache: usize,
+            limits: Vec<usize>,
+        },
+        Flush {
+            cache: usize,
+        },
     }
 
     fn op() -> impl Strategy<Value = Op> {

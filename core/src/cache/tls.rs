@@ -25,9 +25,9 @@ use crate::cache::size_class::{block_size, class_of, BLOCK_ALIGN};
 use crate::cache::stats::{CacheStats, Counters};
 use crate::cache::thread_cache::ThreadCache;
 use crate::cache::upstream::Upstream;
-use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use crate::sync::SpinLock;
 use core::alloc::Layout;
+use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 /// Slots per thread.
 pub(crate) const SLOTS: usize = 8;
@@ -338,7 +338,12 @@ impl SlotRef {
     ///
     /// # Safety
     /// As for [`Self::dealloc`]; `new_size` is non-zero and valid with `layout.align()`.
-    pub(crate) unsafe fn realloc(&self, ptr: NonNull<u8>, layout: Layout, new_size: usize) -> *mut u8 {
+    pub(crate) unsafe fn realloc(
+        &self,
+        ptr: NonNull<u8>,
+        layout: Layout,
+        new_size: usize,
+    ) -> *mut u8 {
         // SAFETY: the caller promises `new_size` is valid with this alignment.
         let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
         match (class_of(layout), class_of(new_layout)) {
@@ -356,11 +361,7 @@ impl SlotRef {
                 if !new.is_null() {
                     // SAFETY: distinct live blocks, each at least `min` bytes long.
                     unsafe {
-                        ptr::copy_nonoverlapping(
-                            ptr.as_ptr(),
-                            new,
-                            layout.size().min(new_size),
-                        );
+                        ptr::copy_nonoverlapping(ptr.as_ptr(), new, layout.size().min(new_size));
                         self.dealloc(ptr, layout);
                     }
                 }

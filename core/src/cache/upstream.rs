@@ -75,16 +75,16 @@ impl Upstream {
             Upstream::System => {
                 // SAFETY: the caller's contract; the layout was valid when allocated.
                 unsafe {
-                    System.dealloc(
-                        ptr.as_ptr(),
-                        Layout::from_size_align_unchecked(size, align),
-                    )
+                    System.dealloc(ptr.as_ptr(), Layout::from_size_align_unchecked(size, align))
                 }
             }
             Upstream::Global => {
                 // SAFETY: as above.
                 unsafe {
-                    std::alloc::dealloc(ptr.as_ptr(), Layout::from_size_align_unchecked(size, align))
+                    std::alloc::dealloc(
+                        ptr.as_ptr(),
+                        Layout::from_size_align_unchecked(size, align),
+                    )
                 }
             }
             // SAFETY: the caller's contract is the resource's.
@@ -173,4 +173,3 @@ impl Upstream {
         }
     }
 }
-

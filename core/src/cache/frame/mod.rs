@@ -4,6 +4,7 @@
 //!   [`FRAME_ALIGN`].
 //! - [`RecyclingFrameAllocator`]: thread-local free lists binned by power-of-two size class; in
 //!   steady state a task's frame is the one the previous task of that size gave back.
+//!   [`ThreadFrames`] is the default one as a zero-sized handle.
 //! - [`CountingAllocator`]: wraps another to count frames, bytes and the peak, for profiling.
 //! - [`FrameBox`]: a box (and, pinned, a boxed future) whose memory comes from a frame allocator.
 //! - [`with_frame_allocator`]: a scope whose futures, and the futures they create while polled,
@@ -15,8 +16,8 @@ mod recycling;
 mod scope;
 
 pub use counting::{CountingAllocator, CountingStats};
-pub use frame_box::FrameBox;
-pub use recycling::RecyclingFrameAllocator;
+pub use frame_box::{FrameBox, FrameTask};
+pub use recycling::{RecyclingFrameAllocator, ThreadFrames};
 pub use scope::{current_frame_allocator, default_frame_allocator, with_frame_allocator};
 
 use core::ptr::NonNull;
@@ -42,10 +43,12 @@ pub trait FrameAllocator: Sync {
 }
 
 impl<A: FrameAllocator + ?Sized> FrameAllocator for &A {
+    #[inline]
     fn allocate(&self, size: usize) -> Result<NonNull<u8>> {
         (**self).allocate(size)
     }
 
+    #[inline]
     unsafe fn deallocate(&self, ptr: NonNull<u8>, size: usize) {
         // SAFETY: forwarded contract.
         unsafe { (**self).deallocate(ptr, size) }
@@ -65,7 +68,9 @@ mod tests {
     use std::sync::OnceLock;
 
     fn counting() -> &'static CountingAllocator<RecyclingFrameAllocator> {
-        Box::leak(Box::new(CountingAllocator::new(RecyclingFrameAllocator::new())))
+        Box::leak(Box::new(CountingAllocator::new(
+            RecyclingFrameAllocator::new(),
+        )))
     }
 
     /// Polls a future to completion on this thread.
@@ -146,23 +151,67 @@ mod tests {
         assert_eq!(c.stats().allocations, 0, "failed requests are not counted");
     }
 
+    /// Frames from the system allocator, each recorded so a wrong pointer or size on the way
+    /// back fails the test.
+    struct Recorder(std::sync::Mutex<Vec<(usize, usize)>>);
+
+    impl FrameAllocator for Recorder {
+        fn allocate(&self, size: usize) -> crate::Result<NonNull<u8>> {
+            let layout = core::alloc::Layout::from_size_align(size, FRAME_ALIGN).unwrap();
+            // SAFETY: tests ask for non-zero sizes.
+            let p = NonNull::new(unsafe { std::alloc::alloc(layout) }).unwrap();
+            self.0.lock().unwrap().push((p.as_ptr() as usize, size));
+            Ok(p)
+        }
+        unsafe fn deallocate(&self, ptr: NonNull<u8>, size: usize) {
+            let mut live = self.0.lock().unwrap();
+            let i = live
+                .iter()
+                .position(|&e| e == (ptr.as_ptr() as usize, size))
+                .expect("a frame this allocator gave out, with its size");
+            live.swap_remove(i);
+            let layout = core::alloc::Layout::from_size_align(size, FRAME_ALIGN).unwrap();
+            // SAFETY: allocated above with this layout.
+            unsafe { std::alloc::dealloc(ptr.as_ptr(), layout) };
+        }
+    }
+
+    #[test]
+    fn over_aligned_values_find_their_frame_again() {
+        let rec: &'static Recorder = Box::leak(Box::new(Recorder(Default::default())));
+        #[repr(align(64))]
+        struct Wide([u8; 100]);
+        #[repr(align(4096))]
+        struct Page(u8);
+        for _ in 0..50 {
+            let b = FrameBox::new_in(Wide([9; 100]), rec).unwrap();
+            assert_eq!(&*b as *const Wide as usize % 64, 0);
+            assert_eq!(FrameBox::frame_size(&b), size_of::<Wide>() + 64);
+            assert_eq!(b.0[99], 9);
+            let p = FrameBox::new_in(Page(3), rec).unwrap();
+            assert_eq!(&*p as *const Page as usize % 4096, 0);
+            assert_eq!(p.into_inner().0, 3);
+            drop(b);
+        }
+        assert!(rec.0.lock().unwrap().is_empty());
+    }
+
     #[test]
     fn frame_boxes_give_their_frame_back_once() {
         let c = counting();
-        #[repr(align(64))]
-        struct Wide([u8; 100]);
-        let b = FrameBox::new_in(Wide([9; 100]), c).unwrap();
-        assert_eq!(&*b as *const Wide as usize % 64, 0);
-        assert_eq!(FrameBox::frame_size(&b), size_of::<Wide>() + 64 - FRAME_ALIGN);
-        assert_eq!(b.0[99], 9);
+        let b = FrameBox::new_in([7u8; 100], c).unwrap();
+        assert_eq!(FrameBox::frame_size(&b), 100);
         drop(b);
         let zst = FrameBox::new_in((), c).unwrap();
         assert_eq!(FrameBox::frame_size(&zst), 0);
         drop(zst);
-        let v = FrameBox::new_in(String::from("kept"), c).unwrap().into_inner();
+        let v = FrameBox::new_in(String::from("kept"), c)
+            .unwrap()
+            .into_inner();
         assert_eq!(v, "kept");
         let s = c.stats();
         assert_eq!((s.allocations, s.deallocations, s.live_bytes), (2, 2, 0));
+        assert_eq!(s.bytes_allocated, 100 + size_of::<String>() as u64);
     }
 
     #[test]
@@ -253,7 +302,10 @@ mod tests {
         assert!(current_frame_allocator().is_none());
         assert_eq!(block_on(root), 7);
         let s = a.stats();
-        assert_eq!(s.allocations, 15, "all 15 nodes took frames from the scope's allocator");
+        assert_eq!(
+            s.allocations, 15,
+            "all 15 nodes took frames from the scope's allocator"
+        );
         assert_eq!(s.live_bytes, 0);
         // Outside a scope, the default recycling allocator is used.
         let before = default_frame_allocator().thread_stats();

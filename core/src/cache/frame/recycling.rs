@@ -117,3 +117,22 @@ impl FrameAllocator for RecyclingFrameAllocator {
         unsafe { self.slot.dealloc(ptr, layout) }
     }
 }
+
+/// The default recycled frames as a zero-sized handle: the calling thread's lists over the
+/// global allocator, the same ones [`RecyclingFrameAllocator::new`] uses. A
+/// `FrameBox<T, ThreadFrames>` is a single pointer.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ThreadFrames;
+
+impl FrameAllocator for ThreadFrames {
+    #[inline]
+    fn allocate(&self, size: usize) -> Result<NonNull<u8>> {
+        super::default_frame_allocator().allocate(size)
+    }
+
+    #[inline]
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, size: usize) {
+        // SAFETY: forwarded contract; the same lists took the frame out.
+        unsafe { super::default_frame_allocator().deallocate(ptr, size) }
+    }
+}
