@@ -146,10 +146,19 @@ impl<T> PoolAllocator<T> {
                 return;
             }
         }
+        // SAFETY: the caller's contract: a block of ours, given up.
+        unsafe { self.free_upstream(block) }
+    }
+
+    /// Frees a pool block to the upstream and counts it.
+    ///
+    /// # Safety
+    /// `block` came from the upstream with `BLOCK` and is not used again.
+    unsafe fn free_upstream(&self, block: NonNull<u8>) {
         self.counters
             .bytes_returned
             .add_shared(Self::BLOCK.size() as u64);
-        // SAFETY: allocated from this upstream with `BLOCK`.
+        // SAFETY: the caller's contract.
         unsafe {
             self.upstream
                 .deallocate(block, Self::BLOCK.size(), Self::BLOCK.align())
@@ -197,14 +206,8 @@ impl<T> PoolAllocator<T> {
         while let Some(block) = NonNull::new(chain) {
             // SAFETY: detached under the lock; read the link before the block goes.
             chain = unsafe { link(block.as_ptr(), 0) };
-            self.counters
-                .bytes_returned
-                .add_shared(Self::BLOCK.size() as u64);
-            // SAFETY: a block from this upstream with `BLOCK`.
-            unsafe {
-                self.upstream
-                    .deallocate(block, Self::BLOCK.size(), Self::BLOCK.align())
-            };
+            // SAFETY: a block from this upstream with `BLOCK`, detached and ours.
+            unsafe { self.free_upstream(block) };
         }
     }
 
