@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
 use std::time::Instant;
 
-use hetmem::core::cache::frame::{
+use hetmem::cache::frame::{
     with_frame_allocator, CountingAllocator, FrameAllocator, FrameBox, FrameTask,
     RecyclingFrameAllocator, ThreadFrames,
 };

@@ -71,7 +71,7 @@ impl Subject for MimallocSubject {
 }
 
 /// hetmem's thread caches (`HetAlloc`) over the system allocator.
-struct HetAllocSubject(hetmem::core::cache::HetAlloc);
+struct HetAllocSubject(hetmem::cache::HetAlloc);
 
 impl Subject for HetAllocSubject {
     fn name(&self) -> &'static str {
@@ -93,9 +93,7 @@ impl Subject for HetAllocSubject {
 /// The caching tiers' subjects (kept apart from `subjects()` so branches adding allocators
 /// there merge cleanly).
 fn cache_subjects() -> Vec<Arc<dyn Subject>> {
-    vec![Arc::new(HetAllocSubject(
-        hetmem::core::cache::HetAlloc::new(),
-    ))]
+    vec![Arc::new(HetAllocSubject(hetmem::cache::HetAlloc::new()))]
 }
 
 /// Every allocator the runner knows, in table order. New allocators join here.

@@ -46,6 +46,12 @@ pub mod thread_models {
     pub use hetmem_thread_models::*;
 }
 
+/// Process-private caching tiers: thread caches ([`cache::HetAlloc`], also as the global
+/// allocator), typed pools, recycled async-task frames.
+pub mod cache {
+    pub use hetmem_core::cache::*;
+}
+
 /// Locks that can live in shared memory.
 pub mod sync {
     pub use hetmem_core::sync::*;
@@ -62,6 +68,7 @@ pub mod prelude {
         ArrayBackend, MallocBackend, PosixMmapBackend, PosixShmBackend, ShmOptions,
     };
     pub use hetmem_core::allocators::StackAllocator;
+    pub use hetmem_core::cache::{HetAlloc, PoolAllocator};
     pub use hetmem_core::{
         AllocatorId, AllocatorType, BackendId, Error, FullPtr, MemoryBackend, MemoryManager,
         OffsetPtr, RegionAllocator, Result, ShmPtr, ThreadModel,
