@@ -11,13 +11,9 @@ use hetmem::prelude::*;
 fn pairs(c: &mut Criterion) {
     let name = format!("/hetmem-bench-stack-{}", std::process::id());
     let mm = MemoryManager::new();
-    let shm = mm
-        .add_backend(PosixShmBackend::create(&name, 1 << 20, &ShmOptions::default()).unwrap())
-        .unwrap();
+    let shm = mm.add_backend(PosixShmBackend::create(&name, 1 << 20, &ShmOptions::default()).unwrap()).unwrap();
     let id = AllocatorId::new(1, 0);
-    let stack = mm
-        .create_allocator::<StackAllocator>(shm.id(), id, 0, &Default::default())
-        .unwrap();
+    let stack = mm.create_allocator::<StackAllocator>(shm.id(), id, 0, &Default::default()).unwrap();
 
     let mut group = c.benchmark_group("alloc+free 64 B");
     group.bench_function("stack (posix shm)", |b| {

@@ -33,8 +33,7 @@ use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
 use std::time::Instant;
 
 use hetmem::cache::frame::{
-    with_frame_allocator, CountingAllocator, FrameAllocator, FrameBox, FrameTask,
-    RecyclingFrameAllocator, ThreadFrames,
+    with_frame_allocator, CountingAllocator, FrameAllocator, FrameBox, FrameTask, RecyclingFrameAllocator, ThreadFrames,
 };
 
 /// The global allocator: glibc or mimalloc, switched at run time, counting this thread's calls.
@@ -151,11 +150,7 @@ impl Strategy for Scoped {
 struct Boxed<const MODE: u8>;
 
 impl<const M: u8> Strategy for Boxed<M> {
-    const NAME: &'static str = if M == MIMALLOC {
-        "box-mimalloc"
-    } else {
-        "box-system"
-    };
+    const NAME: &'static str = if M == MIMALLOC { "box-mimalloc" } else { "box-system" };
     type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
     type Child = Pin<Box<dyn Future<Output = u64> + Send>>;
     fn spawn<F: Future<Output = ()> + Send + 'static>(make: impl FnOnce() -> F) -> Self::Task {
@@ -232,17 +227,9 @@ struct Slot<T> {
 
 impl<T: Future<Output = ()> + Unpin> Executor<T> {
     fn new(slots: usize) -> Self {
-        assert!(
-            slots <= MAX_IN_FLIGHT,
-            "at most {MAX_IN_FLIGHT} tasks in flight"
-        );
+        assert!(slots <= MAX_IN_FLIGHT, "at most {MAX_IN_FLIGHT} tasks in flight");
         Executor {
-            slots: (0..slots)
-                .map(|i| Slot {
-                    task: None,
-                    waker: waker(i),
-                })
-                .collect(),
+            slots: (0..slots).map(|i| Slot { task: None, waker: waker(i) }).collect(),
             free: (0..slots).rev().collect(),
         }
     }
@@ -270,10 +257,7 @@ impl<T: Future<Output = ()> + Unpin> Executor<T> {
             let Some(task) = slot.task.as_mut() else {
                 continue; // woken after it finished
             };
-            if Pin::new(task)
-                .poll(&mut Context::from_waker(&slot.waker))
-                .is_ready()
-            {
+            if Pin::new(task).poll(&mut Context::from_waker(&slot.waker)).is_ready() {
                 slot.task = None;
                 self.free.push(i);
             }
@@ -301,10 +285,7 @@ async fn task<S: Strategy>(i: u64) {
 /// CPU time of the calling thread, in nanoseconds: unlike wall time, it leaves out the time
 /// other processes on a shared machine take.
 fn thread_cpu_ns() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: writes the calling thread's CPU clock into `ts`.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     ts.tv_sec as f64 * 1e9 + ts.tv_nsec as f64
@@ -365,8 +346,7 @@ fn median_run<S: Strategy>(tasks: u64, in_flight: usize, reps: usize) -> Run {
 
 /// A short run through a counting allocator: what the frames are.
 fn profile(tasks: u64) {
-    static COUNTED: CountingAllocator<RecyclingFrameAllocator> =
-        CountingAllocator::new(RecyclingFrameAllocator::new());
+    static COUNTED: CountingAllocator<RecyclingFrameAllocator> = CountingAllocator::new(RecyclingFrameAllocator::new());
     struct Counted;
     impl Strategy for Counted {
         const NAME: &'static str = "counted";
@@ -375,9 +355,7 @@ fn profile(tasks: u64) {
         fn spawn<F: Future<Output = ()> + Send + 'static>(make: impl FnOnce() -> F) -> Self::Task {
             FrameBox::pin_scoped(make()).expect("frame")
         }
-        fn child<F: Future<Output = u64> + Send + 'static>(
-            make: impl FnOnce() -> F,
-        ) -> Self::Child {
+        fn child<F: Future<Output = u64> + Send + 'static>(make: impl FnOnce() -> F) -> Self::Child {
             FrameBox::pin_scoped(make()).expect("frame")
         }
         fn scope() -> Option<&'static dyn FrameAllocator> {
@@ -403,14 +381,10 @@ fn profile(tasks: u64) {
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
     match args.iter().position(|a| a == name) {
-        Some(i) => args
-            .get(i + 1)
-            .and_then(|v| v.parse().ok())
-            .filter(|&v| v > 0)
-            .unwrap_or_else(|| {
-                eprintln!("frames: {name} needs a positive number");
-                std::process::exit(2)
-            }),
+        Some(i) => args.get(i + 1).and_then(|v| v.parse().ok()).filter(|&v| v > 0).unwrap_or_else(|| {
+            eprintln!("frames: {name} needs a positive number");
+            std::process::exit(2)
+        }),
         None => default,
     }
 }
@@ -420,10 +394,7 @@ fn main() {
     let in_flight = arg("--in-flight", 256) as usize;
     let reps = arg("--reps", 3) as usize;
 
-    let only = std::env::args()
-        .skip_while(|a| a != "--only")
-        .nth(1)
-        .unwrap_or_default();
+    let only = std::env::args().skip_while(|a| a != "--only").nth(1).unwrap_or_default();
     if !only.is_empty() {
         // One strategy alone, for profilers.
         let r = match only.as_str() {
@@ -435,10 +406,7 @@ fn main() {
                 run::<Boxed<MIMALLOC>>(tasks, in_flight)
             }
         };
-        println!(
-            "{only}: {:.2} ns/task wall, {:.2} ns/task CPU",
-            r.ns_per_task, r.cpu_ns_per_task
-        );
+        println!("{only}: {:.2} ns/task wall, {:.2} ns/task CPU", r.ns_per_task, r.cpu_ns_per_task);
         return;
     }
 

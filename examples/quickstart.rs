@@ -42,48 +42,23 @@ fn main() -> ExitCode {
 fn parent() -> Result<(), Box<dyn std::error::Error>> {
     let name = format!("/hetmem-quickstart-{}", std::process::id());
     let mm = MemoryManager::new();
-    let shm = mm.add_backend(PosixShmBackend::create(
-        &name,
-        1 << 20,
-        &ShmOptions::default(),
-    )?)?;
-    let stack =
-        mm.create_allocator::<StackAllocator>(shm.id(), ALLOCATOR, 0, &Default::default())?;
-    println!(
-        "[A pid {}] created {name} ({} KiB), mapped at {:p}",
-        std::process::id(),
-        shm.len() / 1024,
-        shm.base()
-    );
+    let shm = mm.add_backend(PosixShmBackend::create(&name, 1 << 20, &ShmOptions::default())?)?;
+    let stack = mm.create_allocator::<StackAllocator>(shm.id(), ALLOCATOR, 0, &Default::default())?;
+    println!("[A pid {}] created {name} ({} KiB), mapped at {:p}", std::process::id(), shm.len() / 1024, shm.base());
 
     let message = format!("hello from process A (pid {})", std::process::id());
     let msg = mm.allocate(ALLOCATOR, message.len(), 1)?;
     // SAFETY: a fresh block of message.len() bytes.
-    unsafe {
-        msg.ptr
-            .copy_from_nonoverlapping(message.as_ptr(), message.len())
-    };
+    unsafe { msg.ptr.copy_from_nonoverlapping(message.as_ptr(), message.len()) };
     let mailbox = mm.allocate(ALLOCATOR, size_of::<Mailbox>(), align_of::<Mailbox>())?;
     let mailbox_ptr = mm.to_local::<Mailbox>(mailbox.shm)?.ptr;
     // SAFETY: a fresh, aligned block the size of a Mailbox; atomics are valid for any bytes.
-    unsafe {
-        mailbox_ptr.write(Mailbox {
-            reply_offset: AtomicU64::new(0),
-            reply_len: AtomicU64::new(0),
-        })
-    };
+    unsafe { mailbox_ptr.write(Mailbox { reply_offset: AtomicU64::new(0), reply_len: AtomicU64::new(0) }) };
     println!("[A] wrote {message:?} at {}", msg.shm);
 
     let status = Command::new(std::env::current_exe()?)
         .args(["--child", &name])
-        .args(
-            [
-                msg.shm.offset.get(),
-                message.len() as u64,
-                mailbox.shm.offset.get(),
-            ]
-            .map(|n| n.to_string()),
-        )
+        .args([msg.shm.offset.get(), message.len() as u64, mailbox.shm.offset.get()].map(|n| n.to_string()))
         .status()?;
     if !status.success() {
         return Err(format!("process B failed ({status})").into());
@@ -91,10 +66,7 @@ fn parent() -> Result<(), Box<dyn std::error::Error>> {
 
     // SAFETY: the mailbox lives in the segment until we free it below.
     let mailbox_ref = unsafe { &*mailbox_ptr };
-    let reply = ShmPtr::new(
-        ALLOCATOR,
-        OffsetPtr::new(mailbox_ref.reply_offset.load(Ordering::Acquire)),
-    );
+    let reply = ShmPtr::new(ALLOCATOR, OffsetPtr::new(mailbox_ref.reply_offset.load(Ordering::Acquire)));
     let reply_len = mailbox_ref.reply_len.load(Ordering::Acquire) as usize;
     let text = read_text(&mm, reply, reply_len)?;
     println!("[A] read B's reply at {reply}: {text:?}");
@@ -117,49 +89,27 @@ fn child(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
     let mm = MemoryManager::new();
     let shm = mm.add_backend(PosixShmBackend::attach(name, &ShmOptions::default())?)?;
     let stack = mm.attach_allocator::<StackAllocator>(shm.id(), ALLOCATOR)?;
-    println!(
-        "[B pid {}] attached {name}, mapped at {:p}",
-        std::process::id(),
-        shm.base()
-    );
+    println!("[B pid {}] attached {name}, mapped at {:p}", std::process::id(), shm.base());
 
     let msg = ShmPtr::new(ALLOCATOR, OffsetPtr::new(msg_offset.parse()?));
-    println!(
-        "[B] read A's message at {msg}: {:?}",
-        read_text(&mm, msg, msg_len.parse()?)?
-    );
+    println!("[B] read A's message at {msg}: {:?}", read_text(&mm, msg, msg_len.parse()?)?);
 
     let reply = format!("hello back from process B (pid {})", std::process::id());
     let block = mm.allocate(ALLOCATOR, reply.len(), 1)?;
     // SAFETY: a fresh block of reply.len() bytes.
-    unsafe {
-        block
-            .ptr
-            .copy_from_nonoverlapping(reply.as_ptr(), reply.len())
-    };
-    let mailbox = mm.to_local::<Mailbox>(ShmPtr::new(
-        ALLOCATOR,
-        OffsetPtr::new(mailbox_offset.parse()?),
-    ))?;
+    unsafe { block.ptr.copy_from_nonoverlapping(reply.as_ptr(), reply.len()) };
+    let mailbox = mm.to_local::<Mailbox>(ShmPtr::new(ALLOCATOR, OffsetPtr::new(mailbox_offset.parse()?)))?;
     // SAFETY: A initialised the mailbox before starting us and keeps it live until we exit.
     let mailbox = unsafe { &*mailbox.ptr };
-    mailbox
-        .reply_len
-        .store(reply.len() as u64, Ordering::Release);
-    mailbox
-        .reply_offset
-        .store(block.shm.offset.get(), Ordering::Release);
+    mailbox.reply_len.store(reply.len() as u64, Ordering::Release);
+    mailbox.reply_offset.store(block.shm.offset.get(), Ordering::Release);
     println!("[B] wrote {reply:?} at {}", block.shm);
     print_stats("B", &stack.stats());
     Ok(())
 }
 
 /// Reads `len` bytes of UTF-8 text at `ptr`, checked against the allocator's region.
-fn read_text(
-    mm: &MemoryManager,
-    ptr: ShmPtr,
-    len: usize,
-) -> Result<String, Box<dyn std::error::Error>> {
+fn read_text(mm: &MemoryManager, ptr: ShmPtr, len: usize) -> Result<String, Box<dyn std::error::Error>> {
     let allocator = mm.allocator_dyn(ptr.allocator)?;
     let bytes = allocator.region().ptr(ptr.offset.get(), len as u64)?;
     // SAFETY: `len` bytes in the region (checked above), written by the other process before it

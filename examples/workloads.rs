@@ -17,11 +17,21 @@
 //! `--reps` runs (default 3). With `--csv` the output is exactly
 //! `workload,allocator,threads,procs,ns_per_op` and one row per measurement.
 
+#[path = "common/xorshift.rs"]
+mod xorshift;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
+
+use hetmem::allocators::ThreadLocalAllocator;
+use hetmem::prelude::{
+    AllocatorId, AllocatorType, MemoryBackend, MemoryManager, OffsetPtr, PosixShmBackend, RegionAllocator,
+    ScalablePageAllocator, ShmOptions,
+};
+use xorshift::XorShift;
 
 /// An allocator under test. `alloc` returns null on failure.
 trait Subject: Send + Sync {
@@ -34,6 +44,16 @@ trait Subject: Send + Sync {
     /// # Safety
     /// `ptr` came from `alloc(size)` on this subject and is freed once.
     unsafe fn free(&self, ptr: *mut u8, size: usize);
+    /// For allocators in a shared-memory segment: how a second process attaches (W3 procs=2).
+    fn shared(&self) -> Option<SharedSegment> {
+        None
+    }
+}
+
+/// What a child process needs to attach to a subject's segment.
+struct SharedSegment {
+    allocator: &'static str,
+    segment: String,
 }
 
 /// glibc malloc through `std::alloc::System`.
@@ -70,6 +90,73 @@ impl Subject for MimallocSubject {
     }
 }
 
+/// A region allocator over a `PosixShmBackend`, as used by the shared-memory subjects.
+struct ShmSubject<A: RegionAllocator> {
+    name: &'static str,
+    segment: String,
+    allocator: Arc<A>,
+    base: *mut u8,
+    _manager: MemoryManager,
+}
+
+// SAFETY: `base` is the segment's mapping, which `_manager` keeps alive; the allocator is Sync.
+unsafe impl<A: RegionAllocator> Send for ShmSubject<A> {}
+// SAFETY: as above.
+unsafe impl<A: RegionAllocator> Sync for ShmSubject<A> {}
+
+const SHM_ID: AllocatorId = AllocatorId::new(1, 0);
+const SHM_BYTES: usize = 1 << 30;
+
+impl<A: AllocatorType> ShmSubject<A> {
+    /// Creates a fresh segment with an `A` filling it.
+    fn create(name: &'static str) -> Arc<dyn Subject> {
+        let segment = format!("/hetmem-workloads-{name}-{}", std::process::id());
+        let make = || -> hetmem::Result<Self> {
+            let manager = MemoryManager::new();
+            let backend = manager.add_backend(PosixShmBackend::create(&segment, SHM_BYTES, &ShmOptions::default())?)?;
+            let allocator = manager.create_allocator::<A>(backend.id(), SHM_ID, 0, &Default::default())?;
+            let base = backend.base();
+            Ok(ShmSubject { name, segment: segment.clone(), allocator, base, _manager: manager })
+        };
+        Arc::new(make().unwrap_or_else(|e| {
+            eprintln!("{name}: cannot create segment {segment}: {e}");
+            std::process::exit(1);
+        }))
+    }
+
+    /// Attaches to the segment another process created.
+    fn attach(name: &'static str, segment: &str) -> hetmem::Result<Arc<dyn Subject>> {
+        let manager = MemoryManager::new();
+        let backend = manager.add_backend(PosixShmBackend::attach(segment, &ShmOptions::default())?)?;
+        let allocator = manager.attach_allocator::<A>(backend.id(), SHM_ID)?;
+        let base = backend.base();
+        Ok(Arc::new(ShmSubject { name, segment: segment.to_string(), allocator, base, _manager: manager }))
+    }
+}
+
+impl<A: AllocatorType> Subject for ShmSubject<A> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn alloc(&self, size: usize) -> *mut u8 {
+        match self.allocator.allocate(size, 8) {
+            // SAFETY: the offset is inside the mapped segment (the allocator checked it).
+            Ok(p) => unsafe { self.base.add(p.get() as usize) },
+            Err(_) => std::ptr::null_mut(),
+        }
+    }
+    unsafe fn free(&self, ptr: *mut u8, _size: usize) {
+        let offset = ptr as usize - self.base as usize;
+        if let Err(e) = self.allocator.free(OffsetPtr::new(offset as u64)) {
+            eprintln!("{}: free failed: {e}", self.name);
+            std::process::exit(1);
+        }
+    }
+    fn shared(&self) -> Option<SharedSegment> {
+        Some(SharedSegment { allocator: self.name, segment: self.segment.clone() })
+    }
+}
+
 /// hetmem's thread caches (`HetAlloc`) over the system allocator.
 struct HetAllocSubject(hetmem::cache::HetAlloc);
 
@@ -83,37 +170,74 @@ impl Subject for HetAllocSubject {
     }
     unsafe fn free(&self, ptr: *mut u8, size: usize) {
         // SAFETY: the caller's contract.
-        unsafe {
-            self.0
-                .dealloc(ptr, Layout::from_size_align_unchecked(size, 8))
-        }
+        unsafe { self.0.dealloc(ptr, Layout::from_size_align_unchecked(size, 8)) }
     }
-}
-
-/// The caching tiers' subjects (kept apart from `subjects()` so branches adding allocators
-/// there merge cleanly).
-fn cache_subjects() -> Vec<Arc<dyn Subject>> {
-    vec![Arc::new(HetAllocSubject(hetmem::cache::HetAlloc::new()))]
 }
 
 /// Every allocator the runner knows, in table order. New allocators join here.
 fn subjects() -> Vec<Arc<dyn Subject>> {
-    vec![Arc::new(SystemSubject), Arc::new(MimallocSubject)]
+    vec![
+        Arc::new(SystemSubject),
+        Arc::new(MimallocSubject),
+        ShmSubject::<ScalablePageAllocator>::create("scalable-page"),
+        ShmSubject::<ThreadLocalAllocator>::create("thread-local"),
+        Arc::new(HetAllocSubject(hetmem::cache::HetAlloc::new())),
+    ]
 }
 
-/// A small, fast, deterministic generator: every allocator sees the same sizes.
-struct XorShift(u64);
+/// Attaches to a subject's segment in a child process, by allocator name.
+fn attach_subject(allocator: &str, segment: &str) -> hetmem::Result<Arc<dyn Subject>> {
+    match allocator {
+        "scalable-page" => ShmSubject::<ScalablePageAllocator>::attach("scalable-page", segment),
+        "thread-local" => ShmSubject::<ThreadLocalAllocator>::attach("thread-local", segment),
+        _ => Err(hetmem::Error::Unsupported("no shared-memory subject of that name")),
+    }
+}
 
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn range(&mut self, lo: usize, hi_inclusive: usize) -> usize {
-        lo + (self.next() % (hi_inclusive - lo + 1) as u64) as usize
-    }
+/// W3 in two processes on one segment: this program re-executed twice with `--w3-child`;
+/// each child times its own W2 and the slower one is the figure.
+fn w3_processes(shared: &SharedSegment, steps: usize) -> f64 {
+    let exe = std::env::current_exe().expect("own executable");
+    let children: Vec<_> = (0..2u64)
+        .map(|t| {
+            std::process::Command::new(&exe)
+                .args(["--w3-child", shared.allocator, &shared.segment])
+                .arg(steps.to_string())
+                .arg((0x9E37_79B9_7F4A_7C15u64 ^ (t + 1)).to_string())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn W3 child")
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().expect("W3 child");
+            let text = String::from_utf8_lossy(&out.stdout);
+            if !out.status.success() {
+                eprintln!("W3 child failed: {text}");
+                std::process::exit(1);
+            }
+            text.trim().parse::<f64>().expect("W3 child prints its ns")
+        })
+        .fold(0.0, f64::max)
+        / steps as f64
+}
+
+/// The child side of [`w3_processes`]: `--w3-child ALLOCATOR SEGMENT STEPS SEED`.
+fn w3_child(args: &[String]) -> ! {
+    let (allocator, segment) = (&args[0], &args[1]);
+    let steps: usize = args[2].parse().expect("steps");
+    let seed: u64 = args[3].parse().expect("seed");
+    let s = attach_subject(allocator, segment).unwrap_or_else(|e| {
+        eprintln!("W3 child: cannot attach {allocator} at {segment}: {e}");
+        std::process::exit(1);
+    });
+    let started = Instant::now();
+    w2(&*s, steps, seed);
+    println!("{}", started.elapsed().as_nanos());
+    drop(s);
+    std::process::exit(0);
 }
 
 fn touch(p: *mut u8, size: usize, value: u8) {
@@ -267,44 +391,29 @@ fn parse_args() -> Result<Options, String> {
     let mut args = std::env::args().skip(1);
     let list = |v: Option<String>, flag: &str| -> Result<Vec<String>, String> {
         let v = v.ok_or(format!("{flag} needs a comma-separated list"))?;
-        Ok(v.split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect())
+        Ok(v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
     };
     let number = |v: Option<String>, flag: &str| -> Result<usize, String> {
-        v.and_then(|v| v.parse().ok())
-            .filter(|&n| n > 0)
-            .ok_or(format!("{flag} needs a positive number"))
+        v.and_then(|v| v.parse().ok()).filter(|&n| n > 0).ok_or(format!("{flag} needs a positive number"))
     };
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--csv" => o.csv = true,
-            "--workloads" => {
-                o.workloads = list(args.next(), "--workloads")?
-                    .iter()
-                    .map(|w| w.to_uppercase())
-                    .collect()
-            }
+            "--workloads" => o.workloads = list(args.next(), "--workloads")?.iter().map(|w| w.to_uppercase()).collect(),
             "--allocators" => o.allocators = Some(list(args.next(), "--allocators")?),
             "--steps" => o.steps = number(args.next(), "--steps")?,
             "--reps" => o.reps = number(args.next(), "--reps")?,
             "-h" | "--help" => {
-                println!("usage: workloads [--csv] [--workloads W1,W2,W3,W4] [--allocators NAMES] [--steps N] [--reps R]");
+                println!(
+                    "usage: workloads [--csv] [--workloads W1,W2,W3,W4] [--allocators NAMES] [--steps N] [--reps R]"
+                );
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?} (try --help)")),
         }
     }
-    if let Some(w) = o
-        .workloads
-        .iter()
-        .find(|w| !WORKLOADS.contains(&w.as_str()))
-    {
-        return Err(format!(
-            "unknown workload {w:?}; known: {}",
-            WORKLOADS.join(",")
-        ));
+    if let Some(w) = o.workloads.iter().find(|w| !WORKLOADS.contains(&w.as_str())) {
+        return Err(format!("unknown workload {w:?}; known: {}", WORKLOADS.join(",")));
     }
     Ok(o)
 }
@@ -315,29 +424,24 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--w3-child") && args.len() == 5 {
+        w3_child(&args[1..]);
+    }
     let o = parse_args().unwrap_or_else(|e| {
         eprintln!("workloads: {e}");
         std::process::exit(2);
     });
     let all = subjects();
-    let all = [all, cache_subjects()].concat();
     let chosen: Vec<_> = match &o.allocators {
         None => all,
         Some(names) => {
-            if let Some(n) = names
-                .iter()
-                .find(|n| !all.iter().any(|s| s.name() == n.as_str()))
-            {
+            if let Some(n) = names.iter().find(|n| !all.iter().any(|s| s.name() == n.as_str())) {
                 let known: Vec<_> = all.iter().map(|s| s.name()).collect();
-                eprintln!(
-                    "workloads: unknown allocator {n:?}; known: {}",
-                    known.join(",")
-                );
+                eprintln!("workloads: unknown allocator {n:?}; known: {}", known.join(","));
                 std::process::exit(2);
             }
-            all.into_iter()
-                .filter(|s| names.iter().any(|n| n == s.name()))
-                .collect()
+            all.into_iter().filter(|s| names.iter().any(|n| n == s.name())).collect()
         }
     };
     // (workload, allocator, threads, procs) -> ns/op
@@ -353,6 +457,10 @@ fn main() {
                 })
                 .collect();
             rows.push((w.clone(), s.name(), threads, 1, median(times)));
+            if let (true, Some(shared)) = (w == "W3", s.shared()) {
+                let times = (0..o.reps).map(|_| w3_processes(&shared, o.steps)).collect();
+                rows.push((w.clone(), s.name(), 1, 2, median(times)));
+            }
         }
     }
     if o.csv {
@@ -362,14 +470,11 @@ fn main() {
         }
         return;
     }
-    let baseline: BTreeMap<(&str, &str, usize, usize), f64> = rows
-        .iter()
-        .map(|(w, a, t, p, ns)| ((w.as_str(), *a, *t, *p), *ns))
-        .collect();
+    let baseline: BTreeMap<(&str, &str, usize, usize), f64> =
+        rows.iter().map(|(w, a, t, p, ns)| ((w.as_str(), *a, *t, *p), *ns)).collect();
+    // Rows of several processes compare with the peer's row of as many threads.
     let ratio = |w: &str, peer: &str, t: usize, p: usize, ns: f64| {
-        baseline
-            .get(&(w, peer, t, p))
-            .map_or("-".to_string(), |b| format!("{:.2}x", ns / b))
+        baseline.get(&(w, peer, t * p, 1)).map_or("-".to_string(), |b| format!("{:.2}x", ns / b))
     };
     println!("steps per thread: {}, median of {} runs", o.steps, o.reps);
     println!(

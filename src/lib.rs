@@ -26,14 +26,18 @@
 
 pub use hetmem_core as core;
 pub use hetmem_core::{
-    check_layout, AllocStats, AllocatorId, AllocatorType, BackendId, BackendKind, Error, FullPtr,
-    MemoryBackend, MemoryKind, MemoryManager, MemoryResource, OffsetPtr, Region, RegionAllocator,
-    Result, ShmPtr, ThreadModel,
+    check_layout, AllocStats, AllocatorId, AllocatorType, BackendId, BackendKind, Error, FullPtr, MemoryBackend,
+    MemoryKind, MemoryManager, MemoryResource, OffsetPtr, Region, RegionAllocator, Result, ShmPtr, ThreadModel,
 };
 
 /// Region allocators.
 pub mod allocators {
     pub use hetmem_core::allocators::*;
+
+    /// [`ThreadLocalAllocator`](hetmem_core::allocators::ThreadLocalAllocator) with this
+    /// platform's thread model.
+    pub type ThreadLocalAllocator =
+        hetmem_core::allocators::ThreadLocalAllocator<hetmem_thread_models::DefaultThreadModel>;
 }
 
 /// Memory backends.
@@ -52,6 +56,11 @@ pub mod cache {
     pub use hetmem_core::cache::*;
 }
 
+/// Pools over any upstream resource: coalescing, fixed-size, thread-safe, traced.
+pub mod pool {
+    pub use hetmem_core::pool::*;
+}
+
 /// Locks that can live in shared memory.
 pub mod sync {
     pub use hetmem_core::sync::*;
@@ -64,14 +73,15 @@ pub mod gpu {
 
 /// The names most programs need.
 pub mod prelude {
-    pub use hetmem_backends::{
-        ArrayBackend, MallocBackend, PosixMmapBackend, PosixShmBackend, ShmOptions,
+    pub use crate::allocators::ThreadLocalAllocator;
+    pub use hetmem_backends::{ArrayBackend, MallocBackend, PosixMmapBackend, PosixShmBackend, ShmOptions};
+    pub use hetmem_core::allocators::{
+        DeadProcessBlocks, ScalablePageAllocator, ScalablePageConfig, StackAllocator, ThreadLocalConfig,
     };
-    pub use hetmem_core::allocators::StackAllocator;
     pub use hetmem_core::cache::{HetAlloc, PoolAllocator};
     pub use hetmem_core::{
-        AllocatorId, AllocatorType, BackendId, Error, FullPtr, MemoryBackend, MemoryManager,
-        OffsetPtr, RegionAllocator, Result, ShmPtr, ThreadModel,
+        AllocatorId, AllocatorType, BackendId, Error, FullPtr, MemoryBackend, MemoryManager, OffsetPtr,
+        RegionAllocator, Result, ShmPtr, ThreadModel,
     };
     pub use hetmem_thread_models::DefaultThreadModel;
 }

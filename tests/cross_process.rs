@@ -22,26 +22,18 @@ fn child_role() {
     let offset: u64 = parts.next().unwrap().parse().unwrap();
 
     let mm = MemoryManager::new();
-    let backend = mm
-        .add_backend(PosixShmBackend::attach(name, &ShmOptions::default()).unwrap())
-        .unwrap();
-    mm.attach_allocator::<StackAllocator>(backend.id(), ALLOCATOR)
-        .unwrap();
+    let backend = mm.add_backend(PosixShmBackend::attach(name, &ShmOptions::default()).unwrap()).unwrap();
+    mm.attach_allocator::<StackAllocator>(backend.id(), ALLOCATOR).unwrap();
     println!("B maps the segment at {:p}", backend.base());
 
-    let from_a = mm
-        .to_local::<u8>(ShmPtr::new(ALLOCATOR, OffsetPtr::new(offset)))
-        .unwrap();
+    let from_a = mm.to_local::<u8>(ShmPtr::new(ALLOCATOR, OffsetPtr::new(offset))).unwrap();
     // SAFETY: A allocated FROM_A.len() bytes there and wrote them before starting B.
     let seen = unsafe { std::slice::from_raw_parts(from_a.ptr, FROM_A.len()) };
     assert_eq!(seen, FROM_A, "B reads A's data");
 
     let mine = mm.allocate(ALLOCATOR, FROM_B.len(), 8).unwrap();
     // SAFETY: a fresh block of FROM_B.len() bytes.
-    unsafe {
-        mine.ptr
-            .copy_from_nonoverlapping(FROM_B.as_ptr(), FROM_B.len())
-    };
+    unsafe { mine.ptr.copy_from_nonoverlapping(FROM_B.as_ptr(), FROM_B.len()) };
     println!("B-ALLOCATED {}", mine.shm.offset.get());
 }
 
@@ -52,20 +44,13 @@ fn two_processes_share_a_stack_allocator() {
     }
     let name = format!("/hetmem-xproc-{}", std::process::id());
     let mm = MemoryManager::new();
-    let backend = mm
-        .add_backend(PosixShmBackend::create(&name, 1 << 20, &ShmOptions::default()).unwrap())
-        .unwrap();
-    let stack = mm
-        .create_allocator::<StackAllocator>(backend.id(), ALLOCATOR, 0, &Default::default())
-        .unwrap();
+    let backend = mm.add_backend(PosixShmBackend::create(&name, 1 << 20, &ShmOptions::default()).unwrap()).unwrap();
+    let stack = mm.create_allocator::<StackAllocator>(backend.id(), ALLOCATOR, 0, &Default::default()).unwrap();
     println!("A maps the segment at {:p}", backend.base());
 
     let a = mm.allocate(ALLOCATOR, FROM_A.len(), 8).unwrap();
     // SAFETY: a fresh block of FROM_A.len() bytes.
-    unsafe {
-        a.ptr
-            .copy_from_nonoverlapping(FROM_A.as_ptr(), FROM_A.len())
-    };
+    unsafe { a.ptr.copy_from_nonoverlapping(FROM_A.as_ptr(), FROM_A.len()) };
 
     let out = Command::new(std::env::current_exe().unwrap())
         .args(["child_role", "--exact", "--nocapture", "--test-threads=1"])
@@ -74,11 +59,7 @@ fn two_processes_share_a_stack_allocator() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     print!("{stdout}");
-    assert!(
-        out.status.success(),
-        "B failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "B failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
 
     let offset: u64 = stdout
         .lines()
@@ -87,18 +68,13 @@ fn two_processes_share_a_stack_allocator() {
         .trim()
         .parse()
         .unwrap();
-    let b = mm
-        .to_local::<u8>(ShmPtr::new(ALLOCATOR, OffsetPtr::new(offset)))
-        .unwrap();
+    let b = mm.to_local::<u8>(ShmPtr::new(ALLOCATOR, OffsetPtr::new(offset))).unwrap();
     // SAFETY: B allocated FROM_B.len() bytes there and wrote them before exiting.
     let seen = unsafe { std::slice::from_raw_parts(b.ptr, FROM_B.len()) };
     assert_eq!(seen, FROM_B, "A reads B's data");
 
     let stats = stack.stats();
-    assert_eq!(
-        stats.live_allocations, 2,
-        "A sees B's allocation in the shared counters"
-    );
+    assert_eq!(stats.live_allocations, 2, "A sees B's allocation in the shared counters");
     stack.check().unwrap();
     mm.free(b.shm).unwrap();
     mm.free(a.shm).unwrap();

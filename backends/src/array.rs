@@ -37,19 +37,13 @@ impl ArrayBackend {
         // SAFETY: the caller's contract.
         let raw = unsafe { Self::raw(ptr, len)? };
         raw.wait_ready(BackendKind::Private, Duration::ZERO)?;
-        Ok(ArrayBackend {
-            raw,
-            creator: false,
-        })
+        Ok(ArrayBackend { raw, creator: false })
     }
 
     /// # Safety
     /// `ptr` is valid for reads and writes of `len` bytes for as long as the region is used.
     unsafe fn raw(ptr: *mut u8, len: usize) -> Result<RawRegion> {
-        let base = NonNull::new(ptr).ok_or(Error::InvalidSize {
-            size: 0,
-            reason: "null buffer",
-        })?;
+        let base = NonNull::new(ptr).ok_or(Error::InvalidSize { size: 0, reason: "null buffer" })?;
         if (len as u64) <= HEADER_SIZE {
             return Err(Error::InvalidSize {
                 size: len as u64,
@@ -57,20 +51,14 @@ impl ArrayBackend {
             });
         }
         if ptr.align_offset(HEADER_SIZE as usize) != 0 {
-            return Err(Error::InvalidAlignment {
-                align: ptr as u64 % HEADER_SIZE,
-            });
+            return Err(Error::InvalidAlignment { align: ptr as u64 % HEADER_SIZE });
         }
         // SAFETY: the caller's contract, and page alignment checked above.
         Ok(unsafe { RawRegion::new(base, len as u64) })
     }
 }
 
-impl_backend!(
-    ArrayBackend,
-    kind = |_s| BackendKind::Private,
-    creator = |s| s.creator
-);
+impl_backend!(ArrayBackend, kind = |_s| BackendKind::Private, creator = |s| s.creator);
 
 #[cfg(test)]
 mod tests {
@@ -104,10 +92,7 @@ mod tests {
         let buf = pages(2);
         let ptr = buf.as_mut_ptr();
         // SAFETY: the leaked buffer lives forever; these attempts fail before writing.
-        assert!(matches!(
-            unsafe { ArrayBackend::attach(ptr.wrapping_add(8), 4096) },
-            Err(Error::InvalidSize { .. })
-        ));
+        assert!(matches!(unsafe { ArrayBackend::attach(ptr.wrapping_add(8), 4096) }, Err(Error::InvalidSize { .. })));
         assert!(matches!(
             unsafe { ArrayBackend::attach(ptr.wrapping_add(8), 6000) },
             Err(Error::InvalidAlignment { .. })

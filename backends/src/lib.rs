@@ -12,6 +12,8 @@
 #![warn(missing_docs)]
 
 mod array;
+#[cfg(unix)]
+pub mod liveness;
 mod malloc;
 mod posix_mmap;
 #[cfg(unix)]
@@ -19,6 +21,8 @@ mod posix_shm;
 pub mod raw;
 
 pub use array::ArrayBackend;
+#[cfg(unix)]
+pub use liveness::ProcLiveness;
 pub use malloc::MallocBackend;
 pub use posix_mmap::PosixMmapBackend;
 #[cfg(unix)]

@@ -19,18 +19,11 @@ impl MallocBackend {
     /// A region with `size` bytes of data (rounded up to whole pages) after its header.
     pub fn create(size: usize, id: BackendId) -> Result<Self> {
         let len = region_len(size)?;
-        let layout = Layout::from_size_align(len as usize, HEADER_SIZE as usize).map_err(|_| {
-            Error::InvalidSize {
-                size: size as u64,
-                reason: "too large",
-            }
-        })?;
+        let layout = Layout::from_size_align(len as usize, HEADER_SIZE as usize)
+            .map_err(|_| Error::InvalidSize { size: size as u64, reason: "too large" })?;
         // SAFETY: the layout has a non-zero size.
         let ptr = unsafe { alloc_zeroed(layout) };
-        let base = NonNull::new(ptr).ok_or(Error::OutOfMemory {
-            requested: len,
-            available: 0,
-        })?;
+        let base = NonNull::new(ptr).ok_or(Error::OutOfMemory { requested: len, available: 0 })?;
         // SAFETY: `len` fresh bytes, page-aligned, freed only in our Drop.
         let raw = unsafe { RawRegion::new(base, len) };
         let backend = MallocBackend { raw, layout };
@@ -39,11 +32,7 @@ impl MallocBackend {
     }
 }
 
-impl_backend!(
-    MallocBackend,
-    kind = |_s| BackendKind::Private,
-    creator = |_s| true
-);
+impl_backend!(MallocBackend, kind = |_s| BackendKind::Private, creator = |_s| true);
 
 impl Drop for MallocBackend {
     fn drop(&mut self) {
@@ -64,10 +53,7 @@ mod tests {
         assert_eq!(b.base() as usize % 4096, 0);
         assert_eq!(b.id(), BackendId(9));
         b.header().validate(b.len(), BackendKind::Private).unwrap();
-        assert!(matches!(
-            MallocBackend::create(0, BackendId(1)),
-            Err(Error::InvalidSize { size: 0, .. })
-        ));
+        assert!(matches!(MallocBackend::create(0, BackendId(1)), Err(Error::InvalidSize { size: 0, .. })));
         assert!(matches!(
             MallocBackend::create(usize::MAX / 2, BackendId(1)),
             Err(Error::InvalidSize { .. } | Error::OutOfMemory { .. })

@@ -25,12 +25,7 @@ pub struct ShmOptions {
 
 impl Default for ShmOptions {
     fn default() -> Self {
-        ShmOptions {
-            id: None,
-            mode: 0o600,
-            unlink_on_drop: true,
-            attach_timeout: Duration::from_secs(5),
-        }
+        ShmOptions { id: None, mode: 0o600, unlink_on_drop: true, attach_timeout: Duration::from_secs(5) }
     }
 }
 
@@ -59,21 +54,12 @@ impl PosixShmBackend {
 
     /// [`create`](Self::create) recording another kind in the header; for backends built on this
     /// one (the GPU-registered segments).
-    pub fn create_kind(
-        name: &str,
-        size: usize,
-        options: &ShmOptions,
-        kind: BackendKind,
-    ) -> Result<Self> {
+    pub fn create_kind(name: &str, size: usize, options: &ShmOptions, kind: BackendKind) -> Result<Self> {
+        crate::liveness::install();
         let name = normalize_name(name)?;
         let len = region_len(size)?;
         let c_name = c_name(&name)?;
-        let fd = shm_open(
-            &c_name,
-            &name,
-            libc::O_CREAT | libc::O_EXCL | libc::O_RDWR,
-            options.mode,
-        )?;
+        let fd = shm_open(&c_name, &name, libc::O_CREAT | libc::O_EXCL | libc::O_RDWR, options.mode)?;
         let mapped = ftruncate(fd, len).and_then(|_| map(fd, len));
         close(fd);
         let raw = match mapped {
@@ -84,31 +70,20 @@ impl PosixShmBackend {
             }
         };
         let id = options.id.unwrap_or_else(|| id_from_name(&name));
-        let backend = PosixShmBackend {
-            raw,
-            name,
-            kind,
-            creator: true,
-            unlink_on_drop: options.unlink_on_drop,
-        };
+        let backend = PosixShmBackend { raw, name, kind, creator: true, unlink_on_drop: options.unlink_on_drop };
         backend.raw.initialize(kind, id)?; // on error, Drop unmaps and unlinks
         Ok(backend)
     }
 
     /// [`attach`](Self::attach) expecting another kind in the header.
     pub fn attach_kind(name: &str, options: &ShmOptions, kind: BackendKind) -> Result<Self> {
+        crate::liveness::install();
         let name = normalize_name(name)?;
         let c_name = c_name(&name)?;
         let fd = shm_open(&c_name, &name, libc::O_RDWR, 0)?;
         let mapped = wait_for_size(fd, options.attach_timeout).and_then(|len| map(fd, len));
         close(fd);
-        let backend = PosixShmBackend {
-            raw: mapped?,
-            name,
-            kind,
-            creator: false,
-            unlink_on_drop: false,
-        };
+        let backend = PosixShmBackend { raw: mapped?, name, kind, creator: false, unlink_on_drop: false };
         backend.raw.wait_ready(kind, options.attach_timeout)?;
         Ok(backend)
     }
@@ -147,7 +122,7 @@ impl_backend! {
     creator = |s| s.creator,
     fn name(&self) -> Option<&str> {
         Some(&self.name)
-    }
+    },
     fn destroy(&self) -> Result<()> {
         self.unlink_name()
     }
@@ -166,18 +141,13 @@ impl Drop for PosixShmBackend {
 /// Checks a segment name and gives it its leading '/': one '/' at the start, no other, no NUL,
 /// at most 255 bytes.
 fn normalize_name(name: &str) -> Result<String> {
-    let bad = |reason| Error::InvalidName {
-        name: ShortStr::new(name),
-        reason,
-    };
+    let bad = |reason| Error::InvalidName { name: ShortStr::new(name), reason };
     let bare = name.strip_prefix('/').unwrap_or(name);
     if bare.is_empty() {
         return Err(bad("empty name"));
     }
     if bare.contains('/') {
-        return Err(bad(
-            "a shared-memory name may contain '/' only as its first character",
-        ));
+        return Err(bad("a shared-memory name may contain '/' only as its first character"));
     }
     if bare.contains('\0') {
         return Err(bad("NUL byte in name"));
@@ -189,38 +159,24 @@ fn normalize_name(name: &str) -> Result<String> {
 }
 
 fn c_name(name: &str) -> Result<CString> {
-    CString::new(name).map_err(|_| Error::InvalidName {
-        name: ShortStr::new(name),
-        reason: "NUL byte in name",
-    })
+    CString::new(name).map_err(|_| Error::InvalidName { name: ShortStr::new(name), reason: "NUL byte in name" })
 }
 
 /// FNV-1a of the name: the same id in every process that names the segment.
 fn id_from_name(name: &str) -> BackendId {
-    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    });
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
     BackendId(hash)
 }
 
 fn os_error(call: &'static str, name: &str) -> Error {
     let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
     match errno {
-        libc::EEXIST => Error::AlreadyExists {
-            what: "shared-memory segment",
-            name: ShortStr::new(name),
-        },
-        libc::ENOENT => Error::NotFound {
-            what: "shared-memory segment",
-            name: ShortStr::new(name),
-        },
-        libc::EACCES | libc::EPERM => Error::PermissionDenied {
-            name: ShortStr::new(name),
-        },
-        libc::ENAMETOOLONG | libc::EINVAL if call == "shm_open" => Error::InvalidName {
-            name: ShortStr::new(name),
-            reason: "refused by shm_open",
-        },
+        libc::EEXIST => Error::AlreadyExists { what: "shared-memory segment", name: ShortStr::new(name) },
+        libc::ENOENT => Error::NotFound { what: "shared-memory segment", name: ShortStr::new(name) },
+        libc::EACCES | libc::EPERM => Error::PermissionDenied { name: ShortStr::new(name) },
+        libc::ENAMETOOLONG | libc::EINVAL if call == "shm_open" => {
+            Error::InvalidName { name: ShortStr::new(name), reason: "refused by shm_open" }
+        }
         _ => Error::Os { call, errno },
     }
 }
@@ -262,11 +218,7 @@ fn wait_for_size(fd: i32, timeout: Duration) -> Result<u64> {
             return Ok(len);
         }
         if started.elapsed() >= timeout {
-            return Err(Error::HeaderMismatch {
-                field: "total_size",
-                expected: HEADER_SIZE + 1,
-                found: len,
-            });
+            return Err(Error::HeaderMismatch { field: "total_size", expected: HEADER_SIZE + 1, found: len });
         }
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -275,22 +227,12 @@ fn wait_for_size(fd: i32, timeout: Duration) -> Result<u64> {
 fn map(fd: i32, len: u64) -> Result<RawRegion> {
     // SAFETY: mapping a shared-memory descriptor we hold open; the kernel chooses the address.
     let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd,
-            0,
-        )
+        libc::mmap(std::ptr::null_mut(), len as usize, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
     };
     if ptr == libc::MAP_FAILED {
         return Err(os_error("mmap", ""));
     }
-    let base = NonNull::new(ptr.cast::<u8>()).ok_or(Error::Os {
-        call: "mmap",
-        errno: 0,
-    })?;
+    let base = NonNull::new(ptr.cast::<u8>()).ok_or(Error::Os { call: "mmap", errno: 0 })?;
     // SAFETY: a fresh `len`-byte page-aligned mapping, unmapped only by PosixShmBackend's Drop.
     Ok(unsafe { RawRegion::new(base, len) })
 }
@@ -316,10 +258,7 @@ mod tests {
     }
 
     fn quick() -> ShmOptions {
-        ShmOptions {
-            attach_timeout: Duration::from_millis(50),
-            ..Default::default()
-        }
+        ShmOptions { attach_timeout: Duration::from_millis(50), ..Default::default() }
     }
 
     #[test]
@@ -336,10 +275,7 @@ mod tests {
         assert_eq!(unsafe { b.base().add(5000).read() }, 42);
         a.destroy().unwrap();
         assert!(!PosixShmBackend::exists(&name).unwrap());
-        assert!(matches!(
-            PosixShmBackend::attach(&name, &quick()),
-            Err(Error::NotFound { .. })
-        ));
+        assert!(matches!(PosixShmBackend::attach(&name, &quick()), Err(Error::NotFound { .. })));
     }
 
     #[test]
@@ -353,44 +289,21 @@ mod tests {
 
     #[test]
     fn bad_names_are_refused() {
-        for (name, why) in [
-            ("/a/b", "a second '/'"),
-            ("", "empty"),
-            ("/", "empty"),
-            ("a\0b", "NUL"),
-        ] {
-            assert!(
-                matches!(
-                    PosixShmBackend::create(name, 4096, &quick()),
-                    Err(Error::InvalidName { .. })
-                ),
-                "{why}"
-            );
+        for (name, why) in [("/a/b", "a second '/'"), ("", "empty"), ("/", "empty"), ("a\0b", "NUL")] {
+            assert!(matches!(PosixShmBackend::create(name, 4096, &quick()), Err(Error::InvalidName { .. })), "{why}");
         }
         let long = "x".repeat(300);
-        assert!(matches!(
-            PosixShmBackend::attach(&long, &quick()),
-            Err(Error::InvalidName { .. })
-        ));
+        assert!(matches!(PosixShmBackend::attach(&long, &quick()), Err(Error::InvalidName { .. })));
         assert_eq!(normalize_name("plain").unwrap(), "/plain");
     }
 
     #[test]
     fn zero_size_existing_and_missing_names_are_errors() {
         let name = unique("exists");
-        assert!(matches!(
-            PosixShmBackend::create(&name, 0, &quick()),
-            Err(Error::InvalidSize { size: 0, .. })
-        ));
+        assert!(matches!(PosixShmBackend::create(&name, 0, &quick()), Err(Error::InvalidSize { size: 0, .. })));
         let _a = PosixShmBackend::create(&name, 4096, &quick()).unwrap();
-        assert!(matches!(
-            PosixShmBackend::create(&name, 4096, &quick()),
-            Err(Error::AlreadyExists { .. })
-        ));
-        assert!(matches!(
-            PosixShmBackend::attach(&unique("missing"), &quick()),
-            Err(Error::NotFound { .. })
-        ));
+        assert!(matches!(PosixShmBackend::create(&name, 4096, &quick()), Err(Error::AlreadyExists { .. })));
+        assert!(matches!(PosixShmBackend::attach(&unique("missing"), &quick()), Err(Error::NotFound { .. })));
     }
 
     /// Writes `bytes` at `offset` of segment `name` through a second, raw mapping.
@@ -409,33 +322,17 @@ mod tests {
             Err(Error::HeaderMismatch { field, .. }) => field,
             other => panic!("expected a header mismatch, got {other:?}"),
         };
-        assert_eq!(
-            field(PosixShmBackend::attach_kind(
-                &name,
-                &quick(),
-                BackendKind::Pinned
-            )),
-            "kind"
-        );
+        assert_eq!(field(PosixShmBackend::attach_kind(&name, &quick(), BackendKind::Pinned)), "kind");
 
         poke(&name, 8, &(LAYOUT_VERSION + 1).to_le_bytes());
         assert_eq!(field(PosixShmBackend::attach(&name, &quick())), "version");
         poke(&name, 8, &LAYOUT_VERSION.to_le_bytes());
 
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(format!("/dev/shm{name}"))
-            .unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(format!("/dev/shm{name}")).unwrap();
         file.set_len(8192).unwrap();
-        assert_eq!(
-            field(PosixShmBackend::attach(&name, &quick())),
-            "total_size"
-        );
+        assert_eq!(field(PosixShmBackend::attach(&name, &quick())), "total_size");
         file.set_len(100).unwrap();
-        assert_eq!(
-            field(PosixShmBackend::attach(&name, &quick())),
-            "total_size"
-        );
+        assert_eq!(field(PosixShmBackend::attach(&name, &quick())), "total_size");
         file.set_len(a.len()).unwrap();
 
         poke(&name, 0, b"NOTHETMM");
@@ -446,13 +343,7 @@ mod tests {
     fn attach_times_out_on_a_segment_never_initialised() {
         let name = unique("uninit");
         let c = c_name(&name).unwrap();
-        let fd = shm_open(
-            &c,
-            &name,
-            libc::O_CREAT | libc::O_EXCL | libc::O_RDWR,
-            0o600,
-        )
-        .unwrap();
+        let fd = shm_open(&c, &name, libc::O_CREAT | libc::O_EXCL | libc::O_RDWR, 0o600).unwrap();
         ftruncate(fd, 3 * HEADER_SIZE).unwrap();
         close(fd);
         let r = PosixShmBackend::attach(&name, &quick());
@@ -469,10 +360,7 @@ mod tests {
         a.persist();
         drop(a);
         assert!(PosixShmBackend::exists(&name).unwrap());
-        PosixShmBackend::attach(&name, &quick())
-            .unwrap()
-            .destroy()
-            .unwrap();
+        PosixShmBackend::attach(&name, &quick()).unwrap().destroy().unwrap();
         assert!(!PosixShmBackend::exists(&name).unwrap());
     }
 }

@@ -35,27 +35,19 @@ impl RawRegion {
     pub fn initialize(&self, kind: BackendKind, id: BackendId) -> Result<()> {
         // SAFETY: `new`'s contract gives `len` writable bytes at `base`; the creator is the only
         // user until this returns (attachers wait for the ready flag it sets).
-        unsafe {
-            RegionHeader::initialize(self.base.as_ptr(), self.len, kind, id, std::process::id())
-        }
-        .map(|_| ())
+        unsafe { RegionHeader::initialize(self.base.as_ptr(), self.len, kind, id, std::process::id()) }.map(|_| ())
     }
 
     /// Waits until the creator has marked the header ready (or `timeout` passes), then checks it
     /// against the mapped length and the expected kind.
     pub fn wait_ready(&self, kind: BackendKind, timeout: Duration) -> Result<()> {
         if self.len < HEADER_SIZE {
-            return Err(Error::InvalidSize {
-                size: self.len,
-                reason: "region is smaller than its header page",
-            });
+            return Err(Error::InvalidSize { size: self.len, reason: "region is smaller than its header page" });
         }
         let started = Instant::now();
         loop {
             match self.header().state() {
-                HeaderState::Ready | HeaderState::BadMagic(_) => {
-                    return self.header().validate(self.len, kind)
-                }
+                HeaderState::Ready | HeaderState::BadMagic(_) => return self.header().validate(self.len, kind),
                 HeaderState::Initialising if started.elapsed() >= timeout => {
                     return Err(Error::TimedOut {
                         what: "the segment's creator to initialise it",
@@ -95,25 +87,19 @@ impl RawRegion {
 /// rounded up to whole pages.
 pub fn region_len(size: usize) -> Result<u64> {
     if size == 0 {
-        return Err(Error::InvalidSize {
-            size: 0,
-            reason: "a backend needs a non-zero size",
-        });
+        return Err(Error::InvalidSize { size: 0, reason: "a backend needs a non-zero size" });
     }
     (size as u64)
         .checked_next_multiple_of(HEADER_SIZE)
         .and_then(|s| s.checked_add(HEADER_SIZE))
         .filter(|&total| total <= isize::MAX as u64)
-        .ok_or(Error::InvalidSize {
-            size: size as u64,
-            reason: "too large",
-        })
+        .ok_or(Error::InvalidSize { size: size as u64, reason: "too large" })
 }
 
 /// Implements [`MemoryBackend`](hetmem_core::MemoryBackend) for a type with a `raw: RawRegion`
 /// field, given its kind and creator flag expressions.
 macro_rules! impl_backend {
-    ($ty:ty, kind = |$k:ident| $kind:expr, creator = |$s:ident| $creator:expr $(, $($extra:tt)*)?) => {
+    ($ty:ty, kind = |$k:ident| $kind:expr, creator = |$s:ident| $creator:expr $(, $extra:item)* $(,)?) => {
         impl hetmem_core::MemoryBackend for $ty {
             fn kind(&self) -> hetmem_core::BackendKind {
                 let $k = self;
@@ -132,7 +118,7 @@ macro_rules! impl_backend {
                 let $s = self;
                 $creator
             }
-            $($($extra)*)?
+            $($extra)*
         }
     };
 }
@@ -148,9 +134,6 @@ mod tests {
         assert_eq!(region_len(4096).unwrap(), 2 * HEADER_SIZE);
         assert_eq!(region_len(4097).unwrap(), 3 * HEADER_SIZE);
         assert!(matches!(region_len(0), Err(Error::InvalidSize { .. })));
-        assert!(matches!(
-            region_len(usize::MAX),
-            Err(Error::InvalidSize { .. })
-        ));
+        assert!(matches!(region_len(usize::MAX), Err(Error::InvalidSize { .. })));
     }
 }

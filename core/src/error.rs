@@ -120,6 +120,16 @@ pub enum Error {
         /// Why it is refused.
         reason: &'static str,
     },
+    /// A GPU driver or runtime call (CUDA, HIP) failed with an error code of its own.
+    #[error("{call} failed: {name} (error {code})")]
+    Gpu {
+        /// The call that failed, e.g. `cuMemHostRegister`.
+        call: &'static str,
+        /// The driver's or runtime's error code.
+        code: i32,
+        /// Its name for the code, e.g. `CUDA_ERROR_OUT_OF_MEMORY`.
+        name: &'static str,
+    },
     /// An allocator's `check()` found a broken invariant.
     #[error("corrupt {structure} at offset {offset:#x}: {detail}")]
     Corrupt {
@@ -161,10 +171,7 @@ impl ShortStr {
 
     /// Copies `s`, cutting it to [`Self::CAPACITY`] bytes if needed.
     pub fn new(s: &str) -> Self {
-        let mut out = ShortStr {
-            len: 0,
-            buf: [0; Self::CAPACITY],
-        };
+        let mut out = ShortStr { len: 0, buf: [0; Self::CAPACITY] };
         if s.len() <= Self::CAPACITY {
             out.buf[..s.len()].copy_from_slice(s.as_bytes());
             out.len = s.len() as u8;
@@ -223,22 +230,9 @@ mod tests {
     #[cfg(feature = "std")]
     #[test]
     fn errors_say_what_went_wrong() {
-        let e = Error::HeaderMismatch {
-            field: "version",
-            expected: 1,
-            found: 7,
-        };
-        assert_eq!(
-            e.to_string(),
-            "header mismatch in field `version`: expected 0x1, found 0x7"
-        );
-        let e = Error::Os {
-            call: "shm_open",
-            errno: 2,
-        };
-        assert!(
-            e.to_string().starts_with("shm_open failed: No such file"),
-            "{e}"
-        );
+        let e = Error::HeaderMismatch { field: "version", expected: 1, found: 7 };
+        assert_eq!(e.to_string(), "header mismatch in field `version`: expected 0x1, found 0x7");
+        let e = Error::Os { call: "shm_open", errno: 2 };
+        assert!(e.to_string().starts_with("shm_open failed: No such file"), "{e}");
     }
 }

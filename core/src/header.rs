@@ -107,9 +107,7 @@ impl RegionHeader {
             });
         }
         if base.align_offset(8) != 0 {
-            return Err(Error::InvalidAlignment {
-                align: base as u64 & 7,
-            });
+            return Err(Error::InvalidAlignment { align: base as u64 & 7 });
         }
         let header = base.cast::<RegionHeader>();
         // SAFETY: the caller gives us `total_size` > HEADER_SIZE >= size_of::<RegionHeader>()
@@ -147,30 +145,15 @@ impl RegionHeader {
         match self.state() {
             HeaderState::Ready => {}
             HeaderState::BadMagic(found) => {
-                return Err(Error::HeaderMismatch {
-                    field: "magic",
-                    expected: MAGIC,
-                    found,
-                });
+                return Err(Error::HeaderMismatch { field: "magic", expected: MAGIC, found });
             }
             HeaderState::Initialising => {
-                return Err(Error::TimedOut {
-                    what: "the region's creator to initialise it",
-                    waited_ms: 0,
-                });
+                return Err(Error::TimedOut { what: "the region's creator to initialise it", waited_ms: 0 });
             }
         }
-        let mismatch = |field, expected: u64, found: u64| Error::HeaderMismatch {
-            field,
-            expected,
-            found,
-        };
+        let mismatch = |field, expected: u64, found: u64| Error::HeaderMismatch { field, expected, found };
         if self.version != LAYOUT_VERSION {
-            return Err(mismatch(
-                "version",
-                LAYOUT_VERSION as u64,
-                self.version as u64,
-            ));
+            return Err(mismatch("version", LAYOUT_VERSION as u64, self.version as u64));
         }
         if self.kind != kind as u32 {
             return Err(mismatch("kind", kind as u64, self.kind as u64));
@@ -224,45 +207,22 @@ impl RegionHeader {
     ///
     /// `size == 0` takes all the space that is left. Fails if `id` already has an entry, the
     /// directory is full, or the space is not there.
-    pub fn reserve_allocator(
-        &self,
-        type_id: u32,
-        id: AllocatorId,
-        size: u64,
-    ) -> Result<AllocatorEntry> {
+    pub fn reserve_allocator(&self, type_id: u32, id: AllocatorId, size: u64) -> Result<AllocatorEntry> {
         let mut dir = self.directory.lock();
         let count = (dir.count as usize).min(MAX_ALLOCATORS);
-        if dir.entries[..count]
-            .iter()
-            .any(|e| e.state != ENTRY_EMPTY && e.id == id)
-        {
-            return Err(Error::AlreadyExists {
-                what: "allocator",
-                name: id_name(id),
-            });
+        if dir.entries[..count].iter().any(|e| e.state != ENTRY_EMPTY && e.id == id) {
+            return Err(Error::AlreadyExists { what: "allocator", name: id_name(id) });
         }
         if count == MAX_ALLOCATORS {
             return Err(Error::Unsupported("more than 123 allocators in one region"));
         }
-        let start = dir
-            .next_free
-            .checked_next_multiple_of(SUBREGION_ALIGN)
-            .unwrap_or(u64::MAX);
+        let start = dir.next_free.checked_next_multiple_of(SUBREGION_ALIGN).unwrap_or(u64::MAX);
         let available = self.total_size.saturating_sub(start);
         let size = if size == 0 { available } else { size };
         if size == 0 || size > available {
-            return Err(Error::OutOfMemory {
-                requested: size,
-                available,
-            });
+            return Err(Error::OutOfMemory { requested: size, available });
         }
-        let entry = AllocatorEntry {
-            type_id,
-            state: ENTRY_CREATING,
-            id,
-            offset: start,
-            size,
-        };
+        let entry = AllocatorEntry { type_id, state: ENTRY_CREATING, id, offset: start, size };
         dir.entries[count] = entry;
         dir.count = count as u32 + 1;
         dir.next_free = start + size;
@@ -303,11 +263,7 @@ impl RegionHeader {
             .ok_or(Error::UnknownAllocator(id))?;
         let end = entry.offset.checked_add(entry.size);
         if entry.offset < HEADER_SIZE || end.is_none_or(|end| end > self.total_size) {
-            return Err(Error::OutOfBounds {
-                offset: entry.offset,
-                len: entry.size,
-                region_len: self.total_size,
-            });
+            return Err(Error::OutOfBounds { offset: entry.offset, len: entry.size, region_len: self.total_size });
         }
         Ok((entry.state == ENTRY_READY).then_some(entry))
     }
@@ -366,37 +322,23 @@ mod tests {
         let mut mem = region(64 * 1024);
         let base = mem.as_mut_ptr().cast::<u8>();
         // SAFETY: `mem` is 64 KiB, 8-aligned, and only this test uses it.
-        let h = unsafe {
-            RegionHeader::initialize(base, 64 * 1024, BackendKind::Private, BackendId(3), 1)
-        }
-        .unwrap();
+        let h = unsafe { RegionHeader::initialize(base, 64 * 1024, BackendKind::Private, BackendId(3), 1) }.unwrap();
         assert_eq!(h.state(), HeaderState::Ready);
         h.validate(64 * 1024, BackendKind::Private).unwrap();
         assert_eq!(h.backend_id(), 3);
         assert!(matches!(
             h.validate(32 * 1024, BackendKind::Private),
-            Err(Error::HeaderMismatch {
-                field: "total_size",
-                ..
-            })
+            Err(Error::HeaderMismatch { field: "total_size", .. })
         ));
         assert!(matches!(
             h.validate(64 * 1024, BackendKind::Shared),
-            Err(Error::HeaderMismatch {
-                field: "kind",
-                expected: 2,
-                found: 1
-            })
+            Err(Error::HeaderMismatch { field: "kind", expected: 2, found: 1 })
         ));
         mem[1] = 99; // the version field
         let h = unsafe { &*(mem.as_ptr() as *const RegionHeader) };
         assert!(matches!(
             h.validate(64 * 1024, BackendKind::Private),
-            Err(Error::HeaderMismatch {
-                field: "version",
-                expected: 1,
-                ..
-            })
+            Err(Error::HeaderMismatch { field: "version", expected: 1, .. })
         ));
         mem[0] = 0x1234;
         let h = unsafe { &*(mem.as_ptr() as *const RegionHeader) };
@@ -408,49 +350,20 @@ mod tests {
         let mut mem = region(64 * 1024);
         // SAFETY: as above.
         let h = unsafe {
-            RegionHeader::initialize(
-                mem.as_mut_ptr().cast(),
-                64 * 1024,
-                BackendKind::Private,
-                BackendId(1),
-                1,
-            )
+            RegionHeader::initialize(mem.as_mut_ptr().cast(), 64 * 1024, BackendKind::Private, BackendId(1), 1)
         }
         .unwrap();
-        let a = h
-            .reserve_allocator(7, AllocatorId::new(1, 0), 1000)
-            .unwrap();
+        let a = h.reserve_allocator(7, AllocatorId::new(1, 0), 1000).unwrap();
         assert_eq!(a.offset, HEADER_SIZE);
-        assert!(
-            h.find_allocator(AllocatorId::new(1, 0)).unwrap().is_none(),
-            "not ready yet"
-        );
+        assert!(h.find_allocator(AllocatorId::new(1, 0)).unwrap().is_none(), "not ready yet");
         h.publish_allocator(AllocatorId::new(1, 0)).unwrap();
-        assert_eq!(
-            h.find_allocator(AllocatorId::new(1, 0)).unwrap(),
-            Some(AllocatorEntry {
-                state: ENTRY_READY,
-                ..a
-            })
-        );
-        assert!(matches!(
-            h.reserve_allocator(7, AllocatorId::new(1, 0), 10),
-            Err(Error::AlreadyExists { .. })
-        ));
+        assert_eq!(h.find_allocator(AllocatorId::new(1, 0)).unwrap(), Some(AllocatorEntry { state: ENTRY_READY, ..a }));
+        assert!(matches!(h.reserve_allocator(7, AllocatorId::new(1, 0), 10), Err(Error::AlreadyExists { .. })));
         let b = h.reserve_allocator(7, AllocatorId::new(1, 1), 0).unwrap();
-        assert_eq!(
-            b.offset,
-            (HEADER_SIZE + 1000).next_multiple_of(SUBREGION_ALIGN)
-        );
+        assert_eq!(b.offset, (HEADER_SIZE + 1000).next_multiple_of(SUBREGION_ALIGN));
         assert_eq!(b.offset + b.size, 64 * 1024);
-        assert!(matches!(
-            h.reserve_allocator(7, AllocatorId::new(1, 2), 0),
-            Err(Error::OutOfMemory { .. })
-        ));
-        assert!(matches!(
-            h.find_allocator(AllocatorId::new(9, 9)),
-            Err(Error::UnknownAllocator(_))
-        ));
+        assert!(matches!(h.reserve_allocator(7, AllocatorId::new(1, 2), 0), Err(Error::OutOfMemory { .. })));
+        assert!(matches!(h.find_allocator(AllocatorId::new(9, 9)), Err(Error::UnknownAllocator(_))));
         assert_eq!(h.allocators().count(), 1);
     }
 }

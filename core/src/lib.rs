@@ -9,7 +9,9 @@
 //!   inside the region.
 //! - [`thread`]: what a thread is ([`ThreadModel`]).
 //! - [`resource`]: upstream sources of blocks for pools ([`MemoryResource`]).
-//! - [`sync`]: locks that are safe to place in shared memory.
+//! - [`pool`] (feature `alloc`): coalescing and fixed-size pools over any resource.
+//! - [`sync`]: locks and lock-free lists that are safe to place in shared memory.
+//! - [`liveness`]: the hook that tells whether another process still runs (crash recovery).
 //! - [`manager`] (feature `std`): the registry that turns a [`ShmPtr`] into a local address.
 //! - [`cache`] (feature `std`): process-private caching tiers: thread caches ([`cache::HetAlloc`]
 //!   as a global allocator), typed pools, recycled async-task frames.
@@ -24,6 +26,7 @@ extern crate alloc;
 pub mod backend;
 pub mod error;
 pub mod header;
+pub mod liveness;
 pub mod ptr;
 pub mod resource;
 pub mod sync;
@@ -33,6 +36,8 @@ pub mod thread;
 pub mod allocator;
 #[cfg(feature = "alloc")]
 pub mod allocators;
+#[cfg(feature = "alloc")]
+pub mod pool;
 #[cfg(feature = "alloc")]
 pub mod region;
 
@@ -56,6 +61,8 @@ pub use thread::{ThreadModel, TlsDestructor};
 pub use allocator::{AllocStats, AllocatorType, RegionAllocator};
 #[cfg(feature = "alloc")]
 pub use allocators::StackAllocator;
+#[cfg(all(feature = "alloc", not(loom)))]
+pub use allocators::{ScalablePageAllocator, ThreadLocalAllocator};
 #[cfg(feature = "alloc")]
 pub use region::Region;
 
@@ -68,21 +75,13 @@ pub use manager::MemoryManager;
 /// once rounded up to the alignment is rejected with the matching [`Error`].
 pub fn check_layout(size: usize, align: usize) -> Result<()> {
     if !align.is_power_of_two() {
-        return Err(Error::InvalidAlignment {
-            align: align as u64,
-        });
+        return Err(Error::InvalidAlignment { align: align as u64 });
     }
     if size == 0 {
-        return Err(Error::InvalidSize {
-            size: 0,
-            reason: "zero-sized request",
-        });
+        return Err(Error::InvalidSize { size: 0, reason: "zero-sized request" });
     }
     if size.checked_add(align - 1).is_none() || size > isize::MAX as usize {
-        return Err(Error::InvalidSize {
-            size: size as u64,
-            reason: "size overflows when aligned",
-        });
+        return Err(Error::InvalidSize { size: size as u64, reason: "size overflows when aligned" });
     }
     Ok(())
 }
@@ -94,18 +93,9 @@ mod tests {
     #[test]
     fn layout_checks_reject_bad_input() {
         assert!(matches!(check_layout(0, 8), Err(Error::InvalidSize { .. })));
-        assert!(matches!(
-            check_layout(8, 3),
-            Err(Error::InvalidAlignment { align: 3 })
-        ));
-        assert!(matches!(
-            check_layout(8, 0),
-            Err(Error::InvalidAlignment { align: 0 })
-        ));
-        assert!(matches!(
-            check_layout(usize::MAX, 16),
-            Err(Error::InvalidSize { .. })
-        ));
+        assert!(matches!(check_layout(8, 3), Err(Error::InvalidAlignment { align: 3 })));
+        assert!(matches!(check_layout(8, 0), Err(Error::InvalidAlignment { align: 0 })));
+        assert!(matches!(check_layout(usize::MAX, 16), Err(Error::InvalidSize { .. })));
         assert!(check_layout(1, 4096).is_ok());
     }
 }

@@ -71,10 +71,7 @@ impl MemoryManager {
         let id = backend.id();
         let mut reg = self.write();
         if reg.backends.contains_key(&id) {
-            return Err(Error::AlreadyExists {
-                what: "backend",
-                name: id.to_string().as_str().into(),
-            });
+            return Err(Error::AlreadyExists { what: "backend", name: id.to_string().as_str().into() });
         }
         reg.backends.insert(id, backend);
         Ok(id)
@@ -82,11 +79,7 @@ impl MemoryManager {
 
     /// The backend registered under `id`.
     pub fn backend(&self, id: BackendId) -> Result<Arc<dyn MemoryBackend>> {
-        self.read()
-            .backends
-            .get(&id)
-            .cloned()
-            .ok_or(Error::UnknownBackend(id))
+        self.read().backends.get(&id).cloned().ok_or(Error::UnknownBackend(id))
     }
 
     /// The ids of every registered backend.
@@ -105,14 +98,10 @@ impl MemoryManager {
     ) -> Result<Arc<A>> {
         let b = self.backend(backend)?;
         if self.read().allocators.contains_key(&id) {
-            return Err(Error::AlreadyExists {
-                what: "allocator",
-                name: id.to_string().as_str().into(),
-            });
+            return Err(Error::AlreadyExists { what: "allocator", name: id.to_string().as_str().into() });
         }
         let entry = b.header().reserve_allocator(A::TYPE_ID, id, size)?;
-        let created =
-            Region::new(b.clone(), entry.offset, entry.size).and_then(|r| A::create(r, id, config));
+        let created = Region::new(b.clone(), entry.offset, entry.size).and_then(|r| A::create(r, id, config));
         let allocator = match created {
             Ok(a) => Arc::new(a),
             Err(e) => {
@@ -127,11 +116,7 @@ impl MemoryManager {
 
     /// Attaches to allocator `id`, which some process created in backend `backend`, waiting up to
     /// [`DEFAULT_ATTACH_TIMEOUT`] for its creator to finish.
-    pub fn attach_allocator<A: AllocatorType>(
-        &self,
-        backend: BackendId,
-        id: AllocatorId,
-    ) -> Result<Arc<A>> {
+    pub fn attach_allocator<A: AllocatorType>(&self, backend: BackendId, id: AllocatorId) -> Result<Arc<A>> {
         self.attach_allocator_within::<A>(backend, id, DEFAULT_ATTACH_TIMEOUT)
     }
 
@@ -168,48 +153,25 @@ impl MemoryManager {
         Ok(allocator)
     }
 
-    fn register<A: AllocatorType>(
-        &self,
-        backend: BackendId,
-        id: AllocatorId,
-        allocator: Arc<A>,
-    ) -> Result<()> {
+    fn register<A: AllocatorType>(&self, backend: BackendId, id: AllocatorId, allocator: Arc<A>) -> Result<()> {
         let mut reg = self.write();
         if reg.allocators.contains_key(&id) {
-            return Err(Error::AlreadyExists {
-                what: "allocator",
-                name: id.to_string().as_str().into(),
-            });
+            return Err(Error::AlreadyExists { what: "allocator", name: id.to_string().as_str().into() });
         }
-        let entry = AllocatorEntry {
-            backend,
-            dynamic: allocator.clone(),
-            typed: allocator,
-        };
+        let entry = AllocatorEntry { backend, dynamic: allocator.clone(), typed: allocator };
         reg.allocators.insert(id, entry);
         Ok(())
     }
 
     /// The allocator registered under `id`, as its concrete type.
     pub fn allocator<A: AllocatorType>(&self, id: AllocatorId) -> Result<Arc<A>> {
-        let typed = self
-            .read()
-            .allocators
-            .get(&id)
-            .map(|e| e.typed.clone())
-            .ok_or(Error::UnknownAllocator(id))?;
-        typed
-            .downcast::<A>()
-            .map_err(|_| Error::Unsupported("the allocator has another type"))
+        let typed = self.read().allocators.get(&id).map(|e| e.typed.clone()).ok_or(Error::UnknownAllocator(id))?;
+        typed.downcast::<A>().map_err(|_| Error::Unsupported("the allocator has another type"))
     }
 
     /// The allocator registered under `id`, whatever its type.
     pub fn allocator_dyn(&self, id: AllocatorId) -> Result<Arc<dyn RegionAllocator>> {
-        self.read()
-            .allocators
-            .get(&id)
-            .map(|e| e.dynamic.clone())
-            .ok_or(Error::UnknownAllocator(id))
+        self.read().allocators.get(&id).map(|e| e.dynamic.clone()).ok_or(Error::UnknownAllocator(id))
     }
 
     /// The ids of every registered allocator.
@@ -237,9 +199,7 @@ impl MemoryManager {
         let region = allocator.region();
         let local = region.ptr(ptr.offset.get(), core::mem::size_of::<T>() as u64)?;
         if local.align_offset(core::mem::align_of::<T>()) != 0 {
-            return Err(Error::InvalidAlignment {
-                align: core::mem::align_of::<T>() as u64,
-            });
+            return Err(Error::InvalidAlignment { align: core::mem::align_of::<T>() as u64 });
         }
         Ok(FullPtr::new(ptr, local.cast()))
     }
@@ -249,25 +209,13 @@ impl MemoryManager {
         let reg = self.read();
         reg.allocators
             .iter()
-            .find_map(|(id, e)| {
-                e.dynamic
-                    .region()
-                    .offset_of(ptr.cast())
-                    .map(|o| ShmPtr::new(*id, OffsetPtr::new(o)))
-            })
-            .ok_or(Error::NotFound {
-                what: "allocator region holding address",
-                name: "local pointer".into(),
-            })
+            .find_map(|(id, e)| e.dynamic.region().offset_of(ptr.cast()).map(|o| ShmPtr::new(*id, OffsetPtr::new(o))))
+            .ok_or(Error::NotFound { what: "allocator region holding address", name: "local pointer".into() })
     }
 
     /// Forgets allocator `id` in this process. Its state stays in the region for others.
     pub fn remove_allocator(&self, id: AllocatorId) -> Result<()> {
-        self.write()
-            .allocators
-            .remove(&id)
-            .map(|_| ())
-            .ok_or(Error::UnknownAllocator(id))
+        self.write().allocators.remove(&id).map(|_| ()).ok_or(Error::UnknownAllocator(id))
     }
 
     /// Forgets backend `id` and its allocators in this process, without removing its name.
@@ -294,13 +242,9 @@ mod tests {
     #[test]
     fn pointers_round_trip_through_the_manager() {
         let mm = MemoryManager::new();
-        let b = mm
-            .add_backend(HeapBackend::new(BackendId(1), 1 << 20))
-            .unwrap();
+        let b = mm.add_backend(HeapBackend::new(BackendId(1), 1 << 20)).unwrap();
         let id = AllocatorId::new(1, 0);
-        let a = mm
-            .create_allocator::<StackAllocator>(b.id(), id, 0, &Default::default())
-            .unwrap();
+        let a = mm.create_allocator::<StackAllocator>(b.id(), id, 0, &Default::default()).unwrap();
         let p = mm.allocate(id, 64, 8).unwrap();
         // SAFETY: 64 fresh bytes of a live allocation.
         unsafe { p.ptr.write_bytes(0xAB, 64) };
@@ -323,58 +267,26 @@ mod tests {
     #[test]
     fn several_allocators_share_one_backend_and_ids_are_unique() {
         let mm = MemoryManager::new();
-        let b = mm
-            .add_backend(HeapBackend::new(BackendId(2), 1 << 20))
-            .unwrap();
+        let b = mm.add_backend(HeapBackend::new(BackendId(2), 1 << 20)).unwrap();
         let a0 = mm
-            .create_allocator::<StackAllocator>(
-                b.id(),
-                AllocatorId::new(2, 0),
-                64 * 1024,
-                &Default::default(),
-            )
+            .create_allocator::<StackAllocator>(b.id(), AllocatorId::new(2, 0), 64 * 1024, &Default::default())
             .unwrap();
-        let a1 = mm
-            .create_allocator::<StackAllocator>(
-                b.id(),
-                AllocatorId::new(2, 1),
-                0,
-                &Default::default(),
-            )
-            .unwrap();
+        let a1 = mm.create_allocator::<StackAllocator>(b.id(), AllocatorId::new(2, 1), 0, &Default::default()).unwrap();
         assert!(a0.region().end() <= a1.region().offset());
-        let dup = mm.create_allocator::<StackAllocator>(
-            b.id(),
-            AllocatorId::new(2, 1),
-            0,
-            &Default::default(),
-        );
+        let dup = mm.create_allocator::<StackAllocator>(b.id(), AllocatorId::new(2, 1), 0, &Default::default());
         assert!(matches!(dup, Err(Error::AlreadyExists { .. })));
+        assert!(matches!(mm.add_backend(HeapBackend::new(BackendId(2), 1 << 16)), Err(Error::AlreadyExists { .. })));
         assert!(matches!(
-            mm.add_backend(HeapBackend::new(BackendId(2), 1 << 16)),
-            Err(Error::AlreadyExists { .. })
-        ));
-        assert!(matches!(
-            mm.create_allocator::<StackAllocator>(
-                BackendId(77),
-                AllocatorId::new(7, 0),
-                0,
-                &Default::default()
-            ),
+            mm.create_allocator::<StackAllocator>(BackendId(77), AllocatorId::new(7, 0), 0, &Default::default()),
             Err(Error::UnknownBackend(BackendId(77)))
         ));
         // A second manager (as another process would) attaches by id and sees the same blocks.
         let other = MemoryManager::new();
         other.add_backend_arc(mm.backend(b.id()).unwrap()).unwrap();
-        let seen = other
-            .attach_allocator::<StackAllocator>(b.id(), AllocatorId::new(2, 0))
-            .unwrap();
+        let seen = other.attach_allocator::<StackAllocator>(b.id(), AllocatorId::new(2, 0)).unwrap();
         let p = a0.allocate(100, 16).unwrap();
         assert_eq!(seen.size_of(p).unwrap(), 100);
         mm.destroy_backend(b.id()).unwrap();
-        assert!(matches!(
-            mm.allocator_dyn(AllocatorId::new(2, 0)),
-            Err(Error::UnknownAllocator(_))
-        ));
+        assert!(matches!(mm.allocator_dyn(AllocatorId::new(2, 0)), Err(Error::UnknownAllocator(_))));
     }
 }

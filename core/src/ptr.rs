@@ -94,10 +94,7 @@ impl AtomicOffsetPtr {
         success: Ordering,
         failure: Ordering,
     ) -> Result<OffsetPtr, OffsetPtr> {
-        self.0
-            .compare_exchange(current.0, new.0, success, failure)
-            .map(OffsetPtr)
-            .map_err(OffsetPtr)
+        self.0.compare_exchange(current.0, new.0, success, failure).map(OffsetPtr).map_err(OffsetPtr)
     }
 }
 
@@ -131,10 +128,7 @@ impl AllocatorId {
 
     /// The inverse of [`AllocatorId::to_bits`].
     pub const fn from_bits(bits: u64) -> Self {
-        AllocatorId {
-            major: (bits >> 32) as u32,
-            minor: bits as u32,
-        }
+        AllocatorId { major: (bits >> 32) as u32, minor: bits as u32 }
     }
 }
 
@@ -193,20 +187,12 @@ impl<T> FullPtr<T> {
     /// Pairs a shared pointer with its local address. Nothing is checked: use
     /// [`MemoryManager::to_local`](crate::MemoryManager::to_local) to get one that is.
     pub const fn new(shm: ShmPtr, ptr: *mut T) -> Self {
-        FullPtr {
-            shm,
-            ptr,
-            _marker: PhantomData,
-        }
+        FullPtr { shm, ptr, _marker: PhantomData }
     }
 
     /// The same memory seen as another type.
     pub const fn cast<U>(self) -> FullPtr<U> {
-        FullPtr {
-            shm: self.shm,
-            ptr: self.ptr.cast(),
-            _marker: PhantomData,
-        }
+        FullPtr { shm: self.shm, ptr: self.ptr.cast(), _marker: PhantomData }
     }
 }
 
@@ -219,10 +205,7 @@ impl<T> Copy for FullPtr<T> {}
 
 impl<T> fmt::Debug for FullPtr<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FullPtr")
-            .field("shm", &self.shm)
-            .field("ptr", &self.ptr)
-            .finish()
+        f.debug_struct("FullPtr").field("shm", &self.shm).field("ptr", &self.ptr).finish()
     }
 }
 
@@ -243,30 +226,15 @@ mod tests {
         let id = AllocatorId::new(7, 0xdead_beef);
         assert_eq!(AllocatorId::from_bits(id.to_bits()), id);
         assert_eq!(id.to_string(), "7.3735928559");
-        assert_eq!(
-            ShmPtr::new(AllocatorId::new(1, 2), OffsetPtr::new(0x40)).to_string(),
-            "1.2+0x40"
-        );
+        assert_eq!(ShmPtr::new(AllocatorId::new(1, 2), OffsetPtr::new(0x40)).to_string(), "1.2+0x40");
     }
 
     #[test]
     fn atomic_offset_swaps() {
         let a = AtomicOffsetPtr::new(OffsetPtr::NULL);
-        assert!(a
-            .compare_exchange(
-                OffsetPtr::new(1),
-                OffsetPtr::new(2),
-                Ordering::AcqRel,
-                Ordering::Acquire
-            )
-            .is_err());
+        assert!(a.compare_exchange(OffsetPtr::new(1), OffsetPtr::new(2), Ordering::AcqRel, Ordering::Acquire).is_err());
         assert_eq!(
-            a.compare_exchange(
-                OffsetPtr::NULL,
-                OffsetPtr::new(64),
-                Ordering::AcqRel,
-                Ordering::Acquire
-            ),
+            a.compare_exchange(OffsetPtr::NULL, OffsetPtr::new(64), Ordering::AcqRel, Ordering::Acquire),
             Ok(OffsetPtr::NULL)
         );
         assert_eq!(a.load(Ordering::Acquire), OffsetPtr::new(64));

@@ -26,30 +26,17 @@ impl Region {
     /// The sub-range `[offset, offset + len)` of `backend`'s data area.
     pub fn new(backend: Arc<dyn MemoryBackend>, offset: u64, len: u64) -> Result<Self> {
         if !backend.host_accessible() {
-            return Err(Error::Unsupported(
-                "region allocators need memory the CPU can access",
-            ));
+            return Err(Error::Unsupported("region allocators need memory the CPU can access"));
         }
         let total = backend.len();
-        let in_bounds =
-            offset >= HEADER_SIZE && offset.checked_add(len).is_some_and(|end| end <= total);
+        let in_bounds = offset >= HEADER_SIZE && offset.checked_add(len).is_some_and(|end| end <= total);
         if !in_bounds || len == 0 {
-            return Err(Error::OutOfBounds {
-                offset,
-                len,
-                region_len: total,
-            });
+            return Err(Error::OutOfBounds { offset, len, region_len: total });
         }
         if (backend.base() as usize) % MAX_ALIGN != 0 {
-            return Err(Error::InvalidAlignment {
-                align: backend.base() as u64 % MAX_ALIGN as u64,
-            });
+            return Err(Error::InvalidAlignment { align: backend.base() as u64 % MAX_ALIGN as u64 });
         }
-        Ok(Region {
-            backend,
-            offset,
-            len,
-        })
+        Ok(Region { backend, offset, len })
     }
 
     /// The whole data area of `backend` (everything after the header page).
@@ -91,11 +78,7 @@ impl Region {
     /// The local address of `offset`, after checking that `len` bytes from there lie in the region.
     pub fn ptr(&self, offset: u64, len: u64) -> Result<*mut u8> {
         if !self.contains(offset, len) {
-            return Err(Error::OutOfBounds {
-                offset,
-                len,
-                region_len: self.end(),
-            });
+            return Err(Error::OutOfBounds { offset, len, region_len: self.end() });
         }
         // SAFETY: `offset` is inside the backend's mapping (checked just above; the region is
         // inside the backend, checked in `new`), so the result stays in the same allocation.

@@ -46,3 +46,38 @@ pub trait MemoryResource: Send + Sync {
     /// again.
     unsafe fn deallocate(&self, ptr: NonNull<u8>, size: usize, align: usize);
 }
+
+/// Implements [`MemoryResource`] for a pointer type `$ptr` to any resource `R` by forwarding.
+macro_rules! forward_memory_resource {
+    ($(#[$attr:meta])* $ptr:ty) => {
+        $(#[$attr])*
+        impl<R: MemoryResource + ?Sized> MemoryResource for $ptr {
+            fn name(&self) -> &str {
+                (**self).name()
+            }
+            fn kind(&self) -> MemoryKind {
+                (**self).kind()
+            }
+            fn host_accessible(&self) -> bool {
+                (**self).host_accessible()
+            }
+            fn allocate(&self, size: usize, align: usize) -> Result<NonNull<u8>> {
+                (**self).allocate(size, align)
+            }
+            unsafe fn deallocate(&self, ptr: NonNull<u8>, size: usize, align: usize) {
+                // SAFETY: the caller's contract, passed on to the resource it was made for.
+                unsafe { (**self).deallocate(ptr, size, align) }
+            }
+        }
+    };
+}
+
+forward_memory_resource!(
+    /// A shared reference to a resource is a resource (so several pools can draw on one).
+    &R
+);
+forward_memory_resource!(
+    /// A resource behind an `Arc` is a resource (so several pools can own one).
+    #[cfg(feature = "alloc")]
+    alloc::sync::Arc<R>
+);

@@ -23,16 +23,7 @@ impl HeapBackend {
         let base = unsafe { alloc_zeroed(layout) };
         assert!(!base.is_null());
         // SAFETY: `base` is `len` fresh bytes, page-aligned, that no one else sees.
-        unsafe {
-            RegionHeader::initialize(
-                base,
-                len as u64,
-                BackendKind::Private,
-                id,
-                std::process::id(),
-            )
-        }
-        .unwrap();
+        unsafe { RegionHeader::initialize(base, len as u64, BackendKind::Private, id, std::process::id()) }.unwrap();
         HeapBackend { base, layout }
     }
 }
@@ -96,13 +87,11 @@ impl CountingResource {
     }
 
     pub(crate) fn deallocations(&self) -> u64 {
-        self.deallocations
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.deallocations.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub(crate) fn set_failing(&self, failing: bool) {
-        self.failing
-            .store(failing, std::sync::atomic::Ordering::Relaxed);
+        self.failing.store(failing, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -115,25 +104,14 @@ impl crate::MemoryResource for CountingResource {
     }
     fn allocate(&self, size: usize, align: usize) -> crate::Result<core::ptr::NonNull<u8>> {
         if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(crate::Error::OutOfMemory {
-                requested: size as u64,
-                available: 0,
-            });
+            return Err(crate::Error::OutOfMemory { requested: size as u64, available: 0 });
         }
         let layout = Layout::from_size_align(size, align).unwrap();
         // SAFETY: tests only ask for non-zero sizes.
         let p = core::ptr::NonNull::new(unsafe { std::alloc::alloc(layout) }).unwrap();
-        let old = self
-            .live
-            .lock()
-            .unwrap()
-            .insert(p.as_ptr() as usize, (size, align));
-        assert!(
-            old.is_none(),
-            "the system allocator returned a live block twice"
-        );
-        self.allocations
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let old = self.live.lock().unwrap().insert(p.as_ptr() as usize, (size, align));
+        assert!(old.is_none(), "the system allocator returned a live block twice");
+        self.allocations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(p)
     }
     unsafe fn deallocate(&self, ptr: core::ptr::NonNull<u8>, size: usize, align: usize) {
@@ -143,9 +121,77 @@ impl crate::MemoryResource for CountingResource {
             Some((size, align)),
             "block {ptr:p} returned twice, never allocated here, or with another layout"
         );
-        self.deallocations
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.deallocations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // SAFETY: allocated above with this layout.
         unsafe { dealloc(ptr.as_ptr(), Layout::from_size_align(size, align).unwrap()) };
+    }
+}
+
+/// A thread model for core's own tests (the real ones live in hetmem-thread-models, which
+/// depends on this crate): std threads, keys as indexes, destructors run at thread exit.
+pub(crate) struct TestThreads;
+
+static DESTRUCTORS: std::sync::Mutex<Vec<Option<crate::thread::TlsDestructor>>> = std::sync::Mutex::new(Vec::new());
+
+struct Values(std::cell::RefCell<Vec<*mut core::ffi::c_void>>);
+
+impl Drop for Values {
+    fn drop(&mut self) {
+        let values = std::mem::take(&mut *self.0.borrow_mut());
+        for (key, value) in values.into_iter().enumerate() {
+            let d = DESTRUCTORS.lock().unwrap().get(key).copied().flatten();
+            if let (false, Some(d)) = (value.is_null(), d) {
+                // SAFETY: `tls_create`'s caller promised the destructor accepts its values.
+                unsafe { d(value) };
+            }
+        }
+    }
+}
+
+std::thread_local! {
+    static VALUES: Values = const { Values(std::cell::RefCell::new(Vec::new())) };
+}
+
+impl crate::thread::ThreadModel for TestThreads {
+    type TlsKey = usize;
+    const NAME: &'static str = "test";
+
+    fn thread_id() -> u64 {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        std::thread_local! { static ID: u64 = NEXT.fetch_add(1, Ordering::Relaxed); }
+        ID.with(|i| *i)
+    }
+    fn yield_now() {
+        std::thread::yield_now()
+    }
+    fn sleep_for_us(us: u64) {
+        std::thread::sleep(std::time::Duration::from_micros(us))
+    }
+    unsafe fn tls_create(destructor: Option<crate::thread::TlsDestructor>) -> crate::error::Result<usize> {
+        let mut d = DESTRUCTORS.lock().unwrap();
+        d.push(destructor);
+        Ok(d.len() - 1)
+    }
+    fn tls_get(key: usize) -> *mut core::ffi::c_void {
+        VALUES
+            .try_with(|v| v.0.borrow().get(key).copied().unwrap_or(core::ptr::null_mut()))
+            .unwrap_or(core::ptr::null_mut())
+    }
+    fn tls_set(key: usize, value: *mut core::ffi::c_void) -> crate::error::Result<()> {
+        VALUES.with(|v| {
+            let mut v = v.0.borrow_mut();
+            if v.len() <= key {
+                v.resize(key + 1, core::ptr::null_mut());
+            }
+            v[key] = value;
+        });
+        Ok(())
+    }
+    fn tls_delete(key: usize) -> crate::error::Result<()> {
+        if let Some(d) = DESTRUCTORS.lock().unwrap().get_mut(key) {
+            *d = None;
+        }
+        Ok(())
     }
 }

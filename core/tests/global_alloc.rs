@@ -37,11 +37,7 @@ fn worker(id: usize, inbox: mpsc::Receiver<Vec<u64>>, outbox: mpsc::Sender<Vec<u
     if id % 7 == 0 {
         cache::set_thread_role(ThreadRole::Scheduler);
     }
-    EXIT_WORK.with(|w| {
-        w.borrow_mut()
-            .0
-            .extend((0..20).map(|i| vec![0x5Au8; 16 << (i % 12)].into_boxed_slice()))
-    });
+    EXIT_WORK.with(|w| w.borrow_mut().0.extend((0..20).map(|i| vec![0x5Au8; 16 << (i % 12)].into_boxed_slice())));
     let mut map: HashMap<u64, String> = HashMap::new();
     let mut text = String::new();
     for i in 0..3000u64 {
@@ -54,9 +50,7 @@ fn worker(id: usize, inbox: mpsc::Receiver<Vec<u64>>, outbox: mpsc::Sender<Vec<u
     }
     assert_eq!(map.len(), 500);
     // Blocks made here are freed by the next thread, and the other way round.
-    outbox
-        .send((0..1000).map(|i| i * id as u64).collect())
-        .unwrap();
+    outbox.send((0..1000).map(|i| i * id as u64).collect()).unwrap();
     let theirs = inbox.recv().unwrap();
     theirs.iter().sum::<u64>() + text.len() as u64
 }
@@ -95,12 +89,8 @@ impl MemoryResource for Plain {
     fn allocate(&self, size: usize, align: usize) -> hetmem_core::Result<std::ptr::NonNull<u8>> {
         let layout = std::alloc::Layout::from_size_align(size, align).unwrap();
         // SAFETY: non-zero size.
-        std::ptr::NonNull::new(unsafe { std::alloc::System.alloc(layout) }).ok_or(
-            hetmem_core::Error::OutOfMemory {
-                requested: size as u64,
-                available: 0,
-            },
-        )
+        std::ptr::NonNull::new(unsafe { std::alloc::System.alloc(layout) })
+            .ok_or(hetmem_core::Error::OutOfMemory { requested: size as u64, available: 0 })
     }
     unsafe fn deallocate(&self, ptr: std::ptr::NonNull<u8>, size: usize, align: usize) {
         let layout = std::alloc::Layout::from_size_align(size, align).unwrap();
@@ -112,16 +102,8 @@ impl MemoryResource for Plain {
 use std::alloc::GlobalAlloc;
 
 fn more_upstreams_than_slots_still_work() {
-    static RESOURCES: [Plain; 8] = [
-        Plain("r0"),
-        Plain("r1"),
-        Plain("r2"),
-        Plain("r3"),
-        Plain("r4"),
-        Plain("r5"),
-        Plain("r6"),
-        Plain("r7"),
-    ];
+    static RESOURCES: [Plain; 8] =
+        [Plain("r0"), Plain("r1"), Plain("r2"), Plain("r3"), Plain("r4"), Plain("r5"), Plain("r6"), Plain("r7")];
     let layout = std::alloc::Layout::from_size_align(64, 8).unwrap();
     let mut cached = 0;
     for r in &RESOURCES {
@@ -142,10 +124,7 @@ fn more_upstreams_than_slots_still_work() {
         a.release_depot();
     }
     // Slot 0 is the system allocator, slot 1 the recycled frames: six slots remain.
-    assert_eq!(
-        cached, 6,
-        "six resources got caches, the rest passed through"
-    );
+    assert_eq!(cached, 6, "six resources got caches, the rest passed through");
 }
 
 #[test]
@@ -156,11 +135,7 @@ fn threads_start_and_end_under_hetalloc() {
 
     for w in 0..30 {
         wave(8, w * 8);
-        assert_eq!(
-            cache::live_threads(),
-            baseline,
-            "every ended thread retired its cache"
-        );
+        assert_eq!(cache::live_threads(), baseline, "every ended thread retired its cache");
     }
 
     let after = A.stats();

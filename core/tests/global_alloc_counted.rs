@@ -24,18 +24,11 @@ impl MemoryResource for Counted {
         MemoryKind::Host
     }
     fn allocate(&self, size: usize, align: usize) -> hetmem_core::Result<NonNull<u8>> {
-        let layout = Layout::from_size_align(size, align).map_err(|_| {
-            hetmem_core::Error::InvalidAlignment {
-                align: align as u64,
-            }
-        })?;
+        let layout = Layout::from_size_align(size, align)
+            .map_err(|_| hetmem_core::Error::InvalidAlignment { align: align as u64 })?;
         // SAFETY: the caches never ask for zero bytes.
-        let p = NonNull::new(unsafe { System.alloc(layout) }).ok_or(
-            hetmem_core::Error::OutOfMemory {
-                requested: size as u64,
-                available: 0,
-            },
-        )?;
+        let p = NonNull::new(unsafe { System.alloc(layout) })
+            .ok_or(hetmem_core::Error::OutOfMemory { requested: size as u64, available: 0 })?;
         self.blocks.fetch_add(1, Ordering::Relaxed);
         self.bytes.fetch_add(size as i64, Ordering::Relaxed);
         self.allocations.fetch_add(1, Ordering::Relaxed);
@@ -49,11 +42,8 @@ impl MemoryResource for Counted {
     }
 }
 
-static COUNTED: Counted = Counted {
-    blocks: AtomicI64::new(0),
-    bytes: AtomicI64::new(0),
-    allocations: AtomicU64::new(0),
-};
+static COUNTED: Counted =
+    Counted { blocks: AtomicI64::new(0), bytes: AtomicI64::new(0), allocations: AtomicU64::new(0) };
 
 #[global_allocator]
 static A: HetAlloc = HetAlloc::with_resource(&COUNTED);
@@ -62,10 +52,7 @@ static A: HetAlloc = HetAlloc::with_resource(&COUNTED);
 fn settled() -> (i64, i64) {
     cache::flush_thread();
     A.release_depot();
-    (
-        COUNTED.blocks.load(Ordering::Relaxed),
-        COUNTED.bytes.load(Ordering::Relaxed),
-    )
+    (COUNTED.blocks.load(Ordering::Relaxed), COUNTED.bytes.load(Ordering::Relaxed))
 }
 
 fn churn(threads: usize) {
@@ -79,9 +66,7 @@ fn churn(threads: usize) {
                         keep.push(v);
                     }
                 }
-                let s: String = (0..200)
-                    .map(|i| char::from(b'a' + (i % 26) as u8))
-                    .collect();
+                let s: String = (0..200).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
                 (keep, s)
             })
         })
@@ -103,10 +88,6 @@ fn every_block_returns_to_the_upstream_exactly_once() {
         churn(6);
     }
     assert!(COUNTED.allocations.load(Ordering::Relaxed) > allocations);
-    assert_eq!(
-        settled(),
-        (blocks, bytes),
-        "the upstream holds what it held before the threads ran"
-    );
+    assert_eq!(settled(), (blocks, bytes), "the upstream holds what it held before the threads ran");
     assert!(A.stats().hits > 0);
 }

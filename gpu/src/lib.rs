@@ -1,38 +1,43 @@
 //! hetmem-gpu: GPU memory for hetmem.
 //!
-//! This crate declares the `cuda` and `rocm` features. Their contents (pinned shared-memory
-//! backends registered with the driver, device and pinned memory resources, the device-side
-//! allocator, and the GPU thread model) land with the GPU issue; until then, enabling a feature
-//! builds and [`available`] says that the support is not compiled in.
+//! | feature | module | what it gives |
+//! |---|---|---|
+//! | `cuda` | [`cuda`] | [`cuda::CudaShmBackend`] (a shared segment pinned and mapped for kernels), [`cuda::CudaIpcBackend`] (device memory shared between processes), [`cuda::CudaDeviceResource`] and [`cuda::CudaPinnedResource`] (upstreams for pools), views that cudarc copies and launches accept, NVRTC compilation |
+//! | `rocm` | [`rocm`] | [`rocm::RocmShmBackend`], [`rocm::RocmDeviceResource`] |
+//!
+//! Both platforms live in folders with the same file names (`backend.rs`, `resource.rs`, and
+//! `driver.rs`/`runtime.rs` for the raw calls). The features are Linux-only (the pinned backends are
+//! POSIX shared memory): enabled elsewhere they build and add nothing.
+//!
+//! Nothing here panics when the GPU stack is missing: no driver library, no device, or a driver too
+//! old each give a [`hetmem_core::Error`] (see each module's "Errors" section), so a program built
+//! with a GPU feature still runs, and can fall back, on a machine without a GPU.
 #![warn(missing_docs)]
 
-use hetmem_core::{Error, Result};
+#[cfg(any(hetmem_cuda, hetmem_rocm))]
+mod aligned;
+#[cfg(any(hetmem_cuda, hetmem_rocm))]
+mod pinned;
 
-/// The GPU platforms this build was compiled with.
+#[cfg(hetmem_cuda)]
+pub mod cuda;
+#[cfg(hetmem_rocm)]
+pub mod rocm;
+
+/// The GPU platforms compiled into this build ("cuda", "rocm"). Whether a machine can use them is
+/// answered by `cuda::driver()` and `rocm::runtime()`.
 pub const PLATFORMS: &[&str] = &[
-    #[cfg(feature = "cuda")]
+    #[cfg(hetmem_cuda)]
     "cuda",
-    #[cfg(feature = "rocm")]
+    #[cfg(hetmem_rocm)]
     "rocm",
 ];
-
-/// Whether GPU support for `platform` ("cuda" or "rocm") can be used in this build.
-pub fn available(platform: &str) -> Result<()> {
-    if !PLATFORMS.contains(&platform) {
-        return Err(Error::Unsupported(
-            "this GPU platform's feature is not enabled in this build",
-        ));
-    }
-    Err(Error::Unsupported(
-        "GPU backends are not implemented yet in this version of hetmem-gpu",
-    ))
-}
 
 #[cfg(test)]
 mod tests {
     #[test]
-    fn platforms_without_support_say_so() {
-        assert!(super::available("opencl").is_err());
-        assert!(super::available("cuda").is_err());
+    fn platforms_follow_the_features() {
+        assert_eq!(super::PLATFORMS.contains(&"cuda"), cfg!(all(feature = "cuda", target_os = "linux")));
+        assert_eq!(super::PLATFORMS.contains(&"rocm"), cfg!(all(feature = "rocm", target_os = "linux")));
     }
 }

@@ -81,19 +81,9 @@ pub(crate) mod contract {
         })
         .join()
         .unwrap();
-        ::std::thread::spawn(move || assert!(T::tls_get(key).is_null()))
-            .join()
-            .unwrap();
-        assert!(
-            DESTROYED.lock().unwrap().contains(&tag),
-            "{}: destructor ran at thread exit",
-            T::NAME
-        );
-        assert_eq!(
-            T::tls_get(key) as usize,
-            0x1000,
-            "this thread's value is untouched"
-        );
+        ::std::thread::spawn(move || assert!(T::tls_get(key).is_null())).join().unwrap();
+        assert!(DESTROYED.lock().unwrap().contains(&tag), "{}: destructor ran at thread exit", T::NAME);
+        assert_eq!(T::tls_get(key) as usize, 0x1000, "this thread's value is untouched");
         T::tls_set(key, ::std::ptr::null_mut()).unwrap();
         T::tls_delete(key).unwrap();
     }

@@ -35,10 +35,7 @@ impl ThreadModel for Pthreads {
             tv_sec: (us / 1_000_000) as libc::time_t,
             tv_nsec: ((us % 1_000_000) * 1000) as libc::c_long,
         };
-        let mut rem = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
+        let mut rem = libc::timespec { tv_sec: 0, tv_nsec: 0 };
         // SAFETY: both timespecs are valid; on EINTR we sleep the remainder.
         while unsafe { libc::nanosleep(&req, &mut rem) } != 0 {
             if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
@@ -54,10 +51,7 @@ impl ThreadModel for Pthreads {
         // and `unsafe extern "C" fn(*mut c_void)` is the ABI pthread expects.
         let rc = unsafe { libc::pthread_key_create(&mut key, destructor) };
         if rc != 0 {
-            return Err(Error::Os {
-                call: "pthread_key_create",
-                errno: rc,
-            });
+            return Err(Error::Os { call: "pthread_key_create", errno: rc });
         }
         Ok(key)
     }
@@ -73,10 +67,7 @@ impl ThreadModel for Pthreads {
         // SAFETY: storing a pointer value; pthread never dereferences it (only the destructor does).
         let rc = unsafe { libc::pthread_setspecific(key, value) };
         if rc != 0 {
-            return Err(Error::Os {
-                call: "pthread_setspecific",
-                errno: rc,
-            });
+            return Err(Error::Os { call: "pthread_setspecific", errno: rc });
         }
         Ok(())
     }
@@ -85,10 +76,7 @@ impl ThreadModel for Pthreads {
         // SAFETY: deleting a key runs no destructors.
         let rc = unsafe { libc::pthread_key_delete(key) };
         if rc != 0 {
-            return Err(Error::Os {
-                call: "pthread_key_delete",
-                errno: rc,
-            });
+            return Err(Error::Os { call: "pthread_key_delete", errno: rc });
         }
         Ok(())
     }

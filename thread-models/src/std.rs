@@ -51,10 +51,8 @@ impl Drop for ThreadValues {
                 if value.is_null() {
                     continue;
                 }
-                let destructor = keys()
-                    .get(slot)
-                    .filter(|k| k.live && k.generation == generation)
-                    .and_then(|k| k.destructor);
+                let destructor =
+                    keys().get(slot).filter(|k| k.live && k.generation == generation).and_then(|k| k.destructor);
                 if let Some(destructor) = destructor {
                     // SAFETY: `tls_create`'s caller promised the destructor is sound for every
                     // non-null value set under the key; this is such a value, passed once.
@@ -78,9 +76,7 @@ std::thread_local! {
 }
 
 fn key_is_live(key: StdTlsKey) -> bool {
-    keys()
-        .get(key.slot)
-        .is_some_and(|k| k.live && k.generation == key.generation)
+    keys().get(key.slot).is_some_and(|k| k.live && k.generation == key.generation)
 }
 
 impl ThreadModel for StdThreads {
@@ -107,20 +103,10 @@ impl ThreadModel for StdThreads {
             k.generation += 1;
             k.live = true;
             k.destructor = destructor;
-            return Ok(StdTlsKey {
-                slot,
-                generation: k.generation,
-            });
+            return Ok(StdTlsKey { slot, generation: k.generation });
         }
-        keys.push(KeySlot {
-            generation: 0,
-            live: true,
-            destructor,
-        });
-        Ok(StdTlsKey {
-            slot: keys.len() - 1,
-            generation: 0,
-        })
+        keys.push(KeySlot { generation: 0, live: true, destructor });
+        Ok(StdTlsKey { slot: keys.len() - 1, generation: 0 })
     }
 
     fn tls_get(key: Self::TlsKey) -> *mut c_void {
@@ -144,9 +130,7 @@ impl ThreadModel for StdThreads {
                 }
                 values[key.slot] = (key.generation, value);
             })
-            .map_err(|_| {
-                Error::Unsupported("thread-local storage is being torn down on this thread")
-            })
+            .map_err(|_| Error::Unsupported("thread-local storage is being torn down on this thread"))
     }
 
     fn tls_delete(key: Self::TlsKey) -> Result<()> {

@@ -9,8 +9,7 @@ use std::ffi::c_void;
 use hetmem_core::{Error, Result, ThreadModel, TlsDestructor};
 use windows_sys::Win32::Foundation::GetLastError;
 use windows_sys::Win32::System::Threading::{
-    FlsAlloc, FlsFree, FlsGetValue, FlsSetValue, GetCurrentThreadId, Sleep, SwitchToThread,
-    FLS_OUT_OF_INDEXES,
+    FlsAlloc, FlsFree, FlsGetValue, FlsSetValue, GetCurrentThreadId, Sleep, SwitchToThread, FLS_OUT_OF_INDEXES,
 };
 
 /// Windows threads: `GetCurrentThreadId`, FLS slots with destructors, `SwitchToThread`, `Sleep`.
@@ -44,10 +43,7 @@ unsafe extern "system" fn run_destructor(cell: *const c_void) {
 
 fn last_error(call: &'static str) -> Error {
     // SAFETY: GetLastError has no preconditions.
-    Error::Os {
-        call,
-        errno: unsafe { GetLastError() } as i32,
-    }
+    Error::Os { call, errno: unsafe { GetLastError() } as i32 }
 }
 
 impl ThreadModel for Windows {
@@ -71,8 +67,7 @@ impl ThreadModel for Windows {
     }
 
     unsafe fn tls_create(destructor: Option<TlsDestructor>) -> Result<Self::TlsKey> {
-        let callback =
-            destructor.map(|_| run_destructor as unsafe extern "system" fn(*const c_void));
+        let callback = destructor.map(|_| run_destructor as unsafe extern "system" fn(*const c_void));
         // SAFETY: the callback, if any, only accepts the cells `tls_set` stores.
         let index = unsafe { FlsAlloc(callback) };
         if index == FLS_OUT_OF_INDEXES {

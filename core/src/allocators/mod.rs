@@ -2,10 +2,40 @@
 //!
 //! - [`StackAllocator`]: bump allocation; frees in LIFO order reclaim space at once, other frees
 //!   are reclaimed when everything above them is freed; `reset` frees all.
+//! - [`ScalablePageAllocator`]: size-classed lock-free free lists shared by every process.
+//! - [`ThreadLocalAllocator`]: per-thread heaps inside the region; remote frees go back to their
+//!   owner; heaps of exited threads and dead processes are reclaimed.
+//!
+//! The two span allocators share their parts: [`size_class`] (four classes per doubling),
+//! `free_space` (the coalescing best-fit manager of 4 KiB units), `span` (block and span
+//! formats), `large` (blocks above the classes) and `common` (header, statistics, policies).
 
 mod stack;
 
+#[cfg(not(loom))]
+mod common;
+#[cfg(not(loom))]
+mod free_space;
+#[cfg(not(loom))]
+mod large;
+#[cfg(not(loom))]
+mod scalable_page;
+pub mod size_class;
+#[cfg(not(loom))]
+mod span;
+#[cfg(all(test, feature = "std", not(loom)))]
+mod testing;
+#[cfg(not(loom))]
+mod thread_local;
+
 pub use stack::{StackAllocator, StackConfig};
+
+#[cfg(not(loom))]
+pub use common::{ClassStats, DeadProcessBlocks};
+#[cfg(not(loom))]
+pub use scalable_page::{ScalablePageAllocator, ScalablePageConfig};
+#[cfg(not(loom))]
+pub use thread_local::{ThreadLocalAllocator, ThreadLocalConfig};
 
 use crate::error::{Error, Result};
 use crate::region::{Region, MAX_ALIGN};
@@ -21,9 +51,7 @@ pub(crate) fn align_up(value: u64, align: u64) -> Option<u64> {
 pub(crate) fn check_request(size: usize, align: usize) -> Result<()> {
     crate::check_layout(size, align)?;
     if align > MAX_ALIGN {
-        return Err(Error::InvalidAlignment {
-            align: align as u64,
-        });
+        return Err(Error::InvalidAlignment { align: align as u64 });
     }
     Ok(())
 }
@@ -37,9 +65,7 @@ pub(crate) fn check_request(size: usize, align: usize) -> Result<()> {
 pub(crate) unsafe fn header_at<T>(region: &Region) -> Result<&T> {
     let ptr = region.ptr(region.offset(), core::mem::size_of::<T>() as u64)?;
     if ptr.align_offset(core::mem::align_of::<T>()) != 0 {
-        return Err(Error::InvalidAlignment {
-            align: core::mem::align_of::<T>() as u64,
-        });
+        return Err(Error::InvalidAlignment { align: core::mem::align_of::<T>() as u64 });
     }
     // SAFETY: in bounds and aligned (checked above); validity is the caller's promise.
     Ok(unsafe { &*ptr.cast::<T>() })

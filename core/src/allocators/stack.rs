@@ -104,50 +104,28 @@ impl StackAllocator {
 
     /// Reads the header of the block whose user bytes start at `offset`, after bounds checks.
     fn block(&self, state: &StackState, offset: u64) -> Result<(*mut BlockHeader, BlockHeader)> {
-        if offset < state.data_start + BLOCK_HEADER || offset > state.top || offset % MIN_ALIGN != 0
-        {
-            return Err(Error::InvalidFree {
-                offset,
-                reason: "not an offset this allocator gave out",
-            });
+        if offset < state.data_start + BLOCK_HEADER || offset > state.top || offset % MIN_ALIGN != 0 {
+            return Err(Error::InvalidFree { offset, reason: "not an offset this allocator gave out" });
         }
-        let ptr = self
-            .region
-            .ptr(offset - BLOCK_HEADER, BLOCK_HEADER)?
-            .cast::<BlockHeader>();
+        let ptr = self.region.ptr(offset - BLOCK_HEADER, BLOCK_HEADER)?.cast::<BlockHeader>();
         // SAFETY: in bounds (checked by `ptr`), 16-aligned (offset and BLOCK_HEADER are multiples
         // of 16, the region's base is page-aligned), and read under the allocator's mutex.
         let header = unsafe { ptr.read() };
         Ok((ptr, header))
     }
 
-    fn live_block(
-        &self,
-        state: &StackState,
-        ptr: OffsetPtr,
-    ) -> Result<(*mut BlockHeader, BlockHeader)> {
-        let offset = ptr.offset().ok_or(Error::InvalidFree {
-            offset: ptr.get(),
-            reason: "null pointer",
-        })?;
+    fn live_block(&self, state: &StackState, ptr: OffsetPtr) -> Result<(*mut BlockHeader, BlockHeader)> {
+        let offset = ptr.offset().ok_or(Error::InvalidFree { offset: ptr.get(), reason: "null pointer" })?;
         let (hp, h) = self.block(state, offset)?;
         if h.tag == (TAG_FREED ^ offset) {
-            return Err(Error::InvalidFree {
-                offset,
-                reason: "already freed",
-            });
+            return Err(Error::InvalidFree { offset, reason: "already freed" });
         }
         let sane = h.tag == (TAG_LIVE ^ offset)
             && h.start >= state.data_start
             && h.start <= offset - BLOCK_HEADER
-            && offset
-                .checked_add(h.size)
-                .is_some_and(|end| end <= state.top);
+            && offset.checked_add(h.size).is_some_and(|end| end <= state.top);
         if !sane {
-            return Err(Error::InvalidFree {
-                offset,
-                reason: "not a live block of this allocator",
-            });
+            return Err(Error::InvalidFree { offset, reason: "not a live block of this allocator" });
         }
         Ok((hp, h))
     }
@@ -155,9 +133,7 @@ impl StackAllocator {
     /// Pops freed blocks off the top.
     fn pop_freed(&self, state: &mut StackState) -> Result<()> {
         while let Some(offset) = state.last.offset() {
-            let (_, h) = self
-                .block(state, offset)
-                .map_err(|_| corrupt(offset, "block list leaves the stack"))?;
+            let (_, h) = self.block(state, offset).map_err(|_| corrupt(offset, "block list leaves the stack"))?;
             if h.tag != (TAG_FREED ^ offset) {
                 break;
             }
@@ -169,11 +145,7 @@ impl StackAllocator {
 }
 
 fn corrupt(offset: u64, detail: &'static str) -> Error {
-    Error::Corrupt {
-        structure: "stack allocator",
-        offset,
-        detail,
-    }
+    Error::Corrupt { structure: "stack allocator", offset, detail }
 }
 
 impl RegionAllocator for StackAllocator {
@@ -197,23 +169,10 @@ impl RegionAllocator for StackAllocator {
         let block_end = user.and_then(|u| u.checked_add(size as u64));
         let (user, block_end) = match (user, block_end) {
             (Some(u), Some(e)) if e <= end => (u, e),
-            _ => {
-                return Err(Error::OutOfMemory {
-                    requested: size as u64,
-                    available: end - s.top,
-                })
-            }
+            _ => return Err(Error::OutOfMemory { requested: size as u64, available: end - s.top }),
         };
-        let header = BlockHeader {
-            start: s.top,
-            prev: s.last,
-            size: size as u64,
-            tag: TAG_LIVE ^ user,
-        };
-        let hp = self
-            .region
-            .ptr(user - BLOCK_HEADER, BLOCK_HEADER)?
-            .cast::<BlockHeader>();
+        let header = BlockHeader { start: s.top, prev: s.last, size: size as u64, tag: TAG_LIVE ^ user };
+        let hp = self.region.ptr(user - BLOCK_HEADER, BLOCK_HEADER)?.cast::<BlockHeader>();
         // SAFETY: in bounds, 16-aligned, above `top` so no live block overlaps it; written under
         // the mutex.
         unsafe { hp.write(header) };
@@ -233,9 +192,7 @@ impl RegionAllocator for StackAllocator {
         let offset = ptr.get();
         let in_place = s.last == ptr
             && offset % align as u64 == 0
-            && offset
-                .checked_add(new_size as u64)
-                .is_some_and(|e| e <= self.region.end());
+            && offset.checked_add(new_size as u64).is_some_and(|e| e <= self.region.end());
         if in_place {
             // SAFETY: `hp` is this live block's header (validated above), written under the mutex.
             unsafe { (*hp).size = new_size as u64 };
@@ -297,9 +254,7 @@ impl RegionAllocator for StackAllocator {
         let mut next = s.last;
         let mut first = true;
         while let Some(offset) = next.offset() {
-            let (_, h) = self
-                .block(&s, offset)
-                .map_err(|_| corrupt(offset, "block outside the stack"))?;
+            let (_, h) = self.block(&s, offset).map_err(|_| corrupt(offset, "block outside the stack"))?;
             let is_live = h.tag == (TAG_LIVE ^ offset);
             if !is_live && h.tag != (TAG_FREED ^ offset) {
                 return Err(corrupt(offset, "block tag is neither live nor freed"));
@@ -307,9 +262,7 @@ impl RegionAllocator for StackAllocator {
             if first && !is_live {
                 return Err(corrupt(offset, "freed block left on top of the stack"));
             }
-            if offset.checked_add(h.size).is_none_or(|e| e > above)
-                || h.start > offset - BLOCK_HEADER
-            {
+            if offset.checked_add(h.size).is_none_or(|e| e > above) || h.start > offset - BLOCK_HEADER {
                 return Err(corrupt(offset, "blocks overlap"));
             }
             if h.start < s.data_start {
@@ -324,10 +277,7 @@ impl RegionAllocator for StackAllocator {
             first = false;
         }
         if above != s.data_start {
-            return Err(corrupt(
-                above,
-                "lowest block does not start at the data area",
-            ));
+            return Err(corrupt(above, "lowest block does not start at the data area"));
         }
         if live != s.live || in_use != s.bytes_in_use {
             return Err(corrupt(s.top, "live counters disagree with the blocks"));
@@ -343,18 +293,10 @@ impl AllocatorType for StackAllocator {
     fn create(region: Region, id: AllocatorId, _config: &StackConfig) -> Result<Self> {
         let header_len = core::mem::size_of::<StackHeader>() as u64;
         let data_start = align_up(region.offset() + header_len, 64).unwrap_or(u64::MAX);
-        if data_start
-            .checked_add(BLOCK_HEADER + MIN_ALIGN)
-            .is_none_or(|e| e > region.end())
-        {
-            return Err(Error::InvalidSize {
-                size: region.len(),
-                reason: "region too small for a stack allocator",
-            });
+        if data_start.checked_add(BLOCK_HEADER + MIN_ALIGN).is_none_or(|e| e > region.end()) {
+            return Err(Error::InvalidSize { size: region.len(), reason: "region too small for a stack allocator" });
         }
-        let ptr = region
-            .ptr(region.offset(), header_len)?
-            .cast::<StackHeader>();
+        let ptr = region.ptr(region.offset(), header_len)?.cast::<StackHeader>();
         let state = StackState {
             data_start,
             top: data_start,
@@ -368,14 +310,7 @@ impl AllocatorType for StackAllocator {
         // SAFETY: in bounds (checked by `ptr`), 64-aligned (sub-regions start at multiples of
         // 64 of a page-aligned base), and not yet visible to anyone: the directory entry is
         // published only after `create` returns.
-        unsafe {
-            ptr.write(StackHeader {
-                type_id: TYPE_ID,
-                _pad: 0,
-                id,
-                state: Mutex::new(state),
-            })
-        };
+        unsafe { ptr.write(StackHeader { type_id: TYPE_ID, _pad: 0, id, state: Mutex::new(state) }) };
         StackAllocator::new(region, id)
     }
 
@@ -399,8 +334,7 @@ impl AllocatorType for StackAllocator {
         let allocator = StackAllocator::new(region, id)?;
         {
             let s = allocator.lock();
-            let data_ok =
-                s.data_start >= allocator.region.offset() && s.data_start <= allocator.region.end();
+            let data_ok = s.data_start >= allocator.region.offset() && s.data_start <= allocator.region.end();
             if !data_ok || s.top < s.data_start || s.top > allocator.region.end() {
                 return Err(corrupt(s.top, "stack header points outside its region"));
             }
@@ -419,12 +353,7 @@ mod tests {
 
     fn stack(len: usize) -> StackAllocator {
         let backend = Arc::new(HeapBackend::new(BackendId(1), len));
-        StackAllocator::create(
-            Region::whole(backend).unwrap(),
-            AllocatorId::new(1, 0),
-            &StackConfig {},
-        )
-        .unwrap()
+        StackAllocator::create(Region::whole(backend).unwrap(), AllocatorId::new(1, 0), &StackConfig {}).unwrap()
     }
 
     #[test]
@@ -444,11 +373,7 @@ mod tests {
         s.check().unwrap();
         let after_c = s.stats();
         let data_start = s.lock().data_start;
-        assert_eq!(
-            after_c.bytes_reserved,
-            a.get() + 100 - data_start,
-            "only a is left on the stack"
-        );
+        assert_eq!(after_c.bytes_reserved, a.get() + 100 - data_start, "only a is left on the stack");
         s.free(a).unwrap();
         assert_eq!(s.stats().free_bytes(), start);
         s.check().unwrap();
@@ -459,39 +384,15 @@ mod tests {
         let s = stack(64 * 1024);
         let a = s.allocate(32, 8).unwrap();
         assert!(matches!(s.allocate(0, 8), Err(Error::InvalidSize { .. })));
-        assert!(matches!(
-            s.allocate(8, 3),
-            Err(Error::InvalidAlignment { align: 3 })
-        ));
-        assert!(matches!(
-            s.allocate(8, 8192),
-            Err(Error::InvalidAlignment { align: 8192 })
-        ));
-        assert!(matches!(
-            s.free(OffsetPtr::NULL),
-            Err(Error::InvalidFree { .. })
-        ));
-        assert!(matches!(
-            s.free(OffsetPtr::new(a.get() + 16)),
-            Err(Error::InvalidFree { .. })
-        ));
-        assert!(matches!(
-            s.free(OffsetPtr::new(3)),
-            Err(Error::InvalidFree { .. })
-        ));
-        assert!(matches!(
-            s.free(OffsetPtr::new(u64::MAX - 1)),
-            Err(Error::InvalidFree { .. })
-        ));
+        assert!(matches!(s.allocate(8, 3), Err(Error::InvalidAlignment { align: 3 })));
+        assert!(matches!(s.allocate(8, 8192), Err(Error::InvalidAlignment { align: 8192 })));
+        assert!(matches!(s.free(OffsetPtr::NULL), Err(Error::InvalidFree { .. })));
+        assert!(matches!(s.free(OffsetPtr::new(a.get() + 16)), Err(Error::InvalidFree { .. })));
+        assert!(matches!(s.free(OffsetPtr::new(3)), Err(Error::InvalidFree { .. })));
+        assert!(matches!(s.free(OffsetPtr::new(u64::MAX - 1)), Err(Error::InvalidFree { .. })));
         let b = s.allocate(32, 8).unwrap();
         s.free(a).unwrap();
-        assert!(matches!(
-            s.free(a),
-            Err(Error::InvalidFree {
-                reason: "already freed",
-                ..
-            })
-        ));
+        assert!(matches!(s.free(a), Err(Error::InvalidFree { reason: "already freed", .. })));
         s.free(b).unwrap();
         s.check().unwrap();
     }
@@ -500,14 +401,8 @@ mod tests {
     fn out_of_memory_leaves_the_allocator_usable() {
         let s = stack(8 * 4096);
         let cap = s.stats().capacity as usize;
-        assert!(matches!(
-            s.allocate(cap + 1, 8),
-            Err(Error::OutOfMemory { .. })
-        ));
-        assert!(matches!(
-            s.allocate(usize::MAX - 4096, 8),
-            Err(Error::InvalidSize { .. } | Error::OutOfMemory { .. })
-        ));
+        assert!(matches!(s.allocate(cap + 1, 8), Err(Error::OutOfMemory { .. })));
+        assert!(matches!(s.allocate(usize::MAX - 4096, 8), Err(Error::InvalidSize { .. } | Error::OutOfMemory { .. })));
         let a = s.allocate(cap / 2, 8).unwrap();
         s.free(a).unwrap();
         assert_eq!(s.stats().bytes_reserved, 0);

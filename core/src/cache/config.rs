@@ -69,10 +69,7 @@ impl CacheConfig {
     /// `buckets` buckets, each holding at most `limit` bytes.
     pub const fn uniform(buckets: usize, limit: usize) -> Result<Self> {
         if buckets == 0 || buckets > MAX_BUCKETS {
-            return Err(Error::InvalidSize {
-                size: buckets as u64,
-                reason: "a thread cache has 1 to 17 buckets",
-            });
+            return Err(Error::InvalidSize { size: buckets as u64, reason: "a thread cache has 1 to 17 buckets" });
         }
         let mut limits = [0; MAX_BUCKETS];
         let mut i = 0;
@@ -80,10 +77,7 @@ impl CacheConfig {
             limits[i] = limit;
             i += 1;
         }
-        Ok(CacheConfig {
-            buckets: buckets as u8,
-            limits,
-        })
+        Ok(CacheConfig { buckets: buckets as u8, limits })
     }
 
     /// One bucket per entry of `limits`, with those byte limits.
@@ -96,10 +90,7 @@ impl CacheConfig {
     /// The same configuration with bucket `bucket`'s limit set to `limit` bytes.
     pub fn with_bucket_limit(mut self, bucket: usize, limit: usize) -> Result<Self> {
         if bucket >= self.bucket_count() {
-            return Err(Error::InvalidSize {
-                size: bucket as u64,
-                reason: "no such bucket in this configuration",
-            });
+            return Err(Error::InvalidSize { size: bucket as u64, reason: "no such bucket in this configuration" });
         }
         self.limits[bucket] = limit;
         Ok(self)
@@ -107,10 +98,7 @@ impl CacheConfig {
 
     /// A cache that holds nothing: every free goes straight upstream.
     pub const fn disabled() -> Self {
-        CacheConfig {
-            buckets: 1,
-            limits: [0; MAX_BUCKETS],
-        }
+        CacheConfig { buckets: 1, limits: [0; MAX_BUCKETS] }
     }
 
     /// How many buckets the cache has.
@@ -170,10 +158,7 @@ pub fn configure_role(role: ThreadRole, config: CacheConfig) -> Result<()> {
         } else if let Some(free) = table.iter_mut().find(|e| e.is_none()) {
             *free = Some((role, config));
         } else {
-            return Err(Error::OutOfMemory {
-                requested: 1,
-                available: 0,
-            });
+            return Err(Error::OutOfMemory { requested: 1, available: 0 });
         }
     }
     super::tls::reapply_role_config(role);
@@ -197,16 +182,10 @@ pub(crate) fn depot_limit() -> usize {
 }
 
 const ROLE_SLOTS: usize = 16;
-static ROLES: SpinLock<[Option<(ThreadRole, CacheConfig)>; ROLE_SLOTS]> =
-    SpinLock::new([None; ROLE_SLOTS]);
+static ROLES: SpinLock<[Option<(ThreadRole, CacheConfig)>; ROLE_SLOTS]> = SpinLock::new([None; ROLE_SLOTS]);
 
 fn registered(role: ThreadRole) -> Option<CacheConfig> {
-    ROLES
-        .lock()
-        .iter()
-        .flatten()
-        .find(|(r, _)| *r == role)
-        .map(|(_, c)| *c)
+    ROLES.lock().iter().flatten().find(|(r, _)| *r == role).map(|(_, c)| *c)
 }
 
 const DEFAULT_BUCKETS: usize = 13;
@@ -286,10 +265,7 @@ const fn parse_size(s: &[u8], mut start: usize, mut end: usize) -> Option<usize>
 /// Parses a comma-separated list of sizes, at most one per bucket.
 const fn parse_limits(s: &str) -> Option<LimitList> {
     let s = s.as_bytes();
-    let mut list = LimitList {
-        len: 0,
-        values: [0; MAX_BUCKETS],
-    };
+    let mut list = LimitList { len: 0, values: [0; MAX_BUCKETS] };
     let mut start = 0;
     let mut i = 0;
     while i <= s.len() {
@@ -346,7 +322,9 @@ const fn build_limits(v: Option<&str>) -> Option<LimitList> {
         None => None,
         Some(s) => match parse_limits(s) {
             Some(l) => Some(l),
-            None => panic!("a HETMEM_CACHE_LIMIT*/HETMEM_FRAME_LIMIT variable set at build time is not a size or list of sizes"),
+            None => panic!(
+                "a HETMEM_CACHE_LIMIT*/HETMEM_FRAME_LIMIT variable set at build time is not a size or list of sizes"
+            ),
         },
     }
 }
@@ -356,9 +334,7 @@ const fn build_count(v: Option<&str>) -> Option<usize> {
         None => None,
         Some(s) => match parse_buckets(s) {
             Some(n) => Some(n),
-            None => panic!(
-                "HETMEM_CACHE_BUCKETS/HETMEM_FRAME_BUCKETS set at build time must be 1 to 17"
-            ),
+            None => panic!("HETMEM_CACHE_BUCKETS/HETMEM_FRAME_BUCKETS set at build time must be 1 to 17"),
         },
     }
 }
@@ -382,10 +358,7 @@ const BUILD: Defaults = Defaults {
 };
 
 fn invalid_var(name: &'static str) -> Error {
-    Error::InvalidSize {
-        size: 0,
-        reason: name,
-    }
+    Error::InvalidSize { size: 0, reason: name }
 }
 
 impl Defaults {
@@ -436,11 +409,7 @@ impl Defaults {
             all: self.all.or(weaker.all),
             main: self.main.or(self.all).or(weaker.main).or(weaker.all),
             worker: self.worker.or(self.all).or(weaker.worker).or(weaker.all),
-            scheduler: self
-                .scheduler
-                .or(self.all)
-                .or(weaker.scheduler)
-                .or(weaker.all),
+            scheduler: self.scheduler.or(self.all).or(weaker.scheduler).or(weaker.all),
             depot: self.depot.or(weaker.depot),
             frame_buckets: self.frame_buckets.or(weaker.frame_buckets),
             frame: self.frame.or(weaker.frame),
@@ -464,8 +433,7 @@ impl Defaults {
 }
 
 fn config_from(buckets: usize, list: Option<LimitList>, fallback: usize) -> CacheConfig {
-    let mut config = CacheConfig::uniform(buckets.clamp(1, MAX_BUCKETS), fallback)
-        .unwrap_or(CacheConfig::disabled());
+    let mut config = CacheConfig::uniform(buckets.clamp(1, MAX_BUCKETS), fallback).unwrap_or(CacheConfig::disabled());
     if let Some(list) = list {
         let n = config.bucket_count();
         for (b, limit) in config.limits[..n].iter_mut().enumerate() {
@@ -494,12 +462,7 @@ fn defaults() -> Defaults {
 
 #[cold]
 fn load_env() {
-    match ENV_STATE.compare_exchange(
-        ENV_UNREAD,
-        ENV_READING,
-        Ordering::Acquire,
-        Ordering::Acquire,
-    ) {
+    match ENV_STATE.compare_exchange(ENV_UNREAD, ENV_READING, Ordering::Acquire, Ordering::Acquire) {
         Ok(_) => {
             let (env, err) = Defaults::from_env_lenient();
             *EFFECTIVE.lock() = env.over(&BUILD);
@@ -537,10 +500,7 @@ mod tests {
     #[test]
     fn limit_lists_repeat_their_last_value() {
         let l = parse_limits("1K,2K,4K").unwrap();
-        assert_eq!(
-            (l.get(0), l.get(1), l.get(2), l.get(9)),
-            (1024, 2048, 4096, 4096)
-        );
+        assert_eq!((l.get(0), l.get(1), l.get(2), l.get(9)), (1024, 2048, 4096, 4096));
         assert!(parse_limits("1K,,2K").is_none());
         assert!(parse_limits(&["1"; 18].join(",")).is_none());
         let c = config_from(4, Some(l), 7);
@@ -550,10 +510,7 @@ mod tests {
 
     #[test]
     fn bad_configurations_are_errors() {
-        assert!(matches!(
-            CacheConfig::uniform(0, 1),
-            Err(Error::InvalidSize { .. })
-        ));
+        assert!(matches!(CacheConfig::uniform(0, 1), Err(Error::InvalidSize { .. })));
         assert!(CacheConfig::uniform(18, 1).is_err());
         assert!(CacheConfig::from_limits(&[]).is_err());
         let c = CacheConfig::from_limits(&[10, 20]).unwrap();
@@ -569,20 +526,9 @@ mod tests {
         assert_eq!(d.role_config(ThreadRole::Worker).limit(0), 128 << 10);
         assert_eq!(d.role_config(ThreadRole::Scheduler).limit(12), 1 << 20);
         assert_eq!(d.role_config(ThreadRole::Custom(3)).limit(0), 128 << 10);
-        assert_eq!(
-            d.role_config(ThreadRole::Main).bucket_count(),
-            DEFAULT_BUCKETS
-        );
-        let runtime = Defaults {
-            main: parse_limits("8K"),
-            buckets: Some(3),
-            ..Default::default()
-        };
-        let build = Defaults {
-            all: parse_limits("4K"),
-            main: parse_limits("2K"),
-            ..Default::default()
-        };
+        assert_eq!(d.role_config(ThreadRole::Main).bucket_count(), DEFAULT_BUCKETS);
+        let runtime = Defaults { main: parse_limits("8K"), buckets: Some(3), ..Default::default() };
+        let build = Defaults { all: parse_limits("4K"), main: parse_limits("2K"), ..Default::default() };
         let merged = runtime.over(&build);
         assert_eq!(merged.role_config(ThreadRole::Main).limit(2), 8 << 10);
         assert_eq!(merged.role_config(ThreadRole::Worker).limit(0), 4 << 10);

@@ -59,12 +59,7 @@ impl Depot {
     /// An empty depot that holds at most `limit` bytes.
     pub const fn new(limit: usize) -> Self {
         Depot {
-            classes: [const {
-                SpinLock::new(ClassBatches {
-                    head: ptr::null_mut(),
-                    batches: 0,
-                })
-            }; MAX_BUCKETS],
+            classes: [const { SpinLock::new(ClassBatches { head: ptr::null_mut(), batches: 0 }) }; MAX_BUCKETS],
             bytes: AtomicUsize::new(0),
             limit: AtomicUsize::new(limit),
             counters: Counters::new(),
@@ -84,8 +79,7 @@ impl Depot {
     /// Hits (batches handed out), misses (requests that found none), bytes held and bytes
     /// released upstream.
     pub fn stats(&self) -> CacheStats {
-        self.counters
-            .snapshot(self.bytes.load(Ordering::Relaxed) as u64)
+        self.counters.snapshot(self.bytes.load(Ordering::Relaxed) as u64)
     }
 
     /// Takes a batch of `batch_len(class)` blocks if the limit allows.
@@ -98,9 +92,7 @@ impl Depot {
         let limit = self.limit.load(Ordering::Relaxed);
         let reserved = self
             .bytes
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
-                held.checked_add(bytes).filter(|&b| b <= limit)
-            });
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| held.checked_add(bytes).filter(|&b| b <= limit));
         if reserved.is_err() {
             return false;
         }
@@ -126,8 +118,7 @@ impl Depot {
         };
         match head {
             Some(h) => {
-                self.bytes
-                    .fetch_sub(batch_len(class) * block_size(class), Ordering::Relaxed);
+                self.bytes.fetch_sub(batch_len(class) * block_size(class), Ordering::Relaxed);
                 self.counters.hits.add_shared(1);
                 Some(h)
             }
@@ -157,9 +148,7 @@ impl Depot {
                     // SAFETY: as above; read the link before the block goes away.
                     let next = unsafe { link(block, 0) };
                     // SAFETY: every block came from `upstream` as a whole block of this class.
-                    unsafe {
-                        upstream.deallocate(NonNull::new_unchecked(block), size, BLOCK_ALIGN)
-                    };
+                    unsafe { upstream.deallocate(NonNull::new_unchecked(block), size, BLOCK_ALIGN) };
                     self.bytes.fetch_sub(size, Ordering::Relaxed);
                     self.counters.bytes_returned.add_shared(size as u64);
                     block = next;
@@ -208,9 +197,5 @@ impl Depot {
 }
 
 fn corrupt(class: usize, detail: &'static str) -> Error {
-    Error::Corrupt {
-        structure: "cache depot",
-        offset: class as u64,
-        detail,
-    }
+    Error::Corrupt { structure: "cache depot", offset: class as u64, detail }
 }

@@ -43,17 +43,13 @@ pub struct HetAlloc {
 impl HetAlloc {
     /// Caches over the system allocator.
     pub const fn new() -> Self {
-        HetAlloc {
-            slot: SlotRef::fixed(SLOT_SYSTEM, Tier::Alloc, Upstream::System),
-        }
+        HetAlloc { slot: SlotRef::fixed(SLOT_SYSTEM, Tier::Alloc, Upstream::System) }
     }
 
     /// Caches over `resource`, which must be host-accessible (device memory passes straight
     /// through uncached).
     pub const fn with_resource(resource: &'static dyn MemoryResource) -> Self {
-        HetAlloc {
-            slot: SlotRef::lazy(Tier::Alloc, Upstream::Resource(resource)),
-        }
+        HetAlloc { slot: SlotRef::lazy(Tier::Alloc, Upstream::Resource(resource)) }
     }
 
     /// The upstream.
@@ -115,17 +111,13 @@ impl Default for HetAlloc {
 
 impl Clone for HetAlloc {
     fn clone(&self) -> Self {
-        HetAlloc {
-            slot: self.slot.clone(),
-        }
+        HetAlloc { slot: self.slot.clone() }
     }
 }
 
 impl fmt::Debug for HetAlloc {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HetAlloc")
-            .field("upstream", &self.slot.upstream())
-            .finish()
+        f.debug_struct("HetAlloc").field("upstream", &self.slot.upstream()).finish()
     }
 }
 
@@ -150,10 +142,7 @@ unsafe impl GlobalAlloc for HetAlloc {
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: `GlobalAlloc`'s contract.
-        unsafe {
-            self.slot
-                .realloc(NonNull::new_unchecked(ptr), layout, new_size)
-        }
+        unsafe { self.slot.realloc(NonNull::new_unchecked(ptr), layout, new_size) }
     }
 }
 
@@ -191,22 +180,12 @@ unsafe impl Allocator for HetAlloc {
         }
     }
 
-    unsafe fn grow(
-        &self,
-        ptr: NonNull<u8>,
-        old: Layout,
-        new: Layout,
-    ) -> Result<NonNull<[u8]>, AllocError> {
+    unsafe fn grow(&self, ptr: NonNull<u8>, old: Layout, new: Layout) -> Result<NonNull<[u8]>, AllocError> {
         // SAFETY: `Allocator`'s contract for `grow`.
         unsafe { self.resize(ptr, old, new) }
     }
 
-    unsafe fn shrink(
-        &self,
-        ptr: NonNull<u8>,
-        old: Layout,
-        new: Layout,
-    ) -> Result<NonNull<[u8]>, AllocError> {
+    unsafe fn shrink(&self, ptr: NonNull<u8>, old: Layout, new: Layout) -> Result<NonNull<[u8]>, AllocError> {
         // SAFETY: `Allocator`'s contract for `shrink`.
         unsafe { self.resize(ptr, old, new) }
     }
@@ -217,21 +196,12 @@ impl HetAlloc {
     ///
     /// # Safety
     /// `Allocator::grow`'s contract.
-    unsafe fn resize(
-        &self,
-        ptr: NonNull<u8>,
-        old: Layout,
-        new: Layout,
-    ) -> Result<NonNull<[u8]>, AllocError> {
+    unsafe fn resize(&self, ptr: NonNull<u8>, old: Layout, new: Layout) -> Result<NonNull<[u8]>, AllocError> {
         if old.size() == 0 || new.size() == 0 || old.align() != new.align() {
             let fresh = self.allocate(new)?;
             // SAFETY: distinct blocks; `min` bytes are valid in both.
             unsafe {
-                core::ptr::copy_nonoverlapping(
-                    ptr.as_ptr(),
-                    fresh.cast::<u8>().as_ptr(),
-                    old.size().min(new.size()),
-                );
+                core::ptr::copy_nonoverlapping(ptr.as_ptr(), fresh.cast::<u8>().as_ptr(), old.size().min(new.size()));
                 self.deallocate(ptr, old);
             }
             return Ok(fresh);
@@ -253,11 +223,7 @@ mod tests {
 
     /// One counting upstream for every test here (threads share caches per upstream), used by
     /// one test at a time.
-    fn counted() -> (
-        &'static CountingResource,
-        HetAlloc,
-        std::sync::MutexGuard<'static, ()>,
-    ) {
+    fn counted() -> (&'static CountingResource, HetAlloc, std::sync::MutexGuard<'static, ()>) {
         static RES: OnceLock<&'static CountingResource> = OnceLock::new();
         static SERIAL: Mutex<()> = Mutex::new(());
         let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -332,11 +298,7 @@ mod tests {
             }
         }
         settle(&a);
-        assert_eq!(
-            res.live_blocks(),
-            before,
-            "every block came back to the upstream exactly once"
-        );
+        assert_eq!(res.live_blocks(), before, "every block came back to the upstream exactly once");
         let s = a.stats();
         assert!(s.hits > 0 && s.bytes_returned > 0, "{s:?}");
     }
@@ -411,14 +373,10 @@ mod tests {
         settle(&a);
         let before = res.live_blocks();
         {
-            let mut v: allocator_api2::vec::Vec<u64, HetAlloc> =
-                allocator_api2::vec::Vec::new_in(a.clone());
+            let mut v: allocator_api2::vec::Vec<u64, HetAlloc> = allocator_api2::vec::Vec::new_in(a.clone());
             v.extend(0..10_000u64);
             assert_eq!(v.iter().sum::<u64>(), 49_995_000);
-            let mut m = hashbrown::HashMap::with_hasher_in(
-                std::collections::hash_map::RandomState::new(),
-                a.clone(),
-            );
+            let mut m = hashbrown::HashMap::with_hasher_in(std::collections::hash_map::RandomState::new(), a.clone());
             for i in 0..5000u32 {
                 m.insert(i, i * 2);
             }
@@ -440,10 +398,7 @@ mod tests {
             assert_eq!(thread_config(), CacheConfig::for_role(ThreadRole::Worker));
             set_thread_role(ThreadRole::Scheduler);
             assert_eq!(thread_role(), ThreadRole::Scheduler);
-            assert_eq!(
-                thread_config(),
-                CacheConfig::for_role(ThreadRole::Scheduler)
-            );
+            assert_eq!(thread_config(), CacheConfig::for_role(ThreadRole::Scheduler));
         })
         .join()
         .unwrap();
@@ -463,10 +418,7 @@ mod tests {
             }
             let class = crate::cache::class_of(layout).unwrap();
             assert_eq!(a.thread_stats().bytes_cached, 16 * 4096);
-            let tight = CacheConfig::uniform(13, 0)
-                .unwrap()
-                .with_bucket_limit(class, 2 * 4096)
-                .unwrap();
+            let tight = CacheConfig::uniform(13, 0).unwrap().with_bucket_limit(class, 2 * 4096).unwrap();
             configure_role(role, tight).unwrap();
             assert_eq!(thread_config(), tight);
             assert_eq!(a.thread_stats().bytes_cached, 2 * 4096, "trimmed at once");

@@ -54,16 +54,8 @@ unsafe impl Send for FreeList {}
 impl<T> PoolAllocator<T> {
     /// The layout of every pooled block: `T`'s, widened to hold a link.
     pub const BLOCK: Layout = {
-        let size = if size_of::<T>() > size_of::<*mut u8>() {
-            size_of::<T>()
-        } else {
-            size_of::<*mut u8>()
-        };
-        let align = if align_of::<T>() > align_of::<*mut u8>() {
-            align_of::<T>()
-        } else {
-            align_of::<*mut u8>()
-        };
+        let size = if size_of::<T>() > size_of::<*mut u8>() { size_of::<T>() } else { size_of::<*mut u8>() };
+        let align = if align_of::<T>() > align_of::<*mut u8>() { align_of::<T>() } else { align_of::<*mut u8>() };
         // `size_of::<T>()` is already a multiple of `align_of::<T>()`; only the widening to a
         // pointer can need padding.
         let padded = (size + align - 1) & !(align - 1);
@@ -82,11 +74,7 @@ impl<T> PoolAllocator<T> {
     /// host-accessible (the pool writes links into free blocks); see [`Self::allocate`].
     pub const fn with_upstream(limit: usize, upstream: Upstream) -> Self {
         PoolAllocator {
-            free: SpinLock::new(FreeList {
-                head: ptr::null_mut(),
-                len: 0,
-                limit,
-            }),
+            free: SpinLock::new(FreeList { head: ptr::null_mut(), len: 0, limit }),
             upstream,
             counters: Counters::new(),
             _marker: PhantomData,
@@ -116,17 +104,12 @@ impl<T> PoolAllocator<T> {
 
     fn allocate_upstream(&self) -> Result<NonNull<u8>> {
         if !self.upstream.host_accessible() {
-            return Err(Error::Unsupported(
-                "a pool needs an upstream whose memory the CPU can write",
-            ));
+            return Err(Error::Unsupported("a pool needs an upstream whose memory the CPU can write"));
         }
         self.counters.upstream_allocations.add_shared(1);
         self.upstream
             .allocate(Self::BLOCK.size(), Self::BLOCK.align())
-            .ok_or(Error::OutOfMemory {
-                requested: Self::BLOCK.size() as u64,
-                available: 0,
-            })
+            .ok_or(Error::OutOfMemory { requested: Self::BLOCK.size() as u64, available: 0 })
     }
 
     /// Takes back a block: cached if under the limit, else freed upstream.
@@ -155,14 +138,9 @@ impl<T> PoolAllocator<T> {
     /// # Safety
     /// `block` came from the upstream with `BLOCK` and is not used again.
     unsafe fn free_upstream(&self, block: NonNull<u8>) {
-        self.counters
-            .bytes_returned
-            .add_shared(Self::BLOCK.size() as u64);
+        self.counters.bytes_returned.add_shared(Self::BLOCK.size() as u64);
         // SAFETY: the caller's contract.
-        unsafe {
-            self.upstream
-                .deallocate(block, Self::BLOCK.size(), Self::BLOCK.align())
-        }
+        unsafe { self.upstream.deallocate(block, Self::BLOCK.size(), Self::BLOCK.align()) }
     }
 
     /// Fills the cache with new blocks until it holds `min(n, limit)`, so that many allocations
@@ -230,11 +208,7 @@ impl<T> PoolAllocator<T> {
     /// Walks the free list: as long as counted, within the limit, aligned, no cycle.
     pub fn check(&self) -> Result<()> {
         let free = self.free.lock();
-        let corrupt = |detail| Error::Corrupt {
-            structure: "pool allocator",
-            offset: 0,
-            detail,
-        };
+        let corrupt = |detail| Error::Corrupt { structure: "pool allocator", offset: 0, detail };
         if free.len > free.limit {
             return Err(corrupt("more blocks cached than the limit"));
         }
@@ -259,9 +233,7 @@ impl<T> PoolAllocator<T> {
 
     /// Whether an `Allocator` request of `layout` is served by the pool.
     fn pooled(layout: Layout) -> bool {
-        layout.size() != 0
-            && layout.size() <= Self::BLOCK.size()
-            && layout.align() <= Self::BLOCK.align()
+        layout.size() != 0 && layout.size() <= Self::BLOCK.size() && layout.align() <= Self::BLOCK.align()
     }
 }
 
@@ -293,17 +265,13 @@ unsafe impl<T> Allocator for PoolAllocator<T> {
             return Ok(NonNull::slice_from_raw_parts(p, 0));
         }
         let p = if Self::pooled(layout) {
-            PoolAllocator::allocate(self)
-                .map_err(|_| AllocError)?
-                .cast()
+            PoolAllocator::allocate(self).map_err(|_| AllocError)?.cast()
         } else {
             if !self.upstream.host_accessible() {
                 return Err(AllocError);
             }
             self.counters.upstream_allocations.add_shared(1);
-            self.upstream
-                .allocate(layout.size(), layout.align())
-                .ok_or(AllocError)?
+            self.upstream.allocate(layout.size(), layout.align()).ok_or(AllocError)?
         };
         Ok(NonNull::slice_from_raw_parts(p, layout.size()))
     }
@@ -398,13 +366,7 @@ mod tests {
         for round in 0..3u64 {
             let mut head: Option<Box<Node<'_>, _>> = None;
             for i in 0..500 {
-                head = Some(Box::new_in(
-                    Node {
-                        value: i + round,
-                        next: head,
-                    },
-                    &pool,
-                ));
+                head = Some(Box::new_in(Node { value: i + round, next: head }, &pool));
             }
             let mut sum = 0;
             let mut cur = head.as_deref();
@@ -418,18 +380,10 @@ mod tests {
                 head = n.next.take();
             }
         }
-        assert_eq!(
-            res.allocations(),
-            500,
-            "rounds after the first reuse every node"
-        );
+        assert_eq!(res.allocations(), 500, "rounds after the first reuse every node");
         // Requests of another size pass through.
-        let mut v: allocator_api2::vec::Vec<Node<'_>, _> =
-            allocator_api2::vec::Vec::with_capacity_in(10, &pool);
-        v.push(Node {
-            value: 1,
-            next: None,
-        });
+        let mut v: allocator_api2::vec::Vec<Node<'_>, _> = allocator_api2::vec::Vec::with_capacity_in(10, &pool);
+        v.push(Node { value: 1, next: None });
         assert_eq!(res.allocations(), 501);
         drop(v);
         drop(pool);

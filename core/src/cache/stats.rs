@@ -80,12 +80,7 @@ impl Counters {
 
     /// Zeroes the counters (owner only).
     pub(crate) fn reset(&self) {
-        for c in [
-            &self.hits,
-            &self.misses,
-            &self.bytes_returned,
-            &self.upstream_allocations,
-        ] {
+        for c in [&self.hits, &self.misses, &self.bytes_returned, &self.upstream_allocations] {
             c.0.store(0, Ordering::Relaxed);
         }
     }
@@ -105,10 +100,7 @@ impl Counter {
     /// Adds `n`; only the owning thread may call this.
     #[inline(always)]
     pub(crate) fn add_owned(&self, n: u64) {
-        self.0.store(
-            self.0.load(Ordering::Relaxed).wrapping_add(n),
-            Ordering::Relaxed,
-        );
+        self.0.store(self.0.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
     }
 
     /// Adds `n` from any thread.

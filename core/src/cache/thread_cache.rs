@@ -28,11 +28,7 @@ struct Bucket {
 
 impl Bucket {
     const fn empty() -> Bucket {
-        Bucket {
-            head: Cell::new(ptr::null_mut()),
-            bytes: AtomicUsize::new(0),
-            limit: Cell::new(0),
-        }
+        Bucket { head: Cell::new(ptr::null_mut()), bytes: AtomicUsize::new(0), limit: Cell::new(0) }
     }
 
     #[inline(always)]
@@ -83,13 +79,7 @@ impl Chains {
                 // SAFETY: the caller's contract; the link is read before the block goes.
                 let next = unsafe { link(block, 0) };
                 // SAFETY: as above.
-                unsafe {
-                    upstream.deallocate(
-                        NonNull::new_unchecked(block),
-                        block_size(class),
-                        BLOCK_ALIGN,
-                    )
-                };
+                unsafe { upstream.deallocate(NonNull::new_unchecked(block), block_size(class), BLOCK_ALIGN) };
                 bytes += block_size(class) as u64;
                 block = next;
             }
@@ -106,23 +96,13 @@ impl ThreadCache {
 
     /// A cache with `config`'s limits over `upstream` that exchanges batches with `depot`. All
     /// caches sharing a depot must share the upstream.
-    pub fn with_depot(
-        config: &CacheConfig,
-        upstream: Upstream,
-        depot: &'static Depot,
-    ) -> Result<Self> {
+    pub fn with_depot(config: &CacheConfig, upstream: Upstream, depot: &'static Depot) -> Result<Self> {
         Self::build(config, upstream, Some(depot))
     }
 
-    fn build(
-        config: &CacheConfig,
-        upstream: Upstream,
-        depot: Option<&'static Depot>,
-    ) -> Result<Self> {
+    fn build(config: &CacheConfig, upstream: Upstream, depot: Option<&'static Depot>) -> Result<Self> {
         if !upstream.host_accessible() {
-            return Err(Error::Unsupported(
-                "a thread cache needs an upstream whose memory the CPU can write",
-            ));
+            return Err(Error::Unsupported("a thread cache needs an upstream whose memory the CPU can write"));
         }
         let cache = Self::unready(upstream, depot);
         cache.apply(config);
@@ -332,20 +312,12 @@ impl ThreadCache {
         self.allocate_upstream(layout.size(), layout.align(), layout.size())
     }
 
-    fn allocate_upstream(
-        &mut self,
-        size: usize,
-        align: usize,
-        requested: usize,
-    ) -> Result<NonNull<u8>> {
+    fn allocate_upstream(&mut self, size: usize, align: usize, requested: usize) -> Result<NonNull<u8>> {
         self.counters.upstream_allocations.add_owned(1);
         self.upstream
             .get()
             .allocate(size, align)
-            .ok_or(Error::OutOfMemory {
-                requested: requested as u64,
-                available: 0,
-            })
+            .ok_or(Error::OutOfMemory { requested: requested as u64, available: 0 })
     }
 
     /// Takes back a block from [`Self::allocate`].
@@ -359,24 +331,14 @@ impl ThreadCache {
             if unsafe { self.push(class, ptr) || self.spill(class, ptr) } {
                 return;
             }
-            self.counters
-                .bytes_returned
-                .add_owned(block_size(class) as u64);
+            self.counters.bytes_returned.add_owned(block_size(class) as u64);
             // SAFETY: a whole block of this class from this upstream.
-            unsafe {
-                self.upstream
-                    .get()
-                    .deallocate(ptr, block_size(class), BLOCK_ALIGN)
-            };
+            unsafe { self.upstream.get().deallocate(ptr, block_size(class), BLOCK_ALIGN) };
             return;
         }
         self.counters.bytes_returned.add_owned(layout.size() as u64);
         // SAFETY: passed through with exactly this layout.
-        unsafe {
-            self.upstream
-                .get()
-                .deallocate(ptr, layout.size(), layout.align())
-        };
+        unsafe { self.upstream.get().deallocate(ptr, layout.size(), layout.align()) };
     }
 
     /// New limits; blocks over them go upstream now.
@@ -413,10 +375,7 @@ impl ThreadCache {
             let mut block = bucket.head.get();
             while !block.is_null() {
                 if n == expected {
-                    return Err(corrupt(
-                        class,
-                        "list longer than its byte count (or a cycle)",
-                    ));
+                    return Err(corrupt(class, "list longer than its byte count (or a cycle)"));
                 }
                 if block as usize % BLOCK_ALIGN != 0 {
                     return Err(corrupt(class, "misaligned block on a free list"));
@@ -440,11 +399,7 @@ impl Drop for ThreadCache {
 }
 
 fn corrupt(class: usize, detail: &'static str) -> Error {
-    Error::Corrupt {
-        structure: "thread cache",
-        offset: class as u64,
-        detail,
-    }
+    Error::Corrupt { structure: "thread cache", offset: class as u64, detail }
 }
 
 #[cfg(test)]
@@ -474,10 +429,7 @@ mod tests {
         assert_eq!(cache.bucket_bytes(2), 4 * 64);
         assert_eq!(res.deallocations(), 2);
         let again = cache.allocate(l).unwrap();
-        assert_eq!(
-            again, blocks[3],
-            "the last block cached is the first reused"
-        );
+        assert_eq!(again, blocks[3], "the last block cached is the first reused");
         let s = cache.stats();
         assert_eq!((s.hits, s.misses, s.upstream_allocations), (1, 6, 6));
         assert_eq!(s.bytes_returned, 2 * 64);
@@ -491,19 +443,11 @@ mod tests {
     #[test]
     fn large_and_over_aligned_requests_pass_through() {
         let res = CountingResource::leak();
-        let mut cache = ThreadCache::new(
-            &CacheConfig::uniform(17, 1 << 30).unwrap(),
-            Upstream::Resource(res),
-        )
-        .unwrap();
+        let mut cache = ThreadCache::new(&CacheConfig::uniform(17, 1 << 30).unwrap(), Upstream::Resource(res)).unwrap();
         for l in [layout(MAX_BLOCK + 1, 8), layout(64, 64), layout(100, 4096)] {
             let p = cache.allocate(l).unwrap();
             assert_eq!(p.as_ptr() as usize % l.align(), 0);
-            assert_eq!(
-                res.live_bytes(),
-                l.size(),
-                "passed through with its own size"
-            );
+            assert_eq!(res.live_bytes(), l.size(), "passed through with its own size");
             // SAFETY: from `allocate(l)`.
             unsafe { cache.deallocate(p, l) };
             assert_eq!(cache.bytes_cached(), 0);
@@ -514,20 +458,10 @@ mod tests {
     #[test]
     fn bad_requests_are_errors_and_out_of_memory_leaves_it_usable() {
         let res = CountingResource::leak();
-        let mut cache = ThreadCache::new(
-            &CacheConfig::uniform(4, 1024).unwrap(),
-            Upstream::Resource(res),
-        )
-        .unwrap();
-        assert!(matches!(
-            cache.allocate(layout(0, 8)),
-            Err(Error::InvalidSize { .. })
-        ));
+        let mut cache = ThreadCache::new(&CacheConfig::uniform(4, 1024).unwrap(), Upstream::Resource(res)).unwrap();
+        assert!(matches!(cache.allocate(layout(0, 8)), Err(Error::InvalidSize { .. })));
         res.set_failing(true);
-        assert!(matches!(
-            cache.allocate(layout(32, 8)),
-            Err(Error::OutOfMemory { requested: 32, .. })
-        ));
+        assert!(matches!(cache.allocate(layout(32, 8)), Err(Error::OutOfMemory { requested: 32, .. })));
         res.set_failing(false);
         let p = cache.allocate(layout(32, 8)).unwrap();
         // SAFETY: from `allocate`.
@@ -538,11 +472,7 @@ mod tests {
     #[test]
     fn lowering_the_limits_trims_and_flush_empties() {
         let res = CountingResource::leak();
-        let mut cache = ThreadCache::new(
-            &CacheConfig::uniform(13, 1 << 20).unwrap(),
-            Upstream::Resource(res),
-        )
-        .unwrap();
+        let mut cache = ThreadCache::new(&CacheConfig::uniform(13, 1 << 20).unwrap(), Upstream::Resource(res)).unwrap();
         let l = layout(4096, 16);
         let blocks: Vec<_> = (0..10).map(|_| cache.allocate(l).unwrap()).collect();
         for b in blocks {
@@ -618,22 +548,10 @@ mod tests {
 
     #[derive(Debug, Clone)]
     enum Op {
-        Alloc {
-            cache: usize,
-            size: usize,
-            align_shift: u32,
-        },
-        Free {
-            cache: usize,
-            pick: usize,
-        },
-        Limits {
-            cache: usize,
-            limits: Vec<usize>,
-        },
-        Flush {
-            cache: usize,
-        },
+        Alloc { cache: usize, size: usize, align_shift: u32 },
+        Free { cache: usize, pick: usize },
+        Limits { cache: usize, limits: Vec<usize> },
+        Flush { cache: usize },
     }
 
     fn op() -> impl Strategy<Value = Op> {

@@ -55,24 +55,15 @@ struct SlotOwner {
 
 static OWNERS: SpinLock<[Option<SlotOwner>; SLOTS]> = SpinLock::new({
     let mut owners = [None; SLOTS];
-    owners[SLOT_SYSTEM as usize] = Some(SlotOwner {
-        tier: Tier::Alloc,
-        upstream: Upstream::System,
-    });
-    owners[SLOT_FRAMES as usize] = Some(SlotOwner {
-        tier: Tier::Frames,
-        upstream: Upstream::Global,
-    });
+    owners[SLOT_SYSTEM as usize] = Some(SlotOwner { tier: Tier::Alloc, upstream: Upstream::System });
+    owners[SLOT_FRAMES as usize] = Some(SlotOwner { tier: Tier::Frames, upstream: Upstream::Global });
     owners
 });
 static DEPOTS: [Depot; SLOTS] = [const { Depot::new(0) }; SLOTS];
 static DEPOT_LIMITS_SET: AtomicBool = AtomicBool::new(false);
 /// Counts of exited threads and of requests that bypassed a cache (busy or exited threads).
 static RETIRED: [Counters; SLOTS] = [const { Counters::new() }; SLOTS];
-static THREADS: SpinLock<ThreadList> = SpinLock::new(ThreadList {
-    head: ptr::null(),
-    live: 0,
-});
+static THREADS: SpinLock<ThreadList> = SpinLock::new(ThreadList { head: ptr::null(), live: 0 });
 
 struct ThreadList {
     head: *const ThreadState,
@@ -105,8 +96,7 @@ impl ThreadState {
             own_config: Cell::new(None),
             frame_config: Cell::new(None),
             next: Cell::new(ptr::null()),
-            caches: [const { ManuallyDrop::new(ThreadCache::unready(Upstream::System, None)) };
-                SLOTS],
+            caches: [const { ManuallyDrop::new(ThreadCache::unready(Upstream::System, None)) }; SLOTS],
         }
     }
 }
@@ -139,31 +129,19 @@ pub(crate) struct SlotRef {
 
 impl Clone for SlotRef {
     fn clone(&self) -> Self {
-        SlotRef {
-            slot: AtomicU8::new(self.slot.load(Ordering::Relaxed)),
-            tier: self.tier,
-            upstream: self.upstream,
-        }
+        SlotRef { slot: AtomicU8::new(self.slot.load(Ordering::Relaxed)), tier: self.tier, upstream: self.upstream }
     }
 }
 
 impl SlotRef {
     /// One of the two built-in slots.
     pub(crate) const fn fixed(slot: u8, tier: Tier, upstream: Upstream) -> Self {
-        SlotRef {
-            slot: AtomicU8::new(slot),
-            tier,
-            upstream,
-        }
+        SlotRef { slot: AtomicU8::new(slot), tier, upstream }
     }
 
     /// A slot found (or claimed) on first use.
     pub(crate) const fn lazy(tier: Tier, upstream: Upstream) -> Self {
-        SlotRef {
-            slot: AtomicU8::new(SLOT_UNASSIGNED),
-            tier,
-            upstream,
-        }
+        SlotRef { slot: AtomicU8::new(SLOT_UNASSIGNED), tier, upstream }
     }
 
     pub(crate) fn upstream(&self) -> Upstream {
@@ -184,10 +162,7 @@ impl SlotRef {
 
     #[cold]
     fn assign(&self) -> usize {
-        let wanted = SlotOwner {
-            tier: self.tier,
-            upstream: self.upstream,
-        };
+        let wanted = SlotOwner { tier: self.tier, upstream: self.upstream };
         let slot = if !self.upstream.host_accessible() {
             SLOT_NONE
         } else {
@@ -249,9 +224,7 @@ impl SlotRef {
                 return p.as_ptr();
             }
         }
-        self.upstream
-            .allocate(size, BLOCK_ALIGN)
-            .map_or(ptr::null_mut(), NonNull::as_ptr)
+        self.upstream.allocate(size, BLOCK_ALIGN).map_or(ptr::null_mut(), NonNull::as_ptr)
     }
 
     #[cold]
@@ -298,9 +271,7 @@ impl SlotRef {
             return unsafe { self.dealloc_slow(slot, class, ptr) };
         }
         if let Some(slot) = self.assigned() {
-            RETIRED[slot]
-                .bytes_returned
-                .add_shared(layout.size() as u64);
+            RETIRED[slot].bytes_returned.add_shared(layout.size() as u64);
         }
         // SAFETY: passed through with exactly this layout.
         unsafe { self.upstream.deallocate(ptr, layout.size(), layout.align()) }
@@ -338,23 +309,15 @@ impl SlotRef {
     ///
     /// # Safety
     /// As for [`Self::dealloc`]; `new_size` is non-zero and valid with `layout.align()`.
-    pub(crate) unsafe fn realloc(
-        &self,
-        ptr: NonNull<u8>,
-        layout: Layout,
-        new_size: usize,
-    ) -> *mut u8 {
+    pub(crate) unsafe fn realloc(&self, ptr: NonNull<u8>, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: the caller promises `new_size` is valid with this alignment.
         let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
         match (class_of(layout), class_of(new_layout)) {
             (Some(a), Some(b)) if a == b => ptr.as_ptr(),
             (None, None) => {
                 // SAFETY: both layouts pass through untouched; the caller's contract.
-                unsafe {
-                    self.upstream
-                        .reallocate(ptr, layout.size(), layout.align(), new_size)
-                }
-                .map_or(ptr::null_mut(), NonNull::as_ptr)
+                unsafe { self.upstream.reallocate(ptr, layout.size(), layout.align(), new_size) }
+                    .map_or(ptr::null_mut(), NonNull::as_ptr)
             }
             _ => {
                 let new = self.alloc(new_layout);
@@ -466,11 +429,7 @@ fn start_thread(s: &ThreadState) -> bool {
         s.phase.set(EXITED);
         return false;
     }
-    s.role.set(if super::os::is_main_thread() {
-        ThreadRole::Main
-    } else {
-        ThreadRole::Worker
-    });
+    s.role.set(if super::os::is_main_thread() { ThreadRole::Main } else { ThreadRole::Worker });
     if !DEPOT_LIMITS_SET.swap(true, Ordering::Relaxed) {
         let limit = depot_limit();
         for d in &DEPOTS {
@@ -502,10 +461,7 @@ fn prepare_slot(s: &ThreadState, slot: usize) {
 fn config_for(s: &ThreadState, tier: Tier) -> CacheConfig {
     let phase = s.phase.replace(BUSY);
     let config = match tier {
-        Tier::Alloc => s
-            .own_config
-            .get()
-            .unwrap_or_else(|| CacheConfig::for_role(s.role.get())),
+        Tier::Alloc => s.own_config.get().unwrap_or_else(|| CacheConfig::for_role(s.role.get())),
         Tier::Frames => s.frame_config.get().unwrap_or_else(CacheConfig::for_frames),
     };
     s.phase.set(phase);

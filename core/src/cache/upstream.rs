@@ -74,18 +74,11 @@ impl Upstream {
         match self {
             Upstream::System => {
                 // SAFETY: the caller's contract; the layout was valid when allocated.
-                unsafe {
-                    System.dealloc(ptr.as_ptr(), Layout::from_size_align_unchecked(size, align))
-                }
+                unsafe { System.dealloc(ptr.as_ptr(), Layout::from_size_align_unchecked(size, align)) }
             }
             Upstream::Global => {
                 // SAFETY: as above.
-                unsafe {
-                    std::alloc::dealloc(
-                        ptr.as_ptr(),
-                        Layout::from_size_align_unchecked(size, align),
-                    )
-                }
+                unsafe { std::alloc::dealloc(ptr.as_ptr(), Layout::from_size_align_unchecked(size, align)) }
             }
             // SAFETY: the caller's contract is the resource's.
             Upstream::Resource(r) => unsafe { r.deallocate(ptr, size, align) },
@@ -107,32 +100,20 @@ impl Upstream {
             Upstream::System => {
                 // SAFETY: the caller's contract.
                 NonNull::new(unsafe {
-                    System.realloc(
-                        ptr.as_ptr(),
-                        Layout::from_size_align_unchecked(old_size, align),
-                        new_size,
-                    )
+                    System.realloc(ptr.as_ptr(), Layout::from_size_align_unchecked(old_size, align), new_size)
                 })
             }
             Upstream::Global => {
                 // SAFETY: the caller's contract.
                 NonNull::new(unsafe {
-                    std::alloc::realloc(
-                        ptr.as_ptr(),
-                        Layout::from_size_align_unchecked(old_size, align),
-                        new_size,
-                    )
+                    std::alloc::realloc(ptr.as_ptr(), Layout::from_size_align_unchecked(old_size, align), new_size)
                 })
             }
             Upstream::Resource(_) => {
                 let new = self.allocate(new_size, align)?;
                 // SAFETY: both blocks are live and distinct; each holds at least the bytes copied.
                 unsafe {
-                    core::ptr::copy_nonoverlapping(
-                        ptr.as_ptr(),
-                        new.as_ptr(),
-                        old_size.min(new_size),
-                    );
+                    core::ptr::copy_nonoverlapping(ptr.as_ptr(), new.as_ptr(), old_size.min(new_size));
                     self.deallocate(ptr, old_size, align);
                 }
                 Some(new)

@@ -3,6 +3,8 @@
 //! - [`SpinLock`]: a test-and-test-and-set lock for very short critical sections.
 //! - [`Mutex`]: records its owner (process and thread) so a lock left by a dead process can be
 //!   found; spins briefly, then yields.
+//! - [`TaggedOffsetList`]: a lock-free stack of offsets with an ABA tag, for free lists shared
+//!   by processes.
 //!
 //! All atomics come through [`atomic`], which swaps in loom's under `--cfg loom` so these
 //! algorithms are model-checked (`core/tests/loom.rs`).
@@ -10,9 +12,11 @@
 pub mod atomic;
 mod mutex;
 mod spin_lock;
+pub mod tagged_list;
 
 pub use mutex::{Mutex, MutexGuard};
 pub use spin_lock::{SpinLock, SpinLockGuard};
+pub use tagged_list::{LinkStore, TaggedOffsetList};
 
 /// Waits politely inside a lock's retry loop: lets another thread run where there is a
 /// scheduler, and hints the CPU otherwise.

@@ -27,19 +27,13 @@ impl<T> Mutex<T> {
     /// A free mutex guarding `value`.
     #[cfg(not(loom))]
     pub const fn new(value: T) -> Self {
-        Mutex {
-            owner: AtomicU64::new(FREE),
-            data: UnsafeCell::new(value),
-        }
+        Mutex { owner: AtomicU64::new(FREE), data: UnsafeCell::new(value) }
     }
 
     /// A free mutex guarding `value`.
     #[cfg(loom)]
     pub fn new(value: T) -> Self {
-        Mutex {
-            owner: AtomicU64::new(FREE),
-            data: UnsafeCell::new(value),
-        }
+        Mutex { owner: AtomicU64::new(FREE), data: UnsafeCell::new(value) }
     }
 
     /// Takes the mutex, waiting as long as it takes.
@@ -87,12 +81,7 @@ impl<T> Mutex<T> {
             return None;
         }
         self.owner
-            .compare_exchange(
-                dead_owner,
-                owner_token(),
-                Ordering::Acquire,
-                Ordering::Relaxed,
-            )
+            .compare_exchange(dead_owner, owner_token(), Ordering::Acquire, Ordering::Relaxed)
             .ok()
             .map(|_| MutexGuard { mutex: self })
     }

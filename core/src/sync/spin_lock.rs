@@ -28,19 +28,13 @@ impl<T> SpinLock<T> {
     /// A free lock guarding `value`.
     #[cfg(not(loom))]
     pub const fn new(value: T) -> Self {
-        SpinLock {
-            state: AtomicU32::new(UNLOCKED),
-            data: UnsafeCell::new(value),
-        }
+        SpinLock { state: AtomicU32::new(UNLOCKED), data: UnsafeCell::new(value) }
     }
 
     /// A free lock guarding `value`.
     #[cfg(loom)]
     pub fn new(value: T) -> Self {
-        SpinLock {
-            state: AtomicU32::new(UNLOCKED),
-            data: UnsafeCell::new(value),
-        }
+        SpinLock { state: AtomicU32::new(UNLOCKED), data: UnsafeCell::new(value) }
     }
 
     /// Takes the lock, spinning until it is free.

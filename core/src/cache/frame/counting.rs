@@ -66,8 +66,7 @@ impl<A> CountingAllocator<A> {
         self.allocations.store(0, Ordering::Relaxed);
         self.deallocations.store(0, Ordering::Relaxed);
         self.bytes_allocated.store(0, Ordering::Relaxed);
-        self.peak_bytes
-            .store(self.live_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.peak_bytes.store(self.live_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 }
 
@@ -75,8 +74,7 @@ impl<A: FrameAllocator> FrameAllocator for CountingAllocator<A> {
     fn allocate(&self, size: usize) -> Result<NonNull<u8>> {
         let p = self.inner.allocate(size)?;
         self.allocations.fetch_add(1, Ordering::Relaxed);
-        self.bytes_allocated
-            .fetch_add(size as u64, Ordering::Relaxed);
+        self.bytes_allocated.fetch_add(size as u64, Ordering::Relaxed);
         let live = self.live_bytes.fetch_add(size as u64, Ordering::Relaxed) + size as u64;
         self.peak_bytes.fetch_max(live, Ordering::Relaxed);
         Ok(p)

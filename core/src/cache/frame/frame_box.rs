@@ -10,15 +10,12 @@ use core::pin::Pin;
 use core::ptr::{self, NonNull};
 use core::task::{Context, Poll};
 
-use crate::cache::frame::scope::{
-    current_frame_allocator, default_frame_allocator, is_current_frame_allocator,
-};
+use crate::cache::frame::scope::{current_frame_allocator, default_frame_allocator, is_current_frame_allocator};
 use crate::cache::frame::{with_frame_allocator, FrameAllocator, FRAME_ALIGN};
 use crate::error::{Error, Result};
 
 /// A pinned, type-erased future in a frame: what an executor keeps per task.
-pub type FrameTask<'f, O, A = &'static dyn FrameAllocator> =
-    Pin<FrameBox<dyn Future<Output = O> + Send + 'f, A>>;
+pub type FrameTask<'f, O, A = &'static dyn FrameAllocator> = Pin<FrameBox<dyn Future<Output = O> + Send + 'f, A>>;
 
 /// An owned value in a frame from a [`FrameAllocator`]; pinned, a boxed future.
 ///
@@ -84,10 +81,8 @@ impl<T, A: FrameAllocator> FrameBox<T, A> {
     #[inline]
     pub fn new_with_in(make: impl FnOnce() -> T, alloc: A) -> Result<Self> {
         let layout = Layout::new::<T>();
-        let size = frame_size(layout.size(), layout.align()).ok_or(Error::InvalidSize {
-            size: layout.size() as u64,
-            reason: "frame size overflows once aligned",
-        })?;
+        let size = frame_size(layout.size(), layout.align())
+            .ok_or(Error::InvalidSize { size: layout.size() as u64, reason: "frame size overflows once aligned" })?;
         let value_ptr = if size == 0 {
             NonNull::<T>::dangling()
         } else {
@@ -110,11 +105,7 @@ impl<T, A: FrameAllocator> FrameBox<T, A> {
         };
         // SAFETY: aligned, in bounds of a fresh frame (or a zero-sized write); ours.
         unsafe { value_ptr.as_ptr().write(make()) };
-        Ok(FrameBox {
-            value: value_ptr,
-            alloc,
-            _owns: PhantomData,
-        })
+        Ok(FrameBox { value: value_ptr, alloc, _owns: PhantomData })
     }
 
     /// Moves `value` into a frame from `alloc` and pins it there.
@@ -129,10 +120,7 @@ impl<T, A: FrameAllocator> FrameBox<T, A> {
         let frame = this.frame();
         // SAFETY: the box is forgotten, so the allocator is moved out exactly once.
         let alloc = unsafe { ptr::read(&this.alloc) };
-        let _give_back = GiveBack {
-            alloc: &alloc,
-            frame,
-        };
+        let _give_back = GiveBack { alloc: &alloc, frame };
         // SAFETY: the value is live; the box is forgotten, so it is read (moved) exactly once.
         unsafe { this.value.as_ptr().read() }
     }
@@ -161,10 +149,7 @@ impl<'f, F: Future + Send + 'f, A: FrameAllocator> FrameBox<F, A> {
 
     /// [`Self::pin_dyn_in`], building the future in the frame (see [`Self::new_with_in`]).
     #[inline]
-    pub fn pin_dyn_with_in(
-        make: impl FnOnce() -> F,
-        alloc: A,
-    ) -> Result<FrameTask<'f, F::Output, A>> {
+    pub fn pin_dyn_with_in(make: impl FnOnce() -> F, alloc: A) -> Result<FrameTask<'f, F::Output, A>> {
         Self::new_with_in(make, alloc).map(|b| FrameBox::into_pin(b.into_dyn_future()))
     }
 }
@@ -220,10 +205,7 @@ impl<T: ?Sized, A: FrameAllocator> FrameBox<T, A> {
     fn frame(&self) -> Option<(NonNull<u8>, usize)> {
         // SAFETY: the value is live while the box owns it (callers ensure it is not dropped yet).
         let value = unsafe { self.value.as_ref() };
-        let (size, align) = (
-            core::mem::size_of_val(value),
-            core::mem::align_of_val(value),
-        );
+        let (size, align) = (core::mem::size_of_val(value), core::mem::align_of_val(value));
         // It fit when the frame was taken, so it does not overflow now.
         let frame = frame_size(size, align).filter(|&f| f != 0)?;
         let start = self.value.cast::<u8>();
@@ -234,10 +216,7 @@ impl<T: ?Sized, A: FrameAllocator> FrameBox<T, A> {
         // when the frame was taken.
         let offset = unsafe { start.as_ptr().cast::<usize>().sub(1).read() };
         // SAFETY: the frame starts `offset` bytes before the value.
-        Some((
-            unsafe { NonNull::new_unchecked(start.as_ptr().sub(offset)) },
-            frame,
-        ))
+        Some((unsafe { NonNull::new_unchecked(start.as_ptr().sub(offset)) }, frame))
     }
 }
 
@@ -261,10 +240,7 @@ impl<A: FrameAllocator> Drop for GiveBack<'_, A> {
 impl<T: ?Sized, A: FrameAllocator> Drop for FrameBox<T, A> {
     #[inline]
     fn drop(&mut self) {
-        let _give_back = GiveBack {
-            alloc: &self.alloc,
-            frame: self.frame(),
-        };
+        let _give_back = GiveBack { alloc: &self.alloc, frame: self.frame() };
         // SAFETY: the value is live and dropped exactly once, here.
         unsafe { ptr::drop_in_place(self.value.as_ptr()) };
     }

@@ -68,9 +68,7 @@ mod tests {
     use std::sync::OnceLock;
 
     fn counting() -> &'static CountingAllocator<RecyclingFrameAllocator> {
-        Box::leak(Box::new(CountingAllocator::new(
-            RecyclingFrameAllocator::new(),
-        )))
+        Box::leak(Box::new(CountingAllocator::new(RecyclingFrameAllocator::new())))
     }
 
     /// Polls a future to completion on this thread.
@@ -115,10 +113,7 @@ mod tests {
             assert_eq!((s.hits, s.upstream_allocations), (1, 1));
             frames.check_thread().unwrap();
             assert!(matches!(frames.allocate(0), Err(Error::InvalidSize { .. })));
-            assert!(matches!(
-                frames.allocate(usize::MAX),
-                Err(Error::InvalidSize { .. })
-            ));
+            assert!(matches!(frames.allocate(usize::MAX), Err(Error::InvalidSize { .. })));
         })
         .join()
         .unwrap();
@@ -137,13 +132,7 @@ mod tests {
         let s = c.stats();
         assert_eq!(
             s,
-            CountingStats {
-                allocations: 2,
-                deallocations: 2,
-                bytes_allocated: 264,
-                live_bytes: 0,
-                peak_bytes: 264,
-            }
+            CountingStats { allocations: 2, deallocations: 2, bytes_allocated: 264, live_bytes: 0, peak_bytes: 264 }
         );
         c.reset();
         assert_eq!(c.stats().peak_bytes, 0);
@@ -205,9 +194,7 @@ mod tests {
         let zst = FrameBox::new_in((), c).unwrap();
         assert_eq!(FrameBox::frame_size(&zst), 0);
         drop(zst);
-        let v = FrameBox::new_in(String::from("kept"), c)
-            .unwrap()
-            .into_inner();
+        let v = FrameBox::new_in(String::from("kept"), c).unwrap().into_inner();
         assert_eq!(v, "kept");
         let s = c.stats();
         assert_eq!((s.allocations, s.deallocations, s.live_bytes), (2, 2, 0));
@@ -250,9 +237,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(block_on(task), 7);
-        let local = FrameBox::new_in(async { std::rc::Rc::new(3) }, c)
-            .unwrap()
-            .into_local_dyn_future();
+        let local = FrameBox::new_in(async { std::rc::Rc::new(3) }, c).unwrap().into_local_dyn_future();
         assert_eq!(*block_on(FrameBox::into_pin(local)), 3);
         assert_eq!(c.stats().live_bytes, 0);
     }
@@ -269,9 +254,8 @@ mod tests {
             assert!(is(current_frame_allocator(), a));
             with_frame_allocator(b, || assert!(is(current_frame_allocator(), b)));
             assert!(is(current_frame_allocator(), a));
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                with_frame_allocator(b, || panic!("inside"))
-            }));
+            let r =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| with_frame_allocator(b, || panic!("inside"))));
             assert!(r.is_err());
             assert!(is(current_frame_allocator(), a));
         });
@@ -302,10 +286,7 @@ mod tests {
         assert!(current_frame_allocator().is_none());
         assert_eq!(block_on(root), 7);
         let s = a.stats();
-        assert_eq!(
-            s.allocations, 15,
-            "all 15 nodes took frames from the scope's allocator"
-        );
+        assert_eq!(s.allocations, 15, "all 15 nodes took frames from the scope's allocator");
         assert_eq!(s.live_bytes, 0);
         // Outside a scope, the default recycling allocator is used.
         let before = default_frame_allocator().thread_stats();

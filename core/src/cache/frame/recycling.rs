@@ -28,17 +28,13 @@ pub struct RecyclingFrameAllocator {
 impl RecyclingFrameAllocator {
     /// Recycles frames from the global allocator.
     pub const fn new() -> Self {
-        RecyclingFrameAllocator {
-            slot: SlotRef::fixed(SLOT_FRAMES, Tier::Frames, Upstream::Global),
-        }
+        RecyclingFrameAllocator { slot: SlotRef::fixed(SLOT_FRAMES, Tier::Frames, Upstream::Global) }
     }
 
     /// Recycles frames from `resource` (host-accessible; up to six distinct resources get lists,
     /// later ones pass straight through).
     pub const fn with_resource(resource: &'static dyn MemoryResource) -> Self {
-        RecyclingFrameAllocator {
-            slot: SlotRef::lazy(Tier::Frames, Upstream::Resource(resource)),
-        }
+        RecyclingFrameAllocator { slot: SlotRef::lazy(Tier::Frames, Upstream::Resource(resource)) }
     }
 
     /// Statistics of the frame lists for this upstream, summed over live and exited threads:
@@ -78,10 +74,8 @@ impl RecyclingFrameAllocator {
     #[inline]
     fn layout(size: usize) -> Result<Layout> {
         crate::check_layout(size, FRAME_ALIGN)?;
-        Layout::from_size_align(size, FRAME_ALIGN).map_err(|_| Error::InvalidSize {
-            size: size as u64,
-            reason: "frame too large",
-        })
+        Layout::from_size_align(size, FRAME_ALIGN)
+            .map_err(|_| Error::InvalidSize { size: size as u64, reason: "frame too large" })
     }
 }
 
@@ -93,9 +87,7 @@ impl Default for RecyclingFrameAllocator {
 
 impl core::fmt::Debug for RecyclingFrameAllocator {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("RecyclingFrameAllocator")
-            .field("upstream", &self.slot.upstream())
-            .finish()
+        f.debug_struct("RecyclingFrameAllocator").field("upstream", &self.slot.upstream()).finish()
     }
 }
 
@@ -103,10 +95,7 @@ impl FrameAllocator for RecyclingFrameAllocator {
     #[inline]
     fn allocate(&self, size: usize) -> Result<NonNull<u8>> {
         let layout = Self::layout(size)?;
-        NonNull::new(self.slot.alloc(layout)).ok_or(Error::OutOfMemory {
-            requested: size as u64,
-            available: 0,
-        })
+        NonNull::new(self.slot.alloc(layout)).ok_or(Error::OutOfMemory { requested: size as u64, available: 0 })
     }
 
     #[inline]

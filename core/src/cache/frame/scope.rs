@@ -35,9 +35,7 @@ pub fn current_frame_allocator() -> Option<&'static dyn FrameAllocator> {
 /// Whether `alloc` is the innermost scope's allocator on this thread.
 #[inline]
 pub(crate) fn is_current_frame_allocator(alloc: &'static dyn FrameAllocator) -> bool {
-    CURRENT
-        .try_with(|c| c.get().is_some_and(|cur| core::ptr::addr_eq(cur, alloc)))
-        .unwrap_or(false)
+    CURRENT.try_with(|c| c.get().is_some_and(|cur| core::ptr::addr_eq(cur, alloc))).unwrap_or(false)
 }
 
 /// The allocator used outside any scope: a [`RecyclingFrameAllocator`] over the global

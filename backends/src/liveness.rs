@@ -1,0 +1,89 @@
+//! [`ProcLiveness`]: whether a process still runs, for hetmem-core's crash recovery.
+//!
+//! Linux names a process by its pid and its start time (field 22 of `/proc/<pid>/stat`, clock
+//! ticks since boot), so a recycled pid is told apart from the process that died. Elsewhere on
+//! unix the check is `kill(pid, 0)` and the start time is unknown (0).
+
+use std::sync::OnceLock;
+
+use hetmem_core::liveness::{self, ProcessLiveness, ProcessStamp};
+
+/// The unix implementation of [`ProcessLiveness`].
+#[derive(Debug, Default)]
+pub struct ProcLiveness;
+
+static HOOK: &dyn ProcessLiveness = &ProcLiveness;
+
+/// Installs [`ProcLiveness`] as this process's hook unless another is installed. The
+/// shared-memory backends call this, so allocators in shared segments can recover from crashes.
+pub fn install() {
+    liveness::install(&HOOK);
+}
+
+/// The start time of process `pid` from `/proc/<pid>/stat`, or `None` if it does not exist.
+#[cfg(target_os = "linux")]
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may contain spaces: count from the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    // `rest` starts at field 3; the start time is field 22.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+impl ProcessLiveness for ProcLiveness {
+    fn current(&self) -> ProcessStamp {
+        static ME: OnceLock<ProcessStamp> = OnceLock::new();
+        *ME.get_or_init(|| {
+            let pid = std::process::id();
+            #[cfg(target_os = "linux")]
+            let start_time = start_time(pid).unwrap_or(0);
+            #[cfg(not(target_os = "linux"))]
+            let start_time = 0;
+            ProcessStamp { pid, start_time }
+        })
+    }
+
+    fn is_alive(&self, stamp: ProcessStamp) -> bool {
+        #[cfg(target_os = "linux")]
+        {
+            match start_time(stamp.pid) {
+                None => false,
+                // Compare only the bits the stamp kept (it may have been shortened).
+                Some(_) if stamp.start_time == 0 => true,
+                // A stamp may keep only the low 16 or 32 bits of the start time.
+                Some(t) => {
+                    let s = stamp.start_time;
+                    t == s || (s <= 0xffff && t & 0xffff == s) || (s <= 0xffff_ffff && t & 0xffff_ffff == s)
+                }
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            // SAFETY: kill with signal 0 only checks whether the process exists.
+            let rc = unsafe { libc::kill(stamp.pid as libc::pid_t, 0) };
+            rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_is_alive_and_a_finished_child_is_not() {
+        let me = ProcLiveness.current();
+        assert_eq!(me.pid, std::process::id());
+        assert!(ProcLiveness.is_alive(me));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        assert!(!ProcLiveness.is_alive(ProcessStamp { pid, start_time: 0 }));
+        #[cfg(target_os = "linux")]
+        {
+            assert_ne!(me.start_time, 0);
+            let recycled = ProcessStamp { start_time: me.start_time + 1, ..me };
+            assert!(!ProcLiveness.is_alive(recycled), "same pid, other start time");
+        }
+    }
+}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The GPU features' CI checks, on a machine without a GPU: installs what they need (ci/gpu-deps.sh),
+# then lints and tests hetmem-gpu with `--features cuda` and `--features rocm`. The tests that need a
+# GPU print why they skip; the no-driver / no-device paths and NVRTC compilation are checked for real.
+# On a GPU machine, ci/gpu-check.sh runs the rest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+HETMEM_NVRTC="$(bash ci/gpu-deps.sh)"
+export HETMEM_NVRTC
+export HIP_PATH=${HIP_PATH:-/usr}
+
+cargo clippy -p hetmem-gpu --all-targets --features cuda -- -D warnings
+cargo clippy -p hetmem-gpu --all-targets --features rocm -- -D warnings
+cargo test -p hetmem-gpu --features cuda,rocm

@@ -1,0 +1,137 @@
+//! Large blocks: requests above the size classes, served as whole runs of units straight from
+//! the free-space manager, with the 32-byte header described in [`span`](super::span). Both span
+//! allocators use these functions unchanged.
+
+use crate::error::{Error, Result};
+use crate::sync::atomic::Ordering;
+
+use super::free_space::{FreeSpace, FreeSpaceGuard, UNIT};
+use super::span::{back_word, corrupt, invalid, large_units, user_of, Info, Mem, State, LARGE_CLASS, LARGE_HEADER};
+
+/// The tag large runs carry in the free-space table.
+pub(crate) const TAG_LARGE: u32 = 0x4C52_4745; // "LRGE"
+/// The tag spans carry.
+pub(crate) const TAG_SPAN: u32 = 0x5350_4E53; // "SPNS"
+/// The tag of runs holding allocator metadata (heap tables).
+pub(crate) const TAG_META: u32 = 0x4D45_5441; // "META"
+
+/// Allocates a large block under `g`, recording `owner` (a run word) and `stamp` (the allocating
+/// process). `Ok(None)` when no run is long enough.
+pub(crate) fn allocate(
+    g: &mut FreeSpaceGuard<'_>,
+    fs: &FreeSpace,
+    mem: &Mem,
+    size: usize,
+    align: usize,
+    owner: u32,
+    stamp: u64,
+) -> Result<Option<u64>> {
+    let units = large_units(size, align)
+        .ok_or(Error::OutOfMemory { requested: size as u64, available: g.free_units() * UNIT })?;
+    let Some(head) = g.alloc(units, TAG_LARGE, owner) else {
+        return Ok(None);
+    };
+    let block = fs.layout().unit_offset(head);
+    let user = user_of(block, LARGE_HEADER, align as u64);
+    let info = Info { state: State::Live, class: LARGE_CLASS, index: 0, size: 0 };
+    mem.word(block + 8)?.store(size as u64, Ordering::Relaxed);
+    mem.word(block + 16)?.store(stamp, Ordering::Relaxed);
+    mem.word(user - 8)?.store(back_word(user - block, stamp), Ordering::Relaxed);
+    mem.info(block)?.store(info.pack(), Ordering::Release);
+    g.st.large.live += 1;
+    g.st.large.live_bytes += size as u64;
+    g.st.large.live_units += units as u64;
+    g.st.large.allocations += 1;
+    Ok(Some(user))
+}
+
+/// The run and requested size of the live large block at `block`, checked under `g`.
+pub(crate) fn live_run(g: &FreeSpaceGuard<'_>, fs: &FreeSpace, mem: &Mem, block: u64) -> Result<(u32, u64)> {
+    let head = fs
+        .layout()
+        .unit_of(block)
+        .filter(|&h| fs.layout().unit_offset(h) == block)
+        .ok_or(invalid(block, "not a large block of this allocator"))?;
+    let run = g.used_run(head)?;
+    if run.tag != TAG_LARGE {
+        return Err(invalid(block, "not a large block of this allocator"));
+    }
+    let info =
+        Info::unpack(mem.info(block)?.load(Ordering::Acquire)).ok_or(corrupt(block, "large block lost its header"))?;
+    if info.state != State::Live {
+        return Err(invalid(block, "already freed"));
+    }
+    let size = mem.word(block + 8)?.load(Ordering::Relaxed);
+    if size == 0 || size > run.len() as u64 * UNIT {
+        return Err(corrupt(block, "large block size outside its run"));
+    }
+    Ok((head, size))
+}
+
+/// Frees the large block at `block`.
+pub(crate) fn free(fs: &FreeSpace, mem: &Mem, block: u64) -> Result<()> {
+    let mut g = fs.lock();
+    let (head, size) = live_run(&g, fs, mem, block)?;
+    let live = Info { state: State::Live, class: LARGE_CLASS, index: 0, size: 0 };
+    mem.info(block)?
+        .compare_exchange(live.pack(), live.with_state(State::Free).pack(), Ordering::AcqRel, Ordering::Relaxed)
+        .map_err(|_| invalid(block, "already freed"))?;
+    let units = g.used_run(head)?.len() as u64;
+    g.free(head)?;
+    g.st.large.live_units -= units;
+    g.st.large.live -= 1;
+    g.st.large.live_bytes -= size;
+    g.st.large.frees += 1;
+    Ok(())
+}
+
+/// The requested size of the large block at `block`.
+pub(crate) fn size_of(fs: &FreeSpace, mem: &Mem, block: u64) -> Result<u64> {
+    let g = fs.lock();
+    live_run(&g, fs, mem, block).map(|(_, s)| s)
+}
+
+/// Resizes the large block whose user bytes are at `user` in place, if its run can shrink or
+/// grow into a free neighbour and `user` suits `align`. Returns whether it did.
+pub(crate) fn resize_in_place(
+    fs: &FreeSpace,
+    mem: &Mem,
+    block: u64,
+    user: u64,
+    new_size: usize,
+    align: usize,
+) -> Result<bool> {
+    if user % align as u64 != 0 {
+        return Ok(false);
+    }
+    let mut g = fs.lock();
+    let (head, size) = live_run(&g, fs, mem, block)?;
+    let Some(units) =
+        (user - block).checked_add(new_size as u64).map(|end| end.div_ceil(UNIT)).and_then(|u| u32::try_from(u).ok())
+    else {
+        return Ok(false);
+    };
+    let old_units = g.used_run(head)?.len() as u64;
+    if !g.resize(head, units)? {
+        return Ok(false);
+    }
+    g.st.large.live_units = g.st.large.live_units - old_units + units as u64;
+    mem.word(block + 8)?.store(new_size as u64, Ordering::Relaxed);
+    g.st.large.live_bytes = g.st.large.live_bytes - size + new_size as u64;
+    Ok(true)
+}
+
+/// Checks one large run found in the table; returns its requested size.
+pub(crate) fn check_run(fs: &FreeSpace, mem: &Mem, head: u32, units: u32) -> Result<u64> {
+    let block = fs.layout().unit_offset(head);
+    let info = Info::unpack(mem.info(block)?.load(Ordering::Acquire))
+        .ok_or(corrupt(block, "large run without a block header"))?;
+    if info.state != State::Live || info.class != LARGE_CLASS {
+        return Err(corrupt(block, "large run whose block is not live"));
+    }
+    let size = mem.word(block + 8)?.load(Ordering::Relaxed);
+    if size == 0 || size + LARGE_HEADER > units as u64 * UNIT {
+        return Err(corrupt(block, "large block size outside its run"));
+    }
+    Ok(size)
+}

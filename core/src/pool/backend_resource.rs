@@ -1,0 +1,233 @@
+//! [`BackendResource`]: blocks carved from a [`MemoryBackend`]'s region.
+//!
+//! The region is carved by a [`BlockArena`] kept in host memory beside it (best fit, split,
+//! merge), so the resource works for device backends too: it never reads or writes the region.
+
+use alloc::sync::Arc;
+use core::ptr::NonNull;
+
+use super::arena::{round_up, BlockArena};
+use crate::backend::{BackendKind, MemoryBackend};
+use crate::error::{Error, Result};
+use crate::header::HEADER_SIZE;
+use crate::ptr::AllocatorId;
+use crate::resource::{MemoryKind, MemoryResource};
+use crate::sync::Mutex;
+
+/// Every block starts on this boundary (the header's sub-region alignment, a cache line).
+const GRANULE: usize = 64;
+
+/// The directory type id of a sub-region reserved by [`BackendResource::reserve`] ("POOL").
+pub const BACKEND_RESOURCE_TYPE_ID: u32 = 0x504F_4F4C;
+
+/// The arena, sendable: its `NonNull`s are addresses in the backend, which the resource keeps
+/// alive and never dereferences.
+struct Carver(BlockArena);
+
+// SAFETY: see the type's comment; the arena is plain bookkeeping about memory it never touches.
+unsafe impl Send for Carver {}
+
+/// A [`MemoryResource`] that hands out blocks of one backend's region.
+///
+/// A block's address is the backend's [`base`](MemoryBackend::base) plus its offset for memory
+/// the CPU can reach, and the backend's [`device_ptr`](MemoryBackend::device_ptr) plus its offset
+/// for device memory; [`offset_of`](Self::offset_of) turns it back into an offset (e.g. for a
+/// [`ShmPtr`](crate::ShmPtr)). The resource is `Sync`: one lock guards its bookkeeping.
+pub struct BackendResource {
+    backend: Arc<dyn MemoryBackend>,
+    start: u64,
+    len: u64,
+    base: NonNull<u8>,
+    carver: Mutex<Carver>,
+}
+
+// SAFETY: `base` is the address of the backend's memory, which `backend` keeps mapped; the
+// resource never dereferences it, and all mutable state is behind the mutex.
+unsafe impl Send for BackendResource {}
+// SAFETY: as for Send.
+unsafe impl Sync for BackendResource {}
+
+impl BackendResource {
+    /// Carves the whole data area of `backend` (everything after its header page). Use this for
+    /// a backend dedicated to the resource; [`reserve`](Self::reserve) shares one with region
+    /// allocators.
+    pub fn new(backend: Arc<dyn MemoryBackend>) -> Result<Self> {
+        let len = backend.len().saturating_sub(HEADER_SIZE);
+        BackendResource::with_range(backend, HEADER_SIZE, len)
+    }
+
+    /// Reserves `size` bytes (0: all that is left) in `backend`'s allocator directory under `id`,
+    /// and carves that sub-region.
+    pub fn reserve(backend: Arc<dyn MemoryBackend>, id: AllocatorId, size: u64) -> Result<Self> {
+        let entry = backend.header().reserve_allocator(BACKEND_RESOURCE_TYPE_ID, id, size)?;
+        match BackendResource::with_range(Arc::clone(&backend), entry.offset, entry.size) {
+            Ok(resource) => {
+                backend.header().publish_allocator(id)?;
+                Ok(resource)
+            }
+            Err(e) => {
+                backend.header().abandon_allocator(id)?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Carves `[offset, offset + len)` of `backend` (offsets from the region's start; the range
+    /// must lie after the header page). The range shrinks to 64-byte boundaries.
+    pub fn with_range(backend: Arc<dyn MemoryBackend>, offset: u64, len: u64) -> Result<Self> {
+        let total = backend.len();
+        let in_bounds = offset >= HEADER_SIZE && offset.checked_add(len).is_some_and(|end| end <= total);
+        if !in_bounds {
+            return Err(Error::OutOfBounds { offset, len, region_len: total });
+        }
+        let start =
+            round_up(offset as usize, GRANULE).ok_or(Error::OutOfBounds { offset, len, region_len: total })? as u64;
+        let end = (offset + len) & !(GRANULE as u64 - 1);
+        if end <= start {
+            return Err(Error::InvalidSize { size: len, reason: "range holds no whole 64-byte block" });
+        }
+        let base = match (backend.host_accessible(), backend.device_ptr()) {
+            (false, Some(device)) => core::ptr::without_provenance_mut::<u8>(device as usize),
+            _ => backend.base(),
+        };
+        let base = NonNull::new(base).ok_or(Error::Unsupported("backend has a null base address"))?;
+        let chunk = NonNull::new(base.as_ptr().wrapping_add(start as usize)).ok_or(Error::OutOfBounds {
+            offset: start,
+            len,
+            region_len: total,
+        })?;
+        if chunk.as_ptr() as usize % GRANULE != 0 {
+            return Err(Error::InvalidAlignment { align: chunk.as_ptr() as u64 % GRANULE as u64 });
+        }
+        let mut arena = BlockArena::new(GRANULE);
+        arena.add_chunk(chunk, (end - start) as usize, GRANULE);
+        Ok(BackendResource { backend, start, len: end - start, base, carver: Mutex::new(Carver(arena)) })
+    }
+
+    /// The backend carved.
+    pub fn backend(&self) -> &Arc<dyn MemoryBackend> {
+        &self.backend
+    }
+
+    /// The carved range, as (offset from the region's start, length).
+    pub fn range(&self) -> (u64, u64) {
+        (self.start, self.len)
+    }
+
+    /// The region offset of a block address this resource handed out (or any address in its
+    /// range).
+    pub fn offset_of(&self, ptr: NonNull<u8>) -> Option<u64> {
+        let offset = (ptr.as_ptr() as usize).checked_sub(self.base.as_ptr() as usize)? as u64;
+        (offset >= self.start && offset < self.start + self.len).then_some(offset)
+    }
+
+    /// Bytes not handed out.
+    pub fn free_bytes(&self) -> u64 {
+        let carver = self.carver.lock();
+        (carver.0.counters().actual_size - carver.0.counters().current_size) as u64
+    }
+
+    /// Checks the bookkeeping.
+    pub fn check(&self) -> Result<()> {
+        self.carver.lock().0.check("backend resource")
+    }
+}
+
+impl MemoryResource for BackendResource {
+    fn name(&self) -> &str {
+        "backend"
+    }
+
+    fn kind(&self) -> MemoryKind {
+        match self.backend.kind() {
+            BackendKind::Private | BackendKind::Shared => MemoryKind::Host,
+            BackendKind::Pinned => MemoryKind::PinnedHost,
+            BackendKind::Device => MemoryKind::Device,
+        }
+    }
+
+    fn host_accessible(&self) -> bool {
+        self.backend.host_accessible()
+    }
+
+    fn allocate(&self, size: usize, align: usize) -> Result<NonNull<u8>> {
+        crate::check_layout(size, align)?;
+        let mut carver = self.carver.lock();
+        carver.0.footprint(size, align)?;
+        carver
+            .0
+            .allocate(size, align)
+            .ok_or(Error::OutOfMemory { requested: size as u64, available: carver.0.largest_free() as u64 })
+    }
+
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, _size: usize, _align: usize) {
+        // The arena knows each block's size and refuses anything it did not hand out; the
+        // trait gives no way to report that, and the region is untouched either way.
+        let _ = self.carver.lock().0.free(ptr.as_ptr() as usize);
+    }
+}
+
+#[cfg(all(test, feature = "std"))]
+mod tests {
+    use super::*;
+    use crate::backend::BackendId;
+    use crate::pool::{QuickPool, QuickPoolConfig};
+    use crate::testing::HeapBackend;
+
+    fn backend(len: usize) -> Arc<dyn MemoryBackend> {
+        Arc::new(HeapBackend::new(BackendId(3), len))
+    }
+
+    #[test]
+    fn carves_blocks_inside_the_region_and_takes_them_back() {
+        let b = backend(1 << 20);
+        let r = BackendResource::new(Arc::clone(&b)).unwrap();
+        let (start, len) = r.range();
+        assert_eq!((start, len), (HEADER_SIZE, (1 << 20) - HEADER_SIZE));
+        let p = r.allocate(1000, 256).unwrap();
+        let q = r.allocate(5000, 4096).unwrap();
+        for (ptr, size) in [(p, 1000), (q, 5000)] {
+            let offset = r.offset_of(ptr).unwrap();
+            assert!(offset >= start && offset + size <= start + len);
+        }
+        assert_eq!(q.as_ptr() as usize % 4096, 0);
+        assert!(matches!(r.allocate(1 << 20, 16), Err(Error::OutOfMemory { .. })));
+        r.check().unwrap();
+        // SAFETY: both came from `r` with these sizes.
+        unsafe {
+            r.deallocate(p, 1000, 256);
+            r.deallocate(q, 5000, 4096);
+        }
+        assert_eq!(r.free_bytes(), len);
+        r.check().unwrap();
+    }
+
+    #[test]
+    fn reserves_a_sub_region_in_the_directory() {
+        let b = backend(1 << 20);
+        let r = BackendResource::reserve(Arc::clone(&b), AllocatorId::new(7, 0), 64 << 10).unwrap();
+        assert_eq!(r.range().1, 64 << 10);
+        assert!(b.header().find_allocator(AllocatorId::new(7, 0)).unwrap().is_some());
+        assert!(matches!(
+            BackendResource::reserve(Arc::clone(&b), AllocatorId::new(7, 0), 4096),
+            Err(Error::AlreadyExists { .. })
+        ));
+        assert!(matches!(BackendResource::with_range(Arc::clone(&b), 0, 4096), Err(Error::OutOfBounds { .. })));
+    }
+
+    #[test]
+    fn a_quick_pool_runs_over_a_backend() {
+        let r = BackendResource::new(backend(4 << 20)).unwrap();
+        let config = QuickPoolConfig { first_block_size: 1 << 20, next_block_size: 1 << 20, ..Default::default() };
+        let mut pool = QuickPool::with_config(&r, config).unwrap();
+        let ptrs: std::vec::Vec<_> = (0..100).map(|i| pool.allocate(1000 + i * 100, 16).unwrap()).collect();
+        assert!(ptrs.iter().all(|&p| r.offset_of(p).is_some()));
+        assert!(matches!(pool.allocate(8 << 20, 16), Err(Error::OutOfMemory { .. })));
+        for p in ptrs {
+            pool.deallocate(p).unwrap();
+        }
+        pool.check().unwrap();
+        drop(pool);
+        assert_eq!(r.free_bytes(), r.range().1);
+    }
+}

@@ -1,0 +1,171 @@
+//! When a [`QuickPool`](super::QuickPool) coalesces: the [`CoalesceHeuristic`] trait.
+//!
+//! After every free the pool asks its heuristic whether to coalesce, and to what size. Coalescing
+//! hands every wholly free upstream block back and takes one block that brings the pool back to
+//! the size the heuristic names: the pool's actual size (same footprint, one block instead of
+//! many), or its high watermark (the `_hwm` variants: the pool shrinks, or grows, to what the
+//! application has needed at most).
+
+use crate::error::{Error, Result};
+
+use super::PoolStats;
+
+/// Decides, after each free, whether the pool should coalesce.
+///
+/// Any `FnMut(&PoolStats) -> Option<usize> + Send` closure is a heuristic too.
+pub trait CoalesceHeuristic: Send {
+    /// `Some(target)` to coalesce so that the pool's actual size becomes `target` bytes (at least
+    /// what is still in use), or `None` to leave it.
+    fn should_coalesce(&mut self, stats: &PoolStats) -> Option<usize>;
+}
+
+impl<F: FnMut(&PoolStats) -> Option<usize> + Send> CoalesceHeuristic for F {
+    fn should_coalesce(&mut self, stats: &PoolStats) -> Option<usize> {
+        self(stats)
+    }
+}
+
+/// Never coalesces: the pool only grows, until `release` is called.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NeverCoalesce;
+
+impl CoalesceHeuristic for NeverCoalesce {
+    fn should_coalesce(&mut self, _: &PoolStats) -> Option<usize> {
+        None
+    }
+}
+
+/// What a heuristic refills the pool to once it fires.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    ActualSize,
+    HighWatermark,
+}
+
+impl Target {
+    fn of(self, stats: &PoolStats) -> usize {
+        match self {
+            Target::ActualSize => stats.actual_size,
+            Target::HighWatermark => stats.high_watermark,
+        }
+    }
+}
+
+/// Coalesces once at least `n` upstream blocks are wholly free.
+#[derive(Clone, Copy, Debug)]
+pub struct BlocksReleasable {
+    blocks: usize,
+    target: Target,
+}
+
+impl BlocksReleasable {
+    /// Fires at `blocks` releasable blocks (at least 1) and keeps the pool's actual size.
+    pub fn new(blocks: usize) -> Result<Self> {
+        Self::with_target(blocks, Target::ActualSize)
+    }
+
+    /// Fires at `blocks` releasable blocks (at least 1) and refills to the high watermark.
+    pub fn hwm(blocks: usize) -> Result<Self> {
+        Self::with_target(blocks, Target::HighWatermark)
+    }
+
+    fn with_target(blocks: usize, target: Target) -> Result<Self> {
+        if blocks == 0 {
+            return Err(Error::InvalidSize { size: 0, reason: "BlocksReleasable needs at least one block" });
+        }
+        Ok(BlocksReleasable { blocks, target })
+    }
+}
+
+impl CoalesceHeuristic for BlocksReleasable {
+    fn should_coalesce(&mut self, stats: &PoolStats) -> Option<usize> {
+        (stats.releasable_blocks >= self.blocks).then(|| self.target.of(stats))
+    }
+}
+
+/// Coalesces once at least `percent` of the pool's actual size is releasable.
+#[derive(Clone, Copy, Debug)]
+pub struct PercentReleasable {
+    percent: u8,
+    target: Target,
+}
+
+impl PercentReleasable {
+    /// Fires at `percent` (1..=100) releasable and keeps the pool's actual size. 100 is
+    /// Umpire's default: coalesce when nothing is in use.
+    pub fn new(percent: u8) -> Result<Self> {
+        Self::with_target(percent, Target::ActualSize)
+    }
+
+    /// Fires at `percent` (1..=100) releasable and refills to the high watermark.
+    pub fn hwm(percent: u8) -> Result<Self> {
+        Self::with_target(percent, Target::HighWatermark)
+    }
+
+    fn with_target(percent: u8, target: Target) -> Result<Self> {
+        if percent == 0 || percent > 100 {
+            return Err(Error::InvalidSize { size: u64::from(percent), reason: "percentage must be 1..=100" });
+        }
+        Ok(PercentReleasable { percent, target })
+    }
+}
+
+impl Default for PercentReleasable {
+    fn default() -> Self {
+        PercentReleasable { percent: 100, target: Target::ActualSize }
+    }
+}
+
+impl CoalesceHeuristic for PercentReleasable {
+    fn should_coalesce(&mut self, stats: &PoolStats) -> Option<usize> {
+        let releasable = stats.releasable_bytes as u128 * 100;
+        let threshold = stats.actual_size as u128 * u128::from(self.percent);
+        (stats.actual_size > 0 && releasable >= threshold).then(|| self.target.of(stats))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(actual: usize, releasable_bytes: usize, releasable_blocks: usize) -> PoolStats {
+        PoolStats {
+            actual_size: actual,
+            releasable_bytes,
+            releasable_blocks,
+            high_watermark: 1000,
+            ..PoolStats::default()
+        }
+    }
+
+    #[test]
+    fn blocks_releasable_fires_at_its_count() {
+        let mut h = BlocksReleasable::new(3).unwrap();
+        assert_eq!(h.should_coalesce(&stats(4096, 2048, 2)), None);
+        assert_eq!(h.should_coalesce(&stats(4096, 3072, 3)), Some(4096));
+        assert_eq!(BlocksReleasable::hwm(3).unwrap().should_coalesce(&stats(4096, 3072, 3)), Some(1000));
+        assert!(BlocksReleasable::new(0).is_err());
+    }
+
+    #[test]
+    fn percent_releasable_fires_at_its_share() {
+        let mut h = PercentReleasable::new(50).unwrap();
+        assert_eq!(h.should_coalesce(&stats(4096, 2047, 1)), None);
+        assert_eq!(h.should_coalesce(&stats(4096, 2048, 1)), Some(4096));
+        assert_eq!(PercentReleasable::default().should_coalesce(&stats(4096, 4095, 1)), None);
+        assert_eq!(PercentReleasable::hwm(100).unwrap().should_coalesce(&stats(4096, 4096, 1)), Some(1000));
+        assert_eq!(PercentReleasable::default().should_coalesce(&stats(0, 0, 0)), None);
+        assert!(PercentReleasable::new(0).is_err() && PercentReleasable::new(101).is_err());
+    }
+
+    #[test]
+    fn closures_are_heuristics() {
+        let mut calls = 0;
+        let mut h = |s: &PoolStats| {
+            calls += 1;
+            (s.free_blocks > 2).then_some(0)
+        };
+        assert_eq!(h.should_coalesce(&PoolStats { free_blocks: 3, ..PoolStats::default() }), Some(0));
+        assert_eq!(calls, 1);
+    }
+}

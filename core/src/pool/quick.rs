@@ -1,0 +1,339 @@
+//! [`QuickPool`]: a coalescing best-fit pool over any [`MemoryResource`].
+//!
+//! The pool takes blocks from its upstream resource (a first block, then next blocks, each at
+//! least as large as the request that needs it) and serves allocations from them through a
+//! [`BlockArena`]: best fit in O(log n), split, merge with free neighbours on free. Upstream
+//! blocks are never merged with each other; an upstream block that is wholly free again is
+//! *releasable*. `release` hands releasable blocks back; `coalesce` hands them back and takes one
+//! block in their place, so the next large request fits. A [`CoalesceHeuristic`] decides after
+//! every free whether to coalesce.
+
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use core::ptr::NonNull;
+
+use super::arena::{round_up, BlockArena};
+use super::heuristic::{CoalesceHeuristic, PercentReleasable};
+use super::{BlockInfo, LiveAllocation, Pool, PoolStats};
+use crate::error::{Error, Result};
+use crate::resource::{MemoryKind, MemoryResource};
+
+/// How a [`QuickPool`] grows. The defaults are Umpire's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QuickPoolConfig {
+    /// Size of the first block taken from upstream (default 512 MiB). A larger first request
+    /// takes a block of its own size instead.
+    pub first_block_size: usize,
+    /// Size of each later block (default 1 MiB), or the request's size if that is larger.
+    pub next_block_size: usize,
+    /// Alignment of every allocation (a power of two, default 16); sizes round up to it.
+    pub alignment: usize,
+    /// The most the pool may hold from upstream; a request that would take it past this fails
+    /// with `Error::OutOfMemory`. `None`: no limit but the upstream's.
+    pub max_size: Option<usize>,
+}
+
+impl Default for QuickPoolConfig {
+    fn default() -> Self {
+        QuickPoolConfig { first_block_size: 512 << 20, next_block_size: 1 << 20, alignment: 16, max_size: None }
+    }
+}
+
+/// A coalescing best-fit pool over `R`: upstream blocks carved by best fit (O(log n)), split
+/// on allocation, merged with free neighbours on free; wholly free upstream blocks are handed
+/// back by `release`, or replaced by one block by `coalesce` when the heuristic says so.
+///
+/// The pool never dereferences the memory it hands out, so `R` may be device memory. It is `Send`
+/// but not `Sync`; wrap it in a [`SyncPool`](super::SyncPool) to share it. Dropping the pool hands
+/// every upstream block back, live allocations included.
+pub struct QuickPool<R: MemoryResource> {
+    upstream: R,
+    config: QuickPoolConfig,
+    heuristic: Box<dyn CoalesceHeuristic>,
+    arena: BlockArena,
+    high_watermark: usize,
+    actual_high_watermark: usize,
+    upstream_allocations: u64,
+    upstream_failures: u64,
+    coalesce_count: u64,
+}
+
+// SAFETY: the only non-`Send` fields are the `NonNull` addresses of upstream blocks the pool
+// owns; it never dereferences them, and `R` (like every `MemoryResource`) is `Send + Sync`.
+unsafe impl<R: MemoryResource> Send for QuickPool<R> {}
+
+impl<R: MemoryResource> QuickPool<R> {
+    /// A pool over `upstream` with the default configuration and heuristic
+    /// (`PercentReleasable(100)`). Nothing is taken from upstream until the first allocation.
+    pub fn new(upstream: R) -> Self {
+        QuickPool::build(upstream, QuickPoolConfig::default())
+    }
+
+    /// A pool over `upstream` with `config`, and the default heuristic.
+    pub fn with_config(upstream: R, config: QuickPoolConfig) -> Result<Self> {
+        if !config.alignment.is_power_of_two() {
+            return Err(Error::InvalidAlignment { align: config.alignment as u64 });
+        }
+        for (size, what) in [(config.first_block_size, "first block size"), (config.next_block_size, "next block size")]
+        {
+            if size == 0 || round_up(size, config.alignment).is_none() {
+                return Err(Error::InvalidSize { size: size as u64, reason: what });
+            }
+        }
+        if config.max_size.is_some_and(|max| max < config.alignment) {
+            return Err(Error::InvalidSize {
+                size: config.max_size.unwrap_or(0) as u64,
+                reason: "maximum size below the alignment",
+            });
+        }
+        Ok(QuickPool::build(upstream, config))
+    }
+
+    fn build(upstream: R, config: QuickPoolConfig) -> Self {
+        QuickPool {
+            upstream,
+            config,
+            heuristic: Box::new(PercentReleasable::default()),
+            arena: BlockArena::new(config.alignment),
+            high_watermark: 0,
+            actual_high_watermark: 0,
+            upstream_allocations: 0,
+            upstream_failures: 0,
+            coalesce_count: 0,
+        }
+    }
+
+    /// The pool with `heuristic` in place of its current one.
+    pub fn with_heuristic(mut self, heuristic: impl CoalesceHeuristic + 'static) -> Self {
+        self.set_heuristic(heuristic);
+        self
+    }
+
+    /// Replaces the coalescing heuristic.
+    pub fn set_heuristic(&mut self, heuristic: impl CoalesceHeuristic + 'static) {
+        self.heuristic = Box::new(heuristic);
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &QuickPoolConfig {
+        &self.config
+    }
+
+    /// The upstream resource.
+    pub fn upstream(&self) -> &R {
+        &self.upstream
+    }
+
+    /// `size` bytes aligned to `align` (at least the pool's alignment is always given).
+    ///
+    /// Serves the request from the best-fitting free block; without one, takes a block from
+    /// upstream. If upstream refuses, hands wholly free blocks back and asks once more for just
+    /// what the request needs. Past the maximum size: `Error::OutOfMemory`.
+    pub fn allocate(&mut self, size: usize, align: usize) -> Result<NonNull<u8>> {
+        crate::check_layout(size, align)?;
+        let footprint = self.arena.footprint(size, align)?;
+        let ptr = match self.arena.allocate(size, align) {
+            Some(ptr) => ptr,
+            None => {
+                self.grow(footprint, align)?;
+                self.arena.allocate(size, align).ok_or(Error::Corrupt {
+                    structure: "quick pool",
+                    offset: 0,
+                    detail: "a fresh upstream block did not serve the request",
+                })?
+            }
+        };
+        self.high_watermark = self.high_watermark.max(self.arena.counters().current_size);
+        Ok(ptr)
+    }
+
+    /// Frees an allocation (`Error::InvalidFree` for anything else), then asks the heuristic
+    /// whether to coalesce. A failed coalesce leaves the pool smaller but consistent; the free
+    /// itself has succeeded either way.
+    pub fn deallocate(&mut self, ptr: NonNull<u8>) -> Result<()> {
+        self.arena.free(ptr.as_ptr() as usize)?;
+        let stats = self.stats();
+        if let Some(target) = self.heuristic.should_coalesce(&stats) {
+            // The free is done; a refill the upstream refuses is counted in `upstream_failures`.
+            let _ = self.coalesce_to(target);
+        }
+        Ok(())
+    }
+
+    /// Hands back every wholly free upstream block and takes one block that keeps the pool's
+    /// actual size: many free blocks become one. Does nothing when fewer than two upstream
+    /// blocks are free.
+    pub fn coalesce(&mut self) -> Result<()> {
+        self.coalesce_to(self.arena.counters().actual_size)
+    }
+
+    /// Hands back every wholly free upstream block and takes one block so that the pool's actual
+    /// size becomes `target` (never less than what is still in use, never more than the maximum
+    /// size). Does nothing when no upstream block is wholly free, or when one already is and has
+    /// exactly the size the refill would take. On an upstream error the pool keeps what it has.
+    pub fn coalesce_to(&mut self, target: usize) -> Result<()> {
+        let c = *self.arena.counters();
+        if c.releasable_blocks == 0 {
+            return Ok(());
+        }
+        let granule = self.config.alignment;
+        let kept = c.actual_size - c.releasable_bytes;
+        let mut refill = round_up(target.saturating_sub(kept), granule).unwrap_or(usize::MAX & !(granule - 1));
+        if let Some(max) = self.config.max_size {
+            refill = refill.min(max.saturating_sub(kept) & !(granule - 1));
+        }
+        if c.releasable_blocks == 1 && refill == c.releasable_bytes {
+            return Ok(());
+        }
+        self.coalesce_count += 1;
+        self.release();
+        if refill > 0 {
+            self.take_upstream(refill, granule)?;
+        }
+        Ok(())
+    }
+
+    /// Hands every wholly free upstream block back; returns the bytes handed back.
+    pub fn release(&mut self) -> usize {
+        let mut bytes = 0;
+        for chunk in self.arena.take_free_chunks() {
+            bytes += chunk.size;
+            // SAFETY: the chunk came from `self.upstream.allocate(chunk.size, chunk.align)` and
+            // the arena has just forgotten it, so no allocation points into it.
+            unsafe { self.upstream.deallocate(chunk.base, chunk.size, chunk.align) };
+        }
+        bytes
+    }
+
+    /// The pool's figures.
+    pub fn stats(&self) -> PoolStats {
+        let c = self.arena.counters();
+        PoolStats {
+            current_size: c.current_size,
+            requested_size: c.requested_size,
+            actual_size: c.actual_size,
+            high_watermark: self.high_watermark,
+            actual_high_watermark: self.actual_high_watermark,
+            allocation_count: c.live,
+            total_allocations: c.total_allocations,
+            releasable_bytes: c.releasable_bytes,
+            releasable_blocks: c.releasable_blocks,
+            total_blocks: c.blocks,
+            free_blocks: self.arena.free_blocks(),
+            largest_available: self.arena.largest_free(),
+            upstream_blocks: c.chunks,
+            upstream_allocations: self.upstream_allocations,
+            upstream_failures: self.upstream_failures,
+            coalesce_count: self.coalesce_count,
+        }
+    }
+
+    /// Every live allocation, by address (for leak hunting: each carries its sequence number).
+    pub fn live_allocations(&self) -> Vec<LiveAllocation> {
+        self.arena.live_allocations()
+    }
+
+    /// Checks every block, the indexes and the counters.
+    pub fn check(&self) -> Result<()> {
+        self.arena.check("quick pool")?;
+        let c = self.arena.counters();
+        if self.high_watermark < c.current_size || self.actual_high_watermark < c.actual_size {
+            return Err(Error::Corrupt { structure: "quick pool", offset: 0, detail: "a high watermark is too low" });
+        }
+        if self.config.max_size.is_some_and(|max| c.actual_size > max) {
+            return Err(Error::Corrupt { structure: "quick pool", offset: 0, detail: "pool exceeds its maximum size" });
+        }
+        Ok(())
+    }
+
+    /// Takes a block from upstream for a request that needs `footprint` bytes at `align`.
+    fn grow(&mut self, footprint: usize, align: usize) -> Result<()> {
+        let granule = self.config.alignment;
+        let first = self.upstream_allocations == 0;
+        let wanted = if first { self.config.first_block_size } else { self.config.next_block_size };
+        // Both are multiples of the granule; `footprint` is, by construction.
+        let mut size = round_up(wanted, granule).unwrap_or(usize::MAX & !(granule - 1)).max(footprint);
+        if let Some(max) = self.config.max_size {
+            let mut room = max.saturating_sub(self.arena.counters().actual_size) & !(granule - 1);
+            if room < footprint {
+                self.release();
+                room = max.saturating_sub(self.arena.counters().actual_size) & !(granule - 1);
+            }
+            if room < footprint {
+                return Err(Error::OutOfMemory { requested: footprint as u64, available: room as u64 });
+            }
+            size = size.min(room);
+        }
+        let align = align.max(granule);
+        match self.take_upstream(size, align) {
+            Ok(()) => Ok(()),
+            Err(_) => {
+                self.release();
+                self.take_upstream(footprint, align)
+            }
+        }
+    }
+
+    fn take_upstream(&mut self, size: usize, align: usize) -> Result<()> {
+        match self.upstream.allocate(size, align) {
+            Ok(base) => {
+                self.arena.add_chunk(base, size, align);
+                self.upstream_allocations += 1;
+                self.actual_high_watermark = self.actual_high_watermark.max(self.arena.counters().actual_size);
+                Ok(())
+            }
+            Err(e) => {
+                self.upstream_failures += 1;
+                Err(e)
+            }
+        }
+    }
+}
+
+impl<R: MemoryResource> Drop for QuickPool<R> {
+    fn drop(&mut self) {
+        for chunk in self.arena.take_all_chunks() {
+            // SAFETY: every chunk came from `self.upstream.allocate(chunk.size, chunk.align)`;
+            // the pool is going away, and its contract says its allocations go with it.
+            unsafe { self.upstream.deallocate(chunk.base, chunk.size, chunk.align) };
+        }
+    }
+}
+
+impl<R: MemoryResource> Pool for QuickPool<R> {
+    fn name(&self) -> &str {
+        "quick"
+    }
+
+    fn memory_kind(&self) -> MemoryKind {
+        self.upstream.kind()
+    }
+
+    fn allocate(&mut self, size: usize, align: usize) -> Result<NonNull<u8>> {
+        QuickPool::allocate(self, size, align)
+    }
+
+    fn deallocate(&mut self, ptr: NonNull<u8>) -> Result<()> {
+        QuickPool::deallocate(self, ptr)
+    }
+
+    fn release(&mut self) -> usize {
+        QuickPool::release(self)
+    }
+
+    fn stats(&self) -> PoolStats {
+        QuickPool::stats(self)
+    }
+
+    fn for_each_block(&self, f: &mut dyn FnMut(BlockInfo)) {
+        self.arena.for_each_block(f)
+    }
+
+    fn live_allocations(&self) -> Vec<LiveAllocation> {
+        QuickPool::live_allocations(self)
+    }
+
+    fn check(&self) -> Result<()> {
+        QuickPool::check(self)
+    }
+}

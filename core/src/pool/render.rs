@@ -1,0 +1,155 @@
+//! Pictures of a pool: its blocks as SVG or as a text map, and a report of live allocations.
+//!
+//! All three read only the pool's bookkeeping ([`Pool::for_each_block`],
+//! [`Pool::live_allocations`], [`Pool::stats`]), so they work for device memory too.
+
+use alloc::format;
+use alloc::string::String;
+use core::fmt::{self, Write};
+
+use super::{Pool, PoolStats};
+
+/// Bytes in the largest binary unit that keeps the number at least 1 ("1.5 MiB").
+pub struct Bytes(pub usize);
+
+impl fmt::Display for Bytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+        if self.0 < 1024 {
+            return write!(f, "{} B", self.0);
+        }
+        let mut value = self.0 as f64 / 1024.0;
+        let mut unit = 0;
+        while value >= 1024.0 && unit + 1 < UNITS.len() {
+            value /= 1024.0;
+            unit += 1;
+        }
+        write!(f, "{value:.1} {}", UNITS[unit])
+    }
+}
+
+fn summary(name: &str, s: &PoolStats) -> String {
+    format!(
+        "{name} pool: actual {} in {} upstream blocks, current {}, high watermark {}, {} live allocations, {} blocks ({} free)",
+        Bytes(s.actual_size),
+        s.upstream_blocks,
+        Bytes(s.current_size),
+        Bytes(s.high_watermark),
+        s.allocation_count,
+        s.total_blocks,
+        s.free_blocks,
+    )
+}
+
+/// A summary line, then one line per block: upstream block, its address, the block's offset in
+/// it, size, and state.
+pub fn text_map(pool: &(impl Pool + ?Sized)) -> String {
+    let mut out = summary(pool.name(), &pool.stats());
+    out.push('\n');
+    pool.for_each_block(&mut |b| {
+        let state = if b.used { "used" } else { "free" };
+        // Writing to a String cannot fail.
+        let _ = writeln!(out, "chunk {:>3} @{:#x} +{:#012x} {:>12} {state}", b.chunk, b.chunk_addr, b.offset, b.size);
+    });
+    out
+}
+
+/// The pool as an SVG picture: one bar per upstream block (in address order), each spanning the
+/// full width whatever its size, with used blocks red and free blocks green. Hovering a block
+/// shows its offset and size.
+pub fn svg(pool: &(impl Pool + ?Sized)) -> String {
+    const WIDTH: f64 = 1000.0;
+    const BAR: usize = 22;
+    const ROW: usize = 44;
+    const TOP: usize = 30;
+    let stats = pool.stats();
+    let height = TOP + stats.upstream_blocks.max(1) * ROW;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{height}" viewBox="0 0 {w} {height}">"#,
+        w = WIDTH as usize + 20,
+    );
+    out.push_str("<style>.used{fill:#d9534f}.free{fill:#5cb85c}rect{stroke:#fff;stroke-width:0.5}");
+    out.push_str("text{font:12px monospace;fill:#222}</style>\n");
+    let _ = writeln!(out, r#"<text x="10" y="16">{}</text>"#, summary(pool.name(), &stats));
+    let mut last_chunk = usize::MAX;
+    pool.for_each_block(&mut |b| {
+        let y = TOP + b.chunk * ROW;
+        if b.chunk != last_chunk {
+            last_chunk = b.chunk;
+            let _ = writeln!(
+                out,
+                r#"<text x="10" y="{}">upstream block {} at {:#x}, {}</text>"#,
+                y + 10,
+                b.chunk,
+                b.chunk_addr,
+                Bytes(b.chunk_size)
+            );
+        }
+        let scale = WIDTH / b.chunk_size.max(1) as f64;
+        let state = if b.used { "used" } else { "free" };
+        let _ = writeln!(
+            out,
+            r#"<rect class="{state}" x="{:.2}" y="{}" width="{:.2}" height="{BAR}"><title>{state} +{:#x} {}</title></rect>"#,
+            10.0 + b.offset as f64 * scale,
+            y + 14,
+            (b.size as f64 * scale).max(0.5),
+            b.offset,
+            Bytes(b.size),
+        );
+    });
+    out.push_str("</svg>\n");
+    out
+}
+
+/// Every live allocation, oldest first, with its sequence number: what was never freed.
+pub fn live_report(pool: &(impl Pool + ?Sized)) -> String {
+    let mut live = pool.live_allocations();
+    live.sort_unstable_by_key(|a| a.sequence);
+    let requested: usize = live.iter().map(|a| a.size).sum();
+    let mut out =
+        format!("{} live allocations in the {} pool, {} requested\n", live.len(), pool.name(), Bytes(requested));
+    for a in &live {
+        let _ = writeln!(
+            out,
+            "#{:<8} {:#x} {:>12} (block {:>12}) upstream block {} +{:#x}",
+            a.sequence, a.addr, a.size, a.block_size, a.chunk, a.offset
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::{HostResource, QuickPool, QuickPoolConfig};
+
+    #[test]
+    fn bytes_read_naturally() {
+        assert_eq!(alloc::format!("{}", Bytes(512)), "512 B");
+        assert_eq!(alloc::format!("{}", Bytes(1536)), "1.5 KiB");
+        assert_eq!(alloc::format!("{}", Bytes(3 << 30)), "3.0 GiB");
+    }
+
+    #[test]
+    fn pictures_show_every_block() {
+        let config = QuickPoolConfig { first_block_size: 4096, next_block_size: 4096, ..Default::default() };
+        let mut pool = QuickPool::with_config(HostResource, config).unwrap();
+        let a = pool.allocate(100, 16).unwrap();
+        let _b = pool.allocate(200, 16).unwrap();
+        let _c = pool.allocate(5000, 16).unwrap();
+        pool.deallocate(a).unwrap();
+        let map = text_map(&pool);
+        let lines: alloc::vec::Vec<&str> = map.lines().collect();
+        assert_eq!(lines.len(), 1 + pool.stats().total_blocks, "{map}");
+        assert!(lines[1].contains("+0x0000000000          112 free"), "{map}");
+        assert!(lines[2].ends_with("208 used"), "{map}");
+        let svg = svg(&pool);
+        assert_eq!(svg.matches("<rect").count(), pool.stats().total_blocks);
+        assert_eq!(svg.matches("upstream block ").count(), 2);
+        let report = live_report(&pool);
+        assert!(report.starts_with("2 live allocations in the quick pool, 5.1 KiB requested"), "{report}");
+        assert!(report.lines().nth(1).unwrap().starts_with("#1 "), "{report}");
+    }
+}

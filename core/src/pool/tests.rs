@@ -1,0 +1,461 @@
+//! The pools' specification, as tests: model-based property tests calling `check()` after every
+//! step, the heuristics' thresholds, the maximum size, upstream failures, and bad requests.
+
+use alloc::collections::BTreeMap;
+use alloc::vec::Vec;
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::error::Error;
+use crate::resource::{MemoryKind, MemoryResource};
+
+/// Hands out addresses in a range no one maps, as a GPU driver hands out device addresses: a
+/// pool that dereferenced one would crash the test.
+struct FakeDevice {
+    next: AtomicUsize,
+}
+
+impl FakeDevice {
+    fn new() -> Self {
+        FakeDevice { next: AtomicUsize::new(0x7e00_0000_0000) }
+    }
+}
+
+impl MemoryResource for FakeDevice {
+    fn name(&self) -> &str {
+        "fake-device"
+    }
+    fn kind(&self) -> MemoryKind {
+        MemoryKind::Device
+    }
+    fn allocate(&self, size: usize, align: usize) -> crate::Result<NonNull<u8>> {
+        crate::check_layout(size, align)?;
+        let stride = size.next_multiple_of(4096).max(align) + 4096;
+        let addr = self.next.fetch_add(stride.next_multiple_of(align), Ordering::Relaxed).next_multiple_of(align);
+        NonNull::new(core::ptr::without_provenance_mut(addr)).ok_or(Error::OutOfMemory { requested: 0, available: 0 })
+    }
+    unsafe fn deallocate(&self, _: NonNull<u8>, _: usize, _: usize) {}
+}
+
+fn small_config() -> QuickPoolConfig {
+    QuickPoolConfig { first_block_size: 4096, next_block_size: 4096, alignment: 16, max_size: None }
+}
+
+/// Live allocations of a model, with the checks every pool must pass after each step.
+#[derive(Default)]
+struct Model {
+    live: BTreeMap<usize, (usize, usize)>,
+}
+
+impl Model {
+    fn add(&mut self, ptr: NonNull<u8>, size: usize, align: usize) {
+        let addr = ptr.as_ptr() as usize;
+        assert_eq!(addr % align, 0, "misaligned");
+        if let Some((&a, &(s, _))) = self.live.range(..=addr).next_back() {
+            assert!(a + s <= addr, "overlaps the allocation at {a:#x}");
+        }
+        if let Some((&a, _)) = self.live.range(addr..).next() {
+            assert!(addr + size <= a, "overlaps the allocation at {a:#x}");
+        }
+        self.live.insert(addr, (size, align));
+    }
+
+    fn take(&mut self, pick: usize) -> Option<NonNull<u8>> {
+        let addr = *self.live.keys().nth(pick % self.live.len().max(1))?;
+        self.live.remove(&addr);
+        NonNull::new(core::ptr::without_provenance_mut(addr))
+    }
+
+    /// Frees one live allocation, and checks that freeing it again is refused.
+    fn free_one(&mut self, pool: &mut dyn Pool, pick: usize) {
+        if let Some(ptr) = self.take(pick) {
+            pool.deallocate(ptr).unwrap();
+            assert!(matches!(pool.deallocate(ptr), Err(Error::InvalidFree { .. })), "double free accepted");
+        }
+    }
+
+    fn free_all(&mut self, pool: &mut dyn Pool) {
+        while let Some(ptr) = self.take(0) {
+            pool.deallocate(ptr).unwrap();
+        }
+    }
+
+    fn agrees_with(&self, pool: &dyn Pool) {
+        pool.check().unwrap();
+        let s = pool.stats();
+        assert_eq!(s.allocation_count, self.live.len());
+        assert_eq!(s.requested_size, self.live.values().map(|v| v.0).sum::<usize>());
+        assert!(s.current_size >= s.requested_size && s.current_size <= s.high_watermark);
+        assert!(s.actual_size <= s.actual_high_watermark && s.releasable_bytes <= s.actual_size);
+        let live = pool.live_allocations();
+        assert_eq!(live.len(), self.live.len());
+        assert!(live.iter().all(|a| self.live.get(&a.addr).map(|v| v.0) == Some(a.size)));
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Allocate(usize, usize),
+    Free(usize),
+    Coalesce,
+    Release,
+}
+
+fn ops(max_size: usize) -> impl Strategy<Value = Vec<Op>> {
+    let op = prop_oneof![
+        6 => (1..=max_size, prop::sample::select(&[1usize, 8, 16, 64, 256, 4096][..])).prop_map(|(s, a)| Op::Allocate(s, a)),
+        5 => any::<usize>().prop_map(Op::Free),
+        1 => Just(Op::Coalesce),
+        1 => Just(Op::Release),
+    ];
+    prop::collection::vec(op, 1..200)
+}
+
+fn heuristic(choice: u8) -> impl CoalesceHeuristic + 'static {
+    let mut h: alloc::boxed::Box<dyn CoalesceHeuristic> = match choice % 5 {
+        0 => alloc::boxed::Box::new(NeverCoalesce),
+        1 => alloc::boxed::Box::new(BlocksReleasable::new(2).unwrap()),
+        2 => alloc::boxed::Box::new(BlocksReleasable::hwm(3).unwrap()),
+        3 => alloc::boxed::Box::new(PercentReleasable::new(40).unwrap()),
+        _ => alloc::boxed::Box::new(PercentReleasable::hwm(75).unwrap()),
+    };
+    move |s: &PoolStats| h.should_coalesce(s)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn quick_pool_matches_its_model(ops in ops(20_000), choice in any::<u8>(), budget in 64usize..512) {
+        let upstream = LimitedResource::new(HostResource, budget << 10);
+        let config = QuickPoolConfig { max_size: Some(400 << 10), ..small_config() };
+        let mut pool = QuickPool::with_config(&upstream, config).unwrap().with_heuristic(heuristic(choice));
+        let mut model = Model::default();
+        for op in ops {
+            match op {
+                Op::Allocate(size, align) => match pool.allocate(size, align) {
+                    Ok(ptr) => model.add(ptr, size, align),
+                    Err(Error::OutOfMemory { .. }) => {}
+                    Err(e) => panic!("unexpected {e}"),
+                },
+                Op::Free(pick) => model.free_one(&mut pool, pick),
+                Op::Coalesce => {
+                    let _ = pool.coalesce();
+                }
+                Op::Release => {
+                    pool.release();
+                    prop_assert_eq!(pool.stats().releasable_blocks, 0);
+                }
+            }
+            model.agrees_with(&pool);
+            prop_assert_eq!(upstream.held(), pool.stats().actual_size);
+        }
+        model.free_all(&mut pool);
+        model.agrees_with(&pool);
+        prop_assert_eq!(pool.stats().current_size, 0);
+        pool.release();
+        prop_assert_eq!((pool.stats().actual_size, upstream.held()), (0, 0));
+    }
+
+    #[test]
+    fn fixed_pool_matches_its_model(ops in ops(300), per_block in 1usize..200) {
+        let upstream = LimitedResource::new(HostResource, 64 << 10);
+        let config = FixedPoolConfig { objects_per_block: per_block, ..FixedPoolConfig::new(256) };
+        let mut pool = FixedPool::new(&upstream, config).unwrap();
+        let mut model = Model::default();
+        for op in ops {
+            match op {
+                Op::Allocate(size, align) => match pool.allocate(size, align) {
+                    Ok(ptr) => model.add(ptr, size, align),
+                    Err(Error::OutOfMemory { .. }) => {}
+                    Err(Error::InvalidAlignment { .. }) => prop_assert!(align > 16),
+                    Err(Error::InvalidSize { .. }) => prop_assert!(size > 256),
+                    Err(e) => panic!("unexpected {e}"),
+                },
+                Op::Free(pick) => model.free_one(&mut pool, pick),
+                Op::Coalesce | Op::Release => {
+                    pool.release();
+                }
+            }
+            model.agrees_with(&pool);
+            prop_assert_eq!(upstream.held(), pool.stats().actual_size);
+        }
+        model.free_all(&mut pool);
+        pool.release();
+        prop_assert_eq!((pool.stats().actual_size, upstream.held()), (0, 0));
+    }
+
+    #[test]
+    fn quick_pool_never_touches_device_memory(sizes in prop::collection::vec(1usize..100_000, 1..100)) {
+        let device = FakeDevice::new();
+        let mut pool = QuickPool::with_config(&device, small_config()).unwrap()
+            .with_heuristic(BlocksReleasable::new(2).unwrap());
+        let mut model = Model::default();
+        for (i, &size) in sizes.iter().enumerate() {
+            model.add(pool.allocate(size, 256).unwrap(), size, 256);
+            if i % 3 == 2 {
+                pool.deallocate(model.take(i * 31).unwrap()).unwrap();
+            }
+            model.agrees_with(&pool);
+        }
+        prop_assert_eq!(Pool::memory_kind(&pool), MemoryKind::Device);
+    }
+}
+
+/// Four upstream blocks of 4 KiB, each holding one 4 KiB allocation.
+fn four_full_blocks(heuristic: impl CoalesceHeuristic + 'static) -> (QuickPool<HostResource>, Vec<NonNull<u8>>) {
+    let mut pool = QuickPool::with_config(HostResource, small_config()).unwrap().with_heuristic(heuristic);
+    let ptrs = (0..4).map(|_| pool.allocate(4096, 16).unwrap()).collect();
+    assert_eq!(pool.stats().upstream_blocks, 4);
+    (pool, ptrs)
+}
+
+#[test]
+fn blocks_releasable_coalesces_exactly_at_its_count() {
+    let (mut pool, ptrs) = four_full_blocks(BlocksReleasable::new(3).unwrap());
+    for (freed, &ptr) in ptrs[..2].iter().enumerate() {
+        pool.deallocate(ptr).unwrap();
+        let s = pool.stats();
+        assert_eq!((s.releasable_blocks, s.coalesce_count, s.upstream_blocks), (freed + 1, 0, 4));
+    }
+    pool.deallocate(ptrs[2]).unwrap();
+    let s = pool.stats();
+    assert_eq!(s.coalesce_count, 1, "the third releasable block crosses the threshold");
+    assert_eq!((s.upstream_blocks, s.releasable_blocks, s.actual_size), (2, 1, 4 * 4096));
+    assert_eq!(s.largest_available, 3 * 4096);
+    // The merged block serves a request none of the three could.
+    let big = pool.allocate(3 * 4096, 16).unwrap();
+    assert_eq!(pool.stats().upstream_blocks, 2);
+    pool.deallocate(big).unwrap();
+    pool.check().unwrap();
+}
+
+#[test]
+fn percent_releasable_coalesces_exactly_at_its_share() {
+    let (mut pool, ptrs) = four_full_blocks(PercentReleasable::new(50).unwrap());
+    pool.deallocate(ptrs[0]).unwrap();
+    assert_eq!(pool.stats().coalesce_count, 0, "25% releasable is below 50%");
+    pool.deallocate(ptrs[1]).unwrap();
+    let s = pool.stats();
+    assert_eq!((s.coalesce_count, s.upstream_blocks, s.releasable_bytes), (1, 3, 2 * 4096));
+    pool.check().unwrap();
+}
+
+#[test]
+fn high_watermark_variants_refill_to_the_watermark() {
+    // Growing back: three 4 KiB blocks in use at the peak.
+    let mut pool =
+        QuickPool::with_config(HostResource, small_config()).unwrap().with_heuristic(BlocksReleasable::hwm(2).unwrap());
+    let ptrs: Vec<_> = (0..3).map(|_| pool.allocate(4096, 16).unwrap()).collect();
+    let hwm = pool.stats().high_watermark;
+    assert_eq!(hwm, 3 * 4096);
+    pool.deallocate(ptrs[0]).unwrap();
+    pool.deallocate(ptrs[1]).unwrap();
+    let s = pool.stats();
+    assert_eq!((s.coalesce_count, s.actual_size, s.upstream_blocks), (1, hwm, 2));
+    pool.deallocate(ptrs[2]).unwrap();
+    let s = pool.stats();
+    assert_eq!((s.coalesce_count, s.actual_size, s.upstream_blocks, s.largest_available), (2, hwm, 1, hwm));
+
+    // Shrinking: a 1 MiB first block, of which at most 1008 bytes were ever used.
+    let config = QuickPoolConfig { first_block_size: 1 << 20, ..small_config() };
+    for (heuristic, expected) in
+        [(PercentReleasable::hwm(100).unwrap(), 1008), (PercentReleasable::new(100).unwrap(), 1 << 20)]
+    {
+        let mut pool = QuickPool::with_config(HostResource, config).unwrap().with_heuristic(heuristic);
+        let p = pool.allocate(1000, 16).unwrap();
+        pool.deallocate(p).unwrap();
+        assert_eq!(pool.stats().actual_size, expected);
+        pool.check().unwrap();
+    }
+}
+
+#[test]
+fn closures_decide_and_see_every_free() {
+    let calls = alloc::sync::Arc::new(AtomicUsize::new(0));
+    let seen = alloc::sync::Arc::clone(&calls);
+    let (mut pool, ptrs) = four_full_blocks(move |s: &PoolStats| {
+        seen.fetch_add(1, Ordering::Relaxed);
+        (s.free_blocks == 4).then_some(2 * 4096)
+    });
+    for ptr in ptrs {
+        pool.deallocate(ptr).unwrap();
+    }
+    assert_eq!(calls.load(Ordering::Relaxed), 4);
+    let s = pool.stats();
+    assert_eq!((s.coalesce_count, s.actual_size, s.upstream_blocks), (1, 2 * 4096, 1));
+}
+
+#[test]
+fn the_maximum_size_is_a_clear_error_and_the_pool_goes_on() {
+    let config = QuickPoolConfig {
+        max_size: Some(40 << 10),
+        first_block_size: 16 << 10,
+        next_block_size: 16 << 10,
+        ..small_config()
+    };
+    let mut pool = QuickPool::with_config(HostResource, config).unwrap().with_heuristic(NeverCoalesce);
+    let a = pool.allocate(16 << 10, 16).unwrap();
+    let b = pool.allocate(16 << 10, 16).unwrap();
+    // The next block is cut to the room left under the maximum.
+    let c = pool.allocate(4 << 10, 16).unwrap();
+    assert_eq!(pool.stats().actual_size, 40 << 10);
+    let err = pool.allocate(16 << 10, 16).unwrap_err();
+    assert_eq!(err, Error::OutOfMemory { requested: 16 << 10, available: 0 });
+    assert!(err.to_string().contains("out of memory: requested 16384 bytes, 0 available"));
+    assert!(matches!(pool.allocate(1 << 20, 16), Err(Error::OutOfMemory { .. })));
+    pool.check().unwrap();
+    // Freeing whole blocks makes room again: they are released before the pool gives up.
+    pool.deallocate(a).unwrap();
+    pool.deallocate(c).unwrap();
+    let d = pool.allocate(24 << 10, 16).unwrap();
+    assert_eq!(pool.stats().actual_size, 40 << 10);
+    for p in [b, d] {
+        pool.deallocate(p).unwrap();
+    }
+    pool.check().unwrap();
+    assert!(QuickPool::with_config(HostResource, QuickPoolConfig { max_size: Some(8), ..small_config() }).is_err());
+}
+
+#[test]
+fn upstream_failure_releases_free_blocks_and_retries_once() {
+    let upstream = LimitedResource::new(HostResource, 12 << 10);
+    let mut pool = QuickPool::with_config(&upstream, small_config()).unwrap().with_heuristic(NeverCoalesce);
+    let ptrs: Vec<_> = (0..3).map(|_| pool.allocate(4096, 16).unwrap()).collect();
+    pool.deallocate(ptrs[0]).unwrap();
+    pool.deallocate(ptrs[1]).unwrap();
+    // No free block holds 8 KiB, and the budget is spent: the pool hands back its two free
+    // blocks and asks again.
+    let big = pool.allocate(8 << 10, 16).unwrap();
+    let s = pool.stats();
+    assert_eq!((s.upstream_failures, s.upstream_blocks, s.actual_size), (1, 2, 12 << 10));
+    assert_eq!((upstream.refusals(), upstream.held()), (1, 12 << 10));
+    // Nothing left to hand back: the upstream's error comes through, and the pool is unchanged.
+    let before = pool.stats();
+    assert!(matches!(pool.allocate(8 << 10, 16), Err(Error::OutOfMemory { .. })));
+    let after = pool.stats();
+    assert_eq!((after.actual_size, after.allocation_count, after.upstream_failures), (before.actual_size, 2, 3));
+    pool.check().unwrap();
+    // An injected failure is retried once and then succeeds.
+    pool.deallocate(big).unwrap();
+    pool.release();
+    upstream.refuse_next(1);
+    let p = pool.allocate(100, 16).unwrap();
+    // Two injected failures in a row are reported.
+    upstream.refuse_next(2);
+    assert!(matches!(pool.allocate(8 << 10, 16), Err(Error::OutOfMemory { .. })));
+    pool.deallocate(p).unwrap();
+    pool.deallocate(ptrs[2]).unwrap();
+    pool.check().unwrap();
+    drop(pool);
+    assert_eq!(upstream.held(), 0);
+}
+
+#[test]
+fn zero_sizes_and_bad_requests_are_errors_that_change_nothing() {
+    let upstream = LimitedResource::new(HostResource, 1 << 30);
+    let mut quick = QuickPool::new(&upstream);
+    assert!(matches!(quick.allocate(0, 16), Err(Error::InvalidSize { size: 0, .. })));
+    assert!(matches!(quick.allocate(16, 0), Err(Error::InvalidAlignment { align: 0 })));
+    assert!(matches!(quick.allocate(16, 24), Err(Error::InvalidAlignment { align: 24 })));
+    assert!(matches!(quick.allocate(usize::MAX - 8, 16), Err(Error::InvalidSize { .. })));
+    assert_eq!((quick.stats(), upstream.allocations()), (PoolStats::default(), 0));
+    let p = quick.allocate(1, 1).unwrap();
+    let inside = NonNull::new(p.as_ptr().wrapping_add(16)).unwrap();
+    assert!(matches!(quick.deallocate(inside), Err(Error::InvalidFree { .. })));
+    quick.deallocate(p).unwrap();
+    assert!(matches!(quick.deallocate(p), Err(Error::InvalidFree { .. })));
+    quick.check().unwrap();
+
+    let mut fixed = FixedPool::new(&upstream, FixedPoolConfig::new(64)).unwrap();
+    assert!(matches!(fixed.allocate(0, 16), Err(Error::InvalidSize { size: 0, .. })));
+    assert!(matches!(fixed.allocate(65, 16), Err(Error::InvalidSize { size: 65, .. })));
+    assert!(matches!(fixed.allocate(64, 32), Err(Error::InvalidAlignment { align: 32 })));
+    let p = fixed.allocate(64, 16).unwrap();
+    let inside = NonNull::new(p.as_ptr().wrapping_add(8)).unwrap();
+    assert!(matches!(fixed.deallocate(inside), Err(Error::InvalidFree { .. })));
+    assert!(matches!(
+        fixed.deallocate(NonNull::new(core::ptr::without_provenance_mut(16)).unwrap()),
+        Err(Error::InvalidFree { .. })
+    ));
+    fixed.deallocate(p).unwrap();
+    assert!(matches!(fixed.deallocate(p), Err(Error::InvalidFree { .. })));
+    fixed.check().unwrap();
+    assert!(FixedPool::new(HostResource, FixedPoolConfig::new(0)).is_err());
+    assert!(FixedPool::new(HostResource, FixedPoolConfig { objects_per_block: 0, ..FixedPoolConfig::new(8) }).is_err());
+}
+
+#[test]
+fn dropping_a_pool_hands_everything_back() {
+    let upstream = LimitedResource::new(HostResource, 1 << 30);
+    let mut quick = QuickPool::new(&upstream);
+    let mut fixed = FixedPool::new(&upstream, FixedPoolConfig::new(48)).unwrap();
+    for i in 1..100 {
+        quick.allocate(i * 100, 16).unwrap();
+        fixed.allocate(i % 48 + 1, 16).unwrap();
+    }
+    assert!(upstream.held() >= 512 << 20);
+    drop(quick);
+    drop(fixed);
+    assert_eq!(upstream.held(), 0);
+}
+
+#[test]
+fn blocks_and_live_allocations_describe_the_pool() {
+    let mut pool = QuickPool::with_config(HostResource, small_config()).unwrap().with_heuristic(NeverCoalesce);
+    let a = pool.allocate(100, 16).unwrap();
+    let b = pool.allocate(3000, 16).unwrap();
+    let c = pool.allocate(5000, 16).unwrap();
+    pool.deallocate(a).unwrap();
+    let blocks = pool.blocks();
+    let mut shape: Vec<_> = blocks.iter().map(|b| (b.chunk_size, b.offset, b.size, b.used)).collect();
+    shape.sort_unstable();
+    assert_eq!(
+        shape,
+        [(4096, 0, 112, false), (4096, 112, 3008, true), (4096, 3120, 976, false), (5008, 0, 5008, true)]
+    );
+    assert!(blocks.windows(2).all(|w| (w[0].chunk, w[0].chunk_addr) <= (w[1].chunk, w[1].chunk_addr)));
+    let s = pool.stats();
+    assert_eq!((s.total_blocks, s.free_blocks, s.largest_available), (4, 2, 976));
+    let live = pool.live_allocations();
+    assert_eq!(live.iter().map(|a| (a.size, a.sequence)).collect::<Vec<_>>().len(), 2);
+    assert!(live.iter().any(|a| a.size == 3000 && a.sequence == 1 && a.block_size == 3008));
+    assert!(live.iter().any(|a| a.size == 5000 && a.sequence == 2 && a.offset == 0));
+    pool.deallocate(b).unwrap();
+    pool.deallocate(c).unwrap();
+    let s = pool.stats();
+    assert_eq!((s.releasable_blocks, s.releasable_bytes, s.total_blocks), (2, 4096 + 5008, 2));
+    assert_eq!(pool.release(), 4096 + 5008);
+    assert_eq!(pool.stats().actual_size, 0);
+}
+
+#[test]
+fn fixed_pool_fills_sub_pools_in_order_and_releases_empty_ones() {
+    let config = FixedPoolConfig { objects_per_block: 100, ..FixedPoolConfig::new(256) };
+    let mut pool = FixedPool::new(HostResource, config).unwrap();
+    let ptrs: Vec<_> = (0..250).map(|_| pool.allocate(200, 16).unwrap()).collect();
+    let s = pool.stats();
+    assert_eq!(
+        (s.upstream_blocks, s.total_blocks, s.free_blocks, s.current_size, s.requested_size),
+        (3, 300, 50, 250 * 256, 250 * 200)
+    );
+    for &p in &ptrs[..100] {
+        pool.deallocate(p).unwrap();
+    }
+    pool.check().unwrap();
+    let blocks = pool.blocks();
+    assert!(blocks.iter().all(|b| b.size % 256 == 0));
+    assert_eq!(blocks.iter().filter(|b| b.used).map(|b| b.size).sum::<usize>(), 150 * 256);
+    assert!(pool.stats().releasable_blocks >= 1);
+    assert_eq!(pool.release(), pool.stats().actual_high_watermark - pool.stats().actual_size);
+    pool.check().unwrap();
+    for &p in &ptrs[100..] {
+        pool.deallocate(p).unwrap();
+    }
+    assert_eq!(pool.stats().allocation_count, 0);
+    pool.release();
+    assert_eq!(pool.stats().actual_size, 0);
+}

@@ -1,0 +1,338 @@
+//! Allocation traces: record what a program asks of a pool, as JSON lines, and replay it against
+//! any pool.
+//!
+//! One event per line:
+//!
+//! ```text
+//! {"op":"alloc","id":7,"size":4096,"align":16}
+//! {"op":"free","id":7}
+//! ```
+//!
+//! Ids name allocations; an id may be reused once its allocation is freed. [`TracedPool`] records
+//! the events of a pool in use; [`Replay`] checks a trace once and replays it as often as asked.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt::Write;
+use core::ptr::NonNull;
+
+use super::arena::AddrMap;
+use super::{BlockInfo, LiveAllocation, Pool, PoolStats};
+use crate::error::{Error, Result};
+use crate::resource::MemoryKind;
+
+/// One allocation event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TraceEvent {
+    /// `size` bytes aligned to `align` were allocated, and named `id`.
+    Allocate {
+        /// The allocation's name in the trace.
+        id: u64,
+        /// Bytes asked for.
+        size: usize,
+        /// Alignment asked for.
+        align: usize,
+    },
+    /// The allocation named `id` was freed.
+    Deallocate {
+        /// The allocation's name in the trace.
+        id: u64,
+    },
+}
+
+impl TraceEvent {
+    /// Appends the event as one JSON line.
+    pub fn write_json(&self, out: &mut String) {
+        // Writing to a String cannot fail.
+        let _ = match self {
+            TraceEvent::Allocate { id, size, align } => {
+                writeln!(out, r#"{{"op":"alloc","id":{id},"size":{size},"align":{align}}}"#)
+            }
+            TraceEvent::Deallocate { id } => writeln!(out, r#"{{"op":"free","id":{id}}}"#),
+        };
+    }
+
+    /// Parses one JSON line (keys in any order, whitespace allowed). `line_number` goes into the
+    /// error.
+    pub fn parse_json(line: &str, line_number: usize) -> Result<Self> {
+        let bad = |detail| Error::Corrupt { structure: "trace line", offset: line_number as u64, detail };
+        let body = line.trim().strip_prefix('{').and_then(|l| l.strip_suffix('}')).ok_or(bad("not a JSON object"))?;
+        let (mut op, mut id, mut size, mut align) = (None, None, None, None);
+        for field in body.split(',') {
+            let (key, value) = field.split_once(':').ok_or(bad("field without a value"))?;
+            let number = || value.trim().parse::<u64>().map_err(|_| bad("expected an unsigned integer"));
+            match key.trim() {
+                r#""op""# => op = Some(value.trim()),
+                r#""id""# => id = Some(number()?),
+                r#""size""# => size = Some(number()?),
+                r#""align""# => align = Some(number()?),
+                _ => return Err(bad("unknown field")),
+            }
+        }
+        let id = id.ok_or(bad("missing \"id\""))?;
+        match op.ok_or(bad("missing \"op\""))? {
+            r#""alloc""# => {
+                let size = size.ok_or(bad("missing \"size\""))?;
+                let align = align.unwrap_or(16);
+                let to_usize = |v: u64| usize::try_from(v).map_err(|_| bad("value too large for this machine"));
+                Ok(TraceEvent::Allocate { id, size: to_usize(size)?, align: to_usize(align)? })
+            }
+            r#""free""# => Ok(TraceEvent::Deallocate { id }),
+            _ => Err(bad("op must be \"alloc\" or \"free\"")),
+        }
+    }
+}
+
+/// The events as JSON lines.
+pub fn to_jsonl(events: &[TraceEvent]) -> String {
+    let mut out = String::with_capacity(events.len() * 48);
+    for event in events {
+        event.write_json(&mut out);
+    }
+    out
+}
+
+/// Parses JSON lines (blank lines are skipped).
+pub fn parse_jsonl(text: &str) -> Result<Vec<TraceEvent>> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(n, line)| TraceEvent::parse_json(line, n + 1))
+        .collect()
+}
+
+/// A pool that records every successful allocation and free as a [`TraceEvent`].
+pub struct TracedPool<P: Pool> {
+    pool: P,
+    events: Vec<TraceEvent>,
+    ids: AddrMap<u64>,
+    next_id: u64,
+}
+
+impl<P: Pool> TracedPool<P> {
+    /// Records what is done with `pool`.
+    pub fn new(pool: P) -> Self {
+        TracedPool { pool, events: Vec::new(), ids: AddrMap::default(), next_id: 0 }
+    }
+
+    /// The events so far.
+    pub fn events(&self) -> &[TraceEvent] {
+        &self.events
+    }
+
+    /// The pool.
+    pub fn inner(&self) -> &P {
+        &self.pool
+    }
+
+    /// The pool and its trace.
+    pub fn into_parts(self) -> (P, Vec<TraceEvent>) {
+        (self.pool, self.events)
+    }
+}
+
+impl<P: Pool> Pool for TracedPool<P> {
+    fn name(&self) -> &str {
+        self.pool.name()
+    }
+
+    fn memory_kind(&self) -> MemoryKind {
+        self.pool.memory_kind()
+    }
+
+    fn allocate(&mut self, size: usize, align: usize) -> Result<NonNull<u8>> {
+        let ptr = self.pool.allocate(size, align)?;
+        let id = self.next_id;
+        self.next_id += 1;
+        self.ids.insert(ptr.as_ptr() as usize, id);
+        self.events.push(TraceEvent::Allocate { id, size, align });
+        Ok(ptr)
+    }
+
+    fn deallocate(&mut self, ptr: NonNull<u8>) -> Result<()> {
+        self.pool.deallocate(ptr)?;
+        if let Some(id) = self.ids.remove(&(ptr.as_ptr() as usize)) {
+            self.events.push(TraceEvent::Deallocate { id });
+        }
+        Ok(())
+    }
+
+    fn release(&mut self) -> usize {
+        self.pool.release()
+    }
+
+    fn stats(&self) -> PoolStats {
+        self.pool.stats()
+    }
+
+    fn for_each_block(&self, f: &mut dyn FnMut(BlockInfo)) {
+        self.pool.for_each_block(f)
+    }
+
+    fn live_allocations(&self) -> Vec<LiveAllocation> {
+        self.pool.live_allocations()
+    }
+
+    fn check(&self) -> Result<()> {
+        self.pool.check()
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Step {
+    Allocate { slot: u32, size: usize, align: usize },
+    Deallocate { slot: u32 },
+}
+
+/// A checked trace, ready to replay: ids are mapped to dense slots up front, so replaying costs
+/// the pool's work and little else.
+pub struct Replay {
+    steps: Vec<Step>,
+    slots: usize,
+}
+
+/// What a replay did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplayOutcome {
+    /// Events replayed.
+    pub operations: usize,
+    /// Allocations the pool refused (their frees are skipped).
+    pub failed_allocations: usize,
+    /// The pool's figures afterwards (its `actual_high_watermark` is the peak actual size).
+    pub stats: PoolStats,
+}
+
+impl Replay {
+    /// Checks `events`: every free names a live allocation, and no id is allocated twice while
+    /// live.
+    pub fn new(events: &[TraceEvent]) -> Result<Self> {
+        let mut live: AddrMap<u32> = AddrMap::default();
+        let mut spare: Vec<u32> = Vec::new();
+        let mut slots = 0u32;
+        let mut steps = Vec::with_capacity(events.len());
+        for (n, event) in events.iter().enumerate() {
+            let bad = |detail| Error::Corrupt { structure: "trace", offset: n as u64 + 1, detail };
+            match *event {
+                TraceEvent::Allocate { id, size, align } => {
+                    let slot = spare.pop().unwrap_or_else(|| {
+                        slots += 1;
+                        slots - 1
+                    });
+                    if live.insert(id as usize, slot).is_some() {
+                        return Err(bad("id allocated again while live"));
+                    }
+                    steps.push(Step::Allocate { slot, size, align });
+                }
+                TraceEvent::Deallocate { id } => {
+                    let slot = live.remove(&(id as usize)).ok_or(bad("free of an id that is not live"))?;
+                    spare.push(slot);
+                    steps.push(Step::Deallocate { slot });
+                }
+            }
+        }
+        Ok(Replay { steps, slots: slots as usize })
+    }
+
+    /// Events in the trace.
+    pub fn len(&self) -> usize {
+        self.steps.len()
+    }
+
+    /// Whether the trace is empty.
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
+
+    /// The largest allocation in the trace (0 if none).
+    pub fn max_size(&self) -> usize {
+        self.steps.iter().map(|s| if let Step::Allocate { size, .. } = s { *size } else { 0 }).max().unwrap_or(0)
+    }
+
+    /// The largest alignment in the trace (0 if none).
+    pub fn max_align(&self) -> usize {
+        self.steps.iter().map(|s| if let Step::Allocate { align, .. } = s { *align } else { 0 }).max().unwrap_or(0)
+    }
+
+    /// Replays the trace against `pool`. Allocations the pool refuses are counted, not fatal;
+    /// what is still live at the end stays allocated.
+    pub fn run(&self, pool: &mut (impl Pool + ?Sized)) -> Result<ReplayOutcome> {
+        let mut live: Vec<Option<NonNull<u8>>> = alloc::vec![None; self.slots];
+        let mut failed = 0;
+        for step in &self.steps {
+            match *step {
+                Step::Allocate { slot, size, align } => match pool.allocate(size, align) {
+                    Ok(ptr) => live[slot as usize] = Some(ptr),
+                    Err(Error::OutOfMemory { .. } | Error::InvalidSize { .. } | Error::InvalidAlignment { .. }) => {
+                        failed += 1
+                    }
+                    Err(e) => return Err(e),
+                },
+                Step::Deallocate { slot } => {
+                    if let Some(ptr) = live[slot as usize].take() {
+                        pool.deallocate(ptr)?;
+                    }
+                }
+            }
+        }
+        Ok(ReplayOutcome { operations: self.steps.len(), failed_allocations: failed, stats: pool.stats() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::{HostResource, QuickPool};
+
+    #[test]
+    fn events_round_trip_through_json_lines() {
+        let events = [
+            TraceEvent::Allocate { id: 1, size: 4096, align: 64 },
+            TraceEvent::Allocate { id: 2, size: 1, align: 16 },
+            TraceEvent::Deallocate { id: 1 },
+        ];
+        let text = to_jsonl(&events);
+        assert_eq!(text.lines().next(), Some(r#"{"op":"alloc","id":1,"size":4096,"align":64}"#));
+        assert_eq!(parse_jsonl(&text).unwrap(), events);
+        let spaced = "\n{ \"id\": 3, \"op\": \"free\" }\n";
+        assert_eq!(parse_jsonl(spaced).unwrap(), [TraceEvent::Deallocate { id: 3 }]);
+    }
+
+    #[test]
+    fn bad_lines_say_where_and_why() {
+        let err = parse_jsonl("{\"op\":\"free\",\"id\":1}\n{\"op\":\"grow\",\"id\":1}").unwrap_err();
+        assert_eq!(
+            err,
+            Error::Corrupt { structure: "trace line", offset: 2, detail: "op must be \"alloc\" or \"free\"" }
+        );
+        assert!(parse_jsonl("{\"op\":\"alloc\",\"id\":1}").is_err());
+        assert!(parse_jsonl("{\"op\":\"alloc\",\"id\":-1,\"size\":3}").is_err());
+        assert!(parse_jsonl("[1,2]").is_err());
+        let free_unknown = [TraceEvent::Deallocate { id: 9 }];
+        assert!(matches!(Replay::new(&free_unknown), Err(Error::Corrupt { offset: 1, .. })));
+    }
+
+    #[test]
+    fn a_recorded_trace_replays_to_the_same_state() {
+        let mut traced = TracedPool::new(QuickPool::new(HostResource));
+        let mut live = Vec::new();
+        for i in 0..300usize {
+            live.push(traced.allocate(64 + i * 37 % 5000, 16).unwrap());
+            if i % 3 == 2 {
+                let p = live.swap_remove(i * 7 % live.len());
+                traced.deallocate(p).unwrap();
+            }
+        }
+        let (pool, events) = traced.into_parts();
+        let replay = Replay::new(&parse_jsonl(&to_jsonl(&events)).unwrap()).unwrap();
+        assert_eq!(replay.len(), 400);
+        let mut fresh = QuickPool::new(HostResource);
+        let outcome = replay.run(&mut fresh).unwrap();
+        fresh.check().unwrap();
+        assert_eq!(outcome.failed_allocations, 0);
+        let (a, b) = (pool.stats(), outcome.stats);
+        assert_eq!(
+            (a.current_size, a.allocation_count, a.high_watermark),
+            (b.current_size, b.allocation_count, b.high_watermark)
+        );
+    }
+}

@@ -1,0 +1,123 @@
+//! Replays an allocation trace (JSON lines) against every pool and heuristic.
+//!
+//! ```text
+//! cargo run --release --example replay                       # the sample trace
+//! cargo run --release --example replay -- my-trace.jsonl     # a trace of your own
+//! cargo run --release --example replay -- --record out.jsonl # write a fresh sample trace
+//! ```
+//!
+//! A trace is what [`TracedPool`] records: `{"op":"alloc","id":7,"size":4096,"align":16}` and
+//! `{"op":"free","id":7}`, one per line. For each pool the replay prints the time it took, the
+//! peak actual size (what the pool held from upstream at most), the final actual size, and the
+//! high watermark of bytes in use. `fixed` serves every request from slots of the trace's largest
+//! size.
+
+#[path = "common/xorshift.rs"]
+mod xorshift;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use hetmem::pool::render::Bytes;
+use hetmem::pool::trace::{parse_jsonl, to_jsonl, Replay, TracedPool};
+use hetmem::pool::{
+    BlocksReleasable, CoalesceHeuristic, FixedPool, FixedPoolConfig, HostResource, NeverCoalesce, PercentReleasable,
+    Pool, PoolStats, QuickPool, QuickPoolConfig,
+};
+use hetmem::Result;
+use xorshift::XorShift;
+
+const SAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/traces/sample.jsonl");
+
+/// The pools a trace is replayed against, each fresh.
+fn pools(max_size: usize, max_align: usize) -> Result<Vec<(String, Box<dyn Pool>)>> {
+    let config = QuickPoolConfig { first_block_size: 512 << 10, next_block_size: 512 << 10, ..Default::default() };
+    let heuristics: Vec<(&str, Box<dyn CoalesceHeuristic>)> = vec![
+        ("naive", Box::new(NeverCoalesce)),
+        ("quick blocks(4)", Box::new(BlocksReleasable::new(4)?)),
+        ("quick blocks-hwm(4)", Box::new(BlocksReleasable::hwm(4)?)),
+        ("quick percent(100)", Box::new(PercentReleasable::new(100)?)),
+        ("quick percent(50)", Box::new(PercentReleasable::new(50)?)),
+        ("quick percent-hwm(50)", Box::new(PercentReleasable::hwm(50)?)),
+    ];
+    let mut out: Vec<(String, Box<dyn Pool>)> = Vec::new();
+    for (name, mut h) in heuristics {
+        let pool =
+            QuickPool::with_config(HostResource, config)?.with_heuristic(move |s: &PoolStats| h.should_coalesce(s));
+        out.push((name.to_string(), Box::new(pool)));
+    }
+    if max_size > 0 {
+        let fixed =
+            FixedPoolConfig { objects_per_block: 64, alignment: max_align.max(16), ..FixedPoolConfig::new(max_size) };
+        out.push((format!("fixed ({})", Bytes(max_size)), Box::new(FixedPool::new(HostResource, fixed)?)));
+    }
+    Ok(out)
+}
+
+/// A simulation-like run: each step allocates field arrays and temporaries of varying sizes,
+/// frees the temporaries at the end of the step, and every few steps regrids (frees the fields
+/// and allocates new ones of another size). Recorded through a [`TracedPool`].
+fn record_sample() -> Result<String> {
+    let mut pool = TracedPool::new(QuickPool::new(HostResource));
+    let mut rng = XorShift(0x0005_DEEC_E66D);
+    let mut next = move |n: usize| rng.below(n);
+    let mut fields = Vec::new();
+    for step in 0..60 {
+        if step % 15 == 0 {
+            for p in fields.drain(..) {
+                pool.deallocate(p)?;
+            }
+            let cells = (64 + next(192)) << 10;
+            for _ in 0..6 {
+                fields.push(pool.allocate(cells, 64)?);
+            }
+        }
+        let temporaries: Vec<_> =
+            (0..8 + next(16)).map(|_| pool.allocate(256 + next(48 << 10), 16)).collect::<Result<_>>()?;
+        for p in temporaries {
+            pool.deallocate(p)?;
+        }
+    }
+    for p in fields {
+        pool.deallocate(p)?;
+    }
+    Ok(to_jsonl(pool.events()))
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(i) = args.iter().position(|a| a == "--record") {
+        let out = args.get(i + 1).map_or_else(|| PathBuf::from(SAMPLE), PathBuf::from);
+        std::fs::write(&out, record_sample()?)
+            .map_err(|e| hetmem::Error::Os { call: "write trace", errno: e.raw_os_error().unwrap_or(0) })?;
+        println!("wrote {}", out.display());
+        return Ok(());
+    }
+    let path = args.first().map_or_else(|| PathBuf::from(SAMPLE), PathBuf::from);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| hetmem::Error::Os { call: "read trace", errno: e.raw_os_error().unwrap_or(0) })?;
+    let replay = Replay::new(&parse_jsonl(&text)?)?;
+    println!("{}: {} events, largest request {}", path.display(), replay.len(), Bytes(replay.max_size()));
+    println!(
+        "{:<24} {:>10} {:>9} {:>14} {:>14} {:>14} {:>7}",
+        "pool", "time ms", "ns/op", "peak actual", "final actual", "high water", "failed"
+    );
+    for (name, mut pool) in pools(replay.max_size(), replay.max_align())? {
+        let start = Instant::now();
+        let outcome = replay.run(pool.as_mut())?;
+        let elapsed = start.elapsed();
+        pool.check()?;
+        let s = outcome.stats;
+        println!(
+            "{:<24} {:>10.3} {:>9.1} {:>14} {:>14} {:>14} {:>7}",
+            name,
+            elapsed.as_secs_f64() * 1e3,
+            elapsed.as_nanos() as f64 / outcome.operations.max(1) as f64,
+            Bytes(s.actual_high_watermark).to_string(),
+            Bytes(s.actual_size).to_string(),
+            Bytes(s.high_watermark).to_string(),
+            outcome.failed_allocations,
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,123 @@
+//! Alignment on top of driver allocators that only promise their own.
+//!
+//! `cuMemAlloc`, `cuMemHostAlloc` and `hipMalloc` take no alignment. A request whose alignment the
+//! driver's result happens to meet is returned as is; otherwise the block is allocated again with
+//! room to align, and the aligned address is remembered with the driver's base, so that
+//! `deallocate` (which gets the aligned address back) frees the right one. Device memory cannot
+//! hold a hidden header, so the record lives here, in host memory.
+
+use std::collections::HashMap;
+use std::ptr::NonNull;
+use std::sync::Mutex;
+
+use hetmem_core::{check_layout, Error, Result};
+
+/// Blocks handed out at an address other than the driver's base.
+#[derive(Debug, Default)]
+pub(crate) struct AlignedBlocks {
+    moved: Mutex<HashMap<u64, u64>>,
+}
+
+impl AlignedBlocks {
+    /// Allocates `size` bytes aligned to `align` with `alloc` (which returns a driver address or
+    /// an error), freeing with `free` whatever is not handed out. `call` names the driver call in
+    /// the error for a null result.
+    pub(crate) fn allocate(
+        &self,
+        size: usize,
+        align: usize,
+        call: &'static str,
+        mut alloc: impl FnMut(usize) -> Result<u64>,
+        mut free: impl FnMut(u64),
+    ) -> Result<NonNull<u8>> {
+        check_layout(size, align)?;
+        let first = alloc(size)?;
+        let addr = if first % align as u64 == 0 {
+            first
+        } else {
+            free(first);
+            let padded = size
+                .checked_add(align - 1)
+                .ok_or(Error::InvalidSize { size: size as u64, reason: "size overflows when aligned" })?;
+            let base = alloc(padded)?;
+            let aligned = base.next_multiple_of(align as u64);
+            self.lock().insert(aligned, base);
+            aligned
+        };
+        NonNull::new(addr as *mut u8).ok_or(Error::Gpu { call, code: 0, name: "returned address 0" })
+    }
+
+    /// The driver address to free for a block handed out at `addr` with alignment `align`.
+    /// `guaranteed` is the alignment every driver allocation has: at or below it, no block was
+    /// moved, and the table is not consulted.
+    pub(crate) fn base_of(&self, addr: u64, align: usize, guaranteed: usize) -> u64 {
+        if align <= guaranteed {
+            return addr;
+        }
+        self.lock().remove(&addr).unwrap_or(addr)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u64>> {
+        // The table stays consistent even if a holder panicked: each operation is one insert or
+        // remove.
+        self.moved.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    /// A fake driver that hands out addresses aligned to 256 only, and records frees.
+    struct Fake {
+        next: RefCell<u64>,
+        live: RefCell<Vec<(u64, usize)>>,
+    }
+
+    impl Fake {
+        fn new() -> Self {
+            Fake { next: RefCell::new(0x1_0000_0100), live: RefCell::new(Vec::new()) }
+        }
+        fn alloc(&self, size: usize) -> Result<u64> {
+            let at = *self.next.borrow();
+            *self.next.borrow_mut() = (at + size as u64).next_multiple_of(256) + 256;
+            self.live.borrow_mut().push((at, size));
+            Ok(at)
+        }
+        fn free(&self, at: u64) {
+            let mut live = self.live.borrow_mut();
+            let i = live.iter().position(|&(a, _)| a == at).expect("freeing a block the fake never gave");
+            live.remove(i);
+        }
+    }
+
+    #[test]
+    fn blocks_meet_their_alignment_and_free_their_driver_base() {
+        let blocks = AlignedBlocks::default();
+        let fake = Fake::new();
+        for align in [1usize, 8, 256, 4096, 1 << 20] {
+            let a = blocks.allocate(1000, align, "fake", |s| fake.alloc(s), |p| fake.free(p)).unwrap().as_ptr() as u64;
+            assert_eq!(a % align as u64, 0, "align {align}");
+            let (base, size) = *fake.live.borrow().last().unwrap();
+            assert!(a >= base && a + 1000 <= base + size as u64, "the block lies inside the driver's");
+            fake.free(blocks.base_of(a, align, 256));
+        }
+        assert!(fake.live.borrow().is_empty(), "every driver block was freed once");
+        assert!(blocks.lock().is_empty());
+    }
+
+    #[test]
+    fn bad_layouts_and_driver_errors_come_back() {
+        let blocks = AlignedBlocks::default();
+        let fake = Fake::new();
+        let fail = |_| Err(Error::OutOfMemory { requested: 1, available: 0 });
+        assert!(matches!(blocks.allocate(0, 8, "fake", |s| fake.alloc(s), |_| {}), Err(Error::InvalidSize { .. })));
+        assert!(matches!(
+            blocks.allocate(8, 3, "fake", |s| fake.alloc(s), |_| {}),
+            Err(Error::InvalidAlignment { .. })
+        ));
+        assert!(matches!(blocks.allocate(8, 8, "fake", fail, |_| {}), Err(Error::OutOfMemory { .. })));
+        assert!(fake.live.borrow().is_empty());
+    }
+}

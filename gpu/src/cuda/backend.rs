@@ -1,0 +1,164 @@
+//! [`CudaShmBackend`]: a POSIX shared-memory segment pinned and mapped for a CUDA device, so that
+//! every process that attaches, and their kernels, share one region.
+
+use std::sync::Arc;
+
+use cudarc::driver::{sys, CudaContext, CudaStream};
+use hetmem_backends::{PosixShmBackend, ShmOptions};
+use hetmem_core::{BackendKind, MemoryBackend, OffsetPtr, Result};
+
+use super::driver;
+use super::interop::{region_view, DeviceView};
+use crate::pinned::{check_range, impl_shm_device_backend};
+
+/// Options for [`CudaShmBackend`].
+#[derive(Clone, Debug, Default)]
+pub struct CudaShmOptions {
+    /// The segment's options (id, mode, unlink on drop, attach timeout).
+    pub shm: ShmOptions,
+    /// The CUDA device (ordinal in this process) whose kernels see the segment.
+    pub device: usize,
+    /// Register the segment read-only for the device (kernels may read it, not write it), where
+    /// the device supports it; elsewhere it is registered read-write, and
+    /// [`CudaShmBackend::device_read_only`] says which happened.
+    pub device_read_only: bool,
+}
+
+/// A POSIX shared-memory segment ([`BackendKind::Pinned`]) registered with `cuMemHostRegister`
+/// (portable + device-mapped), so kernels read and write it at [`device_ptr`](MemoryBackend::device_ptr)
+/// while CPU processes use it at [`base`](MemoryBackend::base).
+///
+/// Each process registers its own mapping when it creates or attaches, and unregisters it on drop;
+/// the segment's name follows [`PosixShmBackend`]'s rules (the creator unlinks it on drop unless
+/// persisted).
+///
+/// # Errors
+/// Creating or attaching fails as [`PosixShmBackend`] does, and as [`driver::driver`] and
+/// [`driver::context`] do when no usable driver or device is present (before any segment is
+/// made); a refused registration is [`hetmem_core::Error::Gpu`] with `call` "cuMemHostRegister".
+#[derive(Debug)]
+pub struct CudaShmBackend {
+    shm: PosixShmBackend,
+    ctx: Arc<CudaContext>,
+    device_ptr: u64,
+    read_only: bool,
+}
+
+impl CudaShmBackend {
+    /// Creates segment `name` with `size` bytes of data and registers it with the device.
+    pub fn create(name: &str, size: usize, options: &CudaShmOptions) -> Result<Self> {
+        let ctx = driver::context(options.device)?;
+        let shm = PosixShmBackend::create_kind(name, size, &options.shm, BackendKind::Pinned)?;
+        Self::register(shm, ctx, options.device_read_only) // on error the segment is dropped: unlinked
+    }
+
+    /// Attaches to segment `name` (made by [`create`](Self::create) in any process) and registers
+    /// this process's mapping with the device.
+    pub fn attach(name: &str, options: &CudaShmOptions) -> Result<Self> {
+        let ctx = driver::context(options.device)?;
+        let shm = PosixShmBackend::attach_kind(name, &options.shm, BackendKind::Pinned)?;
+        Self::register(shm, ctx, options.device_read_only)
+    }
+
+    fn register(shm: PosixShmBackend, ctx: Arc<CudaContext>, read_only: bool) -> Result<Self> {
+        driver::bind(&ctx)?;
+        let read_only = read_only && driver::read_only_register_supported(&ctx)?;
+        let mut flags = sys::CU_MEMHOSTREGISTER_PORTABLE | sys::CU_MEMHOSTREGISTER_DEVICEMAP;
+        if read_only {
+            flags |= sys::CU_MEMHOSTREGISTER_READ_ONLY;
+        }
+        // SAFETY: the segment's mapping is `len` bytes at `base` and stays mapped until the
+        // returned backend drops, which unregisters first.
+        unsafe { driver::host_register(shm.base(), shm.len() as usize, flags)? };
+        let device_ptr = match driver::host_device_pointer(shm.base().cast()) {
+            Ok(p) => p,
+            Err(e) => {
+                // SAFETY: registered just above; no device work has used it.
+                let _ = unsafe { driver::host_unregister(shm.base()) };
+                return Err(e);
+            }
+        };
+        Ok(CudaShmBackend { shm, ctx, device_ptr, read_only })
+    }
+
+    /// The context (the device's primary context) the segment is registered in.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Whether kernels see the segment read-only.
+    pub fn device_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The underlying segment.
+    pub fn shm(&self) -> &PosixShmBackend {
+        &self.shm
+    }
+
+    /// Keeps the segment after this (creating) process drops its backend.
+    pub fn persist(&mut self) {
+        self.shm.persist();
+    }
+
+    /// A view of `len` elements of `T` at `offset` (past the header page), for cudarc copies and
+    /// kernel launches on `stream` (which must belong to this backend's context).
+    ///
+    /// # Errors
+    /// [`hetmem_core::Error::OutOfBounds`] or [`hetmem_core::Error::InvalidAlignment`] for a range
+    /// outside the data area or misaligned for `T`.
+    pub fn device_view<T>(&self, offset: u64, len: usize, stream: &Arc<CudaStream>) -> Result<DeviceView<'_, T>> {
+        // SAFETY: the whole segment is registered and device-mapped at `device_ptr` until `self`
+        // drops.
+        unsafe { region_view(self, offset, len, stream) }
+    }
+
+    /// [`device_view`](Self::device_view) of an allocation's offset.
+    pub fn device_view_at<T>(&self, ptr: OffsetPtr, len: usize, stream: &Arc<CudaStream>) -> Result<DeviceView<'_, T>> {
+        // A null pointer's offset is far out of bounds, so the range check refuses it.
+        self.device_view(ptr.get(), len, stream)
+    }
+
+    /// The `len` elements of `T` at `offset` as a host slice, which cudarc copies take as their
+    /// host side (a copy from pinned memory runs at full speed and asynchronously).
+    ///
+    /// # Errors
+    /// As [`device_view`](Self::device_view).
+    ///
+    /// # Safety
+    /// While the slice lives, no process, thread or kernel writes those bytes, and they are valid
+    /// values of `T`.
+    pub unsafe fn host_slice<T>(&self, offset: u64, len: usize) -> Result<&[T]> {
+        check_range(self.shm.len(), offset, len, size_of::<T>(), align_of::<T>())?;
+        // SAFETY: in bounds and aligned (checked); the caller promises no writers and valid values.
+        Ok(unsafe { std::slice::from_raw_parts(self.shm.base().add(offset as usize).cast(), len) })
+    }
+
+    /// Like [`host_slice`](Self::host_slice), writable.
+    ///
+    /// # Errors
+    /// As [`device_view`](Self::device_view).
+    ///
+    /// # Safety
+    /// While the slice lives, no other process, thread, kernel or slice reads or writes those
+    /// bytes, and they are valid values of `T`.
+    #[allow(clippy::mut_from_ref)] // the memory is shared by design; the caller's contract rules out aliasing
+    pub unsafe fn host_slice_mut<T>(&self, offset: u64, len: usize) -> Result<&mut [T]> {
+        check_range(self.shm.len(), offset, len, size_of::<T>(), align_of::<T>())?;
+        // SAFETY: in bounds and aligned (checked); the caller promises exclusive access.
+        Ok(unsafe { std::slice::from_raw_parts_mut(self.shm.base().add(offset as usize).cast(), len) })
+    }
+}
+
+impl_shm_device_backend!(CudaShmBackend);
+
+impl Drop for CudaShmBackend {
+    fn drop(&mut self) {
+        // Unregister before the segment unmaps (the `shm` field drops after this). Errors cannot
+        // be reported from drop; the mapping goes away either way.
+        if driver::bind(&self.ctx).is_ok() {
+            // SAFETY: registered in `register`; the owner has finished its device work with it.
+            let _ = unsafe { driver::host_unregister(self.shm.base()) };
+        }
+    }
+}

@@ -1,0 +1,430 @@
+//! The one place that calls the CUDA driver's raw API (cudarc's `sys` level): loading the driver
+//! without panicking, its error codes as [`Error`]s, contexts, and thin wrappers over the calls
+//! the rest of the module makes. Everything outside this file goes through these functions.
+//!
+//! cudarc resolves each driver function the first time it is called and panics if the library or
+//! the symbol is missing. [`driver`] therefore checks, once per process, that the library loads,
+//! that every function hetmem calls is exported, and that `cuInit` succeeds; nothing else here is
+//! called before it has said yes.
+
+use std::collections::HashMap;
+use std::ffi::{c_char, c_void, CStr};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::sys::{self, CUdevice_attribute, CUresult};
+use cudarc::driver::{CudaContext, CudaStream, DriverError};
+use hetmem_core::{Error, Result, ShortStr};
+
+/// Environment variable naming the driver library to load (a path, e.g.
+/// `/usr/local/nvidia/lib64/libcuda.so.1`). When set, that library is used or none is.
+pub const DRIVER_ENV: &str = "HETMEM_CUDA_DRIVER";
+
+/// The oldest driver hetmem runs on: CUDA 11.4, the oldest API cudarc binds (stream-ordered
+/// allocation needs 11.2, read-only registration 11.1).
+pub const MIN_DRIVER_VERSION: i32 = 11_040;
+
+/// Every driver function hetmem (and the cudarc calls it makes: contexts, streams, copies, module
+/// loading, launches) uses, by the exact name cudarc resolves.
+const REQUIRED_SYMBOLS: &[&str] = &[
+    "cuInit",
+    "cuDriverGetVersion",
+    "cuDeviceGetCount",
+    "cuDeviceGet",
+    "cuDeviceGetAttribute",
+    "cuDeviceGetUuid_v2",
+    "cuDevicePrimaryCtxRetain",
+    "cuDevicePrimaryCtxRelease_v2",
+    "cuCtxGetCurrent",
+    "cuCtxSetCurrent",
+    "cuGetErrorName",
+    "cuGetErrorString",
+    "cuMemGetInfo_v2",
+    "cuMemAlloc_v2",
+    "cuMemFree_v2",
+    "cuMemHostAlloc",
+    "cuMemFreeHost",
+    "cuMemHostGetFlags",
+    "cuMemHostRegister_v2",
+    "cuMemHostUnregister",
+    "cuMemHostGetDevicePointer_v2",
+    "cuIpcGetMemHandle",
+    "cuIpcOpenMemHandle_v2",
+    "cuIpcCloseMemHandle",
+    "cuStreamCreate",
+    "cuStreamDestroy_v2",
+    "cuStreamSynchronize",
+    "cuStreamWaitEvent",
+    "cuEventCreate",
+    "cuEventDestroy_v2",
+    "cuEventRecord",
+    "cuMemcpyHtoDAsync_v2",
+    "cuMemcpyDtoHAsync_v2",
+    "cuMemcpyDtoDAsync_v2",
+    "cuModuleLoadData",
+    "cuModuleUnload",
+    "cuModuleGetFunction",
+    "cuLaunchKernel",
+];
+
+/// Functions needed only for stream-ordered allocation; checked when it is asked for.
+const ASYNC_ALLOC_SYMBOLS: &[&str] = &["cuMemAllocAsync", "cuMemFreeAsync"];
+
+/// What the loaded driver reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DriverInfo {
+    /// `cuDriverGetVersion`: 1000 × major + 10 × minor (e.g. 13000 for CUDA 13.0).
+    pub version: i32,
+    /// How many CUDA devices this process sees.
+    pub device_count: usize,
+}
+
+/// Loads and initialises the CUDA driver once per process and says what it found.
+///
+/// # Errors
+/// - [`Error::Unsupported`]: the driver library is not installed (or [`DRIVER_ENV`] names one that
+///   does not load), or the driver is older than [`MIN_DRIVER_VERSION`].
+/// - [`Error::NotFound`] (`what`: "CUDA driver function"): the driver lacks a function hetmem
+///   calls; it is too old.
+/// - [`Error::Gpu`] (`call`: "cuInit"): the driver refused to start, e.g. `CUDA_ERROR_NO_DEVICE`
+///   on a machine without a GPU, or `CUDA_ERROR_INSUFFICIENT_DRIVER`.
+pub fn driver() -> Result<DriverInfo> {
+    static STATE: OnceLock<Result<DriverInfo>> = OnceLock::new();
+    *STATE.get_or_init(load)
+}
+
+fn load() -> Result<DriverInfo> {
+    if let Some(path) = std::env::var_os(DRIVER_ENV) {
+        preload(&path)
+            .ok_or(Error::Unsupported("HETMEM_CUDA_DRIVER names a CUDA driver library that could not be loaded"))?;
+    }
+    // SAFETY: loading the driver library runs its initialisers, which is what loading it is for.
+    if !unsafe { sys::is_culib_present() } {
+        return Err(Error::Unsupported(
+            "the CUDA driver library (libcuda.so.1) was not found: install the NVIDIA driver, or set \
+             HETMEM_CUDA_DRIVER to its path",
+        ));
+    }
+    require_symbols(REQUIRED_SYMBOLS)?;
+    // SAFETY: the library and cuInit are present (checked above); cuInit takes flags 0.
+    check("cuInit", unsafe { sys::cuInit(0) })?;
+    let mut version = 0;
+    // SAFETY: `version` is a valid out-pointer.
+    check("cuDriverGetVersion", unsafe { sys::cuDriverGetVersion(&mut version) })?;
+    if version < MIN_DRIVER_VERSION {
+        return Err(Error::Unsupported("the CUDA driver is older than 11.4, the oldest hetmem supports"));
+    }
+    let mut count = 0;
+    // SAFETY: `count` is a valid out-pointer; the driver is initialised.
+    check("cuDeviceGetCount", unsafe { sys::cuDeviceGetCount(&mut count) })?;
+    Ok(DriverInfo { version, device_count: count.max(0) as usize })
+}
+
+/// Loads the library at `path` and keeps it loaded for the life of the process, so that cudarc's
+/// own lookup by soname finds this copy. `None` if it does not load.
+pub(crate) fn preload(path: &std::ffi::OsStr) -> Option<()> {
+    static KEPT: Mutex<Vec<libloading::Library>> = Mutex::new(Vec::new());
+    // SAFETY: loading a shared library runs its initialisers; the caller named a CUDA library.
+    let lib = unsafe { libloading::Library::new(path) }.ok()?;
+    KEPT.lock().unwrap_or_else(|p| p.into_inner()).push(lib);
+    Some(())
+}
+
+fn require_symbols(names: &[&'static str]) -> Result<()> {
+    // SAFETY: only called once `is_culib_present` said the library loads, so `culib` does not panic.
+    let lib = unsafe { sys::culib() };
+    for &name in names {
+        // SAFETY: the symbol is only looked up, never called through this type.
+        if unsafe { lib.get::<unsafe extern "C" fn()>(name.as_bytes()) }.is_err() {
+            return Err(Error::NotFound {
+                what: "CUDA driver function (the driver is too old)",
+                name: ShortStr::new(name),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Whether the driver has stream-ordered allocation (`cuMemAllocAsync`).
+pub(crate) fn require_async_alloc() -> Result<()> {
+    driver()?;
+    require_symbols(ASYNC_ALLOC_SYMBOLS)
+}
+
+/// `Ok` for `CUDA_SUCCESS`, else the error with the driver's name for the code.
+pub(crate) fn check(call: &'static str, code: CUresult) -> Result<()> {
+    if code == CUresult::CUDA_SUCCESS {
+        return Ok(());
+    }
+    Err(cuda_error(call, code))
+}
+
+/// `code` as an [`Error::Gpu`].
+pub(crate) fn cuda_error(call: &'static str, code: CUresult) -> Error {
+    let mut text: *const c_char = std::ptr::null();
+    // SAFETY: an error code only exists after a driver call, so the library is loaded and
+    // cuGetErrorName resolved (it is in REQUIRED_SYMBOLS); `text` is a valid out-pointer.
+    let named = unsafe { sys::cuGetErrorName(code, &mut text) } == CUresult::CUDA_SUCCESS;
+    let name = if named && !text.is_null() {
+        // SAFETY: the driver returns a pointer to a static NUL-terminated string; the library stays
+        // loaded for the life of the process (cudarc keeps it in a static), so it lives forever.
+        let text: &'static CStr = unsafe { CStr::from_ptr(text) };
+        text.to_str().unwrap_or("CUDA error with a non-UTF-8 name")
+    } else {
+        "unknown CUDA error"
+    };
+    Error::Gpu { call, code: code as i32, name }
+}
+
+/// A cudarc error as an [`Error::Gpu`].
+pub(crate) fn from_driver(call: &'static str, e: DriverError) -> Error {
+    cuda_error(call, e.0)
+}
+
+/// The primary context of device `ordinal`, retained once per process and shared: every hetmem
+/// object on that device, and every cudarc object made from it, uses the same context, so device
+/// addresses are valid across them.
+///
+/// # Errors
+/// As [`driver`]; [`Error::NotFound`] if there is no device `ordinal`.
+pub fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
+    static CONTEXTS: Mutex<Option<HashMap<usize, Arc<CudaContext>>>> = Mutex::new(None);
+    let info = driver()?;
+    if ordinal >= info.device_count {
+        return Err(Error::NotFound { what: "CUDA device", name: ShortStr::new(&ordinal.to_string()) });
+    }
+    let mut contexts = CONTEXTS.lock().unwrap_or_else(|p| p.into_inner());
+    let contexts = contexts.get_or_insert_with(HashMap::new);
+    if let Some(ctx) = contexts.get(&ordinal) {
+        return Ok(ctx.clone());
+    }
+    let ctx = CudaContext::new(ordinal).map_err(|e| from_driver("cuDevicePrimaryCtxRetain", e))?;
+    contexts.insert(ordinal, ctx.clone());
+    Ok(ctx)
+}
+
+/// Makes `ctx` current on this thread (the driver's calls act on the current context).
+///
+/// Calls the driver directly rather than `CudaContext::bind_to_thread`, which first reports (and
+/// clears) any error cudarc recorded earlier for the context, e.g. from an unrelated drop: that
+/// error belongs to whoever made it, not to the hetmem call at hand.
+pub(crate) fn bind(ctx: &CudaContext) -> Result<()> {
+    let mut current = std::ptr::null_mut();
+    // SAFETY: valid out-pointer; the driver is initialised (a context exists).
+    check("cuCtxGetCurrent", unsafe { sys::cuCtxGetCurrent(&mut current) })?;
+    if current != ctx.cu_ctx() {
+        // SAFETY: `ctx` holds a retained primary context, valid while it lives.
+        check("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(ctx.cu_ctx()) })?;
+    }
+    Ok(())
+}
+
+/// A device attribute of `ctx`'s device.
+pub(crate) fn attribute(ctx: &CudaContext, attr: CUdevice_attribute) -> Result<i32> {
+    let mut value = 0;
+    // SAFETY: valid out-pointer; `ctx` holds a valid device handle.
+    check("cuDeviceGetAttribute", unsafe { sys::cuDeviceGetAttribute(&mut value, attr, ctx.cu_device()) })?;
+    Ok(value)
+}
+
+/// The compute capability (major, minor) of `ctx`'s device.
+pub(crate) fn compute_capability(ctx: &CudaContext) -> Result<(i32, i32)> {
+    Ok((
+        attribute(ctx, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+        attribute(ctx, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+    ))
+}
+
+/// Whether `ctx`'s device can register host memory read-only for the device.
+pub(crate) fn read_only_register_supported(ctx: &CudaContext) -> Result<bool> {
+    Ok(attribute(ctx, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED)? != 0)
+}
+
+/// Whether `ctx`'s device supports stream-ordered allocation from its default memory pool.
+pub(crate) fn memory_pools_supported(ctx: &CudaContext) -> Result<bool> {
+    Ok(attribute(ctx, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED)? != 0)
+}
+
+/// The UUID of device `ordinal`, which names the same GPU in every process whatever its ordinal.
+pub(crate) fn device_uuid(ordinal: usize) -> Result<[u8; 16]> {
+    driver()?;
+    let mut device = 0;
+    // SAFETY: the driver is initialised; `device` is a valid out-pointer.
+    check("cuDeviceGet", unsafe { sys::cuDeviceGet(&mut device, ordinal as i32) })?;
+    // SAFETY: an all-zero CUuuid is a valid value to be overwritten.
+    let mut uuid: sys::CUuuid = unsafe { std::mem::zeroed() };
+    // SAFETY: `uuid` is a valid out-pointer; `device` came from cuDeviceGet.
+    check("cuDeviceGetUuid_v2", unsafe { sys::cuDeviceGetUuid_v2(&mut uuid, device) })?;
+    Ok(uuid.bytes.map(|b| b as u8))
+}
+
+/// Free and total device memory of the current context's device.
+pub(crate) fn mem_get_info() -> Result<(usize, usize)> {
+    let (mut free, mut total) = (0, 0);
+    // SAFETY: valid out-pointers; called with a context current.
+    check("cuMemGetInfo_v2", unsafe { sys::cuMemGetInfo_v2(&mut free, &mut total) })?;
+    Ok((free, total))
+}
+
+/// Out of memory as [`Error::OutOfMemory`], other failures as they are.
+fn alloc_error(call: &'static str, code: CUresult, requested: usize, available: impl FnOnce() -> u64) -> Error {
+    if code == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        return Error::OutOfMemory { requested: requested as u64, available: available() };
+    }
+    cuda_error(call, code)
+}
+
+fn free_device_memory() -> u64 {
+    mem_get_info().map(|(free, _)| free as u64).unwrap_or(0)
+}
+
+/// `cuMemAlloc` in the current context.
+pub(crate) fn mem_alloc(size: usize) -> Result<u64> {
+    let mut dptr = 0;
+    // SAFETY: `dptr` is a valid out-pointer; a context is current (callers bind first).
+    let code = unsafe { sys::cuMemAlloc_v2(&mut dptr, size) };
+    if code != CUresult::CUDA_SUCCESS {
+        return Err(alloc_error("cuMemAlloc", code, size, free_device_memory));
+    }
+    Ok(dptr)
+}
+
+/// `cuMemFree`.
+///
+/// # Safety
+/// `dptr` came from [`mem_alloc`] and is not used again.
+pub(crate) unsafe fn mem_free(dptr: u64) -> Result<()> {
+    // SAFETY: the caller's contract.
+    check("cuMemFree", unsafe { sys::cuMemFree_v2(dptr) })
+}
+
+/// `cuMemAllocAsync` on `stream` (from the device's default memory pool).
+pub(crate) fn mem_alloc_async(size: usize, stream: &CudaStream) -> Result<u64> {
+    let mut dptr = 0;
+    // SAFETY: `dptr` is a valid out-pointer; `stream` is a live stream of the current context;
+    // the async symbols were checked when the stream-ordered resource was made.
+    let code = unsafe { sys::cuMemAllocAsync(&mut dptr, size, stream.cu_stream()) };
+    if code != CUresult::CUDA_SUCCESS {
+        return Err(alloc_error("cuMemAllocAsync", code, size, free_device_memory));
+    }
+    Ok(dptr)
+}
+
+/// `cuMemFreeAsync` on `stream`.
+///
+/// # Safety
+/// `dptr` came from [`mem_alloc_async`] and no work enqueued after this uses it.
+pub(crate) unsafe fn mem_free_async(dptr: u64, stream: &CudaStream) -> Result<()> {
+    // SAFETY: the caller's contract; `stream` is live.
+    check("cuMemFreeAsync", unsafe { sys::cuMemFreeAsync(dptr, stream.cu_stream()) })
+}
+
+/// `cuMemHostAlloc` with `flags`.
+pub(crate) fn host_alloc(size: usize, flags: u32) -> Result<*mut c_void> {
+    let mut ptr = std::ptr::null_mut();
+    // SAFETY: `ptr` is a valid out-pointer; a context is current.
+    let code = unsafe { sys::cuMemHostAlloc(&mut ptr, size, flags) };
+    if code != CUresult::CUDA_SUCCESS {
+        return Err(alloc_error("cuMemHostAlloc", code, size, || 0));
+    }
+    Ok(ptr)
+}
+
+/// `cuMemFreeHost`.
+///
+/// # Safety
+/// `ptr` came from [`host_alloc`] and is not used again.
+pub(crate) unsafe fn free_host(ptr: *mut c_void) -> Result<()> {
+    // SAFETY: the caller's contract.
+    check("cuMemFreeHost", unsafe { sys::cuMemFreeHost(ptr) })
+}
+
+/// The flags pinned host memory at `ptr` was allocated or registered with.
+pub(crate) fn host_get_flags(ptr: *mut c_void) -> Result<u32> {
+    let mut flags = 0;
+    // SAFETY: valid out-pointer; the driver only looks `ptr` up.
+    check("cuMemHostGetFlags", unsafe { sys::cuMemHostGetFlags(&mut flags, ptr) })?;
+    Ok(flags)
+}
+
+/// `cuMemHostRegister`: pins `len` bytes at `ptr` and maps them for the device.
+///
+/// # Safety
+/// `ptr..ptr + len` is a mapping that stays valid until [`host_unregister`] is called on it.
+pub(crate) unsafe fn host_register(ptr: *mut u8, len: usize, flags: u32) -> Result<()> {
+    // SAFETY: the caller's contract.
+    check("cuMemHostRegister", unsafe { sys::cuMemHostRegister_v2(ptr.cast(), len, flags) })
+}
+
+/// `cuMemHostUnregister`.
+///
+/// # Safety
+/// `ptr` was registered by [`host_register`]; no device work that uses it is still running.
+pub(crate) unsafe fn host_unregister(ptr: *mut u8) -> Result<()> {
+    // SAFETY: the caller's contract.
+    check("cuMemHostUnregister", unsafe { sys::cuMemHostUnregister(ptr.cast()) })
+}
+
+/// The device address of pinned, device-mapped host memory at `ptr`.
+pub(crate) fn host_device_pointer(ptr: *mut c_void) -> Result<u64> {
+    let mut dptr = 0;
+    // SAFETY: valid out-pointer; the driver only looks `ptr` up (flags must be 0).
+    check("cuMemHostGetDevicePointer", unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dptr, ptr, 0) })?;
+    Ok(dptr)
+}
+
+/// The bytes of an IPC handle.
+pub(crate) const IPC_HANDLE_LEN: usize = 64;
+
+/// `cuIpcGetMemHandle` for an allocation made by [`mem_alloc`].
+pub(crate) fn ipc_get_handle(dptr: u64) -> Result<[u8; IPC_HANDLE_LEN]> {
+    // SAFETY: an all-zero handle is a valid value to be overwritten.
+    let mut handle: sys::CUipcMemHandle = unsafe { std::mem::zeroed() };
+    // SAFETY: valid out-pointer; the driver checks `dptr`.
+    check("cuIpcGetMemHandle", unsafe { sys::cuIpcGetMemHandle(&mut handle, dptr) })?;
+    Ok(handle.reserved.map(|b| b as u8))
+}
+
+/// `cuIpcOpenMemHandle` (peer access enabled lazily): the exporting process's allocation, mapped
+/// into this one.
+pub(crate) fn ipc_open(handle: &[u8; IPC_HANDLE_LEN]) -> Result<u64> {
+    let handle = sys::CUipcMemHandle { reserved: handle.map(|b| b as c_char) };
+    let mut dptr = 0;
+    // SAFETY: valid out-pointer; the driver validates the handle's bytes.
+    check("cuIpcOpenMemHandle", unsafe {
+        sys::cuIpcOpenMemHandle_v2(&mut dptr, handle, sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32)
+    })?;
+    Ok(dptr)
+}
+
+/// `cuIpcCloseMemHandle`.
+///
+/// # Safety
+/// `dptr` came from [`ipc_open`] and is not used again.
+pub(crate) unsafe fn ipc_close(dptr: u64) -> Result<()> {
+    // SAFETY: the caller's contract.
+    check("cuIpcCloseMemHandle", unsafe { sys::cuIpcCloseMemHandle(dptr) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whatever this machine has (no driver in CI, a GPU on the check machine), loading the driver
+    /// answers with a value or one of the documented errors, and asking twice gives the same answer.
+    #[test]
+    fn loading_the_driver_answers_without_panicking() {
+        let first = driver();
+        match first {
+            Ok(info) => assert!(info.version >= MIN_DRIVER_VERSION, "{info:?}"),
+            Err(Error::Unsupported(_)) | Err(Error::NotFound { .. }) => {}
+            Err(Error::Gpu { call, .. }) => assert_eq!(call, "cuInit"),
+            Err(other) => panic!("undocumented error {other:?}"),
+        }
+        assert_eq!(driver(), first);
+        match (first, context(usize::MAX)) {
+            (Ok(_), Err(Error::NotFound { what, .. })) => assert_eq!(what, "CUDA device"),
+            (Err(e), Err(again)) => assert_eq!(e, again, "context() reports the driver's error"),
+            (_, other) => panic!("context(usize::MAX): {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! Handing hetmem memory to cudarc without copying it.
+//!
+//! A [`DeviceView`] is a typed window on memory a kernel can address: part of a
+//! [`CudaShmBackend`](super::CudaShmBackend) or [`CudaIpcBackend`](super::CudaIpcBackend), or a
+//! block from a device or pinned pool. It implements cudarc's `DevicePtr`/`DevicePtrMut`, so
+//! `stream.memcpy_htod`, `memcpy_dtoh`, `memcpy_dtod` and friends take it as they take a
+//! `CudaSlice`, and [`DeviceView::kernel_arg`] passes its address to a kernel launch:
+//!
+//! ```no_run
+//! # use hetmem_gpu::cuda::*;
+//! # fn f(shm: &CudaShmBackend, func: &cudarc::driver::CudaFunction) -> hetmem_core::Result<()> {
+//! use cudarc::driver::{LaunchConfig, PushKernelArg};
+//! let stream = shm.context().default_stream();
+//! let mut out = shm.device_view::<u32>(hetmem_core::header::HEADER_SIZE, 1024, &stream)?;
+//! let n = 1024u32;
+//! let mut launch = stream.launch_builder(func);
+//! launch.arg(out.kernel_arg()).arg(&n);
+//! // SAFETY: the kernel writes `n` u32s through its first argument.
+//! unsafe { launch.launch(LaunchConfig::for_num_elems(n)) }.expect("launch");
+//! stream.memcpy_htod(&[7u32; 4], &mut out).expect("copy"); // a copy into shared memory
+//! # Ok(()) }
+//! ```
+//!
+//! A view does no event tracking: the memory is shared with the CPU and other processes, which
+//! cudarc's events cannot see. Order work with stream synchronisation, as for any shared memory.
+
+use std::marker::PhantomData;
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use cudarc::driver::{sys, CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop};
+use hetmem_core::{Error, MemoryBackend, Result};
+
+use crate::pinned::check_range;
+
+/// `len` elements of `T` at a device address, usable for `'a`, with the stream cudarc queues
+/// copies on.
+#[derive(Debug)]
+pub struct DeviceView<'a, T> {
+    ptr: sys::CUdeviceptr,
+    len: usize,
+    stream: Arc<CudaStream>,
+    _memory: PhantomData<&'a mut [T]>,
+}
+
+impl<'a, T> DeviceView<'a, T> {
+    /// A view of `len` elements at device address `ptr`.
+    ///
+    /// # Safety
+    /// `ptr` is a device address valid (in `stream`'s context) for `len * size_of::<T>()` bytes,
+    /// aligned for `T`, for all of `'a`; no other view of it is written while this one is used.
+    pub unsafe fn from_raw(ptr: u64, len: usize, stream: &Arc<CudaStream>) -> Self {
+        DeviceView { ptr, len, stream: stream.clone(), _memory: PhantomData }
+    }
+
+    /// A view of the first `len` elements of a pool block: `block` as returned by a pool over
+    /// [`CudaDeviceResource`](super::CudaDeviceResource) (a device address), with `bytes` its size.
+    ///
+    /// # Errors
+    /// [`Error::OutOfBounds`] if `len` elements do not fit in `bytes`, [`Error::InvalidAlignment`]
+    /// if the block is not aligned for `T`.
+    ///
+    /// # Safety
+    /// `block` is a live device block of at least `bytes` bytes in `stream`'s context, not freed
+    /// during `'a`, and not written through another view while this one is used.
+    pub unsafe fn from_block(block: NonNull<u8>, bytes: usize, len: usize, stream: &Arc<CudaStream>) -> Result<Self> {
+        if len.checked_mul(size_of::<T>()).is_none_or(|need| need > bytes) {
+            return Err(Error::OutOfBounds { offset: 0, len: len as u64, region_len: bytes as u64 });
+        }
+        if (block.as_ptr() as usize) % align_of::<T>() != 0 {
+            return Err(Error::InvalidAlignment { align: align_of::<T>() as u64 });
+        }
+        // SAFETY: the caller's contract, with size and alignment checked above.
+        Ok(unsafe { Self::from_raw(block.as_ptr() as u64, len, stream) })
+    }
+
+    /// The device address of the first element.
+    pub fn device_address(&self) -> u64 {
+        self.ptr
+    }
+
+    /// The address as a kernel argument: `launch.arg(view.kernel_arg())` passes a `T*`.
+    pub fn kernel_arg(&self) -> &u64 {
+        &self.ptr
+    }
+
+    /// The number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the view has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The stream cudarc queues this view's copies on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+}
+
+/// A view of `len` elements of `T` at `offset` of `backend`, checked to lie in its data area and to
+/// be aligned for `T`.
+///
+/// # Safety
+/// `backend.device_ptr()` is the device address of offset 0, valid in `stream`'s context for the
+/// backend's whole length and for as long as the backend lives.
+pub(crate) unsafe fn region_view<'a, T>(
+    backend: &'a dyn MemoryBackend,
+    offset: u64,
+    len: usize,
+    stream: &Arc<CudaStream>,
+) -> Result<DeviceView<'a, T>> {
+    check_range(backend.len(), offset, len, size_of::<T>(), align_of::<T>())?;
+    let base = backend.device_ptr().ok_or(Error::Unsupported("this backend has no device address"))?;
+    // SAFETY: the range lies in the region (checked), which the caller promises is mapped for the
+    // device while `backend` (borrowed for `'a`) lives.
+    Ok(unsafe { DeviceView::from_raw(base + offset, len, stream) })
+}
+
+impl<T> DeviceSlice<T> for DeviceView<'_, T> {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+}
+
+impl<T> DevicePtr<T> for DeviceView<'_, T> {
+    fn device_ptr<'b>(&'b self, _stream: &'b CudaStream) -> (sys::CUdeviceptr, SyncOnDrop<'b>) {
+        (self.ptr, SyncOnDrop::Sync(None))
+    }
+}
+
+impl<T> DevicePtrMut<T> for DeviceView<'_, T> {
+    fn device_ptr_mut<'b>(&'b mut self, _stream: &'b CudaStream) -> (sys::CUdeviceptr, SyncOnDrop<'b>) {
+        (self.ptr, SyncOnDrop::Sync(None))
+    }
+}

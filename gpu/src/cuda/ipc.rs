@@ -1,0 +1,216 @@
+//! [`CudaIpcBackend`]: device memory shared between processes with CUDA IPC handles, the handle
+//! kept in a POSIX shared-memory segment that other processes attach to by name.
+//!
+//! ```text
+//! shared-memory segment "name" (host)          device allocation (one per region)
+//! offset 0      RegionHeader (kind Device)      offset 0     (the header's twin; unused)
+//! offset 4096   IpcRecord: state, device UUID,  offset 4096  data, at device_ptr() + offset
+//!               size, IPC handle, attach count  ...
+//! ```
+//!
+//! The segment is as long as the region, so offsets mean the same on both sides, but only its first
+//! two pages are ever touched (shared memory is allocated on first touch): the data lives on the
+//! device.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cudarc::driver::{CudaContext, CudaStream};
+use hetmem_backends::{PosixShmBackend, ShmOptions};
+use hetmem_core::header::HEADER_SIZE;
+use hetmem_core::{BackendKind, Error, MemoryBackend, Result, ShortStr};
+
+use super::driver::{self, IPC_HANDLE_LEN};
+use super::interop::{region_view, DeviceView};
+use crate::pinned::impl_shm_device_backend;
+
+const RECORD_MAGIC: u64 = u64::from_le_bytes(*b"HMCUIPC1");
+const STATE_READY: u32 = 0x1BC0_0001;
+
+/// What an attacher needs to open the creator's allocation. Lives at offset [`HEADER_SIZE`] of the
+/// segment; written by the creator before it sets `state` to ready (release), read after (acquire).
+#[repr(C)]
+struct IpcRecord {
+    magic: u64,
+    state: AtomicU32,
+    /// Processes that have the allocation open, besides the creator.
+    attached: AtomicU32,
+    creator_pid: u32,
+    _pad: u32,
+    /// The region's length; the device allocation has exactly this many bytes.
+    len: u64,
+    device_uuid: [u8; 16],
+    handle: [u8; IPC_HANDLE_LEN],
+}
+
+const _: () = assert!(size_of::<IpcRecord>() as u64 <= HEADER_SIZE);
+
+/// Options for [`CudaIpcBackend`].
+#[derive(Clone, Debug, Default)]
+pub struct CudaIpcOptions {
+    /// The header segment's options (id, mode, unlink on drop, attach timeout).
+    pub shm: ShmOptions,
+    /// The device the creator allocates on. Attachers ignore it: they open the allocation on the
+    /// device with the creator's UUID, whatever its ordinal in their process.
+    pub device: usize,
+}
+
+/// Device memory ([`BackendKind::Device`]) that several processes use at once: the creator
+/// allocates it with `cuMemAlloc` and publishes its `cuIpcGetMemHandle` handle in a shared-memory
+/// segment; each attacher opens it with `cuIpcOpenMemHandle`. [`device_ptr`](MemoryBackend::device_ptr)
+/// is the region's offset 0 in this process; the CPU sees only the header
+/// ([`host_accessible`](MemoryBackend::host_accessible) is false).
+///
+/// The creator must outlive the attachers' use: dropping the creator while processes still have
+/// the memory open leaves the device memory allocated (until the creator exits) rather than free
+/// it under them.
+///
+/// # Errors
+/// As [`driver::context`] and [`PosixShmBackend`]; an attacher gets [`Error::NotFound`] if no
+/// device here has the creator's UUID, [`Error::HeaderMismatch`] for a record that is not a
+/// CUDA IPC record or has the wrong size, [`Error::TimedOut`] if the creator never finishes, and
+/// [`Error::Unsupported`] when attaching in the creating process itself (CUDA refuses that).
+#[derive(Debug)]
+pub struct CudaIpcBackend {
+    shm: PosixShmBackend,
+    ctx: Arc<CudaContext>,
+    device_ptr: u64,
+}
+
+impl CudaIpcBackend {
+    /// Creates segment `name` and `size` bytes of device memory after its header.
+    pub fn create(name: &str, size: usize, options: &CudaIpcOptions) -> Result<Self> {
+        let ctx = driver::context(options.device)?;
+        let uuid = driver::device_uuid(options.device)?;
+        let shm = PosixShmBackend::create_kind(name, size, &options.shm, BackendKind::Device)?;
+        let len = shm.len();
+        driver::bind(&ctx)?;
+        let device_ptr = driver::mem_alloc(len as usize)?;
+        let backend = CudaIpcBackend { shm, ctx, device_ptr }; // from here, Drop frees the memory
+        let handle = driver::ipc_get_handle(device_ptr)?;
+        let record = backend.record_ptr();
+        // SAFETY: the record lies in the segment's second page, which only the creator touches
+        // until it publishes `state` below; plain fields are written before the release store.
+        unsafe {
+            (*record).magic = RECORD_MAGIC;
+            (*record).creator_pid = std::process::id();
+            (*record).len = len;
+            (*record).device_uuid = uuid;
+            (*record).handle = handle;
+        }
+        backend.record().attached.store(0, Ordering::Relaxed);
+        backend.record().state.store(STATE_READY, Ordering::Release);
+        Ok(backend)
+    }
+
+    /// Attaches to segment `name` and opens the creator's device memory in this process.
+    pub fn attach(name: &str, options: &CudaIpcOptions) -> Result<Self> {
+        driver::driver()?;
+        let shm = PosixShmBackend::attach_kind(name, &options.shm, BackendKind::Device)?;
+        let (creator_pid, uuid, handle) = {
+            let record = wait_for_record(&shm, options.shm.attach_timeout)?;
+            (record.creator_pid, record.device_uuid, record.handle)
+        };
+        if creator_pid == std::process::id() {
+            return Err(Error::Unsupported(
+                "a CUDA IPC handle cannot be opened in the process that exported it: use the creator's backend",
+            ));
+        }
+        let ctx = driver::context(device_with_uuid(&uuid)?)?;
+        driver::bind(&ctx)?;
+        let device_ptr = driver::ipc_open(&handle)?;
+        let backend = CudaIpcBackend { shm, ctx, device_ptr }; // from here, Drop closes the handle
+        backend.record().attached.fetch_add(1, Ordering::AcqRel);
+        Ok(backend)
+    }
+
+    /// The context the memory is used in by this process.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// How many other processes have the memory open now.
+    pub fn attached(&self) -> u32 {
+        self.record().attached.load(Ordering::Acquire)
+    }
+
+    /// A view of `len` elements of `T` at `offset` (past the header page), for cudarc copies and
+    /// kernel launches on `stream` (which must belong to [`context`](Self::context)).
+    ///
+    /// # Errors
+    /// [`Error::OutOfBounds`] or [`Error::InvalidAlignment`] for a range outside the data area or
+    /// misaligned for `T`.
+    pub fn device_view<T>(&self, offset: u64, len: usize, stream: &Arc<CudaStream>) -> Result<DeviceView<'_, T>> {
+        // SAFETY: the device allocation is as long as the region and stays mapped at
+        // `device_ptr` until `self` drops.
+        unsafe { region_view(self, offset, len, stream) }
+    }
+
+    fn record_ptr(&self) -> *mut IpcRecord {
+        // SAFETY: the segment is at least two pages (header + data, rounded to pages), so the
+        // record at HEADER_SIZE is in bounds; the mapping is page-aligned.
+        unsafe { self.shm.base().add(HEADER_SIZE as usize).cast() }
+    }
+
+    fn record(&self) -> &IpcRecord {
+        // SAFETY: in bounds and aligned (see `record_ptr`); every field is an integer, valid for
+        // any bytes, and the ones written concurrently are atomics.
+        unsafe { &*self.record_ptr() }
+    }
+}
+
+/// Waits for the creator to publish the record, then checks it.
+fn wait_for_record(shm: &PosixShmBackend, timeout: Duration) -> Result<&IpcRecord> {
+    // SAFETY: as `CudaIpcBackend::record`: the segment holds at least the header and one page.
+    let record = unsafe { &*shm.base().add(HEADER_SIZE as usize).cast::<IpcRecord>() };
+    let started = Instant::now();
+    while record.state.load(Ordering::Acquire) != STATE_READY {
+        if started.elapsed() >= timeout {
+            return Err(Error::TimedOut {
+                what: "the CUDA IPC segment's creator to publish its handle",
+                waited_ms: started.elapsed().as_millis() as u64,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    if record.magic != RECORD_MAGIC {
+        return Err(Error::HeaderMismatch { field: "ipc_magic", expected: RECORD_MAGIC, found: record.magic });
+    }
+    if record.len != shm.len() {
+        return Err(Error::HeaderMismatch { field: "ipc_len", expected: shm.len(), found: record.len });
+    }
+    Ok(record)
+}
+
+/// The ordinal, in this process, of the device with `uuid`.
+fn device_with_uuid(uuid: &[u8; 16]) -> Result<usize> {
+    let count = driver::driver()?.device_count;
+    for ordinal in 0..count {
+        if driver::device_uuid(ordinal)? == *uuid {
+            return Ok(ordinal);
+        }
+    }
+    let hex: String = uuid.iter().map(|b| format!("{b:02x}")).collect();
+    Err(Error::NotFound { what: "CUDA device with the creator's UUID", name: ShortStr::new(&hex) })
+}
+
+impl_shm_device_backend!(CudaIpcBackend);
+
+impl Drop for CudaIpcBackend {
+    fn drop(&mut self) {
+        if driver::bind(&self.ctx).is_err() {
+            return; // the context is gone, and the memory with it
+        }
+        if !self.shm.is_creator() {
+            // SAFETY: opened in `attach`, and the owner is done with it.
+            let _ = unsafe { driver::ipc_close(self.device_ptr) };
+            self.record().attached.fetch_sub(1, Ordering::AcqRel);
+        } else if self.record().attached.load(Ordering::Acquire) == 0 {
+            // SAFETY: allocated in `create`; no other process has it open, and the owner is done.
+            let _ = unsafe { driver::mem_free(self.device_ptr) };
+        }
+        // Otherwise other processes still use it: leave it allocated (the driver frees it when
+        // this process exits) rather than pull it from under them.
+    }
+}

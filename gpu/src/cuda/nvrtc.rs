@@ -1,0 +1,149 @@
+//! Compiling CUDA C++ to PTX at run time with NVRTC, without panicking when NVRTC is missing.
+//!
+//! NVRTC 12 (`libnvrtc.so.12`) and 13 (`libnvrtc.so.13`) both work. The library is looked for,
+//! in order: the path in [`NVRTC_ENV`]; the names the dynamic loader resolves (`LD_LIBRARY_PATH`,
+//! the loader cache); then the `lib64` folders of `CUDA_HOME`, `CUDA_PATH` and `/usr/local/cuda`.
+//! NVRTC needs no GPU: compiling works on any machine that has the library.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use cudarc::driver::CudaContext;
+use cudarc::nvrtc::{self, CompileOptions, Ptx};
+use hetmem_core::{Error, Result};
+
+use super::driver;
+
+/// Environment variable naming the NVRTC library to load (a path to `libnvrtc.so.12` or `.13`).
+pub const NVRTC_ENV: &str = "HETMEM_NVRTC";
+
+/// The sonames tried, newest first; cudarc looks the library up by these same names.
+const SONAMES: &[&str] = &["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"];
+
+/// A failed compilation: the error and NVRTC's log (empty if NVRTC never ran).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompileError {
+    /// What went wrong.
+    pub error: Error,
+    /// NVRTC's log: the compiler's messages, with line numbers.
+    pub log: String,
+}
+
+impl std::fmt::Display for CompileError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.error)?;
+        if !self.log.is_empty() {
+            write!(f, "\n{}", self.log.trim_end())?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for CompileError {}
+
+impl From<CompileError> for Error {
+    fn from(e: CompileError) -> Error {
+        e.error
+    }
+}
+
+impl From<Error> for CompileError {
+    fn from(error: Error) -> CompileError {
+        CompileError { error, log: String::new() }
+    }
+}
+
+/// Finds and loads NVRTC once per process.
+///
+/// # Errors
+/// [`Error::Unsupported`] if no NVRTC library loads (or [`NVRTC_ENV`] names one that does not).
+pub fn nvrtc_available() -> Result<()> {
+    static STATE: OnceLock<Result<()>> = OnceLock::new();
+    *STATE.get_or_init(find_nvrtc)
+}
+
+fn find_nvrtc() -> Result<()> {
+    if let Some(path) = std::env::var_os(NVRTC_ENV) {
+        return driver::preload(&path)
+            .ok_or(Error::Unsupported("HETMEM_NVRTC names an NVRTC library that could not be loaded"));
+    }
+    if SONAMES.iter().any(|name| driver::preload(name.as_ref()).is_some()) {
+        return Ok(());
+    }
+    for dir in toolkit_lib_dirs() {
+        for name in SONAMES {
+            let path = dir.join(name);
+            if path.exists() && driver::preload(path.as_os_str()).is_some() {
+                return Ok(());
+            }
+        }
+    }
+    Err(Error::Unsupported(
+        "NVRTC (libnvrtc.so.12 or .13) was not found: install the CUDA toolkit or the \
+         nvidia-cuda-nvrtc wheel, or set HETMEM_NVRTC to the library's path",
+    ))
+}
+
+fn toolkit_lib_dirs() -> Vec<PathBuf> {
+    let roots: Vec<OsString> = ["CUDA_HOME", "CUDA_PATH"]
+        .iter()
+        .filter_map(std::env::var_os)
+        .chain([OsString::from("/usr/local/cuda")])
+        .collect();
+    roots.iter().flat_map(|root| [PathBuf::from(root).join("lib64"), PathBuf::from(root).join("lib")]).collect()
+}
+
+/// Compiles CUDA C++ `src` to PTX for the device of `ctx` (its compute capability), with `options`
+/// passed to NVRTC as they are (e.g. `"-DN=4"`, `"--std=c++17"`).
+///
+/// # Errors
+/// [`nvrtc_available`]'s; a source with a NUL byte is [`Error::InvalidName`]; a compile error is
+/// [`Error::Gpu`] (`call`: "nvrtcCompileProgram") with the compiler's log in
+/// [`CompileError::log`].
+pub fn compile_ptx(ctx: &CudaContext, src: &str, options: &[&str]) -> Result<Ptx, CompileError> {
+    let (major, minor) = driver::compute_capability(ctx)?;
+    let mut all = vec![format!("--gpu-architecture=compute_{major}{minor}")];
+    all.extend(options.iter().map(|o| o.to_string()));
+    compile(src, all)
+}
+
+/// Compiles `src` with exactly `options` (no architecture is added: NVRTC's default applies unless
+/// an option names one). Works without a GPU.
+pub fn compile_ptx_with(src: &str, options: &[&str]) -> Result<Ptx, CompileError> {
+    compile(src, options.iter().map(|o| o.to_string()).collect())
+}
+
+fn compile(src: &str, options: Vec<String>) -> Result<Ptx, CompileError> {
+    nvrtc_available()?;
+    if src.contains('\0') || options.iter().any(|o| o.contains('\0')) {
+        return Err(Error::InvalidName { name: "kernel source".into(), reason: "NUL byte in source or options" }.into());
+    }
+    let opts = CompileOptions { options, ..Default::default() };
+    nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| {
+        use nvrtc::CompileError as E;
+        let (call, code, log) = match e {
+            E::CreationError(n) => ("nvrtcCreateProgram", n.0, String::new()),
+            E::CompileError { nvrtc, log, .. } => ("nvrtcCompileProgram", nvrtc.0, log.to_string_lossy().into_owned()),
+            E::GetLogError(n) => ("nvrtcGetProgramLog", n.0, String::new()),
+            E::GetPtxError(n) => ("nvrtcGetPTX", n.0, String::new()),
+            E::DestroyError(n) => ("nvrtcDestroyProgram", n.0, String::new()),
+        };
+        CompileError { error: Error::Gpu { call, code: code as i32, name: nvrtc_name(code as i32) }, log }
+    })
+}
+
+/// NVRTC's name for a result code (the list is fixed in NVRTC's header).
+fn nvrtc_name(code: i32) -> &'static str {
+    match code {
+        1 => "NVRTC_ERROR_OUT_OF_MEMORY",
+        2 => "NVRTC_ERROR_PROGRAM_CREATION_FAILURE",
+        3 => "NVRTC_ERROR_INVALID_INPUT",
+        4 => "NVRTC_ERROR_INVALID_PROGRAM",
+        5 => "NVRTC_ERROR_INVALID_OPTION",
+        6 => "NVRTC_ERROR_COMPILATION",
+        7 => "NVRTC_ERROR_BUILTIN_OPERATION_FAILURE",
+        11 => "NVRTC_ERROR_INTERNAL_ERROR",
+        _ => "NVRTC error",
+    }
+}

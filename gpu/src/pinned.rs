@@ -1,0 +1,84 @@
+//! What the GPU backends share: each is a [`PosixShmBackend`] (kind [`BackendKind::Pinned`] for the
+//! registered segments, [`BackendKind::Device`] for CUDA IPC) plus the device address of its offset
+//! 0 in this process, and each checks ranges the same way.
+//!
+//! [`PosixShmBackend`]: hetmem_backends::PosixShmBackend
+//! [`BackendKind::Pinned`]: hetmem_core::BackendKind::Pinned
+//! [`BackendKind::Device`]: hetmem_core::BackendKind::Device
+
+use hetmem_core::header::HEADER_SIZE;
+use hetmem_core::{Error, Result};
+
+/// Implements [`MemoryBackend`](hetmem_core::MemoryBackend) for a type with fields
+/// `shm: PosixShmBackend` and `device_ptr: u64` by delegating to the segment.
+macro_rules! impl_shm_device_backend {
+    ($ty:ty) => {
+        impl hetmem_core::MemoryBackend for $ty {
+            fn kind(&self) -> hetmem_core::BackendKind {
+                self.shm.kind()
+            }
+            fn name(&self) -> Option<&str> {
+                self.shm.name()
+            }
+            fn base(&self) -> *mut u8 {
+                self.shm.base()
+            }
+            fn len(&self) -> u64 {
+                self.shm.len()
+            }
+            fn header(&self) -> &hetmem_core::RegionHeader {
+                self.shm.header()
+            }
+            fn is_creator(&self) -> bool {
+                self.shm.is_creator()
+            }
+            fn device_ptr(&self) -> Option<u64> {
+                Some(self.device_ptr)
+            }
+            fn destroy(&self) -> hetmem_core::Result<()> {
+                self.shm.destroy()
+            }
+        }
+    };
+}
+pub(crate) use impl_shm_device_backend;
+
+/// Checks that `count` elements of `elem_size` bytes and alignment `elem_align` starting at
+/// `offset` lie inside a region of `region_len` bytes and past its header; returns their length in
+/// bytes.
+pub(crate) fn check_range(
+    region_len: u64,
+    offset: u64,
+    count: usize,
+    elem_size: usize,
+    elem_align: usize,
+) -> Result<usize> {
+    let bytes = count
+        .checked_mul(elem_size)
+        .ok_or(Error::InvalidSize { size: count as u64, reason: "element count overflows" })?;
+    let end = offset.checked_add(bytes as u64);
+    if offset < HEADER_SIZE || end.is_none_or(|end| end > region_len) {
+        return Err(Error::OutOfBounds { offset, len: bytes as u64, region_len });
+    }
+    if offset % elem_align as u64 != 0 {
+        return Err(Error::InvalidAlignment { align: elem_align as u64 });
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_must_lie_in_the_data_area_and_be_aligned() {
+        let len = HEADER_SIZE + 8192;
+        assert_eq!(check_range(len, HEADER_SIZE, 2048, 4, 4).unwrap(), 8192);
+        assert_eq!(check_range(len, HEADER_SIZE + 8192, 0, 4, 4).unwrap(), 0);
+        assert!(matches!(check_range(len, 0, 1, 4, 4), Err(Error::OutOfBounds { .. })), "the header is not data");
+        assert!(matches!(check_range(len, HEADER_SIZE, 2049, 4, 4), Err(Error::OutOfBounds { .. })));
+        assert!(matches!(check_range(len, u64::MAX - 2, 1, 4, 4), Err(Error::OutOfBounds { .. })));
+        assert!(matches!(check_range(len, HEADER_SIZE, usize::MAX, 4, 4), Err(Error::InvalidSize { .. })));
+        assert!(matches!(check_range(len, HEADER_SIZE + 2, 1, 4, 4), Err(Error::InvalidAlignment { .. })));
+    }
+}

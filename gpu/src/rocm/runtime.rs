@@ -1,0 +1,120 @@
+//! The one place that calls the HIP runtime's raw API (hip-sys): its error codes as [`Error`]s, the
+//! device check every constructor starts with, and thin wrappers over the calls the rest of the
+//! module makes.
+
+use std::ffi::{c_void, CStr};
+use std::sync::OnceLock;
+
+use hetmem_core::{Error, Result, ShortStr};
+use hip_sys::hiprt::{self, hipError_t};
+
+/// What the HIP runtime reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RuntimeInfo {
+    /// `hipRuntimeGetVersion`.
+    pub version: i32,
+    /// How many HIP devices this process sees (at least one: none is an error).
+    pub device_count: usize,
+}
+
+/// Checks once per process that the HIP runtime has a device.
+///
+/// # Errors
+/// [`Error::Gpu`] from `hipGetDeviceCount`, e.g. `hipErrorNoDevice` on a machine without an AMD
+/// GPU (or without access to `/dev/kfd`).
+pub fn runtime() -> Result<RuntimeInfo> {
+    static STATE: OnceLock<Result<RuntimeInfo>> = OnceLock::new();
+    *STATE.get_or_init(|| {
+        let mut count = 0;
+        // SAFETY: `count` is a valid out-pointer.
+        check("hipGetDeviceCount", unsafe { hiprt::hipGetDeviceCount(&mut count) })?;
+        if count <= 0 {
+            return Err(Error::Gpu { call: "hipGetDeviceCount", code: 0, name: "no HIP device" });
+        }
+        let mut version = 0;
+        // SAFETY: `version` is a valid out-pointer.
+        check("hipRuntimeGetVersion", unsafe { hiprt::hipRuntimeGetVersion(&mut version) })?;
+        Ok(RuntimeInfo { version, device_count: count as usize })
+    })
+}
+
+/// Checks the runtime and makes `device` current on this thread.
+///
+/// # Errors
+/// As [`runtime`]; [`Error::NotFound`] if there is no device `device`.
+pub(crate) fn use_device(device: usize) -> Result<()> {
+    if device >= runtime()?.device_count {
+        return Err(Error::NotFound { what: "HIP device", name: ShortStr::new(&device.to_string()) });
+    }
+    // SAFETY: a valid device ordinal (checked).
+    check("hipSetDevice", unsafe { hiprt::hipSetDevice(device as i32) })
+}
+
+/// `Ok` for `hipSuccess`, else the error with the runtime's name for the code.
+pub(crate) fn check(call: &'static str, code: hipError_t) -> Result<()> {
+    if code == hipError_t::hipSuccess {
+        return Ok(());
+    }
+    // SAFETY: hipGetErrorName takes any code and returns a static string (or null).
+    let text = unsafe { hiprt::hipGetErrorName(code) };
+    let name = if text.is_null() {
+        "unknown HIP error"
+    } else {
+        // SAFETY: a NUL-terminated string in the runtime's static data; the runtime is linked into
+        // the program, so it lives as long as the process.
+        let text: &'static CStr = unsafe { CStr::from_ptr(text) };
+        text.to_str().unwrap_or("HIP error with a non-UTF-8 name")
+    };
+    Err(Error::Gpu { call, code: code as i32, name })
+}
+
+/// `hipMalloc` on the current device; out of memory is [`Error::OutOfMemory`].
+pub(crate) fn malloc(size: usize) -> Result<u64> {
+    let mut ptr: *mut c_void = std::ptr::null_mut();
+    // SAFETY: `ptr` is a valid out-pointer.
+    let code = unsafe { hiprt::hipMalloc(&mut ptr, size) };
+    if code == hipError_t::hipErrorOutOfMemory {
+        let (mut free, mut total) = (0, 0);
+        // SAFETY: valid out-pointers.
+        let _ = unsafe { hiprt::hipMemGetInfo(&mut free, &mut total) };
+        return Err(Error::OutOfMemory { requested: size as u64, available: free as u64 });
+    }
+    check("hipMalloc", code)?;
+    Ok(ptr as u64)
+}
+
+/// `hipFree`.
+///
+/// # Safety
+/// `ptr` came from [`malloc`] and is not used again.
+pub(crate) unsafe fn free(ptr: u64) -> Result<()> {
+    // SAFETY: the caller's contract.
+    check("hipFree", unsafe { hiprt::hipFree(ptr as *mut c_void) })
+}
+
+/// `hipHostRegister` (portable + mapped).
+///
+/// # Safety
+/// `ptr..ptr + len` is a mapping that stays valid until [`host_unregister`] is called on it.
+pub(crate) unsafe fn host_register(ptr: *mut u8, len: usize) -> Result<()> {
+    let flags = hiprt::hipHostRegisterPortable | hiprt::hipHostRegisterMapped;
+    // SAFETY: the caller's contract.
+    check("hipHostRegister", unsafe { hiprt::hipHostRegister(ptr.cast(), len, flags) })
+}
+
+/// `hipHostUnregister`.
+///
+/// # Safety
+/// `ptr` was registered by [`host_register`]; no device work that uses it is still running.
+pub(crate) unsafe fn host_unregister(ptr: *mut u8) -> Result<()> {
+    // SAFETY: the caller's contract.
+    check("hipHostUnregister", unsafe { hiprt::hipHostUnregister(ptr.cast()) })
+}
+
+/// The device address of registered, mapped host memory at `ptr`.
+pub(crate) fn host_device_pointer(ptr: *mut u8) -> Result<u64> {
+    let mut dptr: *mut c_void = std::ptr::null_mut();
+    // SAFETY: valid out-pointer; the runtime only looks `ptr` up.
+    check("hipHostGetDevicePointer", unsafe { hiprt::hipHostGetDevicePointer(&mut dptr, ptr.cast(), 0) })?;
+    Ok(dptr as u64)
+}

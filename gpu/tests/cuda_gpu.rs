@@ -1,0 +1,486 @@
+//! CUDA tests that need a GPU. Without a usable driver and device every test is skipped with the
+//! reason printed (CI); `ci/gpu-check.sh --on-device` runs them on a GPU machine.
+//!
+//! The cross-process tests run this binary again as the second process (`--child ROLE ...`).
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::ptr::NonNull;
+use std::sync::{Arc, OnceLock};
+
+use hetmem_backends::{PosixShmBackend, ShmOptions};
+use hetmem_core::header::HEADER_SIZE;
+use hetmem_core::pool::{
+    BlocksReleasable, CoalesceHeuristic, LimitedResource, NeverCoalesce, PercentReleasable, PoolStats, QuickPool,
+    QuickPoolConfig,
+};
+use hetmem_core::{BackendKind, Error, MemoryBackend, MemoryKind, MemoryResource};
+use hetmem_gpu::cuda::cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use hetmem_gpu::cuda::{
+    compile_ptx, context, CudaDeviceResource, CudaIpcBackend, CudaIpcOptions, CudaPinnedResource, CudaShmBackend,
+    CudaShmOptions, DeviceView, PinnedFlags,
+};
+use proptest::prelude::*;
+use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
+use support::{check_pattern, ensure, pattern, unique, KERNELS};
+
+const SUITE: &str = "cuda_gpu";
+
+fn main() -> ExitCode {
+    if let Some(code) = support::run_as_child(run_child) {
+        return code;
+    }
+    let ctx = match context(0) {
+        Ok(ctx) => ctx,
+        Err(e) => return support::skip(SUITE, &format!("no usable CUDA device: {e}")),
+    };
+    let driver = hetmem_gpu::cuda::driver().map(|d| d.version).unwrap_or(0);
+    println!("device 0: {} (driver API {driver})", ctx.name().unwrap_or_default());
+    support::run(
+        SUITE,
+        &[
+            ("shm_registration_and_copies", shm_registration_and_copies),
+            ("shm_kernel_writes_seen_by_second_process", shm_kernel_writes_seen_by_second_process),
+            ("shm_read_only_registration", shm_read_only_registration),
+            ("shm_bad_input_is_refused", shm_bad_input_is_refused),
+            ("ipc_backend_opened_by_second_process", ipc_backend_opened_by_second_process),
+            ("device_resource_blocks", || device_resource_blocks(CudaDeviceResource::new(0).map_err(s)?)),
+            ("device_resource_stream_ordered_blocks", || {
+                let stream = context(0).map_err(s)?.new_stream().map_err(s)?;
+                device_resource_blocks(CudaDeviceResource::stream_ordered(stream).map_err(s)?)
+            }),
+            ("pinned_resource_blocks", pinned_resource_blocks),
+            ("device_pool_matches_its_model", || device_pool_matches_its_model(CudaDeviceResource::new(0).map_err(s)?)),
+            ("device_pool_stream_ordered_matches_its_model", || {
+                let stream = context(0).map_err(s)?.new_stream().map_err(s)?;
+                device_pool_matches_its_model(CudaDeviceResource::stream_ordered(stream).map_err(s)?)
+            }),
+        ],
+    )
+}
+
+fn s<E: std::fmt::Display>(e: E) -> String {
+    e.to_string()
+}
+
+struct Kernels {
+    fill: CudaFunction,
+    copy: CudaFunction,
+}
+
+fn kernels(ctx: &Arc<CudaContext>) -> Result<&'static Kernels, String> {
+    static KERNELS_LOADED: OnceLock<Kernels> = OnceLock::new();
+    if let Some(k) = KERNELS_LOADED.get() {
+        return Ok(k);
+    }
+    let ptx = compile_ptx(ctx, KERNELS, &[]).map_err(s)?;
+    let module = ctx.load_module(ptx).map_err(s)?;
+    let k =
+        Kernels { fill: module.load_function("fill").map_err(s)?, copy: module.load_function("copy_u32").map_err(s)? };
+    Ok(KERNELS_LOADED.get_or_init(|| k))
+}
+
+/// Runs `fill` over `out` on `stream` and waits for it.
+fn fill(stream: &Arc<CudaStream>, out: &DeviceView<'_, u32>, seed: u32) -> Result<(), String> {
+    let k = kernels(stream.context())?;
+    let n = out.len() as u32;
+    let mut launch = stream.launch_builder(&k.fill);
+    launch.arg(out.kernel_arg()).arg(&n).arg(&seed);
+    // SAFETY: `fill` writes `n` u32s through its first argument, which `out` covers.
+    unsafe { launch.launch(LaunchConfig::for_num_elems(n)) }.map_err(s)?;
+    stream.synchronize().map_err(s)
+}
+
+/// Copies `view` back and checks it against the pattern for `seed`.
+fn check_device(stream: &Arc<CudaStream>, view: &DeviceView<'_, u32>, seed: u32) -> Result<(), String> {
+    let mut back = vec![0u32; view.len()];
+    stream.memcpy_dtoh(view, &mut back).map_err(s)?;
+    stream.synchronize().map_err(s)?;
+    check_pattern(&back, seed)
+}
+
+/// Checks `n` u32s at `addr` (host memory) against the pattern for `seed`.
+///
+/// # Safety
+/// `addr` is readable for `n` u32s that nobody writes meanwhile.
+unsafe fn check_host(addr: *const u32, n: usize, seed: u32) -> Result<(), String> {
+    // SAFETY: the caller's contract.
+    check_pattern(unsafe { std::slice::from_raw_parts(addr, n) }, seed)
+}
+
+fn shm_registration_and_copies() -> Result<(), String> {
+    let shm = CudaShmBackend::create(&unique("reg"), 1 << 20, &CudaShmOptions::default()).map_err(s)?;
+    ensure(shm.kind() == BackendKind::Pinned, || "kind is not Pinned".into())?;
+    let dptr = shm.device_ptr().ok_or("no device pointer")?;
+    ensure(dptr != 0, || "device pointer 0".into())?;
+    let stream = shm.context().default_stream();
+    let n = 4096;
+    let src: Vec<u32> = (0..n as u32).map(|i| pattern(i, 11)).collect();
+    let mut view = shm.device_view::<u32>(HEADER_SIZE, n, &stream).map_err(s)?;
+    stream.memcpy_htod(&src, &mut view).map_err(s)?; // device-side write into the shared segment
+    stream.synchronize().map_err(s)?;
+    // SAFETY: the data area holds `n` u32s at HEADER_SIZE, written by the finished copy.
+    unsafe { check_host(shm.base().add(HEADER_SIZE as usize).cast(), n, 11)? };
+    // And the other way: the CPU writes, the device reads through the same mapping.
+    // SAFETY: nothing else touches this range while the slice lives.
+    let host = unsafe { shm.host_slice_mut::<u32>(HEADER_SIZE + 4 * n as u64, n) }.map_err(s)?;
+    for (i, x) in host.iter_mut().enumerate() {
+        *x = pattern(i as u32, 12);
+    }
+    let view = shm.device_view::<u32>(HEADER_SIZE + 4 * n as u64, n, &stream).map_err(s)?;
+    check_device(&stream, &view, 12)
+}
+
+const CROSS_N: usize = 1 << 20;
+
+fn shm_kernel_writes_seen_by_second_process() -> Result<(), String> {
+    let name = unique("xproc");
+    let shm = CudaShmBackend::create(&name, 2 * 4 * CROSS_N, &CudaShmOptions::default()).map_err(s)?;
+    let stream = shm.context().default_stream();
+    let first = shm.device_view::<u32>(HEADER_SIZE, CROSS_N, &stream).map_err(s)?;
+    fill(&stream, &first, 0xA5A5)?;
+    // SAFETY: the kernel finished; nothing writes the first half now.
+    unsafe { check_host(shm.base().add(HEADER_SIZE as usize).cast(), CROSS_N, 0xA5A5)? };
+    support::child("shm-reader", std::slice::from_ref(&name))?;
+    // The child's kernel wrote the second half through its own registration of the segment.
+    // SAFETY: the child exited; nothing writes the second half now.
+    unsafe { check_host(shm.base().add(HEADER_SIZE as usize + 4 * CROSS_N).cast(), CROSS_N, 0x5A5A) }
+}
+
+fn shm_read_only_registration() -> Result<(), String> {
+    let options = CudaShmOptions { device_read_only: true, ..Default::default() };
+    let shm = CudaShmBackend::create(&unique("ro"), 1 << 20, &options).map_err(s)?;
+    let stream = shm.context().default_stream();
+    let n = 1024;
+    // SAFETY: nothing else touches this range while the slice lives.
+    let host = unsafe { shm.host_slice_mut::<u32>(HEADER_SIZE, n) }.map_err(s)?;
+    for (i, x) in host.iter_mut().enumerate() {
+        *x = pattern(i as u32, 3);
+    }
+    // A kernel reads the (read-only for it) segment into device memory.
+    let input = shm.device_view::<u32>(HEADER_SIZE, n, &stream).map_err(s)?;
+    let mut out = stream.alloc_zeros::<u32>(n).map_err(s)?;
+    let k = kernels(shm.context())?;
+    let count = n as u32;
+    let mut launch = stream.launch_builder(&k.copy);
+    launch.arg(&mut out).arg(input.kernel_arg()).arg(&count);
+    // SAFETY: `copy_u32` reads `n` u32s from the segment and writes `n` into `out`.
+    unsafe { launch.launch(LaunchConfig::for_num_elems(count)) }.map_err(s)?;
+    let back = stream.clone_dtoh(&out).map_err(s)?;
+    check_pattern(&back, 3)?;
+    println!("    read-only registration supported by this device: {}", shm.device_read_only());
+    Ok(())
+}
+
+fn shm_bad_input_is_refused() -> Result<(), String> {
+    let quick = CudaShmOptions {
+        shm: ShmOptions { attach_timeout: std::time::Duration::from_millis(50), ..Default::default() },
+        ..Default::default()
+    };
+    let missing = CudaShmBackend::attach(&unique("missing"), &quick);
+    ensure(matches!(missing, Err(Error::NotFound { .. })), || format!("attach of a missing segment: {missing:?}"))?;
+    let plain_name = unique("plain");
+    let _plain = PosixShmBackend::create(&plain_name, 4096, &quick.shm).map_err(s)?;
+    let wrong = CudaShmBackend::attach(&plain_name, &quick);
+    ensure(matches!(wrong, Err(Error::HeaderMismatch { field: "kind", .. })), || format!("{wrong:?}"))?;
+    let no_device =
+        CudaShmBackend::create(&unique("nodev"), 4096, &CudaShmOptions { device: 999, ..Default::default() });
+    ensure(matches!(no_device, Err(Error::NotFound { .. })), || format!("device 999: {no_device:?}"))?;
+    ensure(!PosixShmBackend::exists(&unique("nodev")).map_err(s)?, || "a failed create left its segment".into())?;
+    let shm = CudaShmBackend::create(&unique("bounds"), 4096, &quick).map_err(s)?;
+    let stream = shm.context().default_stream();
+    let r = shm.device_view::<u32>(HEADER_SIZE, 1025, &stream);
+    ensure(matches!(r, Err(Error::OutOfBounds { .. })), || format!("past the end: {r:?}"))?;
+    let r = shm.device_view::<u32>(0, 1, &stream);
+    ensure(matches!(r, Err(Error::OutOfBounds { .. })), || format!("in the header: {r:?}"))?;
+    let r = shm.device_view::<u32>(HEADER_SIZE + 2, 1, &stream);
+    ensure(matches!(r, Err(Error::InvalidAlignment { .. })), || format!("misaligned: {r:?}"))?;
+    Ok(())
+}
+
+const IPC_N: usize = 1 << 20;
+
+fn ipc_backend_opened_by_second_process() -> Result<(), String> {
+    let name = unique("ipc");
+    let ipc = CudaIpcBackend::create(&name, 2 * 4 * IPC_N, &CudaIpcOptions::default()).map_err(s)?;
+    ensure(ipc.kind() == BackendKind::Device && !ipc.host_accessible(), || "not device memory".into())?;
+    let stream = ipc.context().default_stream();
+    let src: Vec<u32> = (0..IPC_N as u32).map(|i| pattern(i, 0x1234)).collect();
+    let mut first = ipc.device_view::<u32>(HEADER_SIZE, IPC_N, &stream).map_err(s)?;
+    stream.memcpy_htod(&src, &mut first).map_err(s)?;
+    stream.synchronize().map_err(s)?;
+    let same = CudaIpcBackend::attach(&name, &CudaIpcOptions::default());
+    ensure(matches!(same, Err(Error::Unsupported(_))), || format!("attach in the creating process: {same:?}"))?;
+    support::child("ipc-peer", std::slice::from_ref(&name))?;
+    ensure(ipc.attached() == 0, || format!("{} processes still attached after the child exited", ipc.attached()))?;
+    let second = ipc.device_view::<u32>(HEADER_SIZE + 4 * IPC_N as u64, IPC_N, &stream).map_err(s)?;
+    check_device(&stream, &second, 0x4321)
+}
+
+/// The same checks for every device resource: layouts, alignment, round trips through the
+/// blocks, out of memory leaving the resource usable.
+fn device_resource_blocks(res: CudaDeviceResource) -> Result<(), String> {
+    ensure(res.kind() == MemoryKind::Device && !res.host_accessible(), || "not device memory".into())?;
+    let stream = match res.stream() {
+        Some(stream) => stream.clone(),
+        None => res.context().default_stream(),
+    };
+    let zero = res.allocate(0, 8);
+    ensure(matches!(zero, Err(Error::InvalidSize { .. })), || format!("size 0: {zero:?}"))?;
+    let bad = res.allocate(64, 3);
+    ensure(matches!(bad, Err(Error::InvalidAlignment { .. })), || format!("align 3: {bad:?}"))?;
+    let mut blocks = Vec::new();
+    for (size, align) in [(1usize, 1usize), (1000, 8), (4096, 256), (12345, 4096), (1 << 20, 1 << 20), (3 << 20, 64)] {
+        let block = res.allocate(size, align).map_err(s)?;
+        ensure(block.as_ptr() as usize % align == 0, || format!("block {block:?} not aligned to {align}"))?;
+        blocks.push((block, size, align));
+    }
+    // Fill every block, then check every block: no block's writes reached another.
+    for (k, &(block, size, _)) in blocks.iter().enumerate() {
+        device_fill(&stream, block, size, k as u32)?;
+    }
+    for (k, (block, size, align)) in blocks.into_iter().enumerate() {
+        device_verify(&stream, block, size, k as u32)?;
+        // SAFETY: each block came from `allocate` with this size and alignment, freed once.
+        unsafe { res.deallocate(block, size, align) };
+    }
+    let (_, total) = res.context().mem_get_info().map_err(s)?;
+    support::out_of_memory_leaves_it_usable(&res, 4 * total)?;
+    stream.synchronize().map_err(s)
+}
+
+fn pinned_resource_blocks() -> Result<(), String> {
+    let res = CudaPinnedResource::new(0).map_err(s)?;
+    ensure(res.kind() == MemoryKind::PinnedHost && res.host_accessible(), || "not pinned host memory".into())?;
+    let n = 1 << 16;
+    let block = res.allocate(4 * n, 4096).map_err(s)?;
+    ensure(block.as_ptr() as usize % 4096 == 0, || "block not page-aligned".into())?;
+    let flags = res.block_flags(block).map_err(s)?;
+    ensure(flags.0 & PinnedFlags::WRITE_COMBINED.0 == 0, || format!("default blocks are write-combined: {flags:?}"))?;
+    ensure(flags.0 & PinnedFlags::DEVICE_MAP.0 != 0, || format!("default blocks are not device-mapped: {flags:?}"))?;
+    let stream = res.context().default_stream();
+    let address = res.device_address(block).map_err(s)?;
+    // SAFETY: the block is pinned and device-mapped, `4n` bytes, used by this view only.
+    let view = unsafe { DeviceView::<u32>::from_raw(address, n, &stream) };
+    fill(&stream, &view, 77)?;
+    // SAFETY: the kernel finished; the block holds `n` u32s.
+    unsafe { check_host(block.as_ptr().cast(), n, 77)? };
+    // SAFETY: from `allocate` with this size and alignment.
+    unsafe { res.deallocate(block, 4 * n, 4096) };
+
+    // Over-aligned blocks: aligned, and the CPU can use all of them.
+    let block = res.allocate(1 << 20, 1 << 16).map_err(s)?;
+    ensure(block.as_ptr() as usize % (1 << 16) == 0, || "over-aligned block misaligned".into())?;
+    // SAFETY: a live host block of 1 MiB.
+    unsafe { std::ptr::write_bytes(block.as_ptr(), 0xEE, 1 << 20) };
+    // SAFETY: from `allocate` with this size and alignment.
+    unsafe { res.deallocate(block, 1 << 20, 1 << 16) };
+
+    let wc = CudaPinnedResource::with_flags(0, PinnedFlags::WRITE_COMBINED | PinnedFlags::PORTABLE).map_err(s)?;
+    let block = wc.allocate(1 << 20, 4096).map_err(s)?;
+    let flags = wc.block_flags(block).map_err(s)?;
+    ensure(flags.0 & PinnedFlags::WRITE_COMBINED.0 != 0, || format!("asked-for write-combining missing: {flags:?}"))?;
+    // SAFETY: from `allocate` with this size and alignment.
+    unsafe { wc.deallocate(block, 1 << 20, 4096) };
+    Ok(())
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Allocate(usize, usize),
+    Free(usize),
+    Coalesce,
+    Release,
+}
+
+fn ops() -> impl Strategy<Value = Vec<Op>> {
+    let aligns = prop::sample::select(&[1usize, 8, 256, 4096, 1 << 16][..]);
+    let op = prop_oneof![
+        6 => (1usize..=(2 << 20), aligns).prop_map(|(size, align)| Op::Allocate(size, align)),
+        5 => any::<usize>().prop_map(Op::Free),
+        1 => Just(Op::Coalesce),
+        1 => Just(Op::Release),
+    ];
+    prop::collection::vec(op, 1..120)
+}
+
+fn heuristic(choice: u8) -> impl FnMut(&PoolStats) -> Option<usize> + Send {
+    let mut h: Box<dyn CoalesceHeuristic> = match choice % 4 {
+        0 => Box::new(NeverCoalesce),
+        1 => Box::new(BlocksReleasable::new(2).expect("valid")),
+        2 => Box::new(PercentReleasable::new(40).expect("valid")),
+        _ => Box::new(PercentReleasable::hwm(75).expect("valid")),
+    };
+    move |stats: &PoolStats| h.should_coalesce(stats)
+}
+
+/// A live allocation of the model: where, how big, and the seed its contents were filled with.
+struct Live {
+    ptr: NonNull<u8>,
+    size: usize,
+    seed: u32,
+}
+
+/// The pools' model-based property test, on device memory: random allocations, frees, coalesces
+/// and releases against a model, with `check()` and the statistics compared after every step, the
+/// upstream's holdings equal to the pool's actual size, double frees refused, and every block's
+/// device contents (filled by a kernel when allocated) intact when freed, which no overlap in
+/// device memory would leave. After all frees and a release, the upstream holds nothing.
+fn device_pool_matches_its_model(res: CudaDeviceResource) -> Result<(), String> {
+    let stream = match res.stream() {
+        Some(stream) => stream.clone(),
+        None => res.context().default_stream(),
+    };
+    let upstream = LimitedResource::new(res, 64 << 20);
+    let config = QuickPoolConfig {
+        first_block_size: 1 << 20,
+        next_block_size: 1 << 20,
+        alignment: 256,
+        max_size: Some(48 << 20),
+    };
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases: 12,
+        failure_persistence: None,
+        // Each step runs on the GPU: bound the shrinking of a failure to keep the check short.
+        max_shrink_iters: 64,
+        max_shrink_time: 20_000,
+        ..Default::default()
+    });
+    let result = runner.run(&(ops(), any::<u8>()), |(ops, choice)| {
+        let mut pool = QuickPool::with_config(&upstream, config).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        pool.set_heuristic(heuristic(choice));
+        let mut live: BTreeMap<usize, Live> = BTreeMap::new();
+        let mut seed = 0u32;
+        for op in ops {
+            match op {
+                Op::Allocate(size, align) => match pool.allocate(size, align) {
+                    Ok(ptr) => {
+                        let addr = ptr.as_ptr() as usize;
+                        prop_assert_eq!(addr % align, 0, "misaligned");
+                        if let Some((&a, l)) = live.range(..=addr).next_back() {
+                            prop_assert!(a + l.size <= addr, "overlaps the allocation at {:#x}", a);
+                        }
+                        if let Some((&a, _)) = live.range(addr..).next() {
+                            prop_assert!(addr + size <= a, "overlaps the allocation at {:#x}", a);
+                        }
+                        seed += 1;
+                        device_fill(&stream, ptr, size, seed).map_err(TestCaseError::fail)?;
+                        live.insert(addr, Live { ptr, size, seed });
+                    }
+                    Err(Error::OutOfMemory { .. }) => {}
+                    Err(e) => return Err(TestCaseError::fail(format!("allocate({size}, {align}): {e}"))),
+                },
+                Op::Free(pick) => {
+                    if let Some(&addr) = live.keys().nth(pick % live.len().max(1)) {
+                        let l = live.remove(&addr).expect("listed");
+                        device_verify(&stream, l.ptr, l.size, l.seed).map_err(TestCaseError::fail)?;
+                        pool.deallocate(l.ptr).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                        let again = pool.deallocate(l.ptr);
+                        prop_assert!(matches!(again, Err(Error::InvalidFree { .. })), "double free: {:?}", again);
+                    }
+                }
+                Op::Coalesce => {
+                    let _ = pool.coalesce(); // may fail for want of memory; the pool stays consistent
+                }
+                Op::Release => {
+                    pool.release();
+                    prop_assert_eq!(pool.stats().releasable_blocks, 0);
+                }
+            }
+            pool.check().map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let stats = pool.stats();
+            prop_assert_eq!(stats.allocation_count, live.len());
+            prop_assert_eq!(stats.requested_size, live.values().map(|l| l.size).sum::<usize>());
+            prop_assert!(stats.current_size >= stats.requested_size && stats.current_size <= stats.high_watermark);
+            prop_assert_eq!(upstream.held(), stats.actual_size);
+        }
+        for l in std::mem::take(&mut live).into_values() {
+            device_verify(&stream, l.ptr, l.size, l.seed).map_err(TestCaseError::fail)?;
+            pool.deallocate(l.ptr).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        }
+        pool.release();
+        prop_assert_eq!(upstream.held(), 0, "memory still held after every free and a release");
+        Ok(())
+    });
+    result.map_err(|e| e.to_string())?;
+    stream.synchronize().map_err(s)
+}
+
+/// The whole u32s of a device block, and its last `size % 4` bytes.
+///
+/// # Safety
+/// `block` is a live device block of `size` bytes, used through these views only while they live.
+unsafe fn block_views<'a>(
+    stream: &Arc<CudaStream>,
+    block: NonNull<u8>,
+    size: usize,
+) -> Result<(DeviceView<'a, u32>, DeviceView<'a, u8>), String> {
+    let words = size / 4;
+    // SAFETY: the caller's contract; the two views do not overlap.
+    unsafe {
+        let head = DeviceView::from_block(block, size, words, stream).map_err(s)?;
+        let tail_block = NonNull::new_unchecked(block.as_ptr().add(4 * words));
+        let tail = DeviceView::from_block(tail_block, size % 4, size % 4, stream).map_err(s)?;
+        Ok((head, tail))
+    }
+}
+
+/// Fills a live device block's whole u32s with the pattern for `seed` (by kernel), and its odd
+/// tail bytes with `seed`'s low byte.
+fn device_fill(stream: &Arc<CudaStream>, block: NonNull<u8>, size: usize, seed: u32) -> Result<(), String> {
+    // SAFETY: every caller passes a live block of `size` bytes it alone uses.
+    let (head, mut tail) = unsafe { block_views(stream, block, size)? };
+    if !head.is_empty() {
+        fill(stream, &head, seed)?;
+    }
+    if !tail.is_empty() {
+        stream.memcpy_htod(&vec![seed as u8; tail.len()], &mut tail).map_err(s)?;
+        stream.synchronize().map_err(s)?;
+    }
+    Ok(())
+}
+
+/// Checks what [`device_fill`] wrote.
+fn device_verify(stream: &Arc<CudaStream>, block: NonNull<u8>, size: usize, seed: u32) -> Result<(), String> {
+    // SAFETY: every caller passes a live block of `size` bytes it alone uses.
+    let (head, tail) = unsafe { block_views(stream, block, size)? };
+    let overwritten = |e: String| format!("block {block:?} of {size} bytes was overwritten: {e}");
+    check_device(stream, &head, seed).map_err(overwritten)?;
+    let mut bytes = vec![0u8; tail.len()];
+    if !bytes.is_empty() {
+        stream.memcpy_dtoh(&tail, &mut bytes).map_err(s)?;
+        stream.synchronize().map_err(s)?;
+    }
+    ensure(bytes.iter().all(|&b| b == seed as u8), || overwritten("in its tail".into()))
+}
+
+fn run_child(role: &str, args: &[String]) -> Result<(), String> {
+    let name = args.first().ok_or("missing segment name")?;
+    match role {
+        "shm-reader" => {
+            // A plain CPU process: no CUDA at all, just the segment.
+            let plain = PosixShmBackend::attach_kind(name, &ShmOptions::default(), BackendKind::Pinned).map_err(s)?;
+            // SAFETY: the parent's kernel finished before it started this process.
+            unsafe { check_host(plain.base().add(HEADER_SIZE as usize).cast(), CROSS_N, 0xA5A5)? };
+            drop(plain);
+            // A CUDA process: registers its own mapping and writes with its own kernel.
+            let shm = CudaShmBackend::attach(name, &CudaShmOptions::default()).map_err(s)?;
+            // SAFETY: as above.
+            unsafe { check_host(shm.base().add(HEADER_SIZE as usize).cast(), CROSS_N, 0xA5A5)? };
+            let stream = shm.context().default_stream();
+            let second = shm.device_view::<u32>(HEADER_SIZE + 4 * CROSS_N as u64, CROSS_N, &stream).map_err(s)?;
+            fill(&stream, &second, 0x5A5A)
+        }
+        "ipc-peer" => {
+            let ipc = CudaIpcBackend::attach(name, &CudaIpcOptions::default()).map_err(s)?;
+            let stream = ipc.context().default_stream();
+            let first = ipc.device_view::<u32>(HEADER_SIZE, IPC_N, &stream).map_err(s)?;
+            check_device(&stream, &first, 0x1234)?;
+            let second = ipc.device_view::<u32>(HEADER_SIZE + 4 * IPC_N as u64, IPC_N, &stream).map_err(s)?;
+            fill(&stream, &second, 0x4321)
+        }
+        other => Err(format!("unknown child role {other}")),
+    }
+}

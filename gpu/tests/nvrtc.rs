@@ -1,0 +1,30 @@
+//! NVRTC needs no GPU: where its library is installed (CI installs the `nvidia-cuda-nvrtc-cu12`
+//! wheel and sets `HETMEM_NVRTC`), the GPU tests' kernels are compiled here, and bad source gives
+//! the compiler's log. Without the library the test says so and passes: `cuda_no_driver` covers
+//! that path.
+
+mod support;
+
+use hetmem_core::Error;
+use hetmem_gpu::cuda::{compile_ptx_with, nvrtc_available};
+
+#[test]
+fn kernels_compile_to_ptx_and_errors_carry_the_log() {
+    if let Err(e) = nvrtc_available() {
+        println!("skipped: {e}");
+        return;
+    }
+    let ptx = compile_ptx_with(support::KERNELS, &["--gpu-architecture=compute_90"]).expect("the test kernels compile");
+    let text = ptx.to_src();
+    assert!(text.contains(".entry fill") && text.contains(".entry copy_u32"), "{text}");
+    assert!(text.contains(".target sm_90"), "compiled for the architecture asked for");
+
+    let broken = compile_ptx_with("extern \"C\" __global__ void k() { undeclared = 1; }", &[]).unwrap_err();
+    assert!(matches!(broken.error, Error::Gpu { call: "nvrtcCompileProgram", .. }), "{broken}");
+    assert!(broken.log.contains("undeclared"), "the log names the error: {}", broken.log);
+
+    let bad_option = compile_ptx_with(support::KERNELS, &["--no-such-option"]).unwrap_err();
+    assert!(matches!(bad_option.error, Error::Gpu { .. }), "{bad_option}");
+    let nul = compile_ptx_with("extern \"C\" __global__ void k() {}\0", &[]).unwrap_err();
+    assert!(matches!(nul.error, Error::InvalidName { .. }), "{nul}");
+}

@@ -1,0 +1,153 @@
+//! A small runner for the GPU test binaries (harness = false): they need to re-execute themselves
+//! as the second process of cross-process tests, and to print why they skip on machines without a
+//! GPU, which libtest's harness does not allow.
+#![allow(dead_code)] // each test binary uses part of it
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+use hetmem_core::{Error, MemoryResource};
+
+/// A test: `Ok` passes, `Err` fails with the message (a panic fails too).
+pub type TestFn = fn() -> Result<(), String>;
+
+/// Runs `tests` whose name contains the first non-flag argument (all without one), prints one line
+/// per test and a summary, and fails the process if any test failed. `suite` names the binary in
+/// the summary, which ci/gpu-check.sh collects (`SUMMARY` lines).
+pub fn run(suite: &str, tests: &[(&str, TestFn)]) -> ExitCode {
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let (mut passed, mut failed) = (0, 0);
+    for (name, test) in tests {
+        if filter.as_deref().is_some_and(|f| !name.contains(f)) {
+            continue;
+        }
+        let started = Instant::now();
+        let outcome = catch_unwind(AssertUnwindSafe(test)).unwrap_or_else(|panic| {
+            let text = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(format!("panicked: {text}"))
+        });
+        let ms = started.elapsed().as_millis();
+        match outcome {
+            Ok(()) => {
+                passed += 1;
+                println!("test {name} ... ok ({ms} ms)");
+            }
+            Err(why) => {
+                failed += 1;
+                println!("test {name} ... FAILED ({ms} ms): {why}");
+            }
+        }
+    }
+    println!("SUMMARY\t{suite}\t{passed} passed, {failed} failed");
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// If this process was started as a child (`--child role args...`), runs `role` and gives the exit
+/// code to return from `main`.
+pub fn run_as_child(run: fn(&str, &[String]) -> Result<(), String>) -> Option<ExitCode> {
+    let (role, args) = child_role()?;
+    Some(match run(&role, &args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(why) => {
+            eprintln!("child {role}: {why}");
+            ExitCode::FAILURE
+        }
+    })
+}
+
+/// Says why the whole suite is skipped; the process passes.
+pub fn skip(suite: &str, why: &str) -> ExitCode {
+    println!("skipping every test of {suite}: {why}");
+    println!("SUMMARY\t{suite}\tskipped: {why}");
+    ExitCode::SUCCESS
+}
+
+/// Runs this binary again as `--child role args...` and fails with its output if it fails.
+pub fn child(role: &str, args: &[String]) -> Result<(), String> {
+    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+    let out = Command::new(exe)
+        .arg("--child")
+        .arg(role)
+        .args(args)
+        .output()
+        .map_err(|e| format!("spawning the {role} child: {e}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "the {role} child failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
+
+/// If this process was started as a child (`--child role args...`), the role and its arguments.
+fn child_role() -> Option<(String, Vec<String>)> {
+    let mut args = std::env::args().skip(1);
+    if args.next().as_deref() != Some("--child") {
+        return None;
+    }
+    let role = args.next()?;
+    Some((role, args.collect()))
+}
+
+/// A segment name unique to this process and `tag`.
+pub fn unique(tag: &str) -> String {
+    format!("/hetmem-gpu-{tag}-{}", std::process::id())
+}
+
+/// Fails with `what` unless `cond`.
+pub fn ensure(cond: bool, what: impl FnOnce() -> String) -> Result<(), String> {
+    if cond {
+        Ok(())
+    } else {
+        Err(what())
+    }
+}
+
+/// The pattern the tests write: distinct per index and seed.
+pub fn pattern(i: u32, seed: u32) -> u32 {
+    seed ^ i.wrapping_mul(2_654_435_761)
+}
+
+/// Checks that `v[i]` is [`pattern`]`(i, seed)` for every `i`.
+pub fn check_pattern(v: &[u32], seed: u32) -> Result<(), String> {
+    for (i, &got) in v.iter().enumerate() {
+        let want = pattern(i as u32, seed);
+        ensure(got == want, || format!("element {i}: {got:#x}, expected {want:#x}"))?;
+    }
+    Ok(())
+}
+
+/// A request far past what the device has is `Error::OutOfMemory`, and the resource serves the
+/// next request.
+pub fn out_of_memory_leaves_it_usable(res: &dyn MemoryResource, huge: usize) -> Result<(), String> {
+    let refused = res.allocate(huge, 256);
+    ensure(matches!(refused, Err(Error::OutOfMemory { .. })), || format!("{huge} bytes: {refused:?}"))?;
+    let after = res.allocate(1 << 20, 256).map_err(|e| format!("unusable after running out: {e}"))?;
+    // SAFETY: from `allocate` just above, with this size and alignment.
+    unsafe { res.deallocate(after, 1 << 20, 256) };
+    Ok(())
+}
+
+/// Kernels the tests compile at run time with NVRTC. `fill` writes [`pattern`]`(i, seed)`.
+pub const KERNELS: &str = r#"
+extern "C" __global__ void fill(unsigned int* out, unsigned int n, unsigned int seed) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = seed ^ (i * 2654435761u);
+}
+extern "C" __global__ void copy_u32(unsigned int* out, const unsigned int* in, unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = in[i];
+}
+"#;

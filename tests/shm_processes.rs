@@ -1,0 +1,309 @@
+//! Several real processes on one shared segment: the span allocators under cross-process
+//! stress and under SIGKILL. The test binary re-executes itself with `HETMEM_CHILD` set to play
+//! a child's part.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hetmem::allocators::ThreadLocalAllocator;
+use hetmem::prelude::*;
+
+const ID: AllocatorId = AllocatorId::new(1, 0);
+const MAILBOX: usize = 64;
+
+/// A deterministic generator for children.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+fn segment(tag: &str) -> String {
+    format!("/hetmem-proc-{tag}-{}", std::process::id())
+}
+
+fn spawn(test: &str, role: &str, args: &[String]) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env("HETMEM_CHILD", role)
+        .env("HETMEM_ARGS", args.join(" "))
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn child_args() -> Option<(String, Vec<String>)> {
+    let role = std::env::var("HETMEM_CHILD").ok()?;
+    let args = std::env::var("HETMEM_ARGS").unwrap_or_default();
+    Some((role, args.split(' ').map(String::from).collect()))
+}
+
+/// Writes a pattern naming `owner` over a block: owner and size in the first 16 bytes, the
+/// owner byte everywhere else.
+fn stamp(base: *mut u8, p: OffsetPtr, size: usize, owner: u8) {
+    // SAFETY: a live block of `size` >= 16 bytes in the mapped segment.
+    unsafe {
+        let b = base.add(p.get() as usize);
+        std::ptr::write_bytes(b, owner, size);
+        b.cast::<u64>().write_unaligned(owner as u64);
+        b.add(8).cast::<u64>().write_unaligned(size as u64);
+    }
+}
+
+/// Checks the pattern and returns the owner it names.
+fn verify(base: *mut u8, p: OffsetPtr) -> u8 {
+    // SAFETY: a live block written by `stamp`.
+    unsafe {
+        let b = base.add(p.get() as usize);
+        let owner = b.cast::<u64>().read_unaligned() as u8;
+        let size = b.add(8).cast::<u64>().read_unaligned() as usize;
+        let body = std::slice::from_raw_parts(b.add(16), size - 16);
+        assert!(body.iter().all(|&x| x == owner), "block pattern damaged");
+        owner
+    }
+}
+
+/// One stress worker: random alloc/free, a share of frees going through the mailbox to be
+/// done by another process.
+fn stress_worker<A: RegionAllocator>(a: &A, base: *mut u8, mailbox: u64, owner: u8, ops: u64) {
+    // SAFETY: the mailbox is a live block of MAILBOX words the parent allocated.
+    let slots = unsafe { std::slice::from_raw_parts(base.add(mailbox as usize).cast::<AtomicU64>(), MAILBOX) };
+    let mut rng = Rng(0x1234_5678_9abc_def1 ^ ((owner as u64) << 40));
+    let mut live: Vec<OffsetPtr> = Vec::new();
+    for _ in 0..ops {
+        let r = rng.next();
+        if live.len() < 64 && (r % 2 == 0 || live.is_empty()) {
+            let size = if r % 97 == 0 { 16 + (r >> 20) as usize % 100_000 } else { 16 + (r >> 20) as usize % 4081 };
+            let p = a.allocate(size, 1 << ((r >> 8) % 7)).expect("allocate");
+            stamp(base, p, size, owner);
+            live.push(p);
+        } else {
+            let p = live.swap_remove((r >> 8) as usize % live.len());
+            assert_eq!(verify(base, p), owner);
+            if r % 5 == 0 {
+                let slot = &slots[(r >> 32) as usize % MAILBOX];
+                let other = slot.swap(p.get(), Ordering::AcqRel);
+                if other != 0 {
+                    verify(base, OffsetPtr::new(other));
+                    a.free(OffsetPtr::new(other)).expect("free another process's block");
+                }
+            } else {
+                a.free(p).expect("free");
+            }
+        }
+    }
+    for p in live {
+        verify(base, p);
+        a.free(p).unwrap();
+    }
+}
+
+fn open<A: AllocatorType>(seg: &str) -> (MemoryManager, Arc<A>, *mut u8) {
+    let mm = MemoryManager::new();
+    let b = mm.add_backend(PosixShmBackend::attach(seg, &ShmOptions::default()).unwrap()).unwrap();
+    let a = mm.attach_allocator::<A>(b.id(), ID).unwrap();
+    let base = b.base();
+    (mm, a, base)
+}
+
+fn stress<A: AllocatorType>(test: &str, tag: &str) {
+    if let Some((_, args)) = child_args() {
+        let (_mm, a, base) = open::<A>(&args[0]);
+        let mailbox = args[1].parse().unwrap();
+        let owner = args[2].parse().unwrap();
+        let ops = args[3].parse().unwrap();
+        let base = base as usize;
+        // A thread, so the thread-local allocator's heap is released at its exit; `join`
+        // (unlike a scope) returns only after the thread's TLS destructors ran.
+        let a2 = a.clone();
+        std::thread::spawn(move || stress_worker(&*a2, base as *mut u8, mailbox, owner, ops)).join().unwrap();
+        std::process::exit(0);
+    }
+    let seg = segment(tag);
+    let mm = MemoryManager::new();
+    let b = mm.add_backend(PosixShmBackend::create(&seg, 64 << 20, &ShmOptions::default()).unwrap()).unwrap();
+    let a = mm.create_allocator::<A>(b.id(), ID, 0, &Default::default()).unwrap();
+    let start = a.stats().free_bytes();
+    let ops: u64 = std::env::var("HETMEM_STRESS_OPS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
+    let mailbox = std::thread::scope(|s| {
+        s.spawn(|| {
+            let m = a.allocate(MAILBOX * 8, 8).unwrap();
+            // SAFETY: a live block of MAILBOX words.
+            unsafe { std::ptr::write_bytes(b.base().add(m.get() as usize), 0, MAILBOX * 8) };
+            m
+        })
+        .join()
+        .unwrap()
+    });
+    let children: Vec<_> = (1..=4u8)
+        .map(|owner| {
+            let args = [seg.clone(), mailbox.get().to_string(), owner.to_string(), ops.to_string()];
+            spawn(test, "stress", &args)
+        })
+        .collect();
+    for mut c in children {
+        assert!(c.wait().unwrap().success(), "a stress child failed");
+    }
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: the mailbox is still live; the children are gone.
+            let slots = unsafe {
+                std::slice::from_raw_parts(b.base().add(mailbox.get() as usize).cast::<AtomicU64>(), MAILBOX)
+            };
+            for slot in slots {
+                let p = slot.load(Ordering::Acquire);
+                if p != 0 {
+                    verify(b.base(), OffsetPtr::new(p));
+                    a.free(OffsetPtr::new(p)).unwrap();
+                }
+            }
+            a.free(mailbox).unwrap();
+        });
+    });
+    a.check().unwrap();
+    let end = a.stats();
+    assert_eq!(end.live_allocations, 0);
+    assert_eq!(end.free_bytes(), start, "free capacity back to the start");
+}
+
+#[test]
+fn scalable_page_four_processes_stress() {
+    stress::<ScalablePageAllocator>("scalable_page_four_processes_stress", "spa-stress");
+}
+
+#[test]
+fn thread_local_four_processes_stress() {
+    stress::<ThreadLocalAllocator>("thread_local_four_processes_stress", "tla-stress");
+}
+
+/// A child that allocates and frees in a tight loop until it is killed.
+fn crash_child<A: AllocatorType>(seg: &str) -> ! {
+    let (_mm, a, base) = open::<A>(seg);
+    let mut rng = Rng(std::process::id() as u64 | 1);
+    let mut window = Vec::new();
+    loop {
+        let r = rng.next();
+        let size = 16 + (r >> 20) as usize % 3000;
+        let p = a.allocate(size, 8).expect("allocate");
+        stamp(base, p, size, 9);
+        window.push(p);
+        if window.len() > 8 {
+            let q = window.swap_remove((r >> 8) as usize % window.len());
+            verify(base, q);
+            a.free(q).expect("free");
+        }
+    }
+}
+
+/// What the crash test needs beyond the allocator traits.
+trait CrashProbe: AllocatorType {
+    fn reclaim_dead(&self);
+    fn lost(&self) -> u64;
+}
+
+impl CrashProbe for ThreadLocalAllocator {
+    fn reclaim_dead(&self) {
+        self.reclaim().unwrap();
+        self.trim().unwrap();
+    }
+    fn lost(&self) -> u64 {
+        0
+    }
+}
+
+impl CrashProbe for ScalablePageAllocator {
+    fn reclaim_dead(&self) {
+        self.reclaim().unwrap();
+        self.trim().unwrap();
+    }
+    fn lost(&self) -> u64 {
+        self.lost_blocks().unwrap()
+    }
+}
+
+fn crash<A: CrashProbe>(test: &str, tag: &str, config: A::Config, exact: bool) {
+    if let Some((_, args)) = child_args() {
+        crash_child::<A>(&args[0]);
+    }
+    let seg = segment(tag);
+    let mm = MemoryManager::new();
+    let b = mm.add_backend(PosixShmBackend::create(&seg, 32 << 20, &ShmOptions::default()).unwrap()).unwrap();
+    let a = mm.create_allocator::<A>(b.id(), ID, 0, &config).unwrap();
+    let start = a.stats().free_bytes();
+    let base = b.base() as usize;
+    // A survivor keeps working through every kill; none of its operations may wait long.
+    let stop = Arc::new(AtomicBool::new(false));
+    let survivor = {
+        let (a, stop) = (a.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut worst = Duration::ZERO;
+            let mut rng = Rng(77);
+            let mut mine = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let size = 16 + rng.next() as usize % 2000;
+                let p = a.allocate(size, 8).unwrap();
+                stamp(base as *mut u8, p, size, 3);
+                mine.push(p);
+                if mine.len() > 16 {
+                    let q = mine.remove(0);
+                    verify(base as *mut u8, q);
+                    a.free(q).unwrap();
+                }
+                worst = worst.max(t.elapsed());
+            }
+            for q in mine {
+                a.free(q).unwrap();
+            }
+            worst
+        })
+    };
+    let mut rng = Rng(0xdead_beef);
+    for _ in 0..100 {
+        let mut c = spawn(test, "crash", std::slice::from_ref(&seg));
+        std::thread::sleep(Duration::from_micros(3_000 + rng.next() % 20_000));
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+        c.wait().unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let worst = survivor.join().unwrap();
+    assert!(worst < Duration::from_secs(2), "a survivor's operation took {worst:?}");
+    a.reclaim_dead();
+    a.check().unwrap();
+    let end = a.stats();
+    if exact {
+        assert_eq!(end.live_allocations, 0);
+        assert_eq!(end.free_bytes(), start, "the dead children's memory came back");
+    } else {
+        let lost = a.lost();
+        assert!(lost <= 100, "{lost} blocks lost in 100 kills");
+        assert!(end.free_bytes() + lost * 4112 >= start, "the dead children's memory came back");
+    }
+}
+
+#[test]
+fn thread_local_survives_a_hundred_kills() {
+    crash::<ThreadLocalAllocator>(
+        "thread_local_survives_a_hundred_kills",
+        "tla-crash",
+        ThreadLocalConfig { dead_process_blocks: DeadProcessBlocks::Free },
+        true,
+    );
+}
+
+#[test]
+fn scalable_page_survives_a_hundred_kills() {
+    crash::<ScalablePageAllocator>(
+        "scalable_page_survives_a_hundred_kills",
+        "spa-crash",
+        ScalablePageConfig { dead_process_blocks: DeadProcessBlocks::Free },
+        false,
+    );
+}
