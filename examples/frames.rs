@@ -22,7 +22,8 @@
 //! allocations of the executor thread: "upstream allocs/task" is that count over the second
 //! half of the tasks (steady state) divided by those tasks. Per task: wall time and the
 //! executor thread's CPU time over all N tasks, the run with the median CPU time of R runs;
-//! ratios use CPU time, which other load on a shared machine disturbs less.
+//! ratios use CPU time, which other load on a shared machine disturbs less. The program fails
+//! if recycled tasks allocate upstream in steady state.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -455,4 +456,8 @@ fn main() {
         system.cpu_ns_per_task / recycled.cpu_ns_per_task,
         recycled.steady_allocations_per_task
     );
+    if recycled.steady_allocations_per_task != 0.0 || scoped.steady_allocations_per_task != 0.0 {
+        eprintln!("frames: recycled tasks still allocate upstream in steady state");
+        std::process::exit(1);
+    }
 }
