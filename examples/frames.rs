@@ -129,10 +129,14 @@ impl Strategy for Recycled {
 }
 
 /// Frames from the scope's allocator: the executor runs in the scope, children inherit it.
-struct Scoped;
+/// The scope is `FRAMES`, or with `COUNTED` the same lists through a `CountingAllocator`.
+struct Scoped<const COUNTED: bool>;
 
-impl Strategy for Scoped {
-    const NAME: &'static str = "recycled-scope";
+/// The frames of the profiling run, counted.
+static COUNTING: CountingAllocator<RecyclingFrameAllocator> = CountingAllocator::new(RecyclingFrameAllocator::new());
+
+impl<const COUNTED: bool> Strategy for Scoped<COUNTED> {
+    const NAME: &'static str = if COUNTED { "counted" } else { "recycled-scope" };
     type Task = FrameTask<'static, ()>;
     type Child = FrameTask<'static, u64>;
     fn spawn<F: Future<Output = ()> + Send + 'static>(make: impl FnOnce() -> F) -> Self::Task {
@@ -144,7 +148,11 @@ impl Strategy for Scoped {
         FrameBox::pin_scoped(make()).expect("frame")
     }
     fn scope() -> Option<&'static dyn FrameAllocator> {
-        Some(&FRAMES)
+        if COUNTED {
+            Some(&COUNTING)
+        } else {
+            Some(&FRAMES)
+        }
     }
 }
 
@@ -347,24 +355,8 @@ fn median_run<S: Strategy>(tasks: u64, in_flight: usize, reps: usize) -> Run {
 
 /// A short run through a counting allocator: what the frames are.
 fn profile(tasks: u64) {
-    static COUNTED: CountingAllocator<RecyclingFrameAllocator> = CountingAllocator::new(RecyclingFrameAllocator::new());
-    struct Counted;
-    impl Strategy for Counted {
-        const NAME: &'static str = "counted";
-        type Task = FrameTask<'static, ()>;
-        type Child = FrameTask<'static, u64>;
-        fn spawn<F: Future<Output = ()> + Send + 'static>(make: impl FnOnce() -> F) -> Self::Task {
-            FrameBox::pin_scoped(make()).expect("frame")
-        }
-        fn child<F: Future<Output = u64> + Send + 'static>(make: impl FnOnce() -> F) -> Self::Child {
-            FrameBox::pin_scoped(make()).expect("frame")
-        }
-        fn scope() -> Option<&'static dyn FrameAllocator> {
-            Some(&COUNTED)
-        }
-    }
-    run::<Counted>(tasks, 256);
-    let s = COUNTED.stats();
+    run::<Scoped<true>>(tasks, 256);
+    let s = COUNTING.stats();
     println!(
         "profile ({tasks} tasks through CountingAllocator): {:.2} frames/task, {:.0} bytes/frame, \
          peak {} bytes live, {} frames still live",
@@ -373,9 +365,9 @@ fn profile(tasks: u64) {
         s.peak_bytes,
         s.allocations - s.deallocations
     );
-    let _ = COUNTED.inner().allocate(16).map(|p| {
+    let _ = COUNTING.inner().allocate(16).map(|p| {
         // SAFETY: just allocated with this size.
-        unsafe { COUNTED.inner().deallocate(p, 16) }
+        unsafe { COUNTING.inner().deallocate(p, 16) }
     });
 }
 
@@ -400,7 +392,7 @@ fn main() {
         // One strategy alone, for profilers.
         let r = match only.as_str() {
             "recycled" => run::<Recycled>(tasks, in_flight),
-            "recycled-scope" => run::<Scoped>(tasks, in_flight),
+            "recycled-scope" => run::<Scoped<false>>(tasks, in_flight),
             "box-system" => run::<Boxed<GLIBC>>(tasks, in_flight),
             _ => {
                 MODE.store(MIMALLOC, Ordering::Relaxed);
@@ -415,7 +407,7 @@ fn main() {
 
     MODE.store(GLIBC, Ordering::Relaxed);
     let recycled = median_run::<Recycled>(tasks, in_flight, reps);
-    let scoped = median_run::<Scoped>(tasks, in_flight, reps);
+    let scoped = median_run::<Scoped<false>>(tasks, in_flight, reps);
     let frames = FRAMES.thread_stats();
     let system = median_run::<Boxed<GLIBC>>(tasks, in_flight, reps);
     // Blocks from glibc (the recycled frames, the executor's) go back before switching.
@@ -436,7 +428,7 @@ fn main() {
     );
     for (name, r) in [
         (Recycled::NAME, &recycled),
-        (Scoped::NAME, &scoped),
+        (Scoped::<false>::NAME, &scoped),
         (Boxed::<GLIBC>::NAME, &system),
         (Boxed::<MIMALLOC>::NAME, &mimalloc),
     ] {
