@@ -50,6 +50,12 @@ pub mod thread_models {
     pub use hetmem_thread_models::*;
 }
 
+/// Process-private caching tiers: thread caches ([`cache::HetAlloc`], also as the global
+/// allocator), typed pools, recycled async-task frames.
+pub mod cache {
+    pub use hetmem_core::cache::*;
+}
+
 /// Pools over any upstream resource: coalescing, fixed-size, thread-safe, traced.
 pub mod pool {
     pub use hetmem_core::pool::*;
@@ -79,6 +85,7 @@ pub mod prelude {
     pub use hetmem_core::allocators::{
         DeadProcessBlocks, ScalablePageAllocator, ScalablePageConfig, StackAllocator, ThreadLocalConfig,
     };
+    pub use hetmem_core::cache::{HetAlloc, PoolAllocator};
     pub use hetmem_core::{
         AllocatorId, AllocatorType, BackendId, Error, FullPtr, MemoryBackend, MemoryManager, OffsetPtr,
         RegionAllocator, Result, ShmPtr, ThreadModel,

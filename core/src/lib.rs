@@ -15,6 +15,8 @@
 //! - [`fastmem`]: an O(1) allocator over a static store for `no_std` targets ([`FastMemStore`],
 //!   [`FastBox`]); needs neither `std` nor `alloc`.
 //! - [`manager`] (feature `std`): the registry that turns a [`ShmPtr`] into a local address.
+//! - [`cache`] (feature `std`): process-private caching tiers: thread caches ([`cache::HetAlloc`]
+//!   as a global allocator), typed pools, recycled async-task frames.
 //!
 //! The crate is `no_std` without its default `std` feature; `alloc` adds regions and allocators.
 #![cfg_attr(not(feature = "std"), no_std)]
@@ -48,6 +50,9 @@ pub mod region;
 
 #[cfg(feature = "std")]
 pub mod manager;
+
+#[cfg(all(feature = "std", not(loom)))]
+pub mod cache;
 
 #[cfg(all(test, feature = "std"))]
 mod testing;
