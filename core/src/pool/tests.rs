@@ -20,7 +20,8 @@ struct FakeDevice {
 
 impl FakeDevice {
     fn new() -> Self {
-        FakeDevice { next: AtomicUsize::new(0x7e00_0000_0000) }
+        // A 64-bit address; 32-bit targets (where fastmem's tests run too) keep its low half.
+        FakeDevice { next: AtomicUsize::new(0x7e00_0000_0000_u64 as usize) }
     }
 }
 
