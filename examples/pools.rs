@@ -247,9 +247,8 @@ fn p5(rows: &mut Vec<Row>) {
         ("quick-percent50-hwm", Box::new(PercentReleasable::hwm(50).expect("valid"))),
     ];
     for (name, heuristic) in heuristics {
-        let mut pool = QuickPool::with_config(HostResource, small_blocks)
-            .expect("valid config")
-            .with_heuristic(heuristic);
+        let mut pool =
+            QuickPool::with_config(HostResource, small_blocks).expect("valid config").with_heuristic(heuristic);
         let ns = phases(&mut pool);
         pool.check().expect("pool consistent after P5");
         rows.push(row("P5", name, ns, &pool));

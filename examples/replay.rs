@@ -22,7 +22,7 @@ use hetmem::pool::render::Bytes;
 use hetmem::pool::trace::{parse_jsonl, to_jsonl, Replay, TracedPool};
 use hetmem::pool::{
     BlocksReleasable, CoalesceHeuristic, FixedPool, FixedPoolConfig, HostResource, NeverCoalesce, PercentReleasable,
-    Pool, PoolStats, QuickPool, QuickPoolConfig,
+    Pool, QuickPool, QuickPoolConfig,
 };
 use hetmem::Result;
 use xorshift::XorShift;

@@ -460,3 +460,25 @@ impl<R: MemoryResource> Pool for FixedPool<R> {
         FixedPool::check(self)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::SlotDivisor;
+
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn slot_divisors_agree_with_division() {
+        for stride in [16usize, 48, 112, 4000, 4096, 65_552, (1 << 20) + 16] {
+            for block_bytes in [stride * 2048, 1 << 32, 1 << 33] {
+                let divisor = SlotDivisor::new(stride, block_bytes);
+                let cap = block_bytes.min(1 << 32);
+                let offsets = (0..64).flat_map(|k| [k * stride, k * stride + 16, cap - 1 - k, cap / 3 + k]);
+                for offset in offsets.filter(|&o| o < block_bytes) {
+                    assert_eq!(divisor.divide(offset, stride), offset / stride, "{stride} {block_bytes} {offset}");
+                }
+            }
+        }
+        assert!(matches!(SlotDivisor::new(4096, 1 << 40), SlotDivisor::Shift(12)));
+        assert!(matches!(SlotDivisor::new(48, 1 << 33), SlotDivisor::Divide));
+    }
+}

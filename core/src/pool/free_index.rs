@@ -51,6 +51,9 @@ fn priority(slot: u32) -> u32 {
     (x.wrapping_mul(0xD6E8_FEB8_6659_FD93) >> 32) as u32
 }
 
+/// A block's place in the index: `(size, address)`.
+type Key = (usize, usize);
+
 /// One block of memory, as its owner and the index see it: one cache line.
 #[derive(Clone, Copy, Debug)]
 #[repr(C, align(64))]
@@ -97,7 +100,7 @@ impl Block {
     }
 
     #[inline]
-    fn key(&self) -> (usize, usize) {
+    fn key(&self) -> Key {
         (self.size, self.addr)
     }
 
@@ -187,7 +190,7 @@ impl FreeIndex {
 
     /// Inserts `slot` (key `key`) into the non-empty treap of `bin`, rooted at `root`.
     #[inline(always)]
-    fn insert_below(&mut self, blocks: &mut [Block], bin: usize, root: u32, slot: u32, key: (usize, usize)) {
+    fn insert_below(&mut self, blocks: &mut [Block], bin: usize, root: u32, slot: u32, key: Key) {
         // Down past the records that stay above the new one...
         let p = priority(slot);
         let mut at = (NIL, 0);
@@ -402,7 +405,7 @@ impl FreeIndex {
         blocks: &[Block],
         node: u32,
         bin: usize,
-        (low, high): (Option<(usize, usize)>, Option<(usize, usize)>),
+        (low, high): (Option<Key>, Option<Key>),
         max_priority: u32,
         count: &mut usize,
     ) -> bool {

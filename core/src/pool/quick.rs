@@ -172,8 +172,10 @@ impl<R: MemoryResource> QuickPool<R> {
     }
 
     /// Frees an allocation (`Error::InvalidFree` for anything else), then asks the heuristic
-    /// whether to coalesce. A failed coalesce leaves the pool smaller but consistent; the free
-    /// itself has succeeded either way.
+    /// whether to coalesce: after every free, or, for a heuristic that says so
+    /// ([`CoalesceHeuristic::every_free`], the built-in ones), after a free that leaves an
+    /// upstream block wholly free. A failed coalesce leaves the pool smaller but consistent; the
+    /// free itself has succeeded either way.
     pub fn deallocate(&mut self, ptr: NonNull<u8>) -> Result<()> {
         let freed = self.arena.free(ptr.as_ptr() as usize)?;
         if freed.releasable || self.ask_every_free {
