@@ -34,7 +34,8 @@ use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
 use std::time::Instant;
 
 use hetmem::cache::frame::{
-    with_frame_allocator, CountingAllocator, FrameAllocator, FrameBox, FrameTask, RecyclingFrameAllocator, ThreadFrames,
+    with_frame_allocator, CountingAllocator, FrameAllocator, FrameBox, FrameTask, RecyclingFrameAllocator, ScopedTask,
+    ThreadFrames,
 };
 
 /// The global allocator: glibc or mimalloc, switched at run time, counting this thread's calls.
@@ -137,8 +138,8 @@ static COUNTING: CountingAllocator<RecyclingFrameAllocator> = CountingAllocator:
 
 impl<const COUNTED: bool> Strategy for Scoped<COUNTED> {
     const NAME: &'static str = if COUNTED { "counted" } else { "recycled-scope" };
-    type Task = FrameTask<'static, ()>;
-    type Child = FrameTask<'static, u64>;
+    type Task = ScopedTask<'static, ()>;
+    type Child = ScopedTask<'static, u64>;
     fn spawn<F: Future<Output = ()> + Send + 'static>(make: impl FnOnce() -> F) -> Self::Task {
         // The executor runs inside the scope (see `run`).
         FrameBox::pin_scoped(make()).expect("frame")

@@ -8,7 +8,8 @@
 //! - [`CountingAllocator`]: wraps another to count frames, bytes and the peak, for profiling.
 //! - [`FrameBox`]: a box (and, pinned, a boxed future) whose memory comes from a frame allocator.
 //! - [`with_frame_allocator`]: a scope whose futures, and the futures they create while polled,
-//!   take their frames from one allocator ([`FrameBox::pin_scoped`]).
+//!   take their frames from one allocator ([`FrameBox::pin_scoped`], which captures it as a
+//!   [`ScopeAllocator`]).
 
 mod counting;
 mod frame_box;
@@ -18,7 +19,10 @@ mod scope;
 pub use counting::{CountingAllocator, CountingStats};
 pub use frame_box::{FrameBox, FrameTask};
 pub use recycling::{RecyclingFrameAllocator, ThreadFrames};
-pub use scope::{current_frame_allocator, default_frame_allocator, with_frame_allocator};
+pub use scope::{
+    current_frame_allocator, current_scope, default_frame_allocator, with_frame_allocator, ScopeAllocator,
+    ScopedTask,
+};
 
 use core::ptr::NonNull;
 
@@ -40,6 +44,14 @@ pub trait FrameAllocator: Sync {
     /// # Safety
     /// `ptr` came from `allocate(size)` on this allocator and is not used again.
     unsafe fn deallocate(&self, ptr: NonNull<u8>, size: usize);
+
+    /// This allocator as the [`RecyclingFrameAllocator`] it is, if it is one used as is: a
+    /// [`with_frame_allocator`] scope then has the futures boxed in it call the recycling lists
+    /// directly instead of through `dyn` ([`ScopeAllocator`]). Wrappers that add behaviour (such
+    /// as [`CountingAllocator`]) keep the default, `None`.
+    fn as_recycling(&self) -> Option<&RecyclingFrameAllocator> {
+        None
+    }
 }
 
 impl<A: FrameAllocator + ?Sized> FrameAllocator for &A {
@@ -52,6 +64,10 @@ impl<A: FrameAllocator + ?Sized> FrameAllocator for &A {
     unsafe fn deallocate(&self, ptr: NonNull<u8>, size: usize) {
         // SAFETY: forwarded contract.
         unsafe { (**self).deallocate(ptr, size) }
+    }
+
+    fn as_recycling(&self) -> Option<&RecyclingFrameAllocator> {
+        (**self).as_recycling()
     }
 }
 
@@ -269,7 +285,7 @@ mod tests {
             YieldOnce(false).await;
             depth
         }
-        fn node(depth: u32) -> Pin<FrameBox<dyn Future<Output = u32> + Send>> {
+        fn node(depth: u32) -> ScopedTask<'static, u32> {
             FrameBox::pin_scoped(async move {
                 if depth == 0 {
                     return leaf(0).await;

@@ -1,11 +1,150 @@
 //! The frame-allocator scope: which allocator new frames come from on this thread right now.
 
 use core::cell::Cell;
+use core::future::Future;
+use core::pin::Pin;
+use core::ptr::NonNull;
+use core::task::{Context, Poll};
 
-use crate::cache::frame::{FrameAllocator, RecyclingFrameAllocator};
+use crate::cache::frame::{FrameAllocator, FrameBox, FrameTask, RecyclingFrameAllocator};
+use crate::error::Result;
 
 std::thread_local! {
-    static CURRENT: Cell<Option<&'static dyn FrameAllocator>> = const { Cell::new(None) };
+    static CURRENT: Cell<Option<ScopeAllocator>> = const { Cell::new(None) };
+}
+
+/// A scope's allocator as the futures boxed in it hold it ([`FrameBox::pin_scoped`]): a
+/// [`RecyclingFrameAllocator`] is called directly, its lists in line; any other allocator
+/// through `dyn`. Two words, like `&dyn FrameAllocator`.
+///
+/// [`FrameBox::pin_scoped`]: super::FrameBox::pin_scoped
+#[derive(Clone, Copy)]
+pub struct ScopeAllocator(Captured);
+
+#[derive(Clone, Copy)]
+enum Captured {
+    Recycling(&'static RecyclingFrameAllocator),
+    Dyn(&'static dyn FrameAllocator),
+}
+
+impl ScopeAllocator {
+    /// Captures `alloc` (asks it once whether it is a [`RecyclingFrameAllocator`]).
+    pub fn new(alloc: &'static dyn FrameAllocator) -> Self {
+        ScopeAllocator(match alloc.as_recycling() {
+            Some(lists) => Captured::Recycling(lists),
+            None => Captured::Dyn(alloc),
+        })
+    }
+
+    /// The default recycling allocator ([`default_frame_allocator`]), used outside any scope.
+    #[inline]
+    pub fn default_lists() -> Self {
+        ScopeAllocator(Captured::Recycling(default_frame_allocator()))
+    }
+
+    /// The allocator captured.
+    #[inline]
+    pub fn as_dyn(self) -> &'static dyn FrameAllocator {
+        match self.0 {
+            Captured::Recycling(lists) => lists,
+            Captured::Dyn(alloc) => alloc,
+        }
+    }
+
+    /// Whether both capture the same allocator.
+    #[inline]
+    pub fn same(self, other: Self) -> bool {
+        core::ptr::addr_eq(self.as_dyn(), other.as_dyn())
+    }
+}
+
+impl core::fmt::Debug for ScopeAllocator {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("ScopeAllocator")
+            .field("at", &(self.as_dyn() as *const dyn FrameAllocator).cast::<()>())
+            .field("recycling", &matches!(self.0, Captured::Recycling(_)))
+            .finish()
+    }
+}
+
+impl FrameAllocator for ScopeAllocator {
+    #[inline]
+    fn allocate(&self, size: usize) -> Result<NonNull<u8>> {
+        match self.0 {
+            Captured::Recycling(lists) => lists.allocate(size),
+            Captured::Dyn(alloc) => alloc.allocate(size),
+        }
+    }
+
+    #[inline]
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, size: usize) {
+        match self.0 {
+            // SAFETY: forwarded contract: the same allocator handed the frame out.
+            Captured::Recycling(lists) => unsafe { lists.deallocate(ptr, size) },
+            // SAFETY: as above.
+            Captured::Dyn(alloc) => unsafe { alloc.deallocate(ptr, size) },
+        }
+    }
+
+    fn as_recycling(&self) -> Option<&RecyclingFrameAllocator> {
+        match self.0 {
+            Captured::Recycling(lists) => Some(lists),
+            Captured::Dyn(alloc) => alloc.as_recycling(),
+        }
+    }
+}
+
+/// A future boxed in a scope's frame ([`FrameBox::pin_scoped`]): polling it enters that scope,
+/// so the futures it creates (its children) inherit the allocator, wherever it is polled.
+///
+/// The allocator lives in the task, not in the frame: the frame holds the future alone.
+///
+/// [`FrameBox::pin_scoped`]: super::FrameBox::pin_scoped
+pub struct ScopedTask<'f, O>(pub(crate) FrameBox<dyn Future<Output = O> + Send + 'f, ScopeAllocator>);
+
+impl<'f, O> ScopedTask<'f, O> {
+    /// The allocator the frame came from, whose scope each poll enters.
+    pub fn allocator(&self) -> ScopeAllocator {
+        *FrameBox::allocator(&self.0)
+    }
+
+    /// The boxed future, without the scope around its polls.
+    pub fn into_inner(self) -> FrameTask<'f, O, ScopeAllocator> {
+        FrameBox::into_pin(self.0)
+    }
+}
+
+impl<O> Future for ScopedTask<'_, O> {
+    type Output = O;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<O> {
+        let task = &mut self.get_mut().0;
+        let alloc = *FrameBox::allocator(task);
+        // SAFETY: the future stays in its frame until the box drops it there: the task never
+        // hands out the box unpinned (`into_inner` pins it).
+        let future = unsafe { Pin::new_unchecked(&mut **task) };
+        // Children polled inside their parent (or an executor that runs in the scope) find the
+        // scope already set: nothing to do.
+        if current_scope().is_some_and(|current| current.same(alloc)) {
+            return future.poll(cx);
+        }
+        poll_in_scope(alloc, future, cx)
+    }
+}
+
+impl<O> core::fmt::Debug for ScopedTask<'_, O> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("ScopedTask").field("allocator", &self.allocator()).finish_non_exhaustive()
+    }
+}
+
+/// Polls `future` inside `alloc`'s scope: out of line, so the common case (the scope already
+/// set) stays a comparison and a call.
+#[cold]
+#[inline(never)]
+fn poll_in_scope<O>(alloc: ScopeAllocator, future: Pin<&mut (dyn Future<Output = O> + Send + '_)>, cx: &mut Context<'_>) -> Poll<O> {
+    with_scope(alloc, || future.poll(cx))
 }
 
 /// Runs `f` with `alloc` as the calling thread's frame allocator, then restores the previous
@@ -15,31 +154,40 @@ std::thread_local! {
 /// frames from `alloc` and re-enter this scope each time they are polled, so the futures they
 /// create (their children) inherit it, however deep, wherever they are polled.
 pub fn with_frame_allocator<R>(alloc: &'static dyn FrameAllocator, f: impl FnOnce() -> R) -> R {
-    struct Restore(Option<&'static dyn FrameAllocator>);
+    with_scope(ScopeAllocator::new(alloc), f)
+}
+
+/// [`with_frame_allocator`] with the allocator already captured.
+#[inline]
+pub(crate) fn with_scope<R>(alloc: ScopeAllocator, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<ScopeAllocator>);
     impl Drop for Restore {
+        #[inline]
         fn drop(&mut self) {
             // At thread exit the slot may be gone; there is nothing to restore then.
             let _ = CURRENT.try_with(|c| c.set(self.0));
         }
     }
-    let previous = CURRENT.with(|c| c.replace(Some(alloc)));
+    let previous = CURRENT.try_with(|c| c.replace(Some(alloc))).ok().flatten();
     let _restore = Restore(previous);
     f()
 }
 
 /// The frame allocator of the innermost [`with_frame_allocator`] scope on this thread.
+#[inline]
 pub fn current_frame_allocator() -> Option<&'static dyn FrameAllocator> {
-    CURRENT.try_with(Cell::get).ok().flatten()
+    current_scope().map(ScopeAllocator::as_dyn)
 }
 
-/// Whether `alloc` is the innermost scope's allocator on this thread.
+/// The innermost scope's allocator, as captured.
 #[inline]
-pub(crate) fn is_current_frame_allocator(alloc: &'static dyn FrameAllocator) -> bool {
-    CURRENT.try_with(|c| c.get().is_some_and(|cur| core::ptr::addr_eq(cur, alloc))).unwrap_or(false)
+pub fn current_scope() -> Option<ScopeAllocator> {
+    CURRENT.try_with(Cell::get).ok().flatten()
 }
 
 /// The allocator used outside any scope: a [`RecyclingFrameAllocator`] over the global
 /// allocator.
+#[inline]
 pub fn default_frame_allocator() -> &'static RecyclingFrameAllocator {
     static DEFAULT: RecyclingFrameAllocator = RecyclingFrameAllocator::new();
     &DEFAULT
