@@ -5,7 +5,7 @@ use core::ptr::NonNull;
 
 use crate::cache::config::CacheConfig;
 use crate::cache::frame::{FrameAllocator, FRAME_ALIGN};
-use crate::cache::size_class::{class_of_size, BLOCK_ALIGN};
+use crate::cache::size_class::{class_of_size, BLOCK_ALIGN, MAX_BLOCK};
 use crate::cache::stats::CacheStats;
 use crate::cache::tls::{SlotRef, Tier, SLOT_FRAMES};
 use crate::cache::upstream::Upstream;
@@ -85,15 +85,11 @@ impl RecyclingFrameAllocator {
     fn allocate_at(&self, slot: usize, size: usize) -> Result<NonNull<u8>> {
         // The hot path: a size with a class (frames are FRAME_ALIGN-aligned, which every class
         // is), popped off this thread's list.
-        if size != 0 {
-            if let Some(class) = class_of_size(size) {
-                return NonNull::new(self.slot.alloc_class(slot, class)).ok_or(Error::OutOfMemory {
-                    requested: size as u64,
-                    available: 0,
-                });
-            }
+        match listed_class(size) {
+            Some(class) => NonNull::new(self.slot.alloc_class(slot, class))
+                .ok_or(Error::OutOfMemory { requested: size as u64, available: 0 }),
+            None => self.allocate_unlisted(size),
         }
-        self.allocate_unlisted(size)
     }
 
     /// Sizes without a list: zero (an error) and frames over the largest class.
@@ -110,7 +106,7 @@ impl RecyclingFrameAllocator {
     /// As for [`FrameAllocator::deallocate`]; `slot` is this allocator's.
     #[inline(always)]
     unsafe fn deallocate_at(&self, slot: usize, ptr: NonNull<u8>, size: usize) {
-        match class_of_size(size) {
+        match listed_class(size) {
             // SAFETY: the caller's contract: a frame of this class from `allocate_at(slot, _)`.
             Some(class) => unsafe { self.slot.dealloc_class(slot, class, ptr) },
             // SAFETY: as above, a frame over the largest class.
@@ -144,6 +140,17 @@ impl RecyclingFrameAllocator {
         let layout = unsafe { Layout::from_size_align_unchecked(size, FRAME_ALIGN) };
         // SAFETY: the caller's contract: a frame from `allocate(size)`.
         unsafe { self.slot.dealloc(ptr, layout) }
+    }
+}
+
+/// The list a frame of `size` bytes goes on: `None` for 0 (no frame) and for sizes over the
+/// largest class, in one comparison.
+#[inline(always)]
+fn listed_class(size: usize) -> Option<usize> {
+    if size.wrapping_sub(1) < MAX_BLOCK {
+        class_of_size(size)
+    } else {
+        None
     }
 }
 
