@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example frames -- [--tasks N] [--in-flight K] [--reps R]
+//! cargo run --release --example frames -- --only STRATEGY [--tasks N]   # one run, for profilers
 //! ```
 //!
 //! A single-thread executor runs N short tasks (default 1,000,000), at most K at a time (default
@@ -37,11 +38,11 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
 use std::time::Instant;
 
-use hetmem::cache::CacheStats;
 use hetmem::cache::frame::{
     with_frame_allocator, CountingAllocator, FrameAllocator, FrameBox, FrameTask, RecyclingFrameAllocator, ScopedTask,
     ThreadFrames,
 };
+use hetmem::cache::CacheStats;
 
 /// The global allocator: glibc or mimalloc, switched at run time, counting this thread's calls.
 struct Switch;
@@ -55,8 +56,10 @@ thread_local! {
 }
 
 // SAFETY: every call goes to one of two real allocators; a block is freed by the one that made
-// it because the mode only changes while no block of the other mode is live (between runs, after
-// the executor has dropped every task).
+// it because the mode only changes between runs, after the executor has dropped every task: the
+// only blocks then live are glibc's recycled frames on their lists, which nothing touches while
+// mimalloc serves (no frame is taken or freed in a mimalloc run) and which go back to glibc at
+// thread exit, after the mode is back to glibc.
 unsafe impl GlobalAlloc for Switch {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.with(|c| c.set(c.get() + 1));
@@ -426,9 +429,15 @@ fn main() {
             "recycled" => run::<Recycled>(tasks, in_flight),
             "recycled-scope" => run::<Scoped<false>>(tasks, in_flight),
             "box-system" => run::<Boxed<GLIBC>>(tasks, in_flight),
-            _ => {
+            "box-mimalloc" => {
                 MODE.store(MIMALLOC, Ordering::Relaxed);
-                run::<Boxed<MIMALLOC>>(tasks, in_flight)
+                let r = run::<Boxed<MIMALLOC>>(tasks, in_flight);
+                MODE.store(GLIBC, Ordering::Relaxed);
+                r
+            }
+            _ => {
+                eprintln!("frames: --only takes recycled, recycled-scope, box-system or box-mimalloc");
+                std::process::exit(2)
             }
         };
         println!("{only}: {:.2} ns/task wall, {:.2} ns/task CPU", r.ns_per_task, r.cpu_ns_per_task);
@@ -479,7 +488,8 @@ fn main() {
         per_round[per_round.len() - 1],
         medians[0].steady_allocations_per_task
     );
-    let allocating = rounds.iter().any(|r| r[0].steady_allocations_per_task != 0.0 || r[1].steady_allocations_per_task != 0.0);
+    let allocating =
+        rounds.iter().any(|r| r[0].steady_allocations_per_task != 0.0 || r[1].steady_allocations_per_task != 0.0);
     if allocating {
         eprintln!("frames: recycled tasks still allocate upstream in steady state");
         std::process::exit(1);

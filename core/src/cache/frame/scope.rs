@@ -15,54 +15,47 @@ std::thread_local! {
 
 /// A scope's allocator as the futures boxed in it hold it ([`FrameBox::pin_scoped`]): a
 /// [`RecyclingFrameAllocator`] is called directly, its lists in line; any other allocator
-/// through `dyn`. Two words, like `&dyn FrameAllocator`.
+/// through `dyn`.
 ///
 /// [`FrameBox::pin_scoped`]: super::FrameBox::pin_scoped
 #[derive(Clone, Copy)]
-pub struct ScopeAllocator(Captured);
-
-#[derive(Clone, Copy)]
-enum Captured {
-    Recycling(&'static RecyclingFrameAllocator),
-    Dyn(&'static dyn FrameAllocator),
+pub struct ScopeAllocator {
+    alloc: &'static dyn FrameAllocator,
+    /// `alloc` itself when it is a `RecyclingFrameAllocator`.
+    lists: Option<&'static RecyclingFrameAllocator>,
 }
 
 impl ScopeAllocator {
     /// Captures `alloc` (asks it once whether it is a [`RecyclingFrameAllocator`]).
     pub fn new(alloc: &'static dyn FrameAllocator) -> Self {
-        ScopeAllocator(match alloc.as_recycling() {
-            Some(lists) => Captured::Recycling(lists),
-            None => Captured::Dyn(alloc),
-        })
+        ScopeAllocator { alloc, lists: alloc.as_recycling() }
     }
 
     /// The default recycling allocator ([`default_frame_allocator`]), used outside any scope.
     #[inline]
     pub fn default_lists() -> Self {
-        ScopeAllocator(Captured::Recycling(default_frame_allocator()))
+        let lists = default_frame_allocator();
+        ScopeAllocator { alloc: lists, lists: Some(lists) }
     }
 
     /// The allocator captured.
     #[inline]
     pub fn as_dyn(self) -> &'static dyn FrameAllocator {
-        match self.0 {
-            Captured::Recycling(lists) => lists,
-            Captured::Dyn(alloc) => alloc,
-        }
+        self.alloc
     }
 
     /// Whether both capture the same allocator.
     #[inline]
     pub fn same(self, other: Self) -> bool {
-        core::ptr::addr_eq(self.as_dyn(), other.as_dyn())
+        core::ptr::addr_eq(self.alloc, other.alloc)
     }
 }
 
 impl core::fmt::Debug for ScopeAllocator {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("ScopeAllocator")
-            .field("at", &(self.as_dyn() as *const dyn FrameAllocator).cast::<()>())
-            .field("recycling", &matches!(self.0, Captured::Recycling(_)))
+            .field("at", &(self.alloc as *const dyn FrameAllocator).cast::<()>())
+            .field("recycling", &self.lists.is_some())
             .finish()
     }
 }
@@ -70,34 +63,35 @@ impl core::fmt::Debug for ScopeAllocator {
 impl FrameAllocator for ScopeAllocator {
     #[inline]
     fn allocate(&self, size: usize) -> Result<NonNull<u8>> {
-        match self.0 {
-            Captured::Recycling(lists) => lists.allocate(size),
-            Captured::Dyn(alloc) => alloc.allocate(size),
+        match self.lists {
+            Some(lists) => lists.allocate(size),
+            None => self.alloc.allocate(size),
         }
     }
 
     #[inline]
     unsafe fn deallocate(&self, ptr: NonNull<u8>, size: usize) {
-        match self.0 {
-            // SAFETY: forwarded contract: the same allocator handed the frame out.
-            Captured::Recycling(lists) => unsafe { lists.deallocate(ptr, size) },
+        match self.lists {
+            // SAFETY: forwarded contract: the same allocator (`lists` is `alloc`) handed the
+            // frame out.
+            Some(lists) => unsafe { lists.deallocate(ptr, size) },
             // SAFETY: as above.
-            Captured::Dyn(alloc) => unsafe { alloc.deallocate(ptr, size) },
+            None => unsafe { self.alloc.deallocate(ptr, size) },
         }
     }
 
     fn as_recycling(&self) -> Option<&RecyclingFrameAllocator> {
-        match self.0 {
-            Captured::Recycling(lists) => Some(lists),
-            Captured::Dyn(alloc) => alloc.as_recycling(),
-        }
+        self.lists
     }
 }
 
 /// A future boxed in a scope's frame ([`FrameBox::pin_scoped`]): polling it enters that scope,
 /// so the futures it creates (its children) inherit the allocator, wherever it is polled.
 ///
-/// The allocator lives in the task, not in the frame: the frame holds the future alone.
+/// The task holds the allocator (and gives the frame back to it when dropped, in or out of the
+/// scope); the frame holds the future alone. A poll compares the allocator with the thread's
+/// current scope and enters the scope only when they differ: children polled by their parent,
+/// and tasks run by an executor inside the scope, find it set.
 ///
 /// [`FrameBox::pin_scoped`]: super::FrameBox::pin_scoped
 pub struct ScopedTask<'f, O>(pub(crate) FrameBox<dyn Future<Output = O> + Send + 'f, ScopeAllocator>);
@@ -143,7 +137,11 @@ impl<O> core::fmt::Debug for ScopedTask<'_, O> {
 /// set) stays a comparison and a call.
 #[cold]
 #[inline(never)]
-fn poll_in_scope<O>(alloc: ScopeAllocator, future: Pin<&mut (dyn Future<Output = O> + Send + '_)>, cx: &mut Context<'_>) -> Poll<O> {
+fn poll_in_scope<O>(
+    alloc: ScopeAllocator,
+    future: Pin<&mut (dyn Future<Output = O> + Send + '_)>,
+    cx: &mut Context<'_>,
+) -> Poll<O> {
     with_scope(alloc, || future.poll(cx))
 }
 
@@ -152,14 +150,15 @@ fn poll_in_scope<O>(alloc: ScopeAllocator, future: Pin<&mut (dyn Future<Output =
 ///
 /// Futures boxed inside with [`FrameBox::pin_scoped`](super::FrameBox::pin_scoped) take their
 /// frames from `alloc` and re-enter this scope each time they are polled, so the futures they
-/// create (their children) inherit it, however deep, wherever they are polled.
+/// create (their children) inherit it, however deep, wherever they are polled. `alloc` is
+/// captured once, here ([`ScopeAllocator::new`]).
 pub fn with_frame_allocator<R>(alloc: &'static dyn FrameAllocator, f: impl FnOnce() -> R) -> R {
     with_scope(ScopeAllocator::new(alloc), f)
 }
 
 /// [`with_frame_allocator`] with the allocator already captured.
 #[inline]
-pub(crate) fn with_scope<R>(alloc: ScopeAllocator, f: impl FnOnce() -> R) -> R {
+fn with_scope<R>(alloc: ScopeAllocator, f: impl FnOnce() -> R) -> R {
     struct Restore(Option<ScopeAllocator>);
     impl Drop for Restore {
         #[inline]
