@@ -21,9 +21,16 @@
 //! - `box-system`: `Box::pin` with glibc malloc as the global allocator.
 //! - `box-mimalloc`: `Box::pin` with mimalloc as the global allocator.
 //!
+//! The executor is the same for all four: fixed task slots, wakers made of the slot number and
+//! a static vtable, a preallocated ready ring, nothing allocated per task but the frames under
+//! test; its spawn and poll loops are out of line for every strategy alike, so that the
+//! compiler's inlining choices do not favour one.
+//!
 //! The global allocator here is a switch between glibc and mimalloc that counts the
 //! allocations of the executor thread: "upstream allocs/task" is that count over the second
-//! half of the tasks (steady state) divided by those tasks. Per task: wall time and the
+//! half of the tasks (steady state) divided by those tasks. (The switch adds a few instructions
+//! to each `Box::pin` allocation and free; recycled frames in steady state never reach it.)
+//! `benches/frames-instructions.sh` counts the instructions per task of each strategy. Per task: wall time and the
 //! executor thread's CPU time over all N tasks. The strategies run in R rounds (default 5),
 //! each round all four back to back, so that load from elsewhere falls on all of them alike;
 //! the table shows each strategy's run with the median CPU time, and the range of the
