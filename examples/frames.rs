@@ -31,10 +31,12 @@
 //! half of the tasks (steady state) divided by those tasks. (The switch adds a few instructions
 //! to each `Box::pin` allocation and free; recycled frames in steady state never reach it.)
 //! `benches/frames-instructions.sh` counts the instructions per task of each strategy. Per task: wall time and the
-//! executor thread's CPU time over all N tasks. The strategies run in R rounds (default 5),
+//! executor thread's CPU time over all N tasks. The strategies run in R rounds (default 7),
 //! each round all four back to back, so that load from elsewhere falls on all of them alike;
-//! the table shows each strategy's run with the median CPU time, and the range of the
-//! per-round ratios. Ratios use CPU time, which other load on a shared machine disturbs less.
+//! the table shows each strategy's run with the median CPU time, the last line the median and
+//! the range of the per-round ratios of `box-system` to `recycled`. Ratios use CPU time, which
+//! other load on a shared machine disturbs less (a busy sibling hyperthread still slows
+//! every strategy, and narrows the ratios).
 //! The program fails if recycled tasks allocate upstream in steady state in any round.
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -427,7 +429,7 @@ fn arg(name: &str, default: u64) -> u64 {
 fn main() {
     let tasks = arg("--tasks", 1_000_000);
     let in_flight = arg("--in-flight", 256) as usize;
-    let reps = arg("--reps", 5) as usize;
+    let reps = arg("--reps", 7) as usize;
 
     let only = std::env::args().skip_while(|a| a != "--only").nth(1).unwrap_or_default();
     if !only.is_empty() {
@@ -484,13 +486,15 @@ fn main() {
             r.steady_allocations_per_task
         );
     }
-    // The same comparison round by round: the spread says how much the machine moved.
+    // Round by round, the two ran within milliseconds of each other: the median of those
+    // ratios is the comparison least moved by load that comes and goes; the spread says how
+    // much the machine moved.
     let mut per_round: Vec<f64> = rounds.iter().map(|r| r[2].cpu_ns_per_task / r[0].cpu_ns_per_task).collect();
     per_round.sort_by(f64::total_cmp);
     println!(
-        "recycled frames: {:.2}x faster per task (CPU time) than Box::pin with glibc (rounds: {:.2}x to {:.2}x); \
-         steady-state upstream allocations per task: {}",
-        system.cpu_ns_per_task / medians[0].cpu_ns_per_task,
+        "recycled frames: {:.2}x faster per task (CPU time) than Box::pin with glibc (median of the per-round \
+         ratios; rounds: {:.2}x to {:.2}x); steady-state upstream allocations per task: {}",
+        per_round[per_round.len() / 2],
         per_round[0],
         per_round[per_round.len() - 1],
         medians[0].steady_allocations_per_task
