@@ -467,7 +467,7 @@ fn main() {
          back to back, the run with the median CPU time of each"
     );
     println!(
-        "recycled frame lists (this thread, all rounds): {} hits, {} upstream allocations (the first tasks), \
+        "recycled frame lists (this thread, all rounds): {} hits, {} upstream allocations, \
          {} bytes cached",
         frames.hits, frames.upstream_allocations, frames.bytes_cached
     );
