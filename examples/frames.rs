@@ -2,28 +2,42 @@
 //!
 //! ```text
 //! cargo run --release --example frames -- [--tasks N] [--in-flight K] [--reps R]
+//! cargo run --release --example frames -- --only STRATEGY [--tasks N]   # one run, for profilers
 //! ```
 //!
 //! A single-thread executor runs N short tasks (default 1,000,000), at most K at a time (default
 //! 256). Each task boxes a child future, awaits it and records the result: two frames per task.
 //! One child in 16 yields once before it finishes, so its task is suspended, woken and polled
-//! again. Three ways to box them, in the same run:
+//! again. Four ways to box them, in the same run:
 //!
 //! - `recycled`: [`FrameBox::pin_dyn_with_in`] with [`ThreadFrames`] (the default
 //!   [`RecyclingFrameAllocator`]'s lists): frames come from thread-local free lists (upstream:
 //!   the global allocator, here glibc).
 //! - `recycled-scope`: [`FrameBox::pin_scoped`], with the executor running inside a
 //!   [`with_frame_allocator`] scope over the same allocator: tasks and the children they create
-//!   take their frames from it without naming it (each poll checks the scope).
+//!   take their frames from it without naming it. Each task keeps the allocator it was boxed
+//!   with and, when polled, compares it with the thread's current scope (entering it if not
+//!   already there), so the children it creates inherit it.
 //! - `box-system`: `Box::pin` with glibc malloc as the global allocator.
 //! - `box-mimalloc`: `Box::pin` with mimalloc as the global allocator.
 //!
+//! The executor is the same for all four: fixed task slots, wakers made of the slot number and
+//! a static vtable, a preallocated ready ring, nothing allocated per task but the frames under
+//! test; its spawn and poll loops are out of line for every strategy alike, so that the
+//! compiler's inlining choices do not favour one.
+//!
 //! The global allocator here is a switch between glibc and mimalloc that counts the
 //! allocations of the executor thread: "upstream allocs/task" is that count over the second
-//! half of the tasks (steady state) divided by those tasks. Per task: wall time and the
-//! executor thread's CPU time over all N tasks, the run with the median CPU time of R runs;
-//! ratios use CPU time, which other load on a shared machine disturbs less. The program fails
-//! if recycled tasks allocate upstream in steady state.
+//! half of the tasks (steady state) divided by those tasks. (The switch adds a few instructions
+//! to each `Box::pin` allocation and free; recycled frames in steady state never reach it.)
+//! `benches/frames-instructions.sh` counts the instructions per task of each strategy. Per task: wall time and the
+//! executor thread's CPU time over all N tasks. The strategies run in R rounds (default 7),
+//! each round all four back to back, so that load from elsewhere falls on all of them alike;
+//! the table shows each strategy's run with the median CPU time, the last line the median and
+//! the range of the per-round ratios of `box-system` to `recycled`. Ratios use CPU time, which
+//! other load on a shared machine disturbs less (a busy sibling hyperthread still slows
+//! every strategy, and narrows the ratios).
+//! The program fails if recycled tasks allocate upstream in steady state in any round.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -34,8 +48,10 @@ use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
 use std::time::Instant;
 
 use hetmem::cache::frame::{
-    with_frame_allocator, CountingAllocator, FrameAllocator, FrameBox, FrameTask, RecyclingFrameAllocator, ThreadFrames,
+    with_frame_allocator, CountingAllocator, FrameAllocator, FrameBox, FrameTask, RecyclingFrameAllocator, ScopedTask,
+    ThreadFrames,
 };
+use hetmem::cache::CacheStats;
 
 /// The global allocator: glibc or mimalloc, switched at run time, counting this thread's calls.
 struct Switch;
@@ -49,8 +65,10 @@ thread_local! {
 }
 
 // SAFETY: every call goes to one of two real allocators; a block is freed by the one that made
-// it because the mode only changes while no block of the other mode is live (between runs, after
-// the executor has dropped every task).
+// it because the mode only changes between runs, after the executor has dropped every task: the
+// only blocks then live are glibc's recycled frames on their lists, which nothing touches while
+// mimalloc serves (no frame is taken or freed in a mimalloc run) and which go back to glibc at
+// thread exit, after the mode is back to glibc.
 unsafe impl GlobalAlloc for Switch {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.with(|c| c.set(c.get() + 1));
@@ -137,8 +155,8 @@ static COUNTING: CountingAllocator<RecyclingFrameAllocator> = CountingAllocator:
 
 impl<const COUNTED: bool> Strategy for Scoped<COUNTED> {
     const NAME: &'static str = if COUNTED { "counted" } else { "recycled-scope" };
-    type Task = FrameTask<'static, ()>;
-    type Child = FrameTask<'static, u64>;
+    type Task = ScopedTask<'static, ()>;
+    type Child = ScopedTask<'static, u64>;
     fn spawn<F: Future<Output = ()> + Send + 'static>(make: impl FnOnce() -> F) -> Self::Task {
         // The executor runs inside the scope (see `run`).
         FrameBox::pin_scoped(make()).expect("frame")
@@ -243,21 +261,27 @@ impl<T: Future<Output = ()> + Unpin> Executor<T> {
         }
     }
 
-    /// Starts `task` if a slot is free; gives it back otherwise.
-    fn spawn(&mut self, task: T) -> Result<(), T> {
-        let Some(slot) = self.free.pop() else {
-            return Err(task);
-        };
-        self.slots[slot].task = Some(task);
-        READY.with(|r| r.push(slot));
-        Ok(())
-    }
-
-    fn has_room(&self) -> bool {
-        !self.free.is_empty()
+    /// Starts the tasks `make` builds for `next..until` while slots are free; returns where it
+    /// stopped.
+    // Each batch call is out of line, for every strategy alike: the executor's code is the same
+    // shape for all (left to itself, the compiler inlines it for some and not for others), and
+    // a loop of its own keeps its few values in registers.
+    #[inline(never)]
+    fn spawn_batch(&mut self, mut next: u64, until: u64, mut make: impl FnMut(u64) -> T) -> u64 {
+        while next < until {
+            let Some(slot) = self.free.pop() else {
+                break;
+            };
+            // The slot is free (`None`): nothing to drop, so no call to the task's drop glue.
+            core::mem::forget(self.slots[slot].task.replace(make(next)));
+            READY.with(|r| r.push(slot));
+            next += 1;
+        }
+        next
     }
 
     /// Polls the woken tasks once each; `false` if none was woken.
+    #[inline(never)]
     fn run_ready(&mut self) -> bool {
         let mut ran = false;
         while let Some(i) = READY.with(ReadyQueue::pop) {
@@ -300,6 +324,7 @@ fn thread_cpu_ns() -> f64 {
     ts.tv_sec as f64 * 1e9 + ts.tv_nsec as f64
 }
 
+#[derive(Clone)]
 struct Run {
     ns_per_task: f64,
     cpu_ns_per_task: f64,
@@ -321,20 +346,20 @@ fn run_in_scope<S: Strategy>(tasks: u64, in_flight: usize) -> Run {
     let started = Instant::now();
     let cpu_started = thread_cpu_ns();
     let mut spawned = 0;
-    loop {
-        while spawned < tasks && ex.has_room() {
-            if spawned == half {
-                allocations_at_half = allocations();
-            }
-            if ex.spawn(S::spawn(|| task::<S>(spawned))).is_err() {
-                unreachable!("a slot was free");
-            }
-            spawned += 1;
+    for until in [half, tasks] {
+        if until == tasks {
+            allocations_at_half = allocations();
         }
-        if !ex.run_ready() && spawned == tasks {
-            break;
+        // Spawns while there is room, runs the ready tasks when there is none.
+        loop {
+            spawned = ex.spawn_batch(spawned, until, |i| S::spawn(|| task::<S>(i)));
+            if spawned == until {
+                break;
+            }
+            ex.run_ready();
         }
     }
+    while ex.run_ready() {}
     let elapsed = started.elapsed();
     let cpu = thread_cpu_ns() - cpu_started;
     let steady = allocations() - allocations_at_half;
@@ -347,10 +372,29 @@ fn run_in_scope<S: Strategy>(tasks: u64, in_flight: usize) -> Run {
     }
 }
 
-fn median_run<S: Strategy>(tasks: u64, in_flight: usize, reps: usize) -> Run {
-    let mut runs: Vec<Run> = (0..reps).map(|_| run::<S>(tasks, in_flight)).collect();
-    runs.sort_by(|a, b| a.cpu_ns_per_task.total_cmp(&b.cpu_ns_per_task));
-    runs.swap_remove(reps / 2)
+/// The run with the median CPU time.
+fn median(runs: &[Run]) -> &Run {
+    let mut sorted: Vec<&Run> = runs.iter().collect();
+    sorted.sort_by(|a, b| a.cpu_ns_per_task.total_cmp(&b.cpu_ns_per_task));
+    sorted[sorted.len() / 2]
+}
+
+/// One round: each strategy once, back to back, so that load from elsewhere on the machine
+/// falls on all of them alike.
+/// Also returns the frame lists' statistics at the end of the glibc part.
+fn round(tasks: u64, in_flight: usize) -> ([Run; 4], CacheStats) {
+    MODE.store(GLIBC, Ordering::Relaxed);
+    let recycled = run::<Recycled>(tasks, in_flight);
+    let scoped = run::<Scoped<false>>(tasks, in_flight);
+    let system = run::<Boxed<GLIBC>>(tasks, in_flight);
+    let frames = FRAMES.thread_stats();
+    // The recycled frames stay on their lists meanwhile: glibc blocks, which nothing touches
+    // while mimalloc serves, and which go back upstream (to glibc) only at thread exit, after
+    // the last round has switched back.
+    MODE.store(MIMALLOC, Ordering::Relaxed);
+    let mimalloc = run::<Boxed<MIMALLOC>>(tasks, in_flight);
+    MODE.store(GLIBC, Ordering::Relaxed);
+    ([recycled, scoped, system, mimalloc], frames)
 }
 
 /// A short run through a counting allocator: what the frames are.
@@ -385,7 +429,7 @@ fn arg(name: &str, default: u64) -> u64 {
 fn main() {
     let tasks = arg("--tasks", 1_000_000);
     let in_flight = arg("--in-flight", 256) as usize;
-    let reps = arg("--reps", 3) as usize;
+    let reps = arg("--reps", 7) as usize;
 
     let only = std::env::args().skip_while(|a| a != "--only").nth(1).unwrap_or_default();
     if !only.is_empty() {
@@ -394,9 +438,15 @@ fn main() {
             "recycled" => run::<Recycled>(tasks, in_flight),
             "recycled-scope" => run::<Scoped<false>>(tasks, in_flight),
             "box-system" => run::<Boxed<GLIBC>>(tasks, in_flight),
-            _ => {
+            "box-mimalloc" => {
                 MODE.store(MIMALLOC, Ordering::Relaxed);
-                run::<Boxed<MIMALLOC>>(tasks, in_flight)
+                let r = run::<Boxed<MIMALLOC>>(tasks, in_flight);
+                MODE.store(GLIBC, Ordering::Relaxed);
+                r
+            }
+            _ => {
+                eprintln!("frames: --only takes recycled, recycled-scope, box-system or box-mimalloc");
+                std::process::exit(2)
             }
         };
         println!("{only}: {:.2} ns/task wall, {:.2} ns/task CPU", r.ns_per_task, r.cpu_ns_per_task);
@@ -405,33 +455,27 @@ fn main() {
 
     profile(10_000);
 
-    MODE.store(GLIBC, Ordering::Relaxed);
-    let recycled = median_run::<Recycled>(tasks, in_flight, reps);
-    let scoped = median_run::<Scoped<false>>(tasks, in_flight, reps);
-    let frames = FRAMES.thread_stats();
-    let system = median_run::<Boxed<GLIBC>>(tasks, in_flight, reps);
-    // Blocks from glibc (the recycled frames, the executor's) go back before switching.
-    FRAMES.flush_thread();
-    FRAMES.release_depot();
-    MODE.store(MIMALLOC, Ordering::Relaxed);
-    let mimalloc = median_run::<Boxed<MIMALLOC>>(tasks, in_flight, reps);
-    MODE.store(GLIBC, Ordering::Relaxed);
+    let (rounds, frames): (Vec<[Run; 4]>, Vec<CacheStats>) = (0..reps).map(|_| round(tasks, in_flight)).unzip();
+    let frames = frames[frames.len() - 1];
+    let names = [Recycled::NAME, Scoped::<false>::NAME, Boxed::<GLIBC>::NAME, Boxed::<MIMALLOC>::NAME];
+    let runs_of = |k: usize| -> Vec<Run> { rounds.iter().map(|r| r[k].clone()).collect() };
+    let medians: Vec<Run> = (0..names.len()).map(|k| median(&runs_of(k)).clone()).collect();
+    let (system, mimalloc) = (&medians[2], &medians[3]);
 
-    println!("tasks: {tasks}, in flight: {in_flight}, 2 frames per task, median of {reps} runs");
     println!(
-        "recycled frame lists (this thread): {} hits, {} upstream allocations, {} bytes cached",
+        "tasks: {tasks}, in flight: {in_flight}, 2 frames per task; {reps} rounds of the four strategies \
+         back to back, the run with the median CPU time of each"
+    );
+    println!(
+        "recycled frame lists (this thread, all rounds): {} hits, {} upstream allocations, \
+         {} bytes cached",
         frames.hits, frames.upstream_allocations, frames.bytes_cached
     );
     println!(
         "{:<15} {:>9} {:>9} {:>12} {:>14} {:>22}",
         "strategy", "wall ns", "CPU ns", "/box-system", "/box-mimalloc", "upstream allocs/task"
     );
-    for (name, r) in [
-        (Recycled::NAME, &recycled),
-        (Scoped::<false>::NAME, &scoped),
-        (Boxed::<GLIBC>::NAME, &system),
-        (Boxed::<MIMALLOC>::NAME, &mimalloc),
-    ] {
+    for (name, r) in names.iter().zip(&medians) {
         println!(
             "{:<15} {:>9.2} {:>9.2} {:>11.2}x {:>13.2}x {:>22.4}",
             name,
@@ -442,13 +486,22 @@ fn main() {
             r.steady_allocations_per_task
         );
     }
+    // Round by round, the two ran within milliseconds of each other: the median of those
+    // ratios is the comparison least moved by load that comes and goes; the spread says how
+    // much the machine moved.
+    let mut per_round: Vec<f64> = rounds.iter().map(|r| r[2].cpu_ns_per_task / r[0].cpu_ns_per_task).collect();
+    per_round.sort_by(f64::total_cmp);
     println!(
-        "recycled frames: {:.2}x faster per task (CPU time) than Box::pin with glibc; \
-         steady-state upstream allocations per task: {}",
-        system.cpu_ns_per_task / recycled.cpu_ns_per_task,
-        recycled.steady_allocations_per_task
+        "recycled frames: {:.2}x faster per task (CPU time) than Box::pin with glibc (median of the per-round \
+         ratios; rounds: {:.2}x to {:.2}x); steady-state upstream allocations per task: {}",
+        per_round[per_round.len() / 2],
+        per_round[0],
+        per_round[per_round.len() - 1],
+        medians[0].steady_allocations_per_task
     );
-    if recycled.steady_allocations_per_task != 0.0 || scoped.steady_allocations_per_task != 0.0 {
+    let allocating =
+        rounds.iter().any(|r| r[0].steady_allocations_per_task != 0.0 || r[1].steady_allocations_per_task != 0.0);
+    if allocating {
         eprintln!("frames: recycled tasks still allocate upstream in steady state");
         std::process::exit(1);
     }

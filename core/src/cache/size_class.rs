@@ -28,10 +28,10 @@ pub const fn class_of_size(size: usize) -> Option<usize> {
     if size > MAX_BLOCK {
         return None;
     }
-    if size <= 1 << MIN_BLOCK_SHIFT {
-        return Some(0);
-    }
-    Some((usize::BITS - (size - 1).leading_zeros() - MIN_BLOCK_SHIFT) as usize)
+    // Or-ing in the low bits puts every size up to the smallest block (0 included) in class 0
+    // without a branch, and keeps `leading_zeros` away from 0.
+    let last_byte = size.saturating_sub(1) | ((1 << MIN_BLOCK_SHIFT) - 1);
+    Some((usize::BITS - last_byte.leading_zeros() - MIN_BLOCK_SHIFT) as usize)
 }
 
 /// The class that serves `layout`, or `None` if the request is too big or too strictly aligned

@@ -148,8 +148,9 @@ impl SlotRef {
         self.upstream
     }
 
+    /// The slot index, claimed on first use; `SLOT_NONE` (at least [`SLOTS`]) if none was free.
     #[inline(always)]
-    fn slot(&self) -> usize {
+    pub(crate) fn slot(&self) -> usize {
         let s = self.slot.load(Ordering::Relaxed);
         if (s as usize) < SLOTS {
             s as usize
@@ -158,6 +159,14 @@ impl SlotRef {
         } else {
             SLOT_NONE as usize
         }
+    }
+
+    /// The slot if it is assigned and has a cache, without claiming one: the hot paths branch
+    /// on this once, so the code after it knows the slot is valid.
+    #[inline(always)]
+    pub(crate) fn ready_slot(&self) -> Option<usize> {
+        let s = self.slot.load(Ordering::Relaxed) as usize;
+        (s < SLOTS).then_some(s)
     }
 
     #[cold]
@@ -191,16 +200,22 @@ impl SlotRef {
     /// Allocates for `layout` (non-zero size); null when the upstream is out of memory.
     #[inline(always)]
     pub(crate) fn alloc(&self, layout: Layout) -> *mut u8 {
-        if let Some(class) = class_of(layout) {
-            let slot = self.slot();
-            if slot < SLOTS {
-                if let Some(p) = with_state(|s| s.caches[slot].pop(class)) {
-                    return p.as_ptr();
-                }
-            }
-            return self.alloc_slow(slot, class);
+        match class_of(layout) {
+            Some(class) => self.alloc_class(self.slot(), class),
+            None => self.passthrough_alloc(layout, false),
         }
-        self.passthrough_alloc(layout, false)
+    }
+
+    /// A block of `class`, from the calling thread's cache of `slot`: this handle's slot, given
+    /// by callers that know it at compile time ([`SLOT_FRAMES`]) to skip looking it up.
+    #[inline(always)]
+    pub(crate) fn alloc_class(&self, slot: usize, class: usize) -> *mut u8 {
+        if slot < SLOTS {
+            if let Some(p) = with_state(|s| s.caches[slot].pop(class)) {
+                return p.as_ptr();
+            }
+        }
+        self.alloc_slow(slot, class)
     }
 
     #[cold]
@@ -262,19 +277,30 @@ impl SlotRef {
     #[inline(always)]
     pub(crate) unsafe fn dealloc(&self, ptr: NonNull<u8>, layout: Layout) {
         if let Some(class) = class_of(layout) {
-            let slot = self.slot();
             // SAFETY: the caller's contract: a whole block of `class` from this upstream.
-            if slot < SLOTS && with_state(|s| unsafe { s.caches[slot].push(class, ptr) }) {
-                return;
-            }
-            // SAFETY: as above.
-            return unsafe { self.dealloc_slow(slot, class, ptr) };
+            return unsafe { self.dealloc_class(self.slot(), class, ptr) };
         }
         if let Some(slot) = self.assigned() {
             RETIRED[slot].bytes_returned.add_shared(layout.size() as u64);
         }
         // SAFETY: passed through with exactly this layout.
         unsafe { self.upstream.deallocate(ptr, layout.size(), layout.align()) }
+    }
+
+    /// Frees a block of `class` to the calling thread's cache of `slot` (as in
+    /// [`Self::alloc_class`]).
+    ///
+    /// # Safety
+    /// `ptr` came from `alloc_class(slot, class)`, or from `alloc` with a layout of `class`, on a
+    /// `SlotRef` with the same upstream and is not used again.
+    #[inline(always)]
+    pub(crate) unsafe fn dealloc_class(&self, slot: usize, class: usize, ptr: NonNull<u8>) {
+        // SAFETY: the caller's contract: a whole block of `class` from this upstream.
+        if slot < SLOTS && with_state(|s| unsafe { s.caches[slot].push(class, ptr) }) {
+            return;
+        }
+        // SAFETY: as above.
+        unsafe { self.dealloc_slow(slot, class, ptr) }
     }
 
     /// # Safety

@@ -8,10 +8,9 @@ use core::mem::ManuallyDrop;
 use core::ops::{Deref, DerefMut};
 use core::pin::Pin;
 use core::ptr::{self, NonNull};
-use core::task::{Context, Poll};
 
-use crate::cache::frame::scope::{current_frame_allocator, default_frame_allocator, is_current_frame_allocator};
-use crate::cache::frame::{with_frame_allocator, FrameAllocator, FRAME_ALIGN};
+use crate::cache::frame::scope::{current_scope, ScopeAllocator, ScopedTask};
+use crate::cache::frame::{FrameAllocator, FRAME_ALIGN};
 use crate::error::{Error, Result};
 
 /// A pinned, type-erased future in a frame: what an executor keeps per task.
@@ -171,13 +170,23 @@ impl<'f, F: Future + 'f, A: FrameAllocator> FrameBox<F, A> {
 }
 
 impl FrameBox<()> {
-    /// Boxes `future` with the current scope's allocator ([`with_frame_allocator`], else the
+    /// Boxes `future` with the current scope's allocator ([`with_frame_allocator`](super::with_frame_allocator), else the
     /// default [`RecyclingFrameAllocator`](super::RecyclingFrameAllocator)) and makes every poll
     /// of it re-enter that scope, so the futures it creates inherit the allocator.
+    ///
+    /// The scope is read once, here: the task keeps its allocator, enters its scope when polled
+    /// (a comparison with the thread's current scope when it is already set) and gives its frame
+    /// back to it wherever it is dropped.
     #[inline]
-    pub fn pin_scoped<'f, F: Future + Send + 'f>(future: F) -> Result<FrameTask<'f, F::Output>> {
-        let alloc = current_frame_allocator().unwrap_or_else(|| default_frame_allocator());
-        FrameBox::pin_dyn_in(Scoped { alloc, future }, alloc)
+    pub fn pin_scoped<'f, F: Future + Send + 'f>(future: F) -> Result<ScopedTask<'f, F::Output>> {
+        Self::pin_scoped_with(|| future)
+    }
+
+    /// [`Self::pin_scoped`], building the future in the frame (see [`FrameBox::new_with_in`]).
+    #[inline]
+    pub fn pin_scoped_with<'f, F: Future + Send + 'f>(make: impl FnOnce() -> F) -> Result<ScopedTask<'f, F::Output>> {
+        let alloc = current_scope().unwrap_or_else(ScopeAllocator::default_lists);
+        FrameBox::new_with_in(make, alloc).map(|b| ScopedTask(b.into_dyn_future()))
     }
 }
 
@@ -206,12 +215,13 @@ impl<T: ?Sized, A: FrameAllocator> FrameBox<T, A> {
         // SAFETY: the value is live while the box owns it (callers ensure it is not dropped yet).
         let value = unsafe { self.value.as_ref() };
         let (size, align) = (core::mem::size_of_val(value), core::mem::align_of_val(value));
-        // It fit when the frame was taken, so it does not overflow now.
-        let frame = frame_size(size, align).filter(|&f| f != 0)?;
         let start = self.value.cast::<u8>();
         if align <= FRAME_ALIGN {
-            return Some((start, frame));
+            // The common case, with the fewest steps: the frame is the value.
+            return (size != 0).then_some((start, size));
         }
+        // It fit when the frame was taken, so it does not overflow now.
+        let frame = frame_size(size, align).filter(|&f| f != 0)?;
         // SAFETY: the distance to the frame's start was written in the word before the value
         // when the frame was taken.
         let offset = unsafe { start.as_ptr().cast::<usize>().sub(1).read() };
@@ -240,9 +250,18 @@ impl<A: FrameAllocator> Drop for GiveBack<'_, A> {
 impl<T: ?Sized, A: FrameAllocator> Drop for FrameBox<T, A> {
     #[inline]
     fn drop(&mut self) {
-        let _give_back = GiveBack { alloc: &self.alloc, frame: self.frame() };
+        let frame = self.frame();
+        // Gives the frame back if the value's destructor panics.
+        let on_unwind = GiveBack { alloc: &self.alloc, frame };
         // SAFETY: the value is live and dropped exactly once, here.
         unsafe { ptr::drop_in_place(self.value.as_ptr()) };
+        // Without unwinding, the frame goes back here, in line: a guard dropped on both paths
+        // would be an out-of-line call on the hot one.
+        core::mem::forget(on_unwind);
+        if let Some((start, size)) = frame {
+            // SAFETY: the frame came from `alloc.allocate(size)` and the value in it is gone.
+            unsafe { self.alloc.deallocate(start, size) };
+        }
     }
 }
 
@@ -266,29 +285,5 @@ impl<T: ?Sized, A: FrameAllocator> DerefMut for FrameBox<T, A> {
 impl<T: ?Sized + fmt::Debug, A: FrameAllocator> fmt::Debug for FrameBox<T, A> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(&**self, f)
-    }
-}
-
-/// A future that polls its inner future inside its allocator's scope.
-struct Scoped<F> {
-    alloc: &'static dyn FrameAllocator,
-    future: F,
-}
-
-impl<F: Future> Future for Scoped<F> {
-    type Output = F::Output;
-
-    #[inline]
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let alloc = self.alloc;
-        // SAFETY: `future` is structurally pinned: it is never moved out of `Scoped`, which is
-        // itself pinned and has no `Drop` or `Unpin` impl of its own that could move it.
-        let future = unsafe { self.map_unchecked_mut(|s| &mut s.future) };
-        // Children polled inside their parent (or an executor that runs in the scope) find the
-        // scope already set: nothing to do.
-        if is_current_frame_allocator(alloc) {
-            return future.poll(cx);
-        }
-        with_frame_allocator(alloc, || future.poll(cx))
     }
 }

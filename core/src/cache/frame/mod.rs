@@ -8,7 +8,10 @@
 //! - [`CountingAllocator`]: wraps another to count frames, bytes and the peak, for profiling.
 //! - [`FrameBox`]: a box (and, pinned, a boxed future) whose memory comes from a frame allocator.
 //! - [`with_frame_allocator`]: a scope whose futures, and the futures they create while polled,
-//!   take their frames from one allocator ([`FrameBox::pin_scoped`]).
+//!   take their frames from one allocator: [`FrameBox::pin_scoped`] boxes a future as a
+//!   [`ScopedTask`], which keeps the scope's allocator (a [`ScopeAllocator`]: a
+//!   [`RecyclingFrameAllocator`] called directly, any other through `dyn`) and re-enters the
+//!   scope when polled elsewhere.
 
 mod counting;
 mod frame_box;
@@ -18,7 +21,9 @@ mod scope;
 pub use counting::{CountingAllocator, CountingStats};
 pub use frame_box::{FrameBox, FrameTask};
 pub use recycling::{RecyclingFrameAllocator, ThreadFrames};
-pub use scope::{current_frame_allocator, default_frame_allocator, with_frame_allocator};
+pub use scope::{
+    current_frame_allocator, current_scope, default_frame_allocator, with_frame_allocator, ScopeAllocator, ScopedTask,
+};
 
 use core::ptr::NonNull;
 
@@ -40,6 +45,14 @@ pub trait FrameAllocator: Sync {
     /// # Safety
     /// `ptr` came from `allocate(size)` on this allocator and is not used again.
     unsafe fn deallocate(&self, ptr: NonNull<u8>, size: usize);
+
+    /// This allocator as the [`RecyclingFrameAllocator`] it is, if it is one used as is: a
+    /// [`with_frame_allocator`] scope then has the futures boxed in it call the recycling lists
+    /// directly instead of through `dyn` ([`ScopeAllocator`]). Wrappers that add behaviour (such
+    /// as [`CountingAllocator`]) keep the default, `None`.
+    fn as_recycling(&self) -> Option<&RecyclingFrameAllocator> {
+        None
+    }
 }
 
 impl<A: FrameAllocator + ?Sized> FrameAllocator for &A {
@@ -53,12 +66,17 @@ impl<A: FrameAllocator + ?Sized> FrameAllocator for &A {
         // SAFETY: forwarded contract.
         unsafe { (**self).deallocate(ptr, size) }
     }
+
+    fn as_recycling(&self) -> Option<&RecyclingFrameAllocator> {
+        (**self).as_recycling()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::cache::config::CacheConfig;
+    use crate::cache::size_class::{MAX_BLOCK, MAX_BUCKETS};
     use crate::error::Error;
     use crate::testing::CountingResource;
     use core::future::Future;
@@ -265,23 +283,7 @@ mod tests {
     #[test]
     fn children_inherit_the_scope_wherever_they_are_polled() {
         let a = counting();
-        async fn leaf(depth: u32) -> u32 {
-            YieldOnce(false).await;
-            depth
-        }
-        fn node(depth: u32) -> Pin<FrameBox<dyn Future<Output = u32> + Send>> {
-            FrameBox::pin_scoped(async move {
-                if depth == 0 {
-                    return leaf(0).await;
-                }
-                // Created while this future is polled: inherits its allocator.
-                let left = node(depth - 1).await;
-                let right = node(depth - 1).await;
-                left + right + 1
-            })
-            .unwrap()
-        }
-        let root = with_frame_allocator(a, || node(3));
+        let root = with_frame_allocator(a, || scoped_tree(3));
         // Polled outside any scope.
         assert!(current_frame_allocator().is_none());
         assert_eq!(block_on(root), 7);
@@ -293,6 +295,125 @@ mod tests {
         drop(FrameBox::pin_scoped(async {}).unwrap());
         let after = default_frame_allocator().thread_stats();
         assert_eq!(after.hits + after.misses, before.hits + before.misses + 1);
+    }
+
+    /// A binary tree of scoped tasks, each leaf yielding once: 2^(depth+1) - 1 frames.
+    fn scoped_tree(depth: u32) -> ScopedTask<'static, u32> {
+        async fn leaf(depth: u32) -> u32 {
+            YieldOnce(false).await;
+            depth
+        }
+        FrameBox::pin_scoped(async move {
+            if depth == 0 {
+                return leaf(0).await;
+            }
+            // Created while this future is polled: inherits its allocator.
+            let left = scoped_tree(depth - 1).await;
+            let right = scoped_tree(depth - 1).await;
+            left + right + 1
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_task_polled_in_another_scope_still_boxes_its_children_in_its_own() {
+        let (a, b) = (counting(), counting());
+        let root = with_frame_allocator(a, || scoped_tree(3));
+        assert!(core::ptr::addr_eq(root.allocator().as_dyn(), a as &dyn FrameAllocator));
+        assert_eq!(with_frame_allocator(b, || block_on(root)), 7);
+        assert_eq!((a.stats().allocations, a.stats().live_bytes), (15, 0));
+        assert_eq!(b.stats().allocations, 0, "the scope the root was polled in took no frame");
+    }
+
+    #[test]
+    fn a_recycling_scope_is_called_directly_and_gets_every_frame_back() {
+        let res = shared_resource();
+        std::thread::spawn(move || {
+            let _serial = serial();
+            let frames: &'static RecyclingFrameAllocator =
+                Box::leak(Box::new(RecyclingFrameAllocator::with_resource(res)));
+            let before = res.live_blocks();
+            let captured = ScopeAllocator::new(frames);
+            assert!(captured.as_recycling().is_some_and(|r| core::ptr::eq(r, frames)));
+            let root = with_frame_allocator(frames, || scoped_tree(3));
+            assert!(root.allocator().as_recycling().is_some());
+            assert_eq!(block_on(root), 7);
+            let s = frames.thread_stats();
+            assert_eq!(s.hits + s.misses, 15, "all 15 nodes took frames from the scope's lists");
+            frames.check_thread().unwrap();
+            frames.flush_thread();
+            frames.release_depot();
+            assert_eq!(res.live_blocks(), before);
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn only_the_recycling_allocator_offers_its_lists() {
+        let recycling = RecyclingFrameAllocator::new();
+        assert!(recycling.as_recycling().is_some());
+        assert!(
+            <&RecyclingFrameAllocator as FrameAllocator>::as_recycling(&&recycling).is_some(),
+            "references forward"
+        );
+        let c = CountingAllocator::new(RecyclingFrameAllocator::new());
+        assert!(c.as_recycling().is_none(), "a wrapper that counts must be called");
+        assert!(ScopeAllocator::new(counting()).as_recycling().is_none());
+        assert!(ScopeAllocator::default_lists().as_recycling().is_some());
+        assert!(ThreadFrames.as_recycling().is_none());
+    }
+
+    #[test]
+    fn thread_frames_use_the_default_lists() {
+        std::thread::spawn(|| {
+            let p = ThreadFrames.allocate(48).unwrap();
+            // SAFETY: from `allocate(48)`.
+            unsafe { ThreadFrames.deallocate(p, 48) };
+            let q = default_frame_allocator().allocate(40).unwrap();
+            assert_eq!(p, q, "the same 64-byte list");
+            // SAFETY: from `allocate(40)`.
+            unsafe { ThreadFrames.deallocate(q, 40) };
+            let s = default_frame_allocator().thread_stats();
+            assert_eq!((s.hits, s.misses), (1, 1));
+            assert!(ThreadFrames.allocate(0).is_err());
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn frames_at_and_over_the_largest_class() {
+        let res = shared_resource();
+        std::thread::spawn(move || {
+            let _serial = serial();
+            let frames = RecyclingFrameAllocator::with_resource(res);
+            frames.set_thread_config(Some(CacheConfig::uniform(MAX_BUCKETS, 2 * MAX_BLOCK).unwrap()));
+            let before = res.live_blocks();
+            let top = frames.allocate(MAX_BLOCK).unwrap();
+            let over = frames.allocate(MAX_BLOCK + 1).unwrap();
+            assert_eq!(over.as_ptr() as usize % FRAME_ALIGN, 0);
+            // SAFETY: from `allocate` with these sizes.
+            unsafe {
+                frames.deallocate(top, MAX_BLOCK);
+                frames.deallocate(over, MAX_BLOCK + 1);
+            }
+            let again = frames.allocate(MAX_BLOCK).unwrap();
+            assert_eq!(again, top, "the largest class is recycled");
+            // SAFETY: from `allocate(MAX_BLOCK)`.
+            unsafe { frames.deallocate(again, MAX_BLOCK) };
+            frames.flush_thread();
+            frames.release_depot();
+            assert_eq!(res.live_blocks(), before, "the frame over the largest class went straight back");
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// Tests that count the shared resource's live blocks take turns.
+    fn serial() -> std::sync::MutexGuard<'static, ()> {
+        static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        SERIAL.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn shared_resource() -> &'static CountingResource {
@@ -312,8 +433,7 @@ mod tests {
         ) {
             let res = shared_resource();
             std::thread::spawn(move || {
-                static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-                let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+                let _serial = serial();
                 let frames = RecyclingFrameAllocator::with_resource(res);
                 let config = CacheConfig::uniform(10, limit).unwrap();
                 frames.set_thread_config(Some(config));

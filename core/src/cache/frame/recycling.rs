@@ -5,6 +5,7 @@ use core::ptr::NonNull;
 
 use crate::cache::config::CacheConfig;
 use crate::cache::frame::{FrameAllocator, FRAME_ALIGN};
+use crate::cache::size_class::{class_of_size, BLOCK_ALIGN, MAX_BLOCK};
 use crate::cache::stats::CacheStats;
 use crate::cache::tls::{SlotRef, Tier, SLOT_FRAMES};
 use crate::cache::upstream::Upstream;
@@ -77,7 +78,84 @@ impl RecyclingFrameAllocator {
         Layout::from_size_align(size, FRAME_ALIGN)
             .map_err(|_| Error::InvalidSize { size: size as u64, reason: "frame too large" })
     }
+
+    /// `allocate` through the lists of `slot`, this allocator's slot (a constant for the default
+    /// lists, so [`ThreadFrames`] skips looking it up).
+    #[inline(always)]
+    fn allocate_at(&self, slot: usize, size: usize) -> Result<NonNull<u8>> {
+        // The hot path: a size with a class (frames are FRAME_ALIGN-aligned, which every class
+        // is), popped off this thread's list.
+        match listed_class(size) {
+            Some(class) => NonNull::new(self.slot.alloc_class(slot, class))
+                .ok_or(Error::OutOfMemory { requested: size as u64, available: 0 }),
+            None => self.allocate_unlisted(size),
+        }
+    }
+
+    /// Sizes without a list: zero (an error) and frames over the largest class.
+    #[cold]
+    #[inline(never)]
+    fn allocate_unlisted(&self, size: usize) -> Result<NonNull<u8>> {
+        let layout = Self::layout(size)?;
+        NonNull::new(self.slot.alloc(layout)).ok_or(Error::OutOfMemory { requested: size as u64, available: 0 })
+    }
+
+    /// `deallocate` through the lists of `slot` (see [`Self::allocate_at`]).
+    ///
+    /// # Safety
+    /// As for [`FrameAllocator::deallocate`]; `slot` is this allocator's.
+    #[inline(always)]
+    unsafe fn deallocate_at(&self, slot: usize, ptr: NonNull<u8>, size: usize) {
+        match listed_class(size) {
+            // SAFETY: the caller's contract: a frame of this class from `allocate_at(slot, _)`.
+            Some(class) => unsafe { self.slot.dealloc_class(slot, class, ptr) },
+            // SAFETY: as above, a frame over the largest class.
+            None => unsafe { self.deallocate_unlisted(ptr, size) },
+        }
+    }
+
+    /// `allocate` before this allocator has its slot (its first use claims one) or when it has
+    /// none (its frames pass straight through).
+    #[cold]
+    #[inline(never)]
+    fn allocate_unready(&self, size: usize) -> Result<NonNull<u8>> {
+        self.allocate_at(self.slot.slot(), size)
+    }
+
+    /// # Safety
+    /// As for [`FrameAllocator::deallocate`].
+    #[cold]
+    #[inline(never)]
+    unsafe fn deallocate_unready(&self, ptr: NonNull<u8>, size: usize) {
+        // SAFETY: the caller's contract; the slot is this allocator's.
+        unsafe { self.deallocate_at(self.slot.slot(), ptr, size) }
+    }
+
+    /// # Safety
+    /// As for [`FrameAllocator::deallocate`], for a frame of a size without a list.
+    #[cold]
+    #[inline(never)]
+    unsafe fn deallocate_unlisted(&self, ptr: NonNull<u8>, size: usize) {
+        // SAFETY: `size` was accepted by `allocate`, so the layout is valid.
+        let layout = unsafe { Layout::from_size_align_unchecked(size, FRAME_ALIGN) };
+        // SAFETY: the caller's contract: a frame from `allocate(size)`.
+        unsafe { self.slot.dealloc(ptr, layout) }
+    }
 }
+
+/// The list a frame of `size` bytes goes on: `None` for 0 (no frame) and for sizes over the
+/// largest class, in one comparison.
+#[inline(always)]
+fn listed_class(size: usize) -> Option<usize> {
+    if size.wrapping_sub(1) < MAX_BLOCK {
+        class_of_size(size)
+    } else {
+        None
+    }
+}
+
+// Frames are served from the classes, whose blocks have this alignment.
+const _: () = assert!(FRAME_ALIGN <= BLOCK_ALIGN);
 
 impl Default for RecyclingFrameAllocator {
     fn default() -> Self {
@@ -94,16 +172,24 @@ impl core::fmt::Debug for RecyclingFrameAllocator {
 impl FrameAllocator for RecyclingFrameAllocator {
     #[inline]
     fn allocate(&self, size: usize) -> Result<NonNull<u8>> {
-        let layout = Self::layout(size)?;
-        NonNull::new(self.slot.alloc(layout)).ok_or(Error::OutOfMemory { requested: size as u64, available: 0 })
+        match self.slot.ready_slot() {
+            Some(slot) => self.allocate_at(slot, size),
+            None => self.allocate_unready(size),
+        }
     }
 
     #[inline]
     unsafe fn deallocate(&self, ptr: NonNull<u8>, size: usize) {
-        // SAFETY: `size` was accepted by `allocate`, so the layout is valid.
-        let layout = unsafe { Layout::from_size_align_unchecked(size, FRAME_ALIGN) };
-        // SAFETY: the caller's contract: a frame from `allocate(size)`.
-        unsafe { self.slot.dealloc(ptr, layout) }
+        match self.slot.ready_slot() {
+            // SAFETY: the caller's contract; the slot is this allocator's.
+            Some(slot) => unsafe { self.deallocate_at(slot, ptr, size) },
+            // SAFETY: as above.
+            None => unsafe { self.deallocate_unready(ptr, size) },
+        }
+    }
+
+    fn as_recycling(&self) -> Option<&RecyclingFrameAllocator> {
+        Some(self)
     }
 }
 
@@ -116,12 +202,13 @@ pub struct ThreadFrames;
 impl FrameAllocator for ThreadFrames {
     #[inline]
     fn allocate(&self, size: usize) -> Result<NonNull<u8>> {
-        super::default_frame_allocator().allocate(size)
+        // The default allocator is `RecyclingFrameAllocator::new()`: its slot is fixed.
+        super::default_frame_allocator().allocate_at(SLOT_FRAMES as usize, size)
     }
 
     #[inline]
     unsafe fn deallocate(&self, ptr: NonNull<u8>, size: usize) {
-        // SAFETY: forwarded contract; the same lists took the frame out.
-        unsafe { super::default_frame_allocator().deallocate(ptr, size) }
+        // SAFETY: forwarded contract; the same lists (same fixed slot) took the frame out.
+        unsafe { super::default_frame_allocator().deallocate_at(SLOT_FRAMES as usize, ptr, size) }
     }
 }
