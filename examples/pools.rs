@@ -246,10 +246,9 @@ fn p5(rows: &mut Vec<Row>) {
         ("quick-percent50", Box::new(PercentReleasable::new(50).expect("valid"))),
         ("quick-percent50-hwm", Box::new(PercentReleasable::hwm(50).expect("valid"))),
     ];
-    for (name, mut heuristic) in heuristics {
-        let mut pool = QuickPool::with_config(HostResource, small_blocks)
-            .expect("valid config")
-            .with_heuristic(move |s: &hetmem::pool::PoolStats| heuristic.should_coalesce(s));
+    for (name, heuristic) in heuristics {
+        let mut pool =
+            QuickPool::with_config(HostResource, small_blocks).expect("valid config").with_heuristic(heuristic);
         let ns = phases(&mut pool);
         pool.check().expect("pool consistent after P5");
         rows.push(row("P5", name, ns, &pool));

@@ -22,7 +22,7 @@ use hetmem::pool::render::Bytes;
 use hetmem::pool::trace::{parse_jsonl, to_jsonl, Replay, TracedPool};
 use hetmem::pool::{
     BlocksReleasable, CoalesceHeuristic, FixedPool, FixedPoolConfig, HostResource, NeverCoalesce, PercentReleasable,
-    Pool, PoolStats, QuickPool, QuickPoolConfig,
+    Pool, QuickPool, QuickPoolConfig,
 };
 use hetmem::Result;
 use xorshift::XorShift;
@@ -41,9 +41,8 @@ fn pools(max_size: usize, max_align: usize) -> Result<Vec<(String, Box<dyn Pool>
         ("quick percent-hwm(50)", Box::new(PercentReleasable::hwm(50)?)),
     ];
     let mut out: Vec<(String, Box<dyn Pool>)> = Vec::new();
-    for (name, mut h) in heuristics {
-        let pool =
-            QuickPool::with_config(HostResource, config)?.with_heuristic(move |s: &PoolStats| h.should_coalesce(s));
+    for (name, h) in heuristics {
+        let pool = QuickPool::with_config(HostResource, config)?.with_heuristic(h);
         out.push((name.to_string(), Box::new(pool)));
     }
     if max_size > 0 {

@@ -157,6 +157,23 @@ impl<A: AllocatorType> Subject for ShmSubject<A> {
     }
 }
 
+/// hetmem's thread caches (`HetAlloc`) over the system allocator.
+struct HetAllocSubject(hetmem::cache::HetAlloc);
+
+impl Subject for HetAllocSubject {
+    fn name(&self) -> &'static str {
+        "hetalloc"
+    }
+    fn alloc(&self, size: usize) -> *mut u8 {
+        // SAFETY: as for System.
+        unsafe { self.0.alloc(Layout::from_size_align_unchecked(size, 8)) }
+    }
+    unsafe fn free(&self, ptr: *mut u8, size: usize) {
+        // SAFETY: the caller's contract.
+        unsafe { self.0.dealloc(ptr, Layout::from_size_align_unchecked(size, 8)) }
+    }
+}
+
 /// Every allocator the runner knows, in table order. New allocators join here.
 fn subjects() -> Vec<Arc<dyn Subject>> {
     vec![
@@ -164,6 +181,7 @@ fn subjects() -> Vec<Arc<dyn Subject>> {
         Arc::new(MimallocSubject),
         ShmSubject::<ScalablePageAllocator>::create("scalable-page"),
         ShmSubject::<ThreadLocalAllocator>::create("thread-local"),
+        Arc::new(HetAllocSubject(hetmem::cache::HetAlloc::new())),
     ]
 }
 

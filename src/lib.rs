@@ -50,6 +50,12 @@ pub mod thread_models {
     pub use hetmem_thread_models::*;
 }
 
+/// Process-private caching tiers: thread caches ([`cache::HetAlloc`], also as the global
+/// allocator), typed pools, recycled async-task frames.
+pub mod cache {
+    pub use hetmem_core::cache::*;
+}
+
 /// Pools over any upstream resource: coalescing, fixed-size, thread-safe, traced.
 pub mod pool {
     pub use hetmem_core::pool::*;
@@ -58,6 +64,13 @@ pub mod pool {
 /// Locks that can live in shared memory.
 pub mod sync {
     pub use hetmem_core::sync::*;
+}
+
+/// fastmem: an O(1) allocator over a static store, for `no_std` targets (also in `hetmem-core`
+/// without `std` or `alloc`).
+pub mod fastmem {
+    pub use hetmem_core::fastbox_unsize;
+    pub use hetmem_core::fastmem::*;
 }
 
 /// GPU backends and resources (features `cuda`, `rocm`).
@@ -72,6 +85,7 @@ pub mod prelude {
     pub use hetmem_core::allocators::{
         DeadProcessBlocks, ScalablePageAllocator, ScalablePageConfig, StackAllocator, ThreadLocalConfig,
     };
+    pub use hetmem_core::cache::{HetAlloc, PoolAllocator};
     pub use hetmem_core::{
         AllocatorId, AllocatorType, BackendId, Error, FullPtr, MemoryBackend, MemoryManager, OffsetPtr,
         RegionAllocator, Result, ShmPtr, ThreadModel,

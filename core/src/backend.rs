@@ -7,7 +7,9 @@
 
 use core::fmt;
 
+#[cfg(target_has_atomic = "64")]
 use crate::error::Result;
+#[cfg(target_has_atomic = "64")]
 use crate::header::RegionHeader;
 
 /// Names a backend within a memory manager (and in its region's header).
@@ -57,6 +59,7 @@ impl BackendKind {
 ///   out by `create` or `attach`.
 /// - Dropping a backend unmaps it in this process only; [`destroy`](Self::destroy) removes its
 ///   name so no one else can attach, and is what the creator calls when the region is done.
+#[cfg(target_has_atomic = "64")]
 pub trait MemoryBackend: Send + Sync + 'static {
     /// The backend's id, as written in its header.
     fn id(&self) -> BackendId {

@@ -12,7 +12,11 @@
 //! - [`pool`] (feature `alloc`): coalescing and fixed-size pools over any resource.
 //! - [`sync`]: locks and lock-free lists that are safe to place in shared memory.
 //! - [`liveness`]: the hook that tells whether another process still runs (crash recovery).
+//! - [`fastmem`]: an O(1) allocator over a static store for `no_std` targets ([`FastMemStore`],
+//!   [`FastBox`]); needs neither `std` nor `alloc`.
 //! - [`manager`] (feature `std`): the registry that turns a [`ShmPtr`] into a local address.
+//! - [`cache`] (feature `std`): process-private caching tiers: thread caches ([`cache::HetAlloc`]
+//!   as a global allocator), typed pools, recycled async-task frames.
 //!
 //! The crate is `no_std` without its default `std` feature; `alloc` adds regions and allocators.
 #![cfg_attr(not(feature = "std"), no_std)]
@@ -23,7 +27,12 @@ extern crate alloc;
 
 pub mod backend;
 pub mod error;
+// Lock-free fastmem needs compare-and-swap; the `critical-section` variant does not.
+#[cfg(any(feature = "critical-section", target_has_atomic = "ptr"))]
+pub mod fastmem;
+#[cfg(target_has_atomic = "64")]
 pub mod header;
+#[cfg(target_has_atomic = "ptr")]
 pub mod liveness;
 pub mod ptr;
 pub mod resource;
@@ -42,13 +51,23 @@ pub mod region;
 #[cfg(feature = "std")]
 pub mod manager;
 
+#[cfg(all(feature = "std", not(loom)))]
+pub mod cache;
+
 #[cfg(all(test, feature = "std"))]
 mod testing;
 
-pub use backend::{BackendId, BackendKind, MemoryBackend};
+#[cfg(target_has_atomic = "64")]
+pub use backend::MemoryBackend;
+pub use backend::{BackendId, BackendKind};
 pub use error::{Error, Result, ShortStr};
+#[cfg(any(feature = "critical-section", target_has_atomic = "ptr"))]
+pub use fastmem::{FastBox, FastMemStore};
+#[cfg(target_has_atomic = "64")]
 pub use header::RegionHeader;
-pub use ptr::{AllocatorId, AtomicOffsetPtr, FullPtr, OffsetPtr, ShmPtr};
+#[cfg(target_has_atomic = "64")]
+pub use ptr::AtomicOffsetPtr;
+pub use ptr::{AllocatorId, FullPtr, OffsetPtr, ShmPtr};
 pub use resource::{MemoryKind, MemoryResource};
 pub use thread::{ThreadModel, TlsDestructor};
 

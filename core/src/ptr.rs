@@ -8,6 +8,7 @@
 use core::fmt;
 use core::marker::PhantomData;
 
+#[cfg(target_has_atomic = "64")]
 use crate::sync::atomic::{AtomicU64, Ordering};
 
 /// An offset in bytes from the start of a region. [`OffsetPtr::NULL`] is the reserved null value.
@@ -60,9 +61,12 @@ impl fmt::Debug for OffsetPtr {
 }
 
 /// An [`OffsetPtr`] that can be read and swapped atomically, for lists shared between processes.
+/// (Only on targets with 64-bit atomics.)
+#[cfg(target_has_atomic = "64")]
 #[repr(transparent)]
 pub struct AtomicOffsetPtr(AtomicU64);
 
+#[cfg(target_has_atomic = "64")]
 impl AtomicOffsetPtr {
     /// A new atomic offset holding `p`.
     #[cfg(not(loom))]
@@ -98,6 +102,7 @@ impl AtomicOffsetPtr {
     }
 }
 
+#[cfg(target_has_atomic = "64")]
 impl fmt::Debug for AtomicOffsetPtr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(&self.load(Ordering::Relaxed), f)

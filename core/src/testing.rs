@@ -54,6 +54,79 @@ impl Drop for HeapBackend {
     }
 }
 
+/// A host resource over the system allocator that records every live block, so tests can prove
+/// each block is returned exactly once, with the size and alignment it was allocated with.
+pub(crate) struct CountingResource {
+    live: std::sync::Mutex<std::collections::HashMap<usize, (usize, usize)>>,
+    allocations: std::sync::atomic::AtomicU64,
+    deallocations: std::sync::atomic::AtomicU64,
+    /// Allocations fail while this is set.
+    failing: std::sync::atomic::AtomicBool,
+}
+
+impl CountingResource {
+    pub(crate) fn leak() -> &'static CountingResource {
+        Box::leak(Box::new(CountingResource {
+            live: Default::default(),
+            allocations: Default::default(),
+            deallocations: Default::default(),
+            failing: Default::default(),
+        }))
+    }
+
+    pub(crate) fn live_blocks(&self) -> usize {
+        self.live.lock().unwrap().len()
+    }
+
+    pub(crate) fn live_bytes(&self) -> usize {
+        self.live.lock().unwrap().values().map(|(s, _)| s).sum()
+    }
+
+    pub(crate) fn allocations(&self) -> u64 {
+        self.allocations.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn deallocations(&self) -> u64 {
+        self.deallocations.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_failing(&self, failing: bool) {
+        self.failing.store(failing, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl crate::MemoryResource for CountingResource {
+    fn name(&self) -> &str {
+        "counting"
+    }
+    fn kind(&self) -> crate::MemoryKind {
+        crate::MemoryKind::Host
+    }
+    fn allocate(&self, size: usize, align: usize) -> crate::Result<core::ptr::NonNull<u8>> {
+        if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(crate::Error::OutOfMemory { requested: size as u64, available: 0 });
+        }
+        let layout = Layout::from_size_align(size, align).unwrap();
+        // SAFETY: tests only ask for non-zero sizes.
+        let p = core::ptr::NonNull::new(unsafe { std::alloc::alloc(layout) }).unwrap();
+        let old = self.live.lock().unwrap().insert(p.as_ptr() as usize, (size, align));
+        assert!(old.is_none(), "the system allocator returned a live block twice");
+        self.allocations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(p)
+    }
+    unsafe fn deallocate(&self, ptr: core::ptr::NonNull<u8>, size: usize, align: usize) {
+        let entry = self.live.lock().unwrap().remove(&(ptr.as_ptr() as usize));
+        assert_eq!(
+            entry,
+            Some((size, align)),
+            "block {ptr:p} returned twice, never allocated here, or with another layout"
+        );
+        self.deallocations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: allocated above with this layout.
+        unsafe { dealloc(ptr.as_ptr(), Layout::from_size_align(size, align).unwrap()) };
+    }
+}
+
 /// A thread model for core's own tests (the real ones live in hetmem-thread-models, which
 /// depends on this crate): std threads, keys as indexes, destructors run at thread exit.
 pub(crate) struct TestThreads;

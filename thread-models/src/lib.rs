@@ -3,7 +3,7 @@
 //! | model | where | thread id | TLS with destructors | yield | sleep |
 //! |---|---|---|---|---|---|
 //! | [`Pthreads`] | unix | `gettid` (Linux) / `pthread_self` | `pthread_key_create` | `sched_yield` | `nanosleep` |
-//! | [`Windows`] | Windows | `GetCurrentThreadId` | `FlsAlloc` callbacks | `SwitchToThread` | `Sleep` |
+//! | `Windows` | Windows | `GetCurrentThreadId` | `FlsAlloc` callbacks | `SwitchToThread` | `Sleep` |
 //! | [`StdThreads`] | anywhere with std | per-process counter | `thread_local!` table | `std::thread::yield_now` | `std::thread::sleep` |
 //!
 //! [`DefaultThreadModel`] is Pthreads on unix and Windows on Windows; feature `force-std` makes it

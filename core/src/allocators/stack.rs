@@ -62,7 +62,12 @@ struct BlockHeader {
     tag: u64,
 }
 
-/// A bump allocator whose state lives in its region. See the [module docs](self).
+/// A bump allocator whose state lives in its region.
+///
+/// Each block header records where the bump pointer was before the block and the previous
+/// block. Freeing the top block moves the bump pointer back, and keeps popping blocks that were
+/// already freed; a free lower down only marks its block, which is popped once everything above
+/// it is gone. [`StackAllocator::reset`] frees everything at once.
 pub struct StackAllocator {
     region: Region,
     id: AllocatorId,

@@ -2,8 +2,11 @@
 //!
 //! Each sub-pool is one upstream block of `objects_per_block` slots. A bitmap per sub-pool (in
 //! host memory, beside the block) marks used slots, so allocation is a scan for a zero bit from
-//! the first word that may hold one, and a free is a binary search for the sub-pool (kept sorted
-//! by address) and a bit flip. Like every pool here, it never touches the memory it serves.
+//! the first word that may hold one, and a free is a bit flip in the sub-pool that served last
+//! (or, failing that, one found by binary search: they are kept sorted by address). The slot of
+//! an address comes from a shift when the slot size is a power of two, else from a multiply by a
+//! precomputed reciprocal: no division on either path. Like every pool here, it never touches
+//! the memory it serves.
 
 use alloc::boxed::Box;
 use alloc::vec;
@@ -53,15 +56,51 @@ struct SubPool {
 
 impl SubPool {
     /// Takes the first free slot; the caller knows there is one.
+    #[inline(always)]
     fn take(&mut self) -> Option<usize> {
-        let start = self.search_from;
-        let (word, bits) = self.used_bits[start..].iter().enumerate().find(|(_, w)| **w != u64::MAX)?;
-        let word = start + word;
+        let mut word = self.search_from;
+        let mut bits = *self.used_bits.get(word)?;
+        while bits == u64::MAX {
+            word += 1;
+            bits = *self.used_bits.get(word)?;
+        }
         let bit = bits.trailing_ones() as usize;
-        self.used_bits[word] |= 1 << bit;
+        self.used_bits[word] = bits | 1 << bit;
         self.used += 1;
         self.search_from = word;
         Some(word * 64 + bit)
+    }
+}
+
+/// Division by the slot size without a divide instruction: a shift for a power of two, else
+/// Lemire's multiply by `ceil(2^64 / stride)`, exact for offsets below 2^32; larger blocks
+/// divide.
+#[derive(Clone, Copy, Debug)]
+enum SlotDivisor {
+    Shift(u32),
+    Reciprocal(u64),
+    Divide,
+}
+
+impl SlotDivisor {
+    fn new(stride: usize, block_bytes: usize) -> Self {
+        if stride.is_power_of_two() {
+            SlotDivisor::Shift(stride.trailing_zeros())
+        } else if block_bytes as u64 <= 1 << 32 && stride as u64 <= u64::from(u32::MAX) {
+            SlotDivisor::Reciprocal(u64::MAX / stride as u64 + 1)
+        } else {
+            SlotDivisor::Divide
+        }
+    }
+
+    /// `offset / stride`, for `offset < block_bytes`.
+    #[inline(always)]
+    fn divide(self, offset: usize, stride: usize) -> usize {
+        match self {
+            SlotDivisor::Shift(shift) => offset >> shift,
+            SlotDivisor::Reciprocal(m) => ((u128::from(m) * offset as u128) >> 64) as usize,
+            SlotDivisor::Divide => offset / stride,
+        }
     }
 }
 
@@ -75,6 +114,7 @@ pub struct FixedPool<R: MemoryResource> {
     config: FixedPoolConfig,
     stride: usize,
     block_bytes: usize,
+    divisor: SlotDivisor,
     /// Sorted by address.
     pools: Vec<SubPool>,
     /// The sub-pool tried first.
@@ -110,6 +150,7 @@ impl<R: MemoryResource> FixedPool<R> {
             config,
             stride,
             block_bytes,
+            divisor: SlotDivisor::new(stride, block_bytes),
             pools: Vec::new(),
             current: 0,
             empty_pools: 0,
@@ -180,13 +221,17 @@ impl<R: MemoryResource> FixedPool<R> {
     pub fn deallocate(&mut self, ptr: NonNull<u8>) -> Result<()> {
         let addr = ptr.as_ptr() as usize;
         let invalid = |reason| Error::InvalidFree { offset: addr as u64, reason };
-        let index = self.pools.partition_point(|p| p.addr <= addr).checked_sub(1).ok_or(invalid("not in this pool"))?;
+        // Frees mostly go to the sub-pool that served last.
+        let index = match self.pools.get(self.current) {
+            Some(p) if addr.wrapping_sub(p.addr) < self.block_bytes => self.current,
+            _ => self.pools.partition_point(|p| p.addr <= addr).checked_sub(1).ok_or(invalid("not in this pool"))?,
+        };
         let pool = &mut self.pools[index];
         let offset = addr - pool.addr;
-        if offset >= self.block_bytes || offset % self.stride != 0 {
+        let slot = self.divisor.divide(offset, self.stride);
+        if offset >= self.block_bytes || slot * self.stride != offset {
             return Err(invalid("not the start of a slot of this pool"));
         }
-        let slot = offset / self.stride;
         let (word, bit) = (slot / 64, slot % 64);
         if pool.used_bits[word] & (1 << bit) == 0 {
             return Err(invalid("slot is already free"));
@@ -413,5 +458,27 @@ impl<R: MemoryResource> Pool for FixedPool<R> {
 
     fn check(&self) -> Result<()> {
         FixedPool::check(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SlotDivisor;
+
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn slot_divisors_agree_with_division() {
+        for stride in [16usize, 48, 112, 4000, 4096, 65_552, (1 << 20) + 16] {
+            for block_bytes in [stride * 2048, 1 << 32, 1 << 33] {
+                let divisor = SlotDivisor::new(stride, block_bytes);
+                let cap = block_bytes.min(1 << 32);
+                let offsets = (0..64).flat_map(|k| [k * stride, k * stride + 16, cap - 1 - k, cap / 3 + k]);
+                for offset in offsets.filter(|&o| o < block_bytes) {
+                    assert_eq!(divisor.divide(offset, stride), offset / stride, "{stride} {block_bytes} {offset}");
+                }
+            }
+        }
+        assert!(matches!(SlotDivisor::new(4096, 1 << 40), SlotDivisor::Shift(12)));
+        assert!(matches!(SlotDivisor::new(48, 1 << 33), SlotDivisor::Divide));
     }
 }

@@ -1,294 +1,429 @@
 //! [`FreeIndex`]: the free blocks of a pool, by size, for exact best fit in O(log n).
 //!
-//! Sizes fall into 4096 bins: the power of two of the size, split into 64 linear sub-bins (as in
-//! TLSF, with finer steps). A two-level bitmap says which bins hold blocks, so the first bin that
-//! can serve a request is found with a few bit operations. Inside a bin, blocks form a treap (a
-//! binary search tree balanced by random priorities, expected depth O(log n)) ordered by
-//! `(size, address)`, whose nodes live in a table indexed by the owner's block slot: no
-//! allocation and no copying per operation. Best fit is the smallest key `>= (size, 0)` in the
-//! request's own bin, else the smallest key of the next non-empty bin. Bins are narrow (1/64 of
-//! a power of two), so a bin's treap is usually one or two nodes.
+//! Sizes fall into bins: the power of two of the size, split into 256 linear sub-bins (as in
+//! TLSF, with finer steps; sizes below 256 get a bin each). A two-level bitmap says which bins
+//! hold blocks, so the first bin that can serve a request is found with a few bit operations. The
+//! bins are narrow so that most hold one block or none: the common operations then take the
+//! same, predictable path (set or clear a root and a bit), which matters more than their
+//! instruction count. Inside a
+//! bin, blocks form a treap (a binary search tree balanced by random priorities, expected depth
+//! O(log n)) ordered by `(size, address)`. Best fit is the smallest key `>= (size, 0)` in the
+//! request's own bin, else the smallest key of the next non-empty bin: the smallest block that
+//! holds the request, the lowest address among equals, as an ordered multimap by size gives it.
+//! A bin spans 1/256 of a power of two, so its treap is usually one node.
+//!
+//! The treaps are threaded through the owner's block records ([`Block`]): one record per block,
+//! holding the block's place in memory, its neighbours and its tree links, so an operation reads
+//! each block it visits once, and allocates nothing. Priorities are a hash of the record's slot.
 //!
 //! Only sizes and addresses are stored: nothing here touches the blocks' memory.
 
 use alloc::vec;
 use alloc::vec::Vec;
+use core::ptr::NonNull;
 
-const SUB_BITS: u32 = 6;
+const SUB_BITS: usize = 8;
 const SUB_BINS: usize = 1 << SUB_BITS;
 const BINS: usize = usize::BITS as usize * SUB_BINS;
+const _: () = assert!(BINS % 64 == 0 && (usize::BITS as usize - SUB_BITS + 1) * SUB_BINS <= BINS);
 const WORDS: usize = BINS / 64;
-const NIL: u32 = u32::MAX;
+const SUMMARY_WORDS: usize = WORDS.div_ceil(64);
+/// No block.
+pub(crate) const NIL: u32 = u32::MAX;
 
 /// The bin of a non-zero size. Bins are ordered: a larger size never falls in a lower bin.
 #[inline]
 fn bin_of(size: usize) -> usize {
     debug_assert!(size > 0);
     let log = (usize::BITS - 1 - size.leading_zeros()) as usize;
-    let sub = if log >= SUB_BITS as usize { (size >> (log - SUB_BITS as usize)) & (SUB_BINS - 1) } else { 0 };
-    log * SUB_BINS + sub
+    // Below 256 the bin is the size; from 256 on, `size >> shift` keeps the top 9 bits
+    // (256..=511), and each doubling moves up 256 bins.
+    let shift = log.saturating_sub(SUB_BITS);
+    (size >> shift) + (shift << SUB_BITS)
 }
 
-/// A node's heap priority: a hash of its slot, so priorities are spread without a generator.
+/// A record's heap priority: a hash of its slot. Slots are handed out independently of sizes,
+/// so this is as good as random for the treap, and needs no storage.
+#[inline]
 fn priority(slot: u32) -> u32 {
-    let mut x = u64::from(slot).wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    (x ^ (x >> 31)) as u32
+    let mut x = u64::from(slot).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    x ^= x >> 32;
+    (x.wrapping_mul(0xD6E8_FEB8_6659_FD93) >> 32) as u32
 }
 
-/// One free block as the index knows it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct FreeEntry {
-    pub size: usize,
+/// A block's place in the index: `(size, address)`.
+type Key = (usize, usize);
+
+/// One block of memory, as its owner and the index see it: one cache line.
+#[derive(Clone, Copy, Debug)]
+#[repr(C, align(64))]
+pub(crate) struct Block {
+    /// Where the block starts, and its size.
     pub addr: usize,
-    /// The block's slot in the owner's block table.
-    pub slot: u32,
-}
-
-#[derive(Clone, Copy)]
-struct Node {
-    size: usize,
-    addr: usize,
-    left: u32,
-    right: u32,
-    priority: u32,
+    pub size: usize,
+    /// While the block is free: the index's tree links (smaller keys, larger keys). While it is
+    /// used: `child[0]` chains it in the address table's bucket ([`chain`](Self::chain)).
+    child: [u32; 2],
+    /// The owner's address-order neighbours in the same chunk (`NIL` at either end).
+    pub prev: u32,
+    pub next: u32,
+    /// The owner's chunk number.
+    pub chunk: u32,
+    /// Allocated (the owner's flag).
+    pub used: bool,
+    /// In the index.
     indexed: bool,
+    /// For a used block: the size asked for, and the allocation's sequence number.
+    pub requested: usize,
+    pub seq: u64,
+    /// The chunk's base pointer: the block's pointer is derived from it (so host memory keeps
+    /// its provenance) without a look at the chunk table.
+    pub base: NonNull<u8>,
 }
 
-const EMPTY: Node = Node { size: 0, addr: 0, left: NIL, right: NIL, priority: 0, indexed: false };
+impl Block {
+    /// A free, unindexed block.
+    pub(crate) fn new(addr: usize, size: usize, chunk: u32, base: NonNull<u8>) -> Self {
+        Block {
+            addr,
+            size,
+            child: [NIL; 2],
+            prev: NIL,
+            next: NIL,
+            chunk,
+            used: false,
+            indexed: false,
+            requested: 0,
+            seq: 0,
+            base,
+        }
+    }
 
-/// Free blocks by `(size, address)`, binned. See the [module docs](self).
+    #[inline]
+    fn key(&self) -> Key {
+        (self.size, self.addr)
+    }
+
+    /// Whether the block is in the index.
+    #[inline]
+    pub(crate) fn indexed(&self) -> bool {
+        self.indexed
+    }
+
+    /// A used block's next block in its address-table bucket.
+    #[inline(always)]
+    pub(crate) fn chain(&self) -> u32 {
+        self.child[0]
+    }
+
+    #[inline(always)]
+    pub(crate) fn chain_mut(&mut self) -> &mut u32 {
+        &mut self.child[0]
+    }
+}
+
+/// Free blocks by `(size, address)`, binned; the trees run through a `[Block]` table that the
+/// owner keeps and passes in. See the [module docs](self).
 pub(crate) struct FreeIndex {
     roots: Vec<u32>,
-    nodes: Vec<Node>,
-    words: [u64; WORDS],
-    summary: u64,
+    /// Bit `b % 64` of `words[b / 64]` says whether bin `b` holds blocks.
+    words: Vec<u64>,
+    /// Bit `w % 64` of `summary[w / 64]` says whether `words[w]` has a bit set.
+    summary: [u64; SUMMARY_WORDS],
     len: usize,
 }
 
 impl FreeIndex {
     pub(crate) fn new() -> Self {
-        FreeIndex { roots: vec![NIL; BINS], nodes: Vec::new(), words: [0; WORDS], summary: 0, len: 0 }
+        FreeIndex { roots: vec![NIL; BINS], words: vec![0; WORDS], summary: [0; SUMMARY_WORDS], len: 0 }
     }
 
     /// How many free blocks are indexed.
+    #[inline]
     pub(crate) fn len(&self) -> usize {
         self.len
     }
 
-    /// Indexes block `slot` (not indexed yet) as `(size, addr)`.
-    #[inline]
-    pub(crate) fn insert(&mut self, size: usize, addr: usize, slot: u32) {
-        let s = slot as usize;
-        if s >= self.nodes.len() {
-            self.nodes.resize(s + 1, EMPTY);
+    /// Hangs `node` where `(parent, side)` says: a record's child, or the root of `bin` when
+    /// `parent` is `NIL`.
+    #[inline(always)]
+    fn attach(&mut self, blocks: &mut [Block], bin: usize, (parent, side): (u32, usize), node: u32) {
+        if parent == NIL {
+            self.roots[bin] = node;
+        } else {
+            blocks[parent as usize].child[side] = node;
         }
-        debug_assert!(!self.nodes[s].indexed);
-        self.nodes[s] = Node { size, addr, left: NIL, right: NIL, priority: priority(slot), indexed: true };
-        let bin = bin_of(size);
-        self.roots[bin] = self.insert_at(self.roots[bin], slot);
-        self.words[bin / 64] |= 1 << (bin % 64);
-        self.summary |= 1 << (bin / 64);
-        self.len += 1;
     }
 
-    /// Removes block `slot`, indexed as `(size, addr)`; returns whether it was there.
-    #[inline]
-    pub(crate) fn remove(&mut self, size: usize, addr: usize, slot: u32) -> bool {
-        let s = slot as usize;
-        if self.nodes.get(s).is_none_or(|n| !n.indexed || (n.size, n.addr) != (size, addr)) {
-            return false;
+    #[inline(always)]
+    fn mark(&mut self, bin: usize) {
+        self.words[bin / 64] |= 1 << (bin % 64);
+        self.summary[bin / 4096] |= 1 << (bin / 64 % 64);
+    }
+
+    #[inline(always)]
+    fn unmark(&mut self, bin: usize) {
+        self.words[bin / 64] &= !(1 << (bin % 64));
+        if self.words[bin / 64] == 0 {
+            self.summary[bin / 4096] &= !(1 << (bin / 64 % 64));
         }
-        let bin = bin_of(size);
-        self.roots[bin] = self.remove_at(self.roots[bin], (size, addr));
-        self.nodes[s].indexed = false;
-        if self.roots[bin] == NIL {
-            self.words[bin / 64] &= !(1 << (bin % 64));
-            if self.words[bin / 64] == 0 {
-                self.summary &= !(1 << (bin / 64));
+    }
+
+    /// Indexes block `slot` (not indexed yet) under its current size and address.
+    #[inline(always)]
+    pub(crate) fn insert(&mut self, blocks: &mut [Block], slot: u32) {
+        let b = &mut blocks[slot as usize];
+        debug_assert!(!b.indexed && b.size > 0);
+        b.indexed = true;
+        b.child = [NIL; 2];
+        let key = b.key();
+        let bin = bin_of(key.0);
+        self.len += 1;
+        let root = self.roots[bin];
+        if root == NIL {
+            self.roots[bin] = slot;
+            self.mark(bin);
+        } else {
+            self.insert_below(blocks, bin, root, slot, key);
+        }
+    }
+
+    /// Inserts `slot` (key `key`) into the non-empty treap of `bin`, rooted at `root`.
+    #[inline(always)]
+    fn insert_below(&mut self, blocks: &mut [Block], bin: usize, root: u32, slot: u32, key: Key) {
+        // Down past the records that stay above the new one...
+        let p = priority(slot);
+        let mut at = (NIL, 0);
+        let mut cur = root;
+        while cur != NIL && priority(cur) >= p {
+            let n = &blocks[cur as usize];
+            let side = usize::from(key > n.key());
+            at = (cur, side);
+            cur = n.child[side];
+        }
+        self.attach(blocks, bin, at, slot);
+        // ...then split the subtree below at `key` into the new record's two children.
+        let (mut left, mut right) = ((slot, 0), (slot, 1));
+        while cur != NIL {
+            let n = &blocks[cur as usize];
+            if n.key() < key {
+                let next = n.child[1];
+                blocks[left.0 as usize].child[left.1] = cur;
+                left = (cur, 1);
+                cur = next;
+            } else {
+                let next = n.child[0];
+                blocks[right.0 as usize].child[right.1] = cur;
+                right = (cur, 0);
+                cur = next;
             }
         }
+        blocks[left.0 as usize].child[left.1] = NIL;
+        blocks[right.0 as usize].child[right.1] = NIL;
+    }
+
+    /// Removes block `slot` from the index (its size and address as they were indexed); returns
+    /// whether it was there.
+    #[inline(always)]
+    pub(crate) fn remove(&mut self, blocks: &mut [Block], slot: u32) -> bool {
+        let Some(b) = blocks.get(slot as usize) else {
+            return false;
+        };
+        if !b.indexed {
+            return false;
+        }
+        if !self.remove_below(blocks, bin_of(b.size), slot) {
+            return false;
+        }
+        blocks[slot as usize].indexed = false;
         self.len -= 1;
         true
     }
 
-    /// The slot of block `(size, addr)`, if indexed.
-    pub(crate) fn get(&self, size: usize, addr: usize) -> Option<u32> {
+    /// Takes `slot` out of the treap of `bin`; false if it is not there.
+    #[inline(always)]
+    fn remove_below(&mut self, blocks: &mut [Block], bin: usize, slot: u32) -> bool {
+        let key = blocks[slot as usize].key();
+        let mut at = (NIL, 0);
+        let mut cur = self.roots[bin];
+        while cur != slot {
+            if cur == NIL {
+                // Marked indexed but not in its bin's treap: `consistent` reports it.
+                return false;
+            }
+            let n = &blocks[cur as usize];
+            let side = usize::from(key > n.key());
+            at = (cur, side);
+            cur = n.child[side];
+        }
+        self.unlink(blocks, bin, at, slot);
+        true
+    }
+
+    /// Replaces `slot`, which hangs at `at` in the treap of `bin`, by the merge of its two
+    /// subtrees (by priority), and clears the bin's bit if it is left empty.
+    #[inline(always)]
+    fn unlink(&mut self, blocks: &mut [Block], bin: usize, mut at: (u32, usize), slot: u32) {
+        let [mut left, mut right] = blocks[slot as usize].child;
+        loop {
+            if left == NIL {
+                self.attach(blocks, bin, at, right);
+                break;
+            }
+            if right == NIL {
+                self.attach(blocks, bin, at, left);
+                break;
+            }
+            if priority(left) > priority(right) {
+                self.attach(blocks, bin, at, left);
+                at = (left, 1);
+                left = blocks[left as usize].child[1];
+            } else {
+                self.attach(blocks, bin, at, right);
+                at = (right, 0);
+                right = blocks[right as usize].child[0];
+            }
+        }
+        if self.roots[bin] == NIL {
+            self.unmark(bin);
+        }
+    }
+
+    /// The slot of the indexed block `(size, addr)`.
+    pub(crate) fn get(&self, blocks: &[Block], size: usize, addr: usize) -> Option<u32> {
         let mut cur = self.roots[bin_of(size)];
         while cur != NIL {
-            let n = &self.nodes[cur as usize];
-            match (size, addr).cmp(&(n.size, n.addr)) {
+            let n = blocks.get(cur as usize)?;
+            match (size, addr).cmp(&n.key()) {
                 core::cmp::Ordering::Equal => return Some(cur),
-                core::cmp::Ordering::Less => cur = n.left,
-                core::cmp::Ordering::Greater => cur = n.right,
+                core::cmp::Ordering::Less => cur = n.child[0],
+                core::cmp::Ordering::Greater => cur = n.child[1],
             }
         }
         None
     }
 
     /// The smallest block of at least `size` bytes, lowest address first among equals.
-    #[inline]
-    pub(crate) fn best_fit(&self, size: usize) -> Option<FreeEntry> {
+    #[inline(always)]
+    pub(crate) fn best_fit(&self, blocks: &[Block], size: usize) -> Option<u32> {
         let bin = bin_of(size);
         let mut cur = self.roots[bin];
         let mut best = NIL;
         while cur != NIL {
-            let n = &self.nodes[cur as usize];
+            let n = &blocks[cur as usize];
             if n.size >= size {
                 best = cur;
-                cur = n.left;
+                cur = n.child[0];
             } else {
-                cur = n.right;
+                cur = n.child[1];
             }
         }
         if best == NIL {
             let next = self.first_nonempty_from(bin + 1)?;
             best = self.roots[next];
-            while self.nodes[best as usize].left != NIL {
-                best = self.nodes[best as usize].left;
+            while blocks[best as usize].child[0] != NIL {
+                best = blocks[best as usize].child[0];
             }
         }
-        let n = &self.nodes[best as usize];
-        Some(FreeEntry { size: n.size, addr: n.addr, slot: best })
+        Some(best)
+    }
+
+    /// Finds the best fit for `size` bytes (as [`best_fit`](Self::best_fit)) and takes it out
+    /// of the index in the same walk.
+    #[inline(always)]
+    pub(crate) fn take_best_fit(&mut self, blocks: &mut [Block], size: usize) -> Option<u32> {
+        let mut bin = bin_of(size);
+        let mut cur = self.roots[bin];
+        let (mut best, mut best_at) = (NIL, (NIL, 0));
+        let mut at = (NIL, 0);
+        while cur != NIL {
+            let n = &blocks[cur as usize];
+            if n.size >= size {
+                (best, best_at) = (cur, at);
+                at = (cur, 0);
+                cur = n.child[0];
+            } else {
+                at = (cur, 1);
+                cur = n.child[1];
+            }
+        }
+        if best == NIL {
+            bin = self.first_nonempty_from(bin + 1)?;
+            (best, best_at) = (self.roots[bin], (NIL, 0));
+            loop {
+                let left = blocks[best as usize].child[0];
+                if left == NIL {
+                    break;
+                }
+                (best, best_at) = (left, (best, 0));
+            }
+        }
+        self.unlink(blocks, bin, best_at, best);
+        blocks[best as usize].indexed = false;
+        self.len -= 1;
+        Some(best)
     }
 
     /// The largest free block's size (0 when there is none).
     #[inline]
-    pub(crate) fn largest(&self) -> usize {
-        if self.summary == 0 {
+    pub(crate) fn largest(&self, blocks: &[Block]) -> usize {
+        let Some(top) = (0..SUMMARY_WORDS).rev().find(|&i| self.summary[i] != 0) else {
             return 0;
-        }
-        let word = 63 - self.summary.leading_zeros() as usize;
+        };
+        let word = top * 64 + 63 - self.summary[top].leading_zeros() as usize;
         let bin = word * 64 + 63 - self.words[word].leading_zeros() as usize;
         let mut cur = self.roots[bin];
-        while self.nodes[cur as usize].right != NIL {
-            cur = self.nodes[cur as usize].right;
+        while blocks[cur as usize].child[1] != NIL {
+            cur = blocks[cur as usize].child[1];
         }
-        self.nodes[cur as usize].size
+        blocks[cur as usize].size
     }
 
-    /// Whether the bitmaps, the bins and the treaps agree (order and heap property included).
-    pub(crate) fn consistent(&self) -> bool {
+    /// Whether the bitmaps, the bins and the treaps agree (order and heap property included),
+    /// and every record marked indexed is in a treap.
+    pub(crate) fn consistent(&self, blocks: &[Block]) -> bool {
         let mut count = 0;
-        for (bin, &root) in self.roots.iter().enumerate() {
-            let marked = self.words[bin / 64] >> (bin % 64) & 1 == 1;
-            if marked != (root != NIL) || (self.words[bin / 64] != 0) != (self.summary >> (bin / 64) & 1 == 1) {
+        for (w, &word) in self.words.iter().enumerate() {
+            if (word != 0) != (self.summary[w / 64] >> (w % 64) & 1 == 1) {
                 return false;
             }
-            if root != NIL && !self.treap_ok(root, bin, None, None, u32::MAX, &mut count) {
-                return false;
+            for (i, &root) in self.roots[w * 64..(w + 1) * 64].iter().enumerate() {
+                let bin = w * 64 + i;
+                if (word >> i & 1 == 1) != (root != NIL) {
+                    return false;
+                }
+                if root != NIL && !self.treap_ok(blocks, root, bin, (None, None), u32::MAX, &mut count) {
+                    return false;
+                }
             }
         }
-        count == self.len && self.nodes.iter().filter(|n| n.indexed).count() == self.len
+        count == self.len && blocks.iter().filter(|b| b.indexed).count() == self.len
     }
 
     fn treap_ok(
         &self,
+        blocks: &[Block],
         node: u32,
         bin: usize,
-        low: Option<(usize, usize)>,
-        high: Option<(usize, usize)>,
+        (low, high): (Option<Key>, Option<Key>),
         max_priority: u32,
         count: &mut usize,
     ) -> bool {
-        let Some(n) = self.nodes.get(node as usize) else {
+        let Some(n) = blocks.get(node as usize) else {
             return false;
         };
-        let key = (n.size, n.addr);
+        let key = n.key();
         *count += 1;
-        if !n.indexed || n.priority > max_priority || bin_of(n.size) != bin || *count > self.len {
+        if !n.indexed || n.size == 0 || priority(node) > max_priority || bin_of(n.size) != bin || *count > self.len {
             return false;
         }
         if low.is_some_and(|l| key <= l) || high.is_some_and(|h| key >= h) {
             return false;
         }
-        (n.left == NIL || self.treap_ok(n.left, bin, low, Some(key), n.priority, count))
-            && (n.right == NIL || self.treap_ok(n.right, bin, Some(key), high, n.priority, count))
-    }
-
-    /// Inserts `slot` into the treap rooted at `root`; returns the new root.
-    fn insert_at(&mut self, root: u32, slot: u32) -> u32 {
-        if root == NIL {
-            return slot;
-        }
-        let (key, priority) = {
-            let n = &self.nodes[slot as usize];
-            ((n.size, n.addr), n.priority)
-        };
-        if priority > self.nodes[root as usize].priority {
-            let (left, right) = self.split(root, key);
-            let n = &mut self.nodes[slot as usize];
-            n.left = left;
-            n.right = right;
-            return slot;
-        }
-        let r = self.nodes[root as usize];
-        if key < (r.size, r.addr) {
-            let left = self.insert_at(r.left, slot);
-            self.nodes[root as usize].left = left;
-        } else {
-            let right = self.insert_at(r.right, slot);
-            self.nodes[root as usize].right = right;
-        }
-        root
-    }
-
-    /// Splits the treap at `root` into keys below `key` and keys above it.
-    fn split(&mut self, root: u32, key: (usize, usize)) -> (u32, u32) {
-        if root == NIL {
-            return (NIL, NIL);
-        }
-        let r = self.nodes[root as usize];
-        if (r.size, r.addr) < key {
-            let (left, right) = self.split(r.right, key);
-            self.nodes[root as usize].right = left;
-            (root, right)
-        } else {
-            let (left, right) = self.split(r.left, key);
-            self.nodes[root as usize].left = right;
-            (left, root)
-        }
-    }
-
-    /// Removes `key` (present) from the treap at `root`; returns the new root.
-    fn remove_at(&mut self, root: u32, key: (usize, usize)) -> u32 {
-        if root == NIL {
-            return NIL;
-        }
-        let r = self.nodes[root as usize];
-        match key.cmp(&(r.size, r.addr)) {
-            core::cmp::Ordering::Equal => self.merge(r.left, r.right),
-            core::cmp::Ordering::Less => {
-                let left = self.remove_at(r.left, key);
-                self.nodes[root as usize].left = left;
-                root
-            }
-            core::cmp::Ordering::Greater => {
-                let right = self.remove_at(r.right, key);
-                self.nodes[root as usize].right = right;
-                root
-            }
-        }
-    }
-
-    /// Joins two treaps whose keys are all below / all above each other.
-    fn merge(&mut self, left: u32, right: u32) -> u32 {
-        if left == NIL {
-            return right;
-        }
-        if right == NIL {
-            return left;
-        }
-        if self.nodes[left as usize].priority > self.nodes[right as usize].priority {
-            let merged = self.merge(self.nodes[left as usize].right, right);
-            self.nodes[left as usize].right = merged;
-            left
-        } else {
-            let merged = self.merge(left, self.nodes[right as usize].left);
-            self.nodes[right as usize].left = merged;
-            right
-        }
+        let [left, right] = n.child;
+        let p = priority(node);
+        (left == NIL || self.treap_ok(blocks, left, bin, (low, Some(key)), p, count))
+            && (right == NIL || self.treap_ok(blocks, right, bin, (Some(key), high), p, count))
     }
 
     fn first_nonempty_from(&self, bin: usize) -> Option<usize> {
@@ -300,11 +435,18 @@ impl FreeIndex {
         if bits != 0 {
             return Some(word * 64 + bits.trailing_zeros() as usize);
         }
-        let above = if word + 1 < WORDS { self.summary & (!0u64 << (word + 1)) } else { 0 };
-        if above == 0 {
-            return None;
+        // The next non-empty word after `word`, through the summary.
+        let from = word + 1;
+        let mut i = from / 64;
+        let mut above = if i < SUMMARY_WORDS { self.summary[i] & (!0u64 << (from % 64)) } else { 0 };
+        while above == 0 {
+            i += 1;
+            if i >= SUMMARY_WORDS {
+                return None;
+            }
+            above = self.summary[i];
         }
-        let word = above.trailing_zeros() as usize;
+        let word = i * 64 + above.trailing_zeros() as usize;
         Some(word * 64 + self.words[word].trailing_zeros() as usize)
     }
 }
@@ -312,6 +454,61 @@ impl FreeIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, PartialEq)]
+    struct Entry {
+        size: usize,
+        addr: usize,
+    }
+
+    /// An index with its own block table, for testing it alone.
+    struct Standalone {
+        index: FreeIndex,
+        blocks: Vec<Block>,
+    }
+
+    impl Standalone {
+        fn new() -> Self {
+            Standalone { index: FreeIndex::new(), blocks: Vec::new() }
+        }
+
+        fn insert(&mut self, size: usize, addr: usize, slot: u32) {
+            let s = slot as usize;
+            if s >= self.blocks.len() {
+                self.blocks.resize(s + 1, Block::new(0, 0, 0, NonNull::dangling()));
+            }
+            self.blocks[s] = Block::new(addr, size, 0, NonNull::dangling());
+            self.index.insert(&mut self.blocks, slot);
+        }
+
+        fn remove(&mut self, size: usize, addr: usize, slot: u32) -> bool {
+            let here = self.blocks.get(slot as usize).is_some_and(|b| b.key() == (size, addr));
+            here && self.index.remove(&mut self.blocks, slot)
+        }
+
+        fn best_fit(&self, size: usize) -> Option<Entry> {
+            let b = &self.blocks[self.index.best_fit(&self.blocks, size)? as usize];
+            Some(Entry { size: b.size, addr: b.addr })
+        }
+
+        fn largest(&self) -> usize {
+            self.index.largest(&self.blocks)
+        }
+
+        fn take_best_fit(&mut self, size: usize) -> Option<Entry> {
+            let slot = self.index.take_best_fit(&mut self.blocks, size)?;
+            let b = &self.blocks[slot as usize];
+            Some(Entry { size: b.size, addr: b.addr })
+        }
+
+        fn len(&self) -> usize {
+            self.index.len()
+        }
+
+        fn consistent(&self) -> bool {
+            self.index.consistent(&self.blocks)
+        }
+    }
 
     #[test]
     fn bins_are_ordered_by_size() {
@@ -325,7 +522,7 @@ mod tests {
 
     #[test]
     fn best_fit_is_the_smallest_block_that_fits() {
-        let mut index = FreeIndex::new();
+        let mut index = Standalone::new();
         let blocks = [(4096, 0x1000), (300, 0x9000), (256, 0x8000), (256, 0x7000), (1 << 20, 0x100000)];
         for (i, (size, addr)) in blocks.into_iter().enumerate() {
             index.insert(size, addr, i as u32);
@@ -346,7 +543,7 @@ mod tests {
 
     #[test]
     fn many_blocks_in_one_bin_stay_ordered_and_balanced() {
-        let mut index = FreeIndex::new();
+        let mut index = Standalone::new();
         // 2000 sizes in one bin (2 MiB .. 2 MiB + 32 KiB), inserted out of order.
         let size = |i: usize| (2 << 20) + (i * 7919 % 2000) * 16;
         for i in 0..2000 {
@@ -362,5 +559,23 @@ mod tests {
         }
         assert!(index.consistent());
         assert_eq!(index.len(), 2000 - 667);
+    }
+
+    #[test]
+    fn taking_the_best_fit_removes_what_best_fit_names() {
+        let mut index = Standalone::new();
+        let size = |i: usize| 64 + (i * 7919 % 3000) * 16;
+        for i in 0..3000 {
+            index.insert(size(i), 0x10_0000 + 0x1000 * i, i as u32);
+        }
+        let mut want = 1;
+        while index.len() > 0 {
+            let expected = index.best_fit(want);
+            assert_eq!(index.take_best_fit(want), expected);
+            assert!(!index.best_fit(want).is_some_and(|e| Some(&e) == expected.as_ref()));
+            want = if expected.is_some() { (want * 37 + 11) % 50_000 } else { 1 };
+        }
+        assert!(index.consistent());
+        assert_eq!(index.take_best_fit(1), None);
     }
 }

@@ -5,6 +5,12 @@
 //! the size the heuristic names: the pool's actual size (same footprint, one block instead of
 //! many), or its high watermark (the `_hwm` variants: the pool shrinks, or grows, to what the
 //! application has needed at most).
+//!
+//! A heuristic also says when the pool asks it ([`CoalesceHeuristic::every_free`]) and whether
+//! the pool may hand wholly free upstream blocks back when it has to grow
+//! ([`CoalesceHeuristic::release_when_growing`]).
+
+use alloc::boxed::Box;
 
 use crate::error::{Error, Result};
 
@@ -17,11 +23,49 @@ pub trait CoalesceHeuristic: Send {
     /// `Some(target)` to coalesce so that the pool's actual size becomes `target` bytes (at least
     /// what is still in use), or `None` to leave it.
     fn should_coalesce(&mut self, stats: &PoolStats) -> Option<usize>;
+
+    /// Whether the pool asks after every free (`true`, the default: a closure may look at any
+    /// figure), or only after a free that leaves an upstream block wholly free. A heuristic whose
+    /// answer depends only on the releasable figures and the actual size can say `false`: no
+    /// other free changes those, so no other free can turn its answer into a yes, and the pool
+    /// saves gathering its figures on every free. The pool reads this once, when the heuristic is
+    /// installed.
+    fn every_free(&self) -> bool {
+        true
+    }
+
+    /// Whether the pool may hand wholly free upstream blocks back when it has to grow (`true`,
+    /// the default): before it takes a new block for a request no free block fits (every wholly
+    /// free block is then too small for it), and in place of splitting a wholly free block that a
+    /// large request would leave mostly stranded (see [`QuickPool::allocate`]). Then the pool
+    /// never holds those blocks and the new one at once. [`NeverCoalesce`] says `false`: its pool
+    /// only grows until `release` is called. The pool reads this once, when the heuristic is
+    /// installed.
+    ///
+    /// [`QuickPool::allocate`]: super::QuickPool::allocate
+    fn release_when_growing(&self) -> bool {
+        true
+    }
 }
 
 impl<F: FnMut(&PoolStats) -> Option<usize> + Send> CoalesceHeuristic for F {
     fn should_coalesce(&mut self, stats: &PoolStats) -> Option<usize> {
         self(stats)
+    }
+}
+
+/// A boxed heuristic is one too, so a heuristic can be picked at run time.
+impl CoalesceHeuristic for Box<dyn CoalesceHeuristic> {
+    fn should_coalesce(&mut self, stats: &PoolStats) -> Option<usize> {
+        (**self).should_coalesce(stats)
+    }
+
+    fn every_free(&self) -> bool {
+        (**self).every_free()
+    }
+
+    fn release_when_growing(&self) -> bool {
+        (**self).release_when_growing()
     }
 }
 
@@ -32,6 +76,14 @@ pub struct NeverCoalesce;
 impl CoalesceHeuristic for NeverCoalesce {
     fn should_coalesce(&mut self, _: &PoolStats) -> Option<usize> {
         None
+    }
+
+    fn every_free(&self) -> bool {
+        false
+    }
+
+    fn release_when_growing(&self) -> bool {
+        false
     }
 }
 
@@ -81,6 +133,10 @@ impl CoalesceHeuristic for BlocksReleasable {
     fn should_coalesce(&mut self, stats: &PoolStats) -> Option<usize> {
         (stats.releasable_blocks >= self.blocks).then(|| self.target.of(stats))
     }
+
+    fn every_free(&self) -> bool {
+        false
+    }
 }
 
 /// Coalesces once at least `percent` of the pool's actual size is releasable.
@@ -121,6 +177,10 @@ impl CoalesceHeuristic for PercentReleasable {
         let releasable = stats.releasable_bytes as u128 * 100;
         let threshold = stats.actual_size as u128 * u128::from(self.percent);
         (stats.actual_size > 0 && releasable >= threshold).then(|| self.target.of(stats))
+    }
+
+    fn every_free(&self) -> bool {
+        false
     }
 }
 

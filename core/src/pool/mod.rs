@@ -6,7 +6,8 @@
 //!   from `hetmem-gpu`.
 //! - [`QuickPool`]: best fit in O(log n), split, merge with free neighbours, `coalesce`, `release`,
 //!   a maximum size, and [`CoalesceHeuristic`]s ([`BlocksReleasable`], [`PercentReleasable`], their
-//!   high-watermark variants, closures).
+//!   high-watermark variants, closures), which also let the pool hand wholly free upstream blocks
+//!   back when it grows, so it does not hold them and the new block at once.
 //! - [`FixedPool`]: objects of one size in sub-pools tracked by bitmaps.
 //! - [`SyncPool`]: a lock around any [`Pool`], which makes it `Sync` and a
 //!   [`MemoryResource`](crate::MemoryResource).
@@ -20,6 +21,7 @@
 //! Share one between threads through [`SyncPool`]. [`HostResource`], [`BackendResource`] and
 //! [`LimitedResource`] are `Sync`.
 
+mod addr_table;
 mod arena;
 mod backend_resource;
 mod fixed;

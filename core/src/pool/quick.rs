@@ -6,7 +6,7 @@
 //! blocks are never merged with each other; an upstream block that is wholly free again is
 //! *releasable*. `release` hands releasable blocks back; `coalesce` hands them back and takes one
 //! block in their place, so the next large request fits. A [`CoalesceHeuristic`] decides after
-//! every free whether to coalesce.
+//! a free whether to coalesce, and whether the pool hands releasable blocks back when it grows.
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -50,6 +50,10 @@ pub struct QuickPool<R: MemoryResource> {
     upstream: R,
     config: QuickPoolConfig,
     heuristic: Box<dyn CoalesceHeuristic>,
+    /// The heuristic's [`every_free`](CoalesceHeuristic::every_free).
+    ask_every_free: bool,
+    /// The heuristic's [`release_when_growing`](CoalesceHeuristic::release_when_growing).
+    release_when_growing: bool,
     arena: BlockArena,
     high_watermark: usize,
     actual_high_watermark: usize,
@@ -90,10 +94,13 @@ impl<R: MemoryResource> QuickPool<R> {
     }
 
     fn build(upstream: R, config: QuickPoolConfig) -> Self {
+        let heuristic = PercentReleasable::default();
         QuickPool {
             upstream,
             config,
-            heuristic: Box::new(PercentReleasable::default()),
+            ask_every_free: heuristic.every_free(),
+            release_when_growing: heuristic.release_when_growing(),
+            heuristic: Box::new(heuristic),
             arena: BlockArena::new(config.alignment),
             high_watermark: 0,
             actual_high_watermark: 0,
@@ -111,6 +118,8 @@ impl<R: MemoryResource> QuickPool<R> {
 
     /// Replaces the coalescing heuristic.
     pub fn set_heuristic(&mut self, heuristic: impl CoalesceHeuristic + 'static) {
+        self.ask_every_free = heuristic.every_free();
+        self.release_when_growing = heuristic.release_when_growing();
         self.heuristic = Box::new(heuristic);
     }
 
@@ -126,12 +135,27 @@ impl<R: MemoryResource> QuickPool<R> {
 
     /// `size` bytes aligned to `align` (at least the pool's alignment is always given).
     ///
-    /// Serves the request from the best-fitting free block; without one, takes a block from
-    /// upstream. If upstream refuses, hands wholly free blocks back and asks once more for just
-    /// what the request needs. Past the maximum size: `Error::OutOfMemory`.
+    /// Serves the request from the best-fitting free block (the smallest that holds it, the
+    /// lowest address among equals); without one, takes a block from upstream. If upstream
+    /// refuses, hands wholly free blocks back and asks once more for just what the request
+    /// needs. Past the maximum size: `Error::OutOfMemory`.
+    ///
+    /// Unless the heuristic says otherwise ([`CoalesceHeuristic::release_when_growing`]), the
+    /// pool does not hold memory it cannot use next to memory it takes. Before it grows, it hands
+    /// back its wholly free upstream blocks (all of them too small for this request). And a
+    /// request of at least the next block size whose best fit is a wholly free upstream block
+    /// that it would fill more than half of, leaving a rest of at least a quarter of the pool's
+    /// actual size, gets a block of its own size in that block's place: the rest could not serve
+    /// a second such request, so that one would have the pool hold both.
     pub fn allocate(&mut self, size: usize, align: usize) -> Result<NonNull<u8>> {
         crate::check_layout(size, align)?;
         let footprint = self.arena.footprint(size, align)?;
+        // `footprint > actual / 4` is implied by the rest being at least that and smaller than
+        // the request; it keeps the lookup off the common path.
+        let actual = self.arena.counters().actual_size;
+        if self.release_when_growing && footprint >= self.config.next_block_size && footprint > actual / 4 {
+            self.trade_whole_block(footprint, align);
+        }
         let ptr = match self.arena.allocate(size, align) {
             Some(ptr) => ptr,
             None => {
@@ -148,14 +172,18 @@ impl<R: MemoryResource> QuickPool<R> {
     }
 
     /// Frees an allocation (`Error::InvalidFree` for anything else), then asks the heuristic
-    /// whether to coalesce. A failed coalesce leaves the pool smaller but consistent; the free
-    /// itself has succeeded either way.
+    /// whether to coalesce: after every free, or, for a heuristic that says so
+    /// ([`CoalesceHeuristic::every_free`], the built-in ones), after a free that leaves an
+    /// upstream block wholly free. A failed coalesce leaves the pool smaller but consistent; the
+    /// free itself has succeeded either way.
     pub fn deallocate(&mut self, ptr: NonNull<u8>) -> Result<()> {
-        self.arena.free(ptr.as_ptr() as usize)?;
-        let stats = self.stats();
-        if let Some(target) = self.heuristic.should_coalesce(&stats) {
-            // The free is done; a refill the upstream refuses is counted in `upstream_failures`.
-            let _ = self.coalesce_to(target);
+        let freed = self.arena.free(ptr.as_ptr() as usize)?;
+        if freed.releasable || self.ask_every_free {
+            let stats = self.stats();
+            if let Some(target) = self.heuristic.should_coalesce(&stats) {
+                // The free is done; a refill the upstream refuses is counted in `upstream_failures`.
+                let _ = self.coalesce_to(target);
+            }
         }
         Ok(())
     }
@@ -195,8 +223,14 @@ impl<R: MemoryResource> QuickPool<R> {
 
     /// Hands every wholly free upstream block back; returns the bytes handed back.
     pub fn release(&mut self) -> usize {
+        self.release_up_to(usize::MAX)
+    }
+
+    /// Hands wholly free upstream blocks back until at least `wanted` bytes went back or none is
+    /// left; returns the bytes handed back.
+    fn release_up_to(&mut self, wanted: usize) -> usize {
         let mut bytes = 0;
-        for chunk in self.arena.take_free_chunks() {
+        for chunk in self.arena.take_free_chunks(wanted) {
             bytes += chunk.size;
             // SAFETY: the chunk came from `self.upstream.allocate(chunk.size, chunk.align)` and
             // the arena has just forgotten it, so no allocation points into it.
@@ -246,6 +280,30 @@ impl<R: MemoryResource> QuickPool<R> {
         Ok(())
     }
 
+    /// If the best fit for `footprint` bytes is a wholly free upstream block that the request
+    /// would fill more than half of, leaving a rest of at least a quarter of the actual size,
+    /// hands it back and takes a block of `footprint` bytes in its place (see
+    /// [`allocate`](Self::allocate)). Should upstream refuse the new block, takes the old size
+    /// back; should it refuse that too, the request goes on as a miss.
+    fn trade_whole_block(&mut self, footprint: usize, align: usize) {
+        let Some((slot, size)) = self.arena.best_fit_if_whole_chunk(footprint) else {
+            return;
+        };
+        let rest = size - footprint;
+        if rest >= footprint || rest < self.arena.counters().actual_size / 4 {
+            return;
+        }
+        let Some(chunk) = self.arena.take_chunk_of(slot) else {
+            return;
+        };
+        // SAFETY: the chunk came from `self.upstream.allocate(chunk.size, chunk.align)` and the
+        // arena has just forgotten it; it was one free block, so no allocation points into it.
+        unsafe { self.upstream.deallocate(chunk.base, chunk.size, chunk.align) };
+        if self.take_upstream(footprint, align.max(self.config.alignment)).is_err() {
+            let _ = self.take_upstream(chunk.size, chunk.align);
+        }
+    }
+
     /// Takes a block from upstream for a request that needs `footprint` bytes at `align`.
     fn grow(&mut self, footprint: usize, align: usize) -> Result<()> {
         let granule = self.config.alignment;
@@ -253,6 +311,13 @@ impl<R: MemoryResource> QuickPool<R> {
         let wanted = if first { self.config.first_block_size } else { self.config.next_block_size };
         // Both are multiples of the granule; `footprint` is, by construction.
         let mut size = round_up(wanted, granule).unwrap_or(usize::MAX & !(granule - 1)).max(footprint);
+        let c = self.arena.counters();
+        if self.release_when_growing && c.releasable_bytes >= c.actual_size / 4 {
+            // No free block holds `footprint` bytes, so none of these is of use to the request;
+            // handing back as many bytes as the pool is about to take keeps its size. A few
+            // such blocks in a large pool are not worth the upstream calls.
+            self.release_up_to(size);
+        }
         if let Some(max) = self.config.max_size {
             let mut room = max.saturating_sub(self.arena.counters().actual_size) & !(granule - 1);
             if room < footprint {

@@ -143,8 +143,10 @@ mod tests {
         let map = text_map(&pool);
         let lines: alloc::vec::Vec<&str> = map.lines().collect();
         assert_eq!(lines.len(), 1 + pool.stats().total_blocks, "{map}");
-        assert!(lines[1].contains("+0x0000000000          112 free"), "{map}");
-        assert!(lines[2].ends_with("208 used"), "{map}");
+        // Upstream blocks are listed by address, which depends on the system allocator.
+        assert!(lines[1..].iter().any(|l| l.contains("+0x0000000000          112 free")), "{map}");
+        assert!(lines[1..].iter().any(|l| l.contains("+0x0000000070          208 used")), "{map}");
+        assert!(lines[1..].iter().any(|l| l.ends_with("5008 used")), "{map}");
         let svg = svg(&pool);
         assert_eq!(svg.matches("<rect").count(), pool.stats().total_blocks);
         assert_eq!(svg.matches("upstream block ").count(), 2);

@@ -20,7 +20,8 @@ struct FakeDevice {
 
 impl FakeDevice {
     fn new() -> Self {
-        FakeDevice { next: AtomicUsize::new(0x7e00_0000_0000) }
+        // A 64-bit address; 32-bit targets (where fastmem's tests run too) keep its low half.
+        FakeDevice { next: AtomicUsize::new(0x7e00_0000_0000_u64 as usize) }
     }
 }
 
@@ -458,4 +459,132 @@ fn fixed_pool_fills_sub_pools_in_order_and_releases_empty_ones() {
     assert_eq!(pool.stats().allocation_count, 0);
     pool.release();
     assert_eq!(pool.stats().actual_size, 0);
+}
+
+#[test]
+fn growing_hands_back_wholly_free_blocks_first() {
+    // Four 4 KiB upstream blocks, three of them wholly free again: 3/4 of the pool.
+    let run = |heuristic: Box<dyn CoalesceHeuristic>| {
+        let mut pool = QuickPool::with_config(HostResource, small_config()).unwrap().with_heuristic(heuristic);
+        let ptrs: Vec<_> = (0..4).map(|_| pool.allocate(4096, 16).unwrap()).collect();
+        for &p in &ptrs[1..] {
+            pool.deallocate(p).unwrap();
+        }
+        assert_eq!(pool.stats().releasable_blocks, 3);
+        // No free block holds 8 KiB.
+        let big = pool.allocate(8192, 16).unwrap();
+        pool.check().unwrap();
+        let s = pool.stats();
+        pool.deallocate(big).unwrap();
+        pool.deallocate(ptrs[0]).unwrap();
+        (s.actual_size, s.upstream_blocks, s.releasable_blocks, s.actual_high_watermark)
+    };
+    // PercentReleasable(100) never fires here (one block stays in use), but the pool hands back
+    // as many wholly free bytes as it takes, so it never holds both.
+    assert_eq!(run(Box::new(PercentReleasable::new(100).unwrap())), (4 * 4096, 3, 1, 4 * 4096));
+    // A naive pool only grows.
+    assert_eq!(run(Box::new(NeverCoalesce)), (6 * 4096, 5, 3, 6 * 4096));
+
+    // One wholly free block in eight is not worth the upstream calls: the pool just grows.
+    let mut pool = QuickPool::with_config(HostResource, small_config()).unwrap();
+    let ptrs: Vec<_> = (0..8).map(|_| pool.allocate(4096, 16).unwrap()).collect();
+    pool.deallocate(ptrs[0]).unwrap();
+    let big = pool.allocate(8192, 16).unwrap();
+    let s = pool.stats();
+    assert_eq!((s.actual_size, s.releasable_blocks, s.upstream_blocks), (10 * 4096, 1, 9));
+    pool.deallocate(big).unwrap();
+    for &p in &ptrs[1..] {
+        pool.deallocate(p).unwrap();
+    }
+    pool.check().unwrap();
+}
+
+#[test]
+fn a_large_request_does_not_strand_most_of_a_wholly_free_block() {
+    let config = QuickPoolConfig { first_block_size: 64 << 10, ..small_config() };
+    let run = |heuristic: Box<dyn CoalesceHeuristic>, first: usize| {
+        let upstream = LimitedResource::new(HostResource, 1 << 20);
+        let mut pool = QuickPool::with_config(&upstream, config).unwrap().with_heuristic(heuristic);
+        let p = pool.allocate(100, 16).unwrap();
+        pool.deallocate(p).unwrap();
+        assert_eq!(pool.stats().releasable_bytes, 64 << 10);
+        let a = pool.allocate(first, 16).unwrap();
+        let after_first = pool.stats().actual_size;
+        let b = pool.allocate(first, 16).unwrap();
+        pool.check().unwrap();
+        let s = pool.stats();
+        assert_eq!(upstream.held(), s.actual_size);
+        pool.deallocate(a).unwrap();
+        pool.deallocate(b).unwrap();
+        (after_first, s.actual_high_watermark)
+    };
+    // 40 KiB would leave 24 KiB, too little for a second 40 KiB request: the 64 KiB block goes
+    // back and the request gets 40 KiB of its own, so two such requests hold 80 KiB, not 104.
+    assert_eq!(run(Box::new(PercentReleasable::new(100).unwrap()), 40 << 10), (40 << 10, 80 << 10));
+    assert_eq!(run(Box::new(NeverCoalesce), 40 << 10), (64 << 10, 104 << 10));
+    // 20 KiB leaves room for another: the block is split as usual.
+    assert_eq!(run(Box::new(PercentReleasable::new(100).unwrap()), 20 << 10), (64 << 10, 64 << 10));
+}
+
+#[test]
+fn built_in_heuristics_are_asked_only_when_a_block_becomes_wholly_free() {
+    /// Counts its calls; otherwise as `PercentReleasable` says about when to be asked.
+    struct Counting(alloc::sync::Arc<AtomicUsize>, bool);
+    impl CoalesceHeuristic for Counting {
+        fn should_coalesce(&mut self, _: &PoolStats) -> Option<usize> {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+        fn every_free(&self) -> bool {
+            self.1
+        }
+    }
+    for every_free in [false, true] {
+        let calls = alloc::sync::Arc::new(AtomicUsize::new(0));
+        let heuristic = Counting(alloc::sync::Arc::clone(&calls), every_free);
+        let mut pool = QuickPool::with_config(HostResource, small_config()).unwrap().with_heuristic(heuristic);
+        let ptrs: Vec<_> = (0..4).map(|_| pool.allocate(1024, 16).unwrap()).collect();
+        for (i, &p) in ptrs.iter().enumerate() {
+            pool.deallocate(p).unwrap();
+            // Only the last free leaves the 4 KiB upstream block wholly free.
+            let expected = if every_free { i + 1 } else { usize::from(i == 3) };
+            assert_eq!(calls.load(Ordering::Relaxed), expected);
+        }
+    }
+    let built_in: [&dyn CoalesceHeuristic; 4] = [
+        &NeverCoalesce,
+        &BlocksReleasable::new(2).unwrap(),
+        &PercentReleasable::default(),
+        &PercentReleasable::hwm(50).unwrap(),
+    ];
+    assert!(built_in.iter().all(|h| !h.every_free()));
+    assert!(!NeverCoalesce.release_when_growing() && PercentReleasable::default().release_when_growing());
+}
+
+#[test]
+fn fixed_pools_of_odd_sizes_find_slots_without_dividing() {
+    for object_size in [48, 100, 256, 4000] {
+        let config = FixedPoolConfig { objects_per_block: 37, ..FixedPoolConfig::new(object_size) };
+        let mut pool = FixedPool::new(HostResource, config).unwrap();
+        let mut model = Model::default();
+        for i in 0..200 {
+            model.add(pool.allocate(object_size - i % 7, 16).unwrap(), object_size - i % 7, 16);
+            if i % 3 == 0 {
+                model.free_one(&mut pool, i * 13);
+            }
+            if i % 50 == 0 {
+                model.agrees_with(&pool);
+            }
+        }
+        for &addr in model.live.keys() {
+            for inside in [addr + 16, addr + object_size.next_multiple_of(16) - 16] {
+                if inside != addr && !model.live.contains_key(&inside) {
+                    let ptr = NonNull::new(core::ptr::without_provenance_mut(inside)).unwrap();
+                    assert!(matches!(pool.deallocate(ptr), Err(Error::InvalidFree { .. })), "{object_size}");
+                }
+            }
+        }
+        model.free_all(&mut pool);
+        model.agrees_with(&pool);
+    }
 }

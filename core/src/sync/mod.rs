@@ -10,17 +10,25 @@
 //! algorithms are model-checked (`core/tests/loom.rs`).
 
 pub mod atomic;
+#[cfg(target_has_atomic = "64")]
 mod mutex;
+// Targets without compare-and-swap (e.g. Cortex-M0, thumbv6m) have no spin lock.
+#[cfg(target_has_atomic = "32")]
 mod spin_lock;
+#[cfg(target_has_atomic = "64")]
 pub mod tagged_list;
 
+#[cfg(target_has_atomic = "64")]
 pub use mutex::{Mutex, MutexGuard};
+#[cfg(target_has_atomic = "32")]
 pub use spin_lock::{SpinLock, SpinLockGuard};
+#[cfg(target_has_atomic = "64")]
 pub use tagged_list::{LinkStore, TaggedOffsetList};
 
 /// Waits politely inside a lock's retry loop: lets another thread run where there is a
 /// scheduler, and hints the CPU otherwise.
 #[inline]
+#[cfg_attr(not(target_has_atomic = "32"), allow(dead_code))]
 pub(crate) fn relax(attempt: u32) {
     if attempt < 64 {
         core::hint::spin_loop();

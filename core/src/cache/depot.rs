@@ -1,0 +1,201 @@
+//! The depot: a bounded, process-wide store of whole batches of free blocks between the thread
+//! caches and their upstream.
+//!
+//! A thread whose bucket is over its limit moves a batch here instead of freeing it, and a thread
+//! whose bucket is empty takes a batch before asking the upstream. So memory freed on one thread
+//! (a consumer) is reused by another (a producer) without a trip through the upstream, and a
+//! thread that exits leaves its blocks for the next one. One lock per class, taken once per batch
+//! (`batch_len` blocks, about 32 KiB). Over the depot's byte limit, memory goes upstream.
+//!
+//! A batch is a null-terminated chain of blocks linked through their first word; the second word
+//! of a batch's first block links the batches of a class.
+
+use core::ptr::{self, NonNull};
+
+use crate::cache::size_class::{batch_len, block_size, BLOCK_ALIGN, MAX_BUCKETS};
+use crate::cache::stats::{CacheStats, Counters};
+use crate::cache::upstream::Upstream;
+use crate::error::{Error, Result};
+use crate::sync::SpinLock;
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+/// A bounded store of free-block batches shared by the thread caches of one upstream.
+pub struct Depot {
+    classes: [SpinLock<ClassBatches>; MAX_BUCKETS],
+    bytes: AtomicUsize,
+    limit: AtomicUsize,
+    counters: Counters,
+}
+
+struct ClassBatches {
+    head: *mut u8,
+    batches: usize,
+}
+
+// SAFETY: the chains are blocks the depot owns; nothing else refers to them while they are here.
+unsafe impl Send for ClassBatches {}
+
+/// Reads word `i` of a free block.
+///
+/// # Safety
+/// `block` is a free block of at least 16 bytes, aligned to 8, owned by the caller.
+#[inline(always)]
+pub(crate) unsafe fn link(block: *mut u8, i: usize) -> *mut u8 {
+    // SAFETY: the caller's contract.
+    unsafe { block.cast::<*mut u8>().add(i).read() }
+}
+
+/// Writes word `i` of a free block.
+///
+/// # Safety
+/// As for [`link`].
+#[inline(always)]
+pub(crate) unsafe fn set_link(block: *mut u8, i: usize, value: *mut u8) {
+    // SAFETY: the caller's contract.
+    unsafe { block.cast::<*mut u8>().add(i).write(value) }
+}
+
+impl Depot {
+    /// An empty depot that holds at most `limit` bytes.
+    pub const fn new(limit: usize) -> Self {
+        Depot {
+            classes: [const { SpinLock::new(ClassBatches { head: ptr::null_mut(), batches: 0 }) }; MAX_BUCKETS],
+            bytes: AtomicUsize::new(0),
+            limit: AtomicUsize::new(limit),
+            counters: Counters::new(),
+        }
+    }
+
+    /// Changes the byte limit. Memory already held stays until taken or released.
+    pub fn set_limit(&self, limit: usize) {
+        self.limit.store(limit, Ordering::Relaxed);
+    }
+
+    /// The byte limit.
+    pub fn limit(&self) -> usize {
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Hits (batches handed out), misses (requests that found none), bytes held and bytes
+    /// released upstream.
+    pub fn stats(&self) -> CacheStats {
+        self.counters.snapshot(self.bytes.load(Ordering::Relaxed) as u64)
+    }
+
+    /// Takes a batch of `batch_len(class)` blocks if the limit allows.
+    ///
+    /// # Safety
+    /// `head` starts a null-terminated chain of exactly `batch_len(class)` free blocks of
+    /// `class`, all from the upstream this depot serves, which the caller gives up.
+    pub(crate) unsafe fn try_push(&self, class: usize, head: NonNull<u8>) -> bool {
+        let bytes = batch_len(class) * block_size(class);
+        let limit = self.limit.load(Ordering::Relaxed);
+        let reserved = self
+            .bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| held.checked_add(bytes).filter(|&b| b <= limit));
+        if reserved.is_err() {
+            return false;
+        }
+        let mut list = self.classes[class].lock();
+        // SAFETY: `head` is a free block the caller hands over (contract).
+        unsafe { set_link(head.as_ptr(), 1, list.head) };
+        list.head = head.as_ptr();
+        list.batches += 1;
+        true
+    }
+
+    /// Hands out a batch of `batch_len(class)` blocks (a null-terminated chain), if it has one.
+    pub(crate) fn try_pop(&self, class: usize) -> Option<NonNull<u8>> {
+        let head = {
+            let mut list = self.classes[class].lock();
+            let head = NonNull::new(list.head);
+            if let Some(h) = head {
+                // SAFETY: `h` heads a batch the depot owns; its second word links the next batch.
+                list.head = unsafe { link(h.as_ptr(), 1) };
+                list.batches -= 1;
+            }
+            head
+        };
+        match head {
+            Some(h) => {
+                self.bytes.fetch_sub(batch_len(class) * block_size(class), Ordering::Relaxed);
+                self.counters.hits.add_shared(1);
+                Some(h)
+            }
+            None => {
+                self.counters.misses.add_shared(1);
+                None
+            }
+        }
+    }
+
+    /// Frees every held block to `upstream`, which must be the one the blocks came from.
+    pub fn release(&self, upstream: &Upstream) {
+        for class in 0..MAX_BUCKETS {
+            let mut batch = {
+                let mut list = self.classes[class].lock();
+                let head = list.head;
+                list.head = ptr::null_mut();
+                list.batches = 0;
+                head
+            };
+            let size = block_size(class);
+            while !batch.is_null() {
+                // SAFETY: the batches were detached under the lock and are now ours alone.
+                let next_batch = unsafe { link(batch, 1) };
+                let mut block = batch;
+                while !block.is_null() {
+                    // SAFETY: as above; read the link before the block goes away.
+                    let next = unsafe { link(block, 0) };
+                    // SAFETY: every block came from `upstream` as a whole block of this class.
+                    unsafe { upstream.deallocate(NonNull::new_unchecked(block), size, BLOCK_ALIGN) };
+                    self.bytes.fetch_sub(size, Ordering::Relaxed);
+                    self.counters.bytes_returned.add_shared(size as u64);
+                    block = next;
+                }
+                batch = next_batch;
+            }
+        }
+    }
+
+    /// Walks every class and checks that each batch has `batch_len` blocks and that the byte
+    /// count matches what is held.
+    pub fn check(&self) -> Result<()> {
+        let mut total = 0;
+        for class in 0..MAX_BUCKETS {
+            let list = self.classes[class].lock();
+            let mut batch = list.head;
+            let mut batches = 0;
+            while !batch.is_null() {
+                let mut n = 0;
+                let mut block = batch;
+                while !block.is_null() && n <= batch_len(class) {
+                    // SAFETY: the lock is held; the chain is the depot's.
+                    block = unsafe { link(block, 0) };
+                    n += 1;
+                }
+                if n != batch_len(class) || !block.is_null() {
+                    return Err(corrupt(class, "a batch does not have batch_len blocks"));
+                }
+                batches += 1;
+                if batches > list.batches {
+                    return Err(corrupt(class, "more batches than counted"));
+                }
+                // SAFETY: as above.
+                batch = unsafe { link(batch, 1) };
+            }
+            if batches != list.batches {
+                return Err(corrupt(class, "fewer batches than counted"));
+            }
+            total += batches * batch_len(class) * block_size(class);
+        }
+        if total != self.bytes.load(Ordering::Relaxed) {
+            return Err(corrupt(0, "byte count does not match the batches held"));
+        }
+        Ok(())
+    }
+}
+
+fn corrupt(class: usize, detail: &'static str) -> Error {
+    Error::Corrupt { structure: "cache depot", offset: class as u64, detail }
+}

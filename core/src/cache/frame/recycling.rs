@@ -1,0 +1,214 @@
+//! [`RecyclingFrameAllocator`]: frames from thread-local free lists binned by size.
+
+use core::alloc::Layout;
+use core::ptr::NonNull;
+
+use crate::cache::config::CacheConfig;
+use crate::cache::frame::{FrameAllocator, FRAME_ALIGN};
+use crate::cache::size_class::{class_of_size, BLOCK_ALIGN, MAX_BLOCK};
+use crate::cache::stats::CacheStats;
+use crate::cache::tls::{SlotRef, Tier, SLOT_FRAMES};
+use crate::cache::upstream::Upstream;
+use crate::error::{Error, Result};
+use crate::resource::MemoryResource;
+
+/// Recycles frames through the calling thread's free lists, one per power-of-two size class.
+///
+/// A finished task's frame goes on the list of the thread that drops it (up to that class's
+/// byte limit, [`CacheConfig::for_frames`]); the next frame of that class on that thread is
+/// taken from there, so a steady stream of tasks allocates nothing upstream. Over a limit, a
+/// batch moves to a shared depot, and an empty list refills from it: frames freed by one
+/// thread serve another. Frames over 1 MiB go straight upstream.
+///
+/// All `RecyclingFrameAllocator`s with the same upstream share the lists. The upstream is the
+/// program's global allocator ([`Self::new`]) or a [`MemoryResource`].
+pub struct RecyclingFrameAllocator {
+    slot: SlotRef,
+}
+
+impl RecyclingFrameAllocator {
+    /// Recycles frames from the global allocator.
+    pub const fn new() -> Self {
+        RecyclingFrameAllocator { slot: SlotRef::fixed(SLOT_FRAMES, Tier::Frames, Upstream::Global) }
+    }
+
+    /// Recycles frames from `resource` (host-accessible; up to six distinct resources get lists,
+    /// later ones pass straight through).
+    pub const fn with_resource(resource: &'static dyn MemoryResource) -> Self {
+        RecyclingFrameAllocator { slot: SlotRef::lazy(Tier::Frames, Upstream::Resource(resource)) }
+    }
+
+    /// Statistics of the frame lists for this upstream, summed over live and exited threads:
+    /// hits are recycled frames, upstream allocations are new ones.
+    pub fn stats(&self) -> CacheStats {
+        self.slot.stats()
+    }
+
+    /// The calling thread's frame-list statistics.
+    pub fn thread_stats(&self) -> CacheStats {
+        self.slot.thread_stats()
+    }
+
+    /// Gives the calling thread's frame lists their own limits (`None`: the defaults).
+    pub fn set_thread_config(&self, config: Option<CacheConfig>) {
+        self.slot.set_thread_config(config);
+    }
+
+    /// Returns the calling thread's recycled frames (to the depot, then upstream).
+    pub fn flush_thread(&self) {
+        self.slot.flush_thread();
+    }
+
+    /// Walks the calling thread's cache for this upstream and checks its invariants (limits
+    /// held, lists as long as counted, no cycle).
+    pub fn check_thread(&self) -> crate::error::Result<()> {
+        self.slot.check_thread()
+    }
+
+    /// Frees the frames in the shared depot to the upstream.
+    pub fn release_depot(&self) {
+        if let Some(d) = self.slot.depot() {
+            d.release(&self.slot.upstream());
+        }
+    }
+
+    #[inline]
+    fn layout(size: usize) -> Result<Layout> {
+        crate::check_layout(size, FRAME_ALIGN)?;
+        Layout::from_size_align(size, FRAME_ALIGN)
+            .map_err(|_| Error::InvalidSize { size: size as u64, reason: "frame too large" })
+    }
+
+    /// `allocate` through the lists of `slot`, this allocator's slot (a constant for the default
+    /// lists, so [`ThreadFrames`] skips looking it up).
+    #[inline(always)]
+    fn allocate_at(&self, slot: usize, size: usize) -> Result<NonNull<u8>> {
+        // The hot path: a size with a class (frames are FRAME_ALIGN-aligned, which every class
+        // is), popped off this thread's list.
+        match listed_class(size) {
+            Some(class) => NonNull::new(self.slot.alloc_class(slot, class))
+                .ok_or(Error::OutOfMemory { requested: size as u64, available: 0 }),
+            None => self.allocate_unlisted(size),
+        }
+    }
+
+    /// Sizes without a list: zero (an error) and frames over the largest class.
+    #[cold]
+    #[inline(never)]
+    fn allocate_unlisted(&self, size: usize) -> Result<NonNull<u8>> {
+        let layout = Self::layout(size)?;
+        NonNull::new(self.slot.alloc(layout)).ok_or(Error::OutOfMemory { requested: size as u64, available: 0 })
+    }
+
+    /// `deallocate` through the lists of `slot` (see [`Self::allocate_at`]).
+    ///
+    /// # Safety
+    /// As for [`FrameAllocator::deallocate`]; `slot` is this allocator's.
+    #[inline(always)]
+    unsafe fn deallocate_at(&self, slot: usize, ptr: NonNull<u8>, size: usize) {
+        match listed_class(size) {
+            // SAFETY: the caller's contract: a frame of this class from `allocate_at(slot, _)`.
+            Some(class) => unsafe { self.slot.dealloc_class(slot, class, ptr) },
+            // SAFETY: as above, a frame over the largest class.
+            None => unsafe { self.deallocate_unlisted(ptr, size) },
+        }
+    }
+
+    /// `allocate` before this allocator has its slot (its first use claims one) or when it has
+    /// none (its frames pass straight through).
+    #[cold]
+    #[inline(never)]
+    fn allocate_unready(&self, size: usize) -> Result<NonNull<u8>> {
+        self.allocate_at(self.slot.slot(), size)
+    }
+
+    /// # Safety
+    /// As for [`FrameAllocator::deallocate`].
+    #[cold]
+    #[inline(never)]
+    unsafe fn deallocate_unready(&self, ptr: NonNull<u8>, size: usize) {
+        // SAFETY: the caller's contract; the slot is this allocator's.
+        unsafe { self.deallocate_at(self.slot.slot(), ptr, size) }
+    }
+
+    /// # Safety
+    /// As for [`FrameAllocator::deallocate`], for a frame of a size without a list.
+    #[cold]
+    #[inline(never)]
+    unsafe fn deallocate_unlisted(&self, ptr: NonNull<u8>, size: usize) {
+        // SAFETY: `size` was accepted by `allocate`, so the layout is valid.
+        let layout = unsafe { Layout::from_size_align_unchecked(size, FRAME_ALIGN) };
+        // SAFETY: the caller's contract: a frame from `allocate(size)`.
+        unsafe { self.slot.dealloc(ptr, layout) }
+    }
+}
+
+/// The list a frame of `size` bytes goes on: `None` for 0 (no frame) and for sizes over the
+/// largest class, in one comparison.
+#[inline(always)]
+fn listed_class(size: usize) -> Option<usize> {
+    if size.wrapping_sub(1) < MAX_BLOCK {
+        class_of_size(size)
+    } else {
+        None
+    }
+}
+
+// Frames are served from the classes, whose blocks have this alignment.
+const _: () = assert!(FRAME_ALIGN <= BLOCK_ALIGN);
+
+impl Default for RecyclingFrameAllocator {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl core::fmt::Debug for RecyclingFrameAllocator {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("RecyclingFrameAllocator").field("upstream", &self.slot.upstream()).finish()
+    }
+}
+
+impl FrameAllocator for RecyclingFrameAllocator {
+    #[inline]
+    fn allocate(&self, size: usize) -> Result<NonNull<u8>> {
+        match self.slot.ready_slot() {
+            Some(slot) => self.allocate_at(slot, size),
+            None => self.allocate_unready(size),
+        }
+    }
+
+    #[inline]
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, size: usize) {
+        match self.slot.ready_slot() {
+            // SAFETY: the caller's contract; the slot is this allocator's.
+            Some(slot) => unsafe { self.deallocate_at(slot, ptr, size) },
+            // SAFETY: as above.
+            None => unsafe { self.deallocate_unready(ptr, size) },
+        }
+    }
+
+    fn as_recycling(&self) -> Option<&RecyclingFrameAllocator> {
+        Some(self)
+    }
+}
+
+/// The default recycled frames as a zero-sized handle: the calling thread's lists over the
+/// global allocator, the same ones [`RecyclingFrameAllocator::new`] uses. A
+/// `FrameBox<T, ThreadFrames>` is a single pointer.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ThreadFrames;
+
+impl FrameAllocator for ThreadFrames {
+    #[inline]
+    fn allocate(&self, size: usize) -> Result<NonNull<u8>> {
+        // The default allocator is `RecyclingFrameAllocator::new()`: its slot is fixed.
+        super::default_frame_allocator().allocate_at(SLOT_FRAMES as usize, size)
+    }
+
+    #[inline]
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, size: usize) {
+        // SAFETY: forwarded contract; the same lists (same fixed slot) took the frame out.
+        unsafe { super::default_frame_allocator().deallocate_at(SLOT_FRAMES as usize, ptr, size) }
+    }
+}

@@ -1,0 +1,440 @@
+//! [`HetAlloc`]: the thread cache as a `GlobalAlloc` and an `allocator_api2` allocator.
+
+use core::alloc::{GlobalAlloc, Layout};
+use core::fmt;
+use core::ptr::NonNull;
+
+use allocator_api2::alloc::{AllocError, Allocator};
+
+use crate::cache::stats::CacheStats;
+use crate::cache::tls::{SlotRef, Tier, SLOT_SYSTEM};
+use crate::cache::upstream::Upstream;
+use crate::resource::MemoryResource;
+
+/// An allocator that serves small requests from per-thread power-of-two caches.
+///
+/// ```
+/// use hetmem_core::cache::HetAlloc;
+///
+/// #[global_allocator]
+/// static A: HetAlloc = HetAlloc::new();
+///
+/// let v: Vec<u64> = (0..1000).collect();
+/// assert_eq!(v.iter().sum::<u64>(), 499_500);
+/// ```
+///
+/// Requests up to 1 MiB with an alignment of at most 16 are rounded up to a power of two and
+/// served from the calling thread's bucket for that size; the bucket's byte limit comes from the
+/// thread's role ([`set_thread_role`](super::set_thread_role)) or its own configuration. Frees
+/// go to the freeing thread's bucket, then (over the limit) to a process-wide depot of batches,
+/// then upstream. Bigger or more strictly aligned requests go straight upstream.
+///
+/// All `HetAlloc`s with the same upstream share the per-thread caches. The upstream is the
+/// system allocator ([`HetAlloc::new`]) or a [`MemoryResource`] ([`HetAlloc::with_resource`];
+/// up to six distinct resources get caches, later ones pass straight through). A resource used
+/// by the global `HetAlloc` must not allocate through it.
+///
+/// As an [`Allocator`] it makes `allocator_api2::vec::Vec<T, HetAlloc>` and hashbrown maps use
+/// the caches without being the global allocator.
+pub struct HetAlloc {
+    slot: SlotRef,
+}
+
+impl HetAlloc {
+    /// Caches over the system allocator.
+    pub const fn new() -> Self {
+        HetAlloc { slot: SlotRef::fixed(SLOT_SYSTEM, Tier::Alloc, Upstream::System) }
+    }
+
+    /// Caches over `resource`, which must be host-accessible (device memory passes straight
+    /// through uncached).
+    pub const fn with_resource(resource: &'static dyn MemoryResource) -> Self {
+        HetAlloc { slot: SlotRef::lazy(Tier::Alloc, Upstream::Resource(resource)) }
+    }
+
+    /// The upstream.
+    pub fn upstream(&self) -> Upstream {
+        self.slot.upstream()
+    }
+
+    /// The thread tier's statistics for this upstream, summed over live and exited threads.
+    pub fn stats(&self) -> CacheStats {
+        self.slot.stats()
+    }
+
+    /// The calling thread's cache statistics for this upstream.
+    pub fn thread_stats(&self) -> CacheStats {
+        self.slot.thread_stats()
+    }
+
+    /// The depot's statistics (hits and misses count batches).
+    pub fn depot_stats(&self) -> CacheStats {
+        self.slot.depot().map(|d| d.stats()).unwrap_or_default()
+    }
+
+    /// Sets the depot's byte limit (0 turns it off).
+    pub fn set_depot_limit(&self, bytes: usize) {
+        if let Some(d) = self.slot.depot() {
+            d.set_limit(bytes);
+        }
+    }
+
+    /// Walks the calling thread's cache for this upstream and checks its invariants (limits
+    /// held, lists as long as counted, no cycle).
+    pub fn check_thread(&self) -> crate::error::Result<()> {
+        self.slot.check_thread()
+    }
+
+    /// The depot's byte limit.
+    pub fn depot_limit(&self) -> usize {
+        self.slot.depot().map_or(0, |d| d.limit())
+    }
+
+    /// Frees everything the depot holds to the upstream.
+    pub fn release_depot(&self) {
+        if let Some(d) = self.slot.depot() {
+            d.release(&self.slot.upstream());
+        }
+    }
+
+    /// Returns the calling thread's cached blocks for this upstream (depot, then upstream).
+    pub fn flush_thread(&self) {
+        self.slot.flush_thread();
+    }
+}
+
+impl Default for HetAlloc {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clone for HetAlloc {
+    fn clone(&self) -> Self {
+        HetAlloc { slot: self.slot.clone() }
+    }
+}
+
+impl fmt::Debug for HetAlloc {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HetAlloc").field("upstream", &self.slot.upstream()).finish()
+    }
+}
+
+// SAFETY: blocks are whole upstream blocks of at least the requested size and alignment (cached
+// blocks are `16 << class` bytes, 16-aligned, and only serve requests that fit both); a block is
+// handed out once until freed; `realloc` keeps the contents.
+unsafe impl GlobalAlloc for HetAlloc {
+    #[inline]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        self.slot.alloc(layout)
+    }
+
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `GlobalAlloc`'s contract: `ptr` came from this allocator with `layout`.
+        unsafe { self.slot.dealloc(NonNull::new_unchecked(ptr), layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        self.slot.alloc_zeroed(layout)
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: `GlobalAlloc`'s contract.
+        unsafe { self.slot.realloc(NonNull::new_unchecked(ptr), layout, new_size) }
+    }
+}
+
+fn dangling(layout: Layout) -> NonNull<[u8]> {
+    // SAFETY: an alignment is never zero.
+    let p = unsafe { NonNull::new_unchecked(layout.align() as *mut u8) };
+    NonNull::slice_from_raw_parts(p, 0)
+}
+
+// SAFETY: as for `GlobalAlloc`; zero-sized requests get a dangling, aligned pointer that
+// `deallocate` ignores; blocks can be freed through any clone (they share the caches).
+unsafe impl Allocator for HetAlloc {
+    #[inline]
+    fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
+        if layout.size() == 0 {
+            return Ok(dangling(layout));
+        }
+        let p = NonNull::new(self.slot.alloc(layout)).ok_or(AllocError)?;
+        Ok(NonNull::slice_from_raw_parts(p, layout.size()))
+    }
+
+    fn allocate_zeroed(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
+        if layout.size() == 0 {
+            return Ok(dangling(layout));
+        }
+        let p = NonNull::new(self.slot.alloc_zeroed(layout)).ok_or(AllocError)?;
+        Ok(NonNull::slice_from_raw_parts(p, layout.size()))
+    }
+
+    #[inline]
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
+        if layout.size() != 0 {
+            // SAFETY: `Allocator`'s contract: `ptr` came from this allocator with `layout`.
+            unsafe { self.slot.dealloc(ptr, layout) }
+        }
+    }
+
+    unsafe fn grow(&self, ptr: NonNull<u8>, old: Layout, new: Layout) -> Result<NonNull<[u8]>, AllocError> {
+        // SAFETY: `Allocator`'s contract for `grow`.
+        unsafe { self.resize(ptr, old, new) }
+    }
+
+    unsafe fn shrink(&self, ptr: NonNull<u8>, old: Layout, new: Layout) -> Result<NonNull<[u8]>, AllocError> {
+        // SAFETY: `Allocator`'s contract for `shrink`.
+        unsafe { self.resize(ptr, old, new) }
+    }
+}
+
+impl HetAlloc {
+    /// `grow` and `shrink`: in place within a class, through `realloc` when the alignment stays.
+    ///
+    /// # Safety
+    /// `Allocator::grow`'s contract.
+    unsafe fn resize(&self, ptr: NonNull<u8>, old: Layout, new: Layout) -> Result<NonNull<[u8]>, AllocError> {
+        if old.size() == 0 || new.size() == 0 || old.align() != new.align() {
+            let fresh = self.allocate(new)?;
+            // SAFETY: distinct blocks; `min` bytes are valid in both.
+            unsafe {
+                core::ptr::copy_nonoverlapping(ptr.as_ptr(), fresh.cast::<u8>().as_ptr(), old.size().min(new.size()));
+                self.deallocate(ptr, old);
+            }
+            return Ok(fresh);
+        }
+        // SAFETY: same alignment, non-zero sizes; the caller's contract covers the rest.
+        let p = unsafe { self.slot.realloc(ptr, old, new.size()) };
+        let p = NonNull::new(p).ok_or(AllocError)?;
+        Ok(NonNull::slice_from_raw_parts(p, new.size()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::config::{configure_role, CacheConfig, ThreadRole};
+    use crate::cache::tls::{set_thread_config, set_thread_role, thread_config, thread_role};
+    use crate::testing::CountingResource;
+    use std::sync::{Mutex, OnceLock};
+
+    /// One counting upstream for every test here (threads share caches per upstream), used by
+    /// one test at a time.
+    fn counted() -> (&'static CountingResource, HetAlloc, std::sync::MutexGuard<'static, ()>) {
+        static RES: OnceLock<&'static CountingResource> = OnceLock::new();
+        static SERIAL: Mutex<()> = Mutex::new(());
+        let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let res = *RES.get_or_init(CountingResource::leak);
+        (res, HetAlloc::with_resource(res), guard)
+    }
+
+    /// Returns everything cached anywhere for `a`'s upstream, so the resource's live blocks are
+    /// exactly the blocks still in use.
+    fn settle(a: &HetAlloc) {
+        a.flush_thread();
+        a.release_depot();
+    }
+
+    fn l(size: usize, align: usize) -> Layout {
+        Layout::from_size_align(size, align).unwrap()
+    }
+
+    #[test]
+    fn a_thread_reuses_what_it_freed() {
+        std::thread::spawn(|| {
+            let a = HetAlloc::new();
+            // SAFETY: non-zero layouts; each block freed once with its layout.
+            unsafe {
+                let p = a.alloc(l(48, 8));
+                a.dealloc(p, l(48, 8));
+                let q = a.alloc(l(40, 8));
+                assert_eq!(p, q, "same class, same thread: the cached block");
+                a.dealloc(q, l(40, 8));
+            }
+            let s = a.thread_stats();
+            assert!(s.hits >= 1 && s.bytes_cached >= 64, "{s:?}");
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn threads_return_their_caches_when_they_exit() {
+        let (res, a, _serial) = counted();
+        settle(&a);
+        let before = res.live_blocks();
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let a = a.clone();
+                std::thread::spawn(move || {
+                    let mut kept = Vec::new();
+                    for i in 0..2000usize {
+                        let layout = l(16 + (i * 37 + t * 101) % 9000, 8);
+                        // SAFETY: non-zero layout.
+                        let p = unsafe { a.alloc(layout) };
+                        assert!(!p.is_null());
+                        // SAFETY: a fresh block of at least this size.
+                        unsafe { p.write_bytes(i as u8, layout.size()) };
+                        if i % 3 == 0 {
+                            kept.push((p as usize, layout));
+                        } else {
+                            // SAFETY: allocated above with `layout`.
+                            unsafe { a.dealloc(p, layout) };
+                        }
+                    }
+                    assert!(a.thread_stats().bytes_cached > 0);
+                    kept
+                })
+            })
+            .collect();
+        // Blocks made on the other threads are freed here: cross-thread frees.
+        for t in threads {
+            for (p, layout) in t.join().unwrap() {
+                // SAFETY: allocated by `a` (same upstream) with `layout`, handed over.
+                unsafe { a.dealloc(p as *mut u8, layout) };
+            }
+        }
+        settle(&a);
+        assert_eq!(res.live_blocks(), before, "every block came back to the upstream exactly once");
+        let s = a.stats();
+        assert!(s.hits > 0 && s.bytes_returned > 0, "{s:?}");
+    }
+
+    #[test]
+    fn allocations_out_of_memory_are_null_and_the_cache_recovers() {
+        let (res, a, _serial) = counted();
+        std::thread::spawn(move || {
+            res.set_failing(true);
+            // SAFETY: non-zero layouts.
+            let p = unsafe { a.alloc(l(100, 8)) };
+            let big = unsafe { a.alloc(l(4 << 20, 8)) };
+            res.set_failing(false);
+            assert!(p.is_null() && big.is_null());
+            // SAFETY: as above; freed with its layout.
+            unsafe {
+                let q = a.alloc(l(100, 8));
+                assert!(!q.is_null());
+                a.dealloc(q, l(100, 8));
+            }
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn realloc_stays_in_place_within_a_class_and_keeps_contents() {
+        let a = HetAlloc::new();
+        // SAFETY: every pointer is used with the layout it currently has.
+        unsafe {
+            let p = a.alloc(l(40, 8));
+            p.write_bytes(7, 40);
+            let q = a.realloc(p, l(40, 8), 64);
+            assert_eq!(p, q);
+            let r = a.realloc(q, l(64, 8), 5000);
+            assert!((0..40).all(|i| *r.add(i) == 7));
+            let big = a.realloc(r, l(5000, 8), 3 << 20);
+            assert!((0..40).all(|i| *big.add(i) == 7));
+            let bigger = a.realloc(big, l(3 << 20, 8), 5 << 20);
+            assert!((0..40).all(|i| *bigger.add(i) == 7));
+            let small = a.realloc(bigger, l(5 << 20, 8), 24);
+            assert!((0..24).all(|i| *small.add(i) == 7));
+            a.dealloc(small, l(24, 8));
+        }
+    }
+
+    #[test]
+    fn zeroed_memory_is_zero_even_when_recycled() {
+        std::thread::spawn(|| {
+            let a = HetAlloc::new();
+            // SAFETY: non-zero layouts, each freed once.
+            unsafe {
+                let p = a.alloc(l(200, 8));
+                p.write_bytes(0xAB, 200);
+                a.dealloc(p, l(200, 8));
+                let z = a.alloc_zeroed(l(200, 8));
+                assert_eq!(z, p);
+                assert!((0..200).all(|i| *z.add(i) == 0));
+                a.dealloc(z, l(200, 8));
+                let big = a.alloc_zeroed(l(2 << 20, 8));
+                assert!((0..2 << 20).step_by(4096).all(|i| *big.add(i) == 0));
+                a.dealloc(big, l(2 << 20, 8));
+            }
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn std_style_containers_use_it() {
+        let (res, a, _serial) = counted();
+        settle(&a);
+        let before = res.live_blocks();
+        {
+            let mut v: allocator_api2::vec::Vec<u64, HetAlloc> = allocator_api2::vec::Vec::new_in(a.clone());
+            v.extend(0..10_000u64);
+            assert_eq!(v.iter().sum::<u64>(), 49_995_000);
+            let mut m = hashbrown::HashMap::with_hasher_in(std::collections::hash_map::RandomState::new(), a.clone());
+            for i in 0..5000u32 {
+                m.insert(i, i * 2);
+            }
+            assert_eq!(m.get(&4999), Some(&9998));
+            let empty: allocator_api2::vec::Vec<u8, HetAlloc> =
+                allocator_api2::vec::Vec::with_capacity_in(0, a.clone());
+            assert!(empty.is_empty());
+            let b = allocator_api2::boxed::Box::new_in([1u8; 3000], a.clone());
+            assert_eq!(b[2999], 1);
+        }
+        settle(&a);
+        assert_eq!(res.live_blocks(), before);
+    }
+
+    #[test]
+    fn roles_pick_the_limits() {
+        std::thread::spawn(|| {
+            assert_eq!(thread_role(), ThreadRole::Worker);
+            assert_eq!(thread_config(), CacheConfig::for_role(ThreadRole::Worker));
+            set_thread_role(ThreadRole::Scheduler);
+            assert_eq!(thread_role(), ThreadRole::Scheduler);
+            assert_eq!(thread_config(), CacheConfig::for_role(ThreadRole::Scheduler));
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn a_custom_role_or_thread_config_applies_at_once_and_trims() {
+        let (res, a, _serial) = counted();
+        let role = ThreadRole::Custom(0xCAFE);
+        std::thread::spawn(move || {
+            set_thread_role(role);
+            let layout = l(4096, 16);
+            let blocks: Vec<_> = (0..16).map(|_| unsafe { a.alloc(layout) }).collect();
+            for &p in &blocks {
+                // SAFETY: from `a.alloc(layout)`.
+                unsafe { a.dealloc(p, layout) };
+            }
+            let class = crate::cache::class_of(layout).unwrap();
+            assert_eq!(a.thread_stats().bytes_cached, 16 * 4096);
+            let tight = CacheConfig::uniform(13, 0).unwrap().with_bucket_limit(class, 2 * 4096).unwrap();
+            configure_role(role, tight).unwrap();
+            assert_eq!(thread_config(), tight);
+            assert_eq!(a.thread_stats().bytes_cached, 2 * 4096, "trimmed at once");
+            set_thread_config(Some(CacheConfig::disabled()));
+            assert_eq!(a.thread_stats().bytes_cached, 0);
+            let live = res.live_blocks();
+            // SAFETY: non-zero layout, freed once.
+            unsafe {
+                let p = a.alloc(layout);
+                a.dealloc(p, layout);
+            }
+            assert_eq!(res.live_blocks(), live, "a disabled cache keeps nothing");
+            set_thread_config(None);
+            assert_eq!(thread_config(), tight);
+        })
+        .join()
+        .unwrap();
+    }
+}

@@ -1,0 +1,429 @@
+//! [`PoolAllocator<T>`]: a private cache of blocks for one layout.
+
+use core::alloc::Layout;
+use core::fmt;
+use core::marker::PhantomData;
+use core::ptr::{self, NonNull};
+
+use allocator_api2::alloc::{AllocError, Allocator};
+
+use crate::cache::depot::{link, set_link};
+use crate::cache::stats::{CacheStats, Counters};
+use crate::cache::upstream::Upstream;
+use crate::error::{Error, Result};
+use crate::sync::SpinLock;
+
+/// A private cache of blocks that fit one `T`, holding at most `limit` of them.
+///
+/// Unlike the thread caches, nothing else draws on it: once a block is cached, the next
+/// allocation gets it (the last freed first), so code that knows its own pattern (a queue's
+/// nodes, a channel's slots) can bound how often it reaches the upstream; [`Self::reserve`]
+/// fills it ahead of time. Frees beyond the limit go upstream.
+///
+/// It is usable on its own ([`Self::allocate`], [`Self::deallocate`]) and as an
+/// `allocator_api2` [`Allocator`] (by reference) for node-based containers: requests that fit a
+/// `T` use the pool, any other size passes through to the upstream.
+///
+/// ```
+/// use allocator_api2::boxed::Box;
+/// use hetmem_core::cache::PoolAllocator;
+///
+/// let pool = PoolAllocator::<[u64; 4]>::new(16);
+/// let a = Box::new_in([1, 2, 3, 4], &pool);
+/// drop(a);
+/// let b = Box::new_in([5, 6, 7, 8], &pool); // reuses a's block
+/// assert_eq!(pool.stats().hits, 1);
+/// # drop(b);
+/// ```
+pub struct PoolAllocator<T> {
+    free: SpinLock<FreeList>,
+    upstream: Upstream,
+    counters: Counters,
+    _marker: PhantomData<fn() -> T>,
+}
+
+struct FreeList {
+    head: *mut u8,
+    len: usize,
+    limit: usize,
+}
+
+// SAFETY: the list holds blocks the pool owns exclusively.
+unsafe impl Send for FreeList {}
+
+impl<T> PoolAllocator<T> {
+    /// The layout of every pooled block: `T`'s, widened to hold a link.
+    pub const BLOCK: Layout = {
+        let size = if size_of::<T>() > size_of::<*mut u8>() { size_of::<T>() } else { size_of::<*mut u8>() };
+        let align = if align_of::<T>() > align_of::<*mut u8>() { align_of::<T>() } else { align_of::<*mut u8>() };
+        // `size_of::<T>()` is already a multiple of `align_of::<T>()`; only the widening to a
+        // pointer can need padding.
+        let padded = (size + align - 1) & !(align - 1);
+        match Layout::from_size_align(padded, align) {
+            Ok(l) => l,
+            Err(_) => panic!("T's layout cannot be pooled"),
+        }
+    };
+
+    /// A pool over the global allocator that caches up to `limit` blocks.
+    pub const fn new(limit: usize) -> Self {
+        Self::with_upstream(limit, Upstream::Global)
+    }
+
+    /// A pool over `upstream` that caches up to `limit` blocks. The upstream must be
+    /// host-accessible (the pool writes links into free blocks); see [`Self::allocate`].
+    pub const fn with_upstream(limit: usize, upstream: Upstream) -> Self {
+        PoolAllocator {
+            free: SpinLock::new(FreeList { head: ptr::null_mut(), len: 0, limit }),
+            upstream,
+            counters: Counters::new(),
+            _marker: PhantomData,
+        }
+    }
+
+    /// Memory for one `T` (uninitialised): a cached block if there is one, else a new one.
+    /// An upstream the CPU cannot write is refused with [`Error::Unsupported`].
+    pub fn allocate(&self) -> Result<NonNull<T>> {
+        if let Some(p) = self.pop() {
+            return Ok(p.cast());
+        }
+        self.counters.misses.add_shared(1);
+        self.allocate_upstream().map(NonNull::cast)
+    }
+
+    fn pop(&self) -> Option<NonNull<u8>> {
+        let mut free = self.free.lock();
+        let head = NonNull::new(free.head)?;
+        // SAFETY: a block on our list; its first word links the next.
+        free.head = unsafe { link(head.as_ptr(), 0) };
+        free.len -= 1;
+        drop(free);
+        self.counters.hits.add_shared(1);
+        Some(head)
+    }
+
+    fn allocate_upstream(&self) -> Result<NonNull<u8>> {
+        if !self.upstream.host_accessible() {
+            return Err(Error::Unsupported("a pool needs an upstream whose memory the CPU can write"));
+        }
+        self.counters.upstream_allocations.add_shared(1);
+        self.upstream
+            .allocate(Self::BLOCK.size(), Self::BLOCK.align())
+            .ok_or(Error::OutOfMemory { requested: Self::BLOCK.size() as u64, available: 0 })
+    }
+
+    /// Takes back a block: cached if under the limit, else freed upstream.
+    ///
+    /// # Safety
+    /// `ptr` came from [`Self::allocate`] on this pool, any `T` in it is dead, and it is not used
+    /// again.
+    pub unsafe fn deallocate(&self, ptr: NonNull<T>) {
+        let block = ptr.cast::<u8>();
+        {
+            let mut free = self.free.lock();
+            if free.len < free.limit {
+                // SAFETY: the block is ours now and holds at least a pointer.
+                unsafe { set_link(block.as_ptr(), 0, free.head) };
+                free.head = block.as_ptr();
+                free.len += 1;
+                return;
+            }
+        }
+        // SAFETY: the caller's contract: a block of ours, given up.
+        unsafe { self.free_upstream(block) }
+    }
+
+    /// Frees a pool block to the upstream and counts it.
+    ///
+    /// # Safety
+    /// `block` came from the upstream with `BLOCK` and is not used again.
+    unsafe fn free_upstream(&self, block: NonNull<u8>) {
+        self.counters.bytes_returned.add_shared(Self::BLOCK.size() as u64);
+        // SAFETY: the caller's contract.
+        unsafe { self.upstream.deallocate(block, Self::BLOCK.size(), Self::BLOCK.align()) }
+    }
+
+    /// Fills the cache with new blocks until it holds `min(n, limit)`, so that many allocations
+    /// are served without the upstream.
+    pub fn reserve(&self, n: usize) -> Result<()> {
+        let target = n.min(self.limit());
+        while self.cached() < target {
+            let block = self.allocate_upstream()?;
+            // SAFETY: a fresh block from the upstream with `BLOCK`; no `T` lives in it.
+            unsafe { self.deallocate(block.cast()) };
+        }
+        Ok(())
+    }
+
+    /// Changes the limit; cached blocks over it go upstream now.
+    pub fn set_limit(&self, limit: usize) {
+        self.free.lock().limit = limit;
+        self.trim(limit);
+    }
+
+    /// Frees every cached block to the upstream.
+    pub fn release(&self) {
+        self.trim(0);
+    }
+
+    fn trim(&self, keep: usize) {
+        let mut chain = {
+            let mut free = self.free.lock();
+            let mut chain = ptr::null_mut();
+            while free.len > keep {
+                let block = free.head;
+                // SAFETY: len > 0, so the list is not empty.
+                free.head = unsafe { link(block, 0) };
+                // SAFETY: the block moves to our private chain.
+                unsafe { set_link(block, 0, chain) };
+                chain = block;
+                free.len -= 1;
+            }
+            chain
+        };
+        while let Some(block) = NonNull::new(chain) {
+            // SAFETY: detached under the lock; read the link before the block goes.
+            chain = unsafe { link(block.as_ptr(), 0) };
+            // SAFETY: a block from this upstream with `BLOCK`, detached and ours.
+            unsafe { self.free_upstream(block) };
+        }
+    }
+
+    /// Blocks cached now.
+    pub fn cached(&self) -> usize {
+        self.free.lock().len
+    }
+
+    /// The most blocks it caches.
+    pub fn limit(&self) -> usize {
+        self.free.lock().limit
+    }
+
+    /// Hits, misses, bytes cached, bytes returned upstream and upstream allocations.
+    pub fn stats(&self) -> CacheStats {
+        let bytes = (self.cached() * Self::BLOCK.size()) as u64;
+        self.counters.snapshot(bytes)
+    }
+
+    /// Walks the free list: as long as counted, within the limit, aligned, no cycle.
+    pub fn check(&self) -> Result<()> {
+        let free = self.free.lock();
+        let corrupt = |detail| Error::Corrupt { structure: "pool allocator", offset: 0, detail };
+        if free.len > free.limit {
+            return Err(corrupt("more blocks cached than the limit"));
+        }
+        let mut n = 0;
+        let mut block = free.head;
+        while !block.is_null() {
+            if n == free.len {
+                return Err(corrupt("list longer than counted (or a cycle)"));
+            }
+            if block as usize % Self::BLOCK.align() != 0 {
+                return Err(corrupt("misaligned block on the free list"));
+            }
+            // SAFETY: a block on our list, visited at most `len` times.
+            block = unsafe { link(block, 0) };
+            n += 1;
+        }
+        if n != free.len {
+            return Err(corrupt("list shorter than counted"));
+        }
+        Ok(())
+    }
+
+    /// Whether an `Allocator` request of `layout` is served by the pool.
+    fn pooled(layout: Layout) -> bool {
+        layout.size() != 0 && layout.size() <= Self::BLOCK.size() && layout.align() <= Self::BLOCK.align()
+    }
+}
+
+impl<T> Drop for PoolAllocator<T> {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl<T> fmt::Debug for PoolAllocator<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PoolAllocator")
+            .field("block", &Self::BLOCK)
+            .field("cached", &self.cached())
+            .field("limit", &self.limit())
+            .field("upstream", &self.upstream)
+            .finish()
+    }
+}
+
+// SAFETY: pooled requests get a whole `BLOCK` (at least their size and alignment) used by no
+// one else until freed; other requests pass through with their own layout, and `deallocate`
+// makes the same choice from the layout, so each block goes back where it came from.
+unsafe impl<T> Allocator for PoolAllocator<T> {
+    fn allocate(&self, layout: Layout) -> core::result::Result<NonNull<[u8]>, AllocError> {
+        if layout.size() == 0 {
+            // SAFETY: an alignment is never zero.
+            let p = unsafe { NonNull::new_unchecked(layout.align() as *mut u8) };
+            return Ok(NonNull::slice_from_raw_parts(p, 0));
+        }
+        let p = if Self::pooled(layout) {
+            PoolAllocator::allocate(self).map_err(|_| AllocError)?.cast()
+        } else {
+            if !self.upstream.host_accessible() {
+                return Err(AllocError);
+            }
+            self.counters.upstream_allocations.add_shared(1);
+            self.upstream.allocate(layout.size(), layout.align()).ok_or(AllocError)?
+        };
+        Ok(NonNull::slice_from_raw_parts(p, layout.size()))
+    }
+
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
+        if layout.size() == 0 {
+            return;
+        }
+        if Self::pooled(layout) {
+            // SAFETY: the same choice as `allocate` made: a pool block, given back.
+            unsafe { PoolAllocator::deallocate(self, ptr.cast()) }
+        } else {
+            // SAFETY: passed through with exactly this layout.
+            unsafe { self.upstream.deallocate(ptr, layout.size(), layout.align()) }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::CountingResource;
+    use proptest::prelude::*;
+
+    #[test]
+    fn cached_blocks_are_reused_first_and_the_limit_holds() {
+        let res = CountingResource::leak();
+        let pool = PoolAllocator::<[u64; 3]>::with_upstream(2, Upstream::Resource(res));
+        assert_eq!(PoolAllocator::<[u64; 3]>::BLOCK.size(), 24);
+        let blocks: Vec<_> = (0..4).map(|_| pool.allocate().unwrap()).collect();
+        for &b in &blocks {
+            // SAFETY: from `allocate`, no `T` written.
+            unsafe { pool.deallocate(b) };
+        }
+        assert_eq!(pool.cached(), 2);
+        assert_eq!(res.live_blocks(), 2, "frees over the limit went upstream");
+        assert_eq!(pool.allocate().unwrap(), blocks[1]);
+        assert_eq!(pool.allocate().unwrap(), blocks[0]);
+        let s = pool.stats();
+        assert_eq!((s.hits, s.misses, s.upstream_allocations), (2, 4, 4));
+        assert_eq!(s.bytes_returned, 2 * 24);
+        pool.check().unwrap();
+    }
+
+    #[test]
+    fn reserve_guarantees_reuse_and_release_empties() {
+        let res = CountingResource::leak();
+        let pool = PoolAllocator::<u8>::with_upstream(100, Upstream::Resource(res));
+        pool.reserve(10).unwrap();
+        assert_eq!(pool.cached(), 10);
+        let n = res.allocations();
+        let got: Vec<_> = (0..10).map(|_| pool.allocate().unwrap()).collect();
+        assert_eq!(res.allocations(), n, "reserved blocks need no upstream");
+        for b in got {
+            // SAFETY: from `allocate`.
+            unsafe { pool.deallocate(b) };
+        }
+        pool.reserve(1000).unwrap();
+        assert_eq!(pool.cached(), 100, "reserve stops at the limit");
+        pool.set_limit(5);
+        assert_eq!((pool.cached(), res.live_blocks()), (5, 5));
+        pool.release();
+        assert_eq!(res.live_blocks(), 0);
+        assert_eq!(pool.stats().bytes_cached, 0);
+    }
+
+    #[test]
+    fn out_of_memory_is_an_error_and_the_pool_stays_usable() {
+        let res = CountingResource::leak();
+        let pool = PoolAllocator::<u64>::with_upstream(4, Upstream::Resource(res));
+        res.set_failing(true);
+        assert!(matches!(pool.allocate(), Err(Error::OutOfMemory { .. })));
+        assert!(matches!(pool.reserve(2), Err(Error::OutOfMemory { .. })));
+        res.set_failing(false);
+        let b = pool.allocate().unwrap();
+        // SAFETY: from `allocate`.
+        unsafe { pool.deallocate(b) };
+        pool.check().unwrap();
+        drop(pool);
+        assert_eq!(res.live_blocks(), 0, "dropping the pool frees its cache");
+    }
+
+    #[test]
+    fn node_based_containers_allocate_from_it() {
+        use allocator_api2::boxed::Box;
+        struct Node<'a> {
+            value: u64,
+            next: Option<Box<Node<'a>, &'a PoolAllocator<Node<'a>>>>,
+        }
+        let res = CountingResource::leak();
+        let pool = PoolAllocator::<Node<'_>>::with_upstream(1000, Upstream::Resource(res));
+        for round in 0..3u64 {
+            let mut head: Option<Box<Node<'_>, _>> = None;
+            for i in 0..500 {
+                head = Some(Box::new_in(Node { value: i + round, next: head }, &pool));
+            }
+            let mut sum = 0;
+            let mut cur = head.as_deref();
+            while let Some(n) = cur {
+                sum += n.value;
+                cur = n.next.as_deref();
+            }
+            assert_eq!(sum, (0..500).sum::<u64>() + 500 * round);
+            // Drop iteratively so a long list does not recurse deeply.
+            while let Some(mut n) = head {
+                head = n.next.take();
+            }
+        }
+        assert_eq!(res.allocations(), 500, "rounds after the first reuse every node");
+        // Requests of another size pass through.
+        let mut v: allocator_api2::vec::Vec<Node<'_>, _> = allocator_api2::vec::Vec::with_capacity_in(10, &pool);
+        v.push(Node { value: 1, next: None });
+        assert_eq!(res.allocations(), 501);
+        drop(v);
+        drop(pool);
+        assert_eq!(res.live_blocks(), 0);
+    }
+
+    proptest! {
+        /// Random allocations and frees with random limit changes: the cache never exceeds its
+        /// limit, its list stays sound, and every block returns upstream exactly once.
+        #[test]
+        fn limit_holds_and_blocks_return_once(
+            ops in proptest::collection::vec((0..4u8, 0..64usize), 1..400)
+        ) {
+            let res = CountingResource::leak();
+            let pool = PoolAllocator::<[u8; 40]>::with_upstream(8, Upstream::Resource(res));
+            let mut live: Vec<NonNull<[u8; 40]>> = Vec::new();
+            for (kind, arg) in ops {
+                match kind {
+                    0 | 1 => {
+                        let p = pool.allocate().unwrap();
+                        prop_assert!(!live.contains(&p), "block handed out twice");
+                        live.push(p);
+                    }
+                    2 => if !live.is_empty() {
+                        let p = live.swap_remove(arg % live.len());
+                        // SAFETY: from `allocate`.
+                        unsafe { pool.deallocate(p) };
+                    },
+                    _ => pool.set_limit(arg % 16),
+                }
+                pool.check().unwrap();
+                prop_assert!(pool.cached() <= pool.limit());
+            }
+            for p in live {
+                // SAFETY: from `allocate`.
+                unsafe { pool.deallocate(p) };
+            }
+            drop(pool);
+            prop_assert_eq!(res.live_blocks(), 0);
+            prop_assert_eq!(res.allocations(), res.deallocations());
+        }
+    }
+}

@@ -1,0 +1,620 @@
+//! The per-thread side of the caches: one [`ThreadCache`] per *slot* in thread-local storage.
+//!
+//! A slot is a (tier, upstream) pair: slot 0 is [`HetAlloc`](super::HetAlloc) over the system
+//! allocator, slot 1 the recycled frames over the global allocator, and the others are handed
+//! out on first use to allocators over a [`MemoryResource`](crate::MemoryResource). Each slot
+//! has a process-wide [`Depot`] and the counters of its exited threads.
+//!
+//! Allocator requirements met here:
+//! - **Reentrancy**: the thread-local state needs no destructor (so touching it registers
+//!   nothing and allocates nothing). The first request of a thread marks it *busy*, registers an
+//!   exit guard, reads the configuration (both may allocate), then marks it *active*; requests
+//!   made while busy go straight upstream.
+//! - **Thread exit**: the guard's destructor marks the thread *exited*, zeroes its limits and
+//!   returns every cached block (to the depot, then upstream). Requests in later destructors, and
+//!   frees of blocks cached before, go straight upstream: the upstream layout depends on the
+//!   request alone, so that is always the right place.
+
+use core::cell::Cell;
+use core::mem::ManuallyDrop;
+use core::ptr::{self, NonNull};
+
+use crate::cache::config::{depot_limit, CacheConfig, ThreadRole};
+use crate::cache::depot::Depot;
+use crate::cache::size_class::{block_size, class_of, BLOCK_ALIGN};
+use crate::cache::stats::{CacheStats, Counters};
+use crate::cache::thread_cache::ThreadCache;
+use crate::cache::upstream::Upstream;
+use crate::sync::SpinLock;
+use core::alloc::Layout;
+use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+
+/// Slots per thread.
+pub(crate) const SLOTS: usize = 8;
+pub(crate) const SLOT_SYSTEM: u8 = 0;
+pub(crate) const SLOT_FRAMES: u8 = 1;
+/// No slot was free: requests pass straight through.
+const SLOT_NONE: u8 = 0xFF;
+/// Not looked up yet.
+const SLOT_UNASSIGNED: u8 = 0xFE;
+
+/// Which tier a slot's caches serve (it decides where their limits come from).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Tier {
+    /// `HetAlloc`: limits from the thread's role.
+    Alloc,
+    /// Recycled frames: limits from the frame configuration.
+    Frames,
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+struct SlotOwner {
+    tier: Tier,
+    upstream: Upstream,
+}
+
+static OWNERS: SpinLock<[Option<SlotOwner>; SLOTS]> = SpinLock::new({
+    let mut owners = [None; SLOTS];
+    owners[SLOT_SYSTEM as usize] = Some(SlotOwner { tier: Tier::Alloc, upstream: Upstream::System });
+    owners[SLOT_FRAMES as usize] = Some(SlotOwner { tier: Tier::Frames, upstream: Upstream::Global });
+    owners
+});
+static DEPOTS: [Depot; SLOTS] = [const { Depot::new(0) }; SLOTS];
+static DEPOT_LIMITS_SET: AtomicBool = AtomicBool::new(false);
+/// Counts of exited threads and of requests that bypassed a cache (busy or exited threads).
+static RETIRED: [Counters; SLOTS] = [const { Counters::new() }; SLOTS];
+static THREADS: SpinLock<ThreadList> = SpinLock::new(ThreadList { head: ptr::null(), live: 0 });
+
+struct ThreadList {
+    head: *const ThreadState,
+    live: usize,
+}
+
+// SAFETY: the list only links thread states of live threads, each unlinked (under the lock) by
+// its thread before its storage goes away.
+unsafe impl Send for ThreadList {}
+
+const FRESH: u8 = 0;
+const BUSY: u8 = 1;
+const ACTIVE: u8 = 2;
+const EXITED: u8 = 3;
+
+pub(crate) struct ThreadState {
+    phase: Cell<u8>,
+    role: Cell<ThreadRole>,
+    own_config: Cell<Option<CacheConfig>>,
+    frame_config: Cell<Option<CacheConfig>>,
+    next: Cell<*const ThreadState>,
+    caches: [ManuallyDrop<ThreadCache>; SLOTS],
+}
+
+impl ThreadState {
+    const fn new() -> Self {
+        ThreadState {
+            phase: Cell::new(FRESH),
+            role: Cell::new(ThreadRole::Worker),
+            own_config: Cell::new(None),
+            frame_config: Cell::new(None),
+            next: Cell::new(ptr::null()),
+            caches: [const { ManuallyDrop::new(ThreadCache::unready(Upstream::System, None)) }; SLOTS],
+        }
+    }
+}
+
+thread_local! {
+    static STATE: ThreadState = const { ThreadState::new() };
+    static EXIT: ExitGuard = const { ExitGuard };
+}
+
+/// Its destructor returns the thread's caches when the thread exits.
+struct ExitGuard;
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        STATE.with(retire_thread);
+    }
+}
+
+#[inline(always)]
+fn with_state<R>(f: impl FnOnce(&ThreadState) -> R) -> R {
+    STATE.with(f)
+}
+
+/// A handle on one slot: what `HetAlloc` and the recycled-frame allocator are made of.
+pub(crate) struct SlotRef {
+    slot: AtomicU8,
+    tier: Tier,
+    upstream: Upstream,
+}
+
+impl Clone for SlotRef {
+    fn clone(&self) -> Self {
+        SlotRef { slot: AtomicU8::new(self.slot.load(Ordering::Relaxed)), tier: self.tier, upstream: self.upstream }
+    }
+}
+
+impl SlotRef {
+    /// One of the two built-in slots.
+    pub(crate) const fn fixed(slot: u8, tier: Tier, upstream: Upstream) -> Self {
+        SlotRef { slot: AtomicU8::new(slot), tier, upstream }
+    }
+
+    /// A slot found (or claimed) on first use.
+    pub(crate) const fn lazy(tier: Tier, upstream: Upstream) -> Self {
+        SlotRef { slot: AtomicU8::new(SLOT_UNASSIGNED), tier, upstream }
+    }
+
+    pub(crate) fn upstream(&self) -> Upstream {
+        self.upstream
+    }
+
+    /// The slot index, claimed on first use; `SLOT_NONE` (at least [`SLOTS`]) if none was free.
+    #[inline(always)]
+    pub(crate) fn slot(&self) -> usize {
+        let s = self.slot.load(Ordering::Relaxed);
+        if (s as usize) < SLOTS {
+            s as usize
+        } else if s == SLOT_UNASSIGNED {
+            self.assign()
+        } else {
+            SLOT_NONE as usize
+        }
+    }
+
+    /// The slot if it is assigned and has a cache, without claiming one: the hot paths branch
+    /// on this once, so the code after it knows the slot is valid.
+    #[inline(always)]
+    pub(crate) fn ready_slot(&self) -> Option<usize> {
+        let s = self.slot.load(Ordering::Relaxed) as usize;
+        (s < SLOTS).then_some(s)
+    }
+
+    #[cold]
+    fn assign(&self) -> usize {
+        let wanted = SlotOwner { tier: self.tier, upstream: self.upstream };
+        let slot = if !self.upstream.host_accessible() {
+            SLOT_NONE
+        } else {
+            let mut owners = OWNERS.lock();
+            match owners.iter().position(|o| *o == Some(wanted)) {
+                Some(i) => i as u8,
+                None => match owners.iter().position(Option::is_none) {
+                    Some(i) => {
+                        owners[i] = Some(wanted);
+                        i as u8
+                    }
+                    None => SLOT_NONE,
+                },
+            }
+        };
+        self.slot.store(slot, Ordering::Relaxed);
+        slot as usize
+    }
+
+    /// The slot if one is assigned (without claiming one).
+    fn assigned(&self) -> Option<usize> {
+        let s = self.slot();
+        (s < SLOTS).then_some(s)
+    }
+
+    /// Allocates for `layout` (non-zero size); null when the upstream is out of memory.
+    #[inline(always)]
+    pub(crate) fn alloc(&self, layout: Layout) -> *mut u8 {
+        match class_of(layout) {
+            Some(class) => self.alloc_class(self.slot(), class),
+            None => self.passthrough_alloc(layout, false),
+        }
+    }
+
+    /// A block of `class`, from the calling thread's cache of `slot`: this handle's slot, given
+    /// by callers that know it at compile time ([`SLOT_FRAMES`]) to skip looking it up.
+    #[inline(always)]
+    pub(crate) fn alloc_class(&self, slot: usize, class: usize) -> *mut u8 {
+        if slot < SLOTS {
+            if let Some(p) = with_state(|s| s.caches[slot].pop(class)) {
+                return p.as_ptr();
+            }
+        }
+        self.alloc_slow(slot, class)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn alloc_slow(&self, slot: usize, class: usize) -> *mut u8 {
+        let size = block_size(class);
+        if slot < SLOTS {
+            let served = with_state(|s| {
+                if !enter(s, slot) {
+                    RETIRED[slot].upstream_allocations.add_shared(1);
+                    return None;
+                }
+                let cache = &s.caches[slot];
+                if let Some(p) = cache.pop(class).or_else(|| cache.refill(class)) {
+                    return Some(p);
+                }
+                cache.counters.upstream_allocations.add_owned(1);
+                None
+            });
+            if let Some(p) = served {
+                return p.as_ptr();
+            }
+        }
+        self.upstream.allocate(size, BLOCK_ALIGN).map_or(ptr::null_mut(), NonNull::as_ptr)
+    }
+
+    #[cold]
+    fn passthrough_alloc(&self, layout: Layout, zeroed: bool) -> *mut u8 {
+        if let Some(slot) = self.assigned() {
+            RETIRED[slot].upstream_allocations.add_shared(1);
+            RETIRED[slot].misses.add_shared(1);
+        }
+        let p = if zeroed {
+            self.upstream.allocate_zeroed(layout.size(), layout.align())
+        } else {
+            self.upstream.allocate(layout.size(), layout.align())
+        };
+        p.map_or(ptr::null_mut(), NonNull::as_ptr)
+    }
+
+    /// Zeroed memory for `layout` (non-zero size).
+    pub(crate) fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if class_of(layout).is_none() {
+            return self.passthrough_alloc(layout, true);
+        }
+        let p = self.alloc(layout);
+        if !p.is_null() {
+            // SAFETY: a fresh block of at least `layout.size()` bytes.
+            unsafe { ptr::write_bytes(p, 0, layout.size()) };
+        }
+        p
+    }
+
+    /// Frees a block from [`Self::alloc`].
+    ///
+    /// # Safety
+    /// `ptr` came from `alloc(layout)` (or a realloc to `layout`) on a `SlotRef` with the same
+    /// upstream and is not used again.
+    #[inline(always)]
+    pub(crate) unsafe fn dealloc(&self, ptr: NonNull<u8>, layout: Layout) {
+        if let Some(class) = class_of(layout) {
+            // SAFETY: the caller's contract: a whole block of `class` from this upstream.
+            return unsafe { self.dealloc_class(self.slot(), class, ptr) };
+        }
+        if let Some(slot) = self.assigned() {
+            RETIRED[slot].bytes_returned.add_shared(layout.size() as u64);
+        }
+        // SAFETY: passed through with exactly this layout.
+        unsafe { self.upstream.deallocate(ptr, layout.size(), layout.align()) }
+    }
+
+    /// Frees a block of `class` to the calling thread's cache of `slot` (as in
+    /// [`Self::alloc_class`]).
+    ///
+    /// # Safety
+    /// `ptr` came from `alloc_class(slot, class)`, or from `alloc` with a layout of `class`, on a
+    /// `SlotRef` with the same upstream and is not used again.
+    #[inline(always)]
+    pub(crate) unsafe fn dealloc_class(&self, slot: usize, class: usize, ptr: NonNull<u8>) {
+        // SAFETY: the caller's contract: a whole block of `class` from this upstream.
+        if slot < SLOTS && with_state(|s| unsafe { s.caches[slot].push(class, ptr) }) {
+            return;
+        }
+        // SAFETY: as above.
+        unsafe { self.dealloc_slow(slot, class, ptr) }
+    }
+
+    /// # Safety
+    /// As for [`Self::dealloc`].
+    #[cold]
+    #[inline(never)]
+    unsafe fn dealloc_slow(&self, slot: usize, class: usize, ptr: NonNull<u8>) {
+        let size = block_size(class);
+        if slot < SLOTS {
+            let kept = with_state(|s| {
+                if !enter(s, slot) {
+                    RETIRED[slot].bytes_returned.add_shared(size as u64);
+                    return false;
+                }
+                let cache = &s.caches[slot];
+                // SAFETY: the caller's contract.
+                if unsafe { cache.push(class, ptr) || cache.spill(class, ptr) } {
+                    return true;
+                }
+                cache.counters.bytes_returned.add_owned(size as u64);
+                false
+            });
+            if kept {
+                return;
+            }
+        }
+        // SAFETY: a whole block of this class from this upstream.
+        unsafe { self.upstream.deallocate(ptr, size, BLOCK_ALIGN) }
+    }
+
+    /// Resizes a block; null (with the old block intact) when out of memory.
+    ///
+    /// # Safety
+    /// As for [`Self::dealloc`]; `new_size` is non-zero and valid with `layout.align()`.
+    pub(crate) unsafe fn realloc(&self, ptr: NonNull<u8>, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller promises `new_size` is valid with this alignment.
+        let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+        match (class_of(layout), class_of(new_layout)) {
+            (Some(a), Some(b)) if a == b => ptr.as_ptr(),
+            (None, None) => {
+                // SAFETY: both layouts pass through untouched; the caller's contract.
+                unsafe { self.upstream.reallocate(ptr, layout.size(), layout.align(), new_size) }
+                    .map_or(ptr::null_mut(), NonNull::as_ptr)
+            }
+            _ => {
+                let new = self.alloc(new_layout);
+                if !new.is_null() {
+                    // SAFETY: distinct live blocks, each at least `min` bytes long.
+                    unsafe {
+                        ptr::copy_nonoverlapping(ptr.as_ptr(), new, layout.size().min(new_size));
+                        self.dealloc(ptr, layout);
+                    }
+                }
+                new
+            }
+        }
+    }
+
+    /// The calling thread's cache statistics for this slot.
+    pub(crate) fn thread_stats(&self) -> CacheStats {
+        match self.assigned() {
+            Some(slot) => with_state(|s| s.caches[slot].stats()),
+            None => CacheStats::default(),
+        }
+    }
+
+    /// Statistics of this slot's thread caches, live and exited.
+    pub(crate) fn stats(&self) -> CacheStats {
+        let Some(slot) = self.assigned() else {
+            return CacheStats::default();
+        };
+        let list = THREADS.lock();
+        let mut total = RETIRED[slot].snapshot(0);
+        let mut state = list.head;
+        while !state.is_null() {
+            // SAFETY: linked states belong to live threads (they unlink under this lock before
+            // their storage goes); only the atomic counters and byte counts are read.
+            let cache = unsafe { &(*state).caches[slot] };
+            total.add(&cache.stats());
+            // SAFETY: as above; `next` is written only under this lock.
+            state = unsafe { (*state).next.get() };
+        }
+        total
+    }
+
+    /// Checks the calling thread's cache of this slot ([`ThreadCache::check`]).
+    pub(crate) fn check_thread(&self) -> crate::error::Result<()> {
+        match self.assigned() {
+            Some(slot) => with_state(|s| s.caches[slot].check()),
+            None => Ok(()),
+        }
+    }
+
+    /// This slot's depot.
+    pub(crate) fn depot(&self) -> Option<&'static Depot> {
+        self.assigned().map(|slot| &DEPOTS[slot])
+    }
+
+    /// Returns the calling thread's cached blocks of this slot (depot, then upstream).
+    pub(crate) fn flush_thread(&self) {
+        if let Some(slot) = self.assigned() {
+            with_state(|s| {
+                if s.phase.get() == ACTIVE {
+                    flush_cache(&s.caches[slot]);
+                }
+            });
+        }
+    }
+
+    /// Sets the calling thread's configuration for this slot's tier.
+    pub(crate) fn set_thread_config(&self, config: Option<CacheConfig>) {
+        with_state(|s| {
+            if !ensure_active(s) {
+                return;
+            }
+            match self.tier {
+                Tier::Alloc => s.own_config.set(config),
+                Tier::Frames => s.frame_config.set(config),
+            }
+            reapply(s, self.tier);
+        });
+    }
+}
+
+/// Makes sure the thread is active and the slot's cache ready; `false` if requests must go
+/// straight upstream (the thread is starting its cache or has exited).
+#[inline]
+fn enter(s: &ThreadState, slot: usize) -> bool {
+    if !ensure_active(s) {
+        return false;
+    }
+    if !s.caches[slot].is_ready() {
+        prepare_slot(s, slot);
+    }
+    true
+}
+
+fn ensure_active(s: &ThreadState) -> bool {
+    match s.phase.get() {
+        ACTIVE => true,
+        FRESH => start_thread(s),
+        _ => false,
+    }
+}
+
+/// The thread's first request: register the exit guard and the thread, pick the role.
+#[cold]
+fn start_thread(s: &ThreadState) -> bool {
+    s.phase.set(BUSY);
+    if EXIT.try_with(|_| ()).is_err() {
+        // Past this thread's destructors: no cache for it.
+        s.phase.set(EXITED);
+        return false;
+    }
+    s.role.set(if super::os::is_main_thread() { ThreadRole::Main } else { ThreadRole::Worker });
+    if !DEPOT_LIMITS_SET.swap(true, Ordering::Relaxed) {
+        let limit = depot_limit();
+        for d in &DEPOTS {
+            d.set_limit(limit);
+        }
+    }
+    let mut list = THREADS.lock();
+    s.next.set(list.head);
+    list.head = s;
+    list.live += 1;
+    drop(list);
+    s.phase.set(ACTIVE);
+    true
+}
+
+/// Gives a slot's cache on this thread its upstream, depot and limits.
+#[cold]
+fn prepare_slot(s: &ThreadState, slot: usize) {
+    let Some(owner) = OWNERS.lock()[slot] else {
+        return;
+    };
+    s.caches[slot].attach(owner.upstream, &DEPOTS[slot]);
+    let config = config_for(s, owner.tier);
+    s.caches[slot].apply(&config);
+}
+
+/// The limits a tier's caches on this thread should have. Reading the defaults may allocate,
+/// so the thread is busy meanwhile.
+fn config_for(s: &ThreadState, tier: Tier) -> CacheConfig {
+    let phase = s.phase.replace(BUSY);
+    let config = match tier {
+        Tier::Alloc => s.own_config.get().unwrap_or_else(|| CacheConfig::for_role(s.role.get())),
+        Tier::Frames => s.frame_config.get().unwrap_or_else(CacheConfig::for_frames),
+    };
+    s.phase.set(phase);
+    config
+}
+
+/// Applies the current limits to every ready cache of `tier` on this thread, trimming.
+fn reapply(s: &ThreadState, tier: Tier) {
+    let owners = *OWNERS.lock();
+    let config = config_for(s, tier);
+    for (slot, owner) in owners.iter().enumerate() {
+        let cache = &s.caches[slot];
+        if owner.is_some_and(|o| o.tier == tier) && cache.is_ready() {
+            cache.apply(&config);
+            let chains = cache.detach(false);
+            // SAFETY: detached blocks came whole from this slot's upstream.
+            let bytes = unsafe { chains.free(&cache.upstream()) };
+            cache.counters.bytes_returned.add_owned(bytes);
+        }
+    }
+}
+
+fn flush_cache(cache: &ThreadCache) {
+    let chains = cache.detach(true);
+    // SAFETY: detached blocks came whole from this cache's upstream.
+    let bytes = unsafe { chains.free(&cache.upstream()) };
+    cache.counters.bytes_returned.add_owned(bytes);
+}
+
+/// The exit guard's work: no more caching on this thread; everything cached goes back.
+fn retire_thread(s: &ThreadState) {
+    if s.phase.replace(EXITED) != ACTIVE {
+        return;
+    }
+    for cache in &s.caches {
+        cache.retire();
+    }
+    for cache in &s.caches {
+        if cache.is_ready() {
+            flush_cache(cache);
+        }
+    }
+    let mut list = THREADS.lock();
+    let me: *const ThreadState = s;
+    let mut link: *const ThreadState = list.head;
+    if link == me {
+        list.head = s.next.get();
+    } else {
+        while !link.is_null() {
+            // SAFETY: linked states are live (see `THREADS`); we hold the lock.
+            let next = unsafe { (*link).next.get() };
+            if next == me {
+                // SAFETY: as above.
+                unsafe { (*link).next.set(s.next.get()) };
+                break;
+            }
+            link = next;
+        }
+    }
+    list.live -= 1;
+    for (slot, cache) in s.caches.iter().enumerate() {
+        RETIRED[slot].add_shared(&cache.stats());
+        cache.counters.reset();
+    }
+}
+
+/// Threads whose caches are live now.
+pub(crate) fn live_threads() -> usize {
+    THREADS.lock().live
+}
+
+/// Gives the calling thread `role` and applies that role's limits now.
+pub fn set_thread_role(role: ThreadRole) {
+    with_state(|s| {
+        if ensure_active(s) {
+            s.role.set(role);
+            reapply(s, Tier::Alloc);
+        }
+    });
+}
+
+/// The calling thread's role.
+pub fn thread_role() -> ThreadRole {
+    with_state(|s| {
+        ensure_active(s);
+        s.role.get()
+    })
+}
+
+/// Gives the calling thread its own limits for its `HetAlloc` caches (`None`: back to its
+/// role's), applied at once.
+pub fn set_thread_config(config: Option<CacheConfig>) {
+    with_state(|s| {
+        if ensure_active(s) {
+            s.own_config.set(config);
+            reapply(s, Tier::Alloc);
+        }
+    });
+}
+
+/// The limits the calling thread's `HetAlloc` caches have now.
+pub fn thread_config() -> CacheConfig {
+    with_state(|s| {
+        ensure_active(s);
+        config_for(s, Tier::Alloc)
+    })
+}
+
+/// Returns every block the calling thread has cached, in every tier (to the depots, then
+/// upstream). The caches stay usable.
+pub fn flush_thread() {
+    with_state(|s| {
+        if s.phase.get() == ACTIVE {
+            for cache in &s.caches {
+                if cache.is_ready() {
+                    flush_cache(cache);
+                }
+            }
+        }
+    });
+}
+
+/// Called when `role`'s registered configuration changes.
+pub(crate) fn reapply_role_config(role: ThreadRole) {
+    with_state(|s| {
+        if s.phase.get() == ACTIVE && s.role.get() == role && s.own_config.get().is_none() {
+            reapply(s, Tier::Alloc);
+        }
+    });
+}

@@ -1,0 +1,156 @@
+//! Where a caching tier gets memory when it has none, and where memory over its limits goes.
+
+use core::alloc::{GlobalAlloc, Layout};
+use core::fmt;
+use core::ptr::NonNull;
+use std::alloc::System;
+
+use crate::resource::MemoryResource;
+
+/// The upstream of a caching tier.
+#[derive(Clone, Copy)]
+pub enum Upstream {
+    /// The system allocator (`std::alloc::System`: malloc on unix).
+    System,
+    /// The program's `#[global_allocator]` (`std::alloc::alloc`). Not for a [`HetAlloc`] that
+    /// is itself the global allocator: it would call itself.
+    ///
+    /// [`HetAlloc`]: super::HetAlloc
+    Global,
+    /// Any [`MemoryResource`] whose memory the CPU can touch (the caches write their links
+    /// into free blocks).
+    Resource(&'static dyn MemoryResource),
+}
+
+impl fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Upstream::System => f.write_str("System"),
+            Upstream::Global => f.write_str("Global"),
+            Upstream::Resource(r) => write!(f, "Resource({})", r.name()),
+        }
+    }
+}
+
+impl PartialEq for Upstream {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Upstream::System, Upstream::System) | (Upstream::Global, Upstream::Global) => true,
+            (Upstream::Resource(a), Upstream::Resource(b)) => core::ptr::addr_eq(*a, *b),
+            _ => false,
+        }
+    }
+}
+
+impl Upstream {
+    /// `size` bytes aligned to `align`, or `None` when the upstream is out of memory.
+    ///
+    /// `size` must be non-zero and `align` a power of two with `size` rounded up to it not
+    /// overflowing `isize` (callers pass layouts that [`Layout`] accepted).
+    #[inline]
+    pub fn allocate(&self, size: usize, align: usize) -> Option<NonNull<u8>> {
+        match self {
+            Upstream::System => {
+                let layout = Layout::from_size_align(size, align).ok()?;
+                // SAFETY: `size` is non-zero (caller's contract) and the layout is valid.
+                NonNull::new(unsafe { System.alloc(layout) })
+            }
+            Upstream::Global => {
+                let layout = Layout::from_size_align(size, align).ok()?;
+                // SAFETY: as above.
+                NonNull::new(unsafe { std::alloc::alloc(layout) })
+            }
+            Upstream::Resource(r) => r.allocate(size, align).ok(),
+        }
+    }
+
+    /// Returns a block.
+    ///
+    /// # Safety
+    /// `ptr` came from [`Self::allocate`] on an equal upstream with this `size` and `align`, and
+    /// is not used again.
+    #[inline]
+    pub unsafe fn deallocate(&self, ptr: NonNull<u8>, size: usize, align: usize) {
+        match self {
+            Upstream::System => {
+                // SAFETY: the caller's contract; the layout was valid when allocated.
+                unsafe { System.dealloc(ptr.as_ptr(), Layout::from_size_align_unchecked(size, align)) }
+            }
+            Upstream::Global => {
+                // SAFETY: as above.
+                unsafe { std::alloc::dealloc(ptr.as_ptr(), Layout::from_size_align_unchecked(size, align)) }
+            }
+            // SAFETY: the caller's contract is the resource's.
+            Upstream::Resource(r) => unsafe { r.deallocate(ptr, size, align) },
+        }
+    }
+
+    /// Grows or shrinks a block in place or by moving it, keeping `min(old, new)` bytes.
+    ///
+    /// # Safety
+    /// As for [`Self::deallocate`] with `old_size`; `new_size` is non-zero and valid with `align`.
+    pub unsafe fn reallocate(
+        &self,
+        ptr: NonNull<u8>,
+        old_size: usize,
+        align: usize,
+        new_size: usize,
+    ) -> Option<NonNull<u8>> {
+        match self {
+            Upstream::System => {
+                // SAFETY: the caller's contract.
+                NonNull::new(unsafe {
+                    System.realloc(ptr.as_ptr(), Layout::from_size_align_unchecked(old_size, align), new_size)
+                })
+            }
+            Upstream::Global => {
+                // SAFETY: the caller's contract.
+                NonNull::new(unsafe {
+                    std::alloc::realloc(ptr.as_ptr(), Layout::from_size_align_unchecked(old_size, align), new_size)
+                })
+            }
+            Upstream::Resource(_) => {
+                let new = self.allocate(new_size, align)?;
+                // SAFETY: both blocks are live and distinct; each holds at least the bytes copied.
+                unsafe {
+                    core::ptr::copy_nonoverlapping(ptr.as_ptr(), new.as_ptr(), old_size.min(new_size));
+                    self.deallocate(ptr, old_size, align);
+                }
+                Some(new)
+            }
+        }
+    }
+
+    /// Whether the CPU may write into this upstream's blocks (caches need that for their links).
+    pub fn host_accessible(&self) -> bool {
+        match self {
+            Upstream::System | Upstream::Global => true,
+            Upstream::Resource(r) => r.host_accessible(),
+        }
+    }
+
+    /// Like [`Self::allocate`], with the block zeroed (by the upstream where it can).
+    pub fn allocate_zeroed(&self, size: usize, align: usize) -> Option<NonNull<u8>> {
+        match self {
+            Upstream::System => {
+                let layout = Layout::from_size_align(size, align).ok()?;
+                // SAFETY: non-zero size (caller), valid layout.
+                NonNull::new(unsafe { System.alloc_zeroed(layout) })
+            }
+            Upstream::Global => {
+                let layout = Layout::from_size_align(size, align).ok()?;
+                // SAFETY: as above.
+                NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) })
+            }
+            Upstream::Resource(r) => {
+                if !r.host_accessible() {
+                    return None;
+                }
+                let p = self.allocate(size, align)?;
+                // SAFETY: a fresh block of `size` bytes the CPU may write (checked above).
+                unsafe { core::ptr::write_bytes(p.as_ptr(), 0, size) };
+                Some(p)
+            }
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! [`AddrTable`]: used blocks by address, for the pools' frees.
+//!
+//! A chained hash table whose chains run through the block records themselves: a bucket holds
+//! the slot of one used block, and that block's record holds the next ([`Block::chain`]). A used
+//! block is never in the free index, so the record's tree links are free to carry the chain.
+//! Buckets are chosen by Fibonacci hashing (the address times 2^64 / φ, top bits), and there are
+//! at least twice as many buckets as used blocks, so a chain is usually one block long: an
+//! insert is two stores, and a removal reads the bucket and the record the caller wants next
+//! anyway. No loop runs in the common case, so the branches are predictable.
+//!
+//! Only addresses and slots are stored: nothing here touches the blocks' memory.
+
+use alloc::vec;
+use alloc::vec::Vec;
+
+use super::free_index::{Block, NIL};
+
+/// 2^64 / φ, odd: multiplying by it spreads every address bit into the top bits.
+const FIBONACCI: u64 = 0x9E37_79B9_7F4A_7C15;
+const MIN_BITS: u32 = 4;
+
+/// Used blocks by address, chained through their records. See the [module docs](self).
+pub(crate) struct AddrTable {
+    /// The first block of each bucket's chain (`NIL`: none); the length is a power of two.
+    buckets: Vec<u32>,
+    len: usize,
+    /// `64 - log2(buckets)`.
+    shift: u32,
+}
+
+impl AddrTable {
+    pub(crate) fn new() -> Self {
+        AddrTable { buckets: vec![NIL; 1 << MIN_BITS], len: 0, shift: 64 - MIN_BITS }
+    }
+
+    /// How many blocks are stored.
+    #[inline]
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    #[inline(always)]
+    fn bucket(&self, addr: usize) -> usize {
+        ((addr as u64).wrapping_mul(FIBONACCI) >> self.shift) as usize
+    }
+
+    /// Stores used block `slot` under its address. The caller makes sure no stored block has
+    /// that address.
+    #[inline(always)]
+    pub(crate) fn insert(&mut self, blocks: &mut [Block], slot: u32) {
+        if self.len * 2 >= self.buckets.len() {
+            self.grow(blocks);
+        }
+        let b = &mut blocks[slot as usize];
+        let h = self.bucket(b.addr);
+        *b.chain_mut() = self.buckets[h];
+        self.buckets[h] = slot;
+        self.len += 1;
+    }
+
+    /// The stored block at `addr`.
+    pub(crate) fn get(&self, blocks: &[Block], addr: usize) -> Option<u32> {
+        let mut cur = self.buckets[self.bucket(addr)];
+        let mut steps = 0;
+        while cur != NIL && steps <= self.len {
+            let b = blocks.get(cur as usize)?;
+            if b.addr == addr {
+                return Some(cur);
+            }
+            cur = b.chain();
+            steps += 1;
+        }
+        None
+    }
+
+    /// Removes the stored block at `addr` and returns its slot.
+    #[inline(always)]
+    pub(crate) fn remove(&mut self, blocks: &mut [Block], addr: usize) -> Option<u32> {
+        let h = self.bucket(addr);
+        let head = self.buckets[h];
+        let b = blocks.get(head as usize)?;
+        if b.addr == addr {
+            self.buckets[h] = b.chain();
+            self.len -= 1;
+            return Some(head);
+        }
+        self.remove_further(blocks, head, addr)
+    }
+
+    /// Removes the block at `addr` from the chain after `head`.
+    #[inline(never)]
+    fn remove_further(&mut self, blocks: &mut [Block], head: u32, addr: usize) -> Option<u32> {
+        let mut prev = head;
+        for _ in 0..self.len {
+            let cur = blocks.get(prev as usize)?.chain();
+            let b = blocks.get(cur as usize)?;
+            if b.addr == addr {
+                let next = b.chain();
+                *blocks[prev as usize].chain_mut() = next;
+                self.len -= 1;
+                return Some(cur);
+            }
+            prev = cur;
+        }
+        None
+    }
+
+    /// Every stored slot, bucket by bucket.
+    pub(crate) fn slots<'a>(&'a self, blocks: &'a [Block]) -> impl Iterator<Item = u32> + 'a {
+        self.buckets.iter().flat_map(move |&head| {
+            let mut cur = head;
+            core::iter::from_fn(move || {
+                let slot = cur;
+                cur = blocks.get(slot as usize)?.chain();
+                Some(slot)
+            })
+        })
+    }
+
+    /// Whether every chain ends, holds only blocks that `used` says are used and that hash to
+    /// its bucket, and the chains hold `len` blocks in all.
+    pub(crate) fn consistent(&self, blocks: &[Block], used: impl Fn(u32) -> bool) -> bool {
+        let mut count = 0;
+        for (h, &head) in self.buckets.iter().enumerate() {
+            let mut cur = head;
+            while cur != NIL {
+                count += 1;
+                let Some(b) = blocks.get(cur as usize) else {
+                    return false;
+                };
+                if count > self.len || !used(cur) || self.bucket(b.addr) != h {
+                    return false;
+                }
+                cur = b.chain();
+            }
+        }
+        count == self.len
+    }
+
+    #[cold]
+    fn grow(&mut self, blocks: &mut [Block]) {
+        let slots: Vec<u32> = self.slots(blocks).collect();
+        let bits = self.buckets.len().trailing_zeros() + 1;
+        self.buckets = vec![NIL; 1 << bits];
+        self.shift = 64 - bits;
+        for slot in slots {
+            let b = &mut blocks[slot as usize];
+            let h = self.bucket(b.addr);
+            *b.chain_mut() = self.buckets[h];
+            self.buckets[h] = slot;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::collections::BTreeMap;
+    use core::ptr::NonNull;
+    use proptest::prelude::*;
+
+    /// A table with block records of its own.
+    struct Keyed {
+        table: AddrTable,
+        blocks: Vec<Block>,
+    }
+
+    impl Keyed {
+        fn new() -> Self {
+            Keyed { table: AddrTable::new(), blocks: Vec::new() }
+        }
+        fn insert(&mut self, addr: usize) -> u32 {
+            let mut b = Block::new(addr, 16, 0, NonNull::dangling());
+            b.used = true;
+            self.blocks.push(b);
+            let slot = (self.blocks.len() - 1) as u32;
+            self.table.insert(&mut self.blocks, slot);
+            slot
+        }
+        fn get(&self, addr: usize) -> Option<u32> {
+            self.table.get(&self.blocks, addr)
+        }
+        fn remove(&mut self, addr: usize) -> Option<u32> {
+            let slot = self.table.remove(&mut self.blocks, addr)?;
+            self.blocks[slot as usize].used = false;
+            Some(slot)
+        }
+        fn consistent(&self) -> bool {
+            self.table.consistent(&self.blocks, |s| self.blocks[s as usize].used)
+        }
+    }
+
+    #[test]
+    fn stores_finds_and_removes_aligned_addresses() {
+        let mut t = Keyed::new();
+        assert_eq!((t.get(0x1000), t.remove(0x1000)), (None, None));
+        for i in 1..=5000usize {
+            assert_eq!(t.insert(i * 4096), i as u32 - 1);
+        }
+        assert_eq!(t.table.len(), 5000);
+        assert!(t.consistent());
+        for i in (1..=5000usize).step_by(2) {
+            assert_eq!(t.remove(i * 4096), Some(i as u32 - 1));
+        }
+        assert_eq!(t.remove(4096), None);
+        assert_eq!(t.table.len(), 2500);
+        assert!((1..=5000usize).all(|i| t.get(i * 4096) == (i % 2 == 0).then_some(i as u32 - 1)));
+        assert!(t.consistent());
+        assert_eq!(t.table.slots(&t.blocks).count(), 2500);
+    }
+
+    #[test]
+    fn a_block_in_the_wrong_chain_is_caught() {
+        let mut t = Keyed::new();
+        t.insert(0x5000);
+        t.insert(0x6000);
+        assert!(t.consistent());
+        // Move a stored block without telling the table.
+        let moved = (1..64).map(|i| 0x6000 + i * 0x10_0000).find(|&a| t.table.bucket(a) != t.table.bucket(0x6000));
+        t.blocks[1].addr = moved.unwrap();
+        assert!(!t.consistent());
+        t.blocks[1].addr = 0x6000;
+        t.blocks[0].used = false;
+        assert!(!t.consistent());
+    }
+
+    proptest! {
+        #[test]
+        fn matches_a_map(ops in prop::collection::vec((any::<bool>(), 1usize..64), 1..400)) {
+            // Few distinct keys, often in one bucket: multiples of a large power of two.
+            let mut t = Keyed::new();
+            let mut model = BTreeMap::new();
+            for (insert, key) in ops {
+                let addr = key << 20;
+                if insert {
+                    if let alloc::collections::btree_map::Entry::Vacant(e) = model.entry(addr) {
+                        e.insert(t.insert(addr));
+                    }
+                } else {
+                    prop_assert_eq!(t.remove(addr), model.remove(&addr));
+                }
+                prop_assert!(t.consistent());
+                prop_assert_eq!(t.table.len(), model.len());
+            }
+            for (&addr, &slot) in &model {
+                prop_assert_eq!(t.get(addr), Some(slot));
+            }
+        }
+    }
+}
