@@ -75,6 +75,7 @@ pub const fn owner_pid(token: u64) -> u32 {
 }
 
 /// The process an owner token names, with as much of its start time as the token kept.
+#[cfg(target_has_atomic = "ptr")]
 pub const fn owner_stamp(token: u64) -> crate::liveness::ProcessStamp {
     crate::liveness::ProcessStamp::from_word(token)
 }
