@@ -105,8 +105,8 @@ unsafe impl Send for Shared {}
 // SAFETY: as above.
 unsafe impl Sync for Shared {}
 
-/// A size-classed allocator whose free lists are shared by all processes. See the
-/// [module docs](self).
+/// A size-classed allocator whose free lists are shared by all processes. Its layout and crash
+/// recovery are described at the top of `core/src/allocators/scalable_page/mod.rs`.
 pub struct ScalablePageAllocator {
     shared: Arc<Shared>,
     id: AllocatorId,

@@ -107,7 +107,8 @@ unsafe impl Send for Shared {}
 // SAFETY: as above.
 unsafe impl Sync for Shared {}
 
-/// A region allocator with one heap per thread, inside the region. See the [module docs](self).
+/// A region allocator with one heap per thread, inside the region. Its layout and crash recovery
+/// are described at the top of `core/src/allocators/thread_local/mod.rs`.
 ///
 /// Generic over the thread model that gives it TLS; `hetmem` names it with the platform's
 /// default model.
