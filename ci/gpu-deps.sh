@@ -27,8 +27,17 @@ if [ ! -f "$nvrtc_dir/libnvrtc.so.12" ]; then
   python3 -m pip download -q --no-deps --only-binary=:all: --platform manylinux_2_12_x86_64 \
     --python-version 3.12 -d "$tmp" "nvidia-cuda-nvrtc-cu12==$nvrtc_version" >&2
   mkdir -p "$tmp/lib"
-  unzip -q -j -o "$tmp"/nvidia_cuda_nvrtc_cu12-*.whl 'nvidia/cuda_nvrtc/lib/libnvrtc.so.12' \
-    'nvidia/cuda_nvrtc/lib/libnvrtc-builtins.so.*' -d "$tmp/lib"
+  # Python's zipfile rather than unzip, which a fresh machine may lack.
+  python3 - "$tmp" <<'PY'
+import fnmatch, glob, os, sys, zipfile
+tmp = sys.argv[1]
+wheel = glob.glob(os.path.join(tmp, "nvidia_cuda_nvrtc_cu12-*.whl"))[0]
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        if name == "nvidia/cuda_nvrtc/lib/libnvrtc.so.12" or fnmatch.fnmatch(name, "nvidia/cuda_nvrtc/lib/libnvrtc-builtins.so.*"):
+            with open(os.path.join(tmp, "lib", os.path.basename(name)), "wb") as out:
+                out.write(z.read(name))
+PY
   rm -f "$tmp"/lib/*.alt.*
   mkdir -p "$(dirname "$nvrtc_dir")"
   rm -rf "$nvrtc_dir" && mv "$tmp/lib" "$nvrtc_dir"
