@@ -19,6 +19,9 @@
 //!   high watermark.
 //!
 //! `system` has no visible footprint: its peak actual size is reported as its high watermark.
+//!
+//! P1-P4 run `--rounds N` times (default 3), the peers taking turns, and report each peer's
+//! median; `--only P4` runs one workload and `--pools quick,system` some of the peers.
 
 #[path = "common/xorshift.rs"]
 mod xorshift;
@@ -189,9 +192,13 @@ fn phases(peer: &mut impl Peer) -> f64 {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let csv = args.iter().any(|a| a == "--csv");
-    // `--only P4`: run one workload (for profiling).
-    let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
+    let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
+    // `--only P4`: run one workload; `--pools quick,fixed`: run only these peers (for profiling).
+    let only = value("--only");
+    let pools = value("--pools");
     let wanted = |w: &str| only.as_deref().is_none_or(|o| o == w);
+    let runs = |p: &str| pools.as_deref().is_none_or(|list| list.split(',').any(|name| name == p));
+    let rounds: usize = value("--rounds").and_then(|r| r.parse().ok()).unwrap_or(3).max(1);
     let mut rows = Vec::new();
 
     for (workload, size, n) in [("P1", 256usize, 2_000_000usize), ("P2", 4 << 10, 2_000_000), ("P3", 1 << 20, 200_000)]
@@ -199,38 +206,67 @@ fn main() {
         if !wanted(workload) {
             continue;
         }
-        let mut system = System::default();
-        let ns = pairs(&mut system, size, n);
-        rows.push(row(workload, "system", ns, &system));
-        let mut naive = quick(NeverCoalesce);
-        let ns = pairs(&mut naive, size, n);
-        rows.push(row(workload, "naive", ns, &naive));
-        let mut q = quick(PercentReleasable::default());
-        let ns = pairs(&mut q, size, n);
-        rows.push(row(workload, "quick", ns, &q));
         let per_block = ((16usize << 20) / size).clamp(16, 2048);
         let config = FixedPoolConfig { objects_per_block: per_block, ..FixedPoolConfig::new(size) };
+        let mut system = System::default();
+        let mut naive = quick(NeverCoalesce);
+        let mut q = quick(PercentReleasable::default());
         let mut fixed = FixedPool::new(HostResource, config).expect("fixed pool config");
-        let ns = pairs(&mut fixed, size, n);
-        rows.push(row(workload, "fixed", ns, &fixed));
+        let mut times = [const { Vec::new() }; 4];
+        // Rounds interleave the peers, so a noisy moment hits all of them; each reports its median.
+        for _ in 0..rounds {
+            if runs("system") {
+                times[0].push(pairs(&mut system, size, n));
+            }
+            if runs("naive") {
+                times[1].push(pairs(&mut naive, size, n));
+            }
+            if runs("quick") {
+                times[2].push(pairs(&mut q, size, n));
+            }
+            if runs("fixed") {
+                times[3].push(pairs(&mut fixed, size, n));
+            }
+        }
+        push_median(&mut rows, workload, "system", &mut times[0], &system);
+        push_median(&mut rows, workload, "naive", &mut times[1], &naive);
+        push_median(&mut rows, workload, "quick", &mut times[2], &q);
+        push_median(&mut rows, workload, "fixed", &mut times[3], &fixed);
     }
 
     if wanted("P4") {
         let (initial, steps) = random_steps(1000, 300_000);
-        let mut system = System::default();
-        let ns = random_slots(&mut system, &initial, &steps);
-        rows.push(row("P4", "system", ns, &system));
-        let mut naive = quick(NeverCoalesce);
-        let ns = random_slots(&mut naive, &initial, &steps);
-        rows.push(row("P4", "naive", ns, &naive));
-        let mut q = quick(PercentReleasable::default());
-        let ns = random_slots(&mut q, &initial, &steps);
-        rows.push(row("P4", "quick", ns, &q));
+        let mut times = [const { Vec::new() }; 3];
+        let (mut system, mut naive, mut q) =
+            (System::default(), quick(NeverCoalesce), quick(PercentReleasable::default()));
+        for _ in 0..rounds {
+            if runs("system") {
+                times[0].push(random_slots(&mut system, &initial, &steps));
+            }
+            if runs("naive") {
+                times[1].push(random_slots(&mut naive, &initial, &steps));
+            }
+            if runs("quick") {
+                times[2].push(random_slots(&mut q, &initial, &steps));
+            }
+        }
+        push_median(&mut rows, "P4", "system", &mut times[0], &system);
+        push_median(&mut rows, "P4", "naive", &mut times[1], &naive);
+        push_median(&mut rows, "P4", "quick", &mut times[2], &q);
     }
     if wanted("P5") {
         p5(&mut rows);
     }
     print(csv, &rows);
+}
+
+/// Adds a row with the median of `times`, if the peer ran.
+fn push_median(rows: &mut Vec<Row>, workload: &'static str, pool: &str, times: &mut [f64], peer: &impl Peer) {
+    if times.is_empty() {
+        return;
+    }
+    times.sort_by(f64::total_cmp);
+    rows.push(row(workload, pool, times[times.len() / 2], peer));
 }
 
 fn p5(rows: &mut Vec<Row>) {

@@ -4,7 +4,7 @@
 //! the slot of one used block, and that block's record holds the next ([`Block::chain`]). A used
 //! block is never in the free index, so the record's tree links are free to carry the chain.
 //! Buckets are chosen by Fibonacci hashing (the address times 2^64 / φ, top bits), and there are
-//! at least twice as many buckets as used blocks, so a chain is usually one block long: an
+//! at least four times as many buckets as used blocks, so a chain is usually one block long: an
 //! insert is two stores, and a removal reads the bucket and the record the caller wants next
 //! anyway. No loop runs in the common case, so the branches are predictable.
 //!
@@ -13,7 +13,9 @@
 use alloc::vec;
 use alloc::vec::Vec;
 
-use super::free_index::{Block, NIL};
+#[cfg(test)]
+use super::free_index::Block;
+use super::free_index::{Records, NIL};
 
 /// 2^64 / φ, odd: multiplying by it spreads every address bit into the top bits.
 const FIBONACCI: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -41,17 +43,17 @@ impl AddrTable {
 
     #[inline(always)]
     fn bucket(&self, addr: usize) -> usize {
-        ((addr as u64).wrapping_mul(FIBONACCI) >> self.shift) as usize
+        ((addr as u64).wrapping_mul(FIBONACCI) >> self.shift) as usize & (self.buckets.len() - 1)
     }
 
     /// Stores used block `slot` under its address. The caller makes sure no stored block has
     /// that address.
     #[inline(always)]
-    pub(crate) fn insert(&mut self, blocks: &mut [Block], slot: u32) {
-        if self.len * 2 >= self.buckets.len() {
+    pub(crate) fn insert(&mut self, blocks: &mut Records, slot: u32) {
+        if self.len * 4 >= self.buckets.len() {
             self.grow(blocks);
         }
-        let b = &mut blocks[slot as usize];
+        let b = &mut blocks[slot];
         let h = self.bucket(b.addr);
         *b.chain_mut() = self.buckets[h];
         self.buckets[h] = slot;
@@ -59,11 +61,11 @@ impl AddrTable {
     }
 
     /// The stored block at `addr`.
-    pub(crate) fn get(&self, blocks: &[Block], addr: usize) -> Option<u32> {
+    pub(crate) fn get(&self, blocks: &Records, addr: usize) -> Option<u32> {
         let mut cur = self.buckets[self.bucket(addr)];
         let mut steps = 0;
         while cur != NIL && steps <= self.len {
-            let b = blocks.get(cur as usize)?;
+            let b = blocks.get(cur)?;
             if b.addr == addr {
                 return Some(cur);
             }
@@ -75,10 +77,10 @@ impl AddrTable {
 
     /// Removes the stored block at `addr` and returns its slot.
     #[inline(always)]
-    pub(crate) fn remove(&mut self, blocks: &mut [Block], addr: usize) -> Option<u32> {
+    pub(crate) fn remove(&mut self, blocks: &mut Records, addr: usize) -> Option<u32> {
         let h = self.bucket(addr);
         let head = self.buckets[h];
-        let b = blocks.get(head as usize)?;
+        let b = blocks.get(head)?;
         if b.addr == addr {
             self.buckets[h] = b.chain();
             self.len -= 1;
@@ -89,14 +91,14 @@ impl AddrTable {
 
     /// Removes the block at `addr` from the chain after `head`.
     #[inline(never)]
-    fn remove_further(&mut self, blocks: &mut [Block], head: u32, addr: usize) -> Option<u32> {
+    fn remove_further(&mut self, blocks: &mut Records, head: u32, addr: usize) -> Option<u32> {
         let mut prev = head;
         for _ in 0..self.len {
-            let cur = blocks.get(prev as usize)?.chain();
-            let b = blocks.get(cur as usize)?;
+            let cur = blocks.get(prev)?.chain();
+            let b = blocks.get(cur)?;
             if b.addr == addr {
                 let next = b.chain();
-                *blocks[prev as usize].chain_mut() = next;
+                *blocks[prev].chain_mut() = next;
                 self.len -= 1;
                 return Some(cur);
             }
@@ -106,12 +108,12 @@ impl AddrTable {
     }
 
     /// Every stored slot, bucket by bucket.
-    pub(crate) fn slots<'a>(&'a self, blocks: &'a [Block]) -> impl Iterator<Item = u32> + 'a {
+    pub(crate) fn slots<'a>(&'a self, blocks: &'a Records) -> impl Iterator<Item = u32> + 'a {
         self.buckets.iter().flat_map(move |&head| {
             let mut cur = head;
             core::iter::from_fn(move || {
                 let slot = cur;
-                cur = blocks.get(slot as usize)?.chain();
+                cur = blocks.get(slot)?.chain();
                 Some(slot)
             })
         })
@@ -119,13 +121,13 @@ impl AddrTable {
 
     /// Whether every chain ends, holds only blocks that `used` says are used and that hash to
     /// its bucket, and the chains hold `len` blocks in all.
-    pub(crate) fn consistent(&self, blocks: &[Block], used: impl Fn(u32) -> bool) -> bool {
+    pub(crate) fn consistent(&self, blocks: &Records, used: impl Fn(u32) -> bool) -> bool {
         let mut count = 0;
         for (h, &head) in self.buckets.iter().enumerate() {
             let mut cur = head;
             while cur != NIL {
                 count += 1;
-                let Some(b) = blocks.get(cur as usize) else {
+                let Some(b) = blocks.get(cur) else {
                     return false;
                 };
                 if count > self.len || !used(cur) || self.bucket(b.addr) != h {
@@ -138,13 +140,13 @@ impl AddrTable {
     }
 
     #[cold]
-    fn grow(&mut self, blocks: &mut [Block]) {
+    fn grow(&mut self, blocks: &mut Records) {
         let slots: Vec<u32> = self.slots(blocks).collect();
         let bits = self.buckets.len().trailing_zeros() + 1;
         self.buckets = vec![NIL; 1 << bits];
         self.shift = 64 - bits;
         for slot in slots {
-            let b = &mut blocks[slot as usize];
+            let b = &mut blocks[slot];
             let h = self.bucket(b.addr);
             *b.chain_mut() = self.buckets[h];
             self.buckets[h] = slot;
@@ -162,18 +164,21 @@ mod tests {
     /// A table with block records of its own.
     struct Keyed {
         table: AddrTable,
-        blocks: Vec<Block>,
+        blocks: Records,
+        len: u32,
     }
 
     impl Keyed {
         fn new() -> Self {
-            Keyed { table: AddrTable::new(), blocks: Vec::new() }
+            Keyed { table: AddrTable::new(), blocks: Records::new(), len: 0 }
         }
         fn insert(&mut self, addr: usize) -> u32 {
             let mut b = Block::new(addr, 16, 0, NonNull::dangling());
             b.used = true;
-            self.blocks.push(b);
-            let slot = (self.blocks.len() - 1) as u32;
+            let slot = self.len;
+            self.len += 1;
+            self.blocks.reach(slot);
+            self.blocks[slot] = b;
             self.table.insert(&mut self.blocks, slot);
             slot
         }
@@ -182,11 +187,11 @@ mod tests {
         }
         fn remove(&mut self, addr: usize) -> Option<u32> {
             let slot = self.table.remove(&mut self.blocks, addr)?;
-            self.blocks[slot as usize].used = false;
+            self.blocks[slot].used = false;
             Some(slot)
         }
         fn consistent(&self) -> bool {
-            self.table.consistent(&self.blocks, |s| self.blocks[s as usize].used)
+            self.table.consistent(&self.blocks, |s| self.blocks[s].used)
         }
     }
 

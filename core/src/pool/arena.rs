@@ -18,7 +18,7 @@ use core::ptr::NonNull;
 use hashbrown::HashMap;
 
 use super::addr_table::AddrTable;
-use super::free_index::{Block, FreeIndex, NIL};
+use super::free_index::{Block, FreeIndex, Records, NIL};
 use super::{BlockInfo, LiveAllocation};
 use crate::error::{Error, Result};
 
@@ -110,7 +110,7 @@ pub(crate) struct ArenaCounters {
 pub(crate) struct BlockArena {
     /// Slot `SCRATCH` is no block: writes meant for a missing neighbour land there, so that
     /// splits and merges need no branch on whether the neighbour exists.
-    blocks: Vec<Block>,
+    blocks: Records,
     /// The first spare record (`NIL`: none); spares link through `next`.
     spare: u32,
     spares: usize,
@@ -128,7 +128,7 @@ impl BlockArena {
     pub(crate) fn new(granule: usize) -> Self {
         debug_assert!(granule.is_power_of_two());
         BlockArena {
-            blocks: alloc::vec![Block::new(0, 0, NIL, NonNull::dangling())],
+            blocks: Records::new(),
             spare: NIL,
             spares: 0,
             chunks: Vec::new(),
@@ -192,12 +192,12 @@ impl BlockArena {
         let rounded = round_up(size, self.granule)?;
         let footprint = rounded.checked_add(align.saturating_sub(self.granule))?;
         let mut slot = self.free.take_best_fit(&mut self.blocks, footprint)?;
-        let b = &self.blocks[slot as usize];
+        let b = &self.blocks[slot];
         let (addr, found) = (b.addr, b.size);
         // Without branches: whether a block spans its chunk is a coin toss to the predictor.
         let whole = (b.prev & b.next) == NIL;
         self.counters.releasable_blocks -= usize::from(whole);
-        self.counters.releasable_bytes -= if whole { found } else { 0 };
+        self.counters.releasable_bytes -= found & usize::from(whole).wrapping_neg();
         if align > self.granule {
             let pad = round_up(addr, align)? - addr;
             if pad > 0 {
@@ -206,12 +206,12 @@ impl BlockArena {
                 slot = rest;
             }
         }
-        if self.blocks[slot as usize].size > rounded {
+        if self.blocks[slot].size > rounded {
             let rest = self.split(slot, rounded);
             self.free.insert(&mut self.blocks, rest);
         }
         let seq = self.counters.total_allocations;
-        let b = &mut self.blocks[slot as usize];
+        let b = &mut self.blocks[slot];
         b.used = true;
         b.requested = size;
         b.seq = seq;
@@ -232,27 +232,27 @@ impl BlockArena {
         let Some(mut slot) = self.used.remove(&mut self.blocks, addr) else {
             return Err(Error::InvalidFree { offset: addr as u64, reason: "not a live allocation of this pool" });
         };
-        let b = &mut self.blocks[slot as usize];
+        let b = &mut self.blocks[slot];
         b.used = false;
         let (requested, size, prev, next) = (b.requested, b.size, b.prev, b.next);
         let c = &mut self.counters;
         c.current_size -= size;
         c.requested_size -= requested;
         c.live -= 1;
-        if next != NIL && !self.blocks[next as usize].used {
+        if next != NIL && !self.blocks[next].used {
             self.free.remove(&mut self.blocks, next);
             self.absorb_next(slot);
         }
-        if prev != NIL && !self.blocks[prev as usize].used {
+        if prev != NIL && !self.blocks[prev].used {
             self.free.remove(&mut self.blocks, prev);
             self.absorb_next(prev);
             slot = prev;
         }
         self.free.insert(&mut self.blocks, slot);
-        let b = &self.blocks[slot as usize];
+        let b = &self.blocks[slot];
         let releasable = (b.prev & b.next) == NIL;
         self.counters.releasable_blocks += usize::from(releasable);
-        self.counters.releasable_bytes += if releasable { b.size } else { 0 };
+        self.counters.releasable_bytes += b.size & usize::from(releasable).wrapping_neg();
         Ok(Freed { requested, releasable })
     }
 
@@ -261,16 +261,16 @@ impl BlockArena {
     #[inline]
     pub(crate) fn best_fit_if_whole_chunk(&self, footprint: usize) -> Option<(u32, usize)> {
         let slot = self.free.best_fit(&self.blocks, footprint)?;
-        self.spans_chunk(slot).then(|| (slot, self.blocks[slot as usize].size))
+        self.spans_chunk(slot).then(|| (slot, self.blocks[slot].size))
     }
 
     /// Removes the chunk that block `slot` spans (one free block, as
     /// [`best_fit_if_whole_chunk`](Self::best_fit_if_whole_chunk) found it) and returns it.
     pub(crate) fn take_chunk_of(&mut self, slot: u32) -> Option<FreedChunk> {
-        if !self.blocks.get(slot as usize).is_some_and(|_| self.spans_chunk(slot)) {
+        if !self.blocks.get(slot).is_some_and(|_| self.spans_chunk(slot)) {
             return None;
         }
-        self.remove_chunk(self.blocks[slot as usize].chunk as usize)
+        self.remove_chunk(self.blocks[slot].chunk as usize)
     }
 
     /// Removes chunks that are one free block, in table order, until their bytes reach `wanted`
@@ -319,7 +319,7 @@ impl BlockArena {
             let chunk_addr = chunk.base.as_ptr() as usize;
             let mut slot = chunk.first;
             while slot != NIL {
-                let b = &self.blocks[slot as usize];
+                let b = &self.blocks[slot];
                 f(BlockInfo {
                     chunk: index,
                     chunk_addr,
@@ -340,7 +340,7 @@ impl BlockArena {
             .used
             .slots(&self.blocks)
             .map(|slot| {
-                let b = &self.blocks[slot as usize];
+                let b = &self.blocks[slot];
                 let chunk = chunks.partition_point(|c| c.base.as_ptr() as usize <= b.addr) - 1;
                 LiveAllocation {
                     addr: b.addr,
@@ -372,7 +372,7 @@ impl BlockArena {
             }
             let (mut slot, mut prev, mut expect) = (chunk.first, NIL, base);
             while slot != NIL {
-                let Some(b) = self.blocks.get(slot as usize).filter(|_| slot != SCRATCH) else {
+                let Some(b) = self.blocks.get(slot).filter(|_| slot != SCRATCH) else {
                     return corrupt(expect, "block slot out of range");
                 };
                 if b.addr != expect || b.prev != prev || b.chunk as usize != index || b.base != chunk.base {
@@ -396,7 +396,7 @@ impl BlockArena {
                     seen.current_size += b.size;
                     seen.requested_size += b.requested;
                 } else {
-                    if prev != NIL && !self.blocks[prev as usize].used {
+                    if prev != NIL && !self.blocks[prev].used {
                         return corrupt(b.addr, "two free neighbours left unmerged");
                     }
                     if self.free.get(&self.blocks, b.size, b.addr) != Some(slot) {
@@ -423,7 +423,7 @@ impl BlockArena {
         if free_seen != self.free.len() || !self.free.consistent(&self.blocks) {
             return corrupt(0, "size index holds blocks that are not free blocks of the arena");
         }
-        let used = |s: u32| self.blocks.get(s as usize).is_some_and(|b| b.used && !b.indexed());
+        let used = |s: u32| self.blocks.get(s).is_some_and(|b| b.used && !b.indexed());
         if self.used.len() != seen.live || !self.used.consistent(&self.blocks, used) {
             return corrupt(0, "address table holds blocks that are not used blocks of the arena");
         }
@@ -433,7 +433,7 @@ impl BlockArena {
         let (mut spares, mut spare) = (0, self.spare);
         while spare != NIL && spares <= self.blocks.len() {
             spares += 1;
-            spare = self.blocks.get(spare as usize).map_or(NIL, |b| b.next);
+            spare = self.blocks.get(spare).map_or(NIL, |b| b.next);
         }
         if spares != self.spares || self.blocks.len() - 1 - spares != seen.blocks {
             return corrupt(0, "block table leaks slots");
@@ -449,7 +449,7 @@ impl BlockArena {
 
     #[inline]
     fn spans_chunk(&self, slot: u32) -> bool {
-        let b = &self.blocks[slot as usize];
+        let b = &self.blocks[slot];
         !b.used && b.prev == NIL && b.next == NIL
     }
 
@@ -464,25 +464,35 @@ impl BlockArena {
         unsafe { NonNull::new_unchecked(ptr) }
     }
 
-    #[inline]
+    #[inline(always)]
     fn new_block(&mut self, block: Block) -> u32 {
         self.counters.blocks += 1;
-        if self.spare != NIL {
-            let slot = self.spare;
-            self.spare = self.blocks[slot as usize].next;
-            self.spares -= 1;
-            self.blocks[slot as usize] = block;
-            slot
-        } else {
-            self.blocks.push(block);
-            (self.blocks.len() - 1) as u32
+        if self.spare == NIL {
+            self.add_spares();
         }
+        let slot = self.spare;
+        self.spare = self.blocks[slot].next;
+        self.spares -= 1;
+        self.blocks[slot] = block;
+        slot
+    }
+
+    /// Doubles the block table and puts the new records on the spare list.
+    #[cold]
+    fn add_spares(&mut self) {
+        let first = self.blocks.grow();
+        let end = self.blocks.len() as u32;
+        for slot in first..end {
+            self.blocks[slot].next = if slot + 1 < end { slot + 1 } else { self.spare };
+        }
+        self.spare = first;
+        self.spares += (end - first) as usize;
     }
 
     #[inline]
     fn recycle(&mut self, slot: u32) {
         self.counters.blocks -= 1;
-        let b = &mut self.blocks[slot as usize];
+        let b = &mut self.blocks[slot];
         b.used = false;
         b.prev = NIL;
         b.next = self.spare;
@@ -494,14 +504,14 @@ impl BlockArena {
     /// not yet indexed.
     #[inline(always)]
     fn split(&mut self, slot: u32, at: usize) -> u32 {
-        let b = &self.blocks[slot as usize];
+        let b = &self.blocks[slot];
         let mut rest = Block::new(b.addr + at, b.size - at, b.chunk, b.base);
         rest.prev = slot;
         rest.next = b.next;
         let next = b.next;
         let rest = self.new_block(rest);
-        self.blocks[if next == NIL { SCRATCH } else { next } as usize].prev = rest;
-        let b = &mut self.blocks[slot as usize];
+        self.blocks[if next == NIL { SCRATCH } else { next }].prev = rest;
+        let b = &mut self.blocks[slot];
         b.size = at;
         b.next = rest;
         rest
@@ -510,11 +520,11 @@ impl BlockArena {
     /// Merges the block after `slot` (already out of the index) into `slot`.
     #[inline]
     fn absorb_next(&mut self, slot: u32) {
-        let next = self.blocks[slot as usize].next;
-        let n = &self.blocks[next as usize];
+        let next = self.blocks[slot].next;
+        let n = &self.blocks[next];
         let (size, after) = (n.size, n.next);
-        self.blocks[if after == NIL { SCRATCH } else { after } as usize].prev = slot;
-        let b = &mut self.blocks[slot as usize];
+        self.blocks[if after == NIL { SCRATCH } else { after }].prev = slot;
+        let b = &mut self.blocks[slot];
         b.size += size;
         b.next = after;
         self.recycle(next);

@@ -122,20 +122,128 @@ impl Block {
     }
 }
 
+/// The block table: records by slot. Its length is a power of two, so a slot is reduced with a
+/// mask rather than checked against the length: a wrong slot (a bug) reads a wrong record, never
+/// memory outside the table, and the hot paths carry no bounds-check branches.
+pub(crate) struct Records {
+    table: Vec<Block>,
+    mask: usize,
+}
+
+impl Records {
+    /// A table of one blank record.
+    pub(crate) fn new() -> Self {
+        Records { table: vec![Block::new(0, 0, NIL, NonNull::dangling())], mask: 0 }
+    }
+
+    /// How many records there are (a power of two).
+    #[inline]
+    pub(crate) fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Doubles the table with blank records; returns the first new slot.
+    #[cold]
+    pub(crate) fn grow(&mut self) -> u32 {
+        let old = self.table.len();
+        self.table.resize(old * 2, Block::new(0, 0, NIL, NonNull::dangling()));
+        self.mask = self.table.len() - 1;
+        old as u32
+    }
+
+    /// Grows the table until `slot` is in it.
+    #[cfg(test)]
+    pub(crate) fn reach(&mut self, slot: u32) {
+        while slot as usize >= self.table.len() {
+            self.grow();
+        }
+    }
+
+    /// Record `slot`, checked against the length.
+    #[inline]
+    pub(crate) fn get(&self, slot: u32) -> Option<&Block> {
+        self.table.get(slot as usize)
+    }
+
+    /// Every record, by slot.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Block> {
+        self.table.iter()
+    }
+}
+
+impl core::ops::Index<u32> for Records {
+    type Output = Block;
+
+    #[inline(always)]
+    fn index(&self, slot: u32) -> &Block {
+        debug_assert!((slot as usize) < self.table.len(), "slot {slot} past the block table");
+        // SAFETY: the table's length is `mask + 1` (a power of two, never shrinking while `mask`
+        // holds), so `slot & mask` is in bounds.
+        unsafe { self.table.get_unchecked(slot as usize & self.mask) }
+    }
+}
+
+impl core::ops::IndexMut<u32> for Records {
+    #[inline(always)]
+    fn index_mut(&mut self, slot: u32) -> &mut Block {
+        debug_assert!((slot as usize) < self.table.len(), "slot {slot} past the block table");
+        // SAFETY: as in `index`.
+        unsafe { self.table.get_unchecked_mut(slot as usize & self.mask) }
+    }
+}
+
+/// A table of `N` entries (a power of two) indexed modulo `N`: an index is masked rather than
+/// checked, so the index's bitmaps and bin roots cost no bounds-check branches.
+pub(crate) struct Masked<T, const N: usize>(alloc::boxed::Box<[T]>);
+
+impl<T: Copy, const N: usize> Masked<T, N> {
+    const POWER_OF_TWO: () = assert!(N.is_power_of_two());
+
+    fn new(value: T) -> Self {
+        let () = Self::POWER_OF_TWO;
+        Masked(vec![value; N].into_boxed_slice())
+    }
+
+    fn as_slice(&self) -> &[T] {
+        &self.0
+    }
+}
+
+impl<T, const N: usize> core::ops::Index<usize> for Masked<T, N> {
+    type Output = T;
+
+    #[inline(always)]
+    fn index(&self, i: usize) -> &T {
+        debug_assert!(i < N);
+        // SAFETY: the table holds `N` entries (built by `new`, never resized) and `i & (N - 1)`
+        // is below `N`.
+        unsafe { self.0.get_unchecked(i & (N - 1)) }
+    }
+}
+
+impl<T, const N: usize> core::ops::IndexMut<usize> for Masked<T, N> {
+    #[inline(always)]
+    fn index_mut(&mut self, i: usize) -> &mut T {
+        debug_assert!(i < N);
+        // SAFETY: as in `index`.
+        unsafe { self.0.get_unchecked_mut(i & (N - 1)) }
+    }
+}
+
 /// Free blocks by `(size, address)`, binned; the trees run through a `[Block]` table that the
 /// owner keeps and passes in. See the [module docs](self).
 pub(crate) struct FreeIndex {
-    roots: Vec<u32>,
+    roots: Masked<u32, BINS>,
     /// Bit `b % 64` of `words[b / 64]` says whether bin `b` holds blocks.
-    words: Vec<u64>,
+    words: Masked<u64, WORDS>,
     /// Bit `w % 64` of `summary[w / 64]` says whether `words[w]` has a bit set.
-    summary: [u64; SUMMARY_WORDS],
+    summary: Masked<u64, SUMMARY_WORDS>,
     len: usize,
 }
 
 impl FreeIndex {
     pub(crate) fn new() -> Self {
-        FreeIndex { roots: vec![NIL; BINS], words: vec![0; WORDS], summary: [0; SUMMARY_WORDS], len: 0 }
+        FreeIndex { roots: Masked::new(NIL), words: Masked::new(0), summary: Masked::new(0), len: 0 }
     }
 
     /// How many free blocks are indexed.
@@ -147,11 +255,11 @@ impl FreeIndex {
     /// Hangs `node` where `(parent, side)` says: a record's child, or the root of `bin` when
     /// `parent` is `NIL`.
     #[inline(always)]
-    fn attach(&mut self, blocks: &mut [Block], bin: usize, (parent, side): (u32, usize), node: u32) {
+    fn attach(&mut self, blocks: &mut Records, bin: usize, (parent, side): (u32, usize), node: u32) {
         if parent == NIL {
             self.roots[bin] = node;
         } else {
-            blocks[parent as usize].child[side] = node;
+            blocks[parent].child[side] = node;
         }
     }
 
@@ -171,8 +279,8 @@ impl FreeIndex {
 
     /// Indexes block `slot` (not indexed yet) under its current size and address.
     #[inline(always)]
-    pub(crate) fn insert(&mut self, blocks: &mut [Block], slot: u32) {
-        let b = &mut blocks[slot as usize];
+    pub(crate) fn insert(&mut self, blocks: &mut Records, slot: u32) {
+        let b = &mut blocks[slot];
         debug_assert!(!b.indexed && b.size > 0);
         b.indexed = true;
         b.child = [NIL; 2];
@@ -190,13 +298,13 @@ impl FreeIndex {
 
     /// Inserts `slot` (key `key`) into the non-empty treap of `bin`, rooted at `root`.
     #[inline(always)]
-    fn insert_below(&mut self, blocks: &mut [Block], bin: usize, root: u32, slot: u32, key: Key) {
+    fn insert_below(&mut self, blocks: &mut Records, bin: usize, root: u32, slot: u32, key: Key) {
         // Down past the records that stay above the new one...
         let p = priority(slot);
         let mut at = (NIL, 0);
         let mut cur = root;
         while cur != NIL && priority(cur) >= p {
-            let n = &blocks[cur as usize];
+            let n = &blocks[cur];
             let side = usize::from(key > n.key());
             at = (cur, side);
             cur = n.child[side];
@@ -205,28 +313,28 @@ impl FreeIndex {
         // ...then split the subtree below at `key` into the new record's two children.
         let (mut left, mut right) = ((slot, 0), (slot, 1));
         while cur != NIL {
-            let n = &blocks[cur as usize];
+            let n = &blocks[cur];
             if n.key() < key {
                 let next = n.child[1];
-                blocks[left.0 as usize].child[left.1] = cur;
+                blocks[left.0].child[left.1] = cur;
                 left = (cur, 1);
                 cur = next;
             } else {
                 let next = n.child[0];
-                blocks[right.0 as usize].child[right.1] = cur;
+                blocks[right.0].child[right.1] = cur;
                 right = (cur, 0);
                 cur = next;
             }
         }
-        blocks[left.0 as usize].child[left.1] = NIL;
-        blocks[right.0 as usize].child[right.1] = NIL;
+        blocks[left.0].child[left.1] = NIL;
+        blocks[right.0].child[right.1] = NIL;
     }
 
     /// Removes block `slot` from the index (its size and address as they were indexed); returns
     /// whether it was there.
     #[inline(always)]
-    pub(crate) fn remove(&mut self, blocks: &mut [Block], slot: u32) -> bool {
-        let Some(b) = blocks.get(slot as usize) else {
+    pub(crate) fn remove(&mut self, blocks: &mut Records, slot: u32) -> bool {
+        let Some(b) = blocks.get(slot) else {
             return false;
         };
         if !b.indexed {
@@ -235,15 +343,15 @@ impl FreeIndex {
         if !self.remove_below(blocks, bin_of(b.size), slot) {
             return false;
         }
-        blocks[slot as usize].indexed = false;
+        blocks[slot].indexed = false;
         self.len -= 1;
         true
     }
 
     /// Takes `slot` out of the treap of `bin`; false if it is not there.
     #[inline(always)]
-    fn remove_below(&mut self, blocks: &mut [Block], bin: usize, slot: u32) -> bool {
-        let key = blocks[slot as usize].key();
+    fn remove_below(&mut self, blocks: &mut Records, bin: usize, slot: u32) -> bool {
+        let key = blocks[slot].key();
         let mut at = (NIL, 0);
         let mut cur = self.roots[bin];
         while cur != slot {
@@ -251,7 +359,7 @@ impl FreeIndex {
                 // Marked indexed but not in its bin's treap: `consistent` reports it.
                 return false;
             }
-            let n = &blocks[cur as usize];
+            let n = &blocks[cur];
             let side = usize::from(key > n.key());
             at = (cur, side);
             cur = n.child[side];
@@ -263,8 +371,8 @@ impl FreeIndex {
     /// Replaces `slot`, which hangs at `at` in the treap of `bin`, by the merge of its two
     /// subtrees (by priority), and clears the bin's bit if it is left empty.
     #[inline(always)]
-    fn unlink(&mut self, blocks: &mut [Block], bin: usize, mut at: (u32, usize), slot: u32) {
-        let [mut left, mut right] = blocks[slot as usize].child;
+    fn unlink(&mut self, blocks: &mut Records, bin: usize, mut at: (u32, usize), slot: u32) {
+        let [mut left, mut right] = blocks[slot].child;
         loop {
             if left == NIL {
                 self.attach(blocks, bin, at, right);
@@ -277,11 +385,11 @@ impl FreeIndex {
             if priority(left) > priority(right) {
                 self.attach(blocks, bin, at, left);
                 at = (left, 1);
-                left = blocks[left as usize].child[1];
+                left = blocks[left].child[1];
             } else {
                 self.attach(blocks, bin, at, right);
                 at = (right, 0);
-                right = blocks[right as usize].child[0];
+                right = blocks[right].child[0];
             }
         }
         if self.roots[bin] == NIL {
@@ -290,10 +398,10 @@ impl FreeIndex {
     }
 
     /// The slot of the indexed block `(size, addr)`.
-    pub(crate) fn get(&self, blocks: &[Block], size: usize, addr: usize) -> Option<u32> {
+    pub(crate) fn get(&self, blocks: &Records, size: usize, addr: usize) -> Option<u32> {
         let mut cur = self.roots[bin_of(size)];
         while cur != NIL {
-            let n = blocks.get(cur as usize)?;
+            let n = blocks.get(cur)?;
             match (size, addr).cmp(&n.key()) {
                 core::cmp::Ordering::Equal => return Some(cur),
                 core::cmp::Ordering::Less => cur = n.child[0],
@@ -305,12 +413,12 @@ impl FreeIndex {
 
     /// The smallest block of at least `size` bytes, lowest address first among equals.
     #[inline(always)]
-    pub(crate) fn best_fit(&self, blocks: &[Block], size: usize) -> Option<u32> {
+    pub(crate) fn best_fit(&self, blocks: &Records, size: usize) -> Option<u32> {
         let bin = bin_of(size);
         let mut cur = self.roots[bin];
         let mut best = NIL;
         while cur != NIL {
-            let n = &blocks[cur as usize];
+            let n = &blocks[cur];
             if n.size >= size {
                 best = cur;
                 cur = n.child[0];
@@ -321,8 +429,8 @@ impl FreeIndex {
         if best == NIL {
             let next = self.first_nonempty_from(bin + 1)?;
             best = self.roots[next];
-            while blocks[best as usize].child[0] != NIL {
-                best = blocks[best as usize].child[0];
+            while blocks[best].child[0] != NIL {
+                best = blocks[best].child[0];
             }
         }
         Some(best)
@@ -331,13 +439,13 @@ impl FreeIndex {
     /// Finds the best fit for `size` bytes (as [`best_fit`](Self::best_fit)) and takes it out
     /// of the index in the same walk.
     #[inline(always)]
-    pub(crate) fn take_best_fit(&mut self, blocks: &mut [Block], size: usize) -> Option<u32> {
+    pub(crate) fn take_best_fit(&mut self, blocks: &mut Records, size: usize) -> Option<u32> {
         let mut bin = bin_of(size);
         let mut cur = self.roots[bin];
         let (mut best, mut best_at) = (NIL, (NIL, 0));
         let mut at = (NIL, 0);
         while cur != NIL {
-            let n = &blocks[cur as usize];
+            let n = &blocks[cur];
             if n.size >= size {
                 (best, best_at) = (cur, at);
                 at = (cur, 0);
@@ -351,7 +459,7 @@ impl FreeIndex {
             bin = self.first_nonempty_from(bin + 1)?;
             (best, best_at) = (self.roots[bin], (NIL, 0));
             loop {
-                let left = blocks[best as usize].child[0];
+                let left = blocks[best].child[0];
                 if left == NIL {
                     break;
                 }
@@ -359,35 +467,35 @@ impl FreeIndex {
             }
         }
         self.unlink(blocks, bin, best_at, best);
-        blocks[best as usize].indexed = false;
+        blocks[best].indexed = false;
         self.len -= 1;
         Some(best)
     }
 
     /// The largest free block's size (0 when there is none).
     #[inline]
-    pub(crate) fn largest(&self, blocks: &[Block]) -> usize {
+    pub(crate) fn largest(&self, blocks: &Records) -> usize {
         let Some(top) = (0..SUMMARY_WORDS).rev().find(|&i| self.summary[i] != 0) else {
             return 0;
         };
         let word = top * 64 + 63 - self.summary[top].leading_zeros() as usize;
         let bin = word * 64 + 63 - self.words[word].leading_zeros() as usize;
         let mut cur = self.roots[bin];
-        while blocks[cur as usize].child[1] != NIL {
-            cur = blocks[cur as usize].child[1];
+        while blocks[cur].child[1] != NIL {
+            cur = blocks[cur].child[1];
         }
-        blocks[cur as usize].size
+        blocks[cur].size
     }
 
     /// Whether the bitmaps, the bins and the treaps agree (order and heap property included),
     /// and every record marked indexed is in a treap.
-    pub(crate) fn consistent(&self, blocks: &[Block]) -> bool {
+    pub(crate) fn consistent(&self, blocks: &Records) -> bool {
         let mut count = 0;
-        for (w, &word) in self.words.iter().enumerate() {
+        for (w, &word) in self.words.as_slice().iter().enumerate() {
             if (word != 0) != (self.summary[w / 64] >> (w % 64) & 1 == 1) {
                 return false;
             }
-            for (i, &root) in self.roots[w * 64..(w + 1) * 64].iter().enumerate() {
+            for (i, &root) in self.roots.as_slice()[w * 64..(w + 1) * 64].iter().enumerate() {
                 let bin = w * 64 + i;
                 if (word >> i & 1 == 1) != (root != NIL) {
                     return false;
@@ -402,14 +510,14 @@ impl FreeIndex {
 
     fn treap_ok(
         &self,
-        blocks: &[Block],
+        blocks: &Records,
         node: u32,
         bin: usize,
         (low, high): (Option<Key>, Option<Key>),
         max_priority: u32,
         count: &mut usize,
     ) -> bool {
-        let Some(n) = blocks.get(node as usize) else {
+        let Some(n) = blocks.get(node) else {
             return false;
         };
         let key = n.key();
@@ -426,6 +534,7 @@ impl FreeIndex {
             && (right == NIL || self.treap_ok(blocks, right, bin, (Some(key), high), p, count))
     }
 
+    #[inline(always)]
     fn first_nonempty_from(&self, bin: usize) -> Option<usize> {
         if bin >= BINS {
             return None;
@@ -464,30 +573,27 @@ mod tests {
     /// An index with its own block table, for testing it alone.
     struct Standalone {
         index: FreeIndex,
-        blocks: Vec<Block>,
+        blocks: Records,
     }
 
     impl Standalone {
         fn new() -> Self {
-            Standalone { index: FreeIndex::new(), blocks: Vec::new() }
+            Standalone { index: FreeIndex::new(), blocks: Records::new() }
         }
 
         fn insert(&mut self, size: usize, addr: usize, slot: u32) {
-            let s = slot as usize;
-            if s >= self.blocks.len() {
-                self.blocks.resize(s + 1, Block::new(0, 0, 0, NonNull::dangling()));
-            }
-            self.blocks[s] = Block::new(addr, size, 0, NonNull::dangling());
+            self.blocks.reach(slot);
+            self.blocks[slot] = Block::new(addr, size, 0, NonNull::dangling());
             self.index.insert(&mut self.blocks, slot);
         }
 
         fn remove(&mut self, size: usize, addr: usize, slot: u32) -> bool {
-            let here = self.blocks.get(slot as usize).is_some_and(|b| b.key() == (size, addr));
+            let here = self.blocks.get(slot).is_some_and(|b| b.key() == (size, addr));
             here && self.index.remove(&mut self.blocks, slot)
         }
 
         fn best_fit(&self, size: usize) -> Option<Entry> {
-            let b = &self.blocks[self.index.best_fit(&self.blocks, size)? as usize];
+            let b = &self.blocks[self.index.best_fit(&self.blocks, size)?];
             Some(Entry { size: b.size, addr: b.addr })
         }
 
@@ -497,7 +603,7 @@ mod tests {
 
         fn take_best_fit(&mut self, size: usize) -> Option<Entry> {
             let slot = self.index.take_best_fit(&mut self.blocks, size)?;
-            let b = &self.blocks[slot as usize];
+            let b = &self.blocks[slot];
             Some(Entry { size: b.size, addr: b.addr })
         }
 

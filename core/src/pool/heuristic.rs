@@ -16,6 +16,18 @@ use crate::error::{Error, Result};
 
 use super::PoolStats;
 
+/// The figures a free changes that the built-in heuristics decide on (see
+/// [`CoalesceHeuristic::may_coalesce`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Releasable {
+    /// Bytes in upstream blocks that are wholly free.
+    pub bytes: usize,
+    /// Upstream blocks that are wholly free.
+    pub blocks: usize,
+    /// The pool's actual size: bytes in all its upstream blocks.
+    pub actual_size: usize,
+}
+
 /// Decides, after each free, whether the pool should coalesce.
 ///
 /// Any `FnMut(&PoolStats) -> Option<usize> + Send` closure is a heuristic too.
@@ -31,6 +43,16 @@ pub trait CoalesceHeuristic: Send {
     /// saves gathering its figures on every free. The pool reads this once, when the heuristic is
     /// installed.
     fn every_free(&self) -> bool {
+        true
+    }
+
+    /// A cheap necessary condition for [`should_coalesce`](Self::should_coalesce) to answer
+    /// `Some`, from the figures a free changes: when it is false, the pool does not gather its
+    /// statistics and does not ask. The default, `true`, always asks (a closure may look at any
+    /// figure). The built-in heuristics answer exactly, so the common free never builds a
+    /// [`PoolStats`].
+    fn may_coalesce(&self, releasable: Releasable) -> bool {
+        let _ = releasable;
         true
     }
 
@@ -60,6 +82,10 @@ impl CoalesceHeuristic for Box<dyn CoalesceHeuristic> {
         (**self).should_coalesce(stats)
     }
 
+    fn may_coalesce(&self, releasable: Releasable) -> bool {
+        (**self).may_coalesce(releasable)
+    }
+
     fn every_free(&self) -> bool {
         (**self).every_free()
     }
@@ -76,6 +102,10 @@ pub struct NeverCoalesce;
 impl CoalesceHeuristic for NeverCoalesce {
     fn should_coalesce(&mut self, _: &PoolStats) -> Option<usize> {
         None
+    }
+
+    fn may_coalesce(&self, _: Releasable) -> bool {
+        false
     }
 
     fn every_free(&self) -> bool {
@@ -134,6 +164,10 @@ impl CoalesceHeuristic for BlocksReleasable {
         (stats.releasable_blocks >= self.blocks).then(|| self.target.of(stats))
     }
 
+    fn may_coalesce(&self, releasable: Releasable) -> bool {
+        releasable.blocks >= self.blocks
+    }
+
     fn every_free(&self) -> bool {
         false
     }
@@ -172,11 +206,20 @@ impl Default for PercentReleasable {
     }
 }
 
+impl PercentReleasable {
+    fn fires(&self, releasable_bytes: usize, actual_size: usize) -> bool {
+        let releasable = releasable_bytes as u128 * 100;
+        actual_size > 0 && releasable >= actual_size as u128 * u128::from(self.percent)
+    }
+}
+
 impl CoalesceHeuristic for PercentReleasable {
     fn should_coalesce(&mut self, stats: &PoolStats) -> Option<usize> {
-        let releasable = stats.releasable_bytes as u128 * 100;
-        let threshold = stats.actual_size as u128 * u128::from(self.percent);
-        (stats.actual_size > 0 && releasable >= threshold).then(|| self.target.of(stats))
+        self.fires(stats.releasable_bytes, stats.actual_size).then(|| self.target.of(stats))
+    }
+
+    fn may_coalesce(&self, releasable: Releasable) -> bool {
+        self.fires(releasable.bytes, releasable.actual_size)
     }
 
     fn every_free(&self) -> bool {
@@ -216,6 +259,28 @@ mod tests {
         assert_eq!(PercentReleasable::hwm(100).unwrap().should_coalesce(&stats(4096, 4096, 1)), Some(1000));
         assert_eq!(PercentReleasable::default().should_coalesce(&stats(0, 0, 0)), None);
         assert!(PercentReleasable::new(0).is_err() && PercentReleasable::new(101).is_err());
+    }
+
+    #[test]
+    fn the_cheap_check_never_skips_a_coalesce() {
+        let mut built_in: [Box<dyn CoalesceHeuristic>; 5] = [
+            Box::new(NeverCoalesce),
+            Box::new(BlocksReleasable::new(2).unwrap()),
+            Box::new(BlocksReleasable::hwm(1).unwrap()),
+            Box::new(PercentReleasable::new(50).unwrap()),
+            Box::new(PercentReleasable::default()),
+        ];
+        let figures = [0usize, 1, 2, 2047, 2048, 4095, 4096];
+        for h in &mut built_in {
+            for i in 0..figures.len().pow(3) {
+                let n = figures.len();
+                let (actual, bytes, blocks) = (figures[i % n], figures[i / n % n], figures[i / n / n]);
+                let cheap = h.may_coalesce(Releasable { bytes, blocks, actual_size: actual });
+                let full = h.should_coalesce(&stats(actual, bytes, blocks)).is_some();
+                // Built-in heuristics answer exactly: the check is neither looser nor tighter.
+                assert_eq!(cheap, full, "actual {actual}, bytes {bytes}, blocks {blocks}");
+            }
+        }
     }
 
     #[test]

@@ -39,7 +39,7 @@ use core::ptr::NonNull;
 
 pub use backend_resource::BackendResource;
 pub use fixed::{FixedPool, FixedPoolConfig};
-pub use heuristic::{BlocksReleasable, CoalesceHeuristic, NeverCoalesce, PercentReleasable};
+pub use heuristic::{BlocksReleasable, CoalesceHeuristic, NeverCoalesce, PercentReleasable, Releasable};
 pub use host::HostResource;
 pub use limited::LimitedResource;
 pub use quick::{QuickPool, QuickPoolConfig};

@@ -13,7 +13,7 @@ use alloc::vec::Vec;
 use core::ptr::NonNull;
 
 use super::arena::{round_up, BlockArena};
-use super::heuristic::{CoalesceHeuristic, PercentReleasable};
+use super::heuristic::{CoalesceHeuristic, PercentReleasable, Releasable};
 use super::{BlockInfo, LiveAllocation, Pool, PoolStats};
 use crate::error::{Error, Result};
 use crate::resource::{MemoryKind, MemoryResource};
@@ -158,14 +158,7 @@ impl<R: MemoryResource> QuickPool<R> {
         }
         let ptr = match self.arena.allocate(size, align) {
             Some(ptr) => ptr,
-            None => {
-                self.grow(footprint, align)?;
-                self.arena.allocate(size, align).ok_or(Error::Corrupt {
-                    structure: "quick pool",
-                    offset: 0,
-                    detail: "a fresh upstream block did not serve the request",
-                })?
-            }
+            None => self.allocate_after_growing(size, align, footprint)?,
         };
         self.high_watermark = self.high_watermark.max(self.arena.counters().current_size);
         Ok(ptr)
@@ -178,7 +171,10 @@ impl<R: MemoryResource> QuickPool<R> {
     /// free itself has succeeded either way.
     pub fn deallocate(&mut self, ptr: NonNull<u8>) -> Result<()> {
         let freed = self.arena.free(ptr.as_ptr() as usize)?;
-        if freed.releasable || self.ask_every_free {
+        let c = self.arena.counters();
+        let releasable =
+            Releasable { bytes: c.releasable_bytes, blocks: c.releasable_blocks, actual_size: c.actual_size };
+        if (freed.releasable || self.ask_every_free) && self.heuristic.may_coalesce(releasable) {
             let stats = self.stats();
             if let Some(target) = self.heuristic.should_coalesce(&stats) {
                 // The free is done; a refill the upstream refuses is counted in `upstream_failures`.
@@ -305,6 +301,18 @@ impl<R: MemoryResource> QuickPool<R> {
     }
 
     /// Takes a block from upstream for a request that needs `footprint` bytes at `align`.
+    /// The slow path of [`allocate`](Self::allocate): no free block fits, so take one upstream
+    /// and serve the request from it.
+    #[inline(never)]
+    fn allocate_after_growing(&mut self, size: usize, align: usize, footprint: usize) -> Result<NonNull<u8>> {
+        self.grow(footprint, align)?;
+        self.arena.allocate(size, align).ok_or(Error::Corrupt {
+            structure: "quick pool",
+            offset: 0,
+            detail: "a fresh upstream block did not serve the request",
+        })
+    }
+
     fn grow(&mut self, footprint: usize, align: usize) -> Result<()> {
         let granule = self.config.alignment;
         let first = self.upstream_allocations == 0;
