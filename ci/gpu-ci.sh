@@ -12,4 +12,5 @@ export HIP_PATH=${HIP_PATH:-/usr}
 
 cargo clippy -p hetmem-gpu --all-targets --features cuda -- -D warnings
 cargo clippy -p hetmem-gpu --all-targets --features rocm -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc -p hetmem-gpu --no-deps --features cuda,rocm
 cargo test -p hetmem-gpu --features cuda,rocm

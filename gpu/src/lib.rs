@@ -2,8 +2,8 @@
 //!
 //! | feature | module | what it gives |
 //! |---|---|---|
-//! | `cuda` | [`cuda`] | [`cuda::CudaShmBackend`] (a shared segment pinned and mapped for kernels), [`cuda::CudaIpcBackend`] (device memory shared between processes), [`cuda::CudaDeviceResource`] and [`cuda::CudaPinnedResource`] (upstreams for pools), views that cudarc copies and launches accept, NVRTC compilation |
-//! | `rocm` | [`rocm`] | [`rocm::RocmShmBackend`], [`rocm::RocmDeviceResource`] |
+//! | `cuda` | `cuda` | `CudaShmBackend` (a shared segment pinned and mapped for kernels), `CudaIpcBackend` (device memory shared between processes), `CudaDeviceResource` and `CudaPinnedResource` (upstreams for pools), views that cudarc copies and launches accept, NVRTC compilation |
+//! | `rocm` | `rocm` | `RocmShmBackend`, `RocmDeviceResource` |
 //!
 //! Both platforms live in folders with the same file names (`backend.rs`, `resource.rs`, and
 //! `driver.rs`/`runtime.rs` for the raw calls). The features are Linux-only (the pinned backends are
@@ -12,6 +12,12 @@
 //! Nothing here panics when the GPU stack is missing: no driver library, no device, or a driver too
 //! old each give a [`hetmem_core::Error`] (see each module's "Errors" section), so a program built
 //! with a GPU feature still runs, and can fall back, on a machine without a GPU.
+#![cfg_attr(
+    hetmem_cuda,
+    doc = "\nIn this build: [`cuda`] ([`cuda::CudaShmBackend`], [`cuda::CudaIpcBackend`], \
+           [`cuda::CudaDeviceResource`], [`cuda::CudaPinnedResource`])."
+)]
+#![cfg_attr(hetmem_rocm, doc = "\nIn this build: [`rocm`] ([`rocm::RocmShmBackend`], [`rocm::RocmDeviceResource`]).")]
 #![warn(missing_docs)]
 
 #[cfg(any(hetmem_cuda, hetmem_rocm))]

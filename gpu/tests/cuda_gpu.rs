@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::ptr::NonNull;
 use std::sync::{Arc, OnceLock};
@@ -13,8 +12,8 @@ use std::sync::{Arc, OnceLock};
 use hetmem_backends::{PosixShmBackend, ShmOptions};
 use hetmem_core::header::HEADER_SIZE;
 use hetmem_core::pool::{
-    BlocksReleasable, CoalesceHeuristic, LimitedResource, NeverCoalesce, PercentReleasable, PoolStats, QuickPool,
-    QuickPoolConfig,
+    BlocksReleasable, CoalesceHeuristic, LimitedResource, NeverCoalesce, PercentReleasable, PoolModel, PoolStats,
+    QuickPool, QuickPoolConfig,
 };
 use hetmem_core::{BackendKind, Error, MemoryBackend, MemoryKind, MemoryResource};
 use hetmem_gpu::cuda::cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
@@ -316,13 +315,6 @@ fn heuristic(choice: u8) -> impl FnMut(&PoolStats) -> Option<usize> + Send {
     move |stats: &PoolStats| h.should_coalesce(stats)
 }
 
-/// A live allocation of the model: where, how big, and the seed its contents were filled with.
-struct Live {
-    ptr: NonNull<u8>,
-    size: usize,
-    seed: u32,
-}
-
 /// The pools' model-based property test, on device memory: random allocations, frees, coalesces
 /// and releases against a model, with `check()` and the statistics compared after every step, the
 /// upstream's holdings equal to the pool's actual size, double frees refused, and every block's
@@ -351,33 +343,24 @@ fn device_pool_matches_its_model(res: CudaDeviceResource) -> Result<(), String> 
     let result = runner.run(&(ops(), any::<u8>()), |(ops, choice)| {
         let mut pool = QuickPool::with_config(&upstream, config).map_err(|e| TestCaseError::fail(e.to_string()))?;
         pool.set_heuristic(heuristic(choice));
-        let mut live: BTreeMap<usize, Live> = BTreeMap::new();
+        let mut model = PoolModel::new();
         let mut seed = 0u32;
         for op in ops {
             match op {
                 Op::Allocate(size, align) => match pool.allocate(size, align) {
                     Ok(ptr) => {
-                        let addr = ptr.as_ptr() as usize;
-                        prop_assert_eq!(addr % align, 0, "misaligned");
-                        if let Some((&a, l)) = live.range(..=addr).next_back() {
-                            prop_assert!(a + l.size <= addr, "overlaps the allocation at {:#x}", a);
-                        }
-                        if let Some((&a, _)) = live.range(addr..).next() {
-                            prop_assert!(addr + size <= a, "overlaps the allocation at {:#x}", a);
-                        }
                         seed += 1;
+                        model.add(ptr, size, align, u64::from(seed)).map_err(TestCaseError::fail)?;
                         device_fill(&stream, ptr, size, seed).map_err(TestCaseError::fail)?;
-                        live.insert(addr, Live { ptr, size, seed });
                     }
                     Err(Error::OutOfMemory { .. }) => {}
                     Err(e) => return Err(TestCaseError::fail(format!("allocate({size}, {align}): {e}"))),
                 },
                 Op::Free(pick) => {
-                    if let Some(&addr) = live.keys().nth(pick % live.len().max(1)) {
-                        let l = live.remove(&addr).expect("listed");
-                        device_verify(&stream, l.ptr, l.size, l.seed).map_err(TestCaseError::fail)?;
-                        pool.deallocate(l.ptr).map_err(|e| TestCaseError::fail(e.to_string()))?;
-                        let again = pool.deallocate(l.ptr);
+                    if let Some(a) = model.take(pick) {
+                        device_verify(&stream, a.ptr, a.size, a.tag as u32).map_err(TestCaseError::fail)?;
+                        pool.deallocate(a.ptr).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                        let again = pool.deallocate(a.ptr);
                         prop_assert!(matches!(again, Err(Error::InvalidFree { .. })), "double free: {:?}", again);
                     }
                 }
@@ -389,16 +372,12 @@ fn device_pool_matches_its_model(res: CudaDeviceResource) -> Result<(), String> 
                     prop_assert_eq!(pool.stats().releasable_blocks, 0);
                 }
             }
-            pool.check().map_err(|e| TestCaseError::fail(e.to_string()))?;
-            let stats = pool.stats();
-            prop_assert_eq!(stats.allocation_count, live.len());
-            prop_assert_eq!(stats.requested_size, live.values().map(|l| l.size).sum::<usize>());
-            prop_assert!(stats.current_size >= stats.requested_size && stats.current_size <= stats.high_watermark);
-            prop_assert_eq!(upstream.held(), stats.actual_size);
+            model.agrees_with(&pool).map_err(TestCaseError::fail)?;
+            prop_assert_eq!(upstream.held(), pool.stats().actual_size);
         }
-        for l in std::mem::take(&mut live).into_values() {
-            device_verify(&stream, l.ptr, l.size, l.seed).map_err(TestCaseError::fail)?;
-            pool.deallocate(l.ptr).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        while let Some(a) = model.take(0) {
+            device_verify(&stream, a.ptr, a.size, a.tag as u32).map_err(TestCaseError::fail)?;
+            pool.deallocate(a.ptr).map_err(|e| TestCaseError::fail(e.to_string()))?;
         }
         pool.release();
         prop_assert_eq!(upstream.held(), 0, "memory still held after every free and a release");

@@ -11,6 +11,8 @@
 //! - [`FixedPool`]: objects of one size in sub-pools tracked by bitmaps.
 //! - [`SyncPool`]: a lock around any [`Pool`], which makes it `Sync` and a
 //!   [`MemoryResource`](crate::MemoryResource).
+//! - [`PoolModel`]: the live allocations a test made, and the checks any pool must pass against
+//!   them (for testing pools, resources and heuristics, host or device).
 //! - [`render`]: the blocks as SVG or as a text map; [`trace`]: record and replay allocation traces.
 //!
 //! No pool ever reads or writes the memory it manages: all bookkeeping lives in ordinary heap
@@ -29,6 +31,7 @@ mod free_index;
 mod heuristic;
 mod host;
 mod limited;
+mod model;
 mod quick;
 pub mod render;
 mod sync;
@@ -42,6 +45,7 @@ pub use fixed::{FixedPool, FixedPoolConfig};
 pub use heuristic::{BlocksReleasable, CoalesceHeuristic, NeverCoalesce, PercentReleasable, Releasable};
 pub use host::HostResource;
 pub use limited::LimitedResource;
+pub use model::{ModelAllocation, PoolModel};
 pub use quick::{QuickPool, QuickPoolConfig};
 pub use sync::SyncPool;
 

@@ -1,7 +1,6 @@
 //! The pools' specification, as tests: model-based property tests calling `check()` after every
 //! step, the heuristics' thresholds, the maximum size, upstream failures, and bad requests.
 
-use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicUsize, Ordering};
@@ -45,58 +44,6 @@ fn small_config() -> QuickPoolConfig {
     QuickPoolConfig { first_block_size: 4096, next_block_size: 4096, alignment: 16, max_size: None }
 }
 
-/// Live allocations of a model, with the checks every pool must pass after each step.
-#[derive(Default)]
-struct Model {
-    live: BTreeMap<usize, (usize, usize)>,
-}
-
-impl Model {
-    fn add(&mut self, ptr: NonNull<u8>, size: usize, align: usize) {
-        let addr = ptr.as_ptr() as usize;
-        assert_eq!(addr % align, 0, "misaligned");
-        if let Some((&a, &(s, _))) = self.live.range(..=addr).next_back() {
-            assert!(a + s <= addr, "overlaps the allocation at {a:#x}");
-        }
-        if let Some((&a, _)) = self.live.range(addr..).next() {
-            assert!(addr + size <= a, "overlaps the allocation at {a:#x}");
-        }
-        self.live.insert(addr, (size, align));
-    }
-
-    fn take(&mut self, pick: usize) -> Option<NonNull<u8>> {
-        let addr = *self.live.keys().nth(pick % self.live.len().max(1))?;
-        self.live.remove(&addr);
-        NonNull::new(core::ptr::without_provenance_mut(addr))
-    }
-
-    /// Frees one live allocation, and checks that freeing it again is refused.
-    fn free_one(&mut self, pool: &mut dyn Pool, pick: usize) {
-        if let Some(ptr) = self.take(pick) {
-            pool.deallocate(ptr).unwrap();
-            assert!(matches!(pool.deallocate(ptr), Err(Error::InvalidFree { .. })), "double free accepted");
-        }
-    }
-
-    fn free_all(&mut self, pool: &mut dyn Pool) {
-        while let Some(ptr) = self.take(0) {
-            pool.deallocate(ptr).unwrap();
-        }
-    }
-
-    fn agrees_with(&self, pool: &dyn Pool) {
-        pool.check().unwrap();
-        let s = pool.stats();
-        assert_eq!(s.allocation_count, self.live.len());
-        assert_eq!(s.requested_size, self.live.values().map(|v| v.0).sum::<usize>());
-        assert!(s.current_size >= s.requested_size && s.current_size <= s.high_watermark);
-        assert!(s.actual_size <= s.actual_high_watermark && s.releasable_bytes <= s.actual_size);
-        let live = pool.live_allocations();
-        assert_eq!(live.len(), self.live.len());
-        assert!(live.iter().all(|a| self.live.get(&a.addr).map(|v| v.0) == Some(a.size)));
-    }
-}
-
 #[derive(Clone, Debug)]
 enum Op {
     Allocate(usize, usize),
@@ -134,15 +81,15 @@ proptest! {
         let upstream = LimitedResource::new(HostResource, budget << 10);
         let config = QuickPoolConfig { max_size: Some(400 << 10), ..small_config() };
         let mut pool = QuickPool::with_config(&upstream, config).unwrap().with_heuristic(heuristic(choice));
-        let mut model = Model::default();
+        let mut model = PoolModel::new();
         for op in ops {
             match op {
                 Op::Allocate(size, align) => match pool.allocate(size, align) {
-                    Ok(ptr) => model.add(ptr, size, align),
+                    Ok(ptr) => model.add(ptr, size, align, 0).unwrap(),
                     Err(Error::OutOfMemory { .. }) => {}
                     Err(e) => panic!("unexpected {e}"),
                 },
-                Op::Free(pick) => model.free_one(&mut pool, pick),
+                Op::Free(pick) => model.free_one(&mut pool, pick).unwrap(),
                 Op::Coalesce => {
                     let _ = pool.coalesce();
                 }
@@ -151,11 +98,11 @@ proptest! {
                     prop_assert_eq!(pool.stats().releasable_blocks, 0);
                 }
             }
-            model.agrees_with(&pool);
+            model.agrees_with(&pool).unwrap();
             prop_assert_eq!(upstream.held(), pool.stats().actual_size);
         }
-        model.free_all(&mut pool);
-        model.agrees_with(&pool);
+        model.free_all(&mut pool).unwrap();
+        model.agrees_with(&pool).unwrap();
         prop_assert_eq!(pool.stats().current_size, 0);
         pool.release();
         prop_assert_eq!((pool.stats().actual_size, upstream.held()), (0, 0));
@@ -166,25 +113,25 @@ proptest! {
         let upstream = LimitedResource::new(HostResource, 64 << 10);
         let config = FixedPoolConfig { objects_per_block: per_block, ..FixedPoolConfig::new(256) };
         let mut pool = FixedPool::new(&upstream, config).unwrap();
-        let mut model = Model::default();
+        let mut model = PoolModel::new();
         for op in ops {
             match op {
                 Op::Allocate(size, align) => match pool.allocate(size, align) {
-                    Ok(ptr) => model.add(ptr, size, align),
+                    Ok(ptr) => model.add(ptr, size, align, 0).unwrap(),
                     Err(Error::OutOfMemory { .. }) => {}
                     Err(Error::InvalidAlignment { .. }) => prop_assert!(align > 16),
                     Err(Error::InvalidSize { .. }) => prop_assert!(size > 256),
                     Err(e) => panic!("unexpected {e}"),
                 },
-                Op::Free(pick) => model.free_one(&mut pool, pick),
+                Op::Free(pick) => model.free_one(&mut pool, pick).unwrap(),
                 Op::Coalesce | Op::Release => {
                     pool.release();
                 }
             }
-            model.agrees_with(&pool);
+            model.agrees_with(&pool).unwrap();
             prop_assert_eq!(upstream.held(), pool.stats().actual_size);
         }
-        model.free_all(&mut pool);
+        model.free_all(&mut pool).unwrap();
         pool.release();
         prop_assert_eq!((pool.stats().actual_size, upstream.held()), (0, 0));
     }
@@ -194,13 +141,13 @@ proptest! {
         let device = FakeDevice::new();
         let mut pool = QuickPool::with_config(&device, small_config()).unwrap()
             .with_heuristic(BlocksReleasable::new(2).unwrap());
-        let mut model = Model::default();
+        let mut model = PoolModel::new();
         for (i, &size) in sizes.iter().enumerate() {
-            model.add(pool.allocate(size, 256).unwrap(), size, 256);
+            model.add(pool.allocate(size, 256).unwrap(), size, 256, 0).unwrap();
             if i % 3 == 2 {
-                pool.deallocate(model.take(i * 31).unwrap()).unwrap();
+                pool.deallocate(model.take(i * 31).unwrap().ptr).unwrap();
             }
-            model.agrees_with(&pool);
+            model.agrees_with(&pool).unwrap();
         }
         prop_assert_eq!(Pool::memory_kind(&pool), MemoryKind::Device);
     }
@@ -566,25 +513,25 @@ fn fixed_pools_of_odd_sizes_find_slots_without_dividing() {
     for object_size in [48, 100, 256, 4000] {
         let config = FixedPoolConfig { objects_per_block: 37, ..FixedPoolConfig::new(object_size) };
         let mut pool = FixedPool::new(HostResource, config).unwrap();
-        let mut model = Model::default();
+        let mut model = PoolModel::new();
         for i in 0..200 {
-            model.add(pool.allocate(object_size - i % 7, 16).unwrap(), object_size - i % 7, 16);
+            model.add(pool.allocate(object_size - i % 7, 16).unwrap(), object_size - i % 7, 16, 0).unwrap();
             if i % 3 == 0 {
-                model.free_one(&mut pool, i * 13);
+                model.free_one(&mut pool, i * 13).unwrap();
             }
             if i % 50 == 0 {
-                model.agrees_with(&pool);
+                model.agrees_with(&pool).unwrap();
             }
         }
-        for &addr in model.live.keys() {
+        for addr in model.iter().map(|a| a.ptr.as_ptr() as usize) {
             for inside in [addr + 16, addr + object_size.next_multiple_of(16) - 16] {
-                if inside != addr && !model.live.contains_key(&inside) {
+                if inside != addr && model.get(inside).is_none() {
                     let ptr = NonNull::new(core::ptr::without_provenance_mut(inside)).unwrap();
                     assert!(matches!(pool.deallocate(ptr), Err(Error::InvalidFree { .. })), "{object_size}");
                 }
             }
         }
-        model.free_all(&mut pool);
-        model.agrees_with(&pool);
+        model.free_all(&mut pool).unwrap();
+        model.agrees_with(&pool).unwrap();
     }
 }
