@@ -169,6 +169,26 @@ pub(crate) const fn freed_word(word: u64, label: u64) -> u64 {
     (word & !(STATE_BITS | FIELD_MASK)) | ((State::Free as u64) << STATE_SHIFT) | label
 }
 
+/// The info word of a free block handed out for `size` bytes, when `word` is known to be a
+/// free info word with an empty field (it matched [`free_pattern`] with label 0): one addition.
+#[inline]
+pub(crate) const fn live_from_free(word: u64, size: u64) -> u64 {
+    word + (((State::Live as u64) - (State::Free as u64)) << STATE_SHIFT) + size
+}
+
+/// The info word of a live block freed with label 0, when `word` is known to be a live info
+/// word ([`is_live`]).
+#[inline]
+pub(crate) const fn free_from_live(word: u64) -> u64 {
+    (word & !FIELD_MASK) - (((State::Live as u64) - (State::Free as u64)) << STATE_SHIFT)
+}
+
+/// Whether `word` is a live info word (magic and state in one compare).
+#[inline]
+pub(crate) const fn is_live(word: u64) -> bool {
+    word >> STATE_SHIFT == LIVE_TAG
+}
+
 /// Whether `word` is an info word (right magic) in state `state`.
 #[inline]
 pub(crate) const fn has_state(word: u64, state: State) -> bool {
@@ -343,6 +363,26 @@ impl Mem {
     #[inline]
     pub(crate) fn contains(&self, offset: u64, len: u64) -> bool {
         len <= self.len && offset.wrapping_sub(self.start) <= self.len - len
+    }
+
+    /// The limit [`Mem::holds`] compares with for `len` bytes: one past the largest 16-aligned
+    /// distance from the view's start at which `len` bytes still fit, in 16-byte steps (0, which
+    /// nothing is below, when they never fit).
+    pub(crate) fn limit_for(&self, len: u64) -> u64 {
+        match self.len.checked_sub(len) {
+            Some(room) => (room >> 4) + 1,
+            None => 0,
+        }
+    }
+
+    /// Whether `offset` is 16-aligned and the bytes `limit` was made for ([`Mem::limit_for`]) lie
+    /// in the view from it, in one compare: rotating the distance from the view's start right by
+    /// four moves a misalignment into the top bits, above any limit. The view must start
+    /// 16-aligned (arenas start on units).
+    #[inline]
+    pub(crate) fn holds(&self, offset: u64, limit: u64) -> bool {
+        debug_assert!(self.start % 16 == 0);
+        offset.wrapping_sub(self.start).rotate_right(4) < limit
     }
 
     /// The address of `offset`, after checking `len` bytes from it lie in the view.
@@ -774,6 +814,19 @@ mod tests {
         assert_eq!(free.pack() & free_word_mask(), free_pattern(17, 9));
         assert_eq!(Info::unpack(live_word(free.pack(), 77)), Some(Info { state: State::Live, size: 77, ..free }));
         assert_eq!(Info::unpack(freed_word(i.pack(), 3)), Some(Info { state: State::Free, size: 3, ..i }));
+    }
+
+    #[test]
+    fn holds_is_an_aligned_bounds_check() {
+        let mut bytes = alloc::vec![0u128; 64];
+        let mem = Mem { base: bytes.as_mut_ptr().cast(), start: 256, len: 512 };
+        let limit = mem.limit_for(48);
+        for offset in 0..1024u64 {
+            let expect = offset % 16 == 0 && offset >= 256 && offset + 48 <= 768;
+            assert_eq!(mem.holds(offset, limit), expect, "{offset}");
+        }
+        assert!(!mem.holds(256, mem.limit_for(513)));
+        assert!(!mem.holds(u64::MAX - 15, limit));
     }
 
     #[test]

@@ -120,6 +120,10 @@ impl Shared {
                                     }
                                     remote_seen += 1;
                                 }
+                                let stamp = self.arena.word(b + 8)?.load(Ordering::Relaxed);
+                                if info.state == State::Live && heap_set.contains(&stamp) && stamp != owner {
+                                    return Err(corrupt(b, "live block stamped with another heap"));
+                                }
                                 if info.size == 0 || info.size > layout.size {
                                     return Err(corrupt(b, "live block size outside its class"));
                                 }

@@ -29,8 +29,9 @@ use super::super::large::TAG_SPAN;
 use super::super::size_class::CLASS_COUNT;
 use super::super::slots::{Slot, SlotBody};
 use super::super::span::{
-    back_word, corrupt, free_pattern, free_word_mask, freed_word, fresh_word, has_state, init_span, invalid, live_word,
-    span_of_word, user_of, word_class, Info, LiveSmall, State, FIELD_MASK, LAYOUTS, SMALL_HEADER, SPAN_HEADER,
+    back_word, corrupt, free_from_live, free_pattern, free_word_mask, freed_word, fresh_word, has_state, init_span,
+    invalid, is_live, live_from_free, span_of_word, user_of, word_class, Info, LiveSmall, State, FIELD_MASK, LAYOUTS,
+    SMALL_HEADER, SPAN_HEADER,
 };
 use super::Shared;
 
@@ -140,8 +141,8 @@ impl Shared {
         let heap = unsafe { self.heaps.slot_unchecked(&self.mem, heap_off) };
         // SAFETY: the calling thread owns the heap.
         let local = unsafe { self.local(heap) };
-        let (block, word) = self.pop_free(&mut local.classes[class], class)?;
-        Some(self.hand_out(local, block, word, class, size, align))
+        let (block, word) = self.pop_free(local.classes.get_mut(class)?, class)?;
+        Some(self.hand_out(heap_off, local, block, word, class, size, align))
     }
 
     /// Allocates a block of `class` from the heap at `heap_off`, which the calling thread owns.
@@ -154,12 +155,23 @@ impl Shared {
             Some(taken) => taken,
             None => self.refill(heap_off, heap, class, size)?,
         };
-        Ok(self.hand_out(local, block, word, class, size, align))
+        Ok(self.hand_out(heap_off, local, block, word, class, size, align))
     }
 
-    /// Counts a block taken from the heap and makes it live; returns its user offset.
+    /// Counts a block taken from the heap and makes it live, stamped with the heap (see
+    /// [`Shared::free_quick`]); returns its user offset. `word` is the block's free info word.
     #[inline]
-    fn hand_out(&self, local: &mut HeapLocal, block: u64, word: u64, class: usize, size: usize, align: usize) -> u64 {
+    #[allow(clippy::too_many_arguments)]
+    fn hand_out(
+        &self,
+        heap_off: u64,
+        local: &mut HeapLocal,
+        block: u64,
+        word: u64,
+        class: usize,
+        size: usize,
+        align: usize,
+    ) -> u64 {
         let cs = &mut local.classes[class];
         cs.live = cs.live.wrapping_add(1);
         cs.live_bytes = cs.live_bytes.wrapping_add(size as u64);
@@ -171,7 +183,8 @@ impl Shared {
             if align > 16 {
                 return self.pad(block, word, size, align);
             }
-            self.arena.word_unchecked(block).store(live_word(word, size as u64), Ordering::Release);
+            self.arena.word_unchecked(block + 8).store(heap_off, Ordering::Relaxed);
+            self.arena.word_unchecked(block).store(live_from_free(word, size as u64), Ordering::Release);
         }
         block + SMALL_HEADER
     }
@@ -186,9 +199,11 @@ impl Shared {
         let user = user_of(block, SMALL_HEADER, align as u64);
         // SAFETY: the caller's promise; `user - 16 >= block + 16` as `user > block + 16`.
         unsafe {
+            // No stamp: the quick free takes only unpadded blocks.
+            self.arena.word_unchecked(block + 8).store(0, Ordering::Relaxed);
             self.arena.word_unchecked(user - 16).store(0, Ordering::Relaxed);
             self.arena.word_unchecked(user - 8).store(back_word(user - block, 0), Ordering::Relaxed);
-            self.arena.word_unchecked(block).store(live_word(word, size as u64), Ordering::Release);
+            self.arena.word_unchecked(block).store(live_from_free(word, size as u64), Ordering::Release);
         }
         user
     }
@@ -198,16 +213,18 @@ impl Shared {
     #[inline]
     fn pop_free(&self, cs: &mut ClassState, class: usize) -> Option<(u64, u64)> {
         let block = cs.free;
-        if block % 16 != 0 || !self.arena.contains(block, LAYOUTS[class].stride) {
+        if !self.arena.holds(block, self.block_limits[class]) {
             return None;
         }
-        // SAFETY: the whole block lies in the arena (checked just above), 16-aligned.
+        // SAFETY: the whole block lies in the arena, 16-aligned (checked just above).
         let (info, link) = unsafe { (self.arena.word_unchecked(block), self.arena.word_unchecked(block + 8)) };
         let word = info.load(Ordering::Relaxed);
         if word & free_word_mask() != free_pattern(class, 0) {
             return None;
         }
-        cs.free = tagged_list::decode(link.load(Ordering::Relaxed)).unwrap_or(0);
+        // Links are untagged (`tagged_list::encode`): decoding is the shift alone. A damaged
+        // link fails the bounds check of the next pop.
+        cs.free = link.load(Ordering::Relaxed).wrapping_shl(4);
         cs.count = cs.count.wrapping_sub(1);
         Some((block, word))
     }
@@ -289,28 +306,58 @@ impl Shared {
         }
     }
 
-    /// Frees a live small block of the calling thread's own heap `heap_off` onto the heap's
-    /// free list. Returns the class if its list is due for a sweep (the quick path calls
-    /// nothing).
+    /// Frees the block at `user` if it is a live unpadded small block stamped with the calling
+    /// thread's heap `heap_off` (the quick path: it calls nothing). `None` when it is not (the
+    /// full path then sorts it out); else the class if its list is due for a sweep.
+    ///
+    /// The stamp in the block's second word, written when the block was handed out, names the
+    /// heap that owns its span (spans never change heaps), so the free reads only the block's
+    /// two header words and the heap's class line. A stamp is one more word in shared memory:
+    /// a forged one can only make the heap take a block it will check again before use.
     #[inline]
+    pub(super) fn free_quick(&self, heap_off: u64, user: u64) -> Option<Option<usize>> {
+        let block = user.wrapping_sub(SMALL_HEADER);
+        if !self.arena.holds(block, self.header_limit) {
+            return None;
+        }
+        // SAFETY: `[block, block + 16)` lies in the arena, 16-aligned (checked just above).
+        let (info, stamp) = unsafe { (self.arena.word_unchecked(block), self.arena.word_unchecked(block + 8)) };
+        let word = info.load(Ordering::Acquire);
+        if !is_live(word) || stamp.load(Ordering::Relaxed) != heap_off || word_class(word) >= CLASS_COUNT {
+            return None;
+        }
+        Some(self.push_freed(heap_off, block, word))
+    }
+
+    /// Frees a live small block of the calling thread's own heap `heap_off` (found by the full
+    /// path: padded, or not stamped by the quick path's rules). Returns the class if its list is
+    /// due for a sweep.
     pub(super) fn free_local(&self, heap_off: u64, b: LiveSmall<'_>) -> Option<usize> {
+        self.push_freed(heap_off, b.block, b.word)
+    }
+
+    /// Turns a live block of our heap free and pushes it on the heap's list for its class.
+    /// `block` lies in the arena with its two header words, and `word`, its live info word,
+    /// names a class below `CLASS_COUNT`.
+    #[inline]
+    fn push_freed(&self, heap_off: u64, block: u64, word: u64) -> Option<usize> {
         // SAFETY: `heap_off` is this thread's heap (from its TLS), checked when taken.
         let heap = unsafe { self.heaps.slot_unchecked(&self.mem, heap_off) };
         // SAFETY: we own the heap.
         let local = unsafe { self.local(heap) };
-        let class = b.class();
+        let class = word_class(word);
         let cs = &mut local.classes[class];
-        // SAFETY: the block lies in the arena (`find_small` checked it).
+        // SAFETY: the caller's promise: both header words lie in the arena, 16-aligned.
         unsafe {
-            self.arena.word_unchecked(b.block).store(freed_word(b.word, 0), Ordering::Release);
+            self.arena.word_unchecked(block).store(free_from_live(word), Ordering::Release);
             self.arena
-                .word_unchecked(b.block + 8)
+                .word_unchecked(block + 8)
                 .store(tagged_list::encode((cs.free != 0).then_some(cs.free)), Ordering::Relaxed);
         }
-        cs.free = b.block;
+        cs.free = block;
         cs.count += 1;
         cs.live = cs.live.wrapping_sub(1);
-        cs.live_bytes = cs.live_bytes.wrapping_sub(b.size());
+        cs.live_bytes = cs.live_bytes.wrapping_sub(word & FIELD_MASK);
         sweep_due(cs).then_some(class)
     }
 

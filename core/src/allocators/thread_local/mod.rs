@@ -55,9 +55,10 @@ use super::common::{
 use super::fast_slot;
 use super::free_space::{FreeSpace, FreeSpaceLayout, FreeSpaceState, UNIT};
 use super::large;
+use super::size_class::CLASS_COUNT;
 use super::slots::{Chunk, SlotTable};
 use super::span::{
-    class_for, corrupt, explain_free, find_live, find_small, invalid, live_block, quick_class, Found, Mem, LAYOUTS,
+    class_for, corrupt, explain_free, find_live, invalid, live_block, quick_class, Found, Mem, LAYOUTS, SMALL_HEADER,
 };
 use heap::HeapBody;
 
@@ -98,6 +99,10 @@ struct Shared {
     arena: Mem,
     fs: FreeSpace,
     heaps: SlotTable<HeapBody>,
+    /// Per class, the [`Mem::holds`] limit of a block of the class in the arena.
+    block_limits: [u64; CLASS_COUNT],
+    /// The [`Mem::holds`] limit of a small block's two header words in the arena.
+    header_limit: u64,
 }
 
 // SAFETY: `header` points into `region`, kept mapped by `Shared`; shared parts of the header are
@@ -185,7 +190,9 @@ impl<T: ThreadModel> ThreadLocalAllocator<T> {
         let heaps = SlotTable::new(chunk);
         // SAFETY: `release_at_exit` accepts exactly the values this allocator stores.
         let key = unsafe { T::tls_create(Some(release_at_exit)) }?;
-        let shared = Arc::new(Shared { region, header, mem, arena, fs, heaps });
+        let block_limits = core::array::from_fn(|c| arena.limit_for(LAYOUTS[c].stride));
+        let header_limit = arena.limit_for(SMALL_HEADER);
+        let shared = Arc::new(Shared { region, header, mem, arena, fs, heaps, block_limits, header_limit });
         Ok(ThreadLocalAllocator { shared, id, key, instance: fast_slot::new_instance(), _model: PhantomData })
     }
 
@@ -394,14 +401,12 @@ impl<T: ThreadModel> RegionAllocator for ThreadLocalAllocator<T> {
         // The quick path: a small block of the calling thread's own heap; anything else goes to
         // the full path.
         let s = &self.shared;
-        if let Some(b) = find_small(&s.arena, ptr.get()) {
-            let heap = fast_slot::get(self.instance);
-            if heap > NO_HEAP && b.header.owner.load(Ordering::Acquire) == heap {
-                let class = s.free_local(heap, b);
-                if class.is_none() {
-                    return Ok(());
-                }
-                return s.sweep_class(heap, class);
+        let heap = fast_slot::get(self.instance);
+        if heap > NO_HEAP {
+            match s.free_quick(heap, ptr.get()) {
+                Some(None) => return Ok(()),
+                Some(sweep) => return s.sweep_class(heap, sweep),
+                None => {}
             }
         }
         self.free_other(ptr)
