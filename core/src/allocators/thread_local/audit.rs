@@ -21,7 +21,7 @@ impl Shared {
             // Counters of heaps other threads own are read racily: figures, not invariants.
             let local = self.local_snapshot(self.heaps.slot(&self.mem, offset)?);
             for (c, cs) in local.classes.iter().enumerate() {
-                counts.add(c, cs.live, cs.allocations, cs.live_bytes);
+                counts.add(c, cs.live(), cs.allocations, cs.live_bytes);
             }
         }
         Ok(counts)
@@ -70,7 +70,7 @@ impl Shared {
                     }
                     Ok(())
                 })?;
-                if n != cs.count {
+                if n != cs.count() {
                     return Err(corrupt(offset, "heap free list longer or shorter than its count"));
                 }
                 if cs.bump_span != 0
@@ -156,11 +156,11 @@ impl Shared {
             for class in 0..CLASS_COUNT {
                 let (n, bytes) = live.get(&(offset, class)).copied().unwrap_or_default();
                 let cs = &local.classes[class];
-                if cs.live != n || cs.live_bytes != bytes {
+                if cs.live() != n || cs.live_bytes != bytes {
                     return Err(corrupt(offset, "heap counters disagree with its blocks"));
                 }
-                if cs.allocations < cs.live {
-                    return Err(corrupt(offset, "heap has more live blocks than allocations"));
+                if cs.frees > cs.allocations {
+                    return Err(corrupt(offset, "heap has more frees than allocations"));
                 }
             }
         }

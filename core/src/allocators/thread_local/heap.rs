@@ -39,22 +39,71 @@ use super::Shared;
 const COLLECT_BATCH: usize = 32;
 
 /// One class's state in a heap: one cache line, written by the owner only.
+///
+/// An allocation adds to `allocations` and `live_bytes`, a free (local, or collected from the
+/// remote list) to `frees` and takes from `live_bytes`; the rest is derived: live blocks are
+/// `allocations - frees` (remote frees count until collected), free-list blocks `blocks -
+/// live`. Slow paths (bumping, sweeping, repair) move `blocks` and the sweep threshold.
 #[repr(C, align(64))]
 #[derive(Clone, Copy, Default)]
 pub(super) struct ClassState {
     /// The first free block (0 = none); the list links through the blocks' second words.
     pub(super) free: u64,
-    /// Blocks on the free list.
-    pub(super) count: u64,
+    /// Blocks given back to the heap's free list since the heap was made.
+    pub(super) frees: u64,
+    /// Blocks handed out since the heap was made.
+    pub(super) allocations: u64,
+    /// Requested bytes of the live blocks.
+    pub(super) live_bytes: u64,
     /// The span new blocks are bumped from (0 = none).
     pub(super) bump_span: u64,
-    pub(super) live: u64,
-    pub(super) live_bytes: u64,
-    pub(super) allocations: u64,
+    /// Blocks of the class the heap holds that were handed out at least once: live and free.
+    pub(super) blocks: u64,
     /// Sweep when the free list is longer than this: twice its length after the last sweep,
     /// plus two spans' worth (set when the class gets its first span; 0 until then).
-    pub(super) sweep_at: u64,
-    pub(super) _pad: u64,
+    sweep_at: u64,
+    /// `sweep_at - blocks`, so a free tests the threshold against its own counters alone.
+    sweep_mark: u64,
+}
+
+impl ClassState {
+    /// Live blocks (remote frees not yet collected included).
+    #[inline]
+    pub(super) fn live(&self) -> u64 {
+        self.allocations.wrapping_sub(self.frees)
+    }
+
+    /// Blocks on the free list.
+    #[inline]
+    pub(super) fn count(&self) -> u64 {
+        self.blocks.wrapping_sub(self.live())
+    }
+
+    /// Whether the free list is longer than the sweep threshold: `blocks - live > sweep_at`,
+    /// rearranged so that only the counters a free just wrote vary.
+    #[inline]
+    fn sweep_due(&self) -> bool {
+        (self.frees.wrapping_sub(self.allocations) as i64) > self.sweep_mark as i64
+    }
+
+    /// Sets the sweep threshold (a free-list length).
+    pub(super) fn set_sweep_at(&mut self, at: u64) {
+        self.sweep_at = at;
+        self.sweep_mark = at.wrapping_sub(self.blocks);
+    }
+
+    /// Sets how many blocks the heap holds, keeping the threshold.
+    pub(super) fn set_blocks(&mut self, blocks: u64) {
+        self.blocks = blocks;
+        self.set_sweep_at(self.sweep_at);
+    }
+
+    /// Counts a block given back to the free list.
+    #[inline]
+    fn count_free(&mut self, size: u64) {
+        self.frees = self.frees.wrapping_add(1);
+        self.live_bytes = self.live_bytes.wrapping_sub(size);
+    }
 }
 
 /// The owner-only part of a heap.
@@ -91,12 +140,6 @@ pub(super) type Heap = Slot<HeapBody>;
 /// The sweep threshold for a free list of `count` blocks after a sweep.
 pub(super) fn sweep_limit(count: u64, class: usize) -> u64 {
     2 * count + 2 * LAYOUTS[class].blocks
-}
-
-/// When a class's free list is long enough to sweep (see [`ClassState::sweep_at`]).
-#[inline]
-fn sweep_due(cs: &ClassState) -> bool {
-    cs.count > cs.sweep_at
 }
 
 impl Shared {
@@ -173,9 +216,8 @@ impl Shared {
         align: usize,
     ) -> u64 {
         let cs = &mut local.classes[class];
-        cs.live = cs.live.wrapping_add(1);
-        cs.live_bytes = cs.live_bytes.wrapping_add(size as u64);
         cs.allocations = cs.allocations.wrapping_add(1);
+        cs.live_bytes = cs.live_bytes.wrapping_add(size as u64);
         // SAFETY: `block` lies whole in the arena (checked by `pop_free`, or a block of a span
         // checked whole by `refill`), and its user bytes with their padding (`class_for` counted
         // it) lie in the block.
@@ -225,7 +267,6 @@ impl Shared {
         // Links are untagged (`tagged_list::encode`): decoding is the shift alone. A damaged
         // link fails the bounds check of the next pop.
         cs.free = link.load(Ordering::Relaxed).wrapping_shl(4);
-        cs.count = cs.count.wrapping_sub(1);
         Some((block, word))
     }
 
@@ -251,12 +292,14 @@ impl Shared {
                 if (*bump as u64) < layout.blocks {
                     let index = *bump as u64;
                     *bump += 1;
+                    let cs = &mut local.classes[class];
+                    cs.set_blocks(cs.blocks + 1);
                     return Ok((span + SPAN_HEADER + index * layout.stride, fresh_word(class, index, 0)));
                 }
             }
             local.classes[class].bump_span = self.new_span(heap_off, class, size)?;
             let cs = &mut local.classes[class];
-            cs.sweep_at = cs.sweep_at.max(sweep_limit(cs.count, class));
+            cs.set_sweep_at(cs.sweep_at.max(sweep_limit(cs.count(), class)));
         }
         Err(corrupt(heap_off, "fresh span has no block"))
     }
@@ -355,10 +398,8 @@ impl Shared {
                 .store(tagged_list::encode((cs.free != 0).then_some(cs.free)), Ordering::Relaxed);
         }
         cs.free = block;
-        cs.count += 1;
-        cs.live = cs.live.wrapping_sub(1);
-        cs.live_bytes = cs.live_bytes.wrapping_sub(word & FIELD_MASK);
-        sweep_due(cs).then_some(class)
+        cs.count_free(word & FIELD_MASK);
+        cs.sweep_due().then_some(class)
     }
 
     /// Sweeps `class` of our heap (after a free made it due).
@@ -430,8 +471,8 @@ impl Shared {
             self.arena.store_link(last, None);
         }
         cs.free = kept.first().copied().unwrap_or(0);
-        cs.count = kept.len() as u64;
-        cs.sweep_at = sweep_limit(cs.count, class);
+        cs.set_blocks(cs.live() + kept.len() as u64);
+        cs.set_sweep_at(sweep_limit(kept.len() as u64, class));
         if released.binary_search(&cs.bump_span).is_ok() {
             cs.bump_span = 0;
         }
@@ -484,16 +525,14 @@ impl Shared {
             for &(b, size) in &batch[..k] {
                 self.arena.store_link(b, (cs.free != 0).then_some(cs.free));
                 cs.free = b;
-                cs.count += 1;
-                cs.live = cs.live.wrapping_sub(1);
-                cs.live_bytes = cs.live_bytes.wrapping_sub(size);
+                cs.count_free(size);
             }
             seen += k as u64;
             if seen > limit {
                 return Err(corrupt(first, "remote list longer than its blocks can be (a cycle)"));
             }
         }
-        if sweep_due(&local.classes[class]) {
+        if local.classes[class].sweep_due() {
             self.sweep(local, class, false)?;
         }
         Ok(())

@@ -62,7 +62,8 @@ use super::span::{
 };
 use heap::HeapBody;
 
-const TYPE_ID: u32 = 0x544C_4131; // "TLA1"
+/// "TLA2": heap class lines count frees (not live blocks), and live blocks carry their heap.
+const TYPE_ID: u32 = 0x544C_4132;
 
 /// What the fast-slot cache holds for a thread known to have no heap (never a heap offset, which
 /// is 64-aligned).

@@ -108,7 +108,12 @@ impl Shared {
             self.repair_span(local, span, class, free_dead)?;
         }
         for (c, allocs) in allocations.into_iter().enumerate() {
-            local.classes[c].allocations = allocs.max(local.classes[c].live);
+            // `repair_span` counted the live blocks in `allocations`, with no frees.
+            let cs = &mut local.classes[c];
+            let live = cs.allocations;
+            cs.allocations = allocs.max(live);
+            cs.frees = cs.allocations - live;
+            cs.set_sweep_at(sweep_limit(cs.count(), c));
         }
         for base in dead_large {
             let _ = large::free(&self.fs, &self.arena, base);
@@ -158,14 +163,13 @@ impl Shared {
             return self.release_span(span);
         }
         let cs = &mut local.classes[class];
+        cs.blocks += free.len() as u64 + kept;
         for b in free {
             self.arena.store_link(b, (cs.free != 0).then_some(cs.free));
             cs.free = b;
-            cs.count += 1;
         }
-        cs.live += kept;
+        cs.allocations += kept;
         cs.live_bytes += bytes;
-        cs.sweep_at = sweep_limit(cs.count, class);
         Ok(())
     }
 }
