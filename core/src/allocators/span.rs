@@ -767,11 +767,15 @@ pub(crate) fn user_of_live(mem: &Mem, block: u64, class: usize) -> Result<u64> {
 #[inline]
 pub(crate) fn quick_class(size: usize, align: usize) -> Option<usize> {
     // Bits 1, 2, 4, 8 and 16: the powers of two up to 16.
-    if align > 16 || (0x10116u32 >> align) & 1 == 0 || size.wrapping_sub(1) >= SMALL_MAX {
+    if align > 16 || (0x10116u32 >> align) & 1 == 0 {
         return None;
     }
-    if size <= 1024 {
+    // 1..=1024 in one compare (0 wraps past it).
+    if size.wrapping_sub(1) < 1024 {
         return Some(SMALL_CLASSES[size.div_ceil(16)] as usize);
+    }
+    if size.wrapping_sub(1) >= SMALL_MAX {
+        return None;
     }
     super::size_class::class_of(size)
 }

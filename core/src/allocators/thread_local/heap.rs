@@ -366,30 +366,36 @@ impl Shared {
         // SAFETY: `[block, block + 16)` lies in the arena, 16-aligned (checked just above).
         let (info, stamp) = unsafe { (self.arena.word_unchecked(block), self.arena.word_unchecked(block + 8)) };
         let word = info.load(Ordering::Acquire);
-        if !is_live(word) || stamp.load(Ordering::Relaxed) != heap_off || word_class(word) >= CLASS_COUNT {
+        if !is_live(word) || stamp.load(Ordering::Relaxed) != heap_off {
             return None;
         }
-        Some(self.push_freed(heap_off, block, word))
+        // SAFETY: `heap_off` is this thread's heap (from its TLS), checked when taken.
+        let heap = unsafe { self.heaps.slot_unchecked(&self.mem, heap_off) };
+        // SAFETY: we own the heap.
+        let local = unsafe { self.local(heap) };
+        let class = word_class(word);
+        let cs = local.classes.get_mut(class)?;
+        Some(self.push_freed(cs, block, word).then_some(class))
     }
 
     /// Frees a live small block of the calling thread's own heap `heap_off` (found by the full
     /// path: padded, or not stamped by the quick path's rules). Returns the class if its list is
     /// due for a sweep.
     pub(super) fn free_local(&self, heap_off: u64, b: LiveSmall<'_>) -> Option<usize> {
-        self.push_freed(heap_off, b.block, b.word)
-    }
-
-    /// Turns a live block of our heap free and pushes it on the heap's list for its class.
-    /// `block` lies in the arena with its two header words, and `word`, its live info word,
-    /// names a class below `CLASS_COUNT`.
-    #[inline]
-    fn push_freed(&self, heap_off: u64, block: u64, word: u64) -> Option<usize> {
         // SAFETY: `heap_off` is this thread's heap (from its TLS), checked when taken.
         let heap = unsafe { self.heaps.slot_unchecked(&self.mem, heap_off) };
         // SAFETY: we own the heap.
         let local = unsafe { self.local(heap) };
-        let class = word_class(word);
-        let cs = &mut local.classes[class];
+        let class = b.class();
+        let cs = local.classes.get_mut(class)?;
+        self.push_freed(cs, b.block, b.word).then_some(class)
+    }
+
+    /// Turns a live block of our heap free and pushes it on `cs`, the heap's list for its class;
+    /// returns whether the list is due for a sweep. `block` lies in the arena with its two
+    /// header words, and `word` is its live info word.
+    #[inline]
+    fn push_freed(&self, cs: &mut ClassState, block: u64, word: u64) -> bool {
         // SAFETY: the caller's promise: both header words lie in the arena, 16-aligned.
         unsafe {
             self.arena.word_unchecked(block).store(free_from_live(word), Ordering::Release);
@@ -399,7 +405,7 @@ impl Shared {
         }
         cs.free = block;
         cs.count_free(word & FIELD_MASK);
-        cs.sweep_due().then_some(class)
+        cs.sweep_due()
     }
 
     /// Sweeps `class` of our heap (after a free made it due).
