@@ -41,6 +41,16 @@ mod imp {
         }
     }
 
+    /// The calling thread's slot in allocator `instance` if it is the entry found last, else 0:
+    /// for fast paths that leave every other case to their full path (no call, no spills).
+    #[inline]
+    pub(crate) fn get_last(instance: u64) -> u64 {
+        match LAST.try_with(Cell::get) {
+            Ok((i, slot)) if i == instance => slot,
+            _ => 0,
+        }
+    }
+
     /// [`get`] past the last entry: the direct-mapped ways, which then become the last entry.
     #[inline(never)]
     fn get_way(instance: u64) -> u64 {
@@ -146,6 +156,10 @@ mod imp {
     pub(crate) fn get(_instance: u64) -> u64 {
         0
     }
+    #[inline]
+    pub(crate) fn get_last(_instance: u64) -> u64 {
+        0
+    }
     pub(crate) fn set(_instance: u64, _slot: u64) {}
     pub(crate) fn clear(_instance: u64) {}
     pub(crate) fn hold(_instance: u64, _slot: u64, _release: Box<dyn FnOnce()>) -> bool {
@@ -159,4 +173,4 @@ mod imp {
     }
 }
 
-pub(crate) use imp::{clear, get, held, hold, release, set};
+pub(crate) use imp::{clear, get, get_last, held, hold, release, set};

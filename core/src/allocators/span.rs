@@ -256,15 +256,29 @@ const _: () = {
     }
 };
 
-/// Requests up to 1024 bytes: their class, by `(size + 15) / 16`.
-static SMALL_CLASSES: [u8; 65] = small_classes();
+/// Entries of [`SMALL_CLASSES`]: one per 16 bytes up to [`SMALL_MAX`].
+const TABLE_LEN: usize = SMALL_MAX / 16 + 1;
 
-const fn small_classes() -> [u8; 65] {
-    let mut out = [0u8; 65];
+// Every entry names a class, so a class from the table indexes per-class arrays unchecked.
+const _: () = {
+    let t = small_classes();
+    let mut i = 0;
+    while i < TABLE_LEN {
+        assert!((t[i] as usize) < CLASS_COUNT);
+        i += 1;
+    }
+};
+
+/// Every small request's class, by `(size + 15) / 16` (1 KiB: a lookup instead of a logarithm
+/// on the fast path).
+static SMALL_CLASSES: [u8; TABLE_LEN] = small_classes();
+
+const fn small_classes() -> [u8; TABLE_LEN] {
+    let mut out = [0u8; TABLE_LEN];
     let mut i = 1;
-    while i <= 64 {
+    let mut c = 0;
+    while i < TABLE_LEN {
         // The classes are sorted: the first whose size holds 16 * i bytes.
-        let mut c = 0;
         while class_size(c) < i * 16 {
             c += 1;
         }
@@ -770,14 +784,14 @@ pub(crate) fn quick_class(size: usize, align: usize) -> Option<usize> {
     if align > 16 || (0x10116u32 >> align) & 1 == 0 {
         return None;
     }
-    // 1..=1024 in one compare (0 wraps past it).
-    if size.wrapping_sub(1) < 1024 {
-        return Some(SMALL_CLASSES[size.div_ceil(16)] as usize);
-    }
+    // 1..=SMALL_MAX in one compare (0 wraps past it).
     if size.wrapping_sub(1) >= SMALL_MAX {
         return None;
     }
-    super::size_class::class_of(size)
+    let class = SMALL_CLASSES[size.div_ceil(16)] as usize;
+    // SAFETY: every entry of the table is below CLASS_COUNT (checked at compile time above).
+    unsafe { core::hint::assert_unchecked(class < CLASS_COUNT) };
+    Some(class)
 }
 
 /// The smallest class whose blocks fit `size` bytes at alignment `align` (padding included),
@@ -785,13 +799,7 @@ pub(crate) fn quick_class(size: usize, align: usize) -> Option<usize> {
 #[inline]
 pub(crate) fn class_for(size: usize, align: usize) -> Option<usize> {
     let need = if align <= 16 { size } else { size.checked_add(align - 16)? };
-    if need <= 1024 {
-        return Some(SMALL_CLASSES[need.div_ceil(16)] as usize);
-    }
-    if need > SMALL_MAX {
-        return None;
-    }
-    super::size_class::class_of(need)
+    (need <= SMALL_MAX).then(|| SMALL_CLASSES[need.div_ceil(16)] as usize)
 }
 
 /// Units a large request needs.
@@ -859,10 +867,13 @@ mod tests {
 
     #[test]
     fn the_class_table_agrees_with_the_formula() {
-        for size in 1..=2048 {
+        for size in 1..=SMALL_MAX + 1 {
             for align in [1, 8, 16, 32, 256] {
                 let need = if align <= 16 { size } else { size + align - 16 };
                 assert_eq!(class_for(size, align), super::super::size_class::class_of(need), "{size} {align}");
+                if align <= 16 {
+                    assert_eq!(quick_class(size, align), class_for(size, align), "{size} {align}");
+                }
             }
         }
     }

@@ -42,8 +42,25 @@ impl Shared {
         // Remote blocks, and the free blocks of each heap (block -> heap).
         let mut remote = BTreeSet::new();
         let mut listed: BTreeMap<u64, u64> = BTreeMap::new();
+        // Blocks whose remote free a dead thread left to their owner to settle.
+        let mut orphaned = BTreeSet::new();
+        let mut awaited = BTreeSet::new();
         for &offset in &heaps {
             let h = self.heaps.slot(&self.mem, offset)?;
+            for o in &h.body.orphans.0 {
+                let freer = o.load(Ordering::Acquire);
+                if freer != 0 {
+                    let f = self.heaps.slot(&self.mem, freer)?;
+                    orphaned.insert(f.body.in_flight.0.load(Ordering::Acquire));
+                    awaited.insert(freer);
+                }
+            }
+        }
+        for &offset in &heaps {
+            let h = self.heaps.slot(&self.mem, offset)?;
+            if h.body.in_flight.0.load(Ordering::Acquire) != 0 && !awaited.contains(&offset) {
+                return Err(corrupt(offset, "a remote free was left half done (reclaim first)"));
+            }
             let local = self.local_snapshot(h);
             for class in 0..CLASS_COUNT {
                 if h.body.pending.0[class].load(Ordering::Acquire) != 0 {
@@ -115,10 +132,11 @@ impl Shared {
                             State::Free => return Err(corrupt(b, "free block on no list of its heap")),
                             State::Live | State::Remote => {
                                 if info.state == State::Remote {
-                                    if !remote.contains(&b) {
+                                    if remote.contains(&b) {
+                                        remote_seen += 1;
+                                    } else if !orphaned.contains(&b) {
                                         return Err(corrupt(b, "remotely freed block on no remote list"));
                                     }
-                                    remote_seen += 1;
                                 }
                                 let stamp = self.arena.word(b + 8)?.load(Ordering::Relaxed);
                                 if info.state == State::Live && heap_set.contains(&stamp) && stamp != owner {

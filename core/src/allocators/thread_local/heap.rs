@@ -49,16 +49,17 @@ const COLLECT_BATCH: usize = 32;
 pub(super) struct ClassState {
     /// The first free block (0 = none); the list links through the blocks' second words.
     pub(super) free: u64,
-    /// Blocks given back to the heap's free list since the heap was made.
-    pub(super) frees: u64,
-    /// Blocks handed out since the heap was made.
-    pub(super) allocations: u64,
     /// Requested bytes of the live blocks.
     pub(super) live_bytes: u64,
     /// The span new blocks are bumped from (0 = none).
     pub(super) bump_span: u64,
+    /// Blocks handed out since the heap was made. (The counters an operation writes are not
+    /// neighbours, so they stay scalar additions.)
+    pub(super) allocations: u64,
     /// Blocks of the class the heap holds that were handed out at least once: live and free.
     pub(super) blocks: u64,
+    /// Blocks given back to the heap's free list since the heap was made.
+    pub(super) frees: u64,
     /// Sweep when the free list is longer than this: twice its length after the last sweep,
     /// plus two spans' worth (set when the class gets its first span; 0 until then).
     sweep_at: u64,
@@ -123,12 +124,36 @@ pub(super) struct Pending(pub(super) [AtomicU64; CLASS_COUNT]);
 #[repr(C, align(64))]
 pub(super) struct RemoteLists(pub(super) [TaggedOffsetList; CLASS_COUNT]);
 
+/// The block the heap's thread is freeing into another heap right now (0 = none): recorded
+/// before the block is marked remote and cleared after it is pushed, so a repairer of a thread
+/// killed in between knows which block to settle.
+#[repr(C, align(64))]
+pub(super) struct InFlight(pub(super) AtomicU64);
+
+/// Per class: a heap whose thread died in the middle of a remote free of one of our blocks, left
+/// for us to settle (0 = none; see [`Shared::settle_orphan`]).
+#[repr(C, align(64))]
+pub(super) struct Orphans(pub(super) [AtomicU64; CLASS_COUNT]);
+
 /// A heap: what the thread-local allocator keeps in each thread slot.
 #[repr(C)]
 pub(crate) struct HeapBody {
     pub(super) local: LocalCell,
     pub(super) pending: Pending,
     pub(super) remote: RemoteLists,
+    pub(super) in_flight: InFlight,
+    pub(super) orphans: Orphans,
+}
+
+/// The owner word of a dead thread's heap kept until the owner of the block it was freeing has
+/// settled that free (no process token has all bits set).
+pub(super) const AWAITING_OWNER: u64 = u64::MAX;
+
+/// What a remote freer writes into the first user word of the block it frees, before marking
+/// it: its heap, with the top bit set (a user word like any other until then).
+#[inline]
+pub(super) const fn freer_mark(freer: u64) -> u64 {
+    (1 << 63) | freer
 }
 
 // SAFETY: integers, atomics and lists of atomics, all valid as zeroes and for any bits.
@@ -341,7 +366,7 @@ impl Shared {
     pub(super) fn free_small(&self, my_heap: u64, b: LiveSmall<'_>) -> Result<()> {
         let owner = b.header.owner.load(Ordering::Acquire);
         if owner != my_heap || my_heap == 0 {
-            return self.free_remote(owner, b.block, b.info());
+            return self.free_remote(my_heap, owner, b.block, b.info());
         }
         match self.free_local(my_heap, b) {
             None => Ok(()),
@@ -418,19 +443,93 @@ impl Shared {
     }
 
     /// A free by a thread that does not own the block's heap: mark it remote and push it on the
-    /// owner's remote list.
+    /// owner's remote list. `freer` is the calling thread's heap (0 if it could get none), where
+    /// the free is recorded while it is under way.
     #[inline(never)]
-    fn free_remote(&self, owner: u64, block: u64, info: Info) -> Result<()> {
+    pub(super) fn free_remote(&self, freer: u64, owner: u64, block: u64, info: Info) -> Result<()> {
+        let heap = self.mark_remote(freer, owner, block, info)?;
+        self.push_remote(freer, owner, heap, block, info.class)
+    }
+
+    /// The first half of a remote free: records the block in the freer's heap and in the block
+    /// itself, then marks it remote. Returns the owner's heap.
+    pub(super) fn mark_remote(&self, freer: u64, owner: u64, block: u64, info: Info) -> Result<&Heap> {
         let heap = self.heaps.slot(&self.mem, owner)?;
-        self.arena
-            .info(block)?
-            .compare_exchange(info.pack(), info.with_state(State::Remote).pack(), Ordering::AcqRel, Ordering::Relaxed)
-            .map_err(|_| invalid(block, "already freed"))?;
-        heap.body.remote.0[info.class].push(&self.arena, block);
+        let record = match freer {
+            0 => None,
+            f => Some(&self.heaps.slot(&self.mem, f)?.body.in_flight.0),
+        };
+        if let Some(r) = record {
+            r.store(block, Ordering::Release);
+            // Every block has 16 user bytes or more past its header.
+            self.arena.word(block + SMALL_HEADER)?.store(freer_mark(freer), Ordering::Release);
+        }
+        let marked = self.arena.info(block)?.compare_exchange(
+            info.pack(),
+            info.with_state(State::Remote).pack(),
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+        if marked.is_err() {
+            if let Some(r) = record {
+                r.store(0, Ordering::Release);
+            }
+            return Err(invalid(block, "already freed"));
+        }
+        Ok(heap)
+    }
+
+    /// The second half: pushes the marked block on its owner's remote list and clears the record.
+    fn push_remote(&self, freer: u64, owner: u64, heap: &Heap, block: u64, class: usize) -> Result<()> {
+        heap.body.remote.0[class].push(&self.arena, block);
+        if freer != 0 {
+            self.heaps.slot(&self.mem, freer)?.body.in_flight.0.store(0, Ordering::Release);
+        }
         if heap.owner.load(Ordering::Acquire) == 0 {
             self.drain(owner)?;
         }
         Ok(())
+    }
+
+    /// Settles the remote free a dead thread of heap `freer` left to us (the owner of the block,
+    /// `heap_off`, holding our heap): the block goes on our free list if it is still marked
+    /// remote by that thread, since we have taken our remote list since, so it was never pushed
+    /// (if it was, collecting it turned it free). Then the freer's heap is let go.
+    ///
+    /// The steps are ordered so that an owner killed between any two leaves a state its repairer
+    /// settles the same way, or a freer's heap that [`reclaim`](super::recovery) lets go.
+    pub(super) fn settle_orphan(&self, heap_off: u64, heap: &Heap, class: usize, freer: u64) -> Result<()> {
+        let f = self.heaps.slot(&self.mem, freer)?;
+        let block = f.body.in_flight.0.load(Ordering::Acquire);
+        if let Some((w, word)) = self.orphan_block(heap_off, class, freer, block) {
+            w.store(freed_word(word, 0), Ordering::Release);
+            // SAFETY: we hold the heap.
+            let cs = &mut unsafe { self.local(heap) }.classes[class];
+            self.arena.store_link(block, (cs.free != 0).then_some(cs.free));
+            cs.free = block;
+            cs.count_free(word & FIELD_MASK);
+        }
+        f.body.in_flight.0.store(0, Ordering::Release);
+        heap.body.orphans.0[class].store(0, Ordering::Release);
+        let released = f.owner.compare_exchange(AWAITING_OWNER, 0, Ordering::AcqRel, Ordering::Relaxed).is_ok();
+        if released && f.body.remote.0.iter().any(|l| !l.is_empty()) {
+            self.drain(freer)?;
+        }
+        Ok(())
+    }
+
+    /// The info word (and its value) of `block` if it is a block of `class` of heap `heap_off`
+    /// still marked remote by the thread of heap `freer`.
+    pub(super) fn orphan_block(&self, heap_off: u64, class: usize, freer: u64, block: u64) -> Option<(&AtomicU64, u64)> {
+        let w = self.arena.word_at(block).filter(|_| block % 16 == 0)?;
+        let word = w.load(Ordering::Acquire);
+        let span = span_of_word(block, word);
+        let ours = has_state(word, State::Remote)
+            && word_class(word) == class
+            && self.arena.class_span(span, class)?.owner.load(Ordering::Relaxed) == heap_off
+            && block.wrapping_sub(span + SPAN_HEADER) < LAYOUTS[class].area
+            && self.arena.word_at(block + SMALL_HEADER)?.load(Ordering::Acquire) == freer_mark(freer);
+        ours.then_some((w, word))
     }
 
     /// Returns the spans of `class` whose blocks are all on the free list (keeping the bump span
@@ -497,6 +596,17 @@ impl Shared {
     /// Moves the remote frees of `class` to the free list (owner only), journaled in the heap's
     /// `pending` word (see the module docs).
     pub(super) fn collect(&self, heap_off: u64, heap: &Heap, class: usize) -> Result<()> {
+        // Read before the list is taken: a block the orphan's freer pushed is then in the chain.
+        let orphan = heap.body.orphans.0[class].load(Ordering::Acquire);
+        self.collect_chain(heap_off, heap, class)?;
+        if orphan != 0 {
+            self.settle_orphan(heap_off, heap, class, orphan)?;
+        }
+        Ok(())
+    }
+
+    /// Takes the remote list of `class` and puts its blocks on the free list.
+    fn collect_chain(&self, heap_off: u64, heap: &Heap, class: usize) -> Result<()> {
         let pending = &heap.body.pending.0[class];
         let Some(first) = heap.body.remote.0[class].take_recorded(pending) else {
             return Ok(());

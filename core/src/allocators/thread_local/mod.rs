@@ -8,24 +8,33 @@
 //!               per class, one cache line: free list, span to bump from, counters  (owner only)
 //!               per class: the remote chain being collected                  (owner, for repair)
 //!               per class: remote-free list                                  (any thread)
+//!               the block this heap's thread is freeing into another heap    (its thread)
+//!               per class: a dead freer's heap whose free we must settle     (repairers)
+//! live block    [info][heap that handed it out][user bytes ...]
 //! ```
 //!
 //! A thread finds its heap through the [`ThreadModel`]'s TLS, cached (with `std`) in a
 //! thread-local slot keyed by the allocator instance, so the fast path finds it with one load.
 //! It allocates from its heap's free list for the class (blocks of any of its spans, last freed
-//! first) or bumps into its newest span; a free by the owner pushes on that list. The fast paths
-//! touch the heap's class line, the block and (on a free) its span's header, read only; they
-//! call nothing and build no error value: anything else goes to the full path.
+//! first) or bumps into its newest span; a free by the owner pushes on that list. A block handed
+//! out unpadded carries its heap's offset in its second word, so the quick free reads only the
+//! block's two header words and the heap's class line: a live info word and the calling thread's
+//! heap there make it ours (spans never change heaps). Each offset read from shared memory is
+//! bounds-checked with one compare against a limit computed at open ([`Mem::holds`]). The fast
+//! paths call nothing and build no error value: anything else goes to the full path.
 //!
 //! A free by any other thread or process marks the block remote and pushes it on its owner
 //! heap's remote list for the class (one CAS); the owner collects that list in bulk when its
 //! free list runs dry, recording the chain it took in the heap first ([`heap`]), so an owner
-//! killed halfway through leaves every block findable. When a free list has doubled since the
-//! last sweep, spans whose blocks are all free go back to the free-space manager; on a trim and
-//! when the thread exits, all of them do. A heap whose thread has exited is released for the
-//! next thread; a heap whose process died (its owner word names a process that no longer runs,
-//! by id and start time, see [`liveness`](crate::liveness)) is repaired from its blocks' headers
-//! and released ([`recovery`]), on attach, when space runs short, or on
+//! killed halfway through leaves every block findable. The freer records the block in its own
+//! heap (and its heap in the block's first user word) before marking it, and clears the record
+//! after the push; a repairer of a freer killed in between hands the block to its owner, which
+//! alone can tell (after taking its remote list) whether it was pushed. When a free list has
+//! doubled since the last sweep, spans whose blocks are all free go back to the free-space
+//! manager; on a trim and when the thread exits, all of them do. A heap whose thread has exited
+//! is released for the next thread; a heap whose process died (its owner word names a process
+//! that no longer runs, by id and start time, see [`liveness`](crate::liveness)) is repaired
+//! from its blocks' headers and released ([`recovery`]), on attach, when space runs short, or on
 //! [`ThreadLocalAllocator::reclaim`].
 
 mod audit;
@@ -245,12 +254,22 @@ impl<T: ThreadModel> ThreadLocalAllocator<T> {
         Ok(heap)
     }
 
-    /// The calling thread's heap if it has one (frees do not create heaps), else 0.
+    /// The calling thread's heap if it has one, else 0 (a local free needs none).
     #[inline]
     fn existing_heap(&self) -> u64 {
         match fast_slot::get(self.instance) {
             0 => self.tls_heap(),
             NO_HEAP => 0,
+            heap => heap,
+        }
+    }
+
+    /// The calling thread's heap for a free of a block of heap `owner`: a remote free is
+    /// recorded in the freer's heap while under way (see [`heap`]), so a thread without one
+    /// takes one; 0 if it cannot (the free then goes unrecorded).
+    fn freeing_heap(&self, owner: u64) -> u64 {
+        match self.existing_heap() {
+            0 if owner != 0 => self.thread_heap().unwrap_or(0),
             heap => heap,
         }
     }
@@ -323,7 +342,7 @@ impl<T: ThreadModel> ThreadLocalAllocator<T> {
         let s = &self.shared;
         let user = ptr.offset().ok_or(invalid(ptr.get(), "null pointer"))?;
         match find_live(&s.arena, user) {
-            Some(Found::Small(b)) => s.free_small(self.existing_heap(), b),
+            Some(Found::Small(b)) => s.free_small(self.freeing_heap(b.header.owner.load(Ordering::Acquire)), b),
             Some(Found::Large { block }) => large::free(&s.fs, &s.arena, block),
             None => Err(explain_free(&s.arena, user)),
         }
@@ -357,7 +376,7 @@ impl<T: ThreadModel> RegionAllocator for ThreadLocalAllocator<T> {
     fn allocate(&self, size: usize, align: usize) -> Result<OffsetPtr> {
         // The quick path calls nothing: anything it cannot finish goes to the full path.
         if let Some(class) = quick_class(size, align) {
-            let heap = fast_slot::get(self.instance);
+            let heap = fast_slot::get_last(self.instance);
             if heap > NO_HEAP {
                 if let Some(user) = self.shared.allocate_quick(heap, class, size, align) {
                     return Ok(OffsetPtr::new(user));
@@ -402,7 +421,7 @@ impl<T: ThreadModel> RegionAllocator for ThreadLocalAllocator<T> {
         // The quick path: a small block of the calling thread's own heap; anything else goes to
         // the full path.
         let s = &self.shared;
-        let heap = fast_slot::get(self.instance);
+        let heap = fast_slot::get_last(self.instance);
         if heap > NO_HEAP {
             match s.free_quick(heap, ptr.get()) {
                 Some(None) => return Ok(()),
