@@ -162,6 +162,12 @@ unsafe impl SlotBody for HeapBody {}
 /// A heap in its slot.
 pub(super) type Heap = Slot<HeapBody>;
 
+/// Whether a heap has remote frees to collect or dead freers' frees to settle.
+fn awaits_collection(heap: &Heap) -> bool {
+    heap.body.remote.0.iter().any(|l| !l.is_empty())
+        || heap.body.orphans.0.iter().any(|o| o.load(Ordering::Acquire) != 0)
+}
+
 /// The sweep threshold for a free list of `count` blocks after a sweep.
 pub(super) fn sweep_limit(count: u64, class: usize) -> u64 {
     2 * count + 2 * LAYOUTS[class].blocks
@@ -512,7 +518,7 @@ impl Shared {
         f.body.in_flight.0.store(0, Ordering::Release);
         heap.body.orphans.0[class].store(0, Ordering::Release);
         let released = f.owner.compare_exchange(AWAITING_OWNER, 0, Ordering::AcqRel, Ordering::Relaxed).is_ok();
-        if released && f.body.remote.0.iter().any(|l| !l.is_empty()) {
+        if released && awaits_collection(f) {
             self.drain(freer)?;
         }
         Ok(())
@@ -673,7 +679,7 @@ impl Shared {
         loop {
             self.trim_heap(heap_off)?;
             heap.owner.store(0, Ordering::Release);
-            let pending = heap.body.remote.0.iter().any(|l| !l.is_empty());
+            let pending = awaits_collection(heap);
             if !pending || heap.owner.compare_exchange(0, token, Ordering::Acquire, Ordering::Relaxed).is_err() {
                 return Ok(());
             }
@@ -693,7 +699,7 @@ impl Shared {
     pub(super) fn drain_unowned(&self) -> Result<()> {
         for offset in self.heaps.offsets(&self.mem)? {
             let h = self.heaps.slot(&self.mem, offset)?;
-            if h.owner.load(Ordering::Relaxed) == 0 && h.body.remote.0.iter().any(|l| !l.is_empty()) {
+            if h.owner.load(Ordering::Relaxed) == 0 && awaits_collection(h) {
                 self.drain(offset)?;
             }
         }

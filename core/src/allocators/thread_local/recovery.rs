@@ -103,6 +103,11 @@ impl Shared {
             Err(_) => return Ok(Handover::Busy),
         }
         h.owner.store(AWAITING_OWNER, Ordering::Release);
+        if h.body.in_flight.0.load(Ordering::Acquire) == 0 {
+            // The owner settled it already: the heap is let go here, unless the owner did.
+            let ours = h.owner.compare_exchange(AWAITING_OWNER, owner_token(), Ordering::AcqRel, Ordering::Relaxed);
+            return Ok(if ours.is_ok() { Handover::None } else { Handover::Posted });
+        }
         if owner.owner.load(Ordering::Acquire) == 0 {
             self.drain(owner_off)?;
         }
