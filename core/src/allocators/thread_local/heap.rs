@@ -29,9 +29,9 @@ use super::super::large::TAG_SPAN;
 use super::super::size_class::CLASS_COUNT;
 use super::super::slots::{Slot, SlotBody};
 use super::super::span::{
-    back_word, corrupt, free_from_live, free_pattern, free_word_mask, freed_word, fresh_word, has_state, init_span,
-    invalid, is_live, live_from_free, span_of_word, user_of, word_class, Info, LiveSmall, State, FIELD_MASK, LAYOUTS,
-    SMALL_HEADER, SPAN_HEADER,
+    back_word, corrupt, free_from_live, free_word_mask, freed_word, fresh_word, has_state, init_span, invalid, is_live,
+    live_from_free, span_of_word, user_of, word_class, Info, LiveSmall, State, FIELD_MASK, LAYOUTS, SMALL_HEADER,
+    SPAN_HEADER,
 };
 use super::Shared;
 
@@ -256,8 +256,8 @@ impl Shared {
             if align > 16 {
                 return self.pad(block, word, size, align);
             }
-            self.arena.word_unchecked(block + 8).store(heap_off, Ordering::Relaxed);
-            self.arena.word_unchecked(block).store(live_from_free(word, size as u64), Ordering::Release);
+            self.mem.word_unchecked(block + 8).store(heap_off, Ordering::Relaxed);
+            self.mem.word_unchecked(block).store(live_from_free(word, size as u64), Ordering::Release);
         }
         block + SMALL_HEADER
     }
@@ -286,13 +286,15 @@ impl Shared {
     #[inline]
     fn pop_free(&self, cs: &mut ClassState, class: usize) -> Option<(u64, u64)> {
         let block = cs.free;
-        if !self.arena.holds(block, self.block_limits[class]) {
+        let quick = &self.quick[class];
+        if !self.arena.holds(block, quick.limit) {
             return None;
         }
-        // SAFETY: the whole block lies in the arena, 16-aligned (checked just above).
-        let (info, link) = unsafe { (self.arena.word_unchecked(block), self.arena.word_unchecked(block + 8)) };
+        // SAFETY: the whole block lies in the arena, 16-aligned (checked just above). (Through
+        // `mem`, which holds the arena, so the heap and the block share one base.)
+        let (info, link) = unsafe { (self.mem.word_unchecked(block), self.mem.word_unchecked(block + 8)) };
         let word = info.load(Ordering::Relaxed);
-        if word & free_word_mask() != free_pattern(class, 0) {
+        if word & free_word_mask() != quick.free_word {
             return None;
         }
         // Links are untagged (`tagged_list::encode`): decoding is the shift alone. A damaged
@@ -394,8 +396,9 @@ impl Shared {
         if !self.arena.holds(block, self.header_limit) {
             return None;
         }
-        // SAFETY: `[block, block + 16)` lies in the arena, 16-aligned (checked just above).
-        let (info, stamp) = unsafe { (self.arena.word_unchecked(block), self.arena.word_unchecked(block + 8)) };
+        // SAFETY: `[block, block + 16)` lies in the arena, 16-aligned (checked just above);
+        // `mem` holds the arena.
+        let (info, stamp) = unsafe { (self.mem.word_unchecked(block), self.mem.word_unchecked(block + 8)) };
         let word = info.load(Ordering::Acquire);
         if !is_live(word) || stamp.load(Ordering::Relaxed) != heap_off {
             return None;
@@ -427,10 +430,11 @@ impl Shared {
     /// header words, and `word` is its live info word.
     #[inline]
     fn push_freed(&self, cs: &mut ClassState, block: u64, word: u64) -> bool {
-        // SAFETY: the caller's promise: both header words lie in the arena, 16-aligned.
+        // SAFETY: the caller's promise: both header words lie in the arena (which `mem` holds),
+        // 16-aligned.
         unsafe {
-            self.arena.word_unchecked(block).store(free_from_live(word), Ordering::Release);
-            self.arena
+            self.mem.word_unchecked(block).store(free_from_live(word), Ordering::Release);
+            self.mem
                 .word_unchecked(block + 8)
                 .store(tagged_list::encode((cs.free != 0).then_some(cs.free)), Ordering::Relaxed);
         }
@@ -526,7 +530,13 @@ impl Shared {
 
     /// The info word (and its value) of `block` if it is a block of `class` of heap `heap_off`
     /// still marked remote by the thread of heap `freer`.
-    pub(super) fn orphan_block(&self, heap_off: u64, class: usize, freer: u64, block: u64) -> Option<(&AtomicU64, u64)> {
+    pub(super) fn orphan_block(
+        &self,
+        heap_off: u64,
+        class: usize,
+        freer: u64,
+        block: u64,
+    ) -> Option<(&AtomicU64, u64)> {
         let w = self.arena.word_at(block).filter(|_| block % 16 == 0)?;
         let word = w.load(Ordering::Acquire);
         let span = span_of_word(block, word);

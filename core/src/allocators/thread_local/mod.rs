@@ -67,7 +67,8 @@ use super::large;
 use super::size_class::CLASS_COUNT;
 use super::slots::{Chunk, SlotTable};
 use super::span::{
-    class_for, corrupt, explain_free, find_live, invalid, live_block, quick_class, Found, Mem, LAYOUTS, SMALL_HEADER,
+    class_for, corrupt, explain_free, find_live, free_pattern, invalid, live_block, quick_class, Found, Mem, LAYOUTS,
+    SMALL_HEADER,
 };
 use heap::HeapBody;
 
@@ -92,6 +93,15 @@ struct TlaHeader {
     chunk: Chunk<HeapBody>,
 }
 
+/// One class's constants for the quick allocation, side by side.
+#[derive(Clone, Copy)]
+struct QuickClass {
+    /// The [`Mem::holds`] limit of a block of the class in the arena.
+    limit: u64,
+    /// A free info word of the class with label 0, masked with `free_word_mask`.
+    free_word: u64,
+}
+
 /// What a thread's TLS value points to.
 struct ThreadHeap {
     shared: Arc<Shared>,
@@ -109,8 +119,8 @@ struct Shared {
     arena: Mem,
     fs: FreeSpace,
     heaps: SlotTable<HeapBody>,
-    /// Per class, the [`Mem::holds`] limit of a block of the class in the arena.
-    block_limits: [u64; CLASS_COUNT],
+    /// Per class, what the quick allocation compares with.
+    quick: [QuickClass; CLASS_COUNT],
     /// The [`Mem::holds`] limit of a small block's two header words in the arena.
     header_limit: u64,
 }
@@ -200,9 +210,12 @@ impl<T: ThreadModel> ThreadLocalAllocator<T> {
         let heaps = SlotTable::new(chunk);
         // SAFETY: `release_at_exit` accepts exactly the values this allocator stores.
         let key = unsafe { T::tls_create(Some(release_at_exit)) }?;
-        let block_limits = core::array::from_fn(|c| arena.limit_for(LAYOUTS[c].stride));
+        let quick = core::array::from_fn(|c| QuickClass {
+            limit: arena.limit_for(LAYOUTS[c].stride),
+            free_word: free_pattern(c, 0),
+        });
         let header_limit = arena.limit_for(SMALL_HEADER);
-        let shared = Arc::new(Shared { region, header, mem, arena, fs, heaps, block_limits, header_limit });
+        let shared = Arc::new(Shared { region, header, mem, arena, fs, heaps, quick, header_limit });
         Ok(ThreadLocalAllocator { shared, id, key, instance: fast_slot::new_instance(), _model: PhantomData })
     }
 
