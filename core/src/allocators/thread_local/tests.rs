@@ -140,20 +140,20 @@ fn a_run_left_half_made_by_a_dead_lock_holder_is_returned() {
     a.check().unwrap();
 }
 
-/// How far a remote freer got before its process was killed.
+/// Which step of a remote free its process was killed before.
 #[derive(Clone, Copy, Debug)]
-enum KilledAt {
+enum KilledBefore {
     /// Recorded the block in its heap and in the block, not yet marked it.
-    BeforeMarking,
+    Marking,
     /// Marked it remote, not yet pushed it on the owner's list.
-    BeforePushing,
+    Pushing,
     /// Pushed it, not yet cleared its record.
-    BeforeClearing,
+    Clearing,
 }
 
 /// This thread allocates 50 blocks; a thread of a process that then dies remote-frees block 7
 /// and is killed at `at`. Returns the allocator, its starting free bytes and the blocks.
-fn killed_remote_free(at: KilledAt) -> (Tla, u64, Vec<OffsetPtr>) {
+fn killed_remote_free(at: KilledBefore) -> (Tla, u64, Vec<OffsetPtr>) {
     crate::testing::install_test_liveness();
     let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
     let start = a.stats().free_bytes();
@@ -163,14 +163,14 @@ fn killed_remote_free(at: KilledAt) -> (Tla, u64, Vec<OffsetPtr>) {
     let Some(Found::Small(b)) = find_live(&s.arena, blocks[7].get()) else { panic!("block 7 is live") };
     let owner = b.header.owner.load(Ordering::Relaxed);
     match at {
-        KilledAt::BeforeMarking => {
+        KilledBefore::Marking => {
             s.heaps.slot(&s.mem, freer).unwrap().body.in_flight.0.store(b.block, Ordering::Release);
             s.arena.word(b.block + 16).unwrap().store(heap::freer_mark(freer), Ordering::Release);
         }
-        KilledAt::BeforePushing => {
+        KilledBefore::Pushing => {
             s.mark_remote(freer, owner, b.block, b.info()).unwrap();
         }
-        KilledAt::BeforeClearing => {
+        KilledBefore::Clearing => {
             let heap = s.mark_remote(freer, owner, b.block, b.info()).unwrap();
             heap.body.remote.0[b.class()].push(&s.arena, b.block);
         }
@@ -180,7 +180,7 @@ fn killed_remote_free(at: KilledAt) -> (Tla, u64, Vec<OffsetPtr>) {
 
 #[test]
 fn a_remote_freer_killed_between_marking_and_pushing_leaves_the_block_to_its_owner() {
-    let (a, start, blocks) = killed_remote_free(KilledAt::BeforePushing);
+    let (a, start, blocks) = killed_remote_free(KilledBefore::Pushing);
     assert!(a.check().is_err(), "a block marked remote on no list shows");
     assert_eq!(a.reclaim().unwrap(), 1);
     a.check().unwrap();
@@ -203,7 +203,7 @@ fn a_remote_freer_killed_between_marking_and_pushing_leaves_the_block_to_its_own
 
 #[test]
 fn a_remote_freer_killed_before_marking_or_after_pushing_is_settled_once() {
-    for at in [KilledAt::BeforeMarking, KilledAt::BeforeClearing] {
+    for at in [KilledBefore::Marking, KilledBefore::Clearing] {
         let (a, start, blocks) = killed_remote_free(at);
         assert!(a.check().is_err(), "{at:?}: a half-done remote free shows until reclaimed");
         assert_eq!(a.reclaim().unwrap(), 1);
@@ -211,7 +211,7 @@ fn a_remote_freer_killed_before_marking_or_after_pushing_is_settled_once() {
         a.check().unwrap();
         assert_eq!(a.owned_heaps().unwrap(), 1, "{at:?}");
         // Before marking, the free never happened: block 7 is still live, and freeable.
-        let freed = matches!(at, KilledAt::BeforeClearing) as u64;
+        let freed = matches!(at, KilledBefore::Clearing) as u64;
         assert_eq!(a.stats().live_allocations, 50 - freed, "{at:?}");
         for (i, p) in blocks.iter().enumerate() {
             if i != 7 || freed == 0 {
