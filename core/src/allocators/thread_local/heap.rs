@@ -457,13 +457,27 @@ impl Shared {
     /// the free is recorded while it is under way.
     #[inline(never)]
     pub(super) fn free_remote(&self, freer: u64, owner: u64, block: u64, info: Info) -> Result<()> {
-        let heap = self.mark_remote(freer, owner, block, info)?;
-        self.push_remote(freer, owner, heap, block, info.class)
+        let (heap, record) = self.mark_remote(freer, owner, block, info)?;
+        heap.body.remote.0[info.class].push(&self.arena, block);
+        if let Some(r) = record {
+            r.store(0, Ordering::Release);
+        }
+        if heap.owner.load(Ordering::Acquire) == 0 {
+            self.drain(owner)?;
+        }
+        Ok(())
     }
 
     /// The first half of a remote free: records the block in the freer's heap and in the block
-    /// itself, then marks it remote. Returns the owner's heap.
-    pub(super) fn mark_remote(&self, freer: u64, owner: u64, block: u64, info: Info) -> Result<&Heap> {
+    /// itself, then marks it remote. Returns the owner's heap and the record to clear once the
+    /// block is pushed.
+    pub(super) fn mark_remote(
+        &self,
+        freer: u64,
+        owner: u64,
+        block: u64,
+        info: Info,
+    ) -> Result<(&Heap, Option<&AtomicU64>)> {
         let heap = self.heaps.slot(&self.mem, owner)?;
         let record = match freer {
             0 => None,
@@ -486,19 +500,7 @@ impl Shared {
             }
             return Err(invalid(block, "already freed"));
         }
-        Ok(heap)
-    }
-
-    /// The second half: pushes the marked block on its owner's remote list and clears the record.
-    fn push_remote(&self, freer: u64, owner: u64, heap: &Heap, block: u64, class: usize) -> Result<()> {
-        heap.body.remote.0[class].push(&self.arena, block);
-        if freer != 0 {
-            self.heaps.slot(&self.mem, freer)?.body.in_flight.0.store(0, Ordering::Release);
-        }
-        if heap.owner.load(Ordering::Acquire) == 0 {
-            self.drain(owner)?;
-        }
-        Ok(())
+        Ok((heap, record))
     }
 
     /// Settles the remote free a dead thread of heap `freer` left to us (the owner of the block,
