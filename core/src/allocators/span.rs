@@ -177,16 +177,17 @@ pub(crate) const fn live_from_free(word: u64, size: u64) -> u64 {
 }
 
 /// The info word of a live block freed with label 0, when `word` is known to be a live info
-/// word ([`is_live`]).
+/// word ([`live_small_class`] took it).
 #[inline]
 pub(crate) const fn free_from_live(word: u64) -> u64 {
     (word & !FIELD_MASK) - (((State::Live as u64) - (State::Free as u64)) << STATE_SHIFT)
 }
 
-/// Whether `word` is a live info word (magic and state in one compare).
+/// The class of a live small block's info word `word`, or a value of `CLASS_COUNT` or more when
+/// it is not one (bad magic or state, a large block): magic, state and class in one compare.
 #[inline]
-pub(crate) const fn is_live(word: u64) -> bool {
-    word >> STATE_SHIFT == LIVE_TAG
+pub(crate) const fn live_small_class(word: u64) -> usize {
+    ((word >> CLASS_SHIFT).wrapping_sub(LIVE_TAG << (STATE_SHIFT - CLASS_SHIFT))) as usize
 }
 
 /// Whether `word` is an info word (right magic) in state `state`.
@@ -826,6 +827,19 @@ mod tests {
         assert_eq!(free.pack() & free_word_mask(), free_pattern(17, 9));
         assert_eq!(Info::unpack(live_word(free.pack(), 77)), Some(Info { state: State::Live, size: 77, ..free }));
         assert_eq!(Info::unpack(freed_word(i.pack(), 3)), Some(Info { state: State::Free, size: 3, ..i }));
+    }
+
+    #[test]
+    fn live_small_class_takes_only_live_small_words() {
+        let live = Info { state: State::Live, class: 17, index: 3, size: 40 }.pack();
+        assert_eq!(live_small_class(live), 17);
+        assert!(live_small_class(freed_word(live, 0)) >= CLASS_COUNT);
+        assert!(live_small_class(Info { state: State::Remote, ..Info::unpack(live).unwrap() }.pack()) >= CLASS_COUNT);
+        assert!(
+            live_small_class(Info { state: State::Live, class: LARGE_CLASS, index: 0, size: 1 }.pack()) >= CLASS_COUNT
+        );
+        assert!(live_small_class(live ^ (1 << 60)) >= CLASS_COUNT);
+        assert!(live_small_class(0) >= CLASS_COUNT);
     }
 
     #[test]

@@ -29,9 +29,9 @@ use super::super::large::TAG_SPAN;
 use super::super::size_class::CLASS_COUNT;
 use super::super::slots::{Slot, SlotBody};
 use super::super::span::{
-    back_word, corrupt, free_from_live, free_word_mask, freed_word, fresh_word, has_state, init_span, invalid, is_live,
-    live_from_free, span_of_word, user_of, word_class, Info, LiveSmall, State, FIELD_MASK, LAYOUTS, SMALL_HEADER,
-    SPAN_HEADER,
+    back_word, corrupt, free_from_live, free_word_mask, freed_word, fresh_word, has_state, init_span, invalid,
+    live_from_free, live_small_class, span_of_word, user_of, word_class, Info, LiveSmall, State, FIELD_MASK, LAYOUTS,
+    SMALL_HEADER, SPAN_HEADER,
 };
 use super::Shared;
 
@@ -400,14 +400,14 @@ impl Shared {
         // `mem` holds the arena.
         let (info, stamp) = unsafe { (self.mem.word_unchecked(block), self.mem.word_unchecked(block + 8)) };
         let word = info.load(Ordering::Acquire);
-        if !is_live(word) || stamp.load(Ordering::Relaxed) != heap_off {
+        let class = live_small_class(word);
+        if class >= CLASS_COUNT || stamp.load(Ordering::Relaxed) != heap_off {
             return None;
         }
         // SAFETY: `heap_off` is this thread's heap (from its TLS), checked when taken.
         let heap = unsafe { self.heaps.slot_unchecked(&self.mem, heap_off) };
         // SAFETY: we own the heap.
         let local = unsafe { self.local(heap) };
-        let class = word_class(word);
         let cs = local.classes.get_mut(class)?;
         Some(self.push_freed(cs, block, word).then_some(class))
     }
