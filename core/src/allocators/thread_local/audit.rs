@@ -21,7 +21,14 @@ impl Shared {
             // Counters of heaps other threads own are read racily: figures, not invariants.
             let local = self.local_snapshot(self.heaps.slot(&self.mem, offset)?);
             for (c, cs) in local.classes.iter().enumerate() {
-                counts.add(c, cs.live(), cs.allocations, cs.live_bytes);
+                // Frees first: the owner counts an allocation before its free, so a reader that
+                // reads the frees before the allocations never sees more frees (and live blocks
+                // never wrap below zero, whatever the reads' order on a weaker machine).
+                // SAFETY: plain integers in bounds (see `local_snapshot`).
+                let frees = unsafe { core::ptr::read_volatile(&cs.frees) };
+                // SAFETY: as above.
+                let allocations = unsafe { core::ptr::read_volatile(&cs.allocations) };
+                counts.add(c, allocations.saturating_sub(frees), allocations, cs.live_bytes);
             }
         }
         Ok(counts)
