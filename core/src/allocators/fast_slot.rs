@@ -2,8 +2,9 @@
 //! it with one load and one compare.
 //!
 //! Every allocator handle gets an instance number that is never reused. With `std`, a small
-//! direct-mapped table in a `thread_local!` maps instance numbers to slot offsets (a const
-//! initialiser and no destructor: an access is a plain load from the thread's TLS block).
+//! direct-mapped table in a `thread_local!` maps instance numbers to slot offsets, in front of
+//! it the entry found last (const initialisers and no destructor: an access is a plain load
+//! from the thread's TLS block).
 //! It is only a cache: the thread-local allocator keeps the authoritative record in its thread
 //! model's TLS, the page allocator in [`hold`]'s per-thread list, and both fill the cache on a
 //! miss. Without `std` every lookup misses, and callers take their fallback path.
@@ -25,6 +26,8 @@ mod imp {
     const WAYS: usize = 4;
 
     std::thread_local! {
+        /// The entry found last: the common case of one allocator per thread in one compare.
+        static LAST: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
         static CACHE: [Cell<(u64, u64)>; WAYS] = const { [const { Cell::new((0, 0)) }; WAYS] };
         static HELD: RefCell<Vec<Held>> = const { RefCell::new(Vec::new()) };
     }
@@ -32,14 +35,33 @@ mod imp {
     /// The calling thread's slot in allocator `instance`, or 0 if not cached.
     #[inline]
     pub(crate) fn get(instance: u64) -> u64 {
+        match LAST.try_with(Cell::get) {
+            Ok((i, slot)) if i == instance => slot,
+            _ => get_way(instance),
+        }
+    }
+
+    /// The calling thread's slot in allocator `instance` if it is the entry found last, else 0:
+    /// for fast paths that leave every other case to their full path (no call, no spills).
+    #[inline]
+    pub(crate) fn get_last(instance: u64) -> u64 {
+        match LAST.try_with(Cell::get) {
+            Ok((i, slot)) if i == instance => slot,
+            _ => 0,
+        }
+    }
+
+    /// [`get`] past the last entry: the direct-mapped ways, which then become the last entry.
+    #[inline(never)]
+    fn get_way(instance: u64) -> u64 {
         CACHE
             .try_with(|c| {
-                let (i, slot) = c[instance as usize % WAYS].get();
-                if i == instance {
-                    slot
-                } else {
-                    0
+                let entry = c[instance as usize % WAYS].get();
+                if entry.0 != instance {
+                    return 0;
                 }
+                let _ = LAST.try_with(|l| l.set(entry));
+                entry.1
             })
             .unwrap_or(0)
     }
@@ -47,6 +69,7 @@ mod imp {
     /// Caches `slot` as the calling thread's slot in `instance`.
     pub(crate) fn set(instance: u64, slot: u64) {
         let _ = CACHE.try_with(|c| c[instance as usize % WAYS].set((instance, slot)));
+        let _ = LAST.try_with(|l| l.set((instance, slot)));
     }
 
     /// Forgets the calling thread's slot in `instance`.
@@ -55,6 +78,11 @@ mod imp {
             let e = &c[instance as usize % WAYS];
             if e.get().0 == instance {
                 e.set((0, 0));
+            }
+        });
+        let _ = LAST.try_with(|l| {
+            if l.get().0 == instance {
+                l.set((0, 0));
             }
         });
     }
@@ -128,6 +156,10 @@ mod imp {
     pub(crate) fn get(_instance: u64) -> u64 {
         0
     }
+    #[inline]
+    pub(crate) fn get_last(_instance: u64) -> u64 {
+        0
+    }
     pub(crate) fn set(_instance: u64, _slot: u64) {}
     pub(crate) fn clear(_instance: u64) {}
     pub(crate) fn hold(_instance: u64, _slot: u64, _release: Box<dyn FnOnce()>) -> bool {
@@ -141,4 +173,4 @@ mod imp {
     }
 }
 
-pub(crate) use imp::{clear, get, held, hold, release, set};
+pub(crate) use imp::{clear, get, get_last, held, hold, release, set};

@@ -169,6 +169,27 @@ pub(crate) const fn freed_word(word: u64, label: u64) -> u64 {
     (word & !(STATE_BITS | FIELD_MASK)) | ((State::Free as u64) << STATE_SHIFT) | label
 }
 
+/// The info word of a free block handed out for `size` bytes, when `word` is known to be a
+/// free info word with an empty field (it matched [`free_pattern`] with label 0): one addition.
+#[inline]
+pub(crate) const fn live_from_free(word: u64, size: u64) -> u64 {
+    word + (((State::Live as u64) - (State::Free as u64)) << STATE_SHIFT) + size
+}
+
+/// The info word of a live block freed with label 0, when `word` is known to be a live info
+/// word ([`live_small_class`] took it).
+#[inline]
+pub(crate) const fn free_from_live(word: u64) -> u64 {
+    (word & !FIELD_MASK) - (((State::Live as u64) - (State::Free as u64)) << STATE_SHIFT)
+}
+
+/// The class of a live small block's info word `word`, or a value of `CLASS_COUNT` or more when
+/// it is not one (bad magic or state, a large block): magic, state and class in one compare.
+#[inline]
+pub(crate) const fn live_small_class(word: u64) -> usize {
+    ((word >> CLASS_SHIFT).wrapping_sub(LIVE_TAG << (STATE_SHIFT - CLASS_SHIFT))) as usize
+}
+
 /// Whether `word` is an info word (right magic) in state `state`.
 #[inline]
 pub(crate) const fn has_state(word: u64, state: State) -> bool {
@@ -236,15 +257,29 @@ const _: () = {
     }
 };
 
-/// Requests up to 1024 bytes: their class, by `(size + 15) / 16`.
-static SMALL_CLASSES: [u8; 65] = small_classes();
+/// Entries of [`SMALL_CLASSES`]: one per 16 bytes up to [`SMALL_MAX`].
+const TABLE_LEN: usize = SMALL_MAX / 16 + 1;
 
-const fn small_classes() -> [u8; 65] {
-    let mut out = [0u8; 65];
+// Every entry names a class, so a class from the table indexes per-class arrays unchecked.
+const _: () = {
+    let t = small_classes();
+    let mut i = 0;
+    while i < TABLE_LEN {
+        assert!((t[i] as usize) < CLASS_COUNT);
+        i += 1;
+    }
+};
+
+/// Every small request's class, by `(size + 15) / 16` (1 KiB: a lookup instead of a logarithm
+/// on the fast path).
+static SMALL_CLASSES: [u8; TABLE_LEN] = small_classes();
+
+const fn small_classes() -> [u8; TABLE_LEN] {
+    let mut out = [0u8; TABLE_LEN];
     let mut i = 1;
-    while i <= 64 {
+    let mut c = 0;
+    while i < TABLE_LEN {
         // The classes are sorted: the first whose size holds 16 * i bytes.
-        let mut c = 0;
         while class_size(c) < i * 16 {
             c += 1;
         }
@@ -343,6 +378,26 @@ impl Mem {
     #[inline]
     pub(crate) fn contains(&self, offset: u64, len: u64) -> bool {
         len <= self.len && offset.wrapping_sub(self.start) <= self.len - len
+    }
+
+    /// The limit [`Mem::holds`] compares with for `len` bytes: one past the largest 16-aligned
+    /// distance from the view's start at which `len` bytes still fit, in 16-byte steps (0, which
+    /// nothing is below, when they never fit).
+    pub(crate) fn limit_for(&self, len: u64) -> u64 {
+        match self.len.checked_sub(len) {
+            Some(room) => (room >> 4) + 1,
+            None => 0,
+        }
+    }
+
+    /// Whether `offset` is 16-aligned and the bytes `limit` was made for ([`Mem::limit_for`]) lie
+    /// in the view from it, in one compare: rotating the distance from the view's start right by
+    /// four moves a misalignment into the top bits, above any limit. The view must start
+    /// 16-aligned (arenas start on units).
+    #[inline]
+    pub(crate) fn holds(&self, offset: u64, limit: u64) -> bool {
+        debug_assert!(self.start % 16 == 0);
+        offset.wrapping_sub(self.start).rotate_right(4) < limit
     }
 
     /// The address of `offset`, after checking `len` bytes from it lie in the view.
@@ -727,13 +782,17 @@ pub(crate) fn user_of_live(mem: &Mem, block: u64, class: usize) -> Result<u64> {
 #[inline]
 pub(crate) fn quick_class(size: usize, align: usize) -> Option<usize> {
     // Bits 1, 2, 4, 8 and 16: the powers of two up to 16.
-    if align > 16 || (0x10116u32 >> align) & 1 == 0 || size.wrapping_sub(1) >= SMALL_MAX {
+    if align > 16 || (0x10116u32 >> align) & 1 == 0 {
         return None;
     }
-    if size <= 1024 {
-        return Some(SMALL_CLASSES[size.div_ceil(16)] as usize);
+    // 1..=SMALL_MAX in one compare (0 wraps past it).
+    if size.wrapping_sub(1) >= SMALL_MAX {
+        return None;
     }
-    super::size_class::class_of(size)
+    let class = SMALL_CLASSES[size.div_ceil(16)] as usize;
+    // SAFETY: every entry of the table is below CLASS_COUNT (checked at compile time above).
+    unsafe { core::hint::assert_unchecked(class < CLASS_COUNT) };
+    Some(class)
 }
 
 /// The smallest class whose blocks fit `size` bytes at alignment `align` (padding included),
@@ -741,13 +800,7 @@ pub(crate) fn quick_class(size: usize, align: usize) -> Option<usize> {
 #[inline]
 pub(crate) fn class_for(size: usize, align: usize) -> Option<usize> {
     let need = if align <= 16 { size } else { size.checked_add(align - 16)? };
-    if need <= 1024 {
-        return Some(SMALL_CLASSES[need.div_ceil(16)] as usize);
-    }
-    if need > SMALL_MAX {
-        return None;
-    }
-    super::size_class::class_of(need)
+    (need <= SMALL_MAX).then(|| SMALL_CLASSES[need.div_ceil(16)] as usize)
 }
 
 /// Units a large request needs.
@@ -777,6 +830,32 @@ mod tests {
     }
 
     #[test]
+    fn live_small_class_takes_only_live_small_words() {
+        let live = Info { state: State::Live, class: 17, index: 3, size: 40 }.pack();
+        assert_eq!(live_small_class(live), 17);
+        assert!(live_small_class(freed_word(live, 0)) >= CLASS_COUNT);
+        assert!(live_small_class(Info { state: State::Remote, ..Info::unpack(live).unwrap() }.pack()) >= CLASS_COUNT);
+        assert!(
+            live_small_class(Info { state: State::Live, class: LARGE_CLASS, index: 0, size: 1 }.pack()) >= CLASS_COUNT
+        );
+        assert!(live_small_class(live ^ (1 << 60)) >= CLASS_COUNT);
+        assert!(live_small_class(0) >= CLASS_COUNT);
+    }
+
+    #[test]
+    fn holds_is_an_aligned_bounds_check() {
+        let mut bytes = alloc::vec![0u128; 64];
+        let mem = Mem { base: bytes.as_mut_ptr().cast(), start: 256, len: 512 };
+        let limit = mem.limit_for(48);
+        for offset in 0..1024u64 {
+            let expect = offset % 16 == 0 && offset >= 256 && offset + 48 <= 768;
+            assert_eq!(mem.holds(offset, limit), expect, "{offset}");
+        }
+        assert!(!mem.holds(256, mem.limit_for(513)));
+        assert!(!mem.holds(u64::MAX - 15, limit));
+    }
+
+    #[test]
     fn every_class_has_a_sane_span() {
         for (c, l) in LAYOUTS.iter().enumerate() {
             assert!(l.blocks >= 8, "class {c}");
@@ -802,10 +881,13 @@ mod tests {
 
     #[test]
     fn the_class_table_agrees_with_the_formula() {
-        for size in 1..=2048 {
+        for size in 1..=SMALL_MAX + 1 {
             for align in [1, 8, 16, 32, 256] {
                 let need = if align <= 16 { size } else { size + align - 16 };
                 assert_eq!(class_for(size, align), super::super::size_class::class_of(need), "{size} {align}");
+                if align <= 16 {
+                    assert_eq!(quick_class(size, align), class_for(size, align), "{size} {align}");
+                }
             }
         }
     }

@@ -21,7 +21,14 @@ impl Shared {
             // Counters of heaps other threads own are read racily: figures, not invariants.
             let local = self.local_snapshot(self.heaps.slot(&self.mem, offset)?);
             for (c, cs) in local.classes.iter().enumerate() {
-                counts.add(c, cs.live, cs.allocations, cs.live_bytes);
+                // Frees first: the owner counts an allocation before its free, so a reader that
+                // reads the frees before the allocations never sees more frees (and live blocks
+                // never wrap below zero, whatever the reads' order on a weaker machine).
+                // SAFETY: plain integers in bounds (see `local_snapshot`).
+                let frees = unsafe { core::ptr::read_volatile(&cs.frees) };
+                // SAFETY: as above.
+                let allocations = unsafe { core::ptr::read_volatile(&cs.allocations) };
+                counts.add(c, allocations.saturating_sub(frees), allocations, cs.live_bytes);
             }
         }
         Ok(counts)
@@ -42,8 +49,25 @@ impl Shared {
         // Remote blocks, and the free blocks of each heap (block -> heap).
         let mut remote = BTreeSet::new();
         let mut listed: BTreeMap<u64, u64> = BTreeMap::new();
+        // Blocks whose remote free a dead thread left to their owner to settle.
+        let mut orphaned = BTreeSet::new();
+        let mut awaited = BTreeSet::new();
         for &offset in &heaps {
             let h = self.heaps.slot(&self.mem, offset)?;
+            for o in &h.body.orphans.0 {
+                let freer = o.load(Ordering::Acquire);
+                if freer != 0 {
+                    let f = self.heaps.slot(&self.mem, freer)?;
+                    orphaned.insert(f.body.in_flight.0.load(Ordering::Acquire));
+                    awaited.insert(freer);
+                }
+            }
+        }
+        for &offset in &heaps {
+            let h = self.heaps.slot(&self.mem, offset)?;
+            if h.body.in_flight.0.load(Ordering::Acquire) != 0 && !awaited.contains(&offset) {
+                return Err(corrupt(offset, "a remote free was left half done (reclaim first)"));
+            }
             let local = self.local_snapshot(h);
             for class in 0..CLASS_COUNT {
                 if h.body.pending.0[class].load(Ordering::Acquire) != 0 {
@@ -70,7 +94,7 @@ impl Shared {
                     }
                     Ok(())
                 })?;
-                if n != cs.count {
+                if n != cs.count() {
                     return Err(corrupt(offset, "heap free list longer or shorter than its count"));
                 }
                 if cs.bump_span != 0
@@ -115,10 +139,15 @@ impl Shared {
                             State::Free => return Err(corrupt(b, "free block on no list of its heap")),
                             State::Live | State::Remote => {
                                 if info.state == State::Remote {
-                                    if !remote.contains(&b) {
+                                    if remote.contains(&b) {
+                                        remote_seen += 1;
+                                    } else if !orphaned.contains(&b) {
                                         return Err(corrupt(b, "remotely freed block on no remote list"));
                                     }
-                                    remote_seen += 1;
+                                }
+                                let stamp = self.arena.word(b + 8)?.load(Ordering::Relaxed);
+                                if info.state == State::Live && heap_set.contains(&stamp) && stamp != owner {
+                                    return Err(corrupt(b, "live block stamped with another heap"));
                                 }
                                 if info.size == 0 || info.size > layout.size {
                                     return Err(corrupt(b, "live block size outside its class"));
@@ -152,11 +181,11 @@ impl Shared {
             for class in 0..CLASS_COUNT {
                 let (n, bytes) = live.get(&(offset, class)).copied().unwrap_or_default();
                 let cs = &local.classes[class];
-                if cs.live != n || cs.live_bytes != bytes {
+                if cs.live() != n || cs.live_bytes != bytes {
                     return Err(corrupt(offset, "heap counters disagree with its blocks"));
                 }
-                if cs.allocations < cs.live {
-                    return Err(corrupt(offset, "heap has more live blocks than allocations"));
+                if cs.frees > cs.allocations {
+                    return Err(corrupt(offset, "heap has more frees than allocations"));
                 }
             }
         }

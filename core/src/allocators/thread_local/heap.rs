@@ -29,8 +29,9 @@ use super::super::large::TAG_SPAN;
 use super::super::size_class::CLASS_COUNT;
 use super::super::slots::{Slot, SlotBody};
 use super::super::span::{
-    back_word, corrupt, free_pattern, free_word_mask, freed_word, fresh_word, has_state, init_span, invalid, live_word,
-    span_of_word, user_of, word_class, Info, LiveSmall, State, FIELD_MASK, LAYOUTS, SMALL_HEADER, SPAN_HEADER,
+    back_word, corrupt, free_from_live, free_word_mask, freed_word, fresh_word, has_state, init_span, invalid,
+    live_from_free, live_small_class, span_of_word, user_of, word_class, Info, LiveSmall, State, FIELD_MASK, LAYOUTS,
+    SMALL_HEADER, SPAN_HEADER,
 };
 use super::Shared;
 
@@ -38,22 +39,72 @@ use super::Shared;
 const COLLECT_BATCH: usize = 32;
 
 /// One class's state in a heap: one cache line, written by the owner only.
+///
+/// An allocation adds to `allocations` and `live_bytes`, a free (local, or collected from the
+/// remote list) to `frees` and takes from `live_bytes`; the rest is derived: live blocks are
+/// `allocations - frees` (remote frees count until collected), free-list blocks `blocks -
+/// live`. Slow paths (bumping, sweeping, repair) move `blocks` and the sweep threshold.
 #[repr(C, align(64))]
 #[derive(Clone, Copy, Default)]
 pub(super) struct ClassState {
     /// The first free block (0 = none); the list links through the blocks' second words.
     pub(super) free: u64,
-    /// Blocks on the free list.
-    pub(super) count: u64,
+    /// Requested bytes of the live blocks.
+    pub(super) live_bytes: u64,
     /// The span new blocks are bumped from (0 = none).
     pub(super) bump_span: u64,
-    pub(super) live: u64,
-    pub(super) live_bytes: u64,
+    /// Blocks handed out since the heap was made. (The counters an operation writes are not
+    /// neighbours, so they stay scalar additions.)
     pub(super) allocations: u64,
+    /// Blocks of the class the heap holds that were handed out at least once: live and free.
+    pub(super) blocks: u64,
+    /// Blocks given back to the heap's free list since the heap was made.
+    pub(super) frees: u64,
     /// Sweep when the free list is longer than this: twice its length after the last sweep,
     /// plus two spans' worth (set when the class gets its first span; 0 until then).
-    pub(super) sweep_at: u64,
-    pub(super) _pad: u64,
+    sweep_at: u64,
+    /// `sweep_at - blocks`, so a free tests the threshold against its own counters alone.
+    sweep_mark: u64,
+}
+
+impl ClassState {
+    /// Live blocks (remote frees not yet collected included).
+    #[inline]
+    pub(super) fn live(&self) -> u64 {
+        self.allocations.wrapping_sub(self.frees)
+    }
+
+    /// Blocks on the free list.
+    #[inline]
+    pub(super) fn count(&self) -> u64 {
+        self.blocks.wrapping_sub(self.live())
+    }
+
+    /// Whether the free list is longer than the sweep threshold: `blocks - live > sweep_at`,
+    /// rearranged so that only the counters a free just wrote vary.
+    #[inline]
+    fn sweep_due(&self) -> bool {
+        (self.frees.wrapping_sub(self.allocations) as i64) > self.sweep_mark as i64
+    }
+
+    /// Sets the sweep threshold (a free-list length).
+    pub(super) fn set_sweep_at(&mut self, at: u64) {
+        self.sweep_at = at;
+        self.sweep_mark = at.wrapping_sub(self.blocks);
+    }
+
+    /// Sets how many blocks the heap holds, keeping the threshold.
+    pub(super) fn set_blocks(&mut self, blocks: u64) {
+        self.blocks = blocks;
+        self.set_sweep_at(self.sweep_at);
+    }
+
+    /// Counts a block given back to the free list.
+    #[inline]
+    fn count_free(&mut self, size: u64) {
+        self.frees = self.frees.wrapping_add(1);
+        self.live_bytes = self.live_bytes.wrapping_sub(size);
+    }
 }
 
 /// The owner-only part of a heap.
@@ -73,12 +124,36 @@ pub(super) struct Pending(pub(super) [AtomicU64; CLASS_COUNT]);
 #[repr(C, align(64))]
 pub(super) struct RemoteLists(pub(super) [TaggedOffsetList; CLASS_COUNT]);
 
+/// The block the heap's thread is freeing into another heap right now (0 = none): recorded
+/// before the block is marked remote and cleared after it is pushed, so a repairer of a thread
+/// killed in between knows which block to settle.
+#[repr(C, align(64))]
+pub(super) struct InFlight(pub(super) AtomicU64);
+
+/// Per class: a heap whose thread died in the middle of a remote free of one of our blocks, left
+/// for us to settle (0 = none; see [`Shared::settle_orphan`]).
+#[repr(C, align(64))]
+pub(super) struct Orphans(pub(super) [AtomicU64; CLASS_COUNT]);
+
 /// A heap: what the thread-local allocator keeps in each thread slot.
 #[repr(C)]
 pub(crate) struct HeapBody {
     pub(super) local: LocalCell,
     pub(super) pending: Pending,
     pub(super) remote: RemoteLists,
+    pub(super) in_flight: InFlight,
+    pub(super) orphans: Orphans,
+}
+
+/// The owner word of a dead thread's heap kept until the owner of the block it was freeing has
+/// settled that free (no process token has all bits set).
+pub(super) const AWAITING_OWNER: u64 = u64::MAX;
+
+/// What a remote freer writes into the first user word of the block it frees, before marking
+/// it: its heap, with the top bit set (a user word like any other until then).
+#[inline]
+pub(super) const fn freer_mark(freer: u64) -> u64 {
+    (1 << 63) | freer
 }
 
 // SAFETY: integers, atomics and lists of atomics, all valid as zeroes and for any bits.
@@ -87,15 +162,15 @@ unsafe impl SlotBody for HeapBody {}
 /// A heap in its slot.
 pub(super) type Heap = Slot<HeapBody>;
 
+/// Whether a heap has remote frees to collect or dead freers' frees to settle.
+fn awaits_collection(heap: &Heap) -> bool {
+    heap.body.remote.0.iter().any(|l| !l.is_empty())
+        || heap.body.orphans.0.iter().any(|o| o.load(Ordering::Acquire) != 0)
+}
+
 /// The sweep threshold for a free list of `count` blocks after a sweep.
 pub(super) fn sweep_limit(count: u64, class: usize) -> u64 {
     2 * count + 2 * LAYOUTS[class].blocks
-}
-
-/// When a class's free list is long enough to sweep (see [`ClassState::sweep_at`]).
-#[inline]
-fn sweep_due(cs: &ClassState) -> bool {
-    cs.count > cs.sweep_at
 }
 
 impl Shared {
@@ -140,8 +215,8 @@ impl Shared {
         let heap = unsafe { self.heaps.slot_unchecked(&self.mem, heap_off) };
         // SAFETY: the calling thread owns the heap.
         let local = unsafe { self.local(heap) };
-        let (block, word) = self.pop_free(&mut local.classes[class], class)?;
-        Some(self.hand_out(local, block, word, class, size, align))
+        let (block, word) = self.pop_free(local.classes.get_mut(class)?, class)?;
+        Some(self.hand_out(heap_off, local, block, word, class, size, align))
     }
 
     /// Allocates a block of `class` from the heap at `heap_off`, which the calling thread owns.
@@ -154,16 +229,26 @@ impl Shared {
             Some(taken) => taken,
             None => self.refill(heap_off, heap, class, size)?,
         };
-        Ok(self.hand_out(local, block, word, class, size, align))
+        Ok(self.hand_out(heap_off, local, block, word, class, size, align))
     }
 
-    /// Counts a block taken from the heap and makes it live; returns its user offset.
+    /// Counts a block taken from the heap and makes it live, stamped with the heap (see
+    /// [`Shared::free_quick`]); returns its user offset. `word` is the block's free info word.
     #[inline]
-    fn hand_out(&self, local: &mut HeapLocal, block: u64, word: u64, class: usize, size: usize, align: usize) -> u64 {
+    #[allow(clippy::too_many_arguments)]
+    fn hand_out(
+        &self,
+        heap_off: u64,
+        local: &mut HeapLocal,
+        block: u64,
+        word: u64,
+        class: usize,
+        size: usize,
+        align: usize,
+    ) -> u64 {
         let cs = &mut local.classes[class];
-        cs.live = cs.live.wrapping_add(1);
-        cs.live_bytes = cs.live_bytes.wrapping_add(size as u64);
         cs.allocations = cs.allocations.wrapping_add(1);
+        cs.live_bytes = cs.live_bytes.wrapping_add(size as u64);
         // SAFETY: `block` lies whole in the arena (checked by `pop_free`, or a block of a span
         // checked whole by `refill`), and its user bytes with their padding (`class_for` counted
         // it) lie in the block.
@@ -171,7 +256,8 @@ impl Shared {
             if align > 16 {
                 return self.pad(block, word, size, align);
             }
-            self.arena.word_unchecked(block).store(live_word(word, size as u64), Ordering::Release);
+            self.mem.word_unchecked(block + 8).store(heap_off, Ordering::Relaxed);
+            self.mem.word_unchecked(block).store(live_from_free(word, size as u64), Ordering::Release);
         }
         block + SMALL_HEADER
     }
@@ -186,9 +272,11 @@ impl Shared {
         let user = user_of(block, SMALL_HEADER, align as u64);
         // SAFETY: the caller's promise; `user - 16 >= block + 16` as `user > block + 16`.
         unsafe {
+            // No stamp: the quick free takes only unpadded blocks.
+            self.arena.word_unchecked(block + 8).store(0, Ordering::Relaxed);
             self.arena.word_unchecked(user - 16).store(0, Ordering::Relaxed);
             self.arena.word_unchecked(user - 8).store(back_word(user - block, 0), Ordering::Relaxed);
-            self.arena.word_unchecked(block).store(live_word(word, size as u64), Ordering::Release);
+            self.arena.word_unchecked(block).store(live_from_free(word, size as u64), Ordering::Release);
         }
         user
     }
@@ -198,17 +286,20 @@ impl Shared {
     #[inline]
     fn pop_free(&self, cs: &mut ClassState, class: usize) -> Option<(u64, u64)> {
         let block = cs.free;
-        if block % 16 != 0 || !self.arena.contains(block, LAYOUTS[class].stride) {
+        let quick = &self.quick[class];
+        if !self.arena.holds(block, quick.limit) {
             return None;
         }
-        // SAFETY: the whole block lies in the arena (checked just above), 16-aligned.
-        let (info, link) = unsafe { (self.arena.word_unchecked(block), self.arena.word_unchecked(block + 8)) };
+        // SAFETY: the whole block lies in the arena, 16-aligned (checked just above). (Through
+        // `mem`, which holds the arena, so the heap and the block share one base.)
+        let (info, link) = unsafe { (self.mem.word_unchecked(block), self.mem.word_unchecked(block + 8)) };
         let word = info.load(Ordering::Relaxed);
-        if word & free_word_mask() != free_pattern(class, 0) {
+        if word & free_word_mask() != quick.free_word {
             return None;
         }
-        cs.free = tagged_list::decode(link.load(Ordering::Relaxed)).unwrap_or(0);
-        cs.count = cs.count.wrapping_sub(1);
+        // Links are untagged (`tagged_list::encode`): decoding is the shift alone. A damaged
+        // link fails the bounds check of the next pop.
+        cs.free = link.load(Ordering::Relaxed).wrapping_shl(4);
         Some((block, word))
     }
 
@@ -234,12 +325,14 @@ impl Shared {
                 if (*bump as u64) < layout.blocks {
                     let index = *bump as u64;
                     *bump += 1;
+                    let cs = &mut local.classes[class];
+                    cs.set_blocks(cs.blocks + 1);
                     return Ok((span + SPAN_HEADER + index * layout.stride, fresh_word(class, index, 0)));
                 }
             }
             local.classes[class].bump_span = self.new_span(heap_off, class, size)?;
             let cs = &mut local.classes[class];
-            cs.sweep_at = cs.sweep_at.max(sweep_limit(cs.count, class));
+            cs.set_sweep_at(cs.sweep_at.max(sweep_limit(cs.count(), class)));
         }
         Err(corrupt(heap_off, "fresh span has no block"))
     }
@@ -281,7 +374,7 @@ impl Shared {
     pub(super) fn free_small(&self, my_heap: u64, b: LiveSmall<'_>) -> Result<()> {
         let owner = b.header.owner.load(Ordering::Acquire);
         if owner != my_heap || my_heap == 0 {
-            return self.free_remote(owner, b.block, b.info());
+            return self.free_remote(my_heap, owner, b.block, b.info());
         }
         match self.free_local(my_heap, b) {
             None => Ok(()),
@@ -289,29 +382,65 @@ impl Shared {
         }
     }
 
-    /// Frees a live small block of the calling thread's own heap `heap_off` onto the heap's
-    /// free list. Returns the class if its list is due for a sweep (the quick path calls
-    /// nothing).
+    /// Frees the block at `user` if it is a live unpadded small block stamped with the calling
+    /// thread's heap `heap_off` (the quick path: it calls nothing). `None` when it is not (the
+    /// full path then sorts it out); else the class if its list is due for a sweep.
+    ///
+    /// The stamp in the block's second word, written when the block was handed out, names the
+    /// heap that owns its span (spans never change heaps), so the free reads only the block's
+    /// two header words and the heap's class line. A stamp is one more word in shared memory:
+    /// a forged one can only make the heap take a block it will check again before use.
     #[inline]
+    pub(super) fn free_quick(&self, heap_off: u64, user: u64) -> Option<Option<usize>> {
+        let block = user.wrapping_sub(SMALL_HEADER);
+        if !self.arena.holds(block, self.header_limit) {
+            return None;
+        }
+        // SAFETY: `[block, block + 16)` lies in the arena, 16-aligned (checked just above);
+        // `mem` holds the arena.
+        let (info, stamp) = unsafe { (self.mem.word_unchecked(block), self.mem.word_unchecked(block + 8)) };
+        let word = info.load(Ordering::Acquire);
+        let class = live_small_class(word);
+        if class >= CLASS_COUNT || stamp.load(Ordering::Relaxed) != heap_off {
+            return None;
+        }
+        // SAFETY: `heap_off` is this thread's heap (from its TLS), checked when taken.
+        let heap = unsafe { self.heaps.slot_unchecked(&self.mem, heap_off) };
+        // SAFETY: we own the heap.
+        let local = unsafe { self.local(heap) };
+        let cs = local.classes.get_mut(class)?;
+        Some(self.push_freed(cs, block, word).then_some(class))
+    }
+
+    /// Frees a live small block of the calling thread's own heap `heap_off` (found by the full
+    /// path: padded, or not stamped by the quick path's rules). Returns the class if its list is
+    /// due for a sweep.
     pub(super) fn free_local(&self, heap_off: u64, b: LiveSmall<'_>) -> Option<usize> {
         // SAFETY: `heap_off` is this thread's heap (from its TLS), checked when taken.
         let heap = unsafe { self.heaps.slot_unchecked(&self.mem, heap_off) };
         // SAFETY: we own the heap.
         let local = unsafe { self.local(heap) };
         let class = b.class();
-        let cs = &mut local.classes[class];
-        // SAFETY: the block lies in the arena (`find_small` checked it).
+        let cs = local.classes.get_mut(class)?;
+        self.push_freed(cs, b.block, b.word).then_some(class)
+    }
+
+    /// Turns a live block of our heap free and pushes it on `cs`, the heap's list for its class;
+    /// returns whether the list is due for a sweep. `block` lies in the arena with its two
+    /// header words, and `word` is its live info word.
+    #[inline]
+    fn push_freed(&self, cs: &mut ClassState, block: u64, word: u64) -> bool {
+        // SAFETY: the caller's promise: both header words lie in the arena (which `mem` holds),
+        // 16-aligned.
         unsafe {
-            self.arena.word_unchecked(b.block).store(freed_word(b.word, 0), Ordering::Release);
-            self.arena
-                .word_unchecked(b.block + 8)
+            self.mem.word_unchecked(block).store(free_from_live(word), Ordering::Release);
+            self.mem
+                .word_unchecked(block + 8)
                 .store(tagged_list::encode((cs.free != 0).then_some(cs.free)), Ordering::Relaxed);
         }
-        cs.free = b.block;
-        cs.count += 1;
-        cs.live = cs.live.wrapping_sub(1);
-        cs.live_bytes = cs.live_bytes.wrapping_sub(b.size());
-        sweep_due(cs).then_some(class)
+        cs.free = block;
+        cs.count_free(word & FIELD_MASK);
+        cs.sweep_due()
     }
 
     /// Sweeps `class` of our heap (after a free made it due).
@@ -324,19 +453,101 @@ impl Shared {
     }
 
     /// A free by a thread that does not own the block's heap: mark it remote and push it on the
-    /// owner's remote list.
+    /// owner's remote list. `freer` is the calling thread's heap (0 if it could get none), where
+    /// the free is recorded while it is under way.
     #[inline(never)]
-    fn free_remote(&self, owner: u64, block: u64, info: Info) -> Result<()> {
-        let heap = self.heaps.slot(&self.mem, owner)?;
-        self.arena
-            .info(block)?
-            .compare_exchange(info.pack(), info.with_state(State::Remote).pack(), Ordering::AcqRel, Ordering::Relaxed)
-            .map_err(|_| invalid(block, "already freed"))?;
+    pub(super) fn free_remote(&self, freer: u64, owner: u64, block: u64, info: Info) -> Result<()> {
+        let (heap, record) = self.mark_remote(freer, owner, block, info)?;
         heap.body.remote.0[info.class].push(&self.arena, block);
+        if let Some(r) = record {
+            r.store(0, Ordering::Release);
+        }
         if heap.owner.load(Ordering::Acquire) == 0 {
             self.drain(owner)?;
         }
         Ok(())
+    }
+
+    /// The first half of a remote free: records the block in the freer's heap and in the block
+    /// itself, then marks it remote. Returns the owner's heap and the record to clear once the
+    /// block is pushed.
+    pub(super) fn mark_remote(
+        &self,
+        freer: u64,
+        owner: u64,
+        block: u64,
+        info: Info,
+    ) -> Result<(&Heap, Option<&AtomicU64>)> {
+        let heap = self.heaps.slot(&self.mem, owner)?;
+        let record = match freer {
+            0 => None,
+            f => Some(&self.heaps.slot(&self.mem, f)?.body.in_flight.0),
+        };
+        if let Some(r) = record {
+            r.store(block, Ordering::Release);
+            // Every block has 16 user bytes or more past its header.
+            self.arena.word(block + SMALL_HEADER)?.store(freer_mark(freer), Ordering::Release);
+        }
+        let marked = self.arena.info(block)?.compare_exchange(
+            info.pack(),
+            info.with_state(State::Remote).pack(),
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+        if marked.is_err() {
+            if let Some(r) = record {
+                r.store(0, Ordering::Release);
+            }
+            return Err(invalid(block, "already freed"));
+        }
+        Ok((heap, record))
+    }
+
+    /// Settles the remote free a dead thread of heap `freer` left to us (the owner of the block,
+    /// `heap_off`, holding our heap): the block goes on our free list if it is still marked
+    /// remote by that thread, since we have taken our remote list since, so it was never pushed
+    /// (if it was, collecting it turned it free). Then the freer's heap is let go.
+    ///
+    /// The steps are ordered so that an owner killed between any two leaves a state its repairer
+    /// settles the same way, or a freer's heap that [`reclaim`](super::recovery) lets go.
+    pub(super) fn settle_orphan(&self, heap_off: u64, heap: &Heap, class: usize, freer: u64) -> Result<()> {
+        let f = self.heaps.slot(&self.mem, freer)?;
+        let block = f.body.in_flight.0.load(Ordering::Acquire);
+        if let Some((w, word)) = self.orphan_block(heap_off, class, freer, block) {
+            w.store(freed_word(word, 0), Ordering::Release);
+            // SAFETY: we hold the heap.
+            let cs = &mut unsafe { self.local(heap) }.classes[class];
+            self.arena.store_link(block, (cs.free != 0).then_some(cs.free));
+            cs.free = block;
+            cs.count_free(word & FIELD_MASK);
+        }
+        f.body.in_flight.0.store(0, Ordering::Release);
+        heap.body.orphans.0[class].store(0, Ordering::Release);
+        let released = f.owner.compare_exchange(AWAITING_OWNER, 0, Ordering::AcqRel, Ordering::Relaxed).is_ok();
+        if released && awaits_collection(f) {
+            self.drain(freer)?;
+        }
+        Ok(())
+    }
+
+    /// The info word (and its value) of `block` if it is a block of `class` of heap `heap_off`
+    /// still marked remote by the thread of heap `freer`.
+    pub(super) fn orphan_block(
+        &self,
+        heap_off: u64,
+        class: usize,
+        freer: u64,
+        block: u64,
+    ) -> Option<(&AtomicU64, u64)> {
+        let w = self.arena.word_at(block).filter(|_| block % 16 == 0)?;
+        let word = w.load(Ordering::Acquire);
+        let span = span_of_word(block, word);
+        let ours = has_state(word, State::Remote)
+            && word_class(word) == class
+            && self.arena.class_span(span, class)?.owner.load(Ordering::Relaxed) == heap_off
+            && block.wrapping_sub(span + SPAN_HEADER) < LAYOUTS[class].area
+            && self.arena.word_at(block + SMALL_HEADER)?.load(Ordering::Acquire) == freer_mark(freer);
+        ours.then_some((w, word))
     }
 
     /// Returns the spans of `class` whose blocks are all on the free list (keeping the bump span
@@ -383,8 +594,8 @@ impl Shared {
             self.arena.store_link(last, None);
         }
         cs.free = kept.first().copied().unwrap_or(0);
-        cs.count = kept.len() as u64;
-        cs.sweep_at = sweep_limit(cs.count, class);
+        cs.set_blocks(cs.live() + kept.len() as u64);
+        cs.set_sweep_at(sweep_limit(kept.len() as u64, class));
         if released.binary_search(&cs.bump_span).is_ok() {
             cs.bump_span = 0;
         }
@@ -403,6 +614,17 @@ impl Shared {
     /// Moves the remote frees of `class` to the free list (owner only), journaled in the heap's
     /// `pending` word (see the module docs).
     pub(super) fn collect(&self, heap_off: u64, heap: &Heap, class: usize) -> Result<()> {
+        // Read before the list is taken: a block the orphan's freer pushed is then in the chain.
+        let orphan = heap.body.orphans.0[class].load(Ordering::Acquire);
+        self.collect_chain(heap_off, heap, class)?;
+        if orphan != 0 {
+            self.settle_orphan(heap_off, heap, class, orphan)?;
+        }
+        Ok(())
+    }
+
+    /// Takes the remote list of `class` and puts its blocks on the free list.
+    fn collect_chain(&self, heap_off: u64, heap: &Heap, class: usize) -> Result<()> {
         let pending = &heap.body.pending.0[class];
         let Some(first) = heap.body.remote.0[class].take_recorded(pending) else {
             return Ok(());
@@ -437,16 +659,14 @@ impl Shared {
             for &(b, size) in &batch[..k] {
                 self.arena.store_link(b, (cs.free != 0).then_some(cs.free));
                 cs.free = b;
-                cs.count += 1;
-                cs.live = cs.live.wrapping_sub(1);
-                cs.live_bytes = cs.live_bytes.wrapping_sub(size);
+                cs.count_free(size);
             }
             seen += k as u64;
             if seen > limit {
                 return Err(corrupt(first, "remote list longer than its blocks can be (a cycle)"));
             }
         }
-        if sweep_due(&local.classes[class]) {
+        if local.classes[class].sweep_due() {
             self.sweep(local, class, false)?;
         }
         Ok(())
@@ -471,7 +691,7 @@ impl Shared {
         loop {
             self.trim_heap(heap_off)?;
             heap.owner.store(0, Ordering::Release);
-            let pending = heap.body.remote.0.iter().any(|l| !l.is_empty());
+            let pending = awaits_collection(heap);
             if !pending || heap.owner.compare_exchange(0, token, Ordering::Acquire, Ordering::Relaxed).is_err() {
                 return Ok(());
             }
@@ -491,7 +711,7 @@ impl Shared {
     pub(super) fn drain_unowned(&self) -> Result<()> {
         for offset in self.heaps.offsets(&self.mem)? {
             let h = self.heaps.slot(&self.mem, offset)?;
-            if h.owner.load(Ordering::Relaxed) == 0 && h.body.remote.0.iter().any(|l| !l.is_empty()) {
+            if h.owner.load(Ordering::Relaxed) == 0 && awaits_collection(h) {
                 self.drain(offset)?;
             }
         }

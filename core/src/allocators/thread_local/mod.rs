@@ -8,24 +8,33 @@
 //!               per class, one cache line: free list, span to bump from, counters  (owner only)
 //!               per class: the remote chain being collected                  (owner, for repair)
 //!               per class: remote-free list                                  (any thread)
+//!               the block this heap's thread is freeing into another heap    (its thread)
+//!               per class: a dead freer's heap whose free we must settle     (repairers)
+//! live block    [info][heap that handed it out][user bytes ...]
 //! ```
 //!
 //! A thread finds its heap through the [`ThreadModel`]'s TLS, cached (with `std`) in a
 //! thread-local slot keyed by the allocator instance, so the fast path finds it with one load.
 //! It allocates from its heap's free list for the class (blocks of any of its spans, last freed
-//! first) or bumps into its newest span; a free by the owner pushes on that list. The fast paths
-//! touch the heap's class line, the block and (on a free) its span's header, read only; they
-//! call nothing and build no error value: anything else goes to the full path.
+//! first) or bumps into its newest span; a free by the owner pushes on that list. A block handed
+//! out unpadded carries its heap's offset in its second word, so the quick free reads only the
+//! block's two header words and the heap's class line: a live info word and the calling thread's
+//! heap there make it ours (spans never change heaps). Each offset read from shared memory is
+//! bounds-checked with one compare against a limit computed at open ([`Mem::holds`]). The fast
+//! paths call nothing and build no error value: anything else goes to the full path.
 //!
 //! A free by any other thread or process marks the block remote and pushes it on its owner
 //! heap's remote list for the class (one CAS); the owner collects that list in bulk when its
 //! free list runs dry, recording the chain it took in the heap first ([`heap`]), so an owner
-//! killed halfway through leaves every block findable. When a free list has doubled since the
-//! last sweep, spans whose blocks are all free go back to the free-space manager; on a trim and
-//! when the thread exits, all of them do. A heap whose thread has exited is released for the
-//! next thread; a heap whose process died (its owner word names a process that no longer runs,
-//! by id and start time, see [`liveness`](crate::liveness)) is repaired from its blocks' headers
-//! and released ([`recovery`]), on attach, when space runs short, or on
+//! killed halfway through leaves every block findable. The freer records the block in its own
+//! heap (and its heap in the block's first user word) before marking it, and clears the record
+//! after the push; a repairer of a freer killed in between hands the block to its owner, which
+//! alone can tell (after taking its remote list) whether it was pushed. When a free list has
+//! doubled since the last sweep, spans whose blocks are all free go back to the free-space
+//! manager; on a trim and when the thread exits, all of them do. A heap whose thread has exited
+//! is released for the next thread; a heap whose process died (its owner word names a process
+//! that no longer runs, by id and start time, see [`liveness`](crate::liveness)) is repaired
+//! from its blocks' headers and released ([`recovery`]), on attach, when space runs short, or on
 //! [`ThreadLocalAllocator::reclaim`].
 
 mod audit;
@@ -55,13 +64,16 @@ use super::common::{
 use super::fast_slot;
 use super::free_space::{FreeSpace, FreeSpaceLayout, FreeSpaceState, UNIT};
 use super::large;
+use super::size_class::CLASS_COUNT;
 use super::slots::{Chunk, SlotTable};
 use super::span::{
-    class_for, corrupt, explain_free, find_live, find_small, invalid, live_block, quick_class, Found, Mem, LAYOUTS,
+    class_for, corrupt, explain_free, find_live, free_pattern, invalid, live_block, quick_class, Found, Mem, LAYOUTS,
+    SMALL_HEADER,
 };
 use heap::HeapBody;
 
-const TYPE_ID: u32 = 0x544C_4131; // "TLA1"
+/// "TLA2": heap class lines count frees (not live blocks), and live blocks carry their heap.
+const TYPE_ID: u32 = 0x544C_4132;
 
 /// What the fast-slot cache holds for a thread known to have no heap (never a heap offset, which
 /// is 64-aligned).
@@ -81,6 +93,15 @@ struct TlaHeader {
     chunk: Chunk<HeapBody>,
 }
 
+/// One class's constants for the quick allocation, side by side.
+#[derive(Clone, Copy)]
+struct QuickClass {
+    /// The [`Mem::holds`] limit of a block of the class in the arena.
+    limit: u64,
+    /// A free info word of the class with label 0, masked with `free_word_mask`.
+    free_word: u64,
+}
+
 /// What a thread's TLS value points to.
 struct ThreadHeap {
     shared: Arc<Shared>,
@@ -98,6 +119,10 @@ struct Shared {
     arena: Mem,
     fs: FreeSpace,
     heaps: SlotTable<HeapBody>,
+    /// Per class, what the quick allocation compares with.
+    quick: [QuickClass; CLASS_COUNT],
+    /// The [`Mem::holds`] limit of a small block's two header words in the arena.
+    header_limit: u64,
 }
 
 // SAFETY: `header` points into `region`, kept mapped by `Shared`; shared parts of the header are
@@ -185,7 +210,12 @@ impl<T: ThreadModel> ThreadLocalAllocator<T> {
         let heaps = SlotTable::new(chunk);
         // SAFETY: `release_at_exit` accepts exactly the values this allocator stores.
         let key = unsafe { T::tls_create(Some(release_at_exit)) }?;
-        let shared = Arc::new(Shared { region, header, mem, arena, fs, heaps });
+        let quick = core::array::from_fn(|c| QuickClass {
+            limit: arena.limit_for(LAYOUTS[c].stride),
+            free_word: free_pattern(c, 0),
+        });
+        let header_limit = arena.limit_for(SMALL_HEADER);
+        let shared = Arc::new(Shared { region, header, mem, arena, fs, heaps, quick, header_limit });
         Ok(ThreadLocalAllocator { shared, id, key, instance: fast_slot::new_instance(), _model: PhantomData })
     }
 
@@ -237,12 +267,22 @@ impl<T: ThreadModel> ThreadLocalAllocator<T> {
         Ok(heap)
     }
 
-    /// The calling thread's heap if it has one (frees do not create heaps), else 0.
+    /// The calling thread's heap if it has one, else 0 (a local free needs none).
     #[inline]
     fn existing_heap(&self) -> u64 {
         match fast_slot::get(self.instance) {
             0 => self.tls_heap(),
             NO_HEAP => 0,
+            heap => heap,
+        }
+    }
+
+    /// The calling thread's heap for a free of a block of heap `owner`: a remote free is
+    /// recorded in the freer's heap while under way (see [`heap`]), so a thread without one
+    /// takes one; 0 if it cannot (the free then goes unrecorded).
+    fn freeing_heap(&self, owner: u64) -> u64 {
+        match self.existing_heap() {
+            0 if owner != 0 => self.thread_heap().unwrap_or(0),
             heap => heap,
         }
     }
@@ -315,7 +355,7 @@ impl<T: ThreadModel> ThreadLocalAllocator<T> {
         let s = &self.shared;
         let user = ptr.offset().ok_or(invalid(ptr.get(), "null pointer"))?;
         match find_live(&s.arena, user) {
-            Some(Found::Small(b)) => s.free_small(self.existing_heap(), b),
+            Some(Found::Small(b)) => s.free_small(self.freeing_heap(b.header.owner.load(Ordering::Acquire)), b),
             Some(Found::Large { block }) => large::free(&s.fs, &s.arena, block),
             None => Err(explain_free(&s.arena, user)),
         }
@@ -349,7 +389,7 @@ impl<T: ThreadModel> RegionAllocator for ThreadLocalAllocator<T> {
     fn allocate(&self, size: usize, align: usize) -> Result<OffsetPtr> {
         // The quick path calls nothing: anything it cannot finish goes to the full path.
         if let Some(class) = quick_class(size, align) {
-            let heap = fast_slot::get(self.instance);
+            let heap = fast_slot::get_last(self.instance);
             if heap > NO_HEAP {
                 if let Some(user) = self.shared.allocate_quick(heap, class, size, align) {
                     return Ok(OffsetPtr::new(user));
@@ -394,14 +434,12 @@ impl<T: ThreadModel> RegionAllocator for ThreadLocalAllocator<T> {
         // The quick path: a small block of the calling thread's own heap; anything else goes to
         // the full path.
         let s = &self.shared;
-        if let Some(b) = find_small(&s.arena, ptr.get()) {
-            let heap = fast_slot::get(self.instance);
-            if heap > NO_HEAP && b.header.owner.load(Ordering::Acquire) == heap {
-                let class = s.free_local(heap, b);
-                if class.is_none() {
-                    return Ok(());
-                }
-                return s.sweep_class(heap, class);
+        let heap = fast_slot::get_last(self.instance);
+        if heap > NO_HEAP {
+            match s.free_quick(heap, ptr.get()) {
+                Some(None) => return Ok(()),
+                Some(sweep) => return s.sweep_class(heap, sweep),
+                None => {}
             }
         }
         self.free_other(ptr)

@@ -6,7 +6,15 @@
 //! those blocks free without touching their links. Only then does it rebuild every span's free
 //! list, use count and the heap's counters from the blocks' states, so a repairer that dies in
 //! turn leaves a state the next one repairs the same way.
+//!
+//! A dead heap's thread may also have been remote-freeing a block of another heap (its
+//! `in_flight` record). Marked remote and still carrying that thread's mark, the block may or
+//! may not have reached its owner's remote list; only the owner can tell, by taking its list:
+//! so the repairer names the dead heap in the owner's orphan slot for the class and keeps the
+//! heap (owner word [`AWAITING_OWNER`]) until the owner has settled the block
+//! ([`Shared::settle_orphan`]) at its next collection, or its own repair.
 
+use alloc::collections::BTreeSet;
 use alloc::vec::Vec;
 
 use crate::error::Result;
@@ -17,28 +25,93 @@ use crate::sync::tagged_list::{self, LinkStore};
 use super::super::large::{self, TAG_LARGE, TAG_SPAN};
 use super::super::size_class::CLASS_COUNT;
 use super::super::slots::owner_dead;
-use super::super::span::{block_at, corrupt, freed_word, fresh_word, Info, State, LAYOUTS};
-use super::heap::{sweep_limit, ClassState, Heap, HeapLocal};
+use super::super::span::{block_at, corrupt, freed_word, fresh_word, span_of, Info, State, LAYOUTS, SMALL_HEADER};
+use super::heap::{freer_mark, sweep_limit, ClassState, Heap, HeapLocal, AWAITING_OWNER};
 use super::Shared;
 
+/// What became of a dead thread's remote free.
+enum Handover {
+    /// Nothing was under way, or nothing is left to do.
+    None,
+    /// The block's owner settles it; the freer's heap waits for that.
+    Posted,
+    /// The owner already has another such free to settle: try again at the next reclaim.
+    Busy,
+}
+
 impl Shared {
-    /// Repairs and releases every heap whose owning process has died; returns how many.
+    /// Repairs and releases every heap whose owning process has died; returns how many. A heap
+    /// whose thread died mid-way through a remote free is handed to the block's owner to settle
+    /// instead ([`Shared::hand_over_in_flight`]), and kept until it has.
     pub(super) fn reclaim_dead(&self) -> Result<u64> {
+        let offsets = self.heaps.offsets(&self.mem)?;
+        let mut awaited = BTreeSet::new();
+        for &offset in &offsets {
+            let h = self.heaps.slot(&self.mem, offset)?;
+            awaited.extend(h.body.orphans.0.iter().map(|o| o.load(Ordering::Acquire)).filter(|&f| f != 0));
+        }
         let mut reclaimed = 0;
-        for offset in self.heaps.offsets(&self.mem)? {
+        for offset in offsets {
             let h = self.heaps.slot(&self.mem, offset)?;
             let owner = h.owner.load(Ordering::Acquire);
-            if !owner_dead(owner) {
+            // A heap awaiting an owner that nothing names any more was left by a repairer that
+            // died handing it over: it is taken over again like a dead one.
+            let forgotten = owner == AWAITING_OWNER && !awaited.contains(&offset);
+            if !(forgotten || owner != AWAITING_OWNER && owner_dead(owner)) {
                 continue;
             }
             if h.owner.compare_exchange(owner, owner_token(), Ordering::Acquire, Ordering::Relaxed).is_err() {
                 continue;
             }
             self.repair_heap(offset)?;
-            self.release_heap(offset)?;
+            match self.hand_over_in_flight(offset, h)? {
+                Handover::None => self.release_heap(offset)?,
+                Handover::Posted => {}
+                Handover::Busy => h.owner.store(owner, Ordering::Release),
+            }
             reclaimed += 1;
         }
         Ok(reclaimed)
+    }
+
+    /// Hands the remote free a dead thread of heap `freer` was making (its `in_flight` record)
+    /// to the owner of the block, which alone can tell whether the block was pushed (see
+    /// [`Shared::settle_orphan`]). The caller holds the freer's heap.
+    fn hand_over_in_flight(&self, freer: u64, h: &Heap) -> Result<Handover> {
+        let block = h.body.in_flight.0.load(Ordering::Acquire);
+        let marked = self
+            .arena
+            .word_at(block)
+            .filter(|_| block != 0 && block % 16 == 0)
+            .and_then(|w| Info::unpack(w.load(Ordering::Acquire)))
+            .filter(|i| i.state == State::Remote)
+            .and_then(|i| Some((i, self.arena.class_span(span_of(block, &i)?, i.class)?)))
+            .filter(|_| {
+                self.arena.word_at(block + SMALL_HEADER).map(|w| w.load(Ordering::Acquire)) == Some(freer_mark(freer))
+            });
+        let Some((info, span)) = marked else {
+            // Nothing under way, not yet marked (the free never happened), or pushed and
+            // collected already.
+            h.body.in_flight.0.store(0, Ordering::Release);
+            return Ok(Handover::None);
+        };
+        let owner_off = span.owner.load(Ordering::Relaxed);
+        let owner = self.heaps.slot(&self.mem, owner_off)?;
+        match owner.body.orphans.0[info.class].compare_exchange(0, freer, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => {}
+            Err(f) if f == freer => {}
+            Err(_) => return Ok(Handover::Busy),
+        }
+        h.owner.store(AWAITING_OWNER, Ordering::Release);
+        if h.body.in_flight.0.load(Ordering::Acquire) == 0 {
+            // The owner settled it already: the heap is let go here, unless the owner did.
+            let ours = h.owner.compare_exchange(AWAITING_OWNER, owner_token(), Ordering::AcqRel, Ordering::Relaxed);
+            return Ok(if ours.is_ok() { Handover::None } else { Handover::Posted });
+        }
+        if owner.owner.load(Ordering::Acquire) == 0 {
+            self.drain(owner_off)?;
+        }
+        Ok(Handover::Posted)
     }
 
     /// Turns the remotely freed blocks of a chain free, without touching links: the chain a
@@ -78,6 +151,18 @@ impl Shared {
         }
     }
 
+    /// Settles the remote frees dead threads left to a heap we hold for repair (after its
+    /// remote lists were collected: a settled block turns free, and the rebuild lists it).
+    fn settle_orphans(&self, heap_off: u64, heap: &Heap) -> Result<()> {
+        for class in 0..CLASS_COUNT {
+            match heap.body.orphans.0[class].load(Ordering::Acquire) {
+                0 => {}
+                freer => self.settle_orphan(heap_off, heap, class, freer)?,
+            }
+        }
+        Ok(())
+    }
+
     /// Rebuilds a heap's spans and lists from its blocks' headers, after its owner died at an
     /// unknown point. The caller holds the heap.
     fn repair_heap(&self, heap_off: u64) -> Result<()> {
@@ -85,6 +170,7 @@ impl Shared {
         let index = heap.index;
         let free_dead = self.free_dead();
         self.finish_collections(heap);
+        self.settle_orphans(heap_off, heap)?;
         // SAFETY: we hold the heap.
         let local = unsafe { self.local(heap) };
         let allocations: Vec<u64> = local.classes.iter().map(|c| c.allocations).collect();
@@ -108,7 +194,12 @@ impl Shared {
             self.repair_span(local, span, class, free_dead)?;
         }
         for (c, allocs) in allocations.into_iter().enumerate() {
-            local.classes[c].allocations = allocs.max(local.classes[c].live);
+            // `repair_span` counted the live blocks in `allocations`, with no frees.
+            let cs = &mut local.classes[c];
+            let live = cs.allocations;
+            cs.allocations = allocs.max(live);
+            cs.frees = cs.allocations - live;
+            cs.set_sweep_at(sweep_limit(cs.count(), c));
         }
         for base in dead_large {
             let _ = large::free(&self.fs, &self.arena, base);
@@ -158,14 +249,13 @@ impl Shared {
             return self.release_span(span);
         }
         let cs = &mut local.classes[class];
+        cs.blocks += free.len() as u64 + kept;
         for b in free {
             self.arena.store_link(b, (cs.free != 0).then_some(cs.free));
             cs.free = b;
-            cs.count += 1;
         }
-        cs.live += kept;
+        cs.allocations += kept;
         cs.live_bytes += bytes;
-        cs.sweep_at = sweep_limit(cs.count, class);
         Ok(())
     }
 }

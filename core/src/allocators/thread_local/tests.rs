@@ -48,7 +48,7 @@ proptest! {
     }
 }
 
-/// Remote-frees `blocks` (user offsets) from a thread without a heap.
+/// Remote-frees `blocks` (user offsets) from this thread (which takes a heap to record them in).
 fn free_remotely(a: &Tla, blocks: &[u64]) {
     for &b in blocks {
         a.free(OffsetPtr::new(b)).unwrap();
@@ -93,6 +93,9 @@ fn a_heap_whose_owner_died_mid_collection_is_repaired_whole() {
     let end = a.stats();
     assert_eq!((end.live_allocations, end.bytes_in_use), (0, 0));
     assert_eq!(end.free_bytes(), start);
+    // This thread took a heap to record its remote frees in; the dead one's is back.
+    assert_eq!(a.owned_heaps().unwrap(), 1);
+    a.release_thread_heap().unwrap();
     assert_eq!(a.owned_heaps().unwrap(), 0);
 }
 
@@ -112,6 +115,11 @@ fn a_heap_whose_owner_died_between_recording_and_taking_is_repaired_whole() {
     // `DeadProcessBlocks::Keep`: the 20 blocks it held stay allocated until someone frees them.
     assert_eq!(a.stats().live_allocations, 20);
     free_remotely(&a, &blocks[100..]);
+    assert_back_to_start(&a, start);
+}
+
+/// After a trim, `check()` passes, nothing is live and the free bytes are `start` again.
+fn assert_back_to_start(a: &Tla, start: u64) {
     a.trim().unwrap();
     a.check().unwrap();
     assert_eq!(a.stats().live_allocations, 0);
@@ -135,4 +143,83 @@ fn a_run_left_half_made_by_a_dead_lock_holder_is_returned() {
     let p = a.allocate(64, 8).unwrap();
     a.free(p).unwrap();
     a.check().unwrap();
+}
+
+/// Which step of a remote free its process was killed before.
+#[derive(Clone, Copy, Debug)]
+enum KilledBefore {
+    /// Recorded the block in its heap and in the block, not yet marked it.
+    Marking,
+    /// Marked it remote, not yet pushed it on the owner's list.
+    Pushing,
+    /// Pushed it, not yet cleared its record.
+    Clearing,
+}
+
+/// This thread allocates 50 blocks; a thread of a process that then dies remote-frees block 7
+/// and is killed at `at`. Returns the allocator, its starting free bytes and the blocks.
+fn killed_remote_free(at: KilledBefore) -> (Tla, u64, Vec<OffsetPtr>) {
+    crate::testing::install_test_liveness();
+    let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = a.stats().free_bytes();
+    let blocks: Vec<OffsetPtr> = (0..50).map(|_| a.allocate(100, 8).unwrap()).collect();
+    let s = &a.shared;
+    let freer = s.heaps.acquire(&s.mem, &s.fs, crate::testing::dead_token(), || Ok(())).unwrap();
+    let Some(Found::Small(b)) = find_live(&s.arena, blocks[7].get()) else { panic!("block 7 is live") };
+    let owner = b.header.owner.load(Ordering::Relaxed);
+    match at {
+        KilledBefore::Marking => {
+            s.heaps.slot(&s.mem, freer).unwrap().body.in_flight.0.store(b.block, Ordering::Release);
+            s.arena.word(b.block + 16).unwrap().store(heap::freer_mark(freer), Ordering::Release);
+        }
+        KilledBefore::Pushing => {
+            s.mark_remote(freer, owner, b.block, b.info()).unwrap();
+        }
+        KilledBefore::Clearing => {
+            let (heap, _record) = s.mark_remote(freer, owner, b.block, b.info()).unwrap();
+            heap.body.remote.0[b.class()].push(&s.arena, b.block);
+        }
+    }
+    (a, start, blocks)
+}
+
+#[test]
+fn a_remote_freer_killed_between_marking_and_pushing_leaves_the_block_to_its_owner() {
+    let (a, start, blocks) = killed_remote_free(KilledBefore::Pushing);
+    assert!(a.check().is_err(), "a block marked remote on no list shows");
+    assert_eq!(a.reclaim().unwrap(), 1);
+    a.check().unwrap();
+    assert_eq!(a.owned_heaps().unwrap(), 2, "the freer's heap waits for the block's owner");
+    // The owner settles it when it next collects: the block is free again, the heap let go.
+    a.trim().unwrap();
+    a.check().unwrap();
+    assert_eq!(a.owned_heaps().unwrap(), 1);
+    assert_eq!(a.stats().live_allocations, 49);
+    for (i, p) in blocks.iter().enumerate() {
+        if i != 7 {
+            a.free(*p).unwrap();
+        }
+    }
+    assert_back_to_start(&a, start);
+}
+
+#[test]
+fn a_remote_freer_killed_before_marking_or_after_pushing_is_settled_once() {
+    for at in [KilledBefore::Marking, KilledBefore::Clearing] {
+        let (a, start, blocks) = killed_remote_free(at);
+        assert!(a.check().is_err(), "{at:?}: a half-done remote free shows until reclaimed");
+        assert_eq!(a.reclaim().unwrap(), 1);
+        a.trim().unwrap();
+        a.check().unwrap();
+        assert_eq!(a.owned_heaps().unwrap(), 1, "{at:?}");
+        // Before marking, the free never happened: block 7 is still live, and freeable.
+        let freed = matches!(at, KilledBefore::Clearing) as u64;
+        assert_eq!(a.stats().live_allocations, 50 - freed, "{at:?}");
+        for (i, p) in blocks.iter().enumerate() {
+            if i != 7 || freed == 0 {
+                a.free(*p).unwrap();
+            }
+        }
+        assert_back_to_start(&a, start);
+    }
 }
