@@ -232,7 +232,17 @@ mod tests {
     fn errors_say_what_went_wrong() {
         let e = Error::HeaderMismatch { field: "version", expected: 1, found: 7 };
         assert_eq!(e.to_string(), "header mismatch in field `version`: expected 0x1, found 0x7");
-        let e = Error::Os { call: "shm_open", errno: 2 };
-        assert!(e.to_string().starts_with("shm_open failed: No such file"), "{e}");
+        // The code is the OS's own: errno on unix, GetLastError on Windows.
+        #[cfg(unix)]
+        {
+            let e = Error::Os { call: "shm_open", errno: 2 };
+            assert!(e.to_string().starts_with("shm_open failed: No such file"), "{e}");
+        }
+        #[cfg(windows)]
+        {
+            // ERROR_NOT_ENOUGH_MEMORY (errno 8 would be ENOEXEC).
+            let e = Error::Os { call: "FlsAlloc", errno: 8 }.to_string();
+            assert!(e.starts_with("FlsAlloc failed: ") && e.to_lowercase().contains("memory"), "{e}");
+        }
     }
 }

@@ -101,8 +101,12 @@ impl ThreadState {
     }
 }
 
+#[cfg(not(windows))]
 thread_local! {
     static STATE: ThreadState = const { ThreadState::new() };
+}
+
+thread_local! {
     static EXIT: ExitGuard = const { ExitGuard };
 }
 
@@ -111,13 +115,147 @@ struct ExitGuard;
 
 impl Drop for ExitGuard {
     fn drop(&mut self) {
+        #[cfg(not(windows))]
         STATE.with(retire_thread);
+        #[cfg(windows)]
+        win::retire_current();
     }
 }
 
+#[cfg(not(windows))]
 #[inline(always)]
 fn with_state<R>(f: impl FnOnce(&ThreadState) -> R) -> R {
     STATE.with(f)
+}
+
+#[cfg(windows)]
+use win::with_state;
+
+/// Windows: where the target has no native TLS (windows-gnu), `thread_local!` boxes each
+/// thread's value on the global allocator at first touch, so a `STATE` there would recurse
+/// into `HetAlloc` forever. Each thread's state is instead a block of the system heap, reached
+/// through a raw TLS index; the exit guard (a `thread_local!`, touched while the thread is busy)
+/// still decides when it retires.
+#[cfg(windows)]
+mod win {
+    use core::ffi::c_void;
+    use core::sync::atomic::AtomicU32;
+    use std::alloc::{GlobalAlloc, System};
+
+    use windows_sys::Win32::System::Threading::{TlsAlloc, TlsFree, TlsGetValue, TlsSetValue, TLS_OUT_OF_INDEXES};
+
+    use super::*;
+
+    static INDEX: AtomicU32 = AtomicU32::new(TLS_OUT_OF_INDEXES);
+
+    /// The slot's value once the thread's state is retired and freed.
+    fn retired_mark() -> *mut c_void {
+        ptr::without_provenance_mut(1)
+    }
+
+    fn index() -> Option<u32> {
+        let index = INDEX.load(Ordering::Acquire);
+        if index != TLS_OUT_OF_INDEXES {
+            return Some(index);
+        }
+        // SAFETY: no preconditions.
+        let mine = unsafe { TlsAlloc() };
+        if mine == TLS_OUT_OF_INDEXES {
+            return None;
+        }
+        match INDEX.compare_exchange(TLS_OUT_OF_INDEXES, mine, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => Some(mine),
+            Err(theirs) => {
+                // SAFETY: `mine` came from TlsAlloc above and no one else has seen it.
+                unsafe { TlsFree(mine) };
+                Some(theirs)
+            }
+        }
+    }
+
+    /// The calling thread's state, made on first use; `None` once it retired, or when no TLS
+    /// index or memory could be had (requests then go straight upstream).
+    #[inline]
+    fn current() -> Option<NonNull<ThreadState>> {
+        let index = index()?;
+        // SAFETY: reading our own slot has no preconditions.
+        let p = unsafe { TlsGetValue(index) };
+        if p == retired_mark() {
+            return None;
+        }
+        match NonNull::new(p.cast::<ThreadState>()) {
+            Some(state) => Some(state),
+            None => create(index),
+        }
+    }
+
+    #[cold]
+    fn create(index: u32) -> Option<NonNull<ThreadState>> {
+        let layout = Layout::new::<ThreadState>();
+        // SAFETY: a non-zero-sized layout; System is the heap, not the global allocator.
+        let state = NonNull::new(unsafe { System.alloc(layout) }.cast::<ThreadState>())?;
+        // SAFETY: fresh memory sized and aligned for a ThreadState.
+        unsafe { state.as_ptr().write(ThreadState::new()) };
+        // SAFETY: storing a pointer in our own slot.
+        if unsafe { TlsSetValue(index, state.as_ptr().cast()) } == 0 {
+            // SAFETY: allocated above with this layout; never published.
+            unsafe { System.dealloc(state.as_ptr().cast(), layout) };
+            return None;
+        }
+        Some(state)
+    }
+
+    /// Frees a state no one refers to any more; the slot is marked retired first.
+    fn release(index: u32, state: NonNull<ThreadState>) {
+        // SAFETY: our own slot.
+        unsafe { TlsSetValue(index, retired_mark()) };
+        // SAFETY: made by `create` with this layout; the caller guarantees no references.
+        unsafe { System.dealloc(state.as_ptr().cast(), Layout::new::<ThreadState>()) };
+    }
+
+    #[inline(always)]
+    pub(super) fn with_state<R>(f: impl FnOnce(&ThreadState) -> R) -> R {
+        let Some(state) = current() else {
+            // Retired, or no state could be made: an exited state, for this call only.
+            let gone = ThreadState::new();
+            gone.phase.set(EXITED);
+            return f(&gone);
+        };
+        // SAFETY: the state lives until `release`, which runs only where no reference is held.
+        let r = f(unsafe { state.as_ref() });
+        // SAFETY: as above.
+        if unsafe { state.as_ref() }.phase.get() == EXITED {
+            // Only `start_thread` leaves a published state EXITED (the exit guard marks the slot
+            // before retiring), and it runs in the outermost call holding the state: nested
+            // calls find the thread busy. So nothing refers to the state now.
+            if let Some(index) = index() {
+                release(index, state);
+            }
+        }
+        r
+    }
+
+    /// The exit guard's work: retire the thread's state, then free it.
+    pub(super) fn retire_current() {
+        let Some(index) = index() else {
+            return;
+        };
+        // SAFETY: reading our own slot has no preconditions.
+        let p = unsafe { TlsGetValue(index) };
+        if p == retired_mark() {
+            return;
+        }
+        let Some(state) = NonNull::new(p.cast::<ThreadState>()) else {
+            return;
+        };
+        // Requests made while retiring (returning blocks may call the global allocator) must
+        // not reach this state: mark the slot first, then retire through the pointer.
+        // SAFETY: our own slot.
+        unsafe { TlsSetValue(index, retired_mark()) };
+        // SAFETY: the state is live until the release below; only this call refers to it now.
+        retire_thread(unsafe { state.as_ref() });
+        release(index, state);
+    }
 }
 
 /// A handle on one slot: what `HetAlloc` and the recycled-frame allocator are made of.
