@@ -11,6 +11,10 @@
 
 use crate::sync::atomic::{AtomicU64, Ordering};
 
+/// Slot values at or below this are markers a caller may cache (0: none; 1: e.g. "this thread
+/// has no slot"); [`get_last`] never returns them, so a fast path needs no second compare.
+pub(crate) const MARKERS: u64 = 1;
+
 /// A new instance number (never 0, never reused in this process).
 pub(crate) fn new_instance() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(1);
@@ -41,13 +45,24 @@ mod imp {
         }
     }
 
-    /// The calling thread's slot in allocator `instance` if it is the entry found last, else 0:
-    /// for fast paths that leave every other case to their full path (no call, no spills).
+    /// The calling thread's slot in allocator `instance` if it is the entry found last: for fast
+    /// paths that leave every other case to their full path (no call, no spills). Never a
+    /// marker (at most [`MARKERS`]): the last entry only ever holds real slots.
     #[inline]
-    pub(crate) fn get_last(instance: u64) -> u64 {
+    pub(crate) fn get_last(instance: u64) -> Option<u64> {
         match LAST.try_with(Cell::get) {
-            Ok((i, slot)) if i == instance => slot,
-            _ => 0,
+            Ok((i, slot)) if i == instance => Some(slot),
+            _ => None,
+        }
+    }
+
+    /// The last entry for `(instance, slot)`: a marker slot is kept out of it.
+    #[inline]
+    fn last_entry(instance: u64, slot: u64) -> (u64, u64) {
+        if slot > super::MARKERS {
+            (instance, slot)
+        } else {
+            (0, 0)
         }
     }
 
@@ -60,7 +75,7 @@ mod imp {
                 if entry.0 != instance {
                     return 0;
                 }
-                let _ = LAST.try_with(|l| l.set(entry));
+                let _ = LAST.try_with(|l| l.set(last_entry(entry.0, entry.1)));
                 entry.1
             })
             .unwrap_or(0)
@@ -69,7 +84,7 @@ mod imp {
     /// Caches `slot` as the calling thread's slot in `instance`.
     pub(crate) fn set(instance: u64, slot: u64) {
         let _ = CACHE.try_with(|c| c[instance as usize % WAYS].set((instance, slot)));
-        let _ = LAST.try_with(|l| l.set((instance, slot)));
+        let _ = LAST.try_with(|l| l.set(last_entry(instance, slot)));
     }
 
     /// Forgets the calling thread's slot in `instance`.
@@ -157,8 +172,8 @@ mod imp {
         0
     }
     #[inline]
-    pub(crate) fn get_last(_instance: u64) -> u64 {
-        0
+    pub(crate) fn get_last(_instance: u64) -> Option<u64> {
+        None
     }
     pub(crate) fn set(_instance: u64, _slot: u64) {}
     pub(crate) fn clear(_instance: u64) {}
@@ -174,3 +189,25 @@ mod imp {
 }
 
 pub(crate) use imp::{clear, get, get_last, held, hold, release, set};
+
+#[cfg(all(test, feature = "std"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_entry_never_answers_a_marker() {
+        let (a, b) = (new_instance(), new_instance());
+        set(a, 4096);
+        assert_eq!((get_last(a), get(a)), (Some(4096), 4096));
+        // A marker is cached for `get`, but the fast path's lookup does not see it.
+        set(a, MARKERS);
+        assert_eq!((get_last(a), get(a)), (None, MARKERS));
+        set(b, 8192);
+        assert_eq!((get_last(b), get_last(a)), (Some(8192), None));
+        // Finding `a` in its way does not promote the marker either.
+        assert_eq!(get(a), MARKERS);
+        assert_eq!(get_last(a), None);
+        clear(b);
+        assert_eq!((get_last(b), get(b)), (None, 0));
+    }
+}

@@ -77,7 +77,7 @@ const TYPE_ID: u32 = 0x544C_4132;
 
 /// What the fast-slot cache holds for a thread known to have no heap (never a heap offset, which
 /// is 64-aligned).
-const NO_HEAP: u64 = 1;
+const NO_HEAP: u64 = fast_slot::MARKERS;
 
 /// Options for [`ThreadLocalAllocator`].
 #[derive(Clone, Debug, Default)]
@@ -389,8 +389,8 @@ impl<T: ThreadModel> RegionAllocator for ThreadLocalAllocator<T> {
     fn allocate(&self, size: usize, align: usize) -> Result<OffsetPtr> {
         // The quick path calls nothing: anything it cannot finish goes to the full path.
         if let Some(class) = quick_class(size, align) {
-            let heap = fast_slot::get_last(self.instance);
-            if heap > NO_HEAP {
+            // `get_last` never answers a marker (`NO_HEAP` is one): a heap this thread owns.
+            if let Some(heap) = fast_slot::get_last(self.instance) {
                 if let Some(user) = self.shared.allocate_quick(heap, class, size, align) {
                     return Ok(OffsetPtr::new(user));
                 }
@@ -434,8 +434,7 @@ impl<T: ThreadModel> RegionAllocator for ThreadLocalAllocator<T> {
         // The quick path: a small block of the calling thread's own heap; anything else goes to
         // the full path.
         let s = &self.shared;
-        let heap = fast_slot::get_last(self.instance);
-        if heap > NO_HEAP {
+        if let Some(heap) = fast_slot::get_last(self.instance) {
             match s.free_quick(heap, ptr.get()) {
                 Some(None) => return Ok(()),
                 Some(sweep) => return s.sweep_class(heap, sweep),
