@@ -446,8 +446,12 @@ impl Shared {
     ///
     /// The stamp in the block's second word, written when the block was handed out, names the
     /// heap that owns its span (spans never change heaps), so the free reads only the block's
-    /// two header words and the heap's class line. A stamp is one more word in shared memory:
-    /// a forged one can only make the heap take a block it will check again before use.
+    /// two header words and the heap's class line. It does not check the span geometry (the
+    /// info word's distance against the class stride, the span header): a caller that writes a
+    /// live info word and our heap's offset into its own block's user bytes and frees the
+    /// address past them gets that address put on our free list. Such a forged block stays in
+    /// the arena (each pop bounds-checks a whole block of its class) but may overlap a live
+    /// block when it is handed out; `check()` reports it (a free block on no span of ours).
     #[inline]
     pub(super) fn free_quick(&self, heap_off: u64, user: u64) -> Option<Option<usize>> {
         let block = user.wrapping_sub(SMALL_HEADER);
