@@ -189,13 +189,24 @@ fn thread_local_four_processes_stress() {
     stress::<ThreadLocalAllocator>("thread_local_four_processes_stress", "tla-stress");
 }
 
-/// A child that allocates and frees in a tight loop until it is killed.
-fn crash_child<A: AllocatorType>(seg: &str) -> ! {
+/// A child that allocates and frees in a tight loop until it is killed; every fourth step it
+/// also takes a block the parent's survivor lent through the mailbox and frees it (a remote
+/// free into the survivor's heap, so kills land inside that protocol too).
+fn crash_child<A: AllocatorType>(seg: &str, mailbox: u64) -> ! {
     let (_mm, a, base) = open::<A>(seg);
+    // SAFETY: the mailbox is a live block of MAILBOX words the parent allocated.
+    let slots = unsafe { std::slice::from_raw_parts(base.add(mailbox as usize).cast::<AtomicU64>(), MAILBOX) };
     let mut rng = Rng(std::process::id() as u64 | 1);
     let mut window = Vec::new();
     loop {
         let r = rng.next();
+        if r % 4 == 0 {
+            let lent = slots[(r >> 32) as usize % MAILBOX].swap(0, Ordering::AcqRel);
+            if lent != 0 {
+                assert_eq!(verify(base, OffsetPtr::new(lent)), 3, "a lent block is the survivor's");
+                a.free(OffsetPtr::new(lent)).expect("free a lent block");
+            }
+        }
         let size = 16 + (r >> 20) as usize % 3000;
         let p = a.allocate(size, 8).expect("allocate");
         stamp(base, p, size, 9);
@@ -229,7 +240,7 @@ impl CrashProbe for ScalablePageAllocator {
 
 fn crash<A: CrashProbe>(test: &str, tag: &str, config: A::Config) {
     if let Some((_, args)) = child_args() {
-        crash_child::<A>(&args[0]);
+        crash_child::<A>(&args[0], args[1].parse().unwrap());
     }
     let seg = segment(tag);
     let mm = MemoryManager::new();
@@ -237,44 +248,91 @@ fn crash<A: CrashProbe>(test: &str, tag: &str, config: A::Config) {
     let a = mm.create_allocator::<A>(b.id(), ID, 0, &config).unwrap();
     let start = a.stats().free_bytes();
     let base = b.base() as usize;
-    // A survivor keeps working through every kill; none of its operations may wait long.
+    let mailbox = a.allocate(MAILBOX * 8, 8).unwrap();
+    // SAFETY: a live block of MAILBOX words.
+    unsafe { std::ptr::write_bytes((base as *mut u8).add(mailbox.get() as usize), 0, MAILBOX * 8) };
+    // A survivor keeps working through every kill; none of its operations may wait long. It
+    // lends some of its blocks to the children through the mailbox, for them to free.
     let stop = Arc::new(AtomicBool::new(false));
     let survivor = {
         let (a, stop) = (a.clone(), stop.clone());
         std::thread::spawn(move || {
+            let base = base as *mut u8;
+            // SAFETY: the mailbox stays live until this thread is joined.
+            let slots =
+                unsafe { std::slice::from_raw_parts(base.add(mailbox.get() as usize).cast::<AtomicU64>(), MAILBOX) };
             let mut worst = Duration::ZERO;
             let mut rng = Rng(77);
             let mut mine = Vec::new();
+            // Blocks lent that no one is known to have freed.
+            let mut lent = std::collections::HashSet::new();
             while !stop.load(Ordering::Relaxed) {
                 let t = Instant::now();
-                let size = 16 + rng.next() as usize % 2000;
+                let r = rng.next();
+                let size = 16 + r as usize % 2000;
                 let p = a.allocate(size, 8).unwrap();
-                stamp(base as *mut u8, p, size, 3);
+                // Handed out again: whoever it was lent to freed it.
+                lent.remove(&p.get());
+                stamp(base, p, size, 3);
                 mine.push(p);
                 if mine.len() > 16 {
                     let q = mine.remove(0);
-                    verify(base as *mut u8, q);
-                    a.free(q).unwrap();
+                    verify(base, q);
+                    if r % 3 == 0 {
+                        lent.insert(q.get());
+                        let back = slots[(r >> 32) as usize % MAILBOX].swap(q.get(), Ordering::AcqRel);
+                        if back != 0 {
+                            lent.remove(&back);
+                            a.free(OffsetPtr::new(back)).unwrap();
+                        }
+                    } else {
+                        a.free(q).unwrap();
+                    }
                 }
                 worst = worst.max(t.elapsed());
             }
             for q in mine {
                 a.free(q).unwrap();
             }
-            worst
+            (worst, lent)
         })
     };
     let mut rng = Rng(0xdead_beef);
     for _ in 0..100 {
-        let mut c = spawn(test, "crash", std::slice::from_ref(&seg));
+        let args = [seg.clone(), mailbox.get().to_string()];
+        let mut c = spawn(test, "crash", &args);
         std::thread::sleep(Duration::from_micros(3_000 + rng.next() % 20_000));
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
         c.wait().unwrap();
     }
     stop.store(true, Ordering::Relaxed);
-    let worst = survivor.join().unwrap();
+    let (worst, mut lent) = survivor.join().unwrap();
     assert!(worst < Duration::from_secs(2), "a survivor's operation took {worst:?}");
+    // Every child is dead and, once reclaimed, every block it held is free: what is still in
+    // the mailbox, and what a child took and was killed before it began to free (still live),
+    // is the survivor's to free. A block a child was killed part way through freeing is no
+    // longer live: recovery settles it.
+    a.reclaim_dead();
+    // SAFETY: the mailbox is live; no one else uses it now.
+    let slots = unsafe {
+        std::slice::from_raw_parts((base as *mut u8).add(mailbox.get() as usize).cast::<AtomicU64>(), MAILBOX)
+    };
+    for slot in slots {
+        let p = slot.swap(0, Ordering::AcqRel);
+        if p != 0 {
+            lent.remove(&p);
+            verify(base as *mut u8, OffsetPtr::new(p));
+            a.free(OffsetPtr::new(p)).unwrap();
+        }
+    }
+    for p in lent {
+        if a.size_of(OffsetPtr::new(p)).is_ok() {
+            assert_eq!(verify(base as *mut u8, OffsetPtr::new(p)), 3, "a live lent block is the survivor's");
+            a.free(OffsetPtr::new(p)).unwrap();
+        }
+    }
+    a.free(mailbox).unwrap();
     a.reclaim_dead();
     a.check().unwrap();
     let end = a.stats();

@@ -78,7 +78,8 @@ pub(crate) struct Info {
     pub(crate) state: State,
     pub(crate) class: usize,
     pub(crate) index: u64,
-    /// Live blocks: the requested size. Free blocks: a label (0 = none).
+    /// Live blocks: the requested size. Free blocks: a label (0 = none). Remote blocks: who
+    /// freed them ([`remote_word`]).
     pub(crate) size: u64,
 }
 
@@ -167,6 +168,14 @@ pub(crate) const fn live_word(word: u64, size: u64) -> u64 {
 #[inline]
 pub(crate) const fn freed_word(word: u64, label: u64) -> u64 {
     (word & !(STATE_BITS | FIELD_MASK)) | ((State::Free as u64) << STATE_SHIFT) | label
+}
+
+/// The info word of a live block turned remote by the freer named `freer` (an identity that
+/// fits the 22-bit field; 0 = none): the freer's identity replaces the size in the word, so
+/// the compare-and-swap that marks the block also says who marked it.
+#[inline]
+pub(crate) const fn remote_word(word: u64, freer: u64) -> u64 {
+    (word & !(STATE_BITS | FIELD_MASK)) | ((State::Remote as u64) << STATE_SHIFT) | (freer & FIELD_MASK)
 }
 
 /// The info word of a free block handed out for `size` bytes, when `word` is known to be a

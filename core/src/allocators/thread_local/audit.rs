@@ -11,6 +11,7 @@ use super::super::common::ClassCounts;
 use super::super::large::{self, TAG_LARGE, TAG_META, TAG_SPAN};
 use super::super::size_class::CLASS_COUNT;
 use super::super::span::{block_at, corrupt, span_of_word, Info, SpanHeader, State, LAYOUTS};
+use super::heap::AWAITING_OWNER;
 use super::Shared;
 
 impl Shared {
@@ -21,9 +22,12 @@ impl Shared {
             // Counters of heaps other threads own are read racily: figures, not invariants.
             let local = self.local_snapshot(self.heaps.slot(&self.mem, offset)?);
             for (c, cs) in local.classes.iter().enumerate() {
-                // Frees first: the owner counts an allocation before its free, so a reader that
-                // reads the frees before the allocations never sees more frees (and live blocks
-                // never wrap below zero, whatever the reads' order on a weaker machine).
+                // Frees first: the owner counts an allocation before its free, so on a machine
+                // that keeps loads and stores in order (x86) a reader that reads the frees first
+                // sees no more frees than allocations. `read_volatile` only keeps the compiler
+                // from reordering or merging the reads; it orders nothing in hardware, so on a
+                // weaker machine the figures may still cross: `saturating_sub` keeps live blocks
+                // from wrapping below zero there.
                 // SAFETY: plain integers in bounds (see `local_snapshot`).
                 let frees = unsafe { core::ptr::read_volatile(&cs.frees) };
                 // SAFETY: as above.
@@ -49,24 +53,41 @@ impl Shared {
         // Remote blocks, and the free blocks of each heap (block -> heap).
         let mut remote = BTreeSet::new();
         let mut listed: BTreeMap<u64, u64> = BTreeMap::new();
-        // Blocks whose remote free a dead thread left to their owner to settle.
+        // Blocks whose remote free a dead thread left to their owner to settle: each named by an
+        // orphan slot of the block's owner, for the block's class, through a heap that awaits
+        // its owner and whose record names that block, still marked remote by that heap.
         let mut orphaned = BTreeSet::new();
         let mut awaited = BTreeSet::new();
         for &offset in &heaps {
             let h = self.heaps.slot(&self.mem, offset)?;
-            for o in &h.body.orphans.0 {
+            for (class, o) in h.body.orphans.0.iter().enumerate() {
                 let freer = o.load(Ordering::Acquire);
-                if freer != 0 {
-                    let f = self.heaps.slot(&self.mem, freer)?;
-                    orphaned.insert(f.body.in_flight.0.load(Ordering::Acquire));
-                    awaited.insert(freer);
+                if freer == 0 {
+                    continue;
+                }
+                let f = self.heaps.slot(&self.mem, freer).ok().filter(|_| heap_set.contains(&freer));
+                let f = f.filter(|f| f.owner.load(Ordering::Acquire) == AWAITING_OWNER).ok_or(corrupt(
+                    offset,
+                    "an orphan slot names a heap that does not await its owner (reclaim first)",
+                ))?;
+                let r = f.body.in_flight.read();
+                let r = r.filter(|&r| self.orphan_block(offset, class, f, r).is_some()).ok_or(corrupt(
+                    freer,
+                    "an orphaned remote free is no block of the heap and class that settle it",
+                ))?;
+                if !awaited.insert(freer) || !orphaned.insert(r.block) {
+                    return Err(corrupt(freer, "an orphaned remote free is named twice"));
                 }
             }
         }
+        let freers = self.freer_heaps()?;
         for &offset in &heaps {
             let h = self.heaps.slot(&self.mem, offset)?;
-            if h.body.in_flight.0.load(Ordering::Acquire) != 0 && !awaited.contains(&offset) {
+            if h.body.in_flight.block() != 0 && !awaited.contains(&offset) {
                 return Err(corrupt(offset, "a remote free was left half done (reclaim first)"));
+            }
+            if h.owner.load(Ordering::Acquire) == AWAITING_OWNER && !awaited.contains(&offset) {
+                return Err(corrupt(offset, "a heap awaits an owner that no orphan slot names it to (reclaim first)"));
             }
             let local = self.local_snapshot(h);
             for class in 0..CLASS_COUNT {
@@ -149,11 +170,16 @@ impl Shared {
                                 if info.state == State::Live && heap_set.contains(&stamp) && stamp != owner {
                                     return Err(corrupt(b, "live block stamped with another heap"));
                                 }
-                                if info.size == 0 || info.size > layout.size {
+                                let size = match info.state {
+                                    // The word names the freer; the size is elsewhere.
+                                    State::Remote => self.remote_size(&freers, b, info.size)?,
+                                    _ => info.size,
+                                };
+                                if size == 0 || size > layout.size {
                                     return Err(corrupt(b, "live block size outside its class"));
                                 }
                                 entry.0 += 1;
-                                entry.1 += info.size;
+                                entry.1 += size;
                             }
                         }
                     }

@@ -30,8 +30,8 @@ use super::super::size_class::CLASS_COUNT;
 use super::super::slots::{Slot, SlotBody};
 use super::super::span::{
     back_word, corrupt, free_from_live, free_word_mask, freed_word, fresh_word, has_state, init_span, invalid,
-    live_from_free, live_small_class, span_of_word, user_of, word_class, Info, LiveSmall, State, FIELD_MASK, LAYOUTS,
-    SMALL_HEADER, SPAN_HEADER,
+    live_from_free, live_small_class, remote_word, span_of_word, user_of, word_class, Info, LiveSmall, State,
+    FIELD_MASK, LAYOUTS, SMALL_HEADER, SPAN_HEADER,
 };
 use super::Shared;
 
@@ -124,11 +124,59 @@ pub(super) struct Pending(pub(super) [AtomicU64; CLASS_COUNT]);
 #[repr(C, align(64))]
 pub(super) struct RemoteLists(pub(super) [TaggedOffsetList; CLASS_COUNT]);
 
-/// The block the heap's thread is freeing into another heap right now (0 = none): recorded
-/// before the block is marked remote and cleared after it is pushed, so a repairer of a thread
-/// killed in between knows which block to settle.
+/// The block the heap's thread is freeing into another heap right now: recorded before the
+/// block is marked remote and cleared after it is pushed, so a repairer of a thread killed in
+/// between knows which block to settle, in which heap's orphan slot, and its size (which the
+/// remote info word no longer holds).
 #[repr(C, align(64))]
-pub(super) struct InFlight(pub(super) AtomicU64);
+pub(super) struct InFlight {
+    /// The block (0 = none); written after the other two, cleared first.
+    block: AtomicU64,
+    /// The heap that owns the block.
+    owner: AtomicU64,
+    /// The block's requested size, and its class from bit 32.
+    size_class: AtomicU64,
+}
+
+/// A remote free as its freer recorded it ([`InFlight`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Record {
+    pub(super) block: u64,
+    pub(super) owner: u64,
+    pub(super) class: usize,
+    pub(super) size: u64,
+}
+
+impl InFlight {
+    /// Records a remote free about to start.
+    pub(super) fn write(&self, r: Record) {
+        self.owner.store(r.owner, Ordering::Release);
+        self.size_class.store(r.size | (r.class as u64) << 32, Ordering::Release);
+        self.block.store(r.block, Ordering::Release);
+    }
+
+    /// The remote free under way, if any (and its class names one). Read block first and
+    /// again last: a record that changed meanwhile (its thread went on to another free, so it
+    /// finished this one) reads as none.
+    pub(super) fn read(&self) -> Option<Record> {
+        let block = self.block.load(Ordering::Acquire);
+        let owner = self.owner.load(Ordering::Acquire);
+        let size_class = self.size_class.load(Ordering::Acquire);
+        let class = (size_class >> 32) as usize;
+        let r = Record { block, owner, class, size: size_class & 0xffff_ffff };
+        (block != 0 && class < CLASS_COUNT && self.block.load(Ordering::Acquire) == block).then_some(r)
+    }
+
+    /// The block recorded, or 0 (for walks that only need to know whether one is).
+    pub(super) fn block(&self) -> u64 {
+        self.block.load(Ordering::Acquire)
+    }
+
+    /// Ends the record.
+    pub(super) fn clear(&self) {
+        self.block.store(0, Ordering::Release);
+    }
+}
 
 /// Per class: a heap whose thread died in the middle of a remote free of one of our blocks, left
 /// for us to settle (0 = none; see [`Shared::settle_orphan`]).
@@ -149,11 +197,16 @@ pub(crate) struct HeapBody {
 /// settled that free (no process token has all bits set).
 pub(super) const AWAITING_OWNER: u64 = u64::MAX;
 
-/// What a remote freer writes into the first user word of the block it frees, before marking
-/// it: its heap, with the top bit set (a user word like any other until then).
+/// Who a remote freer of heap index `index` is, in the info word it marks remote
+/// ([`remote_word`]): the index plus one, or 0 (unrecorded) past what the field holds.
 #[inline]
-pub(super) const fn freer_mark(freer: u64) -> u64 {
-    (1 << 63) | freer
+pub(super) const fn freer_id(index: u32) -> u64 {
+    let id = index as u64 + 1;
+    if id <= FIELD_MASK {
+        id
+    } else {
+        0
+    }
 }
 
 // SAFETY: integers, atomics and lists of atomics, all valid as zeroes and for any bits.
@@ -162,10 +215,15 @@ unsafe impl SlotBody for HeapBody {}
 /// A heap in its slot.
 pub(super) type Heap = Slot<HeapBody>;
 
-/// Whether a heap has remote frees to collect or dead freers' frees to settle.
-fn awaits_collection(heap: &Heap) -> bool {
+/// Whether a heap has remote frees to collect or dead freers' frees to settle (orphan slots
+/// naming heaps that await it: one its repairer still holds is not ready, and waiting on it
+/// would spin).
+fn awaits_collection(s: &Shared, heap: &Heap) -> bool {
     heap.body.remote.0.iter().any(|l| !l.is_empty())
-        || heap.body.orphans.0.iter().any(|o| o.load(Ordering::Acquire) != 0)
+        || heap.body.orphans.0.iter().any(|o| match o.load(Ordering::Acquire) {
+            0 => false,
+            f => s.heaps.slot(&s.mem, f).is_ok_and(|f| f.owner.load(Ordering::Acquire) == AWAITING_OWNER),
+        })
 }
 
 /// The sweep threshold for a free list of `count` blocks after a sweep.
@@ -388,8 +446,12 @@ impl Shared {
     ///
     /// The stamp in the block's second word, written when the block was handed out, names the
     /// heap that owns its span (spans never change heaps), so the free reads only the block's
-    /// two header words and the heap's class line. A stamp is one more word in shared memory:
-    /// a forged one can only make the heap take a block it will check again before use.
+    /// two header words and the heap's class line. It does not check the span geometry (the
+    /// info word's distance against the class stride, the span header): a caller that writes a
+    /// live info word and our heap's offset into its own block's user bytes and frees the
+    /// address past them gets that address put on our free list. Such a forged block stays in
+    /// the arena (each pop bounds-checks a whole block of its class) but may overlap a live
+    /// block when it is handed out; `check()` reports it (a free block on no span of ours).
     #[inline]
     pub(super) fn free_quick(&self, heap_off: u64, user: u64) -> Option<Option<usize>> {
         let block = user.wrapping_sub(SMALL_HEADER);
@@ -460,7 +522,7 @@ impl Shared {
         let (heap, record) = self.mark_remote(freer, owner, block, info)?;
         heap.body.remote.0[info.class].push(&self.arena, block);
         if let Some(r) = record {
-            r.store(0, Ordering::Release);
+            r.clear();
         }
         if heap.owner.load(Ordering::Acquire) == 0 {
             self.drain(owner)?;
@@ -468,39 +530,69 @@ impl Shared {
         Ok(())
     }
 
-    /// The first half of a remote free: records the block in the freer's heap and in the block
-    /// itself, then marks it remote. Returns the owner's heap and the record to clear once the
-    /// block is pushed.
+    /// The first half of a remote free: records the block in the freer's heap, then marks it
+    /// remote with one compare-and-swap that also names the freer ([`freer_id`]; a freer with
+    /// no heap names none), then moves its size to its first user word, where the owner's
+    /// collection reads it. Nothing is written into the block unless the swap succeeded (the
+    /// block is then ours). Returns the owner's heap and the record to clear once the block is
+    /// pushed.
     pub(super) fn mark_remote(
         &self,
         freer: u64,
         owner: u64,
         block: u64,
         info: Info,
-    ) -> Result<(&Heap, Option<&AtomicU64>)> {
+    ) -> Result<(&Heap, Option<&InFlight>)> {
         let heap = self.heaps.slot(&self.mem, owner)?;
-        let record = match freer {
-            0 => None,
-            f => Some(&self.heaps.slot(&self.mem, f)?.body.in_flight.0),
+        let (record, id) = match freer {
+            0 => (None, 0),
+            f => {
+                let h = self.heaps.slot(&self.mem, f)?;
+                match freer_id(h.index) {
+                    0 => (None, 0),
+                    id => (Some(&h.body.in_flight), id),
+                }
+            }
         };
+        let word = self.arena.info(block)?;
+        // Every block has 16 user bytes or more past its header.
+        let size_word = self.arena.word(block + SMALL_HEADER)?;
         if let Some(r) = record {
-            r.store(block, Ordering::Release);
-            // Every block has 16 user bytes or more past its header.
-            self.arena.word(block + SMALL_HEADER)?.store(freer_mark(freer), Ordering::Release);
+            r.write(Record { block, owner, class: info.class, size: info.size });
         }
-        let marked = self.arena.info(block)?.compare_exchange(
-            info.pack(),
-            info.with_state(State::Remote).pack(),
-            Ordering::AcqRel,
-            Ordering::Relaxed,
-        );
-        if marked.is_err() {
+        let live = info.pack();
+        if word.compare_exchange(live, remote_word(live, id), Ordering::AcqRel, Ordering::Relaxed).is_err() {
             if let Some(r) = record {
-                r.store(0, Ordering::Release);
+                r.clear();
             }
             return Err(invalid(block, "already freed"));
         }
+        size_word.store(info.size, Ordering::Relaxed);
         Ok((heap, record))
+    }
+
+    /// The requested size of `block`, marked remote by the freer named `id` (`freers` maps
+    /// identities to heaps): from the freer's record while it names the block (its thread may
+    /// have been killed before writing the size into the block), else from the block's first
+    /// user word (written before the push, so before the record was cleared).
+    pub(super) fn remote_size(&self, freers: &BTreeMap<u64, u64>, block: u64, id: u64) -> Result<u64> {
+        if let Some(&f) = freers.get(&id) {
+            let r = self.heaps.slot(&self.mem, f)?.body.in_flight.read();
+            if let Some(r) = r.filter(|r| r.block == block) {
+                return Ok(r.size);
+            }
+        }
+        Ok(self.arena.word(block + SMALL_HEADER)?.load(Ordering::Acquire))
+    }
+
+    /// Every heap by its freer identity ([`freer_id`]).
+    pub(super) fn freer_heaps(&self) -> Result<BTreeMap<u64, u64>> {
+        let mut out = BTreeMap::new();
+        for offset in self.heaps.offsets(&self.mem)? {
+            out.insert(freer_id(self.heaps.slot(&self.mem, offset)?.index), offset);
+        }
+        out.remove(&0);
+        Ok(out)
     }
 
     /// Settles the remote free a dead thread of heap `freer` left to us (the owner of the block,
@@ -508,45 +600,54 @@ impl Shared {
     /// remote by that thread, since we have taken our remote list since, so it was never pushed
     /// (if it was, collecting it turned it free). Then the freer's heap is let go.
     ///
-    /// The steps are ordered so that an owner killed between any two leaves a state its repairer
-    /// settles the same way, or a freer's heap that [`reclaim`](super::recovery) lets go.
+    /// Only a freer's heap under [`AWAITING_OWNER`] is settled: one its repairer still holds is
+    /// left for a later collection (the repairer posts it again, or clears the slot before it
+    /// lets the heap go). The steps are ordered so that an owner killed between any two leaves
+    /// a state its repairer settles the same way, or a freer's heap that
+    /// [`reclaim`](super::recovery) lets go after clearing the slot: the slot is cleared before
+    /// the record, and both before the heap is let go.
     pub(super) fn settle_orphan(&self, heap_off: u64, heap: &Heap, class: usize, freer: u64) -> Result<()> {
         let f = self.heaps.slot(&self.mem, freer)?;
-        let block = f.body.in_flight.0.load(Ordering::Acquire);
-        if let Some((w, word)) = self.orphan_block(heap_off, class, freer, block) {
+        if f.owner.load(Ordering::Acquire) != AWAITING_OWNER {
+            return Ok(());
+        }
+        let record = f.body.in_flight.read();
+        if let Some((r, (w, word))) = record.and_then(|r| Some((r, self.orphan_block(heap_off, class, f, r)?))) {
             w.store(freed_word(word, 0), Ordering::Release);
             // SAFETY: we hold the heap.
             let cs = &mut unsafe { self.local(heap) }.classes[class];
-            self.arena.store_link(block, (cs.free != 0).then_some(cs.free));
-            cs.free = block;
-            cs.count_free(word & FIELD_MASK);
+            self.arena.store_link(r.block, (cs.free != 0).then_some(cs.free));
+            cs.free = r.block;
+            cs.count_free(r.size);
         }
-        f.body.in_flight.0.store(0, Ordering::Release);
-        heap.body.orphans.0[class].store(0, Ordering::Release);
+        let _ = heap.body.orphans.0[class].compare_exchange(freer, 0, Ordering::AcqRel, Ordering::Relaxed);
+        f.body.in_flight.clear();
         let released = f.owner.compare_exchange(AWAITING_OWNER, 0, Ordering::AcqRel, Ordering::Relaxed).is_ok();
-        if released && awaits_collection(f) {
+        if released && awaits_collection(self, f) {
             self.drain(freer)?;
         }
         Ok(())
     }
 
-    /// The info word (and its value) of `block` if it is a block of `class` of heap `heap_off`
-    /// still marked remote by the thread of heap `freer`.
-    pub(super) fn orphan_block(
-        &self,
-        heap_off: u64,
-        class: usize,
-        freer: u64,
-        block: u64,
-    ) -> Option<(&AtomicU64, u64)> {
+    /// The info word (and its value) of the block of record `r` of the freer's heap `f`, if the
+    /// record names a block of `class` of heap `heap_off` that is still marked remote by that
+    /// heap's thread, with a size its class holds.
+    pub(super) fn orphan_block(&self, heap_off: u64, class: usize, f: &Heap, r: Record) -> Option<(&AtomicU64, u64)> {
+        let id = freer_id(f.index);
+        let block = r.block;
         let w = self.arena.word_at(block).filter(|_| block % 16 == 0)?;
         let word = w.load(Ordering::Acquire);
         let span = span_of_word(block, word);
-        let ours = has_state(word, State::Remote)
+        let ours = id != 0
+            && r.owner == heap_off
+            && r.class == class
+            && r.size != 0
+            && r.size <= LAYOUTS[class].size
+            && has_state(word, State::Remote)
             && word_class(word) == class
+            && word & FIELD_MASK == id
             && self.arena.class_span(span, class)?.owner.load(Ordering::Relaxed) == heap_off
-            && block.wrapping_sub(span + SPAN_HEADER) < LAYOUTS[class].area
-            && self.arena.word_at(block + SMALL_HEADER)?.load(Ordering::Acquire) == freer_mark(freer);
+            && block.wrapping_sub(span + SPAN_HEADER) < LAYOUTS[class].area;
         ours.then_some((w, word))
     }
 
@@ -641,16 +742,20 @@ impl Shared {
                 let w = self.arena.info(b)?;
                 let word = w.load(Ordering::Acquire);
                 let span = span_of_word(b, word);
+                // Its freer moved its size here before pushing it (`mark_remote`).
+                let size = self.arena.word(b + SMALL_HEADER)?.load(Ordering::Acquire);
                 let ours = has_state(word, State::Remote)
                     && word_class(word) == class
                     && self.arena.class_span(span, class).map(|h| h.owner.load(Ordering::Relaxed)) == Some(heap_off)
-                    && b.wrapping_sub(span + SPAN_HEADER) < LAYOUTS[class].area;
+                    && b.wrapping_sub(span + SPAN_HEADER) < LAYOUTS[class].area
+                    && size != 0
+                    && size <= LAYOUTS[class].size;
                 if !ours {
                     return Err(corrupt(b, "remote list holds a block that is not a remote free of this heap"));
                 }
                 next = self.arena.load_link(b)?;
                 w.store(freed_word(word, 0), Ordering::Release);
-                batch[k] = (b, word & FIELD_MASK);
+                batch[k] = (b, size);
                 k += 1;
             }
             // The batch is free; what follows it still hangs off its links.
@@ -691,7 +796,7 @@ impl Shared {
         loop {
             self.trim_heap(heap_off)?;
             heap.owner.store(0, Ordering::Release);
-            let pending = awaits_collection(heap);
+            let pending = awaits_collection(self, heap);
             if !pending || heap.owner.compare_exchange(0, token, Ordering::Acquire, Ordering::Relaxed).is_err() {
                 return Ok(());
             }
@@ -711,7 +816,7 @@ impl Shared {
     pub(super) fn drain_unowned(&self) -> Result<()> {
         for offset in self.heaps.offsets(&self.mem)? {
             let h = self.heaps.slot(&self.mem, offset)?;
-            if h.owner.load(Ordering::Relaxed) == 0 && awaits_collection(h) {
+            if h.owner.load(Ordering::Relaxed) == 0 && awaits_collection(self, h) {
                 self.drain(offset)?;
             }
         }

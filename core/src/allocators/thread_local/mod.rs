@@ -26,10 +26,12 @@
 //! A free by any other thread or process marks the block remote and pushes it on its owner
 //! heap's remote list for the class (one CAS); the owner collects that list in bulk when its
 //! free list runs dry, recording the chain it took in the heap first ([`heap`]), so an owner
-//! killed halfway through leaves every block findable. The freer records the block in its own
-//! heap (and its heap in the block's first user word) before marking it, and clears the record
-//! after the push; a repairer of a freer killed in between hands the block to its owner, which
-//! alone can tell (after taking its remote list) whether it was pushed. When a free list has
+//! killed halfway through leaves every block findable. The freer records the block (its owner,
+//! class and size) in its own heap before marking it, marks it with a compare-and-swap whose
+//! new info word names the freer's heap in place of the size (which moves to the first user
+//! word, for the owner's collection), and clears the record after the push; a repairer of a
+//! freer killed in between hands the block to its owner, which alone can tell (after taking its
+//! remote list) whether it was pushed. When a free list has
 //! doubled since the last sweep, spans whose blocks are all free go back to the free-space
 //! manager; on a trim and when the thread exits, all of them do. A heap whose thread has exited
 //! is released for the next thread; a heap whose process died (its owner word names a process
@@ -72,8 +74,8 @@ use super::span::{
 };
 use heap::HeapBody;
 
-/// "TLA2": heap class lines count frees (not live blocks), and live blocks carry their heap.
-const TYPE_ID: u32 = 0x544C_4132;
+/// "TLA3": remote info words name their freer, and heaps record remote frees under way.
+const TYPE_ID: u32 = 0x544C_4133;
 
 /// What the fast-slot cache holds for a thread known to have no heap (never a heap offset, which
 /// is 64-aligned).
@@ -171,7 +173,7 @@ impl Shared {
         }
         self.drain_unowned()?;
         if attempt > 0 {
-            self.reclaim_dead()?;
+            self.reclaim_dead(heap_off)?;
         }
         Ok(())
     }
@@ -254,7 +256,7 @@ impl<T: ThreadModel> ThreadLocalAllocator<T> {
 
     fn attach_thread(&self) -> Result<u64> {
         let s = &self.shared;
-        let heap = s.heaps.acquire(&s.mem, &s.fs, owner_token(), || s.reclaim_dead().map(|_| ()))?;
+        let heap = s.heaps.acquire(&s.mem, &s.fs, owner_token(), || s.reclaim_dead(0).map(|_| ()))?;
         let boxed = Box::new(ThreadHeap { shared: s.clone(), heap, instance: self.instance });
         let raw = Box::into_raw(boxed);
         if let Err(e) = T::tls_set(self.key, raw.cast()) {
@@ -311,9 +313,12 @@ impl<T: ThreadModel> ThreadLocalAllocator<T> {
         self.shared.drain_unowned()
     }
 
-    /// Repairs and releases the heaps of processes that have died; returns how many.
+    /// Repairs and releases the heaps of processes that have died; returns how many were
+    /// released. A dead thread's remote free of a block of the calling thread's heap is settled
+    /// here; one of another live thread's heap waits for that thread's next collection (and the
+    /// dead heap with it).
     pub fn reclaim(&self) -> Result<u64> {
-        self.shared.reclaim_dead()
+        self.shared.reclaim_dead(self.existing_heap())
     }
 
     /// Per size class: block size, live blocks, allocations since creation.
@@ -487,7 +492,7 @@ impl<T: ThreadModel> AllocatorType for ThreadLocalAllocator<T> {
     fn attach(region: Region, id: AllocatorId) -> Result<Self> {
         let layout = read_header(&region, core::mem::size_of::<TlaHeader>() as u64, TYPE_ID, id)?;
         let a = ThreadLocalAllocator::open(region, id, layout)?;
-        a.shared.reclaim_dead()?;
+        a.shared.reclaim_dead(0)?;
         a.shared.drain_unowned()?;
         Ok(a)
     }

@@ -8,13 +8,15 @@
 //! turn leaves a state the next one repairs the same way.
 //!
 //! A dead heap's thread may also have been remote-freeing a block of another heap (its
-//! `in_flight` record). Marked remote and still carrying that thread's mark, the block may or
-//! may not have reached its owner's remote list; only the owner can tell, by taking its list:
-//! so the repairer names the dead heap in the owner's orphan slot for the class and keeps the
-//! heap (owner word [`AWAITING_OWNER`]) until the owner has settled the block
-//! ([`Shared::settle_orphan`]) at its next collection, or its own repair.
+//! `in_flight` record). Marked remote by that thread (its info word names the heap, written by
+//! the same compare-and-swap that marked it), the block may or may not have reached its
+//! owner's remote list; only the owner can tell, by taking its list: so the repairer names the
+//! dead heap in the owner's orphan slot for the class and keeps the heap (owner word
+//! [`AWAITING_OWNER`]) until the owner has settled the block ([`Shared::settle_orphan`]) at its
+//! next collection, or its own repair. A slot names a heap only while the heap awaits its
+//! owner (or its repairer holds it): whoever lets such a heap go clears the slot first.
 
-use alloc::collections::BTreeSet;
+use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
 use crate::error::Result;
@@ -25,93 +27,132 @@ use crate::sync::tagged_list::{self, LinkStore};
 use super::super::large::{self, TAG_LARGE, TAG_SPAN};
 use super::super::size_class::CLASS_COUNT;
 use super::super::slots::owner_dead;
-use super::super::span::{block_at, corrupt, freed_word, fresh_word, span_of, Info, State, LAYOUTS, SMALL_HEADER};
-use super::heap::{freer_mark, sweep_limit, ClassState, Heap, HeapLocal, AWAITING_OWNER};
+use super::super::span::{block_at, corrupt, freed_word, fresh_word, Info, State, LAYOUTS};
+use super::heap::{sweep_limit, ClassState, Heap, HeapLocal, AWAITING_OWNER};
 use super::Shared;
 
 /// What became of a dead thread's remote free.
 enum Handover {
-    /// Nothing was under way, or nothing is left to do.
+    /// Nothing was under way, or nothing is left to do: no orphan slot names the heap.
     None,
-    /// The block's owner settles it; the freer's heap waits for that.
-    Posted,
-    /// The owner already has another such free to settle: try again at the next reclaim.
-    Busy,
+    /// The block's owner (heap, class) settles it; the freer's heap waits for that.
+    Posted(u64, usize),
+    /// The owner already has another such free to settle in that class.
+    Busy(u64, usize),
 }
 
 impl Shared {
-    /// Repairs and releases every heap whose owning process has died; returns how many. A heap
-    /// whose thread died mid-way through a remote free is handed to the block's owner to settle
-    /// instead ([`Shared::hand_over_in_flight`]), and kept until it has.
-    pub(super) fn reclaim_dead(&self) -> Result<u64> {
+    /// Repairs and releases every heap whose owning process has died; returns how many were
+    /// released. A heap whose thread died mid-way through a remote free is handed to the
+    /// block's owner to settle instead ([`Shared::hand_over_in_flight`]), and kept until it
+    /// has; `my_heap` (the calling thread's heap, 0 if none) settles at once what is handed to
+    /// it, and an owner no thread holds is drained. A heap that finds the owner's slot taken by
+    /// another dead freer waits for that one to be settled: the walk repeats while one pass
+    /// left such a heap and got something done.
+    pub(super) fn reclaim_dead(&self, my_heap: u64) -> Result<u64> {
         let offsets = self.heaps.offsets(&self.mem)?;
-        let mut awaited = BTreeSet::new();
-        for &offset in &offsets {
-            let h = self.heaps.slot(&self.mem, offset)?;
-            awaited.extend(h.body.orphans.0.iter().map(|o| o.load(Ordering::Acquire)).filter(|&f| f != 0));
+        let mut released = 0;
+        loop {
+            let (mut busy, mut progress) = (false, false);
+            for &offset in &offsets {
+                let h = self.heaps.slot(&self.mem, offset)?;
+                let owner = h.owner.load(Ordering::Acquire);
+                // A heap awaiting an owner whose slot does not name it was left by a repairer or
+                // an owner killed mid-way: it is taken over again like a dead one.
+                let awaiting = owner == AWAITING_OWNER;
+                let taken_over = if awaiting { !self.awaited(offset, h) } else { owner_dead(owner) };
+                if !taken_over {
+                    continue;
+                }
+                if h.owner.compare_exchange(owner, owner_token(), Ordering::Acquire, Ordering::Relaxed).is_err() {
+                    continue;
+                }
+                if awaiting && self.awaited(offset, h) {
+                    // Another reclaimer posted it meanwhile.
+                    h.owner.store(AWAITING_OWNER, Ordering::Release);
+                    continue;
+                }
+                self.repair_heap(offset)?;
+                let mut outcome = self.hand_over_in_flight(offset, h)?;
+                if let Handover::Busy(owner_off, class) = outcome {
+                    self.nudge(my_heap, owner_off, class)?;
+                    outcome = self.hand_over_in_flight(offset, h)?;
+                }
+                match outcome {
+                    Handover::None => {
+                        self.release_heap(offset)?;
+                        released += 1;
+                        progress = true;
+                    }
+                    Handover::Posted(owner_off, class) => {
+                        self.nudge(my_heap, owner_off, class)?;
+                        released += (h.owner.load(Ordering::Acquire) != AWAITING_OWNER) as u64;
+                        progress = true;
+                    }
+                    Handover::Busy(..) => {
+                        h.owner.store(owner, Ordering::Release);
+                        busy = true;
+                    }
+                }
+            }
+            if !(busy && progress) {
+                return Ok(released);
+            }
         }
-        let mut reclaimed = 0;
-        for offset in offsets {
-            let h = self.heaps.slot(&self.mem, offset)?;
-            let owner = h.owner.load(Ordering::Acquire);
-            // A heap awaiting an owner that nothing names any more was left by a repairer that
-            // died handing it over: it is taken over again like a dead one.
-            let forgotten = owner == AWAITING_OWNER && !awaited.contains(&offset);
-            if !(forgotten || owner != AWAITING_OWNER && owner_dead(owner)) {
-                continue;
-            }
-            if h.owner.compare_exchange(owner, owner_token(), Ordering::Acquire, Ordering::Relaxed).is_err() {
-                continue;
-            }
-            self.repair_heap(offset)?;
-            match self.hand_over_in_flight(offset, h)? {
-                Handover::None => self.release_heap(offset)?,
-                Handover::Posted => {}
-                Handover::Busy => h.owner.store(owner, Ordering::Release),
-            }
-            reclaimed += 1;
+    }
+
+    /// Whether the orphan slot that the record of heap `freer` (`h`) names holds that heap.
+    fn awaited(&self, freer: u64, h: &Heap) -> bool {
+        h.body.in_flight.read().is_some_and(|r| {
+            self.heaps
+                .slot(&self.mem, r.owner)
+                .is_ok_and(|o| o.body.orphans.0[r.class].load(Ordering::Acquire) == freer)
+        })
+    }
+
+    /// Gets heap `owner_off` to settle what dead freers left it in `class` now if it can: at
+    /// once if it is the calling thread's heap (`my_heap`), by draining it if no thread holds
+    /// it; else at its thread's next collection.
+    fn nudge(&self, my_heap: u64, owner_off: u64, class: usize) -> Result<()> {
+        let owner = self.heaps.slot(&self.mem, owner_off)?;
+        if my_heap != 0 && owner_off == my_heap {
+            self.collect(owner_off, owner, class)
+        } else if owner.owner.load(Ordering::Acquire) == 0 {
+            self.drain(owner_off)
+        } else {
+            Ok(())
         }
-        Ok(reclaimed)
     }
 
     /// Hands the remote free a dead thread of heap `freer` was making (its `in_flight` record)
     /// to the owner of the block, which alone can tell whether the block was pushed (see
-    /// [`Shared::settle_orphan`]). The caller holds the freer's heap.
+    /// [`Shared::settle_orphan`]). The caller holds the freer's heap. Whatever the outcome but
+    /// `Posted`, no orphan slot names the heap afterwards (it may be let go).
     fn hand_over_in_flight(&self, freer: u64, h: &Heap) -> Result<Handover> {
-        let block = h.body.in_flight.0.load(Ordering::Acquire);
-        let marked = self
-            .arena
-            .word_at(block)
-            .filter(|_| block != 0 && block % 16 == 0)
-            .and_then(|w| Info::unpack(w.load(Ordering::Acquire)))
-            .filter(|i| i.state == State::Remote)
-            .and_then(|i| Some((i, self.arena.class_span(span_of(block, &i)?, i.class)?)))
-            .filter(|_| {
-                self.arena.word_at(block + SMALL_HEADER).map(|w| w.load(Ordering::Acquire)) == Some(freer_mark(freer))
-            });
-        let Some((info, span)) = marked else {
-            // Nothing under way, not yet marked (the free never happened), or pushed and
-            // collected already.
-            h.body.in_flight.0.store(0, Ordering::Release);
+        let Some(r) = h.body.in_flight.read() else {
+            h.body.in_flight.clear();
             return Ok(Handover::None);
         };
-        let owner_off = span.owner.load(Ordering::Relaxed);
-        let owner = self.heaps.slot(&self.mem, owner_off)?;
-        match owner.body.orphans.0[info.class].compare_exchange(0, freer, Ordering::AcqRel, Ordering::Acquire) {
+        let Ok(owner) = self.heaps.slot(&self.mem, r.owner) else {
+            // A damaged record: no slot can name us through it.
+            h.body.in_flight.clear();
+            return Ok(Handover::None);
+        };
+        let slot = &owner.body.orphans.0[r.class];
+        if self.orphan_block(r.owner, r.class, h, r).is_none() {
+            // Not marked (the free never happened), or pushed and collected already: nothing to
+            // settle. A slot a repairer killed mid-way left naming us is cleared first.
+            let _ = slot.compare_exchange(freer, 0, Ordering::AcqRel, Ordering::Relaxed);
+            h.body.in_flight.clear();
+            return Ok(Handover::None);
+        }
+        match slot.compare_exchange(0, freer, Ordering::AcqRel, Ordering::Acquire) {
             Ok(_) => {}
             Err(f) if f == freer => {}
-            Err(_) => return Ok(Handover::Busy),
+            Err(_) => return Ok(Handover::Busy(r.owner, r.class)),
         }
         h.owner.store(AWAITING_OWNER, Ordering::Release);
-        if h.body.in_flight.0.load(Ordering::Acquire) == 0 {
-            // The owner settled it already: the heap is let go here, unless the owner did.
-            let ours = h.owner.compare_exchange(AWAITING_OWNER, owner_token(), Ordering::AcqRel, Ordering::Relaxed);
-            return Ok(if ours.is_ok() { Handover::None } else { Handover::Posted });
-        }
-        if owner.owner.load(Ordering::Acquire) == 0 {
-            self.drain(owner_off)?;
-        }
-        Ok(Handover::Posted)
+        Ok(Handover::Posted(r.owner, r.class))
     }
 
     /// Turns the remotely freed blocks of a chain free, without touching links: the chain a
@@ -190,8 +231,9 @@ impl Shared {
                 Ok(())
             })?;
         }
+        let freers = self.freer_heaps()?;
         for (span, class) in spans {
-            self.repair_span(local, span, class, free_dead)?;
+            self.repair_span(local, span, class, free_dead, &freers)?;
         }
         for (c, allocs) in allocations.into_iter().enumerate() {
             // `repair_span` counted the live blocks in `allocations`, with no frees.
@@ -211,7 +253,14 @@ impl Shared {
     /// past its bump index formatted now), its live and remote ones into the counters; a span
     /// with none of those goes back. Remote blocks still here are in transit (their freer pushes
     /// them later) and stay counted.
-    fn repair_span(&self, local: &mut HeapLocal, span: u64, class: usize, free_dead: bool) -> Result<()> {
+    fn repair_span(
+        &self,
+        local: &mut HeapLocal,
+        span: u64,
+        class: usize,
+        free_dead: bool,
+        freers: &BTreeMap<u64, u64>,
+    ) -> Result<()> {
         let layout = *LAYOUTS.get(class).ok_or(corrupt(span, "span class"))?;
         // SAFETY: we hold the span's heap.
         let bump = unsafe { self.span_bump(span, class) }?;
@@ -236,7 +285,11 @@ impl Shared {
             match held {
                 Some(i) => {
                     kept += 1;
-                    bytes += i.size;
+                    bytes += match i.state {
+                        // A remote block's word names its freer; its size is elsewhere.
+                        State::Remote => self.remote_size(freers, b, i.size)?.min(layout.size),
+                        _ => i.size,
+                    };
                 }
                 None => {
                     word.store(fresh_word(class, index, 0), Ordering::Release);

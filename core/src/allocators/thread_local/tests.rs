@@ -1,6 +1,7 @@
-use super::super::span::freed_word;
+use super::super::span::{freed_word, Info};
 use super::*;
 use crate::allocators::testing::{exercise, op_strategy, region_of, run_model};
+use crate::sync::atomic::AtomicU64;
 use crate::sync::LinkStore;
 use crate::testing::TestThreads;
 use proptest::prelude::*;
@@ -163,14 +164,21 @@ fn killed_remote_free(at: KilledBefore) -> (Tla, u64, Vec<OffsetPtr>) {
     let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
     let start = a.stats().free_bytes();
     let blocks: Vec<OffsetPtr> = (0..50).map(|_| a.allocate(100, 8).unwrap()).collect();
+    kill_remote_freer(&a, blocks[7], at);
+    (a, start, blocks)
+}
+
+/// A thread of a process that then dies remote-frees `block` and is killed at `at`; returns
+/// its heap.
+fn kill_remote_freer(a: &Tla, block: OffsetPtr, at: KilledBefore) -> u64 {
     let s = &a.shared;
     let freer = s.heaps.acquire(&s.mem, &s.fs, crate::testing::dead_token(), || Ok(())).unwrap();
-    let Some(Found::Small(b)) = find_live(&s.arena, blocks[7].get()) else { panic!("block 7 is live") };
+    let Some(Found::Small(b)) = find_live(&s.arena, block.get()) else { panic!("the block is live") };
     let owner = b.header.owner.load(Ordering::Relaxed);
     match at {
         KilledBefore::Marking => {
-            s.heaps.slot(&s.mem, freer).unwrap().body.in_flight.0.store(b.block, Ordering::Release);
-            s.arena.word(b.block + 16).unwrap().store(heap::freer_mark(freer), Ordering::Release);
+            let record = heap::Record { block: b.block, owner, class: b.class(), size: 100 };
+            s.heaps.slot(&s.mem, freer).unwrap().body.in_flight.write(record);
         }
         KilledBefore::Pushing => {
             s.mark_remote(freer, owner, b.block, b.info()).unwrap();
@@ -180,14 +188,15 @@ fn killed_remote_free(at: KilledBefore) -> (Tla, u64, Vec<OffsetPtr>) {
             heap.body.remote.0[b.class()].push(&s.arena, b.block);
         }
     }
-    (a, start, blocks)
+    freer
 }
 
 #[test]
 fn a_remote_freer_killed_between_marking_and_pushing_leaves_the_block_to_its_owner() {
     let (a, start, blocks) = killed_remote_free(KilledBefore::Pushing);
     assert!(a.check().is_err(), "a block marked remote on no list shows");
-    assert_eq!(a.reclaim().unwrap(), 1);
+    // Reclaimed by a thread without a heap: the block's owner (this thread) settles it later.
+    assert_eq!(a.shared.reclaim_dead(0).unwrap(), 0, "posted, not released");
     a.check().unwrap();
     assert_eq!(a.owned_heaps().unwrap(), 2, "the freer's heap waits for the block's owner");
     // The owner settles it when it next collects: the block is free again, the heap let go.
@@ -222,4 +231,191 @@ fn a_remote_freer_killed_before_marking_or_after_pushing_is_settled_once() {
         }
         assert_back_to_start(&a, start);
     }
+}
+
+#[test]
+fn a_reclaim_by_the_owner_settles_a_dead_freers_block_at_once() {
+    let (a, start, blocks) = killed_remote_free(KilledBefore::Pushing);
+    assert_eq!(a.reclaim().unwrap(), 1);
+    a.check().unwrap();
+    assert_eq!(a.owned_heaps().unwrap(), 1);
+    assert_eq!(a.stats().live_allocations, 49);
+    for (i, p) in blocks.iter().enumerate() {
+        if i != 7 {
+            a.free(*p).unwrap();
+        }
+    }
+    assert_back_to_start(&a, start);
+}
+
+/// The orphan slot of `a`'s calling thread's heap (the blocks' owner) for 100-byte blocks.
+fn orphan_slot(a: &Tla) -> &AtomicU64 {
+    let s = &a.shared;
+    let owner = s.heaps.slot(&s.mem, a.existing_heap()).unwrap();
+    &owner.body.orphans.0[class_for(100, 8).unwrap()]
+}
+
+/// Marks `block` remote from heap `freer` (a live thread's, or 0 for a thread without one) as a
+/// free stopped between marking and pushing would; returns what finishes it: the push and the
+/// record's clearing.
+fn mark_only(a: &Tla, freer: u64, block: OffsetPtr) -> impl FnOnce() + '_ {
+    let s = &a.shared;
+    let Some(Found::Small(b)) = find_live(&s.arena, block.get()) else { panic!("the block is live") };
+    let owner = b.header.owner.load(Ordering::Relaxed);
+    let (class, at) = (b.class(), b.block);
+    let (heap, record) = s.mark_remote(freer, owner, at, b.info()).unwrap();
+    move || {
+        heap.body.remote.0[class].push(&s.arena, at);
+        if let Some(r) = record {
+            r.clear();
+        }
+    }
+}
+
+#[test]
+fn a_stale_orphan_slot_is_cleared_before_its_heap_is_let_go() {
+    // The freer was killed before marking; a repairer killed later left the slot naming it.
+    let (a, start, blocks) = killed_remote_free(KilledBefore::Marking);
+    let s = &a.shared;
+    let freer = s.heaps.offsets(&s.mem).unwrap().into_iter().find(|&h| h != a.existing_heap()).unwrap();
+    orphan_slot(&a).store(freer, Ordering::Release);
+    assert!(a.check().is_err(), "a slot naming a heap that does not await its owner shows");
+    assert_eq!(a.shared.reclaim_dead(0).unwrap(), 1);
+    assert_eq!(orphan_slot(&a).load(Ordering::Acquire), 0, "the slot let go of the heap");
+    a.check().unwrap();
+    // A live thread takes that heap and is part way through a remote free when the owner
+    // collects: the owner must leave that free alone.
+    let live = s.heaps.acquire(&s.mem, &s.fs, owner_token(), || Ok(())).unwrap();
+    assert_eq!(live, freer, "the released heap is the next one taken");
+    let finish = mark_only(&a, live, blocks[8]);
+    a.trim().unwrap();
+    finish();
+    a.trim().unwrap();
+    a.check().unwrap();
+    assert_eq!(a.stats().live_allocations, 49);
+    s.release_heap(live).unwrap();
+    for (i, p) in blocks.iter().enumerate() {
+        if i != 8 {
+            a.free(*p).unwrap();
+        }
+    }
+    assert_back_to_start(&a, start);
+}
+
+#[test]
+fn a_double_free_of_a_block_a_dead_freer_marked_leaves_its_recovery_intact() {
+    let (a, start, blocks) = killed_remote_free(KilledBefore::Marking);
+    let s = &a.shared;
+    // Another thread found block 7 live, then the dead thread marked it, then it frees it too.
+    let Some(Found::Small(b)) = find_live(&s.arena, blocks[7].get()) else { panic!("block 7 is live") };
+    let (owner, at, info) = (b.header.owner.load(Ordering::Relaxed), b.block, b.info());
+    let freer = s.heaps.offsets(&s.mem).unwrap().into_iter().find(|&h| h != a.existing_heap()).unwrap();
+    s.mark_remote(freer, owner, at, info).unwrap();
+    let other = s.heaps.acquire(&s.mem, &s.fs, owner_token(), || Ok(())).unwrap();
+    let word = s.arena.word(blocks[7].get()).unwrap().load(Ordering::Relaxed);
+    assert!(matches!(s.mark_remote(other, owner, at, info), Err(Error::InvalidFree { .. })));
+    assert_eq!(s.arena.word(blocks[7].get()).unwrap().load(Ordering::Relaxed), word, "nothing written");
+    assert_eq!(a.reclaim().unwrap(), 1);
+    a.trim().unwrap();
+    a.check().unwrap();
+    assert_eq!(a.stats().live_allocations, 49);
+    s.release_heap(other).unwrap();
+    for (i, p) in blocks.iter().enumerate() {
+        if i != 7 {
+            a.free(*p).unwrap();
+        }
+    }
+    assert_back_to_start(&a, start);
+}
+
+#[test]
+fn a_failed_remote_mark_leaves_the_users_bytes_alone() {
+    let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let p = a.allocate(100, 8).unwrap();
+    let s = &a.shared;
+    s.arena.word(p.get()).unwrap().store(0x1234_5678, Ordering::Relaxed);
+    let Some(Found::Small(b)) = find_live(&s.arena, p.get()) else { panic!("live") };
+    let stale = Info { size: 99, ..b.info() };
+    let freer = s.heaps.acquire(&s.mem, &s.fs, owner_token(), || Ok(())).unwrap();
+    let owner = b.header.owner.load(Ordering::Relaxed);
+    assert!(s.mark_remote(freer, owner, b.block, stale).is_err());
+    assert_eq!(s.arena.word(p.get()).unwrap().load(Ordering::Relaxed), 0x1234_5678);
+    s.release_heap(freer).unwrap();
+    a.free(p).unwrap();
+    a.trim().unwrap();
+    a.check().unwrap();
+}
+
+#[test]
+fn a_stale_freer_does_not_settle_a_later_free_by_a_thread_without_a_heap() {
+    // Killed after pushing block 7: the owner collects it and hands it out again.
+    let (a, start, mut blocks) = killed_remote_free(KilledBefore::Clearing);
+    a.trim().unwrap();
+    let again = a.allocate(100, 8).unwrap();
+    assert_eq!(again, blocks[7], "the collected block is handed out first");
+    // A thread without a heap frees it remotely and is part way through when the dead
+    // process is reclaimed and the owner collects.
+    let finish = mark_only(&a, 0, again);
+    assert_eq!(a.shared.reclaim_dead(0).unwrap(), 1);
+    a.trim().unwrap();
+    finish();
+    a.trim().unwrap();
+    a.check().unwrap();
+    assert_eq!(a.stats().live_allocations, 49);
+    blocks.remove(7);
+    for p in blocks {
+        a.free(p).unwrap();
+    }
+    assert_back_to_start(&a, start);
+}
+
+#[test]
+fn two_dead_freers_of_one_owner_and_class_are_settled_by_one_reclaim() {
+    let (a, start, blocks) = killed_remote_free(KilledBefore::Pushing);
+    // The first is posted to the owner (this thread) by a reclaim elsewhere; then a second
+    // dies the same way, and this thread reclaims before collecting.
+    assert_eq!(a.shared.reclaim_dead(0).unwrap(), 0);
+    kill_remote_freer(&a, blocks[8], KilledBefore::Pushing);
+    assert_eq!(a.reclaim().unwrap(), 1);
+    a.check().unwrap();
+    assert_eq!(a.owned_heaps().unwrap(), 1, "both dead heaps were let go");
+    a.trim().unwrap();
+    a.check().unwrap();
+    assert_eq!(a.owned_heaps().unwrap(), 1);
+    for (i, p) in blocks.iter().enumerate() {
+        if i != 7 && i != 8 {
+            a.free(*p).unwrap();
+        }
+    }
+    assert_back_to_start(&a, start);
+}
+
+#[test]
+fn two_dead_freers_wait_in_turn_for_an_owner_no_thread_holds() {
+    let (a, start, blocks) = killed_remote_free(KilledBefore::Pushing);
+    kill_remote_freer(&a, blocks[8], KilledBefore::Pushing);
+    // The owner's thread exits: the reclaim drains its heap for the first, then the second.
+    a.release_thread_heap().unwrap();
+    assert_eq!(a.shared.reclaim_dead(0).unwrap(), 2);
+    a.check().unwrap();
+    assert_eq!(a.owned_heaps().unwrap(), 0);
+    for (i, p) in blocks.iter().enumerate() {
+        if i != 7 && i != 8 {
+            a.free(*p).unwrap();
+        }
+    }
+    assert_back_to_start(&a, start);
+}
+
+#[test]
+fn check_flags_an_orphaned_free_of_another_class() {
+    let (a, _, _) = killed_remote_free(KilledBefore::Pushing);
+    let s = &a.shared;
+    assert_eq!(s.reclaim_dead(0).unwrap(), 0);
+    a.check().unwrap();
+    // Move the posting to the next class's slot: the block is not of that class.
+    let freer = orphan_slot(&a).swap(0, Ordering::AcqRel);
+    let owner = s.heaps.slot(&s.mem, a.existing_heap()).unwrap();
+    owner.body.orphans.0[class_for(100, 8).unwrap() + 1].store(freer, Ordering::Release);
+    assert!(a.check().is_err());
 }
