@@ -21,7 +21,7 @@ use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
 use crate::error::{Error, Result};
-use crate::sync::atomic::{AtomicU64, Ordering};
+use crate::sync::atomic::{fence, AtomicU64, Ordering};
 use crate::sync::tagged_list::{self, LinkStore, TaggedOffsetList};
 
 use super::super::free_space::UNIT;
@@ -524,6 +524,9 @@ impl Shared {
         if let Some(r) = record {
             r.clear();
         }
+        // The push before the owner's word is read, as `release_heap` lets go of the heap
+        // before it looks at its lists: one of us sees the other (see `release_heap`).
+        fence(Ordering::SeqCst);
         if heap.owner.load(Ordering::Acquire) == 0 {
             self.drain(owner)?;
         }
@@ -623,6 +626,8 @@ impl Shared {
         let _ = heap.body.orphans.0[class].compare_exchange(freer, 0, Ordering::AcqRel, Ordering::Relaxed);
         f.body.in_flight.clear();
         let released = f.owner.compare_exchange(AWAITING_OWNER, 0, Ordering::AcqRel, Ordering::Relaxed).is_ok();
+        // As in `release_heap`: let go, then look for what arrived meanwhile.
+        fence(Ordering::SeqCst);
         if released && awaits_collection(self, f) {
             self.drain(freer)?;
         }
@@ -796,6 +801,12 @@ impl Shared {
         loop {
             self.trim_heap(heap_off)?;
             heap.owner.store(0, Ordering::Release);
+            // A remote freer pushes then reads our owner word; a repairer posts a dead freer
+            // and stores `AWAITING_OWNER` into its heap, then reads our owner word. Each side
+            // stores, then loads what the other stores: with a SeqCst fence between on both
+            // sides, at least one of us sees the other's store (Release/Acquire alone lets both
+            // loads miss, the store still in a store buffer), so the work is not left behind.
+            fence(Ordering::SeqCst);
             let pending = awaits_collection(self, heap);
             if !pending || heap.owner.compare_exchange(0, token, Ordering::Acquire, Ordering::Relaxed).is_err() {
                 return Ok(());

@@ -20,7 +20,7 @@ use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
 use crate::error::Result;
-use crate::sync::atomic::Ordering;
+use crate::sync::atomic::{fence, Ordering};
 use crate::sync::owner_token;
 use crate::sync::tagged_list::{self, LinkStore};
 
@@ -68,8 +68,9 @@ impl Shared {
                     continue;
                 }
                 if awaiting && self.awaited(offset, h) {
-                    // Another reclaimer posted it meanwhile.
-                    h.owner.store(AWAITING_OWNER, Ordering::Release);
+                    // Another reclaimer posted it meanwhile; its owner may have looked while we
+                    // held it, and left it.
+                    self.await_owner(my_heap, h)?;
                     continue;
                 }
                 self.repair_heap(offset)?;
@@ -108,6 +109,18 @@ impl Shared {
                 .slot(&self.mem, r.owner)
                 .is_ok_and(|o| o.body.orphans.0[r.class].load(Ordering::Acquire) == freer)
         })
+    }
+
+    /// Gives heap `h` (which we hold, posted to an orphan slot) back to the owner its record
+    /// names, and gets that owner to look again: it may have looked while we held the heap.
+    fn await_owner(&self, my_heap: u64, h: &Heap) -> Result<()> {
+        h.owner.store(AWAITING_OWNER, Ordering::Release);
+        // Before the owner's word is read (see `Shared::release_heap`).
+        fence(Ordering::SeqCst);
+        match h.body.in_flight.read() {
+            Some(r) => self.nudge(my_heap, r.owner, r.class),
+            None => Ok(()),
+        }
     }
 
     /// Gets heap `owner_off` to settle what dead freers left it in `class` now if it can: at
@@ -152,6 +165,9 @@ impl Shared {
             Err(_) => return Ok(Handover::Busy(r.owner, r.class)),
         }
         h.owner.store(AWAITING_OWNER, Ordering::Release);
+        // Before the caller reads the owner's word (`nudge`): an owner letting its heap go
+        // stores 0 there, then reads our slot and owner word (see `Shared::release_heap`).
+        fence(Ordering::SeqCst);
         Ok(Handover::Posted(r.owner, r.class))
     }
 
