@@ -108,6 +108,25 @@ impl<B: SlotBody> SlotTable<B> {
         Ok(s)
     }
 
+    /// The slot at `offset` if it is one of the table's (not merely bytes that look like a
+    /// slot): for offsets read from records other processes wrote.
+    pub(crate) fn member<'m>(&self, mem: &'m Mem, offset: u64) -> Result<&'m Slot<B>> {
+        let size = core::mem::size_of::<Slot<B>>() as u64;
+        let mut at = self.first;
+        for _ in 0..mem.end() / UNIT + 1 {
+            let slots = at + core::mem::offset_of!(Chunk<B>, slots) as u64;
+            let i = offset.wrapping_sub(slots);
+            if i < CHUNK_SLOTS as u64 * size && i % size == 0 {
+                return self.slot(mem, offset);
+            }
+            match self.chunk(mem, at)?.next.load(Ordering::Acquire) {
+                0 => return Err(corrupt(offset, "not a thread slot of the table")),
+                next => at = next,
+            }
+        }
+        Err(corrupt(self.first, "slot chunk list does not end"))
+    }
+
     /// The slot at `offset` without the checks, for offsets this process checked before.
     ///
     /// # Safety

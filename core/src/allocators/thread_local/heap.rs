@@ -222,7 +222,7 @@ fn awaits_collection(s: &Shared, heap: &Heap) -> bool {
     heap.body.remote.0.iter().any(|l| !l.is_empty())
         || heap.body.orphans.0.iter().any(|o| match o.load(Ordering::Acquire) {
             0 => false,
-            f => s.heaps.slot(&s.mem, f).is_ok_and(|f| f.owner.load(Ordering::Acquire) == AWAITING_OWNER),
+            f => s.heaps.member(&s.mem, f).is_ok_and(|f| f.owner.load(Ordering::Acquire) == AWAITING_OWNER),
         })
 }
 
@@ -610,7 +610,12 @@ impl Shared {
     /// [`reclaim`](super::recovery) lets go after clearing the slot: the slot is cleared before
     /// the record, and both before the heap is let go.
     pub(super) fn settle_orphan(&self, heap_off: u64, heap: &Heap, class: usize, freer: u64) -> Result<()> {
-        let f = self.heaps.slot(&self.mem, freer)?;
+        let Ok(f) = self.heaps.member(&self.mem, freer) else {
+            // A damaged slot names no heap: nothing to settle through it, and it must not stop
+            // every collection of the class.
+            let _ = heap.body.orphans.0[class].compare_exchange(freer, 0, Ordering::AcqRel, Ordering::Relaxed);
+            return Ok(());
+        };
         if f.owner.load(Ordering::Acquire) != AWAITING_OWNER {
             return Ok(());
         }

@@ -106,7 +106,7 @@ impl Shared {
     fn awaited(&self, freer: u64, h: &Heap) -> bool {
         h.body.in_flight.read().is_some_and(|r| {
             self.heaps
-                .slot(&self.mem, r.owner)
+                .member(&self.mem, r.owner)
                 .is_ok_and(|o| o.body.orphans.0[r.class].load(Ordering::Acquire) == freer)
         })
     }
@@ -127,7 +127,10 @@ impl Shared {
     /// once if it is the calling thread's heap (`my_heap`), by draining it if no thread holds
     /// it; else at its thread's next collection.
     fn nudge(&self, my_heap: u64, owner_off: u64, class: usize) -> Result<()> {
-        let owner = self.heaps.slot(&self.mem, owner_off)?;
+        let Ok(owner) = self.heaps.member(&self.mem, owner_off) else {
+            // A record naming no heap: no one to nudge.
+            return Ok(());
+        };
         if my_heap != 0 && owner_off == my_heap {
             self.collect(owner_off, owner, class)
         } else if owner.owner.load(Ordering::Acquire) == 0 {
@@ -146,7 +149,7 @@ impl Shared {
             h.body.in_flight.clear();
             return Ok(Handover::None);
         };
-        let Ok(owner) = self.heaps.slot(&self.mem, r.owner) else {
+        let Ok(owner) = self.heaps.member(&self.mem, r.owner) else {
             // A damaged record: no slot can name us through it.
             h.body.in_flight.clear();
             return Ok(Handover::None);

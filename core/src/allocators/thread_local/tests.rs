@@ -419,3 +419,59 @@ fn check_flags_an_orphaned_free_of_another_class() {
     owner.body.orphans.0[class_for(100, 8).unwrap() + 1].store(freer, Ordering::Release);
     assert!(a.check().is_err());
 }
+
+#[test]
+fn a_damaged_orphan_slot_is_cleared_and_does_not_stop_collections() {
+    let (a, start, blocks) = killed_remote_free(KilledBefore::Clearing);
+    assert_eq!(a.reclaim().unwrap(), 1);
+    let s = &a.shared;
+    let mine = a.existing_heap();
+    // Out of the region, unaligned, and a heap's offset plus one slot's worth of its bytes.
+    for bad in [u64::MAX - 63, 12_345, mine + 64] {
+        orphan_slot(&a).store(bad, Ordering::Release);
+        a.trim().unwrap();
+        assert_eq!(orphan_slot(&a).load(Ordering::Acquire), 0, "{bad:#x}: cleared as stale");
+        a.check().unwrap();
+    }
+    // The same in a dead owner's heap, settled by its repair.
+    let (dead, class, dead_blocks) = dead_heap(&a, 3);
+    s.heaps.slot(&s.mem, dead).unwrap().body.orphans.0[class].store(12_345, Ordering::Release);
+    assert_eq!(a.reclaim().unwrap(), 1);
+    assert_eq!(s.heaps.slot(&s.mem, dead).unwrap().body.orphans.0[class].load(Ordering::Acquire), 0);
+    a.check().unwrap();
+    free_remotely(&a, &dead_blocks);
+    for (i, p) in blocks.iter().enumerate() {
+        if i != 7 {
+            a.free(*p).unwrap();
+        }
+    }
+    assert_back_to_start(&a, start);
+}
+
+#[test]
+fn a_record_naming_bytes_that_look_like_a_heap_does_not_hold_its_heap_forever() {
+    let (a, start, blocks) = killed_remote_free(KilledBefore::Marking);
+    let s = &a.shared;
+    let freer = s.heaps.offsets(&s.mem).unwrap().into_iter().find(|&h| h != a.existing_heap()).unwrap();
+    // User bytes laid out as a heap (a real heap's magic and index), whose orphan slot names the
+    // dead freer, and the freer's record naming them as the block's owner, awaiting.
+    let size = core::mem::size_of::<heap::Heap>();
+    let forged = a.allocate(size, 64).unwrap().get();
+    let magic = s.mem.word(a.existing_heap() + 8).unwrap().load(Ordering::Relaxed);
+    s.mem.word(forged + 8).unwrap().store(magic, Ordering::Relaxed);
+    assert!(s.heaps.slot(&s.mem, forged).is_ok(), "passes bounds and magic");
+    let class = class_for(100, 8).unwrap();
+    let orphans = core::mem::offset_of!(heap::Heap, body) + core::mem::offset_of!(heap::HeapBody, orphans);
+    s.mem.word(forged + orphans as u64 + 8 * class as u64).unwrap().store(freer, Ordering::Release);
+    let f = s.heaps.slot(&s.mem, freer).unwrap();
+    let r = f.body.in_flight.read().unwrap();
+    f.body.in_flight.write(heap::Record { owner: forged, ..r });
+    f.owner.store(heap::AWAITING_OWNER, Ordering::Release);
+    assert_eq!(a.reclaim().unwrap(), 1, "the freer's heap is repaired and let go");
+    a.check().unwrap();
+    a.free(OffsetPtr::new(forged)).unwrap();
+    for p in &blocks {
+        a.free(*p).unwrap();
+    }
+    assert_back_to_start(&a, start);
+}
