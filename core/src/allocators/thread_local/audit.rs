@@ -55,7 +55,8 @@ impl Shared {
         let mut listed: BTreeMap<u64, u64> = BTreeMap::new();
         // Blocks whose remote free a dead thread left to their owner to settle: each named by an
         // orphan slot of the block's owner, for the block's class, through a heap that awaits
-        // its owner and whose record names that block, still marked remote by that heap.
+        // its owner and whose record names that block, still marked remote by that heap (or
+        // no longer: then the block is the owner's as any other).
         let mut orphaned = BTreeSet::new();
         let mut awaited = BTreeSet::new();
         for &offset in &heaps {
@@ -71,11 +72,14 @@ impl Shared {
                     "an orphan slot names a heap that does not await its owner (reclaim first)",
                 ))?;
                 let r = f.body.in_flight.read();
-                let r = r.filter(|&r| self.orphan_block(offset, class, f, r).is_some()).ok_or(corrupt(
+                let r = r.filter(|&r| r.owner == offset && r.class == class).ok_or(corrupt(
                     freer,
                     "an orphaned remote free is no block of the heap and class that settle it",
                 ))?;
-                if !awaited.insert(freer) || !orphaned.insert(r.block) {
+                // A block no longer marked by the freer was pushed, and collected between its
+                // repairer's test and its posting: the owner's settle just lets the heap go.
+                let marked = self.orphan_block(offset, class, f, r).is_some();
+                if !awaited.insert(freer) || (marked && !orphaned.insert(r.block)) {
                     return Err(corrupt(freer, "an orphaned remote free is named twice"));
                 }
             }

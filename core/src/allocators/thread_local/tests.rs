@@ -475,3 +475,31 @@ fn a_record_naming_bytes_that_look_like_a_heap_does_not_hold_its_heap_forever() 
     }
     assert_back_to_start(&a, start);
 }
+
+#[test]
+fn a_dead_freers_block_collected_before_its_posting_passes_check_and_is_let_go() {
+    // Killed after pushing block 7. A reclaimer takes the heap over and finds the block still
+    // marked by it; the owner collects the block; then the reclaimer posts the heap.
+    let (a, start, blocks) = killed_remote_free(KilledBefore::Clearing);
+    let s = &a.shared;
+    let freer = s.heaps.offsets(&s.mem).unwrap().into_iter().find(|&h| h != a.existing_heap()).unwrap();
+    let f = s.heaps.slot(&s.mem, freer).unwrap();
+    f.owner.store(owner_token(), Ordering::Release);
+    a.trim().unwrap();
+    orphan_slot(&a).store(freer, Ordering::Release);
+    f.owner.store(heap::AWAITING_OWNER, Ordering::Release);
+    a.check().unwrap();
+    assert_eq!(a.stats().live_allocations, 49);
+    // The owner's next collection lets the heap go and leaves the block alone.
+    a.trim().unwrap();
+    assert_eq!(orphan_slot(&a).load(Ordering::Acquire), 0);
+    assert_eq!(a.owned_heaps().unwrap(), 1);
+    a.check().unwrap();
+    assert_eq!(a.stats().live_allocations, 49);
+    for (i, p) in blocks.iter().enumerate() {
+        if i != 7 {
+            a.free(*p).unwrap();
+        }
+    }
+    assert_back_to_start(&a, start);
+}
