@@ -603,24 +603,33 @@ impl Shared {
     /// remote by that thread, since we have taken our remote list since, so it was never pushed
     /// (if it was, collecting it turned it free). Then the freer's heap is let go.
     ///
-    /// Only a freer's heap under [`AWAITING_OWNER`] is settled: one its repairer still holds is
-    /// left for a later collection (the repairer posts it again, or clears the slot before it
-    /// lets the heap go). The steps are ordered so that an owner killed between any two leaves
-    /// a state its repairer settles the same way, or a freer's heap that
-    /// [`reclaim`](super::recovery) lets go after clearing the slot: the slot is cleared before
-    /// the record, and both before the heap is let go.
+    /// Only a freer's heap under [`AWAITING_OWNER`] is settled, and we hold it while we do (its
+    /// owner word our token): one its repairer or another owner holds is left alone. Held, it
+    /// is settled only if our slot still names it and its record names our heap and `class`
+    /// (the slot may have been read before it changed); else the slot, if it still names the
+    /// heap, is stale and cleared, and the heap goes back to awaiting the owner its record
+    /// names. The steps are ordered so that an owner killed between any two leaves a heap that
+    /// [`reclaim`](super::recovery) repairs the same way (its owner word names a dead process):
+    /// the block is settled before the slot is cleared, the slot before the record, and all
+    /// before the heap is let go.
     pub(super) fn settle_orphan(&self, heap_off: u64, heap: &Heap, class: usize, freer: u64) -> Result<()> {
+        let slot = &heap.body.orphans.0[class];
         let Ok(f) = self.heaps.member(&self.mem, freer) else {
             // A damaged slot names no heap: nothing to settle through it, and it must not stop
             // every collection of the class.
-            let _ = heap.body.orphans.0[class].compare_exchange(freer, 0, Ordering::AcqRel, Ordering::Relaxed);
+            let _ = slot.compare_exchange(freer, 0, Ordering::AcqRel, Ordering::Relaxed);
             return Ok(());
         };
-        if f.owner.load(Ordering::Acquire) != AWAITING_OWNER {
+        let token = crate::sync::owner_token();
+        if f.owner.compare_exchange(AWAITING_OWNER, token, Ordering::AcqRel, Ordering::Relaxed).is_err() {
             return Ok(());
         }
-        let record = f.body.in_flight.read();
-        if let Some((r, (w, word))) = record.and_then(|r| Some((r, self.orphan_block(heap_off, class, f, r)?))) {
+        let record = f.body.in_flight.read().filter(|r| r.owner == heap_off && r.class == class);
+        let Some(r) = record.filter(|_| slot.load(Ordering::Acquire) == freer) else {
+            let _ = slot.compare_exchange(freer, 0, Ordering::AcqRel, Ordering::Relaxed);
+            return self.await_owner(0, f);
+        };
+        if let Some((w, word)) = self.orphan_block(heap_off, class, f, r) {
             w.store(freed_word(word, 0), Ordering::Release);
             // SAFETY: we hold the heap.
             let cs = &mut unsafe { self.local(heap) }.classes[class];
@@ -628,12 +637,12 @@ impl Shared {
             cs.free = r.block;
             cs.count_free(r.size);
         }
-        let _ = heap.body.orphans.0[class].compare_exchange(freer, 0, Ordering::AcqRel, Ordering::Relaxed);
+        let _ = slot.compare_exchange(freer, 0, Ordering::AcqRel, Ordering::Relaxed);
         f.body.in_flight.clear();
-        let released = f.owner.compare_exchange(AWAITING_OWNER, 0, Ordering::AcqRel, Ordering::Relaxed).is_ok();
+        f.owner.store(0, Ordering::Release);
         // As in `release_heap`: let go, then look for what arrived meanwhile.
         fence(Ordering::SeqCst);
-        if released && awaits_collection(self, f) {
+        if awaits_collection(self, f) {
             self.drain(freer)?;
         }
         Ok(())

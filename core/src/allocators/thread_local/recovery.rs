@@ -113,7 +113,7 @@ impl Shared {
 
     /// Gives heap `h` (which we hold, posted to an orphan slot) back to the owner its record
     /// names, and gets that owner to look again: it may have looked while we held the heap.
-    fn await_owner(&self, my_heap: u64, h: &Heap) -> Result<()> {
+    pub(super) fn await_owner(&self, my_heap: u64, h: &Heap) -> Result<()> {
         h.owner.store(AWAITING_OWNER, Ordering::Release);
         // Before the owner's word is read (see `Shared::release_heap`).
         fence(Ordering::SeqCst);

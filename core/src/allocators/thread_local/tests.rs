@@ -284,11 +284,16 @@ fn a_stale_orphan_slot_is_cleared_before_its_heap_is_let_go() {
     assert_eq!(orphan_slot(&a).load(Ordering::Acquire), 0, "the slot let go of the heap");
     a.check().unwrap();
     // A live thread takes that heap and is part way through a remote free when the owner
-    // collects: the owner must leave that free alone.
+    // collects, having read its slot before the reclaim cleared it: the owner must leave that
+    // free alone.
     let live = s.heaps.acquire(&s.mem, &s.fs, owner_token(), || Ok(())).unwrap();
     assert_eq!(live, freer, "the released heap is the next one taken");
     let finish = mark_only(&a, live, blocks[8]);
-    a.trim().unwrap();
+    let record = s.heaps.slot(&s.mem, live).unwrap().body.in_flight.read();
+    let mine = s.heaps.slot(&s.mem, a.existing_heap()).unwrap();
+    s.settle_orphan(a.existing_heap(), mine, class_for(100, 8).unwrap(), live).unwrap();
+    assert_eq!(s.heaps.slot(&s.mem, live).unwrap().body.in_flight.read(), record, "its record intact");
+    assert_eq!(s.heaps.slot(&s.mem, live).unwrap().owner.load(Ordering::Acquire), owner_token());
     finish();
     a.trim().unwrap();
     a.check().unwrap();
@@ -494,6 +499,63 @@ fn a_dead_freers_block_collected_before_its_posting_passes_check_and_is_let_go()
     a.trim().unwrap();
     assert_eq!(orphan_slot(&a).load(Ordering::Acquire), 0);
     assert_eq!(a.owned_heaps().unwrap(), 1);
+    a.check().unwrap();
+    assert_eq!(a.stats().live_allocations, 49);
+    for (i, p) in blocks.iter().enumerate() {
+        if i != 7 {
+            a.free(*p).unwrap();
+        }
+    }
+    assert_back_to_start(&a, start);
+}
+
+#[test]
+fn an_owner_that_read_a_slot_stale_leaves_a_freer_posted_elsewhere_alone() {
+    crate::testing::install_test_liveness();
+    let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = a.stats().free_bytes();
+    let s = &a.shared;
+    let mine = s.heaps.slot(&s.mem, a.thread_heap().unwrap()).unwrap();
+    // Another live thread's heap owns the block a dead freer was freeing; the freer is posted
+    // to it.
+    let other = s.heaps.acquire(&s.mem, &s.fs, owner_token(), || Ok(())).unwrap();
+    let class = class_for(100, 8).unwrap();
+    let block = s.allocate_small(other, class, 100, 8).unwrap();
+    let freer = kill_remote_freer(&a, OffsetPtr::new(block), KilledBefore::Pushing);
+    assert_eq!(s.reclaim_dead(0).unwrap(), 0, "posted to the other heap");
+    let f = s.heaps.slot(&s.mem, freer).unwrap();
+    let record = f.body.in_flight.read();
+    // This thread's heap read its slot as naming the freer (long ago) and settles now.
+    s.settle_orphan(a.existing_heap(), mine, class, freer).unwrap();
+    assert_eq!(f.owner.load(Ordering::Acquire), heap::AWAITING_OWNER, "still awaits its owner");
+    assert_eq!(f.body.in_flight.read(), record, "its record intact");
+    a.check().unwrap();
+    // Its owner settles it.
+    s.trim_heap(other).unwrap();
+    assert_eq!(f.owner.load(Ordering::Acquire), 0);
+    a.check().unwrap();
+    assert_eq!(a.stats().live_allocations, 0);
+    s.release_heap(other).unwrap();
+    assert_back_to_start(&a, start);
+}
+
+#[test]
+fn a_freer_named_by_a_slot_of_another_class_is_given_back_not_let_go() {
+    let (a, start, blocks) = killed_remote_free(KilledBefore::Pushing);
+    let s = &a.shared;
+    assert_eq!(s.reclaim_dead(0).unwrap(), 0);
+    // A damaged slot of the next class names the freer instead of the block's class's slot.
+    let freer = orphan_slot(&a).swap(0, Ordering::AcqRel);
+    let owner = s.heaps.slot(&s.mem, a.existing_heap()).unwrap();
+    let next = &owner.body.orphans.0[class_for(100, 8).unwrap() + 1];
+    next.store(freer, Ordering::Release);
+    a.trim().unwrap();
+    assert_eq!(next.load(Ordering::Acquire), 0, "the stale slot is cleared");
+    let f = s.heaps.slot(&s.mem, freer).unwrap();
+    assert_eq!(f.owner.load(Ordering::Acquire), heap::AWAITING_OWNER, "the heap is kept");
+    assert!(f.body.in_flight.read().is_some(), "with its record");
+    // A reclaim posts it again where it belongs, and the owner settles block 7.
+    assert_eq!(a.reclaim().unwrap(), 1);
     a.check().unwrap();
     assert_eq!(a.stats().live_allocations, 49);
     for (i, p) in blocks.iter().enumerate() {
