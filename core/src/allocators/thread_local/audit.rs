@@ -71,6 +71,10 @@ impl Shared {
                     offset,
                     "an orphan slot names a heap that does not await its owner (reclaim first)",
                 ))?;
+                if h.owner.load(Ordering::Acquire) == AWAITING_OWNER {
+                    // No thread collects for it: a drain must (two heaps awaiting each other).
+                    return Err(corrupt(offset, "a heap awaiting its owner has a freer awaiting it (reclaim first)"));
+                }
                 let r = f.body.in_flight.read();
                 let r = r.filter(|&r| r.owner == offset && r.class == class).ok_or(corrupt(
                     freer,

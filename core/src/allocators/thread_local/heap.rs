@@ -218,7 +218,7 @@ pub(super) type Heap = Slot<HeapBody>;
 /// Whether a heap has remote frees to collect or dead freers' frees to settle (orphan slots
 /// naming heaps that await it: one its repairer still holds is not ready, and waiting on it
 /// would spin).
-fn awaits_collection(s: &Shared, heap: &Heap) -> bool {
+pub(super) fn awaits_collection(s: &Shared, heap: &Heap) -> bool {
     heap.body.remote.0.iter().any(|l| !l.is_empty())
         || heap.body.orphans.0.iter().any(|o| match o.load(Ordering::Acquire) {
             0 => false,
@@ -841,8 +841,10 @@ impl Shared {
     pub(super) fn drain_unowned(&self) -> Result<()> {
         for offset in self.heaps.offsets(&self.mem)? {
             let h = self.heaps.slot(&self.mem, offset)?;
-            if h.owner.load(Ordering::Relaxed) == 0 && awaits_collection(self, h) {
-                self.drain(offset)?;
+            match h.owner.load(Ordering::Relaxed) {
+                0 if awaits_collection(self, h) => self.drain(offset)?,
+                AWAITING_OWNER if awaits_collection(self, h) => self.drain_awaiting(0, offset)?,
+                _ => {}
             }
         }
         Ok(())

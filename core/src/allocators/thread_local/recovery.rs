@@ -14,7 +14,10 @@
 //! dead heap in the owner's orphan slot for the class and keeps the heap (owner word
 //! [`AWAITING_OWNER`]) until the owner has settled the block ([`Shared::settle_orphan`]) at its
 //! next collection, or its own repair. A slot names a heap only while the heap awaits its
-//! owner (or its repairer holds it): whoever lets such a heap go clears the slot first.
+//! owner (or its repairer holds it): whoever lets such a heap go clears the slot first. An
+//! owner that itself awaits its owner has no thread to collect for it: reclaims, trims and
+//! nudges take it (from [`AWAITING_OWNER`] to their token), collect and settle what waits in
+//! it, and give it back ([`Shared::drain_awaiting`]).
 
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
@@ -28,11 +31,11 @@ use super::super::large::{self, TAG_LARGE, TAG_SPAN};
 use super::super::size_class::CLASS_COUNT;
 use super::super::slots::owner_dead;
 use super::super::span::{block_at, corrupt, freed_word, fresh_word, Info, State, LAYOUTS};
-use super::heap::{sweep_limit, ClassState, Heap, HeapLocal, AWAITING_OWNER};
+use super::heap::{awaits_collection, sweep_limit, ClassState, Heap, HeapLocal, AWAITING_OWNER};
 use super::Shared;
 
 /// What became of a dead thread's remote free.
-enum Handover {
+pub(super) enum Handover {
     /// Nothing was under way, or nothing is left to do: no orphan slot names the heap.
     None,
     /// The block's owner (heap, class) settles it; the freer's heap waits for that.
@@ -62,6 +65,9 @@ impl Shared {
                 let awaiting = owner == AWAITING_OWNER;
                 let taken_over = if awaiting { !self.awaited(offset, h) } else { owner_dead(owner) };
                 if !taken_over {
+                    if awaiting && awaits_collection(self, h) {
+                        self.drain_awaiting(my_heap, offset)?;
+                    }
                     continue;
                 }
                 if h.owner.compare_exchange(owner, owner_token(), Ordering::Acquire, Ordering::Relaxed).is_err() {
@@ -126,17 +132,46 @@ impl Shared {
     /// Gets heap `owner_off` to settle what dead freers left it in `class` now if it can: at
     /// once if it is the calling thread's heap (`my_heap`), by draining it if no thread holds
     /// it; else at its thread's next collection.
-    fn nudge(&self, my_heap: u64, owner_off: u64, class: usize) -> Result<()> {
+    pub(super) fn nudge(&self, my_heap: u64, owner_off: u64, class: usize) -> Result<()> {
         let Ok(owner) = self.heaps.member(&self.mem, owner_off) else {
             // A record naming no heap: no one to nudge.
             return Ok(());
         };
         if my_heap != 0 && owner_off == my_heap {
-            self.collect(owner_off, owner, class)
-        } else if owner.owner.load(Ordering::Acquire) == 0 {
-            self.drain(owner_off)
-        } else {
-            Ok(())
+            return self.collect(owner_off, owner, class);
+        }
+        match owner.owner.load(Ordering::Acquire) {
+            0 => self.drain(owner_off),
+            AWAITING_OWNER if awaits_collection(self, owner) => self.drain_awaiting(my_heap, owner_off),
+            _ => Ok(()),
+        }
+    }
+
+    /// Collects (and settles) what heap `offset` has waiting while it awaits its own owner, then
+    /// gives it back to that owner (`my_heap` as in [`Shared::reclaim_dead`]). Without it, two
+    /// dead threads that were each freeing a block of the other's heap, posted to each other by
+    /// two repairers, would wait on each other forever.
+    pub(super) fn drain_awaiting(&self, my_heap: u64, offset: u64) -> Result<()> {
+        let h = self.heaps.slot(&self.mem, offset)?;
+        if h.owner.compare_exchange(AWAITING_OWNER, owner_token(), Ordering::Acquire, Ordering::Relaxed).is_err() {
+            return Ok(());
+        }
+        if let Err(e) = self.trim_heap(offset) {
+            h.owner.store(AWAITING_OWNER, Ordering::Release);
+            return Err(e);
+        }
+        if self.awaited(offset, h) {
+            return self.await_owner(my_heap, h);
+        }
+        // Its posting was cleared meanwhile: hand it over again, as a reclaim would.
+        match self.hand_over_in_flight(offset, h)? {
+            Handover::None => self.release_heap(offset),
+            Handover::Posted(owner_off, class) => self.nudge(my_heap, owner_off, class),
+            Handover::Busy(..) => {
+                // A later reclaim takes it over.
+                h.owner.store(AWAITING_OWNER, Ordering::Release);
+                Ok(())
+            }
         }
     }
 
@@ -144,7 +179,7 @@ impl Shared {
     /// to the owner of the block, which alone can tell whether the block was pushed (see
     /// [`Shared::settle_orphan`]). The caller holds the freer's heap. Whatever the outcome but
     /// `Posted`, no orphan slot names the heap afterwards (it may be let go).
-    fn hand_over_in_flight(&self, freer: u64, h: &Heap) -> Result<Handover> {
+    pub(super) fn hand_over_in_flight(&self, freer: u64, h: &Heap) -> Result<Handover> {
         let Some(r) = h.body.in_flight.read() else {
             h.body.in_flight.clear();
             return Ok(Handover::None);
@@ -225,7 +260,7 @@ impl Shared {
 
     /// Rebuilds a heap's spans and lists from its blocks' headers, after its owner died at an
     /// unknown point. The caller holds the heap.
-    fn repair_heap(&self, heap_off: u64) -> Result<()> {
+    pub(super) fn repair_heap(&self, heap_off: u64) -> Result<()> {
         let heap = self.heaps.slot(&self.mem, heap_off)?;
         let index = heap.index;
         let free_dead = self.free_dead();

@@ -565,3 +565,42 @@ fn a_freer_named_by_a_slot_of_another_class_is_given_back_not_let_go() {
     }
     assert_back_to_start(&a, start);
 }
+
+#[test]
+fn two_dead_heaps_posted_to_each_other_are_settled() {
+    for nudged in [true, false] {
+        crate::testing::install_test_liveness();
+        let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+        let start = a.stats().free_bytes();
+        let s = &a.shared;
+        // Two threads of a process that then dies, each freeing a block of the other's heap.
+        let (f, class, f_blocks) = dead_heap(&a, 2);
+        let (o, _, o_blocks) = dead_heap(&a, 2);
+        for (freer, block) in [(f, o_blocks[0]), (o, f_blocks[0])] {
+            let Some(Found::Small(b)) = find_live(&s.arena, block) else { panic!("live") };
+            s.mark_remote(freer, b.header.owner.load(Ordering::Relaxed), b.block, b.info()).unwrap();
+        }
+        // Two reclaimers take one heap each and repair it, then each posts its heap to the
+        // other's (which its reclaimer holds, so the first nudge finds no one to drain).
+        let (hf, ho) = (s.heaps.slot(&s.mem, f).unwrap(), s.heaps.slot(&s.mem, o).unwrap());
+        hf.owner.store(owner_token(), Ordering::Release);
+        ho.owner.store(owner_token(), Ordering::Release);
+        s.repair_heap(f).unwrap();
+        s.repair_heap(o).unwrap();
+        assert!(matches!(s.hand_over_in_flight(f, hf).unwrap(), recovery::Handover::Posted(x, _) if x == o));
+        s.nudge(0, o, class).unwrap();
+        assert!(matches!(s.hand_over_in_flight(o, ho).unwrap(), recovery::Handover::Posted(x, _) if x == f));
+        if nudged {
+            s.nudge(0, f, class).unwrap();
+        } else {
+            assert!(a.check().is_err(), "two heaps awaiting each other show");
+            assert_eq!(a.reclaim().unwrap(), 0);
+        }
+        assert_eq!(hf.owner.load(Ordering::Acquire), 0, "nudged={nudged}");
+        assert_eq!(ho.owner.load(Ordering::Acquire), 0, "nudged={nudged}");
+        a.check().unwrap();
+        assert_eq!(a.stats().live_allocations, 2, "each heap's other block is still live");
+        free_remotely(&a, &[f_blocks[1], o_blocks[1]]);
+        assert_back_to_start(&a, start);
+    }
+}
