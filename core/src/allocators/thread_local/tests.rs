@@ -127,6 +127,23 @@ fn assert_back_to_start(a: &Tla, start: u64) {
     assert_eq!(a.stats().free_bytes(), start);
 }
 
+/// Frees every block but those at `gone` (already freed by the test's own means), then asserts
+/// the allocator is back to `start` ([`assert_back_to_start`]).
+fn free_the_rest(a: &Tla, start: u64, blocks: &[OffsetPtr], gone: &[usize]) {
+    for (i, p) in blocks.iter().enumerate() {
+        if !gone.contains(&i) {
+            a.free(*p).unwrap();
+        }
+    }
+    assert_back_to_start(a, start);
+}
+
+/// A heap of the allocator other than the calling thread's.
+fn other_heap(a: &Tla) -> u64 {
+    let s = &a.shared;
+    s.heaps.offsets(&s.mem).unwrap().into_iter().find(|&h| h != a.existing_heap()).unwrap()
+}
+
 #[test]
 fn a_run_left_half_made_by_a_dead_lock_holder_is_returned() {
     crate::testing::install_test_liveness();
@@ -204,12 +221,7 @@ fn a_remote_freer_killed_between_marking_and_pushing_leaves_the_block_to_its_own
     a.check().unwrap();
     assert_eq!(a.owned_heaps().unwrap(), 1);
     assert_eq!(a.stats().live_allocations, 49);
-    for (i, p) in blocks.iter().enumerate() {
-        if i != 7 {
-            a.free(*p).unwrap();
-        }
-    }
-    assert_back_to_start(&a, start);
+    free_the_rest(&a, start, &blocks, &[7]);
 }
 
 #[test]
@@ -224,12 +236,7 @@ fn a_remote_freer_killed_before_marking_or_after_pushing_is_settled_once() {
         // Before marking, the free never happened: block 7 is still live, and freeable.
         let freed = matches!(at, KilledBefore::Clearing) as u64;
         assert_eq!(a.stats().live_allocations, 50 - freed, "{at:?}");
-        for (i, p) in blocks.iter().enumerate() {
-            if i != 7 || freed == 0 {
-                a.free(*p).unwrap();
-            }
-        }
-        assert_back_to_start(&a, start);
+        free_the_rest(&a, start, &blocks, if freed == 0 { &[] } else { &[7] });
     }
 }
 
@@ -240,12 +247,7 @@ fn a_reclaim_by_the_owner_settles_a_dead_freers_block_at_once() {
     a.check().unwrap();
     assert_eq!(a.owned_heaps().unwrap(), 1);
     assert_eq!(a.stats().live_allocations, 49);
-    for (i, p) in blocks.iter().enumerate() {
-        if i != 7 {
-            a.free(*p).unwrap();
-        }
-    }
-    assert_back_to_start(&a, start);
+    free_the_rest(&a, start, &blocks, &[7]);
 }
 
 /// The orphan slot of `a`'s calling thread's heap (the blocks' owner) for 100-byte blocks.
@@ -277,7 +279,7 @@ fn a_stale_orphan_slot_is_cleared_before_its_heap_is_let_go() {
     // The freer was killed before marking; a repairer killed later left the slot naming it.
     let (a, start, blocks) = killed_remote_free(KilledBefore::Marking);
     let s = &a.shared;
-    let freer = s.heaps.offsets(&s.mem).unwrap().into_iter().find(|&h| h != a.existing_heap()).unwrap();
+    let freer = other_heap(&a);
     orphan_slot(&a).store(freer, Ordering::Release);
     assert!(a.check().is_err(), "a slot naming a heap that does not await its owner shows");
     assert_eq!(a.shared.reclaim_dead(0).unwrap(), 1);
@@ -299,12 +301,7 @@ fn a_stale_orphan_slot_is_cleared_before_its_heap_is_let_go() {
     a.check().unwrap();
     assert_eq!(a.stats().live_allocations, 49);
     s.release_heap(live).unwrap();
-    for (i, p) in blocks.iter().enumerate() {
-        if i != 8 {
-            a.free(*p).unwrap();
-        }
-    }
-    assert_back_to_start(&a, start);
+    free_the_rest(&a, start, &blocks, &[8]);
 }
 
 #[test]
@@ -314,7 +311,7 @@ fn a_double_free_of_a_block_a_dead_freer_marked_leaves_its_recovery_intact() {
     // Another thread found block 7 live, then the dead thread marked it, then it frees it too.
     let Some(Found::Small(b)) = find_live(&s.arena, blocks[7].get()) else { panic!("block 7 is live") };
     let (owner, at, info) = (b.header.owner.load(Ordering::Relaxed), b.block, b.info());
-    let freer = s.heaps.offsets(&s.mem).unwrap().into_iter().find(|&h| h != a.existing_heap()).unwrap();
+    let freer = other_heap(&a);
     s.mark_remote(freer, owner, at, info).unwrap();
     let other = s.heaps.acquire(&s.mem, &s.fs, owner_token(), || Ok(())).unwrap();
     let word = s.arena.word(blocks[7].get()).unwrap().load(Ordering::Relaxed);
@@ -325,12 +322,7 @@ fn a_double_free_of_a_block_a_dead_freer_marked_leaves_its_recovery_intact() {
     a.check().unwrap();
     assert_eq!(a.stats().live_allocations, 49);
     s.release_heap(other).unwrap();
-    for (i, p) in blocks.iter().enumerate() {
-        if i != 7 {
-            a.free(*p).unwrap();
-        }
-    }
-    assert_back_to_start(&a, start);
+    free_the_rest(&a, start, &blocks, &[7]);
 }
 
 #[test]
@@ -387,12 +379,7 @@ fn two_dead_freers_of_one_owner_and_class_are_settled_by_one_reclaim() {
     a.trim().unwrap();
     a.check().unwrap();
     assert_eq!(a.owned_heaps().unwrap(), 1);
-    for (i, p) in blocks.iter().enumerate() {
-        if i != 7 && i != 8 {
-            a.free(*p).unwrap();
-        }
-    }
-    assert_back_to_start(&a, start);
+    free_the_rest(&a, start, &blocks, &[7, 8]);
 }
 
 #[test]
@@ -404,12 +391,7 @@ fn two_dead_freers_wait_in_turn_for_an_owner_no_thread_holds() {
     assert_eq!(a.shared.reclaim_dead(0).unwrap(), 2);
     a.check().unwrap();
     assert_eq!(a.owned_heaps().unwrap(), 0);
-    for (i, p) in blocks.iter().enumerate() {
-        if i != 7 && i != 8 {
-            a.free(*p).unwrap();
-        }
-    }
-    assert_back_to_start(&a, start);
+    free_the_rest(&a, start, &blocks, &[7, 8]);
 }
 
 #[test]
@@ -445,19 +427,14 @@ fn a_damaged_orphan_slot_is_cleared_and_does_not_stop_collections() {
     assert_eq!(s.heaps.slot(&s.mem, dead).unwrap().body.orphans.0[class].load(Ordering::Acquire), 0);
     a.check().unwrap();
     free_remotely(&a, &dead_blocks);
-    for (i, p) in blocks.iter().enumerate() {
-        if i != 7 {
-            a.free(*p).unwrap();
-        }
-    }
-    assert_back_to_start(&a, start);
+    free_the_rest(&a, start, &blocks, &[7]);
 }
 
 #[test]
 fn a_record_naming_bytes_that_look_like_a_heap_does_not_hold_its_heap_forever() {
     let (a, start, blocks) = killed_remote_free(KilledBefore::Marking);
     let s = &a.shared;
-    let freer = s.heaps.offsets(&s.mem).unwrap().into_iter().find(|&h| h != a.existing_heap()).unwrap();
+    let freer = other_heap(&a);
     // User bytes laid out as a heap (a real heap's magic and index), whose orphan slot names the
     // dead freer, and the freer's record naming them as the block's owner, awaiting.
     let size = core::mem::size_of::<heap::Heap>();
@@ -487,7 +464,7 @@ fn a_dead_freers_block_collected_before_its_posting_passes_check_and_is_let_go()
     // marked by it; the owner collects the block; then the reclaimer posts the heap.
     let (a, start, blocks) = killed_remote_free(KilledBefore::Clearing);
     let s = &a.shared;
-    let freer = s.heaps.offsets(&s.mem).unwrap().into_iter().find(|&h| h != a.existing_heap()).unwrap();
+    let freer = other_heap(&a);
     let f = s.heaps.slot(&s.mem, freer).unwrap();
     f.owner.store(owner_token(), Ordering::Release);
     a.trim().unwrap();
@@ -501,12 +478,7 @@ fn a_dead_freers_block_collected_before_its_posting_passes_check_and_is_let_go()
     assert_eq!(a.owned_heaps().unwrap(), 1);
     a.check().unwrap();
     assert_eq!(a.stats().live_allocations, 49);
-    for (i, p) in blocks.iter().enumerate() {
-        if i != 7 {
-            a.free(*p).unwrap();
-        }
-    }
-    assert_back_to_start(&a, start);
+    free_the_rest(&a, start, &blocks, &[7]);
 }
 
 #[test]
@@ -558,12 +530,7 @@ fn a_freer_named_by_a_slot_of_another_class_is_given_back_not_let_go() {
     assert_eq!(a.reclaim().unwrap(), 1);
     a.check().unwrap();
     assert_eq!(a.stats().live_allocations, 49);
-    for (i, p) in blocks.iter().enumerate() {
-        if i != 7 {
-            a.free(*p).unwrap();
-        }
-    }
-    assert_back_to_start(&a, start);
+    free_the_rest(&a, start, &blocks, &[7]);
 }
 
 #[test]
