@@ -171,10 +171,7 @@ impl<R: MemoryResource> QuickPool<R> {
     /// free itself has succeeded either way.
     pub fn deallocate(&mut self, ptr: NonNull<u8>) -> Result<()> {
         let freed = self.arena.free(ptr.as_ptr() as usize)?;
-        let c = self.arena.counters();
-        let releasable =
-            Releasable { bytes: c.releasable_bytes, blocks: c.releasable_blocks, actual_size: c.actual_size };
-        if (freed.releasable || self.ask_every_free) && self.heuristic.may_coalesce(releasable) {
+        if (freed.releasable || self.ask_every_free) && self.heuristic.may_coalesce(self.releasable()) {
             let stats = self.stats();
             if let Some(target) = self.heuristic.should_coalesce(&stats) {
                 // The free is done; a refill the upstream refuses is counted in `upstream_failures`.
@@ -233,6 +230,12 @@ impl<R: MemoryResource> QuickPool<R> {
             unsafe { self.upstream.deallocate(chunk.base, chunk.size, chunk.align) };
         }
         bytes
+    }
+
+    /// The figures a free changes that a heuristic's cheap check reads.
+    fn releasable(&self) -> Releasable {
+        let c = self.arena.counters();
+        Releasable { bytes: c.releasable_bytes, blocks: c.releasable_blocks, actual_size: c.actual_size }
     }
 
     /// The pool's figures.
