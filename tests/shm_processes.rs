@@ -13,6 +13,15 @@ use hetmem::prelude::*;
 const ID: AllocatorId = AllocatorId::new(1, 0);
 const MAILBOX: usize = 64;
 
+/// The mailbox's words: `MAILBOX` atomics at `offset` in the segment mapped at `base`.
+///
+/// # Safety
+/// `[offset, offset + 8 * MAILBOX)` is a live, 8-aligned block of that segment for `'a`.
+unsafe fn mailbox_words<'a>(base: *mut u8, offset: u64) -> &'a [AtomicU64] {
+    // SAFETY: the caller's promise.
+    unsafe { std::slice::from_raw_parts(base.add(offset as usize).cast::<AtomicU64>(), MAILBOX) }
+}
+
 /// A deterministic generator for children.
 struct Rng(u64);
 impl Rng {
@@ -73,7 +82,7 @@ fn verify(base: *mut u8, p: OffsetPtr) -> u8 {
 /// done by another process.
 fn stress_worker<A: RegionAllocator>(a: &A, base: *mut u8, mailbox: u64, owner: u8, ops: u64) {
     // SAFETY: the mailbox is a live block of MAILBOX words the parent allocated.
-    let slots = unsafe { std::slice::from_raw_parts(base.add(mailbox as usize).cast::<AtomicU64>(), MAILBOX) };
+    let slots = unsafe { mailbox_words(base, mailbox) };
     let mut rng = Rng(0x1234_5678_9abc_def1 ^ ((owner as u64) << 40));
     let mut live: Vec<OffsetPtr> = Vec::new();
     for _ in 0..ops {
@@ -159,8 +168,7 @@ fn stress<A: AllocatorType>(test: &str, tag: &str) {
         std::thread::spawn(move || {
             let base = base as *mut u8;
             // SAFETY: the mailbox is still live; the children are gone.
-            let slots =
-                unsafe { std::slice::from_raw_parts(base.add(mailbox.get() as usize).cast::<AtomicU64>(), MAILBOX) };
+            let slots = unsafe { mailbox_words(base, mailbox.get()) };
             for slot in slots {
                 let p = slot.load(Ordering::Acquire);
                 if p != 0 {
@@ -195,7 +203,7 @@ fn thread_local_four_processes_stress() {
 fn crash_child<A: AllocatorType>(seg: &str, mailbox: u64) -> ! {
     let (_mm, a, base) = open::<A>(seg);
     // SAFETY: the mailbox is a live block of MAILBOX words the parent allocated.
-    let slots = unsafe { std::slice::from_raw_parts(base.add(mailbox as usize).cast::<AtomicU64>(), MAILBOX) };
+    let slots = unsafe { mailbox_words(base, mailbox) };
     let mut rng = Rng(std::process::id() as u64 | 1);
     let mut window = Vec::new();
     loop {
@@ -259,8 +267,7 @@ fn crash<A: CrashProbe>(test: &str, tag: &str, config: A::Config) {
         std::thread::spawn(move || {
             let base = base as *mut u8;
             // SAFETY: the mailbox stays live until this thread is joined.
-            let slots =
-                unsafe { std::slice::from_raw_parts(base.add(mailbox.get() as usize).cast::<AtomicU64>(), MAILBOX) };
+            let slots = unsafe { mailbox_words(base, mailbox.get()) };
             let mut worst = Duration::ZERO;
             let mut rng = Rng(77);
             let mut mine = Vec::new();
@@ -315,9 +322,7 @@ fn crash<A: CrashProbe>(test: &str, tag: &str, config: A::Config) {
     // longer live: recovery settles it.
     a.reclaim_dead();
     // SAFETY: the mailbox is live; no one else uses it now.
-    let slots = unsafe {
-        std::slice::from_raw_parts((base as *mut u8).add(mailbox.get() as usize).cast::<AtomicU64>(), MAILBOX)
-    };
+    let slots = unsafe { mailbox_words(base as *mut u8, mailbox.get()) };
     for slot in slots {
         let p = slot.swap(0, Ordering::AcqRel);
         if p != 0 {
