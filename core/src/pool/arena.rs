@@ -71,6 +71,27 @@ struct Chunk {
     first: u32,
 }
 
+/// A request [`BlockArena::fit`] checked: the size and alignment asked for, the size rounded up
+/// to the granule, and the bytes a free block must have to serve it (the rounded size plus the
+/// worst-case padding for an alignment above the granule).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Fit {
+    pub size: usize,
+    pub align: usize,
+    pub rounded: usize,
+    pub footprint: usize,
+}
+
+/// The error [`check_layout`](crate::check_layout) gives for a request it refuses.
+#[cold]
+#[inline(never)]
+fn layout_error(size: usize, align: usize) -> Error {
+    match crate::check_layout(size, align) {
+        Err(e) => e,
+        Ok(()) => Error::InvalidSize { size: size as u64, reason: "size too large" },
+    }
+}
+
 /// What [`BlockArena::free`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Freed {
@@ -155,13 +176,21 @@ impl BlockArena {
         self.free.largest(&self.blocks)
     }
 
-    /// The bytes a free block must have to serve `(size, align)`: the size rounded up to the
-    /// granule, plus the worst-case padding for an alignment above the granule.
-    #[inline]
-    pub(crate) fn footprint(&self, size: usize, align: usize) -> Result<usize> {
-        let too_large = Error::InvalidSize { size: size as u64, reason: "size overflows when aligned" };
-        let rounded = round_up(size, self.granule).ok_or(too_large)?;
-        rounded.checked_add(align.saturating_sub(self.granule)).ok_or(too_large)
+    /// Checks a request once, as [`check_layout`] does (its rounded size and padding then
+    /// cannot overflow), and returns what the arena needs of it.
+    ///
+    /// [`check_layout`]: crate::check_layout
+    #[inline(always)]
+    pub(crate) fn fit(&self, size: usize, align: usize) -> Result<Fit> {
+        // `size - 1 >= isize::MAX` is `size == 0 || size > isize::MAX`.
+        if !align.is_power_of_two() || size.wrapping_sub(1) >= isize::MAX as usize {
+            return Err(layout_error(size, align));
+        }
+        // No overflow: `size` and `granule - 1` are at most `isize::MAX`, so `rounded` is at
+        // most 2^63, and the padding is at most `2^63 - granule` (alignments are powers of two).
+        let rounded = (size + (self.granule - 1)) & !(self.granule - 1);
+        let footprint = rounded + align.saturating_sub(self.granule);
+        Ok(Fit { size, align, rounded, footprint })
     }
 
     /// Adds `[base, base + size)` as one free block. `base` is aligned to the granule and `size`
@@ -185,12 +214,19 @@ impl BlockArena {
         c.releasable_bytes += size;
     }
 
-    /// Serves `size` bytes aligned to `align` from the best-fitting free block, or `None` when no
-    /// free block is large enough. `footprint(size, align)` must have succeeded.
-    #[inline(always)]
+    /// Serves `size` bytes aligned to `align` from the best-fitting free block, or `None` when
+    /// the request is invalid or no free block is large enough.
+    #[cfg(test)]
     pub(crate) fn allocate(&mut self, size: usize, align: usize) -> Option<NonNull<u8>> {
-        let rounded = round_up(size, self.granule)?;
-        let footprint = rounded.checked_add(align.saturating_sub(self.granule))?;
+        let fit = self.fit(size, align).ok()?;
+        self.allocate_fit(fit)
+    }
+
+    /// Serves a checked request from the best-fitting free block, or `None` when no free block
+    /// is large enough.
+    #[inline(always)]
+    pub(crate) fn allocate_fit(&mut self, fit: Fit) -> Option<NonNull<u8>> {
+        let Fit { size, align, rounded, footprint } = fit;
         let mut slot = self.free.take_best_fit(&mut self.blocks, footprint)?;
         let b = &self.blocks[slot];
         let (addr, found) = (b.addr, b.size);
@@ -558,6 +594,18 @@ mod tests {
         assert_eq!(arena.free_blocks(), 1);
         assert_eq!(arena.counters().releasable_bytes, 4096);
         assert!(matches!(arena.free(c), Err(Error::InvalidFree { .. })));
+    }
+
+    #[test]
+    fn fit_refuses_what_check_layout_refuses_and_rounds_the_rest() {
+        let arena = BlockArena::new(16);
+        for (size, align) in [(0, 16), (8, 0), (8, 24), (usize::MAX, 16), (isize::MAX as usize + 1, 1)] {
+            assert_eq!(arena.fit(size, align).err(), crate::check_layout(size, align).err(), "({size}, {align})");
+        }
+        let largest = arena.fit(isize::MAX as usize, 1 << 63).unwrap();
+        assert_eq!((largest.rounded, largest.footprint), (1 << 63, usize::MAX - 15));
+        assert_eq!(arena.fit(100, 8).unwrap(), Fit { size: 100, align: 8, rounded: 112, footprint: 112 });
+        assert_eq!(arena.fit(100, 256).unwrap(), Fit { size: 100, align: 256, rounded: 112, footprint: 352 });
     }
 
     #[test]

@@ -151,12 +151,11 @@ impl MemoryResource for BackendResource {
     }
 
     fn allocate(&self, size: usize, align: usize) -> Result<NonNull<u8>> {
-        crate::check_layout(size, align)?;
         let mut carver = self.carver.lock();
-        carver.0.footprint(size, align)?;
+        let fit = carver.0.fit(size, align)?;
         carver
             .0
-            .allocate(size, align)
+            .allocate_fit(fit)
             .ok_or(Error::OutOfMemory { requested: size as u64, available: carver.0.largest_free() as u64 })
     }
 

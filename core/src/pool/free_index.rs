@@ -30,6 +30,9 @@ const WORDS: usize = BINS / 64;
 const SUMMARY_WORDS: usize = WORDS.div_ceil(64);
 /// No block.
 pub(crate) const NIL: u32 = u32::MAX;
+/// A record's bin while it is not in the index.
+const UNINDEXED: u16 = u16::MAX;
+const _: () = assert!(BINS <= UNINDEXED as usize && core::mem::size_of::<Block>() == 64);
 
 /// The bin of a non-zero size. Bins are ordered: a larger size never falls in a lower bin.
 #[inline]
@@ -71,8 +74,9 @@ pub(crate) struct Block {
     pub chunk: u32,
     /// Allocated (the owner's flag).
     pub used: bool,
-    /// In the index.
-    indexed: bool,
+    /// While the block is in the index: its bin (so a removal need not work it out again);
+    /// `UNINDEXED` otherwise.
+    bin: u16,
     /// For a used block: the size asked for, and the allocation's sequence number.
     pub requested: usize,
     pub seq: u64,
@@ -92,7 +96,7 @@ impl Block {
             next: NIL,
             chunk,
             used: false,
-            indexed: false,
+            bin: UNINDEXED,
             requested: 0,
             seq: 0,
             base,
@@ -107,7 +111,7 @@ impl Block {
     /// Whether the block is in the index.
     #[inline]
     pub(crate) fn indexed(&self) -> bool {
-        self.indexed
+        self.bin != UNINDEXED
     }
 
     /// A used block's next block in its address-table bucket.
@@ -281,11 +285,11 @@ impl FreeIndex {
     #[inline(always)]
     pub(crate) fn insert(&mut self, blocks: &mut Records, slot: u32) {
         let b = &mut blocks[slot];
-        debug_assert!(!b.indexed && b.size > 0);
-        b.indexed = true;
+        debug_assert!(!b.indexed() && b.size > 0);
         b.child = [NIL; 2];
         let key = b.key();
         let bin = bin_of(key.0);
+        b.bin = bin as u16;
         self.len += 1;
         let root = self.roots[bin];
         if root == NIL {
@@ -337,13 +341,13 @@ impl FreeIndex {
         let Some(b) = blocks.get(slot) else {
             return false;
         };
-        if !b.indexed {
+        if !b.indexed() {
             return false;
         }
-        if !self.remove_below(blocks, bin_of(b.size), slot) {
+        if !self.remove_below(blocks, usize::from(b.bin), slot) {
             return false;
         }
-        blocks[slot].indexed = false;
+        blocks[slot].bin = UNINDEXED;
         self.len -= 1;
         true
     }
@@ -467,7 +471,7 @@ impl FreeIndex {
             }
         }
         self.unlink(blocks, bin, best_at, best);
-        blocks[best].indexed = false;
+        blocks[best].bin = UNINDEXED;
         self.len -= 1;
         Some(best)
     }
@@ -505,7 +509,7 @@ impl FreeIndex {
                 }
             }
         }
-        count == self.len && blocks.iter().filter(|b| b.indexed).count() == self.len
+        count == self.len && blocks.iter().filter(|b| b.indexed()).count() == self.len
     }
 
     fn treap_ok(
@@ -522,7 +526,12 @@ impl FreeIndex {
         };
         let key = n.key();
         *count += 1;
-        if !n.indexed || n.size == 0 || priority(node) > max_priority || bin_of(n.size) != bin || *count > self.len {
+        if usize::from(n.bin) != bin
+            || n.size == 0
+            || priority(node) > max_priority
+            || bin_of(n.size) != bin
+            || *count > self.len
+        {
             return false;
         }
         if low.is_some_and(|l| key <= l) || high.is_some_and(|h| key >= h) {

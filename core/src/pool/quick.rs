@@ -12,7 +12,7 @@ use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::ptr::NonNull;
 
-use super::arena::{round_up, BlockArena};
+use super::arena::{round_up, BlockArena, Fit};
 use super::heuristic::{CoalesceHeuristic, PercentReleasable, Releasable};
 use super::{BlockInfo, LiveAllocation, Pool, PoolStats};
 use crate::error::{Error, Result};
@@ -148,17 +148,17 @@ impl<R: MemoryResource> QuickPool<R> {
     /// actual size, gets a block of its own size in that block's place: the rest could not serve
     /// a second such request, so that one would have the pool hold both.
     pub fn allocate(&mut self, size: usize, align: usize) -> Result<NonNull<u8>> {
-        crate::check_layout(size, align)?;
-        let footprint = self.arena.footprint(size, align)?;
+        let fit = self.arena.fit(size, align)?;
+        let footprint = fit.footprint;
         // `footprint > actual / 4` is implied by the rest being at least that and smaller than
         // the request; it keeps the lookup off the common path.
         let actual = self.arena.counters().actual_size;
         if self.release_when_growing && footprint >= self.config.next_block_size && footprint > actual / 4 {
             self.trade_whole_block(footprint, align);
         }
-        let ptr = match self.arena.allocate(size, align) {
+        let ptr = match self.arena.allocate_fit(fit) {
             Some(ptr) => ptr,
-            None => self.allocate_after_growing(size, align, footprint)?,
+            None => self.allocate_after_growing(fit)?,
         };
         self.high_watermark = self.high_watermark.max(self.arena.counters().current_size);
         Ok(ptr)
@@ -307,9 +307,9 @@ impl<R: MemoryResource> QuickPool<R> {
     /// The slow path of [`allocate`](Self::allocate): no free block fits, so take one upstream
     /// and serve the request from it.
     #[inline(never)]
-    fn allocate_after_growing(&mut self, size: usize, align: usize, footprint: usize) -> Result<NonNull<u8>> {
-        self.grow(footprint, align)?;
-        self.arena.allocate(size, align).ok_or(Error::Corrupt {
+    fn allocate_after_growing(&mut self, fit: Fit) -> Result<NonNull<u8>> {
+        self.grow(fit.footprint, fit.align)?;
+        self.arena.allocate_fit(fit).ok_or(Error::Corrupt {
             structure: "quick pool",
             offset: 0,
             detail: "a fresh upstream block did not serve the request",
