@@ -118,10 +118,8 @@ pub(crate) struct ArenaCounters {
     pub current_size: usize,
     /// Bytes asked for by live allocations.
     pub requested_size: usize,
-    pub live: usize,
     /// Allocations made since creation (also the next sequence number).
     pub total_allocations: u64,
-    pub blocks: usize,
     /// Free blocks that span a whole chunk, and their bytes.
     pub releasable_blocks: usize,
     pub releasable_bytes: usize,
@@ -166,9 +164,22 @@ impl BlockArena {
         &self.counters
     }
 
+    /// How many blocks there are, used and free (every record but the scratch one and the
+    /// spares).
+    #[inline]
+    pub(crate) fn blocks(&self) -> usize {
+        self.blocks.len() - 1 - self.spares
+    }
+
+    /// How many blocks are used: the live allocations.
+    #[inline]
+    pub(crate) fn live(&self) -> usize {
+        self.used.len()
+    }
+
     #[inline]
     pub(crate) fn free_blocks(&self) -> usize {
-        self.free.len()
+        self.blocks() - self.live()
     }
 
     #[inline]
@@ -256,7 +267,6 @@ impl BlockArena {
         let c = &mut self.counters;
         c.current_size += rounded;
         c.requested_size += size;
-        c.live += 1;
         c.total_allocations += 1;
         Some(ptr)
     }
@@ -274,7 +284,6 @@ impl BlockArena {
         let c = &mut self.counters;
         c.current_size -= size;
         c.requested_size -= requested;
-        c.live -= 1;
         if next != NIL && !self.blocks[next].used {
             self.free.remove(&mut self.blocks, next);
             self.absorb_next(slot);
@@ -397,7 +406,7 @@ impl BlockArena {
     pub(crate) fn check(&self, structure: &'static str) -> Result<()> {
         let corrupt = |addr: usize, detail| Err(Error::Corrupt { structure, offset: addr as u64, detail });
         let mut seen = ArenaCounters { total_allocations: self.counters.total_allocations, ..Default::default() };
-        let mut free_seen = 0;
+        let (mut free_seen, mut blocks_seen, mut live_seen) = (0, 0, 0);
         for (index, chunk) in self.chunks.iter().enumerate() {
             let Some(chunk) = chunk else { continue };
             let base = chunk.base.as_ptr() as usize;
@@ -417,8 +426,8 @@ impl BlockArena {
                 if b.size == 0 || b.size % self.granule != 0 {
                     return corrupt(b.addr, "block size is zero or not a multiple of the granule");
                 }
-                seen.blocks += 1;
-                if seen.blocks > self.blocks.len() {
+                blocks_seen += 1;
+                if blocks_seen > self.blocks.len() {
                     return corrupt(b.addr, "block list runs in a cycle");
                 }
                 if b.used {
@@ -428,7 +437,7 @@ impl BlockArena {
                     if b.requested == 0 || b.requested > b.size {
                         return corrupt(b.addr, "used block smaller than its request");
                     }
-                    seen.live += 1;
+                    live_seen += 1;
                     seen.current_size += b.size;
                     seen.requested_size += b.requested;
                 } else {
@@ -456,11 +465,11 @@ impl BlockArena {
                 return corrupt(base, "blocks do not add up to the chunk's size");
             }
         }
-        if free_seen != self.free.len() || !self.free.consistent(&self.blocks) {
+        if !self.free.consistent(&self.blocks, free_seen) {
             return corrupt(0, "size index holds blocks that are not free blocks of the arena");
         }
         let used = |s: u32| self.blocks.get(s).is_some_and(|b| b.used && !b.indexed());
-        if self.used.len() != seen.live || !self.used.consistent(&self.blocks, used) {
+        if self.used.len() != live_seen || !self.used.consistent(&self.blocks, used) {
             return corrupt(0, "address table holds blocks that are not used blocks of the arena");
         }
         if seen != self.counters {
@@ -471,7 +480,7 @@ impl BlockArena {
             spares += 1;
             spare = self.blocks.get(spare).map_or(NIL, |b| b.next);
         }
-        if spares != self.spares || self.blocks.len() - 1 - spares != seen.blocks {
+        if spares != self.spares || self.blocks() != blocks_seen {
             return corrupt(0, "block table leaks slots");
         }
         Ok(())
@@ -502,7 +511,6 @@ impl BlockArena {
 
     #[inline(always)]
     fn new_block(&mut self, block: Block) -> u32 {
-        self.counters.blocks += 1;
         if self.spare == NIL {
             self.add_spares();
         }
@@ -527,7 +535,6 @@ impl BlockArena {
 
     #[inline]
     fn recycle(&mut self, slot: u32) {
-        self.counters.blocks -= 1;
         let b = &mut self.blocks[slot];
         b.used = false;
         b.prev = NIL;

@@ -242,18 +242,11 @@ pub(crate) struct FreeIndex {
     words: Masked<u64, WORDS>,
     /// Bit `w % 64` of `summary[w / 64]` says whether `words[w]` has a bit set.
     summary: Masked<u64, SUMMARY_WORDS>,
-    len: usize,
 }
 
 impl FreeIndex {
     pub(crate) fn new() -> Self {
-        FreeIndex { roots: Masked::new(NIL), words: Masked::new(0), summary: Masked::new(0), len: 0 }
-    }
-
-    /// How many free blocks are indexed.
-    #[inline]
-    pub(crate) fn len(&self) -> usize {
-        self.len
+        FreeIndex { roots: Masked::new(NIL), words: Masked::new(0), summary: Masked::new(0) }
     }
 
     /// Hangs `node` where `(parent, side)` says: a record's child, or the root of `bin` when
@@ -290,7 +283,6 @@ impl FreeIndex {
         let key = b.key();
         let bin = bin_of(key.0);
         b.bin = bin as u16;
-        self.len += 1;
         let root = self.roots[bin];
         if root == NIL {
             self.roots[bin] = slot;
@@ -348,7 +340,6 @@ impl FreeIndex {
             return false;
         }
         blocks[slot].bin = UNINDEXED;
-        self.len -= 1;
         true
     }
 
@@ -472,7 +463,6 @@ impl FreeIndex {
         }
         self.unlink(blocks, bin, best_at, best);
         blocks[best].bin = UNINDEXED;
-        self.len -= 1;
         Some(best)
     }
 
@@ -492,8 +482,8 @@ impl FreeIndex {
     }
 
     /// Whether the bitmaps, the bins and the treaps agree (order and heap property included),
-    /// and every record marked indexed is in a treap.
-    pub(crate) fn consistent(&self, blocks: &Records) -> bool {
+    /// the treaps hold `expected` blocks, and every record marked indexed is in a treap.
+    pub(crate) fn consistent(&self, blocks: &Records, expected: usize) -> bool {
         let mut count = 0;
         for (w, &word) in self.words.as_slice().iter().enumerate() {
             if (word != 0) != (self.summary[w / 64] >> (w % 64) & 1 == 1) {
@@ -509,7 +499,7 @@ impl FreeIndex {
                 }
             }
         }
-        count == self.len && blocks.iter().filter(|b| b.indexed()).count() == self.len
+        count == expected && blocks.iter().filter(|b| b.indexed()).count() == expected
     }
 
     fn treap_ok(
@@ -530,7 +520,7 @@ impl FreeIndex {
             || n.size == 0
             || priority(node) > max_priority
             || bin_of(n.size) != bin
-            || *count > self.len
+            || *count > blocks.len()
         {
             return false;
         }
@@ -617,11 +607,11 @@ mod tests {
         }
 
         fn len(&self) -> usize {
-            self.index.len()
+            self.blocks.iter().filter(|b| b.indexed()).count()
         }
 
         fn consistent(&self) -> bool {
-            self.index.consistent(&self.blocks)
+            self.index.consistent(&self.blocks, self.len())
         }
     }
 
