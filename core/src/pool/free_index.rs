@@ -262,8 +262,12 @@ impl FreeIndex {
 
     #[inline(always)]
     fn mark(&mut self, bin: usize) {
-        self.words[bin / 64] |= 1 << (bin % 64);
-        self.summary[bin / 4096] |= 1 << (bin / 64 % 64);
+        let word = self.words[bin / 64];
+        self.words[bin / 64] = word | 1 << (bin % 64);
+        // The summary changes only when the word was empty; in a busy pool it seldom is.
+        if word == 0 {
+            self.summary[bin / 4096] |= 1 << (bin / 64 % 64);
+        }
     }
 
     #[inline(always)]
