@@ -182,14 +182,18 @@ pub(crate) const fn remote_word(word: u64, freer: u64) -> u64 {
 /// free info word with an empty field (it matched [`free_pattern`] with label 0): one addition.
 #[inline]
 pub(crate) const fn live_from_free(word: u64, size: u64) -> u64 {
-    word + (((State::Live as u64) - (State::Free as u64)) << STATE_SHIFT) + size
+    word + LIVE_DELTA + size
 }
+
+/// What turning a free info word live adds to it (besides the size), and turning a live one
+/// free takes away (besides the size).
+pub(crate) const LIVE_DELTA: u64 = ((State::Live as u64) - (State::Free as u64)) << STATE_SHIFT;
 
 /// The info word of a live block freed with label 0, when `word` is known to be a live info
 /// word ([`live_small_class`] took it).
 #[inline]
 pub(crate) const fn free_from_live(word: u64) -> u64 {
-    (word & !FIELD_MASK) - (((State::Live as u64) - (State::Free as u64)) << STATE_SHIFT)
+    (word & !FIELD_MASK) - LIVE_DELTA
 }
 
 /// The class of a live small block's info word `word`, or a value of `CLASS_COUNT` or more when
@@ -282,6 +286,36 @@ const _: () = {
 /// Every small request's class, by `(size + 15) / 16` (1 KiB: a lookup instead of a logarithm
 /// on the fast path).
 static SMALL_CLASSES: [u8; TABLE_LEN] = small_classes();
+
+/// [`SMALL_CLASSES`] with each class times 64: the offset of the class's entry in an array of
+/// cache lines (a heap's class lines, say), for a fast path that keeps the table next to its
+/// other constants and so needs neither the class nor a shift.
+#[derive(Clone, Copy)]
+pub(crate) struct LineTable([u16; TABLE_LEN]);
+
+impl LineTable {
+    /// The table.
+    pub(crate) const fn new() -> LineTable {
+        let classes = small_classes();
+        let mut out = [0u16; TABLE_LEN];
+        let mut i = 0;
+        while i < TABLE_LEN {
+            out[i] = classes[i] as u16 * 64;
+            i += 1;
+        }
+        LineTable(out)
+    }
+
+    /// [`quick_class`] times 64.
+    #[inline]
+    pub(crate) fn quick_line(&self, size: usize, align: usize) -> Option<usize> {
+        let line = self.0[quick_index(size, align)?] as usize;
+        // SAFETY: every entry is a class below CLASS_COUNT (checked at compile time above) times
+        // 64, and a `LineTable` is made only by `new`.
+        unsafe { core::hint::assert_unchecked(line < CLASS_COUNT * 64 && line % 64 == 0) };
+        Some(line)
+    }
+}
 
 const fn small_classes() -> [u8; TABLE_LEN] {
     let mut out = [0u8; TABLE_LEN];
@@ -790,18 +824,26 @@ pub(crate) fn user_of_live(mem: &Mem, block: u64, class: usize) -> Result<u64> {
 /// caller to the full path ([`check_request`](super::check_request), [`class_for`]).
 #[inline]
 pub(crate) fn quick_class(size: usize, align: usize) -> Option<usize> {
+    let class = SMALL_CLASSES[quick_index(size, align)?] as usize;
+    // SAFETY: every entry of the table is below CLASS_COUNT (checked at compile time above).
+    unsafe { core::hint::assert_unchecked(class < CLASS_COUNT) };
+    Some(class)
+}
+
+/// The class-table index of a request [`quick_class`] takes (`size.div_ceil(16)`), else `None`.
+#[inline]
+fn quick_index(size: usize, align: usize) -> Option<usize> {
     // Bits 1, 2, 4, 8 and 16: the powers of two up to 16.
     if align > 16 || (0x10116u32 >> align) & 1 == 0 {
         return None;
     }
-    // 1..=SMALL_MAX in one compare (0 wraps past it).
-    if size.wrapping_sub(1) >= SMALL_MAX {
+    // 1..=SMALL_MAX in one compare (0 wraps past it), on `(size - 1) / 16`, which is
+    // `size.div_ceil(16) - 1`.
+    let index = size.wrapping_sub(1) / 16;
+    if index >= SMALL_MAX / 16 {
         return None;
     }
-    let class = SMALL_CLASSES[size.div_ceil(16)] as usize;
-    // SAFETY: every entry of the table is below CLASS_COUNT (checked at compile time above).
-    unsafe { core::hint::assert_unchecked(class < CLASS_COUNT) };
-    Some(class)
+    Some(index + 1)
 }
 
 /// The smallest class whose blocks fit `size` bytes at alignment `align` (padding included),

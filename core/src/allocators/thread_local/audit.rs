@@ -38,6 +38,29 @@ impl Shared {
         Ok(counts)
     }
 
+    /// Walks one of heap `offset`'s free lists of `class` from `head`, recording each block in
+    /// `listed` (a block listed before is an error): each must be a free block of one of the
+    /// heap's spans of the class. Returns how many it holds.
+    fn check_free_list(
+        &self,
+        head: Option<u64>,
+        offset: u64,
+        class: usize,
+        limit: u64,
+        listed: &mut BTreeMap<u64, u64>,
+    ) -> Result<u64> {
+        tagged_list::walk(&self.arena, head, limit, |b| {
+            let word = self.arena.info(b)?.load(Ordering::Acquire);
+            let span = span_of_word(b, word);
+            let ok = Info::unpack(word).is_some_and(|i| i.state == State::Free && i.class == class && i.size == 0)
+                && self.arena.class_span(span, class).is_some_and(|s| s.owner.load(Ordering::Relaxed) == offset);
+            if !ok || listed.insert(b, offset).is_some() {
+                return Err(corrupt(b, "heap free list holds a block that is not its free block"));
+            }
+            Ok(())
+        })
+    }
+
     pub(super) fn stats(&self) -> AllocStats {
         self.class_counts().unwrap_or(ClassCounts::new()).stats(&self.fs)
     }
@@ -109,20 +132,10 @@ impl Shared {
                     Ok(())
                 })?;
                 let cs = &local.classes[class];
-                let n = tagged_list::walk(&self.arena, (cs.free != 0).then_some(cs.free), limit, |b| {
-                    let word = self.arena.info(b)?.load(Ordering::Acquire);
-                    let span = span_of_word(b, word);
-                    let ok = Info::unpack(word)
-                        .is_some_and(|i| i.state == State::Free && i.class == class && i.size == 0)
-                        && self
-                            .arena
-                            .class_span(span, class)
-                            .is_some_and(|s| s.owner.load(Ordering::Relaxed) == offset);
-                    if !ok || listed.insert(b, offset).is_some() {
-                        return Err(corrupt(b, "heap free list holds a block that is not its free block"));
-                    }
-                    Ok(())
-                })?;
+                let mut n = 0;
+                for head in cs.lists() {
+                    n += self.check_free_list(head, offset, class, limit, &mut listed)?;
+                }
                 if n != cs.count() {
                     return Err(corrupt(offset, "heap free list longer or shorter than its count"));
                 }

@@ -1,11 +1,19 @@
 //! A heap's record and its owner's paths: allocation, local and remote frees, bulk collection
 //! of remote frees, sweeping and release.
 //!
-//! Each class has one cache line in the heap: a LIFO list of the heap's free blocks of the
+//! Each class has one cache line in the heap: two LIFO lists of the heap's free blocks of the
 //! class (from any of its spans), the span new blocks are bumped from, and the counters. An
-//! allocation pops the list; a free by the owner pushes on it; neither writes a span header.
-//! When the list has doubled since the last sweep (or the heap is trimmed), a sweep counts its
-//! blocks per span and returns the spans whose blocks are all free.
+//! allocation pops the first list (`free`); a free by the owner pushes on the second (`freed`);
+//! neither writes a span header. When `free` runs dry, the slow path collects remote frees,
+//! then takes `freed` whole (topped up with fresh blocks of the bump span to [`CYCLE`] blocks),
+//! then formats a fresh block of the bump span.
+//! Two lists, as mimalloc's pages have, because with one an allocation takes the block the last
+//! free gave back: in a loop of allocations and frees each operation then waits for the
+//! previous one's stores to that block's header and to the list head (store-to-load
+//! forwarding, a chain through every pair); with two, a block comes back only after the
+//! others on `free`. When the lists together have doubled since the last sweep (or the heap is
+//! trimmed), a sweep counts their blocks per span and returns the spans whose blocks are all
+//! free.
 //!
 //! Collecting a remote list is journaled so that an owner killed at any instruction leaves
 //! every block findable: the owner writes the list's first element to the heap's `pending`
@@ -29,25 +37,44 @@ use super::super::large::TAG_SPAN;
 use super::super::size_class::CLASS_COUNT;
 use super::super::slots::{Slot, SlotBody};
 use super::super::span::{
-    back_word, corrupt, free_from_live, free_word_mask, freed_word, fresh_word, has_state, init_span, invalid,
-    live_from_free, live_small_class, remote_word, span_of_word, user_of, word_class, Info, LiveSmall, State,
-    FIELD_MASK, LAYOUTS, SMALL_HEADER, SPAN_HEADER,
+    back_word, corrupt, freed_word, fresh_word, has_state, init_span, invalid, live_from_free, remote_word,
+    span_of_word, user_of, word_class, Info, LiveSmall, State, FIELD_MASK, LAYOUTS, SMALL_HEADER, SPAN_HEADER,
 };
 use super::Shared;
 
 /// How many remote frees are turned free before `pending` moves past them.
 const COLLECT_BATCH: usize = 32;
 
+/// Per class: how many blocks a heap keeps going round when its own frees are what comes back
+/// (about 8 KiB of them, at least one: an eighth of a small class's span): when the
+/// allocation list runs dry and takes the freed list whole, fresh blocks of the bump span top
+/// the two up to this many. Enough that a loop of allocations and frees cycles through several
+/// blocks (see the module docs); blocks that come back only through remote frees are formatted
+/// one at a time, as are a class's first (a batch there only adds blocks that sit idle, and a
+/// producer feeding a consumer is slower with more blocks going round).
+pub(super) const CYCLE: [u64; CLASS_COUNT] = {
+    let mut out = [0; CLASS_COUNT];
+    let mut c = 0;
+    while c < CLASS_COUNT {
+        let n = 8192 / LAYOUTS[c].stride;
+        out[c] = if n == 0 { 1 } else { n };
+        c += 1;
+    }
+    out
+};
+
 /// One class's state in a heap: one cache line, written by the owner only.
 ///
 /// An allocation adds to `allocations` and `live_bytes`, a free (local, or collected from the
 /// remote list) to `frees` and takes from `live_bytes`; the rest is derived: live blocks are
-/// `allocations - frees` (remote frees count until collected), free-list blocks `blocks -
-/// live`. Slow paths (bumping, sweeping, repair) move `blocks` and the sweep threshold.
+/// `allocations - frees` (remote frees count until collected), blocks on the two free lists
+/// `blocks - live`. Slow paths (bumping, sweeping, repair) move `blocks` and the sweep
+/// threshold.
 #[repr(C, align(64))]
 #[derive(Clone, Copy, Default)]
 pub(super) struct ClassState {
-    /// The first free block (0 = none); the list links through the blocks' second words.
+    /// The first free block allocations take (0 = none); the list links through the blocks'
+    /// second words.
     pub(super) free: u64,
     /// Requested bytes of the live blocks.
     pub(super) live_bytes: u64,
@@ -56,14 +83,18 @@ pub(super) struct ClassState {
     /// Blocks handed out since the heap was made. (The counters an operation writes are not
     /// neighbours, so they stay scalar additions.)
     pub(super) allocations: u64,
-    /// Blocks of the class the heap holds that were handed out at least once: live and free.
+    /// Blocks of the class the heap holds that are live or on its free lists (fresh blocks past
+    /// a span's bump index are not).
     pub(super) blocks: u64,
-    /// Blocks given back to the heap's free list since the heap was made.
+    /// Blocks given back to the heap's free lists since the heap was made.
     pub(super) frees: u64,
-    /// Sweep when the free list is longer than this: twice its length after the last sweep,
-    /// plus two spans' worth (set when the class gets its first span; 0 until then).
-    sweep_at: u64,
-    /// `sweep_at - blocks`, so a free tests the threshold against its own counters alone.
+    /// The first block the owner freed since `free` last ran dry (0 = none), linked as `free`
+    /// is; taken whole when `free` is empty.
+    pub(super) freed: u64,
+    /// `sweep_at - blocks`, where the free lists are swept when longer than `sweep_at`
+    /// together: twice their length after the last sweep, plus two spans' worth (set when the
+    /// class gets its first span; 0 until then). Kept as the difference so a free tests the
+    /// threshold against its own counters alone.
     sweep_mark: u64,
 }
 
@@ -74,34 +105,51 @@ impl ClassState {
         self.allocations.wrapping_sub(self.frees)
     }
 
-    /// Blocks on the free list.
+    /// Blocks on the free lists.
     #[inline]
     pub(super) fn count(&self) -> u64 {
         self.blocks.wrapping_sub(self.live())
     }
 
-    /// Whether the free list is longer than the sweep threshold: `blocks - live > sweep_at`,
+    /// Whether the free lists are longer than the sweep threshold: `blocks - live > sweep_at`,
     /// rearranged so that only the counters a free just wrote vary.
     #[inline]
-    fn sweep_due(&self) -> bool {
+    pub(super) fn sweep_due(&self) -> bool {
         (self.frees.wrapping_sub(self.allocations) as i64) > self.sweep_mark as i64
     }
 
-    /// Sets the sweep threshold (a free-list length).
+    /// The sweep threshold (a length of the free lists together).
+    fn sweep_at(&self) -> u64 {
+        self.sweep_mark.wrapping_add(self.blocks)
+    }
+
+    /// Sets the sweep threshold.
     pub(super) fn set_sweep_at(&mut self, at: u64) {
-        self.sweep_at = at;
         self.sweep_mark = at.wrapping_sub(self.blocks);
     }
 
     /// Sets how many blocks the heap holds, keeping the threshold.
     pub(super) fn set_blocks(&mut self, blocks: u64) {
+        let at = self.sweep_at();
         self.blocks = blocks;
-        self.set_sweep_at(self.sweep_at);
+        self.set_sweep_at(at);
+    }
+
+    /// The heads of the two free lists, for walks (`None` for an empty one).
+    pub(super) fn lists(&self) -> [Option<u64>; 2] {
+        [self.free, self.freed].map(|h| (h != 0).then_some(h))
+    }
+
+    /// Counts a block handed out for `size` bytes.
+    #[inline]
+    pub(super) fn count_allocation(&mut self, size: u64) {
+        self.allocations = self.allocations.wrapping_add(1);
+        self.live_bytes = self.live_bytes.wrapping_add(size);
     }
 
     /// Counts a block given back to the free list.
     #[inline]
-    fn count_free(&mut self, size: u64) {
+    pub(super) fn count_free(&mut self, size: u64) {
         self.frees = self.frees.wrapping_add(1);
         self.live_bytes = self.live_bytes.wrapping_sub(size);
     }
@@ -114,7 +162,7 @@ pub(super) struct HeapLocal {
 }
 
 #[repr(C, align(64))]
-pub(super) struct LocalCell(UnsafeCell<HeapLocal>);
+pub(super) struct LocalCell(pub(super) UnsafeCell<HeapLocal>);
 
 /// Per class: the encoded first element of the remote chain being collected (0 = none).
 #[repr(C, align(64))]
@@ -265,33 +313,22 @@ impl Shared {
 
     // ---- allocation ----
 
-    /// Allocates a block of `class` from the heap's free list if it has one (the quick path:
-    /// it calls nothing, so it keeps no registers across calls).
-    #[inline]
-    pub(super) fn allocate_quick(&self, heap_off: u64, class: usize, size: usize, align: usize) -> Option<u64> {
-        // SAFETY: `heap_off` came from this thread's TLS: a heap it owns, checked when taken.
-        let heap = unsafe { self.heaps.slot_unchecked(&self.mem, heap_off) };
-        // SAFETY: the calling thread owns the heap.
-        let local = unsafe { self.local(heap) };
-        let (block, word) = self.pop_free(local.classes.get_mut(class)?, class)?;
-        Some(self.hand_out(heap_off, local, block, word, class, size, align))
-    }
-
     /// Allocates a block of `class` from the heap at `heap_off`, which the calling thread owns.
     pub(super) fn allocate_small(&self, heap_off: u64, class: usize, size: usize, align: usize) -> Result<u64> {
         // SAFETY: `heap_off` came from this thread's TLS: a heap it owns, checked when taken.
         let heap = unsafe { self.heaps.slot_unchecked(&self.mem, heap_off) };
         // SAFETY: the calling thread owns the heap.
         let local = unsafe { self.local(heap) };
-        let (block, word) = match self.pop_free(&mut local.classes[class], class) {
+        let (block, word) = match self.quick.pop_free(&mut local.classes[class], class) {
             Some(taken) => taken,
             None => self.refill(heap_off, heap, class, size)?,
         };
         Ok(self.hand_out(heap_off, local, block, word, class, size, align))
     }
 
-    /// Counts a block taken from the heap and makes it live, stamped with the heap (see
-    /// [`Shared::free_quick`]); returns its user offset. `word` is the block's free info word.
+    /// Counts a block taken from the heap and makes it live (stamped with the heap when unpadded,
+    /// see [`Quick::free`](super::quick::Quick::free)); returns its user offset. `word` is the
+    /// block's free info word.
     #[inline]
     #[allow(clippy::too_many_arguments)]
     fn hand_out(
@@ -305,19 +342,16 @@ impl Shared {
         align: usize,
     ) -> u64 {
         let cs = &mut local.classes[class];
-        cs.allocations = cs.allocations.wrapping_add(1);
-        cs.live_bytes = cs.live_bytes.wrapping_add(size as u64);
         // SAFETY: `block` lies whole in the arena (checked by `pop_free`, or a block of a span
         // checked whole by `refill`), and its user bytes with their padding (`class_for` counted
         // it) lie in the block.
         unsafe {
             if align > 16 {
+                cs.count_allocation(size as u64);
                 return self.pad(block, word, size, align);
             }
-            self.mem.word_unchecked(block + 8).store(heap_off, Ordering::Relaxed);
-            self.mem.word_unchecked(block).store(live_from_free(word, size as u64), Ordering::Release);
+            self.quick.hand_out(heap_off, cs, block, word, size)
         }
-        block + SMALL_HEADER
     }
 
     /// Hands out a block with its user bytes aligned past 16: the back word just below them, and
@@ -339,29 +373,9 @@ impl Shared {
         user
     }
 
-    /// The first block of a class's free list (and its free info word). `None` when the list is
-    /// empty, or its first block is not a free block of the class in the arena.
-    #[inline]
-    fn pop_free(&self, cs: &mut ClassState, class: usize) -> Option<(u64, u64)> {
-        let block = cs.free;
-        let quick = &self.quick[class];
-        if !self.arena.holds(block, quick.limit) {
-            return None;
-        }
-        // SAFETY: the whole block lies in the arena, 16-aligned (checked just above). (Through
-        // `mem`, which holds the arena, so the heap and the block share one base.)
-        let (info, link) = unsafe { (self.mem.word_unchecked(block), self.mem.word_unchecked(block + 8)) };
-        let word = info.load(Ordering::Relaxed);
-        if word & free_word_mask() != quick.free_word {
-            return None;
-        }
-        // Links are untagged (`tagged_list::encode`): decoding is the shift alone. A damaged
-        // link fails the bounds check of the next pop.
-        cs.free = link.load(Ordering::Relaxed).wrapping_shl(4);
-        Some((block, word))
-    }
-
-    /// The slow path: collect remote frees, bump into the class's span, or take a new span.
+    /// The slow path: collect remote frees, take the blocks the owner freed (topped up with fresh
+    /// blocks to a cycle's worth, [`CYCLE`]), format a fresh block of the bump span, or take a
+    /// new span.
     #[cold]
     #[inline(never)]
     fn refill(&self, heap_off: u64, heap: &Heap, class: usize, size: usize) -> Result<(u64, u64)> {
@@ -371,28 +385,64 @@ impl Shared {
             return Err(corrupt(local.classes[class].free, "heap free list holds a block that is not free"));
         }
         self.collect(heap_off, heap, class)?;
-        if let Some(b) = self.pop_free(&mut local.classes[class], class) {
+        let cs = &mut local.classes[class];
+        if cs.free == 0 && cs.freed != 0 {
+            cs.free = core::mem::take(&mut cs.freed);
+            let short = CYCLE[class].saturating_sub(cs.count());
+            if short > 0 && cs.bump_span != 0 {
+                // SAFETY: our span.
+                let bump = unsafe { self.span_bump(cs.bump_span, class) }?;
+                self.format(cs, cs.bump_span, bump, class, short);
+            }
+        }
+        if let Some(b) = self.quick.pop_free(cs, class) {
             return Ok(b);
         }
-        let layout = LAYOUTS[class];
+        if cs.free != 0 {
+            return Err(corrupt(cs.free, "heap free list holds a block that is not free"));
+        }
         for _ in 0..2 {
             let span = local.classes[class].bump_span;
             if span != 0 {
                 // SAFETY: our span.
                 let bump = unsafe { self.span_bump(span, class) }?;
-                if (*bump as u64) < layout.blocks {
-                    let index = *bump as u64;
-                    *bump += 1;
-                    let cs = &mut local.classes[class];
-                    cs.set_blocks(cs.blocks + 1);
-                    return Ok((span + SPAN_HEADER + index * layout.stride, fresh_word(class, index, 0)));
+                let cs = &mut local.classes[class];
+                if self.format(cs, span, bump, class, 1) == 1 {
+                    return self.quick.pop_free(cs, class).ok_or(corrupt(span, "fresh block not free"));
                 }
             }
             local.classes[class].bump_span = self.new_span(heap_off, class, size)?;
             let cs = &mut local.classes[class];
-            cs.set_sweep_at(cs.sweep_at.max(sweep_limit(cs.count(), class)));
+            cs.set_sweep_at(cs.sweep_at().max(sweep_limit(cs.count(), class)));
         }
         Err(corrupt(heap_off, "fresh span has no block"))
+    }
+
+    /// Formats up to `n` fresh blocks of the bump span `span` (whose bump index is `bump`) free
+    /// onto `free`, the lowest on top; returns how many (fewer when the span runs out).
+    fn format(&self, cs: &mut ClassState, span: u64, bump: &mut u32, class: usize, n: u64) -> u64 {
+        let layout = LAYOUTS[class];
+        let first = *bump as u64;
+        let end = layout.blocks.min(first.saturating_add(n));
+        // Pushed from the last block down, so `free` lists them in address order.
+        for index in (first..end).rev() {
+            let b = span + SPAN_HEADER + index * layout.stride;
+            // SAFETY: a block of our span, which lies whole in the arena (checked when the span
+            // was taken), past its bump index: no one else reads or writes it.
+            unsafe {
+                self.arena.word_unchecked(b).store(fresh_word(class, index, 0), Ordering::Release);
+                self.arena
+                    .word_unchecked(b + 8)
+                    .store(tagged_list::encode((cs.free != 0).then_some(cs.free)), Ordering::Relaxed);
+            }
+            cs.free = b;
+        }
+        if end <= first {
+            return 0;
+        }
+        *bump = end as u32;
+        cs.set_blocks(cs.blocks + (end - first));
+        end - first
     }
 
     fn new_span(&self, heap_off: u64, class: usize, size: usize) -> Result<u64> {
@@ -440,40 +490,6 @@ impl Shared {
         }
     }
 
-    /// Frees the block at `user` if it is a live unpadded small block stamped with the calling
-    /// thread's heap `heap_off` (the quick path: it calls nothing). `None` when it is not (the
-    /// full path then sorts it out); else the class if its list is due for a sweep.
-    ///
-    /// The stamp in the block's second word, written when the block was handed out, names the
-    /// heap that owns its span (spans never change heaps), so the free reads only the block's
-    /// two header words and the heap's class line. It does not check the span geometry (the
-    /// info word's distance against the class stride, the span header): a caller that writes a
-    /// live info word and our heap's offset into its own block's user bytes and frees the
-    /// address past them gets that address put on our free list. Such a forged block stays in
-    /// the arena (each pop bounds-checks a whole block of its class) but may overlap a live
-    /// block when it is handed out; `check()` reports it (a free block on no span of ours).
-    #[inline]
-    pub(super) fn free_quick(&self, heap_off: u64, user: u64) -> Option<Option<usize>> {
-        let block = user.wrapping_sub(SMALL_HEADER);
-        if !self.arena.holds(block, self.header_limit) {
-            return None;
-        }
-        // SAFETY: `[block, block + 16)` lies in the arena, 16-aligned (checked just above);
-        // `mem` holds the arena.
-        let (info, stamp) = unsafe { (self.mem.word_unchecked(block), self.mem.word_unchecked(block + 8)) };
-        let word = info.load(Ordering::Acquire);
-        let class = live_small_class(word);
-        if class >= CLASS_COUNT || stamp.load(Ordering::Relaxed) != heap_off {
-            return None;
-        }
-        // SAFETY: `heap_off` is this thread's heap (from its TLS), checked when taken.
-        let heap = unsafe { self.heaps.slot_unchecked(&self.mem, heap_off) };
-        // SAFETY: we own the heap.
-        let local = unsafe { self.local(heap) };
-        let cs = local.classes.get_mut(class)?;
-        Some(self.push_freed(cs, block, word).then_some(class))
-    }
-
     /// Frees a live small block of the calling thread's own heap `heap_off` (found by the full
     /// path: padded, or not stamped by the quick path's rules). Returns the class if its list is
     /// due for a sweep.
@@ -484,25 +500,16 @@ impl Shared {
         let local = unsafe { self.local(heap) };
         let class = b.class();
         let cs = local.classes.get_mut(class)?;
-        self.push_freed(cs, b.block, b.word).then_some(class)
+        self.quick.push_freed(cs, b.block, b.word).then_some(class)
     }
 
-    /// Turns a live block of our heap free and pushes it on `cs`, the heap's list for its class;
-    /// returns whether the list is due for a sweep. `block` lies in the arena with its two
-    /// header words, and `word` is its live info word.
-    #[inline]
-    fn push_freed(&self, cs: &mut ClassState, block: u64, word: u64) -> bool {
-        // SAFETY: the caller's promise: both header words lie in the arena (which `mem` holds),
-        // 16-aligned.
-        unsafe {
-            self.mem.word_unchecked(block).store(free_from_live(word), Ordering::Release);
-            self.mem
-                .word_unchecked(block + 8)
-                .store(tagged_list::encode((cs.free != 0).then_some(cs.free)), Ordering::Relaxed);
-        }
-        cs.free = block;
-        cs.count_free(word & FIELD_MASK);
-        cs.sweep_due()
+    /// Sweeps the class of the block at `user` that the quick free just gave back to our heap
+    /// (which made the class due).
+    #[cold]
+    #[inline(never)]
+    pub(super) fn sweep_freed(&self, heap_off: u64, user: u64) -> Result<()> {
+        let word = self.arena.info(user.wrapping_sub(SMALL_HEADER))?.load(Ordering::Relaxed);
+        self.sweep_class(heap_off, Some(word_class(word)).filter(|&c| c < CLASS_COUNT))
     }
 
     /// Sweeps `class` of our heap (after a free made it due).
@@ -670,18 +677,27 @@ impl Shared {
         ours.then_some((w, word))
     }
 
-    /// Returns the spans of `class` whose blocks are all on the free list (keeping the bump span
-    /// unless `all`), and rebuilds the list without their blocks.
+    /// Returns the spans of `class` whose blocks are all on the free lists (keeping the bump span
+    /// unless `all`), and rebuilds `free` from the blocks of both lists but theirs (`freed` is
+    /// then empty).
     #[cold]
     #[inline(never)]
     fn sweep(&self, local: &mut HeapLocal, class: usize, all: bool) -> Result<()> {
         let cs = &mut local.classes[class];
         let limit = self.fs.layout().bytes() / 32 + 1;
         let mut blocks = Vec::new();
-        tagged_list::walk(&self.arena, (cs.free != 0).then_some(cs.free), limit, |b| {
-            blocks.push(b);
-            Ok(())
-        })?;
+        for head in cs.lists() {
+            tagged_list::walk(&self.arena, head, limit, |b| {
+                blocks.push(b);
+                Ok(())
+            })?;
+        }
+        // In address order (the rebuilt list hands them out so); a block on both lists is
+        // damage that would make its span look all free.
+        blocks.sort_unstable();
+        if let Some(w) = blocks.windows(2).find(|w| w[0] == w[1]) {
+            return Err(corrupt(w[0], "block on a heap's free lists twice"));
+        }
         let mut per_span: BTreeMap<u64, u64> = BTreeMap::new();
         for &b in &blocks {
             let word = self.arena.info(b)?.load(Ordering::Relaxed);
@@ -714,6 +730,7 @@ impl Shared {
             self.arena.store_link(last, None);
         }
         cs.free = kept.first().copied().unwrap_or(0);
+        cs.freed = 0;
         cs.set_blocks(cs.live() + kept.len() as u64);
         cs.set_sweep_at(sweep_limit(kept.len() as u64, class));
         if released.binary_search(&cs.bump_span).is_ok() {

@@ -5,7 +5,7 @@
 //!               heap chunk 0: 16 heaps (thread slots); more chunks come from the arena as threads do
 //! table, arena  the free-space manager: spans (each owned by one heap) and large blocks
 //! heap          owner (process id and start time)
-//!               per class, one cache line: free list, span to bump from, counters  (owner only)
+//!               per class, one cache line: two free lists, span to bump from, counters (owner only)
 //!               per class: the remote chain being collected                  (owner, for repair)
 //!               per class: remote-free list                                  (any thread)
 //!               the block this heap's thread is freeing into another heap    (its thread)
@@ -15,8 +15,12 @@
 //!
 //! A thread finds its heap through the [`ThreadModel`]'s TLS, cached (with `std`) in a
 //! thread-local slot keyed by the allocator instance, so the fast path finds it with one load.
-//! It allocates from its heap's free list for the class (blocks of any of its spans, last freed
-//! first) or bumps into its newest span; a free by the owner pushes on that list. A block handed
+//! It allocates from its heap's allocation list for the class (blocks of any of its spans); a
+//! free by the owner pushes on a second list, which the allocation list takes whole when it runs
+//! dry, topped up with fresh blocks of its newest span (so a loop of allocations and frees cycles
+//! through several blocks instead of waiting on the stores to the one it just freed); else it
+//! collects remote frees or formats a fresh block ([`heap`]). The quick paths' constants (limits, class table, the
+//! mapping) are copied into the handle ([`quick`]). A block handed
 //! out unpadded carries its heap's offset in its second word, so the quick free reads only the
 //! block's two header words and the heap's class line: a live info word and the calling thread's
 //! heap there make it ours (spans never change heaps). Each offset read from shared memory is
@@ -25,13 +29,13 @@
 //!
 //! A free by any other thread or process marks the block remote and pushes it on its owner
 //! heap's remote list for the class (one CAS); the owner collects that list in bulk when its
-//! free list runs dry, recording the chain it took in the heap first ([`heap`]), so an owner
+//! free lists run dry, recording the chain it took in the heap first ([`heap`]), so an owner
 //! killed halfway through leaves every block findable. The freer records the block (its owner,
 //! class and size) in its own heap before marking it, marks it with a compare-and-swap whose
 //! new info word names the freer's heap in place of the size (which moves to the first user
 //! word, for the owner's collection), and clears the record after the push; a repairer of a
 //! freer killed in between hands the block to its owner, which alone can tell (after taking its
-//! remote list) whether it was pushed. When a free list has
+//! remote list) whether it was pushed. When a class's free lists have
 //! doubled since the last sweep, spans whose blocks are all free go back to the free-space
 //! manager; on a trim and when the thread exits, all of them do. A heap whose thread has exited
 //! is released for the next thread; a heap whose process died (its owner word names a process
@@ -41,6 +45,7 @@
 
 mod audit;
 mod heap;
+mod quick;
 mod recovery;
 
 use core::ffi::c_void;
@@ -66,16 +71,14 @@ use super::common::{
 use super::fast_slot;
 use super::free_space::{FreeSpace, FreeSpaceLayout, FreeSpaceState, UNIT};
 use super::large;
-use super::size_class::CLASS_COUNT;
 use super::slots::{Chunk, SlotTable};
-use super::span::{
-    class_for, corrupt, explain_free, find_live, free_pattern, invalid, live_block, quick_class, Found, Mem, LAYOUTS,
-    SMALL_HEADER,
-};
+use super::span::{class_for, corrupt, explain_free, find_live, invalid, live_block, Found, Mem, LAYOUTS};
 use heap::HeapBody;
+use quick::Quick;
 
-/// "TLA3": remote info words name their freer, and heaps record remote frees under way.
-const TYPE_ID: u32 = 0x544C_4133;
+/// "TLA4": remote info words name their freer, heaps record remote frees under way, and each
+/// class line holds two free lists (the sweep threshold is kept only as its difference).
+const TYPE_ID: u32 = 0x544C_4134;
 
 /// What the fast-slot cache holds for a thread known to have no heap (never a heap offset, which
 /// is 64-aligned).
@@ -95,15 +98,6 @@ struct TlaHeader {
     chunk: Chunk<HeapBody>,
 }
 
-/// One class's constants for the quick allocation, side by side.
-#[derive(Clone, Copy)]
-struct QuickClass {
-    /// The [`Mem::holds`] limit of a block of the class in the arena.
-    limit: u64,
-    /// A free info word of the class with label 0, masked with `free_word_mask`.
-    free_word: u64,
-}
-
 /// What a thread's TLS value points to.
 struct ThreadHeap {
     shared: Arc<Shared>,
@@ -121,10 +115,8 @@ struct Shared {
     arena: Mem,
     fs: FreeSpace,
     heaps: SlotTable<HeapBody>,
-    /// Per class, what the quick allocation compares with.
-    quick: [QuickClass; CLASS_COUNT],
-    /// The [`Mem::holds`] limit of a small block's two header words in the arena.
-    header_limit: u64,
+    /// What the quick paths read (the handle keeps a copy of its own).
+    quick: Quick,
 }
 
 // SAFETY: `header` points into `region`, kept mapped by `Shared`; shared parts of the header are
@@ -139,7 +131,10 @@ unsafe impl Sync for Shared {}
 ///
 /// Generic over the thread model that gives it TLS; `hetmem` names it with the platform's
 /// default model.
+#[repr(C)]
 pub struct ThreadLocalAllocator<T: ThreadModel> {
+    /// A copy of `shared.quick`, one load closer to the quick paths (first: see [`Quick`]).
+    quick: Quick,
     shared: Arc<Shared>,
     id: AllocatorId,
     key: T::TlsKey,
@@ -212,13 +207,9 @@ impl<T: ThreadModel> ThreadLocalAllocator<T> {
         let heaps = SlotTable::new(chunk);
         // SAFETY: `release_at_exit` accepts exactly the values this allocator stores.
         let key = unsafe { T::tls_create(Some(release_at_exit)) }?;
-        let quick = core::array::from_fn(|c| QuickClass {
-            limit: arena.limit_for(LAYOUTS[c].stride),
-            free_word: free_pattern(c, 0),
-        });
-        let header_limit = arena.limit_for(SMALL_HEADER);
-        let shared = Arc::new(Shared { region, header, mem, arena, fs, heaps, quick, header_limit });
-        Ok(ThreadLocalAllocator { shared, id, key, instance: fast_slot::new_instance(), _model: PhantomData })
+        let quick = Quick::new(mem, arena);
+        let shared = Arc::new(Shared { region, header, mem, arena, fs, heaps, quick });
+        Ok(ThreadLocalAllocator { quick, shared, id, key, instance: fast_slot::new_instance(), _model: PhantomData })
     }
 
     /// The calling thread's heap, acquired on first use.
@@ -339,14 +330,22 @@ impl<T: ThreadModel> ThreadLocalAllocator<T> {
 }
 
 impl<T: ThreadModel> ThreadLocalAllocator<T> {
-    /// Every request the quick path does not finish: checked in full, then small or large.
+    /// Every request the quick path does not finish: first, if the class's allocation list ran
+    /// dry, the blocks the heap freed since; else checked in full, then small or large. (The
+    /// handle comes last: the quick path has the size in the register of a call's first
+    /// argument after the result's address, and leaves it there.)
     #[inline(never)]
-    fn allocate_checked(&self, size: usize, align: usize) -> Result<OffsetPtr> {
+    fn allocate_checked(size: usize, align: usize, this: &Self) -> Result<OffsetPtr> {
+        if let (Some(line), Some(heap)) = (this.quick.line(size, align), fast_slot::get_last(this.instance)) {
+            if let Some(user) = this.quick.allocate_from_freed(heap, line, size) {
+                return Ok(OffsetPtr::new(user));
+            }
+        }
         check_request(size, align)?;
-        let heap = self.thread_heap()?;
+        let heap = this.thread_heap()?;
         let user = match class_for(size, align) {
-            Some(class) => self.shared.allocate_small(heap, class, size, align)?,
-            None => self.shared.allocate_large(heap, size, align)?,
+            Some(class) => this.shared.allocate_small(heap, class, size, align)?,
+            None => this.shared.allocate_large(heap, size, align)?,
         };
         Ok(OffsetPtr::new(user))
     }
@@ -354,13 +353,14 @@ impl<T: ThreadModel> ThreadLocalAllocator<T> {
 
 impl<T: ThreadModel> ThreadLocalAllocator<T> {
     /// Frees what the quick path did not take: padded, large or other heaps' blocks, a thread
-    /// whose heap is not cached, or bad input.
+    /// whose heap is not cached, or bad input. (The handle comes last: the quick path leaves
+    /// the offset where the call wants it.)
     #[inline(never)]
-    fn free_other(&self, ptr: OffsetPtr) -> Result<()> {
-        let s = &self.shared;
+    fn free_other(ptr: OffsetPtr, this: &Self) -> Result<()> {
+        let s = &this.shared;
         let user = ptr.offset().ok_or(invalid(ptr.get(), "null pointer"))?;
         match find_live(&s.arena, user) {
-            Some(Found::Small(b)) => s.free_small(self.freeing_heap(b.header.owner.load(Ordering::Acquire)), b),
+            Some(Found::Small(b)) => s.free_small(this.freeing_heap(b.header.owner.load(Ordering::Acquire)), b),
             Some(Found::Large { block }) => large::free(&s.fs, &s.arena, block),
             None => Err(explain_free(&s.arena, user)),
         }
@@ -393,15 +393,15 @@ impl<T: ThreadModel> RegionAllocator for ThreadLocalAllocator<T> {
     #[inline]
     fn allocate(&self, size: usize, align: usize) -> Result<OffsetPtr> {
         // The quick path calls nothing: anything it cannot finish goes to the full path.
-        if let Some(class) = quick_class(size, align) {
+        if let Some(line) = self.quick.line(size, align) {
             // `get_last` never answers a marker (`NO_HEAP` is one): a heap this thread owns.
             if let Some(heap) = fast_slot::get_last(self.instance) {
-                if let Some(user) = self.shared.allocate_quick(heap, class, size, align) {
+                if let Some(user) = self.quick.allocate(heap, line, size) {
                     return Ok(OffsetPtr::new(user));
                 }
             }
         }
-        self.allocate_checked(size, align)
+        Self::allocate_checked(size, align, self)
     }
 
     fn reallocate(&self, ptr: OffsetPtr, new_size: usize, align: usize) -> Result<OffsetPtr> {
@@ -437,16 +437,15 @@ impl<T: ThreadModel> RegionAllocator for ThreadLocalAllocator<T> {
     #[inline]
     fn free(&self, ptr: OffsetPtr) -> Result<()> {
         // The quick path: a small block of the calling thread's own heap; anything else goes to
-        // the full path.
-        let s = &self.shared;
+        // the full path, as does the sweep a quick free can make due.
         if let Some(heap) = fast_slot::get_last(self.instance) {
-            match s.free_quick(heap, ptr.get()) {
-                Some(None) => return Ok(()),
-                Some(sweep) => return s.sweep_class(heap, sweep),
+            match self.quick.free(heap, ptr.get()) {
+                Some(false) => return Ok(()),
+                Some(true) => return self.shared.sweep_freed(heap, ptr.get()),
                 None => {}
             }
         }
-        self.free_other(ptr)
+        Self::free_other(ptr, self)
     }
 
     fn size_of(&self, ptr: OffsetPtr) -> Result<usize> {

@@ -1,9 +1,10 @@
-use super::super::span::{freed_word, Info};
+use super::super::span::{freed_word, Info, SMALL_HEADER};
 use super::*;
 use crate::allocators::testing::{exercise, op_strategy, region_of, run_model};
 use crate::sync::atomic::AtomicU64;
 use crate::sync::LinkStore;
 use crate::testing::TestThreads;
+use alloc::collections::BTreeSet;
 use proptest::prelude::*;
 
 type Tla = ThreadLocalAllocator<TestThreads>;
@@ -570,4 +571,90 @@ fn two_dead_heaps_posted_to_each_other_are_settled() {
         free_remotely(&a, &[f_blocks[1], o_blocks[1]]);
         assert_back_to_start(&a, start);
     }
+}
+
+#[test]
+fn a_loop_of_one_size_cycles_through_a_batch_and_reuses_it() {
+    let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = a.stats().free_bytes();
+    let class = class_for(64, 8).unwrap();
+    let counts = |a: &Tla| {
+        let s = &a.shared;
+        let cs = s.local_snapshot(s.heaps.slot(&s.mem, a.existing_heap()).unwrap()).classes[class];
+        (cs.blocks, cs.count())
+    };
+    let first = a.allocate(64, 8).unwrap();
+    assert_eq!(counts(&a), (1, 0), "a class's first block comes alone");
+    a.free(first).unwrap();
+    let mut seen = BTreeSet::new();
+    seen.insert(first.get());
+    let (mut last, mut again) = (first.get(), 0);
+    for i in 0..2000 {
+        let p = a.allocate(64, 8).unwrap();
+        again += (p.get() == last) as usize;
+        seen.insert(p.get());
+        a.free(p).unwrap();
+        last = p.get();
+        if i % 97 == 0 {
+            a.check().unwrap();
+        }
+    }
+    // The freed block topped up with fresh ones to a cycle's worth, then the same blocks round
+    // and round; the block just freed comes back next only when the freed list is taken (its
+    // top first).
+    let batch = heap::CYCLE[class] as usize;
+    assert!(batch >= 8);
+    assert_eq!(seen.len(), batch);
+    assert_eq!(counts(&a), (batch as u64, batch as u64));
+    assert!(again <= 2000 / (batch - 1) + 1, "{again} immediate reuses");
+    assert_eq!(a.stats().live_allocations, 0);
+    a.check().unwrap();
+    a.trim().unwrap();
+    assert_eq!(a.stats().free_bytes(), start);
+    a.check().unwrap();
+}
+
+#[test]
+fn a_sweep_takes_both_lists_and_returns_their_spans() {
+    let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = a.stats().free_bytes();
+    let blocks: Vec<OffsetPtr> = (0..3000).map(|_| a.allocate(200, 8).unwrap()).collect();
+    // Half of them back, then some reused (from both lists), then the rest back.
+    for p in &blocks[..1500] {
+        a.free(*p).unwrap();
+    }
+    let again: Vec<OffsetPtr> = (0..700).map(|_| a.allocate(200, 8).unwrap()).collect();
+    a.check().unwrap();
+    for p in blocks[1500..].iter().chain(&again) {
+        a.free(*p).unwrap();
+    }
+    a.check().unwrap();
+    assert_eq!(a.stats().live_allocations, 0);
+    a.trim().unwrap();
+    a.check().unwrap();
+    assert_eq!(a.stats().free_bytes(), start);
+}
+
+#[test]
+fn a_block_on_both_free_lists_is_reported_not_swept() {
+    let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let p = a.allocate(64, 8).unwrap();
+    let q = a.allocate(64, 8).unwrap();
+    a.free(p).unwrap();
+    a.free(q).unwrap();
+    let s = &a.shared;
+    let heap = a.existing_heap();
+    let class = class_for(64, 8).unwrap();
+    // SAFETY: this thread owns the heap, and nothing else runs.
+    let cs = &mut unsafe { s.local(s.heaps.slot(&s.mem, heap).unwrap()) }.classes[class];
+    assert_eq!(cs.freed, q.get() - SMALL_HEADER, "a free by the owner goes on the second list");
+    // Damage: the first list starts with the block the second list starts with.
+    let before = cs.free;
+    cs.free = cs.freed;
+    assert!(a.check().is_err());
+    assert!(a.trim().is_err(), "the sweep finds the block twice");
+    // SAFETY: as above.
+    let cs = &mut unsafe { s.local(s.heaps.slot(&s.mem, heap).unwrap()) }.classes[class];
+    cs.free = before;
+    a.check().unwrap();
 }
