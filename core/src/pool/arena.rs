@@ -198,7 +198,8 @@ impl BlockArena {
             return Err(layout_error(size, align));
         }
         // No overflow: `size` and `granule - 1` are at most `isize::MAX`, so `rounded` is at
-        // most 2^63, and the padding is at most `2^63 - granule` (alignments are powers of two).
+        // most `isize::MAX + 1`, and the padding at most `isize::MAX + 1 - granule` (alignments
+        // are powers of two).
         let rounded = (size + (self.granule - 1)) & !(self.granule - 1);
         let footprint = rounded + align.saturating_sub(self.granule);
         Ok(Fit { size, align, rounded, footprint })
@@ -609,8 +610,9 @@ mod tests {
         for (size, align) in [(0, 16), (8, 0), (8, 24), (usize::MAX, 16), (isize::MAX as usize + 1, 1)] {
             assert_eq!(arena.fit(size, align).err(), crate::check_layout(size, align).err(), "({size}, {align})");
         }
-        let largest = arena.fit(isize::MAX as usize, 1 << 63).unwrap();
-        assert_eq!((largest.rounded, largest.footprint), (1 << 63, usize::MAX - 15));
+        let top = 1usize << (usize::BITS - 1);
+        let largest = arena.fit(isize::MAX as usize, top).unwrap();
+        assert_eq!((largest.rounded, largest.footprint), (top, usize::MAX - 15));
         assert_eq!(arena.fit(100, 8).unwrap(), Fit { size: 100, align: 8, rounded: 112, footprint: 112 });
         assert_eq!(arena.fit(100, 256).unwrap(), Fit { size: 100, align: 256, rounded: 112, footprint: 352 });
     }
