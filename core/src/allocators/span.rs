@@ -830,6 +830,9 @@ pub(crate) fn quick_class(size: usize, align: usize) -> Option<usize> {
     Some(class)
 }
 
+// `quick_index`'s one compare on `(size - 1) / 16` is the range check only for these.
+const _: () = assert!(SMALL_MAX % 16 == 0);
+
 /// The class-table index of a request [`quick_class`] takes (`size.div_ceil(16)`), else `None`.
 #[inline]
 fn quick_index(size: usize, align: usize) -> Option<usize> {

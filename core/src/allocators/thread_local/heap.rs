@@ -387,6 +387,10 @@ impl Shared {
         self.collect(heap_off, heap, class)?;
         let cs = &mut local.classes[class];
         if cs.free == 0 && cs.freed != 0 {
+            // The head comes from shared memory: checked before fresh blocks link to it.
+            if !self.quick.holds_block(cs.freed, class) {
+                return Err(corrupt(cs.freed, "heap freed list starts outside the arena"));
+            }
             cs.free = core::mem::take(&mut cs.freed);
             let short = CYCLE[class].saturating_sub(cs.count());
             if short > 0 && cs.bump_span != 0 {

@@ -61,7 +61,8 @@ pub(super) struct Quick {
 /// ns with both quick paths so).
 #[inline(always)]
 fn in_register<T>(r: &mut T) -> &mut T {
-    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    // (Not under Miri, which runs no inline assembly.)
+    #[cfg(all(any(target_arch = "x86", target_arch = "x86_64"), not(miri)))]
     {
         let mut p: *mut T = r;
         // SAFETY: the template is a comment: the register holding `p` comes back unchanged, and
@@ -74,7 +75,7 @@ fn in_register<T>(r: &mut T) -> &mut T {
         // SAFETY: `p` is `r`, unchanged: the same unique borrow, for the same lifetime.
         unsafe { &mut *p }
     }
-    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+    #[cfg(not(all(any(target_arch = "x86", target_arch = "x86_64"), not(miri))))]
     r
 }
 
@@ -153,6 +154,12 @@ impl Quick {
         self.allocate(heap_off, line, size)
     }
 
+    /// Whether `block` is the offset of a whole block of `class` in the arena (16-aligned), as
+    /// each pop checks before it reads one.
+    pub(super) fn holds_block(&self, block: u64, class: usize) -> bool {
+        self.arena.holds(block, self.limits[class].0)
+    }
+
     /// The first block of a class's free list (and its free info word). `None` when the list is
     /// empty, or its first block is not a free block of the class in the arena.
     #[inline]
@@ -214,6 +221,10 @@ impl Quick {
     /// address past them gets that address put on our free list. Such a forged block stays in
     /// the arena (each pop bounds-checks a whole block of its class) but may overlap a live
     /// block when it is handed out; `check()` reports it (a free block on no span of ours).
+    /// Likewise a double free made by the owner and another thread at the same instant: the
+    /// owner's store of the free word does not compare first, so the block can land on both
+    /// `freed` and the remote list, and the owner's collections of the class then fail with
+    /// `Error::Corrupt`, as for any damage (a compare on this path would cost every free).
     #[inline]
     pub(super) fn free(&self, heap_off: u64, user: u64) -> Option<bool> {
         let block = user.wrapping_sub(SMALL_HEADER);

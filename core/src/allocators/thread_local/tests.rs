@@ -20,7 +20,7 @@ fn serves_every_size_and_alignment_and_returns_to_empty() {
 #[test]
 fn remote_frees_return_to_the_owner_and_exited_threads_give_their_heaps_back() {
     let a = Arc::new(Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap());
-    let start = a.stats().free_bytes();
+    let start = start_of(&a);
     let blocks: Vec<u64> = {
         let a = a.clone();
         std::thread::spawn(move || (0..2000).map(|i| a.allocate(16 + i % 500, 8).unwrap().get()).collect())
@@ -33,8 +33,11 @@ fn remote_frees_return_to_the_owner_and_exited_threads_give_their_heaps_back() {
         a.free(OffsetPtr::new(b)).unwrap();
     }
     a.check().unwrap();
-    assert_eq!(a.stats().live_allocations, 0);
-    assert_eq!(a.stats().free_bytes(), start);
+    assert_eq!(a.stats().free_bytes(), start.free_bytes);
+    // The emptied spans stay with the let-go heap (for its next thread) until a trim, a
+    // shortage or a release gives them back.
+    a.trim().unwrap();
+    assert_back_at(&a, start);
     let p = a.allocate(100, 8).unwrap();
     a.free(p).unwrap();
     a.release_thread_heap().unwrap();
@@ -72,7 +75,7 @@ fn dead_heap(a: &Tla, n: usize) -> (u64, usize, Vec<u64>) {
 fn a_heap_whose_owner_died_mid_collection_is_repaired_whole() {
     let config = ThreadLocalConfig { dead_process_blocks: DeadProcessBlocks::Free };
     let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &config).unwrap();
-    let start = a.stats().free_bytes();
+    let start = start_of(&a);
     let (heap_off, class, blocks) = dead_heap(&a, 300);
     free_remotely(&a, &blocks[..150]);
     // The owner took its remote list and turned a batch of it free, then was killed.
@@ -94,7 +97,7 @@ fn a_heap_whose_owner_died_mid_collection_is_repaired_whole() {
     // Its other 100 blocks died with it (`DeadProcessBlocks::Free`).
     let end = a.stats();
     assert_eq!((end.live_allocations, end.bytes_in_use), (0, 0));
-    assert_eq!(end.free_bytes(), start);
+    assert_back_at(&a, start);
     // This thread took a heap to record its remote frees in; the dead one's is back.
     assert_eq!(a.owned_heaps().unwrap(), 1);
     a.release_thread_heap().unwrap();
@@ -104,7 +107,7 @@ fn a_heap_whose_owner_died_mid_collection_is_repaired_whole() {
 #[test]
 fn a_heap_whose_owner_died_between_recording_and_taking_is_repaired_whole() {
     let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
-    let start = a.stats().free_bytes();
+    let start = start_of(&a);
     let (heap_off, class, blocks) = dead_heap(&a, 120);
     free_remotely(&a, &blocks[..100]);
     // Recorded, but killed before the list let go of the chain: it is in both places.
@@ -120,17 +123,36 @@ fn a_heap_whose_owner_died_between_recording_and_taking_is_repaired_whole() {
     assert_back_to_start(&a, start);
 }
 
-/// After a trim, `check()` passes, nothing is live and the free bytes are `start` again.
-fn assert_back_to_start(a: &Tla, start: u64) {
+/// What "back to the start" compares: the free bytes the statistics report (the capacity less
+/// the live blocks), and the units the free-space manager holds (so spans that were never
+/// handed back show).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Start {
+    free_bytes: u64,
+    free_units: u64,
+}
+
+fn start_of(a: &Tla) -> Start {
+    Start { free_bytes: a.stats().free_bytes(), free_units: a.shared.fs.lock().free_units() }
+}
+
+/// The free bytes and the free-space manager's units are what they were at `start`.
+fn assert_back_at(a: &Tla, start: Start) {
+    assert_eq!(start_of(a), start);
+}
+
+/// After a trim, `check()` passes, nothing is live and the allocator holds what it held at
+/// `start` ([`assert_back_at`]).
+fn assert_back_to_start(a: &Tla, start: Start) {
     a.trim().unwrap();
     a.check().unwrap();
     assert_eq!(a.stats().live_allocations, 0);
-    assert_eq!(a.stats().free_bytes(), start);
+    assert_back_at(a, start);
 }
 
 /// Frees every block but those at `gone` (already freed by the test's own means), then asserts
 /// the allocator is back to `start` ([`assert_back_to_start`]).
-fn free_the_rest(a: &Tla, start: u64, blocks: &[OffsetPtr], gone: &[usize]) {
+fn free_the_rest(a: &Tla, start: Start, blocks: &[OffsetPtr], gone: &[usize]) {
     for (i, p) in blocks.iter().enumerate() {
         if !gone.contains(&i) {
             a.free(*p).unwrap();
@@ -149,7 +171,7 @@ fn other_heap(a: &Tla) -> u64 {
 fn a_run_left_half_made_by_a_dead_lock_holder_is_returned() {
     crate::testing::install_test_liveness();
     let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
-    let start = a.stats().free_bytes();
+    let start = start_of(&a);
     let s = &a.shared;
     // Killed holding the free-space lock, after taking a span's units, before its header.
     let mut g = s.fs.lock();
@@ -157,7 +179,7 @@ fn a_run_left_half_made_by_a_dead_lock_holder_is_returned() {
     core::mem::forget(g);
     let lock = s.region.offset() + core::mem::offset_of!(TlaHeader, free_space) as u64;
     s.mem.word(lock).unwrap().store(crate::testing::dead_token(), Ordering::Release);
-    assert_eq!(a.stats().free_bytes(), start, "the run went back when the lock was taken over");
+    assert_back_at(&a, start);
     a.check().unwrap();
     let p = a.allocate(64, 8).unwrap();
     a.free(p).unwrap();
@@ -177,10 +199,10 @@ enum KilledBefore {
 
 /// This thread allocates 50 blocks; a thread of a process that then dies remote-frees block 7
 /// and is killed at `at`. Returns the allocator, its starting free bytes and the blocks.
-fn killed_remote_free(at: KilledBefore) -> (Tla, u64, Vec<OffsetPtr>) {
+fn killed_remote_free(at: KilledBefore) -> (Tla, Start, Vec<OffsetPtr>) {
     crate::testing::install_test_liveness();
     let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
-    let start = a.stats().free_bytes();
+    let start = start_of(&a);
     let blocks: Vec<OffsetPtr> = (0..50).map(|_| a.allocate(100, 8).unwrap()).collect();
     kill_remote_freer(&a, blocks[7], at);
     (a, start, blocks)
@@ -486,7 +508,7 @@ fn a_dead_freers_block_collected_before_its_posting_passes_check_and_is_let_go()
 fn an_owner_that_read_a_slot_stale_leaves_a_freer_posted_elsewhere_alone() {
     crate::testing::install_test_liveness();
     let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
-    let start = a.stats().free_bytes();
+    let start = start_of(&a);
     let s = &a.shared;
     let mine = s.heaps.slot(&s.mem, a.thread_heap().unwrap()).unwrap();
     // Another live thread's heap owns the block a dead freer was freeing; the freer is posted
@@ -539,7 +561,7 @@ fn two_dead_heaps_posted_to_each_other_are_settled() {
     for nudged in [true, false] {
         crate::testing::install_test_liveness();
         let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
-        let start = a.stats().free_bytes();
+        let start = start_of(&a);
         let s = &a.shared;
         // Two threads of a process that then dies, each freeing a block of the other's heap.
         let (f, class, f_blocks) = dead_heap(&a, 2);
@@ -576,7 +598,7 @@ fn two_dead_heaps_posted_to_each_other_are_settled() {
 #[test]
 fn a_loop_of_one_size_cycles_through_a_batch_and_reuses_it() {
     let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
-    let start = a.stats().free_bytes();
+    let start = start_of(&a);
     let class = class_for(64, 8).unwrap();
     let counts = |a: &Tla| {
         let s = &a.shared;
@@ -610,14 +632,14 @@ fn a_loop_of_one_size_cycles_through_a_batch_and_reuses_it() {
     assert_eq!(a.stats().live_allocations, 0);
     a.check().unwrap();
     a.trim().unwrap();
-    assert_eq!(a.stats().free_bytes(), start);
+    assert_back_at(&a, start);
     a.check().unwrap();
 }
 
 #[test]
 fn a_sweep_takes_both_lists_and_returns_their_spans() {
     let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
-    let start = a.stats().free_bytes();
+    let start = start_of(&a);
     let blocks: Vec<OffsetPtr> = (0..3000).map(|_| a.allocate(200, 8).unwrap()).collect();
     // Half of them back, then some reused (from both lists), then the rest back.
     for p in &blocks[..1500] {
@@ -630,9 +652,11 @@ fn a_sweep_takes_both_lists_and_returns_their_spans() {
     }
     a.check().unwrap();
     assert_eq!(a.stats().live_allocations, 0);
+    let cs = class_line(&a, a.existing_heap(), class_for(200, 8).unwrap());
+    assert!(cs.free != 0 && cs.freed != 0, "the sweep takes both lists");
     a.trim().unwrap();
     a.check().unwrap();
-    assert_eq!(a.stats().free_bytes(), start);
+    assert_back_at(&a, start);
 }
 
 #[test]
@@ -657,4 +681,87 @@ fn a_block_on_both_free_lists_is_reported_not_swept() {
     let cs = &mut unsafe { s.local(s.heaps.slot(&s.mem, heap).unwrap()) }.classes[class];
     cs.free = before;
     a.check().unwrap();
+}
+
+/// The class line of `class` in heap `heap` (no other thread may use the heap meanwhile).
+#[allow(clippy::mut_from_ref)]
+fn class_line(a: &Tla, heap: u64, class: usize) -> &mut heap::ClassState {
+    let s = &a.shared;
+    // SAFETY: the tests that call this run alone on the heap they name.
+    &mut unsafe { s.local(s.heaps.slot(&s.mem, heap).unwrap()) }.classes[class]
+}
+
+#[test]
+fn a_damaged_freed_list_head_is_an_error_not_a_panic() {
+    let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = start_of(&a);
+    let class = class_for(64, 8).unwrap();
+    let p = a.allocate(64, 8).unwrap();
+    let heap = a.existing_heap();
+    let cs = class_line(&a, heap, class);
+    let (free, freed) = (cs.free, cs.freed);
+    for damaged in [0x8, 0xffff_ffff_ffff_fff0, 1 << 52, 16] {
+        // The allocation list is empty and the owner's list starts at `damaged`: the swap that
+        // refills the first from the second refuses it.
+        let cs = class_line(&a, heap, class);
+        (cs.free, cs.freed) = (0, damaged);
+        let err = a.allocate(64, 8).unwrap_err();
+        assert!(matches!(err, Error::Corrupt { .. }), "{damaged:#x}: {err}");
+        assert_eq!(class_line(&a, heap, class).freed, damaged, "nothing moved");
+        // A quick free links the block to the damaged head without a fuss; `check()` reports
+        // the list.
+        let q = a.allocate(100, 8).unwrap();
+        let cs = class_line(&a, heap, class);
+        (cs.free, cs.freed) = (free, freed);
+        a.free(q).unwrap();
+    }
+    let cs = class_line(&a, heap, class);
+    (cs.free, cs.freed) = (free, freed);
+    a.check().unwrap();
+    // A free pushed onto a damaged head cuts the owner's list there: the blocks past it are on
+    // no list, which `check()` reports (and repair finds).
+    let r = a.allocate(64, 8).unwrap();
+    a.free(r).unwrap();
+    let r_block = r.get() - SMALL_HEADER;
+    assert_eq!(class_line(&a, heap, class).freed, r_block);
+    class_line(&a, heap, class).freed = 0x8;
+    a.free(p).unwrap();
+    assert!(a.check().is_err());
+    let p_block = p.get() - SMALL_HEADER;
+    assert_eq!(class_line(&a, heap, class).freed, p_block);
+    a.shared.arena.store_link(p_block, Some(r_block));
+    a.check().unwrap();
+    assert_back_to_start(&a, start);
+}
+
+#[test]
+fn a_dead_owner_with_blocks_on_both_lists_is_repaired_whole() {
+    for killed_mid_swap in [false, true] {
+        let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+        let start = start_of(&a);
+        let (heap, class, blocks) = dead_heap(&a, 300);
+        // The owner freed half of its blocks itself (onto its second list), took them back
+        // whole into the first when it ran dry, and freed some more.
+        let s = &a.shared;
+        for &b in &blocks[..150] {
+            assert_eq!(s.quick.free(heap, b), Some(false));
+        }
+        let again: Vec<u64> = (0..40).map(|_| s.allocate_small(heap, class, 100, 8).unwrap()).collect();
+        for &b in blocks[150..200].iter().chain(&again[..20]) {
+            assert_eq!(s.quick.free(heap, b), Some(false));
+        }
+        let cs = class_line(&a, heap, class);
+        assert!(cs.free != 0 && cs.freed != 0, "both lists hold blocks");
+        if killed_mid_swap {
+            // Killed between the two stores of a swap: both lists name one chain.
+            cs.free = cs.freed;
+        }
+        assert_eq!(a.reclaim().unwrap(), 1);
+        a.check().unwrap();
+        // `DeadProcessBlocks::Keep`: its live blocks stay allocated until someone frees them.
+        assert_eq!(a.stats().live_allocations, 120);
+        free_remotely(&a, &blocks[200..]);
+        free_remotely(&a, &again[20..]);
+        assert_back_to_start(&a, start);
+    }
 }
