@@ -147,41 +147,51 @@ impl Heap {
     }
 }
 
-/// The owner (token 1) lets its heap go while another thread (token 2) frees one of its blocks:
-/// afterwards the block has been collected once, and the heap is let go with an empty list.
-/// (A third thread makes the model too large to explore exhaustively.)
-fn remote_free_against_release(fenced: bool) {
+/// Every interleaving of the owner (token 1) letting a heap go with `other` acting on it on this
+/// thread (the heap built with the orphan's heap held as `freer_owner`); `then` checks the end.
+fn race_release(fenced: bool, freer_owner: u64, other: fn(&Heap), then: fn(&Heap)) {
     loom::model(move || {
-        let heap = Arc::new(Heap::new(1, 0, fenced));
+        let heap = Arc::new(Heap::new(1, freer_owner, fenced));
         let owner = {
             let heap = heap.clone();
             loom::thread::spawn(move || heap.release_heap(1))
         };
-        heap.free_remote(16, 2);
+        other(&heap);
         owner.join().unwrap();
-        assert_eq!(heap.collected.load(Ordering::Relaxed), 1, "the remote free was not collected");
-        assert!(heap.remote.is_empty());
-        assert_eq!(heap.owner.load(Ordering::Relaxed), 0);
+        then(&heap);
+        assert_eq!(heap.owner.load(Ordering::Relaxed), 0, "the heap is let go");
     });
 }
 
-/// The owner (token 1) lets its heap go while a repairer (token 2, holding the dead freer's
-/// heap as token 3) posts that heap to the owner's orphan slot: afterwards the orphan has been
-/// settled once, the slot is clear and both heaps are let go.
+/// Another thread (token 2) frees one of the heap's blocks: afterwards the block has been
+/// collected once, and the list is empty. (A third thread makes the model too large to explore
+/// exhaustively.)
+fn remote_free_against_release(fenced: bool) {
+    race_release(
+        fenced,
+        0,
+        |heap| heap.free_remote(16, 2),
+        |heap| {
+            assert_eq!(heap.collected.load(Ordering::Relaxed), 1, "the remote free was not collected");
+            assert!(heap.remote.is_empty());
+        },
+    );
+}
+
+/// A repairer (token 2, holding the dead freer's heap as token 3) posts that heap to the
+/// owner's orphan slot: afterwards the orphan has been settled once, the slot is clear and the
+/// freer's heap is let go.
 fn orphan_post_against_release(fenced: bool) {
-    loom::model(move || {
-        let heap = Arc::new(Heap::new(1, 3, fenced));
-        let owner = {
-            let heap = heap.clone();
-            loom::thread::spawn(move || heap.release_heap(1))
-        };
-        heap.post_orphan(2);
-        owner.join().unwrap();
-        assert_eq!(heap.settled.load(Ordering::Relaxed), 1, "the posted orphan was not settled");
-        assert_eq!(heap.orphan.load(Ordering::Relaxed), 0);
-        assert_eq!(heap.freer_owner.load(Ordering::Relaxed), 0);
-        assert_eq!(heap.owner.load(Ordering::Relaxed), 0);
-    });
+    race_release(
+        fenced,
+        3,
+        |heap| heap.post_orphan(2),
+        |heap| {
+            assert_eq!(heap.settled.load(Ordering::Relaxed), 1, "the posted orphan was not settled");
+            assert_eq!(heap.orphan.load(Ordering::Relaxed), 0);
+            assert_eq!(heap.freer_owner.load(Ordering::Relaxed), 0);
+        },
+    );
 }
 
 #[test]

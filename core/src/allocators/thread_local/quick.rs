@@ -156,6 +156,7 @@ impl Quick {
 
     /// Whether `block` is the offset of a whole block of `class` in the arena (16-aligned), as
     /// each pop checks before it reads one.
+    #[inline]
     pub(super) fn holds_block(&self, block: u64, class: usize) -> bool {
         self.arena.holds(block, self.limits[class].0)
     }
@@ -165,7 +166,7 @@ impl Quick {
     #[inline]
     pub(super) fn pop_free(&self, cs: &mut ClassState, class: usize) -> Option<(u64, u64)> {
         let block = cs.free;
-        if !self.arena.holds(block, self.limits[class].0) {
+        if !self.holds_block(block, class) {
             return None;
         }
         // SAFETY: the whole block lies in the arena, 16-aligned (checked just above). (Through

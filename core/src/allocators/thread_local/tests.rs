@@ -673,20 +673,16 @@ fn a_block_on_both_free_lists_is_reported_not_swept() {
     let q = a.allocate(64, 8).unwrap();
     a.free(p).unwrap();
     a.free(q).unwrap();
-    let s = &a.shared;
     let heap = a.existing_heap();
     let class = class_for(64, 8).unwrap();
-    // SAFETY: this thread owns the heap, and nothing else runs.
-    let cs = &mut unsafe { s.local(s.heaps.slot(&s.mem, heap).unwrap()) }.classes[class];
+    let cs = class_line(&a, heap, class);
     assert_eq!(cs.freed, q.get() - SMALL_HEADER, "a free by the owner goes on the second list");
     // Damage: the first list starts with the block the second list starts with.
     let before = cs.free;
     cs.free = cs.freed;
     assert!(a.check().is_err());
     assert!(a.trim().is_err(), "the sweep finds the block twice");
-    // SAFETY: as above.
-    let cs = &mut unsafe { s.local(s.heaps.slot(&s.mem, heap).unwrap()) }.classes[class];
-    cs.free = before;
+    class_line(&a, heap, class).free = before;
     a.check().unwrap();
 }
 
