@@ -15,7 +15,7 @@ use alloc::vec::Vec;
 
 #[cfg(test)]
 use super::free_index::Block;
-use super::free_index::{Records, NIL};
+use super::free_index::{Records, Recs, NIL};
 
 /// 2^64 / φ, odd: multiplying by it spreads every address bit into the top bits.
 const FIBONACCI: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -25,6 +25,8 @@ const MIN_BITS: u32 = 4;
 pub(crate) struct AddrTable {
     /// The first block of each bucket's chain (`NIL`: none); the length is a power of two.
     buckets: Vec<u32>,
+    /// `buckets.len() - 1`.
+    mask: usize,
     len: usize,
     /// `64 - log2(buckets)`.
     shift: u32,
@@ -32,7 +34,7 @@ pub(crate) struct AddrTable {
 
 impl AddrTable {
     pub(crate) fn new() -> Self {
-        AddrTable { buckets: vec![NIL; 1 << MIN_BITS], len: 0, shift: 64 - MIN_BITS }
+        AddrTable { buckets: vec![NIL; 1 << MIN_BITS], mask: (1 << MIN_BITS) - 1, len: 0, shift: 64 - MIN_BITS }
     }
 
     /// How many blocks are stored.
@@ -43,20 +45,35 @@ impl AddrTable {
 
     #[inline(always)]
     fn bucket(&self, addr: usize) -> usize {
-        ((addr as u64).wrapping_mul(FIBONACCI) >> self.shift) as usize & (self.buckets.len() - 1)
+        ((addr as u64).wrapping_mul(FIBONACCI) >> self.shift) as usize & self.mask
     }
 
-    /// Stores used block `slot` under its address. The caller makes sure no stored block has
-    /// that address.
+    /// Bucket `h` (reduced by the mask, so never out of bounds).
     #[inline(always)]
-    pub(crate) fn insert(&mut self, blocks: &mut Records, slot: u32) {
+    fn head(&mut self, h: usize) -> &mut u32 {
+        debug_assert!(h <= self.mask);
+        // SAFETY: `buckets.len()` is `mask + 1` (both change together, in `new` and `grow`).
+        unsafe { self.buckets.get_unchecked_mut(h & self.mask) }
+    }
+
+    /// Grows the table, if need be, so that one more block can be stored.
+    #[inline(always)]
+    pub(crate) fn reserve_one(&mut self, blocks: &mut Records) {
         if self.len * 4 >= self.buckets.len() {
             self.grow(blocks);
         }
+    }
+
+    /// Stores used block `slot` under its address. The caller makes sure no stored block has
+    /// that address, and has called [`reserve_one`](Self::reserve_one) (without it the chains
+    /// grow long, but stay correct).
+    #[inline(always)]
+    pub(crate) fn insert(&mut self, blocks: &mut Recs<'_>, slot: u32) {
         let b = &mut blocks[slot];
         let h = self.bucket(b.addr);
-        *b.chain_mut() = self.buckets[h];
-        self.buckets[h] = slot;
+        let head = self.head(h);
+        *b.chain_mut() = *head;
+        *head = slot;
         self.len += 1;
     }
 
@@ -77,12 +94,12 @@ impl AddrTable {
 
     /// Removes the stored block at `addr` and returns its slot.
     #[inline(always)]
-    pub(crate) fn remove(&mut self, blocks: &mut Records, addr: usize) -> Option<u32> {
+    pub(crate) fn remove(&mut self, blocks: &mut Recs<'_>, addr: usize) -> Option<u32> {
         let h = self.bucket(addr);
-        let head = self.buckets[h];
+        let head = *self.head(h);
         let b = blocks.get(head)?;
         if b.addr == addr {
-            self.buckets[h] = b.chain();
+            *self.head(h) = b.chain();
             self.len -= 1;
             return Some(head);
         }
@@ -91,7 +108,7 @@ impl AddrTable {
 
     /// Removes the block at `addr` from the chain after `head`.
     #[inline(never)]
-    fn remove_further(&mut self, blocks: &mut Records, head: u32, addr: usize) -> Option<u32> {
+    fn remove_further(&mut self, blocks: &mut Recs<'_>, head: u32, addr: usize) -> Option<u32> {
         let mut prev = head;
         for _ in 0..self.len {
             let cur = blocks.get(prev)?.chain();
@@ -140,10 +157,12 @@ impl AddrTable {
     }
 
     #[cold]
+    #[inline(never)]
     fn grow(&mut self, blocks: &mut Records) {
         let slots: Vec<u32> = self.slots(blocks).collect();
         let bits = self.buckets.len().trailing_zeros() + 1;
         self.buckets = vec![NIL; 1 << bits];
+        self.mask = (1 << bits) - 1;
         self.shift = 64 - bits;
         for slot in slots {
             let b = &mut blocks[slot];
@@ -179,14 +198,15 @@ mod tests {
             self.len += 1;
             self.blocks.reach(slot);
             self.blocks[slot] = b;
-            self.table.insert(&mut self.blocks, slot);
+            self.table.reserve_one(&mut self.blocks);
+            self.table.insert(&mut self.blocks.view(), slot);
             slot
         }
         fn get(&self, addr: usize) -> Option<u32> {
             self.table.get(&self.blocks, addr)
         }
         fn remove(&mut self, addr: usize) -> Option<u32> {
-            let slot = self.table.remove(&mut self.blocks, addr)?;
+            let slot = self.table.remove(&mut self.blocks.view(), addr)?;
             self.blocks[slot].used = false;
             Some(slot)
         }

@@ -18,7 +18,7 @@ use core::ptr::NonNull;
 use hashbrown::HashMap;
 
 use super::addr_table::AddrTable;
-use super::free_index::{Block, FreeIndex, Records, NIL};
+use super::free_index::{Block, FreeIndex, Records, Recs, NIL};
 use super::{BlockInfo, LiveAllocation};
 use crate::error::{Error, Result};
 
@@ -125,17 +125,48 @@ pub(crate) struct ArenaCounters {
     pub releasable_bytes: usize,
 }
 
+/// The records not in use, linked through their `next`.
+struct Spares {
+    /// The first (`NIL`: none).
+    head: u32,
+    len: usize,
+}
+
+impl Spares {
+    /// Takes a spare record; the caller has made sure there is one.
+    #[inline(always)]
+    fn pop(&mut self, blocks: &mut Recs<'_>) -> u32 {
+        debug_assert!(self.head != NIL && self.len > 0);
+        let slot = self.head;
+        self.head = blocks[slot].next;
+        self.len -= 1;
+        slot
+    }
+
+    #[inline(always)]
+    fn push(&mut self, blocks: &mut Recs<'_>, slot: u32) {
+        let b = &mut blocks[slot];
+        b.used = false;
+        b.prev = NIL;
+        b.next = self.head;
+        self.head = slot;
+        self.len += 1;
+    }
+}
+
 /// Chunks carved into blocks. See the [module docs](self).
+///
+/// The hot paths ([`allocate_fit`](Self::allocate_fit), [`free`](Self::free)) work on a
+/// [`Recs`] view of the block table and on the boxed index through one pointer each, so that
+/// neither is looked up again after every store to a record.
 pub(crate) struct BlockArena {
     /// Slot `SCRATCH` is no block: writes meant for a missing neighbour land there, so that
     /// splits and merges need no branch on whether the neighbour exists.
     blocks: Records,
-    /// The first spare record (`NIL`: none); spares link through `next`.
-    spare: u32,
-    spares: usize,
+    spares: Spares,
     chunks: Vec<Option<Chunk>>,
     spare_chunks: Vec<u32>,
-    free: FreeIndex,
+    free: Box<FreeIndex>,
     used: AddrTable,
     granule: usize,
     counters: ArenaCounters,
@@ -148,8 +179,7 @@ impl BlockArena {
         debug_assert!(granule.is_power_of_two());
         BlockArena {
             blocks: Records::new(),
-            spare: NIL,
-            spares: 0,
+            spares: Spares { head: NIL, len: 0 },
             chunks: Vec::new(),
             spare_chunks: Vec::new(),
             free: FreeIndex::new(),
@@ -168,7 +198,7 @@ impl BlockArena {
     /// spares).
     #[inline]
     pub(crate) fn blocks(&self) -> usize {
-        self.blocks.len() - 1 - self.spares
+        self.blocks.len() - 1 - self.spares.len
     }
 
     /// How many blocks are used: the live allocations.
@@ -216,9 +246,14 @@ impl BlockArena {
                 (self.chunks.len() - 1) as u32
             }
         };
-        let block = self.new_block(Block::new(base.as_ptr() as usize, size, chunk, base));
+        if self.spares.len == 0 {
+            self.add_spares();
+        }
+        let blocks = &mut self.blocks.view();
+        let block = self.spares.pop(blocks);
+        blocks[block] = Block::new(base.as_ptr() as usize, size, chunk, base);
+        self.free.insert(blocks, block);
         self.chunks[chunk as usize] = Some(Chunk { base, size, align, first: block });
-        self.free.insert(&mut self.blocks, block);
         let c = &mut self.counters;
         c.actual_size += size;
         c.chunks += 1;
@@ -239,8 +274,16 @@ impl BlockArena {
     #[inline(always)]
     pub(crate) fn allocate_fit(&mut self, fit: Fit) -> Option<NonNull<u8>> {
         let Fit { size, align, rounded, footprint } = fit;
-        let mut slot = self.free.take_best_fit(&mut self.blocks, footprint)?;
-        let b = &self.blocks[slot];
+        // Room first for what the request may add (two split-off blocks, one address-table
+        // entry), so that nothing below grows a table it holds borrowed.
+        if self.spares.len < 2 {
+            self.add_spares();
+        }
+        self.used.reserve_one(&mut self.blocks);
+        let blocks = &mut self.blocks.view();
+        let free = &mut *self.free;
+        let mut slot = free.take_best_fit(blocks, footprint)?;
+        let b = &blocks[slot];
         let (addr, found) = (b.addr, b.size);
         // Without branches: whether a block spans its chunk is a coin toss to the predictor.
         let whole = (b.prev & b.next) == NIL;
@@ -249,22 +292,22 @@ impl BlockArena {
         if align > self.granule {
             let pad = round_up(addr, align)? - addr;
             if pad > 0 {
-                let rest = self.split(slot, pad);
-                self.free.insert(&mut self.blocks, slot);
+                let rest = Self::split(blocks, &mut self.spares, slot, pad);
+                free.insert(blocks, slot);
                 slot = rest;
             }
         }
-        if self.blocks[slot].size > rounded {
-            let rest = self.split(slot, rounded);
-            self.free.insert(&mut self.blocks, rest);
+        if blocks[slot].size > rounded {
+            let rest = Self::split(blocks, &mut self.spares, slot, rounded);
+            free.insert(blocks, rest);
         }
         let seq = self.counters.total_allocations;
-        let b = &mut self.blocks[slot];
+        let b = &mut blocks[slot];
         b.used = true;
         b.requested = size;
         b.seq = seq;
         let ptr = Self::ptr_of(b);
-        self.used.insert(&mut self.blocks, slot);
+        self.used.insert(blocks, slot);
         let c = &mut self.counters;
         c.current_size += rounded;
         c.requested_size += size;
@@ -276,26 +319,28 @@ impl BlockArena {
     /// allocated with, and whether its chunk is now wholly free.
     #[inline(always)]
     pub(crate) fn free(&mut self, addr: usize) -> Result<Freed> {
-        let Some(mut slot) = self.used.remove(&mut self.blocks, addr) else {
+        let blocks = &mut self.blocks.view();
+        let Some(mut slot) = self.used.remove(blocks, addr) else {
             return Err(Error::InvalidFree { offset: addr as u64, reason: "not a live allocation of this pool" });
         };
-        let b = &mut self.blocks[slot];
+        let free = &mut *self.free;
+        let b = &mut blocks[slot];
         b.used = false;
         let (requested, size, prev, next) = (b.requested, b.size, b.prev, b.next);
         let c = &mut self.counters;
         c.current_size -= size;
         c.requested_size -= requested;
-        if next != NIL && !self.blocks[next].used {
-            self.free.remove(&mut self.blocks, next);
-            self.absorb_next(slot);
+        if next != NIL && !blocks[next].used {
+            free.remove(blocks, next);
+            Self::absorb_next(blocks, &mut self.spares, slot);
         }
-        if prev != NIL && !self.blocks[prev].used {
-            self.free.remove(&mut self.blocks, prev);
-            self.absorb_next(prev);
+        if prev != NIL && !blocks[prev].used {
+            free.remove(blocks, prev);
+            Self::absorb_next(blocks, &mut self.spares, prev);
             slot = prev;
         }
-        self.free.insert(&mut self.blocks, slot);
-        let b = &self.blocks[slot];
+        free.insert(blocks, slot);
+        let b = &blocks[slot];
         let releasable = (b.prev & b.next) == NIL;
         self.counters.releasable_blocks += usize::from(releasable);
         self.counters.releasable_bytes += b.size & usize::from(releasable).wrapping_neg();
@@ -341,8 +386,9 @@ impl BlockArena {
     fn remove_chunk(&mut self, index: usize) -> Option<FreedChunk> {
         let chunk = self.chunks.get_mut(index)?.take()?;
         self.spare_chunks.push(index as u32);
-        self.free.remove(&mut self.blocks, chunk.first);
-        self.recycle(chunk.first);
+        let blocks = &mut self.blocks.view();
+        self.free.remove(blocks, chunk.first);
+        self.spares.push(blocks, chunk.first);
         let c = &mut self.counters;
         c.actual_size -= chunk.size;
         c.chunks -= 1;
@@ -476,12 +522,12 @@ impl BlockArena {
         if seen != self.counters {
             return corrupt(0, "counters disagree with the blocks");
         }
-        let (mut spares, mut spare) = (0, self.spare);
+        let (mut spares, mut spare) = (0, self.spares.head);
         while spare != NIL && spares <= self.blocks.len() {
             spares += 1;
             spare = self.blocks.get(spare).map_or(NIL, |b| b.next);
         }
-        if spares != self.spares || self.blocks() != blocks_seen {
+        if spares != self.spares.len || self.blocks() != blocks_seen {
             return corrupt(0, "block table leaks slots");
         }
         Ok(())
@@ -510,68 +556,46 @@ impl BlockArena {
         unsafe { NonNull::new_unchecked(ptr) }
     }
 
-    #[inline(always)]
-    fn new_block(&mut self, block: Block) -> u32 {
-        if self.spare == NIL {
-            self.add_spares();
-        }
-        let slot = self.spare;
-        self.spare = self.blocks[slot].next;
-        self.spares -= 1;
-        self.blocks[slot] = block;
-        slot
-    }
-
     /// Doubles the block table and puts the new records on the spare list.
     #[cold]
+    #[inline(never)]
     fn add_spares(&mut self) {
         let first = self.blocks.grow();
         let end = self.blocks.len() as u32;
-        for slot in first..end {
-            self.blocks[slot].next = if slot + 1 < end { slot + 1 } else { self.spare };
+        let blocks = &mut self.blocks.view();
+        for slot in (first..end).rev() {
+            self.spares.push(blocks, slot);
         }
-        self.spare = first;
-        self.spares += (end - first) as usize;
-    }
-
-    #[inline]
-    fn recycle(&mut self, slot: u32) {
-        let b = &mut self.blocks[slot];
-        b.used = false;
-        b.prev = NIL;
-        b.next = self.spare;
-        self.spare = slot;
-        self.spares += 1;
     }
 
     /// Splits the block at `slot` after `at` bytes; the new block (returned) is free and
-    /// not yet indexed.
+    /// not yet indexed. Takes a spare record, which the caller has made sure there is.
     #[inline(always)]
-    fn split(&mut self, slot: u32, at: usize) -> u32 {
-        let b = &self.blocks[slot];
-        let mut rest = Block::new(b.addr + at, b.size - at, b.chunk, b.base);
-        rest.prev = slot;
-        rest.next = b.next;
-        let next = b.next;
-        let rest = self.new_block(rest);
-        self.blocks[if next == NIL { SCRATCH } else { next }].prev = rest;
-        let b = &mut self.blocks[slot];
+    fn split(blocks: &mut Recs<'_>, spares: &mut Spares, slot: u32, at: usize) -> u32 {
+        let rest = spares.pop(blocks);
+        let b = &mut blocks[slot];
+        let (addr, size, next, chunk, base) = (b.addr, b.size, b.next, b.chunk, b.base);
         b.size = at;
         b.next = rest;
+        let mut block = Block::new(addr + at, size - at, chunk, base);
+        block.prev = slot;
+        block.next = next;
+        blocks[rest] = block;
+        blocks[if next == NIL { SCRATCH } else { next }].prev = rest;
         rest
     }
 
     /// Merges the block after `slot` (already out of the index) into `slot`.
-    #[inline]
-    fn absorb_next(&mut self, slot: u32) {
-        let next = self.blocks[slot].next;
-        let n = &self.blocks[next];
+    #[inline(always)]
+    fn absorb_next(blocks: &mut Recs<'_>, spares: &mut Spares, slot: u32) {
+        let next = blocks[slot].next;
+        let n = &blocks[next];
         let (size, after) = (n.size, n.next);
-        self.blocks[if after == NIL { SCRATCH } else { after }].prev = slot;
-        let b = &mut self.blocks[slot];
+        blocks[if after == NIL { SCRATCH } else { after }].prev = slot;
+        let b = &mut blocks[slot];
         b.size += size;
         b.next = after;
-        self.recycle(next);
+        spares.push(blocks, next);
     }
 }
 

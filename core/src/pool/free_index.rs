@@ -18,8 +18,10 @@
 //!
 //! Only sizes and addresses are stored: nothing here touches the blocks' memory.
 
+use alloc::boxed::Box;
 use alloc::vec;
 use alloc::vec::Vec;
+use core::marker::PhantomData;
 use core::ptr::NonNull;
 
 const SUB_BITS: usize = 8;
@@ -196,17 +198,62 @@ impl core::ops::IndexMut<u32> for Records {
     }
 }
 
+/// The block table borrowed for one operation. The table's base and mask are copied out of the
+/// [`Records`], so they stay in registers while the operation writes records: read through the
+/// `Records`, every access after a store to a record would load them again, since the compiler
+/// cannot tell that the store did not change them.
+pub(crate) struct Recs<'a> {
+    /// The first of `mask + 1` records.
+    base: NonNull<Block>,
+    mask: usize,
+    table: PhantomData<&'a mut [Block]>,
+}
+
+impl Records {
+    /// The table, borrowed for one operation (see [`Recs`]).
+    #[inline(always)]
+    pub(crate) fn view(&mut self) -> Recs<'_> {
+        debug_assert_eq!(self.table.len(), self.mask + 1);
+        Recs { base: NonNull::from(&mut self.table[..]).cast(), mask: self.mask, table: PhantomData }
+    }
+}
+
+impl Recs<'_> {
+    /// Record `slot`, or `None` for `NIL`.
+    #[inline(always)]
+    pub(crate) fn get(&self, slot: u32) -> Option<&Block> {
+        (slot != NIL).then(|| &self[slot])
+    }
+}
+
+impl core::ops::Index<u32> for Recs<'_> {
+    type Output = Block;
+
+    #[inline(always)]
+    fn index(&self, slot: u32) -> &Block {
+        debug_assert!((slot as usize) <= self.mask, "slot {slot} past the block table");
+        // SAFETY: `base` points to the `mask + 1` records of a `Records` (its length is a power of
+        // two) that this view borrows mutably, so the table neither moves nor changes length
+        // while the view lives, and `slot & mask` is in bounds.
+        unsafe { &*self.base.as_ptr().add(slot as usize & self.mask) }
+    }
+}
+
+impl core::ops::IndexMut<u32> for Recs<'_> {
+    #[inline(always)]
+    fn index_mut(&mut self, slot: u32) -> &mut Block {
+        debug_assert!((slot as usize) <= self.mask, "slot {slot} past the block table");
+        // SAFETY: as in `index`; `&mut self` makes the reference the only one into the table.
+        unsafe { &mut *self.base.as_ptr().add(slot as usize & self.mask) }
+    }
+}
+
 /// A table of `N` entries (a power of two) indexed modulo `N`: an index is masked rather than
 /// checked, so the index's bitmaps and bin roots cost no bounds-check branches.
-pub(crate) struct Masked<T, const N: usize>(alloc::boxed::Box<[T]>);
+pub(crate) struct Masked<T, const N: usize>([T; N]);
 
-impl<T: Copy, const N: usize> Masked<T, N> {
+impl<T, const N: usize> Masked<T, N> {
     const POWER_OF_TWO: () = assert!(N.is_power_of_two());
-
-    fn new(value: T) -> Self {
-        let () = Self::POWER_OF_TWO;
-        Masked(vec![value; N].into_boxed_slice())
-    }
 
     fn as_slice(&self) -> &[T] {
         &self.0
@@ -218,24 +265,26 @@ impl<T, const N: usize> core::ops::Index<usize> for Masked<T, N> {
 
     #[inline(always)]
     fn index(&self, i: usize) -> &T {
+        let () = Self::POWER_OF_TWO;
         debug_assert!(i < N);
-        // SAFETY: the table holds `N` entries (built by `new`, never resized) and `i & (N - 1)`
-        // is below `N`.
-        unsafe { self.0.get_unchecked(i & (N - 1)) }
+        &self.0[i & (N - 1)]
     }
 }
 
 impl<T, const N: usize> core::ops::IndexMut<usize> for Masked<T, N> {
     #[inline(always)]
     fn index_mut(&mut self, i: usize) -> &mut T {
+        let () = Self::POWER_OF_TWO;
         debug_assert!(i < N);
-        // SAFETY: as in `index`.
-        unsafe { self.0.get_unchecked_mut(i & (N - 1)) }
+        &mut self.0[i & (N - 1)]
     }
 }
 
 /// Free blocks by `(size, address)`, binned; the trees run through a `[Block]` table that the
 /// owner keeps and passes in. See the [module docs](self).
+///
+/// The tables are inline (about 66 KiB): the owner keeps the index boxed, so that an operation
+/// reaches every table through the one pointer it was called with.
 pub(crate) struct FreeIndex {
     roots: Masked<u32, BINS>,
     /// Bit `b % 64` of `words[b / 64]` says whether bin `b` holds blocks.
@@ -245,14 +294,25 @@ pub(crate) struct FreeIndex {
 }
 
 impl FreeIndex {
-    pub(crate) fn new() -> Self {
-        FreeIndex { roots: Masked::new(NIL), words: Masked::new(0), summary: Masked::new(0) }
+    /// An empty index, built in place on the heap (it is too large to build on a small stack).
+    pub(crate) fn new() -> Box<Self> {
+        let layout = core::alloc::Layout::new::<FreeIndex>();
+        // SAFETY: the layout is not zero-sized.
+        let raw = unsafe { alloc::alloc::alloc_zeroed(layout) }.cast::<FreeIndex>();
+        if raw.is_null() {
+            alloc::alloc::handle_alloc_error(layout);
+        }
+        // SAFETY: `raw` was just allocated with `FreeIndex`'s layout, as `Box` allocates, and a
+        // `FreeIndex` is arrays of `u32` and `u64`, for which all-zero bytes are a valid value.
+        let mut index = unsafe { Box::from_raw(raw) };
+        index.roots.0.fill(NIL);
+        index
     }
 
     /// Hangs `node` where `(parent, side)` says: a record's child, or the root of `bin` when
     /// `parent` is `NIL`.
     #[inline(always)]
-    fn attach(&mut self, blocks: &mut Records, bin: usize, (parent, side): (u32, usize), node: u32) {
+    fn attach(&mut self, blocks: &mut Recs<'_>, bin: usize, (parent, side): (u32, usize), node: u32) {
         if parent == NIL {
             self.roots[bin] = node;
         } else {
@@ -260,27 +320,26 @@ impl FreeIndex {
         }
     }
 
+    /// Sets bin `bin`'s bit, and its word's bit in the summary (without a branch: whether the
+    /// word was empty is a coin toss to the predictor).
     #[inline(always)]
     fn mark(&mut self, bin: usize) {
-        let word = self.words[bin / 64];
-        self.words[bin / 64] = word | 1 << (bin % 64);
-        // The summary changes only when the word was empty; in a busy pool it seldom is.
-        if word == 0 {
-            self.summary[bin / 4096] |= 1 << (bin / 64 % 64);
-        }
+        self.words[bin / 64] |= 1 << (bin % 64);
+        self.summary[bin / 4096] |= 1 << (bin / 64 % 64);
     }
 
+    /// Clears bin `bin`'s bit, and its word's bit in the summary if the word is left empty
+    /// (without a branch).
     #[inline(always)]
     fn unmark(&mut self, bin: usize) {
-        self.words[bin / 64] &= !(1 << (bin % 64));
-        if self.words[bin / 64] == 0 {
-            self.summary[bin / 4096] &= !(1 << (bin / 64 % 64));
-        }
+        let word = self.words[bin / 64] & !(1 << (bin % 64));
+        self.words[bin / 64] = word;
+        self.summary[bin / 4096] &= !(u64::from(word == 0) << (bin / 64 % 64));
     }
 
     /// Indexes block `slot` (not indexed yet) under its current size and address.
     #[inline(always)]
-    pub(crate) fn insert(&mut self, blocks: &mut Records, slot: u32) {
+    pub(crate) fn insert(&mut self, blocks: &mut Recs<'_>, slot: u32) {
         let b = &mut blocks[slot];
         debug_assert!(!b.indexed() && b.size > 0);
         b.child = [NIL; 2];
@@ -298,7 +357,7 @@ impl FreeIndex {
 
     /// Inserts `slot` (key `key`) into the non-empty treap of `bin`, rooted at `root`.
     #[inline(always)]
-    fn insert_below(&mut self, blocks: &mut Records, bin: usize, root: u32, slot: u32, key: Key) {
+    fn insert_below(&mut self, blocks: &mut Recs<'_>, bin: usize, root: u32, slot: u32, key: Key) {
         // Down past the records that stay above the new one...
         let p = priority(slot);
         let mut at = (NIL, 0);
@@ -333,7 +392,7 @@ impl FreeIndex {
     /// Removes block `slot` from the index (its size and address as they were indexed); returns
     /// whether it was there.
     #[inline(always)]
-    pub(crate) fn remove(&mut self, blocks: &mut Records, slot: u32) -> bool {
+    pub(crate) fn remove(&mut self, blocks: &mut Recs<'_>, slot: u32) -> bool {
         let Some(b) = blocks.get(slot) else {
             return false;
         };
@@ -349,7 +408,7 @@ impl FreeIndex {
 
     /// Takes `slot` out of the treap of `bin`; false if it is not there.
     #[inline(always)]
-    fn remove_below(&mut self, blocks: &mut Records, bin: usize, slot: u32) -> bool {
+    fn remove_below(&mut self, blocks: &mut Recs<'_>, bin: usize, slot: u32) -> bool {
         let key = blocks[slot].key();
         let mut at = (NIL, 0);
         let mut cur = self.roots[bin];
@@ -370,7 +429,7 @@ impl FreeIndex {
     /// Replaces `slot`, which hangs at `at` in the treap of `bin`, by the merge of its two
     /// subtrees (by priority), and clears the bin's bit if it is left empty.
     #[inline(always)]
-    fn unlink(&mut self, blocks: &mut Records, bin: usize, mut at: (u32, usize), slot: u32) {
+    fn unlink(&mut self, blocks: &mut Recs<'_>, bin: usize, mut at: (u32, usize), slot: u32) {
         let [mut left, mut right] = blocks[slot].child;
         loop {
             if left == NIL {
@@ -437,16 +496,49 @@ impl FreeIndex {
 
     /// Finds the best fit for `size` bytes (as [`best_fit`](Self::best_fit)) and takes it out
     /// of the index in the same walk.
+    ///
+    /// The bitmap says first whether the request's own bin holds blocks at all (in a busy pool
+    /// it seldom does), so the bin's treap is read only when it might hold the fit.
     #[inline(always)]
-    pub(crate) fn take_best_fit(&mut self, blocks: &mut Records, size: usize) -> Option<u32> {
-        let mut bin = bin_of(size);
+    pub(crate) fn take_best_fit(&mut self, blocks: &mut Recs<'_>, size: usize) -> Option<u32> {
+        let own = bin_of(size);
+        let mut bin = self.first_nonempty_from(own)?;
+        let mut found = None;
+        if bin == own {
+            found = self.fit_in_bin(blocks, own, size);
+            if found.is_none() {
+                bin = self.first_nonempty_from(own + 1)?;
+            }
+        }
+        let (best, at) = match found {
+            Some(fit) => fit,
+            None => {
+                // Every block of a higher bin holds the request: take the bin's smallest.
+                let (mut best, mut at) = (self.roots[bin], (NIL, 0));
+                loop {
+                    let left = blocks[best].child[0];
+                    if left == NIL {
+                        break (best, at);
+                    }
+                    (best, at) = (left, (best, 0));
+                }
+            }
+        };
+        self.unlink(blocks, bin, at, best);
+        blocks[best].bin = UNINDEXED;
+        Some(best)
+    }
+
+    /// The smallest block of at least `size` bytes in the treap of `bin`, and where it hangs.
+    #[inline(always)]
+    fn fit_in_bin(&self, blocks: &Recs<'_>, bin: usize, size: usize) -> Option<(u32, (u32, usize))> {
         let mut cur = self.roots[bin];
-        let (mut best, mut best_at) = (NIL, (NIL, 0));
+        let mut best = None;
         let mut at = (NIL, 0);
         while cur != NIL {
             let n = &blocks[cur];
             if n.size >= size {
-                (best, best_at) = (cur, at);
+                best = Some((cur, at));
                 at = (cur, 0);
                 cur = n.child[0];
             } else {
@@ -454,20 +546,7 @@ impl FreeIndex {
                 cur = n.child[1];
             }
         }
-        if best == NIL {
-            bin = self.first_nonempty_from(bin + 1)?;
-            (best, best_at) = (self.roots[bin], (NIL, 0));
-            loop {
-                let left = blocks[best].child[0];
-                if left == NIL {
-                    break;
-                }
-                (best, best_at) = (left, (best, 0));
-            }
-        }
-        self.unlink(blocks, bin, best_at, best);
-        blocks[best].bin = UNINDEXED;
-        Some(best)
+        best
     }
 
     /// The largest free block's size (0 when there is none).
@@ -537,28 +616,37 @@ impl FreeIndex {
             && (right == NIL || self.treap_ok(blocks, right, bin, (Some(key), high), p, count))
     }
 
+    /// The first non-empty bin from `bin` on.
+    ///
+    /// The common answers, in `bin`'s own bitmap word or in the next non-empty word that the
+    /// same summary word knows of, are both worked out and one is picked without a branch:
+    /// which of the two it is, is a coin toss to the predictor.
     #[inline(always)]
     fn first_nonempty_from(&self, bin: usize) -> Option<usize> {
         if bin >= BINS {
             return None;
         }
         let word = bin / 64;
-        let bits = self.words[word] & (!0u64 << (bin % 64));
-        if bits != 0 {
-            return Some(word * 64 + bits.trailing_zeros() as usize);
+        let here = self.words[word] & (!0u64 << (bin % 64));
+        // The next non-empty word after `word` within the summary word that holds `word`.
+        let above = self.summary[word / 64] & ((!0u64 << (word % 64)) << 1);
+        let next = (word & !63) | (above.trailing_zeros() as usize & 63);
+        let next_bits = self.words[next] & 0u64.wrapping_sub(u64::from(above != 0));
+        // `here` if it has a bit, else `next_bits`, in arithmetic (a plain `if` becomes a branch).
+        let elsewhere = 0u64.wrapping_sub(u64::from(here == 0));
+        let bits = here | (next_bits & elsewhere);
+        let word = word.wrapping_add(next.wrapping_sub(word) & elsewhere as usize);
+        if bits == 0 {
+            return self.first_nonempty_after_summary_word(word / 64);
         }
-        // The next non-empty word after `word`, through the summary.
-        let from = word + 1;
-        let mut i = from / 64;
-        let mut above = if i < SUMMARY_WORDS { self.summary[i] & (!0u64 << (from % 64)) } else { 0 };
-        while above == 0 {
-            i += 1;
-            if i >= SUMMARY_WORDS {
-                return None;
-            }
-            above = self.summary[i];
-        }
-        let word = i * 64 + above.trailing_zeros() as usize;
+        Some(word * 64 + bits.trailing_zeros() as usize)
+    }
+
+    /// The first non-empty bin in the words that summary words after `summary` cover.
+    #[inline(never)]
+    fn first_nonempty_after_summary_word(&self, summary: usize) -> Option<usize> {
+        let i = (summary + 1..SUMMARY_WORDS).find(|&i| self.summary[i] != 0)?;
+        let word = i * 64 + self.summary[i].trailing_zeros() as usize;
         Some(word * 64 + self.words[word].trailing_zeros() as usize)
     }
 }
@@ -575,7 +663,7 @@ mod tests {
 
     /// An index with its own block table, for testing it alone.
     struct Standalone {
-        index: FreeIndex,
+        index: Box<FreeIndex>,
         blocks: Records,
     }
 
@@ -587,12 +675,12 @@ mod tests {
         fn insert(&mut self, size: usize, addr: usize, slot: u32) {
             self.blocks.reach(slot);
             self.blocks[slot] = Block::new(addr, size, 0, NonNull::dangling());
-            self.index.insert(&mut self.blocks, slot);
+            self.index.insert(&mut self.blocks.view(), slot);
         }
 
         fn remove(&mut self, size: usize, addr: usize, slot: u32) -> bool {
             let here = self.blocks.get(slot).is_some_and(|b| b.key() == (size, addr));
-            here && self.index.remove(&mut self.blocks, slot)
+            here && self.index.remove(&mut self.blocks.view(), slot)
         }
 
         fn best_fit(&self, size: usize) -> Option<Entry> {
@@ -605,7 +693,7 @@ mod tests {
         }
 
         fn take_best_fit(&mut self, size: usize) -> Option<Entry> {
-            let slot = self.index.take_best_fit(&mut self.blocks, size)?;
+            let slot = self.index.take_best_fit(&mut self.blocks.view(), size)?;
             let b = &self.blocks[slot];
             Some(Entry { size: b.size, addr: b.addr })
         }
@@ -686,5 +774,34 @@ mod tests {
         }
         assert!(index.consistent());
         assert_eq!(index.take_best_fit(1), None);
+    }
+
+    proptest::proptest! {
+        /// Sizes from 1 B to 2^62 B, so the bins lie in every summary word: taking the best fit
+        /// gives what a scan of all blocks gives, and the index stays consistent.
+        #[test]
+        fn takes_the_best_fit_across_every_summary_word(
+            ops in proptest::collection::vec((proptest::bool::weighted(0.6), 0u32..62, 0usize..1024), 1..300)
+        ) {
+            let mut index = Standalone::new();
+            let mut model: Vec<(usize, usize, u32)> = Vec::new();
+            let mut next = 1u32;
+            for (insert, log, low) in ops {
+                let size = (1usize << log) + low;
+                if insert {
+                    let addr = 0x1000 * next as usize;
+                    index.insert(size, addr, next);
+                    model.push((size, addr, next));
+                    next += 1;
+                } else {
+                    let want = model.iter().filter(|e| e.0 >= size).min_by_key(|e| (e.0, e.1)).copied();
+                    let got = index.take_best_fit(size);
+                    proptest::prop_assert_eq!(got.map(|e| (e.size, e.addr)), want.map(|e| (e.0, e.1)));
+                    model.retain(|e| Some(*e) != want);
+                }
+                proptest::prop_assert!(index.consistent());
+                proptest::prop_assert_eq!(index.len(), model.len());
+            }
+        }
     }
 }

@@ -171,14 +171,23 @@ impl<R: MemoryResource> QuickPool<R> {
     /// free itself has succeeded either way.
     pub fn deallocate(&mut self, ptr: NonNull<u8>) -> Result<()> {
         let freed = self.arena.free(ptr.as_ptr() as usize)?;
-        if (freed.releasable || self.ask_every_free) && self.heuristic.may_coalesce(self.releasable()) {
+        if freed.releasable || self.ask_every_free {
+            self.ask_heuristic();
+        }
+        Ok(())
+    }
+
+    /// After a free: coalesces if the heuristic says so. Out of line, as most frees in a busy
+    /// pool leave no upstream block wholly free, and the built-in heuristics ask only then.
+    #[inline(never)]
+    fn ask_heuristic(&mut self) {
+        if self.heuristic.may_coalesce(self.releasable()) {
             let stats = self.stats();
             if let Some(target) = self.heuristic.should_coalesce(&stats) {
                 // The free is done; a refill the upstream refuses is counted in `upstream_failures`.
                 let _ = self.coalesce_to(target);
             }
         }
-        Ok(())
     }
 
     /// Hands back every wholly free upstream block and takes one block that keeps the pool's
@@ -284,6 +293,7 @@ impl<R: MemoryResource> QuickPool<R> {
     /// hands it back and takes a block of `footprint` bytes in its place (see
     /// [`allocate`](Self::allocate)). Should upstream refuse the new block, takes the old size
     /// back; should it refuse that too, the request goes on as a miss.
+    #[inline(never)]
     fn trade_whole_block(&mut self, footprint: usize, align: usize) {
         let Some((slot, size)) = self.arena.best_fit_if_whole_chunk(footprint) else {
             return;
