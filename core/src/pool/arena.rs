@@ -11,6 +11,7 @@
 //! never reads or writes the memory it manages, so it serves device memory as well as host
 //! memory.
 
+use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::hash::{BuildHasherDefault, Hasher};
 use core::ptr::NonNull;
