@@ -28,6 +28,9 @@ if rustup target add i686-unknown-linux-gnu >/dev/null 2>&1; then
     # shellcheck disable=SC2086
     CARGO_TARGET_DIR=target/i686 cargo test -q -p hetmem-core --target i686-unknown-linux-gnu $features --lib fastmem
   done
+  # The pools' size index sizes its bins and bitmaps by the word size too.
+  echo "fastmem: 32-bit pool tests on i686-unknown-linux-gnu"
+  CARGO_TARGET_DIR=target/i686 cargo test -q -p hetmem-core --target i686-unknown-linux-gnu --lib pool
 else
   echo "fastmem: skipping the 32-bit tests: rustup could not add the i686-unknown-linux-gnu target here"
 fi

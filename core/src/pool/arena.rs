@@ -277,7 +277,7 @@ impl BlockArena {
         let Fit { size, align, rounded, footprint } = fit;
         // Room first for what the request may add (two split-off blocks, one address-table
         // entry), so that nothing below grows a table it holds borrowed.
-        if self.spares.len < 2 {
+        while self.spares.len < 2 {
             self.add_spares();
         }
         self.used.reserve_one(&mut self.blocks);
@@ -291,7 +291,8 @@ impl BlockArena {
         self.counters.releasable_blocks -= usize::from(whole);
         self.counters.releasable_bytes -= found & usize::from(whole).wrapping_neg();
         if align > self.granule {
-            let pad = round_up(addr, align)? - addr;
+            // The distance up to the next multiple of `align` (no overflow, unlike rounding up).
+            let pad = addr.wrapping_neg() & (align - 1);
             if pad > 0 {
                 let rest = Self::split(blocks, &mut self.spares, slot, pad);
                 free.insert(blocks, slot);

@@ -1,7 +1,7 @@
 //! [`FreeIndex`]: the free blocks of a pool, by size, for exact best fit in O(log n).
 //!
 //! Sizes fall into bins: the power of two of the size, split into 512 linear sub-bins (as in
-//! TLSF, with finer steps; sizes below 512 get a bin each). A two-level bitmap says which bins
+//! TLSF, with finer steps; sizes below 1024 get a bin each). A two-level bitmap says which bins
 //! hold blocks, so the first bin that can serve a request is found with a few bit operations. The
 //! bins are narrow so that most hold one block or none: the common operations then take the
 //! same, predictable path (set or clear a root and a bit), which matters more than their
@@ -43,8 +43,8 @@ const _: () = assert!(BINS <= UNINDEXED as usize && core::mem::size_of::<Block>(
 fn bin_of(size: usize) -> usize {
     debug_assert!(size > 0);
     let log = (usize::BITS - 1 - size.leading_zeros()) as usize;
-    // Below 512 the bin is the size; from 512 on, `size >> shift` keeps the top 10 bits
-    // (512..=1023), and each doubling moves up 512 bins.
+    // Below 1024 the bin is the size (the shift is 0); from 1024 on, `size >> shift` keeps the
+    // top 10 bits (512..=1023), and each doubling of the size moves up 512 bins.
     let shift = log.saturating_sub(SUB_BITS);
     (size >> shift) + (shift << SUB_BITS)
 }
@@ -779,11 +779,11 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// Sizes from 1 B to 2^62 B, so the bins lie in every summary word: taking the best fit
+        /// Sizes from 1 B to 2^62 B (2^30 B on 32-bit targets), so the bins lie in every summary word: taking the best fit
         /// gives what a scan of all blocks gives, and the index stays consistent.
         #[test]
         fn takes_the_best_fit_across_every_summary_word(
-            ops in proptest::collection::vec((proptest::bool::weighted(0.6), 0u32..62, 0usize..1024), 1..300)
+            ops in proptest::collection::vec((proptest::bool::weighted(0.6), 0u32..usize::BITS - 2, 0usize..1024), 1..300)
         ) {
             let mut index = Standalone::new();
             let mut model: Vec<(usize, usize, u32)> = Vec::new();
