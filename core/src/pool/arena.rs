@@ -247,9 +247,7 @@ impl BlockArena {
                 (self.chunks.len() - 1) as u32
             }
         };
-        if self.spares.len == 0 {
-            self.add_spares();
-        }
+        self.reserve_spares(1);
         let blocks = &mut self.blocks.view();
         let block = self.spares.pop(blocks);
         blocks[block] = Block::new(base.as_ptr() as usize, size, chunk, base);
@@ -277,9 +275,7 @@ impl BlockArena {
         let Fit { size, align, rounded, footprint } = fit;
         // Room first for what the request may add (two split-off blocks, one address-table
         // entry), so that nothing below grows a table it holds borrowed.
-        while self.spares.len < 2 {
-            self.add_spares();
-        }
+        self.reserve_spares(2);
         self.used.reserve_one(&mut self.blocks);
         let blocks = &mut self.blocks.view();
         let free = &mut *self.free;
@@ -556,6 +552,14 @@ impl BlockArena {
         // SAFETY: the block lies in its chunk, `[base, base + size)`, which does not wrap around
         // the address space, so `base + offset` (`offset < size`) is not null.
         unsafe { NonNull::new_unchecked(ptr) }
+    }
+
+    /// Grows the block table until at least `n` spare records are on the list.
+    #[inline(always)]
+    fn reserve_spares(&mut self, n: usize) {
+        while self.spares.len < n {
+            self.add_spares();
+        }
     }
 
     /// Doubles the block table and puts the new records on the spare list.

@@ -472,68 +472,55 @@ impl FreeIndex {
     }
 
     /// The smallest block of at least `size` bytes, lowest address first among equals.
-    #[inline(always)]
+    #[inline]
     pub(crate) fn best_fit(&self, blocks: &Records, size: usize) -> Option<u32> {
-        let bin = bin_of(size);
-        let mut cur = self.roots[bin];
-        let mut best = NIL;
-        while cur != NIL {
-            let n = &blocks[cur];
-            if n.size >= size {
-                best = cur;
-                cur = n.child[0];
-            } else {
-                cur = n.child[1];
-            }
-        }
-        if best == NIL {
-            let next = self.first_nonempty_from(bin + 1)?;
-            best = self.roots[next];
-            while blocks[best].child[0] != NIL {
-                best = blocks[best].child[0];
-            }
-        }
-        Some(best)
+        self.find_best_fit(blocks, size).map(|(_, best, _)| best)
     }
 
     /// Finds the best fit for `size` bytes (as [`best_fit`](Self::best_fit)) and takes it out
-    /// of the index in the same walk.
-    ///
-    /// The bitmap says first whether the request's own bin holds blocks at all (in a busy pool
-    /// it seldom does), so the bin's treap is read only when it might hold the fit.
+    /// of the index.
     #[inline(always)]
     pub(crate) fn take_best_fit(&mut self, blocks: &mut Recs<'_>, size: usize) -> Option<u32> {
-        let own = bin_of(size);
-        let mut bin = self.first_nonempty_from(own)?;
-        let mut found = None;
-        if bin == own {
-            found = self.fit_in_bin(blocks, own, size);
-            if found.is_none() {
-                bin = self.first_nonempty_from(own + 1)?;
-            }
-        }
-        let (best, at) = match found {
-            Some(fit) => fit,
-            None => {
-                // Every block of a higher bin holds the request: take the bin's smallest.
-                let (mut best, mut at) = (self.roots[bin], (NIL, 0));
-                loop {
-                    let left = blocks[best].child[0];
-                    if left == NIL {
-                        break (best, at);
-                    }
-                    (best, at) = (left, (best, 0));
-                }
-            }
-        };
+        let (bin, best, at) = self.find_best_fit(&*blocks, size)?;
         self.unlink(blocks, bin, at, best);
         blocks[best].bin = UNINDEXED;
         Some(best)
     }
 
+    /// The best fit for `size` bytes: its bin, its slot, and where it hangs in the bin's treap.
+    ///
+    /// The bitmap says first whether the request's own bin holds blocks at all (in a busy pool
+    /// it seldom does), so the bin's treap is read only when it might hold the fit.
+    #[inline(always)]
+    fn find_best_fit<B>(&self, blocks: &B, size: usize) -> Option<(usize, u32, (u32, usize))>
+    where
+        B: core::ops::Index<u32, Output = Block>,
+    {
+        let own = bin_of(size);
+        let mut bin = self.first_nonempty_from(own)?;
+        if bin == own {
+            if let Some((best, at)) = self.fit_in_bin(blocks, own, size) {
+                return Some((own, best, at));
+            }
+            bin = self.first_nonempty_from(own + 1)?;
+        }
+        // Every block of a higher bin holds the request: take the bin's smallest.
+        let (mut best, mut at) = (self.roots[bin], (NIL, 0));
+        loop {
+            let left = blocks[best].child[0];
+            if left == NIL {
+                return Some((bin, best, at));
+            }
+            (best, at) = (left, (best, 0));
+        }
+    }
+
     /// The smallest block of at least `size` bytes in the treap of `bin`, and where it hangs.
     #[inline(always)]
-    fn fit_in_bin(&self, blocks: &Recs<'_>, bin: usize, size: usize) -> Option<(u32, (u32, usize))> {
+    fn fit_in_bin<B>(&self, blocks: &B, bin: usize, size: usize) -> Option<(u32, (u32, usize))>
+    where
+        B: core::ops::Index<u32, Output = Block>,
+    {
         let mut cur = self.roots[bin];
         let mut best = None;
         let mut at = (NIL, 0);
