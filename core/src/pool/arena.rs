@@ -56,6 +56,28 @@ pub(crate) type AddrMap<V> = HashMap<usize, V, BuildHasherDefault<AddrHasher>>;
 /// The block table's scratch slot (see [`BlockArena`]).
 const SCRATCH: u32 = 0;
 
+/// `value` if `cond` holds, else 0, without a branch.
+///
+/// LLVM turns the plain forms (`if`, or an and with a mask made from the flag) into a branch when
+/// it guesses that one is cheaper. For a flag that is a coin toss to the predictor and known
+/// late (after the loads of a free or an allocation), a mispredicted branch costs far more than
+/// the and. The mask goes through an empty `asm!` statement, so LLVM cannot see that it is 0 or
+/// all ones, and keeps the and.
+#[inline(always)]
+fn keep_if(cond: bool, value: usize) -> usize {
+    #[allow(unused_mut)]
+    let mut mask = usize::from(cond).wrapping_neg();
+    #[cfg(all(
+        not(miri),
+        any(target_arch = "x86_64", target_arch = "x86", target_arch = "aarch64", target_arch = "arm")
+    ))]
+    // SAFETY: the template is empty: nothing runs, and only the register holding `mask` is named.
+    unsafe {
+        core::arch::asm!("/* {0} */", inout(reg) mask, options(pure, nomem, nostack, preserves_flags));
+    }
+    value & mask
+}
+
 /// Rounds `value` up to a multiple of `align` (a power of two), or `None` on overflow.
 #[inline]
 pub(crate) fn round_up(value: usize, align: usize) -> Option<usize> {
@@ -285,7 +307,7 @@ impl BlockArena {
         // Without branches: whether a block spans its chunk is a coin toss to the predictor.
         let whole = (b.prev & b.next) == NIL;
         self.counters.releasable_blocks -= usize::from(whole);
-        self.counters.releasable_bytes -= found & usize::from(whole).wrapping_neg();
+        self.counters.releasable_bytes -= keep_if(whole, found);
         if align > self.granule {
             // The distance up to the next multiple of `align` (no overflow, unlike rounding up).
             let pad = addr.wrapping_neg() & (align - 1);
@@ -341,7 +363,7 @@ impl BlockArena {
         let b = &blocks[slot];
         let releasable = (b.prev & b.next) == NIL;
         self.counters.releasable_blocks += usize::from(releasable);
-        self.counters.releasable_bytes += b.size & usize::from(releasable).wrapping_neg();
+        self.counters.releasable_bytes += keep_if(releasable, b.size);
         Ok(Freed { requested, releasable })
     }
 

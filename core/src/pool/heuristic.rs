@@ -56,6 +56,17 @@ pub trait CoalesceHeuristic: Send {
         true
     }
 
+    /// The least releasable bytes and blocks at which [`may_coalesce`](Self::may_coalesce) can
+    /// answer `true` while the pool's actual size is `actual_size` (which the answer echoes):
+    /// below either, the pool does not ask. The pool works the floor out again whenever its
+    /// actual size changes, and compares against it inline on a free that leaves an upstream
+    /// block wholly free, so that such frees cost no call while the heuristic cannot fire. The
+    /// default, zero bytes and blocks, always asks. A floor above the true one would make the
+    /// pool skip a coalesce the heuristic wants; the built-in heuristics give theirs exactly.
+    fn releasable_floor(&self, actual_size: usize) -> Releasable {
+        Releasable { bytes: 0, blocks: 0, actual_size }
+    }
+
     /// Whether the pool may hand wholly free upstream blocks back when it has to grow (`true`,
     /// the default): before it takes a new block for a request no free block fits (every wholly
     /// free block is then too small for it), and in place of splitting a wholly free block that a
@@ -86,6 +97,10 @@ impl CoalesceHeuristic for Box<dyn CoalesceHeuristic> {
         (**self).may_coalesce(releasable)
     }
 
+    fn releasable_floor(&self, actual_size: usize) -> Releasable {
+        (**self).releasable_floor(actual_size)
+    }
+
     fn every_free(&self) -> bool {
         (**self).every_free()
     }
@@ -106,6 +121,10 @@ impl CoalesceHeuristic for NeverCoalesce {
 
     fn may_coalesce(&self, _: Releasable) -> bool {
         false
+    }
+
+    fn releasable_floor(&self, actual_size: usize) -> Releasable {
+        Releasable { bytes: usize::MAX, blocks: usize::MAX, actual_size }
     }
 
     fn every_free(&self) -> bool {
@@ -168,6 +187,10 @@ impl CoalesceHeuristic for BlocksReleasable {
         releasable.blocks >= self.blocks
     }
 
+    fn releasable_floor(&self, actual_size: usize) -> Releasable {
+        Releasable { bytes: 0, blocks: self.blocks, actual_size }
+    }
+
     fn every_free(&self) -> bool {
         false
     }
@@ -220,6 +243,14 @@ impl CoalesceHeuristic for PercentReleasable {
 
     fn may_coalesce(&self, releasable: Releasable) -> bool {
         self.fires(releasable.bytes, releasable.actual_size)
+    }
+
+    fn releasable_floor(&self, actual_size: usize) -> Releasable {
+        // The least `bytes` with `bytes * 100 >= actual_size * percent`; nothing fires in an
+        // empty pool.
+        let least = (actual_size as u128 * u128::from(self.percent)).div_ceil(100);
+        let bytes = if actual_size == 0 { usize::MAX } else { usize::try_from(least).unwrap_or(usize::MAX) };
+        Releasable { bytes, blocks: 0, actual_size }
     }
 
     fn every_free(&self) -> bool {
@@ -277,8 +308,13 @@ mod tests {
                 let (actual, bytes, blocks) = (figures[i % n], figures[i / n % n], figures[i / n / n]);
                 let cheap = h.may_coalesce(Releasable { bytes, blocks, actual_size: actual });
                 let full = h.should_coalesce(&stats(actual, bytes, blocks)).is_some();
-                // Built-in heuristics answer exactly: the check is neither looser nor tighter.
+                // Built-in heuristics answer exactly: the check is neither looser nor tighter,
+                // and neither is the floor the pool compares against before it asks.
                 assert_eq!(cheap, full, "actual {actual}, bytes {bytes}, blocks {blocks}");
+                let floor = h.releasable_floor(actual);
+                assert_eq!(floor.actual_size, actual);
+                let over = bytes >= floor.bytes && blocks >= floor.blocks;
+                assert_eq!(over, cheap, "floor {floor:?}: bytes {bytes}, blocks {blocks}");
             }
         }
     }

@@ -54,6 +54,9 @@ pub struct QuickPool<R: MemoryResource> {
     ask_every_free: bool,
     /// The heuristic's [`release_when_growing`](CoalesceHeuristic::release_when_growing).
     release_when_growing: bool,
+    /// The heuristic's [`releasable_floor`](CoalesceHeuristic::releasable_floor) at the current
+    /// actual size.
+    floor: Releasable,
     arena: BlockArena,
     high_watermark: usize,
     actual_high_watermark: usize,
@@ -100,6 +103,7 @@ impl<R: MemoryResource> QuickPool<R> {
             config,
             ask_every_free: heuristic.every_free(),
             release_when_growing: heuristic.release_when_growing(),
+            floor: heuristic.releasable_floor(0),
             heuristic: Box::new(heuristic),
             arena: BlockArena::new(config.alignment),
             high_watermark: 0,
@@ -121,6 +125,12 @@ impl<R: MemoryResource> QuickPool<R> {
         self.ask_every_free = heuristic.every_free();
         self.release_when_growing = heuristic.release_when_growing();
         self.heuristic = Box::new(heuristic);
+        self.refresh_floor();
+    }
+
+    /// Works the heuristic's releasable floor out again: after every change of the actual size.
+    fn refresh_floor(&mut self) {
+        self.floor = self.heuristic.releasable_floor(self.arena.counters().actual_size);
     }
 
     /// The configuration.
@@ -171,14 +181,21 @@ impl<R: MemoryResource> QuickPool<R> {
     /// free itself has succeeded either way.
     pub fn deallocate(&mut self, ptr: NonNull<u8>) -> Result<()> {
         let freed = self.arena.free(ptr.as_ptr() as usize)?;
-        if freed.releasable || self.ask_every_free {
+        let c = self.arena.counters();
+        debug_assert_eq!(self.floor.actual_size, c.actual_size, "releasable floor not refreshed");
+        // Whether a free leaves its upstream block wholly free is a coin toss to the predictor,
+        // and known late: it is no branch of its own, but part of one that a busy pool seldom
+        // takes.
+        let may =
+            freed.releasable & (c.releasable_bytes >= self.floor.bytes) & (c.releasable_blocks >= self.floor.blocks);
+        if may | self.ask_every_free {
             self.ask_heuristic();
         }
         Ok(())
     }
 
-    /// After a free: coalesces if the heuristic says so. Out of line, as most frees in a busy
-    /// pool leave no upstream block wholly free, and the built-in heuristics ask only then.
+    /// After a free: coalesces if the heuristic says so. Out of line: in a busy pool the
+    /// built-in heuristics seldom get this far (see [`deallocate`](Self::deallocate)).
     #[inline(never)]
     fn ask_heuristic(&mut self) {
         if self.heuristic.may_coalesce(self.releasable()) {
@@ -238,6 +255,7 @@ impl<R: MemoryResource> QuickPool<R> {
             // the arena has just forgotten it, so no allocation points into it.
             unsafe { self.upstream.deallocate(chunk.base, chunk.size, chunk.align) };
         }
+        self.refresh_floor();
         bytes
     }
 
@@ -305,6 +323,7 @@ impl<R: MemoryResource> QuickPool<R> {
         let Some(chunk) = self.arena.take_chunk_of(slot) else {
             return;
         };
+        self.refresh_floor();
         // SAFETY: the chunk came from `self.upstream.allocate(chunk.size, chunk.align)` and the
         // arena has just forgotten it; it was one free block, so no allocation points into it.
         unsafe { self.upstream.deallocate(chunk.base, chunk.size, chunk.align) };
@@ -364,6 +383,7 @@ impl<R: MemoryResource> QuickPool<R> {
         match self.upstream.allocate(size, align) {
             Ok(base) => {
                 self.arena.add_chunk(base, size, align);
+                self.refresh_floor();
                 self.upstream_allocations += 1;
                 self.actual_high_watermark = self.actual_high_watermark.max(self.arena.counters().actual_size);
                 Ok(())
