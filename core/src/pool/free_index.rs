@@ -1,18 +1,19 @@
 //! [`FreeIndex`]: the free blocks of a pool, by size, for exact best fit in O(log n).
 //!
-//! Sizes fall into bins: the power of two of the size, split into 512 linear sub-bins (as in
-//! TLSF, with finer steps; sizes below 1024 get a bin each). A two-level bitmap says which bins
+//! Sizes fall into bins: the power of two of the size, split into 1024 linear sub-bins (as in
+//! TLSF, with finer steps; sizes below 2048 get a bin each). A two-level bitmap says which bins
 //! hold blocks, so the first bin that can serve a request is found with a few bit operations. The
 //! bins are narrow so that most hold one block or none: the common operations then take the
 //! same, predictable path (set or clear a root and a bit), which matters more than their
-//! instruction count. Inside a
-//! bin, blocks form a treap (a binary search tree balanced by random priorities, expected depth
-//! O(log n)) ordered by `(size, address)`. Best fit is the smallest key `>= (size, 0)` in the
-//! request's own bin, else the smallest key of the next non-empty bin: the smallest block that
-//! holds the request, the lowest address among equals, as an ordered multimap by size gives it.
-//! A bin spans 1/512 of a power of two, so its treap is usually one node. (Coarser bins measured
-//! slower on a random-size workload, P4: 256 sub-bins took about 1.07x the time, 128 1.3x, 64 1.4x;
-//! 1024 gained about 3% for twice the memory.)
+//! instruction count. Inside a bin, blocks form a treap (a binary search tree balanced by random
+//! priorities, expected depth O(log n)) ordered by `(size, address)`. Best fit is the smallest
+//! key `>= (size, 0)` in the request's own bin, else the smallest key of the next non-empty bin:
+//! the smallest block that holds the request, the lowest address among equals, as an ordered
+//! multimap by size gives it. A bin spans 1/1024 of a power of two, so its treap is usually one
+//! node. (On a random-size workload, P4, where 16% of inserts found their bin taken with 512
+//! sub-bins, 512 took 1.07x the cycles of 1024, and 256, 128 and 64 took 1.07x, 1.3x and 1.4x
+//! the time of 512.) The roots take 256 KiB, mapped by the operating system page by page as
+//! bins are first used (see [`Roots`]).
 //!
 //! The treaps are threaded through the owner's block records ([`Block`]): one record per block,
 //! holding the block's place in memory, its neighbours and its tree links, so an operation reads
@@ -26,7 +27,7 @@ use alloc::vec::Vec;
 use core::marker::PhantomData;
 use core::ptr::NonNull;
 
-const SUB_BITS: usize = 9;
+const SUB_BITS: usize = 10;
 const SUB_BINS: usize = 1 << SUB_BITS;
 const BINS: usize = usize::BITS as usize * SUB_BINS;
 const _: () = assert!(BINS % 64 == 0 && (usize::BITS as usize - SUB_BITS + 1) * SUB_BINS <= BINS);
@@ -36,15 +37,15 @@ const SUMMARY_WORDS: usize = WORDS.div_ceil(64);
 pub(crate) const NIL: u32 = u32::MAX;
 /// A record's bin while it is not in the index.
 const UNINDEXED: u16 = u16::MAX;
-const _: () = assert!(BINS <= UNINDEXED as usize && core::mem::size_of::<Block>() == 64);
+const _: () = assert!(bin_of(usize::MAX) < UNINDEXED as usize && core::mem::size_of::<Block>() == 64);
 
 /// The bin of a non-zero size. Bins are ordered: a larger size never falls in a lower bin.
 #[inline]
-fn bin_of(size: usize) -> usize {
+const fn bin_of(size: usize) -> usize {
     debug_assert!(size > 0);
     let log = (usize::BITS - 1 - size.leading_zeros()) as usize;
-    // Below 1024 the bin is the size (the shift is 0); from 1024 on, `size >> shift` keeps the
-    // top 10 bits (512..=1023), and each doubling of the size moves up 512 bins.
+    // Below 2048 the bin is the size (the shift is 0); from 2048 on, `size >> shift` keeps the
+    // top 11 bits (1024..=2047), and each doubling of the size moves up 1024 bins.
     let shift = log.saturating_sub(SUB_BITS);
     (size >> shift) + (shift << SUB_BITS)
 }
@@ -290,13 +291,31 @@ impl<T, const N: usize> core::ops::IndexMut<usize> for Masked<T, N> {
     }
 }
 
+/// The bins' roots. A root is kept inverted, so that the all-zero table a new index starts as
+/// reads as all `NIL`: the operating system then maps the table's pages only as bins are first
+/// used, and a new index costs no pass over its 256 KiB.
+struct Roots(Masked<u32, BINS>);
+
+impl Roots {
+    #[inline(always)]
+    fn get(&self, bin: usize) -> u32 {
+        !self.0[bin]
+    }
+
+    #[inline(always)]
+    fn set(&mut self, bin: usize, slot: u32) {
+        self.0[bin] = !slot;
+    }
+}
+
 /// Free blocks by `(size, address)`, binned; the trees run through a `[Block]` table that the
 /// owner keeps and passes in. See the [module docs](self).
 ///
-/// The tables are inline (about 132 KiB): the owner keeps the index boxed, so that an operation
-/// reaches every table through the one pointer it was called with.
+/// The tables are inline (about 264 KiB, most of it mapped only as it is used): the owner keeps
+/// the index boxed, so that an operation reaches every table through the one pointer it was
+/// called with.
 pub(crate) struct FreeIndex {
-    roots: Masked<u32, BINS>,
+    roots: Roots,
     /// Bit `b % 64` of `words[b / 64]` says whether bin `b` holds blocks.
     words: Masked<u64, WORDS>,
     /// Bit `w % 64` of `summary[w / 64]` says whether `words[w]` has a bit set.
@@ -314,9 +333,7 @@ impl FreeIndex {
         }
         // SAFETY: `raw` was just allocated with `FreeIndex`'s layout, as `Box` allocates, and a
         // `FreeIndex` is arrays of `u32` and `u64`, for which all-zero bytes are a valid value.
-        let mut index = unsafe { Box::from_raw(raw) };
-        index.roots.0.fill(NIL);
-        index
+        unsafe { Box::from_raw(raw) }
     }
 
     /// Hangs `node` where `(parent, side)` says: a record's child, or the root of `bin` when
@@ -324,7 +341,7 @@ impl FreeIndex {
     #[inline(always)]
     fn attach(&mut self, blocks: &mut Recs<'_>, bin: usize, (parent, side): (u32, usize), node: u32) {
         if parent == NIL {
-            self.roots[bin] = node;
+            self.roots.set(bin, node);
         } else {
             blocks[parent].child[side] = node;
         }
@@ -356,9 +373,9 @@ impl FreeIndex {
         let key = b.key();
         let bin = bin_of(key.0);
         b.bin = bin as u16;
-        let root = self.roots[bin];
+        let root = self.roots.get(bin);
         if root == NIL {
-            self.roots[bin] = slot;
+            self.roots.set(bin, slot);
             self.mark(bin);
         } else {
             self.insert_below(blocks, bin, root, slot, key);
@@ -421,7 +438,7 @@ impl FreeIndex {
     fn remove_below(&mut self, blocks: &mut Recs<'_>, bin: usize, slot: u32) -> bool {
         let key = blocks[slot].key();
         let mut at = (NIL, 0);
-        let mut cur = self.roots[bin];
+        let mut cur = self.roots.get(bin);
         while cur != slot {
             if cur == NIL {
                 // Marked indexed but not in its bin's treap: `consistent` reports it.
@@ -460,14 +477,14 @@ impl FreeIndex {
                 right = blocks[right].child[0];
             }
         }
-        if self.roots[bin] == NIL {
+        if self.roots.get(bin) == NIL {
             self.unmark(bin);
         }
     }
 
     /// The slot of the indexed block `(size, addr)`.
     pub(crate) fn get(&self, blocks: &Records, size: usize, addr: usize) -> Option<u32> {
-        let mut cur = self.roots[bin_of(size)];
+        let mut cur = self.roots.get(bin_of(size));
         while cur != NIL {
             let n = blocks.get(cur)?;
             match (size, addr).cmp(&n.key()) {
@@ -513,7 +530,7 @@ impl FreeIndex {
             bin = self.first_nonempty_from(own + 1)?;
         }
         // Every block of a higher bin holds the request: take the bin's smallest.
-        let (mut best, mut at) = (self.roots[bin], (NIL, 0));
+        let (mut best, mut at) = (self.roots.get(bin), (NIL, 0));
         loop {
             let left = blocks[best].child[0];
             if left == NIL {
@@ -529,7 +546,7 @@ impl FreeIndex {
     where
         B: core::ops::Index<u32, Output = Block>,
     {
-        let mut cur = self.roots[bin];
+        let mut cur = self.roots.get(bin);
         let mut best = None;
         let mut at = (NIL, 0);
         while cur != NIL {
@@ -554,7 +571,7 @@ impl FreeIndex {
         };
         let word = top * 64 + 63 - self.summary[top].leading_zeros() as usize;
         let bin = word * 64 + 63 - self.words[word].leading_zeros() as usize;
-        let mut cur = self.roots[bin];
+        let mut cur = self.roots.get(bin);
         while blocks[cur].child[1] != NIL {
             cur = blocks[cur].child[1];
         }
@@ -569,8 +586,9 @@ impl FreeIndex {
             if (word != 0) != (self.summary[w / 64] >> (w % 64) & 1 == 1) {
                 return false;
             }
-            for (i, &root) in self.roots.as_slice()[w * 64..(w + 1) * 64].iter().enumerate() {
+            for i in 0..64 {
                 let bin = w * 64 + i;
+                let root = self.roots.get(bin);
                 if (word >> i & 1 == 1) != (root != NIL) {
                     return false;
                 }
