@@ -586,6 +586,13 @@ impl FreeIndex {
             if (word != 0) != (self.summary[w / 64] >> (w % 64) & 1 == 1) {
                 return false;
             }
+            if word == 0 {
+                // Every root `NIL` (stored inverted: zero), compared in one go.
+                if self.roots.0.as_slice()[w * 64..(w + 1) * 64] != [0; 64] {
+                    return false;
+                }
+                continue;
+            }
             for i in 0..64 {
                 let bin = w * 64 + i;
                 let root = self.roots.get(bin);
@@ -771,6 +778,21 @@ mod tests {
         }
         assert!(index.consistent());
         assert_eq!(index.len(), 2000 - 667);
+    }
+
+    #[test]
+    fn a_stale_root_is_caught() {
+        let mut index = Standalone::new();
+        index.insert(4096, 0x1000, 1);
+        assert!(index.remove(4096, 0x1000, 1) && index.consistent());
+        // A root left behind in an empty bin (the bitmap says empty).
+        index.index.roots.set(bin_of(4096), 1);
+        assert!(!index.consistent());
+        index.index.roots.set(bin_of(4096), NIL);
+        // A root in an empty bin of a word that has another bin in use.
+        index.insert(4096, 0x1000, 1);
+        index.index.roots.set(bin_of(4096) + 1, 2);
+        assert!(!index.consistent());
     }
 
     #[test]

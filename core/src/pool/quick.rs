@@ -12,7 +12,7 @@ use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::ptr::NonNull;
 
-use super::arena::{round_up, BlockArena, Fit};
+use super::arena::{round_up, BlockArena};
 use super::heuristic::{CoalesceHeuristic, PercentReleasable, Releasable};
 use super::{BlockInfo, LiveAllocation, Pool, PoolStats};
 use crate::error::{Error, Result};
@@ -168,7 +168,7 @@ impl<R: MemoryResource> QuickPool<R> {
         }
         let ptr = match self.arena.allocate_fit(fit) {
             Some(ptr) => ptr,
-            None => self.allocate_after_growing(fit)?,
+            None => self.allocate_after_growing(size, align)?,
         };
         self.high_watermark = self.high_watermark.max(self.arena.counters().current_size);
         Ok(ptr)
@@ -332,11 +332,13 @@ impl<R: MemoryResource> QuickPool<R> {
         }
     }
 
-    /// Takes a block from upstream for a request that needs `footprint` bytes at `align`.
+    /// Takes a block from upstream for a request of `size` bytes at `align`.
     /// The slow path of [`allocate`](Self::allocate): no free block fits, so take one upstream
     /// and serve the request from it.
     #[inline(never)]
-    fn allocate_after_growing(&mut self, fit: Fit) -> Result<NonNull<u8>> {
+    fn allocate_after_growing(&mut self, size: usize, align: usize) -> Result<NonNull<u8>> {
+        // Checked again rather than passed in: the caller then keeps the request in registers.
+        let fit = self.arena.fit(size, align)?;
         self.grow(fit.footprint, fit.align)?;
         self.arena.allocate_fit(fit).ok_or(Error::Corrupt {
             structure: "quick pool",
