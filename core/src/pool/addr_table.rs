@@ -177,7 +177,6 @@ impl AddrTable {
 mod tests {
     use super::*;
     use alloc::collections::BTreeMap;
-    use core::ptr::NonNull;
     use proptest::prelude::*;
 
     /// A table with block records of its own.
@@ -192,8 +191,8 @@ mod tests {
             Keyed { table: AddrTable::new(), blocks: Records::new(), len: 0 }
         }
         fn insert(&mut self, addr: usize) -> u32 {
-            let mut b = Block::new(addr, 16, 0, NonNull::dangling());
-            b.used = true;
+            let mut b = Block::new(addr, 16);
+            b.set_used(true);
             let slot = self.len;
             self.len += 1;
             self.blocks.reach(slot);
@@ -207,11 +206,11 @@ mod tests {
         }
         fn remove(&mut self, addr: usize) -> Option<u32> {
             let slot = self.table.remove(&mut self.blocks.view(), addr)?;
-            self.blocks[slot].used = false;
+            self.blocks[slot].set_used(false);
             Some(slot)
         }
         fn consistent(&self) -> bool {
-            self.table.consistent(&self.blocks, |s| self.blocks[s].used)
+            self.table.consistent(&self.blocks, |s| self.blocks[s].used())
         }
     }
 
@@ -245,7 +244,7 @@ mod tests {
         t.blocks[1].addr = moved.unwrap();
         assert!(!t.consistent());
         t.blocks[1].addr = 0x6000;
-        t.blocks[0].used = false;
+        t.blocks[0].set_used(false);
         assert!(!t.consistent());
     }
 

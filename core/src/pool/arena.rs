@@ -3,13 +3,14 @@
 //!
 //! An arena holds *chunks* (contiguous ranges handed to it, e.g. upstream blocks) and carves
 //! them into *blocks*: best fit through a [`FreeIndex`], split on allocation, merged with free
-//! neighbours on free. Each block is one record ([`Block`], a cache line) in a table outside the
-//! memory it describes: its place, its address-order neighbours in the same chunk (so a merge
-//! finds them without a lookup), and the index's tree links. Used blocks are found by address
-//! through an [`AddrTable`] chained through the same records. Spare records form a list through
-//! their `next` links. The arena
-//! never reads or writes the memory it manages, so it serves device memory as well as host
-//! memory.
+//! neighbours on free. Each block is one record ([`Block`], half a cache line) in a table outside
+//! the memory it describes: its place, its address-order neighbours in the same chunk (so a
+//! merge finds them without a lookup), and the index's tree links; what only a used block needs
+//! (the size asked for, the sequence number) sits in a [`Cold`] record beside it. Used blocks are
+//! found by address through an [`AddrTable`] chained through the same records. Spare records form
+//! a list through their `next` links. The arena never reads or writes the memory it manages, so it
+//! serves device memory as well as host memory. Pointers are made from block addresses with the
+//! provenance of the chunk, exposed when the chunk is added: a record needs no pointer of its own.
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -19,7 +20,7 @@ use core::ptr::NonNull;
 use hashbrown::HashMap;
 
 use super::addr_table::AddrTable;
-use super::free_index::{Block, FreeIndex, Records, Recs, NIL};
+use super::free_index::{Block, Cold, FreeIndex, Records, Recs, NIL};
 use super::{BlockInfo, LiveAllocation};
 use crate::error::{Error, Result};
 
@@ -169,7 +170,7 @@ impl Spares {
     #[inline(always)]
     fn push(&mut self, blocks: &mut Recs<'_>, slot: u32) {
         let b = &mut blocks[slot];
-        b.used = false;
+        b.set_used(false);
         b.prev = NIL;
         b.next = self.head;
         self.head = slot;
@@ -272,7 +273,8 @@ impl BlockArena {
         self.reserve_spares(1);
         let blocks = &mut self.blocks.view();
         let block = self.spares.pop(blocks);
-        blocks[block] = Block::new(base.as_ptr() as usize, size, chunk, base);
+        // Pointers into the chunk are made from addresses (see `ptr_of`), with this provenance.
+        blocks[block] = Block::new(base.as_ptr().expose_provenance(), size);
         self.free.insert(blocks, block);
         self.chunks[chunk as usize] = Some(Chunk { base, size, align, first: block });
         let c = &mut self.counters;
@@ -323,10 +325,9 @@ impl BlockArena {
         }
         let seq = self.counters.total_allocations;
         let b = &mut blocks[slot];
-        b.used = true;
-        b.requested = size;
-        b.seq = seq;
+        b.set_used(true);
         let ptr = Self::ptr_of(b);
+        *blocks.cold_mut(slot) = Cold { requested: size, seq };
         self.used.insert(blocks, slot);
         let c = &mut self.counters;
         c.current_size += rounded;
@@ -345,16 +346,17 @@ impl BlockArena {
         };
         let free = &mut *self.free;
         let b = &mut blocks[slot];
-        b.used = false;
-        let (requested, size, prev, next) = (b.requested, b.size, b.prev, b.next);
+        b.set_used(false);
+        let (size, prev, next) = (b.size, b.prev, b.next);
+        let requested = blocks.cold(slot).requested;
         let c = &mut self.counters;
         c.current_size -= size;
         c.requested_size -= requested;
-        if next != NIL && !blocks[next].used {
+        if next != NIL && !blocks[next].used() {
             free.remove(blocks, next);
             Self::absorb_next(blocks, &mut self.spares, slot);
         }
-        if prev != NIL && !blocks[prev].used {
+        if prev != NIL && !blocks[prev].used() {
             free.remove(blocks, prev);
             Self::absorb_next(blocks, &mut self.spares, prev);
             slot = prev;
@@ -381,7 +383,9 @@ impl BlockArena {
         if !self.blocks.get(slot).is_some_and(|_| self.spans_chunk(slot)) {
             return None;
         }
-        self.remove_chunk(self.blocks[slot].chunk as usize)
+        // The chunk whose first block it is (a wholly free chunk is its first block).
+        let index = self.chunks.iter().position(|c| c.as_ref().is_some_and(|c| c.first == slot))?;
+        self.remove_chunk(index)
     }
 
     /// Removes chunks that are one free block, in table order, until their bytes reach `wanted`
@@ -438,7 +442,7 @@ impl BlockArena {
                     chunk_size: chunk.size,
                     offset: b.addr - chunk_addr,
                     size: b.size,
-                    used: b.used,
+                    used: b.used(),
                 });
                 slot = b.next;
             }
@@ -452,13 +456,13 @@ impl BlockArena {
             .used
             .slots(&self.blocks)
             .map(|slot| {
-                let b = &self.blocks[slot];
+                let (b, cold) = (&self.blocks[slot], self.blocks.cold(slot));
                 let chunk = chunks.partition_point(|c| c.base.as_ptr() as usize <= b.addr) - 1;
                 LiveAllocation {
                     addr: b.addr,
-                    size: b.requested,
+                    size: cold.requested,
                     block_size: b.size,
-                    sequence: b.seq,
+                    sequence: cold.seq,
                     chunk,
                     offset: b.addr - chunks[chunk].base.as_ptr() as usize,
                 }
@@ -474,8 +478,7 @@ impl BlockArena {
         let corrupt = |addr: usize, detail| Err(Error::Corrupt { structure, offset: addr as u64, detail });
         let mut seen = ArenaCounters { total_allocations: self.counters.total_allocations, ..Default::default() };
         let (mut free_seen, mut blocks_seen, mut live_seen) = (0, 0, 0);
-        for (index, chunk) in self.chunks.iter().enumerate() {
-            let Some(chunk) = chunk else { continue };
+        for chunk in self.chunks.iter().flatten() {
             let base = chunk.base.as_ptr() as usize;
             seen.chunks += 1;
             seen.actual_size += chunk.size;
@@ -487,7 +490,7 @@ impl BlockArena {
                 let Some(b) = self.blocks.get(slot).filter(|_| slot != SCRATCH) else {
                     return corrupt(expect, "block slot out of range");
                 };
-                if b.addr != expect || b.prev != prev || b.chunk as usize != index || b.base != chunk.base {
+                if b.addr != expect || b.prev != prev {
                     return corrupt(b.addr, "block list does not tile its chunk");
                 }
                 if b.size == 0 || b.size % self.granule != 0 {
@@ -497,18 +500,19 @@ impl BlockArena {
                 if blocks_seen > self.blocks.len() {
                     return corrupt(b.addr, "block list runs in a cycle");
                 }
-                if b.used {
-                    if self.used.get(&self.blocks, b.addr) != Some(slot) || b.indexed() {
-                        return corrupt(b.addr, "used block missing from the address table, or indexed as free");
+                if b.used() {
+                    if self.used.get(&self.blocks, b.addr) != Some(slot) {
+                        return corrupt(b.addr, "used block missing from the address table");
                     }
-                    if b.requested == 0 || b.requested > b.size {
+                    let requested = self.blocks.cold(slot).requested;
+                    if requested == 0 || requested > b.size {
                         return corrupt(b.addr, "used block smaller than its request");
                     }
                     live_seen += 1;
                     seen.current_size += b.size;
-                    seen.requested_size += b.requested;
+                    seen.requested_size += requested;
                 } else {
-                    if prev != NIL && !self.blocks[prev].used {
+                    if prev != NIL && !self.blocks[prev].used() {
                         return corrupt(b.addr, "two free neighbours left unmerged");
                     }
                     if self.free.get(&self.blocks, b.size, b.addr) != Some(slot) {
@@ -535,7 +539,7 @@ impl BlockArena {
         if !self.free.consistent(&self.blocks, free_seen) {
             return corrupt(0, "size index holds blocks that are not free blocks of the arena");
         }
-        let used = |s: u32| self.blocks.get(s).is_some_and(|b| b.used && !b.indexed());
+        let used = |s: u32| self.blocks.get(s).is_some_and(Block::used);
         if self.used.len() != live_seen || !self.used.consistent(&self.blocks, used) {
             return corrupt(0, "address table holds blocks that are not used blocks of the arena");
         }
@@ -562,17 +566,17 @@ impl BlockArena {
     #[inline]
     fn spans_chunk(&self, slot: u32) -> bool {
         let b = &self.blocks[slot];
-        !b.used && b.prev == NIL && b.next == NIL
+        !b.used() && b.prev == NIL && b.next == NIL
     }
 
     #[inline]
     fn ptr_of(b: &Block) -> NonNull<u8> {
-        let offset = b.addr - b.base.as_ptr() as usize;
-        // The pointer is derived from the chunk's own pointer (so host memory keeps its
-        // provenance) without claiming it is dereferenceable: device memory is not.
-        let ptr = b.base.as_ptr().wrapping_add(offset);
+        // The chunk's provenance was exposed when it was added, so the address alone makes a
+        // pointer that may reach the chunk's host memory; the pool itself never dereferences
+        // it (device memory is not dereferenceable).
+        let ptr = core::ptr::with_exposed_provenance_mut(b.addr);
         // SAFETY: the block lies in its chunk, `[base, base + size)`, which does not wrap around
-        // the address space, so `base + offset` (`offset < size`) is not null.
+        // the address space and starts at a non-null `base`, so the address is not null.
         unsafe { NonNull::new_unchecked(ptr) }
     }
 
@@ -602,10 +606,10 @@ impl BlockArena {
     fn split(blocks: &mut Recs<'_>, spares: &mut Spares, slot: u32, at: usize) -> u32 {
         let rest = spares.pop(blocks);
         let b = &mut blocks[slot];
-        let (addr, size, next, chunk, base) = (b.addr, b.size, b.next, b.chunk, b.base);
+        let (addr, size, next) = (b.addr, b.size, b.next);
         b.size = at;
         b.next = rest;
-        let mut block = Block::new(addr + at, size - at, chunk, base);
+        let mut block = Block::new(addr + at, size - at);
         block.prev = slot;
         block.next = next;
         blocks[rest] = block;

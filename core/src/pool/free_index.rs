@@ -35,9 +35,7 @@ const WORDS: usize = BINS / 64;
 const SUMMARY_WORDS: usize = WORDS.div_ceil(64);
 /// No block.
 pub(crate) const NIL: u32 = u32::MAX;
-/// A record's bin while it is not in the index.
-const UNINDEXED: u16 = u16::MAX;
-const _: () = assert!(bin_of(usize::MAX) < UNINDEXED as usize && core::mem::size_of::<Block>() == 64);
+const _: () = assert!(core::mem::size_of::<Block>() == 32);
 
 /// The bin of a non-zero size. Bins are ordered: a larger size never falls in a lower bin.
 #[inline]
@@ -70,50 +68,31 @@ fn above(a: Key, b: Key) -> bool {
     wide(a) > wide(b)
 }
 
-/// One block of memory, as its owner and the index see it: one cache line.
+/// One block of memory, as its owner and the index see it: half a cache line, so that the
+/// records of a busy pool crowd the first-level cache less. What only used blocks need (the size
+/// asked for, the sequence number) is kept apart, in a [`Cold`] record.
 #[derive(Clone, Copy, Debug)]
-#[repr(C, align(64))]
+#[repr(C, align(32))]
 pub(crate) struct Block {
     /// Where the block starts, and its size.
     pub addr: usize,
     pub size: usize,
     /// While the block is free: the index's tree links (smaller keys, larger keys). While it is
-    /// used: `child[0]` chains it in the address table's bucket ([`chain`](Self::chain)).
+    /// used: `child[0]` chains it in the address table's bucket ([`chain`](Self::chain)), and
+    /// `child[1]` is [`USED`].
     child: [u32; 2],
     /// The owner's address-order neighbours in the same chunk (`NIL` at either end).
     pub prev: u32,
     pub next: u32,
-    /// The owner's chunk number.
-    pub chunk: u32,
-    /// Allocated (the owner's flag).
-    pub used: bool,
-    /// While the block is in the index: its bin (so a removal need not work it out again);
-    /// `UNINDEXED` otherwise.
-    bin: u16,
-    /// For a used block: the size asked for, and the allocation's sequence number.
-    pub requested: usize,
-    pub seq: u64,
-    /// The chunk's base pointer: the block's pointer is derived from it (so host memory keeps
-    /// its provenance) without a look at the chunk table.
-    pub base: NonNull<u8>,
 }
 
+/// `child[1]` of a used block: no slot (the table's length is a power of two of at most 2^31).
+const USED: u32 = NIL - 1;
+
 impl Block {
-    /// A free, unindexed block.
-    pub(crate) fn new(addr: usize, size: usize, chunk: u32, base: NonNull<u8>) -> Self {
-        Block {
-            addr,
-            size,
-            child: [NIL; 2],
-            prev: NIL,
-            next: NIL,
-            chunk,
-            used: false,
-            bin: UNINDEXED,
-            requested: 0,
-            seq: 0,
-            base,
-        }
+    /// A free block, not in the index.
+    pub(crate) fn new(addr: usize, size: usize) -> Self {
+        Block { addr, size, child: [NIL; 2], prev: NIL, next: NIL }
     }
 
     #[inline]
@@ -121,10 +100,16 @@ impl Block {
         (self.size, self.addr)
     }
 
-    /// Whether the block is in the index.
-    #[inline]
-    pub(crate) fn indexed(&self) -> bool {
-        self.bin != UNINDEXED
+    /// Whether the block is allocated.
+    #[inline(always)]
+    pub(crate) fn used(&self) -> bool {
+        self.child[1] == USED
+    }
+
+    /// Marks the block allocated (`true`), or free and out of the index.
+    #[inline(always)]
+    pub(crate) fn set_used(&mut self, used: bool) {
+        self.child[1] = if used { USED } else { NIL };
     }
 
     /// A used block's next block in its address-table bucket.
@@ -139,18 +124,28 @@ impl Block {
     }
 }
 
+/// What a used block's owner keeps beside its [`Block`]: the size asked for and the allocation's
+/// sequence number. Written when the block is allocated, read when it is freed or reported.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Cold {
+    pub requested: usize,
+    pub seq: u64,
+}
+
 /// The block table: records by slot. Its length is a power of two, so a slot is reduced with a
 /// mask rather than checked against the length: a wrong slot (a bug) reads a wrong record, never
 /// memory outside the table, and the hot paths carry no bounds-check branches.
 pub(crate) struct Records {
     table: Vec<Block>,
+    /// Beside each record, by slot: what only a used block needs.
+    cold: Vec<Cold>,
     mask: usize,
 }
 
 impl Records {
     /// A table of one blank record.
     pub(crate) fn new() -> Self {
-        Records { table: vec![Block::new(0, 0, NIL, NonNull::dangling())], mask: 0 }
+        Records { table: vec![Block::new(0, 0)], cold: vec![Cold::default()], mask: 0 }
     }
 
     /// How many records there are (a power of two).
@@ -163,7 +158,8 @@ impl Records {
     #[cold]
     pub(crate) fn grow(&mut self) -> u32 {
         let old = self.table.len();
-        self.table.resize(old * 2, Block::new(0, 0, NIL, NonNull::dangling()));
+        self.table.resize(old * 2, Block::new(0, 0));
+        self.cold.resize(old * 2, Cold::default());
         self.mask = self.table.len() - 1;
         old as u32
     }
@@ -182,9 +178,10 @@ impl Records {
         self.table.get(slot as usize)
     }
 
-    /// Every record, by slot.
-    pub(crate) fn iter(&self) -> impl Iterator<Item = &Block> {
-        self.table.iter()
+    /// The cold record of slot `slot` (reduced by the mask, as records are).
+    #[inline]
+    pub(crate) fn cold(&self, slot: u32) -> &Cold {
+        &self.cold[slot as usize & self.mask]
     }
 }
 
@@ -214,8 +211,9 @@ impl core::ops::IndexMut<u32> for Records {
 /// `Records`, every access after a store to a record would load them again, since the compiler
 /// cannot tell that the store did not change them.
 pub(crate) struct Recs<'a> {
-    /// The first of `mask + 1` records.
+    /// The first of `mask + 1` records, and of as many cold records.
     base: NonNull<Block>,
+    cold: NonNull<Cold>,
     mask: usize,
     table: PhantomData<&'a mut [Block]>,
 }
@@ -224,8 +222,13 @@ impl Records {
     /// The table, borrowed for one operation (see [`Recs`]).
     #[inline(always)]
     pub(crate) fn view(&mut self) -> Recs<'_> {
-        debug_assert_eq!(self.table.len(), self.mask + 1);
-        Recs { base: NonNull::from(&mut self.table[..]).cast(), mask: self.mask, table: PhantomData }
+        debug_assert!(self.table.len() == self.mask + 1 && self.cold.len() == self.mask + 1);
+        Recs {
+            base: NonNull::from(&mut self.table[..]).cast(),
+            cold: NonNull::from(&mut self.cold[..]).cast(),
+            mask: self.mask,
+            table: PhantomData,
+        }
     }
 }
 
@@ -234,6 +237,19 @@ impl Recs<'_> {
     #[inline(always)]
     pub(crate) fn get(&self, slot: u32) -> Option<&Block> {
         (slot != NIL).then(|| &self[slot])
+    }
+
+    /// The cold record of slot `slot`.
+    #[inline(always)]
+    pub(crate) fn cold(&self, slot: u32) -> &Cold {
+        // SAFETY: as in `index`: the cold table has the same `mask + 1` length.
+        unsafe { &*self.cold.as_ptr().add(slot as usize & self.mask) }
+    }
+
+    #[inline(always)]
+    pub(crate) fn cold_mut(&mut self, slot: u32) -> &mut Cold {
+        // SAFETY: as in `index_mut`.
+        unsafe { &mut *self.cold.as_ptr().add(slot as usize & self.mask) }
     }
 }
 
@@ -368,11 +384,10 @@ impl FreeIndex {
     #[inline(always)]
     pub(crate) fn insert(&mut self, blocks: &mut Recs<'_>, slot: u32) {
         let b = &mut blocks[slot];
-        debug_assert!(!b.indexed() && b.size > 0);
+        debug_assert!(b.size > 0);
         b.child = [NIL; 2];
         let key = b.key();
         let bin = bin_of(key.0);
-        b.bin = bin as u16;
         let root = self.roots.get(bin);
         if root == NIL {
             self.roots.set(bin, slot);
@@ -423,14 +438,10 @@ impl FreeIndex {
         let Some(b) = blocks.get(slot) else {
             return false;
         };
-        if !b.indexed() {
+        if b.size == 0 || b.used() {
             return false;
         }
-        if !self.remove_below(blocks, usize::from(b.bin), slot) {
-            return false;
-        }
-        blocks[slot].bin = UNINDEXED;
-        true
+        self.remove_below(blocks, bin_of(b.size), slot)
     }
 
     /// Takes `slot` out of the treap of `bin`; false if it is not there.
@@ -508,7 +519,6 @@ impl FreeIndex {
     pub(crate) fn take_best_fit(&mut self, blocks: &mut Recs<'_>, size: usize) -> Option<u32> {
         let (bin, best, at) = self.find_best_fit(&*blocks, size)?;
         self.unlink(blocks, bin, at, best);
-        blocks[best].bin = UNINDEXED;
         Some(best)
     }
 
@@ -579,7 +589,9 @@ impl FreeIndex {
     }
 
     /// Whether the bitmaps, the bins and the treaps agree (order and heap property included),
-    /// the treaps hold `expected` blocks, and every record marked indexed is in a treap.
+    /// no used record is in a treap, and the treaps hold `expected` blocks. (The owner checks
+    /// that each of its free blocks is in the index: with distinct keys and the count, the
+    /// treaps then hold exactly those.)
     pub(crate) fn consistent(&self, blocks: &Records, expected: usize) -> bool {
         let mut count = 0;
         for (w, &word) in self.words.as_slice().iter().enumerate() {
@@ -604,7 +616,7 @@ impl FreeIndex {
                 }
             }
         }
-        count == expected && blocks.iter().filter(|b| b.indexed()).count() == expected
+        count == expected
     }
 
     fn treap_ok(
@@ -621,12 +633,7 @@ impl FreeIndex {
         };
         let key = n.key();
         *count += 1;
-        if usize::from(n.bin) != bin
-            || n.size == 0
-            || priority(node) > max_priority
-            || bin_of(n.size) != bin
-            || *count > blocks.len()
-        {
+        if n.used() || n.size == 0 || priority(node) > max_priority || bin_of(n.size) != bin || *count > blocks.len() {
             return false;
         }
         if low.is_some_and(|l| key <= l) || high.is_some_and(|h| key >= h) {
@@ -687,22 +694,27 @@ mod tests {
     struct Standalone {
         index: Box<FreeIndex>,
         blocks: Records,
+        /// Blocks inserted and not yet removed or taken, counted here.
+        len: usize,
     }
 
     impl Standalone {
         fn new() -> Self {
-            Standalone { index: FreeIndex::new(), blocks: Records::new() }
+            Standalone { index: FreeIndex::new(), blocks: Records::new(), len: 0 }
         }
 
         fn insert(&mut self, size: usize, addr: usize, slot: u32) {
             self.blocks.reach(slot);
-            self.blocks[slot] = Block::new(addr, size, 0, NonNull::dangling());
+            self.blocks[slot] = Block::new(addr, size);
             self.index.insert(&mut self.blocks.view(), slot);
+            self.len += 1;
         }
 
         fn remove(&mut self, size: usize, addr: usize, slot: u32) -> bool {
             let here = self.blocks.get(slot).is_some_and(|b| b.key() == (size, addr));
-            here && self.index.remove(&mut self.blocks.view(), slot)
+            let removed = here && self.index.remove(&mut self.blocks.view(), slot);
+            self.len -= usize::from(removed);
+            removed
         }
 
         fn best_fit(&self, size: usize) -> Option<Entry> {
@@ -716,12 +728,13 @@ mod tests {
 
         fn take_best_fit(&mut self, size: usize) -> Option<Entry> {
             let slot = self.index.take_best_fit(&mut self.blocks.view(), size)?;
+            self.len -= 1;
             let b = &self.blocks[slot];
             Some(Entry { size: b.size, addr: b.addr })
         }
 
         fn len(&self) -> usize {
-            self.blocks.iter().filter(|b| b.indexed()).count()
+            self.len
         }
 
         fn consistent(&self) -> bool {
