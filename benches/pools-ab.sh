@@ -3,7 +3,7 @@
 # core, many times: for telling a change of a few percent in the quick pool from the noise of a
 # shared machine.
 #
-#   benches/pools-ab.sh OLD NEW [PAIRS]    # default 15 pairs
+#   benches/pools-ab.sh OLD NEW [PAIRS]    # default 15 pairs; CORE=1 pins every run to core 1
 #
 # OLD and NEW are two builds of `target/release/examples/p4_cycles` (build one, copy it away,
 # change the code, build the other). Each pair runs OLD then NEW on one core (the cores
@@ -16,7 +16,7 @@ old=$1 new=$2 pairs=${3:-15}
 command -v taskset >/dev/null || { echo "pools-ab: taskset is not installed (util-linux)" >&2; exit 1; }
 fresh="" coalesced=""
 for i in $(seq "$pairs"); do
-  core=$((i % 2))
+  core=${CORE:-$((i % 2))}
   read -r _ of _ oc < <(taskset -c "$core" "$old")
   read -r _ nf _ nc < <(taskset -c "$core" "$new")
   fresh+="$(awk -v o="$of" -v n="$nf" 'BEGIN {printf "%.3f", n / o}') "

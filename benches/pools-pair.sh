@@ -7,7 +7,9 @@
 # OLD and NEW are two builds of `target/release/examples/pools`. In each pair of runs the two run at
 # the same time, one per core, and then again with the cores swapped (the two cores of these
 # machines differ by up to 25%); the pair's ratio is the geometric mean of its two NEW/OLD ratios.
-# Prints each build's median time and the median ratio over the pairs.
+# Prints each build's median time and the median ratio over the pairs. Ratios of single pairs
+# still scatter by +-20% on these machines; for P4 on the quick pool, benches/pools-ab.sh
+# (calibrated cycles, one build after the other on one core) resolves changes of a few percent.
 set -euo pipefail
 
 old=$1 new=$2 pairs=${3:-7} workload=${4:-P4} pool=${5:-quick}
