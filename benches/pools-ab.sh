@@ -17,8 +17,10 @@ command -v taskset >/dev/null || { echo "pools-ab: taskset is not installed (uti
 fresh="" coalesced=""
 for i in $(seq "$pairs"); do
   core=${CORE:-$((i % 2))}
-  read -r _ of _ oc < <(taskset -c "$core" "$old")
-  read -r _ nf _ nc < <(taskset -c "$core" "$new")
+  o=$(taskset -c "$core" "$old") || { echo "pools-ab: $old failed" >&2; exit 1; }
+  n=$(taskset -c "$core" "$new") || { echo "pools-ab: $new failed" >&2; exit 1; }
+  read -r _ of _ oc <<<"$o"
+  read -r _ nf _ nc <<<"$n"
   fresh+="$(awk -v o="$of" -v n="$nf" 'BEGIN {printf "%.3f", n / o}') "
   coalesced+="$(awk -v o="$oc" -v n="$nc" 'BEGIN {printf "%.3f", n / o}') "
 done

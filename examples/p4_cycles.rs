@@ -2,7 +2,7 @@
 //! comparing two builds on a noisy machine (`benches/pools-ab.sh`), not for absolute figures.
 //!
 //! ```text
-//! cargo run --release --example p4_cycles [-- BURSTS]
+//! cargo run --release --example p4_cycles [-- REPEATS]    # default 3
 //! ```
 //!
 //! The shared machines these figures come from change speed from one millisecond to the next
@@ -36,7 +36,6 @@ const BURST: usize = 10_000;
 fn ns_per_cycle() -> f64 {
     const N: u64 = 1_000_000;
     let start = Instant::now();
-    #[allow(unused_mut)]
     let mut n = black_box(N);
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the loop only counts a register down to zero.
@@ -77,6 +76,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() {
     let repeats: usize = std::env::args().nth(1).map_or(3, |s| s.parse().expect("a number of repeats"));
+    assert!(repeats > 0, "at least one repeat");
     let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
     let initial: Vec<usize> = (0..1000).map(|_| rng.range(1 << 10, 4 << 20)).collect();
     let steps: Vec<(usize, usize)> = (0..STEPS).map(|_| (rng.below(1000), rng.range(1 << 10, 4 << 20))).collect();

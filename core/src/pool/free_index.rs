@@ -12,8 +12,9 @@
 //! multimap by size gives it. A bin spans 1/1024 of a power of two, so its treap is usually one
 //! node. (On a random-size workload, P4, where 16% of inserts found their bin taken with 512
 //! sub-bins, 512 took 1.07x the cycles of 1024, and 256, 128 and 64 took 1.07x, 1.3x and 1.4x
-//! the time of 512.) The roots take 256 KiB, mapped by the operating system page by page as
-//! bins are first used (see [`Roots`]).
+//! the time of 512.) The roots take 256 KiB on 64-bit targets (128 KiB on 32-bit); they start
+//! as zeroed memory, which an allocator that hands out fresh zeroed pages for it leaves unmapped
+//! until bins are first used (see [`Roots`]).
 //!
 //! The treaps are threaded through the owner's block records ([`Block`]): one record per block,
 //! holding the block's place in memory, its neighbours and its tree links, so an operation reads
@@ -308,8 +309,8 @@ impl<T, const N: usize> core::ops::IndexMut<usize> for Masked<T, N> {
 }
 
 /// The bins' roots. A root is kept inverted, so that the all-zero table a new index starts as
-/// reads as all `NIL`: the operating system then maps the table's pages only as bins are first
-/// used, and a new index costs no pass over its 256 KiB.
+/// reads as all `NIL`: a new index needs no pass over its 256 KiB, and where the allocator hands
+/// out fresh zeroed pages for it, they are mapped only as bins are first used.
 struct Roots(Masked<u32, BINS>);
 
 impl Roots {
@@ -327,9 +328,9 @@ impl Roots {
 /// Free blocks by `(size, address)`, binned; the trees run through a `[Block]` table that the
 /// owner keeps and passes in. See the [module docs](self).
 ///
-/// The tables are inline (about 264 KiB, most of it mapped only as it is used): the owner keeps
-/// the index boxed, so that an operation reaches every table through the one pointer it was
-/// called with.
+/// The tables are inline (about 264 KiB on 64-bit targets; see [`Roots`] for how little of it a
+/// new index touches): the owner keeps the index boxed, so that an operation reaches every table
+/// through the one pointer it was called with.
 pub(crate) struct FreeIndex {
     roots: Roots,
     /// Bit `b % 64` of `words[b / 64]` says whether bin `b` holds blocks.
@@ -415,7 +416,7 @@ impl FreeIndex {
         let (mut left, mut right) = ((slot, 0), (slot, 1));
         while cur != NIL {
             let n = &blocks[cur];
-            if n.key() < key {
+            if above(key, n.key()) {
                 let next = n.child[1];
                 blocks[left.0].child[left.1] = cur;
                 left = (cur, 1);
@@ -776,13 +777,15 @@ mod tests {
     #[test]
     fn many_blocks_in_one_bin_stay_ordered_and_balanced() {
         let mut index = Standalone::new();
-        // 2000 sizes in one bin (2 MiB .. 2 MiB + 32 KiB), inserted out of order.
-        let size = |i: usize| (2 << 20) + (i * 7919 % 2000) * 16;
+        // 2000 sizes in one bin (2 MiB .. 2 MiB + 2000 B; a bin there spans 2 KiB), inserted out
+        // of order.
+        let size = |i: usize| (2 << 20) + i * 7919 % 2000;
         for i in 0..2000 {
             index.insert(size(i), 0x1000 * i, i as u32);
         }
         assert!(index.consistent());
-        for want in [2 << 20, (2 << 20) + 17, (2 << 20) + 16 * 1999] {
+        assert!((0..2000).all(|i| bin_of(size(i)) == bin_of(2 << 20)));
+        for want in [2 << 20, (2 << 20) + 17, (2 << 20) + 1999] {
             let best = (0..2000).map(size).filter(|&s| s >= want).min();
             assert_eq!(index.best_fit(want).map(|e| e.size), best);
         }

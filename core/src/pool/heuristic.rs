@@ -57,12 +57,15 @@ pub trait CoalesceHeuristic: Send {
     }
 
     /// The least releasable bytes and blocks at which [`may_coalesce`](Self::may_coalesce) can
-    /// answer `true` while the pool's actual size is `actual_size` (which the answer echoes):
-    /// below either, the pool does not ask. The pool works the floor out again whenever its
-    /// actual size changes, and compares against it inline on a free that leaves an upstream
-    /// block wholly free, so that such frees cost no call while the heuristic cannot fire. The
-    /// default, zero bytes and blocks, always asks. A floor above the true one would make the
-    /// pool skip a coalesce the heuristic wants; the built-in heuristics give theirs exactly.
+    /// answer `true` while the pool's actual size is `actual_size` (the answer's own
+    /// `actual_size` is not read): below either, the pool does not ask. The pool works the floor
+    /// out again when the heuristic is installed, whenever its actual size changes, and after
+    /// every [`should_coalesce`](Self::should_coalesce); it compares against it inline on a free
+    /// that leaves an upstream block wholly free, so that such frees cost no call while the
+    /// heuristic cannot fire. So the floor may depend only on `actual_size` and on what
+    /// `should_coalesce` changes. The default, zero bytes and blocks, always asks. A floor above
+    /// the true one would make the pool skip a coalesce the heuristic wants; the built-in
+    /// heuristics give theirs exactly.
     fn releasable_floor(&self, actual_size: usize) -> Releasable {
         Releasable { bytes: 0, blocks: 0, actual_size }
     }

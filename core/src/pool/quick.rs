@@ -130,7 +130,9 @@ impl<R: MemoryResource> QuickPool<R> {
 
     /// Works the heuristic's releasable floor out again: after every change of the actual size.
     fn refresh_floor(&mut self) {
-        self.floor = self.heuristic.releasable_floor(self.arena.counters().actual_size);
+        let actual_size = self.arena.counters().actual_size;
+        // The pool's own actual size, whatever the heuristic echoes.
+        self.floor = Releasable { actual_size, ..self.heuristic.releasable_floor(actual_size) };
     }
 
     /// The configuration.
@@ -204,6 +206,8 @@ impl<R: MemoryResource> QuickPool<R> {
                 // The free is done; a refill the upstream refuses is counted in `upstream_failures`.
                 let _ = self.coalesce_to(target);
             }
+            // `should_coalesce` takes the heuristic mutably: a floor it had may have moved.
+            self.refresh_floor();
         }
     }
 
@@ -249,13 +253,15 @@ impl<R: MemoryResource> QuickPool<R> {
     /// left; returns the bytes handed back.
     fn release_up_to(&mut self, wanted: usize) -> usize {
         let mut bytes = 0;
-        for chunk in self.arena.take_free_chunks(wanted) {
+        let chunks = self.arena.take_free_chunks(wanted);
+        // Before the upstream calls, so that one that panics leaves no stale floor behind.
+        self.refresh_floor();
+        for chunk in chunks {
             bytes += chunk.size;
             // SAFETY: the chunk came from `self.upstream.allocate(chunk.size, chunk.align)` and
             // the arena has just forgotten it, so no allocation points into it.
             unsafe { self.upstream.deallocate(chunk.base, chunk.size, chunk.align) };
         }
-        self.refresh_floor();
         bytes
     }
 

@@ -182,6 +182,88 @@ fn blocks_releasable_coalesces_exactly_at_its_count() {
 }
 
 #[test]
+fn a_heuristic_set_later_gets_a_floor_for_the_current_size() {
+    // Installed on a pool of four upstream blocks: its floor must be worked out for 16 KiB, not
+    // for the empty pool the first heuristic saw.
+    let (mut pool, ptrs) = four_full_blocks(NeverCoalesce);
+    pool.set_heuristic(PercentReleasable::new(50).unwrap());
+    pool.deallocate(ptrs[0]).unwrap();
+    pool.deallocate(ptrs[1]).unwrap();
+    assert_eq!(pool.stats().coalesce_count, 1);
+    pool.check().unwrap();
+}
+
+/// A built-in heuristic that hides its releasable floor: its pool asks it after every free that
+/// leaves an upstream block wholly free.
+struct NoFloor(alloc::boxed::Box<dyn CoalesceHeuristic>);
+
+impl CoalesceHeuristic for NoFloor {
+    fn should_coalesce(&mut self, stats: &PoolStats) -> Option<usize> {
+        self.0.should_coalesce(stats)
+    }
+    fn may_coalesce(&self, releasable: Releasable) -> bool {
+        self.0.may_coalesce(releasable)
+    }
+    fn every_free(&self) -> bool {
+        self.0.every_free()
+    }
+    fn release_when_growing(&self) -> bool {
+        self.0.release_when_growing()
+    }
+}
+
+fn built_in(choice: u8) -> alloc::boxed::Box<dyn CoalesceHeuristic> {
+    match choice % 5 {
+        0 => alloc::boxed::Box::new(NeverCoalesce),
+        1 => alloc::boxed::Box::new(BlocksReleasable::new(2).unwrap()),
+        2 => alloc::boxed::Box::new(BlocksReleasable::hwm(3).unwrap()),
+        3 => alloc::boxed::Box::new(PercentReleasable::new(40).unwrap()),
+        _ => alloc::boxed::Box::new(PercentReleasable::hwm(75).unwrap()),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// The releasable floor only saves calls: a pool that compares against it coalesces
+    /// exactly when one that asks its heuristic after every releasable free does.
+    #[test]
+    fn the_releasable_floor_never_changes_what_a_pool_does(ops in ops(20_000), choice in any::<u8>()) {
+        let pool = |h| QuickPool::with_config(HostResource, small_config()).unwrap().with_heuristic(h);
+        let (mut floored, mut asking) = (pool(built_in(choice)), pool(alloc::boxed::Box::new(NoFloor(built_in(choice)))));
+        let mut live: Vec<(NonNull<u8>, NonNull<u8>)> = Vec::new();
+        for op in ops {
+            match op {
+                // At the pool's alignment: the two pools' upstream blocks lie at different
+                // addresses, so a larger alignment could pad them differently.
+                Op::Allocate(size, _) => {
+                    let (a, b) = (floored.allocate(size, 16), asking.allocate(size, 16));
+                    prop_assert_eq!(a.is_ok(), b.is_ok());
+                    if let (Ok(a), Ok(b)) = (a, b) {
+                        live.push((a, b));
+                    }
+                }
+                Op::Free(pick) if !live.is_empty() => {
+                    let (a, b) = live.swap_remove(pick % live.len());
+                    floored.deallocate(a).unwrap();
+                    asking.deallocate(b).unwrap();
+                }
+                Op::Free(_) => {}
+                Op::Coalesce => {
+                    prop_assert_eq!(floored.coalesce().is_ok(), asking.coalesce().is_ok());
+                }
+                Op::Release => {
+                    prop_assert_eq!(floored.release(), asking.release());
+                }
+            }
+            floored.check().unwrap();
+            let (a, b) = (floored.stats(), asking.stats());
+            prop_assert_eq!(a, b);
+        }
+    }
+}
+
+#[test]
 fn percent_releasable_coalesces_exactly_at_its_share() {
     let (mut pool, ptrs) = four_full_blocks(PercentReleasable::new(50).unwrap());
     pool.deallocate(ptrs[0]).unwrap();
