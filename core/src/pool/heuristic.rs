@@ -59,13 +59,13 @@ pub trait CoalesceHeuristic: Send {
     /// The least releasable bytes and blocks at which [`may_coalesce`](Self::may_coalesce) can
     /// answer `true` while the pool's actual size is `actual_size` (the answer's own
     /// `actual_size` is not read): below either, the pool does not ask. The pool works the floor
-    /// out again when the heuristic is installed, whenever its actual size changes, and after
-    /// every [`should_coalesce`](Self::should_coalesce); it compares against it inline on a free
-    /// that leaves an upstream block wholly free, so that such frees cost no call while the
-    /// heuristic cannot fire. So the floor may depend only on `actual_size` and on what
-    /// `should_coalesce` changes. The default, zero bytes and blocks, always asks. A floor above
-    /// the true one would make the pool skip a coalesce the heuristic wants; the built-in
-    /// heuristics give theirs exactly.
+    /// out again when the heuristic is installed and whenever its actual size changes, and
+    /// compares against it inline on a free that leaves an upstream block wholly free, so that
+    /// such frees cost no call while the heuristic cannot fire. So the floor may depend only on
+    /// `actual_size` and on settings that stay as they are once the heuristic is installed: a
+    /// heuristic whose thresholds move in [`should_coalesce`](Self::should_coalesce) keeps the
+    /// default, zero bytes and blocks, which always asks. A floor above the true one would make
+    /// the pool skip a coalesce the heuristic wants; the built-in heuristics give theirs exactly.
     fn releasable_floor(&self, actual_size: usize) -> Releasable {
         Releasable { bytes: 0, blocks: 0, actual_size }
     }

@@ -206,8 +206,6 @@ impl<R: MemoryResource> QuickPool<R> {
                 // The free is done; a refill the upstream refuses is counted in `upstream_failures`.
                 let _ = self.coalesce_to(target);
             }
-            // `should_coalesce` takes the heuristic mutably: a floor it had may have moved.
-            self.refresh_floor();
         }
     }
 
