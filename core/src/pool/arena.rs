@@ -57,6 +57,17 @@ pub(crate) type AddrMap<V> = HashMap<usize, V, BuildHasherDefault<AddrHasher>>;
 /// The block table's scratch slot (see [`BlockArena`]).
 const SCRATCH: u32 = 0;
 
+/// A neighbour link with `NIL` (no neighbour) mapped to the scratch record, which takes the
+/// writes meant for a missing neighbour.
+#[inline(always)]
+fn or_scratch(slot: u32) -> u32 {
+    if slot == NIL {
+        SCRATCH
+    } else {
+        slot
+    }
+}
+
 /// `value` if `cond` holds, else 0, without a branch.
 ///
 /// LLVM turns the plain forms (`if`, or an and with a mask made from the flag) into a branch when
@@ -613,7 +624,7 @@ impl BlockArena {
         block.prev = slot;
         block.next = next;
         blocks[rest] = block;
-        blocks[if next == NIL { SCRATCH } else { next }].prev = rest;
+        blocks[or_scratch(next)].prev = rest;
         rest
     }
 
@@ -623,7 +634,7 @@ impl BlockArena {
         let next = blocks[slot].next;
         let n = &blocks[next];
         let (size, after) = (n.size, n.next);
-        blocks[if after == NIL { SCRATCH } else { after }].prev = slot;
+        blocks[or_scratch(after)].prev = slot;
         let b = &mut blocks[slot];
         b.size += size;
         b.next = after;
