@@ -18,6 +18,8 @@
 //!
 //! Prints the median cycles per step of each state.
 
+#[path = "common/p4_steps.rs"]
+mod p4_steps;
 #[path = "common/xorshift.rs"]
 mod xorshift;
 
@@ -26,7 +28,6 @@ use std::ptr::NonNull;
 use std::time::Instant;
 
 use hetmem::pool::{HostResource, QuickPool};
-use xorshift::XorShift;
 
 const STEPS: usize = 300_000;
 const BURST: usize = 10_000;
@@ -77,9 +78,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() {
     let repeats: usize = std::env::args().nth(1).map_or(3, |s| s.parse().expect("a number of repeats"));
     assert!(repeats > 0, "at least one repeat");
-    let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
-    let initial: Vec<usize> = (0..1000).map(|_| rng.range(1 << 10, 4 << 20)).collect();
-    let steps: Vec<(usize, usize)> = (0..STEPS).map(|_| (rng.below(1000), rng.range(1 << 10, 4 << 20))).collect();
+    let (initial, steps) = p4_steps::random_steps(1000, STEPS);
     let fill = |q: &mut QuickPool<HostResource>| -> Live {
         initial.iter().map(|&s| (q.allocate(s, 16).expect("pool allocation"), s)).collect()
     };

@@ -23,6 +23,8 @@
 //! P1-P4 run `--rounds N` times (default 3), the peers taking turns, and report each peer's
 //! median; `--only P4` runs one workload and `--pools quick,system` some of the peers.
 
+#[path = "common/p4_steps.rs"]
+mod p4_steps;
 #[path = "common/xorshift.rs"]
 mod xorshift;
 
@@ -119,14 +121,6 @@ fn pairs(peer: &mut impl Peer, size: usize, n: usize) -> f64 {
         peer.free(black_box(p), size);
     }
     start.elapsed().as_nanos() as f64 / n as f64
-}
-
-/// P4's steps: (slot, new size), drawn before timing.
-fn random_steps(slots: usize, steps: usize) -> (Vec<usize>, Vec<(usize, usize)>) {
-    let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
-    let initial = (0..slots).map(|_| rng.range(1 << 10, 4 << 20)).collect();
-    let steps = (0..steps).map(|_| (rng.below(slots), rng.range(1 << 10, 4 << 20))).collect();
-    (initial, steps)
 }
 
 fn random_slots(peer: &mut impl Peer, initial: &[usize], steps: &[(usize, usize)]) -> f64 {
@@ -235,7 +229,7 @@ fn main() {
     }
 
     if wanted("P4") {
-        let (initial, steps) = random_steps(1000, 300_000);
+        let (initial, steps) = p4_steps::random_steps(1000, 300_000);
         let mut times = [const { Vec::new() }; 3];
         let (mut system, mut naive, mut q) =
             (System::default(), quick(NeverCoalesce), quick(PercentReleasable::default()));
