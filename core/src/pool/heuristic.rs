@@ -147,6 +147,19 @@ enum Target {
 }
 
 impl Target {
+    /// The least releasable blocks at which coalescing to this target can change the pool. Back
+    /// to the actual size, it takes two: coalescing one wholly free block hands it back and takes
+    /// one of the same size in its place, which changes nothing, so a heuristic that keeps the
+    /// actual size does not fire for one (as Umpire's, which count one free block as nothing
+    /// releasable). Then a pool that frees everything, over and over, in one upstream block
+    /// gathers no figures. To the high watermark, one block is enough: the pool shrinks, or grows.
+    fn least_blocks(self) -> usize {
+        match self {
+            Target::ActualSize => 2,
+            Target::HighWatermark => 1,
+        }
+    }
+
     fn of(self, stats: &PoolStats) -> usize {
         match self {
             Target::ActualSize => stats.actual_size,
@@ -155,7 +168,8 @@ impl Target {
     }
 }
 
-/// Coalesces once at least `n` upstream blocks are wholly free.
+/// Coalesces once at least `n` upstream blocks are wholly free (and at least two, for the variant
+/// that keeps the actual size: coalescing one block into one of the same size changes nothing).
 #[derive(Clone, Copy, Debug)]
 pub struct BlocksReleasable {
     blocks: usize,
@@ -177,7 +191,7 @@ impl BlocksReleasable {
         if blocks == 0 {
             return Err(Error::InvalidSize { size: 0, reason: "BlocksReleasable needs at least one block" });
         }
-        Ok(BlocksReleasable { blocks, target })
+        Ok(BlocksReleasable { blocks: blocks.max(target.least_blocks()), target })
     }
 }
 
@@ -199,7 +213,9 @@ impl CoalesceHeuristic for BlocksReleasable {
     }
 }
 
-/// Coalesces once at least `percent` of the pool's actual size is releasable.
+/// Coalesces once at least `percent` of the pool's actual size is releasable: for the variant that
+/// keeps the actual size, in at least two upstream blocks (coalescing one block into one of the
+/// same size changes nothing).
 #[derive(Clone, Copy, Debug)]
 pub struct PercentReleasable {
     percent: u8,
@@ -207,8 +223,9 @@ pub struct PercentReleasable {
 }
 
 impl PercentReleasable {
-    /// Fires at `percent` (1..=100) releasable and keeps the pool's actual size. 100 is
-    /// Umpire's default: coalesce when nothing is in use.
+    /// Fires at `percent` (1..=100) releasable, in two or more upstream blocks, and keeps the
+    /// pool's actual size. 100 is Umpire's default: coalesce when nothing is in use and there is
+    /// more than one block to coalesce.
     pub fn new(percent: u8) -> Result<Self> {
         Self::with_target(percent, Target::ActualSize)
     }
@@ -233,19 +250,27 @@ impl Default for PercentReleasable {
 }
 
 impl PercentReleasable {
-    fn fires(&self, releasable_bytes: usize, actual_size: usize) -> bool {
-        let releasable = releasable_bytes as u128 * 100;
-        actual_size > 0 && releasable >= actual_size as u128 * u128::from(self.percent)
+    fn fires(&self, releasable: Releasable) -> bool {
+        let bytes = releasable.bytes as u128 * 100;
+        let actual_size = releasable.actual_size;
+        actual_size > 0
+            && bytes >= actual_size as u128 * u128::from(self.percent)
+            && releasable.blocks >= self.target.least_blocks()
     }
 }
 
 impl CoalesceHeuristic for PercentReleasable {
     fn should_coalesce(&mut self, stats: &PoolStats) -> Option<usize> {
-        self.fires(stats.releasable_bytes, stats.actual_size).then(|| self.target.of(stats))
+        let releasable = Releasable {
+            bytes: stats.releasable_bytes,
+            blocks: stats.releasable_blocks,
+            actual_size: stats.actual_size,
+        };
+        self.fires(releasable).then(|| self.target.of(stats))
     }
 
     fn may_coalesce(&self, releasable: Releasable) -> bool {
-        self.fires(releasable.bytes, releasable.actual_size)
+        self.fires(releasable)
     }
 
     fn releasable_floor(&self, actual_size: usize) -> Releasable {
@@ -253,7 +278,7 @@ impl CoalesceHeuristic for PercentReleasable {
         // empty pool.
         let least = (actual_size as u128 * u128::from(self.percent)).div_ceil(100);
         let bytes = if actual_size == 0 { usize::MAX } else { usize::try_from(least).unwrap_or(usize::MAX) };
-        Releasable { bytes, blocks: 0, actual_size }
+        Releasable { bytes, blocks: self.target.least_blocks(), actual_size }
     }
 
     fn every_free(&self) -> bool {
@@ -282,14 +307,23 @@ mod tests {
         assert_eq!(h.should_coalesce(&stats(4096, 3072, 3)), Some(4096));
         assert_eq!(BlocksReleasable::hwm(3).unwrap().should_coalesce(&stats(4096, 3072, 3)), Some(1000));
         assert!(BlocksReleasable::new(0).is_err());
+        // Back to the actual size, one block would be handed back and taken again: it takes two.
+        let mut one = BlocksReleasable::new(1).unwrap();
+        assert_eq!(one.should_coalesce(&stats(4096, 4096, 1)), None);
+        assert_eq!(one.should_coalesce(&stats(4096, 2048, 2)), Some(4096));
+        assert_eq!(BlocksReleasable::hwm(1).unwrap().should_coalesce(&stats(4096, 4096, 1)), Some(1000));
     }
 
     #[test]
     fn percent_releasable_fires_at_its_share() {
         let mut h = PercentReleasable::new(50).unwrap();
-        assert_eq!(h.should_coalesce(&stats(4096, 2047, 1)), None);
-        assert_eq!(h.should_coalesce(&stats(4096, 2048, 1)), Some(4096));
-        assert_eq!(PercentReleasable::default().should_coalesce(&stats(4096, 4095, 1)), None);
+        assert_eq!(h.should_coalesce(&stats(4096, 2047, 2)), None);
+        assert_eq!(h.should_coalesce(&stats(4096, 2048, 2)), Some(4096));
+        assert_eq!(PercentReleasable::default().should_coalesce(&stats(4096, 4095, 2)), None);
+        assert_eq!(PercentReleasable::default().should_coalesce(&stats(4096, 4096, 2)), Some(4096));
+        // One wholly free block is all there is: coalescing it back to the actual size would
+        // change nothing, so only the high-watermark variant fires.
+        assert_eq!(PercentReleasable::default().should_coalesce(&stats(4096, 4096, 1)), None);
         assert_eq!(PercentReleasable::hwm(100).unwrap().should_coalesce(&stats(4096, 4096, 1)), Some(1000));
         assert_eq!(PercentReleasable::default().should_coalesce(&stats(0, 0, 0)), None);
         assert!(PercentReleasable::new(0).is_err() && PercentReleasable::new(101).is_err());

@@ -222,6 +222,46 @@ fn built_in(choice: u8) -> alloc::boxed::Box<dyn CoalesceHeuristic> {
     }
 }
 
+/// Runs `ops` on two pools over fake device memory, one with each heuristic, and checks that
+/// they agree on every figure after every step. Over fake device memory both pools get the same
+/// addresses while they do the same, so best fit breaks ties between blocks of equal size the
+/// same way in both.
+fn pools_agree(
+    ops: Vec<Op>,
+    one: alloc::boxed::Box<dyn CoalesceHeuristic>,
+    other: alloc::boxed::Box<dyn CoalesceHeuristic>,
+) -> Result<(), TestCaseError> {
+    let pool = |h| QuickPool::with_config(FakeDevice::new(), small_config()).unwrap().with_heuristic(h);
+    let (mut one, mut other) = (pool(one), pool(other));
+    let mut live: Vec<(NonNull<u8>, NonNull<u8>)> = Vec::new();
+    for op in ops {
+        match op {
+            Op::Allocate(size, align) => {
+                let (a, b) = (one.allocate(size, align), other.allocate(size, align));
+                prop_assert_eq!(a.is_ok(), b.is_ok());
+                if let (Ok(a), Ok(b)) = (a, b) {
+                    live.push((a, b));
+                }
+            }
+            Op::Free(pick) if !live.is_empty() => {
+                let (a, b) = live.swap_remove(pick % live.len());
+                one.deallocate(a).unwrap();
+                other.deallocate(b).unwrap();
+            }
+            Op::Free(_) => {}
+            Op::Coalesce => {
+                prop_assert_eq!(one.coalesce().is_ok(), other.coalesce().is_ok());
+            }
+            Op::Release => {
+                prop_assert_eq!(one.release(), other.release());
+            }
+        }
+        one.check().unwrap();
+        prop_assert_eq!(one.stats(), other.stats());
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
@@ -229,37 +269,28 @@ proptest! {
     /// exactly when one that asks its heuristic after every releasable free does.
     #[test]
     fn the_releasable_floor_never_changes_what_a_pool_does(ops in ops(20_000), choice in any::<u8>()) {
-        // Over fake device memory: both pools get the same addresses while they do the same,
-        // so best fit breaks ties between blocks of equal size the same way in both.
-        let pool = |h| QuickPool::with_config(FakeDevice::new(), small_config()).unwrap().with_heuristic(h);
-        let (mut floored, mut asking) = (pool(built_in(choice)), pool(alloc::boxed::Box::new(NoFloor(built_in(choice)))));
-        let mut live: Vec<(NonNull<u8>, NonNull<u8>)> = Vec::new();
-        for op in ops {
-            match op {
-                Op::Allocate(size, align) => {
-                    let (a, b) = (floored.allocate(size, align), asking.allocate(size, align));
-                    prop_assert_eq!(a.is_ok(), b.is_ok());
-                    if let (Ok(a), Ok(b)) = (a, b) {
-                        live.push((a, b));
-                    }
-                }
-                Op::Free(pick) if !live.is_empty() => {
-                    let (a, b) = live.swap_remove(pick % live.len());
-                    floored.deallocate(a).unwrap();
-                    asking.deallocate(b).unwrap();
-                }
-                Op::Free(_) => {}
-                Op::Coalesce => {
-                    prop_assert_eq!(floored.coalesce().is_ok(), asking.coalesce().is_ok());
-                }
-                Op::Release => {
-                    prop_assert_eq!(floored.release(), asking.release());
-                }
-            }
-            floored.check().unwrap();
-            let (a, b) = (floored.stats(), asking.stats());
-            prop_assert_eq!(a, b);
-        }
+        pools_agree(ops, built_in(choice), alloc::boxed::Box::new(NoFloor(built_in(choice))))?;
+    }
+
+    /// The built-in heuristics that keep the actual size wait for two wholly free blocks. With
+    /// one, a coalesce would hand it back and take one of the same size: closures that fire
+    /// then, as these heuristics' thresholds alone say, leave the pool just as it is.
+    #[test]
+    fn one_wholly_free_block_is_not_worth_a_coalesce(ops in ops(20_000), choice in any::<u8>()) {
+        let percent = [40u8, 100][usize::from(choice % 2)];
+        let (built_in, eager): (alloc::boxed::Box<dyn CoalesceHeuristic>, alloc::boxed::Box<dyn CoalesceHeuristic>) =
+            if choice % 3 == 0 {
+                let eager = |s: &PoolStats| (s.releasable_blocks >= 1).then_some(s.actual_size);
+                (alloc::boxed::Box::new(BlocksReleasable::new(1).unwrap()), alloc::boxed::Box::new(eager))
+            } else {
+                let eager = move |s: &PoolStats| {
+                    let fires = s.actual_size > 0
+                        && s.releasable_bytes as u128 * 100 >= s.actual_size as u128 * u128::from(percent);
+                    fires.then_some(s.actual_size)
+                };
+                (alloc::boxed::Box::new(PercentReleasable::new(percent).unwrap()), alloc::boxed::Box::new(eager))
+            };
+        pools_agree(ops, built_in, eager)?;
     }
 }
 
