@@ -10,6 +10,13 @@
 # alternate between pairs), and its ratio is NEW/OLD in calibrated cycles per step; the script
 # prints each state's median ratio over the pairs. Neighbouring runs share the machine's current
 # speed, which calibration alone does not fully remove.
+#
+# Code placement alone moves P4 by a few percent: a change that took 8 instructions off each pair
+# (and lengthened no dependency chain) measured 1.05-1.06 against its parent in plain builds, and
+# 1.000 when both were built with every branch target on a 64-byte line of its own:
+#   RUSTFLAGS="-C llvm-args=-align-all-nofallthru-blocks=6" CARGO_TARGET_DIR=/tmp/aligned \
+#     cargo build --release --example p4_cycles
+# Compare such builds to judge the change itself; compare plain builds for what users get.
 set -euo pipefail
 
 old=$1 new=$2 pairs=${3:-15}
