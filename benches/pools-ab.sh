@@ -13,7 +13,7 @@
 #
 # Code placement alone moves P4 by a few percent: a change that took 8 instructions off each pair
 # (and lengthened no dependency chain) measured 1.05-1.06 against its parent in plain builds, and
-# 1.000 when both were built with every branch target on a 64-byte line of its own:
+# 1.000 when both were built with every block that is reached only by a jump aligned to 64 bytes:
 #   RUSTFLAGS="-C llvm-args=-align-all-nofallthru-blocks=6" CARGO_TARGET_DIR=/tmp/aligned \
 #     cargo build --release --example p4_cycles
 # Compare such builds to judge the change itself; compare plain builds for what users get.

@@ -6,10 +6,10 @@
 //! ```
 //!
 //! Peers: `system` (the global allocator, called directly), `naive` (a QuickPool that never
-//! coalesces), `quick` (a QuickPool with Umpire's defaults: 512 MiB first block, 1 MiB next
-//! blocks, 16 B alignment, PercentReleasable(100)), `fixed` (a FixedPool, where every request has
-//! one size). No peer touches the memory it gets: the figures are the bookkeeping's cost, as they
-//! would be for device memory.
+//! coalesces), `quick` (a QuickPool with Umpire's block sizes and alignment, 512 MiB first block,
+//! 1 MiB next blocks, 16 B alignment, and PercentReleasable(100)), `fixed` (a FixedPool, where
+//! every request has one size). No peer touches the memory it gets: the figures are the
+//! bookkeeping's cost, as they would be for device memory.
 //!
 //! - P1, P2, P3: allocate and free at once, 256 B, 4 KiB, 1 MiB.
 //! - P4: 1000 slots; each step frees a random slot and fills it with a random size, uniform in

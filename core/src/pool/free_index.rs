@@ -757,14 +757,13 @@ mod tests {
     fn each_power_of_two_from_2048_on_spans_1024_bins_of_equal_width() {
         assert!((1..2048).all(|size| bin_of(size) == size));
         for shift in 1..=usize::BITS as usize - SUB_BITS - 1 {
-            for top in [1024usize, 1025, 1500, 2047] {
+            for top in 1024..2048usize {
                 let (first, last) = (top << shift, (top << shift) + ((1 << shift) - 1));
                 let bin = top + (shift << SUB_BITS);
                 assert_eq!((bin_of(first), bin_of(last)), (bin, bin), "shift {shift}, top {top}");
             }
         }
         // The last of those was `usize::MAX`.
-        assert!(bin_of(usize::MAX) < BINS);
     }
 
     #[test]

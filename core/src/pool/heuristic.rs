@@ -150,9 +150,11 @@ impl Target {
     /// The least releasable blocks at which coalescing to this target can change the pool. Back
     /// to the actual size, it takes two: coalescing one wholly free block hands it back and takes
     /// one of the same size in its place, which changes nothing, so a heuristic that keeps the
-    /// actual size does not fire for one (as Umpire's, which count one free block as nothing
-    /// releasable). Then a pool that frees everything, over and over, in one upstream block
-    /// gathers no figures. To the high watermark, one block is enough: the pool shrinks, or grows.
+    /// actual size does not fire for one. (Umpire's coalesce likewise does nothing while its pool
+    /// holds a single free block.) Then a pool that frees everything, over and over, in one
+    /// upstream block gathers no figures. To the high watermark, one block is enough: the pool
+    /// shrinks, or grows. Here Umpire, whose guard stops its high-watermark variants too, differs
+    /// on purpose: a drained pool of one block still comes back to its watermark.
     fn least_blocks(self) -> usize {
         match self {
             Target::ActualSize => 2,
@@ -177,7 +179,9 @@ pub struct BlocksReleasable {
 }
 
 impl BlocksReleasable {
-    /// Fires at `blocks` releasable blocks (at least 1) and keeps the pool's actual size.
+    /// Fires at `blocks` releasable blocks (`blocks` at least 1), but never at fewer than two,
+    /// and keeps the pool's actual size: one block coalesced back to the actual size changes
+    /// nothing.
     pub fn new(blocks: usize) -> Result<Self> {
         Self::with_target(blocks, Target::ActualSize)
     }
@@ -224,8 +228,9 @@ pub struct PercentReleasable {
 
 impl PercentReleasable {
     /// Fires at `percent` (1..=100) releasable, in two or more upstream blocks, and keeps the
-    /// pool's actual size. 100 is Umpire's default: coalesce when nothing is in use and there is
-    /// more than one block to coalesce.
+    /// pool's actual size. 100, coalesce when nothing is in use and there is more than one block
+    /// to coalesce, was Umpire's default heuristic before Umpire moved to its high-watermark
+    /// variant; it is this pool's default.
     pub fn new(percent: u8) -> Result<Self> {
         Self::with_target(percent, Target::ActualSize)
     }
@@ -331,12 +336,15 @@ mod tests {
 
     #[test]
     fn the_cheap_check_never_skips_a_coalesce() {
-        let mut built_in: [Box<dyn CoalesceHeuristic>; 5] = [
+        let mut built_in: [Box<dyn CoalesceHeuristic>; 8] = [
             Box::new(NeverCoalesce),
+            Box::new(BlocksReleasable::new(1).unwrap()),
             Box::new(BlocksReleasable::new(2).unwrap()),
             Box::new(BlocksReleasable::hwm(1).unwrap()),
             Box::new(PercentReleasable::new(50).unwrap()),
             Box::new(PercentReleasable::default()),
+            Box::new(PercentReleasable::hwm(50).unwrap()),
+            Box::new(PercentReleasable::hwm(100).unwrap()),
         ];
         let figures = [0usize, 1, 2, 2047, 2048, 4095, 4096];
         for h in &mut built_in {

@@ -222,16 +222,33 @@ fn built_in(choice: u8) -> alloc::boxed::Box<dyn CoalesceHeuristic> {
     }
 }
 
-/// Runs `ops` on two pools over fake device memory, one with each heuristic, and checks that
-/// they agree on every figure after every step. Over fake device memory both pools get the same
+/// A pool configuration and an upstream budget (bytes), for [`pools_agree`]: alignments of 1 to
+/// 256 bytes, block sizes that need not be multiples of them, maybe a maximum size.
+fn setups() -> impl Strategy<Value = (QuickPoolConfig, usize)> {
+    let alignment = prop::sample::select(&[1usize, 16, 256][..]);
+    let max_size = prop::option::of(4096usize..64 << 10);
+    (alignment, 1usize..16 << 10, 1usize..16 << 10, max_size, 8usize << 10..128 << 10).prop_map(
+        |(alignment, first_block_size, next_block_size, max_size, budget)| {
+            (QuickPoolConfig { first_block_size, next_block_size, alignment, max_size }, budget)
+        },
+    )
+}
+
+/// Runs `ops` on two pools with the same configuration, each over its own budget of fake device
+/// memory, one with each heuristic, and checks that they agree on every figure, and on what
+/// they took from upstream, after every step. Over fake device memory both pools get the same
 /// addresses while they do the same, so best fit breaks ties between blocks of equal size the
 /// same way in both.
 fn pools_agree(
     ops: Vec<Op>,
+    (config, budget): (QuickPoolConfig, usize),
     one: alloc::boxed::Box<dyn CoalesceHeuristic>,
     other: alloc::boxed::Box<dyn CoalesceHeuristic>,
 ) -> Result<(), TestCaseError> {
-    let pool = |h| QuickPool::with_config(FakeDevice::new(), small_config()).unwrap().with_heuristic(h);
+    let pool = |h| {
+        let upstream = LimitedResource::new(FakeDevice::new(), budget);
+        QuickPool::with_config(upstream, config).unwrap().with_heuristic(h)
+    };
     let (mut one, mut other) = (pool(one), pool(other));
     let mut live: Vec<(NonNull<u8>, NonNull<u8>)> = Vec::new();
     for op in ops {
@@ -257,7 +274,13 @@ fn pools_agree(
             }
         }
         one.check().unwrap();
+        other.check().unwrap();
         prop_assert_eq!(one.stats(), other.stats());
+        let upstream = |p: &QuickPool<LimitedResource<FakeDevice>>| {
+            let u = p.upstream();
+            (u.held(), u.allocations(), u.refusals())
+        };
+        prop_assert_eq!(upstream(&one), upstream(&other));
     }
     Ok(())
 }
@@ -268,15 +291,19 @@ proptest! {
     /// The releasable floor only saves calls: a pool that compares against it coalesces
     /// exactly when one that asks its heuristic after every releasable free does.
     #[test]
-    fn the_releasable_floor_never_changes_what_a_pool_does(ops in ops(20_000), choice in any::<u8>()) {
-        pools_agree(ops, built_in(choice), alloc::boxed::Box::new(NoFloor(built_in(choice))))?;
+    fn the_releasable_floor_never_changes_what_a_pool_does(
+        ops in ops(20_000),
+        setup in setups(),
+        choice in any::<u8>(),
+    ) {
+        pools_agree(ops, setup, built_in(choice), alloc::boxed::Box::new(NoFloor(built_in(choice))))?;
     }
 
     /// The built-in heuristics that keep the actual size wait for two wholly free blocks. With
     /// one, a coalesce would hand it back and take one of the same size: closures that fire
     /// then, as these heuristics' thresholds alone say, leave the pool just as it is.
     #[test]
-    fn one_wholly_free_block_is_not_worth_a_coalesce(ops in ops(20_000), choice in any::<u8>()) {
+    fn one_wholly_free_block_is_not_worth_a_coalesce(ops in ops(20_000), setup in setups(), choice in any::<u8>()) {
         let percent = [40u8, 100][usize::from(choice % 2)];
         let (built_in, eager): (alloc::boxed::Box<dyn CoalesceHeuristic>, alloc::boxed::Box<dyn CoalesceHeuristic>) =
             if choice % 3 == 0 {
@@ -290,7 +317,7 @@ proptest! {
                 };
                 (alloc::boxed::Box::new(PercentReleasable::new(percent).unwrap()), alloc::boxed::Box::new(eager))
             };
-        pools_agree(ops, built_in, eager)?;
+        pools_agree(ops, setup, built_in, eager)?;
     }
 }
 
@@ -619,6 +646,46 @@ fn built_in_heuristics_are_asked_only_when_a_block_becomes_wholly_free() {
     ];
     assert!(built_in.iter().all(|h| !h.every_free()));
     assert!(!NeverCoalesce.release_when_growing() && PercentReleasable::default().release_when_growing());
+}
+
+#[test]
+fn a_pool_that_drains_one_upstream_block_does_not_ask_its_heuristic() {
+    /// `PercentReleasable::default()`, counting the calls that ask it whether to coalesce.
+    struct Counting(PercentReleasable, alloc::sync::Arc<AtomicUsize>);
+    impl CoalesceHeuristic for Counting {
+        fn should_coalesce(&mut self, stats: &PoolStats) -> Option<usize> {
+            self.1.fetch_add(1, Ordering::Relaxed);
+            self.0.should_coalesce(stats)
+        }
+        fn may_coalesce(&self, releasable: Releasable) -> bool {
+            self.0.may_coalesce(releasable)
+        }
+        fn releasable_floor(&self, actual_size: usize) -> Releasable {
+            self.0.releasable_floor(actual_size)
+        }
+        fn every_free(&self) -> bool {
+            self.0.every_free()
+        }
+    }
+    let calls = alloc::sync::Arc::new(AtomicUsize::new(0));
+    let heuristic = Counting(PercentReleasable::default(), alloc::sync::Arc::clone(&calls));
+    let mut pool = QuickPool::with_config(FakeDevice::new(), small_config()).unwrap().with_heuristic(heuristic);
+    for size in [100, 4096, 16, 2000] {
+        let p = pool.allocate(size, 16).unwrap();
+        pool.deallocate(p).unwrap();
+    }
+    let s = pool.stats();
+    assert_eq!((s.releasable_blocks, s.upstream_blocks), (1, 1));
+    assert_eq!((calls.load(Ordering::Relaxed), s.coalesce_count), (0, 0));
+    // Two upstream blocks, both wholly free: now the pool asks, once, and coalesces.
+    let (a, b) = (pool.allocate(4096, 16).unwrap(), pool.allocate(4096, 16).unwrap());
+    pool.deallocate(a).unwrap();
+    assert_eq!(calls.load(Ordering::Relaxed), 0);
+    pool.deallocate(b).unwrap();
+    let s = pool.stats();
+    assert_eq!((calls.load(Ordering::Relaxed), s.coalesce_count), (1, 1));
+    assert_eq!((s.upstream_blocks, s.actual_size), (1, 2 * 4096));
+    pool.check().unwrap();
 }
 
 #[test]
