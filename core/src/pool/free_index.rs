@@ -453,7 +453,7 @@ impl FreeIndex {
         let mut cur = self.roots.get(bin);
         while cur != slot {
             if cur == NIL {
-                // Marked indexed but not in its bin's treap: `consistent` reports it.
+                // A free block missing from its bin's treap: the owner's check reports it.
                 return false;
             }
             let n = &blocks[cur];
@@ -843,8 +843,9 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// Sizes from 1 B to 2^62 B (2^30 B on 32-bit targets), so the bins lie in every summary word: taking the best fit
-        /// gives what a scan of all blocks gives, and the index stays consistent.
+        /// Sizes from 1 B to 2^62 B (2^30 B on 32-bit targets), so the bins lie in every summary
+        /// word: taking the best fit gives what a scan of all blocks gives, and the index stays
+        /// consistent.
         #[test]
         fn takes_the_best_fit_across_every_summary_word(
             ops in proptest::collection::vec((proptest::bool::weighted(0.6), 0u32..usize::BITS - 2, 0usize..1024), 1..300)
