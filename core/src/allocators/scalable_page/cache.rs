@@ -10,9 +10,11 @@
 //! Each operation on a cache line writes, in this order: the journal (the block and the live
 //! count and bytes after the operation), the cache head, the block's words, the counters.
 //! A recovery finds the block in its state before or after the operation: before, the counters
-//! were not touched; after, they are set from the journal. Either way they end up exact. (The
-//! allocation count is bumped before an allocation starts: a process killed during one may
-//! have counted it without making it.)
+//! were not touched; after, they are set from the journal. Either way they end up exact. The
+//! state is read off the slot's label: an allocation took effect unless its block is still
+//! free with the slot's label, a free took effect if its block is. (The allocation count is
+//! bumped before an allocation starts: a process killed during one may have counted it without
+//! making it.)
 //!
 //! Shared list changes happen under the list's lock and commit with one store of its head; the
 //! blocks a refill takes are relabelled while still on the list.

@@ -1,12 +1,18 @@
 //! Slots of dead processes, blocks dead processes held, and trimming.
 //!
 //! A dead slot's blocks are the free blocks labelled with it that are on no shared list: its
-//! cache, a batch it was moving, a block it was handing out or taking back. Recovery claims the
-//! slot (a CAS on its owner word, so one process does it), settles its counters from its
-//! journals while those blocks are still out of everyone's reach, then, under the free-space
-//! lock and each list's lock, walks the list, scans the class's spans for such blocks and pushes
-//! them; last, it frees the slot. A recoverer that dies part way leaves a slot that is claimed by
-//! a dead process again, and the next recovery does the same steps, which find nothing twice.
+//! cache, a batch it was moving, a block it was handing out or taking back. Recovery happens
+//! under the free-space lock: it claims the slot (a CAS on its owner word), settles its counters
+//! from its journals and clears them while those blocks are still out of everyone's reach, then,
+//! under each list's lock too, walks the list, scans the class's spans for such blocks and
+//! pushes them; last, it frees the slot. A recoverer that dies part way leaves a slot that is
+//! claimed by a dead process again, and the next recovery does the same steps, which find
+//! nothing twice: the journals it settled are clear, and a cleared journal is never judged
+//! again, however its block changed since (nor when a later owner of the slot dies).
+//!
+//! Blocks a dead process still held ([`DeadProcessBlocks::Free`](super::DeadProcessBlocks)) are
+//! freed only once no unsettled journal names them: a free before the settle would change the
+//! state the settle reads.
 
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec::Vec;
@@ -50,57 +56,59 @@ impl Shared {
     /// Claims the slots of dead processes and returns their blocks to the shared lists; returns
     /// how many slots. See the module docs.
     pub(super) fn recover_dead(&self) -> Result<u64> {
-        let mut dead = Vec::new();
+        // Asking the OS about each owner takes no lock; the claims do.
+        let mut candidates = Vec::new();
         for offset in self.slots.offsets(&self.mem)? {
+            let owner = self.slots.slot(&self.mem, offset)?.owner.load(Ordering::Acquire);
+            if owner_dead(owner) {
+                candidates.push((offset, owner));
+            }
+        }
+        if candidates.is_empty() {
+            return Ok(0);
+        }
+        let g = self.fs.lock();
+        let (mut dead, mut labels) = (Vec::new(), BTreeSet::new());
+        for (offset, owner) in candidates {
             let s = self.slots.slot(&self.mem, offset)?;
-            let owner = s.owner.load(Ordering::Acquire);
-            if owner_dead(owner)
-                && s.owner.compare_exchange(owner, owner_token(), Ordering::Acquire, Ordering::Relaxed).is_ok()
-            {
+            if s.owner.compare_exchange(owner, owner_token(), Ordering::Acquire, Ordering::Relaxed).is_ok() {
+                let label = s.index as u64 + 1;
+                for (class, c) in s.body.classes.iter().enumerate() {
+                    self.settle_journal(c, class, label);
+                }
                 dead.push(offset);
+                labels.insert(label);
             }
         }
         if dead.is_empty() {
             return Ok(0);
         }
-        let mut labels = BTreeSet::new();
-        for &offset in &dead {
-            let s = self.slots.slot(&self.mem, offset)?;
-            labels.insert(s.index as u64 + 1);
-            for c in &s.body.classes {
-                self.settle_journal(c);
+        let spans = self.spans_by_class(&g)?;
+        for (class, spans) in spans.iter().enumerate() {
+            let mut list = self.list(class).lock_or_recover(|_| {});
+            let mut listed = BTreeSet::new();
+            self.walk_list(*list, |b| {
+                listed.insert(b);
+                Ok(())
+            })?;
+            let mut orphans = Vec::new();
+            for &span in spans {
+                for index in 0..LAYOUTS[class].blocks {
+                    let b = block_at(span, class, index);
+                    let info = Info::unpack(self.arena.info(b)?.load(Ordering::Acquire));
+                    if info.is_some_and(|i| i.state == State::Free && labels.contains(&i.size)) && !listed.contains(&b)
+                    {
+                        orphans.push(b);
+                    }
+                }
             }
-        }
-        {
-            let g = self.fs.lock();
-            let spans = self.spans_by_class(&g)?;
-            for (class, spans) in spans.iter().enumerate() {
-                let mut list = self.list(class).lock_or_recover(|_| {});
-                let mut listed = BTreeSet::new();
-                self.walk_list(*list, |b| {
-                    listed.insert(b);
-                    Ok(())
-                })?;
-                let mut orphans = Vec::new();
-                for &span in spans {
-                    for index in 0..LAYOUTS[class].blocks {
-                        let b = block_at(span, class, index);
-                        let info = Info::unpack(self.arena.info(b)?.load(Ordering::Acquire));
-                        if info.is_some_and(|i| i.state == State::Free && labels.contains(&i.size))
-                            && !listed.contains(&b)
-                        {
-                            orphans.push(b);
-                        }
-                    }
+            if let (Some(&first), Some(&last)) = (orphans.first(), orphans.last()) {
+                for pair in orphans.windows(2) {
+                    self.arena.store_link(pair[0], Some(pair[1]));
                 }
-                if let (Some(&first), Some(&last)) = (orphans.first(), orphans.last()) {
-                    for pair in orphans.windows(2) {
-                        self.arena.store_link(pair[0], Some(pair[1]));
-                    }
-                    self.arena.store_link(last, (*list != 0).then_some(*list));
-                    compiler_fence(Ordering::Release);
-                    *list = first;
-                }
+                self.arena.store_link(last, (*list != 0).then_some(*list));
+                compiler_fence(Ordering::Release);
+                *list = first;
             }
         }
         for &offset in &dead {
@@ -110,26 +118,42 @@ impl Shared {
             }
             s.owner.store(0, Ordering::Release);
         }
+        drop(g);
         Ok(dead.len() as u64)
     }
 
-    /// Sets a dead cache line's counters from its journal if the journaled operation changed
-    /// its block's state (see [`cache`](super::cache)); before, they were not touched.
-    fn settle_journal(&self, c: &ClassCache) {
+    /// Settles the counters of a dead slot's cache line for `class` from its journal, then
+    /// clears the journal, so that a later recovery of the slot (its recoverer died, or a later
+    /// owner of the slot died) judges nothing again. See [`cache`](super::cache).
+    ///
+    /// Whether the journaled operation took effect is read off its block: a block free with
+    /// the slot's `label` was freed by the slot (a free that did), or is still in its hands (an
+    /// allocation that did not). Only the slot writes its label, so nothing another process
+    /// does to the block afterwards can forge that state.
+    fn settle_journal(&self, c: &ClassCache, class: usize, label: u64) {
         let (block, op, new_size) = unpack_journal(c.journal.load(Ordering::Acquire));
-        let Some(info) = self.arena.word_at(block).and_then(|w| Info::unpack(w.load(Ordering::Acquire))) else {
+        if op == 0 {
             return;
-        };
-        let done = match op {
-            OP_ALLOC => info.state == State::Live,
-            OP_FREE => info.state != State::Live,
-            OP_RESIZE => info.state == State::Live && info.size == new_size,
+        }
+        let info = (block % 16 == 0)
+            .then(|| self.arena.word_at(block))
+            .flatten()
+            .map(|w| Info::unpack(w.load(Ordering::Acquire)));
+        let ours = |i: &Info| i.state == State::Free && i.class == class && i.size == label;
+        let done = match (op, info) {
+            // A journal naming no block of the arena is damaged: trust the counters.
+            (_, None) => false,
+            (OP_ALLOC, Some(info)) => !info.is_some_and(|i| ours(&i)),
+            (OP_FREE, Some(info)) => info.is_some_and(|i| ours(&i)),
+            (OP_RESIZE, Some(info)) => info.is_some_and(|i| i.state == State::Live && i.size == new_size),
             _ => false,
         };
         if done {
             c.live.store(c.j_live.load(Ordering::Relaxed), Ordering::Relaxed);
             c.bytes.store(c.j_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+            compiler_fence(Ordering::Release);
         }
+        c.journal.store(0, Ordering::Release);
     }
 
     /// Frees the blocks processes that have died still held (small ones through the cache in
@@ -145,6 +169,21 @@ impl Shared {
         let (mut small, mut large_blocks) = (Vec::new(), Vec::new());
         {
             let g = self.fs.lock();
+            // Slots are claimed and settled under this lock, so the journals of slots whose
+            // owner died are the unsettled ones; their blocks wait for the recovery that settles
+            // them (the next `reclaim`), whose judgement freeing them now would mislead.
+            let mut unsettled = BTreeSet::new();
+            for offset in self.slots.offsets(&self.mem)? {
+                let s = self.slots.slot(&self.mem, offset)?;
+                if owner_dead(s.owner.load(Ordering::Acquire)) {
+                    for c in &s.body.classes {
+                        let (block, op, _) = unpack_journal(c.journal.load(Ordering::Acquire));
+                        if op != 0 {
+                            unsettled.insert(block);
+                        }
+                    }
+                }
+            }
             g.for_each_used(|head, run| {
                 let base = self.fs.layout().unit_offset(head);
                 let class = run.aux as usize;
@@ -156,6 +195,9 @@ impl Shared {
                             let Some(info) = Info::unpack(word).filter(|i| i.state == State::Live) else {
                                 continue;
                             };
+                            if unsettled.contains(&b) {
+                                continue;
+                            }
                             let Ok(user) = user_of_live(&self.arena, b, class) else {
                                 continue;
                             };

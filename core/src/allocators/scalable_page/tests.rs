@@ -1,6 +1,7 @@
-use super::super::span::{back_word, find_small, freed_word, live_word};
+use super::super::span::{back_word, find_small, freed_word, live_word, Info};
 use super::cache::{self, OP_ALLOC, OP_FREE};
 use super::*;
+use crate::allocators::common::DeadProcessBlocks;
 use crate::allocators::testing::{exercise, op_strategy, region_of, run_model};
 use crate::sync::atomic::Ordering;
 use crate::sync::LinkStore;
@@ -163,4 +164,141 @@ fn a_thread_using_many_handles_keeps_one_slot_in_each() {
         assert_eq!(owned.count(), 1);
         a.check().unwrap();
     }
+}
+
+/// Starts handing out the first block cached for `class` in `slot` and "dies" before the block
+/// turns live: journal written, head moved past it. Returns the block.
+fn die_handing_out(a: &ScalablePageAllocator, slot: u64, class: usize, size: u64) -> u64 {
+    let s = &a.shared;
+    let (c, _) = s.cache(slot, class);
+    let (first, count) = cache::unpack_head(c.head.load(Ordering::Relaxed));
+    let (live, bytes) = (c.live.load(Ordering::Relaxed), c.bytes.load(Ordering::Relaxed));
+    c.journal(first, OP_ALLOC, live + 1, bytes + size);
+    let next = s.arena.load_link(first).unwrap().unwrap_or(0);
+    c.head.store(next | ((count - 1) << 48), Ordering::Relaxed);
+    first
+}
+
+/// Frees `blocks` (user offsets) and checks the allocator is back to `start` free bytes.
+fn free_all_and_check(a: &ScalablePageAllocator, blocks: impl IntoIterator<Item = u64>, start: u64) {
+    for u in blocks {
+        a.free(OffsetPtr::new(u)).unwrap();
+    }
+    a.trim().unwrap();
+    a.check().unwrap();
+    assert_eq!(a.stats().live_allocations, 0);
+    assert_eq!(a.stats().bytes_in_use, 0);
+    assert_eq!(a.stats().free_bytes(), start);
+}
+
+/// A dead process's slot (this thread holds another) that died handing out a block of 200 B
+/// after allocating five; once `recover` ran, this thread takes that block among 100 of its
+/// own. Returns the slot, the dead process's five blocks and this thread's 100.
+fn dead_allocation_recovered_and_reused(
+    a: &ScalablePageAllocator,
+    recover: impl FnOnce(),
+) -> (u64, Vec<u64>, Vec<u64>) {
+    a.free(a.allocate(8, 8).unwrap()).unwrap();
+    let slot = dead_slot(a);
+    let class = class_for(200, 8).unwrap();
+    let theirs: Vec<u64> = (0..5).map(|_| a.shared.allocate_small(slot, class, 200, 8).unwrap()).collect();
+    let block = die_handing_out(a, slot, class, 200);
+    recover();
+    let mine: Vec<u64> = (0..100).map(|_| a.allocate(200, 8).unwrap().get()).collect();
+    assert!(mine.contains(&(block + 16)), "the block went back to the shared list");
+    (slot, theirs, mine)
+}
+
+#[test]
+fn a_slot_used_again_after_a_recovery_is_not_judged_on_its_old_journal() {
+    let a = ScalablePageAllocator::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = a.stats().free_bytes();
+    let (slot, mut theirs, mine) = dead_allocation_recovered_and_reused(&a, || {
+        assert_eq!(a.reclaim().unwrap(), 1);
+        a.check().unwrap();
+        assert_eq!(a.stats().live_allocations, 5, "the allocation it died in never happened");
+    });
+    // A second process takes the same slot, works in another class only, and dies. The first
+    // journal of the slot, whose block is now live, must not count again.
+    assert_eq!(dead_slot(&a), slot);
+    theirs.push(a.shared.allocate_small(slot, class_for(48, 8).unwrap(), 48, 8).unwrap());
+    assert_eq!(a.reclaim().unwrap(), 1);
+    a.check().unwrap();
+    assert_eq!(a.stats().live_allocations, 106);
+    free_all_and_check(&a, mine.into_iter().chain(theirs), start);
+}
+
+#[test]
+fn a_recovery_that_dies_after_settling_leaves_nothing_to_settle_twice() {
+    let a = ScalablePageAllocator::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = a.stats().free_bytes();
+    // A recoverer claims the slot, settles its journals, pushes its blocks, and dies before
+    // giving the slot back (simulated: the whole recovery, then the slot owned by the dead).
+    let (slot, theirs, mine) = dead_allocation_recovered_and_reused(&a, || {
+        assert_eq!(a.shared.recover_dead().unwrap(), 1);
+    });
+    let s = &a.shared;
+    let owner = &s.slots.slot(&s.mem, slot).unwrap().owner;
+    owner.compare_exchange(0, crate::testing::dead_token(), Ordering::AcqRel, Ordering::Relaxed).unwrap();
+    assert_eq!(a.reclaim().unwrap(), 1);
+    a.check().unwrap();
+    assert_eq!(a.stats().live_allocations, 105);
+    free_all_and_check(&a, mine.into_iter().chain(theirs), start);
+}
+
+#[test]
+fn a_free_that_lost_its_race_is_not_counted() {
+    let a = ScalablePageAllocator::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = a.stats().free_bytes();
+    let kept: Vec<u64> = (0..3).map(|_| a.allocate(200, 8).unwrap().get()).collect();
+    let p = a.allocate(200, 8).unwrap();
+    let b = find_small(&a.shared.arena, p.get()).unwrap();
+    a.free(p).unwrap();
+    // A dead process was freeing the same block in a scan (`free_claimed`): its compare-and-swap
+    // failed, and it died before clearing its journal. The block is free, under another label.
+    let slot = dead_slot(&a);
+    let s = &a.shared;
+    let class = class_for(200, 8).unwrap();
+    let (c, _) = s.cache(slot, class);
+    c.journal(b.block, OP_FREE, c.live.load(Ordering::Relaxed).wrapping_sub(1), 0u64.wrapping_sub(200));
+    assert_eq!(a.reclaim().unwrap(), 1);
+    a.check().unwrap();
+    assert_eq!(a.stats().live_allocations, 3);
+    free_all_and_check(&a, kept, start);
+}
+
+#[test]
+fn blocks_of_a_dead_process_wait_for_the_settle_of_the_journals_that_name_them() {
+    let config = ScalablePageConfig { dead_process_blocks: DeadProcessBlocks::Free };
+    let a = ScalablePageAllocator::create(region_of(8 << 20), AllocatorId::new(1, 0), &config).unwrap();
+    let start = a.stats().free_bytes();
+    a.free(a.allocate(8, 8).unwrap()).unwrap();
+    let slot = dead_slot(&a);
+    let s = &a.shared;
+    let dead = short_stamp(crate::sync::owner_stamp(crate::testing::dead_token()));
+    let mark_dead = |user: u64| s.arena.word(user - 8).unwrap().store(back_word(16, dead), Ordering::Relaxed);
+    let (small, mid) = (class_for(48, 8).unwrap(), class_for(200, 8).unwrap());
+    for _ in 0..10 {
+        mark_dead(s.allocate_small(slot, small, 48, 8).unwrap());
+    }
+    // Killed resizing a block (its new size written, the bytes counter not yet) ...
+    let r = s.allocate_small(slot, mid, 200, 8).unwrap();
+    mark_dead(r);
+    let found = find_small(&s.arena, r).unwrap();
+    let (c, _) = s.cache(slot, mid);
+    let bytes = c.bytes.load(Ordering::Relaxed) - 100;
+    c.journal(found.block, cache::OP_RESIZE | (100 << 48), c.live.load(Ordering::Relaxed), bytes);
+    let info = Info::unpack(found.word).unwrap();
+    s.arena.info(found.block).unwrap().store(Info { size: 100, ..info }.pack(), Ordering::Release);
+    // ... while another of its threads had just made a block of `small` live.
+    let block = die_handing_out(&a, slot, small, 48);
+    let word = s.arena.info(block).unwrap().load(Ordering::Relaxed);
+    mark_dead(block + 16);
+    s.arena.info(block).unwrap().store(live_word(word, 48), Ordering::Release);
+    // A process that finds them dead before anyone recovered the slot frees all but those two.
+    assert_eq!(a.with_slot(|mine| s.free_dead_blocks(mine)).unwrap(), 10);
+    // The recovery settles the slot, then frees them.
+    assert_eq!(a.reclaim().unwrap(), 1 + 2);
+    a.check().unwrap();
+    free_all_and_check(&a, [], start);
 }
