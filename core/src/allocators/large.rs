@@ -74,8 +74,12 @@ pub(crate) fn live_run(g: &FreeSpaceGuard<'_>, fs: &FreeSpace, mem: &Mem, block:
 
 /// Frees the large block at `block`.
 pub(crate) fn free(fs: &FreeSpace, mem: &Mem, block: u64) -> Result<()> {
-    let mut g = fs.lock();
-    let (head, size) = live_run(&g, fs, mem, block)?;
+    free_locked(&mut fs.lock(), fs, mem, block)
+}
+
+/// [`free`], for a caller that holds the free-space lock.
+pub(crate) fn free_locked(g: &mut FreeSpaceGuard<'_>, fs: &FreeSpace, mem: &Mem, block: u64) -> Result<()> {
+    let (head, size) = live_run(g, fs, mem, block)?;
     let live = Info { state: State::Live, class: LARGE_CLASS, index: 0, size: 0 };
     mem.info(block)?
         .compare_exchange(live.pack(), live.with_state(State::Free).pack(), Ordering::AcqRel, Ordering::Relaxed)

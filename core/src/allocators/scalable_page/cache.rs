@@ -14,7 +14,11 @@
 //! state is read off the slot's label: an allocation took effect unless its block is still
 //! free with the slot's label, a free took effect if its block is. (The allocation count is
 //! bumped before an allocation starts: a process killed during one may have counted it without
-//! making it.)
+//! making it.) One case stays inexact: a process killed inside an in-place resize, between the
+//! block's new size and its bytes counter, whose block another process frees before any
+//! recovery. That free keeps no trace of the size it took off, so the live bytes stay off by
+//! the resize, and `check` says so; the live count is exact. (A reclaimer never frees such a
+//! block first: it waits for the settle, see [`recovery`](super::recovery).)
 //!
 //! Shared list changes happen under the list's lock and commit with one store of its head; the
 //! blocks a refill takes are relabelled while still on the list.
@@ -91,13 +95,16 @@ pub(super) fn unpack_journal(journal: u64) -> (u64, u64, u64) {
 
 impl ClassCache {
     /// Writes the journal for an operation on `block` (`op`, and the size for a resize), before
-    /// anything else changes.
+    /// anything else changes. The journal word is cleared while the values change, so that a
+    /// recovery never pairs a block with the values of another operation.
     #[inline]
     pub(super) fn journal(&self, block: u64, op: u64, live: u64, bytes: u64) {
-        self.journal.store(block | op, Ordering::Relaxed);
+        self.journal.store(0, Ordering::Relaxed);
         compiler_fence(Ordering::Release);
         self.j_live.store(live, Ordering::Relaxed);
         self.j_bytes.store(bytes, Ordering::Relaxed);
+        compiler_fence(Ordering::Release);
+        self.journal.store(block | op, Ordering::Relaxed);
         compiler_fence(Ordering::Release);
     }
 
@@ -195,8 +202,13 @@ impl Shared {
     }
 
     /// Frees a live small block someone else may be freeing at the same time (a dead process's,
-    /// found by a scan): the block is claimed with a CAS, and nothing happens if that fails.
-    pub(super) fn free_claimed(&self, slot: u64, block: u64, info: Info) -> Result<()> {
+    /// found by a scan, whose back word at `back_at` read `back`): the block is claimed with a
+    /// CAS, and nothing happens if that fails or the back word changed (freed and handed out
+    /// again since the scan).
+    pub(super) fn free_claimed(&self, slot: u64, block: u64, info: Info, back_at: u64, back: u64) -> Result<()> {
+        if self.arena.word(back_at)?.load(Ordering::Acquire) != back {
+            return Err(invalid(block, "no longer the block the scan found"));
+        }
         let class = info.class;
         let (c, label) = self.cache(slot, class);
         let (first, count) = unpack_head(c.head.load(Ordering::Relaxed));

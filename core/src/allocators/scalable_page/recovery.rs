@@ -167,59 +167,59 @@ impl Shared {
             *verdict.entry(stamp).or_insert_with(|| stamp != self.stamp && liveness::is_dead(stamp_process(stamp)))
         };
         let (mut small, mut large_blocks) = (Vec::new(), Vec::new());
-        {
-            let g = self.fs.lock();
-            // Slots are claimed and settled under this lock, so the journals of slots whose
-            // owner died are the unsettled ones; their blocks wait for the recovery that settles
-            // them (the next `reclaim`), whose judgement freeing them now would mislead.
-            let mut unsettled = BTreeSet::new();
-            for offset in self.slots.offsets(&self.mem)? {
-                let s = self.slots.slot(&self.mem, offset)?;
-                if owner_dead(s.owner.load(Ordering::Acquire)) {
-                    for c in &s.body.classes {
-                        let (block, op, _) = unpack_journal(c.journal.load(Ordering::Acquire));
-                        if op != 0 {
-                            unsettled.insert(block);
+        // All of it under the free-space lock: slots are claimed and settled under it, and a
+        // reclaimer elsewhere, or a large free, waits for it (see the module docs).
+        let mut g = self.fs.lock();
+        g.for_each_used(|head, run| {
+            let base = self.fs.layout().unit_offset(head);
+            let class = run.aux as usize;
+            match run.tag {
+                TAG_SPAN if self.arena.class_span(base, class).is_some() => {
+                    for index in 0..LAYOUTS[class].blocks {
+                        let b = block_at(base, class, index);
+                        let word = self.arena.info(b)?.load(Ordering::Acquire);
+                        let Some(info) = Info::unpack(word).filter(|i| i.state == State::Live) else {
+                            continue;
+                        };
+                        let Ok(user) = user_of_live(&self.arena, b, class) else {
+                            continue;
+                        };
+                        let back = self.arena.word(user - 8)?.load(Ordering::Relaxed);
+                        if dead_process(back >> 16) {
+                            small.push((b, info, user - 8, back));
                         }
+                    }
+                }
+                TAG_LARGE if dead_process(self.arena.word(base + 16)?.load(Ordering::Relaxed)) => {
+                    large_blocks.push(base);
+                }
+                _ => {}
+            }
+            Ok(())
+        })?;
+        // The journals of slots whose owner died are the unsettled ones (read after the scan:
+        // every process it found dead had died by then); their blocks wait for the recovery
+        // that settles them, whose judgement freeing them now would mislead.
+        let mut unsettled = BTreeSet::new();
+        for offset in self.slots.offsets(&self.mem)? {
+            let s = self.slots.slot(&self.mem, offset)?;
+            if owner_dead(s.owner.load(Ordering::Acquire)) {
+                for c in &s.body.classes {
+                    let (block, op, _) = unpack_journal(c.journal.load(Ordering::Acquire));
+                    if op != 0 {
+                        unsettled.insert(block);
                     }
                 }
             }
-            g.for_each_used(|head, run| {
-                let base = self.fs.layout().unit_offset(head);
-                let class = run.aux as usize;
-                match run.tag {
-                    TAG_SPAN if self.arena.class_span(base, class).is_some() => {
-                        for index in 0..LAYOUTS[class].blocks {
-                            let b = block_at(base, class, index);
-                            let word = self.arena.info(b)?.load(Ordering::Acquire);
-                            let Some(info) = Info::unpack(word).filter(|i| i.state == State::Live) else {
-                                continue;
-                            };
-                            if unsettled.contains(&b) {
-                                continue;
-                            }
-                            let Ok(user) = user_of_live(&self.arena, b, class) else {
-                                continue;
-                            };
-                            if dead_process(self.arena.word(user - 8)?.load(Ordering::Relaxed) >> 16) {
-                                small.push((b, info));
-                            }
-                        }
-                    }
-                    TAG_LARGE if dead_process(self.arena.word(base + 16)?.load(Ordering::Relaxed)) => {
-                        large_blocks.push(base);
-                    }
-                    _ => {}
-                }
-                Ok(())
-            })?;
         }
         let mut freed = 0;
-        for (block, info) in small {
-            freed += self.free_claimed(slot, block, info).is_ok() as u64;
+        for (block, info, back_at, back) in small {
+            if !unsettled.contains(&block) {
+                freed += self.free_claimed(slot, block, info, back_at, back).is_ok() as u64;
+            }
         }
         for block in large_blocks {
-            freed += large::free(&self.fs, &self.arena, block).is_ok() as u64;
+            freed += large::free_locked(&mut g, &self.fs, &self.arena, block).is_ok() as u64;
         }
         Ok(freed)
     }

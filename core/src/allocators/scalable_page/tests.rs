@@ -267,16 +267,28 @@ fn a_free_that_lost_its_race_is_not_counted() {
     free_all_and_check(&a, kept, start);
 }
 
-#[test]
-fn blocks_of_a_dead_process_wait_for_the_settle_of_the_journals_that_name_them() {
+/// An allocator that frees dead processes' blocks, its free bytes at the start, and a dead
+/// process's slot (this thread holds another).
+fn freeing_dead_blocks_with_a_dead_slot() -> (ScalablePageAllocator, u64, u64) {
     let config = ScalablePageConfig { dead_process_blocks: DeadProcessBlocks::Free };
     let a = ScalablePageAllocator::create(region_of(8 << 20), AllocatorId::new(1, 0), &config).unwrap();
     let start = a.stats().free_bytes();
     a.free(a.allocate(8, 8).unwrap()).unwrap();
     let slot = dead_slot(&a);
-    let s = &a.shared;
+    (a, start, slot)
+}
+
+/// Stamps the live block at user offset `user` as the dead process's.
+fn mark_dead(a: &ScalablePageAllocator, user: u64) {
     let dead = short_stamp(crate::sync::owner_stamp(crate::testing::dead_token()));
-    let mark_dead = |user: u64| s.arena.word(user - 8).unwrap().store(back_word(16, dead), Ordering::Relaxed);
+    a.shared.arena.word(user - 8).unwrap().store(back_word(16, dead), Ordering::Relaxed);
+}
+
+#[test]
+fn blocks_of_a_dead_process_wait_for_the_settle_of_the_journals_that_name_them() {
+    let (a, start, slot) = freeing_dead_blocks_with_a_dead_slot();
+    let s = &a.shared;
+    let mark_dead = |user: u64| mark_dead(&a, user);
     let (small, mid) = (class_for(48, 8).unwrap(), class_for(200, 8).unwrap());
     for _ in 0..10 {
         mark_dead(s.allocate_small(slot, small, 48, 8).unwrap());
@@ -301,4 +313,24 @@ fn blocks_of_a_dead_process_wait_for_the_settle_of_the_journals_that_name_them()
     assert_eq!(a.reclaim().unwrap(), 1 + 2);
     a.check().unwrap();
     free_all_and_check(&a, [], start);
+}
+
+#[test]
+fn a_dead_block_handed_out_again_since_the_scan_is_not_freed() {
+    let (a, start, slot) = freeing_dead_blocks_with_a_dead_slot();
+    let s = &a.shared;
+    let u = s.allocate_small(slot, class_for(200, 8).unwrap(), 200, 8).unwrap();
+    mark_dead(&a, u);
+    // What a scan saw of the dead process's block ...
+    let b = find_small(&s.arena, u).unwrap();
+    let (info, back) = (Info::unpack(b.word).unwrap(), s.arena.word(u - 8).unwrap().load(Ordering::Relaxed));
+    // ... before someone else freed it and this thread got it again, with the same info word.
+    assert_eq!(a.reclaim().unwrap(), 2);
+    let p = a.allocate(200, 8).unwrap();
+    assert_eq!(p.get(), u);
+    assert_eq!(s.arena.info(b.block).unwrap().load(Ordering::Relaxed), b.word);
+    assert!(a.with_slot(|mine| s.free_claimed(mine, b.block, info, u - 8, back)).is_err());
+    assert_eq!(a.size_of(p).unwrap(), 200, "still live");
+    a.check().unwrap();
+    free_all_and_check(&a, [p.get()], start);
 }
