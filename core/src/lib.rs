@@ -26,6 +26,9 @@
 extern crate alloc;
 
 pub mod backend;
+#[cfg(all(feature = "alloc", not(loom)))]
+#[doc(hidden)]
+pub mod crash;
 pub mod error;
 // Lock-free fastmem needs compare-and-swap; the `critical-section` variant does not.
 #[cfg(any(feature = "critical-section", target_has_atomic = "ptr"))]

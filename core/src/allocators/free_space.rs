@@ -253,6 +253,11 @@ pub(crate) struct FreeSpaceGuard<'a> {
 }
 
 impl FreeSpaceGuard<'_> {
+    /// The layout of the free space this guard locks.
+    pub(crate) fn layout(&self) -> &FreeSpaceLayout {
+        self.fs.layout()
+    }
+
     fn units(&self) -> u32 {
         self.fs.layout.units
     }

@@ -31,7 +31,7 @@ use crate::region::Region;
 use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::sync::tagged_list::{decode, encode, storable, LinkStore};
 
-use super::free_space::UNIT;
+use super::free_space::{FreeSpaceGuard, UNIT};
 use super::size_class::{class_size, CLASS_COUNT, SMALL_MAX};
 
 /// Header bytes before a small block's user bytes.
@@ -623,6 +623,25 @@ pub(crate) unsafe fn init_span(mem: &Mem, span: u64, class: usize, owner: u64) -
         core::ptr::addr_of_mut!((*p).kind).write_volatile(span_kind(class));
     }
     Ok(())
+}
+
+/// Returns the span at `span` to the free-space manager, its header's magic cleared first. A
+/// recovery takes a span run with a header for a whole span (the header is written last when a
+/// span is carved), so none may be left behind: a carver that took the run again and died
+/// before writing its own would leave the stale header, and the stale blocks under it, looking
+/// whole.
+///
+/// # Safety
+/// The span is no one's: all its blocks are free and on no list or cache, and the caller holds
+/// the free-space lock `g`.
+pub(crate) unsafe fn release_span(g: &mut FreeSpaceGuard<'_>, mem: &Mem, span: u64) -> Result<()> {
+    let head = g.layout().unit_of(span).ok_or(corrupt(span, "span outside the arena"))?;
+    // SAFETY: in bounds and aligned (`at` checks); the caller's promise: no one else uses it.
+    let p = unsafe { mem.at::<SpanHeader>(span) }?;
+    // SAFETY: as above.
+    unsafe { core::ptr::addr_of_mut!((*p).kind).write_volatile(0) };
+    crate::crash::point();
+    g.free(head)
 }
 
 /// The block start of block `index` of a span.

@@ -25,6 +25,7 @@
 
 use core::sync::atomic::compiler_fence;
 
+use crate::crash;
 use crate::error::{Error, Result};
 use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::sync::tagged_list::{self, LinkStore};
@@ -100,11 +101,15 @@ impl ClassCache {
     #[inline]
     pub(super) fn journal(&self, block: u64, op: u64, live: u64, bytes: u64) {
         self.journal.store(0, Ordering::Relaxed);
+        crash::point();
         compiler_fence(Ordering::Release);
         self.j_live.store(live, Ordering::Relaxed);
+        crash::point();
         self.j_bytes.store(bytes, Ordering::Relaxed);
+        crash::point();
         compiler_fence(Ordering::Release);
         self.journal.store(block | op, Ordering::Relaxed);
+        crash::point();
         compiler_fence(Ordering::Release);
     }
 
@@ -113,7 +118,9 @@ impl ClassCache {
     fn settle(&self, live: u64, bytes: u64) {
         compiler_fence(Ordering::Release);
         self.live.store(live, Ordering::Relaxed);
+        crash::point();
         self.bytes.store(bytes, Ordering::Relaxed);
+        crash::point();
     }
 }
 
@@ -172,8 +179,10 @@ impl Shared {
         let live = c.live.load(Ordering::Relaxed).wrapping_add(1);
         let bytes = c.bytes.load(Ordering::Relaxed).wrapping_add(size as u64);
         c.allocations.store(c.allocations.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+        crash::point();
         c.journal(block, OP_ALLOC, live, bytes);
         c.head.store(rest, Ordering::Relaxed);
+        crash::point();
         compiler_fence(Ordering::Release);
         let user = if align <= 16 { block + SMALL_HEADER } else { user_of(block, SMALL_HEADER, align as u64) };
         // SAFETY: the whole block lies in the arena (checked by `peek_cached`), and the user
@@ -183,10 +192,13 @@ impl Shared {
             if user != block + SMALL_HEADER {
                 // Where an unpadded block's info word would be: never a live info word.
                 self.arena.word_unchecked(user - 16).store(0, Ordering::Relaxed);
+                crash::point();
             }
             self.arena.word_unchecked(user - 8).store(back_word(user - block, self.stamp), Ordering::Relaxed);
+            crash::point();
             compiler_fence(Ordering::Release);
             self.arena.word_unchecked(block).store(live_word(word, size as u64), Ordering::Release);
+            crash::point();
         }
         c.settle(live, bytes);
         user
@@ -218,11 +230,15 @@ impl Shared {
         let freed = freed_word(info.pack(), label);
         if self.arena.info(block)?.compare_exchange(info.pack(), freed, Ordering::AcqRel, Ordering::Relaxed).is_err() {
             c.journal.store(0, Ordering::Relaxed);
+            crash::point();
             return Err(invalid(block, "already freed"));
         }
+        crash::point();
         self.arena.store_link(block, (first != 0).then_some(first));
+        crash::point();
         compiler_fence(Ordering::Release);
         c.head.store(pack_head(block, count + 1), Ordering::Relaxed);
+        crash::point();
         c.settle(live, bytes);
         self.flush_class(slot, (count + 1 > self.limits[class] as u64).then_some(class))
     }
@@ -240,12 +256,15 @@ impl Shared {
         // SAFETY: `find_small` checked the block lies in the arena.
         unsafe {
             self.arena.word_unchecked(block).store(freed_word(live_word, label), Ordering::Release);
+            crash::point();
             self.arena
                 .word_unchecked(block + 8)
                 .store(tagged_list::encode((first != 0).then_some(first)), Ordering::Relaxed);
+            crash::point();
         }
         compiler_fence(Ordering::Release);
         c.head.store(pack_head(block, count + 1), Ordering::Relaxed);
+        crash::point();
         c.settle(live, bytes);
         (count + 1 > self.limits[class] as u64).then_some(class)
     }
@@ -268,8 +287,10 @@ impl Shared {
         c.journal(block, OP_RESIZE | ((new_size as u64) << COUNT_SHIFT), live, bytes);
         let resized = Info { size: new_size as u64, ..info };
         self.arena.info(block)?.store(resized.pack(), Ordering::Release);
+        crash::point();
         compiler_fence(Ordering::Release);
         c.bytes.store(bytes, Ordering::Relaxed);
+        crash::point();
         Ok(())
     }
 
@@ -318,15 +339,19 @@ impl Shared {
                 return Err(corrupt(b, "shared list holds a block that is not free"));
             }
             w.store((word & !FIELD_MASK) | label, Ordering::Relaxed);
+            crash::point();
             at = self.arena.load_link(b)?;
             last = b;
             n += 1;
         }
         compiler_fence(Ordering::Release);
         *list = at.unwrap_or(0);
+        crash::point();
         drop(list);
         self.arena.store_link(last, None);
+        crash::point();
         c.head.store(pack_head(first, n), Ordering::Relaxed);
+        crash::point();
         Ok(true)
     }
 
@@ -340,6 +365,7 @@ impl Shared {
             let Some(head) = g.alloc(layout.units, TAG_SPAN, class as u32) else {
                 return Ok(false);
             };
+            crash::point();
             let span = self.fs.layout().unit_offset(head);
             for index in 0..layout.blocks {
                 let b = block_at(span, class, index);
@@ -348,17 +374,24 @@ impl Shared {
                     .word(b)?
                     .store(Info { state: State::Free, class, index, size: label }.pack(), Ordering::Relaxed);
                 self.arena.store_link(b, next);
+                if index == layout.blocks / 2 {
+                    crash::point();
+                }
             }
             // SAFETY: the units were just taken from the free-space manager: ours alone.
             unsafe { init_span(&self.arena, span, class, 0) }?;
+            crash::point();
             span
         };
         let batch = self.batch(class).min(layout.blocks);
         if batch < layout.blocks {
             self.push_chain(class, block_at(span, class, batch), block_at(span, class, layout.blocks - 1))?;
+            crash::point();
         }
         self.arena.store_link(block_at(span, class, batch - 1), None);
+        crash::point();
         c.head.store(pack_head(block_at(span, class, 0), batch), Ordering::Relaxed);
+        crash::point();
         Ok(true)
     }
 
@@ -366,8 +399,10 @@ impl Shared {
     pub(super) fn push_chain(&self, class: usize, first: u64, last: u64) -> Result<()> {
         let mut list = self.list(class).lock_or_recover(|_| {});
         self.arena.store_link(last, (*list != 0).then_some(*list));
+        crash::point();
         compiler_fence(Ordering::Release);
         *list = first;
+        crash::point();
         Ok(())
     }
 
@@ -391,6 +426,7 @@ impl Shared {
         }
         let rest = self.arena.load_link(last)?.unwrap_or(0);
         c.head.store(pack_head(rest, count - n), Ordering::Relaxed);
+        crash::point();
         compiler_fence(Ordering::Release);
         self.push_chain(class, first, last)
     }

@@ -28,7 +28,9 @@
 //! whatever instruction the process died at. The list locks and the free-space lock record
 //! their holder and are taken over from a dead one; every list change commits with one store,
 //! and runs a dead holder left half made are returned. With [`DeadProcessBlocks::Free`], blocks
-//! a dead process still held are freed as well.
+//! a dead process still held are freed as well. Every place between two stores to shared state
+//! is a [crash point](crate::crash): `tests/crash_points.rs` kills a process at each one in turn
+//! and checks the recovery.
 
 mod audit;
 mod cache;
@@ -147,6 +149,7 @@ impl Shared {
     /// Gives back a slot this process holds: its cache goes to the shared lists.
     fn release_slot(&self, slot: u64) -> Result<()> {
         self.flush_all(slot)?;
+        crate::crash::point();
         self.slots.slot(&self.mem, slot)?.owner.store(0, crate::sync::atomic::Ordering::Release);
         Ok(())
     }

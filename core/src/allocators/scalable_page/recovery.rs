@@ -18,6 +18,7 @@ use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::vec::Vec;
 use core::sync::atomic::compiler_fence;
 
+use crate::crash;
 use crate::error::Result;
 use crate::liveness;
 use crate::sync::atomic::Ordering;
@@ -28,7 +29,7 @@ use super::super::free_space::FreeSpaceGuard;
 use super::super::large::{self, TAG_LARGE, TAG_SPAN};
 use super::super::size_class::CLASS_COUNT;
 use super::super::slots::owner_dead;
-use super::super::span::{block_at, corrupt, span_of, user_of_live, Info, State, LAYOUTS};
+use super::super::span::{block_at, corrupt, release_span, span_of, user_of_live, Info, State, LAYOUTS};
 use super::cache::{unpack_journal, ClassCache, OP_ALLOC, OP_FREE, OP_RESIZE};
 use super::{stamp_process, Shared};
 
@@ -72,6 +73,7 @@ impl Shared {
         for (offset, owner) in candidates {
             let s = self.slots.slot(&self.mem, offset)?;
             if s.owner.compare_exchange(owner, owner_token(), Ordering::Acquire, Ordering::Relaxed).is_ok() {
+                crash::point();
                 let label = s.index as u64 + 1;
                 for (class, c) in s.body.classes.iter().enumerate() {
                     self.settle_journal(c, class, label);
@@ -107,8 +109,10 @@ impl Shared {
                     self.arena.store_link(pair[0], Some(pair[1]));
                 }
                 self.arena.store_link(last, (*list != 0).then_some(*list));
+                crash::point();
                 compiler_fence(Ordering::Release);
                 *list = first;
+                crash::point();
             }
         }
         for &offset in &dead {
@@ -116,7 +120,9 @@ impl Shared {
             for c in &s.body.classes {
                 c.head.store(0, Ordering::Relaxed);
             }
+            crash::point();
             s.owner.store(0, Ordering::Release);
+            crash::point();
         }
         drop(g);
         Ok(dead.len() as u64)
@@ -150,10 +156,13 @@ impl Shared {
         };
         if done {
             c.live.store(c.j_live.load(Ordering::Relaxed), Ordering::Relaxed);
+            crash::point();
             c.bytes.store(c.j_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+            crash::point();
             compiler_fence(Ordering::Release);
         }
         c.journal.store(0, Ordering::Release);
+        crash::point();
     }
 
     /// Frees the blocks processes that have died still held (small ones through the cache in
@@ -241,11 +250,13 @@ impl Shared {
                     let info = Info::unpack(word).filter(|i| i.state == State::Free && i.class == class);
                     let info = info.ok_or(corrupt(b, "shared list holds a block that is not free"))?;
                     w.store(Info { size: label, ..info }.pack(), Ordering::Relaxed);
+                    crash::point();
                     taken.push(b);
                     Ok(())
                 })?;
                 compiler_fence(Ordering::Release);
                 *list = 0;
+                crash::point();
             }
             let mut per_span: BTreeMap<u64, u64> = BTreeMap::new();
             let mut span_of_block = Vec::with_capacity(taken.len());
@@ -258,8 +269,10 @@ impl Shared {
             }
             for (&span, &free) in &per_span {
                 if free == layout.blocks {
-                    let head = self.fs.layout().unit_of(span).ok_or(corrupt(span, "span outside the arena"))?;
-                    g.free(head)?;
+                    // SAFETY: every block of the span was on the list, which this trim took
+                    // whole; the free-space lock is held.
+                    unsafe { release_span(&mut g, &self.arena, span) }?;
+                    crash::point();
                 }
             }
             let keep: Vec<u64> = taken
@@ -275,6 +288,7 @@ impl Shared {
                 self.push_chain(class, first, last)?;
             }
         }
+        crash::point();
         drop(g);
         Ok(())
     }

@@ -143,6 +143,35 @@ fn a_span_left_half_made_by_a_dead_lock_holder_is_returned() {
 }
 
 #[test]
+fn a_span_taken_again_by_a_carver_that_died_before_its_header_is_returned() {
+    crate::testing::install_test_liveness();
+    let a = ScalablePageAllocator::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = a.stats().free_bytes();
+    let class = class_for(3000, 8).unwrap();
+    let blocks: Vec<_> = (0..20).map(|_| a.allocate(3000, 8).unwrap()).collect();
+    let first = find_small(&a.shared.arena, blocks[0].get()).unwrap();
+    let span = super::super::span::span_of(first.block, &Info::unpack(first.word).unwrap()).unwrap();
+    for p in blocks {
+        a.free(p).unwrap();
+    }
+    // The spans go back (their blocks keep their last words) ...
+    a.trim().unwrap();
+    assert_eq!(a.stats().free_bytes(), start);
+    // ... and a carver takes the first again, then dies holding the free-space lock, before it
+    // wrote the span's header. No header of the old span may remain to make the run look whole.
+    let s = &a.shared;
+    let mut g = s.fs.lock();
+    let head = g.alloc(LAYOUTS[class].units, super::super::large::TAG_SPAN, class as u32).unwrap();
+    assert_eq!(s.fs.layout().unit_offset(head), span, "the same run again");
+    assert!(s.arena.class_span(span, class).is_none());
+    core::mem::forget(g);
+    let lock = s.region.offset() + core::mem::offset_of!(SpaHeader, free_space) as u64;
+    s.mem.word(lock).unwrap().store(crate::testing::dead_token(), Ordering::Release);
+    assert_eq!(a.stats().free_bytes(), start, "the run went back when the lock was taken over");
+    a.check().unwrap();
+}
+
+#[test]
 fn a_thread_using_many_handles_keeps_one_slot_in_each() {
     let allocators: Vec<_> = (0..9)
         .map(|i| {

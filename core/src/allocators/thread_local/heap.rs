@@ -747,9 +747,9 @@ impl Shared {
     }
 
     pub(super) fn release_span(&self, span: u64) -> Result<()> {
-        let head = self.fs.layout().unit_of(span).ok_or(corrupt(span, "span outside the arena"))?;
-        let mut g = self.fs.lock();
-        g.free(head)
+        // SAFETY: the caller found every block of the span free and took them all off its lists;
+        // the free-space lock is held.
+        unsafe { super::super::span::release_span(&mut self.fs.lock(), &self.arena, span) }
     }
 
     /// Moves the remote frees of `class` to the free list (owner only), journaled in the heap's

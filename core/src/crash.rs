@@ -1,0 +1,46 @@
+//! Crash points: the places between two stores to shared memory where a process may die and
+//! leave work half done for a recovery to finish.
+//!
+//! Built with `--cfg hetmem_crash_points` (on Unix, with `std`), each point counts itself, and
+//! the process kills itself with `SIGKILL` at the point `HETMEM_CRASH_AT` names (counting from
+//! 0), after printing where to stderr if `HETMEM_CRASH_TRACE` is set. A test then runs one process per point, so that recovery is tried after a death at every
+//! point of a sequence of operations, rather than at the points a timer happens to hit
+//! (`tests/crash_points.rs`). In every other build a crash point is empty.
+
+/// Marks a place where the process may die (see the [module docs](self)).
+#[inline(always)]
+pub(crate) fn point() {
+    #[cfg(all(hetmem_crash_points, feature = "std", unix))]
+    imp::hit();
+}
+
+/// How many crash points this process has passed (only with `--cfg hetmem_crash_points`).
+#[cfg(all(hetmem_crash_points, feature = "std", unix))]
+pub fn points_passed() -> u64 {
+    imp::PASSED.load(core::sync::atomic::Ordering::Relaxed)
+}
+
+#[cfg(all(hetmem_crash_points, feature = "std", unix))]
+mod imp {
+    use core::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+
+    pub(super) static PASSED: AtomicU64 = AtomicU64::new(0);
+
+    /// The point to die at, from `HETMEM_CRASH_AT` (none: never).
+    fn target() -> u64 {
+        static AT: OnceLock<u64> = OnceLock::new();
+        *AT.get_or_init(|| std::env::var("HETMEM_CRASH_AT").ok().and_then(|v| v.parse().ok()).unwrap_or(u64::MAX))
+    }
+
+    pub(super) fn hit() {
+        let n = PASSED.fetch_add(1, Ordering::Relaxed);
+        if n == target() {
+            if std::env::var_os("HETMEM_CRASH_TRACE").is_some() {
+                std::eprintln!("killed at point {n}:\n{}", std::backtrace::Backtrace::force_capture());
+            }
+            // SAFETY: kill(2) on this process; SIGKILL cannot be caught, so nothing runs after.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        }
+    }
+}
