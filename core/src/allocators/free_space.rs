@@ -273,6 +273,7 @@ impl FreeSpaceGuard<'_> {
         assert!(i < self.units());
         // SAFETY: as in `desc`.
         unsafe { self.fs.table.add(i as usize).write(d) }
+        crate::crash::point();
     }
 
     /// Writes descriptors for a free run (tail first, head last) without binning it.
