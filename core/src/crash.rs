@@ -2,16 +2,61 @@
 //! leave work half done for a recovery to finish.
 //!
 //! Built with `--cfg hetmem_crash_points` (on Unix, with `std`), each point counts itself, and
-//! the process kills itself with `SIGKILL` at the point `HETMEM_CRASH_AT` names (counting from
-//! 0), after printing where to stderr if `HETMEM_CRASH_TRACE` is set. A test then runs one process per point, so that recovery is tried after a death at every
-//! point of a sequence of operations, rather than at the points a timer happens to hit
-//! (`tests/crash_points.rs`). In every other build a crash point is empty.
+//! the process kills itself with `SIGKILL` at the point `HETMEM_CRASH_AT` names (counting
+//! from 0), after printing where to stderr if `HETMEM_CRASH_TRACE` is set. A test then runs
+//! one process per point, so that recovery is tried after a death at every point of a sequence
+//! of operations, rather than at the points a timer happens to hit (`tests/crash_points.rs`).
+//! Unit tests die at a point inside one call instead (`testing::die_at`). In every other build
+//! a crash point is empty.
 
 /// Marks a place where the process may die (see the [module docs](self)).
 #[inline(always)]
 pub(crate) fn point() {
     #[cfg(all(hetmem_crash_points, feature = "std", unix))]
     imp::hit();
+    #[cfg(all(test, feature = "std"))]
+    testing::hit();
+}
+
+/// Deaths inside one call, for unit tests: [`die_at`](testing::die_at) unwinds out of a
+/// function at its `n`th crash point, leaving what it wrote so far as a killed process would
+/// (locks aside: their guards are dropped on the way out, so a test that needs a lock held by
+/// the dead marks it so itself).
+#[cfg(all(test, feature = "std"))]
+pub(crate) mod testing {
+    use std::cell::Cell;
+
+    std::thread_local! {
+        /// Points left before the death (`None`: no death armed on this thread).
+        static LEFT: Cell<Option<u64>> = const { Cell::new(None) };
+    }
+
+    /// The payload a death unwinds with.
+    struct Killed;
+
+    pub(super) fn hit() {
+        LEFT.with(|left| match left.get() {
+            Some(0) => {
+                left.set(None);
+                std::panic::resume_unwind(Box::new(Killed));
+            }
+            Some(n) => left.set(Some(n - 1)),
+            None => {}
+        });
+    }
+
+    /// Runs `f` and dies at its crash point `n` (counting from 0): `None` if it died there,
+    /// else what it returned (it passed fewer than `n + 1` points).
+    pub(crate) fn die_at<R>(n: u64, f: impl FnOnce() -> R) -> Option<R> {
+        LEFT.with(|left| left.set(Some(n)));
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        LEFT.with(|left| left.set(None));
+        match out {
+            Ok(r) => Some(r),
+            Err(payload) if payload.is::<Killed>() => None,
+            Err(payload) => std::panic::resume_unwind(payload),
+        }
+    }
 }
 
 /// How many crash points this process has passed (only with `--cfg hetmem_crash_points`).

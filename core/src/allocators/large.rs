@@ -2,6 +2,7 @@
 //! the free-space manager, with the 32-byte header described in [`span`](super::span). Both span
 //! allocators use these functions unchanged.
 
+use crate::crash;
 use crate::error::{Error, Result};
 use crate::sync::atomic::Ordering;
 
@@ -34,6 +35,7 @@ pub(crate) fn allocate(
     let block = fs.layout().unit_offset(head);
     let user = user_of(block, LARGE_HEADER, align as u64);
     let info = Info { state: State::Live, class: LARGE_CLASS, index: 0, size: 0 };
+    crash::point();
     mem.word(block + 8)?.store(size as u64, Ordering::Relaxed);
     mem.word(block + 16)?.store(stamp, Ordering::Relaxed);
     if user > block + LARGE_HEADER {
@@ -41,7 +43,9 @@ pub(crate) fn allocate(
         mem.word(user - 16)?.store(0, Ordering::Relaxed);
     }
     mem.word(user - 8)?.store(back_word(user - block, stamp), Ordering::Relaxed);
+    crash::point();
     mem.info(block)?.store(info.pack(), Ordering::Release);
+    crash::point();
     g.st.large.live += 1;
     g.st.large.live_bytes += size as u64;
     g.st.large.live_units += units as u64;
@@ -84,6 +88,7 @@ pub(crate) fn free_locked(g: &mut FreeSpaceGuard<'_>, fs: &FreeSpace, mem: &Mem,
     mem.info(block)?
         .compare_exchange(live.pack(), live.with_state(State::Free).pack(), Ordering::AcqRel, Ordering::Relaxed)
         .map_err(|_| invalid(block, "already freed"))?;
+    crash::point();
     let units = g.used_run(head)?.len() as u64;
     g.free(head)?;
     g.st.large.live_units -= units;
@@ -129,11 +134,21 @@ pub(crate) fn resize_in_place(
         return Ok(false);
     };
     let old_units = g.used_run(head)?.len() as u64;
+    // The size word never says more than the run holds, whenever the process dies: a recovery
+    // would take the block for a half-made one and free it. So a smaller size goes in before the
+    // run shrinks, a larger one after it grows.
+    let size_word = mem.word(block + 8)?;
+    if (new_size as u64) < size {
+        size_word.store(new_size as u64, Ordering::Relaxed);
+        crash::point();
+    }
     if !g.resize(head, units)? {
+        size_word.store(size, Ordering::Relaxed);
         return Ok(false);
     }
+    size_word.store(new_size as u64, Ordering::Relaxed);
+    crash::point();
     g.st.large.live_units = g.st.large.live_units - old_units + units as u64;
-    mem.word(block + 8)?.store(new_size as u64, Ordering::Relaxed);
     g.st.large.live_bytes = g.st.large.live_bytes - size + new_size as u64;
     Ok(true)
 }

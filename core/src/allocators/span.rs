@@ -336,7 +336,9 @@ const fn small_classes() -> [u8; TABLE_LEN] {
 #[repr(C, align(64))]
 pub(crate) struct SpanHeader {
     /// The span's magic in the low half, its class in the high half (one compare checks both).
-    kind: u64,
+    /// Atomic: it is written when a span is carved or released, while other processes may
+    /// read it to check a block they free.
+    kind: AtomicU64,
     /// What owns the span (the thread-local allocator's heap offset; 0 in the page allocator).
     pub(crate) owner: AtomicU64,
     /// Owner-only state for allocators with per-thread heaps.
@@ -528,7 +530,7 @@ impl Mem {
         // SAFETY: in bounds and 64-aligned (unit-aligned offset, page-aligned base); a
         // SpanHeader is integers, an atomic and an UnsafeCell of integers, valid for any bits.
         let h = unsafe { &*self.base.add(span as usize).cast::<SpanHeader>() };
-        (h.kind as u32 == SPAN_MAGIC).then_some(h)
+        (h.kind.load(Ordering::Relaxed) as u32 == SPAN_MAGIC).then_some(h)
     }
 
     /// The span header at `span` if the whole span of `class` lies in the view and its header
@@ -544,7 +546,7 @@ impl Mem {
         // that does not is refused by the kind compare unless the bytes there mimic a header,
         // which only a writer of the region's memory could arrange, and which stays in bounds.)
         let h = unsafe { &*self.base.add(span as usize).cast::<SpanHeader>() };
-        (h.kind == span_kind(class)).then_some(h)
+        (h.kind.load(Ordering::Relaxed) == span_kind(class)).then_some(h)
     }
 
     /// The header of the span at `span` holding the block at `block` (checked in bounds by the
@@ -559,7 +561,7 @@ impl Mem {
         // SAFETY: `start <= span` and `span + 128 <= block`, inside the view (checked above and by
         // the caller), 64-aligned; a SpanHeader is valid for any bits.
         let h = unsafe { &*self.base.add(span as usize).cast::<SpanHeader>() };
-        (h.kind == span_kind(class)).then_some(h)
+        (h.kind.load(Ordering::Relaxed) == span_kind(class)).then_some(h)
     }
 
     /// Copies `len` bytes between two blocks that do not overlap.
@@ -620,7 +622,7 @@ pub(crate) unsafe fn init_span(mem: &Mem, span: u64, class: usize, owner: u64) -
         (*p).owner.store(owner, Ordering::Relaxed);
         (*p).local.get().write(SpanLocal::default());
         core::sync::atomic::compiler_fence(Ordering::Release);
-        core::ptr::addr_of_mut!((*p).kind).write_volatile(span_kind(class));
+        (*p).kind.store(span_kind(class), Ordering::Relaxed);
     }
     Ok(())
 }
@@ -639,7 +641,10 @@ pub(crate) unsafe fn release_span(g: &mut FreeSpaceGuard<'_>, mem: &Mem, span: u
     // SAFETY: in bounds and aligned (`at` checks); the caller's promise: no one else uses it.
     let p = unsafe { mem.at::<SpanHeader>(span) }?;
     // SAFETY: as above.
-    unsafe { core::ptr::addr_of_mut!((*p).kind).write_volatile(0) };
+    unsafe { (*p).kind.store(0, Ordering::Relaxed) };
+    // The clear before the run's descriptors change (a release fence keeps it before the
+    // stores that follow).
+    core::sync::atomic::compiler_fence(Ordering::Release);
     crate::crash::point();
     g.free(head)
 }

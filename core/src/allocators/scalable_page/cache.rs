@@ -36,7 +36,7 @@ use super::super::size_class::CLASS_COUNT;
 use super::super::slots::SlotBody;
 use super::super::span::{
     back_word, block_at, corrupt, free_pattern, free_word_mask, freed_word, init_span, invalid, live_word, user_of,
-    word_class, Info, State, FIELD_MASK, LAYOUTS, SMALL_HEADER,
+    user_of_live, word_class, Info, State, FIELD_MASK, LAYOUTS, SMALL_HEADER,
 };
 use super::Shared;
 
@@ -214,11 +214,16 @@ impl Shared {
     }
 
     /// Frees a live small block someone else may be freeing at the same time (a dead process's,
-    /// found by a scan, whose back word at `back_at` read `back`): the block is claimed with a
-    /// CAS, and nothing happens if that fails or the back word changed (freed and handed out
-    /// again since the scan).
-    pub(super) fn free_claimed(&self, slot: u64, block: u64, info: Info, back_at: u64, back: u64) -> Result<()> {
-        if self.arena.word(back_at)?.load(Ordering::Acquire) != back {
+    /// found by a scan with its user bytes at `user` and back word `back`): the block is claimed
+    /// with a CAS, and nothing happens if that fails, or if the block's user offset or back word
+    /// changed since the scan (it was freed and handed out again, with the same info word).
+    /// Reclaimers scan and claim under the free-space lock, so only a process that frees a dead
+    /// process's block itself (which [`DeadProcessBlocks::Free`](super::DeadProcessBlocks) rules
+    /// out) can do that in between; the checks narrow what such a free can break.
+    pub(super) fn free_claimed(&self, slot: u64, block: u64, info: Info, user: u64, back: u64) -> Result<()> {
+        if user_of_live(&self.arena, block, info.class).ok() != Some(user)
+            || self.arena.word(user - 8)?.load(Ordering::Acquire) != back
+        {
             return Err(invalid(block, "no longer the block the scan found"));
         }
         let class = info.class;

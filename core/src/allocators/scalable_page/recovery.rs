@@ -195,7 +195,7 @@ impl Shared {
                         };
                         let back = self.arena.word(user - 8)?.load(Ordering::Relaxed);
                         if dead_process(back >> 16) {
-                            small.push((b, info, user - 8, back));
+                            small.push((b, info, user, back));
                         }
                     }
                 }
@@ -222,9 +222,9 @@ impl Shared {
             }
         }
         let mut freed = 0;
-        for (block, info, back_at, back) in small {
+        for (block, info, user, back) in small {
             if !unsettled.contains(&block) {
-                freed += self.free_claimed(slot, block, info, back_at, back).is_ok() as u64;
+                freed += self.free_claimed(slot, block, info, user, back).is_ok() as u64;
             }
         }
         for block in large_blocks {

@@ -310,7 +310,8 @@ fn freeing_dead_blocks_with_a_dead_slot() -> (ScalablePageAllocator, u64, u64) {
 /// Stamps the live block at user offset `user` as the dead process's.
 fn mark_dead(a: &ScalablePageAllocator, user: u64) {
     let dead = short_stamp(crate::sync::owner_stamp(crate::testing::dead_token()));
-    a.shared.arena.word(user - 8).unwrap().store(back_word(16, dead), Ordering::Relaxed);
+    let w = a.shared.arena.word(user - 8).unwrap();
+    w.store(back_word(w.load(Ordering::Relaxed) & 0xffff, dead), Ordering::Relaxed);
 }
 
 #[test]
@@ -334,7 +335,8 @@ fn blocks_of_a_dead_process_wait_for_the_settle_of_the_journals_that_name_them()
     // ... while another of its threads had just made a block of `small` live.
     let block = die_handing_out(&a, slot, small, 48);
     let word = s.arena.info(block).unwrap().load(Ordering::Relaxed);
-    mark_dead(block + 16);
+    let dead = short_stamp(crate::sync::owner_stamp(crate::testing::dead_token()));
+    s.arena.word(block + 8).unwrap().store(back_word(16, dead), Ordering::Relaxed);
     s.arena.info(block).unwrap().store(live_word(word, 48), Ordering::Release);
     // A process that finds them dead before anyone recovered the slot frees all but those two.
     assert_eq!(a.with_slot(|mine| s.free_dead_blocks(mine)).unwrap(), 10);
@@ -358,8 +360,99 @@ fn a_dead_block_handed_out_again_since_the_scan_is_not_freed() {
     let p = a.allocate(200, 8).unwrap();
     assert_eq!(p.get(), u);
     assert_eq!(s.arena.info(b.block).unwrap().load(Ordering::Relaxed), b.word);
-    assert!(a.with_slot(|mine| s.free_claimed(mine, b.block, info, u - 8, back)).is_err());
+    assert!(a.with_slot(|mine| s.free_claimed(mine, b.block, info, u, back)).is_err());
     assert_eq!(a.size_of(p).unwrap(), 200, "still live");
     a.check().unwrap();
+    free_all_and_check(&a, [p.get()], start);
+}
+
+#[test]
+fn a_resize_killed_at_any_point_after_a_lost_claim_is_settled_exactly() {
+    for n in 0.. {
+        let a = ScalablePageAllocator::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+        let start = a.stats().free_bytes();
+        a.free(a.allocate(8, 8).unwrap()).unwrap();
+        let slot = dead_slot(&a);
+        let s = &a.shared;
+        let x = s.allocate_small(slot, class_for(200, 8).unwrap(), 200, 8).unwrap();
+        // A claim that lost its compare-and-swap leaves the journal clear and its values stale.
+        let y = a.allocate(200, 8).unwrap();
+        let yb = find_small(&s.arena, y.get()).unwrap();
+        a.free(y).unwrap();
+        let back = s.arena.word(y.get() - 8).unwrap().load(Ordering::Relaxed);
+        assert!(s.free_claimed(slot, yb.block, Info::unpack(yb.word).unwrap(), y.get(), back).is_err());
+        // Then the slot's process dies resizing a block of the class in place, to its own size.
+        let xb = find_small(&s.arena, x).unwrap();
+        let resize = || s.resize_in_place(slot, xb.block, Info::unpack(xb.word).unwrap(), 200);
+        let died = crate::crash::testing::die_at(n, resize).is_none();
+        assert_eq!(a.reclaim().unwrap(), 1);
+        a.check().unwrap_or_else(|e| panic!("died at point {n} of the resize: {e}"));
+        free_all_and_check(&a, [x], start);
+        if !died {
+            break;
+        }
+    }
+}
+
+#[test]
+fn a_large_block_resized_in_place_survives_a_death_at_any_point() {
+    crate::testing::install_test_liveness();
+    for (from, to) in [(70_000, 30_000), (30_000, 70_000)] {
+        for n in 0.. {
+            let a =
+                ScalablePageAllocator::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+            let start = a.stats().free_bytes();
+            let p = a.allocate(from, 8).unwrap();
+            let died = crate::crash::testing::die_at(n, || a.reallocate(p, to, 8)).is_none();
+            if died {
+                // It may have died holding the free-space lock (whose guard the unwinding dropped).
+                let s = &a.shared;
+                let lock = s.region.offset() + core::mem::offset_of!(SpaHeader, free_space) as u64;
+                s.mem.word(lock).unwrap().store(crate::testing::dead_token(), Ordering::Release);
+            }
+            a.reclaim().unwrap();
+            a.check().unwrap_or_else(|e| panic!("{from} -> {to}, died at point {n}: {e}"));
+            let size = a.size_of(p).unwrap_or_else(|e| panic!("{from} -> {to}, died at point {n}: block lost: {e}"));
+            assert!(size == from || size == to);
+            free_all_and_check(&a, [p.get()], start);
+            if !died {
+                assert_eq!(size, to);
+                break;
+            }
+        }
+    }
+}
+
+#[test]
+fn a_padded_dead_block_handed_out_again_unpadded_is_not_freed() {
+    let (a, start, slot) = freeing_dead_blocks_with_a_dead_slot();
+    let s = &a.shared;
+    assert_eq!(class_for(260, 64), class_for(260, 8));
+    let class = class_for(260, 64).unwrap();
+    // A block of the dead process whose user bytes sit past some padding.
+    let mut theirs = Vec::new();
+    let (u, block) = loop {
+        let u = s.allocate_small(slot, class, 260, 64).unwrap();
+        let Some(Found::Small(b)) = find_live(&s.arena, u) else { panic!("not a small block") };
+        let block = b.block;
+        if u != block + 16 {
+            break (u, block);
+        }
+        theirs.push(u);
+    };
+    mark_dead(&a, u);
+    // What a scan saw; then the block is freed and handed out again, unpadded, same size: the
+    // info word is the same, and the old back word is still there.
+    let word = s.arena.info(block).unwrap().load(Ordering::Relaxed);
+    let back = s.arena.word(u - 8).unwrap().load(Ordering::Relaxed);
+    a.free(OffsetPtr::new(u)).unwrap();
+    let p = a.allocate(260, 8).unwrap();
+    assert_eq!(p.get(), block + 16);
+    assert_eq!(s.arena.info(block).unwrap().load(Ordering::Relaxed), word);
+    assert_eq!(s.arena.word(u - 8).unwrap().load(Ordering::Relaxed), back);
+    let info = Info::unpack(word).unwrap();
+    assert!(a.with_slot(|mine| s.free_claimed(mine, block, info, u, back)).is_err());
+    assert_eq!(a.size_of(p).unwrap(), 260, "still live");
+    assert_eq!(a.reclaim().unwrap(), 1 + theirs.len() as u64);
     free_all_and_check(&a, [p.get()], start);
 }
