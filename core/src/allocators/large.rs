@@ -31,6 +31,7 @@ pub(crate) fn allocate(
     let Some(head) = g.alloc(units, TAG_LARGE, owner) else {
         return Ok(None);
     };
+    crate::crash::point();
     let block = fs.layout().unit_offset(head);
     let user = user_of(block, LARGE_HEADER, align as u64);
     let info = Info { state: State::Live, class: LARGE_CLASS, index: 0, size: 0 };
@@ -41,7 +42,9 @@ pub(crate) fn allocate(
         mem.word(user - 16)?.store(0, Ordering::Relaxed);
     }
     mem.word(user - 8)?.store(back_word(user - block, stamp), Ordering::Relaxed);
+    crate::crash::point();
     mem.info(block)?.store(info.pack(), Ordering::Release);
+    crate::crash::point();
     g.st.large.live += 1;
     g.st.large.live_bytes += size as u64;
     g.st.large.live_units += units as u64;
@@ -84,8 +87,10 @@ pub(crate) fn free_locked(g: &mut FreeSpaceGuard<'_>, fs: &FreeSpace, mem: &Mem,
     mem.info(block)?
         .compare_exchange(live.pack(), live.with_state(State::Free).pack(), Ordering::AcqRel, Ordering::Relaxed)
         .map_err(|_| invalid(block, "already freed"))?;
+    crate::crash::point();
     let units = g.used_run(head)?.len() as u64;
     g.free(head)?;
+    crate::crash::point();
     g.st.large.live_units -= units;
     g.st.large.live -= 1;
     g.st.large.live_bytes -= size;
@@ -132,6 +137,7 @@ pub(crate) fn resize_in_place(
     if !g.resize(head, units)? {
         return Ok(false);
     }
+    crate::crash::point();
     g.st.large.live_units = g.st.large.live_units - old_units + units as u64;
     mem.word(block + 8)?.store(new_size as u64, Ordering::Relaxed);
     g.st.large.live_bytes = g.st.large.live_bytes - size + new_size as u64;

@@ -171,6 +171,7 @@ impl<B: SlotBody> SlotTable<B> {
                 if s.owner.load(Ordering::Relaxed) == 0
                     && s.owner.compare_exchange(0, token, Ordering::Acquire, Ordering::Relaxed).is_ok()
                 {
+                    crate::crash::point();
                     return Ok(offset);
                 }
             }
@@ -191,6 +192,7 @@ impl<B: SlotBody> SlotTable<B> {
         let head = g
             .alloc(units, TAG_META, 0)
             .ok_or(Error::OutOfMemory { requested: units as u64 * UNIT, available: g.free_units() * UNIT })?;
+        crate::crash::point();
         let chunk = fs.layout().unit_offset(head);
         let mut at = self.first;
         let mut count = 0u32;
@@ -206,7 +208,9 @@ impl<B: SlotBody> SlotTable<B> {
         }
         // SAFETY: the units were just taken from the free-space manager: ours alone.
         unsafe { Self::format(mem, chunk, count) }?;
+        crate::crash::point();
         self.chunk(mem, at)?.next.store(chunk, Ordering::Release);
+        crate::crash::point();
         Ok(())
     }
 

@@ -41,7 +41,9 @@
 //! is released for the next thread; a heap whose process died (its owner word names a process
 //! that no longer runs, by id and start time, see [`liveness`](crate::liveness)) is repaired
 //! from its blocks' headers and released ([`recovery`]), on attach, when space runs short, or on
-//! [`ThreadLocalAllocator::reclaim`].
+//! [`ThreadLocalAllocator::reclaim`]. Every place after a store to shared state on these paths
+//! (the recovery's included) is a [crash point](crate::crash): `tests/crash_points.rs` kills a
+//! process at each one in turn and checks the recovery.
 
 mod audit;
 mod heap;

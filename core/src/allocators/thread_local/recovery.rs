@@ -22,6 +22,7 @@
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
+use crate::crash;
 use crate::error::Result;
 use crate::sync::atomic::{fence, Ordering};
 use crate::sync::owner_token;
@@ -73,6 +74,7 @@ impl Shared {
                 if h.owner.compare_exchange(owner, owner_token(), Ordering::Acquire, Ordering::Relaxed).is_err() {
                     continue;
                 }
+                crash::point();
                 if awaiting && self.awaited(offset, h) {
                     // Another reclaimer posted it meanwhile; its owner may have looked while we
                     // held it, and left it.
@@ -98,6 +100,7 @@ impl Shared {
                     }
                     Handover::Busy(..) => {
                         h.owner.store(owner, Ordering::Release);
+                        crash::point();
                         busy = true;
                     }
                 }
@@ -121,6 +124,7 @@ impl Shared {
     /// names, and gets that owner to look again: it may have looked while we held the heap.
     pub(super) fn await_owner(&self, my_heap: u64, h: &Heap) -> Result<()> {
         h.owner.store(AWAITING_OWNER, Ordering::Release);
+        crash::point();
         // Before the owner's word is read (see `Shared::release_heap`).
         fence(Ordering::SeqCst);
         match h.body.in_flight.read() {
@@ -156,6 +160,7 @@ impl Shared {
         if h.owner.compare_exchange(AWAITING_OWNER, owner_token(), Ordering::Acquire, Ordering::Relaxed).is_err() {
             return Ok(());
         }
+        crash::point();
         if let Err(e) = self.trim_heap(offset) {
             h.owner.store(AWAITING_OWNER, Ordering::Release);
             return Err(e);
@@ -170,6 +175,7 @@ impl Shared {
             Handover::Busy(..) => {
                 // A later reclaim takes it over.
                 h.owner.store(AWAITING_OWNER, Ordering::Release);
+                crash::point();
                 Ok(())
             }
         }
@@ -194,6 +200,7 @@ impl Shared {
             // Not marked (the free never happened), or pushed and collected already: nothing to
             // settle. A slot a repairer killed mid-way left naming us is cleared first.
             let _ = slot.compare_exchange(freer, 0, Ordering::AcqRel, Ordering::Relaxed);
+            crash::point();
             h.body.in_flight.clear();
             return Ok(Handover::None);
         }
@@ -202,7 +209,9 @@ impl Shared {
             Err(f) if f == freer => {}
             Err(_) => return Ok(Handover::Busy(r.owner, r.class)),
         }
+        crash::point();
         h.owner.store(AWAITING_OWNER, Ordering::Release);
+        crash::point();
         // Before the caller reads the owner's word (`nudge`): an owner letting its heap go
         // stores 0 there, then reads our slot and owner word (see `Shared::release_heap`).
         fence(Ordering::SeqCst);
@@ -225,6 +234,9 @@ impl Shared {
             match Info::unpack(word) {
                 Some(i) if i.class == class && i.state == State::Remote => {
                     w.store(freed_word(word, 0), Ordering::Release);
+                    if n.is_power_of_two() {
+                        crash::point();
+                    }
                 }
                 Some(i) if i.class == class && i.state == State::Free => {}
                 _ => return,
@@ -237,11 +249,16 @@ impl Shared {
     fn finish_collections(&self, heap: &Heap) {
         for class in 0..CLASS_COUNT {
             let pending = &heap.body.pending.0[class];
-            self.free_remote_chain(tagged_list::decode(pending.load(Ordering::Acquire)), class);
-            pending.store(0, Ordering::Release);
-            if let Some(first) = heap.body.remote.0[class].take_recorded(pending) {
+            if let Some(first) = tagged_list::decode(pending.load(Ordering::Acquire)) {
                 self.free_remote_chain(Some(first), class);
                 pending.store(0, Ordering::Release);
+                crash::point();
+            }
+            if let Some(first) = heap.body.remote.0[class].take_recorded(pending) {
+                crash::point();
+                self.free_remote_chain(Some(first), class);
+                pending.store(0, Ordering::Release);
+                crash::point();
             }
         }
     }
@@ -270,6 +287,7 @@ impl Shared {
         let local = unsafe { self.local(heap) };
         let allocations: Vec<u64> = local.classes.iter().map(|c| c.allocations).collect();
         *local = HeapLocal { classes: [ClassState::default(); CLASS_COUNT] };
+        crash::point();
         let mut spans = Vec::new();
         let mut dead_large = Vec::new();
         {
@@ -297,8 +315,10 @@ impl Shared {
             cs.frees = cs.allocations - live;
             cs.set_sweep_at(sweep_limit(cs.count(), c));
         }
+        crash::point();
         for base in dead_large {
             let _ = large::free(&self.fs, &self.arena, base);
+            crash::point();
         }
         Ok(())
     }
@@ -350,19 +370,29 @@ impl Shared {
                     free.push(b);
                 }
             }
+            if index == layout.blocks / 2 {
+                crash::point();
+            }
         }
         *bump = layout.blocks as u32;
+        crash::point();
         if kept == 0 {
             return self.release_span(span);
         }
         let cs = &mut local.classes[class];
         cs.blocks += free.len() as u64 + kept;
-        for b in free {
+        crash::point();
+        let middle = free.len() / 2;
+        for (i, b) in free.into_iter().enumerate() {
             self.arena.store_link(b, (cs.free != 0).then_some(cs.free));
             cs.free = b;
+            if i == middle {
+                crash::point();
+            }
         }
         cs.allocations += kept;
         cs.live_bytes += bytes;
+        crash::point();
         Ok(())
     }
 }
