@@ -27,6 +27,7 @@
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use hetmem::allocators::ThreadLocalAllocator;
 use hetmem::prelude::*;
@@ -60,7 +61,7 @@ trait Probe: AllocatorType {
 
 impl Probe for ScalablePageAllocator {
     const TEST: &'static str = "a_process_killed_at_any_crash_point_is_recovered";
-    const MOST_POINTS: u64 = 2000;
+    const MOST_POINTS: u64 = 2500;
     const RECOVERY: u64 = 300;
     fn recover(&self) {
         self.reclaim().unwrap();
@@ -193,31 +194,41 @@ fn run_child(test: &str, seg: &str, mail: u64, at: Option<u64>) -> (bool, String
 struct Lent(Vec<u64>);
 
 impl Lent {
-    /// Fills the empty slots with blocks of the parent's.
-    fn lend<A: Probe>(&mut self, a: &A, slots: &[AtomicU64]) {
-        for ((slot, lent), &size) in slots.iter().zip(&mut self.0).zip(&LENT) {
-            if slot.load(Ordering::Acquire) == 0 {
-                *lent = a.allocate(size, 8).unwrap().get();
-                slot.store(*lent, Ordering::Release);
-            }
+    /// Fills the empty slots with blocks of the parent's, allocated by a thread that then
+    /// exits (its heap or cache is given back while the blocks live on).
+    fn lend<A: Probe>(&mut self, a: &Arc<A>, slots: &[AtomicU64]) {
+        let empty: Vec<usize> = (0..LENT.len()).filter(|&i| slots[i].load(Ordering::Acquire) == 0).collect();
+        let blocks = on_a_thread_that_exits(a, move |a| {
+            empty.iter().map(|&i| (i, a.allocate(LENT[i], 8).unwrap().get())).collect::<Vec<_>>()
+        });
+        for (i, p) in blocks {
+            self.0[i] = p;
+            slots[i].store(p, Ordering::Release);
         }
     }
 
     /// After the children are dead and recovered (before the parent allocates again): a lent
     /// block a child took is free unless the child died before it began to free it; the
     /// parent frees those. With `all`, the blocks still in the mailbox come back too.
-    fn settle<A: Probe>(&mut self, a: &A, slots: &[AtomicU64], all: bool) {
+    fn settle<A: Probe>(&mut self, a: &A, slots: &[AtomicU64], all: bool, deaths: &str) {
         for (slot, lent) in slots.iter().zip(&mut self.0) {
             let taken = slot.load(Ordering::Acquire) == 0;
             if *lent != 0 && (taken || all) {
                 slot.store(0, Ordering::Release);
                 if a.size_of(OffsetPtr::new(*lent)).is_ok() {
-                    a.free(OffsetPtr::new(*lent)).unwrap();
+                    a.free(OffsetPtr::new(*lent)).unwrap_or_else(|e| panic!("after {deaths}: a lent block: {e}"));
                 }
                 *lent = 0;
             }
         }
     }
+}
+
+/// Runs `f` on a thread of its own and returns what it returned once the thread has exited
+/// (`join`, unlike a scope, returns only after the thread's TLS destructors ran).
+fn on_a_thread_that_exits<A: Probe, R: Send + 'static>(a: &Arc<A>, f: impl FnOnce(&A) -> R + Send + 'static) -> R {
+    let a = a.clone();
+    std::thread::spawn(move || f(&a)).join().unwrap()
 }
 
 /// The parent's part (or the child's, in a child process), for allocator `A`.
@@ -230,18 +241,21 @@ fn crash_points<A: Probe>(config: A::Config, tag: &str) {
     let mm = MemoryManager::new();
     let b = mm.add_backend(PosixShmBackend::create(&seg, 8 << 20, &ShmOptions::default()).unwrap()).unwrap();
     let a = mm.create_allocator::<A>(b.id(), ID, 0, &config).unwrap();
-    // The parent's own blocks, which no recovery may touch.
+    // The parent's own blocks, which no recovery may touch: some allocated by this thread,
+    // some by a thread that has exited since (a heap it gave back holds them).
     let base = b.base();
-    let mine: Vec<(OffsetPtr, usize)> = [24, 200, 3000, 50_000]
-        .iter()
-        .enumerate()
-        .map(|(i, &size)| {
-            let p = a.allocate(size, 8).unwrap();
-            // SAFETY: a live block of `size` bytes in the mapped segment.
-            unsafe { std::ptr::write_bytes(base.add(p.get() as usize), i as u8 + 1, size) };
-            (p, size)
-        })
-        .collect();
+    const MINE: [usize; 4] = [24, 200, 3000, 50_000];
+    let fill = |i: usize, p: OffsetPtr, size: usize| {
+        // SAFETY: a live block of `size` bytes in the mapped segment.
+        unsafe { std::ptr::write_bytes(base.add(p.get() as usize), i as u8 + 1, size) };
+    };
+    let mut mine: Vec<(OffsetPtr, usize)> = MINE.iter().map(|&size| (a.allocate(size, 8).unwrap(), size)).collect();
+    mine.extend(on_a_thread_that_exits(&a, |a| {
+        MINE.iter().map(|&size| (a.allocate(size, 8).unwrap(), size)).collect::<Vec<_>>()
+    }));
+    for (i, &(p, size)) in mine.iter().enumerate() {
+        fill(i, p, size);
+    }
     let mail = a.allocate(8 * LENT.len(), 8).unwrap();
     // SAFETY: a live block of `LENT.len()` words.
     let slots = unsafe {
@@ -253,11 +267,11 @@ fn crash_points<A: Probe>(config: A::Config, tag: &str) {
     let start = a.stats();
     let child = |at| run_child(A::TEST, &seg, mail.get(), at);
     // A run to the end counts the points.
-    lent.lend(&*a, slots);
+    lent.lend(&a, slots);
     let (killed, out) = child(None);
     assert!(!killed);
     a.recover();
-    lent.settle(&*a, slots, true);
+    lent.settle(&*a, slots, true, "a run to the end");
     // The test harness may have printed the test's name on the same line.
     let count = out.split("crash points passed: ").nth(1).and_then(|s| s.split_whitespace().next());
     let total: u64 = count.and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no count in {out:?}"));
@@ -267,38 +281,47 @@ fn crash_points<A: Probe>(config: A::Config, tag: &str) {
     // `HETMEM_CRASH_ONLY=A-B` tries the points from A to B alone (to look into a failure).
     let only = std::env::var("HETMEM_CRASH_ONLY").ok();
     let only = only.as_deref().and_then(|v| v.split_once('-')).map(|(a, b)| (a.parse().unwrap(), b.parse().unwrap()));
+    // The parent's blocks are live and whole.
+    let verify = |deaths: &str| {
+        for (i, &(p, size)) in mine.iter().enumerate() {
+            assert_eq!(a.size_of(p).ok(), Some(size), "after {deaths}: a block of the parent was freed");
+            // SAFETY: live (checked just above), `size` bytes.
+            let bytes = unsafe { std::slice::from_raw_parts(base.add(p.get() as usize), size) };
+            assert!(bytes.iter().all(|&x| x == i as u8 + 1), "after {deaths}: a block of the parent changed");
+        }
+    };
     for at in (0..total).step_by(step as usize).filter(|&at| only.is_none_or(|(a, b)| (a..=b).contains(&at))) {
-        lent.lend(&*a, slots);
+        let first = format!("a death at point {at}");
+        lent.lend(&a, slots);
         let (killed, _) = child(Some(at));
         assert!(killed, "point {at} of {total} was not reached");
         a.recover();
-        lent.settle(&*a, slots, false);
+        verify(&first);
+        lent.settle(&*a, slots, false, &first);
         let taken: Vec<OffsetPtr> =
             CLASSES.iter().flat_map(|&c| [c; 8]).map(|(size, align)| a.allocate(size, align).unwrap()).collect();
-        lent.lend(&*a, slots);
+        lent.lend(&a, slots);
+        let deaths = format!("deaths at points {at}, {}, {}", second(at / step, at), at % A::RECOVERY);
         child(Some(second(at / step, at)));
         child(Some(at % A::RECOVERY));
         a.recover();
-        lent.settle(&*a, slots, true);
+        verify(&deaths);
+        lent.settle(&*a, slots, true, &deaths);
         for p in taken {
-            a.free(p).unwrap();
+            a.free(p).unwrap_or_else(|e| panic!("after {deaths}: a block the parent took: {e}"));
         }
         a.tidy();
-        a.check().unwrap_or_else(|e| {
-            panic!("after deaths at points {at}, {}, {}: {e}", second(at / step, at), at % A::RECOVERY)
-        });
+        a.check().unwrap_or_else(|e| panic!("after {deaths}: {e}"));
         let now = a.stats();
-        assert_eq!(now.live_allocations, start.live_allocations, "after a death at point {at}");
-        assert_eq!(now.bytes_in_use, start.bytes_in_use, "after a death at point {at}");
-        assert_eq!(now.free_bytes(), start.free_bytes(), "after a death at point {at}");
+        assert_eq!(now.live_allocations, start.live_allocations, "after {deaths}");
+        assert_eq!(now.bytes_in_use, start.bytes_in_use, "after {deaths}");
+        assert_eq!(now.free_bytes(), start.free_bytes(), "after {deaths}");
         // The parent's own heap alone: every heap of the dead children is back.
-        assert_eq!(a.records_held().unwrap_or(1), 1, "after a death at point {at}");
+        assert_eq!(a.records_held().unwrap_or(1), 1, "after {deaths}");
         tried += 1;
     }
-    for (i, &(p, size)) in mine.iter().enumerate() {
-        // SAFETY: still live, `size` bytes.
-        let bytes = unsafe { std::slice::from_raw_parts(base.add(p.get() as usize), size) };
-        assert!(bytes.iter().all(|&x| x == i as u8 + 1), "a block of the parent changed");
+    verify("the last round");
+    for &(p, _) in &mine {
         a.free(p).unwrap();
     }
     a.free(mail).unwrap();

@@ -163,12 +163,27 @@ impl<B: SlotBody> SlotTable<B> {
         mem: &Mem,
         fs: &FreeSpace,
         token: u64,
+        relieve: impl FnMut() -> Result<()>,
+    ) -> Result<u64> {
+        self.acquire_where(mem, fs, token, |_| true, relieve)
+    }
+
+    /// [`acquire`](Self::acquire), taking only a free slot `usable` accepts (read before the
+    /// compare-and-swap that takes it: a caller whose test reads what may change while the
+    /// slot is free tests again once it holds it). A fresh chunk's slots are all usable.
+    pub(crate) fn acquire_where(
+        &self,
+        mem: &Mem,
+        fs: &FreeSpace,
+        token: u64,
+        usable: impl Fn(&Slot<B>) -> bool,
         mut relieve: impl FnMut() -> Result<()>,
     ) -> Result<u64> {
         for round in 0..3 {
             for offset in self.offsets(mem)? {
                 let s = self.slot(mem, offset)?;
                 if s.owner.load(Ordering::Relaxed) == 0
+                    && usable(s)
                     && s.owner.compare_exchange(0, token, Ordering::Acquire, Ordering::Relaxed).is_ok()
                 {
                     crate::crash::point();

@@ -236,6 +236,18 @@ impl InFlight {
 #[repr(C, align(64))]
 pub(super) struct Orphans(pub(super) [AtomicU64; CLASS_COUNT]);
 
+/// The process whose threads may hold blocks the heap handed out: its owner token, 0 for none
+/// (kept with [`DeadProcessBlocks::Free`] only). A heap its thread gave back keeps naming the
+/// process, whose other threads may still hold its blocks: only that process's threads take
+/// it again ([`Shared::acquire_heap`]), and when the process dies a reclaim frees its blocks
+/// and clears the word. A repair frees the live blocks of a heap only if the process it names
+/// is dead (or it names none), not whenever whoever held the heap died: a remote freer that
+/// died draining the heap held it, but its blocks are not that freer's.
+///
+/// [`DeadProcessBlocks::Free`]: super::super::common::DeadProcessBlocks::Free
+#[repr(C, align(64))]
+pub(super) struct BlocksOf(pub(super) AtomicU64);
+
 /// A heap: what the thread-local allocator keeps in each thread slot.
 #[repr(C)]
 pub(crate) struct HeapBody {
@@ -244,6 +256,7 @@ pub(crate) struct HeapBody {
     pub(super) remote: RemoteLists,
     pub(super) in_flight: InFlight,
     pub(super) orphans: Orphans,
+    pub(super) blocks_of: BlocksOf,
 }
 
 /// The owner word of a dead thread's heap kept until the owner of the block it was freeing has
@@ -875,6 +888,35 @@ impl Shared {
             self.sweep(unsafe { self.local(heap) }, class, true)?;
         }
         Ok(())
+    }
+
+    /// Takes a heap for a thread of the process `token` names. With dead processes' blocks
+    /// freed, only a heap that names no process or this one ([`BlocksOf`]) will do: one given
+    /// back by a thread of another process may hand out blocks that process still holds. (Its
+    /// word is read again once the heap is ours: another process's thread may have taken the
+    /// heap, and given it back, in between.)
+    pub(super) fn acquire_heap(&self, token: u64) -> Result<u64> {
+        let relieve = || self.reclaim_dead(0).map(|_| ());
+        if !self.free_dead() {
+            return self.heaps.acquire(&self.mem, &self.fs, token, relieve);
+        }
+        let usable = |h: &Heap| {
+            let p = h.body.blocks_of.0.load(Ordering::Acquire);
+            p == 0 || p == token
+        };
+        loop {
+            let heap_off = self.heaps.acquire_where(&self.mem, &self.fs, token, usable, relieve)?;
+            let heap = self.heaps.slot(&self.mem, heap_off)?;
+            match heap.body.blocks_of.0.load(Ordering::Acquire) {
+                0 => {
+                    heap.body.blocks_of.0.store(token, Ordering::Release);
+                    crash::point();
+                    return Ok(heap_off);
+                }
+                p if p == token => return Ok(heap_off),
+                _ => self.release_heap(heap_off)?,
+            }
+        }
     }
 
     /// Trims a heap we hold and lets it go; repeats while remote frees arrived meanwhile.

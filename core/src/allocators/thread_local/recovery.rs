@@ -64,7 +64,12 @@ impl Shared {
                 // A heap awaiting an owner whose slot does not name it was left by a repairer or
                 // an owner killed mid-way: it is taken over again like a dead one.
                 let awaiting = owner == AWAITING_OWNER;
-                let taken_over = if awaiting { !self.awaited(offset, h) } else { owner_dead(owner) };
+                let taken_over = match owner {
+                    AWAITING_OWNER => !self.awaited(offset, h),
+                    // Given back by its thread, with blocks of a process that has died since.
+                    0 => self.free_dead() && owner_dead(h.body.blocks_of.0.load(Ordering::Acquire)),
+                    _ => owner_dead(owner),
+                };
                 if !taken_over {
                     if awaiting && awaits_collection(self, h) {
                         self.drain_awaiting(my_heap, offset)?;
@@ -276,11 +281,18 @@ impl Shared {
     }
 
     /// Rebuilds a heap's spans and lists from its blocks' headers, after its owner died at an
-    /// unknown point. The caller holds the heap.
+    /// unknown point (or the process whose blocks it holds died, see [`BlocksOf`]). The caller
+    /// holds the heap. Live blocks are freed (with [`DeadProcessBlocks::Free`]) only if the
+    /// heap's blocks are a dead process's: an owner that died holding the heap to drain it
+    /// held none of them.
+    ///
+    /// [`BlocksOf`]: super::heap::BlocksOf
+    /// [`DeadProcessBlocks::Free`]: super::super::common::DeadProcessBlocks::Free
     pub(super) fn repair_heap(&self, heap_off: u64) -> Result<()> {
         let heap = self.heaps.slot(&self.mem, heap_off)?;
         let index = heap.index;
-        let free_dead = self.free_dead();
+        let process = heap.body.blocks_of.0.load(Ordering::Acquire);
+        let free_dead = self.free_dead() && (process == 0 || owner_dead(process));
         self.finish_collections(heap);
         self.settle_orphans(heap_off, heap)?;
         // SAFETY: we hold the heap.
@@ -318,6 +330,11 @@ impl Shared {
         crash::point();
         for base in dead_large {
             let _ = large::free(&self.fs, &self.arena, base);
+            crash::point();
+        }
+        if free_dead && process != 0 {
+            // Its blocks are all free now: any process's thread may take it.
+            heap.body.blocks_of.0.store(0, Ordering::Release);
             crash::point();
         }
         Ok(())
