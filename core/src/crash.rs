@@ -3,17 +3,19 @@
 //!
 //! Built with `--cfg hetmem_crash_points` (on Unix, with `std`), each point counts itself, and
 //! the process kills itself with `SIGKILL` at the point `HETMEM_CRASH_AT` names (counting
-//! from 0), after printing where to stderr if `HETMEM_CRASH_TRACE` is set. A test then runs
-//! one process per point, so that recovery is tried after a death at every point of a sequence
-//! of operations, rather than at the points a timer happens to hit (`tests/crash_points.rs`).
-//! Unit tests die at a point inside one call instead (`testing::die_at`). In every other build
-//! a crash point is empty.
+//! from 0), after printing where to stderr if `HETMEM_CRASH_TRACE` is set (`where`: the point's
+//! file and line; anything else: a backtrace as well). A test then runs one process per point,
+//! so that recovery is tried after a death at every point of a sequence of operations, rather
+//! than at the points a timer happens to hit (`tests/crash_points.rs`). Unit tests die at a
+//! point inside one call instead (`testing::die_at`). In every other build a crash point is
+//! empty.
 
 /// Marks a place where the process may die (see the [module docs](self)).
 #[inline(always)]
+#[cfg_attr(all(hetmem_crash_points, feature = "std", unix), track_caller)]
 pub(crate) fn point() {
     #[cfg(all(hetmem_crash_points, feature = "std", unix))]
-    imp::hit();
+    imp::hit(core::panic::Location::caller());
     #[cfg(all(test, feature = "std"))]
     testing::hit();
 }
@@ -78,11 +80,13 @@ mod imp {
         *AT.get_or_init(|| std::env::var("HETMEM_CRASH_AT").ok().and_then(|v| v.parse().ok()).unwrap_or(u64::MAX))
     }
 
-    pub(super) fn hit() {
+    pub(super) fn hit(at: &core::panic::Location<'_>) {
         let n = PASSED.fetch_add(1, Ordering::Relaxed);
         if n == target() {
-            if std::env::var_os("HETMEM_CRASH_TRACE").is_some() {
-                std::eprintln!("killed at point {n}:\n{}", std::backtrace::Backtrace::force_capture());
+            match std::env::var("HETMEM_CRASH_TRACE").as_deref() {
+                Ok("where") => std::eprintln!("killed at point {n}, {at}"),
+                Ok(_) => std::eprintln!("killed at point {n}, {at}:\n{}", std::backtrace::Backtrace::force_capture()),
+                Err(_) => {}
             }
             // SAFETY: kill(2) on this process; SIGKILL cannot be caught, so nothing runs after.
             unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };

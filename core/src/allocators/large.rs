@@ -32,10 +32,10 @@ pub(crate) fn allocate(
     let Some(head) = g.alloc(units, TAG_LARGE, owner) else {
         return Ok(None);
     };
+    crash::point();
     let block = fs.layout().unit_offset(head);
     let user = user_of(block, LARGE_HEADER, align as u64);
     let info = Info { state: State::Live, class: LARGE_CLASS, index: 0, size: 0 };
-    crash::point();
     mem.word(block + 8)?.store(size as u64, Ordering::Relaxed);
     mem.word(block + 16)?.store(stamp, Ordering::Relaxed);
     if user > block + LARGE_HEADER {
@@ -91,6 +91,7 @@ pub(crate) fn free_locked(g: &mut FreeSpaceGuard<'_>, fs: &FreeSpace, mem: &Mem,
     crash::point();
     let units = g.used_run(head)?.len() as u64;
     g.free(head)?;
+    crash::point();
     g.st.large.live_units -= units;
     g.st.large.live -= 1;
     g.st.large.live_bytes -= size;

@@ -163,14 +163,30 @@ impl<B: SlotBody> SlotTable<B> {
         mem: &Mem,
         fs: &FreeSpace,
         token: u64,
+        relieve: impl FnMut() -> Result<()>,
+    ) -> Result<u64> {
+        self.acquire_where(mem, fs, token, |_| true, relieve)
+    }
+
+    /// [`acquire`](Self::acquire), taking only a free slot `usable` accepts (read before the
+    /// compare-and-swap that takes it: a caller whose test reads what may change while the
+    /// slot is free tests again once it holds it). A fresh chunk's slots are all usable.
+    pub(crate) fn acquire_where(
+        &self,
+        mem: &Mem,
+        fs: &FreeSpace,
+        token: u64,
+        usable: impl Fn(&Slot<B>) -> bool,
         mut relieve: impl FnMut() -> Result<()>,
     ) -> Result<u64> {
         for round in 0..3 {
             for offset in self.offsets(mem)? {
                 let s = self.slot(mem, offset)?;
                 if s.owner.load(Ordering::Relaxed) == 0
+                    && usable(s)
                     && s.owner.compare_exchange(0, token, Ordering::Acquire, Ordering::Relaxed).is_ok()
                 {
+                    crate::crash::point();
                     return Ok(offset);
                 }
             }
@@ -191,6 +207,7 @@ impl<B: SlotBody> SlotTable<B> {
         let head = g
             .alloc(units, TAG_META, 0)
             .ok_or(Error::OutOfMemory { requested: units as u64 * UNIT, available: g.free_units() * UNIT })?;
+        crate::crash::point();
         let chunk = fs.layout().unit_offset(head);
         let mut at = self.first;
         let mut count = 0u32;
@@ -206,7 +223,9 @@ impl<B: SlotBody> SlotTable<B> {
         }
         // SAFETY: the units were just taken from the free-space manager: ours alone.
         unsafe { Self::format(mem, chunk, count) }?;
+        crate::crash::point();
         self.chunk(mem, at)?.next.store(chunk, Ordering::Release);
+        crate::crash::point();
         Ok(())
     }
 

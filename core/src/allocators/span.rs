@@ -621,6 +621,7 @@ pub(crate) unsafe fn init_span(mem: &Mem, span: u64, class: usize, owner: u64) -
     unsafe {
         (*p).owner.store(owner, Ordering::Relaxed);
         (*p).local.get().write(SpanLocal::default());
+        crate::crash::point();
         core::sync::atomic::compiler_fence(Ordering::Release);
         (*p).kind.store(span_kind(class), Ordering::Relaxed);
     }

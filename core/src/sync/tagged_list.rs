@@ -146,6 +146,7 @@ impl TaggedOffsetList {
         loop {
             let first = decode(head)?;
             record.store(encode(Some(first)), Ordering::Release);
+            crate::crash::point();
             let new = (head & !OFFSET_MASK).wrapping_add(TAG_ONE);
             match self.head.compare_exchange_weak(head, new, Ordering::AcqRel, Ordering::Relaxed) {
                 Ok(_) => return Some(first),

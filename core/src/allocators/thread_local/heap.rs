@@ -28,6 +28,7 @@ use core::cell::UnsafeCell;
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
+use crate::crash;
 use crate::error::{Error, Result};
 use crate::sync::atomic::{fence, AtomicU64, Ordering};
 use crate::sync::tagged_list::{self, LinkStore, TaggedOffsetList};
@@ -199,8 +200,11 @@ impl InFlight {
     /// Records a remote free about to start.
     pub(super) fn write(&self, r: Record) {
         self.owner.store(r.owner, Ordering::Release);
+        crash::point();
         self.size_class.store(r.size | (r.class as u64) << 32, Ordering::Release);
+        crash::point();
         self.block.store(r.block, Ordering::Release);
+        crash::point();
     }
 
     /// The remote free under way, if any (and its class names one). Read block first and
@@ -223,6 +227,7 @@ impl InFlight {
     /// Ends the record.
     pub(super) fn clear(&self) {
         self.block.store(0, Ordering::Release);
+        crash::point();
     }
 }
 
@@ -230,6 +235,18 @@ impl InFlight {
 /// for us to settle (0 = none; see [`Shared::settle_orphan`]).
 #[repr(C, align(64))]
 pub(super) struct Orphans(pub(super) [AtomicU64; CLASS_COUNT]);
+
+/// The process whose threads may hold blocks the heap handed out: its owner token, 0 for none
+/// (kept with [`DeadProcessBlocks::Free`] only). A heap its thread gave back keeps naming the
+/// process, whose other threads may still hold its blocks: only that process's threads take
+/// it again ([`Shared::acquire_heap`]), and when the process dies a reclaim frees its blocks
+/// and clears the word. A repair frees the live blocks of a heap only if the process it names
+/// is dead (or it names none), not whenever whoever held the heap died: a remote freer that
+/// died draining the heap held it, but its blocks are not that freer's.
+///
+/// [`DeadProcessBlocks::Free`]: super::super::common::DeadProcessBlocks::Free
+#[repr(C, align(64))]
+pub(super) struct BlocksOf(pub(super) AtomicU64);
 
 /// A heap: what the thread-local allocator keeps in each thread slot.
 #[repr(C)]
@@ -239,6 +256,7 @@ pub(crate) struct HeapBody {
     pub(super) remote: RemoteLists,
     pub(super) in_flight: InFlight,
     pub(super) orphans: Orphans,
+    pub(super) blocks_of: BlocksOf,
 }
 
 /// The owner word of a dead thread's heap kept until the owner of the block it was freeing has
@@ -348,6 +366,7 @@ impl Shared {
         unsafe {
             if align > 16 {
                 cs.count_allocation(size as u64);
+                crash::point();
                 return self.pad(block, word, size, align);
             }
             self.quick.hand_out(heap_off, cs, block, word, size)
@@ -366,9 +385,13 @@ impl Shared {
         unsafe {
             // No stamp: the quick free takes only unpadded blocks.
             self.arena.word_unchecked(block + 8).store(0, Ordering::Relaxed);
+            crash::point();
             self.arena.word_unchecked(user - 16).store(0, Ordering::Relaxed);
+            crash::point();
             self.arena.word_unchecked(user - 8).store(back_word(user - block, 0), Ordering::Relaxed);
+            crash::point();
             self.arena.word_unchecked(block).store(live_from_free(word, size as u64), Ordering::Release);
+            crash::point();
         }
         user
     }
@@ -392,6 +415,7 @@ impl Shared {
                 return Err(corrupt(cs.freed, "heap freed list starts outside the arena"));
             }
             cs.free = core::mem::take(&mut cs.freed);
+            crash::point();
             let short = CYCLE[class].saturating_sub(cs.count());
             if short > 0 && cs.bump_span != 0 {
                 // SAFETY: our span.
@@ -416,8 +440,10 @@ impl Shared {
                 }
             }
             local.classes[class].bump_span = self.new_span(heap_off, class, size)?;
+            crash::point();
             let cs = &mut local.classes[class];
             cs.set_sweep_at(cs.sweep_at().max(sweep_limit(cs.count(), class)));
+            crash::point();
         }
         Err(corrupt(heap_off, "fresh span has no block"))
     }
@@ -440,12 +466,17 @@ impl Shared {
                     .store(tagged_list::encode((cs.free != 0).then_some(cs.free)), Ordering::Relaxed);
             }
             cs.free = b;
+            if index == first + (end - first) / 2 {
+                crash::point();
+            }
         }
         if end <= first {
             return 0;
         }
         *bump = end as u32;
+        crash::point();
         cs.set_blocks(cs.blocks + (end - first));
+        crash::point();
         end - first
     }
 
@@ -455,10 +486,12 @@ impl Shared {
             {
                 let mut g = self.fs.lock();
                 if let Some(head) = g.alloc(layout.units, TAG_SPAN, class as u32) {
+                    crash::point();
                     let span = self.fs.layout().unit_offset(head);
                     // SAFETY: fresh units, ours alone; written before the lock is let go, so a
                     // run whose span has no header means its maker died (see recovery).
                     unsafe { init_span(&self.arena, span, class, heap_off) }?;
+                    crash::point();
                     return Ok(span);
                 }
             }
@@ -474,8 +507,10 @@ impl Shared {
         let local = unsafe { self.local(heap) };
         let cs = &mut local.classes[info.class];
         cs.live_bytes = cs.live_bytes.wrapping_sub(info.size).wrapping_add(new_size as u64);
+        crash::point();
         let resized = Info { size: new_size as u64, ..info };
         self.arena.info(block)?.store(resized.pack(), Ordering::Release);
+        crash::point();
         Ok(())
     }
 
@@ -532,6 +567,7 @@ impl Shared {
     pub(super) fn free_remote(&self, freer: u64, owner: u64, block: u64, info: Info) -> Result<()> {
         let (heap, record) = self.mark_remote(freer, owner, block, info)?;
         heap.body.remote.0[info.class].push(&self.arena, block);
+        crash::point();
         if let Some(r) = record {
             r.clear();
         }
@@ -581,7 +617,9 @@ impl Shared {
             }
             return Err(invalid(block, "already freed"));
         }
+        crash::point();
         size_word.store(info.size, Ordering::Relaxed);
+        crash::point();
         Ok((heap, record))
     }
 
@@ -629,28 +667,37 @@ impl Shared {
             // A damaged slot names no heap: nothing to settle through it, and it must not stop
             // every collection of the class.
             let _ = slot.compare_exchange(freer, 0, Ordering::AcqRel, Ordering::Relaxed);
+            crash::point();
             return Ok(());
         };
         let token = crate::sync::owner_token();
         if f.owner.compare_exchange(AWAITING_OWNER, token, Ordering::AcqRel, Ordering::Relaxed).is_err() {
             return Ok(());
         }
+        crash::point();
         let record = f.body.in_flight.read().filter(|r| r.owner == heap_off && r.class == class);
         let Some(r) = record.filter(|_| slot.load(Ordering::Acquire) == freer) else {
             let _ = slot.compare_exchange(freer, 0, Ordering::AcqRel, Ordering::Relaxed);
+            crash::point();
             return self.await_owner(0, f);
         };
         if let Some((w, word)) = self.orphan_block(heap_off, class, f, r) {
             w.store(freed_word(word, 0), Ordering::Release);
+            crash::point();
             // SAFETY: we hold the heap.
             let cs = &mut unsafe { self.local(heap) }.classes[class];
             self.arena.store_link(r.block, (cs.free != 0).then_some(cs.free));
+            crash::point();
             cs.free = r.block;
+            crash::point();
             cs.count_free(r.size);
+            crash::point();
         }
         let _ = slot.compare_exchange(freer, 0, Ordering::AcqRel, Ordering::Relaxed);
+        crash::point();
         f.body.in_flight.clear();
         f.owner.store(0, Ordering::Release);
+        crash::point();
         // As in `release_heap`: let go, then look for what arrived meanwhile.
         fence(Ordering::SeqCst);
         if awaits_collection(self, f) {
@@ -727,11 +774,15 @@ impl Shared {
             released.binary_search(&span_of_word(*b, word)).is_ok()
         };
         let kept: Vec<u64> = blocks.iter().copied().filter(|b| !gone(b)).collect();
-        for pair in kept.windows(2) {
+        for (i, pair) in kept.windows(2).enumerate() {
             self.arena.store_link(pair[0], Some(pair[1]));
+            if i == kept.len() / 2 {
+                crash::point();
+            }
         }
         if let Some(&last) = kept.last() {
             self.arena.store_link(last, None);
+            crash::point();
         }
         cs.free = kept.first().copied().unwrap_or(0);
         cs.freed = 0;
@@ -740,8 +791,13 @@ impl Shared {
         if released.binary_search(&cs.bump_span).is_ok() {
             cs.bump_span = 0;
         }
+        if !blocks.is_empty() || !released.is_empty() {
+            // (With neither, the stores above wrote what was there.)
+            crash::point();
+        }
         for span in released {
             self.release_span(span)?;
+            crash::point();
         }
         Ok(())
     }
@@ -770,6 +826,7 @@ impl Shared {
         let Some(first) = heap.body.remote.0[class].take_recorded(pending) else {
             return Ok(());
         };
+        crash::point();
         // SAFETY: the caller owns the heap.
         let local = unsafe { self.local(heap) };
         let limit = self.fs.layout().bytes() / 32 + 1;
@@ -795,16 +852,20 @@ impl Shared {
                 }
                 next = self.arena.load_link(b)?;
                 w.store(freed_word(word, 0), Ordering::Release);
+                crash::point();
                 batch[k] = (b, size);
                 k += 1;
             }
             // The batch is free; what follows it still hangs off its links.
             pending.store(tagged_list::encode(next), Ordering::Release);
+            crash::point();
             let cs = &mut local.classes[class];
             for &(b, size) in &batch[..k] {
                 self.arena.store_link(b, (cs.free != 0).then_some(cs.free));
+                crash::point();
                 cs.free = b;
                 cs.count_free(size);
+                crash::point();
             }
             seen += k as u64;
             if seen > limit {
@@ -829,6 +890,35 @@ impl Shared {
         Ok(())
     }
 
+    /// Takes a heap for a thread of the process `token` names. With dead processes' blocks
+    /// freed, only a heap that names no process or this one ([`BlocksOf`]) will do: one given
+    /// back by a thread of another process may hand out blocks that process still holds. (Its
+    /// word is read again once the heap is ours: another process's thread may have taken the
+    /// heap, and given it back, in between.)
+    pub(super) fn acquire_heap(&self, token: u64) -> Result<u64> {
+        let relieve = || self.reclaim_dead(0).map(|_| ());
+        if !self.free_dead() {
+            return self.heaps.acquire(&self.mem, &self.fs, token, relieve);
+        }
+        let usable = |h: &Heap| {
+            let p = h.body.blocks_of.0.load(Ordering::Acquire);
+            p == 0 || p == token
+        };
+        loop {
+            let heap_off = self.heaps.acquire_where(&self.mem, &self.fs, token, usable, relieve)?;
+            let heap = self.heaps.slot(&self.mem, heap_off)?;
+            match heap.body.blocks_of.0.load(Ordering::Acquire) {
+                0 => {
+                    heap.body.blocks_of.0.store(token, Ordering::Release);
+                    crash::point();
+                    return Ok(heap_off);
+                }
+                p if p == token => return Ok(heap_off),
+                _ => self.release_heap(heap_off)?,
+            }
+        }
+    }
+
     /// Trims a heap we hold and lets it go; repeats while remote frees arrived meanwhile.
     pub(super) fn release_heap(&self, heap_off: u64) -> Result<()> {
         let heap = self.heaps.slot(&self.mem, heap_off)?;
@@ -836,6 +926,7 @@ impl Shared {
         loop {
             self.trim_heap(heap_off)?;
             heap.owner.store(0, Ordering::Release);
+            crash::point();
             // A remote freer pushes then reads our owner word; a repairer posts a dead freer
             // and stores `AWAITING_OWNER` into its heap, then reads our owner word. Each side
             // stores, then loads what the other stores: with a SeqCst fence between on both
@@ -846,6 +937,7 @@ impl Shared {
             if !pending || heap.owner.compare_exchange(0, token, Ordering::Acquire, Ordering::Relaxed).is_err() {
                 return Ok(());
             }
+            crash::point();
         }
     }
 
@@ -854,6 +946,7 @@ impl Shared {
         let heap = self.heaps.slot(&self.mem, heap_off)?;
         let token = crate::sync::owner_token();
         if heap.owner.compare_exchange(0, token, Ordering::Acquire, Ordering::Relaxed).is_ok() {
+            crash::point();
             self.release_heap(heap_off)?;
         }
         Ok(())

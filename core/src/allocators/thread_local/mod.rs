@@ -10,6 +10,7 @@
 //!               per class: remote-free list                                  (any thread)
 //!               the block this heap's thread is freeing into another heap    (its thread)
 //!               per class: a dead freer's heap whose free we must settle     (repairers)
+//!               the process whose threads may hold its blocks                (holders)
 //! live block    [info][heap that handed it out][user bytes ...]
 //! ```
 //!
@@ -38,10 +39,14 @@
 //! remote list) whether it was pushed. When a class's free lists have
 //! doubled since the last sweep, spans whose blocks are all free go back to the free-space
 //! manager; on a trim and when the thread exits, all of them do. A heap whose thread has exited
-//! is released for the next thread; a heap whose process died (its owner word names a process
-//! that no longer runs, by id and start time, see [`liveness`](crate::liveness)) is repaired
-//! from its blocks' headers and released ([`recovery`]), on attach, when space runs short, or on
-//! [`ThreadLocalAllocator::reclaim`].
+//! is released for the next thread (with [`DeadProcessBlocks::Free`], the next thread of the
+//! same process: the heap keeps naming the process, whose other threads may hold its blocks);
+//! a heap whose process died (its owner word, or the process a given-back heap names, names a
+//! process that no longer runs, by id and start time, see [`liveness`](crate::liveness)) is
+//! repaired from its blocks' headers and released ([`recovery`]), on attach, when space runs
+//! short, or on [`ThreadLocalAllocator::reclaim`]. Every place after a store to shared state on these paths
+//! (the recovery's included) is a [crash point](crate::crash): `tests/crash_points.rs` kills a
+//! process at each one in turn and checks the recovery.
 
 mod audit;
 mod heap;
@@ -76,9 +81,10 @@ use super::span::{class_for, corrupt, explain_free, find_live, invalid, live_blo
 use heap::HeapBody;
 use quick::Quick;
 
-/// "TLA4": remote info words name their freer, heaps record remote frees under way, and each
-/// class line holds two free lists (the sweep threshold is kept only as its difference).
-const TYPE_ID: u32 = 0x544C_4134;
+/// "TLA5": remote info words name their freer, heaps record remote frees under way and the
+/// process whose threads may hold their blocks, and each class line holds two free lists (the
+/// sweep threshold is kept only as its difference).
+const TYPE_ID: u32 = 0x544C_4135;
 
 /// What the fast-slot cache holds for a thread known to have no heap (never a heap offset, which
 /// is 64-aligned).
@@ -251,7 +257,7 @@ impl<T: ThreadModel> ThreadLocalAllocator<T> {
 
     fn attach_thread(&self) -> Result<u64> {
         let s = &self.shared;
-        let heap = s.heaps.acquire(&s.mem, &s.fs, owner_token(), || s.reclaim_dead(0).map(|_| ()))?;
+        let heap = s.acquire_heap(owner_token())?;
         let boxed = Box::new(ThreadHeap { shared: s.clone(), heap, instance: self.instance });
         let raw = Box::into_raw(boxed);
         if let Err(e) = T::tls_set(self.key, raw.cast()) {

@@ -6,6 +6,7 @@
 //! other fields, so a quick path reaches the limits and the mapping without going through the
 //! shared state.
 
+use crate::crash;
 use crate::sync::atomic::Ordering;
 use crate::sync::tagged_list;
 
@@ -151,6 +152,7 @@ impl Quick {
             return None;
         }
         cs.free = core::mem::take(&mut cs.freed);
+        crash::point();
         self.allocate(heap_off, line, size)
     }
 
@@ -179,6 +181,7 @@ impl Quick {
         // Links are untagged (`tagged_list::encode`): decoding is the shift alone. A damaged
         // link fails the bounds check of the next pop.
         cs.free = link.load(Ordering::Relaxed).wrapping_shl(4);
+        crash::point();
         Some((block, word))
     }
 
@@ -198,13 +201,16 @@ impl Quick {
         size: usize,
     ) -> u64 {
         cs.count_allocation(size as u64);
+        crash::point();
         let live = word.wrapping_add(self.live_delta).wrapping_add(size as u64);
         debug_assert_eq!(live, live_from_free(word, size as u64));
         // SAFETY: the caller's promise: the block's header words lie in the arena, which `mem`
         // holds.
         unsafe {
             self.mem.word_unchecked(block + 8).store(heap_off, Ordering::Relaxed);
+            crash::point();
             self.mem.word_unchecked(block).store(live, Ordering::Release);
+            crash::point();
         }
         block + SMALL_HEADER
     }
@@ -258,12 +264,16 @@ impl Quick {
         // 16-aligned.
         unsafe {
             self.mem.word_unchecked(block).store(free, Ordering::Release);
+            crash::point();
             self.mem
                 .word_unchecked(block + 8)
                 .store(tagged_list::encode((cs.freed != 0).then_some(cs.freed)), Ordering::Relaxed);
+            crash::point();
         }
         cs.freed = block;
+        crash::point();
         cs.count_free(word & FIELD_MASK);
+        crash::point();
         cs.sweep_due()
     }
 }

@@ -22,6 +22,7 @@
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
+use crate::crash;
 use crate::error::Result;
 use crate::sync::atomic::{fence, Ordering};
 use crate::sync::owner_token;
@@ -63,7 +64,12 @@ impl Shared {
                 // A heap awaiting an owner whose slot does not name it was left by a repairer or
                 // an owner killed mid-way: it is taken over again like a dead one.
                 let awaiting = owner == AWAITING_OWNER;
-                let taken_over = if awaiting { !self.awaited(offset, h) } else { owner_dead(owner) };
+                let taken_over = match owner {
+                    AWAITING_OWNER => !self.awaited(offset, h),
+                    // Given back by its thread, with blocks of a process that has died since.
+                    0 => self.free_dead() && owner_dead(h.body.blocks_of.0.load(Ordering::Acquire)),
+                    _ => owner_dead(owner),
+                };
                 if !taken_over {
                     if awaiting && awaits_collection(self, h) {
                         self.drain_awaiting(my_heap, offset)?;
@@ -73,6 +79,7 @@ impl Shared {
                 if h.owner.compare_exchange(owner, owner_token(), Ordering::Acquire, Ordering::Relaxed).is_err() {
                     continue;
                 }
+                crash::point();
                 if awaiting && self.awaited(offset, h) {
                     // Another reclaimer posted it meanwhile; its owner may have looked while we
                     // held it, and left it.
@@ -98,6 +105,7 @@ impl Shared {
                     }
                     Handover::Busy(..) => {
                         h.owner.store(owner, Ordering::Release);
+                        crash::point();
                         busy = true;
                     }
                 }
@@ -121,6 +129,7 @@ impl Shared {
     /// names, and gets that owner to look again: it may have looked while we held the heap.
     pub(super) fn await_owner(&self, my_heap: u64, h: &Heap) -> Result<()> {
         h.owner.store(AWAITING_OWNER, Ordering::Release);
+        crash::point();
         // Before the owner's word is read (see `Shared::release_heap`).
         fence(Ordering::SeqCst);
         match h.body.in_flight.read() {
@@ -156,6 +165,7 @@ impl Shared {
         if h.owner.compare_exchange(AWAITING_OWNER, owner_token(), Ordering::Acquire, Ordering::Relaxed).is_err() {
             return Ok(());
         }
+        crash::point();
         if let Err(e) = self.trim_heap(offset) {
             h.owner.store(AWAITING_OWNER, Ordering::Release);
             return Err(e);
@@ -170,6 +180,7 @@ impl Shared {
             Handover::Busy(..) => {
                 // A later reclaim takes it over.
                 h.owner.store(AWAITING_OWNER, Ordering::Release);
+                crash::point();
                 Ok(())
             }
         }
@@ -194,6 +205,7 @@ impl Shared {
             // Not marked (the free never happened), or pushed and collected already: nothing to
             // settle. A slot a repairer killed mid-way left naming us is cleared first.
             let _ = slot.compare_exchange(freer, 0, Ordering::AcqRel, Ordering::Relaxed);
+            crash::point();
             h.body.in_flight.clear();
             return Ok(Handover::None);
         }
@@ -202,7 +214,9 @@ impl Shared {
             Err(f) if f == freer => {}
             Err(_) => return Ok(Handover::Busy(r.owner, r.class)),
         }
+        crash::point();
         h.owner.store(AWAITING_OWNER, Ordering::Release);
+        crash::point();
         // Before the caller reads the owner's word (`nudge`): an owner letting its heap go
         // stores 0 there, then reads our slot and owner word (see `Shared::release_heap`).
         fence(Ordering::SeqCst);
@@ -225,6 +239,9 @@ impl Shared {
             match Info::unpack(word) {
                 Some(i) if i.class == class && i.state == State::Remote => {
                     w.store(freed_word(word, 0), Ordering::Release);
+                    if n.is_power_of_two() {
+                        crash::point();
+                    }
                 }
                 Some(i) if i.class == class && i.state == State::Free => {}
                 _ => return,
@@ -237,11 +254,16 @@ impl Shared {
     fn finish_collections(&self, heap: &Heap) {
         for class in 0..CLASS_COUNT {
             let pending = &heap.body.pending.0[class];
-            self.free_remote_chain(tagged_list::decode(pending.load(Ordering::Acquire)), class);
-            pending.store(0, Ordering::Release);
-            if let Some(first) = heap.body.remote.0[class].take_recorded(pending) {
+            if let Some(first) = tagged_list::decode(pending.load(Ordering::Acquire)) {
                 self.free_remote_chain(Some(first), class);
                 pending.store(0, Ordering::Release);
+                crash::point();
+            }
+            if let Some(first) = heap.body.remote.0[class].take_recorded(pending) {
+                crash::point();
+                self.free_remote_chain(Some(first), class);
+                pending.store(0, Ordering::Release);
+                crash::point();
             }
         }
     }
@@ -259,17 +281,25 @@ impl Shared {
     }
 
     /// Rebuilds a heap's spans and lists from its blocks' headers, after its owner died at an
-    /// unknown point. The caller holds the heap.
+    /// unknown point (or the process whose blocks it holds died, see [`BlocksOf`]). The caller
+    /// holds the heap. Live blocks are freed (with [`DeadProcessBlocks::Free`]) only if the
+    /// heap's blocks are a dead process's: an owner that died holding the heap to drain it
+    /// held none of them.
+    ///
+    /// [`BlocksOf`]: super::heap::BlocksOf
+    /// [`DeadProcessBlocks::Free`]: super::super::common::DeadProcessBlocks::Free
     pub(super) fn repair_heap(&self, heap_off: u64) -> Result<()> {
         let heap = self.heaps.slot(&self.mem, heap_off)?;
         let index = heap.index;
-        let free_dead = self.free_dead();
+        let process = heap.body.blocks_of.0.load(Ordering::Acquire);
+        let free_dead = self.free_dead() && (process == 0 || owner_dead(process));
         self.finish_collections(heap);
         self.settle_orphans(heap_off, heap)?;
         // SAFETY: we hold the heap.
         let local = unsafe { self.local(heap) };
         let allocations: Vec<u64> = local.classes.iter().map(|c| c.allocations).collect();
         *local = HeapLocal { classes: [ClassState::default(); CLASS_COUNT] };
+        crash::point();
         let mut spans = Vec::new();
         let mut dead_large = Vec::new();
         {
@@ -297,8 +327,15 @@ impl Shared {
             cs.frees = cs.allocations - live;
             cs.set_sweep_at(sweep_limit(cs.count(), c));
         }
+        crash::point();
         for base in dead_large {
             let _ = large::free(&self.fs, &self.arena, base);
+            crash::point();
+        }
+        if free_dead && process != 0 {
+            // Its blocks are all free now: any process's thread may take it.
+            heap.body.blocks_of.0.store(0, Ordering::Release);
+            crash::point();
         }
         Ok(())
     }
@@ -350,19 +387,29 @@ impl Shared {
                     free.push(b);
                 }
             }
+            if index == layout.blocks / 2 {
+                crash::point();
+            }
         }
         *bump = layout.blocks as u32;
+        crash::point();
         if kept == 0 {
             return self.release_span(span);
         }
         let cs = &mut local.classes[class];
         cs.blocks += free.len() as u64 + kept;
-        for b in free {
+        crash::point();
+        let middle = free.len() / 2;
+        for (i, b) in free.into_iter().enumerate() {
             self.arena.store_link(b, (cs.free != 0).then_some(cs.free));
             cs.free = b;
+            if i == middle {
+                crash::point();
+            }
         }
         cs.allocations += kept;
         cs.live_bytes += bytes;
+        crash::point();
         Ok(())
     }
 }

@@ -193,6 +193,79 @@ fn a_run_left_half_made_by_a_dead_lock_holder_is_returned() {
     a.check().unwrap();
 }
 
+/// With dead processes' blocks freed: a thread allocates blocks of `sizes` and exits, so its
+/// heap is given back with them live. Returns the allocator, its start, the heap and the blocks.
+fn given_back_heap(sizes: &[usize]) -> (Arc<Tla>, Start, u64, Vec<OffsetPtr>) {
+    crate::testing::install_test_liveness();
+    let config = ThreadLocalConfig { dead_process_blocks: DeadProcessBlocks::Free };
+    let a = Arc::new(Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &config).unwrap());
+    let start = start_of(&a);
+    let (heap, blocks) = {
+        let (a, sizes) = (a.clone(), sizes.to_vec());
+        std::thread::spawn(move || {
+            let blocks = sizes.iter().map(|&n| a.allocate(n, 8).unwrap()).collect();
+            (a.existing_heap(), blocks)
+        })
+        .join()
+        .unwrap()
+    };
+    assert_eq!(a.owned_heaps().unwrap(), 0);
+    (a, start, heap, blocks)
+}
+
+#[test]
+fn a_remote_freer_that_died_draining_a_heap_leaves_the_heaps_live_blocks_alone() {
+    let (a, start, heap, blocks) = given_back_heap(&[100, 100, 3000, 50_000]);
+    // A thread of another process remote-freed into the heap no thread holds, took the heap to
+    // drain it, and died holding it. The blocks are this process's, not the drainer's.
+    let s = &a.shared;
+    let h = s.heaps.slot(&s.mem, heap).unwrap();
+    h.owner.compare_exchange(0, crate::testing::dead_token(), Ordering::AcqRel, Ordering::Relaxed).unwrap();
+    assert_eq!(a.reclaim().unwrap(), 1);
+    for p in &blocks {
+        a.size_of(*p).expect("a block of a live process stays live");
+    }
+    a.check().unwrap();
+    assert_eq!(a.stats().live_allocations, blocks.len() as u64);
+    free_the_rest(&a, start, &blocks, &[]);
+}
+
+#[test]
+fn a_heap_given_back_with_live_blocks_goes_to_no_other_process() {
+    let (a, start, heap, blocks) = given_back_heap(&[100, 50_000]);
+    // A thread of another process (which then dies) takes a heap: not that one, whose blocks
+    // a reclaim would free with the thief's.
+    let s = &a.shared;
+    let theirs = s.acquire_heap(crate::testing::dead_token()).unwrap();
+    assert_ne!(theirs, heap);
+    s.allocate_small(theirs, class_for(100, 8).unwrap(), 100, 8).unwrap();
+    assert_eq!(a.reclaim().unwrap(), 1);
+    for p in &blocks {
+        a.size_of(*p).expect("a block of a live process stays live");
+    }
+    assert_eq!(a.stats().live_allocations, blocks.len() as u64);
+    // A thread of this process takes it again.
+    assert_eq!(a.thread_heap().unwrap(), heap);
+    free_the_rest(&a, start, &blocks, &[]);
+}
+
+#[test]
+fn the_blocks_of_a_heap_given_back_are_freed_when_its_process_dies() {
+    let (a, start, heap, blocks) = given_back_heap(&[100, 200, 3000, 50_000]);
+    // As if the process whose thread gave the heap back (and whose other threads still held
+    // its blocks) had died since.
+    let s = &a.shared;
+    let h = s.heaps.slot(&s.mem, heap).unwrap();
+    h.body.blocks_of.0.store(crate::testing::dead_token(), Ordering::Release);
+    assert_eq!(a.reclaim().unwrap(), 1);
+    for p in &blocks {
+        assert!(a.size_of(*p).is_err(), "a dead process's block is freed");
+    }
+    assert_eq!(h.body.blocks_of.0.load(Ordering::Acquire), 0);
+    assert_eq!(a.owned_heaps().unwrap(), 0);
+    assert_back_to_start(&a, start);
+}
+
 /// Which step of a remote free its process was killed before.
 #[derive(Clone, Copy, Debug)]
 enum KilledBefore {
