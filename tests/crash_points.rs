@@ -120,9 +120,10 @@ fn child<A: Probe>(seg: &str, mail: u64) -> ! {
     let last = held.pop().unwrap();
     let last = a.reallocate(last, 205, 8).unwrap();
     held.push(a.reallocate(last, 150, 8).unwrap());
-    // Large blocks: one freed, one kept.
+    // Large blocks: one freed, one shrunk in place and kept.
     let big = a.allocate(40_000, 8).unwrap();
-    held.push(a.allocate(70_000, 8).unwrap());
+    let kept = a.allocate(70_000, 8).unwrap();
+    held.push(a.reallocate(kept, 60_000, 8).unwrap());
     a.free(big).unwrap();
     for p in held.drain(12..16) {
         a.free(p).unwrap();
