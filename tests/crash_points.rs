@@ -238,6 +238,7 @@ fn crash_points<A: Probe>(config: A::Config, tag: &str) {
         let (seg, mail) = args.split_once(' ').unwrap();
         child::<A>(seg, mail.parse().unwrap());
     }
+    assert!(std::env::var_os("HETMEM_CRASH_AT").is_none(), "HETMEM_CRASH_AT is for the children this test starts");
     let seg = format!("/hetmem-crash-points-{tag}-{}", std::process::id());
     let mm = MemoryManager::new();
     let b = mm.add_backend(PosixShmBackend::create(&seg, 8 << 20, &ShmOptions::default()).unwrap()).unwrap();
