@@ -26,7 +26,6 @@
 extern crate alloc;
 
 pub mod backend;
-#[cfg(all(feature = "alloc", not(loom)))]
 #[doc(hidden)]
 pub mod crash;
 pub mod error;
