@@ -639,10 +639,9 @@ pub(crate) unsafe fn init_span(mem: &Mem, span: u64, class: usize, owner: u64) -
 /// the free-space lock `g`.
 pub(crate) unsafe fn release_span(g: &mut FreeSpaceGuard<'_>, mem: &Mem, span: u64) -> Result<()> {
     let head = g.layout().unit_of(span).ok_or(corrupt(span, "span outside the arena"))?;
-    // SAFETY: in bounds and aligned (`at` checks); the caller's promise: no one else uses it.
-    let p = unsafe { mem.at::<SpanHeader>(span) }?;
-    // SAFETY: as above.
-    unsafe { (*p).kind.store(0, Ordering::Relaxed) };
+    if let Some(h) = mem.span_at(span) {
+        h.kind.store(0, Ordering::Relaxed);
+    }
     // The clear before the run's descriptors change (a release fence keeps it before the
     // stores that follow).
     core::sync::atomic::compiler_fence(Ordering::Release);

@@ -54,17 +54,23 @@ impl Shared {
         tagged_list::walk(&self.arena, (first != 0).then_some(first), limit, visit)
     }
 
+    /// The slots whose owner is a process known to be gone: offset and owner word.
+    fn slots_of_the_dead(&self) -> Result<Vec<(u64, u64)>> {
+        let mut out = Vec::new();
+        for offset in self.slots.offsets(&self.mem)? {
+            let owner = self.slots.slot(&self.mem, offset)?.owner.load(Ordering::Acquire);
+            if owner_dead(owner) {
+                out.push((offset, owner));
+            }
+        }
+        Ok(out)
+    }
+
     /// Claims the slots of dead processes and returns their blocks to the shared lists; returns
     /// how many slots. See the module docs.
     pub(super) fn recover_dead(&self) -> Result<u64> {
         // Asking the OS about each owner takes no lock; the claims do.
-        let mut candidates = Vec::new();
-        for offset in self.slots.offsets(&self.mem)? {
-            let owner = self.slots.slot(&self.mem, offset)?.owner.load(Ordering::Acquire);
-            if owner_dead(owner) {
-                candidates.push((offset, owner));
-            }
-        }
+        let candidates = self.slots_of_the_dead()?;
         if candidates.is_empty() {
             return Ok(0);
         }
@@ -141,10 +147,8 @@ impl Shared {
         if op == 0 {
             return;
         }
-        let info = (block % 16 == 0)
-            .then(|| self.arena.word_at(block))
-            .flatten()
-            .map(|w| Info::unpack(w.load(Ordering::Acquire)));
+        // `unpack_journal` keeps the block 16-aligned; `word_at` checks it lies in the arena.
+        let info = self.arena.word_at(block).map(|w| Info::unpack(w.load(Ordering::Acquire)));
         let ours = |i: &Info| i.state == State::Free && i.class == class && i.size == label;
         let done = match (op, info) {
             // A journal naming no block of the arena is damaged: trust the counters.
@@ -210,14 +214,11 @@ impl Shared {
         // every process it found dead had died by then); their blocks wait for the recovery
         // that settles them, whose judgement freeing them now would mislead.
         let mut unsettled = BTreeSet::new();
-        for offset in self.slots.offsets(&self.mem)? {
-            let s = self.slots.slot(&self.mem, offset)?;
-            if owner_dead(s.owner.load(Ordering::Acquire)) {
-                for c in &s.body.classes {
-                    let (block, op, _) = unpack_journal(c.journal.load(Ordering::Acquire));
-                    if op != 0 {
-                        unsettled.insert(block);
-                    }
+        for (offset, _) in self.slots_of_the_dead()? {
+            for c in &self.slots.slot(&self.mem, offset)?.body.classes {
+                let (block, op, _) = unpack_journal(c.journal.load(Ordering::Acquire));
+                if op != 0 {
+                    unsettled.insert(block);
                 }
             }
         }
@@ -288,7 +289,6 @@ impl Shared {
                 self.push_chain(class, first, last)?;
             }
         }
-        crash::point();
         drop(g);
         Ok(())
     }
