@@ -4,8 +4,9 @@
 //! ticks since boot), so a recycled pid is told apart from the process that died. Elsewhere on
 //! unix the check is `kill(pid, 0)` and the start time is unknown (0).
 
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
+use hetmem_core::fork;
 use hetmem_core::liveness::{self, ProcessLiveness, ProcessStamp};
 
 /// The unix implementation of [`ProcessLiveness`].
@@ -32,15 +33,26 @@ fn start_time(pid: u32) -> Option<u64> {
 
 impl ProcessLiveness for ProcLiveness {
     fn current(&self) -> ProcessStamp {
-        static ME: OnceLock<ProcessStamp> = OnceLock::new();
-        *ME.get_or_init(|| {
-            let pid = std::process::id();
-            #[cfg(target_os = "linux")]
-            let start_time = start_time(pid).unwrap_or(0);
-            #[cfg(not(target_os = "linux"))]
-            let start_time = 0;
-            ProcessStamp { pid, start_time }
-        })
+        // Cached per fork generation: a forked child is another process (its own pid and start
+        // time), and must not mark owners and blocks as its parent.
+        static GENERATION: AtomicU64 = AtomicU64::new(u64::MAX);
+        static PID: AtomicU32 = AtomicU32::new(0);
+        static START: AtomicU64 = AtomicU64::new(0);
+        let generation = fork::generation();
+        if GENERATION.load(Ordering::Acquire) == generation {
+            return ProcessStamp { pid: PID.load(Ordering::Relaxed), start_time: START.load(Ordering::Relaxed) };
+        }
+        fork::watch();
+        let pid = std::process::id();
+        #[cfg(target_os = "linux")]
+        let start_time = start_time(pid).unwrap_or(0);
+        #[cfg(not(target_os = "linux"))]
+        let start_time = 0;
+        // Threads that race here store the same values; after a fork the child has one thread.
+        PID.store(pid, Ordering::Relaxed);
+        START.store(start_time, Ordering::Relaxed);
+        GENERATION.store(generation, Ordering::Release);
+        ProcessStamp { pid, start_time }
     }
 
     fn is_alive(&self, stamp: ProcessStamp) -> bool {

@@ -29,6 +29,7 @@ pub mod backend;
 #[doc(hidden)]
 pub mod crash;
 pub mod error;
+pub mod fork;
 // Lock-free fastmem needs compare-and-swap; the `critical-section` variant does not.
 #[cfg(any(feature = "critical-section", target_has_atomic = "ptr"))]
 pub mod fastmem;

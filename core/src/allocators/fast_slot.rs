@@ -8,6 +8,10 @@
 //! It is only a cache: the thread-local allocator keeps the authoritative record in its thread
 //! model's TLS, the page allocator in [`hold`]'s per-thread list, and both fill the cache on a
 //! miss. Without `std` every lookup misses, and callers take their fallback path.
+//!
+//! In the child of a `fork`, the slots the forking thread held are its parent's: the fork
+//! handler empties the cache ([`forget_after_fork`]), and [`hold`]'s entries of another fork
+//! generation ([`crate::fork`]) are ignored and dropped without their release.
 
 use crate::sync::atomic::{AtomicU64, Ordering};
 
@@ -15,8 +19,10 @@ use crate::sync::atomic::{AtomicU64, Ordering};
 /// has no slot"); [`get_last`] never returns them, so a fast path needs no second compare.
 pub(crate) const MARKERS: u64 = 1;
 
-/// A new instance number (never 0, never reused in this process).
+/// A new instance number (never 0, never reused in this process). Starts counting forks
+/// ([`crate::fork::watch`]): a handle's slots must not pass to a forked child.
 pub(crate) fn new_instance() -> u64 {
+    crate::fork::watch();
     static NEXT: AtomicU64 = AtomicU64::new(1);
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
@@ -102,15 +108,35 @@ mod imp {
         });
     }
 
+    /// Empties the calling thread's cache: in a forked child, whose forking thread's slots are
+    /// its parent's. Only stores to plain TLS cells (it runs in the fork handler).
+    #[cfg(unix)]
+    pub(crate) fn forget_after_fork() {
+        let _ = LAST.try_with(|l| l.set((0, 0)));
+        let _ = CACHE.try_with(|c| c.iter().for_each(|e| e.set((0, 0))));
+    }
+
     /// A slot the thread holds until it exits (or [`release`] is called).
     struct Held {
         instance: u64,
         slot: u64,
+        /// The fork generation it was taken in: in a forked child, the slot is the parent's.
+        generation: u64,
         release: Option<Box<dyn FnOnce()>>,
+    }
+
+    impl Held {
+        fn current(&self) -> bool {
+            self.generation == crate::fork::generation()
+        }
     }
 
     impl Drop for Held {
         fn drop(&mut self) {
+            if !self.current() {
+                // The parent's slot: neither cached here nor ours to give back.
+                return;
+            }
             clear(self.instance);
             if let Some(r) = self.release.take() {
                 r();
@@ -123,10 +149,17 @@ mod imp {
     /// is already being torn down.
     pub(crate) fn hold(instance: u64, slot: u64, release: Box<dyn FnOnce()>) -> bool {
         let mut release = Some(release);
+        let generation = crate::fork::generation();
+        let mut stale = Vec::new();
         let held = HELD
             .try_with(|h| {
                 let mut h = h.try_borrow_mut().ok()?;
-                h.push(Held { instance, slot, release: release.take() });
+                // Entries a fork left behind go (dropped below, outside the borrow).
+                if h.iter().any(|x| !x.current()) {
+                    let (keep, old): (Vec<Held>, Vec<Held>) = h.drain(..).partition(Held::current);
+                    (*h, stale) = (keep, old);
+                }
+                h.push(Held { instance, slot, generation, release: release.take() });
                 Some(())
             })
             .ok()
@@ -141,7 +174,7 @@ mod imp {
     /// The slot the calling thread holds in `instance` through [`hold`], if any (and caches it).
     pub(crate) fn held(instance: u64) -> Option<u64> {
         let slot = HELD
-            .try_with(|h| h.try_borrow().ok()?.iter().find(|x| x.instance == instance).map(|x| x.slot))
+            .try_with(|h| h.try_borrow().ok()?.iter().find(|x| x.instance == instance && x.current()).map(|x| x.slot))
             .ok()
             .flatten()?;
         set(instance, slot);
@@ -153,7 +186,7 @@ mod imp {
         let taken = HELD
             .try_with(|h| {
                 let mut h = h.try_borrow_mut().ok()?;
-                let i = h.iter().position(|x| x.instance == instance)?;
+                let i = h.iter().position(|x| x.instance == instance && x.current())?;
                 Some(h.swap_remove(i))
             })
             .ok()
@@ -188,6 +221,8 @@ mod imp {
     }
 }
 
+#[cfg(all(unix, feature = "std"))]
+pub(crate) use imp::forget_after_fork;
 pub(crate) use imp::{clear, get, get_last, held, hold, release, set};
 
 #[cfg(all(test, feature = "std"))]

@@ -37,6 +37,12 @@ mod thread_local;
 
 pub use stack::{StackAllocator, StackConfig};
 
+/// Forgets which slots the calling thread holds, in the child of a `fork` (see [`crate::fork`]).
+#[cfg(all(unix, feature = "std", not(loom)))]
+pub(crate) fn forget_thread_slots_after_fork() {
+    fast_slot::forget_after_fork();
+}
+
 #[cfg(not(loom))]
 pub use common::{ClassStats, DeadProcessBlocks};
 #[cfg(not(loom))]

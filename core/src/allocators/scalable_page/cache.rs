@@ -194,7 +194,7 @@ impl Shared {
                 self.arena.word_unchecked(user - 16).store(0, Ordering::Relaxed);
                 crash::point();
             }
-            self.arena.word_unchecked(user - 8).store(back_word(user - block, self.stamp), Ordering::Relaxed);
+            self.arena.word_unchecked(user - 8).store(back_word(user - block, self.stamp()), Ordering::Relaxed);
             crash::point();
             compiler_fence(Ordering::Release);
             self.arena.word_unchecked(block).store(live_word(word, size as u64), Ordering::Release);

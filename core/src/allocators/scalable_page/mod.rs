@@ -95,8 +95,6 @@ struct Shared {
     arena: Mem,
     fs: FreeSpace,
     slots: SlotTable<CacheBody>,
-    /// This process, as live blocks record it.
-    stamp: u64,
     /// Per class: the most blocks a thread cache keeps.
     limits: [u32; CLASS_COUNT],
 }
@@ -114,8 +112,9 @@ pub struct ScalablePageAllocator {
     id: AllocatorId,
     instance: u64,
     /// A slot for threads that cannot keep one of their own (no `std`, or TLS torn down),
-    /// used by one of them at a time.
-    fallback: SpinLock<u64>,
+    /// used by one of them at a time, with the fork generation it was taken in (in a forked
+    /// child, the slot is the parent's).
+    fallback: SpinLock<(u64, u64)>,
 }
 
 /// The 48-bit stamp blocks record: pid and the low 16 bits of its start time.
@@ -129,6 +128,12 @@ fn stamp_process(stamp: u64) -> ProcessStamp {
 }
 
 impl Shared {
+    /// This process, as live blocks record it (read each time: a forked child is another
+    /// process than the one that opened the allocator).
+    fn stamp(&self) -> u64 {
+        short_stamp(liveness::current())
+    }
+
     fn header(&self) -> &SpaHeader {
         // SAFETY: checked in bounds in `open`; the region stays mapped; see the Send note.
         unsafe { self.header.as_ref() }
@@ -170,7 +175,7 @@ impl Shared {
         for attempt in 0..3 {
             {
                 let mut g = self.fs.lock();
-                if let Some(u) = large::allocate(&mut g, &self.fs, &self.arena, size, align, 0, self.stamp)? {
+                if let Some(u) = large::allocate(&mut g, &self.fs, &self.arena, size, align, 0, self.stamp())? {
                     return Ok(u);
                 }
             }
@@ -197,21 +202,12 @@ impl ScalablePageAllocator {
         // A cache holds up to ~16 KiB of a class (less in small regions), 2..=64 blocks.
         let budget = (layout.bytes() / 512).clamp(1024, 16 * 1024);
         let limits = core::array::from_fn(|c| (budget / LAYOUTS[c].stride).clamp(2, 64) as u32);
-        let shared = Shared {
-            region,
-            header,
-            mem,
-            arena,
-            fs,
-            slots: SlotTable::new(chunk),
-            stamp: short_stamp(liveness::current()),
-            limits,
-        };
+        let shared = Shared { region, header, mem, arena, fs, slots: SlotTable::new(chunk), limits };
         Ok(ScalablePageAllocator {
             shared: Arc::new(shared),
             id,
             instance: fast_slot::new_instance(),
-            fallback: SpinLock::new(0),
+            fallback: SpinLock::new((0, 0)),
         })
     }
 
@@ -236,10 +232,11 @@ impl ScalablePageAllocator {
             return f(slot);
         }
         let mut g = self.fallback.lock();
-        if *g == 0 {
-            *g = self.shared.acquire_slot()?;
+        let generation = crate::fork::generation();
+        if g.1 == 0 || g.0 != generation {
+            *g = (generation, self.shared.acquire_slot()?);
         }
-        f(*g)
+        f(g.1)
     }
 
     /// Takes a slot for the calling thread, held until it exits; `None` where threads cannot
@@ -329,8 +326,8 @@ impl ScalablePageAllocator {
 impl Drop for ScalablePageAllocator {
     fn drop(&mut self) {
         self.release_thread_cache();
-        let slot = core::mem::take(&mut *self.fallback.lock());
-        if slot != 0 {
+        let (generation, slot) = core::mem::take(&mut *self.fallback.lock());
+        if slot != 0 && generation == crate::fork::generation() {
             let _ = self.shared.release_slot(slot);
         }
         // Other threads keep their slots (and the mapping, through their registration) until

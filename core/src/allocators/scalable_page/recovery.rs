@@ -177,7 +177,7 @@ impl Shared {
         }
         let mut verdict: BTreeMap<u64, bool> = BTreeMap::new();
         let mut dead_process = |stamp: u64| {
-            *verdict.entry(stamp).or_insert_with(|| stamp != self.stamp && liveness::is_dead(stamp_process(stamp)))
+            *verdict.entry(stamp).or_insert_with(|| stamp != self.stamp() && liveness::is_dead(stamp_process(stamp)))
         };
         let (mut small, mut large_blocks) = (Vec::new(), Vec::new());
         // All of it under the free-space lock: slots are claimed and settled under it, and a

@@ -103,7 +103,7 @@ fn a_dead_allocation_half_done_and_a_dead_list_holder_are_recovered() {
     c.journal(first, OP_ALLOC, live + 1, bytes + 200);
     let next = s.arena.load_link(first).unwrap().unwrap_or(0);
     c.head.store(next | ((count - 1) << 48), Ordering::Relaxed);
-    s.arena.word(first + 8).unwrap().store(back_word(16, s.stamp), Ordering::Relaxed);
+    s.arena.word(first + 8).unwrap().store(back_word(16, s.stamp()), Ordering::Relaxed);
     s.arena.info(first).unwrap().store(live_word(word, 200), Ordering::Release);
     // ... while another of its threads held the class's shared list.
     let lock = &s.list(class);

@@ -109,6 +109,16 @@ struct ThreadHeap {
     shared: Arc<Shared>,
     heap: u64,
     instance: u64,
+    /// The fork generation it was taken in ([`crate::fork`]): in a forked child, the value the
+    /// forking thread's TLS still holds names the parent's heap.
+    generation: u64,
+}
+
+impl ThreadHeap {
+    /// Whether the heap is this process's (not a parent's, seen through a fork).
+    fn current(&self) -> bool {
+        self.generation == crate::fork::generation()
+    }
 }
 
 /// The process-local view shared by the handle and every thread's TLS value.
@@ -156,8 +166,10 @@ unsafe extern "C" fn release_at_exit(value: *mut c_void) {
     // SAFETY: only `attach_thread` stores values under the key: each a leaked Box<ThreadHeap>,
     // passed here once, at this thread's exit.
     let th = unsafe { Box::from_raw(value.cast::<ThreadHeap>()) };
-    fast_slot::clear(th.instance);
-    let _ = th.shared.release_heap(th.heap);
+    if th.current() {
+        fast_slot::clear(th.instance);
+        let _ = th.shared.release_heap(th.heap);
+    }
 }
 
 impl Shared {
@@ -249,16 +261,32 @@ impl<T: ThreadModel> ThreadLocalAllocator<T> {
             return 0;
         }
         // SAFETY: values under our key are leaked Box<ThreadHeap>s, freed only at thread exit or
-        // by `release_thread_heap` on this thread.
-        let heap = unsafe { &*value.cast::<ThreadHeap>() }.heap;
-        fast_slot::set(self.instance, heap);
-        heap
+        // by `release_thread_heap` or `forget_parent_heap` on this thread.
+        let th = unsafe { &*value.cast::<ThreadHeap>() };
+        if !th.current() {
+            return self.forget_parent_heap(value);
+        }
+        fast_slot::set(self.instance, th.heap);
+        th.heap
+    }
+
+    /// In a forked child: drops the TLS value that names the parent's heap (without giving the
+    /// heap back: the parent still uses it), so the thread takes a heap of its own. Returns 0.
+    #[cold]
+    fn forget_parent_heap(&self, value: *mut c_void) -> u64 {
+        if T::tls_set(self.key, core::ptr::null_mut()).is_ok() {
+            // SAFETY: as in `tls_heap`; cleared from TLS above, so this is its only owner.
+            drop(unsafe { Box::from_raw(value.cast::<ThreadHeap>()) });
+        }
+        fast_slot::clear(self.instance);
+        0
     }
 
     fn attach_thread(&self) -> Result<u64> {
         let s = &self.shared;
         let heap = s.acquire_heap(owner_token())?;
-        let boxed = Box::new(ThreadHeap { shared: s.clone(), heap, instance: self.instance });
+        let generation = crate::fork::generation();
+        let boxed = Box::new(ThreadHeap { shared: s.clone(), heap, instance: self.instance, generation });
         let raw = Box::into_raw(boxed);
         if let Err(e) = T::tls_set(self.key, raw.cast()) {
             // SAFETY: `raw` was just leaked and never shared.
@@ -301,6 +329,10 @@ impl<T: ThreadModel> ThreadLocalAllocator<T> {
         T::tls_set(self.key, core::ptr::null_mut())?;
         // SAFETY: as in `tls_heap`; cleared from TLS above, so this is its only owner.
         let th = unsafe { Box::from_raw(value.cast::<ThreadHeap>()) };
+        if !th.current() {
+            // A parent's heap, seen through a fork: not ours to give back.
+            return Ok(());
+        }
         self.shared.release_heap(th.heap)
     }
 

@@ -1,0 +1,189 @@
+//! A process that uses a shared-memory allocator and then calls `fork()`: the child is another
+//! process, with a slot (or heap) of its own and its own process stamp, so the two may allocate
+//! at once, and a child that dies is recovered without touching its parent's blocks.
+//!
+//! The test binary re-executes itself with `HETMEM_CHILD` set: that process (the *forker*)
+//! allocates, forks, and checks; the test process checks the segment after the forker exits.
+
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use hetmem::allocators::ThreadLocalAllocator;
+use hetmem::prelude::*;
+
+const ID: AllocatorId = AllocatorId::new(1, 0);
+/// Blocks the forked child leaves live when it dies.
+const LEFT: usize = 48;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Fills a block with `owner`, its size in the first 8 bytes.
+fn stamp(base: *mut u8, p: OffsetPtr, size: usize, owner: u8) {
+    // SAFETY: a live block of `size` >= 16 bytes in the mapped segment.
+    unsafe {
+        let b = base.add(p.get() as usize);
+        std::ptr::write_bytes(b, owner, size);
+        b.cast::<u64>().write_unaligned(size as u64);
+    }
+}
+
+/// Checks a block `stamp` wrote for `owner`.
+fn verify(base: *mut u8, p: OffsetPtr, owner: u8) {
+    // SAFETY: a live block written by `stamp`.
+    unsafe {
+        let b = base.add(p.get() as usize);
+        let size = b.cast::<u64>().read_unaligned() as usize;
+        let body = std::slice::from_raw_parts(b.add(8), size - 8);
+        assert!(body.iter().all(|&x| x == owner), "block of owner {owner} damaged");
+    }
+}
+
+/// Random allocations and frees, every block checked before it is freed; returns what is live.
+fn churn(a: &dyn RegionAllocator, base: *mut u8, owner: u8, seed: u64, ops: usize) -> Vec<OffsetPtr> {
+    let mut rng = Rng(seed);
+    let mut live = Vec::new();
+    for _ in 0..ops {
+        let r = rng.next();
+        if live.len() < 64 && (r % 3 != 0 || live.is_empty()) {
+            // Mostly small blocks, some above the size classes, some over-aligned.
+            let size =
+                if r % 50 == 0 { 100_000 + (r >> 40) as usize % 200_000 } else { 16 + (r >> 20) as usize % 3000 };
+            let align = if r % 7 == 0 { 256 } else { 8 };
+            let p = a.allocate(size, align).expect("allocate");
+            stamp(base, p, size, owner);
+            live.push(p);
+        } else {
+            let p = live.swap_remove((r >> 8) as usize % live.len());
+            verify(base, p, owner);
+            a.free(p).expect("free");
+        }
+    }
+    live
+}
+
+/// The forker: allocates (so its thread holds a slot), forks, and both sides churn at once.
+/// The forked child then leaves `LEFT` blocks live and dies; the forker recovers it and checks
+/// that exactly the child's blocks were freed.
+fn forker<A: Probe>(seg: &str) -> ! {
+    let mm = MemoryManager::new();
+    let b = mm.add_backend(PosixShmBackend::attach(seg, &ShmOptions::default()).unwrap()).unwrap();
+    let a = mm.attach_allocator::<A>(b.id(), ID).unwrap();
+    let base = b.base();
+    let mine = churn(&*a, base, 5, 11, 2000);
+    // Where the child reports its live blocks.
+    let mailbox = a.allocate(8 * (LEFT + 1), 8).unwrap();
+    // SAFETY: a live block of LEFT + 1 words.
+    let words = unsafe { std::slice::from_raw_parts(base.add(mailbox.get() as usize).cast::<AtomicU64>(), LEFT + 1) };
+    words.iter().for_each(|w| w.store(0, Ordering::Relaxed));
+    // SAFETY: fork(2); the child runs only this function's code and leaves with `_exit`.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let left = churn(&*a, base, 6, 22, 20_000);
+            for p in left {
+                a.free(p).unwrap();
+            }
+            for (i, w) in words[..LEFT].iter().enumerate() {
+                let size = 16 + i * 37;
+                let p = a.allocate(size, 8).unwrap();
+                stamp(base, p, size, 6);
+                w.store(p.get(), Ordering::Release);
+            }
+            words[LEFT].store(1, Ordering::Release);
+        }));
+        // Dies with its blocks live and its slot held: nothing runs at `_exit`.
+        // SAFETY: ends the forked child.
+        unsafe { libc::_exit(if ok.is_ok() { 0 } else { 1 }) };
+    }
+    let more = churn(&*a, base, 5, 33, 20_000);
+    let mut status = 0;
+    // SAFETY: waitpid(2) on our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "the forked child failed: {status:#x}");
+    assert_eq!(words[LEFT].load(Ordering::Acquire), 1, "the forked child did not finish");
+    let left: Vec<OffsetPtr> = words[..LEFT].iter().map(|w| OffsetPtr::new(w.load(Ordering::Acquire))).collect();
+    for &p in &left {
+        verify(base, p, 6);
+    }
+    // The child is dead: recovery frees its blocks and none of ours.
+    a.recover();
+    for &p in &left {
+        assert!(a.size_of(p).is_err(), "a dead child's block at {} is still live", p.get());
+    }
+    for &p in mine.iter().chain(&more) {
+        verify(base, p, 5);
+        a.free(p).unwrap();
+    }
+    a.free(mailbox).unwrap();
+    a.check().unwrap();
+    std::process::exit(0);
+}
+
+/// What the test needs beyond the allocator traits.
+trait Probe: AllocatorType {
+    fn recover(&self);
+}
+
+impl Probe for ThreadLocalAllocator {
+    fn recover(&self) {
+        self.reclaim().unwrap();
+        self.trim().unwrap();
+    }
+}
+
+impl Probe for ScalablePageAllocator {
+    fn recover(&self) {
+        self.reclaim().unwrap();
+        self.trim().unwrap();
+    }
+}
+
+fn forked<A: Probe>(test: &str, tag: &str, config: A::Config) {
+    if let Ok(seg) = std::env::var("HETMEM_CHILD") {
+        forker::<A>(&seg);
+    }
+    let seg = format!("/hetmem-fork-{tag}-{}", std::process::id());
+    let mm = MemoryManager::new();
+    let b = mm.add_backend(PosixShmBackend::create(&seg, 64 << 20, &ShmOptions::default()).unwrap()).unwrap();
+    let a = mm.create_allocator::<A>(b.id(), ID, 0, &config).unwrap();
+    let start = a.stats().free_bytes();
+    let status = Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env("HETMEM_CHILD", &seg)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "the forker failed: {status}");
+    a.recover();
+    a.check().unwrap();
+    let end = a.stats();
+    assert_eq!((end.live_allocations, end.bytes_in_use), (0, 0), "blocks left live");
+    assert_eq!(end.free_bytes(), start, "the segment's free space came back");
+}
+
+#[test]
+fn scalable_page_after_fork() {
+    forked::<ScalablePageAllocator>(
+        "scalable_page_after_fork",
+        "spa",
+        ScalablePageConfig { dead_process_blocks: DeadProcessBlocks::Free },
+    );
+}
+
+#[test]
+fn thread_local_after_fork() {
+    forked::<ThreadLocalAllocator>(
+        "thread_local_after_fork",
+        "tla",
+        ThreadLocalConfig { dead_process_blocks: DeadProcessBlocks::Free },
+    );
+}
