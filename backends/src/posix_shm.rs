@@ -17,7 +17,8 @@ pub struct ShmOptions {
     pub id: Option<BackendId>,
     /// Permission bits for a new segment (default 0600: this user only).
     pub mode: u32,
-    /// Whether the creator removes the name when its backend is dropped (default true).
+    /// Whether the creator removes the name when its backend is dropped (default true). A forked
+    /// child of the creator never does: its copy of the backend is not the creator's.
     pub unlink_on_drop: bool,
     /// How long `attach` waits for a creator to finish initialising (default 5 s).
     pub attach_timeout: Duration,
@@ -38,6 +39,8 @@ pub struct PosixShmBackend {
     kind: BackendKind,
     creator: bool,
     unlink_on_drop: bool,
+    /// The fork generation the backend was made in ([`hetmem_core::fork`]).
+    generation: u64,
 }
 
 impl PosixShmBackend {
@@ -70,7 +73,10 @@ impl PosixShmBackend {
             }
         };
         let id = options.id.unwrap_or_else(|| id_from_name(&name));
-        let backend = PosixShmBackend { raw, name, kind, creator: true, unlink_on_drop: options.unlink_on_drop };
+        hetmem_core::fork::watch();
+        let generation = hetmem_core::fork::generation();
+        let backend =
+            PosixShmBackend { raw, name, kind, creator: true, unlink_on_drop: options.unlink_on_drop, generation };
         backend.raw.initialize(kind, id)?; // on error, Drop unmaps and unlinks
         Ok(backend)
     }
@@ -83,7 +89,8 @@ impl PosixShmBackend {
         let fd = shm_open(&c_name, &name, libc::O_RDWR, 0)?;
         let mapped = wait_for_size(fd, options.attach_timeout).and_then(|len| map(fd, len));
         close(fd);
-        let backend = PosixShmBackend { raw: mapped?, name, kind, creator: false, unlink_on_drop: false };
+        let generation = hetmem_core::fork::generation();
+        let backend = PosixShmBackend { raw: mapped?, name, kind, creator: false, unlink_on_drop: false, generation };
         backend.raw.wait_ready(kind, options.attach_timeout)?;
         Ok(backend)
     }
@@ -130,7 +137,7 @@ impl_backend! {
 
 impl Drop for PosixShmBackend {
     fn drop(&mut self) {
-        if self.creator && self.unlink_on_drop {
+        if self.creator && self.unlink_on_drop && self.generation == hetmem_core::fork::generation() {
             let _ = self.unlink_name(); // already gone if destroy() ran: nothing to report
         }
         // SAFETY: `raw` is the mapping made in `map`, unmapped once, here.
@@ -276,6 +283,27 @@ mod tests {
         a.destroy().unwrap();
         assert!(!PosixShmBackend::exists(&name).unwrap());
         assert!(matches!(PosixShmBackend::attach(&name, &quick()), Err(Error::NotFound { .. })));
+    }
+
+    #[test]
+    fn a_forked_child_of_the_creator_leaves_the_name_in_place() {
+        let name = unique("fork");
+        let a = PosixShmBackend::create(&name, 4096, &ShmOptions::default()).unwrap();
+        // SAFETY: fork(2); the child only drops its copy of the backend and leaves with `_exit`.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            drop(a);
+            // SAFETY: ends the forked child.
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: waitpid(2) on our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+        assert!(PosixShmBackend::exists(&name).unwrap(), "the child's drop removed the creator's segment");
+        drop(a);
+        assert!(!PosixShmBackend::exists(&name).unwrap());
     }
 
     #[test]

@@ -12,6 +12,11 @@
 //! formats), `large` (blocks above the classes), `slots` (per-thread records in the region),
 //! `fast_slot` (the per-thread cache of which slot a thread holds) and `common` (header,
 //! statistics, policies).
+//!
+//! A process that calls `fork()` after using a span allocator leaves its slots (thread caches,
+//! heaps) to itself: in the child, the first use takes a slot of the child's own, marked with
+//! the child's process stamp, so parent and child may allocate at once and recovery judges each
+//! by its own life ([`crate::fork`]; `tests/fork.rs`).
 
 mod stack;
 
