@@ -93,8 +93,14 @@ fn forker<A: Probe>(seg: &str) -> ! {
                 a.free(p).unwrap();
             }
             for (i, w) in words[..LEFT].iter().enumerate() {
-                let size = 16 + i * 37;
-                let p = a.allocate(size, 8).unwrap();
+                // One block above the size classes, one over-aligned (both record an owner
+                // stamp), the rest small.
+                let (size, align) = match i {
+                    0 => (300_000, 8),
+                    1 => (500, 256),
+                    _ => (16 + i * 37, 8),
+                };
+                let p = a.allocate(size, align).unwrap();
                 stamp(base, p, size, 6);
                 w.store(p.get(), Ordering::Release);
             }

@@ -42,12 +42,15 @@ impl ProcessLiveness for ProcLiveness {
         if GENERATION.load(Ordering::Acquire) == generation {
             return ProcessStamp { pid: PID.load(Ordering::Relaxed), start_time: START.load(Ordering::Relaxed) };
         }
-        fork::watch();
         let pid = std::process::id();
         #[cfg(target_os = "linux")]
         let start_time = start_time(pid).unwrap_or(0);
         #[cfg(not(target_os = "linux"))]
         let start_time = 0;
+        if fork::watch().is_err() {
+            // Forks are not counted: a cached stamp could be a parent's.
+            return ProcessStamp { pid, start_time };
+        }
         // Threads that race here store the same values; after a fork the child has one thread.
         PID.store(pid, Ordering::Relaxed);
         START.store(start_time, Ordering::Relaxed);

@@ -59,6 +59,8 @@ impl PosixShmBackend {
     /// one (the GPU-registered segments).
     pub fn create_kind(name: &str, size: usize, options: &ShmOptions, kind: BackendKind) -> Result<Self> {
         crate::liveness::install();
+        // A forked child must not unlink the segment it did not create (see `Drop`).
+        hetmem_core::fork::watch()?;
         let name = normalize_name(name)?;
         let len = region_len(size)?;
         let c_name = c_name(&name)?;
@@ -73,7 +75,6 @@ impl PosixShmBackend {
             }
         };
         let id = options.id.unwrap_or_else(|| id_from_name(&name));
-        hetmem_core::fork::watch();
         let generation = hetmem_core::fork::generation();
         let backend =
             PosixShmBackend { raw, name, kind, creator: true, unlink_on_drop: options.unlink_on_drop, generation };

@@ -10,41 +10,64 @@
 //! [`generation`] counts the forks on the way to this process: 0 in a process that was not
 //! forked (or forked before [`watch`] was first called), one more in each child. Caches of such
 //! state record the generation they were filled in and treat an entry of another generation as
-//! empty, without handing back what it names: that belongs to the parent. On unix, [`watch`]
-//! registers (once) the `pthread_atfork` handler that counts; the shared-memory allocators call
-//! it when a handle is made. Elsewhere, and without `std`, the generation stays 0.
+//! empty, without handing back what it names: that belongs to the parent. (A
+//! [`ProcessLiveness`](crate::liveness::ProcessLiveness) hook that caches its stamp must do the
+//! same.) On unix, [`watch`] registers (once) the `pthread_atfork` handler that counts; the
+//! shared-memory allocators and backends call it when they are opened. Elsewhere, without `std`,
+//! and on targets without 64-bit atomics, the generation stays 0.
 //!
-//! What this does not cover: a process-local lock that another thread of the parent held at
-//! the fork stays held in the child, as with any fork of a threaded program.
+//! What this does not cover:
+//! - a process-local lock that another thread of the parent held at the fork stays held in the
+//!   child, as with any fork of a threaded program;
+//! - bookkeeping of shared memory that a process keeps in its own memory (a
+//!   [`BackendResource`](crate::pool::BackendResource), the thread caches over such a resource):
+//!   parent and child each get a copy and would hand out the same blocks. Such resources serve
+//!   one process; a child must make its own.
 
+#[cfg(target_has_atomic = "64")]
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use crate::error::Result;
+
+#[cfg(target_has_atomic = "64")]
 static GENERATION: AtomicU64 = AtomicU64::new(0);
 
 /// How many forks lie between this process and the first one that called [`watch`].
 #[inline]
 pub fn generation() -> u64 {
-    GENERATION.load(Ordering::Relaxed)
+    #[cfg(target_has_atomic = "64")]
+    return GENERATION.load(Ordering::Relaxed);
+    #[cfg(not(target_has_atomic = "64"))]
+    0
 }
 
-/// Makes sure forks are counted from now on (registers the `pthread_atfork` handler once).
-pub fn watch() {
-    #[cfg(all(unix, feature = "std", not(loom)))]
+/// Makes sure forks are counted from now on: registers the `pthread_atfork` handler, once. Fails
+/// (every time) with [`Error::Os`](crate::Error::Os) if the system refused it; a caller that
+/// caches per-process state must then not rely on [`generation`].
+pub fn watch() -> Result<()> {
+    #[cfg(all(unix, feature = "std", not(loom), target_has_atomic = "64"))]
     {
+        use std::sync::atomic::AtomicI32;
+        // 0: registered; -1: not tried yet; otherwise the error pthread_atfork returned.
+        static STATE: AtomicI32 = AtomicI32::new(-1);
         static ONCE: std::sync::Once = std::sync::Once::new();
         ONCE.call_once(|| {
             // SAFETY: `in_child` is an `extern "C" fn()` that lives as long as the program.
             let rc = unsafe { libc::pthread_atfork(None, None, Some(in_child)) };
-            // ENOMEM is the only documented failure; without the handler a forked child would
-            // use its parent's slots, so an allocator must not run on.
-            assert_eq!(rc, 0, "pthread_atfork failed: {rc}");
+            STATE.store(rc, Ordering::Release);
         });
+        match STATE.load(Ordering::Acquire) {
+            0 => Ok(()),
+            errno => Err(crate::Error::Os { call: "pthread_atfork", errno }),
+        }
     }
+    #[cfg(not(all(unix, feature = "std", not(loom), target_has_atomic = "64")))]
+    Ok(())
 }
 
 /// Runs in the child, on the thread that called `fork` (the child's only thread), before
-/// `fork` returns there: it only stores to atomics and to that thread's plain TLS cells.
-#[cfg(all(unix, feature = "std", not(loom)))]
+/// `fork` returns there: it only adds to an atomic and stores to that thread's plain TLS cells.
+#[cfg(all(unix, feature = "std", not(loom), target_has_atomic = "64"))]
 extern "C" fn in_child() {
     GENERATION.fetch_add(1, Ordering::Relaxed);
     #[cfg(feature = "alloc")]

@@ -36,7 +36,9 @@ impl ProcessStamp {
 
 /// Asks the OS about processes.
 pub trait ProcessLiveness: Sync {
-    /// The calling process's stamp.
+    /// The calling process's stamp. A forked child is another process: a hook that caches the
+    /// stamp must key it by [`fork::generation`](crate::fork::generation) (after a successful
+    /// [`fork::watch`](crate::fork::watch)), or read it each time.
     fn current(&self) -> ProcessStamp;
 
     /// Whether the process `stamp` names still runs. A start time of 0, or one shortened by

@@ -19,10 +19,9 @@ use crate::sync::atomic::{AtomicU64, Ordering};
 /// has no slot"); [`get_last`] never returns them, so a fast path needs no second compare.
 pub(crate) const MARKERS: u64 = 1;
 
-/// A new instance number (never 0, never reused in this process). Starts counting forks
-/// ([`crate::fork::watch`]): a handle's slots must not pass to a forked child.
+/// A new instance number (never 0, never reused in this process). The handle that takes it
+/// has called [`crate::fork::watch`]: its slots must not pass to a forked child.
 pub(crate) fn new_instance() -> u64 {
-    crate::fork::watch();
     static NEXT: AtomicU64 = AtomicU64::new(1);
     NEXT.fetch_add(1, Ordering::Relaxed)
 }

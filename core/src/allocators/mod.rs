@@ -43,7 +43,7 @@ mod thread_local;
 pub use stack::{StackAllocator, StackConfig};
 
 /// Forgets which slots the calling thread holds, in the child of a `fork` (see [`crate::fork`]).
-#[cfg(all(unix, feature = "std", not(loom)))]
+#[cfg(all(unix, feature = "std", not(loom), target_has_atomic = "64"))]
 pub(crate) fn forget_thread_slots_after_fork() {
     fast_slot::forget_after_fork();
 }

@@ -48,6 +48,7 @@ use crate::error::{Error, Result};
 use crate::liveness::{self, ProcessStamp};
 use crate::ptr::{AllocatorId, OffsetPtr};
 use crate::region::Region;
+use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::sync::{owner_token, Mutex, SpinLock};
 
 use super::common::{
@@ -95,6 +96,9 @@ struct Shared {
     arena: Mem,
     fs: FreeSpace,
     slots: SlotTable<CacheBody>,
+    /// This process as live blocks record it ([`short_stamp`]), with the low 16 bits of the fork
+    /// generation it was read in above it: a forked child is another process.
+    stamp: AtomicU64,
     /// Per class: the most blocks a thread cache keeps.
     limits: [u32; CLASS_COUNT],
 }
@@ -122,16 +126,33 @@ fn short_stamp(s: ProcessStamp) -> u64 {
     ((s.pid as u64) << 16) | (s.start_time & 0xffff)
 }
 
+/// This process's short stamp with the low 16 bits of the fork generation above it.
+fn stamp_word() -> u64 {
+    ((crate::fork::generation() & 0xffff) << 48) | short_stamp(liveness::current())
+}
+
 /// The process a short stamp names.
 fn stamp_process(stamp: u64) -> ProcessStamp {
     ProcessStamp { pid: (stamp >> 16) as u32, start_time: stamp & 0xffff }
 }
 
 impl Shared {
-    /// This process, as live blocks record it (read each time: a forked child is another
-    /// process than the one that opened the allocator).
+    /// This process, as live blocks record it.
+    #[inline]
     fn stamp(&self) -> u64 {
-        short_stamp(liveness::current())
+        let word = self.stamp.load(Ordering::Relaxed);
+        if word >> 48 == crate::fork::generation() & 0xffff {
+            return word & ((1 << 48) - 1);
+        }
+        self.refresh_stamp()
+    }
+
+    /// Reads this process's stamp again (in a forked child).
+    #[cold]
+    fn refresh_stamp(&self) -> u64 {
+        let word = stamp_word();
+        self.stamp.store(word, Ordering::Relaxed);
+        word & ((1 << 48) - 1)
     }
 
     fn header(&self) -> &SpaHeader {
@@ -202,7 +223,8 @@ impl ScalablePageAllocator {
         // A cache holds up to ~16 KiB of a class (less in small regions), 2..=64 blocks.
         let budget = (layout.bytes() / 512).clamp(1024, 16 * 1024);
         let limits = core::array::from_fn(|c| (budget / LAYOUTS[c].stride).clamp(2, 64) as u32);
-        let shared = Shared { region, header, mem, arena, fs, slots: SlotTable::new(chunk), limits };
+        let slots = SlotTable::new(chunk);
+        let shared = Shared { region, header, mem, arena, fs, slots, stamp: AtomicU64::new(stamp_word()), limits };
         Ok(ScalablePageAllocator {
             shared: Arc::new(shared),
             id,
@@ -431,6 +453,8 @@ impl AllocatorType for ScalablePageAllocator {
     type Config = ScalablePageConfig;
 
     fn create(region: Region, id: AllocatorId, config: &ScalablePageConfig) -> Result<Self> {
+        // Before anything of the region is touched: its slots must not pass to a forked child.
+        crate::fork::watch()?;
         let header_len = core::mem::size_of::<SpaHeader>() as u64;
         let flags = config.dead_process_blocks.flags();
         // SAFETY: the header starts with its CommonHeader, is valid as zeroes (empty lists,
@@ -446,6 +470,7 @@ impl AllocatorType for ScalablePageAllocator {
     }
 
     fn attach(region: Region, id: AllocatorId) -> Result<Self> {
+        crate::fork::watch()?;
         let layout = read_header(&region, core::mem::size_of::<SpaHeader>() as u64, TYPE_ID, id)?;
         let a = ScalablePageAllocator::open(region, id, layout)?;
         a.reclaim()?;

@@ -516,6 +516,8 @@ impl<T: ThreadModel> AllocatorType for ThreadLocalAllocator<T> {
     type Config = ThreadLocalConfig;
 
     fn create(region: Region, id: AllocatorId, config: &ThreadLocalConfig) -> Result<Self> {
+        // Before anything of the region is touched: its slots must not pass to a forked child.
+        crate::fork::watch()?;
         let header_len = core::mem::size_of::<TlaHeader>() as u64;
         let flags = config.dead_process_blocks.flags();
         // SAFETY: the header starts with its CommonHeader, is valid as zeroes (empty lists,
@@ -531,6 +533,7 @@ impl<T: ThreadModel> AllocatorType for ThreadLocalAllocator<T> {
     }
 
     fn attach(region: Region, id: AllocatorId) -> Result<Self> {
+        crate::fork::watch()?;
         let layout = read_header(&region, core::mem::size_of::<TlaHeader>() as u64, TYPE_ID, id)?;
         let a = ThreadLocalAllocator::open(region, id, layout)?;
         a.shared.reclaim_dead(0)?;
