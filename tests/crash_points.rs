@@ -22,6 +22,10 @@
 //! had in hand is back, the blocks it lent that a child took are freed once (by the child, or
 //! by the parent if the child died before it began to), and the parent's own blocks are
 //! untouched.
+//!
+//! A second driver ([`slot_table_growth`]) covers the growth of the slot (heap) table, which the
+//! sequence above never reaches: a child whose threads hold more slots at once than the table
+//! has dies at each point in turn, on a fresh segment each time.
 #![cfg(all(hetmem_crash_points, target_os = "linux"))]
 
 use std::os::unix::process::ExitStatusExt;
@@ -42,6 +46,8 @@ const LENT: [usize; 4] = [100, 3000, 100, 24];
 trait Probe: AllocatorType {
     /// The test function's name (a child runs it again to play its part).
     const TEST: &'static str;
+    /// The growth test's name (see [`slot_table_growth`]).
+    const GROW_TEST: &'static str;
     /// At most this many points are tried (evenly spread over the sequence), to bound the run
     /// time.
     const MOST_POINTS: u64;
@@ -61,6 +67,7 @@ trait Probe: AllocatorType {
 
 impl Probe for ScalablePageAllocator {
     const TEST: &'static str = "a_process_killed_at_any_crash_point_is_recovered";
+    const GROW_TEST: &'static str = "a_process_killed_while_its_threads_grow_the_slot_table_is_recovered";
     const MOST_POINTS: u64 = 2500;
     const RECOVERY: u64 = 300;
     fn recover(&self) {
@@ -73,6 +80,7 @@ impl Probe for ScalablePageAllocator {
 
 impl Probe for ThreadLocalAllocator {
     const TEST: &'static str = "a_thread_local_process_killed_at_any_crash_point_is_recovered";
+    const GROW_TEST: &'static str = "a_thread_local_process_killed_while_its_threads_grow_the_heap_table_is_recovered";
     const MOST_POINTS: u64 = 1500;
     const RECOVERY: u64 = 48;
     fn recover(&self) {
@@ -338,4 +346,141 @@ fn a_process_killed_at_any_crash_point_is_recovered() {
 #[test]
 fn a_thread_local_process_killed_at_any_crash_point_is_recovered() {
     crash_points::<ThreadLocalAllocator>(ThreadLocalConfig { dead_process_blocks: DeadProcessBlocks::Free }, "tla");
+}
+
+/// Threads of the growth child that hold a slot (page allocator: a cache; thread-local
+/// allocator: a heap) at once: with the parent's, one more than a chunk of the slot table
+/// holds (16), so the child's last thread grows it.
+const THREADS: usize = 16;
+
+/// The growth child's part: `THREADS` threads take slots one after another, each keeping its
+/// own (and a block) while the next starts, so that one of them grows the table; then they
+/// exit one after another. Deterministic: one thread works at a time.
+fn grow_child<A: Probe>(seg: &str) -> ! {
+    let mm = MemoryManager::new();
+    let b = mm.add_backend(PosixShmBackend::attach(seg, &ShmOptions::default()).unwrap()).unwrap();
+    let a = mm.attach_allocator::<A>(b.id(), ID).unwrap();
+    let mut threads = Vec::new();
+    for i in 0..THREADS {
+        let (ready, wait_ready) = std::sync::mpsc::channel();
+        let (go, wait_go) = std::sync::mpsc::channel::<()>();
+        let a = a.clone();
+        let thread = std::thread::spawn(move || {
+            // Kept: a dead process's block for the recovery to free.
+            let _kept = a.allocate(100 + i, 8).unwrap();
+            ready.send(()).unwrap();
+            wait_go.recv().unwrap();
+        });
+        wait_ready.recv().unwrap();
+        threads.push((go, thread));
+    }
+    for (go, thread) in threads {
+        go.send(()).unwrap();
+        thread.join().unwrap();
+    }
+    println!("crash points passed: {}", hetmem::core::crash::points_passed());
+    std::process::exit(0);
+}
+
+/// A child whose threads grow the slot table dies at each crash point in turn, on a fresh
+/// segment each time (a table, once grown, stays grown). After each death the parent recovers,
+/// checks the allocator whole and back to its start, and then has `THREADS` threads of its own
+/// hold slots at once: a table a death left half grown must still serve them.
+fn slot_table_growth<A: Probe>(config: A::Config, tag: &str) {
+    if let Some(seg) = std::env::var("HETMEM_CHILD").ok().as_deref().and_then(|c| c.strip_prefix("grow ")) {
+        grow_child::<A>(seg);
+    }
+    assert!(std::env::var_os("HETMEM_CRASH_AT").is_none(), "HETMEM_CRASH_AT is for the children this test starts");
+    let child = |seg: &str, at: Option<u64>| {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args([A::GROW_TEST, "--exact", "--nocapture", "--test-threads=1"])
+            .env("HETMEM_CHILD", format!("grow {seg}"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(at) = at {
+            cmd.env("HETMEM_CRASH_AT", at.to_string());
+        }
+        let out = cmd.output().unwrap();
+        let killed = out.status.signal() == Some(libc::SIGKILL);
+        assert!(killed || out.status.success(), "a child failed: {:?}", out.status);
+        (killed, String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    // One round on a fresh segment: the child dies at `at` (or runs to the end, with `growth`
+    // unknown); returns what it printed and the bytes the table's growth took. A table, once
+    // grown, keeps its new chunk: after a death the segment's free bytes are those at the start,
+    // or those less the chunk; after the parent's threads, always the latter.
+    let round = |at: Option<u64>, growth: Option<u64>| -> (String, u64) {
+        let seg = format!("/hetmem-crash-grow-{tag}-{}-{}", std::process::id(), at.map_or(-1, |n| n as i64));
+        let mm = MemoryManager::new();
+        let b = mm.add_backend(PosixShmBackend::create(&seg, 8 << 20, &ShmOptions::default()).unwrap()).unwrap();
+        let a = mm.create_allocator::<A>(b.id(), ID, 0, &config).unwrap();
+        // The parent holds a slot of its own, as every user of the segment would.
+        let own = a.allocate(24, 8).unwrap();
+        a.tidy();
+        let start = a.stats();
+        let (killed, out) = child(&seg, at);
+        assert_eq!(killed, at.is_some(), "point {at:?} was not reached");
+        let after = format!("a death at growth point {at:?}");
+        // Checks the allocator whole; returns how many bytes less are free than at the start.
+        let whole = |what: &str| {
+            a.recover();
+            a.tidy();
+            a.check().unwrap_or_else(|e| panic!("{what}: {e}"));
+            let now = a.stats();
+            assert_eq!(
+                (now.live_allocations, now.bytes_in_use),
+                (start.live_allocations, start.bytes_in_use),
+                "{what}"
+            );
+            assert_eq!(a.records_held().unwrap_or(1), 1, "{what}");
+            start.free_bytes() - now.free_bytes()
+        };
+        let less = whole(&after);
+        let growth = growth.unwrap_or(less);
+        assert!(growth > 0, "the child's threads did not grow the table");
+        assert!(less == 0 || less == growth, "{after}: {less} bytes less free, the table's chunk is {growth}");
+        // The table serves `THREADS` threads at once again.
+        let barrier = Arc::new(std::sync::Barrier::new(THREADS));
+        let threads: Vec<_> = (0..THREADS)
+            .map(|i| {
+                let (a, barrier) = (a.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    let p = a.allocate(100 + i, 8).unwrap();
+                    barrier.wait();
+                    a.free(p).unwrap();
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let then = format!("{after}, then {THREADS} threads of the parent");
+        assert_eq!(whole(&then), growth, "{then}: the table grew by other than one chunk");
+        a.free(own).unwrap();
+        (out, growth)
+    };
+    let (out, growth) = round(None, None);
+    let count = out.split("crash points passed: ").nth(1).and_then(|s| s.split_whitespace().next());
+    let total: u64 = count.and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no count in {out:?}"));
+    assert!(total > 50, "the growth sequence passed only {total} crash points");
+    for at in 0..total {
+        round(Some(at), Some(growth));
+    }
+    println!("crash points while growing ({tag}): {total} of {total} tried");
+}
+
+#[test]
+fn a_process_killed_while_its_threads_grow_the_slot_table_is_recovered() {
+    slot_table_growth::<ScalablePageAllocator>(
+        ScalablePageConfig { dead_process_blocks: DeadProcessBlocks::Free },
+        "spa",
+    );
+}
+
+#[test]
+fn a_thread_local_process_killed_while_its_threads_grow_the_heap_table_is_recovered() {
+    slot_table_growth::<ThreadLocalAllocator>(
+        ThreadLocalConfig { dead_process_blocks: DeadProcessBlocks::Free },
+        "tla",
+    );
 }

@@ -157,7 +157,9 @@ impl<B: SlotBody> SlotTable<B> {
     }
 
     /// Takes a free slot for `token`. When all are taken, `relieve` runs once (to reclaim the
-    /// slots of dead processes), then the table grows by a chunk from the free-space manager.
+    /// slots of dead processes), then the table grows by a chunk from the free-space manager
+    /// (unless another thread grew it since the scan), until a slot is taken or the free-space
+    /// manager has no room for a chunk.
     pub(crate) fn acquire(
         &self,
         mem: &Mem,
@@ -179,8 +181,10 @@ impl<B: SlotBody> SlotTable<B> {
         usable: impl Fn(&Slot<B>) -> bool,
         mut relieve: impl FnMut() -> Result<()>,
     ) -> Result<u64> {
-        for round in 0..3 {
-            for offset in self.offsets(mem)? {
+        let mut relieved = false;
+        loop {
+            let offsets = self.offsets(mem)?;
+            for &offset in &offsets {
                 let s = self.slot(mem, offset)?;
                 if s.owner.load(Ordering::Relaxed) == 0
                     && usable(s)
@@ -190,25 +194,24 @@ impl<B: SlotBody> SlotTable<B> {
                     return Ok(offset);
                 }
             }
-            if round == 0 {
+            if !relieved {
                 relieve()?;
+                relieved = true;
             } else {
-                self.grow(mem, fs)?;
+                // Each round either takes a slot, grows the table by a chunk (until the
+                // free-space manager runs out), or finds that another thread grew it.
+                self.grow(mem, fs, offsets.len())?;
             }
         }
-        Err(Error::OutOfMemory { requested: Self::CHUNK_BYTES as u64, available: fs.lock().free_units() * UNIT })
     }
 
-    /// Appends a chunk taken from the arena. All of it happens under the free-space lock, so a
-    /// grower that dies leaves either no run or a linked chunk.
-    fn grow(&self, mem: &Mem, fs: &FreeSpace) -> Result<()> {
+    /// Appends a chunk taken from the arena, unless the table has grown past `seen` slots (the
+    /// caller's scan): threads that find the table full at once then grow it by one chunk, not
+    /// one each. All of it happens under the free-space lock, so a grower that dies leaves either
+    /// no run or a linked chunk.
+    pub(crate) fn grow(&self, mem: &Mem, fs: &FreeSpace, seen: usize) -> Result<()> {
         let units = (Self::CHUNK_BYTES as u64).div_ceil(UNIT) as u32;
         let mut g = fs.lock();
-        let head = g
-            .alloc(units, TAG_META, 0)
-            .ok_or(Error::OutOfMemory { requested: units as u64 * UNIT, available: g.free_units() * UNIT })?;
-        crate::crash::point();
-        let chunk = fs.layout().unit_offset(head);
         let mut at = self.first;
         let mut count = 0u32;
         loop {
@@ -221,6 +224,14 @@ impl<B: SlotBody> SlotTable<B> {
                 return Err(corrupt(self.first, "slot chunk list does not end"));
             }
         }
+        if count as usize > seen {
+            return Ok(());
+        }
+        let head = g
+            .alloc(units, TAG_META, 0)
+            .ok_or(Error::OutOfMemory { requested: units as u64 * UNIT, available: g.free_units() * UNIT })?;
+        crate::crash::point();
+        let chunk = fs.layout().unit_offset(head);
         // SAFETY: the units were just taken from the free-space manager: ours alone.
         unsafe { Self::format(mem, chunk, count) }?;
         crate::crash::point();

@@ -195,6 +195,26 @@ fn a_thread_using_many_handles_keeps_one_slot_in_each() {
     }
 }
 
+#[test]
+fn threads_that_find_the_slot_table_full_at_once_grow_it_by_one_chunk() {
+    let a = ScalablePageAllocator::create(region_of(2 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let s = &a.shared;
+    let free = || s.fs.lock().free_units();
+    let seen = s.slots.offsets(&s.mem).unwrap().len();
+    let before = free();
+    // Two growers that scanned the same full table: the second finds it grown and adds nothing.
+    s.slots.grow(&s.mem, &s.fs, seen).unwrap();
+    let chunk = before - free();
+    assert!(chunk > 0);
+    s.slots.grow(&s.mem, &s.fs, seen).unwrap();
+    assert_eq!(before - free(), chunk, "a second chunk for the same full table");
+    assert_eq!(s.slots.offsets(&s.mem).unwrap().len(), 2 * seen);
+    // One that scanned the grown table grows it again.
+    s.slots.grow(&s.mem, &s.fs, 2 * seen).unwrap();
+    assert_eq!(s.slots.offsets(&s.mem).unwrap().len(), 3 * seen);
+    a.check().unwrap();
+}
+
 /// Starts handing out the first block cached for `class` in `slot` and "dies" before the block
 /// turns live: journal written, head moved past it. Returns the block.
 fn die_handing_out(a: &ScalablePageAllocator, slot: u64, class: usize, size: u64) -> u64 {
