@@ -4,6 +4,8 @@
 //!
 //! The test binary re-executes itself with `HETMEM_CHILD` set: that process (the *forker*)
 //! allocates, forks, and checks; the test process checks the segment after the forker exits.
+//! A last test forks the test process itself: a `BackendResource` over shared memory refuses
+//! a forked child.
 
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -192,4 +194,48 @@ fn thread_local_after_fork() {
         "tla",
         ThreadLocalConfig { dead_process_blocks: DeadProcessBlocks::Free },
     );
+}
+
+/// Forks, runs `f` in the child and returns whether it returned true there.
+fn in_a_forked_child(f: impl FnOnce() -> bool) -> bool {
+    // SAFETY: fork(2); the child runs `f` alone and leaves with `_exit`.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(false);
+        // SAFETY: ends the forked child.
+        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+    }
+    let mut status = 0;
+    // SAFETY: waitpid(2) on our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0
+}
+
+/// A resource's bookkeeping is the process's own: over shared memory, a forked child's copy
+/// refuses to allocate (it would hand out its parent's blocks); over private memory it is the
+/// child's own copy of everything, and serves.
+#[test]
+fn a_backend_resource_over_shared_memory_refuses_a_forked_child() {
+    use hetmem::pool::BackendResource;
+    use hetmem::MemoryResource;
+    use std::sync::Arc;
+    let seg = format!("/hetmem-fork-res-{}", std::process::id());
+    let shared =
+        BackendResource::new(Arc::new(PosixShmBackend::create(&seg, 1 << 20, &ShmOptions::default()).unwrap()))
+            .unwrap();
+    let private = BackendResource::new(Arc::new(MallocBackend::create(1 << 20, BackendId(7)).unwrap())).unwrap();
+    let (a, b) = (shared.allocate(256, 64).unwrap(), private.allocate(256, 64).unwrap());
+    assert!(in_a_forked_child(|| matches!(shared.allocate(256, 64), Err(Error::Unsupported(_)))));
+    assert!(in_a_forked_child(|| private.allocate(256, 64).is_ok()));
+    // The parent's resources serve on.
+    for (r, p) in [(&shared, a), (&private, b)] {
+        let q = r.allocate(256, 64).unwrap();
+        // SAFETY: blocks this resource handed out, freed once.
+        unsafe {
+            r.deallocate(p, 256, 64);
+            r.deallocate(q, 256, 64);
+        }
+        r.check().unwrap();
+    }
 }

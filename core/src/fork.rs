@@ -19,10 +19,11 @@
 //! What this does not cover:
 //! - a process-local lock that another thread of the parent held at the fork stays held in the
 //!   child, as with any fork of a threaded program;
-//! - bookkeeping of shared memory that a process keeps in its own memory (a
-//!   [`BackendResource`](crate::pool::BackendResource), the thread caches over such a resource):
-//!   parent and child each get a copy and would hand out the same blocks. Such resources serve
-//!   one process; a child must make its own.
+//! - bookkeeping of shared memory that a process keeps in its own memory: parent and child each
+//!   get a copy and would hand out the same blocks. A
+//!   [`BackendResource`](crate::pool::BackendResource) over shared, pinned or device memory
+//!   therefore refuses to allocate in a forked child (an error, which pools and thread caches
+//!   over it pass on); a child carves a range of its own instead.
 
 #[cfg(target_has_atomic = "64")]
 use core::sync::atomic::{AtomicU64, Ordering};

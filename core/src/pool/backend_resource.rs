@@ -33,12 +33,18 @@ unsafe impl Send for Carver {}
 /// the CPU can reach, and the backend's [`device_ptr`](MemoryBackend::device_ptr) plus its offset
 /// for device memory; [`offset_of`](Self::offset_of) turns it back into an offset (e.g. for a
 /// [`ShmPtr`](crate::ShmPtr)). The resource is `Sync`: one lock guards its bookkeeping.
+///
+/// The bookkeeping lives in the process that made the resource. After a `fork()`, the child's
+/// copy of a resource over memory other than private (shared, pinned or device memory) refuses
+/// to allocate with [`Error::Unsupported`]: parent and child would hand out the same blocks.
 pub struct BackendResource {
     backend: Arc<dyn MemoryBackend>,
     start: u64,
     len: u64,
     base: NonNull<u8>,
     carver: Mutex<Carver>,
+    /// The fork generation it was made in ([`crate::fork`]).
+    generation: u64,
 }
 
 // SAFETY: `base` is the address of the backend's memory, which `backend` keeps mapped; the
@@ -99,9 +105,14 @@ impl BackendResource {
         if chunk.as_ptr() as usize % GRANULE != 0 {
             return Err(Error::InvalidAlignment { align: chunk.as_ptr() as u64 % GRANULE as u64 });
         }
+        if backend.kind() != BackendKind::Private {
+            crate::fork::watch()?;
+        }
+        let generation = crate::fork::generation();
         let mut arena = BlockArena::new(GRANULE);
         arena.add_chunk(chunk, (end - start) as usize, GRANULE);
-        Ok(BackendResource { backend, start, len: end - start, base, carver: Mutex::new(Carver(arena)) })
+        let carver = Mutex::new(Carver(arena));
+        Ok(BackendResource { backend, start, len: end - start, base, carver, generation })
     }
 
     /// The backend carved.
@@ -151,6 +162,11 @@ impl MemoryResource for BackendResource {
     }
 
     fn allocate(&self, size: usize, align: usize) -> Result<NonNull<u8>> {
+        if self.generation != crate::fork::generation() && self.backend.kind() != BackendKind::Private {
+            return Err(Error::Unsupported(
+                "a BackendResource over shared or device memory used in a forked child (its parent hands out the same blocks)",
+            ));
+        }
         let mut carver = self.carver.lock();
         let fit = carver.0.fit(size, align)?;
         carver
