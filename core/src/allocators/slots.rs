@@ -181,8 +181,8 @@ impl<B: SlotBody> SlotTable<B> {
         usable: impl Fn(&Slot<B>) -> bool,
         mut relieve: impl FnMut() -> Result<()>,
     ) -> Result<u64> {
-        let mut relieved = false;
-        loop {
+        // A scan: the slot taken, or how many slots there were.
+        let scan = || -> Result<core::result::Result<u64, usize>> {
             let offsets = self.offsets(mem)?;
             for &offset in &offsets {
                 let s = self.slot(mem, offset)?;
@@ -191,16 +191,26 @@ impl<B: SlotBody> SlotTable<B> {
                     && s.owner.compare_exchange(0, token, Ordering::Acquire, Ordering::Relaxed).is_ok()
                 {
                     crate::crash::point();
-                    return Ok(offset);
+                    return Ok(Ok(offset));
                 }
             }
+            Ok(Err(offsets.len()))
+        };
+        let mut relieved = false;
+        loop {
+            let seen = match scan()? {
+                Ok(offset) => return Ok(offset),
+                Err(seen) => seen,
+            };
             if !relieved {
                 relieve()?;
                 relieved = true;
-            } else {
-                // Each round either takes a slot, grows the table by a chunk (until the
-                // free-space manager runs out), or finds that another thread grew it.
-                self.grow(mem, fs, offsets.len())?;
+                continue;
+            }
+            // Each round either takes a slot, grows the table by a chunk, or finds that another
+            // thread grew it. With no room for a chunk, one last scan: a slot may have come free.
+            if let Err(e) = self.grow(mem, fs, seen) {
+                return scan()?.map_err(|_| e);
             }
         }
     }
@@ -208,7 +218,8 @@ impl<B: SlotBody> SlotTable<B> {
     /// Appends a chunk taken from the arena, unless the table has grown past `seen` slots (the
     /// caller's scan): threads that find the table full at once then grow it by one chunk, not
     /// one each. All of it happens under the free-space lock, so a grower that dies leaves either
-    /// no run or a linked chunk.
+    /// a linked chunk or a run no chunk links to, which the lock's next holder frees when it
+    /// repairs the free space (`large::repair_runs`).
     pub(crate) fn grow(&self, mem: &Mem, fs: &FreeSpace, seen: usize) -> Result<()> {
         let units = (Self::CHUNK_BYTES as u64).div_ceil(UNIT) as u32;
         let mut g = fs.lock();
