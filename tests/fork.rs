@@ -196,7 +196,8 @@ fn thread_local_after_fork() {
     );
 }
 
-/// Forks, runs `f` in the child and returns whether it returned true there.
+/// Forks, runs `f` in the child and returns whether it returned true there. A child that has
+/// not finished after 20 s is killed, and counts as failed (a hang).
 fn in_a_forked_child(f: impl FnOnce() -> bool) -> bool {
     // SAFETY: fork(2); the child runs `f` alone and leaves with `_exit`.
     let pid = unsafe { libc::fork() };
@@ -206,10 +207,28 @@ fn in_a_forked_child(f: impl FnOnce() -> bool) -> bool {
         // SAFETY: ends the forked child.
         unsafe { libc::_exit(if ok { 0 } else { 1 }) };
     }
+    let start = std::time::Instant::now();
     let mut status = 0;
-    // SAFETY: waitpid(2) on our own child.
-    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-    libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0
+    loop {
+        // SAFETY: waitpid(2) on our own child.
+        match unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } {
+            0 if start.elapsed() < std::time::Duration::from_secs(20) => {
+                std::thread::sleep(std::time::Duration::from_millis(1))
+            }
+            0 => {
+                // SAFETY: kill(2) and waitpid(2) on our own child.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                    libc::waitpid(pid, &mut status, 0);
+                }
+                return false;
+            }
+            done => {
+                assert_eq!(done, pid);
+                return libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+            }
+        }
+    }
 }
 
 /// A resource's bookkeeping is the process's own: over shared memory, a forked child's copy
@@ -238,4 +257,48 @@ fn a_backend_resource_over_shared_memory_refuses_a_forked_child() {
         }
         r.check().unwrap();
     }
+}
+
+/// The thread caches (`HetAlloc`, here called directly rather than as the global allocator)
+/// while other threads pass batches through the depot: a fork must not leave the child a depot
+/// lock that one of them held (it would wait for ever on its first refill of that class).
+#[test]
+fn the_thread_caches_serve_a_child_forked_while_other_threads_use_them() {
+    use hetmem::cache::HetAlloc;
+    use std::alloc::{GlobalAlloc, Layout};
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    static CACHES: HetAlloc = HetAlloc::new();
+    // 16 KiB blocks: a depot batch holds two, so the depot's lock is taken every other request.
+    let layout = Layout::from_size_align(16 << 10, 16).unwrap();
+    let churn = move |n: usize| {
+        // SAFETY: blocks of `layout` from the caches, each freed once with it.
+        unsafe {
+            let blocks: Vec<*mut u8> = (0..n).map(|_| CACHES.alloc(layout)).collect();
+            assert!(blocks.iter().all(|b| !b.is_null()));
+            blocks.into_iter().for_each(|b| CACHES.dealloc(b, layout));
+        }
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    churn(40);
+                }
+            })
+        })
+        .collect();
+    churn(40);
+    let hung = (0..300).filter(|_| {
+        !in_a_forked_child(|| {
+            churn(200);
+            true
+        })
+    });
+    let hung = hung.count();
+    stop.store(true, Ordering::Relaxed);
+    threads.into_iter().for_each(|t| t.join().unwrap());
+    assert_eq!(hung, 0, "forked children that hung or failed");
 }

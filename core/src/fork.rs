@@ -16,9 +16,13 @@
 //! shared-memory allocators and backends call it when they are opened. Elsewhere, without `std`,
 //! and on targets without 64-bit atomics, the generation stays 0.
 //!
+//! The thread caches ([`cache`](crate::cache): `HetAlloc`, recycled frames) register handlers of
+//! their own, which take every lock of theirs before a fork and give them back on both sides.
+//!
 //! What this does not cover:
-//! - a process-local lock that another thread of the parent held at the fork stays held in the
-//!   child, as with any fork of a threaded program;
+//! - another process-local lock that another thread of the parent held at the fork (a typed
+//!   [`PoolAllocator`](crate::cache::PoolAllocator)'s, a pool's `Sync` wrapper's) stays held in
+//!   the child, as with any fork of a threaded program;
 //! - bookkeeping of shared memory that a process keeps in its own memory: parent and child each
 //!   get a copy and would hand out the same blocks. A
 //!   [`BackendResource`](crate::pool::BackendResource) over shared, pinned or device memory

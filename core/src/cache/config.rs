@@ -181,6 +181,32 @@ pub(crate) fn depot_limit() -> usize {
     defaults().depot.unwrap_or(DEFAULT_DEPOT_LIMIT)
 }
 
+/// Takes the configuration's locks (before a `fork`; see `tls::fork`).
+#[cfg(unix)]
+pub(crate) fn lock_all() {
+    ROLES.lock_and_keep();
+    EFFECTIVE.lock_and_keep();
+    ENV_ERROR.lock_and_keep();
+}
+
+/// Releases the locks [`lock_all`] took; in a forked child (`child`), also forgets a reading of
+/// the environment that another thread of the parent had under way (it never finishes here).
+///
+/// # Safety
+/// `lock_all` took them, and no guard of them is live.
+#[cfg(unix)]
+pub(crate) unsafe fn unlock_all(child: bool) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        ENV_ERROR.force_unlock();
+        EFFECTIVE.force_unlock();
+        ROLES.force_unlock();
+    }
+    if child {
+        let _ = ENV_STATE.compare_exchange(ENV_READING, ENV_UNREAD, Ordering::AcqRel, Ordering::Relaxed);
+    }
+}
+
 const ROLE_SLOTS: usize = 16;
 static ROLES: SpinLock<[Option<(ThreadRole, CacheConfig)>; ROLE_SLOTS]> = SpinLock::new([None; ROLE_SLOTS]);
 

@@ -66,6 +66,24 @@ impl Depot {
         }
     }
 
+    /// Takes every class's lock (before a `fork`; see `tls::fork`).
+    #[cfg(unix)]
+    pub(crate) fn lock_all(&self) {
+        self.classes.iter().for_each(SpinLock::lock_and_keep);
+    }
+
+    /// Releases the locks [`lock_all`](Self::lock_all) took.
+    ///
+    /// # Safety
+    /// `lock_all` took them, and no guard of them is live.
+    #[cfg(unix)]
+    pub(crate) unsafe fn unlock_all(&self) {
+        for lock in self.classes.iter().rev() {
+            // SAFETY: the caller's contract.
+            unsafe { lock.force_unlock() };
+        }
+    }
+
     /// Changes the byte limit. Memory already held stays until taken or released.
     pub fn set_limit(&self, limit: usize) {
         self.limit.store(limit, Ordering::Relaxed);

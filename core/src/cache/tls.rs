@@ -594,6 +594,8 @@ fn start_thread(s: &ThreadState) -> bool {
         return false;
     }
     s.role.set(if super::os::is_main_thread() { ThreadRole::Main } else { ThreadRole::Worker });
+    #[cfg(unix)]
+    fork::watch();
     if !DEPOT_LIMITS_SET.swap(true, Ordering::Relaxed) {
         let limit = depot_limit();
         for d in &DEPOTS {
@@ -607,6 +609,78 @@ fn start_thread(s: &ThreadState) -> bool {
     drop(list);
     s.phase.set(ACTIVE);
     true
+}
+
+/// `fork()` with the caches in use: every lock of theirs is taken before the fork and given back
+/// after it, in the parent and in the child, so the child never starts with a lock that another
+/// thread of the parent held (that thread does not run there: the child would wait for ever).
+/// In the child the forking thread is the only one: the others' caches are lost to it (their
+/// blocks stay allocated in the child's copy of the memory), and the list of live threads keeps
+/// only the forking thread.
+#[cfg(unix)]
+mod fork {
+    use super::{with_state, ACTIVE, DEPOTS, OWNERS, THREADS};
+    use crate::cache::config;
+    use core::ptr;
+
+    /// Registers the handlers, once (at the first thread's first request).
+    pub(super) fn watch() {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            // SAFETY: the handlers are `extern "C" fn()`s that live as long as the program. A
+            // failure (ENOMEM) leaves forks as unsafe as without the handlers; the caches work.
+            let _ = unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
+        });
+    }
+
+    /// Every lock, in one order (none is taken while another is held elsewhere, so any order
+    /// is deadlock-free).
+    extern "C" fn prepare() {
+        config::lock_all();
+        OWNERS.lock_and_keep();
+        THREADS.lock_and_keep();
+        DEPOTS.iter().for_each(|d| d.lock_all());
+    }
+
+    /// Releases what `prepare` took.
+    ///
+    /// # Safety
+    /// `prepare` ran before this fork, in this thread (the child's copy of it).
+    unsafe fn release(child: bool) {
+        // SAFETY: `prepare` took every one of these and no guard of them is live: the handlers
+        // hold none.
+        unsafe {
+            DEPOTS.iter().rev().for_each(|d| d.unlock_all());
+            THREADS.force_unlock();
+            OWNERS.force_unlock();
+            config::unlock_all(child);
+        }
+    }
+
+    extern "C" fn parent() {
+        // SAFETY: the parent handler runs after `prepare`, on the thread that forked.
+        unsafe { release(false) };
+    }
+
+    extern "C" fn child() {
+        // The forking thread alone is live here.
+        {
+            // SAFETY: `prepare` took the lock for this thread; the reference ends in this block.
+            let list = unsafe { THREADS.kept_value() };
+            with_state(|s| {
+                if s.phase.get() == ACTIVE {
+                    s.next.set(ptr::null());
+                    list.head = s;
+                    list.live = 1;
+                } else {
+                    list.head = ptr::null();
+                    list.live = 0;
+                }
+            });
+        }
+        // SAFETY: as in `parent`, for the child's copy of the thread.
+        unsafe { release(true) };
+    }
 }
 
 /// Gives a slot's cache on this thread its upstream, depot and limits.

@@ -60,6 +60,36 @@ impl<T> SpinLock<T> {
             .map(|_| SpinLockGuard { lock: self })
     }
 
+    /// Takes the lock and keeps it past this call, for fork handlers; [`force_unlock`] gives it
+    /// back.
+    ///
+    /// [`force_unlock`]: Self::force_unlock
+    #[cfg(all(unix, feature = "std", not(loom)))]
+    pub(crate) fn lock_and_keep(&self) {
+        core::mem::forget(self.lock());
+    }
+
+    /// The value of a lock this thread took with [`lock_and_keep`](Self::lock_and_keep).
+    ///
+    /// # Safety
+    /// As for [`force_unlock`](Self::force_unlock), and the reference is gone before that.
+    #[cfg(all(unix, feature = "std", not(loom)))]
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn kept_value(&self) -> &mut T {
+        // SAFETY: the caller holds the lock, so no other reference to the value is live.
+        unsafe { &mut *self.data.get() }
+    }
+
+    /// Releases a lock taken with [`lock_and_keep`](Self::lock_and_keep).
+    ///
+    /// # Safety
+    /// The lock was taken with `lock_and_keep` (in this process or, after a fork, in its parent)
+    /// and not released since; no guard of it is live.
+    #[cfg(all(unix, feature = "std", not(loom)))]
+    pub(crate) unsafe fn force_unlock(&self) {
+        self.state.store(UNLOCKED, Ordering::Release);
+    }
+
     /// Whether some thread holds the lock right now.
     pub fn is_locked(&self) -> bool {
         self.state.load(Ordering::Relaxed) != UNLOCKED
