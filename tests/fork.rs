@@ -302,3 +302,36 @@ fn the_thread_caches_serve_a_child_forked_while_other_threads_use_them() {
     threads.into_iter().for_each(|t| t.join().unwrap());
     assert_eq!(hung, 0, "forked children that hung or failed");
 }
+
+/// Caches over a resource in shared memory: a forked child must not hand out the blocks its
+/// parent's caches held (the parent may hand them out too); it gets none (the resource refuses
+/// a forked child) rather than a cached one.
+#[test]
+fn caches_over_shared_memory_hand_a_forked_child_no_cached_block() {
+    use hetmem::cache::HetAlloc;
+    use hetmem::pool::BackendResource;
+    use std::alloc::{GlobalAlloc, Layout};
+    use std::sync::Arc;
+    let seg = format!("/hetmem-fork-caches-{}", std::process::id());
+    let backend = Arc::new(PosixShmBackend::create(&seg, 8 << 20, &ShmOptions::default()).unwrap());
+    let resource: &'static BackendResource = Box::leak(Box::new(BackendResource::new(backend).unwrap()));
+    let caches = HetAlloc::with_resource(resource);
+    let layout = Layout::from_size_align(256, 16).unwrap();
+    // SAFETY: blocks of `layout` from the caches, each freed once with it; freed, they stay
+    // cached in this thread (and the depot).
+    unsafe {
+        let blocks: Vec<*mut u8> = (0..64).map(|_| caches.alloc(layout)).collect();
+        assert!(blocks.iter().all(|b| !b.is_null()));
+        blocks.into_iter().for_each(|b| caches.dealloc(b, layout));
+    }
+    assert!(caches.thread_stats().bytes_cached > 0, "nothing cached to test with");
+    // SAFETY: as above.
+    assert!(in_a_forked_child(|| unsafe { caches.alloc(layout) }.is_null()));
+    // The parent's caches serve on.
+    // SAFETY: as above.
+    unsafe {
+        let b = caches.alloc(layout);
+        assert!(!b.is_null());
+        caches.dealloc(b, layout);
+    }
+}

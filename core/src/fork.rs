@@ -17,7 +17,8 @@
 //! and on targets without 64-bit atomics, the generation stays 0.
 //!
 //! The thread caches ([`cache`](crate::cache): `HetAlloc`, recycled frames) register handlers of
-//! their own, which take every lock of theirs before a fork and give them back on both sides.
+//! their own, which take every lock of theirs before a fork and give them back on both sides
+//! (see `cache/tls.rs`).
 //!
 //! What this does not cover:
 //! - another process-local lock that another thread of the parent held at the fork (a typed
@@ -27,7 +28,8 @@
 //!   get a copy and would hand out the same blocks. A
 //!   [`BackendResource`](crate::pool::BackendResource) over shared, pinned or device memory
 //!   therefore refuses to allocate in a forked child (an error, which pools and thread caches
-//!   over it pass on); a child carves a range of its own instead.
+//!   over it pass on; the caches drop, unfreed, the blocks they held); a child carves a range of
+//!   its own instead.
 
 #[cfg(target_has_atomic = "64")]
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -46,24 +48,44 @@ pub fn generation() -> u64 {
     0
 }
 
+/// The registration of the handler: [`UNTRIED`], [`REGISTERING`], 0 (registered) or the error
+/// `pthread_atfork` returned.
+#[cfg(all(unix, feature = "std", not(loom), target_has_atomic = "64"))]
+static STATE: core::sync::atomic::AtomicI32 = core::sync::atomic::AtomicI32::new(UNTRIED);
+#[cfg(all(unix, feature = "std", not(loom), target_has_atomic = "64"))]
+const UNTRIED: i32 = -1;
+#[cfg(all(unix, feature = "std", not(loom), target_has_atomic = "64"))]
+const REGISTERING: i32 = -2;
+
 /// Makes sure forks are counted from now on: registers the `pthread_atfork` handler, once. Fails
 /// (every time) with [`Error::Os`](crate::Error::Os) if the system refused it; a caller that
 /// caches per-process state must then not rely on [`generation`].
 pub fn watch() -> Result<()> {
     #[cfg(all(unix, feature = "std", not(loom), target_has_atomic = "64"))]
     {
-        use std::sync::atomic::AtomicI32;
-        // 0: registered; -1: not tried yet; otherwise the error pthread_atfork returned.
-        static STATE: AtomicI32 = AtomicI32::new(-1);
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        ONCE.call_once(|| {
-            // SAFETY: `in_child` is an `extern "C" fn()` that lives as long as the program.
-            let rc = unsafe { libc::pthread_atfork(None, None, Some(in_child)) };
-            STATE.store(rc, Ordering::Release);
-        });
-        match STATE.load(Ordering::Acquire) {
-            0 => Ok(()),
-            errno => Err(crate::Error::Os { call: "pthread_atfork", errno }),
+        use core::sync::atomic::AtomicU32;
+        // The process whose thread is registering: a child forked meanwhile (where that thread
+        // does not run) registers again rather than wait for ever. A second registration counts
+        // each fork twice, which is harmless.
+        static REGISTRANT: AtomicU32 = AtomicU32::new(0);
+        loop {
+            match STATE.load(Ordering::Acquire) {
+                0 => return Ok(()),
+                UNTRIED => {
+                    if STATE.compare_exchange(UNTRIED, REGISTERING, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                        REGISTRANT.store(std::process::id(), Ordering::Release);
+                        // SAFETY: `in_child` is an `extern "C" fn()` that lives as long as the
+                        // program.
+                        let rc = unsafe { libc::pthread_atfork(None, None, Some(in_child)) };
+                        STATE.store(rc, Ordering::Release);
+                    }
+                }
+                REGISTERING if REGISTRANT.load(Ordering::Acquire) != std::process::id() => {
+                    let _ = STATE.compare_exchange(REGISTERING, UNTRIED, Ordering::AcqRel, Ordering::Acquire);
+                }
+                REGISTERING => std::thread::yield_now(),
+                errno => return Err(crate::Error::Os { call: "pthread_atfork", errno }),
+            }
         }
     }
     #[cfg(not(all(unix, feature = "std", not(loom), target_has_atomic = "64")))]
@@ -75,6 +97,8 @@ pub fn watch() -> Result<()> {
 #[cfg(all(unix, feature = "std", not(loom), target_has_atomic = "64"))]
 extern "C" fn in_child() {
     GENERATION.fetch_add(1, Ordering::Relaxed);
+    // Registered, even if the parent forked before it recorded so.
+    STATE.store(0, Ordering::Release);
     #[cfg(feature = "alloc")]
     crate::allocators::forget_thread_slots_after_fork();
 }

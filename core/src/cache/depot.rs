@@ -84,6 +84,22 @@ impl Depot {
         }
     }
 
+    /// Drops every batch without freeing it (in a forked child, for a depot over a resource
+    /// whose blocks the parent may hand out too).
+    ///
+    /// # Safety
+    /// As for [`unlock_all`](Self::unlock_all): the caller took the locks with `lock_all`.
+    #[cfg(unix)]
+    pub(crate) unsafe fn forget_all_locked(&self) {
+        for lock in &self.classes {
+            // SAFETY: the caller holds every class lock.
+            let list = unsafe { lock.kept_value() };
+            list.head = ptr::null_mut();
+            list.batches = 0;
+        }
+        self.bytes.store(0, Ordering::Relaxed);
+    }
+
     /// Changes the byte limit. Memory already held stays until taken or released.
     pub fn set_limit(&self, limit: usize) {
         self.limit.store(limit, Ordering::Relaxed);

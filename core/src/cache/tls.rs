@@ -596,11 +596,13 @@ fn start_thread(s: &ThreadState) -> bool {
     s.role.set(if super::os::is_main_thread() { ThreadRole::Main } else { ThreadRole::Worker });
     #[cfg(unix)]
     fork::watch();
-    if !DEPOT_LIMITS_SET.swap(true, Ordering::Relaxed) {
+    if !DEPOT_LIMITS_SET.load(Ordering::Relaxed) {
+        // The flag last: a child forked before it is set sets the limits again.
         let limit = depot_limit();
         for d in &DEPOTS {
             d.set_limit(limit);
         }
+        DEPOT_LIMITS_SET.store(true, Ordering::Relaxed);
     }
     let mut list = THREADS.lock();
     s.next.set(list.head);
@@ -614,38 +616,63 @@ fn start_thread(s: &ThreadState) -> bool {
 /// `fork()` with the caches in use: every lock of theirs is taken before the fork and given back
 /// after it, in the parent and in the child, so the child never starts with a lock that another
 /// thread of the parent held (that thread does not run there: the child would wait for ever).
-/// In the child the forking thread is the only one: the others' caches are lost to it (their
-/// blocks stay allocated in the child's copy of the memory), and the list of live threads keeps
-/// only the forking thread.
+/// Meanwhile the forking thread's own requests go straight upstream (another fork handler may
+/// allocate). In the child the forking thread is the only one: the others' caches are lost to it
+/// (their blocks stay allocated in the child's copy of the memory), and the list of live threads
+/// keeps only the forking thread. Caches and depots over a [`MemoryResource`] drop what they hold,
+/// without freeing it: the resource's memory may be shared, and the parent may hand the same
+/// blocks out.
+///
+/// Not covered: depots made by hand ([`ThreadCache::with_depot`]), and a fork from a signal
+/// handler that interrupted one of these locks' holders (the prepare handler would wait for it).
+///
+/// [`MemoryResource`]: crate::MemoryResource
 #[cfg(unix)]
 mod fork {
-    use super::{with_state, ACTIVE, DEPOTS, OWNERS, THREADS};
+    use super::{with_state, Upstream, BUSY, DEPOTS, OWNERS, SLOTS, THREADS};
     use crate::cache::config;
+    use core::cell::Cell;
     use core::ptr;
+    use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
-    /// Registers the handlers, once (at the first thread's first request).
+    /// Registers the handlers, once (at the first thread's first request). Never waits: a
+    /// thread that finds another registering goes on (a child forked meanwhile would wait for
+    /// ever on a `Once`).
     pub(super) fn watch() {
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        ONCE.call_once(|| {
+        static STATE: AtomicU8 = AtomicU8::new(0);
+        if STATE.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
             // SAFETY: the handlers are `extern "C" fn()`s that live as long as the program. A
             // failure (ENOMEM) leaves forks as unsafe as without the handlers; the caches work.
             let _ = unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
-        });
+        }
     }
 
-    /// Every lock, in one order (none is taken while another is held elsewhere, so any order
-    /// is deadlock-free).
+    /// Whether `prepare` holds the locks; makes the handlers safe to run twice per fork.
+    static HELD: AtomicBool = AtomicBool::new(false);
+
+    std::thread_local! {
+        /// The forking thread's phase, kept while its requests go straight upstream.
+        static PHASE: Cell<u8> = const { Cell::new(BUSY) };
+    }
+
+    /// Every lock, in one order (no code holds one of them while it takes another, or while
+    /// it allocates, so any order is deadlock-free).
     extern "C" fn prepare() {
+        if HELD.swap(true, Ordering::Acquire) {
+            return;
+        }
+        with_state(|s| PHASE.with(|p| p.set(s.phase.replace(BUSY))));
         config::lock_all();
         OWNERS.lock_and_keep();
         THREADS.lock_and_keep();
         DEPOTS.iter().for_each(|d| d.lock_all());
     }
 
-    /// Releases what `prepare` took.
+    /// Releases what `prepare` took and gives the thread its phase back.
     ///
     /// # Safety
-    /// `prepare` ran before this fork, in this thread (the child's copy of it).
+    /// `prepare` ran before this fork, in this thread (the child's copy of it); `HELD` was
+    /// cleared by the caller.
     unsafe fn release(child: bool) {
         // SAFETY: `prepare` took every one of these and no guard of them is live: the handlers
         // hold none.
@@ -655,29 +682,46 @@ mod fork {
             OWNERS.force_unlock();
             config::unlock_all(child);
         }
+        with_state(|s| s.phase.set(PHASE.with(Cell::get)));
     }
 
     extern "C" fn parent() {
-        // SAFETY: the parent handler runs after `prepare`, on the thread that forked.
-        unsafe { release(false) };
+        if HELD.swap(false, Ordering::Release) {
+            // SAFETY: the parent handler runs after `prepare`, on the thread that forked.
+            unsafe { release(false) };
+        }
     }
 
     extern "C" fn child() {
-        // The forking thread alone is live here.
-        {
-            // SAFETY: `prepare` took the lock for this thread; the reference ends in this block.
-            let list = unsafe { THREADS.kept_value() };
-            with_state(|s| {
-                if s.phase.get() == ACTIVE {
-                    s.next.set(ptr::null());
-                    list.head = s;
-                    list.live = 1;
-                } else {
-                    list.head = ptr::null();
-                    list.live = 0;
-                }
-            });
+        if !HELD.swap(false, Ordering::Release) {
+            return;
         }
+        // SAFETY: `prepare` took these locks for this thread; the references end before the
+        // locks are released below.
+        let (list, owners) = unsafe { (THREADS.kept_value(), OWNERS.kept_value()) };
+        with_state(|s| {
+            // The forking thread alone is live here; it stays listed if it was.
+            let me: *const super::ThreadState = s;
+            let mut at = list.head;
+            let mut steps = 0;
+            while !at.is_null() && at != me && steps <= list.live {
+                // SAFETY: linked states are in the (copied) memory of the parent's threads,
+                // linked and unlinked only under the lock `prepare` holds.
+                at = unsafe { (*at).next.get() };
+                steps += 1;
+            }
+            let linked = at == me;
+            s.next.set(ptr::null());
+            list.head = if linked { me } else { ptr::null() };
+            list.live = usize::from(linked);
+            for slot in 0..SLOTS {
+                if matches!(owners[slot], Some(o) if matches!(o.upstream, Upstream::Resource(_))) {
+                    // SAFETY: `prepare` holds the depot's locks.
+                    unsafe { DEPOTS[slot].forget_all_locked() };
+                    s.caches[slot].forget_all();
+                }
+            }
+        });
         // SAFETY: as in `parent`, for the child's copy of the thread.
         unsafe { release(true) };
     }
