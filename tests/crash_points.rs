@@ -103,6 +103,9 @@ const ALLOCATING: u64 = 1 << 63;
 const FREEING: u64 = 1 << 62;
 const RESIZING: u64 = 1 << 61;
 const OPERATION: u64 = ALLOCATING | FREEING | RESIZING;
+/// A held block's word: its offset in the low bits, its size from this bit on.
+const SIZE_SHIFT: u32 = 40;
+const OFFSET: u64 = (1 << SIZE_SHIFT) - 1;
 /// The mailbox's words: one per [`LENT`] block, then a journal for each child of a round.
 const MAIL_WORDS: usize = LENT.len() + 3 * JOURNAL;
 
@@ -139,20 +142,21 @@ impl<A: Probe> Tracked<A> {
         &self.journal[JOURNAL - 1]
     }
 
-    fn hold(&self, p: OffsetPtr) {
+    /// Records block `p` of `size` bytes: one word, the size above the offset.
+    fn hold(&self, p: OffsetPtr, size: usize) {
         let word = self.journal[..JOURNAL - 1].iter().find(|w| w.load(Ordering::Relaxed) == 0);
-        word.expect("the journal is full").store(p.get(), Ordering::SeqCst);
+        word.expect("the journal is full").store(p.get() | (size as u64) << SIZE_SHIFT, Ordering::SeqCst);
     }
 
     fn forget(&self, p: OffsetPtr) {
-        let word = self.journal[..JOURNAL - 1].iter().find(|w| w.load(Ordering::Relaxed) == p.get());
+        let word = self.journal[..JOURNAL - 1].iter().find(|w| w.load(Ordering::Relaxed) & OFFSET == p.get());
         word.expect("a block the journal does not hold").store(0, Ordering::SeqCst);
     }
 
     fn allocate(&self, size: usize, align: usize) -> OffsetPtr {
         self.doing().store(ALLOCATING | size as u64, Ordering::SeqCst);
         let p = self.a.allocate(size, align).unwrap();
-        self.hold(p);
+        self.hold(p, size);
         self.doing().store(0, Ordering::SeqCst);
         p
     }
@@ -168,7 +172,7 @@ impl<A: Probe> Tracked<A> {
         self.doing().store(RESIZING | p.get(), Ordering::SeqCst);
         self.forget(p);
         let q = self.a.reallocate(p, size, align).unwrap();
-        self.hold(q);
+        self.hold(q, size);
         self.doing().store(0, Ordering::SeqCst);
         q
     }
@@ -344,19 +348,23 @@ fn settle_journals<A: Probe>(a: &A, mail: &[AtomicU64], ks: &[usize], keep: bool
     if !keep {
         return unnamed;
     }
+    // Held blocks' offsets, per journal.
+    let offsets: Vec<Vec<u64>> = journals.iter().map(|(h, _)| h.iter().map(|w| w & OFFSET).collect()).collect();
     for (i, (held, doing)) in journals.iter().enumerate() {
         let k = ks[i];
-        for &p in held {
-            let p = OffsetPtr::new(p);
-            if let Err(e) = a.size_of(p) {
-                panic!("after {deaths}: a block child {k} held ({}) is not live, with Keep: {e}", p.get());
+        for &word in held {
+            let (p, size) = (OffsetPtr::new(word & OFFSET), (word >> SIZE_SHIFT) as usize);
+            match a.size_of(p) {
+                Ok(now) => assert_eq!(now, size, "after {deaths}: a block child {k} held ({}) changed", p.get()),
+                Err(e) => panic!("after {deaths}: a block child {k} held ({}) is not live, with Keep: {e}", p.get()),
             }
             a.free(p).unwrap_or_else(|e| panic!("after {deaths}: a block child {k} held: {e}"));
         }
+        let held = &offsets[i];
         let (operation, value) = (doing & OPERATION, doing & !OPERATION);
         // The block of a free or resize under way, unless the journal or a later child has it.
         let p = OffsetPtr::new(value);
-        let later = journals[i + 1..].iter().any(|(h, d)| h.contains(&value) || d & !OPERATION == value);
+        let later = (i + 1..journals.len()).any(|j| offsets[j].contains(&value) || journals[j].1 & !OPERATION == value);
         if operation & (FREEING | RESIZING) != 0 && !held.contains(&value) && !later && a.size_of(p).is_ok() {
             a.free(p).unwrap_or_else(|e| panic!("after {deaths}: the block child {k} was freeing: {e}"));
         }
