@@ -12,13 +12,14 @@
 //! state record the generation they were filled in and treat an entry of another generation as
 //! empty, without handing back what it names: that belongs to the parent. (A
 //! [`ProcessLiveness`](crate::liveness::ProcessLiveness) hook that caches its stamp must do the
-//! same.) On unix, [`watch`] registers (once) the `pthread_atfork` handler that counts; the
-//! shared-memory allocators and backends call it when they are opened. Elsewhere, without `std`,
-//! and on targets without 64-bit atomics, the generation stays 0.
+//! same.) On unix, [`watch`] registers (once) the `pthread_atfork` handlers, the child's of which
+//! counts; the shared-memory allocators and backends call it when they are opened, the thread
+//! caches at their first request. Elsewhere, without `std`, and on targets without 64-bit
+//! atomics, the generation stays 0.
 //!
-//! The thread caches ([`cache`](crate::cache): `HetAlloc`, recycled frames) register handlers of
-//! their own, which take every lock of theirs before a fork and give them back on both sides
-//! (see `cache/tls.rs`).
+//! The same registration serves the thread caches ([`cache`](crate::cache): `HetAlloc`,
+//! recycled frames): they take every lock of theirs before a fork and give them back on both
+//! sides (see `cache/tls.rs`).
 //!
 //! What this does not cover:
 //! - another process-local lock that another thread of the parent held at the fork (a typed
@@ -74,9 +75,9 @@ pub fn watch() -> Result<()> {
                 UNTRIED => {
                     if STATE.compare_exchange(UNTRIED, REGISTERING, Ordering::AcqRel, Ordering::Acquire).is_ok() {
                         REGISTRANT.store(std::process::id(), Ordering::Release);
-                        // SAFETY: `in_child` is an `extern "C" fn()` that lives as long as the
+                        // SAFETY: the handlers are `extern "C" fn()`s that live as long as the
                         // program.
-                        let rc = unsafe { libc::pthread_atfork(None, None, Some(in_child)) };
+                        let rc = unsafe { libc::pthread_atfork(Some(before), Some(in_parent), Some(in_child)) };
                         STATE.store(rc, Ordering::Release);
                     }
                 }
@@ -92,6 +93,18 @@ pub fn watch() -> Result<()> {
     Ok(())
 }
 
+/// Runs before a fork, on the thread that calls it: the thread caches take their locks.
+#[cfg(all(unix, feature = "std", not(loom), target_has_atomic = "64"))]
+extern "C" fn before() {
+    crate::cache::fork_handlers::prepare();
+}
+
+/// Runs in the parent after a fork, on the thread that called it.
+#[cfg(all(unix, feature = "std", not(loom), target_has_atomic = "64"))]
+extern "C" fn in_parent() {
+    crate::cache::fork_handlers::parent();
+}
+
 /// Runs in the child, on the thread that called `fork` (the child's only thread), before
 /// `fork` returns there: it only adds to an atomic and stores to that thread's plain TLS cells.
 #[cfg(all(unix, feature = "std", not(loom), target_has_atomic = "64"))]
@@ -101,4 +114,5 @@ extern "C" fn in_child() {
     STATE.store(0, Ordering::Release);
     #[cfg(feature = "alloc")]
     crate::allocators::forget_thread_slots_after_fork();
+    crate::cache::fork_handlers::child();
 }

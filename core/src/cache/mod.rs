@@ -23,6 +23,8 @@ mod size_class;
 mod stats;
 mod thread_cache;
 mod tls;
+#[cfg(unix)]
+pub(crate) use tls::fork as fork_handlers;
 mod upstream;
 
 pub use config::{configure_role, env_error, role_config, CacheConfig, ThreadRole};

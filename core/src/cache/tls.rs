@@ -594,8 +594,10 @@ fn start_thread(s: &ThreadState) -> bool {
         return false;
     }
     s.role.set(if super::os::is_main_thread() { ThreadRole::Main } else { ThreadRole::Worker });
+    // Fork handlers for these caches (see `fork`). A failure (ENOMEM) leaves forks as unsafe as
+    // without them; the caches work.
     #[cfg(unix)]
-    fork::watch();
+    let _ = crate::fork::watch();
     if !DEPOT_LIMITS_SET.load(Ordering::Relaxed) {
         // The flag last: a child forked before it is set sets the limits again.
         let limit = depot_limit();
@@ -623,29 +625,21 @@ fn start_thread(s: &ThreadState) -> bool {
 /// without freeing it: the resource's memory may be shared, and the parent may hand the same
 /// blocks out.
 ///
+/// The handlers are registered by [`crate::fork::watch`], which the first thread's first request
+/// calls; they may run twice per fork (a child forked while its parent was registering registers
+/// again), so each does its work once.
+///
 /// Not covered: depots made by hand ([`ThreadCache::with_depot`]), and a fork from a signal
 /// handler that interrupted one of these locks' holders (the prepare handler would wait for it).
 ///
 /// [`MemoryResource`]: crate::MemoryResource
 #[cfg(unix)]
-mod fork {
+pub(crate) mod fork {
     use super::{with_state, Upstream, BUSY, DEPOTS, OWNERS, SLOTS, THREADS};
     use crate::cache::config;
     use core::cell::Cell;
     use core::ptr;
-    use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-
-    /// Registers the handlers, once (at the first thread's first request). Never waits: a
-    /// thread that finds another registering goes on (a child forked meanwhile would wait for
-    /// ever on a `Once`).
-    pub(super) fn watch() {
-        static STATE: AtomicU8 = AtomicU8::new(0);
-        if STATE.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
-            // SAFETY: the handlers are `extern "C" fn()`s that live as long as the program. A
-            // failure (ENOMEM) leaves forks as unsafe as without the handlers; the caches work.
-            let _ = unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
-        }
-    }
+    use core::sync::atomic::{AtomicBool, Ordering};
 
     /// Whether `prepare` holds the locks; makes the handlers safe to run twice per fork.
     static HELD: AtomicBool = AtomicBool::new(false);
@@ -657,7 +651,7 @@ mod fork {
 
     /// Every lock, in one order (no code holds one of them while it takes another, or while
     /// it allocates, so any order is deadlock-free).
-    extern "C" fn prepare() {
+    pub(crate) fn prepare() {
         if HELD.swap(true, Ordering::Acquire) {
             return;
         }
@@ -685,14 +679,14 @@ mod fork {
         with_state(|s| s.phase.set(PHASE.with(Cell::get)));
     }
 
-    extern "C" fn parent() {
+    pub(crate) fn parent() {
         if HELD.swap(false, Ordering::Release) {
             // SAFETY: the parent handler runs after `prepare`, on the thread that forked.
             unsafe { release(false) };
         }
     }
 
-    extern "C" fn child() {
+    pub(crate) fn child() {
         if !HELD.swap(false, Ordering::Release) {
             return;
         }
