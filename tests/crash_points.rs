@@ -262,12 +262,12 @@ fn second(round: u64, n: u64) -> u64 {
     }
 }
 
-/// Runs child `k` of a round of test `test` that dies at point `at` (none: runs to the end);
-/// returns whether it was killed and what it printed.
-fn run_child(test: &str, seg: &str, mail: u64, k: usize, at: Option<u64>) -> (bool, String) {
+/// Runs test `test` again as a child with `HETMEM_CHILD=role`, dying at point `at` (none: runs
+/// to the end); returns whether it was killed and what it printed.
+fn run_child(test: &str, role: &str, at: Option<u64>) -> (bool, String) {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.args([test, "--exact", "--nocapture", "--test-threads=1"])
-        .env("HETMEM_CHILD", format!("{seg} {mail} {k}"))
+        .env("HETMEM_CHILD", role)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     if let Some(at) = at {
@@ -277,6 +277,20 @@ fn run_child(test: &str, seg: &str, mail: u64, k: usize, at: Option<u64>) -> (bo
     let killed = out.status.signal() == Some(libc::SIGKILL);
     assert!(killed || out.status.success(), "a child failed: {:?}", out.status);
     (killed, String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The count of points a child that ran to the end printed (the test harness may have printed
+/// the test's name on the same line).
+fn points_passed(out: &str) -> Option<u64> {
+    out.split("crash points passed: ").nth(1)?.split_whitespace().next()?.parse().ok()
+}
+
+/// Which points are to be tried: all, unless `HETMEM_CRASH_ONLY=A-B` narrows them to A..=B (to
+/// look into a failure).
+fn wanted() -> impl Fn(&u64) -> bool {
+    let only = std::env::var("HETMEM_CRASH_ONLY").ok();
+    let only = only.as_deref().and_then(|v| v.split_once('-')).map(|(a, b)| (a.parse().unwrap(), b.parse().unwrap()));
+    move |at| only.is_none_or(|(a, b)| (a..=b).contains(at))
 }
 
 /// The blocks the parent lent through the mailbox (per slot, 0 for none) that no child is
@@ -419,7 +433,7 @@ fn crash_points<A: Probe>(test: &str, config: A::Config, keep: bool, most: u64, 
     let mut lent = Lent(vec![0; LENT.len()]);
     a.tidy();
     let mut start = a.stats();
-    let child = |k, at| run_child(test, &seg, mail.get(), k, at);
+    let child = |k, at| run_child(test, &format!("{seg} {} {k}", mail.get()), at);
     // A run to the end counts the points.
     lent.lend(&a, slots);
     let (killed, out) = child(0, None);
@@ -427,15 +441,10 @@ fn crash_points<A: Probe>(test: &str, config: A::Config, keep: bool, most: u64, 
     a.recover();
     assert_eq!(settle_journals(&*a, words, &[0], keep, "a run to the end").blocks, 0);
     lent.settle(&*a, slots, true, "a run to the end");
-    // The test harness may have printed the test's name on the same line.
-    let count = out.split("crash points passed: ").nth(1).and_then(|s| s.split_whitespace().next());
-    let total: u64 = count.and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no count in {out:?}"));
+    let total = points_passed(&out).unwrap_or_else(|| panic!("no count in {out:?}"));
     assert!(total > 100, "the sequence passed only {total} crash points");
     let step = total.div_ceil(most);
     let mut tried = 0;
-    // `HETMEM_CRASH_ONLY=A-B` tries the points from A to B alone (to look into a failure).
-    let only = std::env::var("HETMEM_CRASH_ONLY").ok();
-    let only = only.as_deref().and_then(|v| v.split_once('-')).map(|(a, b)| (a.parse().unwrap(), b.parse().unwrap()));
     // The parent's blocks are live and whole.
     let verify = |deaths: &str| {
         for (i, &(p, size)) in mine.iter().enumerate() {
@@ -445,7 +454,7 @@ fn crash_points<A: Probe>(test: &str, config: A::Config, keep: bool, most: u64, 
             assert!(bytes.iter().all(|&x| x == i as u8 + 1), "after {deaths}: a block of the parent changed");
         }
     };
-    for at in (0..total).step_by(step as usize).filter(|&at| only.is_none_or(|(a, b)| (a..=b).contains(&at))) {
+    for at in (0..total).step_by(step as usize).filter(wanted()) {
         let first = format!("a death at point {at}");
         lent.lend(&a, slots);
         let (killed, out) = child(0, Some(at));
@@ -453,8 +462,7 @@ fn crash_points<A: Probe>(test: &str, config: A::Config, keep: bool, most: u64, 
             // With Keep, blocks whose allocation a dead child had under way stay allocated, and
             // the sequence may take other paths (fewer points); with Free, every round starts
             // from the same state.
-            let passed = out.split("crash points passed: ").nth(1).and_then(|s| s.split_whitespace().next());
-            let passed: u64 = passed.and_then(|n| n.parse().ok()).unwrap_or(total);
+            let passed = points_passed(&out).unwrap_or(total);
             assert!(keep && at >= passed, "point {at} of {total} was not reached ({passed} passed)");
         }
         a.recover();
@@ -587,20 +595,7 @@ fn slot_table_growth<A: Probe>(config: A::Config, tag: &str) {
         grow_child::<A>(seg);
     }
     assert!(std::env::var_os("HETMEM_CRASH_AT").is_none(), "HETMEM_CRASH_AT is for the children this test starts");
-    let child = |seg: &str, at: Option<u64>| {
-        let mut cmd = Command::new(std::env::current_exe().unwrap());
-        cmd.args([A::GROW_TEST, "--exact", "--nocapture", "--test-threads=1"])
-            .env("HETMEM_CHILD", format!("grow {seg}"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        if let Some(at) = at {
-            cmd.env("HETMEM_CRASH_AT", at.to_string());
-        }
-        let out = cmd.output().unwrap();
-        let killed = out.status.signal() == Some(libc::SIGKILL);
-        assert!(killed || out.status.success(), "a child failed: {:?}", out.status);
-        (killed, String::from_utf8_lossy(&out.stdout).into_owned())
-    };
+    let child = |seg: &str, at| run_child(A::GROW_TEST, &format!("grow {seg}"), at);
     // One round on a fresh segment: the child dies at `at` (or runs to the end, with `growth`
     // unknown); returns what it printed and the bytes the table's growth took. A table, once
     // grown, keeps its new chunk: after a death the segment's free bytes are those at the start,
@@ -656,13 +651,10 @@ fn slot_table_growth<A: Probe>(config: A::Config, tag: &str) {
         (out, growth)
     };
     let (out, growth) = round(None, None);
-    let count = out.split("crash points passed: ").nth(1).and_then(|s| s.split_whitespace().next());
-    let total: u64 = count.and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no count in {out:?}"));
+    let total = points_passed(&out).unwrap_or_else(|| panic!("no count in {out:?}"));
     assert!(total > 50, "the growth sequence passed only {total} crash points");
-    let only = std::env::var("HETMEM_CRASH_ONLY").ok();
-    let only = only.as_deref().and_then(|v| v.split_once('-')).map(|(a, b)| (a.parse().unwrap(), b.parse().unwrap()));
     let mut tried = 0;
-    for at in (0..total).filter(|&at| only.is_none_or(|(a, b)| (a..=b).contains(&at))) {
+    for at in (0..total).filter(wanted()) {
         round(Some(at), Some(growth));
         tried += 1;
     }
