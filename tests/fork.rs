@@ -13,19 +13,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use hetmem::allocators::ThreadLocalAllocator;
 use hetmem::prelude::*;
 
+mod common;
+use common::{Recover, Rng};
+
 const ID: AllocatorId = AllocatorId::new(1, 0);
 /// Blocks the forked child leaves live when it dies.
 const LEFT: usize = 48;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 /// Fills a block with `owner`, its size in the first 8 bytes.
 fn stamp(base: *mut u8, p: OffsetPtr, size: usize, owner: u8) {
@@ -74,7 +67,7 @@ fn churn(a: &dyn RegionAllocator, base: *mut u8, owner: u8, seed: u64, ops: usiz
 /// The forker: allocates (so its thread holds a slot), forks, and both sides churn at once.
 /// The forked child then leaves `LEFT` blocks live and dies; the forker recovers it and checks
 /// that exactly the child's blocks were freed.
-fn forker<A: Probe>(seg: &str) -> ! {
+fn forker<A: Recover>(seg: &str) -> ! {
     let mm = MemoryManager::new();
     let b = mm.add_backend(PosixShmBackend::attach(seg, &ShmOptions::default()).unwrap()).unwrap();
     let a = mm.attach_allocator::<A>(b.id(), ID).unwrap();
@@ -136,26 +129,7 @@ fn forker<A: Probe>(seg: &str) -> ! {
     std::process::exit(0);
 }
 
-/// What the test needs beyond the allocator traits.
-trait Probe: AllocatorType {
-    fn recover(&self);
-}
-
-impl Probe for ThreadLocalAllocator {
-    fn recover(&self) {
-        self.reclaim().unwrap();
-        self.trim().unwrap();
-    }
-}
-
-impl Probe for ScalablePageAllocator {
-    fn recover(&self) {
-        self.reclaim().unwrap();
-        self.trim().unwrap();
-    }
-}
-
-fn forked<A: Probe>(test: &str, tag: &str, config: A::Config) {
+fn forked<A: Recover>(test: &str, tag: &str, config: A::Config) {
     if let Ok(seg) = std::env::var("HETMEM_CHILD") {
         forker::<A>(&seg);
     }

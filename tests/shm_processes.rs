@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 use hetmem::allocators::ThreadLocalAllocator;
 use hetmem::prelude::*;
 
+mod common;
+use common::{Recover, Rng};
+
 const ID: AllocatorId = AllocatorId::new(1, 0);
 const MAILBOX: usize = 64;
 
@@ -20,17 +23,6 @@ const MAILBOX: usize = 64;
 unsafe fn mailbox_words<'a>(base: *mut u8, offset: u64) -> &'a [AtomicU64] {
     // SAFETY: the caller's promise.
     unsafe { std::slice::from_raw_parts(base.add(offset as usize).cast::<AtomicU64>(), MAILBOX) }
-}
-
-/// A deterministic generator for children.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 fn segment(tag: &str) -> String {
@@ -227,26 +219,7 @@ fn crash_child<A: AllocatorType>(seg: &str, mailbox: u64) -> ! {
     }
 }
 
-/// What the crash test needs beyond the allocator traits.
-trait CrashProbe: AllocatorType {
-    fn reclaim_dead(&self);
-}
-
-impl CrashProbe for ThreadLocalAllocator {
-    fn reclaim_dead(&self) {
-        self.reclaim().unwrap();
-        self.trim().unwrap();
-    }
-}
-
-impl CrashProbe for ScalablePageAllocator {
-    fn reclaim_dead(&self) {
-        self.reclaim().unwrap();
-        self.trim().unwrap();
-    }
-}
-
-fn crash<A: CrashProbe>(test: &str, tag: &str, config: A::Config) {
+fn crash<A: Recover>(test: &str, tag: &str, config: A::Config) {
     if let Some((_, args)) = child_args() {
         crash_child::<A>(&args[0], args[1].parse().unwrap());
     }
@@ -320,7 +293,7 @@ fn crash<A: CrashProbe>(test: &str, tag: &str, config: A::Config) {
     // the mailbox, and what a child took and was killed before it began to free (still live),
     // is the survivor's to free. A block a child was killed part way through freeing is no
     // longer live: recovery settles it.
-    a.reclaim_dead();
+    a.recover();
     // SAFETY: the mailbox is live; no one else uses it now.
     let slots = unsafe { mailbox_words(base as *mut u8, mailbox.get()) };
     for slot in slots {
@@ -338,7 +311,7 @@ fn crash<A: CrashProbe>(test: &str, tag: &str, config: A::Config) {
         }
     }
     a.free(mailbox).unwrap();
-    a.reclaim_dead();
+    a.recover();
     a.check().unwrap();
     let end = a.stats();
     assert_eq!(end.live_allocations, 0);
