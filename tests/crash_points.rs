@@ -25,8 +25,9 @@
 //!
 //! Each allocator runs the sequence twice: with `DeadProcessBlocks::Free` (a dead child's
 //! blocks are freed by the recovery) and with `Keep`, the default (they stay allocated; each
-//! child records the blocks it holds in a journal in the mailbox, and the parent frees them as
-//! their holder would, then checks that nothing else stayed allocated).
+//! child stamps the bytes of each block it holds and records it in a journal in the mailbox;
+//! the parent checks that each such block is live with its size and its bytes, frees it as its
+//! holder would, then checks that nothing else stayed allocated).
 //!
 //! A second driver ([`slot_table_growth`]) covers the growth of the slot (heap) table, which the
 //! sequence above never reaches: a child whose threads hold more slots at once than the table
@@ -129,12 +130,37 @@ fn journal(mail: &[AtomicU64], k: usize) -> &[AtomicU64] {
 struct Tracked<A> {
     a: Arc<A>,
     journal: &'static [AtomicU64],
+    /// Child `k` of its round (see [`stamp`]).
+    k: usize,
+    /// Where the segment is mapped (an address, so that the tracker crosses threads).
+    base: usize,
 }
 
 impl<A> Clone for Tracked<A> {
     fn clone(&self) -> Self {
-        Tracked { a: self.a.clone(), journal: self.journal }
+        Tracked { a: self.a.clone(), journal: self.journal, k: self.k, base: self.base }
     }
+}
+
+/// The bytes child `k` writes into a block it holds at `offset`, of `size` bytes, before it
+/// journals it (a splitmix64 hash of the three, repeated): the parent finds them there after
+/// the child's death, unless the allocator wrote into a live block or handed it to someone else.
+fn stamp(offset: u64, size: usize, k: usize) -> impl Iterator<Item = u8> {
+    let mut x = offset ^ (size as u64) << SIZE_SHIFT ^ (k as u64 + 1) << 60;
+    x = (x ^ x >> 30).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ x >> 27).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= x >> 31;
+    (0..size).map(move |i| (x >> (8 * (i % 8))) as u8)
+}
+
+/// The `size` bytes at `offset` of the segment mapped at `base`.
+///
+/// # Safety
+/// `[offset, offset + size)` is a live block of that segment, which no one else writes while the
+/// slice lives.
+unsafe fn block<'a>(base: usize, offset: u64, size: usize) -> &'a mut [u8] {
+    // SAFETY: the caller's promise.
+    unsafe { std::slice::from_raw_parts_mut((base + offset as usize) as *mut u8, size) }
 }
 
 impl<A: Probe> Tracked<A> {
@@ -142,8 +168,14 @@ impl<A: Probe> Tracked<A> {
         &self.journal[JOURNAL - 1]
     }
 
-    /// Records block `p` of `size` bytes: one word, the size above the offset.
+    /// Stamps block `p` of `size` bytes (see [`stamp`]) and records it: one word, the size above
+    /// the offset.
     fn hold(&self, p: OffsetPtr, size: usize) {
+        // SAFETY: `p` is a block of `size` bytes that this child was just given and holds alone.
+        let bytes = unsafe { block(self.base, p.get(), size) };
+        for (byte, s) in bytes.iter_mut().zip(stamp(p.get(), size, self.k)) {
+            *byte = s;
+        }
         let word = self.journal[..JOURNAL - 1].iter().find(|w| w.load(Ordering::Relaxed) == 0);
         word.expect("the journal is full").store(p.get() | (size as u64) << SIZE_SHIFT, Ordering::SeqCst);
     }
@@ -188,6 +220,8 @@ fn child<A: Probe>(seg: &str, mail: u64, k: usize) -> ! {
         // SAFETY: the parent's mailbox block, live while children run; this process exits
         // without unmapping the segment (`mm` is never dropped).
         journal: journal(unsafe { mailbox(b.base(), mail) }, k),
+        k,
+        base: b.base() as usize,
     };
     // SAFETY: as above.
     let slots = &unsafe { mailbox(b.base(), mail) }[..LENT.len()];
@@ -345,11 +379,18 @@ struct Unnamed {
 
 /// After children `ks` (in the order they ran) are dead and recovered, with `keep`
 /// (`DeadProcessBlocks::Keep`): frees the blocks their journals say they held, which must still
-/// be live, and the block of a free or resize under way if it is live and no later child holds
+/// be live, with their sizes and stamped bytes (the segment is mapped at `base`), and the block of a free or resize under way if it is live and no later child holds
 /// it (a free that took effect lets a later child have the block). Returns what may be live
 /// that no journal names: the block of an allocation under way, or of a resize that moved.
 /// Without `keep` the recovery freed them all. Empties the journals.
-fn settle_journals<A: Probe>(a: &A, mail: &[AtomicU64], ks: &[usize], keep: bool, deaths: &str) -> Unnamed {
+fn settle_journals<A: Probe>(
+    a: &A,
+    base: *mut u8,
+    mail: &[AtomicU64],
+    ks: &[usize],
+    keep: bool,
+    deaths: &str,
+) -> Unnamed {
     let journals: Vec<(Vec<u64>, u64)> = ks
         .iter()
         .map(|&k| {
@@ -372,6 +413,13 @@ fn settle_journals<A: Probe>(a: &A, mail: &[AtomicU64], ks: &[usize], keep: bool
                 Ok(now) => assert_eq!(now, size, "after {deaths}: a block child {k} held ({}) changed", p.get()),
                 Err(e) => panic!("after {deaths}: a block child {k} held ({}) is not live, with Keep: {e}", p.get()),
             }
+            // SAFETY: a live block of `size` bytes (checked just above), whose holder is dead.
+            let bytes = unsafe { block(base as usize, p.get(), size) };
+            assert!(
+                bytes.iter().copied().eq(stamp(p.get(), size, k)),
+                "after {deaths}: the bytes of a block child {k} held ({}) changed",
+                p.get()
+            );
             a.free(p).unwrap_or_else(|e| panic!("after {deaths}: a block child {k} held: {e}"));
         }
         let held = &offsets[i];
@@ -439,7 +487,7 @@ fn crash_points<A: Probe>(test: &str, config: A::Config, keep: bool, most: u64, 
     let (killed, out) = child(0, None);
     assert!(!killed);
     a.recover();
-    assert_eq!(settle_journals(&*a, words, &[0], keep, "a run to the end").blocks, 0);
+    assert_eq!(settle_journals(&*a, base, words, &[0], keep, "a run to the end").blocks, 0);
     lent.settle(&*a, slots, true, "a run to the end");
     let total = points_passed(&out).unwrap_or_else(|| panic!("no count in {out:?}"));
     assert!(total > 100, "the sequence passed only {total} crash points");
@@ -469,7 +517,7 @@ fn crash_points<A: Probe>(test: &str, config: A::Config, keep: bool, most: u64, 
         verify(&first);
         // The journals first: a lent block that a child freed may be a later child's now.
         // Blocks that may stay live with Keep, unnamed (at most one per child):
-        let first_unnamed = settle_journals(&*a, words, &[0], keep, &first);
+        let first_unnamed = settle_journals(&*a, base, words, &[0], keep, &first);
         lent.settle(&*a, slots, false, &first);
         let taken: Vec<OffsetPtr> =
             CLASSES.iter().flat_map(|&c| [c; 8]).map(|(size, align)| a.allocate(size, align).unwrap()).collect();
@@ -479,7 +527,7 @@ fn crash_points<A: Probe>(test: &str, config: A::Config, keep: bool, most: u64, 
         child(2, Some(at % A::RECOVERY));
         a.recover();
         verify(&deaths);
-        let later_unnamed = settle_journals(&*a, words, &[1, 2], keep, &deaths);
+        let later_unnamed = settle_journals(&*a, base, words, &[1, 2], keep, &deaths);
         let unnamed = Unnamed {
             blocks: first_unnamed.blocks + later_unnamed.blocks,
             bytes: first_unnamed.bytes + later_unnamed.bytes,
