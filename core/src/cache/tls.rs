@@ -627,7 +627,8 @@ fn start_thread(s: &ThreadState) -> bool {
 ///
 /// The handlers are registered by [`crate::fork::watch`], which the first thread's first request
 /// calls; they may run twice per fork (a child forked while its parent was registering registers
-/// again), so each does its work once.
+/// again), so each does its work once per forking thread. Two threads that fork at once take
+/// turns: the second one's `prepare` waits for the locks until the first one's fork is over.
 ///
 /// Not covered: depots made by hand ([`ThreadCache::with_depot`]), and a fork from a signal
 /// handler that interrupted one of these locks' holders (the prepare handler would wait for it).
@@ -639,20 +640,20 @@ pub(crate) mod fork {
     use crate::cache::config;
     use core::cell::Cell;
     use core::ptr;
-    use core::sync::atomic::{AtomicBool, Ordering};
-
-    /// Whether `prepare` holds the locks; makes the handlers safe to run twice per fork.
-    static HELD: AtomicBool = AtomicBool::new(false);
 
     std::thread_local! {
         /// The forking thread's phase, kept while its requests go straight upstream.
         static PHASE: Cell<u8> = const { Cell::new(BUSY) };
+        /// Whether this thread's `prepare` holds the locks; makes the handlers safe to run twice
+        /// per fork. Per thread: another thread forking meanwhile must wait for the locks, not
+        /// take this thread's for its own (and give them back under it).
+        static HELD: Cell<bool> = const { Cell::new(false) };
     }
 
     /// Every lock, in one order (no code holds one of them while it takes another, or while
     /// it allocates, so any order is deadlock-free).
     pub(crate) fn prepare() {
-        if HELD.swap(true, Ordering::Acquire) {
+        if HELD.with(Cell::get) {
             return;
         }
         with_state(|s| PHASE.with(|p| p.set(s.phase.replace(BUSY))));
@@ -660,13 +661,14 @@ pub(crate) mod fork {
         OWNERS.lock_and_keep();
         THREADS.lock_and_keep();
         DEPOTS.iter().for_each(|d| d.lock_all());
+        HELD.with(|h| h.set(true));
     }
 
     /// Releases what `prepare` took and gives the thread its phase back.
     ///
     /// # Safety
-    /// `prepare` ran before this fork, in this thread (the child's copy of it); `HELD` was
-    /// cleared by the caller.
+    /// `prepare` took the locks before this fork, in this thread (the child's copy of it);
+    /// `HELD` was cleared by the caller.
     unsafe fn release(child: bool) {
         // SAFETY: `prepare` took every one of these and no guard of them is live: the handlers
         // hold none.
@@ -680,14 +682,14 @@ pub(crate) mod fork {
     }
 
     pub(crate) fn parent() {
-        if HELD.swap(false, Ordering::Release) {
+        if HELD.with(|h| h.replace(false)) {
             // SAFETY: the parent handler runs after `prepare`, on the thread that forked.
             unsafe { release(false) };
         }
     }
 
     pub(crate) fn child() {
-        if !HELD.swap(false, Ordering::Release) {
+        if !HELD.with(|h| h.replace(false)) {
             return;
         }
         // SAFETY: `prepare` took these locks for this thread; the references end before the
@@ -867,4 +869,54 @@ pub(crate) fn reapply_role_config(role: ThreadRole) {
             reapply(s, Tier::Alloc);
         }
     });
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use core::alloc::GlobalAlloc;
+    use std::sync::mpsc;
+
+    fn phase() -> u8 {
+        with_state(|s| s.phase.get())
+    }
+
+    /// Two threads fork at once: the second one's handlers must wait for the first one's locks,
+    /// not release them under it, and each thread gets its own phase back.
+    #[test]
+    fn concurrent_forks_each_take_the_locks_and_restore_their_own_phase() {
+        fn start_cache() {
+            let a = crate::cache::HetAlloc::new();
+            // SAFETY: a non-zero layout, freed once.
+            unsafe { a.dealloc(a.alloc(Layout::new::<u64>()), Layout::new::<u64>()) };
+            assert_eq!(phase(), ACTIVE);
+        }
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let (prepared_tx, prepared_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        // Both threads have live caches before either forks.
+        let second = std::thread::spawn(move || {
+            start_cache();
+            ready_tx.send(()).unwrap();
+            prepared_rx.recv().unwrap();
+            fork::prepare();
+            fork::parent();
+            assert_eq!(phase(), ACTIVE, "the second forking thread got its phase back");
+        });
+        ready_rx.recv().unwrap();
+        let first = std::thread::spawn(move || {
+            start_cache();
+            fork::prepare();
+            prepared_tx.send(()).unwrap();
+            go_rx.recv().unwrap();
+            assert!(THREADS.is_locked(), "the first fork's locks are held until its parent handler");
+            fork::parent();
+            assert_eq!(phase(), ACTIVE, "the first forking thread got its phase back");
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        go_tx.send(()).unwrap();
+        let first = first.join();
+        let second = second.join();
+        assert!(first.is_ok() && second.is_ok());
+    }
 }
