@@ -43,16 +43,18 @@ impl PartialEq for Upstream {
 }
 
 impl Upstream {
-    /// `size` bytes aligned to `align`, or `None` when the upstream is out of memory.
-    ///
-    /// `size` must be non-zero and `align` a power of two with `size` rounded up to it not
-    /// overflowing `isize` (callers pass layouts that [`Layout`] accepted).
+    /// `size` bytes aligned to `align`, or `None` when the upstream is out of memory or the
+    /// request is not one a [`Layout`] with a non-zero size can describe (a zero `size`, an
+    /// `align` that is not a power of two, `size` rounded up to `align` overflowing `isize`).
     #[inline]
     pub fn allocate(&self, size: usize, align: usize) -> Option<NonNull<u8>> {
+        if size == 0 {
+            return None;
+        }
         match self {
             Upstream::System => {
                 let layout = Layout::from_size_align(size, align).ok()?;
-                // SAFETY: `size` is non-zero (caller's contract) and the layout is valid.
+                // SAFETY: `size` is non-zero (checked above) and the layout is valid.
                 NonNull::new(unsafe { System.alloc(layout) })
             }
             Upstream::Global => {
@@ -131,10 +133,13 @@ impl Upstream {
 
     /// Like [`Self::allocate`], with the block zeroed (by the upstream where it can).
     pub fn allocate_zeroed(&self, size: usize, align: usize) -> Option<NonNull<u8>> {
+        if size == 0 {
+            return None;
+        }
         match self {
             Upstream::System => {
                 let layout = Layout::from_size_align(size, align).ok()?;
-                // SAFETY: non-zero size (caller), valid layout.
+                // SAFETY: non-zero size (checked above), valid layout.
                 NonNull::new(unsafe { System.alloc_zeroed(layout) })
             }
             Upstream::Global => {
@@ -151,6 +156,26 @@ impl Upstream {
                 unsafe { core::ptr::write_bytes(p.as_ptr(), 0, size) };
                 Some(p)
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `allocate` is a safe function: a zero size (undefined behaviour for `GlobalAlloc::alloc`)
+    /// is refused, not passed on.
+    #[test]
+    fn zero_sized_requests_are_refused() {
+        for upstream in [Upstream::System, Upstream::Global] {
+            assert!(upstream.allocate(0, 8).is_none(), "{upstream:?}");
+            assert!(upstream.allocate_zeroed(0, 8).is_none(), "{upstream:?}");
+            assert!(upstream.allocate(8, 3).is_none(), "{upstream:?}: not a power of two");
+            assert!(upstream.allocate(isize::MAX as usize, 16).is_none(), "{upstream:?}: too large once aligned");
+            let p = upstream.allocate(24, 8).unwrap();
+            // SAFETY: allocated above with this size and alignment.
+            unsafe { upstream.deallocate(p, 24, 8) };
         }
     }
 }
