@@ -47,7 +47,8 @@ impl HetAlloc {
     }
 
     /// Caches over `resource`, which must be host-accessible (device memory passes straight
-    /// through uncached).
+    /// through uncached, and the CPU never writes into it: zeroed requests, and resizes that
+    /// would move a block, fail).
     pub const fn with_resource(resource: &'static dyn MemoryResource) -> Self {
         HetAlloc { slot: SlotRef::lazy(Tier::Alloc, Upstream::Resource(resource)) }
     }
@@ -436,5 +437,60 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    /// A "device" resource whose blocks are host memory filled with 0xDE, so a test can see
+    /// whether the CPU wrote into them.
+    struct FakeDevice;
+
+    impl MemoryResource for FakeDevice {
+        fn name(&self) -> &str {
+            "fake device"
+        }
+        fn kind(&self) -> crate::MemoryKind {
+            crate::MemoryKind::Device
+        }
+        fn allocate(&self, size: usize, align: usize) -> crate::error::Result<NonNull<u8>> {
+            // SAFETY: the caches never ask for zero bytes.
+            let p = NonNull::new(unsafe { std::alloc::alloc(l(size, align)) }).unwrap();
+            // SAFETY: a fresh block of `size` bytes (this test's stand-in for device memory).
+            unsafe { p.as_ptr().write_bytes(0xDE, size) };
+            Ok(p)
+        }
+        unsafe fn deallocate(&self, ptr: NonNull<u8>, size: usize, align: usize) {
+            // SAFETY: allocated above with this layout.
+            unsafe { std::alloc::dealloc(ptr.as_ptr(), l(size, align)) }
+        }
+    }
+
+    /// Device memory passes through uncached, and the CPU never touches it: requests that would
+    /// need the CPU to write into a block (zeroing, moving on a resize) fail as the upstream's
+    /// own zeroing does, whatever the size.
+    #[test]
+    fn the_cpu_never_writes_into_device_memory() {
+        static DEVICE: FakeDevice = FakeDevice;
+        let a = HetAlloc::with_resource(&DEVICE);
+        let untouched = |p: *mut u8, n: usize| (0..n).all(|i| unsafe { *p.add(i) } == 0xDE);
+        // SAFETY: non-zero layouts; every block freed once with the layout it has.
+        unsafe {
+            for size in [64, 4 << 20] {
+                assert!(a.alloc_zeroed(l(size, 8)).is_null(), "{size} bytes zeroed by the CPU");
+            }
+            assert!(Allocator::allocate_zeroed(&a, l(64, 8)).is_err());
+            let p = a.alloc(l(64, 8));
+            assert!(!p.is_null() && untouched(p, 64));
+            for new_size in [5000, 4 << 20] {
+                assert!(a.realloc(p, l(64, 8), new_size).is_null(), "moved to {new_size} bytes by the CPU");
+                assert!(untouched(p, 64), "the old block is left as it was");
+            }
+            let big = a.alloc(l(2 << 20, 8));
+            assert!(!big.is_null());
+            assert!(a.realloc(big, l(2 << 20, 8), 3 << 20).is_null());
+            assert!(a.realloc(big, l(2 << 20, 8), 100).is_null());
+            a.dealloc(big, l(2 << 20, 8));
+            let same_class = a.realloc(p, l(64, 8), 60);
+            assert_eq!(same_class, p, "within a class nothing moves");
+            a.dealloc(p, l(60, 8));
+        }
     }
 }

@@ -394,9 +394,10 @@ impl SlotRef {
         p.map_or(ptr::null_mut(), NonNull::as_ptr)
     }
 
-    /// Zeroed memory for `layout` (non-zero size).
+    /// Zeroed memory for `layout` (non-zero size). Over memory the CPU cannot write, null, as
+    /// from the upstream's own zeroing: the CPU must not zero a block there.
     pub(crate) fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if class_of(layout).is_none() {
+        if class_of(layout).is_none() || !self.upstream.host_accessible() {
             return self.passthrough_alloc(layout, true);
         }
         let p = self.alloc(layout);
@@ -469,7 +470,8 @@ impl SlotRef {
         unsafe { self.upstream.deallocate(ptr, size, BLOCK_ALIGN) }
     }
 
-    /// Resizes a block; null (with the old block intact) when out of memory.
+    /// Resizes a block; null (with the old block intact) when out of memory, or when the block
+    /// would have to move over memory the CPU cannot copy.
     ///
     /// # Safety
     /// As for [`Self::dealloc`]; `new_size` is non-zero and valid with `layout.align()`.
@@ -478,6 +480,7 @@ impl SlotRef {
         let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
         match (class_of(layout), class_of(new_layout)) {
             (Some(a), Some(b)) if a == b => ptr.as_ptr(),
+            _ if !self.upstream.host_accessible() => ptr::null_mut(),
             (None, None) => {
                 // SAFETY: both layouts pass through untouched; the caller's contract.
                 unsafe { self.upstream.reallocate(ptr, layout.size(), layout.align(), new_size) }

@@ -87,7 +87,8 @@ impl Upstream {
         }
     }
 
-    /// Grows or shrinks a block in place or by moving it, keeping `min(old, new)` bytes.
+    /// Grows or shrinks a block in place or by moving it, keeping `min(old, new)` bytes; `None`
+    /// (the block left as it was) when out of memory, or over a resource the CPU cannot copy.
     ///
     /// # Safety
     /// As for [`Self::deallocate`] with `old_size`; `new_size` is non-zero and valid with `align`.
@@ -111,7 +112,10 @@ impl Upstream {
                     std::alloc::realloc(ptr.as_ptr(), Layout::from_size_align_unchecked(old_size, align), new_size)
                 })
             }
-            Upstream::Resource(_) => {
+            Upstream::Resource(r) => {
+                if !r.host_accessible() {
+                    return None;
+                }
                 let new = self.allocate(new_size, align)?;
                 // SAFETY: both blocks are live and distinct; each holds at least the bytes copied.
                 unsafe {
