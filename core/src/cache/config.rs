@@ -120,9 +120,10 @@ impl CacheConfig {
         block_size(bucket)
     }
 
-    /// The most bytes a cache with this configuration can hold.
+    /// The most bytes a cache with this configuration can hold (`usize::MAX` when the limits
+    /// add up to more).
     pub fn max_cached_bytes(&self) -> usize {
-        self.limits[..self.bucket_count()].iter().sum()
+        self.limits[..self.bucket_count()].iter().fold(0, |sum, &limit| sum.saturating_add(limit))
     }
 
     /// The configuration a thread in `role` starts with: a registered one, else the defaults
@@ -543,6 +544,13 @@ mod tests {
         assert_eq!(c.max_cached_bytes(), 30);
         assert!(c.with_bucket_limit(2, 1).is_err());
         assert_eq!(c.with_bucket_limit(1, 5).unwrap().limit(1), 5);
+    }
+
+    #[test]
+    fn unbounded_limits_sum_without_overflow() {
+        let c = CacheConfig::uniform(MAX_BUCKETS, usize::MAX).unwrap();
+        assert_eq!(c.max_cached_bytes(), usize::MAX);
+        assert_eq!(CacheConfig::from_limits(&[usize::MAX - 1, 1, 1]).unwrap().max_cached_bytes(), usize::MAX);
     }
 
     #[test]
