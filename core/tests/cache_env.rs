@@ -71,3 +71,24 @@ fn a_malformed_variable_is_reported_and_skipped() {
     .join()
     .unwrap();
 }
+
+/// A depot limit set by hand before any thread cache of the process has started is not
+/// replaced by the default when the first one starts.
+#[test]
+fn a_depot_limit_set_before_the_first_request_is_kept() {
+    if std::env::var_os(CHILD).is_none() {
+        return in_child("a_depot_limit_set_before_the_first_request_is_kept", &[("HETMEM_CACHE_DEPOT_LIMIT", "8M")]);
+    }
+    let caches = HetAlloc::new();
+    caches.set_depot_limit(4096);
+    assert_eq!(caches.depot_limit(), 4096);
+    let layout = std::alloc::Layout::from_size_align(64, 8).unwrap();
+    // SAFETY: a non-zero layout, freed once with it; the first request of the process's caches.
+    unsafe {
+        use std::alloc::GlobalAlloc;
+        caches.dealloc(caches.alloc(layout), layout);
+    }
+    assert_eq!(caches.depot_limit(), 4096, "the first thread cache to start kept the limit set by hand");
+    let other = HetAlloc::new();
+    assert_eq!(other.depot_limit(), 4096, "one depot per upstream");
+}

@@ -535,8 +535,11 @@ impl SlotRef {
         }
     }
 
-    /// This slot's depot.
+    /// This slot's depot. The calling thread's caches start first if they have not: the first
+    /// thread of the process to start gives every depot its default limit, which must not
+    /// replace a limit set through this handle before.
     pub(crate) fn depot(&self) -> Option<&'static Depot> {
+        with_state(ensure_active);
         self.assigned().map(|slot| &DEPOTS[slot])
     }
 
