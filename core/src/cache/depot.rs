@@ -20,11 +20,17 @@ use crate::sync::SpinLock;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 /// A bounded store of free-block batches shared by the thread caches of one upstream.
+///
+/// The first [`ThreadCache::with_depot`](super::ThreadCache::with_depot) binds it to its
+/// upstream: caches over another upstream are refused, and so is [`Depot::release`] to one.
 pub struct Depot {
     classes: [SpinLock<ClassBatches>; MAX_BUCKETS],
     bytes: AtomicUsize,
     limit: AtomicUsize,
     counters: Counters,
+    /// The upstream the blocks come from, once a cache made by hand uses the depot (the
+    /// thread-local caches' depots are bound by their slot instead, and never to another).
+    upstream: SpinLock<Option<Upstream>>,
 }
 
 struct ClassBatches {
@@ -63,7 +69,13 @@ impl Depot {
             bytes: AtomicUsize::new(0),
             limit: AtomicUsize::new(limit),
             counters: Counters::new(),
+            upstream: SpinLock::new(None),
         }
+    }
+
+    /// Binds the depot to `upstream` if it is not bound yet; `false` if it serves another.
+    pub(crate) fn bind(&self, upstream: Upstream) -> bool {
+        *self.upstream.lock().get_or_insert(upstream) == upstream
     }
 
     /// Takes every class's lock (before a `fork`; see `tls::fork`).
@@ -163,8 +175,12 @@ impl Depot {
         }
     }
 
-    /// Frees every held block to `upstream`, which must be the one the blocks came from.
-    pub fn release(&self, upstream: &Upstream) {
+    /// Frees every held block to `upstream`, the one the blocks came from; refused with
+    /// [`Error::Unsupported`] (nothing freed) if the depot is bound to another.
+    pub fn release(&self, upstream: &Upstream) -> Result<()> {
+        if self.upstream.lock().is_some_and(|bound| bound != *upstream) {
+            return Err(Error::Unsupported("a depot's blocks go back to the upstream they came from"));
+        }
         for class in 0..MAX_BUCKETS {
             let mut batch = {
                 let mut list = self.classes[class].lock();
@@ -190,6 +206,7 @@ impl Depot {
                 batch = next_batch;
             }
         }
+        Ok(())
     }
 
     /// Walks every class and checks that each batch has `batch_len` blocks and that the byte

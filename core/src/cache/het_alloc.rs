@@ -94,7 +94,8 @@ impl HetAlloc {
     /// Frees everything the depot holds to the upstream.
     pub fn release_depot(&self) {
         if let Some(d) = self.slot.depot() {
-            d.release(&self.slot.upstream());
+            // The slot's own upstream: the only one its depot ever served.
+            let _ = d.release(&self.slot.upstream());
         }
     }
 

@@ -95,7 +95,8 @@ impl ThreadCache {
     }
 
     /// A cache with `config`'s limits over `upstream` that exchanges batches with `depot`. All
-    /// caches sharing a depot must share the upstream.
+    /// caches sharing a depot share the upstream: the first binds the depot to its upstream, and
+    /// a cache over another is refused with [`Error::Unsupported`].
     pub fn with_depot(config: &CacheConfig, upstream: Upstream, depot: &'static Depot) -> Result<Self> {
         Self::build(config, upstream, Some(depot))
     }
@@ -103,6 +104,9 @@ impl ThreadCache {
     fn build(config: &CacheConfig, upstream: Upstream, depot: Option<&'static Depot>) -> Result<Self> {
         if !upstream.host_accessible() {
             return Err(Error::Unsupported("a thread cache needs an upstream whose memory the CPU can write"));
+        }
+        if depot.is_some_and(|d| !d.bind(upstream)) {
+            return Err(Error::Unsupported("a depot serves the caches of one upstream"));
         }
         let cache = Self::unready(upstream, depot);
         cache.apply(config);
@@ -551,9 +555,33 @@ mod tests {
         drop(producer);
         drop(consumer);
         depot.check().unwrap();
-        depot.release(&up);
+        depot.release(&up).unwrap();
         assert_eq!(res.live_blocks(), 0);
         assert_eq!(depot.stats().bytes_cached, 0);
+    }
+
+    #[test]
+    fn a_depot_serves_the_caches_of_one_upstream() {
+        let (a, b) = (CountingResource::leak(), CountingResource::leak());
+        let depot: &'static Depot = Box::leak(Box::new(Depot::new(1 << 20)));
+        let config = CacheConfig::uniform(13, 64 * 128).unwrap();
+        let mut cache = ThreadCache::with_depot(&config, Upstream::Resource(a), depot).unwrap();
+        // Another upstream's cache would take `a`'s blocks from the depot and free them to `b`.
+        assert!(matches!(ThreadCache::with_depot(&config, Upstream::Resource(b), depot), Err(Error::Unsupported(_))));
+        let _same = ThreadCache::with_depot(&config, Upstream::Resource(a), depot).unwrap();
+        let l = layout(100, 8); // class 3: 128 B, batches of 64
+        let blocks: Vec<_> = (0..200).map(|_| cache.allocate(l).unwrap()).collect();
+        for p in blocks {
+            // SAFETY: from `allocate(l)`.
+            unsafe { cache.deallocate(p, l) };
+        }
+        drop(cache);
+        let held = depot.stats().bytes_cached;
+        assert!(held > 0);
+        assert!(matches!(depot.release(&Upstream::Resource(b)), Err(Error::Unsupported(_))));
+        assert_eq!((depot.stats().bytes_cached, b.deallocations()), (held, 0), "nothing freed to `b`");
+        depot.release(&Upstream::Resource(a)).unwrap();
+        assert_eq!(a.live_blocks(), 0);
     }
 
     #[derive(Debug, Clone)]
@@ -643,7 +671,7 @@ mod tests {
                 unsafe { caches[0].deallocate(p, l) };
             }
             drop(caches);
-            depot.release(&up);
+            depot.release(&up).unwrap();
             prop_assert_eq!(res.live_blocks(), 0);
             prop_assert_eq!(res.allocations(), res.deallocations());
         }

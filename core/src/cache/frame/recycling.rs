@@ -68,7 +68,8 @@ impl RecyclingFrameAllocator {
     /// Frees the frames in the shared depot to the upstream.
     pub fn release_depot(&self) {
         if let Some(d) = self.slot.depot() {
-            d.release(&self.slot.upstream());
+            // The slot's own upstream: the only one its depot ever served.
+            let _ = d.release(&self.slot.upstream());
         }
     }
 
