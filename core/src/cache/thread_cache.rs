@@ -278,8 +278,6 @@ impl ThreadCache {
         }
     }
 
-    /// Detaches blocks for the upstream: those over each limit, or with `all` every block (whole
-    /// batches go to the depot first, where it has room).
     /// Drops every cached block without freeing it: in a forked child, for caches over a
     /// resource whose blocks the parent may hand out too (the blocks are lost to the child).
     #[cfg(unix)]
@@ -290,6 +288,8 @@ impl ThreadCache {
         }
     }
 
+    /// Detaches blocks for the upstream: those over each limit, or with `all` every block (whole
+    /// batches go to the depot first, where it has room).
     pub(crate) fn detach(&self, all: bool) -> Chains {
         let mut chains = Chains([ptr::null_mut(); MAX_BUCKETS]);
         for class in 0..MAX_BUCKETS {

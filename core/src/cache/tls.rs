@@ -329,7 +329,7 @@ impl SlotRef {
         slot as usize
     }
 
-    /// The slot if one is assigned (without claiming one).
+    /// The slot, claimed on first use as by [`Self::slot`]; `None` if none was free.
     fn assigned(&self) -> Option<usize> {
         let s = self.slot();
         (s < SLOTS).then_some(s)
