@@ -78,9 +78,10 @@ impl Depot {
         *self.upstream.lock().get_or_insert(upstream) == upstream
     }
 
-    /// Takes every class's lock (before a `fork`; see `tls::fork`).
+    /// Takes every lock, the upstream binding's and each class's (before a `fork`; see `tls::fork`).
     #[cfg(unix)]
     pub(crate) fn lock_all(&self) {
+        self.upstream.lock_and_keep();
         self.classes.iter().for_each(SpinLock::lock_and_keep);
     }
 
@@ -94,6 +95,8 @@ impl Depot {
             // SAFETY: the caller's contract.
             unsafe { lock.force_unlock() };
         }
+        // SAFETY: as above.
+        unsafe { self.upstream.force_unlock() };
     }
 
     /// Drops every batch without freeing it (in a forked child, for a depot over a resource
