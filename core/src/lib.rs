@@ -88,8 +88,9 @@ pub use manager::MemoryManager;
 
 /// Checks a requested size and alignment, the way every allocator in hetmem does.
 ///
-/// A size of zero, an alignment that is not a non-zero power of two, or a size that overflows
-/// once rounded up to the alignment is rejected with the matching [`Error`].
+/// A size of zero, an alignment that is not a non-zero power of two, or a size that, rounded up
+/// to the alignment, exceeds `isize::MAX` (as [`core::alloc::Layout`] rules) is rejected with the
+/// matching [`Error`].
 pub fn check_layout(size: usize, align: usize) -> Result<()> {
     if !align.is_power_of_two() {
         return Err(Error::InvalidAlignment { align: align as u64 });
@@ -97,7 +98,8 @@ pub fn check_layout(size: usize, align: usize) -> Result<()> {
     if size == 0 {
         return Err(Error::InvalidSize { size: 0, reason: "zero-sized request" });
     }
-    if size.checked_add(align - 1).is_none() || size > isize::MAX as usize {
+    // The largest multiple of `align` up to `isize::MAX` (0 for an alignment of `isize::MAX + 1`).
+    if size > (isize::MAX as usize + 1).wrapping_sub(align) {
         return Err(Error::InvalidSize { size: size as u64, reason: "size overflows when aligned" });
     }
     Ok(())
@@ -113,6 +115,15 @@ mod tests {
         assert!(matches!(check_layout(8, 3), Err(Error::InvalidAlignment { align: 3 })));
         assert!(matches!(check_layout(8, 0), Err(Error::InvalidAlignment { align: 0 })));
         assert!(matches!(check_layout(usize::MAX, 16), Err(Error::InvalidSize { .. })));
+        // `Layout`'s rule: the size rounded up to the alignment must not exceed `isize::MAX`.
+        for align in [1, 16, 4096, 1 << (usize::BITS - 2)] {
+            let largest = isize::MAX as usize + 1 - align;
+            assert!(check_layout(largest, align).is_ok());
+            assert!(core::alloc::Layout::from_size_align(largest, align).is_ok());
+            assert!(matches!(check_layout(largest + 1, align), Err(Error::InvalidSize { .. })));
+            assert!(core::alloc::Layout::from_size_align(largest + 1, align).is_err());
+        }
+        assert!(matches!(check_layout(1, 1 << (usize::BITS - 1)), Err(Error::InvalidSize { .. })));
         assert!(check_layout(1, 4096).is_ok());
     }
 }
