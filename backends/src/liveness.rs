@@ -24,11 +24,12 @@ pub fn install() {
 /// The start time of process `pid` from `/proc/<pid>/stat`, or `None` if it does not exist.
 #[cfg(target_os = "linux")]
 fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may contain spaces: count from the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
+    // Read as bytes: the command name (field 2) may hold any bytes, UTF-8 or not.
+    let stat = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
+    // The name is in parentheses and may contain spaces and ')': count from the last ')'.
+    let rest = &stat[stat.iter().rposition(|&b| b == b')')? + 1..];
     // `rest` starts at field 3; the start time is field 22.
-    rest.split_whitespace().nth(19)?.parse().ok()
+    std::str::from_utf8(rest).ok()?.split_whitespace().nth(19)?.parse().ok()
 }
 
 impl ProcessLiveness for ProcLiveness {
@@ -100,5 +101,44 @@ mod tests {
             let recycled = ProcessStamp { start_time: me.start_time + 1, ..me };
             assert!(!ProcLiveness.is_alive(recycled), "same pid, other start time");
         }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_process_whose_name_is_not_utf8_is_alive() {
+        // The kernel cuts a command name at 15 bytes, which may split a UTF-8 character; a name
+        // set with prctl may hold any bytes.
+        let mut fds = [0; 2];
+        // SAFETY: pipe(2) with a valid two-int array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: fork(2); the child makes only async-signal-safe calls and never returns.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            // SAFETY: prctl with a NUL-terminated name; write one byte from a valid buffer; the
+            // child then waits for the parent's SIGKILL.
+            unsafe {
+                libc::prctl(libc::PR_SET_NAME, c"\xff\xfe hetmem )".as_ptr());
+                libc::write(fds[1], b"r".as_ptr().cast(), 1);
+                loop {
+                    libc::pause();
+                }
+            }
+        }
+        let mut byte = 0u8;
+        // SAFETY: read one byte into a valid buffer, then close both ends of our pipe.
+        unsafe {
+            assert_eq!(libc::read(fds[0], (&mut byte as *mut u8).cast(), 1), 1);
+            libc::close(fds[0]);
+            libc::close(fds[1]);
+        }
+        let alive = ProcLiveness.is_alive(ProcessStamp { pid: pid as u32, start_time: 0 });
+        let mut status = 0;
+        // SAFETY: kill and reap our own child.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, &mut status, 0);
+        }
+        assert!(alive, "a live process with a non-UTF-8 name was reported dead");
     }
 }
