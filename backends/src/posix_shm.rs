@@ -41,6 +41,9 @@ pub struct PosixShmBackend {
     unlink_on_drop: bool,
     /// The fork generation the backend was made in ([`hetmem_core::fork`]).
     generation: u64,
+    /// The segment's device and inode: once its name is removed, another process may create a
+    /// new segment under it, which is not ours to remove.
+    identity: (u64, u64),
 }
 
 impl PosixShmBackend {
@@ -65,10 +68,13 @@ impl PosixShmBackend {
         let len = region_len(size)?;
         let c_name = c_name(&name)?;
         let fd = shm_open(&c_name, &name, libc::O_CREAT | libc::O_EXCL | libc::O_RDWR, options.mode)?;
-        let mapped = ftruncate(fd, len).and_then(|_| map(fd, len));
+        let mapped = identity(fd).and_then(|identity| {
+            ftruncate(fd, len)?;
+            Ok((map(fd, len)?, identity))
+        });
         close(fd);
-        let raw = match mapped {
-            Ok(raw) => raw,
+        let (raw, identity) = match mapped {
+            Ok(mapped) => mapped,
             Err(e) => {
                 unlink(&c_name);
                 return Err(e);
@@ -76,8 +82,15 @@ impl PosixShmBackend {
         };
         let id = options.id.unwrap_or_else(|| id_from_name(&name));
         let generation = hetmem_core::fork::generation();
-        let backend =
-            PosixShmBackend { raw, name, kind, creator: true, unlink_on_drop: options.unlink_on_drop, generation };
+        let backend = PosixShmBackend {
+            raw,
+            name,
+            kind,
+            creator: true,
+            unlink_on_drop: options.unlink_on_drop,
+            generation,
+            identity,
+        };
         backend.raw.initialize(kind, id)?; // on error, Drop unmaps and unlinks
         Ok(backend)
     }
@@ -88,10 +101,14 @@ impl PosixShmBackend {
         let name = normalize_name(name)?;
         let c_name = c_name(&name)?;
         let fd = shm_open(&c_name, &name, libc::O_RDWR, 0)?;
-        let mapped = wait_for_size(fd, options.attach_timeout).and_then(|len| map(fd, len));
+        let mapped = identity(fd).and_then(|identity| {
+            let len = wait_for_size(fd, options.attach_timeout)?;
+            Ok((map(fd, len)?, identity))
+        });
         close(fd);
+        let (raw, identity) = mapped?;
         let generation = hetmem_core::fork::generation();
-        let backend = PosixShmBackend { raw: mapped?, name, kind, creator: false, unlink_on_drop: false, generation };
+        let backend = PosixShmBackend { raw, name, kind, creator: false, unlink_on_drop: false, generation, identity };
         backend.raw.wait_ready(kind, options.attach_timeout)?;
         Ok(backend)
     }
@@ -114,8 +131,24 @@ impl PosixShmBackend {
         self.unlink_on_drop = false;
     }
 
+    /// Removes the name if it still names this segment. Another process may have removed it and
+    /// created a new segment under it: that one is left alone (`NotFound`: ours has no name).
     fn unlink_name(&self) -> Result<()> {
         let c_name = c_name(&self.name)?;
+        match shm_open(&c_name, &self.name, libc::O_RDONLY, 0) {
+            Ok(fd) => {
+                let same = identity(fd).map(|found| found == self.identity);
+                close(fd);
+                if !same? {
+                    return Err(Error::NotFound { what: "shared-memory segment", name: ShortStr::new(&self.name) });
+                }
+            }
+            // Unreadable to us, but maybe still removable: go on and let shm_unlink decide.
+            Err(Error::PermissionDenied { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        // A new segment could take the name between the check and here; POSIX offers no way to
+        // remove a name only if it still names a given segment.
         // SAFETY: `c_name` is a valid NUL-terminated string.
         if unsafe { libc::shm_unlink(c_name.as_ptr()) } != 0 {
             return Err(os_error("shm_unlink", &self.name));
@@ -207,14 +240,24 @@ fn ftruncate(fd: i32, len: u64) -> Result<()> {
     Ok(())
 }
 
-fn segment_len(fd: i32) -> Result<u64> {
+fn fstat(fd: i32) -> Result<libc::stat> {
     // SAFETY: an all-zero `stat` is a valid value to be overwritten by fstat.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: `fd` is open and `st` is a valid out-pointer.
     if unsafe { libc::fstat(fd, &mut st) } != 0 {
         return Err(os_error("fstat", ""));
     }
-    Ok(st.st_size as u64)
+    Ok(st)
+}
+
+fn segment_len(fd: i32) -> Result<u64> {
+    Ok(fstat(fd)?.st_size as u64)
+}
+
+/// The device and inode of the segment open as `fd`.
+fn identity(fd: i32) -> Result<(u64, u64)> {
+    let st = fstat(fd)?;
+    Ok((st.st_dev as u64, st.st_ino as u64))
 }
 
 /// Waits until the segment is at least a header long (its creator may not have sized it yet).
@@ -378,6 +421,23 @@ mod tests {
         let r = PosixShmBackend::attach(&name, &quick());
         unlink(&c);
         assert!(matches!(r, Err(Error::TimedOut { .. })), "{r:?}");
+    }
+
+    #[test]
+    fn only_the_segment_itself_is_unlinked_not_a_newer_one_of_the_same_name() {
+        let name = unique("reuse");
+        let first = PosixShmBackend::create(&name, 4096, &quick()).unwrap();
+        let attached = PosixShmBackend::attach(&name, &quick()).unwrap();
+        first.destroy().unwrap();
+        let second = PosixShmBackend::create(&name, 4096, &quick()).unwrap();
+        assert!(
+            matches!(attached.destroy(), Err(Error::NotFound { .. })),
+            "destroy through the old segment removed the new one"
+        );
+        drop(first);
+        assert!(PosixShmBackend::exists(&name).unwrap(), "the old creator's drop removed the new segment");
+        drop(second);
+        assert!(!PosixShmBackend::exists(&name).unwrap());
     }
 
     #[test]
