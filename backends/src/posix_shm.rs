@@ -97,6 +97,7 @@ impl PosixShmBackend {
 
     /// [`attach`](Self::attach) expecting another kind in the header.
     pub fn attach_kind(name: &str, options: &ShmOptions, kind: BackendKind) -> Result<Self> {
+        let started = Instant::now();
         crate::liveness::install();
         let name = normalize_name(name)?;
         let c_name = c_name(&name)?;
@@ -109,7 +110,8 @@ impl PosixShmBackend {
         let (raw, identity) = mapped?;
         let generation = hetmem_core::fork::generation();
         let backend = PosixShmBackend { raw, name, kind, creator: false, unlink_on_drop: false, generation, identity };
-        backend.raw.wait_ready(kind, options.attach_timeout)?;
+        // The timeout covers both waits: for the creator to size the segment, then to initialise it.
+        backend.raw.wait_ready(kind, options.attach_timeout.saturating_sub(started.elapsed()))?;
         Ok(backend)
     }
 
@@ -438,6 +440,28 @@ mod tests {
         assert!(PosixShmBackend::exists(&name).unwrap(), "the old creator's drop removed the new segment");
         drop(second);
         assert!(!PosixShmBackend::exists(&name).unwrap());
+    }
+
+    #[test]
+    fn attach_waits_at_most_its_timeout_in_all() {
+        let name = unique("slow");
+        let c = c_name(&name).unwrap();
+        let fd = shm_open(&c, &name, libc::O_CREAT | libc::O_EXCL | libc::O_RDWR, 0o600).unwrap();
+        // A creator that sizes the segment late and never writes its header.
+        let sizer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(400));
+            ftruncate(fd, 3 * HEADER_SIZE).unwrap();
+            close(fd);
+        });
+        let options = ShmOptions { attach_timeout: Duration::from_millis(500), ..Default::default() };
+        let started = Instant::now();
+        let r = PosixShmBackend::attach(&name, &options);
+        let waited = started.elapsed();
+        sizer.join().unwrap();
+        unlink(&c);
+        assert!(r.is_err());
+        // Waiting for the size and then for the header, each with the full timeout, took 900 ms.
+        assert!(waited < Duration::from_millis(800), "attach waited {waited:?} with a 500 ms timeout");
     }
 
     #[test]
