@@ -26,7 +26,8 @@ impl RawRegion {
     ///
     /// # Safety
     /// `base` is valid for reads and writes of `len` bytes, page-aligned, for as long as the
-    /// `RawRegion` is used.
+    /// `RawRegion` is used, and `len` is at least [`HEADER_SIZE`] ([`header`](Self::header) reads
+    /// that much without checking).
     pub unsafe fn new(base: NonNull<u8>, len: u64) -> Self {
         RawRegion { base, len }
     }
@@ -61,9 +62,8 @@ impl RawRegion {
 
     /// The header.
     pub fn header(&self) -> &RegionHeader {
-        // SAFETY: the region is at least HEADER_SIZE bytes (checked in `wait_ready`, or written
-        // by `initialize`), page-aligned, and the header holds only integers and atomics, valid
-        // for any bytes.
+        // SAFETY: `new`'s contract gives at least HEADER_SIZE >= size_of::<RegionHeader>() valid
+        // bytes, page-aligned, and the header holds only integers and atomics, valid for any bytes.
         unsafe { self.base.cast::<RegionHeader>().as_ref() }
     }
 
