@@ -124,6 +124,8 @@ impl PosixShmBackend {
                 Ok(true)
             }
             Err(Error::NotFound { .. }) => Ok(false),
+            // Another user's segment (or one made with mode 0): there, but not ours to open.
+            Err(Error::PermissionDenied { .. }) => Ok(true),
             Err(e) => Err(e),
         }
     }
@@ -378,6 +380,34 @@ mod tests {
         let _a = PosixShmBackend::create(&name, 4096, &quick()).unwrap();
         assert!(matches!(PosixShmBackend::create(&name, 4096, &quick()), Err(Error::AlreadyExists { .. })));
         assert!(matches!(PosixShmBackend::attach(&unique("missing"), &quick()), Err(Error::NotFound { .. })));
+    }
+
+    #[test]
+    fn a_segment_we_may_not_open_still_exists() {
+        let name = unique("noaccess");
+        let _a = PosixShmBackend::create(&name, 4096, &ShmOptions { mode: 0, ..quick() }).unwrap();
+        // SAFETY: fork(2); the child drops root (which reads any file), asks, and leaves with `_exit`.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            // SAFETY: setuid(2) in the single-threaded child; 65534 is `nobody`.
+            if unsafe { libc::geteuid() } == 0 && unsafe { libc::setuid(65534) } != 0 {
+                // SAFETY: ends the forked child.
+                unsafe { libc::_exit(3) };
+            }
+            let code = match PosixShmBackend::exists(&name) {
+                Ok(true) => 0,
+                Ok(false) => 1,
+                Err(_) => 2,
+            };
+            // SAFETY: ends the forked child.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waitpid(2) on our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status));
+        assert_eq!(libc::WEXITSTATUS(status), 0, "exists: 1 = said no, 2 = an error, 3 = setuid failed");
     }
 
     /// Writes `bytes` at `offset` of segment `name` through a second, raw mapping.
