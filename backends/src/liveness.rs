@@ -21,15 +21,22 @@ pub fn install() {
     liveness::install(&HOOK);
 }
 
-/// The start time of process `pid` from `/proc/<pid>/stat`, or `None` if it does not exist.
+/// The start time of process `pid` from `/proc/<pid>/stat`, or `None` if it does not exist or
+/// has exited (a zombie waiting for its parent to reap it: its memory is already gone).
 #[cfg(target_os = "linux")]
 fn start_time(pid: u32) -> Option<u64> {
     // Read as bytes: the command name (field 2) may hold any bytes, UTF-8 or not.
     let stat = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
     // The name is in parentheses and may contain spaces and ')': count from the last ')'.
     let rest = &stat[stat.iter().rposition(|&b| b == b')')? + 1..];
-    // `rest` starts at field 3; the start time is field 22.
-    std::str::from_utf8(rest).ok()?.split_whitespace().nth(19)?.parse().ok()
+    // `rest` starts at field 3: fields[0] is the state, [17] the thread count, [19] the start time.
+    let fields: Vec<&str> = std::str::from_utf8(rest).ok()?.split_whitespace().take(20).collect();
+    // A zombie main thread whose other threads still run is a live process: the count includes
+    // the main thread until the whole process is reaped.
+    if matches!(fields.first(), Some(&"Z" | &"X")) && fields.get(17).is_none_or(|&threads| threads == "1") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
 }
 
 impl ProcessLiveness for ProcLiveness {
@@ -101,6 +108,74 @@ mod tests {
             let recycled = ProcessStamp { start_time: me.start_time + 1, ..me };
             assert!(!ProcLiveness.is_alive(recycled), "same pid, other start time");
         }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn an_exited_child_not_yet_reaped_is_not_alive() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let stamp = ProcessStamp { pid: child.id(), start_time: 0 };
+        // Until its parent reaps it, the child stays in the process table as a zombie.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while ProcLiveness.is_alive(stamp) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let alive = ProcLiveness.is_alive(stamp);
+        child.wait().unwrap();
+        assert!(!alive, "a zombie was reported alive");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_process_whose_main_thread_exited_while_others_run_is_alive() {
+        extern "C" fn wait_forever(_: *mut libc::c_void) -> *mut libc::c_void {
+            loop {
+                // SAFETY: pause(2) has no preconditions.
+                unsafe { libc::pause() };
+            }
+        }
+        let mut fds = [0; 2];
+        // SAFETY: pipe(2) with a valid two-int array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: fork(2); the child starts a thread that waits for the parent's SIGKILL, says so
+        // through the pipe, and ends its main thread.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            // SAFETY: pthread_create with a valid out-pointer and a function that never returns;
+            // one byte written from a valid buffer; the exit system call (not exit_group) ends
+            // only this thread, without unwinding.
+            unsafe {
+                let mut thread = std::mem::zeroed();
+                if libc::pthread_create(&mut thread, std::ptr::null(), wait_forever, std::ptr::null_mut()) != 0 {
+                    libc::_exit(1);
+                }
+                libc::write(fds[1], b"r".as_ptr().cast(), 1);
+                libc::syscall(libc::SYS_exit, 0);
+                libc::_exit(1);
+            }
+        }
+        let mut byte = 0u8;
+        // SAFETY: read one byte into a valid buffer, then close both ends of our pipe.
+        unsafe {
+            assert_eq!(libc::read(fds[0], (&mut byte as *mut u8).cast(), 1), 1);
+            libc::close(fds[0]);
+            libc::close(fds[1]);
+        }
+        // Wait until the main thread has become a zombie.
+        let stat = format!("/proc/{pid}/stat");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !std::fs::read_to_string(&stat).unwrap().contains(") Z ") && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let alive = ProcLiveness.is_alive(ProcessStamp { pid: pid as u32, start_time: 0 });
+        let mut status = 0;
+        // SAFETY: kill and reap our own child.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, &mut status, 0);
+        }
+        assert!(alive, "a process still running a thread was reported dead");
     }
 
     #[cfg(target_os = "linux")]
