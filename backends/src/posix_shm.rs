@@ -184,7 +184,7 @@ impl Drop for PosixShmBackend {
 }
 
 /// Checks a segment name and gives it its leading '/': one '/' at the start, no other, no NUL,
-/// at most 255 bytes.
+/// not "." or "..", at most 255 bytes.
 fn normalize_name(name: &str) -> Result<String> {
     let bad = |reason| Error::InvalidName { name: ShortStr::new(name), reason };
     let bare = name.strip_prefix('/').unwrap_or(name);
@@ -196,6 +196,10 @@ fn normalize_name(name: &str) -> Result<String> {
     }
     if bare.contains('\0') {
         return Err(bad("NUL byte in name"));
+    }
+    if bare == "." || bare == ".." {
+        // glibc would open the shared-memory directory or its parent.
+        return Err(bad("'.' and '..' name directories"));
     }
     if bare.len() + 1 > 255 {
         return Err(bad("longer than 255 bytes"));
@@ -367,6 +371,13 @@ mod tests {
     fn bad_names_are_refused() {
         for (name, why) in [("/a/b", "a second '/'"), ("", "empty"), ("/", "empty"), ("a\0b", "NUL")] {
             assert!(matches!(PosixShmBackend::create(name, 4096, &quick()), Err(Error::InvalidName { .. })), "{why}");
+        }
+        for name in ["/.", "..", "/.."] {
+            assert!(
+                matches!(PosixShmBackend::exists(name), Err(Error::InvalidName { .. })),
+                "{name} names a directory"
+            );
+            assert!(matches!(PosixShmBackend::create(name, 4096, &quick()), Err(Error::InvalidName { .. })), "{name}");
         }
         let long = "x".repeat(300);
         assert!(matches!(PosixShmBackend::attach(&long, &quick()), Err(Error::InvalidName { .. })));
