@@ -103,7 +103,12 @@ impl ThreadModel for Windows {
         };
         // SAFETY: storing a pointer value in our own slot.
         if unsafe { FlsSetValue(key.index, stored) } == 0 {
-            return Err(last_error("FlsSetValue"));
+            let error = last_error("FlsSetValue");
+            if key.destructor.is_some() {
+                // SAFETY: `stored` is the cell boxed above; the slot refused it, so it is still ours.
+                drop(unsafe { Box::from_raw(stored as *mut Cell) });
+            }
+            return Err(error);
         }
         Ok(())
     }
