@@ -125,35 +125,18 @@ mod tests {
         assert!(!alive, "a zombie was reported alive");
     }
 
+    /// Forks a child that runs `child` (system calls only, never returning) with the write end
+    /// of a pipe, and returns its pid once it has written to the pipe with `ready`.
     #[cfg(target_os = "linux")]
-    #[test]
-    fn a_process_whose_main_thread_exited_while_others_run_is_alive() {
-        extern "C" fn wait_forever(_: *mut libc::c_void) -> *mut libc::c_void {
-            loop {
-                // SAFETY: pause(2) has no preconditions.
-                unsafe { libc::pause() };
-            }
-        }
+    fn fork_child(child: fn(ready_fd: i32) -> !) -> libc::pid_t {
         let mut fds = [0; 2];
         // SAFETY: pipe(2) with a valid two-int array.
         assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-        // SAFETY: fork(2); the child starts a thread that waits for the parent's SIGKILL, says so
-        // through the pipe, and ends its main thread.
+        // SAFETY: fork(2); the child runs only `child`, which never returns.
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0, "fork failed");
         if pid == 0 {
-            // SAFETY: pthread_create with a valid out-pointer and a function that never returns;
-            // one byte written from a valid buffer; the exit system call (not exit_group) ends
-            // only this thread, without unwinding.
-            unsafe {
-                let mut thread = std::mem::zeroed();
-                if libc::pthread_create(&mut thread, std::ptr::null(), wait_forever, std::ptr::null_mut()) != 0 {
-                    libc::_exit(1);
-                }
-                libc::write(fds[1], b"r".as_ptr().cast(), 1);
-                libc::syscall(libc::SYS_exit, 0);
-                libc::_exit(1);
-            }
+            child(fds[1]);
         }
         let mut byte = 0u8;
         // SAFETY: read one byte into a valid buffer, then close both ends of our pipe.
@@ -162,6 +145,52 @@ mod tests {
             libc::close(fds[0]);
             libc::close(fds[1]);
         }
+        pid
+    }
+
+    #[cfg(target_os = "linux")]
+    fn ready(fd: i32) {
+        // SAFETY: writes one byte from a valid buffer.
+        unsafe { libc::write(fd, b"r".as_ptr().cast(), 1) };
+    }
+
+    #[cfg(target_os = "linux")]
+    fn kill_and_reap(pid: libc::pid_t) {
+        let mut status = 0;
+        // SAFETY: kill and reap our own child.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, &mut status, 0);
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    fn wait_forever() -> ! {
+        loop {
+            // SAFETY: pause(2) has no preconditions.
+            unsafe { libc::pause() };
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_process_whose_main_thread_exited_while_others_run_is_alive() {
+        extern "C" fn thread(_: *mut libc::c_void) -> *mut libc::c_void {
+            wait_forever()
+        }
+        let pid = fork_child(|ready_fd| {
+            // SAFETY: pthread_create with a valid out-pointer and a function that never returns;
+            // the exit system call (not exit_group) ends only this thread, without unwinding.
+            unsafe {
+                let mut other = std::mem::zeroed();
+                if libc::pthread_create(&mut other, std::ptr::null(), thread, std::ptr::null_mut()) != 0 {
+                    libc::_exit(1);
+                }
+                ready(ready_fd);
+                libc::syscall(libc::SYS_exit, 0);
+                libc::_exit(1)
+            }
+        });
         // Wait until the main thread has become a zombie.
         let stat = format!("/proc/{pid}/stat");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -169,12 +198,7 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         let alive = ProcLiveness.is_alive(ProcessStamp { pid: pid as u32, start_time: 0 });
-        let mut status = 0;
-        // SAFETY: kill and reap our own child.
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
-            libc::waitpid(pid, &mut status, 0);
-        }
+        kill_and_reap(pid);
         assert!(alive, "a process still running a thread was reported dead");
     }
 
@@ -183,37 +207,14 @@ mod tests {
     fn a_process_whose_name_is_not_utf8_is_alive() {
         // The kernel cuts a command name at 15 bytes, which may split a UTF-8 character; a name
         // set with prctl may hold any bytes.
-        let mut fds = [0; 2];
-        // SAFETY: pipe(2) with a valid two-int array.
-        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-        // SAFETY: fork(2); the child makes only async-signal-safe calls and never returns.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0, "fork failed");
-        if pid == 0 {
-            // SAFETY: prctl with a NUL-terminated name; write one byte from a valid buffer; the
-            // child then waits for the parent's SIGKILL.
-            unsafe {
-                libc::prctl(libc::PR_SET_NAME, c"\xff\xfe hetmem )".as_ptr());
-                libc::write(fds[1], b"r".as_ptr().cast(), 1);
-                loop {
-                    libc::pause();
-                }
-            }
-        }
-        let mut byte = 0u8;
-        // SAFETY: read one byte into a valid buffer, then close both ends of our pipe.
-        unsafe {
-            assert_eq!(libc::read(fds[0], (&mut byte as *mut u8).cast(), 1), 1);
-            libc::close(fds[0]);
-            libc::close(fds[1]);
-        }
+        let pid = fork_child(|ready_fd| {
+            // SAFETY: prctl with a NUL-terminated name.
+            unsafe { libc::prctl(libc::PR_SET_NAME, c"\xff\xfe hetmem )".as_ptr()) };
+            ready(ready_fd);
+            wait_forever()
+        });
         let alive = ProcLiveness.is_alive(ProcessStamp { pid: pid as u32, start_time: 0 });
-        let mut status = 0;
-        // SAFETY: kill and reap our own child.
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
-            libc::waitpid(pid, &mut status, 0);
-        }
+        kill_and_reap(pid);
         assert!(alive, "a live process with a non-UTF-8 name was reported dead");
     }
 }
