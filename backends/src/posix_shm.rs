@@ -490,19 +490,20 @@ mod tests {
         let fd = shm_open(&c, &name, libc::O_CREAT | libc::O_EXCL | libc::O_RDWR, 0o600).unwrap();
         // A creator that sizes the segment late and never writes its header.
         let sizer = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(400));
+            std::thread::sleep(Duration::from_millis(900));
             ftruncate(fd, 3 * HEADER_SIZE).unwrap();
             close(fd);
         });
-        let options = ShmOptions { attach_timeout: Duration::from_millis(500), ..Default::default() };
+        let options = ShmOptions { attach_timeout: Duration::from_millis(1000), ..Default::default() };
         let started = Instant::now();
         let r = PosixShmBackend::attach(&name, &options);
         let waited = started.elapsed();
         sizer.join().unwrap();
         unlink(&c);
         assert!(r.is_err());
-        // Waiting for the size and then for the header, each with the full timeout, took 900 ms.
-        assert!(waited < Duration::from_millis(800), "attach waited {waited:?} with a 500 ms timeout");
+        // Waiting for the size and then for the header, each with the full timeout, took 1.9 s:
+        // the bound leaves 0.7 s for a loaded machine's scheduling.
+        assert!(waited < Duration::from_millis(1700), "attach waited {waited:?} with a 1 s timeout");
     }
 
     #[test]
