@@ -130,6 +130,20 @@ impl PosixShmBackend {
         }
     }
 
+    /// Removes segment `name` from the namespace, as `shm_unlink` does: processes that have it
+    /// mapped keep their mapping, and its memory goes when the last of them unmaps it. For a
+    /// segment kept with [`persist`](Self::persist), or one whose creator died before setting it
+    /// up (which [`attach`](Self::attach) refuses). `NotFound` if no segment has that name.
+    pub fn remove(name: &str) -> Result<()> {
+        let name = normalize_name(name)?;
+        let c_name = c_name(&name)?;
+        // SAFETY: `c_name` is a valid NUL-terminated string.
+        if unsafe { libc::shm_unlink(c_name.as_ptr()) } != 0 {
+            return Err(os_error("shm_unlink", &name));
+        }
+        Ok(())
+    }
+
     /// Keeps the segment after this (creating) process drops its backend.
     pub fn persist(&mut self) {
         self.unlink_on_drop = false;
@@ -284,10 +298,14 @@ fn wait_for_size(fd: i32, timeout: Duration) -> Result<u64> {
 }
 
 fn map(fd: i32, len: u64) -> Result<RawRegion> {
+    // A segment another (64-bit) process sized may be larger than this process can map whole.
+    let size = usize::try_from(len)
+        .ok()
+        .filter(|&size| size <= isize::MAX as usize)
+        .ok_or(Error::InvalidSize { size: len, reason: "segment larger than this process's address space" })?;
     // SAFETY: mapping a shared-memory descriptor we hold open; the kernel chooses the address.
-    let ptr = unsafe {
-        libc::mmap(std::ptr::null_mut(), len as usize, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
-    };
+    let ptr =
+        unsafe { libc::mmap(std::ptr::null_mut(), size, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0) };
     if ptr == libc::MAP_FAILED {
         return Err(os_error("mmap", ""));
     }
@@ -464,6 +482,27 @@ mod tests {
         let r = PosixShmBackend::attach(&name, &quick());
         unlink(&c);
         assert!(matches!(r, Err(Error::TimedOut { .. })), "{r:?}");
+    }
+
+    #[test]
+    fn remove_takes_away_a_name_attach_refuses() {
+        let name = unique("halfmade");
+        let c = c_name(&name).unwrap();
+        // A creator that died after shm_open, before sizing the segment.
+        close(shm_open(&c, &name, libc::O_CREAT | libc::O_EXCL | libc::O_RDWR, 0o600).unwrap());
+        let options = ShmOptions { attach_timeout: Duration::from_millis(10), ..Default::default() };
+        assert!(matches!(PosixShmBackend::attach(&name, &options), Err(Error::HeaderMismatch { .. })));
+        PosixShmBackend::remove(&name).unwrap();
+        assert!(!PosixShmBackend::exists(&name).unwrap());
+        assert!(matches!(PosixShmBackend::remove(&name), Err(Error::NotFound { .. })));
+        assert!(matches!(PosixShmBackend::remove("/a/b"), Err(Error::InvalidName { .. })));
+        // A mapped segment keeps its memory once its name is gone.
+        let mut kept = PosixShmBackend::create(&name, 4096, &quick()).unwrap();
+        kept.persist();
+        PosixShmBackend::remove(&name).unwrap();
+        assert!(!PosixShmBackend::exists(&name).unwrap());
+        // SAFETY: the segment's first user byte, past the header, in the live mapping.
+        unsafe { kept.base().add(HEADER_SIZE as usize).write(7) };
     }
 
     #[test]
