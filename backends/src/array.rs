@@ -43,7 +43,7 @@ impl ArrayBackend {
     /// # Safety
     /// `ptr` is valid for reads and writes of `len` bytes for as long as the region is used.
     unsafe fn raw(ptr: *mut u8, len: usize) -> Result<RawRegion> {
-        let base = NonNull::new(ptr).ok_or(Error::InvalidSize { size: 0, reason: "null buffer" })?;
+        let base = NonNull::new(ptr).ok_or(Error::InvalidSize { size: len as u64, reason: "null buffer" })?;
         if (len as u64) <= HEADER_SIZE {
             return Err(Error::InvalidSize {
                 size: len as u64,
@@ -51,7 +51,7 @@ impl ArrayBackend {
             });
         }
         if ptr.align_offset(HEADER_SIZE as usize) != 0 {
-            return Err(Error::InvalidAlignment { align: ptr as u64 % HEADER_SIZE });
+            return Err(Error::InvalidAlignment { align: HEADER_SIZE });
         }
         // SAFETY: the caller's contract, and page alignment checked above.
         Ok(unsafe { RawRegion::new(base, len as u64) })
@@ -95,7 +95,11 @@ mod tests {
         assert!(matches!(unsafe { ArrayBackend::attach(ptr.wrapping_add(8), 4096) }, Err(Error::InvalidSize { .. })));
         assert!(matches!(
             unsafe { ArrayBackend::attach(ptr.wrapping_add(8), 6000) },
-            Err(Error::InvalidAlignment { .. })
+            Err(Error::InvalidAlignment { align: HEADER_SIZE })
+        ));
+        assert!(matches!(
+            unsafe { ArrayBackend::attach(std::ptr::null_mut(), 6000) },
+            Err(Error::InvalidSize { size: 6000, reason: "null buffer" })
         ));
         buf[..8].copy_from_slice(b"NOTHETMM");
         assert!(matches!(

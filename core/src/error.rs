@@ -23,10 +23,11 @@ pub enum Error {
         /// Why it was refused.
         reason: &'static str,
     },
-    /// An alignment that is not a non-zero power of two.
-    #[error("invalid alignment {align}: must be a non-zero power of two")]
+    /// An alignment that is not a non-zero power of two, or an address (a buffer, a range) that
+    /// does not meet the alignment it needs.
+    #[error("invalid alignment {align}: not a non-zero power of two, or not met by the address given")]
     InvalidAlignment {
-        /// The alignment that was asked for.
+        /// The alignment that was asked for, or the one the address needed.
         align: u64,
     },
     /// The allocator or backend has no room for the request. The allocator stays usable.
