@@ -30,9 +30,12 @@ use crate::resource::MemoryResource;
 /// then upstream. Bigger or more strictly aligned requests go straight upstream.
 ///
 /// All `HetAlloc`s with the same upstream share the per-thread caches. The upstream is the
-/// system allocator ([`HetAlloc::new`]) or a [`MemoryResource`] ([`HetAlloc::with_resource`];
-/// up to six distinct resources get caches, later ones pass straight through). A resource used
-/// by the global `HetAlloc` must not allocate through it.
+/// system allocator ([`HetAlloc::new`]) or a [`MemoryResource`] ([`HetAlloc::with_resource`]).
+/// Six slots serve the resources of `HetAlloc`s and [`RecyclingFrameAllocator`]s together, one
+/// per distinct resource and tier; a resource that finds none free passes straight through. A
+/// resource used by the global `HetAlloc` must not allocate through it.
+///
+/// [`RecyclingFrameAllocator`]: super::frame::RecyclingFrameAllocator
 ///
 /// As an [`Allocator`] it makes `allocator_api2::vec::Vec<T, HetAlloc>` and hashbrown maps use
 /// the caches without being the global allocator.

@@ -32,8 +32,9 @@ impl RecyclingFrameAllocator {
         RecyclingFrameAllocator { slot: SlotRef::fixed(SLOT_FRAMES, Tier::Frames, Upstream::Global) }
     }
 
-    /// Recycles frames from `resource` (host-accessible; up to six distinct resources get lists,
-    /// later ones pass straight through).
+    /// Recycles frames from `resource` (host-accessible). Six slots serve the resources of
+    /// [`HetAlloc`](crate::cache::HetAlloc)s and `RecyclingFrameAllocator`s together, one per
+    /// distinct resource and tier; a resource that finds none free passes straight through.
     pub const fn with_resource(resource: &'static dyn MemoryResource) -> Self {
         RecyclingFrameAllocator { slot: SlotRef::lazy(Tier::Frames, Upstream::Resource(resource)) }
     }
