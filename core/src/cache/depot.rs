@@ -19,6 +19,11 @@ use crate::error::{Error, Result};
 use crate::sync::SpinLock;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
+/// The limit of a depot whose limit is not set yet (the thread caches' depots start with it,
+/// and the first thread cache to start gives each its default, see
+/// [`set_default_limit`](Depot::set_default_limit)).
+pub(crate) const UNSET: usize = usize::MAX;
+
 /// A bounded store of free-block batches shared by the thread caches of one upstream.
 ///
 /// The first [`ThreadCache::with_depot`](super::ThreadCache::with_depot) binds it to its
@@ -115,9 +120,16 @@ impl Depot {
         self.bytes.store(0, Ordering::Relaxed);
     }
 
-    /// Changes the byte limit. Memory already held stays until taken or released.
+    /// Changes the byte limit. Memory already held stays until taken or released. (A limit of
+    /// `usize::MAX` is kept as `usize::MAX - 1`: the largest value marks a limit not set yet.)
     pub fn set_limit(&self, limit: usize) {
-        self.limit.store(limit, Ordering::Relaxed);
+        self.limit.store(limit.min(UNSET - 1), Ordering::Relaxed);
+    }
+
+    /// Sets `limit` unless a limit was set since the depot was made with [`UNSET`]: a default
+    /// that must not replace a limit its user set first, even one set at the same time.
+    pub(crate) fn set_default_limit(&self, limit: usize) {
+        let _ = self.limit.compare_exchange(UNSET, limit.min(UNSET - 1), Ordering::Relaxed, Ordering::Relaxed);
     }
 
     /// The byte limit.
@@ -252,4 +264,26 @@ impl Depot {
 
 fn corrupt(class: usize, detail: &'static str) -> Error {
     Error::Corrupt { structure: "cache depot", offset: class as u64, detail }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_default_limit_never_replaces_one_set_before() {
+        let d = Depot::new(UNSET);
+        d.set_limit(4096);
+        d.set_default_limit(1 << 20);
+        assert_eq!(d.limit(), 4096);
+        let d = Depot::new(UNSET);
+        d.set_default_limit(1 << 20);
+        assert_eq!(d.limit(), 1 << 20);
+        d.set_default_limit(8);
+        assert_eq!(d.limit(), 1 << 20, "a default is set once");
+        d.set_limit(usize::MAX);
+        assert_eq!(d.limit(), usize::MAX - 1, "the largest value stays the mark of no limit set");
+        d.set_default_limit(8);
+        assert_eq!(d.limit(), usize::MAX - 1);
+    }
 }

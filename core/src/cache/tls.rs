@@ -20,7 +20,7 @@ use core::mem::ManuallyDrop;
 use core::ptr::{self, NonNull};
 
 use crate::cache::config::{depot_limit, CacheConfig, ThreadRole};
-use crate::cache::depot::Depot;
+use crate::cache::depot::{self, Depot};
 use crate::cache::size_class::{block_size, class_of, BLOCK_ALIGN};
 use crate::cache::stats::{CacheStats, Counters};
 use crate::cache::thread_cache::ThreadCache;
@@ -59,7 +59,7 @@ static OWNERS: SpinLock<[Option<SlotOwner>; SLOTS]> = SpinLock::new({
     owners[SLOT_FRAMES as usize] = Some(SlotOwner { tier: Tier::Frames, upstream: Upstream::Global });
     owners
 });
-static DEPOTS: [Depot; SLOTS] = [const { Depot::new(0) }; SLOTS];
+static DEPOTS: [Depot; SLOTS] = [const { Depot::new(depot::UNSET) }; SLOTS];
 static DEPOT_LIMITS_SET: AtomicBool = AtomicBool::new(false);
 /// Counts of exited threads and of requests that bypassed a cache (busy or exited threads).
 static RETIRED: [Counters; SLOTS] = [const { Counters::new() }; SLOTS];
@@ -608,7 +608,8 @@ fn start_thread(s: &ThreadState) -> bool {
         // The flag last: a child forked before it is set sets the limits again.
         let limit = depot_limit();
         for d in &DEPOTS {
-            d.set_limit(limit);
+            // Not over a limit set through `HetAlloc::set_depot_limit` first, or meanwhile.
+            d.set_default_limit(limit);
         }
         DEPOT_LIMITS_SET.store(true, Ordering::Relaxed);
     }
