@@ -37,14 +37,28 @@ pub trait ThreadModel: Send + Sync + 'static {
     /// under the key; it must be sound to call with every such value.
     unsafe fn tls_create(destructor: Option<TlsDestructor>) -> Result<Self::TlsKey>;
 
-    /// The calling thread's value under `key` (null if never set).
+    /// The calling thread's value under `key` (null if never set, and null for a deleted key).
     fn tls_get(key: Self::TlsKey) -> *mut c_void;
 
     /// Sets the calling thread's value under `key`.
+    ///
+    /// # Errors
+    /// `Error::Unsupported("thread-local key was deleted")` for a deleted key; an OS error when
+    /// the OS refuses the value.
     fn tls_set(key: Self::TlsKey, value: *mut c_void) -> Result<()>;
 
     /// Deletes `key`. Clear this thread's value first and make sure no other thread still holds
-    /// one: whether destructors run for values left under a deleted key differs between models
-    /// (pthreads: never; Windows: `FlsFree` runs them). Using the key afterwards is a logic error.
+    /// one or uses the key meanwhile: whether destructors run for values left under a deleted key
+    /// differs between models (pthreads: never; Windows: `FlsFree` runs them).
+    ///
+    /// A deleted key stays dead even after the OS hands its slot to a new key: `tls_get` returns
+    /// null, and `tls_set` and `tls_delete` return
+    /// `Error::Unsupported("thread-local key was deleted")`, on every thread, without reading,
+    /// replacing or freeing a value of the new key. Every model keeps a generation per slot for
+    /// this, checked on each call.
+    ///
+    /// # Errors
+    /// `Error::Unsupported("thread-local key was deleted")` for a key already deleted; an OS
+    /// error when the OS refuses to free the slot (the key then stays usable).
     fn tls_delete(key: Self::TlsKey) -> Result<()>;
 }

@@ -14,6 +14,8 @@ pub use hetmem_core::{ThreadModel, TlsDestructor};
 
 #[cfg(unix)]
 mod pthreads;
+#[cfg(any(unix, windows))]
+mod slots;
 #[cfg(feature = "std")]
 #[path = "std.rs"]
 mod std_threads;
@@ -37,6 +39,10 @@ pub type DefaultThreadModel = Windows;
 #[cfg(any(feature = "force-std", not(any(unix, windows))))]
 pub type DefaultThreadModel = StdThreads;
 
+/// What `tls_set` and `tls_delete` of every model return for a key used after its `tls_delete`.
+#[cfg(any(unix, windows, feature = "std"))]
+pub(crate) const DELETED_KEY: hetmem_core::Error = hetmem_core::Error::Unsupported("thread-local key was deleted");
+
 /// The behaviour every thread model must show; each model's tests run it.
 #[cfg(test)]
 pub(crate) mod contract {
@@ -46,6 +52,8 @@ pub(crate) mod contract {
     use ::std::time::Instant;
 
     use hetmem_core::ThreadModel;
+
+    use crate::DELETED_KEY;
 
     static DESTROYED: Mutex<Vec<usize>> = Mutex::new(Vec::new());
     static DESTRUCTOR_CALLS: AtomicUsize = AtomicUsize::new(0);
@@ -86,5 +94,109 @@ pub(crate) mod contract {
         assert_eq!(T::tls_get(key) as usize, 0x1000, "this thread's value is untouched");
         T::tls_set(key, ::std::ptr::null_mut()).unwrap();
         T::tls_delete(key).unwrap();
+    }
+
+    /// The OS slot (or table slot) a key names, so the tests can make a new key take an old one's.
+    pub(crate) trait SlotOf {
+        fn slot(&self) -> usize;
+    }
+
+    static STALE_DESTROYED: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+
+    unsafe extern "C" fn record_stale(value: *mut c_void) {
+        STALE_DESTROYED.lock().unwrap().push(value as usize);
+    }
+
+    /// Makes a key (leaving `leftover` as this thread's value), deletes it, and makes keys until
+    /// one takes its slot: `(deleted, successor)`. Tests of other models run alongside and may
+    /// take the slot first, so this retries.
+    fn reused_slot<T: ThreadModel>(
+        old_destructor: Option<crate::TlsDestructor>,
+        leftover: *mut c_void,
+        new_destructor: Option<crate::TlsDestructor>,
+    ) -> (T::TlsKey, T::TlsKey)
+    where
+        T::TlsKey: SlotOf,
+    {
+        for _ in 0..100 {
+            // SAFETY: the destructors given are `record_stale` or none; it accepts any value.
+            let old = unsafe { T::tls_create(old_destructor) }.unwrap();
+            T::tls_set(old, leftover).unwrap();
+            T::tls_delete(old).unwrap();
+            let mut others = Vec::new();
+            let mut successor = None;
+            for _ in 0..8 {
+                // SAFETY: as above.
+                let key = unsafe { T::tls_create(new_destructor) }.unwrap();
+                if key.slot() == old.slot() {
+                    successor = Some(key);
+                    break;
+                }
+                others.push(key);
+            }
+            for key in others {
+                T::tls_delete(key).unwrap();
+            }
+            if let Some(new) = successor {
+                return (old, new);
+            }
+        }
+        panic!("{}: no new key took a deleted key's slot in 100 tries", T::NAME);
+    }
+
+    /// A key used after its `tls_delete`, while a new key holds its slot: `tls_get` sees null,
+    /// `tls_set` and `tls_delete` fail with [`DELETED_KEY`], on every thread, and the new key's
+    /// values, cells and destructor are untouched. Run for both mixes of destructor / none, the
+    /// two ways a stale key used to misread (a raw value as a cell) or misfree (its value as a
+    /// cell) on Windows and to feed its value to the new key's destructor on pthreads.
+    pub(crate) fn stale_keys<T: ThreadModel>()
+    where
+        T::TlsKey: SlotOf,
+    {
+        let tag = 0x10_0000 + 0x100 * T::NAME.len();
+        let cases: [(Option<crate::TlsDestructor>, Option<crate::TlsDestructor>); 2] =
+            [(None, Some(record_stale)), (Some(record_stale), None)];
+        for (case, (old_destructor, new_destructor)) in cases.into_iter().enumerate() {
+            // A key without a destructor may be deleted with a value left (Windows runs a
+            // destructor for one left under a key with one, pthreads does not).
+            let leftover = if old_destructor.is_none() { tag + 1 } else { 0 };
+            let (old, new) = reused_slot::<T>(old_destructor, leftover as *mut c_void, new_destructor);
+            assert!(T::tls_get(new).is_null(), "{} case {case}: the new key sees the deleted key's value", T::NAME);
+
+            // A real word as the new key's value: a model that took it for a cell would read its
+            // first field as the stale key's value, or write into it.
+            let mut word: [usize; 4] = [tag + 2, tag + 3, 0, 0];
+            let mine = word.as_mut_ptr().cast::<c_void>();
+            T::tls_set(new, mine).unwrap();
+            assert!(T::tls_get(old).is_null(), "{} case {case}: a deleted key reads the new key's value", T::NAME);
+            assert_eq!(T::tls_set(old, (tag + 4) as *mut c_void), Err(DELETED_KEY), "{} case {case}", T::NAME);
+            assert_eq!(T::tls_delete(old), Err(DELETED_KEY), "{} case {case}", T::NAME);
+            assert_eq!(T::tls_get(new), mine, "{} case {case}: the stale key changed the new key's value", T::NAME);
+            assert_eq!(word, [tag + 2, tag + 3, 0, 0], "{} case {case}: the stale key wrote into the value", T::NAME);
+
+            let other_thread = tag + 5 + case;
+            ::std::thread::spawn(move || {
+                assert!(T::tls_get(old).is_null());
+                assert_eq!(T::tls_set(old, (tag + 6) as *mut c_void), Err(DELETED_KEY));
+                assert!(T::tls_get(new).is_null());
+                T::tls_set(new, other_thread as *mut c_void).unwrap();
+                assert_eq!(T::tls_set(old, (tag + 6) as *mut c_void), Err(DELETED_KEY));
+                assert_eq!(T::tls_get(new) as usize, other_thread);
+            })
+            .join()
+            .unwrap();
+            let destroyed: Vec<usize> =
+                STALE_DESTROYED.lock().unwrap().iter().copied().filter(|v| v & !0xff == tag).collect();
+            let expected = if new_destructor.is_some() { vec![other_thread] } else { vec![] };
+            assert_eq!(destroyed, expected, "{} case {case}: destructors ran for the wrong values", T::NAME);
+            STALE_DESTROYED.lock().unwrap().retain(|v| v & !0xff != tag);
+
+            T::tls_set(new, ::std::ptr::null_mut()).unwrap();
+            T::tls_delete(new).unwrap();
+            // Deleted and not (yet) reused: refused all the same.
+            assert!(T::tls_get(new).is_null());
+            assert_eq!(T::tls_set(new, mine), Err(DELETED_KEY), "{}: set after delete", T::NAME);
+            assert_eq!(T::tls_delete(new), Err(DELETED_KEY), "{}: second delete", T::NAME);
+        }
     }
 }

@@ -1,15 +1,42 @@
 //! [`Pthreads`]: POSIX threads through libc.
+//!
+//! `pthread_key_create` reuses a deleted key's number, and glibc lets `pthread_setspecific` store
+//! under whatever key now has it, so a key also carries its slot's generation
+//! ([`SlotGenerations`]): a key used after `tls_delete` is refused before libc sees it, and never
+//! reads another key's value or hands one of its own to another key's destructor.
 
 use std::ffi::c_void;
 
 use hetmem_core::{Error, Result, ThreadModel, TlsDestructor};
 
+use crate::slots::SlotGenerations;
+use crate::DELETED_KEY;
+
+/// Key numbers the model can hold: glibc has at most 1024 (`PTHREAD_KEYS_MAX`), macOS 512,
+/// musl 128.
+const KEY_SLOTS: usize = 1024;
+
+static GENERATIONS: SlotGenerations<KEY_SLOTS> = SlotGenerations::new();
+
 /// POSIX threads: `gettid`/`pthread_self`, `pthread_key_create`, `sched_yield`, `nanosleep`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Pthreads;
 
+/// A key of [`Pthreads`]: the pthread key and its generation when this key was made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PthreadsTlsKey {
+    key: libc::pthread_key_t,
+    generation: u64,
+}
+
+impl PthreadsTlsKey {
+    fn is_live(self) -> bool {
+        GENERATIONS.is_live(self.key as usize, self.generation)
+    }
+}
+
 impl ThreadModel for Pthreads {
-    type TlsKey = libc::pthread_key_t;
+    type TlsKey = PthreadsTlsKey;
     const NAME: &'static str = "pthreads";
 
     fn thread_id() -> u64 {
@@ -53,19 +80,34 @@ impl ThreadModel for Pthreads {
         if rc != 0 {
             return Err(Error::Os { call: "pthread_key_create", errno: rc });
         }
-        Ok(key)
+        let beyond = Error::Unsupported("pthread_key_create returned a key beyond the pthreads model's slot table");
+        match usize::try_from(key).map_err(|_| beyond).and_then(|slot| GENERATIONS.open(slot, beyond)) {
+            Ok(generation) => Ok(PthreadsTlsKey { key, generation }),
+            Err(e) => {
+                // SAFETY: deleting the key just created; no thread has a value under it.
+                unsafe { libc::pthread_key_delete(key) };
+                Err(e)
+            }
+        }
     }
 
     fn tls_get(key: Self::TlsKey) -> *mut c_void {
-        // SAFETY: pthread_getspecific returns null for keys without a value in this thread.
-        unsafe { libc::pthread_getspecific(key) }
+        if !key.is_live() {
+            return std::ptr::null_mut();
+        }
+        // SAFETY: the key is live; pthread_getspecific returns null where this thread set nothing.
+        unsafe { libc::pthread_getspecific(key.key) }
     }
 
     // pthread stores the pointer and never dereferences it; only the key's destructor does.
     #[allow(clippy::not_unsafe_ptr_arg_deref)]
     fn tls_set(key: Self::TlsKey, value: *mut c_void) -> Result<()> {
-        // SAFETY: storing a pointer value; pthread never dereferences it (only the destructor does).
-        let rc = unsafe { libc::pthread_setspecific(key, value) };
+        if !key.is_live() {
+            return Err(DELETED_KEY);
+        }
+        // SAFETY: storing a pointer value under a live key; pthread never dereferences it (only
+        // the key's destructor does).
+        let rc = unsafe { libc::pthread_setspecific(key.key, value) };
         if rc != 0 {
             return Err(Error::Os { call: "pthread_setspecific", errno: rc });
         }
@@ -73,9 +115,12 @@ impl ThreadModel for Pthreads {
     }
 
     fn tls_delete(key: Self::TlsKey) -> Result<()> {
-        // SAFETY: deleting a key runs no destructors.
-        let rc = unsafe { libc::pthread_key_delete(key) };
+        // Retired first, so no use of the key follows its number into its next owner.
+        GENERATIONS.close(key.key as usize, key.generation)?;
+        // SAFETY: deleting a live key of ours (just retired); it runs no destructors.
+        let rc = unsafe { libc::pthread_key_delete(key.key) };
         if rc != 0 {
+            GENERATIONS.reopen(key.key as usize, key.generation);
             return Err(Error::Os { call: "pthread_key_delete", errno: rc });
         }
         Ok(())
@@ -84,8 +129,21 @@ impl ThreadModel for Pthreads {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    impl crate::contract::SlotOf for PthreadsTlsKey {
+        fn slot(&self) -> usize {
+            self.key as usize
+        }
+    }
+
     #[test]
     fn meets_the_thread_model_contract() {
-        crate::contract::run::<super::Pthreads>();
+        crate::contract::run::<Pthreads>();
+    }
+
+    #[test]
+    fn refuses_keys_used_after_delete() {
+        crate::contract::stale_keys::<Pthreads>();
     }
 }

@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use hetmem_core::{Error, Result, ThreadModel, TlsDestructor};
 
+use crate::DELETED_KEY;
+
 /// Threads as the standard library sees them.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StdThreads;
@@ -120,7 +122,7 @@ impl ThreadModel for StdThreads {
 
     fn tls_set(key: Self::TlsKey, value: *mut c_void) -> Result<()> {
         if !key_is_live(key) {
-            return Err(Error::Unsupported("thread-local key was deleted"));
+            return Err(DELETED_KEY);
         }
         VALUES
             .try_with(|v| {
@@ -141,7 +143,7 @@ impl ThreadModel for StdThreads {
                 k.destructor = None;
                 Ok(())
             }
-            _ => Err(Error::Unsupported("thread-local key was already deleted")),
+            _ => Err(DELETED_KEY),
         }
     }
 }
@@ -150,21 +152,19 @@ impl ThreadModel for StdThreads {
 mod tests {
     use super::*;
 
+    impl crate::contract::SlotOf for StdTlsKey {
+        fn slot(&self) -> usize {
+            self.slot
+        }
+    }
+
     #[test]
     fn meets_the_thread_model_contract() {
         crate::contract::run::<StdThreads>();
     }
 
     #[test]
-    fn a_deleted_key_does_not_leak_values_into_its_successor() {
-        // SAFETY: no destructor.
-        let a = unsafe { StdThreads::tls_create(None) }.unwrap();
-        StdThreads::tls_set(a, 8 as *mut c_void).unwrap();
-        StdThreads::tls_delete(a).unwrap();
-        assert!(StdThreads::tls_set(a, 8 as *mut c_void).is_err());
-        // SAFETY: no destructor.
-        let b = unsafe { StdThreads::tls_create(None) }.unwrap();
-        assert!(StdThreads::tls_get(b).is_null());
-        StdThreads::tls_delete(b).unwrap();
+    fn refuses_keys_used_after_delete() {
+        crate::contract::stale_keys::<StdThreads>();
     }
 }

@@ -1,0 +1,61 @@
+//! Generations of OS thread-local slots, so a key used after `tls_delete` is refused even once
+//! the OS has handed its slot to another key.
+//!
+//! pthreads and Windows name a key by a small slot index that they reuse as soon as it is freed.
+//! The models keep one generation per index: odd while a key of the model holds the slot, even
+//! while it is free (or held by code outside the model). A key carries the odd generation it was
+//! made with; every get, set and delete compares it with the slot's, so a deleted key never
+//! matches again, whoever holds its slot now.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use hetmem_core::{Error, Result};
+
+use crate::DELETED_KEY;
+
+/// The generation of each slot index below `N` (a power of two).
+pub(crate) struct SlotGenerations<const N: usize>([AtomicU64; N]);
+
+impl<const N: usize> SlotGenerations<N> {
+    /// All slots free.
+    pub(crate) const fn new() -> Self {
+        assert!(N.is_power_of_two());
+        Self([const { AtomicU64::new(0) }; N])
+    }
+
+    /// Marks `index`, just handed out by the OS, as held by a new key; returns the key's
+    /// generation, or `beyond_table` when the index does not fit the table.
+    pub(crate) fn open(&self, index: usize, beyond_table: Error) -> Result<u64> {
+        let slot = self.0.get(index).ok_or(beyond_table)?;
+        // Only the owner of a slot index writes its generation, and the OS gives each index one
+        // owner at a time, so this needs no loop. The next odd value: from an even one (freed
+        // through the model) +1; from an odd one (freed behind the model's back, so its old key
+        // never saw `tls_delete`) +2, which retires that key too.
+        let old = slot.load(Ordering::Acquire);
+        let generation = (old + 1) | 1;
+        slot.store(generation, Ordering::Release);
+        Ok(generation)
+    }
+
+    /// Whether the key `(index, generation)` is still the one holding its slot: the one extra
+    /// compare of the fast paths.
+    #[inline]
+    pub(crate) fn is_live(&self, index: usize, generation: u64) -> bool {
+        // Keys only carry indexes that `open` accepted; the mask drops the bounds check.
+        self.0[index & (N - 1)].load(Ordering::Acquire) == generation
+    }
+
+    /// Retires the key `(index, generation)` before its slot goes back to the OS; a key already
+    /// retired gets [`DELETED_KEY`]. Exactly one of several racing deletes of a key succeeds.
+    pub(crate) fn close(&self, index: usize, generation: u64) -> Result<()> {
+        self.0[index & (N - 1)]
+            .compare_exchange(generation, generation + 1, Ordering::AcqRel, Ordering::Acquire)
+            .map(drop)
+            .map_err(|_| DELETED_KEY)
+    }
+
+    /// Undoes `close` when the OS refused to free the slot: the key stays usable.
+    pub(crate) fn reopen(&self, index: usize, generation: u64) {
+        self.0[index & (N - 1)].store(generation, Ordering::Release);
+    }
+}
