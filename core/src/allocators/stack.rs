@@ -302,6 +302,10 @@ impl AllocatorType for StackAllocator {
             return Err(Error::InvalidSize { size: region.len(), reason: "region too small for a stack allocator" });
         }
         let ptr = region.ptr(region.offset(), header_len)?.cast::<StackHeader>();
+        // `Region::new` takes any offset; the directory gives multiples of 64.
+        if ptr.align_offset(core::mem::align_of::<StackHeader>()) != 0 {
+            return Err(Error::InvalidAlignment { align: core::mem::align_of::<StackHeader>() as u64 });
+        }
         let state = StackState {
             data_start,
             top: data_start,
@@ -312,9 +316,8 @@ impl AllocatorType for StackAllocator {
             total_frees: 0,
             high_watermark: 0,
         };
-        // SAFETY: in bounds (checked by `ptr`), 64-aligned (sub-regions start at multiples of
-        // 64 of a page-aligned base), and not yet visible to anyone: the directory entry is
-        // published only after `create` returns.
+        // SAFETY: in bounds (checked by `ptr`), aligned (checked above), and not yet visible to
+        // anyone: the directory entry is published only after `create` returns.
         unsafe { ptr.write(StackHeader { type_id: TYPE_ID, _pad: 0, id, state: Mutex::new(state) }) };
         StackAllocator::new(region, id)
     }
@@ -400,6 +403,19 @@ mod tests {
         assert!(matches!(s.free(a), Err(Error::InvalidFree { reason: "already freed", .. })));
         s.free(b).unwrap();
         s.check().unwrap();
+    }
+
+    #[test]
+    fn a_misaligned_region_is_refused_not_written() {
+        // `Region::new` accepts any offset past the header; the stack header holds atomics.
+        let backend = Arc::new(HeapBackend::new(BackendId(1), 64 * 1024));
+        let region = Region::new(backend, crate::header::HEADER_SIZE + 4, 32 * 1024).unwrap();
+        let created = StackAllocator::create(region.clone(), AllocatorId::new(1, 0), &StackConfig {});
+        assert!(matches!(created, Err(Error::InvalidAlignment { .. })));
+        let len = core::mem::size_of::<StackHeader>();
+        // SAFETY: `len` bytes at the region's start, in bounds (checked by `ptr`), read as bytes.
+        let bytes = unsafe { std::slice::from_raw_parts(region.ptr(region.offset(), len as u64).unwrap(), len) };
+        assert!(bytes.iter().all(|&b| b == 0), "nothing was written through the misaligned pointer");
     }
 
     #[test]
