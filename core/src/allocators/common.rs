@@ -95,7 +95,11 @@ pub(crate) unsafe fn write_header(
 /// Reads back the header [`write_header`] wrote, checking it (see [`CommonHeader::validate`]).
 pub(crate) fn read_header(region: &Region, header_len: u64, type_id: u32, id: AllocatorId) -> Result<FreeSpaceLayout> {
     let ptr = region.ptr(region.offset(), header_len)?.cast::<CommonHeader>();
-    // SAFETY: in bounds; plain integers, validated before use.
+    // As `write_header` requires: the region's offset may come from a corrupt directory entry.
+    if ptr.align_offset(64) != 0 {
+        return Err(Error::InvalidAlignment { align: 64 });
+    }
+    // SAFETY: in bounds and aligned (checked); plain integers, validated before use.
     let common = unsafe { &*ptr };
     common.validate(type_id, id, region, region.offset() + header_len)
 }
@@ -183,4 +187,25 @@ pub(crate) fn class_stats(live: &[u64; CLASS_COUNT], allocs: &[u64; CLASS_COUNT]
 /// Bytes live small blocks take, headers and rounding included.
 pub(crate) fn small_reserved(live: &[u64; CLASS_COUNT]) -> u64 {
     live.iter().zip(LAYOUTS.iter()).map(|(n, l)| n.wrapping_mul(l.stride)).fold(0u64, u64::wrapping_add)
+}
+
+#[cfg(all(test, feature = "std", not(loom)))]
+mod tests {
+    use super::*;
+    use crate::allocator::AllocatorType;
+    use crate::allocators::ScalablePageAllocator;
+    use crate::backend::BackendId;
+    use crate::header::HEADER_SIZE;
+    use crate::testing::HeapBackend;
+    use alloc::sync::Arc;
+
+    #[test]
+    fn attaching_at_a_misaligned_offset_is_refused_before_the_header_is_read() {
+        // `Region::new` takes any offset past the header (and a directory entry is read from
+        // shared memory); the span headers start with 8-byte fields.
+        let backend = Arc::new(HeapBackend::new(BackendId(1), 256 * 1024));
+        let region = Region::new(backend, HEADER_SIZE + 4, 128 * 1024).unwrap();
+        let attached = ScalablePageAllocator::attach(region, AllocatorId::new(1, 0));
+        assert!(matches!(attached, Err(Error::InvalidAlignment { .. })), "{:?}", attached.err());
+    }
 }
