@@ -109,12 +109,13 @@ impl FreeSpaceLayout {
 
     /// Checks a layout read back from a region against the region's bounds.
     pub(crate) fn validate(&self, region: &Region, header_end: u64) -> Result<()> {
-        let ok = self.table >= header_end
+        // The bounds first: once both ranges lie in the region, no sum here can overflow.
+        let ok = region.contains(self.table, self.units as u64 * 16)
+            && region.contains(self.arena, self.units as u64 * UNIT)
+            && self.table >= header_end
             && self.units >= 2
             && self.arena % UNIT == 0
-            && self.arena >= self.table + self.units as u64 * 16
-            && region.contains(self.table, self.units as u64 * 16)
-            && region.contains(self.arena, self.units as u64 * UNIT);
+            && self.arena >= self.table + self.units as u64 * 16;
         if !ok {
             return Err(corrupt(self.table, "free-space layout outside the region"));
         }
@@ -624,6 +625,17 @@ mod tests {
         // SAFETY: no one else uses it.
         unsafe { fs.init() };
         fs
+    }
+
+    #[test]
+    fn a_layout_read_back_with_offsets_near_the_top_is_refused() {
+        // The layout comes from a header another process wrote.
+        let backend = Arc::new(HeapBackend::new(BackendId(1), 64 * 1024));
+        let region = Region::whole(backend).unwrap();
+        for (table, arena) in [(u64::MAX - 15, 0), (u64::MAX - 15, u64::MAX - UNIT + 1), (HEADER_SIZE, !(UNIT - 1))] {
+            let layout = FreeSpaceLayout { table, arena, units: 2 };
+            assert!(matches!(layout.validate(&region, region.offset()), Err(Error::Corrupt { .. })), "{layout:?}");
+        }
     }
 
     #[test]
