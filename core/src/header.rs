@@ -16,7 +16,7 @@ use crate::backend::{BackendId, BackendKind};
 use crate::error::{Error, Result};
 use crate::ptr::AllocatorId;
 use crate::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use crate::sync::Mutex;
+use crate::sync::{Mutex, MutexGuard};
 
 /// Size of the header page; data starts here.
 pub const HEADER_SIZE: u64 = 4096;
@@ -197,9 +197,15 @@ impl RegionHeader {
         self.creator_pid
     }
 
+    /// Takes the directory's lock; one a dead process left is taken over (see [`repair_directory`]),
+    /// so that creating and attaching allocators never waits for ever.
+    fn lock_directory(&self) -> MutexGuard<'_, Directory> {
+        self.directory.lock_or_recover(repair_directory)
+    }
+
     /// Bytes of the data area not yet given to any allocator.
     pub fn unreserved(&self) -> u64 {
-        let dir = self.directory.lock();
+        let dir = self.lock_directory();
         self.total_size.saturating_sub(dir.next_free)
     }
 
@@ -208,7 +214,7 @@ impl RegionHeader {
     /// `size == 0` takes all the space that is left. Fails if `id` already has an entry, the
     /// directory is full, or the space is not there.
     pub fn reserve_allocator(&self, type_id: u32, id: AllocatorId, size: u64) -> Result<AllocatorEntry> {
-        let mut dir = self.directory.lock();
+        let mut dir = self.lock_directory();
         let count = (dir.count as usize).min(MAX_ALLOCATORS);
         if dir.entries[..count].iter().any(|e| e.state != ENTRY_EMPTY && e.id == id) {
             return Err(Error::AlreadyExists { what: "allocator", name: id_name(id) });
@@ -241,7 +247,7 @@ impl RegionHeader {
     }
 
     fn set_entry_state(&self, id: AllocatorId, state: u32) -> Result<()> {
-        let mut dir = self.directory.lock();
+        let mut dir = self.lock_directory();
         let count = (dir.count as usize).min(MAX_ALLOCATORS);
         let entry = dir.entries[..count]
             .iter_mut()
@@ -255,7 +261,7 @@ impl RegionHeader {
     ///
     /// Returns `Ok(None)` while the entry exists but its creator has not finished.
     pub fn find_allocator(&self, id: AllocatorId) -> Result<Option<AllocatorEntry>> {
-        let dir = self.directory.lock();
+        let dir = self.lock_directory();
         let count = (dir.count as usize).min(MAX_ALLOCATORS);
         let entry = *dir.entries[..count]
             .iter()
@@ -270,13 +276,25 @@ impl RegionHeader {
 
     /// The ready allocators in this region, in creation order.
     pub fn allocators(&self) -> impl Iterator<Item = AllocatorEntry> + '_ {
-        let dir = self.directory.lock();
+        let dir = self.lock_directory();
         let count = (dir.count as usize).min(MAX_ALLOCATORS);
         let list: [Option<AllocatorEntry>; MAX_ALLOCATORS] = core::array::from_fn(|i| {
             let e = dir.entries[i];
             (i < count && e.state == ENTRY_READY).then_some(e)
         });
         list.into_iter().flatten()
+    }
+}
+
+/// Makes a directory whose lock holder died consistent: [`RegionHeader::reserve_allocator`]
+/// may have counted its entry without moving `next_free` past it, which would hand that
+/// sub-region out a second time. (Its entry stays as it was: `creating` for good, as for any
+/// creator that dies before publishing.)
+fn repair_directory(dir: &mut Directory) {
+    let count = (dir.count as usize).min(MAX_ALLOCATORS);
+    dir.count = count as u32;
+    for e in &dir.entries[..count] {
+        dir.next_free = dir.next_free.max(e.offset.saturating_add(e.size));
     }
 }
 
@@ -343,6 +361,40 @@ mod tests {
         mem[0] = 0x1234;
         let h = unsafe { &*(mem.as_ptr() as *const RegionHeader) };
         assert_eq!(h.state(), HeaderState::BadMagic(0x1234));
+    }
+
+    #[test]
+    fn a_directory_lock_left_by_a_dead_process_is_taken_over() {
+        crate::testing::install_test_liveness();
+        let mem: &'static mut [u64] = region(64 * 1024).leak();
+        // SAFETY: as above; the memory is leaked, so it outlives the thread below.
+        let h = unsafe {
+            RegionHeader::initialize(mem.as_mut_ptr().cast(), 64 * 1024, BackendKind::Private, BackendId(1), 1)
+        }
+        .unwrap();
+        h.reserve_allocator(7, AllocatorId::new(1, 0), 1000).unwrap();
+        // A process died in `reserve_allocator`, holding the lock, after it counted its entry
+        // and before it moved `next_free` past it.
+        let dead =
+            AllocatorEntry { type_id: 7, state: ENTRY_CREATING, id: AllocatorId::new(1, 1), offset: 8192, size: 4000 };
+        {
+            let mut dir = h.directory.lock();
+            dir.entries[1] = dead;
+            dir.count = 2;
+            core::mem::forget(dir);
+        }
+        let owner = core::mem::offset_of!(RegionHeader, directory);
+        // SAFETY: the mutex's first field is its owner word (`#[repr(C)]`), an aligned AtomicU64.
+        unsafe { &*(mem.as_ptr().cast::<u8>().add(owner).cast::<AtomicU64>()) }
+            .store(crate::testing::dead_token(), Ordering::Release);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(h.reserve_allocator(7, AllocatorId::new(1, 2), 1000)));
+        let entry = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the directory lock of a dead process was never taken over")
+            .unwrap();
+        assert!(entry.offset >= dead.offset + dead.size, "{entry:?} overlaps the dead creator's {dead:?}");
+        assert_eq!(h.allocators().count(), 0);
     }
 
     #[test]
