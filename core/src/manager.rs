@@ -265,6 +265,21 @@ mod tests {
     }
 
     #[test]
+    fn an_address_maps_to_the_allocator_whose_region_holds_it_not_the_one_it_ends() {
+        let mm = MemoryManager::new();
+        let b = mm.add_backend(HeapBackend::new(BackendId(3), 1 << 20)).unwrap();
+        let (low, high) = (AllocatorId::new(3, 0), AllocatorId::new(3, 1));
+        let a0 = mm.create_allocator::<StackAllocator>(b.id(), low, 64 * 1024, &Default::default()).unwrap();
+        let a1 = mm.create_allocator::<StackAllocator>(b.id(), high, 0, &Default::default()).unwrap();
+        assert_eq!(a0.region().end(), a1.region().offset(), "the two regions touch");
+        let start_of_high = a1.region().ptr(a1.region().offset(), 1).unwrap();
+        assert_eq!(mm.to_shm(start_of_high).unwrap(), ShmPtr::new(high, OffsetPtr::new(a1.region().offset())));
+        assert_eq!(a0.region().offset_of(start_of_high), None, "one past the end is not in the region");
+        let end_of_high = a1.region().ptr(a1.region().end() - 1, 1).unwrap().wrapping_add(1);
+        assert!(matches!(mm.to_shm(end_of_high), Err(Error::NotFound { .. })));
+    }
+
+    #[test]
     fn several_allocators_share_one_backend_and_ids_are_unique() {
         let mm = MemoryManager::new();
         let b = mm.add_backend(HeapBackend::new(BackendId(2), 1 << 20)).unwrap();

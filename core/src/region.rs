@@ -85,11 +85,12 @@ impl Region {
         Ok(unsafe { self.backend.base().add(offset as usize) })
     }
 
-    /// The offset of a local address, if it lies in the region.
+    /// The offset of a local address, if it lies in the region (one past its end does not: that
+    /// is the next region's first byte).
     pub fn offset_of(&self, ptr: *const u8) -> Option<u64> {
         let base = self.backend.base() as usize;
         let offset = (ptr as usize).checked_sub(base)? as u64;
-        self.contains(offset, 0).then_some(offset)
+        self.contains(offset, 1).then_some(offset)
     }
 }
 
