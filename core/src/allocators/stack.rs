@@ -98,8 +98,20 @@ impl StackAllocator {
     }
 
     /// Frees every block at once: the allocator is as it was after creation.
+    ///
+    /// Each block's header is marked freed on the way, so that a pointer from before the reset is
+    /// refused, not taken for a live block once a new block covers its old header.
     pub fn reset(&self) {
         let mut s = self.lock();
+        let mut next = s.last;
+        while let Some(offset) = next.offset() {
+            let Ok((hp, h)) = self.block(&s, offset) else { break };
+            // SAFETY: `hp` is the header of a block on the stack (bounds checked by `block`),
+            // written under the mutex.
+            unsafe { (*hp).tag = TAG_FREED ^ offset };
+            // Blocks lie below one another; a link that does not go down is corrupt: stop there.
+            next = if h.prev.offset().is_some_and(|prev| prev < offset) { h.prev } else { OffsetPtr::NULL };
+        }
         s.top = s.data_start;
         s.last = OffsetPtr::NULL;
         s.total_frees += s.live;
@@ -459,6 +471,23 @@ mod tests {
         s.reset();
         assert_eq!(s.stats().bytes_reserved, 0);
         assert_eq!(s.stats().live_allocations, 0);
+        s.check().unwrap();
+    }
+
+    #[test]
+    fn a_block_freed_by_reset_cannot_be_freed_again() {
+        let s = stack(64 * 1024);
+        let start = s.stats().free_bytes();
+        let _a = s.allocate(100, 16).unwrap();
+        let b = s.allocate(100, 16).unwrap();
+        s.reset();
+        // A new block over the old ones; its owner has not written over b's old header yet.
+        let c = s.allocate(1000, 16).unwrap();
+        assert!(matches!(s.free(b), Err(Error::InvalidFree { .. })), "a stale pointer freed a block");
+        assert!(matches!(s.size_of(b), Err(Error::InvalidFree { .. })));
+        s.check().unwrap();
+        s.free(c).unwrap();
+        assert_eq!(s.stats().free_bytes(), start);
         s.check().unwrap();
     }
 
