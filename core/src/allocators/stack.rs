@@ -93,8 +93,23 @@ impl StackAllocator {
         unsafe { self.header.as_ref() }.state.lock()
     }
 
+    /// Takes the lock and checks the bump pointers, which another process may have written.
+    fn lock_checked(&self) -> Result<MutexGuard<'_, StackState>> {
+        let s = self.lock();
+        self.check_bounds(&s)?;
+        Ok(s)
+    }
+
+    /// `region start <= data_start <= top <= region end`.
+    fn check_bounds(&self, s: &StackState) -> Result<()> {
+        if s.data_start < self.region.offset() || s.data_start > s.top || s.top > self.region.end() {
+            return Err(corrupt(s.top, "stack header points outside its region"));
+        }
+        Ok(())
+    }
+
     fn capacity(&self, state: &StackState) -> u64 {
-        self.region.end() - state.data_start
+        self.region.end().saturating_sub(state.data_start)
     }
 
     /// Frees every block at once: the allocator is as it was after creation.
@@ -114,14 +129,14 @@ impl StackAllocator {
         }
         s.top = s.data_start;
         s.last = OffsetPtr::NULL;
-        s.total_frees += s.live;
+        s.total_frees = s.total_frees.wrapping_add(s.live);
         s.bytes_in_use = 0;
         s.live = 0;
     }
 
     /// Reads the header of the block whose user bytes start at `offset`, after bounds checks.
     fn block(&self, state: &StackState, offset: u64) -> Result<(*mut BlockHeader, BlockHeader)> {
-        if offset < state.data_start + BLOCK_HEADER || offset > state.top || offset % MIN_ALIGN != 0 {
+        if offset < state.data_start.saturating_add(BLOCK_HEADER) || offset > state.top || offset % MIN_ALIGN != 0 {
             return Err(Error::InvalidFree { offset, reason: "not an offset this allocator gave out" });
         }
         let ptr = self.region.ptr(offset - BLOCK_HEADER, BLOCK_HEADER)?.cast::<BlockHeader>();
@@ -154,6 +169,9 @@ impl StackAllocator {
             if h.tag != (TAG_FREED ^ offset) {
                 break;
             }
+            if h.start < state.data_start || h.start > offset - BLOCK_HEADER {
+                return Err(corrupt(offset, "block starts outside the stack"));
+            }
             state.top = h.start;
             state.last = h.prev;
         }
@@ -180,7 +198,7 @@ impl RegionAllocator for StackAllocator {
 
     fn allocate(&self, size: usize, align: usize) -> Result<OffsetPtr> {
         check_request(size, align)?;
-        let mut s = self.lock();
+        let mut s = self.lock_checked()?;
         let end = self.region.end();
         let user = align_up(s.top + BLOCK_HEADER, (align as u64).max(MIN_ALIGN));
         let block_end = user.and_then(|u| u.checked_add(size as u64));
@@ -195,16 +213,17 @@ impl RegionAllocator for StackAllocator {
         unsafe { hp.write(header) };
         s.top = block_end;
         s.last = OffsetPtr::new(user);
-        s.bytes_in_use += size as u64;
-        s.live += 1;
-        s.total_allocations += 1;
+        // Counters are only reported (another process may have written them): they wrap.
+        s.bytes_in_use = s.bytes_in_use.wrapping_add(size as u64);
+        s.live = s.live.wrapping_add(1);
+        s.total_allocations = s.total_allocations.wrapping_add(1);
         s.high_watermark = s.high_watermark.max(s.top - s.data_start);
         Ok(OffsetPtr::new(user))
     }
 
     fn reallocate(&self, ptr: OffsetPtr, new_size: usize, align: usize) -> Result<OffsetPtr> {
         check_request(new_size, align)?;
-        let mut s = self.lock();
+        let mut s = self.lock_checked()?;
         let (hp, h) = self.live_block(&s, ptr)?;
         let offset = ptr.get();
         let in_place = s.last == ptr
@@ -214,7 +233,7 @@ impl RegionAllocator for StackAllocator {
             // SAFETY: `hp` is this live block's header (validated above), written under the mutex.
             unsafe { (*hp).size = new_size as u64 };
             s.top = offset + new_size as u64;
-            s.bytes_in_use = s.bytes_in_use - h.size + new_size as u64;
+            s.bytes_in_use = s.bytes_in_use.wrapping_sub(h.size).wrapping_add(new_size as u64);
             s.high_watermark = s.high_watermark.max(s.top - s.data_start);
             return Ok(ptr);
         }
@@ -231,13 +250,13 @@ impl RegionAllocator for StackAllocator {
     }
 
     fn free(&self, ptr: OffsetPtr) -> Result<()> {
-        let mut s = self.lock();
+        let mut s = self.lock_checked()?;
         let (hp, h) = self.live_block(&s, ptr)?;
         // SAFETY: `hp` is this live block's header (validated above), written under the mutex.
         unsafe { (*hp).tag = TAG_FREED ^ ptr.get() };
-        s.bytes_in_use -= h.size;
-        s.live -= 1;
-        s.total_frees += 1;
+        s.bytes_in_use = s.bytes_in_use.wrapping_sub(h.size);
+        s.live = s.live.wrapping_sub(1);
+        s.total_frees = s.total_frees.wrapping_add(1);
         if s.last == ptr {
             self.pop_freed(&mut s)?;
         }
@@ -245,7 +264,7 @@ impl RegionAllocator for StackAllocator {
     }
 
     fn size_of(&self, ptr: OffsetPtr) -> Result<usize> {
-        let s = self.lock();
+        let s = self.lock_checked()?;
         self.live_block(&s, ptr).map(|(_, h)| h.size as usize)
     }
 
@@ -254,7 +273,7 @@ impl RegionAllocator for StackAllocator {
         AllocStats {
             capacity: self.capacity(&s),
             bytes_in_use: s.bytes_in_use,
-            bytes_reserved: s.top - s.data_start,
+            bytes_reserved: s.top.saturating_sub(s.data_start),
             high_watermark: s.high_watermark,
             live_allocations: s.live,
             total_allocations: s.total_allocations,
@@ -264,9 +283,7 @@ impl RegionAllocator for StackAllocator {
 
     fn check(&self) -> Result<()> {
         let s = self.lock();
-        if s.top < s.data_start || s.top > self.region.end() {
-            return Err(corrupt(s.top, "bump pointer outside the data area"));
-        }
+        self.check_bounds(&s)?;
         let (mut live, mut in_use, mut above) = (0u64, 0u64, s.top);
         let mut next = s.last;
         let mut first = true;
@@ -352,13 +369,7 @@ impl AllocatorType for StackAllocator {
             });
         }
         let allocator = StackAllocator::new(region, id)?;
-        {
-            let s = allocator.lock();
-            let data_ok = s.data_start >= allocator.region.offset() && s.data_start <= allocator.region.end();
-            if !data_ok || s.top < s.data_start || s.top > allocator.region.end() {
-                return Err(corrupt(s.top, "stack header points outside its region"));
-            }
-        }
+        allocator.lock_checked()?;
         Ok(allocator)
     }
 }
@@ -489,6 +500,55 @@ mod tests {
         s.free(c).unwrap();
         assert_eq!(s.stats().free_bytes(), start);
         s.check().unwrap();
+    }
+
+    #[test]
+    fn a_state_another_process_broke_gives_errors_not_panics() {
+        let s = stack(64 * 1024);
+        let a = s.allocate(64, 16).unwrap();
+        let (data_start, top) = {
+            let st = s.lock();
+            (st.data_start, st.top)
+        };
+        // The state lives in shared memory: a peer (buggy or hostile) may write anything there.
+        for (bad_start, bad_top) in
+            [(data_start, u64::MAX - 8), (u64::MAX - 8, top), (u64::MAX, u64::MAX), (top + 64, top)]
+        {
+            {
+                let mut st = s.lock();
+                st.data_start = bad_start;
+                st.top = bad_top;
+            }
+            assert!(matches!(s.allocate(16, 16), Err(Error::Corrupt { .. })));
+            assert!(matches!(s.free(a), Err(Error::Corrupt { .. })));
+            assert!(matches!(s.reallocate(a, 128, 16), Err(Error::Corrupt { .. })));
+            assert!(matches!(s.size_of(a), Err(Error::Corrupt { .. })));
+            assert!(s.check().is_err());
+            let _ = s.stats();
+            s.reset();
+            let mut st = s.lock();
+            st.data_start = data_start;
+            st.top = top;
+        }
+        // Counters that disagree with the blocks are reported by `check`, and never overflow.
+        {
+            let mut st = s.lock();
+            (st.live, st.bytes_in_use, st.total_allocations, st.total_frees) = (0, 0, u64::MAX, u64::MAX);
+        }
+        let b = s.allocate(64, 16).unwrap();
+        s.free(b).unwrap();
+        assert!(matches!(s.check(), Err(Error::Corrupt { .. })));
+        // A freed block whose header's `start` was overwritten (a neighbour's write overran) is
+        // not popped: the bump pointer stays in the region.
+        let c = s.allocate(64, 16).unwrap();
+        let d = s.allocate(64, 16).unwrap();
+        s.free(c).unwrap();
+        let hp = s.region.ptr(c.get() - BLOCK_HEADER, BLOCK_HEADER).unwrap().cast::<BlockHeader>();
+        // SAFETY: c's header, in bounds and aligned; no other thread uses the allocator.
+        unsafe { (*hp).start = u64::MAX };
+        assert!(matches!(s.free(d), Err(Error::Corrupt { .. })));
+        s.check_bounds(&s.lock()).unwrap();
+        let _ = s.stats();
     }
 
     #[derive(Debug, Clone)]
