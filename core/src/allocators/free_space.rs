@@ -288,7 +288,9 @@ impl FreeSpaceGuard<'_> {
 
     fn link(&mut self, head: u32, len: u32) {
         let bin = bin_of(len);
-        let first = self.st.bins[bin];
+        // The bins are in shared memory: a head that is no unit is dropped (`check` reports the
+        // runs lost with it; a recovery's `rebuild` finds them again).
+        let first = Some(self.st.bins[bin]).filter(|&f| f < self.units()).unwrap_or(NONE);
         let mut d = self.desc(head);
         d.tag = NONE;
         d.aux = first;
@@ -373,8 +375,9 @@ impl FreeSpaceGuard<'_> {
             self.write_free(head + len, have - len);
         }
         self.write_used(head, len, tag, aux);
-        self.st.free_units -= len as u64;
-        let used = self.units() as u64 - self.st.free_units;
+        // The counters are only reported and checked (another process may have written them).
+        self.st.free_units = self.st.free_units.wrapping_sub(len as u64);
+        let used = (self.units() as u64).saturating_sub(self.st.free_units);
         self.st.peak_used_units = self.st.peak_used_units.max(used);
         Some(head)
     }
@@ -414,7 +417,7 @@ impl FreeSpaceGuard<'_> {
                 len += p.len;
             }
         }
-        self.st.free_units += d.len as u64;
+        self.st.free_units = self.st.free_units.wrapping_add(d.len as u64);
         self.write_free(start, len);
         if start != head && head != start + len - 1 {
             // After the merged run is committed: the old start is no longer a run start, so
@@ -457,8 +460,8 @@ impl FreeSpaceGuard<'_> {
             self.write_free(next + extra, n.len - extra);
         }
         self.write_used(head, len, d.tag, d.aux);
-        self.st.free_units -= extra as u64;
-        let used = self.units() as u64 - self.st.free_units;
+        self.st.free_units = self.st.free_units.wrapping_sub(extra as u64);
+        let used = (self.units() as u64).saturating_sub(self.st.free_units);
         self.st.peak_used_units = self.st.peak_used_units.max(used);
         Ok(true)
     }
@@ -671,6 +674,23 @@ mod tests {
         assert!(g.free(b).is_err(), "double free is refused");
         assert_eq!(g.alloc(units + 1, 1, 0), None);
         assert_eq!(g.alloc(units, 1, 0), Some(0));
+    }
+
+    #[test]
+    fn state_another_process_broke_is_reported_by_check_not_a_panic() {
+        let fs = manager(32);
+        let mut g = fs.lock();
+        let runs: Vec<_> = (0..4).map(|_| g.alloc(3, 1, 0).unwrap()).collect();
+        // The bins and counters live in shared memory: a peer may have written anything there.
+        g.st.bins[bin_of(3)] = 1000;
+        g.st.free_units = 0;
+        g.free(runs[1]).unwrap();
+        assert!(g.alloc(2, 1, 0).is_some());
+        g.st.free_units = u64::MAX;
+        assert!(g.alloc(1, 1, 0).is_some());
+        assert!(g.check().is_err());
+        g.rebuild().unwrap();
+        g.check().unwrap();
     }
 
     #[test]
