@@ -65,16 +65,18 @@ pub fn nvrtc_available() -> Result<()> {
 
 fn find_nvrtc() -> Result<()> {
     if let Some(path) = std::env::var_os(NVRTC_ENV) {
-        return driver::preload(&path)
-            .ok_or(Error::Unsupported("HETMEM_NVRTC names an NVRTC library that could not be loaded"));
+        driver::preload(&path)
+            .ok_or(Error::Unsupported("HETMEM_NVRTC names an NVRTC library that could not be loaded"))?;
+        return cudarc_finds_nvrtc()
+            .ok_or(Error::Unsupported("HETMEM_NVRTC names a library that is not NVRTC 12 or 13"));
     }
-    if SONAMES.iter().any(|name| driver::preload(name.as_ref()).is_some()) {
+    if SONAMES.iter().any(|name| driver::preload(name.as_ref()).is_some()) && cudarc_finds_nvrtc().is_some() {
         return Ok(());
     }
     for dir in toolkit_lib_dirs() {
         for name in SONAMES {
             let path = dir.join(name);
-            if path.exists() && driver::preload(path.as_os_str()).is_some() {
+            if path.exists() && driver::preload(path.as_os_str()).is_some() && cudarc_finds_nvrtc().is_some() {
                 return Ok(());
             }
         }
@@ -83,6 +85,33 @@ fn find_nvrtc() -> Result<()> {
         "NVRTC (libnvrtc.so.12 or .13) was not found: install the CUDA toolkit or the \
          nvidia-cuda-nvrtc wheel, or set HETMEM_NVRTC to the library's path",
     ))
+}
+
+/// Every NVRTC function cudarc's `compile_ptx_with_opts` calls.
+const REQUIRED_SYMBOLS: &[&str] = &[
+    "nvrtcCreateProgram",
+    "nvrtcCompileProgram",
+    "nvrtcGetProgramLogSize",
+    "nvrtcGetProgramLog",
+    "nvrtcGetPTXSize",
+    "nvrtcGetPTX",
+    "nvrtcDestroyProgram",
+];
+
+/// Whether cudarc's own lookup (by soname) now finds an NVRTC with every function it will call:
+/// it panics where it does not, and a library that loads is not necessarily NVRTC.
+fn cudarc_finds_nvrtc() -> Option<()> {
+    // SAFETY: loading a shared library runs its initialisers; these are the names cudarc loads.
+    if !unsafe { nvrtc::sys::is_culib_present() } {
+        return None;
+    }
+    // SAFETY: `is_culib_present` said a library loads, so `culib` does not panic.
+    let lib = unsafe { nvrtc::sys::culib() };
+    // SAFETY: the symbols are only looked up, never called through this type.
+    REQUIRED_SYMBOLS
+        .iter()
+        .all(|name| unsafe { lib.get::<unsafe extern "C" fn()>(name.as_bytes()) }.is_ok())
+        .then_some(())
 }
 
 fn toolkit_lib_dirs() -> Vec<PathBuf> {
