@@ -27,6 +27,9 @@ use crate::pinned::impl_shm_device_backend;
 
 const RECORD_MAGIC: u64 = u64::from_le_bytes(*b"HMCUIPC1");
 const STATE_READY: u32 = 0x1BC0_0001;
+/// `attached` once the creator has claimed the memory to free it: no attacher may count itself in
+/// (and open the memory) any more.
+const CLOSED: u32 = u32::MAX;
 
 /// What an attacher needs to open the creator's allocation. Lives at offset [`HEADER_SIZE`] of the
 /// segment; written by the creator before it sets `state` to ready (release), read after (acquire).
@@ -34,7 +37,8 @@ const STATE_READY: u32 = 0x1BC0_0001;
 struct IpcRecord {
     magic: u64,
     state: AtomicU32,
-    /// Processes that have the allocation open, besides the creator.
+    /// Processes that have the allocation open or are opening it, besides the creator; [`CLOSED`]
+    /// once the creator frees it.
     attached: AtomicU32,
     creator_pid: u32,
     _pad: u32,
@@ -45,6 +49,34 @@ struct IpcRecord {
 }
 
 const _: () = assert!(size_of::<IpcRecord>() as u64 <= HEADER_SIZE);
+
+/// Who has the allocation open, besides its creator. An attacher counts itself in before it
+/// opens the memory (and out if the open fails, or when it closes it); the creator frees the
+/// memory only if it finds nobody counted, and marks it closed in the same step, so it never
+/// frees memory that an attacher is opening or has open.
+impl IpcRecord {
+    /// Counts one more attacher; `false` once the creator has closed the allocation.
+    fn count_in(&self) -> bool {
+        self.attached.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < CLOSED - 1).then(|| n + 1)).is_ok()
+    }
+
+    fn count_out(&self) {
+        self.attached.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Closes the allocation for good if no attacher is counted: the creator may free it.
+    fn close(&self) -> bool {
+        self.attached.compare_exchange(0, CLOSED, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
+    /// Attachers counted now (0 once closed).
+    fn attachers(&self) -> u32 {
+        match self.attached.load(Ordering::Acquire) {
+            CLOSED => 0,
+            n => n,
+        }
+    }
+}
 
 /// Options for [`CudaIpcBackend`].
 #[derive(Clone, Debug, Default)]
@@ -108,21 +140,31 @@ impl CudaIpcBackend {
     pub fn attach(name: &str, options: &CudaIpcOptions) -> Result<Self> {
         driver::driver()?;
         let shm = PosixShmBackend::attach_kind(name, &options.shm, BackendKind::Device)?;
-        let (creator_pid, uuid, handle) = {
-            let record = wait_for_record(&shm, options.shm.attach_timeout)?;
-            (record.creator_pid, record.device_uuid, record.handle)
-        };
-        if creator_pid == std::process::id() {
+        let record = wait_for_record(&shm, options.shm.attach_timeout)?;
+        if record.creator_pid == std::process::id() {
             return Err(Error::Unsupported(
                 "a CUDA IPC handle cannot be opened in the process that exported it: use the creator's backend",
             ));
         }
-        let ctx = driver::context(device_with_uuid(&uuid)?)?;
-        driver::bind(&ctx)?;
-        let device_ptr = driver::ipc_open(&handle)?;
-        let backend = CudaIpcBackend { shm, ctx, device_ptr }; // from here, Drop closes the handle
-        backend.record().attached.fetch_add(1, Ordering::AcqRel);
-        Ok(backend)
+        // Counted before the handle is opened (see `IpcRecord::count_in`).
+        if !record.count_in() {
+            return Err(Error::NotFound {
+                what: "CUDA IPC allocation (its creator freed it)",
+                name: ShortStr::new(name),
+            });
+        }
+        let opened = device_with_uuid(&record.device_uuid).and_then(driver::context).and_then(|ctx| {
+            driver::bind(&ctx)?;
+            Ok((ctx, driver::ipc_open(&record.handle)?))
+        });
+        match opened {
+            // From here, Drop closes the handle and uncounts this process.
+            Ok((ctx, device_ptr)) => Ok(CudaIpcBackend { shm, ctx, device_ptr }),
+            Err(e) => {
+                record.count_out();
+                Err(e)
+            }
+        }
     }
 
     /// The context the memory is used in by this process.
@@ -132,7 +174,7 @@ impl CudaIpcBackend {
 
     /// How many other processes have the memory open now.
     pub fn attached(&self) -> u32 {
-        self.record().attached.load(Ordering::Acquire)
+        self.record().attachers()
     }
 
     /// A view of `len` elements of `T` at `offset` (past the header page), for cudarc copies and
@@ -205,12 +247,46 @@ impl Drop for CudaIpcBackend {
         if !self.shm.is_creator() {
             // SAFETY: opened in `attach`, and the owner is done with it.
             let _ = unsafe { driver::ipc_close(self.device_ptr) };
-            self.record().attached.fetch_sub(1, Ordering::AcqRel);
-        } else if self.record().attached.load(Ordering::Acquire) == 0 {
-            // SAFETY: allocated in `create`; no other process has it open, and the owner is done.
+            self.record().count_out();
+        } else if self.record().close() {
+            // SAFETY: allocated in `create`; no other process has it open or is opening it (and
+            // none can start now that it is closed), and the owner is done.
             let _ = unsafe { driver::mem_free(self.device_ptr) };
         }
         // Otherwise other processes still use it: leave it allocated (the driver frees it when
         // this process exits) rather than pull it from under them.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> IpcRecord {
+        IpcRecord {
+            magic: RECORD_MAGIC,
+            state: AtomicU32::new(STATE_READY),
+            attached: AtomicU32::new(0),
+            creator_pid: 1,
+            _pad: 0,
+            len: 0,
+            device_uuid: [0; 16],
+            handle: [0; IPC_HANDLE_LEN],
+        }
+    }
+
+    #[test]
+    fn the_creator_frees_only_memory_no_attacher_counts_and_none_counts_in_after() {
+        let r = record();
+        // An attacher opening the memory (counted before its open) keeps the creator from freeing it.
+        assert!(r.count_in());
+        assert!(!r.close(), "freed under an attacher");
+        assert_eq!(r.attachers(), 1);
+        r.count_out();
+        assert!(r.close());
+        assert_eq!(r.attachers(), 0);
+        // Once the creator has freed it, no attacher may open it.
+        assert!(!r.count_in(), "counted in after the free");
+        assert!(!r.close(), "freed twice");
     }
 }
