@@ -13,7 +13,9 @@ pub const SMALL_MAX: usize = 16 * 1024;
 /// How many size classes there are.
 pub const CLASS_COUNT: usize = 4 + 4 * 8;
 
-/// The block size of class `class` (user bytes, without the block header).
+/// The block size of class `class` (user bytes, without the block header). Classes from
+/// [`CLASS_COUNT`] on continue the series past [`SMALL_MAX`] (no allocator serves them); where
+/// it would overflow, the size is `usize::MAX`.
 #[inline]
 pub const fn class_size(class: usize) -> usize {
     if class < 4 {
@@ -21,6 +23,10 @@ pub const fn class_size(class: usize) -> usize {
     } else {
         let k = (class - 4) / 4; // doubling: 64 << k
         let j = (class - 4) % 4 + 1; // quarter steps
+                                     // The largest size of doubling `k` is 128 << k.
+        if k > usize::BITS as usize - 8 {
+            return usize::MAX;
+        }
         (64 << k) + j * (16 << k)
     }
 }
@@ -45,6 +51,15 @@ pub fn class_of(size: usize) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn classes_past_the_last_continue_the_series_without_overflow() {
+        let top = 4 + 4 * (usize::BITS as usize - 8);
+        assert_eq!(class_size(top + 3), 1 << (usize::BITS - 1));
+        assert_eq!(class_size(top + 4), usize::MAX);
+        assert_eq!(class_size(usize::MAX), usize::MAX);
+        assert_eq!(class_size(CLASS_COUNT), SMALL_MAX + SMALL_MAX / 4);
+    }
 
     #[test]
     fn classes_increase_and_end_at_small_max() {
