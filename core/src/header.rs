@@ -107,7 +107,7 @@ impl RegionHeader {
             });
         }
         if base.align_offset(8) != 0 {
-            return Err(Error::InvalidAlignment { align: base as u64 & 7 });
+            return Err(Error::InvalidAlignment { align: 8 });
         }
         let header = base.cast::<RegionHeader>();
         // SAFETY: the caller gives us `total_size` > HEADER_SIZE >= size_of::<RegionHeader>()
