@@ -1,4 +1,5 @@
 use core::cell::UnsafeCell;
+use core::marker::PhantomData;
 use core::ops::{Deref, DerefMut};
 
 use super::atomic::{AtomicU64, Ordering};
@@ -60,7 +61,7 @@ impl<T> Mutex<T> {
         self.owner
             .compare_exchange(FREE, me, Ordering::Acquire, Ordering::Relaxed)
             .ok()
-            .map(|_| MutexGuard { mutex: self })
+            .map(|_| MutexGuard { mutex: self, _access: PhantomData })
     }
 
     /// The owner token of the holder, or `None` when free.
@@ -83,7 +84,7 @@ impl<T> Mutex<T> {
         self.owner
             .compare_exchange(dead_owner, owner_token(), Ordering::Acquire, Ordering::Relaxed)
             .ok()
-            .map(|_| MutexGuard { mutex: self })
+            .map(|_| MutexGuard { mutex: self, _access: PhantomData })
     }
 
     /// Takes the mutex, waiting while a live process holds it; a holder found dead (through the
@@ -119,8 +120,13 @@ impl<T> Mutex<T> {
 }
 
 /// Access to a [`Mutex`]'s value; the mutex is released on drop.
+///
+/// `Sync` only when `T` is: a shared guard hands out `&T` to every thread that holds it.
 pub struct MutexGuard<'a, T> {
     mutex: &'a Mutex<T>,
+    /// What the guard gives, for its auto traits: `&Mutex<T>` alone would make it `Sync` for
+    /// any `T: Send`, a `Cell` say.
+    _access: PhantomData<&'a mut T>,
 }
 
 impl<T> Deref for MutexGuard<'_, T> {
@@ -149,6 +155,22 @@ mod tests {
     use super::*;
     use crate::sync::owner_pid;
     use std::sync::Arc;
+
+    /// Compiles only for a `T` that is not `Sync`: the path names one impl exactly when the
+    /// `Sync` one does not apply.
+    trait NotSync<A> {
+        const CHECKED: () = ();
+    }
+    impl<T: ?Sized> NotSync<()> for T {}
+    impl<T: ?Sized + Sync> NotSync<u8> for T {}
+
+    #[test]
+    fn a_guard_is_shared_between_threads_only_if_its_value_may_be() {
+        // Through a shared guard, two threads would reach a `Cell` at once.
+        let () = <MutexGuard<'static, core::cell::Cell<u32>> as NotSync<_>>::CHECKED;
+        fn sync<T: Sync>() {}
+        sync::<MutexGuard<'static, u32>>();
+    }
 
     #[test]
     fn excludes_other_threads_and_records_owner() {

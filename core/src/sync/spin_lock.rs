@@ -1,4 +1,5 @@
 use core::cell::UnsafeCell;
+use core::marker::PhantomData;
 use core::ops::{Deref, DerefMut};
 
 use super::atomic::{AtomicU32, Ordering};
@@ -57,7 +58,7 @@ impl<T> SpinLock<T> {
         self.state
             .compare_exchange(UNLOCKED, LOCKED, Ordering::Acquire, Ordering::Relaxed)
             .ok()
-            .map(|_| SpinLockGuard { lock: self })
+            .map(|_| SpinLockGuard { lock: self, _access: PhantomData })
     }
 
     /// Takes the lock and keeps it past this call, for fork handlers; [`force_unlock`] gives it
@@ -102,8 +103,13 @@ impl<T> SpinLock<T> {
 }
 
 /// Access to a [`SpinLock`]'s value; the lock is released on drop.
+///
+/// `Sync` only when `T` is: a shared guard hands out `&T` to every thread that holds it.
 pub struct SpinLockGuard<'a, T> {
     lock: &'a SpinLock<T>,
+    /// What the guard gives, for its auto traits: `&SpinLock<T>` alone would make it `Sync`
+    /// for any `T: Send`, a `Cell` say.
+    _access: PhantomData<&'a mut T>,
 }
 
 impl<T> Deref for SpinLockGuard<'_, T> {
@@ -132,6 +138,20 @@ impl<T> Drop for SpinLockGuard<'_, T> {
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    /// Compiles only for a `T` that is not `Sync` (see the mutex's test).
+    trait NotSync<A> {
+        const CHECKED: () = ();
+    }
+    impl<T: ?Sized> NotSync<()> for T {}
+    impl<T: ?Sized + Sync> NotSync<u8> for T {}
+
+    #[test]
+    fn a_guard_is_shared_between_threads_only_if_its_value_may_be() {
+        let () = <SpinLockGuard<'static, core::cell::Cell<u32>> as NotSync<_>>::CHECKED;
+        fn sync<T: Sync>() {}
+        sync::<SpinLockGuard<'static, u32>>();
+    }
 
     #[test]
     fn excludes_other_threads() {
