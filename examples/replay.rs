@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use hetmem::pool::render::Bytes;
-use hetmem::pool::trace::{parse_jsonl, to_jsonl, Replay, TracedPool};
+use hetmem::pool::trace::{parse_jsonl_bytes, to_jsonl, Replay, TracedPool};
 use hetmem::pool::{
     BlocksReleasable, CoalesceHeuristic, FixedPool, FixedPoolConfig, HostResource, NeverCoalesce, PercentReleasable,
     Pool, QuickPool, QuickPoolConfig,
@@ -93,9 +93,10 @@ fn main() -> Result<()> {
         return Ok(());
     }
     let path = args.first().map_or_else(|| PathBuf::from(SAMPLE), PathBuf::from);
-    let text = std::fs::read_to_string(&path)
+    // Bytes, not a string: a line that is not UTF-8 is the trace's error, which names the line.
+    let bytes = std::fs::read(&path)
         .map_err(|e| hetmem::Error::Os { call: "read trace", errno: e.raw_os_error().unwrap_or(0) })?;
-    let replay = Replay::new(&parse_jsonl(&text)?)?;
+    let replay = Replay::new(&parse_jsonl_bytes(&bytes)?)?;
     println!("{}: {} events, largest request {}", path.display(), replay.len(), Bytes(replay.max_size()));
     println!(
         "{:<24} {:>10} {:>9} {:>14} {:>14} {:>14} {:>7}",

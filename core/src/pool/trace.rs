@@ -94,11 +94,24 @@ pub fn to_jsonl(events: &[TraceEvent]) -> String {
 
 /// Parses JSON lines (blank lines are skipped).
 pub fn parse_jsonl(text: &str) -> Result<Vec<TraceEvent>> {
-    text.lines()
-        .enumerate()
-        .filter(|(_, line)| !line.trim().is_empty())
-        .map(|(n, line)| TraceEvent::parse_json(line, n + 1))
-        .collect()
+    parse_jsonl_bytes(text.as_bytes())
+}
+
+/// Parses JSON lines as read from a file, which may hold anything: a line that is not UTF-8 is
+/// an error that names it, as is any other bad line (blank lines are skipped).
+pub fn parse_jsonl_bytes(bytes: &[u8]) -> Result<Vec<TraceEvent>> {
+    let mut events = Vec::new();
+    for (n, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        let line = core::str::from_utf8(line).map_err(|_| Error::Corrupt {
+            structure: "trace line",
+            offset: n as u64 + 1,
+            detail: "not UTF-8",
+        })?;
+        if !line.trim().is_empty() {
+            events.push(TraceEvent::parse_json(line, n + 1)?);
+        }
+    }
+    Ok(events)
 }
 
 /// A pool that records every successful allocation and free as a [`TraceEvent`].
@@ -307,6 +320,12 @@ mod tests {
         assert!(parse_jsonl("{\"op\":\"alloc\",\"id\":1}").is_err());
         assert!(parse_jsonl("{\"op\":\"alloc\",\"id\":-1,\"size\":3}").is_err());
         assert!(parse_jsonl("[1,2]").is_err());
+        let not_utf8 = b"{\"op\":\"free\",\"id\":1}\r\n\n{\"op\":\"free\",\"id\":\xff}\n";
+        assert_eq!(
+            parse_jsonl_bytes(not_utf8).unwrap_err(),
+            Error::Corrupt { structure: "trace line", offset: 3, detail: "not UTF-8" }
+        );
+        assert_eq!(parse_jsonl_bytes(&not_utf8[..23]).unwrap(), [TraceEvent::Deallocate { id: 1 }]);
         let free_unknown = [TraceEvent::Deallocate { id: 9 }];
         assert!(matches!(Replay::new(&free_unknown), Err(Error::Corrupt { offset: 1, .. })));
     }
