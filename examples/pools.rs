@@ -183,16 +183,58 @@ fn phases(peer: &mut impl Peer) -> f64 {
     start.elapsed().as_nanos() as f64 / pairs as f64
 }
 
+/// The command line: `--csv`, `--only P4` (one workload), `--pools quick,fixed` (only these
+/// peers, for profiling), `--rounds N`.
+struct Args {
+    csv: bool,
+    only: Option<String>,
+    pools: Option<String>,
+    rounds: usize,
+}
+
+const WORKLOADS: [&str; 5] = ["P1", "P2", "P3", "P4", "P5"];
+const PEERS: [&str; 4] = ["system", "naive", "quick", "fixed"];
+
+/// Parses the command line; anything it does not know is an error, so that a typo does not
+/// quietly run something else (or nothing).
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
+    let mut parsed = Args { csv: false, only: None, pools: None, rounds: 3 };
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().ok_or(format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--csv" => parsed.csv = true,
+            "--only" => {
+                let w = value()?;
+                if !WORKLOADS.contains(&w.as_str()) {
+                    return Err(format!("--only {w}: not one of {}", WORKLOADS.join(", ")));
+                }
+                parsed.only = Some(w);
+            }
+            "--pools" => {
+                let list = value()?;
+                if let Some(bad) = list.split(',').find(|p| !PEERS.contains(p)) {
+                    return Err(format!("--pools: {bad:?} is not one of {}", PEERS.join(", ")));
+                }
+                parsed.pools = Some(list);
+            }
+            "--rounds" => {
+                let n = value()?;
+                parsed.rounds =
+                    n.parse().ok().filter(|&r| r > 0).ok_or(format!("--rounds {n}: not a positive integer"))?;
+            }
+            _ => return Err(format!("unknown argument {arg:?}")),
+        }
+    }
+    Ok(parsed)
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let csv = args.iter().any(|a| a == "--csv");
-    let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
-    // `--only P4`: run one workload; `--pools quick,fixed`: run only these peers (for profiling).
-    let only = value("--only");
-    let pools = value("--pools");
+    let Args { csv, only, pools, rounds } = parse_args(std::env::args().skip(1)).unwrap_or_else(|e| {
+        eprintln!("pools: {e}\nusage: pools [--csv] [--only P1..P5] [--pools system,naive,quick,fixed] [--rounds N]");
+        std::process::exit(2);
+    });
     let wanted = |w: &str| only.as_deref().is_none_or(|o| o == w);
     let runs = |p: &str| pools.as_deref().is_none_or(|list| list.split(',').any(|name| name == p));
-    let rounds: usize = value("--rounds").and_then(|r| r.parse().ok()).unwrap_or(3).max(1);
     let mut rows = Vec::new();
 
     for (workload, size, n) in [("P1", 256usize, 2_000_000usize), ("P2", 4 << 10, 2_000_000), ("P3", 1 << 20, 200_000)]
