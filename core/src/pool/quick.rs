@@ -219,7 +219,9 @@ impl<R: MemoryResource> QuickPool<R> {
     /// Hands back every wholly free upstream block and takes one block so that the pool's actual
     /// size becomes `target` (never less than what is still in use, never more than the maximum
     /// size). Does nothing when no upstream block is wholly free, or when one already is and has
-    /// exactly the size the refill would take. On an upstream error the pool keeps what it has.
+    /// exactly the size the refill would take. The free blocks go back before the refill is
+    /// taken, so that the pool never holds both: should upstream refuse the refill, its error is
+    /// returned and the pool is left smaller (what is in use, and nothing free), but consistent.
     pub fn coalesce_to(&mut self, target: usize) -> Result<()> {
         let c = *self.arena.counters();
         if c.releasable_blocks == 0 {

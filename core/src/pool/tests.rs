@@ -443,6 +443,24 @@ fn upstream_failure_releases_free_blocks_and_retries_once() {
 }
 
 #[test]
+fn a_coalesce_upstream_refuses_leaves_the_pool_smaller_and_consistent() {
+    let upstream = LimitedResource::new(HostResource, 1 << 20);
+    let mut pool = QuickPool::with_config(&upstream, small_config()).unwrap().with_heuristic(NeverCoalesce);
+    let ptrs: Vec<_> = (0..3).map(|_| pool.allocate(4096, 16).unwrap()).collect();
+    pool.deallocate(ptrs[0]).unwrap();
+    pool.deallocate(ptrs[1]).unwrap();
+    upstream.refuse_next(1);
+    assert!(matches!(pool.coalesce(), Err(Error::OutOfMemory { .. })));
+    // The free blocks went back before the refill was refused: only the used one is left.
+    let s = pool.stats();
+    assert_eq!((s.actual_size, s.upstream_blocks, s.upstream_failures, s.coalesce_count), (4096, 1, 1, 1));
+    assert_eq!(upstream.held(), 4096);
+    pool.check().unwrap();
+    pool.deallocate(ptrs[2]).unwrap();
+    pool.check().unwrap();
+}
+
+#[test]
 fn zero_sizes_and_bad_requests_are_errors_that_change_nothing() {
     let upstream = LimitedResource::new(HostResource, 1 << 30);
     let mut quick = QuickPool::new(&upstream);
