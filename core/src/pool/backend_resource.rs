@@ -103,7 +103,7 @@ impl BackendResource {
             region_len: total,
         })?;
         if chunk.as_ptr() as usize % GRANULE != 0 {
-            return Err(Error::InvalidAlignment { align: chunk.as_ptr() as u64 % GRANULE as u64 });
+            return Err(Error::InvalidAlignment { align: GRANULE as u64 });
         }
         if backend.kind() != BackendKind::Private {
             crate::fork::watch()?;
@@ -228,6 +228,41 @@ mod tests {
             Err(Error::AlreadyExists { .. })
         ));
         assert!(matches!(BackendResource::with_range(Arc::clone(&b), 0, 4096), Err(Error::OutOfBounds { .. })));
+    }
+
+    /// `HeapBackend`'s region seen as device memory at a device address 32 bytes off a 64-byte
+    /// boundary.
+    struct OddDevice(HeapBackend);
+
+    impl MemoryBackend for OddDevice {
+        fn kind(&self) -> BackendKind {
+            self.0.kind()
+        }
+        fn base(&self) -> *mut u8 {
+            self.0.base()
+        }
+        fn len(&self) -> u64 {
+            self.0.len()
+        }
+        fn header(&self) -> &crate::header::RegionHeader {
+            self.0.header()
+        }
+        fn is_creator(&self) -> bool {
+            true
+        }
+        fn host_accessible(&self) -> bool {
+            false
+        }
+        fn device_ptr(&self) -> Option<u64> {
+            Some(0x7e00_0000_0020)
+        }
+    }
+
+    #[test]
+    fn a_misaligned_base_is_refused_with_the_alignment_it_needs() {
+        let odd = Arc::new(OddDevice(HeapBackend::new(BackendId(4), 1 << 20)));
+        let err = BackendResource::new(odd).err();
+        assert_eq!(err, Some(Error::InvalidAlignment { align: GRANULE as u64 }));
     }
 
     #[test]
