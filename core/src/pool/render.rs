@@ -41,6 +41,20 @@ fn summary(name: &str, s: &PoolStats) -> String {
     )
 }
 
+/// `text` with the characters that XML reads as markup written as entities (a pool names itself).
+fn escaped(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// A summary line, then one line per block: upstream block, its address, the block's offset in
 /// it, size, and state.
 pub fn text_map(pool: &(impl Pool + ?Sized)) -> String {
@@ -72,7 +86,7 @@ pub fn svg(pool: &(impl Pool + ?Sized)) -> String {
     );
     out.push_str("<style>.used{fill:#d9534f}.free{fill:#5cb85c}rect{stroke:#fff;stroke-width:0.5}");
     out.push_str("text{font:12px monospace;fill:#222}</style>\n");
-    let _ = writeln!(out, r#"<text x="10" y="16">{}</text>"#, summary(pool.name(), &stats));
+    let _ = writeln!(out, r#"<text x="10" y="16">{}</text>"#, escaped(&summary(pool.name(), &stats)));
     let mut last_chunk = usize::MAX;
     pool.for_each_block(&mut |b| {
         let y = TOP + b.chunk * ROW;
@@ -130,6 +144,48 @@ mod tests {
         assert_eq!(alloc::format!("{}", Bytes(512)), "512 B");
         assert_eq!(alloc::format!("{}", Bytes(1536)), "1.5 KiB");
         assert_eq!(alloc::format!("{}", Bytes(3 << 30)), "3.0 GiB");
+    }
+
+    /// A pool whose name is markup, as a user's pool may name itself.
+    struct Named(QuickPool<HostResource>);
+
+    impl Pool for Named {
+        fn name(&self) -> &str {
+            "<quick & co>"
+        }
+        fn memory_kind(&self) -> crate::resource::MemoryKind {
+            self.0.memory_kind()
+        }
+        fn allocate(&mut self, size: usize, align: usize) -> crate::Result<core::ptr::NonNull<u8>> {
+            self.0.allocate(size, align)
+        }
+        fn deallocate(&mut self, ptr: core::ptr::NonNull<u8>) -> crate::Result<()> {
+            self.0.deallocate(ptr)
+        }
+        fn release(&mut self) -> usize {
+            self.0.release()
+        }
+        fn stats(&self) -> PoolStats {
+            self.0.stats()
+        }
+        fn for_each_block(&self, f: &mut dyn FnMut(crate::pool::BlockInfo)) {
+            self.0.for_each_block(f)
+        }
+        fn live_allocations(&self) -> alloc::vec::Vec<crate::pool::LiveAllocation> {
+            self.0.live_allocations()
+        }
+        fn check(&self) -> crate::Result<()> {
+            self.0.check()
+        }
+    }
+
+    #[test]
+    fn a_pool_named_with_markup_still_makes_well_formed_svg() {
+        let mut pool = Named(QuickPool::new(HostResource));
+        let _p = pool.allocate(100, 16).unwrap();
+        let svg = svg(&pool);
+        assert!(svg.contains("&lt;quick &amp; co&gt; pool: actual"), "{svg}");
+        assert!(!svg.contains("<quick"), "{svg}");
     }
 
     #[test]
