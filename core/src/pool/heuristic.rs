@@ -72,9 +72,10 @@ pub trait CoalesceHeuristic: Send {
 
     /// Whether the pool may hand wholly free upstream blocks back when it has to grow (`true`,
     /// the default): before it takes a new block for a request no free block fits (every wholly
-    /// free block is then too small for it), and in place of splitting a wholly free block that a
-    /// large request would leave mostly stranded (see [`QuickPool::allocate`]). Then the pool
-    /// never holds those blocks and the new one at once. [`NeverCoalesce`] says `false`: its pool
+    /// free block is then too small for it), when they make up at least a quarter of its actual
+    /// size, and in place of splitting a wholly free block that a large request would leave
+    /// mostly stranded (see [`QuickPool::allocate`]). Then the pool seldom holds many such blocks
+    /// and the new one at once. [`NeverCoalesce`] says `false`: its pool
     /// only grows until `release` is called. The pool reads this once, when the heuristic is
     /// installed.
     ///

@@ -7,7 +7,8 @@
 //! - [`QuickPool`]: best fit in O(log n), split, merge with free neighbours, `coalesce`, `release`,
 //!   a maximum size, and [`CoalesceHeuristic`]s ([`BlocksReleasable`], [`PercentReleasable`], their
 //!   high-watermark variants, closures), which also let the pool hand wholly free upstream blocks
-//!   back when it grows, so it does not hold them and the new block at once.
+//!   back when it grows (once they make up a quarter of its size), so it does not hold many of
+//!   them and the new block at once.
 //! - [`FixedPool`]: objects of one size in sub-pools tracked by bitmaps.
 //! - [`SyncPool`]: a lock around any [`Pool`], which makes it `Sync` and a
 //!   [`MemoryResource`](crate::MemoryResource).

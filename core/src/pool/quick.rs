@@ -153,8 +153,10 @@ impl<R: MemoryResource> QuickPool<R> {
     /// needs. Past the maximum size: `Error::OutOfMemory`.
     ///
     /// Unless the heuristic says otherwise ([`CoalesceHeuristic::release_when_growing`]), the
-    /// pool does not hold memory it cannot use next to memory it takes. Before it grows, it hands
-    /// back its wholly free upstream blocks (all of them too small for this request). And a
+    /// pool does not hold much memory it cannot use next to memory it takes. Before it grows, if
+    /// its wholly free upstream blocks (all of them too small for this request) make up at least a
+    /// quarter of its actual size, it hands them back until as many bytes went back as it is
+    /// about to take (fewer are not worth the upstream calls: the pool keeps them). And a
     /// request of at least the next block size whose best fit is a wholly free upstream block
     /// that it would fill more than half of, leaving a rest of at least a quarter of the pool's
     /// actual size, gets a block of its own size in that block's place: the rest could not serve
