@@ -139,12 +139,15 @@ impl<R: MemoryResource> FixedPool<R> {
         crate::check_layout(config.object_size, config.alignment)?;
         let stride = round_up(config.object_size, config.alignment)
             .ok_or(Error::InvalidSize { size: config.object_size as u64, reason: "object size overflows" })?;
-        let block_bytes = stride.checked_mul(config.objects_per_block).filter(|_| config.objects_per_block > 0).ok_or(
-            Error::InvalidSize {
+        // A sub-pool no resource can give (past `isize::MAX` bytes) is refused here, not by
+        // every allocation.
+        let block_bytes = stride
+            .checked_mul(config.objects_per_block)
+            .filter(|&bytes| config.objects_per_block > 0 && crate::check_layout(bytes, config.alignment).is_ok())
+            .ok_or(Error::InvalidSize {
                 size: config.objects_per_block as u64,
                 reason: "objects per block is zero or too many",
-            },
-        )?;
+            })?;
         Ok(FixedPool {
             upstream,
             config,

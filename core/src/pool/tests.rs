@@ -492,6 +492,14 @@ fn zero_sizes_and_bad_requests_are_errors_that_change_nothing() {
     fixed.check().unwrap();
     assert!(FixedPool::new(HostResource, FixedPoolConfig::new(0)).is_err());
     assert!(FixedPool::new(HostResource, FixedPoolConfig { objects_per_block: 0, ..FixedPoolConfig::new(8) }).is_err());
+    // Sub-pools no resource can give (past `isize::MAX` bytes) are refused up front, not by
+    // every allocation with an upstream error about a size the caller never asked for.
+    for (object_size, alignment) in [(1, 1), (16, 16)] {
+        let objects_per_block = (isize::MAX as usize) / object_size + 1;
+        let config = FixedPoolConfig { object_size, alignment, objects_per_block, max_size: None };
+        let err = FixedPool::new(HostResource, config).err();
+        assert!(matches!(err, Some(Error::InvalidSize { reason: "objects per block is zero or too many", .. })));
+    }
 }
 
 #[test]
