@@ -14,9 +14,12 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt::Write;
+use core::hash::BuildHasherDefault;
 use core::ptr::NonNull;
 
-use super::arena::AddrMap;
+use hashbrown::HashMap;
+
+use super::arena::{AddrHasher, AddrMap};
 use super::{BlockInfo, LiveAllocation, Pool, PoolStats};
 use crate::error::{Error, Result};
 use crate::resource::MemoryKind;
@@ -219,7 +222,8 @@ impl Replay {
     /// Checks `events`: every free names a live allocation, and no id is allocated twice while
     /// live.
     pub fn new(events: &[TraceEvent]) -> Result<Self> {
-        let mut live: AddrMap<u32> = AddrMap::default();
+        // Keyed by the whole id: cut to `usize`, two ids would collide on a 32-bit target.
+        let mut live: HashMap<u64, u32, BuildHasherDefault<AddrHasher>> = HashMap::default();
         let mut spare: Vec<u32> = Vec::new();
         let mut slots = 0u32;
         let mut steps = Vec::with_capacity(events.len());
@@ -231,13 +235,13 @@ impl Replay {
                         slots += 1;
                         slots - 1
                     });
-                    if live.insert(id as usize, slot).is_some() {
+                    if live.insert(id, slot).is_some() {
                         return Err(bad("id allocated again while live"));
                     }
                     steps.push(Step::Allocate { slot, size, align });
                 }
                 TraceEvent::Deallocate { id } => {
-                    let slot = live.remove(&(id as usize)).ok_or(bad("free of an id that is not live"))?;
+                    let slot = live.remove(&id).ok_or(bad("free of an id that is not live"))?;
                     spare.push(slot);
                     steps.push(Step::Deallocate { slot });
                 }
@@ -328,6 +332,21 @@ mod tests {
         assert_eq!(parse_jsonl_bytes(&not_utf8[..23]).unwrap(), [TraceEvent::Deallocate { id: 1 }]);
         let free_unknown = [TraceEvent::Deallocate { id: 9 }];
         assert!(matches!(Replay::new(&free_unknown), Err(Error::Corrupt { offset: 1, .. })));
+    }
+
+    #[test]
+    fn ids_are_64_bit_on_every_target() {
+        // On a 32-bit target these two ids would collide if cut to `usize`.
+        let big = 1 + (1u64 << 32);
+        let events = [
+            TraceEvent::Allocate { id: 1, size: 16, align: 16 },
+            TraceEvent::Allocate { id: big, size: 32, align: 16 },
+            TraceEvent::Deallocate { id: big },
+        ];
+        let replay = Replay::new(&events).unwrap();
+        let mut pool = QuickPool::new(HostResource);
+        let outcome = replay.run(&mut pool).unwrap();
+        assert_eq!((outcome.stats.allocation_count, outcome.stats.requested_size), (1, 16));
     }
 
     #[test]
