@@ -15,7 +15,10 @@
 //! allocators that record it. A free block's second word links it into a list.
 //!
 //! A free finds an unpadded block's info word right below the user bytes (`user - 16`); padded
-//! blocks (and large ones) have a zero there, so the free reads the back word instead.
+//! blocks (and large ones) have a zero there, so the free reads the back word instead. A live
+//! padded block's second word is zero too, and a live unpadded one's never is (it holds the
+//! back word or the owner's stamp), so the offset just past a padded block's info word, inside
+//! its padding, is not taken for an unpadded block's user bytes.
 //!
 //! A span header is one cache line: magic and class, the owning heap, and the state only the
 //! owning heap's thread writes (a free touches the block and this one line).
@@ -727,7 +730,8 @@ pub(crate) enum Found<'m> {
 
 /// The live unpadded small block whose user bytes start at `user` (the common case): its info
 /// word is right below them, a live info word whose span, below the block, has the block's
-/// class. `None` for anything else, which [`find_live`] then sorts out.
+/// class, and its second word is not zero (a padded block's is). `None` for anything else,
+/// which [`find_live`] then sorts out.
 #[inline]
 pub(crate) fn find_small(mem: &Mem, user: u64) -> Option<LiveSmall<'_>> {
     let block = user.wrapping_sub(SMALL_HEADER);
@@ -735,8 +739,9 @@ pub(crate) fn find_small(mem: &Mem, user: u64) -> Option<LiveSmall<'_>> {
         return None;
     }
     // SAFETY: `[block, block + 16)` is in bounds (checked just above), 16-aligned.
-    let word = unsafe { mem.word_unchecked(block) }.load(Ordering::Acquire);
-    if word >> STATE_SHIFT != LIVE_TAG || word_class(word) >= CLASS_COUNT {
+    let (info, second) = unsafe { (mem.word_unchecked(block), mem.word_unchecked(block + 8)) };
+    let word = info.load(Ordering::Acquire);
+    if word >> STATE_SHIFT != LIVE_TAG || word_class(word) >= CLASS_COUNT || second.load(Ordering::Relaxed) == 0 {
         return None;
     }
     let span = span_of_word(block, word);

@@ -176,3 +176,93 @@ pub(crate) fn run_model(a: &dyn RegionAllocator, ops: &[Op]) {
     a.check().unwrap();
     assert_eq!(a.stats().free_bytes(), start);
 }
+
+/// A live allocator holding blocks of every kind (unpadded, padded, large, some freed): the
+/// user offsets of the live ones with their sizes and seeds, and of the freed ones.
+pub(crate) fn populate(a: &dyn RegionAllocator) -> (Vec<(OffsetPtr, usize, u8)>, Vec<u64>) {
+    let mut live = Vec::new();
+    let mut freed = Vec::new();
+    let mut seed = 1u8;
+    for &size in &[1usize, 16, 48, 100, 1000, 16384, 40_000] {
+        for &align in &[8usize, 16, 64, 256, 4096] {
+            for keep in [true, false, true] {
+                let p = a.allocate(size, align).unwrap();
+                fill(a, p, size, seed);
+                if keep {
+                    live.push((p, size, seed));
+                } else {
+                    freed.push(p);
+                }
+                seed = seed.wrapping_add(1);
+            }
+        }
+    }
+    let freed = freed.into_iter().map(|p| {
+        a.free(p).unwrap();
+        p.get()
+    });
+    let freed = freed.collect();
+    a.check().unwrap();
+    (live, freed)
+}
+
+/// Offsets worth trying as bad input near the blocks of [`populate`]: every 8 bytes from a
+/// page below each block to a few words past its start, and the edges of the region.
+pub(crate) fn bad_offsets(a: &dyn RegionAllocator, live: &[(OffsetPtr, usize, u8)], freed: &[u64]) -> Vec<u64> {
+    let r = a.region();
+    let mut out = vec![0, 1, 8, 15, 16, 32, u64::MAX, u64::MAX - 15, u64::MAX - 7, 1 << 63, r.offset(), r.end()];
+    out.extend([r.end() - 16, r.end() - 8, r.end() + 16, r.offset() + 16, r.offset() + 64]);
+    for user in live.iter().map(|l| l.0.get()).chain(freed.iter().copied()) {
+        for d in (0..4200u64).step_by(8) {
+            out.push(user.wrapping_sub(d));
+        }
+        out.extend((8..80u64).step_by(8).map(|d| user + d));
+    }
+    let users: std::collections::BTreeSet<u64> = live.iter().map(|l| l.0.get()).collect();
+    out.retain(|o| !users.contains(o));
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// Bad offsets and bad requests are refused with an error, and leave the allocator whole:
+/// `check()` passes, live blocks keep their contents and stay live, and after all frees the
+/// free capacity is back where it started.
+pub(crate) fn refuse_bad_input(a: &dyn RegionAllocator, extra: &[u64]) {
+    let start = a.stats();
+    let (live, freed) = populate(a);
+    let mut offsets = bad_offsets(a, &live, &freed);
+    let users: std::collections::BTreeSet<u64> = live.iter().map(|l| l.0.get()).collect();
+    offsets.extend(extra.iter().filter(|o| !users.contains(o)));
+    let stats = a.stats();
+    for &o in &offsets {
+        let p = OffsetPtr::new(o);
+        assert!(a.size_of(p).is_err(), "size_of({o:#x}) accepted");
+        assert!(a.free(p).is_err(), "free({o:#x}) accepted");
+        assert!(a.reallocate(p, 64, 8).is_err(), "reallocate({o:#x}) accepted");
+        assert!(a.reallocate(p, 50_000, 4096).is_err(), "reallocate({o:#x}) accepted");
+    }
+    a.check().unwrap();
+    let after = a.stats();
+    assert_eq!((after.live_allocations, after.bytes_in_use), (stats.live_allocations, stats.bytes_in_use));
+    for &(p, size, _) in &live {
+        for (new_size, align) in [(0, 8), (64, 0), (64, 3), (64, 1 << 40), (usize::MAX, 8), (usize::MAX - 15, 16)] {
+            assert!(a.reallocate(p, new_size, align).is_err(), "reallocate({p:?}, {new_size}, {align}) accepted");
+        }
+        for (new_size, align) in [(usize::MAX / 2, 4096), (1 << 62, 16), (u32::MAX as usize * 4096, 8)] {
+            assert!(
+                matches!(a.reallocate(p, new_size, align), Err(Error::OutOfMemory { .. } | Error::InvalidSize { .. })),
+                "reallocate({p:?}, {new_size}, {align})"
+            );
+        }
+        assert_eq!(a.size_of(p).unwrap(), size);
+    }
+    a.check().unwrap();
+    for (p, size, seed) in live {
+        assert!(holds(a, p, size, seed), "contents of {p:?} changed");
+        a.free(p).unwrap();
+    }
+    a.check().unwrap();
+    assert_eq!(a.stats().free_bytes(), start.free_bytes());
+    assert_eq!(a.stats().live_allocations, 0);
+}

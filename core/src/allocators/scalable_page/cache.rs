@@ -190,7 +190,11 @@ impl Shared {
         // block `user - 16 >= block + 16`.
         unsafe {
             if user != block + SMALL_HEADER {
-                // Where an unpadded block's info word would be: never a live info word.
+                // The second word (the stale link): zero, so `find_small` does not take the
+                // offset past the info word for an unpadded block; and where an unpadded block's
+                // info word would be: never a live info word.
+                self.arena.word_unchecked(block + 8).store(0, Ordering::Relaxed);
+                crash::point();
                 self.arena.word_unchecked(user - 16).store(0, Ordering::Relaxed);
                 crash::point();
             }

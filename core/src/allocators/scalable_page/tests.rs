@@ -2,7 +2,7 @@ use super::super::span::{back_word, find_small, freed_word, live_word, Info};
 use super::cache::{self, OP_ALLOC, OP_FREE};
 use super::*;
 use crate::allocators::common::DeadProcessBlocks;
-use crate::allocators::testing::{exercise, op_strategy, region_of, run_model};
+use crate::allocators::testing::{exercise, op_strategy, refuse_bad_input, region_of, run_model};
 use crate::sync::atomic::Ordering;
 use crate::sync::LinkStore;
 use proptest::prelude::*;
@@ -29,6 +29,13 @@ fn blocks_freed_by_one_class_serve_another_after_trim() {
     let big = a.allocate(600 * 1024, 8).unwrap();
     a.free(big).unwrap();
     a.check().unwrap();
+}
+
+#[test]
+fn refuses_every_offset_that_is_no_live_block() {
+    let a = ScalablePageAllocator::create(region_of(2 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let every_word: Vec<u64> = (a.region().offset()..a.region().end()).step_by(8).collect();
+    refuse_bad_input(&a, &every_word);
 }
 
 proptest! {

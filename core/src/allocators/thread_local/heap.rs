@@ -383,7 +383,7 @@ impl Shared {
         let user = user_of(block, SMALL_HEADER, align as u64);
         // SAFETY: the caller's promise; `user - 16 >= block + 16` as `user > block + 16`.
         unsafe {
-            // No stamp: the quick free takes only unpadded blocks.
+            // No stamp but zero: the quick free and `find_small` take only unpadded blocks.
             self.arena.word_unchecked(block + 8).store(0, Ordering::Relaxed);
             crash::point();
             self.arena.word_unchecked(user - 16).store(0, Ordering::Relaxed);

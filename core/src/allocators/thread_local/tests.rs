@@ -1,6 +1,6 @@
 use super::super::span::{freed_word, Info, SMALL_HEADER};
 use super::*;
-use crate::allocators::testing::{exercise, op_strategy, region_of, run_model};
+use crate::allocators::testing::{exercise, op_strategy, refuse_bad_input, region_of, run_model};
 use crate::sync::atomic::AtomicU64;
 use crate::sync::LinkStore;
 use crate::testing::TestThreads;
@@ -15,6 +15,13 @@ fn serves_every_size_and_alignment_and_returns_to_empty() {
     exercise(&a);
     a.trim().unwrap();
     a.check().unwrap();
+}
+
+#[test]
+fn refuses_every_offset_that_is_no_live_block() {
+    let a = Tla::create(region_of(2 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let every_word: Vec<u64> = (a.region().offset()..a.region().end()).step_by(8).collect();
+    refuse_bad_input(&a, &every_word);
 }
 
 #[test]
