@@ -134,9 +134,9 @@ impl ClassCounts {
             capacity: fs.layout().bytes(),
             bytes_in_use: self.bytes.wrapping_add(g.st.large.live_bytes),
             bytes_reserved: small_reserved(&self.live)
-                .wrapping_add(g.st.large.live_units * UNIT)
+                .wrapping_add(g.st.large.live_units.wrapping_mul(UNIT))
                 .wrapping_add(large::meta_bytes(&g)),
-            high_watermark: g.peak_used_units() * UNIT,
+            high_watermark: g.peak_used_units().wrapping_mul(UNIT),
             live_allocations: live_count,
             total_allocations: total,
             total_frees: total.wrapping_sub(live_count),

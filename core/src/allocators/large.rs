@@ -46,10 +46,13 @@ pub(crate) fn allocate(
     crash::point();
     mem.info(block)?.store(info.pack(), Ordering::Release);
     crash::point();
-    g.st.large.live += 1;
-    g.st.large.live_bytes += size as u64;
-    g.st.large.live_units += units as u64;
-    g.st.large.allocations += 1;
+    // The counters are shared memory another process may have broken: they wrap, as `check`
+    // reports, rather than panic.
+    let c = &mut g.st.large;
+    c.live = c.live.wrapping_add(1);
+    c.live_bytes = c.live_bytes.wrapping_add(size as u64);
+    c.live_units = c.live_units.wrapping_add(units as u64);
+    c.allocations = c.allocations.wrapping_add(1);
     Ok(Some(user))
 }
 
@@ -92,10 +95,11 @@ pub(crate) fn free_locked(g: &mut FreeSpaceGuard<'_>, fs: &FreeSpace, mem: &Mem,
     let units = g.used_run(head)?.len() as u64;
     g.free(head)?;
     crash::point();
-    g.st.large.live_units -= units;
-    g.st.large.live -= 1;
-    g.st.large.live_bytes -= size;
-    g.st.large.frees += 1;
+    let c = &mut g.st.large;
+    c.live_units = c.live_units.wrapping_sub(units);
+    c.live = c.live.wrapping_sub(1);
+    c.live_bytes = c.live_bytes.wrapping_sub(size);
+    c.frees = c.frees.wrapping_add(1);
     Ok(())
 }
 
@@ -149,8 +153,9 @@ pub(crate) fn resize_in_place(
     }
     size_word.store(new_size as u64, Ordering::Relaxed);
     crash::point();
-    g.st.large.live_units = g.st.large.live_units - old_units + units as u64;
-    g.st.large.live_bytes = g.st.large.live_bytes - size + new_size as u64;
+    let c = &mut g.st.large;
+    c.live_units = c.live_units.wrapping_sub(old_units).wrapping_add(units as u64);
+    c.live_bytes = c.live_bytes.wrapping_sub(size).wrapping_add(new_size as u64);
     Ok(true)
 }
 
@@ -166,7 +171,7 @@ fn check_block(mem: &Mem, block: u64, units: u32) -> Result<u64> {
         return Err(corrupt(block, "large run whose block is not live"));
     }
     let size = mem.word(block + 8)?.load(Ordering::Relaxed);
-    if size == 0 || size + LARGE_HEADER > units as u64 * UNIT {
+    if size == 0 || size > (units as u64 * UNIT).saturating_sub(LARGE_HEADER) {
         return Err(corrupt(block, "large block size outside its run"));
     }
     Ok(size)

@@ -483,3 +483,42 @@ fn a_padded_dead_block_handed_out_again_unpadded_is_not_freed() {
     assert_eq!(a.reclaim().unwrap(), 1 + theirs.len() as u64);
     free_all_and_check(&a, [p.get()], start);
 }
+
+#[test]
+fn counters_and_sizes_another_process_broke_give_errors_not_panics() {
+    let a = ScalablePageAllocator::create(region_of(4 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let s = &a.shared;
+    let mut p = a.allocate(40_000, 8).unwrap();
+    let q = a.allocate(40_000, 8).unwrap();
+    for broken in [0, u64::MAX] {
+        {
+            let mut g = s.fs.lock();
+            g.st.large = crate::allocators::free_space::LargeCounters {
+                live: broken,
+                live_bytes: broken,
+                live_units: broken,
+                allocations: broken,
+                frees: broken,
+            };
+            // The peak (private to the free-space manager) is the word just before the large
+            // counters (`repr(C)`).
+            let state: *mut crate::allocators::free_space::FreeSpaceState = &mut *g.st;
+            let at = core::mem::offset_of!(crate::allocators::free_space::FreeSpaceState, large) - 8;
+            // SAFETY: the state's `peak_used_units` field, a u64 we hold the lock for.
+            unsafe { state.cast::<u8>().add(at).cast::<u64>().write(broken) };
+        }
+        let _ = a.stats();
+        assert!(a.check().is_err());
+        // Shrunk in place, then grown (moved: `q` is in the way).
+        assert_eq!(a.reallocate(p, 10_000, 8).unwrap(), p);
+        p = a.reallocate(p, 100_000, 8).unwrap();
+        let t = a.allocate(40_000, 8).unwrap();
+        a.free(t).unwrap();
+    }
+    // A large block's size word broken.
+    let block = q.get() - 32;
+    s.arena.word(block + 8).unwrap().store(u64::MAX - 8, Ordering::Relaxed);
+    assert!(a.check().is_err());
+    assert!(a.size_of(q).is_err());
+    assert!(a.free(q).is_err());
+}
