@@ -545,6 +545,12 @@ impl FreeSpaceGuard<'_> {
         self.st.free_units
     }
 
+    /// Free bytes, for an out-of-memory error (saturating: the count is shared memory another
+    /// process may have broken).
+    pub(crate) fn free_bytes(&self) -> u64 {
+        self.st.free_units.saturating_mul(UNIT)
+    }
+
     /// The most units that were ever in use at once.
     pub(crate) fn peak_used_units(&self) -> u64 {
         self.st.peak_used_units

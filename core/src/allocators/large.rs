@@ -28,7 +28,7 @@ pub(crate) fn allocate(
     stamp: u64,
 ) -> Result<Option<u64>> {
     let units = large_units(size, align)
-        .ok_or(Error::OutOfMemory { requested: size as u64, available: g.free_units() * UNIT })?;
+        .ok_or_else(|| Error::OutOfMemory { requested: size as u64, available: g.free_bytes() })?;
     let Some(head) = g.alloc(units, TAG_LARGE, owner) else {
         return Ok(None);
     };

@@ -240,7 +240,7 @@ impl<B: SlotBody> SlotTable<B> {
         }
         let head = g
             .alloc(units, TAG_META, 0)
-            .ok_or(Error::OutOfMemory { requested: units as u64 * UNIT, available: g.free_units() * UNIT })?;
+            .ok_or_else(|| Error::OutOfMemory { requested: units as u64 * UNIT, available: g.free_bytes() })?;
         crate::crash::point();
         let chunk = fs.layout().unit_offset(head);
         // SAFETY: the units were just taken from the free-space manager: ours alone.

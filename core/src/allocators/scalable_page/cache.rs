@@ -30,7 +30,6 @@ use crate::error::{Error, Result};
 use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::sync::tagged_list::{self, LinkStore};
 
-use super::super::free_space::UNIT;
 use super::super::large::TAG_SPAN;
 use super::super::size_class::CLASS_COUNT;
 use super::super::slots::SlotBody;
@@ -321,7 +320,7 @@ impl Shared {
             }
             self.relieve_shortage(slot, attempt)?;
         }
-        Err(Error::OutOfMemory { requested: LAYOUTS[class].size, available: self.fs.lock().free_units() * UNIT })
+        Err(Error::OutOfMemory { requested: LAYOUTS[class].size, available: self.fs.lock().free_bytes() })
     }
 
     /// How many blocks a refill takes or a flush leaves.

@@ -55,7 +55,7 @@ use super::common::{
     class_stats, read_header, write_header, ClassCounts, ClassStats, CommonHeader, DeadProcessBlocks, FLAG_FREE_DEAD,
 };
 use super::fast_slot;
-use super::free_space::{FreeSpace, FreeSpaceLayout, FreeSpaceState, UNIT};
+use super::free_space::{FreeSpace, FreeSpaceLayout, FreeSpaceState};
 use super::large;
 use super::size_class::CLASS_COUNT;
 use super::slots::{Chunk, SlotTable};
@@ -202,7 +202,7 @@ impl Shared {
             }
             self.relieve_shortage(slot, attempt)?;
         }
-        Err(Error::OutOfMemory { requested: size as u64, available: self.fs.lock().free_units() * UNIT })
+        Err(Error::OutOfMemory { requested: size as u64, available: self.fs.lock().free_bytes() })
     }
 }
 

@@ -515,6 +515,24 @@ fn counters_and_sizes_another_process_broke_give_errors_not_panics() {
         let t = a.allocate(40_000, 8).unwrap();
         a.free(t).unwrap();
     }
+    // The free-unit count broken: out of memory is still an error, and the allocator usable.
+    {
+        let mut g = s.fs.lock();
+        let state: *mut crate::allocators::free_space::FreeSpaceState = &mut *g.st;
+        let at = core::mem::offset_of!(crate::allocators::free_space::FreeSpaceState, large) - 16;
+        // SAFETY: the state's `free_units` field (two words before the large counters, `repr(C)`),
+        // a u64 we hold the lock for.
+        unsafe { state.cast::<u8>().add(at).cast::<u64>().write(u64::MAX) };
+    }
+    assert!(matches!(a.allocate(8 << 20, 8), Err(Error::OutOfMemory { .. })));
+    let mut small = Vec::new();
+    while let Ok(b) = a.allocate(1000, 8) {
+        small.push(b);
+    }
+    for b in small {
+        a.free(b).unwrap();
+    }
+    a.free(p).unwrap();
     // A large block's size word broken.
     let block = q.get() - 32;
     s.arena.word(block + 8).unwrap().store(u64::MAX - 8, Ordering::Relaxed);

@@ -33,7 +33,6 @@ use crate::error::{Error, Result};
 use crate::sync::atomic::{fence, AtomicU64, Ordering};
 use crate::sync::tagged_list::{self, LinkStore, TaggedOffsetList};
 
-use super::super::free_space::UNIT;
 use super::super::large::TAG_SPAN;
 use super::super::size_class::CLASS_COUNT;
 use super::super::slots::{Slot, SlotBody};
@@ -497,7 +496,7 @@ impl Shared {
             }
             self.relieve_shortage(heap_off, attempt)?;
         }
-        Err(Error::OutOfMemory { requested: size as u64, available: self.fs.lock().free_units() * UNIT })
+        Err(Error::OutOfMemory { requested: size as u64, available: self.fs.lock().free_bytes() })
     }
 
     /// Resizes a live block of our own heap in place (same block, new requested size).

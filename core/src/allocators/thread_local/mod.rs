@@ -74,7 +74,7 @@ use super::common::{
     class_stats, read_header, write_header, ClassCounts, ClassStats, CommonHeader, DeadProcessBlocks, FLAG_FREE_DEAD,
 };
 use super::fast_slot;
-use super::free_space::{FreeSpace, FreeSpaceLayout, FreeSpaceState, UNIT};
+use super::free_space::{FreeSpace, FreeSpaceLayout, FreeSpaceState};
 use super::large;
 use super::slots::{Chunk, SlotTable};
 use super::span::{class_for, corrupt, explain_free, find_live, invalid, live_block, Found, Mem, LAYOUTS};
@@ -208,7 +208,7 @@ impl Shared {
             }
             self.relieve_shortage(heap, attempt)?;
         }
-        Err(Error::OutOfMemory { requested: size as u64, available: self.fs.lock().free_units() * UNIT })
+        Err(Error::OutOfMemory { requested: size as u64, available: self.fs.lock().free_bytes() })
     }
 }
 
