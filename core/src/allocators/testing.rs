@@ -266,3 +266,37 @@ pub(crate) fn refuse_bad_input(a: &dyn RegionAllocator, extra: &[u64]) {
     assert_eq!(a.stats().free_bytes(), start.free_bytes());
     assert_eq!(a.stats().live_allocations, 0);
 }
+
+/// Runs the allocator out of memory class after class (small sizes, then large ones, then a
+/// mix), freeing everything between rounds: each round ends in `OutOfMemory`, `check()` passes,
+/// and the free capacity comes back each time, so that the largest request that fit at the start
+/// fits again.
+pub(crate) fn exhaust_and_recover(a: &dyn RegionAllocator) {
+    let start = a.stats().free_bytes();
+    let largest = (start as usize / 4096 - 64) * 4096;
+    let big = a.allocate(largest, 8).unwrap();
+    a.free(big).unwrap();
+    for sizes in [&[24usize][..], &[3000, 16_000], &[40_000, 300_000], &[8, 700, 20_000, 5000, 200_000]] {
+        let mut live = Vec::new();
+        let mut i = 0;
+        loop {
+            let size = sizes[i % sizes.len()];
+            let align = [8usize, 8, 8, 8, 8, 8, 16, 64, 4096][i % 9];
+            match a.allocate(size, align) {
+                Ok(p) => live.push(p),
+                Err(Error::OutOfMemory { .. }) => break,
+                Err(e) => panic!("allocate({size}, {align}): {e}"),
+            }
+            i += 1;
+        }
+        assert!(live.len() > 2, "{sizes:?}");
+        a.check().unwrap();
+        for p in live {
+            a.free(p).unwrap();
+        }
+        a.check().unwrap();
+        assert_eq!(a.stats().free_bytes(), start, "{sizes:?}");
+        let big = a.allocate(largest, 8).unwrap_or_else(|e| panic!("after {sizes:?}: {e}"));
+        a.free(big).unwrap();
+    }
+}

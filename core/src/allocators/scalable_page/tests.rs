@@ -2,7 +2,7 @@ use super::super::span::{back_word, find_small, freed_word, live_word, Info};
 use super::cache::{self, OP_ALLOC, OP_FREE};
 use super::*;
 use crate::allocators::common::DeadProcessBlocks;
-use crate::allocators::testing::{exercise, op_strategy, refuse_bad_input, region_of, run_model};
+use crate::allocators::testing::{exercise, exhaust_and_recover, op_strategy, refuse_bad_input, region_of, run_model};
 use crate::sync::atomic::Ordering;
 use crate::sync::LinkStore;
 use proptest::prelude::*;
@@ -29,6 +29,12 @@ fn blocks_freed_by_one_class_serve_another_after_trim() {
     let big = a.allocate(600 * 1024, 8).unwrap();
     a.free(big).unwrap();
     a.check().unwrap();
+}
+
+#[test]
+fn runs_out_of_memory_and_recovers_every_time() {
+    let a = ScalablePageAllocator::create(region_of(4 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    exhaust_and_recover(&a);
 }
 
 #[test]

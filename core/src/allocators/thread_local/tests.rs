@@ -1,6 +1,6 @@
 use super::super::span::{freed_word, Info, SMALL_HEADER};
 use super::*;
-use crate::allocators::testing::{exercise, op_strategy, refuse_bad_input, region_of, run_model};
+use crate::allocators::testing::{exercise, exhaust_and_recover, op_strategy, refuse_bad_input, region_of, run_model};
 use crate::sync::atomic::AtomicU64;
 use crate::sync::LinkStore;
 use crate::testing::TestThreads;
@@ -15,6 +15,12 @@ fn serves_every_size_and_alignment_and_returns_to_empty() {
     exercise(&a);
     a.trim().unwrap();
     a.check().unwrap();
+}
+
+#[test]
+fn runs_out_of_memory_and_recovers_every_time() {
+    let a = Tla::create(region_of(4 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    exhaust_and_recover(&a);
 }
 
 #[test]
