@@ -348,6 +348,11 @@ impl FreeSpaceGuard<'_> {
                     break;
                 }
                 let d = self.desc(at);
+                // The bins and the table are shared memory: a bin entry that is no free run
+                // lying in the table ends the bin's scan (`check` reports it; `rebuild` repairs).
+                if d.kind != K_FREE || d.len == 0 || d.len > self.units() - at {
+                    break;
+                }
                 if d.len >= len && best.is_none_or(|(_, l)| d.len < l) {
                     best = Some((at, d.len));
                     if d.len == len {
@@ -482,7 +487,7 @@ impl FreeSpaceGuard<'_> {
             _ => return None,
         };
         let h = self.desc(head);
-        (h.kind == K_FREE && head + h.len == last + 1).then_some(head)
+        (h.kind == K_FREE && h.len == last + 1 - head).then_some(head)
     }
 
     /// Calls `f` for every used run, in address order.
@@ -713,5 +718,37 @@ mod tests {
         let again = g.alloc(2, 1, 0).unwrap();
         assert!(again == runs[1] || again == runs[3]);
         g.check().unwrap();
+    }
+
+    #[test]
+    fn a_descriptor_another_process_broke_is_not_handed_out_or_panicked_on() {
+        let fs = manager(32);
+        let mut g = fs.lock();
+        let runs: Vec<_> = (0..6).map(|_| g.alloc(2, 1, 0).unwrap()).collect();
+        g.free(runs[1]).unwrap();
+        let hole = g.desc(runs[1]);
+        // A free run's head claiming more units than the table has, or none.
+        for len in [u32::MAX, 1000, 0] {
+            g.set(runs[1], Desc { len, ..hole });
+            assert!(g.check().is_err());
+            let taken = g.alloc(2, 1, 0);
+            assert_ne!(taken, Some(runs[1]), "len {len}");
+            if let Some(t) = taken {
+                g.free(t).unwrap();
+            }
+            assert!(g.free(runs[1]).is_err());
+        }
+        // A bin that leads to a used run.
+        g.set(runs[1], hole);
+        g.rebuild().unwrap();
+        g.st.bins[bin_of(2)] = runs[2];
+        let taken = g.alloc(2, 1, 0);
+        assert_ne!(taken, Some(runs[2]), "a used run handed out again");
+        // Freeing next to a free tail that claims to reach past the table's start.
+        g.rebuild().unwrap();
+        let tail = runs[1] + 1;
+        g.set(tail, Desc { kind: K_FREE_TAIL, len: 2, tag: NONE, aux: NONE });
+        g.set(runs[1], Desc { kind: K_FREE, len: u32::MAX, tag: NONE, aux: NONE });
+        let _ = g.free(runs[2]);
     }
 }

@@ -300,3 +300,59 @@ pub(crate) fn exhaust_and_recover(a: &dyn RegionAllocator) {
         a.free(big).unwrap();
     }
 }
+
+/// Damages words near the blocks of [`populate`] (a block's headers and padding, its span's
+/// header, the free-space table), each `(pick, at, how)`: a bit flipped, a small number added,
+/// or the word replaced; then calls every public operation: none may panic.
+pub(crate) fn survive_damage(a: &dyn RegionAllocator, table: u64, damage: &[(usize, u64, u64)]) {
+    let (live, freed) = populate(a);
+    let users: Vec<u64> = live.iter().map(|l| l.0.get()).chain(freed.iter().copied()).collect();
+    for &(pick, at, how) in damage {
+        let user = users[pick % users.len()];
+        let target = match at % 4 {
+            0 => user - 8 * (at / 4 % 520),
+            1 => (user - 16) / 4096 * 4096 + 8 * (at / 4 % 8),
+            2 => (user - 16) / 4096 * 4096 - 4096 * (at / 4 % 12) + 8 * (at / 64 % 8),
+            _ => table + 8 * (at / 4 % 512),
+        };
+        let Ok(p) = a.region().ptr(target, 8) else { continue };
+        let p = p.cast::<u64>();
+        // SAFETY: in bounds (checked), 8-aligned; the test owns the allocator and no other
+        // thread uses it.
+        unsafe {
+            let old = p.read_volatile();
+            let new = match how % 4 {
+                0 => old ^ (1 << (how / 4 % 64)),
+                1 => old.wrapping_add(how / 4 % 64).wrapping_sub(32),
+                2 => old ^ (how >> 8),
+                _ => how >> 2,
+            };
+            p.write_volatile(new);
+        }
+    }
+    let _ = a.check();
+    let _ = a.stats();
+    for &(p, _, _) in &live {
+        let _ = a.size_of(p);
+        let _ = a.reallocate(p, 3000, 64);
+    }
+    for &o in &freed {
+        let _ = a.free(OffsetPtr::new(o));
+    }
+    let mut fresh = Vec::new();
+    for size in [8usize, 100, 1000, 5000, 40_000] {
+        for align in [8usize, 256] {
+            if let Ok(p) = a.allocate(size, align) {
+                fresh.push(p);
+            }
+        }
+    }
+    for &(p, _, _) in &live {
+        let _ = a.free(p);
+    }
+    for p in fresh {
+        let _ = a.free(p);
+    }
+    let _ = a.check();
+    let _ = a.stats();
+}

@@ -2,7 +2,9 @@ use super::super::span::{back_word, find_small, freed_word, live_word, Info};
 use super::cache::{self, OP_ALLOC, OP_FREE};
 use super::*;
 use crate::allocators::common::DeadProcessBlocks;
-use crate::allocators::testing::{exercise, exhaust_and_recover, op_strategy, refuse_bad_input, region_of, run_model};
+use crate::allocators::testing::{
+    exercise, exhaust_and_recover, op_strategy, refuse_bad_input, region_of, run_model, survive_damage,
+};
 use crate::sync::atomic::Ordering;
 use crate::sync::LinkStore;
 use proptest::prelude::*;
@@ -545,4 +547,15 @@ fn counters_and_sizes_another_process_broke_give_errors_not_panics() {
     assert!(a.check().is_err());
     assert!(a.size_of(q).is_err());
     assert!(a.free(q).is_err());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #[test]
+    fn damage_in_the_arena_never_panics(
+        damage in proptest::collection::vec((any::<usize>(), any::<u64>(), any::<u64>()), 1..6),
+    ) {
+        let a = ScalablePageAllocator::create(region_of(2 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+        survive_damage(&a, a.shared.fs.layout().table, &damage);
+    }
 }

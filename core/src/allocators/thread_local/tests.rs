@@ -1,6 +1,8 @@
 use super::super::span::{freed_word, Info, SMALL_HEADER};
 use super::*;
-use crate::allocators::testing::{exercise, exhaust_and_recover, op_strategy, refuse_bad_input, region_of, run_model};
+use crate::allocators::testing::{
+    exercise, exhaust_and_recover, op_strategy, refuse_bad_input, region_of, run_model, survive_damage,
+};
 use crate::sync::atomic::AtomicU64;
 use crate::sync::LinkStore;
 use crate::testing::TestThreads;
@@ -852,5 +854,16 @@ fn a_dead_owner_with_blocks_on_both_lists_is_repaired_whole() {
         free_remotely(&a, &blocks[200..]);
         free_remotely(&a, &again[20..]);
         assert_back_to_start(&a, start);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #[test]
+    fn damage_in_the_arena_never_panics(
+        damage in proptest::collection::vec((any::<usize>(), any::<u64>(), any::<u64>()), 1..6),
+    ) {
+        let a = Tla::create(region_of(2 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+        survive_damage(&a, a.shared.fs.layout().table, &damage);
     }
 }
