@@ -302,18 +302,19 @@ pub(crate) fn exhaust_and_recover(a: &dyn RegionAllocator) {
 }
 
 /// Damages words near the blocks of [`populate`] (a block's headers and padding, its span's
-/// header, the free-space table), each `(pick, at, how)`: a bit flipped, a small number added,
+/// header, the free-space table, the slot records from `meta` on), each `(pick, at, how)`: a bit flipped, a small number added,
 /// or the word replaced; then calls every public operation: none may panic.
-pub(crate) fn survive_damage(a: &dyn RegionAllocator, table: u64, damage: &[(usize, u64, u64)]) {
+pub(crate) fn survive_damage(a: &dyn RegionAllocator, meta: u64, table: u64, damage: &[(usize, u64, u64)]) {
     let (live, freed) = populate(a);
     let users: Vec<u64> = live.iter().map(|l| l.0.get()).chain(freed.iter().copied()).collect();
     for &(pick, at, how) in damage {
         let user = users[pick % users.len()];
-        let target = match at % 4 {
-            0 => user - 8 * (at / 4 % 520),
-            1 => (user - 16) / 4096 * 4096 + 8 * (at / 4 % 8),
-            2 => (user - 16) / 4096 * 4096 - 4096 * (at / 4 % 12) + 8 * (at / 64 % 8),
-            _ => table + 8 * (at / 4 % 512),
+        let target = match at % 5 {
+            0 => user - 8 * (at / 5 % 520),
+            1 => (user - 16) / 4096 * 4096 + 8 * (at / 5 % 8),
+            2 => (user - 16) / 4096 * 4096 - 4096 * (at / 5 % 12) + 8 * (at / 64 % 8),
+            3 => table + 8 * (at / 5 % 512),
+            _ => meta + 8 * (at / 5 % ((table - meta) / 8)),
         };
         let Ok(p) = a.region().ptr(target, 8) else { continue };
         let p = p.cast::<u64>();

@@ -864,6 +864,7 @@ proptest! {
         damage in proptest::collection::vec((any::<usize>(), any::<u64>(), any::<u64>()), 1..6),
     ) {
         let a = Tla::create(region_of(2 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
-        survive_damage(&a, a.shared.fs.layout().table, &damage);
+        let meta = a.region().offset() + core::mem::offset_of!(TlaHeader, chunk) as u64;
+        survive_damage(&a, meta, a.shared.fs.layout().table, &damage);
     }
 }
