@@ -832,6 +832,27 @@ pub(crate) fn live_block(mem: &Mem, user: u64) -> Result<Found<'_>> {
     }
 }
 
+/// The second half of a reallocation that cannot stay in place: a new block from `alloc`, the
+/// common prefix copied from the block at `ptr` (of `old_size` bytes, in `mem`), the old block
+/// freed. The old size comes from shared memory: if the copy it asks for is refused, the new
+/// block goes back and the old one stays.
+pub(crate) fn move_block(
+    alloc: &dyn crate::allocator::RegionAllocator,
+    mem: &Mem,
+    ptr: crate::ptr::OffsetPtr,
+    old_size: u64,
+    new_size: usize,
+    align: usize,
+) -> Result<crate::ptr::OffsetPtr> {
+    let new = alloc.allocate(new_size, align)?;
+    if let Err(e) = mem.copy(ptr.get(), new.get(), old_size.min(new_size as u64)) {
+        let _ = alloc.free(new);
+        return Err(e);
+    }
+    alloc.free(ptr)?;
+    Ok(new)
+}
+
 /// The user offset of the live small block at `block`: where its back word points from. For
 /// unpadded blocks that is the block's second word; padded blocks have their back word further
 /// in, at a 16-byte step, so the block's candidate positions are scanned.

@@ -357,3 +357,18 @@ pub(crate) fn survive_damage(a: &dyn RegionAllocator, meta: u64, table: u64, dam
     let _ = a.check();
     let _ = a.stats();
 }
+
+/// A reallocation whose copy fails (the block's size word says more than its block holds: a
+/// peer broke it) frees the new block again: nothing is left allocated by it.
+pub(crate) fn failed_copy_leaks_nothing(a: &dyn RegionAllocator, info_word: impl Fn(OffsetPtr) -> u64) {
+    let p = a.allocate(100, 8).unwrap();
+    let at = info_word(p);
+    let w = a.region().ptr(at, 8).unwrap().cast::<u64>();
+    // SAFETY: the block's info word, in bounds and 8-aligned; no other thread uses the allocator.
+    unsafe { w.write_volatile(w.read_volatile() | 0x3f_ffff) };
+    let before = a.stats();
+    assert!(a.reallocate(p, 3 << 20, 8).is_err());
+    let after = a.stats();
+    assert_eq!(after.live_allocations, before.live_allocations, "the new block leaked");
+    assert_eq!(after.bytes_in_use, before.bytes_in_use);
+}

@@ -60,7 +60,8 @@ use super::large;
 use super::size_class::CLASS_COUNT;
 use super::slots::{Chunk, SlotTable};
 use super::span::{
-    class_for, corrupt, explain_free, find_live, find_small, invalid, live_block, quick_class, Found, Mem, LAYOUTS,
+    class_for, corrupt, explain_free, find_live, find_small, invalid, live_block, move_block, quick_class, Found, Mem,
+    LAYOUTS,
 };
 use cache::CacheBody;
 
@@ -406,10 +407,7 @@ impl RegionAllocator for ScalablePageAllocator {
                 info.size
             }
         };
-        let new = self.allocate(new_size, align)?;
-        s.arena.copy(user, new.get(), old_size.min(new_size as u64))?;
-        self.free(ptr)?;
-        Ok(new)
+        move_block(self, &s.arena, ptr, old_size, new_size, align)
     }
 
     #[inline]

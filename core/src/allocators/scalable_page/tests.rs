@@ -3,7 +3,8 @@ use super::cache::{self, OP_ALLOC, OP_FREE};
 use super::*;
 use crate::allocators::common::DeadProcessBlocks;
 use crate::allocators::testing::{
-    exercise, exhaust_and_recover, op_strategy, refuse_bad_input, region_of, run_model, survive_damage,
+    exercise, exhaust_and_recover, failed_copy_leaks_nothing, op_strategy, refuse_bad_input, region_of, run_model,
+    survive_damage,
 };
 use crate::sync::atomic::Ordering;
 use crate::sync::LinkStore;
@@ -37,6 +38,12 @@ fn blocks_freed_by_one_class_serve_another_after_trim() {
 fn runs_out_of_memory_and_recovers_every_time() {
     let a = ScalablePageAllocator::create(region_of(4 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
     exhaust_and_recover(&a);
+}
+
+#[test]
+fn a_reallocation_whose_copy_fails_frees_the_new_block() {
+    let a = ScalablePageAllocator::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    failed_copy_leaks_nothing(&a, |p| p.get() - 16);
 }
 
 #[test]

@@ -77,7 +77,7 @@ use super::fast_slot;
 use super::free_space::{FreeSpace, FreeSpaceLayout, FreeSpaceState};
 use super::large;
 use super::slots::{Chunk, SlotTable};
-use super::span::{class_for, corrupt, explain_free, find_live, invalid, live_block, Found, Mem, LAYOUTS};
+use super::span::{class_for, corrupt, explain_free, find_live, invalid, live_block, move_block, Found, Mem, LAYOUTS};
 use heap::HeapBody;
 use quick::Quick;
 
@@ -470,10 +470,7 @@ impl<T: ThreadModel> RegionAllocator for ThreadLocalAllocator<T> {
                 info.size
             }
         };
-        let new = self.allocate(new_size, align)?;
-        s.arena.copy(user, new.get(), old_size.min(new_size as u64))?;
-        self.free(ptr)?;
-        Ok(new)
+        move_block(self, &s.arena, ptr, old_size, new_size, align)
     }
 
     #[inline]

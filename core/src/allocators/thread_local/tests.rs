@@ -1,7 +1,8 @@
 use super::super::span::{freed_word, Info, SMALL_HEADER};
 use super::*;
 use crate::allocators::testing::{
-    exercise, exhaust_and_recover, op_strategy, refuse_bad_input, region_of, run_model, survive_damage,
+    exercise, exhaust_and_recover, failed_copy_leaks_nothing, op_strategy, refuse_bad_input, region_of, run_model,
+    survive_damage,
 };
 use crate::sync::atomic::AtomicU64;
 use crate::sync::LinkStore;
@@ -23,6 +24,12 @@ fn serves_every_size_and_alignment_and_returns_to_empty() {
 fn runs_out_of_memory_and_recovers_every_time() {
     let a = Tla::create(region_of(4 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
     exhaust_and_recover(&a);
+}
+
+#[test]
+fn a_reallocation_whose_copy_fails_frees_the_new_block() {
+    let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    failed_copy_leaks_nothing(&a, |p| p.get() - 16);
 }
 
 #[test]
