@@ -553,7 +553,7 @@ impl FreeSpaceGuard<'_> {
     /// Free bytes, for an out-of-memory error (saturating: the count is shared memory another
     /// process may have broken).
     pub(crate) fn free_bytes(&self) -> u64 {
-        self.st.free_units.saturating_mul(UNIT)
+        self.free_units().saturating_mul(UNIT)
     }
 
     /// The most units that were ever in use at once.
