@@ -39,7 +39,9 @@ pub(crate) fn allocate(
     mem.word(block + 8)?.store(size as u64, Ordering::Relaxed);
     mem.word(block + 16)?.store(stamp, Ordering::Relaxed);
     if user > block + LARGE_HEADER {
-        // Where a small block's info word would be: never a live info word.
+        // The header's last word: zero, which says the user bytes are padded (`find_live`);
+        // and where a small block's info word would be: never a live info word.
+        mem.word(block + LARGE_HEADER - 8)?.store(0, Ordering::Relaxed);
         mem.word(user - 16)?.store(0, Ordering::Relaxed);
     }
     mem.word(user - 8)?.store(back_word(user - block, stamp), Ordering::Relaxed);

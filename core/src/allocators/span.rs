@@ -780,7 +780,16 @@ fn find_live_back(mem: &Mem, user: u64) -> Option<Found<'_>> {
     if word >> STATE_SHIFT != LIVE_TAG {
         return None;
     }
+    // The word after the header is a block's back word if its user bytes follow the header
+    // (its low bits the header's size), and zero if they are padded: an unpadded block has one
+    // user offset, and the back word that led here lies in its user bytes.
     let class = word_class(word);
+    let header_size = if class == LARGE_CLASS { LARGE_HEADER } else { SMALL_HEADER };
+    // SAFETY: `block + header_size <= user - 8`, in bounds (checked above), 8-aligned.
+    let first = unsafe { mem.word_unchecked(block + header_size - 8) }.load(Ordering::Relaxed);
+    if first != 0 && back != header_size {
+        return None;
+    }
     if class == LARGE_CLASS {
         return (back >= LARGE_HEADER).then_some(Found::Large { block });
     }

@@ -372,3 +372,25 @@ pub(crate) fn failed_copy_leaks_nothing(a: &dyn RegionAllocator, info_word: impl
     assert_eq!(after.live_allocations, before.live_allocations, "the new block leaked");
     assert_eq!(after.bytes_in_use, before.bytes_in_use);
 }
+
+/// An interior offset of a live block whose preceding word, in the block's own user bytes,
+/// happens to hold that offset's distance from the block's start (as the data of a caller may)
+/// is refused: the block stays live.
+pub(crate) fn interior_offsets_with_back_words_in_the_data_are_refused(a: &dyn RegionAllocator) {
+    for (size, header) in [(1000usize, 16u64), (40_000, 32)] {
+        let p = a.allocate(size, 8).unwrap();
+        let user = p.get();
+        let block = user - header;
+        for j in 1..(size as u64 / 16).min(200) {
+            let q = user + 16 * j;
+            let w = a.region().ptr(q - 8, 8).unwrap().cast::<u64>();
+            // SAFETY: a word of the block's user bytes, in bounds and aligned.
+            unsafe { w.write(q - block) };
+            assert!(a.size_of(OffsetPtr::new(q)).is_err(), "size_of interior {j} of {size}");
+            assert!(a.free(OffsetPtr::new(q)).is_err(), "free interior {j} of {size}");
+        }
+        assert_eq!(a.size_of(p).unwrap(), size);
+        a.free(p).unwrap();
+        a.check().unwrap();
+    }
+}
