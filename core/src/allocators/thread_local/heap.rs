@@ -291,9 +291,10 @@ pub(super) fn awaits_collection(s: &Shared, heap: &Heap) -> bool {
         })
 }
 
-/// The sweep threshold for a free list of `count` blocks after a sweep.
+/// The sweep threshold for a free list of `count` blocks after a sweep (saturating: the count
+/// is shared memory another process may have broken).
 pub(super) fn sweep_limit(count: u64, class: usize) -> u64 {
-    2 * count + 2 * LAYOUTS[class].blocks
+    count.saturating_mul(2).saturating_add(2 * LAYOUTS[class].blocks)
 }
 
 impl Shared {
