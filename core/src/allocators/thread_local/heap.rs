@@ -475,7 +475,7 @@ impl Shared {
         }
         *bump = end as u32;
         crash::point();
-        cs.set_blocks(cs.blocks + (end - first));
+        cs.set_blocks(cs.blocks.wrapping_add(end - first));
         crash::point();
         end - first
     }
@@ -786,7 +786,7 @@ impl Shared {
         }
         cs.free = kept.first().copied().unwrap_or(0);
         cs.freed = 0;
-        cs.set_blocks(cs.live() + kept.len() as u64);
+        cs.set_blocks(cs.live().wrapping_add(kept.len() as u64));
         cs.set_sweep_at(sweep_limit(kept.len() as u64, class));
         if released.binary_search(&cs.bump_span).is_ok() {
             cs.bump_span = 0;

@@ -881,3 +881,20 @@ proptest! {
         survive_damage(&a, meta, a.shared.fs.layout().table, &damage);
     }
 }
+
+#[test]
+fn block_counts_another_process_broke_wrap_rather_than_panic() {
+    let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let class = crate::allocators::span::class_for(48, 8).unwrap();
+    let first = a.allocate(48, 8).unwrap();
+    let heap = a.existing_heap();
+    class_line(&a, heap, class).blocks = u64::MAX;
+    // Fresh blocks formatted (counted onto `blocks`), then a sweep (recounting it).
+    let blocks: Vec<_> = (0..3 * LAYOUTS[class].blocks).map(|_| a.allocate(48, 8).unwrap()).collect();
+    for p in blocks.into_iter().chain([first]) {
+        a.free(p).unwrap();
+    }
+    // The sweeps recount the blocks: the heap is whole again.
+    a.trim().unwrap();
+    a.check().unwrap();
+}
