@@ -246,10 +246,14 @@ pub(crate) fn refuse_bad_input(a: &dyn RegionAllocator, extra: &[u64]) {
     let after = a.stats();
     assert_eq!((after.live_allocations, after.bytes_in_use), (stats.live_allocations, stats.bytes_in_use));
     for &(p, size, _) in &live {
-        for (new_size, align) in [(0, 8), (64, 0), (64, 3), (64, 1 << 40), (usize::MAX, 8), (usize::MAX - 15, 16)] {
+        for (new_size, align) in
+            [(0, 8), (64, 0), (64, 3), (64, 1 << (usize::BITS - 8)), (usize::MAX, 8), (usize::MAX - 15, 16)]
+        {
             assert!(a.reallocate(p, new_size, align).is_err(), "reallocate({p:?}, {new_size}, {align}) accepted");
         }
-        for (new_size, align) in [(usize::MAX / 2, 4096), (1 << 62, 16), (u32::MAX as usize * 4096, 8)] {
+        for (new_size, align) in
+            [(usize::MAX / 2, 4096), (1 << (usize::BITS - 2), 16), ((u32::MAX as usize).saturating_mul(4096), 8)]
+        {
             assert!(
                 matches!(a.reallocate(p, new_size, align), Err(Error::OutOfMemory { .. } | Error::InvalidSize { .. })),
                 "reallocate({p:?}, {new_size}, {align})"
