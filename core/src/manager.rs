@@ -4,7 +4,7 @@
 //! [`ShmPtr`] received from another process (or a GPU kernel) becomes a local address.
 
 use std::any::Any;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,25 @@ struct AllocatorEntry {
 struct Registry {
     backends: BTreeMap<BackendId, Arc<dyn MemoryBackend>>,
     allocators: BTreeMap<AllocatorId, AllocatorEntry>,
+    /// Ids a `create_allocator` of this manager is creating: no other create or attach of the
+    /// manager takes them meanwhile.
+    creating: BTreeSet<AllocatorId>,
+}
+
+/// An id in [`Registry::creating`], taken out again on drop.
+struct Creating<'a> {
+    manager: &'a MemoryManager,
+    id: AllocatorId,
+}
+
+impl Drop for Creating<'_> {
+    fn drop(&mut self) {
+        self.manager.write().creating.remove(&self.id);
+    }
+}
+
+fn already_exists(id: AllocatorId) -> Error {
+    Error::AlreadyExists { what: "allocator", name: id.to_string().as_str().into() }
 }
 
 /// A registry of backends and allocators by id. Any number of each; all methods take `&self` and
@@ -97,9 +116,30 @@ impl MemoryManager {
         config: &A::Config,
     ) -> Result<Arc<A>> {
         let b = self.backend(backend)?;
-        if self.read().allocators.contains_key(&id) {
-            return Err(Error::AlreadyExists { what: "allocator", name: id.to_string().as_str().into() });
+        {
+            // The id is this call's from here: two threads creating it (in two backends, say)
+            // would otherwise both publish an allocator, and only one could be registered.
+            let mut reg = self.write();
+            if reg.allocators.contains_key(&id) || !reg.creating.insert(id) {
+                return Err(already_exists(id));
+            }
         }
+        // Given back however the creation ends (a panic in `A::create` included), once the
+        // allocator, if any, is registered.
+        let _creating = Creating { manager: self, id };
+        let allocator = Self::create_in::<A>(&b, id, size, config)?;
+        let entry = AllocatorEntry { backend, dynamic: allocator.clone(), typed: allocator.clone() };
+        self.write().allocators.insert(id, entry);
+        Ok(allocator)
+    }
+
+    /// Reserves, creates and publishes allocator `id` in backend `b`.
+    fn create_in<A: AllocatorType>(
+        b: &Arc<dyn MemoryBackend>,
+        id: AllocatorId,
+        size: u64,
+        config: &A::Config,
+    ) -> Result<Arc<A>> {
         let entry = b.header().reserve_allocator(A::TYPE_ID, id, size)?;
         let created = Region::new(b.clone(), entry.offset, entry.size).and_then(|r| A::create(r, id, config));
         let allocator = match created {
@@ -110,7 +150,6 @@ impl MemoryManager {
             }
         };
         b.header().publish_allocator(id)?;
-        self.register(backend, id, allocator.clone())?;
         Ok(allocator)
     }
 
@@ -155,8 +194,8 @@ impl MemoryManager {
 
     fn register<A: AllocatorType>(&self, backend: BackendId, id: AllocatorId, allocator: Arc<A>) -> Result<()> {
         let mut reg = self.write();
-        if reg.allocators.contains_key(&id) {
-            return Err(Error::AlreadyExists { what: "allocator", name: id.to_string().as_str().into() });
+        if reg.allocators.contains_key(&id) || reg.creating.contains(&id) {
+            return Err(already_exists(id));
         }
         let entry = AllocatorEntry { backend, dynamic: allocator.clone(), typed: allocator };
         reg.allocators.insert(id, entry);
@@ -277,6 +316,36 @@ mod tests {
         assert_eq!(a0.region().offset_of(start_of_high), None, "one past the end is not in the region");
         let end_of_high = a1.region().ptr(a1.region().end() - 1, 1).unwrap().wrapping_add(1);
         assert!(matches!(mm.to_shm(end_of_high), Err(Error::NotFound { .. })));
+    }
+
+    #[test]
+    fn threads_creating_one_id_in_two_backends_at_once_publish_it_once() {
+        for round in 0..200u32 {
+            let mm = MemoryManager::new();
+            let backends: Vec<_> =
+                (1..=2).map(|i| mm.add_backend(HeapBackend::new(BackendId(i), 1 << 16)).unwrap()).collect();
+            let id = AllocatorId::new(9, round);
+            let barrier = std::sync::Barrier::new(2);
+            let created: Vec<bool> = std::thread::scope(|s| {
+                let (mm, barrier) = (&mm, &barrier);
+                let threads: Vec<_> = backends
+                    .iter()
+                    .map(|b| {
+                        let b = b.id();
+                        s.spawn(move || {
+                            barrier.wait();
+                            mm.create_allocator::<StackAllocator>(b, id, 0, &Default::default()).is_ok()
+                        })
+                    })
+                    .collect();
+                threads.into_iter().map(|t| t.join().unwrap()).collect()
+            });
+            assert_eq!(created.iter().filter(|&&c| c).count(), 1, "round {round}: {created:?}");
+            // The loser reserved nothing: no backend holds an allocator that no one registered.
+            let published = backends.iter().filter(|b| b.header().find_allocator(id).is_ok_and(|e| e.is_some()));
+            assert_eq!(published.count(), 1, "round {round}");
+            assert!(mm.allocator::<StackAllocator>(id).is_ok());
+        }
     }
 
     #[test]
