@@ -253,6 +253,12 @@ impl Shared {
 
     /// Frees a live small block into the cache in `slot` (the quick path: it calls nothing).
     /// Returns the class if the cache is now over its limit.
+    ///
+    /// The store of the free word does not compare first (a compare on this path would cost
+    /// every free). So a double free made by two threads at the same instant can put the block
+    /// in both their caches, and it may then be handed out twice, as in the thread-local
+    /// allocator's quick free. A double free that is not simultaneous is refused: `find_small`
+    /// then sees the block free.
     #[inline]
     pub(super) fn free_quick(&self, slot: u64, block: u64, live_word: u64) -> Option<usize> {
         let class = word_class(live_word);

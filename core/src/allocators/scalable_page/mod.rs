@@ -21,6 +21,11 @@
 //! When space runs short, the calling thread's cache is flushed and spans whose blocks are all
 //! on the shared list go back to the free-space manager ([`ScalablePageAllocator::trim`]).
 //!
+//! A free of anything but a live block's offset is refused with an error, a second free of a
+//! block included, except for two frees of one block made at the same instant by two threads:
+//! the quick free does not compare (see `cache::free_quick`), and the block may then be handed
+//! out twice.
+//!
 //! Crash safety ([`recovery`]): a slot whose process died (by process id and start time) is
 //! found on attach, when space runs short, or on [`ScalablePageAllocator::reclaim`]; every block
 //! labelled with it that is on no shared list (its cache, and a block it was moving) goes back
