@@ -21,7 +21,8 @@
 //! `system` has no visible footprint: its peak actual size is reported as its high watermark.
 //!
 //! P1-P4 run `--rounds N` times (default 3), the peers taking turns, and report each peer's
-//! median; `--only P4` runs one workload and `--pools quick,system` some of the peers.
+//! median; P5 runs once. `--only P4` runs one workload and `--pools quick,system` some of the
+//! peers (for P5, `quick` names its pools of every heuristic).
 
 #[path = "common/p4_steps.rs"]
 mod p4_steps;
@@ -291,7 +292,7 @@ fn main() {
         push_median(&mut rows, "P4", "quick", &mut times[2], &q);
     }
     if wanted("P5") {
-        p5(&mut rows);
+        p5(&mut rows, &runs);
     }
     print(csv, &rows);
 }
@@ -305,10 +306,14 @@ fn push_median(rows: &mut Vec<Row>, workload: &'static str, pool: &str, times: &
     rows.push(row(workload, pool, times[times.len() / 2], peer));
 }
 
-fn p5(rows: &mut Vec<Row>) {
-    let mut system = System::default();
-    let ns = phases(&mut system);
-    rows.push(row("P5", "system", ns, &system));
+/// P5 for the peers `runs` names: `system`, `naive` (never coalescing) and `quick` (a pool per
+/// heuristic).
+fn p5(rows: &mut Vec<Row>, runs: &dyn Fn(&str) -> bool) {
+    if runs("system") {
+        let mut system = System::default();
+        let ns = phases(&mut system);
+        rows.push(row("P5", "system", ns, &system));
+    }
     let small_blocks = QuickPoolConfig { first_block_size: 1 << 20, next_block_size: 1 << 20, ..Default::default() };
     let heuristics: Vec<(&str, Box<dyn CoalesceHeuristic>)> = vec![
         ("naive", Box::new(NeverCoalesce)),
@@ -319,6 +324,9 @@ fn p5(rows: &mut Vec<Row>) {
         ("quick-percent50-hwm", Box::new(PercentReleasable::hwm(50).expect("valid"))),
     ];
     for (name, heuristic) in heuristics {
+        if !runs(if name == "naive" { "naive" } else { "quick" }) {
+            continue;
+        }
         let mut pool =
             QuickPool::with_config(HostResource, small_blocks).expect("valid config").with_heuristic(heuristic);
         let ns = phases(&mut pool);
