@@ -9,11 +9,18 @@
 //! previous block, so blocks form a list from the top down. Freeing the top block moves the bump
 //! pointer back to its `start`, and keeps popping while the new top block was already freed; a
 //! free lower down only marks the block, which is popped once everything above it is gone.
+//!
+//! A process that dies holding the lock is taken over by the next one to lock, which first
+//! rebuilds the state from the block list ([`StackAllocator::repair`]): a block is handed out
+//! only once `last` names it, and a free marks its block before the block leaves the list, so
+//! the list alone says which blocks are live, whichever store the dead process stopped at.
 
 use core::ptr::NonNull;
+use core::sync::atomic::{compiler_fence, Ordering};
 
 use crate::allocator::{AllocStats, AllocatorType, RegionAllocator};
 use crate::allocators::{align_up, check_request, header_at};
+use crate::crash;
 use crate::error::{Error, Result};
 use crate::ptr::{AllocatorId, OffsetPtr};
 use crate::region::Region;
@@ -62,6 +69,16 @@ struct BlockHeader {
     tag: u64,
 }
 
+/// The block list as [`StackAllocator::walk`] found it.
+struct Blocks {
+    /// The highest live block (null: none) and where it ends (the data area's start if none).
+    top_live: OffsetPtr,
+    top_live_end: u64,
+    /// Live blocks and their bytes.
+    live: u64,
+    in_use: u64,
+}
+
 /// A bump allocator whose state lives in its region.
 ///
 /// Each block header records where the bump pointer was before the block and the previous
@@ -88,9 +105,74 @@ impl StackAllocator {
         Ok(StackAllocator { region, id, header })
     }
 
+    /// Takes the lock; one a dead process left is taken over, and the state repaired first.
     fn lock(&self) -> MutexGuard<'_, StackState> {
         // SAFETY: `header` was checked in bounds and aligned in `new`, and the region stays mapped.
-        unsafe { self.header.as_ref() }.state.lock()
+        unsafe { self.header.as_ref() }.state.lock_or_recover(|s| self.repair(s))
+    }
+
+    /// Rebuilds the state from the block list, after its holder died between two of its stores
+    /// (at any of the crash points below). The list says which blocks are live: a block joins
+    /// it when `last` names it, after its header is written, and a freed block is marked before
+    /// it leaves. So freed blocks on top are popped, `top` goes to the end of the highest live
+    /// block (what lies above was never handed out: an allocation that wrote its header but
+    /// did not link it, a free that did not finish popping, a resize of the top block either
+    /// way), and the counters are counted again. A list broken beyond what a death leaves is
+    /// left as it is, for the operations to report.
+    fn repair(&self, s: &mut StackState) {
+        if s.data_start < self.region.offset() || s.data_start > self.region.end() {
+            return;
+        }
+        let Ok(blocks) = self.walk(s, self.region.end()) else { return };
+        s.last = blocks.top_live;
+        s.top = blocks.top_live_end;
+        // The dead operation moved the live count but maybe not its total yet: an allocation
+        // settles `total_allocations`, a free or a reset `total_frees`.
+        let unsettled = blocks.live.wrapping_sub(s.total_allocations.wrapping_sub(s.total_frees)) as i64;
+        if unsettled > 0 {
+            s.total_allocations = s.total_allocations.wrapping_add(unsettled as u64);
+        } else {
+            s.total_frees = s.total_frees.wrapping_add(unsettled.unsigned_abs());
+        }
+        s.live = blocks.live;
+        s.bytes_in_use = blocks.in_use;
+        s.high_watermark = s.high_watermark.max(s.top - s.data_start);
+    }
+
+    /// Walks the block list from `last` down, checking each header read: every block is live
+    /// or freed, lies below `limit` and below the start of the block above it, and the lowest
+    /// starts the data area.
+    fn walk(&self, s: &StackState, limit: u64) -> Result<Blocks> {
+        let mut blocks = Blocks { top_live: OffsetPtr::NULL, top_live_end: s.data_start, live: 0, in_use: 0 };
+        let mut above = limit;
+        let mut next = s.last;
+        while let Some(offset) = next.offset() {
+            let (_, h) = self.block(s, offset, above).map_err(|_| corrupt(offset, "block outside the stack"))?;
+            let is_live = h.tag == (TAG_LIVE ^ offset);
+            if !is_live && h.tag != (TAG_FREED ^ offset) {
+                return Err(corrupt(offset, "block tag is neither live nor freed"));
+            }
+            let end = offset.checked_add(h.size).filter(|&e| e <= above);
+            let Some(end) = end.filter(|_| h.start <= offset - BLOCK_HEADER) else {
+                return Err(corrupt(offset, "blocks overlap"));
+            };
+            if h.start < s.data_start {
+                return Err(corrupt(offset, "block starts before the data area"));
+            }
+            if is_live {
+                if blocks.live == 0 {
+                    (blocks.top_live, blocks.top_live_end) = (next, end);
+                }
+                blocks.live += 1;
+                blocks.in_use += h.size;
+            }
+            above = h.start;
+            next = h.prev;
+        }
+        if s.last.offset().is_some() && above != s.data_start {
+            return Err(corrupt(above, "lowest block does not start at the data area"));
+        }
+        Ok(blocks)
     }
 
     /// Takes the lock and checks the bump pointers, which another process may have written.
@@ -120,23 +202,31 @@ impl StackAllocator {
         let mut s = self.lock();
         let mut next = s.last;
         while let Some(offset) = next.offset() {
-            let Ok((hp, h)) = self.block(&s, offset) else { break };
+            let Ok((hp, h)) = self.block(&s, offset, s.top) else { break };
             // SAFETY: `hp` is the header of a block on the stack (bounds checked by `block`),
             // written under the mutex.
             unsafe { (*hp).tag = TAG_FREED ^ offset };
+            crash::point();
             // Blocks lie below one another; a link that does not go down is corrupt: stop there.
             next = if h.prev.offset().is_some_and(|prev| prev < offset) { h.prev } else { OffsetPtr::NULL };
         }
+        // Every block is marked before the list empties.
+        compiler_fence(Ordering::Release);
         s.top = s.data_start;
+        crash::point();
         s.last = OffsetPtr::NULL;
+        crash::point();
         s.total_frees = s.total_frees.wrapping_add(s.live);
+        crash::point();
         s.bytes_in_use = 0;
+        crash::point();
         s.live = 0;
     }
 
-    /// Reads the header of the block whose user bytes start at `offset`, after bounds checks.
-    fn block(&self, state: &StackState, offset: u64) -> Result<(*mut BlockHeader, BlockHeader)> {
-        if offset < state.data_start.saturating_add(BLOCK_HEADER) || offset > state.top || offset % MIN_ALIGN != 0 {
+    /// Reads the header of the block whose user bytes start at `offset`, at most `limit`, after
+    /// bounds checks.
+    fn block(&self, state: &StackState, offset: u64, limit: u64) -> Result<(*mut BlockHeader, BlockHeader)> {
+        if offset < state.data_start.saturating_add(BLOCK_HEADER) || offset > limit || offset % MIN_ALIGN != 0 {
             return Err(Error::InvalidFree { offset, reason: "not an offset this allocator gave out" });
         }
         let ptr = self.region.ptr(offset - BLOCK_HEADER, BLOCK_HEADER)?.cast::<BlockHeader>();
@@ -148,7 +238,7 @@ impl StackAllocator {
 
     fn live_block(&self, state: &StackState, ptr: OffsetPtr) -> Result<(*mut BlockHeader, BlockHeader)> {
         let offset = ptr.offset().ok_or(Error::InvalidFree { offset: ptr.get(), reason: "null pointer" })?;
-        let (hp, h) = self.block(state, offset)?;
+        let (hp, h) = self.block(state, offset, state.top)?;
         if h.tag == (TAG_FREED ^ offset) {
             return Err(Error::InvalidFree { offset, reason: "already freed" });
         }
@@ -165,7 +255,8 @@ impl StackAllocator {
     /// Pops freed blocks off the top.
     fn pop_freed(&self, state: &mut StackState) -> Result<()> {
         while let Some(offset) = state.last.offset() {
-            let (_, h) = self.block(state, offset).map_err(|_| corrupt(offset, "block list leaves the stack"))?;
+            let (_, h) =
+                self.block(state, offset, state.top).map_err(|_| corrupt(offset, "block list leaves the stack"))?;
             if h.tag != (TAG_FREED ^ offset) {
                 break;
             }
@@ -173,7 +264,9 @@ impl StackAllocator {
                 return Err(corrupt(offset, "block starts outside the stack"));
             }
             state.top = h.start;
+            crash::point();
             state.last = h.prev;
+            crash::point();
         }
         Ok(())
     }
@@ -211,12 +304,20 @@ impl RegionAllocator for StackAllocator {
         // SAFETY: in bounds, 16-aligned, above `top` so no live block overlaps it; written under
         // the mutex.
         unsafe { hp.write(header) };
+        // The header is in place before `last` names the block.
+        compiler_fence(Ordering::Release);
+        crash::point();
         s.top = block_end;
+        crash::point();
         s.last = OffsetPtr::new(user);
+        crash::point();
         // Counters are only reported (another process may have written them): they wrap.
         s.bytes_in_use = s.bytes_in_use.wrapping_add(size as u64);
+        crash::point();
         s.live = s.live.wrapping_add(1);
+        crash::point();
         s.total_allocations = s.total_allocations.wrapping_add(1);
+        crash::point();
         s.high_watermark = s.high_watermark.max(s.top - s.data_start);
         Ok(OffsetPtr::new(user))
     }
@@ -232,8 +333,11 @@ impl RegionAllocator for StackAllocator {
         if in_place {
             // SAFETY: `hp` is this live block's header (validated above), written under the mutex.
             unsafe { (*hp).size = new_size as u64 };
+            crash::point();
             s.top = offset + new_size as u64;
+            crash::point();
             s.bytes_in_use = s.bytes_in_use.wrapping_sub(h.size).wrapping_add(new_size as u64);
+            crash::point();
             s.high_watermark = s.high_watermark.max(s.top - s.data_start);
             return Ok(ptr);
         }
@@ -254,9 +358,15 @@ impl RegionAllocator for StackAllocator {
         let (hp, h) = self.live_block(&s, ptr)?;
         // SAFETY: `hp` is this live block's header (validated above), written under the mutex.
         unsafe { (*hp).tag = TAG_FREED ^ ptr.get() };
+        // The block is marked before it leaves the list.
+        compiler_fence(Ordering::Release);
+        crash::point();
         s.bytes_in_use = s.bytes_in_use.wrapping_sub(h.size);
+        crash::point();
         s.live = s.live.wrapping_sub(1);
+        crash::point();
         s.total_frees = s.total_frees.wrapping_add(1);
+        crash::point();
         if s.last == ptr {
             self.pop_freed(&mut s)?;
         }
@@ -284,36 +394,14 @@ impl RegionAllocator for StackAllocator {
     fn check(&self) -> Result<()> {
         let s = self.lock();
         self.check_bounds(&s)?;
-        let (mut live, mut in_use, mut above) = (0u64, 0u64, s.top);
-        let mut next = s.last;
-        let mut first = true;
-        while let Some(offset) = next.offset() {
-            let (_, h) = self.block(&s, offset).map_err(|_| corrupt(offset, "block outside the stack"))?;
-            let is_live = h.tag == (TAG_LIVE ^ offset);
-            if !is_live && h.tag != (TAG_FREED ^ offset) {
-                return Err(corrupt(offset, "block tag is neither live nor freed"));
-            }
-            if first && !is_live {
-                return Err(corrupt(offset, "freed block left on top of the stack"));
-            }
-            if offset.checked_add(h.size).is_none_or(|e| e > above) || h.start > offset - BLOCK_HEADER {
-                return Err(corrupt(offset, "blocks overlap"));
-            }
-            if h.start < s.data_start {
-                return Err(corrupt(offset, "block starts before the data area"));
-            }
-            if is_live {
-                live += 1;
-                in_use += h.size;
-            }
-            above = h.start;
-            next = h.prev;
-            first = false;
+        let blocks = self.walk(&s, s.top)?;
+        if blocks.top_live != s.last {
+            return Err(corrupt(s.top, "freed block left on top of the stack"));
         }
-        if above != s.data_start {
-            return Err(corrupt(above, "lowest block does not start at the data area"));
+        if blocks.top_live_end != s.top {
+            return Err(corrupt(s.top, "top is not where the top block ends"));
         }
-        if live != s.live || in_use != s.bytes_in_use {
+        if blocks.live != s.live || blocks.in_use != s.bytes_in_use {
             return Err(corrupt(s.top, "live counters disagree with the blocks"));
         }
         Ok(())
@@ -549,6 +637,120 @@ mod tests {
         assert!(matches!(s.free(d), Err(Error::Corrupt { .. })));
         s.check_bounds(&s.lock()).unwrap();
         let _ = s.stats();
+    }
+
+    /// Marks the lock held by a dead process, as a process killed inside an operation leaves it
+    /// (`die_at` unwinds, which released it).
+    fn held_by_the_dead(s: &StackAllocator) {
+        // SAFETY: the header is in bounds and aligned (`new`); the mutex is `#[repr(C)]` with its
+        // owner word, an aligned AtomicU64, first.
+        let owner = unsafe { &*core::ptr::from_ref(&s.header.as_ref().state).cast::<crate::sync::atomic::AtomicU64>() };
+        owner.store(crate::testing::dead_token(), Ordering::Release);
+    }
+
+    fn fill(s: &StackAllocator, p: OffsetPtr, len: u64, byte: u8) {
+        // SAFETY: `len` bytes of a live block.
+        unsafe { s.region.ptr(p.get(), len).unwrap().write_bytes(byte, len as usize) };
+    }
+
+    fn holds(s: &StackAllocator, p: OffsetPtr, len: u64, byte: u8) -> bool {
+        // SAFETY: `len` bytes of a live block, read only.
+        unsafe { std::slice::from_raw_parts(s.region.ptr(p.get(), len).unwrap(), len as usize) }
+            .iter()
+            .all(|&b| b == byte)
+    }
+
+    #[test]
+    fn a_death_at_any_point_of_any_operation_is_repaired_by_the_next_locker() {
+        crate::testing::install_test_liveness();
+        // Each operation runs on blocks a, b, c (b freed, so a free of c pops two blocks). A death
+        // may free the blocks (of a and c) it names, and leave at most `may_leave` blocks no one
+        // was handed. A block it returns holds the bytes of a or c (or none: fresh).
+        type Run = fn(&StackAllocator, [OffsetPtr; 2]) -> Result<Option<OffsetPtr>>;
+        let ops: [(&str, Run, &[usize], u64, Option<u8>); 7] = [
+            ("allocate", |s, _| s.allocate(5000, 64).map(Some), &[], 1, None),
+            ("free the top block", |s, [_, c]| s.free(c).map(|_| None), &[1], 0, None),
+            ("free a buried block", |s, [a, _]| s.free(a).map(|_| None), &[0], 0, None),
+            ("grow the top block in place", |s, [_, c]| s.reallocate(c, 4000, 16).map(Some), &[], 0, Some(3)),
+            ("shrink the top block in place", |s, [_, c]| s.reallocate(c, 20, 16).map(Some), &[], 0, Some(3)),
+            ("move a buried block", |s, [a, _]| s.reallocate(a, 4000, 16).map(Some), &[0], 1, Some(1)),
+            (
+                "reset",
+                |s, _| {
+                    s.reset();
+                    Ok(None)
+                },
+                &[0, 1],
+                0,
+                None,
+            ),
+        ];
+        for (name, run, may_free, may_leave, result_holds) in ops {
+            for n in 0.. {
+                let s = Arc::new(stack(64 * 1024));
+                let start = s.stats().free_bytes();
+                let (a, b, c) =
+                    (s.allocate(100, 16).unwrap(), s.allocate(200, 16).unwrap(), s.allocate(300, 16).unwrap());
+                for (p, len, byte) in [(a, 100, 1), (b, 200, 2), (c, 300, 3)] {
+                    fill(&s, p, len, byte);
+                }
+                s.free(b).unwrap();
+                let out = crate::crash::testing::die_at(n, || run(&s, [a, c]));
+                if out.is_some() && n == 0 {
+                    panic!("{name} passes no crash point");
+                }
+                if out.is_none() {
+                    held_by_the_dead(&s);
+                }
+                let (tx, rx) = std::sync::mpsc::channel();
+                let peer = s.clone();
+                std::thread::spawn(move || tx.send(peer.check()));
+                let checked = rx.recv_timeout(std::time::Duration::from_secs(10));
+                let at = format!("{name}, died at point {n}");
+                checked
+                    .unwrap_or_else(|_| panic!("{at}: the lock was never taken over"))
+                    .unwrap_or_else(|e| panic!("{at}: {e}"));
+                let stats = s.stats();
+                assert_eq!(stats.total_allocations.wrapping_sub(stats.total_frees), stats.live_allocations, "{at}");
+                // The blocks the caller holds: a and c unless the operation freed them, its result.
+                let mut held = Vec::new();
+                for (i, (p, len, byte)) in [(a, 100, 1u8), (c, 300, 3)].into_iter().enumerate() {
+                    match s.size_of(p) {
+                        Ok(size) => held.push((p, len.min(size as u64), byte)),
+                        Err(Error::InvalidFree { .. }) if may_free.contains(&i) => {}
+                        Err(e) => panic!("{at}: block {i} lost: {e}"),
+                    }
+                }
+                if let Some(Ok(Some(p))) = out {
+                    held.retain(|&(q, _, _)| q != p);
+                    let size = s.size_of(p).unwrap() as u64;
+                    match result_holds {
+                        Some(byte) => held.push((p, size.min(20), byte)),
+                        None => {
+                            fill(&s, p, size, 5);
+                            held.push((p, size, 5));
+                        }
+                    }
+                }
+                // New blocks go above every live one.
+                let fresh = s.allocate(2000, 16).unwrap();
+                fill(&s, fresh, 2000, 0xee);
+                for &(p, len, byte) in &held {
+                    assert!(holds(&s, p, len, byte), "{at}: a live block's bytes changed");
+                }
+                s.free(fresh).unwrap();
+                for &(p, _, _) in &held {
+                    s.free(p).unwrap();
+                }
+                assert!(s.stats().live_allocations <= may_leave, "{at}: {:?}", s.stats());
+                s.reset();
+                assert_eq!(s.stats().free_bytes(), start, "{at}");
+                s.check().unwrap_or_else(|e| panic!("{at}: {e}"));
+                if out.is_some() {
+                    break;
+                }
+            }
+        }
     }
 
     #[derive(Debug, Clone)]
