@@ -660,32 +660,77 @@ mod tests {
             .all(|&b| b == byte)
     }
 
+    /// An operation a process dies inside, on blocks a and c (see the test below).
+    struct Case {
+        name: &'static str,
+        run: fn(&StackAllocator, [OffsetPtr; 2]) -> Result<Option<OffsetPtr>>,
+        /// Which of a and c a death may leave freed.
+        may_free: &'static [usize],
+        /// How many blocks no one was handed a death may leave live.
+        may_leave: u64,
+        /// The fill byte of a or c that the block it returns holds (`None`: a fresh block).
+        result_holds: Option<u8>,
+    }
+
     #[test]
     fn a_death_at_any_point_of_any_operation_is_repaired_by_the_next_locker() {
         crate::testing::install_test_liveness();
-        // Each operation runs on blocks a, b, c (b freed, so a free of c pops two blocks). A death
-        // may free the blocks (of a and c) it names, and leave at most `may_leave` blocks no one
-        // was handed. A block it returns holds the bytes of a or c (or none: fresh).
-        type Run = fn(&StackAllocator, [OffsetPtr; 2]) -> Result<Option<OffsetPtr>>;
-        let ops: [(&str, Run, &[usize], u64, Option<u8>); 7] = [
-            ("allocate", |s, _| s.allocate(5000, 64).map(Some), &[], 1, None),
-            ("free the top block", |s, [_, c]| s.free(c).map(|_| None), &[1], 0, None),
-            ("free a buried block", |s, [a, _]| s.free(a).map(|_| None), &[0], 0, None),
-            ("grow the top block in place", |s, [_, c]| s.reallocate(c, 4000, 16).map(Some), &[], 0, Some(3)),
-            ("shrink the top block in place", |s, [_, c]| s.reallocate(c, 20, 16).map(Some), &[], 0, Some(3)),
-            ("move a buried block", |s, [a, _]| s.reallocate(a, 4000, 16).map(Some), &[0], 1, Some(1)),
-            (
-                "reset",
-                |s, _| {
+        // Blocks a, b, c, with b freed: a free of c pops two blocks.
+        let cases = [
+            Case {
+                name: "allocate",
+                run: |s, _| s.allocate(5000, 64).map(Some),
+                may_free: &[],
+                may_leave: 1,
+                result_holds: None,
+            },
+            Case {
+                name: "free the top block",
+                run: |s, [_, c]| s.free(c).map(|_| None),
+                may_free: &[1],
+                may_leave: 0,
+                result_holds: None,
+            },
+            Case {
+                name: "free a buried block",
+                run: |s, [a, _]| s.free(a).map(|_| None),
+                may_free: &[0],
+                may_leave: 0,
+                result_holds: None,
+            },
+            Case {
+                name: "grow the top block in place",
+                run: |s, [_, c]| s.reallocate(c, 4000, 16).map(Some),
+                may_free: &[],
+                may_leave: 0,
+                result_holds: Some(3),
+            },
+            Case {
+                name: "shrink the top block in place",
+                run: |s, [_, c]| s.reallocate(c, 20, 16).map(Some),
+                may_free: &[],
+                may_leave: 0,
+                result_holds: Some(3),
+            },
+            Case {
+                name: "move a buried block",
+                run: |s, [a, _]| s.reallocate(a, 4000, 16).map(Some),
+                may_free: &[0],
+                may_leave: 1,
+                result_holds: Some(1),
+            },
+            Case {
+                name: "reset",
+                run: |s, _| {
                     s.reset();
                     Ok(None)
                 },
-                &[0, 1],
-                0,
-                None,
-            ),
+                may_free: &[0, 1],
+                may_leave: 0,
+                result_holds: None,
+            },
         ];
-        for (name, run, may_free, may_leave, result_holds) in ops {
+        for Case { name, run, may_free, may_leave, result_holds } in cases {
             for n in 0.. {
                 let s = Arc::new(stack(64 * 1024));
                 let start = s.stats().free_bytes();
@@ -751,6 +796,38 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_dead_holder_of_a_broken_state_is_taken_over_and_the_state_left_for_errors() {
+        crate::testing::install_test_liveness();
+        let s = stack(64 * 1024);
+        let a = s.allocate(64, 16).unwrap();
+        let (data_start, top) = {
+            let st = s.lock();
+            (st.data_start, st.top)
+        };
+        // What no death leaves: the repair cannot tell the live blocks, so it changes nothing.
+        for (bad_start, bad_last) in [
+            (data_start, u64::MAX - 15),
+            (data_start, top + 4096),
+            (u64::MAX, a.get()),
+            (u64::MAX, OffsetPtr::NULL.get()),
+        ] {
+            {
+                let mut st = s.lock();
+                (st.data_start, st.last) = (bad_start, OffsetPtr::new(bad_last));
+            }
+            held_by_the_dead(&s);
+            let _ = s.stats();
+            let st = s.lock();
+            assert_eq!((st.data_start, st.last.get(), st.top), (bad_start, bad_last, top), "the repair wrote");
+            drop(st);
+            assert!(s.check().is_err());
+            let mut st = s.lock();
+            (st.data_start, st.last) = (data_start, a);
+        }
+        s.check().unwrap();
     }
 
     #[derive(Debug, Clone)]
