@@ -3,7 +3,7 @@
 //! | model | where | thread id | TLS with destructors | yield | sleep |
 //! |---|---|---|---|---|---|
 //! | [`Pthreads`] | unix | `gettid` (Linux) / `pthread_self` | `pthread_key_create` | `sched_yield` | `nanosleep` |
-//! | `Windows` | Windows | `GetCurrentThreadId` | `FlsAlloc` callbacks | `SwitchToThread` | `Sleep` |
+//! | `Windows` | Windows | `GetCurrentThreadId` | own table, one `FlsAlloc` slot for its exit callback | `SwitchToThread` | `Sleep` |
 //! | [`StdThreads`] | anywhere with std | per-process counter | `thread_local!` table | `std::thread::yield_now` | `std::thread::sleep` |
 //!
 //! [`DefaultThreadModel`] is Pthreads on unix and Windows on Windows; feature `force-std` makes it
@@ -14,11 +14,13 @@ pub use hetmem_core::{ThreadModel, TlsDestructor};
 
 #[cfg(unix)]
 mod pthreads;
-#[cfg(any(unix, windows))]
+#[cfg(any(unix, windows, feature = "std"))]
 mod slots;
 #[cfg(feature = "std")]
 #[path = "std.rs"]
 mod std_threads;
+#[cfg(any(windows, feature = "std"))]
+mod table;
 #[cfg(windows)]
 mod windows;
 
@@ -197,6 +199,111 @@ pub(crate) mod contract {
             assert!(T::tls_get(new).is_null());
             assert_eq!(T::tls_set(new, mine), Err(DELETED_KEY), "{}: set after delete", T::NAME);
             assert_eq!(T::tls_delete(new), Err(DELETED_KEY), "{}: second delete", T::NAME);
+        }
+    }
+
+    static RACE_DESTROYED: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+
+    unsafe extern "C" fn record_race(value: *mut c_void) {
+        RACE_DESTROYED.lock().unwrap().push(value as usize);
+    }
+
+    /// A key deleted while another thread keeps reading and setting its value, and a third thread
+    /// makes new keys meanwhile (taking the deleted key's slot): no crash; once the delete has
+    /// returned the user reads null and its sets fail; its racing sets land in no new key; no
+    /// destructor runs for the deleted key's value, and at thread exit they run for the values
+    /// under the new keys. Models that keep their own key table promise this; pthreads does not
+    /// (a set racing the delete may store under the key that next takes the slot).
+    #[cfg(any(windows, feature = "std"))]
+    pub(crate) fn delete_while_in_use<T: ThreadModel>() {
+        use ::std::sync::atomic::AtomicBool;
+        use ::std::sync::{mpsc, Arc, Barrier};
+
+        let base = 0x20_0000 + 0x1000 * T::NAME.len();
+        for round in 0..8 {
+            // SAFETY: `record_race` accepts any value.
+            let key = unsafe { T::tls_create(Some(record_race)) }.unwrap();
+            let ready = Arc::new(Barrier::new(3));
+            let deleted = Arc::new(AtomicBool::new(false));
+            let (send_keys, new_keys) = mpsc::channel::<Vec<T::TlsKey>>();
+
+            let user = {
+                let (ready, deleted) = (ready.clone(), deleted.clone());
+                ::std::thread::spawn(move || {
+                    // A real value the thread goes on using, and frees itself after the delete.
+                    let mine = Box::into_raw(Box::new([round; 4]));
+                    T::tls_set(key, mine.cast()).unwrap();
+                    ready.wait();
+                    let mut gone = false;
+                    loop {
+                        // Read first: once it is set, the delete has returned.
+                        let done = deleted.load(Ordering::SeqCst);
+                        let v = T::tls_get(key);
+                        assert!(v == mine.cast() || v.is_null(), "{} round {round}: read a foreign value", T::NAME);
+                        if !v.is_null() {
+                            assert!(!gone, "{} round {round}: the value came back after the delete", T::NAME);
+                            // SAFETY: `mine` is this thread's live box, freed only below.
+                            assert_eq!(unsafe { *v.cast::<[usize; 4]>() }, [round; 4]);
+                        }
+                        gone |= v.is_null();
+                        assert!(!done || gone, "{} round {round}: the key reads its value after the delete", T::NAME);
+                        match T::tls_set(key, mine.cast()) {
+                            Ok(()) => assert!(!done, "{} round {round}: set after the delete", T::NAME),
+                            Err(e) => assert_eq!(e, DELETED_KEY),
+                        }
+                        if done {
+                            break;
+                        }
+                        T::yield_now();
+                    }
+                    assert!(T::tls_get(key).is_null());
+                    // SAFETY: the key is deleted and refused every set since: nothing else holds `mine`.
+                    drop(unsafe { Box::from_raw(mine) });
+                    // The keys made meanwhile: this thread never set them, so its racing sets of
+                    // the deleted key landed in none of them.
+                    for (i, new) in new_keys.recv().unwrap().into_iter().enumerate() {
+                        assert!(T::tls_get(new).is_null(), "{} round {round}: a stale set reached a new key", T::NAME);
+                        T::tls_set(new, (base + 0x10 + i) as *mut c_void).unwrap();
+                    }
+                })
+            };
+            let creator = {
+                let (ready, deleted) = (ready.clone(), deleted.clone());
+                ::std::thread::spawn(move || {
+                    ready.wait();
+                    let mut keys = Vec::new();
+                    let mut after = 0;
+                    while after < 4 && keys.len() < 64 {
+                        after += usize::from(deleted.load(Ordering::SeqCst));
+                        // SAFETY: as above.
+                        keys.push(unsafe { T::tls_create(Some(record_race)) }.unwrap());
+                        T::yield_now();
+                    }
+                    keys
+                })
+            };
+            ready.wait();
+            T::yield_now();
+            T::tls_delete(key).unwrap();
+            deleted.store(true, Ordering::SeqCst);
+            let keys = creator.join().unwrap();
+            send_keys.send(keys.clone()).unwrap();
+            user.join().unwrap();
+
+            let mut destroyed: Vec<usize> = {
+                let mut all = RACE_DESTROYED.lock().unwrap();
+                let mine: Vec<usize> = all.iter().copied().filter(|v| v & !0xfff == base).collect();
+                all.retain(|v| v & !0xfff != base);
+                mine
+            };
+            destroyed.sort_unstable();
+            let expected: Vec<usize> = (0..keys.len()).map(|i| base + 0x10 + i).collect();
+            assert_eq!(destroyed, expected, "{} round {round}: destructors ran for the wrong values", T::NAME);
+            assert!(T::tls_get(key).is_null());
+            assert_eq!(T::tls_delete(key), Err(DELETED_KEY));
+            for new in keys {
+                T::tls_delete(new).unwrap();
+            }
         }
     }
 }

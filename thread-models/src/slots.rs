@@ -1,8 +1,9 @@
-//! Generations of OS thread-local slots, so a key used after `tls_delete` is refused even once
-//! the OS has handed its slot to another key.
+//! Generations of thread-local slots, so a key used after `tls_delete` is refused even once its
+//! slot has been handed to another key.
 //!
-//! pthreads and Windows name a key by a small slot index that they reuse as soon as it is freed.
-//! The models keep one generation per index: odd while a key of the model holds the slot, even
+//! pthreads names a key by a small slot index that it reuses as soon as it is freed, and the
+//! models that keep their own key table ([`KeyTable`](crate::table::KeyTable)) do the same. The
+//! models keep one generation per index: odd while a key of the model holds the slot, even
 //! while it is free (or held by code outside the model). A key carries the odd generation it was
 //! made with; every get, set and delete compares it with the slot's, so a deleted key never
 //! matches again, whoever holds its slot now.
@@ -23,12 +24,18 @@ impl<const N: usize> SlotGenerations<N> {
         Self([const { AtomicU64::new(0) }; N])
     }
 
-    /// Marks `index`, just handed out by the OS, as held by a new key; returns the key's
+    /// Whether a key holds `index` (its generation is odd).
+    #[cfg(any(windows, feature = "std"))]
+    pub(crate) fn is_held(&self, index: usize) -> bool {
+        self.0[index & (N - 1)].load(Ordering::Acquire) & 1 == 1
+    }
+
+    /// Marks `index`, just handed out by the OS (or the model's key table), as held by a new key; returns the key's
     /// generation, or `beyond_table` when the index does not fit the table.
     pub(crate) fn open(&self, index: usize, beyond_table: Error) -> Result<u64> {
         let slot = self.0.get(index).ok_or(beyond_table)?;
-        // Only the owner of a slot index writes its generation, and the OS gives each index one
-        // owner at a time, so this needs no loop. The next odd value: from an even one (freed
+        // Only the owner of a slot index writes its generation, and the OS (or the key table, under
+        // its lock) gives each index one owner at a time, so this needs no loop. The next odd value: from an even one (freed
         // through the model) +1; from an odd one (freed behind the model's back, so its old key
         // never saw `tls_delete`) +2, which retires that key too.
         let old = slot.load(Ordering::Acquire);
@@ -55,6 +62,7 @@ impl<const N: usize> SlotGenerations<N> {
     }
 
     /// Undoes `close` when the OS refused to free the slot: the key stays usable.
+    #[cfg(unix)]
     pub(crate) fn reopen(&self, index: usize, generation: u64) {
         self.0[index & (N - 1)].store(generation, Ordering::Release);
     }

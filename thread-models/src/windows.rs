@@ -1,14 +1,15 @@
 //! [`Windows`]: Windows threads through windows-sys.
 //!
-//! Thread-local values live in fiber-local storage, whose callback runs at thread exit. The
-//! callback receives only the value, so for keys with a destructor each thread's slot holds a
-//! small heap cell with the value and the destructor, and one trampoline runs it.
-//!
-//! Windows reuses a freed FLS index for the next `FlsAlloc`, so a key also carries its slot's
-//! generation ([`SlotGenerations`]): a key used after `tls_delete` is refused before its index is
-//! touched, and never reads another key's value as a cell or frees it.
+//! Thread-local keys are the model's own ([`KeyTable`]): each thread (each fiber, as FLS is)
+//! owns a [`ThreadValues`] table, found through one FLS slot that is allocated once per process
+//! and never freed, and whose callback runs the destructors when the thread exits (or its fiber
+//! is deleted) and frees the table. A slot per key would not do: `FlsFree` frees every thread's
+//! value under it, also while another thread is reading it, and Windows hands the freed index to
+//! the next `FlsAlloc` while a `tls_set` of the deleted key may still be about to store into it.
+//! Here deleting a key only retires its generation; each thread's values stay its own.
 
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use hetmem_core::{Error, Result, ThreadModel, TlsDestructor};
 use windows_sys::Win32::Foundation::GetLastError;
@@ -16,54 +17,88 @@ use windows_sys::Win32::System::Threading::{
     FlsAlloc, FlsFree, FlsGetValue, FlsSetValue, GetCurrentThreadId, Sleep, SwitchToThread, FLS_OUT_OF_INDEXES,
 };
 
-use crate::slots::SlotGenerations;
+use crate::table::{KeyTable, TableKey, ThreadValues};
 use crate::DELETED_KEY;
 
-/// FLS indexes the model can hold: Windows has at most `FLS_MAXIMUM_AVAILABLE` (4080).
-const FLS_SLOTS: usize = 4096;
+static KEYS: KeyTable = KeyTable::new();
 
-static GENERATIONS: SlotGenerations<FLS_SLOTS> = SlotGenerations::new();
+/// The process's FLS index for the tables, `FLS_OUT_OF_INDEXES` until the first `tls_create`.
+static FLS_INDEX: AtomicU32 = AtomicU32::new(FLS_OUT_OF_INDEXES);
 
-/// Windows threads: `GetCurrentThreadId`, FLS slots with destructors, `SwitchToThread`, `Sleep`.
+/// Windows threads: `GetCurrentThreadId`, keys in a table of the model's with one FLS slot for
+/// the thread-exit destructors, `SwitchToThread`, `Sleep`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Windows;
 
-/// A key of [`Windows`]: the FLS index, its generation when the key was made, and the destructor
-/// to run (if any).
-#[derive(Clone, Copy, Debug)]
-pub struct WindowsTlsKey {
-    index: u32,
-    generation: u64,
-    destructor: Option<TlsDestructor>,
-}
-
-impl WindowsTlsKey {
-    fn is_live(self) -> bool {
-        GENERATIONS.is_live(self.index as usize, self.generation)
-    }
-}
-
-struct Cell {
-    value: *mut c_void,
-    destructor: TlsDestructor,
-}
-
-unsafe extern "system" fn run_destructor(cell: *const c_void) {
-    if cell.is_null() {
-        return;
-    }
-    // SAFETY: non-null FLS values of keys with destructors are cells made by `tls_set` with
-    // Box::into_raw; Windows calls this once per thread per slot.
-    let cell = unsafe { Box::from_raw(cell as *mut Cell) };
-    if !cell.value.is_null() {
-        // SAFETY: `tls_create`'s caller promised the destructor is sound for every non-null value.
-        unsafe { (cell.destructor)(cell.value) };
-    }
-}
+/// A key of [`Windows`]: a slot in the model's key table and the generation that slot had when
+/// the key was made, so a deleted key's old values are never seen through a new key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WindowsTlsKey(TableKey);
 
 fn last_error(call: &'static str) -> Error {
     // SAFETY: GetLastError has no preconditions.
     Error::Os { call, errno: unsafe { GetLastError() } as i32 }
+}
+
+/// The FLS index of the tables, allocated on first use; never freed.
+fn fls_index() -> Result<u32> {
+    let index = FLS_INDEX.load(Ordering::Acquire);
+    if index != FLS_OUT_OF_INDEXES {
+        return Ok(index);
+    }
+    // SAFETY: `thread_exit` accepts every value stored under the index: null or a table of
+    // `tls_set`.
+    let fresh = unsafe { FlsAlloc(Some(thread_exit)) };
+    if fresh == FLS_OUT_OF_INDEXES {
+        return Err(last_error("FlsAlloc"));
+    }
+    match FLS_INDEX.compare_exchange(FLS_OUT_OF_INDEXES, fresh, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => Ok(fresh),
+        Err(winner) => {
+            // SAFETY: another thread published its index first; `fresh` was never published, so
+            // no thread has a value under it.
+            unsafe { FlsFree(fresh) };
+            Ok(winner)
+        }
+    }
+}
+
+/// This fiber's table, or null if it has none yet (or no key was ever made).
+#[inline]
+fn this_table() -> *const ThreadValues {
+    let index = FLS_INDEX.load(Ordering::Acquire);
+    if index == FLS_OUT_OF_INDEXES {
+        return std::ptr::null();
+    }
+    // SAFETY: reading an FLS slot has no preconditions.
+    unsafe { FlsGetValue(index) as *const ThreadValues }
+}
+
+/// The FLS callback: runs the destructors of the values left under live keys, then frees the
+/// table. Windows calls it once per table, at thread exit or when its fiber is deleted (then
+/// perhaps on another thread, whose own table is left alone).
+unsafe extern "system" fn thread_exit(table: *const c_void) {
+    if table.is_null() {
+        return;
+    }
+    let table = table as *mut ThreadValues;
+    // SAFETY: non-null values under our index are tables boxed by `tls_set`, and Windows passes
+    // each to this callback once, after its fiber's last call; the box is freed only below.
+    // Destructors that get or set values on this thread reach the same table through shared
+    // references (if Windows still shows it in the slot), which `ThreadValues` allows.
+    unsafe { (*table).run_destructors() };
+    let index = FLS_INDEX.load(Ordering::Acquire);
+    // SAFETY: reading and clearing our own slot; cleared only if it still names this table, so
+    // no later call on this thread reads the freed box, and a fiber-deletion callback leaves the
+    // running fiber's table alone.
+    unsafe {
+        if FlsGetValue(index).cast::<ThreadValues>() == table {
+            FlsSetValue(index, std::ptr::null());
+        }
+    }
+    // SAFETY: the table is ours (see above) and no reference to it is left; dropping it runs one
+    // more round of destructors for values set since.
+    drop(unsafe { Box::from_raw(table) });
 }
 
 impl ThreadModel for Windows {
@@ -87,78 +122,49 @@ impl ThreadModel for Windows {
     }
 
     unsafe fn tls_create(destructor: Option<TlsDestructor>) -> Result<Self::TlsKey> {
-        let callback = destructor.map(|_| run_destructor as unsafe extern "system" fn(*const c_void));
-        // SAFETY: the callback, if any, only accepts the cells `tls_set` stores.
-        let index = unsafe { FlsAlloc(callback) };
-        if index == FLS_OUT_OF_INDEXES {
-            return Err(last_error("FlsAlloc"));
-        }
-        let beyond = Error::Unsupported("FlsAlloc returned an index beyond the Windows model's slot table");
-        match GENERATIONS.open(index as usize, beyond) {
-            Ok(generation) => Ok(WindowsTlsKey { index, generation, destructor }),
-            Err(e) => {
-                // SAFETY: freeing the index just allocated; no thread has a value under it.
-                unsafe { FlsFree(index) };
-                Err(e)
-            }
-        }
+        fls_index()?;
+        KEYS.create(destructor).map(WindowsTlsKey)
     }
 
+    #[inline]
     fn tls_get(key: Self::TlsKey) -> *mut c_void {
-        if !key.is_live() {
-            // A deleted key's index may hold another key's value, perhaps raw, perhaps a cell.
+        let table = this_table();
+        if table.is_null() {
             return std::ptr::null_mut();
         }
-        // SAFETY: reading an FLS slot has no preconditions.
-        let raw = unsafe { FlsGetValue(key.index) };
-        match key.destructor {
-            None => raw,
-            Some(_) if raw.is_null() => raw,
-            // SAFETY: the key is live, so its slot holds cells made by its `tls_set`.
-            Some(_) => unsafe { (*(raw as *const Cell)).value },
-        }
+        // SAFETY: a non-null value under our index is this fiber's table (see `thread_exit`),
+        // freed only by the callback after its fiber's last call.
+        unsafe { (*table).get(key.0) }
     }
 
     fn tls_set(key: Self::TlsKey, value: *mut c_void) -> Result<()> {
-        if !key.is_live() {
+        if !KEYS.is_live(key.0) {
             return Err(DELETED_KEY);
         }
-        let stored = match key.destructor {
-            None => value as *const c_void,
-            Some(destructor) => {
-                // SAFETY: reading an FLS slot has no preconditions.
-                let raw = unsafe { FlsGetValue(key.index) };
-                if !raw.is_null() {
-                    // SAFETY: as in `tls_get`; we own this thread's cell.
-                    unsafe { (*(raw as *mut Cell)).value = value };
-                    return Ok(());
-                }
-                Box::into_raw(Box::new(Cell { value, destructor })) as *const c_void
+        let mut table = this_table();
+        if table.is_null() {
+            if value.is_null() {
+                // Null is what an absent table reads as already.
+                return Ok(());
             }
-        };
-        // SAFETY: storing a pointer value in our own slot.
-        if unsafe { FlsSetValue(key.index, stored) } == 0 {
-            let error = last_error("FlsSetValue");
-            if key.destructor.is_some() {
-                // SAFETY: `stored` is the cell boxed above; the slot refused it, so it is still ours.
-                drop(unsafe { Box::from_raw(stored as *mut Cell) });
+            // A key exists, so `tls_create` allocated the index.
+            let index = fls_index()?;
+            let fresh = Box::into_raw(Box::new(ThreadValues::new(&KEYS)));
+            // SAFETY: storing this fiber's table in our own slot.
+            if unsafe { FlsSetValue(index, fresh as *const c_void) } == 0 {
+                let error = last_error("FlsSetValue");
+                // SAFETY: the slot refused the box, so it is still only ours.
+                drop(unsafe { Box::from_raw(fresh) });
+                return Err(error);
             }
-            return Err(error);
+            table = fresh;
         }
-        Ok(())
+        // SAFETY: as in `tls_get`.
+        unsafe { (*table).set(key.0, value) }
     }
 
     fn tls_delete(key: Self::TlsKey) -> Result<()> {
-        // Retired first, so no use of the key follows the index into its next owner.
-        GENERATIONS.close(key.index as usize, key.generation)?;
-        // SAFETY: freeing the index of a live key of ours (just retired). FlsFree runs the
-        // callback for each thread's value, which frees its cell.
-        if unsafe { FlsFree(key.index) } == 0 {
-            let error = last_error("FlsFree");
-            GENERATIONS.reopen(key.index as usize, key.generation);
-            return Err(error);
-        }
-        Ok(())
+        KEYS.delete(key.0)
     }
 }
 
@@ -168,7 +174,7 @@ mod tests {
 
     impl crate::contract::SlotOf for WindowsTlsKey {
         fn slot(&self) -> usize {
-            self.index as usize
+            self.0.slot
         }
     }
 
@@ -180,5 +186,10 @@ mod tests {
     #[test]
     fn refuses_keys_used_after_delete() {
         crate::contract::stale_keys::<Windows>();
+    }
+
+    #[test]
+    fn survives_a_delete_while_in_use() {
+        crate::contract::delete_while_in_use::<Windows>();
     }
 }
