@@ -413,8 +413,9 @@ impl<T: ThreadModel> Drop for ThreadLocalAllocator<T> {
     fn drop(&mut self) {
         let _ = self.release_thread_heap();
         // Other threads' values stay until they exit; with the key deleted their destructors
-        // may not run (pthreads), so their heaps are released when their process exits and is
-        // found dead, or by `Drop` of a handle those threads call `release_thread_heap` on.
+        // do not run (no model runs them for a deleted key), so their heaps are released when
+        // their process exits and is found dead, or when those threads call
+        // `release_thread_heap` on a handle.
         let _ = T::tls_delete(self.key);
     }
 }
