@@ -25,6 +25,17 @@ pub use spin_lock::{SpinLock, SpinLockGuard};
 #[cfg(target_has_atomic = "64")]
 pub use tagged_list::{LinkStore, TaggedOffsetList};
 
+/// Compiles only for a `T` that is not `Sync`: `<T as NotSync<_>>::CHECKED` names one impl
+/// exactly when the `Sync` one does not apply (for the guards' tests).
+#[cfg(all(test, not(loom), feature = "std"))]
+pub(crate) trait NotSync<A> {
+    const CHECKED: () = ();
+}
+#[cfg(all(test, not(loom), feature = "std"))]
+impl<T: ?Sized> NotSync<()> for T {}
+#[cfg(all(test, not(loom), feature = "std"))]
+impl<T: ?Sized + Sync> NotSync<u8> for T {}
+
 /// Waits politely inside a lock's retry loop: lets another thread run where there is a
 /// scheduler, and hints the CPU otherwise.
 #[inline]

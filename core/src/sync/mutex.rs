@@ -153,16 +153,8 @@ impl<T> Drop for MutexGuard<'_, T> {
 #[cfg(all(test, not(loom), feature = "std"))]
 mod tests {
     use super::*;
-    use crate::sync::owner_pid;
+    use crate::sync::{owner_pid, NotSync};
     use std::sync::Arc;
-
-    /// Compiles only for a `T` that is not `Sync`: the path names one impl exactly when the
-    /// `Sync` one does not apply.
-    trait NotSync<A> {
-        const CHECKED: () = ();
-    }
-    impl<T: ?Sized> NotSync<()> for T {}
-    impl<T: ?Sized + Sync> NotSync<u8> for T {}
 
     #[test]
     fn a_guard_is_shared_between_threads_only_if_its_value_may_be() {

@@ -137,14 +137,8 @@ impl<T> Drop for SpinLockGuard<'_, T> {
 #[cfg(all(test, not(loom), feature = "std"))]
 mod tests {
     use super::*;
+    use crate::sync::NotSync;
     use std::sync::Arc;
-
-    /// Compiles only for a `T` that is not `Sync` (see the mutex's test).
-    trait NotSync<A> {
-        const CHECKED: () = ();
-    }
-    impl<T: ?Sized> NotSync<()> for T {}
-    impl<T: ?Sized + Sync> NotSync<u8> for T {}
 
     #[test]
     fn a_guard_is_shared_between_threads_only_if_its_value_may_be() {
