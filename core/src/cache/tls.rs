@@ -536,8 +536,9 @@ impl SlotRef {
     }
 
     /// This slot's depot. The calling thread's caches start first if they have not: the first
-    /// thread of the process to start gives every depot its default limit, which must not
-    /// replace a limit set through this handle before.
+    /// thread of the process to start gives every depot its default limit, so a limit read back
+    /// before any request is the default, not the unset mark. (A limit set before that start is
+    /// kept: the default is set only over the mark, see `Depot::set_default_limit`.)
     pub(crate) fn depot(&self) -> Option<&'static Depot> {
         with_state(ensure_active);
         self.assigned().map(|slot| &DEPOTS[slot])
