@@ -9,7 +9,6 @@
 //! the memory it serves.
 
 use alloc::boxed::Box;
-use alloc::vec;
 use alloc::vec::Vec;
 use core::ptr::NonNull;
 
@@ -337,17 +336,26 @@ impl<R: MemoryResource> FixedPool<R> {
         Ok(())
     }
 
-    /// Takes a new sub-pool from upstream and returns its index.
+    /// Takes a new sub-pool from upstream and returns its index. The sub-pool's bookkeeping (its
+    /// bitmap, its slot records, its place in the table) is allocated first, fallibly: a pool
+    /// whose host memory runs out reports `OutOfMemory` and stays usable.
     fn grow(&mut self) -> Result<usize> {
-        let actual = self.pools.len() * self.block_bytes;
+        let actual = self.pools.len().saturating_mul(self.block_bytes);
         if let Some(max) = self.config.max_size {
-            if actual + self.block_bytes > max {
+            if actual.saturating_add(self.block_bytes) > max {
                 return Err(Error::OutOfMemory {
                     requested: self.block_bytes as u64,
                     available: max.saturating_sub(actual) as u64,
                 });
             }
         }
+        let objects = self.config.objects_per_block;
+        let words = objects.div_ceil(64);
+        let host_oom = |bytes: usize| Error::OutOfMemory { requested: bytes as u64, available: 0 };
+        let mut used_bits = boxed_slice(0u64, words).ok_or_else(|| host_oom(words.saturating_mul(8)))?;
+        let slots = boxed_slice(Slot::default(), objects)
+            .ok_or_else(|| host_oom(objects.saturating_mul(core::mem::size_of::<Slot>())))?;
+        self.pools.try_reserve(1).map_err(|_| host_oom(core::mem::size_of::<SubPool>()))?;
         let align = self.config.alignment;
         let base = match self.upstream.allocate(self.block_bytes, align) {
             Ok(base) => base,
@@ -358,28 +366,28 @@ impl<R: MemoryResource> FixedPool<R> {
             }
         };
         self.upstream_allocations += 1;
-        let words = self.config.objects_per_block.div_ceil(64);
-        let mut used_bits = vec![0u64; words].into_boxed_slice();
         // Bits past the last slot read as used, so the scan never hands them out.
-        let tail = self.config.objects_per_block % 64;
+        let tail = objects % 64;
         if tail != 0 {
             used_bits[words - 1] = !0u64 << tail;
         }
         let addr = base.as_ptr() as usize;
-        let pool = SubPool {
-            base,
-            addr,
-            used_bits,
-            slots: vec![Slot::default(); self.config.objects_per_block].into_boxed_slice(),
-            used: 0,
-            search_from: 0,
-        };
+        let pool = SubPool { base, addr, used_bits, slots, used: 0, search_from: 0 };
         let index = self.pools.partition_point(|p| p.addr < addr);
         self.pools.insert(index, pool);
         self.empty_pools += 1;
         self.actual_high_watermark = self.actual_high_watermark.max(self.pools.len() * self.block_bytes);
         Ok(index)
     }
+}
+
+/// `len` copies of `value` in a boxed slice, or `None` when the allocator cannot give the memory
+/// (or the size overflows).
+fn boxed_slice<T: Clone>(value: T, len: usize) -> Option<Box<[T]>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).ok()?;
+    v.resize(len, value);
+    Some(v.into_boxed_slice())
 }
 
 impl<R: MemoryResource> Drop for FixedPool<R> {

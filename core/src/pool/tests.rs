@@ -502,6 +502,24 @@ fn zero_sizes_and_bad_requests_are_errors_that_change_nothing() {
     }
 }
 
+/// A sub-pool whose host bookkeeping (a bit and a record per slot) cannot be allocated is an
+/// out-of-memory error, before upstream is asked for the block; the pool stays usable.
+#[cfg(target_pointer_width = "64")]
+#[test]
+fn fixed_pool_bookkeeping_out_of_memory_is_an_error() {
+    let upstream = FakeDevice::new();
+    // 2^62 one-byte slots: the upstream block is a valid layout (and the fake device hands out
+    // an address for it), but its bitmap alone would take 2^59 bytes, past any address space.
+    let config = FixedPoolConfig { object_size: 1, alignment: 1, objects_per_block: 1 << 62, max_size: None };
+    let mut fixed = FixedPool::new(&upstream, config).unwrap();
+    for _ in 0..2 {
+        assert!(matches!(fixed.allocate(1, 1), Err(Error::OutOfMemory { available: 0, .. })));
+        let stats = fixed.stats();
+        assert_eq!((stats.actual_size, stats.allocation_count, stats.upstream_allocations), (0, 0, 0));
+        fixed.check().unwrap();
+    }
+}
+
 #[test]
 fn dropping_a_pool_hands_everything_back() {
     let upstream = LimitedResource::new(HostResource, 1 << 30);
