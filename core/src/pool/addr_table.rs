@@ -56,12 +56,14 @@ impl AddrTable {
         unsafe { self.buckets.get_unchecked_mut(h & self.mask) }
     }
 
-    /// Grows the table, if need be, so that one more block can be stored.
+    /// Grows the table, if need be, so that one more block can be stored; `Err` with the bytes
+    /// asked for (the table as it was) when the allocator cannot give the larger table.
     #[inline(always)]
-    pub(crate) fn reserve_one(&mut self, blocks: &mut Records) {
+    pub(crate) fn reserve_one(&mut self, blocks: &mut Records) -> Result<(), usize> {
         if self.len * 4 >= self.buckets.len() {
-            self.grow(blocks);
+            return self.grow(blocks);
         }
+        Ok(())
     }
 
     /// Stores used block `slot` under its address. The caller makes sure no stored block has
@@ -156,20 +158,32 @@ impl AddrTable {
         count == self.len
     }
 
+    /// Doubles the buckets and moves every chain's blocks into them. The new buckets are
+    /// allocated first, fallibly: on failure nothing has changed.
     #[cold]
     #[inline(never)]
-    fn grow(&mut self, blocks: &mut Records) {
-        let slots: Vec<u32> = self.slots(blocks).collect();
+    fn grow(&mut self, blocks: &mut Records) -> Result<(), usize> {
         let bits = self.buckets.len().trailing_zeros() + 1;
-        self.buckets = vec![NIL; 1 << bits];
+        let mut buckets = Vec::new();
+        if buckets.try_reserve_exact(1 << bits).is_err() {
+            return Err((1usize << bits).saturating_mul(core::mem::size_of::<u32>()));
+        }
+        buckets.resize(1 << bits, NIL);
+        let old = core::mem::replace(&mut self.buckets, buckets);
         self.mask = (1 << bits) - 1;
         self.shift = 64 - bits;
-        for slot in slots {
-            let b = &mut blocks[slot];
-            let h = self.bucket(b.addr);
-            *b.chain_mut() = self.buckets[h];
-            self.buckets[h] = slot;
+        for head in old {
+            let mut slot = head;
+            // Each block is moved once: `len` bounds the walk should a chain be broken.
+            for _ in 0..self.len {
+                let Some(b) = blocks.get(slot) else { break };
+                let (next, h) = (b.chain(), self.bucket(b.addr));
+                *blocks[slot].chain_mut() = self.buckets[h];
+                self.buckets[h] = slot;
+                slot = next;
+            }
         }
+        Ok(())
     }
 }
 
@@ -197,7 +211,7 @@ mod tests {
             self.len += 1;
             self.blocks.reach(slot);
             self.blocks[slot] = b;
-            self.table.reserve_one(&mut self.blocks);
+            self.table.reserve_one(&mut self.blocks).unwrap();
             self.table.insert(&mut self.blocks.view(), slot);
             slot
         }

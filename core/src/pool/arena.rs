@@ -90,6 +90,13 @@ fn keep_if(cond: bool, value: usize) -> usize {
     value & mask
 }
 
+/// The error for bookkeeping (records, tables) that the host allocator could not give: `bytes`
+/// is what the arena asked for.
+#[cold]
+fn host_out_of_memory(bytes: usize) -> Error {
+    Error::OutOfMemory { requested: bytes as u64, available: 0 }
+}
+
 /// Rounds `value` up to a multiple of `align` (a power of two), or `None` on overflow.
 #[inline]
 pub(crate) fn round_up(value: usize, align: usize) -> Option<usize> {
@@ -272,8 +279,17 @@ impl BlockArena {
 
     /// Adds `[base, base + size)` as one free block. `base` is aligned to the granule and `size`
     /// is a non-zero multiple of it; `align` is what the chunk's owner needs to hand it back.
-    pub(crate) fn add_chunk(&mut self, base: NonNull<u8>, size: usize, align: usize) {
+    /// `OutOfMemory` (the arena as it was, the chunk still the caller's) when the host memory
+    /// for its bookkeeping cannot be had.
+    pub(crate) fn add_chunk(&mut self, base: NonNull<u8>, size: usize, align: usize) -> Result<()> {
         debug_assert!(base.as_ptr() as usize % self.granule == 0 && size % self.granule == 0 && size > 0);
+        // Room first, for the chunk's entry, for its index among the spare chunks once it is
+        // handed back (so that `remove_chunk` allocates nothing), and for its block's record.
+        let entries = self.chunks.len() + 1;
+        let oom = |_| host_out_of_memory(entries * core::mem::size_of::<Option<Chunk>>());
+        self.chunks.try_reserve(1).map_err(oom)?;
+        self.spare_chunks.try_reserve(entries - self.spare_chunks.len()).map_err(oom)?;
+        self.reserve_spares(1)?;
         let chunk = match self.spare_chunks.pop() {
             Some(c) => c,
             None => {
@@ -281,7 +297,6 @@ impl BlockArena {
                 (self.chunks.len() - 1) as u32
             }
         };
-        self.reserve_spares(1);
         let blocks = &mut self.blocks.view();
         let block = self.spares.pop(blocks);
         // Pointers into the chunk are made from addresses (see `ptr_of`), with this provenance.
@@ -293,6 +308,7 @@ impl BlockArena {
         c.chunks += 1;
         c.releasable_blocks += 1;
         c.releasable_bytes += size;
+        Ok(())
     }
 
     /// Serves `size` bytes aligned to `align` from the best-fitting free block, or `None` when
@@ -300,21 +316,24 @@ impl BlockArena {
     #[cfg(test)]
     pub(crate) fn allocate(&mut self, size: usize, align: usize) -> Option<NonNull<u8>> {
         let fit = self.fit(size, align).ok()?;
-        self.allocate_fit(fit)
+        self.allocate_fit(fit).unwrap()
     }
 
-    /// Serves a checked request from the best-fitting free block, or `None` when no free block
-    /// is large enough.
+    /// Serves a checked request from the best-fitting free block, or `Ok(None)` when no free
+    /// block is large enough; `OutOfMemory` (the arena as it was) when the host memory for the
+    /// bookkeeping cannot be had.
     #[inline(always)]
-    pub(crate) fn allocate_fit(&mut self, fit: Fit) -> Option<NonNull<u8>> {
+    pub(crate) fn allocate_fit(&mut self, fit: Fit) -> Result<Option<NonNull<u8>>> {
         let Fit { size, align, rounded, footprint } = fit;
         // Room first for what the request may add (two split-off blocks, one address-table
         // entry), so that nothing below grows a table it holds borrowed.
-        self.reserve_spares(2);
-        self.used.reserve_one(&mut self.blocks);
+        self.reserve_spares(2)?;
+        self.used.reserve_one(&mut self.blocks).map_err(host_out_of_memory)?;
         let blocks = &mut self.blocks.view();
         let free = &mut *self.free;
-        let mut slot = free.take_best_fit(blocks, footprint)?;
+        let Some(mut slot) = free.take_best_fit(blocks, footprint) else {
+            return Ok(None);
+        };
         let b = &blocks[slot];
         let (addr, found) = (b.addr, b.size);
         // Without branches: whether a block spans its chunk is a coin toss to the predictor.
@@ -344,7 +363,7 @@ impl BlockArena {
         c.current_size += rounded;
         c.requested_size += size;
         c.total_allocations += 1;
-        Some(ptr)
+        Ok(Some(ptr))
     }
 
     /// Frees the used block at `addr`, merging it with free neighbours. Returns the size it was
@@ -593,22 +612,28 @@ impl BlockArena {
 
     /// Grows the block table until at least `n` spare records are on the list.
     #[inline(always)]
-    fn reserve_spares(&mut self, n: usize) {
+    fn reserve_spares(&mut self, n: usize) -> Result<()> {
         while self.spares.len < n {
-            self.add_spares();
+            self.add_spares()?;
         }
+        Ok(())
     }
 
-    /// Doubles the block table and puts the new records on the spare list.
+    /// Doubles the block table and puts the new records on the spare list; `OutOfMemory` (the
+    /// table as it was) when the host memory cannot be had.
     #[cold]
     #[inline(never)]
-    fn add_spares(&mut self) {
-        let first = self.blocks.grow();
+    fn add_spares(&mut self) -> Result<()> {
+        let Some(first) = self.blocks.grow() else {
+            let record = core::mem::size_of::<Block>() + core::mem::size_of::<Cold>();
+            return Err(host_out_of_memory(self.blocks.len().saturating_mul(record)));
+        };
         let end = self.blocks.len() as u32;
         let blocks = &mut self.blocks.view();
         for slot in (first..end).rev() {
             self.spares.push(blocks, slot);
         }
+        Ok(())
     }
 
     /// Splits the block at `slot` after `at` bytes; the new block (returned) is free and
@@ -648,7 +673,7 @@ mod tests {
 
     fn arena_with_chunk(addr: usize, size: usize) -> BlockArena {
         let mut arena = BlockArena::new(16);
-        arena.add_chunk(NonNull::new(addr as *mut u8).unwrap(), size, 16);
+        arena.add_chunk(NonNull::new(addr as *mut u8).unwrap(), size, 16).unwrap();
         arena
     }
 

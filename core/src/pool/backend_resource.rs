@@ -110,7 +110,7 @@ impl BackendResource {
         }
         let generation = crate::fork::generation();
         let mut arena = BlockArena::new(GRANULE);
-        arena.add_chunk(chunk, (end - start) as usize, GRANULE);
+        arena.add_chunk(chunk, (end - start) as usize, GRANULE)?;
         let carver = Mutex::new(Carver(arena));
         Ok(BackendResource { backend, start, len: end - start, base, carver, generation })
     }
@@ -171,7 +171,7 @@ impl MemoryResource for BackendResource {
         let fit = carver.0.fit(size, align)?;
         carver
             .0
-            .allocate_fit(fit)
+            .allocate_fit(fit)?
             .ok_or(Error::OutOfMemory { requested: size as u64, available: carver.0.largest_free() as u64 })
     }
 

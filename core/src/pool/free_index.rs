@@ -155,21 +155,28 @@ impl Records {
         self.table.len()
     }
 
-    /// Doubles the table with blank records; returns the first new slot.
+    /// Doubles the table with blank records; returns the first new slot, or `None` (the table
+    /// as it was) when the allocator cannot give the memory or the table has 2^31 records.
     #[cold]
-    pub(crate) fn grow(&mut self) -> u32 {
+    pub(crate) fn grow(&mut self) -> Option<u32> {
         let old = self.table.len();
+        // Slots are `u32`, `NIL` and `USED` at the top; a table stays at most 2^31 long.
+        if old > 1 << 30 {
+            return None;
+        }
+        self.table.try_reserve_exact(old).ok()?;
+        self.cold.try_reserve_exact(old).ok()?;
         self.table.resize(old * 2, Block::new(0, 0));
         self.cold.resize(old * 2, Cold::default());
         self.mask = self.table.len() - 1;
-        old as u32
+        Some(old as u32)
     }
 
     /// Grows the table until `slot` is in it.
     #[cfg(test)]
     pub(crate) fn reach(&mut self, slot: u32) {
         while slot as usize >= self.table.len() {
-            self.grow();
+            self.grow().expect("test tables fit in memory");
         }
     }
 

@@ -170,7 +170,7 @@ impl<R: MemoryResource> QuickPool<R> {
         if self.release_when_growing && footprint >= self.config.next_block_size && footprint > actual / 4 {
             self.trade_whole_block(footprint, align);
         }
-        let ptr = match self.arena.allocate_fit(fit) {
+        let ptr = match self.arena.allocate_fit(fit)? {
             Some(ptr) => ptr,
             None => self.allocate_after_growing(size, align)?,
         };
@@ -348,7 +348,7 @@ impl<R: MemoryResource> QuickPool<R> {
         // Checked again rather than passed in: the caller then keeps the request in registers.
         let fit = self.arena.fit(size, align)?;
         self.grow(fit.footprint, fit.align)?;
-        self.arena.allocate_fit(fit).ok_or(Error::Corrupt {
+        self.arena.allocate_fit(fit)?.ok_or(Error::Corrupt {
             structure: "quick pool",
             offset: 0,
             detail: "a fresh upstream block did not serve the request",
@@ -392,7 +392,12 @@ impl<R: MemoryResource> QuickPool<R> {
     fn take_upstream(&mut self, size: usize, align: usize) -> Result<()> {
         match self.upstream.allocate(size, align) {
             Ok(base) => {
-                self.arena.add_chunk(base, size, align);
+                if let Err(e) = self.arena.add_chunk(base, size, align) {
+                    // SAFETY: the block was just taken from upstream with this size and
+                    // alignment, and nothing has seen it.
+                    unsafe { self.upstream.deallocate(base, size, align) };
+                    return Err(e);
+                }
                 self.refresh_floor();
                 self.upstream_allocations += 1;
                 self.actual_high_watermark = self.actual_high_watermark.max(self.arena.counters().actual_size);

@@ -1,0 +1,177 @@
+//! The pools' own bookkeeping (block records, address table, chunk table, sub-pool bitmaps) lives
+//! in host memory. This binary's global allocator can be told to refuse every request; a pool
+//! that then needs more bookkeeping reports `OutOfMemory`, gives back any upstream block it took
+//! for the request, and stays usable: once host memory returns it serves again, and after all
+//! frees it is back where it started. (Before, the host allocator's refusal aborted the process.)
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+
+use hetmem_core::pool::{FixedPool, FixedPoolConfig, QuickPool, QuickPoolConfig};
+use hetmem_core::{Error, MemoryKind, MemoryResource};
+
+/// The system allocator, refusing everything while `REFUSE` is set.
+struct Refusing;
+
+static REFUSE: AtomicBool = AtomicBool::new(false);
+
+// SAFETY: every call is forwarded to `System` unchanged, or refused with a null pointer, which
+// `GlobalAlloc` allows for any request.
+unsafe impl GlobalAlloc for Refusing {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if REFUSE.load(Ordering::Relaxed) {
+            return std::ptr::null_mut();
+        }
+        // SAFETY: the caller's contract, forwarded.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if REFUSE.load(Ordering::Relaxed) {
+            return std::ptr::null_mut();
+        }
+        // SAFETY: the caller's contract, forwarded.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: the caller's contract, forwarded.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if REFUSE.load(Ordering::Relaxed) {
+            return std::ptr::null_mut();
+        }
+        // SAFETY: the caller's contract, forwarded.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static A: Refusing = Refusing;
+
+/// Device memory stand-in: addresses from a counter (never dereferenced), live blocks counted.
+struct FakeDevice {
+    next: AtomicUsize,
+    live: AtomicI64,
+}
+
+impl MemoryResource for FakeDevice {
+    fn name(&self) -> &str {
+        "fake device"
+    }
+    fn kind(&self) -> MemoryKind {
+        MemoryKind::Device
+    }
+    fn allocate(&self, size: usize, align: usize) -> hetmem_core::Result<NonNull<u8>> {
+        hetmem_core::check_layout(size, align)?;
+        let stride = size.next_multiple_of(4096).max(align) + 4096;
+        let addr = self.next.fetch_add(stride.next_multiple_of(align), Ordering::Relaxed).next_multiple_of(align);
+        self.live.fetch_add(1, Ordering::Relaxed);
+        Ok(NonNull::new(std::ptr::without_provenance_mut(addr)).unwrap())
+    }
+    unsafe fn deallocate(&self, _: NonNull<u8>, _: usize, _: usize) {
+        self.live.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Runs `f` with the host allocator refusing everything.
+fn refusing<T>(f: impl FnOnce() -> T) -> T {
+    REFUSE.store(true, Ordering::Relaxed);
+    let out = f();
+    REFUSE.store(false, Ordering::Relaxed);
+    out
+}
+
+fn host_oom<T: std::fmt::Debug>(r: hetmem_core::Result<T>) -> bool {
+    matches!(r, Err(Error::OutOfMemory { available: 0, .. }))
+}
+
+/// One test function: the allocator switch is process-wide, so nothing may run beside it.
+#[test]
+fn pools_report_host_out_of_memory_and_stay_usable() {
+    quick_pool();
+    fixed_pool();
+}
+
+fn quick_pool() {
+    let device = FakeDevice { next: AtomicUsize::new(1 << 40), live: AtomicI64::new(0) };
+    let config = QuickPoolConfig { first_block_size: 1 << 20, next_block_size: 1 << 20, alignment: 16, max_size: None };
+    let mut pool = QuickPool::with_config(&device, config).unwrap();
+
+    // The first request needs the chunk table: refused, and the upstream block goes back.
+    assert!(host_oom(refusing(|| pool.allocate(64, 16))));
+    assert_eq!(device.live.load(Ordering::Relaxed), 0, "the upstream block was not handed back");
+    assert_eq!(pool.stats().actual_size, 0);
+    pool.check().unwrap();
+    let start = pool.stats();
+
+    // Fill until a request needs a larger record or address table while the host refuses.
+    let mut live = Vec::new();
+    let mut refused = 0;
+    for i in 0..10_000 {
+        let before = pool.stats();
+        match refusing(|| pool.allocate(64 + i % 7 * 16, 16)) {
+            Ok(p) => live.push(p),
+            Err(e) => {
+                assert!(matches!(e, Error::OutOfMemory { available: 0, .. }), "{e}");
+                assert_eq!(pool.stats().allocation_count, before.allocation_count);
+                assert_eq!(pool.stats().current_size, before.current_size);
+                pool.check().unwrap();
+                refused += 1;
+                // Host memory is back: the same request is served.
+                live.push(pool.allocate(64 + i % 7 * 16, 16).unwrap());
+            }
+        }
+        if refused >= 3 {
+            break;
+        }
+    }
+    assert!(refused >= 3, "the tables never had to grow");
+    // Requests past the first block each need a new chunk; with the host refusing, the chunk
+    // table soon has to grow. That request is an error, and its upstream block goes back.
+    let mut chunk_refused = false;
+    for _ in 0..64 {
+        let r = refusing(|| pool.allocate(4 << 20, 16));
+        assert_eq!(device.live.load(Ordering::Relaxed) as usize, pool.stats().upstream_blocks);
+        match r {
+            Ok(p) => live.push(p),
+            Err(e) => {
+                assert!(matches!(e, Error::OutOfMemory { available: 0, .. }), "{e}");
+                chunk_refused = true;
+                break;
+            }
+        }
+    }
+    assert!(chunk_refused, "the chunk table never had to grow");
+    pool.check().unwrap();
+    for p in live {
+        pool.deallocate(p).unwrap();
+    }
+    pool.check().unwrap();
+    let end = pool.stats();
+    assert_eq!((end.current_size, end.allocation_count, end.requested_size), (0, 0, 0));
+    assert_eq!((start.current_size, start.allocation_count), (0, 0));
+    drop(pool);
+    assert_eq!(device.live.load(Ordering::Relaxed), 0);
+}
+
+fn fixed_pool() {
+    let device = FakeDevice { next: AtomicUsize::new(1 << 41), live: AtomicI64::new(0) };
+    let config = FixedPoolConfig { objects_per_block: 64, ..FixedPoolConfig::new(64) };
+    let mut pool = FixedPool::new(&device, config).unwrap();
+    let mut live = Vec::new();
+    for _ in 0..64 {
+        live.push(pool.allocate(64, 16).unwrap());
+    }
+    // The second sub-pool's bitmap and records are refused: no upstream block is taken.
+    assert!(host_oom(refusing(|| pool.allocate(64, 16))));
+    assert_eq!(device.live.load(Ordering::Relaxed), 1);
+    pool.check().unwrap();
+    live.push(pool.allocate(64, 16).unwrap());
+    assert_eq!(device.live.load(Ordering::Relaxed), 2);
+    for p in live {
+        pool.deallocate(p).unwrap();
+    }
+    pool.check().unwrap();
+    assert_eq!(pool.stats().allocation_count, 0);
+}
