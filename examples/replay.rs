@@ -16,6 +16,7 @@
 mod xorshift;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Instant;
 
 use hetmem::pool::render::Bytes;
@@ -88,10 +89,31 @@ fn record_sample() -> Result<String> {
     Ok(to_jsonl(pool.events()))
 }
 
-fn main() -> Result<()> {
+const USAGE: &str = "usage: replay [TRACE.jsonl] | replay --record [OUT.jsonl]";
+
+fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if let Some(i) = args.iter().position(|a| a == "--record") {
-        let out = args.get(i + 1).map_or_else(|| PathBuf::from(SAMPLE), PathBuf::from);
+    let known = |a: &String| a == "--record" || !a.starts_with('-');
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    if args.len() > 2 || !args.iter().all(known) || (args.len() == 2 && args[0] != "--record") {
+        eprintln!("replay: unexpected arguments {args:?}\n{USAGE}");
+        return ExitCode::from(2);
+    }
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("replay: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &[String]) -> Result<()> {
+    if args.first().is_some_and(|a| a == "--record") {
+        let out = args.get(1).map_or_else(|| PathBuf::from(SAMPLE), PathBuf::from);
         std::fs::write(&out, record_sample()?)
             .map_err(|e| hetmem::Error::Os { call: "write trace", errno: e.raw_os_error().unwrap_or(0) })?;
         println!("wrote {}", out.display());

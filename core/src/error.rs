@@ -131,6 +131,16 @@ pub enum Error {
         /// Its name for the code, e.g. `CUDA_ERROR_OUT_OF_MEMORY`.
         name: &'static str,
     },
+    /// Text input (an allocation trace) that cannot be used: which item, counted from 1, and why.
+    #[error("{what} {number}: {detail}")]
+    BadInput {
+        /// What was read, e.g. `trace line` or `trace event`.
+        what: &'static str,
+        /// Which line or event, counted from 1.
+        number: u64,
+        /// What is wrong with it.
+        detail: &'static str,
+    },
     /// An allocator's `check()` found a broken invariant.
     #[error("corrupt {structure} at offset {offset:#x}: {detail}")]
     Corrupt {

@@ -55,21 +55,24 @@ impl TraceEvent {
         };
     }
 
-    /// Parses one JSON line (keys in any order, whitespace allowed). `line_number` goes into the
-    /// error.
+    /// Parses one JSON line (keys in any order, each at most once, whitespace allowed).
+    /// `line_number` goes into the error, [`Error::BadInput`].
     pub fn parse_json(line: &str, line_number: usize) -> Result<Self> {
-        let bad = |detail| Error::Corrupt { structure: "trace line", offset: line_number as u64, detail };
+        let bad = |detail| Error::BadInput { what: "trace line", number: line_number as u64, detail };
         let body = line.trim().strip_prefix('{').and_then(|l| l.strip_suffix('}')).ok_or(bad("not a JSON object"))?;
         let (mut op, mut id, mut size, mut align) = (None, None, None, None);
         for field in body.split(',') {
             let (key, value) = field.split_once(':').ok_or(bad("field without a value"))?;
             let number = || value.trim().parse::<u64>().map_err(|_| bad("expected an unsigned integer"));
-            match key.trim() {
-                r#""op""# => op = Some(value.trim()),
-                r#""id""# => id = Some(number()?),
-                r#""size""# => size = Some(number()?),
-                r#""align""# => align = Some(number()?),
+            let first = match key.trim() {
+                r#""op""# => op.replace(value.trim()).is_none(),
+                r#""id""# => id.replace(number()?).is_none(),
+                r#""size""# => size.replace(number()?).is_none(),
+                r#""align""# => align.replace(number()?).is_none(),
                 _ => return Err(bad("unknown field")),
+            };
+            if !first {
+                return Err(bad("field given twice"));
             }
         }
         let id = id.ok_or(bad("missing \"id\""))?;
@@ -105,9 +108,9 @@ pub fn parse_jsonl(text: &str) -> Result<Vec<TraceEvent>> {
 pub fn parse_jsonl_bytes(bytes: &[u8]) -> Result<Vec<TraceEvent>> {
     let mut events = Vec::new();
     for (n, line) in bytes.split(|&b| b == b'\n').enumerate() {
-        let line = core::str::from_utf8(line).map_err(|_| Error::Corrupt {
-            structure: "trace line",
-            offset: n as u64 + 1,
+        let line = core::str::from_utf8(line).map_err(|_| Error::BadInput {
+            what: "trace line",
+            number: n as u64 + 1,
             detail: "not UTF-8",
         })?;
         if !line.trim().is_empty() {
@@ -194,7 +197,7 @@ impl<P: Pool> Pool for TracedPool<P> {
     }
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 enum Step {
     Allocate { slot: u32, size: usize, align: usize },
     Deallocate { slot: u32 },
@@ -202,6 +205,7 @@ enum Step {
 
 /// A checked trace, ready to replay: ids are mapped to dense slots up front, so replaying costs
 /// the pool's work and little else.
+#[derive(Debug)]
 pub struct Replay {
     steps: Vec<Step>,
     slots: usize,
@@ -220,7 +224,8 @@ pub struct ReplayOutcome {
 
 impl Replay {
     /// Checks `events`: every free names a live allocation, and no id is allocated twice while
-    /// live.
+    /// live. A bad event is an [`Error::BadInput`] that gives its number in `events`, counted
+    /// from 1 (the line number too when the trace has no blank lines).
     pub fn new(events: &[TraceEvent]) -> Result<Self> {
         // Keyed by the whole id: cut to `usize`, two ids would collide on a 32-bit target.
         let mut live: HashMap<u64, u32, BuildHasherDefault<AddrHasher>> = HashMap::default();
@@ -228,7 +233,7 @@ impl Replay {
         let mut slots = 0u32;
         let mut steps = Vec::with_capacity(events.len());
         for (n, event) in events.iter().enumerate() {
-            let bad = |detail| Error::Corrupt { structure: "trace", offset: n as u64 + 1, detail };
+            let bad = |detail| Error::BadInput { what: "trace event", number: n as u64 + 1, detail };
             match *event {
                 TraceEvent::Allocate { id, size, align } => {
                     let slot = spare.pop().unwrap_or_else(|| {
@@ -317,21 +322,26 @@ mod tests {
     #[test]
     fn bad_lines_say_where_and_why() {
         let err = parse_jsonl("{\"op\":\"free\",\"id\":1}\n{\"op\":\"grow\",\"id\":1}").unwrap_err();
+        assert_eq!(err, Error::BadInput { what: "trace line", number: 2, detail: "op must be \"alloc\" or \"free\"" });
+        assert_eq!(err.to_string(), "trace line 2: op must be \"alloc\" or \"free\"");
+        let twice = "{\"op\":\"alloc\",\"id\":1,\"size\":8,\"size\":9000}";
         assert_eq!(
-            err,
-            Error::Corrupt { structure: "trace line", offset: 2, detail: "op must be \"alloc\" or \"free\"" }
+            parse_jsonl(twice).unwrap_err(),
+            Error::BadInput { what: "trace line", number: 1, detail: "field given twice" }
         );
+        assert!(parse_jsonl("{\"op\":\"free\",\"op\":\"alloc\",\"id\":1,\"size\":8}").is_err());
         assert!(parse_jsonl("{\"op\":\"alloc\",\"id\":1}").is_err());
         assert!(parse_jsonl("{\"op\":\"alloc\",\"id\":-1,\"size\":3}").is_err());
         assert!(parse_jsonl("[1,2]").is_err());
         let not_utf8 = b"{\"op\":\"free\",\"id\":1}\r\n\n{\"op\":\"free\",\"id\":\xff}\n";
         assert_eq!(
             parse_jsonl_bytes(not_utf8).unwrap_err(),
-            Error::Corrupt { structure: "trace line", offset: 3, detail: "not UTF-8" }
+            Error::BadInput { what: "trace line", number: 3, detail: "not UTF-8" }
         );
         assert_eq!(parse_jsonl_bytes(&not_utf8[..23]).unwrap(), [TraceEvent::Deallocate { id: 1 }]);
         let free_unknown = [TraceEvent::Deallocate { id: 9 }];
-        assert!(matches!(Replay::new(&free_unknown), Err(Error::Corrupt { offset: 1, .. })));
+        let err = Replay::new(&free_unknown).unwrap_err();
+        assert_eq!(err.to_string(), "trace event 1: free of an id that is not live");
     }
 
     #[test]
