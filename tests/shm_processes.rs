@@ -336,3 +336,37 @@ fn scalable_page_survives_a_hundred_kills() {
         ScalablePageConfig { dead_process_blocks: DeadProcessBlocks::Free },
     );
 }
+
+/// A process that reserves an allocator in the directory and is killed before publishing it:
+/// a process waiting to attach learns so at once, not at its timeout, and the id can be created
+/// again (before, the entry stayed "creating" for good).
+#[test]
+fn an_allocator_whose_creator_died_unfinished_can_be_created_again() {
+    const TEST: &str = "an_allocator_whose_creator_died_unfinished_can_be_created_again";
+    if let Some((_, args)) = child_args() {
+        let b = PosixShmBackend::attach(&args[0], &ShmOptions::default()).unwrap();
+        b.header().reserve_allocator(<ThreadLocalAllocator as AllocatorType>::TYPE_ID, ID, 1 << 20).unwrap();
+        // Killed mid-creation: no publish, no abandon, no unwinding.
+        // SAFETY: a plain signal to this process.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        unreachable!("SIGKILL returned");
+    }
+    let seg = segment("unfinished");
+    let mm = MemoryManager::new();
+    let b = mm.add_backend(PosixShmBackend::create(&seg, 8 << 20, &ShmOptions::default()).unwrap()).unwrap();
+    let status = spawn(TEST, "creator", std::slice::from_ref(&seg)).wait().unwrap();
+    assert!(!status.success(), "the creator was not killed");
+    let started = Instant::now();
+    let Err(err) = mm.attach_allocator_within::<ThreadLocalAllocator>(b.id(), ID, Duration::from_secs(60)) else {
+        panic!("attached to an allocator no one finished creating");
+    };
+    assert!(started.elapsed() < Duration::from_secs(10), "the attach waited {:?}", started.elapsed());
+    assert!(matches!(err, hetmem::Error::Corrupt { structure: "allocator", .. }), "{err}");
+    let a = mm.create_allocator::<ThreadLocalAllocator>(b.id(), ID, 0, &Default::default()).unwrap();
+    let p = a.allocate(4096, 8).unwrap();
+    a.free(p).unwrap();
+    // A second process attaches to the one created again.
+    let other = MemoryManager::new();
+    let ob = other.add_backend(PosixShmBackend::attach(&seg, &ShmOptions::default()).unwrap()).unwrap();
+    other.attach_allocator::<ThreadLocalAllocator>(ob.id(), ID).unwrap();
+}

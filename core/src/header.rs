@@ -34,6 +34,30 @@ const INIT_READY: u32 = 0x5EED_0001;
 const ENTRY_EMPTY: u32 = 0;
 const ENTRY_CREATING: u32 = 1;
 const ENTRY_READY: u32 = 2;
+/// An entry's state is its low two bits. Above them, a `creating` entry keeps its creator's
+/// process id (0: unknown, as in entries an older build wrote), so that a creator that died
+/// before publishing can be told from one still at work.
+const STATE_BITS: u32 = 2;
+const STATE_MASK: u32 = (1 << STATE_BITS) - 1;
+
+/// A `creating` state naming process `pid` (0, unknown, when it does not fit).
+fn creating_by(pid: u32) -> u32 {
+    let pid = if pid >> (32 - STATE_BITS) == 0 { pid } else { 0 };
+    ENTRY_CREATING | pid << STATE_BITS
+}
+
+impl AllocatorEntry {
+    /// The entry's state (`ENTRY_*`), without the creator's pid.
+    fn state(&self) -> u32 {
+        self.state & STATE_MASK
+    }
+
+    /// Whether the entry is `creating` and its creator is known to have died.
+    fn creator_died(&self) -> bool {
+        let pid = self.state >> STATE_BITS;
+        self.state() == ENTRY_CREATING && crate::liveness::is_dead(crate::liveness::ProcessStamp { pid, start_time: 0 })
+    }
+}
 
 /// What an attacher sees when it looks at a header that may still be being written.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -209,15 +233,22 @@ impl RegionHeader {
         self.total_size.saturating_sub(dir.next_free)
     }
 
-    /// Reserves a sub-region for a new allocator and records it as being created.
+    /// Reserves a sub-region for a new allocator and records it as being created by the calling
+    /// process.
     ///
     /// `size == 0` takes all the space that is left. Fails if `id` already has an entry, the
-    /// directory is full, or the space is not there.
+    /// directory is full, or the space is not there. An entry whose creator died before
+    /// publishing it (as the [liveness hook](crate::liveness) tells) does not count: it is
+    /// forgotten, as [`abandon_allocator`](Self::abandon_allocator) would have, and `id` is
+    /// created again in a new sub-region.
     pub fn reserve_allocator(&self, type_id: u32, id: AllocatorId, size: u64) -> Result<AllocatorEntry> {
         let mut dir = self.lock_directory();
         let count = (dir.count as usize).min(MAX_ALLOCATORS);
-        if dir.entries[..count].iter().any(|e| e.state != ENTRY_EMPTY && e.id == id) {
-            return Err(Error::AlreadyExists { what: "allocator", name: id_name(id) });
+        if let Some(e) = dir.entries[..count].iter_mut().find(|e| e.state() != ENTRY_EMPTY && e.id == id) {
+            if !e.creator_died() {
+                return Err(Error::AlreadyExists { what: "allocator", name: id_name(id) });
+            }
+            e.state = ENTRY_EMPTY;
         }
         if count == MAX_ALLOCATORS {
             return Err(Error::Unsupported("more than 123 allocators in one region"));
@@ -228,7 +259,8 @@ impl RegionHeader {
         if size == 0 || size > available {
             return Err(Error::OutOfMemory { requested: size, available });
         }
-        let entry = AllocatorEntry { type_id, state: ENTRY_CREATING, id, offset: start, size };
+        let state = creating_by(crate::liveness::current().pid);
+        let entry = AllocatorEntry { type_id, state, id, offset: start, size };
         dir.entries[count] = entry;
         dir.count = count as u32 + 1;
         dir.next_free = start + size;
@@ -251,7 +283,7 @@ impl RegionHeader {
         let count = (dir.count as usize).min(MAX_ALLOCATORS);
         let entry = dir.entries[..count]
             .iter_mut()
-            .find(|e| e.state != ENTRY_EMPTY && e.id == id)
+            .find(|e| e.state() != ENTRY_EMPTY && e.id == id)
             .ok_or(Error::UnknownAllocator(id))?;
         entry.state = state;
         Ok(())
@@ -259,19 +291,28 @@ impl RegionHeader {
 
     /// Looks up a ready allocator's entry, checking that its sub-region lies inside the region.
     ///
-    /// Returns `Ok(None)` while the entry exists but its creator has not finished.
+    /// Returns `Ok(None)` while the entry exists but its creator has not finished, and
+    /// `Error::Corrupt` once that creator is known to have died: the allocator will never be
+    /// ready, and [`reserve_allocator`](Self::reserve_allocator) may create it again.
     pub fn find_allocator(&self, id: AllocatorId) -> Result<Option<AllocatorEntry>> {
         let dir = self.lock_directory();
         let count = (dir.count as usize).min(MAX_ALLOCATORS);
         let entry = *dir.entries[..count]
             .iter()
-            .find(|e| e.state != ENTRY_EMPTY && e.id == id)
+            .find(|e| e.state() != ENTRY_EMPTY && e.id == id)
             .ok_or(Error::UnknownAllocator(id))?;
         let end = entry.offset.checked_add(entry.size);
         if entry.offset < HEADER_SIZE || end.is_none_or(|end| end > self.total_size) {
             return Err(Error::OutOfBounds { offset: entry.offset, len: entry.size, region_len: self.total_size });
         }
-        Ok((entry.state == ENTRY_READY).then_some(entry))
+        if entry.creator_died() {
+            return Err(Error::Corrupt {
+                structure: "allocator",
+                offset: entry.offset,
+                detail: "its creator died before publishing it; create it again",
+            });
+        }
+        Ok((entry.state() == ENTRY_READY).then_some(entry))
     }
 
     /// The ready allocators in this region, in creation order.
@@ -280,7 +321,7 @@ impl RegionHeader {
         let count = (dir.count as usize).min(MAX_ALLOCATORS);
         let list: [Option<AllocatorEntry>; MAX_ALLOCATORS] = core::array::from_fn(|i| {
             let e = dir.entries[i];
-            (i < count && e.state == ENTRY_READY).then_some(e)
+            (i < count && e.state() == ENTRY_READY).then_some(e)
         });
         list.into_iter().flatten()
     }
@@ -288,8 +329,8 @@ impl RegionHeader {
 
 /// Makes a directory whose lock holder died consistent: [`RegionHeader::reserve_allocator`]
 /// may have counted its entry without moving `next_free` past it, which would hand that
-/// sub-region out a second time. (Its entry stays as it was: `creating` for good, as for any
-/// creator that dies before publishing.)
+/// sub-region out a second time. (Its entry stays as it was: `creating`, with the dead creator's
+/// pid, which the next reservation of its id and every lookup of it recognise.)
 fn repair_directory(dir: &mut Directory) {
     let count = (dir.count as usize).min(MAX_ALLOCATORS);
     dir.count = count as u32;
@@ -395,6 +436,46 @@ mod tests {
             .unwrap();
         assert!(entry.offset >= dead.offset + dead.size, "{entry:?} overlaps the dead creator's {dead:?}");
         assert_eq!(h.allocators().count(), 0);
+    }
+
+    /// An entry whose creator died before publishing it is recognised: lookups say so, and the
+    /// id can be reserved again. One whose creator lives, or is unknown (an older build's), still
+    /// holds its id.
+    #[test]
+    fn an_entry_whose_creator_died_unfinished_gives_its_id_back() {
+        crate::testing::install_test_liveness();
+        let mut mem = region(64 * 1024);
+        // SAFETY: as above.
+        let h = unsafe {
+            RegionHeader::initialize(mem.as_mut_ptr().cast(), 64 * 1024, BackendKind::Private, BackendId(1), 1)
+        }
+        .unwrap();
+        let (dead, unknown, mine) = (AllocatorId::new(1, 0), AllocatorId::new(1, 1), AllocatorId::new(1, 2));
+        let first = h.reserve_allocator(7, dead, 1000).unwrap();
+        assert_eq!(first.state >> STATE_BITS, std::process::id(), "the creator's pid is recorded");
+        h.reserve_allocator(7, unknown, 1000).unwrap();
+        h.reserve_allocator(7, mine, 1000).unwrap();
+        {
+            let mut dir = h.directory.lock();
+            dir.entries[0].state = creating_by(crate::testing::DEAD_PID);
+            dir.entries[1].state = ENTRY_CREATING;
+        }
+        assert!(
+            matches!(h.find_allocator(dead), Err(Error::Corrupt { structure: "allocator", offset, .. }) if offset == first.offset)
+        );
+        assert_eq!(h.find_allocator(unknown).unwrap(), None);
+        assert_eq!(h.find_allocator(mine).unwrap(), None);
+        assert!(matches!(h.reserve_allocator(7, unknown, 10), Err(Error::AlreadyExists { .. })));
+        assert!(matches!(h.reserve_allocator(7, mine, 10), Err(Error::AlreadyExists { .. })));
+        let again = h.reserve_allocator(7, dead, 1000).unwrap();
+        assert!(again.offset >= first.offset + first.size, "{again:?} overlaps the dead creator's {first:?}");
+        assert_eq!(h.find_allocator(dead).unwrap(), None, "created again, not published yet");
+        h.publish_allocator(dead).unwrap();
+        assert_eq!(h.find_allocator(dead).unwrap().map(|e| e.offset), Some(again.offset));
+        assert!(matches!(h.reserve_allocator(7, dead, 10), Err(Error::AlreadyExists { .. })));
+        assert_eq!(h.allocators().map(|e| e.id).collect::<Vec<_>>(), [dead]);
+        // A pid past the 30 bits an entry keeps is recorded as unknown, never as another pid.
+        assert_eq!(creating_by(u32::MAX), ENTRY_CREATING);
     }
 
     #[test]

@@ -197,8 +197,8 @@ impl crate::thread::ThreadModel for TestThreads {
 }
 
 /// A process id the test liveness hook calls dead (no real process has it on Linux, whose
-/// pids stay below 2^22).
-pub(crate) const DEAD_PID: u32 = 0x7fff_fff1;
+/// pids stay below 2^22; it fits the 30 bits a directory entry keeps of a creator's pid).
+pub(crate) const DEAD_PID: u32 = 0x3fff_fff1;
 
 /// The owner token of a process that has died, for tests that forge a dead owner.
 pub(crate) fn dead_token() -> u64 {
