@@ -49,6 +49,7 @@ pub(crate) mod testing {
 
     /// Runs `f` and dies at its crash point `n` (counting from 0): `None` if it died there,
     /// else what it returned (it passed fewer than `n + 1` points).
+    #[cfg_attr(loom, allow(dead_code))] // its tests are not built under loom
     pub(crate) fn die_at<R>(n: u64, f: impl FnOnce() -> R) -> Option<R> {
         LEFT.with(|left| left.set(Some(n)));
         let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));

@@ -1,5 +1,7 @@
 //! A heap-backed backend for core's own unit tests (the real backends live in hetmem-backends,
 //! which depends on this crate).
+// Under loom (`--cfg loom`) most tests that use these helpers are not built.
+#![cfg_attr(loom, allow(dead_code))]
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 

@@ -1,6 +1,9 @@
 //! The cache defaults follow environment variables read at run time. Each case runs this binary
 //! again with the variables set, since a process reads them once.
 
+// The caches are not built under loom (`--cfg loom`), which models only the lock-free parts.
+#![cfg(not(loom))]
+
 use std::process::Command;
 
 use hetmem_core::cache::{self, CacheConfig, HetAlloc, ThreadRole};

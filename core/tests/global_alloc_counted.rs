@@ -2,6 +2,9 @@
 //! and end, and the caches are flushed, the upstream holds exactly what it held before — every
 //! block came back, none twice.
 
+// The caches are not built under loom (`--cfg loom`), which models only the lock-free parts.
+#![cfg(not(loom))]
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
