@@ -288,7 +288,10 @@ fn crash<A: Recover>(test: &str, tag: &str, config: A::Config) {
     }
     stop.store(true, Ordering::Relaxed);
     let (worst, mut lent) = survivor.join().unwrap();
-    assert!(worst < Duration::from_secs(2), "a survivor's operation took {worst:?}");
+    // A hang detector, not a timing claim: a lock a killed child held must be taken over, never
+    // waited on for good. The bound is loose, since a loaded 2-core machine can stall any one
+    // operation for a second or more (2 s failed once beside parallel builds).
+    assert!(worst < Duration::from_secs(30), "a survivor's operation took {worst:?}");
     // Every child is dead and, once reclaimed, every block it held is free: what is still in
     // the mailbox, and what a child took and was killed before it began to free (still live),
     // is the survivor's to free. A block a child was killed part way through freeing is no
