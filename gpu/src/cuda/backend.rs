@@ -155,7 +155,8 @@ impl_shm_device_backend!(CudaShmBackend);
 impl Drop for CudaShmBackend {
     fn drop(&mut self) {
         // Unregister before the segment unmaps (the `shm` field drops after this). Errors cannot
-        // be reported from drop; the mapping goes away either way.
+        // be reported from drop; the mapping goes away either way. In a forked child `bind` fails
+        // and nothing is unregistered: the registration is the parent's.
         if driver::bind(&self.ctx).is_ok() {
             // SAFETY: registered in `register`; the owner has finished its device work with it.
             let _ = unsafe { driver::host_unregister(self.shm.base()) };

@@ -87,9 +87,24 @@ pub struct DriverInfo {
 ///   calls; it is too old.
 /// - [`Error::Gpu`] (`call`: "cuInit"): the driver refused to start, e.g. `CUDA_ERROR_NO_DEVICE`
 ///   on a machine without a GPU, or `CUDA_ERROR_INSUFFICIENT_DRIVER`.
+/// - [`Error::Unsupported`] in a forked child of a process that had loaded the driver: CUDA does
+///   not survive `fork()` (any driver call before an `exec` is undefined behaviour), so nothing
+///   here calls it there, and dropping the parent's backends in the child leaves them to the parent.
 pub fn driver() -> Result<DriverInfo> {
-    static STATE: OnceLock<Result<DriverInfo>> = OnceLock::new();
-    *STATE.get_or_init(load)
+    // The answer, and the fork generation it was given in (`hetmem_core::fork`).
+    static STATE: OnceLock<(Result<DriverInfo>, u64)> = OnceLock::new();
+    let (state, generation) = STATE.get_or_init(|| {
+        // Registered before the driver loads, so that every later fork is counted.
+        let loaded = hetmem_core::fork::watch().and_then(|()| load());
+        (loaded, hetmem_core::fork::generation())
+    });
+    if state.is_ok() && *generation != hetmem_core::fork::generation() {
+        return Err(Error::Unsupported(
+            "this process was forked after it loaded the CUDA driver, which a forked child cannot use \
+             (exec a new program to use CUDA)",
+        ));
+    }
+    *state
 }
 
 fn load() -> Result<DriverInfo> {
@@ -207,7 +222,11 @@ pub fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
 /// Calls the driver directly rather than `CudaContext::bind_to_thread`, which first reports (and
 /// clears) any error cudarc recorded earlier for the context, e.g. from an unrelated drop: that
 /// error belongs to whoever made it, not to the hetmem call at hand.
+///
+/// # Errors
+/// As [`driver`] (in a forked child it calls nothing), or the driver's.
 pub(crate) fn bind(ctx: &CudaContext) -> Result<()> {
+    driver()?;
     let mut current = std::ptr::null_mut();
     // SAFETY: valid out-pointer; the driver is initialised (a context exists).
     check("cuCtxGetCurrent", unsafe { sys::cuCtxGetCurrent(&mut current) })?;
@@ -220,6 +239,7 @@ pub(crate) fn bind(ctx: &CudaContext) -> Result<()> {
 
 /// A device attribute of `ctx`'s device.
 pub(crate) fn attribute(ctx: &CudaContext, attr: CUdevice_attribute) -> Result<i32> {
+    driver()?;
     let mut value = 0;
     // SAFETY: valid out-pointer; `ctx` holds a valid device handle.
     check("cuDeviceGetAttribute", unsafe { sys::cuDeviceGetAttribute(&mut value, attr, ctx.cu_device()) })?;

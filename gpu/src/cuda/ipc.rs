@@ -242,7 +242,9 @@ impl_shm_device_backend!(CudaIpcBackend);
 impl Drop for CudaIpcBackend {
     fn drop(&mut self) {
         if driver::bind(&self.ctx).is_err() {
-            return; // the context is gone, and the memory with it
+            // The context is gone, and the memory with it; or this is a forked child's copy, whose
+            // count and memory are the parent's (and which must not call the driver).
+            return;
         }
         if !self.shm.is_creator() {
             // SAFETY: opened in `attach`, and the owner is done with it.

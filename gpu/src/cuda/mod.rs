@@ -18,7 +18,10 @@
 //!   function, or `Unsupported` for a version below [`MIN_DRIVER_VERSION`];
 //! - no device, or the driver refusing to start: [`Error::Gpu`](hetmem_core::Error::Gpu) from
 //!   `cuInit` (e.g. `CUDA_ERROR_NO_DEVICE`); a device ordinal that does not exist: `NotFound`;
-//! - NVRTC missing: `Unsupported` from [`compile_ptx`] and [`nvrtc_available`].
+//! - NVRTC missing: `Unsupported` from [`compile_ptx`] and [`nvrtc_available`];
+//! - in a forked child of a process that had loaded the driver: `Unsupported` (CUDA does not
+//!   survive `fork()`); the child's copies of the parent's backends and resources drop without
+//!   calling the driver or touching what they share with the parent.
 
 mod backend;
 mod driver;

@@ -1,0 +1,155 @@
+//! The CUDA module's host side against a fake driver (`tests/fake_cuda/libcuda.c`, built here with
+//! the host C compiler and named by `HETMEM_CUDA_DRIVER`): the paths a machine without a GPU cannot
+//! otherwise reach. The fake counts every driver call and what is still allocated or registered.
+//!
+//! The driver is loaded once per process, so each test runs its body in a new process (this binary
+//! again, asked for that one test, with the environment set). Without a C compiler the tests say
+//! so and pass.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use hetmem_backends::PosixShmBackend;
+use hetmem_core::{Error, MemoryBackend};
+use hetmem_gpu::cuda::{driver, CudaIpcBackend, CudaIpcOptions, CudaShmBackend, CudaShmOptions, DRIVER_ENV};
+
+/// Set (to the test's name) in the process that runs a test's body.
+const BODY_ENV: &str = "HETMEM_FAKE_CUDA_BODY";
+
+/// The fake driver, built once per run into its own folder: `None` (and why) without a C compiler.
+fn fake_driver() -> Result<&'static Path, &'static str> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("fake-cuda-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let lib = dir.join("libcuda.so.1");
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake_cuda/libcuda.c");
+        let cc = std::env::var_os("CC").unwrap_or_else(|| "cc".into());
+        let out = Command::new(&cc)
+            .args(["-shared", "-fPIC", "-O1", "-Wl,-soname,libcuda.so.1", "-o"])
+            .arg(&lib)
+            .arg(&src)
+            .output()
+            .map_err(|e| format!("running {cc:?}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("{cc:?} failed: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        Ok(lib)
+    });
+    built.as_deref().map_err(|e| e.as_str())
+}
+
+/// Whether this process runs the body of test `name`; otherwise runs it in a new process with the
+/// fake driver (and `env`) and fails if it fails. `false` there, and when there is no C compiler.
+fn body_of(name: &str, env: &[(&str, OsString)]) -> bool {
+    if std::env::var(BODY_ENV).is_ok_and(|n| n == name) {
+        return true;
+    }
+    let lib = match fake_driver() {
+        Ok(lib) => lib,
+        Err(why) => {
+            println!("skipped: no fake CUDA driver: {why}");
+            return false;
+        }
+    };
+    let out = Command::new(std::env::current_exe().expect("current_exe"))
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(BODY_ENV, name)
+        .env(DRIVER_ENV, lib)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .expect("running this test again");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{name} failed in its own process:\n{text}");
+    assert!(text.contains("1 passed"), "{name} did not run in its own process:\n{text}");
+    println!("{text}");
+    false
+}
+
+/// A counter of the fake driver at `lib` (`fake_calls`, `fake_allocations`, ...).
+fn counter(lib: &Path, name: &str) -> i64 {
+    // SAFETY: the fake driver, already loaded by this process; loading it again only counts a
+    // reference.
+    let lib = unsafe { libloading::Library::new(lib) }.expect("the fake driver loads");
+    // SAFETY: every fake_* function takes nothing and returns a C long.
+    let f = unsafe { lib.get::<unsafe extern "C" fn() -> std::ffi::c_long>(name.as_bytes()) }.expect(name);
+    // SAFETY: as above.
+    unsafe { f() }
+}
+
+fn unique(tag: &str) -> String {
+    format!("/hetmem-fake-cuda-{tag}-{}", std::process::id())
+}
+
+/// Whether the fake driver is the one in use: a machine with a real driver on the loader's path
+/// may load that one instead, which hetmem refuses (then this test has nothing to check).
+fn fake_in_use() -> bool {
+    match driver() {
+        Ok(_) => true,
+        Err(Error::Unsupported(why)) if why.contains(DRIVER_ENV) => {
+            println!("skipped: {why}");
+            false
+        }
+        Err(e) => panic!("the fake driver failed to load: {e:?}"),
+    }
+}
+
+/// A forked child of a process that uses CUDA must not call the driver (NVIDIA: undefined
+/// behaviour until it execs). Dropping its copies of the parent's backends leaves the driver, the
+/// parent's registrations and the IPC record alone, and a new backend is refused with an error.
+#[test]
+fn a_forked_child_leaves_the_driver_and_the_shared_record_alone() {
+    if !body_of("a_forked_child_leaves_the_driver_and_the_shared_record_alone", &[]) || !fake_in_use() {
+        return;
+    }
+    let lib = PathBuf::from(std::env::var_os(DRIVER_ENV).unwrap());
+    let ipc = CudaIpcBackend::create(&unique("ipc"), 1 << 16, &CudaIpcOptions::default()).unwrap();
+    let shm = CudaShmBackend::create(&unique("shm"), 1 << 16, &CudaShmOptions::default()).unwrap();
+    assert_eq!((counter(&lib, "fake_allocations"), counter(&lib, "fake_registrations")), (1, 1));
+
+    // SAFETY: fork(2); the child drops its copies, tries one create, and leaves with `_exit`.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        let before = counter(&lib, "fake_calls");
+        drop(ipc);
+        drop(shm);
+        let name = unique("child");
+        let refused =
+            matches!(CudaShmBackend::create(&name, 1 << 16, &CudaShmOptions::default()), Err(Error::Unsupported(_)));
+        let left = PosixShmBackend::exists(&name).unwrap_or(true);
+        let calls = counter(&lib, "fake_calls") - before;
+        let code = if calls != 0 {
+            1
+        } else if !refused {
+            2
+        } else if left {
+            3
+        } else {
+            0
+        };
+        // SAFETY: ends the forked child.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waitpid(2) on our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(libc::WIFEXITED(status), "the child died: {status:#x}");
+    match libc::WEXITSTATUS(status) {
+        0 => {}
+        1 => panic!("the forked child called the CUDA driver"),
+        2 => panic!("a backend created in the forked child was not refused with Error::Unsupported"),
+        3 => panic!("the refused create left its segment"),
+        other => panic!("the child exited with {other}"),
+    }
+
+    // The record still counts nobody and is not closed: the creator frees its memory on drop.
+    assert_eq!(ipc.attached(), 0);
+    assert!(ipc.device_ptr().is_some());
+    drop(ipc);
+    assert_eq!(counter(&lib, "fake_allocations"), 0, "the creator could not free its memory after the fork");
+    drop(shm);
+    assert_eq!(counter(&lib, "fake_registrations"), 0);
+}

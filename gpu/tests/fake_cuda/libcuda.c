@@ -1,0 +1,202 @@
+/*
+ * A fake CUDA driver for the host-side tests (tests/cuda_fake_driver.rs): it exports every function
+ * hetmem checks for, with one device (device 0, compute capability 9.0), and keeps "device" memory
+ * in host memory. It counts every call and what is still allocated, registered or opened, and the
+ * tests read those counts through the fake_* functions. Calls no test makes (streams, copies,
+ * modules, launches) answer CUDA_ERROR_NOT_SUPPORTED.
+ *
+ * Built by the tests with the host C compiler, with the soname libcuda.so.1, and named to hetmem by
+ * HETMEM_CUDA_DRIVER.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef int CUresult;
+typedef int CUdevice;
+typedef void *CUcontext;
+typedef unsigned long long CUdeviceptr;
+typedef struct { char bytes[16]; } CUuuid;
+typedef struct { char reserved[64]; } CUipcMemHandle;
+
+enum {
+    SUCCESS = 0,
+    INVALID_VALUE = 1,
+    OUT_OF_MEMORY = 2,
+    INVALID_DEVICE = 101,
+    NOT_SUPPORTED = 801,
+};
+
+static long calls, allocations, host_allocations, registrations, opened_handles;
+static int primary_context;
+static __thread CUcontext current;
+
+#define COUNT() __atomic_fetch_add(&calls, 1, __ATOMIC_SEQ_CST)
+#define ADD(counter, n) __atomic_fetch_add(&(counter), (n), __ATOMIC_SEQ_CST)
+
+/* What the tests read. */
+long fake_calls(void) { return __atomic_load_n(&calls, __ATOMIC_SEQ_CST); }
+long fake_allocations(void) { return __atomic_load_n(&allocations, __ATOMIC_SEQ_CST); }
+long fake_host_allocations(void) { return __atomic_load_n(&host_allocations, __ATOMIC_SEQ_CST); }
+long fake_registrations(void) { return __atomic_load_n(&registrations, __ATOMIC_SEQ_CST); }
+long fake_opened_handles(void) { return __atomic_load_n(&opened_handles, __ATOMIC_SEQ_CST); }
+
+CUresult cuInit(unsigned flags) { COUNT(); return flags == 0 ? SUCCESS : INVALID_VALUE; }
+CUresult cuDriverGetVersion(int *version) { COUNT(); *version = 13000; return SUCCESS; }
+CUresult cuDeviceGetCount(int *count) { COUNT(); *count = 1; return SUCCESS; }
+
+CUresult cuDeviceGet(CUdevice *device, int ordinal) {
+    COUNT();
+    if (ordinal != 0) return INVALID_DEVICE;
+    *device = 0;
+    return SUCCESS;
+}
+
+CUresult cuDeviceGetAttribute(int *value, int attribute, CUdevice device) {
+    COUNT();
+    if (device != 0) return INVALID_DEVICE;
+    switch (attribute) {
+    case 75: *value = 9; break;  /* compute capability major */
+    case 76: *value = 0; break;  /* minor */
+    default: *value = 1; break;  /* every feature asked about: supported */
+    }
+    return SUCCESS;
+}
+
+CUresult cuDeviceGetUuid_v2(CUuuid *uuid, CUdevice device) {
+    COUNT();
+    if (device != 0) return INVALID_DEVICE;
+    memcpy(uuid->bytes, "hetmem-fake-gpu0", 16);
+    return SUCCESS;
+}
+
+CUresult cuDevicePrimaryCtxRetain(CUcontext *ctx, CUdevice device) {
+    COUNT();
+    if (device != 0) return INVALID_DEVICE;
+    *ctx = &primary_context;
+    return SUCCESS;
+}
+CUresult cuDevicePrimaryCtxRelease_v2(CUdevice device) { COUNT(); (void)device; return SUCCESS; }
+CUresult cuCtxGetCurrent(CUcontext *ctx) { COUNT(); *ctx = current; return SUCCESS; }
+CUresult cuCtxSetCurrent(CUcontext ctx) { COUNT(); current = ctx; return SUCCESS; }
+
+CUresult cuGetErrorName(CUresult code, const char **name) {
+    COUNT();
+    switch (code) {
+    case INVALID_VALUE: *name = "CUDA_ERROR_INVALID_VALUE"; break;
+    case OUT_OF_MEMORY: *name = "CUDA_ERROR_OUT_OF_MEMORY"; break;
+    case INVALID_DEVICE: *name = "CUDA_ERROR_INVALID_DEVICE"; break;
+    case NOT_SUPPORTED: *name = "CUDA_ERROR_NOT_SUPPORTED"; break;
+    default: *name = "CUDA_ERROR_FAKE"; break;
+    }
+    return SUCCESS;
+}
+CUresult cuGetErrorString(CUresult code, const char **text) { return cuGetErrorName(code, text); }
+
+CUresult cuMemGetInfo_v2(size_t *free_bytes, size_t *total) {
+    COUNT();
+    *free_bytes = (size_t)1 << 30;
+    *total = (size_t)1 << 30;
+    return SUCCESS;
+}
+
+/* "Device" memory: host memory, 256-aligned as cuMemAlloc's is; more than 1 GiB is out of memory. */
+CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t size) {
+    COUNT();
+    if (current == NULL) return 201; /* CUDA_ERROR_INVALID_CONTEXT */
+    if (size == 0) return INVALID_VALUE;
+    if (size > ((size_t)1 << 30)) return OUT_OF_MEMORY;
+    void *p = aligned_alloc(256, (size + 255) & ~(size_t)255);
+    if (p == NULL) return OUT_OF_MEMORY;
+    ADD(allocations, 1);
+    *dptr = (CUdeviceptr)(uintptr_t)p;
+    return SUCCESS;
+}
+CUresult cuMemFree_v2(CUdeviceptr dptr) {
+    COUNT();
+    if (dptr == 0) return INVALID_VALUE;
+    free((void *)(uintptr_t)dptr);
+    ADD(allocations, -1);
+    return SUCCESS;
+}
+
+CUresult cuMemHostAlloc(void **ptr, size_t size, unsigned flags) {
+    COUNT();
+    (void)flags;
+    if (size == 0) return INVALID_VALUE;
+    void *p = aligned_alloc(4096, (size + 4095) & ~(size_t)4095);
+    if (p == NULL) return OUT_OF_MEMORY;
+    ADD(host_allocations, 1);
+    *ptr = p;
+    return SUCCESS;
+}
+CUresult cuMemFreeHost(void *ptr) {
+    COUNT();
+    free(ptr);
+    ADD(host_allocations, -1);
+    return SUCCESS;
+}
+CUresult cuMemHostGetFlags(unsigned *flags, void *ptr) { COUNT(); (void)ptr; *flags = 0; return SUCCESS; }
+
+CUresult cuMemHostRegister_v2(void *ptr, size_t size, unsigned flags) {
+    COUNT();
+    (void)flags;
+    if (ptr == NULL || size == 0) return INVALID_VALUE;
+    ADD(registrations, 1);
+    return SUCCESS;
+}
+CUresult cuMemHostUnregister(void *ptr) {
+    COUNT();
+    if (ptr == NULL) return INVALID_VALUE;
+    ADD(registrations, -1);
+    return SUCCESS;
+}
+CUresult cuMemHostGetDevicePointer_v2(CUdeviceptr *dptr, void *ptr, unsigned flags) {
+    COUNT();
+    if (flags != 0) return INVALID_VALUE;
+    *dptr = (CUdeviceptr)(uintptr_t)ptr;
+    return SUCCESS;
+}
+
+/* The handle carries the exporter's address; an importer gets a different, never dereferenced one. */
+CUresult cuIpcGetMemHandle(CUipcMemHandle *handle, CUdeviceptr dptr) {
+    COUNT();
+    memset(handle->reserved, 0, sizeof handle->reserved);
+    memcpy(handle->reserved, &dptr, sizeof dptr);
+    return SUCCESS;
+}
+CUresult cuIpcOpenMemHandle_v2(CUdeviceptr *dptr, CUipcMemHandle handle, unsigned flags) {
+    COUNT();
+    (void)flags;
+    CUdeviceptr exported;
+    memcpy(&exported, handle.reserved, sizeof exported);
+    if (exported == 0) return INVALID_VALUE;
+    ADD(opened_handles, 1);
+    *dptr = exported ^ 0x7000000000000000ull;
+    return SUCCESS;
+}
+CUresult cuIpcCloseMemHandle(CUdeviceptr dptr) {
+    COUNT();
+    (void)dptr;
+    ADD(opened_handles, -1);
+    return SUCCESS;
+}
+
+/* Present so that hetmem's symbol check passes; no test calls them. */
+#define UNSUPPORTED(name) CUresult name(void) { COUNT(); return NOT_SUPPORTED; }
+UNSUPPORTED(cuStreamCreate)
+UNSUPPORTED(cuStreamDestroy_v2)
+UNSUPPORTED(cuStreamSynchronize)
+UNSUPPORTED(cuStreamWaitEvent)
+UNSUPPORTED(cuEventCreate)
+UNSUPPORTED(cuEventDestroy_v2)
+UNSUPPORTED(cuEventRecord)
+UNSUPPORTED(cuMemcpyHtoDAsync_v2)
+UNSUPPORTED(cuMemcpyDtoHAsync_v2)
+UNSUPPORTED(cuMemcpyDtoDAsync_v2)
+UNSUPPORTED(cuModuleLoadData)
+UNSUPPORTED(cuModuleUnload)
+UNSUPPORTED(cuModuleGetFunction)
+UNSUPPORTED(cuLaunchKernel)
+UNSUPPORTED(cuMemAllocAsync)
+UNSUPPORTED(cuMemFreeAsync)
