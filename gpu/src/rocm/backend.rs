@@ -89,6 +89,8 @@ impl_shm_device_backend!(RocmShmBackend);
 
 impl Drop for RocmShmBackend {
     fn drop(&mut self) {
+        // In a forked child `use_device` fails and nothing is unregistered: the registration is
+        // the parent's.
         if runtime::use_device(self.device).is_ok() {
             // SAFETY: registered in `register`; the owner has finished its device work with it.
             let _ = unsafe { runtime::host_unregister(self.shm.base()) };

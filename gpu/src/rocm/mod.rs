@@ -13,7 +13,9 @@
 //! Every constructor first checks for a device ([`runtime()`]) and returns, never panics:
 //! no device is [`Error::Gpu`](hetmem_core::Error::Gpu) from `hipGetDeviceCount`
 //! (`hipErrorNoDevice`); a device ordinal that does not exist is
-//! [`Error::NotFound`](hetmem_core::Error::NotFound).
+//! [`Error::NotFound`](hetmem_core::Error::NotFound); in a forked child of a process that had
+//! started the runtime, [`Error::Unsupported`](hetmem_core::Error::Unsupported) (HIP does not
+//! survive `fork()`).
 
 mod backend;
 mod resource;

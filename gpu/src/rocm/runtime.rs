@@ -21,21 +21,37 @@ pub struct RuntimeInfo {
 ///
 /// # Errors
 /// [`Error::Gpu`] from `hipGetDeviceCount`, e.g. `hipErrorNoDevice` on a machine without an AMD
-/// GPU (or without access to `/dev/kfd`).
+/// GPU (or without access to `/dev/kfd`). [`Error::Unsupported`] in a forked child of a process
+/// that had started the runtime: HIP does not survive `fork()`, so nothing here calls it there,
+/// and dropping the parent's backends in the child leaves their registrations to the parent.
 pub fn runtime() -> Result<RuntimeInfo> {
-    static STATE: OnceLock<Result<RuntimeInfo>> = OnceLock::new();
-    *STATE.get_or_init(|| {
-        let mut count = 0;
-        // SAFETY: `count` is a valid out-pointer.
-        check("hipGetDeviceCount", unsafe { hiprt::hipGetDeviceCount(&mut count) })?;
-        if count <= 0 {
-            return Err(Error::Gpu { call: "hipGetDeviceCount", code: 0, name: "no HIP device" });
-        }
-        let mut version = 0;
-        // SAFETY: `version` is a valid out-pointer.
-        check("hipRuntimeGetVersion", unsafe { hiprt::hipRuntimeGetVersion(&mut version) })?;
-        Ok(RuntimeInfo { version, device_count: count as usize })
-    })
+    // The answer, and the fork generation it was given in (`hetmem_core::fork`).
+    static STATE: OnceLock<(Result<RuntimeInfo>, u64)> = OnceLock::new();
+    let (state, generation) = STATE.get_or_init(|| {
+        // Registered before the runtime starts, so that every later fork is counted.
+        let started = hetmem_core::fork::watch().and_then(|()| start());
+        (started, hetmem_core::fork::generation())
+    });
+    if state.is_ok() && *generation != hetmem_core::fork::generation() {
+        return Err(Error::Unsupported(
+            "this process was forked after it started the HIP runtime, which a forked child cannot use \
+             (exec a new program to use HIP)",
+        ));
+    }
+    *state
+}
+
+fn start() -> Result<RuntimeInfo> {
+    let mut count = 0;
+    // SAFETY: `count` is a valid out-pointer.
+    check("hipGetDeviceCount", unsafe { hiprt::hipGetDeviceCount(&mut count) })?;
+    if count <= 0 {
+        return Err(Error::Gpu { call: "hipGetDeviceCount", code: 0, name: "no HIP device" });
+    }
+    let mut version = 0;
+    // SAFETY: `version` is a valid out-pointer.
+    check("hipRuntimeGetVersion", unsafe { hiprt::hipRuntimeGetVersion(&mut version) })?;
+    Ok(RuntimeInfo { version, device_count: count as usize })
 }
 
 /// Checks the runtime and makes `device` current on this thread.
