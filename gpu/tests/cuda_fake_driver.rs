@@ -153,3 +153,31 @@ fn a_forked_child_leaves_the_driver_and_the_shared_record_alone() {
     drop(shm);
     assert_eq!(counter(&lib, "fake_registrations"), 0);
 }
+
+/// `HETMEM_CUDA_DRIVER` promises that the library it names is used, or none is. cudarc finds the
+/// driver by name, trying `libcuda.so` before the soname the named library answers to: with another
+/// driver on the loader's path under that name, that other one would be used.
+#[test]
+fn the_driver_named_by_the_variable_is_used_or_none_is() {
+    let other = match fake_driver() {
+        // Another copy of the fake (another file, so the loader loads it apart) as `libcuda.so`.
+        Ok(lib) => lib.parent().unwrap().join("other").join("libcuda.so"),
+        Err(_) => PathBuf::new(),
+    };
+    if !other.as_os_str().is_empty() && !other.exists() {
+        std::fs::create_dir_all(other.parent().unwrap()).unwrap();
+        std::fs::copy(fake_driver().unwrap(), &other).unwrap();
+    }
+    let env = [("LD_LIBRARY_PATH", other.parent().unwrap_or(Path::new("")).as_os_str().to_owned())];
+    if !body_of("the_driver_named_by_the_variable_is_used_or_none_is", &env) {
+        return;
+    }
+    let named = PathBuf::from(std::env::var_os(DRIVER_ENV).unwrap());
+    match driver() {
+        Ok(_) => {
+            assert!(counter(&named, "fake_calls") > 0, "driver() answered from another library than the one named")
+        }
+        Err(Error::Unsupported(why)) => assert!(why.contains(DRIVER_ENV), "{why}"),
+        Err(e) => panic!("{e:?}"),
+    }
+}

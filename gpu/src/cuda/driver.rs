@@ -82,7 +82,8 @@ pub struct DriverInfo {
 ///
 /// # Errors
 /// - [`Error::Unsupported`]: the driver library is not installed (or [`DRIVER_ENV`] names one that
-///   does not load), or the driver is older than [`MIN_DRIVER_VERSION`].
+///   does not load, is not the driver, or is not the one the loader would hand cudarc), or the
+///   driver is older than [`MIN_DRIVER_VERSION`].
 /// - [`Error::NotFound`] (`what`: "CUDA driver function"): the driver lacks a function hetmem
 ///   calls; it is too old.
 /// - [`Error::Gpu`] (`call`: "cuInit"): the driver refused to start, e.g. `CUDA_ERROR_NO_DEVICE`
@@ -108,18 +109,36 @@ pub fn driver() -> Result<DriverInfo> {
 }
 
 fn load() -> Result<DriverInfo> {
-    if let Some(path) = std::env::var_os(DRIVER_ENV) {
-        preload(&path)
+    let named = std::env::var_os(DRIVER_ENV);
+    if let Some(path) = &named {
+        preload(path)
             .ok_or(Error::Unsupported("HETMEM_CUDA_DRIVER names a CUDA driver library that could not be loaded"))?;
     }
     // SAFETY: loading the driver library runs its initialisers, which is what loading it is for.
     if !unsafe { sys::is_culib_present() } {
-        return Err(Error::Unsupported(
-            "the CUDA driver library (libcuda.so.1) was not found: install the NVIDIA driver, or set \
-             HETMEM_CUDA_DRIVER to its path",
-        ));
+        return Err(match named {
+            Some(_) => Error::Unsupported(
+                "HETMEM_CUDA_DRIVER names a library that is not the CUDA driver (cudarc finds no libcuda.so.1 \
+                 after loading it)",
+            ),
+            None => Error::Unsupported(
+                "the CUDA driver library (libcuda.so.1) was not found: install the NVIDIA driver, or set \
+                 HETMEM_CUDA_DRIVER to its path",
+            ),
+        });
     }
     require_symbols(REQUIRED_SYMBOLS)?;
+    if let Some(path) = &named {
+        // cudarc loads the driver by name, trying `libcuda.so` before the soname the preloaded
+        // library answers to: another driver installed under that name would be used instead.
+        if symbol_address(path, "cuInit") != culib_symbol_address("cuInit") {
+            return Err(Error::Unsupported(
+                "HETMEM_CUDA_DRIVER names one CUDA driver library, but the dynamic loader finds another one first \
+                 (libcuda.so on its path), which would be used: unset the variable or remove the other library \
+                 from the loader's path",
+            ));
+        }
+    }
     // SAFETY: the library and cuInit are present (checked above); cuInit takes flags 0.
     check("cuInit", unsafe { sys::cuInit(0) })?;
     let mut version = 0;
@@ -142,6 +161,24 @@ pub(crate) fn preload(path: &std::ffi::OsStr) -> Option<()> {
     let lib = unsafe { libloading::Library::new(path) }.ok()?;
     KEPT.lock().unwrap_or_else(|p| p.into_inner()).push(lib);
     Some(())
+}
+
+/// The address of function `name` in the library at `path` (kept loaded by [`preload`]).
+fn symbol_address(path: &std::ffi::OsStr, name: &str) -> Option<usize> {
+    // SAFETY: the library is already loaded (preloaded), so this only counts one more reference.
+    let lib = unsafe { libloading::Library::new(path) }.ok()?;
+    // SAFETY: the symbol is only looked up, never called through this type.
+    let f = unsafe { lib.get::<unsafe extern "C" fn()>(name.as_bytes()) }.ok()?;
+    Some(*f as usize)
+}
+
+/// The address of function `name` in the driver library cudarc loaded.
+fn culib_symbol_address(name: &str) -> Option<usize> {
+    // SAFETY: only called once `is_culib_present` said the library loads, so `culib` does not panic.
+    let lib = unsafe { sys::culib() };
+    // SAFETY: the symbol is only looked up, never called through this type.
+    let f = unsafe { lib.get::<unsafe extern "C" fn()>(name.as_bytes()) }.ok()?;
+    Some(*f as usize)
 }
 
 fn require_symbols(names: &[&'static str]) -> Result<()> {
