@@ -181,3 +181,80 @@ fn the_driver_named_by_the_variable_is_used_or_none_is() {
         Err(e) => panic!("{e:?}"),
     }
 }
+
+/// The resources against the fake: over-aligned blocks are aligned and freed at their driver base,
+/// out of memory leaves the resource usable, and after every free the driver holds nothing.
+#[test]
+fn resources_free_every_driver_block() {
+    if !body_of("resources_free_every_driver_block", &[]) || !fake_in_use() {
+        return;
+    }
+    use hetmem_core::MemoryResource;
+    use hetmem_gpu::cuda::{CudaDeviceResource, CudaPinnedResource};
+    let lib = PathBuf::from(std::env::var_os(DRIVER_ENV).unwrap());
+    let device = CudaDeviceResource::new(0).unwrap();
+    let pinned = CudaPinnedResource::new(0).unwrap();
+    for (res, counter_name) in [
+        (&device as &dyn MemoryResource, "fake_allocations"),
+        (&pinned as &dyn MemoryResource, "fake_host_allocations"),
+    ] {
+        let mut blocks = Vec::new();
+        for (size, align) in [(1usize, 1usize), (1000, 8), (4096, 256), (12345, 4096), (1 << 20, 1 << 20), (3, 1 << 16)]
+        {
+            let block = res.allocate(size, align).unwrap();
+            assert_eq!(block.as_ptr() as usize % align, 0, "{} ({size}, {align})", res.name());
+            blocks.push((block, size, align));
+        }
+        assert_eq!(counter(&lib, counter_name), blocks.len() as i64);
+        let refused = res.allocate(2 << 30, 256);
+        assert!(matches!(refused, Err(Error::OutOfMemory { .. })), "{}: {refused:?}", res.name());
+        for (block, size, align) in blocks {
+            // SAFETY: from `allocate` with this size and alignment, freed once.
+            unsafe { res.deallocate(block, size, align) };
+        }
+        assert_eq!(counter(&lib, counter_name), 0, "{} left driver blocks", res.name());
+    }
+    assert!(matches!(CudaDeviceResource::new(1), Err(Error::NotFound { .. })));
+}
+
+/// IPC between two processes against the fake: the attacher counts itself in and out, and the
+/// creator frees its memory once nobody has it open.
+#[test]
+fn ipc_attach_counts_in_and_out() {
+    const NAME_ENV: &str = "HETMEM_FAKE_CUDA_IPC_NAME";
+    if let Ok(name) = std::env::var(NAME_ENV) {
+        // The attaching process.
+        if !body_of("ipc_attach_counts_in_and_out", &[]) || !fake_in_use() {
+            return;
+        }
+        let lib = PathBuf::from(std::env::var_os(DRIVER_ENV).unwrap());
+        let ipc = CudaIpcBackend::attach(&name, &CudaIpcOptions::default()).unwrap();
+        assert_eq!(ipc.attached(), 1);
+        assert_eq!(counter(&lib, "fake_opened_handles"), 1);
+        assert!(!ipc.is_creator() && !ipc.host_accessible());
+        drop(ipc);
+        assert_eq!(counter(&lib, "fake_opened_handles"), 0);
+        return;
+    }
+    if !body_of("ipc_attach_counts_in_and_out", &[]) || !fake_in_use() {
+        return;
+    }
+    let lib = PathBuf::from(std::env::var_os(DRIVER_ENV).unwrap());
+    let name = unique("ipc2");
+    let ipc = CudaIpcBackend::create(&name, 1 << 20, &CudaIpcOptions::default()).unwrap();
+    let same = CudaIpcBackend::attach(&name, &CudaIpcOptions::default());
+    assert!(matches!(same, Err(Error::Unsupported(_))), "{same:?}");
+    assert_eq!(ipc.attached(), 0);
+    // The attacher: this binary again, with the fake driver still named.
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["ipc_attach_counts_in_and_out", "--exact", "--nocapture", "--test-threads=1"])
+        .env(NAME_ENV, &name)
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains("1 passed"), "the attacher failed:\n{text}");
+    assert_eq!(ipc.attached(), 0, "the attacher did not count itself out");
+    drop(ipc);
+    assert_eq!(counter(&lib, "fake_allocations"), 0, "the creator did not free its memory");
+    assert!(!PosixShmBackend::exists(&name).unwrap());
+}

@@ -100,7 +100,8 @@ CUresult cuMemGetInfo_v2(size_t *free_bytes, size_t *total) {
     return SUCCESS;
 }
 
-/* "Device" memory: host memory, 256-aligned as cuMemAlloc's is; more than 1 GiB is out of memory. */
+/* "Device" memory: host memory, 256-aligned as cuMemAlloc's is. More than 1 GiB at once is out of
+ * memory, here and for pinned memory. */
 CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t size) {
     COUNT();
     if (current == NULL) return 201; /* CUDA_ERROR_INVALID_CONTEXT */
@@ -124,6 +125,7 @@ CUresult cuMemHostAlloc(void **ptr, size_t size, unsigned flags) {
     COUNT();
     (void)flags;
     if (size == 0) return INVALID_VALUE;
+    if (size > ((size_t)1 << 30)) return OUT_OF_MEMORY;
     void *p = aligned_alloc(4096, (size + 4095) & ~(size_t)4095);
     if (p == NULL) return OUT_OF_MEMORY;
     ADD(host_allocations, 1);
