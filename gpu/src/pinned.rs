@@ -44,9 +44,13 @@ macro_rules! impl_shm_device_backend {
 pub(crate) use impl_shm_device_backend;
 
 /// Checks that `count` elements of `elem_size` bytes and alignment `elem_align` starting at
-/// `offset` lie inside a region of `region_len` bytes and past its header; returns their length in
-/// bytes.
+/// `offset` lie inside a region of `region_len` bytes and past its header, and that their address
+/// (the region mapped at `base`) is aligned; returns their length in bytes.
+///
+/// The address, not only the offset: a region is mapped at a page boundary, so for an alignment
+/// past the page size an offset that is a multiple of it can still give a misaligned address.
 pub(crate) fn check_range(
+    base: u64,
     region_len: u64,
     offset: u64,
     count: usize,
@@ -60,7 +64,7 @@ pub(crate) fn check_range(
     if offset < HEADER_SIZE || end.is_none_or(|end| end > region_len) {
         return Err(Error::OutOfBounds { offset, len: bytes as u64, region_len });
     }
-    if offset % elem_align as u64 != 0 {
+    if base.wrapping_add(offset) % elem_align as u64 != 0 {
         return Err(Error::InvalidAlignment { align: elem_align as u64 });
     }
     Ok(bytes)
@@ -70,15 +74,22 @@ pub(crate) fn check_range(
 mod tests {
     use super::*;
 
+    /// A page-aligned base, like a mapping's.
+    const BASE: u64 = 0x7f00_0000_1000;
+
     #[test]
     fn ranges_must_lie_in_the_data_area_and_be_aligned() {
         let len = HEADER_SIZE + 8192;
-        assert_eq!(check_range(len, HEADER_SIZE, 2048, 4, 4).unwrap(), 8192);
-        assert_eq!(check_range(len, HEADER_SIZE + 8192, 0, 4, 4).unwrap(), 0);
-        assert!(matches!(check_range(len, 0, 1, 4, 4), Err(Error::OutOfBounds { .. })), "the header is not data");
-        assert!(matches!(check_range(len, HEADER_SIZE, 2049, 4, 4), Err(Error::OutOfBounds { .. })));
-        assert!(matches!(check_range(len, u64::MAX - 2, 1, 4, 4), Err(Error::OutOfBounds { .. })));
-        assert!(matches!(check_range(len, HEADER_SIZE, usize::MAX, 4, 4), Err(Error::InvalidSize { .. })));
-        assert!(matches!(check_range(len, HEADER_SIZE + 2, 1, 4, 4), Err(Error::InvalidAlignment { .. })));
+        assert_eq!(check_range(BASE, len, HEADER_SIZE, 2048, 4, 4).unwrap(), 8192);
+        assert_eq!(check_range(BASE, len, HEADER_SIZE + 8192, 0, 4, 4).unwrap(), 0);
+        assert!(matches!(check_range(BASE, len, 0, 1, 4, 4), Err(Error::OutOfBounds { .. })), "the header is not data");
+        assert!(matches!(check_range(BASE, len, HEADER_SIZE, 2049, 4, 4), Err(Error::OutOfBounds { .. })));
+        assert!(matches!(check_range(BASE, len, u64::MAX - 2, 1, 4, 4), Err(Error::OutOfBounds { .. })));
+        assert!(matches!(check_range(BASE, len, HEADER_SIZE, usize::MAX, 4, 4), Err(Error::InvalidSize { .. })));
+        assert!(matches!(check_range(BASE, len, HEADER_SIZE + 2, 1, 4, 4), Err(Error::InvalidAlignment { .. })));
+        // An offset that is a multiple of 8192 at a base that is not: the address is misaligned.
+        let big = 4 * 8192;
+        assert!(matches!(check_range(BASE, big, 8192, 1, 8192, 8192), Err(Error::InvalidAlignment { .. })));
+        assert_eq!(check_range(BASE, big, 3 * HEADER_SIZE, 1, 8192, 8192).unwrap(), 8192);
     }
 }

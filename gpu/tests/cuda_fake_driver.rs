@@ -258,3 +258,42 @@ fn ipc_attach_counts_in_and_out() {
     assert_eq!(counter(&lib, "fake_allocations"), 0, "the creator did not free its memory");
     assert!(!PosixShmBackend::exists(&name).unwrap());
 }
+
+/// An element type aligned past the page size, which is all the alignment a mapping's base has.
+#[derive(Debug)]
+#[repr(C, align(1048576))]
+struct Aligned1M([u8; 1 << 20]);
+
+/// The alignment check of `host_slice` and `device_view` is on the address, not only the offset:
+/// a segment is mapped at a page boundary, so an offset that is a multiple of a larger alignment
+/// can still give a misaligned address.
+#[test]
+fn views_check_the_alignment_of_the_address() {
+    if !body_of("views_check_the_alignment_of_the_address", &[]) || !fake_in_use() {
+        return;
+    }
+    // Segments until one is mapped at an address that is not a multiple of 1 MiB (almost always
+    // the first).
+    let mut kept = Vec::new();
+    let shm = loop {
+        let shm = CudaShmBackend::create(&unique(&format!("align{}", kept.len())), 4 << 20, &CudaShmOptions::default())
+            .unwrap();
+        if shm.base() as usize % (1 << 20) != 0 && shm.device_ptr().unwrap() % (1 << 20) != 0 {
+            break shm;
+        }
+        assert!(kept.len() < 8, "every segment was mapped at a 1 MiB boundary");
+        kept.push(shm);
+    };
+    let offset = 1 << 20; // a multiple of the alignment, past the header
+                          // SAFETY: nothing else uses the segment; a slice that came back would be read by nobody.
+    let host = unsafe { shm.host_slice::<Aligned1M>(offset, 1) };
+    assert!(matches!(host, Err(Error::InvalidAlignment { .. })), "host slice at {:#x}", shm.base() as u64 + offset);
+    let stream = hetmem_gpu::cuda::context(0).unwrap().default_stream();
+    let view = shm.device_view::<Aligned1M>(offset, 1, &stream);
+    assert!(matches!(view, Err(Error::InvalidAlignment { .. })), "device view: {view:?}");
+    // An address that is aligned is accepted.
+    let aligned = (1 << 20) - (shm.base() as u64 % (1 << 20)) + (1 << 20);
+    // SAFETY: as above.
+    let host = unsafe { shm.host_slice::<Aligned1M>(aligned, 1) };
+    assert!(host.is_ok(), "{:?}", host.err());
+}

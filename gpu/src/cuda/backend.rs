@@ -123,13 +123,13 @@ impl CudaShmBackend {
     /// host side (a copy from pinned memory runs at full speed and asynchronously).
     ///
     /// # Errors
-    /// As [`device_view`](Self::device_view).
+    /// As [`device_view`](Self::device_view) (the alignment checked is the slice's address's).
     ///
     /// # Safety
     /// While the slice lives, no process, thread or kernel writes those bytes, and they are valid
     /// values of `T`.
     pub unsafe fn host_slice<T>(&self, offset: u64, len: usize) -> Result<&[T]> {
-        check_range(self.shm.len(), offset, len, size_of::<T>(), align_of::<T>())?;
+        check_range(self.shm.base() as u64, self.shm.len(), offset, len, size_of::<T>(), align_of::<T>())?;
         // SAFETY: in bounds and aligned (checked); the caller promises no writers and valid values.
         Ok(unsafe { std::slice::from_raw_parts(self.shm.base().add(offset as usize).cast(), len) })
     }
@@ -144,7 +144,7 @@ impl CudaShmBackend {
     /// bytes, and they are valid values of `T`.
     #[allow(clippy::mut_from_ref)] // the memory is shared by design; the caller's contract rules out aliasing
     pub unsafe fn host_slice_mut<T>(&self, offset: u64, len: usize) -> Result<&mut [T]> {
-        check_range(self.shm.len(), offset, len, size_of::<T>(), align_of::<T>())?;
+        check_range(self.shm.base() as u64, self.shm.len(), offset, len, size_of::<T>(), align_of::<T>())?;
         // SAFETY: in bounds and aligned (checked); the caller promises exclusive access.
         Ok(unsafe { std::slice::from_raw_parts_mut(self.shm.base().add(offset as usize).cast(), len) })
     }

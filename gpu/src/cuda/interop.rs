@@ -100,8 +100,8 @@ impl<'a, T> DeviceView<'a, T> {
     }
 }
 
-/// A view of `len` elements of `T` at `offset` of `backend`, checked to lie in its data area and to
-/// be aligned for `T`.
+/// A view of `len` elements of `T` at `offset` of `backend`, checked to lie in its data area and for
+/// its device address to be aligned for `T`.
 ///
 /// # Safety
 /// `backend.device_ptr()` is the device address of offset 0, valid in `stream`'s context for the
@@ -112,8 +112,8 @@ pub(crate) unsafe fn region_view<'a, T>(
     len: usize,
     stream: &Arc<CudaStream>,
 ) -> Result<DeviceView<'a, T>> {
-    check_range(backend.len(), offset, len, size_of::<T>(), align_of::<T>())?;
     let base = backend.device_ptr().ok_or(Error::Unsupported("this backend has no device address"))?;
+    check_range(base, backend.len(), offset, len, size_of::<T>(), align_of::<T>())?;
     // SAFETY: the range lies in the region (checked), which the caller promises is mapped for the
     // device while `backend` (borrowed for `'a`) lives.
     Ok(unsafe { DeviceView::from_raw(base + offset, len, stream) })

@@ -70,7 +70,7 @@ impl RocmShmBackend {
     /// # Errors
     /// [`hetmem_core::Error::OutOfBounds`] for a range outside the data area.
     pub fn device_address(&self, offset: u64, len: usize) -> Result<u64> {
-        check_range(self.shm.len(), offset, len, 1, 1)?;
+        check_range(self.device_ptr, self.shm.len(), offset, len, 1, 1)?;
         Ok(self.device_ptr + offset)
     }
 
