@@ -22,7 +22,17 @@ const BODY_ENV: &str = "HETMEM_FAKE_CUDA_BODY";
 fn fake_driver() -> Result<&'static Path, &'static str> {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let built = BUILT.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("fake-cuda-{}", std::process::id()));
+        let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        // Earlier runs' folders, once their process is gone (a running one may have its copy loaded).
+        for entry in std::fs::read_dir(tmp).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix("fake-cuda-") {
+                if !Path::new("/proc").join(pid).exists() {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        let dir = tmp.join(format!("fake-cuda-{}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let lib = dir.join("libcuda.so.1");
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake_cuda/libcuda.c");
@@ -159,17 +169,18 @@ fn a_forked_child_leaves_the_driver_and_the_shared_record_alone() {
 /// driver on the loader's path under that name, that other one would be used.
 #[test]
 fn the_driver_named_by_the_variable_is_used_or_none_is() {
-    let other = match fake_driver() {
-        // Another copy of the fake (another file, so the loader loads it apart) as `libcuda.so`.
-        Ok(lib) => lib.parent().unwrap().join("other").join("libcuda.so"),
-        Err(_) => PathBuf::new(),
-    };
-    if !other.as_os_str().is_empty() && !other.exists() {
-        std::fs::create_dir_all(other.parent().unwrap()).unwrap();
-        std::fs::copy(fake_driver().unwrap(), &other).unwrap();
+    const NAME: &str = "the_driver_named_by_the_variable_is_used_or_none_is";
+    let mut env = Vec::new();
+    if std::env::var(BODY_ENV).is_err() {
+        if let Ok(lib) = fake_driver() {
+            // Another copy of the fake (another file, so the loader loads it apart) as `libcuda.so`.
+            let other = lib.parent().unwrap().join("other");
+            std::fs::create_dir_all(&other).unwrap();
+            std::fs::copy(lib, other.join("libcuda.so")).unwrap();
+            env.push(("LD_LIBRARY_PATH", other.into_os_string()));
+        }
     }
-    let env = [("LD_LIBRARY_PATH", other.parent().unwrap_or(Path::new("")).as_os_str().to_owned())];
-    if !body_of("the_driver_named_by_the_variable_is_used_or_none_is", &env) {
+    if !body_of(NAME, &env) {
         return;
     }
     let named = PathBuf::from(std::env::var_os(DRIVER_ENV).unwrap());
