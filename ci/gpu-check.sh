@@ -91,7 +91,10 @@ step() {
 find_cuda_libs() {
   if [ -z "${HETMEM_NVRTC:-}" ]; then
     local lib
-    lib="$(ldconfig -p 2>/dev/null | awk '/libnvrtc\.so\.1[23] /{print $NF; exit}')"
+    # The newest first, as cudarc looks it up: naming an older one while a newer one is on the
+    # loader's path is refused (HETMEM_NVRTC gets the library it names or none).
+    lib="$(ldconfig -p 2>/dev/null | awk '/libnvrtc\.so\.13 /{print $NF; exit}')"
+    [ -n "$lib" ] || lib="$(ldconfig -p 2>/dev/null | awk '/libnvrtc\.so\.12 /{print $NF; exit}')"
     if [ -z "$lib" ]; then
       for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/cuda-*/lib64 \
         /usr/local/cuda-*/targets/x86_64-linux/lib; do

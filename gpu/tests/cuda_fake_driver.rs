@@ -13,7 +13,10 @@ use std::sync::OnceLock;
 
 use hetmem_backends::PosixShmBackend;
 use hetmem_core::{Error, MemoryBackend};
-use hetmem_gpu::cuda::{driver, CudaIpcBackend, CudaIpcOptions, CudaShmBackend, CudaShmOptions, DRIVER_ENV};
+use hetmem_gpu::cuda::{
+    compile_ptx_with, driver, nvrtc_available, CudaIpcBackend, CudaIpcOptions, CudaShmBackend, CudaShmOptions,
+    DRIVER_ENV, NVRTC_ENV,
+};
 
 /// Set (to the test's name) in the process that runs a test's body.
 const BODY_ENV: &str = "HETMEM_FAKE_CUDA_BODY";
@@ -32,23 +35,27 @@ fn fake_driver() -> Result<&'static Path, &'static str> {
                 }
             }
         }
-        let dir = tmp.join(format!("fake-cuda-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        let lib = dir.join("libcuda.so.1");
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake_cuda/libcuda.c");
-        let cc = std::env::var_os("CC").unwrap_or_else(|| "cc".into());
-        let out = Command::new(&cc)
-            .args(["-shared", "-fPIC", "-O1", "-Wl,-soname,libcuda.so.1", "-o"])
-            .arg(&lib)
-            .arg(&src)
-            .output()
-            .map_err(|e| format!("running {cc:?}: {e}"))?;
-        if !out.status.success() {
-            return Err(format!("{cc:?} failed: {}", String::from_utf8_lossy(&out.stderr)));
-        }
-        Ok(lib)
+        build("libcuda.c", &tmp.join(format!("fake-cuda-{}", std::process::id())).join("libcuda.so.1"))
     });
     built.as_deref().map_err(|e| e.as_str())
+}
+
+/// Compiles `tests/fake_cuda/{src}` into the shared library `lib`, whose file name is its soname.
+fn build(src: &str, lib: &Path) -> Result<PathBuf, String> {
+    std::fs::create_dir_all(lib.parent().unwrap()).map_err(|e| e.to_string())?;
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake_cuda").join(src);
+    let soname = format!("-Wl,-soname,{}", lib.file_name().unwrap().to_string_lossy());
+    let cc = std::env::var_os("CC").unwrap_or_else(|| "cc".into());
+    let out = Command::new(&cc)
+        .args(["-shared", "-fPIC", "-O1", &soname, "-o"])
+        .arg(lib)
+        .arg(&src)
+        .output()
+        .map_err(|e| format!("running {cc:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("{cc:?} failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(lib.to_path_buf())
 }
 
 /// Whether this process runs the body of test `name`; otherwise runs it in a new process with the
@@ -78,11 +85,10 @@ fn body_of(name: &str, env: &[(&str, OsString)]) -> bool {
     false
 }
 
-/// A counter of the fake driver at `lib` (`fake_calls`, `fake_allocations`, ...).
+/// A counter of the fake library at `lib` (`fake_calls`, `fake_allocations`, ...).
 fn counter(lib: &Path, name: &str) -> i64 {
-    // SAFETY: the fake driver, already loaded by this process; loading it again only counts a
-    // reference.
-    let lib = unsafe { libloading::Library::new(lib) }.expect("the fake driver loads");
+    // SAFETY: a fake library, loaded by this process already or free of initialisers.
+    let lib = unsafe { libloading::Library::new(lib) }.expect("the fake library loads");
     // SAFETY: every fake_* function takes nothing and returns a C long.
     let f = unsafe { lib.get::<unsafe extern "C" fn() -> std::ffi::c_long>(name.as_bytes()) }.expect(name);
     // SAFETY: as above.
@@ -307,4 +313,35 @@ fn views_check_the_alignment_of_the_address() {
     // SAFETY: as above.
     let host = unsafe { shm.host_slice::<Aligned1M>(aligned, 1) };
     assert!(host.is_ok(), "{:?}", host.err());
+}
+
+/// `HETMEM_NVRTC`, like `HETMEM_CUDA_DRIVER`, gets the library it names or an error: with a fake
+/// NVRTC 12 named and another (fake) NVRTC 13 on the loader's path, which cudarc tries first, the
+/// named one must be the one that compiles.
+#[test]
+fn the_nvrtc_named_by_the_variable_is_used_or_none_is() {
+    const NAME: &str = "the_nvrtc_named_by_the_variable_is_used_or_none_is";
+    let mut env = Vec::new();
+    if std::env::var(BODY_ENV).is_err() {
+        if let Ok(driver) = fake_driver() {
+            let dir = driver.parent().unwrap();
+            let named = build("libnvrtc.c", &dir.join("nvrtc12").join("libnvrtc.so.12")).unwrap();
+            let other = build("libnvrtc.c", &dir.join("nvrtc13").join("libnvrtc.so.13")).unwrap();
+            env.push((NVRTC_ENV, named.into_os_string()));
+            env.push(("LD_LIBRARY_PATH", other.parent().unwrap().as_os_str().to_owned()));
+        }
+    }
+    if !body_of(NAME, &env) {
+        return;
+    }
+    let named = PathBuf::from(std::env::var_os(NVRTC_ENV).unwrap());
+    match nvrtc_available() {
+        Ok(()) => {
+            let compiled = compile_ptx_with("extern \"C\" __global__ void k() {}", &[]);
+            assert!(compiled.is_err(), "the fake NVRTC compiles nothing");
+            assert!(counter(&named, "fake_nvrtc_calls") > 0, "another NVRTC than the one named compiled");
+        }
+        Err(Error::Unsupported(why)) => assert!(why.contains(NVRTC_ENV), "{why}"),
+        Err(e) => panic!("{e:?}"),
+    }
 }

@@ -24,13 +24,13 @@ fn a_library_that_is_not_nvrtc_is_an_error_not_a_panic() {
     let available = nvrtc_available();
     let compiled = std::panic::catch_unwind(|| compile_ptx_with("extern \"C\" __global__ void k() {}", &[]))
         .expect("compile_ptx_with panicked");
+    // Also with a real NVRTC on the loader's path: the variable names the library to use, and
+    // this one is not NVRTC.
     match available {
         Err(Error::Unsupported(why)) => {
             assert!(why.contains("HETMEM_NVRTC"), "{why}");
             assert!(matches!(compiled, Err(ref e) if matches!(e.error, Error::Unsupported(_))), "{compiled:?}");
         }
-        // A real NVRTC on the loader's path, which cudarc loads by its soname: compiling works.
-        Ok(()) => assert!(compiled.is_ok(), "{compiled:?}"),
-        Err(other) => panic!("expected Error::Unsupported naming HETMEM_NVRTC, got {other:?}"),
+        other => panic!("expected Error::Unsupported naming HETMEM_NVRTC, got {other:?}"),
     }
 }

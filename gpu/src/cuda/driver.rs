@@ -164,7 +164,7 @@ pub(crate) fn preload(path: &std::ffi::OsStr) -> Option<()> {
 }
 
 /// The address of function `name` in the library at `path` (kept loaded by [`preload`]).
-fn symbol_address(path: &std::ffi::OsStr, name: &str) -> Option<usize> {
+pub(crate) fn symbol_address(path: &std::ffi::OsStr, name: &str) -> Option<usize> {
     // SAFETY: the library is already loaded (preloaded), so this only counts one more reference.
     let lib = unsafe { libloading::Library::new(path) }.ok()?;
     // SAFETY: the symbol is only looked up, never called through this type.

@@ -16,6 +16,7 @@ use hetmem_core::{Error, Result};
 use super::driver;
 
 /// Environment variable naming the NVRTC library to load (a path to `libnvrtc.so.12` or `.13`).
+/// When set, that library is used or none is.
 pub const NVRTC_ENV: &str = "HETMEM_NVRTC";
 
 /// The sonames tried, newest first; cudarc looks the library up by these same names.
@@ -57,7 +58,8 @@ impl From<Error> for CompileError {
 /// Finds and loads NVRTC once per process.
 ///
 /// # Errors
-/// [`Error::Unsupported`] if no NVRTC library loads (or [`NVRTC_ENV`] names one that does not).
+/// [`Error::Unsupported`] if no NVRTC library loads (or [`NVRTC_ENV`] names one that does not, is
+/// not NVRTC, or is not the one the loader would hand cudarc).
 pub fn nvrtc_available() -> Result<()> {
     static STATE: OnceLock<Result<()>> = OnceLock::new();
     *STATE.get_or_init(find_nvrtc)
@@ -67,8 +69,18 @@ fn find_nvrtc() -> Result<()> {
     if let Some(path) = std::env::var_os(NVRTC_ENV) {
         driver::preload(&path)
             .ok_or(Error::Unsupported("HETMEM_NVRTC names an NVRTC library that could not be loaded"))?;
-        return cudarc_finds_nvrtc()
-            .ok_or(Error::Unsupported("HETMEM_NVRTC names a library that is not NVRTC 12 or 13"));
+        cudarc_finds_nvrtc().ok_or(Error::Unsupported("HETMEM_NVRTC names a library that is not NVRTC 12 or 13"))?;
+        // cudarc loads NVRTC by name, newest soname first: another NVRTC on the loader's path
+        // under a name it tries before the named library's soname would be used instead.
+        let lookup = "nvrtcCreateProgram";
+        if driver::symbol_address(&path, lookup) != cudarc_symbol_address(lookup) {
+            return Err(Error::Unsupported(
+                "HETMEM_NVRTC names one NVRTC library, but the dynamic loader finds another one first (a newer \
+                 soname on its path), which would be used: unset the variable or remove the other library from \
+                 the loader's path",
+            ));
+        }
+        return Ok(());
     }
     if SONAMES.iter().any(|name| driver::preload(name.as_ref()).is_some()) && cudarc_finds_nvrtc().is_some() {
         return Ok(());
@@ -112,6 +124,15 @@ fn cudarc_finds_nvrtc() -> Option<()> {
         .iter()
         .all(|name| unsafe { lib.get::<unsafe extern "C" fn()>(name.as_bytes()) }.is_ok())
         .then_some(())
+}
+
+/// The address of function `name` in the NVRTC library cudarc loaded.
+fn cudarc_symbol_address(name: &str) -> Option<usize> {
+    // SAFETY: only called once `cudarc_finds_nvrtc` said a library loads, so `culib` does not panic.
+    let lib = unsafe { nvrtc::sys::culib() };
+    // SAFETY: the symbol is only looked up, never called through this type.
+    let f = unsafe { lib.get::<unsafe extern "C" fn()>(name.as_bytes()) }.ok()?;
+    Some(*f as usize)
 }
 
 fn toolkit_lib_dirs() -> Vec<PathBuf> {
