@@ -245,6 +245,11 @@ fn ipc_attach_counts_in_and_out() {
             return;
         }
         let lib = PathBuf::from(std::env::var_os(DRIVER_ENV).unwrap());
+        // A refused open counts the attacher out again.
+        fail(&lib, Some("cuIpcOpenMemHandle_v2"));
+        let refused = CudaIpcBackend::attach(&name, &CudaIpcOptions::default());
+        assert!(matches!(refused, Err(Error::Gpu { call: "cuIpcOpenMemHandle", .. })), "{refused:?}");
+        fail(&lib, None);
         let ipc = CudaIpcBackend::attach(&name, &CudaIpcOptions::default()).unwrap();
         assert_eq!(ipc.attached(), 1);
         assert_eq!(counter(&lib, "fake_opened_handles"), 1);
@@ -343,5 +348,78 @@ fn the_nvrtc_named_by_the_variable_is_used_or_none_is() {
         }
         Err(Error::Unsupported(why)) => assert!(why.contains(NVRTC_ENV), "{why}"),
         Err(e) => panic!("{e:?}"),
+    }
+}
+
+/// Makes the fake driver at `lib` fail `call` (None: nothing fails).
+fn fail(lib: &Path, call: Option<&str>) {
+    let name = call.map(|c| std::ffi::CString::new(c).unwrap());
+    // SAFETY: as in `counter`.
+    let lib = unsafe { libloading::Library::new(lib) }.expect("the fake library loads");
+    // SAFETY: fake_fail takes a NUL-terminated string or null.
+    let f = unsafe { lib.get::<unsafe extern "C" fn(*const std::ffi::c_char)>(b"fake_fail") }.expect("fake_fail");
+    // SAFETY: as above; `name` outlives the call.
+    unsafe { f(name.as_ref().map_or(std::ptr::null(), |n| n.as_ptr())) };
+}
+
+/// Every step of creating a backend or allocating a block that the driver refuses gives its error
+/// and undoes the steps before it: no segment, registration or allocation is left behind, and the
+/// next request works.
+#[test]
+fn refused_driver_calls_leave_nothing_behind() {
+    if !body_of("refused_driver_calls_leave_nothing_behind", &[]) || !fake_in_use() {
+        return;
+    }
+    use hetmem_core::MemoryResource;
+    use hetmem_gpu::cuda::{CudaDeviceResource, CudaPinnedResource};
+    let lib = PathBuf::from(std::env::var_os(DRIVER_ENV).unwrap());
+    let held = || {
+        ["fake_allocations", "fake_host_allocations", "fake_registrations", "fake_opened_handles"]
+            .map(|c| counter(&lib, c))
+    };
+    let gpu_error = |r: &hetmem_core::Result<()>, call: &str| {
+        assert!(matches!(r, Err(Error::Gpu { call: c, .. }) if *c == call), "expected {call} to fail: {r:?}")
+    };
+    for (call, expected) in [
+        ("cuMemHostRegister_v2", "cuMemHostRegister"),
+        ("cuMemHostGetDevicePointer_v2", "cuMemHostGetDevicePointer"),
+        ("cuDeviceGetAttribute", "cuDeviceGetAttribute"),
+    ] {
+        let name = unique("refused-shm");
+        fail(&lib, Some(call));
+        let options = CudaShmOptions { device_read_only: true, ..Default::default() };
+        gpu_error(&CudaShmBackend::create(&name, 1 << 16, &options).map(drop), expected);
+        fail(&lib, None);
+        assert!(!PosixShmBackend::exists(&name).unwrap(), "{call}: the segment was left");
+        assert_eq!(held(), [0; 4], "{call}");
+    }
+    for (call, expected) in [
+        ("cuDeviceGetUuid_v2", "cuDeviceGetUuid_v2"),
+        ("cuMemAlloc_v2", "cuMemAlloc"),
+        ("cuIpcGetMemHandle", "cuIpcGetMemHandle"),
+    ] {
+        let name = unique("refused-ipc");
+        fail(&lib, Some(call));
+        gpu_error(&CudaIpcBackend::create(&name, 1 << 16, &CudaIpcOptions::default()).map(drop), expected);
+        fail(&lib, None);
+        assert!(!PosixShmBackend::exists(&name).unwrap(), "{call}: the segment was left");
+        assert_eq!(held(), [0; 4], "{call}");
+    }
+    let device = CudaDeviceResource::new(0).unwrap();
+    let pinned = CudaPinnedResource::new(0).unwrap();
+    for (res, call, expected) in [
+        (&device as &dyn MemoryResource, "cuMemAlloc_v2", "cuMemAlloc"),
+        (&pinned as &dyn MemoryResource, "cuMemHostAlloc", "cuMemHostAlloc"),
+    ] {
+        for align in [256, 1 << 16] {
+            fail(&lib, Some(call));
+            gpu_error(&res.allocate(4096, align).map(drop), expected);
+            fail(&lib, None);
+            assert_eq!(held(), [0; 4], "{call}");
+            let block = res.allocate(4096, align).unwrap();
+            // SAFETY: from `allocate` with this size and alignment.
+            unsafe { res.deallocate(block, 4096, align) };
+            assert_eq!(held(), [0; 4], "{call}");
+        }
     }
 }

@@ -2,7 +2,7 @@
  * A fake CUDA driver for the host-side tests (tests/cuda_fake_driver.rs): it exports every function
  * hetmem checks for, with one device (device 0, compute capability 9.0), and keeps "device" memory
  * in host memory. It counts every call and what is still allocated, registered or opened, and the
- * tests read those counts through the fake_* functions. Calls no test makes (streams, copies,
+ * tests read those counts through the fake_* functions; fake_fail makes one call fail. Calls no test makes (streams, copies,
  * modules, launches) answer CUDA_ERROR_NOT_SUPPORTED.
  *
  * Built by the tests with the host C compiler, with the soname libcuda.so.1, and named to hetmem by
@@ -25,14 +25,24 @@ enum {
     OUT_OF_MEMORY = 2,
     INVALID_DEVICE = 101,
     NOT_SUPPORTED = 801,
+    UNKNOWN = 999,
 };
 
 static long calls, allocations, host_allocations, registrations, opened_handles;
+/* The one call that fails (with CUDA_ERROR_UNKNOWN) until cleared, set by fake_fail. */
+static char failing[64];
 static int primary_context;
 static __thread CUcontext current;
 
 #define COUNT() __atomic_fetch_add(&calls, 1, __ATOMIC_SEQ_CST)
 #define ADD(counter, n) __atomic_fetch_add(&(counter), (n), __ATOMIC_SEQ_CST)
+
+/* Makes `name` (a driver function) fail from now on; NULL or "" makes every call succeed again. */
+void fake_fail(const char *name) {
+    memset(failing, 0, sizeof failing);
+    if (name != NULL) strncpy(failing, name, sizeof failing - 1);
+}
+#define FAILS(name) if (strcmp(failing, name) == 0) return UNKNOWN;
 
 /* What the tests read. */
 long fake_calls(void) { return __atomic_load_n(&calls, __ATOMIC_SEQ_CST); }
@@ -54,6 +64,7 @@ CUresult cuDeviceGet(CUdevice *device, int ordinal) {
 
 CUresult cuDeviceGetAttribute(int *value, int attribute, CUdevice device) {
     COUNT();
+    FAILS("cuDeviceGetAttribute")
     if (device != 0) return INVALID_DEVICE;
     switch (attribute) {
     case 75: *value = 9; break;  /* compute capability major */
@@ -65,6 +76,7 @@ CUresult cuDeviceGetAttribute(int *value, int attribute, CUdevice device) {
 
 CUresult cuDeviceGetUuid_v2(CUuuid *uuid, CUdevice device) {
     COUNT();
+    FAILS("cuDeviceGetUuid_v2")
     if (device != 0) return INVALID_DEVICE;
     memcpy(uuid->bytes, "hetmem-fake-gpu0", 16);
     return SUCCESS;
@@ -87,6 +99,7 @@ CUresult cuGetErrorName(CUresult code, const char **name) {
     case OUT_OF_MEMORY: *name = "CUDA_ERROR_OUT_OF_MEMORY"; break;
     case INVALID_DEVICE: *name = "CUDA_ERROR_INVALID_DEVICE"; break;
     case NOT_SUPPORTED: *name = "CUDA_ERROR_NOT_SUPPORTED"; break;
+    case UNKNOWN: *name = "CUDA_ERROR_UNKNOWN"; break;
     default: *name = "CUDA_ERROR_FAKE"; break;
     }
     return SUCCESS;
@@ -104,6 +117,7 @@ CUresult cuMemGetInfo_v2(size_t *free_bytes, size_t *total) {
  * memory, here and for pinned memory. */
 CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t size) {
     COUNT();
+    FAILS("cuMemAlloc_v2")
     if (current == NULL) return 201; /* CUDA_ERROR_INVALID_CONTEXT */
     if (size == 0) return INVALID_VALUE;
     if (size > ((size_t)1 << 30)) return OUT_OF_MEMORY;
@@ -123,6 +137,7 @@ CUresult cuMemFree_v2(CUdeviceptr dptr) {
 
 CUresult cuMemHostAlloc(void **ptr, size_t size, unsigned flags) {
     COUNT();
+    FAILS("cuMemHostAlloc")
     (void)flags;
     if (size == 0) return INVALID_VALUE;
     if (size > ((size_t)1 << 30)) return OUT_OF_MEMORY;
@@ -142,6 +157,7 @@ CUresult cuMemHostGetFlags(unsigned *flags, void *ptr) { COUNT(); (void)ptr; *fl
 
 CUresult cuMemHostRegister_v2(void *ptr, size_t size, unsigned flags) {
     COUNT();
+    FAILS("cuMemHostRegister_v2")
     (void)flags;
     if (ptr == NULL || size == 0) return INVALID_VALUE;
     ADD(registrations, 1);
@@ -155,6 +171,7 @@ CUresult cuMemHostUnregister(void *ptr) {
 }
 CUresult cuMemHostGetDevicePointer_v2(CUdeviceptr *dptr, void *ptr, unsigned flags) {
     COUNT();
+    FAILS("cuMemHostGetDevicePointer_v2")
     if (flags != 0) return INVALID_VALUE;
     *dptr = (CUdeviceptr)(uintptr_t)ptr;
     return SUCCESS;
@@ -163,12 +180,14 @@ CUresult cuMemHostGetDevicePointer_v2(CUdeviceptr *dptr, void *ptr, unsigned fla
 /* The handle carries the exporter's address; an importer gets a different, never dereferenced one. */
 CUresult cuIpcGetMemHandle(CUipcMemHandle *handle, CUdeviceptr dptr) {
     COUNT();
+    FAILS("cuIpcGetMemHandle")
     memset(handle->reserved, 0, sizeof handle->reserved);
     memcpy(handle->reserved, &dptr, sizeof dptr);
     return SUCCESS;
 }
 CUresult cuIpcOpenMemHandle_v2(CUdeviceptr *dptr, CUipcMemHandle handle, unsigned flags) {
     COUNT();
+    FAILS("cuIpcOpenMemHandle_v2")
     (void)flags;
     CUdeviceptr exported;
     memcpy(&exported, handle.reserved, sizeof exported);
