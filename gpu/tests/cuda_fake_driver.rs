@@ -423,3 +423,54 @@ fn refused_driver_calls_leave_nothing_behind() {
         }
     }
 }
+
+/// `attach_timeout` bounds the whole of an IPC attach: waiting for the segment's header, then for
+/// the creator's record. A creator that initialises the header late and never publishes its record
+/// times the attacher out after the timeout, not after the header's wait plus another timeout.
+#[test]
+fn ipc_attach_waits_at_most_its_timeout_in_all() {
+    if !body_of("ipc_attach_waits_at_most_its_timeout_in_all", &[]) || !fake_in_use() {
+        return;
+    }
+    use hetmem_core::header::RegionHeader;
+    use hetmem_core::{BackendId, BackendKind};
+    use std::time::{Duration, Instant};
+    let name = unique("slow");
+    let c_name = std::ffi::CString::new(name.clone()).unwrap();
+    let len = 2 * hetmem_core::header::HEADER_SIZE;
+    // A creator of our own: the segment exists, sized, with its header not yet written.
+    // SAFETY: plain POSIX calls on a new segment of our own, checked below.
+    let base = unsafe {
+        let fd = libc::shm_open(c_name.as_ptr(), libc::O_CREAT | libc::O_EXCL | libc::O_RDWR, 0o600);
+        assert!(fd >= 0, "shm_open");
+        assert_eq!(libc::ftruncate(fd, len as libc::off_t), 0);
+        let p =
+            libc::mmap(std::ptr::null_mut(), len as usize, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0);
+        libc::close(fd);
+        assert_ne!(p, libc::MAP_FAILED);
+        p as usize
+    };
+    let timeout = Duration::from_millis(1500);
+    let late = timeout.mul_f64(0.6);
+    let creator = std::thread::spawn(move || {
+        std::thread::sleep(late);
+        // SAFETY: the mapping is `len` bytes, page-aligned; the attacher only reads the header
+        // once it is marked ready.
+        unsafe { RegionHeader::initialize(base as *mut u8, len, BackendKind::Device, BackendId(7), 1) }.map(drop)
+    });
+    let options = CudaIpcOptions {
+        shm: hetmem_backends::ShmOptions { attach_timeout: timeout, ..Default::default() },
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let attached = CudaIpcBackend::attach(&name, &options);
+    let took = started.elapsed();
+    creator.join().unwrap().unwrap();
+    // SAFETY: our own mapping and name, no longer used.
+    unsafe {
+        libc::munmap(base as *mut libc::c_void, len as usize);
+        libc::shm_unlink(c_name.as_ptr());
+    }
+    assert!(matches!(attached, Err(Error::TimedOut { .. })), "{attached:?}");
+    assert!(took < timeout.mul_f64(1.35), "waited {took:?} with a timeout of {timeout:?}");
+}

@@ -139,8 +139,10 @@ impl CudaIpcBackend {
     /// Attaches to segment `name` and opens the creator's device memory in this process.
     pub fn attach(name: &str, options: &CudaIpcOptions) -> Result<Self> {
         driver::driver()?;
+        let started = Instant::now();
         let shm = PosixShmBackend::attach_kind(name, &options.shm, BackendKind::Device)?;
-        let record = wait_for_record(&shm, options.shm.attach_timeout)?;
+        // The timeout covers both waits: for the segment's header, then for the record.
+        let record = wait_for_record(&shm, started, options.shm.attach_timeout)?;
         if record.creator_pid == std::process::id() {
             return Err(Error::Unsupported(
                 "a CUDA IPC handle cannot be opened in the process that exported it: use the creator's backend",
@@ -202,11 +204,10 @@ impl CudaIpcBackend {
     }
 }
 
-/// Waits for the creator to publish the record, then checks it.
-fn wait_for_record(shm: &PosixShmBackend, timeout: Duration) -> Result<&IpcRecord> {
+/// Waits for the creator to publish the record, until `timeout` after `started`, then checks it.
+fn wait_for_record(shm: &PosixShmBackend, started: Instant, timeout: Duration) -> Result<&IpcRecord> {
     // SAFETY: as `CudaIpcBackend::record`: the segment holds at least the header and one page.
     let record = unsafe { &*shm.base().add(HEADER_SIZE as usize).cast::<IpcRecord>() };
-    let started = Instant::now();
     while record.state.load(Ordering::Acquire) != STATE_READY {
         if started.elapsed() >= timeout {
             return Err(Error::TimedOut {
