@@ -474,3 +474,33 @@ fn ipc_attach_waits_at_most_its_timeout_in_all() {
     assert!(matches!(attached, Err(Error::TimedOut { .. })), "{attached:?}");
     assert!(took < timeout.mul_f64(1.35), "waited {took:?} with a timeout of {timeout:?}");
 }
+
+/// Copies through views are queued, and safe code may drop a backend right after queueing one:
+/// the backend must not unregister or free its memory while device work may still use it (the
+/// driver documents no such wait). The fake counts memory released with a copy still pending.
+#[test]
+fn dropping_a_backend_waits_for_queued_copies() {
+    if !body_of("dropping_a_backend_waits_for_queued_copies", &[]) || !fake_in_use() {
+        return;
+    }
+    use hetmem_core::header::HEADER_SIZE;
+    let lib = PathBuf::from(std::env::var_os(DRIVER_ENV).unwrap());
+    let shm = CudaShmBackend::create(&unique("queued-shm"), 1 << 16, &CudaShmOptions::default()).unwrap();
+    let ipc = CudaIpcBackend::create(&unique("queued-ipc"), 1 << 16, &CudaIpcOptions::default()).unwrap();
+    let stream = shm.context().default_stream();
+    {
+        let from = shm.device_view::<u32>(HEADER_SIZE, 1024, &stream).unwrap();
+        let mut to = shm.device_view::<u32>(HEADER_SIZE + 4096, 1024, &stream).unwrap();
+        stream.memcpy_dtod(&from, &mut to).unwrap(); // safe: queued on the stream
+    }
+    drop(shm);
+    {
+        let from = ipc.device_view::<u32>(HEADER_SIZE, 1024, &stream).unwrap();
+        let mut to = ipc.device_view::<u32>(HEADER_SIZE + 4096, 1024, &stream).unwrap();
+        stream.memcpy_dtod(&from, &mut to).unwrap();
+    }
+    drop(ipc);
+    assert_eq!(counter(&lib, "fake_registrations"), 0);
+    assert_eq!(counter(&lib, "fake_allocations"), 0);
+    assert_eq!(counter(&lib, "fake_unsynced_releases"), 0, "memory released while a queued copy could still use it");
+}

@@ -28,9 +28,10 @@ pub struct CudaShmOptions {
 /// (portable + device-mapped), so kernels read and write it at [`device_ptr`](MemoryBackend::device_ptr)
 /// while CPU processes use it at [`base`](MemoryBackend::base).
 ///
-/// Each process registers its own mapping when it creates or attaches, and unregisters it on drop;
-/// the segment's name follows [`PosixShmBackend`]'s rules (the creator unlinks it on drop unless
-/// persisted).
+/// Each process registers its own mapping when it creates or attaches, and unregisters it on drop,
+/// after waiting for the work queued in its context (copies through [views](Self::device_view)
+/// and kernels may still use the segment); the segment's name follows [`PosixShmBackend`]'s rules
+/// (the creator unlinks it on drop unless persisted).
 ///
 /// # Errors
 /// Creating or attaching fails as [`PosixShmBackend`] does, and as [`driver::driver`] and
@@ -158,7 +159,11 @@ impl Drop for CudaShmBackend {
         // be reported from drop; the mapping goes away either way. In a forked child `bind` fails
         // and nothing is unregistered: the registration is the parent's.
         if driver::bind(&self.ctx).is_ok() {
-            // SAFETY: registered in `register`; the owner has finished its device work with it.
+            // Copies through views and kernels may still be running: views borrow the backend,
+            // but the work they queued outlives them, and unregistering is not documented to wait.
+            // A failure (a context in an error state) means nothing runs any more.
+            let _ = driver::synchronize();
+            // SAFETY: registered in `register`; no device work is queued any more.
             let _ = unsafe { driver::host_unregister(self.shm.base()) };
         }
     }

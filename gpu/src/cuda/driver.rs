@@ -36,6 +36,7 @@ const REQUIRED_SYMBOLS: &[&str] = &[
     "cuDevicePrimaryCtxRelease_v2",
     "cuCtxGetCurrent",
     "cuCtxSetCurrent",
+    "cuCtxSynchronize",
     "cuGetErrorName",
     "cuGetErrorString",
     "cuMemGetInfo_v2",
@@ -272,6 +273,12 @@ pub(crate) fn bind(ctx: &CudaContext) -> Result<()> {
         check("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(ctx.cu_ctx()) })?;
     }
     Ok(())
+}
+
+/// `cuCtxSynchronize`: waits for all work queued in the current context (callers bind first).
+pub(crate) fn synchronize() -> Result<()> {
+    // SAFETY: no arguments; a context is current.
+    check("cuCtxSynchronize", unsafe { sys::cuCtxSynchronize() })
 }
 
 /// A device attribute of `ctx`'s device.

@@ -96,7 +96,8 @@ pub struct CudaIpcOptions {
 ///
 /// The creator must outlive the attachers' use: dropping the creator while processes still have
 /// the memory open leaves the device memory allocated (until the creator exits) rather than free
-/// it under them.
+/// it under them. Dropping a backend first waits for the work queued in its context (copies
+/// through [views](Self::device_view) and kernels may still use the memory).
 ///
 /// # Errors
 /// As [`driver::context`] and [`PosixShmBackend`]; an attacher gets [`Error::NotFound`] if no
@@ -247,6 +248,10 @@ impl Drop for CudaIpcBackend {
             // count and memory are the parent's (and which must not call the driver).
             return;
         }
+        // Copies through views and kernels may still be running: views borrow the backend, but
+        // the work they queued outlives them, and closing or freeing is not documented to wait. A
+        // failure (a context in an error state) means nothing runs any more.
+        let _ = driver::synchronize();
         if !self.shm.is_creator() {
             // SAFETY: opened in `attach`, and the owner is done with it.
             let _ = unsafe { driver::ipc_close(self.device_ptr) };

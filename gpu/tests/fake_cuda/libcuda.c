@@ -2,8 +2,10 @@
  * A fake CUDA driver for the host-side tests (tests/cuda_fake_driver.rs): it exports every function
  * hetmem checks for, with one device (device 0, compute capability 9.0), and keeps "device" memory
  * in host memory. It counts every call and what is still allocated, registered or opened, and the
- * tests read those counts through the fake_* functions; fake_fail makes one call fail. Calls no test makes (streams, copies,
- * modules, launches) answer CUDA_ERROR_NOT_SUPPORTED.
+ * tests read those counts through the fake_* functions; fake_fail makes one call fail. Device-to-
+ * device copies are done at once but count as pending until a synchronisation, and memory released
+ * meanwhile is counted. Calls no test makes (other copies, streams, modules, launches) answer
+ * CUDA_ERROR_NOT_SUPPORTED.
  *
  * Built by the tests with the host C compiler, with the soname libcuda.so.1, and named to hetmem by
  * HETMEM_CUDA_DRIVER.
@@ -29,6 +31,10 @@ enum {
 };
 
 static long calls, allocations, host_allocations, registrations, opened_handles;
+/* Whether a copy was queued since the last synchronisation (the fake copies at once, but a real
+ * driver may still be copying), and how often memory was released while one was. */
+static int pending;
+static long unsynced_releases;
 /* The one call that fails (with CUDA_ERROR_UNKNOWN) until cleared, set by fake_fail. */
 static char failing[64];
 static int primary_context;
@@ -50,6 +56,12 @@ long fake_allocations(void) { return __atomic_load_n(&allocations, __ATOMIC_SEQ_
 long fake_host_allocations(void) { return __atomic_load_n(&host_allocations, __ATOMIC_SEQ_CST); }
 long fake_registrations(void) { return __atomic_load_n(&registrations, __ATOMIC_SEQ_CST); }
 long fake_opened_handles(void) { return __atomic_load_n(&opened_handles, __ATOMIC_SEQ_CST); }
+long fake_unsynced_releases(void) { return __atomic_load_n(&unsynced_releases, __ATOMIC_SEQ_CST); }
+
+/* Memory that queued device work may still use is released. */
+static void released(void) {
+    if (__atomic_load_n(&pending, __ATOMIC_SEQ_CST)) ADD(unsynced_releases, 1);
+}
 
 CUresult cuInit(unsigned flags) { COUNT(); return flags == 0 ? SUCCESS : INVALID_VALUE; }
 CUresult cuDriverGetVersion(int *version) { COUNT(); *version = 13000; return SUCCESS; }
@@ -129,6 +141,7 @@ CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t size) {
 }
 CUresult cuMemFree_v2(CUdeviceptr dptr) {
     COUNT();
+    released();
     if (dptr == 0) return INVALID_VALUE;
     free((void *)(uintptr_t)dptr);
     ADD(allocations, -1);
@@ -165,6 +178,7 @@ CUresult cuMemHostRegister_v2(void *ptr, size_t size, unsigned flags) {
 }
 CUresult cuMemHostUnregister(void *ptr) {
     COUNT();
+    released();
     if (ptr == NULL) return INVALID_VALUE;
     ADD(registrations, -1);
     return SUCCESS;
@@ -198,8 +212,25 @@ CUresult cuIpcOpenMemHandle_v2(CUdeviceptr *dptr, CUipcMemHandle handle, unsigne
 }
 CUresult cuIpcCloseMemHandle(CUdeviceptr dptr) {
     COUNT();
+    released();
     (void)dptr;
     ADD(opened_handles, -1);
+    return SUCCESS;
+}
+
+/* Copies on any stream: done at once, but pending until the next synchronisation. */
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes, void *stream) {
+    COUNT();
+    (void)stream;
+    memmove((void *)(uintptr_t)dst, (const void *)(uintptr_t)src, bytes);
+    __atomic_store_n(&pending, 1, __ATOMIC_SEQ_CST);
+    return SUCCESS;
+}
+CUresult cuCtxSynchronize(void) { COUNT(); __atomic_store_n(&pending, 0, __ATOMIC_SEQ_CST); return SUCCESS; }
+CUresult cuStreamSynchronize(void *stream) {
+    COUNT();
+    (void)stream;
+    __atomic_store_n(&pending, 0, __ATOMIC_SEQ_CST);
     return SUCCESS;
 }
 
@@ -207,14 +238,12 @@ CUresult cuIpcCloseMemHandle(CUdeviceptr dptr) {
 #define UNSUPPORTED(name) CUresult name(void) { COUNT(); return NOT_SUPPORTED; }
 UNSUPPORTED(cuStreamCreate)
 UNSUPPORTED(cuStreamDestroy_v2)
-UNSUPPORTED(cuStreamSynchronize)
 UNSUPPORTED(cuStreamWaitEvent)
 UNSUPPORTED(cuEventCreate)
 UNSUPPORTED(cuEventDestroy_v2)
 UNSUPPORTED(cuEventRecord)
 UNSUPPORTED(cuMemcpyHtoDAsync_v2)
 UNSUPPORTED(cuMemcpyDtoHAsync_v2)
-UNSUPPORTED(cuMemcpyDtoDAsync_v2)
 UNSUPPORTED(cuModuleLoadData)
 UNSUPPORTED(cuModuleUnload)
 UNSUPPORTED(cuModuleGetFunction)
