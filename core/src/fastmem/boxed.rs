@@ -94,7 +94,8 @@ impl<'a> StoreRef<'a> {
 ///
 /// `T` may be unsized: [`fastbox_unsize!`](crate::fastbox_unsize) turns a `FastBox<T>` into a
 /// `FastBox<dyn Trait>` or a `FastBox<[T]>`. Like `Box`, a `FastBox` never moves its value, so
-/// [`into_pin`](Self::into_pin) is free, and it is `Unpin` whatever `T` is.
+/// [`into_pin`](FastBox::into_pin) is free (for boxes of a `static` store), and it is `Unpin`
+/// whatever `T` is.
 pub struct FastBox<'a, T: ?Sized> {
     ptr: NonNull<T>,
     store: StoreRef<'a>,
@@ -141,15 +142,6 @@ impl<'a, T: ?Sized> FastBox<'a, T> {
         unsafe { &mut *boxed.ptr.as_ptr() }
     }
 
-    /// Pins the value where it is (a `FastBox` never moves its value), e.g. to poll a
-    /// `FastBox<dyn Future>`.
-    pub fn into_pin(boxed: Self) -> Pin<Self> {
-        // SAFETY: the value stays at its address until the box is dropped, and `FastBox` gives no
-        // way to move it out of a pinned box (`into_inner` takes the box by value, which `Pin`
-        // does not give for `!Unpin` values).
-        unsafe { Pin::new_unchecked(boxed) }
-    }
-
     /// Splits the box for [`fastbox_unsize!`](crate::fastbox_unsize). The block stays taken
     /// until the parts are put back together with [`__from_raw_parts`](Self::__from_raw_parts).
     #[doc(hidden)]
@@ -191,6 +183,32 @@ impl<'a, T: ?Sized> FastBox<'a, T> {
             // the store has (it was checked against S at allocation); it is now unused.
             unsafe { self.store.recycle(self.ptr.cast(), class_of(size)) }
         }
+    }
+}
+
+impl<T: ?Sized> FastBox<'static, T> {
+    /// Pins the value where it is (a `FastBox` never moves its value), e.g. to poll a
+    /// `FastBox<dyn Future>`.
+    ///
+    /// Only for boxes of a store borrowed for `'static` (a `static` store): `Pin` promises that
+    /// a pinned value's memory is not reused before its destructor has run, and a box can be
+    /// forgotten. A store borrowed for less could then be [`reset`](super::FastMemStore::reset),
+    /// moved or dropped once the borrow ends, and its blocks handed out again under the
+    /// forgotten value; a store borrowed for `'static` never can.
+    ///
+    /// ```compile_fail
+    /// use hetmem_core::fastmem::{FastBox, FastMemStore};
+    /// let mut store = FastMemStore::<256, 64>::new();
+    /// let pinned = FastBox::into_pin(store.init().alloc(core::marker::PhantomPinned).unwrap());
+    /// core::mem::forget(pinned);
+    /// store.reset(); // would hand the pinned value's block out again
+    /// ```
+    pub fn into_pin(boxed: Self) -> Pin<Self> {
+        // SAFETY: the value stays at its address until the box is dropped; `FastBox` gives no
+        // way to move it out of a pinned box (`into_inner` takes the box by value, which `Pin`
+        // does not give for `!Unpin` values); and the store is borrowed for 'static, so it is
+        // never reset, moved or dropped: a forgotten box's block is never handed out again.
+        unsafe { Pin::new_unchecked(boxed) }
     }
 }
 
@@ -300,15 +318,15 @@ impl<F: ?Sized + Future + Unpin> Future for FastBox<'_, F> {
 /// use hetmem_core::fastbox_unsize;
 /// use hetmem_core::fastmem::{FastBox, FastMemStore};
 ///
-/// let store = FastMemStore::<512, 64>::new();
-/// let fm = store.init();
+/// static STORE: FastMemStore<512, 64> = FastMemStore::new();
+/// let fm = STORE.init();
 /// let mut calls = 0;
 /// let mut f: FastBox<dyn FnMut() -> i32> = fastbox_unsize!(fm.alloc(move || { calls += 1; calls })? => dyn FnMut() -> i32);
 /// assert_eq!((*f)(), 1);
 /// let s: FastBox<[u16]> = fastbox_unsize!(fm.alloc([1u16, 2, 3])? => [u16]);
 /// assert_eq!(s.len(), 3);
 /// let fut = fastbox_unsize!(fm.alloc(async { 7 })? => dyn Future<Output = i32>);
-/// let _pinned = FastBox::into_pin(fut);
+/// let _pinned = FastBox::into_pin(fut); // a static store's box can be pinned
 /// # Ok::<(), hetmem_core::Error>(())
 /// ```
 #[macro_export]

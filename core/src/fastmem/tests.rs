@@ -259,8 +259,9 @@ impl Future for Countdown {
 
 #[test]
 fn futures_are_boxed_pinned_and_polled() {
-    let store = FastMemStore::<4096, 512>::new();
-    let fm = store.init();
+    // Only a static store's boxes can be pinned (`FastBox::into_pin`).
+    static STORE: FastMemStore<4096, 512> = FastMemStore::new();
+    let fm = STORE.init();
     let waker = noop_waker();
     let mut cx = Context::from_waker(&waker);
     let task = async {
