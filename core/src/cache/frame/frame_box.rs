@@ -107,9 +107,13 @@ impl<T, A: FrameAllocator> FrameBox<T, A> {
         Ok(FrameBox { value: value_ptr, alloc, _owns: PhantomData })
     }
 
-    /// Moves `value` into a frame from `alloc` and pins it there.
+    /// Moves `value` into a frame from `alloc` and pins it there (see [`Self::into_pin`] for why
+    /// `A: 'static`).
     #[inline]
-    pub fn pin_in(value: T, alloc: A) -> Result<Pin<Self>> {
+    pub fn pin_in(value: T, alloc: A) -> Result<Pin<Self>>
+    where
+        A: 'static,
+    {
         Self::new_in(value, alloc).map(Self::into_pin)
     }
 
@@ -142,13 +146,19 @@ impl<'f, F: Future + Send + 'f, A: FrameAllocator> FrameBox<F, A> {
 
     /// Boxes `future` in a frame from `alloc`, pinned and type-erased: a task.
     #[inline]
-    pub fn pin_dyn_in(future: F, alloc: A) -> Result<FrameTask<'f, F::Output, A>> {
+    pub fn pin_dyn_in(future: F, alloc: A) -> Result<FrameTask<'f, F::Output, A>>
+    where
+        A: 'static,
+    {
         Self::pin_dyn_with_in(|| future, alloc)
     }
 
     /// [`Self::pin_dyn_in`], building the future in the frame (see [`Self::new_with_in`]).
     #[inline]
-    pub fn pin_dyn_with_in(make: impl FnOnce() -> F, alloc: A) -> Result<FrameTask<'f, F::Output, A>> {
+    pub fn pin_dyn_with_in(make: impl FnOnce() -> F, alloc: A) -> Result<FrameTask<'f, F::Output, A>>
+    where
+        A: 'static,
+    {
         Self::new_with_in(make, alloc).map(|b| FrameBox::into_pin(b.into_dyn_future()))
     }
 }
@@ -192,9 +202,23 @@ impl FrameBox<()> {
 
 impl<T: ?Sized, A: FrameAllocator> FrameBox<T, A> {
     /// Pins the box (the value never moves while boxed).
+    ///
+    /// `A: 'static`, as for `Box::into_pin`: `Pin` promises that a pinned value's memory is not
+    /// reused before its destructor runs, and a box can be forgotten. An allocator borrowed for
+    /// less (`&'a Arena`) may free every frame when it is dropped, under the forgotten value.
+    ///
+    /// ```compile_fail
+    /// use hetmem_core::cache::frame::{FrameBox, RecyclingFrameAllocator};
+    /// let frames = RecyclingFrameAllocator::new(); // a local: borrowed for less than 'static
+    /// let _pinned = FrameBox::pin_in(core::marker::PhantomPinned, &frames);
+    /// ```
     #[inline]
-    pub fn into_pin(this: Self) -> Pin<Self> {
-        // SAFETY: the value lives behind a pointer until the box drops it in place.
+    pub fn into_pin(this: Self) -> Pin<Self>
+    where
+        A: 'static,
+    {
+        // SAFETY: the value lives behind a pointer until the box drops it in place; the
+        // allocator is 'static, so a forgotten box's frame stays valid for good.
         unsafe { Pin::new_unchecked(this) }
     }
 
