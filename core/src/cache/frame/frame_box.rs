@@ -76,16 +76,18 @@ impl<T, A: FrameAllocator> FrameBox<T, A> {
 
     /// Takes a frame from `alloc` and builds the value in it with `make`, which the compiler can
     /// then write straight into the frame (no copy through the stack, as `Box::new` does).
-    /// If no frame can be had, `make` is not called.
+    /// If no frame can be had, `make` is not called; if `make` panics, the frame goes back.
     #[inline]
     pub fn new_with_in(make: impl FnOnce() -> T, alloc: A) -> Result<Self> {
         let layout = Layout::new::<T>();
         let size = frame_size(layout.size(), layout.align())
             .ok_or(Error::InvalidSize { size: layout.size() as u64, reason: "frame size overflows once aligned" })?;
+        let mut frame = None;
         let value_ptr = if size == 0 {
             NonNull::<T>::dangling()
         } else {
             let base = alloc.allocate(size)?;
+            frame = Some((base, size));
             if layout.align() <= FRAME_ALIGN {
                 base.cast::<T>()
             } else {
@@ -102,8 +104,11 @@ impl<T, A: FrameAllocator> FrameBox<T, A> {
                 unsafe { NonNull::new_unchecked(value.cast::<T>()) }
             }
         };
+        // Gives the frame back if `make` panics.
+        let on_unwind = GiveBack { alloc: &alloc, frame };
         // SAFETY: aligned, in bounds of a fresh frame (or a zero-sized write); ours.
         unsafe { value_ptr.as_ptr().write(make()) };
+        core::mem::forget(on_unwind);
         Ok(FrameBox { value: value_ptr, alloc, _owns: PhantomData })
     }
 
@@ -264,8 +269,8 @@ impl<A: FrameAllocator> Drop for GiveBack<'_, A> {
     #[inline]
     fn drop(&mut self) {
         if let Some((start, size)) = self.frame {
-            // SAFETY: the frame came from `alloc.allocate(size)` and the value in it is gone
-            // (dropped or moved out).
+            // SAFETY: the frame came from `alloc.allocate(size)` and holds no value (it was
+            // dropped, moved out, or never built).
             unsafe { self.alloc.deallocate(start, size) };
         }
     }

@@ -244,6 +244,23 @@ mod tests {
     }
 
     #[test]
+    fn a_panicking_constructor_returns_the_frame() {
+        let c = counting();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            FrameBox::new_with_in(|| -> [u8; 64] { panic!("make") }, c)
+        }));
+        assert!(r.is_err());
+        #[repr(align(64))]
+        struct Wide(#[allow(dead_code)] [u8; 100]);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            FrameBox::new_with_in(|| -> Wide { panic!("make") }, c)
+        }));
+        assert!(r.is_err());
+        let s = c.stats();
+        assert_eq!((s.allocations, s.deallocations, s.live_bytes), (2, 2, 0), "both frames went back");
+    }
+
+    #[test]
     fn boxed_futures_run_and_free() {
         let c = counting();
         let task = FrameBox::pin_dyn_in(
