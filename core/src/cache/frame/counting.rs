@@ -70,7 +70,8 @@ impl<A> CountingAllocator<A> {
     }
 }
 
-impl<A: FrameAllocator> FrameAllocator for CountingAllocator<A> {
+// SAFETY: forwards to `A`, which keeps the promises; counting touches no frame.
+unsafe impl<A: FrameAllocator> FrameAllocator for CountingAllocator<A> {
     fn allocate(&self, size: usize) -> Result<NonNull<u8>> {
         let p = self.inner.allocate(size)?;
         self.allocations.fetch_add(1, Ordering::Relaxed);

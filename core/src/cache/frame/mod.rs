@@ -36,7 +36,29 @@ pub const FRAME_ALIGN: usize = 16;
 ///
 /// `allocate` returns `size` bytes aligned to [`FRAME_ALIGN`] (`size` 0 is an error);
 /// `deallocate` takes back such a frame with the same size, on any thread.
-pub trait FrameAllocator: Sync {
+///
+/// # Safety
+/// [`FrameBox`] writes values into the frames without checking them, so an implementation
+/// promises that a frame `allocate(size)` returns is valid for reads and writes of `size` bytes,
+/// aligned to [`FRAME_ALIGN`], overlaps no other frame it handed out and has not taken back, and
+/// stays valid until it is given to `deallocate` or the allocator is dropped; and that
+/// `deallocate` may be called from any thread.
+///
+/// A safe implementation could otherwise hand out a dangling pointer that safe code then
+/// writes through:
+///
+/// ```compile_fail
+/// use core::ptr::NonNull;
+/// use hetmem_core::cache::frame::FrameAllocator;
+/// struct Liar;
+/// impl FrameAllocator for Liar { // needs `unsafe impl`
+///     fn allocate(&self, _size: usize) -> hetmem_core::Result<NonNull<u8>> {
+///         Ok(NonNull::dangling())
+///     }
+///     unsafe fn deallocate(&self, _ptr: NonNull<u8>, _size: usize) {}
+/// }
+/// ```
+pub unsafe trait FrameAllocator: Sync {
     /// A frame of `size` bytes.
     fn allocate(&self, size: usize) -> Result<NonNull<u8>>;
 
@@ -55,7 +77,8 @@ pub trait FrameAllocator: Sync {
     }
 }
 
-impl<A: FrameAllocator + ?Sized> FrameAllocator for &A {
+// SAFETY: forwards to `A`, which keeps the promises.
+unsafe impl<A: FrameAllocator + ?Sized> FrameAllocator for &A {
     #[inline]
     fn allocate(&self, size: usize) -> Result<NonNull<u8>> {
         (**self).allocate(size)
@@ -162,7 +185,9 @@ mod tests {
     /// back fails the test.
     struct Recorder(std::sync::Mutex<Vec<(usize, usize)>>);
 
-    impl FrameAllocator for Recorder {
+    // SAFETY: frames of `size` bytes aligned to FRAME_ALIGN from the global allocator, each
+    // freed once, when given back.
+    unsafe impl FrameAllocator for Recorder {
         fn allocate(&self, size: usize) -> crate::Result<NonNull<u8>> {
             let layout = core::alloc::Layout::from_size_align(size, FRAME_ALIGN).unwrap();
             // SAFETY: tests ask for non-zero sizes.

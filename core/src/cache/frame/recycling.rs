@@ -171,7 +171,10 @@ impl core::fmt::Debug for RecyclingFrameAllocator {
     }
 }
 
-impl FrameAllocator for RecyclingFrameAllocator {
+// SAFETY: frames come from the size-class lists (blocks of at least the class size, aligned to
+// BLOCK_ALIGN >= FRAME_ALIGN) or straight from the upstream with a FRAME_ALIGN layout; a frame
+// goes back on a list, or upstream, only when deallocated; the lists serve any thread.
+unsafe impl FrameAllocator for RecyclingFrameAllocator {
     #[inline]
     fn allocate(&self, size: usize) -> Result<NonNull<u8>> {
         match self.slot.ready_slot() {
@@ -201,7 +204,9 @@ impl FrameAllocator for RecyclingFrameAllocator {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ThreadFrames;
 
-impl FrameAllocator for ThreadFrames {
+// SAFETY: the default `RecyclingFrameAllocator`'s lists, allocated and freed through the same
+// fixed slot.
+unsafe impl FrameAllocator for ThreadFrames {
     #[inline]
     fn allocate(&self, size: usize) -> Result<NonNull<u8>> {
         // The default allocator is `RecyclingFrameAllocator::new()`: its slot is fixed.

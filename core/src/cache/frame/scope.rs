@@ -60,7 +60,9 @@ impl core::fmt::Debug for ScopeAllocator {
     }
 }
 
-impl FrameAllocator for ScopeAllocator {
+// SAFETY: forwards both calls to one allocator (`lists` is `alloc` when set), which keeps the
+// promises.
+unsafe impl FrameAllocator for ScopeAllocator {
     #[inline]
     fn allocate(&self, size: usize) -> Result<NonNull<u8>> {
         match self.lists {
