@@ -25,7 +25,8 @@ pub const fn block_size(size: usize) -> Option<usize> {
     if size == 0 {
         return Some(0);
     }
-    if size > isize::MAX as usize / 2 {
+    // The largest power of two that an object (at most isize::MAX bytes) can have, less the link.
+    if size > (1 << (usize::BITS - 2)) - LINK_BYTES {
         return None;
     }
     Some(1 << class_of(size))
@@ -77,6 +78,14 @@ mod tests {
         assert_eq!(block_size(1), Some(8));
         assert_eq!(block_size(100), Some(128));
         assert_eq!(block_size(usize::MAX), None);
+        // The largest block that fits the address space is 2^(BITS-2) (2^62 on 64-bit targets):
+        // objects are at most isize::MAX bytes.
+        let largest = 1usize << (usize::BITS - 2);
+        assert_eq!(block_size(largest - LINK_BYTES), Some(largest));
+        for size in largest - LINK_BYTES + 1..=largest - LINK_BYTES + 8 {
+            assert_eq!(block_size(size), None, "{size}");
+        }
+        assert_eq!(block_size(isize::MAX as usize / 2), None);
         assert_eq!(class_count(128), 6); // 8, 16, 32, 64, 128, 256
         assert_eq!(class_count(4), 1);
         assert_eq!(heads_bytes(4) % MIN_BLOCK, 0);
