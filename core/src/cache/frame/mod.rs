@@ -285,6 +285,41 @@ mod tests {
         assert_eq!((s.allocations, s.deallocations, s.live_bytes), (2, 2, 0), "both frames went back");
     }
 
+    /// A "device" resource: it says the CPU cannot touch its blocks (they are host memory here,
+    /// counted, so the test sees whether any was handed out).
+    struct FakeDevice(std::sync::atomic::AtomicUsize);
+
+    impl crate::MemoryResource for FakeDevice {
+        fn name(&self) -> &str {
+            "fake device"
+        }
+        fn kind(&self) -> crate::MemoryKind {
+            crate::MemoryKind::Device
+        }
+        fn allocate(&self, size: usize, align: usize) -> crate::Result<NonNull<u8>> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let layout = core::alloc::Layout::from_size_align(size, align).unwrap();
+            // SAFETY: frames are never zero-sized.
+            Ok(NonNull::new(unsafe { std::alloc::alloc(layout) }).unwrap())
+        }
+        unsafe fn deallocate(&self, ptr: NonNull<u8>, size: usize, align: usize) {
+            let layout = core::alloc::Layout::from_size_align(size, align).unwrap();
+            // SAFETY: allocated above with this layout.
+            unsafe { std::alloc::dealloc(ptr.as_ptr(), layout) }
+        }
+    }
+
+    #[test]
+    fn frames_are_never_taken_from_memory_the_cpu_cannot_touch() {
+        static DEVICE: FakeDevice = FakeDevice(std::sync::atomic::AtomicUsize::new(0));
+        static FRAMES: RecyclingFrameAllocator = RecyclingFrameAllocator::with_resource(&DEVICE);
+        for size in [64, MAX_BLOCK + 1] {
+            assert!(matches!(FRAMES.allocate(size), Err(Error::Unsupported(_))), "{size} bytes");
+        }
+        assert!(matches!(FrameBox::new_in([1u8; 64], &FRAMES), Err(Error::Unsupported(_))));
+        assert_eq!(DEVICE.0.load(std::sync::atomic::Ordering::Relaxed), 0, "no device block was taken");
+    }
+
     #[test]
     fn boxed_futures_run_and_free() {
         let c = counting();

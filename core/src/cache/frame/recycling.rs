@@ -32,9 +32,11 @@ impl RecyclingFrameAllocator {
         RecyclingFrameAllocator { slot: SlotRef::fixed(SLOT_FRAMES, Tier::Frames, Upstream::Global) }
     }
 
-    /// Recycles frames from `resource` (host-accessible). Six slots serve the resources of
+    /// Recycles frames from `resource`. Six slots serve the resources of
     /// [`HetAlloc`](crate::cache::HetAlloc)s and `RecyclingFrameAllocator`s together, one per
     /// distinct resource and tier; a resource that finds none free passes straight through.
+    /// A resource the CPU cannot access ([`MemoryResource::host_accessible`] false) gives no
+    /// frames: `allocate` answers [`Error::Unsupported`].
     pub const fn with_resource(resource: &'static dyn MemoryResource) -> Self {
         RecyclingFrameAllocator { slot: SlotRef::lazy(Tier::Frames, Upstream::Resource(resource)) }
     }
@@ -117,10 +119,14 @@ impl RecyclingFrameAllocator {
     }
 
     /// `allocate` before this allocator has its slot (its first use claims one) or when it has
-    /// none (its frames pass straight through).
+    /// none (its frames pass straight through). An upstream the CPU cannot touch never gets a
+    /// slot, so it is refused here: a frame holds a value the CPU writes.
     #[cold]
     #[inline(never)]
     fn allocate_unready(&self, size: usize) -> Result<NonNull<u8>> {
+        if !self.slot.upstream().host_accessible() {
+            return Err(Error::Unsupported("frames need memory the CPU can access"));
+        }
         self.allocate_at(self.slot.slot(), size)
     }
 
