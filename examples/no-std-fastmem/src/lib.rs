@@ -4,7 +4,7 @@
 //!
 //! It depends on `hetmem-core` with no default features (no `std`, no `alloc`) and builds for
 //! bare-metal targets, e.g. `cargo build -p hetmem-no-std-fastmem --target thumbv7em-none-eabihf`
-//! (`ci/fastmem-no-std.sh`). On the host, `cargo test -p hetmem-no-std-fastmem` runs the same code.
+//! (`ci/fastmem.sh`). On the host, `cargo test -p hetmem-no-std-fastmem` runs the same code.
 #![no_std]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
