@@ -33,6 +33,18 @@ struct Registry {
     creating: BTreeSet<AllocatorId>,
 }
 
+/// A directory entry this process reserved and has not published: abandoned on drop.
+struct Reserved<'a> {
+    backend: &'a Arc<dyn MemoryBackend>,
+    id: AllocatorId,
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        let _ = self.backend.header().abandon_allocator(self.id);
+    }
+}
+
 /// An id in [`Registry::creating`], taken out again on drop.
 struct Creating<'a> {
     manager: &'a MemoryManager,
@@ -141,15 +153,14 @@ impl MemoryManager {
         config: &A::Config,
     ) -> Result<Arc<A>> {
         let entry = b.header().reserve_allocator(A::TYPE_ID, id, size)?;
-        let created = Region::new(b.clone(), entry.offset, entry.size).and_then(|r| A::create(r, id, config));
-        let allocator = match created {
-            Ok(a) => Arc::new(a),
-            Err(e) => {
-                let _ = b.header().abandon_allocator(id);
-                return Err(e);
-            }
-        };
+        // Until it is published, the entry is abandoned on every way out: an error, a failed
+        // publish, or a panic in `create` (else it would stay "creating" while this process
+        // lives, and the id could be neither attached nor created again).
+        let reserved = Reserved { backend: b, id };
+        let region = Region::new(b.clone(), entry.offset, entry.size)?;
+        let allocator = Arc::new(A::create(region, id, config)?);
         b.header().publish_allocator(id)?;
+        core::mem::forget(reserved);
         Ok(allocator)
     }
 
@@ -346,6 +357,64 @@ mod tests {
             assert_eq!(published.count(), 1, "round {round}");
             assert!(mm.allocator::<StackAllocator>(id).is_ok());
         }
+    }
+
+    /// An allocator type whose `create` panics, for the unwinding path of `create_allocator`.
+    struct PanicsOnCreate;
+
+    impl RegionAllocator for PanicsOnCreate {
+        fn id(&self) -> AllocatorId {
+            unreachable!()
+        }
+        fn type_name(&self) -> &'static str {
+            unreachable!()
+        }
+        fn region(&self) -> &Region {
+            unreachable!()
+        }
+        fn allocate(&self, _: usize, _: usize) -> Result<OffsetPtr> {
+            unreachable!()
+        }
+        fn reallocate(&self, _: OffsetPtr, _: usize, _: usize) -> Result<OffsetPtr> {
+            unreachable!()
+        }
+        fn free(&self, _: OffsetPtr) -> Result<()> {
+            unreachable!()
+        }
+        fn size_of(&self, _: OffsetPtr) -> Result<usize> {
+            unreachable!()
+        }
+        fn stats(&self) -> crate::allocator::AllocStats {
+            unreachable!()
+        }
+        fn check(&self) -> Result<()> {
+            unreachable!()
+        }
+    }
+
+    impl AllocatorType for PanicsOnCreate {
+        const TYPE_ID: u32 = 0x5041_4E43;
+        type Config = ();
+        fn create(_: Region, _: AllocatorId, _: &()) -> Result<Self> {
+            panic!("create failed half way")
+        }
+        fn attach(_: Region, _: AllocatorId) -> Result<Self> {
+            unreachable!()
+        }
+    }
+
+    /// A `create` that panics leaves no entry "creating" behind: the id can be created again.
+    #[test]
+    fn a_create_that_panics_gives_its_id_back() {
+        let mm = MemoryManager::new();
+        let b = mm.add_backend(HeapBackend::new(BackendId(3), 1 << 20)).unwrap();
+        let id = AllocatorId::new(3, 0);
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = mm.create_allocator::<PanicsOnCreate>(b.id(), id, 4096, &());
+        }));
+        assert!(panicked.is_err());
+        assert!(matches!(b.header().find_allocator(id), Err(Error::UnknownAllocator(_))));
+        mm.create_allocator::<StackAllocator>(b.id(), id, 0, &Default::default()).unwrap();
     }
 
     #[test]
