@@ -6,6 +6,8 @@
 //!   per-thread caches in the region; caches of dead processes are recovered.
 //! - [`ThreadLocalAllocator`]: per-thread heaps inside the region; remote frees go back to their
 //!   owner; heaps of exited threads and dead processes are reclaimed.
+//! - [`BitmapAllocator`]: power-of-two blocks claimed by bit without a lock, the one GPU kernels
+//!   share with the CPU (its C twin is in hetmem-gpu).
 //!
 //! The two span allocators share their parts: [`size_class`] (four classes per doubling),
 //! `free_space` (the coalescing best-fit manager of 4 KiB units), `span` (block and span
@@ -18,6 +20,8 @@
 //! the child's process stamp, so parent and child may allocate at once and recovery judges each
 //! by its own life ([`crate::fork`]; `tests/fork.rs`).
 
+#[cfg(target_has_atomic = "64")]
+mod bitmap;
 mod stack;
 
 #[cfg(not(loom))]
@@ -40,6 +44,10 @@ mod testing;
 #[cfg(not(loom))]
 mod thread_local;
 
+#[cfg(target_has_atomic = "64")]
+pub use bitmap::{
+    BitmapAllocator, BitmapConfig, BitmapHeader, ClassRecord, BITMAP_MAGIC, MAX_BLOCK, MAX_CLASSES, MIN_BLOCK,
+};
 pub use stack::{StackAllocator, StackConfig};
 
 /// Forgets which slots the calling thread holds, in the child of a `fork` (see [`crate::fork`]).

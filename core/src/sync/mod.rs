@@ -5,11 +5,15 @@
 //!   can be found and taken over ([`Mutex::lock_or_recover`]); spins briefly, then yields.
 //! - [`TaggedOffsetList`]: a lock-free stack of offsets with an ABA tag, for free lists shared
 //!   by processes.
+//! - [`bits`]: claiming and releasing bits of bitmap words without a lock, for the bitmap
+//!   allocator that CPU threads, processes and GPU kernels share.
 //!
 //! All atomics come through [`atomic`], which swaps in loom's under `--cfg loom` so these
 //! algorithms are model-checked (`core/tests/loom.rs`).
 
 pub mod atomic;
+#[cfg(target_has_atomic = "64")]
+pub mod bits;
 #[cfg(target_has_atomic = "64")]
 mod mutex;
 // Targets without compare-and-swap (e.g. Cortex-M0, thumbv6m) have no spin lock.

@@ -1,0 +1,321 @@
+use super::*;
+use crate::backend::BackendId;
+use crate::testing::HeapBackend;
+use proptest::prelude::*;
+use std::sync::Arc;
+
+const ID: AllocatorId = AllocatorId::new(1, 0);
+
+fn region(len: usize) -> Region {
+    Region::whole(Arc::new(HeapBackend::new(BackendId(1), len))).unwrap()
+}
+
+fn bitmap(len: usize, config: BitmapConfig) -> BitmapAllocator {
+    BitmapAllocator::create(region(len), ID, &config).unwrap()
+}
+
+/// Writes `tag` over the first and last byte of a block of `len` bytes.
+fn stamp(a: &BitmapAllocator, p: OffsetPtr, len: usize, tag: u8) {
+    let b = a.region().ptr(p.get(), len as u64).unwrap();
+    // SAFETY: a live block of `len` bytes in the region.
+    unsafe { (b.write(tag), b.add(len - 1).write(tag)) };
+}
+
+fn stamped(a: &BitmapAllocator, p: OffsetPtr, len: usize) -> (u8, u8) {
+    let b = a.region().ptr(p.get(), len as u64).unwrap();
+    // SAFETY: as in `stamp`.
+    unsafe { (b.read(), b.add(len - 1).read()) }
+}
+
+#[test]
+fn requests_go_to_the_smallest_class_that_holds_them_and_come_back() {
+    let a = bitmap(1 << 20, BitmapConfig::default());
+    assert_eq!(a.block_sizes().collect::<Vec<_>>(), (4..=16).map(|s| 1usize << s).collect::<Vec<_>>());
+    let start = a.stats();
+    assert!(start.capacity > (1 << 20) * 9 / 10 - 8192, "{start:?}");
+    assert_eq!(start.free_bytes(), start.capacity);
+    let p = a.allocate(100, 8).unwrap();
+    assert_eq!((p.get() % 128, a.size_of(p).unwrap()), (0, 100));
+    assert_eq!(a.class_usage(128), Some((a.class_usage(128).unwrap().0, 1)));
+    let q = a.allocate(10, 4096).unwrap();
+    assert_eq!(q.get() % 4096, 0, "alignment picks a class whose blocks have it");
+    let r = a.allocate(65536, 16).unwrap();
+    assert_eq!(r.get() % 4096, 0);
+    let s = a.stats();
+    assert_eq!((s.live_allocations, s.bytes_in_use, s.bytes_reserved), (3, 100 + 10 + 65536, 128 + 4096 + 65536));
+    a.check().unwrap();
+    for x in [p, q, r] {
+        a.free(x).unwrap();
+    }
+    let end = a.stats();
+    assert_eq!((end.free_bytes(), end.live_allocations, end.bytes_in_use), (start.free_bytes(), 0, 0));
+    assert_eq!((end.total_allocations, end.total_frees, end.high_watermark), (3, 3, 128 + 4096 + 65536));
+    a.check().unwrap();
+}
+
+#[test]
+fn bad_requests_and_bad_frees_are_errors() {
+    let a = bitmap(256 << 10, BitmapConfig::default());
+    assert!(matches!(a.allocate(0, 8), Err(Error::InvalidSize { .. })));
+    assert!(matches!(a.allocate(8, 3), Err(Error::InvalidAlignment { .. })));
+    assert!(matches!(a.allocate(8, 8192), Err(Error::InvalidAlignment { .. })));
+    assert!(matches!(a.allocate((64 << 10) + 1, 8), Err(Error::InvalidSize { .. })));
+    let p = a.allocate(48, 16).unwrap();
+    for bad in [p.get() + 16, p.get() + 1, 0, 4096, a.region().end(), u64::MAX] {
+        assert!(matches!(a.free(OffsetPtr::new(bad)), Err(Error::InvalidFree { .. })), "{bad}");
+        assert!(matches!(a.size_of(OffsetPtr::new(bad)), Err(Error::InvalidFree { .. })), "{bad}");
+        assert!(matches!(a.reallocate(OffsetPtr::new(bad), 8, 8), Err(Error::InvalidFree { .. })), "{bad}");
+    }
+    let never = OffsetPtr::new(p.get() + 64);
+    assert!(matches!(a.free(never), Err(Error::InvalidFree { .. })), "a block never handed out");
+    a.free(p).unwrap();
+    assert!(matches!(a.free(p), Err(Error::InvalidFree { .. })), "double free");
+    assert!(matches!(a.size_of(p), Err(Error::InvalidFree { .. })));
+    a.check().unwrap();
+    assert_eq!(a.stats().live_allocations, 0);
+}
+
+#[test]
+fn full_classes_pass_requests_up_and_out_of_memory_leaves_it_usable() {
+    let a = bitmap(64 << 10, BitmapConfig { min_block: 16, max_block: 64 });
+    let start = a.stats();
+    let (small, _) = a.class_usage(16).unwrap();
+    let mut live = Vec::new();
+    loop {
+        match a.allocate(16, 16) {
+            Ok(p) => live.push(p),
+            Err(Error::OutOfMemory { requested: 16, available: 0 }) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let total: u64 = a.block_sizes().map(|s| a.class_usage(s).unwrap().0).sum();
+    assert_eq!(live.len() as u64, total, "every block of every class served 16 bytes");
+    assert!(total > small);
+    a.check().unwrap();
+    let p = live.pop().unwrap();
+    a.free(p).unwrap();
+    assert_eq!(a.allocate(16, 16).unwrap(), p, "the freed block serves again");
+    live.push(p);
+    for p in live {
+        a.free(p).unwrap();
+    }
+    assert_eq!(a.stats().free_bytes(), start.free_bytes());
+    a.check().unwrap();
+}
+
+#[test]
+fn reallocation_keeps_the_contents_in_place_or_moved() {
+    let a = bitmap(1 << 20, BitmapConfig::default());
+    let p = a.allocate(20, 8).unwrap();
+    stamp(&a, p, 20, 7);
+    let same = a.reallocate(p, 32, 8).unwrap();
+    assert_eq!((same, a.size_of(same).unwrap()), (p, 32), "32 bytes fit the 32-byte block");
+    assert_eq!(a.stats().bytes_in_use, 32);
+    let moved = a.reallocate(p, 1000, 8).unwrap();
+    assert_ne!(moved, p);
+    assert_eq!(stamped(&a, moved, 20), (7, 7));
+    assert!(matches!(a.size_of(p), Err(Error::InvalidFree { .. })), "the old block is free");
+    let shrunk = a.reallocate(moved, 10, 8).unwrap();
+    assert_eq!((shrunk, a.stats().bytes_in_use), (moved, 10));
+    a.free(shrunk).unwrap();
+    a.check().unwrap();
+    assert_eq!(a.stats().bytes_reserved, 0);
+}
+
+#[test]
+fn configurations_and_regions_are_checked() {
+    for (min_block, max_block) in [(8, 64), (24, 64), (64, 32), (16, 48), (16, 1 << 32), (16, usize::MAX)] {
+        let config = BitmapConfig { min_block, max_block };
+        let err = BitmapAllocator::create(region(1 << 20), ID, &config).err();
+        assert!(matches!(err, Some(Error::InvalidSize { .. })), "{config:?}");
+    }
+    let tiny = region(4096 + 4096 + 512);
+    let err = BitmapAllocator::create(tiny, ID, &BitmapConfig { min_block: 16, max_block: 1 << 20 }).err();
+    assert!(err.is_some(), "{err:?}");
+    let a = bitmap(1 << 20, BitmapConfig::default());
+    let region = a.region().clone();
+    assert!(matches!(
+        BitmapAllocator::attach(region.clone(), AllocatorId::new(1, 1)),
+        Err(Error::HeaderMismatch { field: "allocator id", .. })
+    ));
+    let again = BitmapAllocator::attach(region, ID).unwrap();
+    let p = again.allocate(64, 8).unwrap();
+    assert_eq!(a.size_of(p).unwrap(), 64, "both handles see one heap");
+    a.free(p).unwrap();
+}
+
+#[test]
+fn threads_share_the_heap_and_frees_race_safely() {
+    let a = bitmap(32 << 20, BitmapConfig { min_block: 16, max_block: 4096 });
+    let start = a.stats().free_bytes();
+    let (tx, rx) = std::sync::mpsc::channel::<OffsetPtr>();
+    std::thread::scope(|s| {
+        for t in 0..4u8 {
+            let (a, tx) = (&a, tx.clone());
+            s.spawn(move || {
+                let mut live = Vec::new();
+                let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ u64::from(t);
+                for i in 0..20_000 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let size = 1 + (x % 1000) as usize;
+                    let p = a.allocate(size, 8).unwrap();
+                    stamp(a, p, size, t);
+                    live.push((p, size));
+                    if live.len() > 64 {
+                        let (q, n) = live.swap_remove((x >> 32) as usize % live.len());
+                        assert_eq!(stamped(a, q, n), (t, t), "a block was handed out twice");
+                        if i % 5 == 0 {
+                            tx.send(q).unwrap(); // freed by the main thread
+                        } else {
+                            a.free(q).unwrap();
+                        }
+                    }
+                }
+                for (q, _) in live {
+                    a.free(q).unwrap();
+                }
+            });
+        }
+        drop(tx);
+        for q in rx {
+            a.free(q).unwrap();
+        }
+    });
+    a.check().unwrap();
+    assert_eq!(a.stats().free_bytes(), start);
+    // Two threads freeing one block at the same instant: exactly one succeeds.
+    for _ in 0..200 {
+        let p = a.allocate(40, 8).unwrap();
+        let barrier = std::sync::Barrier::new(2);
+        let ok: usize = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..2)
+                .map(|_| {
+                    s.spawn(|| {
+                        barrier.wait();
+                        a.free(p).is_ok() as usize
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(ok, 1);
+    }
+    a.check().unwrap();
+    assert_eq!(a.stats().free_bytes(), start);
+}
+
+/// Damage to the header (as another process could do) never makes attach or use panic: attach
+/// refuses, or the allocator works within its region.
+#[test]
+fn a_damaged_header_is_refused_or_harmless() {
+    let a = bitmap(256 << 10, BitmapConfig::default());
+    let region = a.region().clone();
+    let base = region.ptr(region.offset(), core::mem::size_of::<BitmapHeader>() as u64).unwrap();
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    for round in 0..3000 {
+        // SAFETY: the header's bytes, in the region; only this thread uses it.
+        let saved: Vec<u8> = unsafe { core::slice::from_raw_parts(base, 4160) }.to_vec();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        // One 8-byte word of the class table (or the header's first line) set to a random value.
+        let word = (x % (4160 / 8)) as usize;
+        let value = match round % 4 {
+            0 => x.rotate_left(17),
+            1 => x % 4096,
+            2 => region.offset() + x % region.len(),
+            _ => u64::MAX - x % 64,
+        };
+        // SAFETY: as above; 8-aligned.
+        unsafe { base.cast::<u64>().add(word).write(value) };
+        if let Ok(b) = BitmapAllocator::attach(region.clone(), ID) {
+            if let Ok(p) = b.allocate(1 + (x % 5000) as usize, 8) {
+                assert!(region.contains(p.get(), 1));
+                let _ = b.free(p);
+            }
+            let _ = b.check();
+            let _ = b.stats();
+        }
+        // SAFETY: as above.
+        unsafe { core::ptr::copy_nonoverlapping(saved.as_ptr(), base, saved.len()) };
+    }
+    a.check().unwrap();
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Allocate(usize, usize),
+    Free(usize),
+    Reallocate(usize, usize),
+}
+
+fn ops() -> impl Strategy<Value = Vec<Op>> {
+    let align = prop::sample::select(&[1usize, 8, 16, 64, 4096][..]);
+    let op = prop_oneof![
+        5 => (1usize..5000, align.clone()).prop_map(|(s, a)| Op::Allocate(s, a)),
+        4 => any::<usize>().prop_map(Op::Free),
+        2 => (any::<usize>(), 1usize..5000).prop_map(|(i, s)| Op::Reallocate(i, s)),
+    ];
+    prop::collection::vec(op, 1..200)
+}
+
+proptest! {
+    /// Random allocations, frees and reallocations against a model of the live blocks:
+    /// blocks never overlap, keep their contents, and `check()` holds after every step.
+    #[test]
+    fn bitmap_allocator_matches_its_model(ops in ops()) {
+        let a = bitmap(128 << 10, BitmapConfig { min_block: 16, max_block: 8192 });
+        let start = a.stats();
+        let mut live: Vec<(OffsetPtr, usize, u8)> = Vec::new();
+        for (n, op) in ops.into_iter().enumerate() {
+            let tag = n as u8;
+            match op {
+                Op::Allocate(size, align) => match a.allocate(size, align) {
+                    Ok(p) => {
+                        prop_assert_eq!(p.get() % align as u64, 0);
+                        for &(q, qs, _) in &live {
+                            prop_assert!(p.get() + size as u64 <= q.get() || q.get() + qs as u64 <= p.get());
+                        }
+                        stamp(&a, p, size, tag);
+                        live.push((p, size, tag));
+                    }
+                    Err(Error::OutOfMemory { .. }) => {}
+                    Err(e) => prop_assert!(false, "{e}"),
+                },
+                Op::Free(i) if !live.is_empty() => {
+                    let (p, size, t) = live.swap_remove(i % live.len());
+                    prop_assert_eq!(stamped(&a, p, size), (t, t));
+                    a.free(p).unwrap();
+                }
+                Op::Reallocate(i, size) if !live.is_empty() => {
+                    let k = i % live.len();
+                    let (p, old, t) = live[k];
+                    match a.reallocate(p, size, 8) {
+                        Ok(q) => {
+                            let keep = old.min(size);
+                            let b = a.region().ptr(q.get(), keep as u64).unwrap();
+                            // SAFETY: a live block of at least `keep` bytes.
+                            prop_assert_eq!(unsafe { b.read() }, t);
+                            stamp(&a, q, size, t);
+                            live[k] = (q, size, t);
+                        }
+                        Err(Error::OutOfMemory { .. }) => prop_assert_eq!(a.size_of(p).unwrap(), old),
+                        Err(e) => prop_assert!(false, "{e}"),
+                    }
+                }
+                _ => {}
+            }
+            a.check().unwrap();
+            let s = a.stats();
+            prop_assert_eq!(s.live_allocations, live.len() as u64);
+            prop_assert_eq!(s.bytes_in_use, live.iter().map(|l| l.1 as u64).sum::<u64>());
+        }
+        for (p, _, _) in live {
+            a.free(p).unwrap();
+        }
+        prop_assert_eq!(a.stats().free_bytes(), start.free_bytes());
+        a.check().unwrap();
+    }
+}
