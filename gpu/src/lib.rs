@@ -4,6 +4,7 @@
 //! |---|---|---|
 //! | `cuda` | `cuda` | `CudaShmBackend` (a shared segment pinned and mapped for kernels), `CudaIpcBackend` (device memory shared between processes), `CudaDeviceResource` and `CudaPinnedResource` (upstreams for pools), views that cudarc copies and launches accept, NVRTC compilation |
 //! | `rocm` | `rocm` | `RocmShmBackend`, `RocmDeviceResource` |
+//! | (always) | [`device`] | the C header of the bitmap allocator for CUDA and HIP kernels |
 //!
 //! Both platforms live in folders with the same file names (`backend.rs`, `resource.rs`, and
 //! `driver.rs`/`runtime.rs` for the raw calls). The features are Linux-only (the pinned backends are
@@ -27,6 +28,7 @@ mod pinned;
 
 #[cfg(hetmem_cuda)]
 pub mod cuda;
+pub mod device;
 #[cfg(hetmem_rocm)]
 pub mod rocm;
 

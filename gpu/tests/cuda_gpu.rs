@@ -23,7 +23,7 @@ use hetmem_gpu::cuda::{
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
-use support::{check_pattern, ensure, pattern, unique, KERNELS};
+use support::{check_pattern, ensure, pattern, unique, BITMAP_KERNELS, KERNELS};
 
 const SUITE: &str = "cuda_gpu";
 
@@ -51,6 +51,7 @@ fn main() -> ExitCode {
                 device_resource_blocks(CudaDeviceResource::stream_ordered(stream).map_err(s)?)
             }),
             ("pinned_resource_blocks", pinned_resource_blocks),
+            ("bitmap_allocator_shared_by_kernels_and_the_cpu", bitmap_allocator_shared_by_kernels_and_the_cpu),
             ("device_pool_matches_its_model", || device_pool_matches_its_model(CudaDeviceResource::new(0).map_err(s)?)),
             ("device_pool_stream_ordered_matches_its_model", || {
                 let stream = context(0).map_err(s)?.new_stream().map_err(s)?;
@@ -146,6 +147,79 @@ fn shm_kernel_writes_seen_by_second_process() -> Result<(), String> {
     // The child's kernel wrote the second half through its own registration of the segment.
     // SAFETY: the child exited; nothing writes the second half now.
     unsafe { check_host(shm.base().add(HEADER_SIZE as usize + 4 * CROSS_N).cast(), CROSS_N, 0x5A5A) }
+}
+
+/// A bitmap allocator in a pinned shared segment: the CPU allocates a block, 4096 kernel threads
+/// allocate (system-scope atomics on the same bitmaps), fill, and free half of their blocks while
+/// a CPU thread allocates and frees beside them; the CPU then checks every kept block and frees it.
+fn bitmap_allocator_shared_by_kernels_and_the_cpu() -> Result<(), String> {
+    use hetmem_core::allocators::{BitmapAllocator, BitmapConfig};
+    use hetmem_core::{AllocatorId, AllocatorType, OffsetPtr, RegionAllocator};
+    let shm = Arc::new(CudaShmBackend::create(&unique("bitmap"), 32 << 20, &CudaShmOptions::default()).map_err(s)?);
+    let backend: Arc<dyn MemoryBackend> = shm.clone();
+    let region = hetmem_core::region::Region::whole(backend).map_err(s)?;
+    let config = BitmapConfig { min_block: 16, max_block: 4096 };
+    let a = BitmapAllocator::create(region, AllocatorId::new(1, 0), &config).map_err(s)?;
+    let start = a.stats();
+    let cpu = a.allocate(100, 8).map_err(s)?;
+    let ctx = shm.context();
+    let stream = ctx.default_stream();
+    let src = hetmem_gpu::device::with_bitmap_header(BITMAP_KERNELS);
+    let module = ctx.load_module(compile_ptx(ctx, &src, &[]).map_err(s)?).map_err(s)?;
+    let kernel = module.load_function("bitmap_alloc_free").map_err(s)?;
+    let n = 4096u32;
+    let sizes: Vec<u32> = (0..n).map(|i| 1 + (i * 37) % 2000).collect();
+    let keep: Vec<u8> = (0..n).map(|i| (i % 2) as u8).collect();
+    let d_sizes = stream.clone_htod(&sizes).map_err(s)?;
+    let d_keep = stream.clone_htod(&keep).map_err(s)?;
+    let mut d_offsets = stream.alloc_zeros::<u64>(n as usize).map_err(s)?;
+    let mut d_status = stream.alloc_zeros::<i32>(n as usize).map_err(s)?;
+    let base = shm.device_ptr().ok_or("no device pointer")?;
+    let region = a.region().offset();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (offsets, status) = std::thread::scope(|scope| -> Result<_, String> {
+        let cpu_side = scope.spawn(|| -> Result<u64, String> {
+            let mut rounds = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let p = a.allocate(1 + rounds as usize % 3000, 16).map_err(s)?;
+                a.free(p).map_err(s)?;
+                rounds += 1;
+            }
+            Ok(rounds)
+        });
+        let mut launch = stream.launch_builder(&kernel);
+        launch.arg(&base).arg(&region).arg(&d_sizes).arg(&d_keep).arg(&mut d_offsets).arg(&mut d_status).arg(&n);
+        // SAFETY: the kernel reads `n` sizes and flags, writes `n` offsets and statuses, and works
+        // in the bitmap allocator's region of the registered segment through its device address.
+        let launched = unsafe { launch.launch(LaunchConfig::for_num_elems(n)) }.map_err(s);
+        let done = launched.and_then(|_| stream.synchronize().map_err(s));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let rounds = cpu_side.join().map_err(|_| "the CPU thread panicked".to_string())??;
+        done?;
+        println!("    the CPU allocated and freed {rounds} blocks while the kernel ran");
+        Ok((stream.clone_dtoh(&d_offsets).map_err(s)?, stream.clone_dtoh(&d_status).map_err(s)?))
+    })?;
+    let mut kept = std::collections::HashSet::new();
+    for i in 0..n as usize {
+        let (off, size) = (offsets[i], sizes[i] as usize);
+        ensure(off != 0 && off % 16 == 0, || format!("thread {i} got offset {off}"))?;
+        ensure(status[i] == i32::from(keep[i]), || format!("thread {i}: status {}", status[i]))?;
+        if keep[i] == 1 {
+            ensure(kept.insert(off) && off != cpu.get(), || format!("block {off} handed out twice"))?;
+            ensure(a.size_of(OffsetPtr::new(off)).map_err(s)? == size, || format!("size of {off}"))?;
+            // SAFETY: a live block of `size` bytes in the mapped segment; the kernel has finished.
+            let bytes = unsafe { std::slice::from_raw_parts(shm.base().add(off as usize), size) };
+            ensure(bytes.iter().all(|&b| b == i as u8), || format!("block {off} of thread {i} overwritten"))?;
+        }
+    }
+    a.check().map_err(s)?;
+    for off in kept {
+        a.free(OffsetPtr::new(off)).map_err(s)?;
+    }
+    a.free(cpu).map_err(s)?;
+    a.check().map_err(s)?;
+    let end = a.stats();
+    ensure(end.free_bytes() == start.free_bytes() && end.live_allocations == 0, || format!("{end:?}"))
 }
 
 fn shm_read_only_registration() -> Result<(), String> {

@@ -28,3 +28,21 @@ fn kernels_compile_to_ptx_and_errors_carry_the_log() {
     let nul = compile_ptx_with("extern \"C\" __global__ void k() {}\0", &[]).unwrap_err();
     assert!(matches!(nul.error, Error::InvalidName { .. }), "{nul}");
 }
+
+/// The device-side bitmap allocator compiles for the GPU as it is (no includes, system-scope
+/// atomics), into a kernel that allocates, writes and frees.
+#[test]
+fn the_bitmap_allocator_header_compiles_into_kernels() {
+    if let Err(e) = nvrtc_available() {
+        println!("skipped: {e}");
+        return;
+    }
+    let src = hetmem_gpu::device::with_bitmap_header(support::BITMAP_KERNELS);
+    let ptx = compile_ptx_with(&src, &["--gpu-architecture=compute_90"]).unwrap_or_else(|e| panic!("{e}\n{}", e.log));
+    let text = ptx.to_src();
+    assert!(text.contains(".entry bitmap_alloc_free"), "{text}");
+    // The bits are claimed and released with system-scope atomics (CPU processes share the heap).
+    assert!(text.contains("atom.global.sys.or.b64"), "no system-scope or:\n{text}");
+    assert!(text.contains("atom.global.sys.and.b64"), "no system-scope and:\n{text}");
+    assert!(text.contains("membar.sys"), "no system fences:\n{text}");
+}

@@ -151,3 +151,23 @@ extern "C" __global__ void copy_u32(unsigned int* out, const unsigned int* in, u
     if (i < n) out[i] = in[i];
 }
 "#;
+
+/// Kernels over the bitmap allocator's header (prepended with
+/// `hetmem_gpu::device::with_bitmap_header`). `bitmap_alloc_free`: thread `i` allocates
+/// `sizes[i]` bytes, fills them with its index, keeps the block when `keep[i]` is set and frees it
+/// otherwise; `offsets[i]` gets the offset (0: none) and `status[i]` the free's answer (1: kept).
+#[allow(dead_code)]
+pub const BITMAP_KERNELS: &str = r#"
+extern "C" __global__ void bitmap_alloc_free(unsigned char *base, unsigned long long region,
+                                             const unsigned int *sizes, const unsigned char *keep,
+                                             unsigned long long *offsets, int *status, unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    hetmem_bitmap heap = { base, region };
+    unsigned long long off = hetmem_bitmap_alloc(heap, sizes[i], 16, i);
+    offsets[i] = off;
+    if (off == 0) { status[i] = -100; return; }
+    for (unsigned int b = 0; b < sizes[i]; b++) base[off + b] = (unsigned char)i;
+    status[i] = keep[i] ? 1 : hetmem_bitmap_free(heap, off);
+}
+"#;

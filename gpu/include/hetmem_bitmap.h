@@ -1,0 +1,257 @@
+/*
+ * hetmem_bitmap.h: allocate and free in a hetmem BitmapAllocator from CUDA or HIP kernels (and
+ * from plain C on the host).
+ *
+ * This is the C twin of hetmem-core's `allocators::bitmap`: the same #[repr(C)] layout, the same
+ * two steps. A block is one bit of its class's bitmap; an allocation claims a clear bit with one
+ * atomic or, a free clears it with one atomic and, and the old value says who won. So kernels,
+ * CPU threads and CPU processes can allocate and free in one heap at the same time, with
+ * system-scope atomics on the device. The heap lives in memory both sides reach: a segment
+ * registered with the GPU (hetmem-gpu's CudaShmBackend or RocmShmBackend).
+ *
+ * A kernel is given the backend's device address (`device_ptr()`, the address of its byte 0)
+ * and the allocator's region offset (`BitmapAllocator::region().offset()`). Offsets are from the
+ * backend's start, as on the CPU, so an offset a kernel gets can be freed by a CPU process and
+ * the other way round. Every offset read from the heap's header is checked against the region
+ * before use: a broken header makes calls fail, never read or write outside the region.
+ *
+ * The header includes nothing, so NVRTC compiles it as is: pass its text (hetmem-gpu's
+ * `device::BITMAP_HEADER`) ahead of your kernel's source, or as a named header.
+ */
+#ifndef HETMEM_BITMAP_H
+#define HETMEM_BITMAP_H
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__) || defined(__HIPCC__) || defined(__HIPCC_RTC__)
+/* Device code (CUDA and HIP name these atomics alike); atomics are relaxed, the fences order. */
+#define HETMEM_BITMAP_FN static __device__ __inline__
+#define HETMEM_BITMAP_OR(p, v) atomicOr_system((p), (v))
+#define HETMEM_BITMAP_AND(p, v) atomicAnd_system((p), (v))
+#define HETMEM_BITMAP_ADD(p, v) atomicAdd_system((p), (v))
+#define HETMEM_BITMAP_MAX(p, v) atomicMax_system((p), (v))
+#define HETMEM_BITMAP_ACQUIRE() __threadfence_system()
+#define HETMEM_BITMAP_RELEASE() __threadfence_system()
+#define HETMEM_BITMAP_LOAD64(p) (*(volatile unsigned long long *)(p))
+#define HETMEM_BITMAP_STORE64(p, v) (*(volatile unsigned long long *)(p) = (v))
+#define HETMEM_BITMAP_LOAD32(p) (*(volatile unsigned int *)(p))
+#define HETMEM_BITMAP_STORE32(p, v) (*(volatile unsigned int *)(p) = (v))
+#define HETMEM_BITMAP_CTZ(x) ((unsigned long long)(__ffsll((long long)(x)) - 1))
+#else
+/* Host C (GCC or Clang): the orderings hetmem-core uses. */
+#define HETMEM_BITMAP_FN static inline
+#define HETMEM_BITMAP_OR(p, v) __atomic_fetch_or((p), (v), __ATOMIC_ACQ_REL)
+#define HETMEM_BITMAP_AND(p, v) __atomic_fetch_and((p), (v), __ATOMIC_ACQ_REL)
+#define HETMEM_BITMAP_ADD(p, v) __atomic_fetch_add((p), (v), __ATOMIC_RELAXED)
+#define HETMEM_BITMAP_MAX(p, v) hetmem_bitmap_host_max((p), (v))
+#define HETMEM_BITMAP_ACQUIRE() ((void)0)
+#define HETMEM_BITMAP_RELEASE() ((void)0)
+#define HETMEM_BITMAP_LOAD64(p) __atomic_load_n((unsigned long long *)(p), __ATOMIC_RELAXED)
+#define HETMEM_BITMAP_STORE64(p, v) __atomic_store_n((unsigned long long *)(p), (v), __ATOMIC_RELAXED)
+#define HETMEM_BITMAP_LOAD32(p) __atomic_load_n((unsigned int *)(p), __ATOMIC_RELAXED)
+#define HETMEM_BITMAP_STORE32(p, v) __atomic_store_n((unsigned int *)(p), (v), __ATOMIC_RELAXED)
+#define HETMEM_BITMAP_CTZ(x) ((unsigned long long)__builtin_ctzll(x))
+#endif
+
+typedef unsigned long long hetmem_u64;
+typedef unsigned int hetmem_u32;
+
+/* `BITMAP_MAGIC`: "HMBITMAP" read as a little-endian u64. */
+#define HETMEM_BITMAP_MAGIC 0x50414D5449424D48ULL
+/* `TYPE_ID` of BitmapAllocator: "BMP1". */
+#define HETMEM_BITMAP_TYPE_ID 0x424D5031u
+#define HETMEM_BITMAP_MAX_CLASSES 32
+#define HETMEM_BITMAP_MIN_BLOCK 16ULL
+#define HETMEM_BITMAP_MAX_BLOCK (1ULL << 31)
+#define HETMEM_BITMAP_MAX_ALIGN 4096ULL
+
+/* What `hetmem_bitmap_free` answers. */
+#define HETMEM_BITMAP_OK 0
+#define HETMEM_BITMAP_NOT_A_BLOCK (-1)   /* not the start of one of the allocator's blocks */
+#define HETMEM_BITMAP_NOT_ALLOCATED (-2) /* a block not in use (a double free) */
+#define HETMEM_BITMAP_CORRUPT (-3)       /* the header fails its checks */
+
+/* `ClassRecord`: 128 bytes; the first line is written once, the second by every operation. */
+typedef struct hetmem_bitmap_class {
+    hetmem_u64 block_size;
+    hetmem_u64 blocks;
+    hetmem_u64 bitmap; /* blocks / 64 words, rounded up; bits past the last block are set */
+    hetmem_u64 sizes;  /* one u32 per block: the size it was asked with */
+    hetmem_u64 data;   /* the first block, aligned to min(block_size, 4096) */
+    hetmem_u64 pad0[3];
+    hetmem_u64 hint; /* the word the class last served from */
+    hetmem_u64 live;
+    hetmem_u64 requested;
+    hetmem_u64 allocations;
+    hetmem_u64 frees;
+    hetmem_u64 pad1[3];
+} hetmem_bitmap_class;
+
+/* `BitmapHeader`: at the start of the allocator's region, 4160 bytes. */
+typedef struct hetmem_bitmap_header {
+    hetmem_u64 magic;
+    hetmem_u32 type_id;
+    hetmem_u32 class_count;
+    hetmem_u32 id_major;
+    hetmem_u32 id_minor;
+    hetmem_u64 region_offset;
+    hetmem_u64 region_len;
+    hetmem_u64 reserved; /* bytes of blocks in use */
+    hetmem_u64 peak;     /* the most `reserved` has been */
+    hetmem_u64 pad;
+    hetmem_bitmap_class classes[HETMEM_BITMAP_MAX_CLASSES];
+} hetmem_bitmap_header;
+
+/* A heap as its user holds it: the backend's base address and the allocator's region offset. */
+typedef struct hetmem_bitmap {
+    unsigned char *base;
+    hetmem_u64 region_offset;
+} hetmem_bitmap;
+
+#if !(defined(__CUDACC__) || defined(__CUDACC_RTC__) || defined(__HIPCC__) || defined(__HIPCC_RTC__))
+HETMEM_BITMAP_FN hetmem_u64 hetmem_bitmap_host_max(hetmem_u64 *p, hetmem_u64 v) {
+    hetmem_u64 old = __atomic_load_n(p, __ATOMIC_RELAXED);
+    while (old < v && !__atomic_compare_exchange_n(p, &old, v, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
+    return old;
+}
+#endif
+
+/* The header, or 0 if it is not a bitmap allocator's for this region. */
+HETMEM_BITMAP_FN hetmem_bitmap_header *hetmem_bitmap_header_of(hetmem_bitmap heap) {
+    hetmem_bitmap_header *h = (hetmem_bitmap_header *)(heap.base + heap.region_offset);
+    if (heap.region_offset % 8 != 0 || h->magic != HETMEM_BITMAP_MAGIC || h->type_id != HETMEM_BITMAP_TYPE_ID ||
+        h->region_offset != heap.region_offset || h->class_count == 0 ||
+        h->class_count > HETMEM_BITMAP_MAX_CLASSES || h->region_len < sizeof(hetmem_bitmap_header) ||
+        h->region_offset + h->region_len < h->region_offset) {
+        return 0;
+    }
+    return h;
+}
+
+/* Whether class `c` lies inside the region after the header: its block size a power of two in
+ * range, and its bitmap, sizes and blocks in bounds and aligned (no overflow on the way). */
+HETMEM_BITMAP_FN int hetmem_bitmap_class_ok(const hetmem_bitmap_header *h, const hetmem_bitmap_class *c) {
+    hetmem_u64 lo = h->region_offset + sizeof(hetmem_bitmap_header), hi = h->region_offset + h->region_len;
+    hetmem_u64 bs = c->block_size, n = c->blocks, words = (n + 63) / 64;
+    hetmem_u64 align = bs < HETMEM_BITMAP_MAX_ALIGN ? bs : HETMEM_BITMAP_MAX_ALIGN;
+    if (bs < HETMEM_BITMAP_MIN_BLOCK || bs > HETMEM_BITMAP_MAX_BLOCK || (bs & (bs - 1)) != 0) return 0;
+    if (n > (hi - lo) / bs) return 0;
+    if (c->bitmap < lo || c->bitmap % 8 != 0 || c->bitmap > hi || words * 8 > hi - c->bitmap) return 0;
+    if (c->sizes < lo || c->sizes % 4 != 0 || c->sizes > hi || n * 4 > hi - c->sizes) return 0;
+    if (c->data < lo || (n > 0 && c->data % align != 0) || c->data > hi || n * bs > hi - c->data) return 0;
+    return 1;
+}
+
+/* Claims a block of class `c` for `size` bytes, starting the search `start` words after the
+ * class's hint (spread threads over the bitmap, e.g. by thread id); its offset, or 0. */
+HETMEM_BITMAP_FN hetmem_u64 hetmem_bitmap_claim(hetmem_bitmap heap, hetmem_bitmap_header *h, hetmem_bitmap_class *c,
+                                                hetmem_u64 size, hetmem_u64 start) {
+    hetmem_u64 words = (c->blocks + 63) / 64, k, w;
+    hetmem_u64 *bitmap = (hetmem_u64 *)(heap.base + c->bitmap);
+    if (words == 0) return 0;
+    w = (HETMEM_BITMAP_LOAD64(&c->hint) + start) % words;
+    for (k = 0; k < words; k++) {
+        hetmem_u64 bits = HETMEM_BITMAP_LOAD64(&bitmap[w]);
+        while (bits != ~0ULL) {
+            hetmem_u64 bit = HETMEM_BITMAP_CTZ(~bits), mask = 1ULL << bit, old, index;
+            old = HETMEM_BITMAP_OR(&bitmap[w], mask);
+            if (old & mask) {
+                bits = old | mask; /* another claimer took it first */
+                continue;
+            }
+            HETMEM_BITMAP_ACQUIRE();
+            index = w * 64 + bit;
+            if (index >= c->blocks) { /* a tail bit was clear: leave it set, never hand it out */
+                bits = old | mask;
+                continue;
+            }
+            HETMEM_BITMAP_STORE64(&c->hint, w);
+            HETMEM_BITMAP_STORE32(heap.base + c->sizes + index * 4, (hetmem_u32)size);
+            HETMEM_BITMAP_ADD(&c->live, 1ULL);
+            HETMEM_BITMAP_ADD(&c->requested, size);
+            HETMEM_BITMAP_ADD(&c->allocations, 1ULL);
+            {
+                hetmem_u64 reserved = HETMEM_BITMAP_ADD(&h->reserved, c->block_size) + c->block_size;
+                if (reserved > HETMEM_BITMAP_LOAD64(&h->peak)) HETMEM_BITMAP_MAX(&h->peak, reserved);
+            }
+            return c->data + index * c->block_size;
+        }
+        w = w + 1 == words ? 0 : w + 1;
+    }
+    return 0;
+}
+
+/* Allocates `size` bytes (1 to 2^31) aligned to `align` (a power of two up to 4096): the offset
+ * of the block from the backend's start (its address is `base + offset`), or 0 when no block
+ * is free, the request is bad, or the header fails its checks. `start` spreads the search (use
+ * the thread's index; 0 on the host). */
+HETMEM_BITMAP_FN hetmem_u64 hetmem_bitmap_alloc(hetmem_bitmap heap, hetmem_u64 size, hetmem_u64 align,
+                                                hetmem_u64 start) {
+    hetmem_bitmap_header *h = hetmem_bitmap_header_of(heap);
+    hetmem_u64 need = size > align ? size : align;
+    hetmem_u32 i;
+    if (h == 0 || size == 0 || size > HETMEM_BITMAP_MAX_BLOCK || align == 0 || (align & (align - 1)) != 0 ||
+        align > HETMEM_BITMAP_MAX_ALIGN) {
+        return 0;
+    }
+    for (i = 0; i < h->class_count; i++) {
+        hetmem_bitmap_class *c = &h->classes[i];
+        hetmem_u64 offset;
+        if (c->block_size < need) continue;
+        if (!hetmem_bitmap_class_ok(h, c)) return 0;
+        offset = hetmem_bitmap_claim(heap, h, c, size, start);
+        if (offset != 0) return offset;
+    }
+    return 0;
+}
+
+/* Frees the block at `offset`: HETMEM_BITMAP_OK, or one of the errors above. */
+HETMEM_BITMAP_FN int hetmem_bitmap_free(hetmem_bitmap heap, hetmem_u64 offset) {
+    hetmem_bitmap_header *h = hetmem_bitmap_header_of(heap);
+    hetmem_u32 i;
+    if (h == 0) return HETMEM_BITMAP_CORRUPT;
+    for (i = 0; i < h->class_count; i++) {
+        hetmem_bitmap_class *c = &h->classes[i];
+        hetmem_u64 rel, index, mask, old, size;
+        hetmem_u64 *word;
+        if (!hetmem_bitmap_class_ok(h, c)) return HETMEM_BITMAP_CORRUPT;
+        if (offset < c->data || offset - c->data >= c->blocks * c->block_size) continue;
+        rel = offset - c->data;
+        if (rel % c->block_size != 0) return HETMEM_BITMAP_NOT_A_BLOCK;
+        index = rel / c->block_size;
+        /* Read before the release: once the bit is clear the block may be someone else's. */
+        size = HETMEM_BITMAP_LOAD32(heap.base + c->sizes + index * 4);
+        word = (hetmem_u64 *)(heap.base + c->bitmap) + index / 64;
+        mask = 1ULL << (index % 64);
+        HETMEM_BITMAP_RELEASE();
+        old = HETMEM_BITMAP_AND(word, ~mask);
+        if ((old & mask) == 0) return HETMEM_BITMAP_NOT_ALLOCATED;
+        HETMEM_BITMAP_ADD(&c->live, ~0ULL);
+        HETMEM_BITMAP_ADD(&c->requested, 0ULL - size);
+        HETMEM_BITMAP_ADD(&c->frees, 1ULL);
+        HETMEM_BITMAP_ADD(&h->reserved, 0ULL - c->block_size);
+        return HETMEM_BITMAP_OK;
+    }
+    return HETMEM_BITMAP_NOT_A_BLOCK;
+}
+
+/* The size the block at `offset` was allocated with (0 if it is not a block in use). */
+HETMEM_BITMAP_FN hetmem_u64 hetmem_bitmap_size_of(hetmem_bitmap heap, hetmem_u64 offset) {
+    hetmem_bitmap_header *h = hetmem_bitmap_header_of(heap);
+    hetmem_u32 i;
+    if (h == 0) return 0;
+    for (i = 0; i < h->class_count; i++) {
+        hetmem_bitmap_class *c = &h->classes[i];
+        hetmem_u64 rel, index, word;
+        if (!hetmem_bitmap_class_ok(h, c)) return 0;
+        if (offset < c->data || offset - c->data >= c->blocks * c->block_size) continue;
+        rel = offset - c->data;
+        if (rel % c->block_size != 0) return 0;
+        index = rel / c->block_size;
+        word = HETMEM_BITMAP_LOAD64((hetmem_u64 *)(heap.base + c->bitmap) + index / 64);
+        if (((word >> (index % 64)) & 1ULL) == 0) return 0;
+        return HETMEM_BITMAP_LOAD32(heap.base + c->sizes + index * 4);
+    }
+    return 0;
+}
+
+#endif /* HETMEM_BITMAP_H */

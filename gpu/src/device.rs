@@ -1,0 +1,42 @@
+//! Allocation inside GPU kernels: the C twin of hetmem-core's
+//! [`BitmapAllocator`](hetmem_core::allocators::BitmapAllocator), for CUDA and HIP kernels.
+//!
+//! [`BITMAP_HEADER`] is `include/hetmem_bitmap.h`: the allocator's `#[repr(C)]` layout and its
+//! two steps (claim a bit with one system-scope atomic or, release it with one atomic and). A
+//! kernel allocates and frees in a heap that CPU threads and processes use at the same time, when
+//! the heap lives in memory both reach: a segment registered with the GPU (`CudaShmBackend`,
+//! `RocmShmBackend`). The header includes nothing, so NVRTC compiles it as it is:
+//!
+//! ```text
+//! let src = hetmem_gpu::device::with_bitmap_header(r#"
+//!     extern "C" __global__ void k(unsigned char *base, unsigned long long region, unsigned long long *out) {
+//!         hetmem_bitmap heap = { base, region };
+//!         out[threadIdx.x] = hetmem_bitmap_alloc(heap, 64, 16, threadIdx.x);
+//!     }"#);
+//! let ptx = hetmem_gpu::cuda::compile_ptx_with(&src, &["--gpu-architecture=compute_90"])?;
+//! ```
+//!
+//! A kernel is given the backend's device address (`device_ptr()`, the address of its byte 0) and
+//! the allocator's region offset (`BitmapAllocator::region().offset()`); the offsets it gets are
+//! from the backend's start, as on the CPU, so either side frees what the other allocated. The
+//! header's calls answer 0 (allocation) or a negative code (free) where the Rust side returns an
+//! error; every offset they read from the heap is checked against the region first.
+//!
+//! The header also builds as plain C on the host (GCC or Clang atomics): the crate's tests compile
+//! it with the host compiler to check the layout against Rust's and to share one heap between a C
+//! process and this allocator.
+
+/// `include/hetmem_bitmap.h`: the device-side bitmap allocator (see the [module docs](self)).
+pub const BITMAP_HEADER: &str = include_str!("../include/hetmem_bitmap.h");
+
+/// The name to give the header where a compiler takes headers by name.
+pub const BITMAP_HEADER_NAME: &str = "hetmem_bitmap.h";
+
+/// `kernel` with the bitmap allocator's header in front, ready for NVRTC or hipRTC.
+pub fn with_bitmap_header(kernel: &str) -> String {
+    let mut src = String::with_capacity(BITMAP_HEADER.len() + kernel.len() + 1);
+    src.push_str(BITMAP_HEADER);
+    src.push('\n');
+    src.push_str(kernel);
+    src
+}

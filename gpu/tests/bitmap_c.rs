@@ -1,0 +1,196 @@
+//! The device-side bitmap allocator (`include/hetmem_bitmap.h`) built as plain C with the host
+//! compiler: its layout is the Rust allocator's, field by field, and a C process and the Rust
+//! allocator share one heap in a POSIX shared-memory segment, each freeing what the other
+//! allocated while both run. The same code runs in kernels with the device's atomics; this is
+//! the part a machine without a GPU can check. Without a C compiler the tests say so and pass.
+#![cfg(target_os = "linux")]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use hetmem_backends::{PosixShmBackend, ShmOptions};
+use hetmem_core::allocators::{BitmapAllocator, BitmapConfig, BitmapHeader, ClassRecord, BITMAP_MAGIC};
+use hetmem_core::region::Region;
+use hetmem_core::{AllocatorId, AllocatorType, MemoryBackend, OffsetPtr, RegionAllocator};
+
+/// Compiles `tests/bitmap_c/{name}.c` against the header; `Err` (why) without a C compiler.
+fn build(name: &str) -> Result<PathBuf, String> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("bitmap-{name}-{}", std::process::id()));
+    let cc = std::env::var_os("CC").unwrap_or_else(|| "cc".into());
+    let run = Command::new(&cc)
+        .args(["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-I"])
+        .arg(dir.join("include"))
+        .arg(dir.join("tests/bitmap_c").join(format!("{name}.c")))
+        .arg("-o")
+        .arg(&out)
+        .arg("-lrt")
+        .output()
+        .map_err(|e| format!("running {cc:?}: {e}"))?;
+    if !run.status.success() {
+        // A compiler that runs but rejects the header is a failure of the header, not a skip.
+        panic!("{cc:?} rejected tests/bitmap_c/{name}.c:\n{}", String::from_utf8_lossy(&run.stderr));
+    }
+    Ok(out)
+}
+
+fn run(program: &Path, args: &[String]) -> String {
+    let out = Command::new(program).args(args).output().unwrap();
+    assert!(out.status.success(), "{program:?} failed: {:?}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn the_c_layout_is_the_rust_layout() {
+    let program = match build("layout") {
+        Ok(p) => p,
+        Err(why) => return println!("skipped: no C compiler: {why}"),
+    };
+    let text = run(&program, &[]);
+    let _ = std::fs::remove_file(&program);
+    let c: HashMap<String, u64> = text
+        .lines()
+        .map(|l| {
+            let (k, v) = l.split_once(' ').unwrap();
+            (k.to_string(), v.parse().unwrap())
+        })
+        .collect();
+    use std::mem::{offset_of, size_of};
+    let id = offset_of!(BitmapHeader, id);
+    let rust = [
+        ("sizeof.header", size_of::<BitmapHeader>()),
+        ("sizeof.class", size_of::<ClassRecord>()),
+        ("hetmem_bitmap_header.magic", offset_of!(BitmapHeader, magic)),
+        ("hetmem_bitmap_header.type_id", offset_of!(BitmapHeader, type_id)),
+        ("hetmem_bitmap_header.class_count", offset_of!(BitmapHeader, class_count)),
+        ("hetmem_bitmap_header.id_major", id + offset_of!(AllocatorId, major)),
+        ("hetmem_bitmap_header.id_minor", id + offset_of!(AllocatorId, minor)),
+        ("hetmem_bitmap_header.region_offset", offset_of!(BitmapHeader, region_offset)),
+        ("hetmem_bitmap_header.region_len", offset_of!(BitmapHeader, region_len)),
+        ("hetmem_bitmap_header.reserved", offset_of!(BitmapHeader, reserved)),
+        ("hetmem_bitmap_header.peak", offset_of!(BitmapHeader, peak)),
+        ("hetmem_bitmap_header.classes", offset_of!(BitmapHeader, classes)),
+        ("hetmem_bitmap_class.block_size", offset_of!(ClassRecord, block_size)),
+        ("hetmem_bitmap_class.blocks", offset_of!(ClassRecord, blocks)),
+        ("hetmem_bitmap_class.bitmap", offset_of!(ClassRecord, bitmap)),
+        ("hetmem_bitmap_class.sizes", offset_of!(ClassRecord, sizes)),
+        ("hetmem_bitmap_class.data", offset_of!(ClassRecord, data)),
+        ("hetmem_bitmap_class.hint", offset_of!(ClassRecord, hint)),
+        ("hetmem_bitmap_class.live", offset_of!(ClassRecord, live)),
+        ("hetmem_bitmap_class.requested", offset_of!(ClassRecord, requested)),
+        ("hetmem_bitmap_class.allocations", offset_of!(ClassRecord, allocations)),
+        ("hetmem_bitmap_class.frees", offset_of!(ClassRecord, frees)),
+    ];
+    for (name, rust) in rust {
+        assert_eq!(c.get(name).copied(), Some(rust as u64), "{name}");
+    }
+    assert_eq!(c["magic"], BITMAP_MAGIC);
+    assert_eq!(c["type_id"], u64::from(<BitmapAllocator as AllocatorType>::TYPE_ID));
+}
+
+/// Allocations the C process makes (it keeps two in three).
+const COUNT: usize = 12000;
+
+#[test]
+fn a_c_process_and_the_rust_allocator_share_one_heap() {
+    let program = match build("share") {
+        Ok(p) => p,
+        Err(why) => return println!("skipped: no C compiler: {why}"),
+    };
+    let name = format!("/hetmem-bitmap-c-{}", std::process::id());
+    let backend: Arc<dyn MemoryBackend> =
+        Arc::new(PosixShmBackend::create(&name, 64 << 20, &ShmOptions::default()).unwrap());
+    let config = BitmapConfig { min_block: 16, max_block: 4096 };
+    // Room for everything both sides keep at once: out of memory is not what this tests.
+    let a = BitmapAllocator::create(Region::whole(backend.clone()).unwrap(), AllocatorId::new(1, 0), &config).unwrap();
+    let start = a.stats();
+    let base = backend.base();
+    let theirs = a.allocate(300, 16).unwrap();
+    // First alone: C frees a block Rust allocated, and the error cases around it.
+    let region = a.region().offset().to_string();
+    let checks = run(&program, &[name.clone(), region.clone(), "0".into(), theirs.get().to_string()]);
+    let expected = [
+        "size-theirs 300",   // C reads the size Rust recorded
+        "free-inside -1",    // not the start of a block
+        "free-outside -1",   // not in the allocator's blocks
+        "wrong-region 0 -3", // no bitmap header there
+        "free-theirs 0",     // C frees a block Rust allocated
+        "free-again -2",     // a double free is refused
+        "size-freed 0",
+        "bad 0 0 0 0", // zero size, alignment 3, alignment 8192, 1 TiB
+    ];
+    assert_eq!(checks.lines().collect::<Vec<_>>(), expected);
+    assert!(matches!(a.size_of(theirs), Err(hetmem_core::Error::InvalidFree { .. })), "Rust sees C's free");
+    a.check().unwrap();
+
+    // Then at once: Rust threads allocate and free in the heap while the C process does.
+    let stop = AtomicBool::new(false);
+    let output = std::thread::scope(|s| {
+        for t in 0..2u64 {
+            let (a, stop) = (&a, &stop);
+            s.spawn(move || {
+                let mut live = Vec::new();
+                let mut i = t;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 2;
+                    live.push(a.allocate(1 + (i as usize * 31) % 2000, 8).unwrap());
+                    if live.len() > 32 {
+                        a.free(live.swap_remove(i as usize % live.len())).unwrap();
+                    }
+                }
+                for p in live {
+                    a.free(p).unwrap();
+                }
+            });
+        }
+        // Stops the threads however the run ends (a panic here must not leave them spinning).
+        struct Stop<'a>(&'a AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let _stop = Stop(&stop);
+        run(&program, &[name.clone(), region.clone(), COUNT.to_string(), "0".into()])
+    });
+    let _ = std::fs::remove_file(&program);
+
+    let mut kept = Vec::new();
+    let (mut freed, mut oom) = (0, 0);
+    for line in output.lines() {
+        let words: Vec<&str> = line.split(' ').collect();
+        match words[0] {
+            "freed" => {
+                assert_eq!(words[1], "0");
+                freed += 1;
+            }
+            "oom" => oom += 1,
+            "live" => {
+                let v: Vec<u64> = words[1..].iter().map(|w| w.parse().unwrap()).collect();
+                kept.push((v[0], v[1], v[2], v[3] as u8));
+            }
+            other => panic!("unexpected line from the C process: {other}"),
+        }
+    }
+    assert_eq!(oom, 0);
+    assert_eq!(freed + kept.len(), COUNT);
+    for &(offset, size, align, tag) in &kept {
+        assert_eq!(offset % align, 0);
+        assert_eq!(a.size_of(OffsetPtr::new(offset)).unwrap(), size as usize, "Rust reads the size C recorded");
+        // SAFETY: a live block of `size` bytes in the mapped segment, no longer used by C.
+        let bytes = unsafe { std::slice::from_raw_parts(base.add(offset as usize), size as usize) };
+        assert!(bytes.iter().all(|&b| b == tag), "a block C filled was handed out again");
+    }
+    a.check().unwrap();
+    for &(offset, ..) in &kept {
+        a.free(OffsetPtr::new(offset)).unwrap();
+    }
+    a.check().unwrap();
+    let end = a.stats();
+    assert_eq!((end.free_bytes(), end.live_allocations, end.bytes_in_use), (start.free_bytes(), 0, 0));
+    assert_eq!(end.total_allocations, end.total_frees);
+    assert!(end.total_allocations > COUNT as u64, "the C process's allocations count as any other");
+}
