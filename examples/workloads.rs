@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use hetmem::allocators::ThreadLocalAllocator;
+use hetmem::allocators::{BitmapAllocator, ThreadLocalAllocator};
 use hetmem::prelude::{
     AllocatorId, AllocatorType, MemoryBackend, MemoryManager, OffsetPtr, PosixShmBackend, RegionAllocator,
     ScalablePageAllocator, ShmOptions,
@@ -181,6 +181,7 @@ fn subjects() -> Vec<Arc<dyn Subject>> {
         Arc::new(MimallocSubject),
         ShmSubject::<ScalablePageAllocator>::create("scalable-page"),
         ShmSubject::<ThreadLocalAllocator>::create("thread-local"),
+        ShmSubject::<BitmapAllocator>::create("bitmap"),
         Arc::new(HetAllocSubject(hetmem::cache::HetAlloc::new())),
     ]
 }
@@ -190,6 +191,7 @@ fn attach_subject(allocator: &str, segment: &str) -> hetmem::Result<Arc<dyn Subj
     match allocator {
         "scalable-page" => ShmSubject::<ScalablePageAllocator>::attach("scalable-page", segment),
         "thread-local" => ShmSubject::<ThreadLocalAllocator>::attach("thread-local", segment),
+        "bitmap" => ShmSubject::<BitmapAllocator>::attach("bitmap", segment),
         _ => Err(hetmem::Error::Unsupported("no shared-memory subject of that name")),
     }
 }

@@ -83,7 +83,8 @@ pub mod prelude {
     pub use crate::allocators::ThreadLocalAllocator;
     pub use hetmem_backends::{ArrayBackend, MallocBackend, PosixMmapBackend, PosixShmBackend, ShmOptions};
     pub use hetmem_core::allocators::{
-        DeadProcessBlocks, ScalablePageAllocator, ScalablePageConfig, StackAllocator, ThreadLocalConfig,
+        BitmapAllocator, BitmapConfig, DeadProcessBlocks, ScalablePageAllocator, ScalablePageConfig, StackAllocator,
+        ThreadLocalConfig,
     };
     pub use hetmem_core::cache::{HetAlloc, PoolAllocator};
     pub use hetmem_core::{

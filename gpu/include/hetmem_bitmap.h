@@ -77,12 +77,11 @@ typedef struct hetmem_bitmap_class {
     hetmem_u64 sizes;  /* one u32 per block: the size it was asked with */
     hetmem_u64 data;   /* the first block, aligned to min(block_size, 4096) */
     hetmem_u64 pad0[3];
-    hetmem_u64 hint; /* the word the class last served from */
-    hetmem_u64 live;
-    hetmem_u64 requested;
-    hetmem_u64 allocations;
+    hetmem_u64 hint;        /* the word the class last served from */
+    hetmem_u64 allocations; /* since creation; less `frees`, the blocks in use */
     hetmem_u64 frees;
-    hetmem_u64 pad1[3];
+    hetmem_u64 peak; /* the most blocks in use at once */
+    hetmem_u64 pad1[4];
 } hetmem_bitmap_class;
 
 /* `BitmapHeader`: at the start of the allocator's region, 4160 bytes. */
@@ -94,9 +93,7 @@ typedef struct hetmem_bitmap_header {
     hetmem_u32 id_minor;
     hetmem_u64 region_offset;
     hetmem_u64 region_len;
-    hetmem_u64 reserved; /* bytes of blocks in use */
-    hetmem_u64 peak;     /* the most `reserved` has been */
-    hetmem_u64 pad;
+    hetmem_u64 pad[3];
     hetmem_bitmap_class classes[HETMEM_BITMAP_MAX_CLASSES];
 } hetmem_bitmap_header;
 
@@ -143,8 +140,8 @@ HETMEM_BITMAP_FN int hetmem_bitmap_class_ok(const hetmem_bitmap_header *h, const
 
 /* Claims a block of class `c` for `size` bytes, starting the search `start` words after the
  * class's hint (spread threads over the bitmap, e.g. by thread id); its offset, or 0. */
-HETMEM_BITMAP_FN hetmem_u64 hetmem_bitmap_claim(hetmem_bitmap heap, hetmem_bitmap_header *h, hetmem_bitmap_class *c,
-                                                hetmem_u64 size, hetmem_u64 start) {
+HETMEM_BITMAP_FN hetmem_u64 hetmem_bitmap_claim(hetmem_bitmap heap, hetmem_bitmap_class *c, hetmem_u64 size,
+                                                hetmem_u64 start) {
     hetmem_u64 words = (c->blocks + 63) / 64, k, w;
     hetmem_u64 *bitmap = (hetmem_u64 *)(heap.base + c->bitmap);
     if (words == 0) return 0;
@@ -166,12 +163,9 @@ HETMEM_BITMAP_FN hetmem_u64 hetmem_bitmap_claim(hetmem_bitmap heap, hetmem_bitma
             }
             HETMEM_BITMAP_STORE64(&c->hint, w);
             HETMEM_BITMAP_STORE32(heap.base + c->sizes + index * 4, (hetmem_u32)size);
-            HETMEM_BITMAP_ADD(&c->live, 1ULL);
-            HETMEM_BITMAP_ADD(&c->requested, size);
-            HETMEM_BITMAP_ADD(&c->allocations, 1ULL);
             {
-                hetmem_u64 reserved = HETMEM_BITMAP_ADD(&h->reserved, c->block_size) + c->block_size;
-                if (reserved > HETMEM_BITMAP_LOAD64(&h->peak)) HETMEM_BITMAP_MAX(&h->peak, reserved);
+                hetmem_u64 live = HETMEM_BITMAP_ADD(&c->allocations, 1ULL) + 1 - HETMEM_BITMAP_LOAD64(&c->frees);
+                if (live > HETMEM_BITMAP_LOAD64(&c->peak) && live <= c->blocks) HETMEM_BITMAP_MAX(&c->peak, live);
             }
             return c->data + index * c->block_size;
         }
@@ -198,7 +192,7 @@ HETMEM_BITMAP_FN hetmem_u64 hetmem_bitmap_alloc(hetmem_bitmap heap, hetmem_u64 s
         hetmem_u64 offset;
         if (c->block_size < need) continue;
         if (!hetmem_bitmap_class_ok(h, c)) return 0;
-        offset = hetmem_bitmap_claim(heap, h, c, size, start);
+        offset = hetmem_bitmap_claim(heap, c, size, start);
         if (offset != 0) return offset;
     }
     return 0;
@@ -211,24 +205,19 @@ HETMEM_BITMAP_FN int hetmem_bitmap_free(hetmem_bitmap heap, hetmem_u64 offset) {
     if (h == 0) return HETMEM_BITMAP_CORRUPT;
     for (i = 0; i < h->class_count; i++) {
         hetmem_bitmap_class *c = &h->classes[i];
-        hetmem_u64 rel, index, mask, old, size;
+        hetmem_u64 rel, index, mask, old;
         hetmem_u64 *word;
         if (!hetmem_bitmap_class_ok(h, c)) return HETMEM_BITMAP_CORRUPT;
         if (offset < c->data || offset - c->data >= c->blocks * c->block_size) continue;
         rel = offset - c->data;
         if (rel % c->block_size != 0) return HETMEM_BITMAP_NOT_A_BLOCK;
         index = rel / c->block_size;
-        /* Read before the release: once the bit is clear the block may be someone else's. */
-        size = HETMEM_BITMAP_LOAD32(heap.base + c->sizes + index * 4);
         word = (hetmem_u64 *)(heap.base + c->bitmap) + index / 64;
         mask = 1ULL << (index % 64);
         HETMEM_BITMAP_RELEASE();
         old = HETMEM_BITMAP_AND(word, ~mask);
         if ((old & mask) == 0) return HETMEM_BITMAP_NOT_ALLOCATED;
-        HETMEM_BITMAP_ADD(&c->live, ~0ULL);
-        HETMEM_BITMAP_ADD(&c->requested, 0ULL - size);
         HETMEM_BITMAP_ADD(&c->frees, 1ULL);
-        HETMEM_BITMAP_ADD(&h->reserved, 0ULL - c->block_size);
         return HETMEM_BITMAP_OK;
     }
     return HETMEM_BITMAP_NOT_A_BLOCK;

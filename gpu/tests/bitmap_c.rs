@@ -70,8 +70,6 @@ fn the_c_layout_is_the_rust_layout() {
         ("hetmem_bitmap_header.id_minor", id + offset_of!(AllocatorId, minor)),
         ("hetmem_bitmap_header.region_offset", offset_of!(BitmapHeader, region_offset)),
         ("hetmem_bitmap_header.region_len", offset_of!(BitmapHeader, region_len)),
-        ("hetmem_bitmap_header.reserved", offset_of!(BitmapHeader, reserved)),
-        ("hetmem_bitmap_header.peak", offset_of!(BitmapHeader, peak)),
         ("hetmem_bitmap_header.classes", offset_of!(BitmapHeader, classes)),
         ("hetmem_bitmap_class.block_size", offset_of!(ClassRecord, block_size)),
         ("hetmem_bitmap_class.blocks", offset_of!(ClassRecord, blocks)),
@@ -79,10 +77,9 @@ fn the_c_layout_is_the_rust_layout() {
         ("hetmem_bitmap_class.sizes", offset_of!(ClassRecord, sizes)),
         ("hetmem_bitmap_class.data", offset_of!(ClassRecord, data)),
         ("hetmem_bitmap_class.hint", offset_of!(ClassRecord, hint)),
-        ("hetmem_bitmap_class.live", offset_of!(ClassRecord, live)),
-        ("hetmem_bitmap_class.requested", offset_of!(ClassRecord, requested)),
         ("hetmem_bitmap_class.allocations", offset_of!(ClassRecord, allocations)),
         ("hetmem_bitmap_class.frees", offset_of!(ClassRecord, frees)),
+        ("hetmem_bitmap_class.peak", offset_of!(ClassRecord, peak)),
     ];
     for (name, rust) in rust {
         assert_eq!(c.get(name).copied(), Some(rust as u64), "{name}");

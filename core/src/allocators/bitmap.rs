@@ -19,9 +19,13 @@
 //! each class is a fixed share of the region, and a search of a nearly full class reads its
 //! bitmap. Blocks a killed process held stay allocated (blocks record no owner).
 //!
-//! Counters are updated one atomic at a time, so [`stats`](BitmapAllocator::stats) taken while
-//! others allocate may mix moments; [`check`](BitmapAllocator::check) compares them with the
-//! bitmaps and must run while no one allocates or frees.
+//! An operation makes two atomic read-modify-writes: its bit, and its class's allocation or free
+//! count (a new peak adds a third, seldom). What else [`stats`](BitmapAllocator::stats) reports
+//! is worked out when asked: blocks in use from the counts, requested bytes from the bitmaps and
+//! the sizes (a walk of the bitmaps), so figures taken while others allocate may mix moments.
+//! Its `high_watermark` is the sum of each class's peak: the true peak when one class is used,
+//! and never less than it. [`check`](BitmapAllocator::check) compares the counts with the bitmaps
+//! and must run while no one allocates or frees.
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -99,15 +103,13 @@ pub struct ClassRecord {
     _pad0: [u64; 3],
     /// The bitmap word the class last served from (where the next search starts).
     pub hint: AtomicU64,
-    /// Blocks in use.
-    pub live: AtomicU64,
-    /// Bytes asked for by the blocks in use.
-    pub requested: AtomicU64,
-    /// Allocations served since creation.
+    /// Allocations served since creation (less `frees`: the blocks in use).
     pub allocations: AtomicU64,
     /// Frees since creation.
     pub frees: AtomicU64,
-    _pad1: [u64; 3],
+    /// The most blocks that have been in use at once.
+    pub peak: AtomicU64,
+    _pad1: [u64; 4],
 }
 
 /// The header at the start of a bitmap allocator's region (4160 bytes).
@@ -126,11 +128,7 @@ pub struct BitmapHeader {
     pub region_offset: u64,
     /// The region's length.
     pub region_len: u64,
-    /// Bytes of blocks in use (whole blocks).
-    pub reserved: AtomicU64,
-    /// The most `reserved` has been.
-    pub peak: AtomicU64,
-    _pad: u64,
+    _pad: [u64; 3],
     /// The classes, smallest blocks first.
     pub classes: [ClassRecord; MAX_CLASSES],
 }
@@ -324,7 +322,30 @@ impl BitmapAllocator {
     /// if it has no such class).
     pub fn class_usage(&self, block_size: usize) -> Option<(u64, u64)> {
         let c = self.classes.iter().find(|c| c.size == block_size as u64)?;
-        Some((c.blocks, c.record().live.load(Ordering::Relaxed)))
+        Some((c.blocks, Self::live(c)))
+    }
+
+    /// Blocks of class `c` in use, from its counts.
+    fn live(c: &Class) -> u64 {
+        let r = c.record();
+        let frees = r.frees.load(Ordering::Relaxed);
+        r.allocations.load(Ordering::Relaxed).wrapping_sub(frees).min(c.blocks)
+    }
+
+    /// The bytes asked for by the blocks of class `c` in use (a walk of its bitmap).
+    fn requested(c: &Class) -> u64 {
+        let mut sum = 0u64;
+        for (w, word) in c.words().iter().enumerate() {
+            let mut bits = word.load(Ordering::Relaxed);
+            while bits != 0 {
+                let index = w as u64 * 64 + u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                if index < c.blocks {
+                    sum = sum.wrapping_add(u64::from(c.size_slot(index).load(Ordering::Relaxed)));
+                }
+            }
+        }
+        sum
     }
 
     /// Claims a block of class `c` for `size` bytes; its offset, or `None` if the class is full.
@@ -346,13 +367,10 @@ impl BitmapAllocator {
                 }
                 record.hint.store(w as u64, Ordering::Relaxed);
                 c.size_slot(index).store(size as u32, Ordering::Relaxed);
-                record.live.fetch_add(1, Ordering::Relaxed);
-                record.requested.fetch_add(size as u64, Ordering::Relaxed);
-                record.allocations.fetch_add(1, Ordering::Relaxed);
-                let header = self.header();
-                let reserved = header.reserved.fetch_add(c.size, Ordering::Relaxed).wrapping_add(c.size);
-                if reserved > header.peak.load(Ordering::Relaxed) {
-                    header.peak.fetch_max(reserved, Ordering::Relaxed);
+                let allocations = record.allocations.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+                let live = allocations.wrapping_sub(record.frees.load(Ordering::Relaxed));
+                if live > record.peak.load(Ordering::Relaxed) && live <= c.blocks {
+                    record.peak.fetch_max(live, Ordering::Relaxed);
                 }
                 return Some(c.data + (index << c.shift));
             }
@@ -420,7 +438,7 @@ impl RegionAllocator for BitmapAllocator {
         }
         let available = self.classes[first..]
             .iter()
-            .map(|c| c.blocks.saturating_sub(c.record().live.load(Ordering::Relaxed)).saturating_mul(c.size))
+            .map(|c| c.blocks.saturating_sub(Self::live(c)).saturating_mul(c.size))
             .fold(0u64, u64::saturating_add);
         Err(Error::OutOfMemory { requested: size as u64, available })
     }
@@ -429,9 +447,7 @@ impl RegionAllocator for BitmapAllocator {
         check_request(new_size, align)?;
         let (c, index) = self.live_block(ptr.get())?;
         if new_size.max(align) as u64 <= c.size {
-            let old = c.size_slot(index).swap(new_size as u32, Ordering::Relaxed);
-            let r = &c.record().requested;
-            r.fetch_add((new_size as u64).wrapping_sub(u64::from(old)), Ordering::Relaxed);
+            c.size_slot(index).store(new_size as u32, Ordering::Relaxed);
             return Ok(ptr);
         }
         let old = c.size_slot(index).load(Ordering::Relaxed) as usize;
@@ -454,17 +470,11 @@ impl RegionAllocator for BitmapAllocator {
     fn free(&self, ptr: OffsetPtr) -> Result<()> {
         let offset = ptr.get();
         let (c, index) = self.locate(offset)?;
-        // Read before the release: once the bit is clear the block may be someone else's.
-        let size = c.size_slot(index).load(Ordering::Relaxed);
         let (word, bit) = Self::bit_of(c, index);
         if !release_bit(word, bit) {
             return Err(Error::InvalidFree { offset, reason: "not an allocated block (freed twice?)" });
         }
-        let record = c.record();
-        record.live.fetch_sub(1, Ordering::Relaxed);
-        record.requested.fetch_sub(u64::from(size), Ordering::Relaxed);
-        record.frees.fetch_add(1, Ordering::Relaxed);
-        self.header().reserved.fetch_sub(c.size, Ordering::Relaxed);
+        c.record().frees.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -473,15 +483,15 @@ impl RegionAllocator for BitmapAllocator {
         Ok(c.size_slot(index).load(Ordering::Relaxed) as usize)
     }
 
+    /// The counters; see the [module docs](self) for what is counted and what is worked out.
     fn stats(&self) -> AllocStats {
-        let header = self.header();
         let sum = |f: &dyn Fn(&Class) -> u64| self.classes.iter().map(f).fold(0u64, u64::wrapping_add);
         AllocStats {
             capacity: sum(&|c| c.blocks << c.shift),
-            bytes_in_use: sum(&|c| c.record().requested.load(Ordering::Relaxed)),
-            bytes_reserved: header.reserved.load(Ordering::Relaxed),
-            high_watermark: header.peak.load(Ordering::Relaxed),
-            live_allocations: sum(&|c| c.record().live.load(Ordering::Relaxed)),
+            bytes_in_use: sum(&Self::requested),
+            bytes_reserved: sum(&|c| Self::live(c) << c.shift),
+            high_watermark: sum(&|c| c.record().peak.load(Ordering::Relaxed).min(c.blocks) << c.shift),
+            live_allocations: sum(&Self::live),
             total_allocations: sum(&|c| c.record().allocations.load(Ordering::Relaxed)),
             total_frees: sum(&|c| c.record().frees.load(Ordering::Relaxed)),
         }
@@ -493,7 +503,6 @@ impl RegionAllocator for BitmapAllocator {
         if header.magic != BITMAP_MAGIC || header.class_count as usize != self.classes.len() {
             return corrupt(self.region.offset(), "header changed since attach");
         }
-        let mut reserved = 0u64;
         for (c, r) in self.classes.iter().zip(&header.classes) {
             let at = c.data;
             if (r.block_size, r.blocks, r.data) != (c.size, c.blocks, c.data) {
@@ -506,7 +515,7 @@ impl RegionAllocator for BitmapAllocator {
                     return corrupt(at, "bits past the last block are clear");
                 }
             }
-            let (mut live, mut requested) = (0u64, 0u64);
+            let mut live = 0u64;
             for index in 0..c.blocks {
                 let (word, bit) = Self::bit_of(c, index);
                 if bit_is_set(word, bit) {
@@ -515,20 +524,15 @@ impl RegionAllocator for BitmapAllocator {
                         return corrupt(c.data + (index << c.shift), "a block's requested size does not fit it");
                     }
                     live += 1;
-                    requested += size;
                 }
-            }
-            if live != r.live.load(Ordering::Relaxed) || requested != r.requested.load(Ordering::Relaxed) {
-                return corrupt(at, "class counters disagree with the bitmap");
             }
             let (allocations, frees) = (r.allocations.load(Ordering::Relaxed), r.frees.load(Ordering::Relaxed));
             if allocations.wrapping_sub(frees) != live {
                 return corrupt(at, "allocations less frees is not the blocks in use");
             }
-            reserved += live << c.shift;
-        }
-        if reserved != header.reserved.load(Ordering::Relaxed) || header.peak.load(Ordering::Relaxed) < reserved {
-            return corrupt(self.region.offset(), "reserved bytes disagree with the bitmaps");
+            if r.peak.load(Ordering::Relaxed) < live {
+                return corrupt(at, "peak below the blocks in use");
+            }
         }
         Ok(())
     }

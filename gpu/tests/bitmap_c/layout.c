@@ -16,8 +16,6 @@ int main(void) {
     FIELD(hetmem_bitmap_header, id_minor);
     FIELD(hetmem_bitmap_header, region_offset);
     FIELD(hetmem_bitmap_header, region_len);
-    FIELD(hetmem_bitmap_header, reserved);
-    FIELD(hetmem_bitmap_header, peak);
     FIELD(hetmem_bitmap_header, classes);
     FIELD(hetmem_bitmap_class, block_size);
     FIELD(hetmem_bitmap_class, blocks);
@@ -25,10 +23,9 @@ int main(void) {
     FIELD(hetmem_bitmap_class, sizes);
     FIELD(hetmem_bitmap_class, data);
     FIELD(hetmem_bitmap_class, hint);
-    FIELD(hetmem_bitmap_class, live);
-    FIELD(hetmem_bitmap_class, requested);
     FIELD(hetmem_bitmap_class, allocations);
     FIELD(hetmem_bitmap_class, frees);
+    FIELD(hetmem_bitmap_class, peak);
     printf("magic %llu\n", HETMEM_BITMAP_MAGIC);
     printf("type_id %u\n", HETMEM_BITMAP_TYPE_ID);
     return 0;
