@@ -124,7 +124,9 @@ fn reallocation_keeps_the_contents_in_place_or_moved() {
 
 #[test]
 fn configurations_and_regions_are_checked() {
-    for (min_block, max_block) in [(8, 64), (24, 64), (64, 32), (16, 48), (16, 1 << 32), (16, usize::MAX)] {
+    for (min_block, max_block) in
+        [(8, 64), (24, 64), (64, 32), (16, 48), (16, MAX_BLOCK.wrapping_mul(2)), (16, usize::MAX)]
+    {
         let config = BitmapConfig { min_block, max_block };
         let err = BitmapAllocator::create(region(1 << 20), ID, &config).err();
         assert!(matches!(err, Some(Error::InvalidSize { .. })), "{config:?}");
