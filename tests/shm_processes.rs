@@ -113,7 +113,7 @@ fn open<A: AllocatorType>(seg: &str) -> (MemoryManager, Arc<A>, *mut u8) {
     (mm, a, base)
 }
 
-fn stress<A: AllocatorType>(test: &str, tag: &str) {
+fn stress<A: AllocatorType>(test: &str, tag: &str, config: A::Config) {
     if let Some((_, args)) = child_args() {
         let (_mm, a, base) = open::<A>(&args[0]);
         let mailbox = args[1].parse().unwrap();
@@ -129,7 +129,7 @@ fn stress<A: AllocatorType>(test: &str, tag: &str) {
     let seg = segment(tag);
     let mm = MemoryManager::new();
     let b = mm.add_backend(PosixShmBackend::create(&seg, 64 << 20, &ShmOptions::default()).unwrap()).unwrap();
-    let a = mm.create_allocator::<A>(b.id(), ID, 0, &Default::default()).unwrap();
+    let a = mm.create_allocator::<A>(b.id(), ID, 0, &config).unwrap();
     let start = a.stats().free_bytes();
     let ops: u64 = std::env::var("HETMEM_STRESS_OPS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
     // Threads joined with `join` (a scope may return before their TLS destructors ran), so
@@ -181,12 +181,19 @@ fn stress<A: AllocatorType>(test: &str, tag: &str) {
 
 #[test]
 fn scalable_page_four_processes_stress() {
-    stress::<ScalablePageAllocator>("scalable_page_four_processes_stress", "spa-stress");
+    stress::<ScalablePageAllocator>("scalable_page_four_processes_stress", "spa-stress", Default::default());
 }
 
 #[test]
 fn thread_local_four_processes_stress() {
-    stress::<ThreadLocalAllocator>("thread_local_four_processes_stress", "tla-stress");
+    stress::<ThreadLocalAllocator>("thread_local_four_processes_stress", "tla-stress", Default::default());
+}
+
+#[test]
+fn bitmap_four_processes_stress() {
+    // Blocks up to 128 KiB: the workers ask for up to 100,000 bytes.
+    let config = BitmapConfig { min_block: 16, max_block: 128 << 10 };
+    stress::<hetmem::allocators::BitmapAllocator>("bitmap_four_processes_stress", "bitmap-stress", config);
 }
 
 /// A child that allocates and frees in a tight loop until it is killed; every fourth step it
