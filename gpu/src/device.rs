@@ -22,7 +22,11 @@
 //! header's calls answer 0 (allocation) or a negative code (free) where the Rust side returns an
 //! error; every offset they read from the heap is checked against the region first.
 //!
-//! The header also builds as plain C on the host (GCC or Clang atomics): the crate's tests compile
+//! [`THREAD_HEADER`] (`include/hetmem_thread.h`) is the thread model on the device side: a
+//! thread's index in the grid, a yield for spin loops, and a sleep (thread-local storage is a
+//! kernel's own local variables).
+//!
+//! The bitmap header also builds as plain C on the host (GCC or Clang atomics): the crate's tests compile
 //! it with the host compiler to check the layout against Rust's and to share one heap between a C
 //! process and this allocator.
 
@@ -32,11 +36,17 @@ pub const BITMAP_HEADER: &str = include_str!("../include/hetmem_bitmap.h");
 /// The name to give the header where a compiler takes headers by name.
 pub const BITMAP_HEADER_NAME: &str = "hetmem_bitmap.h";
 
-/// `kernel` with the bitmap allocator's header in front, ready for NVRTC or hipRTC.
+/// `include/hetmem_thread.h`: thread ids, yield and sleep for kernels (see the [module docs](self)).
+pub const THREAD_HEADER: &str = include_str!("../include/hetmem_thread.h");
+
+/// `kernel` with the bitmap allocator's and the thread model's headers in front, ready for NVRTC
+/// or hipRTC.
 pub fn with_bitmap_header(kernel: &str) -> String {
-    let mut src = String::with_capacity(BITMAP_HEADER.len() + kernel.len() + 1);
-    src.push_str(BITMAP_HEADER);
-    src.push('\n');
+    let mut src = String::with_capacity(BITMAP_HEADER.len() + THREAD_HEADER.len() + kernel.len() + 2);
+    for part in [BITMAP_HEADER, THREAD_HEADER] {
+        src.push_str(part);
+        src.push('\n');
+    }
     src.push_str(kernel);
     src
 }

@@ -52,6 +52,7 @@ fn main() -> ExitCode {
             }),
             ("pinned_resource_blocks", pinned_resource_blocks),
             ("bitmap_allocator_shared_by_kernels_and_the_cpu", bitmap_allocator_shared_by_kernels_and_the_cpu),
+            ("device_thread_model", device_thread_model),
             ("device_pool_matches_its_model", || device_pool_matches_its_model(CudaDeviceResource::new(0).map_err(s)?)),
             ("device_pool_stream_ordered_matches_its_model", || {
                 let stream = context(0).map_err(s)?.new_stream().map_err(s)?;
@@ -220,6 +221,30 @@ fn bitmap_allocator_shared_by_kernels_and_the_cpu() -> Result<(), String> {
     a.check().map_err(s)?;
     let end = a.stats();
     ensure(end.free_bytes() == start.free_bytes() && end.live_allocations == 0, || format!("{end:?}"))
+}
+
+/// The device-side thread model (`include/hetmem_thread.h`): over a 3-D grid, every thread gets
+/// a distinct index below the thread count, after a yield and a short sleep.
+fn device_thread_model() -> Result<(), String> {
+    let ctx = context(0).map_err(s)?;
+    let stream = ctx.default_stream();
+    let src = hetmem_gpu::device::with_bitmap_header(BITMAP_KERNELS);
+    let module = ctx.load_module(compile_ptx(&ctx, &src, &[]).map_err(s)?).map_err(s)?;
+    let kernel = module.load_function("thread_ids").map_err(s)?;
+    let config = LaunchConfig { grid_dim: (4, 2, 3), block_dim: (32, 2, 2), shared_mem_bytes: 0 };
+    let n = 4 * 2 * 3 * 32 * 2 * 2;
+    let mut ids = stream.alloc_zeros::<u64>(n).map_err(s)?;
+    let mut count = stream.alloc_zeros::<u64>(1).map_err(s)?;
+    let sleep_us = 10u32;
+    let mut launch = stream.launch_builder(&kernel);
+    launch.arg(&mut ids).arg(&mut count).arg(&sleep_us);
+    // SAFETY: `thread_ids` writes one u64 per thread of the grid into `ids` (n of them) and one
+    // into `count`.
+    unsafe { launch.launch(config) }.map_err(s)?;
+    let ids = stream.clone_dtoh(&ids).map_err(s)?;
+    let count = stream.clone_dtoh(&count).map_err(s)?;
+    ensure(count[0] == n as u64, || format!("thread count {} for {n} threads", count[0]))?;
+    ensure(ids.iter().enumerate().all(|(i, &id)| id == i as u64), || "thread ids are not 0..n".into())
 }
 
 fn shm_read_only_registration() -> Result<(), String> {

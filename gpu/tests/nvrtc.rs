@@ -29,8 +29,8 @@ fn kernels_compile_to_ptx_and_errors_carry_the_log() {
     assert!(matches!(nul.error, Error::InvalidName { .. }), "{nul}");
 }
 
-/// The device-side bitmap allocator compiles for the GPU as it is (no includes, system-scope
-/// atomics), into a kernel that allocates, writes and frees.
+/// The device-side bitmap allocator and thread model compile for the GPU as they are (no
+/// includes, system-scope atomics), into kernels that allocate, write and free, and sleep.
 #[test]
 fn the_bitmap_allocator_header_compiles_into_kernels() {
     if let Err(e) = nvrtc_available() {
@@ -40,7 +40,8 @@ fn the_bitmap_allocator_header_compiles_into_kernels() {
     let src = hetmem_gpu::device::with_bitmap_header(support::BITMAP_KERNELS);
     let ptx = compile_ptx_with(&src, &["--gpu-architecture=compute_90"]).unwrap_or_else(|e| panic!("{e}\n{}", e.log));
     let text = ptx.to_src();
-    assert!(text.contains(".entry bitmap_alloc_free"), "{text}");
+    assert!(text.contains(".entry bitmap_alloc_free") && text.contains(".entry thread_ids"), "{text}");
+    assert!(text.contains("nanosleep"), "the thread model's sleep:\n{text}");
     // The bits are claimed and released with system-scope atomics (CPU processes share the heap).
     assert!(text.contains("atom.global.sys.or.b64"), "no system-scope or:\n{text}");
     assert!(text.contains("atom.global.sys.and.b64"), "no system-scope and:\n{text}");

@@ -152,7 +152,7 @@ extern "C" __global__ void copy_u32(unsigned int* out, const unsigned int* in, u
 }
 "#;
 
-/// Kernels over the bitmap allocator's header (prepended with
+/// Kernels over the bitmap allocator's and the thread model's headers (prepended with
 /// `hetmem_gpu::device::with_bitmap_header`). `bitmap_alloc_free`: thread `i` allocates
 /// `sizes[i]` bytes, fills them with its index, keeps the block when `keep[i]` is set and frees it
 /// otherwise; `offsets[i]` gets the offset (0: none) and `status[i]` the free's answer (1: kept).
@@ -164,10 +164,17 @@ extern "C" __global__ void bitmap_alloc_free(unsigned char *base, unsigned long 
     unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     hetmem_bitmap heap = { base, region };
-    unsigned long long off = hetmem_bitmap_alloc(heap, sizes[i], 16, i);
+    unsigned long long off = hetmem_bitmap_alloc(heap, sizes[i], 16, hetmem_thread_id());
     offsets[i] = off;
     if (off == 0) { status[i] = -100; return; }
     for (unsigned int b = 0; b < sizes[i]; b++) base[off + b] = (unsigned char)i;
     status[i] = keep[i] ? 1 : hetmem_bitmap_free(heap, off);
+}
+extern "C" __global__ void thread_ids(unsigned long long *ids, unsigned long long *count, unsigned int sleep_us) {
+    unsigned long long i = hetmem_thread_id();
+    if (i == 0) *count = hetmem_thread_count();
+    hetmem_yield();
+    hetmem_sleep_for_us(sleep_us);
+    ids[i] = i;
 }
 "#;
