@@ -1,31 +1,5 @@
-//! [`BitmapAllocator`]: blocks of power-of-two classes, one bit each, claimed without a lock; the
-//! allocator that CPU threads, CPU processes and GPU kernels share.
-//!
-//! The region is split into classes of equal share (16 B to 64 KiB blocks by default). Each class
-//! has a bitmap (a set bit is a block in use), an array of the sizes its blocks were asked with,
-//! and its blocks. An allocation takes the smallest class whose blocks hold the request and
-//! claims a clear bit there with one atomic or ([`claim_bit`]), starting at the word the class
-//! last served from; a full class passes the request to the next larger one. A free finds the
-//! class from the offset and clears the bit with one atomic and ([`release_bit`]); a bit that was
-//! not set is a double free, refused even when two threads free one block at the same instant.
-//!
-//! No lock, no pointer: the whole state is in the region as offsets, so a kernel can run the same
-//! two steps on the same memory. `gpu/include/hetmem_bitmap.h` in hetmem-gpu is the C twin of
-//! this module for CUDA and HIP kernels, with the same `#[repr(C)]` layout ([`BitmapHeader`],
-//! [`ClassRecord`]); a test compiles it with the host C compiler and checks sizes and offsets,
-//! and another has a C program and this allocator share one heap.
-//!
-//! The price of the design: blocks are powers of two (a request is rounded up, at most doubled),
-//! each class is a fixed share of the region, and a search of a nearly full class reads its
-//! bitmap. Blocks a killed process held stay allocated (blocks record no owner).
-//!
-//! An operation makes two atomic read-modify-writes: its bit, and its class's allocation or free
-//! count (a new peak adds a third, seldom). What else [`stats`](BitmapAllocator::stats) reports
-//! is worked out when asked: blocks in use from the counts, requested bytes from the bitmaps and
-//! the sizes (a walk of the bitmaps), so figures taken while others allocate may mix moments.
-//! Its `high_watermark` is the sum of each class's peak: the true peak when one class is used,
-//! and never less than it. [`check`](BitmapAllocator::check) compares the counts with the bitmaps
-//! and must run while no one allocates or frees.
+//! [`BitmapAllocator`]: power-of-two blocks claimed by bit without a lock, the heap GPU kernels
+//! share with the CPU.
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -178,7 +152,34 @@ impl Class {
     }
 }
 
-/// Blocks of power-of-two classes, claimed by bit; see the [module docs](self).
+/// Blocks of power-of-two classes, one bit each, claimed without a lock; the allocator that CPU
+/// threads, CPU processes and GPU kernels share.
+///
+/// The region is split into classes of equal share (16 B to 64 KiB blocks by default). Each class
+/// has a bitmap (a set bit is a block in use), an array of the sizes its blocks were asked with,
+/// and its blocks. An allocation takes the smallest class whose blocks hold the request and
+/// claims a clear bit there with one atomic or ([`claim_bit`]), starting at the word the class
+/// last served from; a full class passes the request to the next larger one. A free finds the
+/// class from the offset and clears the bit with one atomic and ([`release_bit`]); a bit that was
+/// not set is a double free, refused even when two threads free one block at the same instant.
+///
+/// No lock, no pointer: the whole state is in the region as offsets, so a kernel can run the same
+/// two steps on the same memory. `gpu/include/hetmem_bitmap.h` in hetmem-gpu is the C twin of
+/// this allocator for CUDA and HIP kernels, with the same `#[repr(C)]` layout ([`BitmapHeader`],
+/// [`ClassRecord`]); a test compiles it with the host C compiler and checks sizes and offsets,
+/// and another has a C program and this allocator share one heap.
+///
+/// The price of the design: blocks are powers of two (a request is rounded up, at most doubled),
+/// each class is a fixed share of the region, and a search of a nearly full class reads its
+/// bitmap. Blocks a killed process held stay allocated (blocks record no owner).
+///
+/// An operation makes two atomic read-modify-writes: its bit, and its class's allocation or free
+/// count (a new peak adds a third, seldom). What else [`stats`](BitmapAllocator::stats) reports
+/// is worked out when asked: blocks in use from the counts, requested bytes from the bitmaps and
+/// the sizes (a walk of the bitmaps), so figures taken while others allocate may mix moments.
+/// Its `high_watermark` is the sum of each class's peak: the true peak when one class is used,
+/// and never less than it. [`check`](BitmapAllocator::check) compares the counts with the bitmaps
+/// and must run while no one allocates or frees.
 pub struct BitmapAllocator {
     region: Region,
     id: AllocatorId,
@@ -483,7 +484,7 @@ impl RegionAllocator for BitmapAllocator {
         Ok(c.size_slot(index).load(Ordering::Relaxed) as usize)
     }
 
-    /// The counters; see the [module docs](self) for what is counted and what is worked out.
+    /// The counters; see [`BitmapAllocator`] for what is counted and what is worked out.
     fn stats(&self) -> AllocStats {
         let sum = |f: &dyn Fn(&Class) -> u64| self.classes.iter().map(f).fold(0u64, u64::wrapping_add);
         AllocStats {
