@@ -5,6 +5,7 @@
 #   - NVRTC 12 from the nvidia-cuda-nvrtc-cu12 wheel (PyPI), unpacked into the cache folder: NVRTC
 #     needs no GPU, so CI compiles the GPU tests' kernels with it (`--features cuda`, test `nvrtc`,
 #     with HETMEM_NVRTC pointing at it). Only its two libraries are kept (about 115 MB).
+#   - hipcc (Debian): compiles the device-side headers for an AMD GPU (no GPU needed).
 # Prints the NVRTC path last, for HETMEM_NVRTC.
 set -euo pipefail
 
@@ -18,6 +19,16 @@ if [ ! -f /usr/include/hip/hip_runtime_api.h ] || ! ldconfig -p | grep -q 'libam
   [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
   $sudo_cmd apt-get update -q >&2
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -q libamdhip64-dev >&2
+fi
+
+# hipcc (Debian's, with its clang and the ROCm device libraries): the device-side headers are
+# compiled for an AMD GPU in ci/gpu-ci.sh.
+if ! command -v hipcc >/dev/null; then
+  echo "gpu-deps: installing hipcc" >&2
+  sudo_cmd=""
+  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -q >&2
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -q hipcc >&2
 fi
 
 if [ ! -f "$nvrtc_dir/libnvrtc.so.12" ]; then
