@@ -409,6 +409,17 @@ impl BitmapAllocator {
         }
         Ok((c, index))
     }
+
+    /// The size block `index` of class `c` was asked with, checked to fit the block: it is read
+    /// from shared memory, and callers read or copy that many bytes of the block.
+    fn recorded_size(c: &Class, index: u64) -> Result<u64> {
+        let size = u64::from(c.size_slot(index).load(Ordering::Relaxed));
+        if size == 0 || size > c.size {
+            let detail = "a block's requested size does not fit it";
+            return Err(Error::Corrupt { structure: "bitmap allocator", offset: c.data + (index << c.shift), detail });
+        }
+        Ok(size)
+    }
 }
 
 impl RegionAllocator for BitmapAllocator {
@@ -451,13 +462,14 @@ impl RegionAllocator for BitmapAllocator {
             c.size_slot(index).store(new_size as u32, Ordering::Relaxed);
             return Ok(ptr);
         }
-        let old = c.size_slot(index).load(Ordering::Relaxed) as usize;
+        // At most the block's size (checked), which is below `new_size` here.
+        let len = Self::recorded_size(c, index)?;
         let moved = self.allocate(new_size, align)?;
-        let len = old.min(new_size) as u64;
         let copied = self.region.ptr(ptr.get(), len).and_then(|from| Ok((from, self.region.ptr(moved.get(), len)?)));
         let freed = copied.and_then(|(from, to)| {
-            // SAFETY: both ranges are inside the region (checked by `ptr`), in two different
-            // live blocks (the old one this call's caller holds, the new one just claimed).
+            // SAFETY: both ranges are inside the region (checked by `ptr`); `len` is at most the
+            // old block's size (`recorded_size`), so they lie in two different live blocks (the old
+            // one this call's caller holds, the new one just claimed in a larger class).
             unsafe { core::ptr::copy_nonoverlapping(from, to, len as usize) };
             self.free(ptr)
         });
@@ -481,7 +493,7 @@ impl RegionAllocator for BitmapAllocator {
 
     fn size_of(&self, ptr: OffsetPtr) -> Result<usize> {
         let (c, index) = self.live_block(ptr.get())?;
-        Ok(c.size_slot(index).load(Ordering::Relaxed) as usize)
+        Ok(Self::recorded_size(c, index)? as usize)
     }
 
     /// The counters; see [`BitmapAllocator`] for what is counted and what is worked out.
@@ -520,10 +532,7 @@ impl RegionAllocator for BitmapAllocator {
             for index in 0..c.blocks {
                 let (word, bit) = Self::bit_of(c, index);
                 if bit_is_set(word, bit) {
-                    let size = u64::from(c.size_slot(index).load(Ordering::Relaxed));
-                    if size == 0 || size > c.size {
-                        return corrupt(c.data + (index << c.shift), "a block's requested size does not fit it");
-                    }
+                    Self::recorded_size(c, index)?;
                     live += 1;
                 }
             }

@@ -122,6 +122,47 @@ fn reallocation_keeps_the_contents_in_place_or_moved() {
     assert_eq!(a.stats().bytes_reserved, 0);
 }
 
+/// A block's recorded size lives in shared memory: a damaged one must not make a moving
+/// reallocation copy past the block (into its neighbour), nor `size_of` promise more bytes than
+/// the block has.
+#[test]
+fn a_damaged_recorded_size_is_refused_not_trusted() {
+    let a = bitmap(1 << 20, BitmapConfig::default());
+    let p = a.allocate(16, 16).unwrap();
+    let neighbour = a.allocate(16, 16).unwrap();
+    assert_eq!(neighbour.get(), p.get() + 16, "the next block of the class");
+    let fill = |q: OffsetPtr, tag: u8| {
+        let b = a.region().ptr(q.get(), 16).unwrap();
+        // SAFETY: a live 16-byte block in the region, used by this thread alone.
+        unsafe { core::ptr::write_bytes(b, tag, 16) };
+    };
+    fill(p, 0x11);
+    fill(neighbour, 0xAB);
+    let (c, index) = a.locate(p.get()).unwrap();
+    c.size_slot(index).store(1 << 31, Ordering::Relaxed);
+    assert!(matches!(a.size_of(p), Err(Error::Corrupt { .. })), "{:?}", a.size_of(p));
+    match a.reallocate(p, 64, 16) {
+        Err(Error::Corrupt { .. }) => assert_eq!(a.stats().live_allocations, 2, "nothing claimed"),
+        Ok(moved) => {
+            let b = a.region().ptr(moved.get(), 64).unwrap();
+            // SAFETY: a live 64-byte block in the region.
+            let bytes = unsafe { core::slice::from_raw_parts(b, 64) };
+            assert!(!bytes[16..32].contains(&0xAB), "the neighbour's bytes were copied: {bytes:?}");
+            panic!("a block with a damaged size was moved");
+        }
+        Err(e) => panic!("{e}"),
+    }
+    c.size_slot(index).store(0, Ordering::Relaxed);
+    assert!(matches!(a.size_of(p), Err(Error::Corrupt { .. })));
+    c.size_slot(index).store(16, Ordering::Relaxed);
+    assert_eq!(a.size_of(p).unwrap(), 16);
+    let moved = a.reallocate(p, 64, 16).unwrap();
+    assert_eq!(stamped(&a, moved, 16), (0x11, 0x11));
+    a.free(moved).unwrap();
+    a.free(neighbour).unwrap();
+    a.check().unwrap();
+}
+
 #[test]
 fn configurations_and_regions_are_checked() {
     for (min_block, max_block) in
