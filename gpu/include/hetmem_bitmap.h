@@ -10,10 +10,11 @@
  * registered with the GPU (hetmem-gpu's CudaShmBackend or RocmShmBackend).
  *
  * A kernel is given the backend's device address (`device_ptr()`, the address of its byte 0)
- * and the allocator's region offset (`BitmapAllocator::region().offset()`). Offsets are from the
- * backend's start, as on the CPU, so an offset a kernel gets can be freed by a CPU process and
- * the other way round. Every offset read from the heap's header is checked against the region
- * before use: a broken header makes calls fail, never read or write outside the region.
+ * and the allocator's region (`BitmapAllocator::region()`: its `offset()` and `len()`). Offsets
+ * are from the backend's start, as on the CPU, so an offset a kernel gets can be freed by a CPU
+ * process and the other way round. Every offset read from the heap's header is checked against
+ * the region its caller names (the header's own idea of the region must match it) before use: a
+ * broken header makes calls fail, never read or write outside the region.
  *
  * The header includes nothing, so NVRTC compiles it as is: pass its text (hetmem-gpu's
  * `device::BITMAP_HEADER`) ahead of your kernel's source, or as a named header.
@@ -97,10 +98,12 @@ typedef struct hetmem_bitmap_header {
     hetmem_bitmap_class classes[HETMEM_BITMAP_MAX_CLASSES];
 } hetmem_bitmap_header;
 
-/* A heap as its user holds it: the backend's base address and the allocator's region offset. */
+/* A heap as its user holds it: the backend's base address and the allocator's region, from the
+ * owner's `Region` (never from the heap, which another process may have damaged). */
 typedef struct hetmem_bitmap {
     unsigned char *base;
     hetmem_u64 region_offset;
+    hetmem_u64 region_len;
 } hetmem_bitmap;
 
 #if !(defined(__CUDACC__) || defined(__CUDACC_RTC__) || defined(__HIPCC__) || defined(__HIPCC_RTC__))
@@ -112,22 +115,26 @@ HETMEM_BITMAP_FN hetmem_u64 hetmem_bitmap_host_max(hetmem_u64 *p, hetmem_u64 v) 
 }
 #endif
 
-/* The header, or 0 if it is not a bitmap allocator's for this region. */
+/* The header, or 0 if it is not a bitmap allocator's for this region (the region too small or
+ * wrapping around, or the header's magic, type or region not the ones expected). */
 HETMEM_BITMAP_FN hetmem_bitmap_header *hetmem_bitmap_header_of(hetmem_bitmap heap) {
     hetmem_bitmap_header *h = (hetmem_bitmap_header *)(heap.base + heap.region_offset);
-    if (heap.region_offset % 8 != 0 || h->magic != HETMEM_BITMAP_MAGIC || h->type_id != HETMEM_BITMAP_TYPE_ID ||
-        h->region_offset != heap.region_offset || h->class_count == 0 ||
-        h->class_count > HETMEM_BITMAP_MAX_CLASSES || h->region_len < sizeof(hetmem_bitmap_header) ||
-        h->region_offset + h->region_len < h->region_offset) {
+    if (heap.region_offset % 8 != 0 || heap.region_len < sizeof(hetmem_bitmap_header) ||
+        heap.region_offset + heap.region_len < heap.region_offset) {
+        return 0;
+    }
+    if (h->magic != HETMEM_BITMAP_MAGIC || h->type_id != HETMEM_BITMAP_TYPE_ID ||
+        h->region_offset != heap.region_offset || h->region_len != heap.region_len || h->class_count == 0 ||
+        h->class_count > HETMEM_BITMAP_MAX_CLASSES) {
         return 0;
     }
     return h;
 }
 
-/* Whether class `c` lies inside the region after the header: its block size a power of two in
- * range, and its bitmap, sizes and blocks in bounds and aligned (no overflow on the way). */
-HETMEM_BITMAP_FN int hetmem_bitmap_class_ok(const hetmem_bitmap_header *h, const hetmem_bitmap_class *c) {
-    hetmem_u64 lo = h->region_offset + sizeof(hetmem_bitmap_header), hi = h->region_offset + h->region_len;
+/* Whether class `c` lies inside the heap's region after the header: its block size a power of
+ * two in range, and its bitmap, sizes and blocks in bounds and aligned (no overflow on the way). */
+HETMEM_BITMAP_FN int hetmem_bitmap_class_ok(hetmem_bitmap heap, const hetmem_bitmap_class *c) {
+    hetmem_u64 lo = heap.region_offset + sizeof(hetmem_bitmap_header), hi = heap.region_offset + heap.region_len;
     hetmem_u64 bs = c->block_size, n = c->blocks, words = (n + 63) / 64;
     hetmem_u64 align = bs < HETMEM_BITMAP_MAX_ALIGN ? bs : HETMEM_BITMAP_MAX_ALIGN;
     if (bs < HETMEM_BITMAP_MIN_BLOCK || bs > HETMEM_BITMAP_MAX_BLOCK || (bs & (bs - 1)) != 0) return 0;
@@ -191,7 +198,7 @@ HETMEM_BITMAP_FN hetmem_u64 hetmem_bitmap_alloc(hetmem_bitmap heap, hetmem_u64 s
         hetmem_bitmap_class *c = &h->classes[i];
         hetmem_u64 offset;
         if (c->block_size < need) continue;
-        if (!hetmem_bitmap_class_ok(h, c)) return 0;
+        if (!hetmem_bitmap_class_ok(heap, c)) return 0;
         offset = hetmem_bitmap_claim(heap, c, size, start);
         if (offset != 0) return offset;
     }
@@ -207,7 +214,7 @@ HETMEM_BITMAP_FN int hetmem_bitmap_free(hetmem_bitmap heap, hetmem_u64 offset) {
         hetmem_bitmap_class *c = &h->classes[i];
         hetmem_u64 rel, index, mask, old;
         hetmem_u64 *word;
-        if (!hetmem_bitmap_class_ok(h, c)) return HETMEM_BITMAP_CORRUPT;
+        if (!hetmem_bitmap_class_ok(heap, c)) return HETMEM_BITMAP_CORRUPT;
         if (offset < c->data || offset - c->data >= c->blocks * c->block_size) continue;
         rel = offset - c->data;
         if (rel % c->block_size != 0) return HETMEM_BITMAP_NOT_A_BLOCK;
@@ -231,7 +238,7 @@ HETMEM_BITMAP_FN hetmem_u64 hetmem_bitmap_size_of(hetmem_bitmap heap, hetmem_u64
     for (i = 0; i < h->class_count; i++) {
         hetmem_bitmap_class *c = &h->classes[i];
         hetmem_u64 rel, index, word;
-        if (!hetmem_bitmap_class_ok(h, c)) return 0;
+        if (!hetmem_bitmap_class_ok(heap, c)) return 0;
         if (offset < c->data || offset - c->data >= c->blocks * c->block_size) continue;
         rel = offset - c->data;
         if (rel % c->block_size != 0) return 0;

@@ -9,18 +9,20 @@
 //!
 //! ```text
 //! let src = hetmem_gpu::device::with_bitmap_header(r#"
-//!     extern "C" __global__ void k(unsigned char *base, unsigned long long region, unsigned long long *out) {
-//!         hetmem_bitmap heap = { base, region };
+//!     extern "C" __global__ void k(unsigned char *base, unsigned long long region,
+//!                                  unsigned long long region_len, unsigned long long *out) {
+//!         hetmem_bitmap heap = { base, region, region_len };
 //!         out[threadIdx.x] = hetmem_bitmap_alloc(heap, 64, 16, threadIdx.x);
 //!     }"#);
 //! let ptx = hetmem_gpu::cuda::compile_ptx_with(&src, &["--gpu-architecture=compute_90"])?;
 //! ```
 //!
 //! A kernel is given the backend's device address (`device_ptr()`, the address of its byte 0) and
-//! the allocator's region offset (`BitmapAllocator::region().offset()`); the offsets it gets are
-//! from the backend's start, as on the CPU, so either side frees what the other allocated. The
-//! header's calls answer 0 (allocation) or a negative code (free) where the Rust side returns an
-//! error; every offset they read from the heap is checked against the region first.
+//! the allocator's region (`BitmapAllocator::region()`: `offset()` and `len()`, which the heap's
+//! header must match); the offsets it gets are from the backend's start, as on the CPU, so either
+//! side frees what the other allocated. The header's calls answer 0 (allocation) or a negative
+//! code (free) where the Rust side returns an error; every offset they read from the heap is
+//! checked against the region its caller named first.
 //!
 //! [`THREAD_HEADER`] (`include/hetmem_thread.h`) is the thread model on the device side: a
 //! thread's index in the grid, a yield for spin loops, and a sleep (thread-local storage is a

@@ -107,13 +107,19 @@ fn a_c_process_and_the_rust_allocator_share_one_heap() {
     let base = backend.base();
     let theirs = a.allocate(300, 16).unwrap();
     // First alone: C frees a block Rust allocated, and the error cases around it.
-    let region = a.region().offset().to_string();
-    let checks = run(&program, &[name.clone(), region.clone(), "0".into(), theirs.get().to_string()]);
+    let region = [a.region().offset().to_string(), a.region().len().to_string()];
+    let args = |count: usize, theirs: u64| {
+        let mut args = vec![name.clone()];
+        args.extend(region.iter().cloned().chain([count.to_string(), theirs.to_string()]));
+        args
+    };
+    let checks = run(&program, &args(0, theirs.get()));
     let expected = [
         "size-theirs 300",   // C reads the size Rust recorded
         "free-inside -1",    // not the start of a block
         "free-outside -1",   // not in the allocator's blocks
         "wrong-region 0 -3", // no bitmap header there
+        "wrong-length 0 -3", // the header is for a shorter region
         "free-theirs 0",     // C frees a block Rust allocated
         "free-again -2",     // a double free is refused
         "size-freed 0",
@@ -151,7 +157,7 @@ fn a_c_process_and_the_rust_allocator_share_one_heap() {
             }
         }
         let _stop = Stop(&stop);
-        run(&program, &[name.clone(), region.clone(), COUNT.to_string(), "0".into()])
+        run(&program, &args(COUNT, 0))
     });
     let _ = std::fs::remove_file(&program);
 
@@ -190,4 +196,69 @@ fn a_c_process_and_the_rust_allocator_share_one_heap() {
     assert_eq!((end.free_bytes(), end.live_allocations, end.bytes_in_use), (start.free_bytes(), 0, 0));
     assert_eq!(end.total_allocations, end.total_frees);
     assert!(end.total_allocations > COUNT as u64, "the C process's allocations count as any other");
+}
+
+/// A heap in part of a segment, and its header, as another process could leave it.
+struct Damaged {
+    backend: Arc<dyn MemoryBackend>,
+    name: String,
+    a: BitmapAllocator,
+}
+
+impl Damaged {
+    /// A bitmap allocator in 256 KiB of a 1 MiB segment: the rest is mapped, but not the
+    /// allocator's.
+    fn new(tag: &str) -> Damaged {
+        let name = format!("/hetmem-bitmap-{tag}-{}", std::process::id());
+        let backend: Arc<dyn MemoryBackend> =
+            Arc::new(PosixShmBackend::create(&name, 1 << 20, &ShmOptions::default()).unwrap());
+        let region = Region::new(backend.clone(), 4096, 256 << 10).unwrap();
+        let config = BitmapConfig { min_block: 16, max_block: 4096 };
+        let a = BitmapAllocator::create(region, AllocatorId::new(1, 0), &config).unwrap();
+        Damaged { backend, name, a }
+    }
+
+    /// Arguments for `hostile`: the segment, and the region as its owner knows it.
+    fn args(&self, rest: &[&str]) -> Vec<String> {
+        let r = self.a.region();
+        let mut args = vec![self.name.clone(), r.offset().to_string(), r.len().to_string()];
+        args.extend(rest.iter().map(|s| s.to_string()));
+        args
+    }
+
+    fn header(&self) -> *mut BitmapHeader {
+        let r = self.a.region();
+        r.ptr(r.offset(), std::mem::size_of::<BitmapHeader>() as u64).unwrap().cast()
+    }
+}
+
+/// The region's bounds come from the C side's caller, never from the heap: a header that claims
+/// the whole segment, with a class moved past the region's end, gets no block there.
+#[test]
+fn the_c_side_keeps_to_the_region_its_caller_names() {
+    let program = match build("hostile") {
+        Ok(p) => p,
+        Err(why) => return println!("skipped: no C compiler: {why}"),
+    };
+    let d = Damaged::new("region");
+    let end = d.a.region().end();
+    let h = d.header();
+    // SAFETY: the header in the mapped segment; no one else uses the heap during the test. The
+    // fields written are plain integers the allocator copied at create.
+    let saved = unsafe {
+        let top = std::ptr::addr_of_mut!((*h).classes[8]);
+        assert_eq!((*top).block_size, 4096);
+        let saved = ((*h).region_len, (*top).data);
+        (*h).region_len = d.backend.len() - d.a.region().offset();
+        (*top).data = end;
+        saved
+    };
+    let out = run(&program, &d.args(&["region"]));
+    let _ = std::fs::remove_file(&program);
+    let offset: u64 = out.trim().strip_prefix("alloc ").unwrap().parse().unwrap();
+    assert!(offset == 0 || d.a.region().contains(offset, 4096), "a block at {offset}, past the region's end {end}");
+    // SAFETY: as above.
+    unsafe { ((*h).region_len, (*h).classes[8].data) = saved };
+    d.a.check().unwrap();
+    assert_eq!(d.a.stats().live_allocations, 0);
 }

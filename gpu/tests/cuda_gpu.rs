@@ -176,7 +176,7 @@ fn bitmap_allocator_shared_by_kernels_and_the_cpu() -> Result<(), String> {
     let mut d_offsets = stream.alloc_zeros::<u64>(n as usize).map_err(s)?;
     let mut d_status = stream.alloc_zeros::<i32>(n as usize).map_err(s)?;
     let base = shm.device_ptr().ok_or("no device pointer")?;
-    let region = a.region().offset();
+    let (region, region_len) = (a.region().offset(), a.region().len());
     let stop = std::sync::atomic::AtomicBool::new(false);
     let (offsets, status) = std::thread::scope(|scope| -> Result<_, String> {
         let cpu_side = scope.spawn(|| -> Result<u64, String> {
@@ -189,7 +189,15 @@ fn bitmap_allocator_shared_by_kernels_and_the_cpu() -> Result<(), String> {
             Ok(rounds)
         });
         let mut launch = stream.launch_builder(&kernel);
-        launch.arg(&base).arg(&region).arg(&d_sizes).arg(&d_keep).arg(&mut d_offsets).arg(&mut d_status).arg(&n);
+        launch
+            .arg(&base)
+            .arg(&region)
+            .arg(&region_len)
+            .arg(&d_sizes)
+            .arg(&d_keep)
+            .arg(&mut d_offsets)
+            .arg(&mut d_status)
+            .arg(&n);
         // SAFETY: the kernel reads `n` sizes and flags, writes `n` offsets and statuses, and works
         // in the bitmap allocator's region of the registered segment through its device address.
         let launched = unsafe { launch.launch(LaunchConfig::for_num_elems(n)) }.map_err(s);

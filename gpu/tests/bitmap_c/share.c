@@ -1,7 +1,7 @@
 /* A second process, in C, in a heap a Rust BitmapAllocator created: frees a block Rust allocated
  * (with the error cases around it), or allocates, fills and frees COUNT blocks of its own,
  * printing what it keeps for Rust to check.
- *   share NAME REGION_OFFSET COUNT THEIRS */
+ *   share NAME REGION_OFFSET REGION_LEN COUNT THEIRS */
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,16 +13,16 @@
 #include "hetmem_bitmap.h"
 
 int main(int argc, char **argv) {
-    if (argc != 5) return 2;
+    if (argc != 6) return 2;
     int fd = shm_open(argv[1], O_RDWR, 0);
     if (fd < 0) return 3;
     struct stat st;
     if (fstat(fd, &st) != 0) return 4;
     unsigned char *base = mmap(0, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (base == MAP_FAILED) return 5;
-    hetmem_bitmap heap = {base, strtoull(argv[2], 0, 10)};
-    long count = atol(argv[3]);
-    hetmem_u64 theirs = strtoull(argv[4], 0, 10);
+    hetmem_bitmap heap = {base, strtoull(argv[2], 0, 10), strtoull(argv[3], 0, 10)};
+    long count = atol(argv[4]);
+    hetmem_u64 theirs = strtoull(argv[5], 0, 10);
 
     /* THEIRS (0: none) is a block Rust allocated; the caller makes sure no one allocates while
      * it is freed twice here (a double free after the block was handed out again would free the
@@ -31,8 +31,10 @@ int main(int argc, char **argv) {
         printf("size-theirs %llu\n", hetmem_bitmap_size_of(heap, theirs));
         printf("free-inside %d\n", hetmem_bitmap_free(heap, theirs + 8));
         printf("free-outside %d\n", hetmem_bitmap_free(heap, 1));
-        hetmem_bitmap other = {base, heap.region_offset + 64};
+        hetmem_bitmap other = {base, heap.region_offset + 64, heap.region_len - 64};
+        hetmem_bitmap longer = {base, heap.region_offset, heap.region_len + 4096};
         printf("wrong-region %llu %d\n", hetmem_bitmap_alloc(other, 8, 8, 0), hetmem_bitmap_free(other, theirs));
+        printf("wrong-length %llu %d\n", hetmem_bitmap_alloc(longer, 8, 8, 0), hetmem_bitmap_free(longer, theirs));
         printf("free-theirs %d\n", hetmem_bitmap_free(heap, theirs));
         printf("free-again %d\n", hetmem_bitmap_free(heap, theirs));
         printf("size-freed %llu\n", hetmem_bitmap_size_of(heap, theirs));

@@ -6,9 +6,9 @@
 #include "hetmem_thread.h"
 
 extern "C" __global__ void bitmap_alloc_free(unsigned char *base, unsigned long long region,
-                                             unsigned long long *out, int *status) {
+                                             unsigned long long region_len, unsigned long long *out, int *status) {
     unsigned long long i = hetmem_thread_id();
-    hetmem_bitmap heap = {base, region};
+    hetmem_bitmap heap = {base, region, region_len};
     unsigned long long off = hetmem_bitmap_alloc(heap, 64 + i % 1000, 16, i);
     out[i] = off;
     status[i] = off ? hetmem_bitmap_free(heap, off) : -100;

@@ -159,11 +159,12 @@ extern "C" __global__ void copy_u32(unsigned int* out, const unsigned int* in, u
 #[allow(dead_code)]
 pub const BITMAP_KERNELS: &str = r#"
 extern "C" __global__ void bitmap_alloc_free(unsigned char *base, unsigned long long region,
+                                             unsigned long long region_len,
                                              const unsigned int *sizes, const unsigned char *keep,
                                              unsigned long long *offsets, int *status, unsigned int n) {
     unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    hetmem_bitmap heap = { base, region };
+    hetmem_bitmap heap = { base, region, region_len };
     unsigned long long off = hetmem_bitmap_alloc(heap, sizes[i], 16, hetmem_thread_id());
     offsets[i] = off;
     if (off == 0) { status[i] = -100; return; }
