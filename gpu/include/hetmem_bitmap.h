@@ -115,45 +115,66 @@ HETMEM_BITMAP_FN hetmem_u64 hetmem_bitmap_host_max(hetmem_u64 *p, hetmem_u64 v) 
 }
 #endif
 
-/* The header, or 0 if it is not a bitmap allocator's for this region (the region too small or
- * wrapping around, or the header's magic, type or region not the ones expected). */
-HETMEM_BITMAP_FN hetmem_bitmap_header *hetmem_bitmap_header_of(hetmem_bitmap heap) {
+/* One class as a call uses it: the fixed fields of its record, each read once and then checked.
+ * Another process may change the record during the call, so nothing checked is read again. */
+typedef struct hetmem_bitmap_view {
+    hetmem_bitmap_class *record; /* for the hint and the counts (atomics) */
+    hetmem_u64 block_size, blocks, words, bitmap, sizes, data;
+} hetmem_bitmap_view;
+
+/* The header, or 0 if the heap's region does not hold one for it (the region too small or
+ * wrapping around, or the header's magic, type, region or class count not as expected); its
+ * class count goes to `*count`. */
+HETMEM_BITMAP_FN hetmem_bitmap_header *hetmem_bitmap_header_of(hetmem_bitmap heap, hetmem_u32 *count) {
     hetmem_bitmap_header *h = (hetmem_bitmap_header *)(heap.base + heap.region_offset);
     if (heap.region_offset % 8 != 0 || heap.region_len < sizeof(hetmem_bitmap_header) ||
         heap.region_offset + heap.region_len < heap.region_offset) {
         return 0;
     }
-    if (h->magic != HETMEM_BITMAP_MAGIC || h->type_id != HETMEM_BITMAP_TYPE_ID ||
-        h->region_offset != heap.region_offset || h->region_len != heap.region_len || h->class_count == 0 ||
-        h->class_count > HETMEM_BITMAP_MAX_CLASSES) {
+    if (HETMEM_BITMAP_LOAD64(&h->magic) != HETMEM_BITMAP_MAGIC ||
+        HETMEM_BITMAP_LOAD32(&h->type_id) != HETMEM_BITMAP_TYPE_ID ||
+        HETMEM_BITMAP_LOAD64(&h->region_offset) != heap.region_offset ||
+        HETMEM_BITMAP_LOAD64(&h->region_len) != heap.region_len) {
         return 0;
     }
-    return h;
+    *count = HETMEM_BITMAP_LOAD32(&h->class_count);
+    return *count == 0 || *count > HETMEM_BITMAP_MAX_CLASSES ? 0 : h;
 }
 
-/* Whether class `c` lies inside the heap's region after the header: its block size a power of
- * two in range, and its bitmap, sizes and blocks in bounds and aligned (no overflow on the way). */
-HETMEM_BITMAP_FN int hetmem_bitmap_class_ok(hetmem_bitmap heap, const hetmem_bitmap_class *c) {
+/* Reads class `i` of `h` into `v` and checks it: its block size a power of two in range, and its
+ * bitmap, sizes and blocks aligned, after the header and inside the heap's region (no overflow on
+ * the way). 1 if it holds. */
+HETMEM_BITMAP_FN int hetmem_bitmap_read_class(hetmem_bitmap heap, hetmem_bitmap_header *h, hetmem_u32 i,
+                                              hetmem_bitmap_view *v) {
+    hetmem_bitmap_class *r = &h->classes[i];
     hetmem_u64 lo = heap.region_offset + sizeof(hetmem_bitmap_header), hi = heap.region_offset + heap.region_len;
-    hetmem_u64 bs = c->block_size, n = c->blocks, words = (n + 63) / 64;
-    hetmem_u64 align = bs < HETMEM_BITMAP_MAX_ALIGN ? bs : HETMEM_BITMAP_MAX_ALIGN;
+    hetmem_u64 bs, n, align;
+    v->record = r;
+    v->block_size = bs = HETMEM_BITMAP_LOAD64(&r->block_size);
+    v->blocks = n = HETMEM_BITMAP_LOAD64(&r->blocks);
+    v->bitmap = HETMEM_BITMAP_LOAD64(&r->bitmap);
+    v->sizes = HETMEM_BITMAP_LOAD64(&r->sizes);
+    v->data = HETMEM_BITMAP_LOAD64(&r->data);
     if (bs < HETMEM_BITMAP_MIN_BLOCK || bs > HETMEM_BITMAP_MAX_BLOCK || (bs & (bs - 1)) != 0) return 0;
     if (n > (hi - lo) / bs) return 0;
-    if (c->bitmap < lo || c->bitmap % 8 != 0 || c->bitmap > hi || words * 8 > hi - c->bitmap) return 0;
-    if (c->sizes < lo || c->sizes % 4 != 0 || c->sizes > hi || n * 4 > hi - c->sizes) return 0;
-    if (c->data < lo || (n > 0 && c->data % align != 0) || c->data > hi || n * bs > hi - c->data) return 0;
+    v->words = (n + 63) / 64;
+    align = bs < HETMEM_BITMAP_MAX_ALIGN ? bs : HETMEM_BITMAP_MAX_ALIGN;
+    if (v->bitmap < lo || v->bitmap % 8 != 0 || v->bitmap > hi || v->words * 8 > hi - v->bitmap) return 0;
+    if (v->sizes < lo || v->sizes % 4 != 0 || v->sizes > hi || n * 4 > hi - v->sizes) return 0;
+    if (v->data < lo || (n > 0 && v->data % align != 0) || v->data > hi || n * bs > hi - v->data) return 0;
     return 1;
 }
 
-/* Claims a block of class `c` for `size` bytes, starting the search `start` words after the
- * class's hint (spread threads over the bitmap, e.g. by thread id); its offset, or 0. */
-HETMEM_BITMAP_FN hetmem_u64 hetmem_bitmap_claim(hetmem_bitmap heap, hetmem_bitmap_class *c, hetmem_u64 size,
+/* Claims a block of class `c` (from hetmem_bitmap_read_class) for `size` bytes, starting the
+ * search `start` words after the class's hint (spread threads over the bitmap, e.g. by thread
+ * id); its offset, or 0. */
+HETMEM_BITMAP_FN hetmem_u64 hetmem_bitmap_claim(hetmem_bitmap heap, const hetmem_bitmap_view *c, hetmem_u64 size,
                                                 hetmem_u64 start) {
-    hetmem_u64 words = (c->blocks + 63) / 64, k, w;
-    hetmem_u64 *bitmap = (hetmem_u64 *)(heap.base + c->bitmap);
-    if (words == 0) return 0;
-    w = (HETMEM_BITMAP_LOAD64(&c->hint) + start) % words;
-    for (k = 0; k < words; k++) {
+    hetmem_bitmap_class *r = c->record;
+    hetmem_u64 *bitmap = (hetmem_u64 *)(heap.base + c->bitmap), k, w;
+    if (c->words == 0) return 0;
+    w = (HETMEM_BITMAP_LOAD64(&r->hint) + start) % c->words;
+    for (k = 0; k < c->words; k++) {
         hetmem_u64 bits = HETMEM_BITMAP_LOAD64(&bitmap[w]);
         while (bits != ~0ULL) {
             hetmem_u64 bit = HETMEM_BITMAP_CTZ(~bits), mask = 1ULL << bit, old, index;
@@ -168,15 +189,15 @@ HETMEM_BITMAP_FN hetmem_u64 hetmem_bitmap_claim(hetmem_bitmap heap, hetmem_bitma
                 bits = old | mask;
                 continue;
             }
-            HETMEM_BITMAP_STORE64(&c->hint, w);
+            HETMEM_BITMAP_STORE64(&r->hint, w);
             HETMEM_BITMAP_STORE32(heap.base + c->sizes + index * 4, (hetmem_u32)size);
             {
-                hetmem_u64 live = HETMEM_BITMAP_ADD(&c->allocations, 1ULL) + 1 - HETMEM_BITMAP_LOAD64(&c->frees);
-                if (live > HETMEM_BITMAP_LOAD64(&c->peak) && live <= c->blocks) HETMEM_BITMAP_MAX(&c->peak, live);
+                hetmem_u64 live = HETMEM_BITMAP_ADD(&r->allocations, 1ULL) + 1 - HETMEM_BITMAP_LOAD64(&r->frees);
+                if (live > HETMEM_BITMAP_LOAD64(&r->peak) && live <= c->blocks) HETMEM_BITMAP_MAX(&r->peak, live);
             }
             return c->data + index * c->block_size;
         }
-        w = w + 1 == words ? 0 : w + 1;
+        w = w + 1 == c->words ? 0 : w + 1;
     }
     return 0;
 }
@@ -187,67 +208,66 @@ HETMEM_BITMAP_FN hetmem_u64 hetmem_bitmap_claim(hetmem_bitmap heap, hetmem_bitma
  * the thread's index; 0 on the host). */
 HETMEM_BITMAP_FN hetmem_u64 hetmem_bitmap_alloc(hetmem_bitmap heap, hetmem_u64 size, hetmem_u64 align,
                                                 hetmem_u64 start) {
-    hetmem_bitmap_header *h = hetmem_bitmap_header_of(heap);
     hetmem_u64 need = size > align ? size : align;
-    hetmem_u32 i;
-    if (h == 0 || size == 0 || size > HETMEM_BITMAP_MAX_BLOCK || align == 0 || (align & (align - 1)) != 0 ||
+    hetmem_bitmap_header *h;
+    hetmem_bitmap_view c;
+    hetmem_u32 count, i;
+    if (size == 0 || size > HETMEM_BITMAP_MAX_BLOCK || align == 0 || (align & (align - 1)) != 0 ||
         align > HETMEM_BITMAP_MAX_ALIGN) {
         return 0;
     }
-    for (i = 0; i < h->class_count; i++) {
-        hetmem_bitmap_class *c = &h->classes[i];
+    h = hetmem_bitmap_header_of(heap, &count);
+    if (h == 0) return 0;
+    for (i = 0; i < count; i++) {
         hetmem_u64 offset;
-        if (c->block_size < need) continue;
-        if (!hetmem_bitmap_class_ok(heap, c)) return 0;
-        offset = hetmem_bitmap_claim(heap, c, size, start);
+        if (HETMEM_BITMAP_LOAD64(&h->classes[i].block_size) < need) continue;
+        if (!hetmem_bitmap_read_class(heap, h, i, &c) || c.block_size < need) return 0;
+        offset = hetmem_bitmap_claim(heap, &c, size, start);
         if (offset != 0) return offset;
     }
     return 0;
 }
 
-/* Frees the block at `offset`: HETMEM_BITMAP_OK, or one of the errors above. */
-HETMEM_BITMAP_FN int hetmem_bitmap_free(hetmem_bitmap heap, hetmem_u64 offset) {
-    hetmem_bitmap_header *h = hetmem_bitmap_header_of(heap);
-    hetmem_u32 i;
+/* The class (into `c`) and index (into `*index`) of the block at `offset`: HETMEM_BITMAP_OK,
+ * HETMEM_BITMAP_NOT_A_BLOCK, or HETMEM_BITMAP_CORRUPT (a class read on the way fails its checks). */
+HETMEM_BITMAP_FN int hetmem_bitmap_locate(hetmem_bitmap heap, hetmem_u64 offset, hetmem_bitmap_view *c,
+                                          hetmem_u64 *index) {
+    hetmem_u32 count, i;
+    hetmem_bitmap_header *h = hetmem_bitmap_header_of(heap, &count);
     if (h == 0) return HETMEM_BITMAP_CORRUPT;
-    for (i = 0; i < h->class_count; i++) {
-        hetmem_bitmap_class *c = &h->classes[i];
-        hetmem_u64 rel, index, mask, old;
-        hetmem_u64 *word;
-        if (!hetmem_bitmap_class_ok(heap, c)) return HETMEM_BITMAP_CORRUPT;
+    for (i = 0; i < count; i++) {
+        if (!hetmem_bitmap_read_class(heap, h, i, c)) return HETMEM_BITMAP_CORRUPT;
         if (offset < c->data || offset - c->data >= c->blocks * c->block_size) continue;
-        rel = offset - c->data;
-        if (rel % c->block_size != 0) return HETMEM_BITMAP_NOT_A_BLOCK;
-        index = rel / c->block_size;
-        word = (hetmem_u64 *)(heap.base + c->bitmap) + index / 64;
-        mask = 1ULL << (index % 64);
-        HETMEM_BITMAP_RELEASE();
-        old = HETMEM_BITMAP_AND(word, ~mask);
-        if ((old & mask) == 0) return HETMEM_BITMAP_NOT_ALLOCATED;
-        HETMEM_BITMAP_ADD(&c->frees, 1ULL);
+        if ((offset - c->data) % c->block_size != 0) return HETMEM_BITMAP_NOT_A_BLOCK;
+        *index = (offset - c->data) / c->block_size;
         return HETMEM_BITMAP_OK;
     }
     return HETMEM_BITMAP_NOT_A_BLOCK;
 }
 
+/* Frees the block at `offset`: HETMEM_BITMAP_OK, or one of the errors above. */
+HETMEM_BITMAP_FN int hetmem_bitmap_free(hetmem_bitmap heap, hetmem_u64 offset) {
+    hetmem_bitmap_view c;
+    hetmem_u64 index, mask, old, *word;
+    int found = hetmem_bitmap_locate(heap, offset, &c, &index);
+    if (found != HETMEM_BITMAP_OK) return found;
+    word = (hetmem_u64 *)(heap.base + c.bitmap) + index / 64;
+    mask = 1ULL << (index % 64);
+    HETMEM_BITMAP_RELEASE();
+    old = HETMEM_BITMAP_AND(word, ~mask);
+    if ((old & mask) == 0) return HETMEM_BITMAP_NOT_ALLOCATED;
+    HETMEM_BITMAP_ADD(&c.record->frees, 1ULL);
+    return HETMEM_BITMAP_OK;
+}
+
 /* The size the block at `offset` was allocated with (0 if it is not a block in use). */
 HETMEM_BITMAP_FN hetmem_u64 hetmem_bitmap_size_of(hetmem_bitmap heap, hetmem_u64 offset) {
-    hetmem_bitmap_header *h = hetmem_bitmap_header_of(heap);
-    hetmem_u32 i;
-    if (h == 0) return 0;
-    for (i = 0; i < h->class_count; i++) {
-        hetmem_bitmap_class *c = &h->classes[i];
-        hetmem_u64 rel, index, word;
-        if (!hetmem_bitmap_class_ok(heap, c)) return 0;
-        if (offset < c->data || offset - c->data >= c->blocks * c->block_size) continue;
-        rel = offset - c->data;
-        if (rel % c->block_size != 0) return 0;
-        index = rel / c->block_size;
-        word = HETMEM_BITMAP_LOAD64((hetmem_u64 *)(heap.base + c->bitmap) + index / 64);
-        if (((word >> (index % 64)) & 1ULL) == 0) return 0;
-        return HETMEM_BITMAP_LOAD32(heap.base + c->sizes + index * 4);
-    }
-    return 0;
+    hetmem_bitmap_view c;
+    hetmem_u64 index, word;
+    if (hetmem_bitmap_locate(heap, offset, &c, &index) != HETMEM_BITMAP_OK) return 0;
+    word = HETMEM_BITMAP_LOAD64((hetmem_u64 *)(heap.base + c.bitmap) + index / 64);
+    if (((word >> (index % 64)) & 1ULL) == 0) return 0;
+    return HETMEM_BITMAP_LOAD32(heap.base + c.sizes + index * 4);
 }
 
 #endif /* HETMEM_BITMAP_H */

@@ -19,7 +19,10 @@ use hetmem_core::{AllocatorId, AllocatorType, MemoryBackend, OffsetPtr, RegionAl
 /// Compiles `tests/bitmap_c/{name}.c` against the header; `Err` (why) without a C compiler.
 fn build(name: &str) -> Result<PathBuf, String> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("bitmap-{name}-{}", std::process::id()));
+    // One file per build: tests build the same program at once.
+    static BUILDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = BUILDS.fetch_add(1, Ordering::Relaxed);
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("bitmap-{name}-{}-{n}", std::process::id()));
     let cc = std::env::var_os("CC").unwrap_or_else(|| "cc".into());
     let run = Command::new(&cc)
         .args(["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-I"])
@@ -261,4 +264,27 @@ fn the_c_side_keeps_to_the_region_its_caller_names() {
     unsafe { ((*h).region_len, (*h).classes[8].data) = saved };
     d.a.check().unwrap();
     assert_eq!(d.a.stats().live_allocations, 0);
+}
+
+/// The C side reads a class's fixed fields once per call and uses what it checked: a header
+/// changed during a call (here by a timer signal, between any two instructions) makes the call
+/// fail, never hand out an offset outside the region or lose a block.
+#[test]
+fn the_c_side_uses_the_class_fields_it_checked() {
+    let program = match build("hostile") {
+        Ok(p) => p,
+        Err(why) => return println!("skipped: no C compiler: {why}"),
+    };
+    let d = Damaged::new("race");
+    let start = d.a.stats();
+    let out = run(&program, &d.args(&["race", "500"]));
+    let _ = std::fs::remove_file(&program);
+    let words: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!((words[0], words[2], words[4], words[6]), ("escaped", "lost", "calls", "refused"), "{out}");
+    println!("{out}");
+    assert_eq!((words[1], words[3]), ("0", "0"), "{out}");
+    let refused: u64 = words[7].parse().unwrap();
+    assert!(refused > 0, "the damage was never seen: {out}");
+    d.a.check().unwrap();
+    assert_eq!(d.a.stats().free_bytes(), start.free_bytes());
 }

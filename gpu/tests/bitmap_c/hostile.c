@@ -5,9 +5,9 @@
  *       "alloc OFFSET" (0: refused)
  *   hostile NAME REGION_OFFSET REGION_LEN race MILLIS
  *       allocates and frees 16-byte blocks for MILLIS ms while a timer signal flips class 0's
- *       data offset between its value and the region's end; prints "escaped E lost L calls C"
- *       (E: offsets outside the region, L: blocks that could not be freed once the header was
- *       whole again) */
+ *       data offset between its value and the region's end; prints "escaped E lost L calls C
+ *       refused R" (E: offsets outside the region, L: blocks that could not be freed, R: calls
+ *       that saw the damage and failed) */
 #include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
@@ -67,26 +67,28 @@ int main(int argc, char **argv) {
     struct itimerval every = {{0, 20}, {0, 20}}, never = {{0, 0}, {0, 0}};
     if (setitimer(ITIMER_REAL, &every, 0) != 0) return 7;
     double until = now_ms() + atof(argv[5]);
-    long escaped = 0, calls = 0, kept = 0, lost = 0;
+    long escaped = 0, calls = 0, kept = 0, lost = 0, refused = 0;
     hetmem_u64 held[64];
     while (now_ms() < until) {
         hetmem_u64 off = hetmem_bitmap_alloc(heap, 16, 16, 0);
         calls++;
-        if (off == 0) continue;
+        if (off == 0) {
+            refused++;
+            continue;
+        }
         if (off < lo || off >= hi) {
             escaped++;
         } else if (kept < 64) {
             held[kept++] = off; /* freed below, once the header is whole */
         } else {
             int r;
-            while ((r = hetmem_bitmap_free(heap, off)) == HETMEM_BITMAP_CORRUPT) {
-            }
+            while ((r = hetmem_bitmap_free(heap, off)) == HETMEM_BITMAP_CORRUPT) refused++;
             lost += r != HETMEM_BITMAP_OK;
         }
     }
     setitimer(ITIMER_REAL, &never, 0);
     __atomic_store_n(flipped, good, __ATOMIC_RELAXED);
     for (long i = 0; i < kept; i++) lost += hetmem_bitmap_free(heap, held[i]) != HETMEM_BITMAP_OK;
-    printf("escaped %ld lost %ld calls %ld\n", escaped, lost, calls);
+    printf("escaped %ld lost %ld calls %ld refused %ld\n", escaped, lost, calls, refused);
     return 0;
 }
