@@ -141,14 +141,16 @@ HETMEM_BITMAP_FN hetmem_bitmap_header *hetmem_bitmap_header_of(hetmem_bitmap hea
     return *count == 0 || *count > HETMEM_BITMAP_MAX_CLASSES ? 0 : h;
 }
 
-/* Reads class `i` of `h` into `v` and checks it: its block size a power of two in range, and its
- * bitmap, sizes and blocks aligned, after the header and inside the heap's region (no overflow on
- * the way). 1 if it holds. */
+/* Reads class `i` of `h` into `v` and checks it as hetmem-core's attach does: its block size a
+ * power of two from 16 to 2^31, above `*smaller` (the block size of the class before it that this
+ * call read, 0 for none); its bitmap, sizes and blocks aligned, in that order and apart, from
+ * `*floor` on (the end of that class's blocks, or of the header) and inside the heap's region (no
+ * overflow on the way). 1 if it holds, and then `*floor` and `*smaller` move past this class. */
 HETMEM_BITMAP_FN int hetmem_bitmap_read_class(hetmem_bitmap heap, hetmem_bitmap_header *h, hetmem_u32 i,
-                                              hetmem_bitmap_view *v) {
+                                              hetmem_u64 *floor, hetmem_u64 *smaller, hetmem_bitmap_view *v) {
     hetmem_bitmap_class *r = &h->classes[i];
-    hetmem_u64 lo = heap.region_offset + sizeof(hetmem_bitmap_header), hi = heap.region_offset + heap.region_len;
-    hetmem_u64 bs, n, align;
+    /* `*floor` is at most `hi`: the region holds the header, and the class before was checked. */
+    hetmem_u64 hi = heap.region_offset + heap.region_len, at = *floor, bs, n, align;
     v->record = r;
     v->block_size = bs = HETMEM_BITMAP_LOAD64(&r->block_size);
     v->blocks = n = HETMEM_BITMAP_LOAD64(&r->blocks);
@@ -156,12 +158,16 @@ HETMEM_BITMAP_FN int hetmem_bitmap_read_class(hetmem_bitmap heap, hetmem_bitmap_
     v->sizes = HETMEM_BITMAP_LOAD64(&r->sizes);
     v->data = HETMEM_BITMAP_LOAD64(&r->data);
     if (bs < HETMEM_BITMAP_MIN_BLOCK || bs > HETMEM_BITMAP_MAX_BLOCK || (bs & (bs - 1)) != 0) return 0;
-    if (n > (hi - lo) / bs) return 0;
+    if (bs <= *smaller || n > (hi - at) / bs) return 0;
     v->words = (n + 63) / 64;
     align = bs < HETMEM_BITMAP_MAX_ALIGN ? bs : HETMEM_BITMAP_MAX_ALIGN;
-    if (v->bitmap < lo || v->bitmap % 8 != 0 || v->bitmap > hi || v->words * 8 > hi - v->bitmap) return 0;
-    if (v->sizes < lo || v->sizes % 4 != 0 || v->sizes > hi || n * 4 > hi - v->sizes) return 0;
-    if (v->data < lo || (n > 0 && v->data % align != 0) || v->data > hi || n * bs > hi - v->data) return 0;
+    if (v->bitmap < at || v->bitmap % 8 != 0 || v->bitmap > hi || v->words * 8 > hi - v->bitmap) return 0;
+    at = v->bitmap + v->words * 8;
+    if (v->sizes < at || v->sizes % 4 != 0 || v->sizes > hi || n * 4 > hi - v->sizes) return 0;
+    at = v->sizes + n * 4;
+    if (v->data < at || (n > 0 && v->data % align != 0) || v->data > hi || n * bs > hi - v->data) return 0;
+    *floor = v->data + n * bs;
+    *smaller = bs;
     return 1;
 }
 
@@ -204,12 +210,14 @@ HETMEM_BITMAP_FN hetmem_u64 hetmem_bitmap_claim(hetmem_bitmap heap, const hetmem
 
 /* Allocates `size` bytes (1 to 2^31) aligned to `align` (a power of two up to 4096): the offset
  * of the block from the backend's start (its address is `base + offset`), or 0 when no block
- * is free, the request is bad, or the header fails its checks. `start` spreads the search (use
- * the thread's index; 0 on the host). */
+ * is free, the request is bad, or the header fails its checks (those of the classes it tries:
+ * smaller ones are passed over unread). `start` spreads the search (use the thread's index; 0 on
+ * the host). */
 HETMEM_BITMAP_FN hetmem_u64 hetmem_bitmap_alloc(hetmem_bitmap heap, hetmem_u64 size, hetmem_u64 align,
                                                 hetmem_u64 start) {
     hetmem_u64 need = size > align ? size : align;
     hetmem_bitmap_header *h;
+    hetmem_u64 floor = heap.region_offset + sizeof(hetmem_bitmap_header), smaller = 0;
     hetmem_bitmap_view c;
     hetmem_u32 count, i;
     if (size == 0 || size > HETMEM_BITMAP_MAX_BLOCK || align == 0 || (align & (align - 1)) != 0 ||
@@ -221,7 +229,7 @@ HETMEM_BITMAP_FN hetmem_u64 hetmem_bitmap_alloc(hetmem_bitmap heap, hetmem_u64 s
     for (i = 0; i < count; i++) {
         hetmem_u64 offset;
         if (HETMEM_BITMAP_LOAD64(&h->classes[i].block_size) < need) continue;
-        if (!hetmem_bitmap_read_class(heap, h, i, &c) || c.block_size < need) return 0;
+        if (!hetmem_bitmap_read_class(heap, h, i, &floor, &smaller, &c) || c.block_size < need) return 0;
         offset = hetmem_bitmap_claim(heap, &c, size, start);
         if (offset != 0) return offset;
     }
@@ -232,11 +240,12 @@ HETMEM_BITMAP_FN hetmem_u64 hetmem_bitmap_alloc(hetmem_bitmap heap, hetmem_u64 s
  * HETMEM_BITMAP_NOT_A_BLOCK, or HETMEM_BITMAP_CORRUPT (a class read on the way fails its checks). */
 HETMEM_BITMAP_FN int hetmem_bitmap_locate(hetmem_bitmap heap, hetmem_u64 offset, hetmem_bitmap_view *c,
                                           hetmem_u64 *index) {
+    hetmem_u64 floor = heap.region_offset + sizeof(hetmem_bitmap_header), smaller = 0;
     hetmem_u32 count, i;
     hetmem_bitmap_header *h = hetmem_bitmap_header_of(heap, &count);
     if (h == 0) return HETMEM_BITMAP_CORRUPT;
     for (i = 0; i < count; i++) {
-        if (!hetmem_bitmap_read_class(heap, h, i, c)) return HETMEM_BITMAP_CORRUPT;
+        if (!hetmem_bitmap_read_class(heap, h, i, &floor, &smaller, c)) return HETMEM_BITMAP_CORRUPT;
         if (offset < c->data || offset - c->data >= c->blocks * c->block_size) continue;
         if ((offset - c->data) % c->block_size != 0) return HETMEM_BITMAP_NOT_A_BLOCK;
         *index = (offset - c->data) / c->block_size;
@@ -260,14 +269,16 @@ HETMEM_BITMAP_FN int hetmem_bitmap_free(hetmem_bitmap heap, hetmem_u64 offset) {
     return HETMEM_BITMAP_OK;
 }
 
-/* The size the block at `offset` was allocated with (0 if it is not a block in use). */
+/* The size the block at `offset` was allocated with (0 if it is not a block in use, or if the
+ * size it records does not fit it: damaged). */
 HETMEM_BITMAP_FN hetmem_u64 hetmem_bitmap_size_of(hetmem_bitmap heap, hetmem_u64 offset) {
     hetmem_bitmap_view c;
-    hetmem_u64 index, word;
+    hetmem_u64 index, word, size;
     if (hetmem_bitmap_locate(heap, offset, &c, &index) != HETMEM_BITMAP_OK) return 0;
     word = HETMEM_BITMAP_LOAD64((hetmem_u64 *)(heap.base + c.bitmap) + index / 64);
     if (((word >> (index % 64)) & 1ULL) == 0) return 0;
-    return HETMEM_BITMAP_LOAD32(heap.base + c.sizes + index * 4);
+    size = HETMEM_BITMAP_LOAD32(heap.base + c.sizes + index * 4);
+    return size <= c.block_size ? size : 0;
 }
 
 #endif /* HETMEM_BITMAP_H */

@@ -288,3 +288,54 @@ fn the_c_side_uses_the_class_fields_it_checked() {
     d.a.check().unwrap();
     assert_eq!(d.a.stats().free_bytes(), start.free_bytes());
 }
+
+/// The C side checks every class it reads as Rust's attach does, order and overlap included: a
+/// class table Rust refuses, the C side refuses too. And a block's recorded size that does not
+/// fit the block is not handed on.
+#[test]
+fn the_c_side_refuses_what_rust_refuses() {
+    let program = match build("hostile") {
+        Ok(p) => p,
+        Err(why) => return println!("skipped: no C compiler: {why}"),
+    };
+    let d = Damaged::new("refuse");
+    let h = d.header();
+    let probe = |at: u64| run(&program, &d.args(&["probe", "16", &at.to_string()]));
+    // Offset 1 is in no class: a free of it reads every class, then says "not a block".
+    let whole = probe(1);
+    assert!(!whole.starts_with("alloc 0 ") && whole.ends_with(" size 0 free -1\n"), "{whole}");
+    type Damage = fn(&mut BitmapHeader);
+    let damages: [(&str, Damage); 3] = [
+        ("class 0's sizes inside its bitmap", |h| h.classes[0].sizes = h.classes[0].bitmap),
+        ("class 1's blocks no larger than class 0's", |h| h.classes[1].block_size = 16),
+        ("class 1's bitmap inside class 0's blocks", |h| h.classes[1].bitmap = h.classes[0].data),
+    ];
+    for (what, damage) in damages {
+        // SAFETY: the header's bytes, in the mapped segment.
+        let saved: Vec<u8> = unsafe { std::slice::from_raw_parts(h.cast::<u8>(), 4160) }.to_vec();
+        // SAFETY: the header in the mapped segment, aligned; no one else uses the heap during the
+        // test, and the allocator holds no reference into it between its calls.
+        damage(unsafe { &mut *h });
+        let refused = BitmapAllocator::attach(d.a.region().clone(), AllocatorId::new(1, 0));
+        assert!(matches!(refused, Err(hetmem_core::Error::Corrupt { .. })), "Rust takes {what}");
+        let out = probe(1);
+        assert!(out.ends_with(" size 0 free -3\n"), "C takes {what}: {out}");
+        if what.starts_with("class 0") {
+            assert!(out.starts_with("alloc 0 "), "C allocates in {what}: {out}");
+        }
+        // SAFETY: as above.
+        unsafe { std::ptr::copy_nonoverlapping(saved.as_ptr(), h.cast::<u8>(), saved.len()) };
+    }
+    // A recorded size past the block's end: not a size C hands on (the block frees as any other).
+    let p = d.a.allocate(16, 16).unwrap();
+    // SAFETY: as above.
+    let (sizes, data) = unsafe { ((*h).classes[0].sizes, (*h).classes[0].data) };
+    let slot = d.a.region().ptr(sizes + (p.get() - data) / 16 * 4, 4).unwrap().cast::<u32>();
+    // SAFETY: `p`'s size slot, in the region; C reads it only after this write.
+    unsafe { slot.write(1 << 31) };
+    let out = probe(p.get());
+    let _ = std::fs::remove_file(&program);
+    assert!(out.ends_with(" size 0 free 0\n"), "C hands on a size past the block: {out}");
+    d.a.check().unwrap();
+    assert_eq!(d.a.stats().live_allocations, 0);
+}

@@ -7,7 +7,10 @@
  *       allocates and frees 16-byte blocks for MILLIS ms while a timer signal flips class 0's
  *       data offset between its value and the region's end; prints "escaped E lost L calls C
  *       refused R" (E: offsets outside the region, L: blocks that could not be freed, R: calls
- *       that saw the damage and failed) */
+ *       that saw the damage and failed)
+ *   hostile NAME REGION_OFFSET REGION_LEN probe SIZE OFFSET
+ *       prints "alloc A size S free F": an allocation of SIZE bytes (freed again), the size of
+ *       the block at OFFSET, and what a free of OFFSET answers */
 #include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
@@ -52,6 +55,14 @@ int main(int argc, char **argv) {
 
     if (strcmp(argv[4], "region") == 0) {
         printf("alloc %llu\n", hetmem_bitmap_alloc(heap, 4096, 16, 0));
+        return 0;
+    }
+    if (strcmp(argv[4], "probe") == 0 && argc == 7) {
+        hetmem_u64 off = hetmem_bitmap_alloc(heap, strtoull(argv[5], 0, 10), 16, 0);
+        hetmem_u64 at = strtoull(argv[6], 0, 10);
+        hetmem_u64 size = hetmem_bitmap_size_of(heap, at);
+        printf("alloc %llu size %llu free %d\n", off, size, hetmem_bitmap_free(heap, at));
+        if (off != 0) hetmem_bitmap_free(heap, off);
         return 0;
     }
     if (strcmp(argv[4], "race") != 0 || argc != 6) return 2;
