@@ -86,6 +86,21 @@ pub struct ClassRecord {
     _pad1: [u64; 4],
 }
 
+impl ClassRecord {
+    /// `[block_size, blocks, bitmap, sizes, data]`, each read once with one atomic load: the
+    /// compiler may neither read a field again later nor tear it, whatever another process
+    /// writes meanwhile.
+    fn fixed_fields(&self) -> [u64; 5] {
+        [&self.block_size, &self.blocks, &self.bitmap, &self.sizes, &self.data].map(|field| {
+            // SAFETY: a live u64 of the header, 8-aligned (the header is, checked by `header_at`,
+            // and each field is at a multiple of 8 in it), so valid for an atomic; this process
+            // writes it only in `create`, before anyone reads it.
+            unsafe { core::sync::atomic::AtomicU64::from_ptr(core::ptr::from_ref(field).cast_mut()) }
+                .load(core::sync::atomic::Ordering::Relaxed)
+        })
+    }
+}
+
 /// The header at the start of a bitmap allocator's region (4160 bytes).
 #[repr(C)]
 #[derive(Debug)]
@@ -241,7 +256,11 @@ impl BitmapAllocator {
     /// inside the region after the header, aligned, classes in order and apart.
     fn read_classes(region: &Region, header: &BitmapHeader) -> Result<Box<[Class]>> {
         let corrupt = |offset, detail| Error::Corrupt { structure: "bitmap allocator", offset, detail };
-        let count = header.class_count as usize;
+        // SAFETY: a live u32 of the header, 4-aligned (the header is 8-aligned, checked by
+        // `header_at`); one atomic load, so the count checked is the count used.
+        let count =
+            unsafe { core::sync::atomic::AtomicU32::from_ptr(core::ptr::from_ref(&header.class_count).cast_mut()) }
+                .load(core::sync::atomic::Ordering::Relaxed) as usize;
         if count == 0 || count > MAX_CLASSES {
             return Err(corrupt(region.offset(), "class count out of range"));
         }
@@ -249,17 +268,18 @@ impl BitmapAllocator {
         let mut out = Vec::with_capacity(count);
         for (i, r) in header.classes[..count].iter().enumerate() {
             let at = region.offset() + core::mem::offset_of!(BitmapHeader, classes) as u64 + 128 * i as u64;
-            let size = r.block_size;
+            // Another process may write the record while it is read: each field is read once,
+            // and what is checked below is what the class keeps.
+            let [size, blocks, bitmap, sizes_at, data_at] = r.fixed_fields();
             if !size.is_power_of_two() || size < MIN_BLOCK as u64 || size > MAX_BLOCK as u64 {
                 return Err(corrupt(at, "block size not a power of two from 16 to 2^31"));
             }
             if out.last().is_some_and(|c: &Class| c.size >= size) {
                 return Err(corrupt(at, "classes not in ascending block size"));
             }
-            let word_count = r.blocks.div_ceil(64);
-            let parts = [(r.bitmap, word_count.checked_mul(8), 8), (r.sizes, r.blocks.checked_mul(4), 4)];
-            let data_len = r.blocks.checked_mul(size);
-            let data = (r.data, data_len, size.min(MAX_ALIGN as u64));
+            let word_count = blocks.div_ceil(64);
+            let parts = [(bitmap, word_count.checked_mul(8), 8), (sizes_at, blocks.checked_mul(4), 4)];
+            let data = (data_at, blocks.checked_mul(size), size.min(MAX_ALIGN as u64));
             let mut words = NonNull::dangling();
             let mut sizes = NonNull::dangling();
             for (k, (offset, len, align)) in parts.into_iter().chain([data]).enumerate() {
@@ -281,8 +301,8 @@ impl BitmapAllocator {
             out.push(Class {
                 size,
                 shift: size.trailing_zeros(),
-                blocks: r.blocks,
-                data: r.data,
+                blocks,
+                data: data_at,
                 words,
                 word_count: usize::try_from(word_count).map_err(|_| corrupt(at, "class too large"))?,
                 sizes,
@@ -518,7 +538,8 @@ impl RegionAllocator for BitmapAllocator {
         }
         for (c, r) in self.classes.iter().zip(&header.classes) {
             let at = c.data;
-            if (r.block_size, r.blocks, r.data) != (c.size, c.blocks, c.data) {
+            let [size, blocks, _, _, data] = r.fixed_fields();
+            if (size, blocks, data) != (c.size, c.blocks, c.data) {
                 return corrupt(at, "class record changed since attach");
             }
             let words = c.words();

@@ -287,6 +287,86 @@ fn a_damaged_header_is_refused_or_harmless() {
     a.check().unwrap();
 }
 
+/// A backend that plays another process: on its `at`-th `base()` call (attach asks for it each
+/// time it turns a checked offset into an address) it writes `value` over the header's u64 at
+/// `field`, between two of attach's reads of the class table.
+struct Meddling {
+    inner: HeapBackend,
+    calls: AtomicU64,
+    at: AtomicU64,
+    field: AtomicU64,
+    value: AtomicU64,
+}
+
+impl crate::backend::MemoryBackend for Meddling {
+    fn kind(&self) -> crate::backend::BackendKind {
+        self.inner.kind()
+    }
+    fn base(&self) -> *mut u8 {
+        let base = self.inner.base();
+        if self.calls.fetch_add(1, Ordering::Relaxed) + 1 == self.at.load(Ordering::Relaxed) {
+            let field = base.wrapping_add(self.field.load(Ordering::Relaxed) as usize).cast::<u64>();
+            // SAFETY: an 8-aligned u64 of the allocator's header in the buffer; this thread is
+            // the only one using the allocator.
+            unsafe { field.write_volatile(self.value.load(Ordering::Relaxed)) };
+        }
+        base
+    }
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn header(&self) -> &crate::header::RegionHeader {
+        self.inner.header()
+    }
+    fn is_creator(&self) -> bool {
+        true
+    }
+}
+
+/// attach reads each field of the class table once and keeps what it checked: another process
+/// changing the table during an attach makes that attach fail, or see the table as it was before
+/// or after, never keep a value other than the one it checked.
+#[test]
+fn attach_keeps_the_class_fields_it_checked() {
+    let zero = || AtomicU64::new(0);
+    let backend = Arc::new(Meddling {
+        inner: HeapBackend::new(BackendId(1), 256 << 10),
+        calls: zero(),
+        at: zero(),
+        field: zero(),
+        value: zero(),
+    });
+    let a = BitmapAllocator::create(Region::whole(backend.clone()).unwrap(), ID, &BitmapConfig::default()).unwrap();
+    let (blocks, _) = a.class_usage(16).unwrap();
+    let record = |name| a.region().offset() + 64 + name;
+    let end = a.region().end();
+    let set = |field: u64, value: u64| {
+        backend.at.store(0, Ordering::Relaxed);
+        let slot = a.region().ptr(field, 8).unwrap().cast::<u64>();
+        // SAFETY: an 8-aligned u64 of the header, in the region; only this thread uses it.
+        unsafe { slot.write_volatile(value) };
+    };
+    // Class 0's block count made far too large, its blocks moved past the region's end.
+    for (field, good, bad) in [(record(8), blocks, blocks * 1000), (record(32), a.classes[0].data, end)] {
+        for at in 1..40 {
+            set(field, good);
+            backend.field.store(field, Ordering::Relaxed);
+            backend.value.store(bad, Ordering::Relaxed);
+            backend.calls.store(0, Ordering::Relaxed);
+            backend.at.store(at, Ordering::Relaxed);
+            if let Ok(b) = BitmapAllocator::attach(a.region().clone(), ID) {
+                assert_eq!(b.class_usage(16).unwrap().0, blocks, "changed at base() call {at}");
+                let p = b.allocate(16, 16).unwrap();
+                assert!(a.region().contains(p.get(), 16), "a block at {}, changed at base() call {at}", p.get());
+                b.free(p).unwrap();
+            }
+        }
+        set(field, good);
+    }
+    a.check().unwrap();
+    assert_eq!(a.stats().live_allocations, 0);
+}
+
 #[derive(Clone, Debug)]
 enum Op {
     Allocate(usize, usize),
