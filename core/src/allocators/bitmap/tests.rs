@@ -287,6 +287,49 @@ fn a_damaged_header_is_refused_or_harmless() {
     a.check().unwrap();
 }
 
+/// Damage to the header after attach (another process may write it at any time) never makes
+/// this process panic or leave its region: it works from the class table it copied and checked,
+/// and reads only counters and the hint from the header again, each bounded before use.
+#[test]
+fn damage_after_attach_is_harmless() {
+    let a = bitmap(256 << 10, BitmapConfig::default());
+    let region = a.region().clone();
+    let base = region.ptr(region.offset(), core::mem::size_of::<BitmapHeader>() as u64).unwrap();
+    // SAFETY: the header's bytes, in the region; only this thread uses the allocator.
+    let saved: Vec<u8> = unsafe { core::slice::from_raw_parts(base, 4160) }.to_vec();
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let mut live = Vec::new();
+    for round in 0..4000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let word = (x % (4160 / 8)) as usize;
+        let value = match round % 3 {
+            0 => x.rotate_left(17),
+            1 => x % 64,
+            _ => u64::MAX - x % 64,
+        };
+        // SAFETY: as above; 8-aligned. The fields the allocator changes are atomics.
+        unsafe { base.cast::<u64>().add(word).write_volatile(value) };
+        if let Ok(p) = a.allocate(1 + (x % 5000) as usize, 8) {
+            assert!(region.contains(p.get(), 1));
+            live.push(p);
+        }
+        if round % 3 == 0 {
+            if let Some(p) = live.pop() {
+                let _ = a.size_of(p);
+                a.free(p).unwrap();
+            }
+        }
+        let _ = (a.stats(), a.check());
+    }
+    for p in live {
+        a.free(p).unwrap();
+    }
+    // SAFETY: as above.
+    unsafe { core::ptr::copy_nonoverlapping(saved.as_ptr(), base, saved.len()) };
+}
+
 /// A backend that plays another process: on its `at`-th `base()` call (attach asks for it each
 /// time it turns a checked offset into an address) it writes `value` over the header's u64 at
 /// `field`, between two of attach's reads of the class table.
