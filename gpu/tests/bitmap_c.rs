@@ -40,6 +40,11 @@ fn build(name: &str) -> Result<PathBuf, String> {
     Ok(out)
 }
 
+/// [`build`]'s program, or `None` without a C compiler (the test says so and passes).
+fn program(name: &str) -> Option<PathBuf> {
+    build(name).map_err(|why| println!("skipped: no C compiler: {why}")).ok()
+}
+
 fn run(program: &Path, args: &[String]) -> String {
     let out = Command::new(program).args(args).output().unwrap();
     assert!(out.status.success(), "{program:?} failed: {:?}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
@@ -48,10 +53,7 @@ fn run(program: &Path, args: &[String]) -> String {
 
 #[test]
 fn the_c_layout_is_the_rust_layout() {
-    let program = match build("layout") {
-        Ok(p) => p,
-        Err(why) => return println!("skipped: no C compiler: {why}"),
-    };
+    let Some(program) = program("layout") else { return };
     let text = run(&program, &[]);
     let _ = std::fs::remove_file(&program);
     let c: HashMap<String, u64> = text
@@ -96,10 +98,7 @@ const COUNT: usize = 12000;
 
 #[test]
 fn a_c_process_and_the_rust_allocator_share_one_heap() {
-    let program = match build("share") {
-        Ok(p) => p,
-        Err(why) => return println!("skipped: no C compiler: {why}"),
-    };
+    let Some(program) = program("share") else { return };
     let name = format!("/hetmem-bitmap-c-{}", std::process::id());
     let backend: Arc<dyn MemoryBackend> =
         Arc::new(PosixShmBackend::create(&name, 64 << 20, &ShmOptions::default()).unwrap());
@@ -239,10 +238,7 @@ impl Damaged {
 /// the whole segment, with a class moved past the region's end, gets no block there.
 #[test]
 fn the_c_side_keeps_to_the_region_its_caller_names() {
-    let program = match build("hostile") {
-        Ok(p) => p,
-        Err(why) => return println!("skipped: no C compiler: {why}"),
-    };
+    let Some(program) = program("hostile") else { return };
     let d = Damaged::new("region");
     let end = d.a.region().end();
     let h = d.header();
@@ -271,10 +267,7 @@ fn the_c_side_keeps_to_the_region_its_caller_names() {
 /// fail, never hand out an offset outside the region or lose a block.
 #[test]
 fn the_c_side_uses_the_class_fields_it_checked() {
-    let program = match build("hostile") {
-        Ok(p) => p,
-        Err(why) => return println!("skipped: no C compiler: {why}"),
-    };
+    let Some(program) = program("hostile") else { return };
     let d = Damaged::new("race");
     let start = d.a.stats();
     let out = run(&program, &d.args(&["race", "500"]));
@@ -294,10 +287,7 @@ fn the_c_side_uses_the_class_fields_it_checked() {
 /// fit the block is not handed on.
 #[test]
 fn the_c_side_refuses_what_rust_refuses() {
-    let program = match build("hostile") {
-        Ok(p) => p,
-        Err(why) => return println!("skipped: no C compiler: {why}"),
-    };
+    let Some(program) = program("hostile") else { return };
     let d = Damaged::new("refuse");
     let h = d.header();
     let probe = |at: u64| run(&program, &d.args(&["probe", "16", &at.to_string()]));

@@ -11,18 +11,15 @@
  *   hostile NAME REGION_OFFSET REGION_LEN probe SIZE OFFSET
  *       prints "alloc A size S free F": an allocation of SIZE bytes (freed again), the size of
  *       the block at OFFSET, and what a free of OFFSET answers */
-#include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
 #include <sys/time.h>
 #include <time.h>
-#include <unistd.h>
 
 #include "hetmem_bitmap.h"
+#include "map.h"
 
 static hetmem_u64 *flipped, good, bad;
 
@@ -40,12 +37,8 @@ static double now_ms(void) {
 
 int main(int argc, char **argv) {
     if (argc < 5) return 2;
-    int fd = shm_open(argv[1], O_RDWR, 0);
-    if (fd < 0) return 3;
-    struct stat st;
-    if (fstat(fd, &st) != 0) return 4;
-    unsigned char *base = mmap(0, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    if (base == MAP_FAILED) return 5;
+    unsigned char *base = map_segment(argv[1]);
+    if (base == 0) return 3;
     hetmem_bitmap heap;
     memset(&heap, 0, sizeof heap);
     heap.base = base;

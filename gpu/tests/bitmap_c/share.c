@@ -2,24 +2,17 @@
  * (with the error cases around it), or allocates, fills and frees COUNT blocks of its own,
  * printing what it keeps for Rust to check.
  *   share NAME REGION_OFFSET REGION_LEN COUNT THEIRS */
-#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include "hetmem_bitmap.h"
+#include "map.h"
 
 int main(int argc, char **argv) {
     if (argc != 6) return 2;
-    int fd = shm_open(argv[1], O_RDWR, 0);
-    if (fd < 0) return 3;
-    struct stat st;
-    if (fstat(fd, &st) != 0) return 4;
-    unsigned char *base = mmap(0, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    if (base == MAP_FAILED) return 5;
+    unsigned char *base = map_segment(argv[1]);
+    if (base == 0) return 3;
     hetmem_bitmap heap = {base, strtoull(argv[2], 0, 10), strtoull(argv[3], 0, 10)};
     long count = atol(argv[4]);
     hetmem_u64 theirs = strtoull(argv[5], 0, 10);

@@ -21,6 +21,14 @@ fn stamp(a: &BitmapAllocator, p: OffsetPtr, len: usize, tag: u8) {
     unsafe { (b.write(tag), b.add(len - 1).write(tag)) };
 }
 
+/// The next value of the xorshift generator `x`.
+fn next(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
 fn stamped(a: &BitmapAllocator, p: OffsetPtr, len: usize) -> (u8, u8) {
     let b = a.region().ptr(p.get(), len as u64).unwrap();
     // SAFETY: as in `stamp`.
@@ -199,9 +207,7 @@ fn threads_share_the_heap_and_frees_race_safely() {
                 let mut live = Vec::new();
                 let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ u64::from(t);
                 for i in 0..20_000 {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
+                    next(&mut x);
                     let size = 1 + (x % 1000) as usize;
                     let p = a.allocate(size, 8).unwrap();
                     stamp(a, p, size, t);
@@ -260,9 +266,7 @@ fn a_damaged_header_is_refused_or_harmless() {
     for round in 0..3000 {
         // SAFETY: the header's bytes, in the region; only this thread uses it.
         let saved: Vec<u8> = unsafe { core::slice::from_raw_parts(base, 4160) }.to_vec();
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
+        next(&mut x);
         // One 8-byte word of the class table (or the header's first line) set to a random value.
         let word = (x % (4160 / 8)) as usize;
         let value = match round % 4 {
@@ -300,9 +304,7 @@ fn damage_after_attach_is_harmless() {
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
     let mut live = Vec::new();
     for round in 0..4000 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
+        next(&mut x);
         let word = (x % (4160 / 8)) as usize;
         let value = match round % 3 {
             0 => x.rotate_left(17),
