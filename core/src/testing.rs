@@ -67,13 +67,17 @@ pub(crate) struct CountingResource {
 }
 
 impl CountingResource {
-    pub(crate) fn leak() -> &'static CountingResource {
-        Box::leak(Box::new(CountingResource {
+    pub(crate) fn new() -> CountingResource {
+        CountingResource {
             live: Default::default(),
             allocations: Default::default(),
             deallocations: Default::default(),
             failing: Default::default(),
-        }))
+        }
+    }
+
+    pub(crate) fn leak() -> &'static CountingResource {
+        Box::leak(Box::new(CountingResource::new()))
     }
 
     pub(crate) fn live_blocks(&self) -> usize {

@@ -584,6 +584,57 @@ mod tests {
         assert_eq!(a.live_blocks(), 0);
     }
 
+    /// A resource that holds another as its first field: the two share an address and are two
+    /// resources (this one serves its blocks from `other`).
+    #[repr(C)]
+    struct Shell {
+        first: CountingResource,
+        other: &'static CountingResource,
+    }
+
+    impl crate::MemoryResource for Shell {
+        fn name(&self) -> &str {
+            "shell"
+        }
+        fn kind(&self) -> crate::MemoryKind {
+            crate::MemoryKind::Host
+        }
+        fn allocate(&self, size: usize, align: usize) -> Result<NonNull<u8>> {
+            self.other.allocate(size, align)
+        }
+        unsafe fn deallocate(&self, ptr: NonNull<u8>, size: usize, align: usize) {
+            // SAFETY: the caller's contract, passed on.
+            unsafe { self.other.deallocate(ptr, size, align) }
+        }
+    }
+
+    /// Two resources at one address (a struct and its first field) are two upstreams: a depot
+    /// bound to one refuses the other's caches, which would take its blocks from the depot and
+    /// free them to the wrong resource.
+    #[test]
+    fn resources_at_one_address_are_distinct_upstreams() {
+        let shell: &'static Shell =
+            Box::leak(Box::new(Shell { first: CountingResource::new(), other: CountingResource::leak() }));
+        let (outer, inner) = (Upstream::Resource(shell), Upstream::Resource(&shell.first));
+        assert!(core::ptr::addr_eq(shell, &shell.first), "the test needs one address");
+        assert!(outer != inner);
+        assert!(outer == Upstream::Resource(shell) && inner == Upstream::Resource(&shell.first));
+        let depot: &'static Depot = Box::leak(Box::new(Depot::new(1 << 20)));
+        let config = CacheConfig::uniform(13, 64 * 128).unwrap();
+        let mut a = ThreadCache::with_depot(&config, inner, depot).unwrap();
+        assert!(matches!(ThreadCache::with_depot(&config, outer, depot), Err(Error::Unsupported(_))));
+        let l = layout(100, 8); // class 3: 128 B, batches of 64
+        let blocks: Vec<_> = (0..200).map(|_| a.allocate(l).unwrap()).collect();
+        for p in blocks {
+            // SAFETY: from `allocate(l)`.
+            unsafe { a.deallocate(p, l) };
+        }
+        drop(a);
+        assert!(matches!(depot.release(&outer), Err(Error::Unsupported(_))));
+        depot.release(&inner).unwrap();
+        assert_eq!((shell.first.live_blocks(), shell.other.allocations()), (0, 0));
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Alloc { cache: usize, size: usize, align_shift: u32 },

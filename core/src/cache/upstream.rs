@@ -32,11 +32,17 @@ impl fmt::Debug for Upstream {
     }
 }
 
+/// Two resource upstreams are equal when they are one object of one type: the address and the
+/// vtable both match. The address alone is not enough: a resource and its first field (or two
+/// zero-sized resources) share one, and a cache or depot that took them for one upstream would
+/// free one's blocks to the other. (One resource may be seen through two copies of its vtable,
+/// from two codegen units: it then counts as two upstreams, which costs a thread-cache slot or
+/// refuses a depot, never a block.)
 impl PartialEq for Upstream {
     fn eq(&self, other: &Self) -> bool {
         match (self, other) {
             (Upstream::System, Upstream::System) | (Upstream::Global, Upstream::Global) => true,
-            (Upstream::Resource(a), Upstream::Resource(b)) => core::ptr::addr_eq(*a, *b),
+            (Upstream::Resource(a), Upstream::Resource(b)) => core::ptr::eq(*a, *b),
             _ => false,
         }
     }
