@@ -198,7 +198,8 @@ impl Shared {
     #[cold]
     #[inline(never)]
     fn allocate_large(&self, heap: u64, size: usize, align: usize) -> Result<u64> {
-        let aux = self.heaps.slot(&self.mem, heap)?.index + 1;
+        // The slot number is shared memory another process may have broken: it wraps.
+        let aux = self.heaps.slot(&self.mem, heap)?.index.wrapping_add(1);
         for attempt in 0..3 {
             {
                 let mut g = self.fs.lock();

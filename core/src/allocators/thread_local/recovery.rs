@@ -309,7 +309,7 @@ impl Shared {
                 let owned = self.arena.span_at(base).is_some_and(|s| s.owner.load(Ordering::Relaxed) == heap_off);
                 if run.tag == TAG_SPAN && owned {
                     spans.push((base, run.aux as usize));
-                } else if run.tag == TAG_LARGE && run.aux == index + 1 && free_dead {
+                } else if run.tag == TAG_LARGE && run.aux == index.wrapping_add(1) && free_dead {
                     dead_large.push(base);
                 }
                 Ok(())

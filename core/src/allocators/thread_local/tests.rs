@@ -898,3 +898,31 @@ fn block_counts_another_process_broke_wrap_rather_than_panic() {
     a.trim().unwrap();
     a.check().unwrap();
 }
+
+/// Overwrites the slot number of the heap at `heap` (shared memory another process may break).
+fn set_slot_index(a: &Tla, heap: u64, index: u32) {
+    let at = heap + core::mem::offset_of!(heap::Heap, index) as u64;
+    let p = a.region().ptr(at, 4).unwrap().cast::<u32>();
+    // SAFETY: the slot's index word, in bounds and aligned; the test runs alone on the region.
+    unsafe { p.write_volatile(index) };
+    assert_eq!(a.shared.heaps.slot(&a.shared.mem, heap).unwrap().index, index);
+}
+
+#[test]
+fn a_slot_number_another_process_broke_is_no_panic() {
+    let config = ThreadLocalConfig { dead_process_blocks: DeadProcessBlocks::Free };
+    let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &config).unwrap();
+    // A large block of our own heap, whose slot number reads u32::MAX.
+    let p = a.allocate(100, 8).unwrap();
+    assert_eq!(a.shared.heaps.slot(&a.shared.mem, a.existing_heap()).unwrap().index, 0);
+    set_slot_index(&a, a.existing_heap(), u32::MAX);
+    let large = a.allocate(100_000, 8);
+    // A dead process's heap, broken the same way, repaired.
+    let (heap, _, _) = dead_heap(&a, 3);
+    set_slot_index(&a, heap, u32::MAX);
+    let _ = a.reclaim();
+    if let Ok(l) = large {
+        let _ = a.free(l);
+    }
+    let _ = a.free(p);
+}
