@@ -13,7 +13,10 @@
 //! - **Thread exit**: the guard's destructor marks the thread *exited*, zeroes its limits and
 //!   returns every cached block (to the depot, then upstream). Requests in later destructors, and
 //!   frees of blocks cached before, go straight upstream: the upstream layout depends on the
-//!   request alone, so that is always the right place.
+//!   request alone, so that is always the right place. A thread whose first request comes after
+//!   its thread-local destructors have run (from a pthread key's destructor, which glibc runs
+//!   later) registers a guard that never runs: on unix a pthread key's destructor retires it too
+//!   (see `backstop`), and a thread that cannot have one gets no cache.
 
 use core::cell::Cell;
 use core::mem::ManuallyDrop;
@@ -119,6 +122,60 @@ impl Drop for ExitGuard {
         STATE.with(retire_thread);
         #[cfg(windows)]
         win::retire_current();
+    }
+}
+
+/// Unix: a pthread key whose destructor retires the thread as well. glibc runs the destructors
+/// of Rust thread-locals first and then those of pthread keys; a thread whose first request
+/// comes from a key's destructor registers its exit guard after the former ran, and glibc never
+/// runs it. The thread's state would then stay listed in `THREADS` after its storage went away
+/// (and its cached blocks with it). A key's value set while keys' destructors run makes glibc
+/// run them again (up to `PTHREAD_DESTRUCTOR_ITERATIONS` rounds), so this one retires such a
+/// thread. Where the exit guard ran first (every other thread) it finds the thread retired.
+/// (Not covered: a first request in the last of those rounds, which needs key destructors
+/// that set keys again round after round.)
+#[cfg(unix)]
+mod backstop {
+    use core::ffi::c_void;
+    use core::sync::atomic::{AtomicUsize, Ordering};
+
+    /// The key, once made (`NONE` until then).
+    static KEY: AtomicUsize = AtomicUsize::new(NONE);
+    const NONE: usize = usize::MAX;
+
+    unsafe extern "C" fn retire(_: *mut c_void) {
+        super::STATE.with(super::retire_thread);
+    }
+
+    fn key() -> Option<libc::pthread_key_t> {
+        let key = KEY.load(Ordering::Acquire);
+        if key != NONE {
+            return Some(key as libc::pthread_key_t);
+        }
+        let mut mine: libc::pthread_key_t = 0;
+        // SAFETY: `retire` may run on any thread at its exit.
+        if unsafe { libc::pthread_key_create(&mut mine, Some(retire)) } != 0 || mine as usize == NONE {
+            return None;
+        }
+        match KEY.compare_exchange(NONE, mine as usize, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => Some(mine),
+            Err(theirs) => {
+                // SAFETY: made above, and no thread has a value under it.
+                unsafe { libc::pthread_key_delete(mine) };
+                Some(theirs as libc::pthread_key_t)
+            }
+        }
+    }
+
+    /// Sets the calling thread's value under the key, so its destructor runs at the thread's
+    /// exit; `false` if there is no key or no room for the value.
+    pub(super) fn arm() -> bool {
+        // SAFETY: a non-null value under our own key; it is never dereferenced.
+        key().is_some_and(|key| unsafe { libc::pthread_setspecific(key, ptr_one()) } == 0)
+    }
+
+    fn ptr_one() -> *const c_void {
+        core::ptr::without_provenance(1)
     }
 }
 
@@ -597,6 +654,12 @@ fn start_thread(s: &ThreadState) -> bool {
     s.phase.set(BUSY);
     if EXIT.try_with(|_| ()).is_err() {
         // Past this thread's destructors: no cache for it.
+        s.phase.set(EXITED);
+        return false;
+    }
+    #[cfg(unix)]
+    if !backstop::arm() {
+        // The guard alone may never run (see `backstop`): a listed state must be unlisted.
         s.phase.set(EXITED);
         return false;
     }
