@@ -150,7 +150,8 @@ impl CacheConfig {
 
 /// Registers `config` for every thread in `role`. Threads that start their cache afterwards use
 /// it; the calling thread applies it at once if it has this role. At most 16 roles can be
-/// registered.
+/// registered: a 17th is refused with [`Error::Unsupported`] (the roles registered can still be
+/// given new limits).
 pub fn configure_role(role: ThreadRole, config: CacheConfig) -> Result<()> {
     {
         let mut table = ROLES.lock();
@@ -159,7 +160,7 @@ pub fn configure_role(role: ThreadRole, config: CacheConfig) -> Result<()> {
         } else if let Some(free) = table.iter_mut().find(|e| e.is_none()) {
             *free = Some((role, config));
         } else {
-            return Err(Error::OutOfMemory { requested: 1, available: 0 });
+            return Err(Error::Unsupported("at most 16 thread roles can be registered"));
         }
     }
     super::tls::reapply_role_config(role);
