@@ -198,11 +198,15 @@ unsafe impl Allocator for HetAlloc {
 
 impl HetAlloc {
     /// `grow` and `shrink`: in place within a class, through `realloc` when the alignment stays.
+    /// A move the CPU would copy fails over memory it cannot touch, as `realloc` does.
     ///
     /// # Safety
     /// `Allocator::grow`'s contract.
     unsafe fn resize(&self, ptr: NonNull<u8>, old: Layout, new: Layout) -> Result<NonNull<[u8]>, AllocError> {
         if old.size() == 0 || new.size() == 0 || old.align() != new.align() {
+            if old.size().min(new.size()) != 0 && !self.slot.upstream().host_accessible() {
+                return Err(AllocError);
+            }
             let fresh = self.allocate(new)?;
             // SAFETY: distinct blocks; `min` bytes are valid in both.
             unsafe {
@@ -495,6 +499,27 @@ mod tests {
             let same_class = a.realloc(p, l(64, 8), 60);
             assert_eq!(same_class, p, "within a class nothing moves");
             a.dealloc(p, l(60, 8));
+        }
+    }
+
+    /// Through `Allocator`, a grow or shrink that changes the alignment moves the block too: over
+    /// device memory it fails (the CPU would copy it), leaving the block as it was.
+    #[test]
+    fn allocator_resizes_across_alignments_never_copy_device_memory() {
+        static DEVICE: FakeDevice = FakeDevice;
+        let a = HetAlloc::with_resource(&DEVICE);
+        let p = Allocator::allocate(&a, l(64, 8)).unwrap().cast::<u8>();
+        // SAFETY: `p` is live with `l(64, 8)`; each new layout is at least as large (grow) or at
+        // most as large (shrink); on failure the block stays live with its old layout.
+        unsafe {
+            assert!(Allocator::grow(&a, p, l(64, 8), l(128, 32)).is_err(), "grown by a CPU copy");
+            assert!(Allocator::shrink(&a, p, l(64, 8), l(32, 4)).is_err(), "shrunk by a CPU copy");
+            assert!((0..64).all(|i| *p.as_ptr().add(i) == 0xDE), "the block is left as it was");
+            // Nothing to copy: a zero-sized block may move.
+            let z = Allocator::allocate(&a, l(0, 8)).unwrap().cast::<u8>();
+            let g = Allocator::grow(&a, z, l(0, 8), l(64, 32)).unwrap().cast::<u8>();
+            Allocator::deallocate(&a, g, l(64, 32));
+            Allocator::deallocate(&a, p, l(64, 8));
         }
     }
 }
