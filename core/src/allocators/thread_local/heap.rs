@@ -302,7 +302,9 @@ impl Shared {
     ///
     /// # Safety
     /// The caller's thread owns the heap (its TLS says so) or holds it for repair, so no one
-    /// else touches this part while the reference lives.
+    /// else touches this part while the reference lives. The calls the caller makes meanwhile
+    /// may take it too (a refill collects, a collection settles, a shortage trims): a reference
+    /// is not used after such a call, but taken again.
     #[allow(clippy::mut_from_ref)]
     #[inline]
     pub(super) unsafe fn local<'a>(&self, heap: &'a Heap) -> &'a mut HeapLocal {
@@ -336,11 +338,14 @@ impl Shared {
         // SAFETY: `heap_off` came from this thread's TLS: a heap it owns, checked when taken.
         let heap = unsafe { self.heaps.slot_unchecked(&self.mem, heap_off) };
         // SAFETY: the calling thread owns the heap.
-        let local = unsafe { self.local(heap) };
-        let (block, word) = match self.quick.pop_free(&mut local.classes[class], class) {
+        let popped = self.quick.pop_free(&mut unsafe { self.local(heap) }.classes[class], class);
+        let (block, word) = match popped {
             Some(taken) => taken,
             None => self.refill(heap_off, heap, class, size)?,
         };
+        // SAFETY: as above; taken again after the refill, which takes it for itself (a reference
+        // from before it must not be used after it).
+        let local = unsafe { self.local(heap) };
         Ok(self.hand_out(heap_off, local, block, word, class, size, align))
     }
 
@@ -403,11 +408,15 @@ impl Shared {
     #[inline(never)]
     fn refill(&self, heap_off: u64, heap: &Heap, class: usize, size: usize) -> Result<(u64, u64)> {
         // SAFETY: we own the heap.
-        let local = unsafe { self.local(heap) };
-        if local.classes[class].free != 0 {
-            return Err(corrupt(local.classes[class].free, "heap free list holds a block that is not free"));
+        let free = unsafe { self.local(heap) }.classes[class].free;
+        if free != 0 {
+            return Err(corrupt(free, "heap free list holds a block that is not free"));
         }
         self.collect(heap_off, heap, class)?;
+        // SAFETY: we own the heap. Taken after the collection, which takes it for itself, and
+        // again after each `new_span` (whose relief of a shortage trims the heap): a reference
+        // from before such a call must not be used after it.
+        let mut local = unsafe { self.local(heap) };
         let cs = &mut local.classes[class];
         if cs.free == 0 && cs.freed != 0 {
             // The head comes from shared memory: checked before fresh blocks link to it.
@@ -439,7 +448,10 @@ impl Shared {
                     return self.quick.pop_free(cs, class).ok_or(corrupt(span, "fresh block not free"));
                 }
             }
-            local.classes[class].bump_span = self.new_span(heap_off, class, size)?;
+            let span = self.new_span(heap_off, class, size)?;
+            // SAFETY: as above.
+            local = unsafe { self.local(heap) };
+            local.classes[class].bump_span = span;
             crash::point();
             let cs = &mut local.classes[class];
             cs.set_sweep_at(cs.sweep_at().max(sweep_limit(cs.count(), class)));

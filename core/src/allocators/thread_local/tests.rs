@@ -926,3 +926,24 @@ fn a_slot_number_another_process_broke_is_no_panic() {
     }
     let _ = a.free(p);
 }
+
+/// An allocation whose refill collects remote frees: the collection takes the heap's owner-only
+/// part for itself, so the refill and the allocation must not keep using a reference to it made
+/// before (Miri: `cargo +nightly miri test -p hetmem-core --lib refill_that_collects`).
+#[test]
+fn a_refill_that_collects_remote_frees_keeps_one_view_of_the_heap() {
+    let a = Tla::create(region_of(1 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = start_of(&a);
+    let p = a.allocate(48, 8).unwrap();
+    let s = &a.shared;
+    // Another heap (another thread's) frees the block remotely.
+    let freer = s.heaps.acquire(&s.mem, &s.fs, owner_token(), || Ok(())).unwrap();
+    let Some(Found::Small(b)) = find_live(&s.arena, p.get()) else { panic!("live") };
+    s.free_small(freer, b).unwrap();
+    s.release_heap(freer).unwrap();
+    // The allocation list is empty: the refill collects the block and hands it out again.
+    let q = a.allocate(48, 8).unwrap();
+    assert_eq!(q, p);
+    a.free(q).unwrap();
+    assert_back_to_start(&a, start);
+}
