@@ -309,3 +309,30 @@ fn caches_over_shared_memory_hand_a_forked_child_no_cached_block() {
         caches.dealloc(b, layout);
     }
 }
+
+/// A typed pool over a resource in shared memory: a forked child must not hand out the blocks
+/// its parent's pool cached (the parent hands them out too); it drops them, and gets none (the
+/// resource refuses a forked child) rather than a cached one. The parent's pool serves on.
+#[test]
+fn a_typed_pool_over_shared_memory_hands_a_forked_child_no_cached_block() {
+    use hetmem::cache::{PoolAllocator, Upstream};
+    use hetmem::pool::BackendResource;
+    use std::sync::Arc;
+    let seg = format!("/hetmem-fork-pool-{}", std::process::id());
+    let backend = Arc::new(PosixShmBackend::create(&seg, 1 << 20, &ShmOptions::default()).unwrap());
+    let resource: &'static BackendResource = Box::leak(Box::new(BackendResource::new(backend).unwrap()));
+    let pool = PoolAllocator::<[u64; 8]>::with_upstream(16, Upstream::Resource(resource));
+    let blocks: Vec<_> = (0..8).map(|_| pool.allocate().unwrap()).collect();
+    for &b in &blocks {
+        // SAFETY: from `allocate`, no value written, freed once.
+        unsafe { pool.deallocate(b) };
+    }
+    assert_eq!(pool.cached(), 8);
+    assert!(in_a_forked_child(|| pool.allocate().is_err() && pool.cached() == 0));
+    let again = pool.allocate().unwrap();
+    assert!(blocks.contains(&again), "the parent's pool still serves from its cache");
+    // SAFETY: as above.
+    unsafe { pool.deallocate(again) };
+    assert_eq!(pool.cached(), 8);
+    pool.check().unwrap();
+}

@@ -20,6 +20,9 @@ use crate::sync::SpinLock;
 /// nodes, a channel's slots) can bound how often it reaches the upstream; [`Self::reserve`]
 /// fills it ahead of time. Frees beyond the limit go upstream.
 ///
+/// In a forked child, the blocks it cached before the fork are dropped, unfreed: over shared
+/// memory they are the parent's as well, and the parent may hand them out.
+///
 /// It is usable on its own ([`Self::allocate`], [`Self::deallocate`]) and as an
 /// `allocator_api2` [`Allocator`] (by reference) for node-based containers: requests that fit a
 /// `T` use the pool, any other size passes through to the upstream.
@@ -46,6 +49,8 @@ struct FreeList {
     head: *mut u8,
     len: usize,
     limit: usize,
+    /// The fork generation ([`crate::fork::generation`]) its blocks were cached in.
+    generation: u64,
 }
 
 // SAFETY: the list holds blocks the pool owns exclusively.
@@ -74,7 +79,7 @@ impl<T> PoolAllocator<T> {
     /// host-accessible (the pool writes links into free blocks); see [`Self::allocate`].
     pub const fn with_upstream(limit: usize, upstream: Upstream) -> Self {
         PoolAllocator {
-            free: SpinLock::new(FreeList { head: ptr::null_mut(), len: 0, limit }),
+            free: SpinLock::new(FreeList { head: ptr::null_mut(), len: 0, limit, generation: 0 }),
             upstream,
             counters: Counters::new(),
             _marker: PhantomData,
@@ -92,7 +97,7 @@ impl<T> PoolAllocator<T> {
     }
 
     fn pop(&self) -> Option<NonNull<u8>> {
-        let mut free = self.free.lock();
+        let mut free = self.list();
         let head = NonNull::new(free.head)?;
         // SAFETY: a block on our list; its first word links the next.
         free.head = unsafe { link(head.as_ptr(), 0) };
@@ -106,6 +111,9 @@ impl<T> PoolAllocator<T> {
         if !self.upstream.host_accessible() {
             return Err(Error::Unsupported("a pool needs an upstream whose memory the CPU can write"));
         }
+        // Forks are counted before the first block can be cached (see `list`). Where they cannot
+        // be (no `pthread_atfork`), the docs of `crate::fork` say what not to do.
+        let _ = crate::fork::watch();
         self.counters.upstream_allocations.add_shared(1);
         self.upstream
             .allocate(Self::BLOCK.size(), Self::BLOCK.align())
@@ -120,7 +128,7 @@ impl<T> PoolAllocator<T> {
     pub unsafe fn deallocate(&self, ptr: NonNull<T>) {
         let block = ptr.cast::<u8>();
         {
-            let mut free = self.free.lock();
+            let mut free = self.list();
             if free.len < free.limit {
                 // SAFETY: the block is ours now and holds at least a pointer.
                 unsafe { set_link(block.as_ptr(), 0, free.head) };
@@ -157,7 +165,7 @@ impl<T> PoolAllocator<T> {
 
     /// Changes the limit; cached blocks over it go upstream now.
     pub fn set_limit(&self, limit: usize) {
-        self.free.lock().limit = limit;
+        self.list().limit = limit;
         self.trim(limit);
     }
 
@@ -168,7 +176,7 @@ impl<T> PoolAllocator<T> {
 
     fn trim(&self, keep: usize) {
         let mut chain = {
-            let mut free = self.free.lock();
+            let mut free = self.list();
             let mut chain = ptr::null_mut();
             while free.len > keep {
                 let block = free.head;
@@ -191,12 +199,12 @@ impl<T> PoolAllocator<T> {
 
     /// Blocks cached now.
     pub fn cached(&self) -> usize {
-        self.free.lock().len
+        self.list().len
     }
 
     /// The most blocks it caches.
     pub fn limit(&self) -> usize {
-        self.free.lock().limit
+        self.list().limit
     }
 
     /// Hits, misses, bytes cached, bytes returned upstream and upstream allocations.
@@ -207,7 +215,7 @@ impl<T> PoolAllocator<T> {
 
     /// Walks the free list: as long as counted, within the limit, aligned, no cycle.
     pub fn check(&self) -> Result<()> {
-        let free = self.free.lock();
+        let free = self.list();
         let corrupt = |detail| Error::Corrupt { structure: "pool allocator", offset: 0, detail };
         if free.len > free.limit {
             return Err(corrupt("more blocks cached than the limit"));
@@ -229,6 +237,18 @@ impl<T> PoolAllocator<T> {
             return Err(corrupt("list shorter than counted"));
         }
         Ok(())
+    }
+
+    /// The free list, locked. In a forked child, the blocks cached before the fork are dropped
+    /// first, unfreed: over shared memory they are the parent's too (it may hand them out), and
+    /// over private memory they are copies the child can do without.
+    fn list(&self) -> crate::sync::SpinLockGuard<'_, FreeList> {
+        let mut free = self.free.lock();
+        let now = crate::fork::generation();
+        if free.generation != now {
+            (free.head, free.len, free.generation) = (ptr::null_mut(), 0, now);
+        }
+        free
     }
 
     /// Whether an `Allocator` request of `layout` is served by the pool.
