@@ -308,6 +308,9 @@ fn caches_over_shared_memory_hand_a_forked_child_no_cached_block() {
         assert!(!b.is_null());
         caches.dealloc(b, layout);
     }
+    // The resource is leaked (the caches need it for 'static), so its backend never drops: the
+    // name goes here, the mapping with the process.
+    PosixShmBackend::remove(&seg).unwrap();
 }
 
 /// A typed pool over a resource in shared memory: a forked child must not hand out the blocks
@@ -335,4 +338,6 @@ fn a_typed_pool_over_shared_memory_hands_a_forked_child_no_cached_block() {
     unsafe { pool.deallocate(again) };
     assert_eq!(pool.cached(), 8);
     pool.check().unwrap();
+    // The resource is leaked (the pool needs it for 'static): the name goes here.
+    PosixShmBackend::remove(&seg).unwrap();
 }
