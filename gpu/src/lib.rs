@@ -24,6 +24,8 @@
 #[cfg(any(hetmem_cuda, hetmem_rocm))]
 mod aligned;
 #[cfg(any(hetmem_cuda, hetmem_rocm))]
+mod fork_once;
+#[cfg(any(hetmem_cuda, hetmem_rocm))]
 mod pinned;
 
 #[cfg(hetmem_cuda)]

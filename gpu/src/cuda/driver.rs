@@ -9,11 +9,13 @@
 
 use std::collections::HashMap;
 use std::ffi::{c_char, c_void, CStr};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{self, CUdevice_attribute, CUresult};
 use cudarc::driver::{CudaContext, CudaStream, DriverError};
 use hetmem_core::{Error, Result, ShortStr};
+
+use crate::fork_once::ForkOnce;
 
 /// Environment variable naming the driver library to load (a path, e.g.
 /// `/usr/local/nvidia/lib64/libcuda.so.1`). When set, that library is used or none is.
@@ -93,20 +95,12 @@ pub struct DriverInfo {
 ///   not survive `fork()` (any driver call before an `exec` is undefined behaviour), so nothing
 ///   here calls it there, and dropping the parent's backends in the child leaves them to the parent.
 pub fn driver() -> Result<DriverInfo> {
-    // The answer, and the fork generation it was given in (`hetmem_core::fork`).
-    static STATE: OnceLock<(Result<DriverInfo>, u64)> = OnceLock::new();
-    let (state, generation) = STATE.get_or_init(|| {
-        // Registered before the driver loads, so that every later fork is counted.
-        let loaded = hetmem_core::fork::watch().and_then(|()| load());
-        (loaded, hetmem_core::fork::generation())
-    });
-    if state.is_ok() && *generation != hetmem_core::fork::generation() {
-        return Err(Error::Unsupported(
-            "this process was forked after it loaded the CUDA driver, which a forked child cannot use \
-             (exec a new program to use CUDA)",
-        ));
-    }
-    *state
+    static STATE: ForkOnce<DriverInfo> = ForkOnce::new();
+    STATE.get(
+        load,
+        "this process was forked after it loaded the CUDA driver, which a forked child cannot use \
+         (exec a new program to use CUDA)",
+    )
 }
 
 fn load() -> Result<DriverInfo> {

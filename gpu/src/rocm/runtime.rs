@@ -3,9 +3,10 @@
 //! module makes.
 
 use std::ffi::{c_void, CStr};
-use std::sync::OnceLock;
 
 use hetmem_core::{Error, Result, ShortStr};
+
+use crate::fork_once::ForkOnce;
 use hip_sys::hiprt::{self, hipError_t};
 
 /// What the HIP runtime reported.
@@ -25,20 +26,12 @@ pub struct RuntimeInfo {
 /// that had started the runtime: HIP does not survive `fork()`, so nothing here calls it there,
 /// and dropping the parent's backends in the child leaves their registrations to the parent.
 pub fn runtime() -> Result<RuntimeInfo> {
-    // The answer, and the fork generation it was given in (`hetmem_core::fork`).
-    static STATE: OnceLock<(Result<RuntimeInfo>, u64)> = OnceLock::new();
-    let (state, generation) = STATE.get_or_init(|| {
-        // Registered before the runtime starts, so that every later fork is counted.
-        let started = hetmem_core::fork::watch().and_then(|()| start());
-        (started, hetmem_core::fork::generation())
-    });
-    if state.is_ok() && *generation != hetmem_core::fork::generation() {
-        return Err(Error::Unsupported(
-            "this process was forked after it started the HIP runtime, which a forked child cannot use \
-             (exec a new program to use HIP)",
-        ));
-    }
-    *state
+    static STATE: ForkOnce<RuntimeInfo> = ForkOnce::new();
+    STATE.get(
+        start,
+        "this process was forked after it started the HIP runtime, which a forked child cannot use \
+         (exec a new program to use HIP)",
+    )
 }
 
 fn start() -> Result<RuntimeInfo> {
