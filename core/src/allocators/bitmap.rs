@@ -209,6 +209,11 @@ unsafe impl Send for BitmapAllocator {}
 // SAFETY: as for `Send`.
 unsafe impl Sync for BitmapAllocator {}
 
+/// The error for a broken invariant at `offset`.
+fn corrupt(offset: u64, detail: &'static str) -> Error {
+    Error::Corrupt { structure: "bitmap allocator", offset, detail }
+}
+
 /// Where one class's parts go in a region being created.
 struct Placement {
     size: u64,
@@ -255,7 +260,6 @@ impl BitmapAllocator {
     /// Reads and checks the class table of `header` (in `region`): every part of every class
     /// inside the region after the header, aligned, classes in order and apart.
     fn read_classes(region: &Region, header: &BitmapHeader) -> Result<Box<[Class]>> {
-        let corrupt = |offset, detail| Error::Corrupt { structure: "bitmap allocator", offset, detail };
         // SAFETY: a live u32 of the header, 4-aligned (the header is 8-aligned, checked by
         // `header_at`); one atomic load, so the count checked is the count used.
         let count =
@@ -435,8 +439,7 @@ impl BitmapAllocator {
     fn recorded_size(c: &Class, index: u64) -> Result<u64> {
         let size = u64::from(c.size_slot(index).load(Ordering::Relaxed));
         if size == 0 || size > c.size {
-            let detail = "a block's requested size does not fit it";
-            return Err(Error::Corrupt { structure: "bitmap allocator", offset: c.data + (index << c.shift), detail });
+            return Err(corrupt(c.data + (index << c.shift), "a block's requested size does not fit it"));
         }
         Ok(size)
     }
@@ -531,22 +534,21 @@ impl RegionAllocator for BitmapAllocator {
     }
 
     fn check(&self) -> Result<()> {
-        let corrupt = |offset, detail| Err(Error::Corrupt { structure: "bitmap allocator", offset, detail });
         let header = self.header();
         if header.magic != BITMAP_MAGIC || header.class_count as usize != self.classes.len() {
-            return corrupt(self.region.offset(), "header changed since attach");
+            return Err(corrupt(self.region.offset(), "header changed since attach"));
         }
         for (c, r) in self.classes.iter().zip(&header.classes) {
             let at = c.data;
             let [size, blocks, _, _, data] = r.fixed_fields();
             if (size, blocks, data) != (c.size, c.blocks, c.data) {
-                return corrupt(at, "class record changed since attach");
+                return Err(corrupt(at, "class record changed since attach"));
             }
             let words = c.words();
             if let Some(last) = words.last() {
                 let tail = c.blocks % 64;
                 if tail != 0 && last.load(Ordering::Relaxed) >> tail != u64::MAX >> tail {
-                    return corrupt(at, "bits past the last block are clear");
+                    return Err(corrupt(at, "bits past the last block are clear"));
                 }
             }
             let mut live = 0u64;
@@ -559,10 +561,10 @@ impl RegionAllocator for BitmapAllocator {
             }
             let (allocations, frees) = (r.allocations.load(Ordering::Relaxed), r.frees.load(Ordering::Relaxed));
             if allocations.wrapping_sub(frees) != live {
-                return corrupt(at, "allocations less frees is not the blocks in use");
+                return Err(corrupt(at, "allocations less frees is not the blocks in use"));
             }
             if r.peak.load(Ordering::Relaxed) < live {
-                return corrupt(at, "peak below the blocks in use");
+                return Err(corrupt(at, "peak below the blocks in use"));
             }
         }
         Ok(())
