@@ -27,11 +27,9 @@
 //! comparisons returning `Option`; the `Error` saying what was wrong is built afterwards, off the
 //! fast path ([`explain_free`]).
 
-use core::cell::UnsafeCell;
-
 use crate::error::{Error, Result};
 use crate::region::Region;
-use crate::sync::atomic::{AtomicU64, Ordering};
+use crate::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use crate::sync::tagged_list::{decode, encode, storable, LinkStore};
 
 use super::free_space::{FreeSpaceGuard, UNIT};
@@ -344,38 +342,21 @@ pub(crate) struct SpanHeader {
     kind: AtomicU64,
     /// What owns the span (the thread-local allocator's heap offset; 0 in the page allocator).
     pub(crate) owner: AtomicU64,
-    /// Owner-only state for allocators with per-thread heaps.
-    local: UnsafeCell<SpanLocal>,
-}
-
-/// Span state only the owning heap's thread touches.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct SpanLocal {
-    /// Blocks below this index have been handed out at least once (the ones above were never
-    /// formatted).
-    pub(crate) bump: u32,
-    pub(crate) _pad: u32,
+    /// For allocators with per-thread heaps: blocks below this index have been handed out at
+    /// least once (the ones above were never formatted). Only the owning heap's thread writes
+    /// it (or a repairer holding the heap); anyone may read it (`check`), so it is atomic, used
+    /// with relaxed loads and stores, which cost what plain ones do.
+    bump: AtomicU32,
+    _pad: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<SpanHeader>() as u64 == SPAN_HEADER);
 
 impl SpanHeader {
-    /// The owner-only part.
-    ///
-    /// # Safety
-    /// The caller's thread owns the heap that owns the span (or repairs it, holding the heap),
-    /// so no one else accesses this part while the pointer is used.
+    /// The bump index (see the field): written by the owning heap's thread alone.
     #[inline]
-    pub(crate) unsafe fn local(&self) -> *mut SpanLocal {
-        self.local.get()
-    }
-
-    /// A copy of the owner-only part, for walks while the allocator is quiet.
-    pub(crate) fn local_snapshot(&self) -> SpanLocal {
-        // SAFETY: plain integers in bounds; racing with an owner only gives stale figures, and
-        // callers use this while the allocator is quiet (check, stats).
-        unsafe { self.local.get().read_volatile() }
+    pub(crate) fn bump(&self) -> &AtomicU32 {
+        &self.bump
     }
 }
 
@@ -531,7 +512,7 @@ impl Mem {
             return None;
         }
         // SAFETY: in bounds and 64-aligned (unit-aligned offset, page-aligned base); a
-        // SpanHeader is integers, an atomic and an UnsafeCell of integers, valid for any bits.
+        // SpanHeader is atomics and an integer, valid for any bits.
         let h = unsafe { &*self.base.add(span as usize).cast::<SpanHeader>() };
         (h.kind.load(Ordering::Relaxed) as u32 == SPAN_MAGIC).then_some(h)
     }
@@ -623,7 +604,7 @@ pub(crate) unsafe fn init_span(mem: &Mem, span: u64, class: usize, owner: u64) -
     // owner.
     unsafe {
         (*p).owner.store(owner, Ordering::Relaxed);
-        (*p).local.get().write(SpanLocal::default());
+        (*p).bump.store(0, Ordering::Relaxed);
         crate::crash::point();
         core::sync::atomic::compiler_fence(Ordering::Release);
         (*p).kind.store(span_kind(class), Ordering::Relaxed);

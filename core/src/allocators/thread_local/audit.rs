@@ -24,15 +24,12 @@ impl Shared {
             for (c, cs) in local.classes.iter().enumerate() {
                 // Frees first: the owner counts an allocation before its free, so on a machine
                 // that keeps loads and stores in order (x86) a reader that reads the frees first
-                // sees no more frees than allocations. `read_volatile` only keeps the compiler
-                // from reordering or merging the reads; it orders nothing in hardware, so on a
-                // weaker machine the figures may still cross: `saturating_sub` keeps live blocks
-                // from wrapping below zero there.
-                // SAFETY: plain integers in bounds (see `local_snapshot`).
-                let frees = unsafe { core::ptr::read_volatile(&cs.frees) };
-                // SAFETY: as above.
-                let allocations = unsafe { core::ptr::read_volatile(&cs.allocations) };
-                counts.add(c, allocations.saturating_sub(frees), allocations, cs.live_bytes);
+                // sees no more frees than allocations. The loads are relaxed: on a weaker machine
+                // the figures may still cross, and `saturating_sub` keeps live blocks from
+                // wrapping below zero there.
+                let frees = cs.frees.get();
+                let allocations = cs.allocations.get();
+                counts.add(c, allocations.saturating_sub(frees), allocations, cs.live_bytes.get());
             }
         }
         Ok(counts)
@@ -139,13 +136,11 @@ impl Shared {
                 if n != cs.count() {
                     return Err(corrupt(offset, "heap free list longer or shorter than its count"));
                 }
-                if cs.bump_span != 0
-                    && self
-                        .arena
-                        .class_span(cs.bump_span, class)
-                        .is_none_or(|s| s.owner.load(Ordering::Relaxed) != offset)
+                let bump_span = cs.bump_span.get();
+                if bump_span != 0
+                    && self.arena.class_span(bump_span, class).is_none_or(|s| s.owner.load(Ordering::Relaxed) != offset)
                 {
-                    return Err(corrupt(cs.bump_span, "heap bumps into a span that is not its own"));
+                    return Err(corrupt(bump_span, "heap bumps into a span that is not its own"));
                 }
             }
         }
@@ -166,7 +161,7 @@ impl Shared {
                     if run.len() != layout.units || !heap_set.contains(&owner) {
                         return Err(corrupt(base, "span header disagrees with the table"));
                     }
-                    let bump = s.local_snapshot().bump as u64;
+                    let bump = u64::from(s.bump().load(Ordering::Relaxed));
                     if bump > layout.blocks {
                         return Err(corrupt(base, "span bump past its blocks"));
                     }
@@ -228,10 +223,10 @@ impl Shared {
             for class in 0..CLASS_COUNT {
                 let (n, bytes) = live.get(&(offset, class)).copied().unwrap_or_default();
                 let cs = &local.classes[class];
-                if cs.live() != n || cs.live_bytes != bytes {
+                if cs.live() != n || cs.live_bytes.get() != bytes {
                     return Err(corrupt(offset, "heap counters disagree with its blocks"));
                 }
-                if cs.frees > cs.allocations {
+                if cs.frees.get() > cs.allocations.get() {
                     return Err(corrupt(offset, "heap has more frees than allocations"));
                 }
             }

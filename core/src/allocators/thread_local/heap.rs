@@ -23,14 +23,12 @@
 //! yet pushed hangs off `pending` with its links intact, so [`recovery`](super::recovery) can
 //! finish the job. Everything else in the heap is rebuilt from the blocks' states on repair.
 
-use core::cell::UnsafeCell;
-
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
 use crate::crash;
 use crate::error::{Error, Result};
-use crate::sync::atomic::{fence, AtomicU64, Ordering};
+use crate::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use crate::sync::tagged_list::{self, LinkStore, TaggedOffsetList};
 
 use super::super::large::TAG_SPAN;
@@ -63,7 +61,44 @@ pub(super) const CYCLE: [u64; CLASS_COUNT] = {
     out
 };
 
-/// One class's state in a heap: one cache line, written by the owner only.
+/// A word of a heap's owner-only state: only the heap's owner writes it, while anyone may read
+/// it at any time (`stats`, `check`, a repairer). Relaxed atomic loads and stores compile to the
+/// plain moves (and read-modify-write `add`s) that plain fields would, so the owner pays
+/// nothing for them, and a reader racing the owner reads a stale value, which is not a data
+/// race (as a plain read beside the owner's writes would be: undefined behaviour).
+#[repr(transparent)]
+pub(super) struct OwnerWord(AtomicU64);
+
+impl OwnerWord {
+    /// The value.
+    #[inline(always)]
+    pub(super) fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Sets the value (by the owner).
+    #[inline(always)]
+    pub(super) fn set(&self, value: u64) {
+        self.0.store(value, Ordering::Relaxed);
+    }
+
+    /// Sets the value to 0 and returns what it was (by the owner: not one atomic step).
+    #[inline(always)]
+    pub(super) fn take(&self) -> u64 {
+        let value = self.get();
+        self.set(0);
+        value
+    }
+
+    /// Adds `delta`, wrapping (by the owner: not one atomic step).
+    #[inline(always)]
+    fn add(&self, delta: u64) {
+        self.set(self.get().wrapping_add(delta));
+    }
+}
+
+/// One class's state in a heap: one cache line, written by its owner only, read by anyone
+/// (each field an [`OwnerWord`]).
 ///
 /// An allocation adds to `allocations` and `live_bytes`, a free (local, or collected from the
 /// remote list) to `frees` and takes from `live_bytes`; the rest is derived: live blocks are
@@ -71,98 +106,137 @@ pub(super) const CYCLE: [u64; CLASS_COUNT] = {
 /// `blocks - live`. Slow paths (bumping, sweeping, repair) move `blocks` and the sweep
 /// threshold.
 #[repr(C, align(64))]
-#[derive(Clone, Copy, Default)]
 pub(super) struct ClassState {
     /// The first free block allocations take (0 = none); the list links through the blocks'
     /// second words.
-    pub(super) free: u64,
+    pub(super) free: OwnerWord,
     /// Requested bytes of the live blocks.
-    pub(super) live_bytes: u64,
+    pub(super) live_bytes: OwnerWord,
     /// The span new blocks are bumped from (0 = none).
-    pub(super) bump_span: u64,
+    pub(super) bump_span: OwnerWord,
     /// Blocks handed out since the heap was made. (The counters an operation writes are not
     /// neighbours, so they stay scalar additions.)
-    pub(super) allocations: u64,
+    pub(super) allocations: OwnerWord,
     /// Blocks of the class the heap holds that are live or on its free lists (fresh blocks past
     /// a span's bump index are not).
-    pub(super) blocks: u64,
+    pub(super) blocks: OwnerWord,
     /// Blocks given back to the heap's free lists since the heap was made.
-    pub(super) frees: u64,
+    pub(super) frees: OwnerWord,
     /// The first block the owner freed since `free` last ran dry (0 = none), linked as `free`
     /// is; taken whole when `free` is empty.
-    pub(super) freed: u64,
+    pub(super) freed: OwnerWord,
     /// `sweep_at - blocks`, where the free lists are swept when longer than `sweep_at`
     /// together: twice their length after the last sweep, plus two spans' worth (set when the
     /// class gets its first span; 0 until then). Kept as the difference so a free tests the
     /// threshold against its own counters alone.
-    sweep_mark: u64,
+    sweep_mark: OwnerWord,
 }
 
 impl ClassState {
     /// Live blocks (remote frees not yet collected included).
     #[inline]
     pub(super) fn live(&self) -> u64 {
-        self.allocations.wrapping_sub(self.frees)
+        self.allocations.get().wrapping_sub(self.frees.get())
+    }
+
+    /// Blocks of the class the heap holds (live or on its free lists).
+    #[inline]
+    pub(super) fn blocks(&self) -> u64 {
+        self.blocks.get()
     }
 
     /// Blocks on the free lists.
     #[inline]
     pub(super) fn count(&self) -> u64 {
-        self.blocks.wrapping_sub(self.live())
+        self.blocks().wrapping_sub(self.live())
     }
 
     /// Whether the free lists are longer than the sweep threshold: `blocks - live > sweep_at`,
     /// rearranged so that only the counters a free just wrote vary.
     #[inline]
     pub(super) fn sweep_due(&self) -> bool {
-        (self.frees.wrapping_sub(self.allocations) as i64) > self.sweep_mark as i64
+        (self.frees.get().wrapping_sub(self.allocations.get()) as i64) > self.sweep_mark.get() as i64
     }
 
     /// The sweep threshold (a length of the free lists together).
-    fn sweep_at(&self) -> u64 {
-        self.sweep_mark.wrapping_add(self.blocks)
+    pub(super) fn sweep_at(&self) -> u64 {
+        self.sweep_mark.get().wrapping_add(self.blocks())
     }
 
     /// Sets the sweep threshold.
-    pub(super) fn set_sweep_at(&mut self, at: u64) {
-        self.sweep_mark = at.wrapping_sub(self.blocks);
+    pub(super) fn set_sweep_at(&self, at: u64) {
+        self.sweep_mark.set(at.wrapping_sub(self.blocks()));
     }
 
     /// Sets how many blocks the heap holds, keeping the threshold.
-    pub(super) fn set_blocks(&mut self, blocks: u64) {
+    pub(super) fn set_blocks(&self, blocks: u64) {
         let at = self.sweep_at();
-        self.blocks = blocks;
+        self.blocks.set(blocks);
         self.set_sweep_at(at);
+    }
+
+    /// The head of the allocation list (`None` when it is empty), for a block pushed on it.
+    #[inline]
+    pub(super) fn free_head(&self) -> Option<u64> {
+        let head = self.free.get();
+        (head != 0).then_some(head)
     }
 
     /// The heads of the two free lists, for walks (`None` for an empty one).
     pub(super) fn lists(&self) -> [Option<u64>; 2] {
-        [self.free, self.freed].map(|h| (h != 0).then_some(h))
+        [self.free.get(), self.freed.get()].map(|h| (h != 0).then_some(h))
     }
 
     /// Counts a block handed out for `size` bytes.
     #[inline]
-    pub(super) fn count_allocation(&mut self, size: u64) {
-        self.allocations = self.allocations.wrapping_add(1);
-        self.live_bytes = self.live_bytes.wrapping_add(size);
+    pub(super) fn count_allocation(&self, size: u64) {
+        self.allocations.add(1);
+        self.live_bytes.add(size);
     }
 
     /// Counts a block given back to the free list.
     #[inline]
-    pub(super) fn count_free(&mut self, size: u64) {
-        self.frees = self.frees.wrapping_add(1);
-        self.live_bytes = self.live_bytes.wrapping_sub(size);
+    pub(super) fn count_free(&self, size: u64) {
+        self.frees.add(1);
+        self.live_bytes.add(size.wrapping_neg());
+    }
+
+    /// Counts a block given back to the free list, and says whether the lists are now due for a
+    /// sweep ([`sweep_due`](Self::sweep_due)), from the count it just wrote rather than a load
+    /// of it (which would wait for the store).
+    #[inline]
+    pub(super) fn count_free_sweep_due(&self, size: u64) -> bool {
+        let frees = self.frees.get().wrapping_add(1);
+        self.frees.set(frees);
+        self.live_bytes.add(size.wrapping_neg());
+        (frees.wrapping_sub(self.allocations.get()) as i64) > self.sweep_mark.get() as i64
+    }
+
+    /// Sets every word to 0 (a repair rebuilding the heap, which it holds).
+    pub(super) fn clear(&self) {
+        for word in [
+            &self.free,
+            &self.live_bytes,
+            &self.bump_span,
+            &self.allocations,
+            &self.blocks,
+            &self.frees,
+            &self.freed,
+            &self.sweep_mark,
+        ] {
+            word.set(0);
+        }
     }
 }
 
-/// The owner-only part of a heap.
+/// The owner-only part of a heap: written by the heap's owner alone, read by anyone.
 #[repr(C)]
 pub(super) struct HeapLocal {
     pub(super) classes: [ClassState; CLASS_COUNT],
 }
 
 #[repr(C, align(64))]
-pub(super) struct LocalCell(pub(super) UnsafeCell<HeapLocal>);
+pub(super) struct LocalCell(pub(super) HeapLocal);
 
 /// Per class: the encoded first element of the remote chain being collected (0 = none).
 #[repr(C, align(64))]
@@ -298,37 +372,33 @@ pub(super) fn sweep_limit(count: u64, class: usize) -> u64 {
 }
 
 impl Shared {
-    /// The owner-only part of a heap.
+    /// The owner-only part of a heap, for its owner to update.
     ///
     /// # Safety
     /// The caller's thread owns the heap (its TLS says so) or holds it for repair, so no one
-    /// else touches this part while the reference lives. The calls the caller makes meanwhile
-    /// may take it too (a refill collects, a collection settles, a shortage trims): a reference
-    /// is not used after such a call, but taken again.
-    #[allow(clippy::mut_from_ref)]
+    /// else writes this part: its words are updated by plain loads and stores (two writers would
+    /// lose updates), and its free lists are popped without compare-and-swap (two poppers would
+    /// hand a block out twice). Others may read it meanwhile (see [`OwnerWord`]).
     #[inline]
-    pub(super) unsafe fn local<'a>(&self, heap: &'a Heap) -> &'a mut HeapLocal {
-        // SAFETY: the caller's promise: exclusive access.
-        unsafe { &mut *heap.body.local.0.get() }
+    pub(super) unsafe fn local<'a>(&self, heap: &'a Heap) -> &'a HeapLocal {
+        &heap.body.local.0
     }
 
-    /// A heap's owner-only part, for readers while the allocator is quiet.
+    /// A heap's owner-only part, for readers: racing with the owner gives stale figures, which
+    /// is why stats are figures and `check` wants a quiet allocator.
     pub(super) fn local_snapshot<'a>(&self, heap: &'a Heap) -> &'a HeapLocal {
-        // SAFETY: plain integers in bounds; racing with the owner only gives stale figures,
-        // and callers (stats, check) document that they want a quiet allocator.
-        unsafe { &*heap.body.local.0.get() }
+        &heap.body.local.0
     }
 
     /// The bump index of one of our spans.
     ///
     /// # Safety
-    /// The caller owns the heap that owns the span (or holds a heap being repaired).
-    #[allow(clippy::mut_from_ref)]
+    /// The caller owns the heap that owns the span (or holds a heap being repaired): only it
+    /// moves the index (a plain load and store), and the blocks past it are its to format.
     #[inline]
-    pub(super) unsafe fn span_bump(&self, span: u64, class: usize) -> Result<&mut u32> {
+    pub(super) unsafe fn span_bump(&self, span: u64, class: usize) -> Result<&AtomicU32> {
         let h = self.arena.class_span(span, class).ok_or(corrupt(span, "heap lists a span of another class"))?;
-        // SAFETY: the caller's promise: the span's owner-only part is ours alone.
-        Ok(unsafe { &mut (*h.local()).bump })
+        Ok(h.bump())
     }
 
     // ---- allocation ----
@@ -338,13 +408,12 @@ impl Shared {
         // SAFETY: `heap_off` came from this thread's TLS: a heap it owns, checked when taken.
         let heap = unsafe { self.heaps.slot_unchecked(&self.mem, heap_off) };
         // SAFETY: the calling thread owns the heap.
-        let popped = self.quick.pop_free(&mut unsafe { self.local(heap) }.classes[class], class);
+        let popped = self.quick.pop_free(&unsafe { self.local(heap) }.classes[class], class);
         let (block, word) = match popped {
             Some(taken) => taken,
             None => self.refill(heap_off, heap, class, size)?,
         };
-        // SAFETY: as above; taken again after the refill, which takes it for itself (a reference
-        // from before it must not be used after it).
+        // SAFETY: as above.
         let local = unsafe { self.local(heap) };
         Ok(self.hand_out(heap_off, local, block, word, class, size, align))
     }
@@ -357,14 +426,14 @@ impl Shared {
     fn hand_out(
         &self,
         heap_off: u64,
-        local: &mut HeapLocal,
+        local: &HeapLocal,
         block: u64,
         word: u64,
         class: usize,
         size: usize,
         align: usize,
     ) -> u64 {
-        let cs = &mut local.classes[class];
+        let cs = &local.classes[class];
         // SAFETY: `block` lies whole in the arena (checked by `pop_free`, or a block of a span
         // checked whole by `refill`), and its user bytes with their padding (`class_for` counted
         // it) lie in the block.
@@ -408,52 +477,47 @@ impl Shared {
     #[inline(never)]
     fn refill(&self, heap_off: u64, heap: &Heap, class: usize, size: usize) -> Result<(u64, u64)> {
         // SAFETY: we own the heap.
-        let free = unsafe { self.local(heap) }.classes[class].free;
+        let free = unsafe { self.local(heap) }.classes[class].free.get();
         if free != 0 {
             return Err(corrupt(free, "heap free list holds a block that is not free"));
         }
         self.collect(heap_off, heap, class)?;
-        // SAFETY: we own the heap. Taken after the collection, which takes it for itself, and
-        // again after each `new_span` (whose relief of a shortage trims the heap): a reference
-        // from before such a call must not be used after it.
-        let mut local = unsafe { self.local(heap) };
-        let cs = &mut local.classes[class];
-        if cs.free == 0 && cs.freed != 0 {
+        // SAFETY: we own the heap.
+        let cs = &unsafe { self.local(heap) }.classes[class];
+        let freed = cs.freed.get();
+        if cs.free.get() == 0 && freed != 0 {
             // The head comes from shared memory: checked before fresh blocks link to it.
-            if !self.quick.holds_block(cs.freed, class) {
-                return Err(corrupt(cs.freed, "heap freed list starts outside the arena"));
+            if !self.quick.holds_block(freed, class) {
+                return Err(corrupt(freed, "heap freed list starts outside the arena"));
             }
-            cs.free = core::mem::take(&mut cs.freed);
+            cs.free.set(cs.freed.take());
             crash::point();
             let short = CYCLE[class].saturating_sub(cs.count());
-            if short > 0 && cs.bump_span != 0 {
+            let span = cs.bump_span.get();
+            if short > 0 && span != 0 {
                 // SAFETY: our span.
-                let bump = unsafe { self.span_bump(cs.bump_span, class) }?;
-                self.format(cs, cs.bump_span, bump, class, short);
+                let bump = unsafe { self.span_bump(span, class) }?;
+                self.format(cs, span, bump, class, short);
             }
         }
         if let Some(b) = self.quick.pop_free(cs, class) {
             return Ok(b);
         }
-        if cs.free != 0 {
-            return Err(corrupt(cs.free, "heap free list holds a block that is not free"));
+        if cs.free.get() != 0 {
+            return Err(corrupt(cs.free.get(), "heap free list holds a block that is not free"));
         }
         for _ in 0..2 {
-            let span = local.classes[class].bump_span;
+            let span = cs.bump_span.get();
             if span != 0 {
                 // SAFETY: our span.
                 let bump = unsafe { self.span_bump(span, class) }?;
-                let cs = &mut local.classes[class];
                 if self.format(cs, span, bump, class, 1) == 1 {
                     return self.quick.pop_free(cs, class).ok_or(corrupt(span, "fresh block not free"));
                 }
             }
             let span = self.new_span(heap_off, class, size)?;
-            // SAFETY: as above.
-            local = unsafe { self.local(heap) };
-            local.classes[class].bump_span = span;
+            cs.bump_span.set(span);
             crash::point();
-            let cs = &mut local.classes[class];
             cs.set_sweep_at(cs.sweep_at().max(sweep_limit(cs.count(), class)));
             crash::point();
         }
@@ -462,9 +526,9 @@ impl Shared {
 
     /// Formats up to `n` fresh blocks of the bump span `span` (whose bump index is `bump`) free
     /// onto `free`, the lowest on top; returns how many (fewer when the span runs out).
-    fn format(&self, cs: &mut ClassState, span: u64, bump: &mut u32, class: usize, n: u64) -> u64 {
+    fn format(&self, cs: &ClassState, span: u64, bump: &AtomicU32, class: usize, n: u64) -> u64 {
         let layout = LAYOUTS[class];
-        let first = *bump as u64;
+        let first = u64::from(bump.load(Ordering::Relaxed));
         let end = layout.blocks.min(first.saturating_add(n));
         // Pushed from the last block down, so `free` lists them in address order.
         for index in (first..end).rev() {
@@ -473,11 +537,9 @@ impl Shared {
             // was taken), past its bump index: no one else reads or writes it.
             unsafe {
                 self.arena.word_unchecked(b).store(fresh_word(class, index, 0), Ordering::Release);
-                self.arena
-                    .word_unchecked(b + 8)
-                    .store(tagged_list::encode((cs.free != 0).then_some(cs.free)), Ordering::Relaxed);
+                self.arena.word_unchecked(b + 8).store(tagged_list::encode(cs.free_head()), Ordering::Relaxed);
             }
-            cs.free = b;
+            cs.free.set(b);
             if index == first + (end - first) / 2 {
                 crash::point();
             }
@@ -485,9 +547,9 @@ impl Shared {
         if end <= first {
             return 0;
         }
-        *bump = end as u32;
+        bump.store(end as u32, Ordering::Relaxed);
         crash::point();
-        cs.set_blocks(cs.blocks.wrapping_add(end - first));
+        cs.set_blocks(cs.blocks().wrapping_add(end - first));
         crash::point();
         end - first
     }
@@ -517,8 +579,8 @@ impl Shared {
         let heap = self.heaps.slot(&self.mem, heap_off)?;
         // SAFETY: we own the heap that owns the block.
         let local = unsafe { self.local(heap) };
-        let cs = &mut local.classes[info.class];
-        cs.live_bytes = cs.live_bytes.wrapping_sub(info.size).wrapping_add(new_size as u64);
+        let cs = &local.classes[info.class];
+        cs.live_bytes.set(cs.live_bytes.get().wrapping_sub(info.size).wrapping_add(new_size as u64));
         crash::point();
         let resized = Info { size: new_size as u64, ..info };
         self.arena.info(block)?.store(resized.pack(), Ordering::Release);
@@ -550,7 +612,7 @@ impl Shared {
         // SAFETY: we own the heap.
         let local = unsafe { self.local(heap) };
         let class = b.class();
-        let cs = local.classes.get_mut(class)?;
+        let cs = local.classes.get(class)?;
         self.quick.push_freed(cs, b.block, b.word).then_some(class)
     }
 
@@ -697,10 +759,10 @@ impl Shared {
             w.store(freed_word(word, 0), Ordering::Release);
             crash::point();
             // SAFETY: we hold the heap.
-            let cs = &mut unsafe { self.local(heap) }.classes[class];
-            self.arena.store_link(r.block, (cs.free != 0).then_some(cs.free));
+            let cs = &unsafe { self.local(heap) }.classes[class];
+            self.arena.store_link(r.block, cs.free_head());
             crash::point();
-            cs.free = r.block;
+            cs.free.set(r.block);
             crash::point();
             cs.count_free(r.size);
             crash::point();
@@ -745,8 +807,8 @@ impl Shared {
     /// then empty).
     #[cold]
     #[inline(never)]
-    fn sweep(&self, local: &mut HeapLocal, class: usize, all: bool) -> Result<()> {
-        let cs = &mut local.classes[class];
+    fn sweep(&self, local: &HeapLocal, class: usize, all: bool) -> Result<()> {
+        let cs = &local.classes[class];
         let limit = self.fs.layout().bytes() / 32 + 1;
         let mut blocks = Vec::new();
         for head in cs.lists() {
@@ -769,15 +831,16 @@ impl Shared {
         let mut released = Vec::new();
         for (&span, &free) in &per_span {
             // SAFETY: our span.
-            let bump = *unsafe { self.span_bump(span, class) }? as u64;
-            if free == bump && (all || span != cs.bump_span) {
+            let bump = u64::from(unsafe { self.span_bump(span, class) }?.load(Ordering::Relaxed));
+            if free == bump && (all || span != cs.bump_span.get()) {
                 released.push(span);
             }
         }
-        if all && cs.bump_span != 0 && !per_span.contains_key(&cs.bump_span) {
+        let bump_span = cs.bump_span.get();
+        if all && bump_span != 0 && !per_span.contains_key(&bump_span) {
             // SAFETY: our span.
-            if *unsafe { self.span_bump(cs.bump_span, class) }? == 0 {
-                released.push(cs.bump_span);
+            if unsafe { self.span_bump(bump_span, class) }?.load(Ordering::Relaxed) == 0 {
+                released.push(bump_span);
             }
         }
         released.sort_unstable();
@@ -796,12 +859,12 @@ impl Shared {
             self.arena.store_link(last, None);
             crash::point();
         }
-        cs.free = kept.first().copied().unwrap_or(0);
-        cs.freed = 0;
+        cs.free.set(kept.first().copied().unwrap_or(0));
+        cs.freed.set(0);
         cs.set_blocks(cs.live().wrapping_add(kept.len() as u64));
         cs.set_sweep_at(sweep_limit(kept.len() as u64, class));
-        if released.binary_search(&cs.bump_span).is_ok() {
-            cs.bump_span = 0;
+        if released.binary_search(&bump_span).is_ok() {
+            cs.bump_span.set(0);
         }
         if !blocks.is_empty() || !released.is_empty() {
             // (With neither, the stores above wrote what was there.)
@@ -871,11 +934,11 @@ impl Shared {
             // The batch is free; what follows it still hangs off its links.
             pending.store(tagged_list::encode(next), Ordering::Release);
             crash::point();
-            let cs = &mut local.classes[class];
+            let cs = &local.classes[class];
             for &(b, size) in &batch[..k] {
-                self.arena.store_link(b, (cs.free != 0).then_some(cs.free));
+                self.arena.store_link(b, cs.free_head());
                 crash::point();
-                cs.free = b;
+                cs.free.set(b);
                 cs.count_free(size);
                 crash::point();
             }

@@ -61,11 +61,11 @@ pub(super) struct Quick {
 /// is split into more micro-operations than one through a base alone (measured: W1 7.5 -> 7.0
 /// ns with both quick paths so).
 #[inline(always)]
-fn in_register<T>(r: &mut T) -> &mut T {
+fn in_register<T>(r: &T) -> &T {
     // (Not under Miri, which runs no inline assembly.)
     #[cfg(all(any(target_arch = "x86", target_arch = "x86_64"), not(miri)))]
     {
-        let mut p: *mut T = r;
+        let mut p: *const T = r;
         // SAFETY: the template is a comment: the register holding `p` comes back unchanged, and
         // nothing else (memory, stack, flags) is touched.
         // The pointer is never dereferenced in the template, so `nomem` holds.
@@ -73,8 +73,8 @@ fn in_register<T>(r: &mut T) -> &mut T {
         unsafe {
             core::arch::asm!("/* {0} */", inout(reg) p, options(pure, nomem, nostack, preserves_flags))
         };
-        // SAFETY: `p` is `r`, unchanged: the same unique borrow, for the same lifetime.
-        unsafe { &mut *p }
+        // SAFETY: `p` is `r`, unchanged: the same shared borrow, for the same lifetime.
+        unsafe { &*p }
     }
     #[cfg(not(all(any(target_arch = "x86", target_arch = "x86_64"), not(miri))))]
     r
@@ -104,16 +104,16 @@ impl Quick {
         self.lines.quick_line(size, align)
     }
 
-    /// The owner-only part of the heap at `heap_off`.
+    /// The owner-only part of the heap at `heap_off`, for its owner to update.
     ///
     /// # Safety
-    /// `heap_off` came from the calling thread's TLS: a heap this thread owns, checked (bounds,
+    /// `heap_off` came from the calling thread's TLS: a heap this thread owns (so no one else
+    /// writes this part, see [`Shared::local`](super::Shared::local)), checked (bounds,
     /// alignment, magic) when it was taken, in the region `mem` views (which stays mapped).
-    #[allow(clippy::mut_from_ref)]
     #[inline]
-    unsafe fn local(&self, heap_off: u64) -> &mut HeapLocal {
-        // SAFETY: the caller's promise: a checked heap slot, whose owner-only part is ours alone.
-        unsafe { &mut *(*self.mem.addr(heap_off).cast::<Heap>()).body.local.0.get() }
+    unsafe fn local(&self, heap_off: u64) -> &HeapLocal {
+        // SAFETY: the caller's promise: a checked heap slot in the mapped region.
+        unsafe { &(*self.mem.addr(heap_off).cast::<Heap>()).body.local.0 }
     }
 
     /// Allocates a block of the class of `line` ([`Quick::line`]; the class fits `size`
@@ -123,7 +123,7 @@ impl Quick {
         let class = line / 64;
         // SAFETY: `heap_off` came from this thread's TLS: a heap it owns, checked when taken.
         let local = unsafe { self.local(heap_off) };
-        let cs = in_register(local.classes.get_mut(class)?);
+        let cs = in_register(local.classes.get(class)?);
         let (block, word) = self.pop_free(cs, class)?;
         // SAFETY: `pop_free` checked the whole block lies in the arena.
         Some(unsafe { self.hand_out(heap_off, cs, block, word, size) })
@@ -140,18 +140,18 @@ impl Quick {
         let heap = unsafe { &*self.mem.addr(heap_off).cast::<Heap>() };
         let (remote, orphan) = (heap.body.remote.0.get(class)?, heap.body.orphans.0.get(class)?);
         // SAFETY: `heap_off` came from this thread's TLS: a heap it owns, checked when taken.
-        let cs = unsafe { self.local(heap_off) }.classes.get_mut(class)?;
+        let cs = unsafe { self.local(heap_off) }.classes.get(class)?;
         // A non-empty `free` that the quick path did not pop from is damaged: the full path says
         // so. Fewer blocks than a cycle's worth: the full path tops them up.
-        if cs.free != 0
-            || cs.freed == 0
+        if cs.free.get() != 0
+            || cs.freed.get() == 0
             || cs.count() < CYCLE.get(class).copied()?
             || !remote.is_empty()
             || orphan.load(Ordering::Acquire) != 0
         {
             return None;
         }
-        cs.free = core::mem::take(&mut cs.freed);
+        cs.free.set(cs.freed.take());
         crash::point();
         self.allocate(heap_off, line, size)
     }
@@ -166,8 +166,8 @@ impl Quick {
     /// The first block of a class's free list (and its free info word). `None` when the list is
     /// empty, or its first block is not a free block of the class in the arena.
     #[inline]
-    pub(super) fn pop_free(&self, cs: &mut ClassState, class: usize) -> Option<(u64, u64)> {
-        let block = cs.free;
+    pub(super) fn pop_free(&self, cs: &ClassState, class: usize) -> Option<(u64, u64)> {
+        let block = cs.free.get();
         if !self.holds_block(block, class) {
             return None;
         }
@@ -180,7 +180,7 @@ impl Quick {
         }
         // Links are untagged (`tagged_list::encode`): decoding is the shift alone. A damaged
         // link fails the bounds check of the next pop.
-        cs.free = link.load(Ordering::Relaxed).wrapping_shl(4);
+        cs.free.set(link.load(Ordering::Relaxed).wrapping_shl(4));
         crash::point();
         Some((block, word))
     }
@@ -192,14 +192,7 @@ impl Quick {
     /// # Safety
     /// `block` lies whole in the arena, and `size` fits its class unpadded.
     #[inline]
-    pub(super) unsafe fn hand_out(
-        &self,
-        heap_off: u64,
-        cs: &mut ClassState,
-        block: u64,
-        word: u64,
-        size: usize,
-    ) -> u64 {
+    pub(super) unsafe fn hand_out(&self, heap_off: u64, cs: &ClassState, block: u64, word: u64, size: usize) -> u64 {
         cs.count_allocation(size as u64);
         crash::point();
         let live = word.wrapping_add(self.live_delta).wrapping_add(size as u64);
@@ -248,7 +241,7 @@ impl Quick {
         }
         // SAFETY: `heap_off` is this thread's heap (from its TLS), checked when taken.
         let local = unsafe { self.local(heap_off) };
-        let cs = in_register(local.classes.get_mut(class)?);
+        let cs = in_register(local.classes.get(class)?);
         Some(self.push_freed(cs, block, word))
     }
 
@@ -257,9 +250,10 @@ impl Quick {
     /// whether the lists are due for a sweep. `block` lies in the arena with its two
     /// header words, and `word` is its live info word.
     #[inline]
-    pub(super) fn push_freed(&self, cs: &mut ClassState, block: u64, word: u64) -> bool {
+    pub(super) fn push_freed(&self, cs: &ClassState, block: u64, word: u64) -> bool {
         let free = (word & !FIELD_MASK).wrapping_sub(self.live_delta);
         debug_assert_eq!(free, free_from_live(word));
+        let freed = cs.freed.get();
         // SAFETY: the caller's promise: both header words lie in the arena (which `mem` holds),
         // 16-aligned.
         unsafe {
@@ -267,13 +261,13 @@ impl Quick {
             crash::point();
             self.mem
                 .word_unchecked(block + 8)
-                .store(tagged_list::encode((cs.freed != 0).then_some(cs.freed)), Ordering::Relaxed);
+                .store(tagged_list::encode((freed != 0).then_some(freed)), Ordering::Relaxed);
             crash::point();
         }
-        cs.freed = block;
+        cs.freed.set(block);
         crash::point();
-        cs.count_free(word & FIELD_MASK);
+        let due = cs.count_free_sweep_due(word & FIELD_MASK);
         crash::point();
-        cs.sweep_due()
+        due
     }
 }

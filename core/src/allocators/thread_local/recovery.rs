@@ -297,8 +297,8 @@ impl Shared {
         self.settle_orphans(heap_off, heap)?;
         // SAFETY: we hold the heap.
         let local = unsafe { self.local(heap) };
-        let allocations: Vec<u64> = local.classes.iter().map(|c| c.allocations).collect();
-        *local = HeapLocal { classes: [ClassState::default(); CLASS_COUNT] };
+        let allocations: Vec<u64> = local.classes.iter().map(|c| c.allocations.get()).collect();
+        local.classes.iter().for_each(ClassState::clear);
         crash::point();
         let mut spans = Vec::new();
         let mut dead_large = Vec::new();
@@ -321,10 +321,10 @@ impl Shared {
         }
         for (c, allocs) in allocations.into_iter().enumerate() {
             // `repair_span` counted the live blocks in `allocations`, with no frees.
-            let cs = &mut local.classes[c];
-            let live = cs.allocations;
-            cs.allocations = allocs.max(live);
-            cs.frees = cs.allocations - live;
+            let cs = &local.classes[c];
+            let live = cs.allocations.get();
+            cs.allocations.set(allocs.max(live));
+            cs.frees.set(allocs.max(live) - live);
             cs.set_sweep_at(sweep_limit(cs.count(), c));
         }
         crash::point();
@@ -346,7 +346,7 @@ impl Shared {
     /// them later) and stay counted.
     fn repair_span(
         &self,
-        local: &mut HeapLocal,
+        local: &HeapLocal,
         span: u64,
         class: usize,
         free_dead: bool,
@@ -355,7 +355,7 @@ impl Shared {
         let layout = *LAYOUTS.get(class).ok_or(corrupt(span, "span class"))?;
         // SAFETY: we hold the span's heap.
         let bump = unsafe { self.span_bump(span, class) }?;
-        let formatted = (*bump as u64).min(layout.blocks);
+        let formatted = u64::from(bump.load(Ordering::Relaxed)).min(layout.blocks);
         let (mut free, mut kept, mut bytes) = (Vec::new(), 0u64, 0u64);
         for index in 0..layout.blocks {
             let b = block_at(span, class, index);
@@ -391,24 +391,24 @@ impl Shared {
                 crash::point();
             }
         }
-        *bump = layout.blocks as u32;
+        bump.store(layout.blocks as u32, Ordering::Relaxed);
         crash::point();
         if kept == 0 {
             return self.release_span(span);
         }
-        let cs = &mut local.classes[class];
-        cs.blocks += free.len() as u64 + kept;
+        let cs = &local.classes[class];
+        cs.set_blocks(cs.blocks() + free.len() as u64 + kept);
         crash::point();
         let middle = free.len() / 2;
         for (i, b) in free.into_iter().enumerate() {
-            self.arena.store_link(b, (cs.free != 0).then_some(cs.free));
-            cs.free = b;
+            self.arena.store_link(b, cs.free_head());
+            cs.free.set(b);
             if i == middle {
                 crash::point();
             }
         }
-        cs.allocations += kept;
-        cs.live_bytes += bytes;
+        cs.allocations.set(cs.allocations.get() + kept);
+        cs.live_bytes.set(cs.live_bytes.get() + bytes);
         crash::point();
         Ok(())
     }
