@@ -597,10 +597,10 @@ impl Shared {
         if owner != my_heap || my_heap == 0 {
             return self.free_remote(my_heap, owner, b.block, b.info());
         }
-        match self.free_local(my_heap, b) {
-            None => Ok(()),
-            sweep => self.sweep_class(my_heap, sweep),
+        if let sweep @ Some(_) = self.free_local(my_heap, b) {
+            self.sweep_class(my_heap, sweep);
         }
+        Ok(())
     }
 
     /// Frees a live small block of the calling thread's own heap `heap_off` (found by the full
@@ -617,21 +617,31 @@ impl Shared {
     }
 
     /// Sweeps the class of the block at `user` that the quick free just gave back to our heap
-    /// (which made the class due).
+    /// (which made the class due). See [`sweep_class`](Self::sweep_class).
     #[cold]
     #[inline(never)]
-    pub(super) fn sweep_freed(&self, heap_off: u64, user: u64) -> Result<()> {
-        let word = self.arena.info(user.wrapping_sub(SMALL_HEADER))?.load(Ordering::Relaxed);
-        self.sweep_class(heap_off, Some(word_class(word)).filter(|&c| c < CLASS_COUNT))
+    pub(super) fn sweep_freed(&self, heap_off: u64, user: u64) {
+        let word = self.arena.info(user.wrapping_sub(SMALL_HEADER)).map_or(0, |w| w.load(Ordering::Relaxed));
+        self.sweep_class(heap_off, Some(word_class(word)).filter(|&c| c < CLASS_COUNT));
     }
 
-    /// Sweeps `class` of our heap (after a free made it due).
+    /// Sweeps `class` of our heap after a free made it due. The free is done whatever happens
+    /// here, so it answers `Ok` (an error would tell its caller the block is still theirs). A
+    /// sweep that finds the lists damaged leaves them as they are: the allocation that reaches
+    /// the damage, and `check()`, report it. The next try waits until the lists have doubled
+    /// again, so that each free does not walk them anew.
     #[cold]
     #[inline(never)]
-    pub(super) fn sweep_class(&self, heap_off: u64, class: Option<usize>) -> Result<()> {
-        let heap = self.heaps.slot(&self.mem, heap_off)?;
+    pub(super) fn sweep_class(&self, heap_off: u64, class: Option<usize>) {
+        let (Ok(heap), Some(class)) = (self.heaps.slot(&self.mem, heap_off), class) else {
+            return;
+        };
         // SAFETY: we own the heap.
-        class.map_or(Ok(()), |c| self.sweep(unsafe { self.local(heap) }, c, false))
+        let local = unsafe { self.local(heap) };
+        if self.sweep(local, class, false).is_err() {
+            let cs = &local.classes[class];
+            cs.set_sweep_at(sweep_limit(cs.count(), class));
+        }
     }
 
     /// A free by a thread that does not own the block's heap: mark it remote and push it on the
@@ -649,7 +659,10 @@ impl Shared {
         // before it looks at its lists: one of us sees the other (see `release_heap`).
         fence(Ordering::SeqCst);
         if heap.owner.load(Ordering::Acquire) == 0 {
-            self.drain(owner)?;
+            // The free is done, so it answers `Ok` (an error would tell its caller the block is
+            // still theirs). A drain that finds the owner's heap damaged lets it go as it is,
+            // for the allocation or `check()` that reaches the damage to report.
+            let _ = self.drain(owner);
         }
         Ok(())
     }
@@ -994,14 +1007,18 @@ impl Shared {
         }
     }
 
-    /// Trims a heap we hold and lets it go; repeats while remote frees arrived meanwhile.
+    /// Trims a heap we hold and lets it go; repeats while remote frees arrived meanwhile. A
+    /// trim that finds the heap damaged still lets it go (then reports the damage): held, it
+    /// would stay ours for good, as our process lives, and the remote frees it is sent would
+    /// pile up unseen.
     pub(super) fn release_heap(&self, heap_off: u64) -> Result<()> {
         let heap = self.heaps.slot(&self.mem, heap_off)?;
         let token = heap.owner.load(Ordering::Relaxed);
         loop {
-            self.trim_heap(heap_off)?;
+            let trimmed = self.trim_heap(heap_off);
             heap.owner.store(0, Ordering::Release);
             crash::point();
+            trimmed?;
             // A remote freer pushes then reads our owner word; a repairer posts a dead freer
             // and stores `AWAITING_OWNER` into its heap, then reads our owner word. Each side
             // stores, then loads what the other stores: with a SeqCst fence between on both

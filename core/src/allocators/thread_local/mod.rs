@@ -482,7 +482,10 @@ impl<T: ThreadModel> RegionAllocator for ThreadLocalAllocator<T> {
         if let Some(heap) = fast_slot::get_last(self.instance) {
             match self.quick.free(heap, ptr.get()) {
                 Some(false) => return Ok(()),
-                Some(true) => return self.shared.sweep_freed(heap, ptr.get()),
+                Some(true) => {
+                    self.shared.sweep_freed(heap, ptr.get());
+                    return Ok(());
+                }
                 None => {}
             }
         }

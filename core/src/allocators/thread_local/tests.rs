@@ -987,3 +987,72 @@ fn stats_beside_a_busy_owner_is_no_data_race() {
     });
     assert_back_to_start(&a, start);
 }
+
+/// A free by the owner that makes a sweep due is done even when the sweep finds the lists
+/// damaged: it answers `Ok` (an error would tell the caller the block is still theirs), the
+/// damage stays for `check()` to report, and the sweep is not tried again at every free.
+#[test]
+fn a_free_whose_sweep_finds_damage_is_still_done() {
+    let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = start_of(&a);
+    let class = class_for(64, 8).unwrap();
+    let blocks: Vec<OffsetPtr> = (0..3000).map(|_| a.allocate(64, 8).unwrap()).collect();
+    let heap = a.existing_heap();
+    a.free(blocks[0]).unwrap();
+    a.free(blocks[1]).unwrap();
+    // Damage: the allocation list starts with the block the owner's list starts with, which a
+    // sweep refuses (a block on both lists).
+    let cs = class_line(&a, heap, class);
+    let before = cs.free.get();
+    cs.free.set(cs.freed.get());
+    let sweep_at = |a: &Tla| class_line(a, heap, class).sweep_at();
+    let first_due = sweep_at(&a);
+    for p in &blocks[2..] {
+        a.free(*p).unwrap();
+    }
+    let cs = class_line(&a, heap, class);
+    assert!(cs.count() > first_due, "the frees made a sweep due ({} blocks listed)", cs.count());
+    assert!(sweep_at(&a) > first_due, "a failed sweep puts the next try off");
+    assert_eq!(a.stats().live_allocations, 0, "every free was done");
+    assert!(a.check().is_err(), "the damage is still there to report");
+    class_line(&a, heap, class).free.set(before);
+    a.check().unwrap();
+    assert_back_to_start(&a, start);
+}
+
+/// A remote free into a heap no thread holds drains that heap; a drain that finds it damaged
+/// leaves the free done (`Ok`) and the heap let go, not held for good by the freer's process.
+#[test]
+fn a_remote_free_whose_drain_finds_damage_is_still_done() {
+    let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = start_of(&a);
+    let class = class_for(100, 8).unwrap();
+    // This thread has a heap of its own, so its frees of the other thread's blocks are remote.
+    let mine = a.allocate(100, 8).unwrap();
+    let (heap, blocks) = std::thread::scope(|s| {
+        s.spawn(|| {
+            let blocks: Vec<OffsetPtr> = (0..50).map(|_| a.allocate(100, 8).unwrap()).collect();
+            let heap = a.existing_heap();
+            a.release_thread_heap().unwrap();
+            (heap, blocks)
+        })
+        .join()
+        .unwrap()
+    });
+    assert_ne!(heap, a.existing_heap());
+    let owner = |a: &Tla| a.shared.heaps.slot(&a.shared.mem, heap).unwrap().owner.load(Ordering::Acquire);
+    assert_eq!(owner(&a), 0, "the heap was let go");
+    // Damage: the heap bumps from a span that is not one (its trim refuses it).
+    let cs = class_line(&a, heap, class);
+    let bump_span = cs.bump_span.get();
+    cs.bump_span.set(16);
+    a.free(blocks[0]).unwrap();
+    assert_eq!(owner(&a), 0, "the drain let the heap go");
+    assert!(a.check().is_err());
+    class_line(&a, heap, class).bump_span.set(bump_span);
+    for p in &blocks[1..] {
+        a.free(*p).unwrap();
+    }
+    a.free(mine).unwrap();
+    assert_back_to_start(&a, start);
+}
