@@ -1,0 +1,403 @@
+//! `hetmem`: looks at live hetmem segments from the command line.
+//!
+//! ```text
+//! hetmem list                  the hetmem segments in /dev/shm
+//! hetmem show NAME [--id M.m]  a segment's header, and each allocator's figures
+//! hetmem check NAME [--id M.m] walks each allocator's structures (`check()`)
+//! ```
+//!
+//! The tool attaches to a segment as any process of the application does, so it sees what a
+//! process starting now would see: attaching a scalable-page or thread-local allocator recovers
+//! what dead processes left in it, as it does for every attacher. Beyond that and the locks it
+//! takes, the tool writes nothing to the segment.
+//! `check` reads structures that the application's processes may be changing: a report of damage
+//! on a busy segment may be a race, so run it again, or run it while the segment is quiet.
+//!
+//! Exit status: 0 when all is well, 1 when `check` found damage, 2 for anything else (a bad
+//! command line, a segment that is missing or not hetmem's).
+
+use std::fmt::Write as _;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hetmem::allocators::{BitmapAllocator, ScalablePageAllocator, StackAllocator, ThreadLocalAllocator};
+use hetmem::backends::{PosixShmBackend, ShmOptions};
+use hetmem::core::header::AllocatorEntry;
+use hetmem::{AllocStats, AllocatorId, AllocatorType, BackendKind, Error, MemoryBackend, Region, RegionAllocator};
+
+const USAGE: &str = "\
+usage: hetmem list
+       hetmem show NAME [--id MAJOR.MINOR]
+       hetmem check NAME [--id MAJOR.MINOR]
+
+  list     the hetmem segments in /dev/shm: size, kind, creator, allocators
+  show     a segment's header and each allocator's figures
+  check    walks each allocator's structures; exit status 1 if any is damaged
+
+Attaching recovers what dead processes left in scalable-page and thread-local
+allocators, as any process that attaches does.
+
+NAME is the segment's name (\"/demo\" or \"demo\"). --id picks one allocator.
+Exit status: 0 all well, 1 damage found, 2 any other error.";
+
+/// Where POSIX shared-memory segments appear as files (Linux).
+const SHM_DIR: &str = "/dev/shm";
+
+/// What the command line asks for.
+#[derive(Debug, PartialEq, Eq)]
+enum Command {
+    Help,
+    List,
+    Show { name: String, id: Option<AllocatorId> },
+    Check { name: String, id: Option<AllocatorId> },
+}
+
+/// Parses the arguments after the program's name.
+fn parse(args: &[String]) -> Result<Command, String> {
+    let Some(command) = args.first() else {
+        return Err("no command given".into());
+    };
+    if matches!(command.as_str(), "-h" | "--help" | "help") {
+        return Ok(Command::Help);
+    }
+    if command == "list" {
+        return match args.get(1) {
+            None => Ok(Command::List),
+            Some(extra) => Err(format!("list takes no arguments (got {extra:?})")),
+        };
+    }
+    if !matches!(command.as_str(), "show" | "check") {
+        return Err(format!("unknown command {command:?}"));
+    }
+    let mut name = None;
+    let mut id = None;
+    let mut rest = args[1..].iter();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "--id" => {
+                let value = rest.next().ok_or("--id needs a value (MAJOR.MINOR)")?;
+                if id.replace(parse_id(value)?).is_some() {
+                    return Err("--id given twice".into());
+                }
+            }
+            flag if flag.starts_with('-') => return Err(format!("unknown option {flag:?}")),
+            _ if name.is_some() => return Err(format!("{command} takes one segment name (got {arg:?} too)")),
+            _ => name = Some(arg.clone()),
+        }
+    }
+    let name = name.ok_or(format!("{command} needs a segment name"))?;
+    Ok(if command == "show" { Command::Show { name, id } } else { Command::Check { name, id } })
+}
+
+/// Parses an allocator id written as `MAJOR.MINOR`, as hetmem prints them.
+fn parse_id(text: &str) -> Result<AllocatorId, String> {
+    let bad = || format!("--id {text:?}: not MAJOR.MINOR (two numbers, as in 1.0)");
+    let (major, minor) = text.split_once('.').ok_or_else(bad)?;
+    Ok(AllocatorId::new(major.parse().map_err(|_| bad())?, minor.parse().map_err(|_| bad())?))
+}
+
+/// Attaches the allocator `entry` names as its recorded type, if this build knows the type
+/// (`Ok(None)` if not).
+fn attach(
+    backend: &Arc<dyn MemoryBackend>,
+    entry: &AllocatorEntry,
+) -> hetmem::Result<Option<Box<dyn RegionAllocator>>> {
+    fn typed<A: AllocatorType>(
+        backend: &Arc<dyn MemoryBackend>,
+        entry: &AllocatorEntry,
+    ) -> hetmem::Result<Option<Box<dyn RegionAllocator>>> {
+        let region = Region::new(backend.clone(), entry.offset, entry.size)?;
+        Ok(Some(Box::new(A::attach(region, entry.id)?)))
+    }
+    match entry.type_id {
+        StackAllocator::TYPE_ID => typed::<StackAllocator>(backend, entry),
+        ScalablePageAllocator::TYPE_ID => typed::<ScalablePageAllocator>(backend, entry),
+        <ThreadLocalAllocator as AllocatorType>::TYPE_ID => typed::<ThreadLocalAllocator>(backend, entry),
+        BitmapAllocator::TYPE_ID => typed::<BitmapAllocator>(backend, entry),
+        _ => Ok(None),
+    }
+}
+
+/// A type id as its four ASCII letters where it is printable ("STK1"), else in hex.
+fn type_label(type_id: u32) -> String {
+    let bytes = type_id.to_be_bytes();
+    if bytes.iter().all(|b| b.is_ascii_graphic()) {
+        bytes.iter().map(|&b| char::from(b)).collect()
+    } else {
+        format!("{type_id:#010x}")
+    }
+}
+
+/// A byte count for people: exact below 1 KiB, else in the largest binary unit that fits.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+fn kind_label(kind: BackendKind) -> &'static str {
+    match kind {
+        BackendKind::Private => "private",
+        BackendKind::Shared => "shared",
+        BackendKind::Pinned => "pinned",
+        BackendKind::Device => "device",
+    }
+}
+
+/// The creator's pid, and whether a process with that pid runs (Linux: `/proc/PID`; the pid may
+/// have been reused by another program since).
+fn creator_label(pid: u32) -> String {
+    if !std::path::Path::new("/proc/self").exists() {
+        return pid.to_string();
+    }
+    let state = if std::path::Path::new(&format!("/proc/{pid}")).exists() { "running" } else { "gone" };
+    format!("{pid} ({state})")
+}
+
+/// Attaches to segment `name` of whatever kind its header records (shared, or pinned for a
+/// GPU), without removing it when done.
+fn open(name: &str, timeout: Duration) -> hetmem::Result<Arc<dyn MemoryBackend>> {
+    let options = ShmOptions { unlink_on_drop: false, attach_timeout: timeout, ..ShmOptions::default() };
+    let backend = match PosixShmBackend::attach(name, &options) {
+        Err(Error::HeaderMismatch { field: "kind", found, .. }) => {
+            let kind = u32::try_from(found).ok().and_then(BackendKind::from_raw).ok_or(Error::HeaderMismatch {
+                field: "kind",
+                expected: BackendKind::Shared as u64,
+                found,
+            })?;
+            PosixShmBackend::attach_kind(name, &options, kind)?
+        }
+        other => other?,
+    };
+    Ok(Arc::new(backend))
+}
+
+/// The segment's ready allocators, or the one `id` names.
+fn entries(backend: &Arc<dyn MemoryBackend>, id: Option<AllocatorId>) -> hetmem::Result<Vec<AllocatorEntry>> {
+    let all: Vec<AllocatorEntry> = backend.header().allocators().collect();
+    match id {
+        None => Ok(all),
+        Some(id) => match all.into_iter().find(|e| e.id == id) {
+            Some(e) => Ok(vec![e]),
+            None => Err(Error::UnknownAllocator(id)),
+        },
+    }
+}
+
+/// A one-line summary of an allocator's figures.
+fn stats_line(s: &AllocStats) -> String {
+    format!(
+        "{} live allocations, {} in use, {} reserved of {} (high watermark {}), {} allocations and {} frees so far",
+        s.live_allocations,
+        bytes(s.bytes_in_use),
+        bytes(s.bytes_reserved),
+        bytes(s.capacity),
+        bytes(s.high_watermark),
+        s.total_allocations,
+        s.total_frees,
+    )
+}
+
+/// What a command printed and how it ended.
+struct Report {
+    text: String,
+    status: u8,
+}
+
+fn list() -> hetmem::Result<Report> {
+    let dir = std::fs::read_dir(SHM_DIR).map_err(|e| Error::Os {
+        call: "reading /dev/shm (listing segments needs Linux's /dev/shm)",
+        errno: e.raw_os_error().unwrap_or(0),
+    })?;
+    let mut names: Vec<String> = dir.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect();
+    names.sort();
+    let mut text = format!("{:<32} {:>10}  {:<8} {:<20} {}\n", "NAME", "SIZE", "KIND", "CREATOR", "ALLOCATORS");
+    let mut found = 0;
+    for name in names {
+        let path = format!("/{name}");
+        // Another program's segments are not hetmem's (bad magic); a segment still being made
+        // does not become ready in the short wait: either way it is not listed.
+        let Ok(backend) = open(&path, Duration::from_millis(100)) else {
+            continue;
+        };
+        let header = backend.header();
+        let allocators: Vec<String> =
+            header.allocators().map(|e| format!("{} {}", e.id, type_label(e.type_id))).collect();
+        let _ = writeln!(
+            text,
+            "{:<32} {:>10}  {:<8} {:<20} {}",
+            path,
+            bytes(header.total_size()),
+            kind_label(backend.kind()),
+            creator_label(header.creator_pid()),
+            if allocators.is_empty() { "-".to_string() } else { allocators.join(", ") },
+        );
+        found += 1;
+    }
+    if found == 0 {
+        text.push_str("(no hetmem segments)\n");
+    }
+    Ok(Report { text, status: 0 })
+}
+
+fn show(name: &str, id: Option<AllocatorId>) -> hetmem::Result<Report> {
+    let backend = open(name, Duration::from_secs(1))?;
+    let header = backend.header();
+    let mut text = String::new();
+    let _ = writeln!(
+        text,
+        "segment {}: {} ({} bytes), kind {}, layout {}, backend id {:#x}, creator pid {}",
+        backend.name().unwrap_or(name),
+        bytes(header.total_size()),
+        header.total_size(),
+        kind_label(backend.kind()),
+        header.version(),
+        header.backend_id(),
+        creator_label(header.creator_pid()),
+    );
+    let _ = writeln!(text, "not yet given to an allocator: {}", bytes(header.unreserved()));
+    let entries = entries(&backend, id)?;
+    if entries.is_empty() {
+        text.push_str("no allocators\n");
+    }
+    for e in entries {
+        let _ =
+            write!(text, "allocator {} {}: {} at offset {:#x}: ", e.id, type_label(e.type_id), bytes(e.size), e.offset);
+        match attach(&backend, &e) {
+            Ok(Some(a)) => {
+                let _ = writeln!(text, "{}", a.type_name());
+                let _ = writeln!(text, "  {}", stats_line(&a.stats()));
+            }
+            Ok(None) => text.push_str("a type this build does not know\n"),
+            Err(err) => {
+                let _ = writeln!(text, "cannot attach: {err}");
+            }
+        }
+    }
+    Ok(Report { text, status: 0 })
+}
+
+fn check(name: &str, id: Option<AllocatorId>) -> hetmem::Result<Report> {
+    let backend = open(name, Duration::from_secs(1))?;
+    let mut text = String::new();
+    let mut damaged = 0;
+    let entries = entries(&backend, id)?;
+    for e in &entries {
+        let _ = write!(text, "allocator {} {}: ", e.id, type_label(e.type_id));
+        match attach(&backend, e) {
+            Ok(Some(a)) => match a.check() {
+                Ok(()) => {
+                    let s = a.stats();
+                    let _ = writeln!(
+                        text,
+                        "ok ({} live allocations, {} in use)",
+                        s.live_allocations,
+                        bytes(s.bytes_in_use)
+                    );
+                }
+                Err(err) => {
+                    damaged += 1;
+                    let _ = writeln!(text, "DAMAGED: {err}");
+                }
+            },
+            Ok(None) => text.push_str("not checked: a type this build does not know\n"),
+            Err(err) => {
+                damaged += 1;
+                let _ = writeln!(text, "DAMAGED: cannot attach: {err}");
+            }
+        }
+    }
+    let plural = if entries.len() == 1 { "" } else { "s" };
+    let _ = writeln!(text, "{} allocator{plural} checked, {damaged} damaged", entries.len());
+    Ok(Report { text, status: u8::from(damaged > 0) })
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let command = match parse(&args) {
+        Ok(c) => c,
+        Err(message) => {
+            eprintln!("hetmem: {message}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let report = match command {
+        Command::Help => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Command::List => list(),
+        Command::Show { name, id } => show(&name, id),
+        Command::Check { name, id } => check(&name, id),
+    };
+    match report {
+        Ok(Report { text, status }) => {
+            print!("{text}");
+            ExitCode::from(status)
+        }
+        Err(err) => {
+            eprintln!("hetmem: {err}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(line: &str) -> Vec<String> {
+        line.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn the_command_line_is_parsed_or_refused_with_a_reason() {
+        assert_eq!(parse(&args("list")), Ok(Command::List));
+        assert_eq!(parse(&args("--help")), Ok(Command::Help));
+        assert_eq!(parse(&args("show /demo")), Ok(Command::Show { name: "/demo".into(), id: None }));
+        assert_eq!(
+            parse(&args("check demo --id 3.1")),
+            Ok(Command::Check { name: "demo".into(), id: Some(AllocatorId::new(3, 1)) })
+        );
+        assert_eq!(
+            parse(&args("show --id 0.7 /x")),
+            Ok(Command::Show { name: "/x".into(), id: Some(AllocatorId::new(0, 7)) })
+        );
+        for (line, reason) in [
+            ("", "no command"),
+            ("frobnicate /x", "unknown command"),
+            ("reclaim /x", "unknown command"),
+            ("list /x", "no arguments"),
+            ("show", "needs a segment name"),
+            ("show /a /b", "one segment name"),
+            ("check /a --id", "needs a value"),
+            ("check /a --id 1", "not MAJOR.MINOR"),
+            ("check /a --id 1.x", "not MAJOR.MINOR"),
+            ("check /a --id 1.0 --id 2.0", "twice"),
+            ("check /a --verbose", "unknown option"),
+        ] {
+            let err = parse(&args(line)).unwrap_err();
+            assert!(err.contains(reason), "{line:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn labels_read_as_people_write_them() {
+        assert_eq!(type_label(u32::from_be_bytes(*b"STK1")), "STK1");
+        assert_eq!(type_label(7), "0x00000007");
+        assert_eq!(bytes(0), "0 B");
+        assert_eq!(bytes(1023), "1023 B");
+        assert_eq!(bytes(1024), "1.0 KiB");
+        assert_eq!(bytes(3 << 20), "3.0 MiB");
+        assert_eq!(bytes(u64::MAX), "16.0 EiB");
+    }
+}

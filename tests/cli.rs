@@ -1,0 +1,172 @@
+//! The `hetmem` command-line tool against live segments: one this test made with an allocator of
+//! each type, one a child process left behind when it died, damage, and bad input.
+
+use std::process::{Command, Output};
+
+use hetmem::allocators::ThreadLocalAllocator;
+use hetmem::prelude::*;
+
+fn hetmem(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hetmem")).args(args).output().unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// A segment with one allocator of each type, each holding live blocks.
+struct Segment {
+    name: String,
+    mm: MemoryManager,
+    shm: std::sync::Arc<PosixShmBackend>,
+}
+
+const STACK: AllocatorId = AllocatorId::new(1, 0);
+const PAGES: AllocatorId = AllocatorId::new(2, 0);
+const LOCAL: AllocatorId = AllocatorId::new(3, 0);
+const BITMAP: AllocatorId = AllocatorId::new(4, 0);
+
+impl Segment {
+    fn new(tag: &str) -> Segment {
+        let name = format!("/hetmem-cli-{tag}-{}", std::process::id());
+        let mm = MemoryManager::new();
+        let shm = mm.add_backend(PosixShmBackend::create(&name, 16 << 20, &ShmOptions::default()).unwrap()).unwrap();
+        let b = shm.id();
+        let stack = mm.create_allocator::<StackAllocator>(b, STACK, 1 << 20, &Default::default()).unwrap();
+        let pages = mm.create_allocator::<ScalablePageAllocator>(b, PAGES, 4 << 20, &Default::default()).unwrap();
+        let local = mm.create_allocator::<ThreadLocalAllocator>(b, LOCAL, 4 << 20, &Default::default()).unwrap();
+        let bitmap = mm.create_allocator::<BitmapAllocator>(b, BITMAP, 0, &Default::default()).unwrap();
+        for size in [24, 100, 3000] {
+            stack.allocate(size, 8).unwrap();
+            pages.allocate(size, 8).unwrap();
+            local.allocate(size, 8).unwrap();
+            bitmap.allocate(size, 8).unwrap();
+        }
+        Segment { name, mm, shm }
+    }
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        let _ = self.mm.destroy_backend(self.shm.id());
+    }
+}
+
+#[test]
+fn show_check_and_list_a_live_segment() {
+    let s = Segment::new("show");
+    let out = hetmem(&["show", &s.name]);
+    let shown = text(&out);
+    assert!(out.status.success(), "{shown}");
+    assert!(shown.contains(&format!("segment {}", s.name)) && shown.contains("kind shared"), "{shown}");
+    assert!(shown.contains(&format!("creator pid {} (running)", std::process::id())), "{shown}");
+    for (id, label, name) in [
+        (STACK, "STK1", "stack"),
+        (PAGES, "SPA1", "scalable-page"),
+        (LOCAL, "TLA5", "thread-local"),
+        (BITMAP, "BMP1", "bitmap"),
+    ] {
+        let line = shown.lines().find(|l| l.starts_with(&format!("allocator {id} {label}:"))).unwrap_or_else(|| {
+            panic!("no line for {id} {label}:\n{shown}");
+        });
+        assert!(line.ends_with(name), "{line}");
+    }
+    assert_eq!(shown.matches("3 live allocations").count(), 4, "{shown}");
+
+    let out = hetmem(&["check", &s.name]);
+    let checked = text(&out);
+    assert!(out.status.success(), "{checked}");
+    assert!(checked.contains("4 allocators checked, 0 damaged"), "{checked}");
+
+    let out = hetmem(&["check", s.name.trim_start_matches('/'), "--id", "3.0"]);
+    let one = text(&out);
+    assert!(out.status.success() && one.contains("1 allocator checked, 0 damaged"), "{one}");
+    assert!(one.contains("allocator 3.0 TLA5: ok"), "{one}");
+
+    let out = hetmem(&["list"]);
+    let listed = text(&out);
+    assert!(out.status.success(), "{listed}");
+    let line =
+        listed.lines().find(|l| l.starts_with(&s.name)).unwrap_or_else(|| panic!("{} unlisted:\n{listed}", s.name));
+    assert!(line.contains("shared") && line.contains("1.0 STK1, 2.0 SPA1, 3.0 TLA5, 4.0 BMP1"), "{line}");
+}
+
+#[test]
+fn check_reports_damage_with_exit_status_1() {
+    let s = Segment::new("damage");
+    let entry = s.shm.header().find_allocator(STACK).unwrap().unwrap();
+    // The stack allocator's header, overwritten as a wild write of another process would.
+    // SAFETY: the first 64 bytes of the stack allocator's sub-region, in the mapped segment; no
+    // thread uses the allocator meanwhile.
+    unsafe { std::ptr::write_bytes(s.shm.base().add(entry.offset as usize), 0xa5, 64) };
+    let out = hetmem(&["check", &s.name]);
+    let report = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    assert!(report.contains("allocator 1.0 STK1: DAMAGED"), "{report}");
+    assert!(report.contains("4 allocators checked, 1 damaged"), "{report}");
+    assert!(report.contains("allocator 2.0 SPA1: ok"), "{report}");
+}
+
+#[test]
+fn bad_input_gets_a_reason_and_exit_status_2() {
+    let missing = format!("/hetmem-cli-missing-{}", std::process::id());
+    for args in [vec!["show", missing.as_str()], vec!["check", missing.as_str()]] {
+        let out = hetmem(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));
+        assert!(text(&out).contains("not found"), "{args:?}: {}", text(&out));
+    }
+    let s = Segment::new("badid");
+    let out = hetmem(&["show", &s.name, "--id", "9.9"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("unknown allocator id 9.9"), "{}", text(&out));
+    for args in [vec![], vec!["frobnicate"], vec!["check"], vec!["check", "/x", "--id", "x"]] {
+        let out = hetmem(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("usage: hetmem"), "{args:?}");
+    }
+    let out = hetmem(&["--help"]);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("usage: hetmem"));
+}
+
+/// A segment whose creator died: its pid shows as gone, and attaching recovers the dead
+/// process's thread-local heap, so the segment checks whole.
+#[test]
+fn a_dead_creators_segment_is_shown_and_recovered() {
+    if let Ok(name) = std::env::var("HETMEM_CLI_CHILD") {
+        let options = ShmOptions { unlink_on_drop: false, ..ShmOptions::default() };
+        let mm = MemoryManager::new();
+        let shm = mm.add_backend(PosixShmBackend::create(&name, 4 << 20, &options).unwrap()).unwrap();
+        let config = ThreadLocalConfig { dead_process_blocks: DeadProcessBlocks::Free };
+        let a = mm.create_allocator::<ThreadLocalAllocator>(shm.id(), LOCAL, 0, &config).unwrap();
+        for size in [16, 200, 5000] {
+            a.allocate(size, 8).unwrap();
+        }
+        // Killed with its heap held and its blocks live.
+        std::process::abort();
+    }
+    let name = format!("/hetmem-cli-dead-{}", std::process::id());
+    let status = Command::new(std::env::current_exe().unwrap())
+        .args(["a_dead_creators_segment_is_shown_and_recovered", "--exact", "--test-threads=1"])
+        .env("HETMEM_CLI_CHILD", &name)
+        .output()
+        .unwrap()
+        .status;
+    assert!(!status.success(), "the child aborts");
+    let _remove = Remove(name.clone());
+    let out = hetmem(&["show", &name]);
+    let shown = text(&out);
+    assert!(out.status.success(), "{shown}");
+    assert!(shown.contains("(gone)"), "{shown}");
+    assert!(shown.contains("0 live allocations"), "the dead process's blocks were freed:\n{shown}");
+    let out = hetmem(&["check", &name]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+/// Removes a segment's name when dropped.
+struct Remove(String);
+
+impl Drop for Remove {
+    fn drop(&mut self) {
+        let _ = PosixShmBackend::remove(&self.0);
+    }
+}
