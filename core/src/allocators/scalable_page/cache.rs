@@ -210,10 +210,9 @@ impl Shared {
     /// Frees a live small block (found by `find_small`, with info word `word`) into the cache
     /// in `slot`.
     pub(super) fn free_small(&self, slot: u64, block: u64, word: u64) -> Result<()> {
-        match self.free_quick(slot, block, word) {
-            None => Ok(()),
-            over => self.flush_class(slot, over),
-        }
+        let over = self.free_quick(slot, block, word);
+        self.flush_class(slot, over);
+        Ok(())
     }
 
     /// Frees a live small block someone else may be freeing at the same time (a dead process's,
@@ -248,7 +247,8 @@ impl Shared {
         c.head.store(pack_head(block, count + 1), Ordering::Relaxed);
         crash::point();
         c.settle(live, bytes);
-        self.flush_class(slot, (count + 1 > self.limits[class] as u64).then_some(class))
+        self.flush_class(slot, (count + 1 > self.limits[class] as u64).then_some(class));
+        Ok(())
     }
 
     /// Frees a live small block into the cache in `slot` (the quick path: it calls nothing).
@@ -283,14 +283,21 @@ impl Shared {
         (count + 1 > self.limits[class] as u64).then_some(class)
     }
 
-    /// Flushes the cache of `class` in `slot`, over its limit after a free.
+    /// Flushes the cache of `class` in `slot`, over its limit after a free. The free is done
+    /// whatever happens here, so its caller answers `Ok` (an error would tell the caller the
+    /// block is still theirs). A flush that finds the cache or the shared list damaged leaves
+    /// the damage for the allocation that reaches it, and `check()`, to report.
+    #[inline]
+    pub(super) fn flush_class(&self, slot: u64, class: Option<usize>) {
+        if let Some(class) = class {
+            self.flush_after_free(slot, class);
+        }
+    }
+
     #[cold]
     #[inline(never)]
-    pub(super) fn flush_class(&self, slot: u64, class: Option<usize>) -> Result<()> {
-        match class {
-            Some(class) => self.flush(self.cache(slot, class).0, class),
-            None => Ok(()),
-        }
+    fn flush_after_free(&self, slot: u64, class: usize) {
+        let _ = self.flush(self.cache(slot, class).0, class);
     }
 
     /// Gives a live small block a new requested size (it stays where it is).

@@ -178,12 +178,14 @@ impl Shared {
         self.slots.acquire(&self.mem, &self.fs, owner_token(), || self.recover_dead().map(|_| ()))
     }
 
-    /// Gives back a slot this process holds: its cache goes to the shared lists.
+    /// Gives back a slot this process holds: its cache goes to the shared lists. A flush that
+    /// finds the cache damaged still lets the slot go (then reports the damage): held, it would
+    /// stay ours for good, as our process lives.
     fn release_slot(&self, slot: u64) -> Result<()> {
-        self.flush_all(slot)?;
+        let flushed = self.flush_all(slot);
         crate::crash::point();
         self.slots.slot(&self.mem, slot)?.owner.store(0, crate::sync::atomic::Ordering::Release);
-        Ok(())
+        flushed
     }
 
     /// What to try when space runs short, attempt by attempt.
@@ -421,10 +423,8 @@ impl RegionAllocator for ScalablePageAllocator {
             let slot = fast_slot::get(self.instance);
             if slot != 0 {
                 let over = self.shared.free_quick(slot, b.block, b.word);
-                if over.is_none() {
-                    return Ok(());
-                }
-                return self.shared.flush_class(slot, over);
+                self.shared.flush_class(slot, over);
+                return Ok(());
             }
         }
         self.free_other(ptr)

@@ -573,3 +573,49 @@ proptest! {
         survive_damage(&a, meta, a.shared.fs.layout().table, &damage);
     }
 }
+
+/// A free that puts its class's cache over the limit is done even when the flush it makes
+/// finds the cache damaged: it answers `Ok` (an error would tell the caller the block is still
+/// theirs). A release whose flush fails still lets the slot go (held, it would stay this live
+/// process's for good).
+#[test]
+fn a_free_whose_flush_finds_damage_is_still_done() {
+    let a = ScalablePageAllocator::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = a.stats().free_bytes();
+    let s = &a.shared;
+    let slot = s.slots.acquire(&s.mem, &s.fs, crate::sync::owner_token(), || Ok(())).unwrap();
+    let class = class_for(48, 8).unwrap();
+    let limit = s.limits[class] as usize;
+    let blocks: Vec<u64> = (0..2 * limit).map(|_| s.allocate_small(slot, class, 48, 8).unwrap()).collect();
+    // Freed until the cache is full: the next free puts it over the limit.
+    let (c, _) = s.cache(slot, class);
+    let count = |c: &cache::ClassCache| cache::unpack_head(c.head.load(Ordering::Relaxed)).1;
+    let mut freed = 0;
+    while count(c) < limit as u64 {
+        free_through(&a, slot, blocks[freed]);
+        freed += 1;
+    }
+    // Damage: the cache counts 1000 blocks more than its list holds, so a flush walks off the
+    // list's end.
+    let damage = |c: &cache::ClassCache, by: i64| {
+        let (first, count) = cache::unpack_head(c.head.load(Ordering::Relaxed));
+        c.head.store(first | (count.wrapping_add_signed(by) << 48), Ordering::Relaxed);
+    };
+    damage(c, 1000);
+    // Over the limit: the flush fails, the free is done.
+    let b = find_small(&s.arena, blocks[freed]).unwrap();
+    s.free_small(slot, b.block, b.word).unwrap();
+    assert_eq!(count(c), limit as u64 + 1001, "the block is cached, and the flush moved nothing");
+    assert!(a.check().is_err());
+    assert!(s.release_slot(slot).is_err(), "the flush of every class finds the damage");
+    assert_eq!(s.slots.slot(&s.mem, slot).unwrap().owner.load(Ordering::Acquire), 0, "the slot was let go");
+    damage(c, -1000);
+    s.release_slot(slot).unwrap();
+    for &u in &blocks[freed + 1..] {
+        a.free(OffsetPtr::new(u)).unwrap();
+    }
+    a.trim().unwrap();
+    a.check().unwrap();
+    assert_eq!(a.stats().live_allocations, 0);
+    assert_eq!(a.stats().free_bytes(), start);
+}
