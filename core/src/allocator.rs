@@ -64,7 +64,10 @@ pub trait RegionAllocator: Send + Sync + 'static {
     /// else by allocating, copying the common prefix, and freeing. On error `ptr` stays valid.
     fn reallocate(&self, ptr: OffsetPtr, new_size: usize, align: usize) -> Result<OffsetPtr>;
 
-    /// Frees the block at `ptr`.
+    /// Frees the block at `ptr`. An error means nothing was freed: a block `ptr` names is still
+    /// the caller's. (Damage that an allocator finds in its own structures after the block is
+    /// freed, while tidying up, is left for the operation that needs them, and for `check`, to
+    /// report.)
     fn free(&self, ptr: OffsetPtr) -> Result<()>;
 
     /// The size the block at `ptr` was allocated with.
