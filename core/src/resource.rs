@@ -24,7 +24,39 @@ pub enum MemoryKind {
 /// Contract: `allocate` returns a block of at least `size` bytes aligned to `align`, or an error
 /// (out of memory is `Error::OutOfMemory`, and the resource stays usable); `deallocate` takes back
 /// exactly a block this resource returned, with the same size and alignment.
-pub trait MemoryResource: Send + Sync {
+///
+/// # Safety
+/// Pools hand a resource's blocks to their callers as memory of the size asked for, and the
+/// thread caches ([`HetAlloc`](crate::cache::HetAlloc), as a global allocator too) write their
+/// links into the blocks of a resource that says it is host-accessible, without checking either.
+/// So an implementation promises that a block `allocate(size, align)` returns is `size` bytes
+/// aligned to `align`, overlaps no other block it handed out and has not taken back, and stays
+/// valid until it is given to `deallocate` or the resource is dropped; that the block is valid
+/// for reads and writes by the CPU whenever [`host_accessible`](Self::host_accessible) says so
+/// (and `kind` tells the truth about where it lives); and that both calls may be made from any
+/// thread.
+///
+/// A safe implementation could otherwise hand out a dangling pointer that safe code then
+/// writes through:
+///
+/// ```compile_fail
+/// use core::ptr::NonNull;
+/// use hetmem_core::{MemoryKind, MemoryResource};
+/// struct Liar;
+/// impl MemoryResource for Liar { // needs `unsafe impl`
+///     fn name(&self) -> &str {
+///         "liar"
+///     }
+///     fn kind(&self) -> MemoryKind {
+///         MemoryKind::Host
+///     }
+///     fn allocate(&self, _size: usize, _align: usize) -> hetmem_core::Result<NonNull<u8>> {
+///         Ok(NonNull::dangling())
+///     }
+///     unsafe fn deallocate(&self, _ptr: NonNull<u8>, _size: usize, _align: usize) {}
+/// }
+/// ```
+pub unsafe trait MemoryResource: Send + Sync {
     /// A short name for reports ("host", "cuda-device", …).
     fn name(&self) -> &str;
 
@@ -51,7 +83,8 @@ pub trait MemoryResource: Send + Sync {
 macro_rules! forward_memory_resource {
     ($(#[$attr:meta])* $ptr:ty) => {
         $(#[$attr])*
-        impl<R: MemoryResource + ?Sized> MemoryResource for $ptr {
+        // SAFETY: forwards every call to `R`, which keeps the promises.
+        unsafe impl<R: MemoryResource + ?Sized> MemoryResource for $ptr {
             fn name(&self) -> &str {
                 (**self).name()
             }

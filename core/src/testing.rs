@@ -101,7 +101,8 @@ impl CountingResource {
     }
 }
 
-impl crate::MemoryResource for CountingResource {
+// SAFETY: blocks from the global allocator with the layout asked for, freed with it.
+unsafe impl crate::MemoryResource for CountingResource {
     fn name(&self) -> &str {
         "counting"
     }

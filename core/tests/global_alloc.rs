@@ -82,7 +82,8 @@ fn wave(threads: usize, base: usize) {
 /// Host memory that counts nothing: only to be a distinct upstream.
 struct Plain(&'static str);
 
-impl MemoryResource for Plain {
+// SAFETY: blocks from the system allocator with the layout asked for, freed with it.
+unsafe impl MemoryResource for Plain {
     fn name(&self) -> &str {
         self.0
     }

@@ -19,7 +19,8 @@ struct Counted {
     allocations: AtomicU64,
 }
 
-impl MemoryResource for Counted {
+// SAFETY: blocks from the system allocator with the layout asked for, freed with it.
+unsafe impl MemoryResource for Counted {
     fn name(&self) -> &str {
         "counted"
     }

@@ -55,7 +55,9 @@ struct FakeDevice {
     live: AtomicI64,
 }
 
-impl MemoryResource for FakeDevice {
+// SAFETY: "device" blocks the CPU is never told it may touch: disjoint address ranges, never
+// reused.
+unsafe impl MemoryResource for FakeDevice {
     fn name(&self) -> &str {
         "fake device"
     }

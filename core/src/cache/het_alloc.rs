@@ -451,7 +451,8 @@ mod tests {
     /// whether the CPU wrote into them.
     struct FakeDevice;
 
-    impl MemoryResource for FakeDevice {
+    // SAFETY: blocks from the global allocator with the layout asked for, freed with it.
+    unsafe impl MemoryResource for FakeDevice {
         fn name(&self) -> &str {
             "fake device"
         }

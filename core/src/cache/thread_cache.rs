@@ -507,7 +507,8 @@ mod tests {
     #[test]
     fn a_device_upstream_is_refused() {
         struct Device;
-        impl crate::MemoryResource for Device {
+        // SAFETY: hands out nothing.
+        unsafe impl crate::MemoryResource for Device {
             fn name(&self) -> &str {
                 "device"
             }
@@ -592,7 +593,8 @@ mod tests {
         other: &'static CountingResource,
     }
 
-    impl crate::MemoryResource for Shell {
+    // SAFETY: forwards every block to and from `other`, which keeps the promises.
+    unsafe impl crate::MemoryResource for Shell {
         fn name(&self) -> &str {
             "shell"
         }

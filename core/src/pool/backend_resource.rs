@@ -144,7 +144,10 @@ impl BackendResource {
     }
 }
 
-impl MemoryResource for BackendResource {
+// SAFETY: each block is carved from the backend's region, which stays mapped while the resource
+// lives, and is handed out by the arena once until it comes back (best fit over free blocks);
+// `kind` and `host_accessible` are the backend's own; the carver is behind a lock.
+unsafe impl MemoryResource for BackendResource {
     fn name(&self) -> &str {
         "backend"
     }

@@ -400,7 +400,9 @@ impl<R: MemoryResource> Drop for FixedPool<R> {
     }
 }
 
-impl<R: MemoryResource> Pool for FixedPool<R> {
+// SAFETY: each block is a slot of a sub-pool carved from a block of `R` (which keeps the
+// promises), claimed in the sub-pool's bitmap until it is given back.
+unsafe impl<R: MemoryResource> Pool for FixedPool<R> {
     fn name(&self) -> &str {
         "fixed"
     }

@@ -15,7 +15,9 @@ fn layout(size: usize, align: usize) -> Result<Layout> {
     Layout::from_size_align(size, align).map_err(|_| Error::InvalidSize { size: size as u64, reason: "too large" })
 }
 
-impl MemoryResource for HostResource {
+// SAFETY: blocks come from the global allocator with the layout asked for, and go back to it
+// with the same layout; host memory, from any thread.
+unsafe impl MemoryResource for HostResource {
     fn name(&self) -> &str {
         "host"
     }

@@ -70,7 +70,9 @@ impl<R: MemoryResource> LimitedResource<R> {
     }
 }
 
-impl<R: MemoryResource> MemoryResource for LimitedResource<R> {
+// SAFETY: forwards every block to and from `R`, which keeps the promises; the limit only
+// refuses requests.
+unsafe impl<R: MemoryResource> MemoryResource for LimitedResource<R> {
     fn name(&self) -> &str {
         self.inner.name()
     }

@@ -128,7 +128,14 @@ pub struct LiveAllocation {
 ///
 /// Pools hand out `NonNull<u8>` addresses that they never dereference; whether the caller may
 /// depends on the upstream resource ([`MemoryResource::host_accessible`](crate::MemoryResource)).
-pub trait Pool: Send {
+///
+/// # Safety
+/// A [`SyncPool`] over a pool is a [`MemoryResource`](crate::MemoryResource), whose blocks
+/// thread caches write into, so an implementation keeps that trait's promises: a block
+/// `allocate(size, align)` returns is `size` bytes aligned to `align`, overlaps no other block it
+/// handed out and has not taken back, stays valid until it is given back or the pool is dropped,
+/// and lives where [`memory_kind`](Self::memory_kind) says.
+pub unsafe trait Pool: Send {
     /// A short name for reports ("quick", "fixed").
     fn name(&self) -> &str;
 

@@ -421,7 +421,9 @@ impl<R: MemoryResource> Drop for QuickPool<R> {
     }
 }
 
-impl<R: MemoryResource> Pool for QuickPool<R> {
+// SAFETY: each block is carved from a block of `R` (which keeps the promises) by the arena, and
+// handed out once until it comes back.
+unsafe impl<R: MemoryResource> Pool for QuickPool<R> {
     fn name(&self) -> &str {
         "quick"
     }

@@ -149,7 +149,8 @@ mod tests {
     /// A pool whose name is markup, as a user's pool may name itself.
     struct Named(QuickPool<HostResource>);
 
-    impl Pool for Named {
+    // SAFETY: forwards to a `QuickPool`.
+    unsafe impl Pool for Named {
         fn name(&self) -> &str {
             "<quick & co>"
         }

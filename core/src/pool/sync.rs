@@ -57,7 +57,9 @@ impl<P: Pool> SyncPool<P> {
     }
 }
 
-impl<P: Pool> MemoryResource for SyncPool<P> {
+// SAFETY: the blocks are the pool's, which keeps the same promises (`Pool` is an unsafe trait),
+// behind a lock, so any thread may call; `kind` is the pool's.
+unsafe impl<P: Pool> MemoryResource for SyncPool<P> {
     fn name(&self) -> &str {
         &self.name
     }

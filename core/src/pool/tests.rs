@@ -24,7 +24,9 @@ impl FakeDevice {
     }
 }
 
-impl MemoryResource for FakeDevice {
+// SAFETY: "device" blocks the CPU is never told it may touch: disjoint address ranges, never
+// reused.
+unsafe impl MemoryResource for FakeDevice {
     fn name(&self) -> &str {
         "fake-device"
     }

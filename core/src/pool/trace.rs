@@ -150,7 +150,9 @@ impl<P: Pool> TracedPool<P> {
     }
 }
 
-impl<P: Pool> Pool for TracedPool<P> {
+// SAFETY: forwards every block to and from `P`, which keeps the promises; the recorder touches
+// no block.
+unsafe impl<P: Pool> Pool for TracedPool<P> {
     fn name(&self) -> &str {
         self.pool.name()
     }

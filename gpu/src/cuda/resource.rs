@@ -95,7 +95,11 @@ impl CudaDeviceResource {
     }
 }
 
-impl MemoryResource for CudaDeviceResource {
+// SAFETY: blocks from `cuMemAlloc` (or `cuMemAllocAsync`) in the resource's context, over-sized
+// and offset where the driver's alignment falls short of the one asked for (`AlignedBlocks`),
+// freed the same way from their base; device memory, which the resource says the CPU may not
+// touch.
+unsafe impl MemoryResource for CudaDeviceResource {
     fn name(&self) -> &str {
         match self.mode {
             Mode::Sync => "cuda-device",
@@ -209,7 +213,10 @@ impl CudaPinnedResource {
     }
 }
 
-impl MemoryResource for CudaPinnedResource {
+// SAFETY: blocks from `cuMemHostAlloc`, over-sized and offset where the driver's alignment falls
+// short of the one asked for (`AlignedBlocks`): page-locked host memory the CPU may read and
+// write, freed with `cuMemFreeHost` from their base.
+unsafe impl MemoryResource for CudaPinnedResource {
     fn name(&self) -> &str {
         "cuda-pinned"
     }

@@ -35,7 +35,10 @@ impl RocmDeviceResource {
     }
 }
 
-impl MemoryResource for RocmDeviceResource {
+// SAFETY: blocks from `hipMalloc` on the resource's device, over-sized and offset where the
+// runtime's alignment falls short of the one asked for (`AlignedBlocks`), freed with `hipFree`
+// from their base; device memory, which the resource says the CPU may not touch.
+unsafe impl MemoryResource for RocmDeviceResource {
     fn name(&self) -> &str {
         "rocm-device"
     }

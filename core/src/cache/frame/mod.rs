@@ -289,7 +289,8 @@ mod tests {
     /// counted, so the test sees whether any was handed out).
     struct FakeDevice(std::sync::atomic::AtomicUsize);
 
-    impl crate::MemoryResource for FakeDevice {
+    // SAFETY: blocks from the global allocator with the layout asked for, freed with it.
+    unsafe impl crate::MemoryResource for FakeDevice {
         fn name(&self) -> &str {
             "fake device"
         }
