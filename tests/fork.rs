@@ -313,6 +313,50 @@ fn caches_over_shared_memory_hand_a_forked_child_no_cached_block() {
     PosixShmBackend::remove(&seg).unwrap();
 }
 
+/// A thread cache and a depot made by hand over a resource in shared memory (no fork handler
+/// knows them): a forked child must not hand out the blocks they held before the fork (the
+/// parent hands them out too). Each drops them at its first call in the child, and the child
+/// gets none (the resource refuses a forked child) rather than a cached one. The parent's cache
+/// serves on.
+#[test]
+fn a_hand_made_cache_and_depot_over_shared_memory_hand_a_forked_child_no_cached_block() {
+    use hetmem::cache::{CacheConfig, Depot, ThreadCache, Upstream};
+    use hetmem::pool::BackendResource;
+    use std::alloc::Layout;
+    use std::sync::Arc;
+    let seg = format!("/hetmem-fork-handmade-{}", std::process::id());
+    let backend = Arc::new(PosixShmBackend::create(&seg, 8 << 20, &ShmOptions::default()).unwrap());
+    let resource: &'static BackendResource = Box::leak(Box::new(BackendResource::new(backend).unwrap()));
+    let depot: &'static Depot = Box::leak(Box::new(Depot::new(4 << 20)));
+    let upstream = Upstream::Resource(resource);
+    let config = CacheConfig::uniform(hetmem::cache::MAX_BUCKETS, 16 << 10).unwrap();
+    let mut cache = ThreadCache::with_depot(&config, upstream, depot).unwrap();
+    let layout = Layout::from_size_align(256, 16).unwrap();
+    let blocks: Vec<_> = (0..512).map(|_| cache.allocate(layout).unwrap()).collect();
+    for &b in &blocks {
+        // SAFETY: from `allocate(layout)` on this cache, freed once.
+        unsafe { cache.deallocate(b, layout) };
+    }
+    assert!(cache.bytes_cached() > 0 && depot.stats().bytes_cached > 0, "nothing cached to test with");
+    assert!(in_a_forked_child(|| {
+        let mut other = ThreadCache::with_depot(&config, upstream, depot).unwrap();
+        // The depot drops its batches at the child's first request of it ...
+        let from_depot = other.allocate(layout).is_err() && depot.stats().bytes_cached == 0;
+        // ... and the cache its blocks at the child's first call.
+        from_depot && cache.allocate(layout).is_err() && cache.bytes_cached() == 0
+    }));
+    let again = cache.allocate(layout).unwrap();
+    assert!(blocks.contains(&again), "the parent's cache still serves from what it held");
+    // SAFETY: as above.
+    unsafe { cache.deallocate(again, layout) };
+    cache.check().unwrap();
+    depot.check().unwrap();
+    cache.flush();
+    depot.release(&upstream).unwrap();
+    // The resource is leaked (the depot needs it for 'static): the name goes here.
+    PosixShmBackend::remove(&seg).unwrap();
+}
+
 /// A typed pool over a resource in shared memory: a forked child must not hand out the blocks
 /// its parent's pool cached (the parent hands them out too); it drops them, and gets none (the
 /// resource refuses a forked child) rather than a cached one. The parent's pool serves on.

@@ -41,6 +41,8 @@ pub struct Depot {
 struct ClassBatches {
     head: *mut u8,
     batches: usize,
+    /// The fork generation ([`crate::fork::generation`]) its batches were stored in.
+    generation: u64,
 }
 
 // SAFETY: the chains are blocks the depot owns; nothing else refers to them while they are here.
@@ -70,7 +72,8 @@ impl Depot {
     /// An empty depot that holds at most `limit` bytes.
     pub const fn new(limit: usize) -> Self {
         Depot {
-            classes: [const { SpinLock::new(ClassBatches { head: ptr::null_mut(), batches: 0 }) }; MAX_BUCKETS],
+            classes: [const { SpinLock::new(ClassBatches { head: ptr::null_mut(), batches: 0, generation: 0 }) };
+                MAX_BUCKETS],
             bytes: AtomicUsize::new(0),
             limit: AtomicUsize::new(limit),
             counters: Counters::new(),
@@ -143,6 +146,20 @@ impl Depot {
         self.counters.snapshot(self.bytes.load(Ordering::Relaxed) as u64)
     }
 
+    /// The batches of `class`, locked. In a forked child, those stored before the fork are
+    /// dropped first, unfreed, as the typed pools do: over shared memory they are the parent's
+    /// too, which may hand them out. (The thread caches' own depots are emptied by the fork
+    /// handlers; this sees to depots made by hand.)
+    fn list(&self, class: usize) -> crate::sync::SpinLockGuard<'_, ClassBatches> {
+        let mut list = self.classes[class].lock();
+        let now = crate::fork::generation();
+        if list.generation != now {
+            self.bytes.fetch_sub(list.batches * batch_len(class) * block_size(class), Ordering::Relaxed);
+            (list.head, list.batches, list.generation) = (ptr::null_mut(), 0, now);
+        }
+        list
+    }
+
     /// Takes a batch of `batch_len(class)` blocks if the limit allows.
     ///
     /// # Safety
@@ -157,7 +174,7 @@ impl Depot {
         if reserved.is_err() {
             return false;
         }
-        let mut list = self.classes[class].lock();
+        let mut list = self.list(class);
         // SAFETY: `head` is a free block the caller hands over (contract).
         unsafe { set_link(head.as_ptr(), 1, list.head) };
         list.head = head.as_ptr();
@@ -168,7 +185,7 @@ impl Depot {
     /// Hands out a batch of `batch_len(class)` blocks (a null-terminated chain), if it has one.
     pub(crate) fn try_pop(&self, class: usize) -> Option<NonNull<u8>> {
         let head = {
-            let mut list = self.classes[class].lock();
+            let mut list = self.list(class);
             let head = NonNull::new(list.head);
             if let Some(h) = head {
                 // SAFETY: `h` heads a batch the depot owns; its second word links the next batch.
@@ -198,7 +215,7 @@ impl Depot {
         }
         for class in 0..MAX_BUCKETS {
             let mut batch = {
-                let mut list = self.classes[class].lock();
+                let mut list = self.list(class);
                 let head = list.head;
                 list.head = ptr::null_mut();
                 list.batches = 0;
@@ -229,7 +246,7 @@ impl Depot {
     pub fn check(&self) -> Result<()> {
         let mut total = 0;
         for class in 0..MAX_BUCKETS {
-            let list = self.classes[class].lock();
+            let list = self.list(class);
             let mut batch = list.head;
             let mut batches = 0;
             while !batch.is_null() {

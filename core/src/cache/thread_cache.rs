@@ -57,6 +57,10 @@ pub struct ThreadCache {
     upstream: Cell<Upstream>,
     depot: Cell<Option<&'static Depot>>,
     pub(crate) counters: Counters,
+    /// The fork generation ([`crate::fork::generation`]) the cache was made in, or last dropped
+    /// its blocks in: a cache made by hand drops its blocks, unfreed, at its first call in a
+    /// forked child (over shared memory they are the parent's too, and it may hand them out).
+    generation: Cell<u64>,
 }
 
 // SAFETY: the cache owns every block on its lists exclusively; moving it to another thread moves
@@ -108,7 +112,11 @@ impl ThreadCache {
         if depot.is_some_and(|d| !d.bind(upstream)) {
             return Err(Error::Unsupported("a depot serves the caches of one upstream"));
         }
+        // So that forks are counted: a cache made by hand meets no fork handler (see
+        // `forget_if_forked`).
+        let _ = crate::fork::watch();
         let cache = Self::unready(upstream, depot);
+        cache.generation.set(crate::fork::generation());
         cache.apply(config);
         Ok(cache)
     }
@@ -121,6 +129,7 @@ impl ThreadCache {
             upstream: Cell::new(upstream),
             depot: Cell::new(depot),
             counters: Counters::new(),
+            generation: Cell::new(0),
         }
     }
 
@@ -280,11 +289,22 @@ impl ThreadCache {
 
     /// Drops every cached block without freeing it: in a forked child, for caches over a
     /// resource whose blocks the parent may hand out too (the blocks are lost to the child).
-    #[cfg(unix)]
     pub(crate) fn forget_all(&self) {
         for bucket in &self.buckets {
             bucket.head.set(ptr::null_mut());
             bucket.set_bytes(0);
+        }
+        self.generation.set(crate::fork::generation());
+    }
+
+    /// For the calls of a cache made by hand (the thread-local caches are seen to by the fork
+    /// handlers): in a forked child, drops the blocks cached before the fork, unfreed, as the
+    /// typed pools do. Over shared memory they are the parent's too, which may hand them out;
+    /// over private memory they are copies the child can do without.
+    #[inline]
+    fn forget_if_forked(&self) {
+        if self.generation.get() != crate::fork::generation() {
+            self.forget_all();
         }
     }
 
@@ -316,6 +336,7 @@ impl ThreadCache {
     /// A block for `layout` (any size and alignment; zero-sized requests are refused).
     pub fn allocate(&mut self, layout: Layout) -> Result<NonNull<u8>> {
         crate::check_layout(layout.size(), layout.align())?;
+        self.forget_if_forked();
         if let Some(class) = class_of(layout) {
             if let Some(p) = self.pop(class).or_else(|| self.refill(class)) {
                 return Ok(p);
@@ -340,6 +361,7 @@ impl ThreadCache {
     /// `ptr` came from `allocate(layout)` on a cache with an equal upstream (this one, or another
     /// thread's) and is not used again.
     pub unsafe fn deallocate(&mut self, ptr: NonNull<u8>, layout: Layout) {
+        self.forget_if_forked();
         if let Some(class) = class_of(layout) {
             // SAFETY: the caller's contract makes `ptr` a whole block of `class` we may keep.
             if unsafe { self.push(class, ptr) || self.spill(class, ptr) } {
@@ -357,6 +379,7 @@ impl ThreadCache {
 
     /// New limits; blocks over them go upstream now.
     pub fn set_config(&mut self, config: &CacheConfig) {
+        self.forget_if_forked();
         self.apply(config);
         let chains = self.detach(false);
         // SAFETY: detached blocks came whole from our upstream.
@@ -366,6 +389,7 @@ impl ThreadCache {
 
     /// Returns every held block: whole batches to the depot where it has room, the rest upstream.
     pub fn flush(&mut self) {
+        self.forget_if_forked();
         let chains = self.detach(true);
         // SAFETY: detached blocks came whole from our upstream.
         let bytes = unsafe { chains.free(&self.upstream.get()) };

@@ -701,8 +701,11 @@ fn start_thread(s: &ThreadState) -> bool {
 /// again), so each does its work once per forking thread. Two threads that fork at once take
 /// turns: the second one's `prepare` waits for the locks until the first one's fork is over.
 ///
-/// Not covered: depots made by hand ([`ThreadCache::with_depot`]), and a fork from a signal
-/// handler that interrupted one of these locks' holders (the prepare handler would wait for it).
+/// Caches and depots made by hand ([`ThreadCache::new`], [`ThreadCache::with_depot`]) meet no
+/// handler: each drops what it held before the fork, unfreed, at its first call in the child
+/// (as the typed pools do). Not covered: a child forked while another thread held a lock of a
+/// depot made by hand (it waits for ever on that lock), and a fork from a signal handler that
+/// interrupted one of these locks' holders (the prepare handler would wait for it).
 ///
 /// [`MemoryResource`]: crate::MemoryResource
 #[cfg(unix)]
