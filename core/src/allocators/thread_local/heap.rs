@@ -201,17 +201,6 @@ impl ClassState {
         self.live_bytes.add(size.wrapping_neg());
     }
 
-    /// Counts a block given back to the free list, and says whether the lists are now due for a
-    /// sweep ([`sweep_due`](Self::sweep_due)), from the count it just wrote rather than a load
-    /// of it (which would wait for the store).
-    #[inline]
-    pub(super) fn count_free_sweep_due(&self, size: u64) -> bool {
-        let frees = self.frees.get().wrapping_add(1);
-        self.frees.set(frees);
-        self.live_bytes.add(size.wrapping_neg());
-        (frees.wrapping_sub(self.allocations.get()) as i64) > self.sweep_mark.get() as i64
-    }
-
     /// Sets every word to 0 (a repair rebuilding the heap, which it holds).
     pub(super) fn clear(&self) {
         for word in [

@@ -266,8 +266,8 @@ impl Quick {
         }
         cs.freed.set(block);
         crash::point();
-        let due = cs.count_free_sweep_due(word & FIELD_MASK);
+        cs.count_free(word & FIELD_MASK);
         crash::point();
-        due
+        cs.sweep_due()
     }
 }
