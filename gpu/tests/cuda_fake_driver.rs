@@ -12,7 +12,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use hetmem_backends::PosixShmBackend;
-use hetmem_core::{Error, MemoryBackend};
+use hetmem_core::{Error, MemoryBackend, OffsetPtr};
 use hetmem_gpu::cuda::{
     compile_ptx_with, driver, nvrtc_available, CudaIpcBackend, CudaIpcOptions, CudaShmBackend, CudaShmOptions,
     DRIVER_ENV, NVRTC_ENV,
@@ -505,4 +505,31 @@ fn dropping_a_backend_waits_for_queued_copies() {
     assert_eq!(counter(&lib, "fake_registrations"), 0);
     assert_eq!(counter(&lib, "fake_allocations"), 0);
     assert_eq!(counter(&lib, "fake_unsynced_releases"), 0, "memory released while a queued copy could still use it");
+}
+
+/// A segment registered read-only for the device (the fake device supports it) gives no
+/// writable view, whose device writes would fault; it gives read-only views, which cudarc copies
+/// only read. A segment registered read-write gives both.
+#[test]
+fn a_read_only_registration_gives_only_read_only_views() {
+    if !body_of("a_read_only_registration_gives_only_read_only_views", &[]) || !fake_in_use() {
+        return;
+    }
+    let stream = hetmem_gpu::cuda::context(0).unwrap().default_stream();
+    let offset = hetmem_core::header::HEADER_SIZE;
+    let options = CudaShmOptions { device_read_only: true, ..CudaShmOptions::default() };
+    let ro = CudaShmBackend::create(&unique("ro"), 1 << 16, &options).unwrap();
+    assert!(ro.device_read_only());
+    let refused = ro.device_view::<u32>(offset, 4, &stream);
+    assert!(matches!(refused, Err(Error::Unsupported(why)) if why.contains("read_only_view")), "{refused:?}");
+    assert!(ro.device_view_at::<u32>(OffsetPtr::new(offset), 4, &stream).is_err());
+    let view = ro.read_only_view::<u32>(offset, 4, &stream).unwrap();
+    assert_eq!(view.device_address(), ro.device_ptr().unwrap() + offset);
+    assert_eq!(view.len(), 4);
+    assert!(matches!(ro.read_only_view::<u32>(ro.len(), 1, &stream), Err(Error::OutOfBounds { .. })));
+    let rw = CudaShmBackend::create(&unique("rw"), 1 << 16, &CudaShmOptions::default()).unwrap();
+    assert!(!rw.device_read_only());
+    let writable = rw.device_view::<u32>(offset, 4, &stream).unwrap();
+    let read_only = rw.read_only_view_at::<u32>(OffsetPtr::new(offset), 4, &stream).unwrap();
+    assert_eq!(writable.device_address(), read_only.device_address());
 }

@@ -5,10 +5,10 @@ use std::sync::Arc;
 
 use cudarc::driver::{sys, CudaContext, CudaStream};
 use hetmem_backends::{PosixShmBackend, ShmOptions};
-use hetmem_core::{BackendKind, MemoryBackend, OffsetPtr, Result};
+use hetmem_core::{BackendKind, Error, MemoryBackend, OffsetPtr, Result};
 
 use super::driver;
-use super::interop::{region_view, DeviceView};
+use super::interop::{region_view, DeviceView, ReadOnlyView};
 use crate::pinned::{check_range, impl_shm_device_backend};
 
 /// Options for [`CudaShmBackend`].
@@ -107,17 +107,45 @@ impl CudaShmBackend {
     ///
     /// # Errors
     /// [`hetmem_core::Error::OutOfBounds`] or [`hetmem_core::Error::InvalidAlignment`] for a range
-    /// outside the data area or misaligned for `T`.
+    /// outside the data area or misaligned for `T`; [`hetmem_core::Error::Unsupported`] when the
+    /// segment is registered read-only for the device ([`device_read_only`](Self::device_read_only)),
+    /// where a device write would fault: take a [`read_only_view`](Self::read_only_view) there.
     pub fn device_view<T>(&self, offset: u64, len: usize, stream: &Arc<CudaStream>) -> Result<DeviceView<'_, T>> {
+        if self.read_only {
+            return Err(Error::Unsupported(
+                "the segment is registered read-only for the device: take a read_only_view of it",
+            ));
+        }
         // SAFETY: the whole segment is registered and device-mapped at `device_ptr` until `self`
         // drops.
         unsafe { region_view(self, offset, len, stream) }
+    }
+
+    /// A view of `len` elements of `T` at `offset` that copies and kernels only read: the only
+    /// view of a segment registered read-only for the device, and a safe one of any other.
+    ///
+    /// # Errors
+    /// [`hetmem_core::Error::OutOfBounds`] or [`hetmem_core::Error::InvalidAlignment`], as for
+    /// [`device_view`](Self::device_view).
+    pub fn read_only_view<T>(&self, offset: u64, len: usize, stream: &Arc<CudaStream>) -> Result<ReadOnlyView<'_, T>> {
+        // SAFETY: as in `device_view`; the view it makes is only read through.
+        unsafe { region_view(self, offset, len, stream) }.map(ReadOnlyView::from)
     }
 
     /// [`device_view`](Self::device_view) of an allocation's offset.
     pub fn device_view_at<T>(&self, ptr: OffsetPtr, len: usize, stream: &Arc<CudaStream>) -> Result<DeviceView<'_, T>> {
         // A null pointer's offset is far out of bounds, so the range check refuses it.
         self.device_view(ptr.get(), len, stream)
+    }
+
+    /// [`read_only_view`](Self::read_only_view) of an allocation's offset.
+    pub fn read_only_view_at<T>(
+        &self,
+        ptr: OffsetPtr,
+        len: usize,
+        stream: &Arc<CudaStream>,
+    ) -> Result<ReadOnlyView<'_, T>> {
+        self.read_only_view(ptr.get(), len, stream)
     }
 
     /// The `len` elements of `T` at `offset` as a host slice, which cudarc copies take as their

@@ -141,3 +141,70 @@ impl<T> DevicePtrMut<T> for DeviceView<'_, T> {
         (self.ptr, SyncOnDrop::Sync(None))
     }
 }
+
+/// A view that copies and kernels may only read: of a [`CudaShmBackend`](super::CudaShmBackend)
+/// registered read-only for the device, whose writable [`DeviceView`]s are refused (a device
+/// write there faults, and the context is lost). It implements cudarc's `DevicePtr`, so it is the
+/// source of `memcpy_dtoh` and `memcpy_dtod`, but not `DevicePtrMut`: no copy can write through
+/// it.
+///
+/// ```compile_fail
+/// # use hetmem_gpu::cuda::*;
+/// # fn f(shm: &CudaShmBackend) -> hetmem_core::Result<()> {
+/// let stream = shm.context().default_stream();
+/// let mut view = shm.read_only_view::<u32>(hetmem_core::header::HEADER_SIZE, 4, &stream)?;
+/// stream.memcpy_htod(&[7u32; 4], &mut view).unwrap(); // needs `DevicePtrMut`
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct ReadOnlyView<'a, T>(DeviceView<'a, T>);
+
+impl<T> ReadOnlyView<'_, T> {
+    /// The device address of the first element.
+    pub fn device_address(&self) -> u64 {
+        self.0.ptr
+    }
+
+    /// The address as a kernel argument, for a `const T*` parameter: the kernel may only read
+    /// through it.
+    pub fn kernel_arg(&self) -> &u64 {
+        &self.0.ptr
+    }
+
+    /// The number of elements.
+    pub fn len(&self) -> usize {
+        self.0.len
+    }
+
+    /// Whether the view has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.0.len == 0
+    }
+
+    /// The stream cudarc queues this view's copies on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.0.stream
+    }
+}
+
+impl<'a, T> From<DeviceView<'a, T>> for ReadOnlyView<'a, T> {
+    /// A view of the same memory that only reads it.
+    fn from(view: DeviceView<'a, T>) -> Self {
+        ReadOnlyView(view)
+    }
+}
+
+impl<T> DeviceSlice<T> for ReadOnlyView<'_, T> {
+    fn len(&self) -> usize {
+        self.0.len
+    }
+    fn stream(&self) -> &Arc<CudaStream> {
+        &self.0.stream
+    }
+}
+
+impl<T> DevicePtr<T> for ReadOnlyView<'_, T> {
+    fn device_ptr<'b>(&'b self, stream: &'b CudaStream) -> (sys::CUdeviceptr, SyncOnDrop<'b>) {
+        self.0.device_ptr(stream)
+    }
+}

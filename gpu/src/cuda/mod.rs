@@ -32,7 +32,7 @@ mod resource;
 
 pub use backend::{CudaShmBackend, CudaShmOptions};
 pub use driver::{context, driver, DriverInfo, DRIVER_ENV, MIN_DRIVER_VERSION};
-pub use interop::DeviceView;
+pub use interop::{DeviceView, ReadOnlyView};
 pub use ipc::{CudaIpcBackend, CudaIpcOptions};
 pub use nvrtc::{compile_ptx, compile_ptx_with, nvrtc_available, CompileError, NVRTC_ENV};
 pub use resource::{CudaDeviceResource, CudaPinnedResource, PinnedFlags, DEVICE_ALLOC_ALIGN};
