@@ -357,6 +357,81 @@ fn a_hand_made_cache_and_depot_over_shared_memory_hand_a_forked_child_no_cached_
     PosixShmBackend::remove(&seg).unwrap();
 }
 
+/// `check()` as the first call of a thread cache made by hand in a forked child walks none of
+/// the blocks it held before the fork: over shared memory the parent hands them out and writes
+/// into them, so their first words are no longer links for the child's cache to follow (a walk
+/// would read wherever the parent's data points).
+#[test]
+fn a_hand_made_caches_check_in_a_forked_child_follows_no_link_from_before_the_fork() {
+    use hetmem::cache::{CacheConfig, ThreadCache, Upstream};
+    use hetmem::pool::BackendResource;
+    use std::alloc::Layout;
+    use std::sync::Arc;
+    let seg = format!("/hetmem-fork-check-{}", std::process::id());
+    let backend = Arc::new(PosixShmBackend::create(&seg, 4 << 20, &ShmOptions::default()).unwrap());
+    let resource: &'static BackendResource = Box::leak(Box::new(BackendResource::new(backend).unwrap()));
+    let config = CacheConfig::uniform(hetmem::cache::MAX_BUCKETS, 16 << 10).unwrap();
+    let mut cache = ThreadCache::new(&config, Upstream::Resource(resource)).unwrap();
+    let layout = Layout::from_size_align(256, 16).unwrap();
+    let blocks: Vec<_> = (0..8).map(|_| cache.allocate(layout).unwrap()).collect();
+    for &b in &blocks {
+        // SAFETY: from `allocate(layout)` on this cache, freed once.
+        unsafe { cache.deallocate(b, layout) };
+    }
+    assert!(cache.bytes_cached() >= 8 * 256, "nothing cached to test with");
+    let first_words = |write: Option<&[u64]>| -> Vec<u64> {
+        let mut old = Vec::new();
+        for (i, b) in blocks.iter().enumerate() {
+            let w = b.as_ptr().cast::<u64>();
+            // SAFETY: a block of 256 bytes in the mapped segment, cached (no one reads it as data
+            // meanwhile: the parent waits for the child).
+            unsafe {
+                old.push(w.read());
+                if let Some(values) = write {
+                    w.write(values[i]);
+                }
+            }
+        }
+        old
+    };
+    assert!(in_a_forked_child(|| {
+        // The parent's use of the blocks, as the child sees it: their first words hold its data.
+        let saved = first_words(Some(&[0; 8]));
+        let ok = cache.check().is_ok() && cache.bytes_cached() == 0;
+        // Put back for the parent, which still holds the blocks in its cache.
+        first_words(Some(&saved));
+        ok
+    }));
+    cache.check().unwrap();
+    cache.flush();
+    PosixShmBackend::remove(&seg).unwrap();
+}
+
+/// The thread-local caches are the fork handlers' to see to, not their own: a thread started in
+/// a forked child keeps what its cache holds through `check_thread`, which walks it.
+#[test]
+fn a_thread_started_in_a_forked_child_keeps_its_cached_blocks_through_a_check() {
+    use hetmem::cache::HetAlloc;
+    use std::alloc::{GlobalAlloc, Layout};
+    static CACHES: HetAlloc = HetAlloc::new();
+    let layout = Layout::from_size_align(256, 16).unwrap();
+    // Forks are counted from here on (run alone, the test would otherwise fork uncounted).
+    hetmem::core::fork::watch().unwrap();
+    assert!(in_a_forked_child(|| {
+        std::thread::spawn(move || {
+            // SAFETY: blocks of `layout` from the caches, each freed once with it.
+            unsafe {
+                let blocks: Vec<*mut u8> = (0..8).map(|_| CACHES.alloc(layout)).collect();
+                blocks.into_iter().for_each(|b| CACHES.dealloc(b, layout));
+            }
+            let cached = CACHES.thread_stats().bytes_cached;
+            cached > 0 && CACHES.check_thread().is_ok() && CACHES.thread_stats().bytes_cached == cached
+        })
+        .join()
+        .unwrap_or(false)
+    }));
+}
+
 /// A typed pool over a resource in shared memory: a forked child must not hand out the blocks
 /// its parent's pool cached (the parent hands them out too); it drops them, and gets none (the
 /// resource refuses a forked child) rather than a cached one. The parent's pool serves on.

@@ -60,8 +60,13 @@ pub struct ThreadCache {
     /// The fork generation ([`crate::fork::generation`]) the cache was made in, or last dropped
     /// its blocks in: a cache made by hand drops its blocks, unfreed, at its first call in a
     /// forked child (over shared memory they are the parent's too, and it may hand them out).
+    /// [`BY_FORK_HANDLERS`] for the thread-local caches, whose blocks the fork handlers drop (a
+    /// thread started in a child has nothing from before the fork to drop).
     generation: Cell<u64>,
 }
+
+/// The generation of a cache that the fork handlers see to (no generation is this high).
+const BY_FORK_HANDLERS: u64 = u64::MAX;
 
 // SAFETY: the cache owns every block on its lists exclusively; moving it to another thread moves
 // that ownership. The upstream and depot are `Sync`.
@@ -129,7 +134,7 @@ impl ThreadCache {
             upstream: Cell::new(upstream),
             depot: Cell::new(depot),
             counters: Counters::new(),
-            generation: Cell::new(0),
+            generation: Cell::new(BY_FORK_HANDLERS),
         }
     }
 
@@ -294,7 +299,6 @@ impl ThreadCache {
             bucket.head.set(ptr::null_mut());
             bucket.set_bytes(0);
         }
-        self.generation.set(crate::fork::generation());
     }
 
     /// For the calls of a cache made by hand (the thread-local caches are seen to by the fork
@@ -303,8 +307,10 @@ impl ThreadCache {
     /// over private memory they are copies the child can do without.
     #[inline]
     fn forget_if_forked(&self) {
-        if self.generation.get() != crate::fork::generation() {
+        let (made, now) = (self.generation.get(), crate::fork::generation());
+        if made != now && made != BY_FORK_HANDLERS {
             self.forget_all();
+            self.generation.set(now);
         }
     }
 
@@ -399,6 +405,9 @@ impl ThreadCache {
     /// Walks every bucket: each list has exactly as many blocks as its byte count says, never
     /// more bytes than its limit, only 16-aligned blocks, and no cycle.
     pub fn check(&self) -> Result<()> {
+        // In a forked child the blocks from before the fork may be the parent's again, their
+        // links its data: they are dropped, not walked.
+        self.forget_if_forked();
         for (class, bucket) in self.buckets.iter().enumerate() {
             let size = block_size(class);
             let bytes = bucket.bytes();
