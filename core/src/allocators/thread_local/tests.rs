@@ -952,7 +952,7 @@ fn a_refill_that_collects_remote_frees_keeps_one_view_of_the_heap() {
 
 /// `stats()` reads the counters of heaps whose threads are allocating and freeing. The owner's
 /// words are atomics, so this is a race for stale figures, never a data race: Miri, which runs
-/// this test in CI (`ci/fastmem.sh`), reported one here when they were plain integers the owner
+/// this test in CI (`ci/test`), reported one here when they were plain integers the owner
 /// wrote through `&mut`. (`check()`, safe to call at any time though it wants a quiet
 /// allocator, reads the same words; its acquire loads of block words hide the race from Miri.)
 #[test]
