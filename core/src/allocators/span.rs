@@ -824,8 +824,9 @@ pub(crate) fn live_block(mem: &Mem, user: u64) -> Result<Found<'_>> {
 
 /// The second half of a reallocation that cannot stay in place: a new block from `alloc`, the
 /// common prefix copied from the block at `ptr` (of `old_size` bytes, in `mem`), the old block
-/// freed. The old size comes from shared memory: if the copy it asks for is refused, the new
-/// block goes back and the old one stays.
+/// freed. The old size comes from shared memory: if the copy it asks for is refused, or the old
+/// block's free fails (damage, or a racing free of it), the new block goes back and the old one
+/// stays (a failed free freed nothing).
 pub(crate) fn move_block(
     alloc: &dyn crate::allocator::RegionAllocator,
     mem: &Mem,
@@ -839,7 +840,10 @@ pub(crate) fn move_block(
         let _ = alloc.free(new);
         return Err(e);
     }
-    alloc.free(ptr)?;
+    if let Err(e) = alloc.free(ptr) {
+        let _ = alloc.free(new);
+        return Err(e);
+    }
     Ok(new)
 }
 

@@ -1,4 +1,4 @@
-use super::super::span::{freed_word, Info, SMALL_HEADER};
+use super::super::span::{freed_word, span_of_word, Info, SMALL_HEADER};
 use super::*;
 use crate::allocators::testing::{
     exercise, exhaust_and_recover, failed_copy_leaks_nothing, interior_offsets_with_back_words_in_the_data_are_refused,
@@ -1054,5 +1054,33 @@ fn a_remote_free_whose_drain_finds_damage_is_still_done() {
         a.free(*p).unwrap();
     }
     a.free(mine).unwrap();
+    assert_back_to_start(&a, start);
+}
+
+/// A reallocation that moves its block gives the new block back when the free of the old one
+/// fails (here: the old block's span names no heap), so that nothing leaks and the old block
+/// stays the caller's, as the error says.
+#[test]
+fn a_move_whose_free_fails_gives_the_new_block_back() {
+    let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = start_of(&a);
+    let p = a.allocate(64, 8).unwrap();
+    let s = &a.shared;
+    let block = p.get() - SMALL_HEADER;
+    let word = s.arena.info(block).unwrap().load(Ordering::Relaxed);
+    let span = s.arena.class_span(span_of_word(block, word), class_for(64, 8).unwrap()).unwrap();
+    let stamp = s.arena.word(block + 8).unwrap();
+    let (owner, stamped) = (span.owner.load(Ordering::Relaxed), stamp.load(Ordering::Relaxed));
+    // Damage: the span names no heap, nor does the block's stamp (so the quick free passes the
+    // block on to the full path, which refuses it).
+    span.owner.store(8, Ordering::Relaxed);
+    stamp.store(8, Ordering::Relaxed);
+    let live = a.stats().live_allocations;
+    assert!(a.reallocate(p, 3000, 8).is_err());
+    assert_eq!(a.stats().live_allocations, live, "the new block went back");
+    span.owner.store(owner, Ordering::Relaxed);
+    stamp.store(stamped, Ordering::Relaxed);
+    a.check().unwrap();
+    a.free(p).unwrap();
     assert_back_to_start(&a, start);
 }
