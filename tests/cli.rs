@@ -170,3 +170,102 @@ impl Drop for Remove {
         let _ = PosixShmBackend::remove(&self.0);
     }
 }
+
+/// A segment whose header is hetmem's but whose allocator directory another process broke:
+/// entries that name another allocator's sub-region, a shifted or cut one, one outside the
+/// segment, a count past the table, bytes at random. The tool reports (exit status 0, 1 or 2)
+/// and never panics or crashes.
+#[test]
+fn a_broken_directory_is_reported_not_a_panic() {
+    let s = Segment::new("directory");
+    // The directory's table (see `RegionHeader`): after the header's fixed fields (128 bytes),
+    // the directory lock's owner word, `next_free` and `count`; 32-byte entries (type id, state,
+    // id, offset, size) in the order they were made.
+    const COUNT: usize = 144;
+    const ENTRIES: usize = 152;
+    let header = s.shm.base();
+    let word = |at: usize| -> *mut u64 {
+        // SAFETY: in the header page (4096 bytes) of the mapped segment, 8-aligned.
+        unsafe { header.add(at).cast::<u64>() }
+    };
+    let entry = |i: usize, field: usize| word(ENTRIES + 32 * i + 8 * field);
+    // SAFETY: as above (`word`).
+    let read = |p: *mut u64| unsafe { p.read() };
+    // SAFETY: as above; no thread of this process uses the directory meanwhile.
+    let write = |p: *mut u64, v: u64| unsafe { p.write(v) };
+    let stack_type = u64::from(StackAllocator::TYPE_ID);
+    assert_eq!(read(entry(0, 0)) & 0xffff_ffff, stack_type, "the directory is where this test looks");
+    let saved: Vec<u64> = (COUNT..4096).step_by(8).map(|at| read(word(at))).collect();
+    let restore = || {
+        for (k, &v) in saved.iter().enumerate() {
+            write(word(COUNT + 8 * k), v);
+        }
+    };
+    let (offset, size) = (|i| read(entry(i, 2)), |i| read(entry(i, 3)));
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    for case in 0..24 {
+        restore();
+        let i = case % 4;
+        match case / 4 {
+            // Another allocator's sub-region, under this entry's type.
+            0 => {
+                let j = (i + 1) % 4;
+                write(entry(i, 2), offset(j));
+                write(entry(i, 3), size(j));
+            }
+            // Shifted into its own data.
+            1 => {
+                write(entry(i, 2), offset(i) + 4096);
+                write(entry(i, 3), size(i) - 4096);
+            }
+            // Cut short.
+            2 => write(entry(i, 3), size(i) / 2),
+            // Outside the segment.
+            3 => {
+                write(entry(i, 2), u64::MAX - 4095);
+                write(entry(i, 3), 8192);
+            }
+            // A count past the table.
+            4 => write(word(COUNT), u64::from(u32::MAX)),
+            // Random bytes, but for the four entries: ready, of the types made, over random
+            // sub-regions inside the segment.
+            _ => {
+                let types: Vec<u64> = (0..4).map(|k| read(entry(k, 0)) & 0xffff_ffff).collect();
+                let total = s.shm.len();
+                for at in (COUNT..4096).step_by(8) {
+                    write(word(at), next());
+                }
+                for (k, &type_id) in types.iter().enumerate() {
+                    let at = 4096 * (1 + next() % (total / 4096 - 2));
+                    write(entry(k, 0), type_id | 2 << 32);
+                    write(entry(k, 2), at);
+                    write(entry(k, 3), 1 + next() % (total - at));
+                }
+            }
+        }
+        for command in ["show", "check"] {
+            let out = hetmem(&[command, &s.name]);
+            let code = out.status.code();
+            assert!(matches!(code, Some(0..=2)), "case {case}, {command}: {code:?}\n{}", text(&out));
+            assert!(!text(&out).contains("panicked"), "case {case}, {command}:\n{}", text(&out));
+        }
+    }
+    // An entry of a type this build does not know (a user's own allocator type, say) is not
+    // checked, and not counted as checked.
+    restore();
+    write(entry(3, 0), u64::from(u32::from_be_bytes(*b"USR1")) | 2 << 32);
+    let out = hetmem(&["check", &s.name]);
+    let report = text(&out);
+    assert!(out.status.success(), "{report}");
+    assert!(report.contains("allocator 4.0 USR1: not checked"), "{report}");
+    assert!(report.contains("3 allocators checked, 0 damaged, 1 not checked"), "{report}");
+    restore();
+    let out = hetmem(&["check", &s.name]);
+    assert!(out.status.success(), "{}", text(&out));
+}

@@ -289,7 +289,7 @@ fn show(name: &str, id: Option<AllocatorId>) -> hetmem::Result<Report> {
 fn check(name: &str, id: Option<AllocatorId>) -> hetmem::Result<Report> {
     let backend = open(name, Duration::from_secs(1))?;
     let mut text = String::new();
-    let mut damaged = 0;
+    let (mut damaged, mut unknown) = (0, 0);
     let entries = entries(&backend, id)?;
     for e in &entries {
         let _ = write!(text, "allocator {} {}: ", e.id, type_label(e.type_id));
@@ -309,15 +309,23 @@ fn check(name: &str, id: Option<AllocatorId>) -> hetmem::Result<Report> {
                     let _ = writeln!(text, "DAMAGED: {err}");
                 }
             },
-            Ok(None) => text.push_str("not checked: a type this build does not know\n"),
+            Ok(None) => {
+                unknown += 1;
+                text.push_str("not checked: a type this build does not know\n");
+            }
             Err(err) => {
                 damaged += 1;
                 let _ = writeln!(text, "DAMAGED: cannot attach: {err}");
             }
         }
     }
-    let plural = if entries.len() == 1 { "" } else { "s" };
-    let _ = writeln!(text, "{} allocator{plural} checked, {damaged} damaged", entries.len());
+    let checked = entries.len() - unknown;
+    let plural = if checked == 1 { "" } else { "s" };
+    let _ = write!(text, "{checked} allocator{plural} checked, {damaged} damaged");
+    if unknown > 0 {
+        let _ = write!(text, ", {unknown} not checked (of a type this build does not know)");
+    }
+    text.push('\n');
     Ok(Report { text, status: u8::from(damaged > 0) })
 }
 
