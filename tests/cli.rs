@@ -145,6 +145,8 @@ fn a_dead_creators_segment_is_shown_and_recovered() {
         std::process::abort();
     }
     let name = format!("/hetmem-cli-dead-{}", std::process::id());
+    // Before the child makes it: removed however the test ends.
+    let _remove = Remove(name.clone());
     let status = Command::new(std::env::current_exe().unwrap())
         .args(["a_dead_creators_segment_is_shown_and_recovered", "--exact", "--test-threads=1"])
         .env("HETMEM_CLI_CHILD", &name)
@@ -152,7 +154,6 @@ fn a_dead_creators_segment_is_shown_and_recovered() {
         .unwrap()
         .status;
     assert!(!status.success(), "the child aborts");
-    let _remove = Remove(name.clone());
     let out = hetmem(&["show", &name]);
     let shown = text(&out);
     assert!(out.status.success(), "{shown}");
