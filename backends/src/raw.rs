@@ -100,7 +100,10 @@ pub fn region_len(size: usize) -> Result<u64> {
 /// field, given its kind and creator flag expressions.
 macro_rules! impl_backend {
     ($ty:ty, kind = |$k:ident| $kind:expr, creator = |$s:ident| $creator:expr $(, $extra:item)* $(,)?) => {
-        impl hetmem_core::MemoryBackend for $ty {
+        // SAFETY: base, length and header are the `RawRegion`'s, whose maker promised (in
+        // `RawRegion::new`) `len` bytes valid at `base`, page-aligned, while it is used: the
+        // backend owns it and unmaps it only when dropped. Host memory, whatever its kind.
+        unsafe impl hetmem_core::MemoryBackend for $ty {
             fn kind(&self) -> hetmem_core::BackendKind {
                 let $k = self;
                 $kind

@@ -59,8 +59,40 @@ impl BackendKind {
 ///   out by `create` or `attach`.
 /// - Dropping a backend unmaps it in this process only; [`destroy`](Self::destroy) removes its
 ///   name so no one else can attach, and is what the creator calls when the region is done.
+///
+/// # Safety
+/// Regions, region allocators and the memory manager read and write the bytes at
+/// [`base`](Self::base) without checking them (safe calls such as `Region::new` and
+/// `AllocatorType::create` do). So an implementation promises that whenever
+/// [`host_accessible`](Self::host_accessible) says so, `base` is valid for reads and writes of
+/// [`len`](Self::len) bytes, page-aligned, and stays so, at the same address, for the backend's
+/// whole life (both return the same values on every call); and that
+/// [`header`](Self::header) is the header at `base`. A safe implementation could otherwise hand
+/// out a dangling base that safe code then writes through:
+///
+/// ```compile_fail,E0200
+/// use hetmem_core::{BackendKind, MemoryBackend, RegionHeader};
+/// struct Liar(&'static RegionHeader);
+/// impl MemoryBackend for Liar { // needs `unsafe impl`
+///     fn kind(&self) -> BackendKind {
+///         BackendKind::Private
+///     }
+///     fn base(&self) -> *mut u8 {
+///         core::ptr::dangling_mut()
+///     }
+///     fn len(&self) -> u64 {
+///         1 << 30
+///     }
+///     fn header(&self) -> &RegionHeader {
+///         self.0
+///     }
+///     fn is_creator(&self) -> bool {
+///         true
+///     }
+/// }
+/// ```
 #[cfg(target_has_atomic = "64")]
-pub trait MemoryBackend: Send + Sync + 'static {
+pub unsafe trait MemoryBackend: Send + Sync + 'static {
     /// The backend's id, as written in its header.
     fn id(&self) -> BackendId {
         BackendId(self.header().backend_id())

@@ -39,7 +39,7 @@ pub enum MemoryKind {
 /// A safe implementation could otherwise hand out a dangling pointer that safe code then
 /// writes through:
 ///
-/// ```compile_fail
+/// ```compile_fail,E0200
 /// use core::ptr::NonNull;
 /// use hetmem_core::{MemoryKind, MemoryResource};
 /// struct Liar;

@@ -30,7 +30,9 @@ impl HeapBackend {
     }
 }
 
-impl MemoryBackend for HeapBackend {
+// SAFETY: `len` bytes from the global allocator, page-aligned, with the header written at
+// their start, freed only when the backend drops.
+unsafe impl MemoryBackend for HeapBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::Private
     }

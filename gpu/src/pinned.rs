@@ -13,7 +13,9 @@ use hetmem_core::{Error, Result};
 /// `shm: PosixShmBackend` and `device_ptr: u64` by delegating to the segment.
 macro_rules! impl_shm_device_backend {
     ($ty:ty) => {
-        impl hetmem_core::MemoryBackend for $ty {
+        // SAFETY: base, length, header and kind are the segment's, a `PosixShmBackend` that
+        // keeps those promises, owned by the backend for its life.
+        unsafe impl hetmem_core::MemoryBackend for $ty {
             fn kind(&self) -> hetmem_core::BackendKind {
                 self.shm.kind()
             }

@@ -237,7 +237,8 @@ mod tests {
     /// boundary.
     struct OddDevice(HeapBackend);
 
-    impl MemoryBackend for OddDevice {
+    // SAFETY: `HeapBackend`'s memory, which it says the CPU may not touch (no one does).
+    unsafe impl MemoryBackend for OddDevice {
         fn kind(&self) -> BackendKind {
             self.0.kind()
         }

@@ -343,7 +343,8 @@ struct Meddling {
     value: AtomicU64,
 }
 
-impl crate::backend::MemoryBackend for Meddling {
+// SAFETY: `HeapBackend`'s memory and header; the meddling writes inside it.
+unsafe impl crate::backend::MemoryBackend for Meddling {
     fn kind(&self) -> crate::backend::BackendKind {
         self.inner.kind()
     }
