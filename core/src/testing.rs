@@ -161,7 +161,9 @@ std::thread_local! {
     static VALUES: Values = const { Values(std::cell::RefCell::new(Vec::new())) };
 }
 
-impl crate::thread::ThreadModel for TestThreads {
+// SAFETY: values live in the calling thread's own table (`thread_local!`), by key; at thread
+// exit each destructor runs once on that thread's values, taken out of the table first.
+unsafe impl crate::thread::ThreadModel for TestThreads {
     type TlsKey = usize;
     const NAME: &'static str = "test";
 

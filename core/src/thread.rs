@@ -14,7 +14,44 @@ pub type TlsDestructor = unsafe extern "C" fn(*mut c_void);
 /// Thread identity, scheduling and dynamically created thread-local storage.
 ///
 /// Models are zero-sized types used through their associated functions.
-pub trait ThreadModel: Send + Sync + 'static {
+///
+/// # Safety
+/// Allocators keep owned pointers (leaked boxes) under their keys and take them back, without
+/// checking, from what [`tls_get`](Self::tls_get) answers (safe calls such as
+/// `ThreadLocalAllocator::allocate` do). So an implementation promises that `tls_get(key)` is
+/// null or the value the calling thread last stored under `key` with
+/// [`tls_set`](Self::tls_set): never another thread's value, another key's, or one made up;
+/// and that a destructor given to [`tls_create`](Self::tls_create) runs only on the thread that
+/// left a value, once, with that value, after which the thread reads null under the key. A safe
+/// implementation could otherwise answer a pointer the allocator then frees or writes through:
+///
+/// ```compile_fail,E0200
+/// use core::ffi::c_void;
+/// use hetmem_core::{Result, ThreadModel, TlsDestructor};
+/// struct Liar;
+/// impl ThreadModel for Liar { // needs `unsafe impl`
+///     type TlsKey = ();
+///     const NAME: &'static str = "liar";
+///     fn thread_id() -> u64 {
+///         1
+///     }
+///     fn yield_now() {}
+///     fn sleep_for_us(_us: u64) {}
+///     unsafe fn tls_create(_destructor: Option<TlsDestructor>) -> Result<()> {
+///         Ok(())
+///     }
+///     fn tls_get(_key: ()) -> *mut c_void {
+///         8 as *mut c_void
+///     }
+///     fn tls_set(_key: (), _value: *mut c_void) -> Result<()> {
+///         Ok(())
+///     }
+///     fn tls_delete(_key: ()) -> Result<()> {
+///         Ok(())
+///     }
+/// }
+/// ```
+pub unsafe trait ThreadModel: Send + Sync + 'static {
     /// A thread-local storage key.
     type TlsKey: Copy + Send + Sync + core::fmt::Debug;
 

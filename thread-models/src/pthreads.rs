@@ -35,7 +35,10 @@ impl PthreadsTlsKey {
     }
 }
 
-impl ThreadModel for Pthreads {
+// SAFETY: values live in pthread keys, per thread; a key's generation, checked on each call,
+// keeps a deleted key's values from being read or set through a key that reuses its slot; pthread
+// runs each destructor on the exiting thread with that thread's value, once, and clears it.
+unsafe impl ThreadModel for Pthreads {
     type TlsKey = PthreadsTlsKey;
     const NAME: &'static str = "pthreads";
 

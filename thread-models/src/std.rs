@@ -32,7 +32,10 @@ std::thread_local! {
     };
 }
 
-impl ThreadModel for StdThreads {
+// SAFETY: values live in the calling thread's own table (`thread_local!`), by key slot and
+// generation, so a thread reads only what it set under a live key; the table runs each
+// destructor at thread exit on that thread's values, once, clearing each first.
+unsafe impl ThreadModel for StdThreads {
     type TlsKey = StdTlsKey;
     const NAME: &'static str = "std";
 

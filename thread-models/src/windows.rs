@@ -101,7 +101,10 @@ unsafe extern "system" fn thread_exit(table: *const c_void) {
     drop(unsafe { Box::from_raw(table) });
 }
 
-impl ThreadModel for Windows {
+// SAFETY: values live in the calling thread's own table (a fiber-local slot), by key slot and
+// generation, so a thread reads only what it set under a live key; the table runs each
+// destructor at thread (or fiber) exit on that thread's values, once, clearing each first.
+unsafe impl ThreadModel for Windows {
     type TlsKey = WindowsTlsKey;
     const NAME: &'static str = "windows";
 
