@@ -133,7 +133,11 @@ impl<B: SlotBody> SlotTable<B> {
     /// `offset` came from [`SlotTable::slot`] or [`SlotTable::offsets`] on the same `mem`.
     #[inline]
     pub(crate) unsafe fn slot_unchecked<'m>(&self, mem: &'m Mem, offset: u64) -> &'m Slot<B> {
-        debug_assert!(self.slot(mem, offset).is_ok());
+        // Bounds and alignment only: another process may have overwritten the magic since (the
+        // slot is still ours to use, and `check` reports the damage).
+        debug_assert!(mem
+            .ptr(offset, core::mem::size_of::<Slot<B>>() as u64)
+            .is_ok_and(|p| p.align_offset(core::mem::align_of::<Slot<B>>()) == 0));
         // SAFETY: the caller's promise: checked once (bounds, alignment, magic), and the region
         // stays mapped.
         unsafe { &*mem.addr(offset).cast::<Slot<B>>() }
