@@ -214,10 +214,18 @@ fn a_backend_resource_over_shared_memory_refuses_a_forked_child() {
     use hetmem::MemoryResource;
     use std::sync::Arc;
     let seg = format!("/hetmem-fork-res-{}", std::process::id());
-    let shared =
-        BackendResource::new(Arc::new(PosixShmBackend::create(&seg, 1 << 20, &ShmOptions::default()).unwrap()))
-            .unwrap();
-    let private = BackendResource::new(Arc::new(MallocBackend::create(1 << 20, BackendId(7)).unwrap())).unwrap();
+    let shared = BackendResource::reserve(
+        Arc::new(PosixShmBackend::create(&seg, 1 << 20, &ShmOptions::default()).unwrap()),
+        AllocatorId::new(9, 0),
+        0,
+    )
+    .unwrap();
+    let private = BackendResource::reserve(
+        Arc::new(MallocBackend::create(1 << 20, BackendId(7)).unwrap()),
+        AllocatorId::new(9, 0),
+        0,
+    )
+    .unwrap();
     let (a, b) = (shared.allocate(256, 64).unwrap(), private.allocate(256, 64).unwrap());
     assert!(in_a_forked_child(|| matches!(shared.allocate(256, 64), Err(Error::Unsupported(_)))));
     assert!(in_a_forked_child(|| private.allocate(256, 64).is_ok()));
@@ -288,7 +296,8 @@ fn caches_over_shared_memory_hand_a_forked_child_no_cached_block() {
     use std::sync::Arc;
     let seg = format!("/hetmem-fork-caches-{}", std::process::id());
     let backend = Arc::new(PosixShmBackend::create(&seg, 8 << 20, &ShmOptions::default()).unwrap());
-    let resource: &'static BackendResource = Box::leak(Box::new(BackendResource::new(backend).unwrap()));
+    let resource: &'static BackendResource =
+        Box::leak(Box::new(BackendResource::reserve(backend, AllocatorId::new(9, 0), 0).unwrap()));
     let caches = HetAlloc::with_resource(resource);
     let layout = Layout::from_size_align(256, 16).unwrap();
     // SAFETY: blocks of `layout` from the caches, each freed once with it; freed, they stay
@@ -326,7 +335,8 @@ fn a_hand_made_cache_and_depot_over_shared_memory_hand_a_forked_child_no_cached_
     use std::sync::Arc;
     let seg = format!("/hetmem-fork-handmade-{}", std::process::id());
     let backend = Arc::new(PosixShmBackend::create(&seg, 8 << 20, &ShmOptions::default()).unwrap());
-    let resource: &'static BackendResource = Box::leak(Box::new(BackendResource::new(backend).unwrap()));
+    let resource: &'static BackendResource =
+        Box::leak(Box::new(BackendResource::reserve(backend, AllocatorId::new(9, 0), 0).unwrap()));
     let depot: &'static Depot = Box::leak(Box::new(Depot::new(4 << 20)));
     let upstream = Upstream::Resource(resource);
     let config = CacheConfig::uniform(hetmem::cache::MAX_BUCKETS, 16 << 10).unwrap();
@@ -369,7 +379,8 @@ fn a_hand_made_caches_check_in_a_forked_child_follows_no_link_from_before_the_fo
     use std::sync::Arc;
     let seg = format!("/hetmem-fork-check-{}", std::process::id());
     let backend = Arc::new(PosixShmBackend::create(&seg, 4 << 20, &ShmOptions::default()).unwrap());
-    let resource: &'static BackendResource = Box::leak(Box::new(BackendResource::new(backend).unwrap()));
+    let resource: &'static BackendResource =
+        Box::leak(Box::new(BackendResource::reserve(backend, AllocatorId::new(9, 0), 0).unwrap()));
     let config = CacheConfig::uniform(hetmem::cache::MAX_BUCKETS, 16 << 10).unwrap();
     let mut cache = ThreadCache::new(&config, Upstream::Resource(resource)).unwrap();
     let layout = Layout::from_size_align(256, 16).unwrap();
@@ -442,7 +453,8 @@ fn a_typed_pool_over_shared_memory_hands_a_forked_child_no_cached_block() {
     use std::sync::Arc;
     let seg = format!("/hetmem-fork-pool-{}", std::process::id());
     let backend = Arc::new(PosixShmBackend::create(&seg, 1 << 20, &ShmOptions::default()).unwrap());
-    let resource: &'static BackendResource = Box::leak(Box::new(BackendResource::new(backend).unwrap()));
+    let resource: &'static BackendResource =
+        Box::leak(Box::new(BackendResource::reserve(backend, AllocatorId::new(9, 0), 0).unwrap()));
     let pool = PoolAllocator::<[u64; 8]>::with_upstream(16, Upstream::Resource(resource));
     let blocks: Vec<_> = (0..8).map(|_| pool.allocate().unwrap()).collect();
     for &b in &blocks {

@@ -54,19 +54,27 @@ unsafe impl Send for BackendResource {}
 unsafe impl Sync for BackendResource {}
 
 impl BackendResource {
-    /// Carves the whole data area of `backend` (everything after its header page). Use this for
-    /// a backend dedicated to the resource; [`reserve`](Self::reserve) shares one with region
-    /// allocators.
-    pub fn new(backend: Arc<dyn MemoryBackend>) -> Result<Self> {
+    /// Carves the whole data area of `backend` (everything after its header page), for a
+    /// backend dedicated to the resource. [`reserve`](Self::reserve) is the safe way: it takes a
+    /// sub-region through the backend's allocator directory, which no region allocator or other
+    /// reserved resource, in any process, shares.
+    ///
+    /// # Safety
+    /// As for [`with_range`](Self::with_range), over the whole data area.
+    pub unsafe fn new(backend: Arc<dyn MemoryBackend>) -> Result<Self> {
         let len = backend.len().saturating_sub(HEADER_SIZE);
-        BackendResource::with_range(backend, HEADER_SIZE, len)
+        // SAFETY: the caller's promise, for the whole data area.
+        unsafe { BackendResource::with_range(backend, HEADER_SIZE, len) }
     }
 
     /// Reserves `size` bytes (0: all that is left) in `backend`'s allocator directory under `id`,
     /// and carves that sub-region.
     pub fn reserve(backend: Arc<dyn MemoryBackend>, id: AllocatorId, size: u64) -> Result<Self> {
         let entry = backend.header().reserve_allocator(BACKEND_RESOURCE_TYPE_ID, id, size)?;
-        match BackendResource::with_range(Arc::clone(&backend), entry.offset, entry.size) {
+        // SAFETY: the directory gave the sub-region to this id alone (no region allocator or other
+        // resource, in any process, is given an overlapping one), and it is ours until the
+        // backend goes.
+        match unsafe { BackendResource::with_range(Arc::clone(&backend), entry.offset, entry.size) } {
             Ok(resource) => {
                 backend.header().publish_allocator(id)?;
                 Ok(resource)
@@ -80,7 +88,14 @@ impl BackendResource {
 
     /// Carves `[offset, offset + len)` of `backend` (offsets from the region's start; the range
     /// must lie after the header page). The range shrinks to 64-byte boundaries.
-    pub fn with_range(backend: Arc<dyn MemoryBackend>, offset: u64, len: u64) -> Result<Self> {
+    ///
+    /// # Safety
+    /// Nothing else uses the range while the resource or a block from it lives: no region
+    /// allocator, no other resource (in this process or another that maps the backend), no other
+    /// writer. The resource hands its blocks out as memory of their own (a thread cache over it
+    /// writes into them, and so do the users of `HetAlloc` over it), so two carvers of one range
+    /// would hand out the same bytes twice.
+    pub unsafe fn with_range(backend: Arc<dyn MemoryBackend>, offset: u64, len: u64) -> Result<Self> {
         let total = backend.len();
         let in_bounds = offset >= HEADER_SIZE && offset.checked_add(len).is_some_and(|end| end <= total);
         if !in_bounds {
@@ -199,7 +214,8 @@ mod tests {
     #[test]
     fn carves_blocks_inside_the_region_and_takes_them_back() {
         let b = backend(1 << 20);
-        let r = BackendResource::new(Arc::clone(&b)).unwrap();
+        // SAFETY: the test's own backend, which nothing else carves.
+        let r = unsafe { BackendResource::new(Arc::clone(&b)) }.unwrap();
         let (start, len) = r.range();
         assert_eq!((start, len), (HEADER_SIZE, (1 << 20) - HEADER_SIZE));
         let p = r.allocate(1000, 256).unwrap();
@@ -230,7 +246,9 @@ mod tests {
             BackendResource::reserve(Arc::clone(&b), AllocatorId::new(7, 0), 4096),
             Err(Error::AlreadyExists { .. })
         ));
-        assert!(matches!(BackendResource::with_range(Arc::clone(&b), 0, 4096), Err(Error::OutOfBounds { .. })));
+        // SAFETY: refused before anything is carved.
+        let header = unsafe { BackendResource::with_range(Arc::clone(&b), 0, 4096) };
+        assert!(matches!(header, Err(Error::OutOfBounds { .. })));
     }
 
     /// `HeapBackend`'s region seen as device memory at a device address 32 bytes off a 64-byte
@@ -265,13 +283,15 @@ mod tests {
     #[test]
     fn a_misaligned_base_is_refused_with_the_alignment_it_needs() {
         let odd = Arc::new(OddDevice(HeapBackend::new(BackendId(4), 1 << 20)));
-        let err = BackendResource::new(odd).err();
+        // SAFETY: the test's own backend, which nothing else carves.
+        let err = unsafe { BackendResource::new(odd) }.err();
         assert_eq!(err, Some(Error::InvalidAlignment { align: GRANULE as u64 }));
     }
 
     #[test]
     fn a_quick_pool_runs_over_a_backend() {
-        let r = BackendResource::new(backend(4 << 20)).unwrap();
+        // SAFETY: a fresh backend, which nothing else carves.
+        let r = unsafe { BackendResource::new(backend(4 << 20)) }.unwrap();
         let config = QuickPoolConfig { first_block_size: 1 << 20, next_block_size: 1 << 20, ..Default::default() };
         let mut pool = QuickPool::with_config(&r, config).unwrap();
         let ptrs: std::vec::Vec<_> = (0..100).map(|i| pool.allocate(1000 + i * 100, 16).unwrap()).collect();
