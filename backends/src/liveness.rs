@@ -10,6 +10,11 @@ use hetmem_core::fork;
 use hetmem_core::liveness::{self, ProcessLiveness, ProcessStamp};
 
 /// The unix implementation of [`ProcessLiveness`].
+///
+/// It sees the processes of the calling process's pid namespace: processes that share a segment
+/// must share one (containers sharing `/dev/shm` share their pid namespace too, e.g. Docker's
+/// `--ipc=host` with `--pid=host`). A process of another namespace would look dead, and what it
+/// holds would be taken back.
 #[derive(Debug, Default)]
 pub struct ProcLiveness;
 
@@ -39,7 +44,11 @@ fn start_time(pid: u32) -> Option<u64> {
     fields.get(19)?.parse().ok()
 }
 
-impl ProcessLiveness for ProcLiveness {
+// SAFETY: on Linux a process is dead only when its `/proc/<pid>/stat` is gone, names a zombie
+// with no other thread running, or gives another start time (a recycled pid); elsewhere when
+// `kill(pid, 0)` finds no such process. `current` names the calling process, per fork
+// generation. Processes of one pid namespace are assumed (see `ProcLiveness`).
+unsafe impl ProcessLiveness for ProcLiveness {
     fn current(&self) -> ProcessStamp {
         // Cached per fork generation: a forked child is another process (its own pid and start
         // time), and must not mark owners and blocks as its parent.

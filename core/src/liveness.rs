@@ -35,7 +35,27 @@ impl ProcessStamp {
 }
 
 /// Asks the OS about processes.
-pub trait ProcessLiveness: Sync {
+///
+/// # Safety
+/// The span allocators and locks take what a process they are told is dead held (its heaps,
+/// caches and, with `DeadProcessBlocks::Free`, its live blocks) and hand it out again, from safe
+/// calls. So an implementation promises that [`is_alive`](Self::is_alive) answers `false` only
+/// for a process that has ended (when unsure, `true`), and that [`current`](Self::current) names
+/// the calling process: calling a running process dead would hand out memory it still uses.
+///
+/// ```compile_fail,E0200
+/// use hetmem_core::liveness::{ProcessLiveness, ProcessStamp};
+/// struct Reaper;
+/// impl ProcessLiveness for Reaper { // needs `unsafe impl`
+///     fn current(&self) -> ProcessStamp {
+///         ProcessStamp::default()
+///     }
+///     fn is_alive(&self, _: ProcessStamp) -> bool {
+///         false // every other process "dead": its memory handed out again
+///     }
+/// }
+/// ```
+pub unsafe trait ProcessLiveness: Sync {
     /// The calling process's stamp. A forked child is another process: a hook that caches the
     /// stamp must key it by [`fork::generation`](crate::fork::generation) (after a successful
     /// [`fork::watch`](crate::fork::watch)), or read it each time.

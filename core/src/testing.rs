@@ -218,7 +218,8 @@ pub(crate) fn dead_token() -> u64 {
 
 struct TestLiveness;
 
-impl crate::liveness::ProcessLiveness for TestLiveness {
+// SAFETY: calls dead only `DEAD_PID`, which no real process has (Linux pids stay below 2^22).
+unsafe impl crate::liveness::ProcessLiveness for TestLiveness {
     fn current(&self) -> crate::liveness::ProcessStamp {
         crate::liveness::ProcessStamp { pid: std::process::id(), start_time: 0 }
     }
