@@ -9,7 +9,9 @@
 //! The tool attaches to a segment as any process of the application does, so it sees what a
 //! process starting now would see: attaching a scalable-page or thread-local allocator recovers
 //! what dead processes left in it, as it does for every attacher. Beyond that and the locks it
-//! takes, the tool writes nothing to the segment.
+//! takes, the tool writes nothing to the segment. It takes those locks as any process does: one
+//! that a live process holds for good (stopped in a debugger, say) makes it wait; one that a dead
+//! process held is recovered.
 //! `check` reads structures that the application's processes may be changing: a report of damage
 //! on a busy segment may be a race, so run it again, or run it while the segment is quiet.
 //!
