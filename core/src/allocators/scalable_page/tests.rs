@@ -611,13 +611,7 @@ fn a_free_whose_flush_finds_damage_is_still_done() {
     assert_eq!(s.slots.slot(&s.mem, slot).unwrap().owner.load(Ordering::Acquire), 0, "the slot was let go");
     damage(c, -1000);
     s.release_slot(slot).unwrap();
-    for &u in &blocks[freed + 1..] {
-        a.free(OffsetPtr::new(u)).unwrap();
-    }
-    a.trim().unwrap();
-    a.check().unwrap();
-    assert_eq!(a.stats().live_allocations, 0);
-    assert_eq!(a.stats().free_bytes(), start);
+    free_all_and_check(&a, blocks[freed + 1..].iter().copied(), start);
 }
 
 /// A slot this thread holds whose magic another process overwrote is still used without a
