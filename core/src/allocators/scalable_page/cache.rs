@@ -65,7 +65,9 @@ pub(super) struct ClassCache {
     /// The live count and bytes once that operation is done.
     pub(super) j_live: AtomicU64,
     pub(super) j_bytes: AtomicU64,
-    _pad: u64,
+    /// After a flush that found the cache damaged: the count below which frees do not try again
+    /// (0 = none). (A word that was padding: 0 in slots an older build made.)
+    pub(super) retry_at: AtomicU64,
 }
 
 /// A thread cache: what the page allocator keeps in each thread slot.
@@ -294,10 +296,24 @@ impl Shared {
         }
     }
 
+    /// A flush that fails puts the next try off until the cache has doubled, as the thread-local
+    /// allocator's sweep does, so that each free does not walk a damaged list anew.
     #[cold]
     #[inline(never)]
     fn flush_after_free(&self, slot: u64, class: usize) {
-        let _ = self.flush(self.cache(slot, class).0, class);
+        let (c, _) = self.cache(slot, class);
+        let (_, count) = unpack_head(c.head.load(Ordering::Relaxed));
+        let retry_at = c.retry_at.load(Ordering::Relaxed);
+        if count < retry_at {
+            return;
+        }
+        let next = match self.flush(c, class) {
+            Ok(()) => 0,
+            Err(_) => count.saturating_mul(2),
+        };
+        if next != retry_at {
+            c.retry_at.store(next, Ordering::Relaxed);
+        }
     }
 
     /// Gives a live small block a new requested size (it stays where it is).
@@ -458,6 +474,10 @@ impl Shared {
             let (c, _) = self.cache(slot, class);
             let (first, count) = unpack_head(c.head.load(Ordering::Relaxed));
             self.flush_part(c, class, first, count, count)?;
+            // The cache is empty and whole: a put-off retry (`flush_after_free`) is over.
+            if c.retry_at.load(Ordering::Relaxed) != 0 {
+                c.retry_at.store(0, Ordering::Relaxed);
+            }
         }
         Ok(())
     }

@@ -606,11 +606,17 @@ fn a_free_whose_flush_finds_damage_is_still_done() {
     let b = find_small(&s.arena, blocks[freed]).unwrap();
     s.free_small(slot, b.block, b.word).unwrap();
     assert_eq!(count(c), limit as u64 + 1001, "the block is cached, and the flush moved nothing");
+    assert_eq!(c.retry_at.load(Ordering::Relaxed), 2 * (limit as u64 + 1001), "the next try waits");
+    let b = find_small(&s.arena, blocks[freed + 1]).unwrap();
+    s.free_small(slot, b.block, b.word).unwrap();
+    assert_eq!(count(c), limit as u64 + 1002, "no flush was tried");
+    freed += 1;
     assert!(a.check().is_err());
     assert!(s.release_slot(slot).is_err(), "the flush of every class finds the damage");
     assert_eq!(s.slots.slot(&s.mem, slot).unwrap().owner.load(Ordering::Acquire), 0, "the slot was let go");
     damage(c, -1000);
     s.release_slot(slot).unwrap();
+    assert_eq!(c.retry_at.load(Ordering::Relaxed), 0, "an emptied cache flushes at its limit again");
     free_all_and_check(&a, blocks[freed + 1..].iter().copied(), start);
 }
 
