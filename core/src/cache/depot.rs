@@ -168,13 +168,15 @@ impl Depot {
     pub(crate) unsafe fn try_push(&self, class: usize, head: NonNull<u8>) -> bool {
         let bytes = batch_len(class) * block_size(class);
         let limit = self.limit.load(Ordering::Relaxed);
+        // The count moves under the class's lock, with the list: a fork, which the handlers make
+        // while holding every class lock, then finds the two agreeing.
+        let mut list = self.list(class);
         let reserved = self
             .bytes
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| held.checked_add(bytes).filter(|&b| b <= limit));
         if reserved.is_err() {
             return false;
         }
-        let mut list = self.list(class);
         // SAFETY: `head` is a free block the caller hands over (contract).
         unsafe { set_link(head.as_ptr(), 1, list.head) };
         list.head = head.as_ptr();
@@ -191,12 +193,13 @@ impl Depot {
                 // SAFETY: `h` heads a batch the depot owns; its second word links the next batch.
                 list.head = unsafe { link(h.as_ptr(), 1) };
                 list.batches -= 1;
+                // Under the lock, with the list (see `try_push`).
+                self.bytes.fetch_sub(batch_len(class) * block_size(class), Ordering::Relaxed);
             }
             head
         };
         match head {
             Some(h) => {
-                self.bytes.fetch_sub(batch_len(class) * block_size(class), Ordering::Relaxed);
                 self.counters.hits.add_shared(1);
                 Some(h)
             }
@@ -214,14 +217,16 @@ impl Depot {
             return Err(Error::Unsupported("a depot's blocks go back to the upstream they came from"));
         }
         for class in 0..MAX_BUCKETS {
+            let size = block_size(class);
             let mut batch = {
                 let mut list = self.list(class);
                 let head = list.head;
+                // Under the lock, with the list (see `try_push`).
+                self.bytes.fetch_sub(list.batches * batch_len(class) * size, Ordering::Relaxed);
                 list.head = ptr::null_mut();
                 list.batches = 0;
                 head
             };
-            let size = block_size(class);
             while !batch.is_null() {
                 // SAFETY: the batches were detached under the lock and are now ours alone.
                 let next_batch = unsafe { link(batch, 1) };
@@ -231,7 +236,6 @@ impl Depot {
                     let next = unsafe { link(block, 0) };
                     // SAFETY: every block came from `upstream` as a whole block of this class.
                     unsafe { upstream.deallocate(NonNull::new_unchecked(block), size, BLOCK_ALIGN) };
-                    self.bytes.fetch_sub(size, Ordering::Relaxed);
                     self.counters.bytes_returned.add_shared(size as u64);
                     block = next;
                 }
