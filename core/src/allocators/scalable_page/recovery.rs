@@ -125,6 +125,9 @@ impl Shared {
             let s = self.slots.slot(&self.mem, offset)?;
             for c in &s.body.classes {
                 c.head.store(0, Ordering::Relaxed);
+                // Emptied: a flush the dead process put off (`flush_after_free`) is over, or
+                // the slot's next owner would let its cache grow to the dead one's count.
+                c.retry_at.store(0, Ordering::Relaxed);
             }
             crash::point();
             s.owner.store(0, Ordering::Release);

@@ -620,6 +620,42 @@ fn a_free_whose_flush_finds_damage_is_still_done() {
     free_all_and_check(&a, blocks[freed + 1..].iter().copied(), start);
 }
 
+/// Frees `blocks` through the cache of `class` in `slot`, checking after each free that the
+/// cache keeps to its limit (a healthy cache flushes as soon as it is over).
+fn free_within_the_limit(a: &ScalablePageAllocator, slot: u64, class: usize, blocks: &[u64]) {
+    let s = &a.shared;
+    let (c, _) = s.cache(slot, class);
+    for &u in blocks {
+        free_through(a, slot, u);
+        let count = cache::unpack_head(c.head.load(Ordering::Relaxed)).1;
+        assert!(count <= s.limits[class] as u64, "a healthy cache holds {count} blocks, over its limit");
+    }
+}
+
+/// A dead process's cache whose flush was put off (its cache had been damaged) is emptied by
+/// the recovery, and so is the put-off: the slot's next owner flushes at the limit again.
+#[test]
+fn a_recovered_slot_flushes_at_its_limit_again() {
+    let a = ScalablePageAllocator::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = a.stats().free_bytes();
+    let slot = dead_slot(&a);
+    let s = &a.shared;
+    let class = class_for(48, 8).unwrap();
+    s.cache(slot, class).0.retry_at.store(1 << 40, Ordering::Relaxed);
+    // Blocks a live thread allocated in another slot, to free through the recovered one (which
+    // allocates nothing, so no refill sees its cache empty first).
+    let other = s.slots.acquire(&s.mem, &s.fs, crate::sync::owner_token(), || Ok(())).unwrap();
+    let limit = s.limits[class] as usize;
+    let blocks: Vec<u64> = (0..4 * limit).map(|_| s.allocate_small(other, class, 48, 8).unwrap()).collect();
+    assert_eq!(a.reclaim().unwrap(), 1);
+    let mine = s.slots.acquire(&s.mem, &s.fs, crate::sync::owner_token(), || Ok(())).unwrap();
+    assert_eq!(mine, slot, "the recovered slot is taken again");
+    free_within_the_limit(&a, slot, class, &blocks);
+    s.release_slot(slot).unwrap();
+    s.release_slot(other).unwrap();
+    free_all_and_check(&a, [], start);
+}
+
 /// A slot this thread holds whose magic another process overwrote is still used without a
 /// panic, in debug builds too: its offset was checked when it was taken, and what its use relies
 /// on (bounds, alignment) cannot change. `check()` reports the damage.
