@@ -341,6 +341,11 @@ impl Shared {
         if first != 0 {
             return Err(corrupt(first, "thread cache holds a block that is not free"));
         }
+        // Empty (its count, if not 0, was damaged: the refill sets it anew), so a put-off
+        // flush (`flush_after_free`) is over: the refilled cache flushes at its limit again.
+        if c.retry_at.load(Ordering::Relaxed) != 0 {
+            c.retry_at.store(0, Ordering::Relaxed);
+        }
         for attempt in 0..3 {
             if self.take_from_list(c, class, label)? || self.carve(c, class, label)? {
                 return self

@@ -656,6 +656,39 @@ fn a_recovered_slot_flushes_at_its_limit_again() {
     free_all_and_check(&a, [], start);
 }
 
+/// A damaged cache whose flush was put off and which allocations then emptied is refilled
+/// whole: the put-off is over, and it flushes at its limit again.
+#[test]
+fn a_damaged_cache_emptied_and_refilled_flushes_at_its_limit_again() {
+    let a = ScalablePageAllocator::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = a.stats().free_bytes();
+    let s = &a.shared;
+    let slot = s.slots.acquire(&s.mem, &s.fs, crate::sync::owner_token(), || Ok(())).unwrap();
+    let class = class_for(48, 8).unwrap();
+    let limit = s.limits[class] as usize;
+    let mut blocks: Vec<u64> = (0..4 * limit).map(|_| s.allocate_small(slot, class, 48, 8).unwrap()).collect();
+    let (c, _) = s.cache(slot, class);
+    let count = |c: &cache::ClassCache| cache::unpack_head(c.head.load(Ordering::Relaxed)).1;
+    let mut freed = 0;
+    while count(c) < limit as u64 {
+        free_through(&a, slot, blocks[freed]);
+        freed += 1;
+    }
+    // The cache counts 1000 blocks more than its list holds: the flush fails and is put off.
+    let (first, n) = cache::unpack_head(c.head.load(Ordering::Relaxed));
+    c.head.store(first | ((n + 1000) << 48), Ordering::Relaxed);
+    free_through(&a, slot, blocks[freed]);
+    freed += 1;
+    assert_ne!(c.retry_at.load(Ordering::Relaxed), 0, "the next try waits");
+    // Allocations take every block it holds, then find its list's end and refill it.
+    let held = (0..=limit + 1).map(|_| s.allocate_small(slot, class, 48, 8).unwrap());
+    blocks.splice(..freed, held);
+    assert!(count(c) <= limit as u64, "the refilled cache counts what it holds");
+    free_within_the_limit(&a, slot, class, &blocks);
+    s.release_slot(slot).unwrap();
+    free_all_and_check(&a, [], start);
+}
+
 /// A slot this thread holds whose magic another process overwrote is still used without a
 /// panic, in debug builds too: its offset was checked when it was taken, and what its use relies
 /// on (bounds, alignment) cannot change. `check()` reports the damage.
