@@ -26,27 +26,67 @@ pub fn install() {
     liveness::install(&HOOK);
 }
 
-/// The start time of process `pid` from `/proc/<pid>/stat`, or `None` if it does not exist or
-/// has exited (a zombie waiting for its parent to reap it: its memory is already gone).
+/// What `/proc/<pid>/stat` tells of a process.
 #[cfg(target_os = "linux")]
-fn start_time(pid: u32) -> Option<u64> {
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    /// No such process, or one that has exited (a zombie waiting for its parent to reap it: its
+    /// memory is already gone).
+    Gone,
+    /// It runs; its start time, where the file could be read and parsed.
+    Running(Option<u64>),
+}
+
+/// Process `pid` as `/proc/<pid>/stat` shows it. Only a missing file that `kill(pid, 0)`
+/// confirms (a process hidden by `hidepid` has no file but exists), or a zombie, is `Gone`:
+/// a file that cannot be read for another reason (no file descriptor left, no permission) or
+/// parsed says nothing, and the process counts as running.
+#[cfg(target_os = "linux")]
+fn seen(pid: u32) -> Seen {
+    let stat = match std::fs::read(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) => {
+            return if exists(pid) { Seen::Running(None) } else { Seen::Gone };
+        }
+        Err(_) => return Seen::Running(None),
+    };
     // Read as bytes: the command name (field 2) may hold any bytes, UTF-8 or not.
-    let stat = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
     // The name is in parentheses and may contain spaces and ')': count from the last ')'.
-    let rest = &stat[stat.iter().rposition(|&b| b == b')')? + 1..];
+    let Some(close) = stat.iter().rposition(|&b| b == b')') else {
+        return Seen::Running(None);
+    };
     // `rest` starts at field 3: fields[0] is the state, [17] the thread count, [19] the start time.
-    let fields: Vec<&str> = std::str::from_utf8(rest).ok()?.split_whitespace().take(20).collect();
+    let Ok(rest) = std::str::from_utf8(&stat[close + 1..]) else {
+        return Seen::Running(None);
+    };
+    let fields: Vec<&str> = rest.split_whitespace().take(20).collect();
     // A zombie main thread whose other threads still run is a live process: the count includes
     // the main thread until the whole process is reaped.
     if matches!(fields.first(), Some(&"Z" | &"X")) && fields.get(17).is_none_or(|&threads| threads == "1") {
-        return None;
+        return Seen::Gone;
     }
-    fields.get(19)?.parse().ok()
+    Seen::Running(fields.get(19).and_then(|t| t.parse().ok()))
 }
 
-// SAFETY: on Linux a process is dead only when its `/proc/<pid>/stat` is gone, names a zombie
-// with no other thread running, or gives another start time (a recycled pid); elsewhere when
-// `kill(pid, 0)` finds no such process. `current` names the calling process, per fork
+/// Whether `kill(pid, 0)` finds process `pid` (`EPERM`: it exists, owned by another user).
+/// A pid that is no process's (0, or past `pid_t`) is not asked about: `kill` would take it for
+/// a process group.
+fn exists(pid: u32) -> bool {
+    match libc::pid_t::try_from(pid) {
+        Ok(0) => true,
+        Ok(pid) => {
+            // SAFETY: kill with signal 0 only checks whether the process exists.
+            let rc = unsafe { libc::kill(pid, 0) };
+            rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+        }
+        Err(_) => false,
+    }
+}
+
+// SAFETY: on Linux a process is dead only when its `/proc/<pid>/stat` is missing and
+// `kill(pid, 0)` finds no such process, names a zombie with no other thread running, or gives
+// another start time (a recycled pid); a file that cannot be read or parsed counts as alive.
+// Elsewhere it is dead only when `kill(pid, 0)` answers that there is no such process. `current` names the calling process, per fork
 // generation. Processes of one pid namespace are assumed (see `ProcLiveness`).
 unsafe impl ProcessLiveness for ProcLiveness {
     fn current(&self) -> ProcessStamp {
@@ -61,7 +101,10 @@ unsafe impl ProcessLiveness for ProcLiveness {
         }
         let pid = std::process::id();
         #[cfg(target_os = "linux")]
-        let start_time = start_time(pid).unwrap_or(0);
+        let start_time = match seen(pid) {
+            Seen::Running(Some(t)) => t,
+            _ => 0,
+        };
         #[cfg(not(target_os = "linux"))]
         let start_time = 0;
         if fork::watch().is_err() {
@@ -78,12 +121,14 @@ unsafe impl ProcessLiveness for ProcLiveness {
     fn is_alive(&self, stamp: ProcessStamp) -> bool {
         #[cfg(target_os = "linux")]
         {
-            match start_time(stamp.pid) {
-                None => false,
-                // Compare only the bits the stamp kept (it may have been shortened).
-                Some(_) if stamp.start_time == 0 => true,
+            match seen(stamp.pid) {
+                Seen::Gone => false,
+                // Compare only the bits the stamp kept (it may have been shortened), and only
+                // with a start time read.
+                Seen::Running(None) => true,
+                Seen::Running(Some(_)) if stamp.start_time == 0 => true,
                 // A stamp may keep only the low 16 or 32 bits of the start time.
-                Some(t) => {
+                Seen::Running(Some(t)) => {
                     let s = stamp.start_time;
                     t == s || (s <= 0xffff && t & 0xffff == s) || (s <= 0xffff_ffff && t & 0xffff_ffff == s)
                 }
@@ -91,9 +136,7 @@ unsafe impl ProcessLiveness for ProcLiveness {
         }
         #[cfg(not(target_os = "linux"))]
         {
-            // SAFETY: kill with signal 0 only checks whether the process exists.
-            let rc = unsafe { libc::kill(stamp.pid as libc::pid_t, 0) };
-            rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+            exists(stamp.pid)
         }
     }
 }
