@@ -62,7 +62,7 @@ impl BackendKind {
 ///
 /// # Safety
 /// Regions, region allocators and the memory manager read and write the bytes at
-/// [`base`](Self::base) without checking them (safe calls such as `Region::new` and
+/// [`base`](Self::base) without checking them (calls such as `Region::new` and
 /// `AllocatorType::create` do). So an implementation promises that whenever
 /// [`host_accessible`](Self::host_accessible) says so, `base` is valid for reads and writes of
 /// [`len`](Self::len) bytes, page-aligned, and stays so, at the same address, for the backend's

@@ -152,12 +152,15 @@ impl MemoryManager {
         size: u64,
         config: &A::Config,
     ) -> Result<Arc<A>> {
+        pool_type_refused::<A>()?;
         let entry = b.header().reserve_allocator(A::TYPE_ID, id, size)?;
         // Until it is published, the entry is abandoned on every way out: an error, a failed
         // publish, or a panic in `create` (else it would stay "creating" while this process
         // lives, and the id could be neither attached nor created again).
         let reserved = Reserved { backend: b, id };
-        let region = Region::new(b.clone(), entry.offset, entry.size)?;
+        // SAFETY: the directory gave the range to this id alone, for an allocator of type `A`,
+        // which is no `BackendResource` (refused above).
+        let region = unsafe { Region::new(b.clone(), entry.offset, entry.size) }?;
         let allocator = Arc::new(A::create(region, id, config)?);
         b.header().publish_allocator(id)?;
         core::mem::forget(reserved);
@@ -177,6 +180,7 @@ impl MemoryManager {
         id: AllocatorId,
         timeout: Duration,
     ) -> Result<Arc<A>> {
+        pool_type_refused::<A>()?;
         let b = self.backend(backend)?;
         let started = Instant::now();
         let entry = loop {
@@ -198,7 +202,11 @@ impl MemoryManager {
                 found: entry.type_id as u64,
             });
         }
-        let allocator = Arc::new(A::attach(Region::new(b, entry.offset, entry.size)?, id)?);
+        // SAFETY: the directory gave the range to an allocator of type `A` (checked above), which
+        // is no `BackendResource` (refused above): a region allocator, over whose state this
+        // attaches.
+        let region = unsafe { Region::new(b, entry.offset, entry.size) }?;
+        let allocator = Arc::new(A::attach(region, id)?);
         self.register(backend, id, allocator.clone())?;
         Ok(allocator)
     }
@@ -283,6 +291,15 @@ impl MemoryManager {
     }
 }
 
+/// Refuses an allocator type that claims a `BackendResource`'s type id: attached, it would be
+/// given the resource's sub-region, whose blocks are memory of their own.
+fn pool_type_refused<A: AllocatorType>() -> Result<()> {
+    if A::TYPE_ID == crate::pool::BACKEND_RESOURCE_TYPE_ID {
+        return Err(Error::Unsupported("an allocator type with the type id of a BackendResource's sub-region"));
+    }
+    Ok(())
+}
+
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
@@ -359,10 +376,11 @@ mod tests {
         }
     }
 
-    /// An allocator type whose `create` panics, for the unwinding path of `create_allocator`.
-    struct PanicsOnCreate;
+    /// An allocator type whose `create` panics, for the unwinding path of `create_allocator`,
+    /// and which nothing attaches; its type id is `TYPE`.
+    struct PanicsOnCreate<const TYPE: u32 = 0x5041_4E43>;
 
-    impl RegionAllocator for PanicsOnCreate {
+    impl<const TYPE: u32> RegionAllocator for PanicsOnCreate<TYPE> {
         fn id(&self) -> AllocatorId {
             unreachable!()
         }
@@ -392,8 +410,8 @@ mod tests {
         }
     }
 
-    impl AllocatorType for PanicsOnCreate {
-        const TYPE_ID: u32 = 0x5041_4E43;
+    impl<const TYPE: u32> AllocatorType for PanicsOnCreate<TYPE> {
+        const TYPE_ID: u32 = TYPE;
         type Config = ();
         fn create(_: Region, _: AllocatorId, _: &()) -> Result<Self> {
             panic!("create failed half way")
@@ -415,6 +433,23 @@ mod tests {
         assert!(panicked.is_err());
         assert!(matches!(b.header().find_allocator(id), Err(Error::UnknownAllocator(_))));
         mm.create_allocator::<StackAllocator>(b.id(), id, 0, &Default::default()).unwrap();
+    }
+
+    /// An allocator type with a `BackendResource`'s type id is neither attached (it would be
+    /// given the resource's sub-region, whose blocks are memory of their own, from safe code)
+    /// nor created.
+    #[test]
+    fn no_allocator_type_is_given_a_backend_resources_sub_region() {
+        use crate::pool::{BackendResource, BACKEND_RESOURCE_TYPE_ID};
+        type Impostor = PanicsOnCreate<BACKEND_RESOURCE_TYPE_ID>;
+        let mm = MemoryManager::new();
+        let b = mm.add_backend(HeapBackend::new(BackendId(4), 1 << 20)).unwrap();
+        let id = AllocatorId::new(4, 0);
+        let _resource = BackendResource::reserve(b.clone(), id, 64 * 1024).unwrap();
+        let attached = mm.attach_allocator_within::<Impostor>(b.id(), id, Duration::ZERO);
+        assert!(matches!(attached, Err(Error::Unsupported(_))), "{:?}", attached.err());
+        let created = mm.create_allocator::<Impostor>(b.id(), AllocatorId::new(4, 1), 4096, &());
+        assert!(matches!(created, Err(Error::Unsupported(_))), "{:?}", created.err());
     }
 
     #[test]

@@ -24,7 +24,16 @@ pub struct Region {
 
 impl Region {
     /// The sub-range `[offset, offset + len)` of `backend`'s data area.
-    pub fn new(backend: Arc<dyn MemoryBackend>, offset: u64, len: u64) -> Result<Self> {
+    ///
+    /// # Safety
+    /// The region allocators made over the region (`AllocatorType::create` and `attach`) write
+    /// into it from safe calls, so the range is theirs: no `BackendResource` carves any of it
+    /// (it hands its blocks out as memory of their own, which safe code then reads and writes),
+    /// and nothing but region allocators over the state it holds, in this process or another,
+    /// writes it. A range the backend's allocator directory gave a region allocator (as
+    /// `MemoryManager` creates and attaches them) is one; a `BackendResource`'s
+    /// (`BACKEND_RESOURCE_TYPE_ID`) is not.
+    pub unsafe fn new(backend: Arc<dyn MemoryBackend>, offset: u64, len: u64) -> Result<Self> {
         if !backend.host_accessible() {
             return Err(Error::Unsupported("region allocators need memory the CPU can access"));
         }
@@ -40,9 +49,13 @@ impl Region {
     }
 
     /// The whole data area of `backend` (everything after the header page).
-    pub fn whole(backend: Arc<dyn MemoryBackend>) -> Result<Self> {
+    ///
+    /// # Safety
+    /// As for [`new`](Self::new), over the whole data area.
+    pub unsafe fn whole(backend: Arc<dyn MemoryBackend>) -> Result<Self> {
         let len = backend.len().saturating_sub(HEADER_SIZE);
-        Region::new(backend, HEADER_SIZE, len)
+        // SAFETY: the caller's promise, for the whole data area.
+        unsafe { Region::new(backend, HEADER_SIZE, len) }
     }
 
     /// The backend this region is part of.

@@ -104,7 +104,9 @@ fn a_c_process_and_the_rust_allocator_share_one_heap() {
         Arc::new(PosixShmBackend::create(&name, 64 << 20, &ShmOptions::default()).unwrap());
     let config = BitmapConfig { min_block: 16, max_block: 4096 };
     // Room for everything both sides keep at once: out of memory is not what this tests.
-    let a = BitmapAllocator::create(Region::whole(backend.clone()).unwrap(), AllocatorId::new(1, 0), &config).unwrap();
+    // SAFETY: the test's own segment, which only this allocator (and its attachers) use.
+    let region = unsafe { Region::whole(backend.clone()) }.unwrap();
+    let a = BitmapAllocator::create(region, AllocatorId::new(1, 0), &config).unwrap();
     let start = a.stats();
     let base = backend.base();
     let theirs = a.allocate(300, 16).unwrap();
@@ -214,7 +216,8 @@ impl Damaged {
         let name = format!("/hetmem-bitmap-{tag}-{}", std::process::id());
         let backend: Arc<dyn MemoryBackend> =
             Arc::new(PosixShmBackend::create(&name, 1 << 20, &ShmOptions::default()).unwrap());
-        let region = Region::new(backend.clone(), 4096, 256 << 10).unwrap();
+        // SAFETY: the test's own segment, whose range only this allocator (and its attachers) use.
+        let region = unsafe { Region::new(backend.clone(), 4096, 256 << 10) }.unwrap();
         let config = BitmapConfig { min_block: 16, max_block: 4096 };
         let a = BitmapAllocator::create(region, AllocatorId::new(1, 0), &config).unwrap();
         Damaged { backend, name, a }

@@ -158,7 +158,8 @@ fn bitmap_allocator_shared_by_kernels_and_the_cpu() -> Result<(), String> {
     use hetmem_core::{AllocatorId, AllocatorType, OffsetPtr, RegionAllocator};
     let shm = Arc::new(CudaShmBackend::create(&unique("bitmap"), 32 << 20, &CudaShmOptions::default()).map_err(s)?);
     let backend: Arc<dyn MemoryBackend> = shm.clone();
-    let region = hetmem_core::region::Region::whole(backend).map_err(s)?;
+    // SAFETY: the test's own segment, which only this allocator (and the kernels it serves) use.
+    let region = unsafe { hetmem_core::region::Region::whole(backend) }.map_err(s)?;
     let config = BitmapConfig { min_block: 16, max_block: 4096 };
     let a = BitmapAllocator::create(region, AllocatorId::new(1, 0), &config).map_err(s)?;
     let start = a.stats();

@@ -109,7 +109,9 @@ fn attach(
         backend: &Arc<dyn MemoryBackend>,
         entry: &AllocatorEntry,
     ) -> hetmem::Result<Option<Box<dyn RegionAllocator>>> {
-        let region = Region::new(backend.clone(), entry.offset, entry.size)?;
+        // SAFETY: the directory gave the range to an allocator of type `A` (its entry's type, which
+        // `attach` checks), a region allocator, over whose state this attaches.
+        let region = unsafe { Region::new(backend.clone(), entry.offset, entry.size) }?;
         Ok(Some(Box::new(A::attach(region, entry.id)?)))
     }
     match entry.type_id {

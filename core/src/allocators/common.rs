@@ -204,7 +204,8 @@ mod tests {
         // `Region::new` takes any offset past the header (and a directory entry is read from
         // shared memory); the span headers start with 8-byte fields.
         let backend = Arc::new(HeapBackend::new(BackendId(1), 256 * 1024));
-        let region = Region::new(backend, HEADER_SIZE + 4, 128 * 1024).unwrap();
+        // SAFETY: the test's own backend, whose range only the allocator attached uses.
+        let region = unsafe { Region::new(backend, HEADER_SIZE + 4, 128 * 1024) }.unwrap();
         let attached = ScalablePageAllocator::attach(region, AllocatorId::new(1, 0));
         assert!(matches!(attached, Err(Error::InvalidAlignment { .. })), "{:?}", attached.err());
     }

@@ -630,7 +630,8 @@ mod tests {
     fn manager(units: u64) -> FreeSpace {
         let len = HEADER_SIZE + 4096 + units * (UNIT + 16) + UNIT;
         let backend = Arc::new(HeapBackend::new(BackendId(1), len as usize));
-        let region = Region::whole(backend).unwrap();
+        // SAFETY: the test's own backend, which only the free-space manager uses.
+        let region = unsafe { Region::whole(backend) }.unwrap();
         let state = region.offset();
         let start = state + core::mem::size_of::<Mutex<FreeSpaceState>>() as u64;
         let layout = FreeSpaceLayout::plan(start, region.end()).unwrap();
@@ -645,7 +646,8 @@ mod tests {
     fn a_layout_read_back_with_offsets_near_the_top_is_refused() {
         // The layout comes from a header another process wrote.
         let backend = Arc::new(HeapBackend::new(BackendId(1), 64 * 1024));
-        let region = Region::whole(backend).unwrap();
+        // SAFETY: the test's own backend, which only the free-space manager uses.
+        let region = unsafe { Region::whole(backend) }.unwrap();
         for (table, arena) in [(u64::MAX - 15, 0), (u64::MAX - 15, u64::MAX - UNIT + 1), (HEADER_SIZE, !(UNIT - 1))] {
             let layout = FreeSpaceLayout { table, arena, units: 2 };
             assert!(matches!(layout.validate(&region, region.offset()), Err(Error::Corrupt { .. })), "{layout:?}");

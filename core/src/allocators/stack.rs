@@ -475,7 +475,9 @@ mod tests {
 
     fn stack(len: usize) -> StackAllocator {
         let backend = Arc::new(HeapBackend::new(BackendId(1), len));
-        StackAllocator::create(Region::whole(backend).unwrap(), AllocatorId::new(1, 0), &StackConfig {}).unwrap()
+        // SAFETY: a fresh backend, which only this allocator uses.
+        let region = unsafe { Region::whole(backend) }.unwrap();
+        StackAllocator::create(region, AllocatorId::new(1, 0), &StackConfig {}).unwrap()
     }
 
     #[test]
@@ -523,7 +525,8 @@ mod tests {
     fn a_misaligned_region_is_refused_not_written() {
         // `Region::new` accepts any offset past the header; the stack header holds atomics.
         let backend = Arc::new(HeapBackend::new(BackendId(1), 64 * 1024));
-        let region = Region::new(backend, crate::header::HEADER_SIZE + 4, 32 * 1024).unwrap();
+        // SAFETY: the test's own backend, whose range only this allocator uses.
+        let region = unsafe { Region::new(backend, crate::header::HEADER_SIZE + 4, 32 * 1024) }.unwrap();
         let created = StackAllocator::create(region.clone(), AllocatorId::new(1, 0), &StackConfig {});
         assert!(matches!(created, Err(Error::InvalidAlignment { .. })));
         let len = core::mem::size_of::<StackHeader>();

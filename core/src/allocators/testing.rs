@@ -13,7 +13,8 @@ use crate::testing::HeapBackend;
 /// The whole data area of a fresh heap backend of `len` data bytes.
 pub(crate) fn region_of(len: usize) -> Region {
     let backend = Arc::new(HeapBackend::new(BackendId(1), len + HEADER_SIZE as usize));
-    Region::whole(backend).unwrap()
+    // SAFETY: a fresh backend, which only the allocator the test makes over it uses.
+    unsafe { Region::whole(backend) }.unwrap()
 }
 
 fn fill(a: &dyn RegionAllocator, p: OffsetPtr, len: usize, seed: u8) {

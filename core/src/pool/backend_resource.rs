@@ -72,8 +72,10 @@ impl BackendResource {
     pub fn reserve(backend: Arc<dyn MemoryBackend>, id: AllocatorId, size: u64) -> Result<Self> {
         let entry = backend.header().reserve_allocator(BACKEND_RESOURCE_TYPE_ID, id, size)?;
         // SAFETY: the directory gave the sub-region to this id alone (no region allocator or other
-        // resource, in any process, is given an overlapping one), and it is ours until the
-        // backend goes.
+        // resource, in any process, is given an overlapping one; a region allocator made by hand
+        // needs `Region::new`, whose contract excludes a resource's range, and the memory
+        // manager attaches no allocator type with our type id), and it is ours until the backend
+        // goes.
         match unsafe { BackendResource::with_range(Arc::clone(&backend), entry.offset, entry.size) } {
             Ok(resource) => {
                 backend.header().publish_allocator(id)?;

@@ -41,7 +41,7 @@ pub mod trace;
 use alloc::vec::Vec;
 use core::ptr::NonNull;
 
-pub use backend_resource::BackendResource;
+pub use backend_resource::{BackendResource, BACKEND_RESOURCE_TYPE_ID};
 pub use fixed::{FixedPool, FixedPoolConfig};
 pub use heuristic::{BlocksReleasable, CoalesceHeuristic, NeverCoalesce, PercentReleasable, Releasable};
 pub use host::HostResource;

@@ -7,7 +7,8 @@ use std::sync::Arc;
 const ID: AllocatorId = AllocatorId::new(1, 0);
 
 fn region(len: usize) -> Region {
-    Region::whole(Arc::new(HeapBackend::new(BackendId(1), len))).unwrap()
+    // SAFETY: a fresh backend, which only the allocator the test makes over it uses.
+    unsafe { Region::whole(Arc::new(HeapBackend::new(BackendId(1), len))) }.unwrap()
 }
 
 fn bitmap(len: usize, config: BitmapConfig) -> BitmapAllocator {
@@ -382,7 +383,9 @@ fn attach_keeps_the_class_fields_it_checked() {
         field: zero(),
         value: zero(),
     });
-    let a = BitmapAllocator::create(Region::whole(backend.clone()).unwrap(), ID, &BitmapConfig::default()).unwrap();
+    // SAFETY: the test's own backend, which only this allocator uses.
+    let region = unsafe { Region::whole(backend.clone()) }.unwrap();
+    let a = BitmapAllocator::create(region, ID, &BitmapConfig::default()).unwrap();
     let (blocks, _) = a.class_usage(16).unwrap();
     let record = |name| a.region().offset() + 64 + name;
     let end = a.region().end();
