@@ -15,7 +15,16 @@ pub const MAX_ALIGN: usize = 4096;
 /// Offsets are always from the backend's start (offset 0 is its header), so an offset means the
 /// same thing to the allocator, the memory manager and every other process. All access from
 /// offsets goes through [`Region::ptr`], which checks bounds first.
-#[derive(Clone)]
+///
+/// A region is not `Clone`: a copy would let safe code create a second allocator over the bytes
+/// of a live one (`AllocatorType::create` writes a fresh header), which [`Region::new`]'s
+/// promise rules out. The crate copies regions only where the copy serves the same allocator.
+///
+/// ```compile_fail,E0277
+/// fn second_handle(r: &hetmem_core::Region) -> hetmem_core::Region {
+///     <hetmem_core::Region as Clone>::clone(r)
+/// }
+/// ```
 pub struct Region {
     backend: Arc<dyn MemoryBackend>,
     offset: u64,
@@ -56,6 +65,12 @@ impl Region {
         let len = backend.len().saturating_sub(HEADER_SIZE);
         // SAFETY: the caller's promise, for the whole data area.
         unsafe { Region::new(backend, HEADER_SIZE, len) }
+    }
+
+    /// A second handle on the same range, for the allocator that owns it (its free-space
+    /// manager, its tests' attaches).
+    pub(crate) fn duplicate(&self) -> Region {
+        Region { backend: Arc::clone(&self.backend), offset: self.offset, len: self.len }
     }
 
     /// The backend this region is part of.

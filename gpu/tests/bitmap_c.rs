@@ -309,7 +309,11 @@ fn the_c_side_refuses_what_rust_refuses() {
         // SAFETY: the header in the mapped segment, aligned; no one else uses the heap during the
         // test, and the allocator holds no reference into it between its calls.
         damage(unsafe { &mut *h });
-        let refused = BitmapAllocator::attach(d.a.region().clone(), AllocatorId::new(1, 0));
+        let r = d.a.region();
+        // SAFETY: the bitmap allocator's own range; attaching another handle to it is what every
+        // attacher does (and this one is refused).
+        let region = unsafe { Region::new(Arc::clone(r.backend()), r.offset(), r.len()) }.unwrap();
+        let refused = BitmapAllocator::attach(region, AllocatorId::new(1, 0));
         assert!(matches!(refused, Err(hetmem_core::Error::Corrupt { .. })), "Rust takes {what}");
         let out = probe(1);
         assert!(out.ends_with(" size 0 free -3\n"), "C takes {what}: {out}");

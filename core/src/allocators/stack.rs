@@ -527,7 +527,7 @@ mod tests {
         let backend = Arc::new(HeapBackend::new(BackendId(1), 64 * 1024));
         // SAFETY: the test's own backend, whose range only this allocator uses.
         let region = unsafe { Region::new(backend, crate::header::HEADER_SIZE + 4, 32 * 1024) }.unwrap();
-        let created = StackAllocator::create(region.clone(), AllocatorId::new(1, 0), &StackConfig {});
+        let created = StackAllocator::create(region.duplicate(), AllocatorId::new(1, 0), &StackConfig {});
         assert!(matches!(created, Err(Error::InvalidAlignment { .. })));
         let len = core::mem::size_of::<StackHeader>();
         // SAFETY: `len` bytes at the region's start, in bounds (checked by `ptr`), read as bytes.
@@ -550,7 +550,7 @@ mod tests {
     fn reallocate_grows_the_top_block_in_place_and_moves_others() {
         let s = stack(64 * 1024);
         let a = s.allocate(16, 8).unwrap();
-        let region = s.region.clone();
+        let region = s.region.duplicate();
         // SAFETY: 16 live bytes of block `a`.
         unsafe { region.ptr(a.get(), 16).unwrap().write_bytes(7, 16) };
         let a2 = s.reallocate(a, 1000, 8).unwrap();
@@ -860,7 +860,7 @@ mod tests {
         fn random_sequences_keep_blocks_disjoint_and_intact(ops in proptest::collection::vec(op(), 1..200)) {
             let s = stack(256 * 1024);
             let start = s.stats().free_bytes();
-            let region = s.region.clone();
+            let region = s.region.duplicate();
             // live blocks: (offset, size, fill byte)
             let mut live: Vec<(u64, usize, u8)> = Vec::new();
             for (step, op) in ops.into_iter().enumerate() {

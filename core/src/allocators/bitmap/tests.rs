@@ -185,9 +185,9 @@ fn configurations_and_regions_are_checked() {
     let err = BitmapAllocator::create(tiny, ID, &BitmapConfig { min_block: 16, max_block: 1 << 20 }).err();
     assert!(err.is_some(), "{err:?}");
     let a = bitmap(1 << 20, BitmapConfig::default());
-    let region = a.region().clone();
+    let region = a.region().duplicate();
     assert!(matches!(
-        BitmapAllocator::attach(region.clone(), AllocatorId::new(1, 1)),
+        BitmapAllocator::attach(region.duplicate(), AllocatorId::new(1, 1)),
         Err(Error::HeaderMismatch { field: "allocator id", .. })
     ));
     let again = BitmapAllocator::attach(region, ID).unwrap();
@@ -261,7 +261,7 @@ fn threads_share_the_heap_and_frees_race_safely() {
 #[test]
 fn a_damaged_header_is_refused_or_harmless() {
     let a = bitmap(256 << 10, BitmapConfig::default());
-    let region = a.region().clone();
+    let region = a.region().duplicate();
     let base = region.ptr(region.offset(), core::mem::size_of::<BitmapHeader>() as u64).unwrap();
     let mut x = 0x2545_F491_4F6C_DD1Du64;
     for round in 0..3000 {
@@ -278,7 +278,7 @@ fn a_damaged_header_is_refused_or_harmless() {
         };
         // SAFETY: as above; 8-aligned.
         unsafe { base.cast::<u64>().add(word).write(value) };
-        if let Ok(b) = BitmapAllocator::attach(region.clone(), ID) {
+        if let Ok(b) = BitmapAllocator::attach(region.duplicate(), ID) {
             if let Ok(p) = b.allocate(1 + (x % 5000) as usize, 8) {
                 assert!(region.contains(p.get(), 1));
                 let _ = b.free(p);
@@ -298,7 +298,7 @@ fn a_damaged_header_is_refused_or_harmless() {
 #[test]
 fn damage_after_attach_is_harmless() {
     let a = bitmap(256 << 10, BitmapConfig::default());
-    let region = a.region().clone();
+    let region = a.region().duplicate();
     let base = region.ptr(region.offset(), core::mem::size_of::<BitmapHeader>() as u64).unwrap();
     // SAFETY: the header's bytes, in the region; only this thread uses the allocator.
     let saved: Vec<u8> = unsafe { core::slice::from_raw_parts(base, 4160) }.to_vec();
@@ -403,7 +403,7 @@ fn attach_keeps_the_class_fields_it_checked() {
             backend.value.store(bad, Ordering::Relaxed);
             backend.calls.store(0, Ordering::Relaxed);
             backend.at.store(at, Ordering::Relaxed);
-            if let Ok(b) = BitmapAllocator::attach(a.region().clone(), ID) {
+            if let Ok(b) = BitmapAllocator::attach(a.region().duplicate(), ID) {
                 assert_eq!(b.class_usage(16).unwrap().0, blocks, "changed at base() call {at}");
                 let p = b.allocate(16, 16).unwrap();
                 assert!(a.region().contains(p.get(), 16), "a block at {}, changed at base() call {at}", p.get());

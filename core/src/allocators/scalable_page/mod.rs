@@ -225,7 +225,7 @@ impl ScalablePageAllocator {
         let state_offset = region.offset() + core::mem::offset_of!(SpaHeader, free_space) as u64;
         let chunk = region.offset() + core::mem::offset_of!(SpaHeader, chunk) as u64;
         // SAFETY: the header (written by `create`) holds the free-space state at this offset.
-        let fs = unsafe { FreeSpace::new(region.clone(), state_offset, layout, chunk) }?;
+        let fs = unsafe { FreeSpace::new(region.duplicate(), state_offset, layout, chunk) }?;
         let mem = Mem::of(&region, region.offset(), region.end())?;
         let arena = Mem::of(&region, layout.arena, layout.arena + layout.bytes())?;
         // A cache holds up to ~16 KiB of a class (less in small regions), 2..=64 blocks.

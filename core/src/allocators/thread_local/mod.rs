@@ -224,7 +224,7 @@ impl<T: ThreadModel> ThreadLocalAllocator<T> {
         let state_offset = region.offset() + core::mem::offset_of!(TlaHeader, free_space) as u64;
         let chunk = region.offset() + core::mem::offset_of!(TlaHeader, chunk) as u64;
         // SAFETY: the header holds the free-space state at this offset (written by `create`).
-        let fs = unsafe { FreeSpace::new(region.clone(), state_offset, layout, chunk) }?;
+        let fs = unsafe { FreeSpace::new(region.duplicate(), state_offset, layout, chunk) }?;
         let mem = Mem::of(&region, region.offset(), region.end())?;
         let arena = Mem::of(&region, layout.arena, layout.arena + layout.bytes())?;
         let heaps = SlotTable::new(chunk);
