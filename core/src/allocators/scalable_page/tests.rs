@@ -587,34 +587,24 @@ fn a_free_whose_flush_finds_damage_is_still_done() {
     let class = class_for(48, 8).unwrap();
     let limit = s.limits[class] as usize;
     let blocks: Vec<u64> = (0..2 * limit).map(|_| s.allocate_small(slot, class, 48, 8).unwrap()).collect();
-    // Freed until the cache is full: the next free puts it over the limit.
     let (c, _) = s.cache(slot, class);
-    let count = |c: &cache::ClassCache| cache::unpack_head(c.head.load(Ordering::Relaxed)).1;
-    let mut freed = 0;
-    while count(c) < limit as u64 {
-        free_through(&a, slot, blocks[freed]);
-        freed += 1;
-    }
+    let mut freed = fill_cache(&a, slot, class, &blocks);
     // Damage: the cache counts 1000 blocks more than its list holds, so a flush walks off the
     // list's end.
-    let damage = |c: &cache::ClassCache, by: i64| {
-        let (first, count) = cache::unpack_head(c.head.load(Ordering::Relaxed));
-        c.head.store(first | (count.wrapping_add_signed(by) << 48), Ordering::Relaxed);
-    };
-    damage(c, 1000);
+    miscount(&a, slot, class, 1000);
     // Over the limit: the flush fails, the free is done.
     let b = find_small(&s.arena, blocks[freed]).unwrap();
     s.free_small(slot, b.block, b.word).unwrap();
-    assert_eq!(count(c), limit as u64 + 1001, "the block is cached, and the flush moved nothing");
+    assert_eq!(cached(&a, slot, class), limit as u64 + 1001, "the block is cached, and the flush moved nothing");
     assert_eq!(c.retry_at.load(Ordering::Relaxed), 2 * (limit as u64 + 1001), "the next try waits");
     let b = find_small(&s.arena, blocks[freed + 1]).unwrap();
     s.free_small(slot, b.block, b.word).unwrap();
-    assert_eq!(count(c), limit as u64 + 1002, "no flush was tried");
+    assert_eq!(cached(&a, slot, class), limit as u64 + 1002, "no flush was tried");
     freed += 1;
     assert!(a.check().is_err());
     assert!(s.release_slot(slot).is_err(), "the flush of every class finds the damage");
     assert_eq!(s.slots.slot(&s.mem, slot).unwrap().owner.load(Ordering::Acquire), 0, "the slot was let go");
-    damage(c, -1000);
+    miscount(&a, slot, class, -1000);
     s.release_slot(slot).unwrap();
     assert_eq!(c.retry_at.load(Ordering::Relaxed), 0, "an emptied cache flushes at its limit again");
     free_all_and_check(&a, blocks[freed + 1..].iter().copied(), start);
@@ -622,6 +612,30 @@ fn a_free_whose_flush_finds_damage_is_still_done() {
 
 /// Frees `blocks` through the cache of `class` in `slot`, checking after each free that the
 /// cache keeps to its limit (a healthy cache flushes as soon as it is over).
+/// The blocks the cache of `class` in `slot` counts.
+fn cached(a: &ScalablePageAllocator, slot: u64, class: usize) -> u64 {
+    cache::unpack_head(a.shared.cache(slot, class).0.head.load(Ordering::Relaxed)).1
+}
+
+/// Adds `by` to the count of the cache of `class` in `slot`, leaving its list as it is: with
+/// `by > 0`, a flush walks off the list's end.
+fn miscount(a: &ScalablePageAllocator, slot: u64, class: usize, by: i64) {
+    let (c, _) = a.shared.cache(slot, class);
+    let (first, count) = cache::unpack_head(c.head.load(Ordering::Relaxed));
+    c.head.store(first | (count.wrapping_add_signed(by) << 48), Ordering::Relaxed);
+}
+
+/// Frees `blocks` through the cache of `class` in `slot` until the cache is full (the next free
+/// puts it over its limit); returns how many it freed.
+fn fill_cache(a: &ScalablePageAllocator, slot: u64, class: usize, blocks: &[u64]) -> usize {
+    let mut freed = 0;
+    while cached(a, slot, class) < a.shared.limits[class] as u64 {
+        free_through(a, slot, blocks[freed]);
+        freed += 1;
+    }
+    freed
+}
+
 fn free_within_the_limit(a: &ScalablePageAllocator, slot: u64, class: usize, blocks: &[u64]) {
     let s = &a.shared;
     let (c, _) = s.cache(slot, class);
@@ -668,22 +682,16 @@ fn a_damaged_cache_emptied_and_refilled_flushes_at_its_limit_again() {
     let limit = s.limits[class] as usize;
     let mut blocks: Vec<u64> = (0..4 * limit).map(|_| s.allocate_small(slot, class, 48, 8).unwrap()).collect();
     let (c, _) = s.cache(slot, class);
-    let count = |c: &cache::ClassCache| cache::unpack_head(c.head.load(Ordering::Relaxed)).1;
-    let mut freed = 0;
-    while count(c) < limit as u64 {
-        free_through(&a, slot, blocks[freed]);
-        freed += 1;
-    }
+    let mut freed = fill_cache(&a, slot, class, &blocks);
     // The cache counts 1000 blocks more than its list holds: the flush fails and is put off.
-    let (first, n) = cache::unpack_head(c.head.load(Ordering::Relaxed));
-    c.head.store(first | ((n + 1000) << 48), Ordering::Relaxed);
+    miscount(&a, slot, class, 1000);
     free_through(&a, slot, blocks[freed]);
     freed += 1;
     assert_ne!(c.retry_at.load(Ordering::Relaxed), 0, "the next try waits");
     // Allocations take every block it holds, then find its list's end and refill it.
     let held = (0..=limit + 1).map(|_| s.allocate_small(slot, class, 48, 8).unwrap());
     blocks.splice(..freed, held);
-    assert!(count(c) <= limit as u64, "the refilled cache counts what it holds");
+    assert!(cached(&a, slot, class) <= limit as u64, "the refilled cache counts what it holds");
     free_within_the_limit(&a, slot, class, &blocks);
     s.release_slot(slot).unwrap();
     free_all_and_check(&a, [], start);
