@@ -267,23 +267,33 @@ impl RegionHeader {
         Ok(entry)
     }
 
-    /// Marks `id`'s entry ready: its allocator has written its own header.
+    /// Marks `id`'s entry ready: its allocator has written its own header. Only the entry this
+    /// process is creating under `id` is marked (`UnknownAllocator` if there is none).
     pub fn publish_allocator(&self, id: AllocatorId) -> Result<()> {
         self.set_entry_state(id, ENTRY_READY)
     }
 
     /// Forgets an entry whose creation failed. Its space stays reserved (the directory only
-    /// bumps), but the id can be created again.
+    /// bumps), but the id can be created again. Only the entry this process is creating under
+    /// `id` is forgotten (`UnknownAllocator` if there is none): never a ready one.
     pub fn abandon_allocator(&self, id: AllocatorId) -> Result<()> {
         self.set_entry_state(id, ENTRY_EMPTY)
     }
 
+    /// Sets the state of the entry this process is creating under `id`. An entry of the same id
+    /// that another process is creating (one this process was told had died, wrongly: it
+    /// reserved the id again) or that is ready is left alone. Entries that record no creator
+    /// (pid 0: an older build's, or a pid too large to keep) count as this process's.
     fn set_entry_state(&self, id: AllocatorId, state: u32) -> Result<()> {
+        let me = creating_by(crate::liveness::current().pid) >> STATE_BITS;
         let mut dir = self.lock_directory();
         let count = (dir.count as usize).min(MAX_ALLOCATORS);
         let entry = dir.entries[..count]
             .iter_mut()
-            .find(|e| e.state() != ENTRY_EMPTY && e.id == id)
+            .find(|e| {
+                let creator = e.state >> STATE_BITS;
+                e.state() == ENTRY_CREATING && e.id == id && (creator == 0 || creator == me)
+            })
             .ok_or(Error::UnknownAllocator(id))?;
         entry.state = state;
         Ok(())
@@ -476,6 +486,38 @@ mod tests {
         assert_eq!(h.allocators().map(|e| e.id).collect::<Vec<_>>(), [dead]);
         // A pid past the 30 bits an entry keeps is recorded as unknown, never as another pid.
         assert_eq!(creating_by(u32::MAX), ENTRY_CREATING);
+    }
+
+    /// Publish and abandon touch only the entry this process is creating under the id: not a
+    /// ready one (a safe call emptied a live allocator's entry), and not one another process is
+    /// creating (after this one was wrongly told that process had died, and reserved the id
+    /// again, the first creator's publish marked the second one's entry ready too early).
+    #[test]
+    fn publish_and_abandon_touch_only_this_processs_creating_entry() {
+        let mut mem = region(64 * 1024);
+        // SAFETY: as above.
+        let h = unsafe {
+            RegionHeader::initialize(mem.as_mut_ptr().cast(), 64 * 1024, BackendKind::Private, BackendId(1), 1)
+        }
+        .unwrap();
+        let (ready, other) = (AllocatorId::new(1, 0), AllocatorId::new(2, 0));
+        h.reserve_allocator(7, ready, 1000).unwrap();
+        h.publish_allocator(ready).unwrap();
+        assert!(matches!(h.abandon_allocator(ready), Err(Error::UnknownAllocator(_))));
+        assert!(matches!(h.publish_allocator(ready), Err(Error::UnknownAllocator(_))));
+        assert!(h.find_allocator(ready).unwrap().is_some(), "the ready entry stays");
+        let theirs = h.reserve_allocator(7, other, 1000).unwrap();
+        let me = creating_by(crate::liveness::current().pid) >> STATE_BITS;
+        // An entry another running process is creating (pid 1, or 2 should this process be 1).
+        let foreign = if me == 1 { 2 } else { 1 };
+        h.directory.lock().entries[1].state = creating_by(foreign);
+        assert!(matches!(h.publish_allocator(other), Err(Error::UnknownAllocator(_))));
+        assert!(matches!(h.abandon_allocator(other), Err(Error::UnknownAllocator(_))));
+        assert_eq!(h.find_allocator(other).unwrap(), None, "still being created by the other process");
+        // Its creator's own publish (recorded as this process, for the test) goes through.
+        h.directory.lock().entries[1].state = creating_by(crate::liveness::current().pid);
+        h.publish_allocator(other).unwrap();
+        assert_eq!(h.find_allocator(other).unwrap().map(|e| e.offset), Some(theirs.offset));
     }
 
     #[test]
