@@ -75,6 +75,12 @@ fn dead_slot(a: &ScalablePageAllocator) -> u64 {
     s.slots.acquire(&s.mem, &s.fs, crate::testing::dead_token(), || Ok(())).unwrap()
 }
 
+/// A slot of this process, taken by hand (as `dead_slot` takes a dead one).
+fn own_slot(a: &ScalablePageAllocator) -> u64 {
+    let s = &a.shared;
+    s.slots.acquire(&s.mem, &s.fs, crate::sync::owner_token(), || Ok(())).unwrap()
+}
+
 /// Frees the block at user offset `user` through the cache in `slot`.
 fn free_through(a: &ScalablePageAllocator, slot: u64, user: u64) {
     let b = find_small(&a.shared.arena, user).unwrap();
@@ -583,7 +589,7 @@ fn a_free_whose_flush_finds_damage_is_still_done() {
     let a = ScalablePageAllocator::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
     let start = a.stats().free_bytes();
     let s = &a.shared;
-    let slot = s.slots.acquire(&s.mem, &s.fs, crate::sync::owner_token(), || Ok(())).unwrap();
+    let slot = own_slot(&a);
     let class = class_for(48, 8).unwrap();
     let limit = s.limits[class] as usize;
     let blocks: Vec<u64> = (0..2 * limit).map(|_| s.allocate_small(slot, class, 48, 8).unwrap()).collect();
@@ -658,11 +664,11 @@ fn a_recovered_slot_flushes_at_its_limit_again() {
     s.cache(slot, class).0.retry_at.store(1 << 40, Ordering::Relaxed);
     // Blocks a live thread allocated in another slot, to free through the recovered one (which
     // allocates nothing, so no refill sees its cache empty first).
-    let other = s.slots.acquire(&s.mem, &s.fs, crate::sync::owner_token(), || Ok(())).unwrap();
+    let other = own_slot(&a);
     let limit = s.limits[class] as usize;
     let blocks: Vec<u64> = (0..4 * limit).map(|_| s.allocate_small(other, class, 48, 8).unwrap()).collect();
     assert_eq!(a.reclaim().unwrap(), 1);
-    let mine = s.slots.acquire(&s.mem, &s.fs, crate::sync::owner_token(), || Ok(())).unwrap();
+    let mine = own_slot(&a);
     assert_eq!(mine, slot, "the recovered slot is taken again");
     free_within_the_limit(&a, slot, class, &blocks);
     s.release_slot(slot).unwrap();
@@ -677,7 +683,7 @@ fn a_damaged_cache_emptied_and_refilled_flushes_at_its_limit_again() {
     let a = ScalablePageAllocator::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
     let start = a.stats().free_bytes();
     let s = &a.shared;
-    let slot = s.slots.acquire(&s.mem, &s.fs, crate::sync::owner_token(), || Ok(())).unwrap();
+    let slot = own_slot(&a);
     let class = class_for(48, 8).unwrap();
     let limit = s.limits[class] as usize;
     let mut blocks: Vec<u64> = (0..4 * limit).map(|_| s.allocate_small(slot, class, 48, 8).unwrap()).collect();
@@ -705,7 +711,7 @@ fn a_held_slot_whose_magic_was_overwritten_is_used_without_a_panic() {
     let a = ScalablePageAllocator::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
     let start = a.stats().free_bytes();
     let s = &a.shared;
-    let slot = s.slots.acquire(&s.mem, &s.fs, crate::sync::owner_token(), || Ok(())).unwrap();
+    let slot = own_slot(&a);
     let class = class_for(48, 8).unwrap();
     let p = s.allocate_small(slot, class, 48, 8).unwrap();
     // The slot's magic and index share the word after its owner.

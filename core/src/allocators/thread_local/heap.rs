@@ -90,6 +90,13 @@ impl OwnerWord {
         value
     }
 
+    /// The value, or `None` for 0: a list head, which 0 marks empty.
+    #[inline(always)]
+    pub(super) fn head(&self) -> Option<u64> {
+        let value = self.get();
+        (value != 0).then_some(value)
+    }
+
     /// Adds `delta`, wrapping (by the owner: not one atomic step).
     #[inline(always)]
     fn add(&self, delta: u64) {
@@ -175,16 +182,9 @@ impl ClassState {
         self.set_sweep_at(at);
     }
 
-    /// The head of the allocation list (`None` when it is empty), for a block pushed on it.
-    #[inline]
-    pub(super) fn free_head(&self) -> Option<u64> {
-        let head = self.free.get();
-        (head != 0).then_some(head)
-    }
-
     /// The heads of the two free lists, for walks (`None` for an empty one).
     pub(super) fn lists(&self) -> [Option<u64>; 2] {
-        [self.free.get(), self.freed.get()].map(|h| (h != 0).then_some(h))
+        [self.free.head(), self.freed.head()]
     }
 
     /// Counts a block handed out for `size` bytes.
@@ -466,8 +466,7 @@ impl Shared {
     #[inline(never)]
     fn refill(&self, heap_off: u64, heap: &Heap, class: usize, size: usize) -> Result<(u64, u64)> {
         // SAFETY: we own the heap.
-        let free = unsafe { self.local(heap) }.classes[class].free.get();
-        if free != 0 {
+        if let Some(free) = unsafe { self.local(heap) }.classes[class].free.head() {
             return Err(corrupt(free, "heap free list holds a block that is not free"));
         }
         self.collect(heap_off, heap, class)?;
@@ -492,8 +491,8 @@ impl Shared {
         if let Some(b) = self.quick.pop_free(cs, class) {
             return Ok(b);
         }
-        if cs.free.get() != 0 {
-            return Err(corrupt(cs.free.get(), "heap free list holds a block that is not free"));
+        if let Some(free) = cs.free.head() {
+            return Err(corrupt(free, "heap free list holds a block that is not free"));
         }
         for _ in 0..2 {
             let span = cs.bump_span.get();
@@ -526,7 +525,7 @@ impl Shared {
             // was taken), past its bump index: no one else reads or writes it.
             unsafe {
                 self.arena.word_unchecked(b).store(fresh_word(class, index, 0), Ordering::Release);
-                self.arena.word_unchecked(b + 8).store(tagged_list::encode(cs.free_head()), Ordering::Relaxed);
+                self.arena.word_unchecked(b + 8).store(tagged_list::encode(cs.free.head()), Ordering::Relaxed);
             }
             cs.free.set(b);
             if index == first + (end - first) / 2 {
@@ -762,7 +761,7 @@ impl Shared {
             crash::point();
             // SAFETY: we hold the heap.
             let cs = &unsafe { self.local(heap) }.classes[class];
-            self.arena.store_link(r.block, cs.free_head());
+            self.arena.store_link(r.block, cs.free.head());
             crash::point();
             cs.free.set(r.block);
             crash::point();
@@ -938,7 +937,7 @@ impl Shared {
             crash::point();
             let cs = &local.classes[class];
             for &(b, size) in &batch[..k] {
-                self.arena.store_link(b, cs.free_head());
+                self.arena.store_link(b, cs.free.head());
                 crash::point();
                 cs.free.set(b);
                 cs.count_free(size);

@@ -253,15 +253,13 @@ impl Quick {
     pub(super) fn push_freed(&self, cs: &ClassState, block: u64, word: u64) -> bool {
         let free = (word & !FIELD_MASK).wrapping_sub(self.live_delta);
         debug_assert_eq!(free, free_from_live(word));
-        let freed = cs.freed.get();
+        let freed = cs.freed.head();
         // SAFETY: the caller's promise: both header words lie in the arena (which `mem` holds),
         // 16-aligned.
         unsafe {
             self.mem.word_unchecked(block).store(free, Ordering::Release);
             crash::point();
-            self.mem
-                .word_unchecked(block + 8)
-                .store(tagged_list::encode((freed != 0).then_some(freed)), Ordering::Relaxed);
+            self.mem.word_unchecked(block + 8).store(tagged_list::encode(freed), Ordering::Relaxed);
             crash::point();
         }
         cs.freed.set(block);

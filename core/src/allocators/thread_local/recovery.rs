@@ -401,7 +401,7 @@ impl Shared {
         crash::point();
         let middle = free.len() / 2;
         for (i, b) in free.into_iter().enumerate() {
-            self.arena.store_link(b, cs.free_head());
+            self.arena.store_link(b, cs.free.head());
             cs.free.set(b);
             if i == middle {
                 crash::point();
