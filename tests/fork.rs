@@ -285,19 +285,24 @@ fn the_thread_caches_serve_a_child_forked_while_other_threads_use_them() {
     assert_eq!(hung, 0, "forked children that hung or failed");
 }
 
+/// A resource over a new shared segment `/hetmem-fork-TAG-PID` of `size` bytes, and the name.
+/// The resource is leaked, for the `'static` the caches and pools over it need, so its backend
+/// never drops: the test removes the name itself at its end.
+fn leaked_shared_resource(tag: &str, size: usize) -> (&'static hetmem::pool::BackendResource, String) {
+    let seg = format!("/hetmem-fork-{tag}-{}", std::process::id());
+    let backend = std::sync::Arc::new(PosixShmBackend::create(&seg, size, &ShmOptions::default()).unwrap());
+    let resource = hetmem::pool::BackendResource::reserve(backend, AllocatorId::new(9, 0), 0).unwrap();
+    (Box::leak(Box::new(resource)), seg)
+}
+
 /// Caches over a resource in shared memory: a forked child must not hand out the blocks its
 /// parent's caches held (the parent may hand them out too); it gets none (the resource refuses
 /// a forked child) rather than a cached one.
 #[test]
 fn caches_over_shared_memory_hand_a_forked_child_no_cached_block() {
     use hetmem::cache::HetAlloc;
-    use hetmem::pool::BackendResource;
     use std::alloc::{GlobalAlloc, Layout};
-    use std::sync::Arc;
-    let seg = format!("/hetmem-fork-caches-{}", std::process::id());
-    let backend = Arc::new(PosixShmBackend::create(&seg, 8 << 20, &ShmOptions::default()).unwrap());
-    let resource: &'static BackendResource =
-        Box::leak(Box::new(BackendResource::reserve(backend, AllocatorId::new(9, 0), 0).unwrap()));
+    let (resource, seg) = leaked_shared_resource("caches", 8 << 20);
     let caches = HetAlloc::with_resource(resource);
     let layout = Layout::from_size_align(256, 16).unwrap();
     // SAFETY: blocks of `layout` from the caches, each freed once with it; freed, they stay
@@ -330,13 +335,8 @@ fn caches_over_shared_memory_hand_a_forked_child_no_cached_block() {
 #[test]
 fn a_hand_made_cache_and_depot_over_shared_memory_hand_a_forked_child_no_cached_block() {
     use hetmem::cache::{CacheConfig, Depot, ThreadCache, Upstream};
-    use hetmem::pool::BackendResource;
     use std::alloc::Layout;
-    use std::sync::Arc;
-    let seg = format!("/hetmem-fork-handmade-{}", std::process::id());
-    let backend = Arc::new(PosixShmBackend::create(&seg, 8 << 20, &ShmOptions::default()).unwrap());
-    let resource: &'static BackendResource =
-        Box::leak(Box::new(BackendResource::reserve(backend, AllocatorId::new(9, 0), 0).unwrap()));
+    let (resource, seg) = leaked_shared_resource("handmade", 8 << 20);
     let depot: &'static Depot = Box::leak(Box::new(Depot::new(4 << 20)));
     let upstream = Upstream::Resource(resource);
     let config = CacheConfig::uniform(hetmem::cache::MAX_BUCKETS, 16 << 10).unwrap();
@@ -374,13 +374,8 @@ fn a_hand_made_cache_and_depot_over_shared_memory_hand_a_forked_child_no_cached_
 #[test]
 fn a_hand_made_caches_check_in_a_forked_child_follows_no_link_from_before_the_fork() {
     use hetmem::cache::{CacheConfig, ThreadCache, Upstream};
-    use hetmem::pool::BackendResource;
     use std::alloc::Layout;
-    use std::sync::Arc;
-    let seg = format!("/hetmem-fork-check-{}", std::process::id());
-    let backend = Arc::new(PosixShmBackend::create(&seg, 4 << 20, &ShmOptions::default()).unwrap());
-    let resource: &'static BackendResource =
-        Box::leak(Box::new(BackendResource::reserve(backend, AllocatorId::new(9, 0), 0).unwrap()));
+    let (resource, seg) = leaked_shared_resource("check", 4 << 20);
     let config = CacheConfig::uniform(hetmem::cache::MAX_BUCKETS, 16 << 10).unwrap();
     let mut cache = ThreadCache::new(&config, Upstream::Resource(resource)).unwrap();
     let layout = Layout::from_size_align(256, 16).unwrap();
@@ -449,12 +444,7 @@ fn a_thread_started_in_a_forked_child_keeps_its_cached_blocks_through_a_check() 
 #[test]
 fn a_typed_pool_over_shared_memory_hands_a_forked_child_no_cached_block() {
     use hetmem::cache::{PoolAllocator, Upstream};
-    use hetmem::pool::BackendResource;
-    use std::sync::Arc;
-    let seg = format!("/hetmem-fork-pool-{}", std::process::id());
-    let backend = Arc::new(PosixShmBackend::create(&seg, 1 << 20, &ShmOptions::default()).unwrap());
-    let resource: &'static BackendResource =
-        Box::leak(Box::new(BackendResource::reserve(backend, AllocatorId::new(9, 0), 0).unwrap()));
+    let (resource, seg) = leaked_shared_resource("pool", 1 << 20);
     let pool = PoolAllocator::<[u64; 8]>::with_upstream(16, Upstream::Resource(resource));
     let blocks: Vec<_> = (0..8).map(|_| pool.allocate().unwrap()).collect();
     for &b in &blocks {
