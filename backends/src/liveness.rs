@@ -86,8 +86,9 @@ fn exists(pid: u32) -> bool {
 // SAFETY: on Linux a process is dead only when its `/proc/<pid>/stat` is missing and
 // `kill(pid, 0)` finds no such process, names a zombie with no other thread running, or gives
 // another start time (a recycled pid); a file that cannot be read or parsed counts as alive.
-// Elsewhere it is dead only when `kill(pid, 0)` answers that there is no such process. `current` names the calling process, per fork
-// generation. Processes of one pid namespace are assumed (see `ProcLiveness`).
+// Elsewhere it is dead only when `kill(pid, 0)` answers that there is no such process. `current`
+// names the calling process, per fork generation. Processes of one pid namespace are assumed
+// (see `ProcLiveness`).
 unsafe impl ProcessLiveness for ProcLiveness {
     fn current(&self) -> ProcessStamp {
         // Cached per fork generation: a forked child is another process (its own pid and start
