@@ -15,6 +15,9 @@ use hetmem::prelude::*;
 
 mod common;
 use common::{Recover, Rng};
+#[path = "../core/src/forked_child.rs"]
+mod forked_child;
+use forked_child::in_a_forked_child;
 
 const ID: AllocatorId = AllocatorId::new(1, 0);
 /// Blocks the forked child leaves live when it dies.
@@ -168,41 +171,6 @@ fn thread_local_after_fork() {
         "tla",
         ThreadLocalConfig { dead_process_blocks: DeadProcessBlocks::Free },
     );
-}
-
-/// Forks, runs `f` in the child and returns whether it returned true there. A child that has
-/// not finished after 20 s is killed, and counts as failed (a hang).
-fn in_a_forked_child(f: impl FnOnce() -> bool) -> bool {
-    // SAFETY: fork(2); the child runs `f` alone and leaves with `_exit`.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0, "fork failed");
-    if pid == 0 {
-        let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(false);
-        // SAFETY: ends the forked child.
-        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
-    }
-    let start = std::time::Instant::now();
-    let mut status = 0;
-    loop {
-        // SAFETY: waitpid(2) on our own child.
-        match unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } {
-            0 if start.elapsed() < std::time::Duration::from_secs(20) => {
-                std::thread::sleep(std::time::Duration::from_millis(1))
-            }
-            0 => {
-                // SAFETY: kill(2) and waitpid(2) on our own child.
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                    libc::waitpid(pid, &mut status, 0);
-                }
-                return false;
-            }
-            done => {
-                assert_eq!(done, pid);
-                return libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
-            }
-        }
-    }
 }
 
 /// A resource's bookkeeping is the process's own: over shared memory, a forked child's copy

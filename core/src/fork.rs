@@ -22,9 +22,12 @@
 //! sides (see `cache/tls.rs`).
 //!
 //! What this does not cover:
-//! - another process-local lock that another thread of the parent held at the fork (a typed
-//!   [`PoolAllocator`](crate::cache::PoolAllocator)'s, a pool's `Sync` wrapper's) stays held in
-//!   the child, as with any fork of a threaded program;
+//! - another process-local lock that another thread of the parent held at the fork (a pool's
+//!   `Sync` wrapper's, say) stays held in the child, as with any fork of a threaded program.
+//!   The caches' locks are the exception: a typed
+//!   [`PoolAllocator`](crate::cache::PoolAllocator) and a [`Depot`](crate::cache::Depot) made
+//!   by hand drop, in the child, what they held and release such locks at their first use
+//!   (`Epoch`), and the thread caches' own are taken by the fork handlers;
 //! - bookkeeping of shared memory that a process keeps in its own memory: parent and child each
 //!   get a copy and would hand out the same blocks. A
 //!   [`BackendResource`](crate::pool::BackendResource) over shared, pinned or device memory
@@ -115,4 +118,111 @@ extern "C" fn in_child() {
     #[cfg(feature = "alloc")]
     crate::allocators::forget_thread_slots_after_fork();
     crate::cache::fork_handlers::child();
+}
+
+/// The fork generation that a structure's process-local state belongs to, for state that a
+/// forked child must start afresh: a cache's lists, and the locks that guard them, which a
+/// thread of the parent may have held at the fork. That thread does not run in the child, so
+/// without this the child would wait for ever on its first lock.
+///
+/// Every entry into the structure calls [`enter`](Self::enter) before it takes any of the
+/// structure's locks. In the generation the structure was last used in, that is one load and
+/// one compare. In a forked child, the first entry runs the structure's reset (once; entries
+/// meanwhile wait for it, and see what it wrote). At that point no thread of the child holds one
+/// of the structure's locks, since each takes them only after its own `enter`: whatever lock is
+/// held belongs to a thread of the parent, and the reset may release it.
+#[cfg(any(loom, all(unix, feature = "std", target_has_atomic = "64")))]
+#[cfg_attr(loom, allow(dead_code))]
+pub(crate) struct Epoch(crate::sync::atomic::AtomicU64);
+
+#[cfg(any(loom, all(unix, feature = "std", target_has_atomic = "64")))]
+#[cfg_attr(loom, allow(dead_code))]
+impl Epoch {
+    /// While a reset runs.
+    const RESETTING: u64 = u64::MAX;
+
+    /// The epoch of a structure made in a process that was not forked (a later generation
+    /// starts it afresh at its first entry, which finds it empty anyway).
+    #[cfg(not(loom))]
+    pub(crate) const fn new() -> Self {
+        Epoch(crate::sync::atomic::AtomicU64::new(0))
+    }
+
+    #[cfg(loom)]
+    pub(crate) fn new() -> Self {
+        Epoch(crate::sync::atomic::AtomicU64::new(0))
+    }
+
+    /// Runs `reset` if this is the structure's first entry since a fork; `reset` may release the
+    /// structure's locks (see the type's docs) and must not panic.
+    #[inline]
+    pub(crate) fn enter(&self, reset: impl FnOnce()) {
+        self.enter_at(generation(), reset);
+    }
+
+    /// [`enter`](Self::enter) in generation `now`.
+    #[inline(always)]
+    fn enter_at(&self, now: u64, reset: impl FnOnce()) {
+        use crate::sync::atomic::Ordering;
+        if self.0.load(Ordering::Acquire) != now {
+            self.start_afresh(now, reset);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn start_afresh(&self, now: u64, reset: impl FnOnce()) {
+        use crate::sync::atomic::Ordering;
+        let mut attempt = 0u32;
+        loop {
+            let seen = self.0.load(Ordering::Acquire);
+            if seen == now {
+                return;
+            }
+            if seen != Self::RESETTING
+                && self.0.compare_exchange(seen, Self::RESETTING, Ordering::Acquire, Ordering::Relaxed).is_ok()
+            {
+                reset();
+                self.0.store(now, Ordering::Release);
+                return;
+            }
+            // Another thread of this process is resetting: a few stores per lock.
+            crate::sync::relax(attempt);
+            attempt = attempt.saturating_add(1);
+        }
+    }
+}
+
+/// Loom: threads of a forked child entering one structure at once. Run:
+/// `RUSTFLAGS="--cfg loom" cargo test -p hetmem-core --release --lib fork::loom_epoch`.
+#[cfg(all(test, loom))]
+mod loom_epoch {
+    use super::Epoch;
+    use loom::cell::UnsafeCell;
+    use loom::sync::Arc;
+
+    /// Two threads enter in a new generation: the reset runs once, and both see what it wrote
+    /// (loom reports a read of the cell that the reset's write does not happen before).
+    #[test]
+    fn the_reset_runs_once_and_every_entry_sees_it() {
+        loom::model(|| {
+            let epoch = Arc::new(Epoch::new());
+            let state = Arc::new(UnsafeCell::new(0u32));
+            let enter = |epoch: &Epoch, state: &UnsafeCell<u32>| {
+                epoch.enter_at(1, || {
+                    // SAFETY: only the one reset writes the cell (loom checks it).
+                    state.with_mut(|v| unsafe { *v += 1 })
+                });
+                // SAFETY: every read follows an `enter`, after the reset's write (loom checks it).
+                state.with(|v| unsafe { *v })
+            };
+            let t = {
+                let (epoch, state) = (epoch.clone(), state.clone());
+                loom::thread::spawn(move || enter(&epoch, &state))
+            };
+            let mine = enter(&epoch, &state);
+            let theirs = t.join().unwrap();
+            assert_eq!((mine, theirs), (1, 1), "the reset ran once, before either went on");
+        });
+    }
 }

@@ -69,6 +69,7 @@ impl Region {
 
     /// A second handle on the same range, for the allocator that owns it (its free-space
     /// manager, its tests' attaches).
+    #[cfg_attr(loom, allow(dead_code))]
     pub(crate) fn duplicate(&self) -> Region {
         Region { backend: Arc::clone(&self.backend), offset: self.offset, len: self.len }
     }

@@ -233,3 +233,34 @@ pub(crate) fn install_test_liveness() {
     static HOOK: &dyn crate::liveness::ProcessLiveness = &TestLiveness;
     crate::liveness::install(&HOOK);
 }
+
+#[cfg(unix)]
+#[path = "forked_child.rs"]
+mod forked_child;
+#[cfg(unix)]
+pub(crate) use forked_child::in_a_forked_child;
+
+/// Holds `lock` on another thread until the returned guard drops: a thread that is inside a
+/// critical section of the lock when the test forks.
+#[cfg(unix)]
+pub(crate) fn held_by_another_thread<T: Send + 'static>(lock: &'static crate::sync::SpinLock<T>) -> impl Drop {
+    struct Release(Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            if let Some((go, holder)) = self.0.take() {
+                let _ = go.send(());
+                holder.join().unwrap();
+            }
+        }
+    }
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let guard = lock.lock();
+        held_tx.send(()).unwrap();
+        let _ = go_rx.recv();
+        drop(guard);
+    });
+    held_rx.recv().unwrap();
+    Release(Some((go_tx, holder)))
+}

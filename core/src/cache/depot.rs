@@ -10,6 +10,7 @@
 //! A batch is a null-terminated chain of blocks linked through their first word; the second word
 //! of a batch's first block links the batches of a class.
 
+use core::cell::UnsafeCell;
 use core::ptr::{self, NonNull};
 
 use crate::cache::size_class::{batch_len, block_size, BLOCK_ALIGN, MAX_BUCKETS};
@@ -17,7 +18,7 @@ use crate::cache::stats::{CacheStats, Counters};
 use crate::cache::upstream::Upstream;
 use crate::error::{Error, Result};
 use crate::sync::SpinLock;
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 /// The limit of a depot whose limit is not set yet (the thread caches' depots start with it,
 /// and the first thread cache to start gives each its default, see
@@ -28,21 +29,45 @@ pub(crate) const UNSET: usize = usize::MAX;
 ///
 /// The first [`ThreadCache::with_depot`](super::ThreadCache::with_depot) binds it to its
 /// upstream: caches over another upstream are refused, and so is [`Depot::release`] to one.
+///
+/// In a forked child, the depot starts afresh at its first use: the batches stored before the
+/// fork are dropped, unfreed (over shared memory they are the parent's too, which may hand them
+/// out), and the locks that threads of the parent held at the fork are released, so that the
+/// child does not wait for ever on them.
 pub struct Depot {
     classes: [SpinLock<ClassBatches>; MAX_BUCKETS],
     bytes: AtomicUsize,
     limit: AtomicUsize,
     counters: Counters,
-    /// The upstream the blocks come from, once a cache made by hand uses the depot (the
-    /// thread-local caches' depots are bound by their slot instead, and never to another).
-    upstream: SpinLock<Option<Upstream>>,
+    /// Whether `bound` holds the upstream the blocks come from yet: [`UNBOUND`], [`BINDING`] or
+    /// [`BOUND`]. A cache made by hand binds the depot; the thread-local caches' depots are
+    /// bound by their slot instead, and never to another.
+    binding: AtomicU8,
+    /// Written once, between `BINDING` and `BOUND`.
+    bound: UnsafeCell<Upstream>,
+    /// The fork generation the batches and locks belong to.
+    #[cfg(all(unix, feature = "std", not(loom), target_has_atomic = "64"))]
+    epoch: crate::fork::Epoch,
 }
+
+// SAFETY: `bound` is written once, by the thread that moved `binding` from UNBOUND to BINDING,
+// before it stores BOUND with release ordering, and read only after an acquire load of BOUND;
+// an `Upstream` may be shared and sent (a `MemoryResource` is `Send + Sync`). Every other field
+// is `Sync` on its own.
+unsafe impl Sync for Depot {}
+// SAFETY: as for `Sync`: the depot owns its batches, and an `Upstream` may be sent.
+unsafe impl Send for Depot {}
+
+/// No upstream bound yet.
+const UNBOUND: u8 = 0;
+/// A thread is writing the bound upstream.
+const BINDING: u8 = 1;
+/// `bound` holds the upstream.
+const BOUND: u8 = 2;
 
 struct ClassBatches {
     head: *mut u8,
     batches: usize,
-    /// The fork generation ([`crate::fork::generation`]) its batches were stored in.
-    generation: u64,
 }
 
 // SAFETY: the chains are blocks the depot owns; nothing else refers to them while they are here.
@@ -72,24 +97,85 @@ impl Depot {
     /// An empty depot that holds at most `limit` bytes.
     pub const fn new(limit: usize) -> Self {
         Depot {
-            classes: [const { SpinLock::new(ClassBatches { head: ptr::null_mut(), batches: 0, generation: 0 }) };
-                MAX_BUCKETS],
+            classes: [const { SpinLock::new(ClassBatches { head: ptr::null_mut(), batches: 0 }) }; MAX_BUCKETS],
             bytes: AtomicUsize::new(0),
             limit: AtomicUsize::new(limit),
             counters: Counters::new(),
-            upstream: SpinLock::new(None),
+            binding: AtomicU8::new(UNBOUND),
+            bound: UnsafeCell::new(Upstream::System),
+            #[cfg(all(unix, feature = "std", not(loom), target_has_atomic = "64"))]
+            epoch: crate::fork::Epoch::new(),
         }
+    }
+
+    /// Starts the depot afresh if this is its first use since a fork (see [`Depot`]); called
+    /// before any of its locks is taken.
+    #[inline(always)]
+    fn enter(&self) {
+        #[cfg(all(unix, feature = "std", not(loom), target_has_atomic = "64"))]
+        self.epoch.enter(|| {
+            // SAFETY: `Epoch::enter` runs this only in the first entry since a fork, before
+            // which no thread of this process took one of the depot's locks.
+            unsafe { self.start_afresh() }
+        });
+    }
+
+    /// Drops every batch, unfreed, and releases every lock: the state of a depot in a forked
+    /// child before its first use.
+    ///
+    /// # Safety
+    /// No thread of this process holds one of the depot's locks or is binding it: those held
+    /// belong to threads of the parent, which do not run here.
+    #[cfg(all(unix, feature = "std", not(loom), target_has_atomic = "64"))]
+    unsafe fn start_afresh(&self) {
+        for lock in &self.classes {
+            // SAFETY: the caller's contract: no guard of this lock is live in this process.
+            unsafe { lock.force_unlock() };
+            let mut list = lock.lock();
+            (list.head, list.batches) = (ptr::null_mut(), 0);
+        }
+        self.bytes.store(0, Ordering::Relaxed);
+        // A thread of the parent that was binding left `bound` half written: as no cache
+        // finished binding to it, the depot is unbound.
+        let _ = self.binding.compare_exchange(BINDING, UNBOUND, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// The upstream the depot is bound to, if any.
+    fn bound(&self) -> Option<Upstream> {
+        // SAFETY: `bound` is not written again once BOUND is stored (see `Sync`).
+        (self.binding.load(Ordering::Acquire) == BOUND).then(|| unsafe { *self.bound.get() })
     }
 
     /// Binds the depot to `upstream` if it is not bound yet; `false` if it serves another.
     pub(crate) fn bind(&self, upstream: Upstream) -> bool {
-        *self.upstream.lock().get_or_insert(upstream) == upstream
+        self.enter();
+        let mut attempt = 0u32;
+        loop {
+            match self.binding.load(Ordering::Acquire) {
+                // SAFETY: as in `bound`.
+                BOUND => return unsafe { *self.bound.get() } == upstream,
+                UNBOUND => {
+                    if self.binding.compare_exchange(UNBOUND, BINDING, Ordering::Acquire, Ordering::Relaxed).is_ok() {
+                        // SAFETY: the compare-exchange made this thread the only writer, and no
+                        // reader reads `bound` before BOUND is stored.
+                        unsafe { *self.bound.get() = upstream };
+                        self.binding.store(BOUND, Ordering::Release);
+                        return true;
+                    }
+                }
+                // Another thread is binding: two stores away.
+                _ => {
+                    crate::sync::relax(attempt);
+                    attempt = attempt.saturating_add(1);
+                }
+            }
+        }
     }
 
-    /// Takes every lock, the upstream binding's and each class's (before a `fork`; see `tls::fork`).
+    /// Takes every class lock (before a `fork`; see `tls::fork`).
     #[cfg(unix)]
     pub(crate) fn lock_all(&self) {
-        self.upstream.lock_and_keep();
+        self.enter();
         self.classes.iter().for_each(SpinLock::lock_and_keep);
     }
 
@@ -103,8 +189,6 @@ impl Depot {
             // SAFETY: the caller's contract.
             unsafe { lock.force_unlock() };
         }
-        // SAFETY: as above.
-        unsafe { self.upstream.force_unlock() };
     }
 
     /// Drops every batch without freeing it (in a forked child, for a depot over a resource
@@ -146,18 +230,11 @@ impl Depot {
         self.counters.snapshot(self.bytes.load(Ordering::Relaxed) as u64)
     }
 
-    /// The batches of `class`, locked. In a forked child, those stored before the fork are
-    /// dropped first, unfreed, as the typed pools do: over shared memory they are the parent's
-    /// too, which may hand them out. (The thread caches' own depots are emptied by the fork
-    /// handlers; this sees to depots made by hand.)
+    /// The batches of `class`, locked. In a forked child, the depot first starts afresh (see
+    /// [`Depot`]).
     fn list(&self, class: usize) -> crate::sync::SpinLockGuard<'_, ClassBatches> {
-        let mut list = self.classes[class].lock();
-        let now = crate::fork::generation();
-        if list.generation != now {
-            self.bytes.fetch_sub(list.batches * batch_len(class) * block_size(class), Ordering::Relaxed);
-            (list.head, list.batches, list.generation) = (ptr::null_mut(), 0, now);
-        }
-        list
+        self.enter();
+        self.classes[class].lock()
     }
 
     /// Takes a batch of `batch_len(class)` blocks if the limit allows.
@@ -213,7 +290,8 @@ impl Depot {
     /// Frees every held block to `upstream`, the one the blocks came from; refused with
     /// [`Error::Unsupported`] (nothing freed) if the depot is bound to another.
     pub fn release(&self, upstream: &Upstream) -> Result<()> {
-        if self.upstream.lock().is_some_and(|bound| bound != *upstream) {
+        self.enter();
+        if self.bound().is_some_and(|bound| bound != *upstream) {
             return Err(Error::Unsupported("a depot's blocks go back to the upstream they came from"));
         }
         for class in 0..MAX_BUCKETS {
@@ -290,6 +368,64 @@ fn corrupt(class: usize, detail: &'static str) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A chain of `batch_len(class)` fresh blocks of `class` from `res`.
+    #[cfg(all(unix, feature = "std", not(loom), target_has_atomic = "64"))]
+    fn batch(res: &crate::testing::CountingResource, class: usize) -> NonNull<u8> {
+        use crate::MemoryResource;
+        let mut head = ptr::null_mut();
+        for _ in 0..batch_len(class) {
+            let b = res.allocate(block_size(class), BLOCK_ALIGN).unwrap().as_ptr();
+            // SAFETY: a fresh block of at least 16 bytes, aligned to 16.
+            unsafe { set_link(b, 0, head) };
+            head = b;
+        }
+        NonNull::new(head).unwrap()
+    }
+
+    #[cfg(all(unix, feature = "std", not(loom), target_has_atomic = "64"))]
+    #[test]
+    fn a_forked_child_is_not_held_up_by_a_lock_a_thread_of_its_parent_held() {
+        use crate::testing::{held_by_another_thread, in_a_forked_child, CountingResource};
+        crate::fork::watch().unwrap();
+        let res = CountingResource::leak();
+        let up = Upstream::Resource(res);
+        let depot: &'static Depot = Box::leak(Box::new(Depot::new(1 << 20)));
+        assert!(depot.bind(up));
+        let class = 3;
+        // SAFETY: a batch of `class` from the upstream the depot is bound to.
+        assert!(unsafe { depot.try_push(class, batch(res, class)) });
+        let held = held_by_another_thread(&depot.classes[class]);
+        let child = in_a_forked_child(|| {
+            // The parent's batch is dropped, unfreed, and the lock its thread held released.
+            let dropped = depot.try_pop(class).is_none() && depot.stats().bytes_cached == 0;
+            // SAFETY: as above.
+            let pushed = unsafe { depot.try_push(class, batch(res, class)) };
+            let served = depot.try_pop(class).is_some();
+            dropped && pushed && served && depot.check().is_ok()
+        });
+        drop(held);
+        assert!(child, "the forked child hung on the depot's lock, or found the parent's batch");
+        // The parent's depot is as it was.
+        depot.check().unwrap();
+        assert_eq!(depot.stats().bytes_cached, (batch_len(class) * block_size(class)) as u64);
+        depot.release(&up).unwrap();
+        assert_eq!(res.live_blocks(), 0);
+    }
+
+    #[cfg(all(unix, feature = "std", not(loom), target_has_atomic = "64"))]
+    #[test]
+    fn a_forked_child_binds_a_depot_a_thread_of_its_parent_was_binding() {
+        use crate::testing::{in_a_forked_child, CountingResource};
+        crate::fork::watch().unwrap();
+        let res = CountingResource::leak();
+        let depot: &'static Depot = Box::leak(Box::new(Depot::new(1 << 20)));
+        // As a thread of the parent leaves it between its compare-exchange and its store.
+        depot.binding.store(BINDING, Ordering::Relaxed);
+        let child = in_a_forked_child(|| depot.bind(Upstream::Resource(res)) && depot.bound().is_some());
+        assert!(child, "the forked child waited for a binding no thread of it was making");
+        assert!(depot.bound().is_none(), "the parent's depot is as it was");
+    }
 
     #[test]
     fn a_default_limit_never_replaces_one_set_before() {

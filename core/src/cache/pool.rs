@@ -42,6 +42,9 @@ pub struct PoolAllocator<T> {
     free: SpinLock<FreeList>,
     upstream: Upstream,
     counters: Counters,
+    /// The fork generation the list and its lock belong to.
+    #[cfg(all(unix, feature = "std", not(loom), target_has_atomic = "64"))]
+    epoch: crate::fork::Epoch,
     _marker: PhantomData<fn() -> T>,
 }
 
@@ -49,8 +52,6 @@ struct FreeList {
     head: *mut u8,
     len: usize,
     limit: usize,
-    /// The fork generation ([`crate::fork::generation`]) its blocks were cached in.
-    generation: u64,
 }
 
 // SAFETY: the list holds blocks the pool owns exclusively.
@@ -79,9 +80,11 @@ impl<T> PoolAllocator<T> {
     /// host-accessible (the pool writes links into free blocks); see [`Self::allocate`].
     pub const fn with_upstream(limit: usize, upstream: Upstream) -> Self {
         PoolAllocator {
-            free: SpinLock::new(FreeList { head: ptr::null_mut(), len: 0, limit, generation: 0 }),
+            free: SpinLock::new(FreeList { head: ptr::null_mut(), len: 0, limit }),
             upstream,
             counters: Counters::new(),
+            #[cfg(all(unix, feature = "std", not(loom), target_has_atomic = "64"))]
+            epoch: crate::fork::Epoch::new(),
             _marker: PhantomData,
         }
     }
@@ -239,16 +242,20 @@ impl<T> PoolAllocator<T> {
         Ok(())
     }
 
-    /// The free list, locked. In a forked child, the blocks cached before the fork are dropped
-    /// first, unfreed: over shared memory they are the parent's too (it may hand them out), and
-    /// over private memory they are copies the child can do without.
+    /// The free list, locked. In a forked child, the blocks cached before the fork are first
+    /// dropped, unfreed: over shared memory they are the parent's too (it may hand them out), and
+    /// over private memory they are copies the child can do without. The lock is released too,
+    /// should a thread of the parent have held it at the fork: that thread does not run here.
     fn list(&self) -> crate::sync::SpinLockGuard<'_, FreeList> {
-        let mut free = self.free.lock();
-        let now = crate::fork::generation();
-        if free.generation != now {
-            (free.head, free.len, free.generation) = (ptr::null_mut(), 0, now);
-        }
-        free
+        #[cfg(all(unix, feature = "std", not(loom), target_has_atomic = "64"))]
+        self.epoch.enter(|| {
+            // SAFETY: `Epoch::enter` runs this only in the first entry since a fork, before which
+            // no thread of this process took the lock (every taker comes through here first).
+            unsafe { self.free.force_unlock() };
+            let mut free = self.free.lock();
+            (free.head, free.len) = (ptr::null_mut(), 0);
+        });
+        self.free.lock()
     }
 
     /// Whether an `Allocator` request of `layout` is served by the pool.
@@ -315,6 +322,34 @@ mod tests {
     use super::*;
     use crate::testing::CountingResource;
     use proptest::prelude::*;
+
+    #[cfg(all(unix, feature = "std", not(loom), target_has_atomic = "64"))]
+    #[test]
+    fn a_forked_child_is_not_held_up_by_a_lock_a_thread_of_its_parent_held() {
+        use crate::testing::{held_by_another_thread, in_a_forked_child};
+        let res = CountingResource::leak();
+        let pool: &'static PoolAllocator<[u64; 8]> =
+            Box::leak(Box::new(PoolAllocator::with_upstream(8, Upstream::Resource(res))));
+        let b = pool.allocate().unwrap();
+        // SAFETY: allocated from this pool, not used since.
+        unsafe { pool.deallocate(b) };
+        assert_eq!(pool.cached(), 1);
+        let held = held_by_another_thread(&pool.free);
+        let child = in_a_forked_child(|| {
+            // The parent's cached block is dropped, unfreed, and the lock its thread held
+            // released: the child's first block is a new one.
+            let dropped = pool.cached() == 0;
+            let Ok(c) = pool.allocate() else { return false };
+            // SAFETY: as above.
+            unsafe { pool.deallocate(c) };
+            dropped && c != b && pool.cached() == 1 && pool.check().is_ok()
+        });
+        drop(held);
+        assert!(child, "the forked child hung on the pool's lock, or was handed the parent's block");
+        assert_eq!(pool.cached(), 1, "the parent's pool is as it was");
+        pool.release();
+        assert_eq!(res.live_blocks(), 0);
+    }
 
     #[test]
     fn cached_blocks_are_reused_first_and_the_limit_holds() {

@@ -703,9 +703,9 @@ fn start_thread(s: &ThreadState) -> bool {
 ///
 /// Caches and depots made by hand ([`ThreadCache::new`], [`ThreadCache::with_depot`]) meet no
 /// handler: each drops what it held before the fork, unfreed, at its first call in the child
-/// (as the typed pools do). Not covered: a child forked while another thread held a lock of a
-/// depot made by hand (it waits for ever on that lock), and a fork from a signal handler that
-/// interrupted one of these locks' holders (the prepare handler would wait for it).
+/// (as the typed pools do); a depot made by hand also releases the locks that threads of the
+/// parent held at the fork (see [`Depot`](super::Depot)). Not covered: a fork from a signal
+/// handler that interrupted one of these locks' holders (the prepare handler would wait for it).
 ///
 /// [`MemoryResource`]: crate::MemoryResource
 #[cfg(unix)]
