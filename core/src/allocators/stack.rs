@@ -292,34 +292,7 @@ impl RegionAllocator for StackAllocator {
     fn allocate(&self, size: usize, align: usize) -> Result<OffsetPtr> {
         check_request(size, align)?;
         let mut s = self.lock_checked()?;
-        let end = self.region.end();
-        let user = align_up(s.top + BLOCK_HEADER, (align as u64).max(MIN_ALIGN));
-        let block_end = user.and_then(|u| u.checked_add(size as u64));
-        let (user, block_end) = match (user, block_end) {
-            (Some(u), Some(e)) if e <= end => (u, e),
-            _ => return Err(Error::OutOfMemory { requested: size as u64, available: end - s.top }),
-        };
-        let header = BlockHeader { start: s.top, prev: s.last, size: size as u64, tag: TAG_LIVE ^ user };
-        let hp = self.region.ptr(user - BLOCK_HEADER, BLOCK_HEADER)?.cast::<BlockHeader>();
-        // SAFETY: in bounds, 16-aligned, above `top` so no live block overlaps it; written under
-        // the mutex.
-        unsafe { hp.write(header) };
-        // The header is in place before `last` names the block.
-        compiler_fence(Ordering::Release);
-        crash::point();
-        s.top = block_end;
-        crash::point();
-        s.last = OffsetPtr::new(user);
-        crash::point();
-        // Counters are only reported (another process may have written them): they wrap.
-        s.bytes_in_use = s.bytes_in_use.wrapping_add(size as u64);
-        crash::point();
-        s.live = s.live.wrapping_add(1);
-        crash::point();
-        s.total_allocations = s.total_allocations.wrapping_add(1);
-        crash::point();
-        s.high_watermark = s.high_watermark.max(s.top - s.data_start);
-        Ok(OffsetPtr::new(user))
+        self.allocate_locked(&mut s, size, align)
     }
 
     fn reallocate(&self, ptr: OffsetPtr, new_size: usize, align: usize) -> Result<OffsetPtr> {
@@ -341,38 +314,25 @@ impl RegionAllocator for StackAllocator {
             s.high_watermark = s.high_watermark.max(s.top - s.data_start);
             return Ok(ptr);
         }
-        drop(s);
-        let new = self.allocate(new_size, align)?;
+        // The move happens under one hold of the lock: no free of `ptr` from elsewhere can come
+        // between the new block and the old one's free, which would leave the new block to no
+        // one.
         let len = h.size.min(new_size as u64);
         let src = self.region.ptr(offset, len)?;
+        let new = self.allocate_locked(&mut s, new_size, align)?;
+        // In bounds: `allocate_locked` placed the block below the region's end.
         let dst = self.region.ptr(new.get(), len)?;
         // SAFETY: both ranges are in the region (checked), belong to two distinct live blocks of
         // this allocator, so they do not overlap.
         unsafe { core::ptr::copy_nonoverlapping(src, dst, len as usize) };
-        self.free(ptr)?;
+        self.free_locked(&mut s, ptr, hp, h);
         Ok(new)
     }
 
     fn free(&self, ptr: OffsetPtr) -> Result<()> {
         let mut s = self.lock_checked()?;
         let (hp, h) = self.live_block(&s, ptr)?;
-        // SAFETY: `hp` is this live block's header (validated above), written under the mutex.
-        unsafe { (*hp).tag = TAG_FREED ^ ptr.get() };
-        // The block is marked before it leaves the list.
-        compiler_fence(Ordering::Release);
-        crash::point();
-        s.bytes_in_use = s.bytes_in_use.wrapping_sub(h.size);
-        crash::point();
-        s.live = s.live.wrapping_sub(1);
-        crash::point();
-        s.total_frees = s.total_frees.wrapping_add(1);
-        crash::point();
-        if s.last == ptr {
-            // The block is freed whatever the pop finds below it: a broken header there stops
-            // the pop where it is, for `check` (and the next free of the top) to report, and an
-            // error here would tell the caller the block is still theirs.
-            let _ = self.pop_freed(&mut s);
-        }
+        self.free_locked(&mut s, ptr, hp, h);
         Ok(())
     }
 
@@ -408,6 +368,64 @@ impl RegionAllocator for StackAllocator {
             return Err(corrupt(s.top, "live counters disagree with the blocks"));
         }
         Ok(())
+    }
+}
+
+impl StackAllocator {
+    /// Allocates `size` bytes aligned to `align` (a checked request) on top of the stack, under
+    /// the lock `s` is.
+    fn allocate_locked(&self, s: &mut StackState, size: usize, align: usize) -> Result<OffsetPtr> {
+        let end = self.region.end();
+        let user = align_up(s.top + BLOCK_HEADER, (align as u64).max(MIN_ALIGN));
+        let block_end = user.and_then(|u| u.checked_add(size as u64));
+        let (user, block_end) = match (user, block_end) {
+            (Some(u), Some(e)) if e <= end => (u, e),
+            _ => return Err(Error::OutOfMemory { requested: size as u64, available: end - s.top }),
+        };
+        let header = BlockHeader { start: s.top, prev: s.last, size: size as u64, tag: TAG_LIVE ^ user };
+        let hp = self.region.ptr(user - BLOCK_HEADER, BLOCK_HEADER)?.cast::<BlockHeader>();
+        // SAFETY: in bounds, 16-aligned, above `top` so no live block overlaps it; written under
+        // the mutex.
+        unsafe { hp.write(header) };
+        // The header is in place before `last` names the block.
+        compiler_fence(Ordering::Release);
+        crash::point();
+        s.top = block_end;
+        crash::point();
+        s.last = OffsetPtr::new(user);
+        crash::point();
+        // Counters are only reported (another process may have written them): they wrap.
+        s.bytes_in_use = s.bytes_in_use.wrapping_add(size as u64);
+        crash::point();
+        s.live = s.live.wrapping_add(1);
+        crash::point();
+        s.total_allocations = s.total_allocations.wrapping_add(1);
+        crash::point();
+        s.high_watermark = s.high_watermark.max(s.top - s.data_start);
+        Ok(OffsetPtr::new(user))
+    }
+
+    /// Frees the live block `ptr`, whose header `live_block` read (`hp`, `h`), under the lock `s`
+    /// is: marks it, and pops it with the freed blocks below it if it is the top one.
+    fn free_locked(&self, s: &mut StackState, ptr: OffsetPtr, hp: *mut BlockHeader, h: BlockHeader) {
+        // SAFETY: `hp` is this live block's header (validated by the caller), written under the
+        // mutex.
+        unsafe { (*hp).tag = TAG_FREED ^ ptr.get() };
+        // The block is marked before it leaves the list.
+        compiler_fence(Ordering::Release);
+        crash::point();
+        s.bytes_in_use = s.bytes_in_use.wrapping_sub(h.size);
+        crash::point();
+        s.live = s.live.wrapping_sub(1);
+        crash::point();
+        s.total_frees = s.total_frees.wrapping_add(1);
+        crash::point();
+        if s.last == ptr {
+            // The block is freed whatever the pop finds below it: a broken header there stops
+            // the pop where it is, for `check` (and the next free of the top) to report, and an
+            // error here would tell the caller the block is still theirs.
+            let _ = self.pop_freed(s);
+        }
     }
 }
 
@@ -565,6 +583,55 @@ mod tests {
         s.free(b).unwrap();
         assert_eq!(s.stats().bytes_reserved, 0);
         s.check().unwrap();
+    }
+
+    /// A moving reallocation that a free of the same block races (a caller's double free) ends
+    /// one of two ways: the move succeeds and the free is refused, or the free succeeds and the
+    /// move is refused. Either way no block is left to no one. (Before the move held the lock
+    /// throughout, a free that came between its new block and its copy's end left the new block
+    /// live and the move an error.)
+    #[test]
+    fn a_move_racing_a_free_of_its_block_leaves_no_block_to_no_one() {
+        use std::sync::{mpsc, Barrier};
+        let s = Arc::new(stack(1 << 20));
+        let start = s.stats().free_bytes();
+        let go = Arc::new(Barrier::new(2));
+        let (block_tx, block_rx) = mpsc::channel::<OffsetPtr>();
+        let (freed_tx, freed_rx) = mpsc::channel();
+        let freer = {
+            let (s, go) = (s.clone(), go.clone());
+            std::thread::spawn(move || {
+                for a in block_rx {
+                    go.wait();
+                    // Mostly during the move's copy of 200 KB.
+                    std::thread::sleep(std::time::Duration::from_micros(a.get() % 7));
+                    freed_tx.send(s.free(a).is_ok()).unwrap();
+                }
+            })
+        };
+        let (mut moves, mut frees) = (0, 0);
+        for _ in 0..300 {
+            let a = s.allocate(200_000, 16).unwrap();
+            let b = s.allocate(16, 16).unwrap();
+            block_tx.send(a).unwrap();
+            go.wait();
+            let moved = s.reallocate(a, 300_000, 16);
+            let freed = freed_rx.recv().unwrap();
+            assert!(moved.is_ok() != freed, "exactly one of the move and the free succeeds: {moved:?}, {freed}");
+            if let Ok(new) = moved {
+                s.free(new).unwrap();
+                moves += 1;
+            } else {
+                frees += 1;
+            }
+            s.free(b).unwrap();
+            assert_eq!(s.stats().live_allocations, 0, "a block was left to no one");
+            assert_eq!(s.stats().free_bytes(), start);
+        }
+        drop(block_tx);
+        freer.join().unwrap();
+        s.check().unwrap();
+        println!("{moves} moves won, {frees} frees won");
     }
 
     #[test]
