@@ -72,13 +72,16 @@ impl<T> Mutex<T> {
         }
     }
 
-    /// Takes over a mutex still held by `dead_owner`, a holder the caller knows has died.
+    /// Takes over a mutex still held by `dead_owner`, a holder that has died.
     ///
     /// Returns `None` if the mutex is no longer held by `dead_owner` (it was released or
-    /// recovered by someone else). The data may be half-updated: the caller must check and
-    /// repair it before releasing the guard.
+    /// recovered by someone else), or if the [`liveness`](crate::liveness) hook does not confirm
+    /// that `dead_owner`'s process has ended (no hook installed, or it still runs): the token is
+    /// public ([`owner`](Self::owner)), and taking a live holder's lock would hand out a second
+    /// guard. The data may be half-updated: the caller must check and repair it before releasing
+    /// the guard.
     pub fn recover(&self, dead_owner: u64) -> Option<MutexGuard<'_, T>> {
-        if dead_owner == FREE {
+        if dead_owner == FREE || !crate::liveness::is_dead(super::owner_stamp(dead_owner)) {
             return None;
         }
         self.owner
@@ -100,13 +103,9 @@ impl<T> Mutex<T> {
             }
             attempt = attempt.wrapping_add(1);
             if attempt % 1024 == 0 {
-                if let Some(owner) = self.owner() {
-                    if crate::liveness::is_dead(super::owner_stamp(owner)) {
-                        if let Some(mut guard) = self.recover(owner) {
-                            repair(&mut guard);
-                            return guard;
-                        }
-                    }
+                if let Some(mut guard) = self.owner().and_then(|owner| self.recover(owner)) {
+                    repair(&mut guard);
+                    return guard;
                 }
             }
             relax(attempt);
@@ -188,8 +187,9 @@ mod tests {
 
     #[test]
     fn recover_takes_over_only_from_the_named_owner() {
+        crate::testing::install_test_liveness();
         let m = Mutex::new(5u32);
-        let dead = (0xffff_fff0u64 << 32) | 9;
+        let dead = crate::testing::dead_token();
         m.owner.store(dead, Ordering::Release); // as if a dead process held it
         assert!(m.try_lock().is_none());
         assert!(m.recover(dead + 1).is_none());
@@ -197,6 +197,19 @@ mod tests {
         *g = 6;
         drop(g);
         assert_eq!(*m.lock(), 6);
+    }
+
+    #[test]
+    fn recover_refuses_a_holder_that_still_runs() {
+        // Without a hook no process is known dead; with one, this process runs.
+        let m = Mutex::new(5u32);
+        let held = m.lock();
+        let me = m.owner().unwrap();
+        assert!(m.recover(me).is_none(), "recovered from a live holder without a liveness hook");
+        crate::testing::install_test_liveness();
+        assert!(m.recover(me).is_none(), "two guards of one mutex at once");
+        drop(held);
+        assert!(m.try_lock().is_some());
     }
 
     #[test]
