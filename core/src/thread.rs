@@ -87,11 +87,10 @@ pub unsafe trait ThreadModel: Send + Sync + 'static {
     /// Deletes `key`. No destructor runs for the values threads left under it, then or at thread
     /// exit: clear this thread's value first, and free what other threads held yourself.
     ///
-    /// The `Windows` and `StdThreads` models keep their own key tables, so other threads may go on
-    /// using the key meanwhile: each thread's value stays its own, and once `tls_delete` returns
-    /// they read null and their sets fail, even a set already under way lands in no later key.
-    /// pthreads does not: make sure no other thread uses the key meanwhile, or a set racing the
-    /// delete may store under the key that next takes the slot.
+    /// Other threads may go on using the key meanwhile: each thread's value stays its own, and
+    /// once `tls_delete` returns they read null and their sets fail; even a set already under
+    /// way lands in no later key (the pthreads model waits for such a set before freeing the
+    /// key's number).
     ///
     /// A deleted key stays dead even after the OS hands its slot to a new key: `tls_get` returns
     /// null, and `tls_set` and `tls_delete` return

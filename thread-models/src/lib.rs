@@ -212,9 +212,7 @@ pub(crate) mod contract {
     /// makes new keys meanwhile (taking the deleted key's slot): no crash; once the delete has
     /// returned the user reads null and its sets fail; its racing sets land in no new key; no
     /// destructor runs for the deleted key's value, and at thread exit they run for the values
-    /// under the new keys. Models that keep their own key table promise this; pthreads does not
-    /// (a set racing the delete may store under the key that next takes the slot).
-    #[cfg(any(windows, feature = "std"))]
+    /// under the new keys. Every model promises this.
     pub(crate) fn delete_while_in_use<T: ThreadModel>() {
         use ::std::sync::atomic::AtomicBool;
         use ::std::sync::{mpsc, Arc, Barrier};

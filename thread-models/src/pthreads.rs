@@ -3,9 +3,12 @@
 //! `pthread_key_create` reuses a deleted key's number, and glibc lets `pthread_setspecific` store
 //! under whatever key now has it, so a key also carries its slot's generation
 //! ([`SlotGenerations`]): a key used after `tls_delete` is refused before libc sees it, and never
-//! reads another key's value or hands one of its own to another key's destructor.
+//! reads another key's value or hands one of its own to another key's destructor. A set that
+//! passed that check while another thread deletes the key is waited for ([`SETTING`]) before
+//! libc frees the number, so it lands under the deleted key, never under the next one.
 
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use hetmem_core::{Error, Result, ThreadModel, TlsDestructor};
 
@@ -17,6 +20,13 @@ use crate::DELETED_KEY;
 const KEY_SLOTS: usize = 1024;
 
 static GENERATIONS: SlotGenerations<KEY_SLOTS> = SlotGenerations::new();
+
+/// Per key number, the `tls_set` calls between their generation check and
+/// `pthread_setspecific`: `tls_delete` retires the generation, then waits for these to finish
+/// before `pthread_key_delete` lets the number go to a new key. Both sides write their own word
+/// and then read the other's, in sequentially consistent order, so a set either sees the retired
+/// generation or is waited for.
+static SETTING: [AtomicU32; KEY_SLOTS] = [const { AtomicU32::new(0) }; KEY_SLOTS];
 
 /// POSIX threads: `gettid`/`pthread_self`, `pthread_key_create`, `sched_yield`, `nanosleep`.
 #[derive(Clone, Copy, Debug, Default)]
@@ -105,21 +115,32 @@ unsafe impl ThreadModel for Pthreads {
     // pthread stores the pointer and never dereferences it; only the key's destructor does.
     #[allow(clippy::not_unsafe_ptr_arg_deref)]
     fn tls_set(key: Self::TlsKey, value: *mut c_void) -> Result<()> {
-        if !key.is_live() {
-            return Err(DELETED_KEY);
+        let setting = &SETTING[key.key as usize & (KEY_SLOTS - 1)];
+        setting.fetch_add(1, Ordering::SeqCst);
+        let stored = key.is_live().then(|| {
+            #[cfg(test)]
+            tests::between_check_and_store();
+            // SAFETY: storing a pointer value under a key that stays ours until this returns
+            // (`tls_delete` waits for `setting`); pthread never dereferences it (only the key's
+            // destructor does).
+            unsafe { libc::pthread_setspecific(key.key, value) }
+        });
+        setting.fetch_sub(1, Ordering::Release);
+        match stored {
+            None => Err(DELETED_KEY),
+            Some(0) => Ok(()),
+            Some(rc) => Err(Error::Os { call: "pthread_setspecific", errno: rc }),
         }
-        // SAFETY: storing a pointer value under a live key; pthread never dereferences it (only
-        // the key's destructor does).
-        let rc = unsafe { libc::pthread_setspecific(key.key, value) };
-        if rc != 0 {
-            return Err(Error::Os { call: "pthread_setspecific", errno: rc });
-        }
-        Ok(())
     }
 
     fn tls_delete(key: Self::TlsKey) -> Result<()> {
-        // Retired first, so no use of the key follows its number into its next owner.
+        // Retired first, so no use of the key follows its number into its next owner; sets that
+        // passed their check before are waited for (see `SETTING`).
         GENERATIONS.close(key.key as usize, key.generation)?;
+        let setting = &SETTING[key.key as usize & (KEY_SLOTS - 1)];
+        while setting.load(Ordering::SeqCst) != 0 {
+            std::thread::yield_now();
+        }
         // SAFETY: deleting a live key of ours (just retired); it runs no destructors.
         let rc = unsafe { libc::pthread_key_delete(key.key) };
         if rc != 0 {
@@ -133,6 +154,87 @@ unsafe impl ThreadModel for Pthreads {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::{Cell, RefCell};
+    use std::rc::Rc;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    std::thread_local! {
+        /// What this thread's `tls_set` runs after its key check, before libc stores the value.
+        static PAUSE: RefCell<Option<Box<dyn FnMut()>>> = const { RefCell::new(None) };
+    }
+
+    pub(super) fn between_check_and_store() {
+        if let Some(mut pause) = PAUSE.with(|p| p.borrow_mut().take()) {
+            pause();
+        }
+    }
+
+    /// A set that has passed its key check while another thread deletes the key and a new key
+    /// takes its number: the value must not land under the new key (whose destructor would then
+    /// get it, and whose `tls_get` would answer it on this thread).
+    #[test]
+    fn a_set_racing_a_delete_never_lands_under_the_next_key() {
+        const VALUE: usize = 0xa11_0000;
+        for _ in 0..20 {
+            // SAFETY: no destructor.
+            let old = unsafe { Pthreads::tls_create(None) }.unwrap();
+            let (checked, in_window) = mpsc::channel();
+            let (reuse, reused) = mpsc::channel::<Option<PthreadsTlsKey>>();
+            let setter = std::thread::spawn(move || {
+                let reused = Rc::new(reused);
+                let arrived = Rc::new(Cell::new(None));
+                let (waited, early) = (reused.clone(), arrived.clone());
+                PAUSE.with(|p| {
+                    *p.borrow_mut() = Some(Box::new(move || {
+                        checked.send(()).unwrap();
+                        // Time for the deleter to delete and re-create; a delete that waits for
+                        // this set to finish answers only after it.
+                        if let Ok(new) = waited.recv_timeout(Duration::from_millis(300)) {
+                            early.set(Some(new));
+                        }
+                    }))
+                });
+                let set = Pthreads::tls_set(old, VALUE as *mut c_void);
+                let new = arrived.take().unwrap_or_else(|| reused.recv().unwrap());
+                let seen = new.map(|new| Pthreads::tls_get(new) as usize);
+                if let Some(new) = new {
+                    Pthreads::tls_set(new, std::ptr::null_mut()).unwrap();
+                }
+                (set, seen)
+            });
+            in_window.recv().unwrap();
+            let deleter = std::thread::spawn(move || {
+                Pthreads::tls_delete(old).unwrap();
+                let mut others = Vec::new();
+                let mut new = None;
+                for _ in 0..8 {
+                    // SAFETY: no destructor.
+                    let key = unsafe { Pthreads::tls_create(None) }.unwrap();
+                    if key.key == old.key {
+                        new = Some(key);
+                        break;
+                    }
+                    others.push(key);
+                }
+                for key in others {
+                    Pthreads::tls_delete(key).unwrap();
+                }
+                reuse.send(new).unwrap();
+                new
+            });
+            let (set, seen) = setter.join().unwrap();
+            let new = deleter.join().unwrap();
+            assert!(set.is_ok() || set == Err(DELETED_KEY), "{set:?}");
+            if let Some(new) = new {
+                Pthreads::tls_delete(new).unwrap();
+                assert_eq!(seen, Some(0), "a set of a deleted key landed under the key that took its number");
+                return;
+            }
+            // Another test took the number first: try again.
+        }
+        panic!("no new key took the deleted key's number in 20 tries");
+    }
 
     impl crate::contract::SlotOf for PthreadsTlsKey {
         fn slot(&self) -> usize {
@@ -148,5 +250,10 @@ mod tests {
     #[test]
     fn refuses_keys_used_after_delete() {
         crate::contract::stale_keys::<Pthreads>();
+    }
+
+    #[test]
+    fn survives_a_delete_while_in_use() {
+        crate::contract::delete_while_in_use::<Pthreads>();
     }
 }

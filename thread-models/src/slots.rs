@@ -46,17 +46,21 @@ impl<const N: usize> SlotGenerations<N> {
 
     /// Whether the key `(index, generation)` is still the one holding its slot: the one extra
     /// compare of the fast paths.
+    ///
+    /// Sequentially consistent, as is [`close`](Self::close): the pthreads model orders this
+    /// load after its own store of a counter that `tls_delete` reads after closing (an acquire
+    /// load costs the same on x86 and ARMv8).
     #[inline]
     pub(crate) fn is_live(&self, index: usize, generation: u64) -> bool {
         // Keys only carry indexes that `open` accepted; the mask drops the bounds check.
-        self.0[index & (N - 1)].load(Ordering::Acquire) == generation
+        self.0[index & (N - 1)].load(Ordering::SeqCst) == generation
     }
 
     /// Retires the key `(index, generation)` before its slot goes back to the OS; a key already
     /// retired gets [`DELETED_KEY`]. Exactly one of several racing deletes of a key succeeds.
     pub(crate) fn close(&self, index: usize, generation: u64) -> Result<()> {
         self.0[index & (N - 1)]
-            .compare_exchange(generation, generation + 1, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(generation, generation + 1, Ordering::SeqCst, Ordering::Acquire)
             .map(drop)
             .map_err(|_| DELETED_KEY)
     }
