@@ -15,7 +15,8 @@ pub struct ShmOptions {
     /// The backend id written in the header. `None`: derived from the name, so every process
     /// that names the segment agrees on it.
     pub id: Option<BackendId>,
-    /// Permission bits for a new segment (default 0600: this user only).
+    /// Permission bits for a new segment (default 0600: this user only), set as given: the
+    /// process's umask does not apply.
     pub mode: u32,
     /// Whether the creator removes the name when its backend is dropped (default true). A forked
     /// child of the creator never does: its copy of the backend is not the creator's.
@@ -69,6 +70,7 @@ impl PosixShmBackend {
         let c_name = c_name(&name)?;
         let fd = shm_open(&c_name, &name, libc::O_CREAT | libc::O_EXCL | libc::O_RDWR, options.mode)?;
         let mapped = identity(fd).and_then(|identity| {
+            fchmod(fd, options.mode, &name)?;
             ftruncate(fd, len)?;
             Ok((map(fd, len)?, identity))
         });
@@ -254,6 +256,20 @@ fn shm_open(c_name: &CString, name: &str, flags: i32, mode: u32) -> Result<i32> 
     Ok(fd)
 }
 
+/// Gives the segment exactly `mode`: `shm_open` takes the process's umask off the mode it is
+/// given, so a segment meant for a group (0660) would come out 0640 under the usual umask.
+/// Asked only when the bits differ, for systems whose shared-memory objects refuse `fchmod`.
+fn fchmod(fd: i32, mode: u32, name: &str) -> Result<()> {
+    if fstat(fd)?.st_mode as u32 & 0o7777 == mode & 0o7777 {
+        return Ok(());
+    }
+    // SAFETY: `fd` is an open descriptor we own.
+    if unsafe { libc::fchmod(fd, mode as libc::mode_t) } != 0 {
+        return Err(os_error("fchmod", name));
+    }
+    Ok(())
+}
+
 fn ftruncate(fd: i32, len: u64) -> Result<()> {
     // SAFETY: `fd` is an open descriptor we own.
     if unsafe { libc::ftruncate(fd, len as libc::off_t) } != 0 {
@@ -409,6 +425,41 @@ mod tests {
         let _a = PosixShmBackend::create(&name, 4096, &quick()).unwrap();
         assert!(matches!(PosixShmBackend::create(&name, 4096, &quick()), Err(Error::AlreadyExists { .. })));
         assert!(matches!(PosixShmBackend::attach(&unique("missing"), &quick()), Err(Error::NotFound { .. })));
+    }
+
+    #[test]
+    fn a_new_segment_gets_the_mode_asked_for_whatever_the_umask() {
+        let name = unique("umask");
+        // SAFETY: fork(2); the child sets its own umask, makes and checks a segment, and leaves
+        // with `_exit` (its drop removes the segment).
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            // SAFETY: umask(2) of this single-threaded child.
+            unsafe { libc::umask(0o077) };
+            let options = ShmOptions { mode: 0o660, ..quick() };
+            let code = match PosixShmBackend::create(&name, 4096, &options) {
+                Ok(a) => {
+                    use std::os::unix::fs::PermissionsExt;
+                    let mode = std::fs::metadata(format!("/dev/shm{name}")).map(|m| m.permissions().mode() & 0o777);
+                    drop(a);
+                    if mode.ok() == Some(0o660) {
+                        0
+                    } else {
+                        1
+                    }
+                }
+                Err(_) => 2,
+            };
+            // SAFETY: ends the forked child.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waitpid(2) on our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status));
+        assert_eq!(libc::WEXITSTATUS(status), 0, "1 = the umask took bits off the mode asked for, 2 = create failed");
+        assert!(!PosixShmBackend::exists(&name).unwrap());
     }
 
     #[test]
