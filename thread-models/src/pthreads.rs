@@ -8,7 +8,7 @@
 //! libc frees the number, so it lands under the deleted key, never under the next one.
 
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use hetmem_core::{Error, Result, ThreadModel, TlsDestructor};
 
@@ -26,7 +26,34 @@ static GENERATIONS: SlotGenerations<KEY_SLOTS> = SlotGenerations::new();
 /// before `pthread_key_delete` lets the number go to a new key. Both sides write their own word
 /// and then read the other's, in sequentially consistent order, so a set either sees the retired
 /// generation or is waited for.
+///
+/// A forked child has only the thread that forked, which was in no `tls_set`: its copy of the
+/// counts names threads it does not have, and [`forget_sets`] empties it.
 static SETTING: [AtomicU32; KEY_SLOTS] = [const { AtomicU32::new(0) }; KEY_SLOTS];
+
+/// The child's `pthread_atfork` handler: no set is under way in a process just forked.
+extern "C" fn forget_sets() {
+    for setting in &SETTING {
+        setting.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Registers [`forget_sets`] before the first key exists (so before any set can be under way).
+/// Threads racing the first registration may each register it: running it twice is harmless.
+fn forget_sets_in_children() -> Result<()> {
+    static REGISTERED: AtomicBool = AtomicBool::new(false);
+    if REGISTERED.load(Ordering::Acquire) {
+        return Ok(());
+    }
+    // SAFETY: `forget_sets` is an `extern "C" fn()` that lives as long as the program and only
+    // stores to atomics (async-signal-safe, as a handler in a forked child must be).
+    let rc = unsafe { libc::pthread_atfork(None, None, Some(forget_sets)) };
+    if rc != 0 {
+        return Err(Error::Os { call: "pthread_atfork", errno: rc });
+    }
+    REGISTERED.store(true, Ordering::Release);
+    Ok(())
+}
 
 /// POSIX threads: `gettid`/`pthread_self`, `pthread_key_create`, `sched_yield`, `nanosleep`.
 #[derive(Clone, Copy, Debug, Default)]
@@ -86,6 +113,7 @@ unsafe impl ThreadModel for Pthreads {
     }
 
     unsafe fn tls_create(destructor: Option<TlsDestructor>) -> Result<Self::TlsKey> {
+        forget_sets_in_children()?;
         let mut key: libc::pthread_key_t = 0;
         // SAFETY: `key` is a valid out-pointer; the destructor's soundness is the caller's promise,
         // and `unsafe extern "C" fn(*mut c_void)` is the ABI pthread expects.
@@ -240,6 +268,55 @@ mod tests {
         fn slot(&self) -> usize {
             self.key as usize
         }
+    }
+
+    /// A child forked while another thread of its parent is inside `tls_set` has no such thread:
+    /// deleting the key there must not wait for it.
+    #[test]
+    fn a_child_forked_during_a_set_can_delete_the_key() {
+        // SAFETY: no destructor.
+        let key = unsafe { Pthreads::tls_create(None) }.unwrap();
+        let (checked, in_set) = mpsc::channel();
+        let (release, released) = mpsc::channel::<()>();
+        let setter = std::thread::spawn(move || {
+            PAUSE.with(|p| {
+                *p.borrow_mut() = Some(Box::new(move || {
+                    checked.send(()).unwrap();
+                    released.recv().unwrap();
+                }))
+            });
+            Pthreads::tls_set(key, 8 as *mut c_void).unwrap();
+        });
+        in_set.recv().unwrap();
+        // SAFETY: fork(2); the child deletes the key and leaves with `_exit`.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            let code = if Pthreads::tls_delete(key).is_ok() { 0 } else { 1 };
+            // SAFETY: ends the forked child.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        // SAFETY: waitpid(2) on our own child, without blocking.
+        while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == 0 {
+            if std::time::Instant::now() > deadline {
+                // SAFETY: kill and reap our own child.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                    libc::waitpid(pid, &mut status, 0);
+                }
+                release.send(()).unwrap();
+                setter.join().unwrap();
+                panic!("the child's tls_delete waited for a set of a thread it does not have");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        release.send(()).unwrap();
+        setter.join().unwrap();
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "the child's delete failed");
+        Pthreads::tls_set(key, std::ptr::null_mut()).unwrap();
+        Pthreads::tls_delete(key).unwrap();
     }
 
     #[test]
