@@ -9,7 +9,7 @@
 //!   allocator that CPU threads, processes and GPU kernels share.
 //!
 //! All atomics come through [`atomic`], which swaps in loom's under `--cfg loom` so these
-//! algorithms are model-checked (`core/tests/loom.rs`).
+//! algorithms are model-checked (`core/tests/loom_*.rs`).
 
 pub mod atomic;
 #[cfg(target_has_atomic = "64")]
