@@ -23,11 +23,27 @@ pub struct ShmOptions {
     pub unlink_on_drop: bool,
     /// How long `attach` waits for a creator to finish initialising (default 5 s).
     pub attach_timeout: Duration,
+    /// Whether the creator reserves the segment's memory up front (`posix_fallocate`; default
+    /// false).
+    ///
+    /// A segment is sparse: its pages take memory in `/dev/shm` only when first touched, so a
+    /// segment larger than `/dev/shm` has room for (64 MiB in a default Docker container) is
+    /// created without complaint, and the process that first touches a page past what fits dies
+    /// of `SIGBUS`. With `reserve`, creation fails instead, with [`Error::OutOfMemory`] (the name
+    /// removed again), and once created the whole segment is there: at the cost of its whole size
+    /// in memory from the start.
+    pub reserve: bool,
 }
 
 impl Default for ShmOptions {
     fn default() -> Self {
-        ShmOptions { id: None, mode: 0o600, unlink_on_drop: true, attach_timeout: Duration::from_secs(5) }
+        ShmOptions {
+            id: None,
+            mode: 0o600,
+            unlink_on_drop: true,
+            attach_timeout: Duration::from_secs(5),
+            reserve: false,
+        }
     }
 }
 
@@ -49,7 +65,9 @@ pub struct PosixShmBackend {
 
 impl PosixShmBackend {
     /// Creates segment `name` with `size` bytes of data (rounded up to whole pages) after its
-    /// header. Fails with `AlreadyExists` if the name is taken.
+    /// header. Fails with `AlreadyExists` if the name is taken, and, when
+    /// [`ShmOptions::reserve`] asks for the memory up front, with `OutOfMemory` if `/dev/shm`
+    /// cannot hold it.
     pub fn create(name: &str, size: usize, options: &ShmOptions) -> Result<Self> {
         Self::create_kind(name, size, options, BackendKind::Shared)
     }
@@ -72,6 +90,9 @@ impl PosixShmBackend {
         let mapped = identity(fd).and_then(|identity| {
             fchmod(fd, options.mode, &name)?;
             ftruncate(fd, len)?;
+            if options.reserve {
+                reserve(fd, len)?;
+            }
             Ok((map(fd, len)?, identity))
         });
         close(fd);
@@ -278,6 +299,31 @@ fn ftruncate(fd: i32, len: u64) -> Result<()> {
     Ok(())
 }
 
+/// Gives the segment's `len` bytes their memory now (see [`ShmOptions::reserve`]).
+fn reserve(fd: i32, len: u64) -> Result<()> {
+    let Ok(len_off) = libc::off_t::try_from(len) else {
+        return Err(Error::OutOfMemory { requested: len, available: free_bytes(fd) });
+    };
+    // SAFETY: `fd` is an open descriptor we own; the range is the segment's.
+    let rc = unsafe { libc::posix_fallocate(fd, 0, len_off) };
+    match rc {
+        0 => Ok(()),
+        libc::ENOSPC | libc::EFBIG => Err(Error::OutOfMemory { requested: len, available: free_bytes(fd) }),
+        errno => Err(Error::Os { call: "posix_fallocate", errno }),
+    }
+}
+
+/// The bytes free in the file system holding `fd` (0 if it cannot say), for an error report.
+fn free_bytes(fd: i32) -> u64 {
+    // SAFETY: an all-zero `statvfs` is a valid value to be overwritten.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is open and `st` is a valid out-pointer.
+    if unsafe { libc::fstatvfs(fd, &mut st) } != 0 {
+        return 0;
+    }
+    (st.f_bavail as u64).saturating_mul(st.f_frsize as u64)
+}
+
 fn fstat(fd: i32) -> Result<libc::stat> {
     // SAFETY: an all-zero `stat` is a valid value to be overwritten by fstat.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -352,6 +398,39 @@ mod tests {
 
     fn quick() -> ShmOptions {
         ShmOptions { attach_timeout: Duration::from_millis(50), ..Default::default() }
+    }
+
+    /// The bytes free in `/dev/shm`.
+    fn shm_free() -> u64 {
+        let dir = std::ffi::CString::new("/dev/shm").unwrap();
+        // SAFETY: an all-zero `statvfs` is a valid value to be overwritten.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid path and out-pointer.
+        assert_eq!(unsafe { libc::statvfs(dir.as_ptr(), &mut st) }, 0);
+        st.f_bavail as u64 * st.f_frsize as u64
+    }
+
+    #[test]
+    fn a_reserved_segment_has_its_memory_and_one_too_large_is_refused_not_left_to_sigbus() {
+        let name = unique("reserve");
+        let reserve = ShmOptions { reserve: true, ..Default::default() };
+        let a = PosixShmBackend::create(&name, 1 << 20, &reserve).unwrap();
+        let file = std::fs::metadata(format!("/dev/shm{name}")).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert!(file.blocks() * 512 >= a.len(), "{} bytes held of {}", file.blocks() * 512, a.len());
+        a.destroy().unwrap();
+        // More than /dev/shm holds: sparse, it is created (and a process touching its pages would
+        // die of SIGBUS past what fits); reserved, it is refused, and its name removed.
+        let too_large = (shm_free() + (1 << 30)) as usize;
+        match PosixShmBackend::create(&name, too_large, &reserve) {
+            Err(Error::OutOfMemory { requested, available }) => {
+                assert!(requested >= too_large as u64 && available < requested, "{requested} {available}");
+            }
+            other => panic!("a segment /dev/shm cannot hold was not refused: {other:?}"),
+        }
+        assert!(!PosixShmBackend::exists(&name).unwrap(), "the refused segment's name was left");
+        let sparse = PosixShmBackend::create(&name, too_large, &ShmOptions::default()).unwrap();
+        sparse.destroy().unwrap();
     }
 
     #[test]
