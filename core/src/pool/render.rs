@@ -14,13 +14,14 @@ pub struct Bytes(pub usize);
 
 impl fmt::Display for Bytes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+        const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
         if self.0 < 1024 {
             return write!(f, "{} B", self.0);
         }
         let mut value = self.0 as f64 / 1024.0;
         let mut unit = 0;
-        while value >= 1024.0 && unit + 1 < UNITS.len() {
+        // From 1023.95 on, one decimal reads "1024.0": that is one of the next unit.
+        while value >= 1023.95 && unit + 1 < UNITS.len() {
             value /= 1024.0;
             unit += 1;
         }
@@ -144,6 +145,19 @@ mod tests {
         assert_eq!(alloc::format!("{}", Bytes(512)), "512 B");
         assert_eq!(alloc::format!("{}", Bytes(1536)), "1.5 KiB");
         assert_eq!(alloc::format!("{}", Bytes(3 << 30)), "3.0 GiB");
+        // Just under a unit, rounded to one decimal, is one of that unit, not 1024 of the one
+        // below.
+        assert_eq!(alloc::format!("{}", Bytes((1 << 20) - 1)), "1.0 MiB");
+        assert_eq!(alloc::format!("{}", Bytes((1 << 20) - 52)), "1023.9 KiB");
+    }
+
+    /// The largest sizes on 64-bit targets are exbibytes (a trace may ask for them).
+    #[cfg(target_pointer_width = "64")]
+    #[test]
+    fn bytes_reach_exbibytes() {
+        assert_eq!(alloc::format!("{}", Bytes(usize::MAX)), "16.0 EiB");
+        assert_eq!(alloc::format!("{}", Bytes(1 << 60)), "1.0 EiB");
+        assert_eq!(alloc::format!("{}", Bytes(1 << 50)), "1.0 PiB");
     }
 
     /// A pool whose name is markup, as a user's pool may name itself.
