@@ -42,7 +42,9 @@ fn summary(name: &str, s: &PoolStats) -> String {
     )
 }
 
-/// `text` with the characters that XML reads as markup written as entities (a pool names itself).
+/// `text` with the characters that XML reads as markup written as entities, and those XML 1.0
+/// forbids even as entities (control characters but tab, newline and carriage return; U+FFFE,
+/// U+FFFF) replaced by U+FFFD (a pool names itself).
 fn escaped(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
@@ -50,6 +52,8 @@ fn escaped(text: &str) -> String {
             '&' => out.push_str("&amp;"),
             '<' => out.push_str("&lt;"),
             '>' => out.push_str("&gt;"),
+            '\t' | '\n' | '\r' => out.push(c),
+            '\0'..='\u{1f}' | '\u{fffe}' | '\u{ffff}' => out.push(char::REPLACEMENT_CHARACTER),
             c => out.push(c),
         }
     }
@@ -160,13 +164,14 @@ mod tests {
         assert_eq!(alloc::format!("{}", Bytes(1 << 50)), "1.0 PiB");
     }
 
-    /// A pool whose name is markup, as a user's pool may name itself.
-    struct Named(QuickPool<HostResource>);
+    /// A pool with a name of the test's choosing (markup, control characters), as a user's pool
+    /// may name itself.
+    struct Named(QuickPool<HostResource>, &'static str);
 
     // SAFETY: forwards to a `QuickPool`.
     unsafe impl Pool for Named {
         fn name(&self) -> &str {
-            "<quick & co>"
+            self.1
         }
         fn memory_kind(&self) -> crate::resource::MemoryKind {
             self.0.memory_kind()
@@ -196,11 +201,23 @@ mod tests {
 
     #[test]
     fn a_pool_named_with_markup_still_makes_well_formed_svg() {
-        let mut pool = Named(QuickPool::new(HostResource));
+        let mut pool = Named(QuickPool::new(HostResource), "<quick & co>");
         let _p = pool.allocate(100, 16).unwrap();
         let svg = svg(&pool);
         assert!(svg.contains("&lt;quick &amp; co&gt; pool: actual"), "{svg}");
         assert!(!svg.contains("<quick"), "{svg}");
+    }
+
+    #[test]
+    fn characters_xml_forbids_in_a_name_do_not_reach_the_svg() {
+        // XML 1.0 allows no control character but tab, newline and carriage return, nor
+        // U+FFFE and U+FFFF, not even written as entities: each becomes U+FFFD.
+        let pool = Named(QuickPool::new(HostResource), "a\u{0}b\u{1b}[31m\tc\u{fffe}\u{ffff}d\u{7f}");
+        let svg = svg(&pool);
+        let forbidden =
+            |c: char| matches!(c, '\0'..='\u{8}' | '\u{b}' | '\u{c}' | '\u{e}'..='\u{1f}' | '\u{fffe}' | '\u{ffff}');
+        assert!(!svg.chars().any(forbidden), "{svg:?}");
+        assert!(svg.contains("a\u{fffd}b\u{fffd}[31m\tc\u{fffd}\u{fffd}d\u{7f} pool: actual"), "{svg:?}");
     }
 
     #[test]
