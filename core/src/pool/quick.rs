@@ -76,14 +76,20 @@ impl<R: MemoryResource> QuickPool<R> {
         QuickPool::build(upstream, QuickPoolConfig::default())
     }
 
-    /// A pool over `upstream` with `config`, and the default heuristic.
+    /// A pool over `upstream` with `config`, and the default heuristic. `InvalidAlignment` for
+    /// an alignment that is not a power of two; `InvalidSize` for a block size that is zero or
+    /// past `isize::MAX` bytes once aligned, or a maximum size below the alignment.
     pub fn with_config(upstream: R, config: QuickPoolConfig) -> Result<Self> {
         if !config.alignment.is_power_of_two() {
             return Err(Error::InvalidAlignment { align: config.alignment as u64 });
         }
-        for (size, what) in [(config.first_block_size, "first block size"), (config.next_block_size, "next block size")]
-        {
-            if size == 0 || round_up(size, config.alignment).is_none() {
+        // A block no resource can give (zero, or past `isize::MAX` bytes once aligned) is refused
+        // here, not by an upstream failure at every growth.
+        for (size, what) in [
+            (config.first_block_size, "first block size is zero or larger than any resource can give"),
+            (config.next_block_size, "next block size is zero or larger than any resource can give"),
+        ] {
+            if crate::check_layout(size, config.alignment).is_err() {
                 return Err(Error::InvalidSize { size: size as u64, reason: what });
             }
         }

@@ -761,3 +761,19 @@ fn fixed_pools_of_odd_sizes_find_slots_without_dividing() {
         model.agrees_with(&pool).unwrap();
     }
 }
+
+/// Block sizes no resource can give (past `isize::MAX` bytes once aligned) are refused when the
+/// pool is made, as `FixedPool` refuses such sub-pools: accepted, each growth asked upstream for
+/// one, counted an upstream failure, and handed every free block back before it asked again.
+#[test]
+fn block_sizes_no_resource_can_give_are_refused_up_front() {
+    let too_large = isize::MAX as usize - 6;
+    for (first_block_size, next_block_size) in [(too_large, 4096), (4096, too_large), (usize::MAX, 4096)] {
+        let config = QuickPoolConfig { first_block_size, next_block_size, ..small_config() };
+        let err = QuickPool::with_config(HostResource, config).err();
+        assert!(matches!(err, Some(Error::InvalidSize { .. })), "{first_block_size} {next_block_size}: {err:?}");
+    }
+    // The largest that a resource could give is accepted.
+    let largest = QuickPoolConfig { first_block_size: isize::MAX as usize - 15, ..small_config() };
+    assert!(QuickPool::with_config(HostResource, largest).is_ok());
+}
