@@ -280,9 +280,14 @@ impl BlockArena {
     /// Adds `[base, base + size)` as one free block. `base` is aligned to the granule and `size`
     /// is a non-zero multiple of it; `align` is what the chunk's owner needs to hand it back.
     /// `OutOfMemory` (the arena as it was, the chunk still the caller's) when the host memory
-    /// for its bookkeeping cannot be had.
+    /// for its bookkeeping cannot be had; `OutOfBounds` when the range runs to or past the top of
+    /// the address space (its blocks' addresses would wrap, to a null pointer among them).
     pub(crate) fn add_chunk(&mut self, base: NonNull<u8>, size: usize, align: usize) -> Result<()> {
         debug_assert!(base.as_ptr() as usize % self.granule == 0 && size % self.granule == 0 && size > 0);
+        if (base.as_ptr() as usize).checked_add(size).is_none() {
+            let (offset, len) = (base.as_ptr() as u64, size as u64);
+            return Err(Error::OutOfBounds { offset, len, region_len: usize::MAX as u64 });
+        }
         // Room first, for the chunk's entry, for its index among the spare chunks once it is
         // handed back (so that `remove_chunk` allocates nothing), and for its block's record.
         let entries = self.chunks.len() + 1;
@@ -605,8 +610,9 @@ impl BlockArena {
         // pointer that may reach the chunk's host memory; the pool itself never dereferences
         // it (device memory is not dereferenceable).
         let ptr = core::ptr::with_exposed_provenance_mut(b.addr);
-        // SAFETY: the block lies in its chunk, `[base, base + size)`, which does not wrap around
-        // the address space and starts at a non-null `base`, so the address is not null.
+        // SAFETY: the block lies in its chunk, `[base, base + size)`, which starts at a non-null
+        // `base` and does not wrap around the address space (`add_chunk` refuses one that
+        // would), so the address is not null.
         unsafe { NonNull::new_unchecked(ptr) }
     }
 
@@ -722,6 +728,19 @@ mod tests {
         arena.check("test").unwrap();
         assert_eq!(arena.take_free_chunks(usize::MAX).len(), 1);
         assert_eq!(arena.counters().actual_size, 0);
+        arena.check("test").unwrap();
+    }
+
+    #[test]
+    fn a_chunk_that_wraps_the_address_space_is_refused() {
+        let mut arena = BlockArena::new(16);
+        let top = NonNull::new(core::ptr::without_provenance_mut(usize::MAX - 4095)).unwrap();
+        for size in [4096, 8192] {
+            assert!(matches!(arena.add_chunk(top, size, 16), Err(Error::OutOfBounds { .. })), "{size}");
+        }
+        arena.check("test").unwrap();
+        assert_eq!(arena.counters(), &ArenaCounters::default());
+        assert!(arena.add_chunk(top, 4080, 16).is_ok());
         arena.check("test").unwrap();
     }
 

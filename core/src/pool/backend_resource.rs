@@ -109,16 +109,22 @@ impl BackendResource {
         if end <= start {
             return Err(Error::InvalidSize { size: len, reason: "range holds no whole 64-byte block" });
         }
+        // A device address is a number the backend reports: one this target cannot hold, or a
+        // range that runs past the top of the address space, is refused rather than cut or
+        // wrapped (a block at address 0 would be a null pointer).
+        let out_of_bounds = Error::OutOfBounds { offset: start, len, region_len: total };
         let base = match (backend.host_accessible(), backend.device_ptr()) {
-            (false, Some(device)) => core::ptr::without_provenance_mut::<u8>(device as usize),
+            (false, Some(device)) => {
+                core::ptr::without_provenance_mut::<u8>(usize::try_from(device).map_err(|_| out_of_bounds)?)
+            }
             _ => backend.base(),
         };
         let base = NonNull::new(base).ok_or(Error::Unsupported("backend has a null base address"))?;
-        let chunk = NonNull::new(base.as_ptr().wrapping_add(start as usize)).ok_or(Error::OutOfBounds {
-            offset: start,
-            len,
-            region_len: total,
-        })?;
+        let in_address_space =
+            usize::try_from(end).ok().and_then(|end| (base.as_ptr() as usize).checked_add(end)).is_some();
+        let chunk = NonNull::new(base.as_ptr().wrapping_add(start as usize))
+            .filter(|_| in_address_space)
+            .ok_or(out_of_bounds)?;
         if chunk.as_ptr() as usize % GRANULE != 0 {
             return Err(Error::InvalidAlignment { align: GRANULE as u64 });
         }
@@ -253,9 +259,8 @@ mod tests {
         assert!(matches!(header, Err(Error::OutOfBounds { .. })));
     }
 
-    /// `HeapBackend`'s region seen as device memory at a device address 32 bytes off a 64-byte
-    /// boundary.
-    struct OddDevice(HeapBackend);
+    /// `HeapBackend`'s region seen as device memory at a device address of the test's choosing.
+    struct OddDevice(HeapBackend, u64);
 
     // SAFETY: `HeapBackend`'s memory, which it says the CPU may not touch (no one does).
     unsafe impl MemoryBackend for OddDevice {
@@ -278,16 +283,36 @@ mod tests {
             false
         }
         fn device_ptr(&self) -> Option<u64> {
-            Some(0x7e00_0000_0020)
+            Some(self.1)
         }
     }
 
     #[test]
     fn a_misaligned_base_is_refused_with_the_alignment_it_needs() {
-        let odd = Arc::new(OddDevice(HeapBackend::new(BackendId(4), 1 << 20)));
+        // 32 bytes off a 64-byte boundary.
+        let odd = Arc::new(OddDevice(HeapBackend::new(BackendId(4), 1 << 20), 0x7e00_0000_0020));
         // SAFETY: the test's own backend, which nothing else carves.
         let err = unsafe { BackendResource::new(odd) }.err();
         assert_eq!(err, Some(Error::InvalidAlignment { align: GRANULE as u64 }));
+    }
+
+    /// A device range that runs past the top of the address space is refused: carved, its
+    /// blocks' addresses would wrap (a block at address 0 is a null pointer).
+    #[test]
+    fn a_device_range_past_the_top_of_the_address_space_is_refused() {
+        let len = 1u64 << 20;
+        for device in [u64::MAX - (len / 2) + 1, usize::MAX as u64 - (len / 2) + 1, u64::MAX & !(GRANULE as u64 - 1)] {
+            let odd = Arc::new(OddDevice(HeapBackend::new(BackendId(5), len as usize), device));
+            // SAFETY: the test's own backend, which nothing else carves.
+            let err = unsafe { BackendResource::new(odd) }.err();
+            assert!(matches!(err, Some(Error::OutOfBounds { .. })), "{device:#x}: {err:?}");
+        }
+        // A range that ends at the very top is refused too: its end is no address.
+        let top = (usize::MAX as u64).wrapping_add(1).wrapping_sub(len);
+        let odd = Arc::new(OddDevice(HeapBackend::new(BackendId(6), len as usize), top));
+        // SAFETY: the test's own backend, which nothing else carves.
+        let err = unsafe { BackendResource::new(odd) }.err();
+        assert!(matches!(err, Some(Error::OutOfBounds { .. })), "{top:#x}: {err:?}");
     }
 
     #[test]
