@@ -22,7 +22,25 @@
 //! # Threads
 //! [`QuickPool`] and [`FixedPool`] are `Send` but not `Sync`: every operation takes `&mut self`.
 //! Share one between threads through [`SyncPool`]. [`HostResource`], [`BackendResource`] and
-//! [`LimitedResource`] are `Sync`.
+//! [`LimitedResource`] are `Sync`. A [`TracedPool`](trace::TracedPool) is `Sync` only if the pool
+//! it records is, so it is not over either pool; wrap it in a [`SyncPool`] too.
+//!
+//! ```
+//! use hetmem_core::pool::{FixedPool, HostResource, QuickPool, SyncPool};
+//! fn shared<T: Send + Sync>() {}
+//! shared::<SyncPool<QuickPool<HostResource>>>();
+//! shared::<SyncPool<FixedPool<HostResource>>>();
+//! ```
+//!
+//! ```compile_fail,E0277
+//! fn shared<T: Sync>() {}
+//! shared::<hetmem_core::pool::QuickPool<hetmem_core::pool::HostResource>>();
+//! ```
+//!
+//! ```compile_fail,E0277
+//! fn shared<T: Sync>() {}
+//! shared::<hetmem_core::pool::FixedPool<hetmem_core::pool::HostResource>>();
+//! ```
 
 mod addr_table;
 mod arena;
