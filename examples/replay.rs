@@ -49,8 +49,8 @@ fn pools(max_size: usize, max_align: usize) -> Result<Vec<(String, Box<dyn Pool>
     if max_size > 0 {
         let fixed =
             FixedPoolConfig { objects_per_block: 64, alignment: max_align.max(16), ..FixedPoolConfig::new(max_size) };
-        // A trace is any numbers: one odd request (a huge size, an alignment not a power of two)
-        // may leave no fixed pool to build, and the quick pools count it as a failed request.
+        // `Replay::new` refused requests no pool can serve, but one huge request (or alignment)
+        // may still leave no fixed pool to build, where the quick pools count it as failed.
         match FixedPool::new(HostResource, fixed) {
             Ok(pool) => out.push((format!("fixed ({})", Bytes(max_size)), Box::new(pool))),
             Err(e) => println!("fixed: no pool for the trace's largest request ({}): {e}", Bytes(max_size)),
@@ -125,11 +125,13 @@ fn run(args: &[String]) -> Result<()> {
         .map_err(|e| hetmem::Error::Os { call: "read trace", errno: e.raw_os_error().unwrap_or(0) })?;
     let replay = Replay::new(&parse_jsonl_bytes(&bytes)?)?;
     println!("{}: {} events, largest request {}", path.display(), replay.len(), Bytes(replay.max_size()));
+    // Built before the header, so that a note about the fixed pool does not split the table.
+    let pools = pools(replay.max_size(), replay.max_align())?;
     println!(
         "{:<24} {:>10} {:>9} {:>14} {:>14} {:>14} {:>7}",
         "pool", "time ms", "ns/op", "peak actual", "final actual", "high water", "failed"
     );
-    for (name, mut pool) in pools(replay.max_size(), replay.max_align())? {
+    for (name, mut pool) in pools {
         let start = Instant::now();
         let outcome = replay.run(pool.as_mut())?;
         let elapsed = start.elapsed();

@@ -225,8 +225,9 @@ pub struct ReplayOutcome {
 }
 
 impl Replay {
-    /// Checks `events`: every free names a live allocation, and no id is allocated twice while
-    /// live. A bad event is an [`Error::BadInput`] that gives its number in `events`, counted
+    /// Checks `events`: every allocation is one some pool could serve (a non-zero size, an
+    /// alignment that is a power of two, at most `isize::MAX` bytes once aligned), every free
+    /// names a live allocation, and no id is allocated twice while live. A bad event is an [`Error::BadInput`] that gives its number in `events`, counted
     /// from 1 (the line number too when the trace has no blank lines).
     pub fn new(events: &[TraceEvent]) -> Result<Self> {
         // Keyed by the whole id: cut to `usize`, two ids would collide on a 32-bit target.
@@ -238,6 +239,14 @@ impl Replay {
             let bad = |detail| Error::BadInput { what: "trace event", number: n as u64 + 1, detail };
             match *event {
                 TraceEvent::Allocate { id, size, align } => {
+                    // What no pool can serve is the trace's error, not a refusal to count.
+                    crate::check_layout(size, align).map_err(|e| {
+                        bad(match e {
+                            Error::InvalidAlignment { .. } => "alignment is not a power of two",
+                            _ if size == 0 => "allocation of zero bytes",
+                            _ => "size past isize::MAX bytes once aligned",
+                        })
+                    })?;
                     let slot = spare.pop().unwrap_or_else(|| {
                         slots += 1;
                         slots - 1
@@ -344,6 +353,25 @@ mod tests {
         let free_unknown = [TraceEvent::Deallocate { id: 9 }];
         let err = Replay::new(&free_unknown).unwrap_err();
         assert_eq!(err.to_string(), "trace event 1: free of an id that is not live");
+    }
+
+    #[test]
+    fn requests_no_pool_can_serve_are_bad_events_that_say_why() {
+        let alloc = |size, align| TraceEvent::Allocate { id: 1, size, align };
+        let ok = alloc(64, 16);
+        for (bad, detail) in [
+            (alloc(0, 16), "allocation of zero bytes"),
+            (alloc(64, 0), "alignment is not a power of two"),
+            (alloc(64, 24), "alignment is not a power of two"),
+            (alloc(isize::MAX as usize, 16), "size past isize::MAX bytes once aligned"),
+        ] {
+            let events = [TraceEvent::Allocate { id: 0, size: 8, align: 8 }, bad, TraceEvent::Deallocate { id: 1 }];
+            assert_eq!(Replay::new(&events).unwrap_err(), Error::BadInput { what: "trace event", number: 2, detail });
+        }
+        // Requests some pool can serve stay in, even where one pool refuses them (a fixed pool
+        // its larger sizes, a pool over a small budget its larger blocks).
+        let largest = TraceEvent::Allocate { id: 2, size: isize::MAX as usize - 15, align: 16 };
+        assert_eq!(Replay::new(&[ok, largest]).map(|r| r.len()), Ok(2));
     }
 
     #[test]
