@@ -301,7 +301,10 @@ mod tests {
     #[test]
     fn a_device_range_past_the_top_of_the_address_space_is_refused() {
         let len = 1u64 << 20;
-        for device in [u64::MAX - (len / 2) + 1, usize::MAX as u64 - (len / 2) + 1, u64::MAX & !(GRANULE as u64 - 1)] {
+        // Half the range past the top (of 64-bit addresses, of this target's), and a range that
+        // starts at the last 64-byte boundary.
+        let last_boundary = !(GRANULE as u64 - 1);
+        for device in [u64::MAX - (len / 2) + 1, usize::MAX as u64 - (len / 2) + 1, last_boundary] {
             let odd = Arc::new(OddDevice(HeapBackend::new(BackendId(5), len as usize), device));
             // SAFETY: the test's own backend, which nothing else carves.
             let err = unsafe { BackendResource::new(odd) }.err();
