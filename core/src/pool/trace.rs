@@ -227,8 +227,9 @@ pub struct ReplayOutcome {
 impl Replay {
     /// Checks `events`: every allocation is one some pool could serve (a non-zero size, an
     /// alignment that is a power of two, at most `isize::MAX` bytes once aligned), every free
-    /// names a live allocation, and no id is allocated twice while live. A bad event is an [`Error::BadInput`] that gives its number in `events`, counted
-    /// from 1 (the line number too when the trace has no blank lines).
+    /// names a live allocation, and no id is allocated twice while live. A bad event is an
+    /// [`Error::BadInput`] that gives its number in `events`, counted from 1 (the line number
+    /// too when the trace has no blank lines).
     pub fn new(events: &[TraceEvent]) -> Result<Self> {
         // Keyed by the whole id: cut to `usize`, two ids would collide on a 32-bit target.
         let mut live: HashMap<u64, u32, BuildHasherDefault<AddrHasher>> = HashMap::default();
