@@ -290,7 +290,7 @@ mod tests {
     #[test]
     fn a_misaligned_base_is_refused_with_the_alignment_it_needs() {
         // 32 bytes off a 64-byte boundary.
-        let odd = Arc::new(OddDevice(HeapBackend::new(BackendId(4), 1 << 20), 0x7e00_0000_0020));
+        let odd = Arc::new(OddDevice(HeapBackend::new(BackendId(4), 1 << 20), 0x7e00_0020));
         // SAFETY: the test's own backend, which nothing else carves.
         let err = unsafe { BackendResource::new(odd) }.err();
         assert_eq!(err, Some(Error::InvalidAlignment { align: GRANULE as u64 }));
