@@ -170,6 +170,62 @@ fn a_forked_child_leaves_the_driver_and_the_shared_record_alone() {
     assert_eq!(counter(&lib, "fake_registrations"), 0);
 }
 
+/// The cudarc handles a resource or view holds are the parent's too in a forked child: a
+/// stream-ordered resource given the only handle to its stream (and, here, to a context of the
+/// caller's own), or a view given the only handle to its stream, must not destroy them there (cudarc
+/// destroys a stream, and releases a context, when its last handle drops: driver calls).
+#[test]
+fn a_forked_child_drops_streams_and_contexts_without_the_driver() {
+    if !body_of("a_forked_child_drops_streams_and_contexts_without_the_driver", &[]) || !fake_in_use() {
+        return;
+    }
+    use hetmem_core::header::HEADER_SIZE;
+    use hetmem_gpu::cuda::cudarc::driver::CudaContext;
+    use hetmem_gpu::cuda::CudaDeviceResource;
+    let lib = PathBuf::from(std::env::var_os(DRIVER_ENV).unwrap());
+    let own = CudaContext::new(0).unwrap(); // the caller's, not hetmem's shared one
+    let resource = CudaDeviceResource::stream_ordered(own.new_stream().unwrap()).unwrap();
+    drop(own);
+    let shm = CudaShmBackend::create(&unique("fork-view"), 1 << 16, &CudaShmOptions::default()).unwrap();
+    let view = shm.device_view::<u32>(HEADER_SIZE, 4, &hetmem_gpu::cuda::context(0).unwrap().new_stream().unwrap());
+    let view = view.unwrap();
+    assert_eq!(counter(&lib, "fake_streams"), 2);
+
+    // SAFETY: fork(2); the child drops its copies and leaves with `_exit`.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        let before = counter(&lib, "fake_calls");
+        drop(resource);
+        let after_resource = counter(&lib, "fake_calls");
+        drop(view);
+        let after_view = counter(&lib, "fake_calls");
+        let code = if after_resource != before {
+            1
+        } else if after_view != after_resource {
+            2
+        } else {
+            0
+        };
+        // SAFETY: ends the forked child; `shm` is the parent's (a forked child's copy leaves it).
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waitpid(2) on our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(libc::WIFEXITED(status), "the child died: {status:#x}");
+    match libc::WEXITSTATUS(status) {
+        0 => {}
+        1 => panic!("dropping a stream-ordered resource in a forked child called the CUDA driver"),
+        2 => panic!("dropping a view in a forked child called the CUDA driver"),
+        other => panic!("the child exited with {other}"),
+    }
+    // In the parent they are released as usual.
+    drop(resource);
+    drop(view);
+    assert_eq!(counter(&lib, "fake_streams"), 0);
+}
+
 /// `HETMEM_CUDA_DRIVER` promises that the library it names is used, or none is. cudarc finds the
 /// driver by name, trying `libcuda.so` before the soname the named library answers to: with another
 /// driver on the loader's path under that name, that other one would be used.

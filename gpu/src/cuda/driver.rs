@@ -249,6 +249,17 @@ pub fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
     Ok(ctx)
 }
 
+/// Keeps `handle` (a cudarc context or stream that is about to drop) alive for good in a forked
+/// child of a process that used the driver: cudarc releases a context and destroys a stream when
+/// its last handle drops, which are driver calls a forked child must not make, and the driver
+/// objects are the parent's. Elsewhere it does nothing, and the handle drops as usual.
+pub(crate) fn keep_in_forked_child<T>(handle: &Arc<T>) {
+    // The driver answered before (a handle exists), so an error now is the fork's.
+    if driver().is_err() {
+        std::mem::forget(handle.clone());
+    }
+}
+
 /// Makes `ctx` current on this thread (the driver's calls act on the current context).
 ///
 /// Calls the driver directly rather than `CudaContext::bind_to_thread`, which first reports (and

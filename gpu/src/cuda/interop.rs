@@ -102,6 +102,13 @@ impl<'a, T> DeviceView<'a, T> {
     }
 }
 
+impl<T> Drop for DeviceView<'_, T> {
+    fn drop(&mut self) {
+        // The view may hold the last handle to its stream: not destroyed in a forked child.
+        super::driver::keep_in_forked_child(&self.stream);
+    }
+}
+
 /// A view of `len` elements of `T` at `offset` of `backend`, checked to lie in its data area and for
 /// its device address to be aligned for `T`.
 ///

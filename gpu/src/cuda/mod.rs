@@ -20,8 +20,9 @@
 //!   `cuInit` (e.g. `CUDA_ERROR_NO_DEVICE`); a device ordinal that does not exist: `NotFound`;
 //! - NVRTC missing: `Unsupported` from [`compile_ptx`] and [`nvrtc_available`];
 //! - in a forked child of a process that had loaded the driver: `Unsupported` (CUDA does not
-//!   survive `fork()`); the child's copies of the parent's backends and resources drop without
-//!   calling the driver or touching what they share with the parent.
+//!   survive `fork()`); the child's copies of the parent's backends, resources and views drop
+//!   without calling the driver or touching what they share with the parent (the cudarc streams
+//!   and contexts they hold are kept, not released).
 
 mod backend;
 mod driver;

@@ -95,6 +95,18 @@ impl CudaDeviceResource {
     }
 }
 
+impl Drop for CudaDeviceResource {
+    fn drop(&mut self) {
+        // The context and stream may be the caller's (a stream-ordered resource takes them from its
+        // stream), this resource holding their last handles; in a forked child they must not be
+        // released (see `keep_in_forked_child`).
+        driver::keep_in_forked_child(&self.ctx);
+        if let Mode::StreamOrdered(stream) = &self.mode {
+            driver::keep_in_forked_child(stream);
+        }
+    }
+}
+
 // SAFETY: blocks from `cuMemAlloc` (or `cuMemAllocAsync`) in the resource's context, over-sized
 // and offset where the driver's alignment falls short of the one asked for (`AlignedBlocks`),
 // freed the same way from their base; device memory, which the resource says the CPU may not

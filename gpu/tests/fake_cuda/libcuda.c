@@ -4,8 +4,8 @@
  * in host memory. It counts every call and what is still allocated, registered or opened, and the
  * tests read those counts through the fake_* functions; fake_fail makes one call fail. Device-to-
  * device copies are done at once but count as pending until a synchronisation, and memory released
- * meanwhile is counted. Calls no test makes (other copies, streams, modules, launches) answer
- * CUDA_ERROR_NOT_SUPPORTED.
+ * meanwhile is counted. Streams are counted handles to nothing. Calls no test makes (other copies,
+ * events, modules, launches) answer CUDA_ERROR_NOT_SUPPORTED.
  *
  * Built by the tests with the host C compiler, with the soname libcuda.so.1, and named to hetmem by
  * HETMEM_CUDA_DRIVER.
@@ -30,7 +30,7 @@ enum {
     UNKNOWN = 999,
 };
 
-static long calls, allocations, host_allocations, registrations, opened_handles;
+static long calls, allocations, host_allocations, registrations, opened_handles, streams;
 /* Whether a copy was queued since the last synchronisation (the fake copies at once, but a real
  * driver may still be copying), and how often memory was released while one was. */
 static int pending;
@@ -56,6 +56,7 @@ long fake_allocations(void) { return __atomic_load_n(&allocations, __ATOMIC_SEQ_
 long fake_host_allocations(void) { return __atomic_load_n(&host_allocations, __ATOMIC_SEQ_CST); }
 long fake_registrations(void) { return __atomic_load_n(&registrations, __ATOMIC_SEQ_CST); }
 long fake_opened_handles(void) { return __atomic_load_n(&opened_handles, __ATOMIC_SEQ_CST); }
+long fake_streams(void) { return __atomic_load_n(&streams, __ATOMIC_SEQ_CST); }
 long fake_unsynced_releases(void) { return __atomic_load_n(&unsynced_releases, __ATOMIC_SEQ_CST); }
 
 /* Memory that queued device work may still use is released. */
@@ -234,10 +235,25 @@ CUresult cuStreamSynchronize(void *stream) {
     return SUCCESS;
 }
 
+/* Streams: handles to nothing, counted while they live. */
+static char stream_handles;
+CUresult cuStreamCreate(void **stream, unsigned flags) {
+    COUNT();
+    (void)flags;
+    if (current == NULL) return 201; /* CUDA_ERROR_INVALID_CONTEXT */
+    ADD(streams, 1);
+    *stream = &stream_handles;
+    return SUCCESS;
+}
+CUresult cuStreamDestroy_v2(void *stream) {
+    COUNT();
+    if (stream != &stream_handles) return INVALID_VALUE;
+    ADD(streams, -1);
+    return SUCCESS;
+}
+
 /* Present so that hetmem's symbol check passes; no test calls them. */
 #define UNSUPPORTED(name) CUresult name(void) { COUNT(); return NOT_SUPPORTED; }
-UNSUPPORTED(cuStreamCreate)
-UNSUPPORTED(cuStreamDestroy_v2)
 UNSUPPORTED(cuStreamWaitEvent)
 UNSUPPORTED(cuEventCreate)
 UNSUPPORTED(cuEventDestroy_v2)
