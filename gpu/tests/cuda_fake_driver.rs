@@ -563,6 +563,47 @@ fn dropping_a_backend_waits_for_queued_copies() {
     assert_eq!(counter(&lib, "fake_unsynced_releases"), 0, "memory released while a queued copy could still use it");
 }
 
+/// Pinned segments are registered portable (every context may use them) and IPC memory is reached
+/// by peers: a copy into either queued on another device's stream, from safe code, may still run
+/// when the backend drops. The drop must wait for it too, not only for its own context's work.
+#[test]
+fn dropping_a_backend_waits_for_copies_queued_on_another_device() {
+    const NAME: &str = "dropping_a_backend_waits_for_copies_queued_on_another_device";
+    if !body_of(NAME, &[("FAKE_CUDA_DEVICES", "2".into())]) || !fake_in_use() {
+        return;
+    }
+    use hetmem_core::header::HEADER_SIZE;
+    use hetmem_core::MemoryResource;
+    use hetmem_gpu::cuda::{context, CudaDeviceResource, DeviceView};
+    let lib = PathBuf::from(std::env::var_os(DRIVER_ENV).unwrap());
+    assert_eq!(driver().unwrap().device_count, 2, "the fake has a second device");
+    let other = CudaDeviceResource::new(1).unwrap();
+    let block = other.allocate(4096, 256).unwrap();
+    let stream1 = context(1).unwrap().default_stream();
+    // SAFETY: a live 4096-byte block of device 1, freed after the view's last use.
+    let from = unsafe { DeviceView::<u32>::from_block(block, 4096, 1024, &stream1) }.unwrap();
+    let stream0 = context(0).unwrap().default_stream();
+    let shm = CudaShmBackend::create(&unique("peer-shm"), 1 << 16, &CudaShmOptions::default()).unwrap();
+    {
+        let mut to = shm.device_view::<u32>(HEADER_SIZE, 1024, &stream0).unwrap();
+        stream1.memcpy_dtod(&from, &mut to).unwrap(); // queued on device 1
+    }
+    drop(shm);
+    assert_eq!(counter(&lib, "fake_unsynced_releases"), 0, "a segment unregistered under device 1's queued copy");
+    let ipc = CudaIpcBackend::create(&unique("peer-ipc"), 1 << 16, &CudaIpcOptions::default()).unwrap();
+    {
+        let mut to = ipc.device_view::<u32>(HEADER_SIZE, 1024, &stream0).unwrap();
+        stream1.memcpy_dtod(&from, &mut to).unwrap();
+    }
+    drop(ipc);
+    assert_eq!(counter(&lib, "fake_unsynced_releases"), 0, "IPC memory freed under device 1's queued copy");
+    drop(from);
+    // SAFETY: from `allocate` with this size and alignment; its view is gone.
+    unsafe { other.deallocate(block, 4096, 256) };
+    assert_eq!(counter(&lib, "fake_allocations"), 0);
+    assert_eq!(counter(&lib, "fake_registrations"), 0);
+}
+
 /// A segment registered read-only for the device (the fake device supports it) gives no
 /// writable view, whose device writes would fault; it gives read-only views, which cudarc copies
 /// only read. A segment registered read-write gives both.

@@ -29,8 +29,9 @@ pub struct CudaShmOptions {
 /// while CPU processes use it at [`base`](MemoryBackend::base).
 ///
 /// Each process registers its own mapping when it creates or attaches, and unregisters it on drop,
-/// after waiting for the work queued in its context (copies through [views](Self::device_view)
-/// and kernels may still use the segment); the segment's name follows [`PosixShmBackend`]'s rules
+/// after waiting for the work queued in every device's primary context in this process (copies
+/// through [views](Self::device_view) and kernels, queued on any device's streams, may still use
+/// the segment; work in contexts made with `cuCtxCreate` is not seen); the segment's name follows [`PosixShmBackend`]'s rules
 /// (the creator unlinks it on drop unless persisted).
 ///
 /// # Errors
@@ -189,8 +190,11 @@ impl Drop for CudaShmBackend {
         if driver::bind(&self.ctx).is_ok() {
             // Copies through views and kernels may still be running: views borrow the backend,
             // but the work they queued outlives them, and unregistering is not documented to wait.
-            // A failure (a context in an error state) means nothing runs any more.
-            let _ = driver::synchronize();
+            // The segment is registered portable, so that work may be queued in any context. A
+            // failure (a context in an error state) means nothing runs there any more.
+            if driver::synchronize_all(&self.ctx).is_err() && driver::bind(&self.ctx).is_err() {
+                return; // no context to unregister in, as when `bind` fails above
+            }
             // SAFETY: registered in `register`; no device work is queued any more.
             let _ = unsafe { driver::host_unregister(self.shm.base()) };
         }

@@ -36,6 +36,7 @@ const REQUIRED_SYMBOLS: &[&str] = &[
     "cuDeviceGetUuid_v2",
     "cuDevicePrimaryCtxRetain",
     "cuDevicePrimaryCtxRelease_v2",
+    "cuDevicePrimaryCtxGetState",
     "cuCtxGetCurrent",
     "cuCtxSetCurrent",
     "cuCtxSynchronize",
@@ -284,6 +285,48 @@ pub(crate) fn bind(ctx: &CudaContext) -> Result<()> {
 pub(crate) fn synchronize() -> Result<()> {
     // SAFETY: no arguments; a context is current.
     check("cuCtxSynchronize", unsafe { sys::cuCtxSynchronize() })
+}
+
+/// Waits for the work queued in every device's primary context that is in use in this process,
+/// then makes `ctx` current again. Memory registered portable is reachable from every context,
+/// and device memory from its peers, so work queued through any of them (a cudarc copy on another
+/// device's stream into a view) may use a backend's memory, not only work in its own context.
+/// Every context is tried; the first error is returned.
+///
+/// Contexts that are not primary contexts (made with `cuCtxCreate`) are not seen.
+pub(crate) fn synchronize_all(ctx: &CudaContext) -> Result<()> {
+    let mut outcome = Ok(());
+    for ordinal in 0..driver()?.device_count {
+        let synced = synchronize_primary(ordinal);
+        if outcome.is_ok() {
+            outcome = synced;
+        }
+    }
+    // SAFETY: `ctx` holds a retained context, valid while it lives.
+    check("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(ctx.cu_ctx()) })?;
+    outcome
+}
+
+/// Synchronises device `ordinal`'s primary context if it is active (otherwise nothing can be
+/// queued in it); leaves it current (or, if it went inactive meanwhile, a released one).
+fn synchronize_primary(ordinal: usize) -> Result<()> {
+    let mut device = 0;
+    // SAFETY: the driver is initialised; `device` is a valid out-pointer.
+    check("cuDeviceGet", unsafe { sys::cuDeviceGet(&mut device, ordinal as i32) })?;
+    let (mut flags, mut active) = (0, 0);
+    // SAFETY: valid out-pointers; `device` came from cuDeviceGet.
+    check("cuDevicePrimaryCtxGetState", unsafe { sys::cuDevicePrimaryCtxGetState(device, &mut flags, &mut active) })?;
+    if active == 0 {
+        return Ok(());
+    }
+    let mut primary = std::ptr::null_mut();
+    // SAFETY: valid out-pointer; retained here and released below, so it stays valid meanwhile.
+    check("cuDevicePrimaryCtxRetain", unsafe { sys::cuDevicePrimaryCtxRetain(&mut primary, device) })?;
+    // SAFETY: `primary` is retained (above).
+    let synced = check("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(primary) }).and_then(|()| synchronize());
+    // SAFETY: retained above; the process's other holders keep their own references.
+    let _ = unsafe { sys::cuDevicePrimaryCtxRelease_v2(device) };
+    synced
 }
 
 /// A device attribute of `ctx`'s device.

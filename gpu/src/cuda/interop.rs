@@ -23,8 +23,8 @@
 //!
 //! A view does no event tracking: the memory is shared with the CPU and other processes, which
 //! cudarc's events cannot see. Order work with stream synchronisation, as for any shared memory.
-//! Work queued through a view may outlive it: dropping the backend waits for its context's queued
-//! work before the memory goes.
+//! Work queued through a view may outlive it: dropping the backend waits for the work queued in
+//! every device's primary context (a copy may run on any device's stream) before the memory goes.
 
 use std::marker::PhantomData;
 use std::ptr::NonNull;

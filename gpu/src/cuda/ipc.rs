@@ -96,8 +96,10 @@ pub struct CudaIpcOptions {
 ///
 /// The creator must outlive the attachers' use: dropping the creator while processes still have
 /// the memory open leaves the device memory allocated (until the creator exits) rather than free
-/// it under them. Dropping a backend first waits for the work queued in its context (copies
-/// through [views](Self::device_view) and kernels may still use the memory).
+/// it under them. Dropping a backend first waits for the work queued in every device's primary
+/// context in this process (copies through [views](Self::device_view) and kernels, queued on any
+/// device's streams, may still use the memory; work in contexts made with `cuCtxCreate` is not
+/// seen).
 ///
 /// # Errors
 /// As [`driver::context`] and [`PosixShmBackend`]; an attacher gets [`Error::NotFound`] if no
@@ -249,9 +251,12 @@ impl Drop for CudaIpcBackend {
             return;
         }
         // Copies through views and kernels may still be running: views borrow the backend, but
-        // the work they queued outlives them, and closing or freeing is not documented to wait. A
-        // failure (a context in an error state) means nothing runs any more.
-        let _ = driver::synchronize();
+        // the work they queued outlives them, and closing or freeing is not documented to wait.
+        // Other devices reach the memory as peers, so that work may be queued in any context. A
+        // failure (a context in an error state) means nothing runs there any more.
+        if driver::synchronize_all(&self.ctx).is_err() && driver::bind(&self.ctx).is_err() {
+            return; // the context cannot be made current again: nothing to close or free in
+        }
         if !self.shm.is_creator() {
             // SAFETY: opened in `attach`, and the owner is done with it.
             let _ = unsafe { driver::ipc_close(self.device_ptr) };

@@ -1,10 +1,10 @@
 /*
  * A fake CUDA driver for the host-side tests (tests/cuda_fake_driver.rs): it exports every function
- * hetmem checks for, with one device (device 0, compute capability 9.0), and keeps "device" memory
- * in host memory. It counts every call and what is still allocated, registered or opened, and the
+ * hetmem checks for, with one device (compute capability 9.0; FAKE_CUDA_DEVICES=2 at cuInit makes
+ * two), each with a primary context, and keeps "device" memory in host memory. It counts every call and what is still allocated, registered or opened, and the
  * tests read those counts through the fake_* functions; fake_fail makes one call fail. Device-to-
- * device copies are done at once but count as pending until a synchronisation, and memory released
- * meanwhile is counted. Streams are counted handles to nothing. Calls no test makes (other copies,
+ * device copies are done at once but count as pending in the current context until it is
+ * synchronised, and memory released while any context has one pending is counted. Streams are counted handles to nothing. Calls no test makes (other copies,
  * events, modules, launches) answer CUDA_ERROR_NOT_SUPPORTED.
  *
  * Built by the tests with the host C compiler, with the soname libcuda.so.1, and named to hetmem by
@@ -33,11 +33,13 @@ enum {
 static long calls, allocations, host_allocations, registrations, opened_handles, streams;
 /* Whether a copy was queued since the last synchronisation (the fake copies at once, but a real
  * driver may still be copying), and how often memory was released while one was. */
-static int pending;
+static int pending[2];
 static long unsynced_releases;
 /* The one call that fails (with CUDA_ERROR_UNKNOWN) until cleared, set by fake_fail. */
 static char failing[64];
-static int primary_context;
+static int device_count = 1;
+static int primary_context[2];
+static long retained[2];
 static __thread CUcontext current;
 
 #define COUNT() __atomic_fetch_add(&calls, 1, __ATOMIC_SEQ_CST)
@@ -61,24 +63,30 @@ long fake_unsynced_releases(void) { return __atomic_load_n(&unsynced_releases, _
 
 /* Memory that queued device work may still use is released. */
 static void released(void) {
-    if (__atomic_load_n(&pending, __ATOMIC_SEQ_CST)) ADD(unsynced_releases, 1);
+    if (__atomic_load_n(&pending[0], __ATOMIC_SEQ_CST) || __atomic_load_n(&pending[1], __ATOMIC_SEQ_CST))
+        ADD(unsynced_releases, 1);
 }
 
-CUresult cuInit(unsigned flags) { COUNT(); return flags == 0 ? SUCCESS : INVALID_VALUE; }
+CUresult cuInit(unsigned flags) {
+    COUNT();
+    const char *devices = getenv("FAKE_CUDA_DEVICES");
+    if (devices != NULL && strcmp(devices, "2") == 0) device_count = 2;
+    return flags == 0 ? SUCCESS : INVALID_VALUE;
+}
 CUresult cuDriverGetVersion(int *version) { COUNT(); *version = 13000; return SUCCESS; }
-CUresult cuDeviceGetCount(int *count) { COUNT(); *count = 1; return SUCCESS; }
+CUresult cuDeviceGetCount(int *count) { COUNT(); *count = device_count; return SUCCESS; }
 
 CUresult cuDeviceGet(CUdevice *device, int ordinal) {
     COUNT();
-    if (ordinal != 0) return INVALID_DEVICE;
-    *device = 0;
+    if (ordinal < 0 || ordinal >= device_count) return INVALID_DEVICE;
+    *device = ordinal;
     return SUCCESS;
 }
 
 CUresult cuDeviceGetAttribute(int *value, int attribute, CUdevice device) {
     COUNT();
     FAILS("cuDeviceGetAttribute")
-    if (device != 0) return INVALID_DEVICE;
+    if (device < 0 || device >= device_count) return INVALID_DEVICE;
     switch (attribute) {
     case 75: *value = 9; break;  /* compute capability major */
     case 76: *value = 0; break;  /* minor */
@@ -90,18 +98,33 @@ CUresult cuDeviceGetAttribute(int *value, int attribute, CUdevice device) {
 CUresult cuDeviceGetUuid_v2(CUuuid *uuid, CUdevice device) {
     COUNT();
     FAILS("cuDeviceGetUuid_v2")
-    if (device != 0) return INVALID_DEVICE;
-    memcpy(uuid->bytes, "hetmem-fake-gpu0", 16);
+    if (device < 0 || device >= device_count) return INVALID_DEVICE;
+    memcpy(uuid->bytes, device == 0 ? "hetmem-fake-gpu0" : "hetmem-fake-gpu1", 16);
     return SUCCESS;
 }
 
 CUresult cuDevicePrimaryCtxRetain(CUcontext *ctx, CUdevice device) {
     COUNT();
-    if (device != 0) return INVALID_DEVICE;
-    *ctx = &primary_context;
+    if (device < 0 || device >= device_count) return INVALID_DEVICE;
+    *ctx = &primary_context[device];
+    ADD(retained[device], 1);
     return SUCCESS;
 }
-CUresult cuDevicePrimaryCtxRelease_v2(CUdevice device) { COUNT(); (void)device; return SUCCESS; }
+CUresult cuDevicePrimaryCtxRelease_v2(CUdevice device) {
+    COUNT();
+    if (device < 0 || device >= device_count) return INVALID_DEVICE;
+    ADD(retained[device], -1);
+    return SUCCESS;
+}
+CUresult cuDevicePrimaryCtxGetState(CUdevice device, unsigned *flags, int *active) {
+    COUNT();
+    if (device < 0 || device >= device_count) return INVALID_DEVICE;
+    *flags = 0;
+    *active = __atomic_load_n(&retained[device], __ATOMIC_SEQ_CST) > 0;
+    return SUCCESS;
+}
+/* The index of the current context in `pending` (0 without one). */
+static int current_index(void) { return current == &primary_context[1]; }
 CUresult cuCtxGetCurrent(CUcontext *ctx) { COUNT(); *ctx = current; return SUCCESS; }
 CUresult cuCtxSetCurrent(CUcontext ctx) { COUNT(); current = ctx; return SUCCESS; }
 
@@ -219,19 +242,24 @@ CUresult cuIpcCloseMemHandle(CUdeviceptr dptr) {
     return SUCCESS;
 }
 
-/* Copies on any stream: done at once, but pending until the next synchronisation. */
+/* Copies on any stream: done at once, but pending in the current context (cudarc makes the stream's
+ * context current first) until it is synchronised. */
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes, void *stream) {
     COUNT();
     (void)stream;
     memmove((void *)(uintptr_t)dst, (const void *)(uintptr_t)src, bytes);
-    __atomic_store_n(&pending, 1, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&pending[current_index()], 1, __ATOMIC_SEQ_CST);
     return SUCCESS;
 }
-CUresult cuCtxSynchronize(void) { COUNT(); __atomic_store_n(&pending, 0, __ATOMIC_SEQ_CST); return SUCCESS; }
+CUresult cuCtxSynchronize(void) {
+    COUNT();
+    __atomic_store_n(&pending[current_index()], 0, __ATOMIC_SEQ_CST);
+    return SUCCESS;
+}
 CUresult cuStreamSynchronize(void *stream) {
     COUNT();
     (void)stream;
-    __atomic_store_n(&pending, 0, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&pending[current_index()], 0, __ATOMIC_SEQ_CST);
     return SUCCESS;
 }
 
