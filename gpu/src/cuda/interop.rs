@@ -50,7 +50,9 @@ impl<'a, T> DeviceView<'a, T> {
     ///
     /// # Safety
     /// `ptr` is a device address valid (in `stream`'s context) for `len * size_of::<T>()` bytes,
-    /// aligned for `T`, for all of `'a`; no other view of it is written while this one is used.
+    /// aligned for `T`, for all of `'a` and until the device work queued through the view has
+    /// finished (a copy or kernel may still run after the view drops: nothing here waits for it);
+    /// no other view of it is written while this one is used.
     pub unsafe fn from_raw(ptr: u64, len: usize, stream: &Arc<CudaStream>) -> Self {
         DeviceView { ptr, len, stream: stream.clone(), _memory: PhantomData }
     }
@@ -64,7 +66,9 @@ impl<'a, T> DeviceView<'a, T> {
     ///
     /// # Safety
     /// `block` is a live device block of at least `bytes` bytes in `stream`'s context, not freed
-    /// during `'a`, and not written through another view while this one is used.
+    /// during `'a` nor before the device work queued through the view has finished (synchronise
+    /// the streams that used it, or, for a stream-ordered resource, order that work before the
+    /// free on its stream), and not written through another view while this one is used.
     pub unsafe fn from_block(block: NonNull<u8>, bytes: usize, len: usize, stream: &Arc<CudaStream>) -> Result<Self> {
         if len.checked_mul(size_of::<T>()).is_none_or(|need| need > bytes) {
             return Err(Error::OutOfBounds { offset: 0, len: len as u64, region_len: bytes as u64 });
