@@ -337,6 +337,49 @@ fn ipc_attach_counts_in_and_out() {
     assert!(!PosixShmBackend::exists(&name).unwrap());
 }
 
+/// Another process can have the creator's process id: containers that share `/dev/shm` and a
+/// GPU (a Kubernetes pod) have PID namespaces of their own, where the first process of each is 1,
+/// and a dead creator's id is reused. Such an attacher is not the creator, and must be let in. The
+/// attacher here writes its own id as the record's creator id (at offset 16 of the record, which
+/// lies at `HEADER_SIZE`) before attaching, as a creator in another namespace would have.
+#[test]
+fn an_attacher_with_the_creators_pid_is_not_the_creator() {
+    const NAME: &str = "an_attacher_with_the_creators_pid_is_not_the_creator";
+    const NAME_ENV: &str = "HETMEM_FAKE_CUDA_IPC_SAME_PID";
+    if let Ok(name) = std::env::var(NAME_ENV) {
+        // The attaching process.
+        if !body_of(NAME, &[]) || !fake_in_use() {
+            return;
+        }
+        use hetmem_core::header::HEADER_SIZE;
+        use hetmem_core::BackendKind;
+        let raw = PosixShmBackend::attach_kind(&name, &Default::default(), BackendKind::Device).unwrap();
+        // SAFETY: the record's creator id, a u32 at offset 16 of the record (in the mapping's second
+        // page); the creator has published the record and writes it no more.
+        unsafe { raw.base().add(HEADER_SIZE as usize + 16).cast::<u32>().write_volatile(std::process::id()) };
+        let ipc = CudaIpcBackend::attach(&name, &CudaIpcOptions::default());
+        let ipc = ipc.expect("an attacher whose process id is the creator's was refused");
+        assert_eq!(ipc.attached(), 1);
+        return;
+    }
+    if !body_of(NAME, &[]) || !fake_in_use() {
+        return;
+    }
+    let name = unique("same-pid");
+    let ipc = CudaIpcBackend::create(&name, 1 << 16, &CudaIpcOptions::default()).unwrap();
+    // The creator itself is still refused.
+    let same = CudaIpcBackend::attach(&name, &CudaIpcOptions::default());
+    assert!(matches!(same, Err(Error::Unsupported(_))), "{same:?}");
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
+        .env(NAME_ENV, &name)
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains("1 passed"), "the attacher failed:\n{text}");
+    assert_eq!(ipc.attached(), 0, "the attacher did not count itself out");
+}
+
 /// An element type aligned past the page size, which is all the alignment a mapping's base has.
 #[derive(Debug)]
 #[repr(C, align(1048576))]

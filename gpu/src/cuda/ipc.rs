@@ -25,7 +25,8 @@ use super::driver::{self, IPC_HANDLE_LEN};
 use super::interop::{region_view, DeviceView};
 use crate::pinned::impl_shm_device_backend;
 
-const RECORD_MAGIC: u64 = u64::from_le_bytes(*b"HMCUIPC1");
+/// Version 2 added `creator_token`: a record of another version is refused as a mismatch.
+const RECORD_MAGIC: u64 = u64::from_le_bytes(*b"HMCUIPC2");
 const STATE_READY: u32 = 0x1BC0_0001;
 /// `attached` once the creator has claimed the memory to free it: no attacher may count itself in
 /// (and open the memory) any more.
@@ -46,6 +47,9 @@ struct IpcRecord {
     len: u64,
     device_uuid: [u8; 16],
     handle: [u8; IPC_HANDLE_LEN],
+    /// The creator's [`process_token`]: with `creator_pid`, what tells the creator from another
+    /// process that has its id (in another PID namespace, or after the creator died).
+    creator_token: u64,
 }
 
 const _: () = assert!(size_of::<IpcRecord>() as u64 <= HEADER_SIZE);
@@ -76,6 +80,20 @@ impl IpcRecord {
             n => n,
         }
     }
+}
+
+/// A random number drawn once per process: process ids are not unique among the processes that
+/// share a segment (containers with PID namespaces of their own, ids reused after a process dies).
+fn process_token() -> u64 {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    static TOKEN: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TOKEN.get_or_init(|| {
+        // RandomState's keys come from the OS's random source.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        std::process::id().hash(&mut h);
+        std::time::SystemTime::now().hash(&mut h);
+        h.finish()
+    })
 }
 
 /// Options for [`CudaIpcBackend`].
@@ -130,6 +148,7 @@ impl CudaIpcBackend {
         unsafe {
             (*record).magic = RECORD_MAGIC;
             (*record).creator_pid = std::process::id();
+            (*record).creator_token = process_token();
             (*record).len = len;
             (*record).device_uuid = uuid;
             (*record).handle = handle;
@@ -146,7 +165,7 @@ impl CudaIpcBackend {
         let shm = PosixShmBackend::attach_kind(name, &options.shm, BackendKind::Device)?;
         // The timeout covers both waits: for the segment's header, then for the record.
         let record = wait_for_record(&shm, started, options.shm.attach_timeout)?;
-        if record.creator_pid == std::process::id() {
+        if record.creator_pid == std::process::id() && record.creator_token == process_token() {
             return Err(Error::Unsupported(
                 "a CUDA IPC handle cannot be opened in the process that exported it: use the creator's backend",
             ));
@@ -285,6 +304,7 @@ mod tests {
             len: 0,
             device_uuid: [0; 16],
             handle: [0; IPC_HANDLE_LEN],
+            creator_token: 0,
         }
     }
 
