@@ -34,8 +34,9 @@ static __device__ __inline__ unsigned long long hetmem_thread_count(void) {
 static __device__ __inline__ void hetmem_yield(void) { __builtin_amdgcn_s_sleep(1); }
 
 static __device__ __inline__ void hetmem_sleep_for_us(unsigned int us) {
-    /* s_sleep 127 waits about 127 * 64 cycles: ~4 us at 2 GHz. */
-    for (unsigned int t = 0; t < us; t += 4) __builtin_amdgcn_s_sleep(127);
+    /* s_sleep 127 waits about 127 * 64 cycles: ~4 us at 2 GHz. Counted in steps, not in
+     * microseconds, so that no `us` near UINT_MAX wraps the count and never ends the loop. */
+    for (unsigned int steps = us / 4 + (us % 4 != 0); steps > 0; steps--) __builtin_amdgcn_s_sleep(127);
 }
 #else
 static __device__ __inline__ void hetmem_yield(void) { __nanosleep(32); }
