@@ -199,6 +199,26 @@ mod tests {
     use crate::testing::HeapBackend;
     use alloc::sync::Arc;
 
+    /// A span allocator over a region too small for its header and two units is refused with
+    /// an error (its layout planner once looped for ever on it).
+    #[test]
+    fn creating_over_a_region_too_small_is_an_error_not_a_hang() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let results = [HEADER_SIZE + 64, 4096, 6 * 4096].map(|len| {
+                let backend = Arc::new(HeapBackend::new(BackendId(1), 64 * 1024));
+                // SAFETY: the test's own backend, whose range only the allocator created uses.
+                let region = unsafe { Region::new(backend, HEADER_SIZE, len) }.unwrap();
+                ScalablePageAllocator::create(region, AllocatorId::new(1, 0), &Default::default()).err()
+            });
+            let _ = tx.send(results);
+        });
+        let results = rx.recv_timeout(std::time::Duration::from_secs(20)).expect("create never returned");
+        for e in results {
+            assert!(matches!(e, Some(Error::InvalidSize { .. })), "{e:?}");
+        }
+    }
+
     #[test]
     fn attaching_at_a_misaligned_offset_is_refused_before_the_header_is_read() {
         // `Region::new` takes any offset past the header (and a directory entry is read from

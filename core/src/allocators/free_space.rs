@@ -89,13 +89,12 @@ impl FreeSpaceLayout {
     pub(crate) fn plan(start: u64, end: u64) -> Result<Self> {
         let table = start.next_multiple_of(64);
         let room = end.saturating_sub(table);
+        let fits = |units: u64| (table + units * 16).next_multiple_of(UNIT) + units * UNIT <= end;
         let mut units = (room / (UNIT + 16)).min(u32::MAX as u64 - 1);
-        loop {
-            let arena = (table + units * 16).next_multiple_of(UNIT);
-            if arena + units * UNIT <= end {
-                break;
-            }
-            units = units.saturating_sub(1);
+        // Down to two units at most (the arena's rounding costs at most one), never past: a
+        // range whose table start rounds up past its end fits no units at all.
+        while units >= 2 && !fits(units) {
+            units -= 1;
         }
         if units < 2 {
             return Err(Error::InvalidSize {
@@ -651,6 +650,21 @@ mod tests {
         for (table, arena) in [(u64::MAX - 15, 0), (u64::MAX - 15, u64::MAX - UNIT + 1), (HEADER_SIZE, !(UNIT - 1))] {
             let layout = FreeSpaceLayout { table, arena, units: 2 };
             assert!(matches!(layout.validate(&region, region.offset()), Err(Error::Corrupt { .. })), "{layout:?}");
+        }
+    }
+
+    /// A range too small for two units (a span allocator over a region smaller than its own
+    /// header, say) is refused: the planner once looked for a smaller table for ever.
+    #[test]
+    fn a_range_too_small_for_a_table_and_two_units_is_refused_not_looped_on() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let ranges = [(HEADER_SIZE + 64, HEADER_SIZE + 264), (HEADER_SIZE + 8000, HEADER_SIZE + 4096), (64, 64)];
+            let _ = tx.send(ranges.map(|(start, end)| FreeSpaceLayout::plan(start, end)));
+        });
+        let planned = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("plan never returned");
+        for p in planned {
+            assert!(matches!(p, Err(Error::InvalidSize { .. })), "{p:?}");
         }
     }
 
