@@ -26,6 +26,8 @@ pub(crate) const UNIT: u64 = 4096;
 const NONE: u32 = u32::MAX;
 const EXACT_BINS: u32 = 64;
 const BINS: usize = 64 + 4 * 27;
+// The bitmap's last word has bits past the last bin, which `check` requires clear.
+const _: () = assert!(BINS / 64 == 2 && BINS % 64 != 0);
 
 const K_FREE: u32 = 0x4652_4545; // "FREE"
 const K_FREE_TAIL: u32 = 0x4654_4149; // "FTAI"
@@ -328,7 +330,9 @@ impl FreeSpaceGuard<'_> {
         let mut bits = self.st.bitmap.get(word)? & (!0u64 << (from % 64));
         loop {
             if bits != 0 {
-                return Some(word * 64 + bits.trailing_zeros() as usize);
+                // Bits past the last bin are shared memory gone bad: no bin is there.
+                let bin = word * 64 + bits.trailing_zeros() as usize;
+                return (bin < BINS).then_some(bin);
             }
             word += 1;
             bits = *self.st.bitmap.get(word)?;
@@ -591,6 +595,9 @@ impl FreeSpaceGuard<'_> {
         if free_units != self.st.free_units {
             return Err(corrupt(0, "free-unit count disagrees with the table"));
         }
+        if self.st.bitmap[BINS / 64] >> (BINS % 64) != 0 {
+            return Err(corrupt(BINS as u64, "bin bitmap has bits past the last bin"));
+        }
         let mut binned = 0usize;
         for bin in 0..BINS {
             let nonempty = self.st.bitmap[bin / 64] & (1 << (bin % 64)) != 0;
@@ -666,6 +673,21 @@ mod tests {
         for p in planned {
             assert!(matches!(p, Err(Error::InvalidSize { .. })), "{p:?}");
         }
+    }
+
+    /// Bits of the bin bitmap past the last bin (shared memory a peer may have written) are
+    /// neither followed into a bin that does not exist (a panic) nor passed by `check`.
+    #[test]
+    fn bitmap_bits_past_the_last_bin_are_ignored_and_reported() {
+        let fs = manager(16);
+        let units = fs.layout().units;
+        let mut g = fs.lock();
+        let all = g.alloc(units, 1, 0).unwrap();
+        g.st.bitmap[BINS / 64] |= 1 << 63;
+        assert_eq!(g.alloc(1, 1, 0), None, "nothing is free");
+        assert!(matches!(g.check(), Err(Error::Corrupt { .. })));
+        g.free(all).unwrap();
+        assert_eq!(g.alloc(units, 1, 0), Some(all));
     }
 
     #[test]
