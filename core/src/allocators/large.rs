@@ -58,8 +58,17 @@ pub(crate) fn allocate(
     Ok(Some(user))
 }
 
-/// The run and requested size of the live large block at `block`, checked under `g`.
-pub(crate) fn live_run(g: &FreeSpaceGuard<'_>, fs: &FreeSpace, mem: &Mem, block: u64) -> Result<(u32, u64)> {
+/// The run and requested size of the live large block at `block`, checked under `g`. The size is
+/// shared memory: it must fit the user bytes, from `user` (the block's user offset, where the
+/// caller knows it: callers read or copy that many bytes from there), else from the header's end,
+/// to the run's end.
+pub(crate) fn live_run(
+    g: &FreeSpaceGuard<'_>,
+    fs: &FreeSpace,
+    mem: &Mem,
+    block: u64,
+    user: Option<u64>,
+) -> Result<(u32, u64)> {
     let head = fs
         .layout()
         .unit_of(block)
@@ -75,7 +84,10 @@ pub(crate) fn live_run(g: &FreeSpaceGuard<'_>, fs: &FreeSpace, mem: &Mem, block:
         return Err(invalid(block, "already freed"));
     }
     let size = mem.word(block + 8)?.load(Ordering::Relaxed);
-    if size == 0 || size > run.len() as u64 * UNIT {
+    // In the arena (checked above), so the run's end does not overflow.
+    let run_end = block + run.len() as u64 * UNIT;
+    let from = user.unwrap_or(block + LARGE_HEADER);
+    if size == 0 || from < block + LARGE_HEADER || size > run_end.saturating_sub(from) {
         return Err(corrupt(block, "large block size outside its run"));
     }
     Ok((head, size))
@@ -88,7 +100,7 @@ pub(crate) fn free(fs: &FreeSpace, mem: &Mem, block: u64) -> Result<()> {
 
 /// [`free`], for a caller that holds the free-space lock.
 pub(crate) fn free_locked(g: &mut FreeSpaceGuard<'_>, fs: &FreeSpace, mem: &Mem, block: u64) -> Result<()> {
-    let (head, size) = live_run(g, fs, mem, block)?;
+    let (head, size) = live_run(g, fs, mem, block, None)?;
     let live = Info { state: State::Live, class: LARGE_CLASS, index: 0, size: 0 };
     mem.info(block)?
         .compare_exchange(live.pack(), live.with_state(State::Free).pack(), Ordering::AcqRel, Ordering::Relaxed)
@@ -109,15 +121,15 @@ pub(crate) fn free_locked(g: &mut FreeSpaceGuard<'_>, fs: &FreeSpace, mem: &Mem,
 pub(crate) fn size_of_user(fs: &FreeSpace, mem: &Mem, ptr: crate::ptr::OffsetPtr) -> Result<usize> {
     let user = ptr.offset().ok_or(invalid(ptr.get(), "null pointer"))?;
     match super::span::live_block(mem, user)? {
-        super::span::Found::Large { block } => size_of(fs, mem, block).map(|v| v as usize),
+        super::span::Found::Large { block } => size_of(fs, mem, block, user).map(|v| v as usize),
         super::span::Found::Small(b) => Ok(b.size() as usize),
     }
 }
 
-/// The requested size of the large block at `block`.
-pub(crate) fn size_of(fs: &FreeSpace, mem: &Mem, block: u64) -> Result<u64> {
+/// The requested size of the large block at `block` whose user bytes start at `user`.
+pub(crate) fn size_of(fs: &FreeSpace, mem: &Mem, block: u64, user: u64) -> Result<u64> {
     let g = fs.lock();
-    live_run(&g, fs, mem, block).map(|(_, s)| s)
+    live_run(&g, fs, mem, block, Some(user)).map(|(_, s)| s)
 }
 
 /// Resizes the large block whose user bytes are at `user` in place, if its run can shrink or
@@ -134,7 +146,7 @@ pub(crate) fn resize_in_place(
         return Ok(false);
     }
     let mut g = fs.lock();
-    let (head, size) = live_run(&g, fs, mem, block)?;
+    let (head, size) = live_run(&g, fs, mem, block, Some(user))?;
     let Some(units) =
         (user - block).checked_add(new_size as u64).map(|end| end.div_ceil(UNIT)).and_then(|u| u32::try_from(u).ok())
     else {
@@ -242,4 +254,56 @@ pub(crate) fn meta_bytes(g: &FreeSpaceGuard<'_>) -> u64 {
         Ok(())
     });
     total
+}
+
+#[cfg(all(test, feature = "std", not(loom)))]
+mod tests {
+    use crate::allocator::{AllocatorType, RegionAllocator};
+    use crate::allocators::testing::region_of;
+    use crate::allocators::{ScalablePageAllocator, ThreadLocalAllocator};
+    use crate::error::Error;
+    use crate::ptr::AllocatorId;
+    use crate::testing::TestThreads;
+
+    use super::UNIT;
+
+    /// A large block's size word is shared memory: one a peer set to its whole run (more than
+    /// the user bytes after a 4096-aligned block's padding hold) is refused by `size_of` and
+    /// `reallocate`, not taken as a length to read or copy from the user offset, which would
+    /// reach a page into the next run (here a live block of another owner).
+    fn a_size_word_reaching_past_the_run_is_refused(a: &dyn RegionAllocator) {
+        const SIZE: u64 = 64 << 10;
+        let p = a.allocate(SIZE as usize, 4096).unwrap();
+        let neighbour = a.allocate(SIZE as usize, 4096).unwrap();
+        let (user, block) = (p.get(), p.get() - 4096);
+        // 32 header bytes and 4064 of padding before the user bytes.
+        let units = (super::LARGE_HEADER + 4096 + SIZE).div_ceil(UNIT);
+        let run_end = block + units * UNIT;
+        assert!(neighbour.get() >= run_end, "the neighbour lies after the run");
+        let size_word = a.region().ptr(block + 8, 8).unwrap().cast::<u64>();
+        // SAFETY: the block's size word, in bounds and 8-aligned; no other thread uses `a`.
+        unsafe { size_word.write_volatile(units * UNIT) };
+        let size = a.size_of(p);
+        assert!(
+            size.as_ref().is_ok_and(|&s| user + s as u64 <= run_end) || matches!(size, Err(Error::Corrupt { .. })),
+            "size_of says {size:?}: past the run's end"
+        );
+        let moved = a.reallocate(p, 1 << 20, 8);
+        assert!(matches!(moved, Err(Error::Corrupt { .. })), "{moved:?}");
+        // SAFETY: as above.
+        unsafe { size_word.write_volatile(SIZE) };
+        assert_eq!(a.size_of(p).unwrap(), SIZE as usize, "the block stayed the caller's");
+        a.free(p).unwrap();
+        a.free(neighbour).unwrap();
+        a.check().unwrap();
+    }
+
+    #[test]
+    fn a_large_blocks_size_word_is_bounded_by_its_user_bytes() {
+        let id = AllocatorId::new(1, 0);
+        let spa = ScalablePageAllocator::create(region_of(4 << 20), id, &Default::default()).unwrap();
+        a_size_word_reaching_past_the_run_is_refused(&spa);
+        let tla = ThreadLocalAllocator::<TestThreads>::create(region_of(4 << 20), id, &Default::default()).unwrap();
+        a_size_word_reaching_past_the_run_is_refused(&tla);
+    }
 }

@@ -400,7 +400,7 @@ impl RegionAllocator for ScalablePageAllocator {
                 if large::resize_in_place(&s.fs, &s.arena, block, user, new_size, align)? {
                     return Ok(ptr);
                 }
-                large::size_of(&s.fs, &s.arena, block)?
+                large::size_of(&s.fs, &s.arena, block, user)?
             }
             Found::Small(b) => {
                 let (block, info) = (b.block, b.info());

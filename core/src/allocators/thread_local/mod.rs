@@ -457,7 +457,7 @@ impl<T: ThreadModel> RegionAllocator for ThreadLocalAllocator<T> {
                 if large::resize_in_place(&s.fs, &s.arena, block, user, new_size, align)? {
                     return Ok(ptr);
                 }
-                large::size_of(&s.fs, &s.arena, block)?
+                large::size_of(&s.fs, &s.arena, block, user)?
             }
             Found::Small(b) => {
                 let info = b.info();
