@@ -280,22 +280,34 @@ impl RegionHeader {
         self.set_entry_state(id, ENTRY_EMPTY)
     }
 
-    /// Sets the state of the entry this process is creating under `id`. An entry of the same id
-    /// that another process is creating (one this process was told had died, wrongly: it
-    /// reserved the id again) or that is ready is left alone. Entries that record no creator
-    /// (pid 0: an older build's, or a pid too large to keep) count as this process's.
-    fn set_entry_state(&self, id: AllocatorId, state: u32) -> Result<()> {
-        let me = creating_by(crate::liveness::current().pid) >> STATE_BITS;
+    /// [`abandon_allocator`](Self::abandon_allocator), and where the entry's sub-region is the
+    /// last one reserved, its space and its directory entry given back too: a creation that
+    /// failed (a configuration its allocator type refused, after "all that is left" was
+    /// reserved for it, say) leaves the region as it found it.
+    ///
+    /// # Safety
+    /// Nothing uses the sub-region any more, in this process or another: its creation failed,
+    /// and nothing made over its range lives (the next reservation is given the same range).
+    #[cfg(feature = "std")]
+    pub(crate) unsafe fn give_back_allocator(&self, id: AllocatorId) -> Result<()> {
         let mut dir = self.lock_directory();
-        let count = (dir.count as usize).min(MAX_ALLOCATORS);
-        let entry = dir.entries[..count]
-            .iter_mut()
-            .find(|e| {
-                let creator = e.state >> STATE_BITS;
-                e.state() == ENTRY_CREATING && e.id == id && (creator == 0 || creator == me)
-            })
-            .ok_or(Error::UnknownAllocator(id))?;
-        entry.state = state;
+        let index = creating_entry(&dir, id).ok_or(Error::UnknownAllocator(id))?;
+        dir.entries[index].state = ENTRY_EMPTY;
+        let entry = dir.entries[index];
+        if index + 1 == dir.count as usize && entry.offset.checked_add(entry.size) == Some(dir.next_free) {
+            // A death between these stores (in whatever order they land) is safe:
+            // `repair_directory` moves `next_free` past every entry still counted.
+            dir.count = index as u32;
+            dir.next_free = entry.offset;
+        }
+        Ok(())
+    }
+
+    /// Sets the state of the entry this process is creating under `id` (see [`creating_entry`]).
+    fn set_entry_state(&self, id: AllocatorId, state: u32) -> Result<()> {
+        let mut dir = self.lock_directory();
+        let index = creating_entry(&dir, id).ok_or(Error::UnknownAllocator(id))?;
+        dir.entries[index].state = state;
         Ok(())
     }
 
@@ -335,6 +347,19 @@ impl RegionHeader {
         });
         list.into_iter().flatten()
     }
+}
+
+/// The index of the entry this process is creating under `id`. An entry of the same id that
+/// another process is creating (one this process was told had died, wrongly: it reserved the id
+/// again) or that is ready is not it. Entries that record no creator (pid 0: an older build's, or
+/// a pid too large to keep) count as this process's.
+fn creating_entry(dir: &Directory, id: AllocatorId) -> Option<usize> {
+    let me = creating_by(crate::liveness::current().pid) >> STATE_BITS;
+    let count = (dir.count as usize).min(MAX_ALLOCATORS);
+    dir.entries[..count].iter().position(|e| {
+        let creator = e.state >> STATE_BITS;
+        e.state() == ENTRY_CREATING && e.id == id && (creator == 0 || creator == me)
+    })
 }
 
 /// Makes a directory whose lock holder died consistent: [`RegionHeader::reserve_allocator`]
@@ -518,6 +543,37 @@ mod tests {
         h.directory.lock().entries[1].state = creating_by(crate::liveness::current().pid);
         h.publish_allocator(other).unwrap();
         assert_eq!(h.find_allocator(other).unwrap().map(|e| e.offset), Some(theirs.offset));
+    }
+
+    /// Giving back a failed creation's entry returns its space only where it is the last one
+    /// reserved; an earlier one is forgotten, as abandoned, and its space stays reserved.
+    #[test]
+    fn a_given_back_entry_returns_its_space_only_when_it_is_the_last() {
+        let mut mem = region(64 * 1024);
+        // SAFETY: as above.
+        let h = unsafe {
+            RegionHeader::initialize(mem.as_mut_ptr().cast(), 64 * 1024, BackendKind::Private, BackendId(1), 1)
+        }
+        .unwrap();
+        let (a, b) = (AllocatorId::new(1, 0), AllocatorId::new(1, 1));
+        let first = h.reserve_allocator(7, a, 1000).unwrap();
+        let after_first = h.unreserved();
+        let second = h.reserve_allocator(7, b, 1000).unwrap();
+        let after_second = h.unreserved();
+        // SAFETY: nothing uses either range.
+        unsafe { h.give_back_allocator(a) }.unwrap();
+        assert_eq!(h.unreserved(), after_second, "not the last: its space stays reserved");
+        assert!(matches!(h.find_allocator(a), Err(Error::UnknownAllocator(_))));
+        // SAFETY: as above.
+        unsafe { h.give_back_allocator(b) }.unwrap();
+        assert_eq!(h.unreserved(), 64 * 1024 - second.offset, "the last: its space is back");
+        assert!(after_first - h.unreserved() < SUBREGION_ALIGN);
+        assert_eq!(h.reserve_allocator(7, b, 1000).unwrap().offset, second.offset);
+        assert!(matches!(unsafe { h.give_back_allocator(a) }, Err(Error::UnknownAllocator(_))));
+        h.publish_allocator(b).unwrap();
+        // SAFETY: a ready entry is never given back (refused, as asserted).
+        assert!(matches!(unsafe { h.give_back_allocator(b) }, Err(Error::UnknownAllocator(_))));
+        assert!(first.offset + first.size <= second.offset);
     }
 
     #[test]

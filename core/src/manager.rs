@@ -33,15 +33,31 @@ struct Registry {
     creating: BTreeSet<AllocatorId>,
 }
 
-/// A directory entry this process reserved and has not published: abandoned on drop.
+/// A directory entry this process reserved and has not published: abandoned on drop, and its
+/// space given back where no handle on its range (the lease's other holders) is left.
 struct Reserved<'a> {
     backend: &'a Arc<dyn MemoryBackend>,
     id: AllocatorId,
+    lease: Arc<()>,
+    published: bool,
 }
 
 impl Drop for Reserved<'_> {
     fn drop(&mut self) {
-        let _ = self.backend.header().abandon_allocator(self.id);
+        if self.published {
+            return;
+        }
+        let header = self.backend.header();
+        // The count cannot rise again once at one: only region handles on the range hold clones.
+        if Arc::strong_count(&self.lease) == 1 {
+            // SAFETY: the entry's creation failed, and no region handle on its range is left in
+            // this process (the lease counts them all, duplicates included); no other process
+            // uses a range whose entry is not ready.
+            let _ = unsafe { header.give_back_allocator(self.id) };
+        } else {
+            // `A::create` kept a handle on the range somewhere: the space stays reserved.
+            let _ = header.abandon_allocator(self.id);
+        }
     }
 }
 
@@ -120,6 +136,10 @@ impl MemoryManager {
 
     /// Creates an allocator of type `A` in a new sub-region of `size` bytes (0: all that is left)
     /// of backend `backend`, records it in the region's directory, and registers it here.
+    ///
+    /// A creation that fails gives its directory entry and its space back, unless another
+    /// reservation came after it (the directory only bumps) or `A::create` kept a handle on the
+    /// range: then the space stays reserved, and only the id is free again.
     pub fn create_allocator<A: AllocatorType>(
         &self,
         backend: BackendId,
@@ -157,13 +177,13 @@ impl MemoryManager {
         // Until it is published, the entry is abandoned on every way out: an error, a failed
         // publish, or a panic in `create` (else it would stay "creating" while this process
         // lives, and the id could be neither attached nor created again).
-        let reserved = Reserved { backend: b, id };
+        let mut reserved = Reserved { backend: b, id, lease: Arc::new(()), published: false };
         // SAFETY: the directory gave the range to this id alone, for an allocator of type `A`,
         // which is no `BackendResource` (refused above).
-        let region = unsafe { Region::new(b.clone(), entry.offset, entry.size) }?;
+        let region = unsafe { Region::new(b.clone(), entry.offset, entry.size) }?.leased(reserved.lease.clone());
         let allocator = Arc::new(A::create(region, id, config)?);
         b.header().publish_allocator(id)?;
-        core::mem::forget(reserved);
+        reserved.published = true;
         Ok(allocator)
     }
 
@@ -377,10 +397,13 @@ mod tests {
     }
 
     /// An allocator type whose `create` panics, for the unwinding path of `create_allocator`,
-    /// and which nothing attaches; its type id is `TYPE`.
-    struct PanicsOnCreate<const TYPE: u32 = 0x5041_4E43>;
+    /// and which nothing attaches; its type id is `TYPE`. With `KEEP`, `create` fails with an
+    /// error instead, after keeping its region where it stays alive.
+    struct PanicsOnCreate<const TYPE: u32 = 0x5041_4E43, const KEEP: bool = false>;
 
-    impl<const TYPE: u32> RegionAllocator for PanicsOnCreate<TYPE> {
+    static KEPT_REGIONS: std::sync::Mutex<Vec<Region>> = std::sync::Mutex::new(Vec::new());
+
+    impl<const TYPE: u32, const KEEP: bool> RegionAllocator for PanicsOnCreate<TYPE, KEEP> {
         fn id(&self) -> AllocatorId {
             unreachable!()
         }
@@ -410,10 +433,14 @@ mod tests {
         }
     }
 
-    impl<const TYPE: u32> AllocatorType for PanicsOnCreate<TYPE> {
+    impl<const TYPE: u32, const KEEP: bool> AllocatorType for PanicsOnCreate<TYPE, KEEP> {
         const TYPE_ID: u32 = TYPE;
         type Config = ();
-        fn create(_: Region, _: AllocatorId, _: &()) -> Result<Self> {
+        fn create(region: Region, _: AllocatorId, _: &()) -> Result<Self> {
+            if KEEP {
+                KEPT_REGIONS.lock().unwrap().push(region);
+                return Err(Error::Unsupported("create failed, keeping its region"));
+            }
             panic!("create failed half way")
         }
         fn attach(_: Region, _: AllocatorId) -> Result<Self> {
@@ -450,6 +477,42 @@ mod tests {
         assert!(matches!(attached, Err(Error::Unsupported(_))), "{:?}", attached.err());
         let created = mm.create_allocator::<Impostor>(b.id(), AllocatorId::new(4, 1), 4096, &());
         assert!(matches!(created, Err(Error::Unsupported(_))), "{:?}", created.err());
+    }
+
+    /// A create that fails (here a configuration the allocator type refuses, after the
+    /// directory reserved "all that is left" for it) gives its space and its directory entry
+    /// back: later creates in the backend are not refused for want of either.
+    #[test]
+    fn a_failed_create_gives_back_the_space_and_entry_it_reserved() {
+        use crate::allocators::{BitmapAllocator, BitmapConfig};
+        let mm = MemoryManager::new();
+        let b = mm.add_backend(HeapBackend::new(BackendId(5), 1 << 20)).unwrap();
+        let before = b.header().unreserved();
+        let refused = BitmapConfig { min_block: 3, max_block: 64 };
+        // More failures than the directory has entries.
+        for minor in 0..2 * crate::header::MAX_ALLOCATORS as u32 {
+            let created = mm.create_allocator::<BitmapAllocator>(b.id(), AllocatorId::new(5, minor), 0, &refused);
+            assert!(matches!(created, Err(Error::InvalidSize { .. })), "{:?}", created.err());
+        }
+        assert_eq!(b.header().unreserved(), before);
+        let a = mm.create_allocator::<StackAllocator>(b.id(), AllocatorId::new(5, 0), 0, &Default::default()).unwrap();
+        assert_eq!(a.region().len(), before);
+    }
+
+    /// A failed create whose allocator type kept a handle on its range (it could make an
+    /// allocator over it later) does not give the space back: no later create is given it.
+    #[test]
+    fn a_failed_create_that_kept_its_region_keeps_the_space_reserved() {
+        let mm = MemoryManager::new();
+        let b = mm.add_backend(HeapBackend::new(BackendId(6), 1 << 20)).unwrap();
+        let before = b.header().unreserved();
+        let created =
+            mm.create_allocator::<PanicsOnCreate<0x4B45_4550, true>>(b.id(), AllocatorId::new(6, 0), 4096, &());
+        assert!(matches!(created, Err(Error::Unsupported(_))), "{:?}", created.err());
+        assert!(b.header().unreserved() <= before - 4096);
+        let kept = KEPT_REGIONS.lock().unwrap().iter().find(|r| r.backend().id() == b.id()).map(Region::end).unwrap();
+        let a = mm.create_allocator::<StackAllocator>(b.id(), AllocatorId::new(6, 0), 0, &Default::default()).unwrap();
+        assert!(a.region().offset() >= kept, "given the range a failed create still holds");
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub struct Region {
     backend: Arc<dyn MemoryBackend>,
     offset: u64,
     len: u64,
+    /// Shared by this region and its duplicates, for a creator that must know when the last of
+    /// them is gone ([`Region::leased`]).
+    lease: Option<Arc<()>>,
 }
 
 impl Region {
@@ -54,7 +57,7 @@ impl Region {
         if (backend.base() as usize) % MAX_ALIGN != 0 {
             return Err(Error::InvalidAlignment { align: backend.base() as u64 % MAX_ALIGN as u64 });
         }
-        Ok(Region { backend, offset, len })
+        Ok(Region { backend, offset, len, lease: None })
     }
 
     /// The whole data area of `backend` (everything after the header page).
@@ -71,7 +74,15 @@ impl Region {
     /// manager, its tests' attaches).
     #[cfg_attr(loom, allow(dead_code))]
     pub(crate) fn duplicate(&self) -> Region {
-        Region { backend: Arc::clone(&self.backend), offset: self.offset, len: self.len }
+        Region { backend: Arc::clone(&self.backend), offset: self.offset, len: self.len, lease: self.lease.clone() }
+    }
+
+    /// The region holding `lease`, which its duplicates share: while the lease's strong count
+    /// is above the holder's own, some handle on the range lives (an allocator made over it, say).
+    #[cfg(feature = "std")]
+    pub(crate) fn leased(mut self, lease: Arc<()>) -> Region {
+        self.lease = Some(lease);
+        self
     }
 
     /// The backend this region is part of.
