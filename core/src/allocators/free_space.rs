@@ -308,21 +308,35 @@ impl FreeSpaceGuard<'_> {
     fn unlink(&mut self, head: u32) {
         let d = self.desc(head);
         let bin = bin_of(d.len);
-        if d.tag == NONE {
-            self.st.bins[bin] = d.aux;
-        } else if d.tag < self.units() {
-            let mut p = self.desc(d.tag);
-            p.aux = d.aux;
-            self.set(d.tag, p);
+        // The links are shared memory: a neighbour is relinked only if it is a free run that
+        // links back here. (Else a link a peer broke would rewrite whatever run it names: a used
+        // run's tag and owner word.)
+        let prev = self.free_link(d.tag, |p| p.aux == head);
+        let next = self.free_link(d.aux, |n| n.tag == head);
+        match prev {
+            Some((at, mut p)) => {
+                p.aux = next.map_or(NONE, |(n, _)| n);
+                self.set(at, p);
+            }
+            None if self.st.bins[bin] == head => self.st.bins[bin] = next.map_or(NONE, |(n, _)| n),
+            None => {}
         }
-        if d.aux != NONE && d.aux < self.units() {
-            let mut n = self.desc(d.aux);
-            n.tag = d.tag;
-            self.set(d.aux, n);
+        if let Some((at, mut n)) = next {
+            n.tag = prev.map_or(NONE, |(p, _)| p);
+            self.set(at, n);
         }
         if self.st.bins[bin] == NONE {
             self.st.bitmap[bin / 64] &= !(1 << (bin % 64));
         }
+    }
+
+    /// Unit `at` and its descriptor, if `at` is a free run's head for which `back` holds.
+    fn free_link(&self, at: u32, back: impl Fn(&Desc) -> bool) -> Option<(u32, Desc)> {
+        if at >= self.units() {
+            return None;
+        }
+        let d = self.desc(at);
+        (d.kind == K_FREE && back(&d)).then_some((at, d))
     }
 
     fn next_bin(&self, from: usize) -> Option<usize> {
@@ -688,6 +702,28 @@ mod tests {
         assert!(matches!(g.check(), Err(Error::Corrupt { .. })));
         g.free(all).unwrap();
         assert_eq!(g.alloc(units, 1, 0), Some(all));
+    }
+
+    /// A free run's bin links are shared memory: a link a peer broke so that it names a used
+    /// run is not followed when the free run is taken, so the used run's tag and owner word
+    /// (what a recovery tells a live span or block by) stay as they were.
+    #[test]
+    fn a_broken_bin_link_does_not_rewrite_a_used_run() {
+        let fs = manager(32);
+        let mut g = fs.lock();
+        let before = g.alloc(2, 7, 77).unwrap();
+        let hole = g.alloc(2, 1, 0).unwrap();
+        let after = g.alloc(2, 7, 88).unwrap();
+        g.free(hole).unwrap();
+        let d = g.desc(hole);
+        g.set(hole, Desc { tag: before, aux: after, ..d });
+        assert_eq!(g.alloc(2, 1, 0), Some(hole));
+        for (run, aux) in [(before, 77), (after, 88)] {
+            let r = g.desc(run);
+            assert_eq!((r.kind, r.len, r.tag, r.aux), (K_USED, 2, 7, aux), "run {run}");
+        }
+        g.rebuild().unwrap();
+        g.check().unwrap();
     }
 
     #[test]
