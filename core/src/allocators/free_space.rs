@@ -289,17 +289,17 @@ impl FreeSpaceGuard<'_> {
 
     fn link(&mut self, head: u32, len: u32) {
         let bin = bin_of(len);
-        // The bins are in shared memory: a head that is no unit is dropped (`check` reports the
-        // runs lost with it; a recovery's `rebuild` finds them again).
-        let first = Some(self.st.bins[bin]).filter(|&f| f < self.units()).unwrap_or(NONE);
+        // The bins are in shared memory: a head that is no free run at the head of a bin is
+        // dropped, not relinked (`check` reports the runs lost with it; a recovery's `rebuild`
+        // finds them again).
+        let first = self.free_link(self.st.bins[bin], |f| f.tag == NONE && f.len != 0 && bin_of(f.len) == bin);
         let mut d = self.desc(head);
         d.tag = NONE;
-        d.aux = first;
+        d.aux = first.map_or(NONE, |(f, _)| f);
         self.set(head, d);
-        if first != NONE {
-            let mut f = self.desc(first);
+        if let Some((at, mut f)) = first {
             f.tag = head;
-            self.set(first, f);
+            self.set(at, f);
         }
         self.st.bins[bin] = head;
         self.st.bitmap[bin / 64] |= 1 << (bin % 64);
@@ -722,6 +722,14 @@ mod tests {
             let r = g.desc(run);
             assert_eq!((r.kind, r.len, r.tag, r.aux), (K_USED, 2, 7, aux), "run {run}");
         }
+        g.rebuild().unwrap();
+        g.check().unwrap();
+        // A bin head that names a used run is not linked behind a run freed into the bin.
+        g.st.bins[bin_of(2)] = before;
+        g.free(hole).unwrap();
+        assert_eq!(g.desc(hole).len, 2, "freed between two used runs");
+        let r = g.desc(before);
+        assert_eq!((r.kind, r.len, r.tag, r.aux), (K_USED, 2, 7, 77));
         g.rebuild().unwrap();
         g.check().unwrap();
     }
