@@ -305,9 +305,15 @@ impl MemoryManager {
     }
 
     /// Forgets backend `id` and its allocators, and removes the region's name
-    /// ([`MemoryBackend::destroy`]). Mappings end when the last handle is dropped.
+    /// ([`MemoryBackend::destroy`]). Mappings end when the last handle is dropped. If the name
+    /// cannot be removed, the error is returned and the backend stays registered.
     pub fn destroy_backend(&self, id: BackendId) -> Result<()> {
-        self.detach_backend(id)?.destroy()
+        // Under the lock throughout: no other call sees the backend gone before it is.
+        let mut reg = self.write();
+        reg.backends.get(&id).ok_or(Error::UnknownBackend(id))?.destroy()?;
+        reg.backends.remove(&id);
+        reg.allocators.retain(|_, e| e.backend != id);
+        Ok(())
     }
 }
 
@@ -513,6 +519,45 @@ mod tests {
         let kept = KEPT_REGIONS.lock().unwrap().iter().find(|r| r.backend().id() == b.id()).map(Region::end).unwrap();
         let a = mm.create_allocator::<StackAllocator>(b.id(), AllocatorId::new(6, 0), 0, &Default::default()).unwrap();
         assert!(a.region().offset() >= kept, "given the range a failed create still holds");
+    }
+
+    /// A backend whose name cannot be removed.
+    struct Undestroyable(HeapBackend);
+
+    // SAFETY: forwards to a heap backend, which keeps the promises.
+    unsafe impl MemoryBackend for Undestroyable {
+        fn kind(&self) -> crate::backend::BackendKind {
+            self.0.kind()
+        }
+        fn base(&self) -> *mut u8 {
+            self.0.base()
+        }
+        fn len(&self) -> u64 {
+            self.0.len()
+        }
+        fn header(&self) -> &crate::header::RegionHeader {
+            self.0.header()
+        }
+        fn is_creator(&self) -> bool {
+            true
+        }
+        fn destroy(&self) -> Result<()> {
+            Err(Error::PermissionDenied { name: "/undestroyable".into() })
+        }
+    }
+
+    /// A destroy that fails leaves the backend and its allocators registered, as they were.
+    #[test]
+    fn a_failed_destroy_forgets_nothing() {
+        let mm = MemoryManager::new();
+        let b = mm.add_backend(Undestroyable(HeapBackend::new(BackendId(7), 1 << 20))).unwrap();
+        let id = AllocatorId::new(7, 0);
+        mm.create_allocator::<StackAllocator>(b.id(), id, 0, &Default::default()).unwrap();
+        assert!(matches!(mm.destroy_backend(b.id()), Err(Error::PermissionDenied { .. })));
+        assert_eq!(mm.backend_ids(), [b.id()]);
+        let p = mm.allocate(id, 64, 8).unwrap();
+        mm.free(p.shm).unwrap();
+        assert!(matches!(mm.destroy_backend(BackendId(8)), Err(Error::UnknownBackend(_))));
     }
 
     #[test]
