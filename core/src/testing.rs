@@ -234,10 +234,10 @@ pub(crate) fn install_test_liveness() {
     crate::liveness::install(&HOOK);
 }
 
-#[cfg(unix)]
+#[cfg(all(unix, not(loom)))]
 #[path = "forked_child.rs"]
 mod forked_child;
-#[cfg(unix)]
+#[cfg(all(unix, not(loom)))]
 pub(crate) use forked_child::in_a_forked_child;
 
 /// Holds `lock` on another thread until the returned guard drops: a thread that is inside a
