@@ -96,6 +96,12 @@ pub fn watch() -> Result<()> {
     Ok(())
 }
 
+/// Whether forks are counted in this process yet ([`watch`] registered its handlers).
+#[cfg(all(test, unix, feature = "std", not(loom), target_has_atomic = "64"))]
+pub(crate) fn watched() -> bool {
+    STATE.load(Ordering::Acquire) == 0
+}
+
 /// Runs before a fork, on the thread that calls it: the thread caches take their locks.
 #[cfg(all(unix, feature = "std", not(loom), target_has_atomic = "64"))]
 extern "C" fn before() {
@@ -138,23 +144,32 @@ pub(crate) struct Epoch(crate::sync::atomic::AtomicU64);
 #[cfg(any(loom, all(unix, feature = "std", target_has_atomic = "64")))]
 #[cfg_attr(loom, allow(dead_code))]
 impl Epoch {
-    /// While a reset runs.
-    const RESETTING: u64 = u64::MAX;
+    /// Set, with the generation it runs in, while a reset runs. A reset of another generation
+    /// than this process's was under way in a thread of an ancestor at the fork: that thread does
+    /// not run here, and the first entry here takes the reset over rather than wait for it.
+    const RESETTING: u64 = 1 << 63;
 
-    /// The epoch of a structure made in a process that was not forked (a later generation
-    /// starts it afresh at its first entry, which finds it empty anyway).
+    /// The epoch of a structure not entered yet: its first entry, in whatever generation, goes
+    /// through the reset (on a structure that no thread has locked yet, since every locker
+    /// enters first), which makes sure forks are counted ([`watch`]) before any lock of the
+    /// structure is taken. (Without that, a child forked while a thread of the parent held one
+    /// would find the generation unchanged and wait for ever on that lock.) It reads as a reset of
+    /// a generation that is never reached.
+    const NEVER_ENTERED: u64 = u64::MAX;
+
+    /// The epoch of a structure not entered yet.
     #[cfg(not(loom))]
     pub(crate) const fn new() -> Self {
-        Epoch(crate::sync::atomic::AtomicU64::new(0))
+        Epoch(crate::sync::atomic::AtomicU64::new(Self::NEVER_ENTERED))
     }
 
     #[cfg(loom)]
     pub(crate) fn new() -> Self {
-        Epoch(crate::sync::atomic::AtomicU64::new(0))
+        Epoch(crate::sync::atomic::AtomicU64::new(Self::NEVER_ENTERED))
     }
 
-    /// Runs `reset` if this is the structure's first entry since a fork; `reset` may release the
-    /// structure's locks (see the type's docs) and must not panic.
+    /// Runs `reset` if this is the structure's first entry, or its first since a fork; `reset`
+    /// may release the structure's locks (see the type's docs) and must not panic.
     #[inline]
     pub(crate) fn enter(&self, reset: impl FnOnce()) {
         self.enter_at(generation(), reset);
@@ -173,14 +188,19 @@ impl Epoch {
     #[inline(never)]
     fn start_afresh(&self, now: u64, reset: impl FnOnce()) {
         use crate::sync::atomic::Ordering;
+        // Before any lock of the structure is taken (a failure: see `crate::fork`'s docs).
+        // Registering does not change the generation, so `now` stays this process's.
+        let _ = watch();
         let mut attempt = 0u32;
         loop {
             let seen = self.0.load(Ordering::Acquire);
             if seen == now {
                 return;
             }
-            if seen != Self::RESETTING
-                && self.0.compare_exchange(seen, Self::RESETTING, Ordering::Acquire, Ordering::Relaxed).is_ok()
+            // A reset that another thread of this process runs is waited for; one of another
+            // generation (or none) is taken over.
+            if seen != Self::RESETTING | now
+                && self.0.compare_exchange(seen, Self::RESETTING | now, Ordering::Acquire, Ordering::Relaxed).is_ok()
             {
                 reset();
                 self.0.store(now, Ordering::Release);
@@ -224,5 +244,39 @@ mod loom_epoch {
             let theirs = t.join().unwrap();
             assert_eq!((mine, theirs), (1, 1), "the reset ran once, before either went on");
         });
+    }
+}
+
+#[cfg(all(test, unix, feature = "std", not(loom), target_has_atomic = "64"))]
+mod tests {
+    use super::*;
+    use crate::testing::in_a_forked_child;
+    use std::sync::mpsc;
+
+    /// A child forked while a thread of its parent is inside a structure's reset: that thread
+    /// does not run in the child, so the child must run the reset itself, not wait for it.
+    #[test]
+    fn a_child_forked_during_a_reset_in_its_parent_runs_the_reset_itself() {
+        watch().unwrap();
+        // Last used in another generation: the next entry here resets it.
+        let epoch: &'static Epoch = Box::leak(Box::new(Epoch(AtomicU64::new(generation() + 1))));
+        let (inside, in_reset) = mpsc::channel();
+        let (go, released) = mpsc::channel::<()>();
+        let resetter = std::thread::spawn(move || {
+            epoch.enter(|| {
+                inside.send(()).unwrap();
+                let _ = released.recv();
+            })
+        });
+        in_reset.recv().unwrap();
+        let child = in_a_forked_child(|| {
+            let mut ran = false;
+            epoch.enter(|| ran = true);
+            ran && epoch.0.load(Ordering::Relaxed) == generation()
+        });
+        go.send(()).unwrap();
+        resetter.join().unwrap();
+        assert!(child, "the forked child waited for a reset that a thread of its parent was running");
+        assert_eq!(epoch.0.load(Ordering::Relaxed), generation(), "the parent's reset finished");
     }
 }

@@ -114,8 +114,9 @@ impl Depot {
     fn enter(&self) {
         #[cfg(all(unix, feature = "std", not(loom), target_has_atomic = "64"))]
         self.epoch.enter(|| {
-            // SAFETY: `Epoch::enter` runs this only in the first entry since a fork, before
-            // which no thread of this process took one of the depot's locks.
+            // SAFETY: `Epoch::enter` runs this only in the depot's first entry, or its first
+            // since a fork, before which no thread of this process took one of the depot's
+            // locks (a reset that a thread of the parent had begun is the parent's).
             unsafe { self.start_afresh() }
         });
     }

@@ -249,8 +249,9 @@ impl<T> PoolAllocator<T> {
     fn list(&self) -> crate::sync::SpinLockGuard<'_, FreeList> {
         #[cfg(all(unix, feature = "std", not(loom), target_has_atomic = "64"))]
         self.epoch.enter(|| {
-            // SAFETY: `Epoch::enter` runs this only in the first entry since a fork, before which
-            // no thread of this process took the lock (every taker comes through here first).
+            // SAFETY: `Epoch::enter` runs this only in the pool's first entry, or its first since
+            // a fork, before which no thread of this process took the lock (every taker comes
+            // through here first; a reset that a thread of the parent had begun is the parent's).
             unsafe { self.free.force_unlock() };
             let mut free = self.free.lock();
             (free.head, free.len) = (ptr::null_mut(), 0);
@@ -322,6 +323,60 @@ mod tests {
     use super::*;
     use crate::testing::CountingResource;
     use proptest::prelude::*;
+
+    /// The first thread to use a pool, in a process that does not count forks yet, holds its
+    /// lock when another thread forks: the child must still count as a new generation, or it
+    /// waits for ever on that lock. (Forks used to be counted from the pool's first request
+    /// upstream, after its first lock.) Runs in a process of its own, where no other test has
+    /// counted forks before.
+    #[cfg(all(unix, feature = "std", not(loom), target_has_atomic = "64"))]
+    #[test]
+    fn a_child_forked_while_the_first_user_of_a_pool_holds_its_lock_is_not_held_up() {
+        const NAME: &str =
+            "cache::pool::tests::a_child_forked_while_the_first_user_of_a_pool_holds_its_lock_is_not_held_up";
+        const ALONE: &str = "HETMEM_TEST_ALONE_IN_ITS_PROCESS";
+        if std::env::var_os(ALONE).is_none() {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", NAME, "--test-threads=1", "--nocapture"])
+                .env(ALONE, "1")
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && stdout.contains("1 passed"),
+                "{stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return;
+        }
+        use crate::testing::in_a_forked_child;
+        use std::sync::mpsc;
+        assert!(!crate::fork::watched(), "forks were counted before the pool's first use: the test proves nothing");
+        let res = CountingResource::leak();
+        let pool: &'static PoolAllocator<[u64; 8]> =
+            Box::leak(Box::new(PoolAllocator::with_upstream(8, Upstream::Resource(res))));
+        let (held, is_held) = mpsc::channel();
+        let (go, released) = mpsc::channel::<()>();
+        // Inside the pool's first request, as `pop` is, between taking the lock and leaving it.
+        let holder = std::thread::spawn(move || {
+            let list = pool.list();
+            held.send(()).unwrap();
+            let _ = released.recv();
+            drop(list);
+        });
+        is_held.recv().unwrap();
+        let child = in_a_forked_child(|| {
+            let Ok(b) = pool.allocate() else { return false };
+            // SAFETY: allocated from this pool, not used since.
+            unsafe { pool.deallocate(b) };
+            pool.check().is_ok()
+        });
+        go.send(()).unwrap();
+        holder.join().unwrap();
+        assert!(child, "the forked child hung on the lock the first user of the pool held in its parent");
+        pool.release();
+        assert_eq!(res.live_blocks(), 0);
+    }
 
     #[cfg(all(unix, feature = "std", not(loom), target_has_atomic = "64"))]
     #[test]
