@@ -25,7 +25,8 @@ static GENERATIONS: SlotGenerations<KEY_SLOTS> = SlotGenerations::new();
 /// `pthread_setspecific`: `tls_delete` retires the generation, then waits for these to finish
 /// before `pthread_key_delete` lets the number go to a new key. Both sides write their own word
 /// and then read the other's, in sequentially consistent order, so a set either sees the retired
-/// generation or is waited for.
+/// generation or is waited for. A set counts itself only after a first check found its key
+/// live, so the sets of a key already retired, however many, never keep the count from zero.
 ///
 /// A forked child has only the thread that forked, which was in no `tls_set`: its copy of the
 /// counts names threads it does not have, and [`forget_sets`] empties it.
@@ -143,8 +144,15 @@ unsafe impl ThreadModel for Pthreads {
     // pthread stores the pointer and never dereferences it; only the key's destructor does.
     #[allow(clippy::not_unsafe_ptr_arg_deref)]
     fn tls_set(key: Self::TlsKey, value: *mut c_void) -> Result<()> {
+        // A key already retired is refused before it is counted: sets of it, which other threads
+        // may go on making, must not keep a delete waiting on the count.
+        if !key.is_live() {
+            return Err(DELETED_KEY);
+        }
         let setting = &SETTING[key.key as usize & (KEY_SLOTS - 1)];
         setting.fetch_add(1, Ordering::SeqCst);
+        #[cfg(test)]
+        tests::counted();
         let stored = key.is_live().then(|| {
             #[cfg(test)]
             tests::between_check_and_store();
@@ -190,6 +198,69 @@ mod tests {
     std::thread_local! {
         /// What this thread's `tls_set` runs after its key check, before libc stores the value.
         static PAUSE: RefCell<Option<Box<dyn FnMut()>>> = const { RefCell::new(None) };
+    }
+
+    std::thread_local! {
+        /// What this thread's `tls_set` runs once counted in `SETTING`, before its key check.
+        static COUNTED: RefCell<Option<Box<dyn FnMut()>>> = const { RefCell::new(None) };
+    }
+
+    pub(super) fn counted() {
+        if let Some(mut pause) = COUNTED.with(|p| p.borrow_mut().take()) {
+            pause();
+        }
+    }
+
+    /// A set of a key that a delete has already retired is refused before it is counted: it
+    /// does not hold the delete up. (Counted, such sets, which threads may go on making, kept the
+    /// count from ever reading zero while they came: a delete under a stream of them waited as
+    /// long as the stream lasted.)
+    #[test]
+    fn sets_of_a_retired_key_do_not_hold_its_delete_up() {
+        // SAFETY: no destructor.
+        let key = unsafe { Pthreads::tls_create(None) }.unwrap();
+        // A set that passed its check before the delete: the delete rightly waits for it.
+        let (checked, in_window) = mpsc::channel();
+        let (release_first, first_released) = mpsc::channel::<()>();
+        let first = std::thread::spawn(move || {
+            PAUSE.with(|p| {
+                *p.borrow_mut() = Some(Box::new(move || {
+                    checked.send(()).unwrap();
+                    first_released.recv().unwrap();
+                }))
+            });
+            Pthreads::tls_set(key, 8 as *mut c_void).unwrap();
+            Pthreads::tls_set(key, std::ptr::null_mut())
+        });
+        in_window.recv().unwrap();
+        let (deleted, delete_done) = mpsc::channel();
+        let deleter = std::thread::spawn(move || deleted.send(Pthreads::tls_delete(key)).unwrap());
+        while key.is_live() {
+            std::thread::yield_now();
+        }
+        // A set that starts after the key was retired, held where it would be counted.
+        let (late_arrived, late_at) = mpsc::channel();
+        let (release_late, late_released) = mpsc::channel::<()>();
+        let late = std::thread::spawn(move || {
+            let counted = late_arrived.clone();
+            COUNTED.with(|p| {
+                *p.borrow_mut() = Some(Box::new(move || {
+                    counted.send(()).unwrap();
+                    let _ = late_released.recv_timeout(Duration::from_secs(10));
+                }))
+            });
+            let set = Pthreads::tls_set(key, 8 as *mut c_void);
+            let _ = late_arrived.send(());
+            set
+        });
+        late_at.recv().unwrap();
+        release_first.send(()).unwrap();
+        let delete = delete_done.recv_timeout(Duration::from_secs(2));
+        let _ = release_late.send(());
+        assert_eq!(late.join().unwrap(), Err(DELETED_KEY));
+        assert_eq!(first.join().unwrap(), Err(DELETED_KEY));
+        deleter.join().unwrap();
+        assert_eq!(delete.expect("the delete waited for a set that began after it retired the key"), Ok(()));
     }
 
     pub(super) fn between_check_and_store() {
