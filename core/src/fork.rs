@@ -168,6 +168,14 @@ impl Epoch {
         Epoch(crate::sync::atomic::AtomicU64::new(Self::NEVER_ENTERED))
     }
 
+    /// Marks the structure as belonging to this process's generation without a reset: for a
+    /// fork handler that has made its state the child's own (the locks it held through the fork
+    /// released, what the child may not use dropped), and holds its locks meanwhile.
+    #[cfg(not(loom))]
+    pub(crate) fn adopt(&self) {
+        self.0.store(generation(), crate::sync::atomic::Ordering::Release);
+    }
+
     /// Runs `reset` if this is the structure's first entry, or its first since a fork; `reset`
     /// may release the structure's locks (see the type's docs) and must not panic.
     #[inline]

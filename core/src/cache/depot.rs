@@ -208,6 +208,19 @@ impl Depot {
         self.bytes.store(0, Ordering::Relaxed);
     }
 
+    /// Keeps the depot's batches in this forked child, where its first use would otherwise drop
+    /// them (see [`Depot`]): the fork handlers, which held every lock through the fork, have made
+    /// them the child's (over the system allocator they are the child's own copy).
+    ///
+    /// # Safety
+    /// As for [`forget_all_locked`](Self::forget_all_locked): the caller holds every class lock,
+    /// taken with `lock_all` before the fork.
+    #[cfg(unix)]
+    pub(crate) unsafe fn adopt_locked(&self) {
+        #[cfg(all(feature = "std", not(loom), target_has_atomic = "64"))]
+        self.epoch.adopt();
+    }
+
     /// Changes the byte limit. Memory already held stays until taken or released. (A limit of
     /// `usize::MAX` is kept as `usize::MAX - 1`: the largest value marks a limit not set yet.)
     pub fn set_limit(&self, limit: usize) {

@@ -790,6 +790,9 @@ pub(crate) mod fork {
                     unsafe { DEPOTS[slot].forget_all_locked() };
                     s.caches[slot].forget_all();
                 }
+                // What the depot holds now is the child's: its first use here must not drop it.
+                // SAFETY: as above.
+                unsafe { DEPOTS[slot].adopt_locked() };
             }
         });
         // SAFETY: as in `parent`, for the child's copy of the thread.
@@ -953,6 +956,39 @@ mod tests {
 
     fn phase() -> u8 {
         with_state(|s| s.phase.get())
+    }
+
+    /// The system allocator's depot keeps its batches in a forked child: the fork handlers hold
+    /// its locks through the fork and leave its batches there (its memory is the child's own
+    /// copy), so its first use in the child must not start it afresh and leak them.
+    #[cfg(all(feature = "std", not(loom), target_has_atomic = "64"))]
+    #[test]
+    fn the_system_depot_keeps_its_batches_in_a_forked_child() {
+        use crate::cache::depot::set_link;
+        use crate::cache::size_class::{batch_len, MAX_BUCKETS};
+        crate::fork::watch().unwrap();
+        let depot = &DEPOTS[SLOT_SYSTEM as usize];
+        // The largest class, which the other tests' requests are least likely to take meanwhile.
+        let class = MAX_BUCKETS - 1;
+        let layout = Layout::from_size_align(block_size(class), BLOCK_ALIGN).unwrap();
+        let mut head = ptr::null_mut();
+        for _ in 0..batch_len(class) {
+            // SAFETY: a layout of non-zero size.
+            let block = unsafe { std::alloc::System.alloc(layout) };
+            assert!(!block.is_null());
+            // SAFETY: a fresh block of at least 16 bytes, aligned to 16.
+            unsafe { set_link(block, 0, head) };
+            head = block;
+        }
+        // SAFETY: a batch of `class` from the system allocator, which this depot serves.
+        assert!(unsafe { depot.try_push(class, NonNull::new(head).unwrap()) }, "the depot's limit refused a batch");
+        let child = crate::testing::in_a_forked_child(|| {
+            let held = depot.stats().bytes_cached;
+            // The first use in the child: it must find the batches the handlers kept.
+            let checked = depot.check().is_ok();
+            held > 0 && depot.stats().bytes_cached == held && checked
+        });
+        assert!(child, "the forked child's first use of the system depot dropped the batches the fork handlers kept");
     }
 
     /// Two threads fork at once: the second one's handlers must wait for the first one's locks,
