@@ -304,8 +304,17 @@ fn reserve(fd: i32, len: u64) -> Result<()> {
     let Ok(len_off) = libc::off_t::try_from(len) else {
         return Err(Error::OutOfMemory { requested: len, available: free_bytes(fd) });
     };
-    // SAFETY: `fd` is an open descriptor we own; the range is the segment's.
-    let rc = unsafe { libc::posix_fallocate(fd, 0, len_off) };
+    // Older kernels let any signal interrupt a reservation on tmpfs (EINTR, the pages taken so
+    // far given back): tried again a few times, not for ever, for a process that signals itself
+    // often (a profiler's timer, say).
+    let mut rc = libc::EINTR;
+    for _ in 0..8 {
+        // SAFETY: `fd` is an open descriptor we own; the range is the segment's.
+        rc = unsafe { libc::posix_fallocate(fd, 0, len_off) };
+        if rc != libc::EINTR {
+            break;
+        }
+    }
     match rc {
         0 => Ok(()),
         libc::ENOSPC | libc::EFBIG => Err(Error::OutOfMemory { requested: len, available: free_bytes(fd) }),
@@ -400,14 +409,14 @@ mod tests {
         ShmOptions { attach_timeout: Duration::from_millis(50), ..Default::default() }
     }
 
-    /// The bytes free in `/dev/shm`.
-    fn shm_free() -> u64 {
+    /// The size of `/dev/shm`, used and free.
+    fn shm_size() -> u64 {
         let dir = std::ffi::CString::new("/dev/shm").unwrap();
         // SAFETY: an all-zero `statvfs` is a valid value to be overwritten.
         let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
         // SAFETY: a valid path and out-pointer.
         assert_eq!(unsafe { libc::statvfs(dir.as_ptr(), &mut st) }, 0);
-        st.f_bavail as u64 * st.f_frsize as u64
+        st.f_blocks as u64 * st.f_frsize as u64
     }
 
     #[test]
@@ -420,8 +429,10 @@ mod tests {
         assert!(file.blocks() * 512 >= a.len(), "{} bytes held of {}", file.blocks() * 512, a.len());
         a.destroy().unwrap();
         // More than /dev/shm holds: sparse, it is created (and a process touching its pages would
-        // die of SIGBUS past what fits); reserved, it is refused, and its name removed.
-        let too_large = (shm_free() + (1 << 30)) as usize;
+        // die of SIGBUS past what fits); reserved, it is refused, and its name removed. Larger
+        // than the whole file system, not only its free space, so that the kernel refuses the
+        // reservation before it takes any memory (tmpfs takes pages up to what is free first).
+        let too_large = (shm_size() + (1 << 30)) as usize;
         match PosixShmBackend::create(&name, too_large, &reserve) {
             Err(Error::OutOfMemory { requested, available }) => {
                 assert!(requested >= too_large as u64 && available < requested, "{requested} {available}");
