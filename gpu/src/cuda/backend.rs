@@ -31,8 +31,10 @@ pub struct CudaShmOptions {
 /// Each process registers its own mapping when it creates or attaches, and unregisters it on drop,
 /// after waiting for the work queued in every device's primary context in this process (copies
 /// through [views](Self::device_view) and kernels, queued on any device's streams, may still use
-/// the segment; work in contexts made with `cuCtxCreate` is not seen); the segment's name follows [`PosixShmBackend`]'s rules
-/// (the creator unlinks it on drop unless persisted).
+/// the segment; work in contexts made with `cuCtxCreate` is not seen). So a drop also waits for
+/// work that does not touch the segment: drop the backend before starting a kernel that runs
+/// for good (a persistent kernel), or after stopping it. The segment's name follows
+/// [`PosixShmBackend`]'s rules (the creator unlinks it on drop unless persisted).
 ///
 /// # Errors
 /// Creating or attaching fails as [`PosixShmBackend`] does, and as [`driver::driver`] and

@@ -117,7 +117,8 @@ pub struct CudaIpcOptions {
 /// it under them. Dropping a backend first waits for the work queued in every device's primary
 /// context in this process (copies through [views](Self::device_view) and kernels, queued on any
 /// device's streams, may still use the memory; work in contexts made with `cuCtxCreate` is not
-/// seen).
+/// seen), including work that does not touch the memory: drop it before starting a kernel that
+/// runs for good, or after stopping it.
 ///
 /// # Errors
 /// As [`driver::context`] and [`PosixShmBackend`]; an attacher gets [`Error::NotFound`] if no
