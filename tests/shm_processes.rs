@@ -1,4 +1,4 @@
-//! Several real processes on one shared segment: the span allocators under cross-process
+//! Several real processes on one shared segment: the span allocators and the stack under cross-process
 //! stress and under SIGKILL. The test binary re-executes itself with `HETMEM_CHILD` set to play
 //! a child's part.
 
@@ -113,7 +113,14 @@ fn open<A: AllocatorType>(seg: &str) -> (MemoryManager, Arc<A>, *mut u8) {
     (mm, a, base)
 }
 
+/// A stress worker: (allocator, segment base, mailbox offset, owner byte, operations).
+type Worker<A> = fn(&A, *mut u8, u64, u8, u64);
+
 fn stress<A: AllocatorType>(test: &str, tag: &str, config: A::Config) {
+    stress_with::<A>(test, tag, config, stress_worker::<A>);
+}
+
+fn stress_with<A: AllocatorType>(test: &str, tag: &str, config: A::Config, worker: Worker<A>) {
     if let Some((_, args)) = child_args() {
         let (_mm, a, base) = open::<A>(&args[0]);
         let mailbox = args[1].parse().unwrap();
@@ -123,7 +130,7 @@ fn stress<A: AllocatorType>(test: &str, tag: &str, config: A::Config) {
         // A thread, so the thread-local allocator's heap is released at its exit; `join`
         // (unlike a scope) returns only after the thread's TLS destructors ran.
         let a2 = a.clone();
-        std::thread::spawn(move || stress_worker(&*a2, base as *mut u8, mailbox, owner, ops)).join().unwrap();
+        std::thread::spawn(move || worker(&*a2, base as *mut u8, mailbox, owner, ops)).join().unwrap();
         std::process::exit(0);
     }
     let seg = segment(tag);
@@ -194,6 +201,58 @@ fn bitmap_four_processes_stress() {
     // Blocks up to 128 KiB: the workers ask for up to 100,000 bytes.
     let config = BitmapConfig { min_block: 16, max_block: 128 << 10 };
     stress::<hetmem::allocators::BitmapAllocator>("bitmap_four_processes_stress", "bitmap-stress", config);
+}
+
+/// A stack allocator's worker: rounds of a few blocks taken and then freed last first (the
+/// order a stack serves), interleaved with the other processes' rounds, so frees often wait for a
+/// block of another process above them. Now and then a round takes nearly the whole segment for
+/// a moment, so that the others' requests meanwhile, or its own, run out of memory: an error
+/// after which the round gives its blocks back and the next one goes on. (A tenth of `ops`: a
+/// stack serialises the processes on one lock.)
+fn stack_worker(a: &StackAllocator, base: *mut u8, _mailbox: u64, owner: u8, ops: u64) {
+    let mut rng = Rng(0x51ac_0000_1234_5678 ^ ((owner as u64) << 40));
+    let (mut done, mut refused) = (0, 0u64);
+    while done < ops / 10 {
+        let r = rng.next();
+        if r % 256 == 0 {
+            match a.allocate(60 << 20, 8) {
+                Ok(p) => {
+                    std::thread::sleep(Duration::from_millis(2));
+                    a.free(p).expect("free");
+                }
+                Err(Error::OutOfMemory { .. }) => refused += 1,
+                Err(e) => panic!("allocate: {e}"),
+            }
+        }
+        let mut round = Vec::new();
+        for _ in 0..1 + r % 12 {
+            let r = rng.next();
+            let size = 16 + (r >> 20) as usize % 4081;
+            match a.allocate(size, 1 << ((r >> 8) % 7)) {
+                Ok(p) => {
+                    stamp(base, p, size, owner);
+                    round.push(p);
+                }
+                Err(Error::OutOfMemory { .. }) => {
+                    refused += 1;
+                    std::thread::yield_now();
+                    break;
+                }
+                Err(e) => panic!("allocate: {e}"),
+            }
+        }
+        done += 2 * round.len() as u64;
+        for p in round.into_iter().rev() {
+            assert_eq!(verify(base, p), owner, "a block another process wrote into");
+            a.free(p).expect("free");
+        }
+    }
+    println!("stack worker {owner}: {refused} requests refused for want of memory");
+}
+
+#[test]
+fn stack_four_processes_stress() {
+    stress_with::<StackAllocator>("stack_four_processes_stress", "stack-stress", Default::default(), stack_worker);
 }
 
 /// A child that allocates and frees in a tight loop until it is killed; every fourth step it
