@@ -9,6 +9,8 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 
 use super::boxed::{FastBox, StoreRef};
 use super::class::{class_count, class_of, heads_bytes, MIN_BLOCK, MIN_CLASS};
+#[cfg(not(feature = "critical-section"))]
+use super::stack::HeadCell;
 use super::stack::{link_in, LINK_UNIT_SHIFT, MAX_LINK};
 use crate::error::{Error, Result};
 
@@ -259,19 +261,9 @@ impl<'a, const N: usize, const S: usize> FastMem<'a, N, S> {
         let cursor = &self.store.cursor;
         #[cfg(not(feature = "critical-section"))]
         {
-            let mut current = cursor.load(Ordering::Relaxed);
-            loop {
-                let start = bump_start(addr, current, size);
-                let end = start + size;
-                if end > N {
-                    return Err(out_of_memory(size, N - current));
-                }
-                match cursor.compare_exchange_weak(current, end, Ordering::Relaxed, Ordering::Relaxed) {
-                    // SAFETY: start < end <= N: inside the store.
-                    Ok(_) => return Ok(unsafe { base.add(start) }),
-                    Err(seen) => current = seen,
-                }
-            }
+            let start = claim(cursor, addr, N, size)?;
+            // SAFETY: start < start + size <= N: inside the store.
+            Ok(unsafe { base.add(start) })
         }
         #[cfg(feature = "critical-section")]
         critical_section::with(|_| {
@@ -285,6 +277,27 @@ impl<'a, const N: usize, const S: usize> FastMem<'a, N, S> {
             // SAFETY: start < end <= N: inside the store.
             Ok(unsafe { base.add(start) })
         })
+    }
+}
+
+/// Claims the next `size` bytes (a power of two), aligned to their size, of the untouched part
+/// of a store of `n` bytes at address `addr` whose cursor is `cursor`, and returns their offset.
+/// Claims racing on one cursor get disjoint ranges: each moves the cursor from the value it
+/// computed its range from, or retries. Run on loom's atomics by `core/tests/loom_fastmem.rs`.
+#[cfg(not(feature = "critical-section"))]
+#[inline(always)]
+pub fn claim<C: HeadCell>(cursor: &C, addr: usize, n: usize, size: usize) -> Result<usize> {
+    let mut current = cursor.load(Ordering::Relaxed);
+    loop {
+        let start = bump_start(addr, current, size);
+        let end = start + size;
+        if end > n {
+            return Err(out_of_memory(size, n - current));
+        }
+        match cursor.compare_exchange_weak(current, end, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return Ok(start),
+            Err(seen) => current = seen,
+        }
     }
 }
 
