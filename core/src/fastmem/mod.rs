@@ -76,8 +76,8 @@ pub use boxed::{FastBox, StoreRef};
 pub use class::{block_size, MIN_BLOCK};
 pub use store::{FastMem, FastMemReport, FastMemStore};
 
-/// The free-stack algorithm and the store's bump claim, for the loom models in `core/tests/loom_fastmem.rs` (only under
-/// `--cfg loom`, where it also runs on loom's atomics).
+/// The free-stack algorithm and the store's bump claim, for the loom models in
+/// `core/tests/loom_fastmem.rs` (only under `--cfg loom`, where they also run on loom's atomics).
 #[cfg(loom)]
 #[doc(hidden)]
 pub mod loom_api {
