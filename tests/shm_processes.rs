@@ -1,6 +1,6 @@
 //! Several real processes on one shared segment: the span allocators and the stack allocator
-//! under cross-process stress, the span allocators under SIGKILL. The test binary re-executes itself with `HETMEM_CHILD` set to play
-//! a child's part.
+//! under cross-process stress, the span allocators under SIGKILL. The test binary re-executes
+//! itself with `HETMEM_CHILD` set to play a child's part.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

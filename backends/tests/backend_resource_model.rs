@@ -92,7 +92,10 @@ proptest! {
                             // Refused only when no free block holds the request at any alignment
                             // of its start (the resource fits on that worst case).
                             let footprint = rounded(size) + (align as u64).saturating_sub(GRANULE);
-                            prop_assert!(available < footprint, "refused {size} (align {align}) with {available} free in one block");
+                            prop_assert!(
+                                available < footprint,
+                                "refused {size} (align {align}) with {available} free in one block"
+                            );
                             prop_assert_eq!(r.free_bytes(), before, "a refusal changed the free bytes");
                         }
                         Err(e) => prop_assert!(false, "allocate({size}, {align}): {e}"),
