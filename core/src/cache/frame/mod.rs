@@ -499,6 +499,44 @@ mod tests {
         RES.get_or_init(CountingResource::leak)
     }
 
+    /// An upstream that refuses a new frame is an `OutOfMemory` error, not a panic or a null
+    /// frame; a recycled frame is still served meanwhile, and once the upstream gives again the
+    /// frames work as before and every frame goes back.
+    #[test]
+    fn a_refused_frame_is_an_error_and_the_frames_stay_usable() {
+        let res = shared_resource();
+        std::thread::spawn(move || {
+            let _serial = serial();
+            let frames = RecyclingFrameAllocator::with_resource(res);
+            let before = res.live_blocks();
+            let a = frames.allocate(100).unwrap();
+            // SAFETY: from `allocate(100)`.
+            unsafe { frames.deallocate(a, 100) };
+            res.set_failing(true);
+            let recycled = frames.allocate(100);
+            let refused = frames.allocate(100);
+            let large = frames.allocate(MAX_BLOCK + 1);
+            res.set_failing(false);
+            assert_eq!(recycled, Ok(a), "a recycled frame needs no upstream");
+            assert!(matches!(refused, Err(Error::OutOfMemory { .. })), "{refused:?}");
+            assert!(matches!(large, Err(Error::OutOfMemory { .. })), "{large:?}");
+            frames.check_thread().unwrap();
+            let b = frames.allocate(100).unwrap();
+            assert_ne!(a, b);
+            // SAFETY: from `allocate(100)`.
+            unsafe {
+                frames.deallocate(a, 100);
+                frames.deallocate(b, 100);
+            }
+            frames.check_thread().unwrap();
+            frames.flush_thread();
+            frames.release_depot();
+            assert_eq!(res.live_blocks(), before, "every frame went back once");
+        })
+        .join()
+        .unwrap();
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(32))]
 
