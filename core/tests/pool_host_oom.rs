@@ -84,7 +84,7 @@ fn refusing<T>(f: impl FnOnce() -> T) -> T {
     out
 }
 
-fn host_oom<T: std::fmt::Debug>(r: hetmem_core::Result<T>) -> bool {
+fn host_oom<T>(r: hetmem_core::Result<T>) -> bool {
     matches!(r, Err(Error::OutOfMemory { available: 0, .. }))
 }
 
@@ -98,6 +98,8 @@ fn pools_report_host_out_of_memory_and_stay_usable() {
 fn quick_pool() {
     let device = FakeDevice { next: AtomicUsize::new(1 << 40), live: AtomicI64::new(0) };
     let config = QuickPoolConfig { first_block_size: 1 << 20, next_block_size: 1 << 20, alignment: 16, max_size: None };
+    // Even the pool's own index is refused: an error, not an abort.
+    assert!(host_oom(refusing(|| QuickPool::with_config(&device, config))));
     let mut pool = QuickPool::with_config(&device, config).unwrap();
 
     // The first request needs the chunk table: refused, and the upstream block goes back.
@@ -153,7 +155,11 @@ fn quick_pool() {
     let end = pool.stats();
     assert_eq!((end.current_size, end.allocation_count, end.requested_size), (0, 0, 0));
     assert_eq!((start.current_size, start.allocation_count), (0, 0));
-    drop(pool);
+    // A pool dropped while the host refuses hands its upstream blocks back and allocates
+    // nothing (before, its drop built a fresh index, and aborted here).
+    pool.allocate(64, 16).unwrap();
+    assert!(device.live.load(Ordering::Relaxed) > 0);
+    refusing(|| drop(pool));
     assert_eq!(device.live.load(Ordering::Relaxed), 0);
 }
 

@@ -10,6 +10,7 @@
 //!
 //! Only addresses and slots are stored: nothing here touches the blocks' memory.
 
+#[cfg(test)]
 use alloc::vec;
 use alloc::vec::Vec;
 
@@ -33,8 +34,17 @@ pub(crate) struct AddrTable {
 }
 
 impl AddrTable {
+    #[cfg(test)]
     pub(crate) fn new() -> Self {
         AddrTable { buckets: vec![NIL; 1 << MIN_BITS], mask: (1 << MIN_BITS) - 1, len: 0, shift: 64 - MIN_BITS }
+    }
+
+    /// An empty table, or `None` when the allocator cannot give its memory.
+    pub(crate) fn try_new() -> Option<Self> {
+        let mut buckets = Vec::new();
+        buckets.try_reserve_exact(1 << MIN_BITS).ok()?;
+        buckets.resize(1 << MIN_BITS, NIL);
+        Some(AddrTable { buckets, mask: (1 << MIN_BITS) - 1, len: 0, shift: 64 - MIN_BITS })
     }
 
     /// How many blocks are stored.

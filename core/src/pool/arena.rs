@@ -216,19 +216,27 @@ pub(crate) struct BlockArena {
 
 impl BlockArena {
     /// An empty arena whose blocks are multiples of `granule` (a power of two) and start on
-    /// `granule` boundaries.
+    /// `granule` boundaries; aborts, as `Box::new` does, when the host cannot give its index.
     pub(crate) fn new(granule: usize) -> Self {
+        Self::try_new(granule)
+            .unwrap_or_else(|_| alloc::alloc::handle_alloc_error(core::alloc::Layout::new::<FreeIndex>()))
+    }
+
+    /// [`new`](Self::new), or `OutOfMemory` when the host cannot give its bookkeeping (the free
+    /// index is about 264 KiB).
+    pub(crate) fn try_new(granule: usize) -> Result<Self> {
         debug_assert!(granule.is_power_of_two());
-        BlockArena {
-            blocks: Records::new(),
+        let oom = || host_out_of_memory(core::mem::size_of::<FreeIndex>());
+        Ok(BlockArena {
+            blocks: Records::try_new().ok_or_else(oom)?,
             spares: Spares { head: NIL, len: 0 },
             chunks: Vec::new(),
             spare_chunks: Vec::new(),
-            free: FreeIndex::new(),
-            used: AddrTable::new(),
+            free: FreeIndex::try_new().ok_or_else(oom)?,
+            used: AddrTable::try_new().ok_or_else(oom)?,
             granule,
             counters: ArenaCounters::default(),
-        }
+        })
     }
 
     #[inline]
@@ -456,12 +464,11 @@ impl BlockArena {
         Some(FreedChunk { base: chunk.base, size: chunk.size, align: chunk.align })
     }
 
-    /// Removes every chunk, used or not, and returns them (for the owner's `Drop`).
-    pub(crate) fn take_all_chunks(&mut self) -> Vec<FreedChunk> {
-        let out = self.chunks.drain(..).flatten().map(|c| FreedChunk { base: c.base, size: c.size, align: c.align });
-        let out = out.collect();
-        *self = BlockArena::new(self.granule);
-        out
+    /// Removes every chunk, used or not, for the owner's `Drop` to hand back: the arena is left
+    /// without chunks but with its blocks' records, fit only to be dropped. (It allocates
+    /// nothing, so that a pool dropped while the host is out of memory does not abort.)
+    pub(crate) fn drain_chunks_for_drop(&mut self) -> impl Iterator<Item = FreedChunk> + '_ {
+        self.chunks.drain(..).flatten().map(|c| FreedChunk { base: c.base, size: c.size, align: c.align })
     }
 
     /// Every block, chunk by chunk in address order, each chunk's blocks in address order.

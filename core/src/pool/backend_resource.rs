@@ -132,7 +132,7 @@ impl BackendResource {
             crate::fork::watch()?;
         }
         let generation = crate::fork::generation();
-        let mut arena = BlockArena::new(GRANULE);
+        let mut arena = BlockArena::try_new(GRANULE)?;
         arena.add_chunk(chunk, (end - start) as usize, GRANULE)?;
         let carver = Mutex::new(Carver(arena));
         Ok(BackendResource { backend, start, len: end - start, base, carver, generation })

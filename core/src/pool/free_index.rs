@@ -23,6 +23,7 @@
 //! Only sizes and addresses are stored: nothing here touches the blocks' memory.
 
 use alloc::boxed::Box;
+#[cfg(test)]
 use alloc::vec;
 use alloc::vec::Vec;
 use core::marker::PhantomData;
@@ -145,8 +146,19 @@ pub(crate) struct Records {
 
 impl Records {
     /// A table of one blank record.
+    #[cfg(test)]
     pub(crate) fn new() -> Self {
         Records { table: vec![Block::new(0, 0)], cold: vec![Cold::default()], mask: 0 }
+    }
+
+    /// A table of one blank record, or `None` when the allocator cannot give its memory.
+    pub(crate) fn try_new() -> Option<Self> {
+        let (mut table, mut cold) = (Vec::new(), Vec::new());
+        table.try_reserve_exact(1).ok()?;
+        cold.try_reserve_exact(1).ok()?;
+        table.push(Block::new(0, 0));
+        cold.push(Cold::default());
+        Some(Records { table, cold, mask: 0 })
     }
 
     /// How many records there are (a power of two).
@@ -348,16 +360,22 @@ pub(crate) struct FreeIndex {
 
 impl FreeIndex {
     /// An empty index, built in place on the heap (it is too large to build on a small stack).
+    #[cfg(test)]
     pub(crate) fn new() -> Box<Self> {
+        Self::try_new().unwrap_or_else(|| alloc::alloc::handle_alloc_error(core::alloc::Layout::new::<FreeIndex>()))
+    }
+
+    /// [`new`](Self::new), or `None` when the allocator cannot give its memory.
+    pub(crate) fn try_new() -> Option<Box<Self>> {
         let layout = core::alloc::Layout::new::<FreeIndex>();
         // SAFETY: the layout is not zero-sized.
         let raw = unsafe { alloc::alloc::alloc_zeroed(layout) }.cast::<FreeIndex>();
         if raw.is_null() {
-            alloc::alloc::handle_alloc_error(layout);
+            return None;
         }
         // SAFETY: `raw` was just allocated with `FreeIndex`'s layout, as `Box` allocates, and a
         // `FreeIndex` is arrays of `u32` and `u64`, for which all-zero bytes are a valid value.
-        unsafe { Box::from_raw(raw) }
+        Some(unsafe { Box::from_raw(raw) })
     }
 
     /// Hangs `node` where `(parent, side)` says: a record's child, or the root of `bin` when

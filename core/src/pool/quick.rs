@@ -72,13 +72,18 @@ unsafe impl<R: MemoryResource> Send for QuickPool<R> {}
 impl<R: MemoryResource> QuickPool<R> {
     /// A pool over `upstream` with the default configuration and heuristic
     /// (`PercentReleasable(100)`). Nothing is taken from upstream until the first allocation.
+    /// The pool's own index (about 264 KiB of host memory) is allocated here: if the host cannot
+    /// give it, this aborts as `Box::new` does; [`with_config`](Self::with_config) returns
+    /// `OutOfMemory` instead.
     pub fn new(upstream: R) -> Self {
-        QuickPool::build(upstream, QuickPoolConfig::default())
+        let config = QuickPoolConfig::default();
+        QuickPool::build(upstream, config, BlockArena::new(config.alignment))
     }
 
     /// A pool over `upstream` with `config`, and the default heuristic. `InvalidAlignment` for
     /// an alignment that is not a power of two; `InvalidSize` for a block size that is zero or
-    /// past `isize::MAX` bytes once aligned, or a maximum size below the alignment.
+    /// past `isize::MAX` bytes once aligned, or a maximum size below the alignment;
+    /// `OutOfMemory` when the host cannot give the pool's index (about 264 KiB).
     pub fn with_config(upstream: R, config: QuickPoolConfig) -> Result<Self> {
         if !config.alignment.is_power_of_two() {
             return Err(Error::InvalidAlignment { align: config.alignment as u64 });
@@ -99,10 +104,10 @@ impl<R: MemoryResource> QuickPool<R> {
                 reason: "maximum size below the alignment",
             });
         }
-        Ok(QuickPool::build(upstream, config))
+        Ok(QuickPool::build(upstream, config, BlockArena::try_new(config.alignment)?))
     }
 
-    fn build(upstream: R, config: QuickPoolConfig) -> Self {
+    fn build(upstream: R, config: QuickPoolConfig, arena: BlockArena) -> Self {
         let heuristic = PercentReleasable::default();
         QuickPool {
             upstream,
@@ -111,7 +116,7 @@ impl<R: MemoryResource> QuickPool<R> {
             release_when_growing: heuristic.release_when_growing(),
             floor: heuristic.releasable_floor(0),
             heuristic: Box::new(heuristic),
-            arena: BlockArena::new(config.alignment),
+            arena,
             high_watermark: 0,
             actual_high_watermark: 0,
             upstream_allocations: 0,
@@ -419,7 +424,7 @@ impl<R: MemoryResource> QuickPool<R> {
 
 impl<R: MemoryResource> Drop for QuickPool<R> {
     fn drop(&mut self) {
-        for chunk in self.arena.take_all_chunks() {
+        for chunk in self.arena.drain_chunks_for_drop() {
             // SAFETY: every chunk came from `self.upstream.allocate(chunk.size, chunk.align)`;
             // the pool is going away, and its contract says its allocations go with it.
             unsafe { self.upstream.deallocate(chunk.base, chunk.size, chunk.align) };
