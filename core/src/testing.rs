@@ -240,10 +240,11 @@ mod forked_child;
 #[cfg(all(unix, not(loom)))]
 pub(crate) use forked_child::in_a_forked_child;
 
-/// Holds `lock` on another thread until the returned guard drops: a thread that is inside a
-/// critical section of the lock when the test forks.
+/// Runs `take` (which takes a lock and returns its guard) on another thread, and holds the guard
+/// there until the returned value drops: a thread that is inside a critical section of the lock
+/// when the test forks.
 #[cfg(unix)]
-pub(crate) fn held_by_another_thread<T: Send + 'static>(lock: &'static crate::sync::SpinLock<T>) -> impl Drop {
+pub(crate) fn held_by_another_thread<G>(take: impl FnOnce() -> G + Send + 'static) -> impl Drop {
     struct Release(Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>);
     impl Drop for Release {
         fn drop(&mut self) {
@@ -256,7 +257,7 @@ pub(crate) fn held_by_another_thread<T: Send + 'static>(lock: &'static crate::sy
     let (held_tx, held_rx) = std::sync::mpsc::channel();
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
     let holder = std::thread::spawn(move || {
-        let guard = lock.lock();
+        let guard = take();
         held_tx.send(()).unwrap();
         let _ = go_rx.recv();
         drop(guard);

@@ -409,7 +409,7 @@ mod tests {
         let class = 3;
         // SAFETY: a batch of `class` from the upstream the depot is bound to.
         assert!(unsafe { depot.try_push(class, batch(res, class)) });
-        let held = held_by_another_thread(&depot.classes[class]);
+        let held = held_by_another_thread(move || depot.classes[class].lock());
         let child = in_a_forked_child(|| {
             // The parent's batch is dropped, unfreed, and the lock its thread held released.
             let dropped = depot.try_pop(class).is_none() && depot.stats().bytes_cached == 0;

@@ -349,30 +349,20 @@ mod tests {
             );
             return;
         }
-        use crate::testing::in_a_forked_child;
-        use std::sync::mpsc;
+        use crate::testing::{held_by_another_thread, in_a_forked_child};
         assert!(!crate::fork::watched(), "forks were counted before the pool's first use: the test proves nothing");
         let res = CountingResource::leak();
         let pool: &'static PoolAllocator<[u64; 8]> =
             Box::leak(Box::new(PoolAllocator::with_upstream(8, Upstream::Resource(res))));
-        let (held, is_held) = mpsc::channel();
-        let (go, released) = mpsc::channel::<()>();
         // Inside the pool's first request, as `pop` is, between taking the lock and leaving it.
-        let holder = std::thread::spawn(move || {
-            let list = pool.list();
-            held.send(()).unwrap();
-            let _ = released.recv();
-            drop(list);
-        });
-        is_held.recv().unwrap();
+        let held = held_by_another_thread(|| pool.list());
         let child = in_a_forked_child(|| {
             let Ok(b) = pool.allocate() else { return false };
             // SAFETY: allocated from this pool, not used since.
             unsafe { pool.deallocate(b) };
             pool.check().is_ok()
         });
-        go.send(()).unwrap();
-        holder.join().unwrap();
+        drop(held);
         assert!(child, "the forked child hung on the lock the first user of the pool held in its parent");
         pool.release();
         assert_eq!(res.live_blocks(), 0);
@@ -389,7 +379,7 @@ mod tests {
         // SAFETY: allocated from this pool, not used since.
         unsafe { pool.deallocate(b) };
         assert_eq!(pool.cached(), 1);
-        let held = held_by_another_thread(&pool.free);
+        let held = held_by_another_thread(|| pool.free.lock());
         let child = in_a_forked_child(|| {
             // The parent's cached block is dropped, unfreed, and the lock its thread held
             // released: the child's first block is a new one.
