@@ -1,5 +1,5 @@
-//! A test helper shared by core's unit tests (`testing.rs`) and the workspace's fork tests
-//! (`tests/fork.rs`), which include this file.
+//! A test helper shared by core's unit tests (`testing.rs`), the workspace's fork tests
+//! (`tests/fork.rs`) and the pthreads model's tests, which include this file.
 
 /// Forks, runs `f` in the child, and returns whether it returned true there. A child that has
 /// not finished after 20 s is killed and counts as failed (a hang). `f` runs in a copy of this

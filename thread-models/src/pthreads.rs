@@ -187,6 +187,11 @@ unsafe impl ThreadModel for Pthreads {
     }
 }
 
+/// Fork, run, wait with a time limit: core's test helper, shared by file.
+#[cfg(test)]
+#[path = "../../core/src/forked_child.rs"]
+mod forked_child;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,6 +216,28 @@ mod tests {
         }
     }
 
+    /// A thread that sets `key` and waits, between the set's key check and its store, until the
+    /// returned sender sends; returns once the set waits there. The thread then runs `then` on
+    /// the set's result.
+    fn set_paused_after_its_check<T: Send + 'static>(
+        key: PthreadsTlsKey,
+        then: impl FnOnce(Result<()>) -> T + Send + 'static,
+    ) -> (std::thread::JoinHandle<T>, mpsc::Sender<()>) {
+        let (checked, in_window) = mpsc::channel();
+        let (release, released) = mpsc::channel::<()>();
+        let setter = std::thread::spawn(move || {
+            PAUSE.with(|p| {
+                *p.borrow_mut() = Some(Box::new(move || {
+                    checked.send(()).unwrap();
+                    released.recv().unwrap();
+                }))
+            });
+            then(Pthreads::tls_set(key, 8 as *mut c_void))
+        });
+        in_window.recv().unwrap();
+        (setter, release)
+    }
+
     /// A set of a key that a delete has already retired is refused before it is counted: it
     /// does not hold the delete up. (Counted, such sets, which threads may go on making, kept the
     /// count from ever reading zero while they came: a delete under a stream of them waited as
@@ -220,19 +247,10 @@ mod tests {
         // SAFETY: no destructor.
         let key = unsafe { Pthreads::tls_create(None) }.unwrap();
         // A set that passed its check before the delete: the delete rightly waits for it.
-        let (checked, in_window) = mpsc::channel();
-        let (release_first, first_released) = mpsc::channel::<()>();
-        let first = std::thread::spawn(move || {
-            PAUSE.with(|p| {
-                *p.borrow_mut() = Some(Box::new(move || {
-                    checked.send(()).unwrap();
-                    first_released.recv().unwrap();
-                }))
-            });
-            Pthreads::tls_set(key, 8 as *mut c_void).unwrap();
+        let (first, release_first) = set_paused_after_its_check(key, move |set| {
+            set.unwrap();
             Pthreads::tls_set(key, std::ptr::null_mut())
         });
-        in_window.recv().unwrap();
         let (deleted, delete_done) = mpsc::channel();
         let deleter = std::thread::spawn(move || deleted.send(Pthreads::tls_delete(key)).unwrap());
         while key.is_live() {
@@ -347,45 +365,12 @@ mod tests {
     fn a_child_forked_during_a_set_can_delete_the_key() {
         // SAFETY: no destructor.
         let key = unsafe { Pthreads::tls_create(None) }.unwrap();
-        let (checked, in_set) = mpsc::channel();
-        let (release, released) = mpsc::channel::<()>();
-        let setter = std::thread::spawn(move || {
-            PAUSE.with(|p| {
-                *p.borrow_mut() = Some(Box::new(move || {
-                    checked.send(()).unwrap();
-                    released.recv().unwrap();
-                }))
-            });
-            Pthreads::tls_set(key, 8 as *mut c_void).unwrap();
-        });
-        in_set.recv().unwrap();
-        // SAFETY: fork(2); the child deletes the key and leaves with `_exit`.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0, "fork failed");
-        if pid == 0 {
-            let code = if Pthreads::tls_delete(key).is_ok() { 0 } else { 1 };
-            // SAFETY: ends the forked child.
-            unsafe { libc::_exit(code) };
-        }
-        let mut status = 0;
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        // SAFETY: waitpid(2) on our own child, without blocking.
-        while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == 0 {
-            if std::time::Instant::now() > deadline {
-                // SAFETY: kill and reap our own child.
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                    libc::waitpid(pid, &mut status, 0);
-                }
-                release.send(()).unwrap();
-                setter.join().unwrap();
-                panic!("the child's tls_delete waited for a set of a thread it does not have");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let (setter, release) = set_paused_after_its_check(key, Result::unwrap);
+        // A child that has not finished in 20 s is killed and counts as failed.
+        let child = super::forked_child::in_a_forked_child(|| Pthreads::tls_delete(key).is_ok());
         release.send(()).unwrap();
         setter.join().unwrap();
-        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "the child's delete failed");
+        assert!(child, "the child's tls_delete failed, or waited for a set of a thread it does not have");
         Pthreads::tls_set(key, std::ptr::null_mut()).unwrap();
         Pthreads::tls_delete(key).unwrap();
     }
