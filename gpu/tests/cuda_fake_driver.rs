@@ -332,17 +332,24 @@ fn ipc_attach_counts_in_and_out() {
     assert!(matches!(same, Err(Error::Unsupported(_))), "{same:?}");
     assert_eq!(ipc.attached(), 0);
     // The attacher: this binary again, with the fake driver still named.
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args(["ipc_attach_counts_in_and_out", "--exact", "--nocapture", "--test-threads=1"])
-        .env(NAME_ENV, &name)
-        .output()
-        .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && text.contains("1 passed"), "the attacher failed:\n{text}");
+    attacher_passes("ipc_attach_counts_in_and_out", NAME_ENV, &name);
     assert_eq!(ipc.attached(), 0, "the attacher did not count itself out");
     drop(ipc);
     assert_eq!(counter(&lib, "fake_allocations"), 0, "the creator did not free its memory");
     assert!(!PosixShmBackend::exists(&name).unwrap());
+}
+
+/// Runs this binary's test `name` as the attacher, in another process with `var` set to the
+/// segment's name (and this process's environment: the fake driver stays named); fails unless
+/// it passed there.
+fn attacher_passes(name: &str, var: &str, segment: &str) {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(var, segment)
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains("1 passed"), "the attacher failed:\n{text}");
 }
 
 /// Another process can have the creator's process id: containers that share `/dev/shm` and a
@@ -378,13 +385,7 @@ fn an_attacher_with_the_creators_pid_is_not_the_creator() {
     // The creator itself is still refused.
     let same = CudaIpcBackend::attach(&name, &CudaIpcOptions::default());
     assert!(matches!(same, Err(Error::Unsupported(_))), "{same:?}");
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
-        .env(NAME_ENV, &name)
-        .output()
-        .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && text.contains("1 passed"), "the attacher failed:\n{text}");
+    attacher_passes(NAME, NAME_ENV, &name);
     assert_eq!(ipc.attached(), 0, "the attacher did not count itself out");
 }
 
