@@ -24,7 +24,8 @@ pub struct ShmOptions {
     /// How long `attach` waits for a creator to finish initialising (default 5 s).
     pub attach_timeout: Duration,
     /// Whether the creator reserves the segment's memory up front (`posix_fallocate`; default
-    /// false).
+    /// false). Where the system has no `posix_fallocate` for shared memory (macOS), creation
+    /// with `reserve` fails with [`Error::Unsupported`].
     ///
     /// A segment is sparse: its pages take memory in `/dev/shm` only when first touched, so a
     /// segment larger than `/dev/shm` has room for (64 MiB in a default Docker container) is
@@ -268,9 +269,15 @@ fn os_error(call: &'static str, name: &str) -> Error {
 }
 
 fn shm_open(c_name: &CString, name: &str, flags: i32, mode: u32) -> Result<i32> {
-    // SAFETY: `c_name` is a valid NUL-terminated string; the mode is passed as the variadic
-    // `mode_t` argument shm_open expects with O_CREAT.
-    let fd = unsafe { libc::shm_open(c_name.as_ptr(), flags, mode as libc::mode_t) };
+    // Where `shm_open` is variadic (macOS), its mode goes through C's default promotions, as an
+    // `unsigned int`; elsewhere it is a `mode_t`.
+    #[cfg(target_vendor = "apple")]
+    let mode = mode as libc::c_uint;
+    #[cfg(not(target_vendor = "apple"))]
+    let mode = mode as libc::mode_t;
+    // SAFETY: `c_name` is a valid NUL-terminated string; the mode is passed as the argument
+    // shm_open expects with O_CREAT.
+    let fd = unsafe { libc::shm_open(c_name.as_ptr(), flags, mode) };
     if fd < 0 {
         return Err(os_error("shm_open", name));
     }
@@ -300,6 +307,7 @@ fn ftruncate(fd: i32, len: u64) -> Result<()> {
 }
 
 /// Gives the segment's `len` bytes their memory now (see [`ShmOptions::reserve`]).
+#[cfg(not(target_vendor = "apple"))]
 fn reserve(fd: i32, len: u64) -> Result<()> {
     let Ok(len_off) = libc::off_t::try_from(len) else {
         return Err(Error::OutOfMemory { requested: len, available: free_bytes(fd) });
@@ -322,7 +330,15 @@ fn reserve(fd: i32, len: u64) -> Result<()> {
     }
 }
 
+/// macOS has no `posix_fallocate`, and its shared-memory objects take no other way of giving
+/// their pages memory ahead of use (`fcntl(F_PREALLOCATE)` serves files on disk only).
+#[cfg(target_vendor = "apple")]
+fn reserve(_fd: i32, _len: u64) -> Result<()> {
+    Err(Error::Unsupported("ShmOptions::reserve: this system cannot reserve shared memory up front"))
+}
+
 /// The bytes free in the file system holding `fd` (0 if it cannot say), for an error report.
+#[cfg(not(target_vendor = "apple"))]
 fn free_bytes(fd: i32) -> u64 {
     // SAFETY: an all-zero `statvfs` is a valid value to be overwritten.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
@@ -419,6 +435,17 @@ mod tests {
         st.f_blocks as u64 * st.f_frsize as u64
     }
 
+    #[cfg(target_vendor = "apple")]
+    #[test]
+    fn reserve_is_refused_where_the_system_cannot_reserve_shared_memory() {
+        let name = unique("reserve");
+        let reserve = ShmOptions { reserve: true, ..Default::default() };
+        assert!(matches!(PosixShmBackend::create(&name, 1 << 20, &reserve), Err(Error::Unsupported(_))));
+        // The name went with the failed creation: a plain create takes it.
+        drop(PosixShmBackend::create(&name, 1 << 20, &quick()).unwrap());
+    }
+
+    #[cfg(not(target_vendor = "apple"))]
     #[test]
     fn a_reserved_segment_has_its_memory_and_one_too_large_is_refused_not_left_to_sigbus() {
         let name = unique("reserve");
