@@ -155,13 +155,25 @@ impl<T> PoolAllocator<T> {
     }
 
     /// Fills the cache with new blocks until it holds `min(n, limit)`, so that many allocations
-    /// are served without the upstream.
+    /// are served without the upstream. The limit is the one at each step: a limit lowered
+    /// meanwhile (by another thread) ends the filling there.
     pub fn reserve(&self, n: usize) -> Result<()> {
-        let target = n.min(self.limit());
-        while self.cached() < target {
+        let short = |free: &FreeList| free.len < n.min(free.limit);
+        while short(&self.list()) {
             let block = self.allocate_upstream()?;
-            // SAFETY: a fresh block from the upstream with `BLOCK`; no `T` lives in it.
-            unsafe { self.deallocate(block.cast()) };
+            let mut free = self.list();
+            if !short(&free) {
+                // Filled, or the limit lowered, while the block was being taken: it is not needed.
+                drop(free);
+                // SAFETY: a fresh block from the upstream with `BLOCK`, never handed out.
+                unsafe { self.free_upstream(block) };
+                break;
+            }
+            // SAFETY: a fresh block from the upstream with `BLOCK`, never handed out; it holds at
+            // least a pointer.
+            unsafe { set_link(block.as_ptr(), 0, free.head) };
+            free.head = block.as_ptr();
+            free.len += 1;
         }
         Ok(())
     }
@@ -436,6 +448,52 @@ mod tests {
         pool.release();
         assert_eq!(res.live_blocks(), 0);
         assert_eq!(pool.stats().bytes_cached, 0);
+    }
+
+    /// An upstream that lowers its pool's limit to one block while `reserve` fills the pool, as
+    /// another thread's `set_limit` would, and refuses after 1000 blocks.
+    struct Lowering {
+        blocks: CountingResource,
+        pool: std::sync::OnceLock<&'static PoolAllocator<u64>>,
+    }
+
+    // SAFETY: forwards every block to and from `blocks`, which keeps the promises.
+    unsafe impl crate::MemoryResource for Lowering {
+        fn name(&self) -> &str {
+            "lowering"
+        }
+        fn kind(&self) -> crate::MemoryKind {
+            crate::MemoryKind::Host
+        }
+        fn allocate(&self, size: usize, align: usize) -> Result<NonNull<u8>> {
+            match self.blocks.allocations() {
+                2 => self.pool.get().unwrap().set_limit(1),
+                1000.. => return Err(Error::OutOfMemory { requested: size as u64, available: 0 }),
+                _ => {}
+            }
+            self.blocks.allocate(size, align)
+        }
+        unsafe fn deallocate(&self, ptr: NonNull<u8>, size: usize, align: usize) {
+            // SAFETY: the caller's contract, passed on.
+            unsafe { self.blocks.deallocate(ptr, size, align) }
+        }
+    }
+
+    /// `reserve` fills up to the limit as it is while it runs: a limit lowered meanwhile ends it
+    /// (it used to aim at the old limit for ever, each new block over the new one freed at once).
+    #[test]
+    fn reserve_stops_at_a_limit_lowered_meanwhile() {
+        let up: &'static Lowering =
+            Box::leak(Box::new(Lowering { blocks: CountingResource::new(), pool: std::sync::OnceLock::new() }));
+        let pool: &'static PoolAllocator<u64> =
+            Box::leak(Box::new(PoolAllocator::with_upstream(8, Upstream::Resource(up))));
+        up.pool.set(pool).ok().unwrap();
+        pool.reserve(8).unwrap();
+        assert_eq!((pool.limit(), pool.cached()), (1, 1));
+        assert!(up.blocks.allocations() <= 4, "{} blocks taken for a limit of 1", up.blocks.allocations());
+        pool.check().unwrap();
+        pool.release();
+        assert_eq!(up.blocks.live_blocks(), 0);
     }
 
     #[test]
