@@ -307,6 +307,7 @@ unsafe impl<T> Allocator for PoolAllocator<T> {
         let p = if Self::pooled(layout) {
             PoolAllocator::allocate(self).map_err(|_| AllocError)?.cast()
         } else {
+            self.counters.misses.add_shared(1);
             if !self.upstream.host_accessible() {
                 return Err(AllocError);
             }
@@ -324,6 +325,7 @@ unsafe impl<T> Allocator for PoolAllocator<T> {
             // SAFETY: the same choice as `allocate` made: a pool block, given back.
             unsafe { PoolAllocator::deallocate(self, ptr.cast()) }
         } else {
+            self.counters.bytes_returned.add_shared(layout.size() as u64);
             // SAFETY: passed through with exactly this layout.
             unsafe { self.upstream.deallocate(ptr, layout.size(), layout.align()) }
         }
@@ -546,6 +548,26 @@ mod tests {
         drop(v);
         drop(pool);
         assert_eq!(res.live_blocks(), 0);
+    }
+
+    /// Requests the pool does not serve (another size, a stricter alignment) are misses, and their
+    /// frees are bytes returned upstream, as the caches count them: the statistics account for
+    /// every request and every byte given back.
+    #[test]
+    fn requests_passed_through_count_as_misses_and_bytes_returned() {
+        let res = CountingResource::leak();
+        let pool = PoolAllocator::<u64>::with_upstream(4, Upstream::Resource(res));
+        let other = Layout::from_size_align(100, 8).unwrap();
+        let stricter = Layout::from_size_align(8, 64).unwrap();
+        for layout in [other, stricter] {
+            let p = Allocator::allocate(&pool, layout).unwrap().cast::<u8>();
+            // SAFETY: allocated above with `layout`.
+            unsafe { Allocator::deallocate(&pool, p, layout) };
+        }
+        assert_eq!(res.live_blocks(), 0);
+        let s = pool.stats();
+        assert_eq!((s.hits, s.misses, s.upstream_allocations), (0, 2, 2), "{s:?}");
+        assert_eq!(s.bytes_returned, 100 + 8, "{s:?}");
     }
 
     proptest! {
