@@ -226,6 +226,7 @@ impl HetAlloc {
 mod tests {
     use super::*;
     use crate::cache::config::{configure_role, CacheConfig, ThreadRole};
+    use crate::cache::size_class::MAX_BLOCK;
     use crate::cache::tls::{set_thread_config, set_thread_role, thread_config, thread_role};
     use crate::testing::CountingResource;
     use std::sync::{Mutex, OnceLock};
@@ -310,6 +311,47 @@ mod tests {
         assert_eq!(res.live_blocks(), before, "every block came back to the upstream exactly once");
         let s = a.stats();
         assert!(s.hits > 0 && s.bytes_returned > 0, "{s:?}");
+    }
+
+    /// Requests made after a thread's caches were returned (from a thread-local destructor that
+    /// runs after the exit guard) go straight upstream: each is a miss, as a request passed
+    /// through always is, so hits and misses still add up to the requests made.
+    #[test]
+    fn requests_after_a_thread_exited_count_as_misses() {
+        struct LateUser(HetAlloc);
+        impl Drop for LateUser {
+            fn drop(&mut self) {
+                for size in [48, MAX_BLOCK + 1] {
+                    // SAFETY: a non-zero layout, freed once with it.
+                    unsafe {
+                        let p = self.0.alloc(l(size, 8));
+                        assert!(!p.is_null());
+                        self.0.dealloc(p, l(size, 8));
+                    }
+                }
+            }
+        }
+        thread_local! {
+            static LATE: core::cell::RefCell<Option<LateUser>> = const { core::cell::RefCell::new(None) };
+        }
+        let (res, a, _serial) = counted();
+        let before = a.stats();
+        let late = a.clone();
+        std::thread::spawn(move || {
+            // Registered before the exit guard, so destroyed after it.
+            LATE.with(|l| *l.borrow_mut() = Some(LateUser(late.clone())));
+            // SAFETY: a non-zero layout, freed once with it.
+            unsafe { late.dealloc(late.alloc(l(48, 8)), l(48, 8)) };
+        })
+        .join()
+        .unwrap();
+        settle(&a);
+        let after = a.stats();
+        let requests = (after.hits + after.misses) - (before.hits + before.misses);
+        assert_eq!(requests, 3, "one request on the live thread, two after its exit: {before:?} {after:?}");
+        let returned = after.bytes_returned - before.bytes_returned;
+        assert!(returned >= 64 + (MAX_BLOCK + 1) as u64, "{before:?} {after:?}");
+        assert_eq!(res.live_blocks(), 0);
     }
 
     #[test]

@@ -420,6 +420,8 @@ impl SlotRef {
         if slot < SLOTS {
             let served = with_state(|s| {
                 if !enter(s, slot) {
+                    // Passed straight through: a miss, as in `passthrough_alloc`.
+                    RETIRED[slot].misses.add_shared(1);
                     RETIRED[slot].upstream_allocations.add_shared(1);
                     return None;
                 }
