@@ -403,6 +403,41 @@ mod tests {
         assert_eq!(b.stats().allocations, 0, "the scope the root was polled in took no frame");
     }
 
+    /// An allocator that holds another as its first field: the two share an address and are two
+    /// allocators (this one takes its frames from `other`).
+    #[repr(C)]
+    struct Shell {
+        first: CountingAllocator<RecyclingFrameAllocator>,
+        other: CountingAllocator<RecyclingFrameAllocator>,
+    }
+
+    // SAFETY: forwards both calls to `other`, which keeps the promises.
+    unsafe impl FrameAllocator for Shell {
+        fn allocate(&self, size: usize) -> crate::Result<NonNull<u8>> {
+            self.other.allocate(size)
+        }
+        unsafe fn deallocate(&self, ptr: NonNull<u8>, size: usize) {
+            // SAFETY: forwarded contract.
+            unsafe { self.other.deallocate(ptr, size) }
+        }
+    }
+
+    /// A task polled in the scope of another allocator at the same address (a struct and its
+    /// first field) still enters its own scope: its children take their frames from its
+    /// allocator, not from the one that merely shares the address.
+    #[test]
+    fn allocators_at_one_address_are_distinct_scopes() {
+        let shell: &'static Shell = Box::leak(Box::new(Shell {
+            first: CountingAllocator::new(RecyclingFrameAllocator::new()),
+            other: CountingAllocator::new(RecyclingFrameAllocator::new()),
+        }));
+        assert!(core::ptr::addr_eq(shell, &shell.first), "the test needs one address");
+        let root = with_frame_allocator(&shell.first, || scoped_tree(2));
+        assert_eq!(with_frame_allocator(shell, || block_on(root)), 3);
+        assert_eq!(shell.first.stats().allocations, 7, "all 7 nodes took frames from the root's allocator");
+        assert_eq!(shell.other.stats().allocations, 0, "the scope the root was polled in took no frame");
+    }
+
     #[test]
     fn a_recycling_scope_is_called_directly_and_gets_every_frame_back() {
         let res = shared_resource();

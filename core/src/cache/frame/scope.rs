@@ -44,10 +44,14 @@ impl ScopeAllocator {
         self.alloc
     }
 
-    /// Whether both capture the same allocator.
+    /// Whether both capture the same allocator: one object of one type, the address and the
+    /// vtable both equal. The address alone is not enough: an allocator and its first field (or
+    /// two zero-sized allocators) share one, and a task polled in the other's scope would box
+    /// its children there. (One allocator seen through two copies of its vtable, from two codegen
+    /// units, counts as two: its tasks then enter its scope again, which costs a little time.)
     #[inline]
     pub fn same(self, other: Self) -> bool {
-        core::ptr::addr_eq(self.alloc, other.alloc)
+        core::ptr::eq(self.alloc, other.alloc)
     }
 }
 
