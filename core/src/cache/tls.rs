@@ -932,9 +932,13 @@ pub fn thread_config() -> CacheConfig {
 pub fn flush_thread() {
     with_state(|s| {
         if s.phase.get() == ACTIVE {
-            for cache in &s.caches {
-                if cache.is_ready() {
-                    flush_cache(cache);
+            // Caches over the global allocator first: what they return goes through it, and
+            // when it is a `HetAlloc` it lands in another cache of this thread, flushed after.
+            for over_global in [true, false] {
+                for cache in &s.caches {
+                    if cache.is_ready() && (cache.upstream() == Upstream::Global) == over_global {
+                        flush_cache(cache);
+                    }
                 }
             }
         }
