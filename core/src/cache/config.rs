@@ -115,8 +115,9 @@ impl CacheConfig {
         }
     }
 
-    /// The size of the blocks bucket `bucket` holds: `16 << bucket`.
-    pub const fn block_size(bucket: usize) -> usize {
+    /// The size of the blocks bucket `bucket` holds: `16 << bucket`; `None` for a bucket past
+    /// the last (`MAX_BUCKETS - 1`).
+    pub const fn block_size(bucket: usize) -> Option<usize> {
         block_size(bucket)
     }
 

@@ -13,7 +13,7 @@
 use core::cell::UnsafeCell;
 use core::ptr::{self, NonNull};
 
-use crate::cache::size_class::{batch_len, block_size, BLOCK_ALIGN, MAX_BUCKETS};
+use crate::cache::size_class::{batch_len, class_size, BLOCK_ALIGN, MAX_BUCKETS};
 use crate::cache::stats::{CacheStats, Counters};
 use crate::cache::upstream::Upstream;
 use crate::error::{Error, Result};
@@ -257,7 +257,7 @@ impl Depot {
     /// `head` starts a null-terminated chain of exactly `batch_len(class)` free blocks of
     /// `class`, all from the upstream this depot serves, which the caller gives up.
     pub(crate) unsafe fn try_push(&self, class: usize, head: NonNull<u8>) -> bool {
-        let bytes = batch_len(class) * block_size(class);
+        let bytes = batch_len(class) * class_size(class);
         let limit = self.limit.load(Ordering::Relaxed);
         // The count moves under the class's lock, with the list: a fork, which the handlers make
         // while holding every class lock, then finds the two agreeing.
@@ -285,7 +285,7 @@ impl Depot {
                 list.head = unsafe { link(h.as_ptr(), 1) };
                 list.batches -= 1;
                 // Under the lock, with the list (see `try_push`).
-                self.bytes.fetch_sub(batch_len(class) * block_size(class), Ordering::Relaxed);
+                self.bytes.fetch_sub(batch_len(class) * class_size(class), Ordering::Relaxed);
             }
             head
         };
@@ -309,7 +309,7 @@ impl Depot {
             return Err(Error::Unsupported("a depot's blocks go back to the upstream they came from"));
         }
         for class in 0..MAX_BUCKETS {
-            let size = block_size(class);
+            let size = class_size(class);
             let mut batch = {
                 let mut list = self.list(class);
                 let head = list.head;
@@ -366,7 +366,7 @@ impl Depot {
             if batches != list.batches {
                 return Err(corrupt(class, "fewer batches than counted"));
             }
-            total += batches * batch_len(class) * block_size(class);
+            total += batches * batch_len(class) * class_size(class);
         }
         if total != self.bytes.load(Ordering::Relaxed) {
             return Err(corrupt(0, "byte count does not match the batches held"));
@@ -389,7 +389,7 @@ mod tests {
         use crate::MemoryResource;
         let mut head = ptr::null_mut();
         for _ in 0..batch_len(class) {
-            let b = res.allocate(block_size(class), BLOCK_ALIGN).unwrap().as_ptr();
+            let b = res.allocate(class_size(class), BLOCK_ALIGN).unwrap().as_ptr();
             // SAFETY: a fresh block of at least 16 bytes, aligned to 16.
             unsafe { set_link(b, 0, head) };
             head = b;
@@ -422,7 +422,7 @@ mod tests {
         assert!(child, "the forked child hung on the depot's lock, or found the parent's batch");
         // The parent's depot is as it was.
         depot.check().unwrap();
-        assert_eq!(depot.stats().bytes_cached, (batch_len(class) * block_size(class)) as u64);
+        assert_eq!(depot.stats().bytes_cached, (batch_len(class) * class_size(class)) as u64);
         depot.release(&up).unwrap();
         assert_eq!(res.live_blocks(), 0);
     }

@@ -12,13 +12,25 @@ pub const MIN_BLOCK_SHIFT: u32 = 4;
 /// The number of size classes: 16 B to 1 MiB.
 pub const MAX_BUCKETS: usize = 17;
 /// The largest block a cache holds; bigger requests go straight upstream.
-pub const MAX_BLOCK: usize = block_size(MAX_BUCKETS - 1);
+pub const MAX_BLOCK: usize = class_size(MAX_BUCKETS - 1);
 /// The alignment every cached block has. Requests with a larger alignment bypass the caches.
 pub const BLOCK_ALIGN: usize = 16;
 
-/// The size of the blocks in class `class`.
+/// The size of the blocks in class `class`, or `None` for a class past the last
+/// (`MAX_BUCKETS - 1`).
 #[inline]
-pub const fn block_size(class: usize) -> usize {
+pub const fn block_size(class: usize) -> Option<usize> {
+    if class < MAX_BUCKETS {
+        Some(class_size(class))
+    } else {
+        None
+    }
+}
+
+/// [`block_size`] of a class the caller knows to be below [`MAX_BUCKETS`].
+#[inline]
+pub(crate) const fn class_size(class: usize) -> usize {
+    debug_assert!(class < MAX_BUCKETS);
     1 << (class as u32 + MIN_BLOCK_SHIFT)
 }
 
@@ -49,7 +61,7 @@ pub const fn class_of(layout: Layout) -> Option<usize> {
 #[inline]
 pub const fn upstream_layout(layout: Layout) -> (usize, usize) {
     match class_of(layout) {
-        Some(class) => (block_size(class), BLOCK_ALIGN),
+        Some(class) => (class_size(class), BLOCK_ALIGN),
         None => (layout.size(), layout.align()),
     }
 }
@@ -58,7 +70,7 @@ pub const fn upstream_layout(layout: Layout) -> (usize, usize) {
 /// between 1 and 64 blocks.
 #[inline]
 pub const fn batch_len(class: usize) -> usize {
-    let n = (32 * 1024) / block_size(class);
+    let n = (32 * 1024) / class_size(class);
     if n == 0 {
         1
     } else if n > 64 {
@@ -85,8 +97,20 @@ mod tests {
         assert_eq!(class_of_size(MAX_BLOCK + 1), None);
         for size in 1..=70_000 {
             let c = class_of_size(size).unwrap();
-            assert!(block_size(c) >= size);
-            assert!(c == 0 || block_size(c - 1) < size);
+            assert!(class_size(c) >= size);
+            assert!(c == 0 || class_size(c - 1) < size);
+        }
+    }
+
+    /// A class past the last has no block size (a shift past the word used to panic in debug
+    /// builds and wrap in release).
+    #[test]
+    fn block_sizes_of_classes_past_the_last_are_none() {
+        assert_eq!(block_size(0), Some(16));
+        assert_eq!(block_size(MAX_BUCKETS - 1), Some(MAX_BLOCK));
+        for class in [MAX_BUCKETS, 60, 64, u32::MAX as usize + 1, usize::MAX] {
+            assert_eq!(block_size(class), None);
+            assert_eq!(crate::cache::CacheConfig::block_size(class), None);
         }
     }
 

@@ -12,7 +12,8 @@ pub struct CacheStats {
     pub bytes_cached: u64,
     /// Bytes the tier has handed back to the upstream (over a limit, on trim, at thread exit).
     pub bytes_returned: u64,
-    /// Blocks the tier (or requests passing through it) took from the upstream.
+    /// Blocks the tier (or requests passing through it) asked of the upstream, refused requests
+    /// (out of memory) included.
     pub upstream_allocations: u64,
 }
 

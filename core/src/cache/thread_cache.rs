@@ -12,7 +12,7 @@ use core::ptr::{self, NonNull};
 
 use crate::cache::config::CacheConfig;
 use crate::cache::depot::{link, set_link, Depot};
-use crate::cache::size_class::{batch_len, block_size, class_of, BLOCK_ALIGN, MAX_BUCKETS};
+use crate::cache::size_class::{batch_len, class_of, class_size, BLOCK_ALIGN, MAX_BUCKETS};
 use crate::cache::stats::{CacheStats, Counters};
 use crate::cache::upstream::Upstream;
 use crate::error::{Error, Result};
@@ -88,8 +88,8 @@ impl Chains {
                 // SAFETY: the caller's contract; the link is read before the block goes.
                 let next = unsafe { link(block, 0) };
                 // SAFETY: as above.
-                unsafe { upstream.deallocate(NonNull::new_unchecked(block), block_size(class), BLOCK_ALIGN) };
-                bytes += block_size(class) as u64;
+                unsafe { upstream.deallocate(NonNull::new_unchecked(block), class_size(class), BLOCK_ALIGN) };
+                bytes += class_size(class) as u64;
                 block = next;
             }
         }
@@ -199,7 +199,7 @@ impl ThreadCache {
         let head = NonNull::new(bucket.head.get())?;
         // SAFETY: `head` is a free block on our list; its first word links the next one.
         bucket.head.set(unsafe { link(head.as_ptr(), 0) });
-        bucket.set_bytes(bucket.bytes() - block_size(class));
+        bucket.set_bytes(bucket.bytes() - class_size(class));
         self.counters.hits.add_owned(1);
         Some(head)
     }
@@ -211,7 +211,7 @@ impl ThreadCache {
     #[inline(always)]
     pub(crate) unsafe fn push(&self, class: usize, block: NonNull<u8>) -> bool {
         let bucket = &self.buckets[class];
-        let bytes = bucket.bytes() + block_size(class);
+        let bytes = bucket.bytes() + class_size(class);
         if bytes > bucket.limit.get() {
             return false;
         }
@@ -226,22 +226,23 @@ impl ThreadCache {
     #[inline]
     fn batch_fits(&self, class: usize) -> Option<&'static Depot> {
         let depot = self.depot.get()?;
-        (batch_len(class) * block_size(class) <= self.buckets[class].limit.get()).then_some(depot)
+        (batch_len(class) * class_size(class) <= self.buckets[class].limit.get()).then_some(depot)
     }
 
     /// After [`Self::pop`] failed: counts the miss and refills the bucket from the depot.
     pub(crate) fn refill(&self, class: usize) -> Option<NonNull<u8>> {
+        if !self.buckets[class].head.get().is_null() {
+            // A request the upstream made refilled it meanwhile: a hit after all, which `pop`
+            // counts.
+            return self.pop(class);
+        }
         self.counters.misses.add_owned(1);
         let depot = self.batch_fits(class)?;
         let bucket = &self.buckets[class];
-        if !bucket.head.get().is_null() {
-            // A request the upstream made refilled it meanwhile.
-            return self.pop(class);
-        }
         let head = depot.try_pop(class)?;
         // SAFETY: the depot handed over a null-terminated chain of `batch_len` free blocks.
         bucket.head.set(unsafe { link(head.as_ptr(), 0) });
-        bucket.set_bytes((batch_len(class) - 1) * block_size(class));
+        bucket.set_bytes((batch_len(class) - 1) * class_size(class));
         Some(head)
     }
 
@@ -265,7 +266,7 @@ impl ThreadCache {
     /// has fewer or the depot is full.
     fn batch_to_depot(&self, class: usize, depot: &Depot) -> bool {
         let n = batch_len(class);
-        let size = block_size(class);
+        let size = class_size(class);
         let bucket = &self.buckets[class];
         if bucket.bytes() < n * size {
             return false;
@@ -333,7 +334,7 @@ impl ThreadCache {
                 // SAFETY: the block leaves the list for the chain.
                 unsafe { set_link(block, 0, chains.0[class]) };
                 chains.0[class] = block;
-                bucket.set_bytes(bucket.bytes() - block_size(class));
+                bucket.set_bytes(bucket.bytes() - class_size(class));
             }
         }
         chains
@@ -347,7 +348,7 @@ impl ThreadCache {
             if let Some(p) = self.pop(class).or_else(|| self.refill(class)) {
                 return Ok(p);
             }
-            return self.allocate_upstream(block_size(class), BLOCK_ALIGN, layout.size());
+            return self.allocate_upstream(class_size(class), BLOCK_ALIGN, layout.size());
         }
         self.counters.misses.add_owned(1);
         self.allocate_upstream(layout.size(), layout.align(), layout.size())
@@ -373,9 +374,9 @@ impl ThreadCache {
             if unsafe { self.push(class, ptr) || self.spill(class, ptr) } {
                 return;
             }
-            self.counters.bytes_returned.add_owned(block_size(class) as u64);
+            self.counters.bytes_returned.add_owned(class_size(class) as u64);
             // SAFETY: a whole block of this class from this upstream.
-            unsafe { self.upstream.get().deallocate(ptr, block_size(class), BLOCK_ALIGN) };
+            unsafe { self.upstream.get().deallocate(ptr, class_size(class), BLOCK_ALIGN) };
             return;
         }
         self.counters.bytes_returned.add_owned(layout.size() as u64);
@@ -409,7 +410,7 @@ impl ThreadCache {
         // links its data: they are dropped, not walked.
         self.forget_if_forked();
         for (class, bucket) in self.buckets.iter().enumerate() {
-            let size = block_size(class);
+            let size = class_size(class);
             let bytes = bucket.bytes();
             if bytes > bucket.limit.get() {
                 return Err(corrupt(class, "bucket holds more bytes than its limit"));

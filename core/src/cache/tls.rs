@@ -24,7 +24,7 @@ use core::ptr::{self, NonNull};
 
 use crate::cache::config::{depot_limit, CacheConfig, ThreadRole};
 use crate::cache::depot::{self, Depot};
-use crate::cache::size_class::{block_size, class_of, BLOCK_ALIGN};
+use crate::cache::size_class::{class_of, class_size, BLOCK_ALIGN};
 use crate::cache::stats::{CacheStats, Counters};
 use crate::cache::thread_cache::ThreadCache;
 use crate::cache::upstream::Upstream;
@@ -416,7 +416,7 @@ impl SlotRef {
     #[cold]
     #[inline(never)]
     fn alloc_slow(&self, slot: usize, class: usize) -> *mut u8 {
-        let size = block_size(class);
+        let size = class_size(class);
         if slot < SLOTS {
             let served = with_state(|s| {
                 if !enter(s, slot) {
@@ -506,7 +506,7 @@ impl SlotRef {
     #[cold]
     #[inline(never)]
     unsafe fn dealloc_slow(&self, slot: usize, class: usize, ptr: NonNull<u8>) {
-        let size = block_size(class);
+        let size = class_size(class);
         if slot < SLOTS {
             let kept = with_state(|s| {
                 if !enter(s, slot) {
@@ -976,7 +976,7 @@ mod tests {
         let depot = &DEPOTS[SLOT_SYSTEM as usize];
         // The largest class, which the other tests' requests are least likely to take meanwhile.
         let class = MAX_BUCKETS - 1;
-        let layout = Layout::from_size_align(block_size(class), BLOCK_ALIGN).unwrap();
+        let layout = Layout::from_size_align(class_size(class), BLOCK_ALIGN).unwrap();
         let mut head = ptr::null_mut();
         for _ in 0..batch_len(class) {
             // SAFETY: a layout of non-zero size.
