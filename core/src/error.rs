@@ -38,6 +38,17 @@ pub enum Error {
         /// Bytes the allocator could still give out, as far as it knows.
         available: u64,
     },
+    /// A pool would grow past the maximum size it was configured with. The pool stays usable:
+    /// freeing makes room again.
+    #[error("pool maximum size reached: {requested} more bytes requested, {held} of its {max_size} bytes taken")]
+    MaxSizeReached {
+        /// Bytes the pool would have had to take from upstream.
+        requested: u64,
+        /// The pool's configured maximum size.
+        max_size: u64,
+        /// Bytes the pool holds from upstream now.
+        held: u64,
+    },
     /// No backend with this id is registered.
     #[error("unknown backend id {0}")]
     UnknownBackend(BackendId),
@@ -151,6 +162,14 @@ pub enum Error {
         /// What is wrong.
         detail: &'static str,
     },
+}
+
+impl Error {
+    /// Whether the request failed for want of memory: [`Error::OutOfMemory`], or a pool at its
+    /// maximum size ([`Error::MaxSizeReached`]).
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, Error::OutOfMemory { .. } | Error::MaxSizeReached { .. })
+    }
 }
 
 struct ErrnoText(i32);

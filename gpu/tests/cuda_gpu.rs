@@ -461,7 +461,7 @@ fn device_pool_matches_its_model(res: CudaDeviceResource) -> Result<(), String> 
                         model.add(ptr, size, align, u64::from(seed)).map_err(TestCaseError::fail)?;
                         device_fill(&stream, ptr, size, seed).map_err(TestCaseError::fail)?;
                     }
-                    Err(Error::OutOfMemory { .. }) => {}
+                    Err(e) if e.is_out_of_memory() => {}
                     Err(e) => return Err(TestCaseError::fail(format!("allocate({size}, {align}): {e}"))),
                 },
                 Op::Free(pick) => {

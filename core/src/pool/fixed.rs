@@ -26,7 +26,7 @@ pub struct FixedPoolConfig {
     pub objects_per_block: usize,
     /// Alignment of every slot (a power of two, default 16); larger alignments are refused.
     pub alignment: usize,
-    /// The most the pool may hold from upstream (`Error::OutOfMemory` past it).
+    /// The most the pool may hold from upstream (`Error::MaxSizeReached` past it).
     pub max_size: Option<usize>,
 }
 
@@ -343,9 +343,10 @@ impl<R: MemoryResource> FixedPool<R> {
         let actual = self.pools.len().saturating_mul(self.block_bytes);
         if let Some(max) = self.config.max_size {
             if actual.saturating_add(self.block_bytes) > max {
-                return Err(Error::OutOfMemory {
+                return Err(Error::MaxSizeReached {
                     requested: self.block_bytes as u64,
-                    available: max.saturating_sub(actual) as u64,
+                    max_size: max as u64,
+                    held: actual as u64,
                 });
             }
         }

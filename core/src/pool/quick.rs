@@ -29,7 +29,7 @@ pub struct QuickPoolConfig {
     /// Alignment of every allocation (a power of two, default 16); sizes round up to it.
     pub alignment: usize,
     /// The most the pool may hold from upstream; a request that would take it past this fails
-    /// with `Error::OutOfMemory`. `None`: no limit but the upstream's.
+    /// with `Error::MaxSizeReached`. `None`: no limit but the upstream's.
     pub max_size: Option<usize>,
 }
 
@@ -161,7 +161,7 @@ impl<R: MemoryResource> QuickPool<R> {
     /// Serves the request from the best-fitting free block (the smallest that holds it, the
     /// lowest address among equals); without one, takes a block from upstream. If upstream
     /// refuses, hands wholly free blocks back and asks once more for just what the request
-    /// needs. Past the maximum size: `Error::OutOfMemory`.
+    /// needs. Past the maximum size: `Error::MaxSizeReached`.
     ///
     /// Unless the heuristic says otherwise ([`CoalesceHeuristic::release_when_growing`]), the
     /// pool does not hold much memory it cannot use next to memory it takes. Before it grows, if
@@ -386,7 +386,8 @@ impl<R: MemoryResource> QuickPool<R> {
                 room = max.saturating_sub(self.arena.counters().actual_size) & !(granule - 1);
             }
             if room < footprint {
-                return Err(Error::OutOfMemory { requested: footprint as u64, available: room as u64 });
+                let held = self.arena.counters().actual_size as u64;
+                return Err(Error::MaxSizeReached { requested: footprint as u64, max_size: max as u64, held });
             }
             size = size.min(room);
         }

@@ -88,7 +88,7 @@ proptest! {
             match op {
                 Op::Allocate(size, align) => match pool.allocate(size, align) {
                     Ok(ptr) => model.add(ptr, size, align, 0).unwrap(),
-                    Err(Error::OutOfMemory { .. }) => {}
+                    Err(e) if e.is_out_of_memory() => {}
                     Err(e) => panic!("unexpected {e}"),
                 },
                 Op::Free(pick) => model.free_one(&mut pool, pick).unwrap(),
@@ -120,7 +120,7 @@ proptest! {
             match op {
                 Op::Allocate(size, align) => match pool.allocate(size, align) {
                     Ok(ptr) => model.add(ptr, size, align, 0).unwrap(),
-                    Err(Error::OutOfMemory { .. }) => {}
+                    Err(e) if e.is_out_of_memory() => {}
                     Err(Error::InvalidAlignment { .. }) => prop_assert!(align > 16),
                     Err(Error::InvalidSize { .. }) => prop_assert!(size > 256),
                     Err(e) => panic!("unexpected {e}"),
@@ -394,9 +394,13 @@ fn the_maximum_size_is_a_clear_error_and_the_pool_goes_on() {
     let c = pool.allocate(4 << 10, 16).unwrap();
     assert_eq!(pool.stats().actual_size, 40 << 10);
     let err = pool.allocate(16 << 10, 16).unwrap_err();
-    assert_eq!(err, Error::OutOfMemory { requested: 16 << 10, available: 0 });
-    assert!(err.to_string().contains("out of memory: requested 16384 bytes, 0 available"));
-    assert!(matches!(pool.allocate(1 << 20, 16), Err(Error::OutOfMemory { .. })));
+    assert_eq!(err, Error::MaxSizeReached { requested: 16 << 10, max_size: 40 << 10, held: 40 << 10 });
+    assert_eq!(
+        err.to_string(),
+        "pool maximum size reached: 16384 more bytes requested, 40960 of its 40960 bytes taken"
+    );
+    assert!(err.is_out_of_memory());
+    assert!(matches!(pool.allocate(1 << 20, 16), Err(Error::MaxSizeReached { requested: 1048576, .. })));
     pool.check().unwrap();
     // Freeing whole blocks makes room again: they are released before the pool gives up.
     pool.deallocate(a).unwrap();
@@ -590,6 +594,30 @@ fn fixed_pool_fills_sub_pools_in_order_and_releases_empty_ones() {
         pool.deallocate(p).unwrap();
     }
     assert_eq!(pool.stats().allocation_count, 0);
+    pool.release();
+    assert_eq!(pool.stats().actual_size, 0);
+}
+
+/// A fixed pool at its maximum size refuses the next sub-pool with `MaxSizeReached`, and
+/// serves again once objects are freed.
+#[test]
+fn fixed_pool_maximum_size_is_a_clear_error_and_the_pool_goes_on() {
+    let config = FixedPoolConfig { objects_per_block: 4, max_size: Some(2 * 4 * 64 + 63), ..FixedPoolConfig::new(64) };
+    let mut pool = FixedPool::new(HostResource, config).unwrap();
+    let ptrs: Vec<_> = (0..8).map(|_| pool.allocate(64, 16).unwrap()).collect();
+    let err = pool.allocate(64, 16).unwrap_err();
+    assert_eq!(err, Error::MaxSizeReached { requested: 256, max_size: 575, held: 512 });
+    assert!(err.is_out_of_memory());
+    assert_eq!(pool.stats().actual_size, 512);
+    pool.check().unwrap();
+    for &p in &ptrs[..4] {
+        pool.deallocate(p).unwrap();
+    }
+    let again: Vec<_> = (0..4).map(|_| pool.allocate(64, 16).unwrap()).collect();
+    for p in again.into_iter().chain(ptrs[4..].iter().copied()) {
+        pool.deallocate(p).unwrap();
+    }
+    pool.check().unwrap();
     pool.release();
     assert_eq!(pool.stats().actual_size, 0);
 }

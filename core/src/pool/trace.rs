@@ -296,7 +296,10 @@ impl Replay {
             match *step {
                 Step::Allocate { slot, size, align } => match pool.allocate(size, align) {
                     Ok(ptr) => live[slot as usize] = Some(ptr),
-                    Err(Error::OutOfMemory { .. } | Error::InvalidSize { .. } | Error::InvalidAlignment { .. }) => {
+                    Err(e)
+                        if e.is_out_of_memory()
+                            || matches!(e, Error::InvalidSize { .. } | Error::InvalidAlignment { .. }) =>
+                    {
                         failed += 1
                     }
                     Err(e) => return Err(e),
