@@ -159,31 +159,29 @@ impl MemoryManager {
         // Given back however the creation ends (a panic in `A::create` included), once the
         // allocator, if any, is registered.
         let _creating = Creating { manager: self, id };
-        let allocator = Self::create_in::<A>(&b, id, size, config)?;
-        let entry = AllocatorEntry { backend, dynamic: allocator.clone(), typed: allocator.clone() };
-        self.write().allocators.insert(id, entry);
-        Ok(allocator)
-    }
-
-    /// Reserves, creates and publishes allocator `id` in backend `b`.
-    fn create_in<A: AllocatorType>(
-        b: &Arc<dyn MemoryBackend>,
-        id: AllocatorId,
-        size: u64,
-        config: &A::Config,
-    ) -> Result<Arc<A>> {
         pool_type_refused::<A>()?;
         let entry = b.header().reserve_allocator(A::TYPE_ID, id, size)?;
         // Until it is published, the entry is abandoned on every way out: an error, a failed
         // publish, or a panic in `create` (else it would stay "creating" while this process
         // lives, and the id could be neither attached nor created again).
-        let mut reserved = Reserved { backend: b, id, lease: Arc::new(()), published: false };
+        let mut reserved = Reserved { backend: &b, id, lease: Arc::new(()), published: false };
         // SAFETY: the directory gave the range to this id alone, for an allocator of type `A`,
         // which is no `BackendResource` (refused above).
         let region = unsafe { Region::new(b.clone(), entry.offset, entry.size) }?.leased(reserved.lease.clone());
         let allocator = Arc::new(A::create(region, id, config)?);
+        // Published and registered under the lock, with the backend still registered: a backend
+        // destroyed or detached meanwhile takes the creation with it, as if it had come first,
+        // rather than leaving an allocator registered here without its backend.
+        let mut reg = self.write();
+        if !reg.backends.get(&backend).is_some_and(|current| Arc::ptr_eq(current, &b)) {
+            // The allocator first, so that `reserved` finds no handle on the range left.
+            drop(allocator);
+            return Err(Error::UnknownBackend(backend));
+        }
         b.header().publish_allocator(id)?;
         reserved.published = true;
+        let entry = AllocatorEntry { backend, dynamic: allocator.clone(), typed: allocator.clone() };
+        reg.allocators.insert(id, entry);
         Ok(allocator)
     }
 
@@ -225,14 +223,25 @@ impl MemoryManager {
         // SAFETY: the directory gave the range to an allocator of type `A` (checked above), which
         // is no `BackendResource` (refused above): a region allocator, over whose state this
         // attaches.
-        let region = unsafe { Region::new(b, entry.offset, entry.size) }?;
+        let region = unsafe { Region::new(b.clone(), entry.offset, entry.size) }?;
         let allocator = Arc::new(A::attach(region, id)?);
-        self.register(backend, id, allocator.clone())?;
+        self.register(&b, backend, id, allocator.clone())?;
         Ok(allocator)
     }
 
-    fn register<A: AllocatorType>(&self, backend: BackendId, id: AllocatorId, allocator: Arc<A>) -> Result<()> {
+    /// Registers an attached allocator, unless its backend `b` was destroyed or detached
+    /// meanwhile (then it goes with its backend) or `id` was taken.
+    fn register<A: AllocatorType>(
+        &self,
+        b: &Arc<dyn MemoryBackend>,
+        backend: BackendId,
+        id: AllocatorId,
+        allocator: Arc<A>,
+    ) -> Result<()> {
         let mut reg = self.write();
+        if !reg.backends.get(&backend).is_some_and(|current| Arc::ptr_eq(current, b)) {
+            return Err(Error::UnknownBackend(backend));
+        }
         if reg.allocators.contains_key(&id) || reg.creating.contains(&id) {
             return Err(already_exists(id));
         }
@@ -296,7 +305,9 @@ impl MemoryManager {
         self.write().allocators.remove(&id).map(|_| ()).ok_or(Error::UnknownAllocator(id))
     }
 
-    /// Forgets backend `id` and its allocators in this process, without removing its name.
+    /// Forgets backend `id` and its allocators in this process, without removing its name. An
+    /// allocator being created or attached in it meanwhile goes too: that call fails with
+    /// `UnknownBackend`.
     pub fn detach_backend(&self, id: BackendId) -> Result<Arc<dyn MemoryBackend>> {
         let mut reg = self.write();
         let backend = reg.backends.remove(&id).ok_or(Error::UnknownBackend(id))?;
@@ -306,7 +317,9 @@ impl MemoryManager {
 
     /// Forgets backend `id` and its allocators, and removes the region's name
     /// ([`MemoryBackend::destroy`]). Mappings end when the last handle is dropped. If the name
-    /// cannot be removed, the error is returned and the backend stays registered.
+    /// cannot be removed, the error is returned and the backend stays registered. As with
+    /// [`detach_backend`](Self::detach_backend), a create or attach in it meanwhile fails with
+    /// `UnknownBackend` (a create leaving no allocator published in the region).
     pub fn destroy_backend(&self, id: BackendId) -> Result<()> {
         // Under the lock throughout: no other call sees the backend gone before it is.
         let mut reg = self.write();
@@ -558,6 +571,108 @@ mod tests {
         let p = mm.allocate(id, 64, 8).unwrap();
         mm.free(p.shm).unwrap();
         assert!(matches!(mm.destroy_backend(BackendId(8)), Err(Error::UnknownBackend(_))));
+    }
+
+    /// Where `Gated`'s create and attach stop half way, until the test lets them go on.
+    static GATE_REACHED: std::sync::Barrier = std::sync::Barrier::new(2);
+    static GATE_OPEN: std::sync::Barrier = std::sync::Barrier::new(2);
+
+    fn pass_gate() {
+        GATE_REACHED.wait();
+        GATE_OPEN.wait();
+    }
+
+    /// A stack allocator whose create and attach wait at the gate, for a backend that goes
+    /// meanwhile.
+    struct Gated(StackAllocator);
+
+    impl RegionAllocator for Gated {
+        fn id(&self) -> AllocatorId {
+            self.0.id()
+        }
+        fn type_name(&self) -> &'static str {
+            "gated"
+        }
+        fn region(&self) -> &Region {
+            self.0.region()
+        }
+        fn allocate(&self, size: usize, align: usize) -> Result<OffsetPtr> {
+            self.0.allocate(size, align)
+        }
+        fn reallocate(&self, ptr: OffsetPtr, size: usize, align: usize) -> Result<OffsetPtr> {
+            self.0.reallocate(ptr, size, align)
+        }
+        fn free(&self, ptr: OffsetPtr) -> Result<()> {
+            self.0.free(ptr)
+        }
+        fn size_of(&self, ptr: OffsetPtr) -> Result<usize> {
+            self.0.size_of(ptr)
+        }
+        fn stats(&self) -> crate::allocator::AllocStats {
+            self.0.stats()
+        }
+        fn check(&self) -> Result<()> {
+            self.0.check()
+        }
+    }
+
+    impl AllocatorType for Gated {
+        const TYPE_ID: u32 = u32::from_be_bytes(*b"GAT1");
+        type Config = ();
+        fn create(region: Region, id: AllocatorId, _: &()) -> Result<Self> {
+            pass_gate();
+            StackAllocator::create(region, id, &Default::default()).map(Gated)
+        }
+        fn attach(region: Region, id: AllocatorId) -> Result<Self> {
+            pass_gate();
+            StackAllocator::attach(region, id).map(Gated)
+        }
+    }
+
+    /// A backend destroyed (or detached) while an allocator in it is being created or attached
+    /// takes that allocator with it: the create or attach fails, nothing of it stays registered
+    /// (its id free for a backend added again under the same id), and a failed create leaves no
+    /// allocator published in the region.
+    #[test]
+    fn a_backend_gone_during_a_create_or_attach_leaves_no_allocator_behind() {
+        let mm = MemoryManager::new();
+        let b = mm.add_backend(HeapBackend::new(BackendId(9), 1 << 20)).unwrap();
+        let id = AllocatorId::new(9, 0);
+        let before = b.header().unreserved();
+        std::thread::scope(|s| {
+            let creating = s.spawn(|| mm.create_allocator::<Gated>(b.id(), id, 64 * 1024, &()));
+            GATE_REACHED.wait();
+            mm.destroy_backend(b.id()).unwrap();
+            GATE_OPEN.wait();
+            let created = creating.join().unwrap();
+            assert!(matches!(created, Err(Error::UnknownBackend(BackendId(9)))), "{:?}", created.err());
+        });
+        assert_eq!(mm.allocator_ids(), [], "an allocator of a destroyed backend is registered");
+        assert!(matches!(b.header().find_allocator(id), Err(Error::UnknownAllocator(_))));
+        assert_eq!(b.header().unreserved(), before);
+
+        // Made by another manager (as another process would), attached here while detached.
+        let maker = MemoryManager::new();
+        maker.add_backend_arc(b.clone()).unwrap();
+        std::thread::scope(|s| {
+            s.spawn(pass_gate);
+            maker.create_allocator::<Gated>(b.id(), id, 64 * 1024, &()).unwrap();
+        });
+        mm.add_backend_arc(b.clone()).unwrap();
+        std::thread::scope(|s| {
+            let attaching = s.spawn(|| mm.attach_allocator_within::<Gated>(b.id(), id, Duration::ZERO));
+            GATE_REACHED.wait();
+            mm.detach_backend(b.id()).unwrap();
+            GATE_OPEN.wait();
+            let attached = attaching.join().unwrap();
+            assert!(matches!(attached, Err(Error::UnknownBackend(BackendId(9)))), "{:?}", attached.err());
+        });
+        assert_eq!(mm.allocator_ids(), [], "an allocator of a detached backend is registered");
+        mm.add_backend_arc(b.clone()).unwrap();
+        std::thread::scope(|s| {
+            s.spawn(pass_gate);
+            mm.attach_allocator_within::<Gated>(b.id(), id, Duration::ZERO).unwrap();
+        });
     }
 
     #[test]
