@@ -473,6 +473,33 @@ mod tests {
         assert_eq!(h.allocators().count(), 0);
     }
 
+    /// A directory lock whose owner word a stray write of another process overwrote with a
+    /// token no process writes (its process id 0: a small number, an offset) is taken over, as a
+    /// dead holder's is: before, every process that created or attached an allocator in the
+    /// region (and `hetmem show` and `list`) waited on it for ever.
+    #[test]
+    fn a_directory_lock_no_process_holds_is_taken_over() {
+        crate::testing::install_test_liveness();
+        let mem: &'static mut [u64] = region(64 * 1024).leak();
+        // SAFETY: as above; the memory is leaked, so it outlives the threads below.
+        let h = unsafe {
+            RegionHeader::initialize(mem.as_mut_ptr().cast(), 64 * 1024, BackendKind::Private, BackendId(1), 1)
+        }
+        .unwrap();
+        let owner = core::mem::offset_of!(RegionHeader, directory);
+        // SAFETY: the mutex's first field is its owner word (`#[repr(C)]`), an aligned AtomicU64.
+        let owner = unsafe { &*(mem.as_ptr().cast::<u8>().add(owner).cast::<AtomicU64>()) };
+        for (minor, stray) in [1u64, 0x356, 0x1000, 0xffff_ffff].into_iter().enumerate() {
+            owner.store(stray, Ordering::Release);
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || tx.send(h.reserve_allocator(7, AllocatorId::new(1, minor as u32), 100)));
+            rx.recv_timeout(std::time::Duration::from_secs(10))
+                .unwrap_or_else(|_| panic!("a directory lock held by {stray:#x} was never taken over"))
+                .unwrap();
+        }
+        assert_eq!(h.directory.owner(), None);
+    }
+
     /// An entry whose creator died before publishing it is recognised: lookups say so, and the
     /// id can be reserved again. One whose creator lives, or is unknown (an older build's), still
     /// holds its id.

@@ -78,10 +78,14 @@ impl<T> Mutex<T> {
     /// recovered by someone else), or if the [`liveness`](crate::liveness) hook does not confirm
     /// that `dead_owner`'s process has ended (no hook installed, or it still runs): the token is
     /// public ([`owner`](Self::owner)), and taking a live holder's lock would hand out a second
-    /// guard. The data may be half-updated: the caller must check and repair it before releasing
-    /// the guard.
+    /// guard. A token that names no process (process id 0, which [`owner_token`](super::owner_token)
+    /// never gives where there are processes: a stray write of another process put it there)
+    /// counts as a dead holder's once a hook is installed. The data may be half-updated: the
+    /// caller must check and repair it before releasing the guard.
     pub fn recover(&self, dead_owner: u64) -> Option<MutexGuard<'_, T>> {
-        if dead_owner == FREE || !crate::liveness::is_dead(super::owner_stamp(dead_owner)) {
+        if dead_owner == FREE
+            || !(no_process_holds(dead_owner) || crate::liveness::is_dead(super::owner_stamp(dead_owner)))
+        {
             return None;
         }
         self.owner
@@ -116,6 +120,16 @@ impl<T> Mutex<T> {
     pub fn get_mut(&mut self) -> &mut T {
         self.data.get_mut()
     }
+}
+
+/// Whether `token` is one no holder can have written: with `std` every process's
+/// [`owner_token`](super::owner_token) carries its (non-zero) process id, so a token of process
+/// id 0 is a stray write, which would otherwise keep the lock held for ever (the liveness hook
+/// never calls pid 0 dead). Without `std` (and under loom) every caller's token is 1, of pid 0:
+/// there it is a holder's. Only with a hook installed, as for any take-over: a process that
+/// knows no other process takes nothing over.
+fn no_process_holds(token: u64) -> bool {
+    cfg!(all(feature = "std", not(loom))) && super::owner_pid(token) == 0 && crate::liveness::hook().is_some()
 }
 
 /// Access to a [`Mutex`]'s value; the mutex is released on drop.
