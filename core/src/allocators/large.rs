@@ -122,7 +122,7 @@ pub(crate) fn size_of_user(fs: &FreeSpace, mem: &Mem, ptr: crate::ptr::OffsetPtr
     let user = ptr.offset().ok_or(invalid(ptr.get(), "null pointer"))?;
     match super::span::live_block(mem, user)? {
         super::span::Found::Large { block } => size_of(fs, mem, block, user).map(|v| v as usize),
-        super::span::Found::Small(b) => Ok(b.size() as usize),
+        super::span::Found::Small(b) => b.user_size(user).map(|v| v as usize),
     }
 }
 

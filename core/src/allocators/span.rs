@@ -693,6 +693,18 @@ impl LiveSmall<'_> {
         self.word & FIELD_MASK
     }
 
+    /// The requested size, checked to fit the user bytes from `user` (the block's user offset)
+    /// to the block's end: it is shared memory, and callers read or copy that many bytes from
+    /// `user` (a padded block holds fewer than its class's size).
+    pub(crate) fn user_size(&self, user: u64) -> Result<u64> {
+        let size = self.size();
+        let room = (self.block + LAYOUTS[self.class()].stride).saturating_sub(user);
+        if size == 0 || size > room {
+            return Err(corrupt(self.block, "small block size outside its block"));
+        }
+        Ok(size)
+    }
+
     /// The info word unpacked.
     pub(crate) fn info(&self) -> Info {
         let rel = word_dist(self.word) - SPAN_HEADER;

@@ -399,3 +399,38 @@ pub(crate) fn interior_offsets_with_back_words_in_the_data_are_refused(a: &dyn R
         a.check().unwrap();
     }
 }
+
+/// A small block's size field (its info word, shared memory) that says more than the user bytes
+/// from its user offset to the block's end (a peer broke it; a padded block has fewer than its
+/// class's size) is refused by `size_of` and `reallocate`, not taken as a length to read or copy
+/// from the user offset, which would reach into the next block.
+pub(crate) fn small_sizes_past_the_block_are_refused(a: &dyn RegionAllocator) {
+    let word = |at: u64| a.region().ptr(at, 8).unwrap().cast::<u64>();
+    for align in [8usize, 256] {
+        let p = a.allocate(100, align).unwrap();
+        let next = a.allocate(100, align).unwrap();
+        let user = p.get();
+        // An unpadded block's header is right below its user bytes; a padded one's back word
+        // says how far.
+        // SAFETY: the block's back word, in bounds and 8-aligned; no other thread uses `a`.
+        let block = user - if align <= 16 { 16 } else { (unsafe { word(user - 8).read_volatile() }) & 0xffff };
+        // SAFETY: the block's info word, as above.
+        let info = unsafe { word(block).read_volatile() };
+        let room = block + super::span::LAYOUTS[super::span::word_class(info)].stride - user;
+        // SAFETY: as above.
+        unsafe { word(block).write_volatile((info & !0x3f_ffff) | (room + 16)) };
+        let size = a.size_of(p);
+        assert!(
+            size.as_ref().is_ok_and(|&s| s as u64 <= room) || matches!(size, Err(Error::Corrupt { .. })),
+            "align {align}: size_of says {size:?}, the block holds {room} bytes from its user offset"
+        );
+        let moved = a.reallocate(p, 20_000, 8);
+        assert!(matches!(moved, Err(Error::Corrupt { .. })), "align {align}: {moved:?}");
+        // SAFETY: as above.
+        unsafe { word(block).write_volatile(info) };
+        assert_eq!(a.size_of(p).unwrap(), 100, "the block stayed the caller's");
+        a.free(p).unwrap();
+        a.free(next).unwrap();
+        a.check().unwrap();
+    }
+}

@@ -411,7 +411,7 @@ impl RegionAllocator for ScalablePageAllocator {
                     self.with_slot(|slot| s.resize_in_place(slot, block, info, new_size))?;
                     return Ok(ptr);
                 }
-                info.size
+                b.user_size(user)?
             }
         };
         move_block(self, &s.arena, ptr, old_size, new_size, align)

@@ -4,7 +4,7 @@ use super::*;
 use crate::allocators::common::DeadProcessBlocks;
 use crate::allocators::testing::{
     exercise, exhaust_and_recover, failed_copy_leaks_nothing, interior_offsets_with_back_words_in_the_data_are_refused,
-    op_strategy, refuse_bad_input, region_of, run_model, survive_damage,
+    op_strategy, refuse_bad_input, region_of, run_model, small_sizes_past_the_block_are_refused, survive_damage,
 };
 use crate::sync::atomic::Ordering;
 use crate::sync::LinkStore;
@@ -44,6 +44,12 @@ fn runs_out_of_memory_and_recovers_every_time() {
 fn a_reallocation_whose_copy_fails_frees_the_new_block() {
     let a = ScalablePageAllocator::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
     failed_copy_leaks_nothing(&a, |p| p.get() - 16);
+}
+
+#[test]
+fn a_small_blocks_size_field_is_bounded_by_its_user_bytes() {
+    let a = ScalablePageAllocator::create(region_of(2 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    small_sizes_past_the_block_are_refused(&a);
 }
 
 #[test]

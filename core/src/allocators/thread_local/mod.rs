@@ -469,7 +469,7 @@ impl<T: ThreadModel> RegionAllocator for ThreadLocalAllocator<T> {
                     s.resize_in_place(mine, b.block, info, new_size)?;
                     return Ok(ptr);
                 }
-                info.size
+                b.user_size(user)?
             }
         };
         move_block(self, &s.arena, ptr, old_size, new_size, align)
