@@ -134,6 +134,9 @@ struct Class {
     shift: u32,
     blocks: u64,
     data: u64,
+    /// Where the bitmap and the sizes start (the record's fields, as checked).
+    bitmap: u64,
+    sizes_at: u64,
     words: NonNull<AtomicU64>,
     word_count: usize,
     sizes: NonNull<AtomicU32>,
@@ -307,6 +310,8 @@ impl BitmapAllocator {
                 shift: size.trailing_zeros(),
                 blocks,
                 data: data_at,
+                bitmap,
+                sizes_at,
                 words,
                 word_count: usize::try_from(word_count).map_err(|_| corrupt(at, "class too large"))?,
                 sizes,
@@ -535,13 +540,18 @@ impl RegionAllocator for BitmapAllocator {
 
     fn check(&self) -> Result<()> {
         let header = self.header();
-        if header.magic != BITMAP_MAGIC || header.class_count as usize != self.classes.len() {
+        // Every word attach checked: this process works from its copy, but the next one to
+        // attach reads the header.
+        let fields = (header.magic, header.type_id, header.class_count as usize, header.id);
+        let region = (header.region_offset, header.region_len);
+        if fields != (BITMAP_MAGIC, TYPE_ID, self.classes.len(), self.id)
+            || region != (self.region.offset(), self.region.len())
+        {
             return Err(corrupt(self.region.offset(), "header changed since attach"));
         }
         for (c, r) in self.classes.iter().zip(&header.classes) {
             let at = c.data;
-            let [size, blocks, _, _, data] = r.fixed_fields();
-            if (size, blocks, data) != (c.size, c.blocks, c.data) {
+            if r.fixed_fields() != [c.size, c.blocks, c.bitmap, c.sizes_at, c.data] {
                 return Err(corrupt(at, "class record changed since attach"));
             }
             let words = c.words();

@@ -491,3 +491,29 @@ proptest! {
         a.check().unwrap();
     }
 }
+
+/// `check` reports a change to any header word attach checked (the allocator keeps working
+/// from its copy, but the next process to attach reads the changed one): the type, the id, the
+/// region and each class's five fixed fields, the bitmap's and the sizes' offsets included.
+#[test]
+fn check_reports_a_change_to_any_word_attach_checked() {
+    let a = bitmap(256 << 10, BitmapConfig::default());
+    let p = a.allocate(100, 8).unwrap();
+    let region = a.region().duplicate();
+    let base = region.ptr(region.offset(), core::mem::size_of::<BitmapHeader>() as u64).unwrap().cast::<u64>();
+    let classes = a.block_sizes().count();
+    let mut words: Vec<usize> = (0..5).collect();
+    words.extend((0..classes).flat_map(|c| (0..5).map(move |f| 8 + 16 * c + f)));
+    for word in words {
+        // SAFETY: a word of the header, in the region and 8-aligned; only this thread uses it.
+        let old = unsafe { base.add(word).read_volatile() };
+        // SAFETY: as above.
+        unsafe { base.add(word).write_volatile(old.wrapping_add(64)) };
+        let checked = a.check();
+        // SAFETY: as above.
+        unsafe { base.add(word).write_volatile(old) };
+        assert!(matches!(checked, Err(Error::Corrupt { .. })), "header word {word}: {checked:?}");
+    }
+    a.check().unwrap();
+    a.free(p).unwrap();
+}
