@@ -367,6 +367,13 @@ impl RegionAllocator for StackAllocator {
         if blocks.live != s.live || blocks.in_use != s.bytes_in_use {
             return Err(corrupt(s.top, "live counters disagree with the blocks"));
         }
+        // Every operation keeps these (a repair settles them), and `stats` reports them.
+        if s.total_allocations.wrapping_sub(s.total_frees) != s.live {
+            return Err(corrupt(s.top, "allocations less frees is not the live blocks"));
+        }
+        if s.high_watermark < s.top - s.data_start {
+            return Err(corrupt(s.top, "high watermark below the bytes on the stack"));
+        }
         Ok(())
     }
 }
@@ -714,6 +721,41 @@ mod tests {
         assert!(matches!(s.check(), Err(Error::Corrupt { .. })));
         s.check_bounds(&s.lock()).unwrap();
         let _ = s.stats();
+    }
+
+    /// The totals and the high watermark are shared memory too: a peer's write that makes them
+    /// disagree with the blocks (allocations less frees not the live blocks, a high watermark
+    /// below the bytes on the stack) is reported by `check`, as the live counters are.
+    #[test]
+    fn totals_and_high_watermark_that_disagree_with_the_blocks_are_reported() {
+        let s = stack(64 * 1024);
+        let a = s.allocate(3000, 16).unwrap();
+        let b = s.allocate(64, 16).unwrap();
+        s.free(a).unwrap();
+        s.check().unwrap();
+        let damage: [fn(&mut StackState); 4] = [
+            |st| st.total_frees = st.total_frees.wrapping_add(1),
+            |st| st.total_allocations = st.total_allocations.wrapping_sub(1),
+            |st| st.total_allocations = 0,
+            |st| st.high_watermark = st.top - st.data_start - 16,
+        ];
+        for (i, damage) in damage.iter().enumerate() {
+            let saved = {
+                let mut st = s.lock();
+                let saved = (st.total_allocations, st.total_frees, st.high_watermark);
+                damage(&mut st);
+                saved
+            };
+            let checked = s.check();
+            {
+                let mut st = s.lock();
+                (st.total_allocations, st.total_frees, st.high_watermark) = saved;
+            }
+            assert!(matches!(checked, Err(Error::Corrupt { .. })), "damage {i}: {checked:?}");
+        }
+        s.check().unwrap();
+        s.free(b).unwrap();
+        s.check().unwrap();
     }
 
     /// Marks the lock held by a dead process, as a process killed inside an operation leaves it
