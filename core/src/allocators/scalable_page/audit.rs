@@ -11,7 +11,7 @@ use super::super::common::ClassCounts;
 use super::super::large::{self, TAG_LARGE, TAG_META, TAG_SPAN};
 use super::super::size_class::CLASS_COUNT;
 use super::super::span::{block_at, corrupt, span_of, Info, State, LAYOUTS};
-use super::cache::unpack_head;
+use super::cache::{label_of, unpack_head};
 use super::Shared;
 
 impl Shared {
@@ -52,7 +52,7 @@ impl Shared {
         }
         for offset in self.slots.offsets(&self.mem)? {
             let s = self.slots.slot(&self.mem, offset)?;
-            let label = s.index as u64 + 1;
+            let label = label_of(s.index);
             for (class, cache) in s.body.classes.iter().enumerate() {
                 let (mut at, count) = unpack_head(cache.head.load(Ordering::Relaxed));
                 for _ in 0..count {

@@ -125,6 +125,15 @@ impl ClassCache {
     }
 }
 
+/// The label of the slot numbered `index`: the index plus one. The index is shared memory,
+/// and the label goes into info words' 22-bit field: one past what the field holds would spill
+/// into their class and distance bits, so it saturates (it then names no slot of its own; a
+/// table that long would have four million slots).
+#[inline]
+pub(super) fn label_of(index: u32) -> u64 {
+    (index as u64 + 1).min(FIELD_MASK)
+}
+
 impl Shared {
     /// The class `class` line of the cache in the slot at `slot` (which this thread holds).
     #[inline]
@@ -132,7 +141,7 @@ impl Shared {
         // SAFETY: `slot` is the calling thread's slot (its registration or the fallback), checked
         // when it was taken.
         let s = unsafe { self.slots.slot_unchecked(&self.mem, slot) };
-        (&s.body.classes[class], s.index as u64 + 1)
+        (&s.body.classes[class], label_of(s.index))
     }
 
     /// The first cached block of `class`: its offset, free info word, and the head word once it

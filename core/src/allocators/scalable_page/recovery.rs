@@ -30,7 +30,7 @@ use super::super::large::{self, TAG_LARGE, TAG_SPAN};
 use super::super::size_class::CLASS_COUNT;
 use super::super::slots::owner_dead;
 use super::super::span::{block_at, corrupt, release_span, span_of, user_of_live, Info, State, LAYOUTS};
-use super::cache::{unpack_journal, ClassCache, OP_ALLOC, OP_FREE, OP_RESIZE};
+use super::cache::{label_of, unpack_journal, ClassCache, OP_ALLOC, OP_FREE, OP_RESIZE};
 use super::{stamp_process, Shared};
 
 impl Shared {
@@ -80,7 +80,7 @@ impl Shared {
             let s = self.slots.slot(&self.mem, offset)?;
             if s.owner.compare_exchange(owner, owner_token(), Ordering::Acquire, Ordering::Relaxed).is_ok() {
                 crash::point();
-                let label = s.index as u64 + 1;
+                let label = label_of(s.index);
                 for (class, c) in s.body.classes.iter().enumerate() {
                     self.settle_journal(c, class, label);
                 }
@@ -242,7 +242,7 @@ impl Shared {
     /// on the list, then taken whole, so its blocks stay recoverable while they are off it.
     pub(super) fn trim(&self, slot: u64) -> Result<()> {
         self.flush_all(slot)?;
-        let label = self.slots.slot(&self.mem, slot)?.index as u64 + 1;
+        let label = label_of(self.slots.slot(&self.mem, slot)?.index);
         let mut g = self.fs.lock();
         for (class, layout) in LAYOUTS.iter().enumerate() {
             let mut taken = Vec::new();

@@ -734,3 +734,42 @@ fn a_held_slot_whose_magic_was_overwritten_is_used_without_a_panic() {
     a.check().unwrap();
     assert_eq!(a.stats().free_bytes(), start);
 }
+
+/// A slot's index is shared memory, and a cache labels its free blocks with it: an index a peer
+/// broke past what an info word's label field holds must not spill into the words' class and
+/// distance bits (a carve then formatted a whole span of blocks no one could use or free again,
+/// and `check` found them damaged for good). Once the index is mended and the damaged cache
+/// flushed, the allocator is whole and back to its starting free capacity.
+#[test]
+fn a_slot_index_past_the_label_field_breaks_no_info_word() {
+    let a = ScalablePageAllocator::create(region_of(2 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let s = &a.shared;
+    let start = a.stats().free_bytes();
+    let slot = own_slot(&a);
+    let index = s.slots.slot(&s.mem, slot).unwrap().index;
+    let index_at = slot + core::mem::offset_of!(crate::allocators::slots::Slot<CacheBody>, index) as u64;
+    let at = s.mem.ptr(index_at, 4).unwrap().cast::<u32>();
+    let class = class_for(1000, 8).unwrap();
+    for bad in [u32::MAX - 1, 1 << 22, (1 << 22) - 1] {
+        // SAFETY: the slot's index, in bounds and aligned; no other thread uses the slot.
+        unsafe { at.write_volatile(bad) };
+        let mut users = Vec::new();
+        for _ in 0..40 {
+            if let Ok(u) = s.allocate_small(slot, class, 1000, 8) {
+                users.push(u);
+            }
+        }
+        assert_eq!(users.len(), 40, "index {bad:#x}: the cache served");
+        for u in users {
+            free_through(&a, slot, u);
+        }
+        s.flush_all(slot).unwrap();
+        // SAFETY: as above.
+        unsafe { at.write_volatile(index) };
+        a.check().unwrap_or_else(|e| panic!("index {bad:#x}: {e}"));
+    }
+    s.release_slot(slot).unwrap();
+    a.trim().unwrap();
+    a.check().unwrap();
+    assert_eq!(a.stats().free_bytes(), start);
+}
