@@ -186,7 +186,10 @@ impl MemoryManager {
     }
 
     /// Attaches to allocator `id`, which some process created in backend `backend`, waiting up to
-    /// [`DEFAULT_ATTACH_TIMEOUT`] for its creator to finish.
+    /// [`DEFAULT_ATTACH_TIMEOUT`] for its creator to finish (`TimedOut` past it). An id the
+    /// region's directory does not name at all is `UnknownAllocator` at once, without waiting:
+    /// its creator has not started on it (or never will), and only the application knows when it
+    /// will, so an attacher that may come first waits for the creator's word, or retries.
     pub fn attach_allocator<A: AllocatorType>(&self, backend: BackendId, id: AllocatorId) -> Result<Arc<A>> {
         self.attach_allocator_within::<A>(backend, id, DEFAULT_ATTACH_TIMEOUT)
     }

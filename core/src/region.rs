@@ -55,7 +55,8 @@ impl Region {
             return Err(Error::OutOfBounds { offset, len, region_len: total });
         }
         if (backend.base() as usize) % MAX_ALIGN != 0 {
-            return Err(Error::InvalidAlignment { align: backend.base() as u64 % MAX_ALIGN as u64 });
+            // The alignment the base needed (the error's field says so), not the base's remainder.
+            return Err(Error::InvalidAlignment { align: MAX_ALIGN as u64 });
         }
         Ok(Region { backend, offset, len, lease: None })
     }
@@ -141,5 +142,44 @@ impl core::fmt::Debug for Region {
             .field("offset", &self.offset)
             .field("len", &self.len)
             .finish()
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::backend::{BackendId, BackendKind};
+    use crate::header::RegionHeader;
+    use crate::testing::HeapBackend;
+
+    /// A heap backend whose base is 64 bytes past the page it starts on.
+    struct Shifted(HeapBackend);
+
+    // SAFETY: the inner backend's memory, less its first 64 bytes; the header is the inner one's.
+    unsafe impl MemoryBackend for Shifted {
+        fn kind(&self) -> BackendKind {
+            BackendKind::Private
+        }
+        fn base(&self) -> *mut u8 {
+            self.0.base().wrapping_add(64)
+        }
+        fn len(&self) -> u64 {
+            self.0.len() - 64
+        }
+        fn header(&self) -> &RegionHeader {
+            self.0.header()
+        }
+        fn is_creator(&self) -> bool {
+            true
+        }
+    }
+
+    /// The error names the alignment the base needed (it used to give the base's remainder, 64).
+    #[test]
+    fn a_base_off_the_maximum_alignment_is_refused_naming_the_alignment() {
+        let backend = Arc::new(Shifted(HeapBackend::new(BackendId(1), 1 << 16)));
+        // SAFETY: refused before any use.
+        let err = unsafe { Region::new(backend, HEADER_SIZE, 4096) }.err();
+        assert_eq!(err, Some(Error::InvalidAlignment { align: MAX_ALIGN as u64 }));
     }
 }
