@@ -237,7 +237,8 @@ impl RegionHeader {
     /// process.
     ///
     /// `size == 0` takes all the space that is left. Fails if `id` already has an entry, the
-    /// directory is full, or the space is not there. An entry whose creator died before
+    /// directory is full (123 entries, counting those of failed creations until a full
+    /// directory takes their places), or the space is not there. An entry whose creator died before
     /// publishing it (as the [liveness hook](crate::liveness) tells) does not count: it is
     /// forgotten, as [`abandon_allocator`](Self::abandon_allocator) would have, and `id` is
     /// created again in a new sub-region.
@@ -250,9 +251,17 @@ impl RegionHeader {
             }
             e.state = ENTRY_EMPTY;
         }
-        if count == MAX_ALLOCATORS {
-            return Err(Error::Unsupported("more than 123 allocators in one region"));
-        }
+        // A full directory takes the first entry nothing can use any more: one forgotten (a
+        // failed creation), or one whose creator died before publishing it. Only when full, so
+        // that the entries stay in creation order as long as they can.
+        let index = if count < MAX_ALLOCATORS {
+            count
+        } else {
+            dir.entries
+                .iter()
+                .position(|e| e.state() == ENTRY_EMPTY || e.creator_died())
+                .ok_or(Error::Unsupported("more than 123 allocators in one region"))?
+        };
         let start = dir.next_free.checked_next_multiple_of(SUBREGION_ALIGN).unwrap_or(u64::MAX);
         let available = self.total_size.saturating_sub(start);
         let size = if size == 0 { available } else { size };
@@ -261,8 +270,8 @@ impl RegionHeader {
         }
         let state = creating_by(crate::liveness::current().pid);
         let entry = AllocatorEntry { type_id, state, id, offset: start, size };
-        dir.entries[count] = entry;
-        dir.count = count as u32 + 1;
+        dir.entries[index] = entry;
+        dir.count = count.max(index + 1) as u32;
         dir.next_free = start + size;
         Ok(entry)
     }
@@ -601,6 +610,45 @@ mod tests {
         // SAFETY: a ready entry is never given back (refused, as asserted).
         assert!(matches!(unsafe { h.give_back_allocator(b) }, Err(Error::UnknownAllocator(_))));
         assert!(first.offset + first.size <= second.offset);
+    }
+
+    /// A full directory takes the place of a failed creation's entry, or of one whose creator
+    /// died, for the next reservation (they used to keep their places for good, so 123 failures
+    /// made a region refuse every new allocator); a directory of live entries stays full.
+    #[test]
+    fn a_full_directory_reuses_the_entries_of_failed_creations() {
+        crate::testing::install_test_liveness();
+        let len = HEADER_SIZE + (MAX_ALLOCATORS as u64 + 8) * SUBREGION_ALIGN;
+        let mut mem = region(len as usize);
+        // SAFETY: as above.
+        let h =
+            unsafe { RegionHeader::initialize(mem.as_mut_ptr().cast(), len, BackendKind::Private, BackendId(1), 1) }
+                .unwrap();
+        let id = |minor| AllocatorId::new(1, minor);
+        for minor in 0..MAX_ALLOCATORS as u32 {
+            h.reserve_allocator(7, id(minor), 1).unwrap();
+            if minor != 5 {
+                h.publish_allocator(id(minor)).unwrap();
+            }
+        }
+        let full = h.reserve_allocator(7, id(1000), 1);
+        assert!(matches!(full, Err(Error::Unsupported(_))), "{full:?}");
+        h.abandon_allocator(id(5)).unwrap();
+        let reused = h.reserve_allocator(7, id(1000), 1).unwrap();
+        h.publish_allocator(id(1000)).unwrap();
+        assert_eq!(h.find_allocator(id(1000)).unwrap().map(|e| e.offset), Some(reused.offset));
+        assert_eq!(h.directory.lock().entries[5].id, id(1000));
+        assert!(matches!(h.find_allocator(id(5)), Err(Error::UnknownAllocator(_))));
+        assert_eq!(h.allocators().count(), MAX_ALLOCATORS);
+        // An entry whose creator died is taken too.
+        h.directory.lock().entries[9].state = creating_by(crate::testing::DEAD_PID);
+        h.reserve_allocator(7, id(1001), 1).unwrap();
+        assert_eq!(h.directory.lock().entries[9].id, id(1001));
+        assert!(matches!(h.reserve_allocator(7, id(1002), 1), Err(Error::Unsupported(_))));
+        // The sub-regions stay disjoint: the reused entries took new space.
+        let mut ranges: Vec<_> = h.allocators().map(|e| (e.offset, e.offset + e.size)).collect();
+        ranges.sort();
+        assert!(ranges.windows(2).all(|w| w[0].1 <= w[1].0));
     }
 
     #[test]
