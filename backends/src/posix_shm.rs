@@ -377,8 +377,16 @@ fn wait_for_size(fd: i32, timeout: Duration) -> Result<u64> {
         if len > HEADER_SIZE {
             return Ok(len);
         }
-        if started.elapsed() >= timeout {
+        if len > 0 {
+            // A creator sizes its segment once, from 0 to more than the header: this size is no
+            // creator's, and waiting would not change it.
             return Err(Error::HeaderMismatch { field: "total_size", expected: HEADER_SIZE + 1, found: len });
+        }
+        if started.elapsed() >= timeout {
+            return Err(Error::TimedOut {
+                what: "the segment's creator to size it (still empty: its creator died, or it is not hetmem's)",
+                waited_ms: started.elapsed().as_millis() as u64,
+            });
         }
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -632,8 +640,16 @@ mod tests {
         let file = std::fs::OpenOptions::new().write(true).open(format!("/dev/shm{name}")).unwrap();
         file.set_len(8192).unwrap();
         assert_eq!(field(PosixShmBackend::attach(&name, &quick())), "total_size");
+        // Smaller than a header: refused at once (the timeout is not waited for: a creator
+        // never gives a segment that size).
+        let patient = ShmOptions { attach_timeout: Duration::from_secs(20), ..Default::default() };
         file.set_len(100).unwrap();
-        assert_eq!(field(PosixShmBackend::attach(&name, &quick())), "total_size");
+        let asked = Instant::now();
+        assert_eq!(field(PosixShmBackend::attach(&name, &patient)), "total_size");
+        assert!(asked.elapsed() < Duration::from_secs(10), "waited for a size no creator gives");
+        // Empty: a creator that has not sized it yet is waited for, up to the timeout.
+        file.set_len(0).unwrap();
+        assert!(matches!(PosixShmBackend::attach(&name, &quick()), Err(Error::TimedOut { .. })));
         file.set_len(a.len()).unwrap();
 
         poke(&name, 0, b"NOTHETMM");
@@ -659,7 +675,7 @@ mod tests {
         // A creator that died after shm_open, before sizing the segment.
         close(shm_open(&c, &name, libc::O_CREAT | libc::O_EXCL | libc::O_RDWR, 0o600).unwrap());
         let options = ShmOptions { attach_timeout: Duration::from_millis(10), ..Default::default() };
-        assert!(matches!(PosixShmBackend::attach(&name, &options), Err(Error::HeaderMismatch { .. })));
+        assert!(matches!(PosixShmBackend::attach(&name, &options), Err(Error::TimedOut { .. })));
         PosixShmBackend::remove(&name).unwrap();
         assert!(!PosixShmBackend::exists(&name).unwrap());
         assert!(matches!(PosixShmBackend::remove(&name), Err(Error::NotFound { .. })));
