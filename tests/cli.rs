@@ -270,3 +270,27 @@ fn a_broken_directory_is_reported_not_a_panic() {
     let out = hetmem(&["check", &s.name]);
     assert!(out.status.success(), "{}", text(&out));
 }
+
+/// A lock a live process holds for good (here the directory's, forged to name this test's
+/// process) makes a command wait until its timeout, then give up with status 2 and a reason
+/// (the tool used to wait for ever).
+#[test]
+fn a_lock_a_live_process_holds_makes_the_tool_give_up_at_its_timeout() {
+    use std::os::unix::fs::FileExt;
+    let s = Segment::new("held");
+    let file = std::fs::OpenOptions::new().write(true).open(format!("/dev/shm{}", s.name)).unwrap();
+    // The directory's mutex is at offset 128 of the header; its first word is the owner.
+    let me = hetmem::core::sync::owner_token();
+    file.write_at(&me.to_le_bytes(), 128).unwrap();
+    let out = hetmem(&["show", &s.name, "--timeout", "1"]);
+    let said = text(&out);
+    file.write_at(&0u64.to_le_bytes(), 128).unwrap();
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("gave up after 1.0 s (--timeout SECS waits longer): a lock in the segment is held by a live"),
+        "{said}"
+    );
+    // Free again: the same command succeeds.
+    let out = hetmem(&["show", &s.name, "--timeout", "30"]);
+    assert!(out.status.success(), "{}", text(&out));
+}

@@ -4,14 +4,17 @@
 //! hetmem list                  the hetmem segments in /dev/shm
 //! hetmem show NAME [--id M.m]  a segment's header, and each allocator's figures
 //! hetmem check NAME [--id M.m] walks each allocator's structures (`check()`)
+//! --timeout SECS               with any command: give up after SECS seconds (default 30)
 //! ```
 //!
 //! The tool attaches to a segment as any process of the application does, so it sees what a
 //! process starting now would see: attaching a scalable-page or thread-local allocator recovers
 //! what dead processes left in it, as it does for every attacher. Beyond that and the locks it
 //! takes, the tool writes nothing to the segment. It takes those locks as any process does: one
-//! that a live process holds for good (stopped in a debugger, say) makes it wait; one that a dead
-//! process held is recovered.
+//! that a dead process held is recovered; one that a live process holds for good (stopped in a
+//! debugger, say) makes it wait, until the command's timeout, when it gives up with exit status
+//! 2 and says why (as Ctrl-C would stop it: a lock it held then is recovered by the next process
+//! that wants it).
 //! `check` reads structures that the application's processes may be changing: a report of damage
 //! on a busy segment may be a race, so run it again, or run it while the segment is quiet.
 //!
@@ -41,7 +44,49 @@ Attaching recovers what dead processes left in scalable-page and thread-local
 allocators, as any process that attaches does.
 
 NAME is the segment's name (\"/demo\" or \"demo\"). --id picks one allocator.
+--timeout SECS (any command): give up after SECS seconds (default 30), as when
+a live process holds a lock in the segment for good (stopped in a debugger).
 Exit status: 0 all well, 1 damage found, 2 any other error.";
+
+/// How long a command may run before the tool gives up, unless `--timeout` says otherwise.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Takes `--timeout SECS` (anywhere on the line) out of `args`: the timeout, and the rest.
+fn split_timeout(args: &[String]) -> Result<(Duration, Vec<String>), String> {
+    let mut timeout = None;
+    let mut rest = Vec::new();
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        if arg != "--timeout" {
+            rest.push(arg.clone());
+            continue;
+        }
+        let value = it.next().ok_or("--timeout needs a value (seconds)")?;
+        let secs: f64 = value.parse().map_err(|_| format!("--timeout {value:?}: not a number of seconds"))?;
+        let t = Duration::try_from_secs_f64(secs)
+            .ok()
+            .filter(|t| !t.is_zero())
+            .ok_or(format!("--timeout {value:?}: not a positive number of seconds"))?;
+        if timeout.replace(t).is_some() {
+            return Err("--timeout given twice".into());
+        }
+    }
+    Ok((timeout.unwrap_or(DEFAULT_TIMEOUT), rest))
+}
+
+/// Ends the process with status 2 once `timeout` has passed: the command is most likely waiting
+/// on a lock a live process holds, though `check` of a very large segment may take that long.
+fn give_up_after(timeout: Duration) {
+    std::thread::spawn(move || {
+        std::thread::sleep(timeout);
+        eprintln!(
+            "hetmem: gave up after {:.1} s (--timeout SECS waits longer): a lock in the segment is held by a live \
+             process (stopped in a debugger?), or the segment is too large to go through in that time",
+            timeout.as_secs_f64()
+        );
+        std::process::exit(2);
+    });
+}
 
 /// Where POSIX shared-memory segments appear as files (Linux).
 const SHM_DIR: &str = "/dev/shm";
@@ -335,8 +380,11 @@ fn check(name: &str, id: Option<AllocatorId>) -> hetmem::Result<Report> {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let command = match parse(&args) {
-        Ok(c) => c,
+    let command = match split_timeout(&args).and_then(|(timeout, rest)| Ok((timeout, parse(&rest)?))) {
+        Ok((timeout, c)) => {
+            give_up_after(timeout);
+            c
+        }
         Err(message) => {
             eprintln!("hetmem: {message}\n\n{USAGE}");
             return ExitCode::from(2);
@@ -398,6 +446,27 @@ mod tests {
             ("check /a --verbose", "unknown option"),
         ] {
             let err = parse(&args(line)).unwrap_err();
+            assert!(err.contains(reason), "{line:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_timeout_is_taken_from_anywhere_on_the_line() {
+        assert_eq!(split_timeout(&args("list")), Ok((DEFAULT_TIMEOUT, args("list"))));
+        assert_eq!(split_timeout(&args("--timeout 2.5 list")), Ok((Duration::from_millis(2500), args("list"))));
+        assert_eq!(
+            split_timeout(&args("show /x --timeout 30 --id 1.0")),
+            Ok((Duration::from_secs(30), args("show /x --id 1.0")))
+        );
+        for (line, reason) in [
+            ("list --timeout", "needs a value"),
+            ("list --timeout soon", "not a number"),
+            ("list --timeout 0", "not a positive"),
+            ("list --timeout -1", "not a positive"),
+            ("list --timeout inf", "not a positive"),
+            ("list --timeout 1 --timeout 2", "twice"),
+        ] {
+            let err = split_timeout(&args(line)).unwrap_err();
             assert!(err.contains(reason), "{line:?}: {err}");
         }
     }
