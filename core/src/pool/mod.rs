@@ -162,7 +162,8 @@ pub unsafe trait Pool: Send {
 
     /// `size` bytes aligned to `align` (a power of two). Zero sizes and bad alignments are
     /// errors; out of memory is `Error::OutOfMemory` (`Error::MaxSizeReached` at a configured
-    /// maximum size: [`Error::is_out_of_memory`] covers both), and the pool stays usable.
+    /// maximum size: [`Error::is_out_of_memory`](crate::Error::is_out_of_memory) covers both),
+    /// and the pool stays usable.
     fn allocate(&mut self, size: usize, align: usize) -> Result<NonNull<u8>>;
 
     /// Gives back an allocation. A pointer this pool did not hand out (or already took back) is
