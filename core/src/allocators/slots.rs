@@ -8,16 +8,15 @@
 //!
 //! A slot is free while its owner word is 0; a thread takes one with a CAS of its
 //! [`owner_token`](crate::sync::owner_token) (the process id and start time), so the number of threads has no fixed limit
-//! and a slot whose process has died is recognised as such, even if the id was reused.
+//! and a slot whose process has died is recognised as such, even if the id was reused, as is one
+//! whose owner word names no process (a stray write: see [`holder_gone`](crate::sync::holder_gone)).
 
 use core::marker::PhantomData;
 
 use alloc::vec::Vec;
 
 use crate::error::{Error, Result};
-use crate::liveness;
 use crate::sync::atomic::{AtomicU64, Ordering};
-use crate::sync::owner_stamp;
 
 use super::free_space::{FreeSpace, UNIT};
 use super::large::TAG_META;
@@ -57,11 +56,6 @@ pub(crate) struct Chunk<B> {
 pub(crate) struct SlotTable<B> {
     first: u64,
     _body: PhantomData<B>,
-}
-
-/// Whether the owner word `owner` names a process known to be gone.
-pub(crate) fn owner_dead(owner: u64) -> bool {
-    owner != 0 && liveness::is_dead(owner_stamp(owner))
 }
 
 impl<B: SlotBody> SlotTable<B> {

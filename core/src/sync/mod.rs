@@ -94,3 +94,17 @@ pub const fn owner_pid(token: u64) -> u32 {
 pub const fn owner_stamp(token: u64) -> crate::liveness::ProcessStamp {
     crate::liveness::ProcessStamp::from_word(token)
 }
+
+/// Whether the owner word `token` (0 = free) names a holder that is gone, so that what it holds
+/// may be taken over: a process the [`liveness`](crate::liveness) hook calls dead, or no process
+/// at all. With `std` every process's [`owner_token`] carries its (non-zero) process id, so a
+/// token of process id 0 is a stray write of another process (a small number, an offset), which
+/// no one would ever take over otherwise (the hook never calls pid 0 dead). Without `std` (and
+/// under loom) every caller's token is 1, of pid 0: there it is a holder's. Only with a hook
+/// installed, as for any take-over: a process that knows no other process takes nothing over.
+#[cfg(target_has_atomic = "ptr")]
+pub(crate) fn holder_gone(token: u64) -> bool {
+    let no_process = cfg!(all(feature = "std", not(loom))) && owner_pid(token) == 0;
+    token != 0
+        && if no_process { crate::liveness::hook().is_some() } else { crate::liveness::is_dead(owner_stamp(token)) }
+}

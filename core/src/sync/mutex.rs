@@ -83,9 +83,7 @@ impl<T> Mutex<T> {
     /// counts as a dead holder's once a hook is installed. The data may be half-updated: the
     /// caller must check and repair it before releasing the guard.
     pub fn recover(&self, dead_owner: u64) -> Option<MutexGuard<'_, T>> {
-        if dead_owner == FREE
-            || !(no_process_holds(dead_owner) || crate::liveness::is_dead(super::owner_stamp(dead_owner)))
-        {
+        if !super::holder_gone(dead_owner) {
             return None;
         }
         self.owner
@@ -120,16 +118,6 @@ impl<T> Mutex<T> {
     pub fn get_mut(&mut self) -> &mut T {
         self.data.get_mut()
     }
-}
-
-/// Whether `token` is one no holder can have written: with `std` every process's
-/// [`owner_token`](super::owner_token) carries its (non-zero) process id, so a token of process
-/// id 0 is a stray write, which would otherwise keep the lock held for ever (the liveness hook
-/// never calls pid 0 dead). Without `std` (and under loom) every caller's token is 1, of pid 0:
-/// there it is a holder's. Only with a hook installed, as for any take-over: a process that
-/// knows no other process takes nothing over.
-fn no_process_holds(token: u64) -> bool {
-    cfg!(all(feature = "std", not(loom))) && super::owner_pid(token) == 0 && crate::liveness::hook().is_some()
 }
 
 /// Access to a [`Mutex`]'s value; the mutex is released on drop.

@@ -22,13 +22,12 @@ use crate::crash;
 use crate::error::Result;
 use crate::liveness;
 use crate::sync::atomic::Ordering;
-use crate::sync::owner_token;
 use crate::sync::tagged_list::{self, LinkStore};
+use crate::sync::{holder_gone, owner_token};
 
 use super::super::free_space::FreeSpaceGuard;
 use super::super::large::{self, TAG_LARGE, TAG_SPAN};
 use super::super::size_class::CLASS_COUNT;
-use super::super::slots::owner_dead;
 use super::super::span::{block_at, corrupt, release_span, span_of, user_of_live, Info, State, LAYOUTS};
 use super::cache::{label_of, unpack_journal, ClassCache, OP_ALLOC, OP_FREE, OP_RESIZE};
 use super::{stamp_process, Shared};
@@ -59,7 +58,7 @@ impl Shared {
         let mut out = Vec::new();
         for offset in self.slots.offsets(&self.mem)? {
             let owner = self.slots.slot(&self.mem, offset)?.owner.load(Ordering::Acquire);
-            if owner_dead(owner) {
+            if holder_gone(owner) {
                 out.push((offset, owner));
             }
         }

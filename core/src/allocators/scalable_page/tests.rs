@@ -335,6 +335,34 @@ fn a_recovery_that_dies_after_settling_leaves_nothing_to_settle_twice() {
     free_all_and_check(&a, mine.into_iter().chain(theirs), start);
 }
 
+/// A slot whose owner word a stray write of another process set to a token no process writes
+/// (its process id 0: a small number, an offset) is recovered as a dead process's is, its
+/// cache with it: before, no reclaim took it, and the slot and the blocks in its cache were
+/// lost for good.
+#[test]
+fn a_slot_whose_owner_word_names_no_process_is_recovered() {
+    crate::testing::install_test_liveness();
+    let a = ScalablePageAllocator::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = a.stats().free_bytes();
+    let s = &a.shared;
+    let class = class_for(48, 8).unwrap();
+    for stray in [1u64, 0x356, 0x1000, 0xffff_ffff] {
+        let slot = own_slot(&a);
+        let blocks: Vec<u64> = (0..10).map(|_| s.allocate_small(slot, class, 48, 8).unwrap()).collect();
+        for &u in &blocks {
+            free_through(&a, slot, u);
+        }
+        assert_ne!(s.cache(slot, class).0.head.load(Ordering::Relaxed), 0, "the cache holds blocks");
+        let owner = &s.slots.slot(&s.mem, slot).unwrap().owner;
+        owner.store(stray, Ordering::Release);
+        assert_eq!(a.reclaim().unwrap(), 1, "a slot held by {stray:#x} was not recovered");
+        assert_eq!(owner.load(Ordering::Acquire), 0);
+        assert_eq!(s.cache(slot, class).0.head.load(Ordering::Relaxed), 0);
+        a.check().unwrap();
+    }
+    free_all_and_check(&a, [], start);
+}
+
 #[test]
 fn a_free_that_lost_its_race_is_not_counted() {
     let a = ScalablePageAllocator::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();

@@ -25,12 +25,11 @@ use alloc::vec::Vec;
 use crate::crash;
 use crate::error::Result;
 use crate::sync::atomic::{fence, Ordering};
-use crate::sync::owner_token;
 use crate::sync::tagged_list::{self, LinkStore};
+use crate::sync::{holder_gone, owner_token};
 
 use super::super::large::{self, TAG_LARGE, TAG_SPAN};
 use super::super::size_class::CLASS_COUNT;
-use super::super::slots::owner_dead;
 use super::super::span::{block_at, corrupt, freed_word, fresh_word, Info, State, LAYOUTS};
 use super::heap::{awaits_collection, sweep_limit, ClassState, Heap, HeapLocal, AWAITING_OWNER};
 use super::Shared;
@@ -67,8 +66,8 @@ impl Shared {
                 let taken_over = match owner {
                     AWAITING_OWNER => !self.awaited(offset, h),
                     // Given back by its thread, with blocks of a process that has died since.
-                    0 => self.free_dead() && owner_dead(h.body.blocks_of.0.load(Ordering::Acquire)),
-                    _ => owner_dead(owner),
+                    0 => self.free_dead() && holder_gone(h.body.blocks_of.0.load(Ordering::Acquire)),
+                    _ => holder_gone(owner),
                 };
                 if !taken_over {
                     if awaiting && awaits_collection(self, h) {
@@ -292,7 +291,7 @@ impl Shared {
         let heap = self.heaps.slot(&self.mem, heap_off)?;
         let index = heap.index;
         let process = heap.body.blocks_of.0.load(Ordering::Acquire);
-        let free_dead = self.free_dead() && (process == 0 || owner_dead(process));
+        let free_dead = self.free_dead() && (process == 0 || holder_gone(process));
         self.finish_collections(heap);
         self.settle_orphans(heap_off, heap)?;
         // SAFETY: we hold the heap.

@@ -145,6 +145,32 @@ fn a_heap_whose_owner_died_mid_collection_is_repaired_whole() {
     assert_eq!(a.owned_heaps().unwrap(), 0);
 }
 
+/// A heap whose owner word a stray write of another process set to a token no process writes
+/// (its process id 0: a small number, an offset) is repaired and released as a dead process's
+/// is: before, no reclaim took it, so the heap was lost for good and the remote frees of its
+/// blocks piled up on its lists, never collected.
+#[test]
+fn a_heap_whose_owner_word_names_no_process_is_reclaimed() {
+    crate::testing::install_test_liveness();
+    let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = start_of(&a);
+    let s = &a.shared;
+    let class = class_for(100, 8).unwrap();
+    for stray in [1u64, 0x356, 0x1000, 0xffff_ffff] {
+        let heap = s.heaps.acquire(&s.mem, &s.fs, crate::sync::owner_token(), || Ok(())).unwrap();
+        let blocks: Vec<u64> = (0..50).map(|_| s.allocate_small(heap, class, 100, 8).unwrap()).collect();
+        let h = s.heaps.slot(&s.mem, heap).unwrap();
+        h.owner.store(stray, Ordering::Release);
+        free_remotely(&a, &blocks);
+        assert_eq!(a.reclaim().unwrap(), 1, "a heap held by {stray:#x} was not reclaimed");
+        assert_eq!(h.owner.load(Ordering::Acquire), 0);
+        a.check().unwrap();
+    }
+    // This thread took a heap to record its remote frees in.
+    a.release_thread_heap().unwrap();
+    assert_back_to_start(&a, start);
+}
+
 #[test]
 fn a_heap_whose_owner_died_between_recording_and_taking_is_repaired_whole() {
     let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
