@@ -859,6 +859,19 @@ pub(crate) fn move_block(
     Ok(new)
 }
 
+/// How many user bytes the live small block at `block` of `class` holds: from its user offset to
+/// its end, what [`LiveSmall::user_size`] bounds its size field by (for walks over the blocks).
+/// The user bytes follow the header unless the block is padded: its second word is then zero
+/// (see [`find_live`]) and its back word says where they start ([`user_of_live`]).
+pub(crate) fn live_user_bytes(mem: &Mem, block: u64, class: usize) -> Result<u64> {
+    let stride = LAYOUTS.get(class).ok_or_else(|| corrupt(block, "block class"))?.stride;
+    let user = match mem.word(block + 8)?.load(Ordering::Relaxed) {
+        0 => user_of_live(mem, block, class)?,
+        _ => block + SMALL_HEADER,
+    };
+    Ok(block + stride - user)
+}
+
 /// The user offset of the live small block at `block`: where its back word points from. For
 /// unpadded blocks that is the block's second word; padded blocks have their back word further
 /// in, at a 16-byte step, so the block's candidate positions are scanned.

@@ -403,8 +403,10 @@ pub(crate) fn interior_offsets_with_back_words_in_the_data_are_refused(a: &dyn R
 /// A small block's size field (its info word, shared memory) that says more than the user bytes
 /// from its user offset to the block's end (a peer broke it; a padded block has fewer than its
 /// class's size) is refused by `size_of` and `reallocate`, not taken as a length to read or copy
-/// from the user offset, which would reach into the next block.
-pub(crate) fn small_sizes_past_the_block_are_refused(a: &dyn RegionAllocator) {
+/// from the user offset, which would reach into the next block; and `check` reports it, even
+/// with the live-byte counter that holds the block's size (`count`: adds the given bytes to it,
+/// wrapping, for the block at the given user offset) broken to match.
+pub(crate) fn small_sizes_past_the_block_are_refused(a: &dyn RegionAllocator, count: &dyn Fn(u64, u64)) {
     let word = |at: u64| a.region().ptr(at, 8).unwrap().cast::<u64>();
     for align in [8usize, 256] {
         let p = a.allocate(100, align).unwrap();
@@ -419,6 +421,7 @@ pub(crate) fn small_sizes_past_the_block_are_refused(a: &dyn RegionAllocator) {
         let room = block + super::span::LAYOUTS[super::span::word_class(info)].stride - user;
         // SAFETY: as above.
         unsafe { word(block).write_volatile((info & !0x3f_ffff) | (room + 16)) };
+        count(user, room + 16 - 100);
         let size = a.size_of(p);
         assert!(
             size.as_ref().is_ok_and(|&s| s as u64 <= room) || matches!(size, Err(Error::Corrupt { .. })),
@@ -426,6 +429,9 @@ pub(crate) fn small_sizes_past_the_block_are_refused(a: &dyn RegionAllocator) {
         );
         let moved = a.reallocate(p, 20_000, 8);
         assert!(matches!(moved, Err(Error::Corrupt { .. })), "align {align}: {moved:?}");
+        let checked = a.check();
+        assert!(matches!(checked, Err(Error::Corrupt { .. })), "align {align}: check says {checked:?}");
+        count(user, (room + 16 - 100).wrapping_neg());
         // SAFETY: as above.
         unsafe { word(block).write_volatile(info) };
         assert_eq!(a.size_of(p).unwrap(), 100, "the block stayed the caller's");

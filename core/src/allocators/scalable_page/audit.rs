@@ -10,7 +10,7 @@ use crate::sync::LinkStore;
 use super::super::common::ClassCounts;
 use super::super::large::{self, TAG_LARGE, TAG_META, TAG_SPAN};
 use super::super::size_class::CLASS_COUNT;
-use super::super::span::{block_at, corrupt, span_of, Info, State, LAYOUTS};
+use super::super::span::{block_at, corrupt, live_user_bytes, span_of, Info, State, LAYOUTS};
 use super::cache::{label_of, unpack_head};
 use super::Shared;
 
@@ -94,8 +94,10 @@ impl Shared {
                             State::Free if placed.get(&b) == Some(&class) => free_seen += 1,
                             State::Free => return Err(corrupt(b, "free block on no list and in no cache")),
                             State::Live => {
-                                if info.size == 0 || info.size > layout.size {
-                                    return Err(corrupt(b, "live block size outside its class"));
+                                // Bounded by the user bytes, which a padded block has fewer of
+                                // than its class's size: `size_of` and `reallocate` refuse more.
+                                if info.size == 0 || info.size > live_user_bytes(&self.arena, b, class)? {
+                                    return Err(corrupt(b, "live block size past its user bytes"));
                                 }
                                 live[class] += 1;
                                 bytes += info.size;

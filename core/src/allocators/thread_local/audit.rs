@@ -10,7 +10,7 @@ use crate::sync::tagged_list;
 use super::super::common::ClassCounts;
 use super::super::large::{self, TAG_LARGE, TAG_META, TAG_SPAN};
 use super::super::size_class::CLASS_COUNT;
-use super::super::span::{block_at, corrupt, span_of_word, Info, SpanHeader, State, LAYOUTS};
+use super::super::span::{block_at, corrupt, live_user_bytes, span_of_word, Info, SpanHeader, State, LAYOUTS};
 use super::heap::AWAITING_OWNER;
 use super::Shared;
 
@@ -186,13 +186,16 @@ impl Shared {
                                 if info.state == State::Live && heap_set.contains(&stamp) && stamp != owner {
                                     return Err(corrupt(b, "live block stamped with another heap"));
                                 }
-                                let size = match info.state {
+                                // A live block's size is bounded by its user bytes, which a
+                                // padded block has fewer of than its class's size (`size_of` and
+                                // `reallocate` refuse more); a remote one's by its class.
+                                let (size, room) = match info.state {
                                     // The word names the freer; the size is elsewhere.
-                                    State::Remote => self.remote_size(&freers, b, info.size)?,
-                                    _ => info.size,
+                                    State::Remote => (self.remote_size(&freers, b, info.size)?, layout.size),
+                                    _ => (info.size, live_user_bytes(&self.arena, b, class)?),
                                 };
-                                if size == 0 || size > layout.size {
-                                    return Err(corrupt(b, "live block size outside its class"));
+                                if size == 0 || size > room {
+                                    return Err(corrupt(b, "live block size past its user bytes"));
                                 }
                                 entry.0 += 1;
                                 entry.1 += size;
