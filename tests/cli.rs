@@ -294,3 +294,44 @@ fn a_lock_a_live_process_holds_makes_the_tool_give_up_at_its_timeout() {
     let out = hetmem(&["show", &s.name, "--timeout", "30"]);
     assert!(out.status.success(), "{}", text(&out));
 }
+
+/// The timeout is for waiting on the segment, not on the reader: a report the tool has made is
+/// written whole, however long its reader (a pager) takes, where the tool used to give up in the
+/// middle of it, with status 2 and a reason that blamed a lock.
+#[test]
+fn a_slow_reader_gets_the_whole_report_past_the_timeout() {
+    use std::io::Read;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let name = format!("/hetmem-cli-slow-reader-{}", std::process::id());
+    let mm = MemoryManager::new();
+    let shm = mm.add_backend(PosixShmBackend::create(&name, 4 << 20, &ShmOptions::default()).unwrap()).unwrap();
+    let allocators = 40;
+    for minor in 0..allocators {
+        mm.create_allocator::<StackAllocator>(shm.id(), AllocatorId::new(1, minor), 16 << 10, &Default::default())
+            .unwrap();
+    }
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors `pipe` writes.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: both descriptors are new and owned by nothing else.
+    let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // The smallest pipe (a page), so that the report (over 8 KiB) fills it and the tool waits on
+    // its reader.
+    // SAFETY: an open pipe descriptor.
+    assert!(unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, 4096) } >= 4096);
+    let child = Command::new(env!("CARGO_BIN_EXE_hetmem"))
+        .args(["show", &name, "--timeout", "1"])
+        .stdout(write_end)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let mut shown = String::new();
+    std::fs::File::from(read_end).read_to_string(&mut shown).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let _ = mm.destroy_backend(shm.id());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {said}", out.status);
+    assert!(shown.len() > 4096, "{shown}");
+    assert_eq!(shown.matches("allocator 1.").count(), allocators as usize, "{shown}");
+}

@@ -74,11 +74,21 @@ fn split_timeout(args: &[String]) -> Result<(Duration, Vec<String>), String> {
     Ok((timeout.unwrap_or(DEFAULT_TIMEOUT), rest))
 }
 
-/// Ends the process with status 2 once `timeout` has passed: the command is most likely waiting
-/// on a lock a live process holds, though `check` of a very large segment may take that long.
+/// Whether the command has its report (then the watchdog lets the tool write it, however long a
+/// slow reader, a pager, takes: it is no longer waiting on the segment). The watchdog holds the
+/// lock while it ends the process, so a report is written whole or not at all.
+static REPORTED: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+
+/// Ends the process with status 2 once `timeout` has passed, unless the command has its report
+/// by then: the command is most likely waiting on a lock a live process holds, though `check` of
+/// a very large segment may take that long.
 fn give_up_after(timeout: Duration) {
     std::thread::spawn(move || {
         std::thread::sleep(timeout);
+        let reported = REPORTED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *reported {
+            return;
+        }
         eprintln!(
             "hetmem: gave up after {:.1} s (--timeout SECS waits longer): a lock in the segment is held by a live \
              process (stopped in a debugger?), or the segment is too large to go through in that time",
@@ -391,14 +401,13 @@ fn main() -> ExitCode {
         }
     };
     let report = match command {
-        Command::Help => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
+        Command::Help => Ok(Report { text: format!("{USAGE}\n"), status: 0 }),
         Command::List => list(),
         Command::Show { name, id } => show(&name, id),
         Command::Check { name, id } => check(&name, id),
     };
+    // Done with the segment: from here on the timeout does not apply.
+    *REPORTED.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = true;
     match report {
         Ok(Report { text, status }) => {
             print!("{text}");
