@@ -346,7 +346,8 @@ impl RegionHeader {
         Ok((entry.state() == ENTRY_READY).then_some(entry))
     }
 
-    /// The ready allocators in this region, in creation order.
+    /// The ready allocators in this region, in the directory's order: creation order, except
+    /// that one created while the directory was full took the place of a failed creation's entry.
     pub fn allocators(&self) -> impl Iterator<Item = AllocatorEntry> + '_ {
         let dir = self.lock_directory();
         let count = (dir.count as usize).min(MAX_ALLOCATORS);
