@@ -127,13 +127,13 @@ impl ClassCache {
 
 /// The label of the slot numbered `index`: the index plus one. The index is shared memory,
 /// and the label goes into info words' 22-bit field: one past what the field holds would spill
-/// into their class and distance bits, so the index is cut to the field's lower half first (a
-/// broken index then names another slot's label, never a bit outside the field; a table that
-/// long would have two million slots). A mask and an add: this runs on every cached
-/// allocation and free.
+/// into their class and distance bits, so it saturates (it then names no slot of its own; a
+/// table that long would have four million slots). Saturating, not masking: a masked index
+/// would take a real slot's label, and that slot's owner dying would have recovery move blocks
+/// the broken slot still caches to the shared list, to be handed out twice.
 #[inline]
 pub(super) fn label_of(index: u32) -> u64 {
-    (index as u64 & (FIELD_MASK >> 1)) + 1
+    (index as u64 + 1).min(FIELD_MASK)
 }
 
 impl Shared {
