@@ -682,3 +682,63 @@ fn a_read_only_registration_gives_only_read_only_views() {
     let read_only = rw.read_only_view_at::<u32>(OffsetPtr::new(offset), 4, &stream).unwrap();
     assert_eq!(writable.device_address(), read_only.device_address());
 }
+
+/// This thread's current context, as the driver tells it.
+fn current_context() -> cudarc::driver::sys::CUcontext {
+    let mut now = std::ptr::null_mut();
+    // SAFETY: a valid out-pointer; the driver is loaded and initialised (`driver()` answered).
+    let rc = unsafe { cudarc::driver::sys::cuCtxGetCurrent(&mut now) };
+    assert_eq!(rc, cudarc::driver::sys::CUresult::CUDA_SUCCESS);
+    now
+}
+
+/// hetmem's calls leave the caller's thread bound to the context it was (or to none), as RMM's
+/// device guards do: before, every call that worked on device 0 left device 0's context current,
+/// so the caller's next raw driver call went to the wrong device.
+#[test]
+fn calls_leave_the_callers_current_context_as_they_found_it() {
+    const NAME: &str = "calls_leave_the_callers_current_context_as_they_found_it";
+    if !body_of(NAME, &[("FAKE_CUDA_DEVICES", "2".into())]) || !fake_in_use() {
+        return;
+    }
+    use hetmem_core::MemoryResource;
+    use hetmem_gpu::cuda::{context, CudaDeviceResource, CudaPinnedResource};
+    assert!(current_context().is_null(), "a new thread has no current context");
+    // Making a context (cudarc binds what it retains) leaves none current either.
+    let mine = context(1).unwrap();
+    assert!(current_context().is_null(), "making device 1's context bound it");
+    mine.bind_to_thread().unwrap();
+    let expect = current_context();
+    assert_eq!(expect, mine.cu_ctx());
+    let check = |what: &str| assert_eq!(current_context(), expect, "{what} left another context current");
+    let shm = CudaShmBackend::create(&unique("ctx-shm"), 1 << 16, &CudaShmOptions::default()).unwrap();
+    check("CudaShmBackend::create");
+    let ipc = CudaIpcBackend::create(&unique("ctx-ipc"), 1 << 16, &CudaIpcOptions::default()).unwrap();
+    check("CudaIpcBackend::create");
+    let device = CudaDeviceResource::new(0).unwrap();
+    let pinned = CudaPinnedResource::new(0).unwrap();
+    check("the resources' new");
+    for res in [&device as &dyn MemoryResource, &pinned] {
+        let block = res.allocate(4096, 256).unwrap();
+        check(res.name());
+        // SAFETY: from `allocate` with this size and alignment, freed once.
+        unsafe { res.deallocate(block, 4096, 256) };
+        check(res.name());
+    }
+    let block = pinned.allocate(64, 16).unwrap();
+    pinned.device_address(block).unwrap();
+    pinned.block_flags(block).unwrap();
+    check("CudaPinnedResource::device_address and block_flags");
+    // SAFETY: as above.
+    unsafe { pinned.deallocate(block, 64, 16) };
+    drop((shm, ipc));
+    check("dropping the backends");
+    // With no context current, none is current after either.
+    // SAFETY: unbinding this thread; null is a valid argument.
+    unsafe { cudarc::driver::sys::cuCtxSetCurrent(std::ptr::null_mut()) };
+    let block = device.allocate(4096, 256).unwrap();
+    assert!(current_context().is_null(), "an allocation left a context current");
+    // SAFETY: as above.
+    unsafe { device.deallocate(block, 4096, 256) };
+    assert!(current_context().is_null(), "a free left a context current");
+}

@@ -65,7 +65,7 @@ impl CudaShmBackend {
     }
 
     fn register(shm: PosixShmBackend, ctx: Arc<CudaContext>, read_only: bool) -> Result<Self> {
-        driver::bind(&ctx)?;
+        let _bound = driver::bind(&ctx)?;
         let read_only = read_only && driver::read_only_register_supported(&ctx)?;
         let mut flags = sys::CU_MEMHOSTREGISTER_PORTABLE | sys::CU_MEMHOSTREGISTER_DEVICEMAP;
         if read_only {
@@ -189,14 +189,18 @@ impl Drop for CudaShmBackend {
         // Unregister before the segment unmaps (the `shm` field drops after this). Errors cannot
         // be reported from drop; the mapping goes away either way. In a forked child `bind` fails
         // and nothing is unregistered: the registration is the parent's.
-        if driver::bind(&self.ctx).is_ok() {
+        if let Ok(_bound) = driver::bind(&self.ctx) {
             // Copies through views and kernels may still be running: views borrow the backend,
             // but the work they queued outlives them, and unregistering is not documented to wait.
             // The segment is registered portable, so that work may be queued in any context. A
             // failure (a context in an error state) means nothing runs there any more.
-            if driver::synchronize_all(&self.ctx).is_err() && driver::bind(&self.ctx).is_err() {
-                return; // no context to unregister in, as when `bind` fails above
-            }
+            let _rebound = match driver::synchronize_all(&self.ctx) {
+                Ok(()) => None,
+                Err(_) => match driver::bind(&self.ctx) {
+                    Ok(bound) => Some(bound),
+                    Err(_) => return, // no context to unregister in, as when `bind` fails above
+                },
+            };
             // SAFETY: registered in `register`; no device work is queued any more.
             let _ = unsafe { driver::host_unregister(self.shm.base()) };
         }

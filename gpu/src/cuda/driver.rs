@@ -245,6 +245,8 @@ pub fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
     if let Some(ctx) = contexts.get(&ordinal) {
         return Ok(ctx.clone());
     }
+    // cudarc makes a context it retains current: the caller's thread stays as it was.
+    let _kept = keep_current()?;
     let ctx = CudaContext::new(ordinal).map_err(|e| from_driver("cuDevicePrimaryCtxRetain", e))?;
     contexts.insert(ordinal, ctx.clone());
     Ok(ctx)
@@ -261,7 +263,9 @@ pub(crate) fn keep_in_forked_child<T>(handle: &Arc<T>) {
     }
 }
 
-/// Makes `ctx` current on this thread (the driver's calls act on the current context).
+/// Makes `ctx` current on this thread (the driver's calls act on the current context) until the
+/// returned guard drops, which makes current again the context that was (none, if none was):
+/// a hetmem call leaves the caller's thread bound as it found it, as RMM's device guards do.
 ///
 /// Calls the driver directly rather than `CudaContext::bind_to_thread`, which first reports (and
 /// clears) any error cudarc recorded earlier for the context, e.g. from an unrelated drop: that
@@ -269,16 +273,47 @@ pub(crate) fn keep_in_forked_child<T>(handle: &Arc<T>) {
 ///
 /// # Errors
 /// As [`driver`] (in a forked child it calls nothing), or the driver's.
-pub(crate) fn bind(ctx: &CudaContext) -> Result<()> {
-    driver()?;
-    let mut current = std::ptr::null_mut();
-    // SAFETY: valid out-pointer; the driver is initialised (a context exists).
-    check("cuCtxGetCurrent", unsafe { sys::cuCtxGetCurrent(&mut current) })?;
-    if current != ctx.cu_ctx() {
+pub(crate) fn bind(ctx: &CudaContext) -> Result<Bound> {
+    let bound = keep_current()?;
+    if bound.previous != ctx.cu_ctx() {
         // SAFETY: `ctx` holds a retained primary context, valid while it lives.
         check("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(ctx.cu_ctx()) })?;
     }
-    Ok(())
+    Ok(bound)
+}
+
+/// A guard that makes current again, when it drops, the context that was current on this thread
+/// when it was made (see [`bind`]).
+#[must_use = "dropping the guard makes the previous context current again at once"]
+pub(crate) struct Bound {
+    previous: sys::CUcontext,
+}
+
+/// Records this thread's current context, to be made current again when the guard drops.
+///
+/// # Errors
+/// As [`driver`] (in a forked child it calls nothing), or the driver's.
+pub(crate) fn keep_current() -> Result<Bound> {
+    driver()?;
+    let mut previous = std::ptr::null_mut();
+    // SAFETY: valid out-pointer; the driver is initialised.
+    check("cuCtxGetCurrent", unsafe { sys::cuCtxGetCurrent(&mut previous) })?;
+    Ok(Bound { previous })
+}
+
+impl Drop for Bound {
+    fn drop(&mut self) {
+        let mut now = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; the driver answered when the guard was made (in this
+        // process: guards live within one call, on one thread).
+        let asked = unsafe { sys::cuCtxGetCurrent(&mut now) };
+        if asked == CUresult::CUDA_SUCCESS && now != self.previous {
+            // SAFETY: the context that was current on this thread when the guard was made (or
+            // null, none): its owner, who made it current, keeps it alive across our call. Errors
+            // cannot be reported from drop; the thread is then left as the call left it.
+            let _ = unsafe { sys::cuCtxSetCurrent(self.previous) };
+        }
+    }
 }
 
 /// `cuCtxSynchronize`: waits for all work queued in the current context (callers bind first).

@@ -139,7 +139,7 @@ impl CudaIpcBackend {
         let uuid = driver::device_uuid(options.device)?;
         let shm = PosixShmBackend::create_kind(name, size, &options.shm, BackendKind::Device)?;
         let len = shm.len();
-        driver::bind(&ctx)?;
+        let _bound = driver::bind(&ctx)?;
         let device_ptr = driver::mem_alloc(len as usize)?;
         let backend = CudaIpcBackend { shm, ctx, device_ptr }; // from here, Drop frees the memory
         let handle = driver::ipc_get_handle(device_ptr)?;
@@ -179,7 +179,7 @@ impl CudaIpcBackend {
             });
         }
         let opened = device_with_uuid(&record.device_uuid).and_then(driver::context).and_then(|ctx| {
-            driver::bind(&ctx)?;
+            let _bound = driver::bind(&ctx)?;
             Ok((ctx, driver::ipc_open(&record.handle)?))
         });
         match opened {
@@ -265,18 +265,22 @@ impl_shm_device_backend!(CudaIpcBackend);
 
 impl Drop for CudaIpcBackend {
     fn drop(&mut self) {
-        if driver::bind(&self.ctx).is_err() {
+        let Ok(_bound) = driver::bind(&self.ctx) else {
             // The context is gone, and the memory with it; or this is a forked child's copy, whose
             // count and memory are the parent's (and which must not call the driver).
             return;
-        }
+        };
         // Copies through views and kernels may still be running: views borrow the backend, but
         // the work they queued outlives them, and closing or freeing is not documented to wait.
         // Other devices reach the memory as peers, so that work may be queued in any context. A
         // failure (a context in an error state) means nothing runs there any more.
-        if driver::synchronize_all(&self.ctx).is_err() && driver::bind(&self.ctx).is_err() {
-            return; // the context cannot be made current again: nothing to close or free in
-        }
+        let _rebound = match driver::synchronize_all(&self.ctx) {
+            Ok(()) => None,
+            Err(_) => match driver::bind(&self.ctx) {
+                Ok(bound) => Some(bound),
+                Err(_) => return, // the context cannot be made current again: nothing to close or free in
+            },
+        };
         if !self.shm.is_creator() {
             // SAFETY: opened in `attach`, and the owner is done with it.
             let _ = unsafe { driver::ipc_close(self.device_ptr) };

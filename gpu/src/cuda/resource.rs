@@ -124,16 +124,17 @@ unsafe impl MemoryResource for CudaDeviceResource {
     }
 
     fn allocate(&self, size: usize, align: usize) -> Result<NonNull<u8>> {
-        let alloc = |n| driver::bind(&self.ctx).and_then(|()| self.raw_alloc(n));
+        let _bound = driver::bind(&self.ctx)?;
+        let alloc = |n| self.raw_alloc(n);
         // SAFETY: a block freed here was allocated just before and never handed out.
         let free = |p| unsafe { self.raw_free(p) };
         self.moved.allocate(size, align, "cuMemAlloc", alloc, free)
     }
 
     unsafe fn deallocate(&self, ptr: NonNull<u8>, _size: usize, align: usize) {
-        if driver::bind(&self.ctx).is_err() {
+        let Ok(_bound) = driver::bind(&self.ctx) else {
             return; // the context is gone: so is its memory
-        }
+        };
         let base = self.moved.base_of(ptr.as_ptr() as u64, align, DEVICE_ALLOC_ALIGN);
         // SAFETY: `deallocate`'s contract: the block came from `allocate` and is not used again.
         unsafe { self.raw_free(base) };
@@ -214,13 +215,13 @@ impl CudaPinnedResource {
     /// [`Error::Gpu`] if `ptr` is not pinned memory mapped for the device (e.g. the resource's flags
     /// lack [`PinnedFlags::DEVICE_MAP`]).
     pub fn device_address(&self, ptr: NonNull<u8>) -> Result<u64> {
-        driver::bind(&self.ctx)?;
+        let _bound = driver::bind(&self.ctx)?;
         driver::host_device_pointer(ptr.as_ptr().cast())
     }
 
     /// The flags the driver records for the pinned block holding `ptr`.
     pub fn block_flags(&self, ptr: NonNull<u8>) -> Result<PinnedFlags> {
-        driver::bind(&self.ctx)?;
+        let _bound = driver::bind(&self.ctx)?;
         driver::host_get_flags(ptr.as_ptr().cast()).map(PinnedFlags)
     }
 }
@@ -238,10 +239,8 @@ unsafe impl MemoryResource for CudaPinnedResource {
     }
 
     fn allocate(&self, size: usize, align: usize) -> Result<NonNull<u8>> {
-        let alloc = |n| {
-            driver::bind(&self.ctx)?;
-            driver::host_alloc(n, self.flags.0).map(|p| p as u64)
-        };
+        let _bound = driver::bind(&self.ctx)?;
+        let alloc = |n| driver::host_alloc(n, self.flags.0).map(|p| p as u64);
         let free = |p: u64| {
             // SAFETY: a block freed here was allocated just before and never handed out.
             let _ = unsafe { driver::free_host(p as *mut c_void) };
@@ -250,9 +249,9 @@ unsafe impl MemoryResource for CudaPinnedResource {
     }
 
     unsafe fn deallocate(&self, ptr: NonNull<u8>, _size: usize, align: usize) {
-        if driver::bind(&self.ctx).is_err() {
+        let Ok(_bound) = driver::bind(&self.ctx) else {
             return;
-        }
+        };
         let base = self.moved.base_of(ptr.as_ptr() as u64, align, HOST_ALLOC_ALIGN);
         // SAFETY: `deallocate`'s contract: the block came from `allocate` and is not used again.
         let _ = unsafe { driver::free_host(base as *mut c_void) };

@@ -33,14 +33,14 @@ pub struct RocmShmBackend {
 impl RocmShmBackend {
     /// Creates segment `name` with `size` bytes of data and registers it with the device.
     pub fn create(name: &str, size: usize, options: &RocmShmOptions) -> Result<Self> {
-        runtime::use_device(options.device)?;
+        let _device = runtime::use_device(options.device)?;
         let shm = PosixShmBackend::create_kind(name, size, &options.shm, BackendKind::Pinned)?;
         Self::register(shm, options.device)
     }
 
     /// Attaches to segment `name` and registers this process's mapping with the device.
     pub fn attach(name: &str, options: &RocmShmOptions) -> Result<Self> {
-        runtime::use_device(options.device)?;
+        let _device = runtime::use_device(options.device)?;
         let shm = PosixShmBackend::attach_kind(name, &options.shm, BackendKind::Pinned)?;
         Self::register(shm, options.device)
     }
@@ -91,7 +91,7 @@ impl Drop for RocmShmBackend {
     fn drop(&mut self) {
         // In a forked child `use_device` fails and nothing is unregistered: the registration is
         // the parent's.
-        if runtime::use_device(self.device).is_ok() {
+        if let Ok(_device) = runtime::use_device(self.device) {
             // SAFETY: registered in `register`; the owner has finished its device work with it.
             let _ = unsafe { runtime::host_unregister(self.shm.base()) };
         }

@@ -25,7 +25,7 @@ pub struct RocmDeviceResource {
 impl RocmDeviceResource {
     /// Device memory of HIP device `device`.
     pub fn new(device: usize) -> Result<Self> {
-        runtime::use_device(device)?;
+        let _device = runtime::use_device(device)?;
         Ok(RocmDeviceResource { device, moved: AlignedBlocks::default() })
     }
 
@@ -48,7 +48,8 @@ unsafe impl MemoryResource for RocmDeviceResource {
     }
 
     fn allocate(&self, size: usize, align: usize) -> Result<NonNull<u8>> {
-        let alloc = |n| runtime::use_device(self.device).and_then(|()| runtime::malloc(n));
+        let _device = runtime::use_device(self.device)?;
+        let alloc = |n| runtime::malloc(n);
         let free = |p| {
             // SAFETY: a block freed here was allocated just before and never handed out.
             let _ = unsafe { runtime::free(p) };
@@ -57,9 +58,9 @@ unsafe impl MemoryResource for RocmDeviceResource {
     }
 
     unsafe fn deallocate(&self, ptr: NonNull<u8>, _size: usize, align: usize) {
-        if runtime::use_device(self.device).is_err() {
+        let Ok(_device) = runtime::use_device(self.device) else {
             return;
-        }
+        };
         let base = self.moved.base_of(ptr.as_ptr() as u64, align, DEVICE_ALLOC_ALIGN);
         // SAFETY: `deallocate`'s contract: the block came from `allocate` and is not used again.
         let _ = unsafe { runtime::free(base) };

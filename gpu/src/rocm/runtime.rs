@@ -47,16 +47,44 @@ fn start() -> Result<RuntimeInfo> {
     Ok(RuntimeInfo { version, device_count: count as usize })
 }
 
-/// Checks the runtime and makes `device` current on this thread.
+/// Checks the runtime and makes `device` current on this thread until the returned guard drops,
+/// which makes current again the device that was: a hetmem call leaves the caller's thread on
+/// the device it found it on, as RMM's device guards do.
 ///
 /// # Errors
 /// As [`runtime`]; [`Error::NotFound`] if there is no device `device`.
-pub(crate) fn use_device(device: usize) -> Result<()> {
+pub(crate) fn use_device(device: usize) -> Result<DeviceGuard> {
     if device >= runtime()?.device_count {
         return Err(Error::NotFound { what: "HIP device", name: ShortStr::new(&device.to_string()) });
     }
-    // SAFETY: a valid device ordinal (checked).
-    check("hipSetDevice", unsafe { hiprt::hipSetDevice(device as i32) })
+    let mut previous = 0;
+    // SAFETY: a valid out-pointer.
+    check("hipGetDevice", unsafe { hiprt::hipGetDevice(&mut previous) })?;
+    if previous != device as i32 {
+        // SAFETY: a valid device ordinal (checked).
+        check("hipSetDevice", unsafe { hiprt::hipSetDevice(device as i32) })?;
+    }
+    Ok(DeviceGuard { previous })
+}
+
+/// A guard that makes current again, when it drops, the device that was current on this thread
+/// when it was made (see [`use_device`]).
+#[must_use = "dropping the guard makes the previous device current again at once"]
+pub(crate) struct DeviceGuard {
+    previous: i32,
+}
+
+impl Drop for DeviceGuard {
+    fn drop(&mut self) {
+        let mut now = self.previous;
+        // SAFETY: a valid out-pointer; the runtime answered when the guard was made.
+        let asked = unsafe { hiprt::hipGetDevice(&mut now) };
+        if asked == hipError_t::hipSuccess && now != self.previous {
+            // SAFETY: the ordinal the runtime gave for this thread's device. Errors cannot be
+            // reported from drop; the thread is then left on the call's device.
+            let _ = unsafe { hiprt::hipSetDevice(self.previous) };
+        }
+    }
 }
 
 /// `Ok` for `hipSuccess`, else the error with the runtime's name for the code.
