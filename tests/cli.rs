@@ -335,3 +335,40 @@ fn a_slow_reader_gets_the_whole_report_past_the_timeout() {
     assert!(shown.len() > 4096, "{shown}");
     assert_eq!(shown.matches("allocator 1.").count(), allocators as usize, "{shown}");
 }
+
+/// `list` names the segments that may be hetmem's but that it cannot read, with the reason (it
+/// used to leave them out without a word): one not set up yet, one of another layout version.
+/// Another program's (here: a segment smaller than a header) is left out.
+#[test]
+fn list_names_segments_it_cannot_read_and_why() {
+    use std::os::unix::fs::FileExt;
+    let raw = |tag: &str, len: u64| {
+        let name = format!("/hetmem-cli-{tag}-{}", std::process::id());
+        let file = std::fs::File::create(format!("/dev/shm{name}")).unwrap();
+        file.set_len(len).unwrap();
+        name
+    };
+    let unready = raw("unready", 3 * 4096);
+    let foreign = raw("foreign", 100);
+    let s = Segment::new("version");
+    let file = std::fs::OpenOptions::new().write(true).open(format!("/dev/shm{}", s.name)).unwrap();
+    // The layout version, a u32 after the 8-byte magic.
+    let version = hetmem::core::header::LAYOUT_VERSION;
+    file.write_at(&(version + 1).to_le_bytes(), 8).unwrap();
+    let out = hetmem(&["list"]);
+    file.write_at(&version.to_le_bytes(), 8).unwrap();
+    for name in [&unready, &foreign] {
+        std::fs::remove_file(format!("/dev/shm{name}")).unwrap();
+    }
+    let listed = text(&out);
+    assert!(out.status.success(), "{listed}");
+    let line = |name: &str| listed.lines().find(|l| l.starts_with(name)).map(str::to_string);
+    let unready = line(&unready).unwrap_or_else(|| panic!("the segment not set up is unlisted:\n{listed}"));
+    assert!(
+        unready.contains("12.0 KiB") && unready.contains("(not ready: a hetmem segment being created"),
+        "{unready}"
+    );
+    let other = line(&s.name).unwrap_or_else(|| panic!("the segment of another version is unlisted:\n{listed}"));
+    assert!(other.contains(&format!("(layout version {}: this tool reads version {version})", version + 1)), "{other}");
+    assert_eq!(line(&foreign), None, "another program's segment is listed:\n{listed}");
+}

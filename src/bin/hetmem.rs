@@ -37,6 +37,7 @@ usage: hetmem list
        hetmem check NAME [--id MAJOR.MINOR]
 
   list     the hetmem segments in /dev/shm: size, kind, creator, allocators
+           (and, for one it cannot read, why)
   show     a segment's header and each allocator's figures
   check    walks each allocator's structures; exit status 1 if any is damaged
 
@@ -283,10 +284,18 @@ fn list() -> hetmem::Result<Report> {
     let mut found = 0;
     for name in names {
         let path = format!("/{name}");
-        // Another program's segments are not hetmem's (bad magic); a segment still being made
-        // does not become ready in the short wait: either way it is not listed.
-        let Ok(backend) = open(&path, Duration::from_millis(100)) else {
-            continue;
+        let backend = match open(&path, Duration::from_millis(100)) {
+            Ok(backend) => backend,
+            Err(e) => {
+                // Another program's segments (bad magic, or smaller than a header) are not listed;
+                // a segment that may be hetmem's but cannot be read is, with the reason.
+                if let Some(reason) = unopened(&e) {
+                    let size = std::fs::metadata(format!("{SHM_DIR}{path}")).map(|m| bytes(m.len()));
+                    let _ = writeln!(text, "{path:<32} {:>10}  {reason}", size.as_deref().unwrap_or("?"));
+                    found += 1;
+                }
+                continue;
+            }
         };
         let header = backend.header();
         let allocators: Vec<String> =
@@ -306,6 +315,19 @@ fn list() -> hetmem::Result<Report> {
         text.push_str("(no hetmem segments)\n");
     }
     Ok(Report { text, status: 0 })
+}
+
+/// Why `list` could not open a segment that may be hetmem's, or `None` for one that is not.
+fn unopened(e: &Error) -> Option<String> {
+    match e {
+        Error::HeaderMismatch { field: "magic" | "total_size", .. } => None,
+        Error::HeaderMismatch { field: "version", expected, found } => {
+            Some(format!("(layout version {found}: this tool reads version {expected})"))
+        }
+        Error::PermissionDenied { .. } => Some("(not readable by this user)".into()),
+        Error::TimedOut { .. } => Some("(not ready: a hetmem segment being created, or another program's)".into()),
+        e => Some(format!("(cannot open: {e})")),
+    }
 }
 
 fn show(name: &str, id: Option<AllocatorId>) -> hetmem::Result<Report> {
