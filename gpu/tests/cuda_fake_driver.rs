@@ -742,3 +742,38 @@ fn calls_leave_the_callers_current_context_as_they_found_it() {
     unsafe { device.deallocate(block, 4096, 256) };
     assert!(current_context().is_null(), "a free left a context current");
 }
+
+/// An attacher killed with the memory open never counts itself out: the creator's `attached`
+/// leaves it out once it is gone, and dropping the creator frees the memory (it used to stay
+/// allocated until the creator exited, the dead attacher counted for good).
+#[test]
+fn an_attacher_killed_with_the_memory_open_does_not_keep_it_allocated() {
+    const NAME: &str = "an_attacher_killed_with_the_memory_open_does_not_keep_it_allocated";
+    const NAME_ENV: &str = "HETMEM_FAKE_CUDA_IPC_KILLED";
+    if let Ok(name) = std::env::var(NAME_ENV) {
+        // The attaching process: opens the memory, then dies without closing it.
+        if !body_of(NAME, &[]) || !fake_in_use() {
+            return;
+        }
+        let ipc = CudaIpcBackend::attach(&name, &CudaIpcOptions::default()).unwrap();
+        assert_eq!(ipc.attached(), 1);
+        // Gone without running destructors (`exit` runs none for the stack), as if killed.
+        std::process::exit(3);
+    }
+    if !body_of(NAME, &[]) || !fake_in_use() {
+        return;
+    }
+    let lib = PathBuf::from(std::env::var_os(DRIVER_ENV).unwrap());
+    let name = unique("killed");
+    let ipc = CudaIpcBackend::create(&name, 1 << 16, &CudaIpcOptions::default()).unwrap();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
+        .env(NAME_ENV, &name)
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.code() == Some(3), "the attacher did not end as planned:\n{text}");
+    assert_eq!(ipc.attached(), 0, "the killed attacher is still counted");
+    drop(ipc);
+    assert_eq!(counter(&lib, "fake_allocations"), 0, "the creator kept its memory for a dead attacher");
+}

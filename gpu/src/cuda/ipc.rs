@@ -5,14 +5,15 @@
 //! shared-memory segment "name" (host)          device allocation (one per region)
 //! offset 0      RegionHeader (kind Device)      offset 0     (the header's twin; unused)
 //! offset 4096   IpcRecord: state, device UUID,  offset 4096  data, at device_ptr() + offset
-//!               size, IPC handle, attach count  ...
+//!               size, IPC handle, attach count, ...
+//!               the attachers' process stamps
 //! ```
 //!
 //! The segment is as long as the region, so offsets mean the same on both sides, but only its first
 //! two pages are ever touched (shared memory is allocated on first touch): the data lives on the
 //! device.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,8 +26,12 @@ use super::driver::{self, IPC_HANDLE_LEN};
 use super::interop::{region_view, DeviceView};
 use crate::pinned::impl_shm_device_backend;
 
-/// Version 2 added `creator_token`: a record of another version is refused as a mismatch.
-const RECORD_MAGIC: u64 = u64::from_le_bytes(*b"HMCUIPC2");
+/// Version 2 added `creator_token`, version 3 the attachers' stamps: a record of another version
+/// is refused as a mismatch.
+const RECORD_MAGIC: u64 = u64::from_le_bytes(*b"HMCUIPC3");
+/// Attachers whose process the record names, so that one that dies with the memory open is not
+/// counted for good. Past this many at once, an attacher is counted without a stamp.
+const ATTACHER_STAMPS: usize = 64;
 const STATE_READY: u32 = 0x1BC0_0001;
 /// `attached` once the creator has claimed the memory to free it: no attacher may count itself in
 /// (and open the memory) any more.
@@ -50,6 +55,10 @@ struct IpcRecord {
     /// The creator's [`process_token`]: with `creator_pid`, what tells the creator from another
     /// process that has its id (in another PID namespace, or after the creator died).
     creator_token: u64,
+    /// The process stamps ([`ProcessStamp::to_word`](hetmem_core::liveness::ProcessStamp::to_word))
+    /// of counted attachers, 0 for none: a stamp a dead process left is taken out, and its count
+    /// with it (see [`IpcRecord::reap`]).
+    stamps: [AtomicU64; ATTACHER_STAMPS],
 }
 
 const _: () = assert!(size_of::<IpcRecord>() as u64 <= HEADER_SIZE);
@@ -58,23 +67,67 @@ const _: () = assert!(size_of::<IpcRecord>() as u64 <= HEADER_SIZE);
 /// opens the memory (and out if the open fails, or when it closes it); the creator frees the
 /// memory only if it finds nobody counted, and marks it closed in the same step, so it never
 /// frees memory that an attacher is opening or has open.
+///
+/// An attacher also leaves its process stamp in a free stamp slot, after counting itself in. An
+/// attacher that dies with the memory open (killed, say) never counts itself out: the creator,
+/// before it closes, and `attached`, take out the stamps of processes the
+/// [liveness hook](hetmem_core::liveness) confirms dead, each with its count. A stamp is taken
+/// out by one compare-and-swap, so its count goes once, by whoever wins it (the attacher itself
+/// when it counts out, or a reaper). An attacher that dies between its count and its stamp, or
+/// finds every stamp slot taken, stays counted, as every attacher did before stamps.
 impl IpcRecord {
-    /// Counts one more attacher; `false` once the creator has closed the allocation.
-    fn count_in(&self) -> bool {
-        self.attached.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < CLOSED - 1).then(|| n + 1)).is_ok()
+    /// Counts one more attacher, and leaves `stamp` (this process's, non-zero) in a free slot;
+    /// `None` once the creator has closed the allocation, else the slot taken (`None` inside if
+    /// every slot was).
+    fn count_in(&self, stamp: u64) -> Option<Option<usize>> {
+        let counted =
+            self.attached.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < CLOSED - 1).then(|| n + 1));
+        counted.ok()?;
+        if stamp == 0 {
+            return Some(None);
+        }
+        let free = |slot: &AtomicU64| slot.compare_exchange(0, stamp, Ordering::AcqRel, Ordering::Acquire).is_ok();
+        Some(self.stamps.iter().position(free))
     }
 
-    fn count_out(&self) {
+    /// Counts out the attacher that [`count_in`](Self::count_in) gave `slot`. Nothing if a
+    /// reaper took its stamp out (and its count with it): it was judged dead.
+    fn count_out(&self, slot: Option<usize>, stamp: u64) {
+        if let Some(slot) = slot {
+            let mine = &self.stamps[slot];
+            if mine.compare_exchange(stamp, 0, Ordering::AcqRel, Ordering::Acquire).is_err() {
+                return;
+            }
+        }
         self.attached.fetch_sub(1, Ordering::AcqRel);
     }
 
-    /// Closes the allocation for good if no attacher is counted: the creator may free it.
+    /// Takes out the stamps, and the counts, of attachers the liveness hook confirms dead.
+    fn reap(&self) {
+        for slot in &self.stamps {
+            let stamp = slot.load(Ordering::Acquire);
+            if stamp == 0 || !hetmem_core::liveness::is_dead(hetmem_core::liveness::ProcessStamp::from_word(stamp)) {
+                continue;
+            }
+            if slot.compare_exchange(stamp, 0, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                // The count the dead attacher took and never gave back. Never below zero: a stamp is
+                // left only after its count, and taken out with it once.
+                let _ = self
+                    .attached
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n != CLOSED && n > 0).then(|| n - 1));
+            }
+        }
+    }
+
+    /// Closes the allocation for good if no live attacher is counted: the creator may free it.
     fn close(&self) -> bool {
+        self.reap();
         self.attached.compare_exchange(0, CLOSED, Ordering::AcqRel, Ordering::Acquire).is_ok()
     }
 
-    /// Attachers counted now (0 once closed).
+    /// Live attachers counted now (0 once closed).
     fn attachers(&self) -> u32 {
+        self.reap();
         match self.attached.load(Ordering::Acquire) {
             CLOSED => 0,
             n => n,
@@ -114,7 +167,8 @@ pub struct CudaIpcOptions {
 ///
 /// The creator must outlive the attachers' use: dropping the creator while processes still have
 /// the memory open leaves the device memory allocated (until the creator exits) rather than free
-/// it under them. Dropping a backend first waits for the work queued in every device's primary
+/// it under them. An attacher that died with the memory open does not count (see
+/// [`attached`](Self::attached)). Dropping a backend first waits for the work queued in every device's primary
 /// context in this process (copies through [views](Self::device_view) and kernels, queued on any
 /// device's streams, may still use the memory; work in contexts made with `cuCtxCreate` is not
 /// seen), including work that does not touch the memory: drop it before starting a kernel that
@@ -130,6 +184,10 @@ pub struct CudaIpcBackend {
     shm: PosixShmBackend,
     ctx: Arc<CudaContext>,
     device_ptr: u64,
+    /// An attacher's stamp slot in the record (`None`: the creator, or no slot was free) and
+    /// the stamp it left there.
+    slot: Option<usize>,
+    stamp: u64,
 }
 
 impl CudaIpcBackend {
@@ -141,7 +199,8 @@ impl CudaIpcBackend {
         let len = shm.len();
         let _bound = driver::bind(&ctx)?;
         let device_ptr = driver::mem_alloc(len as usize)?;
-        let backend = CudaIpcBackend { shm, ctx, device_ptr }; // from here, Drop frees the memory
+        // From here, Drop frees the memory.
+        let backend = CudaIpcBackend { shm, ctx, device_ptr, slot: None, stamp: 0 };
         let handle = driver::ipc_get_handle(device_ptr)?;
         let record = backend.record_ptr();
         // SAFETY: the record lies in the segment's second page, which only the creator touches
@@ -172,21 +231,22 @@ impl CudaIpcBackend {
             ));
         }
         // Counted before the handle is opened (see `IpcRecord::count_in`).
-        if !record.count_in() {
+        let stamp = hetmem_core::liveness::current().to_word();
+        let Some(slot) = record.count_in(stamp) else {
             return Err(Error::NotFound {
                 what: "CUDA IPC allocation (its creator freed it)",
                 name: ShortStr::new(name),
             });
-        }
+        };
         let opened = device_with_uuid(&record.device_uuid).and_then(driver::context).and_then(|ctx| {
             let _bound = driver::bind(&ctx)?;
             Ok((ctx, driver::ipc_open(&record.handle)?))
         });
         match opened {
             // From here, Drop closes the handle and uncounts this process.
-            Ok((ctx, device_ptr)) => Ok(CudaIpcBackend { shm, ctx, device_ptr }),
+            Ok((ctx, device_ptr)) => Ok(CudaIpcBackend { shm, ctx, device_ptr, slot, stamp }),
             Err(e) => {
-                record.count_out();
+                record.count_out(slot, stamp);
                 Err(e)
             }
         }
@@ -197,7 +257,10 @@ impl CudaIpcBackend {
         &self.ctx
     }
 
-    /// How many other processes have the memory open now.
+    /// How many other processes have the memory open now. Attachers that died with it open are
+    /// not counted, once the liveness hook confirms them dead (an attacher killed in the instant
+    /// between counting itself in and leaving its stamp, or one of more than 64 at once, stays
+    /// counted).
     pub fn attached(&self) -> u32 {
         self.record().attachers()
     }
@@ -284,7 +347,7 @@ impl Drop for CudaIpcBackend {
         if !self.shm.is_creator() {
             // SAFETY: opened in `attach`, and the owner is done with it.
             let _ = unsafe { driver::ipc_close(self.device_ptr) };
-            self.record().count_out();
+            self.record().count_out(self.slot, self.stamp);
         } else if self.record().close() {
             // SAFETY: allocated in `create`; no other process has it open or is opening it (and
             // none can start now that it is closed), and the owner is done.
@@ -310,21 +373,64 @@ mod tests {
             device_uuid: [0; 16],
             handle: [0; IPC_HANDLE_LEN],
             creator_token: 0,
+            stamps: [const { AtomicU64::new(0) }; ATTACHER_STAMPS],
         }
+    }
+
+    /// The stamp of a process that has exited (a child, waited for: its pid is free).
+    fn dead_stamp() -> u64 {
+        hetmem_backends::liveness::install();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        child.wait().unwrap();
+        hetmem_core::liveness::ProcessStamp { pid: child.id(), start_time: 0 }.to_word()
     }
 
     #[test]
     fn the_creator_frees_only_memory_no_attacher_counts_and_none_counts_in_after() {
+        hetmem_backends::liveness::install();
+        let me = hetmem_core::liveness::current().to_word();
         let r = record();
         // An attacher opening the memory (counted before its open) keeps the creator from freeing it.
-        assert!(r.count_in());
+        let slot = r.count_in(me).expect("open");
+        assert_eq!(slot, Some(0));
         assert!(!r.close(), "freed under an attacher");
-        assert_eq!(r.attachers(), 1);
-        r.count_out();
+        assert_eq!(r.attachers(), 1, "a live attacher was reaped");
+        r.count_out(slot, me);
+        assert_eq!(r.stamps[0].load(Ordering::Relaxed), 0);
         assert!(r.close());
         assert_eq!(r.attachers(), 0);
         // Once the creator has freed it, no attacher may open it.
-        assert!(!r.count_in(), "counted in after the free");
+        assert_eq!(r.count_in(me), None, "counted in after the free");
         assert!(!r.close(), "freed twice");
+    }
+
+    /// An attacher that died with the memory open (it never counted itself out) does not keep
+    /// the creator from freeing it, nor count in `attached` (it used to, for good); one reaped
+    /// wrongly that counts itself out later takes nothing off the others' count.
+    #[test]
+    fn an_attacher_that_died_with_the_memory_open_is_not_counted() {
+        let dead = dead_stamp();
+        let me = hetmem_core::liveness::current().to_word();
+        let r = record();
+        let dead_slot = r.count_in(dead).expect("open");
+        let my_slot = r.count_in(me).expect("open");
+        assert_eq!((dead_slot, my_slot), (Some(0), Some(1)));
+        assert_eq!(r.attachers(), 1, "the dead attacher is counted");
+        // The dead one's own count-out, had it come, finds its stamp gone and takes nothing.
+        r.count_out(dead_slot, dead);
+        assert_eq!(r.attachers(), 1, "a stale count-out took a live attacher's count");
+        assert!(!r.close(), "freed under a live attacher");
+        r.count_out(my_slot, me);
+        assert!(r.close(), "a dead attacher kept the memory allocated");
+        // Every slot taken: an attacher is counted without a stamp, and counts itself out.
+        let r = record();
+        for _ in 0..ATTACHER_STAMPS {
+            assert!(r.count_in(me).expect("open").is_some());
+        }
+        let unstamped = r.count_in(me).expect("open");
+        assert_eq!(unstamped, None);
+        assert_eq!(r.attachers(), ATTACHER_STAMPS as u32 + 1);
+        r.count_out(unstamped, me);
+        assert_eq!(r.attachers(), ATTACHER_STAMPS as u32);
     }
 }
