@@ -3,7 +3,15 @@
 //! Linux names a process by its pid and its start time (field 22 of `/proc/<pid>/stat`, clock
 //! ticks since boot), so a recycled pid is told apart from the process that died. Elsewhere on
 //! unix the check is `kill(pid, 0)` and the start time is unknown (0).
+//!
+//! The kernel shows a start time shifted by the *reader's* time namespace's boot-clock offset,
+//! so two processes in different time namespaces read different start times for one process:
+//! each reading here takes its own offset off first ([`ProcView`]). A `/proc` of another pid
+//! namespace than the caller's (one `unshare --pid` left in place) names other processes under
+//! the caller's pids: it is not read at all then.
 
+#[cfg(target_os = "linux")]
+use std::sync::atomic::AtomicI64;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use hetmem_core::fork;
@@ -14,7 +22,9 @@ use hetmem_core::liveness::{self, ProcessLiveness, ProcessStamp};
 /// It sees the processes of the calling process's pid namespace: processes that share a segment
 /// must share one (containers sharing `/dev/shm` share their pid namespace too, e.g. Docker's
 /// `--ipc=host` with `--pid=host`). A process of another namespace would look dead, and what it
-/// holds would be taken back.
+/// holds would be taken back. Where `/proc` is another pid namespace's, only `kill(pid, 0)` is
+/// asked, and start times are unknown (0). Time namespaces may differ: start times are compared
+/// as the initial time namespace shows them.
 #[derive(Debug, Default)]
 pub struct ProcLiveness;
 
@@ -68,6 +78,110 @@ fn seen(pid: u32) -> Seen {
     Seen::Running(fields.get(19).and_then(|t| t.parse().ok()))
 }
 
+/// How this process may read `/proc`: it changes only across a fork (a child of a process that
+/// called `unshare` is in the new namespaces), so it is read once per fork generation.
+#[cfg(target_os = "linux")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ProcView {
+    /// `/proc` is another pid namespace's (`/proc/self` is not this process's pid): its
+    /// `/proc/<pid>` is some other process, so only `kill(pid, 0)` is asked.
+    Foreign,
+    /// This pid namespace's `/proc`, whose start times less `offset` clock ticks (this process's
+    /// time namespace's boot-clock offset, which the kernel adds to each start time it shows
+    /// this process) are those every reader gets.
+    Ours { offset: i64 },
+    /// This pid namespace's `/proc`, but the offset could not be known (this process called
+    /// `unshare(CLONE_NEWTIME)`, or a file could not be read): its start times are not compared.
+    OursWithoutStartTimes,
+}
+
+#[cfg(target_os = "linux")]
+impl ProcView {
+    /// The cached word of [`ProcView::Foreign`] (no offset comes near it).
+    const FOREIGN: i64 = i64::MIN;
+
+    /// The view, cached per fork generation (as [`ProcLiveness::current`] is).
+    fn get() -> ProcView {
+        static GENERATION: AtomicU64 = AtomicU64::new(u64::MAX);
+        static VIEW: AtomicI64 = AtomicI64::new(ProcView::FOREIGN);
+        let generation = fork::generation();
+        if GENERATION.load(Ordering::Acquire) == generation {
+            return match VIEW.load(Ordering::Relaxed) {
+                Self::FOREIGN => ProcView::Foreign,
+                offset => ProcView::Ours { offset },
+            };
+        }
+        let view = Self::read();
+        let word = match view {
+            ProcView::Foreign => Self::FOREIGN,
+            ProcView::Ours { offset } => offset,
+            // Not knowing may pass (a file descriptor short): asked again next time.
+            ProcView::OursWithoutStartTimes => return view,
+        };
+        if fork::watch().is_ok() {
+            // Threads that race here store the same value; after a fork the child has one thread.
+            VIEW.store(word, Ordering::Relaxed);
+            GENERATION.store(generation, Ordering::Release);
+        }
+        view
+    }
+
+    fn read() -> ProcView {
+        let ours = std::fs::read_link("/proc/self")
+            .ok()
+            .and_then(|link| link.to_str().and_then(|pid| pid.parse::<u32>().ok()))
+            .is_some_and(|pid| pid == std::process::id());
+        if !ours {
+            return ProcView::Foreign;
+        }
+        match Self::boot_offset_ticks() {
+            Some(offset) if offset != Self::FOREIGN => ProcView::Ours { offset },
+            _ => ProcView::OursWithoutStartTimes,
+        }
+    }
+
+    /// This process's time namespace's boot-clock offset in clock ticks: 0 on a kernel without
+    /// time namespaces; `None` when unknown (`/proc/self/timens_offsets` shows the namespace of
+    /// the process's future children, which differs from its own after it called `unshare`), or
+    /// not a whole number of ticks.
+    fn boot_offset_ticks() -> Option<i64> {
+        let offsets = match std::fs::read_to_string("/proc/self/timens_offsets") {
+            Ok(offsets) => offsets,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Some(0),
+            Err(_) => return None,
+        };
+        let own = std::fs::read_link("/proc/self/ns/time").ok()?;
+        if std::fs::read_link("/proc/self/ns/time_for_children").ok()? != own {
+            return None;
+        }
+        let mut fields = offsets.lines().find(|l| l.starts_with("boottime"))?.split_whitespace().skip(1);
+        let seconds: i64 = fields.next()?.parse().ok()?;
+        let nanoseconds: i64 = fields.next()?.parse().ok()?;
+        // SAFETY: sysconf has no preconditions.
+        let ticks_per_second = i64::from(u32::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok()?);
+        if ticks_per_second == 0 || 1_000_000_000 % ticks_per_second != 0 {
+            return None;
+        }
+        let tick = 1_000_000_000 / ticks_per_second;
+        let offset = i128::from(seconds) * 1_000_000_000 + i128::from(nanoseconds);
+        // The kernel rounds the shifted start time down to a tick: only a whole number of ticks
+        // comes off exactly.
+        if offset % i128::from(tick) != 0 {
+            return None;
+        }
+        i64::try_from(offset / i128::from(tick)).ok()
+    }
+
+    /// A start time read from `/proc`, as the initial time namespace shows it; `None` when this
+    /// view cannot say.
+    fn start_time(self, read: u64) -> Option<u64> {
+        match self {
+            ProcView::Ours { offset } => u64::try_from(i128::from(read) - i128::from(offset)).ok(),
+            _ => None,
+        }
+    }
+}
+
 /// Whether `kill(pid, 0)` finds process `pid` (`EPERM`: it exists, owned by another user).
 /// A pid that is no process's (0, or past `pid_t`) is not asked about: `kill` would take it for
 /// a process group.
@@ -85,7 +199,10 @@ fn exists(pid: u32) -> bool {
 
 // SAFETY: on Linux a process is dead only when its `/proc/<pid>/stat` is missing and
 // `kill(pid, 0)` finds no such process, names a zombie with no other thread running, or gives
-// another start time (a recycled pid); a file that cannot be read or parsed counts as alive.
+// another start time (a recycled pid), as the initial time namespace shows it (this process's
+// offset taken off; start times are not compared where it is unknown); a file that cannot be
+// read or parsed counts as alive. Where `/proc` is another pid namespace's, it is dead only when
+// `kill(pid, 0)` finds no such process.
 // Elsewhere it is dead only when `kill(pid, 0)` answers that there is no such process. `current`
 // names the calling process, per fork generation. Processes of one pid namespace are assumed
 // (see `ProcLiveness`).
@@ -102,9 +219,12 @@ unsafe impl ProcessLiveness for ProcLiveness {
         }
         let pid = std::process::id();
         #[cfg(target_os = "linux")]
-        let start_time = match seen(pid) {
-            Seen::Running(Some(t)) => t,
-            _ => 0,
+        let start_time = match ProcView::get() {
+            ProcView::Foreign => 0,
+            view => match seen(pid) {
+                Seen::Running(Some(t)) => view.start_time(t).unwrap_or(0),
+                _ => 0,
+            },
         };
         #[cfg(not(target_os = "linux"))]
         let start_time = 0;
@@ -122,17 +242,23 @@ unsafe impl ProcessLiveness for ProcLiveness {
     fn is_alive(&self, stamp: ProcessStamp) -> bool {
         #[cfg(target_os = "linux")]
         {
+            let view = ProcView::get();
+            if view == ProcView::Foreign {
+                return exists(stamp.pid);
+            }
             match seen(stamp.pid) {
                 Seen::Gone => false,
                 // Compare only the bits the stamp kept (it may have been shortened), and only
-                // with a start time read.
-                Seen::Running(None) => true,
-                Seen::Running(Some(_)) if stamp.start_time == 0 => true,
-                // A stamp may keep only the low 16 or 32 bits of the start time.
-                Seen::Running(Some(t)) => {
-                    let s = stamp.start_time;
-                    t == s || (s <= 0xffff && t & 0xffff == s) || (s <= 0xffff_ffff && t & 0xffff_ffff == s)
-                }
+                // with a start time read and known as every reader sees it.
+                Seen::Running(read) => match read.and_then(|t| view.start_time(t)) {
+                    None => true,
+                    Some(_) if stamp.start_time == 0 => true,
+                    // A stamp may keep only the low 16 or 32 bits of the start time.
+                    Some(t) => {
+                        let s = stamp.start_time;
+                        t == s || (s <= 0xffff && t & 0xffff == s) || (s <= 0xffff_ffff && t & 0xffff_ffff == s)
+                    }
+                },
             }
         }
         #[cfg(not(target_os = "linux"))]
@@ -253,6 +379,158 @@ mod tests {
         let alive = ProcLiveness.is_alive(ProcessStamp { pid: pid as u32, start_time: 0 });
         kill_and_reap(pid);
         assert!(alive, "a process still running a thread was reported dead");
+    }
+
+    /// The start time (field 22) in a `/proc/<pid>/stat` text.
+    #[cfg(target_os = "linux")]
+    fn start_field(stat: &[u8]) -> u64 {
+        let close = stat.iter().rposition(|&b| b == b')').unwrap();
+        std::str::from_utf8(&stat[close + 1..]).unwrap().split_whitespace().nth(19).unwrap().parse().unwrap()
+    }
+
+    /// Forks a child that enters new namespaces (`flags`, with a user namespace so no privilege
+    /// is needed), runs `setup` there, and forks a grandchild (the first process of the new pid or
+    /// time namespace) that runs `check` and exits with its result (0 = pass). `check` gets the
+    /// write end of a pipe; returns the child, for [`reap`], and the pipe's read end, which the
+    /// caller reads (or closes) first. The child exits with 77 where this system cannot make such
+    /// namespaces, and with the grandchild's status otherwise.
+    #[cfg(target_os = "linux")]
+    fn in_new_namespaces(
+        flags: libc::c_int,
+        setup: fn() -> bool,
+        check: fn(report_fd: i32) -> i32,
+    ) -> (libc::pid_t, i32) {
+        let mut fds = [0; 2];
+        // SAFETY: pipe(2) with a valid two-int array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: fork(2); the child makes the namespaces and the grandchild, and leaves with
+        // `_exit` (77: the namespaces could not be made).
+        let child = unsafe { libc::fork() };
+        assert!(child >= 0, "fork failed");
+        if child == 0 {
+            // SAFETY: unshare(2) in a single-threaded child; fork(2) and waitpid(2) on our own
+            // grandchild; `_exit` leaves without the parent's exit handlers.
+            unsafe {
+                libc::close(fds[0]);
+                let uid = libc::getuid();
+                if libc::unshare(libc::CLONE_NEWUSER | flags) != 0 {
+                    libc::_exit(77);
+                }
+                let mapped = std::fs::write("/proc/self/setgroups", "deny").is_ok()
+                    && std::fs::write("/proc/self/uid_map", format!("0 {uid} 1")).is_ok();
+                if !mapped || !setup() {
+                    libc::_exit(77);
+                }
+                let grandchild = libc::fork();
+                if grandchild == 0 {
+                    // A panic must not unwind into the copy of the test harness.
+                    libc::_exit(std::panic::catch_unwind(|| check(fds[1])).unwrap_or(3));
+                }
+                libc::close(fds[1]);
+                let mut status = 0;
+                libc::waitpid(grandchild, &mut status, 0);
+                libc::_exit(if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { 2 });
+            }
+        }
+        // SAFETY: closing our copy of the write end.
+        unsafe { libc::close(fds[1]) };
+        (child, fds[0])
+    }
+
+    /// Reaps the child of [`in_new_namespaces`]: its grandchild's exit status, `None` for a skip.
+    #[cfg(target_os = "linux")]
+    fn reap(child: libc::pid_t) -> Option<i32> {
+        let mut status = 0;
+        // SAFETY: waitpid(2) on our own child.
+        assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+        assert!(libc::WIFEXITED(status), "the namespaces' child was killed");
+        match libc::WEXITSTATUS(status) {
+            77 => {
+                eprintln!("skipped: this system makes no user, pid or time namespaces");
+                None
+            }
+            code => Some(code),
+        }
+    }
+
+    /// A process in a pid namespace that kept its parent's `/proc` (`unshare --pid --fork`
+    /// without `--mount-proc`): `/proc/<pid>` there names another namespace's process, whose
+    /// start time is not this one's. Read as this process's, it made a live process (here the
+    /// namespace's first, pid 1, reading the start time of the `/proc`'s pid 1) dead as soon as
+    /// its true start time was given, and gave it a stamp with another process's start time,
+    /// which called it dead once that process ended and its pid was reused.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_process_whose_proc_is_another_pid_namespaces_is_alive() {
+        let _ = ProcLiveness.current();
+        let (child, report) = in_new_namespaces(
+            libc::CLONE_NEWPID,
+            || true,
+            |_| {
+                // `/proc/self` is this process under the outer namespace's pid: its true stat.
+                let real = start_field(&std::fs::read("/proc/self/stat").unwrap());
+                let me = ProcessStamp { pid: std::process::id(), start_time: real };
+                let alive = ProcLiveness.is_alive(me);
+                let start = ProcLiveness.current().start_time;
+                i32::from(!alive) | i32::from(start != 0 && start != real) << 1
+            },
+        );
+        // SAFETY: closing the unused read end.
+        unsafe { libc::close(report) };
+        let Some(code) = reap(child) else { return };
+        assert_eq!(code & 1, 0, "a live process was called dead from another namespace's /proc");
+        assert_eq!(code & 2, 0, "a process's stamp carried another process's start time");
+        assert_eq!(code, 0);
+    }
+
+    /// A process in a time namespace whose boot clock is ahead (a restored container, say) reads
+    /// every start time that much later than a process outside it: each called the other dead.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn processes_in_different_time_namespaces_see_each_other_alive() {
+        let parent = ProcLiveness.current();
+        assert_ne!(parent.start_time, 0);
+        // The parent's stamp, for the grandchild (a copy of this memory).
+        static PARENT: std::sync::Mutex<Option<ProcessStamp>> = std::sync::Mutex::new(None);
+        *PARENT.lock().unwrap() = Some(parent);
+        let (child, report) = in_new_namespaces(
+            libc::CLONE_NEWTIME,
+            || std::fs::write("/proc/self/timens_offsets", "boottime 1000 0").is_ok(),
+            |report_fd| {
+                let parent = PARENT.lock().map(|p| p.unwrap()).unwrap_or_default();
+                let me = ProcLiveness.current();
+                let mut msg = [0u8; 13];
+                msg[..4].copy_from_slice(&me.pid.to_ne_bytes());
+                msg[4..12].copy_from_slice(&me.start_time.to_ne_bytes());
+                msg[12] = u8::from(ProcLiveness.is_alive(parent));
+                // SAFETY: writes a valid buffer, then waits to be killed.
+                unsafe {
+                    libc::write(report_fd, msg.as_ptr().cast(), msg.len());
+                    libc::pause();
+                }
+                0
+            },
+        );
+        let mut msg = [0u8; 13];
+        // SAFETY: reads into a valid buffer (nothing: the child skipped), then closes it.
+        let got = unsafe { libc::read(report, msg.as_mut_ptr().cast(), msg.len()) };
+        // SAFETY: as above.
+        unsafe { libc::close(report) };
+        let inside = (got == 13).then(|| {
+            let pid = u32::from_ne_bytes(msg[..4].try_into().unwrap());
+            let stamp = ProcessStamp { pid, start_time: u64::from_ne_bytes(msg[4..12].try_into().unwrap()) };
+            let alive = ProcLiveness.is_alive(stamp);
+            // SAFETY: kill(2) of the grandchild, which waits for it; its parent reaps it.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            (stamp, alive, msg[12] == 1)
+        });
+        if reap(child).is_none() {
+            return;
+        }
+        let (stamp, alive, parent_alive) = inside.expect("the grandchild reported nothing");
+        assert!(alive, "a process in a time namespace ({stamp:?}) was called dead from outside it");
+        assert!(parent_alive, "a process outside a time namespace was called dead from inside it");
+        assert_ne!(stamp.start_time, 0, "the namespace's offset is known, so is the start time");
     }
 
     #[cfg(target_os = "linux")]
