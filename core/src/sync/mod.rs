@@ -1,6 +1,7 @@
 //! Locks that can live in shared memory: `#[repr(C)]`, atomics only, no pointers, no OS handles.
 //!
-//! - [`SpinLock`]: a test-and-test-and-set lock for very short critical sections.
+//! - [`SpinLock`]: a test-and-test-and-set lock for very short critical sections. It records no
+//!   owner: a holder that dies, or a stray write into it, leaves it held for ever.
 //! - [`Mutex`]: records its owner (process id and start time) so a lock left by a dead process
 //!   can be found and taken over ([`Mutex::lock_or_recover`]); spins briefly, then yields.
 //! - [`TaggedOffsetList`]: a lock-free stack of offsets with an ABA tag, for free lists shared

@@ -13,6 +13,13 @@ const LOCKED: u32 = 1;
 /// Its whole state is one `u32` (0 = free), so a zero-filled segment holds a free lock. Hold it
 /// only for a few instructions: a holder that is descheduled makes every waiter spin. For longer
 /// sections, or where a holder may die, use [`Mutex`](super::Mutex).
+///
+/// It records no owner, so nothing can tell a held lock from a dead or damaged one: a process
+/// killed while holding it, or a stray write of any non-zero value into its word (another
+/// process scribbling on the segment), leaves it locked for good, and [`lock`](Self::lock)
+/// then spins for ever. Where other processes may die or misbehave, use
+/// [`Mutex::lock_or_recover`](super::Mutex::lock_or_recover), or [`try_lock`](Self::try_lock)
+/// under a deadline of the caller's. (hetmem itself keeps its spin locks in process memory.)
 #[repr(C)]
 pub struct SpinLock<T> {
     state: AtomicU32,
@@ -38,7 +45,8 @@ impl<T> SpinLock<T> {
         SpinLock { state: AtomicU32::new(UNLOCKED), data: UnsafeCell::new(value) }
     }
 
-    /// Takes the lock, spinning until it is free.
+    /// Takes the lock, spinning until it is free: for ever if its holder died or a stray write
+    /// set it (see the type's docs).
     pub fn lock(&self) -> SpinLockGuard<'_, T> {
         let mut attempt = 0u32;
         loop {
