@@ -100,7 +100,9 @@ unsafe impl ThreadModel for Pthreads {
 
     fn sleep_for_us(us: u64) {
         let mut req = libc::timespec {
-            tv_sec: (us / 1_000_000) as libc::time_t,
+            // A 32-bit `time_t` cannot hold every u64 of seconds: the longest sleep it can, rather
+            // than a negative one (EINVAL, no sleep at all).
+            tv_sec: libc::time_t::try_from(us / 1_000_000).unwrap_or(libc::time_t::MAX),
             tv_nsec: ((us % 1_000_000) * 1000) as libc::c_long,
         };
         let mut rem = libc::timespec { tv_sec: 0, tv_nsec: 0 };

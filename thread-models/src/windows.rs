@@ -119,9 +119,18 @@ unsafe impl ThreadModel for Windows {
     }
 
     fn sleep_for_us(us: u64) {
-        let ms = us.div_ceil(1000).min(u32::MAX as u64 - 1) as u32;
-        // SAFETY: no preconditions.
-        unsafe { Sleep(ms) };
+        // `Sleep` takes at most `u32::MAX - 1` ms (about 49.7 days; `u32::MAX` is INFINITE): a
+        // longer sleep is taken in turns, so that it lasts at least as asked.
+        let mut ms = us.div_ceil(1000);
+        loop {
+            let turn = ms.min(u64::from(u32::MAX - 1));
+            // SAFETY: no preconditions.
+            unsafe { Sleep(turn as u32) };
+            ms -= turn;
+            if ms == 0 {
+                break;
+            }
+        }
     }
 
     unsafe fn tls_create(destructor: Option<TlsDestructor>) -> Result<Self::TlsKey> {
