@@ -8,7 +8,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 
-use hetmem_core::pool::{FixedPool, FixedPoolConfig, QuickPool, QuickPoolConfig};
+use hetmem_core::pool::{FixedPool, FixedPoolConfig, NeverCoalesce, QuickPool, QuickPoolConfig};
 use hetmem_core::{Error, MemoryKind, MemoryResource};
 
 /// The system allocator, refusing everything while `REFUSE` is set.
@@ -93,6 +93,7 @@ fn host_oom<T>(r: hetmem_core::Result<T>) -> bool {
 fn pools_report_host_out_of_memory_and_stay_usable() {
     quick_pool();
     fixed_pool();
+    giving_back_allocates_nothing();
 }
 
 fn quick_pool() {
@@ -182,4 +183,33 @@ fn fixed_pool() {
     }
     pool.check().unwrap();
     assert_eq!(pool.stats().allocation_count, 0);
+}
+
+/// Handing wholly free blocks back upstream needs no host memory: a free that makes the
+/// heuristic coalesce, `coalesce` and `release` work while the host refuses (before, each
+/// gathered the blocks in a fresh list, and aborted here).
+fn giving_back_allocates_nothing() {
+    let device = FakeDevice { next: AtomicUsize::new(1 << 42), live: AtomicI64::new(0) };
+    let config = QuickPoolConfig { first_block_size: 4096, next_block_size: 4096, alignment: 16, max_size: None };
+    // The default heuristic coalesces once every block is free, in two upstream blocks or more.
+    let mut pool = QuickPool::with_config(&device, config).unwrap();
+    let upstream_blocks = |device: &FakeDevice| device.live.load(Ordering::Relaxed) as usize;
+    let (a, b) = (pool.allocate(4096, 16).unwrap(), pool.allocate(4096, 16).unwrap());
+    pool.deallocate(a).unwrap();
+    refusing(|| pool.deallocate(b)).unwrap();
+    pool.check().unwrap();
+    assert_eq!(pool.stats().coalesce_count, 1);
+    assert_eq!(upstream_blocks(&device), pool.stats().upstream_blocks);
+    // Two wholly free blocks again, which only `coalesce` merges (its refill may be refused).
+    pool.set_heuristic(NeverCoalesce);
+    let (a, b) = (pool.allocate(8192, 16).unwrap(), pool.allocate(4096, 16).unwrap());
+    pool.deallocate(a).unwrap();
+    pool.deallocate(b).unwrap();
+    assert_eq!(pool.stats().releasable_blocks, 2);
+    let _ = refusing(|| pool.coalesce());
+    pool.check().unwrap();
+    assert_eq!(upstream_blocks(&device), pool.stats().upstream_blocks);
+    assert!(refusing(|| pool.release()) > 0);
+    pool.check().unwrap();
+    assert_eq!((pool.stats().actual_size, upstream_blocks(&device)), (0, 0));
 }

@@ -143,7 +143,7 @@ pub(crate) struct Freed {
     pub releasable: bool,
 }
 
-/// A chunk that [`BlockArena::take_free_chunks`] removed.
+/// A chunk that [`BlockArena::take_free_chunk`] removed.
 pub(crate) struct FreedChunk {
     pub base: NonNull<u8>,
     pub size: usize,
@@ -431,22 +431,18 @@ impl BlockArena {
         self.remove_chunk(index)
     }
 
-    /// Removes chunks that are one free block, in table order, until their bytes reach `wanted`
-    /// or none is left (`usize::MAX`: all of them), and returns them for the owner to hand back.
-    pub(crate) fn take_free_chunks(&mut self, wanted: usize) -> Vec<FreedChunk> {
-        let mut out = Vec::new();
-        let mut bytes = 0usize;
-        for index in 0..self.chunks.len() {
-            if self.counters.releasable_blocks == 0 || bytes >= wanted {
-                break;
-            }
-            if self.chunks[index].as_ref().is_some_and(|chunk| self.spans_chunk(chunk.first)) {
-                let chunk = self.remove_chunk(index);
-                bytes = bytes.saturating_add(chunk.as_ref().map_or(0, |c| c.size));
-                out.extend(chunk);
-            }
+    /// Removes the first chunk at or after table entry `from` that is one free block, and returns
+    /// its entry and the chunk, for the owner to hand back; `None` when no such chunk is left.
+    /// An owner that hands several back calls it again from the entry after the one returned.
+    /// It allocates nothing (the chunk's place among the spare entries was reserved when it was
+    /// added), so a pool hands blocks back while the host is out of memory.
+    pub(crate) fn take_free_chunk(&mut self, from: usize) -> Option<(usize, FreedChunk)> {
+        if self.counters.releasable_blocks == 0 {
+            return None;
         }
-        out
+        let index = (from..self.chunks.len())
+            .find(|&i| self.chunks[i].as_ref().is_some_and(|chunk| self.spans_chunk(chunk.first)))?;
+        Some((index, self.remove_chunk(index)?))
     }
 
     /// Removes chunk `index`, which is one free block.
@@ -733,7 +729,8 @@ mod tests {
         assert_eq!(blocks, [(0, 0xff0, false), (0xff0, 64, true), (0x1030, 8192 - 16 - 0x1030, false)]);
         arena.free(p).unwrap();
         arena.check("test").unwrap();
-        assert_eq!(arena.take_free_chunks(usize::MAX).len(), 1);
+        assert!(arena.take_free_chunk(0).is_some_and(|(index, chunk)| index == 0 && chunk.size == 8192 - 16));
+        assert!(arena.take_free_chunk(0).is_none());
         assert_eq!(arena.counters().actual_size, 0);
         arena.check("test").unwrap();
     }

@@ -264,13 +264,17 @@ impl<R: MemoryResource> QuickPool<R> {
 
     /// Hands wholly free upstream blocks back until at least `wanted` bytes went back or none is
     /// left; returns the bytes handed back.
+    /// One chunk at a time, gathered in no list: handing blocks back needs no host memory.
     fn release_up_to(&mut self, wanted: usize) -> usize {
-        let mut bytes = 0;
-        let chunks = self.arena.take_free_chunks(wanted);
-        // Before the upstream calls, so that one that panics leaves no stale floor behind.
-        self.refresh_floor();
-        for chunk in chunks {
-            bytes += chunk.size;
+        let (mut bytes, mut from) = (0usize, 0);
+        while bytes < wanted {
+            let Some((index, chunk)) = self.arena.take_free_chunk(from) else {
+                break;
+            };
+            from = index + 1;
+            bytes = bytes.saturating_add(chunk.size);
+            // Before the upstream call, so that one that panics leaves no stale floor behind.
+            self.refresh_floor();
             // SAFETY: the chunk came from `self.upstream.allocate(chunk.size, chunk.align)` and
             // the arena has just forgotten it, so no allocation points into it.
             unsafe { self.upstream.deallocate(chunk.base, chunk.size, chunk.align) };
