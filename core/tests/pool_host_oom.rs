@@ -187,7 +187,7 @@ fn fixed_pool() {
 
 /// Handing wholly free blocks back upstream needs no host memory: a free that makes the
 /// heuristic coalesce, `coalesce` and `release` work while the host refuses (before, each
-/// gathered the blocks in a fresh list, and aborted here).
+/// gathered the blocks in a fresh list, and aborted here), and so does a fixed pool's `release`.
 fn giving_back_allocates_nothing() {
     let device = FakeDevice { next: AtomicUsize::new(1 << 42), live: AtomicI64::new(0) };
     let config = QuickPoolConfig { first_block_size: 4096, next_block_size: 4096, alignment: 16, max_size: None };
@@ -210,6 +210,17 @@ fn giving_back_allocates_nothing() {
     pool.check().unwrap();
     assert_eq!(upstream_blocks(&device), pool.stats().upstream_blocks);
     assert!(refusing(|| pool.release()) > 0);
+    pool.check().unwrap();
+    assert_eq!((pool.stats().actual_size, upstream_blocks(&device)), (0, 0));
+
+    let device = FakeDevice { next: AtomicUsize::new(1 << 43), live: AtomicI64::new(0) };
+    let config = FixedPoolConfig { objects_per_block: 4, ..FixedPoolConfig::new(64) };
+    let mut pool = FixedPool::new(&device, config).unwrap();
+    let live: Vec<_> = (0..12).map(|_| pool.allocate(64, 16).unwrap()).collect();
+    for p in live {
+        pool.deallocate(p).unwrap();
+    }
+    assert_eq!(refusing(|| pool.release()), 3 * 4 * 64);
     pool.check().unwrap();
     assert_eq!((pool.stats().actual_size, upstream_blocks(&device)), (0, 0));
 }

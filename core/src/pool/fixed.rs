@@ -251,19 +251,18 @@ impl<R: MemoryResource> FixedPool<R> {
     }
 
     /// Hands every empty sub-pool back upstream; returns the bytes handed back.
+    /// Allocates nothing, so it works while the host is out of memory.
     pub fn release(&mut self) -> usize {
         let before = self.pools.len();
-        let mut kept = Vec::with_capacity(before);
-        for pool in self.pools.drain(..) {
+        let (upstream, block_bytes, align) = (&self.upstream, self.block_bytes, self.config.alignment);
+        self.pools.retain(|pool| {
             if pool.used == 0 {
                 // SAFETY: the block came from `upstream.allocate(block_bytes, alignment)` and no
                 // slot in it is in use.
-                unsafe { self.upstream.deallocate(pool.base, self.block_bytes, self.config.alignment) };
-            } else {
-                kept.push(pool);
+                unsafe { upstream.deallocate(pool.base, block_bytes, align) };
             }
-        }
-        self.pools = kept;
+            pool.used != 0
+        });
         self.empty_pools = 0;
         self.current = 0;
         (before - self.pools.len()) * self.block_bytes
