@@ -75,6 +75,49 @@ fn heuristic(choice: u8) -> impl CoalesceHeuristic + 'static {
     move |s: &PoolStats| h.should_coalesce(s)
 }
 
+/// The pool's figures that a walk of its blocks gives, and its watermarks as the most its sizes
+/// have been after any step (no step of these pools holds more in between: growing, coalescing
+/// and trading a block hand blocks back before they take one).
+#[derive(Default)]
+struct Watermarks {
+    current: usize,
+    actual: usize,
+}
+
+impl Watermarks {
+    fn step(&mut self, pool: &dyn Pool) -> Result<(), TestCaseError> {
+        let s = pool.stats();
+        self.current = self.current.max(s.current_size);
+        self.actual = self.actual.max(s.actual_size);
+        prop_assert_eq!((s.high_watermark, s.actual_high_watermark), (self.current, self.actual));
+        // Upstream blocks, by number: (size, whether any block in it is used).
+        let mut chunks = alloc::collections::BTreeMap::<usize, (usize, bool)>::new();
+        let (mut current, mut largest_free, mut free) = (0, 0, false);
+        pool.for_each_block(&mut |b| {
+            let chunk = chunks.entry(b.chunk).or_insert((b.chunk_size, false));
+            chunk.1 |= b.used;
+            if b.used {
+                current += b.size;
+            } else {
+                (largest_free, free) = (largest_free.max(b.size), true);
+            }
+        });
+        let releasable = chunks.values().filter(|c| !c.1);
+        prop_assert_eq!(
+            (s.actual_size, s.upstream_blocks, s.current_size),
+            (chunks.values().map(|c| c.0).sum::<usize>(), chunks.len(), current)
+        );
+        prop_assert_eq!(
+            (s.releasable_bytes, s.releasable_blocks),
+            (releasable.clone().map(|c| c.0).sum::<usize>(), releasable.count())
+        );
+        // Neither pool serves more than its largest free block, and each serves something while
+        // it has one (a fixed pool its object size, a quick pool the block's whole size).
+        prop_assert!(s.largest_available <= largest_free && (s.largest_available > 0) == free);
+        Ok(())
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
@@ -84,6 +127,7 @@ proptest! {
         let config = QuickPoolConfig { max_size: Some(400 << 10), ..small_config() };
         let mut pool = QuickPool::with_config(&upstream, config).unwrap().with_heuristic(heuristic(choice));
         let mut model = PoolModel::new();
+        let mut watermarks = Watermarks::default();
         for op in ops {
             match op {
                 Op::Allocate(size, align) => match pool.allocate(size, align) {
@@ -102,9 +146,11 @@ proptest! {
             }
             model.agrees_with(&pool).unwrap();
             prop_assert_eq!(upstream.held(), pool.stats().actual_size);
+            watermarks.step(&pool)?;
         }
         model.free_all(&mut pool).unwrap();
         model.agrees_with(&pool).unwrap();
+        watermarks.step(&pool)?;
         prop_assert_eq!(pool.stats().current_size, 0);
         pool.release();
         prop_assert_eq!((pool.stats().actual_size, upstream.held()), (0, 0));
@@ -116,6 +162,7 @@ proptest! {
         let config = FixedPoolConfig { objects_per_block: per_block, ..FixedPoolConfig::new(256) };
         let mut pool = FixedPool::new(&upstream, config).unwrap();
         let mut model = PoolModel::new();
+        let mut watermarks = Watermarks::default();
         for op in ops {
             match op {
                 Op::Allocate(size, align) => match pool.allocate(size, align) {
@@ -132,6 +179,7 @@ proptest! {
             }
             model.agrees_with(&pool).unwrap();
             prop_assert_eq!(upstream.held(), pool.stats().actual_size);
+            watermarks.step(&pool)?;
         }
         model.free_all(&mut pool).unwrap();
         pool.release();
