@@ -141,9 +141,18 @@ impl<R: MemoryResource> QuickPool<R> {
 
     /// Works the heuristic's releasable floor out again: after every change of the actual size.
     fn refresh_floor(&mut self) {
+        self.ask_always();
         let actual_size = self.arena.counters().actual_size;
         // The pool's own actual size, whatever the heuristic echoes.
         self.floor = Releasable { actual_size, ..self.heuristic.releasable_floor(actual_size) };
+    }
+
+    /// Sets the floor that always asks (no bytes, no blocks) at the current actual size: before
+    /// the pool calls code of others (the upstream, the heuristic's floor) while its actual size
+    /// is changing, so that one that panics leaves a floor that is never wrong, only slower,
+    /// until the next refresh.
+    fn ask_always(&mut self) {
+        self.floor = Releasable { bytes: 0, blocks: 0, actual_size: self.arena.counters().actual_size };
     }
 
     /// The configuration.
@@ -273,11 +282,14 @@ impl<R: MemoryResource> QuickPool<R> {
             };
             from = index + 1;
             bytes = bytes.saturating_add(chunk.size);
-            // Before the upstream call, so that one that panics leaves no stale floor behind.
-            self.refresh_floor();
+            self.ask_always();
             // SAFETY: the chunk came from `self.upstream.allocate(chunk.size, chunk.align)` and
             // the arena has just forgotten it, so no allocation points into it.
             unsafe { self.upstream.deallocate(chunk.base, chunk.size, chunk.align) };
+        }
+        if bytes > 0 {
+            // After the upstream calls: a heuristic that panics here has the blocks handed back.
+            self.refresh_floor();
         }
         bytes
     }
@@ -346,10 +358,11 @@ impl<R: MemoryResource> QuickPool<R> {
         let Some(chunk) = self.arena.take_chunk_of(slot) else {
             return;
         };
-        self.refresh_floor();
+        self.ask_always();
         // SAFETY: the chunk came from `self.upstream.allocate(chunk.size, chunk.align)` and the
         // arena has just forgotten it; it was one free block, so no allocation points into it.
         unsafe { self.upstream.deallocate(chunk.base, chunk.size, chunk.align) };
+        self.refresh_floor();
         if self.take_upstream(footprint, align.max(self.config.alignment)).is_err() {
             let _ = self.take_upstream(chunk.size, chunk.align);
         }
@@ -414,9 +427,11 @@ impl<R: MemoryResource> QuickPool<R> {
                     unsafe { self.upstream.deallocate(base, size, align) };
                     return Err(e);
                 }
-                self.refresh_floor();
                 self.upstream_allocations += 1;
                 self.actual_high_watermark = self.actual_high_watermark.max(self.arena.counters().actual_size);
+                // Last: a heuristic that panics here leaves the figures right (and the floor
+                // that always asks).
+                self.refresh_floor();
                 Ok(())
             }
             Err(e) => {

@@ -82,7 +82,8 @@ unsafe impl<P: Pool> MemoryResource for SyncPool<P> {
 #[cfg(all(test, feature = "std"))]
 mod tests {
     use super::*;
-    use crate::pool::{HostResource, QuickPool, QuickPoolConfig};
+    use crate::pool::{CoalesceHeuristic, HostResource, LimitedResource, QuickPool, QuickPoolConfig, Releasable};
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     use std::vec::Vec;
 
@@ -114,6 +115,73 @@ mod tests {
         pool.check().unwrap();
         assert_eq!(pool.stats().allocation_count, 0);
         assert_eq!(pool.stats().current_size, 0);
+    }
+
+    /// A heuristic that panics, in its answer or in its floor, whenever the test says so.
+    struct Panicky(Arc<AtomicBool>);
+
+    impl CoalesceHeuristic for Panicky {
+        fn should_coalesce(&mut self, stats: &PoolStats) -> Option<usize> {
+            assert!(!self.0.load(Ordering::Relaxed), "heuristic panics in should_coalesce");
+            (stats.releasable_blocks >= 2).then_some(stats.actual_size)
+        }
+        fn releasable_floor(&self, actual_size: usize) -> Releasable {
+            assert!(!self.0.load(Ordering::Relaxed), "heuristic panics in releasable_floor");
+            Releasable { bytes: 0, blocks: 2, actual_size }
+        }
+        fn every_free(&self) -> bool {
+            false
+        }
+    }
+
+    /// The lock is free again after a user heuristic panics under it (it does not poison), and
+    /// the pool behind it is whole: its figures right, its upstream blocks all its own or handed
+    /// back, and its next free asks the heuristic as it should. Before, a floor that panicked as
+    /// the pool grew left the actual high watermark below the actual size (`check` said Corrupt)
+    /// and a stale floor (a debug build's next free failed its assertion), and one that panicked
+    /// as the pool released left the blocks it had taken out of the pool in no one's hands.
+    #[test]
+    fn a_heuristic_that_panics_leaves_the_pool_whole() {
+        let upstream = LimitedResource::new(HostResource, 1 << 20);
+        let config = QuickPoolConfig { first_block_size: 4096, next_block_size: 4096, ..Default::default() };
+        let panics = Arc::new(AtomicBool::new(false));
+        let heuristic = Panicky(Arc::clone(&panics));
+        let pool = SyncPool::new(QuickPool::with_config(&upstream, config).unwrap().with_heuristic(heuristic));
+        let panicking = |f: &mut dyn FnMut()| {
+            panics.store(true, Ordering::Relaxed);
+            let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err();
+            panics.store(false, Ordering::Relaxed);
+            assert!(unwound, "the heuristic was not asked");
+            pool.check().unwrap();
+            let s = pool.stats();
+            assert_eq!(upstream.held(), s.actual_size);
+            assert_eq!(s.actual_high_watermark, s.actual_size.max(8192));
+        };
+        let a = pool.allocate(4096, 16).unwrap();
+        // Growing: the new block's floor panics.
+        panicking(&mut || {
+            let _ = pool.allocate(4096, 16);
+        });
+        assert_eq!(pool.stats().upstream_allocations, 2);
+        let b = pool.allocate(4096, 16).unwrap();
+        assert_eq!(pool.stats().upstream_blocks, 2);
+        pool.deallocate(a).unwrap();
+        // A free that leaves both blocks wholly free asks, and the answer panics: the free is done.
+        panicking(&mut || {
+            let _ = pool.deallocate(b);
+        });
+        assert_eq!((pool.stats().allocation_count, pool.stats().releasable_blocks), (0, 2));
+        // Releasing: the floor for the smaller pool panics, after the blocks went back.
+        panicking(&mut || {
+            pool.lock().release();
+        });
+        assert_eq!(pool.stats().actual_size, 0);
+        // The lock is free and the pool asks its heuristic again.
+        let (a, b) = (pool.allocate(4096, 16).unwrap(), pool.allocate(4096, 16).unwrap());
+        pool.deallocate(a).unwrap();
+        pool.deallocate(b).unwrap();
+        assert_eq!(pool.stats().coalesce_count, 1);
+        pool.check().unwrap();
     }
 
     #[test]
