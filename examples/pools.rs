@@ -194,6 +194,7 @@ struct Args {
 }
 
 const WORKLOADS: [&str; 5] = ["P1", "P2", "P3", "P4", "P5"];
+const USAGE: &str = "usage: pools [--csv] [--only P1..P5] [--pools system,naive,quick,fixed] [--rounds N]";
 const PEERS: [&str; 4] = ["system", "naive", "quick", "fixed"];
 
 /// Parses the command line; anything it does not know is an error, so that a typo does not
@@ -223,6 +224,10 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
                 parsed.rounds =
                     n.parse().ok().filter(|&r| r > 0).ok_or(format!("--rounds {n}: not a positive integer"))?;
             }
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
             _ => return Err(format!("unknown argument {arg:?}")),
         }
     }
@@ -231,7 +236,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
 
 fn main() {
     let Args { csv, only, pools, rounds } = parse_args(std::env::args().skip(1)).unwrap_or_else(|e| {
-        eprintln!("pools: {e}\nusage: pools [--csv] [--only P1..P5] [--pools system,naive,quick,fixed] [--rounds N]");
+        eprintln!("pools: {e}\n{USAGE}");
         std::process::exit(2);
     });
     let wanted = |w: &str| only.as_deref().is_none_or(|o| o == w);

@@ -133,7 +133,9 @@ pub struct FixedPool<R: MemoryResource> {
 unsafe impl<R: MemoryResource> Send for FixedPool<R> {}
 
 impl<R: MemoryResource> FixedPool<R> {
-    /// A pool of `config.object_size`-byte slots over `upstream`.
+    /// A pool of `config.object_size`-byte slots over `upstream`. `InvalidSize` for an object
+    /// size, objects per block or maximum size that leaves no sub-pool possible (a maximum below
+    /// one sub-pool's bytes); `InvalidAlignment` for an alignment that is not a power of two.
     pub fn new(upstream: R, config: FixedPoolConfig) -> Result<Self> {
         crate::check_layout(config.object_size, config.alignment)?;
         let stride = round_up(config.object_size, config.alignment)
@@ -147,6 +149,10 @@ impl<R: MemoryResource> FixedPool<R> {
                 size: config.objects_per_block as u64,
                 reason: "objects per block is zero or too many",
             })?;
+        if let Some(max) = config.max_size.filter(|&max| max < block_bytes) {
+            // Not one sub-pool would fit: every allocation would fail.
+            return Err(Error::InvalidSize { size: max as u64, reason: "maximum size below one sub-pool's bytes" });
+        }
         Ok(FixedPool {
             upstream,
             config,

@@ -652,6 +652,9 @@ fn fixed_pool_fills_sub_pools_in_order_and_releases_empty_ones() {
 fn fixed_pool_maximum_size_is_a_clear_error_and_the_pool_goes_on() {
     let config = FixedPoolConfig { objects_per_block: 4, max_size: Some(2 * 4 * 64 + 63), ..FixedPoolConfig::new(64) };
     let mut pool = FixedPool::new(HostResource, config).unwrap();
+    // A maximum below one sub-pool (4 slots of 64 bytes) would refuse every allocation.
+    let too_small = FixedPoolConfig { max_size: Some(255), ..config };
+    assert!(matches!(FixedPool::new(HostResource, too_small), Err(Error::InvalidSize { size: 255, .. })));
     let ptrs: Vec<_> = (0..8).map(|_| pool.allocate(64, 16).unwrap()).collect();
     let err = pool.allocate(64, 16).unwrap_err();
     assert_eq!(err, Error::MaxSizeReached { requested: 256, max_size: 575, held: 512 });
