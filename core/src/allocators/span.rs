@@ -786,9 +786,11 @@ fn find_live_back(mem: &Mem, user: u64) -> Option<Found<'_>> {
     if class == LARGE_CLASS {
         return (back >= LARGE_HEADER).then_some(Found::Large { block });
     }
+    // A class past the table (its 8 bits hold up to 254 here) is no small block's, though a
+    // header forged in a caller's data may carry it: refused before anything indexes by it.
+    let l = LAYOUTS.get(class)?;
     let span = span_of_word(block, word);
     let header = mem.span_below(span, block, class)?;
-    let l = &LAYOUTS[class];
     // The user bytes lie in the block.
     (back < l.stride).then_some(Found::Small(LiveSmall { block, word, header }))
 }

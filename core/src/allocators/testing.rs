@@ -440,3 +440,46 @@ pub(crate) fn small_sizes_past_the_block_are_refused(a: &dyn RegionAllocator, co
         a.check().unwrap();
     }
 }
+
+/// An offset past a block forged in a caller's own user bytes (as a caller's data, or a peer's
+/// stray write, may hold): a live info word of a class that is no small class (nor the large
+/// one), under a forged span header of that class, with a back word leading to it. A free,
+/// `size_of` or `reallocate` of it is refused with an error, not a panic on the class table,
+/// and the blocks around it stay the caller's.
+pub(crate) fn forged_blocks_of_no_class_are_refused(a: &dyn RegionAllocator) {
+    use super::size_class::CLASS_COUNT;
+    use super::span::{span_of_word, Info, State};
+    let word = |at: u64| a.region().ptr(at, 8).unwrap().cast::<u64>();
+    let small = a.allocate(100, 8).unwrap();
+    // SAFETY: the small block's info word, and its span's first word, in bounds and 8-aligned;
+    // no other thread uses `a`.
+    let kind = unsafe { word(span_of_word(small.get() - 16, word(small.get() - 16).read_volatile())).read_volatile() };
+    let p = a.allocate(40_000, 8).unwrap();
+    // In the large block's user bytes: a span header, a padded block right after it, and its user
+    // bytes 32 bytes in (its back word just below them, a zero where an unpadded block's info
+    // word would be).
+    let span = p.get().next_multiple_of(64);
+    let block = span + 64;
+    let user = block + 32;
+    let class_bits = 0xffu64 << 36;
+    let live = Info { state: State::Live, class: 0, index: 0, size: 8 }.pack() & !class_bits;
+    for class in [CLASS_COUNT as u64, 100, 254] {
+        // SAFETY: words of the large block's user bytes, in bounds and 8-aligned.
+        unsafe {
+            word(span).write_volatile((kind & 0xffff_ffff) | class << 32);
+            word(block).write_volatile(live | class << 36);
+            word(block + 8).write_volatile(0);
+            word(user - 16).write_volatile(0);
+            word(user - 8).write_volatile(user - block);
+        }
+        let forged = OffsetPtr::new(user);
+        assert!(matches!(a.free(forged), Err(Error::InvalidFree { .. })), "class {class}");
+        assert!(a.size_of(forged).is_err(), "class {class}");
+        assert!(a.reallocate(forged, 200, 8).is_err(), "class {class}");
+    }
+    assert_eq!(a.size_of(p).unwrap(), 40_000);
+    assert_eq!(a.size_of(small).unwrap(), 100);
+    a.free(p).unwrap();
+    a.free(small).unwrap();
+    a.check().unwrap();
+}

@@ -3,8 +3,9 @@ use super::cache::{self, OP_ALLOC, OP_FREE};
 use super::*;
 use crate::allocators::common::DeadProcessBlocks;
 use crate::allocators::testing::{
-    exercise, exhaust_and_recover, failed_copy_leaks_nothing, interior_offsets_with_back_words_in_the_data_are_refused,
-    op_strategy, refuse_bad_input, region_of, run_model, small_sizes_past_the_block_are_refused, survive_damage,
+    exercise, exhaust_and_recover, failed_copy_leaks_nothing, forged_blocks_of_no_class_are_refused,
+    interior_offsets_with_back_words_in_the_data_are_refused, op_strategy, refuse_bad_input, region_of, run_model,
+    small_sizes_past_the_block_are_refused, survive_damage,
 };
 use crate::sync::atomic::Ordering;
 use crate::sync::LinkStore;
@@ -60,6 +61,12 @@ fn a_small_blocks_size_field_is_bounded_by_its_user_bytes() {
 fn interior_offsets_are_refused_whatever_the_data_before_them() {
     let a = ScalablePageAllocator::create(region_of(2 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
     interior_offsets_with_back_words_in_the_data_are_refused(&a);
+}
+
+#[test]
+fn a_block_forged_with_no_class_is_refused_not_a_panic() {
+    let a = ScalablePageAllocator::create(region_of(2 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    forged_blocks_of_no_class_are_refused(&a);
 }
 
 #[test]
