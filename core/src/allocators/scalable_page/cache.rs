@@ -364,6 +364,14 @@ impl Shared {
                     .ok_or(corrupt(slot, "thread cache refilled with a bad block"));
             }
             self.relieve_shortage(slot, attempt)?;
+            // The relief may have freed blocks into this very cache (a dead process's, see
+            // `free_dead_blocks`): they are handed out, not written over by the next try (they
+            // would be free, ours, and on no list: lost until our process dies).
+            if unpack_head(c.head.load(Ordering::Relaxed)).0 != 0 {
+                return self
+                    .peek_cached(c, class, label)
+                    .ok_or(corrupt(slot, "thread cache holds a block that is not free"));
+            }
         }
         Err(Error::OutOfMemory { requested: LAYOUTS[class].size, available: self.fs.lock().free_bytes() })
     }

@@ -812,3 +812,29 @@ fn a_slot_index_past_the_label_field_breaks_no_info_word() {
     a.check().unwrap();
     assert_eq!(a.stats().free_bytes(), start);
 }
+
+#[test]
+fn blocks_a_shortage_frees_into_the_cache_it_refills_are_kept() {
+    let config = ScalablePageConfig { dead_process_blocks: DeadProcessBlocks::Free };
+    let a = ScalablePageAllocator::create(region_of(1 << 20), AllocatorId::new(1, 0), &config).unwrap();
+    let start = a.stats().free_bytes();
+    crate::testing::install_test_liveness();
+    // Every block the region holds, all of them a dead process's: the cache of their class is
+    // empty and so is the shared list when the next allocation of the class runs short.
+    let mut blocks = Vec::new();
+    loop {
+        match a.allocate(48, 8) {
+            Ok(p) => blocks.push(p.get()),
+            Err(Error::OutOfMemory { .. }) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    for &u in &blocks {
+        mark_dead(&a, u);
+    }
+    // Its relief frees them, some into that very cache (the rest overflow to the shared list):
+    // the refill that follows must not write over them.
+    let p = a.allocate(48, 8).unwrap();
+    a.check().unwrap();
+    free_all_and_check(&a, [p.get()], start);
+}
