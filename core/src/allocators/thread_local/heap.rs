@@ -503,7 +503,13 @@ impl Shared {
                     return self.quick.pop_free(cs, class).ok_or(corrupt(span, "fresh block not free"));
                 }
             }
-            let span = self.new_span(heap_off, class, size)?;
+            let span = match self.new_span(heap_off, class, size) {
+                Ok(span) => span,
+                // Relieving the shortage may have brought blocks of the class back to our list
+                // (remote frees collected, a dead freer's free settled): one of them, then,
+                // rather than out of memory.
+                Err(e) => return self.quick.pop_free(cs, class).ok_or(e),
+            };
             cs.bump_span.set(span);
             crash::point();
             cs.set_sweep_at(cs.sweep_at().max(sweep_limit(cs.count(), class)));

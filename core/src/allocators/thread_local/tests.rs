@@ -1127,3 +1127,26 @@ fn a_move_whose_free_fails_gives_the_new_block_back() {
     a.free(p).unwrap();
     assert_back_to_start(&a, start);
 }
+
+#[test]
+fn a_block_a_shortage_brings_back_to_the_heap_is_handed_out_not_out_of_memory() {
+    crate::testing::install_test_liveness();
+    let a = Tla::create(region_of(1 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = start_of(&a);
+    let mut blocks = Vec::new();
+    loop {
+        match a.allocate(100, 8) {
+            Ok(p) => blocks.push(p),
+            Err(Error::OutOfMemory { .. }) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    // A thread of a process that then died was freeing one of them: the block comes back to
+    // this heap when the next allocation, short of space, reclaims the dead heap.
+    kill_remote_freer(&a, blocks[7], KilledBefore::Pushing);
+    let p = a.allocate(100, 8).expect("the block the shortage brought back");
+    assert_eq!(p, blocks[7]);
+    a.check().unwrap();
+    blocks[7] = p;
+    free_the_rest(&a, start, &blocks, &[]);
+}
