@@ -7,7 +7,9 @@ use crate::error::{Error, Result};
 use crate::sync::atomic::Ordering;
 
 use super::free_space::{FreeSpace, FreeSpaceGuard, LargeCounters, UNIT};
-use super::span::{back_word, corrupt, invalid, large_units, user_of, Info, Mem, State, LARGE_CLASS, LARGE_HEADER};
+use super::span::{
+    back_word, corrupt, invalid, large_units, user_of, zero_padding, Info, Mem, State, LARGE_CLASS, LARGE_HEADER,
+};
 
 /// The tag large runs carry in the free-space table.
 pub(crate) const TAG_LARGE: u32 = 0x4C52_4745; // "LRGE"
@@ -40,9 +42,13 @@ pub(crate) fn allocate(
     mem.word(block + 16)?.store(stamp, Ordering::Relaxed);
     if user > block + LARGE_HEADER {
         // The header's last word: zero, which says the user bytes are padded (`find_live`);
-        // and where a small block's info word would be: never a live info word.
+        // and the padding (where a small block's info word would be among it): zeroes, see
+        // `zero_padding`.
         mem.word(block + LARGE_HEADER - 8)?.store(0, Ordering::Relaxed);
-        mem.word(user - 16)?.store(0, Ordering::Relaxed);
+        mem.ptr(block, user - block)?;
+        // SAFETY: `[block, user)` lies in the arena (checked just above), in the run just
+        // taken: ours alone.
+        unsafe { zero_padding(mem, block, LARGE_HEADER, user) };
     }
     mem.word(user - 8)?.store(back_word(user - block, stamp), Ordering::Relaxed);
     crash::point();

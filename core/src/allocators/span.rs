@@ -3,7 +3,7 @@
 //! ```text
 //! span (a run of units)  [SpanHeader 64 B][block][block]...           one size class per span
 //! small block            [info u64][link/back u64][user bytes ...]    16-byte header
-//! padded small block     [info][link][pad ...][back u64][user ...]    for alignments over 16
+//! padded small block     [info][0][0 ...][back u64][user ...]         for alignments over 16
 //! large block (a run)    [info][size u64][owner u64][back u64][user]  32-byte header
 //! ```
 //!
@@ -18,7 +18,9 @@
 //! blocks (and large ones) have a zero there, so the free reads the back word instead. A live
 //! padded block's second word is zero too, and a live unpadded one's never is (it holds the
 //! back word or the owner's stamp), so the offset just past a padded block's info word, inside
-//! its padding, is not taken for an unpadded block's user bytes.
+//! its padding, is not taken for an unpadded block's user bytes. The padding up to the back
+//! word is all zeroes, so no offset but a padded block's own user offset leads to it, however
+//! the block was used before or whatever its user bytes hold.
 //!
 //! A span header is one cache line: magic and class, the owning heap, and the state only the
 //! owning heap's thread writes (a free touches the block and this one line).
@@ -783,6 +785,9 @@ fn find_live_back(mem: &Mem, user: u64) -> Option<Found<'_>> {
     if first != 0 && back != header_size {
         return None;
     }
+    if first == 0 && !lowest_back_word(mem, block, back) {
+        return None;
+    }
     if class == LARGE_CLASS {
         return (back >= LARGE_HEADER).then_some(Found::Large { block });
     }
@@ -793,6 +798,40 @@ fn find_live_back(mem: &Mem, user: u64) -> Option<Found<'_>> {
     let header = mem.span_below(span, block, class)?;
     // The user bytes lie in the block.
     (back < l.stride).then_some(Found::Small(LiveSmall { block, word, header }))
+}
+
+/// Whether no word of a padded block's padding below the back word `back` bytes in (which
+/// [`zero_padding`] cleared when the block was handed out) looks like a back word for its own
+/// position: the block's user offset is then the lowest one a back word leads to. An offset
+/// further in (past a word of the caller's data that looks like a back word) is not the
+/// block's, nor is a stale one from an earlier use of the block (a padded block freed and handed
+/// out again with another alignment leaves its back word behind, or in the new user bytes).
+/// `[block, block + back)` lies in `mem`.
+fn lowest_back_word(mem: &Mem, block: u64, back: u64) -> bool {
+    (2 * SMALL_HEADER..back).step_by(16).all(|d| {
+        // SAFETY: `block + 24 <= block + d - 8 < block + back`, in bounds (the caller's
+        // promise), 8-aligned.
+        unsafe { mem.word_unchecked(block + d - 8) }.load(Ordering::Relaxed) & 0xffff != d
+    })
+}
+
+/// Zeroes the padding of a block handed out with its user bytes at `user`, past a header of
+/// `header` bytes: every word from the header's end to below the back word (`user - 8`), so
+/// that [`find_live`] takes no offset but `user` for the block (see [`lowest_back_word`]). Cold:
+/// padded requests are rare, and the quick paths serve none.
+///
+/// # Safety
+/// `[block, user)` lies in `mem`, 8-aligned, and is the caller's to write (a block it is
+/// handing out).
+#[cold]
+#[inline(never)]
+pub(crate) unsafe fn zero_padding(mem: &Mem, block: u64, header: u64, user: u64) {
+    let mut at = block + header;
+    while at < user.saturating_sub(8) {
+        // SAFETY: the caller's promise.
+        unsafe { mem.word_unchecked(at) }.store(0, Ordering::Relaxed);
+        at += 8;
+    }
 }
 
 /// Why [`find_live`] refused `user`.

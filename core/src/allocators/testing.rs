@@ -483,3 +483,54 @@ pub(crate) fn forged_blocks_of_no_class_are_refused(a: &dyn RegionAllocator) {
     a.free(small).unwrap();
     a.check().unwrap();
 }
+
+/// Offsets that lead to a live padded block through a back word but are not its user offset
+/// are refused as `InvalidFree`, and the block stays the caller's: one further in, past a word of
+/// the caller's data that looks like a back word; and stale ones, left by an earlier use of the
+/// block that was freed (a small or large block handed out again with another alignment).
+pub(crate) fn offsets_that_are_not_a_padded_blocks_own_are_refused(a: &dyn RegionAllocator) {
+    let word = |at: u64| a.region().ptr(at, 8).unwrap().cast::<u64>();
+    // SAFETY: a live block's back word, in bounds and 8-aligned; no other thread uses `a`.
+    let block_of = |p: OffsetPtr| p.get() - (unsafe { word(p.get() - 8).read_volatile() } & 0xffff);
+    let refused = |q: u64, live: OffsetPtr, size: usize, what: &str| {
+        let freed = a.free(OffsetPtr::new(q));
+        assert!(matches!(freed, Err(Error::InvalidFree { .. })), "{what}: {freed:?}");
+        assert_eq!(a.size_of(live).unwrap(), size, "{what}: the live block stayed the caller's");
+    };
+    // Further in: the caller's data holds the distance from the block.
+    for (size, align) in [(100usize, 256usize), (40_000, 128)] {
+        let p = a.allocate(size, align).unwrap();
+        let q = p.get() + 32;
+        // SAFETY: a word of the block's user bytes, in bounds and 8-aligned.
+        unsafe { word(q - 8).write_volatile(q - block_of(p)) };
+        refused(q, p, size, "an interior offset");
+        a.free(p).unwrap();
+    }
+    // Stale: freed, and the block handed out again with a larger alignment (a large block's run
+    // is taken again at once; a small one's class cycles through a few blocks first).
+    let old = a.allocate(40_000, 64).unwrap();
+    let old_block = block_of(old);
+    a.free(old).unwrap();
+    let new = a.allocate(40_000, 128).unwrap();
+    assert_eq!(block_of(new), old_block, "the run taken again");
+    refused(old.get(), new, 40_000, "a stale large offset");
+    a.free(new).unwrap();
+    // 200 bytes at 64 and 16 at 256 are the same class.
+    let old = a.allocate(200, 64).unwrap();
+    let old_block = block_of(old);
+    a.free(old).unwrap();
+    let mut kept = Vec::new();
+    loop {
+        let p = a.allocate(16, 256).unwrap();
+        kept.push(p);
+        if block_of(p) == old_block {
+            refused(old.get(), p, 16, "a stale small offset");
+            break;
+        }
+        assert!(kept.len() < 1000, "the block never came back");
+    }
+    for p in kept {
+        a.free(p).unwrap();
+    }
+    a.check().unwrap();
+}

@@ -35,7 +35,7 @@ use super::super::size_class::CLASS_COUNT;
 use super::super::slots::SlotBody;
 use super::super::span::{
     back_word, block_at, corrupt, free_pattern, free_word_mask, freed_word, init_span, invalid, live_word, user_of,
-    user_of_live, word_class, Info, State, FIELD_MASK, LAYOUTS, SMALL_HEADER,
+    user_of_live, word_class, zero_padding, Info, State, FIELD_MASK, LAYOUTS, SMALL_HEADER,
 };
 use super::Shared;
 
@@ -203,11 +203,11 @@ impl Shared {
         unsafe {
             if user != block + SMALL_HEADER {
                 // The second word (the stale link): zero, so `find_small` does not take the
-                // offset past the info word for an unpadded block; and where an unpadded block's
-                // info word would be: never a live info word.
+                // offset past the info word for an unpadded block; and the padding (where an
+                // unpadded block's info word would be among it): zeroes, see `zero_padding`.
                 self.arena.word_unchecked(block + 8).store(0, Ordering::Relaxed);
                 crash::point();
-                self.arena.word_unchecked(user - 16).store(0, Ordering::Relaxed);
+                zero_padding(&self.arena, block, SMALL_HEADER, user);
                 crash::point();
             }
             self.arena.word_unchecked(user - 8).store(back_word(user - block, self.stamp()), Ordering::Relaxed);

@@ -4,8 +4,8 @@ use super::*;
 use crate::allocators::common::DeadProcessBlocks;
 use crate::allocators::testing::{
     exercise, exhaust_and_recover, failed_copy_leaks_nothing, forged_blocks_of_no_class_are_refused,
-    interior_offsets_with_back_words_in_the_data_are_refused, op_strategy, refuse_bad_input, region_of, run_model,
-    small_sizes_past_the_block_are_refused, survive_damage,
+    interior_offsets_with_back_words_in_the_data_are_refused, offsets_that_are_not_a_padded_blocks_own_are_refused,
+    op_strategy, refuse_bad_input, region_of, run_model, small_sizes_past_the_block_are_refused, survive_damage,
 };
 use crate::sync::atomic::Ordering;
 use crate::sync::LinkStore;
@@ -67,6 +67,12 @@ fn interior_offsets_are_refused_whatever_the_data_before_them() {
 fn a_block_forged_with_no_class_is_refused_not_a_panic() {
     let a = ScalablePageAllocator::create(region_of(2 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
     forged_blocks_of_no_class_are_refused(&a);
+}
+
+#[test]
+fn only_a_padded_blocks_own_offset_frees_it() {
+    let a = ScalablePageAllocator::create(region_of(4 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    offsets_that_are_not_a_padded_blocks_own_are_refused(&a);
 }
 
 #[test]

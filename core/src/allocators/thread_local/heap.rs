@@ -36,7 +36,8 @@ use super::super::size_class::CLASS_COUNT;
 use super::super::slots::{Slot, SlotBody};
 use super::super::span::{
     back_word, corrupt, freed_word, fresh_word, has_state, init_span, invalid, live_from_free, remote_word,
-    span_of_word, user_of, word_class, Info, LiveSmall, State, FIELD_MASK, LAYOUTS, SMALL_HEADER, SPAN_HEADER,
+    span_of_word, user_of, word_class, zero_padding, Info, LiveSmall, State, FIELD_MASK, LAYOUTS, SMALL_HEADER,
+    SPAN_HEADER,
 };
 use super::Shared;
 
@@ -437,19 +438,20 @@ impl Shared {
     }
 
     /// Hands out a block with its user bytes aligned past 16: the back word just below them, and
-    /// a zero below that, where an unpadded block's info word would be.
+    /// zeroes below that down to the header ([`zero_padding`]), among them where an unpadded
+    /// block's info word would be.
     ///
     /// # Safety
     /// The block lies whole in the arena, and its class has room for the padding.
     #[cold]
     unsafe fn pad(&self, block: u64, word: u64, size: usize, align: usize) -> u64 {
         let user = user_of(block, SMALL_HEADER, align as u64);
-        // SAFETY: the caller's promise; `user - 16 >= block + 16` as `user > block + 16`.
+        // SAFETY: the caller's promise: `[block, user)` lies in the block.
         unsafe {
             // No stamp but zero: the quick free and `find_small` take only unpadded blocks.
             self.arena.word_unchecked(block + 8).store(0, Ordering::Relaxed);
             crash::point();
-            self.arena.word_unchecked(user - 16).store(0, Ordering::Relaxed);
+            zero_padding(&self.arena, block, SMALL_HEADER, user);
             crash::point();
             self.arena.word_unchecked(user - 8).store(back_word(user - block, 0), Ordering::Relaxed);
             crash::point();
