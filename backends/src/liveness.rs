@@ -6,7 +6,7 @@
 //!
 //! The kernel shows a start time shifted by the *reader's* time namespace's boot-clock offset,
 //! so two processes in different time namespaces read different start times for one process:
-//! each reading here takes its own offset off first ([`ProcView`]). A `/proc` of another pid
+//! each reading here takes its own offset off first (`ProcView`). A `/proc` of another pid
 //! namespace than the caller's (one `unshare --pid` left in place) names other processes under
 //! the caller's pids: it is not read at all then.
 
