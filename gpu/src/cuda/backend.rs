@@ -194,13 +194,9 @@ impl Drop for CudaShmBackend {
             // but the work they queued outlives them, and unregistering is not documented to wait.
             // The segment is registered portable, so that work may be queued in any context. A
             // failure (a context in an error state) means nothing runs there any more.
-            let _rebound = match driver::synchronize_all(&self.ctx) {
-                Ok(()) => None,
-                Err(_) => match driver::bind(&self.ctx) {
-                    Ok(bound) => Some(bound),
-                    Err(_) => return, // no context to unregister in, as when `bind` fails above
-                },
-            };
+            if !driver::synchronize_all_bound(&self.ctx) {
+                return; // no context to unregister in, as when `bind` fails above
+            }
             // SAFETY: registered in `register`; no device work is queued any more.
             let _ = unsafe { driver::host_unregister(self.shm.base()) };
         }

@@ -329,7 +329,7 @@ pub(crate) fn synchronize() -> Result<()> {
 /// Every context is tried; the first error is returned.
 ///
 /// Contexts that are not primary contexts (made with `cuCtxCreate`) are not seen.
-pub(crate) fn synchronize_all(ctx: &CudaContext) -> Result<()> {
+fn synchronize_all(ctx: &CudaContext) -> Result<()> {
     let mut outcome = Ok(());
     for ordinal in 0..driver()?.device_count {
         let synced = synchronize_primary(ordinal);
@@ -340,6 +340,23 @@ pub(crate) fn synchronize_all(ctx: &CudaContext) -> Result<()> {
     // SAFETY: `ctx` holds a retained context, valid while it lives.
     check("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(ctx.cu_ctx()) })?;
     outcome
+}
+
+/// [`synchronize_all`] for a drop that has bound `ctx` (see [`bind`]): `false` when `ctx` cannot
+/// be made current again afterwards, so there is no context to release anything in. A failed
+/// synchronisation (a context in an error state) means nothing runs there any more: `ctx` is
+/// then made current again (its guard still restores the caller's context when it drops).
+pub(crate) fn synchronize_all_bound(ctx: &CudaContext) -> bool {
+    if synchronize_all(ctx).is_ok() {
+        return true;
+    }
+    let mut current = std::ptr::null_mut();
+    // SAFETY: valid out-pointer; the driver answered for the caller's `bind`.
+    if unsafe { sys::cuCtxGetCurrent(&mut current) } != CUresult::CUDA_SUCCESS {
+        return false;
+    }
+    // SAFETY: `ctx` holds a retained primary context, valid while it lives.
+    current == ctx.cu_ctx() || unsafe { sys::cuCtxSetCurrent(ctx.cu_ctx()) } == CUresult::CUDA_SUCCESS
 }
 
 /// Synchronises device `ordinal`'s primary context if it is active (otherwise nothing can be

@@ -337,13 +337,9 @@ impl Drop for CudaIpcBackend {
         // the work they queued outlives them, and closing or freeing is not documented to wait.
         // Other devices reach the memory as peers, so that work may be queued in any context. A
         // failure (a context in an error state) means nothing runs there any more.
-        let _rebound = match driver::synchronize_all(&self.ctx) {
-            Ok(()) => None,
-            Err(_) => match driver::bind(&self.ctx) {
-                Ok(bound) => Some(bound),
-                Err(_) => return, // the context cannot be made current again: nothing to close or free in
-            },
-        };
+        if !driver::synchronize_all_bound(&self.ctx) {
+            return; // the context cannot be made current again: nothing to close or free in
+        }
         if !self.shm.is_creator() {
             // SAFETY: opened in `attach`, and the owner is done with it.
             let _ = unsafe { driver::ipc_close(self.device_ptr) };
