@@ -33,6 +33,14 @@ struct Registry {
     creating: BTreeSet<AllocatorId>,
 }
 
+impl Registry {
+    /// Whether `b` is still the backend registered as `backend`: one destroyed or detached
+    /// while an allocator in it was being created or attached takes that allocator with it.
+    fn holds(&self, backend: BackendId, b: &Arc<dyn MemoryBackend>) -> bool {
+        self.backends.get(&backend).is_some_and(|current| Arc::ptr_eq(current, b))
+    }
+}
+
 /// A directory entry this process reserved and has not published: abandoned on drop, and its
 /// space given back where no handle on its range (the lease's other holders) is left.
 struct Reserved<'a> {
@@ -173,7 +181,7 @@ impl MemoryManager {
         // destroyed or detached meanwhile takes the creation with it, as if it had come first,
         // rather than leaving an allocator registered here without its backend.
         let mut reg = self.write();
-        if !reg.backends.get(&backend).is_some_and(|current| Arc::ptr_eq(current, &b)) {
+        if !reg.holds(backend, &b) {
             // The allocator first, so that `reserved` finds no handle on the range left.
             drop(allocator);
             return Err(Error::UnknownBackend(backend));
@@ -242,7 +250,7 @@ impl MemoryManager {
         allocator: Arc<A>,
     ) -> Result<()> {
         let mut reg = self.write();
-        if !reg.backends.get(&backend).is_some_and(|current| Arc::ptr_eq(current, b)) {
+        if !reg.holds(backend, b) {
             return Err(Error::UnknownBackend(backend));
         }
         if reg.allocators.contains_key(&id) || reg.creating.contains(&id) {
