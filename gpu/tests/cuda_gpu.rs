@@ -266,8 +266,11 @@ fn shm_read_only_registration() -> Result<(), String> {
     for (i, x) in host.iter_mut().enumerate() {
         *x = pattern(i as u32, 3);
     }
-    // A kernel reads the (read-only for it) segment into device memory.
-    let input = shm.device_view::<u32>(HEADER_SIZE, n, &stream).map_err(s)?;
+    // A kernel reads the (read-only for it) segment into device memory. A writable view is
+    // refused where the registration is read-only; a read-only view is taken either way.
+    let writable = shm.device_view::<u32>(HEADER_SIZE, n, &stream);
+    ensure(writable.is_err() == shm.device_read_only(), || format!("device_view: {:?}", writable.err()))?;
+    let input = shm.read_only_view::<u32>(HEADER_SIZE, n, &stream).map_err(s)?;
     let mut out = stream.alloc_zeros::<u32>(n).map_err(s)?;
     let k = kernels(shm.context())?;
     let count = n as u32;
