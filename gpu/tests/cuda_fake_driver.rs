@@ -428,6 +428,24 @@ fn views_check_the_alignment_of_the_address() {
     assert!(host.is_ok(), "{:?}", host.err());
 }
 
+/// A pinned segment says whether its device's link carries host atomics, which decides whether
+/// kernels and the CPU may use a heap in it at the same time: the fake's device 0 has such a link
+/// and device 1 has not.
+#[test]
+fn a_segment_says_whether_kernels_and_the_cpu_may_share_atomics() {
+    const NAME: &str = "a_segment_says_whether_kernels_and_the_cpu_may_share_atomics";
+    if !body_of(NAME, &[("FAKE_CUDA_DEVICES", "2".into())]) || !fake_in_use() {
+        return;
+    }
+    let on = |device| CudaShmOptions { device, ..Default::default() };
+    let linked = CudaShmBackend::create(&unique("atomics0"), 1 << 16, &on(0)).unwrap();
+    let pcie = CudaShmBackend::create(&unique("atomics1"), 1 << 16, &on(1)).unwrap();
+    assert!(linked.host_native_atomics(), "device 0 answers host-native atomics");
+    assert!(!pcie.host_native_atomics(), "device 1 does not");
+    let attached = CudaShmBackend::attach(&unique("atomics1"), &on(0)).unwrap();
+    assert!(attached.host_native_atomics(), "the attaching process's device decides");
+}
+
 /// `HETMEM_NVRTC`, like `HETMEM_CUDA_DRIVER`, gets the library it names or an error: with a fake
 /// NVRTC 12 named and another (fake) NVRTC 13 on the loader's path, which cudarc tries first, the
 /// named one must be the one that compiles.

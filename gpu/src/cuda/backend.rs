@@ -46,6 +46,7 @@ pub struct CudaShmBackend {
     ctx: Arc<CudaContext>,
     device_ptr: u64,
     read_only: bool,
+    host_atomics: bool,
 }
 
 impl CudaShmBackend {
@@ -67,6 +68,7 @@ impl CudaShmBackend {
     fn register(shm: PosixShmBackend, ctx: Arc<CudaContext>, read_only: bool) -> Result<Self> {
         let _bound = driver::bind(&ctx)?;
         let read_only = read_only && driver::read_only_register_supported(&ctx)?;
+        let host_atomics = driver::host_native_atomics(&ctx)?;
         let mut flags = sys::CU_MEMHOSTREGISTER_PORTABLE | sys::CU_MEMHOSTREGISTER_DEVICEMAP;
         if read_only {
             flags |= sys::CU_MEMHOSTREGISTER_READ_ONLY;
@@ -82,7 +84,7 @@ impl CudaShmBackend {
                 return Err(e);
             }
         };
-        Ok(CudaShmBackend { shm, ctx, device_ptr, read_only })
+        Ok(CudaShmBackend { shm, ctx, device_ptr, read_only, host_atomics })
     }
 
     /// The context (the device's primary context) the segment is registered in.
@@ -93,6 +95,20 @@ impl CudaShmBackend {
     /// Whether kernels see the segment read-only.
     pub fn device_read_only(&self) -> bool {
         self.read_only
+    }
+
+    /// Whether kernels and CPU threads may work on the same words of the segment with atomics at
+    /// the same time: the device's link to the host carries atomics natively
+    /// (`CU_DEVICE_ATTRIBUTE_HOST_NATIVE_ATOMIC_SUPPORTED`: NVLink-C2C on Grace Hopper, not PCIe).
+    ///
+    /// Where it is false, a device atomic on the segment is atomic among the device's threads
+    /// only, not against the CPU's: a heap in the segment that kernels allocate in
+    /// ([`device::BITMAP_HEADER`](crate::device::BITMAP_HEADER)) is used by kernels and by the CPU
+    /// in turns. The CPU allocates and frees before a kernel that uses the heap is launched, or
+    /// after its stream is synchronized, never while it runs. Kernels among themselves, and CPU
+    /// threads and processes among themselves, use it at the same time either way.
+    pub fn host_native_atomics(&self) -> bool {
+        self.host_atomics
     }
 
     /// The underlying segment.

@@ -403,6 +403,14 @@ pub(crate) fn read_only_register_supported(ctx: &CudaContext) -> Result<bool> {
     Ok(attribute(ctx, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED)? != 0)
 }
 
+/// Whether `ctx`'s device and the CPU can work on the same words of host memory with atomics at
+/// the same time: its link to the host carries atomics natively (NVLink-C2C on Grace Hopper),
+/// which PCIe does not. Without it a device atomic on host memory is atomic among the device's
+/// threads only, not against the CPU's.
+pub(crate) fn host_native_atomics(ctx: &CudaContext) -> Result<bool> {
+    Ok(attribute(ctx, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_HOST_NATIVE_ATOMIC_SUPPORTED)? != 0)
+}
+
 /// Whether `ctx`'s device supports stream-ordered allocation from its default memory pool.
 pub(crate) fn memory_pools_supported(ctx: &CudaContext) -> Result<bool> {
     Ok(attribute(ctx, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED)? != 0)

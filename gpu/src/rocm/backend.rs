@@ -28,6 +28,7 @@ pub struct RocmShmBackend {
     shm: PosixShmBackend,
     device: usize,
     device_ptr: u64,
+    host_atomics: bool,
 }
 
 impl RocmShmBackend {
@@ -46,11 +47,12 @@ impl RocmShmBackend {
     }
 
     fn register(shm: PosixShmBackend, device: usize) -> Result<Self> {
+        let host_atomics = runtime::host_native_atomics(device);
         // SAFETY: the mapping is `len` bytes at `base` and stays mapped until the returned backend
         // drops, which unregisters first.
         unsafe { runtime::host_register(shm.base(), shm.len() as usize)? };
         match runtime::host_device_pointer(shm.base()) {
-            Ok(device_ptr) => Ok(RocmShmBackend { shm, device, device_ptr }),
+            Ok(device_ptr) => Ok(RocmShmBackend { shm, device, device_ptr, host_atomics }),
             Err(e) => {
                 // SAFETY: registered just above; no device work has used it.
                 let _ = unsafe { runtime::host_unregister(shm.base()) };
@@ -72,6 +74,18 @@ impl RocmShmBackend {
     pub fn device_address(&self, offset: u64, len: usize) -> Result<u64> {
         check_range(self.device_ptr, self.shm.len(), offset, len, 1, 1)?;
         Ok(self.device_ptr + offset)
+    }
+
+    /// Whether kernels and CPU threads may work on the same words of the segment with atomics at
+    /// the same time, as the runtime reports it (`hipDeviceAttributeHostNativeAtomicSupported`;
+    /// false where it does not answer).
+    ///
+    /// Where it is false, a heap in the segment that kernels allocate in
+    /// ([`device::BITMAP_HEADER`](crate::device::BITMAP_HEADER)) is used by kernels and by the CPU
+    /// in turns: the CPU allocates and frees before a kernel that uses the heap is launched, or
+    /// after it has finished, never while it runs.
+    pub fn host_native_atomics(&self) -> bool {
+        self.host_atomics
     }
 
     /// The underlying segment.

@@ -148,6 +148,22 @@ pub(crate) unsafe fn host_unregister(ptr: *mut u8) -> Result<()> {
     check("hipHostUnregister", unsafe { hiprt::hipHostUnregister(ptr.cast()) })
 }
 
+/// Whether `device` and the CPU can work on the same words of host memory with atomics at the
+/// same time (`hipDeviceAttributeHostNativeAtomicSupported`). HIP documents the attribute for
+/// CUDA devices; a runtime that does not answer it is taken as "no", the safe answer.
+pub(crate) fn host_native_atomics(device: usize) -> bool {
+    let mut value = 0;
+    // SAFETY: a valid out-pointer; the caller checked `device` with `use_device`.
+    let code = unsafe {
+        hiprt::hipDeviceGetAttribute(
+            &mut value,
+            hiprt::hipDeviceAttribute_t::hipDeviceAttributeHostNativeAtomicSupported,
+            device as i32,
+        )
+    };
+    code == hipError_t::hipSuccess && value != 0
+}
+
 /// The device address of registered, mapped host memory at `ptr`.
 pub(crate) fn host_device_pointer(ptr: *mut u8) -> Result<u64> {
     let mut dptr: *mut c_void = std::ptr::null_mut();

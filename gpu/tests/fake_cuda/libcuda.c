@@ -90,6 +90,7 @@ CUresult cuDeviceGetAttribute(int *value, int attribute, CUdevice device) {
     switch (attribute) {
     case 75: *value = 9; break;  /* compute capability major */
     case 76: *value = 0; break;  /* minor */
+    case 86: *value = device == 0; break; /* host-native atomics: device 0's link (C2C), not 1's (PCIe) */
     default: *value = 1; break;  /* every feature asked about: supported */
     }
     return SUCCESS;
