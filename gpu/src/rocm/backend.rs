@@ -106,7 +106,10 @@ impl Drop for RocmShmBackend {
         // In a forked child `use_device` fails and nothing is unregistered: the registration is
         // the parent's.
         if let Ok(_device) = runtime::use_device(self.device) {
-            // SAFETY: registered in `register`; the owner has finished its device work with it.
+            // Copies and kernels queued on any device with the segment's device addresses may
+            // still be running when the backend drops.
+            runtime::synchronize_all();
+            // SAFETY: registered in `register`; no device work is queued any more.
             let _ = unsafe { runtime::host_unregister(self.shm.base()) };
         }
     }

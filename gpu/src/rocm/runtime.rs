@@ -148,6 +148,21 @@ pub(crate) unsafe fn host_unregister(ptr: *mut u8) -> Result<()> {
     check("hipHostUnregister", unsafe { hiprt::hipHostUnregister(ptr.cast()) })
 }
 
+/// Waits for the work queued on every device of this process (`hipDeviceSynchronize` on each),
+/// leaving the caller's thread on the device it was on. A drop that unregisters host memory calls
+/// it first: the memory is registered portable, so copies and kernels on any device may still use
+/// it, and `hipHostUnregister` is not documented to wait for them. A device that fails to
+/// synchronise (an error state) runs nothing any more, so failures are not reported.
+pub(crate) fn synchronize_all() {
+    let Ok(info) = runtime() else { return };
+    for device in 0..info.device_count {
+        if let Ok(_device) = use_device(device) {
+            // SAFETY: no arguments; the runtime answered above.
+            let _ = unsafe { hiprt::hipDeviceSynchronize() };
+        }
+    }
+}
+
 /// Whether `device` and the CPU can work on the same words of host memory with atomics at the
 /// same time (`hipDeviceAttributeHostNativeAtomicSupported`). HIP documents the attribute for
 /// CUDA devices; a runtime that does not answer it is taken as "no", the safe answer.
