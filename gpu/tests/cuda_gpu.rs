@@ -5,9 +5,12 @@
 
 mod support;
 
+use std::io::{Read, Write};
+use std::os::unix::process::ExitStatusExt;
 use std::process::ExitCode;
 use std::ptr::NonNull;
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use hetmem_backends::{PosixShmBackend, ShmOptions};
 use hetmem_core::header::HEADER_SIZE;
@@ -16,6 +19,7 @@ use hetmem_core::pool::{
     QuickPool, QuickPoolConfig,
 };
 use hetmem_core::{BackendKind, Error, MemoryBackend, MemoryKind, MemoryResource};
+use hetmem_gpu::cuda::cudarc::driver::sys::{self, CUresult};
 use hetmem_gpu::cuda::cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 use hetmem_gpu::cuda::{
     compile_ptx, context, CudaDeviceResource, CudaIpcBackend, CudaIpcOptions, CudaPinnedResource, CudaShmBackend,
@@ -58,6 +62,18 @@ fn main() -> ExitCode {
                 let stream = context(0).map_err(s)?.new_stream().map_err(s)?;
                 device_pool_matches_its_model(CudaDeviceResource::stream_ordered(stream).map_err(s)?)
             }),
+            (
+                "calls_leave_the_callers_current_context_as_they_found_it",
+                calls_leave_the_callers_current_context_as_they_found_it,
+            ),
+            (
+                "ipc_attacher_killed_while_attached_does_not_keep_the_memory",
+                ipc_attacher_killed_while_attached_does_not_keep_the_memory,
+            ),
+            (
+                "forked_child_leaves_the_driver_and_the_parents_memory_alone",
+                forked_child_leaves_the_driver_and_the_parents_memory_alone,
+            ),
         ],
     )
 }
@@ -563,6 +579,383 @@ fn device_verify(stream: &Arc<CudaStream>, block: NonNull<u8>, size: usize, seed
     ensure(bytes.iter().all(|&b| b == seed as u8), || overwritten("in its tail".into()))
 }
 
+/// This thread's current context (null: none).
+fn current_context() -> Result<sys::CUcontext, String> {
+    let mut now = std::ptr::null_mut();
+    // SAFETY: a valid out-pointer; the driver is initialised (`context(0)` answered in `main`).
+    let rc = unsafe { sys::cuCtxGetCurrent(&mut now) };
+    ensure(rc == CUresult::CUDA_SUCCESS, || format!("cuCtxGetCurrent: {rc:?}"))?;
+    Ok(now)
+}
+
+/// Makes `ctx` (null: none) this thread's current context.
+fn set_current_context(ctx: sys::CUcontext) -> Result<(), String> {
+    // SAFETY: `ctx` is null or a context its owner keeps alive while it is current here.
+    let rc = unsafe { sys::cuCtxSetCurrent(ctx) };
+    ensure(rc == CUresult::CUDA_SUCCESS, || format!("cuCtxSetCurrent({ctx:?}): {rc:?}"))
+}
+
+/// Makes current again, when it drops, the context that was current when it was made: a test that
+/// changes the thread's context leaves it to the next test as it found it.
+struct KeepsCurrentContext(sys::CUcontext);
+
+impl KeepsCurrentContext {
+    fn new() -> Result<Self, String> {
+        current_context().map(KeepsCurrentContext)
+    }
+}
+
+impl Drop for KeepsCurrentContext {
+    fn drop(&mut self) {
+        let _ = set_current_context(self.0);
+    }
+}
+
+/// A context of the caller's own (`cuCtxCreate`), not the primary context hetmem uses: current on
+/// this thread once made, destroyed when it drops.
+struct OwnContext(sys::CUcontext);
+
+impl OwnContext {
+    fn create(device: sys::CUdevice) -> Result<Self, String> {
+        let mut ctx = std::ptr::null_mut();
+        // SAFETY: a valid out-pointer; null parameters ask for a regular context (CUDA 13's
+        // `cuCtxCreate` is `cuCtxCreate_v4`, in the driver since 12.5).
+        let mut rc = unsafe { sys::cuCtxCreate_v4(&mut ctx, std::ptr::null_mut(), 0, device) };
+        if rc == CUresult::CUDA_ERROR_INVALID_VALUE {
+            // Drivers that want the parameters: none of them set is a regular context too.
+            let mut none = sys::CUctxCreateParams {
+                execAffinityParams: std::ptr::null_mut(),
+                numExecAffinityParams: 0,
+                cigParams: std::ptr::null_mut(),
+            };
+            // SAFETY: as above, with parameters that ask for nothing.
+            rc = unsafe { sys::cuCtxCreate_v4(&mut ctx, &mut none, 0, device) };
+        }
+        ensure(rc == CUresult::CUDA_SUCCESS && !ctx.is_null(), || format!("cuCtxCreate: {rc:?}"))?;
+        Ok(OwnContext(ctx))
+    }
+}
+
+impl Drop for OwnContext {
+    fn drop(&mut self) {
+        // SAFETY: made by `create`, destroyed once; nothing of it is in use any more.
+        let _ = unsafe { sys::cuCtxDestroy_v2(self.0) };
+    }
+}
+
+/// hetmem's calls leave the caller's thread bound to the context it was, or to none, as RMM's
+/// device guards do (they used to leave device 0's primary context current, so the caller's next
+/// raw driver call went to another context than the caller's): with no context current, then
+/// with a context of the caller's own (made with `cuCtxCreate`, as a library beside hetmem may).
+fn calls_leave_the_callers_current_context_as_they_found_it() -> Result<(), String> {
+    let ctx = context(0).map_err(s)?;
+    // cudarc binds its context to make a stream: before the contexts are set up.
+    let stream = ctx.new_stream().map_err(s)?;
+    let _restore = KeepsCurrentContext::new()?;
+    // Setting none pops the thread's context stack, which cudarc keeps one deep.
+    set_current_context(std::ptr::null_mut())?;
+    ensure(current_context()?.is_null(), || "a context is still current after setting none".into())?;
+    calls_keep_the_current_context("no context", std::ptr::null_mut(), &stream)?;
+    let own = OwnContext::create(ctx.cu_device())?;
+    ensure(current_context()? == own.0, || "cuCtxCreate did not make its context current".into())?;
+    calls_keep_the_current_context("a context of the caller's own", own.0, &stream)
+}
+
+/// hetmem's calls that bind a context, each followed by a check that `expect` (described by
+/// `what`) is still this thread's current context. `stream` is of device 0's primary context.
+fn calls_keep_the_current_context(what: &str, expect: sys::CUcontext, stream: &Arc<CudaStream>) -> Result<(), String> {
+    let check = |call: &str| -> Result<(), String> {
+        let now = current_context()?;
+        ensure(now == expect, || format!("with {what} current, {call} left {now:?} current instead of {expect:?}"))
+    };
+    let shm = CudaShmBackend::create(&unique("ctx-shm"), 1 << 16, &CudaShmOptions::default()).map_err(s)?;
+    check("CudaShmBackend::create")?;
+    let ipc = CudaIpcBackend::create(&unique("ctx-ipc"), 1 << 16, &CudaIpcOptions::default()).map_err(s)?;
+    check("CudaIpcBackend::create")?;
+    let device = CudaDeviceResource::new(0).map_err(s)?;
+    let ordered = CudaDeviceResource::stream_ordered(stream.clone()).map_err(s)?;
+    let pinned = CudaPinnedResource::new(0).map_err(s)?;
+    check("the resources' constructors")?;
+    for res in [&device as &dyn MemoryResource, &ordered, &pinned] {
+        let block = res.allocate(4096, 256).map_err(s)?;
+        check(&format!("{}'s allocate", res.name()))?;
+        // SAFETY: from `allocate` with this size and alignment, freed once.
+        unsafe { res.deallocate(block, 4096, 256) };
+        check(&format!("{}'s deallocate", res.name()))?;
+    }
+    let block = pinned.allocate(64, 16).map_err(s)?;
+    let address = pinned.device_address(block);
+    let flags = pinned.block_flags(block);
+    // SAFETY: from `allocate` with this size and alignment, freed once.
+    unsafe { pinned.deallocate(block, 64, 16) };
+    address.map_err(s)?;
+    flags.map_err(s)?;
+    check("CudaPinnedResource::device_address and block_flags")?;
+    drop(shm);
+    check("dropping a CudaShmBackend")?;
+    drop(ipc);
+    check("dropping a CudaIpcBackend")?;
+    // The stream-ordered frees are queued on `stream`: done before the next phase.
+    stream.synchronize().map_err(s)
+}
+
+/// Whether device address `dptr` lies in a live allocation (`cuMemGetAddressRange`), asked in
+/// `ctx`, which is left current.
+fn allocated(ctx: &CudaContext, dptr: u64) -> Result<bool, String> {
+    set_current_context(ctx.cu_ctx())?;
+    let (mut base, mut size) = (0, 0);
+    // SAFETY: valid out-pointers; a context is current.
+    let rc = unsafe { sys::cuMemGetAddressRange_v2(&mut base, &mut size, dptr) };
+    match rc {
+        CUresult::CUDA_SUCCESS => Ok(base <= dptr && dptr - base < size as u64),
+        CUresult::CUDA_ERROR_NOT_FOUND | CUresult::CUDA_ERROR_INVALID_VALUE => Ok(false),
+        other => Err(format!("cuMemGetAddressRange({dptr:#x}): {other:?}")),
+    }
+}
+
+/// The free bytes of `ctx`'s device (`cuMemGetInfo`), asked in `ctx`, which is left current.
+fn free_device_bytes(ctx: &CudaContext) -> Result<usize, String> {
+    set_current_context(ctx.cu_ctx())?;
+    let (mut free, mut total) = (0, 0);
+    // SAFETY: valid out-pointers; a context is current.
+    let rc = unsafe { sys::cuMemGetInfo_v2(&mut free, &mut total) };
+    ensure(rc == CUresult::CUDA_SUCCESS, || format!("cuMemGetInfo: {rc:?}"))?;
+    Ok(free)
+}
+
+/// The device memory the killed-attacher test shares: enough to stand out in the free bytes.
+const KILLED_LEN: usize = 128 << 20;
+/// The u32s at its start that the attacher reads before it is killed.
+const KILLED_N: usize = 4096;
+
+/// An attacher killed with the memory open never counts itself out, nor closes its handle: the
+/// creator's `attached` leaves it out once it is gone, and dropping the creator frees the device
+/// memory (it used to stay allocated until the creator exited, the dead attacher counted for
+/// good). The driver frees an exported allocation whose importer died: the creator's address no
+/// longer lies in an allocation, and the device's free memory grows by it.
+fn ipc_attacher_killed_while_attached_does_not_keep_the_memory() -> Result<(), String> {
+    let ctx = context(0).map_err(s)?;
+    let name = unique("ipc-killed");
+    let ipc = CudaIpcBackend::create(&name, KILLED_LEN, &CudaIpcOptions::default()).map_err(s)?;
+    let dptr = ipc.device_ptr().ok_or("no device pointer")?;
+    let stream = ipc.context().default_stream();
+    let src: Vec<u32> = (0..KILLED_N as u32).map(|i| pattern(i, 0xD1E)).collect();
+    let mut head = ipc.device_view::<u32>(HEADER_SIZE, KILLED_N, &stream).map_err(s)?;
+    stream.memcpy_htod(&src, &mut head).map_err(s)?;
+    stream.synchronize().map_err(s)?;
+    drop(head);
+
+    let holder = {
+        let mut holder = support::spawn_child("ipc-hold", std::slice::from_ref(&name))?;
+        holder.expect_line("attached", Duration::from_secs(30))?;
+        holder
+    };
+    let counted = ipc.attached();
+    ensure(counted == 1, || format!("{counted} attachers counted while one process has the memory open"))?;
+    let status = holder.kill()?;
+    ensure(status.signal() == Some(libc::SIGKILL), || format!("the attacher ended otherwise than killed: {status}"))?;
+    let counted = ipc.attached();
+    ensure(counted == 0, || format!("the killed attacher is still counted: {counted} attached"))?;
+
+    ensure(allocated(&ctx, dptr)?, || format!("cuMemGetAddressRange does not find the live allocation {dptr:#x}"))?;
+    let before = free_device_bytes(&ctx)?;
+    drop(ipc);
+    ensure(!allocated(&ctx, dptr)?, || {
+        "dropping the creator left its device memory allocated after its attacher was killed".into()
+    })?;
+    // The driver may take a moment to hand the memory back.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let now = free_device_bytes(&ctx)?;
+        if now >= before + KILLED_LEN / 2 {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "the creator's {KILLED_LEN}-byte allocation is freed, but the device's free memory went from \
+                 {before} to only {now} bytes"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The u32s of the segment and pinned block the fork test checks in the parent after the fork.
+const FORK_N: usize = 1 << 16;
+
+/// Why the forked child failed, by its exit code (1 for the first).
+const FORK_FAILURES: &[&str] = &[
+    "hetmem_gpu::cuda::driver() answered in the forked child instead of Error::Unsupported",
+    "CudaShmBackend::create in the forked child was not refused with Error::Unsupported",
+    "the create refused in the forked child left its segment",
+    "CudaIpcBackend::attach in the forked child was not refused with Error::Unsupported",
+    "CudaDeviceResource::new in the forked child was not refused with Error::Unsupported",
+    "the forked child panicked",
+];
+
+/// Ends a forked child should anything in it panic: the unwinding would otherwise reach the test
+/// runner, and the child would go on with the parent's remaining tests.
+struct ExitOnUnwind;
+
+impl Drop for ExitOnUnwind {
+    fn drop(&mut self) {
+        // SAFETY: ends the forked child at once, running none of the parent's exit handlers.
+        unsafe { libc::_exit(FORK_FAILURES.len() as i32) };
+    }
+}
+
+/// A forked child of a process that uses CUDA must not call the driver (NVIDIA: undefined until it
+/// execs): it drops its copies of the parent's backends, resources and views (among them a
+/// stream-ordered resource holding the only handles to its stream and to a context retained apart
+/// from hetmem's, and a view holding the only handle to its stream, which cudarc would destroy and
+/// release), is refused new ones with `Error::Unsupported`, and exits cleanly. The parent's are
+/// untouched: the IPC record counts nobody and is not closed (a new process attaches and writes),
+/// the segment and the pinned block are still mapped for the device both ways, the blocks free,
+/// and dropping the IPC creator frees its memory.
+fn forked_child_leaves_the_driver_and_the_parents_memory_alone() -> Result<(), String> {
+    let ctx = context(0).map_err(s)?;
+    let stream = ctx.default_stream();
+    let ipc_name = unique("fork-ipc");
+    let ipc = CudaIpcBackend::create(&ipc_name, 2 * 4 * IPC_N, &CudaIpcOptions::default()).map_err(s)?;
+    let dptr = ipc.device_ptr().ok_or("no device pointer")?;
+    {
+        let src: Vec<u32> = (0..IPC_N as u32).map(|i| pattern(i, 0x1234)).collect();
+        let mut first = ipc.device_view::<u32>(HEADER_SIZE, IPC_N, &stream).map_err(s)?;
+        stream.memcpy_htod(&src, &mut first).map_err(s)?;
+        stream.synchronize().map_err(s)?;
+    }
+    let shm = CudaShmBackend::create(&unique("fork-shm"), 2 * 4 * FORK_N, &CudaShmOptions::default()).map_err(s)?;
+    let device = CudaDeviceResource::new(0).map_err(s)?;
+    let block = device.allocate(1 << 20, 256).map_err(s)?;
+    let pinned = CudaPinnedResource::new(0).map_err(s)?;
+    let pinned_block = pinned.allocate(4 * FORK_N, 4096).map_err(s)?;
+    let own_stream = CudaContext::new(0).map_err(s)?.new_stream().map_err(s)?;
+    let ordered = CudaDeviceResource::stream_ordered(own_stream).map_err(s)?;
+    let ordered_block = ordered.allocate(1 << 20, 256).map_err(s)?;
+    ordered.stream().ok_or("a stream-ordered resource without a stream")?.synchronize().map_err(s)?;
+    let mut view = shm.device_view::<u32>(HEADER_SIZE, FORK_N, &ctx.new_stream().map_err(s)?).map_err(s)?;
+
+    // SAFETY: fork(2). The child drops its copies, asks for new CUDA objects (refused before any
+    // driver call) and leaves with `_exit`, running none of the parent's (or the driver's) exit
+    // handlers; a panic ends it the same way (`ExitOnUnwind`).
+    let pid = unsafe { libc::fork() };
+    ensure(pid >= 0, || format!("fork: {}", std::io::Error::last_os_error()))?;
+    if pid == 0 {
+        let _unwinding = ExitOnUnwind;
+        drop(view);
+        drop(ordered);
+        drop(device);
+        drop(pinned);
+        drop(ipc);
+        drop(shm);
+        let code = forked_child_checks(&ipc_name);
+        // SAFETY: as above.
+        unsafe { libc::_exit(code) };
+    }
+    wait_for_forked_child(pid)?;
+
+    let counted = ipc.attached();
+    ensure(counted == 0, || format!("{counted} attachers counted after the forked child dropped its copy"))?;
+    // Not closed either: a new process attaches, checks the first half and fills the second.
+    support::child("ipc-peer", std::slice::from_ref(&ipc_name))?;
+    let second = ipc.device_view::<u32>(HEADER_SIZE + 4 * IPC_N as u64, IPC_N, &stream).map_err(s)?;
+    check_device(&stream, &second, 0x4321)?;
+    drop(second);
+
+    // The segment is still registered: the device writes what the CPU reads, and reads what the
+    // CPU writes.
+    let src: Vec<u32> = (0..FORK_N as u32).map(|i| pattern(i, 0xF0F0)).collect();
+    stream.memcpy_htod(&src, &mut view).map_err(s)?;
+    stream.synchronize().map_err(s)?;
+    // SAFETY: the copy finished; nothing else writes the first FORK_N u32s of the data area.
+    unsafe { check_host(shm.base().add(HEADER_SIZE as usize).cast(), FORK_N, 0xF0F0)? };
+    let after = HEADER_SIZE + 4 * FORK_N as u64;
+    // SAFETY: nothing else touches the second FORK_N u32s while the slice lives.
+    let host = unsafe { shm.host_slice_mut::<u32>(after, FORK_N) }.map_err(s)?;
+    host.iter_mut().enumerate().for_each(|(i, x)| *x = pattern(i as u32, 0x0F0F));
+    check_device(&stream, &shm.device_view::<u32>(after, FORK_N, &stream).map_err(s)?, 0x0F0F)?;
+    drop(view);
+
+    // So is the pinned block: the device reads what the CPU wrote after the fork.
+    // SAFETY: a live pinned block of FORK_N u32s that nothing else uses.
+    let host = unsafe { std::slice::from_raw_parts_mut(pinned_block.as_ptr().cast::<u32>(), FORK_N) };
+    host.iter_mut().enumerate().for_each(|(i, x)| *x = pattern(i as u32, 0xBEEF));
+    let address = pinned.device_address(pinned_block).map_err(s)?;
+    // SAFETY: the block is pinned and device-mapped, FORK_N u32s, read through this view only.
+    let pinned_view = unsafe { DeviceView::<u32>::from_raw(address, FORK_N, &stream) };
+    check_device(&stream, &pinned_view, 0xBEEF)?;
+    drop(pinned_view);
+
+    // SAFETY: each block came from its resource's `allocate` with this size and alignment.
+    unsafe {
+        pinned.deallocate(pinned_block, 4 * FORK_N, 4096);
+        device.deallocate(block, 1 << 20, 256);
+        ordered.deallocate(ordered_block, 1 << 20, 256);
+    }
+    ordered.stream().ok_or("a stream-ordered resource without a stream")?.synchronize().map_err(s)?;
+    drop(ordered); // the last handles to its stream and context: released here, in the parent
+    ensure(allocated(&ctx, dptr)?, || format!("cuMemGetAddressRange does not find the live allocation {dptr:#x}"))?;
+    drop(ipc);
+    ensure(!allocated(&ctx, dptr)?, || "the IPC creator did not free its memory after the fork".into())
+}
+
+/// What the forked child checks once it has dropped its copies: 0 when all is well, else the
+/// number of the failure in [`FORK_FAILURES`]. Calls nothing that reaches the driver unless a
+/// check fails.
+fn forked_child_checks(ipc_name: &str) -> i32 {
+    if !matches!(hetmem_gpu::cuda::driver(), Err(Error::Unsupported(_))) {
+        return 1;
+    }
+    let name = unique("fork-child");
+    if !matches!(CudaShmBackend::create(&name, 1 << 16, &CudaShmOptions::default()), Err(Error::Unsupported(_))) {
+        return 2;
+    }
+    if PosixShmBackend::exists(&name).unwrap_or(true) {
+        return 3;
+    }
+    if !matches!(CudaIpcBackend::attach(ipc_name, &CudaIpcOptions::default()), Err(Error::Unsupported(_))) {
+        return 4;
+    }
+    if !matches!(CudaDeviceResource::new(0), Err(Error::Unsupported(_))) {
+        return 5;
+    }
+    0
+}
+
+/// Waits for forked child `pid`, which exits 0 when all went well and `n` for the `n`th of
+/// [`FORK_FAILURES`]; one still running after 20 s is killed (a hang).
+fn wait_for_forked_child(pid: libc::pid_t) -> Result<(), String> {
+    let started = Instant::now();
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid(2) on our own child, with a valid out-pointer.
+        let done = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if done == pid {
+            break;
+        }
+        if done < 0 {
+            return Err(format!("waitpid: {}", std::io::Error::last_os_error()));
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            // SAFETY: kill(2) and waitpid(2) on our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
+            return Err("the forked child hung (killed after 20 s)".into());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    if !libc::WIFEXITED(status) {
+        return Err(format!("the forked child died (wait status {status:#x})"));
+    }
+    match libc::WEXITSTATUS(status) as usize {
+        0 => Ok(()),
+        n if n <= FORK_FAILURES.len() => Err(FORK_FAILURES[n - 1].into()),
+        other => Err(format!("the forked child exited with {other}")),
+    }
+}
+
 fn run_child(role: &str, args: &[String]) -> Result<(), String> {
     let name = args.first().ok_or("missing segment name")?;
     match role {
@@ -587,6 +980,19 @@ fn run_child(role: &str, args: &[String]) -> Result<(), String> {
             check_device(&stream, &first, 0x1234)?;
             let second = ipc.device_view::<u32>(HEADER_SIZE + 4 * IPC_N as u64, IPC_N, &stream).map_err(s)?;
             fill(&stream, &second, 0x4321)
+        }
+        "ipc-hold" => {
+            // Opens the memory, says so, and holds it open until the parent kills this process.
+            let ipc = CudaIpcBackend::attach(name, &CudaIpcOptions::default()).map_err(s)?;
+            ensure(ipc.attached() == 1, || format!("the attacher counts {} attachers", ipc.attached()))?;
+            let stream = ipc.context().default_stream();
+            let head = ipc.device_view::<u32>(HEADER_SIZE, KILLED_N, &stream).map_err(s)?;
+            check_device(&stream, &head, 0xD1E)?;
+            let mut out = std::io::stdout();
+            writeln!(out, "attached").and_then(|()| out.flush()).map_err(s)?;
+            // Should the parent end without killing it, its end of the pipe closes and this returns.
+            let _ = std::io::stdin().read_to_end(&mut Vec::new());
+            Err("the parent went away without killing this attacher".into())
         }
         other => Err(format!("unknown child role {other}")),
     }

@@ -3,9 +3,11 @@
 //! GPU, which libtest's harness does not allow.
 #![allow(dead_code)] // each test binary uses part of it
 
+use std::io::{BufRead, BufReader, Read};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::process::{Command, ExitCode};
-use std::time::Instant;
+use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
 
 use hetmem_core::{Error, MemoryResource};
 
@@ -89,6 +91,87 @@ pub fn child(role: &str, args: &[String]) -> Result<(), String> {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     ))
+}
+
+/// A child started by [`spawn_child`], still running: killed and waited for when dropped.
+pub struct RunningChild {
+    role: String,
+    child: Child,
+    lines: Receiver<String>,
+}
+
+/// Runs this binary again as `--child role args...` without waiting for it, its standard input,
+/// output and error piped: it tells how far it got by printing lines
+/// ([`RunningChild::expect_line`]), and finds its input closed should the test end without
+/// killing it.
+pub fn spawn_child(role: &str, args: &[String]) -> Result<RunningChild, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+    let mut child = Command::new(exe)
+        .arg("--child")
+        .arg(role)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("spawning the {role} child: {e}"))?;
+    let stdout = child.stdout.take().ok_or("the child's output is not piped")?;
+    let (tx, lines) = mpsc::channel();
+    // Read on a thread of its own so that waiting for a line can time out; it ends with the pipe.
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(RunningChild { role: role.to_string(), child, lines })
+}
+
+impl RunningChild {
+    /// Waits up to `timeout` for the child to print the line `want`; fails, with the child's
+    /// error output, if it exits or stays silent that long (and kills it then).
+    pub fn expect_line(&mut self, want: &str, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) if line == want => return Ok(()),
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(self.failure(&format!("printed no {want:?} within {timeout:?}")))
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(self.failure(&format!("ended before printing {want:?}")))
+                }
+            }
+        }
+    }
+
+    /// Kills the child with SIGKILL and waits for it: how it ended.
+    pub fn kill(mut self) -> Result<ExitStatus, String> {
+        self.child.kill().map_err(|e| format!("killing the {} child: {e}", self.role))?;
+        self.child.wait().map_err(|e| format!("waiting for the {} child: {e}", self.role))
+    }
+
+    /// Kills the child, and says `what` of it with how it ended and its error output.
+    fn failure(&mut self, what: &str) -> String {
+        let _ = self.child.kill();
+        let status = self.child.wait().map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+        let mut stderr = String::new();
+        if let Some(mut pipe) = self.child.stderr.take() {
+            let _ = pipe.read_to_string(&mut stderr);
+        }
+        format!("the {} child {what} ({status}): {stderr}", self.role)
+    }
+}
+
+impl Drop for RunningChild {
+    fn drop(&mut self) {
+        // Already gone after `kill` or `failure`: then these only report that.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// If this process was started as a child (`--child role args...`), the role and its arguments.
