@@ -338,7 +338,10 @@ impl Drop for CudaIpcBackend {
         // Other devices reach the memory as peers, so that work may be queued in any context. A
         // failure (a context in an error state) means nothing runs there any more.
         if !driver::synchronize_all_bound(&self.ctx) {
-            return; // the context cannot be made current again: nothing to close or free in
+            // The context cannot be made current again: nothing to close or free in. An attacher
+            // stays counted (the memory may still be mapped here) until this process exits and
+            // the creator reaps its stamp; a creator leaves the memory to the driver's clean-up.
+            return;
         }
         if !self.shm.is_creator() {
             // SAFETY: opened in `attach`, and the owner is done with it.
