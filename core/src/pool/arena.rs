@@ -285,12 +285,13 @@ impl BlockArena {
         Ok(Fit { size, align, rounded, footprint })
     }
 
-    /// Adds `[base, base + size)` as one free block. `base` is aligned to the granule and `size`
-    /// is a non-zero multiple of it; `align` is what the chunk's owner needs to hand it back.
+    /// Adds `[base, base + size)` as one free block, and returns its slot (for
+    /// [`allocate_in`](Self::allocate_in)). `base` is aligned to the granule and `size` is a
+    /// non-zero multiple of it; `align` is what the chunk's owner needs to hand it back.
     /// `OutOfMemory` (the arena as it was, the chunk still the caller's) when the host memory
     /// for its bookkeeping cannot be had; `OutOfBounds` when the range runs to or past the top of
     /// the address space (its blocks' addresses would wrap, to a null pointer among them).
-    pub(crate) fn add_chunk(&mut self, base: NonNull<u8>, size: usize, align: usize) -> Result<()> {
+    pub(crate) fn add_chunk(&mut self, base: NonNull<u8>, size: usize, align: usize) -> Result<u32> {
         debug_assert!(base.as_ptr() as usize % self.granule == 0 && size % self.granule == 0 && size > 0);
         if (base.as_ptr() as usize).checked_add(size).is_none() {
             let (offset, len) = (base.as_ptr() as u64, size as u64);
@@ -321,7 +322,7 @@ impl BlockArena {
         c.chunks += 1;
         c.releasable_blocks += 1;
         c.releasable_bytes += size;
-        Ok(())
+        Ok(block)
     }
 
     /// Serves `size` bytes aligned to `align` from the best-fitting free block, or `None` when
@@ -337,14 +338,42 @@ impl BlockArena {
     /// bookkeeping cannot be had.
     #[inline(always)]
     pub(crate) fn allocate_fit(&mut self, fit: Fit) -> Result<Option<NonNull<u8>>> {
-        let Fit { size, align, rounded, footprint } = fit;
+        self.allocate_from(fit, |free, blocks| free.take_best_fit(blocks, fit.footprint))
+    }
+
+    /// Serves a checked request from free block `slot` (the block of a chunk just added, which
+    /// was taken at the request's alignment and so needs no room for padding), or `Ok(None)`
+    /// when that block is not free or does not hold the request once aligned; `OutOfMemory`
+    /// (the arena as it was) when the host memory for the bookkeeping cannot be had.
+    #[inline(never)]
+    pub(crate) fn allocate_in(&mut self, slot: u32, fit: Fit) -> Result<Option<NonNull<u8>>> {
+        let Some(b) = self.blocks.get(slot).filter(|b| slot != SCRATCH && !b.used()) else {
+            return Ok(None);
+        };
+        let pad = b.addr.wrapping_neg() & (fit.align.max(self.granule) - 1);
+        if pad.checked_add(fit.rounded).is_none_or(|needed| needed > b.size) {
+            return Ok(None);
+        }
+        self.allocate_from(fit, |free, blocks| free.remove(blocks, slot).then_some(slot))
+    }
+
+    /// Serves a checked request from the free block that `take` takes out of the index, which
+    /// holds the request once aligned: splits off the padding before it and the rest after it
+    /// (both go back to the index) and marks it used. `Ok(None)` when `take` finds none.
+    #[inline(always)]
+    fn allocate_from(
+        &mut self,
+        fit: Fit,
+        take: impl FnOnce(&mut FreeIndex, &mut Recs<'_>) -> Option<u32>,
+    ) -> Result<Option<NonNull<u8>>> {
+        let Fit { size, align, rounded, .. } = fit;
         // Room first for what the request may add (two split-off blocks, one address-table
         // entry), so that nothing below grows a table it holds borrowed.
         self.reserve_spares(2)?;
         self.used.reserve_one(&mut self.blocks).map_err(host_out_of_memory)?;
         let blocks = &mut self.blocks.view();
         let free = &mut *self.free;
-        let Some(mut slot) = free.take_best_fit(blocks, footprint) else {
+        let Some(mut slot) = take(free, blocks) else {
             return Ok(None);
         };
         let b = &blocks[slot];
@@ -733,6 +762,29 @@ mod tests {
         assert!(arena.take_free_chunk(0).is_none());
         assert_eq!(arena.counters().actual_size, 0);
         arena.check("test").unwrap();
+    }
+
+    #[test]
+    fn a_chunk_taken_at_the_alignment_serves_its_rounded_size_alone() {
+        let mut arena = BlockArena::new(16);
+        let fit = arena.fit(100, 4096).unwrap();
+        // Less than the footprint, but aligned: no padding is needed.
+        let aligned = arena.add_chunk(NonNull::new(0x10000 as *mut u8).unwrap(), fit.rounded, 4096).unwrap();
+        // Not aligned: the padding does not fit, and the arena stays as it was.
+        let unaligned = arena.add_chunk(NonNull::new(0x20010 as *mut u8).unwrap(), 4096, 16).unwrap();
+        assert_eq!(arena.allocate_in(unaligned, fit).unwrap(), None);
+        arena.check("test").unwrap();
+        assert_eq!(arena.counters().releasable_blocks, 2);
+        let p = arena.allocate_in(aligned, fit).unwrap().unwrap().as_ptr() as usize;
+        assert_eq!(p, 0x10000);
+        // A used block, or the scratch slot, serves nothing.
+        assert_eq!(arena.allocate_in(aligned, fit).unwrap(), None);
+        assert_eq!(arena.allocate_in(SCRATCH, fit).unwrap(), None);
+        arena.check("test").unwrap();
+        assert_eq!((arena.counters().current_size, arena.counters().releasable_blocks), (112, 1));
+        arena.free(p).unwrap();
+        arena.check("test").unwrap();
+        assert_eq!(arena.counters().releasable_bytes, 112 + 4096);
     }
 
     #[test]

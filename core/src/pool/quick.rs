@@ -368,71 +368,78 @@ impl<R: MemoryResource> QuickPool<R> {
         }
     }
 
-    /// Takes a block from upstream for a request of `size` bytes at `align`.
     /// The slow path of [`allocate`](Self::allocate): no free block fits, so take one upstream
     /// and serve the request from it.
     #[inline(never)]
     fn allocate_after_growing(&mut self, size: usize, align: usize) -> Result<NonNull<u8>> {
         // Checked again rather than passed in: the caller then keeps the request in registers.
         let fit = self.arena.fit(size, align)?;
-        self.grow(fit.footprint, fit.align)?;
-        self.arena.allocate_fit(fit)?.ok_or(Error::Corrupt {
+        let slot = self.grow(fit.rounded, fit.align)?;
+        self.arena.allocate_in(slot, fit)?.ok_or(Error::Corrupt {
             structure: "quick pool",
             offset: 0,
             detail: "a fresh upstream block did not serve the request",
         })
     }
 
-    fn grow(&mut self, footprint: usize, align: usize) -> Result<()> {
+    /// Takes a block from upstream for a request of `rounded` bytes (a multiple of the granule)
+    /// at `align`, and returns its block's slot. The block is taken at the request's alignment,
+    /// so `rounded` bytes of it serve the request: no room for padding is needed, and none is
+    /// counted against the maximum size.
+    fn grow(&mut self, rounded: usize, align: usize) -> Result<u32> {
         let granule = self.config.alignment;
         let first = self.upstream_allocations == 0;
         let wanted = if first { self.config.first_block_size } else { self.config.next_block_size };
-        // Both are multiples of the granule; `footprint` is, by construction.
-        let mut size = round_up(wanted, granule).unwrap_or(usize::MAX & !(granule - 1)).max(footprint);
+        // Both are multiples of the granule; `rounded` is, by construction.
+        let mut size = round_up(wanted, granule).unwrap_or(usize::MAX & !(granule - 1)).max(rounded);
         let c = self.arena.counters();
         if self.release_when_growing && c.releasable_bytes >= c.actual_size / 4 {
-            // No free block holds `footprint` bytes, so none of these is of use to the request;
-            // handing back as many bytes as the pool is about to take keeps its size. A few
-            // such blocks in a large pool are not worth the upstream calls.
+            // No free block holds the request, so none of these is of use to it; handing back as
+            // many bytes as the pool is about to take keeps its size. A few such blocks in a
+            // large pool are not worth the upstream calls.
             self.release_up_to(size);
         }
         if let Some(max) = self.config.max_size {
             let mut room = max.saturating_sub(self.arena.counters().actual_size) & !(granule - 1);
-            if room < footprint {
+            if room < rounded {
                 self.release();
                 room = max.saturating_sub(self.arena.counters().actual_size) & !(granule - 1);
             }
-            if room < footprint {
+            if room < rounded {
                 let held = self.arena.counters().actual_size as u64;
-                return Err(Error::MaxSizeReached { requested: footprint as u64, max_size: max as u64, held });
+                return Err(Error::MaxSizeReached { requested: rounded as u64, max_size: max as u64, held });
             }
             size = size.min(room);
         }
         let align = align.max(granule);
         match self.take_upstream(size, align) {
-            Ok(()) => Ok(()),
+            Ok(slot) => Ok(slot),
             Err(_) => {
                 self.release();
-                self.take_upstream(footprint, align)
+                self.take_upstream(rounded, align)
             }
         }
     }
 
-    fn take_upstream(&mut self, size: usize, align: usize) -> Result<()> {
+    /// Takes a block of `size` bytes at `align` from upstream and returns its block's slot.
+    fn take_upstream(&mut self, size: usize, align: usize) -> Result<u32> {
         match self.upstream.allocate(size, align) {
             Ok(base) => {
-                if let Err(e) = self.arena.add_chunk(base, size, align) {
-                    // SAFETY: the block was just taken from upstream with this size and
-                    // alignment, and nothing has seen it.
-                    unsafe { self.upstream.deallocate(base, size, align) };
-                    return Err(e);
-                }
+                let slot = match self.arena.add_chunk(base, size, align) {
+                    Ok(slot) => slot,
+                    Err(e) => {
+                        // SAFETY: the block was just taken from upstream with this size and
+                        // alignment, and nothing has seen it.
+                        unsafe { self.upstream.deallocate(base, size, align) };
+                        return Err(e);
+                    }
+                };
                 self.upstream_allocations += 1;
                 self.actual_high_watermark = self.actual_high_watermark.max(self.arena.counters().actual_size);
                 // Last: a heuristic that panics here leaves the figures right (and the floor
                 // that always asks).
                 self.refresh_floor();
-                Ok(())
+                Ok(slot)
             }
             Err(e) => {
                 self.upstream_failures += 1;

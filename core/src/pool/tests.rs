@@ -463,6 +463,40 @@ fn the_maximum_size_is_a_clear_error_and_the_pool_goes_on() {
 }
 
 #[test]
+fn an_over_aligned_request_takes_no_padding_from_upstream() {
+    // A fresh upstream block is aligned to what the request asks, so the request needs only its
+    // rounded size of it: no room for padding, which a block taken at that alignment never has.
+    const MIB: usize = 1 << 20;
+    let upstream = LimitedResource::new(HostResource, 256 << 10);
+    let config = QuickPoolConfig { max_size: Some(64 << 10), ..small_config() };
+    let mut pool = QuickPool::with_config(&upstream, config).unwrap().with_heuristic(NeverCoalesce);
+    let mut model = PoolModel::new();
+    let a = pool.allocate(16, MIB).unwrap();
+    model.add(a, 16, MIB, 0).unwrap();
+    // The first block is the configured 4 KiB, taken at 1 MiB alignment.
+    assert_eq!((pool.stats().actual_size, upstream.held()), (4096, 4096));
+    // A request as large as the room left gets exactly that room.
+    let b = pool.allocate(60 << 10, MIB).unwrap();
+    model.add(b, 60 << 10, MIB, 0).unwrap();
+    assert_eq!(pool.stats().actual_size, 64 << 10);
+    model.agrees_with(&pool).unwrap();
+    // Past the maximum, the error names what the request needs, not its worst-case padding.
+    let err = pool.allocate(4097, MIB).unwrap_err();
+    assert_eq!(err, Error::MaxSizeReached { requested: 4096 + 16, max_size: 64 << 10, held: 64 << 10 });
+    model.agrees_with(&pool).unwrap();
+    model.free_all(&mut pool).unwrap();
+    pool.release();
+    assert_eq!((pool.stats().actual_size, upstream.held()), (0, 0));
+    // Without a maximum, an upstream budget below the padding serves it too.
+    let mut pool = QuickPool::with_config(&upstream, small_config()).unwrap();
+    let p = pool.allocate(100, MIB).unwrap();
+    assert_eq!(p.as_ptr() as usize % MIB, 0);
+    assert_eq!(upstream.held(), 4096);
+    pool.deallocate(p).unwrap();
+    pool.check().unwrap();
+}
+
+#[test]
 fn upstream_failure_releases_free_blocks_and_retries_once() {
     let upstream = LimitedResource::new(HostResource, 12 << 10);
     let mut pool = QuickPool::with_config(&upstream, small_config()).unwrap().with_heuristic(NeverCoalesce);
