@@ -12,7 +12,7 @@ use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::ptr::NonNull;
 
-use super::arena::{round_up, BlockArena};
+use super::arena::{round_up, BlockArena, Fit};
 use super::heuristic::{CoalesceHeuristic, PercentReleasable, Releasable};
 use super::{BlockInfo, LiveAllocation, Pool, PoolStats};
 use crate::error::{Error, Result};
@@ -188,7 +188,10 @@ impl<R: MemoryResource> QuickPool<R> {
         // the request; it keeps the lookup off the common path.
         let actual = self.arena.counters().actual_size;
         if self.release_when_growing && footprint >= self.config.next_block_size && footprint > actual / 4 {
-            self.trade_whole_block(footprint, align);
+            if let Some(ptr) = self.trade_whole_block(fit) {
+                self.high_watermark = self.high_watermark.max(self.arena.counters().current_size);
+                return Ok(ptr);
+            }
         }
         let ptr = match self.arena.allocate_fit(fit)? {
             Some(ptr) => ptr,
@@ -343,28 +346,32 @@ impl<R: MemoryResource> QuickPool<R> {
 
     /// If the best fit for `footprint` bytes is a wholly free upstream block that the request
     /// would fill more than half of, leaving a rest of at least a quarter of the actual size,
-    /// hands it back and takes a block of `footprint` bytes in its place (see
-    /// [`allocate`](Self::allocate)). Should upstream refuse the new block, takes the old size
-    /// back; should it refuse that too, the request goes on as a miss.
+    /// hands it back, takes a block of the request's rounded size at its alignment in its place
+    /// (see [`allocate`](Self::allocate)), and serves the request from it. Should upstream
+    /// refuse the new block, takes the old size back; should it refuse that too, the request
+    /// goes on as a miss.
     #[inline(never)]
-    fn trade_whole_block(&mut self, footprint: usize, align: usize) {
-        let Some((slot, size)) = self.arena.best_fit_if_whole_chunk(footprint) else {
-            return;
-        };
+    fn trade_whole_block(&mut self, fit: Fit) -> Option<NonNull<u8>> {
+        let footprint = fit.footprint;
+        let (slot, size) = self.arena.best_fit_if_whole_chunk(footprint)?;
         let rest = size - footprint;
         if rest >= footprint || rest < self.arena.counters().actual_size / 4 {
-            return;
+            return None;
         }
-        let Some(chunk) = self.arena.take_chunk_of(slot) else {
-            return;
-        };
+        let chunk = self.arena.take_chunk_of(slot)?;
         self.ask_always();
         // SAFETY: the chunk came from `self.upstream.allocate(chunk.size, chunk.align)` and the
         // arena has just forgotten it; it was one free block, so no allocation points into it.
         unsafe { self.upstream.deallocate(chunk.base, chunk.size, chunk.align) };
         self.refresh_floor();
-        if self.take_upstream(footprint, align.max(self.config.alignment)).is_err() {
-            let _ = self.take_upstream(chunk.size, chunk.align);
+        // Taken at the request's alignment, the new block needs no room for padding.
+        match self.take_upstream(fit.rounded, fit.align.max(self.config.alignment)) {
+            // Should the bookkeeping fail, the request goes on as a miss, and meets it again.
+            Ok(slot) => self.arena.allocate_in(slot, fit).ok().flatten(),
+            Err(_) => {
+                let _ = self.take_upstream(chunk.size, chunk.align);
+                None
+            }
         }
     }
 

@@ -773,6 +773,26 @@ fn a_large_request_does_not_strand_most_of_a_wholly_free_block() {
 }
 
 #[test]
+fn a_block_traded_for_an_over_aligned_request_has_the_request_s_size() {
+    let config = QuickPoolConfig { first_block_size: 12 << 10, ..small_config() };
+    let upstream = LimitedResource::new(HostResource, 1 << 20);
+    let mut pool = QuickPool::with_config(&upstream, config).unwrap();
+    let p = pool.allocate(100, 16).unwrap();
+    pool.deallocate(p).unwrap();
+    // With its padding, 16 bytes at 8 KiB alignment would fill 8 of the wholly free 12 KiB, and
+    // leave too little for another: the block is traded for one of the request's own, which,
+    // taken at that alignment, needs no padding.
+    let p = pool.allocate(16, 8 << 10).unwrap();
+    assert_eq!(p.as_ptr() as usize % (8 << 10), 0);
+    pool.check().unwrap();
+    let s = pool.stats();
+    assert_eq!((s.actual_size, s.upstream_blocks, upstream.held()), (16, 1, 16));
+    pool.deallocate(p).unwrap();
+    pool.release();
+    assert_eq!(upstream.held(), 0);
+}
+
+#[test]
 fn built_in_heuristics_are_asked_only_when_a_block_becomes_wholly_free() {
     /// Counts its calls; otherwise as `PercentReleasable` says about when to be asked.
     struct Counting(alloc::sync::Arc<AtomicUsize>, bool);
