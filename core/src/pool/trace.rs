@@ -8,6 +8,11 @@
 //! {"op":"free","id":7}
 //! ```
 //!
+//! Each event is one JSON object on a line of its own, its keys in any order, each at most once. An
+//! allocation has `op`, `id`, `size` and `align` (which may be left out: 16); a free has `op` and
+//! `id` alone. Numbers are JSON integers from 0 to 2^64 - 1: digits only, without a sign or a
+//! leading zero. Blank lines are skipped; anything else is an error that names the line.
+//!
 //! Ids name allocations; an id may be reused once its allocation is freed. [`TracedPool`] records
 //! the events of a pool in use; [`Replay`] checks a trace once and replays it as often as asked.
 
@@ -55,15 +60,15 @@ impl TraceEvent {
         };
     }
 
-    /// Parses one JSON line (keys in any order, each at most once, whitespace allowed).
-    /// `line_number` goes into the error, [`Error::BadInput`].
+    /// Parses one JSON line in the [format](self) (keys in any order, each at most once,
+    /// whitespace allowed). `line_number` goes into the error, [`Error::BadInput`].
     pub fn parse_json(line: &str, line_number: usize) -> Result<Self> {
         let bad = |detail| Error::BadInput { what: "trace line", number: line_number as u64, detail };
         let body = line.trim().strip_prefix('{').and_then(|l| l.strip_suffix('}')).ok_or(bad("not a JSON object"))?;
         let (mut op, mut id, mut size, mut align) = (None, None, None, None);
         for field in body.split(',') {
             let (key, value) = field.split_once(':').ok_or(bad("field without a value"))?;
-            let number = || value.trim().parse::<u64>().map_err(|_| bad("expected an unsigned integer"));
+            let number = || json_u64(value.trim()).map_err(bad);
             let first = match key.trim() {
                 r#""op""# => op.replace(value.trim()).is_none(),
                 r#""id""# => id.replace(number()?).is_none(),
@@ -83,10 +88,21 @@ impl TraceEvent {
                 let to_usize = |v: u64| usize::try_from(v).map_err(|_| bad("value too large for this machine"));
                 Ok(TraceEvent::Allocate { id, size: to_usize(size)?, align: to_usize(align)? })
             }
+            r#""free""# if size.is_some() || align.is_some() => Err(bad("a free has no size or alignment")),
             r#""free""# => Ok(TraceEvent::Deallocate { id }),
             _ => Err(bad("op must be \"alloc\" or \"free\"")),
         }
     }
+}
+
+/// A JSON integer from 0 to 2^64 - 1: digits only, without a sign or a leading zero (which
+/// `str::parse` would take).
+fn json_u64(text: &str) -> core::result::Result<u64, &'static str> {
+    let digits = text.as_bytes();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) || (digits.len() > 1 && digits[0] == b'0') {
+        return Err("expected an unsigned integer (digits, no sign, no leading zero)");
+    }
+    text.parse().map_err(|_| "number past 2^64 - 1")
 }
 
 /// The events as JSON lines.
@@ -357,6 +373,29 @@ mod tests {
         let free_unknown = [TraceEvent::Deallocate { id: 9 }];
         let err = Replay::new(&free_unknown).unwrap_err();
         assert_eq!(err.to_string(), "trace event 1: free of an id that is not live");
+    }
+
+    #[test]
+    fn numbers_are_json_integers_and_a_free_has_only_its_id() {
+        let bad = |line: &str| parse_jsonl(&alloc::format!("{{\"op\":\"free\",\"id\":1}}\n{line}")).unwrap_err();
+        for number in ["+8", "08", "00", "-0", "8.0", "1e3", "0x8", "", "\"8\""] {
+            let line = alloc::format!("{{\"op\":\"alloc\",\"id\":1,\"size\":{number}}}");
+            let detail = "expected an unsigned integer (digits, no sign, no leading zero)";
+            assert_eq!(bad(&line), Error::BadInput { what: "trace line", number: 2, detail }, "{line}");
+        }
+        let too_large = Error::BadInput { what: "trace line", number: 2, detail: "number past 2^64 - 1" };
+        assert_eq!(bad(r#"{"op":"free","id":18446744073709551616}"#), too_large);
+        for line in [r#"{"op":"free","id":1,"size":8}"#, r#"{"align":16,"op":"free","id":1}"#] {
+            let detail = "a free has no size or alignment";
+            assert_eq!(bad(line), Error::BadInput { what: "trace line", number: 2, detail }, "{line}");
+        }
+        // Zero is one digit; the largest id is whole.
+        let ok =
+            concat!(r#"{"op":"alloc","id":0,"size":10,"align":1}"#, "\n", r#"{"op":"free","id":18446744073709551615}"#);
+        assert_eq!(
+            parse_jsonl(ok).unwrap(),
+            [TraceEvent::Allocate { id: 0, size: 10, align: 1 }, TraceEvent::Deallocate { id: u64::MAX }]
+        );
     }
 
     #[test]
