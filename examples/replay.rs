@@ -15,7 +15,7 @@
 #[path = "common/xorshift.rs"]
 mod xorshift;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -111,19 +111,29 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: &[String]) -> Result<()> {
+/// Reads and checks the trace at `path`; an error names the path.
+fn read_trace(path: &Path) -> std::result::Result<Replay, String> {
+    let named = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    // Bytes, not a string: a line that is not UTF-8 is the trace's error, which names the line.
+    let bytes = std::fs::read(path).map_err(|e| named(&e))?;
+    parse_jsonl_bytes(&bytes).and_then(|events| Replay::new(&events)).map_err(|e| named(&e))
+}
+
+/// Records the sample trace into `out`; an error names the path.
+fn write_sample(out: &Path) -> std::result::Result<(), String> {
+    let named = |e: &dyn std::fmt::Display| format!("{}: {e}", out.display());
+    std::fs::write(out, record_sample().map_err(|e| named(&e))?).map_err(|e| named(&e))
+}
+
+fn run(args: &[String]) -> std::result::Result<(), Box<dyn std::error::Error>> {
     if args.first().is_some_and(|a| a == "--record") {
         let out = args.get(1).map_or_else(|| PathBuf::from(SAMPLE), PathBuf::from);
-        std::fs::write(&out, record_sample()?)
-            .map_err(|e| hetmem::Error::Os { call: "write trace", errno: e.raw_os_error().unwrap_or(0) })?;
+        write_sample(&out)?;
         println!("wrote {}", out.display());
         return Ok(());
     }
     let path = args.first().map_or_else(|| PathBuf::from(SAMPLE), PathBuf::from);
-    // Bytes, not a string: a line that is not UTF-8 is the trace's error, which names the line.
-    let bytes = std::fs::read(&path)
-        .map_err(|e| hetmem::Error::Os { call: "read trace", errno: e.raw_os_error().unwrap_or(0) })?;
-    let replay = Replay::new(&parse_jsonl_bytes(&bytes)?)?;
+    let replay = read_trace(&path)?;
     println!("{}: {} events, largest request {}", path.display(), replay.len(), Bytes(replay.max_size()));
     // Built before the header, so that a note about the fixed pool does not split the table.
     let pools = pools(replay.max_size(), replay.max_align())?;
@@ -149,4 +159,26 @@ fn run(args: &[String]) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_trace_s_path() {
+        let dir = std::env::temp_dir().join(format!("hetmem-replay-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let missing = dir.join("missing.jsonl");
+        let err = read_trace(&missing).unwrap_err();
+        assert!(err.starts_with(&format!("{}: ", missing.display())), "{err}");
+        let bad = dir.join("bad.jsonl");
+        std::fs::write(&bad, "{\"op\":\"alloc\",\"id\":1,\"size\":8}\n{\"op\":\"free\",\"id\":+1}\n").unwrap();
+        let err = read_trace(&bad).unwrap_err();
+        assert!(err.starts_with(&format!("{}: trace line 2: ", bad.display())), "{err}");
+        let nowhere = dir.join("no-such-directory").join("out.jsonl");
+        let err = write_sample(&nowhere).unwrap_err();
+        assert!(err.starts_with(&format!("{}: ", nowhere.display())), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
