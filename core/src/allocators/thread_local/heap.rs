@@ -904,7 +904,9 @@ impl Shared {
         Ok(())
     }
 
-    /// Takes the remote list of `class` and puts its blocks on the free list.
+    /// Takes the remote list of `class` and puts its blocks on the free list. A block that is no
+    /// remote free of ours ends the chain there (its link, and what follows it, cannot be
+    /// trusted): the blocks before it are collected all the same, then the damage is reported.
     fn collect_chain(&self, heap_off: u64, heap: &Heap, class: usize) -> Result<()> {
         let pending = &heap.body.pending.0[class];
         let Some(first) = heap.body.remote.0[class].take_recorded(pending) else {
@@ -916,31 +918,30 @@ impl Shared {
         let limit = self.fs.layout().bytes() / 32 + 1;
         let mut next = Some(first);
         let mut seen = 0u64;
+        let mut damage = None;
         let mut batch = [(0u64, 0u64); COLLECT_BATCH];
         while next.is_some() {
             let mut k = 0;
             while let (Some(b), true) = (next, k < COLLECT_BATCH) {
-                let w = self.arena.info(b)?;
-                let word = w.load(Ordering::Acquire);
-                let span = span_of_word(b, word);
-                // Its freer moved its size here before pushing it (`mark_remote`).
-                let size = self.arena.word(b + SMALL_HEADER)?.load(Ordering::Acquire);
-                let ours = has_state(word, State::Remote)
-                    && word_class(word) == class
-                    && self.arena.class_span(span, class).map(|h| h.owner.load(Ordering::Relaxed)) == Some(heap_off)
-                    && b.wrapping_sub(span + SPAN_HEADER) < LAYOUTS[class].area
-                    && size != 0
-                    && size <= LAYOUTS[class].size;
-                if !ours {
-                    return Err(corrupt(b, "remote list holds a block that is not a remote free of this heap"));
-                }
-                next = self.arena.load_link(b)?;
+                let (w, word, size) = match self.remote_free_of(heap_off, class, b) {
+                    Ok(taken) => taken,
+                    Err(e) => {
+                        damage = Some(e);
+                        next = None;
+                        break;
+                    }
+                };
+                next = self.arena.load_link(b).unwrap_or_else(|e| {
+                    damage = Some(e);
+                    None
+                });
                 w.store(freed_word(word, 0), Ordering::Release);
                 crash::point();
                 batch[k] = (b, size);
                 k += 1;
             }
-            // The batch is free; what follows it still hangs off its links.
+            // The batch is free; what follows it still hangs off its links (after damage,
+            // nothing: the chain ends at the batch).
             pending.store(tagged_list::encode(next), Ordering::Release);
             crash::point();
             let cs = &local.classes[class];
@@ -956,10 +957,34 @@ impl Shared {
                 return Err(corrupt(first, "remote list longer than its blocks can be (a cycle)"));
             }
         }
+        if let Some(e) = damage {
+            return Err(e);
+        }
         if local.classes[class].sweep_due() {
             self.sweep(local, class, false)?;
         }
         Ok(())
+    }
+
+    /// The info word (and its value) and the requested size of `b`, a block on the remote list
+    /// of `class` of our heap `heap_off`, if it is a remote free of a block of that heap and
+    /// class; else the error saying it is not.
+    fn remote_free_of(&self, heap_off: u64, class: usize, b: u64) -> Result<(&AtomicU64, u64, u64)> {
+        let w = self.arena.info(b)?;
+        let word = w.load(Ordering::Acquire);
+        let span = span_of_word(b, word);
+        // Its freer moved its size here before pushing it (`mark_remote`).
+        let size = self.arena.word(b + SMALL_HEADER)?.load(Ordering::Acquire);
+        let ours = has_state(word, State::Remote)
+            && word_class(word) == class
+            && self.arena.class_span(span, class).map(|h| h.owner.load(Ordering::Relaxed)) == Some(heap_off)
+            && b.wrapping_sub(span + SPAN_HEADER) < LAYOUTS[class].area
+            && size != 0
+            && size <= LAYOUTS[class].size;
+        if !ours {
+            return Err(corrupt(b, "remote list holds a block that is not a remote free of this heap"));
+        }
+        Ok((w, word, size))
     }
 
     /// Collects every remote free of a heap we own and returns every span whose blocks are all

@@ -999,6 +999,51 @@ fn a_refill_that_collects_remote_frees_keeps_one_view_of_the_heap() {
     assert_back_to_start(&a, start);
 }
 
+/// A collection that meets a block failing its check part way through a batch: the blocks of
+/// the batch it already turned free go on the free list and count as freed (before, they were
+/// on no list and still counted live, lost while the process lived); the chain from the damaged
+/// block on stays off the lists, for `check()` to report.
+#[test]
+fn a_collection_that_meets_a_damaged_block_keeps_the_blocks_before_it() {
+    let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = start_of(&a);
+    let s = &a.shared;
+    let class = class_for(100, 8).unwrap();
+    let blocks: Vec<OffsetPtr> = (0..100).map(|_| a.allocate(100, 8).unwrap()).collect();
+    let heap = a.existing_heap();
+    // Another heap frees 40 of them: they wait on this heap's remote list, the last freed first.
+    let freer = s.heaps.acquire(&s.mem, &s.fs, owner_token(), || Ok(())).unwrap();
+    for p in &blocks[..40] {
+        let Some(Found::Small(b)) = find_live(&s.arena, p.get()) else { panic!("live") };
+        s.free_small(freer, b).unwrap();
+    }
+    s.release_heap(freer).unwrap();
+    let chain: Vec<u64> = blocks[..40].iter().rev().map(|p| p.get() - SMALL_HEADER).collect();
+    // Damage: the 36th block of the chain (the fourth of the second batch) lost the size its
+    // freer left in its user bytes.
+    let bad = chain[35];
+    let size_word = s.arena.word(bad + SMALL_HEADER).unwrap();
+    assert_eq!(size_word.swap(0, Ordering::Relaxed), 100);
+    assert!(matches!(a.trim(), Err(Error::Corrupt { .. })));
+    assert_eq!(a.stats().live_allocations, 100 - 35, "the 35 blocks before the damaged one are freed");
+    let mut listed = BTreeSet::new();
+    for head in class_line(&a, heap, class).lists() {
+        crate::sync::tagged_list::walk(&s.arena, head, 1 << 20, |b| {
+            listed.insert(b);
+            Ok(())
+        })
+        .unwrap();
+    }
+    assert!(chain[..35].iter().all(|b| listed.contains(b)), "and on the heap's free lists");
+    assert!(a.check().is_err(), "the rest of the chain is on no list");
+    // Mended, and the rest of the chain put back: it is collected.
+    size_word.store(100, Ordering::Relaxed);
+    s.heaps.slot(&s.mem, heap).unwrap().body.remote.0[class].reset(Some(bad));
+    a.trim().unwrap();
+    a.check().unwrap();
+    free_the_rest(&a, start, &blocks, &(0..40).collect::<Vec<_>>());
+}
+
 /// `stats()` reads the counters of heaps whose threads are allocating and freeing. The owner's
 /// words are atomics, so this is a race for stale figures, never a data race: Miri, which runs
 /// this test in CI (`ci/test`), reported one here when they were plain integers the owner
