@@ -202,18 +202,12 @@ impl ClassState {
         self.live_bytes.add(size.wrapping_neg());
     }
 
-    /// Sets every word to 0 (a repair rebuilding the heap, which it holds).
-    pub(super) fn clear(&self) {
-        for word in [
-            &self.free,
-            &self.live_bytes,
-            &self.bump_span,
-            &self.allocations,
-            &self.blocks,
-            &self.frees,
-            &self.freed,
-            &self.sweep_mark,
-        ] {
+    /// Sets every word a repair rebuilds from the blocks to 0 (a repair of the heap, which it
+    /// holds). The history (`allocations`, `frees`) stays until the repair's end sets it from
+    /// the blocks it counted: no block tells it, so a repairer killed in between must leave it to
+    /// the next one.
+    pub(super) fn clear_for_repair(&self) {
+        for word in [&self.free, &self.live_bytes, &self.bump_span, &self.blocks, &self.freed, &self.sweep_mark] {
             word.set(0);
         }
     }

@@ -5,7 +5,8 @@
 //! `pending` word records, then the remote lists themselves, journaled the same way), turning
 //! those blocks free without touching their links. Only then does it rebuild every span's free
 //! list, use count and the heap's counters from the blocks' states, so a repairer that dies in
-//! turn leaves a state the next one repairs the same way.
+//! turn leaves a state the next one repairs the same way. (The heap's history, its counts of
+//! allocations and frees, no block tells: it stays in place until the repair's last step.)
 //!
 //! A dead heap's thread may also have been remote-freeing a block of another heap (its
 //! `in_flight` record). Marked remote by that thread (its info word names the heap, written by
@@ -296,8 +297,7 @@ impl Shared {
         self.settle_orphans(heap_off, heap)?;
         // SAFETY: we hold the heap.
         let local = unsafe { self.local(heap) };
-        let allocations: Vec<u64> = local.classes.iter().map(|c| c.allocations.get()).collect();
-        local.classes.iter().for_each(ClassState::clear);
+        local.classes.iter().for_each(ClassState::clear_for_repair);
         crash::point();
         let mut spans = Vec::new();
         let mut dead_large = Vec::new();
@@ -315,15 +315,20 @@ impl Shared {
             })?;
         }
         let freers = self.freer_heaps()?;
+        let mut live = [0u64; CLASS_COUNT];
         for (span, class) in spans {
-            self.repair_span(local, span, class, free_dead, &freers)?;
+            let kept = self.repair_span(local, span, class, free_dead, &freers)?;
+            // (`repair_span` refuses a class past the table.)
+            live[class] += kept;
         }
-        for (c, allocs) in allocations.into_iter().enumerate() {
-            // `repair_span` counted the live blocks in `allocations`, with no frees.
+        for (c, &live) in live.iter().enumerate() {
+            // The count of allocations only grows (it may be behind the blocks if shared memory
+            // was damaged); the frees are what it leaves over the live blocks. Killed between the
+            // two stores, a repairer leaves the count at least what it was, for the next one.
             let cs = &local.classes[c];
-            let live = cs.allocations.get();
-            cs.allocations.set(allocs.max(live));
-            cs.frees.set(allocs.max(live) - live);
+            let allocations = cs.allocations.get().max(live);
+            cs.allocations.set(allocations);
+            cs.frees.set(allocations - live);
             cs.set_sweep_at(sweep_limit(cs.count(), c));
         }
         crash::point();
@@ -342,7 +347,8 @@ impl Shared {
     /// Rebuilds one span of a heap under repair: its free blocks go on the heap's list (those
     /// past its bump index formatted now), its live and remote ones into the counters; a span
     /// with none of those goes back. Remote blocks still here are in transit (their freer pushes
-    /// them later) and stay counted.
+    /// them later) and stay counted. Returns how many blocks it kept (live and remote), which
+    /// the caller sets the class's history by.
     fn repair_span(
         &self,
         local: &HeapLocal,
@@ -350,7 +356,7 @@ impl Shared {
         class: usize,
         free_dead: bool,
         freers: &BTreeMap<u64, u64>,
-    ) -> Result<()> {
+    ) -> Result<u64> {
         let layout = *LAYOUTS.get(class).ok_or(corrupt(span, "span class"))?;
         // SAFETY: we hold the span's heap.
         let bump = unsafe { self.span_bump(span, class) }?;
@@ -393,7 +399,7 @@ impl Shared {
         bump.store(layout.blocks as u32, Ordering::Relaxed);
         crash::point();
         if kept == 0 {
-            return self.release_span(span);
+            return self.release_span(span).map(|()| 0);
         }
         let cs = &local.classes[class];
         cs.set_blocks(cs.blocks() + free.len() as u64 + kept);
@@ -406,9 +412,8 @@ impl Shared {
                 crash::point();
             }
         }
-        cs.allocations.set(cs.allocations.get() + kept);
         cs.live_bytes.set(cs.live_bytes.get() + bytes);
         crash::point();
-        Ok(())
+        Ok(kept)
     }
 }

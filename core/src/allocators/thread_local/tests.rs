@@ -162,6 +162,36 @@ fn a_heap_whose_owner_died_mid_collection_is_repaired_whole() {
     assert_eq!(a.owned_heaps().unwrap(), 0);
 }
 
+/// A repairer killed at any point of its repair leaves the heap's count of allocations for the
+/// repairer after it. Before, it cleared the count first, keeping the old one in its own memory
+/// only, so that the next repair counted the live blocks alone: the heap's history (in
+/// `class_stats` and `total_allocations`) went back.
+#[test]
+fn a_repairer_killed_part_way_leaves_the_allocation_count_to_the_next() {
+    for n in 0.. {
+        let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+        let (heap, class, blocks) = dead_heap(&a, 50);
+        let s = &a.shared;
+        // The owner freed 20 of them itself before it died.
+        for &b in &blocks[..20] {
+            assert_eq!(s.quick.free(heap, b), Some(false));
+        }
+        assert_eq!((a.class_stats()[class].allocations, a.stats().live_allocations), (50, 30));
+        let died = crate::crash::testing::die_at(n, || s.reclaim_dead(0)).is_none();
+        if died {
+            // The repairer's process is dead too: its token on the heap is a dead one.
+            s.heaps.slot(&s.mem, heap).unwrap().owner.store(crate::testing::dead_token(), Ordering::Release);
+            assert_eq!(a.reclaim().unwrap(), 1, "killed at point {n}");
+        }
+        a.check().unwrap();
+        assert_eq!(a.class_stats()[class].allocations, 50, "killed at point {n}");
+        assert_eq!(a.stats().live_allocations, 30, "killed at point {n}");
+        if !died {
+            break;
+        }
+    }
+}
+
 /// A heap whose owner word a stray write of another process set to a token no process writes
 /// (its process id 0: a small number, an offset) is repaired and released as a dead process's
 /// is: before, no reclaim took it, so the heap was lost for good and the remote frees of its
