@@ -36,8 +36,8 @@ use super::super::size_class::CLASS_COUNT;
 use super::super::slots::{Slot, SlotBody};
 use super::super::span::{
     back_word, corrupt, freed_word, fresh_word, has_state, init_span, invalid, live_from_free, remote_word,
-    span_of_word, user_of, word_class, zero_padding, Info, LiveSmall, State, FIELD_MASK, LAYOUTS, SMALL_HEADER,
-    SPAN_HEADER,
+    span_of_word, user_of, word_class, zero_padding, Info, LiveSmall, SpanHeader, State, FIELD_MASK, LAYOUTS,
+    SMALL_HEADER, SPAN_HEADER,
 };
 use super::Shared;
 
@@ -628,7 +628,7 @@ impl Shared {
         };
         // SAFETY: we own the heap.
         let local = unsafe { self.local(heap) };
-        if self.sweep(local, class, false).is_err() {
+        if self.sweep(heap_off, local, class, false).is_err() {
             let cs = &local.classes[class];
             cs.set_sweep_at(sweep_limit(cs.count(), class));
         }
@@ -805,12 +805,15 @@ impl Shared {
         ours.then_some((w, word))
     }
 
-    /// Returns the spans of `class` whose blocks are all on the free lists (keeping the bump span
-    /// unless `all`), and rebuilds `free` from the blocks of both lists but theirs (`freed` is
-    /// then empty).
+    /// Returns the spans of `class` whose blocks are all on the free lists of our heap `heap_off`
+    /// (keeping the bump span unless `all`), and rebuilds `free` from the blocks of both lists but
+    /// theirs (`freed` is then empty). A span is judged by the blocks counted in it, so each must
+    /// be a free block of the class in one of our spans, as `check()` wants: a live block, or
+    /// another heap's, on a damaged list would make a span look all free and go back with
+    /// blocks in use. Such damage is reported, and nothing changes.
     #[cold]
     #[inline(never)]
-    fn sweep(&self, local: &HeapLocal, class: usize, all: bool) -> Result<()> {
+    fn sweep(&self, heap_off: u64, local: &HeapLocal, class: usize, all: bool) -> Result<()> {
         let cs = &local.classes[class];
         let limit = self.fs.layout().bytes() / 32 + 1;
         let mut blocks = Vec::new();
@@ -829,22 +832,25 @@ impl Shared {
         let mut per_span: BTreeMap<u64, u64> = BTreeMap::new();
         for &b in &blocks {
             let word = self.arena.info(b)?.load(Ordering::Relaxed);
+            if !Info::unpack(word).is_some_and(|i| i.state == State::Free && i.class == class && i.size == 0) {
+                return Err(corrupt(b, "heap free list holds a block that is not free"));
+            }
             *per_span.entry(span_of_word(b, word)).or_default() += 1;
         }
         let mut released = Vec::new();
         for (&span, &free) in &per_span {
-            // SAFETY: our span.
-            let bump = u64::from(unsafe { self.span_bump(span, class) }?.load(Ordering::Relaxed));
+            let bump = u64::from(self.own_span(heap_off, span, class)?.bump().load(Ordering::Relaxed));
             if free == bump && (all || span != cs.bump_span.get()) {
                 released.push(span);
             }
         }
         let bump_span = cs.bump_span.get();
-        if all && bump_span != 0 && !per_span.contains_key(&bump_span) {
-            // SAFETY: our span.
-            if unsafe { self.span_bump(bump_span, class) }?.load(Ordering::Relaxed) == 0 {
-                released.push(bump_span);
-            }
+        if all
+            && bump_span != 0
+            && !per_span.contains_key(&bump_span)
+            && self.own_span(heap_off, bump_span, class)?.bump().load(Ordering::Relaxed) == 0
+        {
+            released.push(bump_span);
         }
         released.sort_unstable();
         let gone = |b: &u64| {
@@ -878,6 +884,16 @@ impl Shared {
             crash::point();
         }
         Ok(())
+    }
+
+    /// The header of `span` if it is a span of `class` that our heap `heap_off` owns (a sweep's
+    /// test before it gives a span back).
+    fn own_span(&self, heap_off: u64, span: u64, class: usize) -> Result<&SpanHeader> {
+        let h = self.arena.class_span(span, class).ok_or(corrupt(span, "heap lists a span of another class"))?;
+        if h.owner.load(Ordering::Relaxed) != heap_off {
+            return Err(corrupt(span, "heap lists a block of another heap's span"));
+        }
+        Ok(h)
     }
 
     pub(super) fn release_span(&self, span: u64) -> Result<()> {
@@ -955,7 +971,7 @@ impl Shared {
             return Err(e);
         }
         if local.classes[class].sweep_due() {
-            self.sweep(local, class, false)?;
+            self.sweep(heap_off, local, class, false)?;
         }
         Ok(())
     }
@@ -988,7 +1004,7 @@ impl Shared {
         for class in 0..CLASS_COUNT {
             self.collect(heap_off, heap, class)?;
             // SAFETY: we own the heap.
-            self.sweep(unsafe { self.local(heap) }, class, true)?;
+            self.sweep(heap_off, unsafe { self.local(heap) }, class, true)?;
         }
         Ok(())
     }

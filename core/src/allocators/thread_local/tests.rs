@@ -866,6 +866,70 @@ fn a_block_on_both_free_lists_is_reported_not_swept() {
     a.check().unwrap();
 }
 
+/// A sweep judges a span free by the blocks its heap's lists hold. A damaged list that holds
+/// another heap's free blocks must not make it give that heap's span back (before, it did: the
+/// other heap went on bumping into, and handing out, units the free-space manager had back).
+#[test]
+fn a_sweep_gives_back_no_span_of_another_heap() {
+    let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = start_of(&a);
+    let s = &a.shared;
+    let class = class_for(100, 8).unwrap();
+    // This thread's heap, with no block of the class.
+    let mine = a.allocate(24, 8).unwrap();
+    let heap = a.existing_heap();
+    // Another heap's span of the class: five blocks, all freed by their owner.
+    let other = s.heaps.acquire(&s.mem, &s.fs, owner_token(), || Ok(())).unwrap();
+    let theirs: Vec<u64> = (0..5).map(|_| s.allocate_small(other, class, 100, 8).unwrap()).collect();
+    for &b in &theirs {
+        assert_eq!(s.quick.free(other, b), Some(false));
+    }
+    let block = theirs[0] - SMALL_HEADER;
+    let span = span_of_word(block, s.arena.info(block).unwrap().load(Ordering::Relaxed));
+    // Damage: this heap's list of the class is the other heap's.
+    class_line(&a, heap, class).freed.set(class_line(&a, other, class).freed.get());
+    let units = s.fs.lock().free_units();
+    assert!(matches!(a.trim(), Err(Error::Corrupt { .. })));
+    let owner = s.arena.class_span(span, class).map(|h| h.owner.load(Ordering::Relaxed));
+    assert_eq!(owner, Some(other), "the span is still the other heap's");
+    assert_eq!(s.fs.lock().free_units(), units);
+    class_line(&a, heap, class).freed.set(0);
+    a.check().unwrap();
+    s.release_heap(other).unwrap();
+    a.free(mine).unwrap();
+    assert_back_to_start(&a, start);
+}
+
+/// Likewise, a damaged list that holds a live block of the heap: counted with the free ones,
+/// it made its span look all free, and the sweep gave the span back with the block in it.
+#[test]
+fn a_sweep_gives_back_no_span_with_a_live_block_a_damaged_list_holds() {
+    let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = start_of(&a);
+    let s = &a.shared;
+    let blocks: Vec<OffsetPtr> = (0..3).map(|_| a.allocate(100, 8).unwrap()).collect();
+    let at: Vec<u64> = blocks.iter().map(|p| p.get() - SMALL_HEADER).collect();
+    let heap = a.existing_heap();
+    let class = class_for(100, 8).unwrap();
+    a.free(blocks[0]).unwrap();
+    a.free(blocks[1]).unwrap();
+    // The list is [1, 0]; damage puts the live block 2 on top of it.
+    let cs = class_line(&a, heap, class);
+    assert_eq!(cs.freed.get(), at[1]);
+    let stamp = s.arena.word(at[2] + 8).unwrap().load(Ordering::Relaxed);
+    s.arena.store_link(at[2], Some(at[1]));
+    cs.freed.set(at[2]);
+    let units = s.fs.lock().free_units();
+    assert!(matches!(a.trim(), Err(Error::Corrupt { .. })));
+    assert_eq!(s.fs.lock().free_units(), units, "the span stays");
+    s.arena.word(at[2] + 8).unwrap().store(stamp, Ordering::Relaxed);
+    class_line(&a, heap, class).freed.set(at[1]);
+    a.check().unwrap();
+    assert_eq!(a.size_of(blocks[2]).unwrap(), 100, "and its live block with it");
+    a.free(blocks[2]).unwrap();
+    assert_back_to_start(&a, start);
+}
+
 /// The class line of `class` in heap `heap`, to read or damage (no other thread may use the
 /// heap meanwhile).
 fn class_line(a: &Tla, heap: u64, class: usize) -> &heap::ClassState {
