@@ -350,7 +350,8 @@ impl<T: ThreadModel> ThreadLocalAllocator<T> {
     /// Repairs and releases the heaps of processes that have died; returns how many were
     /// released. A dead thread's remote free of a block of the calling thread's heap is settled
     /// here; one of another live thread's heap waits for that thread's next collection (and the
-    /// dead heap with it).
+    /// dead heap with it). A heap whose repair finds it damaged is left as it was found, for a
+    /// later reclaim to try again, and the damage is reported (after the other heaps).
     pub fn reclaim(&self) -> Result<u64> {
         self.shared.reclaim_dead(self.existing_heap())
     }

@@ -45,6 +45,18 @@ pub(super) enum Handover {
     Busy(u64, usize),
 }
 
+/// What a reclaim did with one heap ([`Shared::reclaim_heap`]).
+enum Reclaimed {
+    /// Nothing to do, or nothing more: not a dead process's heap, or another reclaimer's.
+    Left,
+    /// Repaired and let go (`released`), or handed over to the owner of its dead thread's remote
+    /// free, which may have let it go already.
+    Done { released: bool },
+    /// Repaired, but that owner has another dead freer's free to settle first: given back for a
+    /// later pass.
+    Busy,
+}
+
 impl Shared {
     /// Repairs and releases every heap whose owning process has died; returns how many were
     /// released. A heap whose thread died mid-way through a remote free is handed to the
@@ -52,66 +64,91 @@ impl Shared {
     /// has; `my_heap` (the calling thread's heap, 0 if none) settles at once what is handed to
     /// it, and an owner no thread holds is drained. A heap that finds the owner's slot taken by
     /// another dead freer waits for that one to be settled: the walk repeats while one pass
-    /// left such a heap and got something done.
+    /// left such a heap and got something done. A heap that fails (damage) does not stop the
+    /// walk: the first failure is reported once the other heaps have been seen to.
     pub(super) fn reclaim_dead(&self, my_heap: u64) -> Result<u64> {
         let offsets = self.heaps.offsets(&self.mem)?;
         let mut released = 0;
+        let mut failed = None;
         loop {
             let (mut busy, mut progress) = (false, false);
             for &offset in &offsets {
-                let h = self.heaps.slot(&self.mem, offset)?;
-                let owner = h.owner.load(Ordering::Acquire);
-                // A heap awaiting an owner whose slot does not name it was left by a repairer or
-                // an owner killed mid-way: it is taken over again like a dead one.
-                let awaiting = owner == AWAITING_OWNER;
-                let taken_over = match owner {
-                    AWAITING_OWNER => !self.awaited(offset, h),
-                    // Given back by its thread, with blocks of a process that has died since.
-                    0 => self.free_dead() && holder_gone(h.body.blocks_of.0.load(Ordering::Acquire)),
-                    _ => holder_gone(owner),
-                };
-                if !taken_over {
-                    if awaiting && awaits_collection(self, h) {
-                        self.drain_awaiting(my_heap, offset)?;
-                    }
-                    continue;
-                }
-                if h.owner.compare_exchange(owner, owner_token(), Ordering::Acquire, Ordering::Relaxed).is_err() {
-                    continue;
-                }
-                crash::point();
-                if awaiting && self.awaited(offset, h) {
-                    // Another reclaimer posted it meanwhile; its owner may have looked while we
-                    // held it, and left it.
-                    self.await_owner(my_heap, h)?;
-                    continue;
-                }
-                self.repair_heap(offset)?;
-                let mut outcome = self.hand_over_in_flight(offset, h)?;
-                if let Handover::Busy(owner_off, class) = outcome {
-                    self.nudge(my_heap, owner_off, class)?;
-                    outcome = self.hand_over_in_flight(offset, h)?;
-                }
-                match outcome {
-                    Handover::None => {
-                        self.release_heap(offset)?;
-                        released += 1;
+                match self.heaps.slot(&self.mem, offset).and_then(|h| self.reclaim_heap(my_heap, offset, h)) {
+                    Ok(Reclaimed::Left) => {}
+                    Ok(Reclaimed::Done { released: r }) => {
+                        released += r as u64;
                         progress = true;
                     }
-                    Handover::Posted(owner_off, class) => {
-                        self.nudge(my_heap, owner_off, class)?;
-                        released += (h.owner.load(Ordering::Acquire) != AWAITING_OWNER) as u64;
-                        progress = true;
-                    }
-                    Handover::Busy(..) => {
-                        h.owner.store(owner, Ordering::Release);
-                        crash::point();
-                        busy = true;
+                    Ok(Reclaimed::Busy) => busy = true,
+                    Err(e) => {
+                        failed.get_or_insert(e);
                     }
                 }
             }
             if !(busy && progress) {
-                return Ok(released);
+                return match failed {
+                    Some(e) => Err(e),
+                    None => Ok(released),
+                };
+            }
+        }
+    }
+
+    /// One heap of [`Shared::reclaim_dead`]'s walk: taken over, repaired and let go (or handed
+    /// over) if its process has died. A failure while we hold it (a repair that finds damage, or
+    /// the owner of its dead thread's remote free failing to settle another one first) gives it
+    /// back as we found it, for a later reclaim to try again: held, it would stay ours for good,
+    /// as our process lives, and the remote frees it is sent would pile up unseen. (A repair is
+    /// redone whole from the blocks' states, as after a repairer killed part way.)
+    fn reclaim_heap(&self, my_heap: u64, offset: u64, h: &Heap) -> Result<Reclaimed> {
+        let owner = h.owner.load(Ordering::Acquire);
+        // A heap awaiting an owner whose slot does not name it was left by a repairer or an owner
+        // killed mid-way: it is taken over again like a dead one.
+        let awaiting = owner == AWAITING_OWNER;
+        let taken_over = match owner {
+            AWAITING_OWNER => !self.awaited(offset, h),
+            // Given back by its thread, with blocks of a process that has died since.
+            0 => self.free_dead() && holder_gone(h.body.blocks_of.0.load(Ordering::Acquire)),
+            _ => holder_gone(owner),
+        };
+        if !taken_over {
+            if awaiting && awaits_collection(self, h) {
+                self.drain_awaiting(my_heap, offset)?;
+            }
+            return Ok(Reclaimed::Left);
+        }
+        if h.owner.compare_exchange(owner, owner_token(), Ordering::Acquire, Ordering::Relaxed).is_err() {
+            return Ok(Reclaimed::Left);
+        }
+        crash::point();
+        if awaiting && self.awaited(offset, h) {
+            // Another reclaimer posted it meanwhile; its owner may have looked while we held it,
+            // and left it.
+            self.await_owner(my_heap, h)?;
+            return Ok(Reclaimed::Left);
+        }
+        let give_back = || {
+            h.owner.store(owner, Ordering::Release);
+            crash::point();
+        };
+        self.repair_heap(offset).inspect_err(|_| give_back())?;
+        let mut outcome = self.hand_over_in_flight(offset, h)?;
+        if let Handover::Busy(owner_off, class) = outcome {
+            self.nudge(my_heap, owner_off, class).inspect_err(|_| give_back())?;
+            outcome = self.hand_over_in_flight(offset, h)?;
+        }
+        match outcome {
+            Handover::None => {
+                self.release_heap(offset)?;
+                Ok(Reclaimed::Done { released: true })
+            }
+            Handover::Posted(owner_off, class) => {
+                self.nudge(my_heap, owner_off, class)?;
+                Ok(Reclaimed::Done { released: h.owner.load(Ordering::Acquire) != AWAITING_OWNER })
+            }
+            Handover::Busy(..) => {
+                give_back();
+                Ok(Reclaimed::Busy)
             }
         }
     }

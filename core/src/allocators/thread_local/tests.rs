@@ -192,6 +192,38 @@ fn a_repairer_killed_part_way_leaves_the_allocation_count_to_the_next() {
     }
 }
 
+/// A reclaim whose repair of a dead process's heap fails (damage) gives the heap back as it
+/// found it, for a later reclaim to try again, and goes on with the other dead heaps; then it
+/// reports the damage. Before, the heap stayed with the reclaimer's process, held for good
+/// while that lived (its remote frees piling up unseen), and the walk stopped there.
+#[test]
+fn a_reclaim_whose_repair_fails_gives_the_heap_back() {
+    let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = start_of(&a);
+    let s = &a.shared;
+    let (damaged, _, blocks) = dead_heap(&a, 3);
+    let (other, _, other_blocks) = dead_heap(&a, 3);
+    // Damage: the span of the first heap's blocks says it is of the next class.
+    let block = blocks[0] - SMALL_HEADER;
+    let kind = s.arena.word(span_of_word(block, s.arena.info(block).unwrap().load(Ordering::Relaxed))).unwrap();
+    let good = kind.load(Ordering::Relaxed);
+    kind.store(good + (1 << 32), Ordering::Relaxed);
+    let owner = |heap: u64| s.heaps.slot(&s.mem, heap).unwrap().owner.load(Ordering::Acquire);
+    for _ in 0..2 {
+        assert!(matches!(a.reclaim(), Err(Error::Corrupt { .. })));
+        assert_eq!(owner(damaged), crate::testing::dead_token(), "given back as it was");
+        assert_eq!(owner(other), 0, "the other dead heap is released");
+    }
+    kind.store(good, Ordering::Relaxed);
+    assert_eq!(a.reclaim().unwrap(), 1);
+    a.check().unwrap();
+    // `DeadProcessBlocks::Keep`: their blocks stay allocated until someone frees them.
+    assert_eq!(a.stats().live_allocations, 6);
+    free_remotely(&a, &blocks);
+    free_remotely(&a, &other_blocks);
+    assert_back_to_start(&a, start);
+}
+
 /// A heap whose owner word a stray write of another process set to a token no process writes
 /// (its process id 0: a small number, an offset) is repaired and released as a dead process's
 /// is: before, no reclaim took it, so the heap was lost for good and the remote frees of its
@@ -601,6 +633,39 @@ fn two_dead_freers_wait_in_turn_for_an_owner_no_thread_holds() {
     assert_eq!(a.shared.reclaim_dead(0).unwrap(), 2);
     a.check().unwrap();
     assert_eq!(a.owned_heaps().unwrap(), 0);
+    free_the_rest(&a, start, &blocks, &[7, 8]);
+}
+
+/// A reclaim that holds a dead freer's heap and, finding the block's owner already awaited by
+/// another dead freer in that class, gets the owner to settle it: when that fails (the owner's
+/// heap, which no thread holds, is damaged), the freer's heap is given back as it was found, not
+/// kept by the reclaimer's process for good.
+#[test]
+fn a_reclaim_whose_nudge_of_a_damaged_owner_fails_gives_the_freers_heap_back() {
+    crate::testing::install_test_liveness();
+    let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = start_of(&a);
+    let s = &a.shared;
+    // Two dead freers of blocks of one class of a heap, which its thread then lets go.
+    let owner = s.heaps.acquire(&s.mem, &s.fs, owner_token(), || Ok(())).unwrap();
+    let class = class_for(100, 8).unwrap();
+    let blocks: Vec<OffsetPtr> =
+        (0..50).map(|_| OffsetPtr::new(s.allocate_small(owner, class, 100, 8).unwrap())).collect();
+    kill_remote_freer(&a, blocks[7], KilledBefore::Pushing);
+    let second = kill_remote_freer(&a, blocks[8], KilledBefore::Pushing);
+    s.release_heap(owner).unwrap();
+    // Damage: the owner's heap bumps from a span that is not one (its trims fail).
+    class_line(&a, owner, 0).bump_span.set(16);
+    let word = |heap: u64| s.heaps.slot(&s.mem, heap).unwrap().owner.load(Ordering::Acquire);
+    for _ in 0..2 {
+        assert!(matches!(s.reclaim_dead(0), Err(Error::Corrupt { .. })));
+        assert_eq!(word(second), crate::testing::dead_token(), "given back as it was");
+    }
+    class_line(&a, owner, 0).bump_span.set(0);
+    s.reclaim_dead(0).unwrap();
+    a.check().unwrap();
+    assert_eq!(a.owned_heaps().unwrap(), 0);
+    assert_eq!(a.stats().live_allocations, 48);
     free_the_rest(&a, start, &blocks, &[7, 8]);
 }
 
