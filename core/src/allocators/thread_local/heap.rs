@@ -740,9 +740,11 @@ impl Shared {
     /// before the heap is let go.
     pub(super) fn settle_orphan(&self, heap_off: u64, heap: &Heap, class: usize, freer: u64) -> Result<()> {
         let slot = &heap.body.orphans.0[class];
-        let Ok(f) = self.heaps.member(&self.mem, freer) else {
-            // A damaged slot names no heap: nothing to settle through it, and it must not stop
-            // every collection of the class.
+        let f = self.heaps.member(&self.mem, freer).ok().filter(|_| freer != heap_off);
+        let Some(f) = f else {
+            // A damaged slot names no heap (or ours, which cannot await itself: see
+            // `hand_over_in_flight`): nothing to settle through it, and it must not stop every
+            // collection of the class.
             let _ = slot.compare_exchange(freer, 0, Ordering::AcqRel, Ordering::Relaxed);
             crash::point();
             return Ok(());

@@ -153,12 +153,16 @@ impl Shared {
         }
     }
 
-    /// Whether the orphan slot that the record of heap `freer` (`h`) names holds that heap.
+    /// Whether the orphan slot that the record of heap `freer` (`h`) names holds that heap. (A
+    /// record naming its own heap is damage, which no slot may make it await: it would await
+    /// itself, see [`Shared::hand_over_in_flight`].)
     fn awaited(&self, freer: u64, h: &Heap) -> bool {
         h.body.in_flight.read().is_some_and(|r| {
-            self.heaps
-                .member(&self.mem, r.owner)
-                .is_ok_and(|o| o.body.orphans.0[r.class].load(Ordering::Acquire) == freer)
+            r.owner != freer
+                && self
+                    .heaps
+                    .member(&self.mem, r.owner)
+                    .is_ok_and(|o| o.body.orphans.0[r.class].load(Ordering::Acquire) == freer)
         })
     }
 
@@ -227,12 +231,17 @@ impl Shared {
     /// to the owner of the block, which alone can tell whether the block was pushed (see
     /// [`Shared::settle_orphan`]). The caller holds the freer's heap. Whatever the outcome but
     /// `Posted`, no orphan slot names the heap afterwards (it may be let go).
+    ///
+    /// A record naming the freer's own heap as the block's owner is damage (a thread's free of
+    /// a block of its own heap is a local one, recorded nowhere): posted, the heap would await
+    /// itself, and the drain that nudges it would nudge itself again without end.
     pub(super) fn hand_over_in_flight(&self, freer: u64, h: &Heap) -> Result<Handover> {
         let Some(r) = h.body.in_flight.read() else {
             h.body.in_flight.clear();
             return Ok(Handover::None);
         };
-        let Ok(owner) = self.heaps.member(&self.mem, r.owner) else {
+        let owner = self.heaps.member(&self.mem, r.owner).ok().filter(|_| r.owner != freer);
+        let Some(owner) = owner else {
             // A damaged record: no slot can name us through it.
             h.body.in_flight.clear();
             return Ok(Handover::None);

@@ -669,6 +669,41 @@ fn a_reclaim_whose_nudge_of_a_damaged_owner_fails_gives_the_freers_heap_back() {
     free_the_rest(&a, start, &blocks, &[7, 8]);
 }
 
+/// A dead thread's record of a remote free naming its own heap as the block's owner is damage
+/// (a thread's free of a block of its own heap is a local one, recorded nowhere). Before, a
+/// reclaim posted the heap to its own orphan slot, where it awaited itself: the drain that
+/// nudged it nudged itself again, without end, until the stack overflowed. Likewise a heap
+/// found already awaiting itself so. Now the record is dropped (and such a slot cleared), and
+/// the heap released; the block the record named stays marked, on no list, for `check()` to
+/// report.
+#[test]
+fn a_record_naming_its_own_heap_is_damage_not_a_loop() {
+    for awaiting_itself in [false, true] {
+        let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+        let start = start_of(&a);
+        let (heap, class, blocks) = dead_heap(&a, 50);
+        let s = &a.shared;
+        let h = s.heaps.slot(&s.mem, heap).unwrap();
+        let Some(Found::Small(b)) = find_live(&s.arena, blocks[7]) else { panic!("live") };
+        s.mark_remote(heap, heap, b.block, b.info()).unwrap();
+        if awaiting_itself {
+            h.body.orphans.0[class].store(heap, Ordering::Release);
+            h.owner.store(heap::AWAITING_OWNER, Ordering::Release);
+        }
+        assert_eq!(s.reclaim_dead(0).unwrap(), 1, "awaiting itself: {awaiting_itself}");
+        assert_eq!(h.owner.load(Ordering::Acquire), 0);
+        assert_eq!(h.body.orphans.0[class].load(Ordering::Acquire), 0);
+        assert_eq!(h.body.in_flight.read(), None);
+        assert!(a.check().is_err(), "the marked block is on no list");
+        // Mended: the block reaches its heap's remote list, as if its free had been pushed.
+        h.body.remote.0[class].push(&s.arena, b.block);
+        a.check().unwrap();
+        free_remotely(&a, &blocks[..7]);
+        free_remotely(&a, &blocks[8..]);
+        assert_back_to_start(&a, start);
+    }
+}
+
 #[test]
 fn check_flags_an_orphaned_free_of_another_class() {
     let (a, _, _) = killed_remote_free(KilledBefore::Pushing);
