@@ -305,7 +305,8 @@ impl ScalablePageAllocator {
     /// Recovers the caches of processes that have died (their blocks go back to the shared
     /// lists) and, if the allocator was created with [`DeadProcessBlocks::Free`], frees the
     /// blocks those processes still held; returns how many slots and blocks that was. Runs on
-    /// attach and when space runs short.
+    /// attach and when space runs short. A shared list found damaged leaves the dead slots as
+    /// they were found, for a later reclaim to finish, and the damage is reported.
     pub fn reclaim(&self) -> Result<u64> {
         let slots = self.shared.recover_dead()?;
         let blocks =

@@ -66,7 +66,10 @@ impl Shared {
     }
 
     /// Claims the slots of dead processes and returns their blocks to the shared lists; returns
-    /// how many slots. See the module docs.
+    /// how many slots. See the module docs. A class whose list or spans are damaged does not
+    /// stop the others; the claimed slots then go back to their dead owners as found (held,
+    /// they would stay ours for good, as our process lives, with the blocks of that class), for
+    /// a later recovery to finish, and the damage is reported.
     pub(super) fn recover_dead(&self) -> Result<u64> {
         // Asking the OS about each owner takes no lock; the claims do.
         let candidates = self.slots_of_the_dead()?;
@@ -76,52 +79,44 @@ impl Shared {
         let g = self.fs.lock();
         let (mut dead, mut labels) = (Vec::new(), BTreeSet::new());
         for (offset, owner) in candidates {
-            let s = self.slots.slot(&self.mem, offset)?;
+            let Ok(s) = self.slots.slot(&self.mem, offset) else {
+                continue;
+            };
             if s.owner.compare_exchange(owner, owner_token(), Ordering::Acquire, Ordering::Relaxed).is_ok() {
                 crash::point();
                 let label = label_of(s.index);
                 for (class, c) in s.body.classes.iter().enumerate() {
                     self.settle_journal(c, class, label);
                 }
-                dead.push(offset);
+                dead.push((offset, owner));
                 labels.insert(label);
             }
         }
         if dead.is_empty() {
             return Ok(0);
         }
-        let spans = self.spans_by_class(&g)?;
-        for (class, spans) in spans.iter().enumerate() {
-            let mut list = self.list(class).lock_or_recover(|_| {});
-            let mut listed = BTreeSet::new();
-            self.walk_list(*list, |b| {
-                listed.insert(b);
-                Ok(())
-            })?;
-            let mut orphans = Vec::new();
-            for &span in spans {
-                for index in 0..LAYOUTS[class].blocks {
-                    let b = block_at(span, class, index);
-                    let info = Info::unpack(self.arena.info(b)?.load(Ordering::Acquire));
-                    if info.is_some_and(|i| i.state == State::Free && labels.contains(&i.size)) && !listed.contains(&b)
-                    {
-                        orphans.push(b);
+        let mut failed = None;
+        match self.spans_by_class(&g) {
+            Ok(spans) => {
+                for (class, spans) in spans.iter().enumerate() {
+                    if let Err(e) = self.push_orphans(class, spans, &labels) {
+                        failed.get_or_insert(e);
                     }
                 }
             }
-            if let (Some(&first), Some(&last)) = (orphans.first(), orphans.last()) {
-                for pair in orphans.windows(2) {
-                    self.arena.store_link(pair[0], Some(pair[1]));
-                }
-                self.arena.store_link(last, (*list != 0).then_some(*list));
-                crash::point();
-                compiler_fence(Ordering::Release);
-                *list = first;
-                crash::point();
-            }
+            Err(e) => failed = Some(e),
         }
-        for &offset in &dead {
-            let s = self.slots.slot(&self.mem, offset)?;
+        for &(offset, owner) in &dead {
+            let Ok(s) = self.slots.slot(&self.mem, offset) else {
+                continue;
+            };
+            if failed.is_some() {
+                // Its settled journals stay clear, and the blocks already pushed are listed: the
+                // next recovery finds nothing twice.
+                s.owner.store(owner, Ordering::Release);
+                crash::point();
+                continue;
+            }
             for c in &s.body.classes {
                 c.head.store(0, Ordering::Relaxed);
                 // Emptied: a flush the dead process put off (`flush_after_free`) is over, or
@@ -133,7 +128,43 @@ impl Shared {
             crash::point();
         }
         drop(g);
-        Ok(dead.len() as u64)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(dead.len() as u64),
+        }
+    }
+
+    /// Pushes the free blocks of `class` labelled with one of `labels` (dead slots') that are on
+    /// no shared list onto the class's list (the caller holds the free-space lock); `spans` are
+    /// the class's spans.
+    fn push_orphans(&self, class: usize, spans: &[u64], labels: &BTreeSet<u64>) -> Result<()> {
+        let mut list = self.list(class).lock_or_recover(|_| {});
+        let mut listed = BTreeSet::new();
+        self.walk_list(*list, |b| {
+            listed.insert(b);
+            Ok(())
+        })?;
+        let mut orphans = Vec::new();
+        for &span in spans {
+            for index in 0..LAYOUTS[class].blocks {
+                let b = block_at(span, class, index);
+                let info = Info::unpack(self.arena.info(b)?.load(Ordering::Acquire));
+                if info.is_some_and(|i| i.state == State::Free && labels.contains(&i.size)) && !listed.contains(&b) {
+                    orphans.push(b);
+                }
+            }
+        }
+        if let (Some(&first), Some(&last)) = (orphans.first(), orphans.last()) {
+            for pair in orphans.windows(2) {
+                self.arena.store_link(pair[0], Some(pair[1]));
+            }
+            self.arena.store_link(last, (*list != 0).then_some(*list));
+            crash::point();
+            compiler_fence(Ordering::Release);
+            *list = first;
+            crash::point();
+        }
+        Ok(())
     }
 
     /// Settles the counters of a dead slot's cache line for `class` from its journal, then

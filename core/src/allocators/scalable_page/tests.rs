@@ -143,6 +143,40 @@ fn a_dead_threads_cache_and_half_done_free_come_back() {
     assert_eq!(a.stats().free_bytes(), start);
 }
 
+/// A recovery that finds a class's shared list damaged recovers the other classes, gives the
+/// dead slot back as it found it (a dead process's), for a later recovery to finish, and
+/// reports the damage. Before, the slot stayed with the recoverer's process, held for good while
+/// that lived, and the blocks of its cache not yet pushed with it.
+#[test]
+fn a_recovery_that_meets_a_damaged_list_gives_the_slot_back() {
+    let a = ScalablePageAllocator::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = a.stats().free_bytes();
+    let slot = dead_slot(&a);
+    let s = &a.shared;
+    // Its cache holds free blocks of two classes.
+    let (small, large) = (class_for(48, 8).unwrap(), class_for(200, 8).unwrap());
+    for (class, size) in [(small, 48), (large, 200)] {
+        let blocks: Vec<u64> = (0..10).map(|_| s.allocate_small(slot, class, size, 8).unwrap()).collect();
+        for u in blocks {
+            free_through(&a, slot, u);
+        }
+    }
+    // Damage: the shared list of the second class starts at no block.
+    let good = core::mem::replace(&mut *s.list(large).lock(), 8);
+    let owner = || s.slots.slot(&s.mem, slot).unwrap().owner.load(Ordering::Acquire);
+    for _ in 0..2 {
+        assert!(matches!(a.reclaim(), Err(Error::Corrupt { .. })));
+        assert_eq!(owner(), crate::testing::dead_token(), "given back as it was");
+    }
+    *s.list(large).lock() = good;
+    assert_eq!(a.reclaim().unwrap(), 1);
+    assert_eq!(owner(), 0);
+    a.check().unwrap();
+    a.trim().unwrap();
+    assert_eq!(a.stats().live_allocations, 0);
+    assert_eq!(a.stats().free_bytes(), start);
+}
+
 #[test]
 fn a_dead_allocation_half_done_and_a_dead_list_holder_are_recovered() {
     let a = ScalablePageAllocator::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
