@@ -175,7 +175,11 @@ impl Shared {
     }
 
     fn acquire_slot(&self) -> Result<u64> {
-        self.slots.acquire(&self.mem, &self.fs, owner_token(), || self.recover_dead().map(|_| ()))
+        // Only a way to free a slot (see `attach`): damage it meets stays for `reclaim()`.
+        self.slots.acquire(&self.mem, &self.fs, owner_token(), || {
+            let _ = self.recover_dead();
+            Ok(())
+        })
     }
 
     /// Gives back a slot this process holds: its cache goes to the shared lists. A flush that
@@ -193,7 +197,8 @@ impl Shared {
         if attempt == 0 {
             self.trim(slot)
         } else {
-            self.recover_dead()?;
+            // Only a way to gain space (see `attach`): the request then fails as out of memory.
+            let _ = self.recover_dead();
             self.free_dead_blocks(slot).map(|_| ())
         }
     }
@@ -477,7 +482,9 @@ impl AllocatorType for ScalablePageAllocator {
         crate::fork::watch()?;
         let layout = read_header(&region, core::mem::size_of::<SpaHeader>() as u64, TYPE_ID, id)?;
         let a = ScalablePageAllocator::open(region, id, layout)?;
-        a.reclaim()?;
+        // Recovering dead processes' slots only gains space: a damaged one, which stays for
+        // `check()` and `reclaim()` to report, must not refuse every later attach.
+        let _ = a.reclaim();
         Ok(a)
     }
 }

@@ -168,6 +168,12 @@ fn a_recovery_that_meets_a_damaged_list_gives_the_slot_back() {
         assert!(matches!(a.reclaim(), Err(Error::Corrupt { .. })));
         assert_eq!(owner(), crate::testing::dead_token(), "given back as it was");
     }
+    // An attach recovers only to gain space: the damaged dead slot does not refuse it.
+    for _ in 0..2 {
+        let attached = ScalablePageAllocator::attach(a.region().duplicate(), AllocatorId::new(1, 0));
+        assert!(attached.is_ok(), "attach beside a damaged dead slot: {:?}", attached.err());
+        assert_eq!(owner(), crate::testing::dead_token());
+    }
     *s.list(large).lock() = good;
     assert_eq!(a.reclaim().unwrap(), 1);
     assert_eq!(owner(), 0);

@@ -1017,7 +1017,11 @@ impl Shared {
     /// word is read again once the heap is ours: another process's thread may have taken the
     /// heap, and given it back, in between.)
     pub(super) fn acquire_heap(&self, token: u64) -> Result<u64> {
-        let relieve = || self.reclaim_dead(0).map(|_| ());
+        // Only a way to free a heap slot (see `attach`): damage it meets stays for `reclaim()`.
+        let relieve = || {
+            let _ = self.reclaim_dead(0);
+            Ok(())
+        };
         if !self.free_dead() {
             return self.heaps.acquire(&self.mem, &self.fs, token, relieve);
         }

@@ -214,6 +214,12 @@ fn a_reclaim_whose_repair_fails_gives_the_heap_back() {
         assert_eq!(owner(damaged), crate::testing::dead_token(), "given back as it was");
         assert_eq!(owner(other), 0, "the other dead heap is released");
     }
+    // An attach reclaims only to gain space: the damaged dead heap does not refuse it.
+    for _ in 0..2 {
+        let attached = Tla::attach(a.region().duplicate(), AllocatorId::new(1, 0));
+        assert!(attached.is_ok(), "attach beside a damaged dead heap: {:?}", attached.err());
+        assert_eq!(owner(damaged), crate::testing::dead_token());
+    }
     kind.store(good, Ordering::Relaxed);
     assert_eq!(a.reclaim().unwrap(), 1);
     a.check().unwrap();
