@@ -227,6 +227,12 @@ impl RegionHeader {
         self.directory.lock_or_recover(repair_directory)
     }
 
+    /// Takes the directory's lock, until the returned guard drops.
+    #[cfg(all(test, feature = "std", not(loom)))]
+    pub(crate) fn lock_directory_for_test(&self) -> impl Send + '_ {
+        self.directory.lock()
+    }
+
     /// Bytes of the data area not yet given to any allocator.
     pub fn unreserved(&self) -> u64 {
         let dir = self.lock_directory();
@@ -326,7 +332,19 @@ impl RegionHeader {
     /// `Error::Corrupt` once that creator is known to have died: the allocator will never be
     /// ready, and [`reserve_allocator`](Self::reserve_allocator) may create it again.
     pub fn find_allocator(&self, id: AllocatorId) -> Result<Option<AllocatorEntry>> {
-        let dir = self.lock_directory();
+        self.find_in(&self.lock_directory(), id)
+    }
+
+    /// [`find_allocator`](Self::find_allocator) without waiting for the directory's lock: `None`
+    /// while a live process holds it (one a dead process left is taken over, as always). For
+    /// lookups under a deadline: a process stopped while it holds the lock holds it for good.
+    pub fn try_find_allocator(&self, id: AllocatorId) -> Option<Result<Option<AllocatorEntry>>> {
+        let dir = self.directory.try_lock_or_recover(repair_directory)?;
+        Some(self.find_in(&dir, id))
+    }
+
+    /// Looks `id` up in `dir`, this header's directory (see [`find_allocator`](Self::find_allocator)).
+    fn find_in(&self, dir: &Directory, id: AllocatorId) -> Result<Option<AllocatorEntry>> {
         let count = (dir.count as usize).min(MAX_ALLOCATORS);
         let entry = *dir.entries[..count]
             .iter()

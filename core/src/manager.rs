@@ -18,6 +18,11 @@ use crate::region::Region;
 /// allocator.
 pub const DEFAULT_ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long an attach waits at least for a region's allocator directory that a live process
+/// holds locked, whatever its timeout: the lock is held for a moment (while an allocator is
+/// reserved or looked up), except by a process stopped while it holds it.
+const DIRECTORY_LOCK_PATIENCE: Duration = Duration::from_secs(1);
+
 struct AllocatorEntry {
     backend: BackendId,
     dynamic: Arc<dyn RegionAllocator>,
@@ -194,10 +199,13 @@ impl MemoryManager {
     }
 
     /// Attaches to allocator `id`, which some process created in backend `backend`, waiting up to
-    /// [`DEFAULT_ATTACH_TIMEOUT`] for its creator to finish (`TimedOut` past it). An id the
-    /// region's directory does not name at all is `UnknownAllocator` at once, without waiting:
-    /// its creator has not started on it (or never will), and only the application knows when it
-    /// will, so an attacher that may come first waits for the creator's word, or retries.
+    /// [`DEFAULT_ATTACH_TIMEOUT`] for its creator to finish (`TimedOut` past it). The region's
+    /// allocator directory, which a live process may hold locked for good (stopped while it held
+    /// it), is waited for as long, or a second where that is longer, then `TimedOut` too. An id
+    /// the directory does not name at all is `UnknownAllocator` as soon as it is read, without
+    /// waiting: its creator has not started on it (or never will), and only the application
+    /// knows when it will, so an attacher that may come first waits for the creator's word, or
+    /// retries.
     pub fn attach_allocator<A: AllocatorType>(&self, backend: BackendId, id: AllocatorId) -> Result<Arc<A>> {
         self.attach_allocator_within::<A>(backend, id, DEFAULT_ATTACH_TIMEOUT)
     }
@@ -213,12 +221,24 @@ impl MemoryManager {
         let b = self.backend(backend)?;
         let started = Instant::now();
         let entry = loop {
-            if let Some(entry) = b.header().find_allocator(id)? {
-                break entry;
-            }
-            if started.elapsed() >= timeout {
+            // The directory's lock is not waited for without end: a process stopped while it
+            // holds the lock holds it for good.
+            let locked = match b.header().try_find_allocator(id) {
+                Some(found) => {
+                    if let Some(entry) = found? {
+                        break entry;
+                    }
+                    false
+                }
+                None => true,
+            };
+            if started.elapsed() >= if locked { timeout.max(DIRECTORY_LOCK_PATIENCE) } else { timeout } {
                 return Err(Error::TimedOut {
-                    what: "an allocator's creator to finish",
+                    what: if locked {
+                        "the region's allocator directory, which a live process holds locked"
+                    } else {
+                        "an allocator's creator to finish"
+                    },
                     waited_ms: started.elapsed().as_millis() as u64,
                 });
             }
@@ -683,6 +703,49 @@ mod tests {
         std::thread::scope(|s| {
             s.spawn(pass_gate);
             mm.attach_allocator_within::<Gated>(b.id(), id, Duration::ZERO).unwrap();
+        });
+    }
+
+    /// An attach gives up (at its timeout, or after a second) when a live process holds the
+    /// region's directory lock for good (stopped in a debugger, or named by a stray write into
+    /// the lock word): it used to wait for the lock without end, whatever the timeout.
+    #[test]
+    fn an_attach_gives_up_at_its_timeout_while_a_live_process_holds_the_directory() {
+        let mm = Arc::new(MemoryManager::new());
+        let b = mm.add_backend(HeapBackend::new(BackendId(6), 1 << 20)).unwrap();
+        let id = AllocatorId::new(6, 0);
+        mm.create_allocator::<StackAllocator>(b.id(), id, 0, &Default::default()).unwrap();
+        mm.remove_allocator(id).unwrap();
+        // Held for good, as by a process stopped while it holds the lock.
+        core::mem::forget(b.header().lock_directory_for_test());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let attacher = Arc::clone(&mm);
+        std::thread::spawn(move || {
+            let _ = tx.send(attacher.attach_allocator_within::<StackAllocator>(b.id(), id, Duration::from_millis(50)));
+        });
+        let attached = rx.recv_timeout(Duration::from_secs(10)).expect("the attach waited past its timeout");
+        assert!(matches!(attached, Err(Error::TimedOut { .. })), "{:?}", attached.err());
+    }
+
+    /// An attach with no time to wait for a creator still waits for the directory's lock that
+    /// another thread or process holds for a moment (as every create does), rather than fail.
+    #[test]
+    fn an_attach_without_a_timeout_waits_for_a_directory_lock_held_a_moment() {
+        let mm = MemoryManager::new();
+        let b = mm.add_backend(HeapBackend::new(BackendId(7), 1 << 20)).unwrap();
+        let id = AllocatorId::new(7, 0);
+        mm.create_allocator::<StackAllocator>(b.id(), id, 0, &Default::default()).unwrap();
+        mm.remove_allocator(id).unwrap();
+        let (locked, held) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let guard = b.header().lock_directory_for_test();
+                locked.send(()).unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+                drop(guard);
+            });
+            held.recv().unwrap();
+            mm.attach_allocator_within::<StackAllocator>(b.id(), id, Duration::ZERO).unwrap();
         });
     }
 

@@ -114,6 +114,20 @@ impl<T> Mutex<T> {
         }
     }
 
+    /// Takes the mutex if it is free, or, as [`lock_or_recover`](Self::lock_or_recover) does, if
+    /// its holder is found dead (then `repair` runs first); `None` while a live process holds it.
+    /// For callers that wait under a deadline of their own: a live holder may keep the lock for
+    /// good (a process stopped in a debugger, or a stray write of another process naming one).
+    /// Each call with the lock held asks the [`liveness`](crate::liveness) hook about its holder.
+    pub fn try_lock_or_recover(&self, repair: impl FnOnce(&mut T)) -> Option<MutexGuard<'_, T>> {
+        if let Some(guard) = self.try_lock() {
+            return Some(guard);
+        }
+        let mut guard = self.owner().and_then(|owner| self.recover(owner))?;
+        repair(&mut guard);
+        Some(guard)
+    }
+
     /// Mutable access without locking: the `&mut` proves no one else can hold it.
     pub fn get_mut(&mut self) -> &mut T {
         self.data.get_mut()
@@ -239,5 +253,18 @@ mod tests {
             })
         };
         assert_eq!(waiter, 7);
+    }
+
+    #[test]
+    fn try_lock_or_recover_takes_a_free_or_dead_holders_lock_and_never_a_live_ones() {
+        crate::testing::install_test_liveness();
+        let m = Mutex::new(5u32);
+        drop(m.try_lock_or_recover(|_| panic!("a free lock was repaired")).expect("a free lock"));
+        m.owner.store(crate::testing::dead_token(), Ordering::Release);
+        let g = m.try_lock_or_recover(|v| *v = 8).expect("a dead holder's lock");
+        assert_eq!(*g, 8);
+        assert!(m.try_lock_or_recover(|_| panic!("a live holder was taken over")).is_none());
+        drop(g);
+        assert_eq!(m.owner(), None);
     }
 }
