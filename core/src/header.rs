@@ -224,7 +224,7 @@ impl RegionHeader {
     /// Takes the directory's lock; one a dead process left is taken over (see [`repair_directory`]),
     /// so that creating and attaching allocators never waits for ever.
     fn lock_directory(&self) -> MutexGuard<'_, Directory> {
-        self.directory.lock_or_recover(repair_directory)
+        self.directory.lock_or_recover(|dir| repair_directory(dir, self.total_size))
     }
 
     /// Takes the directory's lock, until the returned guard drops.
@@ -250,7 +250,10 @@ impl RegionHeader {
     /// created again in a new sub-region.
     pub fn reserve_allocator(&self, type_id: u32, id: AllocatorId, size: u64) -> Result<AllocatorEntry> {
         let mut dir = self.lock_directory();
-        let count = (dir.count as usize).min(MAX_ALLOCATORS);
+        // `next_free` is a word of shared memory another process may have scribbled on: a value
+        // moved back would hand out a range again (a live allocator's, or the header page).
+        repair_directory(&mut dir, self.total_size);
+        let count = dir.count as usize;
         if let Some(e) = dir.entries[..count].iter_mut().find(|e| e.state() != ENTRY_EMPTY && e.id == id) {
             if !e.creator_died() {
                 return Err(Error::AlreadyExists { what: "allocator", name: id_name(id) });
@@ -339,7 +342,7 @@ impl RegionHeader {
     /// while a live process holds it (one a dead process left is taken over, as always). For
     /// lookups under a deadline: a process stopped while it holds the lock holds it for good.
     pub fn try_find_allocator(&self, id: AllocatorId) -> Option<Result<Option<AllocatorEntry>>> {
-        let dir = self.directory.try_lock_or_recover(repair_directory)?;
+        let dir = self.directory.try_lock_or_recover(|dir| repair_directory(dir, self.total_size))?;
         Some(self.find_in(&dir, id))
     }
 
@@ -390,15 +393,22 @@ fn creating_entry(dir: &Directory, id: AllocatorId) -> Option<usize> {
     })
 }
 
-/// Makes a directory whose lock holder died consistent: [`RegionHeader::reserve_allocator`]
-/// may have counted its entry without moving `next_free` past it, which would hand that
-/// sub-region out a second time. (Its entry stays as it was: `creating`, with the dead creator's
-/// pid, which the next reservation of its id and every lookup of it recognise.)
-fn repair_directory(dir: &mut Directory) {
+/// Makes `next_free` lie past the header page and every counted entry, as each reservation
+/// needs, and the count within the directory. A lock holder that died in
+/// [`RegionHeader::reserve_allocator`] may have counted its entry without moving `next_free` past
+/// it, and a stray write may have moved it back: either would hand a sub-region out a second
+/// time. (A dead creator's entry stays as it was: `creating`, with its pid, which the next
+/// reservation of its id and every lookup of it recognise.) An entry that ends past the region's
+/// `total_size` bytes is not counted: nothing is made over it (lookups refuse it), and a wild one
+/// would leave no room for any reservation after it.
+fn repair_directory(dir: &mut Directory, total_size: u64) {
     let count = (dir.count as usize).min(MAX_ALLOCATORS);
     dir.count = count as u32;
+    dir.next_free = dir.next_free.max(HEADER_SIZE);
     for e in &dir.entries[..count] {
-        dir.next_free = dir.next_free.max(e.offset.saturating_add(e.size));
+        if let Some(end) = e.offset.checked_add(e.size).filter(|&end| end <= total_size) {
+            dir.next_free = dir.next_free.max(end);
+        }
     }
 }
 
@@ -526,6 +536,34 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(h.directory.owner(), None);
+    }
+
+    /// A `next_free` that a stray write moved back, into a live allocator's sub-region or the
+    /// header page, hands out no range twice: the next reservation starts past every entry (it
+    /// used to be given the live allocator's range, or the header's, from safe calls).
+    #[test]
+    fn a_next_free_moved_back_hands_out_no_range_twice() {
+        let mut mem = region(64 * 1024);
+        // SAFETY: as above.
+        let h = unsafe {
+            RegionHeader::initialize(mem.as_mut_ptr().cast(), 64 * 1024, BackendKind::Private, BackendId(1), 1)
+        }
+        .unwrap();
+        let live = h.reserve_allocator(7, AllocatorId::new(1, 0), 1000).unwrap();
+        h.publish_allocator(live.id).unwrap();
+        for (minor, stray) in [(1, HEADER_SIZE), (2, live.offset + 64), (3, 0)] {
+            h.directory.lock().next_free = stray;
+            let next = h.reserve_allocator(7, AllocatorId::new(1, minor), 1000).unwrap();
+            assert!(next.offset >= live.offset + live.size, "next_free {stray:#x}: {next:?} overlaps {live:?}");
+            h.publish_allocator(next.id).unwrap();
+        }
+        let mut ranges: Vec<_> = h.allocators().map(|e| (e.offset, e.offset + e.size)).collect();
+        ranges.sort();
+        assert!(ranges.windows(2).all(|w| w[0].1 <= w[1].0), "{ranges:?}");
+        // An entry a stray write sent past the region is refused, and takes no room from others.
+        h.directory.lock().entries[0].size = u64::MAX - 5;
+        assert!(matches!(h.find_allocator(live.id), Err(Error::OutOfBounds { .. })));
+        h.reserve_allocator(7, AllocatorId::new(1, 4), 1000).unwrap();
     }
 
     /// An entry whose creator died before publishing it is recognised: lookups say so, and the
