@@ -253,6 +253,30 @@ mod loom_epoch {
             assert_eq!((mine, theirs), (1, 1), "the reset ran once, before either went on");
         });
     }
+
+    /// A reset of the parent's generation was under way at the fork (by a thread that does not
+    /// run in the child), and two threads of the child enter: one takes the reset over, once,
+    /// and both see what it wrote.
+    #[test]
+    fn a_reset_left_by_the_parent_is_taken_over_once() {
+        loom::model(|| {
+            let epoch = Arc::new(Epoch(loom::sync::atomic::AtomicU64::new(Epoch::RESETTING)));
+            let state = Arc::new(UnsafeCell::new(0u32));
+            let enter = |epoch: &Epoch, state: &UnsafeCell<u32>| {
+                // SAFETY: only the one reset writes the cell (loom checks it).
+                epoch.enter_at(1, || state.with_mut(|v| unsafe { *v += 1 }));
+                // SAFETY: every read follows an `enter`, after the reset's write (loom checks it).
+                state.with(|v| unsafe { *v })
+            };
+            let t = {
+                let (epoch, state) = (epoch.clone(), state.clone());
+                loom::thread::spawn(move || enter(&epoch, &state))
+            };
+            let mine = enter(&epoch, &state);
+            let theirs = t.join().unwrap();
+            assert_eq!((mine, theirs), (1, 1), "the parent's reset was taken over once, before either went on");
+        });
+    }
 }
 
 #[cfg(all(test, unix, feature = "std", not(loom), target_has_atomic = "64"))]
