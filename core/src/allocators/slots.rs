@@ -108,12 +108,14 @@ impl<B: SlotBody> SlotTable<B> {
         let size = core::mem::size_of::<Slot<B>>() as u64;
         let mut at = self.first;
         for _ in 0..mem.end() / UNIT + 1 {
+            // The link is shared memory: checked (in bounds, so no overflow below) before use.
+            let chunk = self.chunk(mem, at)?;
             let slots = at + core::mem::offset_of!(Chunk<B>, slots) as u64;
             let i = offset.wrapping_sub(slots);
             if i < CHUNK_SLOTS as u64 * size && i % size == 0 {
                 return self.slot(mem, offset);
             }
-            match self.chunk(mem, at)?.next.load(Ordering::Acquire) {
+            match chunk.next.load(Ordering::Acquire) {
                 0 => return Err(corrupt(offset, "not a thread slot of the table")),
                 next => at = next,
             }

@@ -1401,3 +1401,22 @@ fn a_block_a_shortage_brings_back_to_the_heap_is_handed_out_not_out_of_memory() 
     blocks[7] = p;
     free_the_rest(&a, start, &blocks, &[]);
 }
+
+/// A chunk's next link that a stray write set near the top of the address space is refused as
+/// damage when a record names a slot past the first chunk: before, the slot area's offset was
+/// computed from the link before the link was checked, which overflowed (a panic in debug builds).
+#[test]
+fn a_slot_lookup_past_a_chunk_link_near_the_top_is_refused() {
+    let a = Tla::create(region_of(1 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let s = &a.shared;
+    let chunk = a.region().offset() + core::mem::offset_of!(TlaHeader, chunk) as u64;
+    // SAFETY: the header's first chunk, in bounds and aligned; its link is its first word.
+    let next = unsafe { &*s.mem.at::<AtomicU64>(chunk).unwrap() };
+    for stray in [u64::MAX - 8, u64::MAX - 64, u64::MAX] {
+        next.store(stray, Ordering::Release);
+        let past = chunk + SlotTable::<HeapBody>::CHUNK_BYTES as u64 + 64;
+        assert!(s.heaps.member(&s.mem, past).is_err(), "a slot behind the link {stray:#x}");
+    }
+    next.store(0, Ordering::Release);
+    a.check().unwrap();
+}
