@@ -295,6 +295,27 @@ fn a_lock_a_live_process_holds_makes_the_tool_give_up_at_its_timeout() {
     assert!(out.status.success(), "{}", text(&out));
 }
 
+/// `list` shows a segment whose directory a live process holds locked as busy, and goes on with
+/// the others, where it used to wait on that one lock until its timeout and list nothing.
+#[test]
+fn list_shows_a_segment_a_live_process_holds_locked_as_busy() {
+    use std::os::unix::fs::FileExt;
+    let held = Segment::new("list-held");
+    let free = Segment::new("list-free");
+    let file = std::fs::OpenOptions::new().write(true).open(format!("/dev/shm{}", held.name)).unwrap();
+    // The directory's mutex is at offset 128 of the header; its first word is the owner.
+    file.write_at(&hetmem::core::sync::owner_token().to_le_bytes(), 128).unwrap();
+    let out = hetmem(&["list", "--timeout", "10"]);
+    file.write_at(&0u64.to_le_bytes(), 128).unwrap();
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    let row = |name: &str| said.lines().find(|l| l.starts_with(name)).map(str::to_string);
+    let busy = row(&held.name).unwrap_or_else(|| panic!("no row for the held segment:\n{said}"));
+    assert!(busy.contains("(busy: a live process holds its allocator directory locked)"), "{busy}");
+    let other = row(&free.name).unwrap_or_else(|| panic!("no row for the free segment:\n{said}"));
+    assert!(other.contains("1.0 STK1") && other.contains("4.0 BMP1"), "{other}");
+}
+
 /// The timeout is for waiting on the segment, not on the reader: a report the tool has made is
 /// written whole, however long its reader (a pager) takes, where the tool used to give up in the
 /// middle of it, with status 2 and a reason that blamed a lock.

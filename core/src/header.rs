@@ -370,14 +370,24 @@ impl RegionHeader {
     /// The ready allocators in this region, in the directory's order: creation order, except
     /// that one created while the directory was full took the place of a failed creation's entry.
     pub fn allocators(&self) -> impl Iterator<Item = AllocatorEntry> + '_ {
-        let dir = self.lock_directory();
-        let count = (dir.count as usize).min(MAX_ALLOCATORS);
-        let list: [Option<AllocatorEntry>; MAX_ALLOCATORS] = core::array::from_fn(|i| {
-            let e = dir.entries[i];
-            (i < count && e.state() == ENTRY_READY).then_some(e)
-        });
-        list.into_iter().flatten()
+        ready_entries(&self.lock_directory()).into_iter().flatten()
     }
+
+    /// [`allocators`](Self::allocators) without waiting for the directory's lock: `None` while a
+    /// live process holds it (see [`try_find_allocator`](Self::try_find_allocator)).
+    pub fn try_allocators(&self) -> Option<impl Iterator<Item = AllocatorEntry> + '_> {
+        let dir = self.directory.try_lock_or_recover(|dir| repair_directory(dir, self.total_size))?;
+        Some(ready_entries(&dir).into_iter().flatten())
+    }
+}
+
+/// The ready entries of `dir`, copied (the caller holds its lock only while they are read).
+fn ready_entries(dir: &Directory) -> [Option<AllocatorEntry>; MAX_ALLOCATORS] {
+    let count = (dir.count as usize).min(MAX_ALLOCATORS);
+    core::array::from_fn(|i| {
+        let e = dir.entries[i];
+        (i < count && e.state() == ENTRY_READY).then_some(e)
+    })
 }
 
 /// The index of the entry this process is creating under `id`. An entry of the same id that

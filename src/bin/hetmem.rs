@@ -298,8 +298,12 @@ fn list() -> hetmem::Result<Report> {
             }
         };
         let header = backend.header();
-        let allocators: Vec<String> =
-            header.allocators().map(|e| format!("{} {}", e.id, type_label(e.type_id))).collect();
+        // One segment whose directory a live process holds locked (one stopped in a debugger)
+        // is listed as busy, after a short wait, rather than holding up the whole listing.
+        let allocators = match directory_within(header, Duration::from_millis(200)) {
+            None => vec!["(busy: a live process holds its allocator directory locked)".to_string()],
+            Some(entries) => entries.iter().map(|e| format!("{} {}", e.id, type_label(e.type_id))).collect(),
+        };
         let _ = writeln!(
             text,
             "{:<32} {:>10}  {:<8} {:<20} {}",
@@ -315,6 +319,21 @@ fn list() -> hetmem::Result<Report> {
         text.push_str("(no hetmem segments)\n");
     }
     Ok(Report { text, status: 0 })
+}
+
+/// The ready entries of `header`'s directory, waiting up to `patience` for its lock: `None`
+/// while a live process still holds it then.
+fn directory_within(header: &hetmem::core::header::RegionHeader, patience: Duration) -> Option<Vec<AllocatorEntry>> {
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        if let Some(entries) = header.try_allocators() {
+            return Some(entries.collect());
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Why `list` could not open a segment that may be hetmem's, or `None` for one that is not.
