@@ -235,8 +235,9 @@ impl RegionHeader {
 
     /// Bytes of the data area not yet given to any allocator.
     pub fn unreserved(&self) -> u64 {
-        let dir = self.lock_directory();
-        self.total_size.saturating_sub(dir.next_free)
+        // As the next reservation will see it, without writing (a stray write may have moved
+        // `next_free` back).
+        self.total_size.saturating_sub(reserved_end(&self.lock_directory(), self.total_size))
     }
 
     /// Reserves a sub-region for a new allocator and records it as being created by the calling
@@ -412,14 +413,18 @@ fn creating_entry(dir: &Directory, id: AllocatorId) -> Option<usize> {
 /// `total_size` bytes is not counted: nothing is made over it (lookups refuse it), and a wild one
 /// would leave no room for any reservation after it.
 fn repair_directory(dir: &mut Directory, total_size: u64) {
+    dir.count = (dir.count as usize).min(MAX_ALLOCATORS) as u32;
+    dir.next_free = reserved_end(dir, total_size);
+}
+
+/// Where the next reservation of `dir` may start: past the header page, `next_free` and every
+/// counted entry that ends inside the region (see [`repair_directory`], which stores it).
+fn reserved_end(dir: &Directory, total_size: u64) -> u64 {
     let count = (dir.count as usize).min(MAX_ALLOCATORS);
-    dir.count = count as u32;
-    dir.next_free = dir.next_free.max(HEADER_SIZE);
-    for e in &dir.entries[..count] {
-        if let Some(end) = e.offset.checked_add(e.size).filter(|&end| end <= total_size) {
-            dir.next_free = dir.next_free.max(end);
-        }
-    }
+    dir.entries[..count]
+        .iter()
+        .filter_map(|e| e.offset.checked_add(e.size).filter(|&end| end <= total_size))
+        .fold(dir.next_free.max(HEADER_SIZE), u64::max)
 }
 
 fn id_name(id: AllocatorId) -> crate::error::ShortStr {
@@ -563,6 +568,8 @@ mod tests {
         h.publish_allocator(live.id).unwrap();
         for (minor, stray) in [(1, HEADER_SIZE), (2, live.offset + 64), (3, 0)] {
             h.directory.lock().next_free = stray;
+            let end = h.allocators().map(|e| e.offset + e.size).max().unwrap();
+            assert_eq!(h.unreserved(), 64 * 1024 - end, "next_free {stray:#x}: what is left to reserve");
             let next = h.reserve_allocator(7, AllocatorId::new(1, minor), 1000).unwrap();
             assert!(next.offset >= live.offset + live.size, "next_free {stray:#x}: {next:?} overlaps {live:?}");
             h.publish_allocator(next.id).unwrap();
