@@ -605,8 +605,10 @@ mod tests {
             dir.entries[0].state = creating_by(crate::testing::DEAD_PID);
             dir.entries[1].state = ENTRY_CREATING;
         }
+        let found = h.find_allocator(dead);
         assert!(
-            matches!(h.find_allocator(dead), Err(Error::Corrupt { structure: "allocator", offset, .. }) if offset == first.offset)
+            matches!(found, Err(Error::Corrupt { structure: "allocator", offset, .. }) if offset == first.offset),
+            "{found:?}"
         );
         assert_eq!(h.find_allocator(unknown).unwrap(), None);
         assert_eq!(h.find_allocator(mine).unwrap(), None);

@@ -7,9 +7,10 @@
 //! ```
 //!
 //! A slot is free while its owner word is 0; a thread takes one with a CAS of its
-//! [`owner_token`](crate::sync::owner_token) (the process id and start time), so the number of threads has no fixed limit
-//! and a slot whose process has died is recognised as such, even if the id was reused, as is one
-//! whose owner word names no process (a stray write: see [`holder_gone`](crate::sync::holder_gone)).
+//! [`owner_token`](crate::sync::owner_token) (the process id and start time), so the number of
+//! threads has no fixed limit and a slot whose process has died is recognised as such, even if
+//! the id was reused, as is one whose owner word names no process (a stray write: see
+//! [`holder_gone`](crate::sync::holder_gone)).
 
 use core::marker::PhantomData;
 

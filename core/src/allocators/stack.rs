@@ -999,7 +999,10 @@ mod tests {
                         match s.reallocate(OffsetPtr::new(off), size, 16) {
                             Ok(p) => {
                                 // SAFETY: the common prefix was kept in the live block.
-                                let kept = unsafe { std::slice::from_raw_parts(region.ptr(p.get(), old.min(size) as u64).unwrap(), old.min(size)) };
+                                let kept = unsafe {
+                                    let keep = old.min(size);
+                                    std::slice::from_raw_parts(region.ptr(p.get(), keep as u64).unwrap(), keep)
+                                };
                                 prop_assert!(kept.iter().all(|&b| b == f));
                                 // SAFETY: live block of `size` bytes.
                                 unsafe { region.ptr(p.get(), size as u64).unwrap().write_bytes(f, size) };

@@ -307,8 +307,9 @@ pub(crate) fn exhaust_and_recover(a: &dyn RegionAllocator) {
 }
 
 /// Damages words near the blocks of [`populate`] (a block's headers and padding, its span's
-/// header, the free-space table, the slot records from `meta` on), each `(pick, at, how)`: a bit flipped, a small number added,
-/// or the word replaced; then calls every public operation: none may panic.
+/// header, the free-space table, the slot records from `meta` on), each `(pick, at, how)`: a bit
+/// flipped, a small number added, or the word replaced; then calls every public operation: none
+/// may panic.
 pub(crate) fn survive_damage(a: &dyn RegionAllocator, meta: u64, table: u64, damage: &[(usize, u64, u64)]) {
     let (live, freed) = populate(a);
     let users: Vec<u64> = live.iter().map(|l| l.0.get()).chain(freed.iter().copied()).collect();

@@ -86,7 +86,8 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
     #[test]
     fn behaves_like_the_model(ops in proptest::collection::vec(op_strategy(), 1..60)) {
-        let a = ScalablePageAllocator::create(region_of(24 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+        let region = region_of(24 << 20);
+        let a = ScalablePageAllocator::create(region, AllocatorId::new(1, 0), &Default::default()).unwrap();
         run_model(&a, &ops);
     }
 }
