@@ -198,9 +198,13 @@ fn bitmap_allocator_shared_by_kernels_and_the_cpu() -> Result<(), String> {
     let base = shm.device_ptr().ok_or("no device pointer")?;
     let (region, region_len) = (a.region().offset(), a.region().len());
     let stop = std::sync::atomic::AtomicBool::new(false);
-    let churn = |limit: u64| -> Result<u64, String> {
+    /// Rounds of the CPU's turns before and after the kernel (over PCIe).
+    const TURN: u64 = 20_000;
+    // `stop` ends only the thread beside the kernel: the turns before and after it run in full
+    // (the one after runs once `stop` is set).
+    let churn = |limit: u64, beside_the_kernel: bool| -> Result<u64, String> {
         let mut rounds = 0;
-        while rounds < limit && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        while rounds < limit && !(beside_the_kernel && stop.load(std::sync::atomic::Ordering::Relaxed)) {
             let p = a.allocate(1 + rounds as usize % 3000, 16).map_err(s)?;
             a.free(p).map_err(s)?;
             rounds += 1;
@@ -214,10 +218,11 @@ fn bitmap_allocator_shared_by_kernels_and_the_cpu() -> Result<(), String> {
         println!(
             "    no host-native atomics on this link: the CPU allocates before and after the kernel, not beside it"
         );
-        churn(20_000)?;
+        let before = churn(TURN, false)?;
+        ensure(before == TURN, || format!("the CPU's turn before the kernel ran {before} of {TURN} rounds"))?;
     }
     let (offsets, status) = std::thread::scope(|scope| -> Result<_, String> {
-        let cpu_side = scope.spawn(|| if beside { churn(u64::MAX) } else { Ok(0) });
+        let cpu_side = scope.spawn(|| if beside { churn(u64::MAX, true) } else { Ok(0) });
         let mut launch = stream.launch_builder(&kernel);
         launch
             .arg(&base)
@@ -238,7 +243,8 @@ fn bitmap_allocator_shared_by_kernels_and_the_cpu() -> Result<(), String> {
         if beside {
             println!("    the CPU allocated and freed {rounds} blocks while the kernel ran");
         } else {
-            churn(20_000)?;
+            let after = churn(TURN, false)?;
+            ensure(after == TURN, || format!("the CPU's turn after the kernel ran {after} of {TURN} rounds"))?;
         }
         Ok((stream.clone_dtoh(&d_offsets).map_err(s)?, stream.clone_dtoh(&d_status).map_err(s)?))
     })?;
