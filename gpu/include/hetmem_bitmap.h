@@ -4,17 +4,18 @@
  *
  * This is the C twin of hetmem-core's `allocators::bitmap`: the same #[repr(C)] layout, the same
  * two steps. A block is one bit of its class's bitmap; an allocation claims a clear bit with one
- * atomic or, a free clears it with one atomic and, and the old value says who won. So kernels
- * allocate and free in one heap at the same time (system-scope atomics on the device), as CPU
- * threads and CPU processes do among themselves. The heap lives in memory both sides reach: a
- * segment registered with the GPU (hetmem-gpu's CudaShmBackend or RocmShmBackend).
+ * atomic or, a free clears it with one atomic and, and the old value says who won. So the
+ * kernels of one device allocate and free in one heap at the same time (system-scope atomics on
+ * the device), as CPU threads and CPU processes do among themselves. The heap lives in memory
+ * both sides reach: a segment registered with the GPU (hetmem-gpu's CudaShmBackend or
+ * RocmShmBackend).
  *
- * Kernels and the CPU use the heap at the same time only where the device's link to the host
- * carries atomics natively (NVLink-C2C on Grace Hopper; the backends' host_native_atomics()).
- * Over PCIe a device atomic on host memory is atomic among the device's threads, not against the
- * CPU's, so there the two take turns: the CPU allocates and frees before a kernel that uses the
- * heap is launched, or after it has finished, never while it runs. Either side frees what the
- * other allocated.
+ * Kernels and the CPU, or kernels of several devices, use the heap at the same time only where
+ * every device involved has a link to the host that carries atomics natively (NVLink-C2C on
+ * Grace Hopper; the backends' host_native_atomics()). Over PCIe a device atomic on host memory
+ * is atomic among the device's threads, not against the CPU's or another device's, so there they
+ * take turns: the CPU allocates and frees before a kernel that uses the heap is launched, or
+ * after it has finished, never while it runs. Either side frees what the other allocated.
  *
  * A kernel is given the backend's device address (`device_ptr()`, the address of its byte 0)
  * and the allocator's region (`BitmapAllocator::region()`: its `offset()` and `len()`). Offsets

@@ -5,12 +5,13 @@
 //! two steps (claim a bit with one system-scope atomic or, release it with one atomic and). A
 //! kernel allocates and frees in a heap that CPU threads and processes use too, when the heap
 //! lives in memory both reach: a segment registered with the GPU (`CudaShmBackend`,
-//! `RocmShmBackend`). Kernels use it at the same time as each other, and CPU threads and
-//! processes as each other; kernels and the CPU use it at the same time only where the backend's
-//! `host_native_atomics()` is true (a link that carries atomics natively, as NVLink-C2C does;
-//! PCIe does not). Elsewhere they take turns: the CPU allocates and frees before a kernel that
-//! uses the heap is launched, or after it has finished. The header includes nothing, so NVRTC
-//! compiles it as it is:
+//! `RocmShmBackend`). The kernels of one device use it at the same time as each other, and CPU
+//! threads and processes as each other; kernels and the CPU (or kernels of several devices) use
+//! it at the same time only where the backend's `host_native_atomics()` is true for every device
+//! involved (a link that carries atomics natively, as NVLink-C2C does; PCIe does not).
+//! Elsewhere they take turns: the CPU allocates and frees before a kernel that uses the heap is
+//! launched, or after it has finished. The header includes nothing, so NVRTC compiles it as it
+//! is:
 //!
 //! ```text
 //! let src = hetmem_gpu::device::with_bitmap_header(r#"

@@ -105,8 +105,11 @@ impl CudaShmBackend {
     /// only, not against the CPU's: a heap in the segment that kernels allocate in
     /// ([`device::BITMAP_HEADER`](crate::device::BITMAP_HEADER)) is used by kernels and by the CPU
     /// in turns. The CPU allocates and frees before a kernel that uses the heap is launched, or
-    /// after its stream is synchronized, never while it runs. Kernels among themselves, and CPU
-    /// threads and processes among themselves, use it at the same time either way.
+    /// after its stream is synchronized, never while it runs. The same holds between devices: the
+    /// segment is registered portable, and other processes may register it with other GPUs, whose
+    /// atomics over PCIe are not atomic against each other's. So the heap is shared at once only
+    /// by kernels of one device, or by CPU threads and processes, unless every device whose
+    /// kernels use it answers `true` here (each process asks of its own).
     pub fn host_native_atomics(&self) -> bool {
         self.host_atomics
     }
