@@ -96,11 +96,15 @@ impl Shared {
             return Ok(0);
         }
         let mut failed = None;
+        let mut pushed = Vec::new(); // the classes whose blocks are all listed now
         match self.spans_by_class(&g) {
             Ok(spans) => {
                 for (class, spans) in spans.iter().enumerate() {
-                    if let Err(e) = self.push_orphans(class, spans, &labels) {
-                        failed.get_or_insert(e);
+                    match self.push_orphans(class, spans, &labels) {
+                        Ok(()) => pushed.push(class),
+                        Err(e) => {
+                            failed.get_or_insert(e);
+                        }
                     }
                 }
             }
@@ -112,7 +116,14 @@ impl Shared {
             };
             if failed.is_some() {
                 // Its settled journals stay clear, and the blocks already pushed are listed: the
-                // next recovery finds nothing twice.
+                // next recovery finds nothing twice. The caches of those classes are emptied, as
+                // below, so that none still points into a shared list.
+                for &class in &pushed {
+                    let c = &s.body.classes[class];
+                    c.head.store(0, Ordering::Relaxed);
+                    c.retry_at.store(0, Ordering::Relaxed);
+                }
+                crash::point();
                 s.owner.store(owner, Ordering::Release);
                 crash::point();
                 continue;

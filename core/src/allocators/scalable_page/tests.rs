@@ -165,9 +165,13 @@ fn a_recovery_that_meets_a_damaged_list_gives_the_slot_back() {
     // Damage: the shared list of the second class starts at no block.
     let good = core::mem::replace(&mut *s.list(large).lock(), 8);
     let owner = || s.slots.slot(&s.mem, slot).unwrap().owner.load(Ordering::Acquire);
+    let head = |class: usize| s.slots.slot(&s.mem, slot).unwrap().body.classes[class].head.load(Ordering::Relaxed);
+    assert!(head(small) != 0 && head(large) != 0, "both caches hold blocks");
     for _ in 0..2 {
         assert!(matches!(a.reclaim(), Err(Error::Corrupt { .. })));
         assert_eq!(owner(), crate::testing::dead_token(), "given back as it was");
+        assert_eq!(head(small), 0, "the class whose blocks went to the shared list points into it no more");
+        assert_ne!(head(large), 0, "the damaged class's cache is left for a later recovery");
     }
     // An attach recovers only to gain space: the damaged dead slot does not refuse it.
     for _ in 0..2 {
