@@ -1,6 +1,7 @@
 //! [`FrameBox`]: a box whose memory comes from a [`FrameAllocator`].
 
 use core::alloc::Layout;
+use core::cell::UnsafeCell;
 use core::fmt;
 use core::future::Future;
 use core::marker::PhantomData;
@@ -241,8 +242,13 @@ impl<T: ?Sized, A: FrameAllocator> FrameBox<T, A> {
     /// the value is live: it reads the value's size and alignment.
     #[inline]
     fn frame(&self) -> Option<(NonNull<u8>, usize)> {
-        // SAFETY: the value is live while the box owns it (callers ensure it is not dropped yet).
-        let value = unsafe { self.value.as_ref() };
+        // Seen through an `UnsafeCell`, so that asking for its size and alignment does not
+        // read the value: a plain `&T` would count as a read of all its bytes, and a suspended
+        // future may hold a `&mut` to one of its own locals that its destructor still writes
+        // through (a read by anyone else ends such a borrow).
+        // SAFETY: the value is live while the box owns it (callers ensure it is not dropped yet);
+        // `UnsafeCell<T>` has the layout and metadata of `T`.
+        let value = unsafe { &*(self.value.as_ptr() as *const UnsafeCell<T>) };
         let (size, align) = (core::mem::size_of_val(value), core::mem::align_of_val(value));
         let start = self.value.cast::<u8>();
         if align <= FRAME_ALIGN {

@@ -338,6 +338,35 @@ mod tests {
         assert_eq!(c.stats().live_bytes, 0);
     }
 
+    /// A future suspended while one of its locals borrows another, whose destructor writes
+    /// through that borrow, is dropped in its frame before it finishes. Only Miri sees the fault
+    /// this guards against (`ci/test` runs it there): finding the frame must not read the
+    /// future, or the borrow it still holds ends before its destructor writes through it.
+    #[test]
+    fn a_suspended_future_that_borrows_itself_drops_in_its_frame() {
+        struct Bump<'a>(&'a mut u32);
+        impl Drop for Bump<'_> {
+            fn drop(&mut self) {
+                *self.0 += 1;
+            }
+        }
+        async fn borrows_itself() {
+            let mut n = 0u32;
+            let _bump = Bump(&mut n);
+            core::future::pending::<()>().await;
+        }
+        // A static, not `counting()`: Miri reports leaked allocators.
+        static C: CountingAllocator<RecyclingFrameAllocator> = CountingAllocator::new(RecyclingFrameAllocator::new());
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut task = FrameBox::pin_dyn_in(borrows_itself(), &C).unwrap();
+        assert!(task.as_mut().poll(&mut cx).is_pending());
+        drop(task);
+        let mut scoped = with_frame_allocator(&C, || FrameBox::pin_scoped(borrows_itself())).unwrap();
+        assert!(Pin::new(&mut scoped).poll(&mut cx).is_pending());
+        drop(scoped);
+        assert_eq!((C.stats().allocations, C.stats().live_bytes), (2, 0));
+    }
+
     #[test]
     fn scopes_nest_and_restore_even_on_panic() {
         let a = counting();
