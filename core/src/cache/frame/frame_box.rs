@@ -186,9 +186,10 @@ impl<'f, F: Future + 'f, A: FrameAllocator> FrameBox<F, A> {
 }
 
 impl FrameBox<()> {
-    /// Boxes `future` with the current scope's allocator ([`with_frame_allocator`](super::with_frame_allocator), else the
-    /// default [`RecyclingFrameAllocator`](super::RecyclingFrameAllocator)) and makes every poll
-    /// of it re-enter that scope, so the futures it creates inherit the allocator.
+    /// Boxes `future` with the current scope's allocator
+    /// ([`with_frame_allocator`](super::with_frame_allocator), else the default
+    /// [`RecyclingFrameAllocator`](super::RecyclingFrameAllocator)) and makes every poll of it
+    /// re-enter that scope, so the futures it creates inherit the allocator.
     ///
     /// The scope is read once, here: the task keeps its allocator, enters its scope when polled
     /// (a comparison with the thread's current scope when it is already set) and gives its frame

@@ -524,6 +524,35 @@ mod tests {
         .unwrap();
     }
 
+    /// A thread has one frame configuration, whichever allocator sets it: the limits reach the
+    /// default lists too. A flush empties this upstream's lists alone.
+    #[test]
+    fn a_thread_frame_configuration_covers_every_upstream_and_a_flush_one() {
+        let res = shared_resource();
+        std::thread::spawn(move || {
+            let _serial = serial();
+            let frames = RecyclingFrameAllocator::with_resource(res);
+            let before = res.live_blocks();
+            for alloc in [&frames, default_frame_allocator()] {
+                // SAFETY: from `allocate(64)`.
+                unsafe { alloc.deallocate(alloc.allocate(64).unwrap(), 64) };
+            }
+            frames.flush_thread();
+            assert_eq!(frames.thread_stats().bytes_cached, 0);
+            assert_eq!(default_frame_allocator().thread_stats().bytes_cached, 64, "other lists keep their frames");
+            frames.set_thread_config(Some(CacheConfig::disabled()));
+            assert_eq!(default_frame_allocator().thread_stats().bytes_cached, 0, "trimmed to the new limits");
+            let p = ThreadFrames.allocate(64).unwrap();
+            // SAFETY: from `allocate(64)`.
+            unsafe { ThreadFrames.deallocate(p, 64) };
+            assert_eq!(default_frame_allocator().thread_stats().bytes_cached, 0, "nothing kept under them");
+            frames.release_depot();
+            assert_eq!(res.live_blocks(), before);
+        })
+        .join()
+        .unwrap();
+    }
+
     #[test]
     fn frames_at_and_over_the_largest_class() {
         let res = shared_resource();

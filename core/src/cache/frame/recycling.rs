@@ -52,12 +52,16 @@ impl RecyclingFrameAllocator {
         self.slot.thread_stats()
     }
 
-    /// Gives the calling thread's frame lists their own limits (`None`: the defaults).
+    /// Gives the calling thread's frame lists their own limits (`None`: the defaults), applied
+    /// at once. A thread has one frame configuration: it sets the limits of the thread's lists
+    /// of every `RecyclingFrameAllocator` (and of [`ThreadFrames`]), whatever their upstream,
+    /// not of this allocator's alone.
     pub fn set_thread_config(&self, config: Option<CacheConfig>) {
         self.slot.set_thread_config(config);
     }
 
-    /// Returns the calling thread's recycled frames (to the depot, then upstream).
+    /// Returns the calling thread's recycled frames of this upstream (to the depot, then
+    /// upstream); the lists of other upstreams keep theirs.
     pub fn flush_thread(&self) {
         self.slot.flush_thread();
     }
