@@ -429,10 +429,16 @@ fn arg(name: &str, default: u64) -> u64 {
 fn main() {
     let tasks = arg("--tasks", 1_000_000);
     let in_flight = arg("--in-flight", 256) as usize;
+    if in_flight > MAX_IN_FLIGHT {
+        eprintln!("frames: --in-flight takes at most {MAX_IN_FLIGHT}");
+        std::process::exit(2)
+    }
     let reps = arg("--reps", 7) as usize;
 
-    let only = std::env::args().skip_while(|a| a != "--only").nth(1).unwrap_or_default();
-    if !only.is_empty() {
+    let only = std::env::args()
+        .any(|a| a == "--only")
+        .then(|| std::env::args().skip_while(|a| a != "--only").nth(1).unwrap_or_default());
+    if let Some(only) = only {
         // One strategy alone, for profilers.
         let r = match only.as_str() {
             "recycled" => run::<Recycled>(tasks, in_flight),
