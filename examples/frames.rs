@@ -30,8 +30,8 @@
 //! allocations of the executor thread: "upstream allocs/task" is that count over the second
 //! half of the tasks (steady state) divided by those tasks. (The switch adds a few instructions
 //! to each `Box::pin` allocation and free; recycled frames in steady state never reach it.)
-//! `benches/frames-instructions.sh` counts the instructions per task of each strategy. Per task: wall time and the
-//! executor thread's CPU time over all N tasks. The strategies run in R rounds (default 7),
+//! `benches/frames-instructions.sh` counts the instructions per task of each strategy. Per task:
+//! wall time and the executor thread's CPU time over all N tasks. The strategies run in R rounds (default 7),
 //! each round all four back to back, so that load from elsewhere falls on all of them alike;
 //! the table shows each strategy's run with the median CPU time, the last line the median and
 //! the range of the per-round ratios of `box-system` to `recycled`. Ratios use CPU time, which
@@ -415,29 +415,63 @@ fn profile(tasks: u64) {
     });
 }
 
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    match args.iter().position(|a| a == name) {
-        Some(i) => args.get(i + 1).and_then(|v| v.parse().ok()).filter(|&v| v > 0).unwrap_or_else(|| {
-            eprintln!("frames: {name} needs a positive number");
-            std::process::exit(2)
-        }),
-        None => default,
+const USAGE: &str = "usage: frames [--tasks N] [--in-flight K] [--reps R]
+       frames --only recycled|recycled-scope|box-system|box-mimalloc [--tasks N] [--in-flight K]";
+
+/// The strategies `--only` runs alone.
+const STRATEGIES: [&str; 4] = ["recycled", "recycled-scope", "box-system", "box-mimalloc"];
+
+/// What the command line asks for.
+#[derive(Debug, PartialEq)]
+struct Options {
+    tasks: u64,
+    in_flight: usize,
+    reps: usize,
+    only: Option<String>,
+}
+
+/// Parses the arguments after the program's name; `Ok(None)` for `--help`. Anything it does not
+/// know is an error, so that a typo (or `--help`) does not quietly run the whole benchmark.
+fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
+    let mut o = Options { tasks: 1_000_000, in_flight: 256, reps: 7, only: None };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut number = || -> Result<u64, String> {
+            it.next().and_then(|v| v.parse().ok()).filter(|&v| v > 0).ok_or(format!("{arg} needs a positive number"))
+        };
+        match arg.as_str() {
+            "--tasks" => o.tasks = number()?,
+            "--in-flight" => {
+                o.in_flight = usize::try_from(number()?)
+                    .ok()
+                    .filter(|&k| k <= MAX_IN_FLIGHT)
+                    .ok_or(format!("--in-flight takes at most {MAX_IN_FLIGHT}"))?;
+            }
+            "--reps" => o.reps = usize::try_from(number()?).map_err(|_| "--reps: too many".to_string())?,
+            "--only" => {
+                let only = it.next().filter(|s| STRATEGIES.contains(&s.as_str()));
+                o.only = Some(only.ok_or(format!("--only takes one of {}", STRATEGIES.join(", ")))?.clone());
+            }
+            "-h" | "--help" => return Ok(None),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
     }
+    Ok(Some(o))
 }
 
 fn main() {
-    let tasks = arg("--tasks", 1_000_000);
-    let in_flight = arg("--in-flight", 256) as usize;
-    if in_flight > MAX_IN_FLIGHT {
-        eprintln!("frames: --in-flight takes at most {MAX_IN_FLIGHT}");
-        std::process::exit(2)
-    }
-    let reps = arg("--reps", 7) as usize;
-
-    let only = std::env::args()
-        .any(|a| a == "--only")
-        .then(|| std::env::args().skip_while(|a| a != "--only").nth(1).unwrap_or_default());
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Options { tasks, in_flight, reps, only } = match parse_args(&args) {
+        Ok(Some(options)) => options,
+        Ok(None) => {
+            println!("{USAGE}");
+            return;
+        }
+        Err(e) => {
+            eprintln!("frames: {e}\n{USAGE}");
+            std::process::exit(2)
+        }
+    };
     if let Some(only) = only {
         // One strategy alone, for profilers.
         let r = match only.as_str() {
@@ -450,10 +484,7 @@ fn main() {
                 MODE.store(GLIBC, Ordering::Relaxed);
                 r
             }
-            _ => {
-                eprintln!("frames: --only takes recycled, recycled-scope, box-system or box-mimalloc");
-                std::process::exit(2)
-            }
+            _ => unreachable!("parse_args takes only the four strategies"),
         };
         println!("{only}: {:.2} ns/task wall, {:.2} ns/task CPU", r.ns_per_task, r.cpu_ns_per_task);
         return;
@@ -510,5 +541,39 @@ fn main() {
     if allocating {
         eprintln!("frames: recycled tasks still allocate upstream in steady state");
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(line: &str) -> Vec<String> {
+        line.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn the_command_line_is_parsed_or_refused_with_a_reason() {
+        let defaults = Options { tasks: 1_000_000, in_flight: 256, reps: 7, only: None };
+        assert_eq!(parse_args(&args("")), Ok(Some(defaults)));
+        assert_eq!(
+            parse_args(&args("--reps 3 --tasks 10 --in-flight 4096 --only box-system")),
+            Ok(Some(Options { tasks: 10, in_flight: 4096, reps: 3, only: Some("box-system".into()) }))
+        );
+        assert_eq!(parse_args(&args("--help")), Ok(None));
+        assert_eq!(parse_args(&args("--tasks 5 -h")), Ok(None));
+        for (line, reason) in [
+            ("--taks 5", "unknown argument"),
+            ("5", "unknown argument"),
+            ("--tasks", "positive number"),
+            ("--tasks 0", "positive number"),
+            ("--reps x", "positive number"),
+            ("--in-flight 4097", "at most 4096"),
+            ("--only", "--only takes"),
+            ("--only box", "--only takes"),
+        ] {
+            let err = parse_args(&args(line)).unwrap_err();
+            assert!(err.contains(reason), "{line:?}: {err}");
+        }
     }
 }
