@@ -80,11 +80,39 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+const USAGE: &str = "usage: [SLOTS=N] p4_cycles [REPEATS]    # defaults: 3 repeats, 1000 live slots";
+
+/// The repeats and live slots asked for by the arguments after the program's name and by
+/// `SLOTS`; `Ok(None)` for `--help`.
+fn parse_args(args: &[String], slots: Option<&str>) -> Result<Option<(usize, usize)>, String> {
+    let positive = |s: &str| s.parse().ok().filter(|&n: &usize| n > 0);
+    let repeats = match args {
+        [] => 3,
+        [help] if help == "-h" || help == "--help" => return Ok(None),
+        [n] => positive(n).ok_or(format!("REPEATS {n:?}: not a positive number"))?,
+        [_, extra, ..] => return Err(format!("one argument at most (got {extra:?} too)")),
+    };
+    let slots = match slots {
+        None => 1000,
+        Some(n) => positive(n).ok_or(format!("SLOTS={n:?}: not a positive number of live slots"))?,
+    };
+    Ok(Some((repeats, slots)))
+}
+
 fn main() {
-    let repeats: usize = std::env::args().nth(1).map_or(3, |s| s.parse().expect("a number of repeats"));
-    assert!(repeats > 0, "at least one repeat");
-    let slots: usize = std::env::var("SLOTS").map_or(1000, |s| s.parse().expect("SLOTS: a number of live slots"));
-    assert!(slots > 0, "SLOTS: at least one slot");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let slots = std::env::var("SLOTS").ok();
+    let (repeats, slots) = match parse_args(&args, slots.as_deref()) {
+        Ok(Some(parsed)) => parsed,
+        Ok(None) => {
+            println!("{USAGE}");
+            return;
+        }
+        Err(e) => {
+            eprintln!("p4_cycles: {e}\n{USAGE}");
+            std::process::exit(2)
+        }
+    };
     let (initial, steps) = p4_steps::random_steps(slots, STEPS);
     let fill = |q: &mut QuickPool<HostResource>| -> Live {
         initial.iter().map(|&s| (q.allocate(s, 16).expect("pool allocation"), s)).collect()
@@ -105,4 +133,31 @@ fn main() {
         }
     }
     println!("fresh {:.1} coalesced {:.1}", median(fresh), median(coalesced));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(line: &str) -> Vec<String> {
+        line.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn the_command_line_is_parsed_or_refused_with_a_reason() {
+        assert_eq!(parse_args(&[], None), Ok(Some((3, 1000))));
+        assert_eq!(parse_args(&args("5"), Some("30")), Ok(Some((5, 30))));
+        assert_eq!(parse_args(&args("--help"), None), Ok(None));
+        for (line, slots, reason) in [
+            ("x", None, "REPEATS"),
+            ("0", None, "REPEATS"),
+            ("--repeats", None, "REPEATS"),
+            ("3 4", None, "one argument"),
+            ("", Some("lots"), "SLOTS"),
+            ("", Some("0"), "SLOTS"),
+        ] {
+            let err = parse_args(&args(line), slots).unwrap_err();
+            assert!(err.contains(reason), "{line:?} {slots:?}: {err}");
+        }
+    }
 }
