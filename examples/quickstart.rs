@@ -120,7 +120,14 @@ fn read_text(mm: &MemoryManager, ptr: ShmPtr, len: usize) -> Result<String, Box<
 
 fn print_stats(who: &str, s: &hetmem::AllocStats) {
     println!(
-        "[{who}] stack allocator: {} live blocks, {} B in use, {} B reserved of {} B, high watermark {} B, {} allocations, {} frees",
-        s.live_allocations, s.bytes_in_use, s.bytes_reserved, s.capacity, s.high_watermark, s.total_allocations, s.total_frees
+        "[{who}] stack allocator: {} live blocks, {} B in use, {} B reserved of {} B, high watermark {} B, \
+         {} allocations, {} frees",
+        s.live_allocations,
+        s.bytes_in_use,
+        s.bytes_reserved,
+        s.capacity,
+        s.high_watermark,
+        s.total_allocations,
+        s.total_frees
     );
 }
