@@ -423,7 +423,17 @@ enum Live<'a> {
     Dyn(FastBox<'a, dyn Probe>),
 }
 
-impl Live<'_> {
+/// A box given up with [`FastBox::leak`]: its block must never be handed out again.
+enum Leaked<'a> {
+    Sized(&'a mut u64),
+    Dyn(&'a mut dyn Probe),
+}
+
+fn sized_value(id: u8) -> u64 {
+    id as u64 * 7
+}
+
+impl<'a> Live<'a> {
     fn addr(&self) -> usize {
         match self {
             Live::Sized(b) => addr(b),
@@ -432,8 +442,23 @@ impl Live<'_> {
     }
     fn verify(&self, id: u8) -> bool {
         match self {
-            Live::Sized(b) => **b == id as u64 * 7,
+            Live::Sized(b) => **b == sized_value(id),
             Live::Dyn(b) => b.verify(id),
+        }
+    }
+    fn leak(self) -> Leaked<'a> {
+        match self {
+            Live::Sized(b) => Leaked::Sized(FastBox::leak(b)),
+            Live::Dyn(b) => Leaked::Dyn(FastBox::leak(b)),
+        }
+    }
+}
+
+impl Leaked<'_> {
+    fn verify(&self, id: u8) -> bool {
+        match self {
+            Leaked::Sized(v) => **v == sized_value(id),
+            Leaked::Dyn(v) => v.verify(id),
         }
     }
 }
@@ -442,12 +467,21 @@ impl Live<'_> {
 enum Op {
     Alloc(u8),
     Drop(usize),
+    /// `FastBox::into_inner` of a live `u64` box (a drop for the others).
+    IntoInner(usize),
+    Leak(usize),
 }
 
 fn ops() -> impl Strategy<Value = Vec<Op>> {
     prop::collection::vec(
-        prop_oneof![3 => (0u8..7).prop_map(Op::Alloc), 2 => any::<usize>().prop_map(Op::Drop)],
-        1..200,
+        prop_oneof![
+            12 => (0u8..7).prop_map(Op::Alloc),
+            7 => any::<usize>().prop_map(Op::Drop),
+            2 => any::<usize>().prop_map(Op::IntoInner),
+            1 => any::<usize>().prop_map(Op::Leak),
+        ],
+        // Miri (run by ci/fastmem.sh for undefined behaviour, not for the model) runs shorter ones.
+        1..if cfg!(miri) { 100 } else { 200 },
     )
 }
 
@@ -462,91 +496,145 @@ const KINDS: [(usize, usize); 7] = [
     (0, 1),   // P0
 ];
 
-proptest! {
-    /// Random allocations and drops against a model that predicts every address a recycled block
-    /// comes from (the top of its class's stack) and checks every new block against all blocks
-    /// handed out so far. `check()` runs after each step.
-    #[test]
-    fn random_boxes_and_drops_match_the_model(ops in ops()) {
-        let store = FastMemStore::<2048, 128>::new();
-        let fm = store.init();
-        let base = fm.store_ref().base().as_ptr() as usize;
-        let mut live: Vec<(Live<'_>, u8, usize)> = Vec::new(); // box, id, class
-        let mut stacks: [Vec<usize>; 16] = Default::default();
-        let mut bumped: Vec<(usize, usize)> = Vec::new(); // every block ever bumped: (addr, size)
-        let mut next_id = 0u8;
-        for op in ops {
-            match op {
-                Op::Alloc(kind) => {
-                    let id = next_id;
-                    next_id = next_id.wrapping_add(1);
-                    let (size, align) = KINDS[kind as usize];
-                    let result = match kind {
-                        0 => fm.alloc(id as u64 * 7).map(Live::Sized),
-                        1 => fm.alloc(P1::new(id)).map(|b| Live::Dyn(fastbox_unsize!(b => dyn Probe))),
-                        2 => fm.alloc(P4::new(id)).map(|b| Live::Dyn(fastbox_unsize!(b => dyn Probe))),
-                        3 => fm.alloc(P16::new(id)).map(|b| Live::Dyn(fastbox_unsize!(b => dyn Probe))),
-                        4 => fm.alloc(P100::new(id)).map(|b| Live::Dyn(fastbox_unsize!(b => dyn Probe))),
-                        5 => fm.alloc(P64A::new(id)).map(|b| Live::Dyn(fastbox_unsize!(b => dyn Probe))),
-                        _ => fm.alloc(P0::new(id)).map(|b| Live::Dyn(fastbox_unsize!(b => dyn Probe))),
-                    };
-                    if size == 0 {
-                        let b = result.unwrap();
-                        prop_assert_eq!(b.addr() % align, 0);
-                        live.push((b, id, 0));
-                        continue;
-                    }
+/// Runs `ops` on a fresh `FastMemStore<N, S>` against a model that predicts the outcome of every
+/// step: a recycled block comes from the top of its class's stack; a new one is bumped at the
+/// first address past the cursor aligned to its size, or, when that block would end past the
+/// store, the allocation fails with `OutOfMemory` and the cursor stays; a value larger than `S` is
+/// refused. After each step the store's `check()`, `remaining()` and report must agree with the
+/// model (cursor, free blocks per class, free bytes), and every live or leaked value must be
+/// intact. At the end, after all drops, every block ever bumped is free again except the leaked
+/// ones.
+fn run_model<const N: usize, const S: usize>(ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let store = FastMemStore::<N, S>::new();
+    let fm = store.init();
+    let base = fm.store_ref().base().as_ptr() as usize;
+    let heads = heads_bytes(S);
+    prop_assert_eq!(store.capacity(), N - heads);
+    let mut cursor = heads; // the model's cursor: offset of the first byte never handed out
+    let mut live: Vec<(Live<'_>, u8, usize)> = Vec::new(); // box, id, class (0: zero-sized)
+    let mut leaked: Vec<(Leaked<'_>, u8, usize)> = Vec::new(); // value, id, block size
+    let mut stacks: [Vec<usize>; 16] = Default::default();
+    let mut bumped: Vec<(usize, usize)> = Vec::new(); // every block ever bumped: (addr, size)
+    let mut next_id = 0u8;
+    for op in ops {
+        match op {
+            Op::Alloc(kind) => {
+                let id = next_id;
+                next_id = next_id.wrapping_add(1);
+                let (size, align) = KINDS[kind as usize];
+                let result = match kind {
+                    0 => fm.alloc(sized_value(id)).map(Live::Sized),
+                    1 => fm.alloc(P1::new(id)).map(|b| Live::Dyn(fastbox_unsize!(b => dyn Probe))),
+                    2 => fm.alloc(P4::new(id)).map(|b| Live::Dyn(fastbox_unsize!(b => dyn Probe))),
+                    3 => fm.alloc(P16::new(id)).map(|b| Live::Dyn(fastbox_unsize!(b => dyn Probe))),
+                    4 => fm.alloc(P100::new(id)).map(|b| Live::Dyn(fastbox_unsize!(b => dyn Probe))),
+                    5 => fm.alloc(P64A::new(id)).map(|b| Live::Dyn(fastbox_unsize!(b => dyn Probe))),
+                    _ => fm.alloc(P0::new(id)).map(|b| Live::Dyn(fastbox_unsize!(b => dyn Probe))),
+                };
+                if size == 0 {
+                    let b = result.unwrap();
+                    prop_assert_eq!(b.addr() % align, 0);
+                    live.push((b, id, 0));
+                } else if size > S {
+                    let refused = matches!(result, Err(Error::InvalidSize { size: s, .. }) if s as usize == size);
+                    prop_assert!(refused, "a {}-byte value in a store for {} bytes", size, S);
+                } else {
                     let class = class_of(size) as usize;
                     let block = 1usize << class;
-                    match result {
-                        Ok(b) => {
+                    let expected = match stacks[class].pop() {
+                        Some(recycled) => Some(recycled),
+                        None => {
+                            let at = (base + cursor).next_multiple_of(block);
+                            (at + block <= base + N).then_some(at)
+                        }
+                    };
+                    match (result, expected) {
+                        (Ok(b), Some(expected)) => {
                             let at = b.addr();
+                            prop_assert_eq!(at, expected, "block of {} bytes not where the model expects it", block);
                             prop_assert_eq!(at % align, 0);
-                            prop_assert_eq!(at % block, 0);
-                            if let Some(expected) = stacks[class].pop() {
-                                prop_assert_eq!(at, expected, "a recycled block comes from the top of its stack");
-                            } else {
-                                prop_assert!(at >= base + heads_bytes(128) && at + block <= base + 2048);
+                            if at >= base + cursor {
+                                prop_assert!(at + block <= base + N);
                                 for &(other, len) in &bumped {
-                                    prop_assert!(at + block <= other || other + len <= at, "new block overlaps an old one");
+                                    prop_assert!(at + block <= other || other + len <= at, "overlaps an old block");
                                 }
                                 bumped.push((at, block));
+                                cursor = at - base + block;
                             }
                             live.push((b, id, class));
                         }
-                        Err(Error::OutOfMemory { requested, .. }) => {
-                            prop_assert!(stacks[class].is_empty(), "out of memory while the stack had a block");
+                        (Err(Error::OutOfMemory { requested, available }), None) => {
                             prop_assert_eq!(requested as usize, block);
-                            prop_assert!(fm.remaining() < 2 * block);
+                            prop_assert_eq!(available as usize, N - cursor);
                         }
-                        Err(e) => prop_assert!(false, "unexpected error {:?}", e),
+                        (Ok(b), None) => {
+                            prop_assert!(false, "a {}-byte block at {:#x} past the store's end", block, b.addr() - base)
+                        }
+                        (Err(e), Some(_)) => {
+                            prop_assert!(false, "{:?}, but a {}-byte block fits at offset {:#x}", e, block, cursor)
+                        }
+                        (Err(e), None) => prop_assert!(false, "unexpected error {:?}", e),
                     }
                 }
-                Op::Drop(i) => {
-                    if live.is_empty() {
+            }
+            Op::Drop(i) | Op::IntoInner(i) | Op::Leak(i) => {
+                if live.is_empty() {
+                    continue;
+                }
+                let (b, id, class) = live.swap_remove(i % live.len());
+                prop_assert!(b.verify(id), "value {} was overwritten", id);
+                let at = b.addr();
+                match (op, b) {
+                    (Op::Leak(_), b) => {
+                        if class != 0 {
+                            leaked.push((b.leak(), id, 1 << class));
+                        }
                         continue;
                     }
-                    let (b, id, class) = live.swap_remove(i % live.len());
-                    prop_assert!(b.verify(id), "value {} was overwritten", id);
-                    if class != 0 {
-                        stacks[class].push(b.addr());
-                    }
-                    drop(b);
+                    (Op::IntoInner(_), Live::Sized(b)) => prop_assert_eq!(FastBox::into_inner(b), sized_value(id)),
+                    (_, b) => drop(b),
+                }
+                if class != 0 {
+                    stacks[class].push(at);
                 }
             }
-            for (b, id, _) in &live {
-                prop_assert!(b.verify(*id), "value {} was overwritten", id);
-            }
-            let report = fm.check().unwrap();
-            for (class, stack) in stacks.iter().enumerate().skip(3) {
-                prop_assert_eq!(report.free_blocks(1 << class), stack.len());
-            }
         }
-        drop(live);
-        // Nothing is lost: every block ever bumped is on a free stack again.
+        for (b, id, _) in &live {
+            prop_assert!(b.verify(*id), "value {} was overwritten", id);
+        }
+        for (v, id, _) in &leaked {
+            prop_assert!(v.verify(*id), "leaked value {} was overwritten", id);
+        }
+        prop_assert_eq!(fm.remaining(), N - cursor);
         let report = fm.check().unwrap();
-        let total: usize = bumped.iter().map(|&(_, len)| len).sum();
-        prop_assert_eq!(report.free_bytes, total);
-        prop_assert!(report.bumped >= total);
+        prop_assert_eq!(report.bumped, cursor - heads);
+        let mut free_bytes = 0;
+        for (class, stack) in stacks.iter().enumerate().skip(3) {
+            prop_assert_eq!(report.free_blocks(1 << class), stack.len(), "free blocks of {} bytes", 1 << class);
+            free_bytes += stack.len() << class;
+        }
+        prop_assert_eq!(report.free_bytes, free_bytes);
+    }
+    drop(live);
+    // Nothing is lost: every block ever bumped is on a free stack again, but the leaked ones.
+    let report = fm.check().unwrap();
+    let total: usize = bumped.iter().map(|&(_, len)| len).sum();
+    let kept: usize = leaked.iter().map(|&(_, _, len)| len).sum();
+    prop_assert_eq!(report.free_bytes, total - kept);
+    prop_assert_eq!(report.bumped, cursor - heads);
+    Ok(())
+}
+
+proptest! {
+    /// Random allocations, drops, `into_inner`s and leaks against the model of `run_model`, in a
+    /// roomy store and in a small one that runs out often and refuses the larger kinds.
+    #[test]
+    fn random_boxes_and_drops_match_the_model(ops in ops()) {
+        run_model::<2048, 128>(ops)?;
+    }
+
+    #[test]
+    fn random_boxes_and_drops_match_the_model_in_a_small_store(ops in ops()) {
+        run_model::<400, 64>(ops)?;
     }
 }
