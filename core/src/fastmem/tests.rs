@@ -351,6 +351,42 @@ fn check_finds_corrupt_stacks() {
     assert_eq!(fm.check().unwrap().free_blocks(16), 2);
 }
 
+/// Threads that make a static store's first `init` at once: one lays it out, the others wait for
+/// it (under Miri, a layout that is not published to them is a data race on the stack heads), and
+/// no thread's blocks are wiped by a second layout.
+#[test]
+fn racing_first_inits_lay_the_store_out_once() {
+    static STORE: FastMemStore<1024, 64> = FastMemStore::new();
+    const THREADS: usize = 4;
+    let barrier = std::sync::Barrier::new(THREADS);
+    let addrs: Vec<usize> = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..THREADS as u32)
+            .map(|t| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    let fm = STORE.init();
+                    let held = [fm.alloc(t).unwrap(), fm.alloc(t + 100).unwrap()];
+                    // Every thread holds its blocks until all have bumped theirs.
+                    barrier.wait();
+                    assert_eq!((*held[0], *held[1]), (t, t + 100), "a block of thread {t} was handed out again");
+                    let at = [addr(&held[0]), addr(&held[1])];
+                    drop(held);
+                    at
+                })
+            })
+            .collect();
+        threads.into_iter().flat_map(|t| t.join().unwrap()).collect()
+    });
+    let mut sorted = addrs.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 2 * THREADS, "two threads got one block: {addrs:?}");
+    // The heads of a store for values of up to 64 bytes take 5 words, a multiple of 8 bytes: the
+    // 8-byte blocks need no padding.
+    let r = STORE.init().check().unwrap();
+    assert_eq!((r.bumped, r.free_bytes, r.free_blocks(8)), (16 * THREADS, 16 * THREADS, 2 * THREADS));
+}
+
 #[test]
 fn static_store_shared_by_threads() {
     static STORE: FastMemStore<{ 64 * 1024 }, 128> = FastMemStore::new();
