@@ -321,7 +321,8 @@ impl<F: ?Sized + Future + Unpin> Future for FastBox<'_, F> {
 /// static STORE: FastMemStore<512, 64> = FastMemStore::new();
 /// let fm = STORE.init();
 /// let mut calls = 0;
-/// let mut f: FastBox<dyn FnMut() -> i32> = fastbox_unsize!(fm.alloc(move || { calls += 1; calls })? => dyn FnMut() -> i32);
+/// let mut f: FastBox<dyn FnMut() -> i32> =
+///     fastbox_unsize!(fm.alloc(move || { calls += 1; calls })? => dyn FnMut() -> i32);
 /// assert_eq!((*f)(), 1);
 /// let s: FastBox<[u16]> = fastbox_unsize!(fm.alloc([1u16, 2, 3])? => [u16]);
 /// assert_eq!(s.len(), 3);

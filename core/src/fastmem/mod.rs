@@ -61,7 +61,8 @@
 //! assert_eq!(*again, 9);
 //!
 //! let mut count = 0u32;
-//! let mut tick: FastBox<dyn FnMut() -> u32> = fastbox_unsize!(fm.alloc(move || { count += 1; count })? => dyn FnMut() -> u32);
+//! let mut tick: FastBox<dyn FnMut() -> u32> =
+//!     fastbox_unsize!(fm.alloc(move || { count += 1; count })? => dyn FnMut() -> u32);
 //! assert_eq!((*tick)(), 1);
 //! assert_eq!((*tick)(), 2);
 //! # Ok::<(), hetmem_core::Error>(())

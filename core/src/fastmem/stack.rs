@@ -16,9 +16,9 @@
 //! head is `(old & !LINK_MASK) + link`. The pop does the tag's arithmetic.
 //!
 //! The algorithm is written over [`HeadCell`] and [`LinkCell`] so that the loom models
-//! (`core/tests/loom_fastmem.rs`) run it on loom's atomics; the store runs it on `core`'s atomics placed inside its bytes. With the
-//! `critical-section` feature, the same operations run inside a critical section with plain loads
-//! and stores (no compare-and-swap needed).
+//! (`core/tests/loom_fastmem.rs`) run it on loom's atomics; the store runs it on `core`'s atomics
+//! placed inside its bytes. With the `critical-section` feature, the same operations run inside a
+//! critical section with plain loads and stores (no compare-and-swap needed).
 
 use core::sync::atomic::Ordering;
 

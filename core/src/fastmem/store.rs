@@ -1,7 +1,8 @@
 //! The store, its handle, the bump path and `check()`.
 
 // The store's atomics live inside its own bytes and must be const-constructible, so they are
-// `core`'s even under `--cfg loom`; the lock-free algorithm itself is loom-tested in `stack.rs`.
+// `core`'s even under `--cfg loom`; the lock-free algorithm itself (`stack.rs`, and `claim` below)
+// is what `core/tests/loom_fastmem.rs` model-checks.
 use core::cell::UnsafeCell;
 use core::mem::{size_of, MaybeUninit};
 use core::ptr::NonNull;
@@ -22,8 +23,8 @@ const BUSY: usize = 1;
 
 /// `N` bytes of storage for values of at most `S` bytes, usable in a `static`.
 ///
-/// The first bytes hold one free-stack head per size class (`(log2(S + 4) - 2)` words); the rest
-/// is handed out in blocks. [`init`](Self::init) gives the [`FastMem`] handle that allocates.
+/// The first bytes hold one free-stack head per size class (`⌈log2(S + 4)⌉ - 2` words, rounded up
+/// to 8 bytes); the rest is handed out in blocks. [`init`](Self::init) gives the [`FastMem`] handle that allocates.
 /// See the [module documentation](super) for the design and its limits.
 ///
 /// ```
