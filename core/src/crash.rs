@@ -13,6 +13,8 @@
 /// Marks a place where the process may die (see the [module docs](self)).
 #[inline(always)]
 #[cfg_attr(all(hetmem_crash_points, feature = "std", unix), track_caller)]
+// Its callers (the shared-memory allocators and lists) are not built for small bare-metal targets.
+#[cfg_attr(not(any(target_has_atomic = "64", feature = "alloc")), allow(dead_code))]
 pub(crate) fn point() {
     #[cfg(all(hetmem_crash_points, feature = "std", unix))]
     imp::hit(core::panic::Location::caller());

@@ -33,9 +33,11 @@ pub enum Error {
     /// The allocator or backend has no room for the request. The allocator stays usable.
     #[error("out of memory: requested {requested} bytes, {available} available")]
     OutOfMemory {
-        /// Bytes requested (before any rounding).
+        /// Bytes requested: the caller's size, or the block size it was rounded to where the
+        /// allocator works in blocks (fastmem, the size-class caches, a pool's upstream block).
         requested: u64,
-        /// Bytes the allocator could still give out, as far as it knows.
+        /// Bytes the allocator could still give out, as far as it knows: its free bytes in all,
+        /// which need not lie in one piece, so a request smaller than this can still fail.
         available: u64,
     },
     /// A pool would grow past the maximum size it was configured with. The pool stays usable:

@@ -104,6 +104,8 @@ pub const fn owner_stamp(token: u64) -> crate::liveness::ProcessStamp {
 /// under loom) every caller's token is 1, of pid 0: there it is a holder's. Only with a hook
 /// installed, as for any take-over: a process that knows no other process takes nothing over.
 #[cfg(target_has_atomic = "ptr")]
+// Its callers (the mutex, the shared-memory allocators) are not built for small bare-metal targets.
+#[cfg_attr(not(any(target_has_atomic = "64", feature = "alloc")), allow(dead_code))]
 pub(crate) fn holder_gone(token: u64) -> bool {
     let no_process = cfg!(all(feature = "std", not(loom))) && owner_pid(token) == 0;
     token != 0
