@@ -227,6 +227,12 @@ impl RegionHeader {
         self.directory.lock_or_recover(|dir| repair_directory(dir, self.total_size))
     }
 
+    /// [`lock_directory`](Self::lock_directory) without waiting: `None` while a live process
+    /// holds the lock (one a dead process left is taken over and repaired, as always).
+    fn try_lock_directory(&self) -> Option<MutexGuard<'_, Directory>> {
+        self.directory.try_lock_or_recover(|dir| repair_directory(dir, self.total_size))
+    }
+
     /// Takes the directory's lock, until the returned guard drops.
     #[cfg(all(test, feature = "std", not(loom)))]
     pub(crate) fn lock_directory_for_test(&self) -> impl Send + '_ {
@@ -343,7 +349,7 @@ impl RegionHeader {
     /// while a live process holds it (one a dead process left is taken over, as always). For
     /// lookups under a deadline: a process stopped while it holds the lock holds it for good.
     pub fn try_find_allocator(&self, id: AllocatorId) -> Option<Result<Option<AllocatorEntry>>> {
-        let dir = self.directory.try_lock_or_recover(|dir| repair_directory(dir, self.total_size))?;
+        let dir = self.try_lock_directory()?;
         Some(self.find_in(&dir, id))
     }
 
@@ -377,7 +383,7 @@ impl RegionHeader {
     /// [`allocators`](Self::allocators) without waiting for the directory's lock: `None` while a
     /// live process holds it (see [`try_find_allocator`](Self::try_find_allocator)).
     pub fn try_allocators(&self) -> Option<impl Iterator<Item = AllocatorEntry> + '_> {
-        let dir = self.directory.try_lock_or_recover(|dir| repair_directory(dir, self.total_size))?;
+        let dir = self.try_lock_directory()?;
         Some(ready_entries(&dir).into_iter().flatten())
     }
 }
