@@ -104,6 +104,13 @@ pub(crate) fn round_up(value: usize, align: usize) -> Option<usize> {
     value.checked_add(align - 1).map(|v| v & !(align - 1))
 }
 
+/// The distance from `addr` up to the next multiple of `align` (a power of two): no overflow,
+/// unlike rounding the address up.
+#[inline(always)]
+fn padding(addr: usize, align: usize) -> usize {
+    addr.wrapping_neg() & (align - 1)
+}
+
 struct Chunk {
     base: NonNull<u8>,
     size: usize,
@@ -350,7 +357,7 @@ impl BlockArena {
         let Some(b) = self.blocks.get(slot).filter(|b| slot != SCRATCH && !b.used()) else {
             return Ok(None);
         };
-        let pad = b.addr.wrapping_neg() & (fit.align.max(self.granule) - 1);
+        let pad = padding(b.addr, fit.align.max(self.granule));
         if pad.checked_add(fit.rounded).is_none_or(|needed| needed > b.size) {
             return Ok(None);
         }
@@ -383,8 +390,7 @@ impl BlockArena {
         self.counters.releasable_blocks -= usize::from(whole);
         self.counters.releasable_bytes -= keep_if(whole, found);
         if align > self.granule {
-            // The distance up to the next multiple of `align` (no overflow, unlike rounding up).
-            let pad = addr.wrapping_neg() & (align - 1);
+            let pad = padding(addr, align);
             if pad > 0 {
                 let rest = Self::split(blocks, &mut self.spares, slot, pad);
                 free.insert(blocks, slot);
