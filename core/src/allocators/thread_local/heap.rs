@@ -989,7 +989,7 @@ impl Shared {
         let size = self.arena.word(b + SMALL_HEADER)?.load(Ordering::Acquire);
         let ours = has_state(word, State::Remote)
             && word_class(word) == class
-            && self.arena.class_span(span, class).map(|h| h.owner.load(Ordering::Relaxed)) == Some(heap_off)
+            && self.own_span(heap_off, span, class).is_ok()
             && b.wrapping_sub(span + SPAN_HEADER) < LAYOUTS[class].area
             && size != 0
             && size <= LAYOUTS[class].size;
