@@ -114,28 +114,20 @@ impl Shared {
             let Ok(s) = self.slots.slot(&self.mem, offset) else {
                 continue;
             };
-            if failed.is_some() {
-                // Its settled journals stay clear, and the blocks already pushed are listed: the
-                // next recovery finds nothing twice. The caches of those classes are emptied, as
-                // below, so that none still points into a shared list.
-                for &class in &pushed {
-                    let c = &s.body.classes[class];
-                    c.head.store(0, Ordering::Relaxed);
-                    c.retry_at.store(0, Ordering::Relaxed);
-                }
-                crash::point();
-                s.owner.store(owner, Ordering::Release);
-                crash::point();
-                continue;
-            }
-            for c in &s.body.classes {
+            // The caches of the classes whose blocks are all listed now (every class, unless one
+            // failed) are emptied: none points into a shared list any more, and a flush the dead
+            // process put off (`flush_after_free`) is over, or the slot's next owner would let
+            // its cache grow to the dead one's count.
+            for &class in &pushed {
+                let c = &s.body.classes[class];
                 c.head.store(0, Ordering::Relaxed);
-                // Emptied: a flush the dead process put off (`flush_after_free`) is over, or
-                // the slot's next owner would let its cache grow to the dead one's count.
                 c.retry_at.store(0, Ordering::Relaxed);
             }
             crash::point();
-            s.owner.store(0, Ordering::Release);
+            // After a failure the slot goes back to its dead owner as found: its settled journals
+            // stay clear, and the blocks already pushed are listed, so the next recovery finds
+            // nothing twice.
+            s.owner.store(if failed.is_some() { owner } else { 0 }, Ordering::Release);
             crash::point();
         }
         drop(g);
