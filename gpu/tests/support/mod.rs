@@ -75,13 +75,7 @@ pub fn skip(suite: &str, why: &str) -> ExitCode {
 
 /// Runs this binary again as `--child role args...` and fails with its output if it fails.
 pub fn child(role: &str, args: &[String]) -> Result<(), String> {
-    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
-    let out = Command::new(exe)
-        .arg("--child")
-        .arg(role)
-        .args(args)
-        .output()
-        .map_err(|e| format!("spawning the {role} child: {e}"))?;
+    let out = child_command(role, args)?.output().map_err(|e| format!("spawning the {role} child: {e}"))?;
     if out.status.success() {
         return Ok(());
     }
@@ -91,6 +85,14 @@ pub fn child(role: &str, args: &[String]) -> Result<(), String> {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     ))
+}
+
+/// This binary, to run again as `--child role args...`.
+fn child_command(role: &str, args: &[String]) -> Result<Command, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+    let mut command = Command::new(exe);
+    command.arg("--child").arg(role).args(args);
+    Ok(command)
 }
 
 /// A child started by [`spawn_child`], still running: killed and waited for when dropped.
@@ -105,11 +107,7 @@ pub struct RunningChild {
 /// ([`RunningChild::expect_line`]), and finds its input closed should the test end without
 /// killing it.
 pub fn spawn_child(role: &str, args: &[String]) -> Result<RunningChild, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
-    let mut child = Command::new(exe)
-        .arg("--child")
-        .arg(role)
-        .args(args)
+    let mut child = child_command(role, args)?
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
