@@ -10,15 +10,14 @@
 //! A batch is a null-terminated chain of blocks linked through their first word; the second word
 //! of a batch's first block links the batches of a class.
 
-use core::cell::UnsafeCell;
 use core::ptr::{self, NonNull};
 
 use crate::cache::size_class::{batch_len, class_size, BLOCK_ALIGN, MAX_BUCKETS};
 use crate::cache::stats::{CacheStats, Counters};
 use crate::cache::upstream::Upstream;
 use crate::error::{Error, Result};
-use crate::sync::SpinLock;
-use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use crate::sync::{BindOnce, SpinLock};
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 /// The limit of a depot whose limit is not set yet (the thread caches' depots start with it,
 /// and the first thread cache to start gives each its default, see
@@ -39,31 +38,13 @@ pub struct Depot {
     bytes: AtomicUsize,
     limit: AtomicUsize,
     counters: Counters,
-    /// Whether `bound` holds the upstream the blocks come from yet: [`UNBOUND`], [`BINDING`] or
-    /// [`BOUND`]. A cache made by hand binds the depot; the thread-local caches' depots are
-    /// bound by their slot instead, and never to another.
-    binding: AtomicU8,
-    /// Written once, between `BINDING` and `BOUND`.
-    bound: UnsafeCell<Upstream>,
+    /// The upstream the blocks come from, once bound. A cache made by hand binds the depot; the
+    /// thread-local caches' depots are bound by their slot instead, and never to another.
+    bound: BindOnce<Upstream>,
     /// The fork generation the batches and locks belong to.
     #[cfg(all(unix, feature = "std", not(loom), target_has_atomic = "64"))]
     epoch: crate::fork::Epoch,
 }
-
-// SAFETY: `bound` is written once, by the thread that moved `binding` from UNBOUND to BINDING,
-// before it stores BOUND with release ordering, and read only after an acquire load of BOUND;
-// an `Upstream` may be shared and sent (a `MemoryResource` is `Send + Sync`). Every other field
-// is `Sync` on its own.
-unsafe impl Sync for Depot {}
-// SAFETY: as for `Sync`: the depot owns its batches, and an `Upstream` may be sent.
-unsafe impl Send for Depot {}
-
-/// No upstream bound yet.
-const UNBOUND: u8 = 0;
-/// A thread is writing the bound upstream.
-const BINDING: u8 = 1;
-/// `bound` holds the upstream.
-const BOUND: u8 = 2;
 
 struct ClassBatches {
     head: *mut u8,
@@ -101,8 +82,7 @@ impl Depot {
             bytes: AtomicUsize::new(0),
             limit: AtomicUsize::new(limit),
             counters: Counters::new(),
-            binding: AtomicU8::new(UNBOUND),
-            bound: UnsafeCell::new(Upstream::System),
+            bound: BindOnce::new(Upstream::System),
             #[cfg(all(unix, feature = "std", not(loom), target_has_atomic = "64"))]
             epoch: crate::fork::Epoch::new(),
         }
@@ -138,39 +118,19 @@ impl Depot {
         self.bytes.store(0, Ordering::Relaxed);
         // A thread of the parent that was binding left `bound` half written: as no cache
         // finished binding to it, the depot is unbound.
-        let _ = self.binding.compare_exchange(BINDING, UNBOUND, Ordering::Relaxed, Ordering::Relaxed);
+        // SAFETY: the caller's contract: no thread of this process is binding.
+        unsafe { self.bound.forget_binding() };
     }
 
     /// The upstream the depot is bound to, if any.
     fn bound(&self) -> Option<Upstream> {
-        // SAFETY: `bound` is not written again once BOUND is stored (see `Sync`).
-        (self.binding.load(Ordering::Acquire) == BOUND).then(|| unsafe { *self.bound.get() })
+        self.bound.get()
     }
 
     /// Binds the depot to `upstream` if it is not bound yet; `false` if it serves another.
     pub(crate) fn bind(&self, upstream: Upstream) -> bool {
         self.enter();
-        let mut attempt = 0u32;
-        loop {
-            match self.binding.load(Ordering::Acquire) {
-                // SAFETY: as in `bound`.
-                BOUND => return unsafe { *self.bound.get() } == upstream,
-                UNBOUND => {
-                    if self.binding.compare_exchange(UNBOUND, BINDING, Ordering::Acquire, Ordering::Relaxed).is_ok() {
-                        // SAFETY: the compare-exchange made this thread the only writer, and no
-                        // reader reads `bound` before BOUND is stored.
-                        unsafe { *self.bound.get() = upstream };
-                        self.binding.store(BOUND, Ordering::Release);
-                        return true;
-                    }
-                }
-                // Another thread is binding: two stores away.
-                _ => {
-                    crate::sync::relax(attempt);
-                    attempt = attempt.saturating_add(1);
-                }
-            }
-        }
+        self.bound.bind(upstream)
     }
 
     /// Takes every class lock (before a `fork`; see `tls::fork`).
@@ -435,7 +395,7 @@ mod tests {
         let res = CountingResource::leak();
         let depot: &'static Depot = Box::leak(Box::new(Depot::new(1 << 20)));
         // As a thread of the parent leaves it between its compare-exchange and its store.
-        depot.binding.store(BINDING, Ordering::Relaxed);
+        depot.bound.stop_mid_binding();
         let child = in_a_forked_child(|| depot.bind(Upstream::Resource(res)) && depot.bound().is_some());
         assert!(child, "the forked child waited for a binding no thread of it was making");
         assert!(depot.bound().is_none(), "the parent's depot is as it was");

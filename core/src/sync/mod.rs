@@ -6,6 +6,7 @@
 //!   can be found and taken over ([`Mutex::lock_or_recover`]); spins briefly, then yields.
 //! - [`TaggedOffsetList`]: a lock-free stack of offsets with an ABA tag, for free lists shared
 //!   by processes.
+//! - [`BindOnce`]: a value bound once by the first of racing threads (a depot's upstream).
 //! - [`bits`]: claiming and releasing bits of bitmap words without a lock, for the bitmap
 //!   allocator that CPU threads, processes and GPU kernels share.
 //!
@@ -13,6 +14,8 @@
 //! algorithms are model-checked (`core/tests/loom_*.rs`).
 
 pub mod atomic;
+#[cfg(target_has_atomic = "32")]
+mod bind_once;
 #[cfg(target_has_atomic = "64")]
 pub mod bits;
 #[cfg(target_has_atomic = "64")]
@@ -23,6 +26,8 @@ mod spin_lock;
 #[cfg(target_has_atomic = "64")]
 pub mod tagged_list;
 
+#[cfg(target_has_atomic = "32")]
+pub use bind_once::BindOnce;
 #[cfg(target_has_atomic = "64")]
 pub use mutex::{Mutex, MutexGuard};
 #[cfg(target_has_atomic = "32")]
