@@ -393,3 +393,18 @@ fn list_names_segments_it_cannot_read_and_why() {
     assert!(other.contains(&format!("(layout version {}: this tool reads version {version})", version + 1)), "{other}");
     assert_eq!(line(&foreign), None, "another program's segment is listed:\n{listed}");
 }
+
+/// An argument that is not UTF-8 (a file name in another encoding, say) is refused like any
+/// other bad argument, with the usage and exit status 2, where reading the arguments panicked.
+#[test]
+fn an_argument_that_is_not_utf8_is_refused_not_a_panic() {
+    use std::os::unix::ffi::OsStrExt;
+    let bad = std::ffi::OsStr::from_bytes(b"/caf\xe9");
+    for args in [vec![std::ffi::OsStr::new("show"), bad], vec![bad]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_hetmem")).args(&args).output().unwrap();
+        let said = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {said}");
+        assert!(said.contains("not valid UTF-8") && said.contains("usage: hetmem"), "{args:?}: {said}");
+        assert!(!said.contains("panicked"), "{args:?}: {said}");
+    }
+}

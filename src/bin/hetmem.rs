@@ -21,6 +21,7 @@
 //! Exit status: 0 when all is well, 1 when `check` found damage, 2 for anything else (a bad
 //! command line, a segment that is missing or not hetmem's).
 
+use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -51,6 +52,11 @@ Exit status: 0 all well, 1 damage found, 2 any other error.";
 
 /// How long a command may run before the tool gives up, unless `--timeout` says otherwise.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The arguments as text: one that is not UTF-8 names no segment hetmem makes, and is refused.
+fn utf8_args(args: impl Iterator<Item = OsString>) -> Result<Vec<String>, String> {
+    args.map(|arg| arg.into_string().map_err(|arg| format!("argument {arg:?} is not valid UTF-8"))).collect()
+}
 
 /// Takes `--timeout SECS` (anywhere on the line) out of `args`: the timeout, and the rest.
 fn split_timeout(args: &[String]) -> Result<(Duration, Vec<String>), String> {
@@ -430,8 +436,10 @@ fn check(name: &str, id: Option<AllocatorId>) -> hetmem::Result<Report> {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let command = match split_timeout(&args).and_then(|(timeout, rest)| Ok((timeout, parse(&rest)?))) {
+    let command = utf8_args(std::env::args_os().skip(1))
+        .and_then(|args| split_timeout(&args))
+        .and_then(|(timeout, rest)| Ok((timeout, parse(&rest)?)));
+    let command = match command {
         Ok((timeout, c)) => {
             give_up_after(timeout);
             c
