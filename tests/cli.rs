@@ -408,3 +408,40 @@ fn an_argument_that_is_not_utf8_is_refused_not_a_panic() {
         assert!(!said.contains("panicked"), "{args:?}: {said}");
     }
 }
+
+/// A reader that goes away before the report is written (`hetmem list | head -1`, a pager quit
+/// early) ends the tool quietly with the command's own status, and a report that cannot be
+/// written (a full disk) is an error with exit status 2, where printing it panicked (status 101).
+#[test]
+fn a_report_nobody_reads_or_that_cannot_be_written_is_no_panic() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors `pipe` writes.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: both descriptors are new and owned by nothing else.
+    let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // The reader is gone before the tool writes a byte.
+    drop(read_end);
+    let s = Segment::new("no-reader");
+    for args in [vec!["--help"], vec!["show", s.name.as_str()], vec!["check", s.name.as_str()]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_hetmem"))
+            .args(&args)
+            .stdout(write_end.try_clone().unwrap())
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {said}");
+        assert!(said.is_empty(), "{args:?}: {said}");
+    }
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_hetmem"))
+        .args(["show", &s.name])
+        .stdout(full)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(said.contains("hetmem: cannot write the report") && !said.contains("panicked"), "{said}");
+}

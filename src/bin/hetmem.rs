@@ -96,13 +96,31 @@ fn give_up_after(timeout: Duration) {
         if *reported {
             return;
         }
-        eprintln!(
-            "hetmem: gave up after {:.1} s (--timeout SECS waits longer): a lock in the segment is held by a live \
+        complain(&format!(
+            "gave up after {:.1} s (--timeout SECS waits longer): a lock in the segment is held by a live \
              process (stopped in a debugger?), or the segment is too large to go through in that time",
             timeout.as_secs_f64()
-        );
+        ));
         std::process::exit(2);
     });
+}
+
+/// Writes `text` to standard output. A reader that has gone (`hetmem list | head -1`, a pager quit
+/// early) took what it wanted: that is no error. Any other failure (a full disk) is.
+fn write_report(text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        done => done,
+    }
+}
+
+/// Writes `message` to standard error, as `hetmem: message`; if even that fails, there is no one
+/// left to tell (`eprintln!` would panic).
+fn complain(message: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "hetmem: {message}");
 }
 
 /// Where POSIX shared-memory segments appear as files (Linux).
@@ -445,7 +463,7 @@ fn main() -> ExitCode {
             c
         }
         Err(message) => {
-            eprintln!("hetmem: {message}\n\n{USAGE}");
+            complain(&format!("{message}\n\n{USAGE}"));
             return ExitCode::from(2);
         }
     };
@@ -458,12 +476,15 @@ fn main() -> ExitCode {
     // Done with the segment: from here on the timeout does not apply.
     *REPORTED.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = true;
     match report {
-        Ok(Report { text, status }) => {
-            print!("{text}");
-            ExitCode::from(status)
-        }
+        Ok(Report { text, status }) => match write_report(&text) {
+            Ok(()) => ExitCode::from(status),
+            Err(err) => {
+                complain(&format!("cannot write the report: {err}"));
+                ExitCode::from(2)
+            }
+        },
         Err(err) => {
-            eprintln!("hetmem: {err}");
+            complain(&err.to_string());
             ExitCode::from(2)
         }
     }
