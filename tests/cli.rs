@@ -445,3 +445,29 @@ fn a_report_nobody_reads_or_that_cannot_be_written_is_no_panic() {
     assert_eq!(out.status.code(), Some(2), "{said}");
     assert!(said.contains("hetmem: cannot write the report") && !said.contains("panicked"), "{said}");
 }
+
+/// `list` goes only through the regular files of /dev/shm, as every segment is one: a directory,
+/// a symbolic link or a FIFO there is another program's and is left out (they were listed as
+/// segments it could not open, and a FIFO or device was opened for reading and writing).
+#[test]
+fn list_leaves_out_what_is_not_a_regular_file() {
+    let path = |tag: &str| format!("/dev/shm/hetmem-cli-{tag}-{}", std::process::id());
+    let (dir, link, fifo) = (path("dir"), path("link"), path("fifo"));
+    std::fs::create_dir(&dir).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", &link).unwrap();
+    let c_fifo = std::ffi::CString::new(fifo.clone()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o600) }, 0);
+    let s = Segment::new("regular");
+    let out = hetmem(&["list"]);
+    let _ = std::fs::remove_dir(&dir);
+    let _ = std::fs::remove_file(&link);
+    let _ = std::fs::remove_file(&fifo);
+    let listed = text(&out);
+    assert!(out.status.success(), "{listed}");
+    for other in [&dir, &link, &fifo] {
+        let name = other.strip_prefix("/dev/shm").unwrap();
+        assert!(!listed.lines().any(|l| l.starts_with(name)), "{name} is listed:\n{listed}");
+    }
+    assert!(listed.lines().any(|l| l.starts_with(&s.name)), "the segment is not listed:\n{listed}");
+}

@@ -302,7 +302,14 @@ fn list() -> hetmem::Result<Report> {
         call: "reading /dev/shm (listing segments needs Linux's /dev/shm)",
         errno: e.raw_os_error().unwrap_or(0),
     })?;
-    let mut names: Vec<String> = dir.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect();
+    // Every segment is a regular file: a directory, a link, a FIFO or a device there is another
+    // program's, and opening one (a device, say) to read its header may do something.
+    let mut names: Vec<String> = dir
+        .filter_map(|e| {
+            let e = e.ok()?;
+            e.file_type().ok()?.is_file().then(|| e.file_name().into_string().ok())?
+        })
+        .collect();
     names.sort();
     let mut text = format!("{:<32} {:>10}  {:<8} {:<20} {}\n", "NAME", "SIZE", "KIND", "CREATOR", "ALLOCATORS");
     let mut found = 0;
