@@ -66,9 +66,10 @@ pub struct PosixShmBackend {
 
 impl PosixShmBackend {
     /// Creates segment `name` with `size` bytes of data (rounded up to whole pages) after its
-    /// header. Fails with `AlreadyExists` if the name is taken, and, when
-    /// [`ShmOptions::reserve`] asks for the memory up front, with `OutOfMemory` if `/dev/shm`
-    /// cannot hold it.
+    /// header. Fails with `AlreadyExists` if the name is taken, with `OutOfMemory` if this
+    /// process cannot map that much (past its address space), and, when [`ShmOptions::reserve`]
+    /// asks for the memory up front, with `OutOfMemory` if `/dev/shm` cannot hold it. A creation
+    /// that fails leaves no new segment behind.
     pub fn create(name: &str, size: usize, options: &ShmOptions) -> Result<Self> {
         Self::create_kind(name, size, options, BackendKind::Shared)
     }
@@ -402,6 +403,11 @@ fn map(fd: i32, len: u64) -> Result<RawRegion> {
     let ptr =
         unsafe { libc::mmap(std::ptr::null_mut(), size, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0) };
     if ptr == libc::MAP_FAILED {
+        // No memory for the mapping, or no room for it in the address space: out of memory, as
+        // the other backends report it, not a failed call to make sense of.
+        if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOMEM) {
+            return Err(Error::OutOfMemory { requested: len, available: 0 });
+        }
         return Err(os_error("mmap", ""));
     }
     let base = NonNull::new(ptr.cast::<u8>()).ok_or(Error::Os { call: "mmap", errno: 0 })?;
@@ -477,6 +483,16 @@ mod tests {
         assert!(!PosixShmBackend::exists(&name).unwrap(), "the refused segment's name was left");
         let sparse = PosixShmBackend::create(&name, too_large, &ShmOptions::default()).unwrap();
         sparse.destroy().unwrap();
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_segment_past_the_address_space_is_out_of_memory_and_its_name_removed() {
+        let name = unique("huge");
+        // 2^60 bytes: tmpfs sizes a sparse file that large, but no 64-bit process can map it.
+        let r = PosixShmBackend::create(&name, 1 << 60, &quick());
+        assert!(matches!(r, Err(Error::OutOfMemory { requested, .. }) if requested > 1 << 60), "{r:?}");
+        assert!(!PosixShmBackend::exists(&name).unwrap(), "the refused segment's name was left");
     }
 
     #[test]
