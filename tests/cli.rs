@@ -471,3 +471,21 @@ fn list_leaves_out_what_is_not_a_regular_file() {
     }
     assert!(listed.lines().any(|l| l.starts_with(&s.name)), "the segment is not listed:\n{listed}");
 }
+
+/// A segment's name may hold any character but '/' and NUL, and /dev/shm is shared by all users:
+/// a line break or a terminal's escape sequence in a name is shown escaped, where `list` and `show`
+/// printed it as it was, so that a name could forge a line of the listing or drive the terminal.
+#[test]
+fn names_with_line_breaks_or_escape_sequences_are_shown_escaped() {
+    let name = format!("/hetmem-cli-ctl-{}\nforged 16.0 MiB shared\x1b[2J", std::process::id());
+    let shm = PosixShmBackend::create(&name, 1 << 16, &ShmOptions::default()).unwrap();
+    let escaped = format!("/hetmem-cli-ctl-{}\\nforged 16.0 MiB shared\\u{{1b}}[2J", std::process::id());
+    for args in [vec!["list"], vec!["show", name.as_str()]] {
+        let out = hetmem(&args);
+        let said = text(&out);
+        assert!(out.status.success(), "{args:?}: {said}");
+        assert!(!said.contains('\x1b') && !said.lines().any(|l| l.starts_with("forged")), "{args:?}: {said}");
+        assert!(said.contains(&escaped), "{args:?}: {said}");
+    }
+    drop(shm);
+}

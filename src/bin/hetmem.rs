@@ -247,6 +247,17 @@ fn creator_label(pid: u32) -> String {
     format!("{pid} ({state})")
 }
 
+/// A segment's name as the tool prints it: a name is any bytes but '/' and NUL, so one with a
+/// line break or a terminal's escape sequence in it (another user's, in the shared /dev/shm) would
+/// forge lines of the report or take over the terminal; such characters are shown escaped.
+fn printable(name: &str) -> String {
+    if name.chars().any(char::is_control) {
+        name.escape_debug().to_string()
+    } else {
+        name.to_string()
+    }
+}
+
 /// Attaches to segment `name` of whatever kind its header records (shared, or pinned for a
 /// GPU), without removing it when done.
 fn open(name: &str, timeout: Duration) -> hetmem::Result<Arc<dyn MemoryBackend>> {
@@ -322,7 +333,8 @@ fn list() -> hetmem::Result<Report> {
                 // a segment that may be hetmem's but cannot be read is, with the reason.
                 if let Some(reason) = unopened(&e) {
                     let size = std::fs::metadata(format!("{SHM_DIR}{path}")).map(|m| bytes(m.len()));
-                    let _ = writeln!(text, "{path:<32} {:>10}  {reason}", size.as_deref().unwrap_or("?"));
+                    let shown = printable(&path);
+                    let _ = writeln!(text, "{shown:<32} {:>10}  {reason}", size.as_deref().unwrap_or("?"));
                     found += 1;
                 }
                 continue;
@@ -338,7 +350,7 @@ fn list() -> hetmem::Result<Report> {
         let _ = writeln!(
             text,
             "{:<32} {:>10}  {:<8} {:<20} {}",
-            path,
+            printable(&path),
             bytes(header.total_size()),
             kind_label(backend.kind()),
             creator_label(header.creator_pid()),
@@ -387,7 +399,7 @@ fn show(name: &str, id: Option<AllocatorId>) -> hetmem::Result<Report> {
     let _ = writeln!(
         text,
         "segment {}: {} ({} bytes), kind {}, layout {}, backend id {:#x}, creator pid {}",
-        backend.name().unwrap_or(name),
+        printable(backend.name().unwrap_or(name)),
         bytes(header.total_size()),
         header.total_size(),
         kind_label(backend.kind()),
