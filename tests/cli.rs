@@ -489,3 +489,21 @@ fn names_with_line_breaks_or_escape_sequences_are_shown_escaped() {
     }
     drop(shm);
 }
+
+/// A hetmem segment resized since it was made (or whose header's size was overwritten) is listed
+/// with the reason it cannot be read, where `list` left it out as though it were another
+/// program's: only a segment smaller than a header is that.
+#[test]
+fn list_names_a_resized_hetmem_segment_and_why() {
+    let s = Segment::new("resized");
+    let file = std::fs::OpenOptions::new().write(true).open(format!("/dev/shm{}", s.name)).unwrap();
+    let made = s.shm.len();
+    file.set_len(made + 8192).unwrap();
+    let out = hetmem(&["list"]);
+    file.set_len(made).unwrap();
+    let listed = text(&out);
+    assert!(out.status.success(), "{listed}");
+    let line = listed.lines().find(|l| l.starts_with(&s.name));
+    let line = line.unwrap_or_else(|| panic!("the resized segment is unlisted:\n{listed}"));
+    assert!(line.contains(&format!("(its header says {made} bytes: resized or damaged)")), "{line}");
+}

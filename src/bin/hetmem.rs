@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hetmem::allocators::{BitmapAllocator, ScalablePageAllocator, StackAllocator, ThreadLocalAllocator};
-use hetmem::backends::{PosixShmBackend, ShmOptions};
+use hetmem::backends::{PosixShmBackend, ShmOptions, HEADER_SIZE};
 use hetmem::core::header::AllocatorEntry;
 use hetmem::{AllocStats, AllocatorId, AllocatorType, BackendKind, Error, MemoryBackend, Region, RegionAllocator};
 
@@ -331,10 +331,11 @@ fn list() -> hetmem::Result<Report> {
             Err(e) => {
                 // Another program's segments (bad magic, or smaller than a header) are not listed;
                 // a segment that may be hetmem's but cannot be read is, with the reason.
-                if let Some(reason) = unopened(&e) {
-                    let size = std::fs::metadata(format!("{SHM_DIR}{path}")).map(|m| bytes(m.len()));
+                let size = std::fs::metadata(format!("{SHM_DIR}{path}")).map(|m| m.len()).ok();
+                if let Some(reason) = unopened(&e, size) {
+                    let size = size.map_or("?".to_string(), bytes);
                     let shown = printable(&path);
-                    let _ = writeln!(text, "{shown:<32} {:>10}  {reason}", size.as_deref().unwrap_or("?"));
+                    let _ = writeln!(text, "{shown:<32} {size:>10}  {reason}");
                     found += 1;
                 }
                 continue;
@@ -379,10 +380,17 @@ fn directory_within(header: &hetmem::core::header::RegionHeader, patience: Durat
     }
 }
 
-/// Why `list` could not open a segment that may be hetmem's, or `None` for one that is not.
-fn unopened(e: &Error) -> Option<String> {
+/// Why `list` could not open a segment (of `size` bytes, if known) that may be hetmem's, or `None`
+/// for one that is not.
+fn unopened(e: &Error, size: Option<u64>) -> Option<String> {
     match e {
-        Error::HeaderMismatch { field: "magic" | "total_size", .. } => None,
+        Error::HeaderMismatch { field: "magic", .. } => None,
+        // Smaller than a header: no hetmem segment is ever that size.
+        Error::HeaderMismatch { field: "total_size", .. } if size.is_none_or(|size| size <= HEADER_SIZE) => None,
+        // A hetmem header, ready, that does not describe the segment: resized since, or damaged.
+        Error::HeaderMismatch { field: "total_size", found, .. } => {
+            Some(format!("(its header says {found} bytes: resized or damaged)"))
+        }
         Error::HeaderMismatch { field: "version", expected, found } => {
             Some(format!("(layout version {found}: this tool reads version {expected})"))
         }
