@@ -23,7 +23,8 @@ impl ArrayBackend {
     pub fn create(buf: &'static mut [u8], id: BackendId) -> Result<Self> {
         // SAFETY: a `&'static mut` slice is valid and exclusively ours for the program's life.
         let raw = unsafe { Self::raw(buf.as_mut_ptr(), buf.len())? };
-        raw.initialize(BackendKind::Private, id)?;
+        // SAFETY: the buffer is ours alone (`&'static mut`), and no reference to its header exists.
+        unsafe { raw.initialize(BackendKind::Private, id)? };
         Ok(ArrayBackend { raw, creator: true })
     }
 

@@ -27,7 +27,8 @@ impl MallocBackend {
         // SAFETY: `len` fresh bytes, page-aligned, freed only in our Drop.
         let raw = unsafe { RawRegion::new(base, len) };
         let backend = MallocBackend { raw, layout };
-        backend.raw.initialize(BackendKind::Private, id)?;
+        // SAFETY: a fresh allocation no one else knows of; no reference to its header exists.
+        unsafe { backend.raw.initialize(BackendKind::Private, id)? };
         Ok(backend)
     }
 }

@@ -28,7 +28,8 @@ impl PosixMmapBackend {
         let base = NonNull::new(map.as_mut_ptr()).ok_or(Error::Os { call: "mmap", errno: 0 })?;
         // SAFETY: the mapping is `len` bytes, page-aligned, and lives in `_map` as long as we do.
         let raw = unsafe { RawRegion::new(base, len) };
-        raw.initialize(BackendKind::Private, id)?;
+        // SAFETY: a fresh private mapping no one else knows of; no reference to its header exists.
+        unsafe { raw.initialize(BackendKind::Private, id)? };
         Ok(PosixMmapBackend { raw, _map: map })
     }
 }

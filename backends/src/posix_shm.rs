@@ -116,7 +116,9 @@ impl PosixShmBackend {
             generation,
             identity,
         };
-        backend.raw.initialize(kind, id)?; // on error, Drop unmaps and unlinks
+        // SAFETY: a segment this call made (O_EXCL) and mapped; no reference to its header exists,
+        // and other processes that opened it meanwhile only wait for the ready flag this sets.
+        unsafe { backend.raw.initialize(kind, id)? }; // on error, Drop unmaps and unlinks
         Ok(backend)
     }
 

@@ -33,9 +33,25 @@ impl RawRegion {
     }
 
     /// Writes a fresh header: the region becomes a hetmem region.
-    pub fn initialize(&self, kind: BackendKind, id: BackendId) -> Result<()> {
-        // SAFETY: `new`'s contract gives `len` writable bytes at `base`; the creator is the only
-        // user until this returns (attachers wait for the ready flag it sets).
+    ///
+    /// # Safety
+    /// Nothing else uses the header until this returns: no reference that
+    /// [`header`](Self::header) gave is alive, and no other thread or process reads it but for
+    /// the ready flag that attachers wait on. The header is rewritten with plain writes, so a
+    /// region in use (another `RawRegion` over a live backend's memory, say) must not be
+    /// initialised again: a safe call could have raced with its users' reads.
+    ///
+    /// ```compile_fail,E0133
+    /// use hetmem_backends::raw::RawRegion;
+    /// use hetmem_core::{BackendId, BackendKind};
+    ///
+    /// fn wipe(live: &RawRegion) {
+    ///     let _ = live.initialize(BackendKind::Private, BackendId(1));
+    /// }
+    /// ```
+    pub unsafe fn initialize(&self, kind: BackendKind, id: BackendId) -> Result<()> {
+        // SAFETY: `new`'s contract gives `len` writable bytes at `base`; ours, that nothing else
+        // uses the header until this returns (attachers wait for the ready flag it sets).
         unsafe { RegionHeader::initialize(self.base.as_ptr(), self.len, kind, id, std::process::id()) }.map(|_| ())
     }
 
