@@ -507,3 +507,27 @@ fn list_names_a_resized_hetmem_segment_and_why() {
     let line = line.unwrap_or_else(|| panic!("the resized segment is unlisted:\n{listed}"));
     assert!(line.contains(&format!("(its header says {made} bytes: resized or damaged)")), "{line}");
 }
+
+/// A segment another user may read but not write (mode 0644) is one the tool cannot open, as it
+/// attaches for reading and writing: `list` says so, where it said the segment was not readable.
+/// Needs root, to run the tool as another user.
+#[test]
+fn list_says_a_segment_this_user_may_only_read_cannot_be_opened_for_writing() {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root, to run the tool as another user");
+        return;
+    }
+    let name = format!("/hetmem-cli-readonly-{}", std::process::id());
+    let options = ShmOptions { mode: 0o644, ..ShmOptions::default() };
+    let shm = PosixShmBackend::create(&name, 1 << 16, &options).unwrap();
+    // As `nobody`, who may read the segment but not write it.
+    let out = Command::new(env!("CARGO_BIN_EXE_hetmem")).arg("list").uid(65534).gid(65534).output().unwrap();
+    drop(shm);
+    let listed = text(&out);
+    assert!(out.status.success(), "{listed}");
+    let line = listed.lines().find(|l| l.starts_with(&name));
+    let line = line.unwrap_or_else(|| panic!("the segment is unlisted:\n{listed}"));
+    assert!(line.contains("(this user may not open it for reading and writing)"), "{line}");
+}

@@ -394,7 +394,9 @@ fn unopened(e: &Error, size: Option<u64>) -> Option<String> {
         Error::HeaderMismatch { field: "version", expected, found } => {
             Some(format!("(layout version {found}: this tool reads version {expected})"))
         }
-        Error::PermissionDenied { .. } => Some("(not readable by this user)".into()),
+        // The tool attaches as the application's processes do, for reading and writing: a segment
+        // this user may only read is refused too.
+        Error::PermissionDenied { .. } => Some("(this user may not open it for reading and writing)".into()),
         Error::TimedOut { .. } => Some("(not ready: a hetmem segment being created, or another program's)".into()),
         e => Some(format!("(cannot open: {e})")),
     }
