@@ -531,3 +531,34 @@ fn list_says_a_segment_this_user_may_only_read_cannot_be_opened_for_writing() {
     let line = line.unwrap_or_else(|| panic!("the segment is unlisted:\n{listed}"));
     assert!(line.contains("(this user may not open it for reading and writing)"), "{line}");
 }
+
+/// `show` and `check` of another program's segment (random bytes, or smaller than a header) say
+/// that it is not a hetmem segment, with exit status 2, where they gave only the header field
+/// that did not match.
+#[test]
+fn another_programs_segment_is_reported_as_not_hetmem() {
+    use std::io::Write;
+    let mut random = vec![0u8; 5 * 4096];
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    for byte in &mut random {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        *byte = rng as u8;
+    }
+    for (tag, bytes) in [("random", &random[..]), ("short", &random[..100])] {
+        let name = format!("/hetmem-cli-{tag}-{}", std::process::id());
+        let _remove = Remove(name.clone());
+        std::fs::File::create(format!("/dev/shm{name}")).unwrap().write_all(bytes).unwrap();
+        for command in ["show", "check"] {
+            let out = hetmem(&[command, &name]);
+            let said = text(&out);
+            assert_eq!(out.status.code(), Some(2), "{tag}, {command}: {said}");
+            assert!(said.contains(&format!("hetmem: {name} is not a hetmem segment (header mismatch")), "{said}");
+        }
+    }
+    // A hetmem segment's errors are told as they are.
+    let missing = format!("/hetmem-cli-absent-{}", std::process::id());
+    let said = text(&hetmem(&["show", &missing]));
+    assert!(said.contains("not found") && !said.contains("not a hetmem segment"), "{said}");
+}

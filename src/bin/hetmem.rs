@@ -498,9 +498,9 @@ fn main() -> ExitCode {
     };
     let report = match command {
         Command::Help => Ok(Report { text: format!("{USAGE}\n"), status: 0 }),
-        Command::List => list(),
-        Command::Show { name, id } => show(&name, id),
-        Command::Check { name, id } => check(&name, id),
+        Command::List => list().map_err(|err| err.to_string()),
+        Command::Show { name, id } => show(&name, id).map_err(|err| failed(&name, &err)),
+        Command::Check { name, id } => check(&name, id).map_err(|err| failed(&name, &err)),
     };
     // Done with the segment: from here on the timeout does not apply.
     *REPORTED.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = true;
@@ -512,10 +512,21 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Err(err) => {
-            complain(&err.to_string());
+        Err(message) => {
+            complain(&message);
             ExitCode::from(2)
         }
+    }
+}
+
+/// Why `show` or `check` of segment `name` failed: the error, and, where the segment is another
+/// program's (its header not hetmem's, or smaller than one), that first, in words.
+fn failed(name: &str, err: &Error) -> String {
+    let path = format!("{SHM_DIR}/{}", name.strip_prefix('/').unwrap_or(name));
+    let size = std::fs::metadata(path).map(|m| m.len()).ok();
+    match unopened(err, size) {
+        None => format!("{} is not a hetmem segment ({err})", printable(name)),
+        Some(_) => err.to_string(),
     }
 }
 
