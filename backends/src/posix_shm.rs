@@ -145,7 +145,7 @@ impl PosixShmBackend {
     /// Whether segment `name` exists.
     pub fn exists(name: &str) -> Result<bool> {
         let name = normalize_name(name)?;
-        match shm_open(&c_name(&name)?, &name, libc::O_RDONLY, 0) {
+        match shm_open(&c_name(&name)?, &name, PEEK, 0) {
             Ok(fd) => {
                 close(fd);
                 Ok(true)
@@ -180,7 +180,7 @@ impl PosixShmBackend {
     /// created a new segment under it: that one is left alone (`NotFound`: ours has no name).
     fn unlink_name(&self) -> Result<()> {
         let c_name = c_name(&self.name)?;
-        match shm_open(&c_name, &self.name, libc::O_RDONLY, 0) {
+        match shm_open(&c_name, &self.name, PEEK, 0) {
             Ok(fd) => {
                 let same = identity(fd).map(|found| found == self.identity);
                 close(fd);
@@ -247,6 +247,14 @@ fn normalize_name(name: &str) -> Result<String> {
     }
     Ok(format!("/{bare}"))
 }
+
+/// How a segment is opened only to see that it is there, or which one it is: for reading, and,
+/// where /dev/shm is a file system that any user may put a FIFO in (Linux), without blocking, as
+/// opening a FIFO for reading waits for a writer, for ever if none comes.
+#[cfg(target_os = "linux")]
+const PEEK: i32 = libc::O_RDONLY | libc::O_NONBLOCK;
+#[cfg(not(target_os = "linux"))]
+const PEEK: i32 = libc::O_RDONLY;
 
 fn c_name(name: &str) -> Result<CString> {
     CString::new(name).map_err(|_| Error::InvalidName { name: ShortStr::new(name), reason: "NUL byte in name" })
@@ -495,6 +503,56 @@ mod tests {
         let r = PosixShmBackend::create(&name, 1 << 60, &quick());
         assert!(matches!(r, Err(Error::OutOfMemory { requested, .. }) if requested > 1 << 60), "{r:?}");
         assert!(!PosixShmBackend::exists(&name).unwrap(), "the refused segment's name was left");
+    }
+
+    /// Runs `f` on a thread; if it has not returned within two seconds (blocked opening the FIFO
+    /// at `fifo` for reading), opens the FIFO for writing so that it returns, and fails.
+    #[cfg(target_os = "linux")]
+    fn returns_at_once<T: Send + 'static>(fifo: &str, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let worker = std::thread::spawn(move || tx.send(f()).unwrap());
+        let r = rx.recv_timeout(Duration::from_secs(2));
+        if r.is_err() {
+            // Frees the blocked open: a writer arrives.
+            let _writer = std::fs::OpenOptions::new().write(true).open(fifo);
+            worker.join().unwrap();
+            panic!("{what} waited on the FIFO for a writer");
+        }
+        worker.join().unwrap();
+        r.unwrap()
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_fifo_under_the_name_does_not_block_exists_or_the_creators_drop() {
+        let name = unique("fifo");
+        let fifo = format!("/dev/shm{name}");
+        let mkfifo = || {
+            let c = CString::new(fifo.clone()).unwrap();
+            // SAFETY: a valid NUL-terminated path.
+            assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o666) }, 0);
+        };
+        // Removes whatever is left under the name however the test ends.
+        struct Remove(String);
+        impl Drop for Remove {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+        let _remove = Remove(fifo.clone());
+        // Any user may make a FIFO in /dev/shm, under the name an application is about to use.
+        mkfifo();
+        let n = name.clone();
+        let there = returns_at_once(&fifo, "exists()", move || PosixShmBackend::exists(&n));
+        assert!(matches!(there, Ok(true)), "{there:?}");
+        std::fs::remove_file(&fifo).unwrap();
+        // Or under the name of a segment its creator destroyed and has not dropped yet.
+        let a = PosixShmBackend::create(&name, 4096, &quick()).unwrap();
+        a.destroy().unwrap();
+        mkfifo();
+        returns_at_once(&fifo, "the creator's drop", move || drop(a));
+        assert!(std::fs::metadata(&fifo).is_ok(), "the creator's drop removed what was not its segment");
+        std::fs::remove_file(&fifo).unwrap();
     }
 
     #[test]
