@@ -1,11 +1,5 @@
 //! [`BindOnce`]: a value written once by whichever thread gets there first, then read by all.
 //!
-//! The state word moves `UNBOUND -> BINDING -> BOUND` and never back (but see
-//! [`BindOnce::forget_binding`]). The thread whose compare-exchange moves it out of `UNBOUND` is
-//! the only writer of the value; it publishes the value by storing `BOUND` with release
-//! ordering, and readers read the value only after an acquire load of `BOUND`. A thread that
-//! finds `BINDING` waits for `BOUND`: the writer is two stores away from it.
-//!
 //! The thread caches' depots bind their upstream with it. `core/tests/loom_bind_once.rs` checks
 //! the protocol under loom (`--cfg loom`).
 
@@ -23,8 +17,13 @@ type Cell<T> = core::cell::UnsafeCell<T>;
 #[cfg(loom)]
 type Cell<T> = loom::cell::UnsafeCell<T>;
 
-/// A value bound once, by the first of any number of racing threads. See the
-/// [module docs](self).
+/// A value bound once, by the first of any number of racing threads.
+///
+/// The state word moves `UNBOUND -> BINDING -> BOUND` and never back (but see
+/// [`forget_binding`](Self::forget_binding)). The thread whose compare-exchange moves it out of
+/// `UNBOUND` is the only writer of the value; it publishes the value by storing `BOUND` with
+/// release ordering, and readers read the value only after an acquire load of `BOUND`. A thread
+/// that finds `BINDING` waits for `BOUND`: the writer is two stores away from it.
 pub struct BindOnce<T> {
     state: AtomicU32,
     /// Written once, between `BINDING` and `BOUND`.
