@@ -54,6 +54,9 @@ impl Hasher for AddrHasher {
 /// A map keyed by address (for the trace recorder; the arena uses an [`AddrTable`]).
 pub(crate) type AddrMap<V> = HashMap<usize, V, BuildHasherDefault<AddrHasher>>;
 
+/// How many free blocks [`BlockArena::allocate_aligned_in_smaller`] tries.
+const ALIGNED_SEARCH: usize = 64;
+
 /// The block table's scratch slot (see [`BlockArena`]).
 const SCRATCH: u32 = 0;
 
@@ -107,7 +110,7 @@ pub(crate) fn round_up(value: usize, align: usize) -> Option<usize> {
 /// The distance from `addr` up to the next multiple of `align` (a power of two): no overflow,
 /// unlike rounding the address up.
 #[inline(always)]
-fn padding(addr: usize, align: usize) -> usize {
+pub(crate) fn padding(addr: usize, align: usize) -> usize {
     addr.wrapping_neg() & (align - 1)
 }
 
@@ -349,9 +352,10 @@ impl BlockArena {
     }
 
     /// Serves a checked request from free block `slot` (the block of a chunk just added, which
-    /// was taken at the request's alignment and so needs no room for padding), or `Ok(None)`
-    /// when that block is not free or does not hold the request once aligned; `OutOfMemory`
-    /// (the arena as it was) when the host memory for the bookkeeping cannot be had.
+    /// was taken at the request's alignment and so needs no room for padding, or one whose
+    /// address leaves room for it), or `Ok(None)` when that block is not free or does not hold
+    /// the request once aligned; `OutOfMemory` (the arena as it was) when the host memory for
+    /// the bookkeeping cannot be had.
     #[inline(never)]
     pub(crate) fn allocate_in(&mut self, slot: u32, fit: Fit) -> Result<Option<NonNull<u8>>> {
         let Some(b) = self.blocks.get(slot).filter(|b| slot != SCRATCH && !b.used()) else {
@@ -362,6 +366,32 @@ impl BlockArena {
             return Ok(None);
         }
         self.allocate_from(fit, |free, blocks| free.remove(blocks, slot).then_some(slot))
+    }
+
+    /// Serves a checked over-aligned request that [`allocate_fit`](Self::allocate_fit) missed
+    /// from a free block smaller than its footprint whose address leaves room for the padding
+    /// it needs, or `Ok(None)` when none is found; errors as `allocate_fit`'s.
+    ///
+    /// The index knows sizes, not addresses, so best fit asks for the worst-case padding; a block
+    /// of the rounded size that happens to lie on a suitable boundary serves too. The blocks of
+    /// at least the rounded size are tried in best-fit order, the first [`ALIGNED_SEARCH`] of
+    /// them: a bounded search, off the common path (it runs only before the owner grows).
+    #[inline(never)]
+    pub(crate) fn allocate_aligned_in_smaller(&mut self, fit: Fit) -> Result<Option<NonNull<u8>>> {
+        if fit.align <= self.granule {
+            return Ok(None);
+        }
+        let (mut size, mut addr) = (fit.rounded, 0);
+        for _ in 0..ALIGNED_SEARCH {
+            let Some(slot) = self.free.next_above(&self.blocks, size, addr) else {
+                break;
+            };
+            if let Some(ptr) = self.allocate_in(slot, fit)? {
+                return Ok(Some(ptr));
+            }
+            (size, addr) = (self.blocks[slot].size, self.blocks[slot].addr);
+        }
+        Ok(None)
     }
 
     /// Serves a checked request from the free block that `take` takes out of the index, which

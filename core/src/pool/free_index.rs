@@ -599,6 +599,35 @@ impl FreeIndex {
         best
     }
 
+    /// The indexed block with the smallest key `(size, address)` above `(size, addr)`: walked
+    /// from `(size, 0)` on, the blocks of at least `size` bytes in best-fit order.
+    pub(crate) fn next_above(&self, blocks: &Records, size: usize, addr: usize) -> Option<u32> {
+        let key = (size, addr);
+        let own = bin_of(size);
+        let mut bin = self.first_nonempty_from(own)?;
+        if bin == own {
+            let (mut cur, mut next) = (self.roots.get(own), None);
+            while cur != NIL {
+                let n = blocks.get(cur)?;
+                if above(n.key(), key) {
+                    (next, cur) = (Some(cur), n.child[0]);
+                } else {
+                    cur = n.child[1];
+                }
+            }
+            if next.is_some() {
+                return next;
+            }
+            bin = self.first_nonempty_from(own + 1)?;
+        }
+        // Every block of a higher bin is above the key: the bin's smallest.
+        let mut cur = self.roots.get(bin);
+        while let Some(left) = blocks.get(cur).map(|n| n.child[0]).filter(|&l| l != NIL) {
+            cur = left;
+        }
+        Some(cur)
+    }
+
     /// The largest free block's size (0 when there is none).
     #[inline]
     pub(crate) fn largest(&self, blocks: &Records) -> usize {
@@ -865,6 +894,28 @@ mod tests {
         }
         assert!(index.consistent());
         assert_eq!(index.take_best_fit(1), None);
+    }
+
+    #[test]
+    fn walking_above_a_key_visits_blocks_in_best_fit_order() {
+        let mut index = Standalone::new();
+        // Sizes in one bin, in neighbouring bins and far apart, several blocks of one size.
+        let size = |i: usize| [64, 64, 2048, 2049, 4096, 4100, 1 << 20, (1 << 20) + 4096][i % 8] + i / 8 * 16;
+        for i in 0..200 {
+            index.insert(size(i), 0x1000 * (i * 7919 % 200 + 1), i as u32);
+        }
+        let mut keys: Vec<(usize, usize)> = (0..200).map(|i| (size(i), 0x1000 * (i * 7919 % 200 + 1))).collect();
+        keys.sort_unstable();
+        for from in [1, 64, 65, 2049, 4097, 1 << 20] {
+            let (mut walked, mut key) = (Vec::new(), (from, 0));
+            while let Some(slot) = index.index.next_above(&index.blocks, key.0, key.1) {
+                key = index.blocks[slot].key();
+                walked.push(key);
+            }
+            let expected: Vec<_> = keys.iter().copied().filter(|&(s, _)| s >= from).collect();
+            assert_eq!(walked, expected, "from {from}");
+        }
+        assert_eq!(index.index.next_above(&index.blocks, usize::MAX, 0), None);
     }
 
     proptest::proptest! {

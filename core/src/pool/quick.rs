@@ -168,7 +168,11 @@ impl<R: MemoryResource> QuickPool<R> {
     /// `size` bytes aligned to `align` (at least the pool's alignment is always given).
     ///
     /// Serves the request from the best-fitting free block (the smallest that holds it, the
-    /// lowest address among equals); without one, takes a block from upstream. If upstream
+    /// lowest address among equals). The free blocks are indexed by size alone, so for an
+    /// alignment above the pool's that means one that holds the request with the most padding
+    /// it could need; should there be none, the smallest free blocks of at least the request's
+    /// size are tried for one whose address leaves room for the padding (a bounded search: the
+    /// first 64 in best-fit order). Without one, takes a block from upstream. If upstream
     /// refuses, hands wholly free blocks back and asks once more for just what the request
     /// needs. Past the maximum size: `Error::MaxSizeReached`.
     ///
@@ -195,7 +199,7 @@ impl<R: MemoryResource> QuickPool<R> {
         }
         let ptr = match self.arena.allocate_fit(fit)? {
             Some(ptr) => ptr,
-            None => self.allocate_after_growing(size, align)?,
+            None => self.allocate_on_miss(size, align)?,
         };
         self.high_watermark = self.high_watermark.max(self.arena.counters().current_size);
         Ok(ptr)
@@ -375,12 +379,16 @@ impl<R: MemoryResource> QuickPool<R> {
         }
     }
 
-    /// The slow path of [`allocate`](Self::allocate): no free block fits, so take one upstream
-    /// and serve the request from it.
+    /// The slow path of [`allocate`](Self::allocate): no free block holds the request with its
+    /// worst-case padding. An over-aligned request may still fit a smaller free block at a
+    /// suitable address; else take a block upstream and serve the request from it.
     #[inline(never)]
-    fn allocate_after_growing(&mut self, size: usize, align: usize) -> Result<NonNull<u8>> {
+    fn allocate_on_miss(&mut self, size: usize, align: usize) -> Result<NonNull<u8>> {
         // Checked again rather than passed in: the caller then keeps the request in registers.
         let fit = self.arena.fit(size, align)?;
+        if let Some(ptr) = self.arena.allocate_aligned_in_smaller(fit)? {
+            return Ok(ptr);
+        }
         let slot = self.grow(fit.rounded, fit.align)?;
         self.arena.allocate_in(slot, fit)?.ok_or(Error::Corrupt {
             structure: "quick pool",

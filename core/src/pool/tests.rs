@@ -910,3 +910,37 @@ fn block_sizes_no_resource_can_give_are_refused_up_front() {
     let largest = QuickPoolConfig { first_block_size: isize::MAX as usize - 15, ..small_config() };
     assert!(QuickPool::with_config(HostResource, largest).is_ok());
 }
+
+#[test]
+fn an_over_aligned_request_fits_a_smaller_free_block_whose_address_leaves_room() {
+    // One 8 KiB block taken at 4 KiB alignment, and a maximum of 8 KiB: the pool cannot grow.
+    let config = QuickPoolConfig {
+        first_block_size: 8 << 10,
+        next_block_size: 8 << 10,
+        max_size: Some(8 << 10),
+        ..small_config()
+    };
+    let mut pool = QuickPool::with_config(HostResource, config).unwrap().with_heuristic(NeverCoalesce);
+    let mut model = PoolModel::new();
+    let a = pool.allocate(4096 - 16, 4096).unwrap();
+    model.add(a, 4096 - 16, 4096, 0).unwrap();
+    // The rest, 4 KiB + 16 B from 16 bytes below a 4 KiB boundary, holds 4 KiB at 4 KiB
+    // alignment, though it is smaller than the request with its worst-case padding (8 KiB - 16).
+    let b = pool.allocate(4096, 4096).unwrap();
+    model.add(b, 4096, 4096, 0).unwrap();
+    assert_eq!(b.as_ptr() as usize, a.as_ptr() as usize + 4096);
+    model.agrees_with(&pool).unwrap();
+    assert_eq!((pool.stats().actual_size, pool.stats().upstream_allocations), (8 << 10, 1));
+    // The 16 bytes of padding left before it are too small for anything aligned: full.
+    assert!(matches!(pool.allocate(16, 4096), Err(Error::MaxSizeReached { .. })));
+    model.free_all(&mut pool).unwrap();
+    // Freed, a 4 KiB-aligned half of the block serves such a request again, without a maximum too.
+    let mut pool = QuickPool::with_config(HostResource, QuickPoolConfig { max_size: None, ..config }).unwrap();
+    let a = pool.allocate(4096, 4096).unwrap();
+    let b = pool.allocate(4096, 4096).unwrap();
+    assert_eq!(b.as_ptr() as usize, a.as_ptr() as usize + 4096);
+    assert_eq!(pool.stats().upstream_allocations, 1);
+    pool.deallocate(a).unwrap();
+    pool.deallocate(b).unwrap();
+    pool.check().unwrap();
+}
