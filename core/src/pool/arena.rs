@@ -478,11 +478,11 @@ impl BlockArena {
     }
 
     /// The best fit for `footprint` bytes when it is a chunk that is one free block: its block
-    /// slot and size.
+    /// slot, address and size.
     #[inline]
-    pub(crate) fn best_fit_if_whole_chunk(&self, footprint: usize) -> Option<(u32, usize)> {
+    pub(crate) fn best_fit_if_whole_chunk(&self, footprint: usize) -> Option<(u32, usize, usize)> {
         let slot = self.free.best_fit(&self.blocks, footprint)?;
-        self.spans_chunk(slot).then(|| (slot, self.blocks[slot].size))
+        self.spans_chunk(slot).then(|| (slot, self.blocks[slot].addr, self.blocks[slot].size))
     }
 
     /// Removes the chunk that block `slot` spans (one free block, as

@@ -12,7 +12,7 @@ use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::ptr::NonNull;
 
-use super::arena::{round_up, BlockArena, Fit};
+use super::arena::{padding, round_up, BlockArena, Fit};
 use super::heuristic::{CoalesceHeuristic, PercentReleasable, Releasable};
 use super::{BlockInfo, LiveAllocation, Pool, PoolStats};
 use crate::error::{Error, Result};
@@ -181,17 +181,17 @@ impl<R: MemoryResource> QuickPool<R> {
     /// its wholly free upstream blocks (all of them too small for this request) make up at least a
     /// quarter of its actual size, it hands them back until as many bytes went back as it is
     /// about to take (fewer are not worth the upstream calls: the pool keeps them). And a
-    /// request of at least the next block size whose best fit is a wholly free upstream block
-    /// that it would fill more than half of, leaving a rest of at least a quarter of the pool's
-    /// actual size, gets a block of its own size in that block's place: the rest could not serve
-    /// a second such request, so that one would have the pool hold both.
+    /// request of at least the next block size (its alignment padding not counted) whose best
+    /// fit is a wholly free upstream block in which, placed at its aligned address, it leaves a
+    /// rest of at least a quarter of the pool's actual size that could not serve a second such
+    /// request, gets a block of its own size in that block's place: a second such request would
+    /// have the pool hold both.
     pub fn allocate(&mut self, size: usize, align: usize) -> Result<NonNull<u8>> {
         let fit = self.arena.fit(size, align)?;
-        let footprint = fit.footprint;
-        // `footprint > actual / 4` is implied by the rest being at least that and smaller than
-        // the request; it keeps the lookup off the common path.
+        // `footprint > actual / 4` is implied by the rest being at least that and too small for
+        // a second such request (so below the footprint); it keeps the lookup off the common path.
         let actual = self.arena.counters().actual_size;
-        if self.release_when_growing && footprint >= self.config.next_block_size && footprint > actual / 4 {
+        if self.release_when_growing && fit.rounded >= self.config.next_block_size && fit.footprint > actual / 4 {
             if let Some(ptr) = self.trade_whole_block(fit) {
                 self.high_watermark = self.high_watermark.max(self.arena.counters().current_size);
                 return Ok(ptr);
@@ -348,18 +348,24 @@ impl<R: MemoryResource> QuickPool<R> {
         Ok(())
     }
 
-    /// If the best fit for `footprint` bytes is a wholly free upstream block that the request
-    /// would fill more than half of, leaving a rest of at least a quarter of the actual size,
-    /// hands it back, takes a block of the request's rounded size at its alignment in its place
-    /// (see [`allocate`](Self::allocate)), and serves the request from it. Should upstream
-    /// refuse the new block, takes the old size back; should it refuse that too, the request
-    /// goes on as a miss.
+    /// If the best fit for the request is a wholly free upstream block in which, placed at its
+    /// aligned address, it leaves a rest that could not serve a second such request but is at
+    /// least a quarter of the actual size, hands the block back, takes a block of the request's
+    /// rounded size at its alignment in its place (see [`allocate`](Self::allocate)), and serves
+    /// the request from it. Should upstream refuse the new block, takes the old size back;
+    /// should it refuse that too, the request goes on as a miss.
     #[inline(never)]
     fn trade_whole_block(&mut self, fit: Fit) -> Option<NonNull<u8>> {
-        let footprint = fit.footprint;
-        let (slot, size) = self.arena.best_fit_if_whole_chunk(footprint)?;
-        let rest = size - footprint;
-        if rest >= footprint || rest < self.arena.counters().actual_size / 4 {
+        let (slot, addr, size) = self.arena.best_fit_if_whole_chunk(fit.footprint)?;
+        // The padding before the request stays free, and is no part of what it fills: what
+        // matters is the rest after it. (No overflow: the block holds the request with its
+        // worst-case padding and does not wrap the address space; a padding is below the
+        // alignment and the rounded size at most `isize::MAX + 1`, so the two add up.)
+        let align = fit.align.max(self.config.alignment);
+        let end = addr + padding(addr, align) + fit.rounded;
+        let rest = addr + size - end;
+        let second_fits = padding(end, align) + fit.rounded <= rest;
+        if second_fits || rest < self.arena.counters().actual_size / 4 {
             return None;
         }
         let chunk = self.arena.take_chunk_of(slot)?;

@@ -773,26 +773,6 @@ fn a_large_request_does_not_strand_most_of_a_wholly_free_block() {
 }
 
 #[test]
-fn a_block_traded_for_an_over_aligned_request_has_the_request_s_size() {
-    let config = QuickPoolConfig { first_block_size: 12 << 10, ..small_config() };
-    let upstream = LimitedResource::new(HostResource, 1 << 20);
-    let mut pool = QuickPool::with_config(&upstream, config).unwrap();
-    let p = pool.allocate(100, 16).unwrap();
-    pool.deallocate(p).unwrap();
-    // With its padding, 16 bytes at 8 KiB alignment would fill 8 of the wholly free 12 KiB, and
-    // leave too little for another: the block is traded for one of the request's own, which,
-    // taken at that alignment, needs no padding.
-    let p = pool.allocate(16, 8 << 10).unwrap();
-    assert_eq!(p.as_ptr() as usize % (8 << 10), 0);
-    pool.check().unwrap();
-    let s = pool.stats();
-    assert_eq!((s.actual_size, s.upstream_blocks, upstream.held()), (16, 1, 16));
-    pool.deallocate(p).unwrap();
-    pool.release();
-    assert_eq!(upstream.held(), 0);
-}
-
-#[test]
 fn built_in_heuristics_are_asked_only_when_a_block_becomes_wholly_free() {
     /// Counts its calls; otherwise as `PercentReleasable` says about when to be asked.
     struct Counting(alloc::sync::Arc<AtomicUsize>, bool);
@@ -943,4 +923,45 @@ fn an_over_aligned_request_fits_a_smaller_free_block_whose_address_leaves_room()
     pool.deallocate(a).unwrap();
     pool.deallocate(b).unwrap();
     pool.check().unwrap();
+}
+
+#[test]
+fn alignment_padding_does_not_count_as_filling_a_block_traded_for_a_request() {
+    let config = QuickPoolConfig { first_block_size: 12 << 10, ..small_config() };
+    let upstream = LimitedResource::new(HostResource, 1 << 20);
+    let mut pool = QuickPool::with_config(&upstream, config).unwrap();
+    let p = pool.allocate(100, 16).unwrap();
+    pool.deallocate(p).unwrap();
+    // 16 bytes at 8 KiB alignment fill 16 bytes of the wholly free 12 KiB block, wherever it
+    // lies: the block is not handed back for a block of 16 bytes...
+    let p = pool.allocate(16, 8 << 10).unwrap();
+    assert_eq!(p.as_ptr() as usize % (8 << 10), 0);
+    // ...so the next small request needs no upstream block either.
+    let q = pool.allocate(100, 16).unwrap();
+    pool.check().unwrap();
+    let s = pool.stats();
+    assert_eq!((s.actual_size, s.upstream_allocations, upstream.held()), (12 << 10, 1, 12 << 10));
+    pool.deallocate(p).unwrap();
+    pool.deallocate(q).unwrap();
+
+    // 12 KiB at 8 KiB alignment at the start of a wholly free 24 KiB block taken at 8 KiB
+    // alignment leaves 12 KiB, which starts 4 KiB past a boundary and so cannot hold a second
+    // such request: the block goes back, and two such requests hold 24 KiB, not 36 KiB.
+    let config = QuickPoolConfig { first_block_size: 24 << 10, ..small_config() };
+    let upstream = LimitedResource::new(HostResource, 1 << 20);
+    let mut pool = QuickPool::with_config(&upstream, config).unwrap();
+    let p = pool.allocate(100, 8 << 10).unwrap();
+    pool.deallocate(p).unwrap();
+    let a = pool.allocate(12 << 10, 8 << 10).unwrap();
+    // The block in its place has the request's size: taken at the request's alignment, it needs
+    // no padding.
+    assert_eq!((pool.stats().actual_size, pool.stats().upstream_blocks), (12 << 10, 1));
+    let b = pool.allocate(12 << 10, 8 << 10).unwrap();
+    pool.check().unwrap();
+    let s = pool.stats();
+    assert_eq!((s.actual_size, s.actual_high_watermark, upstream.held()), (24 << 10, 24 << 10, 24 << 10));
+    pool.deallocate(a).unwrap();
+    pool.deallocate(b).unwrap();
+    pool.release();
+    assert_eq!(upstream.held(), 0);
 }
