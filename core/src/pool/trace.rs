@@ -11,11 +11,14 @@
 //! Each event is one JSON object on a line of its own, its keys in any order, each at most once. An
 //! allocation has `op`, `id`, `size` and `align` (which may be left out: 16); a free has `op` and
 //! `id` alone. Numbers are JSON integers from 0 to 2^64 - 1: digits only, without a sign or a
-//! leading zero. Blank lines are skipped; anything else is an error that names the line.
+//! leading zero. Strings may use JSON's escapes (`"\u0066ree"` is `"free"`). Blank lines (JSON
+//! whitespace alone: spaces, tabs, carriage returns) are skipped; anything else is an error that
+//! names the line.
 //!
 //! Ids name allocations; an id may be reused once its allocation is freed. [`TracedPool`] records
 //! the events of a pool in use; [`Replay`] checks a trace once and replays it as often as asked.
 
+use alloc::borrow::Cow;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt::Write;
@@ -60,39 +63,187 @@ impl TraceEvent {
         };
     }
 
-    /// Parses one JSON line in the [format](self) (keys in any order, each at most once,
-    /// whitespace allowed). `line_number` goes into the error, [`Error::BadInput`].
+    /// Parses one JSON line in the [format](self) (keys in any order, each at most once, strings
+    /// with JSON's escapes, JSON whitespace around tokens). `line_number` goes into the error,
+    /// [`Error::BadInput`].
     pub fn parse_json(line: &str, line_number: usize) -> Result<Self> {
         let bad = |detail| Error::BadInput { what: "trace line", number: line_number as u64, detail };
-        let body = line.trim().strip_prefix('{').and_then(|l| l.strip_suffix('}')).ok_or(bad("not a JSON object"))?;
+        let mut json = JsonCursor { text: line, at: 0 };
+        if !json.eat(b'{') {
+            return Err(bad("not a JSON object"));
+        }
         let (mut op, mut id, mut size, mut align) = (None, None, None, None);
-        for field in body.split(',') {
-            let (key, value) = field.split_once(':').ok_or(bad("field without a value"))?;
-            let number = || json_u64(value.trim()).map_err(bad);
-            let first = match key.trim() {
-                r#""op""# => op.replace(value.trim()).is_none(),
-                r#""id""# => id.replace(number()?).is_none(),
-                r#""size""# => size.replace(number()?).is_none(),
-                r#""align""# => align.replace(number()?).is_none(),
-                _ => return Err(bad("unknown field")),
-            };
-            if !first {
-                return Err(bad("field given twice"));
+        if !json.eat(b'}') {
+            loop {
+                if json.peek() != Some(b'"') {
+                    return Err(bad("expected a field name in quotes"));
+                }
+                let key = json.string().map_err(bad)?;
+                if !json.eat(b':') {
+                    return Err(bad("field without a value"));
+                }
+                let first = match &*key {
+                    "op" => {
+                        if json.peek() != Some(b'"') {
+                            return Err(bad("op must be \"alloc\" or \"free\""));
+                        }
+                        op.replace(json.string().map_err(bad)?).is_none()
+                    }
+                    "id" => id.replace(json.number().map_err(bad)?).is_none(),
+                    "size" => size.replace(json.number().map_err(bad)?).is_none(),
+                    "align" => align.replace(json.number().map_err(bad)?).is_none(),
+                    _ => return Err(bad("unknown field")),
+                };
+                if !first {
+                    return Err(bad("field given twice"));
+                }
+                if json.eat(b'}') {
+                    break;
+                }
+                if !json.eat(b',') {
+                    return Err(bad("expected ',' or '}' after a value"));
+                }
             }
         }
+        if !json.at_end() {
+            return Err(bad("text after the object"));
+        }
         let id = id.ok_or(bad("missing \"id\""))?;
-        match op.ok_or(bad("missing \"op\""))? {
-            r#""alloc""# => {
+        match op.as_deref().ok_or(bad("missing \"op\""))? {
+            "alloc" => {
                 let size = size.ok_or(bad("missing \"size\""))?;
                 let align = align.unwrap_or(16);
                 let to_usize = |v: u64| usize::try_from(v).map_err(|_| bad("value too large for this machine"));
                 Ok(TraceEvent::Allocate { id, size: to_usize(size)?, align: to_usize(align)? })
             }
-            r#""free""# if size.is_some() || align.is_some() => Err(bad("a free has no size or alignment")),
-            r#""free""# => Ok(TraceEvent::Deallocate { id }),
+            "free" if size.is_some() || align.is_some() => Err(bad("a free has no size or alignment")),
+            "free" => Ok(TraceEvent::Deallocate { id }),
             _ => Err(bad("op must be \"alloc\" or \"free\"")),
         }
     }
+}
+
+/// Whether `b` is JSON whitespace (which is narrower than Unicode's).
+fn json_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+/// Reads the tokens of one JSON line, skipping the whitespace before each.
+struct JsonCursor<'a> {
+    text: &'a str,
+    /// A byte offset into `text`, always at a character boundary.
+    at: usize,
+}
+
+impl<'a> JsonCursor<'a> {
+    fn skip_space(&mut self) {
+        while self.text.as_bytes().get(self.at).copied().is_some_and(json_space) {
+            self.at += 1;
+        }
+    }
+
+    /// The next token's first byte.
+    fn peek(&mut self) -> Option<u8> {
+        self.skip_space();
+        self.text.as_bytes().get(self.at).copied()
+    }
+
+    /// Takes the next token if it is the one byte `b`.
+    fn eat(&mut self, b: u8) -> bool {
+        let here = self.peek() == Some(b);
+        self.at += usize::from(here);
+        here
+    }
+
+    fn at_end(&mut self) -> bool {
+        self.peek().is_none()
+    }
+
+    /// A number up to the next comma, brace or whitespace, read by [`json_u64`].
+    fn number(&mut self) -> core::result::Result<u64, &'static str> {
+        self.skip_space();
+        let rest = &self.text[self.at..];
+        let len = rest.bytes().position(|b| b == b',' || b == b'}' || json_space(b)).unwrap_or(rest.len());
+        self.at += len;
+        // Only ASCII bytes end it, so `len` is at a character boundary.
+        json_u64(&rest[..len])
+    }
+
+    /// The string that starts at the next token (its opening quote), with its escapes replaced;
+    /// borrowed from the line when it has none.
+    fn string(&mut self) -> core::result::Result<Cow<'a, str>, &'static str> {
+        self.skip_space();
+        let text = self.text;
+        let bytes = text.as_bytes();
+        debug_assert_eq!(bytes.get(self.at), Some(&b'"'));
+        let start = self.at + 1;
+        let mut i = start;
+        let mut decoded: Option<String> = None;
+        loop {
+            match bytes.get(i).copied() {
+                None => return Err("string without its closing quote"),
+                Some(b'"') => break,
+                Some(b) if b < 0x20 => return Err("control character in a string"),
+                Some(b'\\') => {
+                    let out = decoded.get_or_insert_with(|| String::from(&text[start..i]));
+                    let (c, len) = unescape(&bytes[i + 1..])?;
+                    out.push(c);
+                    i += 1 + len;
+                }
+                Some(_) => {
+                    // A whole character: `i` stays at character boundaries.
+                    let c = text[i..].chars().next().ok_or("string without its closing quote")?;
+                    if let Some(out) = decoded.as_mut() {
+                        out.push(c);
+                    }
+                    i += c.len_utf8();
+                }
+            }
+        }
+        self.at = i + 1;
+        Ok(decoded.map_or(Cow::Borrowed(&text[start..i]), Cow::Owned))
+    }
+}
+
+/// The character an escape names, and the bytes it takes after its backslash.
+fn unescape(after: &[u8]) -> core::result::Result<(char, usize), &'static str> {
+    let simple = match after.first() {
+        Some(b'"') => '"',
+        Some(b'\\') => '\\',
+        Some(b'/') => '/',
+        Some(b'b') => '\u{8}',
+        Some(b'f') => '\u{c}',
+        Some(b'n') => '\n',
+        Some(b'r') => '\r',
+        Some(b't') => '\t',
+        Some(b'u') => {
+            let high = hex4(&after[1..])?;
+            if !(0xD800..0xDC00).contains(&high) {
+                return char::from_u32(high).map(|c| (c, 5)).ok_or("\\u escape of a lone surrogate");
+            }
+            // A high surrogate: the low one must follow, as another `\u` escape.
+            let low = match after.get(5..7) {
+                Some(b"\\u") => hex4(&after[7..])?,
+                _ => return Err("\\u escape of a lone surrogate"),
+            };
+            if !(0xDC00..0xE000).contains(&low) {
+                return Err("\\u escape of a lone surrogate");
+            }
+            let c = char::from_u32(0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00));
+            return c.map(|c| (c, 11)).ok_or("\\u escape of a lone surrogate");
+        }
+        _ => return Err("unknown escape in a string"),
+    };
+    Ok((simple, 1))
+}
+
+/// The value of the four hex digits `digits` starts with.
+fn hex4(digits: &[u8]) -> core::result::Result<u32, &'static str> {
+    let digits = digits.get(..4).filter(|d| d.iter().all(u8::is_ascii_hexdigit));
+    let digits = digits.ok_or("\\u escape without four hex digits")?;
+    // Four ASCII hex digits are UTF-8 and a number below 2^16.
+    let text = core::str::from_utf8(digits).map_err(|_| "\\u escape without four hex digits")?;
+    u32::from_str_radix(text, 16).map_err(|_| "\\u escape without four hex digits")
 }
 
 /// A JSON integer from 0 to 2^64 - 1: digits only, without a sign or a leading zero (which
@@ -129,7 +280,7 @@ pub fn parse_jsonl_bytes(bytes: &[u8]) -> Result<Vec<TraceEvent>> {
             number: n as u64 + 1,
             detail: "not UTF-8",
         })?;
-        if !line.trim().is_empty() {
+        if !line.bytes().all(json_space) {
             events.push(TraceEvent::parse_json(line, n + 1)?);
         }
     }
@@ -373,6 +524,71 @@ mod tests {
         let free_unknown = [TraceEvent::Deallocate { id: 9 }];
         let err = Replay::new(&free_unknown).unwrap_err();
         assert_eq!(err.to_string(), "trace event 1: free of an id that is not live");
+    }
+
+    #[test]
+    fn lines_are_read_as_json_strings_escapes_and_whitespace_included() {
+        let line = |text: &str| TraceEvent::parse_json(text, 4);
+        let bad = |detail| Err(Error::BadInput { what: "trace line", number: 4, detail });
+        // Escapes name the same characters as the plain text, in keys and in values.
+        assert_eq!(line(r#"{"op":"\u0066ree","id":1}"#), Ok(TraceEvent::Deallocate { id: 1 }));
+        assert_eq!(line(r#"{"\u006fp" : "free" ,	"id":2}"#), Ok(TraceEvent::Deallocate { id: 2 }));
+        assert_eq!(line(r#"{"op":"fre\u0065","\u0069d":3}"#), Ok(TraceEvent::Deallocate { id: 3 }));
+        assert_eq!(line(r#"{"op":"free","\u006fp":"alloc","id":3}"#), bad("field given twice"));
+        // A comma, a colon or an escaped quote inside a string is part of the string.
+        let op = "op must be \"alloc\" or \"free\"";
+        for text in [r#"{"op":"free,","id":1}"#, r#"{"op":"a:b","id":1}"#, r#"{"op":"fr\"ee","id":1}"#] {
+            assert_eq!(line(text), bad(op), "{text}");
+        }
+        assert_eq!(line(r#"{"op":"free","i,d":1}"#), bad("unknown field"));
+        assert_eq!(line(r#"{"op":"free","id:":1}"#), bad("unknown field"));
+        // What JSON does not allow is refused: whitespace other than space, tab, CR and LF;
+        // control characters and unknown or broken escapes in strings; a trailing comma; text
+        // after the object; a lone surrogate.
+        for (text, detail) in [
+            ("{\"op\":\"free\",\u{a0}\"id\":1}", "expected a field name in quotes"),
+            ("{\"op\":\"free\"\u{b},\"id\":1}", "expected ',' or '}' after a value"),
+            ("{\"op\":\"fr\u{1}ee\",\"id\":1}", "control character in a string"),
+            (r#"{"op":"fr\xee","id":1}"#, "unknown escape in a string"),
+            (r#"{"op":"fr\u00e","id":1}"#, "\\u escape without four hex digits"),
+            (r#"{"op":"\ud800","id":1}"#, "\\u escape of a lone surrogate"),
+            (r#"{"op":"free","id":1,}"#, "expected a field name in quotes"),
+            (r#"{"op":"free","id":1} x"#, "text after the object"),
+            (r#"{"op":"free","id":1}}"#, "text after the object"),
+            (r#"{"op":"free","id":1"#, "expected ',' or '}' after a value"),
+            (r#"{"op":"free"  "id":1}"#, "expected ',' or '}' after a value"),
+            (r#"{"op" "free","id":1}"#, "field without a value"),
+            (r#"{"op":"free","id":1,"note":"x"}"#, "unknown field"),
+            (r#"{"op":"free,"id":1}"#, "expected ',' or '}' after a value"),
+            (r#"{"op":"free"#, "string without its closing quote"),
+        ] {
+            assert_eq!(line(text), bad(detail), "{text}");
+        }
+        // A surrogate pair is one character (not an op, but read whole).
+        assert_eq!(line(r#"{"op":"\ud83d\ude00","id":1}"#), bad(op));
+        // Blank lines are JSON whitespace alone.
+        assert_eq!(
+            parse_jsonl(" \t\r\n{\"op\":\"free\",\"id\":1}\n\r\n"),
+            Ok(alloc::vec![TraceEvent::Deallocate { id: 1 }])
+        );
+        assert!(parse_jsonl("\u{a0}\n").is_err());
+    }
+
+    proptest::proptest! {
+        /// Any text, above all pieces of JSON with escapes cut short, is an event or an error,
+        /// never a panic; and a line that parses reads the same with its keys' letters escaped.
+        #[test]
+        fn any_line_parses_or_is_refused(
+            line in proptest::string::string_regex(r#"[{}":,\\/u0-9a-fdlopsizeADF \t\u{a0}\u{1F600}]{0,40}"#).unwrap(),
+            noise in ".{0,12}",
+        ) {
+            let _ = TraceEvent::parse_json(&line, 1);
+            let _ = TraceEvent::parse_json(&noise, 1);
+            if let Ok(event) = TraceEvent::parse_json(&line, 1) {
+                let escaped = line.replace("\"id\"", "\"\\u0069d\"").replace("\"op\"", "\"o\\u0070\"");
+                proptest::prop_assert_eq!(TraceEvent::parse_json(&escaped, 1), Ok(event));
+            }
+        }
     }
 
     #[test]
