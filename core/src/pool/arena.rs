@@ -166,7 +166,8 @@ pub(crate) struct ArenaCounters {
     /// Bytes in all chunks.
     pub actual_size: usize,
     pub chunks: usize,
-    /// Bytes in used blocks (requests rounded up to the granule, plus alignment padding).
+    /// Bytes in used blocks: requests rounded up to the granule (the padding an over-aligned
+    /// request needs is split off before its block, as a free block).
     pub current_size: usize,
     /// Bytes asked for by live allocations.
     pub requested_size: usize,
@@ -792,6 +793,7 @@ mod tests {
         let mut blocks = Vec::new();
         arena.for_each_block(&mut |b| blocks.push((b.offset, b.size, b.used)));
         assert_eq!(blocks, [(0, 0xff0, false), (0xff0, 64, true), (0x1030, 8192 - 16 - 0x1030, false)]);
+        assert_eq!(arena.counters().current_size, 64);
         arena.free(p).unwrap();
         arena.check("test").unwrap();
         assert!(arena.take_free_chunk(0).is_some_and(|(index, chunk)| index == 0 && chunk.size == 8192 - 16));
