@@ -75,9 +75,9 @@ pub trait CoalesceHeuristic: Send {
     /// free block is then too small for it), when they make up at least a quarter of its actual
     /// size, and in place of splitting a wholly free block that a large request would leave
     /// mostly stranded (see [`QuickPool::allocate`]). Then the pool seldom holds many such blocks
-    /// and the new one at once. [`NeverCoalesce`] says `false`: its pool
-    /// only grows until `release` is called. The pool reads this once, when the heuristic is
-    /// installed.
+    /// and the new one at once. [`NeverCoalesce`] says `false`: its pool hands blocks back only
+    /// when `release` is called, or when it could not grow otherwise (upstream refused, or the
+    /// maximum size was reached). The pool reads this once, when the heuristic is installed.
     ///
     /// [`QuickPool::allocate`]: super::QuickPool::allocate
     fn release_when_growing(&self) -> bool {
@@ -114,7 +114,9 @@ impl CoalesceHeuristic for Box<dyn CoalesceHeuristic> {
     }
 }
 
-/// Never coalesces: the pool only grows, until `release` is called.
+/// Never coalesces: the pool grows, and hands wholly free blocks back only when `release` is
+/// called or when it could not grow otherwise (upstream refused, or the maximum size was reached:
+/// see [`QuickPool::allocate`](super::QuickPool::allocate)).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NeverCoalesce;
 
