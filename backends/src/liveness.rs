@@ -45,6 +45,15 @@ enum Seen {
     Gone,
     /// It runs; its start time, where the file could be read and parsed.
     Running(Option<u64>),
+    /// The file could not be read just now (no file descriptor left, say): it says nothing.
+    Unread,
+}
+
+/// Whether a failed read of `/proc` may pass (a file descriptor or memory short): what it
+/// would tell is asked again next time rather than kept unknown.
+#[cfg(target_os = "linux")]
+fn transient(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::EAGAIN | libc::EINTR))
 }
 
 /// Process `pid` as `/proc/<pid>/stat` shows it. Only a missing file that `kill(pid, 0)`
@@ -58,6 +67,7 @@ fn seen(pid: u32) -> Seen {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) => {
             return if exists(pid) { Seen::Running(None) } else { Seen::Gone };
         }
+        Err(e) if transient(&e) => return Seen::Unread,
         Err(_) => return Seen::Running(None),
     };
     // Read as bytes: the command name (field 2) may hold any bytes, UTF-8 or not.
@@ -90,9 +100,14 @@ enum ProcView {
     /// time namespace's boot-clock offset, which the kernel adds to each start time it shows
     /// this process) are those every reader gets.
     Ours { offset: i64 },
-    /// This pid namespace's `/proc`, but the offset could not be known (this process called
-    /// `unshare(CLONE_NEWTIME)`, or a file could not be read): its start times are not compared.
+    /// This pid namespace's `/proc`, but the offset cannot be known (this process called
+    /// `unshare(CLONE_NEWTIME)`, it is not a whole number of ticks, or its files may not be
+    /// read): its start times are not compared.
     OursWithoutStartTimes,
+    /// A file could not be read just now (no file descriptor left, say): nothing is known, not
+    /// even whether `/proc` is this pid namespace's, so only `kill(pid, 0)` is asked, as for
+    /// [`ProcView::Foreign`]; the view is read again next time.
+    Unread,
 }
 
 #[cfg(target_os = "linux")]
@@ -116,7 +131,7 @@ impl ProcView {
             ProcView::Foreign => Self::FOREIGN,
             ProcView::Ours { offset } => offset,
             // Not knowing may pass (a file descriptor short): asked again next time.
-            ProcView::OursWithoutStartTimes => return view,
+            ProcView::OursWithoutStartTimes | ProcView::Unread => return view,
         };
         if fork::watch().is_ok() {
             // Threads that race here store the same value; after a fork the child has one thread.
@@ -127,33 +142,52 @@ impl ProcView {
     }
 
     fn read() -> ProcView {
-        let ours = std::fs::read_link("/proc/self")
-            .ok()
-            .and_then(|link| link.to_str().and_then(|pid| pid.parse::<u32>().ok()))
-            .is_some_and(|pid| pid == std::process::id());
+        let link = match std::fs::read_link("/proc/self") {
+            Ok(link) => link,
+            Err(e) if transient(&e) => return ProcView::Unread,
+            // No `/proc` (or one without `self`), or one we may not read, names no process of
+            // ours that we can see.
+            Err(_) => return ProcView::Foreign,
+        };
+        let ours = link.to_str().and_then(|pid| pid.parse::<u32>().ok()).is_some_and(|pid| pid == std::process::id());
         if !ours {
             return ProcView::Foreign;
         }
         match Self::boot_offset_ticks() {
-            Some(offset) if offset != Self::FOREIGN => ProcView::Ours { offset },
-            _ => ProcView::OursWithoutStartTimes,
+            Ok(Some(offset)) if offset != Self::FOREIGN => ProcView::Ours { offset },
+            Ok(_) => ProcView::OursWithoutStartTimes,
+            Err(Unread) => ProcView::Unread,
         }
     }
 
     /// This process's time namespace's boot-clock offset in clock ticks: 0 on a kernel without
     /// time namespaces; `None` when unknown (`/proc/self/timens_offsets` shows the namespace of
     /// the process's future children, which differs from its own after it called `unshare`), or
-    /// not a whole number of ticks.
-    fn boot_offset_ticks() -> Option<i64> {
+    /// not a whole number of ticks; [`Unread`] when a file could not be read.
+    fn boot_offset_ticks() -> Result<Option<i64>, Unread> {
         let offsets = match std::fs::read_to_string("/proc/self/timens_offsets") {
             Ok(offsets) => offsets,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Some(0),
-            Err(_) => return None,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Some(0)),
+            Err(e) if transient(&e) => return Err(Unread),
+            Err(_) => return Ok(None),
         };
-        let own = std::fs::read_link("/proc/self/ns/time").ok()?;
-        if std::fs::read_link("/proc/self/ns/time_for_children").ok()? != own {
-            return None;
+        let link = |path| match std::fs::read_link(path) {
+            Ok(link) => Ok(Some(link)),
+            Err(e) if transient(&e) => Err(Unread),
+            Err(_) => Ok(None),
+        };
+        let (Some(own), Some(for_children)) = (link("/proc/self/ns/time")?, link("/proc/self/ns/time_for_children")?)
+        else {
+            return Ok(None);
+        };
+        if own != for_children {
+            return Ok(None);
         }
+        Ok(Self::ticks(&offsets))
+    }
+
+    /// The boot-clock offset `/proc/self/timens_offsets` gives, in whole clock ticks.
+    fn ticks(offsets: &str) -> Option<i64> {
         let mut fields = offsets.lines().find(|l| l.starts_with("boottime"))?.split_whitespace().skip(1);
         let seconds: i64 = fields.next()?.parse().ok()?;
         let nanoseconds: i64 = fields.next()?.parse().ok()?;
@@ -182,6 +216,11 @@ impl ProcView {
     }
 }
 
+/// A file of `/proc` could not be read just now.
+#[cfg(target_os = "linux")]
+#[derive(Debug)]
+struct Unread;
+
 /// Whether `kill(pid, 0)` finds process `pid` (`EPERM`: it exists, owned by another user).
 /// A pid that is no process's (0, or past `pid_t`) is not asked about: `kill` would take it for
 /// a process group.
@@ -201,8 +240,8 @@ fn exists(pid: u32) -> bool {
 // `kill(pid, 0)` finds no such process, names a zombie with no other thread running, or gives
 // another start time (a recycled pid), as the initial time namespace shows it (this process's
 // offset taken off; start times are not compared where it is unknown); a file that cannot be
-// read or parsed counts as alive. Where `/proc` is another pid namespace's, it is dead only when
-// `kill(pid, 0)` finds no such process.
+// read or parsed counts as alive. Where `/proc` is another pid namespace's (or its files could not
+// be read just now), it is dead only when `kill(pid, 0)` finds no such process.
 // Elsewhere it is dead only when `kill(pid, 0)` answers that there is no such process. `current`
 // names the calling process, per fork generation. Processes of one pid namespace are assumed
 // (see `ProcLiveness`).
@@ -218,17 +257,23 @@ unsafe impl ProcessLiveness for ProcLiveness {
             return ProcessStamp { pid: PID.load(Ordering::Relaxed), start_time: START.load(Ordering::Relaxed) };
         }
         let pid = std::process::id();
+        // Whether the start time is settled: one that could not be read just now (a file
+        // descriptor short) is 0 for this call only, and read again next time; kept, it would
+        // name this process without a start time for good, so that what it holds stayed held
+        // once it died and its pid was reused (see `is_alive`).
         #[cfg(target_os = "linux")]
-        let start_time = match ProcView::get() {
-            ProcView::Foreign => 0,
+        let (start_time, settled) = match ProcView::get() {
+            ProcView::Foreign => (0, true),
+            ProcView::Unread => (0, false),
             view => match seen(pid) {
-                Seen::Running(Some(t)) => view.start_time(t).unwrap_or(0),
-                _ => 0,
+                Seen::Running(Some(t)) => (view.start_time(t).unwrap_or(0), true),
+                Seen::Unread => (0, false),
+                _ => (0, true),
             },
         };
         #[cfg(not(target_os = "linux"))]
-        let start_time = 0;
-        if fork::watch().is_err() {
+        let (start_time, settled) = (0, true);
+        if !settled || fork::watch().is_err() {
             // Forks are not counted: a cached stamp could be a parent's.
             return ProcessStamp { pid, start_time };
         }
@@ -243,15 +288,28 @@ unsafe impl ProcessLiveness for ProcLiveness {
         #[cfg(target_os = "linux")]
         {
             let view = ProcView::get();
-            if view == ProcView::Foreign {
+            // Unread: `/proc` may be another pid namespace's, as far as we know (its files could
+            // not be read just now); a zombie there could be some other process.
+            if matches!(view, ProcView::Foreign | ProcView::Unread) {
                 return exists(stamp.pid);
             }
             match seen(stamp.pid) {
                 Seen::Gone => false,
+                Seen::Unread => true,
                 // Compare only the bits the stamp kept (it may have been shortened), and only
                 // with a start time read and known as every reader sees it.
                 Seen::Running(read) => match read.and_then(|t| view.start_time(t)) {
                     None => true,
+                    // A stamp without a start time (its process could not read it: a `/proc` of
+                    // another pid namespace, a time namespace of unknown offset, a non-Linux
+                    // build) names whichever process has the pid. If that is not the one that
+                    // wrote the stamp (the pid was reused), the stamp's holder stays "alive", and
+                    // what it holds stays held, for as long as the new process runs. Nothing here
+                    // can tell the two apart soundly: the stamp carries no time it was written, so
+                    // a process that started after the writer's death looks the same as the writer
+                    // itself, and calling a live writer dead would hand out what it still uses
+                    // (the trait's promise). Processes that can read their start time always
+                    // record it (`current` does not keep a 0 it got from a failed read).
                     Some(_) if stamp.start_time == 0 => true,
                     // A stamp may keep only the low 16 or 32 bits of the start time.
                     Some(t) => {
@@ -547,5 +605,41 @@ mod tests {
         let alive = ProcLiveness.is_alive(ProcessStamp { pid: pid as u32, start_time: 0 });
         kill_and_reap(pid);
         assert!(alive, "a live process with a non-UTF-8 name was reported dead");
+    }
+
+    /// A process that could not read its start time for a moment (no file descriptor left when
+    /// it first asked) named itself with start time 0 for the rest of its life: every lock and
+    /// slot it held then stayed held for good once it died and another process got its pid.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_start_time_unknown_for_a_moment_is_read_again() {
+        // Registers the fork watch, so that the child reads its stamp afresh.
+        let _ = ProcLiveness.current();
+        // SAFETY: fork(2); the child only sets its file limit, asks for its stamp, and leaves
+        // with `_exit` (its result in the exit status).
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            // SAFETY: getrlimit/setrlimit with valid pointers; `_exit` leaves without the
+            // parent's exit handlers.
+            unsafe {
+                let mut limit = std::mem::zeroed::<libc::rlimit>();
+                libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+                let saved = limit;
+                limit.rlim_cur = 0; // no file can be opened: /proc cannot be read
+                libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+                let short = ProcLiveness.current().start_time;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &saved);
+                let again = ProcLiveness.current().start_time;
+                libc::_exit(i32::from(short != 0) | i32::from(again == 0) << 1);
+            }
+        }
+        let mut status = 0;
+        // SAFETY: waitpid(2) on our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status), "the child was killed");
+        let code = libc::WEXITSTATUS(status);
+        assert_eq!(code & 1, 0, "a start time was read with no file descriptor to read it");
+        assert_eq!(code & 2, 0, "a start time unknown for a moment stayed unknown (0) for good");
     }
 }

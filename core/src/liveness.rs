@@ -7,7 +7,10 @@
 //! counts as alive, so nothing is ever reclaimed by mistake.
 //!
 //! A process is named by a [`ProcessStamp`]: its id and its start time, so a recycled pid is not
-//! mistaken for the process that died.
+//! mistaken for the process that died. A stamp whose start time is unknown (0: the process could
+//! not read it) is only as good as its pid: once that process dies and its pid is reused, what it
+//! held (a lock, a slot) stays held while the new process runs, since nothing in the stamp tells
+//! the two apart and calling the writer dead while it runs would hand out what it still uses.
 
 use core::sync::atomic::{AtomicPtr, Ordering};
 
