@@ -12,8 +12,9 @@
 //! The two span allocators share their parts: [`size_class`] (four classes per doubling),
 //! `free_space` (the coalescing best-fit manager of 4 KiB units), `span` (block and span
 //! formats), `large` (blocks above the classes), `slots` (per-thread records in the region),
-//! `fast_slot` (the per-thread cache of which slot a thread holds) and `common` (header,
-//! statistics, policies).
+//! `fast_slot` (the per-thread cache of which slot a thread holds), `held` (the slots threads
+//! hold through a handle, which its drop gives back) and `common` (header, statistics,
+//! policies).
 //!
 //! A process that calls `fork()` after using a span allocator leaves its slots (thread caches,
 //! heaps) to itself: in the child, the first use takes a slot of the child's own, marked with
@@ -30,6 +31,8 @@ mod common;
 mod fast_slot;
 #[cfg(not(loom))]
 mod free_space;
+#[cfg(not(loom))]
+mod held;
 #[cfg(not(loom))]
 mod large;
 #[cfg(not(loom))]

@@ -535,3 +535,19 @@ pub(crate) fn offsets_that_are_not_a_padded_blocks_own_are_refused(a: &dyn Regio
     }
     a.check().unwrap();
 }
+
+/// Runs `work` on a thread that then outlives it (a pool's thread, parked until the returned
+/// sender is used or dropped), and returns once `work` is done.
+pub(crate) fn on_a_thread_that_stays(
+    work: impl FnOnce() + Send + 'static,
+) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+    let (done, worked) = std::sync::mpsc::channel();
+    let (release, parked) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        work();
+        done.send(()).unwrap();
+        let _ = parked.recv();
+    });
+    worked.recv().unwrap();
+    (release, thread)
+}

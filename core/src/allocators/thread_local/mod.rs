@@ -39,7 +39,8 @@
 //! remote list) whether it was pushed. When a class's free lists have
 //! doubled since the last sweep, spans whose blocks are all free go back to the free-space
 //! manager; on a trim and when the thread exits, all of them do. A heap whose thread has exited
-//! is released for the next thread (with [`DeadProcessBlocks::Free`], the next thread of the
+//! (or whose handle was dropped: it gives back the heaps of threads that outlive it) is
+//! released for the next thread (with [`DeadProcessBlocks::Free`], the next thread of the
 //! same process: the heap keeps naming the process, whose other threads may hold its blocks);
 //! a heap whose process died (its owner word, or the process a given-back heap names, names a
 //! process that no longer runs, by id and start time, see [`liveness`](crate::liveness)) is
@@ -58,7 +59,7 @@ use core::marker::PhantomData;
 use core::ptr::NonNull;
 
 use alloc::boxed::Box;
-use alloc::sync::Arc;
+use alloc::sync::{Arc, Weak};
 use alloc::vec::Vec;
 
 use crate::allocator::{AllocStats, AllocatorType, RegionAllocator};
@@ -75,6 +76,7 @@ use super::common::{
 };
 use super::fast_slot;
 use super::free_space::{FreeSpace, FreeSpaceLayout, FreeSpaceState};
+use super::held::{HeldSlot, HeldSlots};
 use super::large;
 use super::slots::{Chunk, SlotTable};
 use super::span::{class_for, corrupt, explain_free, find_live, invalid, live_block, move_block, Found, Mem, LAYOUTS};
@@ -104,10 +106,13 @@ struct TlaHeader {
     chunk: Chunk<HeapBody>,
 }
 
-/// What a thread's TLS value points to.
+/// What a thread's TLS value points to. It does not keep the handle's state alive: once the
+/// handle is dropped (its drop gave the heap back), the region may be unmapped.
 struct ThreadHeap {
-    shared: Arc<Shared>,
+    shared: Weak<Shared>,
     heap: u64,
+    /// The heap on the handle's list (`Shared::held`), alive as long as `shared` is.
+    held: *const HeldSlot,
     instance: u64,
     /// The fork generation it was taken in ([`crate::fork`]): in a forked child, the value the
     /// forking thread's TLS still holds names the parent's heap.
@@ -133,6 +138,8 @@ struct Shared {
     heaps: SlotTable<HeapBody>,
     /// What the quick paths read (the handle keeps a copy of its own).
     quick: Quick,
+    /// The heaps threads hold through the handle's TLS key, which its drop gives back.
+    held: HeldSlots,
 }
 
 // SAFETY: `header` points into `region`, kept mapped by `Shared`; shared parts of the header are
@@ -168,11 +175,22 @@ unsafe extern "C" fn release_at_exit(value: *mut c_void) {
     let th = unsafe { Box::from_raw(value.cast::<ThreadHeap>()) };
     if th.current() {
         fast_slot::clear(th.instance);
-        let _ = th.shared.release_heap(th.heap);
+        if let Some(shared) = th.shared.upgrade() {
+            let _ = shared.give_back(&th);
+        }
     }
 }
 
 impl Shared {
+    /// Gives back the heap of a thread's TLS value unless the handle's drop did.
+    fn give_back(&self, th: &ThreadHeap) -> Result<()> {
+        // SAFETY: the node lives as long as `self.held`, and `self` is alive.
+        if unsafe { &*th.held }.take() {
+            self.release_heap(th.heap)?;
+        }
+        Ok(())
+    }
+
     fn header(&self) -> &TlaHeader {
         // SAFETY: checked in bounds at open; see the Send/Sync note.
         unsafe { self.header.as_ref() }
@@ -232,7 +250,8 @@ impl<T: ThreadModel> ThreadLocalAllocator<T> {
         // SAFETY: `release_at_exit` accepts exactly the values this allocator stores.
         let key = unsafe { T::tls_create(Some(release_at_exit)) }?;
         let quick = Quick::new(mem, arena);
-        let shared = Arc::new(Shared { region, header, mem, arena, fs, heaps, quick });
+        let held = HeldSlots::new();
+        let shared = Arc::new(Shared { region, header, mem, arena, fs, heaps, quick, held });
         Ok(ThreadLocalAllocator { quick, shared, id, key, instance: fast_slot::new_instance(), _model: PhantomData })
     }
 
@@ -288,12 +307,13 @@ impl<T: ThreadModel> ThreadLocalAllocator<T> {
         let s = &self.shared;
         let heap = s.acquire_heap(owner_token())?;
         let generation = crate::fork::generation();
-        let boxed = Box::new(ThreadHeap { shared: s.clone(), heap, instance: self.instance, generation });
+        let held = s.held.note(heap, generation);
+        let boxed = Box::new(ThreadHeap { shared: Arc::downgrade(s), heap, held, instance: self.instance, generation });
         let raw = Box::into_raw(boxed);
         if let Err(e) = T::tls_set(self.key, raw.cast()) {
             // SAFETY: `raw` was just leaked and never shared.
-            drop(unsafe { Box::from_raw(raw) });
-            let _ = s.release_heap(heap);
+            let th = unsafe { Box::from_raw(raw) };
+            let _ = s.give_back(&th);
             return Err(e);
         }
         fast_slot::set(self.instance, heap);
@@ -335,7 +355,7 @@ impl<T: ThreadModel> ThreadLocalAllocator<T> {
             // A parent's heap, seen through a fork: not ours to give back.
             return Ok(());
         }
-        self.shared.release_heap(th.heap)
+        self.shared.give_back(&th)
     }
 
     /// Returns space the calling thread's heap holds but does not use (empty spans), and
@@ -415,10 +435,13 @@ impl<T: ThreadModel> ThreadLocalAllocator<T> {
 impl<T: ThreadModel> Drop for ThreadLocalAllocator<T> {
     fn drop(&mut self) {
         let _ = self.release_thread_heap();
-        // Other threads' values stay until they exit; with the key deleted their destructors
-        // do not run (no model runs them for a deleted key), so their heaps are released when
-        // their process exits and is found dead, or when those threads call
-        // `release_thread_heap` on a handle.
+        // Other threads' values stay until they exit, and with the key deleted their destructors
+        // do not run (no model runs them for a deleted key): their heaps are given back here.
+        // None is in use: that would take this handle, which no one else can reach now. A thread
+        // exiting meanwhile gives back its own first, or finds it given back.
+        for heap in self.shared.held.take_all(crate::fork::generation()) {
+            let _ = self.shared.release_heap(heap);
+        }
         let _ = T::tls_delete(self.key);
     }
 }

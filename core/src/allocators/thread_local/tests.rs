@@ -1420,3 +1420,32 @@ fn a_slot_lookup_past_a_chunk_link_near_the_top_is_refused() {
     next.store(0, Ordering::Release);
     a.check().unwrap();
 }
+
+/// A thread that outlived the handle it allocated through (a pool's) kept its heap, with the
+/// spans in it, for as long as its process ran: the handle's drop deleted the TLS key whose
+/// destructor would have given the heap back at the thread's exit.
+#[test]
+fn dropping_a_handle_gives_back_the_heaps_of_threads_that_outlive_it() {
+    let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let region = a.region().duplicate();
+    let start = a.stats().free_bytes();
+    let a = std::sync::Arc::new(a);
+    let user = a.clone();
+    let (release, thread) = crate::allocators::testing::on_a_thread_that_stays(move || {
+        let blocks: Vec<_> = (0..200).map(|i| user.allocate(16 + i % 300, 8).unwrap()).collect();
+        for p in blocks {
+            user.free(p).unwrap();
+        }
+    });
+    let shared = std::sync::Arc::downgrade(&a.shared);
+    drop(a);
+    let unmapped = shared.upgrade().is_none();
+    let b = Tla::attach(region, AllocatorId::new(1, 0)).unwrap();
+    let (held, free) = (b.owned_heaps().unwrap(), b.stats().free_bytes());
+    release.send(()).unwrap();
+    thread.join().unwrap();
+    assert_eq!(held, 0, "a heap stayed held with no handle left to use it");
+    assert_eq!(free, start, "the heap kept its spans");
+    assert!(unmapped, "the thread kept the handle's region mapped");
+    b.check().unwrap();
+}
