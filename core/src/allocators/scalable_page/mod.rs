@@ -61,6 +61,7 @@ use super::common::{
 };
 use super::fast_slot;
 use super::free_space::{FreeSpace, FreeSpaceLayout, FreeSpaceState};
+use super::held::{HeldSlot, HeldSlots};
 use super::large;
 use super::size_class::CLASS_COUNT;
 use super::slots::{Chunk, SlotTable};
@@ -107,6 +108,8 @@ struct Shared {
     stamp: AtomicU64,
     /// Per class: the most blocks a thread cache keeps.
     limits: [u32; CLASS_COUNT],
+    /// The slots threads hold through the handle, which its drop gives back.
+    held: HeldSlots,
 }
 
 // SAFETY: `header` points into `region`, which `Shared` keeps mapped; the header's shared parts
@@ -237,7 +240,8 @@ impl ScalablePageAllocator {
         let budget = (layout.bytes() / 512).clamp(1024, 16 * 1024);
         let limits = core::array::from_fn(|c| (budget / LAYOUTS[c].stride).clamp(2, 64) as u32);
         let slots = SlotTable::new(chunk);
-        let shared = Shared { region, header, mem, arena, fs, slots, stamp: AtomicU64::new(stamp_word()), limits };
+        let stamp = AtomicU64::new(stamp_word());
+        let shared = Shared { region, header, mem, arena, fs, slots, stamp, limits, held: HeldSlots::new() };
         Ok(ScalablePageAllocator {
             shared: Arc::new(shared),
             id,
@@ -274,24 +278,33 @@ impl ScalablePageAllocator {
         f(g.1)
     }
 
-    /// Takes a slot for the calling thread, held until it exits; `None` where threads cannot
-    /// hold one (no `std`, or the thread's TLS is being torn down).
+    /// Takes a slot for the calling thread, held until it exits or the handle is dropped (which
+    /// gives back the slots of threads that outlive it); `None` where threads cannot hold one
+    /// (no `std`, or the thread's TLS is being torn down).
     fn attach_thread(&self) -> Result<Option<u64>> {
         if !cfg!(feature = "std") {
             return Ok(None);
         }
         let slot = self.shared.acquire_slot()?;
-        let shared = self.shared.clone();
-        if fast_slot::hold(
-            self.instance,
-            slot,
-            Box::new(move || {
-                let _ = shared.release_slot(slot);
-            }),
-        ) {
+        let held: *const HeldSlot = self.shared.held.note(slot, crate::fork::generation());
+        // Not the handle's state itself: once the handle is dropped (its drop gave the slot
+        // back), the region may be unmapped.
+        let shared = Arc::downgrade(&self.shared);
+        let give_back = Box::new(move || {
+            if let Some(shared) = shared.upgrade() {
+                // SAFETY: the node lives as long as `shared.held`, and `shared` is alive.
+                if unsafe { &*held }.take() {
+                    let _ = shared.release_slot(slot);
+                }
+            }
+        });
+        if fast_slot::hold(self.instance, slot, give_back) {
             return Ok(Some(slot));
         }
-        self.shared.release_slot(slot)?;
+        // SAFETY: the node lives as long as `self.shared.held`.
+        if unsafe { &*held }.take() {
+            self.shared.release_slot(slot)?;
+        }
         Ok(None)
     }
 
@@ -366,8 +379,12 @@ impl Drop for ScalablePageAllocator {
         if slot != 0 && generation == crate::fork::generation() {
             let _ = self.shared.release_slot(slot);
         }
-        // Other threads keep their slots (and the mapping, through their registration) until
-        // they exit.
+        // Other threads' slots are given back here: none is in use, which would take this
+        // handle, and no one else can reach it now. A thread exiting meanwhile gives back its
+        // own first, or finds it given back.
+        for slot in self.shared.held.take_all(crate::fork::generation()) {
+            let _ = self.shared.release_slot(slot);
+        }
     }
 }
 

@@ -889,3 +889,41 @@ fn blocks_a_shortage_frees_into_the_cache_it_refills_are_kept() {
     a.check().unwrap();
     free_all_and_check(&a, [p.get()], start);
 }
+
+/// A thread that outlived the handle it allocated through (a pool's) kept its slot, with the
+/// blocks its cache held, until it exited: the slot's release, registered with the thread, kept
+/// the region mapped too.
+#[test]
+fn dropping_a_handle_gives_back_the_slots_of_threads_that_outlive_it() {
+    let a = ScalablePageAllocator::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let region = a.region().duplicate();
+    let start = a.stats().free_bytes();
+    let a = std::sync::Arc::new(a);
+    let user = a.clone();
+    let (release, thread) = crate::allocators::testing::on_a_thread_that_stays(move || {
+        let blocks: Vec<_> = (0..200).map(|i| user.allocate(16 + i % 300, 8).unwrap()).collect();
+        for p in blocks {
+            user.free(p).unwrap();
+        }
+    });
+    let shared = std::sync::Arc::downgrade(&a.shared);
+    drop(a);
+    let unmapped = shared.upgrade().is_none();
+    let b = ScalablePageAllocator::attach(region, AllocatorId::new(1, 0)).unwrap();
+    let s = &b.shared;
+    let held = s
+        .slots
+        .offsets(&s.mem)
+        .unwrap()
+        .iter()
+        .filter(|&&o| s.slots.slot(&s.mem, o).unwrap().owner.load(Ordering::Relaxed) != 0)
+        .count();
+    b.trim().unwrap();
+    let free = b.stats().free_bytes();
+    release.send(()).unwrap();
+    thread.join().unwrap();
+    assert_eq!(held, 0, "a slot stayed held with no handle left to use it");
+    assert_eq!(free, start, "the slot's cache kept its blocks");
+    assert!(unmapped, "the thread kept the handle's region mapped");
+    b.check().unwrap();
+}
