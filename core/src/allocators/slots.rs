@@ -11,6 +11,16 @@
 //! threads has no fixed limit and a slot whose process has died is recognised as such, even if
 //! the id was reused, as is one whose owner word names no process (a stray write: see
 //! [`holder_gone`](crate::sync::holder_gone)).
+//!
+//! The table never shrinks. A free slot is taken before the table grows, so it holds as many
+//! slots as threads ever held at once, and threads that come and go reuse them; but the chunks a
+//! burst of threads added stay for the region's life (`bytes_reserved` counts them), so the free
+//! capacity they took does not come back when the threads end. Giving a chunk back would take
+//! knowing that every walk of the table in every process (a thread taking a slot, a remote free
+//! finding its heap, a recovery) is done with it: one that read the link before the chunk was
+//! unlinked could take a "slot" in whatever its units became, and a count of walkers in shared
+//! memory stays raised for good when a walker's process dies. The slots' counters (summed for
+//! the statistics) and their numbers (which blocks record) would have to move elsewhere too.
 
 use core::marker::PhantomData;
 

@@ -1449,3 +1449,39 @@ fn dropping_a_handle_gives_back_the_heaps_of_threads_that_outlive_it() {
     assert!(unmapped, "the thread kept the handle's region mapped");
     b.check().unwrap();
 }
+
+/// The heap table keeps the chunks a burst of threads added (see `slots`), and the next threads
+/// take their heaps from them: threads that come and go do not grow it past the most that held
+/// heaps at once.
+#[test]
+fn threads_that_come_and_go_reuse_the_heap_chunks_a_burst_added() {
+    let a = Tla::create(region_of(16 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let burst = |n: usize| {
+        let barrier = std::sync::Barrier::new(n);
+        std::thread::scope(|s| {
+            let threads: Vec<_> = (0..n)
+                .map(|_| {
+                    s.spawn(|| {
+                        let p = a.allocate(64, 8).unwrap();
+                        barrier.wait();
+                        a.free(p).unwrap();
+                    })
+                })
+                .collect();
+            // Joined one by one: the scope's own end does not wait for the threads' exit, whose
+            // TLS destructors give the heaps back.
+            threads.into_iter().for_each(|t| t.join().unwrap());
+        });
+        a.shared.heaps.offsets(&a.shared.mem).unwrap().len()
+    };
+    let peak = burst(40);
+    assert!(peak >= 40, "{peak} heaps for 40 threads at once");
+    let free = a.stats().free_bytes();
+    for _ in 0..5 {
+        assert_eq!(burst(40), peak, "the table grew for threads it had heaps for");
+        assert_eq!(burst(7), peak);
+    }
+    assert_eq!(a.stats().free_bytes(), free);
+    assert_eq!(a.owned_heaps().unwrap(), 0);
+    a.check().unwrap();
+}
