@@ -94,7 +94,10 @@ impl HeldSlots {
     }
 
     /// Takes every slot of fork generation `generation` that is still held, for the handle's
-    /// drop to give back.
+    /// drop to give back. Not while a [`note`](Self::note) may run (the handle's drop: no thread
+    /// can reach the handle to attach then): a node taken here and reused at once by `note`
+    /// would have its new slot read instead of the one taken. Threads may give theirs back
+    /// ([`HeldSlot::take`]) meanwhile: each slot is taken once.
     pub(crate) fn take_all(&self, generation: u64) -> Vec<u64> {
         self.nodes()
             .filter(|n| n.state.load(Ordering::Acquire) == HELD && n.generation.load(Ordering::Relaxed) == generation)
