@@ -396,6 +396,41 @@ mod tests {
         }
     }
 
+    /// A resize of a block passed through (too big or too strictly aligned to cache) is a request
+    /// passed on to the upstream, as the allocation and the free it stands for would be: a miss,
+    /// a block asked of the upstream, and the old block's bytes given back. The statistics then
+    /// agree with what the upstream saw.
+    #[test]
+    fn resizes_passed_through_are_counted_as_the_upstream_saw_them() {
+        let (res, a, _serial) = counted();
+        std::thread::spawn(move || {
+            let (before, taken) = (a.stats(), res.allocations());
+            let (big, bigger) = (l(2 << 20, 8), l(3 << 20, 8));
+            let aligned = l(100, 64);
+            // SAFETY: every block is used with the layout it has now and freed once.
+            unsafe {
+                let p = a.alloc(big);
+                let q = a.realloc(p, big, bigger.size());
+                assert!(!q.is_null());
+                a.dealloc(q, bigger);
+                let p = Allocator::allocate(&a, aligned).unwrap().cast::<u8>();
+                let q = Allocator::grow(&a, p, aligned, l(5000, 64)).unwrap().cast::<u8>();
+                Allocator::deallocate(&a, q, l(5000, 64));
+            }
+            let after = a.stats();
+            assert_eq!(
+                after.upstream_allocations - before.upstream_allocations,
+                res.allocations() - taken,
+                "every block the upstream handed out is counted: {before:?} {after:?}"
+            );
+            assert_eq!(after.misses - before.misses, 4, "two requests and two resizes passed on: {after:?}");
+            let freed = big.size() + bigger.size() + aligned.size() + 5000;
+            assert_eq!(after.bytes_returned - before.bytes_returned, freed as u64, "{before:?} {after:?}");
+        })
+        .join()
+        .unwrap();
+    }
+
     #[test]
     fn zeroed_memory_is_zero_even_when_recycled() {
         std::thread::spawn(|| {

@@ -441,16 +441,21 @@ impl SlotRef {
 
     #[cold]
     fn passthrough_alloc(&self, layout: Layout, zeroed: bool) -> *mut u8 {
-        if let Some(slot) = self.assigned() {
-            RETIRED[slot].upstream_allocations.add_shared(1);
-            RETIRED[slot].misses.add_shared(1);
-        }
+        self.count_passthrough();
         let p = if zeroed {
             self.upstream.allocate_zeroed(layout.size(), layout.align())
         } else {
             self.upstream.allocate(layout.size(), layout.align())
         };
         p.map_or(ptr::null_mut(), NonNull::as_ptr)
+    }
+
+    /// Counts a request passed straight through to the upstream: a miss, and a block asked of it.
+    fn count_passthrough(&self) {
+        if let Some(slot) = self.assigned() {
+            RETIRED[slot].upstream_allocations.add_shared(1);
+            RETIRED[slot].misses.add_shared(1);
+        }
     }
 
     /// Zeroed memory for `layout` (non-zero size). Over memory the CPU cannot write, null, as
@@ -541,9 +546,15 @@ impl SlotRef {
             (Some(a), Some(b)) if a == b => ptr.as_ptr(),
             _ if !self.upstream.host_accessible() => ptr::null_mut(),
             (None, None) => {
+                // Counted as the allocation and the free it stands for, as a move between
+                // classes is (the upstream may well do just that).
+                self.count_passthrough();
                 // SAFETY: both layouts pass through untouched; the caller's contract.
-                unsafe { self.upstream.reallocate(ptr, layout.size(), layout.align(), new_size) }
-                    .map_or(ptr::null_mut(), NonNull::as_ptr)
+                let new = unsafe { self.upstream.reallocate(ptr, layout.size(), layout.align(), new_size) };
+                if let (Some(_), Some(slot)) = (new, self.assigned()) {
+                    RETIRED[slot].bytes_returned.add_shared(layout.size() as u64);
+                }
+                new.map_or(ptr::null_mut(), NonNull::as_ptr)
             }
             _ => {
                 let new = self.alloc(new_layout);
