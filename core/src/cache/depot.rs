@@ -300,9 +300,12 @@ impl Depot {
     /// Walks every class and checks that each batch has `batch_len` blocks and that the byte
     /// count matches what is held.
     pub fn check(&self) -> Result<()> {
+        // Every class at once (in class order, as `lock_all`; nothing holds one class lock while
+        // it takes another): the byte count moves with the lists, so it agrees with their sum
+        // only while none of them can change.
+        let lists: [_; MAX_BUCKETS] = core::array::from_fn(|class| self.list(class));
         let mut total = 0;
-        for class in 0..MAX_BUCKETS {
-            let list = self.list(class);
+        for (class, list) in lists.iter().enumerate() {
             let mut batch = list.head;
             let mut batches = 0;
             while !batch.is_null() {
@@ -416,5 +419,50 @@ mod tests {
         assert_eq!(d.limit(), usize::MAX - 1, "the largest value stays the mark of no limit set");
         d.set_default_limit(8);
         assert_eq!(d.limit(), usize::MAX - 1);
+    }
+
+    /// `check` beside caches that move batches in and out of several classes: each class it has
+    /// counted may change before it reads the byte count, which must still be found to agree.
+    #[test]
+    fn check_beside_busy_caches_finds_nothing_wrong() {
+        use crate::cache::{CacheConfig, ThreadCache};
+        use crate::testing::CountingResource;
+        use core::alloc::Layout;
+        use std::sync::atomic::{AtomicBool, AtomicUsize};
+        let res = CountingResource::leak();
+        let up = Upstream::Resource(res);
+        let depot: &'static Depot = Box::leak(Box::new(Depot::new(1 << 20)));
+        let stop: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
+        let rounds: &'static AtomicUsize = Box::leak(Box::new(AtomicUsize::new(0)));
+        // Batches of 64 blocks in classes 2 and 3: a bucket limit that holds a batch of either.
+        let config = CacheConfig::uniform(13, 64 * 128).unwrap();
+        let workers: Vec<_> = [2usize, 3]
+            .into_iter()
+            .map(|class| {
+                let mut cache = ThreadCache::with_depot(&config, up, depot).unwrap();
+                std::thread::spawn(move || {
+                    let layout = Layout::from_size_align(class_size(class), 8).unwrap();
+                    while !stop.load(Ordering::Relaxed) {
+                        let blocks: Vec<_> = (0..200).map(|_| cache.allocate(layout).unwrap()).collect();
+                        for b in blocks {
+                            // SAFETY: from `allocate(layout)` on this cache.
+                            unsafe { cache.deallocate(b, layout) };
+                        }
+                        rounds.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        // Checks until the workers have been through many rounds meanwhile.
+        let mut failed = None;
+        while failed.is_none() && rounds.load(Ordering::Relaxed) < 400 {
+            failed = depot.check().err();
+        }
+        stop.store(true, Ordering::Relaxed);
+        workers.into_iter().for_each(|w| w.join().unwrap());
+        assert_eq!(failed, None, "a sound depot was reported corrupt");
+        depot.check().unwrap();
+        depot.release(&up).unwrap();
+        assert_eq!(res.live_blocks(), 0);
     }
 }
