@@ -180,18 +180,22 @@ impl<T> PoolAllocator<T> {
 
     /// Changes the limit; cached blocks over it go upstream now.
     pub fn set_limit(&self, limit: usize) {
-        self.list().limit = limit;
-        self.trim(limit);
+        self.trim(Some(limit), limit);
     }
 
     /// Frees every cached block to the upstream.
     pub fn release(&self) {
-        self.trim(0);
+        self.trim(None, 0);
     }
 
-    fn trim(&self, keep: usize) {
+    /// Frees the cached blocks past the first `keep` to the upstream, with the limit set to
+    /// `limit` first if given: under one lock, so that no one sees more blocks than the limit.
+    fn trim(&self, limit: Option<usize>, keep: usize) {
         let mut chain = {
             let mut free = self.list();
+            if let Some(limit) = limit {
+                free.limit = limit;
+            }
             let mut chain = ptr::null_mut();
             while free.len > keep {
                 let block = free.head;
@@ -496,6 +500,37 @@ mod tests {
         pool.check().unwrap();
         pool.release();
         assert_eq!(up.blocks.live_blocks(), 0);
+    }
+
+    /// `check` beside another thread lowering and raising the limit: the limit and the blocks
+    /// trimmed to it change together, so the pool is never seen holding more than its limit.
+    #[test]
+    fn check_beside_limit_changes_finds_nothing_wrong() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let res = CountingResource::leak();
+        let pool: &'static PoolAllocator<[u64; 4]> =
+            Box::leak(Box::new(PoolAllocator::with_upstream(8, Upstream::Resource(res))));
+        let stop: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
+        let rounds: &'static AtomicUsize = Box::leak(Box::new(AtomicUsize::new(0)));
+        let changer = std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                pool.set_limit(8);
+                pool.reserve(8).unwrap();
+                pool.set_limit(2);
+                rounds.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        // Until a few seconds of rounds have passed (the window is narrow).
+        let start = std::time::Instant::now();
+        let mut failed = None;
+        while failed.is_none() && rounds.load(Ordering::Relaxed) < 200_000 && start.elapsed().as_secs() < 3 {
+            failed = pool.check().err();
+        }
+        stop.store(true, Ordering::Relaxed);
+        changer.join().unwrap();
+        assert_eq!(failed, None, "a sound pool was reported corrupt");
+        pool.release();
+        assert_eq!(res.live_blocks(), 0);
     }
 
     #[test]
