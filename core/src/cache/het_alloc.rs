@@ -354,6 +354,30 @@ mod tests {
         assert_eq!(res.live_blocks(), 0);
     }
 
+    /// After a thread's caches were returned at its exit, they cache nothing (every request goes
+    /// straight upstream): the limits a later thread-local destructor reads back say so.
+    #[test]
+    fn a_thread_past_its_exit_reads_back_limits_that_cache_nothing() {
+        struct LateReader(std::sync::mpsc::Sender<CacheConfig>);
+        impl Drop for LateReader {
+            fn drop(&mut self) {
+                self.0.send(thread_config()).unwrap();
+            }
+        }
+        thread_local! {
+            static LATE: core::cell::RefCell<Option<LateReader>> = const { core::cell::RefCell::new(None) };
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // Registered before the exit guard, so destroyed after it.
+            LATE.with(|l| *l.borrow_mut() = Some(LateReader(tx)));
+            assert_eq!(thread_config(), CacheConfig::for_role(ThreadRole::Worker), "a live thread has its role's");
+        })
+        .join()
+        .unwrap();
+        assert_eq!(rx.recv().unwrap(), CacheConfig::disabled());
+    }
+
     #[test]
     fn allocations_out_of_memory_are_null_and_the_cache_recovers() {
         let (res, a, _serial) = counted();

@@ -930,10 +930,14 @@ pub fn set_thread_config(config: Option<CacheConfig>) {
     });
 }
 
-/// The limits the calling thread's `HetAlloc` caches have now.
+/// The limits the calling thread's `HetAlloc` caches have now: [`CacheConfig::disabled`] once
+/// they were returned at the thread's exit (or where the thread could not have any), when every
+/// request goes straight upstream.
 pub fn thread_config() -> CacheConfig {
     with_state(|s| {
-        ensure_active(s);
+        if !ensure_active(s) && s.phase.get() == EXITED {
+            return CacheConfig::disabled();
+        }
         config_for(s, Tier::Alloc)
     })
 }
