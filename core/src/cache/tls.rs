@@ -681,14 +681,17 @@ fn start_thread(s: &ThreadState) -> bool {
     // without them; the caches work.
     #[cfg(unix)]
     let _ = crate::fork::watch();
-    if !DEPOT_LIMITS_SET.load(Ordering::Relaxed) {
+    // Acquire, against the release below: a thread that finds the flag set reads the limits
+    // the setter stored (relaxed, a weakly ordered processor could show it a depot still UNSET,
+    // that is without a limit).
+    if !DEPOT_LIMITS_SET.load(Ordering::Acquire) {
         // The flag last: a child forked before it is set sets the limits again.
         let limit = depot_limit();
         for d in &DEPOTS {
             // Not over a limit set through `HetAlloc::set_depot_limit` first, or meanwhile.
             d.set_default_limit(limit);
         }
-        DEPOT_LIMITS_SET.store(true, Ordering::Relaxed);
+        DEPOT_LIMITS_SET.store(true, Ordering::Release);
     }
     let mut list = THREADS.lock();
     s.next.set(list.head);
