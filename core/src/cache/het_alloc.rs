@@ -76,7 +76,8 @@ impl HetAlloc {
         self.slot.depot().map(|d| d.stats()).unwrap_or_default()
     }
 
-    /// Sets the depot's byte limit (0 turns it off).
+    /// Sets the depot's byte limit (0: it takes no more batches). The batches it holds stay, and
+    /// still refill threads' caches, until taken or [`release_depot`](Self::release_depot).
     pub fn set_depot_limit(&self, bytes: usize) {
         if let Some(d) = self.slot.depot() {
             d.set_limit(bytes);
