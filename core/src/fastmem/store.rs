@@ -41,6 +41,10 @@ pub struct FastMemStore<const N: usize, const S: usize> {
     cursor: AtomicUsize,
     /// The address of `bytes` the state was laid out for ([`NEVER`], [`BUSY`] otherwise).
     owner: AtomicUsize,
+    /// Zeroed by `new`, never uninitialised: [`FastMem::check`] may follow a link that a stray
+    /// write pointed at a block whose link cell nothing wrote, and must read defined bytes there
+    /// (a zero link is a stack's end). All-zero, a `static` store still takes no space in the
+    /// program image (`.bss`).
     bytes: UnsafeCell<MaybeUninit<[u8; N]>>,
 }
 
@@ -58,7 +62,8 @@ impl<const N: usize, const S: usize> FastMemStore<N, S> {
         assert!((N - 1) >> LINK_UNIT_SHIFT <= MAX_LINK, "FastMemStore: N exceeds what a link can address");
     };
 
-    /// An empty store. Compile-time error if `S` is 0, or `N` is too small for the stack heads
+    /// An empty store, all zero bytes (so a `static` one lies in `.bss` and a local one costs a
+    /// fill of `N` bytes). Compile-time error if `S` is 0, or `N` is too small for the stack heads
     /// plus one block, or too large for this target's links:
     ///
     /// ```compile_fail
@@ -71,7 +76,7 @@ impl<const N: usize, const S: usize> FastMemStore<N, S> {
         FastMemStore {
             cursor: AtomicUsize::new(0),
             owner: AtomicUsize::new(NEVER),
-            bytes: UnsafeCell::new(MaybeUninit::uninit()),
+            bytes: UnsafeCell::new(MaybeUninit::zeroed()),
         }
     }
 
@@ -205,6 +210,11 @@ impl<'a, const N: usize, const S: usize> FastMem<'a, N, S> {
     ///
     /// Meant for tests and diagnostics while no other thread allocates or drops: a concurrent
     /// pop or push can make a consistent store look corrupt.
+    ///
+    /// A block carries no mark of being free, so a link that a stray write pointed at a block in
+    /// use (or at padding between blocks) is followed like any other: that block's link cell,
+    /// never written, reads as zero (the store starts zeroed), the end of the stack. Only a spot
+    /// inside a larger block's value can hold bytes the value left uninitialised (its padding).
     pub fn check(self) -> Result<FastMemReport> {
         let heads = FastMemStore::<N, S>::HEADS;
         let cursor = self.store.cursor.load(Ordering::Acquire);
@@ -237,8 +247,11 @@ impl<'a, const N: usize, const S: usize> FastMem<'a, N, S> {
                 if count > most {
                     return Err(corrupt(offset, "free stack has a cycle"));
                 }
-                // SAFETY: `link` names a block inside the handed-out part of the store (checked
-                // above) that was pushed onto this class's stack, so its link cell was written.
+                // SAFETY: `link` names a block of this class inside the handed-out part of the
+                // store (checked above), so its link cell is inside the store and 4-aligned. On a
+                // sound stack a push wrote the cell; on one a stray write corrupted, the cell still
+                // holds defined bytes (the store starts zeroed) unless it lies in the padding of a
+                // larger block's value, which nothing here can rule out (see above).
                 link = link_in(unsafe { store.link_cell(link, class) }.load(Ordering::Acquire) as usize);
             }
             report.free_blocks[class as usize] = count;

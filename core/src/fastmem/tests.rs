@@ -351,6 +351,27 @@ fn check_finds_corrupt_stacks() {
     assert_eq!(fm.check().unwrap().free_blocks(16), 2);
 }
 
+/// A stray write that points a free stack at a block that was never on one (here a live box's):
+/// `check()` follows it and reads that block's link cell, which nothing wrote. The store's bytes
+/// start zeroed, so the cell reads as the stack's end: `check()` cannot tell the live block from a
+/// free one, but it reads defined bytes (under Miri, a store whose bytes start uninitialised
+/// fails this test with an uninitialised read).
+#[test]
+fn a_stray_link_to_a_block_never_freed_reads_no_uninitialised_bytes() {
+    let store = FastMemStore::<512, 64>::new();
+    let fm = store.init();
+    let live = fm.alloc(1u64).unwrap();
+    let offset = addr(&live) - fm.store_ref().base().as_ptr() as usize;
+    // SAFETY: S = 64, so the store has a stack for 16-byte blocks; heads are only accessed
+    // atomically.
+    let head = unsafe { fm.store_ref().head(class_of(8)) };
+    head.store(offset >> super::stack::LINK_UNIT_SHIFT, Ordering::Relaxed);
+    assert_eq!(fm.check().unwrap().free_blocks(16), 1, "the live block's unwritten link reads as the end");
+    head.store(0, Ordering::Relaxed);
+    drop(live);
+    assert_eq!(fm.check().unwrap().free_blocks(16), 1);
+}
+
 /// Threads that make a static store's first `init` at once: one lays it out, the others wait for
 /// it (under Miri, a layout that is not published to them is a data race on the stack heads), and
 /// no thread's blocks are wiped by a second layout.
