@@ -206,58 +206,91 @@ impl<'a, const N: usize, const S: usize> FastMem<'a, N, S> {
     }
 
     /// Walks every free stack and checks that each block lies inside the part of the store
-    /// handed out so far and is aligned to its class, and that no stack has a cycle.
+    /// handed out so far and is aligned to its class, that no stack has a cycle, and that no free
+    /// block lies inside a free block of another class (two boxes would get the same bytes).
     ///
     /// Meant for tests and diagnostics while no other thread allocates or drops: a concurrent
-    /// pop or push can make a consistent store look corrupt.
+    /// pop or push can make a consistent store look corrupt. Comparing the classes' free blocks
+    /// takes time that grows with the product of their numbers.
     ///
     /// A block carries no mark of being free, so a link that a stray write pointed at a block in
     /// use (or at padding between blocks) is followed like any other: that block's link cell,
     /// never written, reads as zero (the store starts zeroed), the end of the stack. Only a spot
-    /// inside a larger block's value can hold bytes the value left uninitialised (its padding).
+    /// inside the value of a larger block in use can hold bytes the value left uninitialised (its
+    /// padding); one inside a larger free block is reported before its link is read.
     pub fn check(self) -> Result<FastMemReport> {
         let heads = FastMemStore::<N, S>::HEADS;
         let cursor = self.store.cursor.load(Ordering::Acquire);
         if !(heads..=N).contains(&cursor) {
             return Err(corrupt(cursor, "cursor outside the store"));
         }
-        let store = self.store_ref();
-        let base = store.base().as_ptr() as usize;
         let mut report = FastMemReport {
             capacity: N - heads,
             bumped: cursor - heads,
             free_bytes: 0,
             free_blocks: [0; usize::BITS as usize],
         };
-        for class in MIN_CLASS..=FastMemStore::<N, S>::TOP_CLASS {
-            let size = 1usize << class;
-            let most = (cursor - heads) / size;
-            let mut count = 0;
-            // SAFETY: class <= TOP_CLASS: the store has this stack.
-            let mut link = link_in(unsafe { store.head(class) }.load(Ordering::Acquire));
-            while link != 0 {
-                let offset = link << LINK_UNIT_SHIFT;
-                if offset < heads || offset > cursor || cursor - offset < size {
-                    return Err(corrupt(offset, "free block outside the part of the store handed out"));
+        // Blocks are aligned to their size, so two of different classes overlap exactly when the
+        // larger one is the block of its class that holds the smaller one's first byte. Classes
+        // are walked from the largest down and each block is compared with the larger free ones
+        // before its link is read: a stray link into a larger free block is reported rather than
+        // followed into that block's old value.
+        let base = self.store.base().as_ptr() as usize;
+        let top = FastMemStore::<N, S>::TOP_CLASS;
+        for class in (MIN_CLASS..=top).rev() {
+            let free = &report.free_blocks;
+            let count = self.walk_free_stack(class, cursor, |inner| {
+                for large in (class + 1..=top).filter(|&c| free[c as usize] > 0) {
+                    let holder = (base + inner) & !((1usize << large) - 1);
+                    self.walk_free_stack(large, cursor, |outer| {
+                        if base + outer == holder {
+                            return Err(corrupt(inner, "free block inside a free block of a larger class"));
+                        }
+                        Ok(())
+                    })?;
                 }
-                if (base + offset) % size != 0 {
-                    return Err(corrupt(offset, "free block not aligned to its size class"));
-                }
-                count += 1;
-                if count > most {
-                    return Err(corrupt(offset, "free stack has a cycle"));
-                }
-                // SAFETY: `link` names a block of this class inside the handed-out part of the
-                // store (checked above), so its link cell is inside the store and 4-aligned. On a
-                // sound stack a push wrote the cell; on one a stray write corrupted, the cell still
-                // holds defined bytes (the store starts zeroed) unless it lies in the padding of a
-                // larger block's value, which nothing here can rule out (see above).
-                link = link_in(unsafe { store.link_cell(link, class) }.load(Ordering::Acquire) as usize);
-            }
+                Ok(())
+            })?;
             report.free_blocks[class as usize] = count;
-            report.free_bytes += count * size;
+            report.free_bytes += count << class;
         }
         Ok(report)
+    }
+
+    /// Walks the free stack of `class` (at most `TOP_CLASS`) of a store whose cursor is
+    /// `cursor` (between the heads and `N`): checks that each block is in that part of the store
+    /// and aligned, and calls `visit` with its offset, before it reads the block's link; returns
+    /// the number of blocks.
+    fn walk_free_stack(self, class: u32, cursor: usize, mut visit: impl FnMut(usize) -> Result<()>) -> Result<usize> {
+        let heads = FastMemStore::<N, S>::HEADS;
+        let store = self.store_ref();
+        let base = store.base().as_ptr() as usize;
+        let size = 1usize << class;
+        let most = (cursor - heads) / size;
+        let mut count = 0;
+        // SAFETY: class <= TOP_CLASS: the store has this stack.
+        let mut link = link_in(unsafe { store.head(class) }.load(Ordering::Acquire));
+        while link != 0 {
+            let offset = link << LINK_UNIT_SHIFT;
+            if offset < heads || offset > cursor || cursor - offset < size {
+                return Err(corrupt(offset, "free block outside the part of the store handed out"));
+            }
+            if (base + offset) % size != 0 {
+                return Err(corrupt(offset, "free block not aligned to its size class"));
+            }
+            count += 1;
+            if count > most {
+                return Err(corrupt(offset, "free stack has a cycle"));
+            }
+            visit(offset)?;
+            // SAFETY: `link` names a block of this class inside the handed-out part of the store
+            // (checked above), so its link cell is inside the store and 4-aligned. On a sound
+            // stack a push wrote the cell; on one a stray write corrupted, the cell still holds
+            // defined bytes (the store starts zeroed) unless it lies in the padding of the value
+            // of a larger block in use, which nothing here can rule out (see `check`).
+            link = link_in(unsafe { store.link_cell(link, class) }.load(Ordering::Acquire) as usize);
+        }
+        Ok(count)
     }
 
     pub(crate) fn store_ref(self) -> StoreRef<'a> {

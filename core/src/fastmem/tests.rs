@@ -372,6 +372,39 @@ fn a_stray_link_to_a_block_never_freed_reads_no_uninitialised_bytes() {
     assert_eq!(fm.check().unwrap().free_blocks(16), 1);
 }
 
+/// Free blocks of different classes must not overlap: two boxes would get the same bytes. A stray
+/// write that puts a 16-byte block lying inside a free 32-byte block on the 16-byte stack (its
+/// second half, whose link cell is the 32-byte block's, or its first half) is reported, before
+/// `check()` reads the first half's "link": bytes of the old value, here uninitialised (under Miri,
+/// a `check()` that reads them first fails this test).
+#[test]
+fn check_finds_a_free_block_inside_a_free_block_of_another_class() {
+    let store = FastMemStore::<512, 64>::new();
+    let fm = store.init();
+    let small = fm.alloc(1u64).unwrap();
+    let big = fm.alloc(core::mem::MaybeUninit::<[u8; 20]>::uninit()).unwrap();
+    let offset = addr(&big) - fm.store_ref().base().as_ptr() as usize;
+    drop(big);
+    drop(small);
+    let r = fm.check().unwrap();
+    assert_eq!((r.free_blocks(16), r.free_blocks(32)), (1, 1));
+    // SAFETY: S = 64, so the store has a stack for 16-byte blocks; heads are only accessed
+    // atomically.
+    let head = unsafe { fm.store_ref().head(class_of(8)) };
+    let good = head.load(Ordering::Relaxed);
+    for inside in [offset + 16, offset] {
+        head.store(inside >> super::stack::LINK_UNIT_SHIFT, Ordering::Relaxed);
+        let err = fm.check().unwrap_err();
+        assert!(
+            matches!(err, Error::Corrupt { offset: o, detail: "free block inside a free block of a larger class", .. }
+                if o as usize == inside),
+            "{err:?}"
+        );
+    }
+    head.store(good, Ordering::Relaxed);
+    fm.check().unwrap();
+}
+
 /// Threads that make a static store's first `init` at once: one lays it out, the others wait for
 /// it (under Miri, a layout that is not published to them is a data race on the stack heads), and
 /// no thread's blocks are wiped by a second layout.
