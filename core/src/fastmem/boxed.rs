@@ -46,8 +46,8 @@ impl<'a> StoreRef<'a> {
     /// The store has a stack for `class` (it is at most the class of the store's `S`).
     #[inline(always)]
     pub(crate) unsafe fn head(self, class: u32) -> &'a AtomicUsize {
-        // SAFETY: the heads are the store's first words, aligned (the store is 16-aligned) and
-        // only accessed atomically; `class` has one (caller's promise).
+        // SAFETY: the heads are the store's first words, aligned for a word (the store's bytes
+        // are, on every target) and only accessed atomically; `class` has one (caller's promise).
         unsafe { &*self.base.as_ptr().add(head_offset(class)).cast::<AtomicUsize>() }
     }
 
