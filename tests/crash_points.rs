@@ -379,8 +379,9 @@ struct Unnamed {
 
 /// After children `ks` (in the order they ran) are dead and recovered, with `keep`
 /// (`DeadProcessBlocks::Keep`): frees the blocks their journals say they held, which must still
-/// be live, with their sizes and stamped bytes (the segment is mapped at `base`), and the block of a free or resize under way if it is live and no later child holds
-/// it (a free that took effect lets a later child have the block). Returns what may be live
+/// be live, with their sizes and stamped bytes (the segment is mapped at `base`), and the block
+/// of a free or resize under way if it is live and no later child holds it (a free that took
+/// effect lets a later child have the block). Returns what may be live
 /// that no journal names: the block of an allocation under way, or of a resize that moved.
 /// Without `keep` the recovery freed them all. Empties the journals.
 fn settle_journals<A: Probe>(

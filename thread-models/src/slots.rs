@@ -34,10 +34,10 @@ impl<const N: usize> SlotGenerations<N> {
     /// generation, or `beyond_table` when the index does not fit the table.
     pub(crate) fn open(&self, index: usize, beyond_table: Error) -> Result<u64> {
         let slot = self.0.get(index).ok_or(beyond_table)?;
-        // Only the owner of a slot index writes its generation, and the OS (or the key table, under
-        // its lock) gives each index one owner at a time, so this needs no loop. The next odd value: from an even one (freed
-        // through the model) +1; from an odd one (freed behind the model's back, so its old key
-        // never saw `tls_delete`) +2, which retires that key too.
+        // Only the owner of a slot index writes its generation, and the OS (or the key table,
+        // under its lock) gives each index one owner at a time, so this needs no loop. The next
+        // odd value: from an even one (freed through the model) +1; from an odd one (freed behind
+        // the model's back, so its old key never saw `tls_delete`) +2, which retires that key too.
         let old = slot.load(Ordering::Acquire);
         let generation = (old + 1) | 1;
         slot.store(generation, Ordering::Release);
