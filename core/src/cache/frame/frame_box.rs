@@ -189,7 +189,8 @@ impl FrameBox<()> {
     /// Boxes `future` with the current scope's allocator
     /// ([`with_frame_allocator`](super::with_frame_allocator), else the default
     /// [`RecyclingFrameAllocator`](super::RecyclingFrameAllocator)) and makes every poll of it
-    /// re-enter that scope, so the futures it creates inherit the allocator.
+    /// re-enter that scope, so the futures it creates inherit the allocator. Boxed outside any
+    /// scope, it is polled outside any scope (see [`ScopedTask`]).
     ///
     /// The scope is read once, here: the task keeps its allocator, enters its scope when polled
     /// (a comparison with the thread's current scope when it is already set) and gives its frame
@@ -202,7 +203,7 @@ impl FrameBox<()> {
     /// [`Self::pin_scoped`], building the future in the frame (see [`FrameBox::new_with_in`]).
     #[inline]
     pub fn pin_scoped_with<'f, F: Future + Send + 'f>(make: impl FnOnce() -> F) -> Result<ScopedTask<'f, F::Output>> {
-        let alloc = current_scope().unwrap_or_else(ScopeAllocator::default_lists);
+        let alloc = current_scope().unwrap_or_else(ScopeAllocator::unscoped);
         FrameBox::new_with_in(make, alloc).map(|b| ScopedTask(b.into_dyn_future()))
     }
 }

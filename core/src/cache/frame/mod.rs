@@ -404,6 +404,40 @@ mod tests {
         assert_eq!(after.hits + after.misses, before.hits + before.misses + 1);
     }
 
+    /// Inside a scoped task's poll, the current allocator is the scope the task was boxed in,
+    /// wherever it is polled; a task boxed outside any scope is polled outside any scope (its
+    /// children take the default lists, and there is no current allocator, as outside it).
+    #[test]
+    fn a_scoped_task_sees_the_scope_it_was_boxed_in_or_none() {
+        let (a, b) = (counting(), counting());
+        let seen = || {
+            FrameBox::pin_scoped(async {
+                let at = current_frame_allocator().map(|x| x as *const dyn FrameAllocator as *const () as usize);
+                // A child boxed here: counted by `a` only inside `a`'s scope.
+                drop(FrameBox::pin_scoped(async {}).unwrap());
+                at
+            })
+            .unwrap()
+        };
+        let addr = |x: &'static dyn FrameAllocator| Some(x as *const dyn FrameAllocator as *const () as usize);
+        assert_eq!(block_on(with_frame_allocator(a, seen)), addr(a), "boxed in a, polled outside");
+        assert_eq!(with_frame_allocator(b, || block_on(with_frame_allocator(a, seen))), addr(a), "polled in b");
+        assert_eq!((a.stats().allocations, b.stats().allocations), (4, 0));
+        assert_eq!(block_on(seen()), None, "boxed and polled outside any scope");
+        let outside = seen();
+        assert_eq!(with_frame_allocator(b, || block_on(outside)), None, "boxed outside, polled in b");
+        assert_eq!((a.stats().allocations, b.stats().allocations), (4, 0), "children took the default lists");
+        assert!(current_frame_allocator().is_none());
+        // Unwrapped, either task gives its frame back to where it came from.
+        let unscoped = FrameBox::pin_scoped(async { 5 }).unwrap();
+        let default: &dyn FrameAllocator = default_frame_allocator();
+        assert!(core::ptr::addr_eq(unscoped.allocator().as_dyn(), default));
+        assert_eq!(block_on(unscoped.into_inner()), 5);
+        let scoped = with_frame_allocator(a, || FrameBox::pin_scoped(async { 6u64 })).unwrap();
+        assert_eq!(block_on(scoped.into_inner()), 6);
+        assert_eq!((a.stats().allocations, a.stats().live_bytes), (5, 0));
+    }
+
     /// A binary tree of scoped tasks, each leaf yielding once: 2^(depth+1) - 1 frames.
     fn scoped_tree(depth: u32) -> ScopedTask<'static, u32> {
         async fn leaf(depth: u32) -> u32 {

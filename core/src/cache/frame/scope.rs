@@ -38,6 +38,24 @@ impl ScopeAllocator {
         ScopeAllocator { alloc: lists, lists: Some(lists) }
     }
 
+    /// The default lists as a task boxed outside any scope holds them: the lists of
+    /// [`Self::default_lists`], through an allocator of their own that no scope is ever made of,
+    /// so that a poll of the task can tell it has no scope to enter ([`Self::scope`]).
+    #[inline]
+    pub(crate) fn unscoped() -> Self {
+        // A static of its own (not `default_frame_allocator`, which a scope may be made of): its
+        // address is no other allocator's. Its slot is the default lists' fixed one.
+        static UNSCOPED: RecyclingFrameAllocator = RecyclingFrameAllocator::new();
+        ScopeAllocator { alloc: &UNSCOPED, lists: Some(&UNSCOPED) }
+    }
+
+    /// The scope a task holding this allocator polls in: none for [`Self::unscoped`].
+    #[inline]
+    pub(crate) fn scope(self) -> Option<Self> {
+        let unscoped = Self::unscoped().alloc;
+        (!core::ptr::addr_eq(self.alloc, unscoped)).then_some(self)
+    }
+
     /// The allocator captured.
     #[inline]
     pub fn as_dyn(self) -> &'static dyn FrameAllocator {
@@ -99,13 +117,19 @@ unsafe impl FrameAllocator for ScopeAllocator {
 /// current scope and enters the scope only when they differ: children polled by their parent,
 /// and tasks run by an executor inside the scope, find it set.
 ///
+/// A task boxed outside any scope has none: it takes its frame from the default lists, and its
+/// polls run outside any scope (leaving the one they are polled in, if any), so its children
+/// take the default lists too and [`current_frame_allocator`] is `None` there, as it was where
+/// the task was boxed.
+///
 /// [`FrameBox::pin_scoped`]: super::FrameBox::pin_scoped
 pub struct ScopedTask<'f, O>(pub(crate) FrameBox<dyn Future<Output = O> + Send + 'f, ScopeAllocator>);
 
 impl<'f, O> ScopedTask<'f, O> {
-    /// The allocator the frame came from, whose scope each poll enters.
+    /// The allocator the frame came from: the scope's, or for a task boxed outside any scope
+    /// the default lists ([`ScopeAllocator::default_lists`]).
     pub fn allocator(&self) -> ScopeAllocator {
-        *FrameBox::allocator(&self.0)
+        FrameBox::allocator(&self.0).scope().unwrap_or_else(ScopeAllocator::default_lists)
     }
 
     /// The boxed future, without the scope around its polls.
@@ -129,7 +153,7 @@ impl<O> Future for ScopedTask<'_, O> {
         if current_scope().is_some_and(|current| current.same(alloc)) {
             return future.poll(cx);
         }
-        poll_in_scope(alloc, future, cx)
+        poll_in_scope(alloc.scope(), future, cx)
     }
 }
 
@@ -139,16 +163,16 @@ impl<O> core::fmt::Debug for ScopedTask<'_, O> {
     }
 }
 
-/// Polls `future` inside `alloc`'s scope: out of line, so the common case (the scope already
-/// set) stays a comparison and a call.
+/// Polls `future` inside `scope` (outside any for `None`): out of line, so the common case (the
+/// scope already set) stays a comparison and a call.
 #[cold]
 #[inline(never)]
 fn poll_in_scope<O>(
-    alloc: ScopeAllocator,
+    scope: Option<ScopeAllocator>,
     future: Pin<&mut (dyn Future<Output = O> + Send + '_)>,
     cx: &mut Context<'_>,
 ) -> Poll<O> {
-    with_scope(alloc, || future.poll(cx))
+    with_scope(scope, || future.poll(cx))
 }
 
 /// Runs `f` with `alloc` as the calling thread's frame allocator, then restores the previous
@@ -159,12 +183,13 @@ fn poll_in_scope<O>(
 /// create (their children) inherit it, however deep, wherever they are polled. `alloc` is
 /// captured once, here ([`ScopeAllocator::new`]).
 pub fn with_frame_allocator<R>(alloc: &'static dyn FrameAllocator, f: impl FnOnce() -> R) -> R {
-    with_scope(ScopeAllocator::new(alloc), f)
+    with_scope(Some(ScopeAllocator::new(alloc)), f)
 }
 
-/// [`with_frame_allocator`] with the allocator already captured.
+/// [`with_frame_allocator`] with the allocator already captured; `None` runs `f` outside any
+/// scope.
 #[inline]
-fn with_scope<R>(alloc: ScopeAllocator, f: impl FnOnce() -> R) -> R {
+fn with_scope<R>(alloc: Option<ScopeAllocator>, f: impl FnOnce() -> R) -> R {
     struct Restore(Option<ScopeAllocator>);
     impl Drop for Restore {
         #[inline]
@@ -173,12 +198,15 @@ fn with_scope<R>(alloc: ScopeAllocator, f: impl FnOnce() -> R) -> R {
             let _ = CURRENT.try_with(|c| c.set(self.0));
         }
     }
-    let previous = CURRENT.try_with(|c| c.replace(Some(alloc))).ok().flatten();
+    let previous = CURRENT.try_with(|c| c.replace(alloc)).ok().flatten();
     let _restore = Restore(previous);
     f()
 }
 
-/// The frame allocator of the innermost [`with_frame_allocator`] scope on this thread.
+/// The frame allocator of the innermost [`with_frame_allocator`] scope on this thread: also, while
+/// a [`ScopedTask`] is polled, the scope it was boxed in. `None` outside any scope, and while a
+/// task boxed outside any scope is polled (its frames, and its children's, come from the
+/// default lists).
 #[inline]
 pub fn current_frame_allocator() -> Option<&'static dyn FrameAllocator> {
     current_scope().map(ScopeAllocator::as_dyn)
