@@ -386,10 +386,36 @@ impl SlotRef {
         slot as usize
     }
 
+    /// Whether a slot of the table is owned by this handle's tier and upstream.
+    #[cfg(test)]
+    pub(crate) fn claimed(&self) -> bool {
+        let wanted = SlotOwner { tier: self.tier, upstream: self.upstream };
+        OWNERS.lock().contains(&Some(wanted))
+    }
+
     /// The slot, claimed on first use as by [`Self::slot`]; `None` if none was free.
     fn assigned(&self) -> Option<usize> {
         let s = self.slot();
         (s < SLOTS).then_some(s)
+    }
+
+    /// The slot if this handle has one, or if another handle of the same tier and upstream
+    /// claimed it; `None` otherwise, without claiming a free one. For the calls that only read
+    /// (or empty) what a slot holds: a handle that never served a request has nothing there, and
+    /// a read must not use up one of the few slots.
+    fn existing(&self) -> Option<usize> {
+        let s = self.slot.load(Ordering::Relaxed);
+        if (s as usize) < SLOTS {
+            return Some(s as usize);
+        }
+        if s != SLOT_UNASSIGNED {
+            return None;
+        }
+        let wanted = SlotOwner { tier: self.tier, upstream: self.upstream };
+        let found = OWNERS.lock().iter().position(|o| *o == Some(wanted))?;
+        // Owners are never given up, so this is what `assign` would store too.
+        self.slot.store(found as u8, Ordering::Relaxed);
+        Some(found)
     }
 
     /// Allocates for `layout` (non-zero size); null when the upstream is out of memory.
@@ -572,7 +598,7 @@ impl SlotRef {
 
     /// The calling thread's cache statistics for this slot.
     pub(crate) fn thread_stats(&self) -> CacheStats {
-        match self.assigned() {
+        match self.existing() {
             Some(slot) => with_state(|s| s.caches[slot].stats()),
             None => CacheStats::default(),
         }
@@ -580,7 +606,7 @@ impl SlotRef {
 
     /// Statistics of this slot's thread caches, live and exited.
     pub(crate) fn stats(&self) -> CacheStats {
-        let Some(slot) = self.assigned() else {
+        let Some(slot) = self.existing() else {
             return CacheStats::default();
         };
         let list = THREADS.lock();
@@ -599,7 +625,7 @@ impl SlotRef {
 
     /// Checks the calling thread's cache of this slot ([`ThreadCache::check`]).
     pub(crate) fn check_thread(&self) -> crate::error::Result<()> {
-        match self.assigned() {
+        match self.existing() {
             Some(slot) => with_state(|s| s.caches[slot].check()),
             None => Ok(()),
         }
@@ -614,9 +640,15 @@ impl SlotRef {
         self.assigned().map(|slot| &DEPOTS[slot])
     }
 
+    /// This slot's depot if the slot exists ([`Self::existing`]): claims none, and starts
+    /// nothing (a depot that was never used holds nothing to release).
+    pub(crate) fn existing_depot(&self) -> Option<&'static Depot> {
+        self.existing().map(|slot| &DEPOTS[slot])
+    }
+
     /// Returns the calling thread's cached blocks of this slot (depot, then upstream).
     pub(crate) fn flush_thread(&self) {
-        if let Some(slot) = self.assigned() {
+        if let Some(slot) = self.existing() {
             with_state(|s| {
                 if s.phase.get() == ACTIVE {
                     flush_cache(&s.caches[slot]);

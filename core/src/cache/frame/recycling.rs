@@ -34,7 +34,9 @@ impl RecyclingFrameAllocator {
 
     /// Recycles frames from `resource`. Six slots serve the resources of
     /// [`HetAlloc`](crate::cache::HetAlloc)s and `RecyclingFrameAllocator`s together, one per
-    /// distinct resource and tier; a resource that finds none free passes straight through.
+    /// distinct resource and tier, claimed by the first frame (reading the statistics, checking,
+    /// flushing or releasing before that claims none); a resource that finds none free passes
+    /// straight through.
     /// A resource the CPU cannot access ([`MemoryResource::host_accessible`] false) gives no
     /// frames: `allocate` answers [`Error::Unsupported`].
     pub const fn with_resource(resource: &'static dyn MemoryResource) -> Self {
@@ -74,7 +76,8 @@ impl RecyclingFrameAllocator {
 
     /// Frees the frames in the shared depot to the upstream.
     pub fn release_depot(&self) {
-        if let Some(d) = self.slot.depot() {
+        // A depot that does not exist yet holds nothing: claiming a slot for it would waste one.
+        if let Some(d) = self.slot.existing_depot() {
             // The slot's own upstream: the only one its depot ever served.
             let _ = d.release(&self.slot.upstream());
         }
@@ -227,5 +230,48 @@ unsafe impl FrameAllocator for ThreadFrames {
     unsafe fn deallocate(&self, ptr: NonNull<u8>, size: usize) {
         // SAFETY: forwarded contract; the same lists (same fixed slot) took the frame out.
         unsafe { super::default_frame_allocator().deallocate_at(SLOT_FRAMES as usize, ptr, size) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::CountingResource;
+
+    /// Reading a fresh allocator over a resource (its figures, its check, a flush or a release
+    /// of its depot, with nothing in them) claims none of the six resource slots: a slot is
+    /// claimed by the first frame alone, and a table used up by reads would leave later
+    /// allocators uncached. Another handle on a resource whose slot is claimed reads that slot.
+    #[test]
+    fn reading_a_fresh_allocator_claims_no_slot() {
+        let counting = CountingResource::leak();
+        // One vtable for both handles: two coercions may make two (see `Upstream`'s `eq`).
+        let res: &'static dyn MemoryResource = counting;
+        std::thread::spawn(move || {
+            let frames = RecyclingFrameAllocator::with_resource(res);
+            assert_eq!(frames.stats(), CacheStats::default());
+            assert_eq!(frames.thread_stats(), CacheStats::default());
+            frames.check_thread().unwrap();
+            frames.flush_thread();
+            frames.release_depot();
+            assert!(!frames.slot.claimed(), "a read claimed a slot");
+            // SAFETY: from `allocate(64)`.
+            unsafe { frames.deallocate(frames.allocate(64).unwrap(), 64) };
+            if frames.slot.ready_slot().is_some() {
+                let other = RecyclingFrameAllocator::with_resource(res);
+                assert_eq!(other.stats(), frames.stats());
+                assert_eq!(
+                    other.slot.ready_slot(),
+                    frames.slot.ready_slot(),
+                    "the same slot, read through another handle"
+                );
+                assert_eq!(other.thread_stats(), frames.thread_stats());
+            }
+            frames.flush_thread();
+            frames.release_depot();
+            assert_eq!(counting.live_blocks(), 0);
+        })
+        .join()
+        .unwrap();
     }
 }
