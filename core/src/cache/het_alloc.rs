@@ -73,7 +73,7 @@ impl HetAlloc {
 
     /// The depot's statistics (hits and misses count batches).
     pub fn depot_stats(&self) -> CacheStats {
-        self.slot.depot().map(|d| d.stats()).unwrap_or_default()
+        self.slot.existing_depot().map(|d| d.stats()).unwrap_or_default()
     }
 
     /// Sets the depot's byte limit (0: it takes no more batches). The batches it holds stay, and
@@ -97,7 +97,8 @@ impl HetAlloc {
 
     /// Frees everything the depot holds to the upstream.
     pub fn release_depot(&self) {
-        if let Some(d) = self.slot.depot() {
+        // A slot this upstream never had has a depot that never held anything: claim none.
+        if let Some(d) = self.slot.existing_depot() {
             // The slot's own upstream: the only one its depot ever served.
             let _ = d.release(&self.slot.upstream());
         }
@@ -247,6 +248,15 @@ mod tests {
     fn settle(a: &HetAlloc) {
         a.flush_thread();
         a.release_depot();
+    }
+
+    #[test]
+    fn reading_or_emptying_a_fresh_depot_claims_no_slot() {
+        let res: &'static dyn MemoryResource = CountingResource::leak();
+        let a = HetAlloc::with_resource(res);
+        assert_eq!(a.depot_stats(), CacheStats::default());
+        a.release_depot();
+        assert!(!a.slot.claimed(), "a read of the depot claimed one of the six resource slots");
     }
 
     fn l(size: usize, align: usize) -> Layout {
