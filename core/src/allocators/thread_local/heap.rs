@@ -889,8 +889,8 @@ impl Shared {
     }
 
     /// The header of `span` if it is a span of `class` that our heap `heap_off` owns (a sweep's
-    /// test before it gives a span back).
-    fn own_span(&self, heap_off: u64, span: u64, class: usize) -> Result<&SpanHeader> {
+    /// test before it gives a span back, a collection's and a repair's for each remote block).
+    pub(super) fn own_span(&self, heap_off: u64, span: u64, class: usize) -> Result<&SpanHeader> {
         let h = self.arena.class_span(span, class).ok_or(corrupt(span, "heap lists a span of another class"))?;
         if h.owner.load(Ordering::Relaxed) != heap_off {
             return Err(corrupt(span, "heap lists a block of another heap's span"));

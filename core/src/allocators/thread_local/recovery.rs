@@ -31,7 +31,7 @@ use crate::sync::{holder_gone, owner_token};
 
 use super::super::large::{self, TAG_LARGE, TAG_SPAN};
 use super::super::size_class::CLASS_COUNT;
-use super::super::span::{block_at, corrupt, freed_word, fresh_word, Info, State, LAYOUTS};
+use super::super::span::{block_at, corrupt, freed_word, fresh_word, span_of_word, Info, State, LAYOUTS};
 use super::heap::{awaits_collection, sweep_limit, ClassState, Heap, HeapLocal, AWAITING_OWNER};
 use super::Shared;
 
@@ -269,10 +269,13 @@ impl Shared {
         Ok(Handover::Posted(r.owner, r.class))
     }
 
-    /// Turns the remotely freed blocks of a chain free, without touching links: the chain a
-    /// dead owner was collecting (some of it already free) or a remote list the repairer took.
-    /// A damaged chain ends at the first block that is neither.
-    fn free_remote_chain(&self, first: Option<u64>, class: usize) {
+    /// Turns the remotely freed blocks of a chain of heap `heap_off` free, without touching
+    /// links: the chain a dead owner was collecting (some of it already free) or a remote list
+    /// the repairer took. A damaged chain ends at the first block that is neither, or that lies
+    /// in no span of the heap and class: a stray link (into another heap's remote list, say)
+    /// must not free blocks another heap's thread has in transit, which its repair would never
+    /// list (it rebuilds the heap's own spans only) and its owner's collection then refuses.
+    fn free_remote_chain(&self, heap_off: u64, first: Option<u64>, class: usize) {
         let limit = self.fs.layout().bytes() / 32 + 1;
         let mut at = first;
         let mut n = 0u64;
@@ -282,6 +285,9 @@ impl Shared {
                 return;
             };
             let word = w.load(Ordering::Acquire);
+            if self.own_span(heap_off, span_of_word(b, word), class).is_err() {
+                return;
+            }
             match Info::unpack(word) {
                 Some(i) if i.class == class && i.state == State::Remote => {
                     w.store(freed_word(word, 0), Ordering::Release);
@@ -296,18 +302,18 @@ impl Shared {
         }
     }
 
-    /// Finishes the remote collections of a heap we hold for repair.
-    fn finish_collections(&self, heap: &Heap) {
+    /// Finishes the remote collections of heap `heap_off` (`heap`), which we hold for repair.
+    fn finish_collections(&self, heap_off: u64, heap: &Heap) {
         for class in 0..CLASS_COUNT {
             let pending = &heap.body.pending.0[class];
             if let Some(first) = tagged_list::decode(pending.load(Ordering::Acquire)) {
-                self.free_remote_chain(Some(first), class);
+                self.free_remote_chain(heap_off, Some(first), class);
                 pending.store(0, Ordering::Release);
                 crash::point();
             }
             if let Some(first) = heap.body.remote.0[class].take_recorded(pending) {
                 crash::point();
-                self.free_remote_chain(Some(first), class);
+                self.free_remote_chain(heap_off, Some(first), class);
                 pending.store(0, Ordering::Release);
                 crash::point();
             }
@@ -339,7 +345,7 @@ impl Shared {
         let index = heap.index;
         let process = heap.body.blocks_of.0.load(Ordering::Acquire);
         let free_dead = self.free_dead() && (process == 0 || holder_gone(process));
-        self.finish_collections(heap);
+        self.finish_collections(heap_off, heap);
         self.settle_orphans(heap_off, heap)?;
         // SAFETY: we hold the heap.
         let local = unsafe { self.local(heap) };

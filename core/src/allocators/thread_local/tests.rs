@@ -275,6 +275,36 @@ fn a_heap_whose_owner_died_between_recording_and_taking_is_repaired_whole() {
     assert_back_to_start(&a, start);
 }
 
+/// A dead heap's journal of a remote collection (its `pending` word) that names a block of
+/// another heap's span, by a stray write or a damaged link, leaves that block to its heap: before,
+/// the repair turned it and every remote free linked after it (the other heap's whole remote
+/// list) free, blocks no repair of the dead heap lists (they are not in its spans) and their own
+/// heap's collection then refused as damage, so they were lost to both.
+#[test]
+fn a_repair_frees_no_remote_block_of_another_heaps_span() {
+    let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = start_of(&a);
+    let s = &a.shared;
+    let (dead, class, dead_blocks) = dead_heap(&a, 3);
+    // Another live thread's heap, whose blocks this thread frees: in transit on its remote list.
+    let other = s.heaps.acquire(&s.mem, &s.fs, crate::sync::owner_token(), || Ok(())).unwrap();
+    let blocks: Vec<u64> = (0..20).map(|_| s.allocate_small(other, class, 100, 8).unwrap()).collect();
+    free_remotely(&a, &blocks);
+    let top = s.heaps.slot(&s.mem, other).unwrap().body.remote.0[class].peek().unwrap();
+    let dead_heap = s.heaps.slot(&s.mem, dead).unwrap();
+    dead_heap.body.pending.0[class].store(crate::sync::tagged_list::encode(Some(top)), Ordering::Release);
+    assert_eq!(a.reclaim().unwrap(), 1);
+    let state = Info::unpack(s.arena.info(top).unwrap().load(Ordering::Acquire)).map(|i| i.state);
+    assert_eq!(state, Some(super::super::span::State::Remote), "still in transit to its own heap");
+    a.check().unwrap();
+    // Its owner collects every one of them, and lets the heap go.
+    s.trim_heap(other).unwrap();
+    s.release_heap(other).unwrap();
+    // `DeadProcessBlocks::Keep`: the dead heap's blocks stay allocated until someone frees them.
+    free_remotely(&a, &dead_blocks);
+    assert_back_to_start(&a, start);
+}
+
 /// What "back to the start" compares: the free bytes the statistics report (the capacity less
 /// the live blocks), and the units the free-space manager holds (so spans that were never
 /// handed back show).
