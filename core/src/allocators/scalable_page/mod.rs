@@ -33,7 +33,9 @@
 //! whatever instruction the process died at. The list locks and the free-space lock record
 //! their holder and are taken over from a dead one; every list change commits with one store,
 //! and runs a dead holder left half made are returned. With [`DeadProcessBlocks::Free`], blocks
-//! a dead process still held are freed as well. Every place between two stores to shared state
+//! a dead process still held are freed as well. A recovery run only to gain space (on attach, or
+//! when a slot or space runs short) that meets damage is passed over, and counted
+//! ([`ScalablePageAllocator::failed_reclaims`]). Every place between two stores to shared state
 //! is a [crash point](crate::crash): `tests/crash_points.rs` kills a process at each one in turn
 //! and checks the recovery.
 
@@ -110,6 +112,9 @@ struct Shared {
     limits: [u32; CLASS_COUNT],
     /// The slots threads hold through the handle, which its drop gives back.
     held: HeldSlots,
+    /// Recoveries run only to gain space that failed and were passed over
+    /// ([`ScalablePageAllocator::failed_reclaims`]).
+    failed_reclaims: AtomicU64,
 }
 
 // SAFETY: `header` points into `region`, which `Shared` keeps mapped; the header's shared parts
@@ -173,14 +178,23 @@ impl Shared {
         self.header().common.flags & FLAG_FREE_DEAD != 0
     }
 
+    /// Passes over a recovery run only to gain space (on attach, for a slot, when space runs
+    /// short), counting it if it failed: damage it met stays for `reclaim()` and `check()` to
+    /// report, and must not refuse what the caller was doing.
+    fn pass_over<T>(&self, recovered: Result<T>) {
+        if recovered.is_err() {
+            self.failed_reclaims.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     fn list(&self, class: usize) -> &Mutex<u64> {
         &self.header().lists[class].0
     }
 
     fn acquire_slot(&self) -> Result<u64> {
-        // Only a way to free a slot (see `attach`): damage it meets stays for `reclaim()`.
+        // Only a way to free a slot (see `attach`).
         self.slots.acquire(&self.mem, &self.fs, owner_token(), || {
-            let _ = self.recover_dead();
+            self.pass_over(self.recover_dead());
             Ok(())
         })
     }
@@ -201,7 +215,7 @@ impl Shared {
             self.trim(slot)
         } else {
             // Only a way to gain space (see `attach`): the request then fails as out of memory.
-            let _ = self.recover_dead();
+            self.pass_over(self.recover_dead());
             self.free_dead_blocks(slot).map(|_| ())
         }
     }
@@ -241,7 +255,8 @@ impl ScalablePageAllocator {
         let limits = core::array::from_fn(|c| (budget / LAYOUTS[c].stride).clamp(2, 64) as u32);
         let slots = SlotTable::new(chunk);
         let stamp = AtomicU64::new(stamp_word());
-        let shared = Shared { region, header, mem, arena, fs, slots, stamp, limits, held: HeldSlots::new() };
+        let (held, failed_reclaims) = (HeldSlots::new(), AtomicU64::new(0));
+        let shared = Shared { region, header, mem, arena, fs, slots, stamp, limits, held, failed_reclaims };
         Ok(ScalablePageAllocator {
             shared: Arc::new(shared),
             id,
@@ -330,6 +345,16 @@ impl ScalablePageAllocator {
         let blocks =
             if self.shared.free_dead() { self.with_slot(|slot| self.shared.free_dead_blocks(slot))? } else { 0 };
         Ok(slots + blocks)
+    }
+
+    /// How many recoveries of dead processes' slots this handle ran only to gain space (on
+    /// attach, when a thread needed a slot and the table was full, when space ran short) failed
+    /// on damage and were passed over, so that the attach or request went on without them.
+    /// Each left the damaged slots as it found them; [`reclaim`](Self::reclaim) and
+    /// [`check`](RegionAllocator::check) report the damage itself (their own failures are
+    /// not counted here: they return them).
+    pub fn failed_reclaims(&self) -> u64 {
+        self.shared.failed_reclaims.load(Ordering::Relaxed)
     }
 
     /// Per size class: block size, live blocks, allocations since creation.
@@ -501,7 +526,7 @@ impl AllocatorType for ScalablePageAllocator {
         let a = ScalablePageAllocator::open(region, id, layout)?;
         // Recovering dead processes' slots only gains space: a damaged one, which stays for
         // `check()` and `reclaim()` to report, must not refuse every later attach.
-        let _ = a.reclaim();
+        a.shared.pass_over(a.reclaim());
         Ok(a)
     }
 }

@@ -188,6 +188,33 @@ fn a_recovery_that_meets_a_damaged_list_gives_the_slot_back() {
     assert_eq!(a.stats().free_bytes(), start);
 }
 
+/// A recovery run only to gain space (here an attach's) passes over a dead slot whose recovery
+/// fails, and counts the failure where users can read it (`failed_reclaims`); a `reclaim()`
+/// returns its failure instead. Before, nothing said that it had failed.
+#[test]
+fn a_recovery_passed_over_on_attach_is_counted() {
+    let a = ScalablePageAllocator::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let slot = dead_slot(&a);
+    let s = &a.shared;
+    let class = class_for(200, 8).unwrap();
+    let blocks: Vec<u64> = (0..10).map(|_| s.allocate_small(slot, class, 200, 8).unwrap()).collect();
+    for u in blocks {
+        free_through(&a, slot, u);
+    }
+    // Damage: the class's shared list starts at no block.
+    let good = core::mem::replace(&mut *s.list(class).lock(), 8);
+    assert!(matches!(a.reclaim(), Err(Error::Corrupt { .. })));
+    assert_eq!(a.failed_reclaims(), 0, "reclaim() returns its failure");
+    for _ in 0..2 {
+        let attached = ScalablePageAllocator::attach(a.region().duplicate(), AllocatorId::new(1, 0)).unwrap();
+        assert_eq!(attached.failed_reclaims(), 1, "the attach's recovery failed");
+    }
+    *s.list(class).lock() = good;
+    let attached = ScalablePageAllocator::attach(a.region().duplicate(), AllocatorId::new(1, 0)).unwrap();
+    assert_eq!(attached.failed_reclaims(), 0, "a recovery that succeeds is not counted");
+    a.check().unwrap();
+}
+
 #[test]
 fn a_dead_allocation_half_done_and_a_dead_list_holder_are_recovered() {
     let a = ScalablePageAllocator::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();

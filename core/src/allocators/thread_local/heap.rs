@@ -1017,9 +1017,9 @@ impl Shared {
     /// word is read again once the heap is ours: another process's thread may have taken the
     /// heap, and given it back, in between.)
     pub(super) fn acquire_heap(&self, token: u64) -> Result<u64> {
-        // Only a way to free a heap slot (see `attach`): damage it meets stays for `reclaim()`.
+        // Only a way to free a heap slot (see `attach`).
         let relieve = || {
-            let _ = self.reclaim_dead(0);
+            self.pass_over(self.reclaim_dead(0));
             Ok(())
         };
         if !self.free_dead() {

@@ -45,9 +45,11 @@
 //! a heap whose process died (its owner word, or the process a given-back heap names, names a
 //! process that no longer runs, by id and start time, see [`liveness`](crate::liveness)) is
 //! repaired from its blocks' headers and released ([`recovery`]), on attach, when space runs
-//! short, or on [`ThreadLocalAllocator::reclaim`]. Every place after a store to shared state on these paths
-//! (the recovery's included) is a [crash point](crate::crash): `tests/crash_points.rs` kills a
-//! process at each one in turn and checks the recovery.
+//! short, or on [`ThreadLocalAllocator::reclaim`] (one run only to gain space that meets damage
+//! is passed over, and counted: [`ThreadLocalAllocator::failed_reclaims`]). Every place after a
+//! store to shared state on these paths (the recovery's included) is a [crash
+//! point](crate::crash): `tests/crash_points.rs` kills a process at each one in turn and checks
+//! the recovery.
 
 mod audit;
 mod heap;
@@ -67,7 +69,7 @@ use crate::allocators::check_request;
 use crate::error::{Error, Result};
 use crate::ptr::{AllocatorId, OffsetPtr};
 use crate::region::Region;
-use crate::sync::atomic::Ordering;
+use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::sync::{owner_token, Mutex};
 use crate::thread::ThreadModel;
 
@@ -140,6 +142,9 @@ struct Shared {
     quick: Quick,
     /// The heaps threads hold through the handle's TLS key, which its drop gives back.
     held: HeldSlots,
+    /// Reclaims run only to gain space that failed and were passed over
+    /// ([`ThreadLocalAllocator::failed_reclaims`]).
+    failed_reclaims: AtomicU64,
 }
 
 // SAFETY: `header` points into `region`, kept mapped by `Shared`; shared parts of the header are
@@ -200,6 +205,15 @@ impl Shared {
         self.header().common.flags & FLAG_FREE_DEAD != 0
     }
 
+    /// Passes over a reclaim run only to gain space (on attach, for a heap, when space runs
+    /// short), counting it if it failed: damage it met stays for `reclaim()` and `check()` to
+    /// report, and must not refuse what the caller was doing.
+    fn pass_over<T>(&self, reclaimed: Result<T>) {
+        if reclaimed.is_err() {
+            self.failed_reclaims.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Frees space when the free-space manager is short: our own empty current spans, heaps
     /// of exited threads, heaps of dead processes.
     fn relieve_shortage(&self, heap_off: u64, attempt: u32) -> Result<()> {
@@ -209,7 +223,7 @@ impl Shared {
         self.drain_unowned()?;
         if attempt > 0 {
             // Only a way to gain space (see `attach`): the request then fails as out of memory.
-            let _ = self.reclaim_dead(heap_off);
+            self.pass_over(self.reclaim_dead(heap_off));
         }
         Ok(())
     }
@@ -250,8 +264,8 @@ impl<T: ThreadModel> ThreadLocalAllocator<T> {
         // SAFETY: `release_at_exit` accepts exactly the values this allocator stores.
         let key = unsafe { T::tls_create(Some(release_at_exit)) }?;
         let quick = Quick::new(mem, arena);
-        let held = HeldSlots::new();
-        let shared = Arc::new(Shared { region, header, mem, arena, fs, heaps, quick, held });
+        let (held, failed_reclaims) = (HeldSlots::new(), AtomicU64::new(0));
+        let shared = Arc::new(Shared { region, header, mem, arena, fs, heaps, quick, held, failed_reclaims });
         Ok(ThreadLocalAllocator { quick, shared, id, key, instance: fast_slot::new_instance(), _model: PhantomData })
     }
 
@@ -375,6 +389,16 @@ impl<T: ThreadModel> ThreadLocalAllocator<T> {
     /// later reclaim to try again, and the damage is reported (after the other heaps).
     pub fn reclaim(&self) -> Result<u64> {
         self.shared.reclaim_dead(self.existing_heap())
+    }
+
+    /// How many reclaims of dead processes' heaps this handle ran only to gain space (on attach,
+    /// when a thread needed a heap and the table was full, when space ran short) failed on
+    /// damage and were passed over, so that the attach or request went on without them. Each
+    /// left the damaged heaps as it found them; [`reclaim`](Self::reclaim) and
+    /// [`check`](RegionAllocator::check) report the damage itself (their own failures are not
+    /// counted here: they return them).
+    pub fn failed_reclaims(&self) -> u64 {
+        self.shared.failed_reclaims.load(Ordering::Relaxed)
     }
 
     /// Per size class: block size, live blocks, allocations since creation.
@@ -565,7 +589,7 @@ impl<T: ThreadModel> AllocatorType for ThreadLocalAllocator<T> {
         let a = ThreadLocalAllocator::open(region, id, layout)?;
         // Reclaiming dead processes' heaps only gains space: a damaged one, which stays for
         // `check()` and `reclaim()` to report, must not refuse every later attach.
-        let _ = a.shared.reclaim_dead(0);
+        a.shared.pass_over(a.shared.reclaim_dead(0));
         a.shared.drain_unowned()?;
         Ok(a)
     }

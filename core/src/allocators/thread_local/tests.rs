@@ -230,6 +230,35 @@ fn a_reclaim_whose_repair_fails_gives_the_heap_back() {
     assert_back_to_start(&a, start);
 }
 
+/// Reclaims run only to gain space (on attach, when space runs short) pass over a dead heap
+/// whose repair fails, and count each such failure where users can read it
+/// (`failed_reclaims`); a `reclaim()` returns its failure instead. Before, nothing said that
+/// they had failed.
+#[test]
+fn reclaims_passed_over_on_attach_and_shortage_are_counted() {
+    let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let s = &a.shared;
+    let (_, _, blocks) = dead_heap(&a, 3);
+    // Damage: the span of the heap's blocks says it is of the next class.
+    let block = blocks[0] - SMALL_HEADER;
+    let kind = s.arena.word(span_of_word(block, s.arena.info(block).unwrap().load(Ordering::Relaxed))).unwrap();
+    let good = kind.load(Ordering::Relaxed);
+    kind.store(good + (1 << 32), Ordering::Relaxed);
+    assert!(matches!(a.reclaim(), Err(Error::Corrupt { .. })));
+    assert_eq!(a.failed_reclaims(), 0, "reclaim() returns its failure");
+    let attached = Tla::attach(a.region().duplicate(), AllocatorId::new(1, 0)).unwrap();
+    assert_eq!(attached.failed_reclaims(), 1, "the attach's reclaim failed");
+    let too_big = a.stats().capacity as usize;
+    assert!(matches!(a.allocate(too_big, 8), Err(Error::OutOfMemory { .. })));
+    assert_eq!(a.failed_reclaims(), 2, "both attempts that reclaim failed");
+    kind.store(good, Ordering::Relaxed);
+    assert!(matches!(a.allocate(too_big, 8), Err(Error::OutOfMemory { .. })));
+    assert_eq!(a.failed_reclaims(), 2, "a reclaim that succeeds is not counted");
+    let attached = Tla::attach(a.region().duplicate(), AllocatorId::new(1, 0)).unwrap();
+    assert_eq!(attached.failed_reclaims(), 0);
+    a.check().unwrap();
+}
+
 /// A heap whose owner word a stray write of another process set to a token no process writes
 /// (its process id 0: a small number, an offset) is repaired and released as a dead process's
 /// is: before, no reclaim took it, so the heap was lost for good and the remote frees of its
