@@ -9,6 +9,7 @@ use crate::sync::atomic::Ordering;
 use super::free_space::{FreeSpace, FreeSpaceGuard, LargeCounters, UNIT};
 use super::span::{
     back_word, corrupt, invalid, large_units, user_of, zero_padding, Info, Mem, State, LARGE_CLASS, LARGE_HEADER,
+    MAX_BACK,
 };
 
 /// The tag large runs carry in the free-space table.
@@ -184,6 +185,11 @@ pub(crate) fn check_run(fs: &FreeSpace, mem: &Mem, head: u32, units: u32) -> Res
     check_block(mem, fs.layout().unit_offset(head), units)
 }
 
+/// The requested size of the live large block at `block`, whose run is `units` long, checked
+/// against its user bytes: from its user offset ([`user_of_large`]) to the run's end, which
+/// `size_of` and `reallocate` bound it by too (a padded block has fewer than the run less its
+/// header). No crash leaves a live block with a size past them (see `resize_in_place`), so the
+/// free-space repair takes such a block for damage, as one whose size is past its run.
 fn check_block(mem: &Mem, block: u64, units: u32) -> Result<u64> {
     let info = Info::unpack(mem.info(block)?.load(Ordering::Acquire))
         .ok_or(corrupt(block, "large run without a block header"))?;
@@ -191,10 +197,28 @@ fn check_block(mem: &Mem, block: u64, units: u32) -> Result<u64> {
         return Err(corrupt(block, "large run whose block is not live"));
     }
     let size = mem.word(block + 8)?.load(Ordering::Relaxed);
-    if size == 0 || size > (units as u64 * UNIT).saturating_sub(LARGE_HEADER) {
-        return Err(corrupt(block, "large block size outside its run"));
+    let run_end = block.saturating_add(units as u64 * UNIT);
+    let user = user_of_large(mem, block, run_end)?;
+    if size == 0 || size > run_end - user {
+        return Err(corrupt(block, "large block size past its user bytes"));
     }
     Ok(size)
+}
+
+/// The user offset of the live large block at `block`, whose run ends at `run_end`: the first
+/// offset past the header, in 16-byte steps, whose back word gives its distance from the block
+/// (the header's last word for an unpadded block; past a padded one's zeroed padding, see
+/// [`find_live`](super::span::find_live)), within one alignment step and below the run's end.
+fn user_of_large(mem: &Mem, block: u64, run_end: u64) -> Result<u64> {
+    let last = run_end.min(block.saturating_add(MAX_BACK + 8));
+    let mut user = block + LARGE_HEADER;
+    while user < last {
+        if mem.word(user - 8)?.load(Ordering::Relaxed) & 0xffff == user - block {
+            return Ok(user);
+        }
+        user += 16;
+    }
+    Err(corrupt(block, "large block without a back word"))
 }
 
 /// After the free-space lock was taken over from a dead holder (the bins are rebuilt already):
@@ -302,6 +326,43 @@ mod tests {
         a.free(p).unwrap();
         a.free(neighbour).unwrap();
         a.check().unwrap();
+    }
+
+    /// `check()` bounds a large block's size word by its user bytes, as `size_of` does: a size
+    /// past them (here the run less its header, which a 4096-aligned block's padding leaves
+    /// 4064 bytes short of) is damage. Before, `check()` bounded it by the run less its header
+    /// and passed it, and the free-space repair counted it in the bytes in use.
+    fn a_size_word_past_the_user_bytes_fails_check(a: &dyn RegionAllocator) {
+        const SIZE: u64 = 64 << 10;
+        let p = a.allocate(SIZE as usize, 4096).unwrap();
+        let block = p.get() - 4096;
+        let units = (super::LARGE_HEADER + 4096 + SIZE).div_ceil(UNIT);
+        let size_word = a.region().ptr(block + 8, 8).unwrap().cast::<u64>();
+        // SAFETY: the block's size word, in bounds and 8-aligned; no other thread uses `a`.
+        unsafe { size_word.write_volatile(units * UNIT - super::LARGE_HEADER) };
+        assert!(a.size_of(p).is_err(), "size_of refuses it");
+        assert!(matches!(a.check(), Err(Error::Corrupt { .. })), "check() passes what size_of refuses");
+        // SAFETY: as above.
+        unsafe { size_word.write_volatile(SIZE) };
+        a.check().unwrap();
+        a.free(p).unwrap();
+        a.check().unwrap();
+    }
+
+    #[test]
+    fn check_bounds_a_large_blocks_size_word_by_its_user_bytes() {
+        let id = AllocatorId::new(1, 0);
+        let tla = ThreadLocalAllocator::<TestThreads>::create(region_of(4 << 20), id, &Default::default()).unwrap();
+        a_size_word_past_the_user_bytes_fails_check(&tla);
+        let spa = ScalablePageAllocator::create(region_of(4 << 20), id, &Default::default()).unwrap();
+        a_size_word_past_the_user_bytes_fails_check(&spa);
+        // Unpadded blocks, and blocks padded for every alignment, pass.
+        for align in [8, 64, 128, 1024, 4096] {
+            let blocks: alloc::vec::Vec<_> =
+                (0..3).map(|i| spa.allocate((40 << 10) + i * 16, align).unwrap()).collect();
+            spa.check().unwrap();
+            blocks.into_iter().for_each(|p| spa.free(p).unwrap());
+        }
     }
 
     #[test]

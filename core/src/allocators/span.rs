@@ -50,7 +50,7 @@ const MIN_SPAN_UNITS: u64 = 16;
 const SPAN_MAGIC: u32 = 0x5350_414E; // "SPAN"
 /// The largest distance a back word may give: a 4096 alignment (a small block's header and
 /// padding, or a large block's, fit below its user bytes within one alignment step).
-const MAX_BACK: u64 = 4096;
+pub(crate) const MAX_BACK: u64 = 4096;
 const _: () = assert!((MAX_BACK - SMALL_HEADER) & 0xf == 0 && (MAX_BACK - SMALL_HEADER + 16).is_power_of_two());
 
 const INFO_MAGIC: u64 = 0xB10C;

@@ -271,6 +271,34 @@ fn a_span_left_half_made_by_a_dead_lock_holder_is_returned() {
     a.check().unwrap();
 }
 
+/// The free-space repair after a dead lock holder recounts the large blocks from their size
+/// words, bounded by their user bytes: a size past them (here a 4096-aligned block's run less
+/// its header, 4064 bytes more than its padding leaves) is damage, which no crash leaves, as a
+/// size past the run is; its run goes back. Before, the repair counted it in the bytes in use,
+/// more than the block can hold.
+#[test]
+fn the_free_space_repair_counts_no_large_size_past_its_user_bytes() {
+    use super::super::free_space::UNIT;
+    use super::super::span::LARGE_HEADER;
+    const SIZE: u64 = 64 << 10;
+    crate::testing::install_test_liveness();
+    let a = ScalablePageAllocator::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = a.stats().free_bytes();
+    let s = &a.shared;
+    let p = a.allocate(SIZE as usize, 4096).unwrap();
+    let block = p.get() - 4096;
+    let units = (LARGE_HEADER + 4096 + SIZE).div_ceil(UNIT);
+    s.arena.word(block + 8).unwrap().store(units * UNIT - LARGE_HEADER, Ordering::Relaxed);
+    // A process died holding the free-space lock: the next to lock it repairs the runs.
+    core::mem::forget(s.fs.lock());
+    let lock = s.region.offset() + core::mem::offset_of!(SpaHeader, free_space) as u64;
+    s.mem.word(lock).unwrap().store(crate::testing::dead_token(), Ordering::Release);
+    let in_use = a.stats().bytes_in_use;
+    assert!(in_use <= units * UNIT - 4096, "{in_use} bytes in use, more than the block's user bytes");
+    a.check().unwrap();
+    assert_eq!(a.stats().free_bytes(), start);
+}
+
 #[test]
 fn a_span_taken_again_by_a_carver_that_died_before_its_header_is_returned() {
     crate::testing::install_test_liveness();
