@@ -359,6 +359,12 @@ impl Shared {
                 let base = self.fs.layout().unit_offset(head);
                 let owned = self.arena.span_at(base).is_some_and(|s| s.owner.load(Ordering::Relaxed) == heap_off);
                 if run.tag == TAG_SPAN && owned {
+                    // The rebuild writes every block of the class's span: a run the table says
+                    // is of another length (damage; every span is carved whole) would have it
+                    // write past the run, into what the free-space manager handed out there.
+                    if LAYOUTS.get(run.aux as usize).is_none_or(|l| l.units != run.len()) {
+                        return Err(corrupt(base, "span header disagrees with the table"));
+                    }
                     spans.push((base, run.aux as usize));
                 } else if run.tag == TAG_LARGE && run.aux == index.wrapping_add(1) && free_dead {
                     dead_large.push(base);

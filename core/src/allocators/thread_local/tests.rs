@@ -230,6 +230,39 @@ fn a_reclaim_whose_repair_fails_gives_the_heap_back() {
     assert_back_to_start(&a, start);
 }
 
+/// A dead heap's span whose run the free-space table says is shorter than the class's spans
+/// (damage) fails the repair, which writes nothing past the run: before, the rebuild wrote a
+/// fresh header into every block of the class's span, past the run into what the free-space
+/// manager had handed out there (here another thread's large block, header and bytes).
+#[test]
+fn a_repair_writes_nothing_past_a_span_whose_run_is_short() {
+    use super::super::free_space::UNIT;
+    let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let s = &a.shared;
+    let (dead, class, blocks) = dead_heap(&a, 3);
+    let block = blocks[0] - SMALL_HEADER;
+    let span = span_of_word(block, s.arena.info(block).unwrap().load(Ordering::Relaxed));
+    let units = u64::from(LAYOUTS[class].units);
+    {
+        let mut g = s.fs.lock();
+        assert!(g.resize(s.fs.layout().unit_of(span).unwrap(), 1).unwrap());
+    }
+    let size = ((units - 1) * UNIT - 64) as usize;
+    let p = a.allocate(size, 8).unwrap();
+    assert_eq!(p.get(), span + UNIT + 32, "the large block lies where the span's run went on");
+    let bytes = a.region().ptr(p.get(), size as u64).unwrap();
+    // SAFETY: the block's user bytes, ours; no other thread uses `a`.
+    unsafe { bytes.write_bytes(0xab, size) };
+    let reclaimed = a.reclaim();
+    // SAFETY: as above.
+    let kept = unsafe { core::slice::from_raw_parts(bytes, size) };
+    assert!(kept.iter().all(|&b| b == 0xab), "the large block's bytes were written over");
+    assert!(matches!(reclaimed, Err(Error::Corrupt { .. })), "{reclaimed:?}");
+    let owner = s.heaps.slot(&s.mem, dead).unwrap().owner.load(Ordering::Acquire);
+    assert_eq!(owner, crate::testing::dead_token(), "given back as it was");
+    a.free(p).unwrap();
+}
+
 /// Reclaims run only to gain space (on attach, when space runs short) pass over a dead heap
 /// whose repair fails, and count each such failure where users can read it
 /// (`failed_reclaims`); a `reclaim()` returns its failure instead. Before, nothing said that
