@@ -25,7 +25,7 @@ use crate::sync::atomic::Ordering;
 use crate::sync::tagged_list::{self, LinkStore};
 use crate::sync::{holder_gone, owner_token};
 
-use super::super::free_space::FreeSpaceGuard;
+use super::super::free_space::{Desc, FreeSpaceGuard};
 use super::super::large::{self, TAG_LARGE, TAG_SPAN};
 use super::super::size_class::CLASS_COUNT;
 use super::super::span::{block_at, corrupt, release_span, span_of, user_of_live, Info, State, LAYOUTS};
@@ -33,18 +33,30 @@ use super::cache::{label_of, unpack_journal, ClassCache, OP_ALLOC, OP_FREE, OP_R
 use super::{stamp_process, Shared};
 
 impl Shared {
-    /// Every span, by class (spans whose header was never written are skipped).
+    /// Every span, by class (spans whose header was never written are skipped, and runs that
+    /// are no whole span: see [`Shared::whole_span`]).
     pub(super) fn spans_by_class(&self, g: &FreeSpaceGuard<'_>) -> Result<Vec<Vec<u64>>> {
         let mut spans = alloc::vec![Vec::new(); CLASS_COUNT];
         g.for_each_used(|head, run| {
             let base = self.fs.layout().unit_offset(head);
-            let class = run.aux as usize;
-            if run.tag == TAG_SPAN && self.arena.class_span(base, class).is_some() {
-                spans[class].push(base);
+            if self.whole_span(base, run) {
+                spans[run.aux as usize].push(base);
             }
             Ok(())
         })?;
         Ok(spans)
+    }
+
+    /// Whether the used run `run` at `base` is a whole span of the class it names: its header
+    /// written (one whose maker died first is not a span yet), and as long as the class's spans.
+    /// Every span is carved whole, so a run of another length is damage to the table, and the
+    /// class's blocks past it would lie in units the free-space manager holds for others: a
+    /// recovery that listed or freed them would hand out what is free space, or someone's.
+    fn whole_span(&self, base: u64, run: Desc) -> bool {
+        let class = run.aux as usize;
+        run.tag == TAG_SPAN
+            && LAYOUTS.get(class).is_some_and(|l| l.units == run.len())
+            && self.arena.class_span(base, class).is_some()
     }
 
     /// Walks a shared list (the caller holds its lock), calling `visit` on each block.
@@ -223,7 +235,7 @@ impl Shared {
             let base = self.fs.layout().unit_offset(head);
             let class = run.aux as usize;
             match run.tag {
-                TAG_SPAN if self.arena.class_span(base, class).is_some() => {
+                TAG_SPAN if self.whole_span(base, run) => {
                     for index in 0..LAYOUTS[class].blocks {
                         let b = block_at(base, class, index);
                         let word = self.arena.info(b)?.load(Ordering::Acquire);
