@@ -374,15 +374,16 @@ impl Shared {
         &heap.body.local.0
     }
 
-    /// The bump index of one of our spans.
+    /// The bump index of `span`, checked to be a span of `class` of our heap `heap_off` (the span
+    /// comes from shared memory: a heap bumping into another heap's span would format and hand
+    /// out blocks that heap hands out too).
     ///
     /// # Safety
-    /// The caller owns the heap that owns the span (or holds a heap being repaired): only it
-    /// moves the index (a plain load and store), and the blocks past it are its to format.
+    /// The caller owns the heap `heap_off` (or holds it for repair): only it moves the index of
+    /// its spans (a plain load and store), and the blocks past it are its to format.
     #[inline]
-    pub(super) unsafe fn span_bump(&self, span: u64, class: usize) -> Result<&AtomicU32> {
-        let h = self.arena.class_span(span, class).ok_or(corrupt(span, "heap lists a span of another class"))?;
-        Ok(h.bump())
+    pub(super) unsafe fn span_bump(&self, heap_off: u64, span: u64, class: usize) -> Result<&AtomicU32> {
+        Ok(self.own_span(heap_off, span, class)?.bump())
     }
 
     // ---- allocation ----
@@ -480,7 +481,7 @@ impl Shared {
             let span = cs.bump_span.get();
             if short > 0 && span != 0 {
                 // SAFETY: our span.
-                let bump = unsafe { self.span_bump(span, class) }?;
+                let bump = unsafe { self.span_bump(heap_off, span, class) }?;
                 self.format(cs, span, bump, class, short);
             }
         }
@@ -494,7 +495,7 @@ impl Shared {
             let span = cs.bump_span.get();
             if span != 0 {
                 // SAFETY: our span.
-                let bump = unsafe { self.span_bump(span, class) }?;
+                let bump = unsafe { self.span_bump(heap_off, span, class) }?;
                 if self.format(cs, span, bump, class, 1) == 1 {
                     return self.quick.pop_free(cs, class).ok_or(corrupt(span, "fresh block not free"));
                 }

@@ -375,7 +375,7 @@ impl Shared {
         let freers = self.freer_heaps()?;
         let mut live = [0u64; CLASS_COUNT];
         for (span, class) in spans {
-            let kept = self.repair_span(local, span, class, free_dead, &freers)?;
+            let kept = self.repair_span(heap_off, local, span, class, free_dead, &freers)?;
             // (`repair_span` refuses a class past the table.)
             live[class] += kept;
         }
@@ -402,13 +402,14 @@ impl Shared {
         Ok(())
     }
 
-    /// Rebuilds one span of a heap under repair: its free blocks go on the heap's list (those
-    /// past its bump index formatted now), its live and remote ones into the counters; a span
-    /// with none of those goes back. Remote blocks still here are in transit (their freer pushes
-    /// them later) and stay counted. Returns how many blocks it kept (live and remote), which
-    /// the caller sets the class's history by.
+    /// Rebuilds one span of heap `heap_off`, which we hold for repair: its free blocks go on the
+    /// heap's list (those past its bump index formatted now), its live and remote ones into the
+    /// counters; a span with none of those goes back. Remote blocks still here are in transit
+    /// (their freer pushes them later) and stay counted. Returns how many blocks it kept (live
+    /// and remote), which the caller sets the class's history by.
     fn repair_span(
         &self,
+        heap_off: u64,
         local: &HeapLocal,
         span: u64,
         class: usize,
@@ -417,7 +418,7 @@ impl Shared {
     ) -> Result<u64> {
         let layout = *LAYOUTS.get(class).ok_or(corrupt(span, "span class"))?;
         // SAFETY: we hold the span's heap.
-        let bump = unsafe { self.span_bump(span, class) }?;
+        let bump = unsafe { self.span_bump(heap_off, span, class) }?;
         let formatted = u64::from(bump.load(Ordering::Relaxed)).min(layout.blocks);
         let (mut free, mut kept, mut bytes) = (Vec::new(), 0u64, 0u64);
         for index in 0..layout.blocks {

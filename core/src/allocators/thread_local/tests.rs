@@ -263,6 +263,42 @@ fn a_repair_writes_nothing_past_a_span_whose_run_is_short() {
     a.free(p).unwrap();
 }
 
+/// A heap whose bump span another process's stray write set to another heap's span of the
+/// class formats none of that span's blocks: the allocation that reaches it reports the damage.
+/// Before, it formatted them onto its own list and handed them out, while the span's own heap
+/// formats and hands out the same blocks from its bump index.
+#[test]
+fn a_heap_bumps_into_no_span_of_another_heap() {
+    let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let s = &a.shared;
+    let class = class_for(100, 8).unwrap();
+    let other = s.heaps.acquire(&s.mem, &s.fs, crate::sync::owner_token(), || Ok(())).unwrap();
+    let theirs = s.allocate_small(other, class, 100, 8).unwrap() - SMALL_HEADER;
+    let span = span_of_word(theirs, s.arena.info(theirs).unwrap().load(Ordering::Relaxed));
+    let end = span + LAYOUTS[class].span_bytes;
+    let mine = a.allocate(100, 8).unwrap();
+    let heap = s.heaps.slot(&s.mem, a.existing_heap()).unwrap();
+    // SAFETY: this thread owns the heap.
+    unsafe { s.local(heap) }.classes[class].bump_span.set(span);
+    let mut ours = Vec::new();
+    for _ in 0..4 * LAYOUTS[class].blocks {
+        match a.allocate(100, 8) {
+            Ok(p) => {
+                assert!(p.get() < span || p.get() >= end, "a block of the other heap's span handed out");
+                ours.push(p);
+            }
+            Err(e) => {
+                assert!(matches!(e, Error::Corrupt { .. }), "{e:?}");
+                break;
+            }
+        }
+    }
+    assert!(ours.len() < 4 * LAYOUTS[class].blocks as usize, "the damage was reached");
+    // SAFETY: as above.
+    unsafe { s.local(heap) }.classes[class].bump_span.set(0);
+    ours.into_iter().chain([mine]).for_each(|p| a.free(p).unwrap());
+}
+
 /// Reclaims run only to gain space (on attach, when space runs short) pass over a dead heap
 /// whose repair fails, and count each such failure where users can read it
 /// (`failed_reclaims`); a `reclaim()` returns its failure instead. Before, nothing said that
