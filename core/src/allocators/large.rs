@@ -180,9 +180,33 @@ pub(crate) fn resize_in_place(
     Ok(true)
 }
 
-/// Checks one large run found in the table; returns its requested size.
-pub(crate) fn check_run(fs: &FreeSpace, mem: &Mem, head: u32, units: u32) -> Result<u64> {
-    check_block(mem, fs.layout().unit_offset(head), units)
+/// What `check()` finds of the large blocks in a walk of the runs, to hold the large-block
+/// counters (which `stats()` reports) to.
+#[derive(Default)]
+pub(crate) struct LargeTally {
+    live: u64,
+    bytes: u64,
+    units: u64,
+}
+
+impl LargeTally {
+    /// Checks one large run found in the table (its block live, its size within its user
+    /// bytes) and counts it.
+    pub(crate) fn add_run(&mut self, fs: &FreeSpace, mem: &Mem, head: u32, units: u32) -> Result<()> {
+        self.bytes += check_block(mem, fs.layout().unit_offset(head), units)?;
+        self.live += 1;
+        self.units += units as u64;
+        Ok(())
+    }
+
+    /// Checks the large-block counters under `g` against the runs counted.
+    pub(crate) fn check(&self, g: &FreeSpaceGuard<'_>) -> Result<()> {
+        let c = &g.st.large;
+        if (c.live, c.live_bytes, c.live_units) != (self.live, self.bytes, self.units) {
+            return Err(corrupt(0, "large-block counters disagree with the runs"));
+        }
+        Ok(())
+    }
 }
 
 /// The requested size of the live large block at `block`, whose run is `units` long, checked

@@ -551,3 +551,24 @@ pub(crate) fn on_a_thread_that_stays(
     worked.recv().unwrap();
     (release, thread)
 }
+
+/// `check()` holds the large-block counters (which `stats()` reports) to the runs: each of
+/// them off by one, in the free-space state `fs`, is damage it reports.
+pub(crate) fn large_counters_off_fail_check(a: &dyn RegionAllocator, fs: &super::free_space::FreeSpace) {
+    let p = a.allocate(100 << 10, 8).unwrap();
+    a.check().unwrap();
+    for field in 0..3 {
+        let bump = |by: u64| {
+            let mut g = fs.lock();
+            let c = &mut g.st.large;
+            let word = [&mut c.live, &mut c.live_bytes, &mut c.live_units].into_iter().nth(field).unwrap();
+            *word = word.wrapping_add(by);
+        };
+        bump(1);
+        assert!(matches!(a.check(), Err(Error::Corrupt { .. })), "counter {field} off by one passed check()");
+        bump(u64::MAX);
+        a.check().unwrap();
+    }
+    a.free(p).unwrap();
+    a.check().unwrap();
+}

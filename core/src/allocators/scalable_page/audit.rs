@@ -75,7 +75,7 @@ impl Shared {
         }
         let mut live = [0u64; CLASS_COUNT];
         let mut bytes = 0u64;
-        let (mut free_seen, mut large_live, mut large_bytes) = (0usize, 0u64, 0u64);
+        let (mut free_seen, mut large_runs) = (0usize, large::LargeTally::default());
         g.for_each_used(|head, run| {
             let base = self.fs.layout().unit_offset(head);
             match run.tag {
@@ -107,8 +107,7 @@ impl Shared {
                     }
                 }
                 TAG_LARGE => {
-                    large_live += 1;
-                    large_bytes += large::check_run(&self.fs, &self.arena, head, run.len())?;
+                    large_runs.add_run(&self.fs, &self.arena, head, run.len())?;
                 }
                 TAG_META => {
                     if !self.slots.is_chunk(&self.mem, base)? {
@@ -122,9 +121,7 @@ impl Shared {
         if free_seen != placed.len() {
             return Err(corrupt(0, "a list or cache holds a block outside every span"));
         }
-        if large_live != g.st.large.live || large_bytes != g.st.large.live_bytes {
-            return Err(corrupt(0, "large-block counters disagree with the runs"));
-        }
+        large_runs.check(&g)?;
         drop(g);
         let counted = self.class_counts()?;
         if counted.live != live || counted.bytes != bytes {

@@ -229,6 +229,14 @@ fn a_recovery_lists_no_block_past_a_span_whose_run_is_short() {
     assert!(pushed.is_empty(), "{} blocks in free units listed", pushed.len());
 }
 
+/// `check()` holds every large-block counter to the runs: before, it passed any count of live
+/// units (which `stats()` reports as reserved bytes).
+#[test]
+fn check_holds_the_large_block_counters_to_the_runs() {
+    let a = ScalablePageAllocator::create(region_of(4 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    crate::allocators::testing::large_counters_off_fail_check(&a, &a.shared.fs);
+}
+
 /// A recovery run only to gain space (here an attach's) passes over a dead slot whose recovery
 /// fails, and counts the failure where users can read it (`failed_reclaims`); a `reclaim()`
 /// returns its failure instead. Before, nothing said that it had failed.

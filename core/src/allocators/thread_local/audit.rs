@@ -147,6 +147,7 @@ impl Shared {
         let mut live = BTreeMap::<(u64, usize), (u64, u64)>::new();
         let mut free_seen = 0usize;
         let mut remote_seen = 0usize;
+        let mut large_runs = large::LargeTally::default();
         g.for_each_used(|head, run| {
             let base = self.fs.layout().unit_offset(head);
             match run.tag {
@@ -203,9 +204,7 @@ impl Shared {
                         }
                     }
                 }
-                TAG_LARGE => {
-                    large::check_run(&self.fs, &self.arena, head, run.len())?;
-                }
+                TAG_LARGE => large_runs.add_run(&self.fs, &self.arena, head, run.len())?,
                 TAG_META => {
                     if !self.heaps.is_chunk(&self.mem, base)? {
                         return Err(corrupt(base, "metadata run that is no heap chunk"));
@@ -221,6 +220,7 @@ impl Shared {
         if remote_seen != remote.len() {
             return Err(corrupt(0, "remote list holds a block that is not remotely freed"));
         }
+        large_runs.check(&g)?;
         for &offset in &heaps {
             let local = self.local_snapshot(self.heaps.slot(&self.mem, offset)?);
             for class in 0..CLASS_COUNT {

@@ -299,6 +299,14 @@ fn a_heap_bumps_into_no_span_of_another_heap() {
     ours.into_iter().chain([mine]).for_each(|p| a.free(p).unwrap());
 }
 
+/// `check()` holds the large-block counters to the runs, as the page allocator's does: before,
+/// it checked each large run but passed whatever the counters said.
+#[test]
+fn check_holds_the_large_block_counters_to_the_runs() {
+    let a = Tla::create(region_of(4 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    crate::allocators::testing::large_counters_off_fail_check(&a, &a.shared.fs);
+}
+
 /// Reclaims run only to gain space (on attach, when space runs short) pass over a dead heap
 /// whose repair fails, and count each such failure where users can read it
 /// (`failed_reclaims`); a `reclaim()` returns its failure instead. Before, nothing said that
