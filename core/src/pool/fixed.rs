@@ -54,9 +54,10 @@ struct SubPool {
 }
 
 impl SubPool {
-    /// Takes the first free slot; the caller knows there is one.
+    /// Takes the first free slot below `cap`; the caller knows there is one. `None` (and nothing
+    /// changed) if the bitmap has none: it was damaged.
     #[inline(always)]
-    fn take(&mut self) -> Option<usize> {
+    fn take(&mut self, cap: usize) -> Option<usize> {
         let mut word = self.search_from;
         let mut bits = *self.used_bits.get(word)?;
         while bits == u64::MAX {
@@ -64,6 +65,9 @@ impl SubPool {
             bits = *self.used_bits.get(word)?;
         }
         let bit = bits.trailing_ones() as usize;
+        if word * 64 + bit >= cap {
+            return None;
+        }
         self.used_bits[word] = bits | 1 << bit;
         self.used += 1;
         self.search_from = word;
@@ -202,14 +206,15 @@ impl<R: MemoryResource> FixedPool<R> {
         self.current = index;
         let cap = self.config.objects_per_block;
         let pool = &mut self.pools[index];
-        if pool.used == 0 {
-            self.empty_pools -= 1;
-        }
-        let slot = pool.take().filter(|&s| s < cap).ok_or(Error::Corrupt {
+        let slot = pool.take(cap).ok_or(Error::Corrupt {
             structure: "fixed pool",
             offset: pool.addr as u64,
             detail: "sub-pool count says free, bitmap says full",
         })?;
+        // Counted once the slot is taken: a failed take changes no counter.
+        if pool.used == 1 {
+            self.empty_pools -= 1;
+        }
         let seq = self.total_allocations;
         pool.slots[slot] = Slot { requested: size, seq };
         let offset = slot * self.stride;
@@ -483,7 +488,36 @@ unsafe impl<R: MemoryResource> Pool for FixedPool<R> {
 /// The divisor's test uses 64-bit block sizes.
 #[cfg(all(test, target_pointer_width = "64"))]
 mod tests {
-    use super::SlotDivisor;
+    use super::{FixedPool, FixedPoolConfig, SlotDivisor};
+    use crate::error::Error;
+    use crate::pool::HostResource;
+
+    /// A failed allocation (here a bitmap that says full where the count says free) leaves the
+    /// counters as they were: the empty sub-pool is still counted empty, nothing counted used.
+    #[test]
+    fn a_corrupt_bitmap_leaves_the_counters_alone() {
+        let config = FixedPoolConfig { objects_per_block: 100, ..FixedPoolConfig::new(32) };
+        let mut pool = FixedPool::new(HostResource, config).unwrap();
+        let p = pool.allocate(32, 16).unwrap();
+        pool.deallocate(p).unwrap();
+        assert_eq!(pool.stats().releasable_blocks, 1);
+        let saved = pool.pools[0].used_bits.clone();
+        // Every slot reads used; then only a bit past the last slot reads free.
+        for bits in [[u64::MAX; 2], [u64::MAX, !(1u64 << 40)]] {
+            pool.pools[0].used_bits.copy_from_slice(&bits);
+            assert!(matches!(pool.allocate(32, 16), Err(Error::Corrupt { .. })));
+            assert_eq!(pool.stats().releasable_blocks, 1);
+            assert_eq!(pool.stats().allocation_count, 0);
+            assert_eq!(pool.pools[0].used, 0);
+            assert_eq!(*pool.pools[0].used_bits, bits);
+        }
+        pool.pools[0].used_bits.copy_from_slice(&saved);
+        pool.check().unwrap();
+        let p = pool.allocate(32, 16).unwrap();
+        assert_eq!(pool.stats().releasable_blocks, 0);
+        pool.deallocate(p).unwrap();
+        pool.check().unwrap();
+    }
 
     #[test]
     fn slot_divisors_agree_with_division() {
