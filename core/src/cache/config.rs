@@ -141,8 +141,11 @@ impl CacheConfig {
         defaults().frame_config()
     }
 
-    /// The run-time environment's configuration for `role`, with an error naming the first
-    /// variable that does not parse (the allocator itself skips such a variable).
+    /// The configuration for `role` from the environment variables: their values at run time
+    /// (read now, not the ones the thread caches took at their start), over the values given at
+    /// build time, over the built-in defaults; a role registered with [`configure_role`] plays no
+    /// part. An error names the first run-time variable that does not parse (the allocator
+    /// itself skips such a variable).
     pub fn from_env(role: ThreadRole) -> Result<Self> {
         let env = Defaults::from_env()?;
         Ok(env.over(&BUILD).role_config(role))
