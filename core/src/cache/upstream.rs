@@ -68,7 +68,12 @@ impl Upstream {
                 // SAFETY: as above.
                 NonNull::new(unsafe { std::alloc::alloc(layout) })
             }
-            Upstream::Resource(r) => r.allocate(size, align).ok(),
+            Upstream::Resource(r) => {
+                // A resource may take `align` for a power of two: the check is the layout's, as
+                // above (a request that gets here is a miss, and about to ask the resource).
+                Layout::from_size_align(size, align).ok()?;
+                r.allocate(size, align).ok()
+            }
         }
     }
 
@@ -187,5 +192,49 @@ mod tests {
             // SAFETY: allocated above with this size and alignment.
             unsafe { upstream.deallocate(p, 24, 8) };
         }
+    }
+
+    /// A resource upstream refuses what no `Layout` describes before its resource sees it, as
+    /// the promise says: a resource may assume a power-of-two alignment.
+    #[test]
+    fn a_resource_upstream_refuses_bad_layouts_itself() {
+        use crate::resource::MemoryKind;
+        use core::sync::atomic::{AtomicUsize, Ordering};
+
+        struct Counting(AtomicUsize);
+        // SAFETY: every block comes from and goes back to the system allocator with its layout.
+        unsafe impl MemoryResource for Counting {
+            fn name(&self) -> &str {
+                "counting"
+            }
+            fn kind(&self) -> MemoryKind {
+                MemoryKind::Host
+            }
+            fn allocate(&self, size: usize, align: usize) -> crate::Result<NonNull<u8>> {
+                self.0.fetch_add(1, Ordering::Relaxed);
+                let Ok(layout) = Layout::from_size_align(size, align) else {
+                    return Err(crate::Error::InvalidAlignment { align: align as u64 });
+                };
+                // SAFETY: `size` is non-zero: the upstream refuses zero.
+                NonNull::new(unsafe { System.alloc(layout) })
+                    .ok_or(crate::Error::OutOfMemory { requested: size as u64, available: 0 })
+            }
+            unsafe fn deallocate(&self, ptr: NonNull<u8>, size: usize, align: usize) {
+                // SAFETY: the caller's contract: allocated above with this layout.
+                unsafe { System.dealloc(ptr.as_ptr(), Layout::from_size_align_unchecked(size, align)) }
+            }
+        }
+        static RESOURCE: Counting = Counting(AtomicUsize::new(0));
+        let upstream = Upstream::Resource(&RESOURCE);
+        assert!(upstream.allocate(0, 8).is_none());
+        assert!(upstream.allocate(8, 3).is_none(), "not a power of two");
+        assert!(upstream.allocate(8, 0).is_none(), "zero alignment");
+        assert!(upstream.allocate(isize::MAX as usize, 16).is_none(), "too large once aligned");
+        assert!(upstream.allocate_zeroed(8, 3).is_none());
+        assert_eq!(RESOURCE.0.load(Ordering::Relaxed), 0, "a bad layout reached the resource");
+        let p = upstream.allocate_zeroed(24, 8).unwrap();
+        // SAFETY: allocated above with this size and alignment.
+        unsafe { upstream.deallocate(p, 24, 8) };
+        assert_eq!(RESOURCE.0.load(Ordering::Relaxed), 1);
     }
 }
