@@ -981,17 +981,32 @@ pub fn thread_config() -> CacheConfig {
 /// upstream). The caches stay usable.
 pub fn flush_thread() {
     with_state(|s| {
-        if s.phase.get() == ACTIVE {
-            // Caches over the global allocator first: what they return goes through it, and
-            // when it is a `HetAlloc` it lands in another cache of this thread, flushed after.
-            for over_global in [true, false] {
-                for cache in &s.caches {
-                    if cache.is_ready() && (cache.upstream() == Upstream::Global) == over_global {
-                        flush_cache(cache);
-                    }
-                }
+        if s.phase.get() != ACTIVE {
+            return;
+        }
+        // What a cache returns may come back to another cache of this thread: a cache over the
+        // global allocator frees through it, and a resource's `deallocate` may too; when that is
+        // a `HetAlloc`, the blocks land in its cache here. So caches over the global allocator
+        // go first, then those over a resource, and the system allocator's last (nothing it
+        // frees comes back). The global `HetAlloc` may be over a resource itself: its cache may
+        // be flushed before another resource's fills it, so the resource caches go again while
+        // one holds blocks. (That chain ends there: a resource under the global allocator that
+        // freed through it would call itself.)
+        let ready = |over: fn(Upstream) -> bool| {
+            s.caches.iter().map(|c| &**c).filter(move |c| c.is_ready() && over(c.upstream()))
+        };
+        ready(|u| u == Upstream::Global).for_each(flush_cache);
+        for _ in 0..SLOTS {
+            let mut flushed = false;
+            for cache in ready(|u| matches!(u, Upstream::Resource(_))).filter(|c| c.bytes_cached() > 0) {
+                flush_cache(cache);
+                flushed = true;
+            }
+            if !flushed {
+                break;
             }
         }
+        ready(|u| u == Upstream::System).for_each(flush_cache);
     });
 }
 

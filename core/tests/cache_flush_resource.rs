@@ -1,0 +1,66 @@
+//! `flush_thread` with `HetAlloc` as the global allocator and a resource that frees through it:
+//! the blocks a flush hands that resource land in the thread's cache over the system allocator.
+//! The flush must leave that cache empty all the same, so it comes after the resource's.
+//!
+//! One test in its own binary, with its own global allocator.
+#![cfg(not(loom))]
+
+use std::alloc::{GlobalAlloc, Layout};
+use std::ptr::NonNull;
+
+use hetmem_core::cache::{flush_thread, HetAlloc};
+use hetmem_core::{MemoryKind, MemoryResource, Result};
+
+#[global_allocator]
+static A: HetAlloc = HetAlloc::new();
+
+/// Host memory from the global allocator.
+struct ThroughGlobal;
+
+// SAFETY: every block comes from and goes back to the global allocator with its layout.
+unsafe impl MemoryResource for ThroughGlobal {
+    fn name(&self) -> &str {
+        "through-global"
+    }
+    fn kind(&self) -> MemoryKind {
+        MemoryKind::Host
+    }
+    fn allocate(&self, size: usize, align: usize) -> Result<NonNull<u8>> {
+        let layout = Layout::from_size_align(size, align).unwrap();
+        // SAFETY: the upstream passes on no zero size.
+        NonNull::new(unsafe { std::alloc::alloc(layout) })
+            .ok_or(hetmem_core::Error::OutOfMemory { requested: size as u64, available: 0 })
+    }
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, size: usize, align: usize) {
+        // SAFETY: the caller's contract: from `allocate` above with this layout.
+        unsafe { std::alloc::dealloc(ptr.as_ptr(), Layout::from_size_align_unchecked(size, align)) }
+    }
+}
+
+static RESOURCE: ThroughGlobal = ThroughGlobal;
+static OVER_RESOURCE: HetAlloc = HetAlloc::with_resource(&RESOURCE);
+
+#[test]
+fn a_flush_leaves_every_cache_empty_when_a_resource_frees_through_hetalloc() {
+    std::thread::spawn(|| {
+        // No depot: what the resource's cache returns goes to the resource, and so to `A`.
+        OVER_RESOURCE.set_depot_limit(0);
+        let layout = Layout::from_size_align(64, 16).unwrap();
+        // SAFETY: a valid non-zero layout; each block is freed once below with it.
+        let blocks: Vec<_> = (0..50).map(|_| unsafe { OVER_RESOURCE.alloc(layout) }).collect();
+        for &p in &blocks {
+            assert!(!p.is_null());
+            // SAFETY: from `alloc(layout)` above, freed once.
+            unsafe { OVER_RESOURCE.dealloc(p, layout) };
+        }
+        drop(blocks);
+        assert!(OVER_RESOURCE.thread_stats().bytes_cached > 0);
+        flush_thread();
+        let over_resource = OVER_RESOURCE.thread_stats();
+        assert_eq!(over_resource.bytes_cached, 0, "{over_resource:?}");
+        let global = A.thread_stats();
+        assert_eq!(global.bytes_cached, 0, "the resource's blocks were cached again by HetAlloc: {global:?}");
+    })
+    .join()
+    .unwrap();
+}
