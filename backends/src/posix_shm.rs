@@ -75,6 +75,7 @@ impl PosixShmBackend {
     }
 
     /// Attaches to segment `name`, waiting for its creator to finish, and checks its header.
+    /// `InvalidName` at once if what the name holds is no segment (a FIFO, say).
     pub fn attach(name: &str, options: &ShmOptions) -> Result<Self> {
         Self::attach_kind(name, options, BackendKind::Shared)
     }
@@ -129,7 +130,16 @@ impl PosixShmBackend {
         let name = normalize_name(name)?;
         let c_name = c_name(&name)?;
         let fd = shm_open(&c_name, &name, libc::O_RDWR, 0)?;
-        let mapped = identity(fd).and_then(|identity| {
+        let mapped = fstat(fd).and_then(|st| {
+            if !is_segment(&st) {
+                // A FIFO, say (any user may make one in /dev/shm): never sized, so waiting for
+                // its creator to size it would only time out.
+                return Err(Error::InvalidName {
+                    name: ShortStr::new(&name),
+                    reason: "names no shared-memory segment (not a regular file: a FIFO, say)",
+                });
+            }
+            let identity = identity_of(&st);
             let len = wait_for_size(fd, options.attach_timeout)?;
             Ok((map(fd, len)?, identity))
         });
@@ -376,8 +386,26 @@ fn segment_len(fd: i32) -> Result<u64> {
 
 /// The device and inode of the segment open as `fd`.
 fn identity(fd: i32) -> Result<(u64, u64)> {
-    let st = fstat(fd)?;
-    Ok((st.st_dev as u64, st.st_ino as u64))
+    Ok(identity_of(&fstat(fd)?))
+}
+
+/// The device and inode `st` gives (their types differ between systems: the casts are no-ops
+/// on some, not on others).
+#[allow(clippy::unnecessary_cast)]
+fn identity_of(st: &libc::stat) -> (u64, u64) {
+    (st.st_dev as u64, st.st_ino as u64)
+}
+
+/// Whether `st` is a shared-memory segment's. On Linux a segment is a regular file in /dev/shm,
+/// where any user may put a FIFO or another special file under a segment's name; elsewhere the
+/// names hold nothing but segments, whose file type the system reports its own way.
+#[cfg(target_os = "linux")]
+fn is_segment(st: &libc::stat) -> bool {
+    st.st_mode & libc::S_IFMT == libc::S_IFREG
+}
+#[cfg(not(target_os = "linux"))]
+fn is_segment(_st: &libc::stat) -> bool {
+    true
 }
 
 /// Waits until the segment is at least a header long (its creator may not have sized it yet).
@@ -553,6 +581,27 @@ mod tests {
         returns_at_once(&fifo, "the creator's drop", move || drop(a));
         assert!(std::fs::metadata(&fifo).is_ok(), "the creator's drop removed what was not its segment");
         std::fs::remove_file(&fifo).unwrap();
+    }
+
+    /// `attach` on a FIFO under the name (opened read-write, it does not block) refuses it at
+    /// once: it is no segment, and waiting for it to be sized would only time out.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn attach_refuses_a_fifo_under_the_name_at_once() {
+        let name = unique("fifo-attach");
+        let fifo = format!("/dev/shm{name}");
+        let c = CString::new(fifo.clone()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o666) }, 0);
+        let started = Instant::now();
+        let options = ShmOptions { attach_timeout: Duration::from_secs(3), ..Default::default() };
+        let r = PosixShmBackend::attach(&name, &options);
+        let waited = started.elapsed();
+        let left = std::fs::metadata(&fifo).is_ok();
+        std::fs::remove_file(&fifo).unwrap();
+        assert!(matches!(r, Err(Error::InvalidName { .. })), "{r:?}");
+        assert!(waited < Duration::from_secs(1), "attach waited {waited:?} on a FIFO");
+        assert!(left, "attach removed the FIFO");
     }
 
     #[test]
