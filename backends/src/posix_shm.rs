@@ -190,14 +190,11 @@ impl PosixShmBackend {
     /// created a new segment under it: that one is left alone (`NotFound`: ours has no name).
     fn unlink_name(&self) -> Result<()> {
         let c_name = c_name(&self.name)?;
-        match shm_open(&c_name, &self.name, PEEK, 0) {
-            Ok(fd) => {
-                let same = identity(fd).map(|found| found == self.identity);
-                close(fd);
-                if !same? {
-                    return Err(Error::NotFound { what: "shared-memory segment", name: ShortStr::new(&self.name) });
-                }
+        match named_identity(&c_name, &self.name) {
+            Ok(found) if found != self.identity => {
+                return Err(Error::NotFound { what: "shared-memory segment", name: ShortStr::new(&self.name) });
             }
+            Ok(_) => {}
             // Unreadable to us, but maybe still removable: go on and let shm_unlink decide.
             Err(Error::PermissionDenied { .. }) => {}
             Err(e) => return Err(e),
@@ -408,6 +405,29 @@ fn is_segment(_st: &libc::stat) -> bool {
     true
 }
 
+/// The device and inode of what `name` names now. On Linux from `lstat` of its entry in
+/// /dev/shm (the one `shm_unlink` removes), which needs no permission on the segment: a segment
+/// this process may not open for reading (mode 0 or 0200) is still told from another. Elsewhere
+/// by opening it for reading, which such a segment refuses (`PermissionDenied`).
+#[cfg(target_os = "linux")]
+fn named_identity(_c_name: &CString, name: &str) -> Result<(u64, u64)> {
+    let path = c_name(&format!("/dev/shm{name}"))?;
+    // SAFETY: an all-zero `stat` is a valid value to be overwritten by lstat.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a valid NUL-terminated string and `st` a valid out-pointer.
+    if unsafe { libc::lstat(path.as_ptr(), &mut st) } != 0 {
+        return Err(os_error("lstat", name));
+    }
+    Ok(identity_of(&st))
+}
+#[cfg(not(target_os = "linux"))]
+fn named_identity(c_name: &CString, name: &str) -> Result<(u64, u64)> {
+    let fd = shm_open(c_name, name, PEEK, 0)?;
+    let found = identity(fd);
+    close(fd);
+    found
+}
+
 /// Waits until the segment is at least a header long (its creator may not have sized it yet).
 fn wait_for_size(fd: i32, timeout: Duration) -> Result<u64> {
     let started = Instant::now();
@@ -602,6 +622,39 @@ mod tests {
         assert!(matches!(r, Err(Error::InvalidName { .. })), "{r:?}");
         assert!(waited < Duration::from_secs(1), "attach waited {waited:?} on a FIFO");
         assert!(left, "attach removed the FIFO");
+    }
+
+    /// A creator that may not read its own segment (mode 0200) still tells it from a newer
+    /// segment under the same name, and leaves that one alone when it drops.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn an_unreadable_creator_leaves_a_newer_segment_under_its_name() {
+        let name = unique("unreadable");
+        struct Remove(String);
+        impl Drop for Remove {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+        let _remove = Remove(format!("/dev/shm{name}"));
+        // On a thread of its own whose file-system user is not root (whose permission checks
+        // would let it read the segments): the change is the thread's alone, and goes with it.
+        std::thread::spawn(move || {
+            // SAFETY: changes only this thread's file-system user id; fails harmlessly when not root.
+            unsafe { libc::setfsuid(65534) };
+            let options = ShmOptions { mode: 0o200, ..quick() };
+            let a = PosixShmBackend::create(&name, 4096, &options).unwrap();
+            let path = format!("/dev/shm{name}");
+            assert!(std::fs::File::open(&path).is_err(), "the test's segment is readable: it tests nothing");
+            PosixShmBackend::remove(&name).unwrap();
+            let b = PosixShmBackend::create(&name, 4096, &options).unwrap();
+            drop(a);
+            assert!(std::fs::symlink_metadata(&path).is_ok(), "the old creator's drop removed the new segment");
+            drop(b);
+            assert!(std::fs::symlink_metadata(&path).is_err(), "the new segment's drop left its name");
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]
