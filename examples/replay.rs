@@ -91,18 +91,47 @@ fn record_sample() -> Result<String> {
 
 const USAGE: &str = "usage: replay [TRACE.jsonl] | replay --record [OUT.jsonl]";
 
+/// What the command line asks for.
+#[derive(Debug, PartialEq)]
+enum Command {
+    Help,
+    Replay(PathBuf),
+    Record(PathBuf),
+}
+
+/// Parses the arguments after the program's name. Anything it does not know is an error, and so
+/// is an option where a file name belongs (`--record --record` would write a file named
+/// `--record`).
+fn parse_args(args: &[String]) -> Result<Command, String> {
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        return Ok(Command::Help);
+    }
+    match args {
+        [] => Ok(Command::Replay(PathBuf::from(SAMPLE))),
+        [record] if record == "--record" => Ok(Command::Record(PathBuf::from(SAMPLE))),
+        [record, out] if record == "--record" => match out.starts_with('-') {
+            true => Err(format!("--record takes a file name, not the option {out:?}")),
+            false => Ok(Command::Record(PathBuf::from(out))),
+        },
+        [path] if !path.starts_with('-') => Ok(Command::Replay(PathBuf::from(path))),
+        _ => Err(format!("unexpected arguments {args:?}")),
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let known = |a: &String| a == "--record" || !a.starts_with('-');
-    if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!("{USAGE}");
-        return ExitCode::SUCCESS;
-    }
-    if args.len() > 2 || !args.iter().all(known) || (args.len() == 2 && args[0] != "--record") {
-        eprintln!("replay: unexpected arguments {args:?}\n{USAGE}");
-        return ExitCode::from(2);
-    }
-    match run(&args) {
+    let command = match parse_args(&args) {
+        Ok(Command::Help) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Ok(command) => command,
+        Err(e) => {
+            eprintln!("replay: {e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("replay: {e}");
@@ -125,14 +154,16 @@ fn write_sample(out: &Path) -> std::result::Result<(), String> {
     std::fs::write(out, record_sample().map_err(|e| named(&e))?).map_err(|e| named(&e))
 }
 
-fn run(args: &[String]) -> std::result::Result<(), Box<dyn std::error::Error>> {
-    if args.first().is_some_and(|a| a == "--record") {
-        let out = args.get(1).map_or_else(|| PathBuf::from(SAMPLE), PathBuf::from);
-        write_sample(&out)?;
-        println!("wrote {}", out.display());
-        return Ok(());
-    }
-    let path = args.first().map_or_else(|| PathBuf::from(SAMPLE), PathBuf::from);
+fn run(command: Command) -> std::result::Result<(), Box<dyn std::error::Error>> {
+    let path = match command {
+        Command::Help => return Ok(()),
+        Command::Record(out) => {
+            write_sample(&out)?;
+            println!("wrote {}", out.display());
+            return Ok(());
+        }
+        Command::Replay(path) => path,
+    };
     let replay = read_trace(&path)?;
     println!("{}: {} events, largest request {}", path.display(), replay.len(), Bytes(replay.max_size()));
     // Built before the header, so that a note about the fixed pool does not split the table.
@@ -164,6 +195,32 @@ fn run(args: &[String]) -> std::result::Result<(), Box<dyn std::error::Error>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn args(line: &str) -> Vec<String> {
+        line.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn the_command_line_is_parsed_or_refused_with_a_reason() {
+        let sample = || PathBuf::from(SAMPLE);
+        assert_eq!(parse_args(&args("")), Ok(Command::Replay(sample())));
+        assert_eq!(parse_args(&args("t.jsonl")), Ok(Command::Replay("t.jsonl".into())));
+        assert_eq!(parse_args(&args("--record")), Ok(Command::Record(sample())));
+        assert_eq!(parse_args(&args("--record o.jsonl")), Ok(Command::Record("o.jsonl".into())));
+        assert_eq!(parse_args(&args("--record -h")), Ok(Command::Help));
+        for (line, reason) in [
+            // An option where the file name belongs is not a file name.
+            ("--record --record", "--record takes a file name"),
+            ("--record -x", "--record takes a file name"),
+            ("-x", "unexpected arguments"),
+            ("a.jsonl b.jsonl", "unexpected arguments"),
+            ("a.jsonl --record", "unexpected arguments"),
+            ("--record a b", "unexpected arguments"),
+        ] {
+            let err = parse_args(&args(line)).unwrap_err();
+            assert!(err.contains(reason), "{line:?}: {err}");
+        }
+    }
 
     #[test]
     fn errors_name_the_trace_s_path() {
