@@ -407,7 +407,11 @@ impl<T: ThreadModel> ThreadLocalAllocator<T> {
         class_stats(&counts.live, &counts.allocations)
     }
 
-    /// How many heaps threads hold right now (in every process).
+    /// How many heaps have an owner right now (in every process): those live threads hold, and
+    /// also those whose owner's process died and which no reclaim has repaired yet (they still
+    /// name it), those held for a repair, and dead threads' heaps kept awaiting the owner of a
+    /// block they were freeing (until that owner settles the free). So it is not the number of
+    /// live threads.
     pub fn owned_heaps(&self) -> Result<usize> {
         let s = &self.shared;
         let mut n = 0;
