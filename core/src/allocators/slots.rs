@@ -83,6 +83,10 @@ impl<B: SlotBody> SlotTable<B> {
     /// # Safety
     /// No one else sees the chunk's bytes yet (fresh units, or a header being created).
     pub(crate) unsafe fn format(mem: &Mem, chunk: u64, first_index: u32) -> Result<()> {
+        // The count comes from walking links in shared memory: numbers past a u32 are damage.
+        if first_index.checked_add(CHUNK_SLOTS as u32 - 1).is_none() {
+            return Err(corrupt(chunk, "slot numbers past a slot's index"));
+        }
         // SAFETY: bounds and alignment checked by `at`; Chunk<B> is valid as zeroes (SlotBody).
         let p = unsafe { mem.at::<Chunk<B>>(chunk) }?;
         // SAFETY: fresh memory the caller owns.
@@ -234,18 +238,7 @@ impl<B: SlotBody> SlotTable<B> {
     pub(crate) fn grow(&self, mem: &Mem, fs: &FreeSpace, seen: usize) -> Result<()> {
         let units = (Self::CHUNK_BYTES as u64).div_ceil(UNIT) as u32;
         let mut g = fs.lock();
-        let mut at = self.first;
-        let mut count = 0u32;
-        loop {
-            count += CHUNK_SLOTS as u32;
-            match self.chunk(mem, at)?.next.load(Ordering::Acquire) {
-                0 => break,
-                next => at = next,
-            }
-            if count as u64 > mem.end() / UNIT * CHUNK_SLOTS as u64 {
-                return Err(corrupt(self.first, "slot chunk list does not end"));
-            }
-        }
+        let (at, count) = self.tail(mem)?;
         if count as usize > seen {
             return Ok(());
         }
@@ -262,6 +255,34 @@ impl<B: SlotBody> SlotTable<B> {
         Ok(())
     }
 
+    /// The last chunk, and how many slots the table has. The links are shared memory: a list
+    /// that loops back on itself (compared with a chunk seen before, at doubling distances, so a
+    /// short loop is found at once) or that numbers more slots than a slot's index holds is
+    /// damage, however large the region (a count of slots bounded by its units would overflow
+    /// before the bound in a terabyte).
+    fn tail(&self, mem: &Mem) -> Result<(u64, u32)> {
+        let mut at = self.first;
+        let mut count = 0u64;
+        let (mut seen, mut stride, mut steps) = (at, 1u64, 0u64);
+        for _ in 0..mem.end() / UNIT + 1 {
+            count += CHUNK_SLOTS as u64;
+            let next = self.chunk(mem, at)?.next.load(Ordering::Acquire);
+            if next == 0 {
+                let count = u32::try_from(count).map_err(|_| corrupt(self.first, "slot table past its numbers"))?;
+                return Ok((at, count));
+            }
+            at = next;
+            if at == seen {
+                break;
+            }
+            steps += 1;
+            if steps == stride {
+                (seen, stride, steps) = (at, stride * 2, 0);
+            }
+        }
+        Err(corrupt(self.first, "slot chunk list does not end"))
+    }
+
     /// Whether the chunk run at `offset` is linked into the table (for repairs after a grower
     /// died holding the free-space lock).
     pub(crate) fn is_chunk(&self, mem: &Mem, offset: u64) -> Result<bool> {
@@ -276,5 +297,76 @@ impl<B: SlotBody> SlotTable<B> {
             }
         }
         Err(corrupt(self.first, "slot chunk list does not end"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Body(#[allow(dead_code)] u64);
+    // SAFETY: an integer.
+    unsafe impl SlotBody for Body {}
+
+    type Table = SlotTable<Body>;
+    const CHUNK: u64 = Table::CHUNK_BYTES as u64;
+
+    /// Zeroed, 64-aligned memory for `chunks` chunks from offset `CHUNK` on, under a view of
+    /// `len` bytes (most of which nothing backs: only the chunks are touched).
+    struct Fake {
+        base: *mut u8,
+        layout: std::alloc::Layout,
+    }
+
+    impl Fake {
+        fn new(chunks: u64) -> Fake {
+            let layout = std::alloc::Layout::from_size_align(((chunks + 1) * CHUNK) as usize, 64).unwrap();
+            // SAFETY: a nonzero size.
+            let base = unsafe { std::alloc::alloc_zeroed(layout) };
+            assert!(!base.is_null());
+            Fake { base, layout }
+        }
+
+        fn mem(&self, len: u64) -> Mem {
+            // SAFETY: the tests touch only the chunks `new` allocated.
+            unsafe { Mem::raw(self.base, 0, len) }
+        }
+    }
+
+    impl Drop for Fake {
+        fn drop(&mut self) {
+            // SAFETY: allocated in `new` with this layout.
+            unsafe { std::alloc::dealloc(self.base, self.layout) };
+        }
+    }
+
+    #[test]
+    fn a_looping_chunk_list_in_a_huge_region_is_damage() {
+        let fake = Fake::new(2);
+        // A terabyte region: more slots than a u32 counts fit its units.
+        let mem = fake.mem(1 << 40);
+        // SAFETY: fresh memory the test owns.
+        unsafe {
+            Table::format(&mem, CHUNK, 0).unwrap();
+            Table::format(&mem, 2 * CHUNK, CHUNK_SLOTS as u32).unwrap();
+        }
+        let table = Table::new(CHUNK);
+        table.chunk(&mem, CHUNK).unwrap().next.store(2 * CHUNK, Ordering::Relaxed);
+        assert_eq!(table.tail(&mem).unwrap(), (2 * CHUNK, 2 * CHUNK_SLOTS as u32));
+        // The second chunk links back to the first.
+        table.chunk(&mem, 2 * CHUNK).unwrap().next.store(CHUNK, Ordering::Relaxed);
+        assert!(matches!(table.tail(&mem), Err(Error::Corrupt { .. })));
+    }
+
+    #[test]
+    fn slot_numbers_past_u32_are_refused() {
+        let fake = Fake::new(1);
+        let mem = fake.mem(2 * CHUNK);
+        // SAFETY: fresh memory the test owns.
+        let r = unsafe { Table::format(&mem, CHUNK, u32::MAX - 3) };
+        assert!(matches!(r, Err(Error::Corrupt { .. })), "{r:?}");
+        // SAFETY: as above.
+        unsafe { Table::format(&mem, CHUNK, u32::MAX - CHUNK_SLOTS as u32 + 1) }.unwrap();
     }
 }

@@ -393,6 +393,16 @@ impl Mem {
         Ok(Mem { base, start, len })
     }
 
+    /// A view of `[start, start + len)` at `base` (offset 0), unchecked: for tests that need a
+    /// view larger than they can map.
+    ///
+    /// # Safety
+    /// Every offset read or written through the view lies in memory the caller owns.
+    #[cfg(test)]
+    pub(crate) unsafe fn raw(base: *mut u8, start: u64, len: u64) -> Mem {
+        Mem { base, start, len }
+    }
+
     /// Where the view starts.
     #[inline]
     pub(crate) fn start(&self) -> u64 {
