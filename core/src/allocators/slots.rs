@@ -120,15 +120,22 @@ impl<B: SlotBody> SlotTable<B> {
     /// The slot at `offset` if it is one of the table's (not merely bytes that look like a
     /// slot): for offsets read from records other processes wrote.
     pub(crate) fn member<'m>(&self, mem: &'m Mem, offset: u64) -> Result<&'m Slot<B>> {
+        self.position(mem, offset)?;
+        self.slot(mem, offset)
+    }
+
+    /// The number the slot at `offset` has by its place in the table (what its `index` word
+    /// holds unless damaged), or `Corrupt` if it is not one of the table's slots.
+    pub(crate) fn position(&self, mem: &Mem, offset: u64) -> Result<u64> {
         let size = core::mem::size_of::<Slot<B>>() as u64;
         let mut at = self.first;
-        for _ in 0..mem.end() / UNIT + 1 {
+        for chunks in 0..mem.end() / UNIT + 1 {
             // The link is shared memory: checked (in bounds, so no overflow below) before use.
             let chunk = self.chunk(mem, at)?;
             let slots = at + core::mem::offset_of!(Chunk<B>, slots) as u64;
             let i = offset.wrapping_sub(slots);
             if i < CHUNK_SLOTS as u64 * size && i % size == 0 {
-                return self.slot(mem, offset);
+                return Ok(chunks * CHUNK_SLOTS as u64 + i / size);
             }
             match chunk.next.load(Ordering::Acquire) {
                 0 => return Err(corrupt(offset, "not a thread slot of the table")),

@@ -547,6 +547,38 @@ fn the_blocks_of_a_heap_given_back_are_freed_when_its_process_dies() {
     assert_back_to_start(&a, start);
 }
 
+/// A dead process's heap whose number (shared memory) was damaged to another heap's: its
+/// repair freed that heap's large blocks (a large block's run records its heap by number), here
+/// those of a live thread. The repair now holds the number to the heap's place in the table.
+#[test]
+fn a_repair_frees_no_large_block_of_the_heap_a_damaged_number_names() {
+    crate::testing::install_test_liveness();
+    let config = ThreadLocalConfig { dead_process_blocks: DeadProcessBlocks::Free };
+    let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &config).unwrap();
+    let start = start_of(&a);
+    let s = &a.shared;
+    let ours = a.allocate(300_000, 8).unwrap();
+    let mine = a.existing_heap();
+    let (dead, _, _) = dead_heap(&a, 1);
+    let index_of = |heap: u64| {
+        let at = heap + core::mem::offset_of!(super::heap::Heap, index) as u64;
+        s.mem.ptr(at, 4).unwrap().cast::<u32>()
+    };
+    // SAFETY: the index words of two slots of the table, in bounds and aligned; no one else
+    // runs on the allocator.
+    let (my_index, dead_index) = unsafe { (*index_of(mine), *index_of(dead)) };
+    // SAFETY: as above.
+    unsafe { index_of(dead).write(my_index) };
+    assert!(matches!(a.reclaim(), Err(Error::Corrupt { .. })));
+    assert_eq!(a.size_of(ours).unwrap(), 300_000, "our large block is still ours");
+    // SAFETY: as above.
+    unsafe { index_of(dead).write(dead_index) };
+    assert_eq!(a.reclaim().unwrap(), 1);
+    a.check().unwrap();
+    a.free(ours).unwrap();
+    assert_back_to_start(&a, start);
+}
+
 /// Which step of a remote free its process was killed before.
 #[derive(Clone, Copy, Debug)]
 enum KilledBefore {
