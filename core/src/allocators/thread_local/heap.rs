@@ -35,7 +35,7 @@ use super::super::large::TAG_SPAN;
 use super::super::size_class::CLASS_COUNT;
 use super::super::slots::{Slot, SlotBody};
 use super::super::span::{
-    back_word, corrupt, freed_word, fresh_word, has_state, init_span, invalid, live_from_free, remote_word,
+    back_word, block_at, corrupt, freed_word, fresh_word, has_state, init_span, invalid, live_from_free, remote_word,
     span_of_word, user_of, word_class, zero_padding, Info, LiveSmall, SpanHeader, State, FIELD_MASK, LAYOUTS,
     SMALL_HEADER, SPAN_HEADER,
 };
@@ -832,18 +832,29 @@ impl Shared {
         if let Some(w) = blocks.windows(2).find(|w| w[0] == w[1]) {
             return Err(corrupt(w[0], "block on a heap's free lists twice"));
         }
-        let mut per_span: BTreeMap<u64, u64> = BTreeMap::new();
+        // Per span: its free blocks, and one past the highest index among them.
+        let mut per_span: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
         for &b in &blocks {
             let word = self.arena.info(b)?.load(Ordering::Relaxed);
-            if !Info::unpack(word).is_some_and(|i| i.state == State::Free && i.class == class && i.size == 0) {
+            let Some(info) = Info::unpack(word).filter(|i| i.state == State::Free && i.class == class && i.size == 0)
+            else {
                 return Err(corrupt(b, "heap free list holds a block that is not free"));
-            }
-            *per_span.entry(span_of_word(b, word)).or_default() += 1;
+            };
+            let (free, end) = per_span.entry(span_of_word(b, word)).or_default();
+            *free += 1;
+            *end = (*end).max(info.index + 1);
         }
         let mut released = Vec::new();
-        for (&span, &free) in &per_span {
+        for (&span, &(free, end)) in &per_span {
             let bump = u64::from(self.own_span(heap_off, span, class)?.bump().load(Ordering::Relaxed));
             if free == bump && (all || span != cs.bump_span.get()) {
+                // The bump index is shared memory, and the count of free blocks is held to it:
+                // damaged low, it would have the span go back with live blocks. The free blocks
+                // (distinct, above) are all of those below it only if none lies past it.
+                if end > bump {
+                    return Err(corrupt(span, "free block past its span's bump index"));
+                }
+                self.none_carved_past(span, class, bump)?;
                 released.push(span);
             }
         }
@@ -853,6 +864,7 @@ impl Shared {
             && !per_span.contains_key(&bump_span)
             && self.own_span(heap_off, bump_span, class)?.bump().load(Ordering::Relaxed) == 0
         {
+            self.none_carved_past(bump_span, class, 0)?;
             released.push(bump_span);
         }
         released.sort_unstable();
@@ -885,6 +897,22 @@ impl Shared {
         for span in released {
             self.release_span(span)?;
             crash::point();
+        }
+        Ok(())
+    }
+
+    /// Checks that no block of `span` (of `class`) from `bump` on has the header of a live or
+    /// remotely freed block, before a sweep gives the span back: one there means the bump index
+    /// was damaged low, under blocks in use. (No such header is left there otherwise: the span
+    /// never carved those blocks, and a span goes back only with all its blocks free, a
+    /// repaired one with every block's header rewritten.)
+    fn none_carved_past(&self, span: u64, class: usize, bump: u64) -> Result<()> {
+        for index in bump..LAYOUTS[class].blocks {
+            let b = block_at(span, class, index);
+            let word = self.arena.info(b)?.load(Ordering::Relaxed);
+            if Info::unpack(word).is_some_and(|i| i.class == class && i.index == index && i.state != State::Free) {
+                return Err(corrupt(b, "block in use past its span's bump index"));
+            }
         }
         Ok(())
     }

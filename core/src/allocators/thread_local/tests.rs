@@ -579,6 +579,42 @@ fn a_repair_frees_no_large_block_of_the_heap_a_damaged_number_names() {
     assert_back_to_start(&a, start);
 }
 
+/// A span's bump index is shared memory. Damaged low, to the number of the span's free blocks,
+/// it made a sweep give the span back with live blocks: those past the index, or, with free
+/// blocks past it standing in for them, live ones below it. The sweep now holds the free blocks
+/// to the index and looks at the headers past it, and reports the damage, giving nothing back.
+#[test]
+fn a_sweep_gives_back_no_span_whose_bump_index_was_damaged_low() {
+    let class = class_for(100, 8).unwrap();
+    let n = LAYOUTS[class].blocks as usize;
+    // Which blocks (by index in the span) stay live, and the damaged index.
+    for (live, damaged) in [(5..n, 5u32), (0..1, n as u32 - 1)] {
+        let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+        let start = start_of(&a);
+        let s = &a.shared;
+        let mut blocks: Vec<OffsetPtr> = (0..n).map(|_| a.allocate(100, 8).unwrap()).collect();
+        blocks.sort_unstable();
+        let span_of = |p: OffsetPtr| {
+            let b = p.get() - SMALL_HEADER;
+            span_of_word(b, s.arena.info(b).unwrap().load(Ordering::Relaxed))
+        };
+        let span = span_of(blocks[0]);
+        assert!(blocks.iter().all(|&p| span_of(p) == span), "one span, carved whole");
+        let bump = s.arena.span_at(span).unwrap().bump();
+        assert_eq!(bump.load(Ordering::Relaxed), n as u32);
+        for (_, &p) in blocks.iter().enumerate().filter(|(i, _)| !live.contains(i)) {
+            a.free(p).unwrap();
+        }
+        bump.store(damaged, Ordering::Relaxed);
+        assert!(matches!(a.trim(), Err(Error::Corrupt { .. })), "live {live:?}");
+        for &p in &blocks[live.clone()] {
+            assert_eq!(a.size_of(p).unwrap(), 100, "live {live:?}: the span is still ours");
+        }
+        bump.store(n as u32, Ordering::Relaxed);
+        free_the_rest(&a, start, &blocks, &(0..n).filter(|i| !live.contains(i)).collect::<Vec<_>>());
+    }
+}
+
 /// Which step of a remote free its process was killed before.
 #[derive(Clone, Copy, Debug)]
 enum KilledBefore {
