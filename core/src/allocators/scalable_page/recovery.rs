@@ -89,11 +89,18 @@ impl Shared {
             return Ok(0);
         }
         let g = self.fs.lock();
-        let (mut dead, mut labels) = (Vec::new(), BTreeSet::new());
+        let (mut dead, mut labels, mut damaged) = (Vec::new(), BTreeSet::new(), None);
         for (offset, owner) in candidates {
             let Ok(s) = self.slots.slot(&self.mem, offset) else {
                 continue;
             };
+            // A cache labels its free blocks with its slot's number, which is shared memory:
+            // damaged to a live slot's, the recovery would push that slot's cached blocks too,
+            // which its thread hands out again. Such a slot is left as found, and reported.
+            if self.slots.position(&self.mem, offset).ok() != Some(u64::from(s.index)) {
+                damaged.get_or_insert(corrupt(offset, "slot's number is not its place in the table"));
+                continue;
+            }
             if s.owner.compare_exchange(owner, owner_token(), Ordering::Acquire, Ordering::Relaxed).is_ok() {
                 crash::point();
                 let label = label_of(s.index);
@@ -105,7 +112,7 @@ impl Shared {
             }
         }
         if dead.is_empty() {
-            return Ok(0);
+            return damaged.map_or(Ok(0), Err);
         }
         let mut failed = None;
         let mut pushed = Vec::new(); // the classes whose blocks are all listed now
@@ -143,7 +150,7 @@ impl Shared {
             crash::point();
         }
         drop(g);
-        match failed {
+        match failed.or(damaged) {
             Some(e) => Err(e),
             None => Ok(dead.len() as u64),
         }

@@ -145,6 +145,44 @@ fn a_dead_threads_cache_and_half_done_free_come_back() {
     assert_eq!(a.stats().free_bytes(), start);
 }
 
+/// A dead slot whose number (shared memory) was damaged to a live slot's: a cache labels its
+/// free blocks with its slot's number, so its recovery pushed the live cache's blocks onto the
+/// shared list too, to be handed out while that cache hands them out again. The recovery now
+/// holds the number to the slot's place in the table and leaves such a slot as it found it.
+#[test]
+fn a_recovery_takes_no_block_from_the_cache_a_damaged_slot_number_names() {
+    let a = ScalablePageAllocator::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = a.stats().free_bytes();
+    let s = &a.shared;
+    let mine = own_slot(&a);
+    let dead = dead_slot(&a);
+    let class = class_for(48, 8).unwrap();
+    let users: Vec<u64> = (0..4).map(|_| s.allocate_small(mine, class, 48, 8).unwrap()).collect();
+    // In our cache, labelled with our slot's number.
+    for &u in &users {
+        free_through(&a, mine, u);
+    }
+    let index_of = |slot: u64| {
+        let at = slot + core::mem::offset_of!(crate::allocators::slots::Slot<CacheBody>, index) as u64;
+        s.mem.ptr(at, 4).unwrap().cast::<u32>()
+    };
+    // SAFETY: the index words of two slots, in bounds and aligned; no other thread runs.
+    let (my_index, dead_index) = unsafe { (*index_of(mine), *index_of(dead)) };
+    // SAFETY: as above.
+    unsafe { index_of(dead).write_volatile(my_index) };
+    assert!(matches!(a.reclaim(), Err(Error::Corrupt { .. })));
+    assert_eq!(s.slots.slot(&s.mem, dead).unwrap().owner.load(Ordering::Acquire), crate::testing::dead_token());
+    a.check().unwrap();
+    // SAFETY: as above.
+    unsafe { index_of(dead).write_volatile(dead_index) };
+    assert_eq!(a.reclaim().unwrap(), 1);
+    s.flush_all(mine).unwrap();
+    a.trim().unwrap();
+    a.check().unwrap();
+    assert_eq!(a.stats().live_allocations, 0);
+    assert_eq!(a.stats().free_bytes(), start);
+}
+
 /// A recovery that finds a class's shared list damaged recovers the other classes, gives the
 /// dead slot back as it found it (a dead process's), for a later recovery to finish, and
 /// reports the damage. Before, the slot stayed with the recoverer's process, held for good while
