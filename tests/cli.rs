@@ -577,3 +577,42 @@ fn another_programs_segment_is_reported_as_not_hetmem() {
     let said = text(&hetmem(&["show", &missing]));
     assert!(said.contains("not found") && !said.contains("not a hetmem segment"), "{said}");
 }
+
+/// `show` and `check` wait for a segment still being created until the command's `--timeout`,
+/// where they gave up after one second whatever it said: a creator that finishes within the
+/// timeout is waited for, and one that never does is given up on at the timeout, not before,
+/// with exit status 2 and the reason.
+#[test]
+fn show_and_check_wait_for_a_segment_being_created_until_the_timeout() {
+    use std::os::unix::fs::FileExt;
+    use std::time::{Duration, Instant};
+    let s = Segment::new("unready");
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(format!("/dev/shm{}", s.name)).unwrap();
+    // A header whose magic is still zero is one its creator has not finished writing.
+    let mut magic = [0u8; 8];
+    file.read_exact_at(&mut magic, 0).unwrap();
+    let unready = || file.write_at(&[0; 8], 0).unwrap();
+    for command in ["show", "check"] {
+        unready();
+        let out = std::thread::scope(|scope| {
+            scope.spawn(|| {
+                std::thread::sleep(Duration::from_millis(1500));
+                file.write_at(&magic, 0).unwrap();
+            });
+            hetmem(&[command, &s.name, "--timeout", "20"])
+        });
+        assert!(out.status.success(), "{command}: {}", text(&out));
+    }
+    unready();
+    let started = Instant::now();
+    let out = hetmem(&["show", &s.name, "--timeout", "2.5"]);
+    let waited = started.elapsed();
+    file.write_at(&magic, 0).unwrap();
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(waited >= Duration::from_millis(2400), "gave up after {waited:?} of a 2.5 s timeout: {said}");
+    assert!(said.contains("gave up after 2.5 s (--timeout SECS waits longer): the segment is not ready"), "{said}");
+    // A timeout past what the clock counts is no deadline, not a panic.
+    let out = hetmem(&["check", &s.name, "--timeout", "1e19"]);
+    assert!(out.status.success(), "{}", text(&out));
+}

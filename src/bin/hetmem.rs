@@ -15,6 +15,10 @@
 //! debugger, say) makes it wait, until the command's timeout, when it gives up with exit status
 //! 2 and says why (as Ctrl-C would stop it: a lock it held then is recovered by the next process
 //! that wants it).
+//! `show` and `check` of a segment still being created wait, as any attacher does, for its
+//! creator to set it up, up to the same timeout; then they give up with exit status 2 and say
+//! that it is not ready (its creator died setting it up, or it is not hetmem's). `list` waits
+//! only a moment for each segment, and lists one that is not ready as such.
 //! `check` reads structures that the application's processes may be changing: a report of damage
 //! on a busy segment may be a race, so run it again, or run it while the segment is quiet.
 //!
@@ -25,7 +29,7 @@ use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hetmem::allocators::{BitmapAllocator, ScalablePageAllocator, StackAllocator, ThreadLocalAllocator};
 use hetmem::backends::{PosixShmBackend, ShmOptions, HEADER_SIZE};
@@ -48,6 +52,8 @@ allocators, as any process that attaches does.
 NAME is the segment's name (\"/demo\" or \"demo\"). --id picks one allocator.
 --timeout SECS (any command): give up after SECS seconds (default 30), as when
 a live process holds a lock in the segment for good (stopped in a debugger).
+show and check wait as long for a segment still being created to be ready;
+list waits a moment for each segment and lists one that is not as not ready.
 Exit status: 0 all well, 1 damage found, 2 any other error.";
 
 /// How long a command may run before the tool gives up, unless `--timeout` says otherwise.
@@ -81,26 +87,52 @@ fn split_timeout(args: &[String]) -> Result<(Duration, Vec<String>), String> {
     Ok((timeout.unwrap_or(DEFAULT_TIMEOUT), rest))
 }
 
-/// Whether the command has its report (then the watchdog lets the tool write it, however long a
-/// slow reader, a pager, takes: it is no longer waiting on the segment). The watchdog holds the
-/// lock while it ends the process, so a report is written whole or not at all.
-static REPORTED: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+/// Where the command is, for the watchdog.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Stage {
+    /// Attaching to the segment: waiting, if it is still being created, for it to be ready.
+    Attaching,
+    /// Attached, reading the segment (and waiting on any lock in it that it needs).
+    Reading,
+    /// The command has its report: the watchdog lets the tool write it, however long a slow
+    /// reader, a pager, takes, as it is no longer waiting on the segment.
+    Reported,
+}
+
+/// Where the command is. The watchdog holds the lock while it ends the process, so a report is
+/// written whole or not at all.
+static STAGE: std::sync::Mutex<Stage> = std::sync::Mutex::new(Stage::Attaching);
+
+fn set_stage(stage: Stage) {
+    *STAGE.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = stage;
+}
+
+/// Why a command gave up after `timeout` waiting for a segment still being created.
+fn not_ready(timeout: Duration) -> String {
+    format!(
+        "gave up after {:.1} s (--timeout SECS waits longer): the segment is not ready: its creator has not \
+         finished setting it up (it died doing so, or the segment is not hetmem's)",
+        timeout.as_secs_f64()
+    )
+}
 
 /// Ends the process with status 2 once `timeout` has passed, unless the command has its report
-/// by then: the command is most likely waiting on a lock a live process holds, though `check` of
-/// a very large segment may take that long.
+/// by then: the command is most likely waiting for a segment's creator, or on a lock a live
+/// process holds, though `check` of a very large segment may take that long.
 fn give_up_after(timeout: Duration) {
     std::thread::spawn(move || {
         std::thread::sleep(timeout);
-        let reported = REPORTED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if *reported {
-            return;
-        }
-        complain(&format!(
-            "gave up after {:.1} s (--timeout SECS waits longer): a lock in the segment is held by a live \
-             process (stopped in a debugger?), or the segment is too large to go through in that time",
-            timeout.as_secs_f64()
-        ));
+        let stage = STAGE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let reason = match *stage {
+            Stage::Reported => return,
+            Stage::Attaching => not_ready(timeout),
+            Stage::Reading => format!(
+                "gave up after {:.1} s (--timeout SECS waits longer): a lock in the segment is held by a live \
+                 process (stopped in a debugger?), or the segment is too large to go through in that time",
+                timeout.as_secs_f64()
+            ),
+        };
+        complain(&reason);
         std::process::exit(2);
     });
 }
@@ -276,6 +308,21 @@ fn open(name: &str, timeout: Duration) -> hetmem::Result<Arc<dyn MemoryBackend>>
     Ok(Arc::new(backend))
 }
 
+/// When a command that started now with `timeout` gives up: `None` for a timeout past what the
+/// clock counts (`--timeout 1e19`), which no command reaches.
+fn deadline_after(timeout: Duration) -> Option<Instant> {
+    Instant::now().checked_add(timeout)
+}
+
+/// Attaches to segment `name` for `show` or `check`, waiting for it to be ready until `deadline`
+/// (the command's timeout), or for ever (`None`).
+fn open_until(name: &str, deadline: Option<Instant>) -> hetmem::Result<Arc<dyn MemoryBackend>> {
+    let patience = deadline.map_or(Duration::MAX, |deadline| deadline.saturating_duration_since(Instant::now()));
+    let backend = open(name, patience)?;
+    set_stage(Stage::Reading);
+    Ok(backend)
+}
+
 /// The segment's ready allocators, or the one `id` names.
 fn entries(backend: &Arc<dyn MemoryBackend>, id: Option<AllocatorId>) -> hetmem::Result<Vec<AllocatorEntry>> {
     let all: Vec<AllocatorEntry> = backend.header().allocators().collect();
@@ -368,12 +415,12 @@ fn list() -> hetmem::Result<Report> {
 /// The ready entries of `header`'s directory, waiting up to `patience` for its lock: `None`
 /// while a live process still holds it then.
 fn directory_within(header: &hetmem::core::header::RegionHeader, patience: Duration) -> Option<Vec<AllocatorEntry>> {
-    let deadline = std::time::Instant::now() + patience;
+    let deadline = Instant::now() + patience;
     loop {
         if let Some(entries) = header.try_allocators() {
             return Some(entries.collect());
         }
-        if std::time::Instant::now() >= deadline {
+        if Instant::now() >= deadline {
             return None;
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -402,8 +449,8 @@ fn unopened(e: &Error, size: Option<u64>) -> Option<String> {
     }
 }
 
-fn show(name: &str, id: Option<AllocatorId>) -> hetmem::Result<Report> {
-    let backend = open(name, Duration::from_secs(1))?;
+fn show(name: &str, id: Option<AllocatorId>, deadline: Option<Instant>) -> hetmem::Result<Report> {
+    let backend = open_until(name, deadline)?;
     let header = backend.header();
     let mut text = String::new();
     let _ = writeln!(
@@ -439,8 +486,8 @@ fn show(name: &str, id: Option<AllocatorId>) -> hetmem::Result<Report> {
     Ok(Report { text, status: 0 })
 }
 
-fn check(name: &str, id: Option<AllocatorId>) -> hetmem::Result<Report> {
-    let backend = open(name, Duration::from_secs(1))?;
+fn check(name: &str, id: Option<AllocatorId>, deadline: Option<Instant>) -> hetmem::Result<Report> {
+    let backend = open_until(name, deadline)?;
     let mut text = String::new();
     let (mut damaged, mut unknown) = (0, 0);
     let entries = entries(&backend, id)?;
@@ -486,24 +533,29 @@ fn main() -> ExitCode {
     let command = utf8_args(std::env::args_os().skip(1))
         .and_then(|args| split_timeout(&args))
         .and_then(|(timeout, rest)| Ok((timeout, parse(&rest)?)));
-    let command = match command {
+    let (command, timeout) = match command {
         Ok((timeout, c)) => {
             give_up_after(timeout);
-            c
+            (c, timeout)
         }
         Err(message) => {
             complain(&format!("{message}\n\n{USAGE}"));
             return ExitCode::from(2);
         }
     };
+    let deadline = deadline_after(timeout);
     let report = match command {
         Command::Help => Ok(Report { text: format!("{USAGE}\n"), status: 0 }),
-        Command::List => list().map_err(|err| err.to_string()),
-        Command::Show { name, id } => show(&name, id).map_err(|err| failed(&name, &err)),
-        Command::Check { name, id } => check(&name, id).map_err(|err| failed(&name, &err)),
+        Command::List => {
+            // `list` waits for no segment to be ready: it gives each a moment.
+            set_stage(Stage::Reading);
+            list().map_err(|err| err.to_string())
+        }
+        Command::Show { name, id } => show(&name, id, deadline).map_err(|err| failed(&name, &err, timeout)),
+        Command::Check { name, id } => check(&name, id, deadline).map_err(|err| failed(&name, &err, timeout)),
     };
     // Done with the segment: from here on the timeout does not apply.
-    *REPORTED.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+    set_stage(Stage::Reported);
     match report {
         Ok(Report { text, status }) => match write_report(&text) {
             Ok(()) => ExitCode::from(status),
@@ -520,12 +572,16 @@ fn main() -> ExitCode {
 }
 
 /// Why `show` or `check` of segment `name` failed: the error, and, where the segment is another
-/// program's (its header not hetmem's, or smaller than one), that first, in words.
-fn failed(name: &str, err: &Error) -> String {
+/// program's (its header not hetmem's, or smaller than one), that first, in words; one still
+/// not ready at the command's `timeout` (the one wait that ends in `TimedOut`), in words.
+fn failed(name: &str, err: &Error, timeout: Duration) -> String {
     let path = format!("{SHM_DIR}/{}", name.strip_prefix('/').unwrap_or(name));
     let size = std::fs::metadata(path).map(|m| m.len()).ok();
     match unopened(err, size) {
         None => format!("{} is not a hetmem segment ({err})", printable(name)),
+        Some(_) if matches!(err, Error::TimedOut { .. }) => {
+            format!("{}: {} ({err})", printable(name), not_ready(timeout))
+        }
         Some(_) => err.to_string(),
     }
 }
