@@ -4,7 +4,7 @@ use std::ffi::CString;
 use std::ptr::NonNull;
 use std::time::{Duration, Instant};
 
-use hetmem_core::header::HEADER_SIZE;
+use hetmem_core::header::{HEADER_SIZE, MAGIC};
 use hetmem_core::{BackendId, BackendKind, Error, Result, ShortStr};
 
 use crate::raw::{impl_backend, region_len, RawRegion};
@@ -171,9 +171,31 @@ impl PosixShmBackend {
     /// mapped keep their mapping, and its memory goes when the last of them unmaps it. For a
     /// segment kept with [`persist`](Self::persist), or one whose creator died before setting it
     /// up (which [`attach`](Self::attach) refuses). `NotFound` if no segment has that name.
+    ///
+    /// It removes a hetmem segment whoever made it, whether or not its creator still runs (that
+    /// creator's drop then finds the name gone, and leaves it so), and one still empty or whose
+    /// header is not written yet: the segment of a creator that died setting it up, or, as the
+    /// two cannot be told apart, of one setting it up now, whose attachers then find no segment.
+    /// What is surely not a hetmem segment is left in place, with the error `attach` gives:
+    /// `InvalidName` for what is no segment at all (a FIFO, say), `HeaderMismatch` for another
+    /// program's segment (its first bytes are not hetmem's magic, or it is smaller than a
+    /// header). A segment this process may not read (mode 0 or 0200) cannot be checked: it is
+    /// removed if the system lets this process remove it (in Linux's /dev/shm, its owner or
+    /// root). A new segment could take the name between the check and the removal: POSIX offers
+    /// no way to remove a name only if it still names a given segment.
     pub fn remove(name: &str) -> Result<()> {
         let name = normalize_name(name)?;
         let c_name = c_name(&name)?;
+        match shm_open(&c_name, &name, PEEK, 0) {
+            Ok(fd) => {
+                let checked = check_removable(fd, &name);
+                close(fd);
+                checked?;
+            }
+            // Unreadable to us, but maybe still removable: let shm_unlink decide.
+            Err(Error::PermissionDenied { .. }) => {}
+            Err(e) => return Err(e),
+        }
         // SAFETY: `c_name` is a valid NUL-terminated string.
         if unsafe { libc::shm_unlink(c_name.as_ptr()) } != 0 {
             return Err(os_error("shm_unlink", &name));
@@ -426,6 +448,49 @@ fn named_identity(c_name: &CString, name: &str) -> Result<(u64, u64)> {
     let found = identity(fd);
     close(fd);
     found
+}
+
+/// What [`PosixShmBackend::remove`] refuses to remove: what `fd` (open for reading) names is no
+/// segment, or another program's segment, not a hetmem one.
+fn check_removable(fd: i32, name: &str) -> Result<()> {
+    let st = fstat(fd)?;
+    if !is_segment(&st) {
+        return Err(Error::InvalidName {
+            name: ShortStr::new(name),
+            reason: "names no shared-memory segment (not a regular file: a FIFO, say)",
+        });
+    }
+    let len = st.st_size as u64;
+    if len == 0 {
+        // Not sized yet: a hetmem creator's that died before sizing it, or one sizing it now.
+        return Ok(());
+    }
+    if len <= HEADER_SIZE {
+        // A creator sizes its segment once, from 0 to more than a header.
+        return Err(Error::HeaderMismatch { field: "total_size", expected: HEADER_SIZE + 1, found: len });
+    }
+    match read_magic(fd)? {
+        // Zero: the header not written yet (a creator that died setting it up, or one at work).
+        0 | MAGIC => Ok(()),
+        found => Err(Error::HeaderMismatch { field: "magic", expected: MAGIC, found }),
+    }
+}
+
+/// The first eight bytes of the segment open (for reading) as `fd`, at least a page long: through
+/// a read-only mapping, as some systems (macOS) do not `read` shared memory.
+fn read_magic(fd: i32) -> Result<u64> {
+    let len = HEADER_SIZE as usize;
+    // SAFETY: mapping a descriptor we hold open, for reading; the kernel chooses the address.
+    let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, fd, 0) };
+    if ptr == libc::MAP_FAILED {
+        return Err(os_error("mmap", ""));
+    }
+    // SAFETY: the mapping is a page long (the segment is longer than one) and page-aligned; the
+    // magic is an atomic that a creator may be writing meanwhile, so it is read as one.
+    let magic = unsafe { (*ptr.cast::<std::sync::atomic::AtomicU64>()).load(std::sync::atomic::Ordering::Acquire) };
+    // SAFETY: the mapping made above, unmapped once.
+    unsafe { libc::munmap(ptr, len) };
+    Ok(magic)
 }
 
 /// Waits until the segment is at least a header long (its creator may not have sized it yet).
@@ -865,6 +930,47 @@ mod tests {
         assert!(!PosixShmBackend::exists(&name).unwrap());
         // SAFETY: the segment's first user byte, past the header, in the live mapping.
         unsafe { kept.base().add(HEADER_SIZE as usize).write(7) };
+    }
+
+    /// `remove` used to unlink whatever the name held: it leaves what is surely not a hetmem
+    /// segment (a FIFO, another program's segment) in place, with the error `attach` gives, and
+    /// still removes a segment whose header is not written yet (a creator that died at work).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn remove_leaves_what_is_not_a_hetmem_segment() {
+        struct Remove(String);
+        impl Drop for Remove {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+        let name = unique("remove-other");
+        let path = format!("/dev/shm{name}");
+        let _remove = Remove(path.clone());
+        let c_path = CString::new(path.clone()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let r = PosixShmBackend::remove(&name);
+        assert!(matches!(r, Err(Error::InvalidName { .. })), "{r:?}");
+        assert!(std::fs::symlink_metadata(&path).is_ok(), "remove took away a FIFO");
+        std::fs::remove_file(&path).unwrap();
+
+        // Another program's segments: one whose first bytes are not hetmem's, one too short to
+        // hold a header.
+        for (len, field) in [(3 * HEADER_SIZE as usize, "magic"), (100, "total_size")] {
+            std::fs::write(&path, vec![0x5a; len]).unwrap();
+            match PosixShmBackend::remove(&name) {
+                Err(Error::HeaderMismatch { field: found, .. }) => assert_eq!(found, field),
+                other => panic!("{len} bytes: {other:?}"),
+            }
+            assert!(std::fs::metadata(&path).is_ok(), "remove took away another program's segment");
+            std::fs::remove_file(&path).unwrap();
+        }
+
+        // A hetmem creator's that died after sizing it, before writing its header.
+        std::fs::write(&path, vec![0; 3 * HEADER_SIZE as usize]).unwrap();
+        PosixShmBackend::remove(&name).unwrap();
+        assert!(!PosixShmBackend::exists(&name).unwrap());
     }
 
     #[test]
