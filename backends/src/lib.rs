@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | [`ArrayBackend`] | a buffer the caller owns | by handing over the buffer |
 //! | [`MallocBackend`] | the system allocator | no |
-//! | [`PosixMmapBackend`] | an anonymous mapping | no (inherited by `fork`) |
+//! | [`PosixMmapBackend`] | an anonymous private mapping | no (a forked child gets a copy: writes are not shared) |
 //! | [`PosixShmBackend`] | a POSIX shared-memory segment (unix) | by name |
 //!
 //! Each starts with the [`RegionHeader`](hetmem_core::RegionHeader) page; allocators carve the

@@ -8,7 +8,10 @@ use memmap2::MmapMut;
 use crate::raw::{impl_backend, region_len, RawRegion};
 
 /// A private region in an anonymous memory mapping (pages are committed on first touch), unmapped
-/// on drop. A child made with `fork` inherits it.
+/// on drop. The mapping is private (copy-on-write), so a child made with `fork` gets a copy of
+/// the region as it was at the fork, at the same address: what either process writes after the
+/// fork the other does not see, and an allocator over it is two allocators from then on. For a
+/// region that processes share, use a `PosixShmBackend`.
 #[derive(Debug)]
 pub struct PosixMmapBackend {
     raw: RawRegion,
@@ -40,6 +43,7 @@ impl_backend!(PosixMmapBackend, kind = |_s| BackendKind::Private, creator = |_s|
 mod tests {
     use super::*;
     use crate::MallocBackend;
+    use hetmem_core::header::HEADER_SIZE;
     use hetmem_core::MemoryBackend;
 
     #[test]
@@ -48,6 +52,45 @@ mod tests {
         assert_eq!(b.len(), (1 << 20) + 4096);
         assert_eq!(b.id(), BackendId(3));
         assert!(matches!(PosixMmapBackend::create(0, BackendId(3)), Err(Error::InvalidSize { .. })));
+    }
+
+    /// The docs said a forked child "inherits" the region: it gets a copy, and writes after the
+    /// fork are not shared either way.
+    #[cfg(unix)]
+    #[test]
+    fn a_forked_child_gets_a_copy_and_writes_are_not_shared() {
+        let b = PosixMmapBackend::create(4096, BackendId(3)).unwrap();
+        // SAFETY: the first data byte, past the header, in the live mapping.
+        let byte = unsafe { b.base().add(HEADER_SIZE as usize) };
+        // SAFETY: as above; no other thread uses the region.
+        unsafe { byte.write(1) };
+        // SAFETY: fork(2); the child reads and writes its copy and leaves with `_exit`.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            // SAFETY: the child's copy of the mapping, at the same address.
+            let code = unsafe {
+                let seen = byte.read();
+                byte.write(2);
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                // 0: saw the value from before the fork, and not the parent's write after it.
+                if seen == 1 && byte.read() == 2 {
+                    0
+                } else {
+                    1
+                }
+            };
+            // SAFETY: ends the forked child.
+            unsafe { libc::_exit(code) };
+        }
+        // SAFETY: as above, in the parent.
+        unsafe { byte.write(3) };
+        let mut status = 0;
+        // SAFETY: waitpid(2) on our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "the child saw the parent's write");
+        // SAFETY: as above.
+        assert_eq!(unsafe { byte.read() }, 3, "the parent saw the child's write");
     }
 
     #[test]
