@@ -76,6 +76,13 @@ impl PosixShmBackend {
 
     /// Attaches to segment `name`, waiting for its creator to finish, and checks its header.
     /// `InvalidName` at once if what the name holds is no segment (a FIFO, say).
+    ///
+    /// The header's size must be the segment's (`HeaderMismatch` on `total_size` if not), as the
+    /// system gives it once the header is ready: a segment resized before or while this waits is
+    /// refused. Nothing can stop another process that may write the segment from shrinking it
+    /// (`ftruncate`) after this returns; a process that then touches a page past the new end dies
+    /// of `SIGBUS`, as with any shared file mapping. Keep the segment's mode to the users trusted
+    /// with it (the default, 0600, is this user only).
     pub fn attach(name: &str, options: &ShmOptions) -> Result<Self> {
         Self::attach_kind(name, options, BackendKind::Shared)
     }
@@ -143,12 +150,25 @@ impl PosixShmBackend {
             let len = wait_for_size(fd, options.attach_timeout)?;
             Ok((map(fd, len)?, identity))
         });
-        close(fd);
-        let (raw, identity) = mapped?;
+        let (raw, identity) = match mapped {
+            Ok(mapped) => mapped,
+            Err(e) => {
+                close(fd);
+                return Err(e);
+            }
+        };
         let generation = hetmem_core::fork::generation();
         let backend = PosixShmBackend { raw, name, kind, creator: false, unlink_on_drop: false, generation, identity };
         // The timeout covers both waits: for the creator to size the segment, then to initialise it.
-        backend.raw.wait_ready(kind, options.attach_timeout.saturating_sub(started.elapsed()))?;
+        let ready = backend.raw.wait_ready(kind, options.attach_timeout.saturating_sub(started.elapsed()));
+        // The header matched the size the segment had when it was mapped; another process may have
+        // resized it since (while this waited for the creator, say): its size now must match too.
+        let resized = ready.and_then(|()| match segment_len(fd)? {
+            now if now == backend.raw.len() => Ok(()),
+            now => Err(Error::HeaderMismatch { field: "total_size", expected: now, found: backend.raw.len() }),
+        });
+        close(fd);
+        resized?;
         Ok(backend)
     }
 
@@ -897,6 +917,39 @@ mod tests {
 
         poke(&name, 0, b"NOTHETMM");
         assert_eq!(field(PosixShmBackend::attach(&name, &quick())), "magic");
+    }
+
+    /// A segment shrunk while an attacher waits for its creator (or at any time after it was
+    /// mapped, before its header is ready) is refused, where the attacher took the size it had
+    /// when it was mapped and would die of SIGBUS past the new end.
+    #[test]
+    fn attach_refuses_a_segment_shrunk_while_it_waited() {
+        let name = unique("shrunk");
+        let a = PosixShmBackend::create(&name, 1 << 16, &quick()).unwrap();
+        let path = format!("/dev/shm{name}");
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        use std::os::unix::fs::FileExt;
+        let mut magic = [0; 8];
+        file.read_exact_at(&mut magic, 0).unwrap();
+        // Not ready yet: the magic is still zero.
+        file.write_at(&[0; 8], 0).unwrap();
+        let options = ShmOptions { attach_timeout: Duration::from_secs(10), ..Default::default() };
+        let r = std::thread::scope(|scope| {
+            scope.spawn(|| {
+                std::thread::sleep(Duration::from_millis(300));
+                file.set_len(2 * HEADER_SIZE).unwrap();
+                file.write_at(&magic, 0).unwrap();
+            });
+            PosixShmBackend::attach(&name, &options)
+        });
+        match r {
+            Err(Error::HeaderMismatch { field: "total_size", expected, found }) => {
+                assert_eq!((expected, found), (2 * HEADER_SIZE, a.len()));
+            }
+            other => panic!("attached to a segment shrunk under it: {other:?}"),
+        }
+        file.set_len(a.len()).unwrap();
+        assert!(PosixShmBackend::attach(&name, &quick()).is_ok());
     }
 
     #[test]

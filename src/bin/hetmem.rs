@@ -21,6 +21,9 @@
 //! only a moment for each segment, and lists one that is not ready as such.
 //! `check` reads structures that the application's processes may be changing: a report of damage
 //! on a busy segment may be a race, so run it again, or run it while the segment is quiet.
+//! A segment resized since it was made is refused (`list` says so); one that another process
+//! shrinks (`ftruncate`) while the tool reads it ends the tool with `SIGBUS`, as it would any
+//! process that has the segment mapped.
 //!
 //! Exit status: 0 when all is well, 1 when `check` found damage, 2 for anything else (a bad
 //! command line, a segment that is missing or not hetmem's).
