@@ -324,6 +324,12 @@ fn os_error(call: &'static str, name: &str) -> Error {
         libc::ENAMETOOLONG | libc::EINVAL if call == "shm_open" => {
             Error::InvalidName { name: ShortStr::new(name), reason: "refused by shm_open" }
         }
+        // Any user may make a directory or a symbolic link in Linux's /dev/shm under a segment's
+        // name; `shm_open` will not open either for writing (nor follow the link).
+        libc::EISDIR | libc::ELOOP if call == "shm_open" => Error::InvalidName {
+            name: ShortStr::new(name),
+            reason: "names no shared-memory segment (a directory or a symbolic link)",
+        },
         _ => Error::Os { call, errno },
     }
 }
@@ -707,6 +713,29 @@ mod tests {
         assert!(matches!(r, Err(Error::InvalidName { .. })), "{r:?}");
         assert!(waited < Duration::from_secs(1), "attach waited {waited:?} on a FIFO");
         assert!(left, "attach removed the FIFO");
+    }
+
+    /// A directory or a symbolic link under the name (any user may make one in /dev/shm) is
+    /// refused by `attach` as no segment, as a FIFO is, where it was a failed `shm_open` call;
+    /// `remove` leaves it in place, as it does a FIFO.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn attach_refuses_a_directory_or_a_link_under_the_name_as_no_segment() {
+        let name = unique("dir-attach");
+        let path = format!("/dev/shm{name}");
+        std::fs::create_dir(&path).unwrap();
+        let r = PosixShmBackend::attach(&name, &quick());
+        let removed = PosixShmBackend::remove(&name);
+        let _ = std::fs::remove_dir(&path);
+        assert!(matches!(r, Err(Error::InvalidName { .. })), "a directory: {r:?}");
+        assert!(matches!(removed, Err(Error::InvalidName { .. })), "a directory: {removed:?}");
+        std::os::unix::fs::symlink("/dev/null", &path).unwrap();
+        let r = PosixShmBackend::attach(&name, &quick());
+        let removed = PosixShmBackend::remove(&name);
+        let left = std::fs::symlink_metadata(&path).is_ok();
+        let _ = std::fs::remove_file(&path);
+        assert!(matches!(r, Err(Error::InvalidName { .. })), "a symbolic link: {r:?}");
+        assert!(matches!(removed, Err(Error::InvalidName { .. })) && left, "a symbolic link: {removed:?}");
     }
 
     /// A creator that may not read its own segment (mode 0200) still tells it from a newer
