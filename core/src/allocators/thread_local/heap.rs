@@ -902,11 +902,11 @@ impl Shared {
     }
 
     /// Checks that no block of `span` (of `class`) from `bump` on has the header of a live or
-    /// remotely freed block, before a sweep gives the span back: one there means the bump index
-    /// was damaged low, under blocks in use. (No such header is left there otherwise: the span
-    /// never carved those blocks, and a span goes back only with all its blocks free, a
-    /// repaired one with every block's header rewritten.)
-    fn none_carved_past(&self, span: u64, class: usize, bump: u64) -> Result<()> {
+    /// remotely freed block, before a sweep gives the span back or a repair writes those blocks
+    /// free: one there means the bump index was damaged low, under blocks in use. (No such
+    /// header is left there otherwise: the span never carved those blocks, and a span goes back
+    /// only with all its blocks free, a repaired one with every block's header rewritten.)
+    pub(super) fn none_carved_past(&self, span: u64, class: usize, bump: u64) -> Result<()> {
         for index in bump..LAYOUTS[class].blocks {
             let b = block_at(span, class, index);
             let word = self.arena.info(b)?.load(Ordering::Relaxed);

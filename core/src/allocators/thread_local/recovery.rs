@@ -412,7 +412,8 @@ impl Shared {
     /// heap's list (those past its bump index formatted now), its live and remote ones into the
     /// counters; a span with none of those goes back. Remote blocks still here are in transit
     /// (their freer pushes them later) and stay counted. Returns how many blocks it kept (live
-    /// and remote), which the caller sets the class's history by.
+    /// and remote), which the caller sets the class's history by. A live or remote block past
+    /// the bump index is damage (`Corrupt`, the span unchanged).
     fn repair_span(
         &self,
         heap_off: u64,
@@ -426,6 +427,10 @@ impl Shared {
         // SAFETY: we hold the span's heap.
         let bump = unsafe { self.span_bump(heap_off, span, class) }?;
         let formatted = u64::from(bump.load(Ordering::Relaxed)).min(layout.blocks);
+        // The index is shared memory: damaged low, the blocks past it, which the rebuild writes
+        // free, would take in blocks handed out (live ones still held, remote ones their freers
+        // push yet), to be handed out again. Checked before anything of the span changes.
+        self.none_carved_past(span, class, formatted)?;
         let (mut free, mut kept, mut bytes) = (Vec::new(), 0u64, 0u64);
         for index in 0..layout.blocks {
             let b = block_at(span, class, index);

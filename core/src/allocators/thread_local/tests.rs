@@ -615,6 +615,34 @@ fn a_sweep_gives_back_no_span_whose_bump_index_was_damaged_low() {
     }
 }
 
+/// Likewise a dead heap's repair: it rebuilt a span from its blocks' headers up to the span's
+/// bump index and wrote every block past it free. Damaged low, that freed blocks the dead
+/// thread had handed out, and that their holders still use (`DeadProcessBlocks::Keep`): they
+/// went on the heap's free list, for the next thread to take it to hand out again. The repair
+/// now refuses a span with a live or remote header past its index (`Corrupt`), and the heap
+/// stays as it was found.
+#[test]
+fn a_repair_frees_no_block_past_a_bump_index_damaged_low() {
+    let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = start_of(&a);
+    let s = &a.shared;
+    let (_, _, blocks) = dead_heap(&a, 20);
+    let b = blocks[0] - SMALL_HEADER;
+    let span = span_of_word(b, s.arena.info(b).unwrap().load(Ordering::Relaxed));
+    let bump = s.arena.span_at(span).unwrap().bump();
+    assert_eq!(bump.load(Ordering::Relaxed), 20, "the blocks are the span's first");
+    bump.store(5, Ordering::Relaxed);
+    assert!(matches!(a.reclaim(), Err(Error::Corrupt { .. })));
+    for &u in &blocks {
+        assert_eq!(a.size_of(OffsetPtr::new(u)).unwrap(), 100, "still live");
+    }
+    bump.store(20, Ordering::Relaxed);
+    assert_eq!(a.reclaim().unwrap(), 1);
+    a.check().unwrap();
+    free_remotely(&a, &blocks);
+    assert_back_to_start(&a, start);
+}
+
 /// Which step of a remote free its process was killed before.
 #[derive(Clone, Copy, Debug)]
 enum KilledBefore {
