@@ -660,8 +660,9 @@ impl Shared {
 
     /// The first half of a remote free: records the block in the freer's heap, then marks it
     /// remote with one compare-and-swap that also names the freer ([`freer_id`]; a freer with
-    /// no heap names none), then moves its size to its first user word, where the owner's
-    /// collection reads it. Nothing is written into the block unless the swap succeeded (the
+    /// no heap names none, and one whose number is damaged is refused, see
+    /// [`heap_number`](Self::heap_number)), then moves its size to its first user word, where
+    /// the owner's collection reads it. Nothing is written into the block unless the swap succeeded (the
     /// block is then ours). Returns the owner's heap and the record to clear once the block is
     /// pushed.
     pub(super) fn mark_remote(
@@ -676,7 +677,7 @@ impl Shared {
             0 => (None, 0),
             f => {
                 let h = self.heaps.slot(&self.mem, f)?;
-                match freer_id(h.index) {
+                match freer_id(self.heap_number(f, h)?) {
                     0 => (None, 0),
                     id => (Some(&h.body.in_flight), id),
                 }
@@ -699,6 +700,19 @@ impl Shared {
         size_word.store(info.size, Ordering::Relaxed);
         crash::point();
         Ok((heap, record))
+    }
+
+    /// The number of heap `offset` (`h`), held to the heap's place in the table. Blocks record
+    /// it (a remote free's info word names its freer by it, a large block's run its heap), and
+    /// it is shared memory: damaged to another heap's, the blocks would name that heap, whose
+    /// recovery then takes them for its own (a dead thread's remote free of a block, settled by
+    /// the block's owner while our free of it is still under way; a dead heap's large blocks,
+    /// freed under our thread).
+    pub(super) fn heap_number(&self, offset: u64, h: &Heap) -> Result<u32> {
+        if u64::from(h.index) != self.heaps.position(&self.mem, offset)? {
+            return Err(corrupt(offset, "heap's number is not its place in the table"));
+        }
+        Ok(h.index)
     }
 
     /// The requested size of `block`, marked remote by the freer named `id` (`freers` maps

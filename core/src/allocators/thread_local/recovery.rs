@@ -342,13 +342,10 @@ impl Shared {
     /// [`DeadProcessBlocks::Free`]: super::super::common::DeadProcessBlocks::Free
     pub(super) fn repair_heap(&self, heap_off: u64) -> Result<()> {
         let heap = self.heaps.slot(&self.mem, heap_off)?;
-        let index = heap.index;
         // The heap's large blocks are known by its number (their runs record it), which is
         // shared memory: damaged to another heap's, the repair would free that heap's blocks,
         // perhaps a live thread's. Checked before anything changes.
-        if u64::from(index) != self.heaps.position(&self.mem, heap_off)? {
-            return Err(corrupt(heap_off, "heap's number is not its place in the table"));
-        }
+        let index = self.heap_number(heap_off, heap)?;
         let process = heap.body.blocks_of.0.load(Ordering::Acquire);
         let free_dead = self.free_dead() && (process == 0 || holder_gone(process));
         self.finish_collections(heap_off, heap);

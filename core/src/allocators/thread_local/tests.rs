@@ -1391,6 +1391,33 @@ fn set_slot_index(a: &Tla, heap: u64, index: u32) {
     assert_eq!(a.shared.heaps.slot(&a.shared.mem, heap).unwrap().index, index);
 }
 
+/// A remote free names its freer in the block's info word by the freer's heap number, which is
+/// shared memory. Damaged to another heap's, our free named that heap: had that heap's thread
+/// died between pushing the same block in an earlier free and clearing its record, a reclaim
+/// took the block for that dead thread's free, and the block's owner settled it (onto its free
+/// list, to be handed out) while our free of it was still under way (its push then put the block
+/// on the owner's remote list too). The number is now held to the heap's place in the table:
+/// such a free is refused (`Corrupt`) and the block stays live.
+#[test]
+fn a_remote_free_by_a_heap_whose_number_was_damaged_is_refused() {
+    let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = start_of(&a);
+    let s = &a.shared;
+    // This thread holds a heap of its own, so its frees of the other thread's blocks are remote.
+    let mine = a.thread_heap().unwrap();
+    let (blocks, exited) = std::thread::scope(|t| {
+        t.spawn(|| ((0..3).map(|_| a.allocate(100, 8).unwrap()).collect::<Vec<_>>(), a.existing_heap())).join().unwrap()
+    });
+    assert_ne!(mine, exited);
+    let index = |heap: u64| s.heaps.slot(&s.mem, heap).unwrap().index;
+    let my_index = index(mine);
+    set_slot_index(&a, mine, index(exited));
+    assert!(matches!(a.free(blocks[0]), Err(Error::Corrupt { .. })));
+    assert_eq!(a.size_of(blocks[0]).unwrap(), 100, "still live");
+    set_slot_index(&a, mine, my_index);
+    free_the_rest(&a, start, &blocks, &[]);
+}
+
 #[test]
 fn a_slot_number_another_process_broke_is_no_panic() {
     let config = ThreadLocalConfig { dead_process_blocks: DeadProcessBlocks::Free };
