@@ -231,8 +231,9 @@ impl Shared {
     #[cold]
     #[inline(never)]
     fn allocate_large(&self, heap: u64, size: usize, align: usize) -> Result<u64> {
-        // The slot number is shared memory another process may have broken: it wraps.
-        let aux = self.heaps.slot(&self.mem, heap)?.index.wrapping_add(1);
+        // The run records the heap by number, by which a dead heap's repair frees its blocks:
+        // held to the heap's place in the table (damaged, it would name another heap).
+        let aux = self.heap_number(heap, self.heaps.slot(&self.mem, heap)?)?.wrapping_add(1);
         for attempt in 0..3 {
             {
                 let mut g = self.fs.lock();

@@ -1418,6 +1418,32 @@ fn a_remote_free_by_a_heap_whose_number_was_damaged_is_refused() {
     free_the_rest(&a, start, &blocks, &[]);
 }
 
+/// A large block's run records its heap by number, which is shared memory. A live thread
+/// whose heap's number was damaged to a dead heap's stamped its large blocks with that heap's,
+/// and the dead heap's repair (with `DeadProcessBlocks::Free`) freed them under the thread, to
+/// be handed out again. A large allocation now holds the number to the heap's place in the
+/// table, and is refused (`Corrupt`) while it is damaged.
+#[test]
+fn a_large_block_takes_no_damaged_heap_number() {
+    crate::testing::install_test_liveness();
+    let config = ThreadLocalConfig { dead_process_blocks: DeadProcessBlocks::Free };
+    let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &config).unwrap();
+    let start = start_of(&a);
+    let s = &a.shared;
+    let mine = a.thread_heap().unwrap();
+    let (dead, _, _) = dead_heap(&a, 1);
+    let index = |heap: u64| s.heaps.slot(&s.mem, heap).unwrap().index;
+    let my_index = index(mine);
+    set_slot_index(&a, mine, index(dead));
+    assert!(matches!(a.allocate(300_000, 8), Err(Error::Corrupt { .. })));
+    set_slot_index(&a, mine, my_index);
+    assert_eq!(a.reclaim().unwrap(), 1);
+    let p = a.allocate(300_000, 8).unwrap();
+    assert_eq!(a.size_of(p).unwrap(), 300_000);
+    a.free(p).unwrap();
+    assert_back_to_start(&a, start);
+}
+
 #[test]
 fn a_slot_number_another_process_broke_is_no_panic() {
     let config = ThreadLocalConfig { dead_process_blocks: DeadProcessBlocks::Free };
