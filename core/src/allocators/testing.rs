@@ -2,11 +2,11 @@
 
 use std::sync::Arc;
 
-use crate::allocator::RegionAllocator;
+use crate::allocator::{AllocatorType, RegionAllocator};
 use crate::backend::BackendId;
 use crate::error::Error;
 use crate::header::HEADER_SIZE;
-use crate::ptr::OffsetPtr;
+use crate::ptr::{AllocatorId, OffsetPtr};
 use crate::region::Region;
 use crate::testing::HeapBackend;
 
@@ -536,9 +536,54 @@ pub(crate) fn offsets_that_are_not_a_padded_blocks_own_are_refused(a: &dyn Regio
     a.check().unwrap();
 }
 
+/// What [`outlive_a_dropped_handle`] saw.
+pub(crate) struct Outlived<A, R> {
+    /// A handle attached to the region after the first one was dropped.
+    pub(crate) attached: A,
+    /// What the caller's look at `attached` found while the thread still stayed.
+    pub(crate) seen: R,
+    /// The free bytes before anything was allocated.
+    pub(crate) start: u64,
+    /// Whether the dropped handle's state, which keeps the region mapped, was gone after the drop.
+    pub(crate) unmapped: bool,
+}
+
+/// A thread that outlives the handle it allocated through (a pool's thread): a fresh allocator
+/// of type `A`, a thread that allocates and frees 200 small blocks through it and then stays
+/// (parked), the handle dropped, and another one attached to the region, which `look` is given
+/// while the thread still stays. `shared` gives a handle's state (a weak reference to it tells
+/// whether the drop let it go). The thread is let go and joined before this returns.
+pub(crate) fn outlive_a_dropped_handle<A, S, R>(
+    shared: impl Fn(&A) -> &Arc<S>,
+    look: impl FnOnce(&A) -> R,
+) -> Outlived<A, R>
+where
+    A: AllocatorType + Send + Sync + 'static,
+{
+    let a = A::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let region = a.region().duplicate();
+    let start = a.stats().free_bytes();
+    let a = Arc::new(a);
+    let user = a.clone();
+    let (release, thread) = on_a_thread_that_stays(move || {
+        let blocks: Vec<_> = (0..200).map(|i| user.allocate(16 + i % 300, 8).unwrap()).collect();
+        for p in blocks {
+            user.free(p).unwrap();
+        }
+    });
+    let state = Arc::downgrade(shared(&a));
+    drop(a);
+    let unmapped = state.upgrade().is_none();
+    let attached = A::attach(region, AllocatorId::new(1, 0)).unwrap();
+    let seen = look(&attached);
+    release.send(()).unwrap();
+    thread.join().unwrap();
+    Outlived { attached, seen, start, unmapped }
+}
+
 /// Runs `work` on a thread that then outlives it (a pool's thread, parked until the returned
 /// sender is used or dropped), and returns once `work` is done.
-pub(crate) fn on_a_thread_that_stays(
+fn on_a_thread_that_stays(
     work: impl FnOnce() + Send + 'static,
 ) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>) {
     let (done, worked) = std::sync::mpsc::channel();

@@ -5,7 +5,8 @@ use crate::allocators::common::DeadProcessBlocks;
 use crate::allocators::testing::{
     exercise, exhaust_and_recover, failed_copy_leaks_nothing, forged_blocks_of_no_class_are_refused,
     interior_offsets_with_back_words_in_the_data_are_refused, offsets_that_are_not_a_padded_blocks_own_are_refused,
-    op_strategy, refuse_bad_input, region_of, run_model, small_sizes_past_the_block_are_refused, survive_damage,
+    op_strategy, outlive_a_dropped_handle, refuse_bad_input, region_of, run_model,
+    small_sizes_past_the_block_are_refused, survive_damage,
 };
 use crate::sync::atomic::Ordering;
 use crate::sync::LinkStore;
@@ -1037,35 +1038,20 @@ fn blocks_a_shortage_frees_into_the_cache_it_refills_are_kept() {
 /// the region mapped too.
 #[test]
 fn dropping_a_handle_gives_back_the_slots_of_threads_that_outlive_it() {
-    let a = ScalablePageAllocator::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
-    let region = a.region().duplicate();
-    let start = a.stats().free_bytes();
-    let a = std::sync::Arc::new(a);
-    let user = a.clone();
-    let (release, thread) = crate::allocators::testing::on_a_thread_that_stays(move || {
-        let blocks: Vec<_> = (0..200).map(|i| user.allocate(16 + i % 300, 8).unwrap()).collect();
-        for p in blocks {
-            user.free(p).unwrap();
-        }
-    });
-    let shared = std::sync::Arc::downgrade(&a.shared);
-    drop(a);
-    let unmapped = shared.upgrade().is_none();
-    let b = ScalablePageAllocator::attach(region, AllocatorId::new(1, 0)).unwrap();
-    let s = &b.shared;
-    let held = s
-        .slots
-        .offsets(&s.mem)
-        .unwrap()
-        .iter()
-        .filter(|&&o| s.slots.slot(&s.mem, o).unwrap().owner.load(Ordering::Relaxed) != 0)
-        .count();
-    b.trim().unwrap();
-    let free = b.stats().free_bytes();
-    release.send(()).unwrap();
-    thread.join().unwrap();
+    let o = outlive_a_dropped_handle(
+        |a: &ScalablePageAllocator| &a.shared,
+        |b| {
+            let s = &b.shared;
+            let offsets = s.slots.offsets(&s.mem).unwrap();
+            let owned = |at: &&u64| s.slots.slot(&s.mem, **at).unwrap().owner.load(Ordering::Relaxed) != 0;
+            let held = offsets.iter().filter(owned).count();
+            b.trim().unwrap();
+            (held, b.stats().free_bytes())
+        },
+    );
+    let (held, free) = o.seen;
     assert_eq!(held, 0, "a slot stayed held with no handle left to use it");
-    assert_eq!(free, start, "the slot's cache kept its blocks");
-    assert!(unmapped, "the thread kept the handle's region mapped");
-    b.check().unwrap();
+    assert_eq!(free, o.start, "the slot's cache kept its blocks");
+    assert!(o.unmapped, "the thread kept the handle's region mapped");
+    o.attached.check().unwrap();
 }

@@ -3,7 +3,8 @@ use super::*;
 use crate::allocators::testing::{
     exercise, exhaust_and_recover, failed_copy_leaks_nothing, forged_blocks_of_no_class_are_refused,
     interior_offsets_with_back_words_in_the_data_are_refused, offsets_that_are_not_a_padded_blocks_own_are_refused,
-    op_strategy, refuse_bad_input, region_of, run_model, small_sizes_past_the_block_are_refused, survive_damage,
+    op_strategy, outlive_a_dropped_handle, refuse_bad_input, region_of, run_model,
+    small_sizes_past_the_block_are_refused, survive_damage,
 };
 use crate::sync::atomic::AtomicU64;
 use crate::sync::LinkStore;
@@ -1711,28 +1712,12 @@ fn a_slot_lookup_past_a_chunk_link_near_the_top_is_refused() {
 /// destructor would have given the heap back at the thread's exit.
 #[test]
 fn dropping_a_handle_gives_back_the_heaps_of_threads_that_outlive_it() {
-    let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
-    let region = a.region().duplicate();
-    let start = a.stats().free_bytes();
-    let a = std::sync::Arc::new(a);
-    let user = a.clone();
-    let (release, thread) = crate::allocators::testing::on_a_thread_that_stays(move || {
-        let blocks: Vec<_> = (0..200).map(|i| user.allocate(16 + i % 300, 8).unwrap()).collect();
-        for p in blocks {
-            user.free(p).unwrap();
-        }
-    });
-    let shared = std::sync::Arc::downgrade(&a.shared);
-    drop(a);
-    let unmapped = shared.upgrade().is_none();
-    let b = Tla::attach(region, AllocatorId::new(1, 0)).unwrap();
-    let (held, free) = (b.owned_heaps().unwrap(), b.stats().free_bytes());
-    release.send(()).unwrap();
-    thread.join().unwrap();
+    let o = outlive_a_dropped_handle(|a: &Tla| &a.shared, |b| (b.owned_heaps().unwrap(), b.stats().free_bytes()));
+    let (held, free) = o.seen;
     assert_eq!(held, 0, "a heap stayed held with no handle left to use it");
-    assert_eq!(free, start, "the heap kept its spans");
-    assert!(unmapped, "the thread kept the handle's region mapped");
-    b.check().unwrap();
+    assert_eq!(free, o.start, "the heap kept its spans");
+    assert!(o.unmapped, "the thread kept the handle's region mapped");
+    o.attached.check().unwrap();
 }
 
 /// The heap table keeps the chunks a burst of threads added (see `slots`), and the next threads
