@@ -482,7 +482,7 @@ impl Shared {
             if short > 0 && span != 0 {
                 // SAFETY: our span.
                 let bump = unsafe { self.span_bump(heap_off, span, class) }?;
-                self.format(cs, span, bump, class, short);
+                self.format(cs, span, bump, class, short)?;
             }
         }
         if let Some(b) = self.quick.pop_free(cs, class) {
@@ -496,7 +496,7 @@ impl Shared {
             if span != 0 {
                 // SAFETY: our span.
                 let bump = unsafe { self.span_bump(heap_off, span, class) }?;
-                if self.format(cs, span, bump, class, 1) == 1 {
+                if self.format(cs, span, bump, class, 1)? == 1 {
                     return self.quick.pop_free(cs, class).ok_or(corrupt(span, "fresh block not free"));
                 }
             }
@@ -517,10 +517,13 @@ impl Shared {
 
     /// Formats up to `n` fresh blocks of the bump span `span` (whose bump index is `bump`) free
     /// onto `free`, the lowest on top; returns how many (fewer when the span runs out).
-    fn format(&self, cs: &ClassState, span: u64, bump: &AtomicU32, class: usize, n: u64) -> u64 {
+    fn format(&self, cs: &ClassState, span: u64, bump: &AtomicU32, class: usize, n: u64) -> Result<u64> {
         let layout = LAYOUTS[class];
         let first = u64::from(bump.load(Ordering::Relaxed));
         let end = layout.blocks.min(first.saturating_add(n));
+        // The index is shared memory: damaged low, the blocks from it on include blocks handed
+        // out, which would be formatted free and handed out again. Checked before any is written.
+        self.none_in_use(span, class, first..end)?;
         // Pushed from the last block down, so `free` lists them in address order.
         for index in (first..end).rev() {
             let b = span + SPAN_HEADER + index * layout.stride;
@@ -536,13 +539,13 @@ impl Shared {
             }
         }
         if end <= first {
-            return 0;
+            return Ok(0);
         }
         bump.store(end as u32, Ordering::Relaxed);
         crash::point();
         cs.set_blocks(cs.blocks().wrapping_add(end - first));
         crash::point();
-        end - first
+        Ok(end - first)
     }
 
     fn new_span(&self, heap_off: u64, class: usize, size: usize) -> Result<u64> {
@@ -921,7 +924,13 @@ impl Shared {
     /// header is left there otherwise: the span never carved those blocks, and a span goes back
     /// only with all its blocks free, a repaired one with every block's header rewritten.)
     pub(super) fn none_carved_past(&self, span: u64, class: usize, bump: u64) -> Result<()> {
-        for index in bump..LAYOUTS[class].blocks {
+        self.none_in_use(span, class, bump..LAYOUTS[class].blocks)
+    }
+
+    /// [`none_carved_past`](Self::none_carved_past) for the blocks of `span` at `indices` alone
+    /// (those a refill is about to format).
+    fn none_in_use(&self, span: u64, class: usize, indices: core::ops::Range<u64>) -> Result<()> {
+        for index in indices {
             let b = block_at(span, class, index);
             let word = self.arena.info(b)?.load(Ordering::Relaxed);
             if Info::unpack(word).is_some_and(|i| i.class == class && i.index == index && i.state != State::Free) {

@@ -616,6 +616,31 @@ fn a_sweep_gives_back_no_span_whose_bump_index_was_damaged_low() {
     }
 }
 
+/// Likewise a live heap's own refill: it formats fresh blocks from its bump span's index on,
+/// and the index is shared memory. Damaged low, the refill formatted blocks the heap had handed
+/// out and handed them out again (here block 2, still live). Now a live or remote header among
+/// the blocks to format is damage (`Corrupt`), found before any is written.
+#[test]
+fn a_refill_formats_no_block_below_a_bump_index_damaged_low() {
+    let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = start_of(&a);
+    let s = &a.shared;
+    // One at a time, each formatted fresh: the first five blocks of one span.
+    let blocks: Vec<OffsetPtr> = (0..5).map(|_| a.allocate(100, 8).unwrap()).collect();
+    let b = blocks[0].get() - SMALL_HEADER;
+    let span = span_of_word(b, s.arena.info(b).unwrap().load(Ordering::Relaxed));
+    let bump = s.arena.span_at(span).unwrap().bump();
+    assert_eq!(bump.load(Ordering::Relaxed), 5);
+    bump.store(2, Ordering::Relaxed);
+    let again = a.allocate(100, 8);
+    assert!(matches!(again, Err(Error::Corrupt { .. })), "{again:?} (block 2 is {:?})", blocks[2]);
+    for &p in &blocks {
+        assert_eq!(a.size_of(p).unwrap(), 100, "still live");
+    }
+    bump.store(5, Ordering::Relaxed);
+    free_the_rest(&a, start, &blocks, &[]);
+}
+
 /// Likewise a dead heap's repair: it rebuilt a span from its blocks' headers up to the span's
 /// bump index and wrote every block past it free. Damaged low, that freed blocks the dead
 /// thread had handed out, and that their holders still use (`DeadProcessBlocks::Keep`): they
