@@ -89,6 +89,7 @@ impl Shared {
             return Ok(0);
         }
         let g = self.fs.lock();
+        let claimed = self.labels_of_damaged_slots()?;
         let (mut dead, mut labels, mut damaged) = (Vec::new(), BTreeSet::new(), None);
         for (offset, owner) in candidates {
             let Ok(s) = self.slots.slot(&self.mem, offset) else {
@@ -99,6 +100,12 @@ impl Shared {
             // which its thread hands out again. Such a slot is left as found, and reported.
             if self.slots.position(&self.mem, offset).ok() != Some(u64::from(s.index)) {
                 damaged.get_or_insert(corrupt(offset, "slot's number is not its place in the table"));
+                continue;
+            }
+            // Likewise the other way round: a live slot whose number was damaged to ours labels
+            // the blocks its cache takes in with our number, and they are on no shared list.
+            if claimed.contains(&label_of(s.index)) {
+                damaged.get_or_insert(corrupt(offset, "another slot's number names this slot"));
                 continue;
             }
             if s.owner.compare_exchange(owner, owner_token(), Ordering::Acquire, Ordering::Relaxed).is_ok() {
@@ -154,6 +161,20 @@ impl Shared {
             Some(e) => Err(e),
             None => Ok(dead.len() as u64),
         }
+    }
+
+    /// The labels of the slots whose number is not their place in the table (damage): their
+    /// caches label blocks with them, perhaps another slot's.
+    fn labels_of_damaged_slots(&self) -> Result<BTreeSet<u64>> {
+        let mut out = BTreeSet::new();
+        // In index order: each slot's place is its position in the list.
+        for (place, offset) in self.slots.offsets(&self.mem)?.into_iter().enumerate() {
+            let index = self.slots.slot(&self.mem, offset)?.index;
+            if u64::from(index) != place as u64 {
+                out.insert(label_of(index));
+            }
+        }
+        Ok(out)
     }
 
     /// Pushes the free blocks of `class` labelled with one of `labels` (dead slots') that are on

@@ -1,4 +1,4 @@
-use super::super::span::{back_word, find_small, freed_word, live_word, Info};
+use super::super::span::{back_word, find_small, freed_word, live_word, Info, SMALL_HEADER};
 use super::cache::{self, OP_ALLOC, OP_FREE};
 use super::*;
 use crate::allocators::common::DeadProcessBlocks;
@@ -178,6 +178,50 @@ fn a_recovery_takes_no_block_from_the_cache_a_damaged_slot_number_names() {
     unsafe { index_of(dead).write_volatile(dead_index) };
     assert_eq!(a.reclaim().unwrap(), 1);
     s.flush_all(mine).unwrap();
+    a.trim().unwrap();
+    a.check().unwrap();
+    assert_eq!(a.stats().live_allocations, 0);
+    assert_eq!(a.stats().free_bytes(), start);
+}
+
+/// The other way round: a live slot whose number was damaged to a dead slot's labels the blocks
+/// its cache takes in with the dead slot's number, and the dead slot's recovery pushed them onto
+/// the shared list (free blocks with its label on no list), to be handed out while the live
+/// cache hands them out too. A dead slot whose number another slot claims is now left as found,
+/// and the damage reported.
+#[test]
+fn a_recovery_takes_no_block_a_slot_with_a_damaged_number_labelled_with_its_own() {
+    let a = ScalablePageAllocator::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = a.stats().free_bytes();
+    let s = &a.shared;
+    let mine = own_slot(&a);
+    let dead = dead_slot(&a);
+    let class = class_for(48, 8).unwrap();
+    let users: Vec<u64> = (0..4).map(|_| s.allocate_small(mine, class, 48, 8).unwrap()).collect();
+    let index_of = |slot: u64| {
+        let at = slot + core::mem::offset_of!(crate::allocators::slots::Slot<CacheBody>, index) as u64;
+        s.mem.ptr(at, 4).unwrap().cast::<u32>()
+    };
+    // SAFETY: the index words of two slots, in bounds and aligned; no other thread runs.
+    let (my_index, dead_index) = unsafe { (*index_of(mine), *index_of(dead)) };
+    // SAFETY: as above.
+    unsafe { index_of(mine).write_volatile(dead_index) };
+    // Into our cache, labelled with the dead slot's number.
+    for &u in &users {
+        free_through(&a, mine, u);
+    }
+    assert!(matches!(a.reclaim(), Err(Error::Corrupt { .. })));
+    assert_eq!(s.slots.slot(&s.mem, dead).unwrap().owner.load(Ordering::Acquire), crate::testing::dead_token());
+    let list = *s.list(class).lock_or_recover(|_| {});
+    s.walk_list(list, |b| {
+        assert!(!users.contains(&(b + SMALL_HEADER)), "a block of our cache is on the shared list");
+        Ok(())
+    })
+    .unwrap();
+    s.flush_all(mine).unwrap();
+    // SAFETY: as above.
+    unsafe { index_of(mine).write_volatile(my_index) };
+    assert_eq!(a.reclaim().unwrap(), 1);
     a.trim().unwrap();
     a.check().unwrap();
     assert_eq!(a.stats().live_allocations, 0);
