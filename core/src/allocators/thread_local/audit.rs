@@ -68,6 +68,13 @@ impl Shared {
         let g = self.fs.lock();
         g.check()?;
         let heaps = self.heaps.offsets(&self.mem)?;
+        // Blocks name heaps by number (a remote free its freer, a large run its heap): in index
+        // order, each heap's number is its place.
+        for (place, &offset) in heaps.iter().enumerate() {
+            if u64::from(self.heaps.slot(&self.mem, offset)?.index) != place as u64 {
+                return Err(corrupt(offset, "heap's number is not its place in the table"));
+            }
+        }
         let heap_set: BTreeSet<u64> = heaps.iter().copied().collect();
         let limit = self.fs.layout().bytes() / 32 + 1;
         // Remote blocks, and the free blocks of each heap (block -> heap).

@@ -1440,6 +1440,7 @@ fn a_remote_free_by_a_heap_whose_number_was_damaged_is_refused() {
     set_slot_index(&a, mine, index(exited));
     assert!(matches!(a.free(blocks[0]), Err(Error::Corrupt { .. })));
     assert_eq!(a.size_of(blocks[0]).unwrap(), 100, "still live");
+    assert!(matches!(a.check(), Err(Error::Corrupt { .. })), "check() reports the number");
     set_slot_index(&a, mine, my_index);
     free_the_rest(&a, start, &blocks, &[]);
 }
