@@ -50,8 +50,13 @@ impl Shared {
                 Ok(())
             })?;
         }
-        for offset in self.slots.offsets(&self.mem)? {
+        for (place, offset) in self.slots.offsets(&self.mem)?.into_iter().enumerate() {
             let s = self.slots.slot(&self.mem, offset)?;
+            // A cache labels its blocks with its slot's number (in index order, its place), by
+            // which a recovery finds them: damaged, it names another slot's.
+            if u64::from(s.index) != place as u64 {
+                return Err(corrupt(offset, "slot's number is not its place in the table"));
+            }
             let label = label_of(s.index);
             for (class, cache) in s.body.classes.iter().enumerate() {
                 let (mut at, count) = unpack_head(cache.head.load(Ordering::Relaxed));

@@ -173,9 +173,10 @@ fn a_recovery_takes_no_block_from_the_cache_a_damaged_slot_number_names() {
     unsafe { index_of(dead).write_volatile(my_index) };
     assert!(matches!(a.reclaim(), Err(Error::Corrupt { .. })));
     assert_eq!(s.slots.slot(&s.mem, dead).unwrap().owner.load(Ordering::Acquire), crate::testing::dead_token());
-    a.check().unwrap();
+    assert!(matches!(a.check(), Err(Error::Corrupt { .. })), "check() reports the number");
     // SAFETY: as above.
     unsafe { index_of(dead).write_volatile(dead_index) };
+    a.check().unwrap();
     assert_eq!(a.reclaim().unwrap(), 1);
     s.flush_all(mine).unwrap();
     a.trim().unwrap();
@@ -212,6 +213,7 @@ fn a_recovery_takes_no_block_a_slot_with_a_damaged_number_labelled_with_its_own(
     }
     assert!(matches!(a.reclaim(), Err(Error::Corrupt { .. })));
     assert_eq!(s.slots.slot(&s.mem, dead).unwrap().owner.load(Ordering::Acquire), crate::testing::dead_token());
+    assert!(matches!(a.check(), Err(Error::Corrupt { .. })), "check() reports the number");
     let list = *s.list(class).lock_or_recover(|_| {});
     s.walk_list(list, |b| {
         assert!(!users.contains(&(b + SMALL_HEADER)), "a block of our cache is on the shared list");
