@@ -375,8 +375,9 @@ impl BlockArena {
     ///
     /// The index knows sizes, not addresses, so best fit asks for the worst-case padding; a block
     /// of the rounded size that happens to lie on a suitable boundary serves too. The blocks of
-    /// at least the rounded size are tried in best-fit order, the first [`ALIGNED_SEARCH`] of
-    /// them: a bounded search, off the common path (it runs only before the owner grows).
+    /// at least the rounded size and below the footprint are tried in best-fit order, the first
+    /// [`ALIGNED_SEARCH`] of them: a bounded search, off the common path (it runs only before
+    /// the owner grows, or trades a wholly free chunk away).
     #[inline(never)]
     pub(crate) fn allocate_aligned_in_smaller(&mut self, fit: Fit) -> Result<Option<NonNull<u8>>> {
         if fit.align <= self.granule {
@@ -387,6 +388,10 @@ impl BlockArena {
             let Some(slot) = self.free.next_above(&self.blocks, size, addr) else {
                 break;
             };
+            // A block of the footprint or more is best fit's to take, not this search's.
+            if self.blocks[slot].size >= fit.footprint {
+                break;
+            }
             if let Some(ptr) = self.allocate_in(slot, fit)? {
                 return Ok(Some(ptr));
             }

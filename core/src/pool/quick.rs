@@ -184,8 +184,9 @@ impl<R: MemoryResource> QuickPool<R> {
     /// request of at least the next block size (its alignment padding not counted) whose best
     /// fit is a wholly free upstream block in which, placed at its aligned address, it leaves a
     /// rest of at least a quarter of the pool's actual size that could not serve a second such
-    /// request, gets a block of its own size in that block's place: a second such request would
-    /// have the pool hold both.
+    /// request, gets a block of its own size in that block's place (a second such request would
+    /// have the pool hold both), unless it is over-aligned and a smaller free block at a suitable
+    /// address serves it, as above.
     pub fn allocate(&mut self, size: usize, align: usize) -> Result<NonNull<u8>> {
         let fit = self.arena.fit(size, align)?;
         // `footprint > actual / 4` is implied by the rest being at least that and too small for
@@ -350,10 +351,12 @@ impl<R: MemoryResource> QuickPool<R> {
 
     /// If the best fit for the request is a wholly free upstream block in which, placed at its
     /// aligned address, it leaves a rest that could not serve a second such request but is at
-    /// least a quarter of the actual size, hands the block back, takes a block of the request's
-    /// rounded size at its alignment in its place (see [`allocate`](Self::allocate)), and serves
-    /// the request from it. Should upstream refuse the new block, takes the old size back;
-    /// should it refuse that too, the request goes on as a miss.
+    /// least a quarter of the actual size, serves an over-aligned request from a smaller free
+    /// block whose address leaves room for its padding if there is one; else hands the block
+    /// back, takes a block of the request's rounded size at its alignment in its place (see
+    /// [`allocate`](Self::allocate)), and serves the request from it. Should upstream refuse the
+    /// new block, takes the old size back; should it refuse that too, the request goes on as a
+    /// miss.
     #[inline(never)]
     fn trade_whole_block(&mut self, fit: Fit) -> Option<NonNull<u8>> {
         let (slot, addr, size) = self.arena.best_fit_if_whole_chunk(fit.footprint)?;
@@ -367,6 +370,12 @@ impl<R: MemoryResource> QuickPool<R> {
         let second_fits = padding(end, align) + fit.rounded <= rest;
         if second_fits || rest < self.arena.counters().actual_size / 4 {
             return None;
+        }
+        // An over-aligned request may fit a smaller free block at a suitable address: served
+        // there, it costs no upstream call, and the wholly free block stays for what it fits.
+        // (A bookkeeping failure here is met again by the trade, or the miss.)
+        if let Ok(Some(ptr)) = self.arena.allocate_aligned_in_smaller(fit) {
+            return Some(ptr);
         }
         let chunk = self.arena.take_chunk_of(slot)?;
         self.ask_always();

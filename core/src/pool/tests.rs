@@ -965,3 +965,41 @@ fn alignment_padding_does_not_count_as_filling_a_block_traded_for_a_request() {
     pool.release();
     assert_eq!(upstream.held(), 0);
 }
+
+#[test]
+fn an_over_aligned_request_a_smaller_free_block_serves_trades_no_upstream_block() {
+    // A closure never coalesces, and lets the pool hand blocks back when it grows.
+    let never = |_: &PoolStats| None;
+    let config = QuickPoolConfig { first_block_size: 12 << 10, ..small_config() };
+    let upstream = LimitedResource::new(HostResource, 1 << 20);
+    let mut pool = QuickPool::with_config(&upstream, config).unwrap().with_heuristic(never);
+    // A 12 KiB upstream block at 8 KiB alignment: its first 8 KiB free again, the rest in use.
+    let x = pool.allocate(8 << 10, 8 << 10).unwrap();
+    let used = pool.allocate(4 << 10, 16).unwrap();
+    // A second upstream block, 16 KiB - 16 at 8 KiB alignment, wholly free again.
+    let p = pool.allocate((16 << 10) - 16, 8 << 10).unwrap();
+    pool.deallocate(p).unwrap();
+    pool.deallocate(x).unwrap();
+    let actual = (28 << 10) - 16;
+    let s = pool.stats();
+    assert_eq!((s.upstream_allocations, s.releasable_blocks, s.actual_size), (2, 1, actual));
+    // 8 KiB at 8 KiB alignment: the wholly free block is its best fit by size with the worst-case
+    // padding, and would strand half of itself, but the free 8 KiB of the first block serve it as
+    // they are: the pool makes no upstream call.
+    let a = pool.allocate(8 << 10, 8 << 10).unwrap();
+    assert_eq!(a, x);
+    pool.check().unwrap();
+    let s = pool.stats();
+    assert_eq!((s.upstream_allocations, s.actual_size, upstream.held()), (2, actual, actual));
+    // A second such request finds no such block: now the wholly free block is traded for one of
+    // the request's size.
+    let b = pool.allocate(8 << 10, 8 << 10).unwrap();
+    pool.check().unwrap();
+    let s = pool.stats();
+    assert_eq!((s.upstream_allocations, s.actual_size, upstream.held()), (3, 20 << 10, 20 << 10));
+    for ptr in [used, a, b] {
+        pool.deallocate(ptr).unwrap();
+    }
+    pool.release();
+    assert_eq!(upstream.held(), 0);
+}
