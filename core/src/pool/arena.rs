@@ -377,7 +377,7 @@ impl BlockArena {
     /// of the rounded size that happens to lie on a suitable boundary serves too. The blocks of
     /// at least the rounded size and below the footprint are tried in best-fit order, the first
     /// [`ALIGNED_SEARCH`] of them: a bounded search, off the common path (it runs only before
-    /// the owner grows, or trades a wholly free chunk away).
+    /// the owner grows or reports out of memory, or trades a wholly free chunk away).
     #[inline(never)]
     pub(crate) fn allocate_aligned_in_smaller(&mut self, fit: Fit) -> Result<Option<NonNull<u8>>> {
         if fit.align <= self.granule {
