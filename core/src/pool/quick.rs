@@ -174,7 +174,9 @@ impl<R: MemoryResource> QuickPool<R> {
     /// size are tried for one whose address leaves room for the padding (a bounded search: the
     /// first 64 in best-fit order). Without one, takes a block from upstream. If upstream
     /// refuses, hands wholly free blocks back and asks once more for just what the request
-    /// needs. Past the maximum size: `Error::MaxSizeReached`.
+    /// needs. Past the maximum size: `Error::MaxSizeReached`. A request that no resource could
+    /// give once rounded to the pool's alignment and aligned (past `isize::MAX` bytes) is
+    /// `Error::InvalidSize`, and changes nothing.
     ///
     /// Unless the heuristic says otherwise ([`CoalesceHeuristic::release_when_growing`]), the
     /// pool does not hold much memory it cannot use next to memory it takes. Before it grows, if
@@ -401,6 +403,12 @@ impl<R: MemoryResource> QuickPool<R> {
     fn allocate_on_miss(&mut self, size: usize, align: usize) -> Result<NonNull<u8>> {
         // Checked again rather than passed in: the caller then keeps the request in registers.
         let fit = self.arena.fit(size, align)?;
+        // `fit` takes any size up to `isize::MAX`; rounded to the granule and aligned, a request
+        // may still be past what any resource can give. No free block holds it (none is that
+        // large), and growing would hand free blocks back for nothing: it is refused here.
+        if crate::check_layout(fit.rounded, fit.align.max(self.config.alignment)).is_err() {
+            return Err(Error::InvalidSize { size: size as u64, reason: "size overflows when aligned" });
+        }
         if let Some(ptr) = self.arena.allocate_aligned_in_smaller(fit)? {
             return Ok(ptr);
         }

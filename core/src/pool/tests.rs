@@ -1003,3 +1003,32 @@ fn an_over_aligned_request_a_smaller_free_block_serves_trades_no_upstream_block(
     pool.release();
     assert_eq!(upstream.held(), 0);
 }
+
+/// A request that no resource could give once rounded to the pool's alignment (past `isize::MAX`
+/// bytes) is refused before the pool grows: it hands no wholly free block back, counts no
+/// upstream failure, and the error names the size asked for.
+#[test]
+fn a_request_no_resource_can_give_changes_nothing() {
+    let heuristics: [Box<dyn CoalesceHeuristic>; 2] = [Box::new(PercentReleasable::default()), Box::new(NeverCoalesce)];
+    for heuristic in heuristics {
+        let upstream = LimitedResource::new(HostResource, 1 << 20);
+        let mut pool = QuickPool::with_config(&upstream, small_config()).unwrap().with_heuristic(heuristic);
+        let (a, b) = (pool.allocate(4096, 16).unwrap(), pool.allocate(4096, 16).unwrap());
+        pool.deallocate(b).unwrap();
+        let before = pool.stats();
+        assert_eq!((before.releasable_blocks, before.upstream_blocks), (1, 2));
+        for (size, align) in
+            [(isize::MAX as usize - 8, 16), (isize::MAX as usize - 8, 1), (isize::MAX as usize / 2 + 2, 1 << 62)]
+        {
+            let err = pool.allocate(size, align).unwrap_err();
+            assert!(
+                matches!(err, Error::InvalidSize { size: s, .. } if s == size as u64),
+                "{size:#x} {align:#x}: {err:?}"
+            );
+            assert_eq!(pool.stats(), before, "{size:#x} {align:#x}");
+            assert_eq!(upstream.held(), 2 * 4096);
+        }
+        pool.check().unwrap();
+        pool.deallocate(a).unwrap();
+    }
+}
