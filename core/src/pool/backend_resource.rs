@@ -193,6 +193,9 @@ unsafe impl MemoryResource for BackendResource {
                 "a BackendResource over shared or device memory used in a forked child (its parent hands out the same blocks)",
             ));
         }
+        // Bad input, as a resource of any size would answer it (the arena's own check takes any
+        // size up to `isize::MAX`, whatever the alignment).
+        crate::check_layout(size, align)?;
         let mut carver = self.carver.lock();
         let fit = carver.0.fit(size, align)?;
         if let Some(ptr) = carver.0.allocate_fit(fit)? {
@@ -218,7 +221,7 @@ unsafe impl MemoryResource for BackendResource {
 mod tests {
     use super::*;
     use crate::backend::BackendId;
-    use crate::pool::{QuickPool, QuickPoolConfig};
+    use crate::pool::{HostResource, QuickPool, QuickPoolConfig};
     use crate::testing::HeapBackend;
 
     fn backend(len: usize) -> Arc<dyn MemoryBackend> {
@@ -360,6 +363,21 @@ mod tests {
             r.deallocate(b, 4096, 4096);
         }
         assert_eq!(r.free_bytes(), 8192);
+        r.check().unwrap();
+    }
+
+    #[test]
+    fn requests_no_layout_allows_are_invalid_not_out_of_memory() {
+        // SAFETY: a fresh backend, which nothing else carves.
+        let r = unsafe { BackendResource::new(backend(1 << 16)) }.unwrap();
+        // As the host resource answers them: the sizes are bad input, whatever the region holds.
+        for (size, align) in [(isize::MAX as usize - 8, 16), (isize::MAX as usize / 2 + 2, 1 << 62), (0, 16)] {
+            let err = r.allocate(size, align).unwrap_err();
+            assert!(matches!(err, Error::InvalidSize { .. }), "{size:#x} {align:#x}: {err:?}");
+            assert_eq!(Some(err), HostResource.allocate(size, align).err());
+        }
+        assert!(matches!(r.allocate(16, 24), Err(Error::InvalidAlignment { align: 24 })));
+        assert_eq!(r.free_bytes(), r.range().1);
         r.check().unwrap();
     }
 }
