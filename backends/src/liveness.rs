@@ -239,7 +239,8 @@ fn exists(pid: u32) -> bool {
 // SAFETY: on Linux a process is dead only when its `/proc/<pid>/stat` is missing and
 // `kill(pid, 0)` finds no such process, names a zombie with no other thread running, or gives
 // another start time (a recycled pid), as the initial time namespace shows it (this process's
-// offset taken off; start times are not compared where it is unknown); a file that cannot be
+// offset taken off; start times are not compared where it is unknown), in the bits a shortened
+// stamp kept (`ProcessStamp::may_have_started_at`, which accepts every shortening of the time); a file that cannot be
 // read or parsed counts as alive. Where `/proc` is another pid namespace's (or its files could not
 // be read just now), it is dead only when `kill(pid, 0)` finds no such process.
 // Elsewhere it is dead only when `kill(pid, 0)` answers that there is no such process. `current`
@@ -312,10 +313,7 @@ unsafe impl ProcessLiveness for ProcLiveness {
                     // record it (`current` does not keep a 0 it got from a failed read).
                     Some(_) if stamp.start_time == 0 => true,
                     // A stamp may keep only the low 16 or 32 bits of the start time.
-                    Some(t) => {
-                        let s = stamp.start_time;
-                        t == s || (s <= 0xffff && t & 0xffff == s) || (s <= 0xffff_ffff && t & 0xffff_ffff == s)
-                    }
+                    Some(t) => stamp.may_have_started_at(t),
                 },
             }
         }
@@ -344,6 +342,35 @@ mod tests {
             assert_ne!(me.start_time, 0);
             let recycled = ProcessStamp { start_time: me.start_time + 1, ..me };
             assert!(!ProcLiveness.is_alive(recycled), "same pid, other start time");
+        }
+    }
+
+    /// A process whose start time's low 32 bits (or 16) were 0 wrote them as 0, "unknown", in
+    /// a shortened stamp: once it died and another process got its pid, the stamp still read as
+    /// alive, and what it held stayed held for good. Here the pid is this process's, and the
+    /// dead process started at an earlier time whose kept bits are 0.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_shortened_stamp_of_a_start_time_whose_low_bits_are_0_is_dead_once_its_pid_is_reused() {
+        use hetmem_core::liveness::StartTimeBits;
+        let me = ProcLiveness.current();
+        assert_ne!(me.start_time, 0);
+        for bits in [StartTimeBits::Low16, StartTimeBits::Low32] {
+            let width = bits as u32;
+            // A start time of another process, with the kept bits 0 and the rest other than ours.
+            let dead = ProcessStamp { start_time: ((me.start_time >> width) + 1) << width, ..me };
+            let ours_reads_as_all_ones = me.start_time & ((1 << width) - 1) == 0;
+            let mut shortened = vec![dead.shortened(bits)];
+            if bits == StartTimeBits::Low32 {
+                shortened.push(ProcessStamp::from_word(dead.to_word()));
+            }
+            for stamp in shortened {
+                // Only where our own start time's kept bits are 0 too are the two the same stamp.
+                assert_eq!(ProcLiveness.is_alive(stamp), ours_reads_as_all_ones, "{bits:?}: {stamp:?}");
+            }
+            // This process's own stamp, shortened, is alive.
+            assert!(ProcLiveness.is_alive(me.shortened(bits)), "{bits:?}");
+            assert!(ProcLiveness.is_alive(ProcessStamp::from_word(me.to_word())));
         }
     }
 

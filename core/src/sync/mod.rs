@@ -66,9 +66,9 @@ pub(crate) fn relax(attempt: u32) {
 }
 
 /// A token naming the calling process, for lock and slot owners: its [`ProcessStamp`] as one
-/// word (the process id in the high 32 bits, the low 32 bits of its start time in the low 32,
-/// see [`ProcessStamp::to_word`]), so a holder that died is told apart from a later process that
-/// got the same id. Without a [`liveness`](crate::liveness) hook the start time is 0 (unknown)
+/// word (the process id in the high 32 bits, its start time shortened to the low 32, never to 0
+/// for a known one, see [`ProcessStamp::to_word`]), so a holder that died is told apart from a
+/// later process that got the same id. Without a [`liveness`](crate::liveness) hook the start time is 0 (unknown)
 /// and only the id is compared. Never zero.
 ///
 /// [`ProcessStamp`]: crate::liveness::ProcessStamp

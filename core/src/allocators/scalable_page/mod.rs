@@ -52,7 +52,7 @@ use alloc::vec::Vec;
 use crate::allocator::{AllocStats, AllocatorType, RegionAllocator};
 use crate::allocators::check_request;
 use crate::error::{Error, Result};
-use crate::liveness::{self, ProcessStamp};
+use crate::liveness::{self, ProcessStamp, StartTimeBits};
 use crate::ptr::{AllocatorId, OffsetPtr};
 use crate::region::Region;
 use crate::sync::atomic::{AtomicU64, Ordering};
@@ -135,9 +135,10 @@ pub struct ScalablePageAllocator {
     fallback: SpinLock<(u64, u64)>,
 }
 
-/// The 48-bit stamp blocks record: pid and the low 16 bits of its start time.
+/// The 48-bit stamp blocks record: pid and its start time shortened to 16 bits (never 0, unknown,
+/// for a known one: see [`ProcessStamp::shortened`]).
 fn short_stamp(s: ProcessStamp) -> u64 {
-    ((s.pid as u64) << 16) | (s.start_time & 0xffff)
+    ((s.pid as u64) << 16) | s.shortened(StartTimeBits::Low16).start_time
 }
 
 /// This process's short stamp with the low 16 bits of the fork generation above it.

@@ -646,6 +646,20 @@ fn freeing_dead_blocks_with_a_dead_slot() -> (ScalablePageAllocator, u64, u64) {
     (a, start, slot)
 }
 
+/// A process whose start time's low 16 bits were 0 stamped its live blocks with start time 0,
+/// "unknown": once it died and its pid was reused, its blocks were never freed.
+#[test]
+fn a_block_stamp_keeps_a_known_start_time_known() {
+    for start_time in [1 << 16, 0x7_0000, 0x1_0000_0000] {
+        let process = ProcessStamp { pid: 0x3fff_fff1, start_time };
+        let recorded = stamp_process(short_stamp(process));
+        assert_eq!(recorded.pid, process.pid);
+        assert_ne!(recorded.start_time, 0, "{start_time:#x} recorded as unknown");
+        assert!(recorded.may_have_started_at(start_time), "{start_time:#x}: its own stamp");
+        assert!(!recorded.may_have_started_at(start_time + 1), "{start_time:#x}: another start time");
+    }
+}
+
 /// Stamps the live block at user offset `user` as the dead process's.
 fn mark_dead(a: &ScalablePageAllocator, user: u64) {
     let dead = short_stamp(crate::sync::owner_stamp(crate::testing::dead_token()));
