@@ -135,6 +135,8 @@ pub unsafe trait MemoryBackend: Send + Sync + 'static {
 
     /// Removes the region's name so that no further process can attach. The mapping stays valid
     /// in every process that has it until each drops its backend. A no-op for unnamed memory.
+    /// `NotFound` where the name no longer names this region (another process removed it first),
+    /// which `MemoryManager::destroy_backend` takes as done.
     fn destroy(&self) -> Result<()> {
         Ok(())
     }

@@ -347,14 +347,20 @@ impl MemoryManager {
     }
 
     /// Forgets backend `id` and its allocators, and removes the region's name
-    /// ([`MemoryBackend::destroy`]). Mappings end when the last handle is dropped. If the name
-    /// cannot be removed, the error is returned and the backend stays registered. As with
-    /// [`detach_backend`](Self::detach_backend), a create or attach in it meanwhile fails with
-    /// `UnknownBackend` (a create leaving no allocator published in the region).
+    /// ([`MemoryBackend::destroy`]). Mappings end when the last handle is dropped. A name already
+    /// gone (`NotFound`: another process removed it, and may have made a new region under it,
+    /// which is left alone) is as good as removed: the backend is forgotten and `Ok` returned. If
+    /// the name cannot be removed for another reason, the error is returned and the backend stays
+    /// registered. As with [`detach_backend`](Self::detach_backend), a create or attach in it
+    /// meanwhile fails with `UnknownBackend` (a create leaving no allocator published in the
+    /// region).
     pub fn destroy_backend(&self, id: BackendId) -> Result<()> {
         // Under the lock throughout: no other call sees the backend gone before it is.
         let mut reg = self.write();
-        reg.backends.get(&id).ok_or(Error::UnknownBackend(id))?.destroy()?;
+        match reg.backends.get(&id).ok_or(Error::UnknownBackend(id))?.destroy() {
+            Ok(()) | Err(Error::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
         reg.backends.remove(&id);
         reg.allocators.retain(|_, e| e.backend != id);
         Ok(())
@@ -588,6 +594,49 @@ mod tests {
         fn destroy(&self) -> Result<()> {
             Err(Error::PermissionDenied { name: "/undestroyable".into() })
         }
+    }
+
+    /// A backend whose name another process removed first.
+    struct RemovedElsewhere(HeapBackend);
+
+    // SAFETY: forwards to a heap backend, which keeps the promises.
+    unsafe impl MemoryBackend for RemovedElsewhere {
+        fn kind(&self) -> crate::backend::BackendKind {
+            self.0.kind()
+        }
+        fn base(&self) -> *mut u8 {
+            self.0.base()
+        }
+        fn len(&self) -> u64 {
+            self.0.len()
+        }
+        fn header(&self) -> &crate::header::RegionHeader {
+            self.0.header()
+        }
+        fn is_creator(&self) -> bool {
+            true
+        }
+        fn destroy(&self) -> Result<()> {
+            Err(Error::NotFound { what: "shared-memory segment", name: "/removed-elsewhere".into() })
+        }
+    }
+
+    /// A backend whose name another process removed first stayed registered, with its
+    /// allocators and its mapping, and every later destroy failed the same way: its name is gone,
+    /// as asked, so it is forgotten.
+    #[test]
+    fn a_destroy_whose_name_is_already_gone_forgets_the_backend() {
+        let mm = MemoryManager::new();
+        let b = mm.add_backend(RemovedElsewhere(HeapBackend::new(BackendId(9), 1 << 20))).unwrap();
+        let id = AllocatorId::new(9, 0);
+        mm.create_allocator::<StackAllocator>(b.id(), id, 0, &Default::default()).unwrap();
+        let weak = Arc::downgrade(&b);
+        drop(b);
+        assert!(matches!(mm.destroy_backend(BackendId(9)), Ok(())));
+        assert!(mm.backend_ids().is_empty());
+        assert!(matches!(mm.allocate(id, 64, 8), Err(Error::UnknownAllocator(_))));
+        assert!(weak.upgrade().is_none(), "the manager still maps the region");
+        assert!(matches!(mm.destroy_backend(BackendId(9)), Err(Error::UnknownBackend(_))));
     }
 
     /// A destroy that fails leaves the backend and its allocators registered, as they were.
