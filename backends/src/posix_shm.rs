@@ -172,16 +172,18 @@ impl PosixShmBackend {
         Ok(backend)
     }
 
-    /// Whether segment `name` exists.
+    /// Whether the name is taken, so that [`create`](Self::create) would fail with
+    /// `AlreadyExists`: `true` for any segment under it (a hetmem one or another program's, ready
+    /// or not, another user's or one this process may not open), and, in Linux's /dev/shm, where
+    /// any user may put one, for a FIFO, a directory or a symbolic link, which
+    /// [`attach`](Self::attach) refuses (`InvalidName`). `false` if nothing has that name.
     pub fn exists(name: &str) -> Result<bool> {
         let name = normalize_name(name)?;
-        match shm_open(&c_name(&name)?, &name, PEEK, 0) {
-            Ok(fd) => {
-                close(fd);
-                Ok(true)
-            }
+        match named_identity(&c_name(&name)?, &name) {
+            Ok(_) => Ok(true),
             Err(Error::NotFound { .. }) => Ok(false),
-            // Another user's segment (or one made with mode 0): there, but not ours to open.
+            // Another user's segment (or one made with mode 0), where only opening it tells that
+            // it is there (not Linux): there, but not ours to open.
             Err(Error::PermissionDenied { .. }) => Ok(true),
             Err(e) => Err(e),
         }
@@ -736,6 +738,40 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         assert!(matches!(r, Err(Error::InvalidName { .. })), "a symbolic link: {r:?}");
         assert!(matches!(removed, Err(Error::InvalidName { .. })) && left, "a symbolic link: {removed:?}");
+    }
+
+    /// `exists` said a FIFO or a directory under the name was there (as `create` finds it), but
+    /// failed on a symbolic link (`InvalidName`, as `shm_open` will not follow it): each takes
+    /// the name, and `exists` now says so, as `create`'s `AlreadyExists` does.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn exists_says_whether_the_name_is_taken_whatever_takes_it() {
+        let name = unique("exists-taken");
+        let path = format!("/dev/shm{name}");
+        struct Remove(String);
+        impl Drop for Remove {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+                let _ = std::fs::remove_dir(&self.0);
+            }
+        }
+        let _remove = Remove(path.clone());
+        let taken = |what: &str| {
+            let there = PosixShmBackend::exists(&name);
+            let created = PosixShmBackend::create(&name, 4096, &quick());
+            assert!(matches!(there, Ok(true)), "{what}: {there:?}");
+            assert!(matches!(created, Err(Error::AlreadyExists { .. })), "{what}: {created:?}");
+        };
+        std::os::unix::fs::symlink("/dev/null", &path).unwrap();
+        taken("a symbolic link");
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink("/dev/shm/hetmem-test-no-such-target", &path).unwrap();
+        taken("a dangling symbolic link");
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        taken("a directory");
+        std::fs::remove_dir(&path).unwrap();
+        assert!(matches!(PosixShmBackend::exists(&name), Ok(false)));
     }
 
     /// A creator that may not read its own segment (mode 0200) still tells it from a newer
