@@ -69,7 +69,8 @@ impl PosixShmBackend {
     /// header. Fails with `AlreadyExists` if the name is taken, with `OutOfMemory` if this
     /// process cannot map that much (past its address space), and, when [`ShmOptions::reserve`]
     /// asks for the memory up front, with `OutOfMemory` if `/dev/shm` cannot hold it. A creation
-    /// that fails leaves no new segment behind.
+    /// that fails leaves no new segment behind, and leaves in place another process's segment
+    /// made under the name meanwhile (after a [`remove`](Self::remove) of the one half made).
     pub fn create(name: &str, size: usize, options: &ShmOptions) -> Result<Self> {
         Self::create_kind(name, size, options, BackendKind::Shared)
     }
@@ -97,19 +98,33 @@ impl PosixShmBackend {
         let len = region_len(size)?;
         let c_name = c_name(&name)?;
         let fd = shm_open(&c_name, &name, libc::O_CREAT | libc::O_EXCL | libc::O_RDWR, options.mode)?;
-        let mapped = identity(fd).and_then(|identity| {
-            fchmod(fd, options.mode, &name)?;
+        let identity = match identity(fd) {
+            Ok(identity) => identity,
+            Err(e) => {
+                close(fd);
+                // Which segment this is cannot be told (`fstat` of a descriptor just opened does
+                // not fail in practice): the name is removed as it stands, almost surely still
+                // ours, rather than left to a segment no one will set up.
+                unlink(&c_name);
+                return Err(e);
+            }
+        };
+        let mapped = fchmod(fd, options.mode, &name).and_then(|()| {
             ftruncate(fd, len)?;
             if options.reserve {
                 reserve(fd, len)?;
             }
-            Ok((map(fd, len)?, identity))
+            map(fd, len)
         });
         close(fd);
-        let (raw, identity) = match mapped {
-            Ok(mapped) => mapped,
+        let raw = match mapped {
+            Ok(raw) => raw,
             Err(e) => {
-                unlink(&c_name);
+                // Another process may have removed the name meanwhile (`remove` takes a segment
+                // not set up yet) and made a new segment under it, which is not ours to remove.
+                #[cfg(test)]
+                tests::BEFORE_FAILED_CREATE_UNLINKS.with(|hook| hook.take().map(|hook| hook(&name)));
+                let _ = unlink_if_named(&c_name, &name, identity);
                 return Err(e);
             }
         };
@@ -233,24 +248,29 @@ impl PosixShmBackend {
     /// Removes the name if it still names this segment. Another process may have removed it and
     /// created a new segment under it: that one is left alone (`NotFound`: ours has no name).
     fn unlink_name(&self) -> Result<()> {
-        let c_name = c_name(&self.name)?;
-        match named_identity(&c_name, &self.name) {
-            Ok(found) if found != self.identity => {
-                return Err(Error::NotFound { what: "shared-memory segment", name: ShortStr::new(&self.name) });
-            }
-            Ok(_) => {}
-            // Unreadable to us, but maybe still removable: go on and let shm_unlink decide.
-            Err(Error::PermissionDenied { .. }) => {}
-            Err(e) => return Err(e),
-        }
-        // A new segment could take the name between the check and here; POSIX offers no way to
-        // remove a name only if it still names a given segment.
-        // SAFETY: `c_name` is a valid NUL-terminated string.
-        if unsafe { libc::shm_unlink(c_name.as_ptr()) } != 0 {
-            return Err(os_error("shm_unlink", &self.name));
-        }
-        Ok(())
+        unlink_if_named(&c_name(&self.name)?, &self.name, self.identity)
     }
+}
+
+/// Removes `name` if it still names the segment of device and inode `identity`; `NotFound` if it
+/// names another (a newer segment, left alone) or nothing.
+fn unlink_if_named(c_name: &CString, name: &str, identity: (u64, u64)) -> Result<()> {
+    match named_identity(c_name, name) {
+        Ok(found) if found != identity => {
+            return Err(Error::NotFound { what: "shared-memory segment", name: ShortStr::new(name) });
+        }
+        Ok(_) => {}
+        // Unreadable to us, but maybe still removable: go on and let shm_unlink decide.
+        Err(Error::PermissionDenied { .. }) => {}
+        Err(e) => return Err(e),
+    }
+    // A new segment could take the name between the check and here; POSIX offers no way to
+    // remove a name only if it still names a given segment.
+    // SAFETY: `c_name` is a valid NUL-terminated string.
+    if unsafe { libc::shm_unlink(c_name.as_ptr()) } != 0 {
+        return Err(os_error("shm_unlink", name));
+    }
+    Ok(())
 }
 
 impl_backend! {
@@ -581,6 +601,46 @@ mod tests {
     use super::*;
     use hetmem_core::header::LAYOUT_VERSION;
     use hetmem_core::MemoryBackend;
+
+    thread_local! {
+        /// Run by a failed `create` on this thread just before it removes its name again: where
+        /// another process may act.
+        pub(super) static BEFORE_FAILED_CREATE_UNLINKS: std::cell::Cell<Option<fn(&str)>> =
+            const { std::cell::Cell::new(None) };
+    }
+
+    /// A creation that failed after making its segment removed the name without asking which
+    /// segment it named: another process may have removed the half-made segment meanwhile
+    /// (`remove` takes one not set up yet) and created its own, which the failed creation took
+    /// away. It now removes the name only if it still names its own segment.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_failed_create_leaves_a_newer_segment_under_its_name() {
+        let name = unique("failed-create");
+        struct Remove(String);
+        impl Drop for Remove {
+            fn drop(&mut self) {
+                BEFORE_FAILED_CREATE_UNLINKS.with(|hook| hook.set(None));
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+        let _remove = Remove(format!("/dev/shm{name}"));
+        // Another process, in between: removes the half-made segment and makes its own.
+        BEFORE_FAILED_CREATE_UNLINKS.with(|hook| {
+            hook.set(Some(|name| {
+                PosixShmBackend::remove(name).unwrap();
+                let keep = ShmOptions { unlink_on_drop: false, ..quick() };
+                drop(PosixShmBackend::create(name, 4096, &keep).unwrap());
+            }))
+        });
+        // 2^60 bytes: sized, but no process can map it (see the test of that).
+        let failed = PosixShmBackend::create(&name, 1 << 60, &quick());
+        BEFORE_FAILED_CREATE_UNLINKS.with(|hook| hook.set(None));
+        assert!(matches!(failed, Err(Error::OutOfMemory { .. })), "{failed:?}");
+        let newer = PosixShmBackend::attach(&name, &quick());
+        assert!(newer.is_ok(), "the failed creation removed the newer segment: {newer:?}");
+        PosixShmBackend::remove(&name).unwrap();
+    }
 
     fn unique(tag: &str) -> String {
         format!("/hetmem-test-{tag}-{}", std::process::id())
