@@ -31,13 +31,29 @@ impl ArrayBackend {
     /// Attaches to a buffer that already holds a region (made by [`ArrayBackend::create`],
     /// possibly in another process that shares the memory), checking its header.
     ///
+    /// It does not wait: a region whose header is not ready yet (its creator, in another process
+    /// say, still setting it up, or a buffer never made a region: all zeros) is `TimedOut` at
+    /// once. [`attach_timeout`](Self::attach_timeout) waits for the creator, as
+    /// `PosixShmBackend::attach` does.
+    ///
     /// # Safety
     /// `ptr` is valid for reads and writes of `len` bytes for the backend's whole life, and all
     /// other users of that memory access it only as a hetmem region.
     pub unsafe fn attach(ptr: *mut u8, len: usize) -> Result<Self> {
         // SAFETY: the caller's contract.
+        unsafe { Self::attach_timeout(ptr, len, Duration::ZERO) }
+    }
+
+    /// [`attach`](Self::attach), waiting up to `timeout` for the region's creator to finish
+    /// setting it up (`TimedOut` after that: the creator died or is slow, or no creator ever
+    /// came).
+    ///
+    /// # Safety
+    /// As for [`attach`](Self::attach).
+    pub unsafe fn attach_timeout(ptr: *mut u8, len: usize, timeout: Duration) -> Result<Self> {
+        // SAFETY: the caller's contract.
         let raw = unsafe { Self::raw(ptr, len)? };
-        raw.wait_ready(BackendKind::Private, Duration::ZERO)?;
+        raw.wait_ready(BackendKind::Private, timeout)?;
         Ok(ArrayBackend { raw, creator: false })
     }
 
@@ -86,6 +102,32 @@ mod tests {
         let b = unsafe { ArrayBackend::attach(ptr, len) }.unwrap();
         assert_eq!(b.id(), BackendId(5));
         assert!(!b.is_creator());
+    }
+
+    /// `attach` said nothing of not waiting, and there was no way to wait: a region whose
+    /// creator (another process sharing the buffer, say) was still setting it up could not be
+    /// attached, however short the wait.
+    #[test]
+    fn attach_does_not_wait_for_the_creator_and_attach_timeout_does() {
+        let buf = pages(2);
+        let (ptr, len) = (buf.as_mut_ptr(), buf.len());
+        let started = std::time::Instant::now();
+        // SAFETY: the leaked buffer lives forever and is used only as this region.
+        let early = unsafe { ArrayBackend::attach(ptr, len) };
+        assert!(matches!(early, Err(Error::TimedOut { .. })), "{:?}", early.err());
+        assert!(started.elapsed() < Duration::from_secs(1), "attach waited");
+        let address = ptr as usize;
+        let creator = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            let (kind, id) = (BackendKind::Private, BackendId(6));
+            // SAFETY: the leaked buffer's `len` bytes, page-aligned; the attacher only waits for
+            // the ready flag meanwhile.
+            unsafe { hetmem_core::RegionHeader::initialize(address as *mut u8, len as u64, kind, id, 1) }.map(|_| ())
+        });
+        // SAFETY: as above.
+        let attached = unsafe { ArrayBackend::attach_timeout(ptr, len, Duration::from_secs(10)) };
+        creator.join().unwrap().unwrap();
+        assert_eq!(attached.unwrap().id(), BackendId(6));
     }
 
     #[test]
