@@ -12,33 +12,44 @@
 
 pub use hetmem_core::{ThreadModel, TlsDestructor};
 
-#[cfg(unix)]
+// Under `--cfg loom` the crate is only the slot generations and the key table, whose atomics and
+// lock are loom's (see `sync`), for the models in `tests/loom_*.rs`; the thread models keep them
+// in statics, which loom's types cannot initialize.
+#[cfg(all(unix, not(loom)))]
 mod pthreads;
-#[cfg(any(unix, windows, feature = "std"))]
+#[cfg(all(any(unix, windows, feature = "std"), not(loom)))]
 mod slots;
-#[cfg(feature = "std")]
+#[cfg(loom)]
+#[doc(hidden)]
+pub mod slots;
+#[cfg(all(feature = "std", not(loom)))]
 #[path = "std.rs"]
 mod std_threads;
-#[cfg(any(windows, feature = "std"))]
+#[cfg(any(unix, windows, feature = "std"))]
+mod sync;
+#[cfg(all(any(windows, feature = "std"), not(loom)))]
 mod table;
-#[cfg(windows)]
+#[cfg(all(loom, any(windows, feature = "std")))]
+#[doc(hidden)]
+pub mod table;
+#[cfg(all(windows, not(loom)))]
 mod windows;
 
-#[cfg(unix)]
+#[cfg(all(unix, not(loom)))]
 pub use pthreads::Pthreads;
-#[cfg(feature = "std")]
+#[cfg(all(feature = "std", not(loom)))]
 pub use std_threads::StdThreads;
-#[cfg(windows)]
+#[cfg(all(windows, not(loom)))]
 pub use windows::Windows;
 
 /// The thread model this target uses unless told otherwise.
-#[cfg(all(unix, not(feature = "force-std")))]
+#[cfg(all(unix, not(feature = "force-std"), not(loom)))]
 pub type DefaultThreadModel = Pthreads;
 /// The thread model this target uses unless told otherwise.
-#[cfg(all(windows, not(feature = "force-std")))]
+#[cfg(all(windows, not(feature = "force-std"), not(loom)))]
 pub type DefaultThreadModel = Windows;
 /// The thread model this target uses unless told otherwise.
-#[cfg(any(feature = "force-std", not(any(unix, windows))))]
+#[cfg(all(any(feature = "force-std", not(any(unix, windows))), not(loom)))]
 pub type DefaultThreadModel = StdThreads;
 
 /// What `tls_set` and `tls_delete` of every model return for a key used after its `tls_delete`.
@@ -46,7 +57,7 @@ pub type DefaultThreadModel = StdThreads;
 pub(crate) const DELETED_KEY: hetmem_core::Error = hetmem_core::Error::Unsupported("thread-local key was deleted");
 
 /// The behaviour every thread model must show; each model's tests run it.
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 pub(crate) mod contract {
     use ::std::ffi::c_void;
     use ::std::sync::atomic::{AtomicUsize, Ordering};

@@ -8,31 +8,39 @@
 //! made with; every get, set and delete compares it with the slot's, so a deleted key never
 //! matches again, whoever holds its slot now.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use hetmem_core::{Error, Result};
 
+use crate::sync::{AtomicU64, Ordering};
 use crate::DELETED_KEY;
 
 /// The generation of each slot index below `N` (a power of two).
-pub(crate) struct SlotGenerations<const N: usize>([AtomicU64; N]);
+pub struct SlotGenerations<const N: usize>([AtomicU64; N]);
 
 impl<const N: usize> SlotGenerations<N> {
     /// All slots free.
-    pub(crate) const fn new() -> Self {
+    #[cfg(not(loom))]
+    pub const fn new() -> Self {
         assert!(N.is_power_of_two());
         Self([const { AtomicU64::new(0) }; N])
     }
 
+    /// All slots free.
+    #[cfg(loom)]
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
+        assert!(N.is_power_of_two());
+        Self(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+
     /// Whether a key holds `index` (its generation is odd).
     #[cfg(any(windows, feature = "std"))]
-    pub(crate) fn is_held(&self, index: usize) -> bool {
+    pub fn is_held(&self, index: usize) -> bool {
         self.0[index & (N - 1)].load(Ordering::Acquire) & 1 == 1
     }
 
     /// Marks `index`, just handed out by the OS (or the model's key table), as held by a new key; returns the key's
     /// generation, or `beyond_table` when the index does not fit the table.
-    pub(crate) fn open(&self, index: usize, beyond_table: Error) -> Result<u64> {
+    pub fn open(&self, index: usize, beyond_table: Error) -> Result<u64> {
         let slot = self.0.get(index).ok_or(beyond_table)?;
         // Only the owner of a slot index writes its generation, and the OS (or the key table,
         // under its lock) gives each index one owner at a time, so this needs no loop. The next
@@ -51,14 +59,14 @@ impl<const N: usize> SlotGenerations<N> {
     /// load after its own store of a counter that `tls_delete` reads after closing (an acquire
     /// load costs the same on x86 and ARMv8).
     #[inline]
-    pub(crate) fn is_live(&self, index: usize, generation: u64) -> bool {
+    pub fn is_live(&self, index: usize, generation: u64) -> bool {
         // Keys only carry indexes that `open` accepted; the mask drops the bounds check.
         self.0[index & (N - 1)].load(Ordering::SeqCst) == generation
     }
 
     /// Retires the key `(index, generation)` before its slot goes back to the OS; a key already
     /// retired gets [`DELETED_KEY`]. Exactly one of several racing deletes of a key succeeds.
-    pub(crate) fn close(&self, index: usize, generation: u64) -> Result<()> {
+    pub fn close(&self, index: usize, generation: u64) -> Result<()> {
         self.0[index & (N - 1)]
             .compare_exchange(generation, generation + 1, Ordering::SeqCst, Ordering::Acquire)
             .map(drop)
@@ -67,7 +75,7 @@ impl<const N: usize> SlotGenerations<N> {
 
     /// Undoes `close` when the OS refused to free the slot: the key stays usable.
     #[cfg(unix)]
-    pub(crate) fn reopen(&self, index: usize, generation: u64) {
+    pub fn reopen(&self, index: usize, generation: u64) {
         self.0[index & (N - 1)].store(generation, Ordering::Release);
     }
 }

@@ -9,17 +9,20 @@
 //! [`DELETED_KEY`](crate::DELETED_KEY). A value left under a deleted key is never handed to a
 //! destructor, neither the deleted key's nor that of a later key in the same slot.
 
+use hetmem_core::{Error, Result, TlsDestructor};
 use std::cell::RefCell;
 use std::ffi::c_void;
-use std::sync::{Mutex, MutexGuard};
-
-use hetmem_core::{Error, Result, TlsDestructor};
 
 use crate::slots::SlotGenerations;
+use crate::sync::{Mutex, MutexGuard};
 use crate::DELETED_KEY;
 
 /// Keys one table can hold at once.
+#[cfg(not(loom))]
 const KEY_SLOTS: usize = 4096;
+/// Keys one table can hold at once: a loom model needs a few, and each is an object it tracks.
+#[cfg(loom)]
+const KEY_SLOTS: usize = 4;
 
 /// Rounds of destructors at thread exit, in case a destructor sets new values: pthreads'
 /// `PTHREAD_DESTRUCTOR_ITERATIONS`.
@@ -27,13 +30,14 @@ const DESTRUCTOR_ROUNDS: usize = 4;
 
 /// A key of a [`KeyTable`]: its slot and the generation the slot had when the key was made.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct TableKey {
-    pub(crate) slot: usize,
+pub struct TableKey {
+    /// The key's slot in the table.
+    pub slot: usize,
     generation: u64,
 }
 
 /// The keys of one model: a generation per slot (odd while a key holds it) and the destructors.
-pub(crate) struct KeyTable {
+pub struct KeyTable {
     generations: SlotGenerations<KEY_SLOTS>,
     /// Indexed by slot; as long as the highest slot ever used. Creating and deleting keys hold
     /// this lock, so a slot has one owner at a time.
@@ -42,7 +46,15 @@ pub(crate) struct KeyTable {
 
 impl KeyTable {
     /// No keys.
-    pub(crate) const fn new() -> Self {
+    #[cfg(not(loom))]
+    pub const fn new() -> Self {
+        Self { generations: SlotGenerations::new(), destructors: Mutex::new(Vec::new()) }
+    }
+
+    /// No keys.
+    #[cfg(loom)]
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
         Self { generations: SlotGenerations::new(), destructors: Mutex::new(Vec::new()) }
     }
 
@@ -52,7 +64,7 @@ impl KeyTable {
     }
 
     /// A new key in the lowest free slot, running `destructor` at thread exit.
-    pub(crate) fn create(&self, destructor: Option<TlsDestructor>) -> Result<TableKey> {
+    pub fn create(&self, destructor: Option<TlsDestructor>) -> Result<TableKey> {
         let mut destructors = self.destructors();
         let slot = (0..destructors.len()).find(|&s| !self.generations.is_held(s)).unwrap_or(destructors.len());
         let generation = self.generations.open(slot, Error::Unsupported("all thread-local keys are in use"))?;
@@ -66,12 +78,12 @@ impl KeyTable {
 
     /// Whether `key` has not been deleted: one atomic load and a compare.
     #[inline]
-    pub(crate) fn is_live(&self, key: TableKey) -> bool {
+    pub fn is_live(&self, key: TableKey) -> bool {
         self.generations.is_live(key.slot, key.generation)
     }
 
     /// Retires `key`; no destructor runs. [`DELETED_KEY`] if it was already deleted.
-    pub(crate) fn delete(&self, key: TableKey) -> Result<()> {
+    pub fn delete(&self, key: TableKey) -> Result<()> {
         let mut destructors = self.destructors();
         self.generations.close(key.slot, key.generation)?;
         destructors[key.slot] = None;
@@ -89,7 +101,7 @@ impl KeyTable {
 ///
 /// Only its thread touches it (it is `!Sync`); destructors may get and set values through it
 /// while it runs them.
-pub(crate) struct ThreadValues {
+pub struct ThreadValues {
     keys: &'static KeyTable,
     /// `(generation, value)` per slot; a value counts only while its generation is the key's and
     /// the key is live.
@@ -98,13 +110,13 @@ pub(crate) struct ThreadValues {
 
 impl ThreadValues {
     /// No values yet.
-    pub(crate) fn new(keys: &'static KeyTable) -> Self {
+    pub fn new(keys: &'static KeyTable) -> Self {
         Self { keys, values: RefCell::new(Vec::new()) }
     }
 
     /// The value under `key`: null if never set here, or if `key` was deleted.
     #[inline]
-    pub(crate) fn get(&self, key: TableKey) -> *mut c_void {
+    pub fn get(&self, key: TableKey) -> *mut c_void {
         match self.values.borrow().get(key.slot) {
             Some(&(generation, value)) if generation == key.generation && self.keys.is_live(key) => value,
             _ => std::ptr::null_mut(),
@@ -115,7 +127,7 @@ impl ThreadValues {
     ///
     /// A delete racing this call may land after the check: the value is then stored under the
     /// retired generation, which no get matches and no destructor runs for.
-    pub(crate) fn set(&self, key: TableKey, value: *mut c_void) -> Result<()> {
+    pub fn set(&self, key: TableKey, value: *mut c_void) -> Result<()> {
         if !self.keys.is_live(key) {
             return Err(DELETED_KEY);
         }
@@ -129,7 +141,7 @@ impl ThreadValues {
 
     /// Runs the destructors of the non-null values under live keys, each value once, clearing it
     /// first; repeats up to [`DESTRUCTOR_ROUNDS`] rounds while destructors set new values.
-    pub(crate) fn run_destructors(&self) {
+    pub fn run_destructors(&self) {
         for _ in 0..DESTRUCTOR_ROUNDS {
             // Taken out, so destructors may set values (seen by the next round) meanwhile.
             let values = std::mem::take(&mut *self.values.borrow_mut());
