@@ -8,11 +8,11 @@
 //! libc frees the number, so it lands under the deleted key, never under the next one.
 
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use hetmem_core::{Error, Result, ThreadModel, TlsDestructor};
 
-use crate::slots::SlotGenerations;
+use crate::slots::{SetsUnderWay, SlotGenerations};
 use crate::DELETED_KEY;
 
 /// Key numbers the model can hold: glibc has at most 1024 (`PTHREAD_KEYS_MAX`), macOS 512,
@@ -23,20 +23,17 @@ static GENERATIONS: SlotGenerations<KEY_SLOTS> = SlotGenerations::new();
 
 /// Per key number, the `tls_set` calls between their generation check and
 /// `pthread_setspecific`: `tls_delete` retires the generation, then waits for these to finish
-/// before `pthread_key_delete` lets the number go to a new key. Both sides write their own word
-/// and then read the other's, in sequentially consistent order, so a set either sees the retired
-/// generation or is waited for. A set counts itself only after a first check found its key
-/// live, so the sets of a key already retired, however many, never keep the count from zero.
+/// before `pthread_key_delete` lets the number go to a new key ([`SetsUnderWay`] has how). A set
+/// counts itself only after a first check found its key live, so the sets of a key already
+/// retired, however many, never keep the count from zero.
 ///
 /// A forked child has only the thread that forked, which was in no `tls_set`: its copy of the
 /// counts names threads it does not have, and [`forget_sets`] empties it.
-static SETTING: [AtomicU32; KEY_SLOTS] = [const { AtomicU32::new(0) }; KEY_SLOTS];
+static SETTING: SetsUnderWay<KEY_SLOTS> = SetsUnderWay::new();
 
 /// The child's `pthread_atfork` handler: no set is under way in a process just forked.
 extern "C" fn forget_sets() {
-    for setting in &SETTING {
-        setting.store(0, Ordering::Relaxed);
-    }
+    SETTING.forget_all();
 }
 
 /// Registers [`forget_sets`] before the first key exists (so before any set can be under way).
@@ -146,24 +143,18 @@ unsafe impl ThreadModel for Pthreads {
     // pthread stores the pointer and never dereferences it; only the key's destructor does.
     #[allow(clippy::not_unsafe_ptr_arg_deref)]
     fn tls_set(key: Self::TlsKey, value: *mut c_void) -> Result<()> {
-        // A key already retired is refused before it is counted: sets of it, which other threads
-        // may go on making, must not keep a delete waiting on the count.
-        if !key.is_live() {
-            return Err(DELETED_KEY);
-        }
-        let setting = &SETTING[key.key as usize & (KEY_SLOTS - 1)];
-        setting.fetch_add(1, Ordering::SeqCst);
-        #[cfg(test)]
-        tests::counted();
-        let stored = key.is_live().then(|| {
+        let counted = || {
+            #[cfg(test)]
+            tests::counted();
+        };
+        let stored = SETTING.store_if_live(&GENERATIONS, key.key as usize, key.generation, counted, || {
             #[cfg(test)]
             tests::between_check_and_store();
             // SAFETY: storing a pointer value under a key that stays ours until this returns
-            // (`tls_delete` waits for `setting`); pthread never dereferences it (only the key's
+            // (`tls_delete` waits for it); pthread never dereferences it (only the key's
             // destructor does).
             unsafe { libc::pthread_setspecific(key.key, value) }
         });
-        setting.fetch_sub(1, Ordering::Release);
         match stored {
             None => Err(DELETED_KEY),
             Some(0) => Ok(()),
@@ -174,11 +165,7 @@ unsafe impl ThreadModel for Pthreads {
     fn tls_delete(key: Self::TlsKey) -> Result<()> {
         // Retired first, so no use of the key follows its number into its next owner; sets that
         // passed their check before are waited for (see `SETTING`).
-        GENERATIONS.close(key.key as usize, key.generation)?;
-        let setting = &SETTING[key.key as usize & (KEY_SLOTS - 1)];
-        while setting.load(Ordering::SeqCst) != 0 {
-            std::thread::yield_now();
-        }
+        SETTING.close_and_wait(&GENERATIONS, key.key as usize, key.generation)?;
         // SAFETY: deleting a live key of ours (just retired); it runs no destructors.
         let rc = unsafe { libc::pthread_key_delete(key.key) };
         if rc != 0 {

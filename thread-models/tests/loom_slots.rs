@@ -1,22 +1,19 @@
 //! loom models of the thread models' key generations (`src/slots.rs`) and of the key table that
 //! `StdThreads` and `Windows` keep (`src/table.rs`): racing deletes of one key, a key deleted
 //! while another thread uses it and its slot handed to a new key (which the old key must never
-//! pass for), a slot freed behind the model's back, and a delete undone. Run with
+//! pass for), a slot freed behind the model's back, and a delete undone; and of the pthreads
+//! model's handshake between a `tls_set` and a `tls_delete` of its key (`SetsUnderWay`): a set
+//! that passed its check is done before the key's number goes to a new key. Run with
 //! `RUSTFLAGS="--cfg loom" cargo test -p hetmem-thread-models --release --test 'loom_*'`.
-//!
-//! Not modelled: how a pthreads `tls_set` and `tls_delete` order the generation against the
-//! count of sets under way (`SETTING`), each an RMW of its own word and then a sequentially
-//! consistent load of the other's. loom models sequentially consistent loads and RMWs as
-//! acquire/release ones (tokio-rs/loom#180), so it reports the store buffering that the C11 order
-//! rules out there.
 #![cfg(loom)]
 
 use std::cell::Cell;
 use std::ffi::c_void;
 
 use hetmem_core::Error;
-use hetmem_thread_models::slots::SlotGenerations;
+use hetmem_thread_models::slots::{SetsUnderWay, SlotGenerations};
 use hetmem_thread_models::table::{KeyTable, ThreadValues};
+use loom::cell::UnsafeCell;
 use loom::sync::Arc;
 
 /// What every model answers for a key used after its delete.
@@ -126,6 +123,73 @@ fn a_delete_undone_leaves_the_key_usable() {
         let other = other.join().unwrap();
         assert!(mine.is_ok() || other.is_ok(), "a live key's deletes both failed");
         assert_eq!(generations.is_live(0, key), other.is_err(), "{mine:?} {other:?}");
+    });
+}
+
+/// A pthreads `tls_set` that passed its check while another thread deletes its key, whose number
+/// the OS then hands to a new key: either the set finds the key retired and stores nothing, or
+/// its store happens before the delete lets the number go (loom reports the two writes of the
+/// number's value as a race otherwise), so it never lands under the new key.
+#[test]
+fn a_set_racing_a_delete_is_done_before_the_number_goes_to_a_new_key() {
+    loom::model(|| {
+        let generations = Arc::new(SlotGenerations::<2>::new());
+        let sets = Arc::new(SetsUnderWay::<2>::new());
+        // What libc keeps under the key's number for the setting thread.
+        let number = Arc::new(UnsafeCell::new(0usize));
+        let key = generations.open(1, Error::Unsupported("beyond")).unwrap();
+        let setter = {
+            let (generations, sets, number) = (generations.clone(), sets.clone(), number.clone());
+            loom::thread::spawn(move || {
+                // SAFETY: the key's value is this thread's until the delete has waited for it.
+                let store = || number.with_mut(|v| unsafe { *v = 7 });
+                sets.store_if_live(&generations, 1, key, || {}, store).is_some()
+            })
+        };
+        sets.close_and_wait(&generations, 1, key).unwrap();
+        // SAFETY: every set that found the key live is done (loom checks it).
+        let left = number.with(|v| unsafe { *v });
+        // pthread_key_delete, and the next pthread_key_create gets the number: the new key's
+        // value starts empty.
+        let new = generations.open(1, Error::Unsupported("beyond")).unwrap();
+        // SAFETY: the number is the new key's now; loom checks that no set of the old key races.
+        number.with_mut(|v| unsafe { *v = 0 });
+        let stored = setter.join().unwrap();
+        assert_eq!(left, if stored { 7 } else { 0 }, "the delete returned before a set it let through");
+        assert!(generations.is_live(1, new));
+        // SAFETY: both writers are done.
+        assert_eq!(number.with(|v| unsafe { *v }), 0, "the set of the deleted key landed under the new key");
+        // A set of the deleted key now: refused, uncounted.
+        assert!(sets.store_if_live(&generations, 1, key, || {}, || unreachable!()).is_none());
+    });
+}
+
+/// Two sets of one key, one of them racing its delete: each either stores or is refused, and the
+/// delete returns once both are done, whatever order they came in.
+#[test]
+fn a_delete_waits_for_every_set_that_found_its_key_live() {
+    loom::model(|| {
+        let generations = Arc::new(SlotGenerations::<2>::new());
+        let sets = Arc::new(SetsUnderWay::<2>::new());
+        let number = Arc::new(UnsafeCell::new(0usize));
+        let key = generations.open(0, Error::Unsupported("beyond")).unwrap();
+        let setter = {
+            let (generations, sets, number) = (generations.clone(), sets.clone(), number.clone());
+            loom::thread::spawn(move || {
+                let mut stored = 0;
+                for value in [1, 2] {
+                    // SAFETY: as in the model above.
+                    let store = || number.with_mut(|v| unsafe { *v = value });
+                    stored += usize::from(sets.store_if_live(&generations, 0, key, || {}, store).is_some());
+                }
+                stored
+            })
+        };
+        sets.close_and_wait(&generations, 0, key).unwrap();
+        // SAFETY: every set that found the key live is done.
+        let left = number.with(|v| unsafe { *v });
+        let stored = setter.join().unwrap();
+        assert_eq!(left, [0, 1, 2][stored], "{stored} sets stored, {left} left");
     });
 }
 
