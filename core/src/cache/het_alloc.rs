@@ -78,6 +78,11 @@ impl HetAlloc {
 
     /// Sets the depot's byte limit (0: it takes no more batches). The batches it holds stay, and
     /// still refill threads' caches, until taken or [`release_depot`](Self::release_depot).
+    ///
+    /// The limit belongs to the depot of this upstream's slot, so an upstream that has none yet
+    /// claims one here, as its first request would (see the slots above). Where it gets none
+    /// (every slot taken, or device memory) nothing is cached, no limit is kept, and
+    /// [`depot_limit`](Self::depot_limit) reads 0.
     pub fn set_depot_limit(&self, bytes: usize) {
         if let Some(d) = self.slot.depot() {
             d.set_limit(bytes);
@@ -90,9 +95,10 @@ impl HetAlloc {
         self.slot.check_thread()
     }
 
-    /// The depot's byte limit.
+    /// The depot's byte limit; 0 where this upstream gets no slot (nothing is cached). Claims no
+    /// slot: an upstream that has none yet reads the limit its depot would start with.
     pub fn depot_limit(&self) -> usize {
-        self.slot.depot().map_or(0, |d| d.limit())
+        self.slot.depot_limit()
     }
 
     /// Frees everything the depot holds to the upstream.
@@ -255,6 +261,7 @@ mod tests {
         let res: &'static dyn MemoryResource = CountingResource::leak();
         let a = HetAlloc::with_resource(res);
         assert_eq!(a.depot_stats(), CacheStats::default());
+        let _ = a.depot_limit();
         a.release_depot();
         assert!(!a.slot.claimed(), "a read of the depot claimed one of the six resource slots");
     }

@@ -640,6 +640,20 @@ impl SlotRef {
         self.assigned().map(|slot| &DEPOTS[slot])
     }
 
+    /// The byte limit of this slot's depot, claiming no slot: a handle without one reads the
+    /// limit of the depot it would claim (a depot no slot owns keeps the default, as only
+    /// [`Self::depot`] sets limits and it claims first), or 0 where it would get none (device
+    /// memory, or every slot taken), since nothing is then cached. The calling thread's caches
+    /// start first, as in [`Self::depot`].
+    pub(crate) fn depot_limit(&self) -> usize {
+        with_state(ensure_active);
+        let slot = self.existing().or_else(|| {
+            let free = self.upstream.host_accessible().then(|| OWNERS.lock().iter().position(Option::is_none));
+            free.flatten()
+        });
+        slot.map_or(0, |slot| DEPOTS[slot].limit())
+    }
+
     /// This slot's depot if the slot exists ([`Self::existing`]): claims none, and starts
     /// nothing (a depot that was never used holds nothing to release).
     pub(crate) fn existing_depot(&self) -> Option<&'static Depot> {
