@@ -41,7 +41,7 @@ fn run_time_variables_set_the_defaults() {
     std::thread::spawn(|| {
         assert_eq!(cache::thread_role(), ThreadRole::Worker);
         assert_eq!(cache::thread_config(), CacheConfig::uniform(5, 8 << 10).unwrap());
-        cache::set_thread_role(ThreadRole::Scheduler);
+        cache::set_thread_role(ThreadRole::Scheduler).unwrap();
         assert_eq!(
             cache::thread_config(),
             CacheConfig::from_limits(&[1 << 10, 2 << 10, 64 << 10, 64 << 10, 64 << 10]).unwrap()

@@ -38,7 +38,7 @@ thread_local! {
 
 fn worker(id: usize, inbox: mpsc::Receiver<Vec<u64>>, outbox: mpsc::Sender<Vec<u64>>) -> u64 {
     if id % 7 == 0 {
-        cache::set_thread_role(ThreadRole::Scheduler);
+        cache::set_thread_role(ThreadRole::Scheduler).unwrap();
     }
     EXIT_WORK.with(|w| w.borrow_mut().0.extend((0..20).map(|i| vec![0x5Au8; 16 << (i % 12)].into_boxed_slice())));
     let mut map: HashMap<u64, String> = HashMap::new();

@@ -401,6 +401,72 @@ mod tests {
         assert_eq!(rx.recv().unwrap(), CacheConfig::disabled());
     }
 
+    /// A thread whose caches were returned at its exit has none to give limits to: setting its
+    /// role or its own limits then (from a later thread-local destructor) is refused, not
+    /// silently dropped.
+    ///
+    /// Platforms destroy thread-locals in different orders: on Unix in reverse order of their
+    /// registration in the thread, one registered meanwhile next; under wine (Windows without
+    /// native thread-locals) in reverse order of their first use in the process, in rounds, a
+    /// value set during a round destroyed in the next. So one value is set before the caches'
+    /// exit guard is registered (destroyed after it on Unix) and one after; each destroyed while
+    /// the caches are live sets a value of a thread-local not used before (destroyed after the
+    /// guard, in the next round, under wine; before it again on Unix, a few times). Each tells
+    /// whether the caches were returned by the limits it reads back.
+    #[test]
+    fn settings_made_past_a_threads_exit_are_refused() {
+        use core::cell::RefCell;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        /// Whether the caches were returned, and whether each setting was refused.
+        type Seen = (bool, [bool; 3]);
+        struct LateSetter(std::sync::mpsc::Sender<Seen>);
+        thread_local! {
+            static BEFORE: RefCell<Option<LateSetter>> = const { RefCell::new(None) };
+            static AFTER: RefCell<Option<LateSetter>> = const { RefCell::new(None) };
+            static CHAINED_0: RefCell<Option<LateSetter>> = const { RefCell::new(None) };
+            static CHAINED_1: RefCell<Option<LateSetter>> = const { RefCell::new(None) };
+            static CHAINED_2: RefCell<Option<LateSetter>> = const { RefCell::new(None) };
+            static CHAINED_3: RefCell<Option<LateSetter>> = const { RefCell::new(None) };
+        }
+        static CHAINED: AtomicUsize = AtomicUsize::new(0);
+        impl Drop for LateSetter {
+            fn drop(&mut self) {
+                let past_exit = thread_config() == CacheConfig::disabled();
+                let frames = crate::cache::frame::RecyclingFrameAllocator::new();
+                let refused = [
+                    set_thread_role(ThreadRole::Scheduler).is_err(),
+                    set_thread_config(None).is_err(),
+                    frames.set_thread_config(None).is_err(),
+                ];
+                self.0.send((past_exit, refused)).unwrap();
+                let chained = match CHAINED.fetch_add(usize::from(!past_exit), Ordering::Relaxed) {
+                    _ if past_exit => return,
+                    0 => &CHAINED_0,
+                    1 => &CHAINED_1,
+                    2 => &CHAINED_2,
+                    3 => &CHAINED_3,
+                    _ => return,
+                };
+                // A value not used before, so nothing is replaced (and dropped) here.
+                let _ = chained.try_with(|c| *c.borrow_mut() = Some(LateSetter(self.0.clone())));
+            }
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            BEFORE.with(|l| *l.borrow_mut() = Some(LateSetter(tx.clone())));
+            // The thread's first request registers the exit guard.
+            set_thread_role(ThreadRole::Worker).unwrap();
+            AFTER.with(|l| *l.borrow_mut() = Some(LateSetter(tx)));
+        })
+        .join()
+        .unwrap();
+        let seen: Vec<Seen> = rx.try_iter().collect();
+        assert!(seen.iter().any(|s| s.0), "no value was destroyed after the caches' exit guard: {seen:?}");
+        for &(past_exit, refused) in &seen {
+            assert_eq!(refused, [past_exit; 3], "refused exactly past the exit: {seen:?}");
+        }
+    }
+
     #[test]
     fn allocations_out_of_memory_are_null_and_the_cache_recovers() {
         let (res, a, _serial) = counted();
@@ -529,7 +595,7 @@ mod tests {
         std::thread::spawn(|| {
             assert_eq!(thread_role(), ThreadRole::Worker);
             assert_eq!(thread_config(), CacheConfig::for_role(ThreadRole::Worker));
-            set_thread_role(ThreadRole::Scheduler);
+            set_thread_role(ThreadRole::Scheduler).unwrap();
             assert_eq!(thread_role(), ThreadRole::Scheduler);
             assert_eq!(thread_config(), CacheConfig::for_role(ThreadRole::Scheduler));
         })
@@ -542,7 +608,7 @@ mod tests {
         let (res, a, _serial) = counted();
         let role = ThreadRole::Custom(0xCAFE);
         std::thread::spawn(move || {
-            set_thread_role(role);
+            set_thread_role(role).unwrap();
             let layout = l(4096, 16);
             let blocks: Vec<_> = (0..16).map(|_| unsafe { a.alloc(layout) }).collect();
             for &p in &blocks {
@@ -555,7 +621,7 @@ mod tests {
             configure_role(role, tight).unwrap();
             assert_eq!(thread_config(), tight);
             assert_eq!(a.thread_stats().bytes_cached, 2 * 4096, "trimmed at once");
-            set_thread_config(Some(CacheConfig::disabled()));
+            set_thread_config(Some(CacheConfig::disabled())).unwrap();
             assert_eq!(a.thread_stats().bytes_cached, 0);
             let live = res.live_blocks();
             // SAFETY: non-zero layout, freed once.
@@ -564,7 +630,7 @@ mod tests {
                 a.dealloc(p, layout);
             }
             assert_eq!(res.live_blocks(), live, "a disabled cache keeps nothing");
-            set_thread_config(None);
+            set_thread_config(None).unwrap();
             assert_eq!(thread_config(), tight);
         })
         .join()

@@ -28,6 +28,7 @@ use crate::cache::size_class::{class_of, class_size, BLOCK_ALIGN};
 use crate::cache::stats::{CacheStats, Counters};
 use crate::cache::thread_cache::ThreadCache;
 use crate::cache::upstream::Upstream;
+use crate::error::{Error, Result};
 use crate::sync::SpinLock;
 use core::alloc::Layout;
 use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -671,18 +672,20 @@ impl SlotRef {
         }
     }
 
-    /// Sets the calling thread's configuration for this slot's tier.
-    pub(crate) fn set_thread_config(&self, config: Option<CacheConfig>) {
+    /// Sets the calling thread's configuration for this slot's tier; refused as by
+    /// [`set_thread_config`].
+    pub(crate) fn set_thread_config(&self, config: Option<CacheConfig>) -> Result<()> {
         with_state(|s| {
             if !ensure_active(s) {
-                return;
+                return Err(NO_CACHES);
             }
             match self.tier {
                 Tier::Alloc => s.own_config.set(config),
                 Tier::Frames => s.frame_config.set(config),
             }
             reapply(s, self.tier);
-        });
+            Ok(())
+        })
     }
 }
 
@@ -950,14 +953,27 @@ pub(crate) fn live_threads() -> usize {
     THREADS.lock().live
 }
 
+/// What the calls that set a thread's limits return where the thread has no caches to apply
+/// them to.
+const NO_CACHES: Error = Error::Unsupported(
+    "the calling thread has no caches: they were returned at its exit (or are being started, or it could have none)",
+);
+
 /// Gives the calling thread `role` and applies that role's limits now.
-pub fn set_thread_role(role: ThreadRole) {
+///
+/// Refused with [`Error::Unsupported`] where the thread has no caches to apply them to: once
+/// they were returned at its exit (from a later thread-local destructor, say; its requests go
+/// straight upstream and [`thread_config`] reads [`CacheConfig::disabled`]), or where it could
+/// have none. The role is then not kept.
+pub fn set_thread_role(role: ThreadRole) -> Result<()> {
     with_state(|s| {
-        if ensure_active(s) {
-            s.role.set(role);
-            reapply(s, Tier::Alloc);
+        if !ensure_active(s) {
+            return Err(NO_CACHES);
         }
-    });
+        s.role.set(role);
+        reapply(s, Tier::Alloc);
+        Ok(())
+    })
 }
 
 /// The calling thread's role.
@@ -969,14 +985,17 @@ pub fn thread_role() -> ThreadRole {
 }
 
 /// Gives the calling thread its own limits for its `HetAlloc` caches (`None`: back to its
-/// role's), applied at once.
-pub fn set_thread_config(config: Option<CacheConfig>) {
+/// role's), applied at once. Refused with [`Error::Unsupported`], keeping nothing, where the
+/// thread has no caches (see [`set_thread_role`]).
+pub fn set_thread_config(config: Option<CacheConfig>) -> Result<()> {
     with_state(|s| {
-        if ensure_active(s) {
-            s.own_config.set(config);
-            reapply(s, Tier::Alloc);
+        if !ensure_active(s) {
+            return Err(NO_CACHES);
         }
-    });
+        s.own_config.set(config);
+        reapply(s, Tier::Alloc);
+        Ok(())
+    })
 }
 
 /// The limits the calling thread's `HetAlloc` caches have now: [`CacheConfig::disabled`] once

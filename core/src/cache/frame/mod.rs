@@ -574,7 +574,7 @@ mod tests {
             frames.flush_thread();
             assert_eq!(frames.thread_stats().bytes_cached, 0);
             assert_eq!(default_frame_allocator().thread_stats().bytes_cached, 64, "other lists keep their frames");
-            frames.set_thread_config(Some(CacheConfig::disabled()));
+            frames.set_thread_config(Some(CacheConfig::disabled())).unwrap();
             assert_eq!(default_frame_allocator().thread_stats().bytes_cached, 0, "trimmed to the new limits");
             let p = ThreadFrames.allocate(64).unwrap();
             // SAFETY: from `allocate(64)`.
@@ -593,7 +593,7 @@ mod tests {
         std::thread::spawn(move || {
             let _serial = serial();
             let frames = RecyclingFrameAllocator::with_resource(res);
-            frames.set_thread_config(Some(CacheConfig::uniform(MAX_BUCKETS, 2 * MAX_BLOCK).unwrap()));
+            frames.set_thread_config(Some(CacheConfig::uniform(MAX_BUCKETS, 2 * MAX_BLOCK).unwrap())).unwrap();
             let before = res.live_blocks();
             let top = frames.allocate(MAX_BLOCK).unwrap();
             let over = frames.allocate(MAX_BLOCK + 1).unwrap();
@@ -679,7 +679,7 @@ mod tests {
                 let _serial = serial();
                 let frames = RecyclingFrameAllocator::with_resource(res);
                 let config = CacheConfig::uniform(10, limit).unwrap();
-                frames.set_thread_config(Some(config));
+                frames.set_thread_config(Some(config)).unwrap();
                 let before = res.live_blocks();
                 let mut live = Vec::new();
                 for (alloc, size, pick) in ops {

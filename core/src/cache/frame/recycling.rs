@@ -57,9 +57,11 @@ impl RecyclingFrameAllocator {
     /// Gives the calling thread's frame lists their own limits (`None`: the defaults), applied
     /// at once. A thread has one frame configuration: it sets the limits of the thread's lists
     /// of every `RecyclingFrameAllocator` (and of [`ThreadFrames`]), whatever their upstream,
-    /// not of this allocator's alone.
-    pub fn set_thread_config(&self, config: Option<CacheConfig>) {
-        self.slot.set_thread_config(config);
+    /// not of this allocator's alone. Refused with [`Error::Unsupported`], keeping
+    /// nothing, where the thread has no caches (once they were returned at its exit, see
+    /// [`set_thread_role`](crate::cache::set_thread_role)).
+    pub fn set_thread_config(&self, config: Option<CacheConfig>) -> Result<()> {
+        self.slot.set_thread_config(config)
     }
 
     /// Returns the calling thread's recycled frames of this upstream (to the depot, then
