@@ -916,6 +916,9 @@ fn retire_thread(s: &ThreadState) {
     if s.phase.replace(EXITED) != ACTIVE {
         return;
     }
+    // Every cache stops caching before any is returned: what one returns may come back to
+    // another of this thread (through a global `HetAlloc`, see `flush_thread`), and one returned
+    // already would keep it, with no one left to return it. So no order of flushes is needed.
     for cache in &s.caches {
         cache.retire();
     }
