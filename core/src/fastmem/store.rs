@@ -174,8 +174,9 @@ impl<'a, const N: usize, const S: usize> FastMem<'a, N, S> {
     /// new one bumped from the store.
     ///
     /// Errors (the value is dropped): [`Error::InvalidSize`] if `T` is larger than `S` bytes,
-    /// [`Error::OutOfMemory`] if the stack is empty and the store has no room for a new block.
-    /// Zero-sized values take no memory and never fail.
+    /// [`Error::OutOfMemory`] if the stack is empty and the store has no room for a new block,
+    /// [`Error::Corrupt`] if it needs a new block and a stray write put the cursor past the
+    /// store's end. Zero-sized values take no memory and never fail.
     #[inline(always)]
     pub fn alloc<T>(self, value: T) -> Result<FastBox<'a, T>> {
         let store = self.store_ref();
@@ -200,9 +201,10 @@ impl<'a, const N: usize, const S: usize> FastMem<'a, N, S> {
         }
     }
 
-    /// Bytes never handed out yet (recycled blocks not counted).
+    /// Bytes never handed out yet (recycled blocks not counted); 0 if a stray write put the
+    /// cursor past the store's end (which [`check`](Self::check) reports).
     pub fn remaining(self) -> usize {
-        N - self.store.cursor.load(Ordering::Relaxed)
+        N.saturating_sub(self.store.cursor.load(Ordering::Relaxed))
     }
 
     /// Walks every free stack and checks that each block lies inside the part of the store
@@ -222,7 +224,7 @@ impl<'a, const N: usize, const S: usize> FastMem<'a, N, S> {
         let heads = FastMemStore::<N, S>::HEADS;
         let cursor = self.store.cursor.load(Ordering::Acquire);
         if !(heads..=N).contains(&cursor) {
-            return Err(corrupt(cursor, "cursor outside the store"));
+            return Err(corrupt(cursor, CURSOR_OUTSIDE));
         }
         let mut report = FastMemReport {
             capacity: N - heads,
@@ -315,6 +317,9 @@ impl<'a, const N: usize, const S: usize> FastMem<'a, N, S> {
         #[cfg(feature = "critical-section")]
         critical_section::with(|_| {
             let current = cursor.load(Ordering::Relaxed);
+            if current > N {
+                return Err(cursor_outside(current));
+            }
             let start = bump_start(addr, current, size);
             let end = start + size;
             if end > N {
@@ -331,11 +336,16 @@ impl<'a, const N: usize, const S: usize> FastMem<'a, N, S> {
 /// of a store of `n` bytes at address `addr` whose cursor is `cursor`, and returns their offset.
 /// Claims racing on one cursor get disjoint ranges: each moves the cursor from the value it
 /// computed its range from, or retries. Run on loom's atomics by `core/tests/loom_fastmem.rs`.
+/// A cursor past `n` (a stray write) is [`Error::Corrupt`]: the arithmetic below holds only
+/// up to `n`.
 #[cfg(not(feature = "critical-section"))]
 #[inline(always)]
 pub fn claim<C: HeadCell>(cursor: &C, addr: usize, n: usize, size: usize) -> Result<usize> {
     let mut current = cursor.load(Ordering::Relaxed);
     loop {
+        if current > n {
+            return Err(cursor_outside(current));
+        }
         let start = bump_start(addr, current, size);
         let end = start + size;
         if end > n {
@@ -367,6 +377,13 @@ fn too_large(size: usize) -> Error {
 fn out_of_memory(size: usize, available: usize) -> Error {
     Error::OutOfMemory { requested: size as u64, available: available as u64 }
 }
+
+#[cold]
+fn cursor_outside(cursor: usize) -> Error {
+    corrupt(cursor, CURSOR_OUTSIDE)
+}
+
+const CURSOR_OUTSIDE: &str = "cursor outside the store";
 
 fn corrupt(offset: usize, detail: &'static str) -> Error {
     Error::Corrupt { structure: "fastmem store", offset: offset as u64, detail }
