@@ -47,10 +47,29 @@ impl AlignedBlocks {
         NonNull::new(addr as *mut u8).ok_or(Error::Gpu { call, code: 0, name: "returned address 0" })
     }
 
-    /// The driver address to free for a block handed out at `addr` with alignment `align`.
-    /// `guaranteed` is the alignment every driver allocation has: at or below it, no block was
-    /// moved, and the table is not consulted.
-    pub(crate) fn base_of(&self, addr: u64, align: usize, guaranteed: usize) -> u64 {
+    /// Frees the block handed out at `addr` with alignment `align`: forgets its record, then,
+    /// if `bind` (which makes the driver's context current for `free`) succeeds, calls `free`
+    /// with the driver address. `guaranteed` is the alignment every driver allocation has: at or
+    /// below it, no block was moved, and the table is not consulted.
+    ///
+    /// The record goes whether or not the driver can be reached: the block is not used again, and
+    /// a record left behind would send a later block handed out unmoved at the same address (the
+    /// driver may reuse it once the context's memory is gone) to the wrong base when it is freed.
+    pub(crate) fn deallocate<G>(
+        &self,
+        addr: u64,
+        align: usize,
+        guaranteed: usize,
+        bind: impl FnOnce() -> Result<G>,
+        free: impl FnOnce(u64),
+    ) {
+        let base = self.base_of(addr, align, guaranteed);
+        if let Ok(_bound) = bind() {
+            free(base);
+        }
+    }
+
+    fn base_of(&self, addr: u64, align: usize, guaranteed: usize) -> u64 {
         if align <= guaranteed {
             return addr;
         }
@@ -101,10 +120,28 @@ mod tests {
             assert_eq!(a % align as u64, 0, "align {align}");
             let (base, size) = *fake.live.borrow().last().unwrap();
             assert!(a >= base && a + 1000 <= base + size as u64, "the block lies inside the driver's");
-            fake.free(blocks.base_of(a, align, 256));
+            blocks.deallocate(a, align, 256, || Ok(()), |p| fake.free(p));
         }
         assert!(fake.live.borrow().is_empty(), "every driver block was freed once");
         assert!(blocks.lock().is_empty());
+    }
+
+    /// A block whose free cannot reach the driver (its context cannot be made current) is still
+    /// forgotten: a later block handed out unmoved at the same address is freed there, not at the
+    /// first block's base.
+    #[test]
+    fn a_free_that_cannot_bind_still_forgets_the_block() {
+        let blocks = AlignedBlocks::default();
+        let fake = Fake::new();
+        let a = blocks.allocate(1000, 4096, "fake", |s| fake.alloc(s), |p| fake.free(p)).unwrap().as_ptr() as u64;
+        let (base, _) = *fake.live.borrow().last().unwrap();
+        assert_ne!(a, base, "the fake's addresses are not 4096-aligned, so the block moved");
+        let unreachable = || Err::<(), _>(Error::Unsupported("the context is gone"));
+        blocks.deallocate(a, 4096, 256, unreachable, |_| panic!("freed without a context"));
+        assert!(blocks.lock().is_empty(), "the record of a block freed without a context is gone");
+        let mut freed = Vec::new();
+        blocks.deallocate(a, 4096, 256, || Ok(()), |p| freed.push(p));
+        assert_eq!(freed, [a], "a block at the same address handed out unmoved is freed at that address");
     }
 
     #[test]

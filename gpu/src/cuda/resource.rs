@@ -132,12 +132,11 @@ unsafe impl MemoryResource for CudaDeviceResource {
     }
 
     unsafe fn deallocate(&self, ptr: NonNull<u8>, _size: usize, align: usize) {
-        let Ok(_bound) = driver::bind(&self.ctx) else {
-            return; // the context is gone: so is its memory
-        };
-        let base = self.moved.base_of(ptr.as_ptr() as u64, align, DEVICE_ALLOC_ALIGN);
+        // Without a context to bind the block is not freed: the context is gone, and so is its memory.
+        let bind = || driver::bind(&self.ctx);
         // SAFETY: `deallocate`'s contract: the block came from `allocate` and is not used again.
-        unsafe { self.raw_free(base) };
+        let free = |base| unsafe { self.raw_free(base) };
+        self.moved.deallocate(ptr.as_ptr() as u64, align, DEVICE_ALLOC_ALIGN, bind, free);
     }
 }
 
@@ -249,11 +248,11 @@ unsafe impl MemoryResource for CudaPinnedResource {
     }
 
     unsafe fn deallocate(&self, ptr: NonNull<u8>, _size: usize, align: usize) {
-        let Ok(_bound) = driver::bind(&self.ctx) else {
-            return;
+        let bind = || driver::bind(&self.ctx);
+        let free = |base: u64| {
+            // SAFETY: `deallocate`'s contract: the block came from `allocate` and is not used again.
+            let _ = unsafe { driver::free_host(base as *mut c_void) };
         };
-        let base = self.moved.base_of(ptr.as_ptr() as u64, align, HOST_ALLOC_ALIGN);
-        // SAFETY: `deallocate`'s contract: the block came from `allocate` and is not used again.
-        let _ = unsafe { driver::free_host(base as *mut c_void) };
+        self.moved.deallocate(ptr.as_ptr() as u64, align, HOST_ALLOC_ALIGN, bind, free);
     }
 }

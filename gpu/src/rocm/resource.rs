@@ -58,11 +58,11 @@ unsafe impl MemoryResource for RocmDeviceResource {
     }
 
     unsafe fn deallocate(&self, ptr: NonNull<u8>, _size: usize, align: usize) {
-        let Ok(_device) = runtime::use_device(self.device) else {
-            return;
+        let bind = || runtime::use_device(self.device);
+        let free = |base| {
+            // SAFETY: `deallocate`'s contract: the block came from `allocate` and is not used again.
+            let _ = unsafe { runtime::free(base) };
         };
-        let base = self.moved.base_of(ptr.as_ptr() as u64, align, DEVICE_ALLOC_ALIGN);
-        // SAFETY: `deallocate`'s contract: the block came from `allocate` and is not used again.
-        let _ = unsafe { runtime::free(base) };
+        self.moved.deallocate(ptr.as_ptr() as u64, align, DEVICE_ALLOC_ALIGN, bind, free);
     }
 }
