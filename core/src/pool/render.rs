@@ -126,9 +126,12 @@ pub fn svg(pool: &(impl Pool + ?Sized)) -> String {
 pub fn live_report(pool: &(impl Pool + ?Sized)) -> String {
     let mut live = pool.live_allocations();
     live.sort_unstable_by_key(|a| a.sequence);
-    let requested: usize = live.iter().map(|a| a.size).sum();
-    let mut out =
-        format!("{} live allocations in the {} pool, {} requested\n", live.len(), pool.name(), Bytes(requested));
+    // A pool reports what it likes; sizes past the address space are summed without overflowing.
+    let requested = match live.iter().try_fold(0usize, |total, a| total.checked_add(a.size)) {
+        Some(total) => format!("{}", Bytes(total)),
+        None => format!("more than {}", Bytes(usize::MAX)),
+    };
+    let mut out = format!("{} live allocations in the {} pool, {requested} requested\n", live.len(), pool.name());
     for a in &live {
         let _ = writeln!(
             out,
@@ -165,8 +168,8 @@ mod tests {
     }
 
     /// A pool with a name of the test's choosing (markup, control characters), as a user's pool
-    /// may name itself.
-    struct Named(QuickPool<HostResource>, &'static str);
+    /// may name itself, and, if given, the live allocations it claims.
+    struct Named(QuickPool<HostResource>, &'static str, Option<alloc::vec::Vec<crate::pool::LiveAllocation>>);
 
     // SAFETY: forwards to a `QuickPool`.
     unsafe impl Pool for Named {
@@ -192,7 +195,7 @@ mod tests {
             self.0.for_each_block(f)
         }
         fn live_allocations(&self) -> alloc::vec::Vec<crate::pool::LiveAllocation> {
-            self.0.live_allocations()
+            self.2.clone().unwrap_or_else(|| self.0.live_allocations())
         }
         fn check(&self) -> crate::Result<()> {
             self.0.check()
@@ -201,7 +204,7 @@ mod tests {
 
     #[test]
     fn a_pool_named_with_markup_still_makes_well_formed_svg() {
-        let mut pool = Named(QuickPool::new(HostResource), "<quick & co>");
+        let mut pool = Named(QuickPool::new(HostResource), "<quick & co>", None);
         let _p = pool.allocate(100, 16).unwrap();
         let svg = svg(&pool);
         assert!(svg.contains("&lt;quick &amp; co&gt; pool: actual"), "{svg}");
@@ -212,12 +215,33 @@ mod tests {
     fn characters_xml_forbids_in_a_name_do_not_reach_the_svg() {
         // XML 1.0 allows no control character but tab, newline and carriage return, nor
         // U+FFFE and U+FFFF, not even written as entities: each becomes U+FFFD.
-        let pool = Named(QuickPool::new(HostResource), "a\u{0}b\u{1b}[31m\tc\u{fffe}\u{ffff}d\u{7f}");
+        let pool = Named(QuickPool::new(HostResource), "a\u{0}b\u{1b}[31m\tc\u{fffe}\u{ffff}d\u{7f}", None);
         let svg = svg(&pool);
         let forbidden =
             |c: char| matches!(c, '\0'..='\u{8}' | '\u{b}' | '\u{c}' | '\u{e}'..='\u{1f}' | '\u{fffe}' | '\u{ffff}');
         assert!(!svg.chars().any(forbidden), "{svg:?}");
         assert!(svg.contains("a\u{fffd}b\u{fffd}[31m\tc\u{fffd}\u{fffd}d\u{7f} pool: actual"), "{svg:?}");
+    }
+
+    /// A user's pool may claim live allocations whose sizes add up past the address space: the
+    /// report says so rather than overflowing.
+    #[test]
+    fn a_report_of_sizes_past_the_address_space_does_not_overflow() {
+        let huge = crate::pool::LiveAllocation {
+            addr: 0x1000,
+            size: usize::MAX / 2 + 1,
+            block_size: usize::MAX / 2 + 1,
+            sequence: 0,
+            chunk: 0,
+            offset: 0,
+        };
+        let claims = alloc::vec![huge, crate::pool::LiveAllocation { sequence: 1, ..huge }];
+        let pool = Named(QuickPool::new(HostResource), "claims", Some(claims));
+        let report = live_report(&pool);
+        let expected =
+            alloc::format!("2 live allocations in the claims pool, more than {} requested", Bytes(usize::MAX));
+        assert!(report.starts_with(&expected), "{report}");
+        assert_eq!(report.lines().count(), 3, "{report}");
     }
 
     #[test]
