@@ -278,8 +278,12 @@ impl BlockArena {
         self.free.largest(&self.blocks)
     }
 
-    /// Checks a request once, as [`check_layout`] does (its rounded size and padding then
-    /// cannot overflow), and returns what the arena needs of it.
+    /// Checks a request once, on the hot path, and returns what the arena needs of it. A zero
+    /// size, an alignment that is not a power of two and a size over `isize::MAX` are refused
+    /// with [`check_layout`]'s error; unlike it, a size that passes `isize::MAX` only once
+    /// rounded up to the alignment is taken (its rounded size and padding still cannot
+    /// overflow). No free block is that large, and the callers refuse it where it could go
+    /// further: a pool before going upstream, `BackendResource` before calling this.
     ///
     /// [`check_layout`]: crate::check_layout
     #[inline(always)]
