@@ -7,7 +7,7 @@ use alloc::format;
 use alloc::string::String;
 use core::fmt::{self, Write};
 
-use super::{Pool, PoolStats};
+use super::{BlockInfo, Pool, PoolStats};
 
 /// Bytes in the largest binary unit that keeps the number at least 1 ("1.5 MiB").
 pub struct Bytes(pub usize);
@@ -29,7 +29,10 @@ impl fmt::Display for Bytes {
     }
 }
 
-fn summary(name: &str, s: &PoolStats) -> String {
+/// The pool's figures in one line; `walked` is the blocks and free blocks the picture below it
+/// shows, which a pool may count differently in its stats (a fixed pool counts every slot, and
+/// walks runs of them).
+fn summary(name: &str, s: &PoolStats, walked: Walked) -> String {
     format!(
         "{name} pool: actual {} in {} upstream blocks, current {}, high watermark {}, {} live allocations, {} blocks ({} free)",
         Bytes(s.actual_size),
@@ -37,9 +40,23 @@ fn summary(name: &str, s: &PoolStats) -> String {
         Bytes(s.current_size),
         Bytes(s.high_watermark),
         s.allocation_count,
-        s.total_blocks,
-        s.free_blocks,
+        walked.blocks,
+        walked.free,
     )
+}
+
+/// Blocks counted as [`Pool::for_each_block`] walks them.
+#[derive(Clone, Copy, Default)]
+struct Walked {
+    blocks: usize,
+    free: usize,
+}
+
+impl Walked {
+    fn count(&mut self, b: &BlockInfo) {
+        self.blocks += 1;
+        self.free += usize::from(!b.used);
+    }
 }
 
 /// `text` with the characters that XML reads as markup written as entities, and those XML 1.0
@@ -61,21 +78,24 @@ fn escaped(text: &str) -> String {
 }
 
 /// A summary line, then one line per block: upstream block, its address, the block's offset in
-/// it, size, and state.
+/// it, size, and state. The summary's block counts are those of the lines below it.
 pub fn text_map(pool: &(impl Pool + ?Sized)) -> String {
-    let mut out = summary(pool.name(), &pool.stats());
-    out.push('\n');
+    let (mut lines, mut walked) = (String::new(), Walked::default());
     pool.for_each_block(&mut |b| {
+        walked.count(&b);
         let state = if b.used { "used" } else { "free" };
         // Writing to a String cannot fail.
-        let _ = writeln!(out, "chunk {:>3} @{:#x} +{:#012x} {:>12} {state}", b.chunk, b.chunk_addr, b.offset, b.size);
+        let _ = writeln!(lines, "chunk {:>3} @{:#x} +{:#012x} {:>12} {state}", b.chunk, b.chunk_addr, b.offset, b.size);
     });
+    let mut out = summary(pool.name(), &pool.stats(), walked);
+    out.push('\n');
+    out.push_str(&lines);
     out
 }
 
 /// The pool as an SVG picture: one bar per upstream block (in address order), each spanning the
 /// full width whatever its size, with used blocks red and free blocks green. Hovering a block
-/// shows its offset and size.
+/// shows its offset and size. The summary's block counts are those of the bars.
 pub fn svg(pool: &(impl Pool + ?Sized)) -> String {
     const WIDTH: f64 = 1000.0;
     const BAR: usize = 22;
@@ -91,14 +111,14 @@ pub fn svg(pool: &(impl Pool + ?Sized)) -> String {
     );
     out.push_str("<style>.used{fill:#d9534f}.free{fill:#5cb85c}rect{stroke:#fff;stroke-width:0.5}");
     out.push_str("text{font:12px monospace;fill:#222}</style>\n");
-    let _ = writeln!(out, r#"<text x="10" y="16">{}</text>"#, escaped(&summary(pool.name(), &stats)));
-    let mut last_chunk = usize::MAX;
+    let (mut bars, mut walked, mut last_chunk) = (String::new(), Walked::default(), usize::MAX);
     pool.for_each_block(&mut |b| {
+        walked.count(&b);
         let y = TOP + b.chunk * ROW;
         if b.chunk != last_chunk {
             last_chunk = b.chunk;
             let _ = writeln!(
-                out,
+                bars,
                 r#"<text x="10" y="{}">upstream block {} at {:#x}, {}</text>"#,
                 y + 10,
                 b.chunk,
@@ -109,7 +129,7 @@ pub fn svg(pool: &(impl Pool + ?Sized)) -> String {
         let scale = WIDTH / b.chunk_size.max(1) as f64;
         let state = if b.used { "used" } else { "free" };
         let _ = writeln!(
-            out,
+            bars,
             r#"<rect class="{state}" x="{:.2}" y="{}" width="{:.2}" height="{BAR}"><title>{state} +{:#x} {}</title></rect>"#,
             10.0 + b.offset as f64 * scale,
             y + 14,
@@ -118,6 +138,8 @@ pub fn svg(pool: &(impl Pool + ?Sized)) -> String {
             Bytes(b.size),
         );
     });
+    let _ = writeln!(out, r#"<text x="10" y="16">{}</text>"#, escaped(&summary(pool.name(), &stats, walked)));
+    out.push_str(&bars);
     out.push_str("</svg>\n");
     out
 }
@@ -242,6 +264,27 @@ mod tests {
             alloc::format!("2 live allocations in the claims pool, more than {} requested", Bytes(usize::MAX));
         assert!(report.starts_with(&expected), "{report}");
         assert_eq!(report.lines().count(), 3, "{report}");
+    }
+
+    /// A fixed pool counts every slot in its stats but walks runs of slots in one state: the
+    /// pictures' summaries count the blocks they show.
+    #[test]
+    fn a_fixed_pools_pictures_count_the_blocks_they_show() {
+        let config = crate::pool::FixedPoolConfig { objects_per_block: 8, ..crate::pool::FixedPoolConfig::new(64) };
+        let mut pool = crate::pool::FixedPool::new(HostResource, config).unwrap();
+        let a = pool.allocate(64, 16).unwrap();
+        let b = pool.allocate(64, 16).unwrap();
+        let _c = pool.allocate(64, 16).unwrap();
+        pool.deallocate(b).unwrap();
+        assert_eq!((pool.stats().total_blocks, pool.stats().free_blocks), (8, 6), "slots");
+        let map = text_map(&pool);
+        assert!(map.lines().next().unwrap().ends_with(", 4 blocks (2 free)"), "{map}");
+        assert_eq!(map.lines().count(), 1 + 4, "{map}");
+        assert_eq!(map.lines().filter(|l| l.ends_with(" free")).count(), 2, "{map}");
+        let svg = svg(&pool);
+        assert!(svg.contains(", 4 blocks (2 free)</text>"), "{svg}");
+        assert_eq!(svg.matches("<rect").count(), 4, "{svg}");
+        pool.deallocate(a).unwrap();
     }
 
     #[test]
