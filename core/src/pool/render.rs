@@ -102,7 +102,9 @@ pub fn svg(pool: &(impl Pool + ?Sized)) -> String {
     const ROW: usize = 44;
     const TOP: usize = 30;
     let stats = pool.stats();
-    let height = TOP + stats.upstream_blocks.max(1) * ROW;
+    // A pool reports what it likes: coordinates past `usize::MAX` stop there rather than overflow.
+    let row = |chunk: usize| TOP.saturating_add(chunk.saturating_mul(ROW));
+    let height = row(stats.upstream_blocks.max(1));
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -114,13 +116,13 @@ pub fn svg(pool: &(impl Pool + ?Sized)) -> String {
     let (mut bars, mut walked, mut last_chunk) = (String::new(), Walked::default(), usize::MAX);
     pool.for_each_block(&mut |b| {
         walked.count(&b);
-        let y = TOP + b.chunk * ROW;
+        let y = row(b.chunk);
         if b.chunk != last_chunk {
             last_chunk = b.chunk;
             let _ = writeln!(
                 bars,
                 r#"<text x="10" y="{}">upstream block {} at {:#x}, {}</text>"#,
-                y + 10,
+                y.saturating_add(10),
                 b.chunk,
                 b.chunk_addr,
                 Bytes(b.chunk_size)
@@ -132,7 +134,7 @@ pub fn svg(pool: &(impl Pool + ?Sized)) -> String {
             bars,
             r#"<rect class="{state}" x="{:.2}" y="{}" width="{:.2}" height="{BAR}"><title>{state} +{:#x} {}</title></rect>"#,
             10.0 + b.offset as f64 * scale,
-            y + 14,
+            y.saturating_add(14),
             (b.size as f64 * scale).max(0.5),
             b.offset,
             Bytes(b.size),
@@ -167,7 +169,7 @@ pub fn live_report(pool: &(impl Pool + ?Sized)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pool::{HostResource, QuickPool, QuickPoolConfig};
+    use crate::pool::{HostResource, LiveAllocation, QuickPool, QuickPoolConfig};
 
     #[test]
     fn bytes_read_naturally() {
@@ -190,8 +192,8 @@ mod tests {
     }
 
     /// A pool with a name of the test's choosing (markup, control characters), as a user's pool
-    /// may name itself, and, if given, the live allocations it claims.
-    struct Named(QuickPool<HostResource>, &'static str, Option<alloc::vec::Vec<crate::pool::LiveAllocation>>);
+    /// may name itself.
+    struct Named(QuickPool<HostResource>, &'static str);
 
     // SAFETY: forwards to a `QuickPool`.
     unsafe impl Pool for Named {
@@ -217,16 +219,56 @@ mod tests {
             self.0.for_each_block(f)
         }
         fn live_allocations(&self) -> alloc::vec::Vec<crate::pool::LiveAllocation> {
-            self.2.clone().unwrap_or_else(|| self.0.live_allocations())
+            self.0.live_allocations()
         }
         fn check(&self) -> crate::Result<()> {
             self.0.check()
         }
     }
 
+    /// A user's pool that reports what the test says, however absurd: the pictures and reports
+    /// must not trust its figures to add up.
+    #[derive(Default)]
+    struct Claims {
+        stats: PoolStats,
+        blocks: alloc::vec::Vec<BlockInfo>,
+        live: alloc::vec::Vec<LiveAllocation>,
+    }
+
+    // SAFETY: hands out no memory.
+    unsafe impl Pool for Claims {
+        fn name(&self) -> &str {
+            "claims"
+        }
+        fn memory_kind(&self) -> crate::resource::MemoryKind {
+            crate::resource::MemoryKind::Host
+        }
+        fn allocate(&mut self, _size: usize, _align: usize) -> crate::Result<core::ptr::NonNull<u8>> {
+            Err(crate::Error::Unsupported("a pool of claims"))
+        }
+        fn deallocate(&mut self, ptr: core::ptr::NonNull<u8>) -> crate::Result<()> {
+            Err(crate::Error::InvalidFree { offset: ptr.as_ptr() as u64, reason: "a pool of claims" })
+        }
+        fn release(&mut self) -> usize {
+            0
+        }
+        fn stats(&self) -> PoolStats {
+            self.stats
+        }
+        fn for_each_block(&self, f: &mut dyn FnMut(BlockInfo)) {
+            self.blocks.iter().for_each(|&b| f(b))
+        }
+        fn live_allocations(&self) -> alloc::vec::Vec<LiveAllocation> {
+            self.live.clone()
+        }
+        fn check(&self) -> crate::Result<()> {
+            Ok(())
+        }
+    }
+
     #[test]
     fn a_pool_named_with_markup_still_makes_well_formed_svg() {
-        let mut pool = Named(QuickPool::new(HostResource), "<quick & co>", None);
+        let mut pool = Named(QuickPool::new(HostResource), "<quick & co>");
         let _p = pool.allocate(100, 16).unwrap();
         let svg = svg(&pool);
         assert!(svg.contains("&lt;quick &amp; co&gt; pool: actual"), "{svg}");
@@ -237,7 +279,7 @@ mod tests {
     fn characters_xml_forbids_in_a_name_do_not_reach_the_svg() {
         // XML 1.0 allows no control character but tab, newline and carriage return, nor
         // U+FFFE and U+FFFF, not even written as entities: each becomes U+FFFD.
-        let pool = Named(QuickPool::new(HostResource), "a\u{0}b\u{1b}[31m\tc\u{fffe}\u{ffff}d\u{7f}", None);
+        let pool = Named(QuickPool::new(HostResource), "a\u{0}b\u{1b}[31m\tc\u{fffe}\u{ffff}d\u{7f}");
         let svg = svg(&pool);
         let forbidden =
             |c: char| matches!(c, '\0'..='\u{8}' | '\u{b}' | '\u{c}' | '\u{e}'..='\u{1f}' | '\u{fffe}' | '\u{ffff}');
@@ -249,7 +291,7 @@ mod tests {
     /// report says so rather than overflowing.
     #[test]
     fn a_report_of_sizes_past_the_address_space_does_not_overflow() {
-        let huge = crate::pool::LiveAllocation {
+        let huge = LiveAllocation {
             addr: 0x1000,
             size: usize::MAX / 2 + 1,
             block_size: usize::MAX / 2 + 1,
@@ -257,13 +299,25 @@ mod tests {
             chunk: 0,
             offset: 0,
         };
-        let claims = alloc::vec![huge, crate::pool::LiveAllocation { sequence: 1, ..huge }];
-        let pool = Named(QuickPool::new(HostResource), "claims", Some(claims));
+        let pool = Claims { live: alloc::vec![huge, LiveAllocation { sequence: 1, ..huge }], ..Claims::default() };
         let report = live_report(&pool);
         let expected =
             alloc::format!("2 live allocations in the claims pool, more than {} requested", Bytes(usize::MAX));
         assert!(report.starts_with(&expected), "{report}");
         assert_eq!(report.lines().count(), 3, "{report}");
+    }
+
+    /// A user's pool may number its upstream blocks past what an SVG's coordinates can count
+    /// in: the picture is drawn without overflowing.
+    #[test]
+    fn an_svg_of_absurd_upstream_block_numbers_does_not_overflow() {
+        let block =
+            BlockInfo { chunk: usize::MAX, chunk_addr: 0x1000, chunk_size: 4096, offset: 0, size: 4096, used: true };
+        let stats = PoolStats { upstream_blocks: usize::MAX, ..PoolStats::default() };
+        let pool = Claims { stats, blocks: alloc::vec![block], ..Claims::default() };
+        let svg = svg(&pool);
+        assert_eq!(svg.matches("<rect").count(), 1, "{svg}");
+        assert!(svg.ends_with("</svg>\n"), "{svg}");
     }
 
     /// A fixed pool counts every slot in its stats but walks runs of slots in one state: the
