@@ -2,30 +2,112 @@
 //! forked child (neither CUDA nor HIP survives `fork()`: any call before an `exec` is undefined
 //! behaviour, so nothing may call them there).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
+use std::time::Duration;
 
-use hetmem_core::{Error, Result};
+use hetmem_core::{fork, Error, Result};
 
 /// The answer of a start-up function, and the fork generation ([`hetmem_core::fork`]) it was given
 /// in.
-pub(crate) struct ForkOnce<T>(OnceLock<(Result<T>, u64)>);
+pub(crate) struct ForkOnce<T> {
+    answer: OnceLock<(Result<T>, u64)>,
+    /// 1 + the fork generation in which a thread began to work the answer out; 0 before one has.
+    claimed: AtomicU64,
+}
 
 impl<T: Copy> ForkOnce<T> {
     pub(crate) const fn new() -> Self {
-        ForkOnce(OnceLock::new())
+        ForkOnce { answer: OnceLock::new(), claimed: AtomicU64::new(0) }
     }
 
     /// `start`'s answer, from its first call in this process; `Unsupported(forked)` in a forked
-    /// child of a process where it succeeded. Forks are watched before `start` runs, so that every
-    /// later one is counted.
+    /// child of a process where it succeeded, or where another thread was still in `start` at the
+    /// fork (that thread does not run in the child, so its answer would never come; and the
+    /// driver it was starting is the parent's). Other threads of the process wait for the one in
+    /// `start`. Forks are watched before `start` runs, so that every later one is counted.
     pub(crate) fn get(&self, start: impl FnOnce() -> Result<T>, forked: &'static str) -> Result<T> {
-        let (state, generation) = self.0.get_or_init(|| {
-            let answer = hetmem_core::fork::watch().and_then(|()| start());
-            (answer, hetmem_core::fork::generation())
-        });
-        if state.is_ok() && *generation != hetmem_core::fork::generation() {
-            return Err(Error::Unsupported(forked));
+        loop {
+            if let Some(&(state, generation)) = self.answer.get() {
+                if state.is_ok() && generation != fork::generation() {
+                    return Err(Error::Unsupported(forked));
+                }
+                return state;
+            }
+            let watched = fork::watch();
+            let now = fork::generation();
+            match self.claimed.compare_exchange(0, now + 1, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    // A `start` that panics leaves the claim to the next caller.
+                    let unclaim = Unclaim(&self.claimed);
+                    let answer = watched.and_then(|()| start());
+                    std::mem::forget(unclaim);
+                    // Only the claimant sets the answer, once.
+                    let _ = self.answer.set((answer, now));
+                    return answer;
+                }
+                // Claimed in another generation: in the parent, by a thread this child lacks.
+                Err(claim) if claim != now + 1 => return Err(Error::Unsupported(forked)),
+                // Another thread of this process is in `start`.
+                Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
         }
-        *state
+    }
+}
+
+/// Gives a claim back if `start` unwinds.
+struct Unclaim<'a>(&'a AtomicU64);
+
+impl Drop for Unclaim<'_> {
+    fn drop(&mut self) {
+        self.0.store(0, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// A child forked while another thread of its parent is still working the answer out (the
+    /// driver's first load: `cuInit` can take a second) is refused at once: that thread does not
+    /// run in the child, so waiting for it would wait for ever, and the start it was in the
+    /// middle of is the parent's.
+    #[test]
+    fn a_child_forked_during_the_start_is_refused_rather_than_left_waiting() {
+        static ONCE: ForkOnce<u32> = ForkOnce::new();
+        let (began, wait_for_start) = mpsc::channel();
+        let starter = std::thread::spawn(move || {
+            ONCE.get(
+                || {
+                    began.send(()).unwrap();
+                    std::thread::sleep(Duration::from_millis(300));
+                    Ok(1)
+                },
+                "forked",
+            )
+        });
+        wait_for_start.recv().unwrap();
+        // SAFETY: fork(2); the child makes one call, bounded by an alarm, and leaves with `_exit`.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            // SAFETY: alarm(2): a child left waiting dies of SIGALRM.
+            unsafe { libc::alarm(3) };
+            let code = match ONCE.get(|| Ok(2), "forked") {
+                Err(Error::Unsupported("forked")) => 0,
+                _ => 1,
+            };
+            // SAFETY: ends the forked child.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waitpid(2) on our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(!libc::WIFSIGNALED(status), "the child was left waiting for its parent's start");
+        assert_eq!(libc::WEXITSTATUS(status), 0, "the child was not refused with Unsupported");
+        assert_eq!(starter.join().unwrap(), Ok(1));
+        assert_eq!(ONCE.get(|| Ok(3), "forked"), Ok(1), "the parent keeps its answer");
     }
 }

@@ -92,9 +92,10 @@ pub struct DriverInfo {
 ///   calls; it is too old.
 /// - [`Error::Gpu`] (`call`: "cuInit"): the driver refused to start, e.g. `CUDA_ERROR_NO_DEVICE`
 ///   on a machine without a GPU, or `CUDA_ERROR_INSUFFICIENT_DRIVER`.
-/// - [`Error::Unsupported`] in a forked child of a process that had loaded the driver: CUDA does
-///   not survive `fork()` (any driver call before an `exec` is undefined behaviour), so nothing
-///   here calls it there, and dropping the parent's backends in the child leaves them to the parent.
+/// - [`Error::Unsupported`] in a forked child of a process that had loaded the driver (or had a
+///   thread loading it at the fork): CUDA does not survive `fork()` (any driver call before an
+///   `exec` is undefined behaviour), so nothing here calls it there, and dropping the parent's
+///   backends in the child leaves them to the parent.
 pub fn driver() -> Result<DriverInfo> {
     static STATE: ForkOnce<DriverInfo> = ForkOnce::new();
     STATE.get(

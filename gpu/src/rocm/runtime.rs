@@ -23,8 +23,9 @@ pub struct RuntimeInfo {
 /// # Errors
 /// [`Error::Gpu`] from `hipGetDeviceCount`, e.g. `hipErrorNoDevice` on a machine without an AMD
 /// GPU (or without access to `/dev/kfd`). [`Error::Unsupported`] in a forked child of a process
-/// that had started the runtime: HIP does not survive `fork()`, so nothing here calls it there,
-/// and dropping the parent's backends in the child leaves their registrations to the parent.
+/// that had started the runtime (or had a thread starting it at the fork): HIP does not survive
+/// `fork()`, so nothing here calls it there, and dropping the parent's backends in the child
+/// leaves their registrations to the parent.
 pub fn runtime() -> Result<RuntimeInfo> {
     static STATE: ForkOnce<RuntimeInfo> = ForkOnce::new();
     STATE.get(
