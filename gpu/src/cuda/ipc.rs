@@ -168,16 +168,17 @@ pub struct CudaIpcOptions {
 /// The creator must outlive the attachers' use: dropping the creator while processes still have
 /// the memory open leaves the device memory allocated (until the creator exits) rather than free
 /// it under them. An attacher that died with the memory open does not count (see
-/// [`attached`](Self::attached)). Dropping a backend first waits for the work queued in every device's primary
-/// context in this process (copies through [views](Self::device_view) and kernels, queued on any
-/// device's streams, may still use the memory; work in contexts made with `cuCtxCreate` is not
-/// seen), including work that does not touch the memory: drop it before starting a kernel that
-/// runs for good, or after stopping it.
+/// [`attached`](Self::attached)). Dropping a backend first waits for the work queued in every
+/// device's primary context in this process (copies through [views](Self::device_view) and
+/// kernels, queued on any device's streams, may still use the memory; work in contexts made with
+/// `cuCtxCreate` is not seen), including work that does not touch the memory: drop it before
+/// starting a kernel that runs for good, or after stopping it.
 ///
 /// # Errors
 /// As [`driver::context`] and [`PosixShmBackend`]; an attacher gets [`Error::NotFound`] if no
-/// device here has the creator's UUID, [`Error::HeaderMismatch`] for a record that is not a
-/// CUDA IPC record or has the wrong size, [`Error::TimedOut`] if the creator never finishes, and
+/// device here has the creator's UUID or the creator has freed the memory (its backend dropped
+/// with nobody attached), [`Error::HeaderMismatch`] for a record that is not a CUDA IPC record
+/// or has the wrong size, [`Error::TimedOut`] if the creator never finishes, and
 /// [`Error::Unsupported`] when attaching in the creating process itself (CUDA refuses that).
 #[derive(Debug)]
 pub struct CudaIpcBackend {

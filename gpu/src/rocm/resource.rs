@@ -14,8 +14,10 @@ pub const DEVICE_ALLOC_ALIGN: usize = 256;
 /// device addresses: the CPU must not dereference them.
 ///
 /// # Errors
-/// Construction fails as [`runtime::runtime`] does; allocation returns [`Error::OutOfMemory`](hetmem_core::Error::OutOfMemory) when
-/// the device is full (the resource stays usable), other failures as [`Error::Gpu`](hetmem_core::Error::Gpu).
+/// Construction fails as [`runtime::runtime`] does, or with
+/// [`Error::NotFound`](hetmem_core::Error::NotFound) for a device that does not exist; allocation
+/// returns [`Error::OutOfMemory`](hetmem_core::Error::OutOfMemory) when the device is full (the
+/// resource stays usable), other failures as [`Error::Gpu`](hetmem_core::Error::Gpu).
 #[derive(Debug)]
 pub struct RocmDeviceResource {
     device: usize,
