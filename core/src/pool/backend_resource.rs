@@ -190,7 +190,8 @@ unsafe impl MemoryResource for BackendResource {
     fn allocate(&self, size: usize, align: usize) -> Result<NonNull<u8>> {
         if self.generation != crate::fork::generation() && self.backend.kind() != BackendKind::Private {
             return Err(Error::Unsupported(
-                "a BackendResource over shared or device memory used in a forked child (its parent hands out the same blocks)",
+                "a BackendResource over shared or device memory used in a forked child \
+                 (its parent hands out the same blocks)",
             ));
         }
         // Bad input, as a resource of any size would answer it (the arena's own check takes any

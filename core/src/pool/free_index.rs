@@ -924,7 +924,10 @@ mod tests {
         /// consistent.
         #[test]
         fn takes_the_best_fit_across_every_summary_word(
-            ops in proptest::collection::vec((proptest::bool::weighted(0.6), 0u32..usize::BITS - 2, 0usize..1024), 1..300)
+            ops in proptest::collection::vec(
+                (proptest::bool::weighted(0.6), 0u32..usize::BITS - 2, 0usize..1024),
+                1..300,
+            )
         ) {
             let mut index = Standalone::new();
             let mut model: Vec<(usize, usize, u32)> = Vec::new();

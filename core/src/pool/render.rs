@@ -34,7 +34,8 @@ impl fmt::Display for Bytes {
 /// walks runs of them).
 fn summary(name: &str, s: &PoolStats, walked: Walked) -> String {
     format!(
-        "{name} pool: actual {} in {} upstream blocks, current {}, high watermark {}, {} live allocations, {} blocks ({} free)",
+        "{name} pool: actual {} in {} upstream blocks, current {}, high watermark {}, {} live allocations, \
+         {} blocks ({} free)",
         Bytes(s.actual_size),
         s.upstream_blocks,
         Bytes(s.current_size),
@@ -132,12 +133,17 @@ pub fn svg(pool: &(impl Pool + ?Sized)) -> String {
         let state = if b.used { "used" } else { "free" };
         let _ = writeln!(
             bars,
-            r#"<rect class="{state}" x="{:.2}" y="{}" width="{:.2}" height="{BAR}"><title>{state} +{:#x} {}</title></rect>"#,
+            concat!(
+                r#"<rect class="{state}" x="{:.2}" y="{}" width="{:.2}" height="{BAR}">"#,
+                r#"<title>{state} +{:#x} {}</title></rect>"#
+            ),
             10.0 + b.offset as f64 * scale,
             y.saturating_add(14),
             (b.size as f64 * scale).max(0.5),
             b.offset,
             Bytes(b.size),
+            state = state,
+            BAR = BAR,
         );
     });
     let _ = writeln!(out, r#"<text x="10" y="16">{}</text>"#, escaped(&summary(pool.name(), &stats, walked)));

@@ -56,7 +56,8 @@ enum Op {
 
 fn ops(max_size: usize) -> impl Strategy<Value = Vec<Op>> {
     let op = prop_oneof![
-        6 => (1..=max_size, prop::sample::select(&[1usize, 8, 16, 64, 256, 4096][..])).prop_map(|(s, a)| Op::Allocate(s, a)),
+        6 => (1..=max_size, prop::sample::select(&[1usize, 8, 16, 64, 256, 4096][..]))
+            .prop_map(|(s, a)| Op::Allocate(s, a)),
         5 => any::<usize>().prop_map(Op::Free),
         1 => Just(Op::Coalesce),
         1 => Just(Op::Release),
