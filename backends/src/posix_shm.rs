@@ -524,21 +524,51 @@ fn check_removable(fd: i32, name: &str) -> Result<()> {
     }
 }
 
-/// The first eight bytes of the segment open (for reading) as `fd`, at least a page long: through
-/// a read-only mapping, as some systems (macOS) do not `read` shared memory.
+/// The first eight bytes of the segment open (for reading) as `fd`, at least a page long. A
+/// creator may be storing its magic meanwhile: bytes read halfway through that store are neither
+/// 0 nor the magic, which the caller takes for another program's segment (and leaves in place).
+///
+/// Linux reads them with `pread`, so a segment truncated since the caller measured it reads short
+/// (`HeaderMismatch` on its size) rather than faulting.
+#[cfg(target_os = "linux")]
 fn read_magic(fd: i32) -> Result<u64> {
+    let mut bytes = [0u8; 8];
+    // SAFETY: reading at most `bytes.len()` bytes into `bytes`, from a descriptor we hold open.
+    let read = unsafe { libc::pread(fd, bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    match read {
+        8 => Ok(u64::from_ne_bytes(bytes)),
+        n if n < 0 => Err(os_error("pread", "")),
+        n => Err(Error::HeaderMismatch { field: "total_size", expected: HEADER_SIZE + 1, found: n as u64 }),
+    }
+}
+
+/// The first eight bytes of the segment open (for reading) as `fd`, at least a page long: through
+/// a read-only mapping, as some systems (macOS) do not `read` shared memory. A creator may be
+/// storing its magic meanwhile: bytes read halfway through that store are neither 0 nor the
+/// magic, which the caller takes for another program's segment (and leaves in place). A segment
+/// truncated by another process between the caller's measure and this read faults (SIGBUS), as
+/// any access to a shrunk segment does.
+#[cfg(not(target_os = "linux"))]
+fn read_magic(fd: i32) -> Result<u64> {
+    use std::sync::atomic::{AtomicU32, Ordering};
     let len = HEADER_SIZE as usize;
     // SAFETY: mapping a descriptor we hold open, for reading; the kernel chooses the address.
     let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, fd, 0) };
     if ptr == libc::MAP_FAILED {
         return Err(os_error("mmap", ""));
     }
-    // SAFETY: the mapping is a page long (the segment is longer than one) and page-aligned; the
-    // magic is an atomic that a creator may be writing meanwhile, so it is read as one.
-    let magic = unsafe { (*ptr.cast::<std::sync::atomic::AtomicU64>()).load(std::sync::atomic::Ordering::Acquire) };
+    let words = ptr.cast::<AtomicU32>();
+    // SAFETY: the mapping is a page long (the segment is longer than one) and page-aligned. The
+    // words are read as atomics, since a creator may be writing them; as two register-wide loads,
+    // since a wider atomic load may be a compare-and-swap (32-bit x86), which faults on a
+    // read-only page.
+    let (low, high) = unsafe { ((*words).load(Ordering::Acquire), (*words.add(1)).load(Ordering::Acquire)) };
     // SAFETY: the mapping made above, unmapped once.
     unsafe { libc::munmap(ptr, len) };
-    Ok(magic)
+    let mut bytes = [0u8; 8];
+    bytes[..4].copy_from_slice(&low.to_ne_bytes());
+    bytes[4..].copy_from_slice(&high.to_ne_bytes());
+    Ok(u64::from_ne_bytes(bytes))
 }
 
 /// Waits until the segment is at least a header long (its creator may not have sized it yet).
@@ -1114,6 +1144,20 @@ mod tests {
     /// segment (a FIFO, another program's segment) in place, with the error `attach` gives, and
     /// still removes a segment whose header is not written yet (a creator that died at work).
     #[cfg(target_os = "linux")]
+    /// A segment another process truncated after `remove` measured it: its magic was read
+    /// through a mapping past the segment's end (zeros within the page, SIGBUS past it). Linux
+    /// now reads it with `pread`, which sees the short segment.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_magic_read_past_a_truncated_segments_end_is_a_size_mismatch() {
+        let path = std::env::temp_dir().join(format!("hetmem-short-magic-{}", std::process::id()));
+        std::fs::write(&path, [0x5a; 3]).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let r = read_magic(std::os::fd::AsRawFd::as_raw_fd(&file));
+        assert!(matches!(r, Err(Error::HeaderMismatch { field: "total_size", found: 3, .. })), "{r:?}");
+    }
+
     #[test]
     fn remove_leaves_what_is_not_a_hetmem_segment() {
         struct Remove(String);
