@@ -23,7 +23,11 @@ pub const HEADER_SIZE: u64 = 4096;
 /// The first eight bytes of every hetmem region.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"HETMEM\0\x01");
 /// The layout this code reads and writes. Attaching to another fails with a header mismatch.
-pub const LAYOUT_VERSION: u32 = 1;
+///
+/// Version 2 changed what shortened process stamps mean (see [`crate::liveness`]): a known start
+/// time whose kept bits are all 0 is written as all 1s. Code of version 1 compares the kept bits
+/// as they are, and would take a live process that wrote such a stamp for a dead one.
+pub const LAYOUT_VERSION: u32 = 2;
 /// Sub-regions start at multiples of this, so each allocator's header sits on its own cache lines.
 pub const SUBREGION_ALIGN: u64 = 64;
 /// How many allocators one region's directory holds.

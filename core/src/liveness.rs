@@ -118,6 +118,11 @@ pub unsafe trait ProcessLiveness: Sync {
     /// be accepted: compare a start time read with the stamp's through
     /// [`ProcessStamp::may_have_started_at`], which shortens it as the stamp's was. When unsure,
     /// answer `true`.
+    ///
+    /// Earlier releases (region layout version 1) asked hooks to compare the start time's kept
+    /// bits as they are. Since layout version 2 a known start time whose kept bits are all 0 is
+    /// shortened to all 1s, so such a hook would call a live process dead: compare through
+    /// `may_have_started_at`.
     fn is_alive(&self, stamp: ProcessStamp) -> bool;
 }
 
