@@ -152,11 +152,14 @@ fn load() -> Result<DriverInfo> {
 
 /// Loads the library at `path` and keeps it loaded for the life of the process, so that cudarc's
 /// own lookup by soname finds this copy. `None` if it does not load.
+///
+/// The handle is leaked rather than kept in a locked list: a forked child (which may look for
+/// NVRTC itself) must not wait on a lock that a thread of its parent held at the fork.
 pub(crate) fn preload(path: &std::ffi::OsStr) -> Option<()> {
-    static KEPT: Mutex<Vec<libloading::Library>> = Mutex::new(Vec::new());
     // SAFETY: loading a shared library runs its initialisers; the caller named a CUDA library.
     let lib = unsafe { libloading::Library::new(path) }.ok()?;
-    KEPT.lock().unwrap_or_else(|p| p.into_inner()).push(lib);
+    // Never unloaded: cudarc's handles and function pointers may point into it.
+    std::mem::forget(lib);
     Some(())
 }
 
@@ -599,5 +602,48 @@ mod tests {
             (Err(e), Err(again)) => assert_eq!(e, again, "context() reports the driver's error"),
             (_, other) => panic!("context(usize::MAX): {other:?}"),
         }
+    }
+
+    /// A forked child may look for NVRTC itself (see `nvrtc_available`), which preloads
+    /// libraries: it must not wait on a lock that a thread of its parent, preloading at the fork,
+    /// held (that thread does not run in the child to give it back).
+    #[test]
+    fn a_child_forked_while_a_thread_preloads_can_preload() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let libc_so: &std::ffi::OsStr = "libc.so.6".as_ref();
+        assert!(preload(libc_so).is_some());
+        let stop = Arc::new(AtomicBool::new(false));
+        let busy = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    preload(libc_so);
+                }
+            })
+        };
+        let mut stuck = false;
+        for _ in 0..200 {
+            // SAFETY: fork(2); the child makes one call, bounded by an alarm, and leaves with `_exit`.
+            let pid = unsafe { libc::fork() };
+            assert!(pid >= 0, "fork failed");
+            if pid == 0 {
+                // SAFETY: alarm(2): a child left waiting dies of SIGALRM.
+                unsafe { libc::alarm(1) };
+                let code = if preload(libc_so).is_some() { 0 } else { 1 };
+                // SAFETY: ends the forked child.
+                unsafe { libc::_exit(code) };
+            }
+            let mut status = 0;
+            // SAFETY: waitpid(2) on our own child.
+            assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+            stuck = libc::WIFSIGNALED(status);
+            if stuck {
+                break;
+            }
+            assert_eq!(libc::WEXITSTATUS(status), 0, "the child could not load libc");
+        }
+        stop.store(true, Ordering::Relaxed);
+        busy.join().unwrap();
+        assert!(!stuck, "a child forked while a thread preloaded waited for ever");
     }
 }
