@@ -10,12 +10,24 @@ use std::collections::HashMap;
 use std::ptr::NonNull;
 use std::sync::Mutex;
 
-use hetmem_core::{check_layout, Error, Result};
+use hetmem_core::{check_layout, fork, Error, Result};
 
 /// Blocks handed out at an address other than the driver's base.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct AlignedBlocks {
     moved: Mutex<HashMap<u64, u64>>,
+    /// The fork generation ([`fork`]) the table was made in: a forked child's copy is its
+    /// parent's, and its lock may have been held by a parent's thread at the fork.
+    generation: u64,
+}
+
+impl Default for AlignedBlocks {
+    fn default() -> Self {
+        // Forks are counted from here on (the platform's start-up has registered this already);
+        // if the system refused, the generation stays 0 and the table is always used.
+        let _ = fork::watch();
+        AlignedBlocks { moved: Mutex::default(), generation: fork::generation() }
+    }
 }
 
 impl AlignedBlocks {
@@ -55,6 +67,7 @@ impl AlignedBlocks {
     /// The record goes whether or not the driver can be reached: the block is not used again, and
     /// a record left behind would send a later block handed out unmoved at the same address (the
     /// driver may reuse it once the context's memory is gone) to the wrong base when it is freed.
+    /// In a forked child (which cannot reach the parent's driver) the table is left alone.
     pub(crate) fn deallocate<G>(
         &self,
         addr: u64,
@@ -71,6 +84,12 @@ impl AlignedBlocks {
 
     fn base_of(&self, addr: u64, align: usize, guaranteed: usize) -> u64 {
         if align <= guaranteed {
+            return addr;
+        }
+        if fork::generation() != self.generation {
+            // A forked child dropping its copy of the parent's blocks: the platform refuses it
+            // (`bind` fails), so no base is needed, and the table's lock is not taken: a thread
+            // of the parent that held it at the fork does not run here to give it back.
             return addr;
         }
         self.lock().remove(&addr).unwrap_or(addr)
@@ -142,6 +161,37 @@ mod tests {
         let mut freed = Vec::new();
         blocks.deallocate(a, 4096, 256, || Ok(()), |p| freed.push(p));
         assert_eq!(freed, [a], "a block at the same address handed out unmoved is freed at that address");
+    }
+
+    /// A forked child dropping its copies of the parent's moved blocks (a pool over a device
+    /// resource, dropped there) must not wait on the table's lock, which a thread of the parent
+    /// allocating or freeing at the fork holds for ever in the child.
+    #[test]
+    fn a_forked_child_frees_without_waiting_on_the_parents_lock() {
+        hetmem_core::fork::watch().unwrap();
+        let blocks = AlignedBlocks::default();
+        let fake = Fake::new();
+        let a = blocks.allocate(1000, 4096, "fake", |s| fake.alloc(s), |p| fake.free(p)).unwrap().as_ptr() as u64;
+        // Held across the fork, as a thread of the parent in `allocate` or `deallocate` holds it.
+        let held = blocks.lock();
+        // SAFETY: fork(2); the child makes one call, bounded by an alarm, and leaves with `_exit`.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            // SAFETY: alarm(2): a child left waiting dies of SIGALRM.
+            unsafe { libc::alarm(3) };
+            let refused = || Err::<(), _>(Error::Unsupported("forked"));
+            blocks.deallocate(a, 4096, 256, refused, |_| {});
+            // SAFETY: ends the forked child.
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: waitpid(2) on our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(!libc::WIFSIGNALED(status), "the child waited on a lock its parent's thread held at the fork");
+        drop(held);
+        blocks.deallocate(a, 4096, 256, || Ok(()), |p| fake.free(p));
+        assert!(fake.live.borrow().is_empty(), "the parent still frees its block at the driver's base");
     }
 
     #[test]
