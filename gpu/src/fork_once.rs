@@ -1,6 +1,7 @@
 //! [`ForkOnce`]: a platform's start-up answer, worked out once per process and refused in a
 //! forked child (neither CUDA nor HIP survives `fork()`: any call before an `exec` is undefined
-//! behaviour, so nothing may call them there).
+//! behaviour, so nothing may call them there); or, for work that leaves no such state (finding
+//! NVRTC), worked out again by a child whose parent had not finished it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -27,12 +28,38 @@ impl<T: Copy> ForkOnce<T> {
     /// driver it was starting is the parent's). Other threads of the process wait for the one in
     /// `start`. Forks are watched before `start` runs, so that every later one is counted.
     pub(crate) fn get(&self, start: impl FnOnce() -> Result<T>, forked: &'static str) -> Result<T> {
+        self.resolve(start, |state, generation| match state {
+            Ok(_) if generation != fork::generation() => Err(Error::Unsupported(forked)),
+            state => state,
+        })
+        .unwrap_or(Err(Error::Unsupported(forked)))
+    }
+
+    /// For start-up work that leaves no state a forked child must not use (finding and loading a
+    /// library, not starting a driver): `start`'s answer, from its first call in this process or
+    /// in the parent before the fork; a forked child whose parent had a thread in `start` at the
+    /// fork gets `again()` instead, every time (that thread does not run in the child, so its
+    /// answer would never come, and the child's own answer has nowhere to be kept but the
+    /// parent's unfinished slot). Other threads of the process wait for the one in `start`.
+    #[cfg_attr(not(hetmem_cuda), allow(dead_code))] // NVRTC's search only
+    pub(crate) fn get_or_again(
+        &self,
+        start: impl FnOnce() -> Result<T>,
+        again: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        self.resolve(start, |state, _| state).unwrap_or_else(again)
+    }
+
+    /// `answered(answer, generation)` once there is an answer (running `start` first if no thread
+    /// has); `None` in a forked child whose parent had a thread in `start` at the fork.
+    fn resolve(
+        &self,
+        start: impl FnOnce() -> Result<T>,
+        answered: impl FnOnce(Result<T>, u64) -> Result<T>,
+    ) -> Option<Result<T>> {
         loop {
             if let Some(&(state, generation)) = self.answer.get() {
-                if state.is_ok() && generation != fork::generation() {
-                    return Err(Error::Unsupported(forked));
-                }
-                return state;
+                return Some(answered(state, generation));
             }
             let watched = fork::watch();
             let now = fork::generation();
@@ -44,10 +71,10 @@ impl<T: Copy> ForkOnce<T> {
                     std::mem::forget(unclaim);
                     // Only the claimant sets the answer, once.
                     let _ = self.answer.set((answer, now));
-                    return answer;
+                    return Some(answer);
                 }
                 // Claimed in another generation: in the parent, by a thread this child lacks.
-                Err(claim) if claim != now + 1 => return Err(Error::Unsupported(forked)),
+                Err(claim) if claim != now + 1 => return None,
                 // Another thread of this process is in `start`.
                 Err(_) => std::thread::sleep(Duration::from_millis(1)),
             }
@@ -109,5 +136,53 @@ mod tests {
         assert_eq!(libc::WEXITSTATUS(status), 0, "the child was not refused with Unsupported");
         assert_eq!(starter.join().unwrap(), Ok(1));
         assert_eq!(ONCE.get(|| Ok(3), "forked"), Ok(1), "the parent keeps its answer");
+    }
+
+    /// Runs `child` in a forked child, bounded by an alarm: `Some` of what it returned, or `None`
+    /// if it was killed (left waiting).
+    fn in_child(child: impl FnOnce() -> bool) -> Option<bool> {
+        // SAFETY: fork(2); the child makes the calls in `child`, bounded by an alarm, and leaves
+        // with `_exit`.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            // SAFETY: alarm(2): a child left waiting dies of SIGALRM.
+            unsafe { libc::alarm(3) };
+            let code = if child() { 0 } else { 1 };
+            // SAFETY: ends the forked child.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waitpid(2) on our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        (!libc::WIFSIGNALED(status)).then(|| libc::WEXITSTATUS(status) == 0)
+    }
+
+    /// Work that leaves no state a child must not use (the NVRTC search): a child forked while
+    /// another thread of its parent is still in it does the work again itself, rather than wait
+    /// for ever for a thread it lacks, and a child of a parent that finished uses its answer.
+    #[test]
+    fn a_child_forked_during_shareable_work_does_it_again() {
+        static ONCE: ForkOnce<u32> = ForkOnce::new();
+        let (began, wait_for_start) = mpsc::channel();
+        let starter = std::thread::spawn(move || {
+            ONCE.get_or_again(
+                || {
+                    began.send(()).unwrap();
+                    std::thread::sleep(Duration::from_millis(300));
+                    Ok(1)
+                },
+                || unreachable!("the parent's own thread waits for nobody"),
+            )
+        });
+        wait_for_start.recv().unwrap();
+        let child = in_child(|| {
+            ONCE.get_or_again(|| Ok(2), || Ok(5)) == Ok(5) && ONCE.get_or_again(|| Ok(2), || Ok(6)) == Ok(6)
+        });
+        assert_eq!(child, Some(true), "the child was left waiting (None) or did not search again itself");
+        assert_eq!(starter.join().unwrap(), Ok(1));
+        assert_eq!(ONCE.get_or_again(|| Ok(3), || Ok(4)), Ok(1), "the parent keeps its answer");
+        let child = in_child(|| ONCE.get_or_again(|| Ok(2), || Ok(5)) == Ok(1));
+        assert_eq!(child, Some(true), "a child of a parent that finished uses the parent's answer");
     }
 }

@@ -7,13 +7,13 @@
 
 use std::ffi::OsString;
 use std::path::PathBuf;
-use std::sync::OnceLock;
 
 use cudarc::driver::CudaContext;
 use cudarc::nvrtc::{self, CompileOptions, Ptx};
 use hetmem_core::{Error, Result};
 
 use super::driver;
+use crate::fork_once::ForkOnce;
 
 /// Environment variable naming the NVRTC library to load (a path to `libnvrtc.so.12` or `.13`).
 /// When set, that library is used or none is.
@@ -57,19 +57,27 @@ impl From<Error> for CompileError {
 
 /// Finds and loads NVRTC once per process.
 ///
+/// A forked child uses its parent's answer (NVRTC is a compiler library: it keeps no driver or
+/// device state, and the child has its copy of the loaded library). A child forked while another
+/// thread of its parent was still searching, which would wait for ever on that thread's answer,
+/// searches itself instead, each time it asks; if that thread was inside cudarc's own first load
+/// of the library, which the child cannot finish either, the child is refused.
+///
 /// # Errors
 /// [`Error::Unsupported`] if no NVRTC library loads (or [`NVRTC_ENV`] names one that does not, is
-/// not NVRTC, or is not the one the loader would hand cudarc).
+/// not NVRTC, or is not the one the loader would hand cudarc), or in a forked child as above.
 pub fn nvrtc_available() -> Result<()> {
-    static STATE: OnceLock<Result<()>> = OnceLock::new();
-    *STATE.get_or_init(find_nvrtc)
+    static SEARCH: ForkOnce<()> = ForkOnce::new();
+    SEARCH.get_or_again(find_nvrtc, find_nvrtc)
 }
 
 fn find_nvrtc() -> Result<()> {
     if let Some(path) = std::env::var_os(NVRTC_ENV) {
         driver::preload(&path)
             .ok_or(Error::Unsupported("HETMEM_NVRTC names an NVRTC library that could not be loaded"))?;
-        cudarc_finds_nvrtc().ok_or(Error::Unsupported("HETMEM_NVRTC names a library that is not NVRTC 12 or 13"))?;
+        if !cudarc_finds_nvrtc()? {
+            return Err(Error::Unsupported("HETMEM_NVRTC names a library that is not NVRTC 12 or 13"));
+        }
         // cudarc loads NVRTC by name, newest soname first: another NVRTC on the loader's path
         // under a name it tries before the named library's soname would be used instead.
         let lookup = "nvrtcCreateProgram";
@@ -82,13 +90,13 @@ fn find_nvrtc() -> Result<()> {
         }
         return Ok(());
     }
-    if SONAMES.iter().any(|name| driver::preload(name.as_ref()).is_some()) && cudarc_finds_nvrtc().is_some() {
+    if SONAMES.iter().any(|name| driver::preload(name.as_ref()).is_some()) && cudarc_finds_nvrtc()? {
         return Ok(());
     }
     for dir in toolkit_lib_dirs() {
         for name in SONAMES {
             let path = dir.join(name);
-            if path.exists() && driver::preload(path.as_os_str()).is_some() && cudarc_finds_nvrtc().is_some() {
+            if path.exists() && driver::preload(path.as_os_str()).is_some() && cudarc_finds_nvrtc()? {
                 return Ok(());
             }
         }
@@ -112,24 +120,48 @@ const REQUIRED_SYMBOLS: &[&str] = &[
 
 /// Whether cudarc's own lookup (by soname) now finds an NVRTC with every function it will call:
 /// it panics where it does not, and a library that loads is not necessarily NVRTC.
-fn cudarc_finds_nvrtc() -> Option<()> {
+///
+/// # Errors
+/// [`Error::Unsupported`] in a forked child whose parent had a thread in cudarc's first load of
+/// the library at the fork (see [`cudarc_library`]).
+fn cudarc_finds_nvrtc() -> Result<bool> {
     // SAFETY: loading a shared library runs its initialisers; these are the names cudarc loads.
     if !unsafe { nvrtc::sys::is_culib_present() } {
-        return None;
+        return Ok(false);
     }
-    // SAFETY: `is_culib_present` said a library loads, so `culib` does not panic.
-    let lib = unsafe { nvrtc::sys::culib() };
+    let lib = cudarc_library()?;
     // SAFETY: the symbols are only looked up, never called through this type.
-    REQUIRED_SYMBOLS
-        .iter()
-        .all(|name| unsafe { lib.get::<unsafe extern "C" fn()>(name.as_bytes()) }.is_ok())
-        .then_some(())
+    Ok(REQUIRED_SYMBOLS.iter().all(|name| unsafe { lib.get::<unsafe extern "C" fn()>(name.as_bytes()) }.is_ok()))
+}
+
+/// cudarc's NVRTC library, once `is_culib_present` has said one loads. cudarc loads it once per
+/// process, under a `OnceLock`: a thread of the parent inside that first load at a fork leaves the
+/// lock taken in the child for ever, so a child that would wait on it is refused instead. (A load
+/// the parent finished, or none at all, is no obstacle: the child uses it, or loads its own.)
+fn cudarc_library() -> Result<&'static libloading::Library> {
+    static LOADED: ForkOnce<()> = ForkOnce::new();
+    LOADED.get_or_again(
+        || {
+            // SAFETY: the caller saw `is_culib_present` say a library loads, so `culib` does not
+            // panic.
+            unsafe { nvrtc::sys::culib() };
+            Ok(())
+        },
+        || {
+            Err(Error::Unsupported(
+                "this process was forked while another thread was loading NVRTC, which the child cannot finish: \
+                 exec a new program to compile kernels",
+            ))
+        },
+    )?;
+    // SAFETY: loaded above (here or before the fork), so this only reads cudarc's `OnceLock`.
+    Ok(unsafe { nvrtc::sys::culib() })
 }
 
 /// The address of function `name` in the NVRTC library cudarc loaded.
 fn cudarc_symbol_address(name: &str) -> Option<usize> {
-    // SAFETY: only called once `cudarc_finds_nvrtc` said a library loads, so `culib` does not panic.
-    let lib = unsafe { nvrtc::sys::culib() };
+    // Only called once `cudarc_finds_nvrtc` said a library loads, which it has loaded.
+    let lib = cudarc_library().ok()?;
     // SAFETY: the symbol is only looked up, never called through this type.
     let f = unsafe { lib.get::<unsafe extern "C" fn()>(name.as_bytes()) }.ok()?;
     Some(*f as usize)
