@@ -31,6 +31,12 @@ impl Default for AlignedBlocks {
 }
 
 impl AlignedBlocks {
+    /// The fork generation the table was made in.
+    #[cfg_attr(not(hetmem_cuda), allow(dead_code))] // CUDA's resources only
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// Allocates `size` bytes aligned to `align` with `alloc` (which returns a driver address or
     /// an error), freeing with `free` whatever is not handed out. `call` names the driver call in
     /// the error for a null result.

@@ -234,6 +234,48 @@ fn a_forked_child_drops_streams_and_contexts_without_the_driver() {
     assert_eq!(counter(&lib, "fake_streams"), 0);
 }
 
+/// A view made on a stream the caller made with cudarc, in a process where hetmem never loaded the
+/// driver itself, is the parent's in a forked child too: dropping it there must neither start the
+/// driver (`cuInit`) nor destroy the stream.
+#[test]
+fn a_forked_child_drops_a_view_on_a_cudarc_stream_without_the_driver() {
+    if !body_of("a_forked_child_drops_a_view_on_a_cudarc_stream_without_the_driver", &[]) {
+        return;
+    }
+    use hetmem_gpu::cuda::cudarc::driver::CudaContext;
+    use hetmem_gpu::cuda::DeviceView;
+    let lib = PathBuf::from(std::env::var_os(DRIVER_ENV).unwrap());
+    // cudarc finds the fake by its soname once it is loaded; hetmem's `driver()` is never called.
+    // SAFETY: the fake driver, whose initialisers do nothing.
+    std::mem::forget(unsafe { libloading::Library::new(&lib) }.expect("the fake driver loads"));
+    let ctx = CudaContext::new(0).unwrap();
+    if counter(&lib, "fake_calls") == 0 {
+        println!("skipped: cudarc loaded another driver than the fake");
+        return;
+    }
+    let stream = ctx.new_stream().unwrap();
+    drop(ctx);
+    // SAFETY: the view is never used for a copy or a kernel, only dropped.
+    let view = unsafe { DeviceView::<u32>::from_raw(0x1000, 4, &stream) };
+    drop(stream);
+    assert_eq!(counter(&lib, "fake_streams"), 1);
+
+    // SAFETY: fork(2); the child drops its copy and leaves with `_exit`.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        let before = counter(&lib, "fake_calls");
+        drop(view);
+        let code = if counter(&lib, "fake_calls") != before { 1 } else { 0 };
+        // SAFETY: ends the forked child.
+        unsafe { libc::_exit(code) };
+    }
+    expect_child(pid, &["dropping a view on a cudarc stream in a forked child called the CUDA driver"]);
+    // In the parent the stream is destroyed as usual.
+    drop(view);
+    assert_eq!(counter(&lib, "fake_streams"), 0);
+}
+
 /// `HETMEM_CUDA_DRIVER` promises that the library it names is used, or none is. cudarc finds the
 /// driver by name, trying `libcuda.so` before the soname the named library answers to: with another
 /// driver on the loader's path under that name, that other one would be used.

@@ -97,13 +97,15 @@ pub struct DriverInfo {
 ///   `exec` is undefined behaviour), so nothing here calls it there, and dropping the parent's
 ///   backends in the child leaves them to the parent.
 pub fn driver() -> Result<DriverInfo> {
-    static STATE: ForkOnce<DriverInfo> = ForkOnce::new();
     STATE.get(
         load,
         "this process was forked after it loaded the CUDA driver, which a forked child cannot use \
          (exec a new program to use CUDA)",
     )
 }
+
+/// Whether (and what) [`driver`] answered, and in which fork generation.
+static STATE: ForkOnce<DriverInfo> = ForkOnce::new();
 
 fn load() -> Result<DriverInfo> {
     let named = std::env::var_os(DRIVER_ENV);
@@ -260,11 +262,22 @@ pub fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
 /// child of a process that used the driver: cudarc releases a context and destroys a stream when
 /// its last handle drops, which are driver calls a forked child must not make, and the driver
 /// objects are the parent's. Elsewhere it does nothing, and the handle drops as usual.
-pub(crate) fn keep_in_forked_child<T>(handle: &Arc<T>) {
-    // The driver answered before (a handle exists), so an error now is the fork's.
-    if driver().is_err() {
+///
+/// `generation` is the fork generation ([`hetmem_core::fork`]) the handle was taken in, after
+/// forks were watched: a handle of another generation is the parent's. The driver is not asked
+/// (that could load it, and call `cuInit`, in the child of a process that used it only through
+/// cudarc); only what [`driver`] already answered counts.
+pub(crate) fn keep_in_forked_child<T>(handle: &Arc<T>, generation: u64) {
+    if generation != hetmem_core::fork::generation() || STATE.started_before_a_fork() {
         std::mem::forget(handle.clone());
     }
+}
+
+/// The fork generation to give [`keep_in_forked_child`] for a handle taken now: forks are
+/// watched from here on (if the system refuses, only [`driver`]'s answer tells a child).
+pub(crate) fn handle_generation() -> u64 {
+    let _ = hetmem_core::fork::watch();
+    hetmem_core::fork::generation()
 }
 
 /// Makes `ctx` current on this thread (the driver's calls act on the current context) until the

@@ -42,6 +42,8 @@ pub struct DeviceView<'a, T> {
     ptr: sys::CUdeviceptr,
     len: usize,
     stream: Arc<CudaStream>,
+    /// The fork generation the view was made in (see `driver::keep_in_forked_child`).
+    generation: u64,
     _memory: PhantomData<&'a mut [T]>,
 }
 
@@ -54,7 +56,8 @@ impl<'a, T> DeviceView<'a, T> {
     /// finished (a copy or kernel may still run after the view drops: nothing here waits for it);
     /// no other view of it is written while this one is used.
     pub unsafe fn from_raw(ptr: u64, len: usize, stream: &Arc<CudaStream>) -> Self {
-        DeviceView { ptr, len, stream: stream.clone(), _memory: PhantomData }
+        let generation = super::driver::handle_generation();
+        DeviceView { ptr, len, stream: stream.clone(), generation, _memory: PhantomData }
     }
 
     /// A view of the first `len` elements of a pool block: `block` as returned by a pool over
@@ -109,7 +112,7 @@ impl<'a, T> DeviceView<'a, T> {
 impl<T> Drop for DeviceView<'_, T> {
     fn drop(&mut self) {
         // The view may hold the last handle to its stream: not destroyed in a forked child.
-        super::driver::keep_in_forked_child(&self.stream);
+        super::driver::keep_in_forked_child(&self.stream, self.generation);
     }
 }
 

@@ -100,9 +100,10 @@ impl Drop for CudaDeviceResource {
         // The context and stream may be the caller's (a stream-ordered resource takes them from its
         // stream), this resource holding their last handles; in a forked child they must not be
         // released (see `keep_in_forked_child`).
-        driver::keep_in_forked_child(&self.ctx);
+        let generation = self.moved.generation();
+        driver::keep_in_forked_child(&self.ctx, generation);
         if let Mode::StreamOrdered(stream) = &self.mode {
-            driver::keep_in_forked_child(stream);
+            driver::keep_in_forked_child(stream, generation);
         }
     }
 }
