@@ -2,9 +2,11 @@
 //!
 //! A [`DeviceView`] is a typed window on memory a kernel can address: part of a
 //! [`CudaShmBackend`](super::CudaShmBackend) or [`CudaIpcBackend`](super::CudaIpcBackend), or a
-//! block from a device or pinned pool. It implements cudarc's `DevicePtr`/`DevicePtrMut`, so
-//! `stream.memcpy_htod`, `memcpy_dtoh`, `memcpy_dtod` and friends take it as they take a
-//! `CudaSlice`, and [`DeviceView::kernel_arg`] passes its address to a kernel launch:
+//! block from a device or pinned pool ([`DeviceView::from_block`]; a pinned block's host address
+//! is its device address under unified addressing, as on 64-bit Linux). It implements cudarc's
+//! `DevicePtr`/`DevicePtrMut`, so `stream.memcpy_htod`, `memcpy_dtoh`, `memcpy_dtod` and friends
+//! take it as they take a `CudaSlice`, and [`DeviceView::kernel_arg`] passes its address to a
+//! kernel launch:
 //!
 //! ```no_run
 //! # use hetmem_gpu::cuda::*;
@@ -60,18 +62,26 @@ impl<'a, T> DeviceView<'a, T> {
         DeviceView { ptr, len, stream: stream.clone(), generation, _memory: PhantomData }
     }
 
-    /// A view of the first `len` elements of a pool block: `block` as returned by a pool over
-    /// [`CudaDeviceResource`](super::CudaDeviceResource) (a device address), with `bytes` its size.
+    /// A view of the first `len` elements of a pool block, with `bytes` its size: `block` as
+    /// returned by a pool over [`CudaDeviceResource`](super::CudaDeviceResource) (a device
+    /// address) or over [`CudaPinnedResource`](super::CudaPinnedResource) (a host address). The
+    /// address is used as it is: a pinned block's host address is also its device address only
+    /// under unified addressing, which CUDA gives every 64-bit process on Linux (this module
+    /// builds only on Linux); where a device lacks it
+    /// ([`CudaPinnedResource::device_address`](super::CudaPinnedResource::device_address) then
+    /// differs), make the view with [`from_raw`](Self::from_raw) and that address.
     ///
     /// # Errors
     /// [`Error::OutOfBounds`] if `len` elements do not fit in `bytes`, [`Error::InvalidAlignment`]
     /// if the block is not aligned for `T`.
     ///
     /// # Safety
-    /// `block` is a live device block of at least `bytes` bytes in `stream`'s context, not freed
-    /// during `'a` nor before the device work queued through the view has finished (synchronise
-    /// the streams that used it, or, for a stream-ordered resource, order that work before the
-    /// free on its stream), and not written through another view while this one is used.
+    /// `block` is a live block of at least `bytes` bytes that `stream`'s device can address at
+    /// `block` (device memory of `stream`'s context, or pinned memory under unified addressing),
+    /// not freed during `'a` nor before the device work queued through the view has finished
+    /// (synchronise the streams that used it, or, for a stream-ordered resource, order that work
+    /// before the free on its stream), and not written through another view while this one is
+    /// used.
     pub unsafe fn from_block(block: NonNull<u8>, bytes: usize, len: usize, stream: &Arc<CudaStream>) -> Result<Self> {
         if len.checked_mul(size_of::<T>()).is_none_or(|need| need > bytes) {
             return Err(Error::OutOfBounds { offset: 0, len: len as u64, region_len: bytes as u64 });

@@ -173,6 +173,9 @@ impl Default for PinnedFlags {
 /// Page-locked host memory from `cuMemHostAlloc` as a [`MemoryResource`]
 /// ([`MemoryKind::PinnedHost`]): the upstream of pinned-memory pools. Copies between it and the
 /// device run at full bus speed and asynchronously; the CPU reads and writes it as ordinary memory.
+/// Blocks are host addresses, which are their device addresses too under unified addressing (every
+/// 64-bit Linux process): pass them to cudarc with
+/// [`DeviceView::from_block`](super::DeviceView::from_block).
 ///
 /// # Errors
 /// As [`CudaDeviceResource`]; out of pinnable memory is [`Error::OutOfMemory`].
