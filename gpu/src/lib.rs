@@ -2,9 +2,14 @@
 //!
 //! | feature | module | what it gives |
 //! |---|---|---|
-//! | `cuda` | `cuda` | `CudaShmBackend` (a shared segment pinned and mapped for kernels), `CudaIpcBackend` (device memory shared between processes), `CudaDeviceResource` and `CudaPinnedResource` (upstreams for pools), views that cudarc copies and launches accept, NVRTC compilation |
+//! | `cuda` | `cuda` | `CudaShmBackend`, `CudaIpcBackend`, `CudaDeviceResource`, `CudaPinnedResource`, views, NVRTC |
 //! | `rocm` | `rocm` | `RocmShmBackend`, `RocmDeviceResource` |
 //! | (always) | [`device`] | the C header of the bitmap allocator for CUDA and HIP kernels |
+//!
+//! In `cuda`: `CudaShmBackend` is a shared segment pinned and mapped for kernels, `CudaIpcBackend`
+//! device memory shared between processes, and `CudaDeviceResource` and `CudaPinnedResource` are
+//! upstreams for pools; views of this memory are what cudarc's copies and launches accept, and
+//! NVRTC compiles kernels at run time.
 //!
 //! Both platforms live in folders with the same file names (`backend.rs`, `resource.rs`, and
 //! `driver.rs`/`runtime.rs` for the raw calls). The features are Linux-only (the pinned backends are
