@@ -109,7 +109,7 @@ impl Shared {
                 ))?;
                 // A block no longer marked by the freer was pushed, and collected between its
                 // repairer's test and its posting: the owner's settle just lets the heap go.
-                let marked = self.orphan_block(offset, class, f, r).is_some();
+                let marked = self.orphan_block(offset, class, freer, r).is_some();
                 if !awaited.insert(freer) || (marked && !orphaned.insert(r.block)) {
                     return Err(corrupt(freer, "an orphaned remote free is named twice"));
                 }

@@ -778,7 +778,7 @@ impl Shared {
             crash::point();
             return self.await_owner(0, f);
         };
-        if let Some((w, word)) = self.orphan_block(heap_off, class, f, r) {
+        if let Some((w, word)) = self.orphan_block(heap_off, class, freer, r) {
             w.store(freed_word(word, 0), Ordering::Release);
             crash::point();
             // SAFETY: we hold the heap.
@@ -803,11 +803,18 @@ impl Shared {
         Ok(())
     }
 
-    /// The info word (and its value) of the block of record `r` of the freer's heap `f`, if the
-    /// record names a block of `class` of heap `heap_off` that is still marked remote by that
+    /// The info word (and its value) of the block of record `r` of the freer's heap `freer`, if
+    /// the record names a block of `class` of heap `heap_off` that is still marked remote by that
     /// heap's thread, with a size its class holds.
-    pub(super) fn orphan_block(&self, heap_off: u64, class: usize, f: &Heap, r: Record) -> Option<(&AtomicU64, u64)> {
-        let id = freer_id(f.index);
+    ///
+    /// The thread is known by the heap's place in the table, not by its number word: that is
+    /// shared memory, which may have been damaged while the heap awaited its owner (after its
+    /// repair checked it). Damaged to another heap's, it would take a block that heap's thread
+    /// is freeing now for this one's, and the owner would settle it (onto its free list, to be
+    /// handed out) while that free is still under way.
+    pub(super) fn orphan_block(&self, heap_off: u64, class: usize, freer: u64, r: Record) -> Option<(&AtomicU64, u64)> {
+        let place = self.heaps.position(&self.mem, freer).ok()?;
+        let id = u32::try_from(place).map_or(0, freer_id);
         let block = r.block;
         let w = self.arena.word_at(block).filter(|_| block % 16 == 0)?;
         let word = w.load(Ordering::Acquire);

@@ -247,7 +247,7 @@ impl Shared {
             return Ok(Handover::None);
         };
         let slot = &owner.body.orphans.0[r.class];
-        if self.orphan_block(r.owner, r.class, h, r).is_none() {
+        if self.orphan_block(r.owner, r.class, freer, r).is_none() {
             // Not marked (the free never happened), or pushed and collected already: nothing to
             // settle. A slot a repairer killed mid-way left naming us is cleared first.
             let _ = slot.compare_exchange(freer, 0, Ordering::AcqRel, Ordering::Relaxed);

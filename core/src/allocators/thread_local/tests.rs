@@ -1,4 +1,4 @@
-use super::super::span::{freed_word, span_of_word, Info, SMALL_HEADER};
+use super::super::span::{freed_word, span_of_word, Info, State, SMALL_HEADER};
 use super::*;
 use crate::allocators::testing::{
     exercise, exhaust_and_recover, failed_copy_leaks_nothing, forged_blocks_of_no_class_are_refused,
@@ -1469,6 +1469,45 @@ fn a_large_block_takes_no_damaged_heap_number() {
     assert_eq!(a.size_of(p).unwrap(), 300_000);
     a.free(p).unwrap();
     assert_back_to_start(&a, start);
+}
+
+/// A dead thread's heap awaiting the owner of the block it was freeing is known to that owner's
+/// settle by its number, which is shared memory and may be damaged after the heap's repair
+/// checked it. Damaged to another heap's, the settle took a block that heap's live thread was
+/// freeing now (marked remote by it, not yet pushed) for the dead thread's, and put it on the
+/// owner's free list while the free went on to push it on the remote list too. The freer is
+/// now known by its heap's place in the table: the live thread's block is left to its free.
+#[test]
+fn a_settle_takes_no_block_of_the_heap_a_damaged_freer_number_names() {
+    let (a, start, blocks) = killed_remote_free(KilledBefore::Clearing);
+    let s = &a.shared;
+    let class = class_for(100, 8).unwrap();
+    let freer = other_heap(&a);
+    let f = s.heaps.slot(&s.mem, freer).unwrap();
+    // Its repairer holds it while the owner collects block 7, then posts it.
+    f.owner.store(owner_token(), Ordering::Release);
+    a.trim().unwrap();
+    orphan_slot(&a).store(freer, Ordering::Release);
+    f.owner.store(heap::AWAITING_OWNER, Ordering::Release);
+    // Block 7 is handed out again, and another live thread's heap is freeing it.
+    let p = a.allocate(100, 8).unwrap();
+    assert_eq!(p, blocks[7]);
+    let live = s.heaps.acquire(&s.mem, &s.fs, owner_token(), || Ok(())).unwrap();
+    let Some(Found::Small(b)) = find_live(&s.arena, p.get()) else { panic!("the block is live") };
+    let owner = b.header.owner.load(Ordering::Relaxed);
+    let (heap, record) = s.mark_remote(live, owner, b.block, b.info()).unwrap();
+    let index = |heap: u64| s.heaps.slot(&s.mem, heap).unwrap().index;
+    let freer_index = index(freer);
+    set_slot_index(&a, freer, index(live));
+    a.trim().unwrap();
+    let state = |block: u64| Info::unpack(s.arena.info(block).unwrap().load(Ordering::Acquire)).unwrap().state;
+    assert_eq!(state(b.block), State::Remote, "left to the live thread's free");
+    assert_eq!(orphan_slot(&a).load(Ordering::Acquire), 0, "the dead freer is let go");
+    set_slot_index(&a, freer, freer_index);
+    heap.body.remote.0[class].push(&s.arena, b.block);
+    record.unwrap().clear();
+    s.release_heap(live).unwrap();
+    free_the_rest(&a, start, &blocks, &[7]);
 }
 
 #[test]
