@@ -675,7 +675,11 @@ impl Shared {
         block: u64,
         info: Info,
     ) -> Result<(&Heap, Option<&InFlight>)> {
-        let heap = self.heaps.slot(&self.mem, owner)?;
+        // The owner is the span's owner word, shared memory: damaged to bytes that merely look
+        // like a heap (a live block's user data), the block would go on a "remote list" there,
+        // and the drain that follows would take that "heap", collect and sweep through it (its
+        // words the block's user bytes), perhaps giving back a span its real heap still lists.
+        let heap = self.heaps.member(&self.mem, owner)?;
         let (record, id) = match freer {
             0 => (None, 0),
             f => {

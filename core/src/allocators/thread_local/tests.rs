@@ -1032,6 +1032,33 @@ fn a_record_naming_bytes_that_look_like_a_heap_does_not_hold_its_heap_forever() 
     assert_back_to_start(&a, start);
 }
 
+/// A remote free takes the block's heap from its span's owner word, which is shared memory.
+/// Damaged to user bytes laid out as a heap (a real heap's magic), the free pushed the block
+/// on that "heap's" remote list and drained it, writing the list, owner word and free lists
+/// into a live block's user bytes, and the freed block was lost. The owner must now be one of
+/// the table's heaps: the free is refused (`Corrupt`) and the block stays live.
+#[test]
+fn a_remote_free_to_bytes_that_look_like_a_heap_is_refused() {
+    let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = start_of(&a);
+    let s = &a.shared;
+    let size = core::mem::size_of::<heap::Heap>();
+    let forged = a.allocate(size, 64).unwrap().get();
+    let magic = s.mem.word(a.existing_heap() + 8).unwrap().load(Ordering::Relaxed);
+    s.mem.word(forged + 8).unwrap().store(magic, Ordering::Relaxed);
+    assert!(s.heaps.slot(&s.mem, forged).is_ok(), "passes bounds and magic");
+    // Another thread's block (its heap given back at its exit), so that our free is remote.
+    let p = std::thread::scope(|t| t.spawn(|| a.allocate(100, 8).unwrap()).join().unwrap());
+    let Some(Found::Small(b)) = find_live(&s.arena, p.get()) else { panic!("the block is live") };
+    let owner = b.header.owner.swap(forged, Ordering::AcqRel);
+    assert!(matches!(a.free(p), Err(Error::Corrupt { .. })));
+    b.header.owner.store(owner, Ordering::Release);
+    assert_eq!(a.size_of(p).unwrap(), 100, "still live");
+    a.free(p).unwrap();
+    a.free(OffsetPtr::new(forged)).unwrap();
+    assert_back_to_start(&a, start);
+}
+
 #[test]
 fn a_dead_freers_block_collected_before_its_posting_passes_check_and_is_let_go() {
     // Killed after pushing block 7. A reclaimer takes the heap over and finds the block still
