@@ -162,6 +162,13 @@ unsafe impl ThreadModel for Pthreads {
         }
     }
 
+    /// A child forked while another thread of its parent is between the key's retirement and
+    /// `pthread_key_delete` keeps the key's number for good (one of its `PTHREAD_KEYS_MAX`): the
+    /// key is retired in the child too, so no `tls_delete` there frees it. It is left so on
+    /// purpose. The child cannot tell whether the parent's thread had called
+    /// `pthread_key_delete` by then (a record of it is written before or after the call, never
+    /// with it), and if it had, the number may since belong to a key of another library made
+    /// with `pthread_key_create` itself, which a delete in the child would take from it.
     fn tls_delete(key: Self::TlsKey) -> Result<()> {
         // Retired first, so no use of the key follows its number into its next owner; sets that
         // passed their check before are waited for (see `SETTING`).
