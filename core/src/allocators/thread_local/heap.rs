@@ -736,11 +736,16 @@ impl Shared {
         Ok(self.arena.word(block + SMALL_HEADER)?.load(Ordering::Acquire))
     }
 
-    /// Every heap by its freer identity ([`freer_id`]).
+    /// Every heap by its freer identity ([`freer_id`]), the identity of its place in the table:
+    /// remote frees are marked with the heap's number only once it is held to that place
+    /// ([`heap_number`](Self::heap_number)), and the number word, shared memory, may be
+    /// damaged since. (Taken from the word, a heap damaged to another's number would stand in
+    /// for it, and its record's size be counted for that heap's remote free.)
     pub(super) fn freer_heaps(&self) -> Result<BTreeMap<u64, u64>> {
         let mut out = BTreeMap::new();
-        for offset in self.heaps.offsets(&self.mem)? {
-            out.insert(freer_id(self.heaps.slot(&self.mem, offset)?.index), offset);
+        // In index order: each heap's place is its position in the list.
+        for (place, offset) in self.heaps.offsets(&self.mem)?.into_iter().enumerate() {
+            out.insert(u32::try_from(place).map_or(0, freer_id), offset);
         }
         out.remove(&0);
         Ok(out)

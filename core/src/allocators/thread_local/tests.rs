@@ -1537,6 +1537,39 @@ fn a_settle_takes_no_block_of_the_heap_a_damaged_freer_number_names() {
     free_the_rest(&a, start, &blocks, &[7]);
 }
 
+/// A repair counts a remote block's size from the record of the heap its info word names as
+/// freer, found by heap number. The numbers are shared memory: another heap's damaged to the
+/// freer's took its place in that lookup, and the repair counted the size that heap's stale
+/// record named for the same block, so the repaired heap's byte count disagreed with its blocks
+/// (`check()` failed after the damage was mended). Freers are now found by place in the table.
+#[test]
+fn a_repair_counts_a_remote_blocks_size_by_its_real_freer() {
+    let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = start_of(&a);
+    let s = &a.shared;
+    let (dead, class, blocks) = dead_heap(&a, 1);
+    // A live thread's heap is freeing the dead heap's block; a later heap's record names the
+    // same block with another size (stale), and its number is damaged to the freer's.
+    let freer = s.heaps.acquire(&s.mem, &s.fs, owner_token(), || Ok(())).unwrap();
+    let stale = s.heaps.acquire(&s.mem, &s.fs, owner_token(), || Ok(())).unwrap();
+    let Some(Found::Small(b)) = find_live(&s.arena, blocks[0]) else { panic!("the block is live") };
+    let (heap, record) = s.mark_remote(freer, dead, b.block, b.info()).unwrap();
+    let h = |heap: u64| s.heaps.slot(&s.mem, heap).unwrap();
+    h(stale).body.in_flight.write(heap::Record { block: b.block, owner: dead, class, size: 50 });
+    let stale_index = h(stale).index;
+    assert!(stale_index > h(freer).index, "later in the table");
+    set_slot_index(&a, stale, h(freer).index);
+    assert_eq!(a.reclaim().unwrap(), 1);
+    set_slot_index(&a, stale, stale_index);
+    h(stale).body.in_flight.clear();
+    heap.body.remote.0[class].push(&s.arena, b.block);
+    record.unwrap().clear();
+    a.check().unwrap();
+    s.release_heap(freer).unwrap();
+    s.release_heap(stale).unwrap();
+    assert_back_to_start(&a, start);
+}
+
 #[test]
 fn a_slot_number_another_process_broke_is_no_panic() {
     let config = ThreadLocalConfig { dead_process_blocks: DeadProcessBlocks::Free };
