@@ -126,16 +126,34 @@ impl<B: SlotBody> SlotTable<B> {
 
     /// The number the slot at `offset` has by its place in the table (what its `index` word
     /// holds unless damaged), or `Corrupt` if it is not one of the table's slots.
+    #[inline]
     pub(crate) fn position(&self, mem: &Mem, offset: u64) -> Result<u64> {
+        // The first chunk is in the allocator header, which the handle checked when it opened
+        // the allocator: a slot there needs no walk (every remote free asks, mostly of these).
+        match Self::place_in(self.first, offset) {
+            Some(i) => Ok(i),
+            None => self.position_past_first(mem, offset),
+        }
+    }
+
+    /// The number in its chunk of the slot at `offset`, if it is one of the slots of the chunk at
+    /// `chunk`.
+    #[inline(always)]
+    fn place_in(chunk: u64, offset: u64) -> Option<u64> {
         let size = core::mem::size_of::<Slot<B>>() as u64;
+        let i = offset.wrapping_sub(chunk + core::mem::offset_of!(Chunk<B>, slots) as u64);
+        (i < CHUNK_SLOTS as u64 * size && i % size == 0).then_some(i / size)
+    }
+
+    /// [`position`](Self::position) by a walk of the chunk list, for a slot past the first chunk.
+    #[inline(never)]
+    fn position_past_first(&self, mem: &Mem, offset: u64) -> Result<u64> {
         let mut at = self.first;
         for chunks in 0..mem.end() / UNIT + 1 {
             // The link is shared memory: checked (in bounds, so no overflow below) before use.
             let chunk = self.chunk(mem, at)?;
-            let slots = at + core::mem::offset_of!(Chunk<B>, slots) as u64;
-            let i = offset.wrapping_sub(slots);
-            if i < CHUNK_SLOTS as u64 * size && i % size == 0 {
-                return Ok(chunks * CHUNK_SLOTS as u64 + i / size);
+            if let Some(i) = Self::place_in(at, offset) {
+                return Ok(chunks * CHUNK_SLOTS as u64 + i);
             }
             match chunk.next.load(Ordering::Acquire) {
                 0 => return Err(corrupt(offset, "not a thread slot of the table")),
