@@ -372,7 +372,9 @@ mod tests {
         // SAFETY: a fresh backend, which nothing else carves.
         let r = unsafe { BackendResource::new(backend(1 << 16)) }.unwrap();
         // As the host resource answers them: the sizes are bad input, whatever the region holds.
-        for (size, align) in [(isize::MAX as usize - 8, 16), (isize::MAX as usize / 2 + 2, 1 << 62), (0, 16)] {
+        for (size, align) in
+            [(isize::MAX as usize - 8, 16), (isize::MAX as usize / 2 + 2, 1 << (usize::BITS - 2)), (0, 16)]
+        {
             let err = r.allocate(size, align).unwrap_err();
             assert!(matches!(err, Error::InvalidSize { .. }), "{size:#x} {align:#x}: {err:?}");
             assert_eq!(Some(err), HostResource.allocate(size, align).err());

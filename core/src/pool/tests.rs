@@ -1018,9 +1018,11 @@ fn a_request_no_resource_can_give_changes_nothing() {
         pool.deallocate(b).unwrap();
         let before = pool.stats();
         assert_eq!((before.releasable_blocks, before.upstream_blocks), (1, 2));
-        for (size, align) in
-            [(isize::MAX as usize - 8, 16), (isize::MAX as usize - 8, 1), (isize::MAX as usize / 2 + 2, 1 << 62)]
-        {
+        for (size, align) in [
+            (isize::MAX as usize - 8, 16),
+            (isize::MAX as usize - 8, 1),
+            (isize::MAX as usize / 2 + 2, 1 << (usize::BITS - 2)),
+        ] {
             let err = pool.allocate(size, align).unwrap_err();
             assert!(
                 matches!(err, Error::InvalidSize { size: s, .. } if s == size as u64),
