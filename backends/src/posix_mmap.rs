@@ -43,7 +43,6 @@ impl_backend!(PosixMmapBackend, kind = |_s| BackendKind::Private, creator = |_s|
 mod tests {
     use super::*;
     use crate::MallocBackend;
-    use hetmem_core::header::HEADER_SIZE;
     use hetmem_core::MemoryBackend;
 
     #[test]
@@ -61,7 +60,7 @@ mod tests {
     fn a_forked_child_gets_a_copy_and_writes_are_not_shared() {
         let b = PosixMmapBackend::create(4096, BackendId(3)).unwrap();
         // SAFETY: the first data byte, past the header, in the live mapping.
-        let byte = unsafe { b.base().add(HEADER_SIZE as usize) };
+        let byte = unsafe { b.base().add(hetmem_core::header::HEADER_SIZE as usize) };
         // SAFETY: as above; no other thread uses the region.
         unsafe { byte.write(1) };
         // SAFETY: fork(2); the child reads and writes its copy and leaves with `_exit`.

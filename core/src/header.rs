@@ -495,7 +495,7 @@ mod tests {
         let h = unsafe { &*(mem.as_ptr() as *const RegionHeader) };
         assert!(matches!(
             h.validate(64 * 1024, BackendKind::Private),
-            Err(Error::HeaderMismatch { field: "version", expected: 1, .. })
+            Err(Error::HeaderMismatch { field: "version", expected, .. }) if expected == LAYOUT_VERSION as u64
         ));
         mem[0] = 0x1234;
         let h = unsafe { &*(mem.as_ptr() as *const RegionHeader) };
