@@ -637,7 +637,7 @@ impl SlotRef {
     /// before any request is the default, not the unset mark. (A limit set before that start is
     /// kept: the default is set only over the mark, see `Depot::set_default_limit`.)
     pub(crate) fn depot(&self) -> Option<&'static Depot> {
-        with_state(ensure_active);
+        start_for_depots();
         self.assigned().map(|slot| &DEPOTS[slot])
     }
 
@@ -647,7 +647,7 @@ impl SlotRef {
     /// memory, or every slot taken), since nothing is then cached. The calling thread's caches
     /// start first, as in [`Self::depot`].
     pub(crate) fn depot_limit(&self) -> usize {
-        with_state(ensure_active);
+        start_for_depots();
         let slot = self.existing().or_else(|| {
             let free = self.upstream.host_accessible().then(|| OWNERS.lock().iter().position(Option::is_none));
             free.flatten()
@@ -730,6 +730,33 @@ fn start_thread(s: &ThreadState) -> bool {
     // without them; the caches work.
     #[cfg(unix)]
     let _ = crate::fork::watch();
+    set_default_depot_limits();
+    let mut list = THREADS.lock();
+    s.next.set(list.head);
+    list.head = s;
+    list.live += 1;
+    drop(list);
+    s.phase.set(ACTIVE);
+    true
+}
+
+/// Starts the calling thread's caches if they have not started, which gives the depots their
+/// default limits ([`set_default_depot_limits`]); a thread that can have no caches (past its
+/// exit, say) gives them those limits itself: it may be the process's first, and a depot must
+/// not read the unset mark (no limit at all).
+fn start_for_depots() {
+    with_state(|s| {
+        if !ensure_active(s) && s.phase.get() == EXITED {
+            set_default_depot_limits();
+        }
+    });
+}
+
+/// Gives every depot its default limit, once per process: at the first start of a thread's
+/// caches, or where a thread that can have none reads a limit. Reading the defaults may
+/// allocate: the calling thread's requests must go straight upstream meanwhile (it is busy, or
+/// its caches are gone).
+fn set_default_depot_limits() {
     // Acquire, against the release below: a thread that finds the flag set reads the limits
     // the setter stored (relaxed, a weakly ordered processor could show it a depot still UNSET,
     // that is without a limit).
@@ -742,13 +769,6 @@ fn start_thread(s: &ThreadState) -> bool {
         }
         DEPOT_LIMITS_SET.store(true, Ordering::Release);
     }
-    let mut list = THREADS.lock();
-    s.next.set(list.head);
-    list.head = s;
-    list.live += 1;
-    drop(list);
-    s.phase.set(ACTIVE);
-    true
 }
 
 /// `fork()` with the caches in use: every lock of theirs is taken before the fork and given back
