@@ -256,6 +256,77 @@ mod tests {
         a.release_depot();
     }
 
+    /// Runs `$body` (a closure) on a new thread once its caches started, then `$probe` (another)
+    /// from thread-local destructors of that thread, at least once past its exit (once its caches
+    /// were returned); returns, for each run of the probe, whether the caches were returned then
+    /// and what the probe returned.
+    ///
+    /// Platforms destroy thread-locals in different orders: on Unix in reverse order of their
+    /// registration in the thread, one registered meanwhile next; on Windows (and under wine)
+    /// in reverse order of their first use in the process, in rounds, a value set during a round
+    /// destroyed in the next. So no order is assumed: one probe is set before the caches' exit
+    /// guard is registered and one after, and each that runs while the caches are live sets a
+    /// value of a thread-local not used before (the statics are this expansion's own), which is
+    /// destroyed later: after the guard, in the next round, on Windows; before it again on Unix,
+    /// a few times, until the probe set first runs after the guard.
+    macro_rules! probe_past_exit {
+        ($body:expr, $probe:expr) => {{
+            use core::cell::RefCell;
+            use std::sync::atomic::{AtomicUsize, Ordering};
+            use std::sync::{mpsc, Arc};
+            type Run = Arc<dyn Fn(bool) + Send + Sync>;
+            struct Probe {
+                run: Run,
+                chained: Arc<AtomicUsize>,
+            }
+            thread_local! {
+                static BEFORE: RefCell<Option<Probe>> = const { RefCell::new(None) };
+                static AFTER: RefCell<Option<Probe>> = const { RefCell::new(None) };
+                static CHAINED_0: RefCell<Option<Probe>> = const { RefCell::new(None) };
+                static CHAINED_1: RefCell<Option<Probe>> = const { RefCell::new(None) };
+                static CHAINED_2: RefCell<Option<Probe>> = const { RefCell::new(None) };
+                static CHAINED_3: RefCell<Option<Probe>> = const { RefCell::new(None) };
+            }
+            impl Drop for Probe {
+                fn drop(&mut self) {
+                    let past_exit = crate::cache::tls::thread_exited();
+                    (self.run)(past_exit);
+                    if past_exit {
+                        return;
+                    }
+                    let chained = match self.chained.fetch_add(1, Ordering::Relaxed) {
+                        0 => &CHAINED_0,
+                        1 => &CHAINED_1,
+                        2 => &CHAINED_2,
+                        3 => &CHAINED_3,
+                        _ => return,
+                    };
+                    let next = Probe { run: self.run.clone(), chained: self.chained.clone() };
+                    // A value not used before, so nothing is replaced (and dropped) here.
+                    let _ = chained.try_with(|c| *c.borrow_mut() = Some(next));
+                }
+            }
+            let (tx, rx) = mpsc::channel();
+            let probe = $probe;
+            let run: Run = Arc::new(move |past_exit| tx.send((past_exit, probe())).unwrap());
+            let chained = Arc::new(AtomicUsize::new(0));
+            let body = $body;
+            std::thread::spawn(move || {
+                let probe = || Some(Probe { run: run.clone(), chained: chained.clone() });
+                BEFORE.with(|l| *l.borrow_mut() = probe());
+                // The thread's first request registers the exit guard.
+                let _ = crate::cache::thread_config();
+                body();
+                AFTER.with(|l| *l.borrow_mut() = probe());
+            })
+            .join()
+            .unwrap();
+            let seen: Vec<_> = rx.try_iter().collect();
+            assert!(seen.iter().any(|s| s.0), "no probe ran after the caches' exit guard: {seen:?}");
+            seen
+        }};
+    }
+
     #[test]
     fn reading_or_emptying_a_fresh_depot_claims_no_slot() {
         let res: &'static dyn MemoryResource = CountingResource::leak();
@@ -336,37 +407,31 @@ mod tests {
     /// through always is, so hits and misses still add up to the requests made.
     #[test]
     fn requests_after_a_thread_exited_count_as_misses() {
-        struct LateUser(HetAlloc);
-        impl Drop for LateUser {
-            fn drop(&mut self) {
+        let (res, a, _serial) = counted();
+        let before = a.stats();
+        let (first, late) = (a.clone(), a.clone());
+        let seen = probe_past_exit!(
+            // SAFETY: a non-zero layout, freed once with it.
+            move || unsafe { first.dealloc(first.alloc(l(48, 8)), l(48, 8)) },
+            move || {
                 for size in [48, MAX_BLOCK + 1] {
                     // SAFETY: a non-zero layout, freed once with it.
                     unsafe {
-                        let p = self.0.alloc(l(size, 8));
+                        let p = late.alloc(l(size, 8));
                         assert!(!p.is_null());
-                        self.0.dealloc(p, l(size, 8));
+                        late.dealloc(p, l(size, 8));
                     }
                 }
             }
-        }
-        thread_local! {
-            static LATE: core::cell::RefCell<Option<LateUser>> = const { core::cell::RefCell::new(None) };
-        }
-        let (res, a, _serial) = counted();
-        let before = a.stats();
-        let late = a.clone();
-        std::thread::spawn(move || {
-            // Registered before the exit guard, so destroyed after it.
-            LATE.with(|l| *l.borrow_mut() = Some(LateUser(late.clone())));
-            // SAFETY: a non-zero layout, freed once with it.
-            unsafe { late.dealloc(late.alloc(l(48, 8)), l(48, 8)) };
-        })
-        .join()
-        .unwrap();
+        );
         settle(&a);
         let after = a.stats();
         let requests = (after.hits + after.misses) - (before.hits + before.misses);
-        assert_eq!(requests, 3, "one request on the live thread, two after its exit: {before:?} {after:?}");
+        let probes = seen.len() as u64;
+        assert_eq!(requests, 1 + 2 * probes, "one request on the live thread, two per probe: {before:?} {after:?}");
+        let past_exit = seen.iter().filter(|s| s.0).count() as u64;
+        let misses = after.misses - before.misses;
+        assert!(misses >= 2 * past_exit, "{past_exit} probes past the exit, {misses} misses");
         let returned = after.bytes_returned - before.bytes_returned;
         assert!(returned >= 64 + (MAX_BLOCK + 1) as u64, "{before:?} {after:?}");
         assert_eq!(res.live_blocks(), 0);
@@ -375,93 +440,27 @@ mod tests {
     /// After a thread's caches were returned at its exit, they cache nothing (every request goes
     /// straight upstream): the limits a later thread-local destructor reads back say so.
     #[test]
-    // Unix only: there thread-locals are destroyed in reverse order of registration, so a value
-    // registered before the caches' exit guard is destroyed after the caches retired. On Windows
-    // (CI's tests under wine) the reader's destructor ran first, while the caches were still
-    // live: their limits were the role's, rightly, and the test's premise did not hold.
-    #[cfg(unix)]
     fn a_thread_past_its_exit_reads_back_limits_that_cache_nothing() {
-        struct LateReader(std::sync::mpsc::Sender<CacheConfig>);
-        impl Drop for LateReader {
-            fn drop(&mut self) {
-                self.0.send(thread_config()).unwrap();
-            }
+        let seen = probe_past_exit!(|| (), thread_config);
+        for &(past_exit, config) in &seen {
+            let want = if past_exit { CacheConfig::disabled() } else { CacheConfig::for_role(ThreadRole::Worker) };
+            assert_eq!(config, want, "past the exit: {past_exit}");
         }
-        thread_local! {
-            static LATE: core::cell::RefCell<Option<LateReader>> = const { core::cell::RefCell::new(None) };
-        }
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            // Registered before the exit guard, so destroyed after it.
-            LATE.with(|l| *l.borrow_mut() = Some(LateReader(tx)));
-            assert_eq!(thread_config(), CacheConfig::for_role(ThreadRole::Worker), "a live thread has its role's");
-        })
-        .join()
-        .unwrap();
-        assert_eq!(rx.recv().unwrap(), CacheConfig::disabled());
     }
 
     /// A thread whose caches were returned at its exit has none to give limits to: setting its
     /// role or its own limits then (from a later thread-local destructor) is refused, not
     /// silently dropped.
-    ///
-    /// Platforms destroy thread-locals in different orders: on Unix in reverse order of their
-    /// registration in the thread, one registered meanwhile next; under wine (Windows without
-    /// native thread-locals) in reverse order of their first use in the process, in rounds, a
-    /// value set during a round destroyed in the next. So one value is set before the caches'
-    /// exit guard is registered (destroyed after it on Unix) and one after; each destroyed while
-    /// the caches are live sets a value of a thread-local not used before (destroyed after the
-    /// guard, in the next round, under wine; before it again on Unix, a few times). Each tells
-    /// whether the caches were returned by the limits it reads back.
     #[test]
     fn settings_made_past_a_threads_exit_are_refused() {
-        use core::cell::RefCell;
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        /// Whether the caches were returned, and whether each setting was refused.
-        type Seen = (bool, [bool; 3]);
-        struct LateSetter(std::sync::mpsc::Sender<Seen>);
-        thread_local! {
-            static BEFORE: RefCell<Option<LateSetter>> = const { RefCell::new(None) };
-            static AFTER: RefCell<Option<LateSetter>> = const { RefCell::new(None) };
-            static CHAINED_0: RefCell<Option<LateSetter>> = const { RefCell::new(None) };
-            static CHAINED_1: RefCell<Option<LateSetter>> = const { RefCell::new(None) };
-            static CHAINED_2: RefCell<Option<LateSetter>> = const { RefCell::new(None) };
-            static CHAINED_3: RefCell<Option<LateSetter>> = const { RefCell::new(None) };
-        }
-        static CHAINED: AtomicUsize = AtomicUsize::new(0);
-        impl Drop for LateSetter {
-            fn drop(&mut self) {
-                let past_exit = thread_config() == CacheConfig::disabled();
-                let frames = crate::cache::frame::RecyclingFrameAllocator::new();
-                let refused = [
-                    set_thread_role(ThreadRole::Scheduler).is_err(),
-                    set_thread_config(None).is_err(),
-                    frames.set_thread_config(None).is_err(),
-                ];
-                self.0.send((past_exit, refused)).unwrap();
-                let chained = match CHAINED.fetch_add(usize::from(!past_exit), Ordering::Relaxed) {
-                    _ if past_exit => return,
-                    0 => &CHAINED_0,
-                    1 => &CHAINED_1,
-                    2 => &CHAINED_2,
-                    3 => &CHAINED_3,
-                    _ => return,
-                };
-                // A value not used before, so nothing is replaced (and dropped) here.
-                let _ = chained.try_with(|c| *c.borrow_mut() = Some(LateSetter(self.0.clone())));
-            }
-        }
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            BEFORE.with(|l| *l.borrow_mut() = Some(LateSetter(tx.clone())));
-            // The thread's first request registers the exit guard.
-            set_thread_role(ThreadRole::Worker).unwrap();
-            AFTER.with(|l| *l.borrow_mut() = Some(LateSetter(tx)));
-        })
-        .join()
-        .unwrap();
-        let seen: Vec<Seen> = rx.try_iter().collect();
-        assert!(seen.iter().any(|s| s.0), "no value was destroyed after the caches' exit guard: {seen:?}");
+        let seen = probe_past_exit!(|| (), || {
+            let frames = crate::cache::frame::RecyclingFrameAllocator::new();
+            [
+                set_thread_role(ThreadRole::Scheduler).is_err(),
+                set_thread_config(None).is_err(),
+                frames.set_thread_config(None).is_err(),
+            ]
+        });
         for &(past_exit, refused) in &seen {
             assert_eq!(refused, [past_exit; 3], "refused exactly past the exit: {seen:?}");
         }

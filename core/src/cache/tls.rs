@@ -971,6 +971,12 @@ fn retire_thread(s: &ThreadState) {
     }
 }
 
+/// Whether the calling thread's caches were returned at its exit (or it could have none).
+#[cfg(test)]
+pub(crate) fn thread_exited() -> bool {
+    with_state(|s| s.phase.get() == EXITED)
+}
+
 /// Threads whose caches are live now.
 pub(crate) fn live_threads() -> usize {
     THREADS.lock().live
