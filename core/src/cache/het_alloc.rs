@@ -448,6 +448,15 @@ mod tests {
         }
     }
 
+    /// Past a thread's exit its role reads as it was (the last one set), on every platform: on
+    /// Windows the thread's state is freed at its exit, and the role read back was the default.
+    #[test]
+    fn a_thread_past_its_exit_reads_back_its_last_role() {
+        let role = ThreadRole::Custom(0xE817);
+        let seen = probe_past_exit!(move || set_thread_role(role).unwrap(), thread_role);
+        assert!(seen.iter().all(|s| s.1 == role), "{seen:?}");
+    }
+
     /// A thread whose caches were returned at its exit has none to give limits to: setting its
     /// role or its own limits then (from a later thread-local destructor) is refused, not
     /// silently dropped.

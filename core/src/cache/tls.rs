@@ -206,9 +206,32 @@ mod win {
 
     static INDEX: AtomicU32 = AtomicU32::new(TLS_OUT_OF_INDEXES);
 
-    /// The slot's value once the thread's state is retired and freed.
-    fn retired_mark() -> *mut c_void {
-        ptr::without_provenance_mut(1)
+    /// The slot's value once the thread's state is retired and freed: an odd number (a state's
+    /// address is even) that keeps the thread's role, so [`thread_role`] reads the same past
+    /// the thread's exit as where the state stays (unix).
+    fn retired_mark(role: ThreadRole) -> *mut c_void {
+        let code = match role {
+            ThreadRole::Main => 0,
+            ThreadRole::Worker => 1,
+            ThreadRole::Scheduler => 2,
+            ThreadRole::Custom(n) => 3 + usize::from(n),
+        };
+        ptr::without_provenance_mut((code << 1) | 1)
+    }
+
+    /// The role a slot's value keeps if it is a retired mark.
+    fn retired_role(p: *mut c_void) -> Option<ThreadRole> {
+        let value = p.addr();
+        if value & 1 == 0 {
+            return None;
+        }
+        Some(match value >> 1 {
+            0 => ThreadRole::Main,
+            1 => ThreadRole::Worker,
+            2 => ThreadRole::Scheduler,
+            // Only `retired_mark` stores odd values, so this is one of its custom roles.
+            n => ThreadRole::Custom(u16::try_from(n - 3).unwrap_or(u16::MAX)),
+        })
     }
 
     fn index() -> Option<u32> {
@@ -231,19 +254,20 @@ mod win {
         }
     }
 
-    /// The calling thread's state, made on first use; `None` once it retired, or when no TLS
-    /// index or memory could be had (requests then go straight upstream).
+    /// The calling thread's state, made on first use; once it retired, `Err` with the role it
+    /// had, and `Err(None)` when no TLS index or memory could be had (requests then go straight
+    /// upstream).
     #[inline]
-    fn current() -> Option<NonNull<ThreadState>> {
-        let index = index()?;
+    fn current() -> core::result::Result<NonNull<ThreadState>, Option<ThreadRole>> {
+        let index = index().ok_or(None)?;
         // SAFETY: reading our own slot has no preconditions.
         let p = unsafe { TlsGetValue(index) };
-        if p == retired_mark() {
-            return None;
+        if let Some(role) = retired_role(p) {
+            return Err(Some(role));
         }
         match NonNull::new(p.cast::<ThreadState>()) {
-            Some(state) => Some(state),
-            None => create(index),
+            Some(state) => Ok(state),
+            None => create(index).ok_or(None),
         }
     }
 
@@ -263,21 +287,29 @@ mod win {
         Some(state)
     }
 
-    /// Frees a state no one refers to any more; the slot is marked retired first.
+    /// Frees a state no one refers to any more; the slot is marked retired (with the thread's
+    /// role) first.
     fn release(index: u32, state: NonNull<ThreadState>) {
+        // SAFETY: the state is live until the dealloc below.
+        let role = unsafe { state.as_ref() }.role.get();
         // SAFETY: our own slot.
-        unsafe { TlsSetValue(index, retired_mark()) };
+        unsafe { TlsSetValue(index, retired_mark(role)) };
         // SAFETY: made by `create` with this layout; the caller guarantees no references.
         unsafe { System.dealloc(state.as_ptr().cast(), Layout::new::<ThreadState>()) };
     }
 
     #[inline(always)]
     pub(super) fn with_state<R>(f: impl FnOnce(&ThreadState) -> R) -> R {
-        let Some(state) = current() else {
-            // Retired, or no state could be made: an exited state, for this call only.
-            let gone = ThreadState::new();
-            gone.phase.set(EXITED);
-            return f(&gone);
+        let state = match current() {
+            Ok(state) => state,
+            Err(role) => {
+                // Retired, or no state could be made: an exited state with the role the thread
+                // had (its default where it had none), for this call only.
+                let gone = ThreadState::new();
+                gone.phase.set(EXITED);
+                gone.role.set(role.unwrap_or_else(default_role));
+                return f(&gone);
+            }
         };
         // SAFETY: the state lives until `release`, which runs only where no reference is held.
         let r = f(unsafe { state.as_ref() });
@@ -300,7 +332,7 @@ mod win {
         };
         // SAFETY: reading our own slot has no preconditions.
         let p = unsafe { TlsGetValue(index) };
-        if p == retired_mark() {
+        if retired_role(p).is_some() {
             return;
         }
         let Some(state) = NonNull::new(p.cast::<ThreadState>()) else {
@@ -308,8 +340,8 @@ mod win {
         };
         // Requests made while retiring (returning blocks may call the global allocator) must
         // not reach this state: mark the slot first, then retire through the pointer.
-        // SAFETY: our own slot.
-        unsafe { TlsSetValue(index, retired_mark()) };
+        // SAFETY: the state is live; our own slot.
+        unsafe { TlsSetValue(index, retired_mark(state.as_ref().role.get())) };
         // SAFETY: the state is live until the release below; only this call refers to it now.
         retire_thread(unsafe { state.as_ref() });
         release(index, state);
@@ -714,6 +746,8 @@ fn ensure_active(s: &ThreadState) -> bool {
 #[cold]
 fn start_thread(s: &ThreadState) -> bool {
     s.phase.set(BUSY);
+    // The role first: a thread that gets no cache still reads its default.
+    s.role.set(default_role());
     if EXIT.try_with(|_| ()).is_err() {
         // Past this thread's destructors: no cache for it.
         s.phase.set(EXITED);
@@ -725,7 +759,6 @@ fn start_thread(s: &ThreadState) -> bool {
         s.phase.set(EXITED);
         return false;
     }
-    s.role.set(if super::os::is_main_thread() { ThreadRole::Main } else { ThreadRole::Worker });
     // Fork handlers for these caches (see `fork`). A failure (ENOMEM) leaves forks as unsafe as
     // without them; the caches work.
     #[cfg(unix)]
@@ -768,6 +801,15 @@ fn set_default_depot_limits() {
             d.set_default_limit(limit);
         }
         DEPOT_LIMITS_SET.store(true, Ordering::Release);
+    }
+}
+
+/// The role a thread starts with.
+fn default_role() -> ThreadRole {
+    if super::os::is_main_thread() {
+        ThreadRole::Main
+    } else {
+        ThreadRole::Worker
     }
 }
 
@@ -1005,7 +1047,11 @@ pub fn set_thread_role(role: ThreadRole) -> Result<()> {
     })
 }
 
-/// The calling thread's role.
+/// The calling thread's role: the last one [`set_thread_role`] gave it, else its default
+/// ([`ThreadRole::Main`] on the process's main thread where the platform tells it apart, else
+/// [`ThreadRole::Worker`]). Past the thread's exit, once its caches were returned, it still reads
+/// the role the thread had then (on every platform), though the caches' limits are
+/// [`CacheConfig::disabled`] (see [`thread_config`]) and a new role is refused.
 pub fn thread_role() -> ThreadRole {
     with_state(|s| {
         ensure_active(s);
