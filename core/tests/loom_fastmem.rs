@@ -113,7 +113,7 @@ fn racing_bumps_claim_disjoint_ranges() {
     const N: usize = 40;
     loom::model(|| {
         let cursor = Arc::new(AtomicUsize::new(0));
-        let bump = |c: &AtomicUsize, size: usize| claim(c, ADDR, N, size).ok().map(|start| (start, size));
+        let bump = |c: &AtomicUsize, size: usize| claim(c, ADDR, 0, N, size).ok().map(|start| (start, size));
         let t = {
             let cursor = cursor.clone();
             loom::thread::spawn(move || [bump(&cursor, 16), bump(&cursor, 8)])

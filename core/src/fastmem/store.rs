@@ -176,7 +176,8 @@ impl<'a, const N: usize, const S: usize> FastMem<'a, N, S> {
     /// Errors (the value is dropped): [`Error::InvalidSize`] if `T` is larger than `S` bytes,
     /// [`Error::OutOfMemory`] if the stack is empty and the store has no room for a new block,
     /// [`Error::Corrupt`] if it needs a new block and a stray write put the cursor past the
-    /// store's end. Zero-sized values take no memory and never fail.
+    /// store's end or below the stack heads (a block there would overlap them). Zero-sized
+    /// values take no memory and never fail.
     #[inline(always)]
     pub fn alloc<T>(self, value: T) -> Result<FastBox<'a, T>> {
         let store = self.store_ref();
@@ -202,9 +203,15 @@ impl<'a, const N: usize, const S: usize> FastMem<'a, N, S> {
     }
 
     /// Bytes never handed out yet (recycled blocks not counted); 0 if a stray write put the
-    /// cursor past the store's end (which [`check`](Self::check) reports).
+    /// cursor past the store's end or below the stack heads (which [`check`](Self::check)
+    /// reports).
     pub fn remaining(self) -> usize {
-        N.saturating_sub(self.store.cursor.load(Ordering::Relaxed))
+        let cursor = self.store.cursor.load(Ordering::Relaxed);
+        if cursor_inside(cursor, FastMemStore::<N, S>::HEADS, N) {
+            N - cursor
+        } else {
+            0
+        }
     }
 
     /// Walks every free stack and checks that each block lies inside the part of the store
@@ -310,14 +317,14 @@ impl<'a, const N: usize, const S: usize> FastMem<'a, N, S> {
         let cursor = &self.store.cursor;
         #[cfg(not(feature = "critical-section"))]
         {
-            let start = claim(cursor, addr, N, size)?;
+            let start = claim(cursor, addr, FastMemStore::<N, S>::HEADS, N, size)?;
             // SAFETY: start < start + size <= N: inside the store.
             Ok(unsafe { base.add(start) })
         }
         #[cfg(feature = "critical-section")]
         critical_section::with(|_| {
             let current = cursor.load(Ordering::Relaxed);
-            if current > N {
+            if !cursor_inside(current, FastMemStore::<N, S>::HEADS, N) {
                 return Err(cursor_outside(current));
             }
             let start = bump_start(addr, current, size);
@@ -336,14 +343,15 @@ impl<'a, const N: usize, const S: usize> FastMem<'a, N, S> {
 /// of a store of `n` bytes at address `addr` whose cursor is `cursor`, and returns their offset.
 /// Claims racing on one cursor get disjoint ranges: each moves the cursor from the value it
 /// computed its range from, or retries. Run on loom's atomics by `core/tests/loom_fastmem.rs`.
-/// A cursor past `n` (a stray write) is [`Error::Corrupt`]: the arithmetic below holds only
-/// up to `n`.
+/// Blocks lie from offset `lo` (the end of the stack heads) on: a cursor below `lo` or past `n`
+/// (a stray write) is [`Error::Corrupt`]. Below `lo` the block would overlap the heads; past `n`
+/// the arithmetic below does not hold.
 #[cfg(not(feature = "critical-section"))]
 #[inline(always)]
-pub fn claim<C: HeadCell>(cursor: &C, addr: usize, n: usize, size: usize) -> Result<usize> {
+pub fn claim<C: HeadCell>(cursor: &C, addr: usize, lo: usize, n: usize, size: usize) -> Result<usize> {
     let mut current = cursor.load(Ordering::Relaxed);
     loop {
-        if current > n {
+        if !cursor_inside(current, lo, n) {
             return Err(cursor_outside(current));
         }
         let start = bump_start(addr, current, size);
@@ -356,6 +364,13 @@ pub fn claim<C: HeadCell>(cursor: &C, addr: usize, n: usize, size: usize) -> Res
             Err(seen) => current = seen,
         }
     }
+}
+
+/// Whether `cursor` lies between `lo` and `n` (`lo <= n`), as the cursor of a sound store
+/// does: one comparison, as the difference wraps below `lo`.
+#[inline(always)]
+fn cursor_inside(cursor: usize, lo: usize, n: usize) -> bool {
+    cursor.wrapping_sub(lo) <= n - lo
 }
 
 /// The offset, at or after `cursor`, where a block of `size` bytes aligned to its size starts in

@@ -405,19 +405,20 @@ fn check_finds_a_free_block_inside_a_free_block_of_another_class() {
     fm.check().unwrap();
 }
 
-/// A stray write that puts the cursor past the store's end (here the cursor word of a store
-/// whose memory a bug overwrote) is what `check()` reports; meanwhile `remaining()` reads no
-/// room rather than wrapping or panicking, a new block is refused as corrupt rather than
-/// panicking on the arithmetic, and recycled blocks are still served.
+/// A stray write that puts the cursor past the store's end or below the stack heads (here the
+/// cursor word of a store whose memory a bug overwrote) is what `check()` reports; meanwhile
+/// `remaining()` reads no room rather than wrapping or panicking, a new block is refused as
+/// corrupt rather than panicking on the arithmetic (or handing out the heads' own bytes), and
+/// recycled blocks are still served.
 #[test]
-fn a_cursor_written_past_the_store_is_reported_not_a_panic() {
+fn a_cursor_written_outside_the_blocks_is_reported_not_a_panic() {
     let store = FastMemStore::<512, 64>::new();
     let fm = store.init();
     drop(fm.alloc(1u64).unwrap());
     // SAFETY: the store is `repr(C)` and its first field is the cursor, an `AtomicUsize`.
     let cursor = unsafe { &*(&store as *const FastMemStore<512, 64>).cast::<AtomicUsize>() };
     let good = cursor.load(Ordering::Relaxed);
-    for stray in [512 + 8, usize::MAX / 2, usize::MAX - 4, usize::MAX] {
+    for stray in [512 + 8, usize::MAX / 2, usize::MAX - 4, usize::MAX, 0, 4] {
         cursor.store(stray, Ordering::Relaxed);
         assert!(matches!(fm.check(), Err(Error::Corrupt { detail: "cursor outside the store", .. })));
         assert_eq!(fm.remaining(), 0, "cursor {stray:#x}");
