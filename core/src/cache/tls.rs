@@ -16,7 +16,8 @@
 //!   request alone, so that is always the right place. A thread whose first request comes after
 //!   its thread-local destructors have run (from a pthread key's destructor, which glibc runs
 //!   later) registers a guard that never runs: on unix a pthread key's destructor retires it too
-//!   (see `backstop`), and a thread that cannot have one gets no cache.
+//!   (see `backstop`), and a thread that cannot have one gets no cache. On Windows a TLS
+//!   callback that runs after std's retires a thread whose guard came too late (see `win`).
 
 use core::cell::Cell;
 use core::mem::ManuallyDrop;
@@ -323,6 +324,34 @@ mod win {
             }
         }
         r
+    }
+
+    /// The backstop of the exit guard (as `backstop` is on unix): std runs the destructors of
+    /// thread-locals from its own TLS callback, in `.CRT$XLB`, in at most five rounds, a value
+    /// set during one destroyed in the next. A thread whose first request comes in the last
+    /// round registers its exit guard too late, and it never runs: its state would stay listed
+    /// in `THREADS`, with its cached blocks, after the thread is gone. The loader calls the TLS
+    /// callbacks in the order of their sections' names, so this one, in `.CRT$XLY`, runs after
+    /// std's and retires such a thread. Where the exit guard ran (every other thread) it finds
+    /// the thread retired, or a thread that never made a request; it does nothing on the
+    /// process's exit (other threads were stopped wherever they were, holding locks perhaps).
+    #[link_section = ".CRT$XLY"]
+    #[used]
+    static BACKSTOP: unsafe extern "system" fn(*mut c_void, u32, *mut c_void) = backstop;
+
+    unsafe extern "system" fn backstop(_module: *mut c_void, reason: u32, _reserved: *mut c_void) {
+        /// `DLL_THREAD_DETACH`: a thread (not the process) exits.
+        const THREAD_DETACH: u32 = 3;
+        if reason == THREAD_DETACH && INDEX.load(Ordering::Acquire) != TLS_OUT_OF_INDEXES {
+            retire_current();
+        }
+    }
+
+    /// Makes sure the linker keeps [`BACKSTOP`] (as std does for its own callback): the object
+    /// that holds it must be referred to from code that runs.
+    pub(super) fn arm() {
+        // SAFETY: a read of a static, for its side effect on the linker only.
+        let _ = unsafe { ptr::from_ref(&BACKSTOP).read_volatile() };
     }
 
     /// The exit guard's work: retire the thread's state, then free it.
@@ -759,6 +788,8 @@ fn start_thread(s: &ThreadState) -> bool {
         s.phase.set(EXITED);
         return false;
     }
+    #[cfg(windows)]
+    win::arm();
     // Fork handlers for these caches (see `fork`). A failure (ENOMEM) leaves forks as unsafe as
     // without them; the caches work.
     #[cfg(unix)]
