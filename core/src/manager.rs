@@ -571,11 +571,12 @@ mod tests {
         assert!(a.region().offset() >= kept, "given the range a failed create still holds");
     }
 
-    /// A backend whose name cannot be removed.
-    struct Undestroyable(HeapBackend);
+    /// A backend whose `destroy` fails with the error it carries: a name that cannot be removed,
+    /// or one another process removed first.
+    struct DestroyFails(HeapBackend, Error);
 
     // SAFETY: forwards to a heap backend, which keeps the promises.
-    unsafe impl MemoryBackend for Undestroyable {
+    unsafe impl MemoryBackend for DestroyFails {
         fn kind(&self) -> crate::backend::BackendKind {
             self.0.kind()
         }
@@ -592,32 +593,7 @@ mod tests {
             true
         }
         fn destroy(&self) -> Result<()> {
-            Err(Error::PermissionDenied { name: "/undestroyable".into() })
-        }
-    }
-
-    /// A backend whose name another process removed first.
-    struct RemovedElsewhere(HeapBackend);
-
-    // SAFETY: forwards to a heap backend, which keeps the promises.
-    unsafe impl MemoryBackend for RemovedElsewhere {
-        fn kind(&self) -> crate::backend::BackendKind {
-            self.0.kind()
-        }
-        fn base(&self) -> *mut u8 {
-            self.0.base()
-        }
-        fn len(&self) -> u64 {
-            self.0.len()
-        }
-        fn header(&self) -> &crate::header::RegionHeader {
-            self.0.header()
-        }
-        fn is_creator(&self) -> bool {
-            true
-        }
-        fn destroy(&self) -> Result<()> {
-            Err(Error::NotFound { what: "shared-memory segment", name: "/removed-elsewhere".into() })
+            Err(self.1)
         }
     }
 
@@ -627,7 +603,12 @@ mod tests {
     #[test]
     fn a_destroy_whose_name_is_already_gone_forgets_the_backend() {
         let mm = MemoryManager::new();
-        let b = mm.add_backend(RemovedElsewhere(HeapBackend::new(BackendId(9), 1 << 20))).unwrap();
+        let b = mm
+            .add_backend(DestroyFails(
+                HeapBackend::new(BackendId(9), 1 << 20),
+                Error::NotFound { what: "shared-memory segment", name: "/removed-elsewhere".into() },
+            ))
+            .unwrap();
         let id = AllocatorId::new(9, 0);
         mm.create_allocator::<StackAllocator>(b.id(), id, 0, &Default::default()).unwrap();
         let weak = Arc::downgrade(&b);
@@ -643,7 +624,12 @@ mod tests {
     #[test]
     fn a_failed_destroy_forgets_nothing() {
         let mm = MemoryManager::new();
-        let b = mm.add_backend(Undestroyable(HeapBackend::new(BackendId(7), 1 << 20))).unwrap();
+        let b = mm
+            .add_backend(DestroyFails(
+                HeapBackend::new(BackendId(7), 1 << 20),
+                Error::PermissionDenied { name: "/undestroyable".into() },
+            ))
+            .unwrap();
         let id = AllocatorId::new(7, 0);
         mm.create_allocator::<StackAllocator>(b.id(), id, 0, &Default::default()).unwrap();
         assert!(matches!(mm.destroy_backend(b.id()), Err(Error::PermissionDenied { .. })));
