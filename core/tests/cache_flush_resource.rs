@@ -5,39 +5,18 @@
 //! One test in its own binary, with its own global allocator.
 #![cfg(not(loom))]
 
+#[path = "common/through_global.rs"]
+mod through_global;
+
 use std::alloc::{GlobalAlloc, Layout};
-use std::ptr::NonNull;
 
 use hetmem_core::cache::{flush_thread, HetAlloc};
-use hetmem_core::{MemoryKind, MemoryResource, Result};
+use through_global::ThroughGlobal;
 
 #[global_allocator]
 static A: HetAlloc = HetAlloc::new();
 
-/// Host memory from the global allocator.
-struct ThroughGlobal;
-
-// SAFETY: every block comes from and goes back to the global allocator with its layout.
-unsafe impl MemoryResource for ThroughGlobal {
-    fn name(&self) -> &str {
-        "through-global"
-    }
-    fn kind(&self) -> MemoryKind {
-        MemoryKind::Host
-    }
-    fn allocate(&self, size: usize, align: usize) -> Result<NonNull<u8>> {
-        let layout = Layout::from_size_align(size, align).unwrap();
-        // SAFETY: the upstream passes on no zero size.
-        NonNull::new(unsafe { std::alloc::alloc(layout) })
-            .ok_or(hetmem_core::Error::OutOfMemory { requested: size as u64, available: 0 })
-    }
-    unsafe fn deallocate(&self, ptr: NonNull<u8>, size: usize, align: usize) {
-        // SAFETY: the caller's contract: from `allocate` above with this layout.
-        unsafe { std::alloc::dealloc(ptr.as_ptr(), Layout::from_size_align_unchecked(size, align)) }
-    }
-}
-
-static RESOURCE: ThroughGlobal = ThroughGlobal;
+static RESOURCE: ThroughGlobal = ThroughGlobal::new();
 static OVER_RESOURCE: HetAlloc = HetAlloc::with_resource(&RESOURCE);
 
 #[test]
