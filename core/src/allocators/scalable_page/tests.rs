@@ -146,6 +146,13 @@ fn a_dead_threads_cache_and_half_done_free_come_back() {
     assert_eq!(a.stats().free_bytes(), start);
 }
 
+/// Where the number of the slot at `slot` lies (its `index` word, shared memory), for tests
+/// that damage it.
+fn index_word(a: &ScalablePageAllocator, slot: u64) -> *mut u32 {
+    let at = slot + core::mem::offset_of!(crate::allocators::slots::Slot<CacheBody>, index) as u64;
+    a.shared.mem.ptr(at, 4).unwrap().cast::<u32>()
+}
+
 /// A dead slot whose number (shared memory) was damaged to a live slot's: a cache labels its
 /// free blocks with its slot's number, so its recovery pushed the live cache's blocks onto the
 /// shared list too, to be handed out while that cache hands them out again. The recovery now
@@ -163,10 +170,7 @@ fn a_recovery_takes_no_block_from_the_cache_a_damaged_slot_number_names() {
     for &u in &users {
         free_through(&a, mine, u);
     }
-    let index_of = |slot: u64| {
-        let at = slot + core::mem::offset_of!(crate::allocators::slots::Slot<CacheBody>, index) as u64;
-        s.mem.ptr(at, 4).unwrap().cast::<u32>()
-    };
+    let index_of = |slot: u64| index_word(&a, slot);
     // SAFETY: the index words of two slots, in bounds and aligned; no other thread runs.
     let (my_index, dead_index) = unsafe { (*index_of(mine), *index_of(dead)) };
     // SAFETY: as above.
@@ -199,10 +203,7 @@ fn a_recovery_takes_no_block_a_slot_with_a_damaged_number_labelled_with_its_own(
     let dead = dead_slot(&a);
     let class = class_for(48, 8).unwrap();
     let users: Vec<u64> = (0..4).map(|_| s.allocate_small(mine, class, 48, 8).unwrap()).collect();
-    let index_of = |slot: u64| {
-        let at = slot + core::mem::offset_of!(crate::allocators::slots::Slot<CacheBody>, index) as u64;
-        s.mem.ptr(at, 4).unwrap().cast::<u32>()
-    };
+    let index_of = |slot: u64| index_word(&a, slot);
     // SAFETY: the index words of two slots, in bounds and aligned; no other thread runs.
     let (my_index, dead_index) = unsafe { (*index_of(mine), *index_of(dead)) };
     // SAFETY: as above.
@@ -1040,8 +1041,7 @@ fn a_slot_index_past_the_label_field_breaks_no_info_word() {
     let start = a.stats().free_bytes();
     let slot = own_slot(&a);
     let index = s.slots.slot(&s.mem, slot).unwrap().index;
-    let index_at = slot + core::mem::offset_of!(crate::allocators::slots::Slot<CacheBody>, index) as u64;
-    let at = s.mem.ptr(index_at, 4).unwrap().cast::<u32>();
+    let at = index_word(&a, slot);
     let class = class_for(1000, 8).unwrap();
     for bad in [u32::MAX - 1, 1 << 22, (1 << 22) - 1] {
         // SAFETY: the slot's index, in bounds and aligned; no other thread uses the slot.
