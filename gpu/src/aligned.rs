@@ -12,6 +12,20 @@ use std::sync::Mutex;
 
 use hetmem_core::{check_layout, fork, Error, Result};
 
+/// `addr`, an address a driver call (`call`) answered with success, unless it is 0: that is no
+/// memory anyone can use or free (a driver bug), so it is [`Error::Gpu`] with code 0, and nothing
+/// is recorded for it.
+pub(crate) fn driver_address(call: &'static str, addr: u64) -> Result<u64> {
+    if addr == 0 {
+        return Err(address_0(call));
+    }
+    Ok(addr)
+}
+
+fn address_0(call: &'static str) -> Error {
+    Error::Gpu { call, code: 0, name: "success with address 0" }
+}
+
 /// Blocks handed out at an address other than the driver's base.
 #[derive(Debug)]
 pub(crate) struct AlignedBlocks {
@@ -39,7 +53,7 @@ impl AlignedBlocks {
 
     /// Allocates `size` bytes aligned to `align` with `alloc` (which returns a driver address or
     /// an error), freeing with `free` whatever is not handed out. `call` names the driver call in
-    /// the error for a null result.
+    /// the error for an address 0 (see [`driver_address`]), which is neither freed nor recorded.
     pub(crate) fn allocate(
         &self,
         size: usize,
@@ -50,19 +64,19 @@ impl AlignedBlocks {
     ) -> Result<NonNull<u8>> {
         check_layout(size, align)?;
         let first = alloc(size)?;
-        let addr = if first % align as u64 == 0 {
-            first
-        } else {
-            free(first);
-            let padded = size
-                .checked_add(align - 1)
-                .ok_or(Error::InvalidSize { size: size as u64, reason: "size overflows when aligned" })?;
-            let base = alloc(padded)?;
-            let aligned = base.next_multiple_of(align as u64);
-            self.lock().insert(aligned, base);
-            aligned
-        };
-        NonNull::new(addr as *mut u8).ok_or(Error::Gpu { call, code: 0, name: "returned address 0" })
+        if first % align as u64 == 0 {
+            return block_at(call, first); // address 0 too: no block, nothing to free
+        }
+        free(first);
+        let padded = size
+            .checked_add(align - 1)
+            .ok_or(Error::InvalidSize { size: size as u64, reason: "size overflows when aligned" })?;
+        let base = block_at(call, alloc(padded)?)?.as_ptr() as u64;
+        // The driver's block of `padded` bytes at `base` (not 0) holds the next multiple of
+        // `align`, which is not 0 either.
+        let aligned = block_at(call, base.next_multiple_of(align as u64))?;
+        self.lock().insert(aligned.as_ptr() as u64, base);
+        Ok(aligned)
     }
 
     /// Frees the block handed out at `addr` with alignment `align`: forgets its record, then,
@@ -106,6 +120,12 @@ impl AlignedBlocks {
         // remove.
         self.moved.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+/// The block at address `addr`, which driver call `call` answered with success: an error if it is
+/// 0 (see [`driver_address`]).
+fn block_at(call: &'static str, addr: u64) -> Result<NonNull<u8>> {
+    NonNull::new(addr as *mut u8).ok_or(address_0(call))
 }
 
 #[cfg(test)]
@@ -198,6 +218,30 @@ mod tests {
         drop(held);
         blocks.deallocate(a, 4096, 256, || Ok(()), |p| fake.free(p));
         assert!(fake.live.borrow().is_empty(), "the parent still frees its block at the driver's base");
+    }
+
+    /// A driver that answers success with address 0 gave no block: the allocation is an error,
+    /// nothing is recorded for address 0 (a later block there would be freed at the wrong base),
+    /// and the block allocated before it is freed.
+    #[test]
+    fn an_address_0_from_the_driver_is_an_error_and_recorded_nowhere() {
+        let blocks = AlignedBlocks::default();
+        let fake = Fake::new();
+        let address_0 = |r: Result<NonNull<u8>>| matches!(r, Err(Error::Gpu { call: "fake", code: 0, .. }));
+        assert!(address_0(blocks.allocate(1000, 256, "fake", |_| Ok(0), |_| panic!("freed address 0"))));
+        // The first block is misaligned for 4096 and given back; the padded one comes at 0.
+        let mut calls = 0;
+        let second_at_0 = |s| {
+            calls += 1;
+            if calls == 2 {
+                Ok(0)
+            } else {
+                fake.alloc(s)
+            }
+        };
+        assert!(address_0(blocks.allocate(1000, 4096, "fake", second_at_0, |p| fake.free(p))));
+        assert!(blocks.lock().is_empty(), "a block at address 0 was recorded");
+        assert!(fake.live.borrow().is_empty(), "the first block was not given back");
     }
 
     #[test]

@@ -356,6 +356,11 @@ fn ipc_attach_counts_in_and_out() {
         let refused = CudaIpcBackend::attach(&name, &CudaIpcOptions::default());
         assert!(matches!(refused, Err(Error::Gpu { call: "cuIpcOpenMemHandle", .. })), "{refused:?}");
         fail(&lib, None);
+        // So does an open that answers address 0, which is no mapping.
+        null(&lib, Some("cuIpcOpenMemHandle_v2"));
+        let refused = CudaIpcBackend::attach(&name, &CudaIpcOptions::default());
+        assert!(matches!(refused, Err(Error::Gpu { call: "cuIpcOpenMemHandle", code: 0, .. })), "{refused:?}");
+        null(&lib, None);
         let ipc = CudaIpcBackend::attach(&name, &CudaIpcOptions::default()).unwrap();
         assert_eq!(ipc.attached(), 1);
         assert_eq!(counter(&lib, "fake_opened_handles"), 1);
@@ -521,11 +526,21 @@ fn the_nvrtc_named_by_the_variable_is_used_or_none_is() {
 
 /// Makes the fake driver at `lib` fail `call` (None: nothing fails).
 fn fail(lib: &Path, call: Option<&str>) {
+    set_call(lib, "fake_fail", call);
+}
+
+/// Makes the fake driver at `lib` answer `call` with success and address 0 (None: no call does).
+fn null(lib: &Path, call: Option<&str>) {
+    set_call(lib, "fake_null", call);
+}
+
+/// Calls the fake's `setter` (`fake_fail`, `fake_null`) with `call`'s name, or null.
+fn set_call(lib: &Path, setter: &str, call: Option<&str>) {
     let name = call.map(|c| std::ffi::CString::new(c).unwrap());
     // SAFETY: as in `counter`.
     let lib = unsafe { libloading::Library::new(lib) }.expect("the fake library loads");
-    // SAFETY: fake_fail takes a NUL-terminated string or null.
-    let f = unsafe { lib.get::<unsafe extern "C" fn(*const std::ffi::c_char)>(b"fake_fail") }.expect("fake_fail");
+    // SAFETY: the setters take a NUL-terminated string or null.
+    let f = unsafe { lib.get::<unsafe extern "C" fn(*const std::ffi::c_char)>(setter.as_bytes()) }.expect(setter);
     // SAFETY: as above; `name` outlives the call.
     unsafe { f(name.as_ref().map_or(std::ptr::null(), |n| n.as_ptr())) };
 }
@@ -590,6 +605,64 @@ fn refused_driver_calls_leave_nothing_behind() {
             assert_eq!(held(), [0; 4], "{call}");
         }
     }
+}
+
+/// A driver call that answers success with address 0 hands out no memory: each is an error
+/// (`Error::Gpu` naming the call), never a backend or block at address 0, and what the steps
+/// before it made is undone.
+#[test]
+fn an_address_0_from_the_driver_is_an_error() {
+    if !body_of("an_address_0_from_the_driver_is_an_error", &[]) || !fake_in_use() {
+        return;
+    }
+    use hetmem_core::MemoryResource;
+    use hetmem_gpu::cuda::{CudaDeviceResource, CudaPinnedResource};
+    let lib = PathBuf::from(std::env::var_os(DRIVER_ENV).unwrap());
+    let held = || {
+        ["fake_allocations", "fake_host_allocations", "fake_registrations", "fake_opened_handles"]
+            .map(|c| counter(&lib, c))
+    };
+    let address_0 = |r: &hetmem_core::Result<()>, call: &str| {
+        assert!(matches!(r, Err(Error::Gpu { call: c, code: 0, .. }) if *c == call), "{call} gave address 0: {r:?}")
+    };
+    let name = unique("null-shm");
+    null(&lib, Some("cuMemHostGetDevicePointer_v2"));
+    address_0(
+        &CudaShmBackend::create(&name, 1 << 16, &CudaShmOptions::default()).map(drop),
+        "cuMemHostGetDevicePointer",
+    );
+    null(&lib, None);
+    assert!(!PosixShmBackend::exists(&name).unwrap(), "the segment was left");
+    assert_eq!(held(), [0; 4], "the registration was left");
+
+    let name = unique("null-ipc");
+    null(&lib, Some("cuMemAlloc_v2"));
+    address_0(&CudaIpcBackend::create(&name, 1 << 16, &CudaIpcOptions::default()).map(drop), "cuMemAlloc");
+    null(&lib, None);
+    assert!(!PosixShmBackend::exists(&name).unwrap(), "the segment was left");
+
+    let device = CudaDeviceResource::new(0).unwrap();
+    let pinned = CudaPinnedResource::new(0).unwrap();
+    for (res, call, expected) in [
+        (&device as &dyn MemoryResource, "cuMemAlloc_v2", "cuMemAlloc"),
+        (&pinned as &dyn MemoryResource, "cuMemHostAlloc", "cuMemHostAlloc"),
+    ] {
+        for align in [256, 1 << 16] {
+            null(&lib, Some(call));
+            address_0(&res.allocate(4096, align).map(drop), expected);
+            null(&lib, None);
+            let block = res.allocate(4096, align).unwrap();
+            // SAFETY: from `allocate` with this size and alignment.
+            unsafe { res.deallocate(block, 4096, align) };
+        }
+    }
+    let block = pinned.allocate(64, 16).unwrap();
+    null(&lib, Some("cuMemHostGetDevicePointer_v2"));
+    address_0(&pinned.device_address(block).map(drop), "cuMemHostGetDevicePointer");
+    null(&lib, None);
+    // SAFETY: from `allocate` with this size and alignment.
+    unsafe { pinned.deallocate(block, 64, 16) };
+    assert_eq!(held(), [0; 4]);
 }
 
 /// `attach_timeout` bounds the whole of an IPC attach: waiting for the segment's header, then for

@@ -1,6 +1,7 @@
 //! The one place that calls the CUDA driver's raw API (cudarc's `sys` level): loading the driver
 //! without panicking, its error codes as [`Error`]s, contexts, and thin wrappers over the calls
-//! the rest of the module makes. Everything outside this file goes through these functions.
+//! the rest of the module makes. Everything outside this file goes through these functions. An
+//! address 0 that a call answers with success is no memory, and comes back as an error.
 //!
 //! cudarc resolves each driver function the first time it is called and panics if the library or
 //! the symbol is missing. [`driver`] therefore checks, once per process, that the library loads,
@@ -15,6 +16,7 @@ use cudarc::driver::sys::{self, CUdevice_attribute, CUresult};
 use cudarc::driver::{CudaContext, CudaStream, DriverError};
 use hetmem_core::{Error, Result, ShortStr};
 
+use crate::aligned::driver_address;
 use crate::fork_once::ForkOnce;
 
 /// Environment variable naming the driver library to load (a path, e.g.
@@ -474,7 +476,7 @@ pub(crate) fn mem_alloc(size: usize) -> Result<u64> {
     if code != CUresult::CUDA_SUCCESS {
         return Err(alloc_error("cuMemAlloc", code, size, free_device_memory));
     }
-    Ok(dptr)
+    driver_address("cuMemAlloc", dptr)
 }
 
 /// `cuMemFree`.
@@ -495,7 +497,7 @@ pub(crate) fn mem_alloc_async(size: usize, stream: &CudaStream) -> Result<u64> {
     if code != CUresult::CUDA_SUCCESS {
         return Err(alloc_error("cuMemAllocAsync", code, size, free_device_memory));
     }
-    Ok(dptr)
+    driver_address("cuMemAllocAsync", dptr)
 }
 
 /// `cuMemFreeAsync` on `stream`.
@@ -515,7 +517,7 @@ pub(crate) fn host_alloc(size: usize, flags: u32) -> Result<*mut c_void> {
     if code != CUresult::CUDA_SUCCESS {
         return Err(alloc_error("cuMemHostAlloc", code, size, || 0));
     }
-    Ok(ptr)
+    driver_address("cuMemHostAlloc", ptr as u64).map(|_| ptr)
 }
 
 /// `cuMemFreeHost`.
@@ -558,7 +560,7 @@ pub(crate) fn host_device_pointer(ptr: *mut c_void) -> Result<u64> {
     let mut dptr = 0;
     // SAFETY: valid out-pointer; the driver only looks `ptr` up (flags must be 0).
     check("cuMemHostGetDevicePointer", unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dptr, ptr, 0) })?;
-    Ok(dptr)
+    driver_address("cuMemHostGetDevicePointer", dptr)
 }
 
 /// The bytes of an IPC handle.
@@ -582,7 +584,7 @@ pub(crate) fn ipc_open(handle: &[u8; IPC_HANDLE_LEN]) -> Result<u64> {
     check("cuIpcOpenMemHandle", unsafe {
         sys::cuIpcOpenMemHandle_v2(&mut dptr, handle, sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32)
     })?;
-    Ok(dptr)
+    driver_address("cuIpcOpenMemHandle", dptr)
 }
 
 /// `cuIpcCloseMemHandle`.

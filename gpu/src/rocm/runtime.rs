@@ -1,11 +1,13 @@
 //! The one place that calls the HIP runtime's raw API (hip-sys): its error codes as [`Error`]s, the
 //! device check every constructor starts with, and thin wrappers over the calls the rest of the
-//! module makes.
+//! module makes. An address 0 that a call answers with success is no memory, and comes back as an
+//! error.
 
 use std::ffi::{c_void, CStr};
 
 use hetmem_core::{Error, Result, ShortStr};
 
+use crate::aligned::driver_address;
 use crate::fork_once::ForkOnce;
 use hip_sys::hiprt::{self, hipError_t};
 
@@ -118,7 +120,7 @@ pub(crate) fn malloc(size: usize) -> Result<u64> {
         return Err(Error::OutOfMemory { requested: size as u64, available: free as u64 });
     }
     check("hipMalloc", code)?;
-    Ok(ptr as u64)
+    driver_address("hipMalloc", ptr as u64)
 }
 
 /// `hipFree`.
@@ -185,5 +187,5 @@ pub(crate) fn host_device_pointer(ptr: *mut u8) -> Result<u64> {
     let mut dptr: *mut c_void = std::ptr::null_mut();
     // SAFETY: valid out-pointer; the runtime only looks `ptr` up.
     check("hipHostGetDevicePointer", unsafe { hiprt::hipHostGetDevicePointer(&mut dptr, ptr.cast(), 0) })?;
-    Ok(dptr as u64)
+    driver_address("hipHostGetDevicePointer", dptr as u64)
 }

@@ -2,7 +2,8 @@
  * A fake CUDA driver for the host-side tests (tests/cuda_fake_driver.rs): it exports every function
  * hetmem checks for, with one device (compute capability 9.0; FAKE_CUDA_DEVICES=2 at cuInit makes
  * two), each with a primary context, and keeps "device" memory in host memory. It counts every call and what is still allocated, registered or opened, and the
- * tests read those counts through the fake_* functions; fake_fail makes one call fail. Device-to-
+ * tests read those counts through the fake_* functions; fake_fail makes one call fail, and fake_null
+ * makes one call that hands out an address answer success with address 0 instead. Device-to-
  * device copies are done at once but count as pending in the current context until it is
  * synchronised, and memory released while any context has one pending is counted. Streams are counted handles to nothing. Calls no test makes (other copies,
  * events, modules, launches) answer CUDA_ERROR_NOT_SUPPORTED.
@@ -51,6 +52,15 @@ void fake_fail(const char *name) {
     if (name != NULL) strncpy(failing, name, sizeof failing - 1);
 }
 #define FAILS(name) if (strcmp(failing, name) == 0) return UNKNOWN;
+
+/* The one call that answers success with address 0 (and hands out nothing) until cleared, set by
+ * fake_null: a driver bug hetmem must not take for an address. */
+static char nulled[64];
+void fake_null(const char *name) {
+    memset(nulled, 0, sizeof nulled);
+    if (name != NULL) strncpy(nulled, name, sizeof nulled - 1);
+}
+#define NULLS(name, out) if (strcmp(nulled, name) == 0) { *(out) = 0; return SUCCESS; }
 
 /* What the tests read. */
 long fake_calls(void) { return __atomic_load_n(&calls, __ATOMIC_SEQ_CST); }
@@ -158,6 +168,7 @@ CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t size) {
     if (current == NULL) return 201; /* CUDA_ERROR_INVALID_CONTEXT */
     if (size == 0) return INVALID_VALUE;
     if (size > ((size_t)1 << 30)) return OUT_OF_MEMORY;
+    NULLS("cuMemAlloc_v2", dptr)
     void *p = aligned_alloc(256, (size + 255) & ~(size_t)255);
     if (p == NULL) return OUT_OF_MEMORY;
     ADD(allocations, 1);
@@ -179,6 +190,7 @@ CUresult cuMemHostAlloc(void **ptr, size_t size, unsigned flags) {
     (void)flags;
     if (size == 0) return INVALID_VALUE;
     if (size > ((size_t)1 << 30)) return OUT_OF_MEMORY;
+    NULLS("cuMemHostAlloc", ptr)
     void *p = aligned_alloc(4096, (size + 4095) & ~(size_t)4095);
     if (p == NULL) return OUT_OF_MEMORY;
     ADD(host_allocations, 1);
@@ -212,6 +224,7 @@ CUresult cuMemHostGetDevicePointer_v2(CUdeviceptr *dptr, void *ptr, unsigned fla
     COUNT();
     FAILS("cuMemHostGetDevicePointer_v2")
     if (flags != 0) return INVALID_VALUE;
+    NULLS("cuMemHostGetDevicePointer_v2", dptr)
     *dptr = (CUdeviceptr)(uintptr_t)ptr;
     return SUCCESS;
 }
@@ -231,6 +244,7 @@ CUresult cuIpcOpenMemHandle_v2(CUdeviceptr *dptr, CUipcMemHandle handle, unsigne
     CUdeviceptr exported;
     memcpy(&exported, handle.reserved, sizeof exported);
     if (exported == 0) return INVALID_VALUE;
+    NULLS("cuIpcOpenMemHandle_v2", dptr)
     ADD(opened_handles, 1);
     *dptr = exported ^ 0x7000000000000000ull;
     return SUCCESS;
