@@ -131,6 +131,7 @@ fn block_at(call: &'static str, addr: u64) -> Result<NonNull<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fork_once::in_child;
     use std::cell::RefCell;
 
     /// A fake driver that hands out addresses aligned to 256 only, and records frees.
@@ -200,21 +201,12 @@ mod tests {
         let a = blocks.allocate(1000, 4096, "fake", |s| fake.alloc(s), |p| fake.free(p)).unwrap().as_ptr() as u64;
         // Held across the fork, as a thread of the parent in `allocate` or `deallocate` holds it.
         let held = blocks.lock();
-        // SAFETY: fork(2); the child makes one call, bounded by an alarm, and leaves with `_exit`.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0, "fork failed");
-        if pid == 0 {
-            // SAFETY: alarm(2): a child left waiting dies of SIGALRM.
-            unsafe { libc::alarm(3) };
+        let child = in_child(|| {
             let refused = || Err::<(), _>(Error::Unsupported("forked"));
             blocks.deallocate(a, 4096, 256, refused, |_| {});
-            // SAFETY: ends the forked child.
-            unsafe { libc::_exit(0) };
-        }
-        let mut status = 0;
-        // SAFETY: waitpid(2) on our own child.
-        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-        assert!(!libc::WIFSIGNALED(status), "the child waited on a lock its parent's thread held at the fork");
+            true
+        });
+        assert_eq!(child, Some(true), "the child waited on a lock its parent's thread held at the fork");
         drop(held);
         blocks.deallocate(a, 4096, 256, || Ok(()), |p| fake.free(p));
         assert!(fake.live.borrow().is_empty(), "the parent still frees its block at the driver's base");

@@ -105,6 +105,27 @@ impl Drop for Unclaim<'_> {
     }
 }
 
+/// For the crate's tests of what a forked child does: runs `child` in a forked child, bounded by
+/// an alarm (3 s), and gives `Some` of what it returned, or `None` if it was killed (left waiting).
+#[cfg(test)]
+pub(crate) fn in_child(child: impl FnOnce() -> bool) -> Option<bool> {
+    // SAFETY: fork(2); the child makes the calls in `child`, bounded by an alarm, and leaves
+    // with `_exit`.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        // SAFETY: alarm(2): a child left waiting dies of SIGALRM.
+        unsafe { libc::alarm(3) };
+        let code = if child() { 0 } else { 1 };
+        // SAFETY: ends the forked child.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waitpid(2) on our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    (!libc::WIFSIGNALED(status)).then(|| libc::WEXITSTATUS(status) == 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,46 +151,10 @@ mod tests {
             )
         });
         wait_for_start.recv().unwrap();
-        // SAFETY: fork(2); the child makes one call, bounded by an alarm, and leaves with `_exit`.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0, "fork failed");
-        if pid == 0 {
-            // SAFETY: alarm(2): a child left waiting dies of SIGALRM.
-            unsafe { libc::alarm(3) };
-            let code = match ONCE.get(|| Ok(2), "forked") {
-                Err(Error::Unsupported("forked")) => 0,
-                _ => 1,
-            };
-            // SAFETY: ends the forked child.
-            unsafe { libc::_exit(code) };
-        }
-        let mut status = 0;
-        // SAFETY: waitpid(2) on our own child.
-        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-        assert!(!libc::WIFSIGNALED(status), "the child was left waiting for its parent's start");
-        assert_eq!(libc::WEXITSTATUS(status), 0, "the child was not refused with Unsupported");
+        let child = in_child(|| matches!(ONCE.get(|| Ok(2), "forked"), Err(Error::Unsupported("forked"))));
+        assert_eq!(child, Some(true), "the child was left waiting for its parent's start (None) or not refused");
         assert_eq!(starter.join().unwrap(), Ok(1));
         assert_eq!(ONCE.get(|| Ok(3), "forked"), Ok(1), "the parent keeps its answer");
-    }
-
-    /// Runs `child` in a forked child, bounded by an alarm: `Some` of what it returned, or `None`
-    /// if it was killed (left waiting).
-    fn in_child(child: impl FnOnce() -> bool) -> Option<bool> {
-        // SAFETY: fork(2); the child makes the calls in `child`, bounded by an alarm, and leaves
-        // with `_exit`.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0, "fork failed");
-        if pid == 0 {
-            // SAFETY: alarm(2): a child left waiting dies of SIGALRM.
-            unsafe { libc::alarm(3) };
-            let code = if child() { 0 } else { 1 };
-            // SAFETY: ends the forked child.
-            unsafe { libc::_exit(code) };
-        }
-        let mut status = 0;
-        // SAFETY: waitpid(2) on our own child.
-        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-        (!libc::WIFSIGNALED(status)).then(|| libc::WEXITSTATUS(status) == 0)
     }
 
     /// Work that leaves no state a child must not use (the NVRTC search): a child forked while

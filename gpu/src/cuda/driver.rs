@@ -599,6 +599,7 @@ pub(crate) unsafe fn ipc_close(dptr: u64) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fork_once::in_child;
 
     /// Whatever this machine has (no driver in CI, a GPU on the check machine), loading the driver
     /// answers with a value or one of the documented errors, and asking twice gives the same answer.
@@ -636,29 +637,19 @@ mod tests {
                 }
             })
         };
-        let mut stuck = false;
+        let mut child = Some(true);
         for _ in 0..200 {
-            // SAFETY: fork(2); the child makes one call, bounded by an alarm, and leaves with `_exit`.
-            let pid = unsafe { libc::fork() };
-            assert!(pid >= 0, "fork failed");
-            if pid == 0 {
-                // SAFETY: alarm(2): a child left waiting dies of SIGALRM.
-                unsafe { libc::alarm(1) };
-                let code = if preload(libc_so).is_some() { 0 } else { 1 };
-                // SAFETY: ends the forked child.
-                unsafe { libc::_exit(code) };
-            }
-            let mut status = 0;
-            // SAFETY: waitpid(2) on our own child.
-            assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-            stuck = libc::WIFSIGNALED(status);
-            if stuck {
+            child = in_child(|| preload(libc_so).is_some());
+            if child != Some(true) {
                 break;
             }
-            assert_eq!(libc::WEXITSTATUS(status), 0, "the child could not load libc");
         }
         stop.store(true, Ordering::Relaxed);
         busy.join().unwrap();
-        assert!(!stuck, "a child forked while a thread preloaded waited for ever");
+        assert_eq!(
+            child,
+            Some(true),
+            "a child forked while a thread preloaded waited for ever (None) or could not load libc"
+        );
     }
 }
