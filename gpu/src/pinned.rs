@@ -1,6 +1,7 @@
 //! What the GPU backends share: each is a [`PosixShmBackend`] (kind [`BackendKind::Pinned`] for the
 //! registered segments, [`BackendKind::Device`] for CUDA IPC) plus the device address of its offset
-//! 0 in this process, and each checks ranges the same way.
+//! 0 in this process, and each checks ranges the same way; the registered segments of both
+//! platforms also share their accessors and what they say about atomics.
 //!
 //! [`PosixShmBackend`]: hetmem_backends::PosixShmBackend
 //! [`BackendKind::Pinned`]: hetmem_core::BackendKind::Pinned
@@ -44,6 +45,45 @@ macro_rules! impl_shm_device_backend {
     };
 }
 pub(crate) use impl_shm_device_backend;
+
+/// Adds the methods a pinned segment's backend has on every platform (`CudaShmBackend`,
+/// `RocmShmBackend`) to a type with fields `shm: PosixShmBackend` and `host_atomics: bool` (what
+/// `$attribute`, the platform's device attribute, says of this process's device).
+macro_rules! impl_pinned_segment {
+    ($ty:ty, $attribute:literal) => {
+        impl $ty {
+            /// Whether kernels and CPU threads may work on the same words of the segment with
+            /// atomics at the same time: the device's link to the host carries atomics natively
+            /// (NVLink-C2C on Grace Hopper, not PCIe), as the device attribute
+            #[doc = concat!($attribute, " says.")]
+            ///
+            /// Where it is false, a device atomic on the segment is atomic among the device's
+            /// threads only, not against the CPU's: a heap in the segment that kernels allocate in
+            /// ([`device::BITMAP_HEADER`](crate::device::BITMAP_HEADER)) is used by kernels and by
+            /// the CPU in turns. The CPU allocates and frees before a kernel that uses the heap is
+            /// launched, or after it has finished (its stream synchronized), never while it runs.
+            /// The same holds between devices: the segment is registered portable, and other
+            /// processes may register it with other GPUs, whose atomics over PCIe are not atomic
+            /// against each other's. So the heap is shared at once only by kernels of one device,
+            /// or by CPU threads and processes, unless every device whose kernels use it answers
+            /// `true` here (each process asks of its own).
+            pub fn host_native_atomics(&self) -> bool {
+                self.host_atomics
+            }
+
+            /// The underlying segment.
+            pub fn shm(&self) -> &hetmem_backends::PosixShmBackend {
+                &self.shm
+            }
+
+            /// Keeps the segment after this (creating) process drops its backend.
+            pub fn persist(&mut self) {
+                self.shm.persist();
+            }
+        }
+    };
+}
+pub(crate) use impl_pinned_segment;
 
 /// Checks that `count` elements of `elem_size` bytes and alignment `elem_align` starting at
 /// `offset` lie inside a region of `region_len` bytes and past its header, and that their address

@@ -9,7 +9,7 @@ use hetmem_core::{BackendKind, Error, MemoryBackend, OffsetPtr, Result};
 
 use super::driver;
 use super::interop::{region_view, DeviceView, ReadOnlyView};
-use crate::pinned::{check_range, impl_shm_device_backend};
+use crate::pinned::{check_range, impl_pinned_segment, impl_shm_device_backend};
 
 /// Options for [`CudaShmBackend`].
 #[derive(Clone, Debug, Default)]
@@ -97,33 +97,6 @@ impl CudaShmBackend {
         self.read_only
     }
 
-    /// Whether kernels and CPU threads may work on the same words of the segment with atomics at
-    /// the same time: the device's link to the host carries atomics natively
-    /// (`CU_DEVICE_ATTRIBUTE_HOST_NATIVE_ATOMIC_SUPPORTED`: NVLink-C2C on Grace Hopper, not PCIe).
-    ///
-    /// Where it is false, a device atomic on the segment is atomic among the device's threads
-    /// only, not against the CPU's: a heap in the segment that kernels allocate in
-    /// ([`device::BITMAP_HEADER`](crate::device::BITMAP_HEADER)) is used by kernels and by the CPU
-    /// in turns. The CPU allocates and frees before a kernel that uses the heap is launched, or
-    /// after its stream is synchronized, never while it runs. The same holds between devices: the
-    /// segment is registered portable, and other processes may register it with other GPUs, whose
-    /// atomics over PCIe are not atomic against each other's. So the heap is shared at once only
-    /// by kernels of one device, or by CPU threads and processes, unless every device whose
-    /// kernels use it answers `true` here (each process asks of its own).
-    pub fn host_native_atomics(&self) -> bool {
-        self.host_atomics
-    }
-
-    /// The underlying segment.
-    pub fn shm(&self) -> &PosixShmBackend {
-        &self.shm
-    }
-
-    /// Keeps the segment after this (creating) process drops its backend.
-    pub fn persist(&mut self) {
-        self.shm.persist();
-    }
-
     /// A view of `len` elements of `T` at `offset` (past the header page), for cudarc copies and
     /// kernel launches on `stream` (which must belong to this backend's context).
     ///
@@ -202,6 +175,8 @@ impl CudaShmBackend {
 }
 
 impl_shm_device_backend!(CudaShmBackend);
+// `host_native_atomics`, `shm` and `persist`, as every platform's pinned segment has them.
+impl_pinned_segment!(CudaShmBackend, "`CU_DEVICE_ATTRIBUTE_HOST_NATIVE_ATOMIC_SUPPORTED`");
 
 impl Drop for CudaShmBackend {
     fn drop(&mut self) {

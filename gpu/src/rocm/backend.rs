@@ -5,7 +5,7 @@ use hetmem_backends::{PosixShmBackend, ShmOptions};
 use hetmem_core::{BackendKind, MemoryBackend, Result};
 
 use super::runtime;
-use crate::pinned::{check_range, impl_shm_device_backend};
+use crate::pinned::{check_range, impl_pinned_segment, impl_shm_device_backend};
 
 /// Options for [`RocmShmBackend`].
 #[derive(Clone, Debug, Default)]
@@ -75,31 +75,14 @@ impl RocmShmBackend {
         check_range(self.device_ptr, self.shm.len(), offset, len, 1, 1)?;
         Ok(self.device_ptr + offset)
     }
-
-    /// Whether kernels and CPU threads may work on the same words of the segment with atomics at
-    /// the same time, as the runtime reports it (`hipDeviceAttributeHostNativeAtomicSupported`;
-    /// false where it does not answer).
-    ///
-    /// Where it is false, a heap in the segment that kernels allocate in
-    /// ([`device::BITMAP_HEADER`](crate::device::BITMAP_HEADER)) is used by kernels and by the CPU
-    /// in turns: the CPU allocates and frees before a kernel that uses the heap is launched, or
-    /// after it has finished, never while it runs.
-    pub fn host_native_atomics(&self) -> bool {
-        self.host_atomics
-    }
-
-    /// The underlying segment.
-    pub fn shm(&self) -> &PosixShmBackend {
-        &self.shm
-    }
-
-    /// Keeps the segment after this (creating) process drops its backend.
-    pub fn persist(&mut self) {
-        self.shm.persist();
-    }
 }
 
 impl_shm_device_backend!(RocmShmBackend);
+// `host_native_atomics`, `shm` and `persist`, as every platform's pinned segment has them.
+impl_pinned_segment!(
+    RocmShmBackend,
+    "`hipDeviceAttributeHostNativeAtomicSupported` (false where the runtime does not answer it)"
+);
 
 impl Drop for RocmShmBackend {
     fn drop(&mut self) {
