@@ -475,6 +475,29 @@ fn views_check_the_alignment_of_the_address() {
     assert!(host.is_ok(), "{:?}", host.err());
 }
 
+/// A view of a pool block must fit the block: the error says how many bytes the view needs (it
+/// used to give the element count as the length, next to the block's size in bytes), and a count
+/// whose size overflows is an invalid size, as for the backends' views.
+#[test]
+fn a_view_of_a_block_must_fit_it() {
+    if !body_of("a_view_of_a_block_must_fit_it", &[]) || !fake_in_use() {
+        return;
+    }
+    use hetmem_gpu::cuda::{context, DeviceView};
+    use std::ptr::NonNull;
+    let stream = context(0).unwrap().default_stream();
+    let block = NonNull::<u64>::dangling().cast::<u8>();
+    // SAFETY: each view is refused before it is made, so the block is never used.
+    let too_long = unsafe { DeviceView::<u32>::from_block(block, 4000, 1001, &stream) };
+    assert!(matches!(too_long, Err(Error::OutOfBounds { offset: 0, len: 4004, region_len: 4000 })), "{too_long:?}");
+    // SAFETY: as above.
+    let overflows = unsafe { DeviceView::<u32>::from_block(block, 4000, usize::MAX, &stream) };
+    assert!(matches!(overflows, Err(Error::InvalidSize { .. })), "{overflows:?}");
+    // SAFETY: as above: a view that fits is made, and dropped unused.
+    let fits = unsafe { DeviceView::<u32>::from_block(block, 4000, 1000, &stream) };
+    assert_eq!(fits.map(|v| v.len()).ok(), Some(1000));
+}
+
 /// A pinned segment says whether its device's link carries host atomics, which decides whether
 /// kernels and the CPU may use a heap in it at the same time: the fake's device 0 has such a link
 /// and device 1 has not.

@@ -72,8 +72,9 @@ impl<'a, T> DeviceView<'a, T> {
     /// differs), make the view with [`from_raw`](Self::from_raw) and that address.
     ///
     /// # Errors
-    /// [`Error::OutOfBounds`] if `len` elements do not fit in `bytes`, [`Error::InvalidAlignment`]
-    /// if the block is not aligned for `T`.
+    /// [`Error::OutOfBounds`] if `len` elements do not fit in `bytes` (its `len` is the bytes they
+    /// need), [`Error::InvalidSize`] if their size overflows, [`Error::InvalidAlignment`] if the
+    /// block is not aligned for `T`.
     ///
     /// # Safety
     /// `block` is a live block of at least `bytes` bytes that `stream`'s device can address at
@@ -83,8 +84,11 @@ impl<'a, T> DeviceView<'a, T> {
     /// before the free on its stream), and not written through another view while this one is
     /// used.
     pub unsafe fn from_block(block: NonNull<u8>, bytes: usize, len: usize, stream: &Arc<CudaStream>) -> Result<Self> {
-        if len.checked_mul(size_of::<T>()).is_none_or(|need| need > bytes) {
-            return Err(Error::OutOfBounds { offset: 0, len: len as u64, region_len: bytes as u64 });
+        let need = len
+            .checked_mul(size_of::<T>())
+            .ok_or(Error::InvalidSize { size: len as u64, reason: "element count overflows" })?;
+        if need > bytes {
+            return Err(Error::OutOfBounds { offset: 0, len: need as u64, region_len: bytes as u64 });
         }
         if (block.as_ptr() as usize) % align_of::<T>() != 0 {
             return Err(Error::InvalidAlignment { align: align_of::<T>() as u64 });
