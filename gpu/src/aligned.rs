@@ -4,7 +4,9 @@
 //! driver's result happens to meet is returned as is; otherwise the block is allocated again with
 //! room to align, and the aligned address is remembered with the driver's base, so that
 //! `deallocate` (which gets the aligned address back) frees the right one. Device memory cannot
-//! hold a hidden header, so the record lives here, in host memory.
+//! hold a hidden header, so the record lives here, in host memory. Requests at or below the
+//! alignment the driver promises are never moved (so their frees skip the record), and a result
+//! that breaks that promise is refused.
 
 use std::collections::HashMap;
 use std::ptr::NonNull;
@@ -30,21 +32,23 @@ fn address_0(call: &'static str) -> Error {
 #[derive(Debug)]
 pub(crate) struct AlignedBlocks {
     moved: Mutex<HashMap<u64, u64>>,
+    /// The alignment the driver promises every allocation: no block asked with at most this
+    /// alignment is moved, so freeing one does not look in the table.
+    guaranteed: usize,
     /// The fork generation ([`fork`]) the table was made in: a forked child's copy is its
     /// parent's, and its lock may have been held by a parent's thread at the fork.
     generation: u64,
 }
 
-impl Default for AlignedBlocks {
-    fn default() -> Self {
+impl AlignedBlocks {
+    /// An empty table for a driver whose allocations are all aligned to `guaranteed`.
+    pub(crate) fn new(guaranteed: usize) -> Self {
         // Forks are counted from here on (the platform's start-up has registered this already);
         // if the system refused, the generation stays 0 and the table is always used.
         let _ = fork::watch();
-        AlignedBlocks { moved: Mutex::default(), generation: fork::generation() }
+        AlignedBlocks { moved: Mutex::default(), guaranteed, generation: fork::generation() }
     }
-}
 
-impl AlignedBlocks {
     /// The fork generation the table was made in.
     #[cfg_attr(not(hetmem_cuda), allow(dead_code))] // CUDA's resources only
     pub(crate) fn generation(&self) -> u64 {
@@ -53,7 +57,8 @@ impl AlignedBlocks {
 
     /// Allocates `size` bytes aligned to `align` with `alloc` (which returns a driver address or
     /// an error), freeing with `free` whatever is not handed out. `call` names the driver call in
-    /// the error for an address 0 (see [`driver_address`]), which is neither freed nor recorded.
+    /// the error for an address 0 (see [`driver_address`]), which is neither freed nor recorded,
+    /// and for an address that breaks the driver's promised alignment.
     pub(crate) fn allocate(
         &self,
         size: usize,
@@ -68,6 +73,11 @@ impl AlignedBlocks {
             return block_at(call, first); // address 0 too: no block, nothing to free
         }
         free(first);
+        if align <= self.guaranteed {
+            // The driver broke its promise. A block moved now would be freed at its aligned
+            // address, as `deallocate` does not look such blocks up.
+            return Err(Error::Gpu { call, code: 0, name: "success with an address below the promised alignment" });
+        }
         let padded = size
             .checked_add(align - 1)
             .ok_or(Error::InvalidSize { size: size as u64, reason: "size overflows when aligned" })?;
@@ -81,8 +91,8 @@ impl AlignedBlocks {
 
     /// Frees the block handed out at `addr` with alignment `align`: forgets its record, then,
     /// if `bind` (which makes the driver's context current for `free`) succeeds, calls `free`
-    /// with the driver address. `guaranteed` is the alignment every driver allocation has: at or
-    /// below it, no block was moved, and the table is not consulted.
+    /// with the driver address. At or below the promised alignment no block was moved, and the
+    /// table is not consulted.
     ///
     /// The record goes whether or not the driver can be reached: the block is not used again, and
     /// a record left behind would send a later block handed out unmoved at the same address (the
@@ -92,18 +102,17 @@ impl AlignedBlocks {
         &self,
         addr: u64,
         align: usize,
-        guaranteed: usize,
         bind: impl FnOnce() -> Result<G>,
         free: impl FnOnce(u64),
     ) {
-        let base = self.base_of(addr, align, guaranteed);
+        let base = self.base_of(addr, align);
         if let Ok(_bound) = bind() {
             free(base);
         }
     }
 
-    fn base_of(&self, addr: u64, align: usize, guaranteed: usize) -> u64 {
-        if align <= guaranteed {
+    fn base_of(&self, addr: u64, align: usize) -> u64 {
+        if align <= self.guaranteed {
             return addr;
         }
         if fork::generation() != self.generation {
@@ -159,14 +168,14 @@ mod tests {
 
     #[test]
     fn blocks_meet_their_alignment_and_free_their_driver_base() {
-        let blocks = AlignedBlocks::default();
+        let blocks = AlignedBlocks::new(256);
         let fake = Fake::new();
         for align in [1usize, 8, 256, 4096, 1 << 20] {
             let a = blocks.allocate(1000, align, "fake", |s| fake.alloc(s), |p| fake.free(p)).unwrap().as_ptr() as u64;
             assert_eq!(a % align as u64, 0, "align {align}");
             let (base, size) = *fake.live.borrow().last().unwrap();
             assert!(a >= base && a + 1000 <= base + size as u64, "the block lies inside the driver's");
-            blocks.deallocate(a, align, 256, || Ok(()), |p| fake.free(p));
+            blocks.deallocate(a, align, || Ok(()), |p| fake.free(p));
         }
         assert!(fake.live.borrow().is_empty(), "every driver block was freed once");
         assert!(blocks.lock().is_empty());
@@ -177,16 +186,16 @@ mod tests {
     /// first block's base.
     #[test]
     fn a_free_that_cannot_bind_still_forgets_the_block() {
-        let blocks = AlignedBlocks::default();
+        let blocks = AlignedBlocks::new(256);
         let fake = Fake::new();
         let a = blocks.allocate(1000, 4096, "fake", |s| fake.alloc(s), |p| fake.free(p)).unwrap().as_ptr() as u64;
         let (base, _) = *fake.live.borrow().last().unwrap();
         assert_ne!(a, base, "the fake's addresses are not 4096-aligned, so the block moved");
         let unreachable = || Err::<(), _>(Error::Unsupported("the context is gone"));
-        blocks.deallocate(a, 4096, 256, unreachable, |_| panic!("freed without a context"));
+        blocks.deallocate(a, 4096, unreachable, |_| panic!("freed without a context"));
         assert!(blocks.lock().is_empty(), "the record of a block freed without a context is gone");
         let mut freed = Vec::new();
-        blocks.deallocate(a, 4096, 256, || Ok(()), |p| freed.push(p));
+        blocks.deallocate(a, 4096, || Ok(()), |p| freed.push(p));
         assert_eq!(freed, [a], "a block at the same address handed out unmoved is freed at that address");
     }
 
@@ -196,19 +205,19 @@ mod tests {
     #[test]
     fn a_forked_child_frees_without_waiting_on_the_parents_lock() {
         hetmem_core::fork::watch().unwrap();
-        let blocks = AlignedBlocks::default();
+        let blocks = AlignedBlocks::new(256);
         let fake = Fake::new();
         let a = blocks.allocate(1000, 4096, "fake", |s| fake.alloc(s), |p| fake.free(p)).unwrap().as_ptr() as u64;
         // Held across the fork, as a thread of the parent in `allocate` or `deallocate` holds it.
         let held = blocks.lock();
         let child = in_child(|| {
             let refused = || Err::<(), _>(Error::Unsupported("forked"));
-            blocks.deallocate(a, 4096, 256, refused, |_| {});
+            blocks.deallocate(a, 4096, refused, |_| {});
             true
         });
         assert_eq!(child, Some(true), "the child waited on a lock its parent's thread held at the fork");
         drop(held);
-        blocks.deallocate(a, 4096, 256, || Ok(()), |p| fake.free(p));
+        blocks.deallocate(a, 4096, || Ok(()), |p| fake.free(p));
         assert!(fake.live.borrow().is_empty(), "the parent still frees its block at the driver's base");
     }
 
@@ -217,7 +226,7 @@ mod tests {
     /// and the block allocated before it is freed.
     #[test]
     fn an_address_0_from_the_driver_is_an_error_and_recorded_nowhere() {
-        let blocks = AlignedBlocks::default();
+        let blocks = AlignedBlocks::new(256);
         let fake = Fake::new();
         let address_0 = |r: Result<NonNull<u8>>| matches!(r, Err(Error::Gpu { call: "fake", code: 0, .. }));
         assert!(address_0(blocks.allocate(1000, 256, "fake", |_| Ok(0), |_| panic!("freed address 0"))));
@@ -236,9 +245,26 @@ mod tests {
         assert!(fake.live.borrow().is_empty(), "the first block was not given back");
     }
 
+    /// A block at or below the alignment the driver promises is never looked up when it is freed,
+    /// so one the driver hands out misaligned for it (a broken promise) must not be moved: moved,
+    /// it would be freed at its aligned address, which the driver never gave, and its base kept.
+    #[test]
+    fn a_block_misaligned_for_the_drivers_promise_is_refused() {
+        // The fake hands out addresses aligned to 256 only, below the 4096 promised here.
+        let blocks = AlignedBlocks::new(4096);
+        let fake = Fake::new();
+        let r = blocks.allocate(1000, 1024, "fake", |s| fake.alloc(s), |p| fake.free(p));
+        if let Ok(block) = r {
+            blocks.deallocate(block.as_ptr() as u64, 1024, || Ok(()), |p| fake.free(p));
+        }
+        assert!(matches!(r, Err(Error::Gpu { call: "fake", code: 0, .. })), "{r:?}");
+        assert!(fake.live.borrow().is_empty(), "the misaligned block was not given back");
+        assert!(blocks.lock().is_empty());
+    }
+
     #[test]
     fn bad_layouts_and_driver_errors_come_back() {
-        let blocks = AlignedBlocks::default();
+        let blocks = AlignedBlocks::new(256);
         let fake = Fake::new();
         let fail = |_| Err(Error::OutOfMemory { requested: 1, available: 0 });
         assert!(matches!(blocks.allocate(0, 8, "fake", |s| fake.alloc(s), |_| {}), Err(Error::InvalidSize { .. })));

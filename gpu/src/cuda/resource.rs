@@ -42,7 +42,11 @@ pub struct CudaDeviceResource {
 impl CudaDeviceResource {
     /// `cuMemAlloc` / `cuMemFree` on device `device`.
     pub fn new(device: usize) -> Result<Self> {
-        Ok(CudaDeviceResource { ctx: driver::context(device)?, mode: Mode::Sync, moved: AlignedBlocks::default() })
+        Ok(CudaDeviceResource {
+            ctx: driver::context(device)?,
+            mode: Mode::Sync,
+            moved: AlignedBlocks::new(DEVICE_ALLOC_ALIGN),
+        })
     }
 
     /// Stream-ordered allocation (`cuMemAllocAsync` / `cuMemFreeAsync` from the device's default
@@ -58,7 +62,7 @@ impl CudaDeviceResource {
         if !driver::memory_pools_supported(&ctx)? {
             return Err(Error::Unsupported("this CUDA device has no memory pools for stream-ordered allocation"));
         }
-        Ok(CudaDeviceResource { ctx, mode: Mode::StreamOrdered(stream), moved: AlignedBlocks::default() })
+        Ok(CudaDeviceResource { ctx, mode: Mode::StreamOrdered(stream), moved: AlignedBlocks::new(DEVICE_ALLOC_ALIGN) })
     }
 
     /// The context blocks belong to.
@@ -137,7 +141,7 @@ unsafe impl MemoryResource for CudaDeviceResource {
         let bind = || driver::bind(&self.ctx);
         // SAFETY: `deallocate`'s contract: the block came from `allocate` and is not used again.
         let free = |base| unsafe { self.raw_free(base) };
-        self.moved.deallocate(ptr.as_ptr() as u64, align, DEVICE_ALLOC_ALIGN, bind, free);
+        self.moved.deallocate(ptr.as_ptr() as u64, align, bind, free);
     }
 }
 
@@ -186,8 +190,8 @@ pub struct CudaPinnedResource {
     moved: AlignedBlocks,
 }
 
-/// The alignment assumed of every `cuMemHostAlloc` result (the driver promises no more); larger
-/// alignments are checked and arranged per block.
+/// The alignment assumed of every `cuMemHostAlloc` result (the driver promises no more; one that
+/// falls short is refused); larger alignments are checked and arranged per block.
 const HOST_ALLOC_ALIGN: usize = 16;
 
 impl CudaPinnedResource {
@@ -199,7 +203,7 @@ impl CudaPinnedResource {
 
     /// Pinned memory with `flags`.
     pub fn with_flags(device: usize, flags: PinnedFlags) -> Result<Self> {
-        Ok(CudaPinnedResource { ctx: driver::context(device)?, flags, moved: AlignedBlocks::default() })
+        Ok(CudaPinnedResource { ctx: driver::context(device)?, flags, moved: AlignedBlocks::new(HOST_ALLOC_ALIGN) })
     }
 
     /// The flags blocks are allocated with.
@@ -257,6 +261,6 @@ unsafe impl MemoryResource for CudaPinnedResource {
             // SAFETY: `deallocate`'s contract: the block came from `allocate` and is not used again.
             let _ = unsafe { driver::free_host(base as *mut c_void) };
         };
-        self.moved.deallocate(ptr.as_ptr() as u64, align, HOST_ALLOC_ALIGN, bind, free);
+        self.moved.deallocate(ptr.as_ptr() as u64, align, bind, free);
     }
 }

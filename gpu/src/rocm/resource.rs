@@ -28,7 +28,7 @@ impl RocmDeviceResource {
     /// Device memory of HIP device `device`.
     pub fn new(device: usize) -> Result<Self> {
         let _device = runtime::use_device(device)?;
-        Ok(RocmDeviceResource { device, moved: AlignedBlocks::default() })
+        Ok(RocmDeviceResource { device, moved: AlignedBlocks::new(DEVICE_ALLOC_ALIGN) })
     }
 
     /// The HIP device blocks come from.
@@ -65,6 +65,6 @@ unsafe impl MemoryResource for RocmDeviceResource {
             // SAFETY: `deallocate`'s contract: the block came from `allocate` and is not used again.
             let _ = unsafe { runtime::free(base) };
         };
-        self.moved.deallocate(ptr.as_ptr() as u64, align, DEVICE_ALLOC_ALIGN, bind, free);
+        self.moved.deallocate(ptr.as_ptr() as u64, align, bind, free);
     }
 }
