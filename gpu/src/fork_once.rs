@@ -106,7 +106,8 @@ impl Drop for Unclaim<'_> {
 }
 
 /// For the crate's tests of what a forked child does: runs `child` in a forked child, bounded by
-/// an alarm (3 s), and gives `Some` of what it returned, or `None` if it was killed (left waiting).
+/// an alarm (3 s), and gives `Some` of what it returned (`false` if it panicked), or `None` if it
+/// was killed (left waiting).
 #[cfg(test)]
 pub(crate) fn in_child(child: impl FnOnce() -> bool) -> Option<bool> {
     // SAFETY: fork(2); the child makes the calls in `child`, bounded by an alarm, and leaves
@@ -116,7 +117,10 @@ pub(crate) fn in_child(child: impl FnOnce() -> bool) -> Option<bool> {
     if pid == 0 {
         // SAFETY: alarm(2): a child left waiting dies of SIGALRM.
         unsafe { libc::alarm(3) };
-        let code = if child() { 0 } else { 1 };
+        // A panic must not unwind out of here: the test's thread, the child's only one, would
+        // end, and the process with it, with status 0.
+        let returned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(child));
+        let code = if matches!(returned, Ok(true)) { 0 } else { 1 };
         // SAFETY: ends the forked child.
         unsafe { libc::_exit(code) };
     }
@@ -155,6 +159,15 @@ mod tests {
         assert_eq!(child, Some(true), "the child was left waiting for its parent's start (None) or not refused");
         assert_eq!(starter.join().unwrap(), Ok(1));
         assert_eq!(ONCE.get(|| Ok(3), "forked"), Ok(1), "the parent keeps its answer");
+    }
+
+    /// A child that panics (a failed assertion there) did not return true: it must not read as
+    /// one that did. Its one thread unwinding out of the test used to end the process with
+    /// status 0.
+    #[test]
+    fn a_child_that_panics_is_a_failure() {
+        assert_eq!(in_child(|| panic!("a failed assertion in the child")), Some(false));
+        assert_eq!(in_child(|| true), Some(true));
     }
 
     /// Work that leaves no state a child must not use (the NVRTC search): a child forked while
