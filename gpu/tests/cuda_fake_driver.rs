@@ -125,29 +125,30 @@ fn a_forked_child_leaves_the_driver_and_the_shared_record_alone() {
     let shm = CudaShmBackend::create(&unique("shm"), 1 << 16, &CudaShmOptions::default()).unwrap();
     assert_eq!((counter(&lib, "fake_allocations"), counter(&lib, "fake_registrations")), (1, 1));
 
-    // SAFETY: fork(2); the child drops its copies, tries one create, and leaves with `_exit`.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0, "fork failed");
+    // The child drops its copies and tries one create.
+    let pid = fork();
     if pid == 0 {
-        let before = counter(&lib, "fake_calls");
-        drop(ipc);
-        drop(shm);
-        let name = unique("child");
-        let refused =
-            matches!(CudaShmBackend::create(&name, 1 << 16, &CudaShmOptions::default()), Err(Error::Unsupported(_)));
-        let left = PosixShmBackend::exists(&name).unwrap_or(true);
-        let calls = counter(&lib, "fake_calls") - before;
-        let code = if calls != 0 {
-            1
-        } else if !refused {
-            2
-        } else if left {
-            3
-        } else {
-            0
-        };
-        // SAFETY: ends the forked child.
-        unsafe { libc::_exit(code) };
+        end_child(|| {
+            let before = counter(&lib, "fake_calls");
+            drop(ipc);
+            drop(shm);
+            let name = unique("child");
+            let refused = matches!(
+                CudaShmBackend::create(&name, 1 << 16, &CudaShmOptions::default()),
+                Err(Error::Unsupported(_))
+            );
+            let left = PosixShmBackend::exists(&name).unwrap_or(true);
+            let calls = counter(&lib, "fake_calls") - before;
+            if calls != 0 {
+                1
+            } else if !refused {
+                2
+            } else if left {
+                3
+            } else {
+                0
+            }
+        });
     }
     expect_child(
         pid,
@@ -167,6 +168,27 @@ fn a_forked_child_leaves_the_driver_and_the_shared_record_alone() {
     assert_eq!(counter(&lib, "fake_registrations"), 0);
 }
 
+/// Forks this process: the child's id in the parent, 0 in the child, which ends with [`end_child`].
+fn fork() -> libc::pid_t {
+    // SAFETY: fork(2); each test's child ends with `end_child`, running none of the parent's exit
+    // handlers.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    pid
+}
+
+/// The code of a forked child whose checks panicked.
+const CHILD_PANICKED: i32 = 101;
+
+/// Ends a forked child with the code `checks` returns (0 when all went well, `n` for the `n`th
+/// failure [`expect_child`] is given), or [`CHILD_PANICKED`]: the child's only thread, unwinding
+/// out of the test, would otherwise end the process with status 0, as if all went well.
+fn end_child(checks: impl FnOnce() -> i32) -> ! {
+    let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(checks)).unwrap_or(CHILD_PANICKED);
+    // SAFETY: ends the forked child, running none of the parent's exit handlers.
+    unsafe { libc::_exit(code) }
+}
+
 /// Waits for forked child `pid`, which exits 0 when all went well and `n` for the `n`th of
 /// `failures`; panics with that failure otherwise.
 fn expect_child(pid: libc::pid_t, failures: &[&str]) {
@@ -174,11 +196,27 @@ fn expect_child(pid: libc::pid_t, failures: &[&str]) {
     // SAFETY: waitpid(2) on our own child.
     assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
     assert!(libc::WIFEXITED(status), "the child died: {status:#x}");
-    match libc::WEXITSTATUS(status) as usize {
+    match libc::WEXITSTATUS(status) {
         0 => {}
-        n if n <= failures.len() => panic!("{}", failures[n - 1]),
+        CHILD_PANICKED => panic!("the child panicked (its message is above)"),
+        n if n as usize <= failures.len() => panic!("{}", failures[n as usize - 1]),
         other => panic!("the child exited with {other}"),
     }
+}
+
+/// A forked child whose checks panic (a failed assertion there) fails its test: it used to exit
+/// with status 0, its only thread unwinding out of the test, which read as a pass.
+#[test]
+fn a_forked_child_that_panics_fails_its_test() {
+    if !body_of("a_forked_child_that_panics_fails_its_test", &[]) {
+        return;
+    }
+    let pid = fork();
+    if pid == 0 {
+        end_child(|| panic!("a failed assertion in the child"));
+    }
+    let waited = std::panic::catch_unwind(|| expect_child(pid, &[]));
+    assert!(waited.is_err(), "a child that panicked passed");
 }
 
 /// The cudarc handles a resource or view holds are the parent's too in a forked child: a
@@ -202,24 +240,23 @@ fn a_forked_child_drops_streams_and_contexts_without_the_driver() {
     let view = view.unwrap();
     assert_eq!(counter(&lib, "fake_streams"), 2);
 
-    // SAFETY: fork(2); the child drops its copies and leaves with `_exit`.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0, "fork failed");
+    // The child drops its copies (not `shm`'s, which leaves the parent's segment alone anyway).
+    let pid = fork();
     if pid == 0 {
-        let before = counter(&lib, "fake_calls");
-        drop(resource);
-        let after_resource = counter(&lib, "fake_calls");
-        drop(view);
-        let after_view = counter(&lib, "fake_calls");
-        let code = if after_resource != before {
-            1
-        } else if after_view != after_resource {
-            2
-        } else {
-            0
-        };
-        // SAFETY: ends the forked child; `shm` is the parent's (a forked child's copy leaves it).
-        unsafe { libc::_exit(code) };
+        end_child(|| {
+            let before = counter(&lib, "fake_calls");
+            drop(resource);
+            let after_resource = counter(&lib, "fake_calls");
+            drop(view);
+            let after_view = counter(&lib, "fake_calls");
+            if after_resource != before {
+                1
+            } else if after_view != after_resource {
+                2
+            } else {
+                0
+            }
+        });
     }
     expect_child(
         pid,
@@ -260,15 +297,17 @@ fn a_forked_child_drops_a_view_on_a_cudarc_stream_without_the_driver() {
     drop(stream);
     assert_eq!(counter(&lib, "fake_streams"), 1);
 
-    // SAFETY: fork(2); the child drops its copy and leaves with `_exit`.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0, "fork failed");
+    let pid = fork();
     if pid == 0 {
-        let before = counter(&lib, "fake_calls");
-        drop(view);
-        let code = if counter(&lib, "fake_calls") != before { 1 } else { 0 };
-        // SAFETY: ends the forked child.
-        unsafe { libc::_exit(code) };
+        end_child(|| {
+            let before = counter(&lib, "fake_calls");
+            drop(view);
+            if counter(&lib, "fake_calls") != before {
+                1
+            } else {
+                0
+            }
+        });
     }
     expect_child(pid, &["dropping a view on a cudarc stream in a forked child called the CUDA driver"]);
     // In the parent the stream is destroyed as usual.
