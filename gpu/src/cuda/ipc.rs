@@ -258,10 +258,10 @@ impl CudaIpcBackend {
         &self.ctx
     }
 
-    /// How many other processes have the memory open now. Attachers that died with it open are
-    /// not counted, once the liveness hook confirms them dead (an attacher killed in the instant
-    /// between counting itself in and leaving its stamp, or one of more than 64 at once, stays
-    /// counted).
+    /// How many processes besides the creator have the memory open now (an attacher counts
+    /// itself: 1 when it is the only one). Attachers that died with it open are not counted, once
+    /// the liveness hook confirms them dead (an attacher killed in the instant between counting
+    /// itself in and leaving its stamp, or one of more than 64 at once, stays counted).
     pub fn attached(&self) -> u32 {
         self.record().attachers()
     }
