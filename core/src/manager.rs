@@ -577,21 +577,7 @@ mod tests {
 
     // SAFETY: forwards to a heap backend, which keeps the promises.
     unsafe impl MemoryBackend for DestroyFails {
-        fn kind(&self) -> crate::backend::BackendKind {
-            self.0.kind()
-        }
-        fn base(&self) -> *mut u8 {
-            self.0.base()
-        }
-        fn len(&self) -> u64 {
-            self.0.len()
-        }
-        fn header(&self) -> &crate::header::RegionHeader {
-            self.0.header()
-        }
-        fn is_creator(&self) -> bool {
-            true
-        }
+        crate::testing::heap_backend_methods!();
         fn destroy(&self) -> Result<()> {
             Err(self.1)
         }

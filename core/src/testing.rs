@@ -51,6 +51,29 @@ unsafe impl MemoryBackend for HeapBackend {
     }
 }
 
+/// The `MemoryBackend` methods that a test backend wrapping a `HeapBackend` (as its field `.0`)
+/// takes from it as they are, creator included: the wrapper writes only those it changes.
+macro_rules! heap_backend_methods {
+    () => {
+        fn kind(&self) -> crate::backend::BackendKind {
+            self.0.kind()
+        }
+        fn base(&self) -> *mut u8 {
+            self.0.base()
+        }
+        fn len(&self) -> u64 {
+            self.0.len()
+        }
+        fn header(&self) -> &crate::header::RegionHeader {
+            self.0.header()
+        }
+        fn is_creator(&self) -> bool {
+            self.0.is_creator()
+        }
+    };
+}
+pub(crate) use heap_backend_methods;
+
 impl Drop for HeapBackend {
     fn drop(&mut self) {
         // SAFETY: allocated in `new` with this layout.

@@ -274,21 +274,7 @@ mod tests {
 
     // SAFETY: `HeapBackend`'s memory, which it says the CPU may not touch (no one does).
     unsafe impl MemoryBackend for OddDevice {
-        fn kind(&self) -> BackendKind {
-            self.0.kind()
-        }
-        fn base(&self) -> *mut u8 {
-            self.0.base()
-        }
-        fn len(&self) -> u64 {
-            self.0.len()
-        }
-        fn header(&self) -> &crate::header::RegionHeader {
-            self.0.header()
-        }
-        fn is_creator(&self) -> bool {
-            true
-        }
+        crate::testing::heap_backend_methods!();
         fn host_accessible(&self) -> bool {
             false
         }
