@@ -352,6 +352,11 @@ fn os_error(call: &'static str, name: &str) -> Error {
             name: ShortStr::new(name),
             reason: "names no shared-memory segment (a directory or a symbolic link)",
         },
+        // Nor will it open a Unix socket, which any user may bind there too (ENXIO; the other
+        // files it means, devices, are no segments either).
+        libc::ENXIO if call == "shm_open" => {
+            Error::InvalidName { name: ShortStr::new(name), reason: "names no shared-memory segment (a socket)" }
+        }
         _ => Error::Os { call, errno },
     }
 }
@@ -828,6 +833,33 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         assert!(matches!(r, Err(Error::InvalidName { .. })), "a symbolic link: {r:?}");
         assert!(matches!(removed, Err(Error::InvalidName { .. })) && left, "a symbolic link: {removed:?}");
+    }
+
+    /// A Unix socket under the name (any user may bind one in /dev/shm) is no segment either:
+    /// `attach` and `remove` gave an `Os` error (`shm_open` cannot open a socket: ENXIO) where
+    /// they refuse a FIFO, a directory or a link as `InvalidName`; now they refuse it so too, and
+    /// `remove` leaves it in place.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn attach_and_remove_refuse_a_socket_under_the_name_as_no_segment() {
+        let name = unique("socket");
+        let path = format!("/dev/shm{name}");
+        struct Remove(String);
+        impl Drop for Remove {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+        let _remove = Remove(path.clone());
+        let _socket = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let attached = PosixShmBackend::attach(&name, &quick());
+        let removed = PosixShmBackend::remove(&name);
+        assert!(matches!(attached, Err(Error::InvalidName { .. })), "{attached:?}");
+        assert!(matches!(removed, Err(Error::InvalidName { .. })), "{removed:?}");
+        assert!(std::fs::symlink_metadata(&path).is_ok(), "remove took the socket away");
+        assert!(matches!(PosixShmBackend::exists(&name), Ok(true)));
+        let created = PosixShmBackend::create(&name, 4096, &quick());
+        assert!(matches!(created, Err(Error::AlreadyExists { .. })), "{created:?}");
     }
 
     /// `exists` said a FIFO or a directory under the name was there (as `create` finds it), but
