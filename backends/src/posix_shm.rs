@@ -141,7 +141,12 @@ impl PosixShmBackend {
         };
         // SAFETY: a segment this call made (O_EXCL) and mapped; no reference to its header exists,
         // and other processes that opened it meanwhile only wait for the ready flag this sets.
-        unsafe { backend.raw.initialize(kind, id)? }; // on error, Drop unmaps and unlinks
+        if let Err(e) = unsafe { backend.raw.initialize(kind, id) } {
+            // Not reached (the mapping is page-aligned and two pages long at least); were it, the
+            // name goes here, as Drop (which unmaps) keeps it where `unlink_on_drop` is false.
+            let _ = backend.unlink_name();
+            return Err(e);
+        }
         Ok(backend)
     }
 
