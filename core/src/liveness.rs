@@ -74,13 +74,14 @@ impl ProcessStamp {
     /// the one this stamp names, as far as the bits it kept tell: its start time is the stamp's,
     /// or [`shortened`](Self::shortened) to a width the stamp's fits in, it is. A stamp
     /// shortened from `start_time` is always accepted; so may be another process's whose start
-    /// time agrees in the bits kept. A stamp of unknown start time (0) is the hook's to decide
-    /// (it names any process of its pid).
+    /// time agrees in the bits kept. A stamp of unknown start time (0) names any process of its
+    /// pid, and is always accepted.
     pub const fn may_have_started_at(self, start_time: u64) -> bool {
         let s = self.start_time;
         let read = ProcessStamp { pid: self.pid, start_time };
         let (low16, low32) = (StartTimeBits::Low16, StartTimeBits::Low32);
-        s == start_time
+        s == 0
+            || s == start_time
             || (s <= low16.mask() && read.shortened(low16).start_time == s)
             || (s <= low32.mask() && read.shortened(low32).start_time == s)
     }
@@ -177,6 +178,21 @@ mod tests {
                 assert_ne!(s.shortened(bits).start_time, 0, "{start_time:#x} to {bits:?}");
             }
             assert_ne!(ProcessStamp::from_word(s.to_word()).start_time, 0, "{start_time:#x} in a word");
+        }
+    }
+
+    /// A stamp whose start time is unknown (0) names whichever process has its pid, whenever it
+    /// started. `may_have_started_at` said no process could be the one it names, so a hook that
+    /// compared through it, as `ProcessLiveness::is_alive` asks, called a live process dead.
+    #[test]
+    fn a_stamp_of_unknown_start_time_may_have_started_at_any_time() {
+        let unknown = ProcessStamp { pid: 7, start_time: 0 };
+        for t in [1, 14, 0xffff, 1 << 16, 0x1234_5678, 1 << 32, u64::MAX] {
+            assert!(unknown.may_have_started_at(t), "{t:#x}");
+            for bits in [StartTimeBits::Low16, StartTimeBits::Low32] {
+                assert!(unknown.shortened(bits).may_have_started_at(t), "{t:#x} to {bits:?}");
+            }
+            assert!(ProcessStamp::from_word(unknown.to_word()).may_have_started_at(t), "{t:#x} in a word");
         }
     }
 
