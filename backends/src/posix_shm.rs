@@ -682,6 +682,19 @@ mod tests {
         PosixShmBackend::remove(&name).unwrap();
     }
 
+    /// Removes whatever is left at a path in /dev/shm (a file of any kind, or an empty
+    /// directory) however the test ends.
+    #[cfg(target_os = "linux")]
+    struct RemoveOnDrop(String);
+
+    #[cfg(target_os = "linux")]
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+
     fn unique(tag: &str) -> String {
         format!("/hetmem-test-{tag}-{}", std::process::id())
     }
@@ -773,14 +786,7 @@ mod tests {
             // SAFETY: a valid NUL-terminated path.
             assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o666) }, 0);
         };
-        // Removes whatever is left under the name however the test ends.
-        struct Remove(String);
-        impl Drop for Remove {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_file(&self.0);
-            }
-        }
-        let _remove = Remove(fifo.clone());
+        let _remove = RemoveOnDrop(fifo.clone());
         // Any user may make a FIFO in /dev/shm, under the name an application is about to use.
         mkfifo();
         let n = name.clone();
@@ -849,13 +855,7 @@ mod tests {
     fn attach_and_remove_refuse_a_socket_under_the_name_as_no_segment() {
         let name = unique("socket");
         let path = format!("/dev/shm{name}");
-        struct Remove(String);
-        impl Drop for Remove {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_file(&self.0);
-            }
-        }
-        let _remove = Remove(path.clone());
+        let _remove = RemoveOnDrop(path.clone());
         let _socket = std::os::unix::net::UnixListener::bind(&path).unwrap();
         let attached = PosixShmBackend::attach(&name, &quick());
         let removed = PosixShmBackend::remove(&name);
@@ -875,14 +875,7 @@ mod tests {
     fn exists_says_whether_the_name_is_taken_whatever_takes_it() {
         let name = unique("exists-taken");
         let path = format!("/dev/shm{name}");
-        struct Remove(String);
-        impl Drop for Remove {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_file(&self.0);
-                let _ = std::fs::remove_dir(&self.0);
-            }
-        }
-        let _remove = Remove(path.clone());
+        let _remove = RemoveOnDrop(path.clone());
         let taken = |what: &str| {
             let there = PosixShmBackend::exists(&name);
             let created = PosixShmBackend::create(&name, 4096, &quick());
@@ -907,13 +900,7 @@ mod tests {
     #[test]
     fn an_unreadable_creator_leaves_a_newer_segment_under_its_name() {
         let name = unique("unreadable");
-        struct Remove(String);
-        impl Drop for Remove {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_file(&self.0);
-            }
-        }
-        let _remove = Remove(format!("/dev/shm{name}"));
+        let _remove = RemoveOnDrop(format!("/dev/shm{name}"));
         // On a thread of its own whose file-system user is not root (whose permission checks
         // would let it read the segments): the change is the thread's alone, and goes with it.
         std::thread::spawn(move || {
@@ -1197,15 +1184,9 @@ mod tests {
 
     #[test]
     fn remove_leaves_what_is_not_a_hetmem_segment() {
-        struct Remove(String);
-        impl Drop for Remove {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_file(&self.0);
-            }
-        }
         let name = unique("remove-other");
         let path = format!("/dev/shm{name}");
-        let _remove = Remove(path.clone());
+        let _remove = RemoveOnDrop(path.clone());
         let c_path = CString::new(path.clone()).unwrap();
         // SAFETY: a valid NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
