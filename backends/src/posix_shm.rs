@@ -76,7 +76,10 @@ impl PosixShmBackend {
     }
 
     /// Attaches to segment `name`, waiting for its creator to finish, and checks its header.
-    /// `InvalidName` at once if what the name holds is no segment (a FIFO, say).
+    /// `InvalidName` at once if what the name holds is no segment (a FIFO, say). `PermissionDenied`
+    /// if this process may not open it for reading and writing; on Linux only once the segment is
+    /// sized or the timeout has passed, as until it sizes it, its creator may not have given it
+    /// the mode it asked for yet.
     ///
     /// The header's size must be the segment's (`HeaderMismatch` on `total_size` if not), as the
     /// system gives it once the header is ready: a segment resized before or while this waits is
@@ -109,6 +112,8 @@ impl PosixShmBackend {
                 return Err(e);
             }
         };
+        #[cfg(test)]
+        tests::BEFORE_CREATE_SETS_MODE.with(|hook| hook.take().map(|hook| hook(&name)));
         let mapped = fchmod(fd, options.mode, &name).and_then(|()| {
             ftruncate(fd, len)?;
             if options.reserve {
@@ -156,7 +161,7 @@ impl PosixShmBackend {
         crate::liveness::install();
         let name = normalize_name(name)?;
         let c_name = c_name(&name)?;
-        let fd = shm_open(&c_name, &name, libc::O_RDWR, 0)?;
+        let fd = open_for_attach(&c_name, &name, options.attach_timeout)?;
         let mapped = fstat(fd).and_then(|st| {
             if !is_segment(&st) {
                 // A FIFO, say (any user may make one in /dev/shm): never sized, so waiting for
@@ -167,7 +172,7 @@ impl PosixShmBackend {
                 });
             }
             let identity = identity_of(&st);
-            let len = wait_for_size(fd, options.attach_timeout)?;
+            let len = wait_for_size(fd, options.attach_timeout.saturating_sub(started.elapsed()))?;
             Ok((map(fd, len)?, identity))
         });
         let (raw, identity) = match mapped {
@@ -179,7 +184,8 @@ impl PosixShmBackend {
         };
         let generation = hetmem_core::fork::generation();
         let backend = PosixShmBackend { raw, name, kind, creator: false, unlink_on_drop: false, generation, identity };
-        // The timeout covers both waits: for the creator to size the segment, then to initialise it.
+        // The timeout covers every wait: for the creator to give the segment its mode, to size it,
+        // then to initialise it.
         let ready = backend.raw.wait_ready(kind, options.attach_timeout.saturating_sub(started.elapsed()));
         // The header matched the size the segment had when it was mapped; another process may have
         // resized it since (while this waited for the creator, say): its size now must match too.
@@ -485,12 +491,37 @@ fn is_segment(_st: &libc::stat) -> bool {
     true
 }
 
-/// The device and inode of what `name` names now. On Linux from `lstat` of its entry in
-/// /dev/shm (the one `shm_unlink` removes), which needs no permission on the segment: a segment
-/// this process may not open for reading (mode 0 or 0200) is still told from another. Elsewhere
-/// by opening it for reading, which such a segment refuses (`PermissionDenied`).
+/// Opens segment `name` read-write, for `attach`. Its creator gives it the mode asked for
+/// (`fchmod`) only after `shm_open` made it with the umask's bits taken off, and before it sizes
+/// it: a refusal while the segment is not sized yet may be that moment's, and is waited out, up
+/// to `timeout`. Only on Linux, where the segment's size is seen without opening it.
+fn open_for_attach(c_name: &CString, name: &str, timeout: Duration) -> Result<i32> {
+    let started = Instant::now();
+    loop {
+        match shm_open(c_name, name, libc::O_RDWR, 0) {
+            Err(Error::PermissionDenied { .. }) if started.elapsed() < timeout && not_sized_yet(name) => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            opened => return opened,
+        }
+    }
+}
+
+/// Whether `name` names a segment whose creator has not sized it yet (its mode may not be the
+/// one asked for yet).
 #[cfg(target_os = "linux")]
-fn named_identity(_c_name: &CString, name: &str) -> Result<(u64, u64)> {
+fn not_sized_yet(name: &str) -> bool {
+    named_stat(name).is_ok_and(|st| is_segment(&st) && st.st_size == 0)
+}
+#[cfg(not(target_os = "linux"))]
+fn not_sized_yet(_name: &str) -> bool {
+    false
+}
+
+/// What `lstat` says of `name`'s entry in /dev/shm (the one `shm_unlink` removes), which needs
+/// no permission on the segment.
+#[cfg(target_os = "linux")]
+fn named_stat(name: &str) -> Result<libc::stat> {
     let path = c_name(&format!("/dev/shm{name}"))?;
     // SAFETY: an all-zero `stat` is a valid value to be overwritten by lstat.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -498,7 +529,16 @@ fn named_identity(_c_name: &CString, name: &str) -> Result<(u64, u64)> {
     if unsafe { libc::lstat(path.as_ptr(), &mut st) } != 0 {
         return Err(os_error("lstat", name));
     }
-    Ok(identity_of(&st))
+    Ok(st)
+}
+
+/// The device and inode of what `name` names now. On Linux from its entry in /dev/shm
+/// ([`named_stat`]): a segment this process may not open for reading (mode 0 or 0200) is still
+/// told from another. Elsewhere by opening it for reading, which such a segment refuses
+/// (`PermissionDenied`).
+#[cfg(target_os = "linux")]
+fn named_identity(_c_name: &CString, name: &str) -> Result<(u64, u64)> {
+    Ok(identity_of(&named_stat(name)?))
 }
 #[cfg(not(target_os = "linux"))]
 fn named_identity(c_name: &CString, name: &str) -> Result<(u64, u64)> {
@@ -646,6 +686,10 @@ mod tests {
         /// Run by a failed `create` on this thread just before it removes its name again: where
         /// another process may act.
         pub(super) static BEFORE_FAILED_CREATE_UNLINKS: std::cell::Cell<Option<fn(&str)>> =
+            const { std::cell::Cell::new(None) };
+        /// Run by `create` on this thread once it has made its segment, before it gives the
+        /// segment the mode asked for: where another process may attach.
+        pub(super) static BEFORE_CREATE_SETS_MODE: std::cell::Cell<Option<fn(&str)>> =
             const { std::cell::Cell::new(None) };
     }
 
@@ -844,6 +888,50 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         assert!(matches!(r, Err(Error::InvalidName { .. })), "a symbolic link: {r:?}");
         assert!(matches!(removed, Err(Error::InvalidName { .. })) && left, "a symbolic link: {removed:?}");
+    }
+
+    /// An attacher that came between its creator's `shm_open`, which takes the umask's bits off
+    /// the mode, and its `fchmod`, which gives the segment the mode asked for, was refused
+    /// (`PermissionDenied`) a segment it could open a moment later, where `attach` waits for a
+    /// creator to finish. It now waits while the segment is not sized yet: the creator sets the
+    /// mode first.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn an_attacher_that_comes_before_the_mode_is_set_waits_for_it() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root, to attach as another user");
+            return;
+        }
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let umask = status.lines().find_map(|l| l.strip_prefix("Umask:")).map(|m| m.trim().to_string());
+        if umask.and_then(|m| u32::from_str_radix(&m, 8).ok()).is_none_or(|m| m & 0o002 == 0) {
+            eprintln!("skipped: the umask leaves others write access, so shm_open gives the mode asked for");
+            return;
+        }
+        let name = unique("mode-race");
+        let _remove = RemoveOnDrop(format!("/dev/shm{name}"));
+        type Attached = std::thread::JoinHandle<Result<()>>;
+        static ATTACHER: std::sync::Mutex<Option<Attached>> = std::sync::Mutex::new(None);
+        // Another user's process attaches while the segment still has the umask's mode.
+        BEFORE_CREATE_SETS_MODE.with(|hook| {
+            hook.set(Some(|name| {
+                let name = name.to_string();
+                let attacher = std::thread::spawn(move || {
+                    // SAFETY: changes only this thread's file-system user id (root may).
+                    unsafe { libc::setfsuid(65534) };
+                    let options = ShmOptions { attach_timeout: Duration::from_secs(5), ..Default::default() };
+                    PosixShmBackend::attach(&name, &options).map(drop)
+                });
+                std::thread::sleep(Duration::from_millis(100));
+                *ATTACHER.lock().unwrap() = Some(attacher);
+            }))
+        });
+        let created = PosixShmBackend::create(&name, 4096, &ShmOptions { mode: 0o666, ..quick() });
+        BEFORE_CREATE_SETS_MODE.with(|hook| hook.set(None));
+        let attached = ATTACHER.lock().unwrap().take().expect("the hook ran").join().unwrap();
+        assert!(created.is_ok(), "{created:?}");
+        assert!(attached.is_ok(), "{attached:?}");
     }
 
     /// A Unix socket under the name (any user may bind one in /dev/shm) is no segment either:
