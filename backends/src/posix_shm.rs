@@ -79,7 +79,8 @@ impl PosixShmBackend {
     /// `InvalidName` at once if what the name holds is no segment (a FIFO, say). `PermissionDenied`
     /// if this process may not open it for reading and writing; on Linux only once the segment is
     /// sized or the timeout has passed, as until it sizes it, its creator may not have given it
-    /// the mode it asked for yet.
+    /// the mode it asked for yet. `NotFound` also when the segment loses its name while this
+    /// waits for its creator (Linux): its creation failed, or another process removed it.
     ///
     /// The header's size must be the segment's (`HeaderMismatch` on `total_size` if not), as the
     /// system gives it once the header is ready: a segment resized before or while this waits is
@@ -172,7 +173,7 @@ impl PosixShmBackend {
                 });
             }
             let identity = identity_of(&st);
-            let len = wait_for_size(fd, options.attach_timeout.saturating_sub(started.elapsed()))?;
+            let len = wait_for_size(fd, &name, options.attach_timeout.saturating_sub(started.elapsed()))?;
             Ok((map(fd, len)?, identity))
         });
         let (raw, identity) = match mapped {
@@ -186,7 +187,8 @@ impl PosixShmBackend {
         let backend = PosixShmBackend { raw, name, kind, creator: false, unlink_on_drop: false, generation, identity };
         // The timeout covers every wait: for the creator to give the segment its mode, to size it,
         // then to initialise it.
-        let ready = backend.raw.wait_ready(kind, options.attach_timeout.saturating_sub(started.elapsed()));
+        let remaining = options.attach_timeout.saturating_sub(started.elapsed());
+        let ready = backend.raw.wait_ready_while(kind, remaining, || still_named(fd, &backend.name));
         // The header matched the size the segment had when it was mapped; another process may have
         // resized it since (while this waited for the creator, say): its size now must match too.
         let resized = ready.and_then(|()| match segment_len(fd)? {
@@ -622,7 +624,7 @@ fn read_magic(fd: i32) -> Result<u64> {
 }
 
 /// Waits until the segment is at least a header long (its creator may not have sized it yet).
-fn wait_for_size(fd: i32, timeout: Duration) -> Result<u64> {
+fn wait_for_size(fd: i32, name: &str, timeout: Duration) -> Result<u64> {
     let started = Instant::now();
     loop {
         let len = segment_len(fd)?;
@@ -640,8 +642,23 @@ fn wait_for_size(fd: i32, timeout: Duration) -> Result<u64> {
                 waited_ms: started.elapsed().as_millis() as u64,
             });
         }
+        still_named(fd, name)?;
         std::thread::sleep(Duration::from_millis(1));
     }
+}
+
+/// `NotFound` once the segment open as `fd`, not set up yet, has no name any more (Linux: no
+/// link left): its creator failed and removed it again, or another process removed it (as
+/// [`PosixShmBackend::remove`] does one not set up yet). Attachers from then on find no segment,
+/// and one that is waiting for the creator is told so at once.
+fn still_named(fd: i32, name: &str) -> Result<()> {
+    #[cfg(target_os = "linux")]
+    if fstat(fd)?.st_nlink == 0 {
+        return Err(Error::NotFound { what: "shared-memory segment", name: ShortStr::new(name) });
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (fd, name);
+    Ok(())
 }
 
 fn map(fd: i32, len: u64) -> Result<RawRegion> {
@@ -888,6 +905,40 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         assert!(matches!(r, Err(Error::InvalidName { .. })), "a symbolic link: {r:?}");
         assert!(matches!(removed, Err(Error::InvalidName { .. })) && left, "a symbolic link: {removed:?}");
+    }
+
+    /// An attacher waiting for a creator whose creation then failed, and which removed its
+    /// segment again, waited its whole timeout for a header no one would write, and was told
+    /// the creator had not finished (`TimedOut`). It now learns at once that the segment has no
+    /// name any more (`NotFound`), as an attacher that came a moment later does.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn an_attacher_waiting_for_a_failed_creation_learns_at_once_that_the_segment_is_gone() {
+        let name = unique("attach-failed-create");
+        let _remove = RemoveOnDrop(format!("/dev/shm{name}"));
+        type Attached = std::thread::JoinHandle<(Result<()>, Duration)>;
+        static ATTACHER: std::sync::Mutex<Option<Attached>> = std::sync::Mutex::new(None);
+        // Another process attaches to the sized segment while its creator fails to reserve it.
+        BEFORE_FAILED_CREATE_UNLINKS.with(|hook| {
+            hook.set(Some(|name| {
+                let name = name.to_string();
+                let attacher = std::thread::spawn(move || {
+                    let started = Instant::now();
+                    let options = ShmOptions { attach_timeout: Duration::from_secs(10), ..Default::default() };
+                    (PosixShmBackend::attach(&name, &options).map(drop), started.elapsed())
+                });
+                std::thread::sleep(Duration::from_millis(100));
+                *ATTACHER.lock().unwrap() = Some(attacher);
+            }))
+        });
+        // Larger than /dev/shm: sized, then refused by the reservation.
+        let too_large = (shm_size() + (1 << 30)) as usize;
+        let created = PosixShmBackend::create(&name, too_large, &ShmOptions { reserve: true, ..quick() });
+        BEFORE_FAILED_CREATE_UNLINKS.with(|hook| hook.set(None));
+        let (attached, waited) = ATTACHER.lock().unwrap().take().expect("the hook ran").join().unwrap();
+        assert!(matches!(created, Err(Error::OutOfMemory { .. })), "{created:?}");
+        assert!(matches!(attached, Err(Error::NotFound { .. })), "{attached:?} after {waited:?}");
+        assert!(waited < Duration::from_secs(5), "the attacher waited {waited:?}");
     }
 
     /// An attacher that came between its creator's `shm_open`, which takes the umask's bits off

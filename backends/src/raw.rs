@@ -58,6 +58,17 @@ impl RawRegion {
     /// Waits until the creator has marked the header ready (or `timeout` passes), then checks it
     /// against the mapped length and the expected kind.
     pub fn wait_ready(&self, kind: BackendKind, timeout: Duration) -> Result<()> {
+        self.wait_ready_while(kind, timeout, || Ok(()))
+    }
+
+    /// [`wait_ready`](Self::wait_ready), asking `worth_waiting` before each pause whether a
+    /// creator may still finish: its error ends the wait (a segment whose name is gone, say).
+    pub fn wait_ready_while(
+        &self,
+        kind: BackendKind,
+        timeout: Duration,
+        worth_waiting: impl Fn() -> Result<()>,
+    ) -> Result<()> {
         if self.len < HEADER_SIZE {
             return Err(Error::InvalidSize { size: self.len, reason: "region is smaller than its header page" });
         }
@@ -71,7 +82,10 @@ impl RawRegion {
                         waited_ms: started.elapsed().as_millis() as u64,
                     })
                 }
-                HeaderState::Initialising => std::thread::sleep(Duration::from_millis(1)),
+                HeaderState::Initialising => {
+                    worth_waiting()?;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
             }
         }
     }
