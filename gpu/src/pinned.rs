@@ -7,8 +7,31 @@
 //! [`BackendKind::Pinned`]: hetmem_core::BackendKind::Pinned
 //! [`BackendKind::Device`]: hetmem_core::BackendKind::Device
 
+use hetmem_backends::{PosixShmBackend, ShmOptions};
 use hetmem_core::header::HEADER_SIZE;
-use hetmem_core::{Error, Result};
+use hetmem_core::{BackendKind, Error, Result};
+
+/// Creates segment `name` and hands it to `finish` (which registers it with the device, or gives
+/// it device memory). A segment `finish` refuses is removed as it drops, whatever
+/// `options.unlink_on_drop` says: it was never handed out, so no one can be meant to find it. The
+/// backend `finish` makes keeps the name past its drop where `options` says so (`segment` names
+/// its [`PosixShmBackend`]).
+pub(crate) fn create_segment<B>(
+    name: &str,
+    size: usize,
+    options: &ShmOptions,
+    kind: BackendKind,
+    finish: impl FnOnce(PosixShmBackend) -> Result<B>,
+    segment: impl FnOnce(&mut B) -> &mut PosixShmBackend,
+) -> Result<B> {
+    let removed_on_failure = ShmOptions { unlink_on_drop: true, ..options.clone() };
+    let shm = PosixShmBackend::create_kind(name, size, &removed_on_failure, kind)?;
+    let mut backend = finish(shm)?;
+    if !options.unlink_on_drop {
+        segment(&mut backend).persist();
+    }
+    Ok(backend)
+}
 
 /// Implements [`MemoryBackend`](hetmem_core::MemoryBackend) for a type with fields
 /// `shm: PosixShmBackend` and `device_ptr: u64` by delegating to the segment.

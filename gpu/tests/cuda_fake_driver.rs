@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use hetmem_backends::PosixShmBackend;
+use hetmem_backends::{PosixShmBackend, ShmOptions};
 use hetmem_core::{Error, MemoryBackend, OffsetPtr};
 use hetmem_gpu::cuda::{
     compile_ptx_with, driver, nvrtc_available, CudaIpcBackend, CudaIpcOptions, CudaShmBackend, CudaShmOptions,
@@ -630,25 +630,34 @@ fn refused_driver_calls_leave_nothing_behind() {
         ("cuMemHostGetDevicePointer_v2", "cuMemHostGetDevicePointer"),
         ("cuDeviceGetAttribute", "cuDeviceGetAttribute"),
     ] {
-        let name = unique("refused-shm");
-        fail(&lib, Some(call));
-        let options = CudaShmOptions { device_read_only: true, ..Default::default() };
-        gpu_error(&CudaShmBackend::create(&name, 1 << 16, &options).map(drop), expected);
-        fail(&lib, None);
-        assert!(!PosixShmBackend::exists(&name).unwrap(), "{call}: the segment was left");
-        assert_eq!(held(), [0; 4], "{call}");
+        // A segment meant to outlive its creator (`unlink_on_drop: false`) is removed too: it
+        // was never handed out.
+        for unlink_on_drop in [true, false] {
+            let name = unique("refused-shm");
+            fail(&lib, Some(call));
+            let shm = ShmOptions { unlink_on_drop, ..Default::default() };
+            let options = CudaShmOptions { device_read_only: true, shm, ..Default::default() };
+            gpu_error(&CudaShmBackend::create(&name, 1 << 16, &options).map(drop), expected);
+            fail(&lib, None);
+            assert!(!PosixShmBackend::exists(&name).unwrap(), "{call}: the segment was left ({unlink_on_drop})");
+            assert_eq!(held(), [0; 4], "{call}");
+        }
     }
     for (call, expected) in [
         ("cuDeviceGetUuid_v2", "cuDeviceGetUuid_v2"),
         ("cuMemAlloc_v2", "cuMemAlloc"),
         ("cuIpcGetMemHandle", "cuIpcGetMemHandle"),
     ] {
-        let name = unique("refused-ipc");
-        fail(&lib, Some(call));
-        gpu_error(&CudaIpcBackend::create(&name, 1 << 16, &CudaIpcOptions::default()).map(drop), expected);
-        fail(&lib, None);
-        assert!(!PosixShmBackend::exists(&name).unwrap(), "{call}: the segment was left");
-        assert_eq!(held(), [0; 4], "{call}");
+        for unlink_on_drop in [true, false] {
+            let name = unique("refused-ipc");
+            fail(&lib, Some(call));
+            let options =
+                CudaIpcOptions { shm: ShmOptions { unlink_on_drop, ..Default::default() }, ..Default::default() };
+            gpu_error(&CudaIpcBackend::create(&name, 1 << 16, &options).map(drop), expected);
+            fail(&lib, None);
+            assert!(!PosixShmBackend::exists(&name).unwrap(), "{call}: the segment was left ({unlink_on_drop})");
+            assert_eq!(held(), [0; 4], "{call}");
+        }
     }
     let device = CudaDeviceResource::new(0).unwrap();
     let pinned = CudaPinnedResource::new(0).unwrap();

@@ -9,7 +9,7 @@ use hetmem_core::{BackendKind, Error, MemoryBackend, OffsetPtr, Result};
 
 use super::driver;
 use super::interop::{region_view, DeviceView, ReadOnlyView};
-use crate::pinned::{check_range, impl_pinned_segment, impl_shm_device_backend};
+use crate::pinned::{self, check_range, impl_pinned_segment, impl_shm_device_backend};
 
 /// Options for [`CudaShmBackend`].
 #[derive(Clone, Debug, Default)]
@@ -53,8 +53,8 @@ impl CudaShmBackend {
     /// Creates segment `name` with `size` bytes of data and registers it with the device.
     pub fn create(name: &str, size: usize, options: &CudaShmOptions) -> Result<Self> {
         let ctx = driver::context(options.device)?;
-        let shm = PosixShmBackend::create_kind(name, size, &options.shm, BackendKind::Pinned)?;
-        Self::register(shm, ctx, options.device_read_only) // on error the segment is dropped: unlinked
+        let register = |shm| Self::register(shm, ctx, options.device_read_only);
+        pinned::create_segment(name, size, &options.shm, BackendKind::Pinned, register, |b| &mut b.shm)
     }
 
     /// Attaches to segment `name` (made by [`create`](Self::create) in any process) and registers

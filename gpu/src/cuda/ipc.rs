@@ -24,7 +24,7 @@ use hetmem_core::{BackendKind, Error, MemoryBackend, Result, ShortStr};
 
 use super::driver::{self, IPC_HANDLE_LEN};
 use super::interop::{region_view, DeviceView};
-use crate::pinned::impl_shm_device_backend;
+use crate::pinned::{self, impl_shm_device_backend};
 
 /// Version 2 added `creator_token`, version 3 the attachers' stamps: a record of another version
 /// is refused as a mismatch.
@@ -196,14 +196,23 @@ impl CudaIpcBackend {
     pub fn create(name: &str, size: usize, options: &CudaIpcOptions) -> Result<Self> {
         let ctx = driver::context(options.device)?;
         let uuid = driver::device_uuid(options.device)?;
-        let shm = PosixShmBackend::create_kind(name, size, &options.shm, BackendKind::Device)?;
-        let len = shm.len();
-        let _bound = driver::bind(&ctx)?;
-        let device_ptr = driver::mem_alloc(len as usize)?;
-        // From here, Drop frees the memory.
-        let backend = CudaIpcBackend { shm, ctx, device_ptr, slot: None, stamp: 0 };
+        let give_memory = |shm: PosixShmBackend| {
+            let _bound = driver::bind(&ctx)?;
+            let device_ptr = driver::mem_alloc(shm.len() as usize)?;
+            // From here, Drop frees the memory.
+            let backend = CudaIpcBackend { shm, ctx, device_ptr, slot: None, stamp: 0 };
+            backend.publish(uuid)?;
+            Ok(backend)
+        };
+        pinned::create_segment(name, size, &options.shm, BackendKind::Device, give_memory, |b| &mut b.shm)
+    }
+
+    /// Writes the creator's record (its memory's IPC handle, the device, the length) and marks it
+    /// ready for attachers.
+    fn publish(&self, uuid: [u8; 16]) -> Result<()> {
+        let (device_ptr, len) = (self.device_ptr, self.shm.len());
         let handle = driver::ipc_get_handle(device_ptr)?;
-        let record = backend.record_ptr();
+        let record = self.record_ptr();
         // SAFETY: the record lies in the segment's second page, which only the creator touches
         // until it publishes `state` below; plain fields are written before the release store.
         unsafe {
@@ -214,9 +223,9 @@ impl CudaIpcBackend {
             (*record).device_uuid = uuid;
             (*record).handle = handle;
         }
-        backend.record().attached.store(0, Ordering::Relaxed);
-        backend.record().state.store(STATE_READY, Ordering::Release);
-        Ok(backend)
+        self.record().attached.store(0, Ordering::Relaxed);
+        self.record().state.store(STATE_READY, Ordering::Release);
+        Ok(())
     }
 
     /// Attaches to segment `name` and opens the creator's device memory in this process.

@@ -5,7 +5,7 @@ use hetmem_backends::{PosixShmBackend, ShmOptions};
 use hetmem_core::{BackendKind, MemoryBackend, Result};
 
 use super::runtime;
-use crate::pinned::{check_range, impl_pinned_segment, impl_shm_device_backend};
+use crate::pinned::{self, check_range, impl_pinned_segment, impl_shm_device_backend};
 
 /// Options for [`RocmShmBackend`].
 #[derive(Clone, Debug, Default)]
@@ -35,8 +35,8 @@ impl RocmShmBackend {
     /// Creates segment `name` with `size` bytes of data and registers it with the device.
     pub fn create(name: &str, size: usize, options: &RocmShmOptions) -> Result<Self> {
         let _device = runtime::use_device(options.device)?;
-        let shm = PosixShmBackend::create_kind(name, size, &options.shm, BackendKind::Pinned)?;
-        Self::register(shm, options.device)
+        let register = |shm| Self::register(shm, options.device);
+        pinned::create_segment(name, size, &options.shm, BackendKind::Pinned, register, |b| &mut b.shm)
     }
 
     /// Attaches to segment `name` and registers this process's mapping with the device.
