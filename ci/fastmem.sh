@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # fastmem checks that `cargo test --workspace` and the loom step do not cover:
-#  1. the `critical-section` variant's tests on the host, and both variants' tests on 32-bit x86;
+#  1. the `critical-section` variant's tests on the host, and both variants' tests on 32-bit x86 (with
+#     the pools' and the shared-memory backends' 32-bit tests);
 #  2. cross builds of the #![no_std], no-alloc crate examples/no-std-fastmem for bare-metal ARM:
 #     thumbv7em-none-eabihf (Cortex-M4F, lock-free and critical-section variants) and
 #     thumbv6m-none-eabi (Cortex-M0, no compare-and-swap: critical-section variant only);
@@ -31,6 +32,9 @@ if rustup target add i686-unknown-linux-gnu >/dev/null 2>&1; then
   # The pools' size index sizes its bins and bitmaps by the word size too.
   echo "fastmem: 32-bit pool tests on i686-unknown-linux-gnu"
   CARGO_TARGET_DIR=target/i686 cargo test -q -p hetmem-core --target i686-unknown-linux-gnu --lib pool
+  # A 32-bit process shares segments with 64-bit ones: sizes and inode numbers past 32 bits.
+  echo "fastmem: 32-bit shared-memory backend tests on i686-unknown-linux-gnu"
+  CARGO_TARGET_DIR=target/i686 cargo test -q -p hetmem-backends --target i686-unknown-linux-gnu
 else
   echo "fastmem: skipping the 32-bit tests: rustup could not add the i686-unknown-linux-gnu target here"
 fi
