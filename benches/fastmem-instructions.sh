@@ -12,17 +12,10 @@
 # for its 128-bit tagged pointers (through portable-atomic); fastmem does not use it.
 set -euo pipefail
 
-csv=0
-case "${1:-}" in
-  --csv) csv=1 ;;
-  "") ;;
-  -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
-  *) echo "usage: $0 [--csv]" >&2; exit 2 ;;
-esac
+source "$(dirname "$0")/callgrind-count.sh"
+csv_option "$@"
+need_valgrind
 
-command -v valgrind >/dev/null || { echo "fastmem-instructions: valgrind is not installed (apt-get install valgrind)" >&2; exit 1; }
-
-root="$(cd "$(dirname "$0")/.." && pwd)"
 target_dir="${CARGO_TARGET_DIR:-$root/target}/fastmem-instructions"
 RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+cmpxchg16b" \
   cargo build --quiet --release --manifest-path "$root/Cargo.toml" -p hetmem-core --example fastmem_ops \
@@ -37,14 +30,7 @@ types=(u8 u32 u64 struct100)
 allocators=(fastmem heapless-pool box)
 
 count() { # op type allocator -> instructions
-  local file="$out/$1-$2-$3.cg"
-  valgrind --tool=callgrind --toggle-collect='*measure*' --callgrind-out-file="$file" \
-    "$bin" "$1" "$2" "$3" >/dev/null 2>"$out/valgrind.log" \
-    || { cat "$out/valgrind.log" >&2; echo "fastmem-instructions: run of $1 $2 $3 failed" >&2; exit 1; }
-  local n
-  n="$(awk '/^(summary|totals):/ {print $2; exit}' "$file")"
-  [[ -n "$n" && "$n" -gt 0 ]] || { echo "fastmem-instructions: no count for $1 $2 $3" >&2; exit 1; }
-  echo "$n"
+  callgrind_count "$out/$1-$2-$3.cg" "$1 $2 $3" --toggle-collect='*measure*' "$bin" "$1" "$2" "$3"
 }
 
 declare -A n

@@ -13,17 +13,10 @@
 # these counts closely (about 15 instructions per ns for every strategy).
 set -euo pipefail
 
-csv=0
-case "${1:-}" in
-  --csv) csv=1 ;;
-  "") ;;
-  -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
-  *) echo "usage: $0 [--csv]" >&2; exit 2 ;;
-esac
+source "$(dirname "$0")/callgrind-count.sh"
+csv_option "$@"
+need_valgrind
 
-command -v valgrind >/dev/null || { echo "frames-instructions: valgrind is not installed (apt-get install valgrind)" >&2; exit 1; }
-
-root="$(cd "$(dirname "$0")/.." && pwd)"
 target_dir="${CARGO_TARGET_DIR:-$root/target}"
 cargo build --quiet --release --manifest-path "$root/Cargo.toml" --example frames --target-dir "$target_dir" >&2
 bin="$target_dir/release/examples/frames"
@@ -36,13 +29,7 @@ small=100000
 large=300000
 
 count() { # strategy tasks -> instructions
-  local file="$out/$1-$2.cg"
-  valgrind --tool=callgrind --callgrind-out-file="$file" "$bin" --only "$1" --tasks "$2" >/dev/null 2>"$out/valgrind.log" \
-    || { cat "$out/valgrind.log" >&2; echo "frames-instructions: run of $1 with $2 tasks failed" >&2; exit 1; }
-  local n
-  n="$(awk '/^(summary|totals):/ {print $2; exit}' "$file")"
-  [[ -n "$n" && "$n" -gt 0 ]] || { echo "frames-instructions: no count for $1" >&2; exit 1; }
-  echo "$n"
+  callgrind_count "$out/$1-$2.cg" "$1 with $2 tasks" "$bin" --only "$1" --tasks "$2"
 }
 
 declare -A per_task
