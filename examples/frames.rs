@@ -39,6 +39,10 @@
 //! every strategy, and narrows the ratios).
 //! The program fails if recycled tasks allocate upstream in steady state in any round.
 
+#[cfg(test)]
+#[path = "common/command_line_tests.rs"]
+mod command_line_tests;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::future::Future;
@@ -547,10 +551,7 @@ fn main() {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn args(line: &str) -> Vec<String> {
-        line.split_whitespace().map(String::from).collect()
-    }
+    use command_line_tests::{args, assert_refused};
 
     #[test]
     fn the_command_line_is_parsed_or_refused_with_a_reason() {
@@ -562,18 +563,18 @@ mod tests {
         );
         assert_eq!(parse_args(&args("--help")), Ok(None));
         assert_eq!(parse_args(&args("--tasks 5 -h")), Ok(None));
-        for (line, reason) in [
-            ("--taks 5", "unknown argument"),
-            ("5", "unknown argument"),
-            ("--tasks", "positive number"),
-            ("--tasks 0", "positive number"),
-            ("--reps x", "positive number"),
-            ("--in-flight 4097", "at most 4096"),
-            ("--only", "--only takes"),
-            ("--only box", "--only takes"),
-        ] {
-            let err = parse_args(&args(line)).unwrap_err();
-            assert!(err.contains(reason), "{line:?}: {err}");
-        }
+        assert_refused(
+            parse_args,
+            &[
+                ("--taks 5", "unknown argument"),
+                ("5", "unknown argument"),
+                ("--tasks", "positive number"),
+                ("--tasks 0", "positive number"),
+                ("--reps x", "positive number"),
+                ("--in-flight 4097", "at most 4096"),
+                ("--only", "--only takes"),
+                ("--only box", "--only takes"),
+            ],
+        );
     }
 }

@@ -23,6 +23,9 @@
 //!
 //! Prints the median cycles per step of each state.
 
+#[cfg(test)]
+#[path = "common/command_line_tests.rs"]
+mod command_line_tests;
 #[path = "common/p4_steps.rs"]
 mod p4_steps;
 #[path = "common/xorshift.rs"]
@@ -138,10 +141,7 @@ fn main() {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn args(line: &str) -> Vec<String> {
-        line.split_whitespace().map(String::from).collect()
-    }
+    use command_line_tests::args;
 
     #[test]
     fn the_command_line_is_parsed_or_refused_with_a_reason() {

@@ -12,6 +12,9 @@
 //! high watermark of bytes in use. `fixed` serves every request from slots of the trace's largest
 //! size.
 
+#[cfg(test)]
+#[path = "common/command_line_tests.rs"]
+mod command_line_tests;
 #[path = "common/xorshift.rs"]
 mod xorshift;
 
@@ -195,10 +198,7 @@ fn run(command: Command) -> std::result::Result<(), Box<dyn std::error::Error>> 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn args(line: &str) -> Vec<String> {
-        line.split_whitespace().map(String::from).collect()
-    }
+    use command_line_tests::{args, assert_refused};
 
     #[test]
     fn the_command_line_is_parsed_or_refused_with_a_reason() {
@@ -208,18 +208,18 @@ mod tests {
         assert_eq!(parse_args(&args("--record")), Ok(Command::Record(sample())));
         assert_eq!(parse_args(&args("--record o.jsonl")), Ok(Command::Record("o.jsonl".into())));
         assert_eq!(parse_args(&args("--record -h")), Ok(Command::Help));
-        for (line, reason) in [
-            // An option where the file name belongs is not a file name.
-            ("--record --record", "--record takes a file name"),
-            ("--record -x", "--record takes a file name"),
-            ("-x", "unexpected arguments"),
-            ("a.jsonl b.jsonl", "unexpected arguments"),
-            ("a.jsonl --record", "unexpected arguments"),
-            ("--record a b", "unexpected arguments"),
-        ] {
-            let err = parse_args(&args(line)).unwrap_err();
-            assert!(err.contains(reason), "{line:?}: {err}");
-        }
+        assert_refused(
+            parse_args,
+            &[
+                // An option where the file name belongs is not a file name.
+                ("--record --record", "--record takes a file name"),
+                ("--record -x", "--record takes a file name"),
+                ("-x", "unexpected arguments"),
+                ("a.jsonl b.jsonl", "unexpected arguments"),
+                ("a.jsonl --record", "unexpected arguments"),
+                ("--record a b", "unexpected arguments"),
+            ],
+        );
     }
 
     #[test]
