@@ -15,49 +15,51 @@ fn bump(counter: &AtomicUsize) {
     counter.store(v + 1, Ordering::Relaxed);
 }
 
+/// Runs `this_thread` here and `other_thread` on a second thread, each given the lock and a counter
+/// to bump once under it, and checks that neither bump was lost; returns the lock, both threads
+/// done with it.
+fn both_bumps_land<L: Send + Sync + 'static>(
+    lock: L,
+    this_thread: impl Fn(&L, &AtomicUsize),
+    other_thread: impl Fn(&L, &AtomicUsize) + Send + 'static,
+) -> Arc<L> {
+    let lock = Arc::new(lock);
+    let counter = Arc::new(AtomicUsize::new(0));
+    let t = {
+        let (lock, counter) = (lock.clone(), counter.clone());
+        thread::spawn(move || other_thread(&lock, &counter))
+    };
+    this_thread(&lock, &counter);
+    t.join().unwrap();
+    assert_eq!(counter.load(Ordering::Relaxed), 2);
+    lock
+}
+
 #[test]
 fn spin_lock_excludes() {
-    loom::model(|| {
-        let lock = Arc::new(SpinLock::new(()));
-        let counter = Arc::new(AtomicUsize::new(0));
-        let t = {
-            let (lock, counter) = (lock.clone(), counter.clone());
-            thread::spawn(move || {
-                let _g = lock.lock();
-                bump(&counter);
-            })
-        };
-        {
-            let _g = lock.lock();
-            bump(&counter);
-        }
-        t.join().unwrap();
-        assert_eq!(counter.load(Ordering::Relaxed), 2);
+    let lock_and_bump = |lock: &SpinLock<()>, counter: &AtomicUsize| {
+        let _g = lock.lock();
+        bump(counter);
+    };
+    loom::model(move || {
+        both_bumps_land(SpinLock::new(()), lock_and_bump, lock_and_bump);
     });
 }
 
 #[test]
 fn mutex_excludes_and_try_lock_never_overlaps() {
-    loom::model(|| {
-        let lock = Arc::new(Mutex::new(()));
-        let counter = Arc::new(AtomicUsize::new(0));
-        let t = {
-            let (lock, counter) = (lock.clone(), counter.clone());
-            thread::spawn(move || {
-                if let Some(_g) = lock.try_lock() {
-                    bump(&counter);
-                } else {
-                    let _g = lock.lock();
-                    bump(&counter);
-                }
-            })
-        };
-        {
-            let _g = lock.lock();
-            bump(&counter);
-        }
-        t.join().unwrap();
-        assert_eq!(counter.load(Ordering::Relaxed), 2);
+    let lock_and_bump = |lock: &Mutex<()>, counter: &AtomicUsize| {
+        let _g = lock.lock();
+        bump(counter);
+    };
+    loom::model(move || {
+        let lock = both_bumps_land(Mutex::new(()), lock_and_bump, move |lock, counter| {
+            if let Some(_g) = lock.try_lock() {
+                bump(counter);
+            } else {
+                lock_and_bump(lock, counter);
+            }
+        });
         assert!(lock.owner().is_none());
     });
 }
