@@ -9,11 +9,10 @@
 #[path = "common/through_global.rs"]
 mod through_global;
 
-use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::Ordering;
 
 use hetmem_core::cache::HetAlloc;
-use through_global::ThroughGlobal;
+use through_global::{cache_blocks, ThroughGlobal};
 
 #[global_allocator]
 static A: HetAlloc = HetAlloc::new();
@@ -27,22 +26,16 @@ fn blocks_a_resource_frees_through_hetalloc_at_a_threads_exit_go_upstream() {
     // `A`, the global allocator (whose slot, the system allocator's, is returned first).
     OVER_RESOURCE.set_depot_limit(0);
     let before = A.stats();
-    std::thread::spawn(|| {
-        let layout = Layout::from_size_align(64, 16).unwrap();
-        // SAFETY: a valid non-zero layout; each block is freed once below with it.
-        let blocks: Vec<_> = (0..50).map(|_| unsafe { OVER_RESOURCE.alloc(layout) }).collect();
-        for &p in &blocks {
-            assert!(!p.is_null());
-            // SAFETY: from `alloc(layout)` above, freed once.
-            unsafe { OVER_RESOURCE.dealloc(p, layout) };
-        }
-        assert!(OVER_RESOURCE.thread_stats().bytes_cached >= 50 * 64);
+    let cached = std::thread::spawn(|| {
+        let cached = cache_blocks(&OVER_RESOURCE);
+        assert!(OVER_RESOURCE.thread_stats().bytes_cached >= cached);
         assert_eq!(RESOURCE.freed.load(Ordering::Relaxed), 0, "all cached so far");
+        cached
     })
     .join()
     .unwrap();
     let freed = RESOURCE.freed.load(Ordering::Relaxed);
-    assert!(freed >= 50 * 64, "the exiting thread returned its cache over the resource: {freed}");
+    assert!(freed >= cached, "the exiting thread returned its cache over the resource: {freed}");
     let returned = A.stats().bytes_returned - before.bytes_returned;
     assert!(returned >= freed, "{freed} bytes freed into the exited thread's cache, {returned} of them went upstream");
 }

@@ -8,10 +8,8 @@
 #[path = "common/through_global.rs"]
 mod through_global;
 
-use std::alloc::{GlobalAlloc, Layout};
-
 use hetmem_core::cache::{flush_thread, HetAlloc};
-use through_global::ThroughGlobal;
+use through_global::{cache_blocks, ThroughGlobal};
 
 #[global_allocator]
 static A: HetAlloc = HetAlloc::new();
@@ -24,15 +22,7 @@ fn a_flush_leaves_every_cache_empty_when_a_resource_frees_through_hetalloc() {
     std::thread::spawn(|| {
         // No depot: what the resource's cache returns goes to the resource, and so to `A`.
         OVER_RESOURCE.set_depot_limit(0);
-        let layout = Layout::from_size_align(64, 16).unwrap();
-        // SAFETY: a valid non-zero layout; each block is freed once below with it.
-        let blocks: Vec<_> = (0..50).map(|_| unsafe { OVER_RESOURCE.alloc(layout) }).collect();
-        for &p in &blocks {
-            assert!(!p.is_null());
-            // SAFETY: from `alloc(layout)` above, freed once.
-            unsafe { OVER_RESOURCE.dealloc(p, layout) };
-        }
-        drop(blocks);
+        cache_blocks(&OVER_RESOURCE);
         assert!(OVER_RESOURCE.thread_stats().bytes_cached > 0);
         flush_thread();
         let over_resource = OVER_RESOURCE.thread_stats();
