@@ -229,28 +229,32 @@ mod loom_epoch {
     use loom::cell::UnsafeCell;
     use loom::sync::Arc;
 
+    /// Two threads enter `epoch` at generation 1, each running the reset (which bumps a cell) if
+    /// it is the one to, then reading the cell; returns what this thread and the other read.
+    fn two_threads_enter(epoch: Epoch) -> (u32, u32) {
+        let epoch = Arc::new(epoch);
+        let state = Arc::new(UnsafeCell::new(0u32));
+        let enter = |epoch: &Epoch, state: &UnsafeCell<u32>| {
+            // SAFETY: only the one reset writes the cell (loom checks it).
+            epoch.enter_at(1, || state.with_mut(|v| unsafe { *v += 1 }));
+            // SAFETY: every read follows an `enter`, after the reset's write (loom checks it).
+            state.with(|v| unsafe { *v })
+        };
+        let t = {
+            let (epoch, state) = (epoch.clone(), state.clone());
+            loom::thread::spawn(move || enter(&epoch, &state))
+        };
+        let mine = enter(&epoch, &state);
+        (mine, t.join().unwrap())
+    }
+
     /// Two threads enter in a new generation: the reset runs once, and both see what it wrote
     /// (loom reports a read of the cell that the reset's write does not happen before).
     #[test]
     fn the_reset_runs_once_and_every_entry_sees_it() {
         loom::model(|| {
-            let epoch = Arc::new(Epoch::new());
-            let state = Arc::new(UnsafeCell::new(0u32));
-            let enter = |epoch: &Epoch, state: &UnsafeCell<u32>| {
-                epoch.enter_at(1, || {
-                    // SAFETY: only the one reset writes the cell (loom checks it).
-                    state.with_mut(|v| unsafe { *v += 1 })
-                });
-                // SAFETY: every read follows an `enter`, after the reset's write (loom checks it).
-                state.with(|v| unsafe { *v })
-            };
-            let t = {
-                let (epoch, state) = (epoch.clone(), state.clone());
-                loom::thread::spawn(move || enter(&epoch, &state))
-            };
-            let mine = enter(&epoch, &state);
-            let theirs = t.join().unwrap();
-            assert_eq!((mine, theirs), (1, 1), "the reset ran once, before either went on");
+            let seen = two_threads_enter(Epoch::new());
+            assert_eq!(seen, (1, 1), "the reset ran once, before either went on");
         });
     }
 
@@ -260,21 +264,8 @@ mod loom_epoch {
     #[test]
     fn a_reset_left_by_the_parent_is_taken_over_once() {
         loom::model(|| {
-            let epoch = Arc::new(Epoch(loom::sync::atomic::AtomicU64::new(Epoch::RESETTING)));
-            let state = Arc::new(UnsafeCell::new(0u32));
-            let enter = |epoch: &Epoch, state: &UnsafeCell<u32>| {
-                // SAFETY: only the one reset writes the cell (loom checks it).
-                epoch.enter_at(1, || state.with_mut(|v| unsafe { *v += 1 }));
-                // SAFETY: every read follows an `enter`, after the reset's write (loom checks it).
-                state.with(|v| unsafe { *v })
-            };
-            let t = {
-                let (epoch, state) = (epoch.clone(), state.clone());
-                loom::thread::spawn(move || enter(&epoch, &state))
-            };
-            let mine = enter(&epoch, &state);
-            let theirs = t.join().unwrap();
-            assert_eq!((mine, theirs), (1, 1), "the parent's reset was taken over once, before either went on");
+            let seen = two_threads_enter(Epoch(loom::sync::atomic::AtomicU64::new(Epoch::RESETTING)));
+            assert_eq!(seen, (1, 1), "the parent's reset was taken over once, before either went on");
         });
     }
 }
