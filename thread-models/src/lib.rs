@@ -3,11 +3,15 @@
 //! | model | where | thread id | TLS with destructors | yield | sleep |
 //! |---|---|---|---|---|---|
 //! | [`Pthreads`] | unix | `gettid` (Linux) / `pthread_self` | `pthread_key_create` | `sched_yield` | `nanosleep` |
-//! | `Windows` | Windows | `GetCurrentThreadId` | own table, one `FlsAlloc` slot for its exit callback | `SwitchToThread` | `Sleep` |
-//! | [`StdThreads`] | anywhere with std | per-process counter | `thread_local!` table | `std::thread::yield_now` | `std::thread::sleep` |
+//! | `Windows` | Windows | `GetCurrentThreadId` | own table, found through FLS | `SwitchToThread` | `Sleep` |
+//! | [`StdThreads`] | with std | per-process counter | own table, in a `thread_local!` | `yield_now` | `sleep` |
 //!
 //! [`DefaultThreadModel`] is Pthreads on unix and Windows on Windows; feature `force-std` makes it
 //! StdThreads everywhere.
+//!
+//! Windows finds each thread's table through one `FlsAlloc` slot, allocated once per process,
+//! whose callback runs the destructors at the thread's exit. StdThreads runs on any platform
+//! with std and yields and sleeps through `std::thread`.
 #![warn(missing_docs)]
 
 pub use hetmem_core::{ThreadModel, TlsDestructor};
