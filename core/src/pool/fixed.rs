@@ -422,6 +422,10 @@ unsafe impl<R: MemoryResource> Pool for FixedPool<R> {
         self.upstream.kind()
     }
 
+    fn host_accessible(&self) -> bool {
+        self.upstream.host_accessible()
+    }
+
     fn allocate(&mut self, size: usize, align: usize) -> Result<NonNull<u8>> {
         FixedPool::allocate(self, size, align)
     }

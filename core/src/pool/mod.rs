@@ -152,13 +152,23 @@ pub struct LiveAllocation {
 /// thread caches write into, so an implementation keeps that trait's promises: a block
 /// `allocate(size, align)` returns is `size` bytes aligned to `align`, overlaps no other block it
 /// handed out and has not taken back, stays valid until it is given back or the pool is dropped,
-/// and lives where [`memory_kind`](Self::memory_kind) says.
+/// lives where [`memory_kind`](Self::memory_kind) says, and is valid for reads and writes by the
+/// CPU whenever [`host_accessible`](Self::host_accessible) says so.
 pub unsafe trait Pool: Send {
     /// A short name for reports ("quick", "fixed").
     fn name(&self) -> &str;
 
     /// Where the pool's memory lives (its upstream's kind).
     fn memory_kind(&self) -> MemoryKind;
+
+    /// Whether the CPU may dereference the pool's blocks: its upstream's
+    /// [`host_accessible`](crate::MemoryResource::host_accessible), which a pool over a resource
+    /// forwards (the memory's kind does not tell: a backend may map shared memory for a device
+    /// alone). The default, for a pool that does not forward it, is the kind's answer: unless it
+    /// is device memory.
+    fn host_accessible(&self) -> bool {
+        self.memory_kind() != MemoryKind::Device
+    }
 
     /// `size` bytes aligned to `align` (a power of two). Zero sizes and bad alignments are
     /// errors; out of memory is `Error::OutOfMemory` (`Error::MaxSizeReached` at a configured

@@ -508,6 +508,10 @@ unsafe impl<R: MemoryResource> Pool for QuickPool<R> {
         self.upstream.kind()
     }
 
+    fn host_accessible(&self) -> bool {
+        self.upstream.host_accessible()
+    }
+
     fn allocate(&mut self, size: usize, align: usize) -> Result<NonNull<u8>> {
         QuickPool::allocate(self, size, align)
     }

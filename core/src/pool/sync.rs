@@ -16,13 +16,20 @@ use crate::sync::{Mutex, MutexGuard};
 pub struct SyncPool<P: Pool> {
     name: String,
     kind: MemoryKind,
+    /// The pool's [`Pool::host_accessible`], which the memory's kind does not tell.
+    host_accessible: bool,
     pool: Mutex<P>,
 }
 
 impl<P: Pool> SyncPool<P> {
     /// Wraps `pool`.
     pub fn new(pool: P) -> Self {
-        SyncPool { name: String::from(pool.name()), kind: pool.memory_kind(), pool: Mutex::new(pool) }
+        SyncPool {
+            name: String::from(pool.name()),
+            kind: pool.memory_kind(),
+            host_accessible: pool.host_accessible(),
+            pool: Mutex::new(pool),
+        }
     }
 
     /// Exclusive access to the pool, for several operations under one lock (introspection,
@@ -58,7 +65,7 @@ impl<P: Pool> SyncPool<P> {
 }
 
 // SAFETY: the blocks are the pool's, which keeps the same promises (`Pool` is an unsafe trait),
-// behind a lock, so any thread may call; `kind` is the pool's.
+// behind a lock, so any thread may call; `kind` and `host_accessible` are the pool's.
 unsafe impl<P: Pool> MemoryResource for SyncPool<P> {
     fn name(&self) -> &str {
         &self.name
@@ -66,6 +73,10 @@ unsafe impl<P: Pool> MemoryResource for SyncPool<P> {
 
     fn kind(&self) -> MemoryKind {
         self.kind
+    }
+
+    fn host_accessible(&self) -> bool {
+        self.host_accessible
     }
 
     fn allocate(&self, size: usize, align: usize) -> Result<NonNull<u8>> {
@@ -83,6 +94,7 @@ unsafe impl<P: Pool> MemoryResource for SyncPool<P> {
 mod tests {
     use super::*;
     use crate::pool::{CoalesceHeuristic, HostResource, LimitedResource, QuickPool, QuickPoolConfig, Releasable};
+    use std::boxed::Box;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     use std::vec::Vec;
@@ -182,6 +194,55 @@ mod tests {
         pool.deallocate(b).unwrap();
         assert_eq!(pool.stats().coalesce_count, 1);
         pool.check().unwrap();
+    }
+
+    /// Host memory that its resource says the CPU may not touch, as a backend whose memory is
+    /// mapped for a device alone says of itself (its kind is still private or shared memory).
+    struct NotForTheCpu;
+
+    // SAFETY: forwards every block to and from `HostResource`; it only claims less.
+    unsafe impl MemoryResource for NotForTheCpu {
+        fn name(&self) -> &str {
+            "not-for-the-cpu"
+        }
+        fn kind(&self) -> MemoryKind {
+            MemoryKind::Host
+        }
+        fn host_accessible(&self) -> bool {
+            false
+        }
+        fn allocate(&self, size: usize, align: usize) -> Result<NonNull<u8>> {
+            HostResource.allocate(size, align)
+        }
+        unsafe fn deallocate(&self, ptr: NonNull<u8>, size: usize, align: usize) {
+            // SAFETY: the caller's contract, passed on to the resource that gave the block.
+            unsafe { HostResource.deallocate(ptr, size, align) }
+        }
+    }
+
+    /// A sync pool says the CPU may touch its blocks only where its pool's upstream says so, not
+    /// wherever the memory's kind is not device memory: the caches that write their links into
+    /// a resource's blocks believe it. Before, a sync pool over such an upstream said yes, and a
+    /// typed pool over it took its blocks, to link them through their first word once freed.
+    #[test]
+    fn a_sync_pool_is_host_accessible_only_where_its_upstream_is() {
+        use crate::cache::{PoolAllocator, Upstream};
+        use crate::pool::{FixedPool, FixedPoolConfig};
+        let config = QuickPoolConfig { first_block_size: 4096, ..Default::default() };
+        let quick = SyncPool::new(QuickPool::with_config(NotForTheCpu, config).unwrap());
+        let fixed = SyncPool::new(FixedPool::new(NotForTheCpu, FixedPoolConfig::new(64)).unwrap());
+        let traced = SyncPool::new(crate::pool::trace::TracedPool::new(QuickPool::new(NotForTheCpu)));
+        let host = SyncPool::new(QuickPool::with_config(HostResource, config).unwrap());
+        assert_eq!(MemoryResource::kind(&quick), MemoryKind::Host);
+        for resource in [&quick as &dyn MemoryResource, &fixed, &traced] {
+            assert!(!resource.host_accessible(), "{}", resource.name());
+        }
+        assert!(MemoryResource::host_accessible(&host));
+        // A typed pool, which keeps its free blocks on a list linked through them, refuses it.
+        let quick: &'static SyncPool<_> = Box::leak(Box::new(quick));
+        let typed = PoolAllocator::<u64>::with_upstream(4, Upstream::Resource(quick));
+        assert!(matches!(typed.allocate(), Err(crate::Error::Unsupported(_))));
+        assert_eq!(quick.stats().allocation_count, 0);
     }
 
     #[test]

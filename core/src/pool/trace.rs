@@ -328,6 +328,10 @@ unsafe impl<P: Pool> Pool for TracedPool<P> {
         self.pool.memory_kind()
     }
 
+    fn host_accessible(&self) -> bool {
+        self.pool.host_accessible()
+    }
+
     fn allocate(&mut self, size: usize, align: usize) -> Result<NonNull<u8>> {
         let ptr = self.pool.allocate(size, align)?;
         let id = self.next_id;
