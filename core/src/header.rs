@@ -317,7 +317,7 @@ impl RegionHeader {
     /// # Safety
     /// Nothing uses the sub-region any more, in this process or another: its creation failed,
     /// and nothing made over its range lives (the next reservation is given the same range).
-    #[cfg(feature = "std")]
+    #[cfg(feature = "alloc")]
     pub(crate) unsafe fn give_back_allocator(&self, id: AllocatorId) -> Result<()> {
         let mut dir = self.lock_directory();
         let index = creating_entry(&dir, id).ok_or(Error::UnknownAllocator(id))?;

@@ -68,7 +68,9 @@ impl BackendResource {
     }
 
     /// Reserves `size` bytes (0: all that is left) in `backend`'s allocator directory under `id`,
-    /// and carves that sub-region.
+    /// and carves that sub-region. Should the resource not be made over it (a range too small
+    /// for a 64-byte block, a base off a 64-byte boundary), the entry is forgotten, and its
+    /// space given back where it is the last one reserved.
     pub fn reserve(backend: Arc<dyn MemoryBackend>, id: AllocatorId, size: u64) -> Result<Self> {
         let entry = backend.header().reserve_allocator(BACKEND_RESOURCE_TYPE_ID, id, size)?;
         // SAFETY: the directory gave the sub-region to this id alone (no region allocator or other
@@ -82,7 +84,9 @@ impl BackendResource {
                 Ok(resource)
             }
             Err(e) => {
-                backend.header().abandon_allocator(id)?;
+                // SAFETY: the resource was not made, so nothing over the range lives, in this
+                // process or another (none uses a range whose entry is not ready).
+                unsafe { backend.header().give_back_allocator(id) }?;
                 Err(e)
             }
         }
@@ -290,6 +294,25 @@ mod tests {
         // SAFETY: the test's own backend, which nothing else carves.
         let err = unsafe { BackendResource::new(odd) }.err();
         assert_eq!(err, Some(Error::InvalidAlignment { align: GRANULE as u64 }));
+    }
+
+    /// A reservation whose resource cannot be made gives its space back, as a failed
+    /// `create_allocator` does: before, the space stayed reserved for good, so after one that
+    /// asked for all that is left (here over a device address off a 64-byte boundary) every later
+    /// reservation in the backend failed with `OutOfMemory`.
+    #[test]
+    fn a_reservation_whose_resource_cannot_be_made_gives_its_space_back() {
+        let odd = Arc::new(OddDevice(HeapBackend::new(BackendId(7), 1 << 20), 0x7e00_0020));
+        let odd: Arc<dyn MemoryBackend> = odd;
+        for size in [0, 64 << 10] {
+            let err = BackendResource::reserve(Arc::clone(&odd), AllocatorId::new(8, 0), size).err();
+            assert_eq!(err, Some(Error::InvalidAlignment { align: GRANULE as u64 }), "{size}");
+        }
+        // All that is left is still all there is, at the same place, for the same id too.
+        let fresh = backend(1 << 20).header().reserve_allocator(BACKEND_RESOURCE_TYPE_ID, AllocatorId::new(8, 0), 0);
+        let again = odd.header().reserve_allocator(BACKEND_RESOURCE_TYPE_ID, AllocatorId::new(8, 0), 0);
+        let (fresh, again) = (fresh.unwrap(), again.unwrap());
+        assert_eq!((again.offset, again.size), (fresh.offset, fresh.size));
     }
 
     /// A device range that runs past the top of the address space is refused: carved, its
