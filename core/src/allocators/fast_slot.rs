@@ -4,7 +4,9 @@
 //! Every allocator handle gets an instance number that is never reused. With `std`, a small
 //! direct-mapped table in a `thread_local!` maps instance numbers to slot offsets, in front of
 //! it the entry found last (const initialisers and no destructor: an access is a plain load
-//! from the thread's TLS block).
+//! from the thread's TLS block). Each entry carries a tag beside the slot: a word the allocator
+//! keeps with it in process memory (the page allocator: the label its cache writes into blocks,
+//! which must not come from the slot's shared memory).
 //! It is only a cache: the thread-local allocator keeps the authoritative record in its thread
 //! model's TLS, the page allocator in [`hold`]'s per-thread list, and both fill the cache on a
 //! miss. Without `std` every lookup misses, and callers take their fallback path.
@@ -36,16 +38,23 @@ mod imp {
 
     std::thread_local! {
         /// The entry found last: the common case of one allocator per thread in one compare.
-        static LAST: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
-        static CACHE: [Cell<(u64, u64)>; WAYS] = const { [const { Cell::new((0, 0)) }; WAYS] };
+        /// Each entry: instance, slot, tag.
+        static LAST: Cell<(u64, u64, u64)> = const { Cell::new((0, 0, 0)) };
+        static CACHE: [Cell<(u64, u64, u64)>; WAYS] = const { [const { Cell::new((0, 0, 0)) }; WAYS] };
         static HELD: RefCell<Vec<Held>> = const { RefCell::new(Vec::new()) };
     }
 
     /// The calling thread's slot in allocator `instance`, or 0 if not cached.
     #[inline]
     pub(crate) fn get(instance: u64) -> u64 {
+        get_tagged(instance).0
+    }
+
+    /// The calling thread's slot in allocator `instance` and its tag, or `(0, 0)` if not cached.
+    #[inline]
+    pub(crate) fn get_tagged(instance: u64) -> (u64, u64) {
         match LAST.try_with(Cell::get) {
-            Ok((i, slot)) if i == instance => slot,
+            Ok((i, slot, tag)) if i == instance => (slot, tag),
             _ => get_way(instance),
         }
     }
@@ -56,40 +65,46 @@ mod imp {
     #[inline]
     pub(crate) fn get_last(instance: u64) -> Option<u64> {
         match LAST.try_with(Cell::get) {
-            Ok((i, slot)) if i == instance => Some(slot),
+            Ok((i, slot, _)) if i == instance => Some(slot),
             _ => None,
         }
     }
 
-    /// The last entry for `(instance, slot)`: a marker slot is kept out of it.
+    /// The last entry for `(instance, slot, tag)`: a marker slot is kept out of it.
     #[inline]
-    fn last_entry(instance: u64, slot: u64) -> (u64, u64) {
+    fn last_entry(instance: u64, slot: u64, tag: u64) -> (u64, u64, u64) {
         if slot > super::MARKERS {
-            (instance, slot)
+            (instance, slot, tag)
         } else {
-            (0, 0)
+            (0, 0, 0)
         }
     }
 
-    /// [`get`] past the last entry: the direct-mapped ways, which then become the last entry.
+    /// [`get_tagged`] past the last entry: the direct-mapped ways, which then become the last
+    /// entry.
     #[inline(never)]
-    fn get_way(instance: u64) -> u64 {
+    fn get_way(instance: u64) -> (u64, u64) {
         CACHE
             .try_with(|c| {
-                let entry = c[instance as usize % WAYS].get();
-                if entry.0 != instance {
-                    return 0;
+                let (i, slot, tag) = c[instance as usize % WAYS].get();
+                if i != instance {
+                    return (0, 0);
                 }
-                let _ = LAST.try_with(|l| l.set(last_entry(entry.0, entry.1)));
-                entry.1
+                let _ = LAST.try_with(|l| l.set(last_entry(i, slot, tag)));
+                (slot, tag)
             })
-            .unwrap_or(0)
+            .unwrap_or((0, 0))
     }
 
-    /// Caches `slot` as the calling thread's slot in `instance`.
+    /// Caches `slot` as the calling thread's slot in `instance` (with tag 0).
     pub(crate) fn set(instance: u64, slot: u64) {
-        let _ = CACHE.try_with(|c| c[instance as usize % WAYS].set((instance, slot)));
-        let _ = LAST.try_with(|l| l.set(last_entry(instance, slot)));
+        set_tagged(instance, slot, 0);
+    }
+
+    /// Caches `slot` with `tag` as the calling thread's slot in `instance`.
+    fn set_tagged(instance: u64, slot: u64, tag: u64) {
+        let _ = CACHE.try_with(|c| c[instance as usize % WAYS].set((instance, slot, tag)));
+        let _ = LAST.try_with(|l| l.set(last_entry(instance, slot, tag)));
     }
 
     /// Forgets the calling thread's slot in `instance`.
@@ -97,12 +112,12 @@ mod imp {
         let _ = CACHE.try_with(|c| {
             let e = &c[instance as usize % WAYS];
             if e.get().0 == instance {
-                e.set((0, 0));
+                e.set((0, 0, 0));
             }
         });
         let _ = LAST.try_with(|l| {
             if l.get().0 == instance {
-                l.set((0, 0));
+                l.set((0, 0, 0));
             }
         });
     }
@@ -111,14 +126,15 @@ mod imp {
     /// its parent's. Only stores to plain TLS cells (it runs in the fork handler).
     #[cfg(unix)]
     pub(crate) fn forget_after_fork() {
-        let _ = LAST.try_with(|l| l.set((0, 0)));
-        let _ = CACHE.try_with(|c| c.iter().for_each(|e| e.set((0, 0))));
+        let _ = LAST.try_with(|l| l.set((0, 0, 0)));
+        let _ = CACHE.try_with(|c| c.iter().for_each(|e| e.set((0, 0, 0))));
     }
 
     /// A slot the thread holds until it exits (or [`release`] is called).
     struct Held {
         instance: u64,
         slot: u64,
+        tag: u64,
         /// The fork generation it was taken in: in a forked child, the slot is the parent's.
         generation: u64,
         release: Option<Box<dyn FnOnce()>>,
@@ -143,10 +159,10 @@ mod imp {
         }
     }
 
-    /// Records that the calling thread holds `slot` in `instance` until it exits, when `release`
-    /// runs; caches the slot. Returns `false` (and drops `release` unrun) when the thread's TLS
-    /// is already being torn down.
-    pub(crate) fn hold(instance: u64, slot: u64, release: Box<dyn FnOnce()>) -> bool {
+    /// Records that the calling thread holds `slot` (with `tag`) in `instance` until it exits,
+    /// when `release` runs; caches the slot. Returns `false` (and drops `release` unrun) when the
+    /// thread's TLS is already being torn down.
+    pub(crate) fn hold(instance: u64, slot: u64, tag: u64, release: Box<dyn FnOnce()>) -> bool {
         let mut release = Some(release);
         let generation = crate::fork::generation();
         let mut stale = Vec::new();
@@ -158,26 +174,30 @@ mod imp {
                     let (keep, old): (Vec<Held>, Vec<Held>) = h.drain(..).partition(Held::current);
                     (*h, stale) = (keep, old);
                 }
-                h.push(Held { instance, slot, generation, release: release.take() });
+                h.push(Held { instance, slot, tag, generation, release: release.take() });
                 Some(())
             })
             .ok()
             .flatten()
             .is_some();
         if held {
-            set(instance, slot);
+            set_tagged(instance, slot, tag);
         }
         held
     }
 
-    /// The slot the calling thread holds in `instance` through [`hold`], if any (and caches it).
-    pub(crate) fn held(instance: u64) -> Option<u64> {
-        let slot = HELD
-            .try_with(|h| h.try_borrow().ok()?.iter().find(|x| x.instance == instance && x.current()).map(|x| x.slot))
+    /// The slot the calling thread holds in `instance` through [`hold`] and its tag, if any (and
+    /// caches them).
+    pub(crate) fn held(instance: u64) -> Option<(u64, u64)> {
+        let (slot, tag) = HELD
+            .try_with(|h| {
+                let h = h.try_borrow().ok()?;
+                h.iter().find(|x| x.instance == instance && x.current()).map(|x| (x.slot, x.tag))
+            })
             .ok()
             .flatten()?;
-        set(instance, slot);
-        Some(slot)
+        set_tagged(instance, slot, tag);
+        Some((slot, tag))
     }
 
     /// Runs the release of the calling thread's slot in `instance` now; returns whether it held one.
@@ -204,15 +224,19 @@ mod imp {
         0
     }
     #[inline]
+    pub(crate) fn get_tagged(_instance: u64) -> (u64, u64) {
+        (0, 0)
+    }
+    #[inline]
     pub(crate) fn get_last(_instance: u64) -> Option<u64> {
         None
     }
     pub(crate) fn set(_instance: u64, _slot: u64) {}
     pub(crate) fn clear(_instance: u64) {}
-    pub(crate) fn hold(_instance: u64, _slot: u64, _release: Box<dyn FnOnce()>) -> bool {
+    pub(crate) fn hold(_instance: u64, _slot: u64, _tag: u64, _release: Box<dyn FnOnce()>) -> bool {
         false
     }
-    pub(crate) fn held(_instance: u64) -> Option<u64> {
+    pub(crate) fn held(_instance: u64) -> Option<(u64, u64)> {
         None
     }
     pub(crate) fn release(_instance: u64) -> bool {
@@ -222,7 +246,7 @@ mod imp {
 
 #[cfg(all(unix, feature = "std"))]
 pub(crate) use imp::forget_after_fork;
-pub(crate) use imp::{clear, get, get_last, held, hold, release, set};
+pub(crate) use imp::{clear, get, get_last, get_tagged, held, hold, release, set};
 
 #[cfg(all(test, feature = "std"))]
 mod tests {

@@ -57,7 +57,7 @@ impl Shared {
             if u64::from(s.index) != place as u64 {
                 return Err(corrupt(offset, "slot's number is not its place in the table"));
             }
-            let label = label_of(s.index);
+            let label = label_of(u64::from(s.index));
             for (class, cache) in s.body.classes.iter().enumerate() {
                 let (mut at, count) = unpack_head(cache.head.load(Ordering::Relaxed));
                 for _ in 0..count {

@@ -125,25 +125,43 @@ impl ClassCache {
     }
 }
 
-/// The label of the slot numbered `index`: the index plus one. The index is shared memory,
-/// and the label goes into info words' 22-bit field: one past what the field holds would spill
-/// into their class and distance bits, so it saturates (it then names no slot of its own; a
-/// table that long would have four million slots). Saturating, not masking: a masked index
-/// would take a real slot's label, and that slot's owner dying would have recovery move blocks
-/// the broken slot still caches to the shared list, to be handed out twice.
+/// The label of the slot numbered `index`: the index plus one. The label goes into info words'
+/// 22-bit field: one past what the field holds would spill into their class and distance bits,
+/// so it saturates (it then names no slot of its own; a table that long would have four million
+/// slots). Saturating, not masking: a masked index would take a real slot's label, and that
+/// slot's owner dying would have recovery move blocks the broken slot still caches to the shared
+/// list, to be handed out twice.
 #[inline]
-pub(super) fn label_of(index: u32) -> u64 {
-    (index as u64 + 1).min(FIELD_MASK)
+pub(super) fn label_of(index: u64) -> u64 {
+    index.saturating_add(1).min(FIELD_MASK)
+}
+
+/// A thread cache this process holds: its slot's offset, and the label the cache writes into
+/// the blocks that enter it. The label comes from the slot's place in the table, once, when the
+/// slot is taken, and is kept here, in process memory: read from the slot's `index` word (shared
+/// memory) on each operation, a peer that broke that word could make the cache label blocks with
+/// another slot's number, whose recovery would then take them from under it. (`check()` and the
+/// recovery still hold the word to the slot's place.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct CacheSlot {
+    pub(super) offset: u64,
+    pub(super) label: u64,
 }
 
 impl Shared {
-    /// The class `class` line of the cache in the slot at `slot` (which this thread holds).
+    /// The slot at `offset` (which this process holds) as a [`CacheSlot`].
+    pub(super) fn cache_slot(&self, offset: u64) -> Result<CacheSlot> {
+        let place = self.slots.position(&self.mem, offset)?;
+        Ok(CacheSlot { offset, label: label_of(place) })
+    }
+
+    /// The class `class` line of the cache in `slot` (which this thread holds), and its label.
     #[inline]
-    pub(super) fn cache(&self, slot: u64, class: usize) -> (&ClassCache, u64) {
+    pub(super) fn cache(&self, slot: CacheSlot, class: usize) -> (&ClassCache, u64) {
         // SAFETY: `slot` is the calling thread's slot (its registration or the fallback), checked
         // when it was taken.
-        let s = unsafe { self.slots.slot_unchecked(&self.mem, slot) };
-        (&s.body.classes[class], label_of(s.index))
+        let s = unsafe { self.slots.slot_unchecked(&self.mem, slot.offset) };
+        (&s.body.classes[class], slot.label)
     }
 
     /// The first cached block of `class`: its offset, free info word, and the head word once it
@@ -168,18 +186,18 @@ impl Shared {
     /// Allocates a block of `class` from the cache in `slot` if it holds one (the quick path:
     /// it calls nothing, so it keeps no registers across calls).
     #[inline]
-    pub(super) fn allocate_quick(&self, slot: u64, class: usize, size: usize, align: usize) -> Option<u64> {
+    pub(super) fn allocate_quick(&self, slot: CacheSlot, class: usize, size: usize, align: usize) -> Option<u64> {
         let (c, label) = self.cache(slot, class);
         let (block, word, rest) = self.peek_cached(c, class, label)?;
         Some(self.hand_out(c, block, word, rest, size, align))
     }
 
     /// Allocates a block of `class` through the cache in `slot`.
-    pub(super) fn allocate_small(&self, slot: u64, class: usize, size: usize, align: usize) -> Result<u64> {
+    pub(super) fn allocate_small(&self, slot: CacheSlot, class: usize, size: usize, align: usize) -> Result<u64> {
         let (c, label) = self.cache(slot, class);
         let (block, word, rest) = match self.peek_cached(c, class, label) {
             Some(taken) => taken,
-            None => self.refill(slot, class, label)?,
+            None => self.refill(slot, class)?,
         };
         Ok(self.hand_out(c, block, word, rest, size, align))
     }
@@ -222,7 +240,7 @@ impl Shared {
 
     /// Frees a live small block (found by `find_small`, with info word `word`) into the cache
     /// in `slot`.
-    pub(super) fn free_small(&self, slot: u64, block: u64, word: u64) -> Result<()> {
+    pub(super) fn free_small(&self, slot: CacheSlot, block: u64, word: u64) -> Result<()> {
         let over = self.free_quick(slot, block, word);
         self.flush_class(slot, over);
         Ok(())
@@ -235,7 +253,7 @@ impl Shared {
     /// Reclaimers scan and claim under the free-space lock, so only a process that frees a dead
     /// process's block itself (which [`DeadProcessBlocks::Free`](super::DeadProcessBlocks) rules
     /// out) can do that in between; the checks narrow what such a free can break.
-    pub(super) fn free_claimed(&self, slot: u64, block: u64, info: Info, user: u64, back: u64) -> Result<()> {
+    pub(super) fn free_claimed(&self, slot: CacheSlot, block: u64, info: Info, user: u64, back: u64) -> Result<()> {
         if user_of_live(&self.arena, block, info.class).ok() != Some(user)
             || self.arena.word(user - 8)?.load(Ordering::Acquire) != back
         {
@@ -273,7 +291,7 @@ impl Shared {
     /// allocator's quick free. A double free that is not simultaneous is refused: `find_small`
     /// then sees the block free.
     #[inline]
-    pub(super) fn free_quick(&self, slot: u64, block: u64, live_word: u64) -> Option<usize> {
+    pub(super) fn free_quick(&self, slot: CacheSlot, block: u64, live_word: u64) -> Option<usize> {
         let class = word_class(live_word);
         let (c, label) = self.cache(slot, class);
         let (first, count) = unpack_head(c.head.load(Ordering::Relaxed));
@@ -301,7 +319,7 @@ impl Shared {
     /// block is still theirs). A flush that finds the cache or the shared list damaged leaves
     /// the damage for the allocation that reaches it, and `check()`, to report.
     #[inline]
-    pub(super) fn flush_class(&self, slot: u64, class: Option<usize>) {
+    pub(super) fn flush_class(&self, slot: CacheSlot, class: Option<usize>) {
         if let Some(class) = class {
             self.flush_after_free(slot, class);
         }
@@ -311,7 +329,7 @@ impl Shared {
     /// allocator's sweep does, so that each free does not walk a damaged list anew.
     #[cold]
     #[inline(never)]
-    fn flush_after_free(&self, slot: u64, class: usize) {
+    fn flush_after_free(&self, slot: CacheSlot, class: usize) {
         let (c, _) = self.cache(slot, class);
         let (_, count) = unpack_head(c.head.load(Ordering::Relaxed));
         let retry_at = c.retry_at.load(Ordering::Relaxed);
@@ -328,7 +346,7 @@ impl Shared {
     }
 
     /// Gives a live small block a new requested size (it stays where it is).
-    pub(super) fn resize_in_place(&self, slot: u64, block: u64, info: Info, new_size: usize) -> Result<()> {
+    pub(super) fn resize_in_place(&self, slot: CacheSlot, block: u64, info: Info, new_size: usize) -> Result<()> {
         let (c, _) = self.cache(slot, info.class);
         let live = c.live.load(Ordering::Relaxed);
         let bytes = c.bytes.load(Ordering::Relaxed).wrapping_sub(info.size).wrapping_add(new_size as u64);
@@ -346,8 +364,8 @@ impl Shared {
     /// span; when space is short, trim and reclaim first. Returns what `peek_cached` would.
     #[cold]
     #[inline(never)]
-    fn refill(&self, slot: u64, class: usize, label: u64) -> Result<(u64, u64, u64)> {
-        let (c, _) = self.cache(slot, class);
+    fn refill(&self, slot: CacheSlot, class: usize) -> Result<(u64, u64, u64)> {
+        let (c, label) = self.cache(slot, class);
         let (first, _) = unpack_head(c.head.load(Ordering::Relaxed));
         if first != 0 {
             return Err(corrupt(first, "thread cache holds a block that is not free"));
@@ -361,7 +379,7 @@ impl Shared {
             if self.take_from_list(c, class, label)? || self.carve(c, class, label)? {
                 return self
                     .peek_cached(c, class, label)
-                    .ok_or(corrupt(slot, "thread cache refilled with a bad block"));
+                    .ok_or(corrupt(slot.offset, "thread cache refilled with a bad block"));
             }
             self.relieve_shortage(slot, attempt)?;
             // The relief may have freed blocks into this very cache (a dead process's, see
@@ -370,7 +388,7 @@ impl Shared {
             if unpack_head(c.head.load(Ordering::Relaxed)).0 != 0 {
                 return self
                     .peek_cached(c, class, label)
-                    .ok_or(corrupt(slot, "thread cache holds a block that is not free"));
+                    .ok_or(corrupt(slot.offset, "thread cache holds a block that is not free"));
             }
         }
         Err(Error::OutOfMemory { requested: LAYOUTS[class].size, available: self.fs.lock().free_bytes() })
@@ -493,7 +511,7 @@ impl Shared {
     }
 
     /// Moves every block of the cache in `slot` to the shared lists.
-    pub(super) fn flush_all(&self, slot: u64) -> Result<()> {
+    pub(super) fn flush_all(&self, slot: CacheSlot) -> Result<()> {
         for class in 0..CLASS_COUNT {
             let (c, _) = self.cache(slot, class);
             let (first, count) = unpack_head(c.head.load(Ordering::Relaxed));

@@ -71,7 +71,7 @@ use super::span::{
     class_for, corrupt, explain_free, find_live, find_small, invalid, live_block, move_block, quick_class, Found, Mem,
     LAYOUTS,
 };
-use cache::CacheBody;
+use cache::{CacheBody, CacheSlot};
 
 const TYPE_ID: u32 = 0x5350_4131; // "SPA1"
 
@@ -132,7 +132,7 @@ pub struct ScalablePageAllocator {
     /// A slot for threads that cannot keep one of their own (no `std`, or TLS torn down),
     /// used by one of them at a time, with the fork generation it was taken in (in a forked
     /// child, the slot is the parent's).
-    fallback: SpinLock<(u64, u64)>,
+    fallback: SpinLock<(u64, Option<CacheSlot>)>,
 }
 
 /// The 48-bit stamp blocks record: pid and its start time shortened to 16 bits (never 0, unknown,
@@ -192,26 +192,33 @@ impl Shared {
         &self.header().lists[class].0
     }
 
-    fn acquire_slot(&self) -> Result<u64> {
+    fn acquire_slot(&self) -> Result<CacheSlot> {
         // Only a way to free a slot (see `attach`).
-        self.slots.acquire(&self.mem, &self.fs, owner_token(), || {
+        let offset = self.slots.acquire(&self.mem, &self.fs, owner_token(), || {
             self.pass_over(self.recover_dead());
             Ok(())
+        })?;
+        // (Its place is found by the walk that found it, unless the chunk links changed since:
+        // damage, and the slot goes back as it was.)
+        self.cache_slot(offset).inspect_err(|_| {
+            if let Ok(s) = self.slots.slot(&self.mem, offset) {
+                s.owner.store(0, Ordering::Release);
+            }
         })
     }
 
     /// Gives back a slot this process holds: its cache goes to the shared lists. A flush that
     /// finds the cache damaged still lets the slot go (then reports the damage): held, it would
     /// stay ours for good, as our process lives.
-    fn release_slot(&self, slot: u64) -> Result<()> {
+    fn release_slot(&self, slot: CacheSlot) -> Result<()> {
         let flushed = self.flush_all(slot);
         crate::crash::point();
-        self.slots.slot(&self.mem, slot)?.owner.store(0, crate::sync::atomic::Ordering::Release);
+        self.slots.slot(&self.mem, slot.offset)?.owner.store(0, Ordering::Release);
         flushed
     }
 
     /// What to try when space runs short, attempt by attempt.
-    fn relieve_shortage(&self, slot: u64, attempt: u32) -> Result<()> {
+    fn relieve_shortage(&self, slot: CacheSlot, attempt: u32) -> Result<()> {
         if attempt == 0 {
             self.trim(slot)
         } else {
@@ -223,7 +230,7 @@ impl Shared {
 
     #[cold]
     #[inline(never)]
-    fn allocate_large(&self, slot: u64, size: usize, align: usize) -> Result<u64> {
+    fn allocate_large(&self, slot: CacheSlot, size: usize, align: usize) -> Result<u64> {
         for attempt in 0..3 {
             {
                 let mut g = self.fs.lock();
@@ -262,47 +269,52 @@ impl ScalablePageAllocator {
             shared: Arc::new(shared),
             id,
             instance: fast_slot::new_instance(),
-            fallback: SpinLock::new((0, 0)),
+            fallback: SpinLock::new((0, None)),
         })
     }
 
     /// Runs `f` with the calling thread's slot: its own (cached per thread with `std`), or the
     /// handle's shared fallback slot, one thread at a time.
     #[inline]
-    fn with_slot<R>(&self, f: impl FnOnce(u64) -> Result<R>) -> Result<R> {
-        let slot = fast_slot::get(self.instance);
-        if slot != 0 {
-            return f(slot);
+    fn with_slot<R>(&self, f: impl FnOnce(CacheSlot) -> Result<R>) -> Result<R> {
+        let (offset, label) = fast_slot::get_tagged(self.instance);
+        if offset != 0 {
+            return f(CacheSlot { offset, label });
         }
         self.with_slot_slow(f)
     }
 
     #[cold]
     #[inline(never)]
-    fn with_slot_slow<R>(&self, f: impl FnOnce(u64) -> Result<R>) -> Result<R> {
-        if let Some(slot) = fast_slot::held(self.instance) {
-            return f(slot);
+    fn with_slot_slow<R>(&self, f: impl FnOnce(CacheSlot) -> Result<R>) -> Result<R> {
+        if let Some((offset, label)) = fast_slot::held(self.instance) {
+            return f(CacheSlot { offset, label });
         }
         if let Some(slot) = self.attach_thread()? {
             return f(slot);
         }
         let mut g = self.fallback.lock();
         let generation = crate::fork::generation();
-        if g.1 == 0 || g.0 != generation {
-            *g = (generation, self.shared.acquire_slot()?);
-        }
-        f(g.1)
+        let slot = match g.1 {
+            Some(slot) if g.0 == generation => slot,
+            _ => {
+                let slot = self.shared.acquire_slot()?;
+                *g = (generation, Some(slot));
+                slot
+            }
+        };
+        f(slot)
     }
 
     /// Takes a slot for the calling thread, held until it exits or the handle is dropped (which
     /// gives back the slots of threads that outlive it); `None` where threads cannot hold one
     /// (no `std`, or the thread's TLS is being torn down).
-    fn attach_thread(&self) -> Result<Option<u64>> {
+    fn attach_thread(&self) -> Result<Option<CacheSlot>> {
         if !cfg!(feature = "std") {
             return Ok(None);
         }
         let slot = self.shared.acquire_slot()?;
-        let held: *const HeldSlot = self.shared.held.note(slot, crate::fork::generation());
+        let held: *const HeldSlot = self.shared.held.note(slot.offset, crate::fork::generation());
         // Not the handle's state itself: once the handle is dropped (its drop gave the slot
         // back), the region may be unmapped.
         let shared = Arc::downgrade(&self.shared);
@@ -314,7 +326,7 @@ impl ScalablePageAllocator {
                 }
             }
         });
-        if fast_slot::hold(self.instance, slot, give_back) {
+        if fast_slot::hold(self.instance, slot.offset, slot.label, give_back) {
             return Ok(Some(slot));
         }
         // SAFETY: the node lives as long as `self.shared.held`.
@@ -402,14 +414,17 @@ impl Drop for ScalablePageAllocator {
     fn drop(&mut self) {
         self.release_thread_cache();
         let (generation, slot) = core::mem::take(&mut *self.fallback.lock());
-        if slot != 0 && generation == crate::fork::generation() {
+        if let Some(slot) = slot.filter(|_| generation == crate::fork::generation()) {
             let _ = self.shared.release_slot(slot);
         }
         // Other threads' slots are given back here: none is in use, which would take this
         // handle, and no one else can reach it now. A thread exiting meanwhile gives back its
         // own first, or finds it given back.
-        for slot in self.shared.held.take_all(crate::fork::generation()) {
-            let _ = self.shared.release_slot(slot);
+        for offset in self.shared.held.take_all(crate::fork::generation()) {
+            // (A slot whose place is not found any more is in no one's table: no one takes it.)
+            if let Ok(slot) = self.shared.cache_slot(offset) {
+                let _ = self.shared.release_slot(slot);
+            }
         }
     }
 }
@@ -430,9 +445,9 @@ impl RegionAllocator for ScalablePageAllocator {
     #[inline]
     fn allocate(&self, size: usize, align: usize) -> Result<OffsetPtr> {
         if let Some(class) = quick_class(size, align) {
-            let slot = fast_slot::get(self.instance);
-            if slot != 0 {
-                if let Some(user) = self.shared.allocate_quick(slot, class, size, align) {
+            let (offset, label) = fast_slot::get_tagged(self.instance);
+            if offset != 0 {
+                if let Some(user) = self.shared.allocate_quick(CacheSlot { offset, label }, class, size, align) {
                     return Ok(OffsetPtr::new(user));
                 }
             }
@@ -469,8 +484,9 @@ impl RegionAllocator for ScalablePageAllocator {
     #[inline]
     fn free(&self, ptr: OffsetPtr) -> Result<()> {
         if let Some(b) = find_small(&self.shared.arena, ptr.get()) {
-            let slot = fast_slot::get(self.instance);
-            if slot != 0 {
+            let (offset, label) = fast_slot::get_tagged(self.instance);
+            if offset != 0 {
+                let slot = CacheSlot { offset, label };
                 let over = self.shared.free_quick(slot, b.block, b.word);
                 self.shared.flush_class(slot, over);
                 return Ok(());

@@ -29,7 +29,7 @@ use super::super::free_space::{Desc, FreeSpaceGuard};
 use super::super::large::{self, TAG_LARGE, TAG_SPAN};
 use super::super::size_class::CLASS_COUNT;
 use super::super::span::{block_at, corrupt, release_span, span_of, user_of_live, Info, State, LAYOUTS};
-use super::cache::{label_of, unpack_journal, ClassCache, OP_ALLOC, OP_FREE, OP_RESIZE};
+use super::cache::{label_of, unpack_journal, CacheSlot, ClassCache, OP_ALLOC, OP_FREE, OP_RESIZE};
 use super::{stamp_process, Shared};
 
 impl Shared {
@@ -102,15 +102,17 @@ impl Shared {
                 damaged.get_or_insert(corrupt(offset, "slot's number is not its place in the table"));
                 continue;
             }
-            // Likewise the other way round: a live slot whose number was damaged to ours labels
-            // the blocks its cache takes in with our number, and they are on no shared list.
-            if claimed.contains(&label_of(s.index)) {
+            // Likewise the other way round: a live slot whose number was damaged to ours. A cache
+            // labels by its slot's place, taken with the slot, but one that read the word instead
+            // (an earlier build's) labels the blocks it takes in with our number, and they are on
+            // no shared list.
+            if claimed.contains(&label_of(u64::from(s.index))) {
                 damaged.get_or_insert(corrupt(offset, "another slot's number names this slot"));
                 continue;
             }
             if s.owner.compare_exchange(owner, owner_token(), Ordering::Acquire, Ordering::Relaxed).is_ok() {
                 crash::point();
-                let label = label_of(s.index);
+                let label = label_of(u64::from(s.index));
                 for (class, c) in s.body.classes.iter().enumerate() {
                     self.settle_journal(c, class, label);
                 }
@@ -171,7 +173,7 @@ impl Shared {
         for (place, offset) in self.slots.offsets(&self.mem)?.into_iter().enumerate() {
             let index = self.slots.slot(&self.mem, offset)?.index;
             if u64::from(index) != place as u64 {
-                out.insert(label_of(index));
+                out.insert(label_of(u64::from(index)));
             }
         }
         Ok(out)
@@ -247,7 +249,7 @@ impl Shared {
 
     /// Frees the blocks processes that have died still held (small ones through the cache in
     /// `slot`); returns how many. Only with [`DeadProcessBlocks::Free`](super::DeadProcessBlocks).
-    pub(super) fn free_dead_blocks(&self, slot: u64) -> Result<u64> {
+    pub(super) fn free_dead_blocks(&self, slot: CacheSlot) -> Result<u64> {
         if !self.free_dead() {
             return Ok(0);
         }
@@ -313,9 +315,9 @@ impl Shared {
     /// Returns spans whose blocks are all on the shared list to the free-space manager, after
     /// flushing the cache in `slot`. Each list is relabelled with `slot`'s label while still
     /// on the list, then taken whole, so its blocks stay recoverable while they are off it.
-    pub(super) fn trim(&self, slot: u64) -> Result<()> {
+    pub(super) fn trim(&self, slot: CacheSlot) -> Result<()> {
         self.flush_all(slot)?;
-        let label = label_of(self.slots.slot(&self.mem, slot)?.index);
+        let label = slot.label;
         let mut g = self.fs.lock();
         for (class, layout) in LAYOUTS.iter().enumerate() {
             let mut taken = Vec::new();

@@ -95,20 +95,20 @@ proptest! {
 }
 
 /// A slot of a process that then "dies" (the test hook calls its pid dead).
-fn dead_slot(a: &ScalablePageAllocator) -> u64 {
+fn dead_slot(a: &ScalablePageAllocator) -> CacheSlot {
     crate::testing::install_test_liveness();
     let s = &a.shared;
-    s.slots.acquire(&s.mem, &s.fs, crate::testing::dead_token(), || Ok(())).unwrap()
+    s.cache_slot(s.slots.acquire(&s.mem, &s.fs, crate::testing::dead_token(), || Ok(())).unwrap()).unwrap()
 }
 
 /// A slot of this process, taken by hand (as `dead_slot` takes a dead one).
-fn own_slot(a: &ScalablePageAllocator) -> u64 {
+fn own_slot(a: &ScalablePageAllocator) -> CacheSlot {
     let s = &a.shared;
-    s.slots.acquire(&s.mem, &s.fs, crate::sync::owner_token(), || Ok(())).unwrap()
+    s.cache_slot(s.slots.acquire(&s.mem, &s.fs, crate::sync::owner_token(), || Ok(())).unwrap()).unwrap()
 }
 
 /// Frees the block at user offset `user` through the cache in `slot`.
-fn free_through(a: &ScalablePageAllocator, slot: u64, user: u64) {
+fn free_through(a: &ScalablePageAllocator, slot: CacheSlot, user: u64) {
     let b = find_small(&a.shared.arena, user).unwrap();
     a.shared.free_small(slot, b.block, b.word).unwrap();
 }
@@ -170,13 +170,13 @@ fn a_recovery_takes_no_block_from_the_cache_a_damaged_slot_number_names() {
     for &u in &users {
         free_through(&a, mine, u);
     }
-    let index_of = |slot: u64| index_word(&a, slot);
+    let index_of = |slot: CacheSlot| index_word(&a, slot.offset);
     // SAFETY: the index words of two slots, in bounds and aligned; no other thread runs.
     let (my_index, dead_index) = unsafe { (*index_of(mine), *index_of(dead)) };
     // SAFETY: as above.
     unsafe { index_of(dead).write_volatile(my_index) };
     assert!(matches!(a.reclaim(), Err(Error::Corrupt { .. })));
-    assert_eq!(s.slots.slot(&s.mem, dead).unwrap().owner.load(Ordering::Acquire), crate::testing::dead_token());
+    assert_eq!(s.slots.slot(&s.mem, dead.offset).unwrap().owner.load(Ordering::Acquire), crate::testing::dead_token());
     assert!(matches!(a.check(), Err(Error::Corrupt { .. })), "check() reports the number");
     // SAFETY: as above.
     unsafe { index_of(dead).write_volatile(dead_index) };
@@ -189,11 +189,12 @@ fn a_recovery_takes_no_block_from_the_cache_a_damaged_slot_number_names() {
     assert_eq!(a.stats().free_bytes(), start);
 }
 
-/// The other way round: a live slot whose number was damaged to a dead slot's labels the blocks
-/// its cache takes in with the dead slot's number, and the dead slot's recovery pushed them onto
-/// the shared list (free blocks with its label on no list), to be handed out while the live
-/// cache hands them out too. A dead slot whose number another slot claims is now left as found,
-/// and the damage reported.
+/// The other way round: a live slot whose number was damaged to a dead slot's. A cache that
+/// read its label from the word (as every cache did before it kept the label it took with its
+/// slot) labelled the blocks it took in with the dead slot's number, and the dead slot's recovery
+/// pushed them onto the shared list (free blocks with its label on no list), to be handed out
+/// while the live cache handed them out too. A dead slot whose number another slot claims is
+/// left as found, and the damage reported.
 #[test]
 fn a_recovery_takes_no_block_a_slot_with_a_damaged_number_labelled_with_its_own() {
     let a = ScalablePageAllocator::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
@@ -203,7 +204,7 @@ fn a_recovery_takes_no_block_a_slot_with_a_damaged_number_labelled_with_its_own(
     let dead = dead_slot(&a);
     let class = class_for(48, 8).unwrap();
     let users: Vec<u64> = (0..4).map(|_| s.allocate_small(mine, class, 48, 8).unwrap()).collect();
-    let index_of = |slot: u64| index_word(&a, slot);
+    let index_of = |slot: CacheSlot| index_word(&a, slot.offset);
     // SAFETY: the index words of two slots, in bounds and aligned; no other thread runs.
     let (my_index, dead_index) = unsafe { (*index_of(mine), *index_of(dead)) };
     // SAFETY: as above.
@@ -213,7 +214,7 @@ fn a_recovery_takes_no_block_a_slot_with_a_damaged_number_labelled_with_its_own(
         free_through(&a, mine, u);
     }
     assert!(matches!(a.reclaim(), Err(Error::Corrupt { .. })));
-    assert_eq!(s.slots.slot(&s.mem, dead).unwrap().owner.load(Ordering::Acquire), crate::testing::dead_token());
+    assert_eq!(s.slots.slot(&s.mem, dead.offset).unwrap().owner.load(Ordering::Acquire), crate::testing::dead_token());
     assert!(matches!(a.check(), Err(Error::Corrupt { .. })), "check() reports the number");
     let list = *s.list(class).lock_or_recover(|_| {});
     s.walk_list(list, |b| {
@@ -229,6 +230,40 @@ fn a_recovery_takes_no_block_a_slot_with_a_damaged_number_labelled_with_its_own(
     a.check().unwrap();
     assert_eq!(a.stats().live_allocations, 0);
     assert_eq!(a.stats().free_bytes(), start);
+}
+
+/// A slot's number is shared memory, and a thread's cache read it on every operation for the
+/// label it writes into the blocks it takes in: damaged to a dead slot's, the cache labelled
+/// its blocks with that slot's number, for good (mending the word did not relabel them), and
+/// the dead slot's recovery pushed them onto the shared list while the cache still held them.
+/// The cache now keeps the label it took with its slot, from the slot's place in the table.
+#[test]
+fn a_held_cache_keeps_its_label_whatever_its_slot_number_says() {
+    let a = ScalablePageAllocator::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = a.stats().free_bytes();
+    let users: Vec<OffsetPtr> = (0..8).map(|_| a.allocate(48, 8).unwrap()).collect();
+    let mine = a.with_slot(Ok).unwrap();
+    let dead = dead_slot(&a);
+    let (mine_at, dead_at) = (index_word(&a, mine.offset), index_word(&a, dead.offset));
+    // SAFETY: the index words of two slots, in bounds and aligned; no other thread runs.
+    let my_index = unsafe { *mine_at };
+    // SAFETY: as above.
+    unsafe { mine_at.write_volatile(*dead_at) };
+    // Quick frees into the cache, quick allocations out of it, refills, a flush.
+    for p in users {
+        a.free(p).unwrap();
+    }
+    let mut again: Vec<OffsetPtr> = (0..200).map(|_| a.allocate(48, 8).unwrap()).collect();
+    for p in again.split_off(100) {
+        a.free(p).unwrap();
+    }
+    // SAFETY: as above.
+    unsafe { mine_at.write_volatile(my_index) };
+    a.check().unwrap();
+    // Every block of our cache still in it, none on the shared list twice.
+    assert_eq!(a.reclaim().unwrap(), 1);
+    a.check().unwrap();
+    free_all_and_check(&a, again.into_iter().map(|p| p.get()), start);
 }
 
 /// A recovery that finds a class's shared list damaged recovers the other classes, gives the
@@ -251,8 +286,9 @@ fn a_recovery_that_meets_a_damaged_list_gives_the_slot_back() {
     }
     // Damage: the shared list of the second class starts at no block.
     let good = core::mem::replace(&mut *s.list(large).lock(), 8);
-    let owner = || s.slots.slot(&s.mem, slot).unwrap().owner.load(Ordering::Acquire);
-    let head = |class: usize| s.slots.slot(&s.mem, slot).unwrap().body.classes[class].head.load(Ordering::Relaxed);
+    let owner = || s.slots.slot(&s.mem, slot.offset).unwrap().owner.load(Ordering::Acquire);
+    let head =
+        |class: usize| s.slots.slot(&s.mem, slot.offset).unwrap().body.classes[class].head.load(Ordering::Relaxed);
     assert!(head(small) != 0 && head(large) != 0, "both caches hold blocks");
     for _ in 0..2 {
         assert!(matches!(a.reclaim(), Err(Error::Corrupt { .. })));
@@ -509,7 +545,7 @@ fn threads_that_find_the_slot_table_full_at_once_grow_it_by_one_chunk() {
 
 /// Starts handing out the first block cached for `class` in `slot` and "dies" before the block
 /// turns live: journal written, head moved past it. Returns the block.
-fn die_handing_out(a: &ScalablePageAllocator, slot: u64, class: usize, size: u64) -> u64 {
+fn die_handing_out(a: &ScalablePageAllocator, slot: CacheSlot, class: usize, size: u64) -> u64 {
     let s = &a.shared;
     let (c, _) = s.cache(slot, class);
     let (first, count) = cache::unpack_head(c.head.load(Ordering::Relaxed));
@@ -538,7 +574,7 @@ fn free_all_and_check(a: &ScalablePageAllocator, blocks: impl IntoIterator<Item 
 fn dead_allocation_recovered_and_reused(
     a: &ScalablePageAllocator,
     recover: impl FnOnce(),
-) -> (u64, Vec<u64>, Vec<u64>) {
+) -> (CacheSlot, Vec<u64>, Vec<u64>) {
     a.free(a.allocate(8, 8).unwrap()).unwrap();
     let slot = dead_slot(a);
     let class = class_for(200, 8).unwrap();
@@ -579,7 +615,7 @@ fn a_recovery_that_dies_after_settling_leaves_nothing_to_settle_twice() {
         assert_eq!(a.shared.recover_dead().unwrap(), 1);
     });
     let s = &a.shared;
-    let owner = &s.slots.slot(&s.mem, slot).unwrap().owner;
+    let owner = &s.slots.slot(&s.mem, slot.offset).unwrap().owner;
     owner.compare_exchange(0, crate::testing::dead_token(), Ordering::AcqRel, Ordering::Relaxed).unwrap();
     assert_eq!(a.reclaim().unwrap(), 1);
     a.check().unwrap();
@@ -605,7 +641,7 @@ fn a_slot_whose_owner_word_names_no_process_is_recovered() {
             free_through(&a, slot, u);
         }
         assert_ne!(s.cache(slot, class).0.head.load(Ordering::Relaxed), 0, "the cache holds blocks");
-        let owner = &s.slots.slot(&s.mem, slot).unwrap().owner;
+        let owner = &s.slots.slot(&s.mem, slot.offset).unwrap().owner;
         owner.store(stray, Ordering::Release);
         assert_eq!(a.reclaim().unwrap(), 1, "a slot held by {stray:#x} was not recovered");
         assert_eq!(owner.load(Ordering::Acquire), 0);
@@ -638,7 +674,7 @@ fn a_free_that_lost_its_race_is_not_counted() {
 
 /// An allocator that frees dead processes' blocks, its free bytes at the start, and a dead
 /// process's slot (this thread holds another).
-fn freeing_dead_blocks_with_a_dead_slot() -> (ScalablePageAllocator, u64, u64) {
+fn freeing_dead_blocks_with_a_dead_slot() -> (ScalablePageAllocator, u64, CacheSlot) {
     let config = ScalablePageConfig { dead_process_blocks: DeadProcessBlocks::Free };
     let a = ScalablePageAllocator::create(region_of(8 << 20), AllocatorId::new(1, 0), &config).unwrap();
     let start = a.stats().free_bytes();
@@ -909,7 +945,7 @@ fn a_free_whose_flush_finds_damage_is_still_done() {
     freed += 1;
     assert!(a.check().is_err());
     assert!(s.release_slot(slot).is_err(), "the flush of every class finds the damage");
-    assert_eq!(s.slots.slot(&s.mem, slot).unwrap().owner.load(Ordering::Acquire), 0, "the slot was let go");
+    assert_eq!(s.slots.slot(&s.mem, slot.offset).unwrap().owner.load(Ordering::Acquire), 0, "the slot was let go");
     miscount(&a, slot, class, -1000);
     s.release_slot(slot).unwrap();
     assert_eq!(c.retry_at.load(Ordering::Relaxed), 0, "an emptied cache flushes at its limit again");
@@ -919,13 +955,13 @@ fn a_free_whose_flush_finds_damage_is_still_done() {
 /// Frees `blocks` through the cache of `class` in `slot`, checking after each free that the
 /// cache keeps to its limit (a healthy cache flushes as soon as it is over).
 /// The blocks the cache of `class` in `slot` counts.
-fn cached(a: &ScalablePageAllocator, slot: u64, class: usize) -> u64 {
+fn cached(a: &ScalablePageAllocator, slot: CacheSlot, class: usize) -> u64 {
     cache::unpack_head(a.shared.cache(slot, class).0.head.load(Ordering::Relaxed)).1
 }
 
 /// Adds `by` to the count of the cache of `class` in `slot`, leaving its list as it is: with
 /// `by > 0`, a flush walks off the list's end.
-fn miscount(a: &ScalablePageAllocator, slot: u64, class: usize, by: i64) {
+fn miscount(a: &ScalablePageAllocator, slot: CacheSlot, class: usize, by: i64) {
     let (c, _) = a.shared.cache(slot, class);
     let (first, count) = cache::unpack_head(c.head.load(Ordering::Relaxed));
     c.head.store(first | (count.wrapping_add_signed(by) << 48), Ordering::Relaxed);
@@ -933,7 +969,7 @@ fn miscount(a: &ScalablePageAllocator, slot: u64, class: usize, by: i64) {
 
 /// Frees `blocks` through the cache of `class` in `slot` until the cache is full (the next free
 /// puts it over its limit); returns how many it freed.
-fn fill_cache(a: &ScalablePageAllocator, slot: u64, class: usize, blocks: &[u64]) -> usize {
+fn fill_cache(a: &ScalablePageAllocator, slot: CacheSlot, class: usize, blocks: &[u64]) -> usize {
     let mut freed = 0;
     while cached(a, slot, class) < a.shared.limits[class] as u64 {
         free_through(a, slot, blocks[freed]);
@@ -942,7 +978,7 @@ fn fill_cache(a: &ScalablePageAllocator, slot: u64, class: usize, blocks: &[u64]
     freed
 }
 
-fn free_within_the_limit(a: &ScalablePageAllocator, slot: u64, class: usize, blocks: &[u64]) {
+fn free_within_the_limit(a: &ScalablePageAllocator, slot: CacheSlot, class: usize, blocks: &[u64]) {
     let s = &a.shared;
     let (c, _) = s.cache(slot, class);
     for &u in blocks {
@@ -1015,7 +1051,7 @@ fn a_held_slot_whose_magic_was_overwritten_is_used_without_a_panic() {
     let class = class_for(48, 8).unwrap();
     let p = s.allocate_small(slot, class, 48, 8).unwrap();
     // The slot's magic and index share the word after its owner.
-    let magic = s.mem.word(slot + 8).unwrap();
+    let magic = s.mem.word(slot.offset + 8).unwrap();
     let before = magic.load(Ordering::Relaxed);
     magic.store(before ^ 0xffff, Ordering::Relaxed);
     let q = s.allocate_small(slot, class, 48, 8).unwrap();
@@ -1029,19 +1065,20 @@ fn a_held_slot_whose_magic_was_overwritten_is_used_without_a_panic() {
     assert_eq!(a.stats().free_bytes(), start);
 }
 
-/// A slot's index is shared memory, and a cache labels its free blocks with it: an index a peer
-/// broke past what an info word's label field holds must not spill into the words' class and
-/// distance bits (a carve then formatted a whole span of blocks no one could use or free again,
-/// and `check` found them damaged for good). Once the index is mended and the damaged cache
-/// flushed, the allocator is whole and back to its starting free capacity.
+/// A slot's index is shared memory, and a cache labelled its free blocks with it (before it kept
+/// the label it took with its slot): an index a peer broke past what an info word's label field
+/// holds must not spill into the words' class and distance bits (a carve then formatted a whole
+/// span of blocks no one could use or free again, and `check` found them damaged for good). Once
+/// the index is mended and the damaged cache flushed, the allocator is whole and back to its
+/// starting free capacity.
 #[test]
 fn a_slot_index_past_the_label_field_breaks_no_info_word() {
     let a = ScalablePageAllocator::create(region_of(2 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
     let s = &a.shared;
     let start = a.stats().free_bytes();
     let slot = own_slot(&a);
-    let index = s.slots.slot(&s.mem, slot).unwrap().index;
-    let at = index_word(&a, slot);
+    let index = s.slots.slot(&s.mem, slot.offset).unwrap().index;
+    let at = index_word(&a, slot.offset);
     let class = class_for(1000, 8).unwrap();
     for bad in [u32::MAX - 1, 1 << 22, (1 << 22) - 1] {
         // SAFETY: the slot's index, in bounds and aligned; no other thread uses the slot.
