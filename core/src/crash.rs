@@ -25,14 +25,17 @@ pub(crate) fn point() {
 /// Deaths inside one call, for unit tests: [`die_at`](testing::die_at) unwinds out of a
 /// function at its `n`th crash point, leaving what it wrote so far as a killed process would
 /// (locks aside: their guards are dropped on the way out, so a test that needs a lock held by
-/// the dead marks it so itself).
+/// the dead marks it so itself). [`write_at`](testing::write_at) runs another process's write
+/// there instead.
 #[cfg(all(test, feature = "std"))]
 pub(crate) mod testing {
-    use std::cell::Cell;
+    use std::cell::{Cell, RefCell};
 
     std::thread_local! {
         /// Points left before the death (`None`: no death armed on this thread).
         static LEFT: Cell<Option<u64>> = const { Cell::new(None) };
+        /// What happens there instead of the death, if anything.
+        static WRITE: RefCell<Option<Box<dyn FnOnce()>>> = const { RefCell::new(None) };
     }
 
     /// The payload a death unwinds with.
@@ -42,6 +45,9 @@ pub(crate) mod testing {
         LEFT.with(|left| match left.get() {
             Some(0) => {
                 left.set(None);
+                if let Some(write) = WRITE.with(|w| w.borrow_mut().take()) {
+                    return write();
+                }
                 std::panic::resume_unwind(Box::new(Killed));
             }
             Some(n) => left.set(Some(n - 1)),
@@ -61,6 +67,19 @@ pub(crate) mod testing {
             Err(payload) if payload.is::<Killed>() => None,
             Err(payload) => std::panic::resume_unwind(payload),
         }
+    }
+
+    /// Runs `f` and, at its crash point `n` (counting from 0), `write`: what another process
+    /// may write to shared memory between two of `f`'s stores. Returns what `f` returned, and
+    /// whether `write` ran (`f` passed more than `n` points).
+    #[cfg_attr(loom, allow(dead_code))] // its tests are not built under loom
+    pub(crate) fn write_at<R>(n: u64, write: impl FnOnce() + 'static, f: impl FnOnce() -> R) -> (R, bool) {
+        WRITE.with(|w| *w.borrow_mut() = Some(Box::new(write)));
+        LEFT.with(|left| left.set(Some(n)));
+        let r = f();
+        LEFT.with(|left| left.set(None));
+        let ran = WRITE.with(|w| w.borrow_mut().take()).is_none();
+        (r, ran)
     }
 }
 

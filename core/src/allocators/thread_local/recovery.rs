@@ -469,7 +469,14 @@ impl Shared {
             return self.release_span(span).map(|()| 0);
         }
         let cs = &local.classes[class];
-        cs.set_blocks(cs.blocks() + free.len() as u64 + kept);
+        // The counters were cleared for the rebuild and only it adds to them, but they are shared
+        // memory: sums past a u64 mean another process wrote them since (damage), refused before
+        // the span's blocks are listed (the next repair clears them and rebuilds the span anew).
+        let blocks = cs.blocks().checked_add(free.len() as u64 + kept);
+        let (Some(blocks), Some(live_bytes)) = (blocks, cs.live_bytes.get().checked_add(bytes)) else {
+            return Err(corrupt(span, "heap's counters past what its spans hold"));
+        };
+        cs.set_blocks(blocks);
         crash::point();
         let middle = free.len() / 2;
         for (i, b) in free.into_iter().enumerate() {
@@ -479,7 +486,7 @@ impl Shared {
                 crash::point();
             }
         }
-        cs.live_bytes.set(cs.live_bytes.get() + bytes);
+        cs.live_bytes.set(live_bytes);
         crash::point();
         Ok(kept)
     }

@@ -1,4 +1,5 @@
 use super::super::span::{freed_word, span_of_word, Info, State, SMALL_HEADER};
+use super::heap::ClassState;
 use super::*;
 use crate::allocators::testing::{
     exercise, exhaust_and_recover, failed_copy_leaks_nothing, forged_blocks_of_no_class_are_refused,
@@ -188,6 +189,32 @@ fn a_repairer_killed_part_way_leaves_the_allocation_count_to_the_next() {
         assert_eq!(a.class_stats()[class].allocations, 50, "killed at point {n}");
         assert_eq!(a.stats().live_allocations, 30, "killed at point {n}");
         if !died {
+            break;
+        }
+    }
+}
+
+/// A repair clears a dead heap's counters and adds each span's blocks and bytes to them, but
+/// they are shared memory: another process that wrote them meanwhile (here near the top of a
+/// u64, at each crash point of the reclaim in turn) made the sums overflow, a panic in a debug
+/// build. The repair now reports such counters as damage.
+#[test]
+fn counters_a_peer_writes_during_a_repair_give_errors_not_panics() {
+    for n in 0.. {
+        let a = Tla::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+        let (heap, class, _) = dead_heap(&a, 50);
+        let s = &a.shared;
+        let cs: *const ClassState = &s.local_snapshot(s.heaps.slot(&s.mem, heap).unwrap()).classes[class];
+        let write = move || {
+            // SAFETY: the heap's class state, in the region `a` keeps mapped while the write can
+            // run (inside the reclaim below).
+            let cs = unsafe { &*cs };
+            cs.blocks.set(u64::MAX - 1);
+            cs.live_bytes.set(u64::MAX - 1);
+        };
+        let (reclaimed, wrote) = crate::crash::testing::write_at(n, write, || a.reclaim());
+        assert!(matches!(reclaimed, Ok(_) | Err(Error::Corrupt { .. })), "written at point {n}: {reclaimed:?}");
+        if !wrote {
             break;
         }
     }
