@@ -330,13 +330,13 @@ impl Shared {
     #[cold]
     #[inline(never)]
     fn flush_after_free(&self, slot: CacheSlot, class: usize) {
-        let (c, _) = self.cache(slot, class);
+        let (c, label) = self.cache(slot, class);
         let (_, count) = unpack_head(c.head.load(Ordering::Relaxed));
         let retry_at = c.retry_at.load(Ordering::Relaxed);
         if count < retry_at {
             return;
         }
-        let next = match self.flush(c, class) {
+        let next = match self.flush(c, class, label) {
             Ok(()) => 0,
             Err(_) => count.saturating_mul(2),
         };
@@ -485,23 +485,37 @@ impl Shared {
         Ok(())
     }
 
-    /// The cache of `class` is over its limit: keep half, push the rest to the shared list.
+    /// The cache of `class` (with `label`) is over its limit: keep half, push the rest to the
+    /// shared list.
     #[cold]
     #[inline(never)]
-    fn flush(&self, c: &ClassCache, class: usize) -> Result<()> {
+    fn flush(&self, c: &ClassCache, class: usize, label: u64) -> Result<()> {
         let keep = self.batch(class);
         let (first, count) = unpack_head(c.head.load(Ordering::Relaxed));
-        self.flush_part(c, class, first, count, count.saturating_sub(keep))
+        self.flush_part(c, class, label, first, count, count.saturating_sub(keep))
     }
 
-    /// Moves the first `n` of the `count` blocks cached from `first` to the shared list.
-    fn flush_part(&self, c: &ClassCache, class: usize, first: u64, count: u64, n: u64) -> Result<()> {
+    /// Moves the first `n` of the `count` blocks cached from `first` (in the cache with `label`)
+    /// to the shared list. Each must be a free block of the cache: the list is every process's,
+    /// and a block that is not (a stray write, or one two threads freed at the same instant
+    /// that the other cache handed out since) would fail every refill that meets it there. Such
+    /// a cache is left as it is, for its own allocations to report.
+    fn flush_part(&self, c: &ClassCache, class: usize, label: u64, first: u64, count: u64, n: u64) -> Result<()> {
         if n == 0 || first == 0 {
             return Ok(());
         }
-        let mut last = first;
+        let ours = |b: u64| {
+            let word = self.arena.word(b).map(|w| w.load(Ordering::Relaxed));
+            if word.is_ok_and(|w| w & free_word_mask() == free_pattern(class, label)) {
+                Ok(b)
+            } else {
+                Err(corrupt(b, "thread cache holds a block that is not free"))
+            }
+        };
+        let mut last = ours(first)?;
         for _ in 1..n {
             last = self.arena.load_link(last)?.ok_or(corrupt(last, "thread cache shorter than its count"))?;
+            ours(last)?;
         }
         let rest = self.arena.load_link(last)?.unwrap_or(0);
         c.head.store(pack_head(rest, count - n), Ordering::Relaxed);
@@ -513,9 +527,9 @@ impl Shared {
     /// Moves every block of the cache in `slot` to the shared lists.
     pub(super) fn flush_all(&self, slot: CacheSlot) -> Result<()> {
         for class in 0..CLASS_COUNT {
-            let (c, _) = self.cache(slot, class);
+            let (c, label) = self.cache(slot, class);
             let (first, count) = unpack_head(c.head.load(Ordering::Relaxed));
-            self.flush_part(c, class, first, count, count)?;
+            self.flush_part(c, class, label, first, count, count)?;
             // The cache is empty and whole: a put-off retry (`flush_after_free`) is over.
             if c.retry_at.load(Ordering::Relaxed) != 0 {
                 c.retry_at.store(0, Ordering::Relaxed);

@@ -952,6 +952,38 @@ fn a_free_whose_flush_finds_damage_is_still_done() {
     free_all_and_check(&a, blocks[freed + 1..].iter().copied(), start);
 }
 
+/// A flush moved part of its cache to the shared list without looking at the blocks: one that
+/// is no free block of the cache (a stray write, or a block two threads freed at the same
+/// instant that the other cache handed out since) went onto the list, where every refill of
+/// the class, in every process, then met it and failed. Such a flush now fails (the free is
+/// done, and the next try waits), the block stays in the cache whose own allocations report
+/// it, and the other caches are served.
+#[test]
+fn a_flush_puts_no_block_that_is_not_free_onto_the_shared_list() {
+    let a = ScalablePageAllocator::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = a.stats().free_bytes();
+    let s = &a.shared;
+    let slot = own_slot(&a);
+    let class = class_for(48, 8).unwrap();
+    let limit = s.limits[class] as usize;
+    let blocks: Vec<u64> = (0..2 * limit).map(|_| s.allocate_small(slot, class, 48, 8).unwrap()).collect();
+    let mut freed = fill_cache(&a, slot, class, &blocks);
+    // The block freed last, first in the cache, is live again: handed out elsewhere.
+    let block = blocks[freed - 1] - SMALL_HEADER;
+    let info = s.arena.info(block).unwrap();
+    let free = info.load(Ordering::Relaxed);
+    info.store(live_word(free, 48), Ordering::Relaxed);
+    // Over the limit: the flush would move it.
+    free_through(&a, slot, blocks[freed]);
+    freed += 1;
+    let other = own_slot(&a);
+    let theirs = s.allocate_small(other, class, 48, 8).expect("the shared list holds only free blocks");
+    info.store(free, Ordering::Relaxed);
+    s.release_slot(slot).unwrap();
+    s.release_slot(other).unwrap();
+    free_all_and_check(&a, blocks[freed..].iter().copied().chain([theirs]), start);
+}
+
 /// Frees `blocks` through the cache of `class` in `slot`, checking after each free that the
 /// cache keeps to its limit (a healthy cache flushes as soon as it is over).
 /// The blocks the cache of `class` in `slot` counts.
