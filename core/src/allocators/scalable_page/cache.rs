@@ -524,17 +524,23 @@ impl Shared {
         self.push_chain(class, first, last)
     }
 
-    /// Moves every block of the cache in `slot` to the shared lists.
+    /// Moves every block of the cache in `slot` to the shared lists. A class whose cache is
+    /// damaged does not stop the others (their blocks would stay in the cache of a slot that
+    /// may be given back next, on no list); the first damage is reported.
     pub(super) fn flush_all(&self, slot: CacheSlot) -> Result<()> {
+        let mut failed = None;
         for class in 0..CLASS_COUNT {
             let (c, label) = self.cache(slot, class);
             let (first, count) = unpack_head(c.head.load(Ordering::Relaxed));
-            self.flush_part(c, class, label, first, count, count)?;
+            if let Err(e) = self.flush_part(c, class, label, first, count, count) {
+                failed.get_or_insert(e);
+                continue;
+            }
             // The cache is empty and whole: a put-off retry (`flush_after_free`) is over.
             if c.retry_at.load(Ordering::Relaxed) != 0 {
                 c.retry_at.store(0, Ordering::Relaxed);
             }
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 }

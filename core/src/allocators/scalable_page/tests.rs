@@ -984,6 +984,31 @@ fn a_flush_puts_no_block_that_is_not_free_onto_the_shared_list() {
     free_all_and_check(&a, blocks[freed..].iter().copied().chain([theirs]), start);
 }
 
+/// A flush of every class (a slot given back, a trim) that found one class's cache damaged
+/// stopped there: the caches of the classes after it kept their blocks, in a slot no one held
+/// once given back, on no shared list until a thread took that slot again (and trimmed, none
+/// of their spans could go back). Every class is now flushed, and the damage reported.
+#[test]
+fn a_flush_of_every_class_goes_past_a_damaged_one() {
+    let a = ScalablePageAllocator::create(region_of(8 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = a.stats().free_bytes();
+    let s = &a.shared;
+    let slot = own_slot(&a);
+    let (small, large) = (class_for(48, 8).unwrap(), class_for(1000, 8).unwrap());
+    assert!(small < large);
+    let p = s.allocate_small(slot, small, 48, 8).unwrap();
+    let q = s.allocate_small(slot, large, 1000, 8).unwrap();
+    free_through(&a, slot, q);
+    assert_ne!(cached(&a, slot, large), 0);
+    // The cache of the smaller class counts 1000 blocks more than its list holds.
+    miscount(&a, slot, small, 1000);
+    assert!(s.release_slot(slot).is_err(), "the flush finds the damage");
+    assert_eq!(cached(&a, slot, large), 0, "the healthy class is on the shared list");
+    miscount(&a, slot, small, -1000);
+    s.release_slot(slot).unwrap();
+    free_all_and_check(&a, [p], start);
+}
+
 /// Frees `blocks` through the cache of `class` in `slot`, checking after each free that the
 /// cache keeps to its limit (a healthy cache flushes as soon as it is over).
 /// The blocks the cache of `class` in `slot` counts.
