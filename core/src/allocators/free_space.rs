@@ -233,7 +233,8 @@ impl FreeSpace {
     pub(crate) fn lock(&self) -> FreeSpaceGuard<'_> {
         let mut recovered = false;
         let st = self.mutex().lock_or_recover(|st| {
-            st.recoveries += 1;
+            // Shared memory another process may have written: it wraps rather than panic.
+            st.recoveries = st.recoveries.wrapping_add(1);
             recovered = true;
         });
         let mut g = FreeSpaceGuard { fs: self, st };
@@ -732,6 +733,29 @@ mod tests {
         assert_eq!((r.kind, r.len, r.tag, r.aux), (K_USED, 2, 7, 77));
         g.rebuild().unwrap();
         g.check().unwrap();
+    }
+
+    /// The recovery count is shared memory a peer may have written: a lock taken over from a
+    /// dead holder with the count at its largest is recovered (the count wraps), not a panic.
+    #[test]
+    fn a_recovery_with_the_count_at_its_largest_takes_the_lock() {
+        crate::testing::install_test_liveness();
+        let fs = manager(16);
+        let units = fs.layout().units;
+        let run = {
+            let mut g = fs.lock();
+            g.st.recoveries = u64::MAX;
+            g.alloc(2, 1, 0).unwrap()
+        };
+        // The holder's process died with the lock held.
+        // SAFETY: the mutex's first word is its owner word (`#[repr(C)]`), an atomic.
+        let owner = unsafe { &*(fs.state as *const crate::sync::atomic::AtomicU64) };
+        owner.store(crate::testing::dead_token(), crate::sync::atomic::Ordering::Release);
+        let mut g = fs.lock();
+        assert_eq!(g.st.recoveries, 0);
+        g.check().unwrap();
+        g.free(run).unwrap();
+        assert_eq!(g.free_units(), units as u64);
     }
 
     #[test]
