@@ -148,16 +148,34 @@ impl<B: SlotBody> SlotTable<B> {
     /// [`position`](Self::position) by a walk of the chunk list, for a slot past the first chunk.
     #[inline(never)]
     fn position_past_first(&self, mem: &Mem, offset: u64) -> Result<u64> {
+        self.walk(mem, |at, number| Self::place_in(at, offset).map(|i| number * CHUNK_SLOTS as u64 + i))?
+            .ok_or_else(|| corrupt(offset, "not a thread slot of the table"))
+    }
+
+    /// Walks the chunk list from the first chunk, calling `visit` with each chunk's offset and
+    /// its number (from 0), until `visit` answers (`Some`) or the list ends (`None`). The links
+    /// are shared memory: each is checked (in bounds, so no sum over a chunk's slots overflows)
+    /// before use, and a list that loops back on itself (compared with a chunk seen before, at
+    /// doubling distances, so a short loop is found at once) is damage, found in steps of the
+    /// loop's length, not of the region's units.
+    fn walk<R>(&self, mem: &Mem, mut visit: impl FnMut(u64, u64) -> Option<R>) -> Result<Option<R>> {
         let mut at = self.first;
-        for chunks in 0..mem.end() / UNIT + 1 {
-            // The link is shared memory: checked (in bounds, so no overflow below) before use.
+        let (mut seen, mut stride, mut steps) = (at, 1u64, 0u64);
+        for number in 0..mem.end() / UNIT + 1 {
             let chunk = self.chunk(mem, at)?;
-            if let Some(i) = Self::place_in(at, offset) {
-                return Ok(chunks * CHUNK_SLOTS as u64 + i);
+            if let Some(answer) = visit(at, number) {
+                return Ok(Some(answer));
             }
             match chunk.next.load(Ordering::Acquire) {
-                0 => return Err(corrupt(offset, "not a thread slot of the table")),
+                0 => return Ok(None),
                 next => at = next,
+            }
+            if at == seen {
+                break;
+            }
+            steps += 1;
+            if steps == stride {
+                (seen, stride, steps) = (at, stride * 2, 0);
             }
         }
         Err(corrupt(self.first, "slot chunk list does not end"))
@@ -182,18 +200,12 @@ impl<B: SlotBody> SlotTable<B> {
     /// Every slot's offset, in index order.
     pub(crate) fn offsets(&self, mem: &Mem) -> Result<Vec<u64>> {
         let mut out = Vec::new();
-        let mut at = self.first;
-        let limit = mem.end() / UNIT + 1;
-        for _ in 0..limit {
-            let c = self.chunk(mem, at)?;
+        self.walk(mem, |at, _| {
             let slots = at + core::mem::offset_of!(Chunk<B>, slots) as u64;
             out.extend((0..CHUNK_SLOTS as u64).map(|i| slots + i * core::mem::size_of::<Slot<B>>() as u64));
-            match c.next.load(Ordering::Acquire) {
-                0 => return Ok(out),
-                next => at = next,
-            }
-        }
-        Err(corrupt(self.first, "slot chunk list does not end"))
+            None::<()>
+        })?;
+        Ok(out)
     }
 
     /// Takes a free slot for `token`. When all are taken, `relieve` runs once (to reclaim the
@@ -280,48 +292,26 @@ impl<B: SlotBody> SlotTable<B> {
         Ok(())
     }
 
-    /// The last chunk, and how many slots the table has. The links are shared memory: a list
-    /// that loops back on itself (compared with a chunk seen before, at doubling distances, so a
-    /// short loop is found at once) or that numbers more slots than a slot's index holds is
-    /// damage, however large the region (a count of slots bounded by its units would overflow
-    /// before the bound in a terabyte).
+    /// The last chunk, and how many slots the table has. A list that numbers more slots than a
+    /// slot's index holds is damage, however large the region (a count of slots bounded by its
+    /// units would overflow before the bound in a terabyte); so is one that loops ([`walk`]).
+    ///
+    /// [`walk`]: Self::walk
     fn tail(&self, mem: &Mem) -> Result<(u64, u32)> {
-        let mut at = self.first;
-        let mut count = 0u64;
-        let (mut seen, mut stride, mut steps) = (at, 1u64, 0u64);
-        for _ in 0..mem.end() / UNIT + 1 {
-            count += CHUNK_SLOTS as u64;
-            let next = self.chunk(mem, at)?.next.load(Ordering::Acquire);
-            if next == 0 {
-                let count = u32::try_from(count).map_err(|_| corrupt(self.first, "slot table past its numbers"))?;
-                return Ok((at, count));
-            }
-            at = next;
-            if at == seen {
-                break;
-            }
-            steps += 1;
-            if steps == stride {
-                (seen, stride, steps) = (at, stride * 2, 0);
-            }
-        }
-        Err(corrupt(self.first, "slot chunk list does not end"))
+        let mut last = (self.first, 0u64);
+        self.walk(mem, |at, number| {
+            last = (at, number + 1);
+            None::<()>
+        })?;
+        let count = u32::try_from(last.1 * CHUNK_SLOTS as u64)
+            .map_err(|_| corrupt(self.first, "slot table past its numbers"))?;
+        Ok((last.0, count))
     }
 
     /// Whether the chunk run at `offset` is linked into the table (for repairs after a grower
     /// died holding the free-space lock).
     pub(crate) fn is_chunk(&self, mem: &Mem, offset: u64) -> Result<bool> {
-        let mut at = self.first;
-        for _ in 0..mem.end() / UNIT + 1 {
-            if at == offset {
-                return Ok(true);
-            }
-            match self.chunk(mem, at)?.next.load(Ordering::Acquire) {
-                0 => return Ok(false),
-                next => at = next,
-            }
-        }
-        Err(corrupt(self.first, "slot chunk list does not end"))
+        Ok(self.walk(mem, |at, _| (at == offset).then_some(()))?.is_some())
     }
 }
 
@@ -382,6 +372,40 @@ mod tests {
         // The second chunk links back to the first.
         table.chunk(&mem, 2 * CHUNK).unwrap().next.store(CHUNK, Ordering::Relaxed);
         assert!(matches!(table.tail(&mem), Err(Error::Corrupt { .. })));
+    }
+
+    /// Every walk of the chunk list finds a loop, as `tail` does: bounded only by the region's
+    /// units, a walk of a looping list in a huge region went round for as many steps (and the
+    /// list of slot offsets grew by a chunk's slots at each, past any memory).
+    #[test]
+    fn every_walk_of_a_looping_chunk_list_finds_the_loop() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let fake = Fake::new(2);
+            // Most of the view is nothing; only the two chunks are touched.
+            let mem = fake.mem(1 << 62);
+            // SAFETY: fresh memory the test owns.
+            unsafe {
+                Table::format(&mem, CHUNK, 0).unwrap();
+                Table::format(&mem, 2 * CHUNK, CHUNK_SLOTS as u32).unwrap();
+            }
+            let table = Table::new(CHUNK);
+            table.chunk(&mem, CHUNK).unwrap().next.store(2 * CHUNK, Ordering::Relaxed);
+            let slot_of = |chunk: u64| chunk + core::mem::offset_of!(Chunk<Body>, slots) as u64;
+            let sound = format!("{:?}", (table.position(&mem, slot_of(2 * CHUNK)), table.is_chunk(&mem, 2 * CHUNK)));
+            let _ = tx.send(("sound", sound));
+            // The second chunk links back to the first.
+            table.chunk(&mem, 2 * CHUNK).unwrap().next.store(CHUNK, Ordering::Relaxed);
+            let _ = tx.send(("position", format!("{:?}", table.position(&mem, slot_of(3 * CHUNK)))));
+            let _ = tx.send(("is_chunk", format!("{:?}", table.is_chunk(&mem, 3 * CHUNK))));
+            let _ = tx.send(("offsets", format!("{:?}", table.offsets(&mem))));
+        });
+        let wait = || rx.recv_timeout(std::time::Duration::from_secs(20)).expect("a walk went round the loop");
+        assert_eq!(wait(), ("sound", format!("{:?}", (Ok::<_, Error>(CHUNK_SLOTS as u64), Ok::<_, Error>(true)))));
+        for walk in ["position", "is_chunk", "offsets"] {
+            let (name, result) = wait();
+            assert!(name == walk && result.starts_with("Err(Corrupt"), "{name}: {result}");
+        }
     }
 
     #[test]
