@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::sync::atomic::Ordering;
 
 use super::free_space::{FreeSpace, FreeSpaceGuard, LargeCounters, UNIT};
+use super::slots::LoopCheck;
 use super::span::{
     back_word, corrupt, invalid, large_units, user_of, zero_padding, Info, Mem, State, LARGE_CLASS, LARGE_HEADER,
     MAX_BACK,
@@ -280,9 +281,10 @@ pub(crate) fn repair_runs(g: &mut FreeSpaceGuard<'_>, arena: &Mem, mem: &Mem, ch
 }
 
 /// Whether the chunk at `chunk` is on the list starting at `first` (each chunk's first word
-/// links the next).
+/// links the next). A list that loops (shared memory) links nothing past the loop.
 fn chunk_linked(mem: &Mem, first: u64, chunk: u64) -> bool {
     let mut at = first;
+    let mut loops = LoopCheck::new(at);
     for _ in 0..mem.end() / UNIT + 1 {
         if at == 0 {
             return false;
@@ -293,6 +295,9 @@ fn chunk_linked(mem: &Mem, first: u64, chunk: u64) -> bool {
         match mem.word_at(at) {
             Some(w) => at = w.load(Ordering::Acquire),
             None => return false,
+        }
+        if loops.came_round(at) {
+            return false;
         }
     }
     false
@@ -387,6 +392,28 @@ mod tests {
             spa.check().unwrap();
             blocks.into_iter().for_each(|p| spa.free(p).unwrap());
         }
+    }
+
+    /// The repair's walk of the slot chunk list (shared memory) finds a loop in it, as the slot
+    /// table's walks do: bounded only by the region's units, it went round a looping list for as
+    /// many steps, for each metadata run it asked about, holding the free-space lock.
+    #[test]
+    fn the_repairs_walk_of_a_looping_chunk_list_finds_the_loop() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut words = alloc::vec![0u64; 4 * UNIT as usize / 8];
+            // A view far larger than the words (a huge region): only the words are touched.
+            // SAFETY: every offset the walk reads is a chunk's first word, inside `words`.
+            let mem = unsafe { super::Mem::raw(words.as_mut_ptr().cast(), 0, 1 << 62) };
+            let word = |chunk: u64| (chunk / 8) as usize;
+            // Chunks at units 1 and 2 link each other; unit 3 holds a run no chunk links.
+            words[word(UNIT)] = 2 * UNIT;
+            words[word(2 * UNIT)] = UNIT;
+            let _ = tx.send([super::chunk_linked(&mem, UNIT, 2 * UNIT), super::chunk_linked(&mem, UNIT, 3 * UNIT)]);
+            drop(words);
+        });
+        let linked = rx.recv_timeout(std::time::Duration::from_secs(20)).expect("the walk went round the loop");
+        assert_eq!(linked, [true, false]);
     }
 
     #[test]

@@ -33,6 +33,35 @@ use super::free_space::{FreeSpace, UNIT};
 use super::large::TAG_META;
 use super::span::{corrupt, Mem};
 
+/// Finds a loop in a walk of a list whose links are shared memory, in steps of the loop's
+/// length and the path to it rather than of a bound on the list's length (which in a large region
+/// is many times either): each offset reached is compared with one seen before, taken afresh at
+/// doubling distances (Brent's method), so a short loop is found at once.
+pub(crate) struct LoopCheck {
+    seen: u64,
+    stride: u64,
+    steps: u64,
+}
+
+impl LoopCheck {
+    /// A check of a walk that starts at `first`.
+    pub(crate) fn new(first: u64) -> Self {
+        LoopCheck { seen: first, stride: 1, steps: 0 }
+    }
+
+    /// Whether `at`, the offset the walk has just reached, shows that it goes round a loop.
+    pub(crate) fn came_round(&mut self, at: u64) -> bool {
+        if at == self.seen {
+            return true;
+        }
+        self.steps += 1;
+        if self.steps == self.stride {
+            (self.seen, self.stride, self.steps) = (at, self.stride * 2, 0);
+        }
+        false
+    }
+}
+
 /// Slots per chunk.
 pub(crate) const CHUNK_SLOTS: usize = 16;
 const SLOT_MAGIC: u32 = 0x534C_4F54; // "SLOT"
@@ -155,12 +184,10 @@ impl<B: SlotBody> SlotTable<B> {
     /// Walks the chunk list from the first chunk, calling `visit` with each chunk's offset and
     /// its number (from 0), until `visit` answers (`Some`) or the list ends (`None`). The links
     /// are shared memory: each is checked (in bounds, so no sum over a chunk's slots overflows)
-    /// before use, and a list that loops back on itself (compared with a chunk seen before, at
-    /// doubling distances, so a short loop is found at once) is damage, found in steps of the
-    /// loop's length, not of the region's units.
+    /// before use, and a list that loops back on itself is damage ([`LoopCheck`]).
     fn walk<R>(&self, mem: &Mem, mut visit: impl FnMut(u64, u64) -> Option<R>) -> Result<Option<R>> {
         let mut at = self.first;
-        let (mut seen, mut stride, mut steps) = (at, 1u64, 0u64);
+        let mut loops = LoopCheck::new(at);
         for number in 0..mem.end() / UNIT + 1 {
             let chunk = self.chunk(mem, at)?;
             if let Some(answer) = visit(at, number) {
@@ -170,12 +197,8 @@ impl<B: SlotBody> SlotTable<B> {
                 0 => return Ok(None),
                 next => at = next,
             }
-            if at == seen {
+            if loops.came_round(at) {
                 break;
-            }
-            steps += 1;
-            if steps == stride {
-                (seen, stride, steps) = (at, stride * 2, 0);
             }
         }
         Err(corrupt(self.first, "slot chunk list does not end"))
