@@ -5,9 +5,9 @@
 use crate::crash;
 use crate::error::{Error, Result};
 use crate::sync::atomic::Ordering;
+use crate::sync::tagged_list::LoopCheck;
 
 use super::free_space::{FreeSpace, FreeSpaceGuard, LargeCounters, UNIT};
-use super::slots::LoopCheck;
 use super::span::{
     back_word, corrupt, invalid, large_units, user_of, zero_padding, Info, Mem, State, LARGE_CLASS, LARGE_HEADER,
     MAX_BACK,

@@ -28,39 +28,11 @@ use alloc::vec::Vec;
 
 use crate::error::{Error, Result};
 use crate::sync::atomic::{AtomicU64, Ordering};
+use crate::sync::tagged_list::LoopCheck;
 
 use super::free_space::{FreeSpace, UNIT};
 use super::large::TAG_META;
 use super::span::{corrupt, Mem};
-
-/// Finds a loop in a walk of a list whose links are shared memory, in steps of the loop's
-/// length and the path to it rather than of a bound on the list's length (which in a large region
-/// is many times either): each offset reached is compared with one seen before, taken afresh at
-/// doubling distances (Brent's method), so a short loop is found at once.
-pub(crate) struct LoopCheck {
-    seen: u64,
-    stride: u64,
-    steps: u64,
-}
-
-impl LoopCheck {
-    /// A check of a walk that starts at `first`.
-    pub(crate) fn new(first: u64) -> Self {
-        LoopCheck { seen: first, stride: 1, steps: 0 }
-    }
-
-    /// Whether `at`, the offset the walk has just reached, shows that it goes round a loop.
-    pub(crate) fn came_round(&mut self, at: u64) -> bool {
-        if at == self.seen {
-            return true;
-        }
-        self.steps += 1;
-        if self.steps == self.stride {
-            (self.seen, self.stride, self.steps) = (at, self.stride * 2, 0);
-        }
-        false
-    }
-}
 
 /// Slots per chunk.
 pub(crate) const CHUNK_SLOTS: usize = 16;

@@ -177,7 +177,8 @@ impl TaggedOffsetList {
 }
 
 /// Walks a chain from `first`, calling `visit` on each element, stopping with `Error::Corrupt`
-/// after `limit` elements (a cycle) or at a link the store refuses.
+/// after `limit` elements or once it comes round a loop (found in steps of the loop and the
+/// path to it, however high the limit), or at a link the store refuses.
 pub fn walk<S: LinkStore + ?Sized>(
     store: &S,
     first: Option<u64>,
@@ -186,8 +187,9 @@ pub fn walk<S: LinkStore + ?Sized>(
 ) -> Result<u64> {
     let mut n = 0u64;
     let mut next = first;
+    let mut loops = LoopCheck::new(first.unwrap_or(0));
     while let Some(at) = next {
-        if n >= limit {
+        if n >= limit || (n > 0 && loops.came_round(at)) {
             return Err(Error::Corrupt {
                 structure: "offset list",
                 offset: at,
@@ -199,6 +201,35 @@ pub fn walk<S: LinkStore + ?Sized>(
         n += 1;
     }
     Ok(n)
+}
+
+/// Finds a loop in a walk of a list whose links are shared memory, in steps of the loop's
+/// length and the path to it rather than of a bound on the list's length (which in a large region
+/// is many times either): each offset reached is compared with one seen before, taken afresh at
+/// doubling distances (Brent's method), so a short loop is found at once.
+pub(crate) struct LoopCheck {
+    seen: u64,
+    stride: u64,
+    steps: u64,
+}
+
+impl LoopCheck {
+    /// A check of a walk that starts at `first`.
+    pub(crate) fn new(first: u64) -> Self {
+        LoopCheck { seen: first, stride: 1, steps: 0 }
+    }
+
+    /// Whether `at`, the offset the walk has just reached, shows that it goes round a loop.
+    pub(crate) fn came_round(&mut self, at: u64) -> bool {
+        if at == self.seen {
+            return true;
+        }
+        self.steps += 1;
+        if self.steps == self.stride {
+            (self.seen, self.stride, self.steps) = (at, self.stride * 2, 0);
+        }
+        false
+    }
 }
 
 #[cfg(all(test, not(loom), feature = "std"))]
@@ -256,6 +287,31 @@ mod tests {
         let list = TaggedOffsetList::new();
         list.reset(Some(4096));
         assert!(list.pop(&store).is_err());
+    }
+
+    /// A walk finds a loop in steps of the loop, not of its limit: the span allocators bound
+    /// their walks by the blocks an arena holds, which in a large region let a loop of two
+    /// blocks keep a walker going round for billions of steps.
+    #[test]
+    fn a_cycle_is_found_however_high_the_limit() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let store = VecStore((0..8).map(|_| AtomicU64::new(0)).collect());
+            // 16 -> 32 -> 48 -> 32: a loop behind a first element.
+            store.store_link(16, Some(32));
+            store.store_link(32, Some(48));
+            store.store_link(48, Some(32));
+            let mut visits = 0u64;
+            let walked = walk(&store, Some(16), u64::MAX, |_| {
+                visits += 1;
+                Ok(())
+            });
+            let _ = tx.send((walked, visits));
+        });
+        let (walked, visits) =
+            rx.recv_timeout(std::time::Duration::from_secs(20)).expect("the walk went round the loop");
+        assert!(matches!(walked, Err(Error::Corrupt { .. })), "{walked:?}");
+        assert!(visits <= 8, "{visits} visits of three elements");
     }
 
     #[test]
