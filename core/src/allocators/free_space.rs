@@ -560,6 +560,9 @@ impl FreeSpaceGuard<'_> {
             self.write_free(h, l);
         }
         self.st.free_units = free_units;
+        // A holder that died between taking units and raising the peak left it below them.
+        let (units, used) = (self.units() as u64, self.units() as u64 - free_units);
+        self.st.peak_used_units = self.st.peak_used_units.max(used).min(units);
         Ok(())
     }
 
@@ -609,6 +612,11 @@ impl FreeSpaceGuard<'_> {
         })?;
         if free_units != self.st.free_units {
             return Err(corrupt(0, "free-unit count disagrees with the table"));
+        }
+        // What the allocators' stats report as their high watermark.
+        let (units, peak) = (self.units() as u64, self.st.peak_used_units);
+        if peak < units - free_units || peak > units {
+            return Err(corrupt(0, "peak of units in use below the units in use or past the arena"));
         }
         if self.st.bitmap[BINS / 64] >> (BINS % 64) != 0 {
             return Err(corrupt(BINS as u64, "bin bitmap has bits past the last bin"));
@@ -756,6 +764,29 @@ mod tests {
         g.check().unwrap();
         g.free(run).unwrap();
         assert_eq!(g.free_units(), units as u64);
+    }
+
+    /// The high watermark (shared memory, which the span allocators' stats report) is checked
+    /// as the other counters are: below the units in use or past the arena it is damage. A
+    /// holder that died between taking units and raising the peak left it below them; the
+    /// recovery's rebuild settles it.
+    #[test]
+    fn a_peak_below_the_units_in_use_or_past_the_arena_fails_check() {
+        let fs = manager(16);
+        let units = fs.layout().units as u64;
+        let mut g = fs.lock();
+        let run = g.alloc(3, 1, 0).unwrap();
+        g.check().unwrap();
+        for broken in [2, units + 1, u64::MAX] {
+            g.st.peak_used_units = broken;
+            assert!(matches!(g.check(), Err(Error::Corrupt { .. })), "peak {broken}");
+        }
+        g.st.peak_used_units = 2;
+        g.rebuild().unwrap();
+        assert_eq!(g.peak_used_units(), 3);
+        g.check().unwrap();
+        g.free(run).unwrap();
+        g.check().unwrap();
     }
 
     #[test]
