@@ -374,6 +374,9 @@ impl RegionAllocator for StackAllocator {
         if s.high_watermark < s.top - s.data_start {
             return Err(corrupt(s.top, "high watermark below the bytes on the stack"));
         }
+        if s.high_watermark > self.capacity(&s) {
+            return Err(corrupt(s.top, "high watermark past the capacity"));
+        }
         Ok(())
     }
 }
@@ -733,11 +736,13 @@ mod tests {
         let b = s.allocate(64, 16).unwrap();
         s.free(a).unwrap();
         s.check().unwrap();
-        let damage: [fn(&mut StackState); 4] = [
+        let damage: [fn(&mut StackState); 5] = [
             |st| st.total_frees = st.total_frees.wrapping_add(1),
             |st| st.total_allocations = st.total_allocations.wrapping_sub(1),
             |st| st.total_allocations = 0,
             |st| st.high_watermark = st.top - st.data_start - 16,
+            // Past the capacity, which no stack ever held.
+            |st| st.high_watermark = u64::MAX,
         ];
         for (i, damage) in damage.iter().enumerate() {
             let saved = {
