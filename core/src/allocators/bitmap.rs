@@ -573,8 +573,12 @@ impl RegionAllocator for BitmapAllocator {
             if allocations.wrapping_sub(frees) != live {
                 return Err(corrupt(at, "allocations less frees is not the blocks in use"));
             }
-            if r.peak.load(Ordering::Relaxed) < live {
+            let peak = r.peak.load(Ordering::Relaxed);
+            if peak < live {
                 return Err(corrupt(at, "peak below the blocks in use"));
+            }
+            if peak > c.blocks {
+                return Err(corrupt(at, "peak past the class's blocks"));
             }
         }
         Ok(())

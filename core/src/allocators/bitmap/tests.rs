@@ -517,3 +517,26 @@ fn check_reports_a_change_to_any_word_attach_checked() {
     a.check().unwrap();
     a.free(p).unwrap();
 }
+
+/// A class's peak (shared memory) past its blocks is damage `check` reports, as it does one
+/// below the blocks in use: no class ever had more blocks in use than it has.
+#[test]
+fn check_reports_a_peak_past_the_class() {
+    let a = bitmap(256 << 10, BitmapConfig::default());
+    let p = a.allocate(100, 8).unwrap();
+    let (blocks, _) = a.class_usage(128).unwrap();
+    let region = a.region().duplicate();
+    let base = region.ptr(region.offset(), core::mem::size_of::<BitmapHeader>() as u64).unwrap();
+    let class = a.block_sizes().position(|s| s == 128).unwrap();
+    let at = core::mem::offset_of!(BitmapHeader, classes)
+        + class * core::mem::size_of::<ClassRecord>()
+        + core::mem::offset_of!(ClassRecord, peak);
+    // SAFETY: the class's peak, an atomic u64 in the header (in the region, 8-aligned).
+    let peak = unsafe { &*base.add(at).cast::<AtomicU64>() };
+    peak.store(blocks + 1, Ordering::Relaxed);
+    assert!(matches!(a.check(), Err(Error::Corrupt { .. })), "a peak past the class's blocks passed");
+    peak.store(1, Ordering::Relaxed);
+    a.check().unwrap();
+    a.free(p).unwrap();
+    a.check().unwrap();
+}
