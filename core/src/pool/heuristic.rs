@@ -76,8 +76,9 @@ pub trait CoalesceHeuristic: Send {
     /// size, and in place of splitting a wholly free block that a large request would leave
     /// mostly stranded (see [`QuickPool::allocate`]). Then the pool seldom holds many such blocks
     /// and the new one at once. [`NeverCoalesce`] says `false`: its pool hands blocks back only
-    /// when `release` is called, or when it could not grow otherwise (upstream refused, or the
-    /// maximum size was reached). The pool reads this once, when the heuristic is installed.
+    /// when its owner calls `release`, `coalesce` or `coalesce_to` (the last two take one block
+    /// in their place), or when it could not grow otherwise (upstream refused, or the maximum
+    /// size was reached). The pool reads this once, when the heuristic is installed.
     ///
     /// [`QuickPool::allocate`]: super::QuickPool::allocate
     fn release_when_growing(&self) -> bool {
@@ -114,9 +115,11 @@ impl CoalesceHeuristic for Box<dyn CoalesceHeuristic> {
     }
 }
 
-/// Never coalesces: the pool grows, and hands wholly free blocks back only when `release` is
-/// called or when it could not grow otherwise (upstream refused, or the maximum size was reached:
-/// see [`QuickPool::allocate`](super::QuickPool::allocate)).
+/// Never coalesces of itself: the pool grows, and hands wholly free blocks back only when its
+/// owner calls [`release`](super::QuickPool::release), or [`coalesce`](super::QuickPool::coalesce)
+/// or [`coalesce_to`](super::QuickPool::coalesce_to) (which take one block in their place), or
+/// when it could not grow otherwise (upstream refused, or the maximum size was reached: see
+/// [`QuickPool::allocate`](super::QuickPool::allocate)).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NeverCoalesce;
 
