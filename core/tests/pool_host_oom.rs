@@ -49,10 +49,18 @@ unsafe impl GlobalAlloc for Refusing {
 #[global_allocator]
 static A: Refusing = Refusing;
 
-/// Device memory stand-in: addresses from a counter (never dereferenced), live blocks counted.
+/// Device memory stand-in: addresses from a counter (never dereferenced), live blocks and
+/// requests counted.
 struct FakeDevice {
     next: AtomicUsize,
     live: AtomicI64,
+    requests: AtomicUsize,
+}
+
+impl FakeDevice {
+    fn new(first: usize) -> FakeDevice {
+        FakeDevice { next: AtomicUsize::new(first), live: AtomicI64::new(0), requests: AtomicUsize::new(0) }
+    }
 }
 
 // SAFETY: "device" blocks the CPU is never told it may touch: disjoint address ranges, never
@@ -66,6 +74,7 @@ unsafe impl MemoryResource for FakeDevice {
     }
     fn allocate(&self, size: usize, align: usize) -> hetmem_core::Result<NonNull<u8>> {
         hetmem_core::check_layout(size, align)?;
+        self.requests.fetch_add(1, Ordering::Relaxed);
         let stride = size.next_multiple_of(4096).max(align) + 4096;
         let addr = self.next.fetch_add(stride.next_multiple_of(align), Ordering::Relaxed).next_multiple_of(align);
         self.live.fetch_add(1, Ordering::Relaxed);
@@ -92,21 +101,26 @@ fn host_oom<T>(r: hetmem_core::Result<T>) -> bool {
 #[test]
 fn pools_report_host_out_of_memory_and_stay_usable() {
     quick_pool();
+    quick_pool_chunk_table();
     fixed_pool();
     giving_back_allocates_nothing();
 }
 
 fn quick_pool() {
-    let device = FakeDevice { next: AtomicUsize::new(1 << 40), live: AtomicI64::new(0) };
+    let device = FakeDevice::new(1 << 40);
     let config = QuickPoolConfig { first_block_size: 1 << 20, next_block_size: 1 << 20, alignment: 16, max_size: None };
     // Even the pool's own index is refused: an error, not an abort.
     assert!(host_oom(refusing(|| QuickPool::with_config(&device, config))));
     let mut pool = QuickPool::with_config(&device, config).unwrap();
 
-    // The first request needs the chunk table: refused, and the upstream block goes back.
+    // The first request needs the chunk table: refused before upstream is asked (a device
+    // allocation taken only to be handed back is no use to anyone), so the figures say that no
+    // upstream block was taken and that upstream refused nothing.
     assert!(host_oom(refusing(|| pool.allocate(64, 16))));
+    assert_eq!(device.requests.load(Ordering::Relaxed), 0, "upstream was asked for a block");
     assert_eq!(device.live.load(Ordering::Relaxed), 0, "the upstream block was not handed back");
-    assert_eq!(pool.stats().actual_size, 0);
+    let s = pool.stats();
+    assert_eq!((s.actual_size, s.upstream_allocations, s.upstream_failures), (0, 0, 0));
     pool.check().unwrap();
     let start = pool.stats();
 
@@ -136,12 +150,19 @@ fn quick_pool() {
     // table soon has to grow. That request is an error, and its upstream block goes back.
     let mut chunk_refused = false;
     for _ in 0..64 {
+        let (before, requests) = (pool.stats(), device.requests.load(Ordering::Relaxed));
         let r = refusing(|| pool.allocate(4 << 20, 16));
         assert_eq!(device.live.load(Ordering::Relaxed) as usize, pool.stats().upstream_blocks);
         match r {
             Ok(p) => live.push(p),
             Err(e) => {
                 assert!(matches!(e, Error::OutOfMemory { available: 0, .. }), "{e}");
+                assert_eq!(device.requests.load(Ordering::Relaxed), requests, "upstream was asked for a block");
+                let after = pool.stats();
+                assert_eq!(
+                    (after.upstream_allocations, after.upstream_failures),
+                    (before.upstream_allocations, before.upstream_failures)
+                );
                 chunk_refused = true;
                 break;
             }
@@ -164,8 +185,46 @@ fn quick_pool() {
     assert_eq!(device.live.load(Ordering::Relaxed), 0);
 }
 
+/// A request that needs a new upstream block whose entry in the chunk table cannot be had is
+/// refused before upstream is asked: a block taken only to be handed back (a device allocation,
+/// say) is of no use, and the figures then say what happened: no upstream block taken, and none
+/// refused by upstream (the error itself says the host was out of memory).
+fn quick_pool_chunk_table() {
+    let device = FakeDevice::new(1 << 44);
+    let config = QuickPoolConfig { first_block_size: 4096, next_block_size: 4096, alignment: 16, max_size: None };
+    let mut pool = QuickPool::with_config(&device, config).unwrap();
+    let mut live = Vec::new();
+    let mut refused = 0;
+    for _ in 0..64 {
+        // A whole block each: every request takes a new one, and the chunk table grows.
+        live.push(pool.allocate(4096, 16).unwrap());
+        let (before, requests) = (pool.stats(), device.requests.load(Ordering::Relaxed));
+        match refusing(|| pool.allocate(4096, 16)) {
+            Ok(p) => live.push(p),
+            Err(e) => {
+                assert!(matches!(e, Error::OutOfMemory { available: 0, .. }), "{e}");
+                assert_eq!(device.requests.load(Ordering::Relaxed), requests, "upstream was asked for a block");
+                let after = pool.stats();
+                assert_eq!(
+                    (after.upstream_allocations, after.upstream_failures, after.actual_size),
+                    (before.upstream_allocations, before.upstream_failures, before.actual_size)
+                );
+                refused += 1;
+            }
+        }
+        assert_eq!(device.live.load(Ordering::Relaxed) as usize, pool.stats().upstream_blocks);
+        pool.check().unwrap();
+    }
+    assert!(refused > 0, "the chunk table never had to grow while the host refused");
+    for p in live {
+        pool.deallocate(p).unwrap();
+    }
+    drop(pool);
+    assert_eq!(device.live.load(Ordering::Relaxed), 0);
+}
+
 fn fixed_pool() {
-    let device = FakeDevice { next: AtomicUsize::new(1 << 41), live: AtomicI64::new(0) };
+    let device = FakeDevice::new(1 << 41);
     let config = FixedPoolConfig { objects_per_block: 64, ..FixedPoolConfig::new(64) };
     let mut pool = FixedPool::new(&device, config).unwrap();
     let mut live = Vec::new();
@@ -189,7 +248,7 @@ fn fixed_pool() {
 /// heuristic coalesce, `coalesce` and `release` work while the host refuses (before, each
 /// gathered the blocks in a fresh list, and aborted here), and so does a fixed pool's `release`.
 fn giving_back_allocates_nothing() {
-    let device = FakeDevice { next: AtomicUsize::new(1 << 42), live: AtomicI64::new(0) };
+    let device = FakeDevice::new(1 << 42);
     let config = QuickPoolConfig { first_block_size: 4096, next_block_size: 4096, alignment: 16, max_size: None };
     // The default heuristic coalesces once every block is free, in two upstream blocks or more.
     let mut pool = QuickPool::with_config(&device, config).unwrap();
@@ -213,7 +272,7 @@ fn giving_back_allocates_nothing() {
     pool.check().unwrap();
     assert_eq!((pool.stats().actual_size, upstream_blocks(&device)), (0, 0));
 
-    let device = FakeDevice { next: AtomicUsize::new(1 << 43), live: AtomicI64::new(0) };
+    let device = FakeDevice::new(1 << 43);
     let config = FixedPoolConfig { objects_per_block: 4, ..FixedPoolConfig::new(64) };
     let mut pool = FixedPool::new(&device, config).unwrap();
     let live: Vec<_> = (0..12).map(|_| pool.allocate(64, 16).unwrap()).collect();

@@ -300,6 +300,20 @@ impl BlockArena {
         Ok(Fit { size, align, rounded, footprint })
     }
 
+    /// Makes room for one more chunk, so that the next [`add_chunk`](Self::add_chunk) allocates
+    /// nothing: for its entry, for its index among the spare chunks once it is handed back (so
+    /// that `remove_chunk` allocates nothing either), and for `records` block records (its
+    /// block's, and any a request served from it splits off). `OutOfMemory` when the host memory
+    /// cannot be had. An owner that takes the chunk from upstream calls this first, so that a
+    /// refusal costs no upstream call.
+    pub(crate) fn reserve_chunk(&mut self, records: usize) -> Result<()> {
+        let entries = self.chunks.len() + 1;
+        let oom = |_| host_out_of_memory(entries * core::mem::size_of::<Option<Chunk>>());
+        self.chunks.try_reserve(1).map_err(oom)?;
+        self.spare_chunks.try_reserve(entries - self.spare_chunks.len()).map_err(oom)?;
+        self.reserve_spares(records)
+    }
+
     /// Adds `[base, base + size)` as one free block, and returns its slot (for
     /// [`allocate_in`](Self::allocate_in)). `base` is aligned to the granule and `size` is a
     /// non-zero multiple of it; `align` is what the chunk's owner needs to hand it back.
@@ -312,13 +326,7 @@ impl BlockArena {
             let (offset, len) = (base.as_ptr() as u64, size as u64);
             return Err(Error::OutOfBounds { offset, len, region_len: usize::MAX as u64 });
         }
-        // Room first, for the chunk's entry, for its index among the spare chunks once it is
-        // handed back (so that `remove_chunk` allocates nothing), and for its block's record.
-        let entries = self.chunks.len() + 1;
-        let oom = |_| host_out_of_memory(entries * core::mem::size_of::<Option<Chunk>>());
-        self.chunks.try_reserve(1).map_err(oom)?;
-        self.spare_chunks.try_reserve(entries - self.spare_chunks.len()).map_err(oom)?;
-        self.reserve_spares(1)?;
+        self.reserve_chunk(1)?;
         let chunk = match self.spare_chunks.pop() {
             Some(c) => c,
             None => {

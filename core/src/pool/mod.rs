@@ -102,7 +102,9 @@ pub struct PoolStats {
     pub upstream_blocks: usize,
     /// Blocks taken from upstream since creation.
     pub upstream_allocations: u64,
-    /// Upstream requests that failed.
+    /// Upstream requests that failed. A request the pool refuses because the host memory for
+    /// its own bookkeeping cannot be had (`OutOfMemory` with nothing available) asks nothing of
+    /// upstream, and counts neither here nor in `upstream_allocations`.
     pub upstream_failures: u64,
     /// Times the pool coalesced (by heuristic or by `coalesce`).
     pub coalesce_count: u64,

@@ -460,7 +460,13 @@ impl<R: MemoryResource> QuickPool<R> {
     }
 
     /// Takes a block of `size` bytes at `align` from upstream and returns its block's slot.
+    /// The host memory for its bookkeeping (and for serving a request from it) is had first:
+    /// should the host refuse it, upstream is not asked (a block taken only to be handed back is
+    /// an upstream call for nothing, a device allocation perhaps), and the error counts in
+    /// neither `upstream_allocations` nor `upstream_failures` (see [`PoolStats`]).
     fn take_upstream(&mut self, size: usize, align: usize) -> Result<u32> {
+        // Its block's record, and the two a request served from it may split off.
+        self.arena.reserve_chunk(3)?;
         match self.upstream.allocate(size, align) {
             Ok(base) => {
                 let slot = match self.arena.add_chunk(base, size, align) {
