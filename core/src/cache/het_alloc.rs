@@ -32,8 +32,22 @@ use crate::resource::MemoryResource;
 /// All `HetAlloc`s with the same upstream share the per-thread caches. The upstream is the
 /// system allocator ([`HetAlloc::new`]) or a [`MemoryResource`] ([`HetAlloc::with_resource`]).
 /// Six slots serve the resources of `HetAlloc`s and [`RecyclingFrameAllocator`]s together, one
-/// per distinct resource and tier; a resource that finds none free passes straight through. A
-/// resource used by the global `HetAlloc` must not allocate through it.
+/// per distinct resource and tier; a resource that finds none free passes straight through.
+///
+/// A resource under a `HetAlloc` must not allocate or free through it: not a `HetAlloc` over a
+/// [`SyncPool`] as the `#[global_allocator]`, when the pool keeps its tables in global memory (a
+/// [`QuickPool`] does, as does a pool over [`HostResource`]). Such a request, made while the
+/// resource serves this thread, comes back here; it cannot be served from the resource, whose
+/// lock this thread holds, nor from the system allocator (a free could not tell its blocks from
+/// the resource's). So it is refused: an allocation the thread's cache cannot serve gets null (a
+/// pool then reports its bookkeeping out of memory, and the outer request fails), a free that
+/// would go to the resource leaves its block there unused, and the first refusal says so on
+/// stderr (on unix). The resource's bookkeeping belongs in the system allocator, or in a `HetAlloc` over
+/// another upstream.
+///
+/// [`SyncPool`]: crate::pool::SyncPool
+/// [`QuickPool`]: crate::pool::QuickPool
+/// [`HostResource`]: crate::pool::HostResource
 ///
 /// [`RecyclingFrameAllocator`]: super::frame::RecyclingFrameAllocator
 ///

@@ -1,4 +1,5 @@
-//! The one question the caches ask the operating system: is this the process's main thread?
+//! What the caches ask of the operating system: is this the process's main thread, and a
+//! message on stderr written without allocating.
 
 /// Whether the calling thread is the process's main thread. Where the OS cannot tell cheaply,
 /// `false` (the thread then starts as a worker until told otherwise).
@@ -23,4 +24,16 @@ pub(crate) fn is_main_thread() -> bool {
     {
         false
     }
+}
+
+/// Writes `parts` to stderr, one after the other, without allocating (from inside an
+/// allocator). Where the OS offers no such call here, nothing.
+pub(crate) fn write_stderr(parts: &[&[u8]]) {
+    #[cfg(unix)]
+    for part in parts {
+        // SAFETY: writes `part`'s bytes, which it borrows for the call, to stderr.
+        let _ = unsafe { libc::write(2, part.as_ptr().cast(), part.len()) };
+    }
+    #[cfg(not(unix))]
+    let _ = parts;
 }

@@ -90,6 +90,9 @@ pub(crate) struct ThreadState {
     own_config: Cell<Option<CacheConfig>>,
     frame_config: Cell<Option<CacheConfig>>,
     next: Cell<*const ThreadState>,
+    /// The resource this thread is calling from a slot's slow path, if any: see
+    /// [`SlotRef::call_upstream`].
+    serving: Cell<Option<Serving>>,
     caches: [ManuallyDrop<ThreadCache>; SLOTS],
 }
 
@@ -101,6 +104,7 @@ impl ThreadState {
             own_config: Cell::new(None),
             frame_config: Cell::new(None),
             next: Cell::new(ptr::null()),
+            serving: Cell::new(None),
             caches: [const { ManuallyDrop::new(ThreadCache::unready(Upstream::System, None)) }; SLOTS],
         }
     }
@@ -524,18 +528,51 @@ impl SlotRef {
                 return p.as_ptr();
             }
         }
-        self.upstream.allocate(size, BLOCK_ALIGN).map_or(ptr::null_mut(), NonNull::as_ptr)
+        self.call_upstream(|up| up.allocate(size, BLOCK_ALIGN)).flatten().map_or(ptr::null_mut(), NonNull::as_ptr)
     }
 
     #[cold]
     fn passthrough_alloc(&self, layout: Layout, zeroed: bool) -> *mut u8 {
         self.count_passthrough();
-        let p = if zeroed {
-            self.upstream.allocate_zeroed(layout.size(), layout.align())
-        } else {
-            self.upstream.allocate(layout.size(), layout.align())
+        let p = self.call_upstream(|up| {
+            if zeroed {
+                up.allocate_zeroed(layout.size(), layout.align())
+            } else {
+                up.allocate(layout.size(), layout.align())
+            }
+        });
+        p.flatten().map_or(ptr::null_mut(), NonNull::as_ptr)
+    }
+
+    /// Calls `f` with the upstream, from a slow path of this slot: `None`, and the upstream not
+    /// called, where it is a resource that this thread is calling already. Such a resource
+    /// allocates (or frees) through a `HetAlloc` over itself (the global `HetAlloc` over a
+    /// `SyncPool` whose pool keeps its tables in global memory), and the request that came back
+    /// here would wait for ever on the lock its own thread holds. Refused instead: an allocation
+    /// gets null (the resource's own bookkeeping is then out of memory, which hetmem's pools
+    /// report as an error, and the outer request fails), and a free leaves its block with the
+    /// resource, unused. Requests the thread's cache serves never get here: they do not call
+    /// the resource.
+    #[inline]
+    fn call_upstream<T>(&self, f: impl FnOnce(&Upstream) -> T) -> Option<T> {
+        let Upstream::Resource(resource) = self.upstream else {
+            return Some(f(&self.upstream));
         };
-        p.map_or(ptr::null_mut(), NonNull::as_ptr)
+        let outer = with_state(|s| s.serving.replace(Some(Serving(resource))));
+        // Address and vtable, as upstreams compare: a resource and its first field are two.
+        if outer.is_some_and(|o| core::ptr::eq(o.0, resource)) {
+            report_reentry(resource);
+            return None;
+        }
+        /// Puts the outer call's resource back, even if the resource panics.
+        struct Restore(Option<Serving>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                with_state(|s| s.serving.set(self.0));
+            }
+        }
+        let _restore = Restore(outer);
+        Some(f(&self.upstream))
     }
 
     /// Counts a request passed straight through to the upstream: a miss, and a block asked of it.
@@ -571,11 +608,22 @@ impl SlotRef {
             // SAFETY: the caller's contract: a whole block of `class` from this upstream.
             return unsafe { self.dealloc_class(self.slot(), class, ptr) };
         }
+        // SAFETY: the caller's contract, for a block passed through.
+        unsafe { self.passthrough_dealloc(ptr, layout) }
+    }
+
+    /// Frees a block that passed straight through (no class holds its layout).
+    ///
+    /// # Safety
+    /// As for [`Self::dealloc`].
+    #[cold]
+    #[inline(never)]
+    unsafe fn passthrough_dealloc(&self, ptr: NonNull<u8>, layout: Layout) {
         if let Some(slot) = self.assigned() {
             RETIRED[slot].bytes_returned.add_shared(layout.size() as u64);
         }
         // SAFETY: passed through with exactly this layout.
-        unsafe { self.upstream.deallocate(ptr, layout.size(), layout.align()) }
+        self.call_upstream(|up| unsafe { up.deallocate(ptr, layout.size(), layout.align()) });
     }
 
     /// Frees a block of `class` to the calling thread's cache of `slot` (as in
@@ -619,7 +667,7 @@ impl SlotRef {
             }
         }
         // SAFETY: a whole block of this class from this upstream.
-        unsafe { self.upstream.deallocate(ptr, size, BLOCK_ALIGN) }
+        self.call_upstream(|up| unsafe { up.deallocate(ptr, size, BLOCK_ALIGN) });
     }
 
     /// Resizes a block; null (with the old block intact) when out of memory, or when the block
@@ -638,7 +686,9 @@ impl SlotRef {
                 // classes is (the upstream may well do just that).
                 self.count_passthrough();
                 // SAFETY: both layouts pass through untouched; the caller's contract.
-                let new = unsafe { self.upstream.reallocate(ptr, layout.size(), layout.align(), new_size) };
+                let new = self
+                    .call_upstream(|up| unsafe { up.reallocate(ptr, layout.size(), layout.align(), new_size) })
+                    .flatten();
                 if let (Some(_), Some(slot)) = (new, self.assigned()) {
                     RETIRED[slot].bytes_returned.add_shared(layout.size() as u64);
                 }
@@ -769,6 +819,27 @@ fn ensure_active(s: &ThreadState) -> bool {
         FRESH => start_thread(s),
         _ => false,
     }
+}
+
+/// A resource a thread is calling (only compared, never called through).
+#[derive(Clone, Copy)]
+struct Serving(&'static dyn crate::MemoryResource);
+
+/// Says once per process, on stderr, that a resource's request came back to the `HetAlloc` over
+/// it and was refused (see [`SlotRef::call_upstream`]): the outer request's failure alone
+/// ("memory allocation failed") would not say why. Written without allocating.
+#[cold]
+fn report_reentry(resource: &dyn crate::MemoryResource) {
+    static REPORTED: AtomicBool = AtomicBool::new(false);
+    if REPORTED.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    crate::cache::os::write_stderr(&[
+        b"hetmem: refused a request that resource `",
+        resource.name().as_bytes(),
+        b"` made through the HetAlloc over it while serving it (it would wait on itself); \
+          a resource under a HetAlloc must not allocate through it\n",
+    ]);
 }
 
 /// The thread's first request: register the exit guard and the thread, pick the role.
