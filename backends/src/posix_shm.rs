@@ -962,8 +962,9 @@ mod tests {
         BEFORE_FAILED_CREATE_UNLINKS.with(|hook| hook.set(None));
         let (attached, waited) = ATTACHER.lock().unwrap().take().expect("the hook ran").join().unwrap();
         assert!(matches!(created, Err(Error::OutOfMemory { .. })), "{created:?}");
+        // `NotFound` is the early answer: one that waited out its timeout is `TimedOut` (the time
+        // taken is only for the message).
         assert!(matches!(attached, Err(Error::NotFound { .. })), "{attached:?} after {waited:?}");
-        assert!(waited < Duration::from_secs(5), "the attacher waited {waited:?}");
     }
 
     /// An attacher that came between its creator's `shm_open`, which takes the umask's bits off
