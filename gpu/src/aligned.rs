@@ -58,7 +58,8 @@ impl AlignedBlocks {
     /// Allocates `size` bytes aligned to `align` with `alloc` (which returns a driver address or
     /// an error), freeing with `free` whatever is not handed out. `call` names the driver call in
     /// the error for an address 0 (see [`driver_address`]), which is neither freed nor recorded,
-    /// and for an address that breaks the driver's promised alignment.
+    /// and for an address that breaks the driver's promised alignment or has no aligned address
+    /// below the top of memory.
     pub(crate) fn allocate(
         &self,
         size: usize,
@@ -83,8 +84,12 @@ impl AlignedBlocks {
             .ok_or(Error::InvalidSize { size: size as u64, reason: "size overflows when aligned" })?;
         let base = block_at(call, alloc(padded)?)?.as_ptr() as u64;
         // The driver's block of `padded` bytes at `base` (not 0) holds the next multiple of
-        // `align`, which is not 0 either.
-        let aligned = block_at(call, base.next_multiple_of(align as u64))?;
+        // `align`, which is not 0 either, unless the driver's address is so high that it wraps
+        // (a driver bug): then the block is given back, not moved to address 0.
+        let Some(aligned) = base.checked_next_multiple_of(align as u64).and_then(|a| NonNull::new(a as *mut u8)) else {
+            free(base);
+            return Err(Error::Gpu { call, code: 0, name: "success with an address at the top of memory" });
+        };
         self.lock().insert(aligned.as_ptr() as u64, base);
         Ok(aligned)
     }
@@ -260,6 +265,30 @@ mod tests {
         assert!(matches!(r, Err(Error::Gpu { call: "fake", code: 0, .. })), "{r:?}");
         assert!(fake.live.borrow().is_empty(), "the misaligned block was not given back");
         assert!(blocks.lock().is_empty());
+    }
+
+    /// A driver block whose address is within the alignment of the top of memory (a driver bug)
+    /// has no aligned address in it: working one out overflowed (a panic in a debug build; the
+    /// address wrapped to 0 in a release build, an error that left the block allocated). It is
+    /// now an error, and the block is given back.
+    #[test]
+    fn a_driver_block_at_the_top_of_memory_is_an_error_and_given_back() {
+        let blocks = AlignedBlocks::new(256);
+        let fake = Fake::new();
+        let mut calls = 0;
+        let second_at_the_top = |s| {
+            calls += 1;
+            if calls == 2 {
+                fake.live.borrow_mut().push((u64::MAX - 255, s));
+                Ok(u64::MAX - 255)
+            } else {
+                fake.alloc(s)
+            }
+        };
+        let r = blocks.allocate(1000, 4096, "fake", second_at_the_top, |p| fake.free(p));
+        assert!(matches!(r, Err(Error::Gpu { call: "fake", code: 0, .. })), "{r:?}");
+        assert!(blocks.lock().is_empty(), "a block was recorded");
+        assert!(fake.live.borrow().is_empty(), "a block was not given back");
     }
 
     #[test]
