@@ -9,24 +9,25 @@ use hetmem_core::{BackendId, BackendKind, Error, Result, ShortStr};
 
 use crate::raw::{impl_backend, region_len, RawRegion};
 
-/// The file calls with 64-bit sizes and inode numbers. On 32-bit glibc targets the plain ones
-/// take a 32-bit `off_t` and fail (EOVERFLOW, EINVAL) on a segment past 2 GiB, or on an inode
-/// number past 32 bits (tmpfs mounted with `inode64`), which a 64-bit process sharing the segment
-/// does not notice; on 64-bit targets they are the same calls.
+/// The file calls with 64-bit sizes, inode numbers and block counts. On 32-bit glibc targets the
+/// plain ones take a 32-bit `off_t` and fail (EOVERFLOW, EINVAL) on a segment past 2 GiB, on an
+/// inode number past 32 bits (tmpfs mounted with `inode64`), or on a file system with more blocks
+/// than 32 bits count, none of which a 64-bit process sharing the segment notices; on 64-bit
+/// targets they are the same calls.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 mod lfs {
     pub(super) use libc::{
-        fstat64 as fstat, ftruncate64 as ftruncate, lstat64 as lstat, off64_t as off_t,
-        posix_fallocate64 as posix_fallocate, stat64 as stat,
+        fstat64 as fstat, fstatvfs64 as fstatvfs, ftruncate64 as ftruncate, lstat64 as lstat, off64_t as off_t,
+        posix_fallocate64 as posix_fallocate, stat64 as stat, statvfs64 as statvfs,
     };
 }
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 mod lfs {
     #[cfg(target_os = "linux")]
     pub(super) use libc::lstat;
-    #[cfg(not(target_vendor = "apple"))]
-    pub(super) use libc::posix_fallocate;
     pub(super) use libc::{fstat, ftruncate, off_t, stat};
+    #[cfg(not(target_vendor = "apple"))]
+    pub(super) use libc::{fstatvfs, posix_fallocate, statvfs};
 }
 
 /// Options for creating and attaching to a [`PosixShmBackend`].
@@ -41,7 +42,8 @@ pub struct ShmOptions {
     /// Whether the creator removes the name when its backend is dropped (default true). A forked
     /// child of the creator never does: its copy of the backend is not the creator's.
     pub unlink_on_drop: bool,
-    /// How long `attach` waits for a creator to finish initialising (default 5 s).
+    /// How long `attach` waits for a creator to finish setting the segment up: its mode, its
+    /// size and its header (default 5 s).
     pub attach_timeout: Duration,
     /// Whether the creator reserves the segment's memory up front (`posix_fallocate`; default
     /// false). Where the system has no `posix_fallocate` for shared memory (macOS), creation
@@ -467,9 +469,9 @@ fn reserve(_fd: i32, _len: u64) -> Result<()> {
 #[cfg(not(target_vendor = "apple"))]
 fn free_bytes(fd: i32) -> u64 {
     // SAFETY: an all-zero `statvfs` is a valid value to be overwritten.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let mut st: lfs::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: `fd` is open and `st` is a valid out-pointer.
-    if unsafe { libc::fstatvfs(fd, &mut st) } != 0 {
+    if unsafe { lfs::fstatvfs(fd, &mut st) } != 0 {
         return 0;
     }
     (st.f_bavail as u64).saturating_mul(st.f_frsize as u64)
