@@ -23,6 +23,8 @@
 //! Shared list changes happen under the list's lock and commit with one store of its head; the
 //! blocks a refill takes are relabelled while still on the list.
 
+use alloc::collections::BTreeSet;
+use alloc::vec::Vec;
 use core::sync::atomic::compiler_fence;
 
 use crate::crash;
@@ -499,7 +501,8 @@ impl Shared {
     /// to the shared list. Each must be a free block of the cache: the list is every process's,
     /// and a block that is not (a stray write, or one two threads freed at the same instant
     /// that the other cache handed out since) would fail every refill that meets it there. Such
-    /// a cache is left as it is, for its own allocations to report.
+    /// a cache is left as it is, for its own allocations to report (until its slot is given
+    /// back: see [`Shared::give_back_caches`]).
     fn flush_part(&self, c: &ClassCache, class: usize, label: u64, first: u64, count: u64, n: u64) -> Result<()> {
         if n == 0 || first == 0 {
             return Ok(());
@@ -542,5 +545,63 @@ impl Shared {
             }
         }
         failed.map_or(Ok(()), Err)
+    }
+
+    /// Empties the cache in `slot` as the slot is given back: every class to the shared lists
+    /// (see [`Shared::flush_all`]), then any class a flush found damaged is taken off the slot.
+    /// Left in place, its next owner (a thread that takes the slot) would fail every refill of
+    /// that class, with nothing that mends it. Of such a class, the blocks before the first one
+    /// that is not a free block of the cache go to the shared list; that block and those past it
+    /// (its link may be anything) stay where they are, on no list, for `check()` to report, and
+    /// for the recovery to list should a later owner of the slot die (they still carry its label).
+    /// The first damage is reported.
+    pub(super) fn give_back_caches(&self, slot: CacheSlot) -> Result<()> {
+        let mut failed = self.flush_all(slot).err();
+        for class in 0..CLASS_COUNT {
+            let (c, label) = self.cache(slot, class);
+            let (first, count) = unpack_head(c.head.load(Ordering::Relaxed));
+            if first != 0 {
+                let e = self.detach_damaged(c, class, label, first, count);
+                failed.get_or_insert(e);
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// Takes the damaged cache `c` (of `class`, with `label`; `count` blocks cached from
+    /// `first`) off its slot: see [`Shared::give_back_caches`]. Returns the damage.
+    #[cold]
+    fn detach_damaged(&self, c: &ClassCache, class: usize, label: u64, first: u64, count: u64) -> Error {
+        let mut good = Vec::new();
+        let mut seen = BTreeSet::new();
+        let mut at = Some(first);
+        let damage = loop {
+            let Some(b) = at else {
+                break corrupt(first, "thread cache shorter than its count");
+            };
+            if good.len() as u64 == count {
+                break corrupt(first, "thread cache longer than its count");
+            }
+            let word = self.arena.word(b).map(|w| w.load(Ordering::Relaxed));
+            if !word.is_ok_and(|w| w & free_word_mask() == free_pattern(class, label)) || !seen.insert(b) {
+                break corrupt(b, "thread cache holds a block that is not free");
+            }
+            good.push(b);
+            match self.arena.load_link(b) {
+                Ok(next) => at = next,
+                Err(e) => break e,
+            }
+        };
+        c.head.store(0, Ordering::Relaxed);
+        crash::point();
+        c.retry_at.store(0, Ordering::Relaxed);
+        if let (Some(&first), Some(&last)) = (good.first(), good.last()) {
+            compiler_fence(Ordering::Release);
+            // The chain's links are as the walk read them; `push_chain` ends it at the list.
+            if let Err(e) = self.push_chain(class, first, last) {
+                return e;
+            }
+        }
+        damage
     }
 }

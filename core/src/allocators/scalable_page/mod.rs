@@ -209,9 +209,10 @@ impl Shared {
 
     /// Gives back a slot this process holds: its cache goes to the shared lists. A flush that
     /// finds the cache damaged still lets the slot go (then reports the damage): held, it would
-    /// stay ours for good, as our process lives.
+    /// stay ours for good, as our process lives. The damaged class's cache is taken off the slot
+    /// first (see [`Shared::give_back_caches`]), so that the slot's next owner can use the class.
     fn release_slot(&self, slot: CacheSlot) -> Result<()> {
-        let flushed = self.flush_all(slot);
+        let flushed = self.give_back_caches(slot);
         crate::crash::point();
         self.slots.slot(&self.mem, slot.offset)?.owner.store(0, Ordering::Release);
         flushed
