@@ -221,7 +221,10 @@ impl Shared {
     /// What to try when space runs short, attempt by attempt.
     fn relieve_shortage(&self, slot: CacheSlot, attempt: u32) -> Result<()> {
         if attempt == 0 {
-            self.trim(slot)
+            // A class cache its flush finds damaged keeps its blocks, for its own allocations
+            // to report: the spans the other classes give back still serve this request.
+            let _damaged = self.flush_all(slot);
+            self.release_free_spans(slot)
         } else {
             // Only a way to gain space (see `attach`): the request then fails as out of memory.
             self.pass_over(self.recover_dead());
@@ -344,7 +347,8 @@ impl ScalablePageAllocator {
 
     /// Returns spans whose blocks are all free to the free-space manager, so their space serves
     /// any size again, after moving the calling thread's cache to the shared lists. Blocks in
-    /// other threads' caches stay where they are.
+    /// other threads' caches stay where they are. A class cache of this thread found damaged
+    /// keeps its blocks, and the damage is reported once the other spans are returned.
     pub fn trim(&self) -> Result<()> {
         self.with_slot(|slot| self.shared.trim(slot))
     }

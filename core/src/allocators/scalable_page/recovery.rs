@@ -313,10 +313,19 @@ impl Shared {
     }
 
     /// Returns spans whose blocks are all on the shared list to the free-space manager, after
-    /// flushing the cache in `slot`. Each list is relabelled with `slot`'s label while still
-    /// on the list, then taken whole, so its blocks stay recoverable while they are off it.
+    /// flushing the cache in `slot`. A class cache its flush finds damaged keeps its blocks (its
+    /// own allocations report it), and the spans are returned all the same; that damage is then
+    /// reported, as is any the shared lists hold.
     pub(super) fn trim(&self, slot: CacheSlot) -> Result<()> {
-        self.flush_all(slot)?;
+        let flushed = self.flush_all(slot);
+        self.release_free_spans(slot)?;
+        flushed
+    }
+
+    /// Returns spans whose blocks are all on the shared list to the free-space manager. Each list
+    /// is relabelled with `slot`'s label while still on the list, then taken whole, so its blocks
+    /// stay recoverable while they are off it.
+    pub(super) fn release_free_spans(&self, slot: CacheSlot) -> Result<()> {
         let label = slot.label;
         let mut g = self.fs.lock();
         for (class, layout) in LAYOUTS.iter().enumerate() {

@@ -952,6 +952,37 @@ fn a_free_whose_flush_finds_damage_is_still_done() {
     free_all_and_check(&a, blocks[freed + 1..].iter().copied(), start);
 }
 
+/// A large request that runs short trims the caller's caches (their free spans serve it). One
+/// class cache whose flush found damage made the whole trim fail, and so the large request, as
+/// corrupt, though the other classes' free spans would have served it. The damaged cache keeps
+/// its blocks (its own allocations report it) and the trim goes on: the request is served, and
+/// an explicit `trim()` still reports the damage.
+#[test]
+fn a_damaged_class_cache_does_not_stop_a_shortage_from_trimming_the_others() {
+    let a = ScalablePageAllocator::create(region_of(1 << 20), AllocatorId::new(1, 0), &Default::default()).unwrap();
+    let start = a.stats().free_bytes();
+    let s = &a.shared;
+    let slot = a.with_slot(Ok).unwrap();
+    let (damaged, other) = (class_for(48, 8).unwrap(), class_for(64, 8).unwrap());
+    assert_ne!(damaged, other);
+    let limit = s.limits[damaged] as usize;
+    let mine: Vec<u64> = (0..limit).map(|_| s.allocate_small(slot, damaged, 48, 8).unwrap()).collect();
+    let mut small = Vec::new();
+    while let Ok(p) = a.allocate(64, 8) {
+        small.push(p);
+    }
+    for p in small {
+        a.free(p).unwrap();
+    }
+    let freed = fill_cache(&a, slot, damaged, &mine);
+    miscount(&a, slot, damaged, 1000);
+    let big = a.allocate(600 * 1024, 8).expect("the other classes' free spans serve the request");
+    assert!(a.trim().is_err(), "an explicit trim reports the damaged cache");
+    miscount(&a, slot, damaged, -1000);
+    a.free(big).unwrap();
+    free_all_and_check(&a, mine[freed..].iter().copied(), start);
+}
+
 /// A flush moved part of its cache to the shared list without looking at the blocks: one that
 /// is no free block of the cache (a stray write, or a block two threads freed at the same
 /// instant that the other cache handed out since) went onto the list, where every refill of
